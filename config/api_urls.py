@@ -1,0 +1,7 @@
+"""Everything under /api/v1/, gathered from the apps."""
+
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("inventory.urls")),
+]

@@ -1,0 +1,39 @@
+"""The Celery app.
+
+Worker: celery -A config worker -l info
+Beat:   celery -A config beat -l info
+
+Starts and ends of reservations live in PostgreSQL; beat only runs short periodic tasks that
+pick up what is due, so nothing depends on a long countdown parked in Redis.
+"""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+app = Celery("switchyard")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+    enable_utc=True,
+    # Tasks are idempotent, so they are acknowledged only after they finish: a worker killed
+    # half-way leaves the message to be delivered again.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": 600},
+    beat_schedule={
+        "inventory-mark-silent-nodes-offline": {
+            "task": "inventory.tasks.nodes_mark_offline",
+            "schedule": 30.0,
+        },
+    },
+)
+app.autodiscover_tasks()

@@ -1,0 +1,105 @@
+"""Typed readers for environment variables.
+
+Every setting comes from the environment through these helpers, so a malformed value stops
+start-up with an ImproperlyConfigured that names the variable.
+"""
+
+import os
+from decimal import Decimal, InvalidOperation
+from urllib.parse import unquote, urlparse
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_MISSING = object()
+
+
+def _raw(name: str, default):
+    value = os.environ.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ImproperlyConfigured(f"{name} must be set")
+        return None
+    return value.strip()
+
+
+def env_str(name: str, default=_MISSING) -> str:
+    value = _raw(name, default)
+    return default if value is None else value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false, yes/no), got {value!r}")
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def env_decimal(name: str, default: Decimal) -> Decimal:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        raise ImproperlyConfigured(f"{name} must be a decimal number, got {value!r}") from None
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = _raw(name, default)
+    if value is None:
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_database(name: str, default: str) -> dict:
+    """Parse a postgres://user:pass@host:port/name URL into a Django DATABASES entry."""
+    url = env_str(name, default)
+    parsed = urlparse(url)
+    if parsed.scheme not in {"postgres", "postgresql"}:
+        raise ImproperlyConfigured(
+            f"{name} must be a postgres:// URL (PostgreSQL is the only database), got {url!r}"
+        )
+    db_name = parsed.path.lstrip("/")
+    if not db_name:
+        raise ImproperlyConfigured(f"{name} must name a database, got {url!r}")
+    try:
+        port = parsed.port or 5432
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} has an invalid port, got {url!r}") from None
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(db_name),
+        "USER": unquote(parsed.username or "postgres"),
+        "PASSWORD": unquote(parsed.password or ""),
+        "HOST": parsed.hostname or "",
+        "PORT": str(port),
+        "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
+    }
+
+
+def env_redis_url(name: str, default: str) -> str:
+    url = env_str(name, default)
+    parsed = urlparse(url)
+    if parsed.scheme not in {"redis", "rediss"} or not parsed.hostname:
+        raise ImproperlyConfigured(f"{name} must be a redis:// URL, got {url!r}")
+    return url

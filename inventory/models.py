@@ -1,0 +1,277 @@
+"""What exists physically: repurposed sites, GPU models, nodes, GPUs, and their health."""
+
+from django.conf import settings
+from django.contrib.postgres.constraints import ExclusionConstraint
+from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+class SiteStatus(models.TextChoices):
+    COMMISSIONING = "commissioning"
+    ACTIVE = "active"
+    CURTAILED = "curtailed"
+    MAINTENANCE = "maintenance"
+    RETIRED = "retired"
+
+
+class CoolingType(models.TextChoices):
+    AIR = "air"
+    HYDRO = "hydro"
+    IMMERSION = "immersion"
+    DIRECT_LIQUID = "direct_liquid"
+
+
+class Site(models.Model):
+    """A former mining facility: its grid connection, power contract and cooling now serve GPUs."""
+
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    region = models.CharField(max_length=64, help_text="Marketplace region, e.g. us-central.")
+    country = models.CharField(max_length=2, help_text="ISO 3166-1 alpha-2 code.")
+    grid_operator = models.CharField(max_length=120, help_text="e.g. ERCOT, Hydro-Québec.")
+    power_capacity_kw = models.DecimalField(
+        max_digits=10, decimal_places=1, validators=[MinValueValidator(0)]
+    )
+    pue = models.DecimalField(
+        "PUE",
+        max_digits=4,
+        decimal_places=2,
+        validators=[MinValueValidator(1), MaxValueValidator(5)],
+        help_text="Power usage effectiveness (1.00 is perfect).",
+    )
+    cooling = models.CharField(max_length=20, choices=CoolingType.choices)
+    energy_price_per_mwh = models.DecimalField(
+        max_digits=10, decimal_places=2, validators=[MinValueValidator(0)]
+    )
+    energy_currency = models.CharField(max_length=3, default="usd")
+    renewable_share = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="Share of energy from renewable sources, 0 to 1.",
+    )
+    uplink_gbps = models.PositiveIntegerField(help_text="Network uplink capacity in Gbit/s.")
+    former_use = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="What the facility did before, e.g. 'bitcoin mining, 40k S19'.",
+    )
+    status = models.CharField(
+        max_length=20, choices=SiteStatus.choices, default=SiteStatus.COMMISSIONING, db_index=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+        constraints = [
+            models.CheckConstraint(condition=Q(pue__gte=1), name="site_pue_at_least_one"),
+            models.CheckConstraint(
+                condition=Q(renewable_share__gte=0) & Q(renewable_share__lte=1),
+                name="site_renewable_share_0_1",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=SiteStatus.values), name="site_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class GpuModel(models.Model):
+    """A catalogue entry, e.g. h100-sxm-80gb."""
+
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=120)
+    vendor = models.CharField(max_length=40)
+    memory_gb = models.PositiveIntegerField()
+    tdp_watts = models.PositiveIntegerField()
+    interconnect = models.CharField(
+        max_length=60, blank=True, help_text="e.g. NVLink 900 GB/s, PCIe 4.0"
+    )
+
+    class Meta:
+        ordering = ["vendor", "-memory_gb", "slug"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NodeStatus(models.TextChoices):
+    AVAILABLE = "available"
+    DRAINING = "draining"
+    MAINTENANCE = "maintenance"
+    OFFLINE = "offline"
+    RETIRED = "retired"
+
+
+class Node(models.Model):
+    """A host at a site carrying GPUs of one model."""
+
+    site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="nodes")
+    hostname = models.CharField(max_length=120, unique=True)
+    gpu_model = models.ForeignKey(GpuModel, on_delete=models.PROTECT, related_name="nodes")
+    cpu_model = models.CharField(max_length=120, blank=True)
+    cpu_cores = models.PositiveIntegerField()
+    ram_gb = models.PositiveIntegerField()
+    disk_gb = models.PositiveIntegerField()
+    nic_gbps = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=20, choices=NodeStatus.choices, default=NodeStatus.AVAILABLE, db_index=True
+    )
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["site_id", "hostname"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=NodeStatus.values), name="node_status_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["site", "gpu_model", "status"])]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+
+class GpuHealth(models.TextChoices):
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+
+
+class Gpu(models.Model):
+    """One physical device; the unit the marketplace allocates."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveSmallIntegerField()
+    serial = models.CharField(max_length=64, unique=True)
+    health = models.CharField(max_length=10, choices=GpuHealth.choices, default=GpuHealth.OK)
+    health_reported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["node_id", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_index_per_node"),
+            models.CheckConstraint(
+                condition=Q(health__in=GpuHealth.values), name="gpu_health_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.hostname}/gpu{self.index}"
+
+
+class StatusChange(models.Model):
+    """Who changed a site's or node's status, when and why."""
+
+    site = models.ForeignKey(
+        Site, null=True, blank=True, on_delete=models.CASCADE, related_name="status_changes"
+    )
+    node = models.ForeignKey(
+        Node, null=True, blank=True, on_delete=models.CASCADE, related_name="status_changes"
+    )
+    from_status = models.CharField(max_length=20)
+    to_status = models.CharField(max_length=20)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_label = models.CharField(
+        max_length=120, help_text="The user, or the system task that acted."
+    )
+    reason = models.TextField()
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(site__isnull=False) & Q(node__isnull=True))
+                | (Q(site__isnull=True) & Q(node__isnull=False)),
+                name="status_change_site_xor_node",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = self.node or self.site
+        return f"{target}: {self.from_status} → {self.to_status}"
+
+
+class NodeToken(models.Model):
+    """A site agent's credential for one node. The secret is shown once; only its hash is kept."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="tokens")
+    prefix = models.CharField(max_length=16, unique=True)
+    secret_hash = models.CharField(max_length=64)
+    label = models.CharField(max_length=120, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.node.hostname})"
+
+
+class OutageCause(models.TextChoices):
+    HEARTBEAT_MISSED = "heartbeat_missed"
+    HARDWARE_FAILURE = "hardware_failure"
+    GPU_FAILURE = "gpu_failure"
+    PROVISIONING_FAILURE = "provisioning_failure"
+    GRID_CURTAILMENT = "grid_curtailment"
+
+
+class Outage(models.Model):
+    """An interval during which a node did not deliver; SLA credits are computed from these."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="outages")
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    cause = models.CharField(max_length=30, choices=OutageCause.choices)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node"], condition=Q(ended_at__isnull=True), name="outage_one_open_per_node"
+            ),
+            models.CheckConstraint(
+                condition=Q(ended_at__isnull=True) | Q(ended_at__gt=models.F("started_at")),
+                name="outage_ends_after_start",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.hostname} {self.cause} from {self.started_at:%Y-%m-%d %H:%M}"
+
+
+class MaintenanceWindow(models.Model):
+    """Planned downtime of a node; the marketplace never sells a GPU into one."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="maintenance_windows")
+    period = DateTimeRangeField(help_text="Half-open [start, end).")
+    reason = models.TextField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["node_id"]
+        constraints = [
+            ExclusionConstraint(
+                name="maintenance_no_overlap_per_node",
+                expressions=[("node", RangeOperators.EQUAL), ("period", RangeOperators.OVERLAPS)],
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.hostname} maintenance {self.period}"

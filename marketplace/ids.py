@@ -1,0 +1,22 @@
+"""Public identifiers in the Stripe style: a short type prefix and a random body (res_8fK2…)."""
+
+import secrets
+import string
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_public_id(prefix: str, length: int = 20) -> str:
+    return f"{prefix}_" + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def org_id() -> str:
+    return new_public_id("org")
+
+
+def quote_id() -> str:
+    return new_public_id("quo")
+
+
+def reservation_id() -> str:
+    return new_public_id("res")
