@@ -4,4 +4,6 @@ from django.urls import include, path
 
 urlpatterns = [
     path("", include("inventory.urls")),
+    path("", include("marketplace.urls")),
+    path("", include("billing.urls")),
 ]

@@ -10,6 +10,22 @@ from django.db.models import Q
 from inventory.models import Gpu, GpuModel, Node, Site
 from marketplace import ids
 
+__all__ = [
+    "Organization",
+    "Role",
+    "Membership",
+    "ApiKeyScope",
+    "ApiKey",
+    "Tier",
+    "Term",
+    "Quote",
+    "ReservationStatus",
+    "LIVE_STATUSES",
+    "Reservation",
+    "ReservationTransition",
+    "Allocation",
+]
+
 
 class Organization(models.Model):
     public_id = models.CharField(max_length=32, unique=True, default=ids.org_id, editable=False)

@@ -1,0 +1,1 @@
+"""See marketplace/models/__init__.py."""
