@@ -123,6 +123,10 @@ class Node(models.Model):
         max_length=20, choices=NodeStatus.choices, default=NodeStatus.AVAILABLE, db_index=True
     )
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # When the status last changed: silence is measured from the later of this and the last
+    # heartbeat, so a node just returned to service is not marked offline for old silence.
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    agent_version = models.CharField(max_length=40, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
