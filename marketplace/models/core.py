@@ -207,6 +207,11 @@ class Reservation(models.Model):
     connection = models.JSONField(default=dict, blank=True, help_text="Host and ports once active.")
     activated_at = models.DateTimeField(null=True, blank=True)
     released_at = models.DateTimeField(null=True, blank=True)
+    cancellation = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Set when cancelled: at, rule, refund_amount, fee_amount (billing settles it).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -1,1 +1,119 @@
-"""See marketplace/models/__init__.py."""
+"""Staff-editable pricing inputs: rate cards and the pricing policy.
+
+The price itself is computed by the pure function marketplace.services.pricing.price_quote.
+"""
+
+from decimal import Decimal
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import F, Q
+
+from inventory.models import GpuModel, Site
+
+__all__ = ["RateCard", "PricingPolicy"]
+
+_PCT = [MinValueValidator(Decimal("0")), MaxValueValidator(Decimal("100"))]
+
+
+class RateCard(models.Model):
+    """List price per GPU-hour of a GPU model; a row with a site overrides the model default."""
+
+    gpu_model = models.ForeignKey(GpuModel, on_delete=models.CASCADE, related_name="rate_cards")
+    site = models.ForeignKey(
+        Site,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="rate_cards",
+        help_text="Empty: the default for every site without its own rate.",
+    )
+    price_per_gpu_hour = models.DecimalField(
+        max_digits=12, decimal_places=4, validators=[MinValueValidator(Decimal("0.0001"))]
+    )
+    currency = models.CharField(max_length=3, default="usd")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["gpu_model__slug", "site__slug"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["gpu_model", "site"],
+                condition=Q(site__isnull=False),
+                name="ratecard_unique_model_site",
+            ),
+            models.UniqueConstraint(
+                fields=["gpu_model"],
+                condition=Q(site__isnull=True),
+                name="ratecard_unique_model_default",
+            ),
+            models.CheckConstraint(
+                condition=Q(price_per_gpu_hour__gt=0), name="ratecard_price_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        where = self.site.slug if self.site_id else "default"
+        return f"{self.gpu_model.slug} @ {where}: {self.price_per_gpu_hour} {self.currency}/GPU-h"
+
+
+class PricingPolicy(models.Model):
+    """Discounts and the utilisation adjustment. The newest row is the one in force.
+
+    price = list price × (1 − tier discount) × utilisation multiplier, where the utilisation
+    multiplier is 1 + slope × (utilisation − pivot); the result is then clamped to
+    [floor, ceiling] × list price.
+    """
+
+    discount_1w_pct = models.DecimalField(max_digits=5, decimal_places=2, validators=_PCT)
+    discount_1m_pct = models.DecimalField(max_digits=5, decimal_places=2, validators=_PCT)
+    discount_3m_pct = models.DecimalField(max_digits=5, decimal_places=2, validators=_PCT)
+    discount_1y_pct = models.DecimalField(max_digits=5, decimal_places=2, validators=_PCT)
+    interruptible_discount_pct = models.DecimalField(
+        max_digits=5, decimal_places=2, validators=_PCT
+    )
+    utilisation_pivot = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        default=Decimal("0.600"),
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="Utilisation (0 to 1) at which the adjustment is neutral.",
+    )
+    utilisation_slope = models.DecimalField(
+        max_digits=5,
+        decimal_places=3,
+        default=Decimal("0.500"),
+        validators=[MinValueValidator(0)],
+        help_text="Multiplier change per unit of utilisation above or below the pivot.",
+    )
+    floor_multiplier = models.DecimalField(
+        max_digits=5,
+        decimal_places=3,
+        validators=[MinValueValidator(Decimal("0.001"))],
+        help_text="The final price is never below this × list price.",
+    )
+    ceiling_multiplier = models.DecimalField(
+        max_digits=5,
+        decimal_places=3,
+        help_text="The final price is never above this × list price.",
+    )
+    note = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "pricing policies"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(floor_multiplier__gt=0)
+                & Q(ceiling_multiplier__gte=F("floor_multiplier")),
+                name="pricingpolicy_bounds_ordered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"Pricing policy of {self.created_at:%Y-%m-%d %H:%M}"
+            if self.created_at
+            else "Pricing policy"
+        )

@@ -1,0 +1,1 @@
+"""Marketplace read selectors, shared by the portal, the API and the admin."""

@@ -1,0 +1,1 @@
+"""Marketplace write services, one module per area (see STYLE.md: services do the writes)."""
