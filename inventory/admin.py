@@ -1,0 +1,356 @@
+"""Staff tools for the inventory.
+
+Status is never edited in a form: it changes only through the actions below, which call the
+services, so every change is checked and recorded as a StatusChange with who and why.
+"""
+
+from collections.abc import Callable
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+
+from config.errors import ApplicationError
+from inventory import services
+from inventory.models import (
+    Gpu,
+    GpuModel,
+    MaintenanceWindow,
+    Node,
+    NodeStatus,
+    NodeToken,
+    Outage,
+    Site,
+    StatusChange,
+)
+from inventory.selectors import site_capacity_summary, site_list_with_capacity
+
+
+class StatusActionForm(ActionForm):
+    """The action bar gains a reason box; the reason is recorded with each status change."""
+
+    reason = forms.CharField(
+        required=False,
+        max_length=500,
+        widget=forms.TextInput(attrs={"placeholder": "reason (recorded)", "size": 40}),
+    )
+
+
+def _apply(
+    request: HttpRequest,
+    queryset: QuerySet,
+    service: Callable,
+    target: str,
+    verb: str,
+) -> None:
+    """Run a status service on each selected row; report successes and refusals one by one."""
+    reason = request.POST.get("reason", "").strip() or f"{verb} from the admin"
+    done = []
+    for obj in queryset.order_by("pk"):
+        try:
+            service(**{target: obj}, actor=request.user, reason=reason)
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+        else:
+            done.append(str(obj))
+    if done:
+        messages.success(request, f"{verb}: {', '.join(done)}.")
+
+
+class StatusChangeInline(admin.TabularInline):
+    model = StatusChange
+    fields = ["at", "from_status", "to_status", "actor_label", "reason"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-at", "-id"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class SiteStatusChangeInline(StatusChangeInline):
+    fk_name = "site"
+
+
+class NodeStatusChangeInline(StatusChangeInline):
+    fk_name = "node"
+
+
+@admin.register(Site)
+class SiteAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "slug",
+        "region",
+        "country",
+        "grid_operator",
+        "cooling",
+        "status",
+        "gpu_total",
+        "gpu_available",
+    ]
+    list_filter = ["status", "region", "country", "cooling"]
+    search_fields = ["name", "slug", "region", "grid_operator", "former_use"]
+    readonly_fields = ["status", "created_at", "updated_at"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [SiteStatusChangeInline]
+    action_form = StatusActionForm
+    actions = ["activate", "curtail", "set_maintenance", "return_to_service", "retire"]
+    change_form_template = "admin/inventory/site/change_form.html"
+
+    def get_queryset(self, request):
+        return site_list_with_capacity()
+
+    @admin.display(description="GPUs", ordering="gpu_total")
+    def gpu_total(self, site: Site) -> int:
+        return site.gpu_total
+
+    @admin.display(description="GPUs available", ordering="gpu_available")
+    def gpu_available(self, site: Site) -> int:
+        return site.gpu_available
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        site = self.get_object(request, object_id)
+        extra_context = extra_context or {}
+        if site is not None:
+            extra_context["capacity"] = site_capacity_summary(site=site)
+            extra_context["node_statuses"] = list(NodeStatus.values)
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @admin.action(description="Activate selected sites")
+    def activate(self, request, queryset):
+        _apply(request, queryset, services.site_activate, "site", "Activated")
+
+    @admin.action(description="Curtail selected sites")
+    def curtail(self, request, queryset):
+        _apply(request, queryset, services.site_curtail, "site", "Curtailed")
+
+    @admin.action(description="Put selected sites in maintenance")
+    def set_maintenance(self, request, queryset):
+        _apply(request, queryset, services.site_set_maintenance, "site", "Put in maintenance")
+
+    @admin.action(description="Return selected sites to service")
+    def return_to_service(self, request, queryset):
+        _apply(request, queryset, services.site_return_to_service, "site", "Returned to service")
+
+    @admin.action(description="Retire selected sites (final)")
+    def retire(self, request, queryset):
+        _apply(request, queryset, services.site_retire, "site", "Retired")
+
+
+@admin.register(GpuModel)
+class GpuModelAdmin(admin.ModelAdmin):
+    list_display = ["slug", "name", "vendor", "memory_gb", "tdp_watts", "interconnect"]
+    list_filter = ["vendor"]
+    search_fields = ["slug", "name", "vendor"]
+
+
+class GpuInline(admin.TabularInline):
+    model = Gpu
+    fields = ["index", "serial", "health", "health_reported_at"]
+    readonly_fields = ["health_reported_at"]
+    extra = 0
+
+
+class OutageInline(admin.TabularInline):
+    model = Outage
+    fields = ["cause", "started_at", "ended_at", "detail"]
+    extra = 0
+    ordering = ["-started_at"]
+
+
+class NodeTokenInline(admin.TabularInline):
+    model = NodeToken
+    fields = ["prefix", "label", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False  # tokens are issued with the "Issue agent token" action (secret shown once)
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = [
+        "hostname",
+        "site",
+        "gpu_model",
+        "gpu_count",
+        "status",
+        "last_heartbeat_at",
+        "agent_version",
+    ]
+    list_filter = ["status", "site", "gpu_model"]
+    list_select_related = ["site", "gpu_model"]
+    search_fields = ["hostname", "gpus__serial"]
+    readonly_fields = [
+        "status",
+        "status_changed_at",
+        "last_heartbeat_at",
+        "agent_version",
+        "created_at",
+        "updated_at",
+    ]
+    inlines = [GpuInline, OutageInline, NodeTokenInline, NodeStatusChangeInline]
+    action_form = StatusActionForm
+    actions = ["drain", "set_maintenance", "return_to_service", "retire", "issue_token"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(gpu_count=Count("gpus"))
+
+    def get_search_results(self, request, queryset, search_term):
+        # Searching by GPU serial joins GPUs; keep one row per node.
+        queryset, _ = super().get_search_results(request, queryset, search_term)
+        return queryset, False
+
+    @admin.display(description="GPUs", ordering="gpu_count")
+    def gpu_count(self, node: Node) -> int:
+        return node.gpu_count
+
+    @admin.action(description="Drain selected nodes")
+    def drain(self, request, queryset):
+        _apply(request, queryset, services.node_drain, "node", "Drained")
+
+    @admin.action(description="Put selected nodes in maintenance")
+    def set_maintenance(self, request, queryset):
+        _apply(request, queryset, services.node_set_maintenance, "node", "Put in maintenance")
+
+    @admin.action(description="Return selected nodes to service")
+    def return_to_service(self, request, queryset):
+        _apply(request, queryset, services.node_return_to_service, "node", "Returned to service")
+
+    @admin.action(description="Retire selected nodes (final)")
+    def retire(self, request, queryset):
+        _apply(request, queryset, services.node_retire, "node", "Retired")
+
+    @admin.action(description="Issue an agent token for selected nodes")
+    def issue_token(self, request, queryset):
+        """Shows each new secret once, on a page of its own (never stored, nor put in a
+        message, which would travel in a cookie)."""
+        label = request.POST.get("reason", "").strip() or f"issued by {request.user}"
+        issued = []
+        for node in queryset.order_by("pk"):
+            try:
+                token, secret = services.node_token_issue(node=node, label=label)
+            except ApplicationError as exc:
+                messages.error(request, exc.message)
+            else:
+                issued.append({"node": node, "token": token, "secret": secret})
+        if not issued:
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Agent tokens issued",
+            "issued": issued,
+            "opts": self.model._meta,
+        }
+        response = TemplateResponse(request, "admin/inventory/node/issued_tokens.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+@admin.register(Gpu)
+class GpuAdmin(admin.ModelAdmin):
+    list_display = ["__str__", "node", "index", "serial", "health", "health_reported_at"]
+    list_filter = ["health", "node__site", "node__gpu_model", "node__status"]
+    list_select_related = ["node"]
+    search_fields = ["serial", "node__hostname"]
+    readonly_fields = ["health_reported_at"]
+    raw_id_fields = ["node"]
+
+
+class OpenOutageFilter(admin.SimpleListFilter):
+    title = "open"
+    parameter_name = "open"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Open"), ("no", "Closed")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(ended_at__isnull=True)
+        if self.value() == "no":
+            return queryset.filter(ended_at__isnull=False)
+        return queryset
+
+
+@admin.register(Outage)
+class OutageAdmin(admin.ModelAdmin):
+    list_display = ["node", "cause", "started_at", "ended_at"]
+    list_filter = [OpenOutageFilter, "cause", "node__site"]
+    list_select_related = ["node"]
+    search_fields = ["node__hostname", "detail"]
+    raw_id_fields = ["node"]
+    date_hierarchy = "started_at"
+
+
+@admin.register(MaintenanceWindow)
+class MaintenanceWindowAdmin(admin.ModelAdmin):
+    list_display = ["node", "period", "reason", "created_by", "created_at"]
+    list_filter = ["node__site"]
+    list_select_related = ["node", "created_by"]
+    search_fields = ["node__hostname", "reason"]
+    raw_id_fields = ["node"]
+    readonly_fields = ["created_by", "created_at"]
+
+    def save_model(self, request, obj, form, change):
+        # The form already checked the no-overlap exclusion constraint (Django validates
+        # model constraints in ModelForms); the database holds it against races.
+        if not change:
+            obj.created_by = request.user
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(StatusChange)
+class StatusChangeAdmin(admin.ModelAdmin):
+    """The audit trail: read-only."""
+
+    list_display = ["at", "target", "from_status", "to_status", "actor_label", "reason"]
+    list_filter = ["to_status", "site"]
+    list_select_related = ["node", "site"]
+    search_fields = ["node__hostname", "site__slug", "actor_label", "reason"]
+    date_hierarchy = "at"
+
+    @admin.display(description="node or site")
+    def target(self, change: StatusChange) -> str:
+        return str(change.node or change.site)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(NodeToken)
+class NodeTokenAdmin(admin.ModelAdmin):
+    list_display = ["prefix", "node", "label", "created_at", "last_used_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter), "node__site"]
+    list_select_related = ["node"]
+    search_fields = ["prefix", "node__hostname", "label"]
+    fields = ["prefix", "node", "label", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = ["prefix", "node", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # issue tokens from the node list: the secret must be shown once
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # revoke instead, so the record of the token stays
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request, queryset):
+        for token in queryset.order_by("pk"):
+            services.node_token_revoke(token=token)
+        messages.success(request, f"Revoked {queryset.count()} token(s).")

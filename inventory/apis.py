@@ -1,0 +1,62 @@
+"""The site agent's API."""
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from inventory.auth import IsNodeAgent, NodeTokenAuthentication
+from inventory.models import GpuHealth, NodeStatus
+from inventory.services import node_heartbeat_record
+
+
+class GpuHealthReportSerializer(serializers.Serializer):
+    index = serializers.IntegerField(min_value=0, max_value=255)
+    health = serializers.ChoiceField(choices=GpuHealth.choices)
+
+
+class HeartbeatApi(APIView):
+    """A node agent says it is alive and how its GPUs are."""
+
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsNodeAgent]
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "HeartbeatInput"
+
+        agent_version = serializers.CharField(max_length=40, required=False)
+        gpus = GpuHealthReportSerializer(many=True, required=False, max_length=64)
+        # Accepted so agents can send them; not stored yet.
+        metrics = serializers.DictField(required=False)
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "Heartbeat"
+
+        node = serializers.CharField(source="hostname")
+        status = serializers.ChoiceField(choices=NodeStatus.choices)
+        last_heartbeat_at = serializers.DateTimeField()
+        next_heartbeat_within_seconds = serializers.SerializerMethodField()
+
+        def get_next_heartbeat_within_seconds(self, node) -> int:
+            return int(settings.NODE_OFFLINE_AFTER.total_seconds())
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: OutputSerializer},
+        operation_id="agent_heartbeat",
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        node = node_heartbeat_record(
+            node=request.user.node,
+            gpu_reports=data.get("gpus"),
+            agent_version=data.get("agent_version"),
+            actor_label=f"node agent ({request.auth.prefix})",
+        )
+        return Response(self.OutputSerializer(node).data)

@@ -1,0 +1,60 @@
+"""Authentication for site agents: `Authorization: Bearer nt_…` carrying a per-node token.
+
+Tokens are read from the header only, never from the query string (URLs end up in logs).
+"""
+
+from dataclasses import dataclass
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import authentication, exceptions, permissions
+
+from inventory.models import Node, NodeToken
+from inventory.services import TOKEN_PREFIX, node_token_authenticate
+
+
+@dataclass(frozen=True)
+class NodeAgent:
+    """The request's user when a node agent calls: it acts for one node and nothing else."""
+
+    node: Node
+    token: NodeToken
+    is_authenticated: bool = True
+    is_anonymous: bool = False
+    is_staff: bool = False
+
+    def __str__(self) -> str:
+        return f"node agent {self.node.hostname} ({self.token.prefix})"
+
+
+class NodeTokenAuthentication(authentication.BaseAuthentication):
+    keyword = "Bearer"
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).decode("latin-1")
+        scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
+        if scheme != self.keyword or not secret.startswith(TOKEN_PREFIX):
+            return None  # not ours: another authentication class may know it
+        token = node_token_authenticate(secret)
+        if token is None:
+            raise exceptions.AuthenticationFailed("Invalid or revoked node token.")
+        return NodeAgent(node=token.node, token=token), token
+
+    def authenticate_header(self, request) -> str:
+        # Makes DRF answer 401 (not 403) when the token is missing or wrong.
+        return f'{self.keyword} realm="switchyard-agent"'
+
+
+class IsNodeAgent(permissions.BasePermission):
+    def has_permission(self, request, view) -> bool:
+        return isinstance(request.auth, NodeToken)
+
+
+class NodeTokenScheme(OpenApiAuthenticationExtension):
+    """Describes the node token in the OpenAPI schema."""
+
+    target_class = NodeTokenAuthentication
+    name = "nodeToken"
+
+    def get_security_definition(self, auto_schema) -> dict:
+        return {"type": "http", "scheme": "bearer", "description": "A node token, nt_…"}

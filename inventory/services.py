@@ -1,0 +1,480 @@
+"""Writes to the inventory: status changes, maintenance windows, node tokens and heartbeats.
+
+Every status change goes through `_status_change`: it locks the row, checks the transition
+tables below, and records a StatusChange, so no status moves unrecorded.
+
+Outages of cause heartbeat_missed span [went silent, heard again): the sweeper opens them and
+the next heartbeat closes them, whatever staff did in between. Staff status changes never open
+or close outages.
+"""
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
+from django.utils import timezone
+
+from config.errors import Conflict, InvalidTransition, ValidationFailed
+from inventory.models import (
+    Gpu,
+    GpuHealth,
+    MaintenanceWindow,
+    Node,
+    NodeStatus,
+    NodeToken,
+    Outage,
+    OutageCause,
+    Site,
+    SiteStatus,
+    StatusChange,
+)
+
+SWEEPER_LABEL = "system: heartbeat sweeper"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An action's allowed source statuses and the status(es) it may lead to."""
+
+    verb: str
+    sources: frozenset[str]
+    targets: frozenset[str]
+
+
+def _t(verb: str, sources: set[str], targets: set[str]) -> Transition:
+    return Transition(verb, frozenset(sources), frozenset(targets))
+
+
+N = NodeStatus
+# Every way a node's status may change. Offline is entered only by the heartbeat sweeper and
+# left by a heartbeat (back to what it was before the silence) or by staff to maintenance or
+# retirement; staff cannot declare a silent node available. Retired is final.
+NODE_TRANSITIONS: dict[str, Transition] = {
+    "drain": _t("drain", {N.AVAILABLE}, {N.DRAINING}),
+    "set_maintenance": _t(
+        "put in maintenance", {N.AVAILABLE, N.DRAINING, N.OFFLINE}, {N.MAINTENANCE}
+    ),
+    "return_to_service": _t("return to service", {N.DRAINING, N.MAINTENANCE}, {N.AVAILABLE}),
+    "retire": _t("retire", {N.AVAILABLE, N.DRAINING, N.MAINTENANCE, N.OFFLINE}, {N.RETIRED}),
+    "mark_offline": _t("mark offline", {N.AVAILABLE, N.DRAINING}, {N.OFFLINE}),
+    "resume": _t("resume", {N.OFFLINE}, {N.AVAILABLE, N.DRAINING}),
+}
+
+S = SiteStatus
+# Every way a site's status may change. Retired is final.
+SITE_TRANSITIONS: dict[str, Transition] = {
+    "activate": _t("activate", {S.COMMISSIONING}, {S.ACTIVE}),
+    "curtail": _t("curtail", {S.ACTIVE}, {S.CURTAILED}),
+    "set_maintenance": _t("put in maintenance", {S.ACTIVE, S.CURTAILED}, {S.MAINTENANCE}),
+    "return_to_service": _t("return to service", {S.CURTAILED, S.MAINTENANCE}, {S.ACTIVE}),
+    "retire": _t("retire", {S.COMMISSIONING, S.ACTIVE, S.CURTAILED, S.MAINTENANCE}, {S.RETIRED}),
+}
+
+
+def _label(actor: AbstractBaseUser | None, actor_label: str | None) -> str:
+    if actor_label:
+        return actor_label
+    if actor is not None:
+        return actor.get_username()
+    raise ValidationFailed("A change without a user needs an actor_label.", field="actor_label")
+
+
+def _check(kind: str, name: str, transition: Transition, current: str, target: str) -> None:
+    if current in transition.sources and target in transition.targets:
+        return
+    if current == target:
+        why = f"it is already {current}"
+    elif current == "retired":
+        why = f"a retired {kind} cannot come back"
+    else:
+        sources = " or ".join(sorted(transition.sources))
+        why = f"only a {sources} {kind} can be told to {transition.verb}"
+    raise InvalidTransition(
+        f"Cannot {transition.verb} {kind} {name} (from {current} to {target}): {why}.",
+        field="status",
+    )
+
+
+def _status_change(
+    *,
+    model: type[Node] | type[Site],
+    obj: Node | Site,
+    action: str,
+    to_status: str,
+    actor: AbstractBaseUser | None,
+    actor_label: str | None,
+    reason: str,
+) -> Node | Site:
+    """Lock the row, check the move, change it and record who, when and why."""
+    label = _label(actor, actor_label)
+    if not reason or not reason.strip():
+        raise ValidationFailed("A status change needs a reason.", field="reason")
+    locked = model.objects.select_for_update().get(pk=obj.pk)
+    current = locked.status
+    if model is Node:
+        _check("node", locked.hostname, NODE_TRANSITIONS[action], current, to_status)
+    else:
+        _check("site", locked.slug, SITE_TRANSITIONS[action], current, to_status)
+    locked.status = to_status
+    fields = ["status", "updated_at"]
+    if model is Node:
+        locked.status_changed_at = timezone.now()
+        fields.append("status_changed_at")
+    locked.save(update_fields=fields)
+    StatusChange.objects.create(
+        node=locked if model is Node else None,
+        site=locked if model is Site else None,
+        from_status=current,
+        to_status=to_status,
+        actor=actor,
+        actor_label=label,
+        reason=reason.strip(),
+    )
+    obj.status = locked.status
+    return locked
+
+
+def _node_action(action: str, to_status: str, doc: str):
+    @transaction.atomic
+    def service(
+        *,
+        node: Node,
+        actor: AbstractBaseUser | None,
+        reason: str,
+        actor_label: str | None = None,
+    ) -> Node:
+        return _status_change(
+            model=Node,
+            obj=node,
+            action=action,
+            to_status=to_status,
+            actor=actor,
+            actor_label=actor_label,
+            reason=reason,
+        )
+
+    service.__name__ = service.__qualname__ = f"node_{action}"
+    service.__doc__ = doc
+    return service
+
+
+def _site_action(action: str, to_status: str, doc: str):
+    @transaction.atomic
+    def service(
+        *,
+        site: Site,
+        actor: AbstractBaseUser | None,
+        reason: str,
+        actor_label: str | None = None,
+    ) -> Site:
+        return _status_change(
+            model=Site,
+            obj=site,
+            action=action,
+            to_status=to_status,
+            actor=actor,
+            actor_label=actor_label,
+            reason=reason,
+        )
+
+    service.__name__ = service.__qualname__ = f"site_{action}"
+    service.__doc__ = doc
+    return service
+
+
+node_drain = _node_action(
+    "drain", N.DRAINING, "Stop selling the node's GPUs; work already running may finish."
+)
+node_set_maintenance = _node_action(
+    "set_maintenance", N.MAINTENANCE, "Take the node out for repair; its agent may stay silent."
+)
+node_return_to_service = _node_action(
+    "return_to_service", N.AVAILABLE, "Sell the node's GPUs again after a drain or a repair."
+)
+_node_retire = _node_action("retire", N.RETIRED, "")
+
+
+@transaction.atomic
+def node_retire(
+    *,
+    node: Node,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Node:
+    """Take the node out for good. Its agent tokens are revoked: a retired node has no agent."""
+    retired = _node_retire(node=node, actor=actor, reason=reason, actor_label=actor_label)
+    NodeToken.objects.filter(node=retired, revoked_at__isnull=True).update(
+        revoked_at=retired.status_changed_at
+    )
+    return retired
+
+
+def node_silent_since(node: Node) -> datetime | None:
+    """The later of the last heartbeat and the last status change (values as loaded)."""
+    times = [t for t in (node.last_heartbeat_at, node.status_changed_at) if t is not None]
+    return max(times) if times else None
+
+
+@transaction.atomic
+def node_mark_offline(*, node: Node, reason: str, actor_label: str = SWEEPER_LABEL) -> Node:
+    """The system's move: a silent node goes offline and a heartbeat outage opens.
+
+    The outage starts when the node went silent (its last heartbeat, or its last status change
+    if that was later), not when the sweeper noticed. If an outage is already open (say a
+    hardware failure staff recorded), that one goes on and no second one opens.
+    """
+    fresh = Node.objects.select_for_update().get(pk=node.pk)
+    silent_since = node_silent_since(fresh)
+    locked = _status_change(
+        model=Node,
+        obj=node,
+        action="mark_offline",
+        to_status=N.OFFLINE,
+        actor=None,
+        actor_label=actor_label,
+        reason=reason,
+    )
+    if not Outage.objects.filter(node=locked, ended_at__isnull=True).exists():
+        Outage.objects.create(
+            node=locked,
+            started_at=silent_since or locked.status_changed_at,
+            cause=OutageCause.HEARTBEAT_MISSED,
+            detail=reason,
+        )
+    return locked
+
+
+@transaction.atomic
+def nodes_mark_silent_offline(*, now: datetime | None = None, limit: int = 500) -> list[int]:
+    """Mark offline every watched node silent for longer than NODE_OFFLINE_AFTER.
+
+    Only nodes that have heartbeated at least once are watched: a node racked but whose agent
+    was never started is not an outage, and staff see it in the admin (no last heartbeat).
+    Maintenance and retired nodes are not expected to talk. Rows another transaction holds are
+    skipped; the next run picks them up.
+    """
+    now = now or timezone.now()
+    cutoff = now - settings.NODE_OFFLINE_AFTER
+    silent = (
+        Node.objects.select_for_update(skip_locked=True)
+        .filter(
+            status__in=[N.AVAILABLE, N.DRAINING],
+            last_heartbeat_at__isnull=False,
+            last_heartbeat_at__lt=cutoff,
+        )
+        .exclude(status_changed_at__gte=cutoff)
+        .order_by("pk")[:limit]
+    )
+    marked = []
+    for node in silent:
+        seconds = int((now - node_silent_since(node)).total_seconds())
+        node_mark_offline(node=node, reason=f"No heartbeat for {seconds} s.")
+        marked.append(node.pk)
+    return marked
+
+
+site_activate = _site_action("activate", S.ACTIVE, "A commissioned site starts selling.")
+site_curtail = _site_action(
+    "curtail", S.CURTAILED, "The grid operator asked the site to shed load."
+)
+site_set_maintenance = _site_action(
+    "set_maintenance", S.MAINTENANCE, "Planned or unplanned work on the whole facility."
+)
+site_return_to_service = _site_action(
+    "return_to_service", S.ACTIVE, "Back to active after curtailment or maintenance."
+)
+_site_retire = _site_action("retire", S.RETIRED, "")
+
+
+@transaction.atomic
+def site_retire(
+    *,
+    site: Site,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Site:
+    """Close the site for good; its nodes must be retired first."""
+    locked = Site.objects.select_for_update().get(pk=site.pk)
+    if locked.status != S.RETIRED:
+        live = locked.nodes.exclude(status=N.RETIRED).count()
+        if live:
+            raise InvalidTransition(
+                f"Cannot retire site {locked.slug} (from {locked.status} to retired): "
+                f"{live} of its nodes are not retired; retire them first.",
+                field="status",
+            )
+    return _site_retire(site=site, actor=actor, reason=reason, actor_label=actor_label)
+
+
+@transaction.atomic
+def maintenance_window_create(
+    *,
+    node: Node,
+    start: datetime,
+    end: datetime,
+    reason: str,
+    actor: AbstractBaseUser | None = None,
+) -> MaintenanceWindow:
+    """Plan downtime [start, end) for a node; refuses one that overlaps another window."""
+    if timezone.is_naive(start) or timezone.is_naive(end):
+        raise ValidationFailed("Maintenance times must be timezone-aware.", field="period")
+    if end <= start:
+        raise ValidationFailed("A maintenance window must end after it starts.", field="period")
+    if not reason or not reason.strip():
+        raise ValidationFailed("A maintenance window needs a reason.", field="reason")
+    try:
+        # A savepoint, so the caller's transaction survives the constraint violation.
+        with transaction.atomic():
+            return MaintenanceWindow.objects.create(
+                node=node,
+                period=DateTimeTZRange(start, end, "[)"),
+                reason=reason.strip(),
+                created_by=actor,
+            )
+    except IntegrityError as exc:
+        if "maintenance_no_overlap_per_node" not in str(exc):
+            raise
+        raise Conflict(
+            f"Node {node.hostname} already has a maintenance window overlapping "
+            f"{start.isoformat()} – {end.isoformat()}.",
+            code="maintenance_overlap",
+            field="period",
+        ) from None
+
+
+# --- Node tokens ---------------------------------------------------------------------------
+
+TOKEN_PREFIX = "nt_"
+
+
+def token_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@transaction.atomic
+def node_token_issue(*, node: Node, label: str = "") -> tuple[NodeToken, str]:
+    """Create a token for the node's agent. The secret is returned once and never stored."""
+    if node.status == NodeStatus.RETIRED:
+        raise InvalidTransition(f"Node {node.hostname} is retired; it gets no agent token.")
+    for _ in range(5):
+        prefix = TOKEN_PREFIX + secrets.token_hex(4)
+        secret = f"{prefix}_{secrets.token_urlsafe(32)}"
+        try:
+            with transaction.atomic():
+                token = NodeToken.objects.create(
+                    node=node, prefix=prefix, secret_hash=token_hash(secret), label=label
+                )
+        except IntegrityError:
+            continue  # a prefix collision (one in four billion): draw again
+        return token, secret
+    raise Conflict("Could not draw a unique token prefix; try again.")
+
+
+@transaction.atomic
+def node_token_revoke(*, token: NodeToken) -> NodeToken:
+    """Revoke a token; revoking twice keeps the first revocation time."""
+    NodeToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    token.refresh_from_db(fields=["revoked_at"])
+    return token
+
+
+def node_token_authenticate(secret: str) -> NodeToken | None:
+    """The live token this secret belongs to, or None. Compares hashes in constant time."""
+    prefix = secret[: len(TOKEN_PREFIX) + 8]
+    token = (
+        NodeToken.objects.select_related("node")
+        .filter(prefix=prefix, revoked_at__isnull=True)
+        .first()
+    )
+    expected = token.secret_hash if token else token_hash("")
+    if not hmac.compare_digest(expected, token_hash(secret)) or token is None:
+        return None
+    now = timezone.now()
+    # Cheap: a single UPDATE, and at most once a minute per token.
+    if token.last_used_at is None or (now - token.last_used_at).total_seconds() >= 60:
+        NodeToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    return token
+
+
+# --- Heartbeats ----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def node_heartbeat_record(
+    *,
+    node: Node,
+    gpu_reports: list[dict] | None = None,
+    agent_version: str | None = None,
+    actor_label: str = "node agent",
+) -> Node:
+    """Record that the node is alive, and the health its agent reports per GPU.
+
+    A node the sweeper had marked offline goes back to the status it had before it went
+    silent (available or draining: a drain stays a drain), and its heartbeat outage closes.
+    A GPU reported failed only marks that Gpu row: the node still serves its other GPUs, and
+    the marketplace does not sell unhealthy GPUs. No outage is opened for it.
+    """
+    now = timezone.now()
+    locked = Node.objects.select_for_update().get(pk=node.pk)
+    reports = gpu_reports or []
+    if reports:
+        by_index = {gpu.index: gpu for gpu in Gpu.objects.filter(node=locked)}
+        seen: set[int] = set()
+        for position, report in enumerate(reports):
+            index = report["index"]
+            if index in seen:
+                raise ValidationFailed(
+                    f"GPU index {index} is reported twice.", field=f"gpus[{position}].index"
+                )
+            seen.add(index)
+            if index not in by_index:
+                raise ValidationFailed(
+                    f"Node {locked.hostname} has no GPU with index {index}.",
+                    code="unknown_gpu",
+                    field=f"gpus[{position}].index",
+                )
+            gpu = by_index[index]
+            gpu.health = GpuHealth(report["health"])
+            gpu.health_reported_at = now
+        Gpu.objects.bulk_update(
+            [by_index[i] for i in sorted(seen)], ["health", "health_reported_at"]
+        )
+    locked.last_heartbeat_at = now
+    # Not updated_at: that tracks edits to the node's description, not its liveness.
+    fields = ["last_heartbeat_at"]
+    if agent_version is not None and agent_version != locked.agent_version:
+        locked.agent_version = agent_version
+        fields.append("agent_version")
+    locked.save(update_fields=fields)
+    Outage.objects.filter(
+        node=locked, ended_at__isnull=True, cause=OutageCause.HEARTBEAT_MISSED, started_at__lt=now
+    ).update(ended_at=now)
+    if locked.status == N.OFFLINE:
+        went_offline = (
+            StatusChange.objects.filter(node=locked, to_status=N.OFFLINE)
+            .order_by("-at", "-id")
+            .first()
+        )
+        was_draining = went_offline is not None and went_offline.from_status == N.DRAINING
+        offline_for = int((now - went_offline.at).total_seconds()) if went_offline else 0
+        locked = _status_change(
+            model=Node,
+            obj=locked,
+            action="resume",
+            to_status=N.DRAINING if was_draining else N.AVAILABLE,
+            actor=None,
+            actor_label=actor_label,
+            reason=f"Heartbeat received after {offline_for} s offline.",
+        )
+    node.last_heartbeat_at = locked.last_heartbeat_at
+    node.status = locked.status
+    return locked
