@@ -1,1 +1,179 @@
-"""See marketplace/models/__init__.py."""
+"""Provisioning records: attempts of the lifecycle tasks, site-agent jobs, reservation outages."""
+
+from django.db import models
+from django.db.models import Q
+
+from inventory.models import Node, Outage
+from marketplace.models.core import Reservation
+
+__all__ = [
+    "ProvisioningKind",
+    "AttemptOutcome",
+    "ProvisioningAttempt",
+    "AgentJobKind",
+    "AgentJobStatus",
+    "AgentJob",
+    "ReservationOutage",
+]
+
+
+class ProvisioningKind(models.TextChoices):
+    PROVISION = "provision"
+    RELEASE = "release"
+
+
+class AttemptOutcome(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    # The driver is still working (e.g. a site agent has not reported yet); checked again soon.
+    WAITING = "waiting"
+    ERROR = "error"
+    NODE_FAILURE = "node_failure"
+    # The worker died (or lost its database session) while the attempt ran.
+    ABANDONED = "abandoned"
+    GAVE_UP = "gave_up"
+
+
+# Outcomes that count towards PROVISIONING_MAX_ATTEMPTS.
+FAILED_OUTCOMES = (AttemptOutcome.ERROR, AttemptOutcome.ABANDONED)
+
+
+class ProvisioningAttempt(models.Model):
+    """One run of a provision or release task for a reservation, numbered from 1.
+
+    The unique (reservation, kind, number) key means two deliveries of the same task can never
+    both record attempt n; the sweeper reads these rows to tell stuck work from slow work.
+    """
+
+    reservation = models.ForeignKey(
+        Reservation, on_delete=models.CASCADE, related_name="provisioning_attempts"
+    )
+    kind = models.CharField(max_length=10, choices=ProvisioningKind.choices)
+    number = models.PositiveIntegerField()
+    outcome = models.CharField(
+        max_length=20, choices=AttemptOutcome.choices, default=AttemptOutcome.RUNNING
+    )
+    error = models.TextField(blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["reservation_id", "kind", "number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["reservation", "kind", "number"], name="provisioning_attempt_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reservation_id} {self.kind} #{self.number} {self.outcome}"
+
+
+class AgentJobKind(models.TextChoices):
+    PREPARE = "prepare"
+    START = "start"
+    STOP = "stop"
+
+
+class AgentJobStatus(models.TextChoices):
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+AGENT_JOB_FINAL = (AgentJobStatus.DONE, AgentJobStatus.FAILED, AgentJobStatus.CANCELLED)
+
+
+class AgentJob(models.Model):
+    """Work for the site agent of one node; agents behind NAT pull these over the API.
+
+    Unique per (reservation, node, kind): a job is created once, and once done it cannot be
+    done again. A lease that expires hands the job to the next agent that asks; only the
+    current lease id may report on it.
+    """
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="agent_jobs")
+    reservation = models.ForeignKey(
+        Reservation, on_delete=models.CASCADE, related_name="agent_jobs"
+    )
+    kind = models.CharField(max_length=10, choices=AgentJobKind.choices)
+    payload = models.JSONField(default=dict, help_text="Workload for the agent (secrets inside).")
+    status = models.CharField(
+        max_length=10, choices=AgentJobStatus.choices, default=AgentJobStatus.QUEUED
+    )
+    lease_owner = models.CharField(max_length=64, blank=True, help_text="Current lease id.")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="How many times it was leased.")
+    progress = models.JSONField(default=dict, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["reservation", "node", "kind"], name="agent_job_unique_per_node_kind"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=AgentJobStatus.values), name="agent_job_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=AgentJobStatus.LEASED)
+                | (Q(lease_expires_at__isnull=False) & ~Q(lease_owner="")),
+                name="agent_job_leased_has_lease",
+            ),
+        ]
+        indexes = [models.Index(fields=["node", "status", "id"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.reservation_id} on {self.node_id} ({self.status})"
+
+
+class ReservationOutage(models.Model):
+    """Time during which an active reservation was not served, because a node of it was out.
+
+    Billing excludes these intervals from usage and computes SLA credits from them; the
+    customer sees them on the reservation. Half-open [started_at, ended_at); open while ended_at
+    is null.
+    """
+
+    reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="outages")
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="+")
+    source_outage = models.ForeignKey(
+        Outage,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="reservation_outages",
+        help_text="The inventory outage this was derived from, if any.",
+    )
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    cause = models.CharField(max_length=30)
+    detail = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["reservation_id", "started_at"]
+        constraints = [
+            # One open outage per reservation and node: a second report extends the first.
+            models.UniqueConstraint(
+                fields=["reservation", "node"],
+                condition=Q(ended_at__isnull=True),
+                name="reservation_outage_one_open_per_node",
+            ),
+            models.CheckConstraint(
+                condition=Q(ended_at__isnull=True) | Q(ended_at__gte=models.F("started_at")),
+                name="reservation_outage_ends_after_start",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reservation_id} outage on {self.node_id} from {self.started_at}"
