@@ -1,0 +1,285 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from config.errors import Conflict, InvalidTransition, ValidationFailed
+from inventory import services
+from inventory.models import (
+    MaintenanceWindow,
+    Node,
+    NodeStatus,
+    NodeToken,
+    Outage,
+    Site,
+    SiteStatus,
+    StatusChange,
+)
+from tests.factories import NodeFactory, SiteFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+N, S = NodeStatus, SiteStatus
+
+STAFF_NODE_SERVICES = {
+    "drain": (services.node_drain, N.DRAINING),
+    "set_maintenance": (services.node_set_maintenance, N.MAINTENANCE),
+    "return_to_service": (services.node_return_to_service, N.AVAILABLE),
+    "retire": (services.node_retire, N.RETIRED),
+}
+NODE_ALLOWED = {
+    ("drain", N.AVAILABLE),
+    ("set_maintenance", N.AVAILABLE),
+    ("set_maintenance", N.DRAINING),
+    ("set_maintenance", N.OFFLINE),
+    ("return_to_service", N.DRAINING),
+    ("return_to_service", N.MAINTENANCE),
+    ("retire", N.AVAILABLE),
+    ("retire", N.DRAINING),
+    ("retire", N.MAINTENANCE),
+    ("retire", N.OFFLINE),
+}
+NODE_CASES = [(action, status) for action in STAFF_NODE_SERVICES for status in N.values]
+
+SITE_SERVICES = {
+    "activate": (services.site_activate, S.ACTIVE),
+    "curtail": (services.site_curtail, S.CURTAILED),
+    "set_maintenance": (services.site_set_maintenance, S.MAINTENANCE),
+    "return_to_service": (services.site_return_to_service, S.ACTIVE),
+    "retire": (services.site_retire, S.RETIRED),
+}
+SITE_ALLOWED = {
+    ("activate", S.COMMISSIONING),
+    ("curtail", S.ACTIVE),
+    ("set_maintenance", S.ACTIVE),
+    ("set_maintenance", S.CURTAILED),
+    ("return_to_service", S.CURTAILED),
+    ("return_to_service", S.MAINTENANCE),
+    ("retire", S.COMMISSIONING),
+    ("retire", S.ACTIVE),
+    ("retire", S.CURTAILED),
+    ("retire", S.MAINTENANCE),
+}
+SITE_CASES = [(action, status) for action in SITE_SERVICES for status in S.values]
+
+
+def test_the_tables_in_the_tests_match_the_services_tables():
+    service_pairs = {
+        (action, source)
+        for action, transition in services.NODE_TRANSITIONS.items()
+        if action in STAFF_NODE_SERVICES
+        for source in transition.sources
+    }
+    assert service_pairs == NODE_ALLOWED
+    site_pairs = {
+        (action, source)
+        for action, transition in services.SITE_TRANSITIONS.items()
+        for source in transition.sources
+    }
+    assert site_pairs == SITE_ALLOWED
+
+
+@pytest.mark.parametrize(("action", "from_status"), sorted(NODE_ALLOWED))
+def test_it_allows_node_transition_and_records_who_and_why(action, from_status):
+    service, to_status = STAFF_NODE_SERVICES[action]
+    node = NodeFactory(status=from_status, gpus=1)
+    staff = UserFactory(username="ops-alice")
+
+    result = service(node=node, actor=staff, reason="fan replaced")
+
+    node.refresh_from_db()
+    assert result.status == to_status
+    assert node.status == to_status
+    assert node.status_changed_at is not None
+    change = StatusChange.objects.get(node=node)
+    assert (change.from_status, change.to_status) == (from_status, to_status)
+    assert change.actor == staff
+    assert change.actor_label == "ops-alice"
+    assert change.reason == "fan replaced"
+    assert change.site is None
+
+
+@pytest.mark.parametrize(
+    ("action", "from_status"), [c for c in NODE_CASES if c not in NODE_ALLOWED]
+)
+def test_it_refuses_node_transition_and_changes_nothing(action, from_status):
+    service, to_status = STAFF_NODE_SERVICES[action]
+    node = NodeFactory(status=from_status, gpus=1)
+    before = Node.objects.get(pk=node.pk)
+
+    with pytest.raises(InvalidTransition) as refused:
+        service(node=node, actor=UserFactory(), reason="try")
+
+    message = refused.value.message
+    assert f"(from {from_status} to {to_status})" in message
+    assert node.hostname in message
+    if from_status == to_status:
+        assert f"it is already {from_status}" in message
+    elif from_status == N.RETIRED:
+        assert "a retired node cannot come back" in message
+    else:
+        assert "can be told to" in message
+    after = Node.objects.get(pk=node.pk)
+    assert (after.status, after.status_changed_at, after.updated_at) == (
+        before.status,
+        before.status_changed_at,
+        before.updated_at,
+    )
+    assert StatusChange.objects.count() == 0
+
+
+@pytest.mark.parametrize(("action", "from_status"), sorted(SITE_ALLOWED))
+def test_it_allows_site_transition_and_records_who_and_why(action, from_status):
+    service, to_status = SITE_SERVICES[action]
+    site = SiteFactory(status=from_status)
+    staff = UserFactory(username="ops-bob")
+
+    result = service(site=site, actor=staff, reason="grid operator call")
+
+    site.refresh_from_db()
+    assert result.status == to_status
+    assert site.status == to_status
+    change = StatusChange.objects.get(site=site)
+    assert (change.from_status, change.to_status) == (from_status, to_status)
+    assert (change.actor, change.actor_label, change.reason) == (
+        staff,
+        "ops-bob",
+        "grid operator call",
+    )
+    assert change.node is None
+
+
+@pytest.mark.parametrize(
+    ("action", "from_status"), [c for c in SITE_CASES if c not in SITE_ALLOWED]
+)
+def test_it_refuses_site_transition_and_changes_nothing(action, from_status):
+    service, to_status = SITE_SERVICES[action]
+    site = SiteFactory(status=from_status)
+    before = Site.objects.get(pk=site.pk)
+
+    with pytest.raises(InvalidTransition) as refused:
+        service(site=site, actor=UserFactory(), reason="try")
+
+    assert f"(from {from_status} to {to_status})" in refused.value.message
+    if from_status == to_status:
+        assert f"it is already {from_status}" in refused.value.message
+    elif from_status == S.RETIRED:
+        assert "a retired site cannot come back" in refused.value.message
+    after = Site.objects.get(pk=site.pk)
+    assert (after.status, after.updated_at) == (before.status, before.updated_at)
+    assert StatusChange.objects.count() == 0
+
+
+def test_it_refuses_to_retire_a_site_with_live_nodes():
+    site = SiteFactory(status=S.ACTIVE)
+    NodeFactory(site=site, status=N.RETIRED, gpus=0)
+    NodeFactory(site=site, status=N.MAINTENANCE, gpus=0)
+
+    with pytest.raises(InvalidTransition, match="1 of its nodes are not retired"):
+        services.site_retire(site=site, actor=UserFactory(), reason="lease ends")
+
+    site.refresh_from_db()
+    assert site.status == S.ACTIVE
+    assert StatusChange.objects.count() == 0
+
+
+def test_it_revokes_agent_tokens_when_a_node_retires():
+    node = NodeFactory(gpus=0)
+    token, _ = services.node_token_issue(node=node, label="agent")
+
+    services.node_retire(node=node, actor=UserFactory(), reason="end of life")
+
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    with pytest.raises(InvalidTransition):
+        services.node_token_issue(node=node, label="again")
+    assert NodeToken.objects.filter(node=node).count() == 1
+
+
+def test_a_system_change_is_labelled_without_a_user():
+    node = NodeFactory(gpus=0)
+
+    services.node_drain(node=node, actor=None, actor_label="system: curtailment", reason="grid")
+
+    change = StatusChange.objects.get(node=node)
+    assert (change.actor, change.actor_label) == (None, "system: curtailment")
+
+
+def test_it_refuses_a_change_without_reason_or_actor():
+    node = NodeFactory(gpus=0)
+
+    with pytest.raises(ValidationFailed) as no_reason:
+        services.node_drain(node=node, actor=UserFactory(), reason="  ")
+    with pytest.raises(ValidationFailed) as no_actor:
+        services.node_drain(node=node, actor=None, reason="why not")
+
+    assert no_reason.value.field == "reason"
+    assert no_actor.value.field == "actor_label"
+    node.refresh_from_db()
+    assert node.status == N.AVAILABLE
+    assert StatusChange.objects.count() == 0
+
+
+def test_staff_cannot_declare_an_offline_node_available():
+    node = NodeFactory(status=N.OFFLINE, gpus=0)
+
+    with pytest.raises(InvalidTransition, match="only a draining or maintenance node"):
+        services.node_return_to_service(node=node, actor=UserFactory(), reason="looks fine")
+
+    node.refresh_from_db()
+    assert node.status == N.OFFLINE
+
+
+class TestMaintenanceWindow:
+    def test_it_creates_a_half_open_window(self):
+        node = NodeFactory(gpus=0)
+        start = timezone.now().replace(microsecond=0) + timedelta(days=1)
+
+        window = services.maintenance_window_create(
+            node=node, start=start, end=start + timedelta(hours=4), reason="firmware"
+        )
+
+        window.refresh_from_db()
+        assert (window.period.lower, window.period.upper) == (start, start + timedelta(hours=4))
+        assert window.period.bounds == "[)"
+
+    def test_it_refuses_an_overlapping_window_and_keeps_the_first(self):
+        node = NodeFactory(gpus=0)
+        start = timezone.now() + timedelta(days=1)
+        services.maintenance_window_create(
+            node=node, start=start, end=start + timedelta(hours=4), reason="firmware"
+        )
+
+        with pytest.raises(Conflict) as overlap:
+            services.maintenance_window_create(
+                node=node,
+                start=start + timedelta(hours=3),
+                end=start + timedelta(hours=5),
+                reason="cabling",
+            )
+
+        assert overlap.value.code == "maintenance_overlap"
+        assert MaintenanceWindow.objects.filter(node=node).count() == 1
+
+    def test_back_to_back_windows_do_not_overlap(self):
+        node = NodeFactory(gpus=0)
+        start = timezone.now() + timedelta(days=1)
+        services.maintenance_window_create(
+            node=node, start=start, end=start + timedelta(hours=4), reason="firmware"
+        )
+
+        services.maintenance_window_create(
+            node=node, start=start + timedelta(hours=4), end=start + timedelta(hours=5), reason="x"
+        )
+
+        assert MaintenanceWindow.objects.filter(node=node).count() == 2
+
+    def test_it_refuses_a_window_that_ends_before_it_starts(self):
+        node = NodeFactory(gpus=0)
+        start = timezone.now()
+
+        with pytest.raises(ValidationFailed):
+            services.maintenance_window_create(node=node, start=start, end=start, reason="x")
+
+        assert MaintenanceWindow.objects.count() == 0
+        assert Outage.objects.count() == 0
