@@ -1,0 +1,137 @@
+"""Placement: pick specific GPUs for a reservation and insert its allocations.
+
+Best fit: a request that fits on one node goes to the node with the fewest free GPUs that still
+fits it (filling partly used nodes first keeps whole nodes free for large requests); a request
+larger than the biggest node takes whole free nodes at the site, largest first, and uses only
+as many GPUs of the last node as it needs.
+
+Concurrency: PostgreSQL's exclusion constraint is what makes double booking impossible. To keep
+racing clients from deadlocking inside the constraint check, each attempt first locks the
+chosen node rows FOR UPDATE in id order, then re-reads which of their GPUs are free (a fresh
+snapshot, so it sees what the previous lock holder committed), then bulk-inserts. An exclusion
+violation (23P01) or deadlock (40P01) is "taken": roll back to the attempt's savepoint, place
+again, and after a few attempts answer NotAvailable.
+"""
+
+from datetime import datetime
+
+from django.db import IntegrityError, OperationalError, connection, transaction
+from psycopg.types.range import Range
+
+from config.errors import NotAvailable
+from marketplace.models import Allocation, Reservation
+from marketplace.selectors.availability import NodeCapacity, node_free_capacity
+
+__all__ = ["allocation_place", "choose_nodes", "MAX_PLACEMENT_ATTEMPTS"]
+
+MAX_PLACEMENT_ATTEMPTS = 5
+_TAKEN_SQLSTATES = {"23P01", "40P01"}
+
+# The GPUs of the given (already locked) nodes that are free for the window, in placement order.
+_FREE_GPUS_SQL = """
+SELECT g.id, g.node_id
+FROM inventory_gpu g
+JOIN inventory_node n ON n.id = g.node_id
+JOIN inventory_site s ON s.id = n.site_id
+WHERE g.node_id = ANY(%(node_ids)s)
+  AND n.status = 'available' AND s.status = 'active' AND g.health <> 'failed'
+  AND NOT EXISTS (
+      SELECT 1 FROM inventory_maintenancewindow w
+      WHERE w.node_id = n.id AND w.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
+  AND NOT EXISTS (
+      SELECT 1 FROM marketplace_allocation a
+      WHERE a.is_live AND a.gpu_id = g.id
+        AND a.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
+ORDER BY g.node_id, g.index
+"""
+
+
+def choose_nodes(capacities: list[NodeCapacity], gpu_count: int) -> list[tuple[int, int]]:
+    """[(node_id, GPUs to take)] by the placement rule, or [] when it does not fit."""
+    if not capacities:
+        return []
+    if gpu_count <= max(c.gpus for c in capacities):
+        fitting = [c for c in capacities if c.free >= gpu_count]
+        if not fitting:
+            return []
+        best = min(fitting, key=lambda c: (c.free, c.node_id))
+        return [(best.node_id, gpu_count)]
+    whole = sorted((c for c in capacities if c.free == c.gpus), key=lambda c: (-c.gpus, c.node_id))
+    chosen, remaining = [], gpu_count
+    for c in whole:
+        if remaining <= 0:
+            break
+        take = min(c.gpus, remaining)
+        chosen.append((c.node_id, take))
+        remaining -= take
+    return chosen if remaining <= 0 else []
+
+
+class _Taken(Exception):
+    """Another transaction took some of the planned GPUs since we read the capacities."""
+
+
+def _sqlstate(exc: Exception) -> str | None:
+    return getattr(getattr(exc, "__cause__", None), "sqlstate", None)
+
+
+def allocation_place(
+    *,
+    reservation: Reservation,
+    site_id: int,
+    gpu_model_id: int,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+) -> list[Allocation]:
+    """Allocate `gpu_count` GPUs at one site to `reservation`; NotAvailable if they cannot be.
+
+    Must run inside the caller's transaction (the reservation row is not yet committed).
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("allocation_place must run inside a transaction")
+    period = Range(starts_at, ends_at, "[)")
+    for _attempt in range(MAX_PLACEMENT_ATTEMPTS):
+        capacities = node_free_capacity(
+            site_id=site_id, gpu_model_id=gpu_model_id, starts_at=starts_at, ends_at=ends_at
+        )
+        plan = choose_nodes(capacities, gpu_count)
+        if not plan:
+            break
+        try:
+            with transaction.atomic():  # a savepoint per attempt
+                allocations = _lock_and_insert(reservation=reservation, plan=plan, period=period)
+                if allocations is not None:
+                    return allocations
+        except (IntegrityError, OperationalError) as exc:
+            if _sqlstate(exc) not in _TAKEN_SQLSTATES:
+                raise
+    raise NotAvailable(
+        f"{gpu_count} GPU(s) are no longer free at this site for the requested period.",
+        code="not_available",
+    )
+
+
+def _lock_and_insert(*, reservation: Reservation, plan, period: Range) -> list[Allocation]:
+    node_ids = sorted(node_id for node_id, _ in plan)
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT id FROM inventory_node WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [node_ids]
+        )
+        cur.execute(
+            _FREE_GPUS_SQL,
+            {"node_ids": node_ids, "starts_at": period.lower, "ends_at": period.upper},
+        )
+        free_by_node: dict[int, list[int]] = {}
+        for gpu_id, node_id in cur.fetchall():
+            free_by_node.setdefault(node_id, []).append(gpu_id)
+    rows = []
+    for node_id, take in plan:
+        free = free_by_node.get(node_id, [])
+        if len(free) < take:
+            raise _Taken
+        rows += [
+            Allocation(reservation=reservation, gpu_id=gpu_id, node_id=node_id, period=period)
+            for gpu_id in free[:take]
+        ]
+    return Allocation.objects.bulk_create(rows)

@@ -1,0 +1,426 @@
+"""Reservations: create (from a quote or directly), cancel, extend.
+
+Create holds GPUs at once: the allocations are inserted in the same transaction as the
+reservation, so a reservation booked ahead keeps its GPUs. A start within START_SKEW of now
+makes it `scheduled` (due; the provisioning worker picks it up), a later start `pending`.
+
+Cancellation rule (stated before by cancellation_terms, applied after by reservation_cancel):
+the "unused amount" is the price of the part of the period not yet begun (the whole total
+before the start), at the reservation's price, rounded half-up to the cent.
+- on-demand and interruptible: the unused amount is refunded in full, no fee.
+- reserved: 100 % of it with at least 7 days' notice before the start, 50 % with at least
+  24 hours', nothing later or after the start (a term is a commitment).
+Cancelling before activation ends the reservation (cancelled); cancelling an active one stops
+it early (releasing; the provisioning worker tears it down and completes it).
+"""
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from config.errors import (
+    Conflict,
+    InvalidTransition,
+    NotAvailable,
+    NotFound,
+    QuoteExpired,
+    ValidationFailed,
+)
+from marketplace.funding import funding_gate
+from marketplace.models import (
+    Allocation,
+    Organization,
+    Quote,
+    Reservation,
+    ReservationStatus,
+    ReservationTransition,
+    Tier,
+)
+from marketplace.selectors.availability import availability_search
+from marketplace.services.allocation import allocation_place
+from marketplace.services.pricing import period_total, validate_tier_term
+from marketplace.services.quotes import (
+    MAX_DURATION,
+    START_SKEW,
+    resolve_catalogue,
+    validate_request_period,
+)
+from marketplace.services.transitions import reservation_action_refusal, reservation_transition
+
+__all__ = [
+    "CancellationTerms",
+    "cancellation_terms",
+    "reservation_create",
+    "reservation_cancel",
+    "reservation_extend",
+]
+
+S = ReservationStatus
+_FULL_NOTICE = timedelta(days=7)
+_HALF_NOTICE = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class CancellationTerms:
+    action: str  # "cancel" (before activation) or "stop" (active: ends early)
+    at: datetime
+    currency: str
+    unused_amount: Decimal
+    refund_fraction: Decimal
+    refund_amount: Decimal
+    fee_amount: Decimal
+    rule: str
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["at"] = self.at.isoformat()
+        return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in d.items()}
+
+
+def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> CancellationTerms:
+    """What cancelling at `at` (default now) would refund. Raises InvalidTransition if not allowed."""
+    at = at or timezone.now()
+    refusal = reservation_action_refusal(reservation, "cancel", at=at)
+    if refusal:
+        raise InvalidTransition(refusal, code="cancel_not_allowed")
+    unused_from = max(at, reservation.starts_at)
+    unused_seconds = max(0, int((reservation.ends_at - unused_from).total_seconds()))
+    unused = min(
+        reservation.total_amount,
+        period_total(
+            price_per_gpu_hour=reservation.price_per_gpu_hour,
+            gpu_count=reservation.gpu_count,
+            seconds=unused_seconds,
+        ),
+    )
+    notice = reservation.starts_at - at
+    if reservation.tier != Tier.RESERVED:
+        fraction = Decimal("1")
+        rule = (
+            f"{reservation.tier}: time not yet begun is refunded in full; "
+            "time used is charged by the second."
+        )
+    elif notice >= _FULL_NOTICE:
+        fraction, rule = Decimal("1"), "reserved, 7 days' notice or more: full refund."
+    elif notice >= _HALF_NOTICE:
+        fraction, rule = Decimal("0.5"), "reserved, 24 hours' to 7 days' notice: 50 % refund."
+    else:
+        fraction = Decimal("0")
+        rule = "reserved, under 24 hours' notice or after the start: no refund."
+    refund = (unused * fraction).quantize(Decimal("0.01"))
+    return CancellationTerms(
+        action="stop" if reservation.status == S.ACTIVE else "cancel",
+        at=at,
+        currency=reservation.currency,
+        unused_amount=unused,
+        refund_fraction=fraction,
+        refund_amount=refund,
+        fee_amount=unused - refund,
+        rule=rule,
+    )
+
+
+@transaction.atomic
+def reservation_create(
+    *,
+    organization: Organization,
+    user=None,
+    quote: Quote | None = None,
+    gpu_model: str | None = None,
+    gpu_count: int | None = None,
+    starts_at: datetime | None = None,
+    ends_at: datetime | None = None,
+    tier: str | None = None,
+    term: str = "none",
+    site: str | None = None,
+    region: str | None = None,
+    workload: dict | None = None,
+) -> Reservation:
+    """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once."""
+    now = timezone.now()
+    if workload is not None and not isinstance(workload, dict):
+        raise ValidationFailed("workload must be an object.", field="workload")
+    if quote is not None:
+        return _create_from_quote(
+            organization=organization, user=user, quote=quote, workload=workload or {}, now=now
+        )
+
+    for name, value in (
+        ("gpu_model", gpu_model),
+        ("gpu_count", gpu_count),
+        ("starts_at", starts_at),
+        ("ends_at", ends_at),
+        ("tier", tier),
+    ):
+        if value is None:
+            raise ValidationFailed(f"{name} is required without a quote.", field=name)
+    validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
+    validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
+    resolve_catalogue(gpu_model=gpu_model, site=site)
+    offers = availability_search(
+        gpu_count=gpu_count,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        tier=tier,
+        term=term,
+        gpu_model=gpu_model,
+        site=site,
+        region=region,
+    )
+    for offer in offers:  # cheapest first; a site taken meanwhile falls through to the next
+        try:
+            with transaction.atomic():
+                return _book(
+                    organization=organization,
+                    user=user,
+                    quote=None,
+                    site_id=offer.site.pk,
+                    gpu_model_id=offer.gpu_model.pk,
+                    gpu_count=gpu_count,
+                    tier=tier,
+                    term=term,
+                    starts_at=starts_at,
+                    ends_at=ends_at,
+                    currency=offer.currency,
+                    price_per_gpu_hour=offer.price_per_gpu_hour,
+                    total_amount=offer.total,
+                    breakdown=offer.breakdown.as_dict(),
+                    workload=workload or {},
+                    now=now,
+                )
+        except NotAvailable:
+            continue
+    raise NotAvailable(
+        f"No site has {gpu_count} {gpu_model} GPU(s) free for that period.", code="not_available"
+    )
+
+
+def _create_from_quote(
+    *, organization: Organization, user, quote: Quote, workload: dict, now: datetime
+) -> Reservation:
+    # The lock serialises two attempts to use the same quote.
+    locked = Quote.objects.select_for_update().filter(pk=quote.pk).first()
+    if locked is None or locked.organization_id != organization.pk:
+        raise NotFound("No such quote.", field="quote")
+    if Reservation.objects.filter(quote=locked).exists():
+        raise Conflict("This quote has already been used.", code="quote_used", field="quote")
+    if now >= locked.expires_at:
+        raise QuoteExpired(
+            f"The quote expired at {locked.expires_at.isoformat()}; ask for a new one.",
+            field="quote",
+        )
+    starts_at, ends_at = locked.starts_at, locked.ends_at
+    if starts_at < now:
+        # A "start now" quote accepted a little later: keep the length (so the total bought
+        # is exactly the quoted total) and start now.
+        starts_at, ends_at = now, now + (ends_at - starts_at)
+    return _book(
+        organization=organization,
+        user=user,
+        quote=locked,
+        site_id=locked.site_id,
+        gpu_model_id=locked.gpu_model_id,
+        gpu_count=locked.gpu_count,
+        tier=locked.tier,
+        term=locked.term,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        currency=locked.currency,
+        price_per_gpu_hour=locked.price_per_gpu_hour,
+        total_amount=locked.total_amount,
+        breakdown=locked.breakdown,
+        workload=workload,
+        now=now,
+    )
+
+
+def _book(
+    *,
+    organization,
+    user,
+    quote,
+    site_id,
+    gpu_model_id,
+    gpu_count,
+    tier,
+    term,
+    starts_at,
+    ends_at,
+    currency,
+    price_per_gpu_hour,
+    total_amount,
+    breakdown,
+    workload,
+    now,
+) -> Reservation:
+    funding_gate().reservation_authorize(
+        organization=organization,
+        tier=tier,
+        gpu_count=gpu_count,
+        price_per_gpu_hour=price_per_gpu_hour,
+        total_amount=total_amount,
+        currency=currency,
+        starts_at=starts_at,
+        ends_at=ends_at,
+    )
+    status = S.SCHEDULED if starts_at <= now + START_SKEW else S.PENDING
+    reservation = Reservation.objects.create(
+        organization=organization,
+        created_by=user,
+        quote=quote,
+        gpu_model_id=gpu_model_id,
+        site_id=site_id,
+        gpu_count=gpu_count,
+        tier=tier,
+        term=term,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        currency=currency,
+        price_per_gpu_hour=price_per_gpu_hour,
+        total_amount=total_amount,
+        breakdown=breakdown,
+        status=status,
+        workload=workload,
+    )
+    allocation_place(
+        reservation=reservation,
+        site_id=site_id,
+        gpu_model_id=gpu_model_id,
+        gpu_count=gpu_count,
+        starts_at=starts_at,
+        ends_at=ends_at,
+    )
+    ReservationTransition.objects.create(
+        reservation=reservation,
+        from_status="",
+        to_status=status,
+        cause="created from quote " + quote.public_id if quote else "created",
+        actor_label=f"user:{user.pk}" if user else "api",
+    )
+    return reservation
+
+
+@transaction.atomic
+def reservation_cancel(
+    *, reservation: Reservation, actor_label: str, reason: str = ""
+) -> Reservation:
+    """Cancel (before activation) or stop early (active), recording the refund terms."""
+    locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
+    terms = cancellation_terms(locked)
+    to_status = S.RELEASING if locked.status == S.ACTIVE else S.CANCELLED
+    cause = f"cancelled by customer: {reason}" if reason else "cancelled by customer"
+    updated = reservation_transition(
+        reservation=locked, to_status=to_status, cause=cause, actor_label=actor_label
+    )
+    updated.cancellation = {**terms.as_dict(), "reason": reason, "actor_label": actor_label}
+    updated.save(update_fields=["cancellation", "updated_at"])
+    return updated
+
+
+_GPUS_BOOKED_SQL = """
+SELECT min(lower(a.period))
+FROM marketplace_allocation a
+WHERE a.is_live AND a.reservation_id <> %(rid)s
+  AND a.gpu_id = ANY(%(gpu_ids)s)
+  AND a.period && tstzrange(%(old_end)s, %(new_end)s, '[)')
+"""
+_NODES_BLOCKED_SQL = """
+SELECT n.hostname, n.status, s.status,
+       (SELECT min(lower(w.period)) FROM inventory_maintenancewindow w
+        WHERE w.node_id = n.id AND w.period && tstzrange(%(old_end)s, %(new_end)s, '[)')),
+       EXISTS (SELECT 1 FROM inventory_gpu g
+               WHERE g.node_id = n.id AND g.id = ANY(%(gpu_ids)s) AND g.health = 'failed')
+FROM inventory_node n JOIN inventory_site s ON s.id = n.site_id
+WHERE n.id = ANY(%(node_ids)s)
+ORDER BY n.id
+"""
+
+
+@transaction.atomic
+def reservation_extend(*, reservation: Reservation, new_ends_at: datetime) -> Reservation:
+    """Move the end later, keeping the same GPUs and the reservation's price per GPU-hour."""
+    locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
+    now = timezone.now()
+    refusal = reservation_action_refusal(locked, "extend", at=now)
+    if refusal:
+        raise InvalidTransition(refusal, code="extend_not_allowed")
+    if not isinstance(new_ends_at, datetime) or new_ends_at.tzinfo is None:
+        raise ValidationFailed("ends_at must be a time with a time zone.", field="ends_at")
+    if new_ends_at <= locked.ends_at:
+        raise ValidationFailed(
+            f"The new end must be after the current end ({locked.ends_at.isoformat()}).",
+            code="not_later",
+            field="ends_at",
+        )
+    if new_ends_at - locked.starts_at > MAX_DURATION:
+        raise ValidationFailed(
+            f"A reservation may last at most {MAX_DURATION.days} days.",
+            code="period_too_long",
+            field="ends_at",
+        )
+    old_end = locked.ends_at
+    allocations = list(Allocation.objects.filter(reservation=locked, is_live=True))
+    gpu_ids = [a.gpu_id for a in allocations]
+    node_ids = sorted({a.node_id for a in allocations})
+    params = {
+        "rid": locked.pk,
+        "gpu_ids": gpu_ids,
+        "node_ids": node_ids,
+        "old_end": old_end,
+        "new_end": new_ends_at,
+    }
+    with connection.cursor() as cur:
+        # Same lock order as placement, so extending and booking cannot deadlock.
+        cur.execute(
+            "SELECT id FROM inventory_node WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [node_ids]
+        )
+        cur.execute(_NODES_BLOCKED_SQL, params)
+        for hostname, node_status, site_status, maintenance_from, gpu_failed in cur.fetchall():
+            if node_status != "available" or site_status != "active" or gpu_failed:
+                raise NotAvailable(
+                    f"Node {hostname} cannot take on more time now; extension refused.",
+                    code="not_extendable",
+                )
+            if maintenance_from is not None:
+                raise NotAvailable(
+                    "Those GPUs have maintenance planned from "
+                    f"{max(maintenance_from, old_end).isoformat()}.",
+                    code="not_extendable",
+                )
+        cur.execute(_GPUS_BOOKED_SQL, params)
+        (booked_from,) = cur.fetchone()
+    if booked_from is not None:
+        raise NotAvailable(
+            f"Those GPUs are booked from {booked_from.isoformat()}.", code="not_extendable"
+        )
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cur:
+                cur.execute(
+                    "UPDATE marketplace_allocation SET period = tstzrange(lower(period), %s, '[)')"
+                    " WHERE reservation_id = %s AND is_live",
+                    [new_ends_at, locked.pk],
+                )
+    except IntegrityError as exc:  # the exclusion constraint is the last word
+        if getattr(exc.__cause__, "sqlstate", None) != "23P01":
+            raise
+        raise NotAvailable("Those GPUs are booked later on.", code="not_extendable") from exc
+
+    seconds = int((new_ends_at - locked.starts_at).total_seconds())
+    locked.total_amount = period_total(
+        price_per_gpu_hour=locked.price_per_gpu_hour, gpu_count=locked.gpu_count, seconds=seconds
+    )
+    breakdown = dict(locked.breakdown or {})
+    breakdown["hours"] = str((Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.000001")))
+    breakdown["total"] = str(locked.total_amount)
+    breakdown["extensions"] = [
+        *breakdown.get("extensions", []),
+        {"from": old_end.isoformat(), "to": new_ends_at.isoformat(), "at": now.isoformat()},
+    ]
+    locked.ends_at = new_ends_at
+    locked.breakdown = breakdown
+    locked.save(update_fields=["ends_at", "total_amount", "breakdown", "updated_at"])
+    return locked

@@ -1,0 +1,47 @@
+"""Shared set-up for the marketplace core tests (pricing, availability, reservations)."""
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.utils import timezone
+from psycopg.types.range import Range
+
+from marketplace.models import PricingPolicy, RateCard
+from tests.factories import NodeFactory
+
+# Utilisation-neutral policy: slope 0, so prices depend on tier and term only.
+NEUTRAL_POLICY = {
+    "discount_1w_pct": Decimal("5"),
+    "discount_1m_pct": Decimal("12"),
+    "discount_3m_pct": Decimal("20"),
+    "discount_1y_pct": Decimal("35"),
+    "interruptible_discount_pct": Decimal("55"),
+    "utilisation_pivot": Decimal("0.6"),
+    "utilisation_slope": Decimal("0"),
+    "floor_multiplier": Decimal("0.3"),
+    "ceiling_multiplier": Decimal("1.5"),
+}
+
+
+def make_policy(**overrides) -> PricingPolicy:
+    return PricingPolicy.objects.create(**{**NEUTRAL_POLICY, **overrides})
+
+
+def make_rate(gpu_model, price: str, site=None, currency: str = "usd") -> RateCard:
+    return RateCard.objects.create(
+        gpu_model=gpu_model, site=site, price_per_gpu_hour=Decimal(price), currency=currency
+    )
+
+
+def make_nodes(site, gpu_model, count: int, gpus: int = 8, **kwargs) -> list:
+    return [NodeFactory(site=site, gpu_model=gpu_model, gpus=gpus, **kwargs) for _ in range(count)]
+
+
+def tomorrow(hours: int = 0) -> datetime:
+    """A whole hour about a day ahead, so periods are comfortably in the future."""
+    base = (timezone.now() + timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
+    return base + timedelta(hours=hours)
+
+
+def rng(start: datetime, end: datetime) -> Range:
+    return Range(start, end, "[)")
