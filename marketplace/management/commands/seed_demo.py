@@ -1,0 +1,290 @@
+"""`python manage.py seed_demo`: a realistic demo inventory and the demo accounts.
+
+Idempotent: rows are matched by slug, hostname, serial or username, so running it again
+changes nothing that was already there (node statuses staff changed during a demo are kept;
+hardware facts and site data are brought back to the values below).
+
+Pricing: `_seed_pricing()` is the place for demo rate cards. It is left for the marketplace
+pricing work to fill, and does nothing yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+from django.utils import timezone
+
+from inventory.models import (
+    CoolingType,
+    Gpu,
+    GpuModel,
+    Node,
+    NodeStatus,
+    Site,
+    SiteStatus,
+    StatusChange,
+)
+from marketplace.models import Membership, Organization, Role
+
+ADMIN_USERNAME, ADMIN_PASSWORD = "admin", "switchyard-admin"
+DEMO_USERNAME, DEMO_PASSWORD = "demo", "switchyard-demo"
+DEMO_ORG_NAME, DEMO_ORG_SLUG = "Demo AI Lab", "demo-ai-lab"
+SEED_ACTOR = "seed_demo"
+
+GPU_MODELS = [
+    # slug, name, vendor, memory GB, TDP W, interconnect
+    ("h200-sxm-141gb", "NVIDIA H200 SXM 141GB", "NVIDIA", 141, 700, "NVLink 4, 900 GB/s"),
+    ("h100-sxm-80gb", "NVIDIA H100 SXM 80GB", "NVIDIA", 80, 700, "NVLink 4, 900 GB/s"),
+    ("a100-sxm-80gb", "NVIDIA A100 SXM 80GB", "NVIDIA", 80, 400, "NVLink 3, 600 GB/s"),
+    ("l40s-48gb", "NVIDIA L40S 48GB", "NVIDIA", 48, 350, "PCIe 4.0 x16"),
+    ("rtx-4090-24gb", "NVIDIA GeForce RTX 4090 24GB", "NVIDIA", 24, 450, "PCIe 4.0 x16"),
+    ("mi300x-192gb", "AMD Instinct MI300X 192GB", "AMD", 192, 750, "Infinity Fabric, 896 GB/s"),
+]
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    slug: str
+    code: str  # hostname prefix
+    name: str
+    region: str
+    country: str
+    grid_operator: str
+    power_capacity_kw: str
+    pue: str
+    cooling: str
+    energy_price_per_mwh: str
+    renewable_share: str
+    uplink_gbps: int
+    former_use: str
+    status: str
+
+
+SITES = [
+    SiteSpec("pecos-tx", "pcs", "Pecos, West Texas", "us-central", "US", "ERCOT", "60000",
+             "1.08", CoolingType.IMMERSION, "38.50", "0.420", 400,
+             "bitcoin mining, 12,000 Antminer S19 XP in single-phase immersion tanks",
+             SiteStatus.ACTIVE),
+    SiteSpec("baie-comeau-qc", "bcm", "Baie-Comeau, Québec", "ca-east", "CA", "Hydro-Québec",
+             "30000", "1.12", CoolingType.AIR, "41.20", "0.995", 200,
+             "bitcoin mining, 9,500 Antminer S19j Pro in a former aluminium smelter hall",
+             SiteStatus.ACTIVE),
+    SiteSpec("mo-i-rana-no", "mir", "Mo i Rana, Nordland", "eu-north", "NO", "Nord Pool (NO4)",
+             "20000", "1.06", CoolingType.HYDRO, "27.80", "1.000", 200,
+             "bitcoin mining, 7,000 Whatsminer M30S++ with fjord-water cooling",
+             SiteStatus.ACTIVE),
+    SiteSpec("hernandarias-py", "hnd", "Hernandarias, Alto Paraná", "sa-east", "PY",
+             "ANDE (Itaipú)", "25000", "1.25", CoolingType.AIR, "34.00", "1.000", 100,
+             "bitcoin mining, 8,000 Antminer S19 Pro beside the Itaipú substation",
+             SiteStatus.ACTIVE),
+    SiteSpec("reykjanes-is", "rkn", "Reykjanes, Iceland", "eu-north", "IS", "Landsnet", "18000",
+             "1.05", CoolingType.AIR, "43.00", "1.000", 100,
+             "bitcoin mining, 6,000 Antminer S17 on geothermal power", SiteStatus.CURTAILED),
+    SiteSpec("gillette-wy", "glt", "Gillette, Wyoming", "us-west", "US", "PacifiCorp", "40000",
+             "1.18", CoolingType.IMMERSION, "46.50", "0.310", 200,
+             "bitcoin mining, 15,000 Antminer S19j Pro; two-phase immersion since 2022",
+             SiteStatus.COMMISSIONING),
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Fleet:
+    site: str
+    gpu_model: str
+    nodes: int
+    gpus_per_node: int
+    cpu_model: str
+    cpu_cores: int
+    ram_gb: int
+    disk_gb: int
+    nic_gbps: int
+
+
+FLEETS = [
+    Fleet("pecos-tx", "h100-sxm-80gb", 10, 8, "2x Intel Xeon Platinum 8480+", 112, 2048, 30720, 400),
+    Fleet("pecos-tx", "h200-sxm-141gb", 4, 8, "2x AMD EPYC 9654", 192, 2304, 30720, 400),
+    Fleet("baie-comeau-qc", "a100-sxm-80gb", 8, 8, "2x AMD EPYC 7763", 128, 1024, 15360, 200),
+    Fleet("baie-comeau-qc", "l40s-48gb", 6, 4, "AMD EPYC 9354", 32, 512, 7680, 100),
+    Fleet("mo-i-rana-no", "h100-sxm-80gb", 6, 8, "2x Intel Xeon Platinum 8468", 96, 2048, 30720, 400),
+    Fleet("mo-i-rana-no", "mi300x-192gb", 3, 8, "2x AMD EPYC 9474F", 96, 2304, 30720, 400),
+    Fleet("hernandarias-py", "rtx-4090-24gb", 10, 4, "AMD EPYC 7443P", 24, 256, 3840, 25),
+    Fleet("hernandarias-py", "a100-sxm-80gb", 4, 8, "2x AMD EPYC 7763", 128, 1024, 15360, 200),
+    Fleet("reykjanes-is", "h200-sxm-141gb", 4, 8, "2x AMD EPYC 9654", 192, 2304, 30720, 400),
+    Fleet("reykjanes-is", "l40s-48gb", 4, 4, "AMD EPYC 9354", 32, 512, 7680, 100),
+    Fleet("gillette-wy", "h100-sxm-80gb", 3, 8, "2x Intel Xeon Platinum 8480+", 112, 2048, 30720, 400),
+]  # fmt: skip
+
+# Nodes that are not available when first seeded, with the reason staff gave.
+NODE_EXCEPTIONS = {
+    "pcs-h100-004": (NodeStatus.MAINTENANCE, "NVSwitch tray replacement after XID 74 errors."),
+    "pcs-h100-009": (NodeStatus.DRAINING, "PSU B failing; drain before swap."),
+    "bcm-a100-006": (NodeStatus.MAINTENANCE, "BMC and GPU VBIOS firmware update."),
+    "mir-mi300x-002": (NodeStatus.DRAINING, "ROCm driver upgrade scheduled."),
+    "hnd-4090-007": (NodeStatus.MAINTENANCE, "Riser cable reseat; GPU 2 dropping off the bus."),
+    "glt-h100-001": (NodeStatus.MAINTENANCE, "Burn-in before the site opens."),
+    "glt-h100-002": (NodeStatus.MAINTENANCE, "Burn-in before the site opens."),
+    "glt-h100-003": (NodeStatus.MAINTENANCE, "Burn-in before the site opens."),
+}
+
+
+def _short(gpu_model: str) -> str:
+    return gpu_model.split("-")[0] if not gpu_model.startswith("rtx") else "4090"
+
+
+def _serial(hostname: str, index: int, vendor: str) -> str:
+    digest = int(hashlib.sha256(f"{hostname}/{index}".encode()).hexdigest(), 16)
+    if vendor == "AMD":
+        return f"PCB{digest % 10**12:012d}"
+    return f"16{digest % 10**11:011d}"  # NVIDIA serials are 13 digits
+
+
+class Command(BaseCommand):
+    help = "Create or update the demo inventory (sites, GPU models, nodes, GPUs) and demo accounts."
+
+    @transaction.atomic
+    def handle(self, *args, **options) -> None:
+        models = _seed_gpu_models()
+        sites = _seed_sites()
+        nodes, gpus = _seed_nodes(sites, models)
+        _seed_accounts()
+        _seed_pricing()
+        self.stdout.write(
+            f"Demo data: {len(sites)} sites, {len(models)} GPU models, {nodes} nodes, {gpus} GPUs."
+        )
+        self.stdout.write(
+            f"Demo logins: staff {ADMIN_USERNAME} / {ADMIN_PASSWORD}; "
+            f"customer {DEMO_USERNAME} / {DEMO_PASSWORD} (owner of {DEMO_ORG_NAME})."
+        )
+
+
+def _seed_gpu_models() -> dict[str, GpuModel]:
+    models = {}
+    for slug, name, vendor, memory_gb, tdp_watts, interconnect in GPU_MODELS:
+        models[slug], _ = GpuModel.objects.update_or_create(
+            slug=slug,
+            defaults={
+                "name": name,
+                "vendor": vendor,
+                "memory_gb": memory_gb,
+                "tdp_watts": tdp_watts,
+                "interconnect": interconnect,
+            },
+        )
+    return models
+
+
+def _seed_sites() -> dict[str, Site]:
+    sites = {}
+    for spec in SITES:
+        facts = {
+            "name": spec.name,
+            "region": spec.region,
+            "country": spec.country,
+            "grid_operator": spec.grid_operator,
+            "power_capacity_kw": Decimal(spec.power_capacity_kw),
+            "pue": Decimal(spec.pue),
+            "cooling": spec.cooling,
+            "energy_price_per_mwh": Decimal(spec.energy_price_per_mwh),
+            "renewable_share": Decimal(spec.renewable_share),
+            "uplink_gbps": spec.uplink_gbps,
+            "former_use": spec.former_use,
+        }
+        sites[spec.slug], _ = Site.objects.update_or_create(
+            slug=spec.slug,
+            defaults=facts,
+            # Status is operational state: set once, then left to staff.
+            create_defaults={**facts, "status": spec.status},
+        )
+    return sites
+
+
+def _seed_nodes(sites: dict[str, Site], models: dict[str, GpuModel]) -> tuple[int, int]:
+    now = timezone.now()
+    node_count = 0
+    gpu_rows = []
+    for fleet in FLEETS:
+        model = models[fleet.gpu_model]
+        for number in range(1, fleet.nodes + 1):
+            hostname = f"{SITES_BY_SLUG[fleet.site].code}-{_short(fleet.gpu_model)}-{number:03d}"
+            hardware = {
+                "site": sites[fleet.site],
+                "gpu_model": model,
+                "cpu_model": fleet.cpu_model,
+                "cpu_cores": fleet.cpu_cores,
+                "ram_gb": fleet.ram_gb,
+                "disk_gb": fleet.disk_gb,
+                "nic_gbps": fleet.nic_gbps,
+            }
+            status, reason = NODE_EXCEPTIONS.get(hostname, (NodeStatus.AVAILABLE, ""))
+            node, created = Node.objects.update_or_create(
+                hostname=hostname,
+                defaults=hardware,
+                create_defaults={**hardware, "status": status, "status_changed_at": now},
+            )
+            if created and status != NodeStatus.AVAILABLE:
+                StatusChange.objects.create(
+                    node=node,
+                    from_status=NodeStatus.AVAILABLE,
+                    to_status=status,
+                    actor_label=SEED_ACTOR,
+                    reason=reason,
+                )
+            node_count += 1
+            gpu_rows += [
+                Gpu(node=node, index=i, serial=_serial(hostname, i, model.vendor))
+                for i in range(fleet.gpus_per_node)
+            ]
+    # One statement for every GPU; a re-run matches on serial and changes nothing.
+    Gpu.objects.bulk_create(
+        gpu_rows, update_conflicts=True, unique_fields=["serial"], update_fields=["node", "index"]
+    )
+    # No last heartbeat: the demo has no site agents, and the offline sweeper only watches
+    # nodes that have reported at least once.
+    return node_count, len(gpu_rows)
+
+
+SITES_BY_SLUG = {spec.slug: spec for spec in SITES}
+
+
+def _seed_accounts() -> None:
+    user_model = get_user_model()
+    admin, _ = user_model.objects.get_or_create(
+        username=ADMIN_USERNAME, defaults={"email": "admin@switchyard.example"}
+    )
+    _ensure_login(admin, ADMIN_PASSWORD, staff=True)
+    demo, _ = user_model.objects.get_or_create(
+        username=DEMO_USERNAME,
+        defaults={"email": "demo@demo-ai-lab.example", "first_name": "Demo", "last_name": "User"},
+    )
+    _ensure_login(demo, DEMO_PASSWORD, staff=False)
+    org, _ = Organization.objects.get_or_create(
+        slug=DEMO_ORG_SLUG, defaults={"name": DEMO_ORG_NAME}
+    )
+    Membership.objects.update_or_create(organization=org, user=demo, defaults={"role": Role.OWNER})
+
+
+def _ensure_login(user, password: str, *, staff: bool) -> None:
+    """The printed demo password always works; the password is only rehashed when it differs."""
+    changed = False
+    if not user.check_password(password):
+        user.set_password(password)
+        changed = True
+    for attr, value in (("is_active", True), ("is_staff", staff), ("is_superuser", staff)):
+        if getattr(user, attr) != value:
+            setattr(user, attr, value)
+            changed = True
+    if changed:
+        user.save()
+
+
+def _seed_pricing() -> None:
+    """Demo rate cards — TO BE FILLED by the marketplace pricing work (issue 3).
+
+    Does nothing yet. When filled, keep it idempotent (update_or_create on the rate card's
+    natural key: GPU model and site) like the rest of this command.
+    """

@@ -1,0 +1,174 @@
+"""`make run`: the whole of Switchyard on one machine for a local demo.
+
+Finds or starts PostgreSQL, Redis and a Stripe stand-in (see devservices.py), migrates,
+seeds the demo inventory and accounts, then runs the web server, a Celery worker and Celery
+beat until Ctrl-C (SIGINT) or SIGTERM, which stops everything this script started.
+Data persists in the database (and, for the embedded PostgreSQL, under .run/pg).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from devservices import (
+    LOG_DIR,
+    ROOT,
+    RUN_DIR,
+    ServiceError,
+    Supervisor,
+    ensure_postgres,
+    ensure_redis,
+    ensure_stripe,
+    tcp_port_open,
+    wait_until,
+)
+
+HOST = "127.0.0.1"
+DEMO_LOGINS = [
+    ("staff (admin)", "admin", "switchyard-admin"),
+    ("customer (owner of Demo AI Lab)", "demo", "switchyard-demo"),
+]
+
+
+class Shutdown(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_shutdown(signum, _frame):
+    # Ignore further signals while we stop the children (a second Ctrl-C must not leave
+    # half of them running).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Shutdown(signum)
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True)
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - our own URL
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_shutdown)
+    port = int(os.environ.get("RUN_PORT", "8000"))
+    base = f"http://{HOST}:{port}"
+    supervisor = Supervisor()
+    try:
+        if tcp_port_open(HOST, port):
+            raise ServiceError(
+                f"{HOST}:{port} is already in use (another `make run`?). Stop it, or choose "
+                f"another port with RUN_PORT=8001 make run."
+            )
+        RUN_DIR.mkdir(exist_ok=True)
+        LOG_DIR.mkdir(exist_ok=True)
+        print("Switchyard: finding or starting services…", flush=True)
+        postgres = ensure_postgres(supervisor)
+        redis = ensure_redis(supervisor, db=0)
+        stripe_env, stripe_description = ensure_stripe(supervisor)
+
+        env = {
+            **os.environ,
+            "DEBUG": os.environ.get("DEBUG", "1"),
+            "DATABASE_URL": postgres.url,
+            "REDIS_URL": redis.url,
+            "SITE_URL": os.environ.get("SITE_URL", base),
+            "PYTHONUNBUFFERED": "1",
+            **stripe_env,
+        }
+        print("Migrating and seeding the demo data…", flush=True)
+        manage(env, "migrate", "--noinput")
+        manage(env, "seed_demo")
+
+        bin_dir = os.path.dirname(sys.executable)
+        celery = os.path.join(bin_dir, "celery")
+        web = supervisor.start(
+            "web", [sys.executable, "manage.py", "runserver", f"{HOST}:{port}"], env=env
+        )
+        supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "info"], env=env)
+        supervisor.start(
+            "beat",
+            [celery, "-A", "config", "beat", "-l", "info",
+             "-s", str(RUN_DIR / "celerybeat-schedule"), "--pidfile="],
+            env=env,
+        )  # fmt: skip
+        wait_until(
+            lambda: http_status(f"{base}/admin/login/") == 200,
+            timeout=60,
+            process=web,
+            what="the web server",
+        )
+        _print_banner(base, postgres.description, redis.description, stripe_description)
+
+        while True:
+            gone = supervisor.exited()
+            if gone:
+                names = ", ".join(f"{c.name} (exit {c.process.returncode})" for c in gone)
+                print(f"\n{names} stopped unexpectedly; stopping the rest.", flush=True)
+                return 1
+            time.sleep(0.5)
+    except Shutdown as stop:
+        print(f"\n{stop.args[0]} received: stopping web, worker, beat and services…", flush=True)
+        return 0
+    except ServiceError as exc:
+        print(f"\nmake run: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except subprocess.CalledProcessError as exc:
+        print(f"\nmake run: {' '.join(map(str, exc.cmd[1:]))} failed (exit {exc.returncode})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        supervisor.stop_all()
+        print("Stopped.", flush=True)
+
+
+def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
+    lines = [
+        "",
+        "=" * 72,
+        "Switchyard is running (Ctrl-C stops everything started here)",
+        "",
+        f"  Admin            {base}/admin/",
+        f"  API docs         {base}/api/docs/   (Swagger UI)",
+        f"  API reference    {base}/api/redoc/  (Redoc)",
+        f"  OpenAPI schema   {base}/api/schema/",
+        f"  API root         {base}/api/v1/",
+    ]
+    if http_status(f"{base}/") not in (None, 404):
+        lines.insert(5, f"  Portal           {base}/")
+    lines += ["", "  Demo logins (username / password):"]
+    lines += [f"    {who:<34} {user} / {password}" for who, user, password in DEMO_LOGINS]
+    lines += [
+        "",
+        "  Services:",
+        f"    PostgreSQL  {postgres}",
+        f"    Redis       {redis}",
+        f"    Stripe      {stripe}",
+        f"  Processes: web (Django runserver), Celery worker, Celery beat; logs of services in "
+        f"{LOG_DIR.relative_to(ROOT)}/",
+        "=" * 72,
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+from io import StringIO
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+from inventory.models import Gpu, GpuModel, Node, NodeStatus, Site, StatusChange
+from marketplace.models import Membership, Organization, Role
+
+MODELS = (Site, GpuModel, Node, Gpu, StatusChange, Organization, Membership)
+
+
+def _counts() -> dict[str, int]:
+    counts = {model.__name__: model.objects.count() for model in MODELS}
+    counts["User"] = get_user_model().objects.count()
+    return counts
+
+
+def test_it_seeds_a_realistic_inventory(db):
+    call_command("seed_demo", stdout=StringIO())
+
+    assert Site.objects.count() == 6
+    assert Site.objects.values("grid_operator").distinct().count() == 6
+    assert GpuModel.objects.count() == 6
+    assert Node.objects.count() == 62
+    assert Gpu.objects.count() == 416
+    # Every GPU model is on at least one node, and every node has its GPUs.
+    assert not GpuModel.objects.filter(nodes__isnull=True).exists()
+    assert not Node.objects.filter(gpus__isnull=True).exists()
+    assert Node.objects.filter(status=NodeStatus.MAINTENANCE).count() == 6
+    assert Node.objects.filter(status=NodeStatus.DRAINING).count() == 2
+    assert StatusChange.objects.filter(node__isnull=False, actor_label="seed_demo").count() == 8
+    assert all(1 <= site.pue <= 1.3 for site in Site.objects.all())
+
+
+def test_it_creates_the_demo_accounts(db):
+    call_command("seed_demo", stdout=StringIO())
+
+    user_model = get_user_model()
+    admin = user_model.objects.get(username="admin")
+    assert (admin.is_staff, admin.is_superuser) == (True, True)
+    assert admin.check_password("switchyard-admin")
+    demo = user_model.objects.get(username="demo")
+    assert (demo.is_staff, demo.is_superuser) == (False, False)
+    assert demo.check_password("switchyard-demo")
+    membership = Membership.objects.get(user=demo)
+    assert membership.organization.name == "Demo AI Lab"
+    assert membership.role == Role.OWNER
+
+
+def test_running_it_twice_changes_no_counts(db):
+    call_command("seed_demo", stdout=StringIO())
+    first = _counts()
+    serials = set(Gpu.objects.values_list("serial", flat=True))
+
+    call_command("seed_demo", stdout=StringIO())
+
+    assert _counts() == first
+    assert set(Gpu.objects.values_list("serial", flat=True)) == serials
+
+
+def test_it_keeps_a_node_status_staff_changed(db):
+    call_command("seed_demo", stdout=StringIO())
+    Node.objects.filter(hostname="pcs-h100-001").update(status=NodeStatus.MAINTENANCE)
+
+    call_command("seed_demo", stdout=StringIO())
+
+    assert Node.objects.get(hostname="pcs-h100-001").status == NodeStatus.MAINTENANCE
