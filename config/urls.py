@@ -1,5 +1,7 @@
 from django.contrib import admin
+from django.http import JsonResponse
 from django.urls import include, path
+from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 urlpatterns = [
@@ -9,3 +11,36 @@ urlpatterns = [
     path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
     path("api/v1/", include("config.api_urls")),
 ]
+
+
+# Under /api/ even a URL that matches nothing, or a crash, answers in the API's error shape.
+def handler404(request, exception):
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {
+                "error": {
+                    "type": "not_found_error",
+                    "code": "not_found",
+                    "field": None,
+                    "message": f"No such endpoint: {request.method} {request.path}",
+                }
+            },
+            status=404,
+        )
+    return defaults.page_not_found(request, exception)
+
+
+def handler500(request):
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {
+                "error": {
+                    "type": "api_error",
+                    "code": "internal_error",
+                    "field": None,
+                    "message": "Something went wrong on our side; it has been logged.",
+                }
+            },
+            status=500,
+        )
+    return defaults.server_error(request)

@@ -1,0 +1,159 @@
+"""Idempotency-Key for every POST.
+
+Protocol (documented in the README):
+- The key is scoped to the organisation and the caller (API key or user): two callers may use
+  the same key without meeting.
+- The first request claims the key by inserting a row (the unique constraint decides races);
+  its response is stored when it finishes, in the same transaction as the action's writes
+  for a success, so "done" and "recorded" cannot come apart.
+- The same key with the same request (method, path, JSON body) replays the stored response
+  with `Idempotent-Replayed: true`. With another request: 422 idempotency_key_mismatch.
+  While the first is still running: 409 idempotency_key_in_use (retry shortly).
+- 2xx and 4xx responses are stored; a 5xx or a crash releases the key so a retry runs again.
+- Keys expire after 24 hours: after that the same key starts a new request.
+- Fields listed in a view's `idempotency_redacted_fields` (an API key's secret) are never
+  stored, so a replay shows them as null.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from rest_framework import exceptions
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+
+from marketplace.models import IdempotencyRecord, Organization
+
+__all__ = [
+    "HEADER",
+    "REPLAYED_HEADER",
+    "KEY_TTL",
+    "IN_FLIGHT_TIMEOUT",
+    "Claim",
+    "IdempotentReplay",
+    "idempotency_claim",
+    "idempotency_complete",
+    "idempotency_release",
+    "request_fingerprint",
+]
+
+HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+KEY_TTL = timedelta(hours=24)
+# A claim older than this whose request never finished (the process died) may be taken over.
+IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
+MAX_KEY_LENGTH = 255
+
+
+class IdempotencyKeyInvalid(exceptions.APIException):
+    status_code = 400
+    default_code = "idempotency_key_invalid"
+    default_detail = "Idempotency-Key must be 1 to 255 printable ASCII characters."
+
+
+class IdempotencyKeyMismatch(exceptions.APIException):
+    status_code = 422
+    default_code = "idempotency_key_mismatch"
+    default_detail = (
+        "This Idempotency-Key was used with a different request (method, path or body). "
+        "Use a new key for a new request."
+    )
+
+
+class IdempotencyKeyInUse(exceptions.APIException):
+    status_code = 409
+    default_code = "idempotency_key_in_use"
+    default_detail = (
+        "A request with this Idempotency-Key is still being processed; retry in a moment."
+    )
+
+
+class IdempotentReplay(Exception):  # noqa: N818 - control flow, not an error
+    """Raised to short-circuit the view with the stored response."""
+
+    def __init__(self, record: IdempotencyRecord):
+        self.record = record
+
+
+@dataclass
+class Claim:
+    record_id: int
+    redacted_fields: tuple[str, ...] = ()
+
+
+def request_fingerprint(request: Request) -> str:
+    body = request.body
+    try:
+        # Key order and whitespace do not make a different request.
+        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, UnicodeDecodeError):
+        canonical = body
+    digest = hashlib.sha256()
+    for part in (request.method.encode(), request.get_full_path().encode(), canonical):
+        digest.update(part)
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def idempotency_claim(
+    *, request: Request, organization: Organization, principal: str, redacted_fields=()
+) -> Claim | None:
+    """Claim the request's Idempotency-Key, or raise to replay or refuse. None: no key sent."""
+    key = request.headers.get(HEADER)
+    if key is None:
+        return None
+    if not (0 < len(key) <= MAX_KEY_LENGTH) or not key.isascii() or not key.isprintable():
+        raise IdempotencyKeyInvalid()
+    fingerprint = request_fingerprint(request)
+    scope = {"organization": organization, "principal": principal, "key": key}
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                record = IdempotencyRecord.objects.create(**scope, request_hash=fingerprint)
+            return Claim(record_id=record.pk, redacted_fields=tuple(redacted_fields))
+        except IntegrityError:
+            pass
+        existing = IdempotencyRecord.objects.filter(**scope).first()
+        if existing is None:  # released between our insert and our read: try again
+            continue
+        now = timezone.now()
+        stale = now - existing.created_at >= KEY_TTL or (
+            existing.response_status is None and now - existing.created_at >= IN_FLIGHT_TIMEOUT
+        )
+        if stale:
+            # Delete only the row we looked at, so two takers cannot both delete and both win.
+            IdempotencyRecord.objects.filter(
+                pk=existing.pk, created_at=existing.created_at
+            ).delete()
+            continue
+        if existing.request_hash != fingerprint:
+            raise IdempotencyKeyMismatch()
+        if existing.response_status is None:
+            raise IdempotencyKeyInUse()
+        raise IdempotentReplay(existing)
+    raise IdempotencyKeyInUse()
+
+
+def _storable(data, redacted_fields: tuple[str, ...]):
+    body = json.loads(JSONRenderer().render(data)) if data is not None else None
+    if isinstance(body, dict):
+        for name in redacted_fields:
+            if name in body:
+                body[name] = None
+    return body
+
+
+def idempotency_complete(*, claim: Claim, status: int, data) -> None:
+    IdempotencyRecord.objects.filter(pk=claim.record_id).update(
+        response_status=status,
+        response_body=_storable(data, claim.redacted_fields),
+        completed_at=timezone.now(),
+    )
+
+
+def idempotency_release(*, claim: Claim) -> None:
+    IdempotencyRecord.objects.filter(pk=claim.record_id, response_status__isnull=True).delete()

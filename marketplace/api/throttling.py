@@ -1,0 +1,98 @@
+"""Rate limits per API key (per user for sessions, per IP address before authentication).
+
+A fixed window counted in Redis with one atomic INCR per request: settings.API_THROTTLE_RATE
+("600/min") requests per window. Every response carries X-RateLimit-Limit,
+X-RateLimit-Remaining and X-RateLimit-Reset (Unix time, in seconds, when the window resets);
+a 429 also carries Retry-After (seconds).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.exceptions import ImproperlyConfigured
+from rest_framework.request import Request
+from rest_framework.throttling import BaseThrottle
+
+from marketplace.auth import ApiKeyUser
+
+__all__ = ["RateLimit", "ApiRateThrottle", "parse_rate", "rate_limit_headers"]
+
+_PERIODS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+
+
+def parse_rate(rate: str) -> tuple[int, int]:
+    """'600/min' → (600, 60)."""
+    try:
+        count, period = rate.split("/")
+        return int(count), _PERIODS[period.strip().lower()]
+    except (ValueError, KeyError):
+        raise ImproperlyConfigured(
+            f"API_THROTTLE_RATE must look like '600/min', got {rate!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    limit: int
+    remaining: int
+    reset_at: int  # Unix seconds
+
+    def retry_after(self, now: float) -> int:
+        return max(1, math.ceil(self.reset_at - now))
+
+
+def rate_limit_headers(rate_limit: RateLimit) -> dict[str, str]:
+    return {
+        "X-RateLimit-Limit": str(rate_limit.limit),
+        "X-RateLimit-Remaining": str(rate_limit.remaining),
+        "X-RateLimit-Reset": str(rate_limit.reset_at),
+    }
+
+
+def _identity(request: Request) -> str:
+    user = request.user
+    if isinstance(user, ApiKeyUser):
+        return f"key:{user.api_key.pk}"
+    if user and user.is_authenticated:
+        return f"user:{user.pk}"
+    return f"ip:{request.META.get('REMOTE_ADDR', 'unknown')}"
+
+
+class ApiRateThrottle(BaseThrottle):
+    """Counts the request and leaves the outcome on request.rate_limit for the headers."""
+
+    def allow_request(self, request: Request, view) -> bool:
+        limit, period = parse_rate(settings.API_THROTTLE_RATE)
+        now = time.time()
+        window = int(now // period)
+        key = f"ratelimit:{_identity(request)}:{period}:{window}"
+        # add() is a no-op when the counter exists; incr() is Redis INCR, atomic across workers.
+        cache.add(key, 0, timeout=period + 1)
+        try:
+            count = cache.incr(key)
+        except ValueError:  # expired between add and incr
+            cache.add(key, 1, timeout=period + 1)
+            count = 1
+        self.rate_limit = RateLimit(
+            limit=limit, remaining=max(0, limit - count), reset_at=(window + 1) * period
+        )
+        request.rate_limit = self.rate_limit
+        self.now = now
+        return count <= limit
+
+    def wait(self) -> float:
+        return self.rate_limit.retry_after(self.now)

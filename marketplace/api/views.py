@@ -1,0 +1,177 @@
+"""The base view every public API endpoint inherits from.
+
+Per request, in this order: authenticate → count against the rate limit (even when
+authentication failed, so guessing keys costs requests) → key scope → organisation and role →
+claim the Idempotency-Key (POST) → the handler, inside one transaction with the stored
+response → rate-limit headers on the way out.
+"""
+
+from django.db import transaction
+from rest_framework import exceptions
+from rest_framework.generics import GenericAPIView
+from rest_framework.permissions import SAFE_METHODS, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from config.errors import PermissionDenied
+from marketplace.api import idempotency
+from marketplace.api.context import OrgContext, org_context_resolve
+from marketplace.api.throttling import ApiRateThrottle, rate_limit_headers
+from marketplace.auth import ApiKeyUser
+from marketplace.models import ApiKeyScope, Role
+from marketplace.services.organizations import RESERVING_ROLES
+
+__all__ = ["ApiView", "validated_input"]
+
+
+class ApiView(GenericAPIView):
+    permission_classes = [IsAuthenticated]
+    throttle_classes = [ApiRateThrottle]
+    pagination_class = None
+    # False for public catalogue endpoints, which act for nobody in particular.
+    requires_organization = True
+    # Roles a signed-in member needs: for safe methods, and for the others.
+    read_roles: frozenset = frozenset(Role.values)
+    write_roles: frozenset = RESERVING_ROLES
+    # False where writes must come from a signed-in member (managing keys and members): a
+    # leaked key must not be able to mint more keys or let someone in.
+    keys_may_write = True
+    # Response fields never stored for an idempotent replay (an API key's secret).
+    idempotency_redacted_fields: tuple[str, ...] = ()
+
+    org_context: OrgContext | None = None
+    _claim: idempotency.Claim | None = None
+    _claim_done = False
+
+    def initial(self, request: Request, *args, **kwargs) -> None:
+        self.format_kwarg = self.get_format_suffix(**kwargs)
+        request.accepted_renderer, request.accepted_media_type = self.perform_content_negotiation(
+            request
+        )
+        request.version, request.versioning_scheme = self.determine_version(
+            request, *args, **kwargs
+        )
+        try:
+            self.perform_authentication(request)
+        finally:
+            self.check_throttles(request)
+        self.check_permissions(request)
+        self._check_key_scope(request)
+        if self.requires_organization:
+            self.org_context = org_context_resolve(request)
+            self._check_member_role(request)
+        if request.method == "POST" and hasattr(self, "post") and self.org_context:
+            self._claim = idempotency.idempotency_claim(
+                request=request,
+                organization=self.org_context.organization,
+                principal=self.org_context.principal,
+                redacted_fields=self.idempotency_redacted_fields,
+            )
+            if self._claim is not None:
+                self.post = self._idempotent(self.post)
+
+    def _check_key_scope(self, request: Request) -> None:
+        if not isinstance(request.user, ApiKeyUser):
+            return
+        scopes = set(request.user.api_key.scopes)
+        safe = request.method in SAFE_METHODS
+        # The write scope includes reading.
+        if safe and not scopes & {ApiKeyScope.READ, ApiKeyScope.WRITE}:
+            raise PermissionDenied("This API key cannot read.", code="insufficient_scope")
+        if not safe:
+            if ApiKeyScope.WRITE not in scopes:
+                raise PermissionDenied(
+                    "This API key is read-only; writing needs a key with the write scope.",
+                    code="insufficient_scope",
+                )
+            if not self.keys_may_write:
+                raise PermissionDenied(
+                    "This action needs a signed-in owner or admin; API keys cannot do it.",
+                    code="session_required",
+                )
+
+    def _check_member_role(self, request: Request) -> None:
+        membership = self.org_context.membership
+        if membership is None:
+            return
+        allowed = self.read_roles if request.method in SAFE_METHODS else self.write_roles
+        if membership.role not in allowed:
+            raise PermissionDenied(
+                f"Your role ({membership.role}) does not allow this; it needs one of: "
+                f"{', '.join(sorted(allowed))}.",
+                code="insufficient_role",
+            )
+
+    def _idempotent(self, handler):
+        def run(request, *args, **kwargs):
+            # The stored response commits with the action's own writes, or neither does.
+            with transaction.atomic():
+                response = handler(request, *args, **kwargs)
+                idempotency.idempotency_complete(
+                    claim=self._claim, status=response.status_code, data=response.data
+                )
+                self._claim_done = True
+            return response
+
+        return run
+
+    def throttled(self, request: Request, wait: float | None) -> None:
+        raise exceptions.Throttled(
+            wait=wait,
+            detail="Rate limit exceeded; slow down and retry after the time in Retry-After.",
+            code="rate_limited",
+        )
+
+    def handle_exception(self, exc: Exception) -> Response:
+        if isinstance(exc, idempotency.IdempotentReplay):
+            record = exc.record
+            return Response(
+                record.response_body,
+                status=record.response_status,
+                headers={idempotency.REPLAYED_HEADER: "true"},
+            )
+        try:
+            return super().handle_exception(exc)
+        except Exception:
+            # An unexpected error becomes a 500: free the key so a retry runs again.
+            self._release_claim()
+            raise
+
+    def _release_claim(self) -> None:
+        if self._claim is not None and not self._claim_done:
+            idempotency.idempotency_release(claim=self._claim)
+            self._claim_done = True
+
+    def finalize_response(self, request: Request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if self._claim is not None and not self._claim_done:
+            # A refusal (4xx) is part of the record too: a retry gets the same answer.
+            if response.status_code < 500:
+                idempotency.idempotency_complete(
+                    claim=self._claim, status=response.status_code, data=response.data
+                )
+                self._claim_done = True
+            else:
+                self._release_claim()
+        rate_limit = getattr(request, "rate_limit", None)
+        if rate_limit is not None:
+            for name, value in rate_limit_headers(rate_limit).items():
+                response[name] = value
+        return response
+
+    # --- helpers for handlers ----------------------------------------------------------------
+
+    @property
+    def organization(self):
+        return self.org_context.organization
+
+    def paginated_response(self, queryset, serializer_class) -> Response:
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response(serializer_class(page, many=True).data)
+
+
+def validated_input(serializer_class, data, **kwargs) -> dict:
+    """Validate request input with an input serializer; a failure is a 400 in the error shape."""
+    serializer = serializer_class(data=data, **kwargs)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data

@@ -1,0 +1,1 @@
+"""DRF views of the public API (/api/v1/), one module per resource."""

@@ -1,0 +1,147 @@
+"""GET organization; GET/POST organization/members; PATCH/DELETE organization/members/{id}."""
+
+import django_filters
+from django.contrib.auth import get_user_model
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from config.errors import ValidationFailed
+from marketplace.api.pagination import NewestFirstCursorPagination
+from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.views import ApiView, validated_input
+from marketplace.models import Membership, Role
+from marketplace.selectors.organizations import member_get_for_org, member_list_for_org
+from marketplace.services.organizations import member_add, member_change_role, member_remove
+
+TAGS = ["Organization"]
+
+
+class OrganizationOutput(serializers.Serializer):
+    id = serializers.CharField(source="organization.public_id")
+    name = serializers.CharField(source="organization.name")
+    slug = serializers.CharField(source="organization.slug")
+    created_at = serializers.DateTimeField(source="organization.created_at")
+    role = serializers.SerializerMethodField(
+        help_text="Your role; null when an API key is calling."
+    )
+
+    def get_role(self, context) -> str | None:
+        return context.membership.role if context.membership else None
+
+
+class OrganizationApi(ApiView):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_retrieve",
+        summary="The organisation you are acting for",
+        responses={200: OrganizationOutput, **errors(403, 404)},
+    )
+    def get(self, request):
+        return Response(OrganizationOutput(self.org_context).data)
+
+
+class UserOutput(serializers.Serializer):
+    username = serializers.CharField()
+    email = serializers.EmailField()
+
+
+class MemberOutput(serializers.Serializer):
+    id = serializers.SerializerMethodField()
+    user = UserOutput()
+    role = serializers.ChoiceField(choices=Role.choices)
+    created_at = serializers.DateTimeField()
+
+    def get_id(self, membership) -> str:
+        return f"mem_{membership.pk}"
+
+
+class MemberFilter(django_filters.FilterSet):
+    role = django_filters.ChoiceFilter(choices=Role.choices)
+
+    class Meta:
+        model = Membership
+        fields = ["role"]
+
+
+class MemberCreateInput(serializers.Serializer):
+    email = serializers.EmailField(help_text="The email of an existing Switchyard user.")
+    role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
+
+
+class MemberListApi(ApiView):
+    # Every member may see who else is in; the service decides who may add whom.
+    write_roles = frozenset(Role.values)
+    keys_may_write = False
+    pagination_class = NewestFirstCursorPagination
+    filterset_class = MemberFilter
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return Membership.objects.none()
+        return member_list_for_org(organization=self.organization)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_members_list",
+        summary="List members",
+        responses={200: MemberOutput(many=True), **errors(400, 403, 404)},
+    )
+    def get(self, request):
+        return self.paginated_response(self.filter_queryset(self.get_queryset()), MemberOutput)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_members_create",
+        summary="Add a member (owners and admins; only owners grant owner)",
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        request=MemberCreateInput,
+        responses={201: MemberOutput, **errors(400, 403, 404, 409, 415, 422)},
+    )
+    def post(self, request):
+        data = validated_input(MemberCreateInput, request.data)
+        users = list(get_user_model().objects.filter(email__iexact=data["email"])[:2])
+        if len(users) != 1:
+            raise ValidationFailed(
+                "No single Switchyard user has this email; they must sign up first.",
+                code="user_not_found",
+                field="email",
+            )
+        membership = member_add(actor=self.org_context.membership, user=users[0], role=data["role"])
+        return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
+
+
+class MemberUpdateInput(serializers.Serializer):
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class MemberDetailApi(ApiView):
+    write_roles = frozenset(Role.values)
+    keys_may_write = False
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_members_update",
+        summary="Change a member's role (the last owner cannot be demoted)",
+        request=MemberUpdateInput,
+        responses={200: MemberOutput, **errors(400, 403, 404, 409, 415)},
+    )
+    def patch(self, request, member_id: str):
+        membership = member_get_for_org(organization=self.organization, public_id=member_id)
+        data = validated_input(MemberUpdateInput, request.data)
+        membership = member_change_role(
+            actor=self.org_context.membership, membership=membership, role=data["role"]
+        )
+        return Response(MemberOutput(membership).data)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_members_destroy",
+        summary="Remove a member, or leave (the last owner cannot)",
+        request=None,
+        responses={204: OpenApiResponse(description="Removed."), **errors(403, 404, 409)},
+    )
+    def delete(self, request, member_id: str):
+        membership = member_get_for_org(organization=self.organization, public_id=member_id)
+        member_remove(actor=self.org_context.membership, membership=membership)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,109 @@
+"""Organisation API keys.
+
+A secret looks like sy_live_<prefix8>_<random40>. We store the visible prefix
+(sy_live_<prefix8>) and the SHA-256 of the whole secret, never the secret itself: it is shown
+once, at creation. SHA-256 without a salt is enough here because the secret is 40 random
+characters (≈238 bits), not a password.
+"""
+
+import hashlib
+import secrets
+import string
+from datetime import timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from config.errors import ValidationFailed
+from marketplace.models import ApiKey, ApiKeyScope, Organization
+
+__all__ = [
+    "SECRET_PREFIX",
+    "LAST_USED_RESOLUTION",
+    "api_key_hash",
+    "api_key_create",
+    "api_key_revoke",
+    "api_key_record_use",
+]
+
+SECRET_PREFIX = "sy_live_"
+# last_used_at is written at most once per this interval per key, so a busy key does not turn
+# every read into a write.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+_LOWER_ALNUM = string.ascii_lowercase + string.digits
+_ALNUM = string.ascii_letters + string.digits
+
+
+def api_key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _random(alphabet: str, length: int) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    organization: Organization,
+    name: str,
+    scopes: list[str],
+    created_by: AbstractBaseUser | None,
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its secret, which is not stored and cannot be shown again."""
+    name = name.strip()
+    if not name:
+        raise ValidationFailed("An API key needs a name.", code="blank", field="name")
+    scopes = sorted(set(scopes))
+    if not scopes or not set(scopes) <= set(ApiKeyScope.values):
+        raise ValidationFailed(
+            f"Scopes must be a non-empty subset of {', '.join(ApiKeyScope.values)}.",
+            code="invalid_scopes",
+            field="scopes",
+        )
+    for _ in range(5):
+        prefix = SECRET_PREFIX + _random(_LOWER_ALNUM, 8)
+        secret = f"{prefix}_{_random(_ALNUM, 40)}"
+        try:
+            with transaction.atomic():
+                key = ApiKey.objects.create(
+                    organization=organization,
+                    name=name,
+                    prefix=prefix,
+                    secret_hash=api_key_hash(secret),
+                    scopes=scopes,
+                    created_by=created_by,
+                )
+            return key, secret
+        except IntegrityError:  # a prefix collision (1 in 36^8): draw again
+            continue
+    raise RuntimeError("could not draw a unique API key prefix")  # pragma: no cover
+
+
+@transaction.atomic
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Revoke a key; it stops working at once. Revoking a revoked key changes nothing."""
+    key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    return key
+
+
+def api_key_record_use(*, api_key: ApiKey) -> None:
+    """Note that the key was used, at most once per LAST_USED_RESOLUTION.
+
+    The condition sits in the UPDATE itself, so concurrent requests write once between them.
+    """
+    now = timezone.now()
+    if api_key.last_used_at and now - api_key.last_used_at < LAST_USED_RESOLUTION:
+        return
+    updated = ApiKey.objects.filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION),
+        pk=api_key.pk,
+    ).update(last_used_at=now)
+    if updated:
+        api_key.last_used_at = now

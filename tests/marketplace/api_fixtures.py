@@ -1,0 +1,92 @@
+"""Fixtures for the API tests (imported by tests/marketplace/test_api_*.py)."""
+
+import pytest
+from django.core.cache import cache
+from rest_framework.test import APIClient
+
+from marketplace.models import ApiKeyScope, Role
+from marketplace.services.api_keys import api_key_create
+from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_limits():
+    """Rate-limit counters live in Redis; each test starts with none."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def session_client(membership, *, org_header: str | None = None) -> APIClient:
+    client = APIClient()
+    client.force_login(membership.user)
+    if org_header:
+        client.credentials(HTTP_SY_ORGANIZATION=org_header)
+    return client
+
+
+def key_client(organization, scopes=(ApiKeyScope.READ, ApiKeyScope.WRITE)) -> APIClient:
+    _, secret = api_key_create(
+        organization=organization, name="test key", scopes=list(scopes), created_by=None
+    )
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    client.secret = secret
+    return client
+
+
+@pytest.fixture
+def org():
+    return OrganizationFactory()
+
+
+@pytest.fixture
+def owner(org):
+    return MembershipFactory(organization=org, role=Role.OWNER)
+
+
+@pytest.fixture
+def owner_client(owner):
+    return session_client(owner)
+
+
+@pytest.fixture
+def client_key(org):
+    """A read+write key of `org`."""
+    return key_client(org)
+
+
+@pytest.fixture
+def other_org():
+    other = OrganizationFactory()
+    MembershipFactory(organization=other, role=Role.OWNER)
+    return other
+
+
+def assert_error(response, status: int, code: str | None = None, field: str | None = None):
+    """The one error shape: {"error": {type, code, field, message}}."""
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert {"type", "code", "field", "message"} <= set(error)
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if field is not None:
+        assert error["field"] == field, error
+    return error
+
+
+__all__ = [
+    "fresh_rate_limits",
+    "org",
+    "owner",
+    "owner_client",
+    "client_key",
+    "other_org",
+    "session_client",
+    "key_client",
+    "assert_error",
+    "UserFactory",
+]

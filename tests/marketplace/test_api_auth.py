@@ -1,0 +1,148 @@
+"""API keys in the Authorization header only; scopes; revocation; last_used_at."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from marketplace.models import ApiKey, ApiKeyScope, Reservation
+from marketplace.services.api_keys import api_key_create, api_key_hash, api_key_revoke
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    assert_error,
+    client_key,
+    fresh_rate_limits,
+    key_client,
+    org,
+    owner,
+    session_client,
+)
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/v1/organization"
+
+
+def test_it_accepts_a_good_key_in_the_authorization_header(client_key, org):
+    response = client_key.get(URL)
+    assert response.status_code == 200
+    assert response.json() == {
+        "id": org.public_id,
+        "name": org.name,
+        "slug": org.slug,
+        "created_at": org.created_at.isoformat().replace("+00:00", "Z"),
+        "role": None,
+    }
+
+
+def test_it_stores_only_the_hash_and_a_visible_prefix(org):
+    key, secret = api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)
+    prefix8, random_part = secret.removeprefix("sy_live_").split("_")
+    assert len(prefix8) == 8 and len(random_part) == 40
+    assert key.prefix == f"sy_live_{prefix8}"
+    assert key.secret_hash == api_key_hash(secret)
+    assert secret not in str(ApiKey.objects.filter(pk=key.pk).values().get())
+
+
+def test_it_answers_401_without_credentials():
+    response = APIClient().get(URL)
+    assert_error(response, 401, "not_authenticated")
+    assert response["WWW-Authenticate"] == 'Bearer realm="switchyard"'
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer sy_live_abcdefgh_" + "x" * 40,
+        "Bearer not-a-key",
+        "Bearer",
+        "Bearer two parts",
+    ],
+)
+def test_it_answers_401_to_a_bad_key(header, org):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=header)
+    error = assert_error(client.get(URL), 401)
+    assert error["type"] == "authentication_error"
+    assert error["code"] in {"invalid_api_key", "invalid_authorization_header"}
+
+
+def test_it_answers_401_to_a_revoked_key(org):
+    client = key_client(org)
+    key = ApiKey.objects.get(organization=org)
+    api_key_revoke(api_key=key)
+    assert_error(client.get(URL), 401, "api_key_revoked")
+
+
+@pytest.mark.parametrize("param", ["api_key", "key", "token", "access_token"])
+def test_it_refuses_a_key_in_the_query_string(param, org):
+    client = key_client(org)  # also has a valid header: the URL key is refused regardless
+    anonymous = APIClient()
+    for c in (client, anonymous):
+        error = assert_error(c.get(f"{URL}?{param}={client.secret}"), 400, "api_key_in_url")
+        assert "Authorization header" in error["message"]
+
+
+def test_it_refuses_a_key_value_under_any_query_parameter_name(org):
+    client = key_client(org)
+    assert_error(APIClient().get(f"{URL}?q={client.secret}"), 400, "api_key_in_url")
+
+
+def test_a_read_only_key_can_read_but_not_post(org):
+    client = key_client(org, scopes=[ApiKeyScope.READ])
+    assert client.get("/api/v1/reservations").status_code == 200
+    response = client.post(
+        "/api/v1/reservations",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 1},
+        format="json",
+    )
+    assert_error(response, 403, "insufficient_scope")
+    assert Reservation.objects.count() == 0
+
+
+def test_a_key_cannot_create_keys_or_add_members(client_key, org):
+    before = ApiKey.objects.count()
+    response = client_key.post("/api/v1/api-keys", {"name": "x"}, format="json")
+    assert_error(response, 403, "session_required")
+    response = client_key.post(
+        "/api/v1/organization/members", {"email": "a@example.com"}, format="json"
+    )
+    assert_error(response, 403, "session_required")
+    assert ApiKey.objects.count() == before
+
+
+def test_it_records_last_used_at_at_most_once_a_minute(org):
+    client = key_client(org)
+    key = ApiKey.objects.get(organization=org)
+    assert key.last_used_at is None
+    client.get(URL)
+    key.refresh_from_db()
+    first = key.last_used_at
+    assert first is not None
+    client.get(URL)
+    key.refresh_from_db()
+    assert key.last_used_at == first  # within the minute: not written again
+    ApiKey.objects.filter(pk=key.pk).update(last_used_at=first - timedelta(minutes=2))
+    client.get(URL)
+    key.refresh_from_db()
+    assert key.last_used_at > first - timedelta(minutes=2)
+    assert timezone.now() - key.last_used_at < timedelta(seconds=5)
+
+
+def test_unknown_api_paths_answer_in_the_error_shape(client_key):
+    assert_error(client_key.get("/api/v1/no-such-thing"), 404, "not_found")
+
+
+def test_a_wrong_method_answers_405_in_the_error_shape(client_key):
+    error = assert_error(client_key.delete(URL), 405, "method_not_allowed")
+    assert error["type"] == "invalid_request_error"
+
+
+def test_a_form_encoded_body_answers_415_in_the_error_shape(owner):
+    client = session_client(owner)
+    response = client.post(
+        "/api/v1/api-keys", "name=x", content_type="application/x-www-form-urlencoded"
+    )
+    assert_error(response, 415, "unsupported_media_type")
+    assert ApiKey.objects.count() == 0
