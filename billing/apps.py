@@ -4,3 +4,14 @@ from django.apps import AppConfig
 class BillingConfig(AppConfig):
     name = "billing"
     verbose_name = "Billing"
+
+    def ready(self) -> None:
+        # Fill in the marketplace's money question with billing's answer (see
+        # marketplace/funding.py): the marketplace never imports billing.
+        # Importing these registers their outbox handlers.
+        import billing.services.refunds  # noqa: F401
+        import billing.services.topups  # noqa: F401
+        from billing.services.funding import BillingFundingGate
+        from marketplace.funding import funding_gate_register
+
+        funding_gate_register(BillingFundingGate())

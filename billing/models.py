@@ -1,0 +1,369 @@
+"""Money: billing accounts, the append-only ledger, the Stripe outbox and mirrors.
+
+Amounts are integer minor units (`amount_minor`, cents for USD) with the currency beside them.
+Ledger sign convention: a positive entry adds to the organisation's balance (top-up, credit,
+SLA credit), a negative entry takes from it (usage, reserved-term charge, a refund paid back to
+the card). The balance is never stored: it is the sum of the organisation's entries.
+"""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from marketplace.models import Organization, Reservation
+
+__all__ = [
+    "BillingMode",
+    "FundingState",
+    "BillingAccount",
+    "PaymentMethod",
+    "LedgerKind",
+    "LedgerEntry",
+    "LedgerImmutable",
+    "TopUpStatus",
+    "TopUp",
+    "RefundStatus",
+    "Refund",
+    "OutboxStatus",
+    "OutboxMessage",
+    "WebhookEvent",
+    "Invoice",
+    "UsageAggregate",
+    "BillingNotice",
+]
+
+
+class BillingMode(models.TextChoices):
+    PREPAID = "prepaid"
+    POSTPAID = "postpaid"
+
+
+class FundingState(models.TextChoices):
+    OK = "ok"
+    WARNING = "warning"
+    GRACE = "grace"
+    SUSPENDED = "suspended"
+
+
+class BillingAccount(models.Model):
+    """An organisation's billing settings and its Stripe customer."""
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.PROTECT, related_name="billing_account"
+    )
+    currency = models.CharField(max_length=3, default="usd")
+    stripe_customer_id = models.CharField(max_length=64, blank=True, db_index=True)
+    mode = models.CharField(max_length=10, choices=BillingMode.choices, default=BillingMode.PREPAID)
+    postpaid_approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    postpaid_approved_at = models.DateTimeField(null=True, blank=True)
+    auto_recharge_enabled = models.BooleanField(default=True)
+    recharge_threshold_minor = models.BigIntegerField(
+        default=5000, help_text="Recharge (and warn) when the balance drops below this."
+    )
+    recharge_amount_minor = models.BigIntegerField(default=10000)
+    # One automatic recharge per drop below the threshold: disarmed when one is started,
+    # re-armed when the balance is back at or above the threshold.
+    recharge_armed = models.BooleanField(default=True)
+    monthly_spend_limit_minor = models.BigIntegerField(
+        null=True, blank=True, help_text="Empty: no limit."
+    )
+    default_payment_method_id = models.CharField(max_length=64, blank=True)
+    funding_state = models.CharField(
+        max_length=10, choices=FundingState.choices, default=FundingState.OK
+    )
+    grace_until = models.DateTimeField(null=True, blank=True)
+    funding_state_changed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(mode__in=BillingMode.values), name="billing_account_mode_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(recharge_threshold_minor__gte=0) & Q(recharge_amount_minor__gt=0),
+                name="billing_account_recharge_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"billing of {self.organization}"
+
+
+class PaymentMethod(models.Model):
+    """Mirror of a Stripe PaymentMethod attached to the organisation's customer."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="payment_methods"
+    )
+    stripe_payment_method_id = models.CharField(max_length=64, unique=True)
+    brand = models.CharField(max_length=32, blank=True)
+    last4 = models.CharField(max_length=4, blank=True)
+    exp_month = models.PositiveSmallIntegerField(null=True, blank=True)
+    exp_year = models.PositiveSmallIntegerField(null=True, blank=True)
+    detached_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.brand} …{self.last4}"
+
+
+class LedgerKind(models.TextChoices):
+    USAGE = "usage"
+    RESERVED_CHARGE = "reserved_charge"
+    TOP_UP = "top_up"
+    CREDIT = "credit"
+    SLA_CREDIT = "sla_credit"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+
+
+class LedgerImmutable(Exception):
+    """Ledger entries are never changed or deleted; correct with a new entry."""
+
+
+class LedgerEntry(models.Model):
+    """One money movement. Append-only (a database trigger refuses UPDATE and DELETE)."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    kind = models.CharField(max_length=20, choices=LedgerKind.choices)
+    amount_minor = models.BigIntegerField(help_text="Signed: + adds to the balance, − takes.")
+    currency = models.CharField(max_length=3)
+    reservation = models.ForeignKey(
+        Reservation, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    period_start = models.DateTimeField(null=True, blank=True)
+    period_end = models.DateTimeField(null=True, blank=True)
+    gpu_seconds = models.BigIntegerField(default=0)
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "ledger entries"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind__in=LedgerKind.values), name="ledger_kind_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(period_start__isnull=True)
+                | Q(period_end__isnull=True)
+                | Q(period_end__gte=models.F("period_start")),
+                name="ledger_period_valid",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["organization", "-created_at", "-id"]),
+            models.Index(fields=["reservation", "kind"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount_minor} {self.currency}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise LedgerImmutable("ledger entries cannot be changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise LedgerImmutable("ledger entries cannot be deleted")
+
+
+class TopUpStatus(models.TextChoices):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class TopUp(models.Model):
+    """A charge of the saved card that adds to the prepaid balance (manual or automatic)."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    amount_minor = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    automatic = models.BooleanField(default=False)
+    payment_method_id = models.CharField(max_length=64)
+    status = models.CharField(
+        max_length=10, choices=TopUpStatus.choices, default=TopUpStatus.PENDING
+    )
+    stripe_payment_intent_id = models.CharField(max_length=64, blank=True, db_index=True)
+    failure_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_minor__gt=0), name="top_up_positive"),
+            # At most one automatic recharge in flight per organisation.
+            models.UniqueConstraint(
+                fields=["organization"],
+                condition=Q(automatic=True, status="pending"),
+                name="top_up_one_pending_auto",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"top-up {self.pk} {self.amount_minor} {self.currency} {self.status}"
+
+
+class RefundStatus(models.TextChoices):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Refund(models.Model):
+    """Money paid back to the card of a top-up through Stripe's Refunds API."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    top_up = models.ForeignKey(TopUp, on_delete=models.PROTECT, related_name="refunds")
+    amount_minor = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    reason = models.TextField()
+    status = models.CharField(
+        max_length=10, choices=RefundStatus.choices, default=RefundStatus.PENDING
+    )
+    stripe_refund_id = models.CharField(max_length=64, blank=True, db_index=True)
+    failure_reason = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_minor__gt=0), name="refund_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"refund {self.pk} {self.amount_minor} {self.currency} {self.status}"
+
+
+class OutboxStatus(models.TextChoices):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class OutboxMessage(models.Model):
+    """A Stripe write recorded before it is sent; the key makes a resend harmless."""
+
+    kind = models.CharField(max_length=40)
+    payload = models.JSONField()
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    status = models.CharField(
+        max_length=10, choices=OutboxStatus.choices, default=OutboxStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(db_index=True)
+    last_error = models.TextField(blank=True)
+    stripe_object_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(status="pending"),
+                name="outbox_pending_due_idx",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.idempotency_key} {self.status}"
+
+
+class WebhookEvent(models.Model):
+    """A verified Stripe event, stored once per event id and processed by a task."""
+
+    stripe_event_id = models.CharField(max_length=255, unique=True)
+    type = models.CharField(max_length=100)
+    payload = models.JSONField()
+    received_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-received_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.stripe_event_id}"
+
+
+class Invoice(models.Model):
+    """Mirror of a Stripe invoice (postpaid organisations), kept up to date by webhooks."""
+
+    organization = models.ForeignKey(
+        Organization, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    stripe_invoice_id = models.CharField(max_length=64, unique=True)
+    stripe_customer_id = models.CharField(max_length=64)
+    status = models.CharField(max_length=20)
+    currency = models.CharField(max_length=3)
+    amount_due_minor = models.BigIntegerField(default=0)
+    amount_paid_minor = models.BigIntegerField(default=0)
+    hosted_invoice_url = models.URLField(max_length=500, blank=True)
+    period_start = models.DateTimeField(null=True, blank=True)
+    period_end = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-period_start", "-id"]
+
+    def __str__(self) -> str:
+        return self.stripe_invoice_id
+
+
+class UsageAggregate(models.Model):
+    """Postpaid usage of one organisation in one period, reported as one meter event."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    gpu_seconds = models.BigIntegerField()
+    amount_minor = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-period_start", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "period_start"], name="usage_aggregate_once_per_period"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id} {self.period_start:%Y-%m-%d %H:%M} {self.gpu_seconds}s"
+
+    @property
+    def identifier(self) -> str:
+        return f"sy-usage-{self.pk}"
+
+
+class BillingNotice(models.Model):
+    """A funding notice shown to the organisation (and logged): never a silent stop."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=30)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message[:60]}"

@@ -188,6 +188,8 @@ BILLING_LOW_BALANCE_GRACE = timedelta(
 BILLING_DEFAULT_RECHARGE_THRESHOLD = env_decimal(
     "BILLING_DEFAULT_RECHARGE_THRESHOLD", Decimal("50")
 )
+# Hours of an on-demand reservation the prepaid balance must cover before it is accepted.
+BILLING_ON_DEMAND_COMMIT_HOURS = env_int("BILLING_ON_DEMAND_COMMIT_HOURS", 1, minimum=0)
 
 # --- Logging -------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

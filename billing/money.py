@@ -1,0 +1,52 @@
+"""Money arithmetic. Amounts are Decimal in major units or int in minor units; never float.
+
+Rounding rule (the only one): an amount becomes minor units once, at the ledger line, with
+ROUND_HALF_UP to the currency's minor unit. Usage is rounded on the reservation's cumulative
+cost, and each line is the difference to what was already charged, so the sum of the lines is
+always the correctly rounded total (no drift from rounding many small lines).
+"""
+
+from decimal import ROUND_HALF_UP, Decimal
+
+__all__ = [
+    "minor_exponent",
+    "to_minor_units",
+    "from_minor_units",
+    "usage_cost_minor",
+]
+
+# ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
+_ZERO_DECIMAL = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
+                 "vnd", "vuv", "xaf", "xof", "xpf"}  # fmt: skip
+
+
+def _require_exact(value, name: str) -> None:
+    # bool is an int subclass; float has no exact decimal meaning: both are refused loudly.
+    if isinstance(value, bool) or not isinstance(value, Decimal | int):
+        raise TypeError(f"{name} must be Decimal or int, not {type(value).__name__}")
+
+
+def minor_exponent(currency: str) -> int:
+    return 0 if currency.lower() in _ZERO_DECIMAL else 2
+
+
+def to_minor_units(amount: Decimal | int, currency: str) -> int:
+    """Decimal major units → int minor units, ROUND_HALF_UP."""
+    _require_exact(amount, "amount")
+    scaled = Decimal(amount).scaleb(minor_exponent(currency))
+    return int(scaled.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def from_minor_units(amount_minor: int, currency: str) -> Decimal:
+    if isinstance(amount_minor, bool) or not isinstance(amount_minor, int):
+        raise TypeError(f"amount_minor must be int, not {type(amount_minor).__name__}")
+    exponent = minor_exponent(currency)
+    return Decimal(amount_minor).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent))
+
+
+def usage_cost_minor(*, gpu_seconds: int, price_per_gpu_hour: Decimal, currency: str) -> int:
+    """Cost of `gpu_seconds` (GPU count × seconds) at an hourly price, in minor units."""
+    if isinstance(gpu_seconds, bool) or not isinstance(gpu_seconds, int):
+        raise TypeError(f"gpu_seconds must be int, not {type(gpu_seconds).__name__}")
+    _require_exact(price_per_gpu_hour, "price_per_gpu_hour")
+    return to_minor_units(Decimal(gpu_seconds) * Decimal(price_per_gpu_hour) / 3600, currency)

@@ -1,0 +1,84 @@
+"""Reads: balance, ledger pages, usage, invoices, payment methods."""
+
+from datetime import date, datetime
+
+from django.db.models import Q, QuerySet, Sum
+from django.db.models.functions import Coalesce, TruncDate
+
+from billing.models import (
+    BillingAccount,
+    Invoice,
+    LedgerEntry,
+    LedgerKind,
+    PaymentMethod,
+    TopUp,
+)
+from marketplace.models import Organization
+
+__all__ = [
+    "balance_minor",
+    "spend_minor",
+    "ledger_for_org",
+    "usage_by_reservation_day",
+    "invoices_for_org",
+    "payment_methods_for_org",
+    "top_ups_for_org",
+    "billing_account_for_org",
+]
+
+CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
+
+
+def balance_minor(*, organization: Organization) -> int:
+    """The prepaid balance: the sum of the organisation's ledger, in minor units."""
+    return LedgerEntry.objects.filter(organization=organization).aggregate(
+        total=Coalesce(Sum("amount_minor"), 0)
+    )["total"]
+
+
+def spend_minor(
+    *, organization: Organization, since: datetime, until: datetime | None = None
+) -> int:
+    """What was charged (usage and reserved terms, net of usage corrections) in [since, until)."""
+    filters = Q(organization=organization, kind__in=CHARGE_KINDS, created_at__gte=since)
+    if until is not None:
+        filters &= Q(created_at__lt=until)
+    total = LedgerEntry.objects.filter(filters).aggregate(total=Coalesce(Sum("amount_minor"), 0))
+    return -total["total"]
+
+
+def billing_account_for_org(*, organization: Organization) -> BillingAccount | None:
+    return BillingAccount.objects.filter(organization=organization).first()
+
+
+def ledger_for_org(*, organization: Organization) -> QuerySet[LedgerEntry]:
+    return LedgerEntry.objects.filter(organization=organization).select_related("reservation")
+
+
+def usage_by_reservation_day(
+    *, organization: Organization, since: date | None = None, until: date | None = None
+) -> QuerySet:
+    """Usage lines grouped by reservation and UTC day of the metered interval's start."""
+    qs = LedgerEntry.objects.filter(organization=organization, kind=LedgerKind.USAGE)
+    if since is not None:
+        qs = qs.filter(period_start__date__gte=since)
+    if until is not None:
+        qs = qs.filter(period_start__date__lt=until)
+    return (
+        qs.annotate(day=TruncDate("period_start"))
+        .values("reservation__public_id", "day", "currency")
+        .annotate(gpu_seconds=Sum("gpu_seconds"), amount_minor=Sum("amount_minor"))
+        .order_by("-day", "reservation__public_id")
+    )
+
+
+def invoices_for_org(*, organization: Organization) -> QuerySet[Invoice]:
+    return Invoice.objects.filter(organization=organization)
+
+
+def payment_methods_for_org(*, organization: Organization) -> QuerySet[PaymentMethod]:
+    return PaymentMethod.objects.filter(organization=organization, detached_at__isnull=True)
+
+
+def top_ups_for_org(*, organization: Organization) -> QuerySet[TopUp]:
+    return TopUp.objects.filter(organization=organization)

@@ -1,0 +1,203 @@
+"""May an organisation commit a spend, and what happens when a prepaid balance runs out.
+
+Committed part of a new reservation (what the balance must cover before it is accepted):
+- reserved tier: the whole term's total (charged up front as a reserved_charge);
+- on-demand and interruptible: the first BILLING_ON_DEMAND_COMMIT_HOURS hours (default 1) of
+  the reservation, or the whole period if shorter; the rest is drawn down as it is used.
+Postpaid organisations need no balance. Every organisation with a monthly spend limit is
+refused a reservation whose committed part would take this month's charges over it.
+
+When funds run out (prepaid), the policy is explicit, and every step sends a notice:
+1. warning — the balance is below the recharge threshold: notice, and an automatic recharge
+   if one is set up (once per drop);
+2. grace — the balance is at or below zero: notice with the deadline, running reservations
+   keep running for BILLING_LOW_BALANCE_GRACE and keep accruing usage (the balance goes
+   negative; that debt is owed and the next top-up settles it first — nothing runs free);
+3. suspended — the grace period is over and the balance is still ≤ 0: notice, running
+   on-demand and interruptible reservations are released and not-yet-started ones cancelled
+   through the marketplace's state machine; reserved terms, already paid for, keep running.
+A top-up that brings the balance back above zero ends grace or suspension.
+"""
+
+import logging
+from datetime import datetime
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from billing.models import BillingAccount, BillingMode, FundingState
+from billing.money import from_minor_units, to_minor_units
+from billing.selectors import balance_minor, spend_minor
+from billing.services.notices import notice_send
+from config.errors import PaymentRequired
+from marketplace.models import Organization, Reservation, ReservationStatus, Tier
+
+__all__ = [
+    "committed_amount",
+    "BillingFundingGate",
+    "funding_state_update",
+    "month_start",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def month_start(at: datetime) -> datetime:
+    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def committed_amount(
+    *,
+    tier: str,
+    gpu_count: int,
+    price_per_gpu_hour: Decimal,
+    total_amount: Decimal,
+    starts_at: datetime,
+    ends_at: datetime,
+) -> Decimal:
+    if isinstance(price_per_gpu_hour, float) or isinstance(total_amount, float):
+        raise TypeError("money must be Decimal, not float")
+    if tier == Tier.RESERVED:
+        return Decimal(total_amount)
+    hours = Decimal(getattr(settings, "BILLING_ON_DEMAND_COMMIT_HOURS", 1))
+    period_hours = Decimal(int((ends_at - starts_at).total_seconds())) / 3600
+    return Decimal(price_per_gpu_hour) * gpu_count * min(hours, period_hours)
+
+
+class BillingFundingGate:
+    """Billing's implementation of marketplace.funding.FundingGate."""
+
+    def reservation_authorize(
+        self,
+        *,
+        organization: Organization,
+        tier: str,
+        gpu_count: int,
+        price_per_gpu_hour: Decimal,
+        total_amount: Decimal,
+        currency: str,
+        starts_at: datetime,
+        ends_at: datetime,
+    ) -> None:
+        account = BillingAccount.objects.filter(organization=organization).first()
+        commit_minor = to_minor_units(
+            committed_amount(
+                tier=tier,
+                gpu_count=gpu_count,
+                price_per_gpu_hour=price_per_gpu_hour,
+                total_amount=total_amount,
+                starts_at=starts_at,
+                ends_at=ends_at,
+            ),
+            currency,
+        )
+        if account is not None and account.funding_state == FundingState.SUSPENDED:
+            raise PaymentRequired(
+                "Billing is suspended for this organisation: top up to reserve again.",
+                code="account_suspended",
+            )
+        if account is not None and account.monthly_spend_limit_minor is not None:
+            spent = spend_minor(organization=organization, since=month_start(timezone.now()))
+            if spent + commit_minor > account.monthly_spend_limit_minor:
+                limit = from_minor_units(account.monthly_spend_limit_minor, currency)
+                raise PaymentRequired(
+                    f"This reservation would take this month's spend over the limit of {limit} "
+                    f"{currency.upper()} (spent {from_minor_units(spent, currency)}, this needs "
+                    f"{from_minor_units(commit_minor, currency)}).",
+                    code="spend_limit_exceeded",
+                )
+        if account is not None and account.mode == BillingMode.POSTPAID:
+            return
+        balance = balance_minor(organization=organization)
+        if balance < commit_minor:
+            raise PaymentRequired(
+                f"The balance ({from_minor_units(balance, currency)} {currency.upper()}) does not "
+                f"cover this reservation's committed part "
+                f"({from_minor_units(commit_minor, currency)}): top up and try again.",
+                code="insufficient_funds",
+            )
+
+
+def _set_state(account: BillingAccount, state: str, *, grace_until: datetime | None = None) -> None:
+    account.funding_state = state
+    account.grace_until = grace_until
+    account.funding_state_changed_at = timezone.now()
+    account.save(update_fields=["funding_state", "grace_until", "funding_state_changed_at"])
+
+
+@transaction.atomic
+def funding_state_update(*, organization: Organization, now: datetime | None = None) -> str:
+    """Move a prepaid account through ok → warning → grace → suspended (and back) by balance."""
+    from billing.services.topups import auto_recharge_check
+
+    now = now or timezone.now()
+    account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
+    if account is None or account.mode != BillingMode.PREPAID:
+        return FundingState.OK
+    balance = balance_minor(organization=organization)
+    money = f"{from_minor_units(balance, account.currency)} {account.currency.upper()}"
+    state = account.funding_state
+    if balance >= account.recharge_threshold_minor:
+        if state != FundingState.OK:
+            _set_state(account, FundingState.OK)
+            if state in (FundingState.GRACE, FundingState.SUSPENDED):
+                notice_send(
+                    organization=organization,
+                    kind="funding_restored",
+                    message=f"Your balance is {money}; billing is back to normal.",
+                )
+    elif balance > 0:
+        if state != FundingState.WARNING:
+            _set_state(account, FundingState.WARNING)
+            notice_send(
+                organization=organization,
+                kind="low_balance",
+                message=f"Your balance is low ({money}). Top up or enable automatic "
+                "recharge to keep your reservations running.",
+            )
+    elif state in (FundingState.OK, FundingState.WARNING):
+        grace_until = now + settings.BILLING_LOW_BALANCE_GRACE
+        _set_state(account, FundingState.GRACE, grace_until=grace_until)
+        notice_send(
+            organization=organization,
+            kind="grace_started",
+            message=f"Your balance is {money}. Running on-demand reservations will be "
+            f"released at {grace_until:%Y-%m-%d %H:%M} UTC unless you top up; usage "
+            "until then is owed.",
+        )
+    elif state == FundingState.GRACE and account.grace_until and now >= account.grace_until:
+        _set_state(account, FundingState.SUSPENDED)
+        released = _release_unfunded(organization=organization)
+        notice_send(
+            organization=organization,
+            kind="suspended",
+            message=f"Your balance is {money} and the grace period is over: "
+            f"{len(released)} reservation(s) released ({', '.join(released) or 'none'}). "
+            "Top up to reserve again.",
+        )
+    auto_recharge_check(organization=organization)
+    return account.funding_state
+
+
+def _release_unfunded(*, organization: Organization) -> list[str]:
+    from marketplace.services.transitions import reservation_transition
+
+    S = ReservationStatus
+    released = []
+    candidates = Reservation.objects.filter(
+        organization=organization,
+        tier__in=[Tier.ON_DEMAND, Tier.INTERRUPTIBLE],
+        status__in=[S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE],
+    ).order_by("pk")
+    for reservation in candidates:
+        to_status = S.RELEASING if reservation.status == S.ACTIVE else S.CANCELLED
+        reservation_transition(
+            reservation=reservation,
+            to_status=to_status,
+            cause="Prepaid balance exhausted and the grace period is over.",
+            actor_label="billing",
+        )
+        released.append(reservation.public_id)
+    return released

@@ -1,0 +1,27 @@
+"""The metering run: usage lines for every reservation that may owe, then funding state."""
+
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from billing.services.funding import funding_state_update
+from billing.services.usage import reservation_meter, reservations_to_meter
+from marketplace.models import Organization, Reservation
+
+__all__ = ["usage_meter_run"]
+
+# Reservations released within this window are metered once more (late outages, last seconds).
+RECENTLY_RELEASED = timedelta(days=2)
+
+
+def usage_meter_run(*, now: datetime | None = None) -> int:
+    now = now or timezone.now()
+    ids = reservations_to_meter(now=now, since=now - RECENTLY_RELEASED)
+    written = 0
+    for reservation_id in ids:
+        if reservation_meter(reservation_id=reservation_id, now=now) is not None:
+            written += 1
+    org_ids = set(Reservation.objects.filter(pk__in=ids).values_list("organization_id", flat=True))
+    for organization in Organization.objects.filter(pk__in=org_ids).order_by("pk"):
+        funding_state_update(organization=organization, now=now)
+    return written

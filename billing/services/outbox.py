@@ -1,0 +1,143 @@
+"""The Stripe outbox: every Stripe write is a row first, sent after commit, retried with backoff.
+
+A service that needs a Stripe write calls outbox_enqueue inside its own transaction; the row
+commits (or not) with the change that needs it. On commit the sender task is queued; if Redis
+is down or the worker dies, billing.tasks.outbox_flush finds the due row later. The sender
+locks the row (FOR UPDATE SKIP LOCKED), so two workers never send the same message at once,
+and Stripe's idempotency key (ours, derived from the record) makes a resend after a crash
+return the first result instead of charging twice.
+"""
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from billing.models import OutboxMessage, OutboxStatus
+from billing.stripe_gateway import (
+    PermanentStripeError,
+    StripeGateway,
+    TransientStripeError,
+    get_gateway,
+)
+
+__all__ = [
+    "OutboxHandler",
+    "outbox_handler",
+    "outbox_enqueue",
+    "outbox_send",
+    "outbox_due_ids",
+    "outbox_backoff",
+    "MAX_ATTEMPTS",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 25  # with the capped backoff below, about a day of retrying
+
+
+class OutboxHandler:
+    """How to send one kind of message and what its result means for our records."""
+
+    def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
+        raise NotImplementedError
+
+    def succeeded(self, message: OutboxMessage, result: dict) -> None:
+        """Runs in the sender's transaction after a successful call."""
+
+    def failed(self, message: OutboxMessage, error: str) -> None:
+        """Runs in the sender's transaction after a terminal failure."""
+
+
+_HANDLERS: dict[str, OutboxHandler] = {}
+
+
+def outbox_handler(kind: str) -> Callable[[type[OutboxHandler]], type[OutboxHandler]]:
+    def register(cls: type[OutboxHandler]) -> type[OutboxHandler]:
+        _HANDLERS[kind] = cls()
+        return cls
+
+    return register
+
+
+def outbox_backoff(attempts: int) -> timedelta:
+    """30 s, 1 min, 2 min, … capped at one hour."""
+    return timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 3600))
+
+
+def outbox_enqueue(*, kind: str, payload: dict, idempotency_key: str) -> OutboxMessage:
+    """Record a Stripe write in the caller's transaction; it is sent after commit.
+
+    The same key twice returns the first message (a repeat of the business action is a
+    repeat of the same Stripe write, not a second one).
+    """
+    if kind not in _HANDLERS:
+        raise ValueError(f"no outbox handler for {kind!r}")
+    message, created = OutboxMessage.objects.get_or_create(
+        idempotency_key=idempotency_key,
+        defaults={"kind": kind, "payload": payload, "next_attempt_at": timezone.now()},
+    )
+    if created:
+        from billing.tasks import outbox_send_task
+
+        transaction.on_commit(lambda: _enqueue_quietly(outbox_send_task, message.pk))
+    return message
+
+
+def _enqueue_quietly(task, message_id: int) -> None:
+    # The row is already committed: if the broker is down, outbox_flush sends it later.
+    try:
+        task.delay(message_id)
+    except Exception:  # noqa: BLE001 — any broker failure is recoverable by the sweeper
+        logger.warning("could not queue outbox message %s; the sweeper will send it", message_id)
+
+
+def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str:
+    """Send one due message. Returns its status afterwards ("" if busy or not found)."""
+    with transaction.atomic():
+        message = (
+            OutboxMessage.objects.select_for_update(skip_locked=True).filter(pk=message_id).first()
+        )
+        if message is None:
+            return ""  # another worker holds it
+        if message.status != OutboxStatus.PENDING:
+            return message.status
+        if message.next_attempt_at > timezone.now():
+            return message.status
+        handler = _HANDLERS[message.kind]
+        message.attempts += 1
+        try:
+            result = handler.send(gateway or get_gateway(), message)
+        except TransientStripeError as exc:
+            message.last_error = f"transient: {exc}"[:2000]
+            if message.attempts >= MAX_ATTEMPTS:
+                message.status = OutboxStatus.FAILED
+                handler.failed(message, message.last_error)
+            else:
+                message.next_attempt_at = timezone.now() + outbox_backoff(message.attempts)
+            logger.warning("outbox %s attempt %s failed: %s", message.pk, message.attempts, exc)
+        except PermanentStripeError as exc:
+            message.status = OutboxStatus.FAILED
+            message.last_error = f"{exc.code or 'error'}: {exc}"[:2000]
+            handler.failed(message, str(exc))
+        else:
+            message.status = OutboxStatus.SENT
+            message.sent_at = timezone.now()
+            message.last_error = ""
+            message.stripe_object_id = str(result.get("id", ""))[:64]
+            handler.succeeded(message, result)
+        message.save()
+        return message.status
+
+
+def outbox_due_ids(*, limit: int = 100) -> list[int]:
+    """Ids of pending messages that are due, oldest first (for the sweeper)."""
+    return list(
+        OutboxMessage.objects.filter(
+            status=OutboxStatus.PENDING, next_attempt_at__lte=timezone.now()
+        )
+        .order_by("next_attempt_at", "id")
+        .values_list("id", flat=True)[:limit]
+    )

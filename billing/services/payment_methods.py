@@ -1,0 +1,162 @@
+"""Saving cards: SetupIntent for Stripe.js, then attach / set default / detach, mirrored locally.
+
+These calls are synchronous (the customer is waiting for the answer and no money moves);
+each still carries an idempotency key derived from our records.
+"""
+
+import uuid
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from billing.models import BillingAccount, PaymentMethod
+from billing.services.accounts import stripe_customer_ensure
+from billing.stripe_gateway import PermanentStripeError, StripeGateway, get_gateway
+from config.errors import NotFound, PaymentRequired
+from marketplace.models import Organization
+
+__all__ = [
+    "setup_intent_create",
+    "payment_method_attach",
+    "payment_method_set_default",
+    "payment_method_detach",
+    "payment_method_mirror",
+    "payment_method_mark_detached",
+]
+
+
+def setup_intent_create(
+    *, organization: Organization, gateway: StripeGateway | None = None
+) -> dict:
+    """What Stripe.js needs for confirmCardSetup(client_secret, …)."""
+    gateway = gateway or get_gateway()
+    account = stripe_customer_ensure(organization=organization, gateway=gateway)
+    intent = gateway.setup_intent_create(
+        customer_id=account.stripe_customer_id,
+        # Each call is a new card-saving attempt; the key guards a retry of this one call.
+        idempotency_key=f"setup_intent:{organization.public_id}:{uuid.uuid4().hex}",
+    )
+    return {
+        "setup_intent_id": intent["id"],
+        "client_secret": intent["client_secret"],
+        "publishable_key": settings.STRIPE_PUBLISHABLE_KEY,
+        "stripe_js_url": settings.STRIPE_JS_URL,
+    }
+
+
+def _card_fields(pm: dict) -> dict:
+    card = pm.get("card") or {}
+    return {
+        "brand": card.get("brand") or "",
+        "last4": card.get("last4") or "",
+        "exp_month": card.get("exp_month"),
+        "exp_year": card.get("exp_year"),
+    }
+
+
+@transaction.atomic
+def payment_method_mirror(
+    *, organization: Organization, stripe_payment_method: dict
+) -> PaymentMethod:
+    """Create or refresh our copy of a Stripe PaymentMethod (from an API result or webhook)."""
+    pm, _ = PaymentMethod.objects.update_or_create(
+        stripe_payment_method_id=stripe_payment_method["id"],
+        defaults={
+            "organization": organization,
+            "detached_at": None,
+            **_card_fields(stripe_payment_method),
+        },
+    )
+    account = BillingAccount.objects.select_for_update().get(organization=organization)
+    if not account.default_payment_method_id:
+        account.default_payment_method_id = pm.stripe_payment_method_id
+        account.save(update_fields=["default_payment_method_id"])
+    return pm
+
+
+def payment_method_attach(
+    *,
+    organization: Organization,
+    payment_method_id: str,
+    gateway: StripeGateway | None = None,
+) -> PaymentMethod:
+    """Attach a confirmed card to the organisation's customer (the first becomes default)."""
+    gateway = gateway or get_gateway()
+    account = stripe_customer_ensure(organization=organization, gateway=gateway)
+    try:
+        pm = gateway.payment_method_attach(
+            payment_method_id=payment_method_id,
+            customer_id=account.stripe_customer_id,
+            idempotency_key=f"pm_attach:{organization.public_id}:{payment_method_id}",
+        )
+    except PermanentStripeError as exc:
+        raise PaymentRequired(
+            str(exc), code=exc.code or "card_error", field="payment_method_id"
+        ) from exc
+    return payment_method_mirror(organization=organization, stripe_payment_method=pm)
+
+
+@transaction.atomic
+def payment_method_set_default(
+    *, organization: Organization, payment_method_id: str, gateway: StripeGateway | None = None
+) -> BillingAccount:
+    pm = PaymentMethod.objects.filter(
+        organization=organization,
+        stripe_payment_method_id=payment_method_id,
+        detached_at__isnull=True,
+    ).first()
+    if pm is None:
+        raise NotFound("No such payment method.", field="payment_method_id")
+    account = BillingAccount.objects.select_for_update().get(organization=organization)
+    (gateway or get_gateway()).customer_set_default_payment_method(
+        customer_id=account.stripe_customer_id,
+        payment_method_id=payment_method_id,
+        idempotency_key=f"pm_default:{organization.public_id}:{payment_method_id}:{pm.pk}",
+    )
+    account.default_payment_method_id = payment_method_id
+    account.save(update_fields=["default_payment_method_id"])
+    return account
+
+
+def payment_method_detach(
+    *, organization: Organization, payment_method_id: str, gateway: StripeGateway | None = None
+) -> None:
+    pm = PaymentMethod.objects.filter(
+        organization=organization,
+        stripe_payment_method_id=payment_method_id,
+        detached_at__isnull=True,
+    ).first()
+    if pm is None:
+        raise NotFound("No such payment method.", field="payment_method_id")
+    (gateway or get_gateway()).payment_method_detach(
+        payment_method_id=payment_method_id,
+        idempotency_key=f"pm_detach:{payment_method_id}:{pm.pk}",
+    )
+    payment_method_mark_detached(stripe_payment_method_id=payment_method_id)
+
+
+@transaction.atomic
+def payment_method_mark_detached(*, stripe_payment_method_id: str) -> None:
+    pm = (
+        PaymentMethod.objects.select_for_update()
+        .filter(stripe_payment_method_id=stripe_payment_method_id)
+        .first()
+    )
+    if pm is None or pm.detached_at is not None:
+        return
+    pm.detached_at = timezone.now()
+    pm.save(update_fields=["detached_at"])
+    account = BillingAccount.objects.select_for_update().get(organization_id=pm.organization_id)
+    if account.default_payment_method_id == stripe_payment_method_id:
+        replacement = (
+            PaymentMethod.objects.filter(
+                organization_id=pm.organization_id, detached_at__isnull=True
+            )
+            .order_by("-created_at", "-id")
+            .first()
+        )
+        account.default_payment_method_id = (
+            replacement.stripe_payment_method_id if replacement else ""
+        )
+        account.save(update_fields=["default_payment_method_id"])

@@ -1,0 +1,192 @@
+"""Prepaid top-ups: manual and automatic recharges as off-session PaymentIntents via the outbox.
+
+A top-up adds to the balance once: the ledger entry's key is "top_up:<id>", written either from
+the PaymentIntent's synchronous result or from the payment_intent.succeeded webhook, whichever
+comes first. Automatic recharge fires once per drop below the threshold: the account's
+recharge_armed flag is cleared when one starts and set again when the balance is back at or
+above the threshold, and the database allows one pending automatic top-up per organisation.
+"""
+
+import logging
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from billing.models import (
+    BillingAccount,
+    BillingMode,
+    LedgerKind,
+    OutboxMessage,
+    TopUp,
+    TopUpStatus,
+)
+from billing.money import from_minor_units, to_minor_units
+from billing.selectors import balance_minor
+from billing.services.accounts import billing_account_get_or_create
+from billing.services.ledger import ledger_entry_add
+from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handler
+from billing.stripe_gateway import StripeGateway
+from config.errors import PaymentRequired, ValidationFailed
+from marketplace.models import Organization
+
+__all__ = [
+    "MIN_TOP_UP",
+    "top_up_create",
+    "top_up_succeed",
+    "top_up_fail",
+    "auto_recharge_check",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_TOP_UP = Decimal("5.00")
+MAX_TOP_UP = Decimal("100000.00")
+
+
+def _start_top_up(*, account: BillingAccount, amount_minor: int, automatic: bool) -> TopUp:
+    top_up = TopUp.objects.create(
+        organization=account.organization,
+        amount_minor=amount_minor,
+        currency=account.currency,
+        automatic=automatic,
+        payment_method_id=account.default_payment_method_id,
+    )
+    outbox_enqueue(
+        kind="payment_intent.create",
+        payload={"top_up_id": top_up.pk},
+        idempotency_key=f"top_up:{top_up.pk}",
+    )
+    return top_up
+
+
+@transaction.atomic
+def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
+    """Charge the default card off-session for `amount` (major units) and credit the balance."""
+    if isinstance(amount, float):
+        raise TypeError("amount must be Decimal, not float")
+    if not isinstance(amount, Decimal) or not (MIN_TOP_UP <= amount <= MAX_TOP_UP):
+        raise ValidationFailed(
+            f"A top-up is between {MIN_TOP_UP} and {MAX_TOP_UP}.",
+            code="amount_out_of_range",
+            field="amount",
+        )
+    billing_account_get_or_create(organization=organization)
+    account = BillingAccount.objects.select_for_update().get(organization=organization)
+    if not account.stripe_customer_id or not account.default_payment_method_id:
+        raise PaymentRequired("Add a card before topping up.", code="no_payment_method")
+    return _start_top_up(
+        account=account, amount_minor=to_minor_units(amount, account.currency), automatic=False
+    )
+
+
+@transaction.atomic
+def top_up_succeed(*, top_up_id: int, payment_intent_id: str) -> bool:
+    """Credit a top-up once. Returns True if this call credited it."""
+    top_up = TopUp.objects.select_for_update().filter(pk=top_up_id).first()
+    if top_up is None or top_up.status == TopUpStatus.SUCCEEDED:
+        return False
+    top_up.status = TopUpStatus.SUCCEEDED
+    top_up.stripe_payment_intent_id = payment_intent_id
+    top_up.failure_reason = ""
+    top_up.completed_at = timezone.now()
+    top_up.save(
+        update_fields=["status", "stripe_payment_intent_id", "failure_reason", "completed_at"]
+    )
+    ledger_entry_add(
+        organization=top_up.organization,
+        kind=LedgerKind.TOP_UP,
+        amount_minor=top_up.amount_minor,
+        currency=top_up.currency,
+        idempotency_key=f"top_up:{top_up.pk}",
+        description=("Automatic recharge" if top_up.automatic else "Top-up")
+        + f" ({payment_intent_id})",
+    )
+    from billing.services.funding import funding_state_update
+
+    funding_state_update(organization=top_up.organization)
+    return True
+
+
+@transaction.atomic
+def top_up_fail(*, top_up_id: int, reason: str, payment_intent_id: str = "") -> bool:
+    """Mark a pending top-up failed (no ledger entry). Returns True if this call failed it."""
+    top_up = TopUp.objects.select_for_update().filter(pk=top_up_id).first()
+    if top_up is None or top_up.status != TopUpStatus.PENDING:
+        return False
+    top_up.status = TopUpStatus.FAILED
+    top_up.failure_reason = reason[:2000]
+    if payment_intent_id:
+        top_up.stripe_payment_intent_id = payment_intent_id
+    top_up.completed_at = timezone.now()
+    top_up.save(
+        update_fields=["status", "failure_reason", "stripe_payment_intent_id", "completed_at"]
+    )
+    from billing.services.notices import notice_send
+
+    notice_send(
+        organization=top_up.organization,
+        kind="top_up_failed",
+        message=f"Your card was not charged for a top-up of {from_minor_units(top_up.amount_minor, top_up.currency)} "
+        f"{top_up.currency.upper()}: {reason}",
+    )
+    return True
+
+
+@transaction.atomic
+def auto_recharge_check(*, organization: Organization) -> TopUp | None:
+    """Start one automatic recharge if the prepaid balance is below the threshold (armed)."""
+    account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
+    if account is None or account.mode != BillingMode.PREPAID:
+        return None
+    balance = balance_minor(organization=organization)
+    if balance >= account.recharge_threshold_minor:
+        if not account.recharge_armed:
+            account.recharge_armed = True
+            account.save(update_fields=["recharge_armed"])
+        return None
+    if not (account.auto_recharge_enabled and account.recharge_armed):
+        return None
+    if not (account.stripe_customer_id and account.default_payment_method_id):
+        return None
+    # Recharge enough to get back over the threshold even after a deep drop.
+    amount_minor = max(account.recharge_amount_minor, account.recharge_threshold_minor - balance)
+    try:
+        with transaction.atomic():
+            top_up = _start_top_up(account=account, amount_minor=amount_minor, automatic=True)
+    except IntegrityError:
+        return None  # one is already in flight
+    account.recharge_armed = False
+    account.save(update_fields=["recharge_armed"])
+    return top_up
+
+
+@outbox_handler("payment_intent.create")
+class PaymentIntentCreate(OutboxHandler):
+    def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
+        top_up = TopUp.objects.select_related("organization").get(pk=message.payload["top_up_id"])
+        account = BillingAccount.objects.get(organization=top_up.organization)
+        return gateway.payment_intent_create_off_session(
+            customer_id=account.stripe_customer_id,
+            payment_method_id=top_up.payment_method_id,
+            amount=from_minor_units(top_up.amount_minor, top_up.currency),
+            currency=top_up.currency,
+            metadata={"top_up": str(top_up.pk), "organization": top_up.organization.public_id},
+            idempotency_key=message.idempotency_key,
+        )
+
+    def succeeded(self, message: OutboxMessage, result: dict) -> None:
+        top_up_id = message.payload["top_up_id"]
+        status = result.get("status")
+        if status == "succeeded":
+            top_up_succeed(top_up_id=top_up_id, payment_intent_id=result["id"])
+        elif status in ("requires_action", "requires_payment_method", "canceled"):
+            # Off-session: nobody is there to authenticate; the customer must top up on-session.
+            top_up_fail(
+                top_up_id=top_up_id, reason=f"payment {status}", payment_intent_id=result["id"]
+            )
+        else:  # processing: the webhook settles it
+            TopUp.objects.filter(pk=top_up_id).update(stripe_payment_intent_id=result["id"])
+
+    def failed(self, message: OutboxMessage, error: str) -> None:
+        top_up_fail(top_up_id=message.payload["top_up_id"], reason=error)

@@ -1,0 +1,219 @@
+"""Stripe webhooks: verify, store once, process in a task.
+
+webhook_receive runs in the request: it verifies the signature (nothing is stored if it is
+bad), inserts the event keyed by Stripe's event id (a replay finds the row and is not queued
+again) and queues processing on commit. webhook_event_process runs in the task; it locks the
+row, skips it if already processed, and applies the event to our records. Every handler is
+itself idempotent (ledger keys, status checks), so even a forced re-run does no harm.
+"""
+
+import json
+import logging
+
+import stripe
+from django.db import transaction
+from django.utils import timezone
+
+from billing.models import (
+    BillingAccount,
+    Invoice,
+    Refund,
+    RefundStatus,
+    TopUp,
+    WebhookEvent,
+)
+
+__all__ = ["InvalidSignature", "webhook_receive", "webhook_event_process"]
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidSignature(Exception):
+    pass
+
+
+def webhook_receive(*, payload: bytes, signature: str, secret: str) -> tuple[WebhookEvent, bool]:
+    """Verify and store one delivery. Returns (event, created)."""
+    if not secret:
+        raise InvalidSignature("STRIPE_WEBHOOK_SECRET is not set")
+    try:
+        # Verification is local (HMAC over the raw body with our endpoint secret).
+        event = stripe.Webhook.construct_event(payload, signature, secret).to_dict()
+    except (stripe.SignatureVerificationError, ValueError, json.JSONDecodeError) as exc:
+        raise InvalidSignature(str(exc)) from exc
+    with transaction.atomic():
+        row, created = WebhookEvent.objects.get_or_create(
+            stripe_event_id=event["id"],
+            defaults={"type": event.get("type", ""), "payload": event},
+        )
+        if created:
+            from billing.tasks import webhook_process
+
+            transaction.on_commit(lambda: _queue(webhook_process, row.pk))
+    return row, created
+
+
+def _queue(task, event_id: int) -> None:
+    try:
+        task.delay(event_id)
+    except Exception:  # noqa: BLE001 — the stored event is picked up by the sweeper
+        logger.warning("could not queue webhook event %s; the sweeper will process it", event_id)
+
+
+@transaction.atomic
+def webhook_event_process(*, event_id: int) -> bool:
+    """Apply one stored event. Returns True if this call processed it."""
+    row = WebhookEvent.objects.select_for_update(skip_locked=True).filter(pk=event_id).first()
+    if row is None or row.processed_at is not None:
+        return False
+    obj = (row.payload.get("data") or {}).get("object") or {}
+    handler = _HANDLERS.get(row.type)
+    if handler is not None:
+        try:
+            with transaction.atomic():
+                handler(obj)
+        except Exception as exc:  # noqa: BLE001 — recorded on the event; the sweeper retries it
+            logger.exception("webhook event %s (%s) failed", row.stripe_event_id, row.type)
+            row.error = f"{type(exc).__name__}: {exc}"[:2000]
+            row.save(update_fields=["error"])
+            return False
+    row.processed_at = timezone.now()
+    row.error = ""
+    row.save(update_fields=["processed_at", "error"])
+    return True
+
+
+def _top_up_for(pi: dict) -> TopUp | None:
+    top_up_id = (pi.get("metadata") or {}).get("top_up")
+    if top_up_id and str(top_up_id).isdigit():
+        return TopUp.objects.filter(pk=int(top_up_id)).first()
+    return (
+        TopUp.objects.filter(stripe_payment_intent_id=pi.get("id", "")).first()
+        if pi.get("id")
+        else None
+    )
+
+
+def _payment_intent_succeeded(pi: dict) -> None:
+    from billing.services.topups import top_up_succeed
+
+    top_up = _top_up_for(pi)
+    if top_up is not None:
+        top_up_succeed(top_up_id=top_up.pk, payment_intent_id=pi["id"])
+
+
+def _payment_intent_failed(pi: dict) -> None:
+    from billing.services.topups import top_up_fail
+
+    top_up = _top_up_for(pi)
+    if top_up is not None:
+        error = pi.get("last_payment_error") or {}
+        reason = error.get("message") or error.get("code") or "payment failed"
+        top_up_fail(top_up_id=top_up.pk, reason=reason, payment_intent_id=pi["id"])
+
+
+def _refund_changed(refund: dict) -> None:
+    from billing.services.refunds import refund_mark_failed, refund_mark_succeeded
+
+    row = Refund.objects.filter(stripe_refund_id=refund.get("id", "")).first()
+    if row is None:
+        refund_id = (refund.get("metadata") or {}).get("refund")
+        row = (
+            Refund.objects.filter(pk=int(refund_id)).first()
+            if str(refund_id or "").isdigit()
+            else None
+        )
+    if row is None:
+        return
+    status = refund.get("status")
+    if status == "succeeded" and row.status != RefundStatus.SUCCEEDED:
+        refund_mark_succeeded(refund_id=row.pk, stripe_refund_id=refund["id"])
+    elif status in ("failed", "canceled"):
+        refund_mark_failed(refund_id=row.pk, reason=refund.get("failure_reason") or status)
+
+
+def _charge_refunded(charge: dict) -> None:
+    for refund in (charge.get("refunds") or {}).get("data") or []:
+        _refund_changed(refund)
+
+
+def _org_for_customer(customer_id: str):
+    account = (
+        BillingAccount.objects.filter(stripe_customer_id=customer_id)
+        .select_related("organization")
+        .first()
+    )
+    return account.organization if account else None
+
+
+def _payment_method_attached(pm: dict) -> None:
+    from billing.services.payment_methods import payment_method_mirror
+
+    organization = _org_for_customer(pm.get("customer") or "")
+    if organization is not None:
+        payment_method_mirror(organization=organization, stripe_payment_method=pm)
+
+
+def _payment_method_detached(pm: dict) -> None:
+    from billing.services.payment_methods import payment_method_mark_detached
+
+    payment_method_mark_detached(stripe_payment_method_id=pm.get("id", ""))
+
+
+def _setup_intent_succeeded(intent: dict) -> None:
+    # The card is usable once attached; Stripe attaches it when the SetupIntent has a
+    # customer, and announces it with payment_method.attached. We only need its details.
+    from billing.services.payment_methods import payment_method_mirror
+    from billing.stripe_gateway import get_gateway
+
+    organization = _org_for_customer(intent.get("customer") or "")
+    pm_id = intent.get("payment_method")
+    if organization is None or not pm_id:
+        return
+    pm = get_gateway().payment_method_retrieve(payment_method_id=pm_id)
+    if pm.get("customer") == intent.get("customer"):
+        payment_method_mirror(organization=organization, stripe_payment_method=pm)
+
+
+def _ts(value):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(int(value), tz=UTC) if value else None
+
+
+def _invoice_mirror(invoice: dict) -> None:
+    organization = _org_for_customer(invoice.get("customer") or "")
+    Invoice.objects.update_or_create(
+        stripe_invoice_id=invoice["id"],
+        defaults={
+            "organization": organization,
+            "stripe_customer_id": invoice.get("customer") or "",
+            "status": invoice.get("status") or "",
+            "currency": invoice.get("currency") or "",
+            "amount_due_minor": int(invoice.get("amount_due") or 0),
+            "amount_paid_minor": int(invoice.get("amount_paid") or 0),
+            "hosted_invoice_url": invoice.get("hosted_invoice_url") or "",
+            "period_start": _ts(invoice.get("period_start")),
+            "period_end": _ts(invoice.get("period_end")),
+        },
+    )
+
+
+_HANDLERS = {
+    "payment_intent.succeeded": _payment_intent_succeeded,
+    "payment_intent.payment_failed": _payment_intent_failed,
+    "charge.refunded": _charge_refunded,
+    "refund.created": _refund_changed,
+    "refund.updated": _refund_changed,
+    "charge.refund.updated": _refund_changed,
+    "payment_method.attached": _payment_method_attached,
+    "payment_method.detached": _payment_method_detached,
+    "setup_intent.succeeded": _setup_intent_succeeded,
+    "invoice.created": _invoice_mirror,
+    "invoice.finalized": _invoice_mirror,
+    "invoice.paid": _invoice_mirror,
+    "invoice.payment_failed": _invoice_mirror,
+    "invoice.payment_succeeded": _invoice_mirror,
+    "invoice.updated": _invoice_mirror,
+    "invoice.voided": _invoice_mirror,
+}

@@ -1,0 +1,64 @@
+"""Billing tasks. Each takes ids, loads fresh rows and calls a service; all are idempotent."""
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+from django.utils import timezone
+
+from billing.models import WebhookEvent
+
+__all__ = [
+    "outbox_send_task",
+    "outbox_flush",
+    "webhook_process",
+    "webhook_sweep",
+    "usage_meter",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="billing.tasks.outbox_send")
+def outbox_send_task(message_id: int) -> str:
+    from billing.services.outbox import outbox_send
+
+    return outbox_send(message_id=message_id)
+
+
+@shared_task(name="billing.tasks.outbox_flush")
+def outbox_flush(limit: int = 200) -> int:
+    """Send every due pending message (the sweeper behind on_commit; replays after outages)."""
+    from billing.services.outbox import outbox_due_ids, outbox_send
+
+    sent = 0
+    for message_id in outbox_due_ids(limit=limit):
+        if outbox_send(message_id=message_id):
+            sent += 1
+    return sent
+
+
+@shared_task(name="billing.tasks.webhook_process")
+def webhook_process(event_id: int) -> bool:
+    from billing.services.webhooks import webhook_event_process
+
+    return webhook_event_process(event_id=event_id)
+
+
+@shared_task(name="billing.tasks.webhook_sweep")
+def webhook_sweep() -> int:
+    """Process stored events whose task was lost (older than a minute and not processed)."""
+    from billing.services.webhooks import webhook_event_process
+
+    ids = WebhookEvent.objects.filter(
+        processed_at__isnull=True, received_at__lt=timezone.now() - timedelta(minutes=1)
+    ).values_list("id", flat=True)[:500]
+    return sum(1 for event_id in ids if webhook_event_process(event_id=event_id))
+
+
+@shared_task(name="billing.tasks.usage_meter")
+def usage_meter() -> int:
+    """Meter every reservation that may owe something, then update each organisation's funding."""
+    from billing.services.metering import usage_meter_run
+
+    return usage_meter_run()
