@@ -3,6 +3,7 @@
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -32,6 +33,19 @@ class HeartbeatApi(APIView):
         # Accepted so agents can send them; not stored yet.
         metrics = serializers.DictField(required=False)
 
+        def validate_gpus(self, reports: list[dict]) -> list[dict]:
+            known, seen = self.context["gpu_indexes"], set()
+            for position, report in enumerate(reports):
+                index = report["index"]
+                if index in seen or index not in known:
+                    why = "is reported twice" if index in seen else "does not exist on this node"
+                    code = "duplicate" if index in seen else "unknown_gpu"
+                    raise serializers.ValidationError(
+                        {position: {"index": [ErrorDetail(f"GPU {index} {why}.", code=code)]}}
+                    )
+                seen.add(index)
+            return reports
+
     class OutputSerializer(serializers.Serializer):
         class Meta:
             ref_name = "Heartbeat"
@@ -50,11 +64,15 @@ class HeartbeatApi(APIView):
         operation_id="agent_heartbeat",
     )
     def post(self, request: Request) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        node = request.user.node
+        serializer = self.InputSerializer(
+            data=request.data,
+            context={"gpu_indexes": set(node.gpus.values_list("index", flat=True))},
+        )
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         node = node_heartbeat_record(
-            node=request.user.node,
+            node=node,
             gpu_reports=data.get("gpus"),
             agent_version=data.get("agent_version"),
             actor_label=f"node agent ({request.auth.prefix})",

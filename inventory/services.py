@@ -433,14 +433,16 @@ def node_heartbeat_record(
             index = report["index"]
             if index in seen:
                 raise ValidationFailed(
-                    f"GPU index {index} is reported twice.", field=f"gpus[{position}].index"
+                    f"GPU {index} is reported twice.",
+                    code="duplicate",
+                    field=f"gpus.{position}.index",
                 )
             seen.add(index)
             if index not in by_index:
                 raise ValidationFailed(
                     f"Node {locked.hostname} has no GPU with index {index}.",
                     code="unknown_gpu",
-                    field=f"gpus[{position}].index",
+                    field=f"gpus.{position}.index",
                 )
             gpu = by_index[index]
             gpu.health = GpuHealth(report["health"])
