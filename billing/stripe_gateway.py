@@ -199,17 +199,26 @@ class StripeGateway:
         )
 
     # --- reads for reconciliation -----------------------------------------------------
-    def payment_intents_for_customer(self, *, customer_id: str) -> list[dict]:
-        page = self._call(
-            self.client.v1.payment_intents.list, {"customer": customer_id, "limit": 100}
-        )
-        return list(page.get("data", []))
+    def payment_intents_all(self, *, created_gte: int | None = None) -> list[dict]:
+        """Every PaymentIntent (auto-paginated), optionally created at or after a Unix time."""
+        params: dict = {"limit": 100}
+        if created_gte is not None:
+            params["created"] = {"gte": created_gte}
+        try:
+            page = self.client.v1.payment_intents.list(params)
+            return [pi.to_dict() for pi in page.auto_paging_iter()]
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+
+    def payment_intent_retrieve(self, *, payment_intent_id: str) -> dict:
+        return self._call(self.client.v1.payment_intents.retrieve, payment_intent_id)
 
     def refunds_for_payment_intent(self, *, payment_intent_id: str) -> list[dict]:
-        page = self._call(
-            self.client.v1.refunds.list, {"payment_intent": payment_intent_id, "limit": 100}
-        )
-        return list(page.get("data", []))
+        try:
+            page = self.client.v1.refunds.list({"payment_intent": payment_intent_id, "limit": 100})
+            return [refund.to_dict() for refund in page.auto_paging_iter()]
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
 
     def construct_event(self, *, payload: bytes, signature: str, secret: str) -> dict:
         """Verify a webhook's signature and parse it; raises stripe.SignatureVerificationError."""

@@ -5,3 +5,113 @@ from rest_framework.test import APIClient
 @pytest.fixture
 def api_client() -> APIClient:
     return APIClient()
+
+
+# --- localstripe (billing) -----------------------------------------------------------------
+# A real localstripe server for the session, bound to 127.0.0.1 on a free port. localstripe
+# pickles its whole store to a fixed /tmp path on every write; the runner redirects that to a
+# private file so parallel runs do not collide, and a restart (stop() then start()) reloads it,
+# which is what the outbox-replay test needs.
+_LOCALSTRIPE_RUNNER = r"""
+import pickle, sys
+from aiohttp import web
+from localstripe import resources
+from localstripe.server import app
+
+port, path = int(sys.argv[1]), sys.argv[2]
+
+def _load(self):
+    try:
+        with open(path, "rb") as f:
+            old = pickle.load(f)
+    except FileNotFoundError:
+        return
+    self.clear()
+    self.update(old)
+
+def _dump(self):
+    with open(path, "wb") as f:
+        pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+resources.Store.try_load_from_disk = _load
+resources.Store.dump_to_disk = _dump
+resources.store.try_load_from_disk()
+web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+"""
+
+
+class LocalStripe:
+    def __init__(self, directory):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store_path = str(directory / "localstripe.pickle")
+        self.directory = directory
+        self.process = None
+
+    def start(self) -> None:
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import requests
+
+        env = {**os.environ, "TMPDIR": str(self.directory)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _LOCALSTRIPE_RUNNER, str(self.port), self.store_path],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.url}/js.stripe.com/v3/", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("localstripe did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def clear(self) -> None:
+        import requests
+
+        requests.delete(f"{self.url}/_config/data", timeout=5).raise_for_status()
+
+    def register_webhook(self, *, url: str, secret: str, events: list[str] | None = None) -> None:
+        import requests
+
+        data = {"url": url, "secret": secret}
+        if events:
+            data["events[]"] = events
+        requests.post(f"{self.url}/_config/webhooks/sy", data=data, timeout=5).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def localstripe_server(tmp_path_factory):
+    server = LocalStripe(tmp_path_factory.mktemp("localstripe"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def localstripe(localstripe_server, settings):
+    """An empty localstripe with the Stripe settings pointing at it."""
+    if localstripe_server.process is None:
+        localstripe_server.start()
+    localstripe_server.clear()
+    settings.STRIPE_SECRET_KEY = "sk_test_switchyard"
+    settings.STRIPE_PUBLISHABLE_KEY = "pk_test_switchyard"
+    settings.STRIPE_API_BASE = localstripe_server.url
+    settings.STRIPE_WEBHOOK_SECRET = "whsec_switchyard_test"
+    return localstripe_server
