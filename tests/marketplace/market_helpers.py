@@ -3,9 +3,11 @@
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from django.utils import timezone
 from psycopg.types.range import Range
 
+from marketplace import funding
 from marketplace.models import PricingPolicy, RateCard
 from tests.factories import NodeFactory
 
@@ -45,3 +47,15 @@ def tomorrow(hours: int = 0) -> datetime:
 
 def rng(start: datetime, end: datetime) -> Range:
     return Range(start, end, "[)")
+
+
+@pytest.fixture
+def allow_all_funding():
+    """These tests are about GPUs, not money: let every organisation commit any spend.
+
+    Billing registers its real gate at start-up; its own tests cover it.
+    """
+    previous = funding.funding_gate()
+    funding.funding_gate_register(funding.AllowAllFundingGate())
+    yield
+    funding.funding_gate_register(previous)
