@@ -6,6 +6,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode
+from billing.money import to_minor_units
 from billing.stripe_gateway import StripeGateway, get_gateway
 from config.errors import InvalidTransition
 from marketplace.models import Membership, Organization, Role
@@ -18,8 +19,15 @@ __all__ = [
 
 
 def billing_account_get_or_create(*, organization: Organization) -> BillingAccount:
+    currency = settings.CURRENCY
     account, _ = BillingAccount.objects.get_or_create(
-        organization=organization, defaults={"currency": settings.CURRENCY}
+        organization=organization,
+        defaults={
+            "currency": currency,
+            "recharge_threshold_minor": to_minor_units(
+                settings.BILLING_DEFAULT_RECHARGE_THRESHOLD, currency
+            ),
+        },
     )
     return account
 

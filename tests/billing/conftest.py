@@ -1,0 +1,99 @@
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import stripe
+from psycopg.types.range import Range
+
+from billing.services.accounts import billing_account_get_or_create
+from billing.services.payment_methods import payment_method_attach, setup_intent_create
+from config.celery import app as celery_app
+from marketplace.models import Allocation, Reservation, ReservationStatus, Tier
+from tests.factories import GpuModelFactory, MembershipFactory, NodeFactory
+
+
+@pytest.fixture
+def eager_celery():
+    """Run .delay() inline, so on_commit → task → Stripe happens inside the test."""
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+@pytest.fixture
+def org(db):
+    membership = MembershipFactory(user__email="owner@example.com")
+    billing_account_get_or_create(organization=membership.organization)
+    return membership.organization
+
+
+def stripe_client(localstripe) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        "sk_test_switchyard",
+        base_addresses={"api": localstripe.url},
+        max_network_retries=0,
+        http_client=stripe.RequestsClient(),
+    )
+
+
+def save_card(localstripe, organization, card: str = "pm_card_visa") -> str:
+    """What the portal does: SetupIntent, Stripe.js confirmCardSetup, then attach.
+
+    localstripe's SetupIntent confirmation does not attach the card (real Stripe does), so the
+    test attaches it through our service, as TESTING-NOTES advises.
+    """
+    intent = setup_intent_create(organization=organization)
+    confirmed = stripe_client(localstripe).v1.setup_intents.confirm(
+        intent["setup_intent_id"], {"payment_method": card}
+    )
+    pm = payment_method_attach(
+        organization=organization, payment_method_id=confirmed.payment_method
+    )
+    return pm.stripe_payment_method_id
+
+
+T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+
+
+def make_reservation(
+    organization,
+    *,
+    tier: str = Tier.ON_DEMAND,
+    gpu_count: int = 2,
+    price: Decimal = Decimal("2.0000"),
+    starts_at: datetime = T0,
+    hours: int = 10,
+    status: str = ReservationStatus.ACTIVE,
+    activated_at: datetime | None = None,
+    released_at: datetime | None = None,
+    node=None,
+    total: Decimal | None = None,
+):
+    node = node or NodeFactory(gpus=8, gpu_model=GpuModelFactory())
+    ends_at = starts_at + timedelta(hours=hours)
+    reservation = Reservation.objects.create(
+        organization=organization,
+        gpu_model=node.gpu_model,
+        site=node.site,
+        gpu_count=gpu_count,
+        tier=tier,
+        term="1w" if tier == Tier.RESERVED else "none",
+        starts_at=starts_at,
+        ends_at=ends_at,
+        currency="usd",
+        price_per_gpu_hour=price,
+        total_amount=total if total is not None else price * gpu_count * hours,
+        status=status,
+        activated_at=activated_at,
+        released_at=released_at,
+    )
+    for gpu in node.gpus.order_by("index")[:gpu_count]:
+        Allocation.objects.create(
+            reservation=reservation,
+            gpu=gpu,
+            node=node,
+            period=Range(starts_at, ends_at, "[)"),
+            is_live=status in ("pending", "scheduled", "provisioning", "active", "releasing"),
+        )
+    return reservation

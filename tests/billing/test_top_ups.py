@@ -1,0 +1,180 @@
+"""Top-ups, declines, automatic recharge and refunds against a real localstripe."""
+
+from decimal import Decimal
+
+import pytest
+
+from billing.models import (
+    BillingAccount,
+    LedgerEntry,
+    LedgerKind,
+    OutboxMessage,
+    OutboxStatus,
+    PaymentMethod,
+    Refund,
+    RefundStatus,
+    TopUp,
+    TopUpStatus,
+)
+from billing.selectors import balance_minor
+from billing.services.ledger import ledger_entry_add
+from billing.services.refunds import refund_create
+from billing.services.topups import auto_recharge_check, top_up_create
+from billing.stripe_gateway import get_gateway
+from config.errors import PaymentRequired
+from tests.billing.conftest import save_card, stripe_client
+
+pytestmark = [pytest.mark.stripe, pytest.mark.django_db]
+
+
+def test_it_saves_a_card_through_a_setup_intent_and_makes_it_default(localstripe, org):
+    pm_id = save_card(localstripe, org)
+
+    pm = PaymentMethod.objects.get(organization=org)
+    assert (pm.stripe_payment_method_id, pm.brand, pm.last4) == (pm_id, "visa", "4242")
+    account = BillingAccount.objects.get(organization=org)
+    assert account.default_payment_method_id == pm_id
+    assert account.stripe_customer_id.startswith("cus_")
+    remote = stripe_client(localstripe).v1.payment_methods.retrieve(pm_id)
+    assert remote.customer == account.stripe_customer_id
+
+
+def test_it_returns_what_stripe_js_needs_to_confirm_a_card(localstripe, org):
+    from billing.services.payment_methods import setup_intent_create
+
+    result = setup_intent_create(organization=org)
+
+    assert result["client_secret"].startswith(result["setup_intent_id"] + "_secret_")
+    assert result["publishable_key"] == "pk_test_switchyard"
+
+
+def test_a_top_up_charges_the_card_once_and_credits_the_balance(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        top_up = top_up_create(organization=org, amount=Decimal("60.00"))
+
+    top_up.refresh_from_db()
+    assert top_up.status == TopUpStatus.SUCCEEDED
+    assert top_up.stripe_payment_intent_id.startswith("pi_")
+    assert balance_minor(organization=org) == 6000
+    entry = LedgerEntry.objects.get(organization=org)
+    assert (entry.kind, entry.amount_minor, entry.idempotency_key) == (
+        LedgerKind.TOP_UP,
+        6000,
+        f"top_up:{top_up.pk}",
+    )
+    pi = stripe_client(localstripe).v1.payment_intents.retrieve(top_up.stripe_payment_intent_id)
+    assert (pi.amount, pi.currency, pi.status, pi.metadata["top_up"]) == (
+        6000,
+        "usd",
+        "succeeded",
+        str(top_up.pk),
+    )
+    message = OutboxMessage.objects.get()
+    assert (message.status, message.attempts, message.stripe_object_id) == (
+        OutboxStatus.SENT,
+        1,
+        pi.id,
+    )
+
+
+def test_a_declined_card_fails_the_top_up_and_adds_nothing(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org, card="pm_card_chargeCustomerFail")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        top_up = top_up_create(organization=org, amount=Decimal("25.00"))
+
+    top_up.refresh_from_db()
+    assert top_up.status == TopUpStatus.FAILED
+    assert "declined" in top_up.failure_reason
+    assert balance_minor(organization=org) == 0
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+    message = OutboxMessage.objects.get()
+    assert message.status == OutboxStatus.FAILED
+    assert message.last_error.startswith("card_declined")
+
+
+def test_it_refuses_a_top_up_without_a_card(localstripe, org):
+    with pytest.raises(PaymentRequired) as error:
+        top_up_create(organization=org, amount=Decimal("25.00"))
+
+    assert error.value.code == "no_payment_method"
+    assert not TopUp.objects.exists()
+    assert not OutboxMessage.objects.exists()
+
+
+def test_auto_recharge_fires_once_per_drop_below_the_threshold(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org)
+    BillingAccount.objects.filter(organization=org).update(
+        recharge_threshold_minor=5000, recharge_amount_minor=10000
+    )
+    ledger_entry_add(
+        organization=org, kind=LedgerKind.ADJUSTMENT, amount_minor=-1000, currency="usd",
+        idempotency_key="test:debt",
+    )  # fmt: skip
+
+    with django_capture_on_commit_callbacks(execute=True):
+        first = auto_recharge_check(organization=org)
+    # The balance was −10.00: the recharge is 100.00, which lifts it to 90.00.
+    first.refresh_from_db()
+    assert (first.automatic, first.status, first.amount_minor) == (True, "succeeded", 10000)
+    assert balance_minor(organization=org) == 9000
+    assert BillingAccount.objects.get(organization=org).recharge_armed is True
+
+    # Usage takes it below the threshold again: exactly one more recharge, not two.
+    ledger_entry_add(
+        organization=org, kind=LedgerKind.ADJUSTMENT, amount_minor=-5000, currency="usd",
+        idempotency_key="test:usage",
+    )  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        second = auto_recharge_check(organization=org)
+        third = auto_recharge_check(organization=org)
+    assert second is not None and third is None
+    assert TopUp.objects.filter(organization=org, automatic=True).count() == 2
+    assert balance_minor(organization=org) == 14000
+
+
+def test_a_failed_auto_recharge_is_not_retried_until_the_balance_recovers(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org, card="pm_card_chargeCustomerFail")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        first = auto_recharge_check(organization=org)
+        again = auto_recharge_check(organization=org)
+
+    first.refresh_from_db()
+    assert first.status == TopUpStatus.FAILED
+    assert again is None
+    assert TopUp.objects.count() == 1
+    assert balance_minor(organization=org) == 0
+
+
+def test_a_refund_goes_through_the_refunds_api_and_leaves_the_balance(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org)
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
+    with django_capture_on_commit_callbacks(execute=True):
+        top_up = top_up_create(organization=org, amount=Decimal("40.00"))
+    top_up.refresh_from_db()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        refund = refund_create(top_up=top_up, amount=Decimal("15.00"), reason="customer asked")
+
+    refund.refresh_from_db()
+    assert refund.status == RefundStatus.SUCCEEDED
+    assert refund.stripe_refund_id.startswith("re_")
+    assert balance_minor(organization=org) == 2500
+    remote = get_gateway().refunds_for_payment_intent(
+        payment_intent_id=top_up.stripe_payment_intent_id
+    )
+    assert [(r["id"], r["amount"]) for r in remote] == [(refund.stripe_refund_id, 1500)]
+    assert Refund.objects.count() == 1
