@@ -28,8 +28,22 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 600},
+    broker_transport_options={
+        "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT_SECONDS", "600"))
+    },
     beat_schedule={
+        "marketplace-dispatch-due-reservations": {
+            "task": "marketplace.tasks.reservations_dispatch_due",
+            "schedule": float(os.environ.get("PROVISIONING_DISPATCH_INTERVAL_SECONDS", "5")),
+        },
+        "marketplace-sweep-stuck-reservations": {
+            "task": "marketplace.tasks.reservations_sweep_stuck",
+            "schedule": 30.0,
+        },
+        "marketplace-reconcile-reservation-outages": {
+            "task": "marketplace.tasks.reservation_outages_reconcile",
+            "schedule": 15.0,
+        },
         "inventory-mark-silent-nodes-offline": {
             "task": "inventory.tasks.nodes_mark_offline",
             "schedule": 30.0,

@@ -172,6 +172,36 @@ QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
 API_THROTTLE_RATE = env_str("API_THROTTLE_RATE", "600/min")
 CURRENCY = env_str("CURRENCY", "usd").lower()
 
+# --- Provisioning --------------------------------------------------------------------------
+# Starts and ends live in PostgreSQL; beat runs the dispatcher every DISPATCH_INTERVAL, so a
+# reservation starts (and ends) within that interval plus queue latency of its time.
+PROVISIONING_DRIVER = env_str("PROVISIONING_DRIVER", "simulated")
+if PROVISIONING_DRIVER not in {"simulated", "site_agent"}:
+    raise ImproperlyConfigured(
+        f"PROVISIONING_DRIVER must be simulated or site_agent, got {PROVISIONING_DRIVER!r}"
+    )
+SIMULATED_DRIVER_LATENCY_SECONDS = float(env_decimal("SIMULATED_DRIVER_LATENCY_SECONDS", Decimal("1")))
+SIMULATED_DRIVER_FAILURE_RATE = float(env_decimal("SIMULATED_DRIVER_FAILURE_RATE", Decimal("0")))
+if SIMULATED_DRIVER_LATENCY_SECONDS < 0 or not 0 <= SIMULATED_DRIVER_FAILURE_RATE <= 1:
+    raise ImproperlyConfigured(
+        "SIMULATED_DRIVER_LATENCY_SECONDS must be >= 0 and SIMULATED_DRIVER_FAILURE_RATE in [0, 1]"
+    )
+# Append one JSON line per simulated driver call to this file (tests count calls with it).
+SIMULATED_DRIVER_LOG = env_str("SIMULATED_DRIVER_LOG", "")
+PROVISIONING_DISPATCH_INTERVAL_SECONDS = env_int(
+    "PROVISIONING_DISPATCH_INTERVAL_SECONDS", 5, minimum=1
+)
+PROVISIONING_DISPATCH_BATCH = env_int("PROVISIONING_DISPATCH_BATCH", 100, minimum=1)
+PROVISIONING_STUCK_AFTER = timedelta(
+    seconds=env_int("PROVISIONING_STUCK_AFTER_SECONDS", 120, minimum=1)
+)
+PROVISIONING_MAX_ATTEMPTS = env_int("PROVISIONING_MAX_ATTEMPTS", 5, minimum=1)
+PROVISIONING_DEFAULT_IMAGE = env_str("PROVISIONING_DEFAULT_IMAGE", "docker.io/library/ubuntu:24.04")
+AGENT_JOB_LEASE = timedelta(seconds=env_int("AGENT_JOB_LEASE_SECONDS", 60, minimum=1))
+# Redis redelivers an unacknowledged task after this long; tasks are idempotent, and a
+# duplicate that arrives while the first copy still runs is a no-op.
+CELERY_VISIBILITY_TIMEOUT_SECONDS = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)
+
 # --- Stripe --------------------------------------------------------------------------------
 # Billing against Stripe switches on when STRIPE_SECRET_KEY is set. STRIPE_API_BASE points the
 # official library at another host (localstripe in tests and the local demo).

@@ -1,0 +1,153 @@
+"""The job queue site agents pull from: enqueue, lease, progress, complete, fail.
+
+A job is leased to one agent at a time under a random lease id with an expiry; progress
+extends it. An expired lease is handed out again (the first agent is presumed dead); only the
+holder of the current lease id may report, and a job done once stays done.
+"""
+
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+
+from config.errors import Conflict, NotFound
+from inventory.models import Node
+from marketplace.models import AgentJob, AgentJobStatus
+
+__all__ = [
+    "agent_job_enqueue",
+    "agent_job_lease",
+    "agent_job_progress",
+    "agent_job_complete",
+    "agent_job_fail",
+]
+
+
+def agent_job_enqueue(*, reservation_id: int, node_id: int, kind: str, payload: dict) -> AgentJob:
+    """Queue a job once; a second call for the same (reservation, node, kind) returns the first."""
+    existing = AgentJob.objects.filter(
+        reservation_id=reservation_id, node_id=node_id, kind=kind
+    ).first()
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            return AgentJob.objects.create(
+                reservation_id=reservation_id, node_id=node_id, kind=kind, payload=payload
+            )
+    except IntegrityError:
+        # Another worker queued it between our read and our insert.
+        return AgentJob.objects.get(reservation_id=reservation_id, node_id=node_id, kind=kind)
+
+
+@transaction.atomic
+def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob | None:
+    """Lease the node's next job, or None. Rows another agent is leasing are skipped."""
+    now = timezone.now()
+    lease = (
+        timedelta(seconds=lease_seconds) if lease_seconds is not None else settings.AGENT_JOB_LEASE
+    )
+    prepare_not_done = AgentJob.objects.filter(
+        reservation_id=OuterRef("reservation_id"), node_id=OuterRef("node_id"), kind="prepare"
+    ).exclude(status=AgentJobStatus.DONE)
+    job = (
+        AgentJob.objects.select_for_update(skip_locked=True)
+        .filter(node=node)
+        .filter(
+            Q(status=AgentJobStatus.QUEUED)
+            | Q(status=AgentJobStatus.LEASED, lease_expires_at__lte=now)
+        )
+        # A start job waits for its prepare job.
+        .exclude(Q(kind="start") & Exists(prepare_not_done))
+        .order_by("id")
+        .first()
+    )
+    if job is None:
+        return None
+    job.status = AgentJobStatus.LEASED
+    job.lease_owner = secrets.token_urlsafe(24)
+    job.lease_expires_at = now + lease
+    job.attempts += 1
+    job.save(update_fields=["status", "lease_owner", "lease_expires_at", "attempts", "updated_at"])
+    return job
+
+
+def _locked_job(*, node: Node, job_id: int) -> AgentJob:
+    job = AgentJob.objects.select_for_update().filter(pk=job_id, node=node).first()
+    if job is None:
+        raise NotFound("No such job for this node.", code="job_not_found")
+    return job
+
+
+def _refuse_unless_holder(job: AgentJob, lease_id: str) -> None:
+    if job.status in (AgentJobStatus.DONE, AgentJobStatus.FAILED, AgentJobStatus.CANCELLED):
+        raise Conflict(f"The job is already {job.status}.", code="job_finished")
+    if job.status != AgentJobStatus.LEASED or not secrets.compare_digest(job.lease_owner, lease_id):
+        raise Conflict(
+            "This lease is no longer valid: the job was handed to another agent.",
+            code="lease_lost",
+            field="lease_id",
+        )
+
+
+@transaction.atomic
+def agent_job_progress(
+    *, node: Node, job_id: int, lease_id: str, progress: dict, lease_seconds: int | None = None
+) -> AgentJob:
+    """Record progress and extend the lease. Refused once the lease passed to someone else."""
+    job = _locked_job(node=node, job_id=job_id)
+    _refuse_unless_holder(job, lease_id)
+    lease = (
+        timedelta(seconds=lease_seconds) if lease_seconds is not None else settings.AGENT_JOB_LEASE
+    )
+    job.progress = progress
+    job.lease_expires_at = timezone.now() + lease
+    job.save(update_fields=["progress", "lease_expires_at", "updated_at"])
+    return job
+
+
+def _finish(job: AgentJob, *, status: str, result: dict, error: str) -> AgentJob:
+    job.status = status
+    job.result = result
+    job.error = error
+    job.finished_at = timezone.now()
+    job.save(update_fields=["status", "result", "error", "finished_at", "updated_at"])
+    # The reservation's task is waiting for this: wake it now rather than at its next check.
+    from marketplace.provisioning.scheduler import provisioning_kick, release_kick
+
+    if job.kind == "stop":
+        release_kick(job.reservation_id)
+    else:
+        provisioning_kick(job.reservation_id)
+    return job
+
+
+@transaction.atomic
+def agent_job_complete(*, node: Node, job_id: int, lease_id: str, result: dict) -> AgentJob:
+    """Mark the job done with its result. Repeating the same completion is harmless.
+
+    A holder whose lease expired may still complete while nobody else has taken the job;
+    once it was handed out again, only the new holder may.
+    """
+    job = _locked_job(node=node, job_id=job_id)
+    if job.status == AgentJobStatus.DONE and secrets.compare_digest(job.lease_owner, lease_id):
+        return job
+    _refuse_unless_holder(job, lease_id)
+    return _finish(job, status=AgentJobStatus.DONE, result=result, error="")
+
+
+@transaction.atomic
+def agent_job_fail(
+    *, node: Node, job_id: int, lease_id: str, error: str, node_failure: bool = False
+) -> AgentJob:
+    """Mark the job failed. node_failure says the node itself is bad (not the workload)."""
+    job = _locked_job(node=node, job_id=job_id)
+    if job.status == AgentJobStatus.FAILED and secrets.compare_digest(job.lease_owner, lease_id):
+        return job
+    _refuse_unless_holder(job, lease_id)
+    return _finish(
+        job, status=AgentJobStatus.FAILED, result={"node_failure": node_failure}, error=error
+    )

@@ -1,0 +1,297 @@
+"""Provisioning drivers: how a reservation's workload is started and stopped on its nodes.
+
+The interface is four calls, all idempotent (a task may call them again after a crash):
+
+- prepare(target): get the nodes ready (pull the image, reserve the GPUs);
+- start_workload(target): start the customer's container;
+- check(target) -> Check: pending, ready (with connection details) or failed;
+- stop(target) -> Check: pending until the workload is gone, then ready.
+
+They raise DriverError for what may succeed on retry, NodeFailure when a node itself is bad
+(the caller marks it and moves the reservation), WorkloadFailure when retrying cannot help.
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from django.conf import settings
+
+__all__ = [
+    "NodeTarget",
+    "Target",
+    "Check",
+    "DriverError",
+    "NodeFailure",
+    "WorkloadFailure",
+    "Driver",
+    "SimulatedDriver",
+    "SiteAgentDriver",
+    "driver_get",
+]
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    node_id: int
+    hostname: str
+    gpu_indexes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a driver needs to know about a reservation: its workload and where it runs."""
+
+    reservation_id: int
+    public_id: str
+    workload: dict
+    nodes: tuple[NodeTarget, ...]
+
+
+@dataclass(frozen=True)
+class Check:
+    state: Literal["pending", "ready", "failed"]
+    connection: dict = field(default_factory=dict)
+    detail: str = ""
+
+
+class DriverError(Exception):
+    """A failure that may go away on retry (network, a busy site, a lost lease)."""
+
+
+class NodeFailure(Exception):
+    """The node itself failed: it should stop being sold, and the reservation moved."""
+
+    def __init__(self, node_id: int, reason: str):
+        super().__init__(reason)
+        self.node_id = node_id
+        self.reason = reason
+
+
+class WorkloadFailure(Exception):
+    """The workload cannot run (e.g. the image does not exist); retrying will not help."""
+
+
+class Driver:
+    name = "base"
+
+    def prepare(self, target: Target) -> None:
+        raise NotImplementedError
+
+    def start_workload(self, target: Target) -> None:
+        raise NotImplementedError
+
+    def check(self, target: Target) -> Check:
+        raise NotImplementedError
+
+    def stop(self, target: Target) -> Check:
+        raise NotImplementedError
+
+
+def _connection(target: Target, *, host_for) -> dict:
+    """Connection details in one shape for every driver: the first node is the entry point."""
+    ports = target.workload.get("ports", [])
+    nodes = [
+        {
+            "host": host_for(n),
+            "ssh_port": 22,
+            "ports": {str(p): p for p in ports},
+            "gpu_indexes": list(n.gpu_indexes),
+        }
+        for n in target.nodes
+    ]
+    first = nodes[0]
+    return {"host": first["host"], "ssh_port": 22, "ports": first["ports"], "nodes": nodes}
+
+
+class SimulatedDriver(Driver):
+    """Plays a site on this machine: each call takes `latency` seconds and fails at `failure_rate`.
+
+    `fail_hostnames` makes prepare report those nodes as failed (for tests and demos); `log_path`
+    appends one JSON line per call, so tests can count calls made in a worker process.
+    """
+
+    name = "simulated"
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        failure_rate: float = 0.0,
+        fail_hostnames: frozenset[str] = frozenset(),
+        log_path: str = "",
+        rng: random.Random | None = None,
+    ):
+        self.latency = latency
+        self.failure_rate = failure_rate
+        self.fail_hostnames = fail_hostnames
+        self.log_path = log_path
+        self.rng = rng or random.Random()
+
+    def _call(self, op: str, target: Target) -> None:
+        if self.log_path:
+            line = json.dumps(
+                {
+                    "op": op,
+                    "reservation": target.public_id,
+                    "pid": os.getpid(),
+                    "at": datetime.now(UTC).isoformat(),
+                }
+            )
+            # One short O_APPEND write per line: lines from several processes do not interleave.
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        if self.latency:
+            time.sleep(self.latency)
+
+    def prepare(self, target: Target) -> None:
+        self._call("prepare", target)
+        for node in target.nodes:
+            if node.hostname in self.fail_hostnames:
+                raise NodeFailure(node.node_id, f"Node {node.hostname} failed to prepare.")
+        if self.failure_rate and self.rng.random() < self.failure_rate:
+            raise DriverError("Simulated transient failure while preparing.")
+
+    def start_workload(self, target: Target) -> None:
+        self._call("start", target)
+
+    def check(self, target: Target) -> Check:
+        return Check(
+            "ready",
+            connection=_connection(target, host_for=lambda n: f"{n.hostname}.sim.switchyard.test"),
+        )
+
+    def stop(self, target: Target) -> Check:
+        self._call("stop", target)
+        return Check("ready")
+
+
+class SiteAgentDriver(Driver):
+    """Turns each step into AgentJobs that the node's site agent leases over the API.
+
+    prepare and start_workload only queue jobs (a start job is handed out after its prepare
+    job is done); check reads the jobs' state; stop queues stop jobs and cancels what was not
+    yet handed out.
+    """
+
+    name = "site_agent"
+
+    def _enqueue(self, target: Target, kind: str) -> None:
+        from marketplace.provisioning.agent_jobs import agent_job_enqueue
+
+        for node in target.nodes:
+            agent_job_enqueue(
+                reservation_id=target.reservation_id,
+                node_id=node.node_id,
+                kind=kind,
+                payload=_agent_payload(target, node, kind),
+            )
+
+    def prepare(self, target: Target) -> None:
+        self._enqueue(target, "prepare")
+
+    def start_workload(self, target: Target) -> None:
+        self._enqueue(target, "start")
+
+    def check(self, target: Target) -> Check:
+        from marketplace.models import AgentJob, AgentJobStatus
+
+        node_ids = [n.node_id for n in target.nodes]
+        jobs = list(
+            AgentJob.objects.filter(
+                reservation_id=target.reservation_id,
+                node_id__in=node_ids,
+                kind__in=["prepare", "start"],
+            )
+        )
+        for job in jobs:
+            if job.status == AgentJobStatus.FAILED:
+                if job.result.get("node_failure"):
+                    raise NodeFailure(
+                        job.node_id, job.error or "The site agent reported a node failure."
+                    )
+                raise WorkloadFailure(
+                    job.error or f"The site agent could not {job.kind} the workload."
+                )
+        started = {
+            j.node_id: j for j in jobs if j.kind == "start" and j.status == AgentJobStatus.DONE
+        }
+        if len(started) < len(node_ids):
+            return Check("pending", detail=f"{len(started)} of {len(node_ids)} nodes started")
+        hosts = {n.node_id: started[n.node_id].result for n in target.nodes}
+        connection = _connection(
+            target, host_for=lambda n: hosts[n.node_id].get("host", n.hostname)
+        )
+        for entry, node in zip(connection["nodes"], target.nodes, strict=True):
+            reported = hosts[node.node_id]
+            entry["ssh_port"] = int(reported.get("ssh_port", 22))
+            entry["ports"] = {str(k): int(v) for k, v in reported.get("ports", {}).items()}
+        first = connection["nodes"][0]
+        connection.update(ssh_port=first["ssh_port"], ports=first["ports"])
+        return Check("ready", connection=connection)
+
+    def stop(self, target: Target) -> Check:
+        from inventory.models import Node, NodeStatus
+        from marketplace.models import AgentJob, AgentJobStatus
+
+        # What an agent has not picked up yet need not run at all.
+        AgentJob.objects.filter(
+            reservation_id=target.reservation_id,
+            kind__in=["prepare", "start"],
+            status=AgentJobStatus.QUEUED,
+        ).update(status=AgentJobStatus.CANCELLED)
+        self._enqueue(target, "stop")
+        stops = AgentJob.objects.filter(reservation_id=target.reservation_id, kind="stop")
+        offline = set(
+            Node.objects.filter(
+                pk__in=[n.node_id for n in target.nodes],
+                status__in=[NodeStatus.OFFLINE, NodeStatus.RETIRED],
+            ).values_list("pk", flat=True)
+        )
+        # A node that is offline cannot stop anything now; its agent runs the queued stop job
+        # when it comes back, and the GPUs are not sold before the node is back in service.
+        waiting = [
+            j
+            for j in stops
+            if j.status not in (AgentJobStatus.DONE, AgentJobStatus.FAILED)
+            and j.node_id not in offline
+        ]
+        if waiting:
+            return Check("pending", detail=f"waiting for {len(waiting)} stop job(s)")
+        return Check("ready")
+
+
+def _agent_payload(target: Target, node: NodeTarget, kind: str) -> dict:
+    payload = {
+        "reservation": target.public_id,
+        "gpu_indexes": list(node.gpu_indexes),
+        "container_name": f"sy-{target.public_id}",
+    }
+    if kind in ("prepare", "start"):
+        payload["image"] = target.workload.get("image") or settings.PROVISIONING_DEFAULT_IMAGE
+    if kind == "start":
+        payload["env"] = dict(target.workload.get("env", {}))
+        payload["ssh_public_keys"] = list(target.workload.get("ssh_public_keys", []))
+        payload["ports"] = list(target.workload.get("ports", []))
+    return payload
+
+
+def driver_get(name: str | None = None) -> Driver:
+    """The driver named in settings (PROVISIONING_DRIVER), configured from settings."""
+    name = name or settings.PROVISIONING_DRIVER
+    if name == "simulated":
+        return SimulatedDriver(
+            latency=settings.SIMULATED_DRIVER_LATENCY_SECONDS,
+            failure_rate=settings.SIMULATED_DRIVER_FAILURE_RATE,
+            log_path=settings.SIMULATED_DRIVER_LOG,
+        )
+    if name == "site_agent":
+        return SiteAgentDriver()
+    raise ValueError(f"Unknown provisioning driver {name!r}")

@@ -1,0 +1,186 @@
+"""What is due and what is stuck: the dispatcher, the sweeper, and enqueueing on commit.
+
+The schedule lives in PostgreSQL (starts_at, ends_at, status), never in a countdown parked in
+Redis. Beat runs the dispatcher every PROVISIONING_DISPATCH_INTERVAL_SECONDS (5 s): a
+reservation starts and ends within that interval plus the queue latency (well under a second
+on an idle worker) of its time. The dispatcher moves what is due to provisioning or releasing
+and enqueues the task after the commit; the sweeper re-enqueues a reservation whose task
+was lost (a broker outage, a killed worker) once it has shown no progress for
+PROVISIONING_STUCK_AFTER_SECONDS, and fails one whose period ended before it could start.
+"""
+
+import logging
+from datetime import datetime
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+from kombu.exceptions import KombuError, OperationalError
+from redis.exceptions import RedisError
+
+from marketplace.models import Reservation, ReservationStatus
+from marketplace.provisioning.services import ACTOR, reservations_locked_by_workers
+from marketplace.services.transitions import reservation_transition
+
+__all__ = [
+    "provisioning_kick",
+    "release_kick",
+    "enqueue_now",
+    "reservations_dispatch_due",
+    "reservations_sweep_stuck",
+]
+
+logger = logging.getLogger(__name__)
+S = ReservationStatus
+PROVISION_TASK = "marketplace.tasks.reservation_provision"
+RELEASE_TASK = "marketplace.tasks.reservation_release"
+# One dispatcher run handles at most this many batches; the next run takes the rest.
+_MAX_BATCHES_PER_RUN = 50
+
+
+def enqueue_now(task_name: str, reservation_id: int) -> bool:
+    """Send the task to the broker; a broker outage is logged, not raised (the sweeper and
+    the dispatcher pick the reservation up from the database later)."""
+    from config.celery import app
+
+    try:
+        app.send_task(
+            task_name,
+            args=[reservation_id],
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
+    except (OperationalError, KombuError, RedisError, OSError) as exc:
+        logger.warning(
+            "could not enqueue %s for reservation %s: %s (the sweeper will retry)",
+            task_name,
+            reservation_id,
+            exc,
+        )
+        return False
+    return True
+
+
+def provisioning_kick(reservation_id: int) -> None:
+    """Provision this reservation as soon as the current transaction commits.
+
+    Call it where a reservation becomes due now (created starting now, or an agent reported);
+    it is harmless for one that is not due or already active. Outside a transaction it sends
+    at once.
+    """
+    transaction.on_commit(lambda: enqueue_now(PROVISION_TASK, reservation_id))
+
+
+def release_kick(reservation_id: int) -> None:
+    """Release this reservation (it went to releasing, e.g. cancelled early) after commit."""
+    transaction.on_commit(lambda: enqueue_now(RELEASE_TASK, reservation_id))
+
+
+def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
+    with transaction.atomic():
+        if starting:
+            due = Reservation.objects.filter(
+                status__in=[S.PENDING, S.SCHEDULED], starts_at__lte=now
+            )
+            order = ("starts_at", "pk")
+        else:
+            due = Reservation.objects.filter(status=S.ACTIVE, ends_at__lte=now)
+            order = ("ends_at", "pk")
+        # Rows a task or another dispatcher holds are skipped; the next run gets them.
+        rows = list(due.select_for_update(skip_locked=True).order_by(*order)[:batch])
+        for reservation in rows:
+            if starting:
+                if reservation.status == S.PENDING:
+                    reservation = reservation_transition(
+                        reservation=reservation,
+                        to_status=S.SCHEDULED,
+                        cause="start time reached",
+                        actor_label=ACTOR,
+                    )
+                reservation_transition(
+                    reservation=reservation,
+                    to_status=S.PROVISIONING,
+                    cause="provisioning started",
+                    actor_label=ACTOR,
+                )
+                provisioning_kick(reservation.pk)
+            else:
+                reservation_transition(
+                    reservation=reservation,
+                    to_status=S.RELEASING,
+                    cause="period ended",
+                    actor_label=ACTOR,
+                )
+                release_kick(reservation.pk)
+        return len(rows)
+
+
+def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None = None) -> dict:
+    """Move what is due to provisioning / releasing, in small batches, and enqueue the tasks."""
+    now = now or timezone.now()
+    batch = batch or settings.PROVISIONING_DISPATCH_BATCH
+    counts = {"started": 0, "ended": 0}
+    for key, starting in (("ended", False), ("started", True)):
+        for _ in range(_MAX_BATCHES_PER_RUN):
+            n = _dispatch_batch(now=now, batch=batch, starting=starting)
+            counts[key] += n
+            if n < batch:
+                break
+    return counts
+
+
+def reservations_sweep_stuck(
+    *, now: datetime | None = None, stuck_after=None, limit: int = 500
+) -> dict:
+    """Re-enqueue provisioning/releasing reservations nobody is working on and that showed no
+    progress for `stuck_after`; fail those still provisioning after their period ended.
+
+    The step itself counts the attempts a dead worker left behind and gives up after
+    PROVISIONING_MAX_ATTEMPTS, so re-enqueueing here always ends.
+    """
+    now = now or timezone.now()
+    stuck_after = settings.PROVISIONING_STUCK_AFTER if stuck_after is None else stuck_after
+    busy = reservations_locked_by_workers()
+    candidates = (
+        Reservation.objects.filter(status__in=[S.PROVISIONING, S.RELEASING])
+        .annotate(
+            last_started=Max("provisioning_attempts__started_at"),
+            last_finished=Max("provisioning_attempts__finished_at"),
+            next_attempt=Max("provisioning_attempts__next_attempt_at"),
+        )
+        .order_by("updated_at", "pk")[:limit]
+    )
+    counts = {"requeued": 0, "failed": 0}
+    for r in candidates:
+        if r.pk in busy:
+            continue
+        if r.status == S.PROVISIONING and now >= r.ends_at:
+            with transaction.atomic():
+                locked = Reservation.objects.select_for_update(skip_locked=True).filter(
+                    pk=r.pk, status=S.PROVISIONING
+                )
+                for row in locked:
+                    reservation_transition(
+                        reservation=row,
+                        to_status=S.FAILED,
+                        cause="The reservation's period ended before it could be provisioned.",
+                        actor_label="system: provisioning sweeper",
+                    )
+                    counts["failed"] += 1
+            continue
+        last_activity = max(
+            t for t in (r.updated_at, r.last_started, r.last_finished, r.next_attempt) if t
+        )
+        if now - last_activity < stuck_after:
+            continue
+        task = PROVISION_TASK if r.status == S.PROVISIONING else RELEASE_TASK
+        logger.warning(
+            "reservation %s stuck in %s since %s; re-enqueueing",
+            r.public_id,
+            r.status,
+            last_activity,
+        )
+        if enqueue_now(task, r.pk):
+            counts["requeued"] += 1
+    return counts

@@ -1,0 +1,567 @@
+"""The provision and release steps the lifecycle tasks run, node failures and reservation outages.
+
+Every step is safe to run twice or after a crash half-way:
+
+- A PostgreSQL session advisory lock per reservation lets one worker at a time work on it; a
+  duplicate delivery that finds the lock taken returns at once. The lock dies with the
+  worker's database session, so a killed worker never leaves it behind.
+- The status is checked under the row lock before each move, and every move goes through
+  reservation_transition (which refuses invalid ones): a provision for an active reservation
+  is a no-op, a release for a completed one too.
+- Each run records a ProvisioningAttempt (unique per reservation, kind and number); the
+  sweeper reads them to tell stuck work from slow work, and gives up after
+  PROVISIONING_MAX_ATTEMPTS failed ones.
+- Drivers are idempotent by contract, so a retry may call them again.
+
+Billing counts only activated_at → released_at minus ReservationOutage intervals: a
+reservation that fails during provisioning never gets an activated_at, so it costs nothing.
+"""
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.postgres.fields import DateTimeRangeField
+from django.db import connection, transaction
+from django.db.models import F, Func, Value
+from django.utils import timezone
+
+from config.errors import ApplicationError
+from inventory.models import Node, NodeStatus, Outage, OutageCause
+from marketplace.models import (
+    Allocation,
+    AttemptOutcome,
+    ProvisioningAttempt,
+    ProvisioningKind,
+    Reservation,
+    ReservationOutage,
+    ReservationStatus,
+)
+from marketplace.models.provisioning import FAILED_OUTCOMES
+from marketplace.provisioning.drivers import (
+    Check,
+    Driver,
+    DriverError,
+    NodeFailure,
+    NodeTarget,
+    Target,
+    WorkloadFailure,
+    driver_get,
+)
+from marketplace.services.transitions import reservation_transition
+
+__all__ = [
+    "StepResult",
+    "ACTOR",
+    "reservation_provision_step",
+    "reservation_release_step",
+    "reservation_reallocate",
+    "reservation_outages_record_for_node",
+    "reservation_outages_close_for_node",
+    "reservation_outages_reconcile",
+    "node_mark_failed",
+    "reservation_worker_lock",
+    "reservations_locked_by_workers",
+    "retry_backoff",
+]
+
+logger = logging.getLogger(__name__)
+S = ReservationStatus
+ACTOR = "system: provisioning"
+
+# Session advisory locks share one 64-bit key space per database: ours is this prefix + id.
+_LOCK_PREFIX = 0x5359 << 48
+# How long a step waits for a driver that answers "pending" before it lets the worker go and
+# checks again later (a site agent wakes the reservation as soon as it reports).
+CHECK_WINDOW_SECONDS = 3.0
+CHECK_POLL_SECONDS = 0.2
+WAITING_RECHECK_SECONDS = 10.0
+_USABLE_NODE_STATUSES = (NodeStatus.AVAILABLE, NodeStatus.DRAINING)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did; retry_in (seconds) asks the task to run the step again."""
+
+    outcome: str
+    retry_in: float | None = None
+    detail: str = ""
+
+
+def retry_backoff(failures: int) -> float:
+    """Exponential backoff: 2, 4, 8, … seconds, at most a minute."""
+    return float(min(2 ** max(failures, 1), 60))
+
+
+def _worker_label() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextmanager
+def reservation_worker_lock(reservation_id: int) -> Iterator[bool]:
+    """Try to become the one worker acting on this reservation; yields whether we are."""
+    key = _LOCK_PREFIX + reservation_id
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", [key])
+        held = cur.fetchone()[0]
+    try:
+        yield held
+    finally:
+        if held:
+            with connection.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+
+def reservations_locked_by_workers() -> set[int]:
+    """Ids of reservations some worker is acting on right now (their advisory lock is held)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT (classid::bigint << 32) | objid::bigint
+            FROM pg_locks
+            WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            """
+        )
+        keys = [row[0] for row in cur.fetchall()]
+    return {k - _LOCK_PREFIX for k in keys if k >> 48 == _LOCK_PREFIX >> 48}
+
+
+def _target(reservation: Reservation) -> Target:
+    allocations = (
+        Allocation.objects.filter(reservation=reservation, is_live=True)
+        .select_related("node", "gpu")
+        .order_by("node_id", "gpu__index")
+    )
+    by_node: dict[int, NodeTarget] = {}
+    for a in allocations:
+        current = by_node.get(a.node_id)
+        indexes = (current.gpu_indexes if current else ()) + (a.gpu.index,)
+        by_node[a.node_id] = NodeTarget(a.node_id, a.node.hostname, indexes)
+    return Target(
+        reservation_id=reservation.pk,
+        public_id=reservation.public_id,
+        workload=reservation.workload or {},
+        nodes=tuple(by_node.values()),
+    )
+
+
+def _attempt_start(
+    reservation: Reservation, kind: str, now: datetime
+) -> tuple[ProvisioningAttempt, int, bool]:
+    """Record a new attempt; returns it, the failures so far, and whether the last one waited.
+
+    An attempt still marked running belongs to a worker that died: we hold the lock now.
+    """
+    attempts = ProvisioningAttempt.objects.filter(reservation=reservation, kind=kind)
+    attempts.filter(outcome=AttemptOutcome.RUNNING).update(
+        outcome=AttemptOutcome.ABANDONED, finished_at=now, error="The worker stopped mid-attempt."
+    )
+    last = attempts.order_by("-number").first()
+    failures = attempts.filter(outcome__in=FAILED_OUTCOMES).count()
+    attempt = ProvisioningAttempt.objects.create(
+        reservation=reservation,
+        kind=kind,
+        number=(last.number if last else 0) + 1,
+        started_at=now,
+        worker=_worker_label(),
+    )
+    resumed = last is not None and last.outcome == AttemptOutcome.WAITING
+    return attempt, failures, resumed
+
+
+def _attempt_finish(
+    attempt: ProvisioningAttempt, outcome: str, *, error: str = "", retry_in: float | None = None
+) -> None:
+    now = timezone.now()
+    attempt.outcome = outcome
+    attempt.error = error[:2000]
+    attempt.finished_at = now
+    attempt.next_attempt_at = now + timedelta(seconds=retry_in) if retry_in is not None else None
+    attempt.save(update_fields=["outcome", "error", "finished_at", "next_attempt_at"])
+
+
+def _fail(reservation: Reservation, reason: str) -> Reservation:
+    return reservation_transition(
+        reservation=reservation, to_status=S.FAILED, cause=reason, actor_label=ACTOR
+    )
+
+
+def _wait_ready(driver: Driver, target: Target, *, probe) -> Check:
+    deadline = time.monotonic() + CHECK_WINDOW_SECONDS
+    while True:
+        check = probe(target)
+        if check.state != "pending" or time.monotonic() >= deadline:
+            return check
+        time.sleep(CHECK_POLL_SECONDS)
+
+
+# --- provision ------------------------------------------------------------------------------
+
+
+def reservation_provision_step(*, reservation_id: int, driver: Driver | None = None) -> StepResult:
+    """Take a due reservation to active through the driver, or as far as it can get now."""
+    driver = driver or driver_get()
+    with reservation_worker_lock(reservation_id) as held:
+        if not held:
+            return StepResult("busy", detail="another worker is on it")
+        return _provision(reservation_id=reservation_id, driver=driver)
+
+
+def _provision(*, reservation_id: int, driver: Driver) -> StepResult:
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
+        if reservation is None:
+            return StepResult("noop", detail="no such reservation")
+        now = timezone.now()
+        if reservation.status in (S.PENDING, S.SCHEDULED):
+            if reservation.starts_at > now:
+                return StepResult("noop", detail="not due yet")
+            if reservation.status == S.PENDING:
+                reservation = reservation_transition(
+                    reservation=reservation,
+                    to_status=S.SCHEDULED,
+                    cause="start time reached",
+                    actor_label=ACTOR,
+                )
+            reservation = reservation_transition(
+                reservation=reservation,
+                to_status=S.PROVISIONING,
+                cause="provisioning started",
+                actor_label=ACTOR,
+            )
+        elif reservation.status != S.PROVISIONING:
+            return StepResult("noop", detail=f"reservation is {reservation.status}")
+        attempt, failures, resumed = _attempt_start(reservation, ProvisioningKind.PROVISION, now)
+        if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
+            _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
+            _fail(reservation, f"Provisioning failed {failures} times; giving up.")
+            return StepResult("failed", detail="too many attempts")
+        if now >= reservation.ends_at:
+            _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
+            _fail(reservation, "The reservation's period ended before it could be provisioned.")
+            return StepResult("failed", detail="period over")
+        target = _target(reservation)
+
+    try:
+        _refuse_unusable_nodes(target)
+        if not resumed:
+            driver.prepare(target)
+            driver.start_workload(target)
+        check = _wait_ready(driver, target, probe=driver.check)
+        if check.state == "failed":
+            raise WorkloadFailure(check.detail or "The driver reported a failure.")
+    except NodeFailure as exc:
+        return _after_node_failure(reservation_id, attempt, exc)
+    except WorkloadFailure as exc:
+        _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
+        with transaction.atomic():
+            locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+            if locked.status == S.PROVISIONING:
+                _fail(locked, f"The workload could not start: {exc}")
+        _stop_quietly(driver, target)
+        return StepResult("failed", detail=str(exc))
+    except DriverError as exc:
+        failures += 1
+        if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
+            _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
+            with transaction.atomic():
+                locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+                if locked.status == S.PROVISIONING:
+                    _fail(locked, f"Provisioning failed {failures} times; last error: {exc}")
+            _stop_quietly(driver, target)
+            return StepResult("failed", detail=str(exc))
+        delay = retry_backoff(failures)
+        _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc), retry_in=delay)
+        logger.warning("provisioning %s failed (%s); retry in %ss", target.public_id, exc, delay)
+        return StepResult("retry", retry_in=delay, detail=str(exc))
+
+    if check.state == "pending":
+        _attempt_finish(
+            attempt, AttemptOutcome.WAITING, error=check.detail, retry_in=WAITING_RECHECK_SECONDS
+        )
+        return StepResult("waiting", retry_in=WAITING_RECHECK_SECONDS, detail=check.detail)
+
+    with transaction.atomic():
+        locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+        if locked.status != S.PROVISIONING:
+            # Cancelled (or failed by staff) while we were starting it: take it down again.
+            _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error=f"became {locked.status}")
+            transaction.on_commit(lambda: _stop_quietly(driver, target))
+            return StepResult("noop", detail=f"reservation became {locked.status}")
+        locked.connection = check.connection
+        locked.save(update_fields=["connection", "updated_at"])
+        reservation_transition(
+            reservation=locked, to_status=S.ACTIVE, cause="workload running", actor_label=ACTOR
+        )
+        _attempt_finish(attempt, AttemptOutcome.SUCCEEDED)
+    return StepResult("active")
+
+
+def _refuse_unusable_nodes(target: Target) -> None:
+    """A node taken out of service since the booking must not get the workload: move off it."""
+    bad = (
+        Node.objects.filter(pk__in=[n.node_id for n in target.nodes])
+        .exclude(status__in=_USABLE_NODE_STATUSES)
+        .values_list("pk", "hostname", "status")
+        .first()
+    )
+    if bad is not None:
+        raise _NodeUnusable(bad[0], f"Node {bad[1]} is {bad[2]}.")
+
+
+class _NodeUnusable(NodeFailure):
+    """The node was already out of service: move the reservation, do not mark the node again."""
+
+
+def _stop_quietly(driver: Driver, target: Target) -> None:
+    try:
+        driver.stop(target)
+    except (DriverError, NodeFailure, WorkloadFailure) as exc:
+        logger.warning("could not stop %s after a failure: %s", target.public_id, exc)
+
+
+def _after_node_failure(
+    reservation_id: int, attempt: ProvisioningAttempt, exc: NodeFailure
+) -> StepResult:
+    now = timezone.now()
+    with transaction.atomic():
+        # Reservation row first, then the node: the order every other path takes.
+        locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+        node = Node.objects.get(pk=exc.node_id)
+        if not isinstance(exc, _NodeUnusable):
+            node = node_mark_failed(node=node, reason=exc.reason, now=now)
+        _attempt_finish(attempt, AttemptOutcome.NODE_FAILURE, error=exc.reason)
+        if locked.status != S.PROVISIONING:
+            return StepResult("noop", detail=f"reservation became {locked.status}")
+        try:
+            with transaction.atomic():
+                moved = reservation_reallocate(reservation=locked, node=node, now=now)
+        except ApplicationError:
+            moved = 0
+        if not moved:
+            _fail(
+                locked,
+                f"{exc.reason} No other free GPUs at {locked.site.slug} to move the reservation to.",
+            )
+            return StepResult("failed", detail=exc.reason)
+    logger.warning("reservation %s moved off failed node %s", reservation_id, node.hostname)
+    return StepResult("retry", retry_in=0.0, detail=f"moved {moved} GPU(s) off {node.hostname}")
+
+
+def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetime) -> int:
+    """Move the reservation's live allocations on `node` to other free GPUs at the same site.
+
+    Returns how many GPUs were moved; raises NotAvailable (from the placement service) when
+    there are not enough, leaving the allocations as they were (the caller's savepoint).
+    The old allocations are kept as the record of what was held: cut to now, no longer live.
+    """
+    from marketplace.services.allocation import allocation_place
+
+    on_node = Allocation.objects.filter(reservation=reservation, node=node, is_live=True)
+    count = on_node.count()
+    if count == 0:
+        return 0
+    _allocations_end(on_node, now=now)
+    allocation_place(
+        reservation=reservation,
+        site_id=reservation.site_id,
+        gpu_model_id=reservation.gpu_model_id,
+        gpu_count=count,
+        starts_at=max(now, reservation.starts_at),
+        ends_at=reservation.ends_at,
+    )
+    return count
+
+
+def _allocations_end(queryset, *, now: datetime) -> None:
+    """Stop allocations being live; one that had begun keeps [start, now) as its record."""
+    queryset.filter(period__startswith__lt=now, period__endswith__gt=now).update(
+        period=Func(
+            Func(F("period"), function="lower"),
+            Value(now),
+            Value("[)"),
+            function="tstzrange",
+            output_field=DateTimeRangeField(),
+        ),
+        is_live=False,
+    )
+    queryset.update(is_live=False)
+
+
+@transaction.atomic
+def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) -> Node:
+    """Take a node the driver reports as failed out of sale, open an outage, and record it
+    against the active reservations it serves (only those)."""
+    from inventory.services import node_set_maintenance
+
+    now = now or timezone.now()
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    if node.status in _USABLE_NODE_STATUSES:
+        node = node_set_maintenance(
+            node=node, actor=None, actor_label=ACTOR, reason=f"Driver reported failure: {reason}"
+        )
+    outage = Outage.objects.filter(node=node, ended_at__isnull=True).first()
+    if outage is None:
+        outage = Outage.objects.create(
+            node=node, started_at=now, cause=OutageCause.HARDWARE_FAILURE, detail=reason
+        )
+    reservation_outages_record_for_node(
+        node=node, started_at=outage.started_at, cause=outage.cause, source_outage=outage
+    )
+    return node
+
+
+# --- release --------------------------------------------------------------------------------
+
+
+def reservation_release_step(*, reservation_id: int, driver: Driver | None = None) -> StepResult:
+    """Take an ended (or stopped early) reservation down and complete it; GPUs free at once."""
+    driver = driver or driver_get()
+    with reservation_worker_lock(reservation_id) as held:
+        if not held:
+            return StepResult("busy", detail="another worker is on it")
+        return _release(reservation_id=reservation_id, driver=driver)
+
+
+def _release(*, reservation_id: int, driver: Driver) -> StepResult:
+    with transaction.atomic():
+        reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
+        if reservation is None:
+            return StepResult("noop", detail="no such reservation")
+        now = timezone.now()
+        if reservation.status == S.ACTIVE:
+            if reservation.ends_at > now:
+                return StepResult("noop", detail="not over yet")
+            reservation = reservation_transition(
+                reservation=reservation,
+                to_status=S.RELEASING,
+                cause="period ended",
+                actor_label=ACTOR,
+            )
+        elif reservation.status != S.RELEASING:
+            return StepResult("noop", detail=f"reservation is {reservation.status}")
+        attempt, failures, _resumed = _attempt_start(reservation, ProvisioningKind.RELEASE, now)
+        target = _target(reservation)
+        if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
+            # Billing stops here either way; the GPUs of a node that never confirmed the stop
+            # are freed, and staff see the attempts and errors on the reservation.
+            _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
+            _complete(reservation, f"released after {failures} failed stop attempts (unconfirmed)")
+            return StepResult("completed", detail="unconfirmed stop")
+
+    try:
+        check = _wait_ready(driver, target, probe=driver.stop)
+    except (DriverError, NodeFailure, WorkloadFailure) as exc:
+        failures += 1
+        delay = retry_backoff(failures)
+        _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc), retry_in=delay)
+        return StepResult("retry", retry_in=delay, detail=str(exc))
+    if check.state == "pending":
+        _attempt_finish(
+            attempt, AttemptOutcome.WAITING, error=check.detail, retry_in=WAITING_RECHECK_SECONDS
+        )
+        return StepResult("waiting", retry_in=WAITING_RECHECK_SECONDS, detail=check.detail)
+
+    with transaction.atomic():
+        locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+        if locked.status != S.RELEASING:
+            _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error=f"became {locked.status}")
+            return StepResult("noop", detail=f"reservation became {locked.status}")
+        _complete(locked, "released")
+        _attempt_finish(attempt, AttemptOutcome.SUCCEEDED)
+    return StepResult("completed")
+
+
+def _complete(reservation: Reservation, cause: str) -> Reservation:
+    done = reservation_transition(
+        reservation=reservation, to_status=S.COMPLETED, cause=cause, actor_label=ACTOR
+    )
+    # Whatever outage is still open ends with the reservation (billing stops at released_at).
+    ReservationOutage.objects.filter(reservation=done, ended_at__isnull=True).update(
+        ended_at=done.released_at
+    )
+    return done
+
+
+# --- outages --------------------------------------------------------------------------------
+
+
+def _affected_reservation_ids(node: Node) -> list[int]:
+    """Active reservations with a live allocation on this node: the only ones an outage hits."""
+    return list(
+        Allocation.objects.filter(node=node, is_live=True, reservation__status=S.ACTIVE)
+        .values_list("reservation_id", flat=True)
+        .distinct()
+        .order_by("reservation_id")
+    )
+
+
+@transaction.atomic
+def reservation_outages_record_for_node(
+    *, node: Node, started_at: datetime, cause: str, source_outage: Outage | None = None
+) -> list[ReservationOutage]:
+    """Open an outage on every active reservation served by `node` (none other is touched).
+
+    Idempotent: a reservation that already has an open outage on this node keeps it. The
+    outage starts no earlier than the reservation's activation (no time is credited twice).
+    """
+    created = []
+    reservations = Reservation.objects.filter(pk__in=_affected_reservation_ids(node)).order_by("pk")
+    for reservation in reservations:
+        if ReservationOutage.objects.filter(
+            reservation=reservation, node=node, ended_at__isnull=True
+        ).exists():
+            continue
+        created.append(
+            ReservationOutage.objects.create(
+                reservation=reservation,
+                node=node,
+                source_outage=source_outage,
+                started_at=max(started_at, reservation.activated_at or started_at),
+                cause=cause,
+                detail=source_outage.detail if source_outage else "",
+            )
+        )
+    return created
+
+
+@transaction.atomic
+def reservation_outages_close_for_node(*, node: Node, ended_at: datetime) -> int:
+    """Close the open reservation outages on this node; returns how many were closed."""
+    return ReservationOutage.objects.filter(
+        node=node, ended_at__isnull=True, started_at__lte=ended_at
+    ).update(ended_at=ended_at)
+
+
+def reservation_outages_reconcile() -> tuple[int, int]:
+    """Mirror inventory outages onto the active reservations they hit; (opened, closed).
+
+    Inventory knows nothing of reservations, so this runs periodically on the marketplace
+    side: each open node Outage gets a ReservationOutage on each affected active reservation,
+    and reservation outages whose node outage has closed are closed at the same time.
+    """
+    opened = closed = 0
+    for outage in Outage.objects.filter(ended_at__isnull=True).select_related("node"):
+        opened += len(
+            reservation_outages_record_for_node(
+                node=outage.node,
+                started_at=outage.started_at,
+                cause=outage.cause,
+                source_outage=outage,
+            )
+        )
+    still_open = ReservationOutage.objects.filter(
+        ended_at__isnull=True, source_outage__ended_at__isnull=False
+    ).select_related("source_outage")
+    for ro in still_open:
+        closed += ReservationOutage.objects.filter(pk=ro.pk, ended_at__isnull=True).update(
+            ended_at=max(ro.source_outage.ended_at, ro.started_at)
+        )
+    return opened, closed

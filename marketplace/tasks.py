@@ -1,0 +1,62 @@
+"""Celery tasks of the marketplace. Each takes ids, loads fresh rows and calls a service.
+
+All are idempotent and acknowledged late (config/celery.py): a duplicate delivery, or a
+redelivery after a worker died, does no harm. Retries are short countdowns (at most a
+minute, far below the broker's visibility timeout); the reservation schedule itself lives
+in PostgreSQL (see marketplace.provisioning.scheduler).
+"""
+
+import logging
+
+from celery import shared_task
+
+from marketplace.provisioning import scheduler, services
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(bind=True, max_retries=None, name="marketplace.tasks.reservation_provision")
+def reservation_provision(self, reservation_id: int) -> str:
+    result = services.reservation_provision_step(reservation_id=reservation_id)
+    if result.retry_in is not None:
+        raise self.retry(countdown=result.retry_in)
+    return result.outcome
+
+
+@shared_task(bind=True, max_retries=None, name="marketplace.tasks.reservation_release")
+def reservation_release(self, reservation_id: int) -> str:
+    result = services.reservation_release_step(reservation_id=reservation_id)
+    if result.retry_in is not None:
+        raise self.retry(countdown=result.retry_in)
+    return result.outcome
+
+
+@shared_task(name="marketplace.tasks.reservations_dispatch_due")
+def reservations_dispatch_due() -> dict:
+    return scheduler.reservations_dispatch_due()
+
+
+@shared_task(name="marketplace.tasks.reservations_sweep_stuck")
+def reservations_sweep_stuck() -> dict:
+    return scheduler.reservations_sweep_stuck()
+
+
+@shared_task(name="marketplace.tasks.reservation_outages_reconcile")
+def reservation_outages_reconcile() -> tuple[int, int]:
+    return services.reservation_outages_reconcile()
+
+
+_counter_client = None
+
+
+@shared_task(name="marketplace.tasks.noop")
+def noop(counter_key: str = "") -> None:
+    """Does nothing but count itself: the baseline of bench/bench_provisioning.py."""
+    global _counter_client
+    if counter_key:
+        if _counter_client is None:
+            from django.conf import settings
+            from redis import Redis
+
+            _counter_client = Redis.from_url(settings.REDIS_URL)
+        _counter_client.incr(counter_key)
