@@ -151,6 +151,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Several models have a "status"; name the reservation's enum after what it is.
+    "ENUM_NAME_OVERRIDES": {
+        "ReservationStatusEnum": "marketplace.models.core.ReservationStatus",
+    },
 }
 
 # --- Celery --------------------------------------------------------------------------------

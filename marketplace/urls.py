@@ -2,20 +2,47 @@
 
 from django.urls import path
 
-from marketplace.apis import api_keys, organization
+from marketplace.apis import api_keys, catalogue, organization, quotes, reservations
 
 urlpatterns = [
-    path("organization", organization.OrganizationApi.as_view(), name="organization"),
+    path("gpu-models", catalogue.GpuModelListApi.as_view(), name="gpu-models"),
+    path("sites", catalogue.SiteListApi.as_view(), name="sites"),
     path(
-        "organization/members",
-        organization.MemberListApi.as_view(),
-        name="organization-members",
+        "sites/<slug:slug>/availability",
+        catalogue.SiteAvailabilityApi.as_view(),
+        name="site-availability",
     ),
+    path("availability", catalogue.AvailabilityApi.as_view(), name="availability"),
+    path("quotes", quotes.QuoteListApi.as_view(), name="quotes"),
+    path("quotes/<str:quote_id>", quotes.QuoteDetailApi.as_view(), name="quote"),
+    path("reservations", reservations.ReservationListApi.as_view(), name="reservations"),
+    path(
+        "reservations/<str:reservation_id>",
+        reservations.ReservationDetailApi.as_view(),
+        name="reservation",
+    ),
+    path(
+        "reservations/<str:reservation_id>/cancellation-terms",
+        reservations.CancellationTermsApi.as_view(),
+        name="reservation-cancellation-terms",
+    ),
+    path(
+        "reservations/<str:reservation_id>/cancel",
+        reservations.ReservationCancelApi.as_view(),
+        name="reservation-cancel",
+    ),
+    path(
+        "reservations/<str:reservation_id>/extend",
+        reservations.ReservationExtendApi.as_view(),
+        name="reservation-extend",
+    ),
+    path("api-keys", api_keys.ApiKeyListApi.as_view(), name="api-keys"),
+    path("api-keys/<str:key_id>/revoke", api_keys.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("organization", organization.OrganizationApi.as_view(), name="organization"),
+    path("organization/members", organization.MemberListApi.as_view(), name="organization-members"),
     path(
         "organization/members/<str:member_id>",
         organization.MemberDetailApi.as_view(),
         name="organization-member",
     ),
-    path("api-keys", api_keys.ApiKeyListApi.as_view(), name="api-keys"),
-    path("api-keys/<str:key_id>/revoke", api_keys.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
 ]

@@ -1,12 +1,27 @@
 """Fixtures for the API tests (imported by tests/marketplace/test_api_*.py)."""
 
+from datetime import timedelta
+
 import pytest
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from marketplace.models import ApiKeyScope, Role
 from marketplace.services.api_keys import api_key_create
-from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+from tests.factories import (
+    GpuModelFactory,
+    MembershipFactory,
+    OrganizationFactory,
+    SiteFactory,
+    UserFactory,
+)
+from tests.marketplace.market_helpers import (
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+    tomorrow,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -89,4 +104,38 @@ __all__ = [
     "key_client",
     "assert_error",
     "UserFactory",
+    "allow_all_funding",
+    "market",
+    "reservation_body",
+    "make_reservation",
+    "tomorrow",
 ]
+
+
+@pytest.fixture
+def market(allow_all_funding):
+    """One active site with two 8-GPU H100 nodes at 2.00 USD per GPU-hour, funding allowed."""
+    site = SiteFactory(slug="abilene-1", region="us-central")
+    gpu_model = GpuModelFactory()
+    make_policy()
+    make_rate(gpu_model, "2.00")
+    make_nodes(site, gpu_model, 2, gpus=8)
+    return site, gpu_model
+
+
+def reservation_body(**overrides) -> dict:
+    start = tomorrow()
+    body = {
+        "gpu_model": "h100-sxm-80gb",
+        "gpu_count": 2,
+        "starts_at": start.isoformat(),
+        "ends_at": (start + timedelta(hours=3)).isoformat(),
+        "tier": "on_demand",
+    }
+    return {**body, **overrides}
+
+
+def make_reservation(client, **overrides) -> dict:
+    response = client.post("/api/v1/reservations", reservation_body(**overrides), format="json")
+    assert response.status_code == 201, response.content
+    return response.json()

@@ -1,0 +1,270 @@
+"""The public catalogue: GPU models, sites, and availability (search and per site)."""
+
+from datetime import timedelta
+
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema, extend_schema_field
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from marketplace.api.pagination import SlugCursorPagination
+from marketplace.api.schema import errors
+from marketplace.api.views import ApiView, validated_input
+from marketplace.models import Term, Tier
+from marketplace.selectors.availability import availability_search, site_availability
+from marketplace.selectors.catalogue import (
+    gpu_model_list,
+    site_capacity_summaries,
+    site_get_public,
+    site_list_public,
+)
+from marketplace.services.quotes import resolve_catalogue
+
+TAGS = ["Catalogue"]
+# The longest window one availability query may ask about.
+MAX_WINDOW = timedelta(days=366)
+
+
+class GpuModelOutput(serializers.Serializer):
+    id = serializers.CharField(source="slug", help_text="The model's slug, e.g. h100-sxm-80gb.")
+    name = serializers.CharField()
+    vendor = serializers.CharField()
+    memory_gb = serializers.IntegerField()
+    tdp_watts = serializers.IntegerField()
+    interconnect = serializers.CharField()
+
+
+class _Catalogue(ApiView):
+    requires_organization = False
+
+
+class GpuModelListApi(_Catalogue):
+    pagination_class = SlugCursorPagination
+
+    def get_queryset(self):
+        return gpu_model_list()
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="gpu_models_list",
+        summary="List GPU models",
+        responses={200: GpuModelOutput(many=True), **errors(400, 403)},
+    )
+    def get(self, request):
+        return self.paginated_response(self.get_queryset(), GpuModelOutput)
+
+
+class CapacityByModelOutput(serializers.Serializer):
+    gpu_model = serializers.CharField()
+    nodes = serializers.IntegerField()
+    gpus = serializers.IntegerField()
+    available_nodes = serializers.IntegerField(help_text="Nodes in service right now.")
+
+
+class CapacitySummaryOutput(serializers.Serializer):
+    nodes = serializers.IntegerField()
+    gpus = serializers.IntegerField()
+    gpu_models = CapacityByModelOutput(many=True)
+
+
+class SiteOutput(serializers.Serializer):
+    id = serializers.CharField(source="slug", help_text="The site's slug.")
+    name = serializers.CharField()
+    status = serializers.CharField()
+    region = serializers.CharField()
+    country = serializers.CharField(help_text="ISO 3166-1 alpha-2.")
+    grid_operator = serializers.CharField()
+    power_capacity_kw = serializers.DecimalField(max_digits=10, decimal_places=1)
+    pue = serializers.DecimalField(max_digits=4, decimal_places=2)
+    renewable_share = serializers.DecimalField(max_digits=4, decimal_places=3, help_text="0 to 1.")
+    cooling = serializers.CharField()
+    uplink_gbps = serializers.IntegerField()
+    former_use = serializers.CharField()
+    capacity = serializers.SerializerMethodField()
+
+    @extend_schema_field(CapacitySummaryOutput)
+    def get_capacity(self, site) -> dict:
+        summary = self.context["capacity"].get(site.pk) or {"nodes": 0, "gpus": 0, "gpu_models": []}
+        return CapacitySummaryOutput(summary).data
+
+
+class SiteListApi(_Catalogue):
+    pagination_class = SlugCursorPagination
+
+    def get_queryset(self):
+        return site_list_public()
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="sites_list",
+        summary="List sites: where the GPUs are, and what powers and cools them",
+        responses={200: SiteOutput(many=True), **errors(400, 403)},
+    )
+    def get(self, request):
+        page = self.paginate_queryset(self.get_queryset())
+        capacity = site_capacity_summaries(site_ids=[site.pk for site in page])
+        data = SiteOutput(page, many=True, context={"capacity": capacity}).data
+        return self.get_paginated_response(data)
+
+
+def _validate_window(attrs: dict) -> dict:
+    if attrs["end"] <= attrs["start"]:
+        raise serializers.ValidationError(
+            {"end": "end must be after start."}, code="period_invalid"
+        )
+    if attrs["end"] - attrs["start"] > MAX_WINDOW:
+        raise serializers.ValidationError(
+            {"end": f"The window may be at most {MAX_WINDOW.days} days."}, code="period_too_long"
+        )
+    return attrs
+
+
+class SiteAvailabilityInput(serializers.Serializer):
+    start = serializers.DateTimeField(required=False, help_text="Default: now.")
+    end = serializers.DateTimeField(help_text="Exclusive end of the window.")
+
+    def validate(self, attrs):
+        attrs.setdefault("start", timezone.now())
+        return _validate_window(attrs)
+
+
+class SiteModelAvailabilityOutput(serializers.Serializer):
+    gpu_model = serializers.CharField(source="gpu_model.slug")
+    nodes = serializers.IntegerField(help_text="Nodes in service for the whole window.")
+    healthy_gpus = serializers.IntegerField()
+    free_gpus = serializers.IntegerField(help_text="Free for the whole window.")
+    largest_free_on_one_node = serializers.IntegerField()
+    whole_free_nodes = serializers.IntegerField()
+
+
+class SiteAvailabilityOutput(serializers.Serializer):
+    site = serializers.CharField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    results = SiteModelAvailabilityOutput(many=True)
+
+
+class SiteAvailabilityApi(_Catalogue):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="sites_availability",
+        summary="Free GPUs by model at one site for a window",
+        parameters=[SiteAvailabilityInput],
+        responses={200: SiteAvailabilityOutput, **errors(400, 403, 404)},
+    )
+    def get(self, request, slug: str):
+        site = site_get_public(slug=slug)
+        params = validated_input(SiteAvailabilityInput, request.query_params)
+        results = site_availability(site=site, starts_at=params["start"], ends_at=params["end"])
+        return Response(
+            SiteAvailabilityOutput(
+                {
+                    "site": site.slug,
+                    "start": params["start"],
+                    "end": params["end"],
+                    "results": results,
+                }
+            ).data
+        )
+
+
+class AvailabilityInput(serializers.Serializer):
+    gpu_model = serializers.SlugField(required=False, help_text="e.g. h100-sxm-80gb.")
+    min_gpu_memory_gb = serializers.IntegerField(required=False, min_value=1)
+    gpu_count = serializers.IntegerField(default=1, min_value=1, max_value=4096)
+    start = serializers.DateTimeField(required=False, help_text="Default: now.")
+    end = serializers.DateTimeField(help_text="Exclusive end of the period.")
+    region = serializers.CharField(required=False, max_length=64)
+    site = serializers.SlugField(required=False)
+    tier = serializers.ChoiceField(choices=Tier.choices, default=Tier.ON_DEMAND)
+    term = serializers.ChoiceField(choices=Term.choices, default=Term.NONE)
+    max_price = serializers.DecimalField(
+        required=False,
+        max_digits=12,
+        decimal_places=4,
+        min_value=0,
+        help_text="Highest acceptable price per GPU-hour, in the offer's currency.",
+    )
+
+    def validate(self, attrs):
+        attrs.setdefault("start", timezone.now())
+        return _validate_window(attrs)
+
+
+class BreakdownOutput(serializers.Serializer):
+    """How the price was reached; every amount a decimal string."""
+
+    currency = serializers.CharField()
+    list_price_per_gpu_hour = serializers.CharField()
+    rate_source = serializers.CharField()
+    tier = serializers.CharField()
+    term = serializers.CharField()
+    tier_discount_pct = serializers.CharField()
+    utilisation = serializers.CharField()
+    utilisation_multiplier = serializers.CharField()
+    multiplier_unbounded = serializers.CharField()
+    multiplier = serializers.CharField()
+    clamped = serializers.CharField(allow_null=True)
+    price_per_gpu_hour = serializers.CharField()
+    gpu_count = serializers.IntegerField()
+    hours = serializers.CharField()
+    total = serializers.CharField()
+    rounding = serializers.CharField()
+
+
+class OfferSiteOutput(serializers.Serializer):
+    id = serializers.CharField(source="slug")
+    name = serializers.CharField()
+    region = serializers.CharField()
+    country = serializers.CharField()
+
+
+class OfferOutput(serializers.Serializer):
+    site = OfferSiteOutput()
+    gpu_model = serializers.CharField(source="gpu_model.slug")
+    gpu_count = serializers.IntegerField()
+    placement = serializers.ChoiceField(
+        choices=["single_node", "cluster"],
+        help_text="single_node: all GPUs on one node; cluster: whole nodes at one site.",
+    )
+    node_count = serializers.IntegerField()
+    fitting_node_count = serializers.IntegerField()
+    free_gpus = serializers.IntegerField()
+    currency = serializers.CharField()
+    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
+    total = serializers.DecimalField(max_digits=14, decimal_places=2)
+    breakdown = serializers.SerializerMethodField()
+
+    @extend_schema_field(BreakdownOutput)
+    def get_breakdown(self, offer) -> dict:
+        return offer.breakdown.as_dict()
+
+
+class AvailabilityOutput(serializers.Serializer):
+    results = OfferOutput(many=True, help_text="Cheapest first; one offer per site and model.")
+
+
+class AvailabilityApi(_Catalogue):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="availability_search",
+        summary="Search offers: what can be reserved now for a period, and at what price",
+        parameters=[AvailabilityInput],
+        responses={200: AvailabilityOutput, **errors(400, 403)},
+    )
+    def get(self, request):
+        params = validated_input(AvailabilityInput, request.query_params)
+        resolve_catalogue(gpu_model=params.get("gpu_model"), site=params.get("site"))
+        offers = availability_search(
+            gpu_count=params["gpu_count"],
+            starts_at=params["start"],
+            ends_at=params["end"],
+            tier=params["tier"],
+            term=params["term"],
+            gpu_model=params.get("gpu_model"),
+            min_gpu_memory_gb=params.get("min_gpu_memory_gb"),
+            region=params.get("region"),
+            site=params.get("site"),
+            max_price_per_gpu_hour=params.get("max_price"),
+        )
+        return Response(AvailabilityOutput({"results": offers}).data)

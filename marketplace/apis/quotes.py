@@ -1,0 +1,92 @@
+"""POST quotes; GET quotes/{id}."""
+
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.views import ApiView, validated_input
+from marketplace.apis.catalogue import BreakdownOutput
+from marketplace.models import Term, Tier
+from marketplace.selectors.catalogue import quote_get_for_org
+from marketplace.services.quotes import quote_create
+
+TAGS = ["Quotes"]
+
+
+class QuoteCreateInput(serializers.Serializer):
+    gpu_model = serializers.SlugField(help_text="e.g. h100-sxm-80gb.")
+    gpu_count = serializers.IntegerField(min_value=1, max_value=4096)
+    starts_at = serializers.DateTimeField(required=False, help_text="Default: now.")
+    ends_at = serializers.DateTimeField(help_text="Exclusive end of the period.")
+    tier = serializers.ChoiceField(choices=Tier.choices, default=Tier.ON_DEMAND)
+    term = serializers.ChoiceField(
+        choices=Term.choices, default=Term.NONE, help_text="Reserved tier only: 1w, 1m, 3m, 1y."
+    )
+    site = serializers.SlugField(required=False, help_text="Only this site.")
+    region = serializers.CharField(required=False, max_length=64, help_text="Only this region.")
+
+
+class QuoteOutput(serializers.Serializer):
+    id = serializers.CharField(source="public_id")
+    gpu_model = serializers.CharField(source="gpu_model.slug")
+    site = serializers.CharField(source="site.slug")
+    gpu_count = serializers.IntegerField()
+    tier = serializers.ChoiceField(choices=Tier.choices)
+    term = serializers.ChoiceField(choices=Term.choices)
+    starts_at = serializers.DateTimeField()
+    ends_at = serializers.DateTimeField()
+    currency = serializers.CharField()
+    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
+    total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
+    breakdown = BreakdownOutput()
+    expires_at = serializers.DateTimeField(help_text="Reserve before this to keep the price.")
+    expired = serializers.SerializerMethodField()
+    reservation = serializers.SerializerMethodField(help_text="The reservation made from it.")
+    created_at = serializers.DateTimeField()
+
+    def get_expired(self, quote) -> bool:
+        return timezone.now() >= quote.expires_at
+
+    def get_reservation(self, quote) -> str | None:
+        reservation = getattr(quote, "reservation", None)
+        return reservation.public_id if reservation else None
+
+
+class QuoteListApi(ApiView):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="quotes_create",
+        summary="Get a quote: the cheapest offer that fits, price held for a few minutes",
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        request=QuoteCreateInput,
+        responses={201: QuoteOutput, **errors(400, 403, 404, 409, 415, 422)},
+    )
+    def post(self, request):
+        data = validated_input(QuoteCreateInput, request.data)
+        quote = quote_create(
+            organization=self.organization,
+            gpu_model=data["gpu_model"],
+            gpu_count=data["gpu_count"],
+            starts_at=data.get("starts_at") or timezone.now(),
+            ends_at=data["ends_at"],
+            tier=data["tier"],
+            term=data["term"],
+            site=data.get("site"),
+            region=data.get("region"),
+        )
+        return Response(QuoteOutput(quote).data, status=status.HTTP_201_CREATED)
+
+
+class QuoteDetailApi(ApiView):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="quotes_retrieve",
+        summary="Retrieve a quote",
+        responses={200: QuoteOutput, **errors(403, 404)},
+    )
+    def get(self, request, quote_id: str):
+        return Response(
+            QuoteOutput(quote_get_for_org(organization=self.organization, public_id=quote_id)).data
+        )

@@ -1,0 +1,336 @@
+"""Reservations: create, list, retrieve, cancellation terms, cancel, extend."""
+
+import django_filters
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema, extend_schema_field
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from marketplace.api.pagination import NewestFirstCursorPagination
+from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.views import ApiView, validated_input
+from marketplace.models import Reservation, ReservationStatus, Term, Tier
+from marketplace.provisioning.workload import workload_public, workload_validate
+from marketplace.selectors.catalogue import quote_get_for_org
+from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.services.reservations import (
+    cancellation_terms,
+    reservation_cancel,
+    reservation_create,
+    reservation_extend,
+)
+from marketplace.services.transitions import reservation_allowed_actions
+
+TAGS = ["Reservations"]
+_DIRECT_FIELDS = (
+    "gpu_model",
+    "gpu_count",
+    "starts_at",
+    "ends_at",
+    "tier",
+    "term",
+    "site",
+    "region",
+)
+
+
+class WorkloadInput(serializers.Serializer):
+    image = serializers.CharField(
+        required=False, max_length=512, help_text="Container image; default: the platform's."
+    )
+    ssh_public_keys = serializers.ListField(
+        child=serializers.CharField(max_length=16384), required=False, max_length=16
+    )
+    env = serializers.DictField(
+        child=serializers.CharField(allow_blank=True, max_length=4096),
+        required=False,
+        help_text="Environment variables; values are secrets and are never shown back.",
+    )
+    ports = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=65535), required=False, max_length=16
+    )
+
+
+class ReservationCreateInput(serializers.Serializer):
+    quote = serializers.CharField(
+        required=False, max_length=32, help_text="quo_…: reserve at the quoted price."
+    )
+    gpu_model = serializers.SlugField(required=False, help_text="Without a quote.")
+    gpu_count = serializers.IntegerField(required=False, min_value=1, max_value=4096)
+    starts_at = serializers.DateTimeField(required=False)
+    ends_at = serializers.DateTimeField(required=False)
+    tier = serializers.ChoiceField(choices=Tier.choices, required=False)
+    term = serializers.ChoiceField(choices=Term.choices, required=False)
+    site = serializers.SlugField(required=False)
+    region = serializers.CharField(required=False, max_length=64)
+    workload = WorkloadInput(required=False)
+
+    def validate(self, attrs):
+        direct = [name for name in _DIRECT_FIELDS if name in attrs]
+        if "quote" in attrs and direct:
+            raise serializers.ValidationError(
+                {direct[0]: "Give either a quote or the reservation's parameters, not both."},
+                code="quote_and_parameters",
+            )
+        if "quote" not in attrs:
+            for name in ("gpu_model", "gpu_count", "ends_at"):
+                if name not in attrs:
+                    raise serializers.ValidationError(
+                        {name: "This field is required without a quote."}, code="required"
+                    )
+        return attrs
+
+
+class TransitionOutput(serializers.Serializer):
+    from_status = serializers.CharField(allow_blank=True)
+    to_status = serializers.CharField()
+    cause = serializers.CharField()
+    actor = serializers.CharField(source="actor_label")
+    at = serializers.DateTimeField()
+
+
+class AllocationNodeOutput(serializers.Serializer):
+    hostname = serializers.CharField()
+    gpus = serializers.IntegerField()
+
+
+class AllocationSummaryOutput(serializers.Serializer):
+    gpu_count = serializers.IntegerField()
+    node_count = serializers.IntegerField()
+    nodes = AllocationNodeOutput(many=True)
+
+
+class WorkloadOutput(serializers.Serializer):
+    image = serializers.CharField(allow_null=True)
+    ssh_public_keys = serializers.ListField(child=serializers.CharField())
+    env_names = serializers.ListField(child=serializers.CharField())
+    ports = serializers.ListField(child=serializers.IntegerField())
+
+
+class ReservationOutput(serializers.Serializer):
+    id = serializers.CharField(source="public_id")
+    status = serializers.ChoiceField(choices=ReservationStatus.choices)
+    status_reason = serializers.CharField()
+    gpu_model = serializers.CharField(source="gpu_model.slug")
+    site = serializers.CharField(source="site.slug")
+    gpu_count = serializers.IntegerField()
+    tier = serializers.ChoiceField(choices=Tier.choices)
+    term = serializers.ChoiceField(choices=Term.choices)
+    starts_at = serializers.DateTimeField()
+    ends_at = serializers.DateTimeField()
+    currency = serializers.CharField()
+    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
+    total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
+    quote = serializers.CharField(source="quote.public_id", allow_null=True, default=None)
+    activated_at = serializers.DateTimeField(allow_null=True)
+    released_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class CancellationTermsOutput(serializers.Serializer):
+    action = serializers.ChoiceField(
+        choices=["cancel", "stop"],
+        help_text="cancel: before activation; stop: an active reservation ends early.",
+    )
+    at = serializers.DateTimeField()
+    currency = serializers.CharField()
+    unused_amount = serializers.DecimalField(max_digits=14, decimal_places=2)
+    refund_fraction = serializers.DecimalField(max_digits=4, decimal_places=2)
+    refund_amount = serializers.DecimalField(max_digits=14, decimal_places=2)
+    fee_amount = serializers.DecimalField(max_digits=14, decimal_places=2)
+    rule = serializers.CharField()
+
+
+class ReservationDetailOutput(ReservationOutput):
+    allowed_actions = serializers.SerializerMethodField()
+    breakdown = serializers.JSONField()
+    workload = serializers.SerializerMethodField()
+    allocations = serializers.SerializerMethodField()
+    connection = serializers.SerializerMethodField(
+        help_text="Host and ports; only while the reservation is active."
+    )
+    cancellation = serializers.JSONField(
+        allow_null=True, help_text="The refund terms applied, once cancelled."
+    )
+    transitions = TransitionOutput(many=True)
+
+    def get_allowed_actions(self, reservation) -> list[str]:
+        return reservation_allowed_actions(reservation)
+
+    @extend_schema_field(WorkloadOutput)
+    def get_workload(self, reservation) -> dict:
+        return workload_public(reservation.workload)
+
+    @extend_schema_field(AllocationSummaryOutput)
+    def get_allocations(self, reservation) -> dict:
+        live = [a for a in reservation.allocations.all() if a.is_live]
+        shown = live or list(reservation.allocations.all())
+        per_node: dict[str, int] = {}
+        for allocation in shown:
+            per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
+        return {
+            "gpu_count": len(shown),
+            "node_count": len(per_node),
+            "nodes": [{"hostname": h, "gpus": n} for h, n in per_node.items()],
+        }
+
+    @extend_schema_field(serializers.JSONField(allow_null=True))
+    def get_connection(self, reservation) -> dict | None:
+        if reservation.status != ReservationStatus.ACTIVE:
+            return None
+        return reservation.connection or None
+
+    def to_representation(self, reservation):
+        data = super().to_representation(reservation)
+        data["cancellation"] = reservation.cancellation or None
+        return data
+
+
+class ReservationFilter(django_filters.FilterSet):
+    status = django_filters.MultipleChoiceFilter(
+        choices=ReservationStatus.choices, help_text="Repeat for several: ?status=a&status=b."
+    )
+    tier = django_filters.ChoiceFilter(choices=Tier.choices)
+    site = django_filters.CharFilter(field_name="site__slug")
+    gpu_model = django_filters.CharFilter(field_name="gpu_model__slug")
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = Reservation
+        fields = ["status", "tier", "site", "gpu_model", "created_after", "created_before"]
+
+
+class ReservationListApi(ApiView):
+    pagination_class = NewestFirstCursorPagination
+    filterset_class = ReservationFilter
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return Reservation.objects.none()
+        return reservation_list_for_org(organization=self.organization)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_list",
+        summary="List reservations, newest first",
+        responses={200: ReservationOutput(many=True), **errors(400, 403, 404)},
+    )
+    def get(self, request):
+        return self.paginated_response(self.filter_queryset(self.get_queryset()), ReservationOutput)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_create",
+        summary="Reserve GPUs, from a quote (at its price) or directly (priced now)",
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        request=ReservationCreateInput,
+        responses={201: ReservationDetailOutput, **errors(400, 402, 403, 404, 409, 415, 422)},
+    )
+    def post(self, request):
+        data = validated_input(ReservationCreateInput, request.data)
+        workload = workload_validate(data.get("workload"))
+        ctx = self.org_context
+        if "quote" in data:
+            quote = quote_get_for_org(organization=self.organization, public_id=data["quote"])
+            reservation = reservation_create(
+                organization=self.organization, user=ctx.user, quote=quote, workload=workload
+            )
+        else:
+            reservation = reservation_create(
+                organization=self.organization,
+                user=ctx.user,
+                gpu_model=data["gpu_model"],
+                gpu_count=data["gpu_count"],
+                starts_at=data.get("starts_at") or timezone.now(),
+                ends_at=data["ends_at"],
+                tier=data.get("tier", Tier.ON_DEMAND),
+                term=data.get("term", Term.NONE),
+                site=data.get("site"),
+                region=data.get("region"),
+                workload=workload,
+            )
+        return Response(
+            _detail(self.organization, reservation.public_id), status=status.HTTP_201_CREATED
+        )
+
+
+def _detail(organization, public_id: str) -> dict:
+    """The fresh detail, read back the way GET shows it."""
+    return ReservationDetailOutput(
+        reservation_get_for_org(organization=organization, public_id=public_id)
+    ).data
+
+
+class _OneReservation(ApiView):
+    def reservation(self):
+        return reservation_get_for_org(
+            organization=self.organization, public_id=self.kwargs["reservation_id"]
+        )
+
+
+class ReservationDetailApi(_OneReservation):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_retrieve",
+        summary="Retrieve a reservation, with the actions allowed now and its history",
+        responses={200: ReservationDetailOutput, **errors(403, 404)},
+    )
+    def get(self, request, reservation_id: str):
+        return Response(ReservationDetailOutput(self.reservation()).data)
+
+
+class CancellationTermsApi(_OneReservation):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_cancellation_terms",
+        summary="What cancelling now would refund (the rule is stated before it is applied)",
+        responses={200: CancellationTermsOutput, **errors(403, 404, 409)},
+    )
+    def get(self, request, reservation_id: str):
+        return Response(CancellationTermsOutput(cancellation_terms(self.reservation())).data)
+
+
+class ReservationCancelInput(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
+
+
+class ReservationCancelApi(_OneReservation):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_cancel",
+        summary="Cancel (before activation) or stop early (active); refund per cancellation-terms",
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        request=ReservationCancelInput,
+        responses={200: ReservationDetailOutput, **errors(400, 403, 404, 409, 415, 422)},
+    )
+    def post(self, request, reservation_id: str):
+        reservation = self.reservation()
+        data = validated_input(ReservationCancelInput, request.data)
+        reservation_cancel(
+            reservation=reservation,
+            actor_label=self.org_context.actor_label,
+            reason=data["reason"],
+        )
+        return Response(_detail(self.organization, reservation.public_id))
+
+
+class ReservationExtendInput(serializers.Serializer):
+    ends_at = serializers.DateTimeField(help_text="The new, later end; same GPUs, same price.")
+
+
+class ReservationExtendApi(_OneReservation):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_extend",
+        summary="Extend: move the end later if the same GPUs stay free",
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        request=ReservationExtendInput,
+        responses={200: ReservationDetailOutput, **errors(400, 403, 404, 409, 415, 422)},
+    )
+    def post(self, request, reservation_id: str):
+        reservation = self.reservation()
+        data = validated_input(ReservationExtendInput, request.data)
+        reservation_extend(reservation=reservation, new_ends_at=data["ends_at"])
+        return Response(_detail(self.organization, reservation.public_id))

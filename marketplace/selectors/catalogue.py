@@ -1,0 +1,74 @@
+"""Public catalogue reads for the API: GPU models, sites and their capacity, quotes by org."""
+
+from collections import defaultdict
+
+from django.db.models import Count, Q, QuerySet
+
+from config.errors import NotFound
+from inventory.models import GpuModel, Node, NodeStatus, Site, SiteStatus
+from marketplace.models import Organization, Quote
+
+__all__ = [
+    "gpu_model_list",
+    "site_list_public",
+    "site_get_public",
+    "site_capacity_summaries",
+    "quote_get_for_org",
+]
+
+
+def gpu_model_list() -> QuerySet[GpuModel]:
+    return GpuModel.objects.all()
+
+
+def site_list_public() -> QuerySet[Site]:
+    """Every site a customer may hear about: all but retired ones."""
+    return Site.objects.exclude(status=SiteStatus.RETIRED)
+
+
+def site_get_public(*, slug: str) -> Site:
+    site = site_list_public().filter(slug=slug).first()
+    if site is None:
+        raise NotFound(f"No site {slug!r}.", code="site_not_found", field="slug")
+    return site
+
+
+def site_capacity_summaries(*, site_ids: list[int]) -> dict[int, dict]:
+    """Installed capacity per site (nodes not retired), by GPU model, in one query."""
+    rows = (
+        Node.objects.filter(site_id__in=site_ids)
+        .exclude(status=NodeStatus.RETIRED)
+        .values("site_id", "gpu_model__slug")
+        .annotate(
+            nodes=Count("id", distinct=True),
+            gpus=Count("gpus"),
+            available_nodes=Count("id", distinct=True, filter=Q(status=NodeStatus.AVAILABLE)),
+        )
+        .order_by("site_id", "gpu_model__slug")
+    )
+    summaries: dict[int, dict] = defaultdict(lambda: {"nodes": 0, "gpus": 0, "gpu_models": []})
+    for row in rows:
+        summary = summaries[row["site_id"]]
+        summary["nodes"] += row["nodes"]
+        summary["gpus"] += row["gpus"]
+        summary["gpu_models"].append(
+            {
+                "gpu_model": row["gpu_model__slug"],
+                "nodes": row["nodes"],
+                "gpus": row["gpus"],
+                "available_nodes": row["available_nodes"],
+            }
+        )
+    return {site_id: summaries[site_id] for site_id in site_ids}
+
+
+def quote_get_for_org(*, organization: Organization, public_id: str) -> Quote:
+    """One of the organisation's quotes; another organisation's is simply not found."""
+    quote = (
+        Quote.objects.filter(organization=organization, public_id=public_id)
+        .select_related("site", "gpu_model", "reservation")
+        .first()
+    )
+    if quote is None:
+        raise NotFound(f"No quote {public_id!r}.", code="quote_not_found", field="quote")
+    return quote

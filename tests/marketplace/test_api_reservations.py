@@ -1,0 +1,312 @@
+"""Catalogue, quotes and reservations through the API, end to end on real PostgreSQL."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from marketplace.models import Allocation, Quote, Reservation, ReservationStatus
+from marketplace.services.transitions import reservation_transition
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    allow_all_funding,
+    assert_error,
+    client_key,
+    fresh_rate_limits,
+    make_reservation,
+    market,
+    org,
+    owner,
+    owner_client,
+    reservation_body,
+    tomorrow,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def iso(dt) -> str:
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def test_it_lists_gpu_models_and_sites_with_public_facts(client_key, market):
+    site, gpu_model = market
+    models = client_key.get("/api/v1/gpu-models").json()
+    assert models["results"] == [
+        {
+            "id": "h100-sxm-80gb",
+            "name": gpu_model.name,
+            "vendor": "NVIDIA",
+            "memory_gb": 80,
+            "tdp_watts": 700,
+            "interconnect": "NVLink 900 GB/s",
+        }
+    ]
+    sites = client_key.get("/api/v1/sites").json()["results"]
+    assert sites == [
+        {
+            "id": "abilene-1",
+            "name": site.name,
+            "status": "active",
+            "region": "us-central",
+            "country": "US",
+            "grid_operator": "ERCOT",
+            "power_capacity_kw": "25000.0",
+            "pue": "1.15",
+            "renewable_share": "0.420",
+            "cooling": "immersion",
+            "uplink_gbps": 100,
+            "former_use": "bitcoin mining",
+            "capacity": {
+                "nodes": 2,
+                "gpus": 16,
+                "gpu_models": [
+                    {"gpu_model": "h100-sxm-80gb", "nodes": 2, "gpus": 16, "available_nodes": 2}
+                ],
+            },
+        }
+    ]
+    assert "energy_price_per_mwh" not in sites[0]
+
+
+def test_availability_search_returns_priced_offers(client_key, market):
+    start = tomorrow()
+    end = start + timedelta(hours=10)
+    response = client_key.get(
+        "/api/v1/availability",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 4, "start": iso(start), "end": iso(end)},
+    )
+    assert response.status_code == 200, response.content
+    (offer,) = response.json()["results"]
+    assert offer["site"] == {
+        "id": "abilene-1",
+        "name": market[0].name,
+        "region": "us-central",
+        "country": "US",
+    }
+    assert offer["gpu_count"] == 4
+    assert offer["placement"] == "single_node"
+    assert offer["currency"] == "usd"
+    assert offer["price_per_gpu_hour"] == "2.0000"
+    assert offer["total"] == "80.00"
+    assert offer["breakdown"]["total"] == "80.00"
+
+    too_cheap = client_key.get(
+        "/api/v1/availability",
+        {"gpu_count": 4, "start": iso(start), "end": iso(end), "max_price": "1.99"},
+    )
+    assert too_cheap.json() == {"results": []}
+
+
+def test_site_availability_counts_free_gpus(client_key, owner_client, market):
+    make_reservation(owner_client, gpu_count=3)
+    start = tomorrow()
+    response = client_key.get(
+        "/api/v1/sites/abilene-1/availability",
+        {"start": iso(start), "end": iso(start + timedelta(hours=1))},
+    )
+    assert response.status_code == 200, response.content
+    assert response.json()["results"] == [
+        {
+            "gpu_model": "h100-sxm-80gb",
+            "nodes": 2,
+            "healthy_gpus": 16,
+            "free_gpus": 13,
+            "largest_free_on_one_node": 8,
+            "whole_free_nodes": 1,
+        }
+    ]
+    assert_error(
+        client_key.get("/api/v1/sites/nowhere/availability", {"end": iso(start)}),
+        404,
+        "site_not_found",
+    )
+
+
+def test_a_quote_becomes_a_reservation_at_its_price(owner_client, market, owner):
+    start = tomorrow()
+    response = owner_client.post(
+        "/api/v1/quotes",
+        {
+            "gpu_model": "h100-sxm-80gb",
+            "gpu_count": 8,
+            "starts_at": iso(start),
+            "ends_at": iso(start + timedelta(hours=2)),
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    quote = response.json()
+    assert quote["id"].startswith("quo_")
+    assert (quote["total"], quote["currency"], quote["expired"]) == ("32.00", "usd", False)
+    assert quote["reservation"] is None
+
+    response = owner_client.post(
+        "/api/v1/reservations",
+        {"quote": quote["id"], "workload": {"image": "ghcr.io/acme/train:1.0", "ports": [8888]}},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    reservation = response.json()
+    assert reservation["id"].startswith("res_")
+    assert reservation["quote"] == quote["id"]
+    assert reservation["status"] == "pending"
+    assert reservation["total"] == "32.00"
+    assert reservation["starts_at"] == iso(start)
+    assert reservation["allowed_actions"] == ["cancel", "extend"]
+    assert reservation["allocations"]["gpu_count"] == 8
+    assert reservation["allocations"]["node_count"] == 1
+    assert reservation["workload"] == {
+        "image": "ghcr.io/acme/train:1.0",
+        "ssh_public_keys": [],
+        "env_names": [],
+        "ports": [8888],
+    }
+    assert reservation["connection"] is None
+    assert [t["to_status"] for t in reservation["transitions"]] == ["pending"]
+    assert (
+        owner_client.get(f"/api/v1/quotes/{quote['id']}").json()["reservation"]
+        == (reservation["id"])
+    )
+
+    again = owner_client.post("/api/v1/reservations", {"quote": quote["id"]}, format="json")
+    assert_error(again, 409, "quote_used")
+    assert Reservation.objects.count() == 1
+
+
+def test_an_expired_quote_is_refused(owner_client, market):
+    start = tomorrow()
+    quote = owner_client.post(
+        "/api/v1/quotes",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "starts_at": iso(start),
+         "ends_at": iso(start + timedelta(hours=1))},
+        format="json",
+    ).json()  # fmt: skip
+    Quote.objects.filter(public_id=quote["id"]).update(expires_at=timezone.now())
+    response = owner_client.post("/api/v1/reservations", {"quote": quote["id"]}, format="json")
+    assert_error(response, 409, "quote_expired", field="quote")
+    assert Reservation.objects.count() == 0
+    assert Allocation.objects.count() == 0
+
+
+def test_a_reservation_shows_connection_details_only_when_active(owner_client, market):
+    created = make_reservation(owner_client, starts_at=iso(timezone.now()))
+    reservation = Reservation.objects.get(public_id=created["id"])
+    assert created["status"] == "scheduled"
+    Reservation.objects.filter(pk=reservation.pk).update(
+        connection={"host": "n1.example", "ssh_port": 22}
+    )
+    url = f"/api/v1/reservations/{created['id']}"
+    assert owner_client.get(url).json()["connection"] is None
+    for status in ("provisioning", "active"):
+        reservation_transition(
+            reservation=reservation, to_status=status, cause="test", actor_label="test"
+        )
+    body = owner_client.get(url).json()
+    assert body["status"] == "active"
+    assert body["connection"] == {"host": "n1.example", "ssh_port": 22}
+    assert body["activated_at"] is not None
+
+
+def test_cancellation_terms_are_shown_then_applied(owner_client, market):
+    created = make_reservation(owner_client)
+    url = f"/api/v1/reservations/{created['id']}"
+    terms = owner_client.get(f"{url}/cancellation-terms").json()
+    assert terms["action"] == "cancel"
+    assert (terms["refund_amount"], terms["fee_amount"], terms["currency"]) == (
+        "12.00",
+        "0.00",
+        "usd",
+    )
+    response = owner_client.post(f"{url}/cancel", {"reason": "plans changed"}, format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["status"] == "cancelled"
+    assert body["allowed_actions"] == []
+    assert body["cancellation"]["refund_amount"] == "12.00"
+    assert body["cancellation"]["reason"] == "plans changed"
+    assert [t["to_status"] for t in body["transitions"]] == ["pending", "cancelled"]
+    assert Allocation.objects.filter(is_live=True).count() == 0
+
+
+def test_an_action_not_allowed_gets_409_with_the_reason(owner_client, market):
+    created = make_reservation(owner_client)
+    url = f"/api/v1/reservations/{created['id']}"
+    owner_client.post(f"{url}/cancel", {}, format="json")
+    error = assert_error(owner_client.post(f"{url}/cancel", {}, format="json"), 409)
+    assert error["code"] == "cancel_not_allowed"
+    assert "cancelled" in error["message"]
+    new_end = iso(tomorrow(hours=10))
+    error = assert_error(
+        owner_client.post(f"{url}/extend", {"ends_at": new_end}, format="json"), 409
+    )
+    assert error["code"] == "extend_not_allowed"
+    assert_error(owner_client.get(f"{url}/cancellation-terms"), 409, "cancel_not_allowed")
+
+
+def test_extend_moves_the_end_and_the_total(owner_client, market):
+    created = make_reservation(owner_client)
+    new_end = tomorrow(hours=5)
+    response = owner_client.post(
+        f"/api/v1/reservations/{created['id']}/extend", {"ends_at": iso(new_end)}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["ends_at"] == iso(new_end)
+    assert Decimal(body["total"]) == Decimal("20.00")  # 2 GPUs × 5 h × 2.00
+
+
+def test_list_filters_by_status_tier_site_and_created_range(owner_client, market):
+    first = make_reservation(owner_client)
+    second = make_reservation(owner_client, gpu_count=1)
+    owner_client.post(f"/api/v1/reservations/{first['id']}/cancel", {}, format="json")
+
+    def ids(**params):
+        response = owner_client.get("/api/v1/reservations", params)
+        assert response.status_code == 200, response.content
+        return [r["id"] for r in response.json()["results"]]
+
+    assert ids() == [second["id"], first["id"]]
+    assert ids(status="cancelled") == [first["id"]]
+    assert ids(status=["pending", "cancelled"]) == [second["id"], first["id"]]
+    assert ids(tier="reserved") == []
+    assert ids(site="abilene-1") == [second["id"], first["id"]]
+    assert ids(site="elsewhere") == []
+    assert ids(created_after=iso(timezone.now() + timedelta(minutes=1))) == []
+    assert ids(created_before=iso(timezone.now() + timedelta(minutes=1))) == [
+        second["id"],
+        first["id"],
+    ]
+    assert_error(owner_client.get("/api/v1/reservations", {"status": "bogus"}), 400, field="status")
+
+
+def test_cursor_pagination_walks_every_reservation_once(owner_client, market):
+    made = [make_reservation(owner_client, gpu_count=1)["id"] for _ in range(5)]
+    seen, url = [], "/api/v1/reservations?limit=2"
+    pages = 0
+    while url:
+        body = owner_client.get(url).json()
+        assert len(body["results"]) <= 2
+        seen += [r["id"] for r in body["results"]]
+        url = body["next"]
+        pages += 1
+    assert pages == 3
+    assert seen == list(reversed(made))
+    assert_error(owner_client.get("/api/v1/reservations?cursor=garbage"), 404)
+
+
+def test_a_billing_member_can_read_but_not_reserve(market, org, owner):
+    from marketplace.models import Role
+    from tests.factories import MembershipFactory
+    from tests.marketplace.api_fixtures import session_client
+
+    billing = session_client(MembershipFactory(organization=org, role=Role.BILLING))
+    assert billing.get("/api/v1/reservations").status_code == 200
+    assert_error(
+        billing.post("/api/v1/reservations", reservation_body(), format="json"),
+        403,
+        "insufficient_role",
+    )
+    assert_error(billing.post("/api/v1/quotes", reservation_body(), format="json"), 403)
+    assert Reservation.objects.count() == 0
