@@ -1,0 +1,278 @@
+"""Billing under /api/v1/billing/: balance, ledger, usage, invoices, payment methods, top-ups.
+
+Same base view as the marketplace API (auth, organisation from the key or membership, roles,
+Idempotency-Key on POST). Reading is open to every member; money actions need an owner,
+admin or billing member. Amounts are strings in major units with the currency beside them.
+"""
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from billing.models import BillingMode, FundingState, LedgerKind, TopUpStatus
+from billing.money import from_minor_units
+from billing.selectors import (
+    balance_minor,
+    billing_account_for_org,
+    invoices_for_org,
+    ledger_for_org,
+    payment_methods_for_org,
+    spend_minor,
+    top_ups_for_org,
+    usage_by_reservation_day,
+)
+from billing.services.funding import month_start
+from billing.services.payment_methods import (
+    payment_method_detach,
+    payment_method_set_default,
+    setup_intent_create,
+)
+from billing.services.topups import top_up_create
+from marketplace.api.pagination import NewestFirstCursorPagination
+from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.views import ApiView, validated_input
+from marketplace.models import Role
+
+TAGS = ["Billing"]
+MONEY_ROLES = frozenset({Role.OWNER, Role.ADMIN, Role.BILLING})
+
+
+def _money(amount_minor: int | None, currency: str) -> str | None:
+    return None if amount_minor is None else str(from_minor_units(int(amount_minor), currency))
+
+
+class MoneyField(serializers.Field):
+    """Reads `<source>` (minor units) and the object's currency; renders a decimal string."""
+
+    def __init__(self, **kwargs):
+        kwargs["read_only"] = True
+        super().__init__(**kwargs)
+
+    def get_attribute(self, instance):
+        value = super().get_attribute(instance)
+        currency = instance["currency"] if isinstance(instance, dict) else instance.currency
+        return _money(value, currency)
+
+    def to_representation(self, value):
+        return value
+
+
+class BalanceOutput(serializers.Serializer):
+    currency = serializers.CharField()
+    balance = serializers.CharField(help_text="Prepaid balance: the sum of the ledger.")
+    mode = serializers.ChoiceField(choices=BillingMode.choices)
+    funding_state = serializers.ChoiceField(choices=FundingState.choices)
+    grace_until = serializers.DateTimeField(allow_null=True)
+    auto_recharge_enabled = serializers.BooleanField()
+    recharge_threshold = serializers.CharField()
+    recharge_amount = serializers.CharField()
+    monthly_spend_limit = serializers.CharField(allow_null=True)
+    spent_this_month = serializers.CharField()
+    default_payment_method = serializers.CharField(allow_blank=True)
+
+
+class BalanceApi(ApiView):
+    @extend_schema(tags=TAGS, operation_id="billing_balance", summary="Balance and funding state",
+                   responses={200: BalanceOutput, **errors(403)})  # fmt: skip
+    def get(self, request):
+        from django.utils import timezone
+
+        from billing.services.accounts import billing_account_get_or_create
+
+        org = self.organization
+        account = billing_account_for_org(organization=org) or billing_account_get_or_create(
+            organization=org
+        )
+        c = account.currency
+        data = {
+            "currency": c,
+            "balance": _money(balance_minor(organization=org), c),
+            "mode": account.mode,
+            "funding_state": account.funding_state,
+            "grace_until": account.grace_until,
+            "auto_recharge_enabled": account.auto_recharge_enabled,
+            "recharge_threshold": _money(account.recharge_threshold_minor, c),
+            "recharge_amount": _money(account.recharge_amount_minor, c),
+            "monthly_spend_limit": _money(account.monthly_spend_limit_minor, c),
+            "spent_this_month": _money(
+                spend_minor(organization=org, since=month_start(timezone.now())), c
+            ),
+            "default_payment_method": account.default_payment_method_id,
+        }
+        return Response(BalanceOutput(data).data)
+
+
+class LedgerEntryOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=LedgerKind.choices)
+    amount = MoneyField(source="amount_minor")
+    currency = serializers.CharField()
+    reservation = serializers.CharField(
+        source="reservation.public_id", allow_null=True, default=None
+    )
+    period_start = serializers.DateTimeField(allow_null=True)
+    period_end = serializers.DateTimeField(allow_null=True)
+    gpu_seconds = serializers.IntegerField()
+    description = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class LedgerListApi(ApiView):
+    pagination_class = NewestFirstCursorPagination
+
+    @extend_schema(tags=TAGS, operation_id="billing_ledger", summary="Ledger entries, newest first",
+                   responses={200: LedgerEntryOutput(many=True), **errors(400, 403)})  # fmt: skip
+    def get(self, request):
+        return self.paginated_response(
+            ledger_for_org(organization=self.organization), LedgerEntryOutput
+        )
+
+
+class UsageInput(serializers.Serializer):
+    since = serializers.DateField(required=False)
+    until = serializers.DateField(required=False)
+
+
+class UsageOutput(serializers.Serializer):
+    reservation = serializers.CharField(source="reservation__public_id")
+    day = serializers.DateField()
+    gpu_seconds = serializers.IntegerField()
+    amount = serializers.SerializerMethodField()
+    currency = serializers.CharField()
+
+    def get_amount(self, row) -> str:
+        return _money(-row["amount_minor"], row["currency"])
+
+
+class UsageApi(ApiView):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="billing_usage",
+        summary="Usage by reservation and UTC day (charged amounts, positive)",
+        parameters=[OpenApiParameter("since", str), OpenApiParameter("until", str)],
+        responses={200: UsageOutput(many=True), **errors(400, 403)},
+    )
+    def get(self, request):
+        data = validated_input(UsageInput, request.query_params)
+        rows = usage_by_reservation_day(
+            organization=self.organization, since=data.get("since"), until=data.get("until")
+        )[:1000]
+        return Response(UsageOutput(rows, many=True).data)
+
+
+class InvoiceOutput(serializers.Serializer):
+    id = serializers.CharField(source="stripe_invoice_id")
+    status = serializers.CharField()
+    currency = serializers.CharField()
+    amount_due = MoneyField(source="amount_due_minor")
+    amount_paid = MoneyField(source="amount_paid_minor")
+    hosted_invoice_url = serializers.CharField()
+    period_start = serializers.DateTimeField(allow_null=True)
+    period_end = serializers.DateTimeField(allow_null=True)
+
+
+class InvoiceListApi(ApiView):
+    @extend_schema(tags=TAGS, operation_id="billing_invoices", summary="Invoices (postpaid)",
+                   responses={200: InvoiceOutput(many=True), **errors(403)})  # fmt: skip
+    def get(self, request):
+        return Response(
+            InvoiceOutput(invoices_for_org(organization=self.organization), many=True).data
+        )
+
+
+class PaymentMethodOutput(serializers.Serializer):
+    id = serializers.CharField(source="stripe_payment_method_id")
+    brand = serializers.CharField()
+    last4 = serializers.CharField()
+    exp_month = serializers.IntegerField(allow_null=True)
+    exp_year = serializers.IntegerField(allow_null=True)
+    is_default = serializers.BooleanField()
+
+
+class PaymentMethodListApi(ApiView):
+    @extend_schema(tags=TAGS, operation_id="billing_payment_methods",
+                   summary="Saved cards", responses={200: PaymentMethodOutput(many=True), **errors(403)})  # fmt: skip
+    def get(self, request):
+        account = billing_account_for_org(organization=self.organization)
+        default = account.default_payment_method_id if account else ""
+        methods = payment_methods_for_org(organization=self.organization)
+        for pm in methods:
+            pm.is_default = pm.stripe_payment_method_id == default
+        return Response(PaymentMethodOutput(methods, many=True).data)
+
+
+class SetupIntentOutput(serializers.Serializer):
+    setup_intent_id = serializers.CharField()
+    client_secret = serializers.CharField(help_text="For Stripe.js confirmCardSetup.")
+    publishable_key = serializers.CharField()
+    stripe_js_url = serializers.CharField()
+
+
+class SetupIntentApi(ApiView):
+    write_roles = MONEY_ROLES
+
+    @extend_schema(tags=TAGS, operation_id="billing_setup_intent_create", request=None,
+                   summary="Start saving a card (confirm it with Stripe.js confirmCardSetup)",
+                   responses={201: SetupIntentOutput, **errors(403)})  # fmt: skip
+    def post(self, request):
+        result = setup_intent_create(organization=self.organization)
+        return Response(SetupIntentOutput(result).data, status=status.HTTP_201_CREATED)
+
+
+class PaymentMethodDefaultApi(ApiView):
+    write_roles = MONEY_ROLES
+
+    @extend_schema(tags=TAGS, operation_id="billing_payment_method_set_default", request=None,
+                   summary="Make a saved card the default", responses={204: None, **errors(403, 404)})  # fmt: skip
+    def post(self, request, payment_method_id: str):
+        payment_method_set_default(
+            organization=self.organization, payment_method_id=payment_method_id
+        )
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PaymentMethodDetailApi(ApiView):
+    write_roles = MONEY_ROLES
+
+    @extend_schema(tags=TAGS, operation_id="billing_payment_method_detach",
+                   summary="Remove a saved card", responses={204: None, **errors(403, 404)})  # fmt: skip
+    def delete(self, request, payment_method_id: str):
+        payment_method_detach(organization=self.organization, payment_method_id=payment_method_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TopUpInput(serializers.Serializer):
+    amount = serializers.DecimalField(max_digits=9, decimal_places=2, help_text='e.g. "50.00"')
+
+
+class TopUpOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    amount = MoneyField(source="amount_minor")
+    currency = serializers.CharField()
+    automatic = serializers.BooleanField()
+    status = serializers.ChoiceField(choices=TopUpStatus.choices)
+    failure_reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class TopUpListApi(ApiView):
+    write_roles = MONEY_ROLES
+    pagination_class = NewestFirstCursorPagination
+
+    @extend_schema(tags=TAGS, operation_id="billing_top_ups", summary="Top-ups, newest first",
+                   responses={200: TopUpOutput(many=True), **errors(403)})  # fmt: skip
+    def get(self, request):
+        return self.paginated_response(top_ups_for_org(organization=self.organization), TopUpOutput)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="billing_top_up_create",
+        summary="Charge the default card and add to the balance (settles asynchronously)",
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        request=TopUpInput,
+        responses={202: TopUpOutput, **errors(400, 402, 403)},
+    )
+    def post(self, request):
+        data = validated_input(TopUpInput, request.data)
+        top_up = top_up_create(organization=self.organization, amount=data["amount"])
+        return Response(TopUpOutput(top_up).data, status=status.HTTP_202_ACCEPTED)

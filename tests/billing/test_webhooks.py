@@ -1,0 +1,145 @@
+"""Stripe webhooks: real signed deliveries from localstripe to a live server, bad signatures,
+replays. Processing normally runs in a Celery task queued on commit; here the test calls the
+task function directly (synchronously) after the delivery has been stored."""
+
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+from django.urls import reverse
+
+from billing.models import BillingAccount, LedgerEntry, TopUp, TopUpStatus, WebhookEvent
+from billing.selectors import balance_minor
+from billing.services.accounts import billing_account_get_or_create
+from billing.tasks import webhook_process
+from tests.billing.conftest import save_card, stripe_client
+from tests.factories import MembershipFactory
+
+SECRET = "whsec_switchyard_test"
+URL = "/api/v1/webhooks/stripe"
+
+
+def sign(payload: bytes, secret: str = SECRET, at: int | None = None) -> str:
+    at = at or int(time.time())
+    mac = hmac.new(secret.encode(), b"%d.%s" % (at, payload), hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
+
+
+def wait_for_event(event_type: str, timeout: float = 15.0) -> WebhookEvent:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = WebhookEvent.objects.filter(type=event_type).first()
+        if event is not None:
+            return event
+        time.sleep(0.2)
+    raise AssertionError(f"no {event_type} delivered within {timeout}s")
+
+
+@pytest.fixture
+def webhooks_to_live_server(localstripe, live_server):
+    localstripe.register_webhook(url=live_server.url + URL, secret=SECRET)
+    yield
+    # Deliveries must not reach the live server from later tests: point them at nothing.
+    localstripe.register_webhook(url="http://127.0.0.1:9/", secret=SECRET)
+
+
+@pytest.mark.stripe
+@pytest.mark.django_db(transaction=True)
+def test_a_signed_payment_succeeded_delivery_credits_a_top_up_whose_result_was_lost(
+    localstripe, webhooks_to_live_server
+):
+    org = MembershipFactory().organization
+    billing_account_get_or_create(organization=org)
+    pm_id = save_card(localstripe, org)
+    account = BillingAccount.objects.get(organization=org)
+    account.auto_recharge_enabled = False
+    account.save()
+    # The sender charged the card, then crashed before recording the result: only Stripe knows.
+    top_up = TopUp.objects.create(
+        organization=org, amount_minor=7000, currency="usd", payment_method_id=pm_id
+    )
+    pi = stripe_client(localstripe).v1.payment_intents.create(
+        {
+            "amount": 7000,
+            "currency": "usd",
+            "customer": account.stripe_customer_id,
+            "payment_method": pm_id,
+            "off_session": True,
+            "confirm": True,
+            "metadata": {"top_up": str(top_up.pk)},
+        }
+    )
+
+    event = wait_for_event("payment_intent.succeeded")
+    assert event.processed_at is None
+    assert balance_minor(organization=org) == 0
+
+    assert webhook_process(event.pk) is True
+    assert webhook_process(event.pk) is False  # a second run of the task changes nothing
+
+    top_up.refresh_from_db()
+    assert (top_up.status, top_up.stripe_payment_intent_id) == (TopUpStatus.SUCCEEDED, pi.id)
+    assert balance_minor(organization=org) == 7000
+    assert LedgerEntry.objects.filter(organization=org).count() == 1
+    event.refresh_from_db()
+    assert event.processed_at is not None and event.error == ""
+
+
+@pytest.mark.django_db
+def test_a_bad_signature_gets_400_and_stores_nothing(client, settings):
+    settings.STRIPE_WEBHOOK_SECRET = SECRET
+    payload = json.dumps({"id": "evt_1", "object": "event", "type": "payment_intent.succeeded",
+                          "data": {"object": {"id": "pi_1", "object": "payment_intent"}}}).encode()  # fmt: skip
+
+    forged = client.post(URL, payload, content_type="application/json",
+                         HTTP_STRIPE_SIGNATURE=sign(payload, secret="whsec_wrong"))  # fmt: skip
+    unsigned = client.post(URL, payload, content_type="application/json")
+    stale = client.post(URL, payload, content_type="application/json",
+                        HTTP_STRIPE_SIGNATURE=sign(payload, at=int(time.time()) - 3600))  # fmt: skip
+
+    assert [forged.status_code, unsigned.status_code, stale.status_code] == [400, 400, 400]
+    assert forged.json()["error"]["code"] == "invalid_signature"
+    assert not WebhookEvent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_replayed_event_is_stored_once_and_processed_once(client, settings, org):
+    settings.STRIPE_WEBHOOK_SECRET = SECRET
+    top_up = TopUp.objects.create(
+        organization=org, amount_minor=2500, currency="usd", payment_method_id="pm_x"
+    )
+    payload = json.dumps(
+        {
+            "id": "evt_replayed",
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "created": int(time.time()),
+            "data": {
+                "object": {
+                    "id": "pi_replayed",
+                    "object": "payment_intent",
+                    "status": "succeeded",
+                    "metadata": {"top_up": str(top_up.pk)},
+                }
+            },
+        }  # fmt: skip
+    ).encode()
+
+    first = client.post(
+        URL, payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=sign(payload)
+    )
+    event = WebhookEvent.objects.get()
+    webhook_process(event.pk)
+    second = client.post(
+        URL, payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=sign(payload)
+    )
+    webhook_process(event.pk)
+
+    assert (first.status_code, first.json()["duplicate"]) == (200, False)
+    assert (second.status_code, second.json()["duplicate"]) == (200, True)
+    assert WebhookEvent.objects.count() == 1
+    assert balance_minor(organization=org) == 2500
+    assert LedgerEntry.objects.filter(organization=org).count() == 1
+    assert reverse("stripe-webhook") == URL
