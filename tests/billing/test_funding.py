@@ -1,0 +1,109 @@
+"""The funding gate (balance, spend limit) and the run-out policy: warning, grace, release."""
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from billing.models import BillingAccount, BillingMode, BillingNotice, FundingState, LedgerKind
+from billing.services.funding import BillingFundingGate, funding_state_update
+from billing.services.ledger import ledger_entry_add
+from billing.services.metering import usage_meter_run
+from config.errors import PaymentRequired
+from marketplace.funding import funding_gate
+from marketplace.models import Reservation, ReservationStatus, Tier
+from tests.billing.conftest import T0, make_reservation
+
+pytestmark = pytest.mark.django_db
+
+
+def credit(org, minor: int, key: str):
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=minor, currency="usd",
+                     idempotency_key=key)  # fmt: skip
+
+
+def authorize(org, *, tier=Tier.ON_DEMAND, price="2.00", gpus=2, hours=10, total=None):
+    funding_gate().reservation_authorize(
+        organization=org, tier=tier, gpu_count=gpus, price_per_gpu_hour=Decimal(price),
+        total_amount=Decimal(total or Decimal(price) * gpus * hours), currency="usd",
+        starts_at=T0, ends_at=T0 + timedelta(hours=hours),
+    )  # fmt: skip
+
+
+def test_billing_registers_its_gate_with_the_marketplace():
+    assert isinstance(funding_gate(), BillingFundingGate)
+
+
+def test_on_demand_needs_the_first_hour_covered_by_the_balance(org):
+    credit(org, 399, "c1")
+    with pytest.raises(PaymentRequired) as error:
+        authorize(org)  # 2 GPUs × 2.00 × 1 h = 4.00
+    assert error.value.code == "insufficient_funds"
+
+    credit(org, 1, "c2")
+    authorize(org)
+
+
+def test_a_reserved_term_needs_its_whole_total(org):
+    credit(org, 10000, "c1")
+    with pytest.raises(PaymentRequired):
+        authorize(org, tier=Tier.RESERVED, total="100.01")
+    authorize(org, tier=Tier.RESERVED, total="100.00")
+
+
+def test_a_monthly_spend_limit_blocks_new_reservations_even_when_postpaid(org, settings):
+    BillingAccount.objects.filter(organization=org).update(
+        mode=BillingMode.POSTPAID, monthly_spend_limit_minor=1000
+    )
+    ledger_entry_add(organization=org, kind=LedgerKind.USAGE, amount_minor=-700, currency="usd",
+                     idempotency_key="u1")  # fmt: skip
+
+    authorize(org, price="1.50")  # 3.00 more: exactly 10.00
+    with pytest.raises(PaymentRequired) as error:
+        authorize(org, price="1.51")
+    assert error.value.code == "spend_limit_exceeded"
+    assert error.value.status_code == 402
+
+
+def test_funds_running_out_warn_then_grace_then_release_never_silently(org, settings):
+    settings.BILLING_LOW_BALANCE_GRACE = timedelta(minutes=30)
+    BillingAccount.objects.filter(organization=org).update(recharge_threshold_minor=1000)
+    credit(org, 1500, "c1")
+    running = make_reservation(org, gpu_count=1, price=Decimal("3.6000"), activated_at=T0,
+                               hours=24, starts_at=T0)  # fmt: skip
+    reserved = make_reservation(org, tier=Tier.RESERVED, gpu_count=1, activated_at=T0, hours=24,
+                                starts_at=T0, total=Decimal("0"))  # fmt: skip
+
+    def state():
+        return BillingAccount.objects.get(organization=org).funding_state
+
+    usage_meter_run(now=T0 + timedelta(minutes=10))  # 0.60 used, 14.40 left
+    assert state() == FundingState.OK
+    usage_meter_run(now=T0 + timedelta(minutes=150))  # 9.00 used: 6.00 < 10.00
+    assert state() == FundingState.WARNING
+    usage_meter_run(now=T0 + timedelta(minutes=250))  # 15.00 used: 0.00
+    account = BillingAccount.objects.get(organization=org)
+    assert account.funding_state == FundingState.GRACE
+    assert account.grace_until == T0 + timedelta(minutes=280)
+    usage_meter_run(now=T0 + timedelta(minutes=279))  # still in grace: still running
+    assert Reservation.objects.get(pk=running.pk).status == ReservationStatus.ACTIVE
+
+    usage_meter_run(now=T0 + timedelta(minutes=280))
+
+    assert state() == FundingState.SUSPENDED
+    assert Reservation.objects.get(pk=running.pk).status == ReservationStatus.RELEASING
+    assert Reservation.objects.get(pk=reserved.pk).status == ReservationStatus.ACTIVE
+    kinds = list(
+        BillingNotice.objects.filter(organization=org).order_by("id").values_list("kind", flat=True)
+    )
+    assert kinds == ["low_balance", "grace_started", "suspended"]
+    with pytest.raises(PaymentRequired) as error:
+        authorize(org)
+    assert error.value.code == "account_suspended"
+    # Grace time was charged, not given away: the balance is negative by the grace usage.
+    from billing.selectors import balance_minor
+
+    assert balance_minor(organization=org) == -180
+
+    credit(org, 5000, "top-up")
+    assert funding_state_update(organization=org) == FundingState.OK
