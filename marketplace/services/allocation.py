@@ -24,7 +24,8 @@ from marketplace.selectors.availability import NodeCapacity, node_free_capacity
 
 __all__ = ["allocation_place", "choose_nodes", "MAX_PLACEMENT_ATTEMPTS"]
 
-MAX_PLACEMENT_ATTEMPTS = 5
+# Each retry re-reads capacities, so it only fails again if yet another node filled up meanwhile.
+MAX_PLACEMENT_ATTEMPTS = 8
 _TAKEN_SQLSTATES = {"23P01", "40P01"}
 
 # The GPUs of the given (already locked) nodes that are free for the window, in placement order.
@@ -99,10 +100,11 @@ def allocation_place(
         if not plan:
             break
         try:
-            with transaction.atomic():  # a savepoint per attempt
-                allocations = _lock_and_insert(reservation=reservation, plan=plan, period=period)
-                if allocations is not None:
-                    return allocations
+            # A savepoint per attempt: rolling it back also releases that attempt's node locks.
+            with transaction.atomic():
+                return _lock_and_insert(reservation=reservation, plan=plan, period=period)
+        except _Taken:
+            continue
         except (IntegrityError, OperationalError) as exc:
             if _sqlstate(exc) not in _TAKEN_SQLSTATES:
                 raise
