@@ -273,6 +273,7 @@ class Record:
     lines: dict = field(default_factory=dict)  # field -> line it came from
     bad: set = field(default_factory=set)  # fields that failed to parse (already reported)
     exists: bool = False  # already in the database
+    duplicate: bool = False  # its key was already used earlier in the file (reported)
     site_slug: str | None = None  # nodes: their site
 
     def line_of(self, name: str) -> int:
@@ -485,6 +486,7 @@ def _validate(plan: Plan) -> None:
         key = record.values.get(key_field)
         if key is not None:
             if (record.kind, key) in seen:
+                record.duplicate = True
                 plan.problem(
                     record.line,
                     f"{_LABELS[record.kind]} {key!r} appears twice in the file "
@@ -558,6 +560,8 @@ def _check_against_database(plan: Plan) -> None:
             )
     owner: dict[str, tuple[str, int, int]] = {}
     for record in plan.nodes:
+        if record.duplicate:
+            continue
         for index, serial in enumerate(record.values.get("gpu_serials") or []):
             hostname = record.values.get("hostname", "?")
             if serial in owner:
