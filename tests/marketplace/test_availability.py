@@ -217,3 +217,18 @@ def test_it_refuses_a_bad_window(h100):
         search(ends_at=T1)
     with pytest.raises(ValidationFailed):
         search(gpu_count=0)
+
+
+def test_the_demo_seed_prices_every_model_and_offers_capacity():
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from marketplace.models import PricingPolicy, RateCard
+
+    call_command("seed_demo", stdout=StringIO())
+    call_command("seed_demo", stdout=StringIO())  # idempotent
+    assert RateCard.objects.filter(site__isnull=True).count() == 6
+    assert PricingPolicy.objects.count() == 1
+    offers = search(gpu_model="h100-sxm-80gb")
+    assert offers and all(o.price_per_gpu_hour > 0 for o in offers)

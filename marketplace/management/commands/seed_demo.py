@@ -283,8 +283,42 @@ def _ensure_login(user, password: str, *, staff: bool) -> None:
 
 
 def _seed_pricing() -> None:
-    """Demo rate cards — TO BE FILLED by the marketplace pricing work (issue 3).
+    """Demo rate cards (list price per GPU-hour, USD) and a pricing policy.
 
-    Does nothing yet. When filled, keep it idempotent (update_or_create on the rate card's
-    natural key: GPU model and site) like the rest of this command.
+    Idempotent: rate cards are matched on (GPU model, site); a policy is created only when
+    there is none, so staff edits made during a demo are kept.
     """
+    from marketplace.models import PricingPolicy, RateCard
+    from marketplace.services.pricing import DEFAULT_POLICY
+
+    defaults = {
+        "h200-sxm-141gb": "3.1000",
+        "h100-sxm-80gb": "2.2000",
+        "a100-sxm-80gb": "1.4000",
+        "l40s-48gb": "0.8500",
+        "rtx-4090-24gb": "0.3500",
+        "mi300x-192gb": "2.4000",
+    }
+    # Sites with cheap hydro power sell a little below list.
+    site_overrides = {
+        ("h100-sxm-80gb", "mo-i-rana-no"): "2.0500",
+        ("a100-sxm-80gb", "baie-comeau-qc"): "1.3000",
+    }
+    models = GpuModel.objects.in_bulk(defaults, field_name="slug")
+    for slug, price in defaults.items():
+        if slug in models:
+            RateCard.objects.update_or_create(
+                gpu_model=models[slug],
+                site=None,
+                defaults={"price_per_gpu_hour": Decimal(price), "currency": "usd"},
+            )
+    sites = Site.objects.in_bulk([site for _, site in site_overrides], field_name="slug")
+    for (slug, site_slug), price in site_overrides.items():
+        if slug in models and site_slug in sites:
+            RateCard.objects.update_or_create(
+                gpu_model=models[slug],
+                site=sites[site_slug],
+                defaults={"price_per_gpu_hour": Decimal(price), "currency": "usd"},
+            )
+    if not PricingPolicy.objects.exists():
+        PricingPolicy.objects.create(**DEFAULT_POLICY, note="demo default")
