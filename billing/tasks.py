@@ -14,6 +14,8 @@ __all__ = [
     "webhook_process",
     "webhook_sweep",
     "usage_meter",
+    "sla_credits_issue",
+    "usage_report_postpaid",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,3 +64,13 @@ def usage_meter() -> int:
     from billing.services.metering import usage_meter_run
 
     return usage_meter_run()
+
+
+@shared_task(name="billing.tasks.sla_credits_issue")
+def sla_credits_issue() -> int:
+    """Credit last month's SLA misses (idempotent: once per reservation and month)."""
+    from billing.services.credits import sla_credits_issue_for_month
+
+    first_of_this_month = timezone.now().date().replace(day=1)
+    last_month = (first_of_this_month - timedelta(days=1)).replace(day=1)
+    return sla_credits_issue_for_month(month=last_month)

@@ -4,6 +4,7 @@ from datetime import datetime, timedelta
 
 from django.utils import timezone
 
+from billing.services.credits import cancellation_settle, cancellations_due
 from billing.services.funding import funding_state_update
 from billing.services.usage import reservation_meter, reservations_to_meter
 from marketplace.models import Organization, Reservation
@@ -21,7 +22,14 @@ def usage_meter_run(*, now: datetime | None = None) -> int:
     for reservation_id in ids:
         if reservation_meter(reservation_id=reservation_id, now=now) is not None:
             written += 1
-    org_ids = set(Reservation.objects.filter(pk__in=ids).values_list("organization_id", flat=True))
+    settled = cancellations_due()
+    for reservation_id in settled:
+        cancellation_settle(reservation_id=reservation_id)
+    org_ids = set(
+        Reservation.objects.filter(pk__in=[*ids, *settled]).values_list(
+            "organization_id", flat=True
+        )
+    )
     for organization in Organization.objects.filter(pk__in=org_ids).order_by("pk"):
         funding_state_update(organization=organization, now=now)
     return written

@@ -1,0 +1,234 @@
+"""Credits: staff credits, SLA credits from recorded outages, cancellation refunds.
+
+SLA (documented for customers): each reservation has a monthly uptime target of 99.5 %,
+measured per calendar month (UTC) over the time it was active in that month
+([activated_at, released_at or its booked end)), where any outage of any node serving it
+counts as downtime. If the month's uptime is below target, the reservation is credited a
+share of what it was charged for that month:
+
+    uptime < 99.5 % → 10 %      uptime < 99 % → 25 %      uptime < 95 % → 100 %
+
+"Charged for that month": on-demand and interruptible, the usage lines whose interval starts
+in the month (already net of outage time, which is never billed); reserved, the term's total
+pro rata to the part of the booked period in the month. Credits are rounded half-up to the
+cent, once, and written once per reservation and month (key "sla:<id>:<YYYY-MM>").
+
+Cancellation refunds follow the marketplace's stated terms (reservation.cancellation, written
+by marketplace.services.reservations.reservation_cancel): a reserved term, charged up front,
+gets `refund_amount` back as a credit to the balance. On-demand and interruptible time is only
+ever charged as it is used, so cancelling them leaves nothing to refund. A reserved
+reservation that failed before ever becoming active is credited in full.
+"""
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from billing.models import LedgerEntry, LedgerKind
+from billing.money import from_minor_units, to_minor_units
+from billing.services.ledger import ledger_entry_add
+from billing.services.usage import METERED_TIERS, _overlap_seconds, outage_intervals
+from config.errors import ValidationFailed
+from marketplace.models import Organization, Reservation, ReservationStatus, Tier
+
+__all__ = [
+    "SLA_TARGET",
+    "SLA_CREDIT_TIERS",
+    "sla_credit_fraction",
+    "month_bounds",
+    "reservation_month_uptime",
+    "sla_credit_issue",
+    "sla_credits_issue_for_month",
+    "credit_issue",
+    "cancellation_settle",
+    "cancellations_due",
+]
+
+SLA_TARGET = Decimal("0.995")
+# (uptime strictly below, fraction of the month's charge credited), most severe first.
+SLA_CREDIT_TIERS = (
+    (Decimal("0.95"), Decimal("1.00")),
+    (Decimal("0.99"), Decimal("0.25")),
+    (Decimal("0.995"), Decimal("0.10")),
+)
+
+
+def sla_credit_fraction(uptime: Decimal) -> Decimal:
+    if isinstance(uptime, float):
+        raise TypeError("uptime must be Decimal, not float")
+    for below, fraction in SLA_CREDIT_TIERS:
+        if uptime < below:
+            return fraction
+    return Decimal("0")
+
+
+def month_bounds(month: date) -> tuple[datetime, datetime]:
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    end = datetime(month.year + (month.month == 12), month.month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def reservation_month_uptime(
+    *, reservation: Reservation, month: date, now: datetime | None = None
+) -> tuple[int, int]:
+    """(seconds active in the month, seconds of outage within them)."""
+    now = now or timezone.now()
+    m0, m1 = month_bounds(month)
+    if reservation.activated_at is None:
+        return 0, 0
+    lo = max(reservation.activated_at, m0)
+    hi = min(reservation.released_at or reservation.ends_at, reservation.ends_at, m1, now)
+    if hi <= lo:
+        return 0, 0
+    outages = outage_intervals(reservation=reservation, until=hi)
+    return int((hi - lo).total_seconds()), _overlap_seconds(outages, lo, hi)
+
+
+def _month_charge_minor(reservation: Reservation, month: date) -> int:
+    m0, m1 = month_bounds(month)
+    if reservation.tier in METERED_TIERS:
+        charged = LedgerEntry.objects.filter(
+            reservation=reservation,
+            kind=LedgerKind.USAGE,
+            period_start__gte=m0,
+            period_start__lt=m1,
+        ).aggregate(total=Coalesce(Sum("amount_minor"), 0))["total"]
+        return max(-charged, 0)
+    period = (reservation.ends_at - reservation.starts_at).total_seconds()
+    lo, hi = max(reservation.starts_at, m0), min(reservation.ends_at, m1)
+    if hi <= lo or period <= 0:
+        return 0
+    share = Decimal(int((hi - lo).total_seconds())) / Decimal(int(period))
+    return to_minor_units(Decimal(reservation.total_amount) * share, reservation.currency)
+
+
+@transaction.atomic
+def sla_credit_issue(
+    *, reservation_id: int, month: date, now: datetime | None = None
+) -> LedgerEntry | None:
+    reservation = Reservation.objects.select_related("organization").get(pk=reservation_id)
+    active, down = reservation_month_uptime(reservation=reservation, month=month, now=now)
+    if active == 0 or down == 0:
+        return None
+    uptime = Decimal(active - down) / Decimal(active)
+    fraction = sla_credit_fraction(uptime)
+    charge_minor = _month_charge_minor(reservation, month)
+    amount_minor = to_minor_units(
+        from_minor_units(charge_minor, reservation.currency) * fraction, reservation.currency
+    )
+    if amount_minor <= 0:
+        return None
+    entry, created = ledger_entry_add(
+        organization=reservation.organization,
+        kind=LedgerKind.SLA_CREDIT,
+        amount_minor=amount_minor,
+        currency=reservation.currency,
+        idempotency_key=f"sla:{reservation.pk}:{month:%Y-%m}",
+        reservation=reservation,
+        description=f"SLA credit {month:%Y-%m}: uptime {uptime * 100:.3f} % "
+        f"({down} s down of {active} s) → {fraction * 100:.0f} % of "
+        f"{from_minor_units(charge_minor, reservation.currency)}",
+    )
+    return entry if created else None
+
+
+def sla_credits_issue_for_month(*, month: date, now: datetime | None = None) -> int:
+    m0, m1 = month_bounds(month)
+    ids = (
+        Reservation.objects.filter(activated_at__lt=m1, ends_at__gt=m0)
+        .exclude(released_at__lt=m0)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    return sum(1 for pk in ids if sla_credit_issue(reservation_id=pk, month=month, now=now))
+
+
+@transaction.atomic
+def credit_issue(
+    *,
+    organization: Organization,
+    amount: Decimal,
+    reason: str,
+    created_by: AbstractBaseUser | None,
+    currency: str = "usd",
+    idempotency_key: str | None = None,
+) -> LedgerEntry:
+    """A staff credit to an organisation's balance, with its reason."""
+    if isinstance(amount, float):
+        raise TypeError("amount must be Decimal, not float")
+    if not reason.strip():
+        raise ValidationFailed("A credit needs a reason.", field="reason")
+    amount_minor = to_minor_units(amount, currency)
+    if amount_minor <= 0:
+        raise ValidationFailed("A credit must be positive.", field="amount")
+    import uuid
+
+    entry, _ = ledger_entry_add(
+        organization=organization,
+        kind=LedgerKind.CREDIT,
+        amount_minor=amount_minor,
+        currency=currency,
+        idempotency_key=idempotency_key or f"credit:{uuid.uuid4().hex}",
+        description=reason,
+        created_by=created_by,
+    )
+    return entry
+
+
+@transaction.atomic
+def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
+    """Credit a cancelled (or never-delivered) reserved term by the stated terms, once."""
+    reservation = Reservation.objects.select_for_update().get(pk=reservation_id)
+    if reservation.tier != Tier.RESERVED:
+        return None
+    terms = getattr(reservation, "cancellation", None) or {}
+    if terms.get("refund_amount") is not None:
+        refund = Decimal(str(terms["refund_amount"]))
+        why = f"Cancellation refund: {terms.get('rule', '')}".strip()
+    elif reservation.status == ReservationStatus.FAILED and reservation.activated_at is None:
+        refund = Decimal(reservation.total_amount)
+        why = "Reserved term never delivered: full refund."
+    else:
+        return None
+    charge, _ = ledger_entry_add(
+        organization=reservation.organization,
+        kind=LedgerKind.RESERVED_CHARGE,
+        amount_minor=-to_minor_units(reservation.total_amount, reservation.currency),
+        currency=reservation.currency,
+        idempotency_key=f"reserved:{reservation.pk}",
+        reservation=reservation,
+        period_start=reservation.starts_at,
+        period_end=reservation.ends_at,
+        description=f"Reserved term {reservation.term}, {reservation.gpu_count} GPU(s)",
+    )
+    amount_minor = min(to_minor_units(refund, reservation.currency), -charge.amount_minor)
+    if amount_minor <= 0:
+        return None
+    entry, created = ledger_entry_add(
+        organization=reservation.organization,
+        kind=LedgerKind.CREDIT,
+        amount_minor=amount_minor,
+        currency=reservation.currency,
+        idempotency_key=f"cancel:{reservation.pk}",
+        reservation=reservation,
+        description=why,
+    )
+    return entry if created else None
+
+
+def cancellations_due() -> list[int]:
+    """Reserved reservations with cancellation terms (or failed undelivered) not yet settled."""
+    settled = LedgerEntry.objects.filter(idempotency_key__startswith="cancel:").values(
+        "reservation_id"
+    )
+    qs = Reservation.objects.filter(tier=Tier.RESERVED).exclude(pk__in=settled)
+    cancelled = qs.exclude(cancellation={}) if hasattr(Reservation, "cancellation") else qs.none()
+    failed = qs.filter(status=ReservationStatus.FAILED, activated_at__isnull=True)
+    return sorted(
+        set(cancelled.values_list("pk", flat=True)) | set(failed.values_list("pk", flat=True))
+    )
