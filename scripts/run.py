@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from devservices import (
@@ -30,6 +31,8 @@ from devservices import (
 )
 
 HOST = "127.0.0.1"
+# billing.urls: where Stripe (here localstripe) delivers webhooks.
+STRIPE_WEBHOOK_PATH = "/api/v1/webhooks/stripe"
 DEMO_LOGINS = [
     ("staff (admin)", "admin", "switchyard-admin"),
     ("customer (owner of Demo AI Lab)", "demo", "switchyard-demo"),
@@ -62,6 +65,19 @@ def http_status(url: str) -> int | None:
         return exc.code
     except (urllib.error.URLError, OSError):
         return None
+
+
+def register_localstripe_webhook(stripe_env: dict[str, str], base: str) -> bool:
+    """localstripe keeps webhook endpoints in memory only, so each start registers ours."""
+    data = urllib.parse.urlencode(
+        {"url": base + STRIPE_WEBHOOK_PATH, "secret": stripe_env["STRIPE_WEBHOOK_SECRET"]}
+    ).encode()
+    url = f"{stripe_env['STRIPE_API_BASE']}/_config/webhooks/switchyard-demo"
+    try:
+        with urllib.request.urlopen(url, data=data, timeout=5) as response:  # noqa: S310
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def main() -> int:
@@ -114,6 +130,8 @@ def main() -> int:
             process=web,
             what="the web server",
         )
+        if stripe_env and register_localstripe_webhook(stripe_env, base):
+            stripe_description += f"; webhooks go to {base}{STRIPE_WEBHOOK_PATH}"
         _print_banner(base, postgres.description, redis.description, stripe_description)
 
         while True:
@@ -150,7 +168,7 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
         f"  API docs         {base}/api/docs/   (Swagger UI)",
         f"  API reference    {base}/api/redoc/  (Redoc)",
         f"  OpenAPI schema   {base}/api/schema/",
-        f"  API root         {base}/api/v1/",
+        f"  API base         {base}/api/v1/     (endpoints: see the API docs)",
     ]
     if http_status(f"{base}/") not in (None, 404):
         lines.insert(5, f"  Portal           {base}/")
