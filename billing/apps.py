@@ -9,6 +9,7 @@ class BillingConfig(AppConfig):
         # Fill in the marketplace's money question with billing's answer (see
         # marketplace/funding.py): the marketplace never imports billing.
         # Importing these registers their outbox handlers.
+        import billing.services.postpaid  # noqa: F401
         import billing.services.refunds  # noqa: F401
         import billing.services.topups  # noqa: F401
         from billing.services.funding import BillingFundingGate

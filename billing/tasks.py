@@ -74,3 +74,11 @@ def sla_credits_issue() -> int:
     first_of_this_month = timezone.now().date().replace(day=1)
     last_month = (first_of_this_month - timedelta(days=1)).replace(day=1)
     return sla_credits_issue_for_month(month=last_month)
+
+
+@shared_task(name="billing.tasks.usage_report_postpaid")
+def usage_report_postpaid() -> int:
+    """Send each completed hour of postpaid usage to Stripe Billing Meters (one event per org)."""
+    from billing.services.postpaid import usage_report_postpaid_run
+
+    return usage_report_postpaid_run()

@@ -62,7 +62,9 @@ def test_a_reserved_term_gets_the_sla_credit_of_its_uptime(org, down_seconds, cr
     reservation = reserved_for_march(org)
     down(reservation, down_seconds)
 
-    entry = sla_credit_issue(reservation_id=reservation.pk, month=MARCH, now=M0 + timedelta(days=40))
+    entry = sla_credit_issue(
+        reservation_id=reservation.pk, month=MARCH, now=M0 + timedelta(days=40)
+    )
 
     if credit_minor == 0:
         assert entry is None
@@ -88,7 +90,9 @@ def test_on_demand_sla_credit_is_a_share_of_what_was_charged_net_of_outages(org)
     down(reservation, 1800, at=M0 + timedelta(hours=1))  # 30 min of 10 h: 95 % → 25 %
     reservation_meter(reservation_id=reservation.pk, now=M0 + timedelta(hours=10))
     # 9.5 h × 3.60 = 34.20 charged
-    entry = sla_credit_issue(reservation_id=reservation.pk, month=MARCH, now=M0 + timedelta(days=40))
+    entry = sla_credit_issue(
+        reservation_id=reservation.pk, month=MARCH, now=M0 + timedelta(days=40)
+    )
 
     assert entry.amount_minor == 855  # 25 % of 34.20
     assert balance_minor(organization=org) == -3420 + 855
@@ -97,7 +101,10 @@ def test_on_demand_sla_credit_is_a_share_of_what_was_charged_net_of_outages(org)
 def test_cancelling_a_reserved_term_credits_the_stated_refund_once(org):
     reservation = make_reservation(org, tier=Tier.RESERVED, gpu_count=1, starts_at=M0, hours=168,
                                    status=ReservationStatus.CANCELLED, total=Decimal("500.00"))  # fmt: skip
-    reservation.cancellation = {"refund_amount": "250.00", "rule": "reserved, 24 hours' to 7 days' notice: 50 % refund."}
+    reservation.cancellation = {
+        "refund_amount": "250.00",
+        "rule": "reserved, 24 hours' to 7 days' notice: 50 % refund.",
+    }
     reservation.save(update_fields=["cancellation"])
 
     first = cancellation_settle(reservation_id=reservation.pk)
@@ -116,7 +123,9 @@ def test_staff_credit_needs_a_reason_and_adds_to_the_balance(org, django_user_mo
         credit_issue(organization=org, amount=Decimal("10.00"), reason=" ", created_by=staff)
     assert balance_minor(organization=org) == 0
 
-    entry = credit_issue(organization=org, amount=Decimal("10.00"), reason="goodwill", created_by=staff)
+    entry = credit_issue(
+        organization=org, amount=Decimal("10.00"), reason="goodwill", created_by=staff
+    )
 
     assert (entry.amount_minor, entry.description, entry.created_by) == (1000, "goodwill", staff)
     assert balance_minor(organization=org) == 1000

@@ -1,0 +1,139 @@
+"""Postpaid usage → Stripe Billing Meters. localstripe has no Meters, so these tests check the
+exact request our adapter sends (through the stripe library's own HTTP client interface,
+recording instead of sending) against Stripe's documented parameters for
+POST /v1/billing/meter_events: event_name, payload[stripe_customer_id], payload[value],
+identifier (≤ 100 chars), timestamp (Unix seconds, within the past 35 days)."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import parse_qs
+
+import pytest
+import stripe
+
+from billing.models import BillingAccount, BillingMode, OutboxMessage, OutboxStatus, UsageAggregate
+from billing.services.postpaid import usage_report_postpaid_run
+from billing.services.usage import reservation_meter
+from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
+from billing.tasks import outbox_flush
+from tests.billing.conftest import make_reservation
+from tests.factories import OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+
+class RecordingHTTPClient(stripe.HTTPClient):
+    """Answers like Stripe would and keeps every request (a stand-in for the network only)."""
+
+    name = "recording"
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def request(self, method, url, headers, post_data=None, *, _usage=None):
+        self.requests.append((method, url, dict(headers or {}), post_data))
+        form = {k: v[0] for k, v in parse_qs(post_data or "").items()}
+        body = {
+            "object": "billing.meter_event",
+            "created": 1,
+            "livemode": False,
+            "event_name": form.get("event_name"),
+            "identifier": form.get("identifier"),
+            "payload": {"stripe_customer_id": form.get("payload[stripe_customer_id]"),
+                        "value": form.get("payload[value]")},
+            "timestamp": int(form.get("timestamp", 0)),
+        }  # fmt: skip
+        return json.dumps(body), 200, {"Request-Id": "req_test"}
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def recorder(settings):
+    settings.STRIPE_SECRET_KEY = "sk_test_recording"
+    settings.STRIPE_API_BASE = ""  # the real address: nothing is sent, only recorded
+    client = RecordingHTTPClient()
+    set_gateway_override(StripeGateway(build_client(http_client=client)))
+    yield client
+    set_gateway_override(None)
+
+
+def postpaid_org(customer_id: str):
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, mode=BillingMode.POSTPAID,
+                                  stripe_customer_id=customer_id)  # fmt: skip
+    return org
+
+
+def test_the_adapter_sends_exactly_stripes_documented_meter_event_request(recorder, settings):
+    gateway = StripeGateway(build_client(http_client=recorder))
+    at = datetime(2026, 11, 24, 13, 0, tzinfo=UTC)
+
+    gateway.meter_event_create(event_name="gpu_seconds", identifier="sy-usage-42",
+                               customer_id="cus_ABC", value=7200, timestamp=at,
+                               idempotency_key="meter:42")  # fmt: skip
+
+    [(method, url, headers, body)] = recorder.requests
+    assert (method, url) == ("post", "https://api.stripe.com/v1/billing/meter_events")
+    assert parse_qs(body) == {
+        "event_name": ["gpu_seconds"],
+        "identifier": ["sy-usage-42"],
+        "payload[stripe_customer_id]": ["cus_ABC"],
+        "payload[value]": ["7200"],
+        "timestamp": [str(int(at.timestamp()))],
+    }
+    assert headers["Idempotency-Key"] == "meter:42"
+    assert headers["Stripe-Version"] == settings.STRIPE_API_VERSION
+    assert headers["Authorization"] == "Bearer sk_test_recording"
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_meter_values_are_whole_quantities_never_floats(recorder):
+    gateway = StripeGateway(build_client(http_client=recorder))
+    with pytest.raises(TypeError):
+        gateway.meter_event_create(event_name="gpu_seconds", identifier="x", customer_id="cus_A",
+                                   value=1.5, timestamp=datetime.now(UTC), idempotency_key="k")  # fmt: skip
+    assert recorder.requests == []
+
+
+def test_stripe_calls_scale_with_organisations_and_hours_not_reservations(
+    recorder, django_capture_on_commit_callbacks
+):
+    h0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    orgs = [postpaid_org(f"cus_{i}") for i in range(3)]
+    for org in orgs:
+        for _ in range(4):  # 4 reservations of 1 GPU each, all active from h0
+            r = make_reservation(org, gpu_count=1, price=Decimal("1.0000"), starts_at=h0,
+                                 activated_at=h0, hours=5)  # fmt: skip
+            # Metered at 10:30 (in hour 10) and at 11:15 (in hour 11).
+            from django.utils import timezone
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(timezone, "now", lambda: h0 + timedelta(minutes=30))
+                reservation_meter(reservation_id=r.pk, now=h0 + timedelta(minutes=30))
+                mp.setattr(timezone, "now", lambda: h0 + timedelta(minutes=75))
+                reservation_meter(reservation_id=r.pk, now=h0 + timedelta(minutes=75))
+
+    with django_capture_on_commit_callbacks(execute=False):
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=1)) == 6
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=2)) == 0
+    assert outbox_flush() == 6
+    assert outbox_flush() == 0
+
+    assert len(recorder.requests) == 6  # 3 organisations × 2 hours, for 12 reservations
+    sent = sorted(
+        (form["payload[stripe_customer_id]"][0], form["timestamp"][0], form["payload[value]"][0],
+         form["identifier"][0])
+        for form in (parse_qs(body) for _, _, _, body in recorder.requests)
+    )  # fmt: skip
+    aggregates = {a.identifier: a for a in UsageAggregate.objects.all()}
+    assert sorted(aggregates) == sorted(s[3] for s in sent)
+    assert [s[:3] for s in sent] == [
+        (f"cus_{i}", str(int((h0 + timedelta(hours=h)).timestamp())), v)
+        for i in range(3)
+        for h, v in ((0, str(4 * 1800)), (1, str(4 * 2700)))
+    ]
+    assert set(OutboxMessage.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
