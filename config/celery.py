@@ -44,6 +44,14 @@ app.conf.update(
             "task": "marketplace.tasks.reservation_outages_reconcile",
             "schedule": 15.0,
         },
+        "billing-outbox-flush": {"task": "billing.tasks.outbox_flush", "schedule": 30.0},
+        "billing-usage-meter": {"task": "billing.tasks.usage_meter", "schedule": 60.0},
+        "billing-webhook-sweep": {"task": "billing.tasks.webhook_sweep", "schedule": 60.0},
+        "billing-usage-report-postpaid": {
+            "task": "billing.tasks.usage_report_postpaid",
+            "schedule": 300.0,
+        },
+        "billing-sla-credits": {"task": "billing.tasks.sla_credits_issue", "schedule": 3600.0},
         "inventory-mark-silent-nodes-offline": {
             "task": "inventory.tasks.nodes_mark_offline",
             "schedule": 30.0,
