@@ -1,0 +1,243 @@
+"""Staff tools for the marketplace.
+
+Reservation status is never edited in a form: staff cancel through the same service customers
+use (so the refund terms are computed and recorded), and every transition shows inline.
+Quotes, transitions and allocations are records, read-only here.
+"""
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from config.errors import ApplicationError
+from marketplace.models import (
+    Allocation,
+    ApiKey,
+    Membership,
+    Organization,
+    PricingPolicy,
+    Quote,
+    RateCard,
+    Reservation,
+    ReservationTransition,
+)
+from marketplace.services.api_keys import api_key_revoke
+from marketplace.services.reservations import reservation_cancel
+from marketplace.services.transitions import reservation_allowed_actions
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Organization)
+class OrganizationAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "public_id", "created_at"]
+    search_fields = ["name", "slug", "public_id"]
+    readonly_fields = ["public_id", "created_at"]
+    inlines = [MembershipInline]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["name", "prefix", "organization", "scopes", "last_used_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "prefix", "organization__name", "organization__public_id"]
+    list_select_related = ["organization"]
+    readonly_fields = [
+        "organization",
+        "prefix",
+        "secret_hash",
+        "created_by",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
+    fields = ["name", "scopes", *readonly_fields]
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # keys are created by their organisation, which sees the secret once
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for key in queryset.order_by("pk"):
+            api_key_revoke(api_key=key)
+        messages.success(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(RateCard)
+class RateCardAdmin(admin.ModelAdmin):
+    list_display = ["gpu_model", "site", "price_per_gpu_hour", "currency", "updated_at"]
+    list_filter = ["gpu_model", "site"]
+    list_select_related = ["gpu_model", "site"]
+    list_editable = ["price_per_gpu_hour"]
+
+
+@admin.register(PricingPolicy)
+class PricingPolicyAdmin(admin.ModelAdmin):
+    """The newest policy is in force; to change prices, add a new one (history is kept)."""
+
+    list_display = [
+        "created_at",
+        "discount_1w_pct",
+        "discount_1m_pct",
+        "discount_3m_pct",
+        "discount_1y_pct",
+        "interruptible_discount_pct",
+        "utilisation_slope",
+        "floor_multiplier",
+        "ceiling_multiplier",
+        "note",
+    ]
+
+
+@admin.register(Quote)
+class QuoteAdmin(admin.ModelAdmin):
+    list_display = [
+        "public_id",
+        "organization",
+        "gpu_model",
+        "gpu_count",
+        "site",
+        "tier",
+        "term",
+        "price_per_gpu_hour",
+        "total_amount",
+        "expires_at",
+    ]
+    list_filter = ["tier", "site"]
+    search_fields = ["public_id", "organization__name", "organization__public_id"]
+    list_select_related = ["organization", "gpu_model", "site"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class TransitionInline(ReadOnlyInline):
+    model = ReservationTransition
+    fields = ["at", "from_status", "to_status", "cause", "actor_label"]
+    readonly_fields = fields
+    ordering = ["at", "id"]
+
+
+class AllocationInline(ReadOnlyInline):
+    model = Allocation
+    fields = ["gpu", "node", "period", "is_live"]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("gpu__node", "node")
+
+
+@admin.register(Reservation)
+class ReservationAdmin(admin.ModelAdmin):
+    list_display = [
+        "public_id",
+        "organization",
+        "status",
+        "tier",
+        "term",
+        "gpu_model",
+        "gpu_count",
+        "site",
+        "starts_at",
+        "ends_at",
+        "total_amount",
+    ]
+    list_filter = ["status", "tier", "site", "gpu_model"]
+    search_fields = ["public_id", "organization__name", "organization__public_id"]
+    list_select_related = ["organization", "gpu_model", "site"]
+    date_hierarchy = "starts_at"
+    inlines = [TransitionInline, AllocationInline]
+    actions = ["cancel"]
+    readonly_fields = [
+        "public_id",
+        "organization",
+        "created_by",
+        "quote",
+        "gpu_model",
+        "site",
+        "gpu_count",
+        "tier",
+        "term",
+        "starts_at",
+        "ends_at",
+        "currency",
+        "price_per_gpu_hour",
+        "total_amount",
+        "breakdown",
+        "status",
+        "status_reason",
+        "allowed_actions",
+        "cancellation",
+        "activated_at",
+        "released_at",
+        "created_at",
+        "updated_at",
+    ]
+    fields = [*readonly_fields[:-2], "workload", "connection", *readonly_fields[-2:]]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # reservations are made through the booking service, never by hand
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="customer actions now")
+    def allowed_actions(self, obj: Reservation) -> str:
+        return ", ".join(reservation_allowed_actions(obj)) or "none"
+
+    @admin.action(description="Cancel selected reservations (refund rule applies)")
+    def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
+        done = []
+        for reservation in queryset.order_by("pk"):
+            try:
+                reservation_cancel(
+                    reservation=reservation,
+                    actor_label=f"staff:{request.user.get_username()}",
+                    reason="cancelled by staff",
+                )
+            except ApplicationError as exc:
+                messages.error(request, f"{reservation.public_id}: {exc.message}")
+            else:
+                done.append(reservation.public_id)
+        if done:
+            messages.success(request, f"Cancelled: {', '.join(done)}.")
+
+
+@admin.register(Allocation)
+class AllocationAdmin(admin.ModelAdmin):
+    list_display = ["reservation", "gpu", "node", "period", "is_live"]
+    list_filter = ["is_live"]
+    search_fields = ["reservation__public_id", "node__hostname"]
+    list_select_related = ["reservation", "gpu__node", "node"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
