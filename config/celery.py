@@ -13,6 +13,10 @@ from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
+# Redis hands an unacknowledged task to another worker after this many seconds (settings.py
+# documents CELERY_VISIBILITY_TIMEOUT_SECONDS; tasks are idempotent, so an early copy is harmless).
+_VISIBILITY_TIMEOUT = int(os.environ.get("CELERY_VISIBILITY_TIMEOUT_SECONDS", "600"))
+
 app = Celery("switchyard")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.update(
@@ -29,7 +33,11 @@ app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
     broker_transport_options={
-        "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT_SECONDS", "600"))
+        "visibility_timeout": _VISIBILITY_TIMEOUT,
+        # kombu scans for expired unacknowledged messages every interval × throttle seconds
+        # (100 s by default); keep that well below the visibility timeout.
+        "unacked_restore_interval": max(1, min(10, _VISIBILITY_TIMEOUT // 10)),
+        "unacked_restore_throttle": 1,
     },
     beat_schedule={
         "marketplace-dispatch-due-reservations": {

@@ -6,9 +6,17 @@ since these tests are about the lifecycle, not money.
 """
 
 import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import redis
 from django.utils import timezone
 
 from inventory.models import GpuModel, Node, Site
@@ -64,3 +72,147 @@ def market_create(*, nodes: int = 2, gpus: int = 8) -> Market:
 
 def statuses(reservation: Reservation) -> list[str]:
     return list(reservation.transitions.order_by("at", "id").values_list("to_status", flat=True))
+
+
+# --- A real Celery worker for the e2e tests ------------------------------------------------
+
+
+def e2e_redis_url() -> str:
+    """The broker's Redis with a db of its own for these tests (E2E_REDIS_DB, default 6)."""
+    from urllib.parse import urlparse
+
+    from django.conf import settings
+
+    return (
+        urlparse(settings.REDIS_URL)
+        ._replace(path="/" + os.environ.get("E2E_REDIS_DB", "6"))
+        .geturl()
+    )
+
+
+def database_url(db: dict) -> str:
+    """A DATABASE_URL for the given Django DATABASES entry (the test database)."""
+    from urllib.parse import quote
+
+    auth = quote(db["USER"]) + (":" + quote(db["PASSWORD"]) if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class CeleryWorker:
+    """`celery -A config worker` as a subprocess on the test database and a dedicated Redis db.
+
+    It runs in its own process group, so kill() takes down the main process and its pool
+    children at once, like a machine losing power.
+    """
+
+    def __init__(self, *, database: dict, redis_url: str, log_dir, env: dict | None = None):
+        self.database_url = database_url(database)
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.extra_env = env or {}
+        self.process: subprocess.Popen | None = None
+        self.log_path = None
+        self._starts = 0
+
+    def start(self, *, beat: bool = False, concurrency: int = 2, **env: str) -> "CeleryWorker":
+        self._starts += 1
+        self.log_path = self.log_dir / f"worker-{self._starts}.log"
+        full_env = {
+            **os.environ,
+            "DEBUG": "1",
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "CELERY_BROKER_URL": self.redis_url,
+            "LOG_LEVEL": "INFO",
+            **self.extra_env,
+            **env,
+        }
+        command = [
+            str(Path(sys.executable).parent / "celery"),
+            "-A",
+            "config",
+            "worker",
+            "-l",
+            "info",
+            "-c",
+            str(concurrency),
+            "-n",
+            f"prov-test-{os.getpid()}-{self._starts}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if beat:
+            command += ["-B", "-s", str(self.log_dir / f"beat-{self._starts}.db")]
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            command,
+            cwd=Path(__file__).resolve().parent.parent,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if " ready." in self.log_path.read_text():
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"worker did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown handler, no ack, no cleanup."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+            self.process = None
+            self.log.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+            self.process = None
+            self.log.close()
+
+
+def redis_test_client() -> redis.Redis:
+    return redis.Redis.from_url(e2e_redis_url())
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def broker_idle() -> bool:
+    """Nothing queued and nothing delivered-but-unacknowledged in the test Redis db."""
+    client = redis_test_client()
+    return client.llen("celery") == 0 and client.zcard("unacked_index") == 0
+
+
+@contextmanager
+def broker_url_for_this_process(url: str):
+    """Point this process's Celery producer at `url` (e.g. a closed port), then back."""
+    from config.celery import app
+
+    old = app.conf.broker_write_url
+    app.conf.broker_write_url = url
+    app._pool = None
+    app.amqp._producer_pool = None
+    try:
+        yield
+    finally:
+        app.conf.broker_write_url = old
+        app._pool = None
+        app.amqp._producer_pool = None

@@ -1,0 +1,214 @@
+"""The reservation lifecycle through a real Celery worker on Redis and the test database.
+
+The worker is `celery -A config worker` in a subprocess whose DATABASE_URL is pytest-django's
+test database (transaction=True, so it sees what the test commits) and whose broker is a
+Redis db of its own, flushed first. This process publishes to the same db.
+"""
+
+import json
+import logging
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from config.celery import app
+from marketplace.models import AttemptOutcome, ProvisioningAttempt, Reservation, ReservationStatus
+from marketplace.provisioning.scheduler import (
+    PROVISION_TASK,
+    provisioning_kick,
+    reservations_dispatch_due,
+    reservations_sweep_stuck,
+)
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.provisioning_support import (
+    CeleryWorker,
+    broker_idle,
+    broker_url_for_this_process,
+    e2e_redis_url,
+    market_create,
+    redis_test_client,
+    statuses,
+    wait_for,
+)
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.celery_worker,
+    pytest.mark.usefixtures("allow_all_funding"),
+]
+S = ReservationStatus
+CLOSED_PORT_BROKER = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture
+def broker():
+    """This process publishes to the e2e Redis db, emptied first."""
+    redis_test_client().flushdb()
+    with broker_url_for_this_process(e2e_redis_url()):
+        yield
+    redis_test_client().flushdb()
+
+
+@pytest.fixture
+def driver_log(tmp_path):
+    path = tmp_path / "driver.log"
+
+    def ops(reservation: Reservation | None = None) -> list[str]:
+        if not path.exists():
+            return []
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        return [
+            line["op"]
+            for line in lines
+            if reservation is None or line["reservation"] == reservation.public_id
+        ]
+
+    ops.path = str(path)
+    return ops
+
+
+@pytest.fixture
+def worker(broker, tmp_path, driver_log):
+    w = CeleryWorker(
+        database=settings.DATABASES["default"],
+        redis_url=e2e_redis_url(),
+        log_dir=tmp_path,
+        env={"SIMULATED_DRIVER_LOG": driver_log.path, "SIMULATED_DRIVER_LATENCY_SECONDS": "0"},
+    )
+    yield w
+    w.stop()
+
+
+def _status(reservation: Reservation) -> str:
+    return Reservation.objects.values_list("status", flat=True).get(pk=reservation.pk)
+
+
+def _wait_status(reservation, status, *, timeout):
+    wait_for(
+        lambda: _status(reservation) == status,
+        timeout=timeout,
+        what=f"{reservation.public_id} to be {status} (it is {_status(reservation)})",
+    )
+    reservation.refresh_from_db()
+    return reservation
+
+
+def test_a_reservation_goes_from_scheduled_to_active_to_completed_on_time(worker, driver_log):
+    # Beat inside the worker, dispatching every second: the real schedule, nothing called by hand.
+    worker.start(beat=True, PROVISIONING_DISPATCH_INTERVAL_SECONDS="1")
+    market = market_create(nodes=1, gpus=4)
+    r = market.book(gpu_count=2, seconds=4, workload={"ports": [8080]})
+
+    r = _wait_status(r, S.ACTIVE, timeout=15)
+    assert r.connection["ports"] == {"8080": 8080}
+    r = _wait_status(r, S.COMPLETED, timeout=20)
+
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.RELEASING, S.COMPLETED]
+    # Tolerance: the dispatch interval (1 s here, 5 s by default) plus queue latency.
+    assert r.activated_at - r.starts_at < timedelta(seconds=3)
+    assert r.released_at - r.ends_at < timedelta(seconds=3)
+    assert r.allocations.filter(is_live=True).count() == 0
+    assert driver_log(r) == ["prepare", "start", "stop"]
+
+
+@pytest.mark.parametrize("recovery", ["sweeper", "redelivery"])
+def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_active(
+    worker, driver_log, recovery
+):
+    env = {"SIMULATED_DRIVER_LATENCY_SECONDS": "3"}
+    if recovery == "redelivery":
+        # Redis gives an unacknowledged task back after the visibility timeout.
+        env["CELERY_VISIBILITY_TIMEOUT_SECONDS"] = "4"
+    worker.start(**env)
+    market = market_create(nodes=1, gpus=4)
+    r = market.book()
+    reservations_dispatch_due()  # provisioning, and the task enqueued on commit
+
+    wait_for(lambda: driver_log(r) == ["prepare"], timeout=15, what="the driver to be preparing")
+    worker.kill()  # SIGKILL the whole worker while prepare is in progress
+    assert _status(r) == S.PROVISIONING
+    assert redis_test_client().zcard("unacked_index") == 1  # the message was never acknowledged
+
+    worker.start(**env)
+    if recovery == "sweeper":
+        # No redelivery for 600 s (the default visibility timeout): the sweeper finds the
+        # reservation nobody is working on and enqueues it again.
+        assert reservations_sweep_stuck(stuck_after=timedelta(0)) == {"requeued": 1, "failed": 0}
+    r = _wait_status(r, S.ACTIVE, timeout=30)
+
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+    outcomes = list(
+        ProvisioningAttempt.objects.filter(reservation=r)
+        .order_by("number")
+        .values_list("outcome", flat=True)
+    )
+    assert outcomes[0] == AttemptOutcome.ABANDONED
+    assert outcomes[-1] == AttemptOutcome.SUCCEEDED
+    assert driver_log(r).count("start") == 1
+
+
+def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is_back(
+    worker, caplog
+):
+    worker.start()
+    market = market_create(nodes=1, gpus=4)
+
+    caplog.set_level(logging.WARNING, logger="marketplace.provisioning.scheduler")
+    with broker_url_for_this_process(CLOSED_PORT_BROKER):
+        with transaction.atomic():
+            kicked = market.book()
+            provisioning_kick(kicked.pk)  # what reservation_create's on_commit does
+        dispatched = market.book()
+        reservations_dispatch_due()  # commits provisioning; the enqueue after it fails
+
+    assert Reservation.objects.filter(pk__in=[kicked.pk, dispatched.pk]).count() == 2
+    assert [_status(kicked), _status(dispatched)] == [S.PROVISIONING, S.PROVISIONING]
+    failures = [m for m in caplog.messages if "could not enqueue" in m]
+    assert len(failures) == 3  # the kick, then both enqueues of the dispatcher
+    assert redis_test_client().llen("celery") == 0
+
+    # Redis is back: the next sweep catches both up.
+    counts = reservations_sweep_stuck(stuck_after=timedelta(0))
+    assert counts == {"requeued": 2, "failed": 0}
+    for r in (kicked, dispatched):
+        r = _wait_status(r, S.ACTIVE, timeout=20)
+        assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+
+
+def test_a_reservation_due_while_redis_was_down_is_dispatched_by_beat_once_it_is_back(worker):
+    market = market_create(nodes=1, gpus=4)
+    with broker_url_for_this_process(CLOSED_PORT_BROKER):
+        with transaction.atomic():
+            r = market.book()
+            provisioning_kick(r.pk)
+    assert _status(r) == S.SCHEDULED
+
+    worker.start(beat=True, PROVISIONING_DISPATCH_INTERVAL_SECONDS="1")
+    r = _wait_status(r, S.ACTIVE, timeout=20)
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+
+
+def test_duplicate_deliveries_make_one_transition_and_one_set_of_driver_calls(worker, driver_log):
+    worker.start(concurrency=3, SIMULATED_DRIVER_LATENCY_SECONDS="1")
+    market = market_create(nodes=1, gpus=4)
+    r = market.book()
+
+    reservations_dispatch_due()
+    for _ in range(3):  # the same task delivered again, while the first copy runs
+        app.send_task(PROVISION_TASK, args=[r.pk])
+    r = _wait_status(r, S.ACTIVE, timeout=20)
+    wait_for(broker_idle, timeout=15, what="the worker to finish every copy")
+    for _ in range(2):  # and again once it is active
+        app.send_task(PROVISION_TASK, args=[r.pk])
+    wait_for(broker_idle, timeout=15, what="the worker to finish the late copies")
+
+    r.refresh_from_db()
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+    assert driver_log(r) == ["prepare", "start"]
+    assert list(
+        ProvisioningAttempt.objects.filter(reservation=r).values_list("outcome", flat=True)
+    ) == [AttemptOutcome.SUCCEEDED]
+    assert r.activated_at is not None and r.activated_at < timezone.now()
