@@ -1,0 +1,256 @@
+import re
+from datetime import timedelta
+
+import pytest
+from django.contrib.messages import get_messages
+from django.urls import reverse
+from django.utils import timezone
+
+from inventory.models import (
+    Gpu,
+    GpuHealth,
+    GpuModel,
+    MaintenanceWindow,
+    Node,
+    NodeStatus,
+    NodeToken,
+    Outage,
+    OutageCause,
+    Site,
+    StatusChange,
+)
+from inventory.selectors import site_capacity_summary, site_list_with_capacity
+from inventory.services import (
+    maintenance_window_create,
+    node_drain,
+    node_return_to_service,
+    token_hash,
+)
+from tests.factories import GpuModelFactory, NodeFactory, SiteFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def inventory():
+    site = SiteFactory(slug="tx-abilene")
+    h100 = GpuModelFactory()
+    l40s = GpuModelFactory(slug="l40s-48gb", name="NVIDIA L40S", memory_gb=48, tdp_watts=350)
+    a = NodeFactory(site=site, gpu_model=h100, hostname="abl-001", gpus=8)
+    b = NodeFactory(
+        site=site, gpu_model=h100, hostname="abl-002", gpus=8, status=NodeStatus.DRAINING
+    )
+    c = NodeFactory(
+        site=site, gpu_model=l40s, hostname="abl-003", gpus=4, status=NodeStatus.OFFLINE
+    )
+    NodeFactory(gpu_model=h100, hostname="elsewhere-001", gpus=8)  # another site
+    Gpu.objects.filter(node=a, index__in=[0, 1]).update(health=GpuHealth.FAILED)
+    Outage.objects.create(node=c, started_at=timezone.now(), cause=OutageCause.HEARTBEAT_MISSED)
+    node_drain(node=a, actor=None, actor_label="test", reason="setup")
+    node_return_to_service(node=a, actor=None, actor_label="test", reason="setup")
+    start = timezone.now() + timedelta(days=1)
+    maintenance_window_create(node=b, start=start, end=start + timedelta(hours=2), reason="fw")
+    NodeToken.objects.create(node=a, prefix="nt_0000abcd", secret_hash=token_hash("x"))
+    return {"site": site, "nodes": [a, b, c], "h100": h100, "l40s": l40s}
+
+
+MODELS = [Site, GpuModel, Node, Gpu, Outage, MaintenanceWindow, StatusChange, NodeToken]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+def test_staff_can_open_every_changelist_and_change_page(admin_client, inventory, model):
+    opts = model._meta
+    changelist = admin_client.get(reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"))
+    obj = model.objects.first()
+    change = admin_client.get(
+        reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
+    )
+
+    assert changelist.status_code == 200
+    assert change.status_code == 200
+
+
+@pytest.mark.parametrize("model", [Site, GpuModel, Node, Gpu, Outage, MaintenanceWindow])
+def test_staff_can_open_add_pages(admin_client, model):
+    opts = model._meta
+
+    response = admin_client.get(reverse(f"admin:{opts.app_label}_{opts.model_name}_add"))
+
+    assert response.status_code == 200
+
+
+def test_the_changelists_search_and_filter(admin_client, inventory):
+    url = reverse("admin:inventory_node_changelist")
+
+    by_host = admin_client.get(url, {"q": "abl-00"})
+    by_status = admin_client.get(url, {"status__exact": "draining"})
+    by_serial = admin_client.get(url, {"q": "abl-003-sn2"})
+
+    assert by_host.context["cl"].result_count == 3
+    assert [n.hostname for n in by_status.context["cl"].result_list] == ["abl-002"]
+    assert [n.hostname for n in by_serial.context["cl"].result_list] == ["abl-003"]
+    sites = admin_client.get(reverse("admin:inventory_site_changelist"), {"cooling": "immersion"})
+    assert sites.status_code == 200
+
+
+def test_status_is_not_editable_in_the_node_form(admin_client, inventory):
+    node = inventory["nodes"][0]
+    url = reverse("admin:inventory_node_change", args=[node.pk])
+
+    page = admin_client.get(url)
+
+    assert "status" not in page.context["adminform"].form.fields
+    assert "status" in page.context["adminform"].readonly_fields
+
+
+def test_bulk_drain_drains_records_and_reports_refusals(admin_client, admin_user, inventory):
+    a, b, c = inventory["nodes"]
+    url = reverse("admin:inventory_node_changelist")
+    StatusChange.objects.all().delete()
+
+    response = admin_client.post(
+        url,
+        {"action": "drain", "_selected_action": [a.pk, b.pk, c.pk], "reason": "PDU swap"},
+    )
+
+    assert response.status_code == 302
+    statuses = dict(Node.objects.filter(site=inventory["site"]).values_list("hostname", "status"))
+    assert statuses == {"abl-001": "draining", "abl-002": "draining", "abl-003": "offline"}
+    change = StatusChange.objects.get()
+    assert (change.node, change.from_status, change.to_status) == (a, "available", "draining")
+    assert (change.actor, change.reason) == (admin_user, "PDU swap")
+    texts = [m.message for m in get_messages(response.wsgi_request)]
+    assert texts[0].startswith("Cannot drain node abl-002 (from draining to draining)")
+    assert texts[1].startswith("Cannot drain node abl-003 (from offline to draining)")
+    assert texts[2] == "Drained: abl-001."
+
+
+def test_bulk_return_to_service_without_a_reason_records_a_default(admin_client, inventory):
+    b = inventory["nodes"][1]
+
+    admin_client.post(
+        reverse("admin:inventory_node_changelist"),
+        {"action": "return_to_service", "_selected_action": [b.pk]},
+    )
+
+    b.refresh_from_db()
+    assert b.status == NodeStatus.AVAILABLE
+    assert (
+        StatusChange.objects.filter(node=b).first().reason == "Returned to service from the admin"
+    )
+
+
+def test_site_actions_change_status_through_the_services(admin_client, inventory):
+    site = inventory["site"]
+
+    admin_client.post(
+        reverse("admin:inventory_site_changelist"),
+        {"action": "curtail", "_selected_action": [site.pk], "reason": "ERCOT EEA2"},
+    )
+
+    site.refresh_from_db()
+    assert site.status == "curtailed"
+    assert StatusChange.objects.get(site=site).reason == "ERCOT EEA2"
+
+
+def test_issuing_a_token_shows_the_secret_once_and_stores_its_hash(admin_client, inventory):
+    b = inventory["nodes"][1]
+
+    response = admin_client.post(
+        reverse("admin:inventory_node_changelist"),
+        {"action": "issue_token", "_selected_action": [b.pk], "reason": "rack agent"},
+    )
+
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
+    secret = re.search(r'<code class="secret">(nt_[^<]+)</code>', response.content.decode())[1]
+    token = NodeToken.objects.get(node=b)
+    assert token.secret_hash == token_hash(secret)
+    assert token.label == "rack agent"
+    assert (
+        secret
+        not in admin_client.get(reverse("admin:inventory_nodetoken_changelist")).content.decode()
+    )
+
+
+def test_revoking_tokens_in_the_admin(admin_client, inventory):
+    token = NodeToken.objects.get()
+
+    admin_client.post(
+        reverse("admin:inventory_nodetoken_changelist"),
+        {"action": "revoke", "_selected_action": [token.pk]},
+    )
+
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+
+
+def test_the_site_page_shows_its_capacity_summary(admin_client, inventory):
+    site = inventory["site"]
+
+    page = admin_client.get(reverse("admin:inventory_site_change", args=[site.pk]))
+
+    html = page.content.decode()
+    assert 'id="capacity-summary"' in html
+    rows = {row["gpu_model"]: row for row in page.context["capacity"]}
+    assert rows == {
+        "h100-sxm-80gb": {
+            "gpu_model": "h100-sxm-80gb",
+            "gpu_model_name": "NVIDIA H100 SXM 80GB",
+            "total": 16,
+            "unhealthy": 2,
+            "available": 8,
+            "draining": 8,
+            "maintenance": 0,
+            "offline": 0,
+            "retired": 0,
+        },
+        "l40s-48gb": {
+            "gpu_model": "l40s-48gb",
+            "gpu_model_name": "NVIDIA L40S",
+            "total": 4,
+            "unhealthy": 0,
+            "available": 0,
+            "draining": 0,
+            "maintenance": 0,
+            "offline": 4,
+            "retired": 0,
+        },
+    }
+    assert re.search(
+        r'data-gpu-model="l40s-48gb">.*?data-status="offline">4<.*?data-status="total">4<',
+        html,
+        re.S,
+    )
+
+
+def test_capacity_summary_is_one_query(django_assert_num_queries, inventory):
+    with django_assert_num_queries(1):
+        site_capacity_summary(site=inventory["site"])
+
+
+def test_site_list_annotates_gpu_totals(inventory):
+    site = site_list_with_capacity().get(pk=inventory["site"].pk)
+
+    assert (site.gpu_total, site.gpu_available) == (20, 8)
+
+
+def test_the_site_changelist_does_not_query_per_row(admin_client, django_assert_max_num_queries):
+    for _ in range(5):
+        NodeFactory(gpus=2)
+    url = reverse("admin:inventory_site_changelist")
+    admin_client.get(url)  # warm the session and content types
+
+    with django_assert_max_num_queries(10):
+        response = admin_client.get(url)
+
+    assert response.context["cl"].result_count == 5
+
+
+def test_a_non_staff_user_cannot_open_the_admin(client):
+    client.force_login(UserFactory(is_staff=False))
+
+    response = client.get(reverse("admin:inventory_node_changelist"))
+
+    assert response.status_code == 302
+    assert "/admin/login/" in response["Location"]
