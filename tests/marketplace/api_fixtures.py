@@ -25,8 +25,12 @@ from tests.marketplace.market_helpers import (
 
 
 @pytest.fixture(autouse=True)
-def fresh_rate_limits():
-    """Rate-limit counters live in Redis; each test starts with none."""
+def fresh_rate_limits(settings):
+    """Rate-limit counters live in Redis; each test starts with none.
+
+    Also: test users need no slow password hash (PBKDF2 costs ~0.5 s a user on this machine).
+    """
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     cache.clear()
     yield
     cache.clear()

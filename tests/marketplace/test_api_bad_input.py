@@ -1,0 +1,179 @@
+"""Bad input on every POST (and PATCH) endpoint: a 4xx in the error shape, and nothing written."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+import pytest
+
+from marketplace.models import (
+    Allocation,
+    ApiKey,
+    IdempotencyRecord,
+    Membership,
+    Quote,
+    Reservation,
+    ReservationTransition,
+)
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    allow_all_funding,
+    assert_error,
+    fresh_rate_limits,
+    make_reservation,
+    market,
+    org,
+    owner,
+    owner_client,
+    reservation_body,
+    tomorrow,
+)
+
+pytestmark = pytest.mark.django_db
+
+START = "2099-01-01T00:00:00Z"
+
+
+def counts():
+    return {
+        model.__name__: model.objects.count()
+        for model in (Quote, Reservation, Allocation, ReservationTransition, ApiKey, Membership)
+    } | {
+        "ends": list(Reservation.objects.values_list("ends_at", "status").order_by("pk")),
+        "roles": list(Membership.objects.values_list("role", flat=True).order_by("pk")),
+    }
+
+
+CASES = [
+    # (path, body, status, code, field)
+    ("/api/v1/quotes", {}, 400, "required", "gpu_model"),
+    ("/api/v1/quotes", {**reservation_body(), "gpu_count": 0}, 400, "min_value", "gpu_count"),
+    (
+        "/api/v1/quotes",
+        {**reservation_body(), "gpu_model": "nope"},
+        400,
+        "unknown_gpu_model",
+        "gpu_model",
+    ),
+    ("/api/v1/quotes", {**reservation_body(), "ends_at": "tomorrow"}, 400, "invalid", "ends_at"),
+    ("/api/v1/quotes", {**reservation_body(), "tier": "gold"}, 400, "invalid_choice", "tier"),
+    ("/api/v1/quotes", {**reservation_body(), "tier": "reserved"}, 400, "term_required", "term"),
+    ("/api/v1/quotes", {**reservation_body(), "gpu_count": 64}, 409, "not_available", None),
+    ("/api/v1/quotes", [1, 2], 400, "invalid", None),
+    ("/api/v1/reservations", {}, 400, "required", "gpu_model"),
+    ("/api/v1/reservations", {"quote": "quo_nope"}, 404, "quote_not_found", "quote"),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "quote": "quo_x"},
+        400,
+        "quote_and_parameters",
+        "gpu_model",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "starts_at": "2001-01-01T00:00:00Z"},
+        400,
+        "starts_in_past",
+        "starts_at",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "ends_at": START, "starts_at": START},
+        400,
+        "period_invalid",
+        "ends_at",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "workload": {"image": "Not An Image!"}},
+        400,
+        "invalid_image",
+        "workload.image",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "workload": {"ports": [0]}},
+        400,
+        "min_value",
+        "workload.ports.0",
+    ),
+    ("/api/v1/reservations", {**reservation_body(), "workload": "x"}, 400, "invalid", "workload"),
+    ("/api/v1/reservations", {**reservation_body(), "gpu_count": 17}, 409, "not_available", None),
+    ("/api/v1/reservations/{res}/cancel", {"reason": "x" * 501}, 400, "max_length", "reason"),
+    ("/api/v1/reservations/{res}/extend", {}, 400, "required", "ends_at"),
+    (
+        "/api/v1/reservations/{res}/extend",
+        {"ends_at": "2001-01-01T00:00:00Z"},
+        400,
+        "not_later",
+        "ends_at",
+    ),
+    ("/api/v1/api-keys", {}, 400, "required", "name"),
+    ("/api/v1/api-keys", {"name": "x", "scopes": ["admin"]}, 400, "invalid_choice", "scopes.0"),
+    ("/api/v1/api-keys", {"name": "x", "scopes": []}, 400, "min_length", "scopes"),
+    ("/api/v1/api-keys/key_999999/revoke", {}, 404, "api_key_not_found", None),
+    (
+        "/api/v1/organization/members",
+        {"email": "nobody@example.com"},
+        400,
+        "user_not_found",
+        "email",
+    ),
+    ("/api/v1/organization/members", {"email": "not-an-email"}, 400, "invalid", "email"),
+    (
+        "/api/v1/organization/members",
+        {"email": "{owner_email}", "role": "member"},
+        409,
+        "already_member",
+        None,
+    ),
+    (
+        "/api/v1/organization/members",
+        {"email": "{owner_email}", "role": "king"},
+        400,
+        "invalid_choice",
+        "role",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "path,body,status,code,field", CASES, ids=[f"{c[0]} {c[3]}" for c in CASES]
+)
+def test_bad_input_is_refused_and_writes_nothing(
+    owner_client, owner, market, path, body, status, code, field
+):
+    reservation = make_reservation(owner_client)
+    ids = {"res": reservation["id"], "owner_email": owner.user.email}
+    path = path.format(**ids)
+    if isinstance(body, dict):
+        body = {k: v.format(**ids) if isinstance(v, str) else v for k, v in body.items()}
+    before = counts()
+    records_before = IdempotencyRecord.objects.count()
+    response = owner_client.post(path, body, format="json", HTTP_IDEMPOTENCY_KEY="bad-input")
+    error = assert_error(response, status, code)
+    assert error["field"] == field
+    assert counts() == before
+    # The refusal itself is remembered for the Idempotency-Key (a retry gets the same answer).
+    assert IdempotencyRecord.objects.count() == records_before + 1
+
+
+@pytest.mark.parametrize(
+    "body,status,code,field",
+    [
+        ({"role": "emperor"}, 400, "invalid_choice", "role"),
+        ({}, 400, "required", "role"),
+    ],
+)
+def test_bad_input_on_member_patch_changes_nothing(owner_client, owner, body, status, code, field):
+    before = counts()
+    response = owner_client.patch(
+        f"/api/v1/organization/members/mem_{owner.pk}", body, format="json"
+    )
+    assert_error(response, status, code, field)
+    assert counts() == before
+
+
+def test_a_body_that_is_not_json_is_refused(owner_client, market):
+    before = counts()
+    response = owner_client.post(
+        "/api/v1/reservations", "{not json", content_type="application/json"
+    )
+    assert_error(response, 400, "parse_error")
+    assert counts() == before
