@@ -1,0 +1,277 @@
+"""Staff views of billing: accounts with balance and history, the outbox, webhooks, invoices.
+
+The ledger is read-only here as everywhere; staff move money only through the services
+(issue a credit, refund a top-up, approve postpaid), each with a reason and their name.
+"""
+
+from decimal import Decimal
+
+from django import forms
+from django.contrib import admin, messages
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+
+from billing.models import (
+    BillingAccount,
+    BillingNotice,
+    Invoice,
+    LedgerEntry,
+    OutboxMessage,
+    PaymentMethod,
+    Refund,
+    TopUp,
+    UsageAggregate,
+    WebhookEvent,
+)
+from billing.money import from_minor_units
+from billing.selectors import balance_minor
+from billing.services.accounts import billing_account_approve_postpaid
+from billing.services.credits import credit_issue
+from billing.services.refunds import refund_create
+from config.errors import ApplicationError
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class MoneyForm(forms.Form):
+    amount = forms.DecimalField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
+    reason = forms.CharField(widget=forms.Textarea, max_length=2000)
+
+
+@admin.register(BillingAccount)
+class BillingAccountAdmin(admin.ModelAdmin):
+    list_display = ("organization", "mode", "funding_state", "balance", "stripe_customer_id")
+    list_filter = ("mode", "funding_state")
+    search_fields = ("organization__name", "organization__slug", "stripe_customer_id")
+    readonly_fields = (
+        "organization", "balance", "stripe_customer_id", "mode", "postpaid_approved_by",
+        "postpaid_approved_at", "funding_state", "grace_until", "funding_state_changed_at",
+        "default_payment_method_id", "recharge_armed", "actions_links", "recent_notices",
+        "ledger_history",
+    )  # fmt: skip
+    fields = readonly_fields[:2] + (
+        "currency", "auto_recharge_enabled", "recharge_threshold_minor", "recharge_amount_minor",
+        "monthly_spend_limit_minor",
+    ) + readonly_fields[2:]  # fmt: skip
+    actions = ["approve_postpaid"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="balance")
+    def balance(self, obj):
+        return f"{from_minor_units(balance_minor(organization=obj.organization), obj.currency)} {obj.currency.upper()}"
+
+    @admin.display(description="ledger (latest 50, read-only)")
+    def ledger_history(self, obj):
+        rows = LedgerEntry.objects.filter(organization=obj.organization).select_related(
+            "reservation"
+        )[:50]
+        return format_html(
+            "<table><tr><th>at</th><th>kind</th><th>amount</th><th>reservation</th>"
+            "<th>description</th></tr>{}</table>",
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                (
+                    (
+                        e.created_at,
+                        e.kind,
+                        from_minor_units(e.amount_minor, e.currency),
+                        e.reservation.public_id if e.reservation else "",
+                        e.description,
+                    )
+                    for e in rows
+                ),  # fmt: skip
+            ),
+        )
+
+    @admin.display(description="notices (latest 10)")
+    def recent_notices(self, obj):
+        notices = BillingNotice.objects.filter(organization=obj.organization)[:10]
+        return format_html_join(
+            "", "<p>{}: {} — {}</p>", ((n.created_at, n.kind, n.message) for n in notices)
+        )
+
+    @admin.display(description="staff actions")
+    def actions_links(self, obj):
+        if obj.pk is None:
+            return ""
+        url = reverse("admin:billing_billingaccount_credit", args=[obj.pk])
+        return format_html('<a class="button" href="{}">Issue a credit</a>', url)
+
+    @admin.action(description="Approve postpaid invoicing")
+    def approve_postpaid(self, request, queryset):
+        for account in queryset:
+            try:
+                billing_account_approve_postpaid(
+                    organization=account.organization, approved_by=request.user
+                )
+            except ApplicationError as exc:
+                self.message_user(
+                    request, f"{account.organization}: {exc.message}", messages.WARNING
+                )
+            else:
+                self.message_user(request, f"{account.organization} is now postpaid.")
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/credit/",
+                self.admin_site.admin_view(self.credit_view),
+                name="billing_billingaccount_credit",
+            ),  # fmt: skip
+            *super().get_urls(),
+        ]
+
+    def credit_view(self, request, pk: int):
+        if not request.user.has_perm("billing.change_billingaccount"):
+            return redirect("admin:index")
+        account = get_object_or_404(BillingAccount.objects.select_related("organization"), pk=pk)
+        form = MoneyForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                credit_issue(organization=account.organization, amount=form.cleaned_data["amount"],
+                             reason=form.cleaned_data["reason"], created_by=request.user,
+                             currency=account.currency)  # fmt: skip
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+            else:
+                self.message_user(request, "Credit issued.")
+                return redirect("admin:billing_billingaccount_change", pk)
+        context = {**self.admin_site.each_context(request), "form": form,
+                   "title": "Issue a credit", "subject": str(account.organization)}  # fmt: skip
+        return render(request, "admin/billing/money_form.html", context)
+
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "organization", "kind", "amount_minor", "currency", "reservation")
+    list_filter = ("kind",)
+    search_fields = ("organization__name", "idempotency_key", "description")
+    list_select_related = ("organization", "reservation")
+
+
+@admin.register(TopUp)
+class TopUpAdmin(ReadOnlyAdmin):
+    list_display = ("id", "organization", "amount_minor", "currency", "automatic", "status",
+                    "stripe_payment_intent_id", "refund_link")  # fmt: skip
+    list_filter = ("status", "automatic")
+    search_fields = ("organization__name", "stripe_payment_intent_id")
+
+    @admin.display(description="refund")
+    def refund_link(self, obj):
+        if obj.status != "succeeded":
+            return ""
+        return format_html(
+            '<a href="{}">Refund…</a>', reverse("admin:billing_topup_refund", args=[obj.pk])
+        )
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/refund/",
+                self.admin_site.admin_view(self.refund_view),
+                name="billing_topup_refund",
+            ),  # fmt: skip
+            *super().get_urls(),
+        ]
+
+    def refund_view(self, request, pk: int):
+        if not request.user.has_perm("billing.add_refund"):
+            return redirect("admin:index")
+        top_up = get_object_or_404(TopUp.objects.select_related("organization"), pk=pk)
+        form = MoneyForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                refund_create(top_up=top_up, amount=form.cleaned_data["amount"],
+                              reason=form.cleaned_data["reason"], created_by=request.user)  # fmt: skip
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+            else:
+                self.message_user(request, "Refund requested; Stripe confirms it shortly.")
+                return redirect("admin:billing_topup_changelist")
+        context = {**self.admin_site.each_context(request), "form": form, "title": "Refund a top-up",
+                   "subject": f"{top_up.organization}: top-up {top_up.pk} of "
+                   f"{from_minor_units(top_up.amount_minor, top_up.currency)} {top_up.currency.upper()}"}  # fmt: skip
+        return render(request, "admin/billing/money_form.html", context)
+
+
+@admin.register(Refund)
+class RefundAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "organization",
+        "amount_minor",
+        "currency",
+        "status",
+        "reason",
+        "created_by",
+    )
+    list_filter = ("status",)
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "kind",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "stripe_object_id",
+        "last_error",
+    )
+    list_filter = ("status", "kind")
+    search_fields = ("idempotency_key", "stripe_object_id")
+
+
+@admin.register(WebhookEvent)
+class WebhookEventAdmin(ReadOnlyAdmin):
+    list_display = ("stripe_event_id", "type", "received_at", "processed_at", "error")
+    list_filter = ("type",)
+    search_fields = ("stripe_event_id",)
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(ReadOnlyAdmin):
+    list_display = ("stripe_invoice_id", "organization", "status", "amount_due_minor", "currency",
+                    "period_start", "hosted_link")  # fmt: skip
+    list_filter = ("status",)
+
+    @admin.display(description="invoice")
+    def hosted_link(self, obj):
+        return (
+            format_html('<a href="{}" target="_blank">open</a>', obj.hosted_invoice_url)
+            if obj.hosted_invoice_url
+            else ""
+        )
+
+
+@admin.register(PaymentMethod)
+class PaymentMethodAdmin(ReadOnlyAdmin):
+    list_display = ("stripe_payment_method_id", "organization", "brand", "last4", "detached_at")
+
+
+@admin.register(UsageAggregate)
+class UsageAggregateAdmin(ReadOnlyAdmin):
+    list_display = ("id", "organization", "period_start", "gpu_seconds", "amount_minor", "currency")
+
+
+@admin.register(BillingNotice)
+class BillingNoticeAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "organization", "kind", "message")
+    list_filter = ("kind",)

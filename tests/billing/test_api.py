@@ -1,0 +1,134 @@
+"""The billing API: the organisation's own data only, money in strings, clear 4xx."""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from billing.models import BillingAccount, Invoice, LedgerKind, TopUp
+from billing.services.ledger import ledger_entry_add
+from billing.services.usage import reservation_meter
+from marketplace.models import Role
+from tests.billing.conftest import T0, make_reservation, save_card
+from tests.factories import MembershipFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def member(org):
+    return org.memberships.get().user
+
+
+@pytest.fixture
+def client_for(api_client):
+    def login(user):
+        api_client.force_authenticate(user)
+        return api_client
+
+    return login
+
+
+def test_balance_is_the_sum_of_the_ledger_in_major_units(org, member, client_for):
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=12345, currency="usd",
+                     idempotency_key="c")  # fmt: skip
+
+    body = client_for(member).get("/api/v1/billing/balance").json()
+
+    assert (body["balance"], body["currency"], body["mode"], body["funding_state"]) == (
+        "123.45", "usd", "prepaid", "ok",
+    )  # fmt: skip
+
+
+def test_ledger_is_cursor_paginated_and_only_the_organisations_own(org, member, client_for):
+    other = MembershipFactory().organization
+    for i in range(3):
+        ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=100 + i,
+                         currency="usd", idempotency_key=f"mine{i}")  # fmt: skip
+    ledger_entry_add(organization=other, kind=LedgerKind.CREDIT, amount_minor=999, currency="usd",
+                     idempotency_key="theirs")  # fmt: skip
+    client = client_for(member)
+
+    first = client.get("/api/v1/billing/ledger?limit=2").json()
+    second = client.get(first["next"]).json()
+
+    amounts = [e["amount"] for e in first["results"] + second["results"]]
+    assert amounts == ["1.02", "1.01", "1.00"]
+    assert second["next"] is None
+
+
+def test_usage_by_reservation_and_day(org, member, client_for):
+    reservation = make_reservation(org, gpu_count=2, price=Decimal("1.8000"), activated_at=T0)
+    reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=1))
+
+    body = client_for(member).get("/api/v1/billing/usage").json()
+
+    assert body == [{"reservation": reservation.public_id, "day": "2026-03-02",
+                     "gpu_seconds": 7200, "amount": "3.60", "currency": "usd"}]  # fmt: skip
+
+
+def test_invoices_show_their_hosted_links(org, member, client_for):
+    Invoice.objects.create(organization=org, stripe_invoice_id="in_1", stripe_customer_id="cus_1",
+                           status="open", currency="usd", amount_due_minor=4200,
+                           hosted_invoice_url="https://invoice.stripe.com/i/acct/in_1",
+                           period_start=datetime(2026, 10, 1, tzinfo=UTC))  # fmt: skip
+
+    [invoice] = client_for(member).get("/api/v1/billing/invoices").json()
+
+    assert (invoice["id"], invoice["amount_due"], invoice["hosted_invoice_url"]) == (
+        "in_1", "42.00", "https://invoice.stripe.com/i/acct/in_1",
+    )  # fmt: skip
+
+
+def test_a_plain_member_cannot_top_up(org, client_for):
+    member = MembershipFactory(organization=org, role=Role.MEMBER).user
+
+    response = client_for(member).post(
+        "/api/v1/billing/top-ups", {"amount": "50.00"}, format="json"
+    )
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "insufficient_role"
+    assert not TopUp.objects.exists()
+
+
+def test_a_top_up_without_a_card_is_a_402(org, member, client_for):
+    response = client_for(member).post(
+        "/api/v1/billing/top-ups", {"amount": "50.00"}, format="json"
+    )
+
+    assert response.status_code == 402
+    assert response.json()["error"] == {"type": "payment_error", "code": "no_payment_method",
+                                        "field": None, "message": "Add a card before topping up."}  # fmt: skip
+
+
+def test_a_bad_amount_is_a_400_naming_the_field(org, member, client_for):
+    response = client_for(member).post("/api/v1/billing/top-ups", {"amount": "lots"}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "amount"
+
+
+@pytest.mark.stripe
+def test_cards_through_the_api_setup_intent_list_and_top_up(
+    localstripe, org, member, client_for, eager_celery, django_capture_on_commit_callbacks
+):
+    client = client_for(member)
+    setup = client.post("/api/v1/billing/payment-methods/setup-intent")
+    assert setup.status_code == 201
+    assert setup.json()["client_secret"].startswith(setup.json()["setup_intent_id"])
+    pm_id = save_card(localstripe, org)
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
+
+    cards = client.get("/api/v1/billing/payment-methods").json()
+    with django_capture_on_commit_callbacks(execute=True):
+        top_up = client.post("/api/v1/billing/top-ups", {"amount": "75.00"}, format="json")
+    balance = client.get("/api/v1/billing/balance").json()["balance"]
+    detach = client.delete(f"/api/v1/billing/payment-methods/{pm_id}")
+
+    assert cards == [{"id": pm_id, "brand": "visa", "last4": "4242", "exp_month": 12,
+                      "exp_year": 2030, "is_default": True}]  # fmt: skip
+    assert (top_up.status_code, top_up.json()["amount"]) == (202, "75.00")
+    assert balance == "75.00"
+    assert detach.status_code == 204
+    assert client.get("/api/v1/billing/payment-methods").json() == []
