@@ -1,0 +1,109 @@
+"""Compare our records of money with Stripe's and list every difference.
+
+Checked per organisation with a Stripe customer:
+- every successful top-up has a succeeded PaymentIntent of the same amount and customer, and
+  exactly one top_up ledger entry of that amount;
+- every failed top-up's PaymentIntent (if one exists) did not succeed;
+- every succeeded PaymentIntent of the customer is a successful top-up of ours;
+- the refunds Stripe has for each top-up are exactly our refunds that are not failed, with the
+  same amounts, each with its refund ledger entry;
+and, globally, no outbox message has been pending for more than an hour.
+"""
+
+from datetime import timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from billing.models import (
+    BillingAccount,
+    LedgerEntry,
+    OutboxMessage,
+    OutboxStatus,
+    Refund,
+    RefundStatus,
+    TopUp,
+    TopUpStatus,
+)
+from billing.stripe_gateway import StripeGateway, get_gateway
+
+__all__ = ["billing_reconcile"]
+
+
+def billing_reconcile(*, gateway: StripeGateway | None = None) -> list[str]:
+    gateway = gateway or get_gateway()
+    differences: list[str] = []
+    intents_by_customer: dict[str, dict[str, dict]] = {}
+    for pi in gateway.payment_intents_all():
+        intents_by_customer.setdefault(pi.get("customer") or "", {})[pi["id"]] = pi
+
+    for account in BillingAccount.objects.exclude(stripe_customer_id="").select_related(
+        "organization"
+    ):
+        org = account.organization
+        label = f"{org.public_id} ({account.stripe_customer_id})"
+        intents = intents_by_customer.get(account.stripe_customer_id, {})
+        top_ups = TopUp.objects.filter(organization=org).exclude(stripe_payment_intent_id="")
+        ours = {t.stripe_payment_intent_id: t for t in top_ups}
+        for top_up in TopUp.objects.filter(organization=org, status=TopUpStatus.SUCCEEDED):
+            pi = intents.get(top_up.stripe_payment_intent_id)
+            if pi is None:
+                differences.append(f"{label}: top-up {top_up.pk} succeeded here but Stripe has no "
+                                   f"PaymentIntent {top_up.stripe_payment_intent_id or '(none)'}")  # fmt: skip
+                continue
+            if pi.get("status") != "succeeded" or pi.get("amount") != top_up.amount_minor:
+                differences.append(f"{label}: top-up {top_up.pk} is {top_up.amount_minor} succeeded "
+                                   f"here, Stripe says {pi.get('amount')} {pi.get('status')}")  # fmt: skip
+            entries = list(LedgerEntry.objects.filter(idempotency_key=f"top_up:{top_up.pk}")
+                           .values_list("amount_minor", flat=True))  # fmt: skip
+            if entries != [top_up.amount_minor]:
+                differences.append(f"{label}: top-up {top_up.pk} has ledger entries {entries}, "
+                                   f"expected [{top_up.amount_minor}]")  # fmt: skip
+            differences.extend(_refund_differences(label, top_up, gateway))
+        for top_up in top_ups.filter(status=TopUpStatus.FAILED):
+            pi = intents.get(top_up.stripe_payment_intent_id)
+            if pi is not None and pi.get("status") == "succeeded":
+                differences.append(f"{label}: top-up {top_up.pk} failed here but Stripe charged "
+                                   f"{pi['amount']} ({pi['id']})")  # fmt: skip
+        for pi_id, pi in intents.items():
+            top_up = ours.get(pi_id)
+            if pi.get("status") == "succeeded" and (
+                top_up is None or top_up.status != TopUpStatus.SUCCEEDED
+            ):
+                differences.append(f"{label}: Stripe charged {pi.get('amount')} {pi.get('currency')} "
+                                   f"({pi_id}) with no successful top-up here")  # fmt: skip
+
+    stuck = OutboxMessage.objects.filter(
+        status=OutboxStatus.PENDING, created_at__lt=timezone.now() - timedelta(hours=1)
+    )
+    for message in stuck:
+        differences.append(f"outbox {message.pk} ({message.kind}, {message.idempotency_key}) pending "
+                           f"since {message.created_at:%Y-%m-%d %H:%M} UTC: {message.last_error}")  # fmt: skip
+    return differences
+
+
+def _refund_differences(label: str, top_up: TopUp, gateway: StripeGateway) -> list[str]:
+    differences = []
+    remote = {r["id"]: r for r in gateway.refunds_for_payment_intent(
+        payment_intent_id=top_up.stripe_payment_intent_id) if r.get("status") != "failed"}  # fmt: skip
+    local = Refund.objects.filter(top_up=top_up).filter(~Q(status=RefundStatus.FAILED))
+    seen = set()
+    for refund in local:
+        r = remote.get(refund.stripe_refund_id)
+        if r is None:
+            differences.append(
+                f"{label}: refund {refund.pk} of top-up {top_up.pk} is not at Stripe"
+            )
+            continue
+        seen.add(r["id"])
+        if r.get("amount") != refund.amount_minor:
+            differences.append(f"{label}: refund {refund.pk} is {refund.amount_minor} here, "
+                               f"{r.get('amount')} at Stripe")  # fmt: skip
+        if not LedgerEntry.objects.filter(idempotency_key=f"refund:{refund.pk}",
+                                          amount_minor=-refund.amount_minor).exists():  # fmt: skip
+            differences.append(f"{label}: refund {refund.pk} has no ledger entry")
+    for refund_id, r in remote.items():
+        if refund_id not in seen:
+            differences.append(f"{label}: Stripe refunded {r.get('amount')} ({refund_id}) of top-up "
+                               f"{top_up.pk} with no refund here")  # fmt: skip
+    return differences
