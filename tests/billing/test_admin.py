@@ -1,0 +1,96 @@
+"""Staff move money only through the admin's service-backed forms, with a reason."""
+
+from decimal import Decimal
+
+import pytest
+from django.urls import reverse
+
+from billing.models import BillingAccount, BillingMode, LedgerEntry, LedgerKind, Refund
+from billing.selectors import balance_minor
+from billing.services.topups import top_up_create
+from tests.billing.conftest import save_card
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff_client(client, django_user_model):
+    staff = django_user_model.objects.create_superuser("staff", "staff@example.com", "pw")
+    client.force_login(staff)
+    return client
+
+
+def test_the_account_page_shows_balance_and_history(staff_client, org):
+    LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=1234,
+                               currency="usd", idempotency_key="c", description="welcome")  # fmt: skip
+    account = BillingAccount.objects.get(organization=org)
+
+    page = staff_client.get(reverse("admin:billing_billingaccount_change", args=[account.pk]))
+
+    assert page.status_code == 200
+    assert b"12.34 USD" in page.content and b"welcome" in page.content
+
+
+def test_staff_issue_a_credit_with_a_reason(staff_client, org):
+    account = BillingAccount.objects.get(organization=org)
+    url = reverse("admin:billing_billingaccount_credit", args=[account.pk])
+
+    refused = staff_client.post(url, {"amount": "25.00", "reason": ""})
+    assert refused.status_code == 200 and balance_minor(organization=org) == 0
+    done = staff_client.post(url, {"amount": "25.00", "reason": "outage goodwill"})
+
+    assert done.status_code == 302
+    entry = LedgerEntry.objects.get(organization=org)
+    assert (entry.kind, entry.amount_minor, entry.description, entry.created_by.username) == (
+        LedgerKind.CREDIT, 2500, "outage goodwill", "staff",
+    )  # fmt: skip
+
+
+def test_the_ledger_cannot_be_edited_or_deleted_in_the_admin(staff_client, org):
+    entry = LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=100,
+                                       currency="usd", idempotency_key="c")  # fmt: skip
+
+    staff_client.post(
+        reverse("admin:billing_ledgerentry_change", args=[entry.pk]), {"amount_minor": 1}
+    )
+    delete = staff_client.post(
+        reverse("admin:billing_ledgerentry_delete", args=[entry.pk]), {"post": "yes"}
+    )
+
+    assert delete.status_code == 403
+    assert LedgerEntry.objects.get().amount_minor == 100
+
+
+def test_staff_approve_postpaid(staff_client, org):
+    account = BillingAccount.objects.get(organization=org)
+
+    staff_client.post(reverse("admin:billing_billingaccount_changelist"),
+                      {"action": "approve_postpaid", "_selected_action": [account.pk]})  # fmt: skip
+
+    account.refresh_from_db()
+    assert account.mode == BillingMode.POSTPAID
+    assert account.postpaid_approved_by.username == "staff"
+
+
+@pytest.mark.stripe
+def test_staff_refund_a_top_up_through_the_refunds_api(
+    staff_client, localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org)
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
+    with django_capture_on_commit_callbacks(execute=True):
+        top_up = top_up_create(organization=org, amount=Decimal("30.00"))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = staff_client.post(reverse("admin:billing_topup_refund", args=[top_up.pk]),
+                                     {"amount": "30.00", "reason": "double booking"})  # fmt: skip
+
+    assert response.status_code == 302
+    refund = Refund.objects.get()
+    assert (refund.status, refund.amount_minor, refund.reason) == (
+        "succeeded",
+        3000,
+        "double booking",
+    )
+    assert refund.stripe_refund_id.startswith("re_")
+    assert balance_minor(organization=org) == 0
