@@ -1,0 +1,110 @@
+"""Settings come from the environment; a malformed value stops start-up naming the variable.
+
+Each case starts a fresh interpreter, since settings are read once at import.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_SECRET = "k" * 20 + "Q7v!x9#Lm2@pR5$tW8^zB4&nC6*dF1(hJ3)" + "s" * 10
+SETUP = "import django; django.setup()"
+
+
+def run(code_or_args, **env) -> subprocess.CompletedProcess:
+    base = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/switchyard_settings_test",
+        "REDIS_URL": "redis://127.0.0.1:6379/15",
+        "DEBUG": "1",
+    }
+    base.update(env)
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={k: v for k, v in base.items() if v is not None},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_good_development_environment_starts():
+    result = run(SETUP)
+
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DEBUG": "maybe"}, "DEBUG"),
+        ({"DATABASE_URL": "mysql://root@localhost/switchyard"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgres://localhost:notaport/x"}, "DATABASE_URL"),
+        ({"REDIS_URL": "nonsense"}, "REDIS_URL"),
+        ({"NODE_OFFLINE_AFTER_SECONDS": "abc"}, "NODE_OFFLINE_AFTER_SECONDS"),
+        ({"NODE_OFFLINE_AFTER_SECONDS": "5"}, "NODE_OFFLINE_AFTER_SECONDS"),
+        (
+            {"CELERY_TASK_TIME_LIMIT": "60", "CELERY_TASK_SOFT_TIME_LIMIT": "90"},
+            "CELERY_TASK_TIME_LIMIT",
+        ),
+        ({"DEBUG": "0", "SECRET_KEY": None}, "SECRET_KEY"),
+        ({"DEBUG": "0", "SECRET_KEY": "short"}, "SECRET_KEY"),
+    ],
+)
+def test_a_malformed_value_stops_start_up_naming_the_variable(env, variable):
+    result = run(SETUP, **env)
+
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: ")
+    assert variable in last_line
+
+
+PRODUCTION = {
+    "DEBUG": "0",
+    "SECRET_KEY": GOOD_SECRET,
+    "ALLOWED_HOSTS": "switchyard.example.com",
+}
+
+
+def deploy_check(**env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run `check --deploy`; return the result and the ids of the security checks raised.
+
+    Only security.* is asserted here: the other apps' checks (e.g. drf-spectacular's schema
+    warnings) are not about deployment settings and are tested where that code lives.
+    """
+    result = run(["manage.py", "check", "--deploy"], **env)
+    ids = re.findall(r"^\?: \((security\.\w+)\)", result.stderr, re.M)
+    return result, ids
+
+
+def test_production_settings_pass_the_deploy_check_apart_from_hsts_preload():
+    result, security = deploy_check(**PRODUCTION)
+
+    assert result.returncode == 0, result.stderr
+    # HSTS preload is an opt-in commitment to browsers' preload lists, so it stays off unless
+    # SECURE_HSTS_PRELOAD=1 (below); that is the one deploy warning left.
+    assert security == ["security.W021"]
+
+
+def test_production_settings_with_hsts_preload_pass_the_deploy_check_clean():
+    result, security = deploy_check(**PRODUCTION, SECURE_HSTS_PRELOAD="1")
+
+    assert result.returncode == 0, result.stderr
+    assert security == []
+
+
+def test_the_deploy_check_notices_insecure_production_settings():
+    result, security = deploy_check(**PRODUCTION, SECURE_HSTS_SECONDS="0", SECURE_SSL_REDIRECT="0")
+
+    assert result.returncode == 0, result.stderr
+    assert security == ["security.W004", "security.W008"]
