@@ -7,6 +7,7 @@ response → rate-limit headers on the way out.
 """
 
 from django.db import transaction
+from django_filters.rest_framework import DjangoFilterBackend
 from rest_framework import exceptions
 from rest_framework.generics import GenericAPIView
 from rest_framework.permissions import SAFE_METHODS, IsAuthenticated
@@ -21,13 +22,17 @@ from marketplace.auth import ApiKeyUser
 from marketplace.models import ApiKeyScope, Role
 from marketplace.services.organizations import RESERVING_ROLES
 
-__all__ = ["ApiView", "validated_input"]
+__all__ = ["ApiView", "FILTERED", "validated_input"]
+
+FILTERED = (DjangoFilterBackend,)
 
 
 class ApiView(GenericAPIView):
     permission_classes = [IsAuthenticated]
     throttle_classes = [ApiRateThrottle]
     pagination_class = None
+    # Filtering is opt-in: a list view with a filterset_class sets FILTERED.
+    filter_backends: tuple = ()
     # False for public catalogue endpoints, which act for nobody in particular.
     requires_organization = True
     # Roles a signed-in member needs: for safe methods, and for the others.

@@ -7,7 +7,7 @@ from rest_framework.response import Response
 
 from marketplace.api.pagination import NewestFirstCursorPagination
 from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
-from marketplace.api.views import ApiView, validated_input
+from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import ApiKey, ApiKeyScope
 from marketplace.selectors.organizations import api_key_get_for_org, api_key_list_for_org
 from marketplace.services.api_keys import api_key_create, api_key_revoke
@@ -68,6 +68,7 @@ class _KeyManagement(ApiView):
 
 class ApiKeyListApi(_KeyManagement):
     pagination_class = NewestFirstCursorPagination
+    filter_backends = FILTERED
     filterset_class = ApiKeyFilter
     idempotency_redacted_fields = ("secret",)
 

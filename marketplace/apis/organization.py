@@ -9,7 +9,7 @@ from rest_framework.response import Response
 from config.errors import ValidationFailed
 from marketplace.api.pagination import NewestFirstCursorPagination
 from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
-from marketplace.api.views import ApiView, validated_input
+from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import Membership, Role
 from marketplace.selectors.organizations import member_get_for_org, member_list_for_org
 from marketplace.services.organizations import member_add, member_change_role, member_remove
@@ -74,6 +74,7 @@ class MemberListApi(ApiView):
     write_roles = frozenset(Role.values)
     keys_may_write = False
     pagination_class = NewestFirstCursorPagination
+    filter_backends = FILTERED
     filterset_class = MemberFilter
 
     def get_queryset(self):

@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from marketplace.api.pagination import NewestFirstCursorPagination
 from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
-from marketplace.api.views import ApiView, validated_input
+from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
@@ -204,6 +204,7 @@ class ReservationFilter(django_filters.FilterSet):
 
 class ReservationListApi(ApiView):
     pagination_class = NewestFirstCursorPagination
+    filter_backends = FILTERED
     filterset_class = ReservationFilter
 
     def get_queryset(self):

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from marketplace.models import Allocation, Quote, Reservation, ReservationStatus
+from marketplace.models import Allocation, Quote, Reservation
 from marketplace.services.transitions import reservation_transition
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,

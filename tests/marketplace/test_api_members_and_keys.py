@@ -1,0 +1,129 @@
+"""Organisation members (role rules, the last owner) and API key management through the API."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+import pytest
+
+from marketplace.models import ApiKey, Membership, Organization, Role
+from marketplace.services.organizations import organization_create
+from tests.factories import MembershipFactory, UserFactory
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    assert_error,
+    fresh_rate_limits,
+    org,
+    owner,
+    owner_client,
+    session_client,
+)
+
+pytestmark = pytest.mark.django_db
+
+MEMBERS = "/api/v1/organization/members"
+
+
+def member_url(membership) -> str:
+    return f"{MEMBERS}/mem_{membership.pk}"
+
+
+def test_organization_create_makes_the_creator_owner_with_a_unique_slug():
+    user = UserFactory()
+    first = organization_create(name="Acme AI", owner=user)
+    second = organization_create(name="Acme AI", owner=user)
+    assert first.slug == "acme-ai"
+    assert second.slug.startswith("acme-ai-") and second.slug != first.slug
+    assert first.public_id.startswith("org_")
+    assert Membership.objects.get(organization=first).role == Role.OWNER
+
+
+def test_an_owner_adds_lists_changes_and_removes_members(owner_client, org):
+    newcomer = UserFactory(email="ada@example.com")
+    response = owner_client.post(
+        MEMBERS, {"email": "ADA@example.com", "role": "member"}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    created = response.json()
+    assert created["user"] == {"username": newcomer.username, "email": "ada@example.com"}
+    assert created["role"] == "member"
+    listed = owner_client.get(MEMBERS).json()["results"]
+    assert [m["id"] for m in listed] == [created["id"], listed[1]["id"]]
+    changed = owner_client.patch(f"{MEMBERS}/{created['id']}", {"role": "billing"}, format="json")
+    assert changed.json()["role"] == "billing"
+    assert owner_client.delete(f"{MEMBERS}/{created['id']}").status_code == 204
+    assert not Membership.objects.filter(user=newcomer).exists()
+
+
+def test_the_last_owner_can_be_neither_removed_nor_demoted(owner_client, owner):
+    assert_error(owner_client.delete(member_url(owner)), 409, "last_owner")
+    assert_error(
+        owner_client.patch(member_url(owner), {"role": "admin"}, format="json"), 409, "last_owner"
+    )
+    owner.refresh_from_db()
+    assert owner.role == Role.OWNER
+    # With a second owner, the first may step down.
+    MembershipFactory(organization=owner.organization, role=Role.OWNER)
+    assert (
+        owner_client.patch(member_url(owner), {"role": "admin"}, format="json").status_code == 200
+    )
+
+
+def test_an_admin_manages_members_but_not_owners(org, owner):
+    admin = MembershipFactory(organization=org, role=Role.ADMIN)
+    member = MembershipFactory(organization=org, role=Role.MEMBER)
+    client = session_client(admin)
+    assert client.patch(member_url(member), {"role": "billing"}, format="json").status_code == 200
+    assert_error(
+        client.patch(member_url(member), {"role": "owner"}, format="json"), 403, "insufficient_role"
+    )
+    assert_error(client.delete(member_url(owner)), 403, "insufficient_role")
+    UserFactory(email="new@example.com")
+    response = client.post(MEMBERS, {"email": "new@example.com", "role": "owner"}, format="json")
+    assert_error(response, 403, "insufficient_role")
+    assert list(Membership.objects.filter(organization=org).values_list("role", flat=True).order_by("pk")) == [
+        "owner", "admin", "billing"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("role", [Role.MEMBER, Role.BILLING])
+def test_members_and_billing_cannot_manage_members_or_keys(org, owner, role):
+    someone = MembershipFactory(organization=org, role=role)
+    client = session_client(someone)
+    assert client.get(MEMBERS).status_code == 200  # everyone sees who is in
+    assert_error(
+        client.patch(member_url(owner), {"role": "member"}, format="json"), 403, "insufficient_role"
+    )
+    assert_error(client.get("/api/v1/api-keys"), 403, "insufficient_role")
+    assert_error(client.post("/api/v1/api-keys", {"name": "x"}, format="json"), 403)
+    assert ApiKey.objects.count() == 0
+    # Anyone may leave.
+    assert client.delete(member_url(someone)).status_code == 204
+
+
+def test_api_keys_are_created_listed_and_revoked(owner_client, org, owner):
+    response = owner_client.post(
+        "/api/v1/api-keys", {"name": "ci", "scopes": ["read"]}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    created = response.json()
+    secret = created.pop("secret")
+    assert secret.startswith(created["prefix"] + "_")
+    assert created["scopes"] == ["read"]
+    assert created["created_by"] == owner.user.username
+    assert created["last_used_at"] is None and created["revoked_at"] is None
+
+    listed = owner_client.get("/api/v1/api-keys").json()["results"]
+    assert listed == [created]
+    assert "secret" not in listed[0]
+
+    revoked = owner_client.post(f"/api/v1/api-keys/{created['id']}/revoke", {}, format="json")
+    assert revoked.status_code == 200
+    assert revoked.json()["revoked_at"] is not None
+    again = owner_client.post(f"/api/v1/api-keys/{created['id']}/revoke", {}, format="json")
+    assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
+    assert owner_client.get("/api/v1/api-keys?revoked=false").json()["results"] == []
+    assert len(owner_client.get("/api/v1/api-keys?revoked=true").json()["results"]) == 1
+
+
+def test_organisations_are_separate_for_members_too(owner_client):
+    other = MembershipFactory(role=Role.OWNER)
+    assert_error(owner_client.delete(member_url(other)), 404, "member_not_found")
+    assert Organization.objects.count() == 2
+    assert Membership.objects.filter(pk=other.pk).exists()

@@ -1,0 +1,60 @@
+"""The OpenAPI schema is served, valid, and documents the key scheme; the docs pages render."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+import pytest
+from django.urls import include, path
+from drf_spectacular.drainage import GENERATOR_STATS
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.validation import validate_schema
+from rest_framework.test import APIClient
+
+from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
+
+pytestmark = pytest.mark.django_db
+
+
+def test_the_schema_is_served_and_describes_the_api():
+    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["components"]["securitySchemes"]["ApiKeyAuth"]["scheme"] == "bearer"
+    paths = schema["paths"]
+    for expected in (
+        "/api/v1/gpu-models",
+        "/api/v1/sites",
+        "/api/v1/sites/{slug}/availability",
+        "/api/v1/availability",
+        "/api/v1/quotes",
+        "/api/v1/quotes/{quote_id}",
+        "/api/v1/reservations",
+        "/api/v1/reservations/{reservation_id}",
+        "/api/v1/reservations/{reservation_id}/cancel",
+        "/api/v1/reservations/{reservation_id}/cancellation-terms",
+        "/api/v1/reservations/{reservation_id}/extend",
+        "/api/v1/api-keys",
+        "/api/v1/api-keys/{key_id}/revoke",
+        "/api/v1/organization",
+        "/api/v1/organization/members",
+        "/api/v1/organization/members/{member_id}",
+    ):
+        assert expected in paths, expected
+    create = paths["/api/v1/reservations"]["post"]
+    assert "Idempotency-Key" in [p["name"] for p in create["parameters"]]
+    assert set(create["responses"]) >= {"201", "400", "401", "404", "409", "422", "429"}
+
+
+def test_the_marketplace_part_of_the_schema_is_valid_and_has_no_warnings():
+    """What `manage.py spectacular --validate --fail-on-warn` checks, for this app's endpoints."""
+    GENERATOR_STATS.reset()
+    generator = SchemaGenerator(patterns=[path("api/v1/", include("marketplace.urls"))])
+    schema = generator.get_schema(request=None, public=True)
+    validate_schema(schema)
+    assert not GENERATOR_STATS, dict(GENERATOR_STATS._warn_cache)
+    assert len(schema["paths"]) == 16
+
+
+@pytest.mark.parametrize("url", ["/api/docs/", "/api/redoc/"])
+def test_the_docs_pages_render(url):
+    response = APIClient().get(url)
+    assert response.status_code == 200
+    assert b"/api/schema/" in response.content
