@@ -5,5 +5,6 @@ from django.urls import include, path
 urlpatterns = [
     path("", include("inventory.urls")),
     path("", include("marketplace.urls")),
+    path("", include("marketplace.provisioning.urls")),
     path("", include("billing.urls")),
 ]

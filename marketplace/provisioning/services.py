@@ -193,8 +193,8 @@ def _fail(reservation: Reservation, reason: str) -> Reservation:
     )
 
 
-def _wait_ready(driver: Driver, target: Target, *, probe) -> Check:
-    deadline = time.monotonic() + CHECK_WINDOW_SECONDS
+def _wait_ready(target: Target, *, probe, window: float) -> Check:
+    deadline = time.monotonic() + window
     while True:
         check = probe(target)
         if check.state != "pending" or time.monotonic() >= deadline:
@@ -205,16 +205,25 @@ def _wait_ready(driver: Driver, target: Target, *, probe) -> Check:
 # --- provision ------------------------------------------------------------------------------
 
 
-def reservation_provision_step(*, reservation_id: int, driver: Driver | None = None) -> StepResult:
-    """Take a due reservation to active through the driver, or as far as it can get now."""
+def reservation_provision_step(
+    *,
+    reservation_id: int,
+    driver: Driver | None = None,
+    check_window: float = CHECK_WINDOW_SECONDS,
+) -> StepResult:
+    """Take a due reservation to active through the driver, or as far as it can get now.
+
+    A driver still "pending" is polled for up to `check_window` seconds before the step
+    returns "waiting" (the task then checks again later).
+    """
     driver = driver or driver_get()
     with reservation_worker_lock(reservation_id) as held:
         if not held:
             return StepResult("busy", detail="another worker is on it")
-        return _provision(reservation_id=reservation_id, driver=driver)
+        return _provision(reservation_id=reservation_id, driver=driver, window=check_window)
 
 
-def _provision(*, reservation_id: int, driver: Driver) -> StepResult:
+def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepResult:
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
         if reservation is None:
@@ -254,7 +263,7 @@ def _provision(*, reservation_id: int, driver: Driver) -> StepResult:
         if not resumed:
             driver.prepare(target)
             driver.start_workload(target)
-        check = _wait_ready(driver, target, probe=driver.check)
+        check = _wait_ready(target, probe=driver.check, window=window)
         if check.state == "failed":
             raise WorkloadFailure(check.detail or "The driver reported a failure.")
     except NodeFailure as exc:
@@ -421,16 +430,21 @@ def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) ->
 # --- release --------------------------------------------------------------------------------
 
 
-def reservation_release_step(*, reservation_id: int, driver: Driver | None = None) -> StepResult:
+def reservation_release_step(
+    *,
+    reservation_id: int,
+    driver: Driver | None = None,
+    check_window: float = CHECK_WINDOW_SECONDS,
+) -> StepResult:
     """Take an ended (or stopped early) reservation down and complete it; GPUs free at once."""
     driver = driver or driver_get()
     with reservation_worker_lock(reservation_id) as held:
         if not held:
             return StepResult("busy", detail="another worker is on it")
-        return _release(reservation_id=reservation_id, driver=driver)
+        return _release(reservation_id=reservation_id, driver=driver, window=check_window)
 
 
-def _release(*, reservation_id: int, driver: Driver) -> StepResult:
+def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResult:
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
         if reservation is None:
@@ -457,7 +471,7 @@ def _release(*, reservation_id: int, driver: Driver) -> StepResult:
             return StepResult("completed", detail="unconfirmed stop")
 
     try:
-        check = _wait_ready(driver, target, probe=driver.stop)
+        check = _wait_ready(target, probe=driver.stop, window=window)
     except (DriverError, NodeFailure, WorkloadFailure) as exc:
         failures += 1
         delay = retry_backoff(failures)

@@ -1,0 +1,154 @@
+"""The site agent's job API: lease, progress, complete, fail (under /api/v1/agent/jobs/).
+
+Authenticated by the node token (inventory.auth); an agent sees only its own node's jobs.
+Reports carry the lease id the lease handed out, so a presumed-dead agent whose job went to
+another cannot report on it (409 lease_lost), and a job done once stays done.
+"""
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from inventory.auth import IsNodeAgent, NodeTokenAuthentication
+from marketplace.models import AgentJob, AgentJobKind, AgentJobStatus
+from marketplace.provisioning.agent_jobs import (
+    agent_job_complete,
+    agent_job_fail,
+    agent_job_lease,
+    agent_job_progress,
+)
+
+
+class _AgentApi(APIView):
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsNodeAgent]
+
+
+class JobStateSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=AgentJobKind.choices)
+    status = serializers.ChoiceField(choices=AgentJobStatus.choices)
+    lease_expires_at = serializers.DateTimeField(allow_null=True)
+
+
+class AgentJobLeaseApi(_AgentApi):
+    """Lease this node's next job. 204 when there is none."""
+
+    class InputSerializer(serializers.Serializer):
+        lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        kind = serializers.ChoiceField(choices=AgentJobKind.choices)
+        reservation = serializers.CharField(source="reservation.public_id")
+        payload = serializers.DictField()
+        lease_id = serializers.CharField(source="lease_owner")
+        lease_expires_at = serializers.DateTimeField()
+        attempts = serializers.IntegerField()
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: OutputSerializer, 204: None},
+        operation_id="agent_job_lease",
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        job = agent_job_lease(
+            node=request.user.node, lease_seconds=serializer.validated_data.get("lease_seconds")
+        )
+        if job is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        job = AgentJob.objects.select_related("reservation").get(pk=job.pk)
+        return Response(self.OutputSerializer(job).data)
+
+
+class AgentJobProgressApi(_AgentApi):
+    """Report progress on a leased job; extends the lease."""
+
+    class InputSerializer(serializers.Serializer):
+        lease_id = serializers.CharField(max_length=64)
+        progress = serializers.DictField(required=False, default=dict)
+        lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: JobStateSerializer},
+        operation_id="agent_job_progress",
+    )
+    def post(self, request: Request, job_id: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        job = agent_job_progress(
+            node=request.user.node,
+            job_id=job_id,
+            lease_id=data["lease_id"],
+            progress=data["progress"],
+            lease_seconds=data.get("lease_seconds"),
+        )
+        return Response(JobStateSerializer(job).data)
+
+
+class AgentJobCompleteApi(_AgentApi):
+    """The job is done; a start job reports how to connect. Repeating it is harmless."""
+
+    class ResultSerializer(serializers.Serializer):
+        host = serializers.CharField(max_length=255, required=False)
+        ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
+        ports = serializers.DictField(
+            child=serializers.IntegerField(min_value=1, max_value=65535), required=False
+        )
+        container_id = serializers.CharField(max_length=128, required=False)
+        detail = serializers.CharField(max_length=2000, required=False)
+
+    class InputSerializer(serializers.Serializer):
+        lease_id = serializers.CharField(max_length=64)
+        result = serializers.DictField(required=False, default=dict)
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: JobStateSerializer},
+        operation_id="agent_job_complete",
+    )
+    def post(self, request: Request, job_id: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        result = self.ResultSerializer(data=serializer.validated_data["result"])
+        result.is_valid(raise_exception=True)
+        job = agent_job_complete(
+            node=request.user.node,
+            job_id=job_id,
+            lease_id=serializer.validated_data["lease_id"],
+            result=result.validated_data,
+        )
+        return Response(JobStateSerializer(job).data)
+
+
+class AgentJobFailApi(_AgentApi):
+    """The job failed; node_failure says the node itself is bad (it is taken out of sale)."""
+
+    class InputSerializer(serializers.Serializer):
+        lease_id = serializers.CharField(max_length=64)
+        error = serializers.CharField(max_length=2000)
+        node_failure = serializers.BooleanField(default=False)
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: JobStateSerializer},
+        operation_id="agent_job_fail",
+    )
+    def post(self, request: Request, job_id: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        job = agent_job_fail(
+            node=request.user.node,
+            job_id=job_id,
+            lease_id=data["lease_id"],
+            error=data["error"],
+            node_failure=data["node_failure"],
+        )
+        return Response(JobStateSerializer(job).data)

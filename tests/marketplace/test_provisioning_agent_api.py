@@ -1,0 +1,270 @@
+"""The site agent's job API and the site-agent driver, through real HTTP requests."""
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from inventory.models import NodeStatus
+from inventory.services import node_token_issue
+from marketplace.models import AgentJob, AgentJobStatus, Allocation, ReservationStatus
+from marketplace.provisioning.drivers import SiteAgentDriver
+from marketplace.provisioning.services import (
+    reservation_provision_step,
+    reservation_release_step,
+)
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.provisioning_support import market_create, ssh_key, statuses
+
+pytestmark = [pytest.mark.usefixtures("allow_all_funding")]
+S = ReservationStatus
+LEASE = "/api/v1/agent/jobs/lease"
+
+
+def _job_url(job_id: int, action: str) -> str:
+    return f"/api/v1/agent/jobs/{job_id}/{action}"
+
+
+def _agent(node) -> APIClient:
+    _token, secret = node_token_issue(node=node, label="test agent")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+@pytest.fixture
+def booked(db):
+    """A due reservation whose provisioning queued its prepare and start jobs."""
+    market = market_create(nodes=2, gpus=4)
+    r = market.book(
+        gpu_count=2,
+        workload={
+            "image": "ghcr.io/acme/train:1.0",
+            "env": {"HF_TOKEN": "hf_secret"},
+            "ssh_public_keys": [ssh_key()],
+            "ports": [8888],
+        },
+    )
+    result = reservation_provision_step(
+        reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0
+    )
+    assert result.outcome == "waiting"
+    node = Allocation.objects.filter(reservation=r).first().node
+    return r, node, market
+
+
+def test_an_agent_leases_its_jobs_in_order_and_the_reservation_becomes_active(booked):
+    r, node, _ = booked
+    agent = _agent(node)
+
+    prepare = agent.post(LEASE, {}, format="json")
+    assert prepare.status_code == 200
+    assert prepare.data["kind"] == "prepare"
+    assert prepare.data["payload"]["image"] == "ghcr.io/acme/train:1.0"
+    # The start job waits for its prepare job.
+    assert agent.post(LEASE, {}, format="json").status_code == 204
+
+    done = agent.post(
+        _job_url(prepare.data["id"], "complete"), {"lease_id": prepare.data["lease_id"]}
+    )
+    assert done.status_code == 200 and done.data["status"] == "done"
+    start = agent.post(LEASE, {}, format="json")
+    assert start.data["kind"] == "start"
+    assert start.data["payload"]["env"] == {"HF_TOKEN": "hf_secret"}
+    assert start.data["payload"]["ports"] == [8888]
+    agent.post(
+        _job_url(start.data["id"], "complete"),
+        {
+            "lease_id": start.data["lease_id"],
+            "result": {"host": "gpu7.site.example", "ssh_port": 40022, "ports": {"8888": 40888}},
+        },
+        format="json",
+    )
+
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0
+    ).outcome == ("active")
+    r.refresh_from_db()
+    assert r.connection["host"] == "gpu7.site.example"
+    assert (r.connection["ssh_port"], r.connection["ports"]) == (40022, {"8888": 40888})
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+
+
+def test_an_expired_lease_is_handed_out_again_and_only_the_new_holder_may_report(booked):
+    _, node, _ = booked
+    first, second = _agent(node), _agent(node)
+
+    lease = first.post(LEASE, {"lease_seconds": 5}, format="json").data
+    AgentJob.objects.filter(pk=lease["id"]).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    again = second.post(LEASE, {}, format="json").data
+
+    assert again["id"] == lease["id"]
+    assert again["lease_id"] != lease["lease_id"]
+    assert again["attempts"] == 2
+    stale = first.post(_job_url(lease["id"], "complete"), {"lease_id": lease["lease_id"]})
+    assert stale.status_code == 409
+    assert stale.json()["error"]["code"] == "lease_lost"
+    assert AgentJob.objects.get(pk=lease["id"]).status == AgentJobStatus.LEASED
+
+    ok = second.post(_job_url(lease["id"], "complete"), {"lease_id": again["lease_id"]})
+    finished_at = AgentJob.objects.get(pk=lease["id"]).finished_at
+    repeat = second.post(_job_url(lease["id"], "complete"), {"lease_id": again["lease_id"]})
+    late = first.post(_job_url(lease["id"], "complete"), {"lease_id": lease["lease_id"]})
+
+    assert (ok.status_code, repeat.status_code) == (200, 200)
+    assert AgentJob.objects.get(pk=lease["id"]).finished_at == finished_at
+    assert late.status_code == 409 and late.json()["error"]["code"] == "job_finished"
+
+
+def test_a_live_lease_is_not_handed_out_and_progress_extends_it(booked):
+    _, node, _ = booked
+    agent = _agent(node)
+    lease = agent.post(LEASE, {"lease_seconds": 30}, format="json").data
+    before = AgentJob.objects.get(pk=lease["id"]).lease_expires_at
+
+    assert agent.post(LEASE, {}, format="json").status_code == 204
+    progress = agent.post(
+        _job_url(lease["id"], "progress"),
+        {"lease_id": lease["lease_id"], "progress": {"step": "pull"}, "lease_seconds": 600},
+        format="json",
+    )
+    wrong = agent.post(_job_url(lease["id"], "progress"), {"lease_id": "not-mine"})
+
+    assert progress.status_code == 200
+    job = AgentJob.objects.get(pk=lease["id"])
+    assert job.lease_expires_at > before + timedelta(seconds=500)
+    assert job.progress == {"step": "pull"}
+    assert wrong.status_code == 409
+
+
+def test_an_agent_cannot_see_or_report_on_another_nodes_jobs(booked):
+    r, node, market = booked
+    other = next(n for n in market.nodes if n.pk != node.pk)
+    outsider = _agent(other)
+    job = AgentJob.objects.filter(reservation=r).first()
+
+    assert outsider.post(LEASE, {}, format="json").status_code == 204
+    refused = outsider.post(_job_url(job.pk, "complete"), {"lease_id": "x"})
+    assert refused.status_code == 404
+    assert AgentJob.objects.get(pk=job.pk).status == AgentJobStatus.QUEUED
+
+
+def test_the_job_api_refuses_requests_without_a_valid_node_token(booked):
+    anonymous = APIClient()
+    forged = APIClient()
+    forged.credentials(HTTP_AUTHORIZATION="Bearer nt_00000000_forged")
+
+    assert anonymous.post(LEASE, {}, format="json").status_code == 401
+    assert forged.post(LEASE, {}, format="json").status_code == 401
+    assert AgentJob.objects.filter(status=AgentJobStatus.LEASED).count() == 0
+
+
+def test_a_node_failure_reported_by_the_agent_moves_the_reservation_to_another_node(booked):
+    r, node, market = booked
+    agent = _agent(node)
+    lease = agent.post(LEASE, {}, format="json").data
+
+    failed = agent.post(
+        _job_url(lease["id"], "fail"),
+        {"lease_id": lease["lease_id"], "error": "GPU fell off the bus", "node_failure": True},
+    )
+    step = reservation_provision_step(reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0)
+
+    node.refresh_from_db()
+    assert failed.status_code == 200
+    assert step.outcome == "retry"
+    assert node.status == NodeStatus.MAINTENANCE
+    other = next(n for n in market.nodes if n.pk != node.pk)
+    assert set(
+        Allocation.objects.filter(reservation=r, is_live=True).values_list("node_id", flat=True)
+    ) == {other.pk}
+    # The next step queues the jobs on the new node.
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0
+    ).outcome == ("waiting")
+    assert AgentJob.objects.filter(reservation=r, node=other, kind="prepare").count() == 1
+
+
+def test_a_workload_failure_reported_by_the_agent_fails_the_reservation_uncharged(booked):
+    r, node, _ = booked
+    agent = _agent(node)
+    lease = agent.post(LEASE, {}, format="json").data
+    agent.post(
+        _job_url(lease["id"], "fail"),
+        {"lease_id": lease["lease_id"], "error": "manifest unknown"},
+    )
+
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0
+    ).outcome == ("failed")
+    r.refresh_from_db()
+    node.refresh_from_db()
+    assert r.status == S.FAILED and "manifest unknown" in r.status_reason
+    assert r.activated_at is None
+    assert node.status == NodeStatus.AVAILABLE  # the node is fine
+    # What the agent had not picked up yet is cancelled; a stop job is queued.
+    assert AgentJob.objects.get(reservation=r, kind="start").status == AgentJobStatus.CANCELLED
+    assert AgentJob.objects.filter(reservation=r, kind="stop").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_site_agent_command_runs_the_jobs_over_http(live_server):
+    market = market_create(nodes=1, gpus=4)
+    r = market.book(gpu_count=1, workload={"ports": [8888]})
+    node = market.nodes[0]
+    _token, secret = node_token_issue(node=node, label="agent")
+    driver = SiteAgentDriver()
+    reservation_provision_step(reservation_id=r.pk, driver=driver, check_window=0)
+
+    out = StringIO()
+    call_command(
+        "site_agent",
+        api=live_server.url,
+        token=secret,
+        executor="dry-run",
+        host="gpu.site.example",
+        once=True,
+        stdout=out,
+    )
+
+    assert (
+        reservation_provision_step(reservation_id=r.pk, driver=driver, check_window=0).outcome
+        == "active"
+    )
+    r.refresh_from_db()
+    node.refresh_from_db()
+    assert r.connection["host"] == "gpu.site.example"
+    assert r.connection["ports"] == {"8888": 8888}
+    assert node.last_heartbeat_at is not None
+    assert "done" in out.getvalue()
+
+    type(r).objects.filter(pk=r.pk).update(
+        starts_at=timezone.now() - timedelta(hours=1), ends_at=timezone.now()
+    )
+    assert (
+        reservation_release_step(reservation_id=r.pk, driver=driver, check_window=0).outcome
+        == "waiting"
+    )
+    call_command("site_agent", api=live_server.url, token=secret, once=True, stdout=out)
+    assert (
+        reservation_release_step(reservation_id=r.pk, driver=driver, check_window=0).outcome
+        == "completed"
+    )
+    assert list(
+        AgentJob.objects.filter(reservation=r).order_by("id").values_list("kind", "status")
+    ) == [("prepare", "done"), ("start", "done"), ("stop", "done")]
+
+
+def test_the_container_executor_refuses_clearly_without_docker_or_podman(monkeypatch, tmp_path):
+    from django.core.management.base import CommandError
+
+    from marketplace.management.commands.site_agent import ContainerExecutor
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CommandError, match="needs docker or podman on PATH"):
+        ContainerExecutor(host="h")
