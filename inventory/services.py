@@ -93,8 +93,8 @@ def _check(kind: str, name: str, transition: Transition, current: str, target: s
     elif current == "retired":
         why = f"a retired {kind} cannot come back"
     else:
-        sources = " or ".join(sorted(transition.sources))
-        why = f"only a {sources} {kind} can be told to {transition.verb}"
+        sources = ", ".join(sorted(transition.sources))
+        why = f"'{transition.verb}' applies only to {kind}s that are {sources}"
     raise InvalidTransition(
         f"Cannot {transition.verb} {kind} {name} (from {current} to {target}): {why}.",
         field="status",
@@ -137,6 +137,8 @@ def _status_change(
         reason=reason.strip(),
     )
     obj.status = locked.status
+    if model is Node:
+        obj.status_changed_at = locked.status_changed_at
     return locked
 
 

@@ -200,3 +200,17 @@ def test_the_sweep_skips_a_node_another_transaction_holds():
     assert nodes_mark_offline() == 1
     node.refresh_from_db()
     assert node.status == N.OFFLINE
+
+
+def test_beat_runs_the_registered_sweep_task():
+    from config.celery import app
+
+    app.loader.import_default_modules()
+    entry = app.conf.beat_schedule["inventory-mark-silent-nodes-offline"]
+
+    node = silent_node(600)
+
+    assert entry["schedule"] == 30.0
+    assert app.tasks[entry["task"]]() == 1  # the registered task runs the sweep
+    node.refresh_from_db()
+    assert node.status == N.OFFLINE

@@ -118,7 +118,8 @@ def test_it_refuses_node_transition_and_changes_nothing(action, from_status):
     elif from_status == N.RETIRED:
         assert "a retired node cannot come back" in message
     else:
-        assert "can be told to" in message
+        sources = ", ".join(sorted(services.NODE_TRANSITIONS[action].sources))
+        assert f"applies only to nodes that are {sources}" in message
     after = Node.objects.get(pk=node.pk)
     assert (after.status, after.status_changed_at, after.updated_at) == (
         before.status,
@@ -223,7 +224,10 @@ def test_it_refuses_a_change_without_reason_or_actor():
 def test_staff_cannot_declare_an_offline_node_available():
     node = NodeFactory(status=N.OFFLINE, gpus=0)
 
-    with pytest.raises(InvalidTransition, match="only a draining or maintenance node"):
+    with pytest.raises(
+        InvalidTransition,
+        match="'return to service' applies only to nodes that are draining, maintenance",
+    ):
         services.node_return_to_service(node=node, actor=UserFactory(), reason="looks fine")
 
     node.refresh_from_db()
