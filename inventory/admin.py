@@ -206,6 +206,11 @@ class NodeAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(gpu_count=Count("gpus"))
 
+    def get_readonly_fields(self, request, obj=None):
+        # The GPUs on a node are of its model; a different model means different hardware.
+        fields = super().get_readonly_fields(request, obj)
+        return [*fields, "gpu_model"] if obj is not None else fields
+
     def get_search_results(self, request, queryset, search_term):
         # Searching by GPU serial joins GPUs; keep one row per node.
         queryset, _ = super().get_search_results(request, queryset, search_term)
