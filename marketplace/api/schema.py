@@ -1,11 +1,13 @@
 """OpenAPI pieces shared by every endpoint: the Bearer key scheme and the error object."""
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
 from rest_framework import serializers
 
 __all__ = [
+    "ApiAutoSchema",
     "ApiKeyScheme",
     "ErrorSerializer",
     "errors",
@@ -100,3 +102,15 @@ ORGANIZATION_PARAMETER = OpenApiParameter(
     description="Session calls only: the organisation (org_…) to act for. Without it, your "
     "oldest membership. API keys always act for their own organisation.",
 )
+
+
+class ApiAutoSchema(AutoSchema):
+    """Documents what the base view does for every endpoint, so views need not repeat it."""
+
+    def get_override_parameters(self):
+        parameters = list(super().get_override_parameters())
+        if self.method == "POST":
+            parameters.append(IDEMPOTENCY_KEY_PARAMETER)
+        if getattr(self.view, "requires_organization", False):
+            parameters.append(ORGANIZATION_PARAMETER)
+        return parameters

@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from config.errors import PermissionDenied
 from marketplace.api import idempotency
 from marketplace.api.context import OrgContext, org_context_resolve
+from marketplace.api.schema import ApiAutoSchema
 from marketplace.api.throttling import ApiRateThrottle, rate_limit_headers
 from marketplace.auth import ApiKeyUser
 from marketplace.models import ApiKeyScope, Role
@@ -28,6 +29,8 @@ FILTERED = (DjangoFilterBackend,)
 
 
 class ApiView(GenericAPIView):
+    # Adds the Idempotency-Key (POST) and Sy-Organization headers to every operation's docs.
+    schema = ApiAutoSchema()
     permission_classes = [IsAuthenticated]
     throttle_classes = [ApiRateThrottle]
     pagination_class = None

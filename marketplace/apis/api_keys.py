@@ -6,7 +6,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.schema import errors
 from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import ApiKey, ApiKeyScope
 from marketplace.selectors.organizations import api_key_get_for_org, api_key_list_for_org
@@ -90,7 +90,6 @@ class ApiKeyListApi(_KeyManagement):
         tags=TAGS,
         operation_id="api_keys_create",
         summary="Create an API key; the response carries its secret, once",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=ApiKeyCreateInput,
         responses={201: ApiKeyCreatedOutput, **errors(400, 403, 404, 409, 415, 422)},
     )
@@ -111,7 +110,6 @@ class ApiKeyRevokeApi(_KeyManagement):
         tags=TAGS,
         operation_id="api_keys_revoke",
         summary="Revoke an API key; it stops working at once (revoking twice is harmless)",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=None,
         responses={200: ApiKeyOutput, **errors(403, 404, 409, 422)},
     )

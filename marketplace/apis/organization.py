@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from config.errors import ValidationFailed
 from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.schema import errors
 from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import Membership, Role
 from marketplace.selectors.organizations import member_get_for_org, member_list_for_org
@@ -95,7 +95,6 @@ class MemberListApi(ApiView):
         tags=TAGS,
         operation_id="organization_members_create",
         summary="Add a member (owners and admins; only owners grant owner)",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=MemberCreateInput,
         responses={201: MemberOutput, **errors(400, 403, 404, 409, 415, 422)},
     )

@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.schema import errors
 from marketplace.api.views import ApiView, validated_input
 from marketplace.apis.catalogue import BreakdownOutput
 from marketplace.models import Term, Tier
@@ -59,7 +59,6 @@ class QuoteListApi(ApiView):
         tags=TAGS,
         operation_id="quotes_create",
         summary="Get a quote: the cheapest offer that fits, price held for a few minutes",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=QuoteCreateInput,
         responses={201: QuoteOutput, **errors(400, 403, 404, 409, 415, 422)},
     )

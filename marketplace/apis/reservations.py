@@ -7,7 +7,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from marketplace.api.schema import errors
 from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
@@ -225,7 +225,6 @@ class ReservationListApi(ApiView):
         tags=TAGS,
         operation_id="reservations_create",
         summary="Reserve GPUs, from a quote (at its price) or directly (priced now)",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=ReservationCreateInput,
         responses={201: ReservationDetailOutput, **errors(400, 402, 403, 404, 409, 415, 422)},
     )
@@ -302,7 +301,6 @@ class ReservationCancelApi(_OneReservation):
         tags=TAGS,
         operation_id="reservations_cancel",
         summary="Cancel (before activation) or stop early (active); refund per cancellation-terms",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=ReservationCancelInput,
         responses={200: ReservationDetailOutput, **errors(400, 403, 404, 409, 415, 422)},
     )
@@ -326,7 +324,6 @@ class ReservationExtendApi(_OneReservation):
         tags=TAGS,
         operation_id="reservations_extend",
         summary="Extend: move the end later if the same GPUs stay free",
-        parameters=[IDEMPOTENCY_KEY_PARAMETER],
         request=ReservationExtendInput,
         responses={200: ReservationDetailOutput, **errors(400, 403, 404, 409, 415, 422)},
     )

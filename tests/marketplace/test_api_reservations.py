@@ -293,7 +293,9 @@ def test_cursor_pagination_walks_every_reservation_once(owner_client, market):
         pages += 1
     assert pages == 3
     assert seen == list(reversed(made))
-    assert_error(owner_client.get("/api/v1/reservations?cursor=garbage"), 404)
+    assert_error(
+        owner_client.get("/api/v1/reservations?cursor=garbage"), 400, "invalid_cursor", "cursor"
+    )
 
 
 def test_a_billing_member_can_read_but_not_reserve(market, org, owner):
