@@ -1,0 +1,159 @@
+"""The drivers on their own: the simulated site and the site-agent job queue."""
+
+import json
+import random
+import time
+
+import pytest
+
+from inventory.models import NodeStatus
+from marketplace.models import AgentJob, AgentJobStatus
+from marketplace.provisioning.drivers import (
+    DriverError,
+    NodeFailure,
+    NodeTarget,
+    SimulatedDriver,
+    SiteAgentDriver,
+    Target,
+    WorkloadFailure,
+    driver_get,
+)
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.provisioning_support import market_create
+
+TARGET = Target(
+    reservation_id=1,
+    public_id="res_test",
+    workload={"ports": [8888]},
+    nodes=(NodeTarget(7, "gpu-a", (0, 1)), NodeTarget(8, "gpu-b", (0,))),
+)
+
+
+def test_the_simulated_driver_takes_its_latency_on_each_call():
+    driver = SimulatedDriver(latency=0.2)
+    began = time.monotonic()
+    driver.prepare(TARGET)
+    driver.start_workload(TARGET)
+    assert 0.4 <= time.monotonic() - began < 1.0
+
+
+def test_the_simulated_driver_fails_at_its_failure_rate():
+    driver = SimulatedDriver(failure_rate=0.3, rng=random.Random(7))
+    failures = 0
+    for _ in range(1000):
+        try:
+            driver.prepare(TARGET)
+        except DriverError:
+            failures += 1
+    assert 250 <= failures <= 350
+    with pytest.raises(DriverError):
+        SimulatedDriver(failure_rate=1).prepare(TARGET)
+
+
+def test_the_simulated_driver_reports_the_failed_node():
+    with pytest.raises(NodeFailure) as failure:
+        SimulatedDriver(fail_hostnames=frozenset({"gpu-b"})).prepare(TARGET)
+    assert failure.value.node_id == 8
+
+
+def test_the_simulated_driver_gives_connection_details_for_every_node():
+    check = SimulatedDriver().check(TARGET)
+    assert check.state == "ready"
+    assert check.connection["host"] == "gpu-a.sim.switchyard.test"
+    assert check.connection["ports"] == {"8888": 8888}
+    assert [n["gpu_indexes"] for n in check.connection["nodes"]] == [[0, 1], [0]]
+
+
+def test_the_simulated_driver_logs_each_call(tmp_path):
+    log = tmp_path / "calls.log"
+    driver = SimulatedDriver(log_path=str(log))
+    driver.prepare(TARGET)
+    driver.stop(TARGET)
+    assert [json.loads(x)["op"] for x in log.read_text().splitlines()] == ["prepare", "stop"]
+
+
+def test_the_driver_comes_from_settings(settings):
+    settings.SIMULATED_DRIVER_LATENCY_SECONDS = 0.5
+    settings.SIMULATED_DRIVER_FAILURE_RATE = 0.1
+    driver = driver_get()
+    assert isinstance(driver, SimulatedDriver)
+    assert (driver.latency, driver.failure_rate) == (0.5, 0.1)
+    settings.PROVISIONING_DRIVER = "site_agent"
+    assert isinstance(driver_get(), SiteAgentDriver)
+
+
+@pytest.fixture
+def agent_target(db, allow_all_funding):  # noqa: F811
+    market = market_create(nodes=1, gpus=4)
+    r = market.book(gpu_count=2, workload={"image": "ubuntu:24.04", "env": {"K": "v"}})
+    node = market.nodes[0]
+    return (
+        r,
+        node,
+        Target(r.pk, r.public_id, r.workload, (NodeTarget(node.pk, node.hostname, (0, 1)),)),
+    )
+
+
+def test_the_site_agent_driver_queues_each_job_once(agent_target):
+    r, node, target = agent_target
+    driver = SiteAgentDriver()
+    for _ in range(2):
+        driver.prepare(target)
+        driver.start_workload(target)
+
+    jobs = AgentJob.objects.filter(reservation=r).order_by("id")
+    assert list(jobs.values_list("kind", "node_id", "status")) == [
+        ("prepare", node.pk, "queued"),
+        ("start", node.pk, "queued"),
+    ]
+    assert jobs[1].payload["env"] == {"K": "v"}
+    assert jobs[1].payload["gpu_indexes"] == [0, 1]
+    assert driver.check(target).state == "pending"
+
+
+def test_the_site_agent_driver_is_ready_when_every_start_job_is_done(agent_target):
+    r, _node, target = agent_target
+    driver = SiteAgentDriver()
+    driver.prepare(target)
+    driver.start_workload(target)
+    AgentJob.objects.filter(reservation=r).update(
+        status=AgentJobStatus.DONE, result={"host": "10.0.0.5", "ssh_port": 2222, "ports": {}}
+    )
+    check = driver.check(target)
+    assert check.state == "ready"
+    assert (check.connection["host"], check.connection["ssh_port"]) == ("10.0.0.5", 2222)
+
+
+def test_the_site_agent_driver_turns_failed_jobs_into_the_right_error(agent_target):
+    r, node, target = agent_target
+    driver = SiteAgentDriver()
+    driver.prepare(target)
+    job = AgentJob.objects.get(reservation=r, kind="prepare")
+    job.status, job.error, job.result = AgentJobStatus.FAILED, "no such image", {}
+    job.save()
+    with pytest.raises(WorkloadFailure, match="no such image"):
+        driver.check(target)
+    job.result = {"node_failure": True}
+    job.save()
+    with pytest.raises(NodeFailure) as failure:
+        driver.check(target)
+    assert failure.value.node_id == node.pk
+
+
+def test_stopping_cancels_unstarted_jobs_and_waits_for_the_stop_job(agent_target):
+    r, node, target = agent_target
+    driver = SiteAgentDriver()
+    driver.prepare(target)
+
+    assert driver.stop(target).state == "pending"
+    assert AgentJob.objects.get(reservation=r, kind="prepare").status == AgentJobStatus.CANCELLED
+    AgentJob.objects.filter(reservation=r, kind="stop").update(status=AgentJobStatus.DONE)
+    assert driver.stop(target).state == "ready"
+
+
+def test_stopping_on_an_offline_node_does_not_wait_for_its_agent(agent_target):
+    r, node, target = agent_target
+    type(node).objects.filter(pk=node.pk).update(status=NodeStatus.OFFLINE)
+    assert SiteAgentDriver().stop(target).state == "ready"
+    # The stop stays queued for when the agent comes back.
+    assert AgentJob.objects.get(reservation=r, kind="stop").status == AgentJobStatus.QUEUED

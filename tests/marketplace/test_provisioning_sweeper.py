@@ -1,0 +1,125 @@
+"""The sweeper and the outage reconciler."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from inventory.models import Outage, OutageCause
+from inventory.services import node_heartbeat_record, node_mark_offline
+from marketplace.models import Allocation, ProvisioningAttempt, ReservationOutage, ReservationStatus
+from marketplace.provisioning.drivers import SimulatedDriver
+from marketplace.provisioning.scheduler import reservations_dispatch_due, reservations_sweep_stuck
+from marketplace.provisioning.services import (
+    reservation_outages_reconcile,
+    reservation_provision_step,
+    reservation_worker_lock,
+)
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.provisioning_support import (
+    broker_url_for_this_process,
+    e2e_redis_url,
+    market_create,
+    redis_test_client,
+)
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("allow_all_funding")]
+S = ReservationStatus
+
+
+@pytest.fixture
+def market():
+    return market_create(nodes=2, gpus=4)
+
+
+@pytest.fixture
+def queue():
+    """Enqueues go to the e2e Redis db; returns how many messages are waiting there."""
+    client = redis_test_client()
+    client.flushdb()
+    with broker_url_for_this_process(e2e_redis_url()):
+        yield lambda: client.llen("celery")
+    client.flushdb()
+
+
+def _stale(reservation, *, seconds: int = 600) -> None:
+    """Pretend the reservation entered its state, and its last attempt ran, long ago."""
+    then = timezone.now() - timedelta(seconds=seconds)
+    type(reservation).objects.filter(pk=reservation.pk).update(updated_at=then)
+    ProvisioningAttempt.objects.filter(reservation=reservation).update(
+        started_at=then, finished_at=then, next_attempt_at=None
+    )
+
+
+def test_it_requeues_a_reservation_stuck_in_provisioning_that_nobody_works_on(market, queue):
+    r = market.book()
+    reservations_dispatch_due()
+    queued_by_dispatch = queue()
+    _stale(r)
+
+    assert reservations_sweep_stuck() == {"requeued": 1, "failed": 0}
+    assert queue() == queued_by_dispatch + 1
+
+
+def test_it_leaves_alone_what_a_worker_is_working_on_or_what_moved_recently(market, queue):
+    busy, recent = market.book(), market.book()
+    reservations_dispatch_due()
+    _stale(busy)
+    before = queue()
+
+    with reservation_worker_lock(busy.pk):
+        assert reservations_sweep_stuck() == {"requeued": 0, "failed": 0}
+    assert queue() == before
+    recent.refresh_from_db()
+    assert recent.status == S.PROVISIONING
+
+
+def test_it_waits_for_a_scheduled_retry_before_calling_a_reservation_stuck(market, queue):
+    r = market.book()
+    reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver(failure_rate=1))
+    _stale(r)
+    ProvisioningAttempt.objects.filter(reservation=r).update(
+        next_attempt_at=timezone.now() + timedelta(seconds=30)
+    )
+
+    assert reservations_sweep_stuck(stuck_after=timedelta(seconds=10)) == {
+        "requeued": 0,
+        "failed": 0,
+    }
+
+
+def test_it_fails_a_reservation_whose_period_ended_while_provisioning(market, queue):
+    r = market.book()
+    reservations_dispatch_due()
+    now = timezone.now()
+    type(r).objects.filter(pk=r.pk).update(
+        starts_at=now - timedelta(hours=2), ends_at=now - timedelta(seconds=1)
+    )
+
+    assert reservations_sweep_stuck() == {"requeued": 0, "failed": 1}
+    r.refresh_from_db()
+    assert r.status == S.FAILED and r.activated_at is None
+    assert Allocation.objects.filter(reservation=r, is_live=True).count() == 0
+
+
+def test_the_reconciler_mirrors_a_node_outage_onto_the_active_reservations_it_hits(market):
+    hit, spared = market.book(gpu_count=4), market.book(gpu_count=4)
+    for r in (hit, spared):
+        reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+    node = Allocation.objects.filter(reservation=hit).first().node
+    node.last_heartbeat_at = timezone.now() - timedelta(minutes=10)
+    node.save(update_fields=["last_heartbeat_at"])
+
+    node_mark_offline(node=node, reason="No heartbeat for 600 s.")
+    assert reservation_outages_reconcile() == (1, 0)
+    assert reservation_outages_reconcile() == (0, 0)  # idempotent
+    outage = ReservationOutage.objects.get()
+    assert outage.reservation_id == hit.pk
+    assert outage.cause == OutageCause.HEARTBEAT_MISSED
+    assert outage.ended_at is None
+
+    node_heartbeat_record(node=node)  # the agent is back: the node outage closes
+    assert reservation_outages_reconcile() == (0, 1)
+    outage.refresh_from_db()
+    assert outage.ended_at == Outage.objects.get(node=node).ended_at
+    assert ReservationOutage.objects.filter(reservation=spared).count() == 0
