@@ -22,10 +22,10 @@ from datetime import timedelta
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from rest_framework import exceptions
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
+from config.errors import ApplicationError, Conflict, ValidationFailed
 from marketplace.models import IdempotencyRecord, Organization
 
 __all__ = [
@@ -49,27 +49,17 @@ IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
 MAX_KEY_LENGTH = 255
 
 
-class IdempotencyKeyInvalid(exceptions.APIException):
-    status_code = 400
+class IdempotencyKeyInvalid(ValidationFailed):
     default_code = "idempotency_key_invalid"
-    default_detail = "Idempotency-Key must be 1 to 255 printable ASCII characters."
 
 
-class IdempotencyKeyMismatch(exceptions.APIException):
+class IdempotencyKeyMismatch(ApplicationError):
     status_code = 422
     default_code = "idempotency_key_mismatch"
-    default_detail = (
-        "This Idempotency-Key was used with a different request (method, path or body). "
-        "Use a new key for a new request."
-    )
 
 
-class IdempotencyKeyInUse(exceptions.APIException):
-    status_code = 409
+class IdempotencyKeyInUse(Conflict):
     default_code = "idempotency_key_in_use"
-    default_detail = (
-        "A request with this Idempotency-Key is still being processed; retry in a moment."
-    )
 
 
 class IdempotentReplay(Exception):  # noqa: N818 - control flow, not an error
@@ -107,7 +97,9 @@ def idempotency_claim(
     if key is None:
         return None
     if not (0 < len(key) <= MAX_KEY_LENGTH) or not key.isascii() or not key.isprintable():
-        raise IdempotencyKeyInvalid()
+        raise IdempotencyKeyInvalid(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters.", field=HEADER
+        )
     fingerprint = request_fingerprint(request)
     scope = {"organization": organization, "principal": principal, "key": key}
     for _ in range(3):
@@ -131,11 +123,22 @@ def idempotency_claim(
             ).delete()
             continue
         if existing.request_hash != fingerprint:
-            raise IdempotencyKeyMismatch()
+            raise IdempotencyKeyMismatch(
+                "This Idempotency-Key was used with a different request (method, path or "
+                "body). Use a new key for a new request.",
+                field=HEADER,
+            )
         if existing.response_status is None:
-            raise IdempotencyKeyInUse()
+            raise _in_use()
         raise IdempotentReplay(existing)
-    raise IdempotencyKeyInUse()
+    raise _in_use()
+
+
+def _in_use() -> IdempotencyKeyInUse:
+    return IdempotencyKeyInUse(
+        "A request with this Idempotency-Key is still being processed; retry in a moment.",
+        field=HEADER,
+    )
 
 
 def _storable(data, redacted_fields: tuple[str, ...]):

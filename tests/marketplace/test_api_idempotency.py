@@ -51,7 +51,8 @@ def test_a_retry_replays_the_first_response_and_reserves_once(client_key, market
 def test_the_same_key_with_another_body_is_refused(client_key, market):
     post(client_key, reservation_body(), "k")
     response = post(client_key, reservation_body(gpu_count=3), "k")
-    assert_error(response, 422, "idempotency_key_mismatch")
+    error = assert_error(response, 422, "idempotency_key_mismatch", field="Idempotency-Key")
+    assert error["type"] == "invalid_request_error"
     response = post(client_key, {}, "k", url="/api/v1/quotes")  # another path
     assert_error(response, 422, "idempotency_key_mismatch")
     assert Reservation.objects.count() == 1
