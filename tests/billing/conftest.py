@@ -23,7 +23,8 @@ def eager_celery():
 
 @pytest.fixture
 def org(db):
-    membership = MembershipFactory(user__email="owner@example.com")
+    # An unusable password: hashing a real one costs about a second per test here.
+    membership = MembershipFactory(user__email="owner@example.com", user__password="!")
     billing_account_get_or_create(organization=membership.organization)
     return membership.organization
 

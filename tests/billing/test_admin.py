@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def staff_client(client, django_user_model):
-    staff = django_user_model.objects.create_superuser("staff", "staff@example.com", "pw")
+    staff = django_user_model.objects.create(username="staff", is_staff=True, is_superuser=True)
     client.force_login(staff)
     return client
 

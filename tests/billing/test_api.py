@@ -41,7 +41,7 @@ def test_balance_is_the_sum_of_the_ledger_in_major_units(org, member, client_for
 
 
 def test_ledger_is_cursor_paginated_and_only_the_organisations_own(org, member, client_for):
-    other = MembershipFactory().organization
+    other = MembershipFactory(user__password="!").organization
     for i in range(3):
         ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=100 + i,
                          currency="usd", idempotency_key=f"mine{i}")  # fmt: skip
@@ -81,7 +81,7 @@ def test_invoices_show_their_hosted_links(org, member, client_for):
 
 
 def test_a_plain_member_cannot_top_up(org, client_for):
-    member = MembershipFactory(organization=org, role=Role.MEMBER).user
+    member = MembershipFactory(organization=org, role=Role.MEMBER, user__password="!").user
 
     response = client_for(member).post(
         "/api/v1/billing/top-ups", {"amount": "50.00"}, format="json"

@@ -50,7 +50,7 @@ def webhooks_to_live_server(localstripe, live_server):
 def test_a_signed_payment_succeeded_delivery_credits_a_top_up_whose_result_was_lost(
     localstripe, webhooks_to_live_server
 ):
-    org = MembershipFactory().organization
+    org = MembershipFactory(user__password="!").organization
     billing_account_get_or_create(organization=org)
     pm_id = save_card(localstripe, org)
     account = BillingAccount.objects.get(organization=org)
@@ -143,3 +143,33 @@ def test_a_replayed_event_is_stored_once_and_processed_once(client, settings, or
     assert balance_minor(organization=org) == 2500
     assert LedgerEntry.objects.filter(organization=org).count() == 1
     assert reverse("stripe-webhook") == URL
+
+
+@pytest.mark.django_db
+def test_invoice_events_are_mirrored_with_their_hosted_link(client, settings, org):
+    settings.STRIPE_WEBHOOK_SECRET = SECRET
+    BillingAccount.objects.filter(organization=org).update(stripe_customer_id="cus_inv")
+
+    def deliver(event_id, event_type, status, paid):
+        invoice = {"id": "in_123", "object": "invoice", "customer": "cus_inv", "status": status,
+                   "currency": "usd", "amount_due": 4321, "amount_paid": paid,
+                   "hosted_invoice_url": "https://invoice.stripe.com/i/acct_1/test_in_123",
+                   "period_start": 1793491200, "period_end": 1796083200}  # fmt: skip
+        payload = json.dumps({"id": event_id, "object": "event", "type": event_type,
+                              "data": {"object": invoice}}).encode()  # fmt: skip
+        client.post(
+            URL, payload, content_type="application/json", HTTP_STRIPE_SIGNATURE=sign(payload)
+        )
+        webhook_process(WebhookEvent.objects.get(stripe_event_id=event_id).pk)
+
+    deliver("evt_fin", "invoice.finalized", "open", 0)
+    deliver("evt_paid", "invoice.paid", "paid", 4321)
+
+    from billing.models import Invoice
+
+    invoice = Invoice.objects.get()
+    assert (invoice.organization, invoice.status, invoice.amount_due_minor, invoice.amount_paid_minor) == (
+        org, "paid", 4321, 4321,
+    )  # fmt: skip
+    assert invoice.hosted_invoice_url == "https://invoice.stripe.com/i/acct_1/test_in_123"
+    assert invoice.period_start.isoformat() == "2026-11-01T00:00:00+00:00"
