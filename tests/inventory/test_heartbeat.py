@@ -3,8 +3,14 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from inventory.models import Gpu, GpuHealth, NodeStatus, NodeToken
-from inventory.services import node_token_issue, node_token_revoke, token_hash
+from config.errors import ValidationFailed
+from inventory.models import Gpu, GpuHealth, Node, NodeStatus, NodeToken
+from inventory.services import (
+    node_heartbeat_record,
+    node_token_issue,
+    node_token_revoke,
+    token_hash,
+)
 from tests.factories import NodeFactory
 
 pytestmark = pytest.mark.django_db
@@ -167,3 +173,27 @@ def test_last_used_at_is_written_at_most_once_a_minute(api_client, node, secret)
 
     token.refresh_from_db()
     assert token.last_used_at == recent
+
+
+def test_the_service_refuses_an_unknown_gpu_and_records_nothing(node):
+    with pytest.raises(ValidationFailed) as refused:
+        node_heartbeat_record(
+            node=node, gpu_reports=[{"index": 0, "health": "failed"}, {"index": 7, "health": "ok"}]
+        )
+
+    assert (refused.value.field, refused.value.code) == ("gpus.1.index", "unknown_gpu")
+    node.refresh_from_db()
+    assert node.last_heartbeat_at is None
+    assert Gpu.objects.get(node=node, index=0).health == GpuHealth.OK
+
+
+def test_a_heartbeat_from_a_node_in_maintenance_keeps_it_in_maintenance(api_client, node, secret):
+    Node.objects.filter(pk=node.pk).update(status=NodeStatus.MAINTENANCE)
+
+    response = beat(api_client, secret)
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "maintenance"
+    node.refresh_from_db()
+    assert node.status == NodeStatus.MAINTENANCE
+    assert node.last_heartbeat_at is not None

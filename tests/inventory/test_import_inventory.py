@@ -103,8 +103,6 @@ def test_a_second_run_changes_nothing(name):
     output = run(FIXTURES / name)
 
     assert snapshot() == before  # includes every updated_at
-    assert " 0 created, 0 updated" in output
-    assert "created, 0 updated" in output
     for kind in ("gpu models", "sites", "nodes", "gpus"):
         assert f"{kind}: 0 created, 0 updated" in output
 
