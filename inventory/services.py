@@ -4,8 +4,9 @@ Every status change goes through `_status_change`: it locks the row, checks the 
 tables below, and records a StatusChange, so no status moves unrecorded.
 
 Outages of cause heartbeat_missed span [went silent, heard again): the sweeper opens them and
-the next heartbeat closes them, whatever staff did in between. Staff status changes never open
-or close outages.
+only the next heartbeat closes them, whatever staff did in between. Outages of other causes
+(hardware failure recorded by staff or the provisioning driver, …) close when staff return the
+node to service.
 """
 
 import hashlib
@@ -196,9 +197,29 @@ node_drain = _node_action(
 node_set_maintenance = _node_action(
     "set_maintenance", N.MAINTENANCE, "Take the node out for repair; its agent may stay silent."
 )
-node_return_to_service = _node_action(
-    "return_to_service", N.AVAILABLE, "Sell the node's GPUs again after a drain or a repair."
-)
+_node_return_to_service = _node_action("return_to_service", N.AVAILABLE, "")
+
+
+@transaction.atomic
+def node_return_to_service(
+    *,
+    node: Node,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Node:
+    """Sell the node's GPUs again after a drain or a repair.
+
+    Staff returning it say the fault is fixed, so an open outage of any cause but silence ends
+    now; a heartbeat outage ends only when the agent is heard again.
+    """
+    back = _node_return_to_service(node=node, actor=actor, reason=reason, actor_label=actor_label)
+    Outage.objects.filter(
+        node=back, ended_at__isnull=True, started_at__lt=back.status_changed_at
+    ).exclude(cause=OutageCause.HEARTBEAT_MISSED).update(ended_at=back.status_changed_at)
+    return back
+
+
 _node_retire = _node_action("retire", N.RETIRED, "")
 
 

@@ -214,3 +214,22 @@ def test_beat_runs_the_registered_sweep_task():
     assert app.tasks[entry["task"]]() == 1  # the registered task runs the sweep
     node.refresh_from_db()
     assert node.status == N.OFFLINE
+
+
+def test_returning_a_repaired_node_closes_a_hardware_outage_but_not_silence():
+    repaired = NodeFactory(gpus=1, status=N.MAINTENANCE)
+    hardware = Outage.objects.create(
+        node=repaired,
+        started_at=timezone.now() - timedelta(hours=1),
+        cause=OutageCause.HARDWARE_FAILURE,
+    )
+    silent = silent_node(600)
+    nodes_mark_offline()
+    node_set_maintenance(node=silent, actor=UserFactory(), reason="site visit")
+
+    back = node_return_to_service(node=repaired, actor=UserFactory(), reason="PSU replaced")
+    node_return_to_service(node=silent, actor=UserFactory(), reason="cable reseated")
+
+    hardware.refresh_from_db()
+    assert hardware.ended_at == back.status_changed_at
+    assert Outage.objects.get(node=silent).ended_at is None
