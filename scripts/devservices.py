@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -299,7 +300,13 @@ def ensure_postgres(
         description = f"system PostgreSQL at {SYSTEM_POSTGRES[0]}:{SYSTEM_POSTGRES[1]}"
         wait_until(lambda: postgres_ready(url), timeout=20, what="system PostgreSQL")
     else:
-        port = start_embedded_postgres(supervisor)
+        try:
+            port = start_embedded_postgres(supervisor)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise ServiceError(
+                f"could not start the embedded PostgreSQL ({exc}); see {_rel(LOG_DIR)}/. "
+                "Install PostgreSQL 15+ or set DATABASE_URL instead."
+            ) from exc
         url = f"postgres://postgres@127.0.0.1:{port}/{database}"
         description = (
             f"embedded PostgreSQL at 127.0.0.1:{port} (data in {_rel(RUN_DIR / 'pg')}, "
@@ -360,6 +367,19 @@ def _running_postmaster_port(pgdata: Path) -> int | None:
     return port if tcp_port_open("127.0.0.1", port) else None
 
 
+def _allow_traversal(path: Path) -> None:
+    """Let the unprivileged server user walk down to path (e.g. a clone under /root or mktemp -d).
+
+    Only the search (x) bit is added for others, and only where it is missing; the embedded-postgres
+    package itself would add read access too.
+    """
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(mode | stat.S_IXOTH)
+            print(f"  allowed others to traverse {directory} (o+x) for the embedded PostgreSQL")
+
+
 def start_embedded_postgres(
     supervisor: Supervisor, *, pgdata: Path | None = None, port: int | None = None
 ) -> int:
@@ -376,6 +396,8 @@ def start_embedded_postgres(
 
         entry = ensure_user_exists(EMBEDDED_POSTGRES_USER)
         as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        _allow_traversal(pgdata.parent)
+        _allow_traversal(bindir)
         if pgdata.stat().st_uid != entry.pw_uid:
             for path in [pgdata, *pgdata.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
@@ -393,7 +415,9 @@ def start_embedded_postgres(
     process = supervisor.start(
         "embedded PostgreSQL",
         [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port),
-         "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
+         "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+         # A development server: a crash may lose the last commits, never corrupts data.
+         "-c", "synchronous_commit=off"],
         log=LOG_DIR / "postgres.log",
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to disconnect.
         stop_signal=signal.SIGINT,
@@ -443,7 +467,12 @@ def ensure_redis(
     if source is Source.SYSTEM:
         host, port = SYSTEM_REDIS
         return Service(f"redis://{host}:{port}/{db}", f"system Redis at {host}:{port} (db {db})")
-    port, binary = start_embedded_redis(supervisor, persistent=persistent)
+    try:
+        port, binary = start_embedded_redis(supervisor, persistent=persistent)
+    except OSError as exc:
+        raise ServiceError(
+            f"could not start the embedded Redis ({exc}). Install Redis or set REDIS_URL instead."
+        ) from exc
     return Service(
         f"redis://127.0.0.1:{port}/{db}",
         f"embedded Redis at 127.0.0.1:{port} (db {db}; {binary}, log {_rel(LOG_DIR / 'redis.log')})",
