@@ -78,16 +78,38 @@ def _check_role(role: str) -> None:
         )
 
 
-def _other_owners_exist(membership: Membership) -> bool:
-    # Lock the organisation's owner rows so two concurrent demotions cannot both see "another
-    # owner remains" and leave none.
-    owners = list(
+def _lock_with_owners(membership: Membership) -> tuple[Membership, list[int]]:
+    """Lock the organisation's owner rows (in pk order), then the member's own row.
+
+    Every change that could remove an owner takes the owner locks first and in the same order,
+    so two owners demoting each other at once cannot both see "another owner remains" (and
+    cannot deadlock); the second waits and then sees the first one's change.
+    """
+    owner_pks = list(
         Membership.objects.select_for_update()
         .filter(organization_id=membership.organization_id, role=Role.OWNER)
         .order_by("pk")
         .values_list("pk", flat=True)
     )
-    return any(pk != membership.pk for pk in owners)
+    locked = Membership.objects.select_for_update().filter(pk=membership.pk).first()
+    if locked is None:
+        raise NotFound("No such member.", code="member_not_found")
+    return locked, owner_pks
+
+
+def _is_last_owner(membership: Membership, owner_pks: list[int]) -> bool:
+    return membership.role == Role.OWNER and not any(pk != membership.pk for pk in owner_pks)
+
+
+def _fresh(actor: Membership) -> Membership:
+    """The actor's role now, not as the request began (it may have changed meanwhile)."""
+    fresh = Membership.objects.filter(pk=actor.pk).first()
+    if fresh is None:
+        raise PermissionDenied("You are no longer a member.", code="not_a_member")
+    return fresh
+
+
+_LAST_OWNER = "An organisation must keep at least one owner; make someone else owner first."
 
 
 @transaction.atomic
@@ -112,17 +134,14 @@ def member_change_role(*, actor: Membership, membership: Membership, role: str) 
     _check_role(role)
     if membership.organization_id != actor.organization_id:
         raise NotFound("No such member.", code="member_not_found")
-    membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    membership, owner_pks = _lock_with_owners(membership)
+    actor = _fresh(actor)
     _check_can_manage(actor=actor, role_involved=membership.role)
     _check_can_manage(actor=actor, role_involved=role)
     if membership.role == role:
         return membership
-    if membership.role == Role.OWNER and not _other_owners_exist(membership):
-        raise Conflict(
-            "An organisation must keep at least one owner; make someone else owner first.",
-            code="last_owner",
-            field="role",
-        )
+    if _is_last_owner(membership, owner_pks):
+        raise Conflict(_LAST_OWNER, code="last_owner", field="role")
     membership.role = role
     membership.save(update_fields=["role"])
     return membership
@@ -133,12 +152,10 @@ def member_remove(*, actor: Membership, membership: Membership) -> None:
     """Remove a member (or let a member leave); the last owner cannot be removed."""
     if membership.organization_id != actor.organization_id:
         raise NotFound("No such member.", code="member_not_found")
-    membership = Membership.objects.select_for_update().get(pk=membership.pk)
+    membership, owner_pks = _lock_with_owners(membership)
+    actor = _fresh(actor)
     if membership.pk != actor.pk:
         _check_can_manage(actor=actor, role_involved=membership.role)
-    if membership.role == Role.OWNER and not _other_owners_exist(membership):
-        raise Conflict(
-            "An organisation must keep at least one owner; make someone else owner first.",
-            code="last_owner",
-        )
+    if _is_last_owner(membership, owner_pks):
+        raise Conflict(_LAST_OWNER, code="last_owner")
     membership.delete()

@@ -1,7 +1,10 @@
 """Organisation members (role rules, the last owner) and API key management through the API."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import threading
+
 import pytest
+from django.db import connection
 
 from marketplace.models import ApiKey, Membership, Organization, Role
 from marketplace.services.organizations import organization_create
@@ -127,3 +130,32 @@ def test_organisations_are_separate_for_members_too(owner_client):
     assert_error(owner_client.delete(member_url(other)), 404, "member_not_found")
     assert Organization.objects.count() == 2
     assert Membership.objects.filter(pk=other.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_owners_demoting_each_other_at_once_leave_one_owner(org):
+    """Real connections racing: the owner-row locks let exactly one demotion through."""
+    first = MembershipFactory(organization=org, role=Role.OWNER)
+    second = MembershipFactory(organization=org, role=Role.OWNER)
+    clients = {"first": session_client(first), "second": session_client(second)}
+    targets = {"first": second, "second": first}
+    start = threading.Barrier(2)
+    statuses = {}
+
+    def demote(name):
+        try:
+            start.wait(timeout=10)
+            response = clients[name].patch(
+                member_url(targets[name]), {"role": "admin"}, format="json"
+            )
+            statuses[name] = response.status_code
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=demote, args=(n,)) for n in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(statuses.values()) in ([200, 403], [200, 409])
+    assert Membership.objects.filter(organization=org, role=Role.OWNER).count() == 1
