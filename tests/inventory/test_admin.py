@@ -254,3 +254,44 @@ def test_a_non_staff_user_cannot_open_the_admin(client):
 
     assert response.status_code == 302
     assert "/admin/login/" in response["Location"]
+
+
+def test_an_overlapping_maintenance_window_is_a_form_error_not_a_crash(admin_client, inventory):
+    b = inventory["nodes"][1]
+    existing = MaintenanceWindow.objects.get(node=b)
+    start = existing.period.lower + timedelta(hours=1)
+    url = reverse("admin:inventory_maintenancewindow_add")
+
+    response = admin_client.post(
+        url,
+        {
+            "node": b.pk,
+            "period_0": start.strftime("%Y-%m-%d %H:%M:%S"),
+            "period_1": (start + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S"),
+            "reason": "overlaps",
+        },
+    )
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors
+    assert MaintenanceWindow.objects.filter(node=b).count() == 1
+
+
+def test_staff_can_plan_a_maintenance_window_in_the_admin(admin_client, admin_user, inventory):
+    a = inventory["nodes"][0]
+    start = timezone.now().replace(microsecond=0) + timedelta(days=3)
+
+    response = admin_client.post(
+        reverse("admin:inventory_maintenancewindow_add"),
+        {
+            "node": a.pk,
+            "period_0": start.strftime("%Y-%m-%d %H:%M:%S"),
+            "period_1": (start + timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S"),
+            "reason": "BIOS update",
+        },
+    )
+
+    assert response.status_code == 302
+    window = MaintenanceWindow.objects.get(node=a)
+    assert (window.period.lower, window.period.upper) == (start, start + timedelta(hours=2))
+    assert window.created_by == admin_user
