@@ -76,6 +76,8 @@ class ApiView(GenericAPIView):
                 redacted_fields=self.idempotency_redacted_fields,
             )
             if self._claim is not None:
+                # DRF looks the handler up on the instance after initial(); the view object
+                # lives for this one request, so wrapping it here touches nothing else.
                 self.post = self._idempotent(self.post)
 
     def _check_key_scope(self, request: Request) -> None:

@@ -189,3 +189,29 @@ def test_a_concurrent_duplicate_gets_409_in_use_and_one_reservation(org, market)
     assert Reservation.objects.count() == 1
     third = post(client, body, "race")
     assert (third.status_code, third["Idempotent-Replayed"]) == (201, "true")
+
+
+def test_every_post_endpoint_of_the_public_api_goes_through_the_idempotent_base_view():
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    from marketplace.api.views import ApiView
+
+    def walk(patterns, prefix=""):
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                yield from walk(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern):
+                yield prefix + str(p.pattern), p.callback
+
+    posts = {
+        route: getattr(callback, "view_class", None)
+        for route, callback in walk(get_resolver().url_patterns)
+        if route.startswith("api/v1/")
+        and hasattr(getattr(callback, "view_class", None), "post")
+        # Site agents (node tokens) and Stripe's webhooks (signatures) are not customer calls.
+        and not route.startswith("api/v1/agent/")
+        and "webhook" not in route
+    }
+    assert "api/v1/reservations" in posts
+    assert len(posts) >= 8
+    assert {route for route, cls in posts.items() if not issubclass(cls, ApiView)} == set()
