@@ -143,61 +143,44 @@ def _status_change(
     return locked
 
 
-def _node_action(action: str, to_status: str, doc: str):
-    @transaction.atomic
-    def service(
-        *,
-        node: Node,
-        actor: AbstractBaseUser | None,
-        reason: str,
-        actor_label: str | None = None,
-    ) -> Node:
-        return _status_change(
-            model=Node,
-            obj=node,
-            action=action,
-            to_status=to_status,
-            actor=actor,
-            actor_label=actor_label,
-            reason=reason,
-        )
-
-    service.__name__ = service.__qualname__ = f"node_{action}"
-    service.__doc__ = doc
-    return service
+@transaction.atomic
+def node_drain(
+    *,
+    node: Node,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Node:
+    """Stop selling the node's GPUs; work already running may finish."""
+    return _status_change(
+        model=Node,
+        obj=node,
+        action="drain",
+        to_status=N.DRAINING,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
 
 
-def _site_action(action: str, to_status: str, doc: str):
-    @transaction.atomic
-    def service(
-        *,
-        site: Site,
-        actor: AbstractBaseUser | None,
-        reason: str,
-        actor_label: str | None = None,
-    ) -> Site:
-        return _status_change(
-            model=Site,
-            obj=site,
-            action=action,
-            to_status=to_status,
-            actor=actor,
-            actor_label=actor_label,
-            reason=reason,
-        )
-
-    service.__name__ = service.__qualname__ = f"site_{action}"
-    service.__doc__ = doc
-    return service
-
-
-node_drain = _node_action(
-    "drain", N.DRAINING, "Stop selling the node's GPUs; work already running may finish."
-)
-node_set_maintenance = _node_action(
-    "set_maintenance", N.MAINTENANCE, "Take the node out for repair; its agent may stay silent."
-)
-_node_return_to_service = _node_action("return_to_service", N.AVAILABLE, "")
+@transaction.atomic
+def node_set_maintenance(
+    *,
+    node: Node,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Node:
+    """Take the node out for repair; its agent may stay silent."""
+    return _status_change(
+        model=Node,
+        obj=node,
+        action="set_maintenance",
+        to_status=N.MAINTENANCE,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
 
 
 @transaction.atomic
@@ -213,14 +196,19 @@ def node_return_to_service(
     Staff returning it say the fault is fixed, so an open outage of any cause but silence ends
     now; a heartbeat outage ends only when the agent is heard again.
     """
-    back = _node_return_to_service(node=node, actor=actor, reason=reason, actor_label=actor_label)
+    changed = _status_change(
+        model=Node,
+        obj=node,
+        action="return_to_service",
+        to_status=N.AVAILABLE,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
     Outage.objects.filter(
-        node=back, ended_at__isnull=True, started_at__lt=back.status_changed_at
-    ).exclude(cause=OutageCause.HEARTBEAT_MISSED).update(ended_at=back.status_changed_at)
-    return back
-
-
-_node_retire = _node_action("retire", N.RETIRED, "")
+        node=changed, ended_at__isnull=True, started_at__lt=changed.status_changed_at
+    ).exclude(cause=OutageCause.HEARTBEAT_MISSED).update(ended_at=changed.status_changed_at)
+    return changed
 
 
 @transaction.atomic
@@ -232,11 +220,19 @@ def node_retire(
     actor_label: str | None = None,
 ) -> Node:
     """Take the node out for good. Its agent tokens are revoked: a retired node has no agent."""
-    retired = _node_retire(node=node, actor=actor, reason=reason, actor_label=actor_label)
-    NodeToken.objects.filter(node=retired, revoked_at__isnull=True).update(
-        revoked_at=retired.status_changed_at
+    changed = _status_change(
+        model=Node,
+        obj=node,
+        action="retire",
+        to_status=N.RETIRED,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
     )
-    return retired
+    NodeToken.objects.filter(node=changed, revoked_at__isnull=True).update(
+        revoked_at=changed.status_changed_at
+    )
+    return changed
 
 
 def node_silent_since(node: Node) -> datetime | None:
@@ -303,17 +299,84 @@ def nodes_mark_silent_offline(*, now: datetime | None = None, limit: int = 500) 
     return marked
 
 
-site_activate = _site_action("activate", S.ACTIVE, "A commissioned site starts selling.")
-site_curtail = _site_action(
-    "curtail", S.CURTAILED, "The grid operator asked the site to shed load."
-)
-site_set_maintenance = _site_action(
-    "set_maintenance", S.MAINTENANCE, "Planned or unplanned work on the whole facility."
-)
-site_return_to_service = _site_action(
-    "return_to_service", S.ACTIVE, "Back to active after curtailment or maintenance."
-)
-_site_retire = _site_action("retire", S.RETIRED, "")
+@transaction.atomic
+def site_activate(
+    *,
+    site: Site,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Site:
+    """A commissioned site starts selling."""
+    return _status_change(
+        model=Site,
+        obj=site,
+        action="activate",
+        to_status=S.ACTIVE,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
+
+
+@transaction.atomic
+def site_curtail(
+    *,
+    site: Site,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Site:
+    """The grid operator asked the site to shed load."""
+    return _status_change(
+        model=Site,
+        obj=site,
+        action="curtail",
+        to_status=S.CURTAILED,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
+
+
+@transaction.atomic
+def site_set_maintenance(
+    *,
+    site: Site,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Site:
+    """Planned or unplanned work on the whole facility."""
+    return _status_change(
+        model=Site,
+        obj=site,
+        action="set_maintenance",
+        to_status=S.MAINTENANCE,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
+
+
+@transaction.atomic
+def site_return_to_service(
+    *,
+    site: Site,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    actor_label: str | None = None,
+) -> Site:
+    """Back to active after curtailment or maintenance."""
+    return _status_change(
+        model=Site,
+        obj=site,
+        action="return_to_service",
+        to_status=S.ACTIVE,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
 
 
 @transaction.atomic
@@ -334,7 +397,15 @@ def site_retire(
                 f"{live} of its nodes are not retired; retire them first.",
                 field="status",
             )
-    return _site_retire(site=site, actor=actor, reason=reason, actor_label=actor_label)
+    return _status_change(
+        model=Site,
+        obj=site,
+        action="retire",
+        to_status=S.RETIRED,
+        actor=actor,
+        actor_label=actor_label,
+        reason=reason,
+    )
 
 
 @transaction.atomic
