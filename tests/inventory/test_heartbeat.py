@@ -197,3 +197,19 @@ def test_a_heartbeat_from_a_node_in_maintenance_keeps_it_in_maintenance(api_clie
     node.refresh_from_db()
     assert node.status == NodeStatus.MAINTENANCE
     assert node.last_heartbeat_at is not None
+
+
+@pytest.mark.parametrize(("content", "code"), [("{not json", "parse_error"), ("[1, 2]", "invalid")])
+def test_a_body_that_is_not_a_json_object_gets_400(api_client, node, secret, content, code):
+    response = api_client.generic(
+        "POST",
+        URL,
+        content,
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {secret}",
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == code
+    node.refresh_from_db()
+    assert node.last_heartbeat_at is None
