@@ -8,7 +8,7 @@ response → rate-limit headers on the way out.
 
 from django.db import transaction
 from django_filters.rest_framework import DjangoFilterBackend
-from rest_framework import exceptions
+from rest_framework import exceptions, serializers
 from rest_framework.generics import GenericAPIView
 from rest_framework.permissions import SAFE_METHODS, IsAuthenticated
 from rest_framework.request import Request
@@ -168,6 +168,11 @@ class ApiView(GenericAPIView):
             for name, value in rate_limit_headers(rate_limit).items():
                 response[name] = value
         return response
+
+    def get_serializer_class(self):
+        # Views use one input and one output serializer per method, named in extend_schema;
+        # OPTIONS and the browsable API ask for a single class, and get an empty one.
+        return self.serializer_class or serializers.Serializer
 
     # --- helpers for handlers ----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     key_client,
     org,
     owner,
+    owner_client,
     session_client,
 )
 
@@ -146,3 +147,10 @@ def test_a_form_encoded_body_answers_415_in_the_error_shape(owner):
     )
     assert_error(response, 415, "unsupported_media_type")
     assert ApiKey.objects.count() == 0
+
+
+def test_options_and_the_browsable_api_do_not_break(owner_client):
+    assert owner_client.options("/api/v1/reservations").status_code == 200
+    response = owner_client.get("/api/v1/reservations", HTTP_ACCEPT="text/html")
+    # The browsable renderer is on with DEBUG only; without it, HTML is not acceptable.
+    assert response.status_code in (200, 406)
