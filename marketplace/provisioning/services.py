@@ -133,23 +133,27 @@ def reservations_locked_by_workers() -> set[int]:
     return {k - _LOCK_PREFIX for k in keys if k >> 48 == _LOCK_PREFIX >> 48}
 
 
-def _target(reservation: Reservation) -> Target:
+def _target(reservation: Reservation) -> tuple[Target, list[tuple[int, str, str]]]:
+    """The driver's view of the reservation, and (node id, hostname, status) of its nodes."""
     allocations = (
         Allocation.objects.filter(reservation=reservation, is_live=True)
         .select_related("node", "gpu")
         .order_by("node_id", "gpu__index")
     )
     by_node: dict[int, NodeTarget] = {}
+    node_states: dict[int, tuple[int, str, str]] = {}
     for a in allocations:
         current = by_node.get(a.node_id)
         indexes = (current.gpu_indexes if current else ()) + (a.gpu.index,)
         by_node[a.node_id] = NodeTarget(a.node_id, a.node.hostname, indexes)
-    return Target(
+        node_states[a.node_id] = (a.node_id, a.node.hostname, a.node.status)
+    target = Target(
         reservation_id=reservation.pk,
         public_id=reservation.public_id,
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
     )
+    return target, list(node_states.values())
 
 
 def _attempt_start(
@@ -160,20 +164,38 @@ def _attempt_start(
     An attempt still marked running belongs to a worker that died: we hold the lock now.
     """
     attempts = ProvisioningAttempt.objects.filter(reservation=reservation, kind=kind)
-    attempts.filter(outcome=AttemptOutcome.RUNNING).update(
-        outcome=AttemptOutcome.ABANDONED, finished_at=now, error="The worker stopped mid-attempt."
-    )
-    last = attempts.order_by("-number").first()
-    failures = attempts.filter(outcome__in=FAILED_OUTCOMES).count()
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT coalesce(max(number), 0),
+                   count(*) FILTER (WHERE outcome = ANY(%s)),
+                   count(*) FILTER (WHERE outcome = %s),
+                   (array_agg(outcome ORDER BY number DESC))[1]
+            FROM marketplace_provisioningattempt WHERE reservation_id = %s AND kind = %s
+            """,
+            [
+                [o.value for o in FAILED_OUTCOMES],
+                AttemptOutcome.RUNNING.value,
+                reservation.pk,
+                str(kind),
+            ],
+        )
+        last_number, failures, running, last_outcome = cur.fetchone()
+    if running:
+        attempts.filter(outcome=AttemptOutcome.RUNNING).update(
+            outcome=AttemptOutcome.ABANDONED,
+            finished_at=now,
+            error="The worker stopped mid-attempt.",
+        )
+        failures += running
     attempt = ProvisioningAttempt.objects.create(
         reservation=reservation,
         kind=kind,
-        number=(last.number if last else 0) + 1,
+        number=last_number + 1,
         started_at=now,
         worker=_worker_label(),
     )
-    resumed = last is not None and last.outcome == AttemptOutcome.WAITING
-    return attempt, failures, resumed
+    return attempt, failures, last_outcome == AttemptOutcome.WAITING
 
 
 def _attempt_finish(
@@ -256,10 +278,10 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
             _fail(reservation, "The reservation's period ended before it could be provisioned.")
             return StepResult("failed", detail="period over")
-        target = _target(reservation)
+        target, node_states = _target(reservation)
 
     try:
-        _refuse_unusable_nodes(target)
+        _refuse_unusable_nodes(node_states)
         if not resumed:
             driver.prepare(target)
             driver.start_workload(target)
@@ -298,31 +320,27 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         return StepResult("waiting", retry_in=WAITING_RECHECK_SECONDS, detail=check.detail)
 
     with transaction.atomic():
-        locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-        if locked.status != S.PROVISIONING:
+        # The UPDATE locks the row and checks the status in one statement.
+        still_provisioning = Reservation.objects.filter(
+            pk=reservation_id, status=S.PROVISIONING
+        ).update(connection=check.connection, updated_at=timezone.now())
+        if not still_provisioning:
             # Cancelled (or failed by staff) while we were starting it: take it down again.
-            _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error=f"became {locked.status}")
+            _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error="left provisioning meanwhile")
             transaction.on_commit(lambda: _stop_quietly(driver, target))
-            return StepResult("noop", detail=f"reservation became {locked.status}")
-        locked.connection = check.connection
-        locked.save(update_fields=["connection", "updated_at"])
+            return StepResult("noop", detail="reservation left provisioning meanwhile")
         reservation_transition(
-            reservation=locked, to_status=S.ACTIVE, cause="workload running", actor_label=ACTOR
+            reservation=reservation, to_status=S.ACTIVE, cause="workload running", actor_label=ACTOR
         )
         _attempt_finish(attempt, AttemptOutcome.SUCCEEDED)
     return StepResult("active")
 
 
-def _refuse_unusable_nodes(target: Target) -> None:
+def _refuse_unusable_nodes(node_states: list[tuple[int, str, str]]) -> None:
     """A node taken out of service since the booking must not get the workload: move off it."""
-    bad = (
-        Node.objects.filter(pk__in=[n.node_id for n in target.nodes])
-        .exclude(status__in=_USABLE_NODE_STATUSES)
-        .values_list("pk", "hostname", "status")
-        .first()
-    )
-    if bad is not None:
-        raise _NodeUnusable(bad[0], f"Node {bad[1]} is {bad[2]}.")
+    for node_id, hostname, status in node_states:
+        if status not in _USABLE_NODE_STATUSES:
+            raise _NodeUnusable(node_id, f"Node {hostname} is {status}.")
 
 
 class _NodeUnusable(NodeFailure):
@@ -462,7 +480,7 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
         elif reservation.status != S.RELEASING:
             return StepResult("noop", detail=f"reservation is {reservation.status}")
         attempt, failures, _resumed = _attempt_start(reservation, ProvisioningKind.RELEASE, now)
-        target = _target(reservation)
+        target, _nodes = _target(reservation)
         if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
             # Billing stops here either way; the GPUs of a node that never confirmed the stop
             # are freed, and staff see the attempts and errors on the reservation.
