@@ -37,6 +37,8 @@ DEMO_LOGINS = [
     ("staff (admin)", "admin", "switchyard-admin"),
     ("customer (owner of Demo AI Lab)", "demo", "switchyard-demo"),
 ]
+# Created by seed_demo with DEBUG on (marketplace/management/commands/seed_demo.py).
+DEMO_API_KEY = "sy_live_demolab1_LocalDemoKeyForDemoAiLabNotForProduction"
 
 
 class Shutdown(Exception):
@@ -174,6 +176,13 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
         lines.insert(5, f"  Portal           {base}/")
     lines += ["", "  Demo logins (username / password):"]
     lines += [f"    {who:<34} {user} / {password}" for who, user, password in DEMO_LOGINS]
+    if os.environ.get("DEBUG", "1") not in ("0", "false", "no", "off"):
+        lines += [
+            "",
+            "  Demo API key (Demo AI Lab, read and write), for the API docs' Authorize button:",
+            f"    {DEMO_API_KEY}",
+            f"    curl -H 'Authorization: Bearer {DEMO_API_KEY}' {base}/api/v1/sites",
+        ]
     lines += [
         "",
         "  Services:",

@@ -1,12 +1,21 @@
 from io import StringIO
+from pathlib import Path
 
+import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from inventory.models import Gpu, GpuModel, Node, NodeStatus, Site, StatusChange
-from marketplace.models import Membership, Organization, Role
+from marketplace.management.commands import seed_demo
+from marketplace.models import ApiKey, Membership, Organization, Role
 
 MODELS = (Site, GpuModel, Node, Gpu, StatusChange, Organization, Membership)
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    # The seed hashes two passwords per run; their hashing cost is not what these tests test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def _counts() -> dict[str, int]:
@@ -65,3 +74,25 @@ def test_it_keeps_a_node_status_staff_changed(db):
     call_command("seed_demo", stdout=StringIO())
 
     assert Node.objects.get(hostname="pcs-h100-001").status == NodeStatus.MAINTENANCE
+
+
+def test_with_debug_on_it_creates_the_printed_demo_api_key(db, api_client, settings):
+    settings.DEBUG = True
+    call_command("seed_demo", stdout=StringIO())
+
+    response = api_client.get(
+        "/api/v1/organization", HTTP_AUTHORIZATION=f"Bearer {seed_demo.DEMO_API_KEY}"
+    )
+
+    assert response.status_code == 200
+    assert response.json()["name"] == "Demo AI Lab"
+    # make run prints the same key.
+    run_script = Path(seed_demo.__file__).resolve().parents[3] / "scripts" / "run.py"
+    assert f'DEMO_API_KEY = "{seed_demo.DEMO_API_KEY}"' in run_script.read_text()
+
+
+def test_with_debug_off_it_creates_no_api_key(db, settings):
+    settings.DEBUG = False
+    call_command("seed_demo", stdout=StringIO())
+
+    assert ApiKey.objects.count() == 0

@@ -4,6 +4,9 @@ Idempotent: rows are matched by slug, hostname, serial or username, so running i
 changes nothing that was already there (node statuses staff changed during a demo are kept;
 hardware facts and site data are brought back to the values below).
 
+With DEBUG on it also creates a read/write API key for Demo AI Lab with a fixed, printed
+secret (DEMO_API_KEY), so the API can be tried at once; with DEBUG off it creates none.
+
 Pricing: `_seed_pricing()` is the place for demo rate cards. It is left for the marketplace
 pricing work to fill, and does nothing yet.
 """
@@ -14,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
@@ -29,12 +33,16 @@ from inventory.models import (
     SiteStatus,
     StatusChange,
 )
-from marketplace.models import Membership, Organization, Role
+from marketplace.models import ApiKey, ApiKeyScope, Membership, Organization, Role
+from marketplace.services.api_keys import SECRET_PREFIX, api_key_hash
 
 ADMIN_USERNAME, ADMIN_PASSWORD = "admin", "switchyard-admin"
 DEMO_USERNAME, DEMO_PASSWORD = "demo", "switchyard-demo"
 DEMO_ORG_NAME, DEMO_ORG_SLUG = "Demo AI Lab", "demo-ai-lab"
 SEED_ACTOR = "seed_demo"
+# Well known on purpose (printed by make run), hence only ever created with DEBUG on.
+DEMO_API_KEY_PREFIX = f"{SECRET_PREFIX}demolab1"
+DEMO_API_KEY = f"{DEMO_API_KEY_PREFIX}_LocalDemoKeyForDemoAiLabNotForProduction"
 
 GPU_MODELS = [
     # slug, name, vendor, memory GB, TDP W, interconnect
@@ -151,7 +159,8 @@ class Command(BaseCommand):
         models = _seed_gpu_models()
         sites = _seed_sites()
         nodes, gpus = _seed_nodes(sites, models)
-        _seed_accounts()
+        org = _seed_accounts()
+        api_key = _seed_demo_api_key(org) if settings.DEBUG else None
         _seed_pricing()
         self.stdout.write(
             f"Demo data: {len(sites)} sites, {len(models)} GPU models, {nodes} nodes, {gpus} GPUs."
@@ -160,6 +169,8 @@ class Command(BaseCommand):
             f"Demo logins: staff {ADMIN_USERNAME} / {ADMIN_PASSWORD}; "
             f"customer {DEMO_USERNAME} / {DEMO_PASSWORD} (owner of {DEMO_ORG_NAME})."
         )
+        if api_key is not None and api_key.revoked_at is None:
+            self.stdout.write(f"Demo API key ({DEMO_ORG_NAME}, read and write): {DEMO_API_KEY}")
 
 
 def _seed_gpu_models() -> dict[str, GpuModel]:
@@ -251,7 +262,7 @@ def _seed_nodes(sites: dict[str, Site], models: dict[str, GpuModel]) -> tuple[in
 SITES_BY_SLUG = {spec.slug: spec for spec in SITES}
 
 
-def _seed_accounts() -> None:
+def _seed_accounts() -> Organization:
     user_model = get_user_model()
     admin, _ = user_model.objects.get_or_create(
         username=ADMIN_USERNAME, defaults={"email": "admin@switchyard.example"}
@@ -266,6 +277,21 @@ def _seed_accounts() -> None:
         slug=DEMO_ORG_SLUG, defaults={"name": DEMO_ORG_NAME}
     )
     Membership.objects.update_or_create(organization=org, user=demo, defaults={"role": Role.OWNER})
+    return org
+
+
+def _seed_demo_api_key(org: Organization) -> ApiKey:
+    """A key whose secret is known, so make run can print it. A revoked one stays revoked."""
+    key, _ = ApiKey.objects.update_or_create(
+        prefix=DEMO_API_KEY_PREFIX,
+        defaults={
+            "organization": org,
+            "name": "Demo key (local demo only)",
+            "secret_hash": api_key_hash(DEMO_API_KEY),
+            "scopes": sorted(ApiKeyScope.values),
+        },
+    )
+    return key
 
 
 def _ensure_login(user, password: str, *, staff: bool) -> None:
