@@ -3,7 +3,7 @@
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
+import redis
 from rest_framework.test import APIClient
 
 from marketplace.models import ApiKeyScope, Role
@@ -28,12 +28,18 @@ from tests.marketplace.market_helpers import (
 def fresh_rate_limits(settings):
     """Rate-limit counters live in Redis; each test starts with none.
 
+    Only the counters are deleted (not FLUSHDB): the same Redis may carry Celery's queues.
     Also: test users need no slow password hash (PBKDF2 costs ~0.5 s a user on this machine).
     """
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    cache.clear()
-    yield
-    cache.clear()
+    client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+    try:
+        keys = list(client.scan_iter(match="*ratelimit:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        yield
+    finally:
+        client.close()
 
 
 def session_client(membership, *, org_header: str | None = None) -> APIClient:
