@@ -6,22 +6,22 @@ from django.utils import timezone
 
 from billing.services.credits import cancellation_settle, cancellations_due
 from billing.services.funding import funding_state_update
-from billing.services.usage import reservation_meter, reservations_to_meter
+from billing.services.usage import reservations_meter, reservations_to_meter
 from marketplace.models import Organization, Reservation
 
 __all__ = ["usage_meter_run"]
 
 # Reservations released within this window are metered once more (late outages, last seconds).
 RECENTLY_RELEASED = timedelta(days=2)
+BATCH = 500
 
 
 def usage_meter_run(*, now: datetime | None = None) -> int:
     now = now or timezone.now()
     ids = reservations_to_meter(now=now, since=now - RECENTLY_RELEASED)
     written = 0
-    for reservation_id in ids:
-        if reservation_meter(reservation_id=reservation_id, now=now) is not None:
-            written += 1
+    for i in range(0, len(ids), BATCH):
+        written += reservations_meter(reservation_ids=ids[i : i + BATCH], now=now)
     settled = cancellations_due()
     for reservation_id in settled:
         cancellation_settle(reservation_id=reservation_id)

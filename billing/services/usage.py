@@ -14,11 +14,11 @@ Reserved-tier reservations are charged their whole term once (reserved_charge) a
 metered by the second; outages against them are compensated by SLA credits.
 """
 
+from collections import defaultdict
 from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Max, Q, Sum
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
@@ -34,6 +34,7 @@ __all__ = [
     "outage_intervals",
     "reservation_delivered_seconds",
     "reservation_meter",
+    "reservations_meter",
     "reservations_to_meter",
 ]
 
@@ -104,46 +105,98 @@ def reservation_delivered_seconds(
     return int((hi - lo).total_seconds()) - _overlap_seconds(outages, lo, hi)
 
 
+def _delivered(reservation: Reservation, outages: list[Interval], until: datetime) -> int:
+    window = active_window(reservation=reservation, until=until)
+    if window is None:
+        return 0
+    lo, hi = window
+    return int((hi - lo).total_seconds()) - _overlap_seconds(outages, lo, hi)
+
+
 @transaction.atomic
+def reservations_meter(*, reservation_ids: list[int], now: datetime | None = None) -> int:
+    """Bring a batch of reservations' charges up to `now` in a handful of queries.
+
+    Returns the number of usage lines written. The rows are locked (in id order) for the
+    batch, so concurrent runs cannot both charge the same time.
+    """
+    now = (now or timezone.now()).replace(microsecond=0)
+    reservations = list(
+        Reservation.objects.select_for_update().filter(pk__in=reservation_ids).order_by("pk")
+    )
+    for reservation in reservations:
+        if reservation.tier == Tier.RESERVED:
+            _charge_reserved_term(reservation)
+    metered = [r for r in reservations if r.tier in METERED_TIERS and r.activated_at is not None]
+    if not metered:
+        return 0
+    ids = [r.pk for r in metered]
+    nodes_of: dict[int, set[int]] = defaultdict(set)
+    for reservation_id, node_id in Allocation.objects.filter(reservation_id__in=ids).values_list(
+        "reservation_id", "node_id"
+    ):
+        nodes_of[reservation_id].add(node_id)
+    earliest = min(r.activated_at for r in metered)
+    outages_of_node: dict[int, list[Interval]] = defaultdict(list)
+    all_nodes = set().union(*nodes_of.values()) if nodes_of else set()
+    for node_id, started, ended in (
+        Outage.objects.filter(node_id__in=all_nodes, started_at__lt=now)
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=earliest))
+        .values_list("node_id", "started_at", "ended_at")
+    ):
+        outages_of_node[node_id].append((started, min(ended or now, now)))
+    charged = {
+        row["reservation_id"]: row
+        for row in LedgerEntry.objects.filter(reservation_id__in=ids, kind=LedgerKind.USAGE)
+        .values("reservation_id")
+        .annotate(
+            amount=Sum("amount_minor"), gpu_seconds=Sum("gpu_seconds"), last=Max("period_end")
+        )
+    }
+    entries = []
+    for r in metered:
+        outages = interval_union([o for n in nodes_of[r.pk] for o in outages_of_node[n]])
+        gpu_seconds = _delivered(r, outages, now) * r.gpu_count
+        cost_minor = usage_cost_minor(
+            gpu_seconds=gpu_seconds, price_per_gpu_hour=r.price_per_gpu_hour, currency=r.currency
+        )
+        done = charged.get(r.pk, {"amount": 0, "gpu_seconds": 0, "last": None})
+        delta_minor = -cost_minor - done["amount"]
+        delta_seconds = gpu_seconds - done["gpu_seconds"]
+        if delta_minor == 0 and delta_seconds == 0:
+            continue
+        period_start = done["last"] or r.activated_at
+        period_end = max(min(now, r.released_at or now, r.ends_at), period_start)
+        entries.append(
+            LedgerEntry(
+                organization_id=r.organization_id,
+                kind=LedgerKind.USAGE,
+                amount_minor=delta_minor,
+                currency=r.currency,
+                idempotency_key=f"usage:{r.pk}:{int(now.timestamp())}",
+                reservation_id=r.pk,
+                period_start=period_start,
+                period_end=period_end,
+                gpu_seconds=delta_seconds,
+                description=f"{delta_seconds} GPU-seconds at {r.price_per_gpu_hour}/GPU-hour",
+            )
+        )
+    # Keys are unique: a line already written for this instant is left as it is.
+    LedgerEntry.objects.bulk_create(entries, ignore_conflicts=True)
+    return len(entries)
+
+
 def reservation_meter(*, reservation_id: int, now: datetime | None = None) -> LedgerEntry | None:
     """Bring one reservation's charges up to `now`. Returns the entry written, if any."""
     now = (now or timezone.now()).replace(microsecond=0)
-    reservation = Reservation.objects.select_for_update().get(pk=reservation_id)
+    reservation = Reservation.objects.only("tier").get(pk=reservation_id)
     if reservation.tier == Tier.RESERVED:
-        return _charge_reserved_term(reservation)
-    if reservation.tier not in METERED_TIERS:
+        with transaction.atomic():
+            locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+            return _charge_reserved_term(locked)
+    if not reservations_meter(reservation_ids=[reservation_id], now=now):
         return None
-    seconds = reservation_delivered_seconds(reservation=reservation, until=now)
-    gpu_seconds = seconds * reservation.gpu_count
-    cost_minor = usage_cost_minor(
-        gpu_seconds=gpu_seconds,
-        price_per_gpu_hour=reservation.price_per_gpu_hour,
-        currency=reservation.currency,
-    )
-    charged = LedgerEntry.objects.filter(reservation=reservation, kind=LedgerKind.USAGE).aggregate(
-        amount=Coalesce(Sum("amount_minor"), 0),
-        gpu_seconds=Coalesce(Sum("gpu_seconds"), 0),
-        last=Max("period_end"),
-    )
-    delta_minor = -cost_minor - charged["amount"]
-    delta_seconds = gpu_seconds - charged["gpu_seconds"]
-    if delta_minor == 0 and delta_seconds == 0:
-        return None
-    period_start = charged["last"] or reservation.activated_at or now
-    period_end = max(min(now, reservation.released_at or now, reservation.ends_at), period_start)
-    entry, _ = ledger_entry_add(
-        organization=reservation.organization,
-        kind=LedgerKind.USAGE,
-        amount_minor=delta_minor,
-        currency=reservation.currency,
-        idempotency_key=f"usage:{reservation.pk}:{int(now.timestamp())}",
-        reservation=reservation,
-        period_start=period_start,
-        period_end=period_end,
-        gpu_seconds=delta_seconds,
-        description=f"{delta_seconds} GPU-seconds at {reservation.price_per_gpu_hour}/GPU-hour",
-    )
-    return entry
+    return LedgerEntry.objects.get(idempotency_key=f"usage:{reservation_id}:{int(now.timestamp())}")
 
 
 def _charge_reserved_term(reservation: Reservation) -> LedgerEntry | None:
