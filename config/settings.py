@@ -154,6 +154,8 @@ SPECTACULAR_SETTINGS = {
     # Several models have a "status"; name the reservation's enum after what it is.
     "ENUM_NAME_OVERRIDES": {
         "ReservationStatusEnum": "marketplace.models.core.ReservationStatus",
+        "LedgerKindEnum": "billing.models.LedgerKind",
+        "AgentJobKindEnum": "marketplace.models.provisioning.AgentJobKind",
     },
 }
 
