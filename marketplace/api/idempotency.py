@@ -38,6 +38,7 @@ __all__ = [
     "idempotency_claim",
     "idempotency_complete",
     "idempotency_release",
+    "idempotency_records_purge",
     "request_fingerprint",
 ]
 
@@ -160,3 +161,13 @@ def idempotency_complete(*, claim: Claim, status: int, data) -> None:
 
 def idempotency_release(*, claim: Claim) -> None:
     IdempotencyRecord.objects.filter(pk=claim.record_id, response_status__isnull=True).delete()
+
+
+def idempotency_records_purge(*, now=None) -> int:
+    """Delete records past KEY_TTL (they no longer replay anything); returns how many.
+
+    Meant for a periodic task; claims already ignore expired rows, so running it late is safe.
+    """
+    now = now or timezone.now()
+    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=now - KEY_TTL).delete()
+    return deleted

@@ -26,8 +26,8 @@ class OrganizationOutput(serializers.Serializer):
         help_text="Your role; null when an API key is calling."
     )
 
-    def get_role(self, context) -> str | None:
-        return context.membership.role if context.membership else None
+    def get_role(self, org_context) -> str | None:
+        return org_context.membership.role if org_context.membership else None
 
 
 class OrganizationApi(ApiView):

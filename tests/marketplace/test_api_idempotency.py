@@ -12,7 +12,12 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from inventory.models import Node
-from marketplace.api.idempotency import IN_FLIGHT_TIMEOUT, KEY_TTL, request_fingerprint
+from marketplace.api.idempotency import (
+    IN_FLIGHT_TIMEOUT,
+    KEY_TTL,
+    idempotency_records_purge,
+    request_fingerprint,
+)
 from marketplace.models import Allocation, ApiKey, IdempotencyRecord, Reservation
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -215,3 +220,17 @@ def test_every_post_endpoint_of_the_public_api_goes_through_the_idempotent_base_
     assert "api/v1/reservations" in posts
     assert len(posts) >= 8
     assert {route for route, cls in posts.items() if not issubclass(cls, ApiView)} == set()
+
+
+def test_purge_deletes_only_expired_records(org):
+    fresh = IdempotencyRecord.objects.create(
+        organization=org, principal="user:1", key="fresh", request_hash="a" * 64
+    )
+    old = IdempotencyRecord.objects.create(
+        organization=org, principal="user:1", key="old", request_hash="a" * 64
+    )
+    IdempotencyRecord.objects.filter(pk=old.pk).update(
+        created_at=timezone.now() - KEY_TTL - timedelta(seconds=1)
+    )
+    assert idempotency_records_purge() == 1
+    assert list(IdempotencyRecord.objects.values_list("pk", flat=True)) == [fresh.pk]
