@@ -5,7 +5,8 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -41,6 +42,7 @@ def _money(amount_minor: int | None, currency: str) -> str | None:
     return None if amount_minor is None else str(from_minor_units(int(amount_minor), currency))
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class MoneyField(serializers.Field):
     """Reads `<source>` (minor units) and the object's currency; renders a decimal string."""
 

@@ -10,7 +10,8 @@ refused a reservation whose committed part would take this month's charges over 
 When funds run out (prepaid), the policy is explicit, and every step sends a notice:
 1. warning — the balance is below the recharge threshold: notice, and an automatic recharge
    if one is set up (once per drop);
-2. grace — the balance is at or below zero: notice with the deadline, running reservations
+2. grace — the balance is at or below zero while on-demand or interruptible reservations are
+   running or booked (otherwise it stays a warning): notice with the deadline, they
    keep running for BILLING_LOW_BALANCE_GRACE and keep accruing usage (the balance goes
    negative; that debt is owed and the next top-up settles it first — nothing runs free);
 3. suspended — the grace period is over and the balance is still ≤ 0: notice, running
@@ -148,7 +149,8 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
                     kind="funding_restored",
                     message=f"Your balance is {money}; billing is back to normal.",
                 )
-    elif balance > 0:
+    elif balance > 0 or (state != FundingState.SUSPENDED and not _running_metered(organization)):
+        # Nothing is drawing the balance down: a low (even empty) balance only warns.
         if state != FundingState.WARNING:
             _set_state(account, FundingState.WARNING)
             notice_send(
@@ -179,6 +181,15 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
         )
     auto_recharge_check(organization=organization)
     return account.funding_state
+
+
+def _running_metered(organization: Organization) -> bool:
+    S = ReservationStatus
+    return Reservation.objects.filter(
+        organization=organization,
+        tier__in=[Tier.ON_DEMAND, Tier.INTERRUPTIBLE],
+        status__in=[S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE],
+    ).exists()
 
 
 def _release_unfunded(*, organization: Organization) -> list[str]:

@@ -133,7 +133,15 @@ def _refund_changed(refund: dict) -> None:
 
 
 def _charge_refunded(charge: dict) -> None:
-    for refund in (charge.get("refunds") or {}).get("data") or []:
+    # The current API no longer embeds a charge's refunds; ask for the PaymentIntent's.
+    refunds = (charge.get("refunds") or {}).get("data")
+    if refunds is None and charge.get("payment_intent"):
+        from billing.stripe_gateway import get_gateway
+
+        refunds = get_gateway().refunds_for_payment_intent(
+            payment_intent_id=charge["payment_intent"]
+        )
+    for refund in refunds or []:
         _refund_changed(refund)
 
 

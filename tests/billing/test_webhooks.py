@@ -173,3 +173,53 @@ def test_invoice_events_are_mirrored_with_their_hosted_link(client, settings, or
     )  # fmt: skip
     assert invoice.hosted_invoice_url == "https://invoice.stripe.com/i/acct_1/test_in_123"
     assert invoice.period_start.isoformat() == "2026-11-01T00:00:00+00:00"
+
+
+def deliver(client, event_id: str, event_type: str, obj: dict) -> WebhookEvent:
+    payload = json.dumps({"id": event_id, "object": "event", "type": event_type,
+                          "data": {"object": obj}}).encode()  # fmt: skip
+    response = client.post(URL, payload, content_type="application/json",
+                           HTTP_STRIPE_SIGNATURE=sign(payload))  # fmt: skip
+    assert response.status_code == 200
+    event = WebhookEvent.objects.get(stripe_event_id=event_id)
+    webhook_process(event.pk)
+    event.refresh_from_db()
+    return event
+
+
+@pytest.mark.django_db
+def test_payment_method_events_keep_the_card_mirror_and_the_default_in_step(client, settings, org):
+    from billing.models import PaymentMethod
+
+    settings.STRIPE_WEBHOOK_SECRET = SECRET
+    BillingAccount.objects.filter(organization=org).update(stripe_customer_id="cus_pm")
+    card = {"id": "pm_evt", "object": "payment_method", "type": "card", "customer": "cus_pm",
+            "card": {"brand": "mastercard", "last4": "4444", "exp_month": 3, "exp_year": 2031}}  # fmt: skip
+
+    deliver(client, "evt_att", "payment_method.attached", card)
+    pm = PaymentMethod.objects.get()
+    assert (pm.organization, pm.brand, pm.last4, pm.exp_year) == (org, "mastercard", "4444", 2031)
+    assert BillingAccount.objects.get(organization=org).default_payment_method_id == "pm_evt"
+
+    event = deliver(client, "evt_det", "payment_method.detached", {**card, "customer": None})
+
+    assert event.processed_at is not None
+    assert PaymentMethod.objects.get().detached_at is not None
+    assert BillingAccount.objects.get(organization=org).default_payment_method_id == ""
+
+
+@pytest.mark.django_db
+def test_a_payment_failed_event_fails_the_pending_top_up_without_crediting(client, settings, org):
+    settings.STRIPE_WEBHOOK_SECRET = SECRET
+    top_up = TopUp.objects.create(organization=org, amount_minor=5000, currency="usd",
+                                  payment_method_id="pm_x")  # fmt: skip
+
+    deliver(client, "evt_fail", "payment_intent.payment_failed",
+            {"id": "pi_fail", "object": "payment_intent", "status": "requires_payment_method",
+             "metadata": {"top_up": str(top_up.pk)},
+             "last_payment_error": {"code": "card_declined", "message": "Your card was declined."}})  # fmt: skip
+
+    top_up.refresh_from_db()
+    assert (top_up.status, top_up.failure_reason) == (TopUpStatus.FAILED, "Your card was declined.")
+    assert balance_minor(organization=org) == 0
+    assert not LedgerEntry.objects.exists()
