@@ -6,6 +6,7 @@ since these tests are about the lifecycle, not money.
 """
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
+from django.conf import settings
 from django.utils import timezone
 
 from inventory.models import GpuModel, Node, Site
@@ -216,3 +219,45 @@ def broker_url_for_this_process(url: str):
         app.conf.broker_write_url = old
         app._pool = None
         app.amqp._producer_pool = None
+
+
+# --- Fixtures for the e2e tests (imported by the test modules) ------------------------------
+
+
+@pytest.fixture(name="broker")
+def broker_fixture():
+    """This process publishes to the e2e Redis db, emptied first."""
+    redis_test_client().flushdb()
+    with broker_url_for_this_process(e2e_redis_url()):
+        yield
+    redis_test_client().flushdb()
+
+
+@pytest.fixture(name="driver_log")
+def driver_log_fixture(tmp_path):
+    path = tmp_path / "driver.log"
+
+    def ops(reservation: Reservation | None = None) -> list[str]:
+        if not path.exists():
+            return []
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        return [
+            line["op"]
+            for line in lines
+            if reservation is None or line["reservation"] == reservation.public_id
+        ]
+
+    ops.path = str(path)
+    return ops
+
+
+@pytest.fixture(name="worker")
+def worker_fixture(broker, tmp_path, driver_log):
+    w = CeleryWorker(
+        database=settings.DATABASES["default"],
+        redis_url=e2e_redis_url(),
+        log_dir=tmp_path,
+        env={"SIMULATED_DRIVER_LOG": driver_log.path, "SIMULATED_DRIVER_LATENCY_SECONDS": "0"},
+    )
+    yield w
+    w.stop()

@@ -5,12 +5,10 @@ test database (transaction=True, so it sees what the test commits) and whose bro
 Redis db of its own, flushed first. This process publishes to the same db.
 """
 
-import json
 import logging
 from datetime import timedelta
 
 import pytest
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -23,15 +21,17 @@ from marketplace.provisioning.scheduler import (
     reservations_sweep_stuck,
 )
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
-from tests.provisioning_support import (
-    CeleryWorker,
+from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are fixtures)
+    broker_fixture,
     broker_idle,
     broker_url_for_this_process,
+    driver_log_fixture,
     e2e_redis_url,
     market_create,
     redis_test_client,
     statuses,
     wait_for,
+    worker_fixture,
 )
 
 pytestmark = [
@@ -41,45 +41,6 @@ pytestmark = [
 ]
 S = ReservationStatus
 CLOSED_PORT_BROKER = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-def broker():
-    """This process publishes to the e2e Redis db, emptied first."""
-    redis_test_client().flushdb()
-    with broker_url_for_this_process(e2e_redis_url()):
-        yield
-    redis_test_client().flushdb()
-
-
-@pytest.fixture
-def driver_log(tmp_path):
-    path = tmp_path / "driver.log"
-
-    def ops(reservation: Reservation | None = None) -> list[str]:
-        if not path.exists():
-            return []
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
-        return [
-            line["op"]
-            for line in lines
-            if reservation is None or line["reservation"] == reservation.public_id
-        ]
-
-    ops.path = str(path)
-    return ops
-
-
-@pytest.fixture
-def worker(broker, tmp_path, driver_log):
-    w = CeleryWorker(
-        database=settings.DATABASES["default"],
-        redis_url=e2e_redis_url(),
-        log_dir=tmp_path,
-        env={"SIMULATED_DRIVER_LOG": driver_log.path, "SIMULATED_DRIVER_LATENCY_SECONDS": "0"},
-    )
-    yield w
-    w.stop()
 
 
 def _status(reservation: Reservation) -> str:
@@ -132,7 +93,7 @@ def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_
     assert _status(r) == S.PROVISIONING
     assert redis_test_client().zcard("unacked_index") == 1  # the message was never acknowledged
 
-    worker.start(**env)
+    worker.start(**{**env, "SIMULATED_DRIVER_LATENCY_SECONDS": "0.2"})
     if recovery == "sweeper":
         # No redelivery for 600 s (the default visibility timeout): the sweeper finds the
         # reservation nobody is working on and enqueues it again.
