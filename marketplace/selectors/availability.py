@@ -80,8 +80,13 @@ class NodeCapacity:
     free: int
 
 
-# The candidate nodes, then the live allocations overlapping the window (one scan of the
-# period-first partial GiST index), then GPUs per node with the busy ones anti-joined away.
+# The candidate nodes and, per node, its GPUs, healthy GPUs and GPUs free for the window.
+# Two ways to find the free GPUs, both a NOT EXISTS over live allocations in effect:
+# - wide searches (no site): one scan of the live allocations overlapping the window through the
+#   period-first partial GiST index (allocation_live_period_idx), hashed and anti-joined to the
+#   GPUs; its cost follows the allocations in the window, never the 1M rows of history.
+# - one site (placement, site searches): a probe per GPU into the (gpu, period) exclusion index,
+#   whose cost follows the site's GPU count instead of the whole window's allocations.
 _CANDIDATE_NODES_SQL = """
 WITH win AS (SELECT tstzrange(%(starts_at)s, %(ends_at)s, '[)') AS r),
 node_c AS (
@@ -94,6 +99,10 @@ node_c AS (
           SELECT 1 FROM inventory_maintenancewindow w, win
           WHERE w.node_id = n.id AND w.period && win.r)
 ),
+{nodes_cte}
+"""
+
+_NODES_BY_HASH = """
 busy AS (
     SELECT DISTINCT a.gpu_id
     FROM marketplace_allocation a, win
@@ -108,12 +117,28 @@ nodes AS (
     JOIN inventory_gpu g ON g.node_id = c.id
     LEFT JOIN busy b ON b.gpu_id = g.id
     GROUP BY c.id, c.site_id, c.gpu_model_id
-)
-"""
+)"""
 
-_SEARCH_SQL = (
-    _CANDIDATE_NODES_SQL
-    + """,
+_NODES_BY_PROBE = """
+nodes AS (
+    SELECT c.id, c.site_id, c.gpu_model_id,
+           count(*) AS gpus,
+           count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
+           count(*) FILTER (WHERE g.health <> 'failed' AND NOT EXISTS (
+               SELECT 1 FROM marketplace_allocation a, win
+               WHERE a.is_live AND a.gpu_id = g.id AND a.period && win.r)) AS free
+    FROM node_c c
+    JOIN inventory_gpu g ON g.node_id = c.id
+    GROUP BY c.id, c.site_id, c.gpu_model_id
+)"""
+
+
+def _sql(tail: str, *, filters: str, one_site: bool) -> str:
+    nodes_cte = _NODES_BY_PROBE if one_site else _NODES_BY_HASH
+    return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=nodes_cte) + tail
+
+
+_SEARCH_TAIL = """,
 ranked AS (
     SELECT nodes.*,
            sum(gpus) FILTER (WHERE free = gpus) OVER (
@@ -135,18 +160,14 @@ SELECT site_id, gpu_model_id,
 FROM ranked
 GROUP BY site_id, gpu_model_id
 """
-)
 
-_SITE_SQL = (
-    _CANDIDATE_NODES_SQL
-    + """
+_SITE_TAIL = """
 SELECT gpu_model_id, count(*), sum(healthy), sum(free), max(free),
        count(*) FILTER (WHERE free = gpus)
 FROM nodes GROUP BY gpu_model_id
 """
-)
 
-_NODES_SQL = _CANDIDATE_NODES_SQL + "SELECT id, gpus, free FROM nodes"
+_NODES_TAIL = "SELECT id, gpus, free FROM nodes"
 
 
 def _filters(
@@ -194,7 +215,7 @@ def node_free_capacity(
     filters, params = _filters(site_id=site_id, gpu_model_id=gpu_model_id)
     with connection.cursor() as cur:
         cur.execute(
-            _NODES_SQL.format(filters=filters),
+            _sql(_NODES_TAIL, filters=filters, one_site=True),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         return [NodeCapacity(node_id=r[0], gpus=r[1], free=r[2]) for r in cur.fetchall()]
@@ -226,7 +247,7 @@ def availability_search(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
     )
     with connection.cursor() as cur:
-        cur.execute(_SEARCH_SQL.format(filters=filters), params)
+        cur.execute(_sql(_SEARCH_TAIL, filters=filters, one_site=site is not None), params)
         rows = cur.fetchall()
 
     fits = []
@@ -304,7 +325,7 @@ def site_availability(
     filters, params = _filters(site_id=site.pk)
     with connection.cursor() as cur:
         cur.execute(
-            _SITE_SQL.format(filters=filters),
+            _sql(_SITE_TAIL, filters=filters, one_site=True),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         rows = cur.fetchall()

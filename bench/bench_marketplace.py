@@ -1,0 +1,541 @@
+"""Marketplace benchmark (not a test): availability search and reservation throughput at scale.
+
+    createdb -h 127.0.0.1 -U postgres sy_bench
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/sy_bench REDIS_URL=redis://127.0.0.1:6379/3 \
+        .venv/bin/python bench/bench_marketplace.py
+
+Generates (once; later runs reuse it) 100,000 GPUs on 12,500 nodes at 12 sites and 1,000,000
+allocations past and future, then in one run:
+- availability search latency p50/p99 through the HTTP API (gunicorn, API-key auth) and the
+  same searches as raw SQL (the selector's own query text, straight through psycopg);
+- reservation-create throughput through the API with --clients concurrent clients, beside a
+  raw-SQL reservation transaction (one reservation row plus its allocations, nodes locked in
+  id order) with as many clients;
+- a check that no two live allocations overlap.
+Everything the run creates is removed at the end, so the generated data stays as it was.
+It refuses to run against a database that holds anything but its own generated data.
+"""
+
+import argparse
+import os
+import random
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("DEBUG", "1")
+
+import django  # noqa: E402
+
+django.setup()
+
+import psycopg  # noqa: E402
+import requests  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from inventory.models import Gpu, GpuModel, Node, Site, SiteStatus  # noqa: E402
+from marketplace.models import (  # noqa: E402
+    Organization,
+    PricingPolicy,
+    RateCard,
+    Reservation,
+)
+from marketplace.selectors import availability  # noqa: E402
+from marketplace.services.api_keys import api_key_create  # noqa: E402
+from marketplace.services.pricing import DEFAULT_POLICY  # noqa: E402
+
+SITES, NODES, GPUS_PER_NODE, SLOTS_PER_NODE = 12, 12_500, 8, 10  # 10 × 8 × 12,500 = 1M
+MODELS = [
+    ("h100-sxm-80gb", "NVIDIA H100 SXM 80GB", "NVIDIA", 80, "2.2000"),
+    ("h200-sxm-141gb", "NVIDIA H200 SXM 141GB", "NVIDIA", 141, "3.1000"),
+    ("a100-sxm-80gb", "NVIDIA A100 SXM 80GB", "NVIDIA", 80, "1.4000"),
+    ("l40s-48gb", "NVIDIA L40S 48GB", "NVIDIA", 48, "0.8500"),
+    ("rtx-4090-24gb", "NVIDIA GeForce RTX 4090 24GB", "NVIDIA", 24, "0.3500"),
+    ("mi300x-192gb", "AMD Instinct MI300X 192GB", "AMD", 192, "2.4000"),
+]
+REGIONS = ["us-central", "us-west", "ca-east", "eu-north"]
+BENCH_ORG, API_ORG, RAW_ORG = "bench-history", "bench-api", "bench-raw"
+
+OVERLAP_SQL = """
+SELECT count(*) FROM marketplace_allocation a
+WHERE a.is_live AND EXISTS (
+    SELECT 1 FROM marketplace_allocation b
+    WHERE b.is_live AND b.gpu_id = a.gpu_id AND b.id <> a.id AND b.period && a.period)
+"""
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def ensure_data() -> None:
+    if Node.objects.filter(hostname__startswith="bench-").count() == NODES:
+        say("Reusing the generated inventory.")
+        return
+    if Node.objects.exists() or Reservation.objects.exists():
+        sys.exit("This database holds other data; give the benchmark an empty database.")
+    started = time.monotonic()
+    models = []
+    for slug, name, vendor, memory, price in MODELS:
+        model, _ = GpuModel.objects.get_or_create(
+            slug=slug,
+            defaults={"name": name, "vendor": vendor, "memory_gb": memory, "tdp_watts": 700},
+        )
+        RateCard.objects.get_or_create(
+            gpu_model=model, site=None, defaults={"price_per_gpu_hour": Decimal(price)}
+        )
+        models.append(model)
+    if not PricingPolicy.objects.exists():
+        PricingPolicy.objects.create(**DEFAULT_POLICY, note="bench")
+    sites = [
+        Site.objects.create(
+            slug=f"bench-{i:02d}",
+            name=f"Bench site {i}",
+            region=REGIONS[i % len(REGIONS)],
+            country="US",
+            grid_operator="ERCOT",
+            power_capacity_kw=Decimal("60000"),
+            pue=Decimal("1.10"),
+            cooling="immersion",
+            energy_price_per_mwh=Decimal("35"),
+            renewable_share=Decimal("0.5"),
+            uplink_gbps=400,
+            status=SiteStatus.ACTIVE,
+        )
+        for i in range(SITES)
+    ]
+    Node.objects.bulk_create(
+        (
+            Node(
+                site=sites[i % SITES],
+                gpu_model=models[(i // SITES) % len(models)],
+                hostname=f"bench-{i:05d}",
+                cpu_cores=96,
+                ram_gb=1024,
+                disk_gb=15360,
+                nic_gbps=400,
+            )
+            for i in range(NODES)
+        ),
+        batch_size=2000,
+    )
+    node_ids = list(
+        Node.objects.filter(hostname__startswith="bench-")
+        .order_by("id")
+        .values_list("id", flat=True)
+    )
+    Gpu.objects.bulk_create(
+        (
+            Gpu(node_id=n, index=i, serial=f"bench-{n}-{i}")
+            for n in node_ids
+            for i in range(GPUS_PER_NODE)
+        ),
+        batch_size=5000,
+    )
+    say(
+        f"  inventory: {NODES} nodes, {NODES * GPUS_PER_NODE} GPUs ({time.monotonic() - started:.0f} s)"
+    )
+
+    # History and bookings: per node, SLOTS_PER_NODE whole-node reservations, one per 8-day
+    # slot from 40 days ago, each 1 to 7 days long (so they never overlap on a GPU).
+    org = Organization.objects.create(name="Bench history", slug=BENCH_ORG)
+    now = timezone.now()
+    base = (now - timedelta(days=40)).replace(minute=0, second=0, microsecond=0)
+    nodes = list(
+        Node.objects.filter(hostname__startswith="bench-").values("id", "site_id", "gpu_model_id")
+    )
+    rng = random.Random(42)
+    batch = []
+    for node in nodes:
+        for k in range(SLOTS_PER_NODE):
+            start = base + timedelta(days=8 * k, hours=rng.randrange(24))
+            end = start + timedelta(days=rng.randint(1, 7))
+            status = "completed" if end <= now else ("active" if start <= now else "pending")
+            batch.append(
+                Reservation(
+                    public_id=f"res_b{node['id']}_{k}",
+                    organization=org,
+                    gpu_model_id=node["gpu_model_id"],
+                    site_id=node["site_id"],
+                    gpu_count=GPUS_PER_NODE,
+                    tier="on_demand",
+                    starts_at=start,
+                    ends_at=end,
+                    currency="usd",
+                    price_per_gpu_hour=Decimal("2.2000"),
+                    total_amount=Decimal("0.00"),
+                    status=status,
+                )
+            )
+        if len(batch) >= 10_000:
+            Reservation.objects.bulk_create(batch)
+            batch = []
+    Reservation.objects.bulk_create(batch)
+    say(f"  reservations: {len(nodes) * SLOTS_PER_NODE} ({time.monotonic() - started:.0f} s)")
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live,
+                                                created_at)
+            SELECT r.id, g.id, g.node_id, tstzrange(r.starts_at, r.ends_at, '[)'),
+                   r.status <> 'completed', now()
+            FROM marketplace_reservation r
+            JOIN inventory_gpu g
+              ON g.node_id = split_part(substr(r.public_id, 6), '_', 1)::bigint
+            WHERE r.organization_id = %s
+            """,
+            [org.pk],
+        )
+        say(f"  allocations: {cur.rowcount} ({time.monotonic() - started:.0f} s)")
+    with connection.cursor() as cur:
+        for table in (
+            "marketplace_allocation",
+            "marketplace_reservation",
+            "inventory_gpu",
+            "inventory_node",
+        ):
+            cur.execute(f"ANALYZE {table}")
+    say(f"Generated in {time.monotonic() - started:.0f} s.")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def random_search(rng: random.Random) -> dict:
+    start = timezone.now() + timedelta(hours=rng.randint(1, 24 * 60))
+    return {
+        "gpu_model": rng.choice(MODELS)[0],
+        "gpu_count": rng.choice([1, 2, 4, 8, 16, 32]),
+        "start": start.replace(microsecond=0),
+        "end": (start + timedelta(hours=rng.randint(1, 24 * 14))).replace(microsecond=0),
+    }
+
+
+def start_server(port: int, workers: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "DEBUG": "0",
+        "SECRET_KEY": secrets.token_urlsafe(64),
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "SECURE_SSL_REDIRECT": "0",
+        "API_THROTTLE_RATE": "1000000/min",
+    }
+    proc = subprocess.Popen(
+        [
+            str(ROOT / ".venv/bin/gunicorn"),
+            "config.wsgi",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            str(workers),
+            "-k",
+            "gthread",
+            "--threads",
+            "4",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    for _ in range(150):
+        if proc.poll() is not None:
+            break
+        try:
+            requests.get(f"http://127.0.0.1:{port}/api/v1/gpu-models", timeout=5)
+            return proc
+        except (requests.ConnectionError, requests.Timeout):
+            time.sleep(0.2)
+    proc.terminate()
+    sys.exit("gunicorn did not start")
+
+
+def api_org_and_key() -> tuple[Organization, str]:
+    org, _ = Organization.objects.get_or_create(slug=API_ORG, defaults={"name": "Bench API"})
+    try:  # reservations need a funding decision; the bench organisation is postpaid
+        from billing.models import BillingAccount, BillingMode
+
+        BillingAccount.objects.update_or_create(
+            organization=org, defaults={"mode": BillingMode.POSTPAID}
+        )
+    except ImportError:
+        pass
+    _, secret = api_key_create(
+        organization=org,
+        name=f"bench {uuid.uuid4().hex[:6]}",
+        scopes=["read", "write"],
+        created_by=None,
+    )
+    return org, secret
+
+
+# --- the measurements ----------------------------------------------------------------------
+
+
+def bench_search(base_url: str, secret: str, n: int) -> None:
+    rng = random.Random(7)
+    cases = [random_search(rng) for _ in range(n)]
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {secret}"
+    api_ms, offers = [], []
+    for case in cases[:10]:  # warm up
+        session.get(f"{base_url}/api/v1/availability", params=_params(case))
+    for case in cases:
+        t = time.perf_counter()
+        r = session.get(f"{base_url}/api/v1/availability", params=_params(case))
+        api_ms.append((time.perf_counter() - t) * 1000)
+        r.raise_for_status()
+        body = r.json()
+        offers.append(
+            len(body.get("data", body.get("results", body if isinstance(body, list) else [])))
+        )
+
+    dsn = _dsn()
+    raw_ms = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        sql_text = availability._sql(
+            availability._SEARCH_TAIL, filters=" AND m.slug = %(gpu_model)s", one_site=False
+        )
+        for case in cases:
+            params = {
+                "gpu_model": case["gpu_model"],
+                "gpu_count": case["gpu_count"],
+                "starts_at": case["start"],
+                "ends_at": case["end"],
+                "node_limit": 10,
+            }
+            t = time.perf_counter()
+            conn.execute(sql_text, params).fetchall()
+            raw_ms.append((time.perf_counter() - t) * 1000)
+    say(
+        f"availability search, {n} searches (random model, 1-32 GPUs, windows up to 60 days ahead):\n"
+        f"  through the API : p50 {percentile(api_ms, 50):6.1f} ms   p99 {percentile(api_ms, 99):6.1f} ms"
+        f"   (mean offers {statistics.mean(offers):.1f})\n"
+        f"  raw SQL         : p50 {percentile(raw_ms, 50):6.1f} ms   p99 {percentile(raw_ms, 99):6.1f} ms"
+    )
+
+
+def _params(case: dict) -> dict:
+    return {
+        "gpu_model": case["gpu_model"],
+        "gpu_count": case["gpu_count"],
+        "start": case["start"].isoformat(),
+        "end": case["end"].isoformat(),
+    }
+
+
+def _dsn() -> str:
+    db = settings.DATABASES["default"]
+    return (
+        f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} dbname={db['NAME']} "
+        f"user={db['USER']}" + (f" password={db['PASSWORD']}" if db.get("PASSWORD") else "")
+    )
+
+
+def bench_reserve_api(base_url: str, secret: str, clients: int, total: int) -> None:
+    counts = {"created": 0, "not_available": 0, "other": 0}
+    lock = threading.Lock()
+    per_client = total // clients
+    others: list[str] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {secret}"
+        for _ in range(per_client):
+            start = timezone.now() + timedelta(days=rng.randint(1, 120), hours=rng.randint(0, 23))
+            body = {
+                "gpu_model": rng.choice(MODELS)[0],
+                "gpu_count": rng.choice([1, 1, 2, 4, 8]),
+                "starts_at": start.replace(microsecond=0).isoformat(),
+                "ends_at": (start + timedelta(hours=rng.randint(1, 12)))
+                .replace(microsecond=0)
+                .isoformat(),
+                "tier": "on_demand",
+            }
+            r = session.post(
+                f"{base_url}/api/v1/reservations",
+                json=body,
+                headers={"Idempotency-Key": uuid.uuid4().hex},
+            )
+            key = (
+                "created"
+                if r.status_code == 201
+                else "not_available"
+                if r.status_code == 409
+                else "other"
+            )
+            with lock:
+                counts[key] += 1
+                if key != "created" and len(others) < 5:
+                    others.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    say(
+        f"reservation create through the API, {clients} clients: {counts['created']} created, "
+        f"{counts['not_available']} not available, {counts['other']} other, in {elapsed:.1f} s "
+        f"= {counts['created'] / elapsed:.0f} reservations/s"
+    )
+    for line in others:
+        say(f"  other: {line}")
+
+
+def bench_reserve_raw(clients: int, total: int) -> None:
+    """One reservation row plus its 8 allocations per transaction, nodes locked first."""
+    org, _ = Organization.objects.get_or_create(slug=RAW_ORG, defaults={"name": "Bench raw"})
+    nodes = list(
+        Node.objects.filter(hostname__startswith="bench-")
+        .order_by("id")
+        .values_list("id", "site_id", "gpu_model_id")
+    )
+    far = timezone.now() + timedelta(days=300)
+    per_client = total // clients
+    dsn = _dsn()
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        with psycopg.connect(dsn) as conn:
+            for j in range(per_client):
+                node_id, site_id, model_id = nodes[(c + j * clients) % len(nodes)]
+                start = far + timedelta(hours=(c + j * clients) // len(nodes) * 2)
+                end = start + timedelta(hours=1)
+                try:
+                    with conn.transaction():
+                        rid = conn.execute(
+                            """INSERT INTO marketplace_reservation
+                               (public_id, organization_id, gpu_model_id, site_id, gpu_count, tier,
+                                term, starts_at, ends_at, currency, price_per_gpu_hour,
+                                total_amount, breakdown, status, status_reason, workload,
+                                connection, cancellation, created_at, updated_at)
+                               VALUES (%s, %s, %s, %s, 8, 'on_demand', 'none', %s, %s, 'usd',
+                                       2.2, 17.6, '{}', 'pending', '', '{}', '{}', '{}', now(),
+                                       now())
+                               RETURNING id""",
+                            [
+                                f"res_raw_{uuid.uuid4().hex[:20]}",
+                                org.pk,
+                                model_id,
+                                site_id,
+                                start,
+                                end,
+                            ],
+                        ).fetchone()[0]
+                        conn.execute(
+                            "SELECT id FROM inventory_node WHERE id = %s FOR UPDATE", [node_id]
+                        )
+                        conn.execute(
+                            """INSERT INTO marketplace_allocation
+                               (reservation_id, gpu_id, node_id, period, is_live, created_at)
+                               SELECT %s, g.id, g.node_id, tstzrange(%s, %s, '[)'), true, now()
+                               FROM inventory_gpu g WHERE g.node_id = %s""",
+                            [rid, start, end, node_id],
+                        )
+                except psycopg.Error as exc:
+                    errors.append(repr(exc)[:200])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    done = per_client * clients - len(errors)
+    say(
+        f"raw-SQL reservation transaction (1 row + 8 allocations), {clients} clients: "
+        f"{done} in {elapsed:.1f} s = {done / elapsed:.0f} reservations/s"
+        + (f", {len(errors)} errors (first: {errors[0]})" if errors else "")
+    )
+
+
+def cleanup() -> None:
+    with connection.cursor() as cur:
+        for slug in (API_ORG, RAW_ORG):
+            cur.execute(
+                """DELETE FROM marketplace_allocation WHERE reservation_id IN (
+                       SELECT r.id FROM marketplace_reservation r
+                       JOIN marketplace_organization o ON o.id = r.organization_id
+                       WHERE o.slug = %s)""",
+                [slug],
+            )
+    for slug in (API_ORG, RAW_ORG):
+        Reservation.objects.filter(organization__slug=slug).delete()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--searches", type=int, default=300)
+    parser.add_argument("--reservations", type=int, default=1600)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
+    parser.add_argument("--generate-only", action="store_true")
+    args = parser.parse_args()
+
+    call_command("migrate", verbosity=0)
+    ensure_data()
+    if args.generate_only:
+        return
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*), count(*) FILTER (WHERE is_live) FROM marketplace_allocation")
+        total, live = cur.fetchone()
+    say(
+        f"Inventory: {Gpu.objects.count()} GPUs on {Node.objects.count()} nodes; "
+        f"{total} allocations ({live} live)."
+    )
+    cleanup()
+    _, secret = api_org_and_key()
+    port = free_port()
+    server = start_server(port, args.workers)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        bench_search(base_url, secret, args.searches)
+        bench_reserve_api(base_url, secret, args.clients, args.reservations)
+        bench_reserve_raw(args.clients, args.reservations)
+        with connection.cursor() as cur:
+            cur.execute(OVERLAP_SQL)
+            overlapping = cur.fetchone()[0]
+        say(f"double bookings (live allocations overlapping on a GPU): {overlapping}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
