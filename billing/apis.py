@@ -24,6 +24,7 @@ from billing.selectors import (
 )
 from billing.services.funding import month_start
 from billing.services.payment_methods import (
+    payment_method_attach,
     payment_method_detach,
     payment_method_set_default,
     setup_intent_create,
@@ -191,7 +192,28 @@ class PaymentMethodOutput(serializers.Serializer):
     is_default = serializers.BooleanField()
 
 
+class PaymentMethodAttachInput(serializers.Serializer):
+    payment_method = serializers.RegexField(
+        r"^pm_[A-Za-z0-9_]+$", max_length=64, help_text="pm_… confirmed with Stripe.js."
+    )
+
+
 class PaymentMethodListApi(ApiView):
+    write_roles = MONEY_ROLES
+
+    @extend_schema(tags=TAGS, operation_id="billing_payment_method_attach",
+                   summary="Save a card confirmed with Stripe.js (the first becomes the default)",
+                   request=PaymentMethodAttachInput,
+                   responses={201: PaymentMethodOutput, **errors(400, 402, 403)})  # fmt: skip
+    def post(self, request):
+        data = validated_input(PaymentMethodAttachInput, request.data)
+        pm = payment_method_attach(
+            organization=self.organization, payment_method_id=data["payment_method"]
+        )
+        account = billing_account_for_org(organization=self.organization)
+        pm.is_default = account.default_payment_method_id == pm.stripe_payment_method_id
+        return Response(PaymentMethodOutput(pm).data, status=status.HTTP_201_CREATED)
+
     @extend_schema(tags=TAGS, operation_id="billing_payment_methods",
                    summary="Saved cards", responses={200: PaymentMethodOutput(many=True), **errors(403)})  # fmt: skip
     def get(self, request):

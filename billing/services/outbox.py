@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import transaction
 from django.utils import timezone
 
@@ -122,6 +123,10 @@ def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str
             message.status = OutboxStatus.FAILED
             message.last_error = f"{exc.code or 'error'}: {exc}"[:2000]
             handler.failed(message, str(exc))
+        except ObjectDoesNotExist as exc:
+            # The record the message was written for is gone: nothing to send, ever.
+            message.status = OutboxStatus.FAILED
+            message.last_error = f"record missing: {exc}"[:2000]
         else:
             message.status = OutboxStatus.SENT
             message.sent_at = timezone.now()

@@ -9,7 +9,7 @@ from billing.models import BillingAccount, Invoice, LedgerKind, TopUp
 from billing.services.ledger import ledger_entry_add
 from billing.services.usage import reservation_meter
 from marketplace.models import Role
-from tests.billing.conftest import T0, make_reservation, save_card
+from tests.billing.conftest import T0, make_reservation, stripe_client
 from tests.factories import MembershipFactory
 
 pytestmark = pytest.mark.django_db
@@ -104,9 +104,12 @@ def test_a_top_up_without_a_card_is_a_402(org, member, client_for):
 
 def test_a_bad_amount_is_a_400_naming_the_field(org, member, client_for):
     response = client_for(member).post("/api/v1/billing/top-ups", {"amount": "lots"}, format="json")
+    card = client_for(member).post("/api/v1/billing/payment-methods", {"payment_method": "x"},
+                                   format="json")  # fmt: skip
 
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "amount"
+    assert (card.status_code, card.json()["error"]["field"]) == (400, "payment_method")
 
 
 @pytest.mark.stripe
@@ -117,7 +120,13 @@ def test_cards_through_the_api_setup_intent_list_and_top_up(
     setup = client.post("/api/v1/billing/payment-methods/setup-intent")
     assert setup.status_code == 201
     assert setup.json()["client_secret"].startswith(setup.json()["setup_intent_id"])
-    pm_id = save_card(localstripe, org)
+    confirmed = stripe_client(localstripe).v1.setup_intents.confirm(
+        setup.json()["setup_intent_id"], {"payment_method": "pm_card_visa"}
+    )
+    attach = client.post("/api/v1/billing/payment-methods",
+                         {"payment_method": confirmed.payment_method}, format="json")  # fmt: skip
+    assert attach.status_code == 201
+    pm_id = attach.json()["id"]
     BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
 
     cards = client.get("/api/v1/billing/payment-methods").json()
