@@ -31,7 +31,7 @@ lint: venv
 migrate: venv
 	$(PY) scripts/with_services.py -- $(PY) manage.py migrate --noinput
 
-seed: venv
+seed: migrate
 	$(PY) scripts/with_services.py -- $(PY) manage.py seed_demo
 
 worker: venv

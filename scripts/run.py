@@ -128,7 +128,7 @@ def main() -> int:
         )  # fmt: skip
         wait_until(
             lambda: http_status(f"{base}/admin/login/") == 200,
-            timeout=60,
+            timeout=180,  # first start on a busy 2-core machine can take a while
             process=web,
             what="the web server",
         )
