@@ -56,3 +56,17 @@ def test_failed_authentication_is_counted_per_address(settings):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Bearer sy_live_guessing_" + "x" * 40)
     assert [client.get("/api/v1/organization").status_code for _ in range(3)] == [401, 401, 429]
+
+
+@pytest.mark.parametrize("rate", ["bogus", "0/min", "10/week"])
+def test_a_malformed_rate_fails_at_start_up(rate):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "API_THROTTLE_RATE": rate}
+    result = subprocess.run(
+        [sys.executable, "-c", "import config.settings"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "API_THROTTLE_RATE must look like 600/min" in result.stderr
