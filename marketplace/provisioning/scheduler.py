@@ -10,11 +10,11 @@ PROVISIONING_STUCK_AFTER_SECONDS, and fails one whose period ended before it cou
 """
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 S = ReservationStatus
 PROVISION_TASK = "marketplace.tasks.reservation_provision"
 RELEASE_TASK = "marketplace.tasks.reservation_release"
+# A reservation moved to provisioning/releasing whose task has not started after this long is
+# enqueued again (a task waiting in a long queue just finds the work done: no harm).
+_FIRST_ATTEMPT_GRACE = timedelta(seconds=20)
 # One dispatcher run handles at most this many batches; the next run takes the rest.
 _MAX_BATCHES_PER_RUN = 50
 
@@ -142,12 +145,16 @@ def reservations_sweep_stuck(
     now = now or timezone.now()
     stuck_after = settings.PROVISIONING_STUCK_AFTER if stuck_after is None else stuck_after
     busy = reservations_locked_by_workers()
+    # Only the attempts of the step the reservation is in (a releasing one had provision ones).
+    same_kind = Q(status=S.PROVISIONING, provisioning_attempts__kind="provision") | Q(
+        status=S.RELEASING, provisioning_attempts__kind="release"
+    )
     candidates = (
         Reservation.objects.filter(status__in=[S.PROVISIONING, S.RELEASING])
         .annotate(
-            last_started=Max("provisioning_attempts__started_at"),
-            last_finished=Max("provisioning_attempts__finished_at"),
-            next_attempt=Max("provisioning_attempts__next_attempt_at"),
+            last_started=Max("provisioning_attempts__started_at", filter=same_kind),
+            last_finished=Max("provisioning_attempts__finished_at", filter=same_kind),
+            next_attempt=Max("provisioning_attempts__next_attempt_at", filter=same_kind),
         )
         .order_by("updated_at", "pk")[:limit]
     )
@@ -172,7 +179,10 @@ def reservations_sweep_stuck(
         last_activity = max(
             t for t in (r.updated_at, r.last_started, r.last_finished, r.next_attempt) if t
         )
-        if now - last_activity < stuck_after:
+        # No attempt at all yet: the enqueue after the state change was probably lost (a
+        # broker outage, or a caller that did not kick), so do not wait the full deadline.
+        deadline = stuck_after if r.last_started else min(stuck_after, _FIRST_ATTEMPT_GRACE)
+        if now - last_activity < deadline:
             continue
         task = PROVISION_TASK if r.status == S.PROVISIONING else RELEASE_TASK
         logger.warning(

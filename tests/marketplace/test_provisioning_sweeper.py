@@ -123,3 +123,16 @@ def test_the_reconciler_mirrors_a_node_outage_onto_the_active_reservations_it_hi
     outage.refresh_from_db()
     assert outage.ended_at == Outage.objects.get(node=node).ended_at
     assert ReservationOutage.objects.filter(reservation=spared).count() == 0
+
+
+def test_a_reservation_whose_task_never_started_is_requeued_sooner(market, queue):
+    # Cancelled early by its customer: releasing, but no task was ever sent for it.
+    r = market.book()
+    reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+    from marketplace.services.transitions import reservation_transition
+
+    reservation_transition(reservation=r, to_status=S.RELEASING, cause="cancel", actor_label="t")
+    type(r).objects.filter(pk=r.pk).update(updated_at=timezone.now() - timedelta(seconds=30))
+
+    assert reservations_sweep_stuck() == {"requeued": 1, "failed": 0}
+    assert queue() == 1
