@@ -142,8 +142,9 @@ class LedgerEntry(models.Model):
     gpu_seconds = models.BigIntegerField(default=0)
     idempotency_key = models.CharField(max_length=200, unique=True)
     description = models.TextField(blank=True)
+    # PROTECT, not SET_NULL: clearing the column would be an UPDATE, which the ledger refuses.
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

@@ -32,7 +32,7 @@ from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
 from billing.selectors import balance_minor, spend_minor
 from billing.services.notices import notice_send
-from config.errors import PaymentRequired
+from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import Organization, Reservation, ReservationStatus, Tier
 
 __all__ = [
@@ -204,11 +204,14 @@ def _release_unfunded(*, organization: Organization) -> list[str]:
     ).order_by("pk")
     for reservation in candidates:
         to_status = S.RELEASING if reservation.status == S.ACTIVE else S.CANCELLED
-        reservation_transition(
-            reservation=reservation,
-            to_status=to_status,
-            cause="Prepaid balance exhausted and the grace period is over.",
-            actor_label="billing",
-        )
+        try:
+            reservation_transition(
+                reservation=reservation,
+                to_status=to_status,
+                cause="Prepaid balance exhausted and the grace period is over.",
+                actor_label="billing",
+            )
+        except InvalidTransition:
+            continue  # it moved on meanwhile (ended, failed): nothing left to release
         released.append(reservation.public_id)
     return released

@@ -218,8 +218,10 @@ def _charge_reserved_term(reservation: Reservation) -> LedgerEntry | None:
 
 def reservations_to_meter(*, now: datetime, since: datetime) -> list[int]:
     """Ids of reservations that may owe something: delivering now, or ended since `since`."""
-    metered = Reservation.objects.filter(tier__in=METERED_TIERS, activated_at__isnull=False).filter(
-        Q(released_at__isnull=True) | Q(released_at__gte=since)
+    metered = (
+        Reservation.objects.filter(tier__in=METERED_TIERS, activated_at__isnull=False)
+        .filter(Q(released_at__isnull=True) | Q(released_at__gte=since))
+        .exclude(ends_at__lt=since)
     )
     reserved = Reservation.objects.filter(
         tier=Tier.RESERVED, status__in=CHARGED_RESERVED_STATUSES
