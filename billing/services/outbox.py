@@ -122,6 +122,8 @@ def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str
         except PermanentStripeError as exc:
             message.status = OutboxStatus.FAILED
             message.last_error = f"{exc.code or 'error'}: {exc}"[:2000]
+            # A declined PaymentIntent still exists at Stripe: keep its id for reconciliation.
+            message.stripe_object_id = exc.payment_intent_id[:64]
             handler.failed(message, str(exc))
         except ObjectDoesNotExist as exc:
             # The record the message was written for is gone: nothing to send, ever.

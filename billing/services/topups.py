@@ -189,4 +189,8 @@ class PaymentIntentCreate(OutboxHandler):
             TopUp.objects.filter(pk=top_up_id).update(stripe_payment_intent_id=result["id"])
 
     def failed(self, message: OutboxMessage, error: str) -> None:
-        top_up_fail(top_up_id=message.payload["top_up_id"], reason=error)
+        top_up_fail(
+            top_up_id=message.payload["top_up_id"],
+            reason=error,
+            payment_intent_id=message.stripe_object_id,
+        )

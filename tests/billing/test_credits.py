@@ -129,3 +129,16 @@ def test_staff_credit_needs_a_reason_and_adds_to_the_balance(org, django_user_mo
 
     assert (entry.amount_minor, entry.description, entry.created_by) == (1000, "goodwill", staff)
     assert balance_minor(organization=org) == 1000
+
+
+def test_the_credit_command_credits_once_per_key(org):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    for _ in range(2):
+        call_command(
+            "billing_credit", org.slug, "500.00", "demo credit", key="demo", stdout=StringIO()
+        )
+
+    assert balance_minor(organization=org) == 50000

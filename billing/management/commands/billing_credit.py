@@ -1,0 +1,43 @@
+"""python manage.py billing_credit <org-slug> <amount> "<reason>" — a staff credit from the shell.
+
+The same service as the admin's "Issue a credit" (e.g. for demo accounts or support scripts);
+--key makes it safe to run again (the same key never credits twice).
+"""
+
+from decimal import Decimal, InvalidOperation
+
+from django.core.management.base import BaseCommand, CommandError
+
+from billing.services.accounts import billing_account_get_or_create
+from billing.services.credits import credit_issue
+from config.errors import ApplicationError
+from marketplace.models import Organization
+
+
+class Command(BaseCommand):
+    help = "Credit an organisation's prepaid balance, with a reason."
+
+    def add_arguments(self, parser):
+        parser.add_argument("organization", help="slug or public id (org_…)")
+        parser.add_argument("amount", help='major units, e.g. "500.00"')
+        parser.add_argument("reason")
+        parser.add_argument("--key", help="idempotency key: the same key never credits twice")
+
+    def handle(self, *args, organization, amount, reason, key=None, **options):
+        org = (
+            Organization.objects.filter(slug=organization).first()
+            or Organization.objects.filter(public_id=organization).first()
+        )
+        if org is None:
+            raise CommandError(f"No organisation {organization!r}.")
+        try:
+            value = Decimal(amount)
+        except InvalidOperation as exc:
+            raise CommandError(f"Not an amount: {amount!r}.") from exc
+        account = billing_account_get_or_create(organization=org)
+        try:
+            entry = credit_issue(organization=org, amount=value, reason=reason, created_by=None,
+                                 currency=account.currency, idempotency_key=key)  # fmt: skip
+        except ApplicationError as exc:
+            raise CommandError(exc.message) from exc
+        self.stdout.write(f"{org.slug}: ledger entry {entry.pk}, {entry.amount_minor} minor units.")
