@@ -28,7 +28,8 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_DIR = ROOT / ".run"
+# Local state: embedded databases, localstripe's store, beat's schedule, logs.
+RUN_DIR = Path(os.environ.get("SWITCHYARD_RUN_DIR") or ROOT / ".run").resolve()
 LOG_DIR = RUN_DIR / "logs"
 
 SYSTEM_POSTGRES = ("127.0.0.1", 5432)
@@ -304,13 +305,13 @@ def ensure_postgres(
             port = start_embedded_postgres(supervisor)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise ServiceError(
-                f"could not start the embedded PostgreSQL ({exc}); see {_rel(LOG_DIR)}/. "
+                f"could not start the embedded PostgreSQL ({exc}); see {rel(LOG_DIR)}/. "
                 "Install PostgreSQL 15+ or set DATABASE_URL instead."
             ) from exc
         url = f"postgres://postgres@127.0.0.1:{port}/{database}"
         description = (
-            f"embedded PostgreSQL at 127.0.0.1:{port} (data in {_rel(RUN_DIR / 'pg')}, "
-            f"log {_rel(LOG_DIR / 'postgres.log')})"
+            f"embedded PostgreSQL at 127.0.0.1:{port} (data in {rel(RUN_DIR / 'pg')}, "
+            f"log {rel(LOG_DIR / 'postgres.log')})"
         )
     try:
         postgres_ensure_database(url)
@@ -403,7 +404,7 @@ def start_embedded_postgres(
                 os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     pgdata.chmod(0o700)
     if not (pgdata / "PG_VERSION").exists():
-        print(f"  initialising embedded PostgreSQL in {_rel(pgdata)}", flush=True)
+        print(f"  initialising embedded PostgreSQL in {rel(pgdata)}", flush=True)
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         with open(LOG_DIR / "initdb.log", "ab") as log:
             subprocess.run(
@@ -429,7 +430,7 @@ def start_embedded_postgres(
             lambda: postgres_ready(url), timeout=60, process=process, what="embedded PostgreSQL"
         )
     except ServiceError as exc:
-        raise ServiceError(f"{exc}; see {_rel(LOG_DIR / 'postgres.log')}") from exc
+        raise ServiceError(f"{exc}; see {rel(LOG_DIR / 'postgres.log')}") from exc
     return port
 
 
@@ -475,7 +476,7 @@ def ensure_redis(
         ) from exc
     return Service(
         f"redis://127.0.0.1:{port}/{db}",
-        f"embedded Redis at 127.0.0.1:{port} (db {db}; {binary}, log {_rel(LOG_DIR / 'redis.log')})",
+        f"embedded Redis at 127.0.0.1:{port} (db {db}; {binary}, log {rel(LOG_DIR / 'redis.log')})",
     )
 
 
@@ -566,12 +567,12 @@ def ensure_stripe(supervisor: Supervisor) -> tuple[dict[str, str], str]:
         "STRIPE_JS_URL": f"{base}/js.stripe.com/v3/",
     }
     return env, (
-        f"localstripe at {base} (a local Stripe stand-in; state in {_rel(state)}, "
-        f"log {_rel(LOG_DIR / 'localstripe.log')})"
+        f"localstripe at {base} (a local Stripe stand-in; state in {rel(state)}, "
+        f"log {rel(LOG_DIR / 'localstripe.log')})"
     )
 
 
-def _rel(path: Path) -> str:
+def rel(path: Path) -> str:
     try:
         return str(path.relative_to(ROOT))
     except ValueError:

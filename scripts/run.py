@@ -26,6 +26,7 @@ from devservices import (
     ensure_postgres,
     ensure_redis,
     ensure_stripe,
+    rel,
     tcp_port_open,
     wait_until,
 )
@@ -94,8 +95,7 @@ def main() -> int:
                 f"{HOST}:{port} is already in use (another `make run`?). Stop it, or choose "
                 f"another port with RUN_PORT=8001 make run."
             )
-        RUN_DIR.mkdir(exist_ok=True)
-        LOG_DIR.mkdir(exist_ok=True)
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
         print("Switchyard: finding or starting services…", flush=True)
         postgres = ensure_postgres(supervisor)
         redis = ensure_redis(supervisor, db=0)
@@ -190,7 +190,7 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
         f"    Redis       {redis}",
         f"    Stripe      {stripe}",
         f"  Processes: web (Django runserver), Celery worker, Celery beat; logs of services in "
-        f"{LOG_DIR.relative_to(ROOT)}/",
+        f"{rel(LOG_DIR)}/",
         "=" * 72,
         "",
     ]

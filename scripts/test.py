@@ -31,7 +31,7 @@ def browser_tests_exist() -> bool:
 
 
 def main(pytest_args: list[str]) -> int:
-    RUN_DIR.mkdir(exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor()
     try:
         try:

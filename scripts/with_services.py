@@ -35,7 +35,7 @@ def main() -> int:
     if not command:
         parser.error("no command given")
 
-    RUN_DIR.mkdir(exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor()
     try:
         postgres = ensure_postgres(supervisor)
