@@ -5,6 +5,8 @@ each still carries an idempotency key derived from our records.
 """
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.db import transaction
@@ -12,11 +14,18 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, PaymentMethod
 from billing.services.accounts import stripe_customer_ensure
-from billing.stripe_gateway import PermanentStripeError, StripeGateway, get_gateway
-from config.errors import NotFound, PaymentRequired
+from billing.stripe_gateway import (
+    CardDeclined,
+    PermanentStripeError,
+    StripeGateway,
+    TransientStripeError,
+    get_gateway,
+)
+from config.errors import ApplicationError, NotFound, PaymentRequired, ValidationFailed
 from marketplace.models import Organization
 
 __all__ = [
+    "StripeUnavailable",
     "setup_intent_create",
     "payment_method_attach",
     "payment_method_set_default",
@@ -26,6 +35,26 @@ __all__ = [
 ]
 
 
+class StripeUnavailable(ApplicationError):
+    type = "api_error"
+    status_code = 503
+    default_code = "payment_provider_unavailable"
+
+
+@contextmanager
+def _customer_facing_errors() -> Iterator[None]:
+    """Synchronous Stripe calls answer the customer now: map their failures to clear 4xx/503."""
+    try:
+        yield
+    except CardDeclined as exc:
+        raise PaymentRequired(str(exc), code=exc.code or "card_declined") from exc
+    except PermanentStripeError as exc:
+        raise ValidationFailed(str(exc), code=exc.code or "stripe_invalid_request") from exc
+    except TransientStripeError as exc:
+        raise StripeUnavailable("The payment provider is unreachable; try again shortly.") from exc
+
+
+@_customer_facing_errors()
 def setup_intent_create(
     *, organization: Organization, gateway: StripeGateway | None = None
 ) -> dict:
@@ -75,6 +104,7 @@ def payment_method_mirror(
     return pm
 
 
+@_customer_facing_errors()
 def payment_method_attach(
     *,
     organization: Organization,
@@ -97,6 +127,7 @@ def payment_method_attach(
     return payment_method_mirror(organization=organization, stripe_payment_method=pm)
 
 
+@_customer_facing_errors()
 @transaction.atomic
 def payment_method_set_default(
     *, organization: Organization, payment_method_id: str, gateway: StripeGateway | None = None
@@ -119,6 +150,7 @@ def payment_method_set_default(
     return account
 
 
+@_customer_facing_errors()
 def payment_method_detach(
     *, organization: Organization, payment_method_id: str, gateway: StripeGateway | None = None
 ) -> None:

@@ -141,3 +141,26 @@ def test_cards_through_the_api_setup_intent_list_and_top_up(
     assert balance == "75.00"
     assert detach.status_code == 204
     assert client.get("/api/v1/billing/payment-methods").json() == []
+
+
+@pytest.mark.stripe
+def test_stripe_being_unreachable_is_a_503_not_a_500(localstripe, org, member, client_for):
+    localstripe.stop()
+    try:
+        response = client_for(member).post("/api/v1/billing/payment-methods/setup-intent")
+    finally:
+        localstripe.start()
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "payment_provider_unavailable"
+    assert BillingAccount.objects.get(organization=org).stripe_customer_id == ""
+
+
+@pytest.mark.stripe
+def test_a_card_refused_on_attach_is_a_402(localstripe, org, member, client_for):
+    response = client_for(member).post("/api/v1/billing/payment-methods",
+                                       {"payment_method": "pm_card_visa_chargeDeclined"}, format="json")  # fmt: skip
+
+    assert response.status_code == 402
+    assert response.json()["error"]["type"] == "payment_error"
+    assert client_for(member).get("/api/v1/billing/payment-methods").json() == []
