@@ -324,7 +324,7 @@ def bench_search(base_url: str, secret: str, n: int) -> None:
     raw_ms = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         sql_text = availability._sql(
-            availability._SEARCH_TAIL, filters=" AND m.slug = %(gpu_model)s", one_site=False
+            availability._SEARCH_TAIL, filters=" AND m.slug = %(gpu_model)s", probe=True
         )
         for case in cases:
             params = {

@@ -292,6 +292,13 @@ class Allocation(models.Model):
                 condition=Q(is_live=True),
                 name="allocation_live_period_idx",
             ),
+            # Per-node probes for one-site availability and placement: one probe per node
+            # instead of one per GPU.
+            GistIndex(
+                fields=["node", "period", "gpu"],
+                condition=Q(is_live=True),
+                name="allocation_live_node_period_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -82,11 +82,11 @@ class NodeCapacity:
 
 # The candidate nodes and, per node, its GPUs, healthy GPUs and GPUs free for the window.
 # Two ways to find the free GPUs, both a NOT EXISTS over live allocations in effect:
-# - wide searches (no site): one scan of the live allocations overlapping the window through the
+# - wide searches (no model, no site): one scan of the live allocations overlapping the window through the
 #   period-first partial GiST index (allocation_live_period_idx), hashed and anti-joined to the
 #   GPUs; its cost follows the allocations in the window, never the 1M rows of history.
-# - one site (placement, site searches): a probe per GPU into the (gpu, period) exclusion index,
-#   whose cost follows the site's GPU count instead of the whole window's allocations.
+# - one model or one site (placement, most searches): a probe per node into allocation_live_node_period_idx,
+#   whose cost follows the candidate node count instead of the window's allocations.
 _CANDIDATE_NODES_SQL = """
 WITH win AS (SELECT tstzrange(%(starts_at)s, %(ends_at)s, '[)') AS r),
 node_c AS (
@@ -120,21 +120,25 @@ nodes AS (
 )"""
 
 _NODES_BY_PROBE = """
-nodes AS (
-    SELECT c.id, c.site_id, c.gpu_model_id,
-           count(*) AS gpus,
-           count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
-           count(*) FILTER (WHERE g.health <> 'failed' AND NOT EXISTS (
-               SELECT 1 FROM marketplace_allocation a, win
-               WHERE a.is_live AND a.gpu_id = g.id AND a.period && win.r)) AS free
+nodes AS MATERIALIZED (
+    SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy,
+           gc.healthy - (
+               SELECT count(DISTINCT a.gpu_id)
+               FROM marketplace_allocation a, win
+               WHERE a.is_live AND a.node_id = c.id AND a.period && win.r
+                 AND a.gpu_id <> ALL(gc.failed)) AS free
     FROM node_c c
-    JOIN inventory_gpu g ON g.node_id = c.id
-    GROUP BY c.id, c.site_id, c.gpu_model_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS gpus,
+               count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
+               coalesce(array_agg(g.id) FILTER (WHERE g.health = 'failed'), '{}') AS failed
+        FROM inventory_gpu g WHERE g.node_id = c.id) gc
+    WHERE gc.gpus > 0
 )"""
 
 
-def _sql(tail: str, *, filters: str, one_site: bool) -> str:
-    nodes_cte = _NODES_BY_PROBE if one_site else _NODES_BY_HASH
+def _sql(tail: str, *, filters: str, probe: bool) -> str:
+    nodes_cte = _NODES_BY_PROBE if probe else _NODES_BY_HASH
     return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=nodes_cte) + tail
 
 
@@ -215,7 +219,7 @@ def node_free_capacity(
     filters, params = _filters(site_id=site_id, gpu_model_id=gpu_model_id)
     with connection.cursor() as cur:
         cur.execute(
-            _sql(_NODES_TAIL, filters=filters, one_site=True),
+            _sql(_NODES_TAIL, filters=filters, probe=True),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         return [NodeCapacity(node_id=r[0], gpus=r[1], free=r[2]) for r in cur.fetchall()]
@@ -247,7 +251,10 @@ def availability_search(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
     )
     with connection.cursor() as cur:
-        cur.execute(_sql(_SEARCH_TAIL, filters=filters, one_site=site is not None), params)
+        # One model or one site bounds the candidates: probing per node is cheaper than
+        # hashing every allocation in the window (measured with 1M allocations, bench/).
+        narrow = site is not None or gpu_model is not None
+        cur.execute(_sql(_SEARCH_TAIL, filters=filters, probe=narrow), params)
         rows = cur.fetchall()
 
     fits = []
@@ -325,7 +332,7 @@ def site_availability(
     filters, params = _filters(site_id=site.pk)
     with connection.cursor() as cur:
         cur.execute(
-            _sql(_SITE_TAIL, filters=filters, one_site=True),
+            _sql(_SITE_TAIL, filters=filters, probe=True),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         rows = cur.fetchall()
