@@ -10,6 +10,7 @@ __all__ = [
     "ProvisioningKind",
     "AttemptOutcome",
     "ProvisioningAttempt",
+    "ProvisioningDispatch",
     "AgentJobKind",
     "AgentJobStatus",
     "AgentJob",
@@ -69,6 +70,30 @@ class ProvisioningAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reservation_id} {self.kind} #{self.number} {self.outcome}"
+
+
+class ProvisioningDispatch(models.Model):
+    """When the dispatcher last enqueued a reservation's provision or release task.
+
+    The schedule itself is the reservation's status and times; this only keeps the dispatcher
+    from enqueueing the same due reservation again on every tick while its task waits in the
+    queue. A marker older than the redispatch interval (or removed after a failed enqueue)
+    lets the next tick enqueue it again, so a lost message costs a delay, never the start.
+    """
+
+    reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=10, choices=ProvisioningKind.choices)
+    enqueued_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["reservation", "kind"], name="provisioning_dispatch_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reservation_id} {self.kind} enqueued {self.enqueued_at}"
 
 
 class AgentJobKind(models.TextChoices):

@@ -3,9 +3,12 @@
 The schedule lives in PostgreSQL (starts_at, ends_at, status), never in a countdown parked in
 Redis. Beat runs the dispatcher every PROVISIONING_DISPATCH_INTERVAL_SECONDS (5 s): a
 reservation starts and ends within that interval plus the queue latency (well under a second
-on an idle worker) of its time. The dispatcher moves what is due to provisioning or releasing
-and enqueues the task after the commit; the sweeper re-enqueues a reservation whose task
-was lost (a broker outage, a killed worker) once it has shown no progress for
+on an idle worker) of its time. The dispatcher enqueues the provision or release task of what
+is due, after its batch commits, and leaves a marker so the next ticks do not enqueue it again
+while the task waits in the queue; the task makes the move (scheduled → provisioning,
+active → releasing). A failed enqueue drops the marker and a lost message outlives it
+(REDISPATCH_AFTER), so the next tick tries again. The sweeper re-enqueues a reservation stuck
+in provisioning or releasing (a killed worker) once it has shown no progress for
 PROVISIONING_STUCK_AFTER_SECONDS, and fails one whose period ended before it could start.
 """
 
@@ -14,13 +17,18 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max, Q
+from django.db.models import Exists, Max, OuterRef, Q
 from django.utils import timezone
 from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
-from marketplace.models import Reservation, ReservationStatus
-from marketplace.provisioning.services import ACTOR, reservations_locked_by_workers
+from marketplace.models import (
+    ProvisioningDispatch,
+    ProvisioningKind,
+    Reservation,
+    ReservationStatus,
+)
+from marketplace.provisioning.services import reservations_locked_by_workers
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
@@ -38,6 +46,9 @@ RELEASE_TASK = "marketplace.tasks.reservation_release"
 # A reservation moved to provisioning/releasing whose task has not started after this long is
 # enqueued again (a task waiting in a long queue just finds the work done: no harm).
 _FIRST_ATTEMPT_GRACE = timedelta(seconds=20)
+# A due reservation whose task was enqueued this long ago and has still not moved it is
+# enqueued again (the message may have been lost; a duplicate is a no-op).
+REDISPATCH_AFTER = timedelta(seconds=60)
 # One dispatcher run handles at most this many batches; the next run takes the rest.
 _MAX_BATCHES_PER_RUN = 50
 
@@ -80,47 +91,75 @@ def release_kick(reservation_id: int) -> None:
     transaction.on_commit(lambda: enqueue_now(RELEASE_TASK, reservation_id))
 
 
-def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
-    with transaction.atomic():
-        if starting:
-            due = Reservation.objects.filter(
-                status__in=[S.PENDING, S.SCHEDULED], starts_at__lte=now
-            )
-            order = ("starts_at", "pk")
-        else:
-            due = Reservation.objects.filter(status=S.ACTIVE, ends_at__lte=now)
-            order = ("ends_at", "pk")
-        # Rows a task or another dispatcher holds are skipped; the next run gets them.
-        rows = list(due.select_for_update(skip_locked=True).order_by(*order)[:batch])
-        for reservation in rows:
-            if starting:
-                if reservation.status == S.PENDING:
-                    reservation = reservation_transition(
-                        reservation=reservation,
-                        to_status=S.SCHEDULED,
-                        cause="start time reached",
-                        actor_label=ACTOR,
+def _enqueue_batch(task_name: str, kind: str, reservation_ids: list[int]) -> None:
+    """After commit: send the tasks over one producer; forget the markers of failed sends so
+    the next tick tries those again."""
+    from config.celery import app
+
+    failed: list[int] = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for pk in reservation_ids:
+                try:
+                    app.send_task(
+                        task_name,
+                        args=[pk],
+                        producer=producer,
+                        retry=True,
+                        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
                     )
-                reservation_transition(
-                    reservation=reservation,
-                    to_status=S.PROVISIONING,
-                    cause="provisioning started",
-                    actor_label=ACTOR,
-                )
-                provisioning_kick(reservation.pk)
-            else:
-                reservation_transition(
-                    reservation=reservation,
-                    to_status=S.RELEASING,
-                    cause="period ended",
-                    actor_label=ACTOR,
-                )
-                release_kick(reservation.pk)
-        return len(rows)
+                except (OperationalError, KombuError, RedisError, OSError):
+                    failed.append(pk)
+    except (OperationalError, KombuError, RedisError, OSError):
+        failed = list(reservation_ids)
+    if failed:
+        logger.warning(
+            "could not enqueue %s for %d reservation(s) (broker unreachable?); the next "
+            "dispatch retries them",
+            task_name,
+            len(failed),
+        )
+        ProvisioningDispatch.objects.filter(reservation_id__in=failed, kind=kind).delete()
+
+
+def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
+    kind = ProvisioningKind.PROVISION if starting else ProvisioningKind.RELEASE
+    recently_enqueued = ProvisioningDispatch.objects.filter(
+        reservation_id=OuterRef("pk"), kind=kind, enqueued_at__gt=now - REDISPATCH_AFTER
+    )
+    if starting:
+        due = Reservation.objects.filter(status__in=[S.PENDING, S.SCHEDULED], starts_at__lte=now)
+        order = ("starts_at", "pk")
+    else:
+        due = Reservation.objects.filter(status=S.ACTIVE, ends_at__lte=now)
+        order = ("ends_at", "pk")
+    with transaction.atomic():
+        # Rows a task or another dispatcher holds are skipped; the next run gets them.
+        ids = list(
+            due.exclude(Exists(recently_enqueued))
+            .select_for_update(skip_locked=True, of=("self",))
+            .order_by(*order)
+            .values_list("pk", flat=True)[:batch]
+        )
+        if ids:
+            ProvisioningDispatch.objects.bulk_create(
+                [ProvisioningDispatch(reservation_id=pk, kind=kind, enqueued_at=now) for pk in ids],
+                update_conflicts=True,
+                unique_fields=["reservation", "kind"],
+                update_fields=["enqueued_at"],
+            )
+            task = PROVISION_TASK if starting else RELEASE_TASK
+            transaction.on_commit(lambda: _enqueue_batch(task, kind, ids))
+    return len(ids)
 
 
 def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None = None) -> dict:
-    """Move what is due to provisioning / releasing, in small batches, and enqueue the tasks."""
+    """Enqueue the provision task of every reservation due to start and the release task of
+    every one due to end, in small SKIP LOCKED batches, after each batch commits.
+
+    The tasks make the moves themselves (scheduled → provisioning, active → releasing), in
+    parallel on the workers: the dispatcher's own work per reservation is a marker row.
+    """
     now = now or timezone.now()
     batch = batch or settings.PROVISIONING_DISPATCH_BATCH
     counts = {"started": 0, "ended": 0}

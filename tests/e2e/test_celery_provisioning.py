@@ -13,7 +13,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.celery import app
-from marketplace.models import AttemptOutcome, ProvisioningAttempt, Reservation, ReservationStatus
+from marketplace.models import (
+    AttemptOutcome,
+    ProvisioningAttempt,
+    ProvisioningDispatch,
+    Reservation,
+    ReservationStatus,
+)
 from marketplace.provisioning.scheduler import (
     PROVISION_TASK,
     provisioning_kick,
@@ -122,19 +128,21 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
         with transaction.atomic():
             kicked = market.book()
             provisioning_kick(kicked.pk)  # what reservation_create's on_commit does
-        dispatched = market.book()
-        reservations_dispatch_due()  # commits provisioning; the enqueue after it fails
+        other = market.book()
+        counts = reservations_dispatch_due()  # its enqueues after commit fail too
 
-    assert Reservation.objects.filter(pk__in=[kicked.pk, dispatched.pk]).count() == 2
-    assert [_status(kicked), _status(dispatched)] == [S.PROVISIONING, S.PROVISIONING]
+    assert counts == {"started": 2, "ended": 0}
+    assert Reservation.objects.filter(pk__in=[kicked.pk, other.pk]).count() == 2
+    assert [_status(kicked), _status(other)] == [S.SCHEDULED, S.SCHEDULED]
     failures = [m for m in caplog.messages if "could not enqueue" in m]
-    assert len(failures) == 3  # the kick, then both enqueues of the dispatcher
+    assert len(failures) == 2  # the kick, then the dispatcher's batch: logged, not raised
     assert redis_test_client().llen("celery") == 0
+    # The failed enqueues left no marker: the next tick does not wait for the redispatch delay.
+    assert ProvisioningDispatch.objects.count() == 0
 
-    # Redis is back: the next sweep catches both up.
-    counts = reservations_sweep_stuck(stuck_after=timedelta(0))
-    assert counts == {"requeued": 2, "failed": 0}
-    for r in (kicked, dispatched):
+    # Redis is back: the next dispatcher run catches both up.
+    assert reservations_dispatch_due() == {"started": 2, "ended": 0}
+    for r in (kicked, other):
         r = _wait_status(r, S.ACTIVE, timeout=20)
         assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
 

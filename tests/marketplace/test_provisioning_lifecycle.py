@@ -15,6 +15,7 @@ from marketplace.models import (
     Allocation,
     AttemptOutcome,
     ProvisioningAttempt,
+    ProvisioningDispatch,
     ReservationOutage,
     ReservationStatus,
 )
@@ -133,10 +134,10 @@ def test_it_does_not_provision_a_reservation_before_its_start(market, calls_log)
     assert calls_log() == []
 
 
-def test_the_dispatcher_moves_due_reservations_and_ended_ones(
+def test_the_dispatcher_enqueues_due_starts_and_ends_once_after_commit(
     market, django_capture_on_commit_callbacks
 ):
-    due = market.book()
+    due, due_too = market.book(), market.book()
     active = market.book()
     reservation_provision_step(reservation_id=active.pk, driver=SimulatedDriver())
     _end_now(active)
@@ -144,11 +145,34 @@ def test_the_dispatcher_moves_due_reservations_and_ended_ones(
 
     with django_capture_on_commit_callbacks() as callbacks:
         counts = reservations_dispatch_due(batch=1)
+    with django_capture_on_commit_callbacks() as again:
+        repeat = reservations_dispatch_due()
 
-    assert counts == {"started": 1, "ended": 1}
-    due.refresh_from_db(), active.refresh_from_db(), later.refresh_from_db()
-    assert (due.status, active.status, later.status) == (S.PROVISIONING, S.RELEASING, S.PENDING)
-    assert len(callbacks) == 2  # one enqueue per moved reservation, after commit
+    assert counts == {"started": 2, "ended": 1}
+    assert len(callbacks) == 3  # one enqueue per batch, each after its commit
+    assert repeat == {"started": 0, "ended": 0} and again == []
+    markers = ProvisioningDispatch.objects.values_list("reservation_id", "kind")
+    assert sorted(markers) == sorted(
+        [(due.pk, "provision"), (due_too.pk, "provision"), (active.pk, "release")]
+    )
+    # The tasks make the moves; the dispatcher changes no status.
+    assert dict(type(due).objects.values_list("pk", "status")) == {
+        due.pk: S.SCHEDULED,
+        due_too.pk: S.SCHEDULED,
+        active.pk: S.ACTIVE,
+        later.pk: S.PENDING,
+    }
+
+
+def test_a_due_reservation_is_enqueued_again_once_its_marker_is_old(market):
+    r = market.book()
+    reservations_dispatch_due()
+    ProvisioningDispatch.objects.update(enqueued_at=timezone.now() - timedelta(minutes=2))
+
+    assert reservations_dispatch_due() == {"started": 1, "ended": 0}
+    assert ProvisioningDispatch.objects.get(reservation=r).enqueued_at > timezone.now() - (
+        timedelta(seconds=5)
+    )
 
 
 def test_it_releases_an_ended_reservation_and_frees_its_gpus_at_once(market, calls_log):
