@@ -1,7 +1,9 @@
 """Metering: usage by the second from each reservation's delivered time, into the ledger.
 
 Billable time of a reservation = [activated_at, min(released_at or now, ends_at)) minus every
-outage of any node serving it (inventory.Outage rows, open outages running to now). Time
+outage that hit it: the reservation's own outages (marketplace ReservationOutage, recorded by
+provisioning) and every inventory Outage of a node serving it, as one union (open outages run
+to now; an interval in both sources is excluded once). Time
 before activation (provisioning), after release (including preemption) and during outages
 is never charged. GPU-seconds = billable seconds × GPU count.
 
@@ -25,7 +27,13 @@ from billing.models import LedgerEntry, LedgerKind
 from billing.money import to_minor_units, usage_cost_minor
 from billing.services.ledger import ledger_entry_add
 from inventory.models import Outage
-from marketplace.models import Allocation, Reservation, ReservationStatus, Tier
+from marketplace.models import (
+    Allocation,
+    Reservation,
+    ReservationOutage,
+    ReservationStatus,
+    Tier,
+)
 
 __all__ = [
     "METERED_TIERS",
@@ -73,12 +81,17 @@ def _overlap_seconds(intervals: list[Interval], start: datetime, end: datetime) 
 
 
 def outage_intervals(*, reservation: Reservation, until: datetime) -> list[Interval]:
-    """Union of outages on the reservation's nodes (any node down = the reservation is down)."""
+    """Union of the reservation's outages and its nodes' (any node down = it is down)."""
+    since = reservation.activated_at or until
+    live = Q(started_at__lt=until) & (Q(ended_at__isnull=True) | Q(ended_at__gt=since))
     node_ids = Allocation.objects.filter(reservation=reservation).values("node_id")
-    rows = Outage.objects.filter(node_id__in=node_ids, started_at__lt=until).filter(
-        Q(ended_at__isnull=True) | Q(ended_at__gt=reservation.activated_at or until)
+    rows = list(
+        Outage.objects.filter(live, node_id__in=node_ids).values_list("started_at", "ended_at")
     )
-    return interval_union([(o.started_at, min(o.ended_at or until, until)) for o in rows])
+    rows += ReservationOutage.objects.filter(live, reservation=reservation).values_list(
+        "started_at", "ended_at"
+    )
+    return interval_union([(start, min(end or until, until)) for start, end in rows])
 
 
 def active_window(*, reservation: Reservation, until: datetime) -> Interval | None:
@@ -153,9 +166,18 @@ def reservations_meter(*, reservation_ids: list[int], now: datetime | None = Non
             amount=Sum("amount_minor"), gpu_seconds=Sum("gpu_seconds"), last=Max("period_end")
         )
     }
+    own_outages: dict[int, list[Interval]] = defaultdict(list)
+    for reservation_id, started, ended in (
+        ReservationOutage.objects.filter(reservation_id__in=ids, started_at__lt=now)
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=earliest))
+        .values_list("reservation_id", "started_at", "ended_at")
+    ):
+        own_outages[reservation_id].append((started, min(ended or now, now)))
     entries = []
     for r in metered:
-        outages = interval_union([o for n in nodes_of[r.pk] for o in outages_of_node[n]])
+        outages = interval_union(
+            [o for n in nodes_of[r.pk] for o in outages_of_node[n]] + own_outages[r.pk]
+        )
         gpu_seconds = _delivered(r, outages, now) * r.gpu_count
         cost_minor = usage_cost_minor(
             gpu_seconds=gpu_seconds, price_per_gpu_hour=r.price_per_gpu_hour, currency=r.currency

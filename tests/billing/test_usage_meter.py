@@ -122,3 +122,25 @@ def test_a_reserved_term_is_charged_once_up_front_and_not_by_the_second(org):
 
     entries = list(LedgerEntry.objects.values_list("kind", "amount_minor"))
     assert entries == [(LedgerKind.RESERVED_CHARGE, -201600)]
+
+
+def test_it_excludes_the_reservations_own_outages_once_even_when_the_node_outage_overlaps(org):
+    from marketplace.models import ReservationOutage
+
+    reservation = make_reservation(org, gpu_count=1, price=Decimal("3.6000"), activated_at=T0)
+    node = reservation.allocations.first().node
+    # Provisioning recorded 10:10–10:30 on the reservation; inventory has 10:20–10:40 on the node.
+    ReservationOutage.objects.create(reservation=reservation, node=node, cause="gpu_failure",
+                                     started_at=T0 + timedelta(minutes=10),
+                                     ended_at=T0 + timedelta(minutes=30))  # fmt: skip
+    Outage.objects.create(node=node, started_at=T0 + timedelta(minutes=20),
+                          ended_at=T0 + timedelta(minutes=40), cause=OutageCause.HARDWARE_FAILURE)  # fmt: skip
+
+    reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=1))
+
+    # 60 min − the union 10:10–10:40 (30 min) = 1800 s → 1.80
+    assert usage(reservation) == [(-180, 1800)]
+    assert (
+        reservation_delivered_seconds(reservation=reservation, until=T0 + timedelta(hours=1))
+        == 1800
+    )
