@@ -5,6 +5,7 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
@@ -22,6 +23,7 @@ from billing.selectors import (
     top_ups_for_org,
     usage_by_reservation_day,
 )
+from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import month_start
 from billing.services.payment_methods import (
     payment_method_attach,
@@ -78,14 +80,11 @@ class BalanceApi(ApiView):
     @extend_schema(tags=TAGS, operation_id="billing_balance", summary="Balance and funding state",
                    responses={200: BalanceOutput, **errors(403)})  # fmt: skip
     def get(self, request):
-        from django.utils import timezone
+        return self.get_response_for(self.organization)
 
-        from billing.services.accounts import billing_account_get_or_create
-
-        org = self.organization
-        account = billing_account_for_org(organization=org) or billing_account_get_or_create(
-            organization=org
-        )
+    @staticmethod
+    def get_response_for(org) -> Response:
+        account = billing_account_get_or_create(organization=org)
         c = account.currency
         data = {
             "currency": c,
@@ -103,6 +102,28 @@ class BalanceApi(ApiView):
             "default_payment_method": account.default_payment_method_id,
         }
         return Response(BalanceOutput(data).data)
+
+
+class BillingSettingsInput(serializers.Serializer):
+    auto_recharge_enabled = serializers.BooleanField(required=False)
+    recharge_threshold = serializers.DecimalField(max_digits=9, decimal_places=2, required=False)
+    recharge_amount = serializers.DecimalField(max_digits=9, decimal_places=2, required=False)
+    monthly_spend_limit = serializers.DecimalField(
+        max_digits=12, decimal_places=2, required=False, allow_null=True,
+        help_text="null removes the limit.",
+    )  # fmt: skip
+
+
+class BillingSettingsApi(ApiView):
+    write_roles = MONEY_ROLES
+
+    @extend_schema(tags=TAGS, operation_id="billing_settings_update", request=BillingSettingsInput,
+                   summary="Automatic recharge and the monthly spend limit",
+                   responses={200: BalanceOutput, **errors(400, 403)})  # fmt: skip
+    def patch(self, request):
+        data = validated_input(BillingSettingsInput, request.data)
+        billing_settings_update(organization=self.organization, **data)
+        return BalanceApi().get_response_for(self.organization)
 
 
 class LedgerEntryOutput(serializers.Serializer):

@@ -8,6 +8,7 @@ from billing.webhooks_view import stripe_webhook
 urlpatterns = [
     path("webhooks/stripe", stripe_webhook, name="stripe-webhook"),
     path("billing/balance", apis.BalanceApi.as_view(), name="billing-balance"),
+    path("billing/settings", apis.BillingSettingsApi.as_view(), name="billing-settings"),
     path("billing/ledger", apis.LedgerListApi.as_view(), name="billing-ledger"),
     path("billing/usage", apis.UsageApi.as_view(), name="billing-usage"),
     path("billing/invoices", apis.InvoiceListApi.as_view(), name="billing-invoices"),

@@ -1,5 +1,7 @@
 """Billing accounts and their Stripe customers."""
 
+from decimal import Decimal
+
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
@@ -8,13 +10,14 @@ from django.utils import timezone
 from billing.models import BillingAccount, BillingMode
 from billing.money import to_minor_units
 from billing.stripe_gateway import StripeGateway, get_gateway
-from config.errors import InvalidTransition
+from config.errors import InvalidTransition, ValidationFailed
 from marketplace.models import Membership, Organization, Role
 
 __all__ = [
     "billing_account_get_or_create",
     "stripe_customer_ensure",
     "billing_account_approve_postpaid",
+    "billing_settings_update",
 ]
 
 
@@ -76,4 +79,47 @@ def billing_account_approve_postpaid(
     account.postpaid_approved_by = approved_by
     account.postpaid_approved_at = timezone.now()
     account.save(update_fields=["mode", "postpaid_approved_by", "postpaid_approved_at"])
+    return account
+
+
+_UNSET = object()
+
+
+@transaction.atomic
+def billing_settings_update(
+    *,
+    organization: Organization,
+    auto_recharge_enabled: bool | None = None,
+    recharge_threshold: Decimal | None = None,
+    recharge_amount: Decimal | None = None,
+    monthly_spend_limit: "Decimal | None | object" = _UNSET,
+) -> BillingAccount:
+    """The customer's own settings: automatic recharge and a monthly spend limit (None: none)."""
+    billing_account_get_or_create(organization=organization)
+    account = BillingAccount.objects.select_for_update().get(organization=organization)
+    fields = []
+    if auto_recharge_enabled is not None:
+        account.auto_recharge_enabled = auto_recharge_enabled
+        fields.append("auto_recharge_enabled")
+    if recharge_threshold is not None:
+        if recharge_threshold < 0:
+            raise ValidationFailed("Must be zero or more.", field="recharge_threshold")
+        account.recharge_threshold_minor = to_minor_units(recharge_threshold, account.currency)
+        fields.append("recharge_threshold_minor")
+    if recharge_amount is not None:
+        if recharge_amount < Decimal("5.00"):
+            raise ValidationFailed("A recharge is at least 5.00.", field="recharge_amount")
+        account.recharge_amount_minor = to_minor_units(recharge_amount, account.currency)
+        fields.append("recharge_amount_minor")
+    if monthly_spend_limit is not _UNSET:
+        if monthly_spend_limit is not None and monthly_spend_limit < 0:
+            raise ValidationFailed("Must be zero or more.", field="monthly_spend_limit")
+        account.monthly_spend_limit_minor = (
+            None
+            if monthly_spend_limit is None
+            else to_minor_units(monthly_spend_limit, account.currency)
+        )
+        fields.append("monthly_spend_limit_minor")
+    if fields:
+        account.save(update_fields=fields)
     return account

@@ -164,3 +164,21 @@ def test_a_card_refused_on_attach_is_a_402(localstripe, org, member, client_for)
     assert response.status_code == 402
     assert response.json()["error"]["type"] == "payment_error"
     assert client_for(member).get("/api/v1/billing/payment-methods").json() == []
+
+
+def test_the_customer_sets_auto_recharge_and_a_spend_limit(org, member, client_for):
+    client = client_for(member)
+
+    body = client.patch("/api/v1/billing/settings", {"recharge_threshold": "20.00",
+                        "recharge_amount": "80.00", "monthly_spend_limit": "1000.00"},
+                        format="json").json()  # fmt: skip
+    cleared = client.patch("/api/v1/billing/settings", {"monthly_spend_limit": None}, format="json")
+    refused = client.patch("/api/v1/billing/settings", {"recharge_amount": "1.00"}, format="json")
+
+    assert (body["recharge_threshold"], body["recharge_amount"], body["monthly_spend_limit"]) == (
+        "20.00", "80.00", "1000.00",
+    )  # fmt: skip
+    assert cleared.json()["monthly_spend_limit"] is None
+    assert (refused.status_code, refused.json()["error"]["field"]) == (400, "recharge_amount")
+    account = BillingAccount.objects.get(organization=org)
+    assert (account.recharge_amount_minor, account.monthly_spend_limit_minor) == (8000, None)
