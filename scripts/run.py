@@ -172,8 +172,11 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
         f"  OpenAPI schema   {base}/api/schema/",
         f"  API base         {base}/api/v1/     (endpoints: see the API docs)",
     ]
-    if http_status(f"{base}/") not in (None, 404):
-        lines.insert(5, f"  Portal           {base}/")
+    # The customer portal is listed once it exists (at / or /portal/).
+    for path in ("/", "/portal/"):
+        if http_status(f"{base}{path}") not in (None, 404):
+            lines.insert(5, f"  Portal           {base}{path}")
+            break
     lines += ["", "  Demo logins (username / password):"]
     lines += [f"    {who:<34} {user} / {password}" for who, user, password in DEMO_LOGINS]
     if os.environ.get("DEBUG", "1") not in ("0", "false", "no", "off"):
