@@ -29,6 +29,8 @@ MAX_PLACEMENT_ATTEMPTS = 8
 _TAKEN_SQLSTATES = {"23P01", "40P01"}
 
 # The GPUs of the given (already locked) nodes that are free for the window, in placement order.
+# The busy GPUs are read per node through allocation_live_node_period_idx (a correlated
+# subquery, so the planner cannot turn it into a scan of every allocation in the window).
 _FREE_GPUS_SQL = """
 SELECT g.id, g.node_id
 FROM inventory_gpu g
@@ -39,10 +41,10 @@ WHERE g.node_id = ANY(%(node_ids)s)
   AND NOT EXISTS (
       SELECT 1 FROM inventory_maintenancewindow w
       WHERE w.node_id = n.id AND w.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
-  AND NOT EXISTS (
-      SELECT 1 FROM marketplace_allocation a
-      WHERE a.is_live AND a.gpu_id = g.id
-        AND a.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
+  AND g.id <> ALL(ARRAY(
+      SELECT a.gpu_id FROM marketplace_allocation a
+      WHERE a.is_live AND a.node_id = n.id
+        AND a.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)')))
 ORDER BY g.node_id, g.index
 """
 
