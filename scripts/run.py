@@ -103,7 +103,9 @@ def main() -> int:
 
         env = {
             **os.environ,
-            "DEBUG": os.environ.get("DEBUG", "1"),
+            # A local demo: the development server serves static files only with DEBUG on, and
+            # DEBUG off would redirect to HTTPS. Production runs gunicorn (see the README).
+            "DEBUG": "1",
             "DATABASE_URL": postgres.url,
             "REDIS_URL": redis.url,
             "SITE_URL": os.environ.get("SITE_URL", base),
@@ -179,13 +181,13 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
             break
     lines += ["", "  Demo logins (username / password):"]
     lines += [f"    {who:<34} {user} / {password}" for who, user, password in DEMO_LOGINS]
-    if os.environ.get("DEBUG", "1") not in ("0", "false", "no", "off"):
-        lines += [
-            "",
-            "  Demo API key (Demo AI Lab, read and write), for the API docs' Authorize button:",
-            f"    {DEMO_API_KEY}",
-            f"    curl -H 'Authorization: Bearer {DEMO_API_KEY}' {base}/api/v1/sites",
-        ]
+    # seed_demo creates this key because make run always sets DEBUG=1.
+    lines += [
+        "",
+        "  Demo API key (Demo AI Lab, read and write), for the API docs' Authorize button:",
+        f"    {DEMO_API_KEY}",
+        f"    curl -H 'Authorization: Bearer {DEMO_API_KEY}' {base}/api/v1/sites",
+    ]
     lines += [
         "",
         "  Services:",
