@@ -292,8 +292,8 @@ class Allocation(models.Model):
                 condition=Q(is_live=True),
                 name="allocation_live_period_idx",
             ),
-            # Per-node probes for one-site availability and placement: one probe per node
-            # instead of one per GPU.
+            # Per-node probes (availability for one model or site, placement): one probe per
+            # node instead of one per GPU; gpu included so the probe is index-only.
             GistIndex(
                 fields=["node", "period", "gpu"],
                 condition=Q(is_live=True),
