@@ -163,7 +163,10 @@ def price_quote(
         raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
     if ends_at <= starts_at:
         raise ValidationFailed("ends_at must be after starts_at.", field="ends_at")
-    utilisation = min(max(Decimal(utilisation), Decimal("0")), _ONE)
+    # Utilisation is a share (0 to 1) taken to 4 places, so the breakdown stays readable.
+    utilisation = min(max(Decimal(utilisation), Decimal("0")), _ONE).quantize(
+        Decimal("0.0001"), rounding=ROUND_HALF_UP
+    )
 
     if tier == Tier.RESERVED:
         discount = rate.term_discount_pct.get(term, Decimal("0"))

@@ -207,3 +207,21 @@ def test_the_database_refuses_a_second_default_rate_card_for_a_model():
     make_rate(model, "2.2000")
     with pytest.raises(IntegrityError):
         make_rate(model, "2.5000")
+
+
+def test_utilisation_is_taken_to_four_places_and_clipped_to_zero_one():
+    def util(u):
+        return price_quote(
+            rate=rate(),
+            tier="on_demand",
+            term="none",
+            gpu_count=1,
+            starts_at=T0,
+            ends_at=T0 + timedelta(hours=1),
+            utilisation=u,
+            bounds=bounds(),
+        ).utilisation
+
+    assert util(Decimal(1) / Decimal(3)) == Decimal("0.3333")
+    assert util(Decimal("1.7")) == Decimal("1")
+    assert util(Decimal("-0.2")) == Decimal("0")
