@@ -9,7 +9,7 @@ pick up what is due, so nothing depends on a long countdown parked in Redis.
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -66,4 +66,22 @@ app.conf.update(
         },
     },
 )
+# Celery's Django fix-up closes every database connection before and after each task unless
+# CELERY_DB_REUSE_MAX is set: a new PostgreSQL backend per task, which cost several times the
+# work of a short task. Reuse connections as Django does between requests instead: closed when
+# older than CONN_MAX_AGE or after an error (close_old_connections around each task).
+app.conf.update(CELERY_DB_REUSE_MAX=1000)
+
+
+@signals.task_prerun.connect
+@signals.task_postrun.connect
+def _close_old_connections(task=None, **kwargs) -> None:
+    from django.db import close_old_connections, connection
+
+    # A task run eagerly (in a test, inside its transaction) must not lose its connection.
+    if getattr(getattr(task, "request", None), "is_eager", False) or connection.in_atomic_block:
+        return
+    close_old_connections()
+
+
 app.autodiscover_tasks()
