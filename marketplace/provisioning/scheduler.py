@@ -23,12 +23,14 @@ from kombu.exceptions import KombuError, OperationalError
 from redis.exceptions import RedisError
 
 from marketplace.models import (
+    AttemptOutcome,
+    ProvisioningAttempt,
     ProvisioningDispatch,
     ProvisioningKind,
     Reservation,
     ReservationStatus,
 )
-from marketplace.provisioning.services import reservations_locked_by_workers
+from marketplace.provisioning.services import TEARDOWN_STATUSES, reservations_locked_by_workers
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
@@ -49,6 +51,9 @@ _FIRST_ATTEMPT_GRACE = timedelta(seconds=20)
 # A due reservation whose task was enqueued this long ago and has still not moved it is
 # enqueued again (the message may have been lost; a duplicate is a no-op).
 REDISPATCH_AFTER = timedelta(seconds=60)
+# Workloads of reservations that ended without a release are stopped if they ended this recently
+# (bounds the dispatcher's query; a day of retries is plenty).
+_TEARDOWN_WINDOW = timedelta(days=1)
 # One dispatcher run handles at most this many batches; the next run takes the rest.
 _MAX_BATCHES_PER_RUN = 50
 
@@ -131,7 +136,24 @@ def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
         due = Reservation.objects.filter(status__in=[S.PENDING, S.SCHEDULED], starts_at__lte=now)
         order = ("starts_at", "pk")
     else:
-        due = Reservation.objects.filter(status=S.ACTIVE, ends_at__lte=now)
+        stopped = ProvisioningAttempt.objects.filter(
+            reservation_id=OuterRef("pk"),
+            kind=ProvisioningKind.RELEASE,
+            outcome__in=[AttemptOutcome.SUCCEEDED, AttemptOutcome.GAVE_UP],
+        )
+        # Due to end, or ended while running without a release (preempted, failed): the
+        # release task stops the workload of the latter (see services._teardown_prepare).
+        due = Reservation.objects.filter(
+            Q(status=S.ACTIVE, ends_at__lte=now)
+            | (
+                Q(
+                    status__in=TEARDOWN_STATUSES,
+                    activated_at__isnull=False,
+                    released_at__gte=now - _TEARDOWN_WINDOW,
+                )
+                & ~Exists(stopped)
+            )
+        )
         order = ("ends_at", "pk")
     with transaction.atomic():
         # Rows a task or another dispatcher holds are skipped; the next run gets them.

@@ -83,6 +83,9 @@ CHECK_WINDOW_SECONDS = 3.0
 CHECK_POLL_SECONDS = 0.2
 WAITING_RECHECK_SECONDS = 10.0
 _USABLE_NODE_STATUSES = (NodeStatus.AVAILABLE, NodeStatus.DRAINING)
+# Statuses a running reservation can end in without going through releasing: its workload is
+# stopped afterwards by the release task (a "teardown").
+TEARDOWN_STATUSES = (ReservationStatus.PREEMPTED, ReservationStatus.FAILED)
 
 
 @dataclass(frozen=True)
@@ -463,6 +466,7 @@ def reservation_release_step(
 
 
 def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResult:
+    teardown = None
     with transaction.atomic():
         reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
         if reservation is None:
@@ -477,17 +481,28 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
                 cause="period ended",
                 actor_label=ACTOR,
             )
+        elif reservation.status in TEARDOWN_STATUSES and reservation.activated_at is not None:
+            prepared = _teardown_prepare(reservation=reservation, now=now)
+            if isinstance(prepared, StepResult):
+                return prepared
+            teardown = prepared
         elif reservation.status != S.RELEASING:
             return StepResult("noop", detail=f"reservation is {reservation.status}")
-        attempt, failures, _resumed = _attempt_start(reservation, ProvisioningKind.RELEASE, now)
-        target, _nodes = _target(reservation)
-        if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
+        if teardown is None:
+            attempt, failures, _resumed = _attempt_start(reservation, ProvisioningKind.RELEASE, now)
+            target, _nodes = _target(reservation)
+        if teardown is None and failures >= settings.PROVISIONING_MAX_ATTEMPTS:
             # Billing stops here either way; the GPUs of a node that never confirmed the stop
             # are freed, and staff see the attempts and errors on the reservation.
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
             _complete(reservation, f"released after {failures} failed stop attempts (unconfirmed)")
             return StepResult("completed", detail="unconfirmed stop")
 
+    if teardown is not None:
+        attempt, failures, target = teardown
+        return _teardown_stop(
+            attempt=attempt, failures=failures, target=target, driver=driver, window=window
+        )
     try:
         check = _wait_ready(target, probe=driver.stop, window=window)
     except (DriverError, NodeFailure, WorkloadFailure) as exc:
@@ -509,6 +524,64 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
         _complete(locked, "released")
         _attempt_finish(attempt, AttemptOutcome.SUCCEEDED)
     return StepResult("completed")
+
+
+def _teardown_prepare(
+    *, reservation: Reservation, now
+) -> StepResult | tuple[ProvisioningAttempt, int, Target]:
+    """For a reservation that ended while running without a release (preempted, or failed by
+    staff or a node): its GPUs were freed by the transition, but the container must not keep
+    running on them. Records the attempt and returns what to stop; no status changes."""
+    done = ProvisioningAttempt.objects.filter(
+        reservation=reservation,
+        kind=ProvisioningKind.RELEASE,
+        outcome__in=[AttemptOutcome.SUCCEEDED, AttemptOutcome.GAVE_UP],
+    ).exists()
+    if done:
+        return StepResult("noop", detail="already torn down")
+    attempt, failures, _resumed = _attempt_start(reservation, ProvisioningKind.RELEASE, now)
+    if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
+        _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error="stop never confirmed")
+        return StepResult("noop", detail="gave up stopping")
+    # The GPUs it held when it ended: allocations cut at released_at (not later bookings).
+    allocations = (
+        Allocation.objects.filter(
+            reservation=reservation,
+            period__startswith__lt=reservation.released_at,
+            period__endswith__gte=reservation.released_at,
+        )
+        .select_related("node", "gpu")
+        .order_by("node_id", "gpu__index")
+    )
+    by_node: dict[int, NodeTarget] = {}
+    for a in allocations:
+        indexes = (by_node[a.node_id].gpu_indexes if a.node_id in by_node else ()) + (a.gpu.index,)
+        by_node[a.node_id] = NodeTarget(a.node_id, a.node.hostname, indexes)
+    target = Target(
+        reservation_id=reservation.pk,
+        public_id=reservation.public_id,
+        workload=reservation.workload or {},
+        nodes=tuple(by_node.values()),
+    )
+    return attempt, failures, target
+
+
+def _teardown_stop(
+    *, attempt: ProvisioningAttempt, failures: int, target: Target, driver: Driver, window: float
+) -> StepResult:
+    try:
+        check = _wait_ready(target, probe=driver.stop, window=window)
+    except (DriverError, NodeFailure, WorkloadFailure) as exc:
+        delay = retry_backoff(failures + 1)
+        _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc), retry_in=delay)
+        return StepResult("retry", retry_in=delay, detail=str(exc))
+    if check.state == "pending":
+        _attempt_finish(
+            attempt, AttemptOutcome.WAITING, error=check.detail, retry_in=WAITING_RECHECK_SECONDS
+        )
+        return StepResult("waiting", retry_in=WAITING_RECHECK_SECONDS, detail=check.detail)
+    _attempt_finish(attempt, AttemptOutcome.SUCCEEDED)
+    return StepResult("torn_down")
 
 
 def _complete(reservation: Reservation, cause: str) -> Reservation:

@@ -332,3 +332,27 @@ def test_an_attempt_left_running_by_a_dead_worker_counts_as_failed(market, setti
     assert result.outcome == "failed"
     assert r.status == S.FAILED
     assert ProvisioningAttempt.objects.get(number=1).outcome == AttemptOutcome.ABANDONED
+
+
+def test_the_workload_of_a_reservation_that_failed_while_active_is_stopped_once(
+    market, calls_log, django_capture_on_commit_callbacks
+):
+    from marketplace.services.transitions import reservation_transition
+
+    r = market.book(gpu_count=2)
+    driver = SimulatedDriver(log_path=calls_log.path)
+    reservation_provision_step(reservation_id=r.pk, driver=driver)
+    reservation_transition(reservation=r, to_status=S.FAILED, cause="staff", actor_label="staff")
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert reservations_dispatch_due() == {"started": 0, "ended": 1}
+    assert len(callbacks) == 1
+    result = reservation_release_step(reservation_id=r.pk, driver=driver)
+    again = reservation_release_step(reservation_id=r.pk, driver=driver)
+    ProvisioningDispatch.objects.all().delete()
+
+    assert (result.outcome, again.outcome) == ("torn_down", "noop")
+    assert calls_log() == ["prepare", "start", "stop"]
+    assert reservations_dispatch_due() == {"started": 0, "ended": 0}
+    r.refresh_from_db()
+    assert r.status == S.FAILED  # no status change, only the stop
