@@ -211,6 +211,9 @@ PROVISIONING_STUCK_AFTER = timedelta(
 PROVISIONING_MAX_ATTEMPTS = env_int("PROVISIONING_MAX_ATTEMPTS", 5, minimum=1)
 PROVISIONING_DEFAULT_IMAGE = env_str("PROVISIONING_DEFAULT_IMAGE", "docker.io/library/ubuntu:24.04")
 AGENT_JOB_LEASE = timedelta(seconds=env_int("AGENT_JOB_LEASE_SECONDS", 60, minimum=1))
+# A job no agent has leased after this long means the node's agent is gone: provisioning moves
+# the reservation to other GPUs, a release completes without waiting for the stop.
+AGENT_JOB_STALL = timedelta(seconds=env_int("AGENT_JOB_STALL_SECONDS", 180, minimum=5))
 # Redis redelivers an unacknowledged task after this long; tasks are idempotent, and a
 # duplicate that arrives while the first copy still runs is a no-op.
 CELERY_VISIBILITY_TIMEOUT_SECONDS = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)

@@ -17,9 +17,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from django.conf import settings
+
+if TYPE_CHECKING:
+    from marketplace.models import AgentJob
 
 __all__ = [
     "NodeTarget",
@@ -57,6 +60,8 @@ class Check:
     state: Literal["pending", "ready", "failed"]
     connection: dict = field(default_factory=dict)
     detail: str = ""
+    # Pending because this node's agent has not picked up its job for too long.
+    stalled_node_id: int | None = None
 
 
 class DriverError(Exception):
@@ -224,7 +229,12 @@ class SiteAgentDriver(Driver):
             j.node_id: j for j in jobs if j.kind == "start" and j.status == AgentJobStatus.DONE
         }
         if len(started) < len(node_ids):
-            return Check("pending", detail=f"{len(started)} of {len(node_ids)} nodes started")
+            stalled = _stalled(jobs)
+            return Check(
+                "pending",
+                detail=f"{len(started)} of {len(node_ids)} nodes started",
+                stalled_node_id=stalled.node_id if stalled else None,
+            )
         hosts = {n.node_id: started[n.node_id].result for n in target.nodes}
         connection = _connection(
             target, host_for=lambda n: hosts[n.node_id].get("host", n.hostname)
@@ -263,9 +273,30 @@ class SiteAgentDriver(Driver):
             if j.status not in (AgentJobStatus.DONE, AgentJobStatus.FAILED)
             and j.node_id not in offline
         ]
+        # An agent that has not even leased its stop job for that long is gone: the release
+        # completes (billing stops), and the stop runs when the agent comes back.
+        stalled = {j.node_id for j in waiting if _stalled([j])}
+        waiting = [j for j in waiting if j.node_id not in stalled]
         if waiting:
             return Check("pending", detail=f"waiting for {len(waiting)} stop job(s)")
+        if stalled:
+            return Check(
+                "ready", detail=f"stop not confirmed by the agents of nodes {sorted(stalled)}"
+            )
         return Check("ready")
+
+
+def _stalled(jobs: list["AgentJob"]) -> "AgentJob | None":
+    """The first job still queued (never leased) after AGENT_JOB_STALL: its agent is silent."""
+    from django.utils import timezone
+
+    from marketplace.models import AgentJobStatus
+
+    cutoff = timezone.now() - settings.AGENT_JOB_STALL
+    for job in jobs:
+        if job.status == AgentJobStatus.QUEUED and job.created_at < cutoff:
+            return job
+    return None
 
 
 def _agent_payload(target: Target, node: NodeTarget, kind: str) -> dict:

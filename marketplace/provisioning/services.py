@@ -316,6 +316,13 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         logger.warning("provisioning %s failed (%s); retry in %ss", target.public_id, exc, delay)
         return StepResult("retry", retry_in=delay, detail=str(exc))
 
+    if check.state == "pending" and check.stalled_node_id is not None:
+        silent = NodeFailure(
+            check.stalled_node_id,
+            f"Its site agent did not pick up the job within "
+            f"{int(settings.AGENT_JOB_STALL.total_seconds())} s.",
+        )
+        return _after_node_failure(reservation_id, attempt, silent)
     if check.state == "pending":
         _attempt_finish(
             attempt, AttemptOutcome.WAITING, error=check.detail, retry_in=WAITING_RECHECK_SECONDS

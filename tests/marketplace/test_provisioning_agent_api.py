@@ -323,3 +323,44 @@ def test_the_container_executor_runs_the_workload_with_docker(monkeypatch, tmp_p
         "container_id": "0123456789abcdef",
     }
     assert stopped == {"detail": "removed sy-res_1"}  # already gone counts as stopped
+
+
+def test_a_node_whose_agent_never_picks_up_the_job_is_marked_and_the_reservation_moves(booked):
+    r, node, market = booked
+    AgentJob.objects.filter(reservation=r).update(created_at=timezone.now() - timedelta(minutes=10))
+
+    step = reservation_provision_step(reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0)
+
+    node.refresh_from_db()
+    assert step.outcome == "retry"
+    assert node.status == NodeStatus.MAINTENANCE
+    other = next(n for n in market.nodes if n.pk != node.pk)
+    assert set(
+        Allocation.objects.filter(reservation=r, is_live=True).values_list("node_id", flat=True)
+    ) == {other.pk}
+
+
+def test_a_release_does_not_wait_forever_for_a_silent_agent(booked):
+    r, node, _ = booked
+    agent = _agent(node)
+    for _ in range(2):
+        job = agent.post(LEASE, {}, format="json").data
+        agent.post(_job_url(job["id"], "complete"), {"lease_id": job["lease_id"]})
+    driver = SiteAgentDriver()
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=driver, check_window=0
+    ).outcome == ("active")
+    now = timezone.now()
+    type(r).objects.filter(pk=r.pk).update(starts_at=now - timedelta(hours=1), ends_at=now)
+
+    first = reservation_release_step(reservation_id=r.pk, driver=driver, check_window=0)
+    AgentJob.objects.filter(reservation=r, kind="stop").update(
+        created_at=timezone.now() - timedelta(minutes=10)
+    )
+    second = reservation_release_step(reservation_id=r.pk, driver=driver, check_window=0)
+
+    r.refresh_from_db()
+    assert (first.outcome, second.outcome) == ("waiting", "completed")
+    assert r.status == S.COMPLETED
+    # The stop stays queued for when the agent comes back.
+    assert AgentJob.objects.get(reservation=r, kind="stop").status == AgentJobStatus.QUEUED
