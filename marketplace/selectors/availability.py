@@ -15,6 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db import connection
+from django.db.models import Q
 
 from config.errors import ValidationFailed
 from inventory.models import GpuModel, Site
@@ -35,6 +36,7 @@ __all__ = [
     "site_availability",
     "node_free_capacity",
     "NodeCapacity",
+    "site_model_offer",
 ]
 
 # How many best-fit nodes an offer lists for a single-node request.
@@ -78,6 +80,7 @@ class NodeCapacity:
     node_id: int
     gpus: int
     free: int
+    healthy: int | None = None
 
 
 # The candidate nodes and, per node, its GPUs, healthy GPUs and GPUs free for the window.
@@ -137,9 +140,50 @@ nodes AS MATERIALIZED (
 )"""
 
 
-def _sql(tail: str, *, filters: str, probe: bool) -> str:
-    nodes_cte = _NODES_BY_PROBE if probe else _NODES_BY_HASH
-    return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=nodes_cte) + tail
+# One model at every site: one scan of that model's live allocations in the window through
+# alloc_live_model_period_idx (allocation.gpu_model_id is kept by triggers), the distinct busy
+# GPUs gathered per node and taken from the node's healthy GPUs. Failed GPUs are not healthy,
+# so a failed GPU that is also booked is subtracted once only.
+_NODES_BY_MODEL_SCAN = """
+busy AS (
+    SELECT a.node_id, array_agg(DISTINCT a.gpu_id) AS gpu_ids
+    FROM marketplace_allocation a, win
+    WHERE a.is_live AND a.period && win.r
+      AND a.gpu_model_id = (SELECT m.id FROM inventory_gpumodel m WHERE m.slug = %(gpu_model)s)
+    GROUP BY a.node_id
+),
+nodes AS MATERIALIZED (
+    SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy,
+           gc.healthy - CASE
+               WHEN b.gpu_ids IS NULL THEN 0
+               WHEN cardinality(gc.failed) = 0 THEN cardinality(b.gpu_ids)
+               ELSE (SELECT count(*) FROM unnest(b.gpu_ids) x WHERE x <> ALL(gc.failed))
+           END AS free
+    FROM node_c c
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS gpus,
+               count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
+               coalesce(array_agg(g.id) FILTER (WHERE g.health = 'failed'), '{}') AS failed
+        FROM inventory_gpu g WHERE g.node_id = c.id) gc
+    LEFT JOIN busy b ON b.node_id = c.id
+    WHERE gc.gpus > 0
+)"""
+
+PROBE, HASH, MODEL_SCAN = "probe", "hash", "model_scan"
+_NODES_CTES = {PROBE: _NODES_BY_PROBE, HASH: _NODES_BY_HASH, MODEL_SCAN: _NODES_BY_MODEL_SCAN}
+
+
+def _sql(tail: str, *, filters: str, strategy: str) -> str:
+    return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=_NODES_CTES[strategy]) + tail
+
+
+def _strategy(*, gpu_model: str | None, site: str | None) -> str:
+    """Which way to find the busy GPUs; all three give the same answer (tested)."""
+    if site is not None:
+        return PROBE  # one site: a probe per node of that site
+    if gpu_model is not None:
+        return MODEL_SCAN  # one model everywhere: that model's allocations in the window
+    return HASH
 
 
 _SEARCH_TAIL = """,
@@ -171,7 +215,7 @@ SELECT gpu_model_id, count(*), sum(healthy), sum(free), max(free),
 FROM nodes GROUP BY gpu_model_id
 """
 
-_NODES_TAIL = "SELECT id, gpus, free FROM nodes"
+_NODES_TAIL = "SELECT id, gpus, free, healthy FROM nodes"
 
 
 def _filters(
@@ -219,10 +263,12 @@ def node_free_capacity(
     filters, params = _filters(site_id=site_id, gpu_model_id=gpu_model_id)
     with connection.cursor() as cur:
         cur.execute(
-            _sql(_NODES_TAIL, filters=filters, probe=True),
+            _sql(_NODES_TAIL, filters=filters, strategy=PROBE),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
-        return [NodeCapacity(node_id=r[0], gpus=r[1], free=r[2]) for r in cur.fetchall()]
+        return [
+            NodeCapacity(node_id=r[0], gpus=r[1], free=r[2], healthy=r[3]) for r in cur.fetchall()
+        ]
 
 
 def availability_search(
@@ -251,10 +297,8 @@ def availability_search(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
     )
     with connection.cursor() as cur:
-        # One model or one site bounds the candidates: probing per node is cheaper than
-        # hashing every allocation in the window (measured with 1M allocations, bench/).
-        narrow = site is not None or gpu_model is not None
-        cur.execute(_sql(_SEARCH_TAIL, filters=filters, probe=narrow), params)
+        strategy = _strategy(gpu_model=gpu_model, site=site)
+        cur.execute(_sql(_SEARCH_TAIL, filters=filters, strategy=strategy), params)
         rows = cur.fetchall()
 
     fits = []
@@ -324,6 +368,84 @@ def availability_search(
     return offers
 
 
+def site_model_offer(
+    *,
+    site: Site,
+    gpu_model: GpuModel,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+    tier: str,
+    term: str = "none",
+) -> tuple[Offer | None, list[NodeCapacity]]:
+    """The offer of one site for one model (None if it does not fit), and the node capacities.
+
+    Same answer as availability_search(site=…, gpu_model=…) with one query less: the capacities
+    read here are the ones placement starts from, and the utilisation priced here is the same
+    figure (GPUs of the model at the site, busy over healthy, for the window).
+    """
+    from marketplace.services.allocation import choose_nodes  # the one placement rule
+
+    if gpu_count < 1:
+        raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
+    _validate_window(starts_at=starts_at, ends_at=ends_at)
+    validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
+    capacities = node_free_capacity(
+        site_id=site.pk, gpu_model_id=gpu_model.pk, starts_at=starts_at, ends_at=ends_at
+    )
+    plan = choose_nodes(capacities, gpu_count)
+    if not plan:
+        return None, capacities
+    cards = {
+        card.site_id: card
+        for card in RateCard.objects.filter(
+            Q(site=site) | Q(site__isnull=True), gpu_model=gpu_model
+        )
+    }
+    card = cards.get(site.pk) or cards.get(None)
+    if card is None:
+        return None, capacities  # no rate card: not for sale
+    healthy = sum(c.healthy for c in capacities)
+    free = sum(c.free for c in capacities)
+    inputs = pricing_inputs_from(card=card, site_slug=site.slug, policy=current_policy())
+    breakdown = price_quote(
+        rate=inputs.rate,
+        tier=tier,
+        term=term,
+        gpu_count=gpu_count,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        utilisation=Decimal(healthy - free) / Decimal(healthy),
+        bounds=inputs.bounds,
+    )
+    single = gpu_count <= max(c.gpus for c in capacities)
+    by_id = {c.node_id: c for c in capacities}
+    if single:
+        fitting = sorted(
+            (c for c in capacities if c.free >= gpu_count), key=lambda c: (c.free, c.node_id)
+        )
+        nodes = [NodeFit(node_id=c.node_id, free_gpus=c.free) for c in fitting]
+        nodes, fitting_count = nodes[:_OFFER_NODE_LIMIT], len(fitting)
+    else:
+        nodes = [NodeFit(node_id=n, free_gpus=by_id[n].gpus) for n, _ in plan]
+        fitting_count = sum(1 for c in capacities if c.free == c.gpus)
+    offer = Offer(
+        site=site,
+        gpu_model=gpu_model,
+        gpu_count=gpu_count,
+        placement="single_node" if single else "cluster",
+        node_count=len(plan),
+        nodes=nodes,
+        fitting_node_count=fitting_count,
+        free_gpus=free,
+        currency=breakdown.currency,
+        price_per_gpu_hour=breakdown.price_per_gpu_hour,
+        total=breakdown.total,
+        breakdown=breakdown,
+    )
+    return offer, capacities
+
+
 def site_availability(
     *, site: Site, starts_at: datetime, ends_at: datetime
 ) -> list[SiteModelAvailability]:
@@ -332,7 +454,7 @@ def site_availability(
     filters, params = _filters(site_id=site.pk)
     with connection.cursor() as cur:
         cur.execute(
-            _sql(_SITE_TAIL, filters=filters, probe=True),
+            _sql(_SITE_TAIL, filters=filters, strategy=PROBE),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         rows = cur.fetchall()

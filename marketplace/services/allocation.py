@@ -86,25 +86,33 @@ def allocation_place(
     gpu_count: int,
     starts_at: datetime,
     ends_at: datetime,
+    first_plan: list[tuple[int, int]] | None = None,
 ) -> list[Allocation]:
     """Allocate `gpu_count` GPUs at one site to `reservation`; NotAvailable if they cannot be.
 
+    `first_plan`, from a read the caller has just made (the offer being booked), is tried
+    first without reading the site again; it is checked under the node locks like any plan.
     Must run inside the caller's transaction (the reservation row is not yet committed).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("allocation_place must run inside a transaction")
     period = Range(starts_at, ends_at, "[)")
-    for _attempt in range(MAX_PLACEMENT_ATTEMPTS):
-        capacities = node_free_capacity(
-            site_id=site_id, gpu_model_id=gpu_model_id, starts_at=starts_at, ends_at=ends_at
-        )
-        plan = choose_nodes(capacities, gpu_count)
+    for attempt in range(MAX_PLACEMENT_ATTEMPTS):
+        if attempt == 0 and first_plan:
+            plan = first_plan
+        else:
+            capacities = node_free_capacity(
+                site_id=site_id, gpu_model_id=gpu_model_id, starts_at=starts_at, ends_at=ends_at
+            )
+            plan = choose_nodes(capacities, gpu_count)
         if not plan:
             break
         try:
             # A savepoint per attempt: rolling it back also releases that attempt's node locks.
             with transaction.atomic():
-                return _lock_and_insert(reservation=reservation, plan=plan, period=period)
+                return _lock_and_insert(
+                    reservation=reservation, plan=plan, period=period, gpu_model_id=gpu_model_id
+                )
         except _Taken:
             continue
         except (IntegrityError, OperationalError) as exc:
@@ -116,7 +124,9 @@ def allocation_place(
     )
 
 
-def _lock_and_insert(*, reservation: Reservation, plan, period: Range) -> list[Allocation]:
+def _lock_and_insert(
+    *, reservation: Reservation, plan, period: Range, gpu_model_id: int
+) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
     with connection.cursor() as cur:
         cur.execute(
@@ -135,7 +145,13 @@ def _lock_and_insert(*, reservation: Reservation, plan, period: Range) -> list[A
         if len(free) < take:
             raise _Taken
         rows += [
-            Allocation(reservation=reservation, gpu_id=gpu_id, node_id=node_id, period=period)
+            Allocation(
+                reservation=reservation,
+                gpu_id=gpu_id,
+                node_id=node_id,
+                gpu_model_id=gpu_model_id,  # the trigger sets the same; kept in memory too
+                period=period,
+            )
             for gpu_id in free[:take]
         ]
     return Allocation.objects.bulk_create(rows)

@@ -29,6 +29,7 @@ from config.errors import (
     QuoteExpired,
     ValidationFailed,
 )
+from inventory.models import GpuModel, Site
 from marketplace.funding import funding_gate
 from marketplace.models import (
     Allocation,
@@ -39,7 +40,7 @@ from marketplace.models import (
     ReservationTransition,
     Tier,
 )
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import Offer, availability_search, site_model_offer
 from marketplace.services.allocation import allocation_place
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import (
@@ -159,6 +160,23 @@ def reservation_create(
             raise ValidationFailed(f"{name} is required without a quote.", field=name)
     validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
     validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
+    if site is not None:
+        # The caller chose the site (from a search, as integrators do): price and place there
+        # only, from one read of its nodes, instead of searching every site first.
+        return _create_at_site(
+            organization=organization,
+            user=user,
+            gpu_model=gpu_model,
+            gpu_count=gpu_count,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            tier=tier,
+            term=term,
+            site=site,
+            region=region,
+            workload=workload or {},
+            now=now,
+        )
     resolve_catalogue(gpu_model=gpu_model, site=site)
     offers = availability_search(
         gpu_count=gpu_count,
@@ -190,11 +208,84 @@ def reservation_create(
                     breakdown=offer.breakdown.as_dict(),
                     workload=workload or {},
                     now=now,
+                    first_plan=_plan_from_offer(offer),
                 )
         except NotAvailable:
             continue
     raise NotAvailable(
         f"No site has {gpu_count} {gpu_model} GPU(s) free for that period.", code="not_available"
+    )
+
+
+def _plan_from_offer(offer: Offer) -> list[tuple[int, int]]:
+    """The placement the offer was computed with (best-fit node, or its cluster's nodes)."""
+    if offer.placement == "single_node":
+        return [(offer.nodes[0].node_id, offer.gpu_count)]
+    plan, remaining = [], offer.gpu_count
+    for node in offer.nodes:
+        take = min(node.free_gpus, remaining)
+        plan.append((node.node_id, take))
+        remaining -= take
+    return plan
+
+
+def _create_at_site(
+    *,
+    organization: Organization,
+    user,
+    gpu_model: str,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+    tier: str,
+    term: str,
+    site: str,
+    region: str | None,
+    workload: dict,
+    now: datetime,
+) -> Reservation:
+    model = GpuModel.objects.filter(slug=gpu_model).first()
+    if model is None:
+        raise ValidationFailed(
+            f"Unknown GPU model {gpu_model!r}.", code="unknown_gpu_model", field="gpu_model"
+        )
+    site_obj = Site.objects.filter(slug=site).first()
+    if site_obj is None:
+        raise ValidationFailed(f"Unknown site {site!r}.", code="unknown_site", field="site")
+    offer, capacities = (None, [])
+    if region is None or site_obj.region == region:
+        offer, capacities = site_model_offer(
+            site=site_obj,
+            gpu_model=model,
+            gpu_count=gpu_count,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            tier=tier,
+            term=term,
+        )
+    if offer is None:
+        raise NotAvailable(
+            f"{site} has no {gpu_count} {gpu_model} GPU(s) free for that period.",
+            code="not_available",
+        )
+    return _book(
+        organization=organization,
+        user=user,
+        quote=None,
+        site_id=site_obj.pk,
+        gpu_model_id=model.pk,
+        gpu_count=gpu_count,
+        tier=tier,
+        term=term,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        currency=offer.currency,
+        price_per_gpu_hour=offer.price_per_gpu_hour,
+        total_amount=offer.total,
+        breakdown=offer.breakdown.as_dict(),
+        workload=workload,
+        now=now,
+        first_plan=_plan_from_offer(offer),
     )
 
 
@@ -255,6 +346,7 @@ def _book(
     breakdown,
     workload,
     now,
+    first_plan=None,
 ) -> Reservation:
     funding_gate().reservation_authorize(
         organization=organization,
@@ -292,6 +384,7 @@ def _book(
         gpu_count=gpu_count,
         starts_at=starts_at,
         ends_at=ends_at,
+        first_plan=first_plan,
     )
     ReservationTransition.objects.create(
         reservation=reservation,

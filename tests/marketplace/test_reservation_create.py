@@ -235,3 +235,45 @@ def test_the_funding_gate_can_refuse_and_nothing_is_written(h100, org):
     finally:
         funding.funding_gate_register(previous)
     assert Reservation.objects.count() == 0 and Allocation.objects.count() == 0
+
+
+def test_a_direct_reservation_naming_a_site_books_there_at_that_sites_search_price(h100, org):
+    from marketplace.selectors.availability import availability_search
+
+    cheap, named = SiteFactory(), SiteFactory()
+    make_rate(h100, "1.0000", site=cheap)
+    make_nodes(cheap, h100, 2)
+    make_nodes(named, h100, 3)
+    direct(org, gpu_count=3, site=named.slug)  # utilisation at the named site is now 3 / 24
+    (offer,) = availability_search(
+        gpu_model=h100.slug, gpu_count=12, starts_at=T1, ends_at=T2, tier="on_demand",
+        site=named.slug,
+    )  # fmt: skip
+    cluster = direct(org, gpu_count=12, site=named.slug)
+    assert (cluster.site, cluster.price_per_gpu_hour, cluster.total_amount) == (
+        named,
+        offer.price_per_gpu_hour,
+        offer.total,
+    )
+    assert cluster.breakdown == offer.breakdown.as_dict()
+    per_node = sorted(
+        Allocation.objects.filter(reservation=cluster)
+        .values_list("node_id", flat=True)
+        .distinct()
+    )
+    assert per_node == sorted(n.node_id for n in offer.nodes)
+    assert not Allocation.objects.filter(node__site=cheap).exists()
+
+
+def test_a_full_named_site_is_not_available_even_when_another_site_has_room(h100, org):
+    full, other = SiteFactory(), SiteFactory()
+    make_nodes(full, h100, 1)
+    make_nodes(other, h100, 1)
+    direct(org, gpu_count=8, site=full.slug)
+    with pytest.raises(NotAvailable):
+        direct(org, gpu_count=1, site=full.slug)
+    with pytest.raises(NotAvailable):
+        direct(org, gpu_count=1, site=other.slug, region="nowhere")
+    with pytest.raises(ValidationFailed):
+        direct(org, gpu_count=1, site="no-such-site")
+    assert Reservation.objects.count() == 1 and Allocation.objects.count() == 8
