@@ -35,6 +35,8 @@ from django.utils import timezone
 from config.errors import ApplicationError
 from inventory.models import Node, NodeStatus, Outage, OutageCause
 from marketplace.models import (
+    AgentJob,
+    AgentJobStatus,
     Allocation,
     AttemptOutcome,
     ProvisioningAttempt,
@@ -292,7 +294,7 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         if check.state == "failed":
             raise WorkloadFailure(check.detail or "The driver reported a failure.")
     except NodeFailure as exc:
-        return _after_node_failure(reservation_id, attempt, exc)
+        return _after_node_failure(reservation_id, attempt, exc, driver=driver, target=target)
     except WorkloadFailure as exc:
         _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
         with transaction.atomic():
@@ -322,7 +324,7 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
             f"Its site agent did not pick up the job within "
             f"{int(settings.AGENT_JOB_STALL.total_seconds())} s.",
         )
-        return _after_node_failure(reservation_id, attempt, silent)
+        return _after_node_failure(reservation_id, attempt, silent, driver=driver, target=target)
     if check.state == "pending":
         _attempt_finish(
             attempt, AttemptOutcome.WAITING, error=check.detail, retry_in=WAITING_RECHECK_SECONDS
@@ -365,9 +367,18 @@ def _stop_quietly(driver: Driver, target: Target) -> None:
 
 
 def _after_node_failure(
-    reservation_id: int, attempt: ProvisioningAttempt, exc: NodeFailure
+    reservation_id: int,
+    attempt: ProvisioningAttempt,
+    exc: NodeFailure,
+    *,
+    driver: Driver,
+    target: Target,
 ) -> StepResult:
     now = timezone.now()
+    # Site-agent work not yet handed out on that node is for a placement that no longer holds.
+    AgentJob.objects.filter(
+        reservation_id=reservation_id, node_id=exc.node_id, status=AgentJobStatus.QUEUED
+    ).update(status=AgentJobStatus.CANCELLED)
     with transaction.atomic():
         # Reservation row first, then the node: the order every other path takes.
         locked = Reservation.objects.select_for_update().get(pk=reservation_id)
@@ -387,6 +398,8 @@ def _after_node_failure(
                 locked,
                 f"{exc.reason} No other free GPUs at {locked.site.slug} to move the reservation to.",
             )
+            # Whatever was started on its other nodes must not keep running.
+            transaction.on_commit(lambda: _stop_quietly(driver, target))
             return StepResult("failed", detail=exc.reason)
     logger.warning("reservation %s moved off failed node %s", reservation_id, node.hostname)
     return StepResult("retry", retry_in=0.0, detail=f"moved {moved} GPU(s) off {node.hostname}")

@@ -183,6 +183,10 @@ def test_a_node_failure_reported_by_the_agent_moves_the_reservation_to_another_n
     assert set(
         Allocation.objects.filter(reservation=r, is_live=True).values_list("node_id", flat=True)
     ) == {other.pk}
+    # The job the dead node's agent had not picked up is cancelled.
+    assert AgentJob.objects.get(reservation=r, node=node, kind="start").status == (
+        AgentJobStatus.CANCELLED
+    )
     # The next step queues the jobs on the new node.
     assert reservation_provision_step(
         reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0

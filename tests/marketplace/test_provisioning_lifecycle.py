@@ -263,13 +263,16 @@ def test_a_failed_node_is_marked_and_the_reservation_moves_to_another_node_at_th
     assert r.connection["host"].startswith(good.hostname)
 
 
-def test_a_failed_node_without_spare_gpus_at_the_site_fails_the_reservation(market):
+def test_a_failed_node_without_spare_gpus_at_the_site_fails_the_reservation(
+    market, calls_log, django_capture_on_commit_callbacks
+):
     other = market.book(gpu_count=4)  # fills one node; ours takes the other
     r = market.book(gpu_count=4)
     bad = Allocation.objects.filter(reservation=r).first().node
-    driver = SimulatedDriver(fail_hostnames=frozenset({bad.hostname}))
+    driver = SimulatedDriver(fail_hostnames=frozenset({bad.hostname}), log_path=calls_log.path)
 
-    result = reservation_provision_step(reservation_id=r.pk, driver=driver)
+    with django_capture_on_commit_callbacks(execute=True):
+        result = reservation_provision_step(reservation_id=r.pk, driver=driver)
 
     r.refresh_from_db(), other.refresh_from_db()
     assert result.outcome == "failed"
@@ -277,6 +280,7 @@ def test_a_failed_node_without_spare_gpus_at_the_site_fails_the_reservation(mark
     assert f"No other free GPUs at {market.site.slug}" in r.status_reason
     assert r.activated_at is None
     assert Allocation.objects.filter(reservation=r, is_live=True).count() == 0
+    assert calls_log() == ["prepare", "stop"]  # nothing left running for it
     assert other.status == S.SCHEDULED  # the other reservation was not touched
     assert Allocation.objects.filter(reservation=other, is_live=True).count() == 4
 
