@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -81,16 +82,10 @@ def statuses(reservation: Reservation) -> list[str]:
 
 
 def e2e_redis_url() -> str:
-    """The broker's Redis with a db of its own for these tests (E2E_REDIS_DB, default 6)."""
-    from urllib.parse import urlparse
-
+    """The configured broker. Runs sharing it stay apart by queue name (see e2e_queue)."""
     from django.conf import settings
 
-    return (
-        urlparse(settings.REDIS_URL)
-        ._replace(path="/" + os.environ.get("E2E_REDIS_DB", "6"))
-        .geturl()
-    )
+    return settings.CELERY_BROKER_URL
 
 
 def database_url(db: dict) -> str:
@@ -144,6 +139,8 @@ class CeleryWorker:
             "--without-gossip",
             "--without-mingle",
         ]
+        if full_env.get("CELERY_TASK_DEFAULT_QUEUE"):
+            command += ["-Q", full_env["CELERY_TASK_DEFAULT_QUEUE"]]
         if beat:
             command += ["-B", "-s", str(self.log_dir / f"beat-{self._starts}.db")]
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
@@ -188,6 +185,23 @@ def redis_test_client() -> redis.Redis:
     return redis.Redis.from_url(e2e_redis_url())
 
 
+def unacked_count(queue: str) -> int:
+    """Messages of `queue` delivered to a worker and not yet acknowledged (kombu's Redis
+    transport keeps them in the "unacked" hash as [message, exchange, routing key])."""
+    entries = redis_test_client().hvals("unacked")
+    return sum(1 for raw in entries if json.loads(raw)[2] == queue)
+
+
+def queue_purge(queue: str) -> None:
+    """Forget everything of `queue`, including unacknowledged messages, and nothing else."""
+    client = redis_test_client()
+    client.delete(queue)
+    for tag, raw in client.hgetall("unacked").items():
+        if json.loads(raw)[2] == queue:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+
+
 def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -198,10 +212,9 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "c
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def broker_idle() -> bool:
-    """Nothing queued and nothing delivered-but-unacknowledged in the test Redis db."""
-    client = redis_test_client()
-    return client.llen("celery") == 0 and client.zcard("unacked_index") == 0
+def broker_idle(queue: str) -> bool:
+    """Nothing waiting in `queue` and nothing of it delivered but unacknowledged."""
+    return redis_test_client().llen(queue) == 0 and unacked_count(queue) == 0
 
 
 @contextmanager
@@ -226,11 +239,21 @@ def broker_url_for_this_process(url: str):
 
 @pytest.fixture(name="broker")
 def broker_fixture():
-    """This process publishes to the e2e Redis db, emptied first."""
-    redis_test_client().flushdb()
-    with broker_url_for_this_process(e2e_redis_url()):
-        yield
-    redis_test_client().flushdb()
+    """A queue of this test's own on the configured broker; this process publishes to it.
+
+    Test runs (and tests) sharing one Redis never see each other's messages, and a message
+    a killed worker left unacknowledged cannot leak into the next test. Yields the name.
+    """
+    from config.celery import app
+
+    queue = f"e2e-{uuid.uuid4().hex[:12]}"
+    previous = app.conf.task_default_queue
+    app.conf.task_default_queue = queue
+    try:
+        yield queue
+    finally:
+        app.conf.task_default_queue = previous
+        queue_purge(queue)
 
 
 @pytest.fixture(name="driver_log")
@@ -257,7 +280,12 @@ def worker_fixture(broker, tmp_path, driver_log):
         database=settings.DATABASES["default"],
         redis_url=e2e_redis_url(),
         log_dir=tmp_path,
-        env={"SIMULATED_DRIVER_LOG": driver_log.path, "SIMULATED_DRIVER_LATENCY_SECONDS": "0"},
+        env={
+            "SIMULATED_DRIVER_LOG": driver_log.path,
+            "SIMULATED_DRIVER_LATENCY_SECONDS": "0",
+            # The worker consumes, and its beat publishes to, this test's queue only.
+            "CELERY_TASK_DEFAULT_QUEUE": broker,
+        },
     )
     yield w
     w.stop()

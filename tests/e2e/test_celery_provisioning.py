@@ -36,6 +36,7 @@ from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are 
     market_create,
     redis_test_client,
     statuses,
+    unacked_count,
     wait_for,
     worker_fixture,
 )
@@ -83,7 +84,7 @@ def test_a_reservation_goes_from_scheduled_to_active_to_completed_on_time(worker
 
 @pytest.mark.parametrize("recovery", ["sweeper", "redelivery"])
 def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_active(
-    worker, driver_log, recovery
+    worker, driver_log, broker, recovery
 ):
     env = {"SIMULATED_DRIVER_LATENCY_SECONDS": "3"}
     if recovery == "redelivery":
@@ -97,7 +98,7 @@ def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_
     wait_for(lambda: driver_log(r) == ["prepare"], timeout=15, what="the driver to be preparing")
     worker.kill()  # SIGKILL the whole worker while prepare is in progress
     assert _status(r) == S.PROVISIONING
-    assert redis_test_client().zcard("unacked_index") == 1  # the message was never acknowledged
+    assert unacked_count(broker) == 1  # the message was never acknowledged
 
     worker.start(**{**env, "SIMULATED_DRIVER_LATENCY_SECONDS": "0.2"})
     if recovery == "sweeper":
@@ -118,7 +119,7 @@ def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_
 
 
 def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is_back(
-    worker, caplog
+    worker, broker, caplog
 ):
     worker.start()
     market = market_create(nodes=1, gpus=4)
@@ -136,7 +137,7 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
     assert [_status(kicked), _status(other)] == [S.SCHEDULED, S.SCHEDULED]
     failures = [m for m in caplog.messages if "could not enqueue" in m]
     assert len(failures) == 2  # the kick, then the dispatcher's batch: logged, not raised
-    assert redis_test_client().llen("celery") == 0
+    assert redis_test_client().llen(broker) == 0
     # The failed enqueues left no marker: the next tick does not wait for the redispatch delay.
     assert ProvisioningDispatch.objects.count() == 0
 
@@ -160,7 +161,9 @@ def test_a_reservation_due_while_redis_was_down_is_dispatched_by_beat_once_it_is
     assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
 
 
-def test_duplicate_deliveries_make_one_transition_and_one_set_of_driver_calls(worker, driver_log):
+def test_duplicate_deliveries_make_one_transition_and_one_set_of_driver_calls(
+    worker, driver_log, broker
+):
     worker.start(concurrency=3, SIMULATED_DRIVER_LATENCY_SECONDS="1")
     market = market_create(nodes=1, gpus=4)
     r = market.book()
@@ -169,10 +172,10 @@ def test_duplicate_deliveries_make_one_transition_and_one_set_of_driver_calls(wo
     for _ in range(3):  # the same task delivered again, while the first copy runs
         app.send_task(PROVISION_TASK, args=[r.pk])
     r = _wait_status(r, S.ACTIVE, timeout=20)
-    wait_for(broker_idle, timeout=15, what="the worker to finish every copy")
+    wait_for(lambda: broker_idle(broker), timeout=15, what="the worker to finish every copy")
     for _ in range(2):  # and again once it is active
         app.send_task(PROVISION_TASK, args=[r.pk])
-    wait_for(broker_idle, timeout=15, what="the worker to finish the late copies")
+    wait_for(lambda: broker_idle(broker), timeout=15, what="the worker to finish the late copies")
 
     r.refresh_from_db()
     assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]

@@ -16,7 +16,8 @@ from marketplace.provisioning.services import (
     reservation_worker_lock,
 )
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
-from tests.provisioning_support import (
+from tests.provisioning_support import (  # noqa: F401 (broker_fixture is a fixture)
+    broker_fixture,
     broker_url_for_this_process,
     e2e_redis_url,
     market_create,
@@ -33,13 +34,10 @@ def market():
 
 
 @pytest.fixture
-def queue():
-    """Enqueues go to the e2e Redis db; returns how many messages are waiting there."""
+def queue(broker):
+    """Enqueues go to a queue of this test's own; returns how many messages wait there."""
     client = redis_test_client()
-    client.flushdb()
-    with broker_url_for_this_process(e2e_redis_url()):
-        yield lambda: client.llen("celery")
-    client.flushdb()
+    return lambda: client.llen(broker)
 
 
 def _provisioning(*reservations) -> None:
