@@ -3,13 +3,14 @@
     DEBUG=1 DATABASE_URL=postgres://postgres@127.0.0.1:5432/sy_prov_bench \
     REDIS_URL=redis://127.0.0.1:6379/6 .venv/bin/python bench/bench_provisioning.py
 
-Not a test: it prints figures. It migrates the database it is given, FLUSHES the Redis db of
-REDIS_URL, starts its own worker (`celery -A config worker -c CONCURRENCY`, default 4) with the simulated
-driver at zero latency, and then, in the same run:
+Not a test: it prints figures. It migrates the database it is given, starts its own worker
+(`celery -A config worker -c CONCURRENCY`, default 4) on a Celery queue of its own, with the
+simulated driver at zero latency, and then, in the same run:
 
 1. baseline: COUNT no-op tasks (marketplace.tasks.noop), time until the worker ran them all;
 2. provisioning: COUNT scheduled reservations (1 GPU each) all due now; one dispatcher task
-   (what beat sends every 5 s) moves them to provisioning and enqueues a provision task each;
+   (what beat sends every 5 s) enqueues a provision task each, which moves its reservation
+   to provisioning and on to active;
    time until every one is active.
 
 The goal is a provisioning rate of at least 30 % of the no-op rate. The bench's rows are
@@ -52,7 +53,7 @@ from marketplace.models import (  # noqa: E402
 )
 
 
-def _worker(concurrency: int, log_path: str | None) -> subprocess.Popen:
+def _worker(concurrency: int, log_path: str | None, queue: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "SIMULATED_DRIVER_LATENCY_SECONDS": "0",
@@ -61,6 +62,8 @@ def _worker(concurrency: int, log_path: str | None) -> subprocess.Popen:
         "DEBUG": "0",
         "SECRET_KEY": os.environ.get("SECRET_KEY") or uuid.uuid4().hex * 2,
         "SECURE_SSL_REDIRECT": "0",
+        # The dispatcher runs in the worker: its enqueues must land in the bench's queue too.
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
     }
     process = subprocess.Popen(
         [
@@ -77,6 +80,8 @@ def _worker(concurrency: int, log_path: str | None) -> subprocess.Popen:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            "-Q",
+            queue,
         ],
         cwd=ROOT,
         env=env,
@@ -94,6 +99,7 @@ def _worker(concurrency: int, log_path: str | None) -> subprocess.Popen:
         if time.monotonic() > deadline:
             raise SystemExit("the worker did not start")
         time.sleep(0.05)
+    redis.delete(key)
     return process
 
 
@@ -193,10 +199,12 @@ def main() -> None:
 
     call_command("migrate", verbosity=0)
     redis = Redis.from_url(settings.REDIS_URL)
-    redis.flushdb()
     tag = uuid.uuid4().hex[:8]
+    # A queue of the bench's own: nothing else in that Redis is touched or consumed.
+    queue = f"bench-{tag}"
+    app.conf.task_default_queue = queue
     site, model, gpus = _inventory(count, tag)
-    worker = _worker(args.concurrency, args.worker_log)
+    worker = _worker(args.concurrency, args.worker_log, queue)
     try:
         # 1. Baseline: no-op tasks through the same worker and broker.
         key = f"bench:noop:{tag}"
@@ -225,7 +233,7 @@ def main() -> None:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
         _cleanup(site, tag)
-        redis.flushdb()
+        redis.delete(queue, f"bench:noop:{tag}")
 
     noop_rate = count / noop_seconds
     provision_rate = count / provision_seconds
