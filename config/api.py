@@ -1,7 +1,8 @@
 """API plumbing shared by every app: the one error shape.
 
 Every error response is {"error": {"type", "code", "field", "message"}}; validation failures
-that name several fields also carry "errors", one entry per field.
+that name several fields also carry "errors", one entry per field. A field inside a list is
+named with dots and the item's index, e.g. "workload.ports.0" or "gpus.1.index".
 """
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -43,7 +44,7 @@ def _flatten(detail, prefix: str = "") -> list[tuple[str | None, str, str]]:
     if isinstance(detail, list):
         items = []
         for index, value in enumerate(detail):
-            sub = f"{prefix}[{index}]" if isinstance(value, dict | list) else prefix
+            sub = f"{prefix}.{index}" if isinstance(value, dict | list) else prefix
             items.extend(_flatten(value, sub))
         return items
     code = getattr(detail, "code", "invalid") or "invalid"

@@ -76,7 +76,7 @@ def _ssh_blob_strings(blob: bytes) -> list[bytes]:
 
 
 def _ssh_key(value, index: int) -> str:
-    field = f"ssh_public_keys[{index}]"
+    field = f"ssh_public_keys.{index}"
     if not isinstance(value, str):
         raise _fail("An SSH public key must be a string.", field)
     fields = value.strip().split(None, 2)
@@ -143,9 +143,9 @@ def _ports(value) -> list[int]:
     ports: list[int] = []
     for i, port in enumerate(value):
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise _fail("A port is an integer from 1 to 65535.", f"ports[{i}]")
+            raise _fail("A port is an integer from 1 to 65535.", f"ports.{i}")
         if port in ports:
-            raise _fail(f"Port {port} is listed twice.", f"ports[{i}]")
+            raise _fail(f"Port {port} is listed twice.", f"ports.{i}")
         ports.append(port)
     return ports
 

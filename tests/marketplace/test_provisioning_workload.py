@@ -117,7 +117,7 @@ def test_it_accepts_valid_ssh_keys(key):
 def test_it_rejects_invalid_ssh_keys(key):
     with pytest.raises(ValidationFailed) as error:
         workload_validate({"ssh_public_keys": [ssh_key(), key]})
-    assert error.value.field == "workload.ssh_public_keys[1]"
+    assert error.value.field == "workload.ssh_public_keys.1"
 
 
 @pytest.mark.parametrize(
@@ -141,11 +141,11 @@ def test_it_rejects_invalid_environment(env, field):
 @pytest.mark.parametrize(
     ("ports", "field"),
     [
-        ([0], "workload.ports[0]"),
-        ([65536], "workload.ports[0]"),
-        ([22, "80"], "workload.ports[1]"),
-        ([True], "workload.ports[0]"),
-        ([80, 80], "workload.ports[1]"),
+        ([0], "workload.ports.0"),
+        ([65536], "workload.ports.0"),
+        ([22, "80"], "workload.ports.1"),
+        ([True], "workload.ports.0"),
+        ([80, 80], "workload.ports.1"),
         (list(range(1, 18)), "workload.ports"),
         (8080, "workload.ports"),
     ],
