@@ -40,6 +40,7 @@ from marketplace.models import (
     ReservationTransition,
     Tier,
 )
+from marketplace.provisioning.scheduler import provisioning_kick, release_kick
 from marketplace.selectors.availability import Offer, availability_search, site_model_offer
 from marketplace.services.allocation import allocation_place
 from marketplace.services.pricing import period_total, validate_tier_term
@@ -393,6 +394,9 @@ def _book(
         cause="created from quote " + quote.public_id if quote else "created",
         actor_label=f"user:{user.pk}" if user else "api",
     )
+    if status == S.SCHEDULED:
+        # Due now: start provisioning once this commits rather than at the next dispatch tick.
+        provisioning_kick(reservation.pk)
     return reservation
 
 
@@ -410,6 +414,9 @@ def reservation_cancel(
     )
     updated.cancellation = {**terms.as_dict(), "reason": reason, "actor_label": actor_label}
     updated.save(update_fields=["cancellation", "updated_at"])
+    if to_status == S.RELEASING:
+        # Billed until released_at: tear down promptly rather than when the sweeper notices.
+        release_kick(updated.pk)
     return updated
 
 

@@ -92,8 +92,7 @@ def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_
         env["CELERY_VISIBILITY_TIMEOUT_SECONDS"] = "4"
     worker.start(**env)
     market = market_create(nodes=1, gpus=4)
-    r = market.book()
-    reservations_dispatch_due()  # provisioning, and the task enqueued on commit
+    r = market.book()  # starts now: reservation_create enqueues its provision on commit
 
     wait_for(lambda: driver_log(r) == ["prepare"], timeout=15, what="the driver to be preparing")
     worker.kill()  # SIGKILL the whole worker while prepare is in progress
@@ -127,8 +126,8 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
     caplog.set_level(logging.WARNING, logger="marketplace.provisioning.scheduler")
     with broker_url_for_this_process(CLOSED_PORT_BROKER):
         with transaction.atomic():
-            kicked = market.book()
-            provisioning_kick(kicked.pk)  # what reservation_create's on_commit does
+            kicked = market.book()  # reservation_create kicks on commit: that send fails
+            provisioning_kick(kicked.pk)  # a second kick in the same transaction fails too
         other = market.book()
         counts = reservations_dispatch_due()  # its enqueues after commit fail too
 
@@ -136,7 +135,8 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
     assert Reservation.objects.filter(pk__in=[kicked.pk, other.pk]).count() == 2
     assert [_status(kicked), _status(other)] == [S.SCHEDULED, S.SCHEDULED]
     failures = [m for m in caplog.messages if "could not enqueue" in m]
-    assert len(failures) == 2  # the kick, then the dispatcher's batch: logged, not raised
+    # Three kicks (two of kicked, one of other), then the dispatcher's batch: logged, not raised.
+    assert len(failures) == 4
     assert redis_test_client().llen(broker) == 0
     # The failed enqueues left no marker: the next tick does not wait for the redispatch delay.
     assert ProvisioningDispatch.objects.count() == 0
@@ -151,9 +151,7 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
 def test_a_reservation_due_while_redis_was_down_is_dispatched_by_beat_once_it_is_back(worker):
     market = market_create(nodes=1, gpus=4)
     with broker_url_for_this_process(CLOSED_PORT_BROKER):
-        with transaction.atomic():
-            r = market.book()
-            provisioning_kick(r.pk)
+        r = market.book()  # its kick on commit fails: nothing is queued
     assert _status(r) == S.SCHEDULED
 
     worker.start(beat=True, PROVISIONING_DISPATCH_INTERVAL_SECONDS="1")

@@ -17,7 +17,12 @@ from marketplace.provisioning.services import (
     reservation_release_step,
 )
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
-from tests.provisioning_support import market_create, ssh_key, statuses
+from tests.provisioning_support import (  # noqa: F401 (broker_fixture is a fixture)
+    broker_fixture,
+    market_create,
+    ssh_key,
+    statuses,
+)
 
 pytestmark = [pytest.mark.usefixtures("allow_all_funding")]
 S = ReservationStatus
@@ -217,6 +222,7 @@ def test_a_workload_failure_reported_by_the_agent_fails_the_reservation_uncharge
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("broker")  # the booking's provision kick lands in a private queue
 def test_the_site_agent_command_runs_the_jobs_over_http(live_server):
     market = market_create(nodes=1, gpus=4)
     r = market.book(gpu_count=1, workload={"ports": [8888]})
