@@ -2,23 +2,29 @@
 
 Reservation status is never edited in a form: staff cancel through the same service customers
 use (so the refund terms are computed and recorded), and every transition shows inline.
-Quotes, transitions and allocations are records, read-only here.
+Quotes, transitions and allocations are records, read-only here, as are the provisioning
+records (attempts, site-agent jobs, reservation outages): the workers and agents write them.
 """
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 
 from config.errors import ApplicationError
 from marketplace.models import (
+    AgentJob,
     Allocation,
     ApiKey,
     Membership,
     Organization,
     PricingPolicy,
+    ProvisioningAttempt,
     Quote,
     RateCard,
     Reservation,
+    ReservationOutage,
     ReservationTransition,
 )
 from marketplace.services.api_keys import api_key_revoke
@@ -36,6 +42,27 @@ class ReadOnlyInline(admin.TabularInline):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records written by services, tasks and agents: staff look, never edit."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+def _admin_link(obj: Model | None, label: str | None = None) -> str:
+    if obj is None:
+        return "-"
+    meta = obj._meta
+    url = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, label or str(obj))
 
 
 class MembershipInline(admin.TabularInline):
@@ -150,6 +177,27 @@ class AllocationInline(ReadOnlyInline):
         return super().get_queryset(request).select_related("gpu__node", "node")
 
 
+class OutageInline(ReadOnlyInline):
+    model = ReservationOutage
+    fields = ["node", "started_at", "ended_at", "cause", "detail", "source_outage"]
+    readonly_fields = fields
+    ordering = ["started_at", "id"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("node", "source_outage")
+
+
+class AgentJobInline(ReadOnlyInline):
+    model = AgentJob
+    # The payload holds the workload's secrets: not shown.
+    fields = ["kind", "node", "status", "attempts", "lease_expires_at", "error", "finished_at"]
+    readonly_fields = fields
+    ordering = ["id"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("node")
+
+
 @admin.register(Reservation)
 class ReservationAdmin(admin.ModelAdmin):
     list_display = [
@@ -169,7 +217,7 @@ class ReservationAdmin(admin.ModelAdmin):
     search_fields = ["public_id", "organization__name", "organization__public_id"]
     list_select_related = ["organization", "gpu_model", "site"]
     date_hierarchy = "starts_at"
-    inlines = [TransitionInline, AllocationInline]
+    inlines = [TransitionInline, AllocationInline, OutageInline, AgentJobInline]
     actions = ["cancel"]
     readonly_fields = [
         "public_id",
@@ -241,3 +289,111 @@ class AllocationAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(ProvisioningAttempt)
+class ProvisioningAttemptAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "reservation_link",
+        "kind",
+        "number",
+        "outcome",
+        "worker",
+        "started_at",
+        "finished_at",
+        "next_attempt_at",
+    ]
+    list_filter = ["kind", "outcome"]
+    search_fields = ["reservation__public_id", "worker", "error"]
+    list_select_related = ["reservation"]
+    date_hierarchy = "started_at"
+    readonly_fields = ["reservation_link", *list_display[2:], "error"]
+    fields = readonly_fields
+
+    @admin.display(description="reservation", ordering="reservation_id")
+    def reservation_link(self, obj: ProvisioningAttempt) -> str:
+        return _admin_link(obj.reservation, obj.reservation.public_id)
+
+
+@admin.register(AgentJob)
+class AgentJobAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "kind",
+        "status",
+        "reservation_link",
+        "node_link",
+        "attempts",
+        "lease_expires_at",
+        "created_at",
+        "finished_at",
+    ]
+    list_filter = ["kind", "status", "node__site"]
+    search_fields = ["reservation__public_id", "node__hostname", "lease_owner", "error"]
+    list_select_related = ["reservation", "node"]
+    # The payload holds the workload's secrets (environment values): never shown here.
+    readonly_fields = [
+        "reservation_link",
+        "node_link",
+        "kind",
+        "status",
+        "lease_owner",
+        "lease_expires_at",
+        "attempts",
+        "progress",
+        "result",
+        "error",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    ]
+    fields = readonly_fields
+
+    @admin.display(description="reservation", ordering="reservation_id")
+    def reservation_link(self, obj: AgentJob) -> str:
+        return _admin_link(obj.reservation, obj.reservation.public_id)
+
+    @admin.display(description="node", ordering="node__hostname")
+    def node_link(self, obj: AgentJob) -> str:
+        return _admin_link(obj.node, obj.node.hostname)
+
+
+@admin.register(ReservationOutage)
+class ReservationOutageAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "reservation_link",
+        "node_link",
+        "cause",
+        "started_at",
+        "ended_at",
+        "source_outage_link",
+    ]
+    list_filter = ["cause", ("ended_at", admin.EmptyFieldListFilter), "node__site"]
+    search_fields = ["reservation__public_id", "node__hostname", "detail"]
+    list_select_related = ["reservation", "node", "source_outage"]
+    date_hierarchy = "started_at"
+    readonly_fields = [
+        "reservation_link",
+        "node_link",
+        "source_outage_link",
+        "cause",
+        "detail",
+        "started_at",
+        "ended_at",
+        "created_at",
+    ]
+    fields = readonly_fields
+
+    @admin.display(description="reservation", ordering="reservation_id")
+    def reservation_link(self, obj: ReservationOutage) -> str:
+        return _admin_link(obj.reservation, obj.reservation.public_id)
+
+    @admin.display(description="node", ordering="node__hostname")
+    def node_link(self, obj: ReservationOutage) -> str:
+        return _admin_link(obj.node, obj.node.hostname)
+
+    @admin.display(description="inventory outage")
+    def source_outage_link(self, obj: ReservationOutage) -> str:
+        return _admin_link(obj.source_outage)
