@@ -107,6 +107,34 @@ class WorkloadOutput(serializers.Serializer):
     ports = serializers.ListField(child=serializers.IntegerField())
 
 
+class ConnectionNodeOutput(serializers.Serializer):
+    host = serializers.CharField()
+    ssh_port = serializers.IntegerField()
+    ports = serializers.DictField(
+        child=serializers.IntegerField(),
+        default=dict,
+        help_text="Workload port → port to connect to.",
+    )
+    gpu_indexes = serializers.ListField(child=serializers.IntegerField(), required=False)
+
+
+class ConnectionOutput(serializers.Serializer):
+    host = serializers.CharField(help_text="The entry point (the first node).")
+    ssh_port = serializers.IntegerField()
+    ports = serializers.DictField(
+        child=serializers.IntegerField(),
+        default=dict,
+        help_text="Workload port → port to connect to.",
+    )
+    nodes = ConnectionNodeOutput(many=True, required=False, help_text="Every node, in order.")
+
+
+class OutageOutput(serializers.Serializer):
+    started_at = serializers.DateTimeField()
+    ended_at = serializers.DateTimeField(allow_null=True, help_text="null while still open.")
+    cause = serializers.CharField()
+
+
 class ReservationOutput(serializers.Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(choices=ReservationStatus.choices)
@@ -148,7 +176,11 @@ class ReservationDetailOutput(ReservationOutput):
     workload = serializers.SerializerMethodField()
     allocations = serializers.SerializerMethodField()
     connection = serializers.SerializerMethodField(
-        help_text="Host and ports; only while the reservation is active."
+        help_text="Host, SSH port and mapped ports; only while the reservation is active."
+    )
+    outages = OutageOutput(
+        many=True,
+        help_text="Time the reservation was not served (a node out); not charged.",
     )
     cancellation = serializers.JSONField(
         allow_null=True, help_text="The refund terms applied, once cancelled."
@@ -175,11 +207,11 @@ class ReservationDetailOutput(ReservationOutput):
             "nodes": [{"hostname": h, "gpus": n} for h, n in per_node.items()],
         }
 
-    @extend_schema_field(serializers.JSONField(allow_null=True))
+    @extend_schema_field(ConnectionOutput(allow_null=True))
     def get_connection(self, reservation) -> dict | None:
-        if reservation.status != ReservationStatus.ACTIVE:
+        if reservation.status != ReservationStatus.ACTIVE or not reservation.connection:
             return None
-        return reservation.connection or None
+        return ConnectionOutput(reservation.connection).data
 
     def to_representation(self, reservation):
         data = super().to_representation(reservation)

@@ -36,7 +36,7 @@ class JobStateSerializer(serializers.Serializer):
 class AgentJobLeaseApi(_AgentApi):
     """Lease this node's next job. 204 when there is none."""
 
-    class InputSerializer(serializers.Serializer):
+    class AgentJobLeaseInputSerializer(serializers.Serializer):
         lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
 
     class OutputSerializer(serializers.Serializer):
@@ -49,12 +49,12 @@ class AgentJobLeaseApi(_AgentApi):
         attempts = serializers.IntegerField()
 
     @extend_schema(
-        request=InputSerializer,
+        request=AgentJobLeaseInputSerializer,
         responses={200: OutputSerializer, 204: None},
         operation_id="agent_job_lease",
     )
     def post(self, request: Request) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        serializer = self.AgentJobLeaseInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         job = agent_job_lease(
             node=request.user.node, lease_seconds=serializer.validated_data.get("lease_seconds")
@@ -68,18 +68,18 @@ class AgentJobLeaseApi(_AgentApi):
 class AgentJobProgressApi(_AgentApi):
     """Report progress on a leased job; extends the lease."""
 
-    class InputSerializer(serializers.Serializer):
+    class AgentJobProgressInputSerializer(serializers.Serializer):
         lease_id = serializers.CharField(max_length=64)
         progress = serializers.DictField(required=False, default=dict)
         lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
 
     @extend_schema(
-        request=InputSerializer,
+        request=AgentJobProgressInputSerializer,
         responses={200: JobStateSerializer},
         operation_id="agent_job_progress",
     )
     def post(self, request: Request, job_id: int) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        serializer = self.AgentJobProgressInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         job = agent_job_progress(
@@ -104,17 +104,17 @@ class AgentJobCompleteApi(_AgentApi):
         container_id = serializers.CharField(max_length=128, required=False)
         detail = serializers.CharField(max_length=2000, required=False)
 
-    class InputSerializer(serializers.Serializer):
+    class AgentJobCompleteInputSerializer(serializers.Serializer):
         lease_id = serializers.CharField(max_length=64)
         result = serializers.DictField(required=False, default=dict)
 
     @extend_schema(
-        request=InputSerializer,
+        request=AgentJobCompleteInputSerializer,
         responses={200: JobStateSerializer},
         operation_id="agent_job_complete",
     )
     def post(self, request: Request, job_id: int) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        serializer = self.AgentJobCompleteInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         result = self.ResultSerializer(data=serializer.validated_data["result"])
         result.is_valid(raise_exception=True)
@@ -130,18 +130,18 @@ class AgentJobCompleteApi(_AgentApi):
 class AgentJobFailApi(_AgentApi):
     """The job failed; node_failure says the node itself is bad (it is taken out of sale)."""
 
-    class InputSerializer(serializers.Serializer):
+    class AgentJobFailInputSerializer(serializers.Serializer):
         lease_id = serializers.CharField(max_length=64)
         error = serializers.CharField(max_length=2000)
         node_failure = serializers.BooleanField(default=False)
 
     @extend_schema(
-        request=InputSerializer,
+        request=AgentJobFailInputSerializer,
         responses={200: JobStateSerializer},
         operation_id="agent_job_fail",
     )
     def post(self, request: Request, job_id: int) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        serializer = self.AgentJobFailInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         job = agent_job_fail(

@@ -5,7 +5,13 @@ from datetime import datetime
 from django.db.models import Prefetch, QuerySet
 
 from config.errors import NotFound
-from marketplace.models import Allocation, Organization, Reservation, ReservationTransition
+from marketplace.models import (
+    Allocation,
+    Organization,
+    Reservation,
+    ReservationOutage,
+    ReservationTransition,
+)
 
 __all__ = ["reservation_list_for_org", "reservation_get_for_org"]
 
@@ -40,7 +46,7 @@ def reservation_list_for_org(
 
 
 def reservation_get_for_org(*, organization: Organization, public_id: str) -> Reservation:
-    """One reservation with its transitions and allocations (GPU and node) prefetched."""
+    """One reservation with its transitions, allocations (GPU and node) and outages prefetched."""
     reservation = (
         Reservation.objects.filter(organization=organization, public_id=public_id)
         .select_related("site", "gpu_model", "quote", "organization")
@@ -52,6 +58,7 @@ def reservation_get_for_org(*, organization: Organization, public_id: str) -> Re
                     "node_id", "gpu__index", "id"
                 ),
             ),
+            Prefetch("outages", queryset=ReservationOutage.objects.order_by("started_at", "id")),
         )
         .first()
     )
