@@ -52,6 +52,10 @@ app.conf.update(
             "task": "marketplace.tasks.reservation_outages_reconcile",
             "schedule": 15.0,
         },
+        "marketplace-purge-idempotency-records": {
+            "task": "marketplace.tasks.idempotency_records_purge",
+            "schedule": 3600.0,
+        },
         "billing-outbox-flush": {"task": "billing.tasks.outbox_flush", "schedule": 30.0},
         "billing-usage-meter": {"task": "billing.tasks.usage_meter", "schedule": 60.0},
         "billing-webhook-sweep": {"task": "billing.tasks.webhook_sweep", "schedule": 60.0},

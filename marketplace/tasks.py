@@ -10,6 +10,7 @@ import logging
 
 from celery import shared_task
 
+from marketplace.api.idempotency import idempotency_records_purge as _idempotency_records_purge
 from marketplace.provisioning import scheduler, services
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ def reservations_sweep_stuck() -> dict:
 @shared_task(name="marketplace.tasks.reservation_outages_reconcile")
 def reservation_outages_reconcile() -> tuple[int, int]:
     return services.reservation_outages_reconcile()
+
+
+@shared_task(name="marketplace.tasks.idempotency_records_purge")
+def idempotency_records_purge() -> int:
+    """Hourly: forget Idempotency-Key records past their 24-hour life (claims ignore them)."""
+    return _idempotency_records_purge()
 
 
 _counter_client = None
