@@ -91,16 +91,15 @@ class NodeCapacity:
 # - one model or one site (placement, most searches): a probe per node into allocation_live_node_period_idx,
 #   whose cost follows the candidate node count instead of the window's allocations.
 _CANDIDATE_NODES_SQL = """
-WITH win AS (SELECT tstzrange(%(starts_at)s, %(ends_at)s, '[)') AS r),
-node_c AS (
+WITH node_c AS (
     SELECT n.id, n.site_id, n.gpu_model_id
     FROM inventory_node n
     JOIN inventory_site s ON s.id = n.site_id
     JOIN inventory_gpumodel m ON m.id = n.gpu_model_id
     WHERE n.status = 'available' AND s.status = 'active' {filters}
       AND NOT EXISTS (
-          SELECT 1 FROM inventory_maintenancewindow w, win
-          WHERE w.node_id = n.id AND w.period && win.r)
+          SELECT 1 FROM inventory_maintenancewindow w
+          WHERE w.node_id = n.id AND w.period && {window})
 ),
 {nodes_cte}
 """
@@ -108,8 +107,8 @@ node_c AS (
 _NODES_BY_HASH = """
 busy AS (
     SELECT DISTINCT a.gpu_id
-    FROM marketplace_allocation a, win
-    WHERE a.is_live AND a.period && win.r
+    FROM marketplace_allocation a
+    WHERE a.is_live AND a.period && {window}
 ),
 nodes AS (
     SELECT c.id, c.site_id, c.gpu_model_id,
@@ -127,8 +126,8 @@ nodes AS MATERIALIZED (
     SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy,
            gc.healthy - (
                SELECT count(DISTINCT a.gpu_id)
-               FROM marketplace_allocation a, win
-               WHERE a.is_live AND a.node_id = c.id AND a.period && win.r
+               FROM marketplace_allocation a
+               WHERE a.is_live AND a.node_id = c.id AND a.period && {window}
                  AND a.gpu_id <> ALL(gc.failed)) AS free
     FROM node_c c
     CROSS JOIN LATERAL (
@@ -142,22 +141,28 @@ nodes AS MATERIALIZED (
 
 # One model at every site: one scan of that model's live allocations in the window through
 # alloc_live_model_period_idx (allocation.gpu_model_id is kept by triggers), the distinct busy
-# GPUs gathered per node and taken from the node's healthy GPUs. Failed GPUs are not healthy,
-# so a failed GPU that is also booked is subtracted once only.
+# GPUs counted per node and taken from the node's healthy GPUs. A failed GPU is not healthy, so
+# on a node with failed GPUs those of them that are also booked are added back (a probe into
+# the exclusion constraint's index, made only for such nodes).
 _NODES_BY_MODEL_SCAN = """
 busy AS (
-    SELECT a.node_id, array_agg(DISTINCT a.gpu_id) AS gpu_ids
-    FROM marketplace_allocation a, win
-    WHERE a.is_live AND a.period && win.r
-      AND a.gpu_model_id = (SELECT m.id FROM inventory_gpumodel m WHERE m.slug = %(gpu_model)s)
-    GROUP BY a.node_id
+    SELECT node_id, count(*) AS busy
+    FROM (
+        SELECT DISTINCT a.node_id, a.gpu_id
+        FROM marketplace_allocation a
+        WHERE a.is_live AND a.period && {window}
+          AND a.gpu_model_id = (SELECT m.id FROM inventory_gpumodel m WHERE m.slug = %(gpu_model)s)
+    ) busy_gpus
+    GROUP BY node_id
 ),
 nodes AS MATERIALIZED (
     SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy,
            gc.healthy - CASE
-               WHEN b.gpu_ids IS NULL THEN 0
-               WHEN cardinality(gc.failed) = 0 THEN cardinality(b.gpu_ids)
-               ELSE (SELECT count(*) FROM unnest(b.gpu_ids) x WHERE x <> ALL(gc.failed))
+               WHEN b.busy IS NULL THEN 0
+               WHEN cardinality(gc.failed) = 0 THEN b.busy
+               ELSE b.busy - (
+                   SELECT count(DISTINCT a.gpu_id) FROM marketplace_allocation a
+                   WHERE a.is_live AND a.gpu_id = ANY(gc.failed) AND a.period && {window})
            END AS free
     FROM node_c c
     CROSS JOIN LATERAL (
@@ -173,8 +178,13 @@ PROBE, HASH, MODEL_SCAN = "probe", "hash", "model_scan"
 _NODES_CTES = {PROBE: _NODES_BY_PROBE, HASH: _NODES_BY_HASH, MODEL_SCAN: _NODES_BY_MODEL_SCAN}
 
 
+# The window is written out where it is used (not a CTE), so the planner sees the range.
+_WINDOW = "tstzrange(%(starts_at)s, %(ends_at)s, '[)')"
+
+
 def _sql(tail: str, *, filters: str, strategy: str) -> str:
-    return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=_NODES_CTES[strategy]) + tail
+    nodes_cte = _NODES_CTES[strategy].replace("{window}", _WINDOW)
+    return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=nodes_cte, window=_WINDOW) + tail
 
 
 def _strategy(*, gpu_model: str | None, site: str | None) -> str:
