@@ -17,6 +17,7 @@ Billing counts only activated_at → released_at minus ReservationOutage interva
 reservation that fails during provisioning never gets an activated_at, so it costs nothing.
 """
 
+import json
 import logging
 import os
 import socket
@@ -56,7 +57,10 @@ from marketplace.provisioning.drivers import (
     WorkloadFailure,
     driver_get,
 )
-from marketplace.services.transitions import reservation_transition
+from marketplace.services.transitions import (
+    reservation_transition,
+    reservation_transition_check,
+)
 
 __all__ = [
     "StepResult",
@@ -256,25 +260,22 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         if reservation is None:
             return StepResult("noop", detail="no such reservation")
         now = timezone.now()
+        moves: list[tuple[str, str, str]] = []
         if reservation.status in (S.PENDING, S.SCHEDULED):
             if reservation.starts_at > now:
                 return StepResult("noop", detail="not due yet")
             if reservation.status == S.PENDING:
-                reservation = reservation_transition(
-                    reservation=reservation,
-                    to_status=S.SCHEDULED,
-                    cause="start time reached",
-                    actor_label=ACTOR,
-                )
-            reservation = reservation_transition(
-                reservation=reservation,
-                to_status=S.PROVISIONING,
-                cause="provisioning started",
-                actor_label=ACTOR,
-            )
+                moves.append((S.PENDING, S.SCHEDULED, "start time reached"))
+            moves.append((S.SCHEDULED, S.PROVISIONING, "provisioning started"))
         elif reservation.status != S.PROVISIONING:
             return StepResult("noop", detail=f"reservation is {reservation.status}")
-        attempt, failures, resumed = _attempt_start(reservation, ProvisioningKind.PROVISION, now)
+        for from_status, to_status, _cause in moves:
+            reservation_transition_check(
+                from_status=from_status, to_status=to_status, tier=reservation.tier
+            )
+        attempt, failures, resumed, target, node_states = _provision_claim(
+            reservation, moves=moves, now=now
+        )
         if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
             _fail(reservation, f"Provisioning failed {failures} times; giving up.")
@@ -283,7 +284,6 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
             _fail(reservation, "The reservation's period ended before it could be provisioned.")
             return StepResult("failed", detail="period over")
-        target, node_states = _target(reservation)
 
     try:
         _refuse_unusable_nodes(node_states)
@@ -331,21 +331,176 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         )
         return StepResult("waiting", retry_in=WAITING_RECHECK_SECONDS, detail=check.detail)
 
-    with transaction.atomic():
-        # The UPDATE locks the row and checks the status in one statement.
-        still_provisioning = Reservation.objects.filter(
-            pk=reservation_id, status=S.PROVISIONING
-        ).update(connection=check.connection, updated_at=timezone.now())
-        if not still_provisioning:
-            # Cancelled (or failed by staff) while we were starting it: take it down again.
-            _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error="left provisioning meanwhile")
-            transaction.on_commit(lambda: _stop_quietly(driver, target))
-            return StepResult("noop", detail="reservation left provisioning meanwhile")
-        reservation_transition(
-            reservation=reservation, to_status=S.ACTIVE, cause="workload running", actor_label=ACTOR
-        )
-        _attempt_finish(attempt, AttemptOutcome.SUCCEEDED)
+    if not _provision_activate(reservation, attempt=attempt, connection_details=check.connection):
+        # Cancelled (or failed by staff) while we were starting it: take it down again.
+        transaction.on_commit(lambda: _stop_quietly(driver, target))
+        return StepResult("noop", detail="reservation left provisioning meanwhile")
     return StepResult("active")
+
+
+# The provision step's two writes, each one statement (see _provision_claim and
+# _provision_activate): a provision task is a few round trips, not two dozen, which is most of
+# what limits how many reservations per second the workers start.
+_CLAIM_SQL = """
+WITH prev AS (
+    SELECT coalesce(max(number), 0) AS last_number,
+           count(*) FILTER (WHERE outcome = ANY(%(failed)s)) AS failures,
+           count(*) FILTER (WHERE outcome = %(running)s) AS running,
+           (array_agg(outcome ORDER BY number DESC))[1] AS last_outcome
+    FROM marketplace_provisioningattempt
+    WHERE reservation_id = %(rid)s AND kind = %(kind)s
+), abandoned AS (
+    UPDATE marketplace_provisioningattempt
+    SET outcome = %(abandoned)s, finished_at = %(now)s, error = 'The worker stopped mid-attempt.'
+    WHERE reservation_id = %(rid)s AND kind = %(kind)s AND outcome = %(running)s
+), moved AS (
+    UPDATE marketplace_reservation
+    SET status = %(to_status)s, status_reason = %(reason)s, updated_at = %(now)s
+    WHERE id = %(rid)s AND cardinality(%(tos)s::text[]) > 0
+), recorded AS (
+    INSERT INTO marketplace_reservationtransition
+        (reservation_id, from_status, to_status, cause, actor_label, at)
+    SELECT %(rid)s, m.f, m.t, m.c, %(actor)s, %(now)s
+    FROM unnest(%(froms)s::text[], %(tos)s::text[], %(causes)s::text[])
+        WITH ORDINALITY AS m(f, t, c, n)
+    ORDER BY m.n
+), attempt AS (
+    INSERT INTO marketplace_provisioningattempt
+        (reservation_id, kind, number, outcome, error, worker, started_at)
+    SELECT %(rid)s, %(kind)s, prev.last_number + 1, %(running)s, '', %(worker)s, %(now)s
+    FROM prev
+    RETURNING id, number
+)
+SELECT attempt.id, attempt.number, prev.failures + prev.running, prev.running,
+       prev.last_outcome,
+       (SELECT coalesce(json_agg(json_build_array(a.node_id, n.hostname, n.status, g.index)
+                                 ORDER BY a.node_id, g.index), '[]'::json)
+        FROM marketplace_allocation a
+        JOIN inventory_node n ON n.id = a.node_id
+        JOIN inventory_gpu g ON g.id = a.gpu_id
+        WHERE a.reservation_id = %(rid)s AND a.is_live)
+FROM attempt, prev
+"""
+
+
+def _provision_claim(
+    reservation: Reservation, *, moves: list[tuple[str, str, str]], now: datetime
+) -> tuple[ProvisioningAttempt, int, bool, Target, list[tuple[int, str, str]]]:
+    """Under the row lock, in one statement: make the (already checked) moves to provisioning
+    with their transition records, mark attempts a dead worker left running as abandoned,
+    record the new attempt, and read the live placement.
+
+    Returns the attempt, the failures so far (abandoned ones included), whether the last
+    attempt was waiting on the driver, the driver's target and (node id, hostname, status) of
+    its nodes. `reservation` is updated in memory to match.
+    """
+    kind = ProvisioningKind.PROVISION
+    params = {
+        "rid": reservation.pk,
+        "kind": kind.value,
+        "now": now,
+        "failed": [o.value for o in FAILED_OUTCOMES],
+        "running": AttemptOutcome.RUNNING.value,
+        "abandoned": AttemptOutcome.ABANDONED.value,
+        "froms": [str(f) for f, _t, _c in moves],
+        "tos": [str(t) for _f, t, _c in moves],
+        "causes": [c for _f, _t, c in moves],
+        "to_status": str(moves[-1][1]) if moves else reservation.status,
+        "reason": moves[-1][2] if moves else reservation.status_reason,
+        "actor": ACTOR,
+        "worker": _worker_label(),
+    }
+    with connection.cursor() as cur:
+        cur.execute(_CLAIM_SQL, params)
+        attempt_id, number, failures, _abandoned, last_outcome, placement = cur.fetchone()
+    if moves:
+        reservation.status = moves[-1][1]
+        reservation.status_reason = moves[-1][2]
+        reservation.updated_at = now
+    attempt = ProvisioningAttempt(
+        pk=attempt_id,
+        reservation=reservation,
+        kind=kind,
+        number=number,
+        outcome=AttemptOutcome.RUNNING,
+        worker=params["worker"],
+        started_at=now,
+    )
+    if isinstance(placement, str):
+        placement = json.loads(placement)
+    by_node: dict[int, NodeTarget] = {}
+    node_states: dict[int, tuple[int, str, str]] = {}
+    for node_id, hostname, node_status, gpu_index in placement:
+        indexes = (by_node[node_id].gpu_indexes if node_id in by_node else ()) + (gpu_index,)
+        by_node[node_id] = NodeTarget(node_id, hostname, indexes)
+        node_states[node_id] = (node_id, hostname, node_status)
+    target = Target(
+        reservation_id=reservation.pk,
+        public_id=reservation.public_id,
+        workload=reservation.workload or {},
+        nodes=tuple(by_node.values()),
+    )
+    return (
+        attempt,
+        failures,
+        last_outcome == AttemptOutcome.WAITING,
+        target,
+        list(node_states.values()),
+    )
+
+
+_ACTIVATE_SQL = """
+WITH activated AS (
+    UPDATE marketplace_reservation
+    SET status = %(active)s, status_reason = %(cause)s, connection = %(connection)s::jsonb,
+        activated_at = coalesce(activated_at, %(now)s), updated_at = %(now)s
+    WHERE id = %(rid)s AND status = %(provisioning)s
+    RETURNING id
+), recorded AS (
+    INSERT INTO marketplace_reservationtransition
+        (reservation_id, from_status, to_status, cause, actor_label, at)
+    SELECT id, %(provisioning)s, %(active)s, %(cause)s, %(actor)s, %(now)s FROM activated
+), finished AS (
+    UPDATE marketplace_provisioningattempt
+    SET outcome = CASE WHEN EXISTS (SELECT 1 FROM activated)
+                       THEN %(succeeded)s ELSE %(gave_up)s END,
+        error = CASE WHEN EXISTS (SELECT 1 FROM activated)
+                     THEN '' ELSE 'left provisioning meanwhile' END,
+        finished_at = %(now)s, next_attempt_at = NULL
+    WHERE id = %(attempt)s
+)
+SELECT count(*) FROM activated
+"""
+
+
+def _provision_activate(
+    reservation: Reservation, *, attempt: ProvisioningAttempt, connection_details: dict
+) -> bool:
+    """provisioning → active with the connection details, its transition record and the
+    attempt's outcome, in one statement (atomic by itself). The UPDATE takes the row lock and
+    checks the status, so a reservation cancelled meanwhile is left alone (the attempt is
+    recorded as given up) and False is returned."""
+    reservation_transition_check(
+        from_status=S.PROVISIONING, to_status=S.ACTIVE, tier=reservation.tier
+    )
+    with connection.cursor() as cur:
+        cur.execute(
+            _ACTIVATE_SQL,
+            {
+                "rid": reservation.pk,
+                "attempt": attempt.pk,
+                "now": timezone.now(),
+                "active": S.ACTIVE.value,
+                "provisioning": S.PROVISIONING.value,
+                "cause": "workload running",
+                "actor": ACTOR,
+                "connection": json.dumps(connection_details),
+                "succeeded": AttemptOutcome.SUCCEEDED.value,
+                "gave_up": AttemptOutcome.GAVE_UP.value,
+            },
+        )
+        (activated,) = cur.fetchone()
+    return bool(activated)
 
 
 def _refuse_unusable_nodes(node_states: list[tuple[int, str, str]]) -> None:

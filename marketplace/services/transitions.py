@@ -39,6 +39,7 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "TERMINAL_STATUSES",
     "reservation_transition",
+    "reservation_transition_check",
     "reservation_allowed_actions",
     "reservation_action_refusal",
 ]
@@ -76,18 +77,7 @@ def reservation_transition(
     """
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
     from_status = locked.status
-    if to_status not in S.values:
-        raise InvalidTransition(f"Unknown reservation status {to_status!r}.", field="status")
-    if to_status not in ALLOWED_TRANSITIONS[from_status]:
-        raise InvalidTransition(
-            f"A reservation cannot go from {from_status} to {to_status}.",
-            code="invalid_transition",
-        )
-    if to_status == S.PREEMPTED and locked.tier != Tier.INTERRUPTIBLE:
-        raise InvalidTransition(
-            f"Only interruptible reservations can be preempted; this one is {locked.tier}.",
-            code="not_preemptible",
-        )
+    reservation_transition_check(from_status=from_status, to_status=to_status, tier=locked.tier)
 
     now = timezone.now()
     locked.status = to_status
@@ -109,6 +99,26 @@ def reservation_transition(
         actor_label=actor_label,
     )
     return locked
+
+
+def reservation_transition_check(*, from_status: str, to_status: str, tier: str) -> None:
+    """Raise InvalidTransition unless the state machine allows this move (no database access).
+
+    reservation_transition applies it; a caller that writes moves in its own SQL (the
+    provisioning fast path) must apply it too, under the row lock.
+    """
+    if to_status not in S.values:
+        raise InvalidTransition(f"Unknown reservation status {to_status!r}.", field="status")
+    if to_status not in ALLOWED_TRANSITIONS[from_status]:
+        raise InvalidTransition(
+            f"A reservation cannot go from {from_status} to {to_status}.",
+            code="invalid_transition",
+        )
+    if to_status == S.PREEMPTED and tier != Tier.INTERRUPTIBLE:
+        raise InvalidTransition(
+            f"Only interruptible reservations can be preempted; this one is {tier}.",
+            code="not_preemptible",
+        )
 
 
 def _free_allocations(*, reservation_id: int, now) -> None:
