@@ -360,3 +360,62 @@ def test_the_workload_of_a_reservation_that_failed_while_active_is_stopped_once(
     assert reservations_dispatch_due() == {"started": 0, "ended": 0}
     r.refresh_from_db()
     assert r.status == S.FAILED  # no status change, only the stop
+
+
+def test_a_provision_takes_seven_database_round_trips(market, django_assert_num_queries):
+    # Throughput (bench/bench_provisioning.py): advisory lock, begin, row lock, claim (moves,
+    # attempt, placement), commit, activate, unlock. More means a regression.
+    r = market.book(workload={"ports": [8888]})
+
+    with django_assert_num_queries(7):
+        result = reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+
+    r.refresh_from_db()
+    assert result.outcome == "active" and r.status == S.ACTIVE
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+    attempt = ProvisioningAttempt.objects.get(reservation=r)
+    assert (attempt.number, attempt.outcome, attempt.error) == (1, "succeeded", "")
+    assert attempt.finished_at is not None and attempt.next_attempt_at is None
+
+
+def test_a_pending_reservation_past_its_start_records_both_moves_in_order(market):
+    r = market.book(starts_at=timezone.now() + timedelta(hours=2))
+    type(r).objects.filter(pk=r.pk).update(starts_at=timezone.now() - timedelta(seconds=1))
+
+    result = reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+
+    r.refresh_from_db()
+    assert result.outcome == "active"
+    assert statuses(r) == [S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+    assert list(r.transitions.order_by("at", "id").values_list("cause", flat=True)) == [
+        "created",
+        "start time reached",
+        "provisioning started",
+        "workload running",
+    ]
+    assert r.status_reason == "workload running" and r.activated_at is not None
+
+
+def test_a_reservation_cancelled_while_starting_is_not_activated_and_is_stopped(
+    market, calls_log, django_capture_on_commit_callbacks
+):
+    from marketplace.services.reservations import reservation_cancel
+
+    class CancelledMeanwhile(SimulatedDriver):
+        def start_workload(self, target):
+            super().start_workload(target)
+            reservation_cancel(reservation=r, actor_label="user:test")
+
+    r = market.book()
+    with django_capture_on_commit_callbacks(execute=True):
+        result = reservation_provision_step(
+            reservation_id=r.pk, driver=CancelledMeanwhile(log_path=calls_log.path)
+        )
+
+    r.refresh_from_db()
+    assert result.outcome == "noop"
+    assert r.status == S.CANCELLED and r.activated_at is None and r.connection == {}
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.CANCELLED]
+    attempt = ProvisioningAttempt.objects.get(reservation=r)
+    assert (attempt.outcome, attempt.error) == ("gave_up", "left provisioning meanwhile")
+    assert calls_log() == ["prepare", "start", "stop"]
