@@ -11,7 +11,7 @@ may be preempted. All tiers then get the utilisation multiplier, and the final p
 to [floor, ceiling] × list price.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -95,7 +95,13 @@ class PriceBreakdown:
 
     def as_dict(self) -> dict:
         """JSON-safe form (Decimals as strings), as stored on quotes and reservations."""
-        return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in asdict(self).items()}
+        # The fields are flat, so no dataclasses.asdict (it deep-copies every value: a search
+        # serialises one breakdown per offer).
+        return {
+            f.name: (str(v) if isinstance(v, Decimal) else v)
+            for f in fields(self)
+            for v in (getattr(self, f.name),)
+        }
 
 
 # Used when staff have not created a policy yet.
