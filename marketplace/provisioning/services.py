@@ -256,7 +256,7 @@ def reservation_provision_step(
 
 def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepResult:
     with transaction.atomic():
-        reservation = Reservation.objects.select_for_update().filter(pk=reservation_id).first()
+        reservation = _provision_lock_row(reservation_id)
         if reservation is None:
             return StepResult("noop", detail="no such reservation")
         now = timezone.now()
@@ -336,6 +336,36 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         transaction.on_commit(lambda: _stop_quietly(driver, target))
         return StepResult("noop", detail="reservation left provisioning meanwhile")
     return StepResult("active")
+
+
+# In the model's field order, as Model.from_db expects.
+_LOCK_ROW_FIELDS = [
+    f.attname
+    for f in Reservation._meta.concrete_fields
+    if f.attname
+    in {"id", "public_id", "status", "status_reason", "tier", "starts_at", "ends_at", "workload"}
+]
+
+
+def _provision_lock_row(reservation_id: int) -> Reservation | None:
+    """SELECT … FOR UPDATE of what the provision step reads (the other fields load on access).
+
+    Raw, because compiling the ORM query cost more than running it, once per task.
+    """
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT {', '.join(_LOCK_ROW_FIELDS)} FROM marketplace_reservation"
+            " WHERE id = %s FOR UPDATE",
+            [reservation_id],
+        )
+        row = cur.fetchone()
+    if row is None:
+        return None
+    values = list(row)
+    workload_index = _LOCK_ROW_FIELDS.index("workload")
+    if isinstance(values[workload_index], str):  # a driver that does not decode jsonb
+        values[workload_index] = json.loads(values[workload_index])
+    return Reservation.from_db(connection.alias, _LOCK_ROW_FIELDS, values)
 
 
 # The provision step's two writes, each one statement (see _provision_claim and
