@@ -5,8 +5,9 @@ Every step is safe to run twice or after a crash half-way:
 - A PostgreSQL session advisory lock per reservation lets one worker at a time work on it; a
   duplicate delivery that finds the lock taken returns at once. The lock dies with the
   worker's database session, so a killed worker never leaves it behind.
-- The status is checked under the row lock before each move, and every move goes through
-  reservation_transition (which refuses invalid ones): a provision for an active reservation
+- The status is checked under the row lock before each move, and every move is checked
+  against the state machine (reservation_transition, or reservation_transition_check where the
+  provision step writes its moves in one statement): a provision for an active reservation
   is a no-op, a release for a completed one too.
 - Each run records a ProvisioningAttempt (unique per reservation, kind and number); the
   sweeper reads them to tell stuck work from slow work, and gives up after
