@@ -11,10 +11,9 @@ from inventory.tasks import nodes_mark_offline
 from tests.factories import NodeFactory
 from tests.provisioning_support import (
     CeleryWorker,
+    broker_fixture,  # noqa: F401 (a fixture: a private queue on the configured broker)
     broker_idle,
-    broker_url_for_this_process,
     e2e_redis_url,
-    redis_test_client,
     wait_for,
 )
 
@@ -22,18 +21,18 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.celery_worker
 
 
 @pytest.fixture
-def worker(tmp_path):
-    redis_test_client().flushdb()
-    with broker_url_for_this_process(e2e_redis_url()):
-        w = CeleryWorker(
-            database=settings.DATABASES["default"], redis_url=e2e_redis_url(), log_dir=tmp_path
-        )
-        yield w.start(concurrency=2)
-        w.stop()
-    redis_test_client().flushdb()
+def worker(broker, tmp_path):
+    w = CeleryWorker(
+        database=settings.DATABASES["default"],
+        redis_url=e2e_redis_url(),
+        log_dir=tmp_path,
+        env={"CELERY_TASK_DEFAULT_QUEUE": broker},
+    )
+    yield w.start(concurrency=2)
+    w.stop()
 
 
-def test_the_worker_marks_a_silent_node_offline_once_even_when_delivered_twice(worker):
+def test_the_worker_marks_a_silent_node_offline_once_even_when_delivered_twice(worker, broker):
     last = timezone.now() - timedelta(minutes=10)
     node = NodeFactory(last_heartbeat_at=last, gpus=1)
     fresh = NodeFactory(last_heartbeat_at=timezone.now(), gpus=1)
@@ -41,7 +40,7 @@ def test_the_worker_marks_a_silent_node_offline_once_even_when_delivered_twice(w
     for _ in range(3):
         nodes_mark_offline.delay()
 
-    wait_for(broker_idle, timeout=30, what="the worker to run the three sweeps")
+    wait_for(lambda: broker_idle(broker), timeout=30, what="the worker to run the three sweeps")
     node.refresh_from_db()
     fresh.refresh_from_db()
     assert node.status == NodeStatus.OFFLINE
