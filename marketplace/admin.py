@@ -27,6 +27,7 @@ from marketplace.models import (
     ReservationOutage,
     ReservationTransition,
 )
+from marketplace.provisioning.workload import workload_public
 from marketplace.services.api_keys import api_key_revoke
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
@@ -241,16 +242,24 @@ class ReservationAdmin(admin.ModelAdmin):
         "cancellation",
         "activated_at",
         "released_at",
+        "workload_summary",
+        "connection",
         "created_at",
         "updated_at",
     ]
-    fields = [*readonly_fields[:-2], "workload", "connection", *readonly_fields[-2:]]
+    # Everything is shown read-only; changes go through the services (the cancel action).
+    fields = readonly_fields
 
     def has_add_permission(self, request) -> bool:
         return False  # reservations are made through the booking service, never by hand
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+    @admin.display(description="workload")
+    def workload_summary(self, obj: Reservation) -> dict:
+        # Environment values are the customer's secrets: staff see their names only.
+        return workload_public(obj.workload)
 
     @admin.display(description="customer actions now")
     def allowed_actions(self, obj: Reservation) -> str:

@@ -90,3 +90,27 @@ def test_staff_cannot_add_reservations_or_change_quotes(staff_client, reservatio
     assert response.status_code == 403
     quote.refresh_from_db()
     assert quote.gpu_count == 1
+
+
+def test_the_reservation_page_shows_env_names_but_never_their_values(staff_client, reservation):
+    reservation.workload = {
+        "image": "nvcr.io/nvidia/pytorch:24.05-py3",
+        "env": {"HF_TOKEN": "hf_supersecretvalue123"},
+        "ports": [8888],
+    }
+    reservation.save(update_fields=["workload"])
+
+    page = staff_client.get(
+        reverse("admin:marketplace_reservation_change", args=[reservation.pk])
+    ).content.decode()
+
+    assert "HF_TOKEN" in page
+    assert "hf_supersecretvalue123" not in page
+
+
+def test_staff_cannot_edit_a_reservations_workload_by_hand(staff_client, reservation):
+    url = reverse("admin:marketplace_reservation_change", args=[reservation.pk])
+    staff_client.post(url, {"workload": '{"image": "evil:latest"}'})
+
+    reservation.refresh_from_db()
+    assert reservation.workload == {}
