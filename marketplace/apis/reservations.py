@@ -283,9 +283,9 @@ class ReservationListApi(ApiView):
                 region=data.get("region"),
                 workload=workload,
             )
-        return Response(
-            _detail(self.organization, reservation.public_id), status=status.HTTP_201_CREATED
-        )
+        # The service returns the reservation with everything it just wrote (transition,
+        # allocations with their nodes): shown as GET shows it, without reading it back.
+        return Response(ReservationDetailOutput(reservation).data, status=status.HTTP_201_CREATED)
 
 
 def _detail(organization, public_id: str) -> dict:

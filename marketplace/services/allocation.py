@@ -19,6 +19,7 @@ from django.db import IntegrityError, OperationalError, connection, transaction
 from psycopg.types.range import Range
 
 from config.errors import NotAvailable
+from inventory.models import Node
 from marketplace.models import Allocation, Reservation
 from marketplace.selectors.availability import NodeCapacity, node_free_capacity
 
@@ -128,10 +129,12 @@ def _lock_and_insert(
     *, reservation: Reservation, plan, period: Range, gpu_model_id: int
 ) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
+    # SELECT … WHERE id IN (…) ORDER BY id FOR UPDATE: the lock, and the node rows the
+    # allocations are returned with (the caller shows their hostnames without reading again).
+    nodes = {
+        n.pk: n for n in Node.objects.filter(pk__in=node_ids).order_by("pk").select_for_update()
+    }
     with connection.cursor() as cur:
-        cur.execute(
-            "SELECT id FROM inventory_node WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [node_ids]
-        )
         cur.execute(
             _FREE_GPUS_SQL,
             {"node_ids": node_ids, "starts_at": period.lower, "ends_at": period.upper},
@@ -148,7 +151,7 @@ def _lock_and_insert(
             Allocation(
                 reservation=reservation,
                 gpu_id=gpu_id,
-                node_id=node_id,
+                node=nodes[node_id],
                 gpu_model_id=gpu_model_id,  # the trigger sets the same; kept in memory too
                 period=period,
             )

@@ -210,6 +210,8 @@ def reservation_create(
                     workload=workload or {},
                     now=now,
                     first_plan=_plan_from_offer(offer),
+                    site=offer.site,
+                    gpu_model=offer.gpu_model,
                 )
         except NotAvailable:
             continue
@@ -287,6 +289,8 @@ def _create_at_site(
         workload=workload,
         now=now,
         first_plan=_plan_from_offer(offer),
+        site=site_obj,
+        gpu_model=model,
     )
 
 
@@ -348,7 +352,10 @@ def _book(
     workload,
     now,
     first_plan=None,
+    site: Site | None = None,
+    gpu_model: GpuModel | None = None,
 ) -> Reservation:
+    """`site` and `gpu_model`, when the caller has them in hand, are kept on the reservation."""
     funding_gate().reservation_authorize(
         organization=organization,
         tier=tier,
@@ -378,7 +385,11 @@ def _book(
         status=status,
         workload=workload,
     )
-    allocation_place(
+    if site is not None:
+        reservation.site = site
+    if gpu_model is not None:
+        reservation.gpu_model = gpu_model
+    allocations = allocation_place(
         reservation=reservation,
         site_id=site_id,
         gpu_model_id=gpu_model_id,
@@ -387,13 +398,21 @@ def _book(
         ends_at=ends_at,
         first_plan=first_plan,
     )
-    ReservationTransition.objects.create(
+    transition = ReservationTransition.objects.create(
         reservation=reservation,
         from_status="",
         to_status=status,
         cause="created from quote " + quote.public_id if quote else "created",
         actor_label=f"user:{user.pk}" if user else "api",
     )
+    # Everything related to the new reservation was written just above, in this transaction,
+    # so the caller can show it without reading it back: the rows as the detail read orders
+    # them (allocations by node, then GPU index), and no outages (none can exist yet).
+    reservation._prefetched_objects_cache = {
+        "transitions": [transition],
+        "allocations": sorted(allocations, key=lambda a: a.node_id),  # stable: GPU index order
+        "outages": [],
+    }
     if status == S.SCHEDULED:
         # Due now: start provisioning once this commits rather than at the next dispatch tick.
         provisioning_kick(reservation.pk)
