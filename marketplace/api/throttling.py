@@ -1,7 +1,9 @@
 """Rate limits per API key (per user for sessions, per IP address before authentication).
 
 A fixed window counted in Redis with one atomic INCR per request: settings.API_THROTTLE_RATE
-("600/min") requests per window. Every response carries X-RateLimit-Limit,
+("600/min") requests per window. INCR and EXPIRE go in one MULTI/EXEC round trip, so a counter
+never lives without its expiry; the counter is named by its window, so renewing the expiry on
+every request does not change what is counted. Every response carries X-RateLimit-Limit,
 X-RateLimit-Remaining and X-RateLimit-Reset (Unix time, in seconds, when the window resets);
 a 429 also carries Retry-After (seconds).
 """
@@ -10,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import redis
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ImproperlyConfigured
@@ -72,6 +75,23 @@ def _identity(request: Request) -> str:
     return f"ip:{request.META.get('REMOTE_ADDR', 'unknown')}"
 
 
+_redis: redis.Redis | None = None
+
+
+def _count(key: str, *, timeout: int) -> int:
+    """INCR the counter and (re)set its expiry, in one round trip; returns the new count."""
+    global _redis
+    if _redis is None:
+        # The cache's Redis, under the cache's key prefix, but one pipelined call instead of
+        # the cache API's add + exists + incr (three round trips).
+        _redis = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+    pipe = _redis.pipeline(transaction=True)
+    pipe.incr(key)
+    pipe.expire(key, timeout)
+    count, _ = pipe.execute()
+    return count
+
+
 class ApiRateThrottle(BaseThrottle):
     """Counts the request and leaves the outcome on request.rate_limit for the headers."""
 
@@ -80,13 +100,7 @@ class ApiRateThrottle(BaseThrottle):
         now = time.time()
         window = int(now // period)
         key = f"ratelimit:{_identity(request)}:{period}:{window}"
-        # add() is a no-op when the counter exists; incr() is Redis INCR, atomic across workers.
-        cache.add(key, 0, timeout=period + 1)
-        try:
-            count = cache.incr(key)
-        except ValueError:  # expired between add and incr
-            cache.add(key, 1, timeout=period + 1)
-            count = 1
+        count = _count(cache.make_and_validate_key(key), timeout=period + 1)
         self.rate_limit = RateLimit(
             limit=limit, remaining=max(0, limit - count), reset_at=(window + 1) * period
         )
