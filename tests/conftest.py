@@ -115,3 +115,14 @@ def localstripe(localstripe_server, settings):
     settings.STRIPE_API_BASE = localstripe_server.url
     settings.STRIPE_WEBHOOK_SECRET = "whsec_switchyard_test"
     return localstripe_server
+
+
+@pytest.fixture(autouse=True)
+def _empty_reference_cache():
+    """GPU models, sites, rate cards and the pricing policy are cached per process for a few
+    seconds (marketplace.selectors.reference); each test starts without rows from another."""
+    from marketplace.selectors.reference import reference_cache_clear
+
+    reference_cache_clear()
+    yield
+    reference_cache_clear()

@@ -15,11 +15,11 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db import connection
-from django.db.models import Q
 
 from config.errors import ValidationFailed
 from inventory.models import GpuModel, Site
 from marketplace.models import RateCard
+from marketplace.selectors.reference import rate_card_for
 from marketplace.services.pricing import (
     PriceBreakdown,
     current_policy,
@@ -406,13 +406,7 @@ def site_model_offer(
     plan = choose_nodes(capacities, gpu_count)
     if not plan:
         return None, capacities
-    cards = {
-        card.site_id: card
-        for card in RateCard.objects.filter(
-            Q(site=site) | Q(site__isnull=True), gpu_model=gpu_model
-        )
-    }
-    card = cards.get(site.pk) or cards.get(None)
+    card = rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk)
     if card is None:
         return None, capacities  # no rate card: not for sale
     healthy = sum(c.healthy for c in capacities)

@@ -231,7 +231,10 @@ def _bounds_and_discounts(policy: PricingPolicy | None) -> tuple[PricingBounds, 
 
 
 def current_policy() -> PricingPolicy | None:
-    return PricingPolicy.objects.order_by("-created_at", "-id").first()
+    """The newest policy; from the per-process reference cache (up to 5 s old elsewhere)."""
+    from marketplace.selectors.reference import pricing_policy_current
+
+    return pricing_policy_current()
 
 
 def pricing_inputs_for(site, gpu_model, *, policy: PricingPolicy | None = None) -> PricingInputs:

@@ -42,6 +42,7 @@ from marketplace.models import (
 )
 from marketplace.provisioning.scheduler import provisioning_kick, release_kick
 from marketplace.selectors.availability import Offer, availability_search, site_model_offer
+from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 from marketplace.services.allocation import allocation_place
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import (
@@ -247,12 +248,12 @@ def _create_at_site(
     workload: dict,
     now: datetime,
 ) -> Reservation:
-    model = GpuModel.objects.filter(slug=gpu_model).first()
+    model = gpu_model_by_slug(gpu_model)
     if model is None:
         raise ValidationFailed(
             f"Unknown GPU model {gpu_model!r}.", code="unknown_gpu_model", field="gpu_model"
         )
-    site_obj = Site.objects.filter(slug=site).first()
+    site_obj = site_by_slug(site)
     if site_obj is None:
         raise ValidationFailed(f"Unknown site {site!r}.", code="unknown_site", field="site")
     offer, capacities = (None, [])
