@@ -47,7 +47,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         if not secret.startswith(SECRET_PREFIX):
             raise exceptions.AuthenticationFailed("Invalid API key.", code="invalid_api_key")
         key = (
-            ApiKey.objects.select_related("organization", "created_by")
+            ApiKey.objects.select_related("organization")
             .filter(secret_hash=api_key_hash(secret))
             .first()
         )
