@@ -25,21 +25,25 @@ Everything the run creates is removed at the end, so the generated data stays as
 It refuses to run against a database that holds anything but its own generated data.
 
 Measured 2026-11-25 on the 2-core build machine while other helpers' test suites ran beside
-it (load average 2 to 8), --searches 300 --reservations 1600 --clients 16, 4 gthread workers:
-                        before (same data)     after
-  search, API      p50 / p99      92 / 143 ms        61 / 113 ms
-  search, raw SQL  p50 / p99      65 / 111 ms        30 /  77 ms
-  reserve, API     naming the site        -              20 reservations/s (1,600 created)
-                   cheapest site      11 /s              16 reservations/s (320 created)
-  reserve, raw SQL                   392 /s             412 reservations/s (1 row + 8 allocations)
-  double bookings                      0                  0
+it (load average 1 to 8), --searches 300 --reservations 1600 --clients 16, 4 gthread workers:
+                        before (same data)   after search work   after API CPU cuts (2 runs)
+  search, API      p50 / p99      92 / 143 ms       61 / 113 ms      60 / 231 ms, 60 / 99 ms
+  search, raw SQL  p50 / p99      65 / 111 ms       30 /  77 ms      38 /  84 ms, 32 / 83 ms
+  reserve, API     naming the site     -                20 /s            35 /s, 35 /s
+                   cheapest site      11 /s             16 /s            23 /s, 27 /s
+  reserve, raw SQL                   392 /s            412 /s           542 /s, 461 /s
+  double bookings                      0                 0                0, 0
 Interleaved on the same 300 searches, the search SQL went from p50 62 / p99 114 ms (a probe
 per candidate node) to p50 34 / p99 94 ms (one scan of the model's live allocations in the
-window), identical results for all 300. Met: zero double bookings. Not met: search p99 < 50
+window), identical results for all 300. The API CPU cuts (create response built from the rows
+just written, a 5-second per-process cache of GPU models, sites, rate cards and the pricing
+policy, one Redis round trip for the rate limit) took a create from ~39 ms of Python CPU and
+27 queries to ~17-24 ms and 19 queries. Met: zero double bookings. Not met: search p99 < 50
 ms through the API (the exact answer reads every live allocation of the model in the window,
-~23,000 index tuples for a 7-day window, and the API adds ~15 ms of Python CPU); 300
-reservations/s through the API (a request costs ~40 ms of Python CPU in Django/DRF and the
-two cores are shared; 6 sync workers instead of 4x4 gthread gave the same 19/s).
+~23,000 index tuples for a 7-day window, and the API adds Python CPU and HTTP); 300
+reservations/s through the API (35/s: ~20 ms of Python CPU per create plus PostgreSQL and
+the 16 client threads saturate the two shared cores; 300/s would need under ~6 ms of CPU
+per reservation for everything).
 """
 
 import argparse
