@@ -33,6 +33,7 @@ migrate: venv
 
 seed: migrate
 	$(PY) scripts/with_services.py -- $(PY) manage.py seed_demo
+	$(PY) scripts/with_services.py -- $(PY) manage.py billing_credit demo-ai-lab 500.00 "demo credit" --key demo-credit
 
 worker: venv
 	$(PY) scripts/with_services.py --stripe -- $(VENV)/bin/celery -A config worker -l info

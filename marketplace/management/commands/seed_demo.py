@@ -7,8 +7,9 @@ hardware facts and site data are brought back to the values below).
 With DEBUG on it also creates a read/write API key for Demo AI Lab with a fixed, printed
 secret (DEMO_API_KEY), so the API can be tried at once; with DEBUG off it creates none.
 
-Pricing: `_seed_pricing()` is the place for demo rate cards. It is left for the marketplace
-pricing work to fill, and does nothing yet.
+Pricing: `_seed_pricing()` writes list prices per GPU model, two site overrides and a pricing
+policy. The demo organisation's prepaid balance is billing's business: `make run` and
+`make seed` credit it with `manage.py billing_credit` (marketplace does not import billing).
 """
 
 from __future__ import annotations
