@@ -7,6 +7,13 @@ def api_client() -> APIClient:
     return APIClient()
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    # Factories and the demo seed hash passwords; PBKDF2's cost (~0.5 s a user here) is not
+    # what any test tests.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 # --- localstripe (billing) -----------------------------------------------------------------
 # A real localstripe server for the session, bound to 127.0.0.1 on a free port. localstripe
 # pickles its whole store to a fixed /tmp path on every write; the runner redirects that to a

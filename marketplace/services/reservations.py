@@ -193,26 +193,16 @@ def reservation_create(
     for offer in offers:  # cheapest first; a site taken meanwhile falls through to the next
         try:
             with transaction.atomic():
-                return _book(
+                return _book_offer(
+                    offer=offer,
                     organization=organization,
                     user=user,
-                    quote=None,
-                    site_id=offer.site.pk,
-                    gpu_model_id=offer.gpu_model.pk,
-                    gpu_count=gpu_count,
                     tier=tier,
                     term=term,
                     starts_at=starts_at,
                     ends_at=ends_at,
-                    currency=offer.currency,
-                    price_per_gpu_hour=offer.price_per_gpu_hour,
-                    total_amount=offer.total,
-                    breakdown=offer.breakdown.as_dict(),
                     workload=workload or {},
                     now=now,
-                    first_plan=_plan_from_offer(offer),
-                    site=offer.site,
-                    gpu_model=offer.gpu_model,
                 )
         except NotAvailable:
             continue
@@ -272,13 +262,39 @@ def _create_at_site(
             f"{site} has no {gpu_count} {gpu_model} GPU(s) free for that period.",
             code="not_available",
         )
+    return _book_offer(
+        offer=offer,
+        organization=organization,
+        user=user,
+        tier=tier,
+        term=term,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        workload=workload,
+        now=now,
+    )
+
+
+def _book_offer(
+    *,
+    offer: Offer,
+    organization: Organization,
+    user,
+    tier: str,
+    term: str,
+    starts_at: datetime,
+    ends_at: datetime,
+    workload: dict,
+    now: datetime,
+) -> Reservation:
+    """Book a direct (quote-less) reservation at the offer's site, price and placement."""
     return _book(
         organization=organization,
         user=user,
         quote=None,
-        site_id=site_obj.pk,
-        gpu_model_id=model.pk,
-        gpu_count=gpu_count,
+        site_id=offer.site.pk,
+        gpu_model_id=offer.gpu_model.pk,
+        gpu_count=offer.gpu_count,
         tier=tier,
         term=term,
         starts_at=starts_at,
@@ -290,8 +306,8 @@ def _create_at_site(
         workload=workload,
         now=now,
         first_plan=_plan_from_offer(offer),
-        site=site_obj,
-        gpu_model=model,
+        site=offer.site,
+        gpu_model=offer.gpu_model,
     )
 
 

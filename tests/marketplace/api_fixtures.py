@@ -29,9 +29,7 @@ def fresh_rate_limits(settings):
     """Rate-limit counters live in Redis; each test starts with none.
 
     Only the counters are deleted (not FLUSHDB): the same Redis may carry Celery's queues.
-    Also: test users need no slow password hash (PBKDF2 costs ~0.5 s a user on this machine).
     """
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
     try:
         keys = list(client.scan_iter(match="*ratelimit:*", count=1000))

@@ -1,7 +1,6 @@
 from io import StringIO
 from pathlib import Path
 
-import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
@@ -10,12 +9,6 @@ from marketplace.management.commands import seed_demo
 from marketplace.models import ApiKey, Membership, Organization, Role
 
 MODELS = (Site, GpuModel, Node, Gpu, StatusChange, Organization, Membership)
-
-
-@pytest.fixture(autouse=True)
-def fast_password_hashing(settings):
-    # The seed hashes two passwords per run; their hashing cost is not what these tests test.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def _counts() -> dict[str, int]:
