@@ -66,6 +66,18 @@ def _admin_link(obj: Model | None, label: str | None = None) -> str:
     return format_html('<a href="{}">{}</a>', url, label or str(obj))
 
 
+class ProvisioningRecordAdmin(ReadOnlyAdmin):
+    """Provisioning records: read-only, linking to their reservation and node."""
+
+    @admin.display(description="reservation", ordering="reservation_id")
+    def reservation_link(self, obj) -> str:
+        return _admin_link(obj.reservation, obj.reservation.public_id)
+
+    @admin.display(description="node", ordering="node__hostname")
+    def node_link(self, obj) -> str:
+        return _admin_link(obj.node, obj.node.hostname)
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
@@ -301,7 +313,7 @@ class AllocationAdmin(admin.ModelAdmin):
 
 
 @admin.register(ProvisioningAttempt)
-class ProvisioningAttemptAdmin(ReadOnlyAdmin):
+class ProvisioningAttemptAdmin(ProvisioningRecordAdmin):
     list_display = [
         "id",
         "reservation_link",
@@ -320,13 +332,9 @@ class ProvisioningAttemptAdmin(ReadOnlyAdmin):
     readonly_fields = ["reservation_link", *list_display[2:], "error"]
     fields = readonly_fields
 
-    @admin.display(description="reservation", ordering="reservation_id")
-    def reservation_link(self, obj: ProvisioningAttempt) -> str:
-        return _admin_link(obj.reservation, obj.reservation.public_id)
-
 
 @admin.register(AgentJob)
-class AgentJobAdmin(ReadOnlyAdmin):
+class AgentJobAdmin(ProvisioningRecordAdmin):
     list_display = [
         "id",
         "kind",
@@ -359,17 +367,9 @@ class AgentJobAdmin(ReadOnlyAdmin):
     ]
     fields = readonly_fields
 
-    @admin.display(description="reservation", ordering="reservation_id")
-    def reservation_link(self, obj: AgentJob) -> str:
-        return _admin_link(obj.reservation, obj.reservation.public_id)
-
-    @admin.display(description="node", ordering="node__hostname")
-    def node_link(self, obj: AgentJob) -> str:
-        return _admin_link(obj.node, obj.node.hostname)
-
 
 @admin.register(ReservationOutage)
-class ReservationOutageAdmin(ReadOnlyAdmin):
+class ReservationOutageAdmin(ProvisioningRecordAdmin):
     list_display = [
         "id",
         "reservation_link",
@@ -394,14 +394,6 @@ class ReservationOutageAdmin(ReadOnlyAdmin):
         "created_at",
     ]
     fields = readonly_fields
-
-    @admin.display(description="reservation", ordering="reservation_id")
-    def reservation_link(self, obj: ReservationOutage) -> str:
-        return _admin_link(obj.reservation, obj.reservation.public_id)
-
-    @admin.display(description="node", ordering="node__hostname")
-    def node_link(self, obj: ReservationOutage) -> str:
-        return _admin_link(obj.node, obj.node.hostname)
 
     @admin.display(description="inventory outage")
     def source_outage_link(self, obj: ReservationOutage) -> str:
