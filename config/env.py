@@ -70,8 +70,15 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def env_database(name: str, default: str) -> dict:
-    """Parse a postgres://user:pass@host:port/name URL into a Django DATABASES entry."""
+def env_database(name: str, default: str, *, prepared_statements: bool = True) -> dict:
+    """Parse a postgres://user:pass@host:port/name URL into a Django DATABASES entry.
+
+    prepared_statements: bind parameters on the server and let psycopg prepare a statement
+    from its second run on a connection. The hot reads (availability, placement) are then
+    planned once per connection instead of per request; their planning cost more than their
+    execution. Turn it off behind a pooler in transaction mode that does not track prepared
+    statements (PgBouncer before 1.21, or without max_prepared_statements).
+    """
     url = env_str(name, default)
     parsed = urlparse(url)
     if parsed.scheme not in {"postgres", "postgresql"}:
@@ -94,6 +101,9 @@ def env_database(name: str, default: str) -> dict:
         "PORT": str(port),
         "CONN_MAX_AGE": 60,
         "CONN_HEALTH_CHECKS": True,
+        "OPTIONS": (
+            {"server_side_binding": True, "prepare_threshold": 2} if prepared_statements else {}
+        ),
     }
 
 

@@ -78,7 +78,11 @@ TEMPLATES = [
 ]
 
 DATABASES = {
-    "default": env_database("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/switchyard")
+    "default": env_database(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/switchyard",
+        prepared_statements=env_bool("DATABASE_PREPARED_STATEMENTS", True),
+    )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

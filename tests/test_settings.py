@@ -44,12 +44,32 @@ def test_a_good_development_environment_starts():
 
 
 @pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        (None, "ServerBindingCursor 2"),
+        ("1", "ServerBindingCursor 2"),
+        ("0", "Cursor None"),
+    ],
+)
+def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expected):
+    code = (
+        f"{SETUP}; from django.db import connection; p = connection.get_connection_params(); "
+        "print(p['cursor_factory'].__name__, p['prepare_threshold'])"
+    )
+    result = run(code, DATABASE_PREPARED_STATEMENTS=flag)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.parametrize(
     ("env", "variable"),
     [
         ({"DEBUG": "maybe"}, "DEBUG"),
         ({"DATABASE_URL": "mysql://root@localhost/switchyard"}, "DATABASE_URL"),
         ({"DATABASE_URL": "postgres://localhost:notaport/x"}, "DATABASE_URL"),
         ({"REDIS_URL": "nonsense"}, "REDIS_URL"),
+        ({"DATABASE_PREPARED_STATEMENTS": "sometimes"}, "DATABASE_PREPARED_STATEMENTS"),
         ({"NODE_OFFLINE_AFTER_SECONDS": "abc"}, "NODE_OFFLINE_AFTER_SECONDS"),
         ({"NODE_OFFLINE_AFTER_SECONDS": "5"}, "NODE_OFFLINE_AFTER_SECONDS"),
         (
