@@ -424,7 +424,7 @@ def bench_search(base_url: str, secret: str, n: int) -> None:
                 "node_limit": 10,
             }
             t = time.perf_counter()
-            conn.execute(sql_text, params).fetchall()
+            conn.execute(sql_text, params, prepare=True).fetchall()  # as the API's connection
             raw_ms.append((time.perf_counter() - t) * 1000)
     say(
         f"availability search, {n} searches (random model, 1-32 GPUs, windows up to 60 days ahead):\n"
@@ -510,6 +510,35 @@ def bench_reserve_api(
     )
     for line in others:
         say(f"  other: {line}")
+
+
+def bench_floor(base_url: str, secret: str, clients: int, total: int) -> None:
+    """The same server and clients on the cheapest authenticated endpoint (GPU models).
+
+    What the stack costs before any marketplace work: routing, API-key authentication (one
+    query), the rate limit (one Redis call), serialising six rows. No create can beat it.
+    """
+    per_client = total // clients
+    done = [0] * clients
+
+    def client(c: int) -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {secret}"
+        for _ in range(per_client):
+            session.get(f"{base_url}/api/v1/gpu-models").raise_for_status()
+            done[c] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    say(
+        f"floor: authenticated GET /api/v1/gpu-models, {clients} clients: "
+        f"{sum(done)} in {elapsed:.1f} s = {sum(done) / elapsed:.0f} requests/s"
+    )
 
 
 def bench_reserve_raw(clients: int, total: int) -> None:
@@ -611,7 +640,9 @@ def main() -> None:
         help="also this many reservations without a site (the service searches every site)",
     )
     parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes")
-    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads per gunicorn worker (1: sync workers)"
+    )
     parser.add_argument("--generate-only", action="store_true")
     args = parser.parse_args()
 
@@ -638,6 +669,7 @@ def main() -> None:
             bench_reserve_api(
                 base_url, secret, args.clients, args.global_reservations, with_site=False
             )
+        bench_floor(base_url, secret, args.clients, args.reservations)
         bench_reserve_raw(args.clients, args.reservations)
         with connection.cursor() as cur:
             cur.execute(OVERLAP_SQL)

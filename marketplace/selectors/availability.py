@@ -18,8 +18,7 @@ from django.db import connection
 
 from config.errors import ValidationFailed
 from inventory.models import GpuModel, Site
-from marketplace.models import RateCard
-from marketplace.selectors.reference import rate_card_for
+from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.services.pricing import (
     PriceBreakdown,
     current_policy,
@@ -329,18 +328,14 @@ def availability_search(
     if not fits:
         return []
 
-    model_ids = {f[1] for f in fits}
-    sites = Site.objects.in_bulk({f[0] for f in fits})
-    models = GpuModel.objects.in_bulk(model_ids)
-    cards = {}
-    for card in RateCard.objects.filter(gpu_model_id__in=model_ids):
-        cards[(card.gpu_model_id, card.site_id)] = card
+    sites = sites_by_id({f[0] for f in fits})
+    models = gpu_models_by_id({f[1] for f in fits})
     policy = current_policy()
 
     offers = []
     for site_id, model_id, healthy, free, placement, node_count, nodes, fitting in fits:
-        card = cards.get((model_id, site_id)) or cards.get((model_id, None))
-        if card is None:
+        card = rate_card_for(site_id=site_id, gpu_model_id=model_id)
+        if card is None or site_id not in sites or model_id not in models:
             continue  # no rate card: not for sale
         inputs = pricing_inputs_from(card=card, site_slug=sites[site_id].slug, policy=policy)
         breakdown = price_quote(

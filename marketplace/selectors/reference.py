@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from django.db.models import Q
 from django.db.models.signals import post_delete, post_save
 
 from inventory.models import GpuModel, Site
@@ -22,7 +21,9 @@ __all__ = [
     "REFERENCE_TTL_SECONDS",
     "reference_cache_clear",
     "gpu_model_by_slug",
+    "gpu_models_by_id",
     "site_by_slug",
+    "sites_by_id",
     "pricing_policy_current",
     "rate_card_for",
 ]
@@ -49,12 +50,43 @@ def _cached(key: tuple, load: Callable[[], object]):
     return value
 
 
+# The tables read here are small (GPU models, sites and rate cards number in the tens or
+# hundreds), so each is loaded whole: one miss per table per process every TTL, whichever
+# rows the requests in between ask for.
+
+
+def _gpu_models() -> dict:
+    models = list(GpuModel.objects.all())
+    return {"slug": {m.slug: m for m in models}, "pk": {m.pk: m for m in models}}
+
+
+def _sites() -> dict:
+    sites = list(Site.objects.all())
+    return {"slug": {s.slug: s for s in sites}, "pk": {s.pk: s for s in sites}}
+
+
+def _rate_cards() -> dict:
+    return {(c.gpu_model_id, c.site_id): c for c in RateCard.objects.all()}
+
+
 def gpu_model_by_slug(slug: str) -> GpuModel | None:
-    return _cached(("gpu_model", slug), lambda: GpuModel.objects.filter(slug=slug).first())
+    return _cached(("gpu_models",), _gpu_models)["slug"].get(slug)
+
+
+def gpu_models_by_id(ids) -> dict[int, GpuModel]:
+    """{pk: GpuModel} for the ids that exist."""
+    by_pk = _cached(("gpu_models",), _gpu_models)["pk"]
+    return {pk: by_pk[pk] for pk in ids if pk in by_pk}
 
 
 def site_by_slug(slug: str) -> Site | None:
-    return _cached(("site", slug), lambda: Site.objects.filter(slug=slug).first())
+    return _cached(("sites",), _sites)["slug"].get(slug)
+
+
+def sites_by_id(ids) -> dict[int, Site]:
+    """{pk: Site} for the ids that exist."""
+    by_pk = _cached(("sites",), _sites)["pk"]
+    return {pk: by_pk[pk] for pk in ids if pk in by_pk}
 
 
 def pricing_policy_current() -> PricingPolicy | None:
@@ -66,17 +98,8 @@ def pricing_policy_current() -> PricingPolicy | None:
 
 def rate_card_for(*, site_id: int, gpu_model_id: int) -> RateCard | None:
     """The site's own rate card for the model, else the model's default, else None."""
-
-    def load() -> RateCard | None:
-        cards = {
-            c.site_id: c
-            for c in RateCard.objects.filter(
-                Q(site_id=site_id) | Q(site__isnull=True), gpu_model_id=gpu_model_id
-            )
-        }
-        return cards.get(site_id) or cards.get(None)
-
-    return _cached(("rate_card", site_id, gpu_model_id), load)
+    cards = _cached(("rate_cards",), _rate_cards)
+    return cards.get((gpu_model_id, site_id)) or cards.get((gpu_model_id, None))
 
 
 for _model in (GpuModel, Site, RateCard, PricingPolicy):

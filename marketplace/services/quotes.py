@@ -7,9 +7,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.errors import NotAvailable, ValidationFailed
-from inventory.models import GpuModel, Site
 from marketplace.models import Organization, Quote
 from marketplace.selectors.availability import availability_search
+from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 
 __all__ = ["quote_create", "validate_request_period", "START_SKEW", "MAX_DURATION", "MAX_LEAD"]
 
@@ -54,11 +54,11 @@ def validate_request_period(
 
 def resolve_catalogue(*, gpu_model: str | None, site: str | None) -> None:
     """Unknown model or site slugs are bad input (400), not "nothing available" (409)."""
-    if gpu_model is not None and not GpuModel.objects.filter(slug=gpu_model).exists():
+    if gpu_model is not None and gpu_model_by_slug(gpu_model) is None:
         raise ValidationFailed(
             f"Unknown GPU model {gpu_model!r}.", code="unknown_gpu_model", field="gpu_model"
         )
-    if site is not None and not Site.objects.filter(slug=site).exists():
+    if site is not None and site_by_slug(site) is None:
         raise ValidationFailed(f"Unknown site {site!r}.", code="unknown_site", field="site")
 
 

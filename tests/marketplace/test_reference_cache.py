@@ -41,3 +41,23 @@ def test_unknown_slugs_and_missing_cards_are_none():
     assert reference.gpu_model_by_slug("no-such-gpu") is None
     assert reference.rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk) is None
     assert not RateCard.objects.exists()
+
+
+def test_each_table_is_read_once_per_ttl_whatever_rows_are_asked_for(django_assert_num_queries):
+    sites = SiteFactory.create_batch(3)
+    models = [GpuModelFactory(), GpuModelFactory(slug="l40s-48gb", name="NVIDIA L40S 48GB")]
+    for gpu_model in models:
+        make_rate(gpu_model, "2.00")
+    make_rate(models[0], "2.50", site=sites[1])
+    reference.reference_cache_clear()
+
+    with django_assert_num_queries(3):  # rate cards, sites, GPU models: one query each
+        for site in sites:
+            for gpu_model in models:
+                assert reference.rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk)
+                assert reference.sites_by_id([site.pk]) == {site.pk: site}
+                assert reference.gpu_model_by_slug(gpu_model.slug) == gpu_model
+    with django_assert_num_queries(0):
+        override = reference.rate_card_for(site_id=sites[1].pk, gpu_model_id=models[0].pk)
+        assert override.price_per_gpu_hour == Decimal("2.5000")
+        assert reference.gpu_models_by_id([models[1].pk, -1]) == {models[1].pk: models[1]}
