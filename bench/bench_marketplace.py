@@ -4,7 +4,7 @@
         .venv/bin/python bench/bench_marketplace.py   # or: make bench
 
 It works in its own database, <name>_marketplace (here sy_bench_marketplace), created when
-missing; the first run generates the data (about 4 minutes here), later runs reuse it.
+missing; the first run generates the data (1 to 4 minutes here), later runs reuse it.
 
 Generates (once; later runs reuse it) 100,000 GPUs on 12,500 nodes at 12 sites and 1,000,000
 allocations: per node ten whole-node bookings of 1-7 days, one per 8-day slot, each node's
@@ -14,36 +14,20 @@ generator started every node's bookings on the same day and kept half of them li
 window a day after a slot start was full fleet-wide, which no real fleet looks like. Data
 from it is dropped and generated again.) Then, in one run:
 - availability search latency p50/p99 through the HTTP API (gunicorn, API-key auth) and the
-  same searches as raw SQL (the selector's own query text, straight through psycopg);
+  same searches as raw SQL (the selector's own query text, prepared, straight through psycopg);
 - reservation-create throughput through the API with --clients concurrent clients naming the
   site (as an integrator does after a search), then --global-reservations more without a
   site (the service searches every site for the cheapest), beside a raw-SQL reservation
   transaction (one reservation row plus its allocations, nodes locked in id order, through
   the same triggers) with as many clients;
+- the floor: the cheapest authenticated endpoint (GET /api/v1/gpu-models) with the same
+  server and clients, what the stack costs before any marketplace work;
 - a check that no two live allocations overlap.
 Everything the run creates is removed at the end, so the generated data stays as it was.
 It refuses to run against a database that holds anything but its own generated data.
 
-Measured 2026-11-25 on the 2-core build machine while other helpers' test suites ran beside
-it (load average 1 to 8), --searches 300 --reservations 1600 --clients 16, 4 gthread workers:
-                        before (same data)   after search work   after API CPU cuts (2 runs)
-  search, API      p50 / p99      92 / 143 ms       61 / 113 ms      60 / 231 ms, 60 / 99 ms
-  search, raw SQL  p50 / p99      65 / 111 ms       30 /  77 ms      38 /  84 ms, 32 / 83 ms
-  reserve, API     naming the site     -                20 /s            35 /s, 35 /s
-                   cheapest site      11 /s             16 /s            23 /s, 27 /s
-  reserve, raw SQL                   392 /s            412 /s           542 /s, 461 /s
-  double bookings                      0                 0                0, 0
-Interleaved on the same 300 searches, the search SQL went from p50 62 / p99 114 ms (a probe
-per candidate node) to p50 34 / p99 94 ms (one scan of the model's live allocations in the
-window), identical results for all 300. The API CPU cuts (create response built from the rows
-just written, a 5-second per-process cache of GPU models, sites, rate cards and the pricing
-policy, one Redis round trip for the rate limit) took a create from ~39 ms of Python CPU and
-27 queries to ~17-24 ms and 19 queries. Met: zero double bookings. Not met: search p99 < 50
-ms through the API (the exact answer reads every live allocation of the model in the window,
-~23,000 index tuples for a 7-day window, and the API adds Python CPU and HTTP); 300
-reservations/s through the API (35/s: ~20 ms of Python CPU per create plus PostgreSQL and
-the 16 client threads saturate the two shared cores; 300/s would need under ~6 ms of CPU
-per reservation for everything).
+The figures, the machine they were measured on, and what moved them are in the README
+("Benchmarks"), with why 300 reservations/s through the API is out of reach on two cores.
 """
 
 import argparse
