@@ -8,7 +8,8 @@ named with dots and the item's index, e.g. "workload.ports.0" or "gpus.1.index".
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
-from rest_framework import exceptions, status
+from drf_spectacular.utils import OpenApiResponse, inline_serializer
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -85,3 +86,55 @@ def exception_handler(exc, context):
     if status_code == status.HTTP_429_TOO_MANY_REQUESTS and isinstance(exc, exceptions.Throttled):
         response.data["error"]["retry_after"] = exc.wait
     return response
+
+
+# --- the error shape in the OpenAPI schema ------------------------------------------------
+
+
+class _ErrorObjectSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(
+        choices=[
+            "invalid_request_error",
+            "authentication_error",
+            "permission_error",
+            "not_found_error",
+            "conflict_error",
+            "rate_limit_error",
+            "payment_error",
+            "api_error",
+        ]
+    )
+    code = serializers.CharField(help_text="Machine-readable, e.g. not_available, last_owner.")
+    field = serializers.CharField(allow_null=True, help_text="The input at fault, if any.")
+    message = serializers.CharField(help_text="For humans; may change.")
+    errors = inline_serializer(
+        name="FieldError",
+        fields={
+            "field": serializers.CharField(allow_null=True),
+            "code": serializers.CharField(),
+            "message": serializers.CharField(),
+        },
+        many=True,
+        required=False,
+        help_text="Every failing field, when a validation error names several.",
+    )
+    retry_after = serializers.IntegerField(required=False, help_text="On 429, in seconds.")
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = _ErrorObjectSerializer()
+
+
+_AGENT_DESCRIPTIONS = {
+    400: "Invalid request body (see error.code and error.field).",
+    401: "Missing, unknown or revoked node token.",
+    404: "No such job for this node.",
+    409: "The job is finished, or this lease is no longer the job's lease.",
+    415: "Only application/json bodies are accepted.",
+}
+
+
+def agent_errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    """Error responses of the site-agent endpoints (node token); 400, 401 and 415 apply to all."""
+    wanted = sorted({400, 401, 415, *statuses})
+    return {s: OpenApiResponse(ErrorSerializer, description=_AGENT_DESCRIPTIONS[s]) for s in wanted}

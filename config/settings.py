@@ -199,7 +199,9 @@ if PROVISIONING_DRIVER not in {"simulated", "site_agent"}:
     raise ImproperlyConfigured(
         f"PROVISIONING_DRIVER must be simulated or site_agent, got {PROVISIONING_DRIVER!r}"
     )
-SIMULATED_DRIVER_LATENCY_SECONDS = float(env_decimal("SIMULATED_DRIVER_LATENCY_SECONDS", Decimal("1")))
+SIMULATED_DRIVER_LATENCY_SECONDS = float(
+    env_decimal("SIMULATED_DRIVER_LATENCY_SECONDS", Decimal("1"))
+)
 SIMULATED_DRIVER_FAILURE_RATE = float(env_decimal("SIMULATED_DRIVER_FAILURE_RATE", Decimal("0")))
 if SIMULATED_DRIVER_LATENCY_SECONDS < 0 or not 0 <= SIMULATED_DRIVER_FAILURE_RATE <= 1:
     raise ImproperlyConfigured(

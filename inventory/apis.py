@@ -8,6 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.api import agent_errors
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from inventory.models import GpuHealth, NodeStatus
 from inventory.services import node_heartbeat_record
@@ -60,7 +61,7 @@ class HeartbeatApi(APIView):
 
     @extend_schema(
         request=InputSerializer,
-        responses={200: OutputSerializer},
+        responses={200: OutputSerializer, **agent_errors()},
         operation_id="agent_heartbeat",
     )
     def post(self, request: Request) -> Response:

@@ -3,8 +3,9 @@
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
-from rest_framework import serializers
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+
+from config.api import ErrorSerializer
 
 __all__ = [
     "ApiAutoSchema",
@@ -30,46 +31,13 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
         }
 
 
-class _ErrorObjectSerializer(serializers.Serializer):
-    type = serializers.ChoiceField(
-        choices=[
-            "invalid_request_error",
-            "authentication_error",
-            "permission_error",
-            "not_found_error",
-            "conflict_error",
-            "rate_limit_error",
-            "payment_error",
-            "api_error",
-        ]
-    )
-    code = serializers.CharField(help_text="Machine-readable, e.g. not_available, last_owner.")
-    field = serializers.CharField(allow_null=True, help_text="The input at fault, if any.")
-    message = serializers.CharField(help_text="For humans; may change.")
-    errors = inline_serializer(
-        name="FieldError",
-        fields={
-            "field": serializers.CharField(allow_null=True),
-            "code": serializers.CharField(),
-            "message": serializers.CharField(),
-        },
-        many=True,
-        required=False,
-        help_text="Every failing field, when a validation error names several.",
-    )
-    retry_after = serializers.IntegerField(required=False, help_text="On 429, in seconds.")
-
-
-class ErrorSerializer(serializers.Serializer):
-    error = _ErrorObjectSerializer()
-
-
 _DESCRIPTIONS = {
     400: "Invalid request (see error.code and error.field).",
     401: "Missing, unknown or revoked API key.",
     402: "Payment required (balance or spend limit).",
     403: "Authenticated, but the key's scope or the member's role does not allow this.",
-    404: "No such object in your organisation.",
+    404: "No such object in your organisation (or, with Sy-Organization, no such organisation "
+    "among yours).",
     409: "Conflict: the action is not allowed in the object's current state, or the capacity "
     "was taken, or the Idempotency-Key is in use.",
     415: "Only application/json bodies are accepted.",
@@ -106,6 +74,30 @@ ORGANIZATION_PARAMETER = OpenApiParameter(
 
 class ApiAutoSchema(AutoSchema):
     """Documents what the base view does for every endpoint, so views need not repeat it."""
+
+    def _get_response_bodies(self, direction="response"):
+        """The view's own responses, plus the errors the base view can answer anywhere.
+
+        400 (an API key in the URL, a malformed Idempotency-Key), 415 for a body that is not
+        JSON, and for an organisation's endpoints 403 (scope or role) and 404 (an unknown
+        Sy-Organization); a POST there also claims its Idempotency-Key (409 in use, 422 reused
+        with another request). (extend_schema replaces get_response_serializers, so the
+        additions are made here, where the responses are built.)
+        """
+        bodies = super()._get_response_bodies(direction)
+        implied = {400}
+        if self.method in ("POST", "PUT", "PATCH"):
+            implied.add(415)
+        if getattr(self.view, "requires_organization", False):
+            implied |= {403, 404}
+            if self.method == "POST":
+                implied |= {409, 422}
+        for code, response in errors(*implied).items():
+            if str(code) not in bodies:
+                bodies[str(code)] = self._get_response_for_code(
+                    response, str(code), direction=direction
+                )
+        return dict(sorted(bodies.items()))
 
     def get_override_parameters(self):
         parameters = list(super().get_override_parameters())

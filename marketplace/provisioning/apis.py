@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.api import agent_errors
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from marketplace.models import AgentJob, AgentJobKind, AgentJobStatus
 from marketplace.provisioning.agent_jobs import (
@@ -50,7 +51,7 @@ class AgentJobLeaseApi(_AgentApi):
 
     @extend_schema(
         request=AgentJobLeaseInputSerializer,
-        responses={200: OutputSerializer, 204: None},
+        responses={200: OutputSerializer, 204: None, **agent_errors()},
         operation_id="agent_job_lease",
     )
     def post(self, request: Request) -> Response:
@@ -75,7 +76,7 @@ class AgentJobProgressApi(_AgentApi):
 
     @extend_schema(
         request=AgentJobProgressInputSerializer,
-        responses={200: JobStateSerializer},
+        responses={200: JobStateSerializer, **agent_errors(404, 409)},
         operation_id="agent_job_progress",
     )
     def post(self, request: Request, job_id: int) -> Response:
@@ -110,7 +111,7 @@ class AgentJobCompleteApi(_AgentApi):
 
     @extend_schema(
         request=AgentJobCompleteInputSerializer,
-        responses={200: JobStateSerializer},
+        responses={200: JobStateSerializer, **agent_errors(404, 409)},
         operation_id="agent_job_complete",
     )
     def post(self, request: Request, job_id: int) -> Response:
@@ -137,7 +138,7 @@ class AgentJobFailApi(_AgentApi):
 
     @extend_schema(
         request=AgentJobFailInputSerializer,
-        responses={200: JobStateSerializer},
+        responses={200: JobStateSerializer, **agent_errors(404, 409)},
         operation_id="agent_job_fail",
     )
     def post(self, request: Request, job_id: int) -> Response:

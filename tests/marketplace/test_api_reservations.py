@@ -298,6 +298,19 @@ def test_cursor_pagination_walks_every_reservation_once(owner_client, market):
     )
 
 
+@pytest.mark.parametrize("limit", ["abc", "null", "0", "-1", "101", "2.5", ""])
+@pytest.mark.parametrize("url", ["/api/v1/reservations", "/api/v1/gpu-models", "/api/v1/api-keys"])
+def test_a_limit_outside_1_to_100_is_refused_not_quietly_replaced(owner_client, market, url, limit):
+    assert_error(owner_client.get(url, {"limit": limit}), 400, "invalid_limit", "limit")
+
+
+def test_the_largest_limit_is_applied(owner_client, market):
+    for _ in range(3):
+        make_reservation(owner_client, gpu_count=1)
+    body = owner_client.get("/api/v1/reservations", {"limit": "100"}).json()
+    assert len(body["results"]) == 3 and body["next"] is None
+
+
 def test_a_billing_member_can_read_but_not_reserve(market, org, owner):
     from marketplace.models import Role
     from tests.factories import MembershipFactory

@@ -257,9 +257,7 @@ def test_a_direct_reservation_naming_a_site_books_there_at_that_sites_search_pri
     )
     assert cluster.breakdown == offer.breakdown.as_dict()
     per_node = sorted(
-        Allocation.objects.filter(reservation=cluster)
-        .values_list("node_id", flat=True)
-        .distinct()
+        Allocation.objects.filter(reservation=cluster).values_list("node_id", flat=True).distinct()
     )
     assert per_node == sorted(n.node_id for n in offer.nodes)
     assert not Allocation.objects.filter(node__site=cheap).exists()
