@@ -117,7 +117,9 @@ def main() -> int:
         manage(env, "seed_demo")
         # A prepaid balance for the demo organisation, so it can reserve at once (billing
         # refuses reservations a balance cannot cover). The key makes it a one-off credit.
-        manage(env, "billing_credit", "demo-ai-lab", "500.00", "demo credit", "--key", "demo-credit")
+        manage(
+            env, "billing_credit", "demo-ai-lab", "500.00", "demo credit", "--key", "demo-credit"
+        )
 
         bin_dir = os.path.dirname(sys.executable)
         celery = os.path.join(bin_dir, "celery")
