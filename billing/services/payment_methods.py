@@ -120,9 +120,15 @@ def payment_method_attach(
             customer_id=account.stripe_customer_id,
             idempotency_key=f"pm_attach:{organization.public_id}:{payment_method_id}",
         )
+    except CardDeclined as exc:
+        raise PaymentRequired(str(exc), code=exc.code, field="payment_method") from exc
     except PermanentStripeError as exc:
-        raise PaymentRequired(
-            str(exc), code=exc.code or "card_error", field="payment_method_id"
+        # Not a refused card but a request Stripe cannot act on (no such payment method, one
+        # attached to another customer): bad input, not a payment problem.
+        raise ValidationFailed(
+            f"Stripe cannot attach payment method {payment_method_id!r}: {exc}",
+            code=exc.code or "invalid_payment_method",
+            field="payment_method",
         ) from exc
     return payment_method_mirror(organization=organization, stripe_payment_method=pm)
 

@@ -57,6 +57,7 @@ IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
     type=OpenApiTypes.STR,
     location=OpenApiParameter.HEADER,
     required=False,
+    pattern="^[ -~]{1,255}$",  # printable ASCII, as idempotency_claim checks
     description="Any unique string up to 255 characters (a UUID is good). Retrying with the "
     "same key and body returns the first response (header Idempotent-Replayed: true) instead "
     "of repeating the action. Keys expire after 24 hours.",

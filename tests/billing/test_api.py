@@ -163,6 +163,21 @@ def test_a_card_refused_on_attach_is_a_402(localstripe, org, member, client_for)
 
     assert response.status_code == 402
     assert response.json()["error"]["type"] == "payment_error"
+    assert response.json()["error"]["field"] == "payment_method"
+    assert client_for(member).get("/api/v1/billing/payment-methods").json() == []
+
+
+@pytest.mark.stripe
+def test_a_payment_method_stripe_does_not_know_is_bad_input_not_a_payment_error(
+    localstripe, org, member, client_for
+):
+    response = client_for(member).post("/api/v1/billing/payment-methods",
+                                       {"payment_method": "pm_NoSuchCard123"}, format="json")  # fmt: skip
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["field"]) == ("invalid_request_error", "payment_method")
+    assert "pm_NoSuchCard123" in error["message"]
     assert client_for(member).get("/api/v1/billing/payment-methods").json() == []
 
 
