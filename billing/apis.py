@@ -225,7 +225,7 @@ class PaymentMethodListApi(ApiView):
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_attach",
                    summary="Save a card confirmed with Stripe.js (the first becomes the default)",
                    request=PaymentMethodAttachInput,
-                   responses={201: PaymentMethodOutput, **errors(400, 402, 403)})  # fmt: skip
+                   responses={201: PaymentMethodOutput, **errors(400, 402, 403, 503)})  # fmt: skip
     def post(self, request):
         data = validated_input(PaymentMethodAttachInput, request.data)
         pm = payment_method_attach(
@@ -258,7 +258,7 @@ class SetupIntentApi(ApiView):
 
     @extend_schema(tags=TAGS, operation_id="billing_setup_intent_create", request=None,
                    summary="Start saving a card (confirm it with Stripe.js confirmCardSetup)",
-                   responses={201: SetupIntentOutput, **errors(403)})  # fmt: skip
+                   responses={201: SetupIntentOutput, **errors(403, 503)})  # fmt: skip
     def post(self, request):
         result = setup_intent_create(organization=self.organization)
         return Response(SetupIntentOutput(result).data, status=status.HTTP_201_CREATED)
@@ -268,7 +268,7 @@ class PaymentMethodDefaultApi(ApiView):
     write_roles = MONEY_ROLES
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_set_default", request=None,
-                   summary="Make a saved card the default", responses={204: None, **errors(403, 404)})  # fmt: skip
+                   summary="Make a saved card the default", responses={204: None, **errors(403, 404, 503)})  # fmt: skip
     def post(self, request, payment_method_id: str):
         payment_method_set_default(
             organization=self.organization, payment_method_id=payment_method_id
@@ -280,7 +280,7 @@ class PaymentMethodDetailApi(ApiView):
     write_roles = MONEY_ROLES
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_detach",
-                   summary="Remove a saved card", responses={204: None, **errors(403, 404)})  # fmt: skip
+                   summary="Remove a saved card", responses={204: None, **errors(403, 404, 503)})  # fmt: skip
     def delete(self, request, payment_method_id: str):
         payment_method_detach(organization=self.organization, payment_method_id=payment_method_id)
         return Response(status=status.HTTP_204_NO_CONTENT)

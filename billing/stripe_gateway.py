@@ -23,6 +23,7 @@ from billing.money import to_minor_units
 __all__ = [
     "TransientStripeError",
     "PermanentStripeError",
+    "StripeNotConfigured",
     "CardDeclined",
     "StripeGateway",
     "build_client",
@@ -45,9 +46,13 @@ class CardDeclined(PermanentStripeError):
     pass
 
 
+class StripeNotConfigured(ImproperlyConfigured):
+    """STRIPE_SECRET_KEY is empty: this deployment takes no card payments."""
+
+
 def build_client(*, http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
     if not settings.STRIPE_SECRET_KEY:
-        raise ImproperlyConfigured("STRIPE_SECRET_KEY is not set: billing through Stripe is off")
+        raise StripeNotConfigured("STRIPE_SECRET_KEY is not set: billing through Stripe is off")
     base = {"api": settings.STRIPE_API_BASE} if settings.STRIPE_API_BASE else None
     return stripe.StripeClient(
         settings.STRIPE_SECRET_KEY,

@@ -4,6 +4,7 @@ These calls are synchronous (the customer is waiting for the answer and no money
 each still carries an idempotency key derived from our records.
 """
 
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,11 +19,14 @@ from billing.stripe_gateway import (
     CardDeclined,
     PermanentStripeError,
     StripeGateway,
+    StripeNotConfigured,
     TransientStripeError,
     get_gateway,
 )
 from config.errors import ApplicationError, NotFound, PaymentRequired, ValidationFailed
 from marketplace.models import Organization
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "StripeUnavailable",
@@ -52,6 +56,12 @@ def _customer_facing_errors() -> Iterator[None]:
         raise ValidationFailed(str(exc), code=exc.code or "stripe_invalid_request") from exc
     except TransientStripeError as exc:
         raise StripeUnavailable("The payment provider is unreachable; try again shortly.") from exc
+    except StripeNotConfigured as exc:
+        logger.error("A customer asked for a card operation, but %s", exc)
+        raise StripeUnavailable(
+            "Card payments are not available on this deployment; contact support.",
+            code="payments_not_configured",
+        ) from exc
 
 
 @_customer_facing_errors()

@@ -43,6 +43,8 @@ _DESCRIPTIONS = {
     415: "Only application/json bodies are accepted.",
     422: "Idempotency-Key reused with a different request.",
     429: "Rate limit exceeded; see Retry-After.",
+    503: "The payment provider is unreachable (retry shortly) or card payments are not set up "
+    "on this deployment (payments_not_configured).",
 }
 
 

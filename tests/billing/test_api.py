@@ -197,3 +197,14 @@ def test_the_customer_sets_auto_recharge_and_a_spend_limit(org, member, client_f
     assert (refused.status_code, refused.json()["error"]["field"]) == (400, "recharge_amount")
     account = BillingAccount.objects.get(organization=org)
     assert (account.recharge_amount_minor, account.monthly_spend_limit_minor) == (8000, None)
+
+
+def test_card_operations_without_stripe_configured_are_a_503_that_says_so(
+    org, member, client_for, settings
+):
+    settings.STRIPE_SECRET_KEY = ""
+    response = client_for(member).post("/api/v1/billing/payment-methods/setup-intent")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "payments_not_configured"
+    assert not BillingAccount.objects.exclude(stripe_customer_id="").exists()
