@@ -128,7 +128,10 @@ class SiteAdmin(admin.ModelAdmin):
     def activate(self, request, queryset):
         _apply(request, queryset, services.site_activate, "site", "Activated")
 
-    @admin.action(description="Curtail selected sites")
+    @admin.action(
+        description="Mark selected sites curtailed (stops sales only; to preempt interruptible "
+        "work, announce it under Marketplace → Curtailments)"
+    )
     def curtail(self, request, queryset):
         _apply(request, queryset, services.site_curtail, "site", "Curtailed")
 

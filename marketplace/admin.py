@@ -6,10 +6,12 @@ Quotes, transitions and allocations are records, read-only here, as are the prov
 records (attempts, site-agent jobs, reservation outages): the workers and agents write them.
 """
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from config.errors import ApplicationError
@@ -17,6 +19,7 @@ from marketplace.models import (
     AgentJob,
     Allocation,
     ApiKey,
+    Curtailment,
     Membership,
     Organization,
     PricingPolicy,
@@ -29,6 +32,7 @@ from marketplace.models import (
 )
 from marketplace.provisioning.workload import workload_public
 from marketplace.services.api_keys import api_key_revoke
+from marketplace.services.curtailment import curtailment_announce, curtailment_validate
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 
@@ -293,6 +297,77 @@ class ReservationAdmin(admin.ModelAdmin):
                 done.append(reservation.public_id)
         if done:
             messages.success(request, f"Cancelled: {', '.join(done)}.")
+
+
+class CurtailmentForm(forms.ModelForm):
+    class Meta:
+        model = Curtailment
+        fields = ["site", "shed_at", "until", "reason"]
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            curtailment_validate(
+                site=data["site"],
+                shed_at=data["shed_at"],
+                until=data.get("until"),
+                reason=data.get("reason", ""),
+                now=timezone.now(),
+            )
+        except ApplicationError as exc:
+            field = exc.field if exc.field in self.fields else None
+            raise forms.ValidationError({field: exc.message} if field else exc.message) from exc
+        return data
+
+
+@admin.register(Curtailment)
+class CurtailmentAdmin(admin.ModelAdmin):
+    """Announcing one stops selling the site and notifies or preempts its interruptible
+    reservations (marketplace.services.curtailment); a saved one is a record, read-only."""
+
+    form = CurtailmentForm
+    list_display = (
+        "site",
+        "shed_at",
+        "until",
+        "reservations_notified",
+        "reservations_preempted",
+        "announced_by",
+        "announced_at",
+    )
+    list_filter = ("site",)
+    date_hierarchy = "shed_at"
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        if obj is None:
+            return ()
+        return [f.name for f in Curtailment._meta.fields]
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Curtailment, form, change: bool) -> None:
+        if change:
+            return  # a record: nothing to change
+        done = curtailment_announce(
+            site=obj.site,
+            shed_at=obj.shed_at,
+            until=obj.until,
+            reason=obj.reason,
+            user=request.user,
+        )
+        obj.pk, obj.announced_at, obj.announced_by = done.pk, done.announced_at, done.announced_by
+        obj.reservations_notified = done.reservations_notified
+        obj.reservations_preempted = done.reservations_preempted
+        self.message_user(
+            request,
+            f"{obj.site} is curtailed: {done.reservations_notified} interruptible reservation(s) "
+            f"will be preempted at {done.shed_at:%Y-%m-%d %H:%M %Z}, "
+            f"{done.reservations_preempted} preempted now (they had not started).",
+            messages.WARNING,
+        )
 
 
 @admin.register(Allocation)

@@ -22,6 +22,15 @@ from marketplace.services.reservations import (
 from marketplace.services.transitions import reservation_allowed_actions
 
 TAGS = ["Reservations"]
+# A preemption notice is shown until the preemption happens.
+_NOTICE_STATUSES = frozenset(
+    {
+        ReservationStatus.PENDING,
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.PROVISIONING,
+        ReservationStatus.ACTIVE,
+    }
+)
 _DIRECT_FIELDS = (
     "gpu_model",
     "gpu_count",
@@ -135,10 +144,19 @@ class OutageOutput(serializers.Serializer):
     cause = serializers.CharField()
 
 
+class InterruptionOutput(serializers.Serializer):
+    at = serializers.DateTimeField(help_text="When the reservation will be preempted.")
+    reason = serializers.CharField()
+
+
 class ReservationOutput(serializers.Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(choices=ReservationStatus.choices)
     status_reason = serializers.CharField()
+    interruption = serializers.SerializerMethodField(
+        help_text="Interruptible reservations: the notice of a coming preemption (a grid "
+        "curtailment of the site), until it happens; null otherwise."
+    )
     gpu_model = serializers.CharField(source="gpu_model.slug")
     site = serializers.CharField(source="site.slug")
     gpu_count = serializers.IntegerField()
@@ -154,6 +172,14 @@ class ReservationOutput(serializers.Serializer):
     released_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
+
+    @extend_schema_field(InterruptionOutput(allow_null=True))
+    def get_interruption(self, reservation) -> dict | None:
+        if reservation.preempt_at is None or reservation.status not in _NOTICE_STATUSES:
+            return None
+        return InterruptionOutput(
+            {"at": reservation.preempt_at, "reason": reservation.preempt_reason}
+        ).data
 
 
 class CancellationTermsOutput(serializers.Serializer):

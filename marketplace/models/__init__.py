@@ -1,6 +1,7 @@
 """Marketplace models, one module per area; Django finds them all through this package."""
 
 from marketplace.models.core import *  # noqa: F403
+from marketplace.models.curtailment import *  # noqa: F403
 from marketplace.models.idempotency import *  # noqa: F403
 from marketplace.models.pricing import *  # noqa: F403
 from marketplace.models.provisioning import *  # noqa: F403

@@ -212,6 +212,10 @@ class Reservation(models.Model):
         blank=True,
         help_text="Set when cancelled: at, rule, refund_amount, fee_amount (billing settles it).",
     )
+    # Interruptible only: the notice of a preemption (a grid curtailment of the site). The
+    # dispatcher preempts the reservation at preempt_at; the API shows the notice until then.
+    preempt_at = models.DateTimeField(null=True, blank=True)
+    preempt_reason = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -232,6 +236,11 @@ class Reservation(models.Model):
             models.Index(fields=["organization", "-created_at"]),
             models.Index(fields=["status", "starts_at"]),
             models.Index(fields=["status", "ends_at"]),
+            models.Index(
+                fields=["preempt_at"],
+                condition=Q(preempt_at__isnull=False),
+                name="reservation_preempt_at_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -176,15 +176,19 @@ def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
 
 
 def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None = None) -> dict:
-    """Enqueue the provision task of every reservation due to start and the release task of
-    every one due to end, in small SKIP LOCKED batches, after each batch commits.
+    """Preempt what a curtailment notice ends now, then enqueue the provision task of every
+    reservation due to start and the release task of every one due to end (or preempted while
+    running), in small SKIP LOCKED batches, after each batch commits.
 
     The tasks make the moves themselves (scheduled → provisioning, active → releasing), in
     parallel on the workers: the dispatcher's own work per reservation is a marker row.
     """
+    from marketplace.services.curtailment import reservations_preempt_due
+
     now = now or timezone.now()
     batch = batch or settings.PROVISIONING_DISPATCH_BATCH
-    counts = {"started": 0, "ended": 0}
+    # Notices that ran out first: a preempted running reservation is then torn down below.
+    counts = {"preempted": reservations_preempt_due(now=now), "started": 0, "ended": 0}
     for key, starting in (("ended", False), ("started", True)):
         for _ in range(_MAX_BATCHES_PER_RUN):
             n = _dispatch_batch(now=now, batch=batch, starting=starting)

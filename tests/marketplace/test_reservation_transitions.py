@@ -108,8 +108,9 @@ def test_it_takes_every_allowed_transition_and_records_it(make_reservation, from
     assert live == (2 if to_status in {S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.RELEASING} else 0)
 
 
-def test_pending_goes_to_scheduled_cancelled_or_failed_only(make_reservation):
-    assert ALLOWED_TRANSITIONS[S.PENDING] == {S.SCHEDULED, S.CANCELLED, S.FAILED}
+def test_pending_goes_to_scheduled_cancelled_failed_or_preempted_only(make_reservation):
+    # preempted: an interruptible reservation booked ahead whose site is curtailed meanwhile.
+    assert ALLOWED_TRANSITIONS[S.PENDING] == {S.SCHEDULED, S.CANCELLED, S.FAILED, S.PREEMPTED}
     r = make_reservation(ahead=True)
     assert r.status == S.PENDING
     with pytest.raises(InvalidTransition):

@@ -1,0 +1,205 @@
+"""Grid curtailment: the site sheds its interruptible load at a given time, with notice.
+
+A site's grid operator asks it to cut consumption from `shed_at` (demand response): that is
+the contract a former mining site sells its flexibility under, and what the interruptible
+tier is priced for. When staff announce it:
+- the site is marked curtailed at once, so nothing new is sold there;
+- interruptible reservations that would be running at shed_at get a notice (preempt_at,
+  preempt_reason), shown by the API and e-mailed to the organisation's owners and admins;
+  the dispatcher preempts them at shed_at (the workload is stopped, the GPUs freed, metering
+  ends there: nobody pays for time they did not get);
+- interruptible reservations that would only start at or after shed_at (and before `until`,
+  when the operator gave one) are preempted at once: they never run and are never charged;
+- every other tier is protected: untouched, and still served (the site keeps enough power for
+  its committed load; interruptible capacity is what it sheds).
+Staff return the site to service when the operator allows (admin action), which sells it again.
+"""
+
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from config.errors import Conflict, ValidationFailed
+from inventory.models import Site, SiteStatus
+from inventory.services import site_curtail
+from marketplace.models import (
+    Curtailment,
+    Membership,
+    Reservation,
+    ReservationStatus,
+    Role,
+    Tier,
+)
+from marketplace.services.transitions import reservation_transition
+
+__all__ = [
+    "curtailment_announce",
+    "curtailment_validate",
+    "reservations_preempt_due",
+    "SHED_AT_SKEW",
+]
+
+logger = logging.getLogger(__name__)
+S = ReservationStatus
+# An announcement may name a shed time this far in the past (the operator's call came a moment
+# ago); further back is a mistake.
+SHED_AT_SKEW = timedelta(minutes=1)
+_NOT_STARTED = (S.PENDING, S.SCHEDULED)
+_PREEMPTIBLE = (S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE)
+_ACTOR = "grid curtailment"
+
+
+@transaction.atomic
+def curtailment_announce(
+    *,
+    site: Site,
+    shed_at: datetime,
+    reason: str,
+    until: datetime | None = None,
+    user=None,
+    now: datetime | None = None,
+) -> Curtailment:
+    """Record the curtailment, stop selling the site, and notify or preempt the interruptible
+    reservations it affects (see the module docstring)."""
+    now = now or timezone.now()
+    locked_site = Site.objects.select_for_update().get(pk=site.pk)
+    curtailment_validate(site=locked_site, shed_at=shed_at, until=until, reason=reason, now=now)
+    reason = reason.strip()
+    if locked_site.status == SiteStatus.ACTIVE:
+        site_curtail(
+            site=locked_site,
+            actor=user,
+            actor_label=None if user else _ACTOR,
+            reason=f"Grid curtailment: {reason}",
+        )
+
+    shed_at = max(shed_at, now)
+    window = Q(ends_at__gt=shed_at) & (Q() if until is None else Q(starts_at__lt=until))
+    affected = list(
+        Reservation.objects.select_for_update()
+        .filter(window, site=locked_site, tier=Tier.INTERRUPTIBLE, status__in=_PREEMPTIBLE)
+        .select_related("organization")
+        .order_by("pk")
+    )
+    cause = f"Grid curtailment at {locked_site.name} from {shed_at.isoformat()}: {reason}"
+    notified, preempted = [], []
+    for reservation in affected:
+        if reservation.status in _NOT_STARTED and reservation.starts_at >= shed_at:
+            reservation_transition(
+                reservation=reservation, to_status=S.PREEMPTED, cause=cause, actor_label=_ACTOR
+            )
+            preempted.append(reservation)
+        else:
+            # Already noticed for an earlier time: the earlier notice stands.
+            if reservation.preempt_at is None or reservation.preempt_at > shed_at:
+                reservation.preempt_at = shed_at
+                reservation.preempt_reason = cause
+                reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
+            notified.append(reservation)
+
+    curtailment = Curtailment.objects.create(
+        site=locked_site,
+        shed_at=shed_at,
+        until=until,
+        reason=reason,
+        announced_by=user,
+        reservations_notified=len(notified),
+        reservations_preempted=len(preempted),
+    )
+    logger.warning(
+        "curtailment of %s from %s: %d interruptible reservation(s) noticed, %d preempted now",
+        locked_site.slug,
+        shed_at.isoformat(),
+        len(notified),
+        len(preempted),
+    )
+    _email_notices(notified=notified, preempted=preempted, shed_at=shed_at, reason=reason)
+    return curtailment
+
+
+def curtailment_validate(
+    *, site: Site, shed_at: datetime, until: datetime | None, reason: str, now: datetime
+) -> None:
+    """Raise ValidationFailed or Conflict unless this curtailment can be announced."""
+    if not (reason or "").strip():
+        raise ValidationFailed("Say why: the customers whose work stops read it.", field="reason")
+    if shed_at.tzinfo is None or (until is not None and until.tzinfo is None):
+        raise ValidationFailed("Times must carry a time zone.", field="shed_at")
+    if shed_at < now - SHED_AT_SKEW:
+        raise ValidationFailed("shed_at is in the past.", code="shed_at_past", field="shed_at")
+    if until is not None and until <= shed_at:
+        raise ValidationFailed("until must be after shed_at.", code="period_invalid", field="until")
+    if site.status not in (SiteStatus.ACTIVE, SiteStatus.CURTAILED):
+        raise Conflict(
+            f"{site.slug} is {site.status}; only an active or already curtailed site sheds load.",
+            code="site_not_active",
+            field="site",
+        )
+
+
+def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -> int:
+    """Preempt every reservation whose notice has run out; returns how many.
+
+    Run by the dispatcher before it looks for work to tear down, so the workload of a
+    preempted running reservation is stopped in the same tick. Rows a worker holds are
+    skipped and taken on the next tick.
+    """
+    now = now or timezone.now()
+    done = 0
+    with transaction.atomic():
+        due = list(
+            Reservation.objects.filter(preempt_at__lte=now, status__in=_PREEMPTIBLE)
+            .select_for_update(skip_locked=True)
+            .order_by("preempt_at", "pk")[:limit]
+        )
+        for reservation in due:
+            reservation_transition(
+                reservation=reservation,
+                to_status=S.PREEMPTED,
+                cause=reservation.preempt_reason or "Preempted.",
+                actor_label=_ACTOR,
+            )
+            done += 1
+    return done
+
+
+def _email_notices(*, notified, preempted, shed_at: datetime, reason: str) -> None:
+    by_org: dict[int, list[str]] = {}
+    for reservation in notified:
+        by_org.setdefault(reservation.organization_id, []).append(
+            f"- {reservation.public_id} ({reservation.gpu_count} GPU(s)): stops at "
+            f"{max(shed_at, reservation.starts_at).isoformat()}"
+        )
+    for reservation in preempted:
+        by_org.setdefault(reservation.organization_id, []).append(
+            f"- {reservation.public_id} ({reservation.gpu_count} GPU(s)): will not start "
+            "(nothing is charged)"
+        )
+    for org_id, lines in by_org.items():
+        recipients = list(
+            Membership.objects.filter(organization_id=org_id, role__in=[Role.OWNER, Role.ADMIN])
+            .exclude(user__email="")
+            .values_list("user__email", flat=True)
+        )
+        if not recipients:
+            continue
+        body = (
+            "The site's grid operator has asked it to shed load. These interruptible "
+            "reservations are preempted:\n\n" + "\n".join(lines) + f"\n\nReason: {reason}\n"
+            "Time after the stop is not charged. Reserved and on-demand capacity is not "
+            "affected."
+        )
+        transaction.on_commit(
+            lambda recipients=recipients, body=body: send_mail(
+                "Switchyard: interruptible reservations preempted (grid curtailment)",
+                body,
+                getattr(settings, "DEFAULT_FROM_EMAIL", None),
+                recipients,
+                fail_silently=True,
+            )
+        )

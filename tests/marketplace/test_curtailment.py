@@ -1,0 +1,255 @@
+"""Grid curtailment: interruptible reservations are preempted with notice, the rest protected."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from config.errors import Conflict, ValidationFailed
+from inventory.models import SiteStatus
+from marketplace.models import Allocation, Curtailment, ReservationStatus
+from marketplace.provisioning.scheduler import reservations_dispatch_due
+from marketplace.selectors.availability import availability_search
+from marketplace.services.curtailment import curtailment_announce
+from marketplace.services.reservations import reservation_create
+from marketplace.services.transitions import reservation_transition
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    allow_all_funding,
+    fresh_rate_limits,
+    key_client,
+    market,
+    org,
+    owner,
+)
+
+pytestmark = pytest.mark.django_db
+S = ReservationStatus
+
+
+def _book(org, *, tier, start, hours, active=False, gpus=2):
+    reservation = reservation_create(
+        organization=org,
+        gpu_model="h100-sxm-80gb",
+        gpu_count=gpus,
+        starts_at=start,
+        ends_at=start + timedelta(hours=hours),
+        tier=tier,
+        site="abilene-1",
+    )
+    if active:
+        for to in (S.PROVISIONING, S.ACTIVE):
+            reservation = reservation_transition(
+                reservation=reservation, to_status=to, cause="test", actor_label="test"
+            )
+    return reservation
+
+
+@pytest.fixture
+def booked(market, org, owner):
+    now = timezone.now()
+    return {
+        "running": _book(org, tier="interruptible", start=now, hours=6, active=True),
+        "on_demand": _book(org, tier="on_demand", start=now, hours=6, active=True),
+        "starts_inside": _book(org, tier="interruptible", start=now + timedelta(hours=3), hours=2),
+        "starts_after_until": _book(
+            org, tier="interruptible", start=now + timedelta(hours=10), hours=2
+        ),
+        "ends_before": _book(org, tier="interruptible", start=now, hours=0.5),
+    }
+
+
+def _fresh(reservation):
+    reservation.refresh_from_db()
+    return reservation
+
+
+def test_an_announcement_notices_running_interruptible_work_and_protects_the_rest(
+    booked, market, mailoutbox, django_capture_on_commit_callbacks
+):
+    site, _ = market
+    shed_at = timezone.now() + timedelta(hours=1)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        curtailment = curtailment_announce(
+            site=site, shed_at=shed_at, until=shed_at + timedelta(hours=7), reason="ERCOT EEA 2"
+        )
+
+    site.refresh_from_db()
+    assert site.status == SiteStatus.CURTAILED
+    running = _fresh(booked["running"])
+    assert (running.status, running.preempt_at) == (S.ACTIVE, shed_at)
+    assert "ERCOT EEA 2" in running.preempt_reason
+    inside = _fresh(booked["starts_inside"])
+    assert inside.status == S.PREEMPTED and inside.activated_at is None
+    assert not Allocation.objects.filter(reservation=inside, is_live=True).exists()
+    for name in ("on_demand", "starts_after_until", "ends_before"):
+        untouched = _fresh(booked[name])
+        assert untouched.preempt_at is None and untouched.status == booked[name].status, name
+    assert (curtailment.reservations_notified, curtailment.reservations_preempted) == (1, 1)
+    # Nothing more is sold there meanwhile.
+    assert (
+        availability_search(
+            gpu_model="h100-sxm-80gb",
+            gpu_count=1,
+            starts_at=shed_at + timedelta(days=1),
+            ends_at=shed_at + timedelta(days=1, hours=1),
+            tier="on_demand",
+        )
+        == []
+    )
+    # The owner is told which reservations stop and when.
+    (mail,) = mailoutbox
+    assert (
+        booked["running"].public_id in mail.body and booked["starts_inside"].public_id in mail.body
+    )
+    assert booked["on_demand"].public_id not in mail.body
+
+
+def test_the_api_shows_the_notice_until_the_preemption(booked, market, org):
+    site, _ = market
+    client = key_client(org)
+    running = booked["running"]
+    url = f"/api/v1/reservations/{running.public_id}"
+    assert client.get(url).json()["interruption"] is None
+
+    shed_at = timezone.now() + timedelta(hours=1)
+    curtailment_announce(site=site, shed_at=shed_at, reason="Demand response event")
+
+    notice = client.get(url).json()["interruption"]
+    assert notice["at"] == shed_at.isoformat().replace("+00:00", "Z")
+    assert "Demand response event" in notice["reason"]
+    listed = {
+        r["id"]: r["interruption"] for r in client.get("/api/v1/reservations").json()["results"]
+    }
+    assert listed[running.public_id] == notice
+    assert listed[booked["on_demand"].public_id] is None
+
+
+def test_at_shed_time_the_dispatcher_preempts_and_stops_the_running_work(booked, market):
+    site, _ = market
+    curtailment_announce(
+        site=site, shed_at=timezone.now() + timedelta(seconds=1), reason="Frequency event"
+    )
+    assert reservations_dispatch_due()["preempted"] == 0  # the notice has not run out
+    time.sleep(1.1)
+
+    counts = reservations_dispatch_due()
+
+    running = _fresh(booked["running"])
+    assert running.status == S.PREEMPTED and running.released_at is not None
+    assert "Frequency event" in running.status_reason
+    # Both interruptible reservations running across shed time: the one already active and the
+    # one that started right away (not provisioned yet: nothing to stop, never charged).
+    assert counts["preempted"] == 2
+    assert _fresh(booked["ends_before"]).status == S.PREEMPTED
+    assert counts["ended"] == 1  # the release task that stops the active one's workload
+    assert not Allocation.objects.filter(reservation=running, is_live=True).exists()
+    # What was held is kept as history, cut at the preemption.
+    held = Allocation.objects.filter(reservation=running)
+    assert held and all(a.period.upper <= running.released_at for a in held)
+    assert _fresh(booked["on_demand"]).status == S.ACTIVE
+    assert reservations_dispatch_due()["preempted"] == 0
+
+
+def test_an_earlier_notice_is_not_postponed_by_a_later_announcement(booked, market):
+    site, _ = market
+    first = timezone.now() + timedelta(minutes=30)
+    curtailment_announce(site=site, shed_at=first, reason="first")
+    curtailment_announce(site=site, shed_at=first + timedelta(hours=1), reason="second")
+
+    running = _fresh(booked["running"])
+    assert running.preempt_at == first and "first" in running.preempt_reason
+    assert Curtailment.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "field"),
+    [
+        ({"shed_at": -timedelta(minutes=5)}, ValidationFailed, "shed_at"),
+        ({"until": timedelta(0)}, ValidationFailed, "until"),
+        ({"reason": "  "}, ValidationFailed, "reason"),
+        ({"site_status": SiteStatus.RETIRED}, Conflict, "site"),
+    ],
+)
+def test_a_bad_announcement_is_refused_and_changes_nothing(booked, market, change, error, field):
+    site, _ = market
+    if "site_status" in change:
+        type(site).objects.filter(pk=site.pk).update(status=change["site_status"])
+        site.refresh_from_db()
+    now = timezone.now()
+    shed_at = now + change.get("shed_at", timedelta(hours=1))
+    until = shed_at + change["until"] if "until" in change else None
+
+    with pytest.raises(error) as raised:
+        curtailment_announce(
+            site=site, shed_at=shed_at, until=until, reason=change.get("reason", "why")
+        )
+
+    assert raised.value.field == field
+    assert not Curtailment.objects.exists()
+    assert _fresh(booked["running"]).preempt_at is None
+    assert _fresh(booked["starts_inside"]).status == booked["starts_inside"].status
+    site.refresh_from_db()
+    assert site.status == change.get("site_status", SiteStatus.ACTIVE)
+
+
+@pytest.fixture
+def staff_client(client):
+    from tests.factories import UserFactory
+
+    client.force_login(UserFactory(username="grid-desk", is_staff=True, is_superuser=True))
+    return client
+
+
+def _admin_form(site, shed_at, reason="ERCOT conservation appeal"):
+    local = timezone.localtime(shed_at)
+    return {
+        "site": site.pk,
+        "shed_at_0": local.strftime("%Y-%m-%d"),
+        "shed_at_1": local.strftime("%H:%M:%S"),
+        "until_0": "",
+        "until_1": "",
+        "reason": reason,
+    }
+
+
+def test_staff_announce_a_curtailment_in_the_admin(booked, market, staff_client):
+    site, _ = market
+    shed_at = (timezone.now() + timedelta(hours=2)).replace(microsecond=0)
+
+    response = staff_client.post(
+        "/admin/marketplace/curtailment/add/", _admin_form(site, shed_at), follow=True
+    )
+
+    assert response.status_code == 200
+    (curtailment,) = Curtailment.objects.all()
+    assert curtailment.announced_by.username == "grid-desk"
+    # running: noticed; both that start later (no `until` given): preempted now.
+    assert (curtailment.reservations_notified, curtailment.reservations_preempted) == (1, 2)
+    assert b"is curtailed" in response.content
+    assert _fresh(booked["running"]).preempt_at == shed_at
+    site.refresh_from_db()
+    assert site.status == SiteStatus.CURTAILED
+    # A record: the change page edits nothing, and it cannot be deleted.
+    page = staff_client.get(f"/admin/marketplace/curtailment/{curtailment.pk}/change/")
+    assert page.status_code == 200 and b'name="reason"' not in page.content
+    assert (
+        staff_client.get(f"/admin/marketplace/curtailment/{curtailment.pk}/delete/").status_code
+        == 403
+    )
+
+
+def test_a_curtailment_in_the_past_is_refused_on_the_admin_form(booked, market, staff_client):
+    site, _ = market
+    response = staff_client.post(
+        "/admin/marketplace/curtailment/add/",
+        _admin_form(site, timezone.now() - timedelta(hours=1)),
+    )
+
+    assert response.status_code == 200  # the form again, with the error
+    assert b"shed_at is in the past" in response.content
+    assert not Curtailment.objects.exists()
+    site.refresh_from_db()
+    assert site.status == SiteStatus.ACTIVE
