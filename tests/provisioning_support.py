@@ -50,6 +50,7 @@ class Market:
         seconds: int = 3600,
         workload: dict | None = None,
         organization=None,
+        tier: str = "on_demand",
     ) -> Reservation:
         start = starts_at or timezone.now()
         return reservation_create(
@@ -58,7 +59,7 @@ class Market:
             gpu_count=gpu_count,
             starts_at=start,
             ends_at=start + timedelta(seconds=seconds),
-            tier="on_demand",
+            tier=tier,
             site=self.site.slug,
             workload=workload,
         )

@@ -26,6 +26,7 @@ from marketplace.provisioning.scheduler import (
     reservations_dispatch_due,
     reservations_sweep_stuck,
 )
+from marketplace.services.curtailment import curtailment_announce
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are fixtures)
     broker_fixture,
@@ -62,6 +63,30 @@ def _wait_status(reservation, status, *, timeout):
     )
     reservation.refresh_from_db()
     return reservation
+
+
+def test_a_curtailment_preempts_interruptible_work_at_shed_time_and_stops_it(worker, driver_log):
+    worker.start(beat=True, PROVISIONING_DISPATCH_INTERVAL_SECONDS="1")
+    market = market_create(nodes=1, gpus=4)
+    interruptible = market.book(gpu_count=2, tier="interruptible")
+    protected = market.book(gpu_count=2)
+    interruptible = _wait_status(interruptible, S.ACTIVE, timeout=15)
+    _wait_status(protected, S.ACTIVE, timeout=15)
+
+    shed_at = timezone.now() + timedelta(seconds=2)
+    curtailment_announce(site=market.site, shed_at=shed_at, reason="Frequency response")
+    assert _status(interruptible) == S.ACTIVE  # the notice runs until shed_at
+
+    r = _wait_status(interruptible, S.PREEMPTED, timeout=15)
+    assert timedelta(0) <= r.released_at - shed_at < timedelta(seconds=3)
+    wait_for(
+        lambda: driver_log(r) == ["prepare", "start", "stop"],
+        timeout=15,
+        what="the preempted workload to be stopped",
+    )
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.PREEMPTED]
+    assert _status(protected) == S.ACTIVE
+    assert "stop" not in driver_log(protected)
 
 
 def test_a_reservation_goes_from_scheduled_to_active_to_completed_on_time(worker, driver_log):
