@@ -7,9 +7,11 @@ from celery import shared_task
 from django.utils import timezone
 
 from billing.models import WebhookEvent
+from marketplace.models import Organization
 
 __all__ = [
     "outbox_send_task",
+    "auto_recharge_for_reservation_task",
     "outbox_flush",
     "webhook_process",
     "webhook_sweep",
@@ -38,6 +40,18 @@ def outbox_flush(limit: int = 200) -> int:
         if outbox_send(message_id=message_id):
             sent += 1
     return sent
+
+
+@shared_task(name="billing.tasks.auto_recharge_for_reservation")
+def auto_recharge_for_reservation_task(organization_id: int, needed_minor: int) -> int | None:
+    """Sent by the funding gate when it refuses a reservation for want of balance."""
+    from billing.services.topups import auto_recharge_for_reservation
+
+    organization = Organization.objects.filter(pk=organization_id).first()
+    if organization is None:
+        return None
+    top_up = auto_recharge_for_reservation(organization=organization, needed_minor=needed_minor)
+    return top_up.pk if top_up else None
 
 
 @shared_task(name="billing.tasks.webhook_process")

@@ -27,6 +27,8 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from kombu.exceptions import KombuError, OperationalError
+from redis.exceptions import RedisError
 
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
@@ -113,12 +115,46 @@ class BillingFundingGate:
             return
         balance = balance_minor(organization=organization)
         if balance < commit_minor:
+            recharging = account is not None and _recharge_kick(account, commit_minor)
             raise PaymentRequired(
                 f"The balance ({from_minor_units(balance, currency)} {currency.upper()}) does not "
                 f"cover this reservation's committed part "
-                f"({from_minor_units(commit_minor, currency)}): top up and try again.",
+                f"({from_minor_units(commit_minor, currency)}): "
+                + (
+                    "an automatic recharge of your card has started; try again in a minute."
+                    if recharging
+                    else "top up and try again."
+                ),
                 code="insufficient_funds",
             )
+
+
+def _recharge_kick(account: BillingAccount, needed_minor: int) -> bool:
+    """Ask for an automatic recharge covering `needed_minor`, if one is set up; True if asked.
+
+    The refused reservation's transaction rolls back, so the recharge is not written here: a
+    task is sent at once (not on commit) and records the top-up in its own transaction.
+    """
+    if not (
+        account.auto_recharge_enabled
+        and account.stripe_customer_id
+        and account.default_payment_method_id
+    ):
+        return False
+    from config.celery import app
+
+    try:
+        app.send_task(
+            "billing.tasks.auto_recharge_for_reservation",
+            args=[account.organization_id, needed_minor],
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
+    except (OperationalError, KombuError, RedisError, OSError) as exc:
+        # The broker is down: the customer tops up by hand instead.
+        logger.warning("could not ask for a recharge of %s: %s", account.organization_id, exc)
+        return False
+    return True
 
 
 def _set_state(account: BillingAccount, state: str, *, grace_until: datetime | None = None) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "top_up_succeed",
     "top_up_fail",
     "auto_recharge_check",
+    "auto_recharge_for_reservation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,34 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
     account.recharge_armed = False
     account.save(update_fields=["recharge_armed"])
     return top_up
+
+
+@transaction.atomic
+def auto_recharge_for_reservation(*, organization: Organization, needed_minor: int) -> TopUp | None:
+    """Start one automatic recharge so that the balance covers `needed_minor` (a reservation's
+    committed part that the funding gate refused), if the organisation has one set up.
+
+    Runs in its own transaction (a task the gate sends), never in the refused reservation's,
+    so the top-up and its charge are recorded whatever became of that reservation. Nothing
+    happens if the balance already covers it, or an automatic recharge is already on its way
+    (the database allows one pending per organisation).
+    """
+    account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
+    if account is None or account.mode != BillingMode.PREPAID or not account.auto_recharge_enabled:
+        return None
+    if not (account.stripe_customer_id and account.default_payment_method_id):
+        return None
+    balance = balance_minor(organization=organization)
+    if balance >= needed_minor:
+        return None
+    amount_minor = max(account.recharge_amount_minor, needed_minor - balance)
+    if amount_minor > to_minor_units(MAX_TOP_UP, account.currency):
+        return None  # a charge this size needs the customer, not an automatic recharge
+    try:
+        with transaction.atomic():
+            return _start_top_up(account=account, amount_minor=amount_minor, automatic=True)
+    except IntegrityError:
+        return None  # one is already in flight
 
 
 @outbox_handler("payment_intent.create")
