@@ -594,10 +594,11 @@ def bench_reserve_raw(clients: int, total: int) -> None:
                                (public_id, organization_id, gpu_model_id, site_id, gpu_count, tier,
                                 term, starts_at, ends_at, currency, price_per_gpu_hour,
                                 total_amount, breakdown, status, status_reason, workload,
-                                connection, cancellation, created_at, updated_at)
+                                connection, cancellation, preempt_reason, created_at,
+                                updated_at)
                                VALUES (%s, %s, %s, %s, 8, 'on_demand', 'none', %s, %s, 'usd',
-                                       2.2, 17.6, '{}', 'pending', '', '{}', '{}', '{}', now(),
-                                       now())
+                                       2.2, 17.6, '{}', 'pending', '', '{}', '{}', '{}', '',
+                                       now(), now())
                                RETURNING id""",
                             [
                                 f"res_raw_{uuid.uuid4().hex[:20]}",
