@@ -215,7 +215,8 @@ class Reservation(models.Model):
     # Interruptible only: the notice of a preemption (a grid curtailment of the site). The
     # dispatcher preempts the reservation at preempt_at; the API shows the notice until then.
     preempt_at = models.DateTimeField(null=True, blank=True)
-    preempt_reason = models.TextField(blank=True)
+    # db_default: app servers still on the previous release keep inserting during a deploy.
+    preempt_reason = models.TextField(blank=True, default="", db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
