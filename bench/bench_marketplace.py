@@ -278,6 +278,15 @@ def ensure_data() -> None:
         say(f"  allocations: {cur.rowcount} ({time.monotonic() - started:.0f} s)")
         cur.execute("SET CONSTRAINTS ALL IMMEDIATE")  # no pending events across the ALTER
         cur.execute("ALTER TABLE marketplace_allocation ENABLE TRIGGER USER")
+        # What the triggers would have kept: each GPU's busy multirange (migration 0009).
+        cur.execute(
+            """
+            UPDATE inventory_gpu g SET busy = live.busy
+            FROM (SELECT gpu_id, range_agg(period) AS busy
+                  FROM marketplace_allocation WHERE is_live GROUP BY gpu_id) live
+            WHERE g.id = live.gpu_id
+            """
+        )
     with connection.cursor() as cur:
         for table in (
             "marketplace_allocation",

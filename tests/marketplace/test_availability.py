@@ -236,10 +236,18 @@ def test_the_demo_seed_prices_every_model_and_offers_capacity():
 
 @pytest.mark.parametrize("filters", ["", " AND m.slug = %(gpu_model)s"])
 def test_every_sql_strategy_agrees_on_what_is_free(h100, filters):
-    """The per-node probe, the window hash and the model scan count exactly the same free GPUs."""
+    """The per-node probe, the window hash, the model scan and the GPUs' busy multiranges
+    count exactly the same free GPUs."""
     from django.db import connection
 
-    from marketplace.selectors.availability import _SEARCH_TAIL, HASH, MODEL_SCAN, PROBE, _sql
+    from marketplace.selectors.availability import (
+        _SEARCH_TAIL,
+        BUSY,
+        HASH,
+        MODEL_SCAN,
+        PROBE,
+        _sql,
+    )
 
     l40s = GpuModelFactory(slug="l40s-48gb", name="L40S", memory_gb=48)
     a, b, c = make_nodes(SiteFactory(), h100, 3)
@@ -257,7 +265,7 @@ def test_every_sql_strategy_agrees_on_what_is_free(h100, filters):
         "node_limit": 10,
         "gpu_model": h100.slug,
     }
-    strategies = (PROBE, HASH, MODEL_SCAN) if filters else (PROBE, HASH)
+    strategies = (PROBE, HASH, MODEL_SCAN, BUSY) if filters else (PROBE, HASH, BUSY)
     results = []
     with connection.cursor() as cur:
         for strategy in strategies:
