@@ -32,7 +32,11 @@ from marketplace.models import (
 )
 from marketplace.provisioning.workload import workload_public
 from marketplace.services.api_keys import api_key_revoke
-from marketplace.services.curtailment import curtailment_announce, curtailment_validate
+from marketplace.services.curtailment import (
+    curtailment_announce,
+    curtailment_call_off,
+    curtailment_validate,
+)
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 
@@ -336,9 +340,23 @@ class CurtailmentAdmin(admin.ModelAdmin):
         "reservations_preempted",
         "announced_by",
         "announced_at",
+        "called_off_at",
     )
     list_filter = ("site",)
     date_hierarchy = "shed_at"
+    actions = ["call_off"]
+
+    @admin.action(description="Call off (the operator cancelled it before shed time)")
+    def call_off(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for curtailment in queryset.order_by("pk"):
+            try:
+                withdrawn = curtailment_call_off(curtailment=curtailment, user=request.user)
+            except ApplicationError as exc:
+                messages.error(request, f"{curtailment}: {exc.message}")
+                continue
+            messages.success(
+                request, f"{curtailment}: called off, {withdrawn} notice(s) withdrawn."
+            )
 
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         if obj is None:

@@ -33,6 +33,9 @@ class Curtailment(models.Model):
     reservations_preempted = models.PositiveIntegerField(
         default=0, help_text="Not started by shed_at: preempted when announced, never charged."
     )
+    called_off_at = models.DateTimeField(
+        null=True, blank=True, help_text="The operator called it off before shed time."
+    )
 
     class Meta:
         ordering = ["-announced_at", "-id"]

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
-from inventory.services import site_curtail
+from inventory.services import site_curtail, site_return_to_service
 from marketplace.models import (
     Curtailment,
     Membership,
@@ -39,6 +39,7 @@ from marketplace.services.transitions import reservation_transition
 
 __all__ = [
     "curtailment_announce",
+    "curtailment_call_off",
     "curtailment_validate",
     "reservations_preempt_due",
     "SHED_AT_SKEW",
@@ -86,7 +87,7 @@ def curtailment_announce(
         .select_related("organization")
         .order_by("pk")
     )
-    cause = f"Grid curtailment at {locked_site.name} from {shed_at.isoformat()}: {reason}"
+    cause = _cause(locked_site, shed_at, reason)
     notified, preempted = [], []
     for reservation in affected:
         if reservation.status in _NOT_STARTED and reservation.starts_at >= shed_at:
@@ -95,11 +96,7 @@ def curtailment_announce(
             )
             preempted.append(reservation)
         else:
-            # Already noticed for an earlier time: the earlier notice stands.
-            if reservation.preempt_at is None or reservation.preempt_at > shed_at:
-                reservation.preempt_at = shed_at
-                reservation.preempt_reason = cause
-                reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
+            _notice(reservation, shed_at=shed_at, cause=cause)
             notified.append(reservation)
 
     curtailment = Curtailment.objects.create(
@@ -120,6 +117,79 @@ def curtailment_announce(
     )
     _email_notices(notified=notified, preempted=preempted, shed_at=shed_at, reason=reason)
     return curtailment
+
+
+@transaction.atomic
+def curtailment_call_off(
+    *, curtailment: Curtailment, user=None, now: datetime | None = None
+) -> int:
+    """The operator called the event off before shed time: withdraw its notices (those of
+    the site's other curtailments still stand) and, if no other one may be in effect, sell the
+    site again. Returns how many notices were withdrawn. Reservations it preempted before they
+    started stay preempted (they were never charged)."""
+    now = now or timezone.now()
+    locked = Curtailment.objects.select_for_update().select_related("site").get(pk=curtailment.pk)
+    if locked.called_off_at is not None:
+        raise Conflict("This curtailment was already called off.", code="already_called_off")
+    if now >= locked.shed_at:
+        raise Conflict(
+            "Its shed time has passed: what it preempted stays preempted. Return the site to "
+            "service from Sites when the operator allows.",
+            code="shed_time_passed",
+        )
+    site = Site.objects.select_for_update().get(pk=locked.site_id)
+    locked.called_off_at = now
+    locked.save(update_fields=["called_off_at"])
+    noticed = list(
+        Reservation.objects.select_for_update()
+        .filter(site=site, preempt_at__isnull=False, status__in=_PREEMPTIBLE)
+        .order_by("pk")
+    )
+    for reservation in noticed:
+        reservation.preempt_at, reservation.preempt_reason = None, ""
+    pending = list(
+        Curtailment.objects.filter(site=site, called_off_at__isnull=True, shed_at__gt=now)
+    )
+    for other in pending:  # their notices stand, whichever came first
+        for reservation in noticed:
+            if reservation.ends_at > other.shed_at and (
+                other.until is None or reservation.starts_at < other.until
+            ):
+                _notice(
+                    reservation,
+                    shed_at=other.shed_at,
+                    cause=_cause(site, other.shed_at, other.reason),
+                    save=False,
+                )
+    withdrawn = sum(1 for r in noticed if r.preempt_at is None)
+    Reservation.objects.bulk_update(noticed, ["preempt_at", "preempt_reason"])
+    # Sold again only if no other curtailment may still be in effect (one without `until` is
+    # taken to be: staff then return the site to service themselves).
+    in_effect = Curtailment.objects.filter(site=site, called_off_at__isnull=True).filter(
+        Q(until__isnull=True) | Q(until__gt=now)
+    )
+    if not in_effect.exists() and site.status == SiteStatus.CURTAILED:
+        site_return_to_service(
+            site=site,
+            actor=user,
+            actor_label=None if user else _ACTOR,
+            reason=f"Grid curtailment from {locked.shed_at.isoformat()} called off",
+        )
+    logger.warning("curtailment %s called off: %d notice(s) withdrawn", locked.pk, withdrawn)
+    return withdrawn
+
+
+def _cause(site: Site, shed_at: datetime, reason: str) -> str:
+    return f"Grid curtailment at {site.name} from {shed_at.isoformat()}: {reason}"
+
+
+def _notice(reservation: Reservation, *, shed_at: datetime, cause: str, save: bool = True) -> None:
+    """Give notice of a preemption at shed_at; an earlier notice already given stands."""
+    if reservation.preempt_at is not None and reservation.preempt_at <= shed_at:
+        return
+    reservation.preempt_at, reservation.preempt_reason = shed_at, cause
+    if save:
+        reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
 
 
 def curtailment_validate(

@@ -12,7 +12,7 @@ from inventory.models import SiteStatus
 from marketplace.models import Allocation, Curtailment, ReservationStatus
 from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.selectors.availability import availability_search
-from marketplace.services.curtailment import curtailment_announce
+from marketplace.services.curtailment import curtailment_announce, curtailment_call_off
 from marketplace.services.reservations import reservation_create
 from marketplace.services.transitions import reservation_transition
 from tests.marketplace.api_fixtures import (  # noqa: F401
@@ -253,3 +253,72 @@ def test_a_curtailment_in_the_past_is_refused_on_the_admin_form(booked, market, 
     assert not Curtailment.objects.exists()
     site.refresh_from_db()
     assert site.status == SiteStatus.ACTIVE
+
+
+def test_calling_it_off_before_shed_time_withdraws_the_notices_and_sells_the_site_again(
+    booked, market
+):
+    site, _ = market
+    curtailment = curtailment_announce(
+        site=site, shed_at=timezone.now() + timedelta(hours=1), reason="Forecast peak"
+    )
+
+    withdrawn = curtailment_call_off(curtailment=curtailment)
+
+    assert withdrawn == 1
+    running = _fresh(booked["running"])
+    assert (running.preempt_at, running.preempt_reason) == (None, "")
+    assert _fresh(booked["starts_inside"]).status == S.PREEMPTED  # stays: it never ran
+    site.refresh_from_db()
+    assert site.status == SiteStatus.ACTIVE
+    curtailment.refresh_from_db()
+    assert curtailment.called_off_at is not None
+    assert reservations_dispatch_due()["preempted"] == 0
+    with pytest.raises(Conflict) as again:
+        curtailment_call_off(curtailment=curtailment)
+    assert again.value.code == "already_called_off"
+
+
+def test_calling_one_off_leaves_the_other_pending_curtailments_notices(booked, market):
+    site, _ = market
+    now = timezone.now()
+    early = curtailment_announce(site=site, shed_at=now + timedelta(hours=1), reason="early")
+    curtailment_announce(site=site, shed_at=now + timedelta(hours=2), reason="late")
+
+    curtailment_call_off(curtailment=early)
+
+    running = _fresh(booked["running"])
+    assert running.preempt_at == now + timedelta(hours=2) and "late" in running.preempt_reason
+    site.refresh_from_db()
+    assert site.status == SiteStatus.CURTAILED  # the late one still applies
+
+
+def test_after_shed_time_it_cannot_be_called_off(booked, market):
+    site, _ = market
+    curtailment = curtailment_announce(
+        site=site, shed_at=timezone.now() + timedelta(minutes=5), reason="now"
+    )
+
+    with pytest.raises(Conflict) as refused:
+        curtailment_call_off(curtailment=curtailment, now=timezone.now() + timedelta(minutes=6))
+
+    assert refused.value.code == "shed_time_passed"
+    assert _fresh(booked["running"]).preempt_at is not None
+    curtailment.refresh_from_db()
+    assert curtailment.called_off_at is None
+
+
+def test_staff_call_one_off_from_the_admin_list(booked, market, staff_client):
+    site, _ = market
+    curtailment = curtailment_announce(
+        site=site, shed_at=timezone.now() + timedelta(hours=1), reason="Forecast peak"
+    )
+
+    response = staff_client.post(
+        "/admin/marketplace/curtailment/",
+        {"action": "call_off", "_selected_action": [curtailment.pk]},
+        follow=True,
+    )
+
+    assert b"called off, 1 notice(s) withdrawn" in response.content
+    assert _fresh(booked["running"]).preempt_at is None
