@@ -16,6 +16,9 @@ from django.db import migrations
 
 FORWARD = """
 ALTER TABLE inventory_gpu ADD COLUMN busy tstzmultirange NOT NULL DEFAULT '{}';
+-- busy changes with every booking of the GPU: room on each page keeps those updates HOT
+-- (no index entries, pruned in place), and vacuum comes sooner than the default 20 %.
+ALTER TABLE inventory_gpu SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
 
 UPDATE inventory_gpu g SET busy = live.busy
 FROM (SELECT gpu_id, range_agg(period) AS busy
@@ -67,6 +70,7 @@ DROP TRIGGER IF EXISTS marketplace_allocation_busy_insert ON marketplace_allocat
 DROP FUNCTION IF EXISTS marketplace_allocation_busy_updated();
 DROP FUNCTION IF EXISTS marketplace_allocation_busy_inserted();
 DROP FUNCTION IF EXISTS marketplace_gpu_busy_refresh(bigint[]);
+ALTER TABLE inventory_gpu RESET (fillfactor, autovacuum_vacuum_scale_factor);
 ALTER TABLE inventory_gpu DROP COLUMN IF EXISTS busy;
 """
 
