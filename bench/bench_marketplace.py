@@ -307,6 +307,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_clients(client, clients: int) -> float:
+    """Run client(0) … client(clients - 1) in threads at once; the seconds until all are done."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -531,13 +542,7 @@ def bench_reserve_api(
                 if key != "created" and len(others) < 5:
                     others.append(f"{r.status_code} {r.text[:200]}")
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t
+    elapsed = run_clients(client, clients)
     how = "naming the site" if with_site else "cheapest site (searches every site)"
     say(
         f"reservation create through the API, {how}, {clients} clients: "
@@ -564,13 +569,7 @@ def bench_floor(base_url: str, secret: str, clients: int, total: int) -> None:
             session.get("/api/v1/gpu-models").raise_for_status()
             done[c] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t
+    elapsed = run_clients(client, clients)
     say(
         f"floor: authenticated GET /api/v1/gpu-models, {clients} clients: "
         f"{sum(done)} in {elapsed:.1f} s = {sum(done) / elapsed:.0f} requests/s"
@@ -631,13 +630,7 @@ def bench_reserve_raw(clients: int, total: int) -> None:
                 except psycopg.Error as exc:
                     errors.append(repr(exc)[:200])
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t
+    elapsed = run_clients(client, clients)
     done = per_client * clients - len(errors)
     say(
         f"raw-SQL reservation transaction (1 row + 8 allocations), {clients} clients: "

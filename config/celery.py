@@ -7,9 +7,13 @@ Starts and ends of reservations live in PostgreSQL; beat only runs short periodi
 pick up what is due, so nothing depends on a long countdown parked in Redis.
 """
 
+import logging
 import os
 
 from celery import Celery, signals
+from kombu.exceptions import KombuError
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -89,3 +93,21 @@ def _close_old_connections(task=None, **kwargs) -> None:
 
 
 app.autodiscover_tasks()
+
+logger = logging.getLogger(__name__)
+
+# What a send raises while the broker is unreachable.
+BROKER_ERRORS = (KombuOperationalError, KombuError, RedisError, OSError)
+SEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2}
+
+
+def task_send(name: str, args: list, *, about: str, then: str = "") -> bool:
+    """Send a task now, with a short retry. A broker outage is logged ("could not enqueue
+    <name> for <about>: <error> <then>") and answered False, never raised: the caller keeps
+    the work in the database, or tells the customer."""
+    try:
+        app.send_task(name, args=args, retry=True, retry_policy=SEND_RETRY_POLICY)
+    except BROKER_ERRORS as exc:
+        logger.warning("could not enqueue %s for %s: %s %s", name, about, exc, then)
+        return False
+    return True

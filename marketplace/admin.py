@@ -155,7 +155,7 @@ class PricingPolicyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Quote)
-class QuoteAdmin(admin.ModelAdmin):
+class QuoteAdmin(ReadOnlyAdmin):
     list_display = [
         "public_id",
         "organization",
@@ -171,15 +171,6 @@ class QuoteAdmin(admin.ModelAdmin):
     list_filter = ["tier", "site"]
     search_fields = ["public_id", "organization__name", "organization__public_id"]
     list_select_related = ["organization", "gpu_model", "site"]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 class TransitionInline(ReadOnlyInline):

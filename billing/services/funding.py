@@ -27,8 +27,6 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from kombu.exceptions import KombuError, OperationalError
-from redis.exceptions import RedisError
 
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
@@ -141,20 +139,14 @@ def _recharge_kick(account: BillingAccount, needed_minor: int) -> bool:
         and account.default_payment_method_id
     ):
         return False
-    from config.celery import app
+    from config.celery import task_send
 
-    try:
-        app.send_task(
-            "billing.tasks.auto_recharge_for_reservation",
-            args=[account.organization_id, needed_minor],
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-        )
-    except (OperationalError, KombuError, RedisError, OSError) as exc:
-        # The broker is down: the customer tops up by hand instead.
-        logger.warning("could not ask for a recharge of %s: %s", account.organization_id, exc)
-        return False
-    return True
+    return task_send(
+        "billing.tasks.auto_recharge_for_reservation",
+        [account.organization_id, needed_minor],
+        about=f"organisation {account.organization_id}",
+        then="(the 402 asks for a top-up instead)",
+    )
 
 
 def _set_state(account: BillingAccount, state: str, *, grace_until: datetime | None = None) -> None:

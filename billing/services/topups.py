@@ -148,15 +148,11 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
         return None
     if not (account.auto_recharge_enabled and account.recharge_armed):
         return None
-    if not (account.stripe_customer_id and account.default_payment_method_id):
-        return None
     # Recharge enough to get back over the threshold even after a deep drop.
     amount_minor = max(account.recharge_amount_minor, account.recharge_threshold_minor - balance)
-    try:
-        with transaction.atomic():
-            top_up = _start_top_up(account=account, amount_minor=amount_minor, automatic=True)
-    except IntegrityError:
-        return None  # one is already in flight
+    top_up = _start_automatic(account=account, amount_minor=amount_minor)
+    if top_up is None:
+        return None
     account.recharge_armed = False
     account.save(update_fields=["recharge_armed"])
     return top_up
@@ -175,19 +171,25 @@ def auto_recharge_for_reservation(*, organization: Organization, needed_minor: i
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
     if account is None or account.mode != BillingMode.PREPAID or not account.auto_recharge_enabled:
         return None
-    if not (account.stripe_customer_id and account.default_payment_method_id):
-        return None
     balance = balance_minor(organization=organization)
     if balance >= needed_minor:
         return None
     amount_minor = max(account.recharge_amount_minor, needed_minor - balance)
     if amount_minor > to_minor_units(MAX_TOP_UP, account.currency):
         return None  # a charge this size needs the customer, not an automatic recharge
+    return _start_automatic(account=account, amount_minor=amount_minor)
+
+
+def _start_automatic(*, account: BillingAccount, amount_minor: int) -> TopUp | None:
+    """Start an automatic recharge on the saved card; None without a card, or while one is
+    already on its way (the database allows one pending automatic top-up per organisation)."""
+    if not (account.stripe_customer_id and account.default_payment_method_id):
+        return None
     try:
         with transaction.atomic():
             return _start_top_up(account=account, amount_minor=amount_minor, automatic=True)
     except IntegrityError:
-        return None  # one is already in flight
+        return None
 
 
 @outbox_handler("payment_intent.create")

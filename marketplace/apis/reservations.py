@@ -19,18 +19,10 @@ from marketplace.services.reservations import (
     reservation_create,
     reservation_extend,
 )
-from marketplace.services.transitions import reservation_allowed_actions
+from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
 
 TAGS = ["Reservations"]
-# A preemption notice is shown until the preemption happens.
-_NOTICE_STATUSES = frozenset(
-    {
-        ReservationStatus.PENDING,
-        ReservationStatus.SCHEDULED,
-        ReservationStatus.PROVISIONING,
-        ReservationStatus.ACTIVE,
-    }
-)
+
 _DIRECT_FIELDS = (
     "gpu_model",
     "gpu_count",
@@ -175,7 +167,8 @@ class ReservationOutput(serializers.Serializer):
 
     @extend_schema_field(InterruptionOutput(allow_null=True))
     def get_interruption(self, reservation) -> dict | None:
-        if reservation.preempt_at is None or reservation.status not in _NOTICE_STATUSES:
+        # Shown until the preemption happens (or the reservation ends first).
+        if reservation.preempt_at is None or reservation.status not in PREEMPTIBLE_STATUSES:
             return None
         return InterruptionOutput(
             {"at": reservation.preempt_at, "reason": reservation.preempt_reason}

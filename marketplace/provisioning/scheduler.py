@@ -19,8 +19,6 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, Max, OuterRef, Q
 from django.utils import timezone
-from kombu.exceptions import KombuError, OperationalError
-from redis.exceptions import RedisError
 
 from marketplace.models import (
     AttemptOutcome,
@@ -61,24 +59,14 @@ _MAX_BATCHES_PER_RUN = 50
 def enqueue_now(task_name: str, reservation_id: int) -> bool:
     """Send the task to the broker; a broker outage is logged, not raised (the sweeper and
     the dispatcher pick the reservation up from the database later)."""
-    from config.celery import app
+    from config.celery import task_send
 
-    try:
-        app.send_task(
-            task_name,
-            args=[reservation_id],
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-        )
-    except (OperationalError, KombuError, RedisError, OSError) as exc:
-        logger.warning(
-            "could not enqueue %s for reservation %s: %s (the sweeper will retry)",
-            task_name,
-            reservation_id,
-            exc,
-        )
-        return False
-    return True
+    return task_send(
+        task_name,
+        [reservation_id],
+        about=f"reservation {reservation_id}",
+        then="(the sweeper will retry)",
+    )
 
 
 def provisioning_kick(reservation_id: int) -> None:
@@ -99,7 +87,7 @@ def release_kick(reservation_id: int) -> None:
 def _enqueue_batch(task_name: str, kind: str, reservation_ids: list[int]) -> None:
     """After commit: send the tasks over one producer; forget the markers of failed sends so
     the next tick tries those again."""
-    from config.celery import app
+    from config.celery import BROKER_ERRORS, app
 
     failed: list[int] = []
     try:
@@ -113,9 +101,9 @@ def _enqueue_batch(task_name: str, kind: str, reservation_ids: list[int]) -> Non
                         retry=True,
                         retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
                     )
-                except (OperationalError, KombuError, RedisError, OSError):
+                except BROKER_ERRORS:
                     failed.append(pk)
-    except (OperationalError, KombuError, RedisError, OSError):
+    except BROKER_ERRORS:
         failed = list(reservation_ids)
     if failed:
         logger.warning(

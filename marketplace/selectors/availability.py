@@ -18,6 +18,7 @@ from django.db import connection
 
 from config.errors import ValidationFailed
 from inventory.models import GpuModel, Site
+from marketplace.models import RateCard
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.services.pricing import (
     PriceBreakdown,
@@ -310,6 +311,34 @@ def node_free_capacity(
         ]
 
 
+def _price(
+    *,
+    card: RateCard,
+    site_slug: str,
+    policy,
+    healthy: int,
+    free: int,
+    tier: str,
+    term: str,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+) -> PriceBreakdown:
+    """The offer's price: the card and policy, with the utilisation of the model at the site
+    (busy over healthy GPUs for the window) for the multiplier."""
+    inputs = pricing_inputs_from(card=card, site_slug=site_slug, policy=policy)
+    return price_quote(
+        rate=inputs.rate,
+        tier=tier,
+        term=term,
+        gpu_count=gpu_count,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        utilisation=Decimal(healthy - free) / Decimal(healthy),
+        bounds=inputs.bounds,
+    )
+
+
 def availability_search(
     *,
     gpu_count: int,
@@ -367,16 +396,17 @@ def availability_search(
         card = rate_card_for(site_id=site_id, gpu_model_id=model_id)
         if card is None or site_id not in sites or model_id not in models:
             continue  # no rate card: not for sale
-        inputs = pricing_inputs_from(card=card, site_slug=sites[site_id].slug, policy=policy)
-        breakdown = price_quote(
-            rate=inputs.rate,
+        breakdown = _price(
+            card=card,
+            site_slug=sites[site_id].slug,
+            policy=policy,
+            healthy=healthy,
+            free=free,
             tier=tier,
             term=term,
             gpu_count=gpu_count,
             starts_at=starts_at,
             ends_at=ends_at,
-            utilisation=Decimal(healthy - free) / Decimal(healthy),
-            bounds=inputs.bounds,
         )
         if (
             max_price_per_gpu_hour is not None
@@ -436,16 +466,17 @@ def site_model_offer(
         return None, capacities  # no rate card: not for sale
     healthy = sum(c.healthy for c in capacities)
     free = sum(c.free for c in capacities)
-    inputs = pricing_inputs_from(card=card, site_slug=site.slug, policy=current_policy())
-    breakdown = price_quote(
-        rate=inputs.rate,
+    breakdown = _price(
+        card=card,
+        site_slug=site.slug,
+        policy=current_policy(),
+        healthy=healthy,
+        free=free,
         tier=tier,
         term=term,
         gpu_count=gpu_count,
         starts_at=starts_at,
         ends_at=ends_at,
-        utilisation=Decimal(healthy - free) / Decimal(healthy),
-        bounds=inputs.bounds,
     )
     single = gpu_count <= max(c.gpus for c in capacities)
     by_id = {c.node_id: c for c in capacities}

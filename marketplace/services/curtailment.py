@@ -35,7 +35,7 @@ from marketplace.models import (
     Role,
     Tier,
 )
-from marketplace.services.transitions import reservation_transition
+from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_transition
 
 __all__ = [
     "curtailment_announce",
@@ -51,7 +51,6 @@ S = ReservationStatus
 # ago); further back is a mistake.
 SHED_AT_SKEW = timedelta(minutes=1)
 _NOT_STARTED = (S.PENDING, S.SCHEDULED)
-_PREEMPTIBLE = (S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE)
 _ACTOR = "grid curtailment"
 
 
@@ -83,7 +82,7 @@ def curtailment_announce(
     window = Q(ends_at__gt=shed_at) & (Q() if until is None else Q(starts_at__lt=until))
     affected = list(
         Reservation.objects.select_for_update()
-        .filter(window, site=locked_site, tier=Tier.INTERRUPTIBLE, status__in=_PREEMPTIBLE)
+        .filter(window, site=locked_site, tier=Tier.INTERRUPTIBLE, status__in=PREEMPTIBLE_STATUSES)
         .select_related("organization")
         .order_by("pk")
     )
@@ -142,7 +141,7 @@ def curtailment_call_off(
     locked.save(update_fields=["called_off_at"])
     noticed = list(
         Reservation.objects.select_for_update()
-        .filter(site=site, preempt_at__isnull=False, status__in=_PREEMPTIBLE)
+        .filter(site=site, preempt_at__isnull=False, status__in=PREEMPTIBLE_STATUSES)
         .order_by("pk")
     )
     for reservation in noticed:
@@ -223,7 +222,7 @@ def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -
     done = 0
     with transaction.atomic():
         due = list(
-            Reservation.objects.filter(preempt_at__lte=now, status__in=_PREEMPTIBLE)
+            Reservation.objects.filter(preempt_at__lte=now, status__in=PREEMPTIBLE_STATUSES)
             .select_for_update(skip_locked=True)
             .order_by("preempt_at", "pk")[:limit]
         )

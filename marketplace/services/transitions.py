@@ -38,6 +38,7 @@ from marketplace.models import (
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "TERMINAL_STATUSES",
+    "PREEMPTIBLE_STATUSES",
     "reservation_transition",
     "reservation_transition_check",
     "reservation_allowed_actions",
@@ -59,6 +60,10 @@ ALLOWED_TRANSITIONS: dict[str, set[str]] = {
 }
 
 TERMINAL_STATUSES = frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if not targets)
+# Where preemption (a grid curtailment) can still reach a reservation: before its release.
+PREEMPTIBLE_STATUSES = frozenset(
+    s for s, targets in ALLOWED_TRANSITIONS.items() if S.PREEMPTED in targets
+)
 _LIVE = frozenset(LIVE_STATUSES)
 
 # Customer-facing actions and the statuses in which they may be taken.
