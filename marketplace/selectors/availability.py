@@ -181,16 +181,19 @@ nodes AS MATERIALIZED (
 # periods, kept by triggers: migration marketplace 0009) against the window, so the cost
 # follows the candidate nodes' GPUs whatever the window's length or how booked it is. The
 # three strategies above read the allocations themselves; the tests hold all four to the same
-# answer.
+# answer. The GPUs are read per node (a lateral probe of inventory_gpu's node index): joined
+# as a set, the planner prices the index by the table's physical order, and once updates have
+# scattered the rows it scans all 100,000 GPUs for one site's 1,400 (14 ms against 1.7 ms).
 _NODES_BY_BUSY = """
 nodes AS MATERIALIZED (
-    SELECT c.id, c.site_id, c.gpu_model_id,
-           count(*) AS gpus,
-           count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
-           count(*) FILTER (WHERE g.health <> 'failed' AND NOT (g.busy && {window})) AS free
+    SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy, gc.free
     FROM node_c c
-    JOIN inventory_gpu g ON g.node_id = c.id
-    GROUP BY c.id, c.site_id, c.gpu_model_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS gpus,
+               count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
+               count(*) FILTER (WHERE g.health <> 'failed' AND NOT (g.busy && {window})) AS free
+        FROM inventory_gpu g WHERE g.node_id = c.id) gc
+    WHERE gc.gpus > 0
 )"""
 
 PROBE, HASH, MODEL_SCAN, BUSY = "probe", "hash", "model_scan", "busy"
