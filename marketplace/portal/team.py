@@ -1,0 +1,11 @@
+"""Portal: team (being written)."""
+
+from django.shortcuts import render
+from django.views import View
+
+from marketplace.portal.mixins import PortalView
+
+
+class TeamView(PortalView, View):
+    def get(self, request):
+        return render(request, "portal/dashboard.html", {"current": [], "running": 0})

@@ -1,0 +1,33 @@
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from marketplace.portal import keys, reservations, team, views
+
+app_name = "portal"
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path(
+        "login",
+        auth_views.LoginView.as_view(
+            template_name="portal/login.html", redirect_authenticated_user=True
+        ),
+        name="login",
+    ),
+    path("logout", auth_views.LogoutView.as_view(), name="logout"),
+    path("signup", views.SignupView.as_view(), name="signup"),
+    path("organizations/new", views.OrganizationNewView.as_view(), name="organization-new"),
+    path(
+        "organizations/switch", views.OrganizationSwitchView.as_view(), name="organization-switch"
+    ),
+    path("dashboard", views.DashboardView.as_view(), name="dashboard"),
+    path("gpus", reservations.SearchView.as_view(), name="search"),
+    path("reservations", reservations.ReservationListView.as_view(), name="reservations"),
+    path(
+        "reservations/<str:public_id>",
+        reservations.ReservationDetailView.as_view(),
+        name="reservation",
+    ),
+    path("api-keys", keys.KeysView.as_view(), name="api-keys"),
+    path("team", team.TeamView.as_view(), name="team"),
+]

@@ -1,0 +1,73 @@
+"""Sign up, sign in, sign out, organisations: in the browser."""
+
+import re
+
+from playwright.sync_api import expect
+
+from marketplace.models import Membership, Organization, Role
+
+
+def test_sign_up_creates_the_user_and_their_organisation_and_signs_them_in(portal):
+    portal.goto(portal.base + "/")
+    expect(portal).to_have_url(re.compile(r"/login$"))
+    portal.get_by_role("link", name="Create an account").click()
+    portal.get_by_label("Username").fill("grace")
+    portal.get_by_label("Email").fill("grace@example.com")
+    portal.get_by_label("Organisation name").fill("Hopper Compute")
+    portal.get_by_label("Password", exact=True).fill("a-long-passphrase-1")
+    portal.get_by_label("Password confirmation").fill("a-long-passphrase-1")
+    portal.get_by_role("button", name="Create account").click()
+
+    expect(portal).to_have_url(re.compile(r"/dashboard$"))
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Hopper Compute")
+    membership = Membership.objects.get(user__username="grace")
+    assert membership.role == Role.OWNER
+    assert membership.organization.name == "Hopper Compute"
+
+
+def test_sign_up_with_mismatched_passwords_writes_nothing(portal):
+    portal.goto(portal.base + "/signup")
+    portal.get_by_label("Username").fill("grace")
+    portal.get_by_label("Email").fill("grace@example.com")
+    portal.get_by_label("Organisation name").fill("Hopper Compute")
+    portal.get_by_label("Password", exact=True).fill("a-long-passphrase-1")
+    portal.get_by_label("Password confirmation").fill("another-passphrase-2")
+    portal.get_by_role("button", name="Create account").click()
+
+    expect(portal.get_by_text("The two password fields didn’t match.")).to_be_visible()
+    assert not Organization.objects.filter(name="Hopper Compute").exists()
+
+
+def test_sign_in_wrong_password_then_right_and_sign_out(portal, django_user_model):
+    from marketplace.services.organizations import organization_create
+
+    user = django_user_model.objects.create_user(username="ada", password="a-long-passphrase-1")
+    organization_create(name="Ada Labs", owner=user)
+    portal.goto(portal.base + "/dashboard")
+    expect(portal).to_have_url(re.compile(r"/login\?next=/dashboard$"))
+    portal.get_by_label("Username").fill("ada")
+    portal.get_by_label("Password").fill("wrong-password")
+    portal.get_by_role("button", name="Sign in").click()
+    expect(portal.get_by_text("Please enter a correct username and password")).to_be_visible()
+
+    portal.get_by_label("Password").fill("a-long-passphrase-1")
+    portal.get_by_role("button", name="Sign in").click()
+    expect(portal).to_have_url(re.compile(r"/dashboard$"))
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Ada Labs")
+
+    portal.get_by_role("button", name="Sign out").click()
+    expect(portal).to_have_url(re.compile(r"/login$"))
+    portal.goto(portal.base + "/dashboard")
+    expect(portal).to_have_url(re.compile(r"/login\?next=/dashboard$"))
+
+
+def test_a_member_of_two_organisations_switches_between_them(signed_in):
+    page, user, first = signed_in
+    from marketplace.services.organizations import organization_create
+
+    organization_create(name="Second Lab", owner=user)
+    page.goto(page.base + "/dashboard")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Ada Labs")
+    page.get_by_label("Act for").select_option(label="Second Lab (owner)")
+    page.get_by_role("button", name="Switch").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Second Lab")
