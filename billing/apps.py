@@ -14,5 +14,12 @@ class BillingConfig(AppConfig):
         import billing.services.topups  # noqa: F401
         from billing.services.funding import BillingFundingGate
         from marketplace.funding import funding_gate_register
+        from marketplace.portal.nav import portal_nav_register
 
         funding_gate_register(BillingFundingGate())
+        portal_nav_register(
+            label="Billing",
+            url_name="portal-billing:overview",
+            order=50,
+            sections=("portal-billing:",),
+        )

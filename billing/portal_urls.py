@@ -1,5 +1,26 @@
-from django.urls import path  # noqa: F401
+"""The portal's Billing pages, under /billing/ (config.urls)."""
+
+from django.urls import path
+
+from billing import portal
 
 app_name = "portal-billing"
 
-urlpatterns: list = []
+urlpatterns = [
+    path("", portal.OverviewView.as_view(), name="overview"),
+    path("payment-methods", portal.PaymentMethodsView.as_view(), name="payment-methods"),
+    path("payment-methods/new", portal.PaymentMethodNewView.as_view(), name="payment-method-new"),
+    path(
+        "payment-methods/<str:payment_method_id>/default",
+        portal.PaymentMethodDefaultView.as_view(),
+        name="payment-method-default",
+    ),
+    path(
+        "payment-methods/<str:payment_method_id>/remove",
+        portal.PaymentMethodRemoveView.as_view(),
+        name="payment-method-remove",
+    ),
+    path("top-ups", portal.TopUpView.as_view(), name="top-up"),
+    path("usage", portal.UsageView.as_view(), name="usage"),
+    path("invoices", portal.InvoicesView.as_view(), name="invoices"),
+]

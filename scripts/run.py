@@ -173,17 +173,13 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
         "=" * 72,
         "Switchyard is running (Ctrl-C stops everything started here)",
         "",
-        f"  Admin            {base}/admin/",
+        f"  Portal           {base}/        (customers: sign up, or the demo login below)",
+        f"  Admin            {base}/admin/  (staff)",
         f"  API docs         {base}/api/docs/   (Swagger UI)",
         f"  API reference    {base}/api/redoc/  (Redoc)",
         f"  OpenAPI schema   {base}/api/schema/",
         f"  API base         {base}/api/v1/     (endpoints: see the API docs)",
     ]
-    # The customer portal is listed once it exists (at / or /portal/).
-    for path in ("/", "/portal/"):
-        if http_status(f"{base}{path}") not in (None, 404):
-            lines.insert(5, f"  Portal           {base}{path}")
-            break
     lines += ["", "  Demo logins (username / password):"]
     lines += [f"    {who:<34} {user} / {password}" for who, user, password in DEMO_LOGINS]
     # seed_demo creates this key because make run always sets DEBUG=1.

@@ -89,6 +89,8 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(smoke_env):
             time.sleep(0.5)
 
         assert _get(f"{base}/admin/login/") == 200
+        assert _get(f"{base}/login") == 200  # the customer portal
+        assert _get(f"{base}/static/portal/portal.css") == 200
         assert _get(f"{base}/api/docs/") == 200
         assert _get(f"{base}/api/schema/") == 200
         assert _get(f"{base}/static/admin/css/base.css") == 200

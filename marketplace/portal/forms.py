@@ -1,7 +1,22 @@
 from django import forms
+from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
+from django.db.models import Q
 
-__all__ = ["SignupForm", "OrganizationForm"]
+from marketplace.models import ApiKeyScope, Role
+
+__all__ = [
+    "SignupForm",
+    "OrganizationForm",
+    "ApiKeyCreateForm",
+    "MemberAddForm",
+    "MemberRoleForm",
+    "PLANS",
+    "SearchForm",
+    "ReserveForm",
+    "CancelForm",
+    "ExtendForm",
+]
 
 
 class SignupForm(UserCreationForm):
@@ -16,3 +31,149 @@ class SignupForm(UserCreationForm):
 
 class OrganizationForm(forms.Form):
     name = forms.CharField(label="Organisation name", max_length=100)
+
+
+# --- finding and reserving GPUs -------------------------------------------------------------
+# One choice for tier and term together, as customers think of it.
+PLANS = {
+    "on_demand": ("on_demand", "none", "On-demand (by the second, cancel any time)"),
+    "interruptible": ("interruptible", "none", "Interruptible (cheaper; may be preempted)"),
+    "reserved_1w": ("reserved", "1w", "Reserved, 1 week"),
+    "reserved_1m": ("reserved", "1m", "Reserved, 1 month"),
+    "reserved_3m": ("reserved", "3m", "Reserved, 3 months"),
+    "reserved_1y": ("reserved", "1y", "Reserved, 1 year"),
+}
+
+
+class SearchForm(forms.Form):
+    """What a customer asks for; clean() gives the period, tier and term the services take."""
+
+    gpu_model = forms.ChoiceField(label="GPU model", required=False)
+    min_gpu_memory_gb = forms.IntegerField(
+        label="Or at least (GB of GPU memory)", required=False, min_value=1, max_value=4096
+    )
+    gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096, initial=1)
+    plan = forms.ChoiceField(
+        label="Plan", choices=[(k, v[2]) for k, v in PLANS.items()], initial="on_demand"
+    )
+    starts_at = forms.DateTimeField(
+        label="Start (UTC)",
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="Blank: now.",
+    )
+    hours = forms.IntegerField(
+        label="Hours",
+        required=False,
+        min_value=1,
+        max_value=366 * 24,
+        help_text="Blank: 24 hours, or the whole term for a reserved plan.",
+    )
+    region = forms.ChoiceField(required=False)
+    site = forms.ChoiceField(required=False)
+    max_price_per_gpu_hour = forms.DecimalField(
+        label="Max price per GPU-hour", required=False, min_value=0, max_digits=12, decimal_places=4
+    )
+
+    def __init__(self, *args, gpu_models=(), sites=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["gpu_model"].choices = [("", "Any")] + [
+            (m.slug, f"{m.name} ({m.memory_gb} GB)") for m in gpu_models
+        ]
+        self.fields["site"].choices = [("", "Any")] + [(s.slug, s.name) for s in sites]
+        self.fields["region"].choices = [("", "Any")] + [
+            (r, r) for r in sorted({s.region for s in sites})
+        ]
+
+    def clean(self):
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        from marketplace.services.pricing import TERM_LENGTHS
+
+        data = super().clean()
+        if "plan" not in data:
+            return data
+        tier, term, _ = PLANS[data["plan"]]
+        starts_at = data.get("starts_at") or timezone.now().replace(microsecond=0)
+        if data.get("hours"):
+            length = timedelta(hours=data["hours"])
+        else:
+            length = TERM_LENGTHS[term] if term != "none" else timedelta(hours=24)
+        data.update(tier=tier, term=term, starts_at=starts_at, ends_at=starts_at + length)
+        return data
+
+
+class ReserveForm(forms.Form):
+    """What runs on the GPUs (optional): checked by the same workload rules as the API."""
+
+    image = forms.CharField(
+        label="Container image",
+        required=False,
+        max_length=255,
+        help_text="Blank: the platform's default CUDA image.",
+    )
+    ssh_public_keys = forms.CharField(
+        label="SSH public keys",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="One per line; they are installed for root on every node.",
+    )
+
+    def workload(self) -> dict:
+        data = self.cleaned_data
+        workload: dict = {}
+        if data.get("image"):
+            workload["image"] = data["image"].strip()
+        keys = [line.strip() for line in data.get("ssh_public_keys", "").splitlines()]
+        if any(keys):
+            workload["ssh_public_keys"] = [k for k in keys if k]
+        return workload
+
+
+class CancelForm(forms.Form):
+    reason = forms.CharField(required=False, max_length=500, label="Reason (optional)")
+
+
+class ExtendForm(forms.Form):
+    ends_at = forms.DateTimeField(
+        label="New end (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
+    )
+
+
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(
+        max_length=120, help_text="To recognise the key later, e.g. “CI runner”."
+    )
+    scopes = forms.MultipleChoiceField(
+        choices=ApiKeyScope.choices,
+        widget=forms.CheckboxSelectMultiple,
+        initial=[ApiKeyScope.READ],
+        error_messages={"required": "Choose at least one scope."},
+        help_text="read: GET only. write: everything a member can do (includes read).",
+    )
+    # A one-time token (see portal.keys): reloading the page that shows the secret re-sends
+    # the form, and that must not create a second key.
+    once = forms.CharField(widget=forms.HiddenInput, required=False)
+
+
+class MemberAddForm(forms.Form):
+    user = forms.CharField(label="Username or email", max_length=254)
+    role = forms.ChoiceField(choices=Role.choices, initial=Role.MEMBER)
+
+    def clean_user(self):
+        # As the API does for an email: exactly one existing user, or refuse.
+        wanted = self.cleaned_data["user"].strip()
+        users = list(
+            get_user_model().objects.filter(Q(username=wanted) | Q(email__iexact=wanted))[:2]
+        )
+        if len(users) != 1:
+            raise forms.ValidationError(
+                "No single Switchyard user has this username or email; they must sign up first."
+            )
+        return users[0]
+
+
+class MemberRoleForm(forms.Form):
+    role = forms.ChoiceField(choices=Role.choices)

@@ -9,10 +9,11 @@ refused with a message, never with a half-done change.
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
 from django.shortcuts import redirect
 
-from config.errors import ApplicationError
+from config.errors import ApplicationError, NotFound
+from marketplace.api.context import OrgContext
 from marketplace.models import Membership, Role
 
 __all__ = ["SESSION_ORG_KEY", "PortalView", "portal_membership", "show_error"]
@@ -35,9 +36,13 @@ def show_error(request: HttpRequest, exc: ApplicationError) -> None:
 
 
 class PortalView(LoginRequiredMixin):
-    """Base for signed-in pages: sets self.membership and self.organization."""
+    """Base for signed-in pages: sets self.membership, self.organization and self.org_context.
 
-    # Roles that may use the page's POST handler; reading is open to every member.
+    Another organisation's object (a selector's NotFound) is a 404 page, as in the API.
+    """
+
+    # Roles that may see the page, and roles that may use its POST handler.
+    read_roles: frozenset = frozenset(Role.values)
     write_roles: frozenset = frozenset(Role.values)
 
     def dispatch(self, request, *args, **kwargs):
@@ -48,9 +53,16 @@ class PortalView(LoginRequiredMixin):
             return redirect("portal:organization-new")
         request.portal_membership = self.membership
         self.organization = self.membership.organization
-        if request.method == "POST" and self.membership.role not in self.write_roles:
+        self.org_context = OrgContext(
+            organization=self.organization, membership=self.membership, api_key=None
+        )
+        allowed = self.write_roles if request.method == "POST" else self.read_roles
+        if self.membership.role not in allowed:
             raise PermissionDenied(
                 f"Your role ({self.membership.role}) cannot do this; it needs one of: "
-                f"{', '.join(sorted(self.write_roles))}."
+                f"{', '.join(sorted(allowed))}."
             )
-        return super().dispatch(request, *args, **kwargs)
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        except NotFound as exc:
+            raise Http404(exc.message) from exc

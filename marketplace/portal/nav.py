@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from django.http import HttpRequest
 
+from marketplace.services.organizations import MANAGER_ROLES
+
 __all__ = ["NavItem", "portal_nav_register", "portal_nav", "portal_context"]
 
 
@@ -16,13 +18,29 @@ class NavItem:
     label: str
     url_name: str
     order: int
+    # The item is current on every page whose view name starts with one of these.
+    sections: tuple[str, ...] = ()
+    # Shown only to members with one of these roles (None: everyone), as its page allows.
+    roles: frozenset | None = None
+
+    def is_current(self, view_name: str) -> bool:
+        return view_name == self.url_name or view_name.startswith(self.sections)
 
 
 _items: dict[str, NavItem] = {}
 
 
-def portal_nav_register(*, label: str, url_name: str, order: int) -> None:
-    _items[url_name] = NavItem(label=label, url_name=url_name, order=order)
+def portal_nav_register(
+    *,
+    label: str,
+    url_name: str,
+    order: int,
+    sections: tuple[str, ...] = (),
+    roles: frozenset | None = None,
+) -> None:
+    _items[url_name] = NavItem(
+        label=label, url_name=url_name, order=order, sections=sections, roles=roles
+    )
 
 
 def portal_nav() -> list[NavItem]:
@@ -30,17 +48,35 @@ def portal_nav() -> list[NavItem]:
 
 
 portal_nav_register(label="Overview", url_name="portal:dashboard", order=10)
-portal_nav_register(label="Find GPUs", url_name="portal:search", order=20)
-portal_nav_register(label="Reservations", url_name="portal:reservations", order=30)
-portal_nav_register(label="API keys", url_name="portal:api-keys", order=60)
-portal_nav_register(label="Team", url_name="portal:team", order=70)
+portal_nav_register(
+    label="Find GPUs", url_name="portal:search", order=20, sections=("portal:quote",)
+)
+portal_nav_register(
+    label="Reservations", url_name="portal:reservations", order=30, sections=("portal:reservation",)
+)
+portal_nav_register(
+    label="API keys",
+    url_name="portal:api-keys",
+    order=60,
+    sections=("portal:api-key",),
+    roles=MANAGER_ROLES,
+)
+portal_nav_register(
+    label="Team", url_name="portal:team", order=70, sections=("portal:team", "portal:member")
+)
 
 
 def portal_context(request: HttpRequest) -> dict:
     """Template context processor: the nav, and the organisation the member acts for."""
     membership = getattr(request, "portal_membership", None)
+    match = getattr(request, "resolver_match", None)
+    view_name = match.view_name if match else ""
     return {
-        "portal_nav": portal_nav(),
+        "portal_nav": [
+            (item, item.is_current(view_name))
+            for item in portal_nav()
+            if membership and (item.roles is None or membership.role in item.roles)
+        ],
         "portal_membership": membership,
         "portal_organization": membership.organization if membership else None,
     }

@@ -1,20 +1,260 @@
-"""Portal: reservations (being written)."""
+"""Portal: find GPUs, hold a price (a quote), reserve, and follow, cancel or extend a reservation.
 
-from django.shortcuts import render
+The same services as the API: availability_search for offers, quote_create to hold an offer's
+price for settings.QUOTE_TTL, reservation_create from the quote, cancellation_terms stated
+before reservation_cancel applies them, reservation_extend.
+"""
+
+from django.contrib import messages
+from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views import View
 
-from marketplace.portal.mixins import PortalView
+from config.errors import ApplicationError
+from marketplace.models import ReservationStatus
+from marketplace.portal.forms import CancelForm, ExtendForm, ReserveForm, SearchForm
+from marketplace.portal.mixins import PortalView, show_error
+from marketplace.provisioning.workload import workload_public, workload_validate
+from marketplace.selectors.availability import availability_search
+from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
+from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.services.organizations import RESERVING_ROLES
+from marketplace.services.quotes import quote_create
+from marketplace.services.reservations import (
+    cancellation_rule,
+    cancellation_terms,
+    reservation_cancel,
+    reservation_create,
+    reservation_extend,
+)
+from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
+
+_PAGE = 50
+
+
+def _search_form(data=None) -> SearchForm:
+    return SearchForm(data, gpu_models=gpu_model_list(), sites=site_list_public())
+
+
+def _field_error(form, exc: ApplicationError) -> None:
+    """A service's refusal, on its field when the form has one (else above the form).
+
+    Workload fields come back as "workload.ssh_public_keys.1": the form field is the middle.
+    """
+    name = (exc.field or "").removeprefix("workload.").split(".")[0]
+    form.add_error(name if name in form.fields else None, exc.message)
 
 
 class SearchView(PortalView, View):
+    """GET: the search form and, once asked, the offers that can be reserved right now."""
+
     def get(self, request):
-        return render(request, "portal/dashboard.html", {"current": [], "running": 0})
+        asked = bool(request.GET)
+        form = _search_form(request.GET if asked else None)
+        offers = None
+        if asked and form.is_valid():
+            d = form.cleaned_data
+            try:
+                offers = availability_search(
+                    gpu_count=d["gpu_count"],
+                    starts_at=d["starts_at"],
+                    ends_at=d["ends_at"],
+                    tier=d["tier"],
+                    term=d["term"],
+                    gpu_model=d["gpu_model"] or None,
+                    min_gpu_memory_gb=d["min_gpu_memory_gb"],
+                    region=d["region"] or None,
+                    site=d["site"] or None,
+                    max_price_per_gpu_hour=d["max_price_per_gpu_hour"],
+                )
+            except ApplicationError as exc:
+                _field_error(form, exc)
+        status = 400 if asked and form.errors else 200
+        context = {"form": form, "offers": offers, "can_reserve": self._can_reserve()}
+        if offers is not None:
+            context["asked"] = form.cleaned_data
+        return render(request, "portal/search.html", context, status=status)
+
+    def _can_reserve(self) -> bool:
+        return self.membership.role in RESERVING_ROLES
 
 
-class ReservationListView(SearchView):
-    pass
+class QuoteCreateView(PortalView, View):
+    """POST an offer's parameters: hold its price at that site (a quote), then confirm it."""
+
+    write_roles = RESERVING_ROLES
+
+    def post(self, request):
+        form = _search_form(request.POST)
+        if not form.is_valid() or not form.cleaned_data.get("gpu_model"):
+            messages.error(request, "That offer could not be read; search again.")
+            return redirect("portal:search")
+        d = form.cleaned_data
+        try:
+            quote = quote_create(
+                organization=self.organization,
+                gpu_model=d["gpu_model"],
+                gpu_count=d["gpu_count"],
+                starts_at=d["starts_at"],
+                ends_at=d["ends_at"],
+                tier=d["tier"],
+                term=d["term"],
+                site=d["site"] or None,
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+            return redirect("portal:search")
+        return redirect("portal:quote", public_id=quote.public_id)
+
+
+class QuoteView(PortalView, View):
+    """The held price, the refund rule, and what to run; POST reserves at the quoted price."""
+
+    write_roles = RESERVING_ROLES
+
+    def get(self, request, public_id):
+        quote = quote_get_for_org(organization=self.organization, public_id=public_id)
+        return self._page(request, quote, ReserveForm())
+
+    def post(self, request, public_id):
+        quote = quote_get_for_org(organization=self.organization, public_id=public_id)
+        form = ReserveForm(request.POST)
+        if not form.is_valid():
+            return self._page(request, quote, form, status=400)
+        try:
+            reservation = reservation_create(
+                organization=self.organization,
+                user=request.user,
+                quote=quote,
+                workload=workload_validate(form.workload()),
+            )
+        except ApplicationError as exc:
+            _field_error(form, exc)
+            return self._page(request, quote, form, status=exc.status_code)
+        messages.success(request, f"Reserved: {reservation.public_id}.")
+        return redirect("portal:reservation", public_id=reservation.public_id)
+
+    def _page(self, request, quote, form, status=200):
+        return render(
+            request,
+            "portal/quote.html",
+            {
+                "quote": quote,
+                "form": form,
+                "expired": timezone.now() >= quote.expires_at,
+                "rule": cancellation_rule(quote.tier),
+                "used": getattr(quote, "reservation", None),
+            },
+            status=status,
+        )
+
+
+class ReservationListView(PortalView, View):
+    def get(self, request):
+        status = request.GET.get("status") or None
+        if status not in ReservationStatus.values:
+            status = None
+        reservations = reservation_list_for_org(organization=self.organization, status=status)
+        return render(
+            request,
+            "portal/reservations.html",
+            {
+                "reservations": reservations[:_PAGE],
+                "statuses": ReservationStatus.values,
+                "status": status,
+            },
+        )
 
 
 class ReservationDetailView(PortalView, View):
     def get(self, request, public_id):
-        return render(request, "portal/dashboard.html", {"current": [], "running": 0})
+        reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
+        return render(request, "portal/reservation.html", _detail_context(self, reservation))
+
+
+def _detail_context(view, reservation, **extra) -> dict:
+    allowed = reservation_allowed_actions(reservation)
+    live = [a for a in reservation.allocations.all() if a.is_live]
+    per_node: dict[str, int] = {}
+    for allocation in live or reservation.allocations.all():
+        per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
+    can_act = view.membership.role in RESERVING_ROLES
+    context = {
+        "reservation": reservation,
+        "allowed": allowed if can_act else [],
+        "nodes": per_node,
+        "workload": workload_public(reservation.workload),
+        "connection": reservation.connection
+        if reservation.status == ReservationStatus.ACTIVE
+        else None,
+        "terms": None,
+        "interruption": reservation.preempt_at is not None
+        and reservation.status in PREEMPTIBLE_STATUSES,
+        "extend_form": ExtendForm(initial={"ends_at": reservation.ends_at}),
+        "cancel_form": CancelForm(),
+    }
+    if "cancel" in context["allowed"]:
+        context["terms"] = cancellation_terms(reservation)
+    context.update(extra)
+    return context
+
+
+class ReservationCancelView(PortalView, View):
+    """POST: cancel (before activation) or stop early, on the terms the detail page states."""
+
+    write_roles = RESERVING_ROLES
+
+    def post(self, request, public_id):
+        reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
+        form = CancelForm(request.POST)
+        if not form.is_valid():
+            return render(
+                request,
+                "portal/reservation.html",
+                _detail_context(self, reservation, cancel_form=form),
+                status=400,
+            )
+        try:
+            updated = reservation_cancel(
+                reservation=reservation,
+                actor_label=self.org_context.actor_label,
+                reason=form.cleaned_data["reason"],
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            refund = updated.cancellation["refund_amount"]
+            messages.success(
+                request,
+                f"{updated.public_id} is {updated.status}; refund {refund} "
+                f"{updated.currency.upper()}.",
+            )
+        return redirect("portal:reservation", public_id=public_id)
+
+
+class ReservationExtendView(PortalView, View):
+    write_roles = RESERVING_ROLES
+
+    def post(self, request, public_id):
+        reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
+        form = ExtendForm(request.POST)
+        if not form.is_valid():
+            return render(
+                request,
+                "portal/reservation.html",
+                _detail_context(self, reservation, extend_form=form),
+                status=400,
+            )
+        try:
+            updated = reservation_extend(
+                reservation=reservation, new_ends_at=form.cleaned_data["ends_at"]
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            messages.success(
+                request,
+                f"Extended to {updated.ends_at:%Y-%m-%d %H:%M} UTC; total now "
+                f"{updated.total_amount} {updated.currency.upper()}.",
+            )
+        return redirect("portal:reservation", public_id=public_id)

@@ -1,11 +1,104 @@
-"""Portal: team (being written)."""
+"""Portal: the organisation's members. Every member sees the team, as in the API.
 
-from django.shortcuts import render
+Owners and admins (MANAGER_ROLES) add members and change roles; the services hold the rest of
+the rules (only an owner touches the owner role; the last owner stays). Anyone may leave.
+"""
+
+from django.contrib import messages
+from django.http import Http404
+from django.shortcuts import redirect, render
 from django.views import View
 
-from marketplace.portal.mixins import PortalView
+from config.errors import ApplicationError, NotFound
+from marketplace.models import Membership, Role
+from marketplace.portal.forms import MemberAddForm, MemberRoleForm
+from marketplace.portal.mixins import PortalView, show_error
+from marketplace.selectors.organizations import member_get_for_org, member_list_for_org
+from marketplace.services.organizations import (
+    MANAGER_ROLES,
+    member_add,
+    member_change_role,
+    member_remove,
+)
+
+
+class _MemberView(PortalView, View):
+    def get_member(self, pk: int) -> Membership:
+        try:
+            return member_get_for_org(organization=self.organization, public_id=f"mem_{pk}")
+        except NotFound as exc:  # another organisation's member is simply not there
+            raise Http404(exc.message) from None
 
 
 class TeamView(PortalView, View):
+    write_roles = MANAGER_ROLES
+    template_name = "portal/team.html"
+
     def get(self, request):
-        return render(request, "portal/dashboard.html", {"current": [], "running": 0})
+        return self.render_page(request, MemberAddForm())
+
+    def post(self, request):
+        form = MemberAddForm(request.POST)
+        if not form.is_valid():
+            return self.render_page(request, form, status=400)
+        user, role = form.cleaned_data["user"], form.cleaned_data["role"]
+        try:
+            member_add(actor=self.membership, user=user, role=role)
+        except ApplicationError as exc:
+            show_error(request, exc)
+            return self.render_page(request, form, status=exc.status_code)
+        messages.success(request, f"{user.get_username()} joined as {role}.")
+        return redirect("portal:team")
+
+    def render_page(self, request, form, *, status=200):
+        members = member_list_for_org(organization=self.organization).order_by("created_at", "pk")
+        context = {
+            "form": form,
+            "members": members,
+            "roles": Role.choices,
+            "can_manage": self.membership.role in MANAGER_ROLES,
+        }
+        return render(request, self.template_name, context, status=status)
+
+
+class MemberRoleView(_MemberView):
+    write_roles = MANAGER_ROLES
+    http_method_names = ["post"]
+
+    def post(self, request, pk: int):
+        membership = self.get_member(pk)
+        form = MemberRoleForm(request.POST)
+        if not form.is_valid():
+            messages.error(request, f"Choose one of the roles: {', '.join(Role.values)}.")
+            return redirect("portal:team")
+        try:
+            membership = member_change_role(
+                actor=self.membership, membership=membership, role=form.cleaned_data["role"]
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            messages.success(request, f"{membership.user.get_username()} is now {membership.role}.")
+        return redirect("portal:team")
+
+
+class MemberRemoveView(_MemberView):
+    """GET asks for confirmation; POST removes. Any member may leave; the service decides."""
+
+    def get(self, request, pk: int):
+        membership = self.get_member(pk)
+        context = {"member": membership, "leaving": membership.pk == self.membership.pk}
+        return render(request, "portal/team_remove.html", context)
+
+    def post(self, request, pk: int):
+        membership = self.get_member(pk)
+        try:
+            member_remove(actor=self.membership, membership=membership)
+        except ApplicationError as exc:
+            show_error(request, exc)
+            return redirect("portal:team")
+        if membership.pk == self.membership.pk:
+            messages.success(request, f"You left {self.organization.name}.")
+            return redirect("portal:dashboard")
+        messages.success(request, f"{membership.user.get_username()} was removed.")
+        return redirect("portal:team")

@@ -22,12 +22,27 @@ urlpatterns = [
     ),
     path("dashboard", views.DashboardView.as_view(), name="dashboard"),
     path("gpus", reservations.SearchView.as_view(), name="search"),
+    path("quotes", reservations.QuoteCreateView.as_view(), name="quote-create"),
+    path("quotes/<str:public_id>", reservations.QuoteView.as_view(), name="quote"),
     path("reservations", reservations.ReservationListView.as_view(), name="reservations"),
     path(
         "reservations/<str:public_id>",
         reservations.ReservationDetailView.as_view(),
         name="reservation",
     ),
+    path(
+        "reservations/<str:public_id>/cancel",
+        reservations.ReservationCancelView.as_view(),
+        name="reservation-cancel",
+    ),
+    path(
+        "reservations/<str:public_id>/extend",
+        reservations.ReservationExtendView.as_view(),
+        name="reservation-extend",
+    ),
     path("api-keys", keys.KeysView.as_view(), name="api-keys"),
+    path("api-keys/<int:pk>/revoke", keys.KeyRevokeView.as_view(), name="api-key-revoke"),
     path("team", team.TeamView.as_view(), name="team"),
+    path("team/<int:pk>/role", team.MemberRoleView.as_view(), name="member-role"),
+    path("team/<int:pk>/remove", team.MemberRemoveView.as_view(), name="member-remove"),
 ]

@@ -355,10 +355,17 @@ def availability_search(
     site: str | None = None,
     max_price_per_gpu_hour: Decimal | None = None,
 ) -> list[Offer]:
-    """Offers that can be reserved right now, cheapest first (one per site and GPU model)."""
+    """Offers that can be reserved right now, cheapest first (one per site and GPU model).
+
+    A period no reservation could have (in the past, too long, too far ahead) is refused with
+    the same error reserving it would get, rather than answered with offers nobody can book.
+    """
+    from marketplace.services.quotes import validate_request_period
+
     if gpu_count < 1:
         raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
     _validate_window(starts_at=starts_at, ends_at=ends_at)
+    validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count)
     validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
 
     filters, params = _filters(

@@ -55,6 +55,7 @@ from marketplace.services.transitions import reservation_action_refusal, reserva
 
 __all__ = [
     "CancellationTerms",
+    "cancellation_rule",
     "cancellation_terms",
     "reservation_create",
     "reservation_cancel",
@@ -81,6 +82,16 @@ class CancellationTerms:
         d = asdict(self)
         d["at"] = self.at.isoformat()
         return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in d.items()}
+
+
+def cancellation_rule(tier: str) -> str:
+    """The refund rule for a tier, in words: what a customer is told before reserving."""
+    if tier == Tier.RESERVED:
+        return (
+            "Cancelling refunds the part not yet begun: in full with 7 days' notice or more, "
+            "50 % with 24 hours' to 7 days' notice, nothing later or after the start."
+        )
+    return "Cancel any time: the time not yet begun is refunded in full; time used is charged."
 
 
 def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> CancellationTerms:

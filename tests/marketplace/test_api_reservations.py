@@ -99,6 +99,26 @@ def test_availability_search_returns_priced_offers(client_key, market):
     assert too_cheap.json() == {"results": []}
 
 
+@pytest.mark.parametrize(
+    "start_offset, code",
+    [(timedelta(days=-2), "starts_in_past"), (timedelta(days=400), "starts_too_far_ahead")],
+)
+def test_availability_refuses_a_period_no_reservation_could_have(
+    client_key, market, start_offset, code
+):
+    # Exactness: an offer is something that can be reserved now, so a period that reserving
+    # would refuse gets the same 400, not offers nobody can book.
+    start = tomorrow() + start_offset
+    response = client_key.get(
+        "/api/v1/availability",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "start": iso(start),
+         "end": iso(start + timedelta(hours=2))},
+    )  # fmt: skip
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["field"] == "starts_at"
+
+
 def test_site_availability_counts_free_gpus(client_key, owner_client, market):
     make_reservation(owner_client, gpu_count=3)
     start = tomorrow()

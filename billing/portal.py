@@ -1,0 +1,335 @@
+"""The portal's Billing pages: balance and settings, cards, top-ups, usage and ledger, invoices.
+
+Thin views over the services and selectors the API uses, with the API's role sets: every
+member reads; owners, admins and billing members change money things. A refused action
+(a domain error, Stripe unreachable or not configured) is a message on the page and
+changes nothing.
+"""
+
+from decimal import Decimal
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.views import View
+
+from billing.apis import MONEY_ROLES
+from billing.models import FundingState
+from billing.money import from_minor_units
+from billing.selectors import (
+    balance_minor,
+    billing_account_for_org,
+    invoices_for_org,
+    ledger_for_org,
+    payment_methods_for_org,
+    spend_minor,
+    top_ups_for_org,
+    usage_by_reservation_day,
+)
+from billing.services.accounts import billing_account_get_or_create, billing_settings_update
+from billing.services.funding import month_start
+from billing.services.payment_methods import (
+    payment_method_attach,
+    payment_method_detach,
+    payment_method_set_default,
+    setup_intent_create,
+)
+from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
+from config.errors import ApplicationError
+from marketplace.portal.mixins import PortalView, show_error
+
+FUNDING_MEANING = {
+    FundingState.OK: "Funded: reservations run normally.",
+    FundingState.WARNING: "The balance is below your recharge threshold. Top up (or let "
+    "automatic recharge do it) before it runs out.",
+    FundingState.GRACE: "The balance has run out. On-demand and interruptible reservations keep "
+    "running until the grace period ends, then they are stopped unless you top up.",
+    FundingState.SUSPENDED: "The balance ran out and the grace period is over: on-demand and "
+    "interruptible reservations were stopped; reserved terms keep running. A top-up that "
+    "brings the balance above zero lifts this.",
+}
+NOT_CONFIGURED = "Card payments are not available on this deployment; contact support."
+LEDGER_PAGE_SIZE = 50
+
+
+def money(amount_minor: int | None, currency: str) -> str:
+    """Minor units as the customer reads them: "1234.50 USD"."""
+    if amount_minor is None:
+        return "—"
+    return f"{from_minor_units(int(amount_minor), currency)} {currency.upper()}"
+
+
+def _payments_configured() -> bool:
+    # The same switch billing.stripe_gateway.build_client uses: no secret key, no Stripe.
+    return bool(settings.STRIPE_SECRET_KEY)
+
+
+def _amount_field(label: str, **kwargs) -> forms.DecimalField:
+    # A text box, not type=number: money is typed as text and validated here, one way.
+    return forms.DecimalField(
+        label=label,
+        max_digits=9,
+        decimal_places=2,
+        widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
+        **kwargs,
+    )
+
+
+class BillingSettingsForm(forms.Form):
+    """The API's BillingSettingsInput; the ranges are the service's to enforce."""
+
+    auto_recharge_enabled = forms.BooleanField(label="Recharge automatically", required=False)
+    recharge_threshold = _amount_field(
+        "Recharge threshold", help_text="Recharge, and warn, when the balance drops below this."
+    )
+    recharge_amount = _amount_field("Recharge amount", help_text="At least 5.00.")
+    monthly_spend_limit = forms.DecimalField(
+        label="Monthly spend limit",
+        max_digits=12,
+        decimal_places=2,
+        required=False,
+        widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
+        help_text="Empty: no limit. New reservations that would go over it are refused.",
+    )
+
+
+class TopUpForm(forms.Form):
+    amount = _amount_field("Amount", help_text=f"Between {MIN_TOP_UP} and {MAX_TOP_UP}.")
+
+
+class PaymentMethodAttachForm(forms.Form):
+    payment_method = forms.RegexField(r"^pm_[A-Za-z0-9_]+$", max_length=64)
+
+
+class UsageFilterForm(forms.Form):
+    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(
+        required=False,
+        widget=forms.DateInput(attrs={"type": "date"}),
+        help_text="Up to, not including.",
+    )
+
+
+def _form_error(form: forms.Form, exc: ApplicationError) -> None:
+    form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+
+
+class BillingPage(PortalView, View):
+    write_roles = MONEY_ROLES
+
+    def can_write(self) -> bool:
+        return self.membership.role in MONEY_ROLES
+
+    def render(self, request, template: str, context: dict, status: int = 200):
+        shared = {"can_write": self.can_write(), "payments_configured": _payments_configured()}
+        return render(request, f"portal/billing/{template}", shared | context, status=status)
+
+
+class OverviewView(BillingPage):
+    def get(self, request, form: BillingSettingsForm | None = None, status: int = 200):
+        account = billing_account_get_or_create(organization=self.organization)
+        c = account.currency
+        if form is None:
+            form = BillingSettingsForm(
+                initial={
+                    "auto_recharge_enabled": account.auto_recharge_enabled,
+                    "recharge_threshold": from_minor_units(account.recharge_threshold_minor, c),
+                    "recharge_amount": from_minor_units(account.recharge_amount_minor, c),
+                    "monthly_spend_limit": None
+                    if account.monthly_spend_limit_minor is None
+                    else from_minor_units(account.monthly_spend_limit_minor, c),
+                }
+            )
+        spent = spend_minor(organization=self.organization, since=month_start(timezone.now()))
+        top_ups = list(top_ups_for_org(organization=self.organization)[:5])
+        for top_up in top_ups:
+            top_up.amount_display = money(top_up.amount_minor, top_up.currency)
+        return self.render(
+            request,
+            "overview.html",
+            {
+                "account": account,
+                "currency": c.upper(),
+                "balance": money(balance_minor(organization=self.organization), c),
+                "spent_this_month": money(spent, c),
+                "monthly_spend_limit": money(account.monthly_spend_limit_minor, c)
+                if account.monthly_spend_limit_minor is not None
+                else "No limit",
+                "recharge_threshold": money(account.recharge_threshold_minor, c),
+                "recharge_amount": money(account.recharge_amount_minor, c),
+                "funding_meaning": FUNDING_MEANING.get(account.funding_state, ""),
+                "top_ups": top_ups,
+                "form": form,
+            },
+            status=status,
+        )
+
+    def post(self, request):
+        form = BillingSettingsForm(request.POST)
+        if form.is_valid():
+            try:
+                billing_settings_update(organization=self.organization, **form.cleaned_data)
+            except ApplicationError as exc:
+                _form_error(form, exc)
+            else:
+                messages.success(request, "Billing settings saved.")
+                return redirect("portal-billing:overview")
+        return self.get(request, form=form, status=400)
+
+
+class PaymentMethodsView(BillingPage):
+    """The saved cards; POST saves one that Stripe.js confirmed (payment_method_attach)."""
+
+    def get(self, request):
+        account = billing_account_for_org(organization=self.organization)
+        default = account.default_payment_method_id if account else ""
+        methods = list(payment_methods_for_org(organization=self.organization))
+        for pm in methods:
+            pm.is_default = pm.stripe_payment_method_id == default
+        return self.render(request, "payment_methods.html", {"methods": methods})
+
+    def post(self, request):
+        form = PaymentMethodAttachForm(request.POST)
+        if not form.is_valid():
+            messages.error(request, "The card was not confirmed by Stripe; nothing was saved.")
+            return redirect("portal-billing:payment-methods")
+        try:
+            pm = payment_method_attach(
+                organization=self.organization,
+                payment_method_id=form.cleaned_data["payment_method"],
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            messages.success(request, f"{pm.brand.title()} ending {pm.last4} saved.")
+        return redirect("portal-billing:payment-methods")
+
+
+class PaymentMethodNewView(BillingPage):
+    """Starts a SetupIntent (a Stripe write, so money roles only) for Stripe.js to confirm."""
+
+    read_roles = MONEY_ROLES
+
+    def get(self, request):
+        try:
+            setup = setup_intent_create(organization=self.organization)
+        except ApplicationError as exc:
+            return self.render(request, "payment_method_new.html", {"error": exc.message})
+        stripe_config = {
+            "publishableKey": setup["publishable_key"],
+            "clientSecret": setup["client_secret"],
+        }
+        return self.render(
+            request,
+            "payment_method_new.html",
+            {"stripe_js_url": setup["stripe_js_url"], "stripe_config": stripe_config},
+        )
+
+
+class PaymentMethodDefaultView(BillingPage):
+    read_roles = MONEY_ROLES
+
+    def post(self, request, payment_method_id: str):
+        try:
+            payment_method_set_default(
+                organization=self.organization, payment_method_id=payment_method_id
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            messages.success(request, "Default card changed.")
+        return redirect("portal-billing:payment-methods")
+
+
+class PaymentMethodRemoveView(BillingPage):
+    read_roles = MONEY_ROLES
+
+    def post(self, request, payment_method_id: str):
+        try:
+            payment_method_detach(
+                organization=self.organization, payment_method_id=payment_method_id
+            )
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            messages.success(request, "Card removed.")
+        return redirect("portal-billing:payment-methods")
+
+
+class TopUpView(BillingPage):
+    def get(self, request, form: TopUpForm | None = None, status: int = 200):
+        top_ups = list(top_ups_for_org(organization=self.organization)[:50])
+        for top_up in top_ups:
+            top_up.amount_display = money(top_up.amount_minor, top_up.currency)
+        account = billing_account_for_org(organization=self.organization)
+        currency = account.currency if account else settings.CURRENCY
+        return self.render(
+            request,
+            "top_up.html",
+            {
+                "form": form or TopUpForm(),
+                "top_ups": top_ups,
+                "currency": currency.upper(),
+                "has_card": bool(account and account.default_payment_method_id),
+            },
+            status=status,
+        )
+
+    def post(self, request):
+        form = TopUpForm(request.POST)
+        if form.is_valid():
+            amount: Decimal = form.cleaned_data["amount"]
+            try:
+                top_up = top_up_create(organization=self.organization, amount=amount)
+            except ApplicationError as exc:
+                _form_error(form, exc)
+            else:
+                messages.success(
+                    request,
+                    f"Top-up of {money(top_up.amount_minor, top_up.currency)} requested; "
+                    "its status is below.",
+                )
+                return redirect("portal-billing:top-up")
+        return self.get(request, form=form, status=400)
+
+
+class UsageView(BillingPage):
+    """Usage by reservation and UTC day, and the ledger, newest first, page by page."""
+
+    def get(self, request):
+        form = UsageFilterForm(request.GET or None)
+        since = until = None
+        if form.is_valid():
+            since, until = form.cleaned_data["since"], form.cleaned_data["until"]
+        usage = list(
+            usage_by_reservation_day(organization=self.organization, since=since, until=until)[
+                :1000
+            ]
+        )
+        for row in usage:
+            # Usage entries take from the balance; the customer reads them as positive charges.
+            row["amount_display"] = money(-row["amount_minor"], row["currency"])
+            row["gpu_hours"] = (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"))
+        ledger = Paginator(ledger_for_org(organization=self.organization), LEDGER_PAGE_SIZE)
+        page = ledger.get_page(request.GET.get("page"))
+        page.object_list = list(page.object_list)
+        for entry in page.object_list:
+            entry.amount_display = money(entry.amount_minor, entry.currency)
+        return self.render(
+            request,
+            "usage.html",
+            {"form": form, "usage": usage, "page": page},
+            status=400 if form.errors else 200,
+        )
+
+
+class InvoicesView(BillingPage):
+    def get(self, request):
+        invoices = list(invoices_for_org(organization=self.organization))
+        for invoice in invoices:
+            invoice.amount_due_display = money(invoice.amount_due_minor, invoice.currency)
+            invoice.amount_paid_display = money(invoice.amount_paid_minor, invoice.currency)
+        return self.render(request, "invoices.html", {"invoices": invoices})

@@ -1,0 +1,291 @@
+"""The portal's Billing pages through Django's test client: roles, bad input, Stripe refusing
+or missing. The browser paths (Stripe.js card form) are in tests/portal/test_portal_billing.py."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from billing.models import BillingAccount, Invoice, LedgerKind, PaymentMethod, TopUp
+from billing.services.ledger import ledger_entry_add
+from billing.services.usage import reservation_meter
+from marketplace.models import Role
+from tests.billing.conftest import T0, make_reservation, save_card
+from tests.factories import MembershipFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def owner_client(client, org):
+    client.force_login(org.memberships.get().user)
+    return client
+
+
+@pytest.fixture
+def member_client(client, org):
+    member = MembershipFactory(organization=org, role=Role.MEMBER, user__password="!").user
+    client.force_login(member)
+    return client
+
+
+def _account_row(org) -> tuple:
+    account = BillingAccount.objects.get(organization=org)
+    return (
+        account.auto_recharge_enabled,
+        account.recharge_threshold_minor,
+        account.recharge_amount_minor,
+        account.monthly_spend_limit_minor,
+    )
+
+
+SETTINGS = {
+    "auto_recharge_enabled": "on",
+    "recharge_threshold": "20.00",
+    "recharge_amount": "80.00",
+    "monthly_spend_limit": "1000.00",
+}
+
+
+def test_the_overview_shows_balance_mode_and_what_the_funding_state_means(org, owner_client):
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=12345,
+                     currency="usd", idempotency_key="c1")  # fmt: skip
+    BillingAccount.objects.filter(organization=org).update(funding_state="grace")
+
+    response = owner_client.get("/billing/")
+
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert '<strong id="balance">123.45 USD</strong>' in html
+    assert "Prepaid: usage is drawn from this balance." in html
+    assert "The balance has run out. On-demand and interruptible reservations keep" in html
+    assert 'href="/billing/"' in html  # the nav item billing registered with the portal
+
+
+def test_an_owner_changes_auto_recharge_and_the_spend_limit(org, owner_client):
+    response = owner_client.post("/billing/", SETTINGS, follow=True)
+    cleared = owner_client.post("/billing/", {**SETTINGS, "monthly_spend_limit": "",
+                                              "auto_recharge_enabled": ""})  # fmt: skip
+
+    assert "Billing settings saved." in response.content.decode()
+    assert 'id="spend-limit">1000.00 USD<' in response.content.decode()
+    assert cleared.status_code == 302
+    assert _account_row(org) == (False, 2000, 8000, None)
+
+
+def test_a_plain_member_reads_billing_but_cannot_change_settings(org, member_client):
+    before = _account_row(org)
+
+    page = member_client.get("/billing/")
+    refused = member_client.post("/billing/", SETTINGS)
+
+    assert page.status_code == 200
+    assert "Save settings" not in page.content.decode()
+    assert "Only owners, admins and billing members can change billing settings." in (
+        page.content.decode()
+    )
+    assert refused.status_code == 403
+    assert "Your role (member) cannot do this" in refused.content.decode()
+    assert _account_row(org) == before
+
+
+def test_a_plain_member_cannot_top_up_or_start_saving_a_card(org, member_client):
+    top_up = member_client.post("/billing/top-ups", {"amount": "50.00"})
+    new_card = member_client.get("/billing/payment-methods/new")
+    attach = member_client.post("/billing/payment-methods", {"payment_method": "pm_card_visa"})
+
+    assert (top_up.status_code, new_card.status_code, attach.status_code) == (403, 403, 403)
+    assert not TopUp.objects.exists()
+    assert BillingAccount.objects.get(organization=org).stripe_customer_id == ""
+    assert not PaymentMethod.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("recharge_threshold", "99999999999", "Ensure that there are no more than 9 digits"),
+        ("recharge_threshold", "-1", "Must be zero or more."),
+        ("recharge_threshold", "lots", "Enter a number."),
+        ("recharge_amount", "1.00", "A recharge is at least 5.00."),
+        ("monthly_spend_limit", "-5", "Must be zero or more."),
+    ],
+)
+def test_bad_settings_are_a_form_error_and_change_nothing(org, owner_client, field, value, error):
+    before = _account_row(org)
+
+    response = owner_client.post("/billing/", {**SETTINGS, field: value})
+
+    assert response.status_code == 400
+    assert error in response.content.decode()
+    assert response.context["form"].errors[field]
+    assert _account_row(org) == before
+
+
+@pytest.mark.parametrize(
+    ("amount", "error"),
+    [
+        ("-5", "A top-up is between 5.00 and 100000.00."),
+        ("1000000", "A top-up is between 5.00 and 100000.00."),
+        ("abc", "Enter a number."),
+        ("", "This field is required."),
+    ],
+)
+def test_a_bad_top_up_amount_is_a_form_error_and_writes_nothing(org, owner_client, amount, error):
+    response = owner_client.post("/billing/top-ups", {"amount": amount})
+
+    assert response.status_code == 400
+    assert response.context["form"].errors["amount"] == [error]
+    assert not TopUp.objects.exists()
+
+
+def test_a_top_up_without_a_card_says_so_and_writes_nothing(org, owner_client, settings):
+    settings.STRIPE_SECRET_KEY = "sk_test_switchyard"  # configured, but no card saved
+
+    response = owner_client.post("/billing/top-ups", {"amount": "50.00"})
+
+    assert response.status_code == 400
+    assert "Add a card before topping up." in response.content.decode()
+    assert not TopUp.objects.exists()
+
+
+def test_without_stripe_the_card_and_top_up_pages_say_so(org, owner_client, settings):
+    settings.STRIPE_SECRET_KEY = ""
+    message = "Card payments are not available on this deployment; contact support."
+
+    cards = owner_client.get("/billing/payment-methods")
+    new_card = owner_client.get("/billing/payment-methods/new")
+    top_up = owner_client.get("/billing/top-ups")
+
+    for response in (cards, new_card, top_up):
+        assert response.status_code == 200
+        assert message in response.content.decode()
+    assert "Add a card</a>" not in cards.content.decode()
+    assert 'id="card-form"' not in new_card.content.decode()
+    assert 'name="amount"' not in top_up.content.decode()
+    assert BillingAccount.objects.get(organization=org).stripe_customer_id == ""
+
+
+@pytest.mark.stripe
+def test_the_card_page_starts_a_setup_intent_for_stripe_js(
+    localstripe, org, owner_client, settings
+):
+    settings.STRIPE_JS_URL = f"{localstripe.url}/js.stripe.com/v3/"
+
+    response = owner_client.get("/billing/payment-methods/new")
+
+    html = response.content.decode()
+    config = response.context["stripe_config"]
+    assert response.status_code == 200
+    assert config["publishableKey"] == "pk_test_switchyard"
+    assert config["clientSecret"].startswith("seti_")
+    assert f'<script src="{localstripe.url}/js.stripe.com/v3/"></script>' in html
+    assert BillingAccount.objects.get(organization=org).stripe_customer_id.startswith("cus_")
+
+
+@pytest.mark.stripe
+def test_stripe_unreachable_on_the_card_page_is_a_message_not_a_500(localstripe, org, owner_client):
+    localstripe.stop()
+    try:
+        response = owner_client.get("/billing/payment-methods/new")
+    finally:
+        localstripe.start()
+
+    assert response.status_code == 200
+    assert "The payment provider is unreachable; try again shortly." in response.content.decode()
+    assert BillingAccount.objects.get(organization=org).stripe_customer_id == ""
+
+
+@pytest.mark.stripe
+def test_a_card_refused_on_attach_is_shown_and_not_stored(localstripe, org, owner_client):
+    response = owner_client.post(
+        "/billing/payment-methods", {"payment_method": "pm_card_visa_chargeDeclined"}, follow=True
+    )
+
+    assert response.status_code == 200
+    [message] = [str(m) for m in response.context["messages"]]
+    assert "declined" in message.lower()
+    assert "No saved cards." in response.content.decode()
+    assert not PaymentMethod.objects.exists()
+    assert BillingAccount.objects.get(organization=org).default_payment_method_id == ""
+
+
+def test_a_malformed_payment_method_id_is_refused_before_stripe(org, owner_client, settings):
+    settings.STRIPE_SECRET_KEY = ""  # proves Stripe is not called: it would fail differently
+
+    response = owner_client.post(
+        "/billing/payment-methods", {"payment_method": "tok_<script>"}, follow=True
+    )
+
+    assert "The card was not confirmed by Stripe; nothing was saved." in response.content.decode()
+    assert not PaymentMethod.objects.exists()
+
+
+@pytest.mark.stripe
+def test_an_owner_makes_another_card_default_and_removes_one(localstripe, org, owner_client):
+    first = save_card(localstripe, org)
+    second = save_card(localstripe, org, card="pm_card_chargeCustomerFail")  # Visa …0341
+
+    listed = owner_client.get("/billing/payment-methods").content.decode()
+    owner_client.post(f"/billing/payment-methods/{second}/default")
+    owner_client.post(f"/billing/payment-methods/{first}/remove")
+    missing = owner_client.post("/billing/payment-methods/pm_nope/default", follow=True)
+
+    assert "Visa ending 4242" in listed and "Visa ending 0341" in listed
+    assert listed.count('<span class="status active">Default</span>') == 1
+    account = BillingAccount.objects.get(organization=org)
+    assert account.default_payment_method_id == second
+    assert list(
+        PaymentMethod.objects.filter(detached_at__isnull=True).values_list(
+            "stripe_payment_method_id", flat=True
+        )
+    ) == [second]
+    assert "No such payment method." in missing.content.decode()
+    assert account.default_payment_method_id == second
+
+
+def test_a_member_cannot_remove_a_card(org, member_client):
+    PaymentMethod.objects.create(organization=org, stripe_payment_method_id="pm_1", last4="4242")
+
+    response = member_client.post("/billing/payment-methods/pm_1/remove")
+
+    assert response.status_code == 403
+    assert PaymentMethod.objects.get().detached_at is None
+
+
+def test_usage_and_ledger_show_amounts_with_the_currency_and_only_this_org(org, owner_client):
+    other = MembershipFactory(user__password="!").organization
+    reservation = make_reservation(org, gpu_count=2, activated_at=T0)
+    reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=1))
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=2500,
+                     currency="usd", idempotency_key="c1", description="Welcome credit")  # fmt: skip
+    ledger_entry_add(organization=other, kind=LedgerKind.CREDIT, amount_minor=999,
+                     currency="usd", idempotency_key="c2", description="Someone else")  # fmt: skip
+
+    response = owner_client.get("/billing/usage")
+    filtered = owner_client.get("/billing/usage", {"since": "2026-03-03"})
+    bad = owner_client.get("/billing/usage", {"since": "yesterday"})
+
+    html = response.content.decode()
+    [row] = response.context["usage"]
+    assert (row["reservation__public_id"], row["gpu_hours"], row["amount_display"]) == (
+        reservation.public_id, 2, "4.00 USD",
+    )  # fmt: skip
+    assert "Welcome credit" in html and "25.00 USD" in html and "-4.00 USD" in html
+    assert "Someone else" not in html
+    assert filtered.context["usage"] == []
+    assert bad.status_code == 400
+    assert "Enter a valid date." in bad.content.decode()
+
+
+def test_invoices_link_to_the_hosted_invoice(org, owner_client):
+    Invoice.objects.create(organization=org, stripe_invoice_id="in_1", stripe_customer_id="cus_1",
+                           status="open", currency="usd", amount_due_minor=4200,
+                           hosted_invoice_url="https://invoice.stripe.com/i/acct/in_1",
+                           period_start=datetime(2026, 10, 1, tzinfo=UTC))  # fmt: skip
+    Invoice.objects.create(organization=None, stripe_invoice_id="in_2", stripe_customer_id="cus_2",
+                           status="open", currency="usd")  # fmt: skip
+
+    html = owner_client.get("/billing/invoices").content.decode()
+
+    assert '<a href="https://invoice.stripe.com/i/acct/in_1"' in html
+    assert "42.00 USD" in html
+    assert "in_2" not in html
