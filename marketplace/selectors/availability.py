@@ -84,15 +84,16 @@ class NodeCapacity:
 
 
 # The candidate nodes and, per node, its GPUs, healthy GPUs and GPUs free for the window.
-# Four ways to find the free GPUs, all the same answer (tested); _strategy picks one:
-# - busy (one model or one site: placement and most searches): each GPU's busy multirange,
-#   kept by triggers, against the window; cost bounded by the candidate GPUs.
-# - hash (no model, no site): one scan of the live allocations overlapping the window through
-#   the period-first partial GiST index (allocation_live_period_idx), hashed and anti-joined to
-#   the GPUs; its cost follows the allocations in the window, never the rows of history.
-# - probe and model_scan read the allocations per node or per model in the window; kept as
-#   references the tests hold busy to (the allocation service re-reads the allocations
-#   themselves under its node locks, as probe does).
+# Four ways to find the free GPUs, all the same answer (tested); the searches use busy:
+# - busy: each GPU's busy multirange, kept by triggers, against the window; cost bounded by
+#   the candidate GPUs whatever the window.
+# - hash: one scan of the live allocations overlapping the window through the period-first
+#   partial GiST index (allocation_live_period_idx), hashed and anti-joined to the GPUs; its
+#   cost follows the allocations in the window (at the benchmark's scale, searching every
+#   model everywhere: p50 131 ms, worst of 12 windows 281 ms, against busy's 128 and 151 ms).
+# - probe and model_scan read the allocations per node or per model in the window.
+# The last three are kept as references the tests hold busy to (the allocation service
+# re-reads the allocations themselves under its node locks, as probe does).
 _CANDIDATE_NODES_SQL = """
 WITH node_c AS (
     SELECT n.id, n.site_id, n.gpu_model_id
@@ -212,21 +213,6 @@ _WINDOW = "tstzrange(%(starts_at)s, %(ends_at)s, '[)')"
 def _sql(tail: str, *, filters: str, strategy: str) -> str:
     nodes_cte = _NODES_CTES[strategy].replace("{window}", _WINDOW)
     return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=nodes_cte, window=_WINDOW) + tail
-
-
-def _strategy(*, gpu_model: str | None, site: str | None) -> str:
-    """Which way to find the busy GPUs; all four give the same answer (tested).
-
-    One site or one model: the GPUs' busy multiranges, a cost bounded by their GPUs (measured
-    at the benchmark's scale, one model at every site: p50 19 ms, p99 24-32 ms whatever the
-    window, against the model scan's p50 12-14 ms but p99 31-43 ms for windows in the booked
-    period; one site and model, as placement reads it: p50 1.1 ms, p99 1.4 ms, against the
-    per-node probe's 1.8 ms and 3-6 ms). Neither (a search of every model everywhere): one
-    scan of the window's live allocations, cheaper than reading every GPU.
-    """
-    if site is not None or gpu_model is not None:
-        return BUSY
-    return HASH
 
 
 _SEARCH_TAIL = """,
@@ -375,8 +361,7 @@ def availability_search(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
     )
     with connection.cursor() as cur:
-        strategy = _strategy(gpu_model=gpu_model, site=site)
-        cur.execute(_sql(_SEARCH_TAIL, filters=filters, strategy=strategy), params)
+        cur.execute(_sql(_SEARCH_TAIL, filters=filters, strategy=BUSY), params)
         rows = cur.fetchall()
 
     fits = []
