@@ -431,7 +431,7 @@ def _book(
         from_status="",
         to_status=status,
         cause="created from quote " + quote.public_id if quote else "created",
-        actor_label=f"user:{user.pk}" if user else "api",
+        actor_label=f"user:{user.get_username()}" if user else "api",
     )
     # Everything related to the new reservation was written just above, in this transaction,
     # so the caller can show it without reading it back: the rows as the detail read orders
