@@ -249,6 +249,24 @@ BILLING_DEFAULT_RECHARGE_THRESHOLD = env_decimal(
 # Hours of an on-demand reservation the prepaid balance must cover before it is accepted.
 BILLING_ON_DEMAND_COMMIT_HOURS = env_int("BILLING_ON_DEMAND_COMMIT_HOURS", 1, minimum=0)
 
+# --- E-mail --------------------------------------------------------------------------------
+# Notices (billing, curtailments) and the portal's password resets. SMTP in production; with
+# DEBUG on and no EMAIL_HOST, messages are printed to the console instead of sent.
+EMAIL_HOST = env_str("EMAIL_HOST", "")
+EMAIL_PORT = env_int("EMAIL_PORT", 587, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Switchyard <noreply@localhost>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+EMAIL_BACKEND = (
+    "django.core.mail.backends.console.EmailBackend"
+    if DEBUG and not EMAIL_HOST
+    else "django.core.mail.backends.smtp.EmailBackend"
+)
+# How long a password-reset link works.
+PASSWORD_RESET_TIMEOUT = env_int("PASSWORD_RESET_TIMEOUT_SECONDS", 3600, minimum=60)
+
 # --- Logging -------------------------------------------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

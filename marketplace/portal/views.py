@@ -1,10 +1,13 @@
-"""Account pages: sign up, a new organisation, switching organisation, the overview."""
+"""Account pages: sign up, passwords, a new organisation, switching organisation, the overview."""
 
 from django.contrib import messages
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.contrib.messages.views import SuccessMessageMixin
 from django.db import transaction
 from django.shortcuts import redirect, render
+from django.urls import reverse_lazy
 from django.utils import timezone
 from django.views import View
 
@@ -112,3 +115,15 @@ class DashboardView(PortalView, View):
                 "now": timezone.now(),
             },
         )
+
+
+class PasswordChangeView(SuccessMessageMixin, auth_views.PasswordChangeView):
+    template_name = "portal/password_change.html"
+    success_url = reverse_lazy("portal:dashboard")
+    success_message = "Your password has been changed."
+
+
+class PasswordResetConfirmView(SuccessMessageMixin, auth_views.PasswordResetConfirmView):
+    template_name = "portal/password_reset_confirm.html"
+    success_url = reverse_lazy("portal:login")
+    success_message = "Your new password is set: sign in with it."

@@ -71,3 +71,60 @@ def test_a_member_of_two_organisations_switches_between_them(signed_in):
     page.get_by_label("Act for").select_option(label="Second Lab (owner)")
     page.get_by_role("button", name="Switch").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Second Lab")
+
+
+def test_a_forgotten_password_is_reset_through_the_emailed_link_once(
+    portal, django_user_model, mailoutbox
+):
+    user = django_user_model.objects.create_user(
+        username="ada", email="ada@example.com", password="the-old-passphrase-1"
+    )
+    portal.goto(portal.base + "/login")
+    portal.get_by_role("link", name="Forgot your password?").click()
+    portal.get_by_label("Email").fill("ADA@example.com")  # any case
+    portal.get_by_role("button", name="Send the link").click()
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Check your e-mail")
+
+    (message,) = mailoutbox
+    assert message.to == ["ada@example.com"]
+    assert message.subject == "Reset your Switchyard password"
+    link = re.search(r"https?://\S+/password-reset/\S+", message.body).group(0)
+    portal.goto(link)
+    portal.get_by_label("New password", exact=True).fill("a-brand-new-passphrase-2")
+    portal.get_by_label("New password confirmation").fill("a-brand-new-passphrase-2")
+    portal.get_by_role("button", name="Set the password").click()
+    expect(portal.get_by_role("status")).to_contain_text("Your new password is set")
+    user.refresh_from_db()
+    assert user.check_password("a-brand-new-passphrase-2")
+
+    portal.goto(link)  # the link works once
+    expect(portal.get_by_role("heading", level=1)).to_have_text("This link no longer works")
+
+
+def test_an_unknown_address_gets_the_same_answer_and_no_email(portal, mailoutbox):
+    portal.goto(portal.base + "/password-reset")
+    portal.get_by_label("Email").fill("nobody@example.com")
+    portal.get_by_role("button", name="Send the link").click()
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Check your e-mail")
+    assert mailoutbox == []
+
+
+def test_a_signed_in_user_changes_their_password(signed_in):
+    page, user, _ = signed_in
+    page.goto(page.base + "/dashboard")
+    page.get_by_role("link", name="ada").click()
+    page.get_by_label("Old password").fill("wrong")
+    page.get_by_label("New password", exact=True).fill("another-passphrase-3")
+    page.get_by_label("New password confirmation").fill("another-passphrase-3")
+    page.get_by_role("button", name="Change password").click()
+    expect(page.locator(".field.invalid")).to_contain_text("old password was entered incorrectly")
+    user.refresh_from_db()
+    assert user.check_password("a-long-passphrase-1")
+
+    page.get_by_label("Old password").fill("a-long-passphrase-1")
+    page.get_by_label("New password", exact=True).fill("another-passphrase-3")
+    page.get_by_label("New password confirmation").fill("another-passphrase-3")
+    page.get_by_role("button", name="Change password").click()
+    expect(page.get_by_role("status")).to_contain_text("Your password has been changed")
+    user.refresh_from_db()
+    assert user.check_password("another-passphrase-3")
