@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.http import JsonResponse
-from django.urls import include, path
+from django.urls import include, path, re_path
 from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
@@ -10,25 +10,32 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
     path("api/v1/", include("config.api_urls")),
+    # Any other URL under /api/v1/ (also with DEBUG on, where handler404 is not used): the
+    # API's JSON error, never Django's HTML page.
+    re_path(r"^api/v1/", lambda request: _api_not_found(request)),
     path("billing/", include("billing.portal_urls")),
     path("", include("marketplace.portal.urls")),
 ]
 
 
+def _api_not_found(request):
+    return JsonResponse(
+        {
+            "error": {
+                "type": "not_found_error",
+                "code": "not_found",
+                "field": None,
+                "message": f"No such endpoint: {request.method} {request.path}",
+            }
+        },
+        status=404,
+    )
+
+
 # Under /api/ even a URL that matches nothing, or a crash, answers in the API's error shape.
 def handler404(request, exception):
     if request.path.startswith("/api/"):
-        return JsonResponse(
-            {
-                "error": {
-                    "type": "not_found_error",
-                    "code": "not_found",
-                    "field": None,
-                    "message": f"No such endpoint: {request.method} {request.path}",
-                }
-            },
-            status=404,
-        )
+        return _api_not_found(request)
     return defaults.page_not_found(request, exception)
 
 

@@ -154,3 +154,17 @@ def test_options_and_the_browsable_api_do_not_break(owner_client):
     response = owner_client.get("/api/v1/reservations", HTTP_ACCEPT="text/html")
     # The browsable renderer is on with DEBUG only; without it, HTML is not acceptable.
     assert response.status_code in (200, 406)
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/nope", "/api/v1/agent/jobs/-1/result", "/api/v1/reservations/x/y/z"]
+)
+def test_an_unknown_api_url_answers_in_the_error_shape_even_with_debug_on(
+    api_client, settings, path
+):
+    settings.DEBUG = True  # handler404 is not used then; the catch-all route answers
+    response = api_client.get(path)
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "not_found"
+    assert path in response.json()["error"]["message"]
