@@ -9,13 +9,12 @@ create nothing and show no secret.
 import secrets
 
 from django.contrib import messages
-from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
 from django.views import View
 
-from config.errors import ApplicationError, NotFound
+from config.errors import ApplicationError
 from marketplace.models import ApiKey
 from marketplace.portal.forms import ApiKeyCreateForm
 from marketplace.portal.mixins import PortalView
@@ -50,10 +49,8 @@ class _KeyManagement(PortalView, View):
     write_roles = MANAGER_ROLES
 
     def get_key(self, pk: int) -> ApiKey:
-        try:
-            return api_key_get_for_org(organization=self.organization, public_id=f"key_{pk}")
-        except NotFound as exc:  # another organisation's key is simply not there
-            raise Http404(exc.message) from None
+        # Another organisation's key is not found: a 404 (PortalView).
+        return api_key_get_for_org(organization=self.organization, public_id=f"key_{pk}")
 
 
 class KeysView(_KeyManagement):

@@ -5,11 +5,10 @@ the rules (only an owner touches the owner role; the last owner stays). Anyone m
 """
 
 from django.contrib import messages
-from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views import View
 
-from config.errors import ApplicationError, NotFound
+from config.errors import ApplicationError
 from marketplace.models import Membership, Role
 from marketplace.portal.forms import MemberAddForm, MemberRoleForm
 from marketplace.portal.mixins import PortalView, show_error
@@ -24,10 +23,8 @@ from marketplace.services.organizations import (
 
 class _MemberView(PortalView, View):
     def get_member(self, pk: int) -> Membership:
-        try:
-            return member_get_for_org(organization=self.organization, public_id=f"mem_{pk}")
-        except NotFound as exc:  # another organisation's member is simply not there
-            raise Http404(exc.message) from None
+        # Another organisation's member is not found: a 404 (PortalView).
+        return member_get_for_org(organization=self.organization, public_id=f"mem_{pk}")
 
 
 class TeamView(PortalView, View):
