@@ -63,6 +63,20 @@ def env_decimal(name: str, default: Decimal) -> Decimal:
         raise ImproperlyConfigured(f"{name} must be a decimal number, got {value!r}") from None
 
 
+_RATE_PERIODS = {"s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"}
+
+
+def env_rate(name: str, default: str) -> str:
+    """A rate such as "600/min": a positive count per s, min, hour or day."""
+    rate = env_str(name, default)
+    count, _, period = rate.partition("/")
+    if not count.isdigit() or int(count) < 1 or period not in _RATE_PERIODS:
+        raise ImproperlyConfigured(
+            f"{name} must look like 600/min (per s, min, hour or day), got {rate!r}"
+        )
+    return rate
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     value = _raw(name, default)
     if value is None:

@@ -12,6 +12,7 @@ from config.env import (
     env_decimal,
     env_int,
     env_list,
+    env_rate,
     env_redis_url,
     env_str,
 )
@@ -185,14 +186,9 @@ NODE_OFFLINE_AFTER = timedelta(seconds=env_int("NODE_OFFLINE_AFTER_SECONDS", 180
 
 # --- Marketplace ---------------------------------------------------------------------------
 QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
-API_THROTTLE_RATE = env_str("API_THROTTLE_RATE", "600/min")
-_rate_count, _, _rate_period = API_THROTTLE_RATE.partition("/")
-if not _rate_count.isdigit() or int(_rate_count) < 1 or _rate_period not in {
-    "s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"
-}:  # fmt: skip
-    raise ImproperlyConfigured(
-        f"API_THROTTLE_RATE must look like 600/min (per s, min, hour or day), got {API_THROTTLE_RATE!r}"
-    )
+API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
+# Portal sign-in attempts per account name from one address (and 5 times that per address).
+PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()
 
 # --- Provisioning --------------------------------------------------------------------------

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.http import JsonResponse
 from django.urls import include, path, re_path
 from django.views import defaults
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 urlpatterns = [
@@ -11,8 +12,9 @@ urlpatterns = [
     path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
     path("api/v1/", include("config.api_urls")),
     # Any other URL under /api/v1/ (also with DEBUG on, where handler404 is not used): the
-    # API's JSON error, never Django's HTML page.
-    re_path(r"^api/v1/", lambda request: _api_not_found(request)),
+    # API's JSON error, never Django's HTML page (nor the CSRF refusal's, for a POST: like the
+    # API's own views, this one changes nothing).
+    re_path(r"^api/v1/", csrf_exempt(lambda request: _api_not_found(request))),
     path("billing/", include("billing.portal_urls")),
     path("", include("marketplace.portal.urls")),
 ]

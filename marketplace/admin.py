@@ -29,6 +29,7 @@ from marketplace.models import (
     Reservation,
     ReservationOutage,
     ReservationTransition,
+    SshKey,
 )
 from marketplace.provisioning.workload import workload_public
 from marketplace.services.api_keys import api_key_revoke
@@ -126,6 +127,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for key in queryset.order_by("pk"):
             api_key_revoke(api_key=key)
         messages.success(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(SshKey)
+class SshKeyAdmin(ReadOnlyAdmin):
+    """Saved by their organisation (portal or API), which also deletes them."""
+
+    list_display = ["name", "fingerprint", "organization", "created_by", "created_at"]
+    search_fields = ["name", "fingerprint", "public_id", "organization__name"]
+    list_select_related = ["organization", "created_by"]
 
 
 @admin.register(RateCard)

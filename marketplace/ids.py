@@ -20,3 +20,7 @@ def quote_id() -> str:
 
 def reservation_id() -> str:
     return new_public_id("res")
+
+
+def ssh_key_id() -> str:
+    return new_public_id("ssh")

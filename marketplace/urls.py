@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from marketplace.apis import api_keys, catalogue, organization, quotes, reservations
+from marketplace.apis import api_keys, catalogue, organization, quotes, reservations, ssh_keys
 
 urlpatterns = [
     path("gpu-models", catalogue.GpuModelListApi.as_view(), name="gpu-models"),
@@ -38,6 +38,8 @@ urlpatterns = [
     ),
     path("api-keys", api_keys.ApiKeyListApi.as_view(), name="api-keys"),
     path("api-keys/<str:key_id>/revoke", api_keys.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("ssh-keys", ssh_keys.SshKeyListApi.as_view(), name="ssh-keys"),
+    path("ssh-keys/<str:ssh_key_id>", ssh_keys.SshKeyDetailApi.as_view(), name="ssh-key"),
     path("organization", organization.OrganizationApi.as_view(), name="organization"),
     path("organization/members", organization.MemberListApi.as_view(), name="organization-members"),
     path(

@@ -21,7 +21,13 @@ from rest_framework.throttling import BaseThrottle
 
 from marketplace.auth import ApiKeyUser
 
-__all__ = ["RateLimit", "ApiRateThrottle", "parse_rate", "rate_limit_headers"]
+__all__ = [
+    "RateLimit",
+    "ApiRateThrottle",
+    "fixed_window_count",
+    "parse_rate",
+    "rate_limit_headers",
+]
 
 _PERIODS = {
     "s": 1,
@@ -92,18 +98,24 @@ def _count(key: str, *, timeout: int) -> int:
     return count
 
 
+def fixed_window_count(name: str, *, period: int, now: float) -> tuple[int, int]:
+    """Count one event for `name` in the current window of `period` seconds.
+
+    Returns the window's count including this event, and when the window resets (Unix s).
+    """
+    window = int(now // period)
+    key = cache.make_and_validate_key(f"ratelimit:{name}:{period}:{window}")
+    return _count(key, timeout=period + 1), (window + 1) * period
+
+
 class ApiRateThrottle(BaseThrottle):
     """Counts the request and leaves the outcome on request.rate_limit for the headers."""
 
     def allow_request(self, request: Request, view) -> bool:
         limit, period = parse_rate(settings.API_THROTTLE_RATE)
         now = time.time()
-        window = int(now // period)
-        key = f"ratelimit:{_identity(request)}:{period}:{window}"
-        count = _count(cache.make_and_validate_key(key), timeout=period + 1)
-        self.rate_limit = RateLimit(
-            limit=limit, remaining=max(0, limit - count), reset_at=(window + 1) * period
-        )
+        count, reset_at = fixed_window_count(_identity(request), period=period, now=now)
+        self.rate_limit = RateLimit(limit=limit, remaining=max(0, limit - count), reset_at=reset_at)
         request.rate_limit = self.rate_limit
         self.now = now
         return count <= limit

@@ -19,6 +19,7 @@ from marketplace.services.reservations import (
     reservation_create,
     reservation_extend,
 )
+from marketplace.services.ssh_keys import workload_add_saved_ssh_keys
 from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
 
 TAGS = ["Reservations"]
@@ -65,6 +66,13 @@ class ReservationCreateInput(serializers.Serializer):
     site = serializers.SlugField(required=False)
     region = serializers.CharField(required=False, max_length=64)
     workload = WorkloadInput(required=False)
+    ssh_key_ids = serializers.ListField(
+        child=serializers.CharField(max_length=32),
+        required=False,
+        max_length=16,
+        help_text="ssh_…: saved SSH keys of the organisation, added to workload.ssh_public_keys "
+        "(each key once).",
+    )
 
     def validate(self, attrs):
         direct = [name for name in _DIRECT_FIELDS if name in attrs]
@@ -281,7 +289,11 @@ class ReservationListApi(ApiView):
     )
     def post(self, request):
         data = validated_input(ReservationCreateInput, request.data)
-        workload = workload_validate(data.get("workload"))
+        workload = workload_add_saved_ssh_keys(
+            organization=self.organization,
+            workload=workload_validate(data.get("workload")),
+            ssh_key_ids=data.get("ssh_key_ids", []),
+        )
         ctx = self.org_context
         if "quote" in data:
             quote = quote_get_for_org(organization=self.organization, public_id=data["quote"])

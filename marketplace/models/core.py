@@ -16,6 +16,7 @@ __all__ = [
     "Membership",
     "ApiKeyScope",
     "ApiKey",
+    "SshKey",
     "Tier",
     "Term",
     "Quote",
@@ -96,6 +97,37 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+class SshKey(models.Model):
+    """An SSH public key saved by an organisation, to install on the nodes it reserves.
+
+    public_key is the normalised line ("type body [comment]"); the fingerprint is OpenSSH's
+    SHA256 of the key blob, so the same key with another comment is still the same key.
+    """
+
+    public_id = models.CharField(max_length=32, unique=True, default=ids.ssh_key_id, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="ssh_keys"
+    )
+    name = models.CharField(max_length=100)
+    public_key = models.TextField()
+    fingerprint = models.CharField(max_length=64, help_text="SHA256:<base64>, as ssh-keygen -l.")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "fingerprint"], name="ssh_key_unique_fingerprint"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.fingerprint})"
 
 
 class Tier(models.TextChoices):

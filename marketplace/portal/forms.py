@@ -16,6 +16,7 @@ __all__ = [
     "ReserveForm",
     "CancelForm",
     "ExtendForm",
+    "SshKeyCreateForm",
 ]
 
 
@@ -106,7 +107,11 @@ class SearchForm(forms.Form):
 
 
 class ReserveForm(forms.Form):
-    """What runs on the GPUs (optional): checked by the same workload rules as the API."""
+    """What runs on the GPUs (optional): checked by the same workload rules as the API.
+
+    With `saved_keys` (the organisation's saved SSH keys), they are offered as checkboxes, all
+    ticked at first; the ticked ones join the pasted keys (services.ssh_keys).
+    """
 
     image = forms.CharField(
         label="Container image",
@@ -114,12 +119,27 @@ class ReserveForm(forms.Form):
         max_length=255,
         help_text="Blank: the platform's default CUDA image.",
     )
+    ssh_key_ids = forms.MultipleChoiceField(
+        label="Saved SSH keys",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Ticked keys are installed for root on every node.",
+    )
     ssh_public_keys = forms.CharField(
         label="SSH public keys",
         required=False,
         widget=forms.Textarea(attrs={"rows": 3}),
         help_text="One per line; they are installed for root on every node.",
     )
+
+    def __init__(self, *args, saved_keys=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        choices = [(k.public_id, f"{k.name} ({k.fingerprint})") for k in saved_keys]
+        if choices:
+            self.fields["ssh_key_ids"].choices = choices
+            self.fields["ssh_key_ids"].initial = [value for value, _ in choices]
+        else:
+            del self.fields["ssh_key_ids"]
 
     def workload(self) -> dict:
         data = self.cleaned_data
@@ -130,6 +150,9 @@ class ReserveForm(forms.Form):
         if any(keys):
             workload["ssh_public_keys"] = [k for k in keys if k]
         return workload
+
+    def saved_key_ids(self) -> list[str]:
+        return list(self.cleaned_data.get("ssh_key_ids", []))
 
 
 class CancelForm(forms.Form):
@@ -177,3 +200,14 @@ class MemberAddForm(forms.Form):
 
 class MemberRoleForm(forms.Form):
     role = forms.ChoiceField(choices=Role.choices)
+
+
+class SshKeyCreateForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="To recognise the key, e.g. “laptop”.")
+    public_key = forms.CharField(
+        label="Public key",
+        max_length=16384,
+        widget=forms.Textarea(attrs={"rows": 4, "spellcheck": "false"}),
+        help_text="One line, e.g. the contents of <code>~/.ssh/id_ed25519.pub</code>: "
+        "ssh-ed25519, ssh-rsa (2048 bits or more) or ecdsa-sha2-nistp256/384/521.",
+    )

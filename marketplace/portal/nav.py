@@ -62,6 +62,9 @@ portal_nav_register(
     roles=MANAGER_ROLES,
 )
 portal_nav_register(
+    label="SSH keys", url_name="portal:ssh-keys", order=65, sections=("portal:ssh-key",)
+)
+portal_nav_register(
     label="Team", url_name="portal:team", order=70, sections=("portal:team", "portal:member")
 )
 

@@ -18,6 +18,7 @@ from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.selectors.ssh_keys import ssh_key_list_for_org
 from marketplace.services.organizations import RESERVING_ROLES
 from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import (
@@ -27,6 +28,7 @@ from marketplace.services.reservations import (
     reservation_create,
     reservation_extend,
 )
+from marketplace.services.ssh_keys import workload_add_saved_ssh_keys
 from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
 
 _PAGE = 50
@@ -114,25 +116,34 @@ class QuoteView(PortalView, View):
 
     def get(self, request, public_id):
         quote = quote_get_for_org(organization=self.organization, public_id=public_id)
-        return self._page(request, quote, ReserveForm())
+        return self._page(request, quote, self._form())
 
     def post(self, request, public_id):
         quote = quote_get_for_org(organization=self.organization, public_id=public_id)
-        form = ReserveForm(request.POST)
+        form = self._form(request.POST)
         if not form.is_valid():
             return self._page(request, quote, form, status=400)
         try:
+            workload = workload_add_saved_ssh_keys(
+                organization=self.organization,
+                workload=workload_validate(form.workload()),
+                ssh_key_ids=form.saved_key_ids(),
+            )
             reservation = reservation_create(
                 organization=self.organization,
                 user=request.user,
                 quote=quote,
-                workload=workload_validate(form.workload()),
+                workload=workload,
             )
         except ApplicationError as exc:
             _field_error(form, exc)
             return self._page(request, quote, form, status=exc.status_code)
         messages.success(request, f"Reserved: {reservation.public_id}.")
         return redirect("portal:reservation", public_id=reservation.public_id)
+
+    def _form(self, data=None) -> ReserveForm:
+        saved = ssh_key_list_for_org(organization=self.organization).order_by("name", "pk")
+        return ReserveForm(data, saved_keys=saved)
 
     def _page(self, request, quote, form, status=200):
         return render(

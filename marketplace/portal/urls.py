@@ -1,19 +1,13 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
-from marketplace.portal import keys, reservations, team, views
+from marketplace.portal import keys, login, reservations, ssh_keys, team, views
 
 app_name = "portal"
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path(
-        "login",
-        auth_views.LoginView.as_view(
-            template_name="portal/login.html", redirect_authenticated_user=True
-        ),
-        name="login",
-    ),
+    path("login", login.SignInView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     # Forgotten and changed passwords: Django's own views, with the portal's templates.
     path(
@@ -68,6 +62,12 @@ urlpatterns = [
     ),
     path("api-keys", keys.KeysView.as_view(), name="api-keys"),
     path("api-keys/<int:pk>/revoke", keys.KeyRevokeView.as_view(), name="api-key-revoke"),
+    path("ssh-keys", ssh_keys.SshKeysView.as_view(), name="ssh-keys"),
+    path(
+        "ssh-keys/<str:public_id>/delete",
+        ssh_keys.SshKeyDeleteView.as_view(),
+        name="ssh-key-delete",
+    ),
     path("team", team.TeamView.as_view(), name="team"),
     path("team/<int:pk>/role", team.MemberRoleView.as_view(), name="member-role"),
     path("team/<int:pk>/remove", team.MemberRemoveView.as_view(), name="member-remove"),

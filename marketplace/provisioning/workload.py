@@ -2,17 +2,27 @@
 
 workload_validate turns client input into the stored form (or raises ValidationFailed naming
 the field); workload_public is what the API and the portal show: environment values are
-secrets, so only their names go out.
+secrets, so only their names go out. ssh_public_key_validate is the one check of an SSH public
+key, also used for the organisation's saved keys (services.ssh_keys).
 """
 
 import base64
 import binascii
+import hashlib
 import re
 import struct
 
 from config.errors import ValidationFailed
 
-__all__ = ["workload_validate", "workload_public", "MAX_SSH_KEYS", "MAX_ENV", "MAX_PORTS"]
+__all__ = [
+    "workload_validate",
+    "workload_public",
+    "ssh_public_key_validate",
+    "ssh_public_key_fingerprint",
+    "MAX_SSH_KEYS",
+    "MAX_ENV",
+    "MAX_PORTS",
+]
 
 MAX_SSH_KEYS = 16
 MAX_ENV = 64
@@ -75,39 +85,49 @@ def _ssh_blob_strings(blob: bytes) -> list[bytes]:
     return parts
 
 
-def _ssh_key(value, index: int) -> str:
-    field = f"ssh_public_keys.{index}"
+def ssh_public_key_validate(value, *, field: str) -> str:
+    """Check one OpenSSH public key line and return it normalised: "type body [comment]".
+
+    A refusal is a ValidationFailed naming `field` (code invalid_ssh_key for a malformed key).
+    """
+
+    def fail(message: str, code: str = "invalid_ssh_key") -> ValidationFailed:
+        return ValidationFailed(message, code=code, field=field)
+
     if not isinstance(value, str):
-        raise _fail("An SSH public key must be a string.", field)
+        raise fail("An SSH public key must be a string.", "invalid")
     fields = value.strip().split(None, 2)
     if len(fields) < 2:
-        raise _fail(
-            "An SSH public key looks like 'ssh-ed25519 AAAA… comment'.", field, "invalid_ssh_key"
-        )
+        raise fail("An SSH public key looks like 'ssh-ed25519 AAAA… comment'.")
     key_type, body = fields[0], fields[1]
     if key_type not in _SSH_KEY_TYPES:
-        raise _fail(
-            f"Unsupported key type {key_type[:40]!r}; use ssh-ed25519, ssh-rsa or ecdsa-sha2-*.",
-            field,
-            "invalid_ssh_key",
+        raise fail(
+            f"Unsupported key type {key_type[:40]!r}; use ssh-ed25519, ssh-rsa or ecdsa-sha2-*."
         )
     try:
         blob = base64.b64decode(body, validate=True)
         parts = _ssh_blob_strings(blob)
     except (binascii.Error, ValueError):
-        raise _fail(
-            "The key body is not valid base64 key data.", field, "invalid_ssh_key"
-        ) from None
+        raise fail("The key body is not valid base64 key data.") from None
     if not parts or parts[0] != key_type.encode():
-        raise _fail("The key body does not match its type.", field, "invalid_ssh_key")
+        raise fail("The key body does not match its type.")
     if key_type == "ssh-ed25519" and (len(parts) != 2 or len(parts[1]) != 32):
-        raise _fail("An ssh-ed25519 key holds exactly 32 bytes.", field, "invalid_ssh_key")
+        raise fail("An ssh-ed25519 key holds exactly 32 bytes.")
     if key_type == "ssh-rsa" and (len(parts) != 3 or len(parts[2].lstrip(b"\x00")) * 8 < 2040):
-        raise _fail("An ssh-rsa key must have at least 2048 bits.", field, "invalid_ssh_key")
+        raise fail("An ssh-rsa key must have at least 2048 bits.")
     if key_type.startswith("ecdsa-") and (len(parts) != 3 or parts[1] != key_type[11:].encode()):
-        raise _fail("The ECDSA key's curve does not match its type.", field, "invalid_ssh_key")
+        raise fail("The ECDSA key's curve does not match its type.")
     comment = fields[2].strip() if len(fields) == 3 else ""
     return f"{key_type} {body} {comment}".strip()
+
+
+def ssh_public_key_fingerprint(key: str) -> str:
+    """OpenSSH's fingerprint of a key that passed ssh_public_key_validate: SHA256:<base64>.
+
+    As `ssh-keygen -l` prints it: the SHA-256 of the key blob, base64 without padding.
+    """
+    digest = hashlib.sha256(base64.b64decode(key.split()[1], validate=True)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def _env(value) -> dict[str, str]:
@@ -171,7 +191,10 @@ def workload_validate(data: dict | None) -> dict:
             raise _fail("ssh_public_keys must be a list.", "ssh_public_keys")
         if len(keys) > MAX_SSH_KEYS:
             raise _fail(f"At most {MAX_SSH_KEYS} SSH keys.", "ssh_public_keys")
-        workload["ssh_public_keys"] = [_ssh_key(k, i) for i, k in enumerate(keys)]
+        workload["ssh_public_keys"] = [
+            ssh_public_key_validate(k, field=f"workload.ssh_public_keys.{i}")
+            for i, k in enumerate(keys)
+        ]
     if data.get("env") is not None:
         workload["env"] = _env(data["env"])
     if data.get("ports") is not None:

@@ -168,3 +168,12 @@ def test_an_unknown_api_url_answers_in_the_error_shape_even_with_debug_on(
     assert response["Content-Type"] == "application/json"
     assert response.json()["error"]["code"] == "not_found"
     assert path in response.json()["error"]["message"]
+
+
+def test_a_post_to_an_unknown_api_url_is_a_json_404_not_a_csrf_refusal(settings):
+    """As integrators call it: no session, no CSRF token (the test client skips the check)."""
+    settings.DEBUG = True
+    client = APIClient(enforce_csrf_checks=True)
+    response = client.post("/api/v1/agent/jobs/null,null/complete", {}, format="json")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"

@@ -11,6 +11,7 @@ from marketplace.models import (
     Quote,
     Reservation,
     ReservationTransition,
+    SshKey,
 )
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -33,7 +34,15 @@ START = "2099-01-01T00:00:00Z"
 def counts():
     return {
         model.__name__: model.objects.count()
-        for model in (Quote, Reservation, Allocation, ReservationTransition, ApiKey, Membership)
+        for model in (
+            Quote,
+            Reservation,
+            Allocation,
+            ReservationTransition,
+            ApiKey,
+            Membership,
+            SshKey,
+        )
     } | {
         "ends": list(Reservation.objects.values_list("ends_at", "status").order_by("pk")),
         "roles": list(Membership.objects.values_list("role", flat=True).order_by("pk")),
@@ -95,6 +104,20 @@ CASES = [
     ),
     ("/api/v1/reservations", {**reservation_body(), "workload": "x"}, 400, "invalid", "workload"),
     ("/api/v1/reservations", {**reservation_body(), "gpu_count": 17}, 409, "not_available", None),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "ssh_key_ids": ["ssh_nope"]},
+        400,
+        "unknown_ssh_key",
+        "ssh_key_ids",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "ssh_key_ids": "ssh_nope"},
+        400,
+        "not_a_list",
+        "ssh_key_ids",
+    ),
     ("/api/v1/reservations/{res}/cancel", {"reason": "x" * 501}, 400, "max_length", "reason"),
     ("/api/v1/reservations/{res}/extend", {}, 400, "required", "ends_at"),
     (
@@ -108,6 +131,15 @@ CASES = [
     ("/api/v1/api-keys", {"name": "x", "scopes": ["admin"]}, 400, "invalid_choice", "scopes.0"),
     ("/api/v1/api-keys", {"name": "x", "scopes": []}, 400, "min_length", "scopes"),
     ("/api/v1/api-keys/key_999999/revoke", {}, 404, "api_key_not_found", None),
+    ("/api/v1/ssh-keys", {}, 400, "required", "name"),
+    (
+        "/api/v1/ssh-keys",
+        {"name": "x", "public_key": "ssh-ed25519 not*base64"},
+        400,
+        "invalid_ssh_key",
+        "public_key",
+    ),
+    ("/api/v1/ssh-keys", {"name": "x" * 101, "public_key": "x"}, 400, "max_length", "name"),
     (
         "/api/v1/organization/members",
         {"email": "nobody@example.com"},

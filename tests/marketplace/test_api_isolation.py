@@ -3,7 +3,8 @@
 
 import pytest
 
-from marketplace.models import ApiKey, Membership, Quote, Reservation, Role
+from marketplace.models import ApiKey, Membership, Quote, Reservation, Role, SshKey
+from marketplace.services.ssh_keys import ssh_key_create
 from tests.factories import MembershipFactory, OrganizationFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -16,13 +17,14 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     session_client,
     tomorrow,
 )
+from tests.provisioning_support import ssh_key
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def victim(market):
-    """Organisation A with a reservation, a quote, a key and a second member."""
+    """Organisation A with a reservation, a quote, a key, an SSH key and a second member."""
     org = OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER)
     member = MembershipFactory(organization=org, role=Role.MEMBER)
@@ -35,8 +37,10 @@ def victim(market):
         organization=org, name="a", prefix="sy_live_victim00", secret_hash="0" * 64,
         scopes=["read", "write"],
     )  # fmt: skip
+    saved_key = ssh_key_create(organization=org, user=None, name="a", public_key=ssh_key())
     return {
         "org": org,
+        "ssh": saved_key.public_id,
         "res": reservation["id"],
         "quo": quote["id"],
         "key": f"key_{key.pk}",
@@ -59,6 +63,8 @@ ENDPOINTS = [
     ("post", "/api/v1/api-keys/{key}/revoke", {}),
     ("patch", "/api/v1/organization/members/{mem}", {"role": "admin"}),
     ("delete", "/api/v1/organization/members/{mem}", None),
+    ("get", "/api/v1/ssh-keys/{ssh}", None),
+    ("delete", "/api/v1/ssh-keys/{ssh}", None),
 ]
 
 
@@ -76,6 +82,7 @@ def _snapshot():
         list(ApiKey.objects.values_list("pk", "revoked_at").order_by("pk")),
         list(Membership.objects.values_list("pk", "role").order_by("pk")),
         Quote.objects.count(),
+        list(SshKey.objects.values_list("pk", flat=True).order_by("pk")),
     )
 
 
@@ -111,6 +118,17 @@ def test_lists_show_only_the_callers_objects(victim, intruder_owner, market):
     assert keys == []
     members = client.get("/api/v1/organization/members").json()["results"]
     assert [m["id"] for m in members] == [f"mem_{intruder_owner.pk}"]
+    assert client.get("/api/v1/ssh-keys").json()["results"] == []
+
+
+def test_another_organisations_saved_ssh_key_cannot_be_reserved_with(victim, intruder_owner):
+    """A saved key is refused as input (400 on ssh_key_ids), as an unknown id would be."""
+    before = _snapshot()
+    client = session_client(intruder_owner)
+    body = reservation_body(ssh_key_ids=[victim["ssh"]])
+    response = client.post("/api/v1/reservations", body, format="json")
+    assert_error(response, 400, "unknown_ssh_key", "ssh_key_ids")
+    assert _snapshot() == before
 
 
 def test_an_organisation_header_naming_another_org_is_not_found(victim, intruder_owner):

@@ -40,6 +40,21 @@ def browser_type_launch_args(browser_type_launch_args):
     return {**args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
 
 
+@pytest.fixture(autouse=True)
+def fresh_sign_in_limits(settings):
+    """Sign-in attempts are counted in Redis per hour; each test starts with none counted."""
+    import redis
+
+    client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+    try:
+        keys = list(client.scan_iter(match="*ratelimit:signin:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        yield
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def portal(page, live_server):
     """The page, with its timeouts short enough that a broken page fails fast."""

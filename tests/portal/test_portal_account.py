@@ -128,3 +128,21 @@ def test_a_signed_in_user_changes_their_password(signed_in):
     expect(page.get_by_role("status")).to_contain_text("Your password has been changed")
     user.refresh_from_db()
     assert user.check_password("another-passphrase-3")
+
+
+def test_sign_in_attempts_are_limited_per_account_and_address(portal, django_user_model, settings):
+    settings.PORTAL_SIGN_IN_RATE = "3/hour"
+    django_user_model.objects.create_user(username="ada", password="a-long-passphrase-1")
+    portal.goto(portal.base + "/login")
+    for _ in range(3):
+        portal.get_by_label("Username").fill("ada")
+        portal.get_by_label("Password").fill("wrong-password")
+        portal.get_by_role("button", name="Sign in").click()
+        expect(portal.get_by_text("Please enter a correct username and password")).to_be_visible()
+
+    # The fourth attempt is refused before the password is checked, even the right one.
+    portal.get_by_label("Username").fill("ADA")  # the same account, whatever the case
+    portal.get_by_label("Password").fill("a-long-passphrase-1")
+    portal.get_by_role("button", name="Sign in").click()
+    expect(portal.get_by_text("Too many sign-in attempts. Try again in")).to_be_visible()
+    expect(portal).to_have_url(re.compile(r"/login$"))
