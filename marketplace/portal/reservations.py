@@ -192,6 +192,10 @@ def _detail_context(view, reservation, **extra) -> dict:
     can_act = view.membership.role in RESERVING_ROLES
     context = {
         "reservation": reservation,
+        # Moving on its own (provisioning, tearing down): the page reloads itself to follow.
+        "refresh_seconds": 5
+        if reservation.status in (ReservationStatus.PROVISIONING, ReservationStatus.RELEASING)
+        else None,
         "allowed": allowed if can_act else [],
         "nodes": per_node,
         "workload": workload_public(reservation.workload),

@@ -190,3 +190,18 @@ def test_the_nav_offers_api_keys_only_to_roles_that_may_manage_them():
         nav = page.split('<nav aria-label="Main">')[1].split("</nav>")[0]
         assert ('href="/api-keys"' in nav) is shown, role
         assert 'href="/reservations"' in nav
+
+
+def test_the_detail_page_follows_a_reservation_that_moves_on_its_own(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    reservation = reserve(org)
+    refresh = '<meta http-equiv="refresh" content="5">'
+    for status, reloads in (("pending", False), ("provisioning", True), ("active", False),
+                            ("releasing", True), ("completed", False)):  # fmt: skip
+        Reservation.objects.filter(pk=reservation.pk).update(status=status)
+        page = client.get(f"/reservations/{reservation.public_id}").content.decode()
+        assert (refresh in page) is reloads, status
