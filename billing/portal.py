@@ -17,13 +17,14 @@ from django.utils import timezone
 from django.views import View
 
 from billing.apis import MONEY_ROLES
-from billing.models import FundingState
+from billing.models import BillingMode, FundingState
 from billing.money import from_minor_units
 from billing.selectors import (
     balance_minor,
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
+    notices_for_org,
     payment_methods_for_org,
     spend_minor,
     top_ups_for_org,
@@ -162,6 +163,7 @@ class OverviewView(BillingPage):
                 "recharge_amount": money(account.recharge_amount_minor, c),
                 "funding_meaning": FUNDING_MEANING.get(account.funding_state, ""),
                 "top_ups": top_ups,
+                "notices": notices_for_org(organization=self.organization)[:20],
                 "form": form,
             },
             status=status,
@@ -333,3 +335,19 @@ class InvoicesView(BillingPage):
             invoice.amount_due_display = money(invoice.amount_due_minor, invoice.currency)
             invoice.amount_paid_display = money(invoice.amount_paid_minor, invoice.currency)
         return self.render(request, "invoices.html", {"invoices": invoices})
+
+
+def overview_panel(membership) -> dict:
+    """The portal overview's Billing panel: balance, funding state and the latest notices."""
+    organization = membership.organization
+    account = billing_account_for_org(organization=organization)
+    currency = account.currency if account else settings.CURRENCY
+    state = account.funding_state if account else FundingState.OK
+    return {
+        "balance": money(balance_minor(organization=organization), currency),
+        "postpaid": bool(account) and account.mode == BillingMode.POSTPAID,
+        "state": state,
+        "meaning": FUNDING_MEANING.get(state, ""),
+        "grace_until": account.grace_until if account else None,
+        "notices": list(notices_for_org(organization=organization)[:3]),
+    }

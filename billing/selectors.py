@@ -7,6 +7,7 @@ from django.db.models.functions import Coalesce, TruncDate
 
 from billing.models import (
     BillingAccount,
+    BillingNotice,
     Invoice,
     LedgerEntry,
     LedgerKind,
@@ -24,6 +25,7 @@ __all__ = [
     "payment_methods_for_org",
     "top_ups_for_org",
     "billing_account_for_org",
+    "notices_for_org",
 ]
 
 CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
@@ -82,3 +84,8 @@ def payment_methods_for_org(*, organization: Organization) -> QuerySet[PaymentMe
 
 def top_ups_for_org(*, organization: Organization) -> QuerySet[TopUp]:
     return TopUp.objects.filter(organization=organization)
+
+
+def notices_for_org(*, organization: Organization) -> QuerySet[BillingNotice]:
+    """The organisation's funding notices, newest first."""
+    return BillingNotice.objects.filter(organization=organization).order_by("-created_at", "-id")

@@ -1,16 +1,25 @@
-"""The portal's navigation, and the context every portal page renders with.
+"""The portal's navigation, the overview's panels, and the context every portal page renders with.
 
-Billing adds its pages at start-up (billing.apps) through portal_nav_register, so the
-marketplace's base template links to them without importing billing.
+Billing adds its pages at start-up (billing.apps) through portal_nav_register, and its panel
+on the overview through portal_overview_panel_register, so the marketplace's pages show them
+without importing billing.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.http import HttpRequest
 
 from marketplace.services.organizations import MANAGER_ROLES
 
-__all__ = ["NavItem", "portal_nav_register", "portal_nav", "portal_context"]
+__all__ = [
+    "NavItem",
+    "portal_nav_register",
+    "portal_nav",
+    "portal_context",
+    "portal_overview_panel_register",
+    "portal_overview_panels",
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,28 @@ portal_nav_register(
 portal_nav_register(
     label="Team", url_name="portal:team", order=70, sections=("portal:team", "portal:member")
 )
+
+
+@dataclass(frozen=True)
+class _Panel:
+    template_name: str
+    context: Callable  # (membership) -> dict
+    order: int
+
+
+_panels: dict[str, _Panel] = {}
+
+
+def portal_overview_panel_register(*, template_name: str, context: Callable, order: int) -> None:
+    """A panel on the overview: `template_name` rendered with `panel` = context(membership)."""
+    _panels[template_name] = _Panel(template_name=template_name, context=context, order=order)
+
+
+def portal_overview_panels(membership) -> list[tuple[str, dict]]:
+    return [
+        (panel.template_name, panel.context(membership))
+        for panel in sorted(_panels.values(), key=lambda p: p.order)
+    ]
 
 
 def portal_context(request: HttpRequest) -> dict:

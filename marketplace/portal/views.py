@@ -15,6 +15,7 @@ from config.errors import ApplicationError
 from marketplace.models import Membership, ReservationStatus
 from marketplace.portal.forms import OrganizationForm, SignupForm
 from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
+from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org
 from marketplace.services.organizations import organization_create
 
@@ -113,6 +114,7 @@ class DashboardView(PortalView, View):
                 "running": sum(1 for r in current if r.status == S.ACTIVE),
                 "memberships": memberships,
                 "now": timezone.now(),
+                "panels": portal_overview_panels(self.membership),
             },
         )
 

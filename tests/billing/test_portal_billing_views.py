@@ -4,6 +4,8 @@ or missing. The browser paths (Stripe.js card form) are in tests/portal/test_por
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.test import Client
+from django.utils import timezone
 
 from billing.models import BillingAccount, Invoice, LedgerKind, PaymentMethod, TopUp
 from billing.services.ledger import ledger_entry_add
@@ -289,3 +291,35 @@ def test_invoices_link_to_the_hosted_invoice(org, owner_client):
     assert '<a href="https://invoice.stripe.com/i/acct/in_1"' in html
     assert "42.00 USD" in html
     assert "in_2" not in html
+
+
+def test_the_portal_overview_shows_the_balance_its_state_and_the_latest_notices():
+    from billing.models import FundingState
+    from billing.services.notices import notice_send
+    from tests.factories import OrganizationFactory
+
+    org = OrganizationFactory()
+    membership = MembershipFactory(organization=org, role=Role.MEMBER)
+    client = Client()
+    client.force_login(membership.user)
+
+    panel = _panel(client.get("/dashboard").content.decode())
+    assert "0.00 USD" in panel and ">ok<" in panel
+    assert "grace" not in panel.lower()
+
+    BillingAccount.objects.create(
+        organization=org, funding_state=FundingState.GRACE,
+        grace_until=timezone.now() + timedelta(hours=1),
+    )  # fmt: skip
+    for i in range(4):
+        notice_send(organization=org, kind="low_balance", message=f"notice number {i}")
+    panel = _panel(client.get("/dashboard").content.decode())
+    assert ">grace<" in panel and "Grace ends" in panel
+    assert "notice number 3" in panel and "notice number 1" in panel
+    assert "notice number 0" not in panel  # the latest three
+    billing_page = client.get("/billing/").content.decode()
+    assert all(f"notice number {i}" in billing_page for i in range(4))
+
+
+def _panel(page: str) -> str:
+    return page.split('id="billing-panel"')[1].split("</section>")[0]
