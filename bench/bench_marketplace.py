@@ -464,7 +464,7 @@ def bench_search(base_url: str, secret: str, n: int) -> None:
         sql_text = availability._sql(
             availability._SEARCH_TAIL,
             filters=" AND m.slug = %(gpu_model)s",
-            strategy=availability._strategy(gpu_model="any", site=None),
+            strategy=availability.BUSY,
         )
         for case in cases:
             params = {
