@@ -205,3 +205,25 @@ def test_the_detail_page_follows_a_reservation_that_moves_on_its_own(
         Reservation.objects.filter(pk=reservation.pk).update(status=status)
         page = client.get(f"/reservations/{reservation.public_id}").content.decode()
         assert (refresh in page) is reloads, status
+
+
+def test_connection_details_show_while_active_and_every_node_of_a_cluster(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    reservation = reserve(org)
+    connection = {
+        "host": "10.0.0.5", "ssh_port": 2222, "ports": {"8888": 30888},
+        "nodes": [{"host": "10.0.0.5", "ssh_port": 2222}, {"host": "10.0.0.6", "ssh_port": 2223}],
+    }  # fmt: skip
+    Reservation.objects.filter(pk=reservation.pk).update(connection=connection)
+    path = f"/reservations/{reservation.public_id}"
+    assert "ssh -p 2222" not in client.get(path).content.decode()  # not active yet
+
+    Reservation.objects.filter(pk=reservation.pk).update(status="active")
+    page = client.get(path).content.decode()
+    assert "ssh -p 2222 root@10.0.0.5" in page
+    assert "port 8888 → 10.0.0.5:30888" in page
+    assert "ssh -p 2223 root@10.0.0.6" in page
