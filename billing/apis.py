@@ -22,6 +22,7 @@ from billing.selectors import (
     spend_minor,
     top_ups_for_org,
     usage_by_reservation_day,
+    usage_row_energy,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import month_start
@@ -163,9 +164,24 @@ class UsageOutput(serializers.Serializer):
     gpu_seconds = serializers.IntegerField()
     amount = serializers.SerializerMethodField()
     currency = serializers.CharField()
+    kwh = serializers.SerializerMethodField(
+        help_text="Estimated energy of these GPU-seconds (marketplace.services.energy)."
+    )
+    kg_co2e = serializers.SerializerMethodField(
+        help_text="Estimated emissions (market-based); null when the site's grid intensity is "
+        "unknown."
+    )
 
     def get_amount(self, row) -> str:
         return _money(-row["amount_minor"], row["currency"])
+
+    def get_kwh(self, row) -> str | None:
+        energy = usage_row_energy(row)
+        return None if energy is None else str(energy.kwh)
+
+    def get_kg_co2e(self, row) -> str | None:
+        energy = usage_row_energy(row)
+        return None if energy is None or energy.kg_co2e is None else str(energy.kg_co2e)
 
 
 class UsageApi(ApiView):

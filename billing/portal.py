@@ -29,6 +29,7 @@ from billing.selectors import (
     spend_minor,
     top_ups_for_org,
     usage_by_reservation_day,
+    usage_row_energy,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import month_start
@@ -315,6 +316,7 @@ class UsageView(BillingPage):
             # Usage entries take from the balance; the customer reads them as positive charges.
             row["amount_display"] = money(-row["amount_minor"], row["currency"])
             row["gpu_hours"] = (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"))
+            row["energy"] = usage_row_energy(row)
         ledger = Paginator(ledger_for_org(organization=self.organization), LEDGER_PAGE_SIZE)
         page = ledger.get_page(request.GET.get("page"))
         page.object_list = list(page.object_list)

@@ -15,6 +15,7 @@ from billing.models import (
     TopUp,
 )
 from marketplace.models import Organization
+from marketplace.services.energy import EnergyEstimate, energy_estimate
 
 __all__ = [
     "balance_minor",
@@ -26,6 +27,7 @@ __all__ = [
     "top_ups_for_org",
     "billing_account_for_org",
     "notices_for_org",
+    "usage_row_energy",
 ]
 
 CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
@@ -68,7 +70,16 @@ def usage_by_reservation_day(
         qs = qs.filter(period_start__date__lt=until)
     return (
         qs.annotate(day=TruncDate("period_start"))
-        .values("reservation__public_id", "day", "currency")
+        .values(
+            "reservation__public_id",
+            "day",
+            "currency",
+            # What the energy of the GPU-seconds is estimated from (one value per reservation).
+            "reservation__gpu_model__tdp_watts",
+            "reservation__site__pue",
+            "reservation__site__renewable_share",
+            "reservation__site__grid_carbon_g_per_kwh",
+        )
         .annotate(gpu_seconds=Sum("gpu_seconds"), amount_minor=Sum("amount_minor"))
         .order_by("-day", "reservation__public_id")
     )
@@ -89,3 +100,17 @@ def top_ups_for_org(*, organization: Organization) -> QuerySet[TopUp]:
 def notices_for_org(*, organization: Organization) -> QuerySet[BillingNotice]:
     """The organisation's funding notices, newest first."""
     return BillingNotice.objects.filter(organization=organization).order_by("-created_at", "-id")
+
+
+def usage_row_energy(row: dict) -> EnergyEstimate | None:
+    """The energy of a usage_by_reservation_day row's GPU-seconds (None without a reservation)."""
+    if row["reservation__gpu_model__tdp_watts"] is None:
+        return None
+    return energy_estimate(
+        tdp_watts=row["reservation__gpu_model__tdp_watts"],
+        pue=row["reservation__site__pue"],
+        renewable_share=row["reservation__site__renewable_share"],
+        grid_carbon_g_per_kwh=row["reservation__site__grid_carbon_g_per_kwh"],
+        gpu_count=1,  # the row counts GPU-seconds
+        seconds=row["gpu_seconds"],
+    )

@@ -25,6 +25,7 @@ YAML (``.yaml`` / ``.yml``)::
         energy_price_per_mwh: 31.50
         energy_currency: usd           # optional, default usd
         renewable_share: 0.35          # 0 to 1
+        grid_carbon_g_per_kwh: 390     # optional: the grid's gCO2e/kWh, for emissions
         uplink_gbps: 200
         former_use: bitcoin mining     # optional
         status: active                 # optional, used only when the site is created
@@ -44,7 +45,7 @@ CSV (``.csv``): one row per node. The site columns repeat on each row of a site,
 left empty on all but its first row; values given twice must agree. GPU models must already
 exist (load the catalogue from YAML). Columns: ``site, site_name, region, country,
 grid_operator, power_capacity_kw, pue, cooling, energy_price_per_mwh, energy_currency,
-renewable_share, uplink_gbps, former_use, site_status, hostname, gpu_model, gpu_count,
+renewable_share, grid_carbon_g_per_kwh, uplink_gbps, former_use, site_status, hostname, gpu_model, gpu_count,
 gpu_serials, cpu_model, cpu_cores, ram_gb, disk_gb, nic_gbps, node_status``; ``gpu_serials``
 separates serials with ``;``.
 
@@ -211,6 +212,7 @@ SITE_FIELDS: dict[str, Spec] = {
         _pattern(r"[a-z]{3}", "a three-letter currency code", 3), required=False, default="usd"
     ),
     "renewable_share": Spec(_decimal(4, 3, Decimal(0), Decimal(1))),
+    "grid_carbon_g_per_kwh": Spec(_integer(0, 2000), required=False),
     "uplink_gbps": Spec(_integer(0)),
     "former_use": Spec(_text(200), required=False, default=""),
     "status": Spec(_choice(list(SiteStatus.values)), required=False, create_only=True),

@@ -52,6 +52,14 @@ class Site(models.Model):
         validators=[MinValueValidator(0), MaxValueValidator(1)],
         help_text="Share of energy from renewable sources, 0 to 1.",
     )
+    grid_carbon_g_per_kwh = models.PositiveIntegerField(
+        "grid carbon intensity (gCO2e/kWh)",
+        null=True,
+        blank=True,
+        validators=[MaxValueValidator(2000)],
+        help_text="Average emissions of the site's grid supply, for the share of its energy not "
+        "covered by renewable contracts; empty if unknown.",
+    )
     uplink_gbps = models.PositiveIntegerField(help_text="Network uplink capacity in Gbit/s.")
     former_use = models.CharField(
         max_length=200,

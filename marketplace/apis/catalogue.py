@@ -212,6 +212,19 @@ class BreakdownOutput(serializers.Serializer):
     rounding = serializers.CharField()
 
 
+class EnergyOutput(serializers.Serializer):
+    """Estimated energy and emissions of the GPU time (marketplace.services.energy)."""
+
+    kwh = serializers.CharField(help_text="Decimal string, 3 places.")
+    kg_co2e = serializers.CharField(
+        allow_null=True, help_text="Market-based; null when the site's grid intensity is unknown."
+    )
+    pue = serializers.CharField()
+    renewable_share = serializers.CharField(help_text="0 to 1.")
+    grid_carbon_g_per_kwh = serializers.IntegerField(allow_null=True)
+    basis = serializers.CharField()
+
+
 class OfferSiteOutput(serializers.Serializer):
     id = serializers.CharField(source="slug")
     name = serializers.CharField()
@@ -234,10 +247,15 @@ class OfferOutput(serializers.Serializer):
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
     total = serializers.DecimalField(max_digits=14, decimal_places=2)
     breakdown = serializers.SerializerMethodField()
+    energy = serializers.SerializerMethodField()
 
     @extend_schema_field(BreakdownOutput)
     def get_breakdown(self, offer) -> dict:
         return offer.breakdown.as_dict()
+
+    @extend_schema_field(EnergyOutput)
+    def get_energy(self, offer) -> dict:
+        return offer.energy().as_dict()
 
 
 class AvailabilityOutput(serializers.Serializer):

@@ -1,15 +1,16 @@
 """POST quotes; GET quotes/{id}."""
 
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from marketplace.api.schema import errors
 from marketplace.api.views import ApiView, validated_input
-from marketplace.apis.catalogue import BreakdownOutput
+from marketplace.apis.catalogue import BreakdownOutput, EnergyOutput
 from marketplace.models import Term, Tier
 from marketplace.selectors.catalogue import quote_get_for_org
+from marketplace.services.energy import booking_energy
 from marketplace.services.quotes import quote_create
 
 TAGS = ["Quotes"]
@@ -42,9 +43,14 @@ class QuoteOutput(serializers.Serializer):
     total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
     breakdown = BreakdownOutput()
     expires_at = serializers.DateTimeField(help_text="Reserve before this to keep the price.")
+    energy = serializers.SerializerMethodField()
     expired = serializers.SerializerMethodField()
     reservation = serializers.SerializerMethodField(help_text="The reservation made from it.")
     created_at = serializers.DateTimeField()
+
+    @extend_schema_field(EnergyOutput)
+    def get_energy(self, quote) -> dict:
+        return booking_energy(quote).as_dict()
 
     def get_expired(self, quote) -> bool:
         return timezone.now() >= quote.expires_at

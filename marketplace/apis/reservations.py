@@ -9,10 +9,12 @@ from rest_framework.response import Response
 from marketplace.api.pagination import NewestFirstCursorPagination
 from marketplace.api.schema import errors
 from marketplace.api.views import FILTERED, ApiView, validated_input
+from marketplace.apis.catalogue import EnergyOutput
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.services.energy import booking_energy
 from marketplace.services.reservations import (
     cancellation_terms,
     reservation_cancel,
@@ -200,6 +202,9 @@ class CancellationTermsOutput(serializers.Serializer):
 class ReservationDetailOutput(ReservationOutput):
     allowed_actions = serializers.SerializerMethodField()
     breakdown = serializers.JSONField()
+    energy = serializers.SerializerMethodField(
+        help_text="Estimated energy and emissions of the booked period."
+    )
     workload = serializers.SerializerMethodField()
     allocations = serializers.SerializerMethodField()
     connection = serializers.SerializerMethodField(
@@ -213,6 +218,10 @@ class ReservationDetailOutput(ReservationOutput):
         allow_null=True, help_text="The refund terms applied, once cancelled."
     )
     transitions = TransitionOutput(many=True)
+
+    @extend_schema_field(EnergyOutput)
+    def get_energy(self, reservation) -> dict:
+        return booking_energy(reservation).as_dict()
 
     def get_allowed_actions(self, reservation) -> list[str]:
         return reservation_allowed_actions(reservation)

@@ -19,6 +19,7 @@ from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
+from marketplace.services.energy import booking_energy
 from marketplace.services.organizations import RESERVING_ROLES
 from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import (
@@ -71,6 +72,8 @@ class SearchView(PortalView, View):
                 )
             except ApplicationError as exc:
                 _field_error(form, exc)
+            else:
+                offers = [(offer, offer.energy()) for offer in offers]
         status = 400 if asked and form.errors else 200
         context = {"form": form, "offers": offers, "can_reserve": self._can_reserve()}
         if offers is not None:
@@ -154,6 +157,7 @@ class QuoteView(PortalView, View):
                 "form": form,
                 "expired": timezone.now() >= quote.expires_at,
                 "rule": cancellation_rule(quote.tier),
+                "energy": booking_energy(quote),
                 "used": getattr(quote, "reservation", None),
             },
             status=status,
@@ -192,6 +196,7 @@ def _detail_context(view, reservation, **extra) -> dict:
     can_act = view.membership.role in RESERVING_ROLES
     context = {
         "reservation": reservation,
+        "energy": booking_energy(reservation),
         # Moving on its own (provisioning, tearing down): the page reloads itself to follow.
         "refresh_seconds": 5
         if reservation.status in (ReservationStatus.PROVISIONING, ReservationStatus.RELEASING)

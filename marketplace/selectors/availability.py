@@ -20,6 +20,7 @@ from config.errors import ValidationFailed
 from inventory.models import GpuModel, Site
 from marketplace.models import RateCard
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
+from marketplace.services.energy import EnergyEstimate, energy_for
 from marketplace.services.pricing import (
     PriceBreakdown,
     current_policy,
@@ -63,6 +64,13 @@ class Offer:
     price_per_gpu_hour: Decimal
     total: Decimal
     breakdown: PriceBreakdown
+
+    def energy(self) -> EnergyEstimate:
+        """The estimated energy and emissions of the offered GPU time."""
+        seconds = round(self.breakdown.hours * 3600)  # hours are exact to the second
+        return energy_for(
+            site=self.site, gpu_model=self.gpu_model, gpu_count=self.gpu_count, seconds=seconds
+        )
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,16 @@ def test_usage_by_reservation_and_day(org, member, client_for):
 
     body = client_for(member).get("/api/v1/billing/usage").json()
 
+    # Energy: 2 GPUs × 700 W × 1 h × PUE 1.15 = 1.61 kWh; the site's grid intensity is unknown.
     assert body == [{"reservation": reservation.public_id, "day": "2026-03-02",
-                     "gpu_seconds": 7200, "amount": "3.60", "currency": "usd"}]  # fmt: skip
+                     "gpu_seconds": 7200, "amount": "3.60", "currency": "usd",
+                     "kwh": "1.610", "kg_co2e": None}]  # fmt: skip
+
+    reservation.site.grid_carbon_g_per_kwh = 400
+    reservation.site.save(update_fields=["grid_carbon_g_per_kwh"])
+    [row] = client_for(member).get("/api/v1/billing/usage").json()
+    # 1.61 kWh × (1 − 0.42 renewable) × 400 g/kWh = 373.52 g
+    assert row["kg_co2e"] == "0.374"
 
 
 def test_invoices_show_their_hosted_links(org, member, client_for):

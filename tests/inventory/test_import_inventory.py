@@ -53,6 +53,7 @@ def test_it_imports_the_example_yaml():
     site = Site.objects.get(slug="tx-abilene")
     assert (site.country, site.grid_operator, site.cooling) == ("US", "ERCOT", "immersion")
     assert (site.pue, site.renewable_share) == (Decimal("1.12"), Decimal("0.350"))
+    assert site.grid_carbon_g_per_kwh == 390
     assert site.energy_price_per_mwh == Decimal("31.50")
     assert site.status == SiteStatus.ACTIVE
     baie = Site.objects.get(slug="qc-baie-comeau")
@@ -204,6 +205,11 @@ sites:
             "renewable_share: 0.5",
             "renewable_share: -0.1",
             "line 17: site 'good-site': renewable_share must be between 0 and 1, got -0.1",
+        ),
+        (
+            "renewable_share: 0.5",
+            "renewable_share: 0.5\n    grid_carbon_g_per_kwh: 2500",
+            "line 18: site 'good-site': grid_carbon_g_per_kwh must be between 0 and 2000, got 2500",
         ),
         (
             "country: US",
@@ -375,7 +381,7 @@ def test_it_refuses_to_shrink_a_node(tmp_path):
         run(path)
 
     assert (
-        "line 33: node 'abl-h100-001' has 8 GPUs; the file gives 4; import never removes GPUs"
+        "line 34: node 'abl-h100-001' has 8 GPUs; the file gives 4; import never removes GPUs"
         in str(failed.value)
     )
     assert snapshot() == before

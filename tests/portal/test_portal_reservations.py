@@ -58,10 +58,13 @@ def test_search_hold_the_price_reserve_then_cancel(signed_in, market):
     expect(offers.first).to_contain_text("Texas One")
     expect(offers.first).to_contain_text("15.00 USD")  # 2.50 × 2 GPUs × 3 h
     expect(offers.first).to_contain_text("42 % renewable")  # the site's share, 0.420
+    expect(offers.first).to_contain_text("4.830 kWh")  # 2 × 700 W × 3 h × PUE 1.15
+    expect(offers.first).to_contain_text("emissions unknown")  # no grid intensity given
     offers.first.get_by_role("button", name="Hold this price").click()
 
     expect(page).to_have_url(re.compile(r"/quotes/quo_"))
     expect(page.locator("#quote-total")).to_have_text("15.00 USD")
+    expect(page.locator("#energy")).to_contain_text("4.830 kWh")
     expect(page.get_by_text("the time not yet begun is refunded in full")).to_be_visible()
     page.get_by_label("SSH public keys").fill(ssh_key())
     page.get_by_role("button", name="Reserve for 15.00 USD").click()

@@ -69,6 +69,7 @@ class SiteSpec:
     cooling: str
     energy_price_per_mwh: str
     renewable_share: str
+    grid_carbon_g_per_kwh: int  # the grid's average, for the non-renewable share
     uplink_gbps: int
     former_use: str
     status: str
@@ -76,26 +77,26 @@ class SiteSpec:
 
 SITES = [
     SiteSpec("pecos-tx", "pcs", "Pecos, West Texas", "us-central", "US", "ERCOT", "60000",
-             "1.08", CoolingType.IMMERSION, "38.50", "0.420", 400,
+             "1.08", CoolingType.IMMERSION, "38.50", "0.420", 390, 400,
              "bitcoin mining, 12,000 Antminer S19 XP in single-phase immersion tanks",
              SiteStatus.ACTIVE),
     SiteSpec("baie-comeau-qc", "bcm", "Baie-Comeau, Québec", "ca-east", "CA", "Hydro-Québec",
-             "30000", "1.12", CoolingType.AIR, "41.20", "0.995", 200,
+             "30000", "1.12", CoolingType.AIR, "41.20", "0.995", 2, 200,
              "bitcoin mining, 9,500 Antminer S19j Pro in a former aluminium smelter hall",
              SiteStatus.ACTIVE),
     SiteSpec("mo-i-rana-no", "mir", "Mo i Rana, Nordland", "eu-north", "NO", "Nord Pool (NO4)",
-             "20000", "1.06", CoolingType.HYDRO, "27.80", "1.000", 200,
+             "20000", "1.06", CoolingType.HYDRO, "27.80", "1.000", 12, 200,
              "bitcoin mining, 7,000 Whatsminer M30S++ with fjord-water cooling",
              SiteStatus.ACTIVE),
     SiteSpec("hernandarias-py", "hnd", "Hernandarias, Alto Paraná", "sa-east", "PY",
-             "ANDE (Itaipú)", "25000", "1.25", CoolingType.AIR, "34.00", "1.000", 100,
+             "ANDE (Itaipú)", "25000", "1.25", CoolingType.AIR, "34.00", "1.000", 1, 100,
              "bitcoin mining, 8,000 Antminer S19 Pro beside the Itaipú substation",
              SiteStatus.ACTIVE),
     SiteSpec("reykjanes-is", "rkn", "Reykjanes, Iceland", "eu-north", "IS", "Landsnet", "18000",
-             "1.05", CoolingType.AIR, "43.00", "1.000", 100,
+             "1.05", CoolingType.AIR, "43.00", "1.000", 10, 100,
              "bitcoin mining, 6,000 Antminer S17 on geothermal power", SiteStatus.CURTAILED),
     SiteSpec("gillette-wy", "glt", "Gillette, Wyoming", "us-west", "US", "PacifiCorp", "40000",
-             "1.18", CoolingType.IMMERSION, "46.50", "0.310", 200,
+             "1.18", CoolingType.IMMERSION, "46.50", "0.310", 640, 200,
              "bitcoin mining, 15,000 Antminer S19j Pro; two-phase immersion since 2022",
              SiteStatus.COMMISSIONING),
 ]  # fmt: skip
@@ -203,6 +204,7 @@ def _seed_sites() -> dict[str, Site]:
             "cooling": spec.cooling,
             "energy_price_per_mwh": Decimal(spec.energy_price_per_mwh),
             "renewable_share": Decimal(spec.renewable_share),
+            "grid_carbon_g_per_kwh": spec.grid_carbon_g_per_kwh,
             "uplink_gbps": spec.uplink_gbps,
             "former_use": spec.former_use,
         }
