@@ -160,6 +160,7 @@ class PricingPolicyAdmin(admin.ModelAdmin):
         "utilisation_slope",
         "floor_multiplier",
         "ceiling_multiplier",
+        "energy_pass_through_pct",
         "note",
     ]
 

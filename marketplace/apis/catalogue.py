@@ -202,6 +202,14 @@ class BreakdownOutput(serializers.Serializer):
     tier_discount_pct = serializers.CharField()
     utilisation = serializers.CharField()
     utilisation_multiplier = serializers.CharField()
+    energy_price_per_mwh = serializers.CharField(
+        allow_null=True,
+        help_text="The site's energy price in the price's currency; null when it is not known "
+        "in it (then there is no energy adjustment).",
+    )
+    energy_multiplier = serializers.CharField(
+        help_text="1 + the policy's pass-through × (energy price ÷ reference − 1); 1 when off."
+    )
     multiplier_unbounded = serializers.CharField()
     multiplier = serializers.CharField()
     clamped = serializers.CharField(allow_null=True)

@@ -60,9 +60,10 @@ class RateCard(models.Model):
 class PricingPolicy(models.Model):
     """Discounts and the utilisation adjustment. The newest row is the one in force.
 
-    price = list price × (1 − tier discount) × utilisation multiplier, where the utilisation
-    multiplier is 1 + slope × (utilisation − pivot); the result is then clamped to
-    [floor, ceiling] × list price.
+    price = list price × (1 − tier discount) × utilisation multiplier × energy multiplier,
+    where the utilisation multiplier is 1 + slope × (utilisation − pivot) and the energy
+    multiplier is 1 + pass-through × (the site's energy price ÷ the reference − 1); the result
+    is then clamped to [floor, ceiling] × list price.
     """
 
     discount_1w_pct = models.DecimalField(max_digits=5, decimal_places=2, validators=_PCT)
@@ -96,6 +97,22 @@ class PricingPolicy(models.Model):
         max_digits=5,
         decimal_places=3,
         help_text="The final price is never above this × list price.",
+    )
+    energy_pass_through_pct = models.DecimalField(
+        max_digits=5,
+        decimal_places=2,
+        default=Decimal("0"),
+        validators=_PCT,
+        help_text="Share of the list price that follows the site's energy price (0: off). "
+        "At 20, a site whose power costs 10 % less than the reference sells 2 % cheaper.",
+    )
+    reference_energy_price_per_mwh = models.DecimalField(
+        max_digits=10,
+        decimal_places=2,
+        default=Decimal("40.00"),
+        validators=[MinValueValidator(Decimal("0.01"))],
+        help_text="The energy price the list prices assume, in the rate cards' currency. "
+        "Sites paying in another currency are not adjusted.",
     )
     note = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

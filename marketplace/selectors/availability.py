@@ -311,7 +311,7 @@ def node_free_capacity(
 def _price(
     *,
     card: RateCard,
-    site_slug: str,
+    site: Site,
     policy,
     healthy: int,
     free: int,
@@ -323,7 +323,7 @@ def _price(
 ) -> PriceBreakdown:
     """The offer's price: the card and policy, with the utilisation of the model at the site
     (busy over healthy GPUs for the window) for the multiplier."""
-    inputs = pricing_inputs_from(card=card, site_slug=site_slug, policy=policy)
+    inputs = pricing_inputs_from(card=card, site=site, policy=policy)
     return price_quote(
         rate=inputs.rate,
         tier=tier,
@@ -401,7 +401,7 @@ def availability_search(
             continue  # no rate card: not for sale
         breakdown = _price(
             card=card,
-            site_slug=sites[site_id].slug,
+            site=sites[site_id],
             policy=policy,
             healthy=healthy,
             free=free,
@@ -471,7 +471,7 @@ def site_model_offer(
     free = sum(c.free for c in capacities)
     breakdown = _price(
         card=card,
-        site_slug=site.slug,
+        site=site,
         policy=current_policy(),
         healthy=healthy,
         free=free,

@@ -7,8 +7,10 @@ the cent once, at the end. Nothing in between is rounded.
 Tiers: on-demand pays the list price; reserved takes the discount of its term, and its period
 must be at least the term (1w = 7 days, 1m = 30, 3m = 90, 1y = 365 days; the term is a minimum
 commitment, and extending keeps the discounted rate); interruptible takes its own discount and
-may be preempted. All tiers then get the utilisation multiplier, and the final price is clamped
-to [floor, ceiling] × list price.
+may be preempted. All tiers then get the utilisation multiplier and the energy multiplier (the
+part of the list price set by the policy's pass-through follows the site's energy price against
+the policy's reference; off by default, and only where the site pays for power in the rate
+card's currency), and the final price is clamped to [floor, ceiling] × list price.
 """
 
 from dataclasses import dataclass, field, fields
@@ -58,6 +60,8 @@ class RateInputs:
     term_discount_pct: dict[str, Decimal] = field(default_factory=dict)
     interruptible_discount_pct: Decimal = Decimal("0")
     source: str = "default"  # "default" or "site:<slug>": which rate card it came from
+    # The site's energy price in the card's currency; None: not known in it (no adjustment).
+    energy_price_per_mwh: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class PricingBounds:
     utilisation_slope: Decimal
     floor_multiplier: Decimal
     ceiling_multiplier: Decimal
+    energy_pass_through_pct: Decimal = Decimal("0")
+    reference_energy_price_per_mwh: Decimal = Decimal("40")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class PriceBreakdown:
     tier_discount_pct: Decimal
     utilisation: Decimal
     utilisation_multiplier: Decimal
+    energy_price_per_mwh: Decimal | None
+    energy_multiplier: Decimal
     multiplier_unbounded: Decimal
     multiplier: Decimal
     clamped: str | None  # "floor", "ceiling" or None
@@ -115,6 +123,8 @@ DEFAULT_POLICY = {
     "utilisation_slope": Decimal("0.5"),
     "floor_multiplier": Decimal("0.35"),
     "ceiling_multiplier": Decimal("1.5"),
+    "energy_pass_through_pct": Decimal("0"),
+    "reference_energy_price_per_mwh": Decimal("40"),
 }
 
 
@@ -181,7 +191,13 @@ def price_quote(
     else:
         discount = Decimal("0")
     util_mult = _ONE + bounds.utilisation_slope * (utilisation - bounds.utilisation_pivot)
-    unbounded = (_ONE - discount / 100) * util_mult
+    energy_mult = _ONE
+    if rate.energy_price_per_mwh is not None and bounds.energy_pass_through_pct:
+        ratio = rate.energy_price_per_mwh / bounds.reference_energy_price_per_mwh
+        energy_mult = (_ONE + bounds.energy_pass_through_pct / 100 * (ratio - _ONE)).quantize(
+            Decimal("0.0001"), rounding=ROUND_HALF_UP
+        )
+    unbounded = (_ONE - discount / 100) * util_mult * energy_mult
     multiplier, clamped = unbounded, None
     if unbounded < bounds.floor_multiplier:
         multiplier, clamped = bounds.floor_multiplier, "floor"
@@ -199,6 +215,8 @@ def price_quote(
         tier_discount_pct=discount,
         utilisation=utilisation,
         utilisation_multiplier=util_mult,
+        energy_price_per_mwh=rate.energy_price_per_mwh,
+        energy_multiplier=energy_mult,
         multiplier_unbounded=unbounded,
         multiplier=multiplier,
         clamped=clamped,
@@ -220,6 +238,8 @@ def _bounds_and_discounts(policy: PricingPolicy | None) -> tuple[PricingBounds, 
         utilisation_slope=p["utilisation_slope"],
         floor_multiplier=p["floor_multiplier"],
         ceiling_multiplier=p["ceiling_multiplier"],
+        energy_pass_through_pct=p["energy_pass_through_pct"],
+        reference_energy_price_per_mwh=p["reference_energy_price_per_mwh"],
     )
     discounts = {
         Term.WEEK: p["discount_1w_pct"],
@@ -249,16 +269,19 @@ def pricing_inputs_for(site, gpu_model, *, policy: PricingPolicy | None = None) 
     card = cards.get(site.pk) or cards.get(None)
     if card is None:
         raise NotAvailable(f"{gpu_model.slug} has no rate card; it is not for sale.")
-    return pricing_inputs_from(card=card, site_slug=site.slug, policy=policy or current_policy())
+    return pricing_inputs_from(card=card, site=site, policy=policy or current_policy())
 
 
-def pricing_inputs_from(*, card: RateCard, site_slug: str, policy: PricingPolicy | None):
+def pricing_inputs_from(*, card: RateCard, site, policy: PricingPolicy | None):
     bounds, discounts, interruptible = _bounds_and_discounts(policy)
     rate = RateInputs(
         price_per_gpu_hour=card.price_per_gpu_hour,
         currency=card.currency,
         term_discount_pct=discounts,
         interruptible_discount_pct=interruptible,
-        source=f"site:{site_slug}" if card.site_id else "default",
+        source=f"site:{site.slug}" if card.site_id else "default",
+        energy_price_per_mwh=site.energy_price_per_mwh
+        if site.energy_currency.lower() == card.currency.lower()
+        else None,
     )
     return PricingInputs(rate=rate, bounds=bounds)

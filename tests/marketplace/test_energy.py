@@ -95,3 +95,30 @@ def test_offers_quotes_and_reservations_carry_the_estimate(client_key, owner_cli
 
     reservation = make_reservation(owner_client, gpu_count=4, ends_at=end.isoformat())
     assert {k: reservation["energy"][k] for k in expected} == expected
+
+
+@pytest.mark.django_db
+def test_an_offer_follows_the_sites_energy_price_when_the_policy_says_so(client_key, market):
+    from marketplace.selectors.reference import reference_cache_clear
+    from tests.marketplace.api_fixtures import tomorrow
+    from tests.marketplace.market_helpers import make_policy
+
+    site, _ = market
+    site.energy_price_per_mwh, site.energy_currency = Decimal("20.00"), "usd"
+    site.save(update_fields=["energy_price_per_mwh", "energy_currency"])
+    start = tomorrow()
+    window = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "start": start.isoformat(),
+              "end": (start + timedelta(hours=1)).isoformat()}  # fmt: skip
+
+    reference_cache_clear()
+    (offer,) = client_key.get("/api/v1/availability", window).json()["results"]
+    assert offer["price_per_gpu_hour"] == "2.0000"  # the policy in force passes nothing through
+    assert offer["breakdown"]["energy_multiplier"] == "1"
+
+    make_policy(energy_pass_through_pct=Decimal("20"), reference_energy_price_per_mwh=Decimal("40"))
+    reference_cache_clear()
+    (offer,) = client_key.get("/api/v1/availability", window).json()["results"]
+    # Power at half the reference, 20 % of the price following it: × 0.9.
+    assert offer["breakdown"]["energy_price_per_mwh"] == "20.00"
+    assert offer["breakdown"]["energy_multiplier"] == "0.9000"
+    assert offer["price_per_gpu_hour"] == "1.8000"

@@ -78,6 +78,68 @@ def test_it_prices_every_tier_term_and_bound(
     assert b.currency == "usd" and b.gpu_count == gpus and b.tier == tier and b.term == term
 
 
+# (site energy price, pass-through %, reference, tier, term, utilisation, energy multiplier,
+#  price/GPU-h, clamped) on the 2.2000 list price with the default bounds.
+ENERGY_CASES = [
+    # Off (pass-through 0): the site's price changes nothing.
+    ("20.00", "0", "40", "on_demand", "none", "0.6", "1", "2.2000", None),
+    # 20 % follows energy; power at half the reference: 1 + 0.2 × (0.5 − 1) = 0.9.
+    ("20.00", "20", "40", "on_demand", "none", "0.6", "0.9000", "1.9800", None),
+    # ... at the reference: neutral.
+    ("40.00", "20", "40", "on_demand", "none", "0.6", "1.0000", "2.2000", None),
+    # ... dearer power, combined with the tier and utilisation: 1 + 0.2 × (1.5 − 1) = 1.1;
+    # 0.95 (1w) × 1.2 (busy) × 1.1 = 1.254.
+    ("60.00", "20", "40", "reserved", "1w", "1", "1.1000", "2.7588", None),
+    # The bounds still hold: 1 + 1 × (0.1 − 1) = 0.1 → 0.1 < the 0.35 floor.
+    ("4.00", "100", "40", "on_demand", "none", "0.6", "0.1000", "0.7700", "floor"),
+    # Unknown in the card's currency (None): no adjustment whatever the pass-through.
+    (None, "50", "40", "on_demand", "none", "0.6", "1", "2.2000", None),
+]
+
+
+@pytest.mark.parametrize(
+    "energy_price,pass_through,reference,tier,term,utilisation,energy_mult,price,clamped",
+    ENERGY_CASES,
+)
+def test_the_price_follows_the_sites_energy_price_by_the_policys_pass_through(
+    energy_price, pass_through, reference, tier, term, utilisation, energy_mult, price, clamped
+):
+    b = price_quote(
+        rate=RateInputs(
+            price_per_gpu_hour=Decimal("2.2000"), currency="usd", term_discount_pct=DISCOUNTS,
+            interruptible_discount_pct=Decimal("55"),
+            energy_price_per_mwh=None if energy_price is None else Decimal(energy_price),
+        ),
+        tier=tier, term=term, gpu_count=1, starts_at=T0,
+        ends_at=T0 + (timedelta(days=7) if term == "1w" else timedelta(hours=1)),
+        utilisation=Decimal(utilisation),
+        bounds=PricingBounds(
+            utilisation_pivot=Decimal("0.6"), utilisation_slope=Decimal("0.5"),
+            floor_multiplier=Decimal("0.35"), ceiling_multiplier=Decimal("1.5"),
+            energy_pass_through_pct=Decimal(pass_through),
+            reference_energy_price_per_mwh=Decimal(reference),
+        ),
+    )  # fmt: skip
+    assert (b.energy_multiplier, b.price_per_gpu_hour, b.clamped) == (
+        Decimal(energy_mult), Decimal(price), clamped,
+    )  # fmt: skip
+    d = b.as_dict()
+    assert d["energy_price_per_mwh"] == energy_price
+    assert d["energy_multiplier"] == str(Decimal(energy_mult))
+
+
+@pytest.mark.django_db
+def test_only_a_site_paying_in_the_cards_currency_is_adjusted():
+    model = GpuModelFactory()
+    texas = SiteFactory(energy_price_per_mwh=Decimal("20.00"), energy_currency="usd")
+    quebec = SiteFactory(energy_price_per_mwh=Decimal("20.00"), energy_currency="cad")
+    make_rate(model, "2.2000")
+    make_policy(energy_pass_through_pct=Decimal("20"), reference_energy_price_per_mwh=Decimal("40"))
+    assert pricing_inputs_for(texas, model).rate.energy_price_per_mwh == Decimal("20.00")
+    assert pricing_inputs_for(quebec, model).rate.energy_price_per_mwh is None
+    assert pricing_inputs_for(texas, model).bounds.energy_pass_through_pct == Decimal("20")
+
+
 def test_it_rounds_the_price_per_gpu_hour_half_up_to_four_places():
     # 1.0005 × 0.5 = 0.50025: half-up gives 0.5003 (banker's rounding would give 0.5002).
     b = price_quote(
