@@ -186,6 +186,8 @@ NODE_OFFLINE_AFTER = timedelta(seconds=env_int("NODE_OFFLINE_AFTER_SECONDS", 180
 
 # --- Marketplace ---------------------------------------------------------------------------
 QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
+# How long an e-mailed invitation to join an organisation can be accepted.
+INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
 # Portal sign-in attempts per account name from one address (and 5 times that per address).
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")

@@ -20,6 +20,7 @@ from marketplace.models import (
     Allocation,
     ApiKey,
     Curtailment,
+    Invitation,
     Membership,
     Organization,
     PricingPolicy,
@@ -136,6 +137,21 @@ class SshKeyAdmin(ReadOnlyAdmin):
     list_display = ["name", "fingerprint", "organization", "created_by", "created_at"]
     search_fields = ["name", "fingerprint", "public_id", "organization__name"]
     list_select_related = ["organization", "created_by"]
+
+
+@admin.register(Invitation)
+class InvitationAdmin(ReadOnlyAdmin):
+    """Sent and revoked by organisation owners and admins (portal or API); the token is never
+    stored, only its hash."""
+
+    list_display = [
+        "email", "organization", "role", "invited_by", "created_at", "expires_at",
+        "accepted_at", "revoked_at",
+    ]  # fmt: skip
+    list_filter = ["role"]
+    search_fields = ["email", "public_id", "organization__name"]
+    list_select_related = ["organization", "invited_by"]
+    exclude = ["token_hash"]
 
 
 @admin.register(RateCard)

@@ -24,3 +24,7 @@ def reservation_id() -> str:
 
 def ssh_key_id() -> str:
     return new_public_id("ssh")
+
+
+def invitation_id() -> str:
+    return new_public_id("inv")

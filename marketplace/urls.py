@@ -47,4 +47,14 @@ urlpatterns = [
         organization.MemberDetailApi.as_view(),
         name="organization-member",
     ),
+    path(
+        "organization/invitations",
+        organization.InvitationListApi.as_view(),
+        name="organization-invitations",
+    ),
+    path(
+        "organization/invitations/<str:invitation_id>/revoke",
+        organization.InvitationRevokeApi.as_view(),
+        name="organization-invitation-revoke",
+    ),
 ]

@@ -1,4 +1,5 @@
-"""GET organization; GET/POST organization/members; PATCH/DELETE organization/members/{id}."""
+"""GET organization; GET/POST organization/members; PATCH/DELETE organization/members/{id};
+GET/POST organization/invitations; POST organization/invitations/{id}/revoke."""
 
 import django_filters
 from django.contrib.auth import get_user_model
@@ -10,9 +11,21 @@ from config.errors import ValidationFailed
 from marketplace.api.pagination import NewestFirstCursorPagination
 from marketplace.api.schema import errors
 from marketplace.api.views import FILTERED, ApiView, validated_input
-from marketplace.models import Membership, Role
-from marketplace.selectors.organizations import member_get_for_org, member_list_for_org
-from marketplace.services.organizations import member_add, member_change_role, member_remove
+from marketplace.models import Invitation, Membership, Role
+from marketplace.selectors.organizations import (
+    invitation_get_for_org,
+    invitation_list_for_org,
+    member_get_for_org,
+    member_list_for_org,
+)
+from marketplace.services.organizations import (
+    MANAGER_ROLES,
+    invitation_create,
+    invitation_revoke,
+    member_add,
+    member_change_role,
+    member_remove,
+)
 
 TAGS = ["Organization"]
 
@@ -145,3 +158,82 @@ class MemberDetailApi(ApiView):
         membership = member_get_for_org(organization=self.organization, public_id=member_id)
         member_remove(actor=self.org_context.membership, membership=membership)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class InvitationOutput(serializers.Serializer):
+    id = serializers.CharField(source="public_id")
+    email = serializers.EmailField()
+    role = serializers.ChoiceField(choices=Role.choices)
+    invited_by = serializers.CharField(source="invited_by.username", allow_null=True, default=None)
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(help_text="After this the link no longer works.")
+    accepted_at = serializers.DateTimeField(allow_null=True)
+    revoked_at = serializers.DateTimeField(allow_null=True)
+
+
+class InvitationCreatedOutput(InvitationOutput):
+    token = serializers.CharField(
+        allow_null=True,
+        help_text="The secret in the e-mailed link (SITE_URL/invitations/<token>). Shown once; "
+        "null in an idempotent replay, because tokens are never stored.",
+    )
+
+
+class InvitationCreateInput(serializers.Serializer):
+    email = serializers.EmailField(help_text="Who to invite; they need no account yet.")
+    role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
+
+
+class _InvitationManagement(ApiView):
+    read_roles = MANAGER_ROLES
+    write_roles = MANAGER_ROLES
+    keys_may_write = False
+
+
+class InvitationListApi(_InvitationManagement):
+    pagination_class = NewestFirstCursorPagination
+    idempotency_redacted_fields = ("token",)
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return Invitation.objects.none()
+        return invitation_list_for_org(organization=self.organization)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_invitations_list",
+        summary="List open invitations (neither accepted nor revoked)",
+        responses={200: InvitationOutput(many=True), **errors(400, 403, 404)},
+    )
+    def get(self, request):
+        return self.paginated_response(self.get_queryset(), InvitationOutput)
+
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_invitations_create",
+        summary="Invite by e-mail (owners and admins; only owners invite owners); the response "
+        "carries the link's token, once",
+        request=InvitationCreateInput,
+        responses={201: InvitationCreatedOutput, **errors(400, 403, 404, 409, 415, 422)},
+    )
+    def post(self, request):
+        data = validated_input(InvitationCreateInput, request.data)
+        invitation, token = invitation_create(
+            actor=self.org_context.membership, email=data["email"], role=data["role"]
+        )
+        invitation.token = token
+        return Response(InvitationCreatedOutput(invitation).data, status=status.HTTP_201_CREATED)
+
+
+class InvitationRevokeApi(_InvitationManagement):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="organization_invitations_revoke",
+        summary="Revoke an invitation; its link stops working (revoking twice is harmless)",
+        request=None,
+        responses={200: InvitationOutput, **errors(403, 404, 409, 422)},
+    )
+    def post(self, request, invitation_id: str):
+        invitation = invitation_get_for_org(organization=self.organization, public_id=invitation_id)
+        invitation = invitation_revoke(actor=self.org_context.membership, invitation=invitation)
+        return Response(InvitationOutput(invitation).data)

@@ -17,6 +17,7 @@ __all__ = [
     "CancelForm",
     "ExtendForm",
     "SshKeyCreateForm",
+    "InvitationCreateForm",
 ]
 
 
@@ -211,3 +212,10 @@ class SshKeyCreateForm(forms.Form):
         help_text="One line, e.g. the contents of <code>~/.ssh/id_ed25519.pub</code>: "
         "ssh-ed25519, ssh-rsa (2048 bits or more) or ecdsa-sha2-nistp256/384/521.",
     )
+
+
+class InvitationCreateForm(forms.Form):
+    """Shown beside MemberAddForm on the team page, so it takes prefix="invite"."""
+
+    email = forms.EmailField(label="E-mail address", help_text="They need no account yet.")
+    role = forms.ChoiceField(label="Invite as", choices=Role.choices, initial=Role.MEMBER)

@@ -1,20 +1,29 @@
 """Portal: the organisation's members. Every member sees the team, as in the API.
 
-Owners and admins (MANAGER_ROLES) add members and change roles; the services hold the rest of
-the rules (only an owner touches the owner role; the last owner stays). Anyone may leave.
+Owners and admins (MANAGER_ROLES) add members, invite by e-mail and change roles; the services
+hold the rest of the rules (only an owner touches the owner role; the last owner stays). Anyone
+may leave. The invitation link itself is answered by portal.invitations.
 """
 
 from django.contrib import messages
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views import View
 
 from config.errors import ApplicationError
 from marketplace.models import Membership, Role
-from marketplace.portal.forms import MemberAddForm, MemberRoleForm
+from marketplace.portal.forms import InvitationCreateForm, MemberAddForm, MemberRoleForm
 from marketplace.portal.mixins import PortalView, show_error
-from marketplace.selectors.organizations import member_get_for_org, member_list_for_org
+from marketplace.selectors.organizations import (
+    invitation_get_for_org,
+    invitation_list_for_org,
+    member_get_for_org,
+    member_list_for_org,
+)
 from marketplace.services.organizations import (
     MANAGER_ROLES,
+    invitation_create,
+    invitation_revoke,
     member_add,
     member_change_role,
     member_remove,
@@ -47,15 +56,55 @@ class TeamView(PortalView, View):
         messages.success(request, f"{user.get_username()} joined as {role}.")
         return redirect("portal:team")
 
-    def render_page(self, request, form, *, status=200):
+    def render_page(self, request, form=None, invite_form=None, *, status=200):
         members = member_list_for_org(organization=self.organization).order_by("created_at", "pk")
+        can_manage = self.membership.role in MANAGER_ROLES
         context = {
-            "form": form,
+            "form": form or MemberAddForm(),
+            "invite_form": invite_form or InvitationCreateForm(prefix="invite"),
             "members": members,
+            "invitations": (
+                invitation_list_for_org(organization=self.organization) if can_manage else []
+            ),
+            "now": timezone.now(),
             "roles": Role.choices,
-            "can_manage": self.membership.role in MANAGER_ROLES,
+            "can_manage": can_manage,
         }
         return render(request, self.template_name, context, status=status)
+
+
+class InvitationCreateView(TeamView):
+    """POST from the team page's "Invite by e-mail" form; errors re-render the team page."""
+
+    http_method_names = ["post"]
+
+    def post(self, request):
+        form = InvitationCreateForm(request.POST, prefix="invite")
+        if not form.is_valid():
+            return self.render_page(request, invite_form=form, status=400)
+        email, role = form.cleaned_data["email"], form.cleaned_data["role"]
+        try:
+            invitation, _ = invitation_create(actor=self.membership, email=email, role=role)
+        except ApplicationError as exc:
+            show_error(request, exc)
+            return self.render_page(request, invite_form=form, status=exc.status_code)
+        messages.success(request, f"Invitation sent to {invitation.email} (as {role}).")
+        return redirect("portal:team")
+
+
+class InvitationRevokeView(PortalView, View):
+    write_roles = MANAGER_ROLES
+    http_method_names = ["post"]
+
+    def post(self, request, public_id: str):
+        invitation = invitation_get_for_org(organization=self.organization, public_id=public_id)
+        try:
+            invitation_revoke(actor=self.membership, invitation=invitation)
+        except ApplicationError as exc:
+            show_error(request, exc)
+        else:
+            messages.success(request, f"The invitation to {invitation.email} was revoked.")
+        return redirect("portal:team")
 
 
 class MemberRoleView(_MemberView):

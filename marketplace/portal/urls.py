@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
-from marketplace.portal import keys, login, reservations, ssh_keys, team, views
+from marketplace.portal import invitations, keys, login, reservations, ssh_keys, team, views
 
 app_name = "portal"
 
@@ -71,4 +71,15 @@ urlpatterns = [
     path("team", team.TeamView.as_view(), name="team"),
     path("team/<int:pk>/role", team.MemberRoleView.as_view(), name="member-role"),
     path("team/<int:pk>/remove", team.MemberRemoveView.as_view(), name="member-remove"),
+    path("team/invitations", team.InvitationCreateView.as_view(), name="invitation-create"),
+    path(
+        "team/invitations/<str:public_id>/revoke",
+        team.InvitationRevokeView.as_view(),
+        name="invitation-revoke",
+    ),
+    path(
+        "invitations/<str:token>",
+        invitations.InvitationAcceptView.as_view(),
+        name="invitation-accept",
+    ),
 ]

@@ -1,5 +1,7 @@
 """Account pages: sign up, passwords, a new organisation, switching organisation, the overview."""
 
+from urllib.parse import urlsplit
+
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -7,17 +9,19 @@ from django.contrib.auth.mixins import LoginRequiredMixin
 from django.contrib.messages.views import SuccessMessageMixin
 from django.db import transaction
 from django.shortcuts import redirect, render
-from django.urls import reverse_lazy
+from django.urls import Resolver404, resolve, reverse_lazy
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views import View
 
 from config.errors import ApplicationError
 from marketplace.models import Membership, ReservationStatus
 from marketplace.portal.forms import OrganizationForm, SignupForm
+from marketplace.portal.invitations import open_invitation_for
 from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
 from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org
-from marketplace.services.organizations import organization_create
+from marketplace.services.organizations import invitation_accept, organization_create
 
 S = ReservationStatus
 _CURRENT = [S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.RELEASING]
@@ -28,30 +32,76 @@ def home(request):
 
 
 class SignupView(View):
+    """A new account and its own organisation; or, signing up through an invitation link
+    (?next=/invitations/<token>), a new account that joins the inviting organisation instead."""
+
     template_name = "portal/signup.html"
 
     def get(self, request):
         if request.user.is_authenticated:
             return redirect("portal:dashboard")
-        return render(request, self.template_name, {"form": SignupForm()})
+        invitation = self._invitation(request)
+        form = self._form(invitation, initial={"email": invitation.email} if invitation else None)
+        return self._render(request, form, invitation)
 
     def post(self, request):
-        form = SignupForm(request.POST)
+        invitation = self._invitation(request)
+        form = self._form(invitation, data=request.POST)
         if not form.is_valid():
-            return render(request, self.template_name, {"form": form}, status=400)
+            return self._render(request, form, invitation, status=400)
         try:
             with transaction.atomic():
                 user = form.save()
-                organization = organization_create(
-                    name=form.cleaned_data["organization"], owner=user
-                )
+                if invitation:
+                    token = self._token(request)
+                    organization = invitation_accept(token=token, user=user).organization
+                else:
+                    organization = organization_create(
+                        name=form.cleaned_data["organization"], owner=user
+                    )
         except ApplicationError as exc:
-            form.add_error("organization", exc.message)
-            return render(request, self.template_name, {"form": form}, status=400)
+            form.add_error(None if invitation else "organization", exc.message)
+            return self._render(request, form, invitation, status=400)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         request.session[SESSION_ORG_KEY] = organization.public_id
+        if invitation:
+            messages.success(request, f"Welcome to Switchyard. You joined {organization.name}.")
+            return redirect("portal:dashboard")
         messages.success(request, f"Welcome to Switchyard. {organization.name} is ready.")
-        return redirect("portal:dashboard")
+        return redirect(self._next(request) or "portal:dashboard")
+
+    def _form(self, invitation, **kwargs) -> SignupForm:
+        form = SignupForm(**kwargs)
+        if invitation:
+            del form.fields["organization"]  # they join the inviting organisation
+        return form
+
+    def _render(self, request, form, invitation, *, status=200):
+        context = {"form": form, "invitation": invitation, "next": self._next(request) or ""}
+        return render(request, self.template_name, context, status=status)
+
+    @staticmethod
+    def _next(request) -> str | None:
+        wanted = request.POST.get("next") or request.GET.get("next")
+        safe = wanted and url_has_allowed_host_and_scheme(
+            wanted, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        )
+        return wanted if safe else None
+
+    def _token(self, request) -> str | None:
+        """The invitation token when `next` is an invitation link."""
+        wanted = self._next(request)
+        if not wanted:
+            return None
+        try:
+            match = resolve(urlsplit(wanted).path)
+        except Resolver404:
+            return None
+        return match.kwargs["token"] if match.view_name == "portal:invitation-accept" else None
+
+    def _invitation(self, request):
+        token = self._token(request)
+        return open_invitation_for(token) if token else None
 
 
 class OrganizationNewView(LoginRequiredMixin, View):

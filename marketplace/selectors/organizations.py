@@ -1,15 +1,19 @@
-"""Reads for organisations, members and API keys, always through the organisation."""
+"""Reads for organisations, members, invitations and API keys, always through the organisation."""
 
 from django.db.models import QuerySet
 
 from config.errors import NotFound
-from marketplace.models import ApiKey, Membership, Organization
+from marketplace.models import ApiKey, Invitation, Membership, Organization
+from marketplace.services.organizations import invitation_token_hash
 
 __all__ = [
     "member_list_for_org",
     "member_get_for_org",
     "api_key_list_for_org",
     "api_key_get_for_org",
+    "invitation_list_for_org",
+    "invitation_get_for_org",
+    "invitation_get_by_token",
 ]
 
 
@@ -36,6 +40,40 @@ def api_key_get_for_org(*, organization: Organization, public_id: str) -> ApiKey
     if key is None:
         raise NotFound(f"No API key {public_id!r} in this organisation.", code="api_key_not_found")
     return key
+
+
+def invitation_list_for_org(*, organization: Organization) -> QuerySet[Invitation]:
+    """Open invitations (neither accepted nor revoked; expired ones included)."""
+    return Invitation.objects.filter(
+        organization=organization, accepted_at=None, revoked_at=None
+    ).select_related("invited_by")
+
+
+def invitation_get_for_org(*, organization: Organization, public_id: str) -> Invitation:
+    """Any of the organisation's invitations, open or not (so revoking twice is harmless)."""
+    invitation = (
+        Invitation.objects.filter(organization=organization, public_id=public_id)
+        .select_related("invited_by")
+        .first()
+    )
+    if invitation is None:
+        raise NotFound(
+            f"No invitation {public_id!r} in this organisation.", code="invitation_not_found"
+        )
+    return invitation
+
+
+def invitation_get_by_token(*, token: str) -> Invitation:
+    """The invitation a link's token belongs to, open or not; unknown tokens are not found."""
+    token_hash = invitation_token_hash(token)
+    invitation = (
+        Invitation.objects.filter(token_hash=token_hash)
+        .select_related("organization", "invited_by")
+        .first()
+    )
+    if invitation is None:
+        raise NotFound("No such invitation.", code="invitation_not_found")
+    return invitation
 
 
 def _pk_from_public_id(public_id: str, prefix: str) -> int | None:

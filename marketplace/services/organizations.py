@@ -1,17 +1,25 @@
-"""Organisations and their members.
+"""Organisations, their members, and invitations to join them by e-mail.
 
 Rules: an organisation always keeps at least one owner; owners and admins manage members, but
-only an owner may grant, change or remove the owner role.
+only an owner may grant, change or remove the owner role. An invitation is checked by the same
+rules when it is sent, and becomes a membership through the same path as member_add.
 """
 
+import hashlib
 import secrets
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
+from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
+from django.template.loader import render_to_string
+from django.utils import timezone
 from django.utils.text import slugify
 
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
-from marketplace.models import Membership, Organization, Role
+from marketplace.models import Invitation, Membership, Organization, Role
 
 __all__ = [
     "MANAGER_ROLES",
@@ -20,6 +28,11 @@ __all__ = [
     "member_add",
     "member_change_role",
     "member_remove",
+    "invitation_token_hash",
+    "invitation_check_open",
+    "invitation_create",
+    "invitation_revoke",
+    "invitation_accept",
 ]
 
 # Who may add, change and remove members and manage API keys.
@@ -117,11 +130,15 @@ def member_add(*, actor: Membership, user: AbstractBaseUser, role: str) -> Membe
     """Add `user` to the actor's organisation with `role`."""
     _check_role(role)
     _check_can_manage(actor=actor, role_involved=role)
+    return _membership_create(organization_id=actor.organization_id, user=user, role=role)
+
+
+def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: str) -> Membership:
+    """The one place a member joins (member_add, invitation_accept); unique per organisation."""
+    _check_role(role)
     try:
         with transaction.atomic():
-            return Membership.objects.create(
-                organization_id=actor.organization_id, user=user, role=role
-            )
+            return Membership.objects.create(organization_id=organization_id, user=user, role=role)
     except IntegrityError:
         raise Conflict(
             "This user is already a member of the organisation.", code="already_member"
@@ -159,3 +176,137 @@ def member_remove(*, actor: Membership, membership: Membership) -> None:
     if _is_last_owner(membership, owner_pks):
         raise Conflict(_LAST_OWNER, code="last_owner")
     membership.delete()
+
+
+# --- invitations ----------------------------------------------------------------------------
+
+
+def invitation_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def invitation_check_open(invitation: Invitation, *, now=None) -> None:
+    """Refuse an invitation that can no longer be accepted, saying why."""
+    if invitation.revoked_at is not None:
+        raise Conflict("This invitation was revoked.", code="invitation_revoked")
+    if invitation.accepted_at is not None:
+        raise Conflict("This invitation has already been used.", code="invitation_used")
+    if invitation.expires_at <= (now or timezone.now()):
+        raise Conflict("This invitation has expired; ask for a new one.", code="invitation_expired")
+
+
+def _normalised_email(email: str) -> str:
+    email = email.strip().lower()
+    try:
+        validate_email(email)
+    except ValidationError:
+        raise ValidationFailed("Enter a valid email address.", field="email") from None
+    return email
+
+
+def _send_invitation(*, email: str, token: str, context: dict) -> None:
+    url = f"{settings.SITE_URL.rstrip('/')}/invitations/{token}"
+    send_mail(
+        subject=f"Join {context['organization']} on Switchyard",
+        message=render_to_string("portal/invitation_email.txt", {**context, "url": url}),
+        from_email=None,
+        recipient_list=[email],
+    )
+
+
+@transaction.atomic
+def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invitation, str]:
+    """Invite `email` to the actor's organisation with `role`; returns it and its secret token.
+
+    The token is e-mailed (once the transaction commits) and returned here; only its hash is
+    kept. An open invitation for the same address is refused by the database, not by a check.
+    """
+    _check_role(role)
+    email = _normalised_email(email)
+    actor = _fresh(actor)
+    _check_can_manage(actor=actor, role_involved=role)
+    members = Membership.objects.filter(organization_id=actor.organization_id)
+    if members.filter(user__email__iexact=email).exists():
+        raise Conflict(
+            "Someone with this email is already a member of the organisation.",
+            code="already_member",
+            field="email",
+        )
+    now = timezone.now()
+    # An expired invitation still counts as open for the constraint; a new one replaces it.
+    Invitation.objects.filter(
+        organization_id=actor.organization_id,
+        email=email,
+        accepted_at=None,
+        revoked_at=None,
+        expires_at__lte=now,
+    ).update(revoked_at=now)
+    token = secrets.token_urlsafe(32)
+    try:
+        with transaction.atomic():
+            invitation = Invitation.objects.create(
+                organization_id=actor.organization_id,
+                email=email,
+                role=role,
+                token_hash=invitation_token_hash(token),
+                invited_by_id=actor.user_id,
+                expires_at=now + settings.INVITATION_TTL,
+            )
+    except IntegrityError:
+        raise Conflict(
+            "This address already has an open invitation; revoke it to send a new one.",
+            code="invitation_exists",
+            field="email",
+        ) from None
+    context = {
+        "organization": actor.organization.name,
+        "inviter": actor.user.get_username(),
+        "role": role,
+        "expires_at": invitation.expires_at,
+    }
+    # robust: the invitation stands if the mail server fails; it can be revoked and re-sent.
+    transaction.on_commit(
+        lambda: _send_invitation(email=email, token=token, context=context), robust=True
+    )
+    return invitation, token
+
+
+@transaction.atomic
+def invitation_revoke(*, actor: Membership, invitation: Invitation) -> Invitation:
+    """Revoke an open invitation; its link stops working. Revoking twice is harmless."""
+    if invitation.organization_id != actor.organization_id:
+        raise NotFound("No such invitation.", code="invitation_not_found")
+    invitation = Invitation.objects.select_for_update().get(pk=invitation.pk)
+    actor = _fresh(actor)
+    _check_can_manage(actor=actor, role_involved=invitation.role)
+    if invitation.accepted_at is not None:
+        raise Conflict("This invitation has already been used.", code="invitation_used")
+    if invitation.revoked_at is None:
+        invitation.revoked_at = timezone.now()
+        invitation.save(update_fields=["revoked_at"])
+    return invitation
+
+
+@transaction.atomic
+def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
+    """Join the invitation's organisation as `user`, with the invited role.
+
+    The token is the proof (as at GitHub): the user's email need not match the invited one.
+    If the user is already a member, nothing changes and the invitation stays open.
+    """
+    invitation = (
+        Invitation.objects.select_for_update()
+        .filter(token_hash=invitation_token_hash(token))
+        .first()
+    )
+    if invitation is None:
+        raise NotFound("No such invitation.", code="invitation_not_found")
+    now = timezone.now()
+    invitation_check_open(invitation, now=now)
+    membership = _membership_create(
+        organization_id=invitation.organization_id, user=user, role=invitation.role
+    )
+    invitation.accepted_at = now
+    invitation.accepted_by = user
+    invitation.save(update_fields=["accepted_at", "accepted_by"])
+    return membership

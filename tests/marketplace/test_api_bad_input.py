@@ -7,6 +7,7 @@ from marketplace.models import (
     Allocation,
     ApiKey,
     IdempotencyRecord,
+    Invitation,
     Membership,
     Quote,
     Reservation,
@@ -42,10 +43,12 @@ def counts():
             ApiKey,
             Membership,
             SshKey,
+            Invitation,
         )
     } | {
         "ends": list(Reservation.objects.values_list("ends_at", "status").order_by("pk")),
         "roles": list(Membership.objects.values_list("role", flat=True).order_by("pk")),
+        "revoked": list(Invitation.objects.values_list("revoked_at", flat=True).order_by("pk")),
     }
 
 
@@ -162,6 +165,23 @@ CASES = [
         "invalid_choice",
         "role",
     ),
+    ("/api/v1/organization/invitations", {}, 400, "required", "email"),
+    ("/api/v1/organization/invitations", {"email": "not-an-email"}, 400, "invalid", "email"),
+    (
+        "/api/v1/organization/invitations",
+        {"email": "x@example.com", "role": "king"},
+        400,
+        "invalid_choice",
+        "role",
+    ),
+    (
+        "/api/v1/organization/invitations",
+        {"email": "{owner_email}"},
+        409,
+        "already_member",
+        "email",
+    ),
+    ("/api/v1/organization/invitations/inv_nope/revoke", {}, 404, "invitation_not_found", None),
 ]
 
 

@@ -3,7 +3,8 @@
 
 import pytest
 
-from marketplace.models import ApiKey, Membership, Quote, Reservation, Role, SshKey
+from marketplace.models import ApiKey, Invitation, Membership, Quote, Reservation, Role, SshKey
+from marketplace.services.organizations import invitation_create
 from marketplace.services.ssh_keys import ssh_key_create
 from tests.factories import MembershipFactory, OrganizationFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def victim(market):
-    """Organisation A with a reservation, a quote, a key, an SSH key and a second member."""
+    """Organisation A with a reservation, a quote, a key, an SSH key, a second member and an
+    open invitation."""
     org = OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER)
     member = MembershipFactory(organization=org, role=Role.MEMBER)
@@ -38,7 +40,9 @@ def victim(market):
         scopes=["read", "write"],
     )  # fmt: skip
     saved_key = ssh_key_create(organization=org, user=None, name="a", public_key=ssh_key())
+    invitation, _ = invitation_create(actor=owner, email="invitee@example.com", role=Role.MEMBER)
     return {
+        "inv": invitation.public_id,
         "org": org,
         "ssh": saved_key.public_id,
         "res": reservation["id"],
@@ -63,6 +67,7 @@ ENDPOINTS = [
     ("post", "/api/v1/api-keys/{key}/revoke", {}),
     ("patch", "/api/v1/organization/members/{mem}", {"role": "admin"}),
     ("delete", "/api/v1/organization/members/{mem}", None),
+    ("post", "/api/v1/organization/invitations/{inv}/revoke", {}),
     ("get", "/api/v1/ssh-keys/{ssh}", None),
     ("delete", "/api/v1/ssh-keys/{ssh}", None),
 ]
@@ -83,6 +88,7 @@ def _snapshot():
         list(Membership.objects.values_list("pk", "role").order_by("pk")),
         Quote.objects.count(),
         list(SshKey.objects.values_list("pk", flat=True).order_by("pk")),
+        list(Invitation.objects.values_list("pk", "revoked_at", "accepted_at").order_by("pk")),
     )
 
 
@@ -99,7 +105,11 @@ def test_another_organisations_objects_are_not_found(victim, intruder_owner, met
 
 @pytest.mark.parametrize(
     "method,path,body",
-    [e for e in ENDPOINTS if "members" not in e[1] and "api-keys" not in e[1]],
+    [
+        e
+        for e in ENDPOINTS
+        if "members" not in e[1] and "api-keys" not in e[1] and "invitations" not in e[1]
+    ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_another_organisations_objects_are_not_found_with_an_api_key(victim, method, path, body):
@@ -118,6 +128,7 @@ def test_lists_show_only_the_callers_objects(victim, intruder_owner, market):
     assert keys == []
     members = client.get("/api/v1/organization/members").json()["results"]
     assert [m["id"] for m in members] == [f"mem_{intruder_owner.pk}"]
+    assert client.get("/api/v1/organization/invitations").json()["results"] == []
     assert client.get("/api/v1/ssh-keys").json()["results"] == []
 
 

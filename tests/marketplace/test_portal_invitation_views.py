@@ -1,0 +1,106 @@
+"""Portal invitation pages through Django's test client: the edge cases, cheaply.
+
+The browser tests (tests/portal/test_portal_invitations.py) drive the whole flow.
+"""
+
+import pytest
+from django.test import Client
+
+from marketplace.models import Invitation, Membership, Organization, Role
+from marketplace.services.organizations import invitation_create
+from tests.factories import MembershipFactory, OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+SIGNUP = {
+    "username": "grace",
+    "email": "grace@example.com",
+    "organization": "Hopper Compute",
+    "password1": "a-long-passphrase-1",
+    "password2": "a-long-passphrase-1",
+}
+
+
+def signed_in(membership) -> Client:
+    client = Client()
+    client.force_login(membership.user)
+    return client
+
+
+@pytest.fixture
+def owner():
+    return MembershipFactory(organization=OrganizationFactory(name="Ada Labs"), role=Role.OWNER)
+
+
+def test_signup_follows_a_safe_next_and_ignores_another_sites():
+    response = Client().post("/signup?next=https://evil.example/steal", SIGNUP)
+    assert response.status_code == 302 and response["Location"] == "/dashboard"
+    response = Client().post("/signup", {**SIGNUP, "username": "ada", "next": "/reservations"})
+    assert response.status_code == 302 and response["Location"] == "/reservations"
+    assert Organization.objects.count() == 2  # each made their own, as without an invitation
+
+
+def test_signup_through_a_closed_invitation_is_an_ordinary_signup(owner):
+    invitation, token = invitation_create(actor=owner, email="grace@example.com", role=Role.ADMIN)
+    Invitation.objects.filter(pk=invitation.pk).update(revoked_at=invitation.created_at)
+    page = Client().get(f"/signup?next=/invitations/{token}")
+    assert "organization" in page.context["form"].fields
+    response = Client().post(f"/signup?next=/invitations/{token}", SIGNUP)
+    assert response.status_code == 302
+    membership = Membership.objects.get(user__username="grace")
+    assert membership.organization.name == "Hopper Compute"
+    assert membership.role == Role.OWNER
+
+
+def test_a_member_accepting_is_told_and_the_invitation_stays_open(owner):
+    invitation, token = invitation_create(actor=owner, email="bob@example.com", role=Role.ADMIN)
+    bob = MembershipFactory(organization=owner.organization, role=Role.MEMBER)
+    response = signed_in(bob).post(f"/invitations/{token}")
+    assert response.status_code == 409
+    assert "This user is already a member of the organisation." in response.content.decode()
+    bob.refresh_from_db()
+    assert bob.role == Role.MEMBER
+    invitation.refresh_from_db()
+    assert invitation.accepted_at is None
+
+
+def test_accepting_signed_out_changes_nothing(owner):
+    invitation, token = invitation_create(actor=owner, email="bob@example.com", role=Role.MEMBER)
+    response = Client().post(f"/invitations/{token}")
+    assert response.status_code == 302 and response["Location"] == f"/invitations/{token}"
+    invitation.refresh_from_db()
+    assert invitation.accepted_at is None
+    assert Client().post("/invitations/unknown").status_code == 404
+
+
+def test_the_invite_form_refuses_bad_input_duplicates_and_non_managers(owner):
+    client = signed_in(owner)
+    bad = client.post("/team/invitations", {"invite-email": "nope", "invite-role": "member"})
+    assert bad.status_code == 400
+    assert bad.context["invite_form"].errors == {"email": ["Enter a valid email address."]}
+    body = {"invite-email": "grace@example.com", "invite-role": "member"}
+    assert client.post("/team/invitations", body).status_code == 302
+    again = client.post("/team/invitations", body)
+    assert again.status_code == 409
+    assert "This address already has an open invitation" in again.content.decode()
+
+    member = MembershipFactory(organization=owner.organization, role=Role.MEMBER)
+    other = {"invite-email": "x@example.com", "invite-role": "member"}
+    assert signed_in(member).post("/team/invitations", other).status_code == 403
+    assert "grace@example.com" not in signed_in(member).get("/team").content.decode()
+    invitation = Invitation.objects.get()
+    revoke = signed_in(member).post(f"/team/invitations/{invitation.public_id}/revoke")
+    assert revoke.status_code == 403
+    assert list(Invitation.objects.values_list("email", "revoked_at")) == [
+        ("grace@example.com", None)
+    ]
+
+
+def test_another_organisations_invitation_cannot_be_revoked_from_the_team_page(owner):
+    theirs, _ = invitation_create(
+        actor=MembershipFactory(role=Role.OWNER), email="x@example.com", role=Role.MEMBER
+    )
+    response = signed_in(owner).post(f"/team/invitations/{theirs.public_id}/revoke")
+    assert response.status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.revoked_at is None
