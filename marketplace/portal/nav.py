@@ -60,6 +60,7 @@ portal_nav_register(label="Overview", url_name="portal:dashboard", order=10)
 portal_nav_register(
     label="Find GPUs", url_name="portal:search", order=20, sections=("portal:quote",)
 )
+portal_nav_register(label="Sites", url_name="portal:sites", order=25, sections=("portal:site",))
 portal_nav_register(
     label="Reservations", url_name="portal:reservations", order=30, sections=("portal:reservation",)
 )

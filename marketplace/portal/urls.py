@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
-from marketplace.portal import invitations, keys, login, reservations, ssh_keys, team, views
+from marketplace.portal import invitations, keys, login, reservations, sites, ssh_keys, team, views
 
 app_name = "portal"
 
@@ -42,6 +42,8 @@ urlpatterns = [
     ),
     path("dashboard", views.DashboardView.as_view(), name="dashboard"),
     path("gpus", reservations.SearchView.as_view(), name="search"),
+    path("sites", sites.SiteListView.as_view(), name="sites"),
+    path("sites/<slug:slug>", sites.SiteDetailView.as_view(), name="site"),
     path("quotes", reservations.QuoteCreateView.as_view(), name="quote-create"),
     path("quotes/<str:public_id>", reservations.QuoteView.as_view(), name="quote"),
     path("reservations", reservations.ReservationListView.as_view(), name="reservations"),

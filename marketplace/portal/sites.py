@@ -1,0 +1,72 @@
+"""Portal: where the GPUs are. Every site with its power, cooling and capacity, and, per site,
+what is free for a window (the API's sites and sites/{slug}/availability)."""
+
+from datetime import timedelta
+
+from django import forms
+from django.shortcuts import render
+from django.utils import timezone
+from django.views import View
+
+from config.errors import ApplicationError
+from marketplace.portal.mixins import PortalView
+from marketplace.selectors.availability import site_availability
+from marketplace.selectors.catalogue import (
+    site_capacity_summaries,
+    site_get_public,
+    site_list_public,
+)
+
+__all__ = ["SiteListView", "SiteDetailView", "SiteWindowForm"]
+
+MAX_HOURS = 366 * 24  # the API's longest window
+
+
+class SiteWindowForm(forms.Form):
+    starts_at = forms.DateTimeField(
+        label="From (UTC)",
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="Blank: now.",
+    )
+    hours = forms.IntegerField(label="Hours", min_value=1, max_value=MAX_HOURS, initial=24)
+
+    def window(self):
+        starts_at = self.cleaned_data.get("starts_at") or timezone.now().replace(microsecond=0)
+        return starts_at, starts_at + timedelta(hours=self.cleaned_data["hours"])
+
+
+class SiteListView(PortalView, View):
+    def get(self, request):
+        sites = list(site_list_public())
+        capacity = site_capacity_summaries(site_ids=[site.pk for site in sites])
+        rows = [(site, capacity[site.pk]) for site in sites]
+        return render(request, "portal/sites.html", {"rows": rows})
+
+
+class SiteDetailView(PortalView, View):
+    def get(self, request, slug: str):
+        site = site_get_public(slug=slug)  # unknown or retired: a 404 (PortalView)
+        form = SiteWindowForm(request.GET or {"hours": 24})
+        availability, window, status = None, None, 200
+        if form.is_valid():
+            window = form.window()
+            try:
+                availability = site_availability(site=site, starts_at=window[0], ends_at=window[1])
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+        if form.errors:
+            status = 400
+        capacity = site_capacity_summaries(site_ids=[site.pk])[site.pk]
+        return render(
+            request,
+            "portal/site.html",
+            {
+                "site": site,
+                "capacity": capacity,
+                "form": form,
+                "availability": availability,
+                "window": window,
+            },
+            status=status,
+        )
