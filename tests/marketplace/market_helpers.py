@@ -4,12 +4,13 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 from psycopg.types.range import Range
 
 from marketplace import funding
 from marketplace.models import PricingPolicy, RateCard
-from tests.factories import NodeFactory
+from tests.factories import MembershipFactory, NodeFactory
 
 # Utilisation-neutral policy: slope 0, so prices depend on tier and term only.
 NEUTRAL_POLICY = {
@@ -37,6 +38,13 @@ def make_rate(gpu_model, price: str, site=None, currency: str = "usd") -> RateCa
 
 def make_nodes(site, gpu_model, count: int, gpus: int = 8, **kwargs) -> list:
     return [NodeFactory(site=site, gpu_model=gpu_model, gpus=gpus, **kwargs) for _ in range(count)]
+
+
+def member_client(organization, role: str) -> Client:
+    """A Django test client signed in as a new member of `organization` with `role`."""
+    client = Client()
+    client.force_login(MembershipFactory(organization=organization, role=role).user)
+    return client
 
 
 def tomorrow(hours: int = 0) -> datetime:

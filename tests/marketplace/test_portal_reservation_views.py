@@ -9,12 +9,13 @@ from django.utils import timezone
 from marketplace.models import Allocation, Quote, Reservation, Role
 from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import reservation_create
-from tests.factories import MembershipFactory, OrganizationFactory
+from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
     make_nodes,
     make_policy,
     make_rate,
+    member_client,
     tomorrow,
 )
 
@@ -31,13 +32,6 @@ def market():
     make_nodes(site, h100, 1, gpus=8)
     make_rate(h100, "2.00")
     return site, h100
-
-
-def member_client(organization, role: str) -> Client:
-    membership = MembershipFactory(organization=organization, role=role)
-    client = Client()
-    client.force_login(membership.user)
-    return client
 
 
 def quote_for(organization, **overrides):

@@ -7,17 +7,17 @@ The browser tests (tests/portal/test_portal_ssh_keys.py) drive the same pages en
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 
 from marketplace.models import Allocation, Reservation, Role, SshKey
 from marketplace.services.quotes import quote_create
 from marketplace.services.ssh_keys import ssh_key_create
-from tests.factories import GpuModelFactory, MembershipFactory, OrganizationFactory, SiteFactory
+from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
     make_nodes,
     make_policy,
     make_rate,
+    member_client,
     tomorrow,
 )
 from tests.marketplace.ssh_key_helpers import key_bytes, ssh_key
@@ -33,12 +33,6 @@ def market():
     make_nodes(site, h100, 1, gpus=8)
     make_rate(h100, "2.00")
     return site, h100
-
-
-def member_client(organization, role: str) -> Client:
-    client = Client()
-    client.force_login(MembershipFactory(organization=organization, role=role).user)
-    return client
 
 
 def quote_for(organization):

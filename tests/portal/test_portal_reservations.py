@@ -10,20 +10,16 @@ from playwright.sync_api import expect
 from marketplace.models import Allocation, Reservation, ReservationStatus
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, SiteFactory
-from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
+from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+    tomorrow,
+)
 from tests.provisioning_support import ssh_key
 
 pytestmark = pytest.mark.usefixtures("allow_all_funding")
-
-
-@pytest.fixture
-def allow_all_funding():
-    from marketplace import funding
-
-    previous = funding.funding_gate()
-    funding.funding_gate_register(funding.AllowAllFundingGate())
-    yield
-    funding.funding_gate_register(previous)
 
 
 @pytest.fixture

@@ -10,18 +10,14 @@ from marketplace.models import Reservation, SshKey
 from marketplace.services.quotes import quote_create
 from marketplace.services.ssh_keys import ssh_key_create
 from tests.factories import GpuModelFactory, SiteFactory
-from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
+from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+    tomorrow,
+)
 from tests.marketplace.ssh_key_helpers import expected_fingerprint, key_bytes, ssh_key
-
-
-@pytest.fixture
-def allow_all_funding():
-    from marketplace import funding
-
-    previous = funding.funding_gate()
-    funding.funding_gate_register(funding.AllowAllFundingGate())
-    yield
-    funding.funding_gate_register(previous)
 
 
 @pytest.fixture
