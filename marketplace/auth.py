@@ -9,6 +9,7 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.request import Request
 
 from marketplace.models import ApiKey
+from marketplace.selectors.organizations import api_key_by_secret_hash
 from marketplace.services.api_keys import SECRET_PREFIX, api_key_hash, api_key_record_use
 
 __all__ = ["ApiKeyAuthentication", "ApiKeyInUrl", "KEY_QUERY_PARAMS"]
@@ -46,11 +47,7 @@ class ApiKeyAuthentication(BaseAuthentication):
             ) from None
         if not secret.startswith(SECRET_PREFIX):
             raise exceptions.AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-        key = (
-            ApiKey.objects.select_related("organization")
-            .filter(secret_hash=api_key_hash(secret))
-            .first()
-        )
+        key = api_key_by_secret_hash(api_key_hash(secret))
         if key is None:
             raise exceptions.AuthenticationFailed("Invalid API key.", code="invalid_api_key")
         if key.revoked_at is not None:

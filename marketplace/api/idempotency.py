@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import connection
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -48,6 +48,22 @@ KEY_TTL = timedelta(hours=24)
 # A claim older than this whose request never finished (the process died) may be taken over.
 IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
 MAX_KEY_LENGTH = 255
+
+
+# Claiming is one statement: the unique constraint decides a race without raising, so a claim
+# needs neither a transaction nor a savepoint of its own (a request's hot path).
+_CLAIM_SQL = """
+INSERT INTO marketplace_idempotencyrecord (organization_id, principal, key, request_hash, created_at)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT ON CONSTRAINT idempotency_key_unique DO NOTHING
+RETURNING id
+"""
+# The body goes in as the JSON text already rendered (not re-encoded from Python objects).
+_COMPLETE_SQL = """
+UPDATE marketplace_idempotencyrecord
+SET response_status = %s, response_body = %s::jsonb, completed_at = %s
+WHERE id = %s
+"""
 
 
 class IdempotencyKeyInvalid(ValidationFailed):
@@ -104,12 +120,14 @@ def idempotency_claim(
     fingerprint = request_fingerprint(request)
     scope = {"organization": organization, "principal": principal, "key": key}
     for _ in range(3):
-        try:
-            with transaction.atomic():
-                record = IdempotencyRecord.objects.create(**scope, request_hash=fingerprint)
-            return Claim(record_id=record.pk, redacted_fields=tuple(redacted_fields))
-        except IntegrityError:
-            pass
+        with connection.cursor() as cur:
+            cur.execute(
+                _CLAIM_SQL,
+                [organization.pk, principal, key, fingerprint, timezone.now()],
+            )
+            claimed = cur.fetchone()
+        if claimed is not None:
+            return Claim(record_id=claimed[0], redacted_fields=tuple(redacted_fields))
         existing = IdempotencyRecord.objects.filter(**scope).first()
         if existing is None:  # released between our insert and our read: try again
             continue
@@ -142,21 +160,27 @@ def _in_use() -> IdempotencyKeyInUse:
     )
 
 
-def _storable(data, redacted_fields: tuple[str, ...]):
-    body = json.loads(JSONRenderer().render(data)) if data is not None else None
+def _storable(data, redacted_fields: tuple[str, ...]) -> str | None:
+    """The response body as JSON text, as the client received it, minus the redacted fields."""
+    if data is None:
+        return None
+    rendered = JSONRenderer().render(data).decode()
+    if not redacted_fields:
+        return rendered
+    body = json.loads(rendered)
     if isinstance(body, dict):
         for name in redacted_fields:
             if name in body:
                 body[name] = None
-    return body
+    return json.dumps(body)
 
 
 def idempotency_complete(*, claim: Claim, status: int, data) -> None:
-    IdempotencyRecord.objects.filter(pk=claim.record_id).update(
-        response_status=status,
-        response_body=_storable(data, claim.redacted_fields),
-        completed_at=timezone.now(),
-    )
+    with connection.cursor() as cur:
+        cur.execute(
+            _COMPLETE_SQL,
+            [status, _storable(data, claim.redacted_fields), timezone.now(), claim.record_id],
+        )
 
 
 def idempotency_release(*, claim: Claim) -> None:

@@ -13,6 +13,7 @@ free nodes at one site (a cluster), never GPUs spread over partly used nodes or 
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from django.db import connection
 
@@ -83,8 +84,9 @@ class SiteModelAvailability:
     whole_free_nodes: int
 
 
-@dataclass(frozen=True)
-class NodeCapacity:
+class NodeCapacity(NamedTuple):
+    """One node's GPUs for a window (a row per candidate node: cheap to build by the hundred)."""
+
     node_id: int
     gpus: int
     free: int
@@ -303,9 +305,7 @@ def node_free_capacity(
             _sql(_NODES_TAIL, filters=filters, strategy=BUSY),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
-        return [
-            NodeCapacity(node_id=r[0], gpus=r[1], free=r[2], healthy=r[3]) for r in cur.fetchall()
-        ]
+        return list(map(NodeCapacity._make, cur.fetchall()))  # id, gpus, free, healthy
 
 
 def _price(
@@ -487,8 +487,8 @@ def site_model_offer(
         fitting = sorted(
             (c for c in capacities if c.free >= gpu_count), key=lambda c: (c.free, c.node_id)
         )
-        nodes = [NodeFit(node_id=c.node_id, free_gpus=c.free) for c in fitting]
-        nodes, fitting_count = nodes[:_OFFER_NODE_LIMIT], len(fitting)
+        nodes = [NodeFit(node_id=c.node_id, free_gpus=c.free) for c in fitting[:_OFFER_NODE_LIMIT]]
+        fitting_count = len(fitting)
     else:
         nodes = [NodeFit(node_id=n, free_gpus=by_id[n].gpus) for n, _ in plan]
         fitting_count = sum(1 for c in capacities if c.free == c.gpus)

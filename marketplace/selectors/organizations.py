@@ -1,7 +1,9 @@
 """Reads for organisations, members, invitations and API keys, always through the organisation."""
 
+from django.db import connection
 from django.db.models import QuerySet
 
+from config.db import model_columns, model_from_row
 from config.errors import NotFound
 from marketplace.models import ApiKey, Invitation, Membership, Organization
 from marketplace.services.organizations import invitation_token_hash
@@ -11,6 +13,7 @@ __all__ = [
     "member_get_for_org",
     "api_key_list_for_org",
     "api_key_get_for_org",
+    "api_key_by_secret_hash",
     "invitation_list_for_org",
     "invitation_get_for_org",
     "invitation_get_by_token",
@@ -40,6 +43,29 @@ def api_key_get_for_org(*, organization: Organization, public_id: str) -> ApiKey
     if key is None:
         raise NotFound(f"No API key {public_id!r} in this organisation.", code="api_key_not_found")
     return key
+
+
+def api_key_by_secret_hash(secret_hash: str) -> ApiKey | None:
+    """The key with this hash and its organisation, from one statement (every API call's first).
+
+    The rows select_related("organization") would read, without its compilation (config.db).
+    """
+    with connection.cursor() as cur:
+        cur.execute(_KEY_BY_HASH_SQL, [secret_hash])
+        row = cur.fetchone()
+    if row is None:
+        return None
+    split = len(ApiKey._meta.concrete_fields)
+    key = model_from_row(ApiKey, row[:split])
+    key.organization = model_from_row(Organization, row[split:])
+    return key
+
+
+_KEY_BY_HASH_SQL = f"""
+SELECT {model_columns(ApiKey, "k")}, {model_columns(Organization, "o")}
+FROM marketplace_apikey k JOIN marketplace_organization o ON o.id = k.organization_id
+WHERE k.secret_hash = %s
+"""
 
 
 def invitation_list_for_org(*, organization: Organization) -> QuerySet[Invitation]:

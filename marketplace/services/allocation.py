@@ -16,8 +16,10 @@ again, and after a few attempts answer NotAvailable.
 from datetime import datetime
 
 from django.db import IntegrityError, OperationalError, connection, transaction
+from django.utils import timezone
 from psycopg.types.range import Range
 
+from config.db import model_columns, model_from_row
 from config.errors import NotAvailable
 from inventory.models import Node
 from marketplace.models import Allocation, Reservation
@@ -47,6 +49,20 @@ WHERE g.node_id = ANY(%(node_ids)s)
       WHERE a.is_live AND a.node_id = n.id
         AND a.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)')))
 ORDER BY g.node_id, g.index
+"""
+
+
+# SELECT … FOR UPDATE in id order: the lock every booking and extension takes first.
+_LOCK_NODES_SQL = f"""
+SELECT {model_columns(Node, "n")} FROM inventory_node n WHERE n.id = ANY(%s) ORDER BY n.id FOR UPDATE
+"""
+# One statement for all the allocations (a trigger sets gpu_model_id from the node as well).
+_INSERT_SQL = """
+INSERT INTO marketplace_allocation
+    (reservation_id, gpu_id, node_id, gpu_model_id, period, is_live, created_at)
+SELECT %(reservation_id)s, t.gpu_id, t.node_id, %(gpu_model_id)s, %(period)s, true, %(created_at)s
+FROM unnest(%(gpu_ids)s::bigint[], %(node_ids)s::bigint[]) AS t(gpu_id, node_id)
+RETURNING gpu_id, id
 """
 
 
@@ -129,12 +145,11 @@ def _lock_and_insert(
     *, reservation: Reservation, plan, period: Range, gpu_model_id: int
 ) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
-    # SELECT … WHERE id IN (…) ORDER BY id FOR UPDATE: the lock, and the node rows the
-    # allocations are returned with (the caller shows their hostnames without reading again).
-    nodes = {
-        n.pk: n for n in Node.objects.filter(pk__in=node_ids).order_by("pk").select_for_update()
-    }
     with connection.cursor() as cur:
+        # The lock, and the node rows the allocations are returned with (the caller shows
+        # their hostnames without reading again).
+        cur.execute(_LOCK_NODES_SQL, [node_ids])
+        nodes = {node.pk: node for node in (model_from_row(Node, r) for r in cur.fetchall())}
         cur.execute(
             _FREE_GPUS_SQL,
             {"node_ids": node_ids, "starts_at": period.lower, "ends_at": period.upper},
@@ -142,19 +157,38 @@ def _lock_and_insert(
         free_by_node: dict[int, list[int]] = {}
         for gpu_id, node_id in cur.fetchall():
             free_by_node.setdefault(node_id, []).append(gpu_id)
-    rows = []
-    for node_id, take in plan:
-        free = free_by_node.get(node_id, [])
-        if len(free) < take:
-            raise _Taken
-        rows += [
-            Allocation(
-                reservation=reservation,
-                gpu_id=gpu_id,
-                node=nodes[node_id],
-                gpu_model_id=gpu_model_id,  # the trigger sets the same; kept in memory too
-                period=period,
-            )
-            for gpu_id in free[:take]
-        ]
-    return Allocation.objects.bulk_create(rows)
+        gpu_ids, gpu_node_ids = [], []
+        for node_id, take in plan:
+            free = free_by_node.get(node_id, [])
+            if len(free) < take:
+                raise _Taken
+            gpu_ids += free[:take]
+            gpu_node_ids += [node_id] * take
+        now = timezone.now()
+        cur.execute(
+            _INSERT_SQL,
+            {
+                "reservation_id": reservation.pk,
+                "gpu_ids": gpu_ids,
+                "node_ids": gpu_node_ids,
+                "gpu_model_id": gpu_model_id,
+                "period": period,
+                "created_at": now,
+            },
+        )
+        allocation_ids = dict(cur.fetchall())
+    allocations = []
+    for gpu_id, node_id in zip(gpu_ids, gpu_node_ids, strict=True):
+        allocation = Allocation(
+            id=allocation_ids[gpu_id],
+            reservation=reservation,
+            gpu_id=gpu_id,
+            node=nodes[node_id],
+            gpu_model_id=gpu_model_id,
+            period=period,
+            is_live=True,
+            created_at=now,
+        )
+        allocation._state.adding, allocation._state.db = False, connection.alias  # as saved
+        allocations.append(allocation)
+    return allocations
