@@ -3,7 +3,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
 from django.db.models import Q
 
-from marketplace.models import ApiKeyScope, Role
+from marketplace.models import ApiKeyScope, ReservationStatus, Role, Tier
 
 __all__ = [
     "SignupForm",
@@ -14,6 +14,7 @@ __all__ = [
     "PLANS",
     "SearchForm",
     "ReserveForm",
+    "ReservationFilterForm",
     "CancelForm",
     "ExtendForm",
     "SshKeyCreateForm",
@@ -154,6 +155,22 @@ class ReserveForm(forms.Form):
 
     def saved_key_ids(self) -> list[str]:
         return list(self.cleaned_data.get("ssh_key_ids", []))
+
+
+class ReservationFilterForm(forms.Form):
+    """The reservation list's filters; each blank means any. `sites`: the public sites."""
+
+    status = forms.ChoiceField(required=False, choices=[("", "Any")] + ReservationStatus.choices)
+    tier = forms.ChoiceField(required=False, choices=[("", "Any")] + Tier.choices)
+    site = forms.ChoiceField(required=False)
+
+    def __init__(self, *args, sites=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["site"].choices = [("", "Any")] + [(s.slug, s.name) for s in sites]
+
+    def active_filters(self) -> dict[str, str]:
+        """The filters set (valid form only), e.g. for links that must keep them."""
+        return {name: value for name, value in self.cleaned_data.items() if value}
 
 
 class CancelForm(forms.Form):

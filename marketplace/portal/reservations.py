@@ -5,14 +5,23 @@ price for settings.QUOTE_TTL, reservation_create from the quote, cancellation_te
 before reservation_cancel applies them, reservation_extend.
 """
 
+from urllib.parse import urlencode
+
 from django.contrib import messages
+from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views import View
 
 from config.errors import ApplicationError
 from marketplace.models import ReservationStatus
-from marketplace.portal.forms import CancelForm, ExtendForm, ReserveForm, SearchForm
+from marketplace.portal.forms import (
+    CancelForm,
+    ExtendForm,
+    ReservationFilterForm,
+    ReserveForm,
+    SearchForm,
+)
 from marketplace.portal.mixins import PortalView, show_error
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.availability import availability_search
@@ -32,7 +41,7 @@ from marketplace.services.reservations import (
 from marketplace.services.ssh_keys import workload_add_saved_ssh_keys
 from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
 
-_PAGE = 50
+RESERVATIONS_PAGE_SIZE = 50
 
 
 def _search_form(data=None) -> SearchForm:
@@ -165,18 +174,32 @@ class QuoteView(PortalView, View):
 
 
 class ReservationListView(PortalView, View):
+    """GET: every reservation of the organisation, newest first, filtered, page by page."""
+
     def get(self, request):
-        status = request.GET.get("status") or None
-        if status not in ReservationStatus.values:
-            status = None
-        reservations = reservation_list_for_org(organization=self.organization, status=status)
+        form = ReservationFilterForm(request.GET, sites=site_list_public().order_by("name"))
+        if not form.is_valid():
+            return render(
+                request, "portal/reservations.html", {"form": form, "page": None}, status=400
+            )
+        filters = form.active_filters()
+        reservations = reservation_list_for_org(
+            organization=self.organization,
+            status=filters.get("status"),
+            tier=filters.get("tier"),
+            site=filters.get("site"),
+        )
+        # get_page clamps: a page that is not a number is the first, one out of range the last.
+        page = Paginator(reservations, RESERVATIONS_PAGE_SIZE).get_page(request.GET.get("page"))
         return render(
             request,
             "portal/reservations.html",
             {
-                "reservations": reservations[:_PAGE],
-                "statuses": ReservationStatus.values,
-                "status": status,
+                "form": form,
+                "page": page,
+                "filtered": bool(filters),
+                # The pagination links' query string, "&" included when there is one.
+                "filter_query": f"{urlencode(filters)}&" if filters else "",
             },
         )
 

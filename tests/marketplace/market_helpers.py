@@ -1,6 +1,7 @@
 """Shared set-up for the marketplace core tests (pricing, availability, reservations)."""
 
-from datetime import datetime, timedelta
+import itertools
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -9,7 +10,7 @@ from django.utils import timezone
 from psycopg.types.range import Range
 
 from marketplace import funding
-from marketplace.models import PricingPolicy, RateCard
+from marketplace.models import PricingPolicy, RateCard, Reservation, Tier
 from tests.factories import MembershipFactory, NodeFactory
 
 # Utilisation-neutral policy: slope 0, so prices depend on tier and term only.
@@ -51,6 +52,34 @@ def tomorrow(hours: int = 0) -> datetime:
     """A whole hour about a day ahead, so periods are comfortably in the future."""
     base = (timezone.now() + timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
     return base + timedelta(hours=hours)
+
+
+_ROWS_FROM = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+_rows_made = itertools.count()  # across calls, so a later call makes newer rows
+
+
+def make_reservation_rows(
+    organization, count: int, *, site, gpu_model, **fields
+) -> list[Reservation]:
+    """`count` reservations written straight to the table, oldest first, without allocations:
+    enough for pages that list them. Each is created a second after the one before (created_at
+    orders lists), apart from the clock."""
+    start = tomorrow()
+    defaults = {
+        "gpu_count": 1, "tier": Tier.ON_DEMAND, "starts_at": start,
+        "ends_at": start + timedelta(hours=1), "currency": "usd",
+        "price_per_gpu_hour": Decimal("2.0000"), "total_amount": Decimal("2.00"),
+    }  # fmt: skip
+    rows = Reservation.objects.bulk_create(
+        Reservation(
+            organization=organization, gpu_model=gpu_model, site=site, **(defaults | fields)
+        )
+        for _ in range(count)
+    )
+    for row in rows:
+        row.created_at = _ROWS_FROM + timedelta(seconds=next(_rows_made))
+    Reservation.objects.bulk_update(rows, ["created_at"])
+    return rows
 
 
 def rng(start: datetime, end: datetime) -> Range:

@@ -1,20 +1,26 @@
 """The portal's reservation pages without a browser: roles, isolation, refusals, nothing written."""
 
+import re
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from marketplace.models import Allocation, Quote, Reservation, Role
+from inventory.models import SiteStatus
+from marketplace.models import Allocation, Quote, Reservation, ReservationStatus, Role, Tier
+from marketplace.portal.reservations import RESERVATIONS_PAGE_SIZE
 from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import reservation_create
-from tests.factories import OrganizationFactory
+from tests.factories import OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
     make_nodes,
     make_policy,
     make_rate,
+    make_reservation_rows,
     member_client,
     tomorrow,
 )
@@ -157,7 +163,7 @@ def test_the_overview_lists_current_reservations_and_the_list_filters_by_status(
     assert kept.public_id in overview and cancelled.public_id not in overview
     listed = client.get("/reservations", {"status": "cancelled"}).content.decode()
     assert cancelled.public_id in listed and kept.public_id not in listed
-    everything = client.get("/reservations", {"status": "bogus"}).content.decode()
+    everything = client.get("/reservations").content.decode()
     assert kept.public_id in everything and cancelled.public_id in everything
 
 
@@ -221,3 +227,163 @@ def test_connection_details_show_while_active_and_every_node_of_a_cluster(
     assert "ssh -p 2222 root@10.0.0.5" in page
     assert "port 8888 → 10.0.0.5:30888" in page
     assert "ssh -p 2223 root@10.0.0.6" in page
+
+
+# --- the list, page by page -------------------------------------------------------------------
+def newest_first(rows) -> list[str]:
+    """The ids of rows from make_reservation_rows (oldest first), in the list's order."""
+    return [r.public_id for r in reversed(rows)]
+
+
+def shown(response) -> list[str]:
+    """The reservation ids the list shows, in its order."""
+    assert response.status_code == 200
+    return re.findall(r'<td><a href="/reservations/(res_\w+)">', response.content.decode())
+
+
+def test_the_list_pages_through_every_reservation_newest_first(market):
+    site, h100 = market
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    ids = newest_first(make_reservation_rows(org, 60, site=site, gpu_model=h100))
+    assert RESERVATIONS_PAGE_SIZE == 50
+
+    first = client.get("/reservations")
+    assert shown(first) == ids[:50]
+    page = first.content.decode()
+    assert "Showing 1–50 of 60, newest first." in page
+    assert "Page 1 of 2" in page
+    assert '<a href="?page=2" rel="next">Next</a>' in page
+    assert '<a href="?page=2">Last</a>' in page
+    assert "Previous</a>" not in page and "First</a>" not in page
+
+    second = client.get("/reservations", {"page": 2})
+    assert shown(second) == ids[50:]
+    page = second.content.decode()
+    assert "Showing 51–60 of 60, newest first." in page
+    assert '<a href="?page=1" rel="prev">Previous</a>' in page
+    assert '<a href="?page=1">First</a>' in page
+    assert "Next</a>" not in page and "Last</a>" not in page
+
+
+def test_the_list_reads_in_the_same_number_of_queries_for_a_few_rows_or_a_full_page(market):
+    site, h100 = market
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    make_reservation_rows(org, 2, site=site, gpu_model=h100)
+    with CaptureQueriesContext(connection) as few:
+        assert len(shown(client.get("/reservations"))) == 2
+    make_reservation_rows(org, 60, site=site, gpu_model=h100, tier=Tier.RESERVED, term="1w")
+    with CaptureQueriesContext(connection) as full:
+        assert len(shown(client.get("/reservations"))) == 50
+    assert len(full.captured_queries) == len(few.captured_queries)
+
+
+def test_filters_narrow_the_list_and_survive_in_the_page_links(market):
+    site, h100 = market
+    texas = SiteFactory(slug="texas-1", name="Texas One")
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    wanted = newest_first(
+        make_reservation_rows(
+            org, 55, site=texas, gpu_model=h100, status=ReservationStatus.CANCELLED
+        )
+    )
+    make_reservation_rows(org, 3, site=site, gpu_model=h100, status=ReservationStatus.CANCELLED)
+    make_reservation_rows(org, 4, site=texas, gpu_model=h100, status=ReservationStatus.ACTIVE)
+    reserved = newest_first(
+        make_reservation_rows(org, 2, site=site, gpu_model=h100, tier=Tier.RESERVED, term="1m")
+    )
+    filters = {"status": "cancelled", "tier": "on_demand", "site": "texas-1"}
+
+    first = client.get("/reservations", filters)
+    assert shown(first) == wanted[:50]
+    page = first.content.decode()
+    assert "Showing 1–50 of 55, newest first." in page
+    link = "?status=cancelled&amp;tier=on_demand&amp;site=texas-1&amp;page=2"
+    assert f'<a href="{link}" rel="next">Next</a>' in page
+    assert '<option value="texas-1" selected>Texas One</option>' in page  # the form keeps them
+    second = client.get("/reservations", {**filters, "page": 2})
+    assert shown(second) == wanted[50:]
+    assert "?status=cancelled&amp;tier=on_demand&amp;site=texas-1&amp;page=1" in (
+        second.content.decode()
+    )
+
+    assert shown(client.get("/reservations", {"tier": "reserved"})) == reserved
+    assert len(shown(client.get("/reservations", {"status": "active"}))) == 4
+    # A submitted form sends its blank fields too: they mean "any" and stay out of the links.
+    submitted = client.get("/reservations", {"status": "cancelled", "tier": "", "site": "texas-1"})
+    assert shown(submitted) == wanted[:50]
+    assert '<a href="?status=cancelled&amp;site=texas-1&amp;page=2" rel="next">' in (
+        submitted.content.decode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "value"),
+    [({"status": "bogus"}, "status", "bogus"), ({"tier": "spot"}, "tier", "spot"),
+     ({"site": "nowhere-9"}, "site", "nowhere-9"), ({"site": "old-mine"}, "site", "old-mine")],
+)  # fmt: skip
+def test_a_bad_filter_is_refused_on_its_field(market, query, field, value):
+    site, h100 = market
+    SiteFactory(slug="old-mine", status=SiteStatus.RETIRED)  # not a public site
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    (mine,) = make_reservation_rows(org, 1, site=site, gpu_model=h100)
+
+    response = client.get("/reservations", query)
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert response.context["form"].errors == {
+        field: [f"Select a valid choice. {value} is not one of the available choices."]
+    }
+    assert f"Select a valid choice. {value} is not one of the available choices." in page
+    assert '<div class="field invalid">' in page and f'<div id="id_{field}_error">' in page
+    assert 'id="reservations"' not in page and mine.public_id not in page
+    assert "Fix the filters above" in page
+
+
+@pytest.mark.parametrize(("number", "expected"), [("abc", 1), ("", 1), ("2", 2), ("999", 2),
+                                                  ("0", 2), ("-1", 2), ("1.5", 1)])  # fmt: skip
+def test_a_page_number_out_of_range_or_malformed_is_clamped(market, number, expected):
+    site, h100 = market
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    ids = newest_first(make_reservation_rows(org, 51, site=site, gpu_model=h100))
+
+    response = client.get("/reservations", {"page": number})
+    assert response.context["page"].number == expected
+    assert shown(response) == (ids[:50] if expected == 1 else ids[50:])
+
+
+def test_another_organisations_reservations_never_appear_on_any_page_or_filter(market):
+    site, h100 = market
+    mine, theirs = OrganizationFactory(), OrganizationFactory()
+    client = member_client(mine, Role.OWNER)
+    make_reservation_rows(theirs, 60, site=site, gpu_model=h100)
+    own = newest_first(make_reservation_rows(mine, 3, site=site, gpu_model=h100))
+
+    first = client.get("/reservations")
+    assert shown(first) == own
+    assert "Showing 1–3 of 3, newest first." in first.content.decode()
+    assert 'id="pages"' not in first.content.decode()  # one page: no page links
+    assert shown(client.get("/reservations", {"page": 2})) == own
+    assert shown(client.get("/reservations", {"site": "abilene-1", "status": "pending"})) == own
+
+
+def test_an_empty_list_says_whether_there_are_none_or_none_match(market):
+    site, h100 = market
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+
+    empty = client.get("/reservations")
+    assert shown(empty) == []
+    assert "No reservations yet." in empty.content.decode()
+    assert "No reservation matches" not in empty.content.decode()
+
+    make_reservation_rows(org, 2, site=site, gpu_model=h100)
+    unmatched = client.get("/reservations", {"status": "failed"})
+    assert shown(unmatched) == []
+    page = unmatched.content.decode()
+    assert "No reservation matches these filters." in page
+    assert "No reservations yet." not in page and "Showing" not in page

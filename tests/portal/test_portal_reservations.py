@@ -15,6 +15,7 @@ from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, reques
     make_nodes,
     make_policy,
     make_rate,
+    make_reservation_rows,
     tomorrow,
 )
 from tests.provisioning_support import ssh_key
@@ -144,3 +145,27 @@ def test_extend_moves_the_end_and_refuses_when_the_gpus_are_booked_later(signed_
     mine.refresh_from_db()
     assert mine.ends_at == start + timedelta(hours=4)
     expect(page.locator("#total")).to_have_text("160.00 USD")
+
+
+def test_the_list_filters_with_its_form_and_pages_through_every_match(signed_in, market):
+    page, _, organization = signed_in
+    site, h100 = market
+    cancelled = make_reservation_rows(
+        organization, 52, site=site, gpu_model=h100, status=ReservationStatus.CANCELLED
+    )
+    make_reservation_rows(organization, 3, site=site, gpu_model=h100)  # pending: filtered out
+    page.goto(page.base + "/dashboard")
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Reservations").click()
+    expect(page.locator("#showing")).to_have_text("Showing 1–50 of 55, newest first.")
+
+    page.get_by_label("Status").select_option(label="Cancelled")
+    page.get_by_label("Site").select_option(label="Texas One")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator("#showing")).to_have_text("Showing 1–50 of 52, newest first.")
+    page.get_by_role("link", name="Next").click()
+
+    expect(page.locator("#showing")).to_have_text("Showing 51–52 of 52, newest first.")
+    expect(page.locator("#reservations tbody tr")).to_have_count(2)
+    expect(page.locator("#reservations tbody tr").first).to_contain_text(cancelled[1].public_id)
+    expect(page.get_by_label("Status")).to_have_value("cancelled")  # the filters stay set
+    expect(page.get_by_label("Site")).to_have_value("texas-1")
