@@ -402,5 +402,9 @@ class ReservationExtendApi(_OneReservation):
     def post(self, request, reservation_id: str):
         reservation = self.reservation()
         data = validated_input(ReservationExtendInput, request.data)
-        reservation_extend(reservation=reservation, new_ends_at=data["ends_at"])
+        reservation_extend(
+            reservation=reservation,
+            new_ends_at=data["ends_at"],
+            actor_label=self.org_context.actor_label,
+        )
         return Response(_detail(self.organization, reservation.public_id))

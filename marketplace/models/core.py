@@ -324,7 +324,8 @@ class Reservation(models.Model):
 
 
 class ReservationTransition(models.Model):
-    """One state change of a reservation, with its cause."""
+    """One entry of a reservation's history: a state change, or an extension (the same status
+    before and after), with its cause and who made it."""
 
     reservation = models.ForeignKey(
         Reservation, on_delete=models.CASCADE, related_name="transitions"

@@ -290,7 +290,9 @@ class ReservationExtendView(PortalView, View):
             )
         try:
             updated = reservation_extend(
-                reservation=reservation, new_ends_at=form.cleaned_data["ends_at"]
+                reservation=reservation,
+                new_ends_at=form.cleaned_data["ends_at"],
+                actor_label=self.org_context.actor_label,
             )
         except ApplicationError as exc:
             show_error(request, exc)

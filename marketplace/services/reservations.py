@@ -436,11 +436,16 @@ def _book(
     # Everything related to the new reservation was written just above, in this transaction,
     # so the caller can show it without reading it back: the rows as the detail read orders
     # them (allocations by node, then GPU index), and no outages (none can exist yet).
-    reservation._prefetched_objects_cache = {
-        "transitions": [transition],
-        "allocations": sorted(allocations, key=lambda a: a.node_id),  # stable: GPU index order
-        "outages": [],
-    }
+    reservation._prefetched_objects_cache = {}
+    for name, rows in (
+        ("transitions", [transition]),
+        ("allocations", sorted(allocations, key=lambda a: a.node_id)),  # stable: GPU index order
+        ("outages", []),
+    ):
+        # As prefetch_related leaves them: .all() gives these rows, a new query reads afresh.
+        queryset = getattr(reservation, name).all()
+        queryset._result_cache, queryset._prefetch_done = rows, True
+        reservation._prefetched_objects_cache[name] = queryset
     if status == S.SCHEDULED:
         # Due now: start provisioning once this commits rather than at the next dispatch tick.
         provisioning_kick(reservation.pk)
@@ -487,8 +492,15 @@ ORDER BY n.id
 
 
 @transaction.atomic
-def reservation_extend(*, reservation: Reservation, new_ends_at: datetime) -> Reservation:
-    """Move the end later, keeping the same GPUs and the reservation's price per GPU-hour."""
+def reservation_extend(
+    *, reservation: Reservation, new_ends_at: datetime, actor_label: str
+) -> Reservation:
+    """Move the end later, keeping the same GPUs and the reservation's price per GPU-hour.
+
+    The history records it beside the transitions (same status before and after, the cause
+    naming the old and new end and the new total), so a reservation's record shows who
+    lengthened it and when, as it shows who cancelled it.
+    """
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
     now = timezone.now()
     refusal = reservation_action_refusal(locked, "extend", at=now)
@@ -570,4 +582,14 @@ def reservation_extend(*, reservation: Reservation, new_ends_at: datetime) -> Re
     locked.ends_at = new_ends_at
     locked.breakdown = breakdown
     locked.save(update_fields=["ends_at", "total_amount", "breakdown", "updated_at"])
+    ReservationTransition.objects.create(
+        reservation=locked,
+        from_status=locked.status,
+        to_status=locked.status,
+        cause=(
+            f"extended: end {old_end.isoformat()} → {new_ends_at.isoformat()}, "
+            f"total {locked.total_amount} {locked.currency.upper()}"
+        ),
+        actor_label=actor_label,
+    )
     return locked

@@ -275,6 +275,10 @@ def test_extend_moves_the_end_and_the_total(owner_client, market):
     body = response.json()
     assert body["ends_at"] == iso(new_end)
     assert Decimal(body["total"]) == Decimal("20.00")  # 2 GPUs × 5 h × 2.00
+    extension = body["transitions"][-1]
+    assert (extension["from_status"], extension["to_status"]) == (body["status"], body["status"])
+    assert extension["cause"].startswith("extended: end ")
+    assert extension["actor"].startswith("user:")
 
 
 def test_list_filters_by_status_tier_site_and_created_range(owner_client, market):

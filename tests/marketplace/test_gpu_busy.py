@@ -60,7 +60,7 @@ def test_busy_follows_booking_extending_stopping_cancelling_and_deleting(market,
     assert len(busy_of(first)) == 1 and mismatches() == 0
     assert Allocation.objects.filter(reservation=second).values("node").distinct().count() == 1
 
-    reservation_extend(reservation=first, new_ends_at=tomorrow(3))
+    reservation_extend(reservation=first, new_ends_at=tomorrow(3), actor_label="test")
     assert mismatches() == 0
     (busy,) = busy_of(first)
     assert busy.count("[") == 2  # both bookings of those GPUs, still apart

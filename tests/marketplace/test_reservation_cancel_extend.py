@@ -157,7 +157,9 @@ def test_extending_keeps_the_gpus_and_the_rate(h100, node):
     gpus = set(Allocation.objects.filter(reservation=r).values_list("gpu_id", flat=True))
     make_rate(h100, "9.0000", site=node.site)  # a new list price does not touch the booking
 
-    r = reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=12))
+    r = reservation_extend(
+        reservation=r, new_ends_at=start + timedelta(hours=12), actor_label="test"
+    )
 
     assert r.ends_at == start + timedelta(hours=12)
     assert r.total_amount == Decimal("48.00")  # 12 h × 2 GPUs × 2.00
@@ -175,14 +177,37 @@ def test_extending_into_another_booking_is_refused_with_its_start(h100, node):
     book(h100, start=later, hours=3, gpus=1)  # takes one of first's GPUs from 11 h on
 
     with pytest.raises(NotAvailable) as exc:
-        reservation_extend(reservation=first, new_ends_at=start + timedelta(hours=12))
+        reservation_extend(
+            reservation=first, new_ends_at=start + timedelta(hours=12), actor_label="test"
+        )
 
     assert later.isoformat() in exc.value.message
     first.refresh_from_db()
     assert (first.ends_at, first.total_amount) == (start + timedelta(hours=10), Decimal("160.00"))
     assert {a.period.upper for a in first.allocations.all()} == {start + timedelta(hours=10)}
     # Up to where the other booking starts is fine.
-    reservation_extend(reservation=first, new_ends_at=later)
+    reservation_extend(reservation=first, new_ends_at=later, actor_label="test")
+
+
+def test_an_extension_is_in_the_history_and_a_refused_one_is_not(h100, node):
+    start = tomorrow()
+    r = book(h100, start=start)
+    before = list(r.transitions.values_list("cause", flat=True))
+
+    reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=12), actor_label="alice")
+    book(h100, start=start + timedelta(hours=13), hours=2, gpus=8)  # the node, from 13 h on
+    with pytest.raises(NotAvailable):
+        reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=14), actor_label="x")
+
+    history = list(r.transitions.order_by("at", "id"))
+    assert [t.cause for t in history[: len(before)]] == before
+    (extension,) = history[len(before) :]
+    assert (extension.from_status, extension.to_status) == (r.status, r.status)
+    assert extension.actor_label == "alice"
+    assert extension.cause == (
+        f"extended: end {(start + timedelta(hours=10)).isoformat()} → "
+        f"{(start + timedelta(hours=12)).isoformat()}, total 48.00 USD"
+    )
 
 
 def test_extending_into_maintenance_is_refused(h100, node):
@@ -192,7 +217,9 @@ def test_extending_into_maintenance_is_refused(h100, node):
         node=node, period=rng(start + timedelta(hours=11), start + timedelta(hours=13)), reason="x"
     )
     with pytest.raises(NotAvailable):
-        reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=12))
+        reservation_extend(
+            reservation=r, new_ends_at=start + timedelta(hours=12), actor_label="test"
+        )
     r.refresh_from_db()
     assert r.ends_at == start + timedelta(hours=10)
 
@@ -202,17 +229,25 @@ def test_extending_on_a_draining_node_is_refused(h100, node):
     r = book(h100, start=start)
     type(node).objects.filter(pk=node.pk).update(status=NodeStatus.DRAINING)
     with pytest.raises(NotAvailable):
-        reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=12))
+        reservation_extend(
+            reservation=r, new_ends_at=start + timedelta(hours=12), actor_label="test"
+        )
 
 
 def test_extend_refuses_an_earlier_end_and_a_finished_reservation(h100, node):
     start = tomorrow()
     r = book(h100, start=start)
     with pytest.raises(ValidationFailed):
-        reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=10))
+        reservation_extend(
+            reservation=r, new_ends_at=start + timedelta(hours=10), actor_label="test"
+        )
     with pytest.raises(ValidationFailed):
-        reservation_extend(reservation=r, new_ends_at=start + timedelta(days=400))
+        reservation_extend(
+            reservation=r, new_ends_at=start + timedelta(days=400), actor_label="test"
+        )
     r = reservation_cancel(reservation=r, actor_label="t")
     with pytest.raises(InvalidTransition):
-        reservation_extend(reservation=r, new_ends_at=start + timedelta(hours=12))
+        reservation_extend(
+            reservation=r, new_ends_at=start + timedelta(hours=12), actor_label="test"
+        )
     assert Reservation.objects.get(pk=r.pk).ends_at == start + timedelta(hours=10)
