@@ -268,7 +268,15 @@ class PaymentMethodAdmin(ReadOnlyAdmin):
 
 @admin.register(UsageAggregate)
 class UsageAggregateAdmin(ReadOnlyAdmin):
-    list_display = ("id", "organization", "period_start", "gpu_seconds", "amount_minor", "currency")
+    list_display = (
+        "id",
+        "organization",
+        "period_start",
+        "gpu_seconds",
+        "sent_gpu_seconds",
+        "amount_minor",
+        "currency",
+    )
 
 
 @admin.register(BillingNotice)

@@ -329,12 +329,20 @@ class Invoice(models.Model):
 
 
 class UsageAggregate(models.Model):
-    """Postpaid usage of one organisation in one period, reported as one meter event."""
+    """Postpaid usage of one organisation in one period, reported as one meter event.
+
+    gpu_seconds is the period's net usage (negative when corrections outweigh it);
+    sent_gpu_seconds is what the meter event carries: never negative, and less than the usage
+    while an earlier correction is still being taken off (billing.services.postpaid).
+    """
 
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
     period_start = models.DateTimeField()
     period_end = models.DateTimeField()
     gpu_seconds = models.BigIntegerField()
+    sent_gpu_seconds = models.BigIntegerField(
+        default=0, help_text="The meter event's value; 0: no event for this period."
+    )
     amount_minor = models.BigIntegerField()
     currency = models.CharField(max_length=3)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -7,7 +7,12 @@ and that aggregate is sent as one meter event whose `identifier` is derived from
 same aggregate is therefore harmless twice over, and the number of Stripe calls grows with
 organisations × hours, not with reservations. The meter (event_name settings.STRIPE_METER_EVENT_NAME,
 sum of `value`, customer mapped by `stripe_customer_id`) is priced per GPU-second in Stripe.
-An hour whose net usage is zero or negative (a correction) is recorded but not sent.
+
+Corrections (usage given back: an outage found late, a reservation ended early) can make an
+hour's net usage negative, and a meter event cannot carry a negative value. Such an hour sends
+nothing, and its GPU-seconds are taken off the next hours' events until they are used up: each
+event carries max(0, all usage so far − all sent so far), so what Stripe has been told never
+exceeds the usage (beyond an unused credit carried forward) and a credit is never lost.
 """
 
 from datetime import datetime, timedelta
@@ -44,6 +49,13 @@ def usage_aggregate_create(
     amount_minor: int,
     currency: str,
 ) -> UsageAggregate | None:
+    # One organisation's periods are aggregated one at a time: each takes off what the
+    # previous ones left (the account row is the lock).
+    BillingAccount.objects.select_for_update().filter(organization_id=organization_id).first()
+    so_far = UsageAggregate.objects.filter(organization_id=organization_id).aggregate(
+        usage=Sum("gpu_seconds", default=0), sent=Sum("sent_gpu_seconds", default=0)
+    )
+    sent = max(0, so_far["usage"] + gpu_seconds - so_far["sent"])
     try:
         with transaction.atomic():
             aggregate = UsageAggregate.objects.create(
@@ -51,12 +63,13 @@ def usage_aggregate_create(
                 period_start=period_start,
                 period_end=period_start + timedelta(hours=1),
                 gpu_seconds=gpu_seconds,
+                sent_gpu_seconds=sent,
                 amount_minor=amount_minor,
                 currency=currency,
             )
     except IntegrityError:
         return None  # already aggregated
-    if gpu_seconds > 0:
+    if sent > 0:
         outbox_enqueue(
             kind="meter_event.create",
             payload={"aggregate_id": aggregate.pk},
@@ -111,7 +124,7 @@ class MeterEventCreate(OutboxHandler):
             event_name=settings.STRIPE_METER_EVENT_NAME,
             identifier=aggregate.identifier,
             customer_id=account.stripe_customer_id,
-            value=int(aggregate.gpu_seconds),
+            value=int(aggregate.sent_gpu_seconds),
             timestamp=aggregate.period_start,
             idempotency_key=message.idempotency_key,
         )

@@ -13,7 +13,7 @@ import pytest
 import stripe
 
 from billing.models import BillingAccount, BillingMode, OutboxMessage, OutboxStatus, UsageAggregate
-from billing.services.postpaid import usage_report_postpaid_run
+from billing.services.postpaid import usage_aggregate_create, usage_report_postpaid_run
 from billing.services.usage import reservation_meter
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
 from billing.tasks import outbox_flush
@@ -137,3 +137,50 @@ def test_stripe_calls_scale_with_organisations_and_hours_not_reservations(
         for h, v in ((0, str(4 * 1800)), (1, str(4 * 2700)))
     ]
     assert set(OutboxMessage.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
+
+
+def test_a_correction_is_taken_off_the_next_events_and_never_lost(
+    recorder, django_capture_on_commit_callbacks
+):
+    """A meter event cannot be negative: an hour whose corrections outweigh its usage sends
+    nothing, and the GPU-seconds it gives back come off the following hours' events."""
+    org = postpaid_org("cus_corrected")
+    h0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    net_usage = [3600, -5000, 2000, 4000, 700]  # hour 1: an outage credited late
+    with django_capture_on_commit_callbacks(execute=False):
+        for hour, gpu_seconds in enumerate(net_usage):
+            usage_aggregate_create(organization_id=org.pk, period_start=h0 + timedelta(hours=hour),
+                                   gpu_seconds=gpu_seconds, amount_minor=gpu_seconds,
+                                   currency="usd")  # fmt: skip
+    outbox_flush()
+
+    aggregates = UsageAggregate.objects.filter(organization=org).order_by("period_start")
+    assert [a.sent_gpu_seconds for a in aggregates] == [3600, 0, 0, 1000, 700]
+    sent = [parse_qs(body) for _, _, _, body in recorder.requests]
+    assert [(f["timestamp"][0], f["payload[value]"][0]) for f in sent] == [
+        (str(int((h0 + timedelta(hours=h)).timestamp())), v)
+        for h, v in ((0, "3600"), (3, "1000"), (4, "700"))
+    ]
+    # Stripe has been told exactly the net usage: the credit was used up, nothing more.
+    assert sum(int(f["payload[value]"][0]) for f in sent) == sum(net_usage)
+
+
+def test_a_credit_larger_than_what_follows_stays_owed_to_the_customer(
+    recorder, django_capture_on_commit_callbacks
+):
+    org = postpaid_org("cus_credit")
+    h0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    with django_capture_on_commit_callbacks(execute=False):
+        for hour, gpu_seconds in enumerate([1000, -3000, 500]):
+            usage_aggregate_create(organization_id=org.pk, period_start=h0 + timedelta(hours=hour),
+                                   gpu_seconds=gpu_seconds, amount_minor=gpu_seconds,
+                                   currency="usd")  # fmt: skip
+        # The same hour again (a second run) changes nothing.
+        assert usage_aggregate_create(organization_id=org.pk, period_start=h0, gpu_seconds=9,
+                                      amount_minor=9, currency="usd") is None  # fmt: skip
+    outbox_flush()
+
+    assert [int(parse_qs(body)["payload[value]"][0]) for *_, body in recorder.requests] == [1000]
+    aggregates = UsageAggregate.objects.filter(organization=org)
+    usage = sum(a.gpu_seconds for a in aggregates)
+    assert (usage, sum(a.sent_gpu_seconds for a in aggregates)) == (-1500, 1000)  # 2,500 owed
