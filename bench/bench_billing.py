@@ -109,8 +109,9 @@ def build(orgs: int, per_org: int, now):
         for i in range(total)
     )  # fmt: skip
     Allocation.objects.bulk_create(
-        Allocation(reservation=r, gpu=g, node_id=g.node_id, period=Range(r.starts_at, r.ends_at, "[)"))
-        for r, g in zip(reservations, gpus, strict=True)
+        [Allocation(reservation=r, gpu=g, node_id=g.node_id, period=Range(r.starts_at, r.ends_at, "[)"))
+         for r, g in zip(reservations, gpus, strict=True)],
+        batch_size=5000,  # PostgreSQL takes at most 65,535 parameters in one statement
     )  # fmt: skip
     Outage.objects.bulk_create(
         Outage(node=n, started_at=start + timedelta(minutes=5), ended_at=start + timedelta(minutes=12),
