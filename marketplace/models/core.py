@@ -174,9 +174,9 @@ class SshKey(models.Model):
 
 
 class Tier(models.TextChoices):
-    ON_DEMAND = "on_demand"
-    RESERVED = "reserved"
-    INTERRUPTIBLE = "interruptible"
+    ON_DEMAND = "on_demand", "On-demand"
+    RESERVED = "reserved", "Reserved"
+    INTERRUPTIBLE = "interruptible", "Interruptible"
 
 
 class Term(models.TextChoices):

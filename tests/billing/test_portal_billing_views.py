@@ -278,6 +278,25 @@ def test_usage_and_ledger_show_amounts_with_the_currency_and_only_this_org(org, 
     assert "Enter a valid date." in bad.content.decode()
 
 
+def test_the_ledger_pages_keep_the_usage_dates(org, owner_client):
+    for i in range(51):  # one more than a page
+        ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=100 + i,
+                         currency="usd", idempotency_key=f"c{i}", description=f"credit {i}")  # fmt: skip
+
+    first = owner_client.get("/billing/usage", {"since": "2026-03-03", "until": "2026-03-04"})
+    older = first.context["page"].next_page_number()
+    second = owner_client.get("/billing/usage", {"since": "2026-03-03", "until": "2026-03-04",
+                                                 "page": older})  # fmt: skip
+
+    assert '<a href="?since=2026-03-03&amp;until=2026-03-04&amp;page=2" rel="next">' in (
+        first.content.decode()
+    )
+    assert '<a href="?since=2026-03-03&amp;until=2026-03-04&amp;page=1" rel="prev">' in (
+        second.content.decode()
+    )
+    assert [e.description for e in second.context["page"].object_list] == ["credit 0"]
+
+
 def test_invoices_link_to_the_hosted_invoice(org, owner_client):
     Invoice.objects.create(organization=org, stripe_invoice_id="in_1", stripe_customer_id="cus_1",
                            status="open", currency="usd", amount_due_minor=4200,
