@@ -16,6 +16,7 @@ from django.views import View
 from config.errors import ApplicationError
 from marketplace.models import ReservationStatus
 from marketplace.portal.forms import (
+    PLANS,
     CancelForm,
     ExtendForm,
     ReservationFilterForm,
@@ -87,6 +88,7 @@ class SearchView(PortalView, View):
         context = {"form": form, "offers": offers, "can_reserve": self._can_reserve()}
         if offers is not None:
             context["asked"] = form.cleaned_data
+            context["asked_plan"] = PLANS[form.cleaned_data["plan"]][2]  # as the form names it
         return render(request, "portal/search.html", context, status=status)
 
     def _can_reserve(self) -> bool:

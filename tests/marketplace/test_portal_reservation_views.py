@@ -93,6 +93,7 @@ def test_a_billing_member_sees_offers_but_cannot_reserve(market):
     assert page.status_code == 200
     assert "Abilene 1" in page.content.decode()  # the offer is listed
     assert "Hold this price" not in page.content.decode()
+    assert "On-demand (by the second, cancel any time). Cheapest first." in page.content.decode()
 
     refused = client.post(
         "/quotes", {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "plan": "on_demand",
