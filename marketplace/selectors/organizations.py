@@ -45,6 +45,13 @@ def api_key_get_for_org(*, organization: Organization, public_id: str) -> ApiKey
     return key
 
 
+_KEY_BY_HASH_SQL = f"""
+SELECT {model_columns(ApiKey, "k")}, {model_columns(Organization, "o")}
+FROM marketplace_apikey k JOIN marketplace_organization o ON o.id = k.organization_id
+WHERE k.secret_hash = %s
+"""
+
+
 def api_key_by_secret_hash(secret_hash: str) -> ApiKey | None:
     """The key with this hash and its organisation, from one statement (every API call's first).
 
@@ -59,13 +66,6 @@ def api_key_by_secret_hash(secret_hash: str) -> ApiKey | None:
     key = model_from_row(ApiKey, row[:split])
     key.organization = model_from_row(Organization, row[split:])
     return key
-
-
-_KEY_BY_HASH_SQL = f"""
-SELECT {model_columns(ApiKey, "k")}, {model_columns(Organization, "o")}
-FROM marketplace_apikey k JOIN marketplace_organization o ON o.id = k.organization_id
-WHERE k.secret_hash = %s
-"""
 
 
 def invitation_list_for_org(*, organization: Organization) -> QuerySet[Invitation]:
