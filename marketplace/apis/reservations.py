@@ -264,10 +264,24 @@ class ReservationFilter(django_filters.FilterSet):
     gpu_model = django_filters.CharFilter(field_name="gpu_model__slug")
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    updated_after = django_filters.IsoDateTimeFilter(
+        field_name="updated_at",
+        lookup_expr="gte",
+        help_text="Changed at or after this time (status, end, interruption notice): to sync, "
+        "ask with the time of your last sync.",
+    )
 
     class Meta:
         model = Reservation
-        fields = ["status", "tier", "site", "gpu_model", "created_after", "created_before"]
+        fields = [
+            "status",
+            "tier",
+            "site",
+            "gpu_model",
+            "created_after",
+            "created_before",
+            "updated_after",
+        ]
 
 
 class ReservationListApi(ApiView):

@@ -305,6 +305,26 @@ def test_list_filters_by_status_tier_site_and_created_range(owner_client, market
     assert_error(owner_client.get("/api/v1/reservations", {"status": "bogus"}), 400, field="status")
 
 
+def test_updated_after_lists_what_changed_since_a_sync(owner_client, market):
+    first = make_reservation(owner_client)
+    second = make_reservation(owner_client, gpu_count=1)
+    synced_at = timezone.now()
+    owner_client.post(f"/api/v1/reservations/{first['id']}/cancel", {}, format="json")
+
+    def ids(**params):
+        response = owner_client.get("/api/v1/reservations", params)
+        assert response.status_code == 200, response.content
+        return [r["id"] for r in response.json()["results"]]
+
+    assert ids(updated_after=iso(synced_at)) == [first["id"]]
+    assert ids(updated_after=iso(synced_at - timedelta(minutes=5))) == [second["id"], first["id"]]
+    assert_error(
+        owner_client.get("/api/v1/reservations", {"updated_after": "yesterday"}),
+        400,
+        field="updated_after",
+    )
+
+
 def test_cursor_pagination_walks_every_reservation_once(owner_client, market):
     made = [make_reservation(owner_client, gpu_count=1)["id"] for _ in range(5)]
     seen, url = [], "/api/v1/reservations?limit=2"
