@@ -52,7 +52,8 @@ ORDER BY g.node_id, g.index
 """
 
 
-# SELECT … FOR UPDATE in id order: the lock every booking and extension takes first.
+# SELECT … FOR UPDATE in id order: the lock every booking takes first (an extension locks
+# its nodes in the same order, so the two cannot deadlock).
 _LOCK_NODES_SQL = f"""
 SELECT {model_columns(Node, "n")} FROM inventory_node n WHERE n.id = ANY(%s) ORDER BY n.id FOR UPDATE
 """
