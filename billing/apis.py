@@ -33,9 +33,9 @@ from billing.services.payment_methods import (
     setup_intent_create,
 )
 from billing.services.topups import top_up_create
-from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
-from marketplace.api.views import ApiView, validated_input
+from config.api.pagination import NewestFirstCursorPagination
+from config.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from config.api.views import ApiView, validated_input
 from marketplace.models import Role
 
 TAGS = ["Billing"]

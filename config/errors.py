@@ -1,4 +1,4 @@
-"""The domain errors services raise. One DRF exception handler (config.api) renders them.
+"""The domain errors services raise. One DRF exception handler (config.api.errors) renders them.
 
 Every error has a type (the family, as in Stripe's error objects), a machine-readable code, an
 optional field, and a human message. The HTTP status follows from the type.

@@ -8,7 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import agent_errors
+from config.api.errors import agent_errors
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from inventory.models import GpuHealth, NodeStatus
 from inventory.services import node_heartbeat_record

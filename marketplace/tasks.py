@@ -10,7 +10,7 @@ import logging
 
 from celery import shared_task
 
-from marketplace.api.idempotency import idempotency_records_purge as _idempotency_records_purge
+from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
 from marketplace.provisioning import scheduler, services
 
 logger = logging.getLogger(__name__)

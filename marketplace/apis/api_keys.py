@@ -5,9 +5,9 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import errors
-from marketplace.api.views import FILTERED, ApiView, validated_input
+from config.api.pagination import NewestFirstCursorPagination
+from config.api.schema import errors
+from config.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import ApiKey, ApiKeyScope
 from marketplace.selectors.organizations import api_key_get_for_org, api_key_list_for_org
 from marketplace.services.api_keys import api_key_create, api_key_revoke

@@ -7,9 +7,9 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from marketplace.api.pagination import SlugCursorPagination
-from marketplace.api.schema import errors
-from marketplace.api.views import ApiView, validated_input
+from config.api.pagination import SlugCursorPagination
+from config.api.schema import errors
+from config.api.views import ApiView, validated_input
 from marketplace.models import Term, Tier
 from marketplace.selectors.availability import availability_search, site_availability
 from marketplace.selectors.catalogue import (

@@ -7,10 +7,10 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
+from config.api.pagination import NewestFirstCursorPagination
+from config.api.schema import errors
+from config.api.views import FILTERED, ApiView, validated_input
 from config.errors import ValidationFailed
-from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import errors
-from marketplace.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import Invitation, Membership, Role
 from marketplace.selectors.organizations import (
     invitation_get_for_org,

@@ -5,8 +5,8 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from marketplace.api.schema import errors
-from marketplace.api.views import ApiView, validated_input
+from config.api.schema import errors
+from config.api.views import ApiView, validated_input
 from marketplace.apis.catalogue import BreakdownOutput, EnergyOutput
 from marketplace.models import Term, Tier
 from marketplace.selectors.catalogue import quote_get_for_org

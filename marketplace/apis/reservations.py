@@ -6,9 +6,9 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import errors
-from marketplace.api.views import FILTERED, ApiView, validated_input
+from config.api.pagination import NewestFirstCursorPagination
+from config.api.schema import errors
+from config.api.views import FILTERED, ApiView, validated_input
 from marketplace.apis.catalogue import EnergyOutput
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate

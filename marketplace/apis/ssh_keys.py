@@ -4,9 +4,9 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import errors
-from marketplace.api.views import ApiView, validated_input
+from config.api.pagination import NewestFirstCursorPagination
+from config.api.schema import errors
+from config.api.views import ApiView, validated_input
 from marketplace.models import SshKey
 from marketplace.selectors.ssh_keys import ssh_key_get_for_org, ssh_key_list_for_org
 from marketplace.services.ssh_keys import ssh_key_create, ssh_key_delete

@@ -1,7 +1,7 @@
 """Stored results of POST requests made with an Idempotency-Key header.
 
 A retry with the same key and the same request gets the first response again instead of
-repeating the action. See marketplace.api.idempotency for the protocol.
+repeating the action. See config.api.idempotency for the protocol.
 """
 
 from django.db import models

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm
 
-from marketplace.api.throttling import fixed_window_count, parse_rate
+from config.api.throttling import fixed_window_count, parse_rate
 
 __all__ = ["SignInForm", "SignInView"]
 

@@ -12,8 +12,8 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest
 from django.shortcuts import redirect
 
+from config.api.context import OrgContext
 from config.errors import ApplicationError, NotFound
-from marketplace.api.context import OrgContext
 from marketplace.models import Membership, Role
 
 __all__ = ["SESSION_ORG_KEY", "PortalView", "portal_membership", "show_error"]

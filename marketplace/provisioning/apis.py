@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import agent_errors
+from config.api.errors import agent_errors
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from marketplace.models import AgentJob, AgentJobKind, AgentJobStatus
 from marketplace.provisioning.agent_jobs import (

@@ -11,13 +11,13 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from inventory.models import Node
-from marketplace.api.idempotency import (
+from config.api.idempotency import (
     IN_FLIGHT_TIMEOUT,
     KEY_TTL,
     idempotency_records_purge,
     request_fingerprint,
 )
+from inventory.models import Node
 from marketplace.models import Allocation, ApiKey, IdempotencyRecord, Reservation
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -199,7 +199,7 @@ def test_a_concurrent_duplicate_gets_409_in_use_and_one_reservation(org, market)
 def test_every_post_endpoint_of_the_public_api_goes_through_the_idempotent_base_view():
     from django.urls import URLPattern, URLResolver, get_resolver
 
-    from marketplace.api.views import ApiView
+    from config.api.views import ApiView
 
     def walk(patterns, prefix=""):
         for p in patterns:

@@ -5,8 +5,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from config.api.idempotency import KEY_TTL
 from config.celery import app
-from marketplace.api.idempotency import KEY_TTL
 from marketplace.models import IdempotencyRecord
 from marketplace.tasks import idempotency_records_purge
 from tests.factories import OrganizationFactory

@@ -14,11 +14,11 @@ from rest_framework.permissions import SAFE_METHODS, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from config.api import idempotency
+from config.api.context import OrgContext, org_context_resolve
+from config.api.schema import ApiAutoSchema
+from config.api.throttling import ApiRateThrottle, rate_limit_headers
 from config.errors import PermissionDenied
-from marketplace.api import idempotency
-from marketplace.api.context import OrgContext, org_context_resolve
-from marketplace.api.schema import ApiAutoSchema
-from marketplace.api.throttling import ApiRateThrottle, rate_limit_headers
 from marketplace.auth import ApiKeyUser
 from marketplace.models import ApiKeyScope, Role
 from marketplace.services.organizations import RESERVING_ROLES

@@ -5,7 +5,7 @@ from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 
-from config.api import ErrorSerializer
+from config.api.errors import ErrorSerializer
 
 __all__ = [
     "ApiAutoSchema",
