@@ -32,8 +32,8 @@ from it is dropped and generated again.) Then, in one run:
 Everything the run creates is removed at the end, so the generated data stays as it was.
 It refuses to run against a database that holds anything but its own generated data.
 
-The figures, the machine they were measured on, and what moved them are in the README
-("Benchmarks"), with why 300 reservations/s through the API is out of reach on two cores.
+The latest figures, the machine they were measured on, and why 300 reservations/s through
+the API is out of reach on two cores are in docs/benchmarks.md.
 """
 
 import argparse
@@ -299,7 +299,7 @@ def ensure_data() -> None:
         # ended up on 8 pages instead of one, and every read of them cost up to 8 times the
         # pages. A live fleet's GPUs stay where the import wrote them, node by node: each
         # booking rewrites a few rows, which stay on their page (fillfactor 70, HOT updates).
-        # Put them back in that order (the searches' raw p50 39 → 24 ms on the same data).
+        # Put them back in that order (docs/operations.md, "Database upkeep").
         cur.execute("CLUSTER inventory_gpu USING gpu_unique_index_per_node")
     with connection.cursor() as cur:
         for table in (

@@ -16,12 +16,7 @@ simulated driver at zero latency, and then, in the same run:
 The goal is a provisioning rate of at least 30 % of the no-op rate. The bench's rows are
 deleted at the end.
 
-Measured 2026-11-25 on a loaded 2-core machine (load average 4–6 at the start of each run),
-after cutting a provision task from 22 database round trips to 7: with the default -c 4,
-324 / 337 / 191 no-op tasks/s against 123.9 / 126.4 / 69.1 reservations/s, i.e. 38.2 %,
-37.5 % and 36.2 % (goal met); with -c 2 23.8 % and with -c 8 21.8 % (goal not met). Before:
-10–16 % at any concurrency. What remains serial is the dispatcher (one task enqueues all
-1,000 messages: 3–6 s here). The README's provisioning benchmark section has the table.
+The latest figures and the machine they were measured on are in docs/benchmarks.md.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Model instances from plain SQL, for the few statements on a hot path written without the ORM.
 
-Compiling an ORM query costs more CPU than running a simple statement (measured on the
-reservation path: about 0.5 ms against 0.1 ms). Where a request makes such a statement on every
+Compiling an ORM query costs more CPU than running a simple statement (docs/benchmarks.md
+has the measurement on the reservation path). Where a request makes such a statement on every
 call, it is written as SQL and the rows are turned back into model instances here, converted
 exactly as the ORM converts them (JSON fields, for one), so callers cannot tell the difference.
 """

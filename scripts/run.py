@@ -104,7 +104,7 @@ def main() -> int:
         env = {
             **os.environ,
             # A local demo: the development server serves static files only with DEBUG on, and
-            # DEBUG off would redirect to HTTPS. Production runs gunicorn (see the README).
+            # DEBUG off would redirect to HTTPS. Production runs gunicorn (docs/operations.md).
             "DEBUG": "1",
             "DATABASE_URL": postgres.url,
             "REDIS_URL": redis.url,

@@ -1,4 +1,5 @@
-"""`.env.example` documents every environment variable the settings read."""
+"""`.env.example` lists every environment variable the settings read, and the documentation
+(README.md, docs/) explains each one."""
 
 import re
 from pathlib import Path
@@ -36,3 +37,9 @@ def test_every_documented_variable_is_read_and_has_a_comment_above_it():
     assert [
         name for name, number in documented.items() if not lines[number - 1].startswith("# ")
     ] == []
+
+
+def test_every_documented_variable_is_explained_in_the_docs():
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    text = "\n".join(page.read_text() for page in docs)
+    assert [name for name in _documented() if f"`{name}`" not in text] == []

@@ -1,6 +1,6 @@
 """Idempotency-Key for every POST.
 
-Protocol (documented in the README):
+Protocol (documented in docs/api.md):
 - The key is scoped to the organisation and the caller (API key or user): two callers may use
   the same key without meeting.
 - The first request claims the key by inserting a row (the unique constraint decides races);

@@ -99,8 +99,8 @@ class NodeCapacity(NamedTuple):
 #   the candidate GPUs whatever the window.
 # - hash: one scan of the live allocations overlapping the window through the period-first
 #   partial GiST index (allocation_live_period_idx), hashed and anti-joined to the GPUs; its
-#   cost follows the allocations in the window (at the benchmark's scale, searching every
-#   model everywhere: p50 131 ms, worst of 12 windows 281 ms, against busy's 128 and 151 ms).
+#   cost follows the allocations in the window (slower than busy in the worst windows at the
+#   benchmark's scale: docs/benchmarks.md).
 # - probe and model_scan read the allocations per node or per model in the window.
 # The last three are kept as references the tests hold busy to (the allocation service
 # re-reads the allocations themselves under its node locks, as probe does).
@@ -194,7 +194,7 @@ nodes AS MATERIALIZED (
 # three strategies above read the allocations themselves; the tests hold all four to the same
 # answer. The GPUs are read per node (a lateral probe of inventory_gpu's node index): joined
 # as a set, the planner prices the index by the table's physical order, and once updates have
-# scattered the rows it scans all 100,000 GPUs for one site's 1,400 (14 ms against 1.7 ms).
+# scattered the rows it scans all 100,000 GPUs for one site's 1,400.
 _NODES_BY_BUSY = """
 nodes AS MATERIALIZED (
     SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy, gc.free
