@@ -218,6 +218,9 @@ PROVISIONING_DISPATCH_BATCH = env_int("PROVISIONING_DISPATCH_BATCH", 100, minimu
 PROVISIONING_STUCK_AFTER = timedelta(
     seconds=env_int("PROVISIONING_STUCK_AFTER_SECONDS", 120, minimum=1)
 )
+# A worker renews its lease on a reservation while it works on it; a dead worker's lease
+# lapses after this long, and the reservation can be picked up again.
+PROVISIONING_WORKER_LEASE_SECONDS = env_int("PROVISIONING_WORKER_LEASE_SECONDS", 30, minimum=1)
 PROVISIONING_MAX_ATTEMPTS = env_int("PROVISIONING_MAX_ATTEMPTS", 5, minimum=1)
 PROVISIONING_DEFAULT_IMAGE = env_str("PROVISIONING_DEFAULT_IMAGE", "docker.io/library/ubuntu:24.04")
 AGENT_JOB_LEASE = timedelta(seconds=env_int("AGENT_JOB_LEASE_SECONDS", 60, minimum=1))

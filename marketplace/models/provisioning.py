@@ -10,6 +10,7 @@ __all__ = [
     "ProvisioningKind",
     "AttemptOutcome",
     "ProvisioningAttempt",
+    "ReservationWorkerLease",
     "ProvisioningDispatch",
     "AgentJobKind",
     "AgentJobStatus",
@@ -37,6 +38,24 @@ class AttemptOutcome(models.TextChoices):
 
 # Outcomes that count towards PROVISIONING_MAX_ATTEMPTS.
 FAILED_OUTCOMES = (AttemptOutcome.ERROR, AttemptOutcome.ABANDONED)
+
+
+class ReservationWorkerLease(models.Model):
+    """Which worker is acting on a reservation, until when: one row per reservation at most.
+
+    A row, not a session advisory lock, so it holds behind a transaction-mode pooler (where a
+    session's next statement may run on another server connection). A worker that dies leaves
+    its row until `expires_at`, which is the task's hard time limit: no live task holds it longer.
+    """
+
+    reservation = models.OneToOneField(
+        Reservation, on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    holder = models.CharField(max_length=64)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.reservation_id} held by {self.holder} until {self.expires_at}"
 
 
 class ProvisioningAttempt(models.Model):

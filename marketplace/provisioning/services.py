@@ -2,9 +2,10 @@
 
 Every step is safe to run twice or after a crash half-way:
 
-- A PostgreSQL session advisory lock per reservation lets one worker at a time work on it; a
-  duplicate delivery that finds the lock taken returns at once. The lock dies with the
-  worker's database session, so a killed worker never leaves it behind.
+- A lease row per reservation (ReservationWorkerLease) lets one worker at a time work on it; a
+  duplicate delivery that finds it taken returns at once. It is claimed and given back in one
+  autocommitted statement each, so it works behind a transaction-mode pooler, and a killed
+  worker's lease lapses after the task's hard time limit.
 - The status is checked under the row lock before each move, and every move is checked
   against the state machine (reservation_transition, or reservation_transition_check where the
   provision step writes its moves in one statement): a provision for an active reservation
@@ -22,7 +23,9 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +33,9 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.postgres.fields import DateTimeRangeField
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Func, Value
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from config.errors import ApplicationError
@@ -46,6 +50,7 @@ from marketplace.models import (
     Reservation,
     ReservationOutage,
     ReservationStatus,
+    ReservationWorkerLease,
 )
 from marketplace.models.provisioning import FAILED_OUTCOMES
 from marketplace.provisioning.drivers import (
@@ -82,8 +87,6 @@ logger = logging.getLogger(__name__)
 S = ReservationStatus
 ACTOR = "system: provisioning"
 
-# Session advisory locks share one 64-bit key space per database: ours is this prefix + id.
-_LOCK_PREFIX = 0x5359 << 48
 # How long a step waits for a driver that answers "pending" before it lets the worker go and
 # checks again later (a site agent wakes the reservation as soon as it reports).
 CHECK_WINDOW_SECONDS = 3.0
@@ -113,34 +116,84 @@ def _worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+_LEASE_CLAIM_SQL = """
+INSERT INTO marketplace_reservationworkerlease (reservation_id, holder, expires_at)
+VALUES (%(rid)s, %(holder)s, now() + %(lease)s * interval '1 second')
+ON CONFLICT (reservation_id) DO UPDATE
+    SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE marketplace_reservationworkerlease.expires_at <= now()
+RETURNING holder
+"""
+_LEASE_RENEW_SQL = """
+UPDATE marketplace_reservationworkerlease SET expires_at = now() + %(lease)s * interval '1 second'
+WHERE reservation_id = %(rid)s AND holder = %(holder)s
+"""
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews a held lease every third of its length until stopped, on its own connection."""
+
+    def __init__(self, params: dict):
+        super().__init__(daemon=True, name=f"lease-{params['rid']}")
+        self.params = params
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(self.params["lease"] / 3):
+                with connection.cursor() as cur:
+                    cur.execute(_LEASE_RENEW_SQL, self.params)
+                    if cur.rowcount == 0:
+                        logger.warning(
+                            "lost the worker lease on reservation %s", self.params["rid"]
+                        )
+                        return
+        except DatabaseError as exc:
+            logger.warning(
+                "could not renew the lease on reservation %s: %s", self.params["rid"], exc
+            )
+        finally:
+            connection.close()  # this thread's own connection
+
+
 @contextmanager
 def reservation_worker_lock(reservation_id: int) -> Iterator[bool]:
-    """Try to become the one worker acting on this reservation; yields whether we are."""
-    key = _LOCK_PREFIX + reservation_id
+    """Try to become the one worker acting on this reservation; yields whether we are.
+
+    Outside any transaction the claim and the release commit at once, so another worker sees
+    the lease while the driver is called (between the step's own transactions). The lease is
+    renewed while held, so it lapses PROVISIONING_WORKER_LEASE_SECONDS after its worker died.
+    """
+    params = {
+        "rid": reservation_id,
+        "holder": f"{_worker_label()}:{uuid.uuid4().hex[:12]}"[:64],
+        "lease": settings.PROVISIONING_WORKER_LEASE_SECONDS,
+    }
     with connection.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s)", [key])
-        held = cur.fetchone()[0]
+        cur.execute(_LEASE_CLAIM_SQL, params)
+        held = cur.fetchone() is not None
+    if not held:
+        yield False
+        return
+    keeper = _LeaseKeeper(params)
+    keeper.start()
     try:
-        yield held
+        yield True
     finally:
-        if held:
-            with connection.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(%s)", [key])
+        keeper.stopped.set()
+        keeper.join()
+        ReservationWorkerLease.objects.filter(
+            reservation_id=reservation_id, holder=params["holder"]
+        ).delete()
 
 
 def reservations_locked_by_workers() -> set[int]:
-    """Ids of reservations some worker is acting on right now (their advisory lock is held)."""
-    with connection.cursor() as cur:
-        cur.execute(
-            """
-            SELECT (classid::bigint << 32) | objid::bigint
-            FROM pg_locks
-            WHERE locktype = 'advisory' AND objsubid = 1 AND granted
-              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            """
+    """Ids of reservations some worker is acting on right now (their lease has not lapsed)."""
+    return set(
+        ReservationWorkerLease.objects.filter(expires_at__gt=Now()).values_list(
+            "reservation_id", flat=True
         )
-        keys = [row[0] for row in cur.fetchall()]
-    return {k - _LOCK_PREFIX for k in keys if k >> 48 == _LOCK_PREFIX >> 48}
+    )
 
 
 def _target(reservation: Reservation) -> tuple[Target, list[tuple[int, str, str]]]:

@@ -26,6 +26,7 @@ from marketplace.provisioning.scheduler import (
     reservations_dispatch_due,
     reservations_sweep_stuck,
 )
+from marketplace.provisioning.services import reservations_locked_by_workers
 from marketplace.services.curtailment import curtailment_announce
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are fixtures)
@@ -111,7 +112,8 @@ def test_a_reservation_goes_from_scheduled_to_active_to_completed_on_time(worker
 def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_active(
     worker, driver_log, broker, recovery
 ):
-    env = {"SIMULATED_DRIVER_LATENCY_SECONDS": "3"}
+    # The killed worker's lease on the reservation lapses 2 s after its last renewal.
+    env = {"SIMULATED_DRIVER_LATENCY_SECONDS": "3", "PROVISIONING_WORKER_LEASE_SECONDS": "2"}
     if recovery == "redelivery":
         # Redis gives an unacknowledged task back after the visibility timeout.
         env["CELERY_VISIBILITY_TIMEOUT_SECONDS"] = "4"
@@ -127,7 +129,13 @@ def test_a_worker_killed_mid_provisioning_is_restarted_and_the_reservation_ends_
     worker.start(**{**env, "SIMULATED_DRIVER_LATENCY_SECONDS": "0.2"})
     if recovery == "sweeper":
         # No redelivery for 600 s (the default visibility timeout): the sweeper finds the
-        # reservation nobody is working on and enqueues it again.
+        # reservation nobody is working on (once the dead worker's lease lapsed) and enqueues
+        # it again.
+        wait_for(
+            lambda: reservations_locked_by_workers() == set(),
+            timeout=5,
+            what="the killed worker's lease to lapse",
+        )
         assert reservations_sweep_stuck(stuck_after=timedelta(0)) == {"requeued": 1, "failed": 0}
     r = _wait_status(r, S.ACTIVE, timeout=30)
 

@@ -102,16 +102,13 @@ def test_a_provision_delivered_while_another_worker_holds_the_reservation_return
     r = market.book()
     with reservation_worker_lock(r.pk) as held:
         assert held
-        # A second connection stands in for the second worker: the lock is per session.
-        from django.db import connections
-
-        other = connections.create_connection("default")
-        try:
-            with other.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_lock(%s)", [(0x5359 << 48) + r.pk])
-                assert cur.fetchone()[0] is False
-        finally:
-            other.close()
+        with reservation_worker_lock(r.pk) as second:
+            assert second is False
+        busy = reservation_provision_step(
+            reservation_id=r.pk, driver=SimulatedDriver(log_path=calls_log.path)
+        )
+        assert busy.outcome == "busy"
+        assert calls_log() == []
     result = reservation_provision_step(
         reservation_id=r.pk, driver=SimulatedDriver(log_path=calls_log.path)
     )
