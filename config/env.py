@@ -6,6 +6,7 @@ start-up with an ImproperlyConfigured that names the variable.
 
 import os
 from decimal import Decimal, InvalidOperation
+from ipaddress import ip_network
 from urllib.parse import unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
@@ -127,3 +128,25 @@ def env_redis_url(name: str, default: str) -> str:
     if parsed.scheme not in {"redis", "rediss"} or not parsed.hostname:
         raise ImproperlyConfigured(f"{name} must be a redis:// URL, got {url!r}")
     return url
+
+
+def env_trusted_proxies(name: str) -> int | tuple:
+    """The proxies in front of the app: a count of hops ("1") or addresses/CIDRs
+    ("10.0.0.0/8, 127.0.0.1"). Empty (the default): none, clients connect directly."""
+    value = env_str(name, "")
+    if not value:
+        return 0
+    if value.isdigit():
+        return int(value)
+    networks = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ip_network(item, strict=False))
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} must be a number of proxies or addresses/CIDRs separated by commas, "
+                f"got {item!r}"
+            ) from None
+    return tuple(networks)

@@ -15,6 +15,7 @@ from config.env import (
     env_rate,
     env_redis_url,
     env_str,
+    env_trusted_proxies,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -128,6 +129,9 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
+# The reverse proxies in front of the app (a count, or addresses/CIDRs): through them the
+# client's address is read from X-Forwarded-For (config/client_ip.py); without, REMOTE_ADDR.
+TRUSTED_PROXIES = env_trusted_proxies("TRUSTED_PROXIES")
 
 # --- REST API ------------------------------------------------------------------------------
 REST_FRAMEWORK = {

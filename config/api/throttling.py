@@ -19,6 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
+from config.client_ip import client_ip
 from marketplace.auth import ApiKeyUser
 
 __all__ = [
@@ -78,7 +79,7 @@ def _identity(request: Request) -> str:
         return f"key:{user.api_key.pk}"
     if user and user.is_authenticated:
         return f"user:{user.pk}"
-    return f"ip:{request.META.get('REMOTE_ADDR', 'unknown')}"
+    return f"ip:{client_ip(request)}"
 
 
 _redis: redis.Redis | None = None

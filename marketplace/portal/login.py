@@ -17,6 +17,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm
 
 from config.api.throttling import fixed_window_count, parse_rate
+from config.client_ip import client_ip
 
 __all__ = ["SignInForm", "SignInView"]
 
@@ -37,7 +38,7 @@ class SignInForm(AuthenticationForm):
     def _check_attempts(self) -> None:
         limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
         now = time.time()
-        address = self.request.META.get("REMOTE_ADDR", "unknown") if self.request else "unknown"
+        address = client_ip(self.request) if self.request else "unknown"
         name = (self.cleaned_data.get("username") or "").strip().lower()
         # Hashed: a user name can hold characters a cache key should not.
         account = hashlib.sha256(name.encode()).hexdigest()[:24]
