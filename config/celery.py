@@ -60,6 +60,7 @@ app.conf.update(
             "task": "marketplace.tasks.idempotency_records_purge",
             "schedule": 3600.0,
         },
+        "marketplace-prune-events": {"task": "marketplace.tasks.events_prune", "schedule": 86400.0},
         "billing-outbox-flush": {"task": "billing.tasks.outbox_flush", "schedule": 30.0},
         "billing-usage-meter": {"task": "billing.tasks.usage_meter", "schedule": 60.0},
         "billing-webhook-sweep": {"task": "billing.tasks.webhook_sweep", "schedule": 60.0},

@@ -197,6 +197,18 @@ API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()
 
+# --- Events and webhooks (docs/integrators.md) ---------------------------------------------
+EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 30, minimum=30)
+# Development and tests only: let webhook endpoints be plain http and resolve to loopback or
+# private addresses. Off, an endpoint must be https on a public address.
+WEBHOOK_ALLOW_INSECURE = env_bool("WEBHOOK_ALLOW_INSECURE", False)
+WEBHOOK_TIMEOUT = env_int("WEBHOOK_TIMEOUT_SECONDS", 10, minimum=1)
+# A delivery is retried with exponential backoff for this long; an endpoint whose deliveries
+# have all failed for this long is disabled and its owners are e-mailed.
+WEBHOOK_RETRY_FOR = timedelta(hours=env_int("WEBHOOK_RETRY_HOURS", 72, minimum=1))
+# After a secret rotation the old secret keeps signing (beside the new one) for this long.
+WEBHOOK_SECRET_OVERLAP = timedelta(hours=env_int("WEBHOOK_SECRET_OVERLAP_HOURS", 24, minimum=0))
+
 # --- Provisioning --------------------------------------------------------------------------
 # Starts and ends live in PostgreSQL; beat runs the dispatcher every DISPATCH_INTERVAL, so a
 # reservation starts (and ends) within that interval plus queue latency of its time.

@@ -20,6 +20,7 @@ from marketplace.models import (
     Allocation,
     ApiKey,
     Curtailment,
+    Event,
     Invitation,
     Membership,
     Organization,
@@ -509,3 +510,14 @@ class ReservationOutageAdmin(ProvisioningRecordAdmin):
     @admin.display(description="inventory outage")
     def source_outage_link(self, obj: ReservationOutage) -> str:
         return _admin_link(obj.source_outage)
+
+
+@admin.register(Event)
+class EventAdmin(ReadOnlyAdmin):
+    """What integrators see in GET /events and receive by webhook; written by the services."""
+
+    list_display = ["public_id", "type", "object_id", "organization", "created_at"]
+    list_filter = ["type"]
+    search_fields = ["public_id", "object_id", "organization__name", "organization__public_id"]
+    list_select_related = ["organization"]
+    date_hierarchy = "created_at"

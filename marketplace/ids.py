@@ -28,3 +28,19 @@ def ssh_key_id() -> str:
 
 def invitation_id() -> str:
     return new_public_id("inv")
+
+
+def event_id() -> str:
+    return new_public_id("evt")
+
+
+def webhook_endpoint_id() -> str:
+    return new_public_id("we")
+
+
+def webhook_delivery_id() -> str:
+    return new_public_id("whd")
+
+
+def audit_entry_id() -> str:
+    return new_public_id("aud")

@@ -12,6 +12,7 @@ from celery import shared_task
 
 from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
 from marketplace.provisioning import scheduler, services
+from marketplace.services.events import events_prune as _events_prune
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ def reservation_outages_reconcile() -> tuple[int, int]:
 def idempotency_records_purge() -> int:
     """Hourly: forget Idempotency-Key records past their 24-hour life (claims ignore them)."""
     return _idempotency_records_purge()
+
+
+@shared_task(name="marketplace.tasks.events_prune")
+def events_prune() -> int:
+    """Daily: delete events past EVENT_RETENTION_DAYS."""
+    return _events_prune()
 
 
 _counter_client = None

@@ -2,7 +2,15 @@
 
 from django.urls import path
 
-from marketplace.apis import api_keys, catalogue, organization, quotes, reservations, ssh_keys
+from marketplace.apis import (
+    api_keys,
+    catalogue,
+    events,
+    organization,
+    quotes,
+    reservations,
+    ssh_keys,
+)
 
 urlpatterns = [
     path("gpu-models", catalogue.GpuModelListApi.as_view(), name="gpu-models"),
@@ -57,4 +65,6 @@ urlpatterns = [
         organization.InvitationRevokeApi.as_view(),
         name="organization-invitation-revoke",
     ),
+    path("events", events.EventListApi.as_view(), name="events"),
+    path("events/<str:event_id>", events.EventDetailApi.as_view(), name="event"),
 ]

@@ -45,6 +45,7 @@ from marketplace.models import (
     AgentJobStatus,
     Allocation,
     AttemptOutcome,
+    EventType,
     ProvisioningAttempt,
     ProvisioningKind,
     Reservation,
@@ -652,6 +653,7 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
     The old allocations are kept as the record of what was held: cut to now, no longer live.
     """
     from marketplace.services.allocation import allocation_place
+    from marketplace.services.events import reservation_event_record
 
     on_node = Allocation.objects.filter(reservation=reservation, node=node, is_live=True)
     count = on_node.count()
@@ -666,6 +668,7 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
         starts_at=max(now, reservation.starts_at),
         ends_at=reservation.ends_at,
     )
+    reservation_event_record(reservation=reservation, type=EventType.RESERVATION_MOVED)
     return count
 
 

@@ -17,7 +17,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from config.errors import ValidationFailed
-from marketplace.models import ApiKey, ApiKeyScope, Organization
+from marketplace.models import ApiKey, ApiKeyScope, EventType, Organization
+from marketplace.services.events import api_key_event_record
 
 __all__ = [
     "SECRET_PREFIX",
@@ -77,6 +78,7 @@ def api_key_create(
                     scopes=scopes,
                     created_by=created_by,
                 )
+            api_key_event_record(api_key=key, type=EventType.API_KEY_CREATED)
             return key, secret
         except IntegrityError:  # a prefix collision (1 in 36^8): draw again
             continue
@@ -90,6 +92,7 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
+        api_key_event_record(api_key=key, type=EventType.API_KEY_REVOKED)
     return key
 
 

@@ -29,12 +29,14 @@ from inventory.models import Site, SiteStatus
 from inventory.services import site_curtail, site_return_to_service
 from marketplace.models import (
     Curtailment,
+    EventType,
     Membership,
     Reservation,
     ReservationStatus,
     Role,
     Tier,
 )
+from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_transition
 
 __all__ = [
@@ -144,6 +146,7 @@ def curtailment_call_off(
         .filter(site=site, preempt_at__isnull=False, status__in=PREEMPTIBLE_STATUSES)
         .order_by("pk")
     )
+    noticed_at = {reservation.pk: reservation.preempt_at for reservation in noticed}
     for reservation in noticed:
         reservation.preempt_at, reservation.preempt_reason = None, ""
     pending = list(
@@ -162,6 +165,12 @@ def curtailment_call_off(
                 )
     withdrawn = sum(1 for r in noticed if r.preempt_at is None)
     Reservation.objects.bulk_update(noticed, ["preempt_at", "preempt_reason"])
+    for reservation in noticed:
+        # Another curtailment's notice now stands, with another time.
+        if reservation.preempt_at not in (None, noticed_at[reservation.pk]):
+            reservation_event_record(
+                reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
+            )
     # Sold again only if no other curtailment may still be in effect (one without `until` is
     # taken to be: staff then return the site to service themselves).
     in_effect = Curtailment.objects.filter(site=site, called_off_at__isnull=True).filter(
@@ -189,6 +198,9 @@ def _notice(reservation: Reservation, *, shed_at: datetime, cause: str, save: bo
     reservation.preempt_at, reservation.preempt_reason = shed_at, cause
     if save:
         reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
+        reservation_event_record(
+            reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
+        )
 
 
 def curtailment_validate(

@@ -19,7 +19,8 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
-from marketplace.models import Invitation, Membership, Organization, Role
+from marketplace.models import EventType, Invitation, Membership, Organization, Role
+from marketplace.services.events import member_event_record
 
 __all__ = [
     "MANAGER_ROLES",
@@ -138,11 +139,15 @@ def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: st
     _check_role(role)
     try:
         with transaction.atomic():
-            return Membership.objects.create(organization_id=organization_id, user=user, role=role)
+            membership = Membership.objects.create(
+                organization_id=organization_id, user=user, role=role
+            )
     except IntegrityError:
         raise Conflict(
             "This user is already a member of the organisation.", code="already_member"
         ) from None
+    member_event_record(membership=membership, type=EventType.MEMBER_ADDED)
+    return membership
 
 
 @transaction.atomic
@@ -175,7 +180,9 @@ def member_remove(*, actor: Membership, membership: Membership) -> None:
         _check_can_manage(actor=actor, role_involved=membership.role)
     if _is_last_owner(membership, owner_pks):
         raise Conflict(_LAST_OWNER, code="last_owner")
+    member_id = membership.pk
     membership.delete()
+    member_event_record(membership=membership, type=EventType.MEMBER_REMOVED, member_id=member_id)
 
 
 # --- invitations ----------------------------------------------------------------------------

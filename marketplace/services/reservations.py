@@ -33,6 +33,7 @@ from inventory.models import GpuModel, Site
 from marketplace.funding import funding_gate
 from marketplace.models import (
     Allocation,
+    EventType,
     Organization,
     Quote,
     Reservation,
@@ -44,6 +45,7 @@ from marketplace.provisioning.scheduler import provisioning_kick, release_kick
 from marketplace.selectors.availability import Offer, availability_search, site_model_offer
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 from marketplace.services.allocation import allocation_place
+from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import (
     MAX_DURATION,
@@ -446,6 +448,7 @@ def _book(
         queryset = getattr(reservation, name).all()
         queryset._result_cache, queryset._prefetch_done = rows, True
         reservation._prefetched_objects_cache[name] = queryset
+    reservation_event_record(reservation=reservation, type=EventType.RESERVATION_CREATED)
     if status == S.SCHEDULED:
         # Due now: start provisioning once this commits rather than at the next dispatch tick.
         provisioning_kick(reservation.pk)
@@ -592,4 +595,5 @@ def reservation_extend(
         ),
         actor_label=actor_label,
     )
+    reservation_event_record(reservation=locked, type=EventType.RESERVATION_EXTENDED)
     return locked

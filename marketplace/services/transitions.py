@@ -1,4 +1,7 @@
-"""The reservation state machine.
+"""The reservation state machine, and the one writer of a reservation's status.
+
+Every move records a ReservationTransition and, for the statuses customers care about, an
+event (reservation.<status>) in the same transaction.
 
     pending ──► scheduled ──► provisioning ──► active ──► releasing ──► completed
        │            │  ▲            │             │            │
@@ -34,6 +37,7 @@ from marketplace.models import (
     ReservationTransition,
     Tier,
 )
+from marketplace.services.events import RESERVATION_STATUS_EVENTS, reservation_event_record
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -80,7 +84,12 @@ def reservation_transition(
     Locks the row first, so two workers cannot both take the same step; returns the fresh,
     updated row (the instance passed in is not modified).
     """
-    locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
+    # Only the reservation row is locked; its model, site and quote are read for the event.
+    locked = (
+        Reservation.objects.select_for_update(of=("self",))
+        .select_related("gpu_model", "site", "quote")
+        .get(pk=reservation.pk)
+    )
     from_status = locked.status
     reservation_transition_check(from_status=from_status, to_status=to_status, tier=locked.tier)
 
@@ -103,6 +112,9 @@ def reservation_transition(
         cause=cause,
         actor_label=actor_label,
     )
+    event_type = RESERVATION_STATUS_EVENTS.get(to_status)
+    if event_type:
+        reservation_event_record(reservation=locked, type=event_type)
     return locked
 
 

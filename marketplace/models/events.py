@@ -1,0 +1,64 @@
+"""Events: what changed, for integrators (GET /api/v1/events and webhooks).
+
+An event is written in the same transaction as the change it reports (an outbox), so none is
+lost when the change commits and none is invented when it rolls back. `data` is the object as
+the API showed it at that moment.
+"""
+
+from django.db import models
+from django.utils import timezone
+
+from marketplace import ids
+from marketplace.models.core import Organization
+
+__all__ = ["EventType", "Event"]
+
+
+class EventType(models.TextChoices):
+    RESERVATION_CREATED = "reservation.created"
+    RESERVATION_SCHEDULED = "reservation.scheduled"
+    RESERVATION_PROVISIONING = "reservation.provisioning"
+    RESERVATION_ACTIVE = "reservation.active"
+    RESERVATION_INTERRUPTION_SCHEDULED = "reservation.interruption_scheduled"
+    RESERVATION_PREEMPTED = "reservation.preempted"
+    RESERVATION_EXTENDED = "reservation.extended"
+    RESERVATION_CANCELLED = "reservation.cancelled"
+    RESERVATION_COMPLETED = "reservation.completed"
+    RESERVATION_FAILED = "reservation.failed"
+    RESERVATION_MOVED = "reservation.moved"
+    PAYMENT_SUCCEEDED = "payment.succeeded"
+    PAYMENT_FAILED = "payment.failed"
+    TOP_UP_SUCCEEDED = "top_up.succeeded"
+    BALANCE_LOW = "balance.low"
+    FUNDING_SUSPENDED = "funding.suspended"
+    INVOICE_FINALIZED = "invoice.finalized"
+    INVOICE_PAID = "invoice.paid"
+    API_KEY_CREATED = "api_key.created"
+    API_KEY_REVOKED = "api_key.revoked"
+    MEMBER_ADDED = "member.added"
+    MEMBER_REMOVED = "member.removed"
+
+
+class Event(models.Model):
+    public_id = models.CharField(max_length=32, unique=True, default=ids.event_id, editable=False)
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="events")
+    type = models.CharField(max_length=64, choices=EventType.choices)
+    object_type = models.CharField(max_length=32, help_text="reservation, top_up, invoice, …")
+    object_id = models.CharField(max_length=64, help_text="The object's public id.")
+    data = models.JSONField(help_text="The object as the API showed it when the event happened.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["organization", "-created_at", "-id"], name="event_org_created"),
+            models.Index(fields=["organization", "object_id"], name="event_org_object"),
+            models.Index(fields=["created_at"], name="event_created"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(type__in=EventType.values), name="event_type_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.public_id} {self.type}"

@@ -1,0 +1,113 @@
+"""The event writer: every event is recorded here, in the caller's transaction (an outbox).
+
+Callers pass the object and the API serializer that shows it, so an event's `data` is the
+object exactly as the API showed it at that moment. Billing records its events through
+event_record too (billing may import the marketplace; the marketplace never imports billing).
+"""
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from rest_framework.serializers import BaseSerializer
+
+from marketplace.models import ApiKey, Event, EventType, Membership, Reservation
+
+__all__ = [
+    "RESERVATION_STATUS_EVENTS",
+    "event_record",
+    "reservation_event_record",
+    "api_key_event_record",
+    "member_event_record",
+    "events_prune",
+]
+
+# The status a transition reaches → the event it records (releasing is an inner step).
+RESERVATION_STATUS_EVENTS = {
+    "scheduled": EventType.RESERVATION_SCHEDULED,
+    "provisioning": EventType.RESERVATION_PROVISIONING,
+    "active": EventType.RESERVATION_ACTIVE,
+    "preempted": EventType.RESERVATION_PREEMPTED,
+    "cancelled": EventType.RESERVATION_CANCELLED,
+    "completed": EventType.RESERVATION_COMPLETED,
+    "failed": EventType.RESERVATION_FAILED,
+}
+
+
+def event_record(
+    *,
+    organization_id: int,
+    type: str,
+    object_type: str,
+    object_id: str,
+    obj,
+    serializer: type[BaseSerializer],
+) -> Event:
+    """Record one event for `obj`, shown through the API serializer `serializer`."""
+    if type not in EventType.values:
+        raise ValueError(f"unknown event type {type!r}")
+    with transaction.atomic():
+        event = Event.objects.create(
+            organization_id=organization_id,
+            type=type,
+            object_type=object_type,
+            object_id=object_id,
+            data=dict(serializer(obj).data),
+        )
+    return event
+
+
+def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
+    # The API's serializers import the services; importing them here, at call time, keeps
+    # that one-way at import time.
+    from marketplace.apis.reservations import ReservationOutput
+
+    return event_record(
+        organization_id=reservation.organization_id,
+        type=type,
+        object_type="reservation",
+        object_id=reservation.public_id,
+        obj=reservation,
+        serializer=ReservationOutput,
+    )
+
+
+def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:
+    from marketplace.apis.api_keys import ApiKeyOutput
+
+    return event_record(
+        organization_id=api_key.organization_id,
+        type=type,
+        object_type="api_key",
+        object_id=f"key_{api_key.pk}",
+        obj=api_key,
+        serializer=ApiKeyOutput,
+    )
+
+
+def member_event_record(
+    *, membership: Membership, type: str, member_id: int | None = None
+) -> Event:
+    """`member_id`: the membership's id when the row is already deleted (member.removed)."""
+    from marketplace.apis.organization import MemberOutput
+
+    pk = member_id if member_id is not None else membership.pk
+    if membership.pk is None:
+        membership.pk = pk  # shown as it was: mem_<id>
+    return event_record(
+        organization_id=membership.organization_id,
+        type=type,
+        object_type="member",
+        object_id=f"mem_{pk}",
+        obj=membership,
+        serializer=MemberOutput,
+    )
+
+
+def events_prune(*, now: datetime | None = None) -> int:
+    """Delete events older than EVENT_RETENTION_DAYS (at least 30); returns how many."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.EVENT_RETENTION_DAYS)
+    deleted, _ = Event.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
