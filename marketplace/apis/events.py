@@ -5,9 +5,9 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from marketplace.api.pagination import NewestFirstCursorPagination
-from marketplace.api.schema import errors
-from marketplace.api.views import FILTERED, ApiView
+from config.api.pagination import NewestFirstCursorPagination
+from config.api.schema import errors
+from config.api.views import FILTERED, ApiView
 from marketplace.models import Event, EventType
 from marketplace.selectors.events import event_get_for_org, event_list_for_org
 

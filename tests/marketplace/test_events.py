@@ -68,7 +68,12 @@ def test_a_reservations_life_is_a_sequence_of_events_with_its_state_at_each(mark
         "reservation.active",
         "reservation.completed",  # releasing is an inner step: no event
     ]
-    assert [e.data["status"] for e in events] == ["scheduled", "provisioning", "active", "completed"]
+    assert [e.data["status"] for e in events] == [
+        "scheduled",
+        "provisioning",
+        "active",
+        "completed",
+    ]
     assert {e.public_id[:4] for e in events} == {"evt_"}
     assert len({e.public_id for e in events}) == 4
     # The object as GET /reservations/{id} shows it (the list's fields), at that moment.
