@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('marketplace', '0014_tier_labels'),
+        ('marketplace', '0015_reservation_worker_lease'),
     ]
 
     operations = [
