@@ -85,24 +85,28 @@ class BalanceApi(ApiView):
 
     @staticmethod
     def get_response_for(org) -> Response:
-        account = billing_account_get_or_create(organization=org)
-        c = account.currency
-        data = {
-            "currency": c,
-            "balance": _money(balance_minor(organization=org), c),
-            "mode": account.mode,
-            "funding_state": account.funding_state,
-            "grace_until": account.grace_until,
-            "auto_recharge_enabled": account.auto_recharge_enabled,
-            "recharge_threshold": _money(account.recharge_threshold_minor, c),
-            "recharge_amount": _money(account.recharge_amount_minor, c),
-            "monthly_spend_limit": _money(account.monthly_spend_limit_minor, c),
-            "spent_this_month": _money(
-                spend_minor(organization=org, since=month_start(timezone.now())), c
-            ),
-            "default_payment_method": account.default_payment_method_id,
-        }
-        return Response(BalanceOutput(data).data)
+        return Response(BalanceOutput(balance_data(org)).data)
+
+
+def balance_data(org) -> dict:
+    """The balance as GET billing/balance shows it (also the object of balance events)."""
+    account = billing_account_get_or_create(organization=org)
+    c = account.currency
+    return {
+        "currency": c,
+        "balance": _money(balance_minor(organization=org), c),
+        "mode": account.mode,
+        "funding_state": account.funding_state,
+        "grace_until": account.grace_until,
+        "auto_recharge_enabled": account.auto_recharge_enabled,
+        "recharge_threshold": _money(account.recharge_threshold_minor, c),
+        "recharge_amount": _money(account.recharge_amount_minor, c),
+        "monthly_spend_limit": _money(account.monthly_spend_limit_minor, c),
+        "spent_this_month": _money(
+            spend_minor(organization=org, since=month_start(timezone.now())), c
+        ),
+        "default_payment_method": account.default_payment_method_id,
+    }
 
 
 class BillingSettingsInput(serializers.Serializer):

@@ -31,9 +31,10 @@ from django.utils import timezone
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
 from billing.selectors import balance_minor, spend_minor
+from billing.services.events import balance_event_record
 from billing.services.notices import notice_send
 from config.errors import InvalidTransition, PaymentRequired
-from marketplace.models import Organization, Reservation, ReservationStatus, Tier
+from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
 
 __all__ = [
     "committed_amount",
@@ -190,6 +191,7 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
         # Nothing is drawing the balance down: a low (even empty) balance only warns.
         if state != FundingState.WARNING:
             _set_state(account, FundingState.WARNING)
+            balance_event_record(organization=organization, type=EventType.BALANCE_LOW)
             notice_send(
                 organization=organization,
                 kind="low_balance",
@@ -209,6 +211,7 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
     elif state == FundingState.GRACE and account.grace_until and now >= account.grace_until:
         _set_state(account, FundingState.SUSPENDED)
         released = _release_unfunded(organization=organization)
+        balance_event_record(organization=organization, type=EventType.FUNDING_SUSPENDED)
         notice_send(
             organization=organization,
             kind="suspended",

@@ -24,6 +24,7 @@ from billing.models import (
 from billing.money import from_minor_units, to_minor_units
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_get_or_create
+from billing.services.events import top_up_events_record
 from billing.services.ledger import ledger_entry_add
 from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handler
 from billing.stripe_gateway import StripeGateway
@@ -103,6 +104,7 @@ def top_up_succeed(*, top_up_id: int, payment_intent_id: str) -> bool:
         description=("Automatic recharge" if top_up.automatic else "Top-up")
         + f" ({payment_intent_id})",
     )
+    top_up_events_record(top_up=top_up, succeeded=True)
     from billing.services.funding import funding_state_update
 
     funding_state_update(organization=top_up.organization)
@@ -123,6 +125,7 @@ def top_up_fail(*, top_up_id: int, reason: str, payment_intent_id: str = "") -> 
     top_up.save(
         update_fields=["status", "failure_reason", "stripe_payment_intent_id", "completed_at"]
     )
+    top_up_events_record(top_up=top_up, succeeded=False)
     from billing.services.notices import notice_send
 
     notice_send(

@@ -22,6 +22,8 @@ from billing.models import (
     TopUp,
     WebhookEvent,
 )
+from billing.services.events import invoice_event_record
+from marketplace.models import EventType
 
 __all__ = ["InvalidSignature", "webhook_receive", "webhook_event_process"]
 
@@ -189,9 +191,20 @@ def _ts(value):
     return datetime.fromtimestamp(int(value), tz=UTC) if value else None
 
 
+# An invoice reaching one of these statuses is an event for its organisation (once: a
+# repeated or late Stripe event finds the status already there).
+_INVOICE_STATUS_EVENTS = {"open": EventType.INVOICE_FINALIZED, "paid": EventType.INVOICE_PAID}
+
+
 def _invoice_mirror(invoice: dict) -> None:
     organization = _org_for_customer(invoice.get("customer") or "")
-    Invoice.objects.update_or_create(
+    before = (
+        Invoice.objects.select_for_update()
+        .filter(stripe_invoice_id=invoice["id"])
+        .values_list("status", flat=True)
+        .first()
+    )
+    mirrored, _ = Invoice.objects.update_or_create(
         stripe_invoice_id=invoice["id"],
         defaults={
             "organization": organization,
@@ -205,6 +218,9 @@ def _invoice_mirror(invoice: dict) -> None:
             "period_end": _ts(invoice.get("period_end")),
         },
     )
+    event_type = _INVOICE_STATUS_EVENTS.get(mirrored.status)
+    if event_type and mirrored.status != before and mirrored.organization_id:
+        invoice_event_record(invoice=mirrored, type=event_type)
 
 
 _HANDLERS = {
