@@ -121,6 +121,7 @@ class BillingSettingsInput(serializers.Serializer):
 
 class BillingSettingsApi(ApiView):
     write_roles = MONEY_ROLES
+    moves_money = True
 
     @extend_schema(tags=TAGS, operation_id="billing_settings_update", request=BillingSettingsInput,
                    summary="Automatic recharge and the monthly spend limit",
@@ -241,6 +242,7 @@ class PaymentMethodAttachInput(serializers.Serializer):
 
 class PaymentMethodListApi(ApiView):
     write_roles = MONEY_ROLES
+    moves_money = True
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_attach",
                    summary="Save a card confirmed with Stripe.js (the first becomes the default)",
@@ -275,6 +277,7 @@ class SetupIntentOutput(serializers.Serializer):
 
 class SetupIntentApi(ApiView):
     write_roles = MONEY_ROLES
+    moves_money = True
 
     @extend_schema(tags=TAGS, operation_id="billing_setup_intent_create", request=None,
                    summary="Start saving a card (confirm it with Stripe.js confirmCardSetup)",
@@ -286,6 +289,7 @@ class SetupIntentApi(ApiView):
 
 class PaymentMethodDefaultApi(ApiView):
     write_roles = MONEY_ROLES
+    moves_money = True
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_set_default", request=None,
                    summary="Make a saved card the default", responses={204: None, **errors(403, 404, 503)})  # fmt: skip
@@ -298,6 +302,7 @@ class PaymentMethodDefaultApi(ApiView):
 
 class PaymentMethodDetailApi(ApiView):
     write_roles = MONEY_ROLES
+    moves_money = True
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_detach",
                    summary="Remove a saved card", responses={204: None, **errors(403, 404, 503)})  # fmt: skip
@@ -322,6 +327,7 @@ class TopUpOutput(serializers.Serializer):
 
 class TopUpListApi(ApiView):
     write_roles = MONEY_ROLES
+    moves_money = True
     pagination_class = NewestFirstCursorPagination
 
     @extend_schema(tags=TAGS, operation_id="billing_top_ups", summary="Top-ups, newest first",

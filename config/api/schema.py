@@ -27,7 +27,13 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
             "scheme": "bearer",
             "bearerFormat": "sy_live_<prefix>_<secret>",
             "description": "An organisation API key in the Authorization header. Keys in the "
-            "URL are refused with 400 api_key_in_url.",
+            "URL are refused with 400 api_key_in_url. A key carries scopes: read (GET), write "
+            "(everything a member can do, including read, except moving money) and billing "
+            "(saving, removing and choosing cards, top-ups, billing settings; never implied "
+            "by write, granted only by an owner, off by default). Each operation names the "
+            "scope it needs in its description and in x-api-key-scope; managing API keys and "
+            "invitations needs a signed-in owner or admin (x-api-key-scope: none). A missing "
+            "scope is 403 insufficient_scope.",
         }
 
 
@@ -77,6 +83,22 @@ ORGANIZATION_PARAMETER = OpenApiParameter(
 
 class ApiAutoSchema(AutoSchema):
     """Documents what the base view does for every endpoint, so views need not repeat it."""
+
+    def get_operation(self, *args, **kwargs):
+        operation = super().get_operation(*args, **kwargs)
+        required = getattr(self.view, "required_key_scope", None)
+        if operation is None or required is None:
+            return operation
+        scope = required(self.method)
+        operation["x-api-key-scope"] = scope or "none"
+        note = (
+            f"API keys need the `{scope}` scope."
+            if scope
+            else "API keys cannot call this: sign in as an owner or admin."
+        )
+        description = operation.get("description", "")
+        operation["description"] = f"{description}\n\n{note}" if description else note
+        return operation
 
     def _get_response_bodies(self, direction="response"):
         """The view's own responses, plus the errors the base view can answer anywhere.

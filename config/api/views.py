@@ -44,6 +44,11 @@ class ApiView(GenericAPIView):
     # False where writes must come from a signed-in member (managing keys and members): a
     # leaked key must not be able to mint more keys or let someone in.
     keys_may_write = True
+    # False where even reading needs a signed-in member (the organisation's keys, invitations).
+    keys_allowed = True
+    # True where a write moves money (cards, top-ups, billing settings): API keys need the
+    # billing scope for it, which write does not include.
+    moves_money = False
     # Response fields never stored for an idempotent replay (an API key's secret).
     idempotency_redacted_fields: tuple[str, ...] = ()
 
@@ -80,25 +85,40 @@ class ApiView(GenericAPIView):
                 # lives for this one request, so wrapping it here touches nothing else.
                 self.post = self._idempotent(self.post)
 
+    def required_key_scope(self, method: str) -> str | None:
+        """The scope an API key needs for this method here; None: keys cannot call it."""
+        if not self.keys_allowed:
+            return None
+        if method in SAFE_METHODS:
+            return ApiKeyScope.READ
+        if not self.keys_may_write:
+            return None
+        return ApiKeyScope.BILLING if self.moves_money else ApiKeyScope.WRITE
+
     def _check_key_scope(self, request: Request) -> None:
         if not isinstance(request.user, ApiKeyUser):
             return
         scopes = set(request.user.api_key.scopes)
-        safe = request.method in SAFE_METHODS
-        # The write scope includes reading.
-        if safe and not scopes & {ApiKeyScope.READ, ApiKeyScope.WRITE}:
+        needed = self.required_key_scope(request.method)
+        if needed is None:
+            raise PermissionDenied(
+                "This needs a signed-in owner or admin; API keys cannot do it.",
+                code="session_required",
+            )
+        # The write scope includes reading; nothing includes billing.
+        if needed == ApiKeyScope.READ and not scopes & {ApiKeyScope.READ, ApiKeyScope.WRITE}:
             raise PermissionDenied("This API key cannot read.", code="insufficient_scope")
-        if not safe:
-            if ApiKeyScope.WRITE not in scopes:
-                raise PermissionDenied(
-                    "This API key is read-only; writing needs a key with the write scope.",
-                    code="insufficient_scope",
-                )
-            if not self.keys_may_write:
-                raise PermissionDenied(
-                    "This action needs a signed-in owner or admin; API keys cannot do it.",
-                    code="session_required",
-                )
+        if needed == ApiKeyScope.WRITE and ApiKeyScope.WRITE not in scopes:
+            raise PermissionDenied(
+                "This API key is read-only; writing needs a key with the write scope.",
+                code="insufficient_scope",
+            )
+        if needed == ApiKeyScope.BILLING and ApiKeyScope.BILLING not in scopes:
+            raise PermissionDenied(
+                "Cards, top-ups and billing settings need a signed-in owner or admin, or an "
+                "API key with the billing scope (which only an owner can grant).",
+                code="insufficient_scope",
+            )
 
     def _check_member_role(self, request: Request) -> None:
         membership = self.org_context.membership

@@ -46,7 +46,9 @@ class ApiKeyCreateInput(serializers.Serializer):
         child=serializers.ChoiceField(choices=ApiKeyScope.choices),
         min_length=1,
         default=[ApiKeyScope.READ, ApiKeyScope.WRITE],
-        help_text="read: GET only. write: everything a member can do (includes read).",
+        help_text="read: GET only. write: everything a member can do (includes read), except "
+        "moving money. billing: save, remove and choose cards, top up, change billing settings "
+        "(not implied by write; only an owner can grant it). Default: read and write.",
     )
 
 
@@ -64,6 +66,7 @@ class _KeyManagement(ApiView):
     read_roles = MANAGER_ROLES
     write_roles = MANAGER_ROLES
     keys_may_write = False
+    keys_allowed = False
 
 
 class ApiKeyListApi(_KeyManagement):

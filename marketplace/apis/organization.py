@@ -188,6 +188,7 @@ class _InvitationManagement(ApiView):
     read_roles = MANAGER_ROLES
     write_roles = MANAGER_ROLES
     keys_may_write = False
+    keys_allowed = False
 
 
 class InvitationListApi(_InvitationManagement):

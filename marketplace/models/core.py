@@ -114,6 +114,8 @@ class Invitation(models.Model):
 class ApiKeyScope(models.TextChoices):
     READ = "read"
     WRITE = "write"
+    # Cards, top-ups and billing settings: never implied by write, granted only by an owner.
+    BILLING = "billing"
 
 
 class ApiKey(models.Model):
@@ -127,7 +129,7 @@ class ApiKey(models.Model):
         max_length=16, unique=True, help_text="Visible part, e.g. sk_live_ab12."
     )
     secret_hash = models.CharField(max_length=64, unique=True)
-    scopes = models.JSONField(default=list, help_text='Subset of ["read", "write"].')
+    scopes = models.JSONField(default=list, help_text='Subset of ["read", "write", "billing"].')
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -192,11 +192,19 @@ class ApiKeyCreateForm(forms.Form):
         widget=forms.CheckboxSelectMultiple,
         initial=[ApiKeyScope.READ],
         error_messages={"required": "Choose at least one scope."},
-        help_text="read: GET only. write: everything a member can do (includes read).",
+        help_text="read: GET only. write: everything a member can do (includes read), except "
+        "moving money. billing: cards, top-ups and billing settings (owners only).",
     )
     # A one-time token (see portal.keys): reloading the page that shows the secret re-sends
     # the form, and that must not create a second key.
     once = forms.CharField(widget=forms.HiddenInput, required=False)
+
+    def __init__(self, *args, can_grant_billing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not can_grant_billing:
+            self.fields["scopes"].choices = [
+                c for c in ApiKeyScope.choices if c[0] != ApiKeyScope.BILLING
+            ]
 
 
 class MemberAddForm(forms.Form):

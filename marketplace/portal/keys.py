@@ -15,7 +15,7 @@ from django.utils.cache import add_never_cache_headers
 from django.views import View
 
 from config.errors import ApplicationError
-from marketplace.models import ApiKey
+from marketplace.models import ApiKey, Role
 from marketplace.portal.forms import ApiKeyCreateForm
 from marketplace.portal.mixins import PortalView
 from marketplace.selectors.organizations import api_key_get_for_org, api_key_list_for_org
@@ -60,7 +60,7 @@ class KeysView(_KeyManagement):
         return self.render_page(request, self.new_form(request))
 
     def post(self, request):
-        form = ApiKeyCreateForm(request.POST)
+        form = ApiKeyCreateForm(request.POST, can_grant_billing=self._is_owner())
         if not form.is_valid():
             return self.render_page(request, form, status=400)
         if not _form_token_spend(request, form.cleaned_data["once"]):
@@ -88,7 +88,12 @@ class KeysView(_KeyManagement):
         return response
 
     def new_form(self, request) -> ApiKeyCreateForm:
-        return ApiKeyCreateForm(initial={"once": _form_token_issue(request)})
+        return ApiKeyCreateForm(
+            initial={"once": _form_token_issue(request)}, can_grant_billing=self._is_owner()
+        )
+
+    def _is_owner(self) -> bool:
+        return self.membership.role == Role.OWNER
 
     def render_page(self, request, form, *, status=200, **extra):
         context = {

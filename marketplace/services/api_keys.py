@@ -16,8 +16,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from config.errors import ValidationFailed
-from marketplace.models import ApiKey, ApiKeyScope, EventType, Organization
+from config.errors import PermissionDenied, ValidationFailed
+from marketplace.models import ApiKey, ApiKeyScope, EventType, Membership, Organization, Role
 from marketplace.services.events import api_key_event_record
 
 __all__ = [
@@ -65,6 +65,8 @@ def api_key_create(
             code="invalid_scopes",
             field="scopes",
         )
+    if ApiKeyScope.BILLING in scopes and created_by is not None:
+        _require_owner(organization=organization, user=created_by)
     for _ in range(5):
         prefix = SECRET_PREFIX + _random(_LOWER_ALNUM, 8)
         secret = f"{prefix}_{_random(_ALNUM, 40)}"
@@ -83,6 +85,18 @@ def api_key_create(
         except IntegrityError:  # a prefix collision (1 in 36^8): draw again
             continue
     raise RuntimeError("could not draw a unique API key prefix")  # pragma: no cover
+
+
+def _require_owner(*, organization: Organization, user: AbstractBaseUser) -> None:
+    # A billing key can move money; only an owner may hand that power to an integration.
+    if not Membership.objects.filter(
+        organization=organization, user=user, role=Role.OWNER
+    ).exists():
+        raise PermissionDenied(
+            "Only an owner can create a key with the billing scope.",
+            code="insufficient_role",
+            field="scopes",
+        )
 
 
 @transaction.atomic
