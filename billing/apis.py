@@ -14,7 +14,6 @@ from rest_framework.response import Response
 from billing.models import BillingMode, FundingState, LedgerKind, TopUpStatus
 from billing.money import from_minor_units
 from billing.selectors import (
-    balance_minor,
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
@@ -26,6 +25,7 @@ from billing.selectors import (
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import month_start
+from billing.services.holds import money_position
 from billing.services.payment_methods import (
     payment_method_attach,
     payment_method_detach,
@@ -66,6 +66,13 @@ class MoneyField(serializers.Field):
 class BalanceOutput(serializers.Serializer):
     currency = serializers.CharField()
     balance = serializers.CharField(help_text="Prepaid balance: the sum of the ledger.")
+    held = serializers.CharField(
+        help_text="Committed by bookings and not yet charged (open holds): reserved terms until "
+        "the meter charges them, on-demand first hours until used."
+    )
+    available = serializers.CharField(
+        help_text="balance − held: what new reservations and extensions can commit (prepaid)."
+    )
     mode = serializers.ChoiceField(choices=BillingMode.choices)
     funding_state = serializers.ChoiceField(choices=FundingState.choices)
     grace_until = serializers.DateTimeField(allow_null=True)
@@ -92,9 +99,12 @@ def balance_data(org) -> dict:
     """The balance as GET billing/balance shows it (also the object of balance events)."""
     account = billing_account_get_or_create(organization=org)
     c = account.currency
+    balance, held = money_position(organization_id=org.pk)
     return {
         "currency": c,
-        "balance": _money(balance_minor(organization=org), c),
+        "balance": _money(balance, c),
+        "held": _money(held, c),
+        "available": _money(balance - held, c),
         "mode": account.mode,
         "funding_state": account.funding_state,
         "grace_until": account.grace_until,

@@ -30,6 +30,8 @@ __all__ = [
     "Invoice",
     "UsageAggregate",
     "BillingNotice",
+    "HoldStatus",
+    "Hold",
 ]
 
 
@@ -177,6 +179,60 @@ class LedgerEntry(models.Model):
 
     def delete(self, *args, **kwargs):
         raise LedgerImmutable("ledger entries cannot be deleted")
+
+
+class HoldStatus(models.TextChoices):
+    OPEN = "open"
+    CHARGED = "charged"
+    RELEASED = "released"
+
+
+class Hold(models.Model):
+    """Money committed but not yet charged (DESIGN invariant 9).
+
+    A reservation's committed part, or an extension's, held against the organisation's balance
+    from the transaction that books it: the funding gate counts what is left of every open hold
+    (amount − charged). The meter's charges for the reservation fill its holds in id order
+    (charged_minor); a hold filled completely is `charged`. When the reservation is cancelled or
+    ends, what was never charged is `released`.
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    reservation = models.ForeignKey(Reservation, on_delete=models.PROTECT, related_name="+")
+    amount_minor = models.BigIntegerField()
+    charged_minor = models.BigIntegerField(default=0)
+    currency = models.CharField(max_length=3)
+    status = models.CharField(max_length=10, choices=HoldStatus.choices, default=HoldStatus.OPEN)
+    description = models.CharField(max_length=200, blank=True)
+    idempotency_key = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_minor__gt=0), name="hold_positive"),
+            models.CheckConstraint(
+                condition=Q(charged_minor__gte=0) & Q(charged_minor__lte=models.F("amount_minor")),
+                name="hold_charged_within_amount",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=HoldStatus.values), name="hold_status_valid"
+            ),
+        ]
+        indexes = [
+            # What the funding gate sums on every reservation: the organisation's open holds.
+            models.Index(
+                fields=["organization"], condition=Q(status="open"), name="hold_open_org_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"hold {self.amount_minor} {self.currency} {self.status}"
+
+    @property
+    def open_minor(self) -> int:
+        return self.amount_minor - self.charged_minor if self.status == HoldStatus.OPEN else 0
 
 
 class TopUpStatus(models.TextChoices):

@@ -20,7 +20,6 @@ from billing.apis import MONEY_ROLES
 from billing.models import BillingMode, FundingState
 from billing.money import from_minor_units
 from billing.selectors import (
-    balance_minor,
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
@@ -33,6 +32,7 @@ from billing.selectors import (
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import month_start
+from billing.services.holds import money_position
 from billing.services.payment_methods import (
     payment_method_attach,
     payment_method_detach,
@@ -146,6 +146,7 @@ class OverviewView(BillingPage):
                 }
             )
         spent = spend_minor(organization=self.organization, since=month_start(timezone.now()))
+        balance, held = money_position(organization_id=self.organization.pk)
         top_ups = list(top_ups_for_org(organization=self.organization)[:5])
         for top_up in top_ups:
             top_up.amount_display = money(top_up.amount_minor, top_up.currency)
@@ -155,7 +156,9 @@ class OverviewView(BillingPage):
             {
                 "account": account,
                 "currency": c.upper(),
-                "balance": money(balance_minor(organization=self.organization), c),
+                "balance": money(balance, c),
+                "held": money(held, c) if held else None,
+                "available": money(balance - held, c),
                 "spent_this_month": money(spent, c),
                 "monthly_spend_limit": money(account.monthly_spend_limit_minor, c)
                 if account.monthly_spend_limit_minor is not None
@@ -345,8 +348,11 @@ def overview_panel(membership) -> dict:
     account = billing_account_for_org(organization=organization)
     currency = account.currency if account else settings.CURRENCY
     state = account.funding_state if account else FundingState.OK
+    balance, held = money_position(organization_id=organization.pk)
     return {
-        "balance": money(balance_minor(organization=organization), currency),
+        "balance": money(balance, currency),
+        "held": money(held, currency),
+        "available": money(balance - held, currency),
         "postpaid": bool(account) and account.mode == BillingMode.POSTPAID,
         "state": state,
         "meaning": FUNDING_MEANING.get(state, ""),

@@ -4,43 +4,51 @@ The marketplace knows nothing of billing (dependencies point billing → marketp
 registers its gate at start-up (billing.apps.BillingConfig.ready); until then, and in a
 deployment without billing, the default gate allows everything.
 
-reservation_create calls, inside its transaction and before it writes anything:
+Money committed is money held (DESIGN invariant 9). Inside the transaction that books or
+lengthens a reservation, once the reservation and its GPUs are written, the marketplace asks:
 
-    funding_gate().reservation_authorize(organization=org, tier=tier, gpu_count=n,
-        price_per_gpu_hour=price, total_amount=total, currency=currency,
-        starts_at=starts_at, ends_at=ends_at)
+    funding_gate().reservation_authorize(reservation=r)
+    funding_gate().extension_authorize(reservation=r, old_ends_at=..., old_total=...)
 
-which returns None or raises config.errors.PaymentRequired (HTTP 402) with a clear code
-(insufficient_funds, spend_limit_exceeded, account_suspended, no_payment_method).
+The gate locks the organisation's money until the transaction ends, checks the commitment
+against what is available (or the spend limit) and holds it; it raises
+config.errors.PaymentRequired (HTTP 402, codes insufficient_funds, spend_limit_exceeded,
+account_suspended), which rolls the whole booking back. When the customer cancels or stops a
+reservation, `reservation_ended(reservation=r)` (same transaction) settles it and releases
+what it still holds; the gate's owner releases holds of reservations that end otherwise.
 """
 
 from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
-from marketplace.models import Organization
+from marketplace.models import Reservation
 
 __all__ = ["FundingGate", "AllowAllFundingGate", "funding_gate", "funding_gate_register"]
 
 
 class FundingGate(Protocol):
-    def reservation_authorize(
-        self,
-        *,
-        organization: Organization,
-        tier: str,
-        gpu_count: int,
-        price_per_gpu_hour: Decimal,
-        total_amount: Decimal,
-        currency: str,
-        starts_at: datetime,
-        ends_at: datetime,
+    def reservation_authorize(self, *, reservation: Reservation) -> None:
+        """Hold a reservation's committed part; raise PaymentRequired if it is not funded."""
+
+    def extension_authorize(
+        self, *, reservation: Reservation, old_ends_at: datetime, old_total: Decimal
     ) -> None:
-        """Return if the organisation may commit this spend; raise PaymentRequired if not."""
+        """Hold (and charge what is due at once for) the extra time just written to
+        `reservation` (its new end and total); raise PaymentRequired if it is not funded."""
+
+    def reservation_ended(self, *, reservation: Reservation) -> None:
+        """The customer cancelled or stopped `reservation`: settle it and release its holds."""
 
 
 class AllowAllFundingGate:
     def reservation_authorize(self, **kwargs) -> None:
+        return None
+
+    def extension_authorize(self, **kwargs) -> None:
+        return None
+
+    def reservation_ended(self, **kwargs) -> None:
         return None
 
 

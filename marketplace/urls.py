@@ -35,6 +35,11 @@ urlpatterns = [
         name="reservation-cancellation-terms",
     ),
     path(
+        "reservations/<str:reservation_id>/extension-terms",
+        reservations.ExtensionTermsApi.as_view(),
+        name="reservation-extension-terms",
+    ),
+    path(
         "reservations/<str:reservation_id>/cancel",
         reservations.ReservationCancelApi.as_view(),
         name="reservation-cancel",

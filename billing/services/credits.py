@@ -31,8 +31,14 @@ from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
 from billing.money import from_minor_units, to_minor_units
+from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
-from billing.services.usage import METERED_TIERS, _overlap_seconds, outage_intervals
+from billing.services.usage import (
+    METERED_TIERS,
+    _overlap_seconds,
+    outage_intervals,
+    reserved_base_charge,
+)
 from config.errors import ValidationFailed
 from marketplace.models import Organization, Reservation, ReservationStatus, Tier
 
@@ -195,18 +201,13 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
         why = "Reserved term never delivered: full refund."
     else:
         return None
-    charge, _ = ledger_entry_add(
-        organization=reservation.organization,
-        kind=LedgerKind.RESERVED_CHARGE,
-        amount_minor=-to_minor_units(reservation.total_amount, reservation.currency),
-        currency=reservation.currency,
-        idempotency_key=f"reserved:{reservation.pk}",
-        reservation=reservation,
-        period_start=reservation.starts_at,
-        period_end=reservation.ends_at,
-        description=f"Reserved term {reservation.term}, {reservation.gpu_count} GPU(s)",
-    )
-    amount_minor = min(to_minor_units(refund, reservation.currency), -charge.amount_minor)
+    reserved_base_charge(reservation, reservation.total_amount)
+    holds_charge(reservation_ids=[reservation.pk])
+    # What the term was charged in all (as booked, and any extension charged at once).
+    charged_minor = -LedgerEntry.objects.filter(
+        reservation=reservation, kind=LedgerKind.RESERVED_CHARGE
+    ).aggregate(total=Coalesce(Sum("amount_minor"), 0))["total"]
+    amount_minor = min(to_minor_units(refund, reservation.currency), charged_minor)
     if amount_minor <= 0:
         return None
     entry, created = ledger_entry_add(

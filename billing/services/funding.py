@@ -31,13 +31,17 @@ from django.utils import timezone
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
 from billing.selectors import balance_minor, spend_minor
+from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
+from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
+from billing.services.usage import reservations_meter, reserved_extension_charge
 from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
 
 __all__ = [
     "committed_amount",
+    "commitment_authorize",
     "BillingFundingGate",
     "funding_state_update",
     "month_start",
@@ -68,73 +72,153 @@ def committed_amount(
     return Decimal(price_per_gpu_hour) * gpu_count * min(hours, period_hours)
 
 
-# What the gate decides by (and an automatic recharge needs), read on every reservation: a
-# plain statement, because compiling the ORM's query cost more CPU than running it.
-_GATE_ACCOUNT_SQL = """
-SELECT id, organization_id, mode, funding_state, monthly_spend_limit_minor,
+# The gate's lock: every money decision for an organisation (a booking, an extension) takes
+# its billing account row first, so they happen one after another. A plain statement, because
+# compiling the ORM's query cost more CPU than running it (the create path runs it every time).
+_LOCK_ACCOUNT_SQL = """
+SELECT id, organization_id, currency, mode, funding_state, monthly_spend_limit_minor,
        auto_recharge_enabled, stripe_customer_id, default_payment_method_id
-FROM billing_billingaccount WHERE organization_id = %s
+FROM billing_billingaccount WHERE organization_id = %s FOR UPDATE
 """
+
+
+def _account_lock(organization_id: int) -> BillingAccount:
+    account = next(iter(BillingAccount.objects.raw(_LOCK_ACCOUNT_SQL, [organization_id])), None)
+    if account is None:
+        from billing.services.accounts import billing_account_get_or_create
+
+        billing_account_get_or_create(organization=Organization(pk=organization_id))
+        account = next(iter(BillingAccount.objects.raw(_LOCK_ACCOUNT_SQL, [organization_id])))
+    return account
+
+
+def _money(amount_minor: int, currency: str) -> str:
+    return f"{from_minor_units(amount_minor, currency)} {currency.upper()}"
+
+
+def commitment_authorize(
+    *, organization_id: int, commit_minor: int, currency: str, what: str = "reservation"
+) -> None:
+    """Lock the organisation's billing account (until the transaction ends) and check that it
+    may commit `commit_minor` more; raise PaymentRequired if not.
+
+    Prepaid: the balance less open holds must cover it. Every organisation with a monthly spend
+    limit: this month's charges, open holds and this must stay within it. The caller holds the
+    commitment in the same transaction (hold_add), so the next decision counts it.
+    """
+    account = _account_lock(organization_id)
+    if account.funding_state == FundingState.SUSPENDED:
+        raise PaymentRequired(
+            "Billing is suspended for this organisation: top up to reserve or extend again.",
+            code="account_suspended",
+        )
+    # After the lock, in a statement of its own: a snapshot taken now sees every hold that
+    # the decisions before this one committed.
+    balance, held = money_position(organization_id=organization_id)
+    if account.monthly_spend_limit_minor is not None:
+        spent = spend_minor(
+            organization=Organization(pk=organization_id), since=month_start(timezone.now())
+        )
+        if spent + held + commit_minor > account.monthly_spend_limit_minor:
+            raise PaymentRequired(
+                f"This {what} would take this month's spend over the limit of "
+                f"{_money(account.monthly_spend_limit_minor, currency)} (charged "
+                f"{_money(spent, currency)}, held for bookings {_money(held, currency)}, "
+                f"this needs {_money(commit_minor, currency)}).",
+                code="spend_limit_exceeded",
+            )
+    if account.mode == BillingMode.POSTPAID:
+        return
+    available = balance - held
+    if available < commit_minor:
+        recharging = _recharge_kick(account, commit_minor - available)
+        raise PaymentRequired(
+            f"The balance ({_money(balance, currency)}, of which {_money(held, currency)} is "
+            f"held for bookings) does not cover this {what}'s committed part "
+            f"({_money(commit_minor, currency)}): "
+            + (
+                "an automatic recharge of your card has started; try again in a minute."
+                if recharging
+                else "top up and try again."
+            ),
+            code="insufficient_funds",
+        )
 
 
 class BillingFundingGate:
     """Billing's implementation of marketplace.funding.FundingGate."""
 
-    def reservation_authorize(
-        self,
-        *,
-        organization: Organization,
-        tier: str,
-        gpu_count: int,
-        price_per_gpu_hour: Decimal,
-        total_amount: Decimal,
-        currency: str,
-        starts_at: datetime,
-        ends_at: datetime,
-    ) -> None:
-        account = next(iter(BillingAccount.objects.raw(_GATE_ACCOUNT_SQL, [organization.pk])), None)
+    def reservation_authorize(self, *, reservation: Reservation) -> None:
         commit_minor = to_minor_units(
             committed_amount(
-                tier=tier,
-                gpu_count=gpu_count,
-                price_per_gpu_hour=price_per_gpu_hour,
-                total_amount=total_amount,
-                starts_at=starts_at,
-                ends_at=ends_at,
+                tier=reservation.tier,
+                gpu_count=reservation.gpu_count,
+                price_per_gpu_hour=reservation.price_per_gpu_hour,
+                total_amount=reservation.total_amount,
+                starts_at=reservation.starts_at,
+                ends_at=reservation.ends_at,
+            ),
+            reservation.currency,
+        )
+        commitment_authorize(
+            organization_id=reservation.organization_id,
+            commit_minor=commit_minor,
+            currency=reservation.currency,
+        )
+        hold_add(
+            reservation=reservation,
+            amount_minor=commit_minor,
+            idempotency_key=f"reservation:{reservation.pk}",
+            description="committed part of the reservation",
+        )
+
+    def extension_authorize(
+        self, *, reservation: Reservation, old_ends_at: datetime, old_total: Decimal
+    ) -> None:
+        """The extra time of an extension, just written to `reservation`: the same gate and a
+        hold for its committed part; a reserved term's difference is charged at once."""
+        currency = reservation.currency
+        extra_minor = to_minor_units(reservation.total_amount, currency) - to_minor_units(
+            old_total, currency
+        )
+        commit_minor = to_minor_units(
+            committed_amount(
+                tier=reservation.tier,
+                gpu_count=reservation.gpu_count,
+                price_per_gpu_hour=reservation.price_per_gpu_hour,
+                total_amount=from_minor_units(extra_minor, currency),
+                starts_at=old_ends_at,
+                ends_at=reservation.ends_at,
             ),
             currency,
         )
-        if account is not None and account.funding_state == FundingState.SUSPENDED:
-            raise PaymentRequired(
-                "Billing is suspended for this organisation: top up to reserve again.",
-                code="account_suspended",
+        commitment_authorize(
+            organization_id=reservation.organization_id,
+            commit_minor=commit_minor,
+            currency=currency,
+            what="extension",
+        )
+        end = reservation.ends_at.isoformat()
+        hold_add(
+            reservation=reservation,
+            amount_minor=commit_minor,
+            idempotency_key=f"extension:{reservation.pk}:{end}",
+            description=f"extension to {end}",
+        )
+        if reservation.tier == Tier.RESERVED:
+            reserved_extension_charge(
+                reservation=reservation, old_total=old_total, extra_minor=extra_minor
             )
-        if account is not None and account.monthly_spend_limit_minor is not None:
-            spent = spend_minor(organization=organization, since=month_start(timezone.now()))
-            if spent + commit_minor > account.monthly_spend_limit_minor:
-                limit = from_minor_units(account.monthly_spend_limit_minor, currency)
-                raise PaymentRequired(
-                    f"This reservation would take this month's spend over the limit of {limit} "
-                    f"{currency.upper()} (spent {from_minor_units(spent, currency)}, this needs "
-                    f"{from_minor_units(commit_minor, currency)}).",
-                    code="spend_limit_exceeded",
-                )
-        if account is not None and account.mode == BillingMode.POSTPAID:
-            return
-        balance = balance_minor(organization=organization)
-        if balance < commit_minor:
-            recharging = account is not None and _recharge_kick(account, commit_minor)
-            raise PaymentRequired(
-                f"The balance ({from_minor_units(balance, currency)} {currency.upper()}) does not "
-                f"cover this reservation's committed part "
-                f"({from_minor_units(commit_minor, currency)}): "
-                + (
-                    "an automatic recharge of your card has started; try again in a minute."
-                    if recharging
-                    else "top up and try again."
-                ),
-                code="insufficient_funds",
-            )
+
+    def reservation_ended(self, *, reservation: Reservation) -> None:
+        """Cancelled or stopped by the customer: charge what is due up to now (a cancelled
+        reserved term: its terms) and release what stays held, in the same transaction."""
+        if reservation.tier == Tier.RESERVED:
+            cancellation_settle(reservation_id=reservation.pk)
+        else:
+            reservations_meter(reservation_ids=[reservation.pk])
+        holds_charge(reservation_ids=[reservation.pk])
+        holds_release(reservation_ids=[reservation.pk])
 
 
 def _recharge_kick(account: BillingAccount, needed_minor: int) -> bool:
@@ -208,6 +292,8 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
             f"released at {grace_until:%Y-%m-%d %H:%M} UTC unless you top up; usage "
             "until then is owed.",
         )
+    elif state == FundingState.SUSPENDED:
+        _release_unfunded(organization=organization)  # any left over by the last run
     elif state == FundingState.GRACE and account.grace_until and now >= account.grace_until:
         _set_state(account, FundingState.SUSPENDED)
         released = _release_unfunded(organization=organization)
@@ -237,11 +323,18 @@ def _release_unfunded(*, organization: Organization) -> list[str]:
 
     S = ReservationStatus
     released = []
-    candidates = Reservation.objects.filter(
-        organization=organization,
-        tier__in=[Tier.ON_DEMAND, Tier.INTERRUPTIBLE],
-        status__in=[S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE],
-    ).order_by("pk")
+    # The account row is locked here; a reservation locked by someone else (an extension,
+    # which takes the reservation, then the account) is left for the next run rather than
+    # waited for, which could deadlock.
+    candidates = (
+        Reservation.objects.select_for_update(skip_locked=True)
+        .filter(
+            organization=organization,
+            tier__in=[Tier.ON_DEMAND, Tier.INTERRUPTIBLE],
+            status__in=[S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE],
+        )
+        .order_by("pk")
+    )
     for reservation in candidates:
         to_status = S.RELEASING if reservation.status == S.ACTIVE else S.CANCELLED
         try:

@@ -1,4 +1,5 @@
-"""The metering run: usage lines for every reservation that may owe, then funding state."""
+"""The metering run: usage lines for every reservation that may owe, holds of ended ones
+released, then funding state."""
 
 from datetime import datetime, timedelta
 
@@ -6,6 +7,7 @@ from django.utils import timezone
 
 from billing.services.credits import cancellation_settle, cancellations_due
 from billing.services.funding import funding_state_update
+from billing.services.holds import holds_release_ended
 from billing.services.usage import reservations_meter, reservations_to_meter
 from marketplace.models import Organization, Reservation
 
@@ -25,6 +27,8 @@ def usage_meter_run(*, now: datetime | None = None) -> int:
     settled = cancellations_due()
     for reservation_id in settled:
         cancellation_settle(reservation_id=reservation_id)
+    # Charged up to their end just above: what ended reservations still hold is released.
+    holds_release_ended()
     org_ids = set(
         Reservation.objects.filter(pk__in=[*ids, *settled]).values_list(
             "organization_id", flat=True

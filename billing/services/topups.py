@@ -25,6 +25,7 @@ from billing.money import from_minor_units, to_minor_units
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.events import top_up_events_record
+from billing.services.holds import money_position
 from billing.services.ledger import ledger_entry_add
 from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handler
 from billing.stripe_gateway import StripeGateway
@@ -174,10 +175,11 @@ def auto_recharge_for_reservation(*, organization: Organization, needed_minor: i
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
     if account is None or account.mode != BillingMode.PREPAID or not account.auto_recharge_enabled:
         return None
-    balance = balance_minor(organization=organization)
-    if balance >= needed_minor:
+    balance, held = money_position(organization_id=organization.pk)
+    available = balance - held  # what new commitments can use (billing.services.holds)
+    if available >= needed_minor:
         return None
-    amount_minor = max(account.recharge_amount_minor, needed_minor - balance)
+    amount_minor = max(account.recharge_amount_minor, needed_minor - available)
     if amount_minor > to_minor_units(MAX_TOP_UP, account.currency):
         return None  # a charge this size needs the customer, not an automatic recharge
     return _start_automatic(account=account, amount_minor=amount_minor)

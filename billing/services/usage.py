@@ -18,6 +18,7 @@ metered by the second; outages against them are compensated by SLA credits.
 
 from collections import defaultdict
 from datetime import datetime
+from decimal import Decimal
 
 from django.db import transaction
 from django.db.models import Max, Q, Sum
@@ -25,6 +26,7 @@ from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
 from billing.money import to_minor_units, usage_cost_minor
+from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
 from inventory.models import Outage
 from marketplace.models import (
@@ -44,6 +46,8 @@ __all__ = [
     "reservation_meter",
     "reservations_meter",
     "reservations_to_meter",
+    "reserved_base_charge",
+    "reserved_extension_charge",
 ]
 
 METERED_TIERS = (Tier.ON_DEMAND, Tier.INTERRUPTIBLE)
@@ -143,6 +147,13 @@ def reservations_meter(*, reservation_ids: list[int], now: datetime | None = Non
     metered = [r for r in reservations if r.tier in METERED_TIERS and r.activated_at is not None]
     if not metered:
         return 0
+    written = _meter_usage(metered, now)
+    # In this transaction: the gate sees a charge and the hold it fills together.
+    holds_charge(reservation_ids=[r.pk for r in metered])
+    return written
+
+
+def _meter_usage(metered: list[Reservation], now: datetime) -> int:
     ids = [r.pk for r in metered]
     nodes_of: dict[int, set[int]] = defaultdict(set)
     for reservation_id, node_id in Allocation.objects.filter(reservation_id__in=ids).values_list(
@@ -224,10 +235,17 @@ def reservation_meter(*, reservation_id: int, now: datetime | None = None) -> Le
 def _charge_reserved_term(reservation: Reservation) -> LedgerEntry | None:
     if reservation.status not in CHARGED_RESERVED_STATUSES:
         return None
+    entry = reserved_base_charge(reservation, reservation.total_amount)
+    holds_charge(reservation_ids=[reservation.pk])
+    return entry
+
+
+def reserved_base_charge(reservation: Reservation, total: Decimal) -> LedgerEntry | None:
+    """The term as booked, charged once (key reserved:<id>); extensions are charged apart."""
     entry, created = ledger_entry_add(
         organization=reservation.organization,
         kind=LedgerKind.RESERVED_CHARGE,
-        amount_minor=-to_minor_units(reservation.total_amount, reservation.currency),
+        amount_minor=-to_minor_units(total, reservation.currency),
         currency=reservation.currency,
         idempotency_key=f"reserved:{reservation.pk}",
         reservation=reservation,
@@ -236,6 +254,28 @@ def _charge_reserved_term(reservation: Reservation) -> LedgerEntry | None:
         description=f"Reserved term {reservation.term}, {reservation.gpu_count} GPU(s)",
     )
     return entry if created else None
+
+
+def reserved_extension_charge(
+    *, reservation: Reservation, old_total: Decimal, extra_minor: int
+) -> None:
+    """Charge a reserved term's extension at once: the term as booked first (if the meter has
+    not yet), then the difference, each once; the reservation row is locked by the caller."""
+    reserved_base_charge(reservation, old_total)
+    if extra_minor > 0:
+        end = reservation.ends_at.isoformat()
+        ledger_entry_add(
+            organization=reservation.organization,
+            kind=LedgerKind.RESERVED_CHARGE,
+            amount_minor=-extra_minor,
+            currency=reservation.currency,
+            idempotency_key=f"reserved:{reservation.pk}:extension:{end}",
+            reservation=reservation,
+            period_start=reservation.starts_at,
+            period_end=reservation.ends_at,
+            description=f"Reserved term extended to {end}, {reservation.gpu_count} GPU(s)",
+        )
+    holds_charge(reservation_ids=[reservation.pk])
 
 
 def reservations_to_meter(*, now: datetime, since: datetime) -> list[int]:

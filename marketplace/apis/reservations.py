@@ -2,7 +2,8 @@
 
 import django_filters
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -17,6 +18,7 @@ from marketplace.selectors.reservations import reservation_get_for_org, reservat
 from marketplace.services.energy import booking_energy
 from marketplace.services.reservations import (
     cancellation_terms,
+    extension_terms,
     reservation_cancel,
     reservation_create,
     reservation_extend,
@@ -401,17 +403,56 @@ class ReservationCancelApi(_OneReservation):
         return Response(_detail(self.organization, reservation.public_id))
 
 
+class ExtensionTermsInput(serializers.Serializer):
+    ends_at = serializers.DateTimeField(help_text="The new, later end to price.")
+
+
+class ExtensionTermsOutput(serializers.Serializer):
+    ends_at = serializers.DateTimeField(help_text="The current end.")
+    new_ends_at = serializers.DateTimeField()
+    currency = serializers.CharField()
+    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
+    extra_amount = serializers.DecimalField(
+        max_digits=14, decimal_places=2, help_text="What the extra time costs."
+    )
+    new_total = serializers.DecimalField(max_digits=14, decimal_places=2)
+    charged_now = serializers.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        help_text="Charged when the extension is made (a reserved term's extra time); "
+        "on-demand and interruptible time is charged as it is used.",
+    )
+    rule = serializers.CharField()
+
+
+class ExtensionTermsApi(_OneReservation):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_extension_terms",
+        summary="What extending to ends_at would cost, before extending (nothing changes)",
+        parameters=[OpenApiParameter("ends_at", OpenApiTypes.DATETIME, required=True)],
+        responses={200: ExtensionTermsOutput, **errors(400, 403, 404, 409)},
+    )
+    def get(self, request, reservation_id: str):
+        data = validated_input(ExtensionTermsInput, request.query_params)
+        terms = extension_terms(self.reservation(), data["ends_at"])
+        return Response(ExtensionTermsOutput(terms).data)
+
+
 class ReservationExtendInput(serializers.Serializer):
-    ends_at = serializers.DateTimeField(help_text="The new, later end; same GPUs, same price.")
+    ends_at = serializers.DateTimeField(
+        help_text="The new, later end; same GPUs, same price (see extension-terms first)."
+    )
 
 
 class ReservationExtendApi(_OneReservation):
     @extend_schema(
         tags=TAGS,
         operation_id="reservations_extend",
-        summary="Extend: move the end later if the same GPUs stay free",
+        summary="Extend: move the end later if the same GPUs stay free and the extra time is "
+        "funded",
         request=ReservationExtendInput,
-        responses={200: ReservationDetailOutput, **errors(400, 403, 404, 409, 415, 422)},
+        responses={200: ReservationDetailOutput, **errors(400, 402, 403, 404, 409, 415, 422)},
     )
     def post(self, request, reservation_id: str):
         reservation = self.reservation()

@@ -181,6 +181,8 @@ class ExtendForm(forms.Form):
     ends_at = forms.DateTimeField(
         label="New end (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
     )
+    # Set by the confirmation step, once the extra cost has been shown.
+    confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 
 class ApiKeyCreateForm(forms.Form):

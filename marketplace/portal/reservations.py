@@ -35,6 +35,7 @@ from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import (
     cancellation_rule,
     cancellation_terms,
+    extension_terms,
     reservation_cancel,
     reservation_create,
     reservation_extend,
@@ -236,6 +237,7 @@ def _detail_context(view, reservation, **extra) -> dict:
         "interruption": reservation.preempt_at is not None
         and reservation.status in PREEMPTIBLE_STATUSES,
         "extend_form": ExtendForm(initial={"ends_at": reservation.ends_at}),
+        "extension_terms": None,
         "cancel_form": CancelForm(),
     }
     if "cancel" in context["allowed"]:
@@ -290,10 +292,23 @@ class ReservationExtendView(PortalView, View):
                 _detail_context(self, reservation, extend_form=form),
                 status=400,
             )
+        ends_at = form.cleaned_data["ends_at"]
+        if not form.cleaned_data["confirm"]:
+            # First the extra cost, changing nothing; the customer confirms it to extend.
+            try:
+                terms = extension_terms(reservation, ends_at)
+            except ApplicationError as exc:
+                show_error(request, exc)
+                return redirect("portal:reservation", public_id=public_id)
+            return render(
+                request,
+                "portal/reservation.html",
+                _detail_context(self, reservation, extension_terms=terms),
+            )
         try:
             updated = reservation_extend(
                 reservation=reservation,
-                new_ends_at=form.cleaned_data["ends_at"],
+                new_ends_at=ends_at,
                 actor_label=self.org_context.actor_label,
             )
         except ApplicationError as exc:

@@ -57,6 +57,8 @@ from marketplace.services.transitions import reservation_action_refusal, reserva
 
 __all__ = [
     "CancellationTerms",
+    "ExtensionTerms",
+    "extension_terms",
     "cancellation_rule",
     "cancellation_terms",
     "reservation_create",
@@ -386,16 +388,6 @@ def _book(
     gpu_model: GpuModel | None = None,
 ) -> Reservation:
     """`site` and `gpu_model`, when the caller has them in hand, are kept on the reservation."""
-    funding_gate().reservation_authorize(
-        organization=organization,
-        tier=tier,
-        gpu_count=gpu_count,
-        price_per_gpu_hour=price_per_gpu_hour,
-        total_amount=total_amount,
-        currency=currency,
-        starts_at=starts_at,
-        ends_at=ends_at,
-    )
     status = S.SCHEDULED if starts_at <= now + START_SKEW else S.PENDING
     reservation = Reservation.objects.create(
         organization=organization,
@@ -428,6 +420,9 @@ def _book(
         ends_at=ends_at,
         first_plan=first_plan,
     )
+    # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
+    # taken after the node locks, as an extension takes it (one lock order, no deadlock).
+    funding_gate().reservation_authorize(reservation=reservation)
     transition = ReservationTransition.objects.create(
         reservation=reservation,
         from_status="",
@@ -469,6 +464,7 @@ def reservation_cancel(
     )
     updated.cancellation = {**terms.as_dict(), "reason": reason, "actor_label": actor_label}
     updated.save(update_fields=["cancellation", "updated_at"])
+    funding_gate().reservation_ended(reservation=updated)
     if to_status == S.RELEASING:
         # Billed until released_at: tear down promptly rather than when the sweeper notices.
         release_kick(updated.pk)
@@ -494,6 +490,79 @@ ORDER BY n.id
 """
 
 
+@dataclass(frozen=True)
+class ExtensionTerms:
+    """What extending to `new_ends_at` would cost, stated before reservation_extend applies it."""
+
+    ends_at: datetime
+    new_ends_at: datetime
+    currency: str
+    price_per_gpu_hour: Decimal
+    extra_amount: Decimal
+    new_total: Decimal
+    charged_now: Decimal
+    rule: str
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for name in ("ends_at", "new_ends_at"):
+            d[name] = d[name].isoformat()
+        return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in d.items()}
+
+
+def extension_terms(
+    reservation: Reservation, new_ends_at: datetime, *, at: datetime | None = None
+) -> ExtensionTerms:
+    """The extra time priced as the reservation was (its price per GPU-hour, the whole period
+    totalled as when it was booked). Raises what reservation_extend would for a bad end.
+
+    Whether the GPUs stay free and the money is there is decided when it is applied.
+    """
+    at = at or timezone.now()
+    refusal = reservation_action_refusal(reservation, "extend", at=at)
+    if refusal:
+        raise InvalidTransition(refusal, code="extend_not_allowed")
+    if not isinstance(new_ends_at, datetime) or new_ends_at.tzinfo is None:
+        raise ValidationFailed("ends_at must be a time with a time zone.", field="ends_at")
+    if new_ends_at <= reservation.ends_at:
+        raise ValidationFailed(
+            f"The new end must be after the current end ({reservation.ends_at.isoformat()}).",
+            code="not_later",
+            field="ends_at",
+        )
+    if new_ends_at - reservation.starts_at > MAX_DURATION:
+        raise ValidationFailed(
+            f"A reservation may last at most {MAX_DURATION.days} days.",
+            code="period_too_long",
+            field="ends_at",
+        )
+    new_total = period_total(
+        price_per_gpu_hour=reservation.price_per_gpu_hour,
+        gpu_count=reservation.gpu_count,
+        seconds=int((new_ends_at - reservation.starts_at).total_seconds()),
+    )
+    extra = new_total - reservation.total_amount
+    if reservation.tier == Tier.RESERVED:
+        charged_now = extra
+        rule = "A reserved term's extra time is charged at once, at the term's price."
+    else:
+        charged_now = Decimal("0.00")
+        rule = (
+            "The extra time is charged by the second as it is used, at the same price; its "
+            "committed part is held against the balance now, as a new reservation's is."
+        )
+    return ExtensionTerms(
+        ends_at=reservation.ends_at,
+        new_ends_at=new_ends_at,
+        currency=reservation.currency,
+        price_per_gpu_hour=reservation.price_per_gpu_hour,
+        extra_amount=extra,
+        new_total=new_total,
+        charged_now=charged_now,
+        rule=rule,
+    )
+
+
 @transaction.atomic
 def reservation_extend(
     *, reservation: Reservation, new_ends_at: datetime, actor_label: str
@@ -506,23 +575,7 @@ def reservation_extend(
     """
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
     now = timezone.now()
-    refusal = reservation_action_refusal(locked, "extend", at=now)
-    if refusal:
-        raise InvalidTransition(refusal, code="extend_not_allowed")
-    if not isinstance(new_ends_at, datetime) or new_ends_at.tzinfo is None:
-        raise ValidationFailed("ends_at must be a time with a time zone.", field="ends_at")
-    if new_ends_at <= locked.ends_at:
-        raise ValidationFailed(
-            f"The new end must be after the current end ({locked.ends_at.isoformat()}).",
-            code="not_later",
-            field="ends_at",
-        )
-    if new_ends_at - locked.starts_at > MAX_DURATION:
-        raise ValidationFailed(
-            f"A reservation may last at most {MAX_DURATION.days} days.",
-            code="period_too_long",
-            field="ends_at",
-        )
+    terms = extension_terms(locked, new_ends_at, at=now)
     old_end = locked.ends_at
     allocations = list(Allocation.objects.filter(reservation=locked, is_live=True))
     gpu_ids = [a.gpu_id for a in allocations]
@@ -572,9 +625,8 @@ def reservation_extend(
         raise NotAvailable("Those GPUs are booked later on.", code="not_extendable") from exc
 
     seconds = int((new_ends_at - locked.starts_at).total_seconds())
-    locked.total_amount = period_total(
-        price_per_gpu_hour=locked.price_per_gpu_hour, gpu_count=locked.gpu_count, seconds=seconds
-    )
+    old_total = locked.total_amount
+    locked.total_amount = terms.new_total
     breakdown = dict(locked.breakdown or {})
     breakdown["hours"] = str((Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.000001")))
     breakdown["total"] = str(locked.total_amount)
@@ -585,6 +637,9 @@ def reservation_extend(
     locked.ends_at = new_ends_at
     locked.breakdown = breakdown
     locked.save(update_fields=["ends_at", "total_amount", "breakdown", "updated_at"])
+    # The extra time is priced as the original was and passes the same gate (a hold for it;
+    # a reserved term's difference charged at once): refused, all of the above rolls back.
+    funding_gate().extension_authorize(reservation=locked, old_ends_at=old_end, old_total=old_total)
     ReservationTransition.objects.create(
         reservation=locked,
         from_status=locked.status,

@@ -23,11 +23,13 @@ def credit(org, minor: int, key: str):
 
 
 def authorize(org, *, tier=Tier.ON_DEMAND, price="2.00", gpus=2, hours=10, total=None):
-    funding_gate().reservation_authorize(
-        organization=org, tier=tier, gpu_count=gpus, price_per_gpu_hour=Decimal(price),
-        total_amount=Decimal(total or Decimal(price) * gpus * hours), currency="usd",
-        starts_at=T0, ends_at=T0 + timedelta(hours=hours),
+    """A booked (pending) reservation, as reservation_create has written it, asks the gate."""
+    reservation = make_reservation(
+        org, tier=tier, gpu_count=gpus, price=Decimal(price), hours=hours,
+        total=Decimal(total) if total else None, status=ReservationStatus.PENDING,
     )  # fmt: skip
+    funding_gate().reservation_authorize(reservation=reservation)
+    return reservation
 
 
 def test_billing_registers_its_gate_with_the_marketplace():

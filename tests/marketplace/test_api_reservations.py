@@ -281,6 +281,30 @@ def test_extend_moves_the_end_and_the_total(owner_client, market):
     assert extension["actor"].startswith("user:")
 
 
+def test_extension_terms_state_the_extra_cost_and_change_nothing(owner_client, market):
+    created = make_reservation(owner_client)  # 2 GPUs, 3 h at 2.00: 12.00
+    url = f"/api/v1/reservations/{created['id']}"
+
+    response = owner_client.get(f"{url}/extension-terms", {"ends_at": iso(tomorrow(hours=5))})
+
+    assert response.status_code == 200, response.content
+    terms = response.json()
+    assert (terms["extra_amount"], terms["new_total"], terms["charged_now"]) == (
+        "8.00",
+        "20.00",
+        "0.00",
+    )
+    assert terms["new_ends_at"] == iso(tomorrow(hours=5))
+    after = owner_client.get(url).json()
+    assert (after["ends_at"], after["total"]) == (created["ends_at"], created["total"])
+    assert len(after["transitions"]) == len(created["transitions"])
+    error = assert_error(
+        owner_client.get(f"{url}/extension-terms", {"ends_at": iso(tomorrow(hours=1))}), 400
+    )
+    assert (error["code"], error["field"]) == ("not_later", "ends_at")
+    assert_error(owner_client.get(f"{url}/extension-terms"), 400, "required")
+
+
 def test_list_filters_by_status_tier_site_and_created_range(owner_client, market):
     first = make_reservation(owner_client)
     second = make_reservation(owner_client, gpu_count=1)

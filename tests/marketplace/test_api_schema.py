@@ -31,6 +31,7 @@ def test_the_schema_is_served_and_describes_the_api():
         "/api/v1/reservations/{reservation_id}/cancel",
         "/api/v1/reservations/{reservation_id}/cancellation-terms",
         "/api/v1/reservations/{reservation_id}/extend",
+        "/api/v1/reservations/{reservation_id}/extension-terms",
         "/api/v1/api-keys",
         "/api/v1/api-keys/{key_id}/revoke",
         "/api/v1/ssh-keys",
@@ -86,7 +87,7 @@ def test_the_marketplace_part_of_the_schema_is_valid_and_has_no_warnings():
     schema = generator.get_schema(request=None, public=True)
     validate_schema(schema)
     assert not GENERATOR_STATS, dict(GENERATOR_STATS._warn_cache)
-    assert len(schema["paths"]) == 22
+    assert len(schema["paths"]) == 23
 
 
 @pytest.mark.parametrize("url", ["/api/docs/", "/api/redoc/"])

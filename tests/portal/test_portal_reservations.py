@@ -129,7 +129,12 @@ def test_extend_moves_the_end_and_refuses_when_the_gpus_are_booked_later(signed_
     )  # fmt: skip
     page.goto(page.base + f"/reservations/{mine.public_id}")
     page.get_by_label("New end (UTC)").fill((start + timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M"))
-    page.get_by_role("button", name="Extend").click()
+    page.get_by_role("button", name="See the cost").click()
+    # The extra cost first, nothing changed yet: 16 GPUs × 2 h × 2.50.
+    expect(page.locator("#extension-terms")).to_contain_text("adds 80.00 USD (total 160.00)")
+    mine.refresh_from_db()
+    assert mine.ends_at == start + timedelta(hours=2)
+    page.get_by_role("button", name="Confirm: extend for 80.00 USD").click()
     expect(page.get_by_role("status")).to_contain_text("total now 160.00 USD")
     mine.refresh_from_db()
     assert mine.ends_at == start + timedelta(hours=4)
@@ -140,7 +145,8 @@ def test_extend_moves_the_end_and_refuses_when_the_gpus_are_booked_later(signed_
         tier="on_demand", site=site.slug,
     )  # fmt: skip
     page.get_by_label("New end (UTC)").fill((start + timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M"))
-    page.get_by_role("button", name="Extend").click()
+    page.get_by_role("button", name="See the cost").click()
+    page.get_by_role("button", name="Confirm: extend for 160.00 USD").click()
     expect(page.get_by_role("status")).to_contain_text("booked from")
     mine.refresh_from_db()
     assert mine.ends_at == start + timedelta(hours=4)
