@@ -245,6 +245,18 @@ AGENT_JOB_LEASE = timedelta(seconds=env_int("AGENT_JOB_LEASE_SECONDS", 60, minim
 # A job no agent has leased after this long means the node's agent is gone: provisioning moves
 # the reservation to other GPUs, a release completes without waiting for the stop.
 AGENT_JOB_STALL = timedelta(seconds=env_int("AGENT_JOB_STALL_SECONDS", 180, minimum=5))
+# A site agent reports a start job done only once the container runs and every published
+# port accepts TCP on the customer's address; a workload not ready by then fails (no charge).
+PROVISIONING_READINESS_TIMEOUT_SECONDS = env_int(
+    "PROVISIONING_READINESS_TIMEOUT_SECONDS", 120, minimum=1
+)
+# A stop sends SIGTERM, waits this long for the workload to exit, then SIGKILL; per tier.
+# Interruptible workloads get at least 30 s to checkpoint.
+PROVISIONING_STOP_GRACE_SECONDS = {
+    "on_demand": env_int("PROVISIONING_STOP_GRACE_SECONDS_ON_DEMAND", 10, minimum=0),
+    "reserved": env_int("PROVISIONING_STOP_GRACE_SECONDS_RESERVED", 10, minimum=0),
+    "interruptible": env_int("PROVISIONING_STOP_GRACE_SECONDS_INTERRUPTIBLE", 30, minimum=30),
+}
 # Redis redelivers an unacknowledged task after this long; tasks are idempotent, and a
 # duplicate that arrives while the first copy still runs is a no-op.
 CELERY_VISIBILITY_TIMEOUT_SECONDS = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)

@@ -20,12 +20,13 @@ from devservices import ROOT, RUN_DIR, ServiceError, Supervisor, ensure_postgres
 
 TEST_REDIS_DB = 15
 BROWSER_TEST_MARKERS = ("pytest.mark.browser", "playwright")
+CONTAINER_TEST_MARKERS = ("pytest.mark.container",)
 
 
-def browser_tests_exist() -> bool:
+def tests_exist(markers: tuple[str, ...]) -> bool:
     for path in (ROOT / "tests").rglob("test_*.py"):
         text = path.read_text(encoding="utf-8", errors="replace")
-        if any(marker in text for marker in BROWSER_TEST_MARKERS):
+        if any(marker in text for marker in markers):
             return True
     return False
 
@@ -43,8 +44,12 @@ def main(pytest_args: list[str]) -> int:
             return 2
         print(f"make test: {postgres.description}; {redis.description}", flush=True)
 
-        if browser_tests_exist():
+        if tests_exist(BROWSER_TEST_MARKERS):
             subprocess.run(["bash", str(ROOT / "scripts" / "ensure_chromium.sh")], check=True)
+        # The site agent's tests run real containers (their image is built once per run by
+        # tests/agent/conftest.py).
+        if tests_exist(CONTAINER_TEST_MARKERS):
+            subprocess.run(["bash", str(ROOT / "scripts" / "ensure_podman.sh")], check=True)
 
         env = {
             **os.environ,

@@ -122,7 +122,9 @@ class WorkloadOutput(serializers.Serializer):
 
 class ConnectionNodeOutput(serializers.Serializer):
     host = serializers.CharField()
-    ssh_port = serializers.IntegerField()
+    ssh_port = serializers.IntegerField(
+        allow_null=True, help_text="Null when the workload has no SSH keys (22 not published)."
+    )
     ports = serializers.DictField(
         child=serializers.IntegerField(),
         default=dict,
@@ -133,7 +135,13 @@ class ConnectionNodeOutput(serializers.Serializer):
 
 class ConnectionOutput(serializers.Serializer):
     host = serializers.CharField(help_text="The entry point (the first node).")
-    ssh_port = serializers.IntegerField()
+    ssh_port = serializers.IntegerField(
+        allow_null=True, help_text="Null when the workload has no SSH keys (22 not published)."
+    )
+    simulated = serializers.BooleanField(
+        default=False,
+        help_text="True when no workload runs: the simulated driver (demo, tests) made these up.",
+    )
     ports = serializers.DictField(
         child=serializers.IntegerField(),
         default=dict,

@@ -20,6 +20,7 @@ from marketplace.provisioning.agent_jobs import (
     agent_job_lease,
     agent_job_progress,
 )
+from marketplace.provisioning.agent_reports import agent_workloads_report
 
 
 class _AgentApi(APIView):
@@ -153,3 +154,44 @@ class AgentJobFailApi(_AgentApi):
             node_failure=data["node_failure"],
         )
         return Response(JobStateSerializer(job).data)
+
+
+class AgentWorkloadsApi(_AgentApi):
+    """Every container the agent runs and its state (sent with each heartbeat). A workload
+    that exited while its reservation was active ends the reservation; the answer holds the
+    preemption notices to write into the node's containers."""
+
+    class ContainerReportSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=128)
+        reservation = serializers.CharField(max_length=64, allow_blank=True)
+        state = serializers.CharField(max_length=32)
+        exit_code = serializers.IntegerField(allow_null=True, required=False)
+        finished_at = serializers.CharField(max_length=64, allow_null=True, required=False)
+        log_tail = serializers.CharField(max_length=4000, allow_blank=True, required=False)
+
+    class AgentWorkloadsInputSerializer(serializers.Serializer):
+        containers = serializers.ListField(child=serializers.DictField(), max_length=512)
+
+        def validate_containers(self, items: list[dict]) -> list[dict]:
+            reports = AgentWorkloadsApi.ContainerReportSerializer(data=items, many=True)
+            reports.is_valid(raise_exception=True)
+            return reports.validated_data
+
+    class OutputSerializer(serializers.Serializer):
+        notices = serializers.ListField(child=serializers.DictField())
+
+        class Meta:
+            ref_name = "AgentWorkloads"
+
+    @extend_schema(
+        request=AgentWorkloadsInputSerializer,
+        responses={200: OutputSerializer, **agent_errors()},
+        operation_id="agent_workloads_report",
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.AgentWorkloadsInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        notices = agent_workloads_report(
+            node=request.user.node, containers=serializer.validated_data["containers"]
+        )
+        return Response({"notices": notices})

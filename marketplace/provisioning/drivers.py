@@ -53,6 +53,7 @@ class Target:
     public_id: str
     workload: dict
     nodes: tuple[NodeTarget, ...]
+    tier: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,14 @@ def _connection(target: Target, *, host_for) -> dict:
     return {"host": first["host"], "ssh_port": 22, "ports": first["ports"], "nodes": nodes}
 
 
+def _redact(text: str, workload: dict) -> str:
+    """The workload's environment values out of a text that may quote its log."""
+    for value in sorted(workload.get("env", {}).values(), key=len, reverse=True):
+        if len(value) >= 6:
+            text = text.replace(value, "[redacted]")
+    return text
+
+
 class SimulatedDriver(Driver):
     """Plays a site on this machine: each call takes `latency` seconds and fails at `failure_rate`.
 
@@ -168,10 +177,10 @@ class SimulatedDriver(Driver):
         self._call("start", target)
 
     def check(self, target: Target) -> Check:
-        return Check(
-            "ready",
-            connection=_connection(target, host_for=lambda n: f"{n.hostname}.sim.switchyard.test"),
-        )
+        connection = _connection(target, host_for=lambda n: f"{n.hostname}.sim.switchyard.test")
+        # Nothing runs: the portal and the API say so next to these made-up addresses.
+        connection["simulated"] = True
+        return Check("ready", connection=connection)
 
     def stop(self, target: Target) -> Check:
         self._call("stop", target)
@@ -222,8 +231,10 @@ class SiteAgentDriver(Driver):
                     raise NodeFailure(
                         job.node_id, job.error or "The site agent reported a node failure."
                     )
+                # The agent redacts the log lines it quotes; so do we, should it be an old one.
                 raise WorkloadFailure(
-                    job.error or f"The site agent could not {job.kind} the workload."
+                    _redact(job.error, target.workload)
+                    or f"The site agent could not {job.kind} the workload."
                 )
         started = {
             j.node_id: j for j in jobs if j.kind == "start" and j.status == AgentJobStatus.DONE
@@ -241,7 +252,8 @@ class SiteAgentDriver(Driver):
         )
         for entry, node in zip(connection["nodes"], target.nodes, strict=True):
             reported = hosts[node.node_id]
-            entry["ssh_port"] = int(reported.get("ssh_port", 22))
+            # No SSH port when the workload has no SSH keys (nothing is published for it).
+            entry["ssh_port"] = int(reported["ssh_port"]) if reported.get("ssh_port") else None
             entry["ports"] = {str(k): int(v) for k, v in reported.get("ports", {}).items()}
         first = connection["nodes"][0]
         connection.update(ssh_port=first["ssh_port"], ports=first["ports"])
@@ -308,9 +320,17 @@ def _agent_payload(target: Target, node: NodeTarget, kind: str) -> dict:
     if kind in ("prepare", "start"):
         payload["image"] = target.workload.get("image") or settings.PROVISIONING_DEFAULT_IMAGE
     if kind == "start":
+        from inventory.models import Gpu
+
         payload["env"] = dict(target.workload.get("env", {}))
         payload["ssh_public_keys"] = list(target.workload.get("ssh_public_keys", []))
         payload["ports"] = list(target.workload.get("ports", []))
+        payload["readiness_timeout_seconds"] = settings.PROVISIONING_READINESS_TIMEOUT_SECONDS
+        # The agent sizes the container's CPU and memory by the reservation's share of them.
+        payload["node_gpu_count"] = Gpu.objects.filter(node_id=node.node_id).count()
+    if kind == "stop":
+        grace = settings.PROVISIONING_STOP_GRACE_SECONDS
+        payload["grace_seconds"] = grace.get(target.tier, max(grace.values()))
     return payload
 
 

@@ -216,6 +216,7 @@ def _target(reservation: Reservation) -> tuple[Target, list[tuple[int, str, str]
         public_id=reservation.public_id,
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
+        tier=reservation.tier,
     )
     return target, list(node_states.values())
 
@@ -524,6 +525,7 @@ def _provision_claim(
         public_id=reservation.public_id,
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
+        tier=reservation.tier,
     )
     return (
         attempt,
@@ -824,6 +826,7 @@ def _teardown_prepare(
         public_id=reservation.public_id,
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
+        tier=reservation.tier,
     )
     return attempt, failures, target
 

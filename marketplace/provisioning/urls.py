@@ -7,6 +7,7 @@ from marketplace.provisioning.apis import (
     AgentJobFailApi,
     AgentJobLeaseApi,
     AgentJobProgressApi,
+    AgentWorkloadsApi,
 )
 
 urlpatterns = [
@@ -22,4 +23,5 @@ urlpatterns = [
         name="agent-job-complete",
     ),
     path("agent/jobs/<int:job_id>/fail", AgentJobFailApi.as_view(), name="agent-job-fail"),
+    path("agent/workloads", AgentWorkloadsApi.as_view(), name="agent-workloads"),
 ]

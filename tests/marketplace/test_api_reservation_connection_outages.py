@@ -45,6 +45,7 @@ def test_the_connection_appears_once_active_and_goes_when_released(owner_client,
         "host": host,
         "ssh_port": 22,
         "ports": {"8888": 8888, "6006": 6006},
+        "simulated": True,  # the simulated driver: nothing runs there
         "nodes": [
             {
                 "host": host,

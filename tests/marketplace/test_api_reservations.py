@@ -225,7 +225,12 @@ def test_a_reservation_shows_connection_details_only_when_active(owner_client, m
         )
     body = owner_client.get(url).json()
     assert body["status"] == "active"
-    assert body["connection"] == {"host": "n1.example", "ssh_port": 22, "ports": {}}
+    assert body["connection"] == {
+        "host": "n1.example",
+        "ssh_port": 22,
+        "ports": {},
+        "simulated": False,
+    }
     assert body["activated_at"] is not None
 
 

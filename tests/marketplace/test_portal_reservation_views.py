@@ -228,6 +228,19 @@ def test_connection_details_show_while_active_and_every_node_of_a_cluster(
     assert "ssh -p 2222 root@10.0.0.5" in page
     assert "port 8888 → 10.0.0.5:30888" in page
     assert "ssh -p 2223 root@10.0.0.6" in page
+    assert 'id="simulated"' not in page
+
+    simulated = {**connection, "host": "n1.sim.switchyard.test", "simulated": True}
+    Reservation.objects.filter(pk=reservation.pk).update(connection=simulated)
+    page = client.get(path).content.decode()
+    assert '<strong class="badge" id="simulated">Simulated</strong>' in page
+    assert "No workload runs" in page
+
+    no_ssh = {"host": "10.0.0.5", "ssh_port": None, "ports": {"8888": 30888}}
+    Reservation.objects.filter(pk=reservation.pk).update(connection=no_ssh)
+    page = client.get(path).content.decode()
+    assert "ssh -p" not in page and "No SSH (the workload has no SSH keys)." in page
+    assert "port 8888 → 10.0.0.5:30888" in page
 
 
 # --- the list, page by page -------------------------------------------------------------------

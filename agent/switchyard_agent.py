@@ -1,0 +1,946 @@
+"""Switchyard site agent: runs at a site behind NAT, pulls its node's jobs and runs them.
+
+    switchyard-agent --api https://switchyard.example --token-file /etc/switchyard/node-token \
+        [--config /etc/switchyard/agent.toml] [--executor container|dry-run] [--host ADDRESS] …
+
+One file, Python 3.11+ standard library only: install it with pip (`pip install ./agent`) or
+copy this file to the node. It loops: heartbeat (with every container it runs and its state),
+lease a job, run it through the executor while reporting progress (which extends the lease),
+then report complete (with connection details) or fail. See agent/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+__all__ = [
+    "AGENT_VERSION",
+    "Settings",
+    "SettingsError",
+    "ExecutorError",
+    "DryRunExecutor",
+    "ContainerExecutor",
+    "AgentClient",
+    "Agent",
+    "gpu_args",
+    "isolation_args",
+    "image_registry_refusal",
+    "token_read",
+    "settings_load",
+    "main",
+]
+
+AGENT_VERSION = "2.0"
+logger = logging.getLogger("switchyard.agent")
+
+# Every container the agent starts carries these labels; they are how it finds its own
+# containers again after a restart (it adopts them rather than starting duplicates).
+LABEL_MANAGED = "switchyard.managed"
+LABEL_RESERVATION = "switchyard.reservation"
+# Mounted read-only at /run/switchyard in the container: authorized_keys, and the preemption
+# notice once one is given.
+NOTICE_DIR_IN_CONTAINER = "/run/switchyard"
+# Capabilities a workload keeps (everything else is dropped): enough for sshd to switch users
+# and bind port 22, and for a package manager to chown files. Not NET_RAW, MKNOD, SYS_ADMIN,
+# SYS_PTRACE, SETPCAP, SETFCAP, NET_ADMIN.
+KEPT_CAPABILITIES = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "AUDIT_WRITE",
+)
+PIDS_LIMIT = 8192
+LOG_TAIL_LINES = 20
+LOG_TAIL_CHARS = 1500
+
+
+class SettingsError(Exception):
+    """A setting, the token file or the runtime is not usable: the agent does not start."""
+
+
+class ExecutorError(Exception):
+    """A job failed. node_failure: the node itself is at fault (runtime unusable), not the
+    workload; the platform then takes the node out of sale and moves the reservation."""
+
+    def __init__(self, message: str, *, node_failure: bool = False):
+        super().__init__(message)
+        self.node_failure = node_failure
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Every setting, from (highest first) flags, SWITCHYARD_<NAME> variables, the config
+    file (TOML, same names), then these defaults."""
+
+    api: str = ""
+    token_file: str = "/etc/switchyard/node-token"
+    executor: str = "container"
+    runtime: str = ""  # podman or docker (a name on PATH or a path); empty: podman, else docker
+    host: str = field(default_factory=socket.getfqdn)  # the address customers connect to
+    publish_address: str = ""  # where ports are published; empty: host if it is an IP, else 0.0.0.0
+    state_dir: str = "/var/lib/switchyard-agent"
+    gpu_vendor: str = "none"  # nvidia, amd or none
+    nvidia_mode: str = "cdi"  # cdi (--device nvidia.com/gpu=N) or gpus (--gpus device=N)
+    amd_render_node_base: int = 128  # GPU index i is /dev/dri/renderD<base + i>
+    node_cpus: float = 0.0  # 0: os.cpu_count()
+    node_memory_mib: int = 0  # 0: MemTotal from /proc/meminfo
+    readiness_timeout_seconds: float = 120.0
+    allow_private_registries: bool = False
+    lease_seconds: int = 60
+    poll_seconds: float = 2.0
+    heartbeat_seconds: float = 10.0
+    once: bool = False
+
+
+_CHOICES = {
+    "executor": {"container", "dry-run"},
+    "gpu_vendor": {"nvidia", "amd", "none"},
+    "nvidia_mode": {"cdi", "gpus"},
+}
+
+
+def _coerce(name: str, kind: type, value) -> object:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off", ""}:
+            return False
+        raise SettingsError(f"{name} must be a boolean, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be {kind.__name__}, got {value!r}") from None
+
+
+def settings_load(
+    flags: dict, *, environ: dict[str, str] | None = None, config_path: str | None = None
+) -> Settings:
+    """Merge the defaults, the config file, the environment and the flags (in that order)."""
+    environ = os.environ if environ is None else environ
+    types = {f.name: type(getattr(Settings(host="x"), f.name)) for f in fields(Settings)}
+    values: dict[str, object] = {}
+    config_path = config_path or environ.get("SWITCHYARD_CONFIG")
+    if config_path:
+        try:
+            with open(config_path, "rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read the config file {config_path}: {exc}") from None
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise SettingsError(f"unknown setting {unknown[0]!r} in {config_path}")
+        values.update(data)
+    for name in types:
+        env_value = environ.get(f"SWITCHYARD_{name.upper()}")
+        if env_value is not None:
+            values[name] = env_value
+    values.update({k: v for k, v in flags.items() if v is not None and k in types})
+    settings = Settings(**{k: _coerce(k, types[k], v) for k, v in values.items()})
+    for name, allowed in _CHOICES.items():
+        if getattr(settings, name) not in allowed:
+            raise SettingsError(f"{name} must be one of {sorted(allowed)}")
+    if not settings.api.startswith(("http://", "https://")):
+        raise SettingsError(
+            "api must be the base URL of Switchyard, e.g. https://switchyard.example"
+        )
+    if settings.readiness_timeout_seconds <= 0 or settings.lease_seconds < 5:
+        raise SettingsError("readiness_timeout_seconds must be > 0 and lease_seconds >= 5")
+    return settings
+
+
+def token_read(path: str) -> str:
+    """The node token from `path`, refused if anyone but its owner may read or write it."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise SettingsError(f"cannot read the node token file {path}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SettingsError(
+            f"the node token file {path} is readable by others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run 'chmod 600 {path}'"
+        )
+    with open(path, encoding="utf-8") as handle:
+        token = handle.read().strip()
+    if not token.startswith("nt_"):
+        raise SettingsError(f"{path} does not hold a node token (nt_…)")
+    return token
+
+
+# --- pure helpers: GPU arguments, isolation, image policy, redaction ------------------------
+
+
+def gpu_args(
+    vendor: str,
+    indexes: Iterable[int],
+    *,
+    nvidia_mode: str = "cdi",
+    amd_render_node_base: int = 128,
+) -> list[str]:
+    """The runtime arguments that hand exactly these GPUs (node-local indexes) to a container.
+
+    NVIDIA: CDI devices (`--device nvidia.com/gpu=N`, podman ≥ 4.1 or docker ≥ 25 with the
+    NVIDIA Container Toolkit's CDI spec) or docker's `--gpus "device=N,M"`. AMD: the compute
+    interface /dev/kfd and each GPU's render node /dev/dri/renderD<base + N>.
+    """
+    indexes = sorted(set(int(i) for i in indexes))
+    if not indexes or vendor == "none":
+        return []
+    if vendor == "nvidia":
+        if nvidia_mode == "cdi":
+            return [arg for i in indexes for arg in ("--device", f"nvidia.com/gpu={i}")]
+        # One CSV field: quoted so that docker does not split "device=0,1" at the comma.
+        return ["--gpus", f'"device={",".join(str(i) for i in indexes)}"']
+    if vendor == "amd":
+        args = ["--device", "/dev/kfd"]
+        for i in indexes:
+            args += ["--device", f"/dev/dri/renderD{amd_render_node_base + i}"]
+        return args
+    raise ValueError(f"unknown GPU vendor {vendor!r}")
+
+
+def isolation_args(*, network: str, cpus: float, memory_mib: int) -> list[str]:
+    """What keeps tenants apart on a node: no privileges, few capabilities, own network, limits."""
+    args = ["--cap-drop=ALL", *[f"--cap-add={c}" for c in KEPT_CAPABILITIES]]
+    args += ["--security-opt=no-new-privileges", f"--pids-limit={PIDS_LIMIT}"]
+    args += [f"--network={network}", f"--cpus={cpus:g}", f"--memory={memory_mib}m"]
+    # Swap would let a container exceed its memory share at the node's expense.
+    args.append(f"--memory-swap={memory_mib}m")
+    return args
+
+
+def _registry_host(image: str) -> str | None:
+    """The registry host of an image reference, or None for the default registry."""
+    first, slash, _rest = image.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        return None
+    if first.startswith("["):  # [v6]:port
+        return first[1 : first.index("]")]
+    return first.rsplit(":", 1)[0] if first.count(":") == 1 else first
+
+
+def image_registry_refusal(image: str, *, resolve: Callable | None = None) -> str | None:
+    """Why an image must not be pulled (its registry is on a loopback, link-local or private
+    address, which a tenant could use to reach the site's own network), or None."""
+    host = _registry_host(image)
+    if host is None:
+        return None
+    resolve = resolve or socket.getaddrinfo
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            addresses = {ipaddress.ip_address(info[4][0]) for info in resolve(host, None)}
+        except (OSError, UnicodeError):
+            return None  # unresolvable: the pull fails on its own
+    for address in addresses:
+        if address.is_loopback or address.is_link_local or address.is_private:
+            return (
+                f"The image's registry {host} is on a private address ({address}); "
+                "this site does not pull from private registries."
+            )
+    return None
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def log_tail_bound(lines: list[str], secrets: Iterable[str]) -> str:
+    """The last lines of a log, at most LOG_TAIL_LINES and LOG_TAIL_CHARS, secrets redacted."""
+    secrets = list(secrets)
+    kept: list[str] = []
+    size = 0
+    for line in reversed(lines[-LOG_TAIL_LINES:]):
+        line = redact(line.rstrip()[:300], secrets)
+        if size + len(line) + 1 > LOG_TAIL_CHARS:
+            break
+        kept.append(line)
+        size += len(line) + 1
+    return "\n".join(reversed(kept))
+
+
+def _node_memory_mib() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --- executors ----------------------------------------------------------------------------
+
+
+class DryRunExecutor:
+    """Runs nothing; answers as if it had. For trying the whole flow without containers."""
+
+    name = "dry-run"
+
+    def __init__(self, *, host: str):
+        self.host = host
+
+    def run(self, kind: str, payload: dict, progress: Callable[[dict], None]) -> dict:
+        name = payload.get("container_name", "sy-unknown")
+        if kind == "prepare":
+            progress({"step": "pull", "image": payload.get("image")})
+            return {"detail": f"dry run: would pull {payload.get('image')}"}
+        if kind == "start":
+            ports = {str(p): int(p) for p in payload.get("ports", [])}
+            result = {"host": self.host, "ports": ports, "container_id": name}
+            if payload.get("ssh_public_keys"):
+                result["ssh_port"] = 22
+            return result
+        if kind == "stop":
+            return {"detail": f"dry run: would stop {name}"}
+        raise ExecutorError(f"Unknown job kind {kind!r}.")
+
+    def containers(self) -> list[dict]:
+        return []
+
+    def notices_apply(self, notices: list[dict]) -> None:
+        return None
+
+
+class ContainerExecutor:
+    """Runs workloads with podman or docker through the CLI verbs both share (run, inspect,
+    port, logs, stop, rm, pull, network).
+
+    Environment values reach the container through the runtime's own environment (`-e NAME`,
+    the value in the CLI process's environment, readable only by the agent's user): never on a
+    command line, never in a log line. A container is named after the reservation and labelled
+    with it, so the agent finds and adopts it after a restart instead of starting another.
+    """
+
+    name = "container"
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        runtime: str = "",
+        publish_address: str = "",
+        state_dir: str,
+        gpu_vendor: str = "none",
+        nvidia_mode: str = "cdi",
+        amd_render_node_base: int = 128,
+        node_cpus: float = 0.0,
+        node_memory_mib: int = 0,
+        readiness_timeout_seconds: float = 120.0,
+        allow_private_registries: bool = False,
+        runtime_env: dict[str, str] | None = None,
+    ):
+        found = shutil.which(runtime) if runtime else None
+        found = found or (None if runtime else shutil.which("podman") or shutil.which("docker"))
+        if not found:
+            raise SettingsError(
+                f"the container executor needs {runtime or 'podman or docker'} on PATH; "
+                "install it, or run with --executor dry-run"
+            )
+        self.runtime = found
+        self.flavour = "docker" if Path(found).name.startswith("docker") else "podman"
+        self.host = host
+        self.publish_address = publish_address or (host if _is_ip(host) else "0.0.0.0")
+        self.state_dir = Path(state_dir)
+        self.gpu_vendor = gpu_vendor
+        self.nvidia_mode = nvidia_mode
+        self.amd_render_node_base = amd_render_node_base
+        self.node_cpus = node_cpus or float(os.cpu_count() or 1)
+        self.node_memory_mib = node_memory_mib or _node_memory_mib() or 1024
+        self.readiness_timeout = readiness_timeout_seconds
+        self.allow_private_registries = allow_private_registries
+        self.runtime_env = dict(runtime_env or {})
+
+    # The runtime's CLI.
+
+    def _cli(
+        self, args: list[str], *, env: dict | None = None, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(
+                [self.runtime, *args],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**os.environ, **self.runtime_env, **(env or {})},
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ExecutorError(
+                f"{self.flavour} {args[0]} timed out after {timeout:g} s."
+            ) from None
+        except OSError as exc:
+            raise ExecutorError(
+                f"cannot run {self.runtime}: {exc.strerror}", node_failure=True
+            ) from None
+
+    def _run(self, args: list[str], *, env: dict | None = None, timeout: float = 900) -> str:
+        done = self._cli(args, env=env, timeout=timeout)
+        if done.returncode != 0:
+            message = (done.stderr or done.stdout).strip()[-1000:]
+            raise ExecutorError(
+                f"{self.flavour} {args[0]} failed: {message}",
+                node_failure=not self.runtime_usable(),
+            )
+        return done.stdout
+
+    def runtime_usable(self) -> bool:
+        """Whether the runtime answers at all (daemon up, storage readable)."""
+        try:
+            return self._cli(["info", "--format", "{{json .}}"], timeout=60).returncode == 0
+        except ExecutorError:
+            return False
+
+    def _inspect(self, name: str) -> dict | None:
+        done = self._cli(["container", "inspect", name], timeout=60)
+        if done.returncode != 0:
+            if not self.runtime_usable():
+                raise ExecutorError(
+                    f"{self.flavour} does not answer: {done.stderr.strip()[-500:]}",
+                    node_failure=True,
+                )
+            return None
+        found = json.loads(done.stdout or "[]")
+        return found[0] if found else None
+
+    # Jobs.
+
+    def run(self, kind: str, payload: dict, progress: Callable[[dict], None]) -> dict:
+        if kind == "prepare":
+            return self.prepare(payload, progress)
+        if kind == "start":
+            return self.start(payload, progress)
+        if kind == "stop":
+            return self.stop(payload)
+        raise ExecutorError(f"Unknown job kind {kind!r}.")
+
+    def prepare(self, payload: dict, progress: Callable[[dict], None]) -> dict:
+        image = payload["image"]
+        if not self.allow_private_registries:
+            refusal = image_registry_refusal(image)
+            if refusal:
+                raise ExecutorError(refusal)
+        if not self.runtime_usable():
+            raise ExecutorError(f"{self.flavour} does not answer on this node.", node_failure=True)
+        if self._cli(["image", "inspect", image], timeout=60).returncode == 0:
+            return {"detail": f"image {image} present"}
+        progress({"step": "pull", "image": image})
+        done = self._cli(["pull", image])
+        if done.returncode != 0:
+            if not self.runtime_usable():
+                raise ExecutorError(f"{self.flavour} stopped answering.", node_failure=True)
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            raise ExecutorError(f"The image {image} could not be pulled: {last[0][-500:]}")
+        return {"detail": f"pulled {image}"}
+
+    def _network(self, name: str) -> str:
+        network = f"{name}-net"
+        if self._cli(["network", "inspect", network], timeout=60).returncode != 0:
+            done = self._cli(
+                ["network", "create", "--label", f"{LABEL_MANAGED}=1", network], timeout=60
+            )
+            if done.returncode != 0 and "exists" not in done.stderr:
+                raise ExecutorError(
+                    f"cannot create the network {network}: {done.stderr.strip()[-500:]}",
+                    node_failure=True,
+                )
+        return network
+
+    def _share(self, payload: dict) -> tuple[float, int]:
+        """This reservation's CPU and memory: the node's, times its share of the node's GPUs."""
+        here = len(payload.get("gpu_indexes", [])) or 1
+        total = max(int(payload.get("node_gpu_count") or here), here)
+        cpus = max(round(self.node_cpus * here / total, 2), 0.5)
+        memory = max(self.node_memory_mib * here // total, 256)
+        return cpus, memory
+
+    def run_args(self, payload: dict, *, network: str, notice_dir: str) -> list[str]:
+        """The whole `run` command line after the runtime's name (no environment values)."""
+        name = payload["container_name"]
+        cpus, memory = self._share(payload)
+        args = ["run", "-d", "--name", name]
+        args += ["--label", f"{LABEL_MANAGED}=1"]
+        args += ["--label", f"{LABEL_RESERVATION}={payload['reservation']}"]
+        args += isolation_args(network=network, cpus=cpus, memory_mib=memory)
+        args += gpu_args(
+            self.gpu_vendor,
+            payload.get("gpu_indexes", []),
+            nvidia_mode=self.nvidia_mode,
+            amd_render_node_base=self.amd_render_node_base,
+        )
+        args += ["--volume", f"{notice_dir}:{NOTICE_DIR_IN_CONTAINER}:ro"]
+        args += ["--log-driver", "json-file" if self.flavour == "docker" else "k8s-file"]
+        for key in sorted(self._env(payload)):
+            args += ["-e", key]
+        for port in self._ports(payload):
+            args += ["-p", f"{_publish_host(self.publish_address)}::{port}"]
+        args.append(payload["image"])
+        return args
+
+    @staticmethod
+    def _ports(payload: dict) -> list[int]:
+        """Port 22 when the customer gave SSH keys, then each port asked for."""
+        asked = [int(p) for p in payload.get("ports", [])]
+        ssh = [22] if payload.get("ssh_public_keys") else []
+        return ssh + [p for p in asked if p not in ssh]
+
+    @staticmethod
+    def _env(payload: dict) -> dict[str, str]:
+        env = dict(payload.get("env", {}))
+        if payload.get("ssh_public_keys"):
+            env["SSH_PUBLIC_KEYS"] = "\n".join(payload["ssh_public_keys"])
+        return env
+
+    def _notice_dir(self, name: str, payload: dict) -> Path:
+        directory = self.state_dir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        keys = "".join(f"{k}\n" for k in payload.get("ssh_public_keys", []))
+        _write_atomic(directory / "authorized_keys", keys, mode=0o644)
+        return directory
+
+    def start(self, payload: dict, progress: Callable[[dict], None]) -> dict:
+        name = payload["container_name"]
+        existing = self._inspect(name)
+        if existing is not None and (
+            _labels(existing).get(LABEL_RESERVATION) != payload["reservation"]
+        ):
+            raise ExecutorError(f"A container named {name} exists that this agent did not start.")
+        if existing is not None and existing["State"].get("Running"):
+            progress({"step": "adopt", "container": name})
+            logger.info("adopting running container %s", name)
+        else:
+            if existing is not None:
+                # Left by an agent that crashed before it was ready: start afresh.
+                logger.info(
+                    "removing leftover container %s (%s)", name, existing["State"]["Status"]
+                )
+                self._run(["rm", "-f", name], timeout=120)
+            network = self._network(name)
+            notice_dir = self._notice_dir(name, payload)
+            progress({"step": "run", "image": payload["image"]})
+            self._run(
+                self.run_args(payload, network=network, notice_dir=str(notice_dir)),
+                env=self._env(payload),
+            )
+        timeout = float(payload.get("readiness_timeout_seconds") or self.readiness_timeout)
+        return self._wait_ready(payload, timeout=timeout, progress=progress)
+
+    def _published(self, name: str) -> dict[int, int]:
+        """Container port → host port, from `port NAME` (`8080/tcp -> 127.0.0.1:49153`)."""
+        mapped: dict[int, int] = {}
+        for line in self._run(["port", name], timeout=60).splitlines():
+            inner, _, outer = line.partition("->")
+            port = inner.strip().split("/")[0]
+            host_port = outer.strip().rsplit(":", 1)[-1]
+            if port.isdigit() and host_port.isdigit():
+                mapped.setdefault(int(port), int(host_port))
+        return mapped
+
+    def _wait_ready(
+        self, payload: dict, *, timeout: float, progress: Callable[[dict], None]
+    ) -> dict:
+        """Until `timeout`: the container runs and every published port accepts TCP on the
+        address customers are given. Else the workload's failure, with its last log lines."""
+        name = payload["container_name"]
+        wanted = self._ports(payload)
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        mapped: dict[int, int] = {}
+        waiting: list[int] = wanted
+        while True:
+            state = (self._inspect(name) or {}).get("State", {})
+            if not state.get("Running"):
+                # podman says "stopped" or "exited" for the same thing, depending on timing.
+                code = state.get("ExitCode")
+                raise ExecutorError(
+                    f"The workload exited with code {code} before it was ready "
+                    f"({time.monotonic() - started:.1f} s after start)."
+                    + self._tail_suffix(name, payload)
+                )
+            if not mapped and wanted:
+                mapped = self._published(name)
+                missing = [p for p in wanted if p not in mapped]
+                if missing:
+                    raise ExecutorError(f"Port(s) {missing} were not published.")
+            waiting = [p for p in wanted if not _accepts(self.host, mapped[p])]
+            if not waiting:
+                break
+            if time.monotonic() >= deadline:
+                raise ExecutorError(
+                    f"The workload was not ready within {timeout:g} s: port(s) "
+                    f"{waiting} did not accept connections on {self.host}."
+                    + self._tail_suffix(name, payload)
+                )
+            progress({"step": "readiness", "waiting_for_ports": waiting})
+            time.sleep(0.25)
+        inspected = self._inspect(name) or {}
+        result = {
+            "host": self.host,
+            "ports": {str(p): mapped[p] for p in payload.get("ports", [])},
+            "container_id": inspected.get("Id", "")[:64],
+        }
+        if 22 in wanted:
+            result["ssh_port"] = mapped[22]
+        return result
+
+    def log_tail(self, name: str, secrets: Iterable[str]) -> str:
+        done = self._cli(["logs", "--tail", str(LOG_TAIL_LINES), name], timeout=60)
+        lines = (done.stdout + done.stderr).splitlines() if done.returncode == 0 else []
+        return log_tail_bound(lines, secrets)
+
+    def _tail_suffix(self, name: str, payload: dict) -> str:
+        tail = self.log_tail(name, self._env(payload).values())
+        return f" Last log lines:\n{tail}" if tail else " It wrote no log."
+
+    def stop(self, payload: dict) -> dict:
+        """SIGTERM, up to grace_seconds for the workload to exit, then SIGKILL; then remove
+        the container, its network and its notice folder."""
+        name = payload["container_name"]
+        grace = int(payload.get("grace_seconds", 10))
+        existing = self._inspect(name)
+        detail = f"{name} was already gone"
+        if existing is not None:
+            if existing["State"].get("Running"):
+                self._run(["stop", "-t", str(grace), name], timeout=grace + 120)
+            state = (self._inspect(name) or existing)["State"]
+            detail = f"stopped {name} (exit code {state.get('ExitCode')})"
+            self._run(["rm", "-f", name], timeout=120)
+        network = f"{name}-net"
+        if self._cli(["network", "inspect", network], timeout=60).returncode == 0:
+            self._run(["network", "rm", network], timeout=60)
+        shutil.rmtree(self.state_dir / name, ignore_errors=True)
+        return {"detail": detail}
+
+    # What the heartbeat reports, and preemption notices.
+
+    def containers(self) -> list[dict]:
+        """Every container this agent runs (found by label) and its state."""
+        names = self._run(
+            ["ps", "-a", "--filter", f"label={LABEL_MANAGED}=1", "--format", "{{.Names}}"],
+            timeout=60,
+        ).split()
+        if not names:
+            return []
+        inspected = json.loads(self._run(["container", "inspect", *names], timeout=60) or "[]")
+        report = []
+        for item in inspected:
+            labels = _labels(item)
+            state = item.get("State", {})
+            entry = {
+                "name": item.get("Name", "").lstrip("/"),
+                "reservation": labels.get(LABEL_RESERVATION, ""),
+                "state": state.get("Status", "unknown"),
+                "exit_code": None if state.get("Running") else state.get("ExitCode"),
+                "finished_at": None if state.get("Running") else state.get("FinishedAt"),
+            }
+            if not state.get("Running"):
+                secrets = [e.partition("=")[2] for e in (item.get("Config", {}).get("Env") or [])]
+                entry["log_tail"] = self.log_tail(entry["name"], secrets)
+            report.append(entry)
+        return sorted(report, key=lambda e: e["name"])
+
+    def notices_apply(self, notices: list[dict]) -> None:
+        """Write /run/switchyard/preemption in each noticed container (time and reason, JSON);
+        remove it from containers whose notice was withdrawn."""
+        noticed = {n["container"]: n for n in notices}
+        if not self.state_dir.is_dir():
+            return
+        for directory in self.state_dir.iterdir():
+            path = directory / "preemption"
+            notice = noticed.get(directory.name)
+            if notice is None:
+                path.unlink(missing_ok=True)
+                continue
+            body = json.dumps(
+                {"preempt_at": notice["preempt_at"], "reason": notice.get("reason", "")}
+            )
+            if not path.exists() or path.read_text() != body + "\n":
+                _write_atomic(path, body + "\n", mode=0o644)
+                logger.info("preemption notice for %s: %s", directory.name, notice["preempt_at"])
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _publish_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _labels(inspected: dict) -> dict[str, str]:
+    return (inspected.get("Config") or {}).get("Labels") or {}
+
+
+def _accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _write_atomic(path: Path, text: str, *, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+# --- the API and the loop -----------------------------------------------------------------
+
+
+class AgentClient:
+    def __init__(self, *, api: str, token: str, timeout: float = 15):
+        self.api = api.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def post(self, path: str, body: dict) -> tuple[int, dict | None]:
+        request = urllib.request.Request(
+            f"{self.api}/api/v1/{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": f"switchyard-site-agent/{AGENT_VERSION}",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw) if raw else None
+            except ValueError:
+                return exc.code, {"error": {"message": raw.decode(errors="replace")[:500]}}
+
+
+class Agent:
+    def __init__(self, *, client: AgentClient, executor, lease_seconds: int = 60):
+        self.client = client
+        self.executor = executor
+        self.lease_seconds = lease_seconds
+
+    def heartbeat(self) -> bool:
+        """Say the node is alive, report every container and its state, apply the notices."""
+        status, body = self.client.post("agent/heartbeat", {"agent_version": AGENT_VERSION})
+        if status == 401:
+            raise SettingsError("the API refused the node token (revoked or wrong)")
+        if status != 200:
+            logger.warning("heartbeat answered %s: %s", status, body)
+            return False
+        try:
+            containers = self.executor.containers()
+        except ExecutorError as exc:
+            logger.warning("cannot list containers: %s", exc)
+            return True
+        status, body = self.client.post("agent/workloads", {"containers": containers})
+        if status == 200 and body is not None:
+            self.executor.notices_apply(body.get("notices", []))
+        else:
+            logger.warning("workload report answered %s: %s", status, body)
+        return True
+
+    def run_one(self) -> bool:
+        """Lease and run one job; False when there was none."""
+        status, job = self.client.post("agent/jobs/lease", {"lease_seconds": self.lease_seconds})
+        if status == 204:
+            return False
+        if status != 200 or job is None:
+            logger.warning("lease answered %s: %s", status, job)
+            return False
+        job_id, lease_id = job["id"], job["lease_id"]
+        logger.info("job %s: %s for %s", job_id, job["kind"], job["reservation"])
+        stop_renewing = threading.Event()
+
+        def report_progress(progress: dict) -> None:
+            self.client.post(
+                f"agent/jobs/{job_id}/progress",
+                {"lease_id": lease_id, "progress": progress, "lease_seconds": self.lease_seconds},
+            )
+
+        def renew() -> None:
+            while not stop_renewing.wait(max(1.0, self.lease_seconds / 3)):
+                report_progress({"step": "running"})
+
+        renewer = threading.Thread(target=renew, daemon=True)
+        renewer.start()
+        try:
+            result = self.executor.run(job["kind"], job["payload"], report_progress)
+        except ExecutorError as exc:
+            stop_renewing.set()
+            code, _body = self.client.post(
+                f"agent/jobs/{job_id}/fail",
+                {"lease_id": lease_id, "error": str(exc)[:2000], "node_failure": exc.node_failure},
+            )
+            # The message may quote the workload's log: only its first line goes to our log.
+            logger.warning(
+                "job %s failed: %s (reported: %s)", job_id, str(exc).splitlines()[0], code
+            )
+            return True
+        finally:
+            stop_renewing.set()
+            renewer.join(timeout=5)
+        code, body = self.client.post(
+            f"agent/jobs/{job_id}/complete", {"lease_id": lease_id, "result": result}
+        )
+        if code == 200:
+            logger.info("job %s done", job_id)
+        else:
+            # 409: the lease passed to another agent while this one was slow; its result stands.
+            logger.warning("job %s completion refused (%s): %s", job_id, code, body)
+        return True
+
+    def loop(self, *, poll_seconds: float, heartbeat_seconds: float, once: bool) -> None:
+        last_heartbeat = float("-inf")
+        while True:
+            try:
+                if time.monotonic() - last_heartbeat >= heartbeat_seconds:
+                    self.heartbeat()
+                    last_heartbeat = time.monotonic()
+                ran = self.run_one()
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                logger.warning("API unreachable: %s; retrying", exc)
+                ran = False
+            if once and not ran:
+                return
+            if not ran:
+                time.sleep(poll_seconds)
+
+
+def executor_build(settings: Settings):
+    if settings.executor == "dry-run":
+        return DryRunExecutor(host=settings.host)
+    return ContainerExecutor(
+        host=settings.host,
+        runtime=settings.runtime,
+        publish_address=settings.publish_address,
+        state_dir=settings.state_dir,
+        gpu_vendor=settings.gpu_vendor,
+        nvidia_mode=settings.nvidia_mode,
+        amd_render_node_base=settings.amd_render_node_base,
+        node_cpus=settings.node_cpus,
+        node_memory_mib=settings.node_memory_mib,
+        readiness_timeout_seconds=settings.readiness_timeout_seconds,
+        allow_private_registries=settings.allow_private_registries,
+    )
+
+
+def arguments_add(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The agent's flags (also offered by `manage.py site_agent`)."""
+    p.add_argument("--config", help="TOML file with any of the settings below (by their names)")
+    p.add_argument("--api", help="base URL of Switchyard, e.g. https://switchyard.example")
+    p.add_argument("--token-file", help="file holding the node token (mode 600)")
+    p.add_argument("--executor", choices=sorted(_CHOICES["executor"]))
+    p.add_argument("--runtime", help="podman or docker (name on PATH or path)")
+    p.add_argument("--host", help="the address customers connect to")
+    p.add_argument("--publish-address", help="address ports are published on (default: --host)")
+    p.add_argument("--state-dir", help="where notice folders are kept")
+    p.add_argument("--gpu-vendor", choices=sorted(_CHOICES["gpu_vendor"]))
+    p.add_argument("--nvidia-mode", choices=sorted(_CHOICES["nvidia_mode"]))
+    p.add_argument("--amd-render-node-base", type=int)
+    p.add_argument("--node-cpus", type=float)
+    p.add_argument("--node-memory-mib", type=int)
+    p.add_argument("--readiness-timeout-seconds", type=float)
+    p.add_argument("--allow-private-registries", action="store_const", const=True, default=None)
+    p.add_argument("--lease-seconds", type=int)
+    p.add_argument("--poll-seconds", type=float)
+    p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--once", action="store_const", const=True, default=None,
+                   help="run the jobs waiting now, then exit")  # fmt: skip
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    description = __doc__.split("\n")[0]
+    return arguments_add(argparse.ArgumentParser(prog="switchyard-agent", description=description))
+
+
+def main(
+    argv: list[str] | None = None, *, token: str | None = None, flags: dict | None = None
+) -> int:
+    """The console entry point. The development wrapper passes parsed `flags` and a `token`
+    (which skips the token file)."""
+    args = dict(flags) if flags is not None else vars(_parser().parse_args(argv))
+    args.setdefault("config", None)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stdout,
+    )
+    try:
+        settings = settings_load(args, config_path=args.pop("config"))
+        token = token or token_read(settings.token_file)
+        executor = executor_build(settings)
+    except SettingsError as exc:
+        print(f"switchyard-agent: {exc}", file=sys.stderr)
+        return 2
+    runtime = getattr(executor, "runtime", "no runtime")
+    logger.info(
+        "site agent %s (%s, %s) for %s, customers connect to %s",
+        AGENT_VERSION, executor.name, runtime, settings.api, settings.host,
+    )  # fmt: skip
+    agent = Agent(
+        client=AgentClient(api=settings.api, token=token),
+        executor=executor,
+        lease_seconds=settings.lease_seconds,
+    )
+    try:
+        agent.loop(
+            poll_seconds=settings.poll_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            once=settings.once,
+        )
+    except SettingsError as exc:
+        print(f"switchyard-agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

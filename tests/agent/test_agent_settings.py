@@ -1,0 +1,152 @@
+"""The standalone agent's settings, token file, GPU arguments, isolation and image policy
+(no runtime needed)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from switchyard_agent import (
+    KEPT_CAPABILITIES,
+    SettingsError,
+    gpu_args,
+    image_registry_refusal,
+    isolation_args,
+    settings_load,
+    token_read,
+)
+
+AGENT = Path(__file__).resolve().parents[2] / "agent" / "switchyard_agent.py"
+
+
+def test_gpu_args_for_nvidia_through_cdi_name_each_of_the_reservations_gpus():
+    assert gpu_args("nvidia", [3, 1], nvidia_mode="cdi") == [
+        "--device", "nvidia.com/gpu=1", "--device", "nvidia.com/gpu=3",
+    ]  # fmt: skip
+
+
+def test_gpu_args_for_nvidia_through_gpus_are_one_quoted_device_list():
+    assert gpu_args("nvidia", [0, 2], nvidia_mode="gpus") == ["--gpus", '"device=0,2"']
+    assert gpu_args("nvidia", [5], nvidia_mode="gpus") == ["--gpus", '"device=5"']
+
+
+def test_gpu_args_for_amd_are_kfd_and_each_gpus_render_node():
+    assert gpu_args("amd", [0, 2]) == [
+        "--device", "/dev/kfd", "--device", "/dev/dri/renderD128",
+        "--device", "/dev/dri/renderD130",
+    ]  # fmt: skip
+    assert gpu_args("amd", [1], amd_render_node_base=129) == [
+        "--device", "/dev/kfd", "--device", "/dev/dri/renderD130",
+    ]  # fmt: skip
+
+
+def test_no_gpu_args_without_gpus_or_a_vendor():
+    assert gpu_args("nvidia", []) == []
+    assert gpu_args("none", [0, 1]) == []
+    with pytest.raises(ValueError):
+        gpu_args("intel", [0])
+
+
+def test_isolation_args_drop_capabilities_and_limit_the_container():
+    args = isolation_args(network="sy-r1-net", cpus=3.5, memory_mib=2048)
+    assert args[0] == "--cap-drop=ALL"
+    assert args[1 : 1 + len(KEPT_CAPABILITIES)] == [f"--cap-add={c}" for c in KEPT_CAPABILITIES]
+    assert args[1 + len(KEPT_CAPABILITIES) :] == [
+        "--security-opt=no-new-privileges", "--pids-limit=8192", "--network=sy-r1-net",
+        "--cpus=3.5", "--memory=2048m", "--memory-swap=2048m",
+    ]  # fmt: skip
+    assert not {"SYS_ADMIN", "NET_RAW", "NET_ADMIN", "SYS_PTRACE", "MKNOD"} & set(KEPT_CAPABILITIES)
+    assert "--privileged" not in args and not any("host" in a for a in args)
+
+
+@pytest.mark.parametrize(
+    ("image", "refused"),
+    [
+        ("ubuntu:24.04", False),
+        ("docker.io/library/ubuntu:24.04", False),
+        ("ghcr.io/org/trainer:1.2", False),
+        ("10.1.2.3:5000/team/trainer:1", True),
+        ("192.168.1.10/trainer", True),
+        ("169.254.169.254/latest:1", True),
+        ("[fd00::1]:5000/x:1", True),
+        ("[fe80::1]/x", True),
+        ("localhost:5000/x", True),
+        ("registry.site.internal/x:1", True),  # resolves to a private address (below)
+        ("8.8.8.8/x:1", False),
+    ],
+)
+def test_images_from_private_or_link_local_registries_are_refused(image, refused):
+    def resolve(host, _port):
+        table = {"registry.site.internal": "10.9.8.7", "localhost": "127.0.0.1"}
+        return [(None, None, None, "", (table.get(host, "93.184.216.34"), 0))]
+
+    reason = image_registry_refusal(image, resolve=resolve)
+    assert (reason is not None) == refused, reason
+
+
+def test_settings_come_from_flags_over_env_over_the_config_file(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'api = "https://file.example"\nhost = "gpu1.site.example"\n'
+        'gpu_vendor = "amd"\nreadiness_timeout_seconds = 30\nlease_seconds = 90\n'
+    )
+    environ = {"SWITCHYARD_HOST": "env.site.example", "SWITCHYARD_LEASE_SECONDS": "45"}
+
+    settings = settings_load({"lease_seconds": 20}, environ=environ, config_path=str(config))
+
+    assert settings.api == "https://file.example"
+    assert settings.host == "env.site.example"
+    assert settings.gpu_vendor == "amd"
+    assert settings.readiness_timeout_seconds == 30.0
+    assert settings.lease_seconds == 20
+    assert settings.allow_private_registries is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('api = "https://x"\nbogus = 1\n', "unknown setting 'bogus'"),
+        ('api = "https://x"\ngpu_vendor = "intel"\n', "gpu_vendor must be one of"),
+        ('api = "ftp://x"\n', "api must be the base URL"),
+        ('api = "https://x"\nlease_seconds = "soon"\n', "lease_seconds must be int"),
+        ("api = \n", "cannot read the config file"),
+    ],
+)
+def test_bad_settings_stop_the_agent_with_a_clear_message(tmp_path, text, message):
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    with pytest.raises(SettingsError, match=message):
+        settings_load({}, environ={}, config_path=str(config))
+
+
+def test_the_token_file_is_refused_when_others_may_read_it(tmp_path):
+    path = tmp_path / "node-token"
+    path.write_text("nt_abc123\n")
+    path.chmod(0o640)
+    with pytest.raises(SettingsError, match=r"readable by others \(mode 0640\)"):
+        token_read(str(path))
+    path.chmod(0o600)
+    assert token_read(str(path)) == "nt_abc123"
+    path.write_text("sk_live_wrong\n")
+    with pytest.raises(SettingsError, match="does not hold a node token"):
+        token_read(str(path))
+    with pytest.raises(SettingsError, match="cannot read the node token file"):
+        token_read(str(tmp_path / "missing"))
+
+
+def test_the_agent_runs_as_one_file_with_the_standard_library_only(tmp_path):
+    """Copied alone to a site and run with `python -I` (no site-packages, no project)."""
+    alone = tmp_path / "switchyard_agent.py"
+    alone.write_bytes(AGENT.read_bytes())
+    token = tmp_path / "token"
+    token.write_text("nt_x")
+    token.chmod(0o644)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(alone), "--api", "https://x.example",
+         "--token-file", str(token), "--executor", "dry-run", "--once"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "is readable by others (mode 0644)" in done.stderr

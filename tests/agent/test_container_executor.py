@@ -1,0 +1,371 @@
+"""The site agent's container executor against a real runtime (podman with runc).
+
+Each test starts real containers from the busybox test image (conftest.py); the workload's
+environment picks its behaviour (image/workload.sh).
+"""
+
+import json
+import logging
+import socket
+import time
+
+import pytest
+from switchyard_agent import ContainerExecutor, ExecutorError
+
+from tests.agent.conftest import HERE, no_progress, podman
+
+pytestmark = pytest.mark.container
+
+KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOM1nKHaq3s3Z3kQgYHXsZ4y8b2Jm9bC8t7bqYgF3lQv test@example"
+)
+
+
+def _state(name: str) -> str | None:
+    done = podman("container", "inspect", "--format", "{{.State.Status}}", name, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _env_in(name: str, variable: str) -> str:
+    return podman("exec", name, "/bin/sh", "-c", f'printf %s "${variable}"').stdout
+
+
+def _echo(port: int, text: bytes = b"ping\n") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(text)
+        return conn.recv(64)
+
+
+def _start(executor: ContainerExecutor, payload: dict) -> dict:
+    executor.run("prepare", payload, no_progress)
+    return executor.run("start", payload, no_progress)
+
+
+def test_a_workload_starts_ready_with_its_ports_published_on_the_node_address(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    payload = payload_for(ssh_public_keys=[KEY], ports=[8888], env={"LISTEN": "22 8888"})
+
+    result = _start(executor, payload)
+
+    assert set(result) == {"host", "ssh_port", "ports", "container_id"}
+    assert result["host"] == "127.0.0.1"
+    published = podman("port", payload["container_name"]).stdout
+    assert f"22/tcp -> 127.0.0.1:{result['ssh_port']}" in published
+    assert f"8888/tcp -> 127.0.0.1:{result['ports']['8888']}" in published
+    # What the customer is given answers: the test workload echoes each line back.
+    assert _echo(result["ssh_port"]) == b"ping\n"
+    assert _echo(result["ports"]["8888"]) == b"ping\n"
+    assert _state(payload["container_name"]) == "running"
+    assert (
+        result["container_id"]
+        == podman(
+            "container", "inspect", "--format", "{{.Id}}", payload["container_name"]
+        ).stdout.strip()
+    )
+
+
+def test_ssh_keys_are_delivered_as_a_file_and_in_the_environment(executor_factory, payload_for):
+    executor = executor_factory()
+    other = KEY.replace("test@example", "second@example")
+    payload = payload_for(ssh_public_keys=[KEY, other], env={"LISTEN": "22"})
+    _start(executor, payload)
+
+    name = payload["container_name"]
+    assert podman("exec", name, "cat", "/run/switchyard/authorized_keys").stdout == (
+        f"{KEY}\n{other}\n"
+    )
+    assert _env_in(name, "SSH_PUBLIC_KEYS") == f"{KEY}\n{other}"
+    # Read-only for the tenant: the agent alone writes there (notices).
+    denied = podman("exec", name, "touch", "/run/switchyard/x", check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+
+
+def test_env_values_reach_the_container_but_no_command_line_or_log(
+    executor_factory, payload_for, monkeypatch, caplog
+):
+    executor = executor_factory()
+    secret = "sk-live-4f9a2b7c1d"
+    payload = payload_for(env={"API_TOKEN": secret, "LISTEN": "8080"}, ports=[8080])
+    command_lines: list[list[str]] = []
+    real_cli = ContainerExecutor._cli
+
+    def recording(self, args, **kwargs):
+        command_lines.append(list(args))
+        return real_cli(self, args, **kwargs)
+
+    monkeypatch.setattr(ContainerExecutor, "_cli", recording)
+    with caplog.at_level(logging.DEBUG, logger="switchyard.agent"):
+        _start(executor, payload)
+
+    name = payload["container_name"]
+    assert _env_in(name, "API_TOKEN") == secret
+    run = next(args for args in command_lines if args[0] == "run")
+    assert ["-e", "API_TOKEN"] == run[run.index("API_TOKEN") - 1 : run.index("API_TOKEN") + 1]
+    assert not any(secret in arg for args in command_lines for arg in args)
+    assert secret not in caplog.text
+
+
+def test_a_missing_image_is_a_workload_failure(executor_factory, payload_for):
+    executor = executor_factory()
+    payload = payload_for(image="localhost/switchyard-no-such-image:404")
+
+    with pytest.raises(ExecutorError) as failure:
+        executor.run("prepare", payload, no_progress)
+
+    assert failure.value.node_failure is False
+    assert str(failure.value).startswith(
+        "The image localhost/switchyard-no-such-image:404 could not be pulled:"
+    )
+
+
+def test_a_present_image_is_not_pulled_again(executor_factory, payload_for, test_image):
+    result = executor_factory().run("prepare", payload_for(), no_progress)
+    assert result == {"detail": f"image {test_image} present"}
+
+
+def test_an_image_from_a_private_registry_is_refused_unless_the_site_allows_it(
+    executor_factory, payload_for
+):
+    refusing = executor_factory(allow_private_registries=False)
+    for image in ("10.0.0.5:5000/team/trainer:1", "169.254.169.254/x:1", "localhost/x:1"):
+        with pytest.raises(ExecutorError, match="private address") as failure:
+            refusing.run("prepare", payload_for(image=image), no_progress)
+        assert failure.value.node_failure is False
+
+
+def test_a_workload_that_exits_before_it_is_ready_fails_with_its_last_log_lines_redacted(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    secret = "hf_secret_token_123"
+    payload = payload_for(env={"MODE": "crash", "API_TOKEN": secret}, ports=[8080])
+
+    with pytest.raises(ExecutorError) as failure:
+        _start(executor, payload)
+
+    message = str(failure.value)
+    assert failure.value.node_failure is False
+    assert message.startswith("The workload exited with code 3 before it was ready")
+    assert message.endswith(
+        "Last log lines:\nworkload starting (mode crash)\n"
+        "loading weights with token [redacted]\nfatal: CUDA out of memory"
+    )
+    assert secret not in message
+
+
+def test_a_workload_that_never_listens_is_not_ready_within_the_timeout(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    payload = payload_for(env={"MODE": "deaf"}, ports=[8080], readiness_timeout_seconds=1.5)
+
+    began = time.monotonic()
+    with pytest.raises(ExecutorError) as failure:
+        _start(executor, payload)
+
+    assert 1.5 <= time.monotonic() - began < 6
+    assert str(failure.value).startswith(
+        "The workload was not ready within 1.5 s: port(s) [8080] did not accept connections "
+        "on 127.0.0.1. Last log lines:\nworkload starting (mode deaf)"
+    )
+
+
+def test_readiness_waits_for_a_slow_workload(executor_factory, payload_for):
+    executor = executor_factory()
+    payload = payload_for(env={"READY_AFTER": "2", "LISTEN": "8080"}, ports=[8080])
+    steps: list[dict] = []
+
+    began = time.monotonic()
+    executor.run("prepare", payload, no_progress)
+    result = executor.run("start", payload, steps.append)
+
+    assert time.monotonic() - began >= 2
+    assert {"step": "readiness", "waiting_for_ports": [8080]} in steps
+    assert _echo(result["ports"]["8080"]) == b"ping\n"
+
+
+def test_stop_sends_sigterm_and_the_workload_checkpoints_before_it_is_removed(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080])
+    _start(executor, payload)
+    name = payload["container_name"]
+
+    began = time.monotonic()
+    podman("stop", "-t", "5", name)  # what stop does first, so the checkpoint can be read
+    assert time.monotonic() - began < 4  # it exited on SIGTERM, not at SIGKILL after 5 s
+    checkpoint = podman("cp", f"{name}:/checkpoint/step", "-").stdout
+    assert "checkpoint at 20" in checkpoint
+    assert podman("container", "inspect", "--format", "{{.State.ExitCode}}", name).stdout == "0\n"
+
+    result = executor.run("stop", {**payload, "grace_seconds": 5}, no_progress)
+    assert result == {"detail": f"stopped {name} (exit code 0)"}
+    assert _state(name) is None
+    assert podman("network", "exists", f"{name}-net", check=False).returncode == 1
+
+
+def test_stop_kills_a_workload_that_ignores_sigterm_after_the_grace_period(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    payload = payload_for(env={"LISTEN": "8080", "MODE": "stubborn"}, ports=[8080])
+    _start(executor, payload)
+    name = payload["container_name"]
+
+    began = time.monotonic()
+    result = executor.run("stop", {**payload, "grace_seconds": 2}, no_progress)
+    elapsed = time.monotonic() - began
+
+    assert 2 <= elapsed < 10
+    assert result == {"detail": f"stopped {name} (exit code 137)"}
+    assert _state(name) is None
+
+
+def test_stopping_a_container_that_is_gone_is_done(executor_factory, payload_for):
+    payload = payload_for()
+    result = executor_factory().run("stop", {**payload, "grace_seconds": 1}, no_progress)
+    assert result == {"detail": f"{payload['container_name']} was already gone"}
+
+
+def test_a_leftover_container_from_a_crashed_agent_is_replaced(executor_factory, payload_for):
+    executor = executor_factory()
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080])
+    name = payload["container_name"]
+    # What an agent that died between `create` and `start` leaves: a container that never ran.
+    podman(
+        "create", "--name", name, "--label", "switchyard.managed=1",
+        "--label", f"switchyard.reservation={payload['reservation']}", payload["image"],
+    )  # fmt: skip
+    leftover = podman("container", "inspect", "--format", "{{.Id}}", name).stdout.strip()
+
+    result = _start(executor, payload)
+
+    assert result["container_id"] != leftover
+    assert _state(name) == "running"
+    assert _echo(result["ports"]["8080"]) == b"ping\n"
+
+
+def test_a_container_of_the_same_name_not_started_by_the_agent_is_not_touched(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    payload = payload_for()
+    name = payload["container_name"]
+    podman("create", "--name", name, payload["image"])
+
+    with pytest.raises(ExecutorError, match="exists that this agent did not start"):
+        _start(executor, payload)
+    assert _state(name) == "created"
+
+
+def test_a_restarted_agent_adopts_the_running_container_instead_of_starting_another(
+    executor_factory, payload_for
+):
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080])
+    first = _start(executor_factory(), payload)
+
+    # A new agent process (a new executor) gets the start job again after a restart.
+    steps: list[dict] = []
+    again = executor_factory().run("start", payload, steps.append)
+
+    assert again == first
+    assert steps[0] == {"step": "adopt", "container": payload["container_name"]}
+    listed = podman(
+        "ps", "-a", "--filter", f"label=switchyard.reservation={payload['reservation']}",
+        "--format", "{{.ID}}",
+    ).stdout.split()  # fmt: skip
+    assert len(listed) == 1
+
+
+def test_an_unusable_runtime_is_a_node_failure_not_a_workload_failure(
+    executor_factory, payload_for, tmp_path
+):
+    broken = tmp_path / "containers.conf"
+    broken.write_text(
+        (HERE / "containers.conf").read_text().replace('"runc"', '"no-such-oci-runtime"')
+    )
+    executor = executor_factory(runtime_env={"CONTAINERS_CONF": str(broken)})
+
+    for kind in ("prepare", "start"):
+        with pytest.raises(ExecutorError) as failure:
+            executor.run(kind, payload_for(), no_progress)
+        assert failure.value.node_failure is True, kind
+
+
+def test_the_heartbeat_lists_each_container_with_its_state_and_an_exits_last_lines(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    running = payload_for(env={"LISTEN": "8080"}, ports=[8080])
+    exits = payload_for(env={"LISTEN": "8081", "EXIT_AFTER": "2", "EXIT_CODE": "7"}, ports=[8081])
+    _start(executor, running)
+    _start(executor, exits)
+    podman("wait", exits["container_name"], timeout=30)
+
+    mine = {
+        c["reservation"]: c
+        for c in executor.containers()
+        if c["reservation"] in (running["reservation"], exits["reservation"])
+    }
+
+    assert mine[running["reservation"]] == {
+        "name": running["container_name"],
+        "reservation": running["reservation"],
+        "state": "running",
+        "exit_code": None,
+        "finished_at": None,
+    }
+    exited = mine[exits["reservation"]]
+    assert (exited["state"], exited["exit_code"]) == ("exited", 7)
+    assert exited["finished_at"].startswith("20")
+    assert exited["log_tail"] == (
+        "workload starting (mode serve)\nlistening on 8081\ngiving up after 2 s"
+    )
+
+
+def test_a_preemption_notice_is_written_inside_the_container_and_withdrawn(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080])
+    _start(executor, payload)
+    name = payload["container_name"]
+    notice = {
+        "reservation": payload["reservation"],
+        "container": name,
+        "preempt_at": "2026-12-06T12:00:00+00:00",
+        "reason": "Grid curtailment at the site",
+    }
+
+    executor.notices_apply([notice])
+    inside = podman("exec", name, "cat", "/run/switchyard/preemption").stdout
+    assert json.loads(inside) == {
+        "preempt_at": "2026-12-06T12:00:00+00:00",
+        "reason": "Grid curtailment at the site",
+    }
+
+    executor.notices_apply([])
+    gone = podman("exec", name, "cat", "/run/switchyard/preemption", check=False)
+    assert gone.returncode != 0
+
+
+def test_the_container_runs_unprivileged_with_its_share_of_the_node(executor_factory, payload_for):
+    executor = executor_factory(node_cpus=8.0, node_memory_mib=4096)
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080], gpu_indexes=[1], node_gpu_count=4)
+    _start(executor, payload)
+    name = payload["container_name"]
+
+    host_config = json.loads(podman("container", "inspect", name).stdout)[0]["HostConfig"]
+    assert host_config["Privileged"] is False
+    assert host_config["Memory"] == 1024 * 1024 * 1024  # a quarter of 4096 MiB
+    assert host_config["NanoCpus"] == 2_000_000_000  # a quarter of 8 CPUs
+    assert host_config["NetworkMode"] == "bridge" or host_config["NetworkMode"].endswith("-net")
+    assert "no-new-privileges" in " ".join(host_config["SecurityOpt"])
+    effective = podman("exec", name, "grep", "CapEff", "/proc/self/status").stdout.split()[1]
+    assert int(effective, 16) & (1 << 13) == 0  # CAP_NET_RAW dropped
+    assert int(effective, 16) & (1 << 21) == 0  # CAP_SYS_ADMIN dropped
+    networks = json.loads(podman("container", "inspect", name).stdout)[0]["NetworkSettings"]
+    assert list(networks["Networks"]) == [f"{name}-net"]

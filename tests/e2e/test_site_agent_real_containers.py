@@ -1,0 +1,128 @@
+"""The whole path with real containers: a Celery worker with the site-agent driver, the API
+on a live server, and the site agent as its own process running podman.
+
+A reservation becomes active only once its container runs and every port asked for (SSH
+included) accepts TCP on the address customers are given; a workload that crashes while
+starting fails at no charge with its last log lines; one that exits while active ends its
+reservation at the next heartbeat.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inventory.services import node_token_issue
+from marketplace.models import AgentJob, Reservation, ReservationStatus
+from marketplace.provisioning.scheduler import reservations_dispatch_due
+from tests.agent.conftest import RUNTIME_ENV, podman, test_image_fixture  # noqa: F401 (fixture)
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are fixtures)
+    broker_fixture,
+    driver_log_fixture,
+    market_create,
+    ssh_key,
+    statuses,
+    wait_for,
+    worker_fixture,
+)
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.celery_worker,
+    pytest.mark.container,
+    pytest.mark.usefixtures("allow_all_funding"),
+]
+S = ReservationStatus
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fresh(r: Reservation) -> Reservation:
+    return Reservation.objects.get(pk=r.pk)
+
+
+def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
+    worker, live_server, tmp_path, test_image
+):
+    worker.start(PROVISIONING_DRIVER="site_agent", PROVISIONING_READINESS_TIMEOUT_SECONDS="20")
+    market = market_create(nodes=1, gpus=4)
+    node = market.nodes[0]
+    _token, secret = node_token_issue(node=node, label="site agent")
+    slow = market.book(
+        gpu_count=1,
+        workload={
+            "image": test_image,
+            "ssh_public_keys": [ssh_key()],
+            "ports": [8888],
+            "env": {"LISTEN": "22 8888", "READY_AFTER": "2", "EXIT_AFTER": "6", "EXIT_CODE": "9"},
+        },
+    )
+    crash = market.book(
+        gpu_count=1,
+        workload={"image": test_image, "env": {"MODE": "crash", "API_TOKEN": "hf_top_secret"}},
+    )
+    names = [f"sy-{r.public_id}" for r in (slow, crash)]
+    reservations_dispatch_due()
+
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [
+            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
+            "--token", secret, "--executor", "container", "--runtime", "podman",
+            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **RUNTIME_ENV, "DEBUG": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _fresh(slow).status == S.ACTIVE, timeout=60, what="activation")
+        active = _fresh(slow)
+        start = AgentJob.objects.get(reservation=slow, kind="start")
+        # Billing starts after the agent found it ready: the workload listens 2 s after start.
+        assert (active.activated_at - start.created_at).total_seconds() >= 2
+        for port in (active.connection["ssh_port"], active.connection["ports"]["8888"]):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"hello\n")
+                assert conn.recv(16) == b"hello\n"
+        assert active.connection["host"] == "127.0.0.1"
+        assert "simulated" not in active.connection
+
+        wait_for(lambda: _fresh(crash).status == S.FAILED, timeout=60, what="the crash")
+        failed = _fresh(crash)
+        assert failed.activated_at is None  # never billed
+        assert failed.status_reason.startswith(
+            "The workload could not start: The workload exited with code 3 before it was ready"
+        )
+        assert failed.status_reason.endswith(
+            "Last log lines:\nworkload starting (mode crash)\n"
+            "loading weights with token [redacted]\nfatal: CUDA out of memory"
+        )
+
+        # It exits 6 s after it started listening; the next heartbeat ends the reservation.
+        wait_for(lambda: _fresh(slow).status == S.FAILED, timeout=60, what="the exit")
+        ended = _fresh(slow)
+        assert ended.status_reason.startswith("The workload exited with code 9 at ")
+        assert ended.status_reason.endswith("giving up after 6 s")
+        assert statuses(ended) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.FAILED]
+
+        # Then both containers are removed (the crash's stop job, the exit's teardown, which
+        # the dispatcher sends: this worker runs no beat, so the test dispatches).
+        def removed() -> bool:
+            reservations_dispatch_due()
+            return all(podman("container", "exists", n, check=False).returncode == 1 for n in names)
+
+        wait_for(removed, timeout=60, interval=1, what="the containers to be removed")
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+        for name in names:
+            podman("rm", "-f", "-t", "0", name, check=False)
+            podman("network", "rm", "-f", f"{name}-net", check=False)
+    assert "hf_top_secret" not in (tmp_path / "agent.log").read_text()
