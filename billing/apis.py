@@ -248,6 +248,15 @@ class PaymentMethodAttachInput(serializers.Serializer):
     payment_method = serializers.RegexField(
         r"^pm_[A-Za-z0-9_]+$", max_length=64, help_text="pm_… confirmed with Stripe.js."
     )
+    setup_intent = serializers.RegexField(
+        r"^seti_[A-Za-z0-9_]+$",
+        max_length=64,
+        required=False,
+        default="",
+        help_text="The seti_… from this organisation's setup-intent that confirmed the card. "
+        "Needed unless Stripe already attached the card to this organisation's customer; a "
+        "card set up by anyone else is refused (404 no_such_payment_method).",
+    )
 
 
 class PaymentMethodListApi(ApiView):
@@ -257,11 +266,13 @@ class PaymentMethodListApi(ApiView):
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_attach",
                    summary="Save a card confirmed with Stripe.js (the first becomes the default)",
                    request=PaymentMethodAttachInput,
-                   responses={201: PaymentMethodOutput, **errors(400, 402, 403, 503)})  # fmt: skip
+                   responses={201: PaymentMethodOutput, **errors(400, 402, 403, 404, 503)})  # fmt: skip
     def post(self, request):
         data = validated_input(PaymentMethodAttachInput, request.data)
         pm = payment_method_attach(
-            organization=self.organization, payment_method_id=data["payment_method"]
+            organization=self.organization,
+            payment_method_id=data["payment_method"],
+            setup_intent_id=data["setup_intent"],
         )
         account = billing_account_for_org(organization=self.organization)
         pm.is_default = account.default_payment_method_id == pm.stripe_payment_method_id

@@ -104,6 +104,7 @@ class TopUpForm(forms.Form):
 
 class PaymentMethodAttachForm(forms.Form):
     payment_method = forms.RegexField(r"^pm_[A-Za-z0-9_]+$", max_length=64)
+    setup_intent = forms.RegexField(r"^seti_[A-Za-z0-9_]+$", max_length=64, required=False)
 
 
 class UsageFilterForm(forms.Form):
@@ -206,6 +207,7 @@ class PaymentMethodsView(BillingPage):
             pm = payment_method_attach(
                 organization=self.organization,
                 payment_method_id=form.cleaned_data["payment_method"],
+                setup_intent_id=form.cleaned_data["setup_intent"],
             )
         except ApplicationError as exc:
             show_error(request, exc)

@@ -123,6 +123,9 @@ class StripeGateway:
         params = {"customer": customer_id, "usage": "off_session", "payment_method_types": ["card"]}
         return self._call(self.client.v1.setup_intents.create, params, _options(idempotency_key))
 
+    def setup_intent_retrieve(self, *, setup_intent_id: str) -> dict:
+        return self._call(self.client.v1.setup_intents.retrieve, setup_intent_id)
+
     def payment_method_retrieve(self, *, payment_method_id: str) -> dict:
         return self._call(self.client.v1.payment_methods.retrieve, payment_method_id)
 

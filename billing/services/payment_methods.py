@@ -94,19 +94,36 @@ def _card_fields(pm: dict) -> dict:
     }
 
 
+def _not_ours(payment_method_id: str) -> NotFound:
+    # Like any other organisation's object: not found, without saying whose it is.
+    return NotFound(
+        f"No payment method {payment_method_id!r} was set up for this organisation; save a "
+        "card through this organisation's own card setup (SetupIntent).",
+        code="no_such_payment_method",
+        field="payment_method",
+    )
+
+
 @transaction.atomic
 def payment_method_mirror(
     *, organization: Organization, stripe_payment_method: dict
 ) -> PaymentMethod:
-    """Create or refresh our copy of a Stripe PaymentMethod (from an API result or webhook)."""
-    pm, _ = PaymentMethod.objects.update_or_create(
+    """Create or refresh our copy of a Stripe PaymentMethod (from an API result or webhook).
+
+    A card stays with the organisation that saved it: one row per Stripe id (unique), and a
+    row of another organisation is never taken over (NotFound).
+    """
+    pm, created = PaymentMethod.objects.select_for_update().get_or_create(
         stripe_payment_method_id=stripe_payment_method["id"],
-        defaults={
-            "organization": organization,
-            "detached_at": None,
-            **_card_fields(stripe_payment_method),
-        },
+        defaults={"organization": organization, **_card_fields(stripe_payment_method)},
     )
+    if pm.organization_id != organization.pk:
+        raise _not_ours(pm.stripe_payment_method_id)
+    if not created:
+        for name, value in _card_fields(stripe_payment_method).items():
+            setattr(pm, name, value)
+        pm.detached_at = None
+        pm.save()
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     if not account.default_payment_method_id:
         account.default_payment_method_id = pm.stripe_payment_method_id
@@ -114,16 +131,56 @@ def payment_method_mirror(
     return pm
 
 
+def _check_set_up_here(
+    *, gateway: StripeGateway, customer_id: str, payment_method_id: str, setup_intent_id: str
+) -> None:
+    """The card must be this organisation's: already on its Stripe customer, or the result of
+    one of its own SetupIntents (Stripe.js confirmCardSetup with its client secret)."""
+    try:
+        pm = gateway.payment_method_retrieve(payment_method_id=payment_method_id)
+    except PermanentStripeError:
+        raise _not_ours(payment_method_id) from None
+    owner = pm.get("customer") or ""
+    if owner == customer_id:
+        return
+    if owner or not setup_intent_id:
+        raise _not_ours(payment_method_id)
+    try:
+        intent = gateway.setup_intent_retrieve(setup_intent_id=setup_intent_id)
+    except PermanentStripeError:
+        raise _not_ours(payment_method_id) from None
+    if (
+        intent.get("customer") != customer_id
+        or intent.get("payment_method") != payment_method_id
+        or intent.get("status") != "succeeded"
+    ):
+        raise _not_ours(payment_method_id)
+
+
 @_customer_facing_errors()
 def payment_method_attach(
     *,
     organization: Organization,
     payment_method_id: str,
+    setup_intent_id: str = "",
     gateway: StripeGateway | None = None,
 ) -> PaymentMethod:
-    """Attach a confirmed card to the organisation's customer (the first becomes default)."""
+    """Attach a card this organisation set up to its customer (the first becomes default).
+
+    Another organisation's card, or one from nobody's SetupIntent, is refused (404) before
+    anything is attached or stored.
+    """
     gateway = gateway or get_gateway()
     account = stripe_customer_ensure(organization=organization, gateway=gateway)
+    stored = PaymentMethod.objects.filter(stripe_payment_method_id=payment_method_id).first()
+    if stored is not None and stored.organization_id != organization.pk:
+        raise _not_ours(payment_method_id)
+    _check_set_up_here(
+        gateway=gateway,
+        customer_id=account.stripe_customer_id,
+        payment_method_id=payment_method_id,
+        setup_intent_id=setup_intent_id,
+    )
     try:
         pm = gateway.payment_method_attach(
             payment_method_id=payment_method_id,

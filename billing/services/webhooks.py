@@ -157,11 +157,9 @@ def _org_for_customer(customer_id: str):
 
 
 def _payment_method_attached(pm: dict) -> None:
-    from billing.services.payment_methods import payment_method_mirror
-
     organization = _org_for_customer(pm.get("customer") or "")
     if organization is not None:
-        payment_method_mirror(organization=organization, stripe_payment_method=pm)
+        _mirror_quietly(organization, pm)
 
 
 def _payment_method_detached(pm: dict) -> None:
@@ -173,7 +171,6 @@ def _payment_method_detached(pm: dict) -> None:
 def _setup_intent_succeeded(intent: dict) -> None:
     # The card is usable once attached; Stripe attaches it when the SetupIntent has a
     # customer, and announces it with payment_method.attached. We only need its details.
-    from billing.services.payment_methods import payment_method_mirror
     from billing.stripe_gateway import get_gateway
 
     organization = _org_for_customer(intent.get("customer") or "")
@@ -182,7 +179,19 @@ def _setup_intent_succeeded(intent: dict) -> None:
         return
     pm = get_gateway().payment_method_retrieve(payment_method_id=pm_id)
     if pm.get("customer") == intent.get("customer"):
-        payment_method_mirror(organization=organization, stripe_payment_method=pm)
+        _mirror_quietly(organization, pm)
+
+
+def _mirror_quietly(organization, pm: dict) -> None:
+    from billing.services.payment_methods import payment_method_mirror
+    from config.errors import NotFound
+
+    try:
+        with transaction.atomic():
+            payment_method_mirror(organization=organization, stripe_payment_method=pm)
+    except NotFound:
+        # Stored for another organisation: a card never moves (and the event is done).
+        logger.warning("payment method %s belongs to another organisation", pm.get("id"))
 
 
 def _ts(value):

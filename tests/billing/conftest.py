@@ -49,7 +49,9 @@ def save_card(localstripe, organization, card: str = "pm_card_visa") -> str:
         intent["setup_intent_id"], {"payment_method": card}
     )
     pm = payment_method_attach(
-        organization=organization, payment_method_id=confirmed.payment_method
+        organization=organization,
+        payment_method_id=confirmed.payment_method,
+        setup_intent_id=confirmed.id,
     )
     return pm.stripe_payment_method_id
 

@@ -131,8 +131,11 @@ def test_cards_through_the_api_setup_intent_list_and_top_up(
     confirmed = stripe_client(localstripe).v1.setup_intents.confirm(
         setup.json()["setup_intent_id"], {"payment_method": "pm_card_visa"}
     )
+    # localstripe's confirmation does not attach the card (real Stripe's does), so the
+    # SetupIntent is named: it proves the card was set up by this organisation.
     attach = client.post("/api/v1/billing/payment-methods",
-                         {"payment_method": confirmed.payment_method}, format="json")  # fmt: skip
+                         {"payment_method": confirmed.payment_method,
+                          "setup_intent": confirmed.id}, format="json")  # fmt: skip
     assert attach.status_code == 201
     pm_id = attach.json()["id"]
     BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
@@ -165,26 +168,32 @@ def test_stripe_being_unreachable_is_a_503_not_a_500(localstripe, org, member, c
 
 
 @pytest.mark.stripe
-def test_a_card_refused_on_attach_is_a_402(localstripe, org, member, client_for):
+def test_a_card_no_setup_intent_of_ours_confirmed_is_refused_before_any_attach(
+    localstripe, org, member, client_for
+):
+    # A declined card fails at Stripe.js's confirmCardSetup; what is left to post is a card
+    # that no SetupIntent of this organisation confirmed.
     response = client_for(member).post("/api/v1/billing/payment-methods",
                                        {"payment_method": "pm_card_visa_chargeDeclined"}, format="json")  # fmt: skip
 
-    assert response.status_code == 402
-    assert response.json()["error"]["type"] == "payment_error"
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "no_such_payment_method"
     assert response.json()["error"]["field"] == "payment_method"
     assert client_for(member).get("/api/v1/billing/payment-methods").json() == []
 
 
 @pytest.mark.stripe
-def test_a_payment_method_stripe_does_not_know_is_bad_input_not_a_payment_error(
+def test_a_payment_method_stripe_does_not_know_is_not_found_not_a_payment_error(
     localstripe, org, member, client_for
 ):
     response = client_for(member).post("/api/v1/billing/payment-methods",
                                        {"payment_method": "pm_NoSuchCard123"}, format="json")  # fmt: skip
 
-    assert response.status_code == 400
+    assert response.status_code == 404
     error = response.json()["error"]
-    assert (error["type"], error["field"]) == ("invalid_request_error", "payment_method")
+    assert (error["type"], error["code"], error["field"]) == (
+        "not_found_error", "no_such_payment_method", "payment_method"
+    )  # fmt: skip
     assert "pm_NoSuchCard123" in error["message"]
     assert client_for(member).get("/api/v1/billing/payment-methods").json() == []
 

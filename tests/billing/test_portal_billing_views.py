@@ -197,14 +197,14 @@ def test_stripe_unreachable_on_the_card_page_is_a_message_not_a_500(localstripe,
 
 
 @pytest.mark.stripe
-def test_a_card_refused_on_attach_is_shown_and_not_stored(localstripe, org, owner_client):
+def test_a_card_not_set_up_here_is_shown_as_refused_and_not_stored(localstripe, org, owner_client):
     response = owner_client.post(
         "/billing/payment-methods", {"payment_method": "pm_card_visa_chargeDeclined"}, follow=True
     )
 
     assert response.status_code == 200
     [message] = [str(m) for m in response.context["messages"]]
-    assert "declined" in message.lower()
+    assert "was set up for this organisation" in message
     assert "No saved cards." in response.content.decode()
     assert not PaymentMethod.objects.exists()
     assert BillingAccount.objects.get(organization=org).default_payment_method_id == ""
