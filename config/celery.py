@@ -69,6 +69,19 @@ app.conf.update(
             "schedule": 300.0,
         },
         "billing-sla-credits": {"task": "billing.tasks.sla_credits_issue", "schedule": 3600.0},
+        "inventory-telemetry-flush": {"task": "inventory.tasks.telemetry_flush", "schedule": 5.0},
+        "inventory-telemetry-rollup": {
+            "task": "inventory.tasks.telemetry_rollup",
+            "schedule": 60.0,
+        },
+        "inventory-telemetry-retention": {
+            "task": "inventory.tasks.telemetry_retention",
+            "schedule": 3600.0,
+        },
+        "marketplace-gpu-failures": {
+            "task": "marketplace.tasks.gpu_failures_handle",
+            "schedule": 30.0,
+        },
         "inventory-mark-silent-nodes-offline": {
             "task": "inventory.tasks.nodes_mark_offline",
             "schedule": 30.0,

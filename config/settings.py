@@ -189,6 +189,11 @@ if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
 
 # --- Inventory health ----------------------------------------------------------------------
 NODE_OFFLINE_AFTER = timedelta(seconds=env_int("NODE_OFFLINE_AFTER_SECONDS", 180, minimum=10))
+# GPU telemetry (docs/health.md): raw samples for this many hours, per-minute rollups for days.
+TELEMETRY_RAW_RETENTION = timedelta(hours=env_int("TELEMETRY_RAW_RETENTION_HOURS", 6, minimum=1))
+TELEMETRY_ROLLUP_RETENTION = timedelta(
+    days=env_int("TELEMETRY_ROLLUP_RETENTION_DAYS", 30, minimum=1)
+)
 
 # --- Marketplace ---------------------------------------------------------------------------
 QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))

@@ -19,6 +19,78 @@ class GpuHealthReportSerializer(serializers.Serializer):
     health = serializers.ChoiceField(choices=GpuHealth.choices)
 
 
+def _reading(**kwargs):
+    return serializers.FloatField(required=False, allow_null=True, default=None, **kwargs)
+
+
+def _count():
+    return serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=0, max_value=2**31 - 1
+    )
+
+
+def _flag():
+    return serializers.BooleanField(required=False, allow_null=True, default=None)
+
+
+class DriverEventSerializer(serializers.Serializer):
+    code = serializers.CharField(max_length=40)  # an Xid number or an amdgpu event name
+    detail = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
+
+
+class GpuTelemetrySerializer(serializers.Serializer):
+    """One GPU's readings, as agent/gpu_telemetry.py reports them (other keys are ignored)."""
+
+    index = serializers.IntegerField(min_value=0, max_value=255)
+    readable = serializers.BooleanField(required=False, default=True)
+    error = serializers.CharField(
+        max_length=300, required=False, allow_null=True, allow_blank=True, default=None
+    )
+    temperature_c = _reading(min_value=-40, max_value=200)
+    power_w = _reading(min_value=0, max_value=5000)
+    utilization_pct = _reading(min_value=0, max_value=100)
+    memory_used_mib = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=0, max_value=2**31 - 1
+    )
+    sm_clock_mhz = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=0, max_value=32767
+    )
+    memory_clock_mhz = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=0, max_value=32767
+    )
+    throttle_reasons = serializers.ListField(
+        child=serializers.CharField(max_length=60), required=False, default=list, max_length=16
+    )
+    ecc_volatile_corrected = _count()
+    ecc_volatile_uncorrected = _count()
+    ecc_aggregate_corrected = _count()
+    ecc_aggregate_uncorrected = _count()
+    rows_remap_pending = _flag()
+    rows_remap_failure = _flag()
+    events = DriverEventSerializer(many=True, required=False, default=list, max_length=50)
+
+
+class TelemetrySerializer(serializers.Serializer):
+    source = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    unreadable = serializers.CharField(
+        max_length=500, required=False, allow_null=True, allow_blank=True, default=None
+    )
+    gpus = GpuTelemetrySerializer(many=True, required=False, default=list, max_length=64)
+
+    def validate_gpus(self, readings: list[dict]) -> list[dict]:
+        known, seen = self.context["gpu_indexes"], set()
+        for position, reading in enumerate(readings):
+            index = reading["index"]
+            if index in seen or index not in known:
+                why = "is reported twice" if index in seen else "does not exist on this node"
+                code = "duplicate" if index in seen else "unknown_gpu"
+                raise serializers.ValidationError(
+                    {position: {"index": [ErrorDetail(f"GPU {index} {why}.", code=code)]}}
+                )
+            seen.add(index)
+        return readings
+
+
 class HeartbeatApi(APIView):
     """A node agent says it is alive and how its GPUs are."""
 
@@ -31,7 +103,9 @@ class HeartbeatApi(APIView):
 
         agent_version = serializers.CharField(max_length=40, required=False)
         gpus = GpuHealthReportSerializer(many=True, required=False, max_length=64)
-        # Accepted so agents can send them; not stored yet.
+        # Per-GPU readings (agent/gpu_telemetry.py); stored and judged by the health rules.
+        telemetry = TelemetrySerializer(required=False)
+        # Accepted so older agents can send them; not stored.
         metrics = serializers.DictField(required=False)
 
         def validate_gpus(self, reports: list[dict]) -> list[dict]:
@@ -77,5 +151,6 @@ class HeartbeatApi(APIView):
             gpu_reports=data.get("gpus"),
             agent_version=data.get("agent_version"),
             actor_label=f"node agent ({request.auth.prefix})",
+            telemetry=data.get("telemetry"),
         )
         return Response(self.OutputSerializer(node).data)

@@ -3,6 +3,7 @@
 from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
 from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
+from django.contrib.postgres.indexes import BrinIndex
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -135,6 +136,11 @@ class Node(models.Model):
     # heartbeat, so a node just returned to service is not marked offline for old silence.
     status_changed_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=40, blank=True)
+    telemetry_error = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="Why the last telemetry report was unreadable, if it was.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -165,6 +171,11 @@ class Gpu(models.Model):
     serial = models.CharField(max_length=64, unique=True)
     health = models.CharField(max_length=10, choices=GpuHealth.choices, default=GpuHealth.OK)
     health_reported_at = models.DateTimeField(null=True, blank=True)
+    health_reason = models.TextField(
+        blank=True, help_text="Which health rule set the current state, and on what reading."
+    )
+    # When the GPU's current run of over-temperature readings began (None: not over now).
+    over_temp_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["node_id", "index"]
@@ -232,6 +243,23 @@ class NodeToken(models.Model):
         return f"{self.prefix}… ({self.node.hostname})"
 
 
+class GpuHealthChange(models.Model):
+    """A GPU's health moving from one state to another: who or what moved it, and why."""
+
+    gpu = models.ForeignKey(Gpu, on_delete=models.CASCADE, related_name="health_changes")
+    from_health = models.CharField(max_length=10)
+    to_health = models.CharField(max_length=10)
+    actor_label = models.CharField(max_length=120)
+    reason = models.TextField()
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.gpu_id}: {self.from_health} → {self.to_health}"
+
+
 class OutageCause(models.TextChoices):
     HEARTBEAT_MISSED = "heartbeat_missed"
     HARDWARE_FAILURE = "hardware_failure"
@@ -241,9 +269,13 @@ class OutageCause(models.TextChoices):
 
 
 class Outage(models.Model):
-    """An interval during which a node did not deliver; SLA credits are computed from these."""
+    """An interval during which a node (or, when `gpu` is set, one GPU of it) did not deliver;
+    SLA credits are computed from these. A GPU outage hits only the work on that GPU."""
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="outages")
+    gpu = models.ForeignKey(
+        Gpu, null=True, blank=True, on_delete=models.CASCADE, related_name="outages"
+    )
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
     cause = models.CharField(max_length=30, choices=OutageCause.choices)
@@ -253,7 +285,14 @@ class Outage(models.Model):
         ordering = ["-started_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["node"], condition=Q(ended_at__isnull=True), name="outage_one_open_per_node"
+                fields=["node"],
+                condition=Q(ended_at__isnull=True, gpu__isnull=True),
+                name="outage_one_open_per_node",
+            ),
+            models.UniqueConstraint(
+                fields=["gpu"],
+                condition=Q(ended_at__isnull=True, gpu__isnull=False),
+                name="outage_one_open_per_gpu",
             ),
             models.CheckConstraint(
                 condition=Q(ended_at__isnull=True) | Q(ended_at__gt=models.F("started_at")),
@@ -287,3 +326,110 @@ class MaintenanceWindow(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node.hostname} maintenance {self.period}"
+
+
+# --- Telemetry -------------------------------------------------------------------------------
+
+
+class GpuSample(models.Model):
+    """One raw telemetry reading of one GPU, as its agent sent it. Kept for
+    TELEMETRY_RAW_RETENTION (hours) only: the per-minute rollup keeps the history.
+
+    Written by COPY (inventory.telemetry); no foreign key constraint and one BRIN index, so a
+    write costs the row and little else. Columns are the smallest types that hold the readings.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    at = models.DateTimeField()
+    gpu = models.ForeignKey(
+        Gpu, on_delete=models.DO_NOTHING, db_constraint=False, db_index=False, related_name="+"
+    )
+    readable = models.BooleanField(default=True)
+    temperature_c = models.SmallIntegerField(null=True)
+    power_w = models.FloatField(null=True)
+    utilization_pct = models.SmallIntegerField(null=True)
+    memory_used_mib = models.IntegerField(null=True)
+    sm_clock_mhz = models.SmallIntegerField(null=True)
+    memory_clock_mhz = models.SmallIntegerField(null=True)
+    throttle_reasons = models.CharField(max_length=200, blank=True)
+    ecc_volatile_corrected = models.IntegerField(null=True)
+    ecc_volatile_uncorrected = models.IntegerField(null=True)
+    ecc_aggregate_corrected = models.IntegerField(null=True)
+    ecc_aggregate_uncorrected = models.IntegerField(null=True)
+    rows_remap_pending = models.BooleanField(null=True)
+    rows_remap_failure = models.BooleanField(null=True)
+    events = models.CharField(max_length=200, blank=True, help_text="Xid / driver event codes.")
+
+    class Meta:
+        indexes = [BrinIndex(fields=["at"], name="gpusample_at_brin")]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class GpuMinute(models.Model):
+    """A GPU's telemetry rolled up per minute; kept TELEMETRY_ROLLUP_RETENTION_DAYS (30)."""
+
+    pk = models.CompositePrimaryKey("gpu_id", "minute")
+    gpu_id = models.BigIntegerField()
+    minute = models.DateTimeField()
+    samples = models.SmallIntegerField()
+    temperature_c_max = models.SmallIntegerField(null=True)
+    power_w_avg = models.FloatField(null=True)
+    utilization_pct_avg = models.FloatField(null=True)
+    memory_used_mib_max = models.IntegerField(null=True)
+
+    class Meta:
+        ordering = ["gpu_id", "minute"]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} {self.minute:%Y-%m-%d %H:%M}"
+
+
+class HealthRules(models.Model):
+    """The rule set that turns telemetry into GPU health; one row (id 1), edited in the admin.
+
+    Failed (taken out of sale, its work moved or ended): a GPU the tool cannot reach, any
+    uncorrectable ECC error since its last reset, a row-remapping failure, one of the failing
+    Xid / driver events, or over-temperature (at or above the limit, or a thermal slowdown
+    reported) for `over_temp_minutes`. Degraded (still sold, flagged): a row remap pending, or
+    at least `degraded_corrected_errors` corrected ECC errors since its last reset.
+    """
+
+    failing_events = models.CharField(
+        max_length=300,
+        default="48,63,64,74,79,94,95,amd_ras_uncorrectable",
+        help_text="Comma-separated Xid codes (NVIDIA) and driver event names (AMD) that fail a "
+        "GPU.",
+    )
+    fail_on_uncorrectable_ecc = models.BooleanField(default=True)
+    fail_on_row_remap_failure = models.BooleanField(default=True)
+    fail_on_unreachable = models.BooleanField(
+        default=True, help_text="A GPU the vendor tool cannot reach (fallen off the bus)."
+    )
+    over_temp_c = models.PositiveSmallIntegerField(
+        default=90, validators=[MinValueValidator(40), MaxValueValidator(130)]
+    )
+    over_temp_minutes = models.PositiveSmallIntegerField(
+        default=5, validators=[MinValueValidator(1), MaxValueValidator(1440)]
+    )
+    degrade_on_pending_remap = models.BooleanField(default=True)
+    degraded_corrected_errors = models.PositiveIntegerField(
+        default=10, help_text="Corrected ECC errors since the last reset that flag a GPU."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "health rules"
+        constraints = [models.CheckConstraint(condition=Q(id=1), name="health_rules_one_row")]
+
+    def __str__(self) -> str:
+        return "GPU health rules"
+
+    @classmethod
+    def current(cls) -> "HealthRules":
+        rules, _ = cls.objects.get_or_create(id=1)
+        return rules
+
+    def failing_event_codes(self) -> set[str]:
+        return {code.strip() for code in self.failing_events.split(",") if code.strip()}

@@ -205,8 +205,9 @@ def node_return_to_service(
         actor_label=actor_label,
         reason=reason,
     )
+    # A GPU's own outage ends only when that GPU is returned (inventory.telemetry).
     Outage.objects.filter(
-        node=changed, ended_at__isnull=True, started_at__lt=changed.status_changed_at
+        node=changed, gpu=None, ended_at__isnull=True, started_at__lt=changed.status_changed_at
     ).exclude(cause=OutageCause.HEARTBEAT_MISSED).update(ended_at=changed.status_changed_at)
     return changed
 
@@ -260,7 +261,7 @@ def node_mark_offline(*, node: Node, reason: str, actor_label: str = SWEEPER_LAB
         actor_label=actor_label,
         reason=reason,
     )
-    if not Outage.objects.filter(node=locked, ended_at__isnull=True).exists():
+    if not Outage.objects.filter(node=locked, gpu=None, ended_at__isnull=True).exists():
         Outage.objects.create(
             node=locked,
             started_at=silent_since or locked.status_changed_at,
@@ -509,19 +510,33 @@ def node_heartbeat_record(
     gpu_reports: list[dict] | None = None,
     agent_version: str | None = None,
     actor_label: str = "node agent",
+    telemetry: dict | None = None,
 ) -> Node:
-    """Record that the node is alive, and the health its agent reports per GPU.
+    """Record that the node is alive, the health its agent reports per GPU, and its telemetry.
 
     A node the sweeper had marked offline goes back to the status it had before it went
     silent (available or draining: a drain stays a drain), and its heartbeat outage closes.
-    A GPU reported failed only marks that Gpu row: the node still serves its other GPUs, and
-    the marketplace does not sell unhealthy GPUs. No outage is opened for it.
+    A GPU reported failed (by the agent, or by the health rules from its telemetry: see
+    inventory.telemetry) opens an outage for that GPU only: the node still serves its other
+    GPUs, and the marketplace does not sell failed GPUs. Failed is sticky until staff return it.
     """
+    from inventory.telemetry import gpu_health_apply, telemetry_record
+
     now = timezone.now()
     locked = Node.objects.select_for_update().get(pk=node.pk)
     reports = gpu_reports or []
-    if reports:
+    readings = (telemetry or {}).get("gpus") or []
+    by_index: dict[int, Gpu] = {}
+    if reports or readings:
         by_index = {gpu.index: gpu for gpu in Gpu.objects.filter(node=locked)}
+    for position, reading in enumerate(readings):
+        if reading["index"] not in by_index:
+            raise ValidationFailed(
+                f"Node {locked.hostname} has no GPU with index {reading['index']}.",
+                code="unknown_gpu",
+                field=f"telemetry.gpus.{position}.index",
+            )
+    if reports:
         seen: set[int] = set()
         for position, report in enumerate(reports):
             index = report["index"]
@@ -539,10 +554,21 @@ def node_heartbeat_record(
                     field=f"gpus.{position}.index",
                 )
             gpu = by_index[index]
-            gpu.health = GpuHealth(report["health"])
+            gpu_health_apply(
+                gpu=gpu,
+                health=GpuHealth(report["health"]),
+                reason="reported by the node agent",
+                actor_label=actor_label,
+                now=now,
+                save=False,
+            )
             gpu.health_reported_at = now
         Gpu.objects.bulk_update(
-            [by_index[i] for i in sorted(seen)], ["health", "health_reported_at"]
+            [by_index[i] for i in sorted(seen)], ["health", "health_reason", "health_reported_at"]
+        )
+    if telemetry is not None:
+        telemetry_record(
+            node=locked, report=telemetry, gpus=by_index, now=now, actor_label=actor_label
         )
     locked.last_heartbeat_at = now
     # Not updated_at: that tracks edits to the node's description, not its liveness.

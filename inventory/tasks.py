@@ -9,3 +9,27 @@ from inventory.services import nodes_mark_silent_offline
 def nodes_mark_offline() -> int:
     """Beat runs this every 30 s; it is idempotent (an offline node is not marked again)."""
     return len(nodes_mark_silent_offline())
+
+
+@shared_task(name="inventory.tasks.telemetry_flush")
+def telemetry_flush() -> int:
+    """Beat runs this every 5 s: buffered samples into the database, a few thousand per COPY."""
+    from inventory.telemetry import telemetry_flush as flush
+
+    return flush()
+
+
+@shared_task(name="inventory.tasks.telemetry_rollup")
+def telemetry_rollup() -> int:
+    """Beat runs this every minute; it recomputes the last minutes, so a rerun is harmless."""
+    from inventory.telemetry import telemetry_rollup as rollup
+
+    return rollup()
+
+
+@shared_task(name="inventory.tasks.telemetry_retention")
+def telemetry_retention() -> list[int]:
+    """Beat runs this hourly: raw samples and minute rows past their retention go."""
+    from inventory.telemetry import telemetry_purge
+
+    return list(telemetry_purge())

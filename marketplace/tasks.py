@@ -48,6 +48,14 @@ def reservation_outages_reconcile() -> tuple[int, int]:
     return services.reservation_outages_reconcile()
 
 
+@shared_task(name="marketplace.tasks.gpu_failures_handle")
+def gpu_failures_handle() -> dict:
+    """Every 30 s and after a GPU fails: move or end the work on failed GPUs (idempotent)."""
+    from marketplace.services.gpu_failures import gpu_failures_handle as handle
+
+    return handle()
+
+
 @shared_task(name="marketplace.tasks.idempotency_records_purge")
 def idempotency_records_purge() -> int:
     """Hourly: forget Idempotency-Key records past their 24-hour life (claims ignore them)."""

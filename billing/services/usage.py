@@ -89,8 +89,12 @@ def outage_intervals(*, reservation: Reservation, until: datetime) -> list[Inter
     since = reservation.activated_at or until
     live = Q(started_at__lt=until) & (Q(ended_at__isnull=True) | Q(ended_at__gt=since))
     node_ids = Allocation.objects.filter(reservation=reservation).values("node_id")
+    # Node outages only: a GPU's own outage (Outage.gpu) reaches the reservations on that GPU
+    # as ReservationOutage rows (marketplace.services.gpu_failures), not every one on its node.
     rows = list(
-        Outage.objects.filter(live, node_id__in=node_ids).values_list("started_at", "ended_at")
+        Outage.objects.filter(live, node_id__in=node_ids, gpu=None).values_list(
+            "started_at", "ended_at"
+        )
     )
     rows += ReservationOutage.objects.filter(live, reservation=reservation).values_list(
         "started_at", "ended_at"
@@ -164,7 +168,7 @@ def _meter_usage(metered: list[Reservation], now: datetime) -> int:
     outages_of_node: dict[int, list[Interval]] = defaultdict(list)
     all_nodes = set().union(*nodes_of.values()) if nodes_of else set()
     for node_id, started, ended in (
-        Outage.objects.filter(node_id__in=all_nodes, started_at__lt=now)
+        Outage.objects.filter(node_id__in=all_nodes, gpu=None, started_at__lt=now)
         .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=earliest))
         .values_list("node_id", "started_at", "ended_at")
     ):

@@ -701,7 +701,7 @@ def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) ->
         node = node_set_maintenance(
             node=node, actor=None, actor_label=ACTOR, reason=f"Driver reported failure: {reason}"
         )
-    outage = Outage.objects.filter(node=node, ended_at__isnull=True).first()
+    outage = Outage.objects.filter(node=node, gpu=None, ended_at__isnull=True).first()
     if outage is None:
         outage = Outage.objects.create(
             node=node, started_at=now, cause=OutageCause.HARDWARE_FAILURE, detail=reason
@@ -918,7 +918,8 @@ def reservation_outages_reconcile() -> tuple[int, int]:
     and reservation outages whose node outage has closed are closed at the same time.
     """
     opened = closed = 0
-    for outage in Outage.objects.filter(ended_at__isnull=True).select_related("node"):
+    # GPU outages (Outage.gpu) hit only the work on that GPU: marketplace.services.gpu_failures.
+    for outage in Outage.objects.filter(ended_at__isnull=True, gpu=None).select_related("node"):
         opened += len(
             reservation_outages_record_for_node(
                 node=outage.node,

@@ -1,0 +1,243 @@
+"""Work on a failed GPU is moved to healthy GPUs, or ended and refunded; never billed.
+
+The inventory marks a GPU failed (its health rules, or its agent) and opens an outage for that
+GPU alone. This side, run after that commit and every 30 s by beat, handles each live
+reservation holding a failed GPU, under its row lock:
+
+- active: the time from the failure is recorded as a reservation outage (billing excludes it;
+  the monthly SLA credit counts it). The failed GPU's allocation is moved to a healthy GPU of
+  the same model at the same site; the reservation goes active → provisioning with the reason
+  as its notice and history entry, and the provisioning worker restarts the workload on its
+  new placement and writes the new connection details. The outage closes when it is active
+  again (`reservation_gpu_outages_close`).
+- pending or scheduled: the allocation is moved; the history records it (same status).
+- provisioning: moved, and sent back to scheduled so the worker starts on the new placement.
+- No healthy GPU to move to: the reservation fails. Metered tiers are charged only for
+  delivered time; a reserved term gets its undelivered share back (written as the
+  reservation's cancellation terms, which billing settles as a credit), or all of it if it
+  never ran. The outage stays on record for the SLA credit.
+- releasing: it is ending anyway; only the outage is recorded.
+"""
+
+import logging
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+from django.db import transaction
+from django.db.models import F, Value
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from config.errors import NotAvailable
+from inventory.models import GpuHealth, Outage, OutageCause
+from marketplace.models import (
+    LIVE_STATUSES,
+    Allocation,
+    Reservation,
+    ReservationOutage,
+    ReservationStatus,
+    ReservationTransition,
+    Tier,
+)
+from marketplace.models.events import EventType
+from marketplace.services.events import reservation_event_record
+from marketplace.services.transitions import reservation_transition
+
+__all__ = [
+    "ACTOR",
+    "reservation_gpu_failure_handle",
+    "gpu_failures_handle",
+    "reservation_gpu_outages_close",
+]
+
+logger = logging.getLogger(__name__)
+S = ReservationStatus
+ACTOR = "system: GPU health"
+
+
+def _failed_live_allocations(reservation: Reservation):
+    return (
+        Allocation.objects.filter(
+            reservation=reservation, is_live=True, gpu__health=GpuHealth.FAILED
+        )
+        .select_related("gpu", "node")
+        .order_by("node_id", "gpu__index")
+    )
+
+
+def _end(allocations, *, now: datetime) -> None:
+    from marketplace.provisioning.services import _allocations_end
+
+    _allocations_end(Allocation.objects.filter(pk__in=[a.pk for a in allocations]), now=now)
+
+
+def _undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal:
+    """The reserved term's price for [since, end): the share of the period not delivered."""
+    period = (reservation.ends_at - reservation.starts_at).total_seconds()
+    left = (reservation.ends_at - max(since, reservation.starts_at)).total_seconds()
+    if period <= 0 or left <= 0:
+        return Decimal("0.00")
+    share = Decimal(int(left)) / Decimal(int(period))
+    return (Decimal(reservation.total_amount) * share).quantize(
+        Decimal("0.01"), rounding=ROUND_HALF_UP
+    )
+
+
+@transaction.atomic
+def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None = None) -> str:
+    """Move or end one reservation holding a failed GPU; returns what was done."""
+    from marketplace.provisioning.scheduler import provisioning_kick, release_kick
+    from marketplace.services.allocation import allocation_place
+
+    now = now or timezone.now()
+    locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+    if locked.status not in LIVE_STATUSES:
+        return "not live"
+    failed = list(_failed_live_allocations(locked))
+    if not failed:
+        return "nothing failed"
+    outages = {
+        o.gpu_id: o
+        for o in Outage.objects.filter(gpu_id__in=[a.gpu_id for a in failed], ended_at=None)
+    }
+    failed_at = min((o.started_at for o in outages.values()), default=now)
+    what = ", ".join(f"{a.node.hostname}/gpu{a.gpu.index}" for a in failed)
+    why = "; ".join(sorted({a.gpu.health_reason or "reported failed" for a in failed}))
+    cause = f"GPU {what} failed ({why})"
+
+    if locked.status in (S.ACTIVE, S.RELEASING) and locked.activated_at is not None:
+        for allocation in failed:
+            if ReservationOutage.objects.filter(
+                reservation=locked, node=allocation.node, ended_at=None
+            ).exists():
+                continue
+            outage = outages.get(allocation.gpu_id)
+            ReservationOutage.objects.create(
+                reservation=locked,
+                node=allocation.node,
+                source_outage=outage,
+                started_at=max(outage.started_at if outage else now, locked.activated_at),
+                cause=OutageCause.GPU_FAILURE,
+                detail=cause,
+            )
+    if locked.status == S.RELEASING:
+        return "releasing: outage recorded"
+
+    try:
+        with transaction.atomic():
+            _end(failed, now=now)
+            placed = allocation_place(
+                reservation=locked,
+                site_id=locked.site_id,
+                gpu_model_id=locked.gpu_model_id,
+                gpu_count=len(failed),
+                starts_at=max(now, locked.starts_at),
+                ends_at=locked.ends_at,
+            )
+    except NotAvailable:
+        placed = None
+
+    if placed is None:
+        return _end_reservation(
+            locked, cause=cause, failed_at=failed_at, now=now, kick=release_kick
+        )
+
+    where = ", ".join(f"{a.node.hostname}/gpu{a.gpu_id}" for a in placed)
+    moved = f"{cause}; moved to {len(placed)} healthy GPU(s) at {locked.site.slug}"
+    if locked.status == S.ACTIVE:
+        reservation_transition(
+            reservation=locked,
+            to_status=S.PROVISIONING,
+            cause=f"{moved}; the workload restarts there and the time since the failure is "
+            "not billed",
+            actor_label=ACTOR,
+        )
+        provisioning_kick(locked.pk)
+    elif locked.status == S.PROVISIONING:
+        reservation_transition(
+            reservation=locked, to_status=S.SCHEDULED, cause=moved, actor_label=ACTOR
+        )
+        provisioning_kick(locked.pk)
+    else:
+        ReservationTransition.objects.create(
+            reservation=locked,
+            from_status=locked.status,
+            to_status=locked.status,
+            cause=moved,
+            actor_label=ACTOR,
+        )
+    reservation_event_record(reservation=locked, type=EventType.RESERVATION_MOVED)
+    logger.warning("reservation %s moved off failed GPU(s) %s to %s", locked.public_id, what, where)
+    return "moved"
+
+
+def _end_reservation(
+    locked: Reservation, *, cause: str, failed_at: datetime, now: datetime, kick
+) -> str:
+    was_active = locked.activated_at is not None
+    if locked.tier == Tier.RESERVED and was_active:
+        refund = _undelivered_refund(locked, since=failed_at)
+        locked.cancellation = {
+            "rule": "GPU failure with no healthy GPU to move to: the undelivered share of the "
+            "term is refunded",
+            "refund_amount": str(refund),
+            "failed_at": failed_at.isoformat(),
+        }
+        locked.save(update_fields=["cancellation", "updated_at"])
+    ended = reservation_transition(
+        reservation=locked,
+        to_status=S.FAILED,
+        cause=f"{cause}; no healthy GPU of this model free at {locked.site.slug}: the "
+        "reservation ends, undelivered time is not charged"
+        + (" and the reserved term's rest is refunded" if locked.tier == Tier.RESERVED else ""),
+        actor_label=ACTOR,
+    )
+    ReservationOutage.objects.filter(reservation=ended, ended_at=None).update(
+        ended_at=Greatest(F("started_at"), Value(ended.released_at))
+    )
+    if was_active:
+        kick(ended.pk)  # stop the workload on its other GPUs
+    return "ended"
+
+
+def reservation_gpu_outages_close(*, now: datetime | None = None) -> int:
+    """Close GPU-failure outages of reservations that are active again: at the moment the
+    restarted workload became active (its transition), so billing resumes from then."""
+    closed = 0
+    open_outages = ReservationOutage.objects.filter(
+        ended_at=None, cause=OutageCause.GPU_FAILURE, reservation__status=S.ACTIVE
+    ).select_related("reservation")
+    for outage in open_outages:
+        back = (
+            ReservationTransition.objects.filter(
+                reservation_id=outage.reservation_id,
+                to_status=S.ACTIVE,
+                at__gt=outage.started_at,
+            )
+            .order_by("at")
+            .values_list("at", flat=True)
+            .first()
+        )
+        if back is not None:
+            closed += ReservationOutage.objects.filter(pk=outage.pk, ended_at=None).update(
+                ended_at=back
+            )
+    return closed
+
+
+def gpu_failures_handle(*, now: datetime | None = None, limit: int = 200) -> dict:
+    """The sweep: every live reservation holding a failed GPU, then outages to close."""
+    ids = list(
+        Allocation.objects.filter(
+            is_live=True, gpu__health=GpuHealth.FAILED, reservation__status__in=LIVE_STATUSES
+        )
+        .order_by("reservation_id")
+        .values_list("reservation_id", flat=True)
+        .distinct()[:limit]
+    )
+    done: dict[str, int] = {}
+    for reservation_id in ids:
+        outcome = reservation_gpu_failure_handle(reservation_id=reservation_id, now=now)
+        done[outcome] = done.get(outcome, 0) + 1
+    done["outages_closed"] = reservation_gpu_outages_close(now=now)
+    return done
