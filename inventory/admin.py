@@ -5,6 +5,7 @@ services, so every change is checked and recorded as a StatusChange with who and
 """
 
 from collections.abc import Callable
+from datetime import timedelta
 
 from django import forms
 from django.contrib import admin, messages
@@ -12,12 +13,17 @@ from django.contrib.admin.helpers import ActionForm
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 
 from config.errors import ApplicationError
-from inventory import services
+from inventory import services, telemetry
 from inventory.models import (
     Gpu,
+    GpuHealthChange,
+    GpuMinute,
     GpuModel,
+    HealthRules,
     MaintenanceWindow,
     Node,
     NodeStatus,
@@ -157,14 +163,16 @@ class GpuModelAdmin(admin.ModelAdmin):
 
 class GpuInline(admin.TabularInline):
     model = Gpu
-    fields = ["index", "serial", "health", "health_reported_at"]
-    readonly_fields = ["health_reported_at"]
+    fields = ["index", "serial", "health", "health_reason", "health_reported_at"]
+    # Health changes only through the GPU actions (recorded, outage opened or closed).
+    readonly_fields = ["health", "health_reason", "health_reported_at"]
     extra = 0
 
 
 class OutageInline(admin.TabularInline):
     model = Outage
-    fields = ["cause", "started_at", "ended_at", "detail"]
+    fields = ["cause", "gpu", "started_at", "ended_at", "detail"]
+    raw_id_fields = ["gpu"]
     extra = 0
     ordering = ["-started_at"]
 
@@ -199,10 +207,22 @@ class NodeAdmin(admin.ModelAdmin):
         "status_changed_at",
         "last_heartbeat_at",
         "agent_version",
+        "telemetry_error",
+        "gpu_telemetry",
         "created_at",
         "updated_at",
     ]
     inlines = [GpuInline, OutageInline, NodeTokenInline, NodeStatusChangeInline]
+
+    @admin.display(description="GPU telemetry (last 15 minutes, per minute)")
+    def gpu_telemetry(self, node: Node) -> str:
+        gpus = {g.pk: g.index for g in node.gpus.all()} if node.pk else {}
+        since = timezone.now() - timedelta(minutes=15)
+        rows = GpuMinute.objects.filter(gpu_id__in=list(gpus), minute__gte=since).order_by(
+            "-minute", "gpu_id"
+        )
+        return _minutes_table(rows, lambda row: f"gpu{gpus[row.gpu_id]}")
+
     action_form = StatusActionForm
     actions = ["drain", "set_maintenance", "return_to_service", "retire", "issue_token"]
 
@@ -265,14 +285,100 @@ class NodeAdmin(admin.ModelAdmin):
         return response
 
 
+def _minutes_table(rows, label) -> str:
+    cells = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                f"{row.minute:%Y-%m-%d %H:%M}",
+                label(row),
+                row.samples,
+                "–" if row.utilization_pct_avg is None else f"{row.utilization_pct_avg:.0f} %",
+                "–" if row.memory_used_mib_max is None else f"{row.memory_used_mib_max} MiB",
+                "–" if row.power_w_avg is None else f"{row.power_w_avg:.0f} W",
+                "–" if row.temperature_c_max is None else f"{row.temperature_c_max} °C",
+            )
+            for row in rows
+        ),
+    )
+    if not cells:
+        return "No telemetry in this window."
+    return format_html(
+        "<table><thead><tr><th>minute (UTC)</th><th>GPU</th><th>samples</th>"
+        "<th>utilisation</th><th>memory</th><th>power</th><th>hottest</th></tr></thead>"
+        "<tbody>{}</tbody></table>",
+        cells,
+    )
+
+
+class GpuHealthChangeInline(admin.TabularInline):
+    model = GpuHealthChange
+    fields = ["at", "from_health", "to_health", "actor_label", "reason"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-at", "-id"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Gpu)
 class GpuAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "node", "index", "serial", "health", "health_reported_at"]
+    list_display = ["__str__", "node", "index", "serial", "health", "health_reason"]
     list_filter = ["health", "node__site", "node__gpu_model", "node__status"]
     list_select_related = ["node"]
     search_fields = ["serial", "node__hostname"]
-    readonly_fields = ["health_reported_at"]
+    readonly_fields = [
+        "health",
+        "health_reason",
+        "health_reported_at",
+        "over_temp_since",
+        "telemetry_last_hour",
+    ]
     raw_id_fields = ["node"]
+    inlines = [GpuHealthChangeInline]
+    action_form = StatusActionForm
+    actions = ["return_to_service", "mark_failed"]
+
+    @admin.display(description="telemetry, last hour (per minute)")
+    def telemetry_last_hour(self, gpu: Gpu) -> str:
+        since = timezone.now() - timedelta(hours=1)
+        rows = GpuMinute.objects.filter(gpu_id=gpu.pk, minute__gte=since).order_by("-minute")
+        return _minutes_table(rows, lambda row: f"gpu{gpu.index}")
+
+    @admin.action(description="Return selected GPUs to service (reason required, recorded)")
+    def return_to_service(self, request, queryset):
+        reason = request.POST.get("reason", "").strip()
+        if not reason:
+            messages.error(request, "Give a reason to return a GPU to service.")
+            return
+        _apply(request, queryset, telemetry.gpu_return_to_service, "gpu", "Returned to service")
+
+    @admin.action(description="Mark selected GPUs failed (their work is moved or ended)")
+    def mark_failed(self, request, queryset):
+        _apply(request, queryset, telemetry.gpu_mark_failed, "gpu", "Marked failed")
+
+
+@admin.register(HealthRules)
+class HealthRulesAdmin(admin.ModelAdmin):
+    """The one rule set (docs/health.md); edits take effect within 10 s."""
+
+    list_display = ["__str__", "failing_events", "over_temp_c", "over_temp_minutes", "updated_at"]
+
+    def has_add_permission(self, request) -> bool:
+        return not HealthRules.objects.exists()
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        telemetry.rules_cache_clear()  # this process at once; the others within 10 s
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 class OpenOutageFilter(admin.SimpleListFilter):
@@ -292,11 +398,11 @@ class OpenOutageFilter(admin.SimpleListFilter):
 
 @admin.register(Outage)
 class OutageAdmin(admin.ModelAdmin):
-    list_display = ["node", "cause", "started_at", "ended_at"]
+    list_display = ["node", "gpu", "cause", "started_at", "ended_at"]
     list_filter = [OpenOutageFilter, "cause", "node__site"]
-    list_select_related = ["node"]
+    list_select_related = ["node", "gpu"]
     search_fields = ["node__hostname", "detail"]
-    raw_id_fields = ["node"]
+    raw_id_fields = ["node", "gpu"]
     date_hierarchy = "started_at"
 
 

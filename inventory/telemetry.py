@@ -48,6 +48,7 @@ __all__ = [
     "gpu_health_evaluate",
     "gpu_health_apply",
     "gpu_return_to_service",
+    "gpu_mark_failed",
     "telemetry_record",
     "telemetry_flush",
     "samples_enqueue",
@@ -213,6 +214,26 @@ def _rules() -> HealthRules:
 def rules_cache_clear() -> None:
     global _rules_cache
     _rules_cache = None
+
+
+@transaction.atomic
+def gpu_mark_failed(
+    *, gpu: Gpu, actor: AbstractBaseUser | None, reason: str, actor_label: str | None = None
+) -> Gpu:
+    """Staff take a GPU out of sale by hand (a fault the rules did not see)."""
+    if not reason or not reason.strip():
+        raise ValidationFailed("Marking a GPU failed needs a reason.", field="reason")
+    locked = Gpu.objects.select_for_update().get(pk=gpu.pk)
+    if locked.health == GpuHealth.FAILED:
+        raise InvalidTransition(f"GPU {locked} is already failed.", field="health")
+    gpu_health_apply(
+        gpu=locked,
+        health=GpuHealth.FAILED,
+        reason=f"marked failed by staff: {reason.strip()}",
+        actor_label=actor_label or (actor.get_username() if actor else "staff"),
+        now=timezone.now(),
+    )
+    return locked
 
 
 def _sample_row(gpu_id: int, reading: dict, at: datetime) -> tuple:

@@ -40,6 +40,11 @@ urlpatterns = [
         name="reservation-extension-terms",
     ),
     path(
+        "reservations/<str:reservation_id>/telemetry",
+        reservations.ReservationTelemetryApi.as_view(),
+        name="reservation-telemetry",
+    ),
+    path(
         "reservations/<str:reservation_id>/cancel",
         reservations.ReservationCancelApi.as_view(),
         name="reservation-cancel",

@@ -1,5 +1,7 @@
 """Reservations: create, list, retrieve, cancellation terms, cancel, extend."""
 
+from datetime import timedelta
+
 import django_filters
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -15,6 +17,7 @@ from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.selectors.telemetry import MAX_WINDOW, reservation_telemetry
 from marketplace.services.energy import booking_energy
 from marketplace.services.reservations import (
     cancellation_terms,
@@ -471,3 +474,72 @@ class ReservationExtendApi(_OneReservation):
             actor_label=self.org_context.actor_label,
         )
         return Response(_detail(self.organization, reservation.public_id))
+
+
+class TelemetryInput(serializers.Serializer):
+    since = serializers.DateTimeField(required=False, help_text="Default: 6 hours before until.")
+    until = serializers.DateTimeField(
+        required=False, help_text="Default: now, or the reservation's end if earlier."
+    )
+
+    def validate(self, attrs):
+        since, until = attrs.get("since"), attrs.get("until")
+        if since and until and since >= until:
+            raise serializers.ValidationError({"since": "since must be before until."})
+        if since and until and until - since > MAX_WINDOW:
+            raise serializers.ValidationError(
+                {"since": f"At most {MAX_WINDOW.days} days per request."}
+            )
+        return attrs
+
+
+class TelemetryPointOutput(serializers.Serializer):
+    t = serializers.DateTimeField(help_text="The minute (UTC) the figures are for.")
+    utilization_pct = serializers.FloatField(allow_null=True, help_text="Mean over the minute.")
+    memory_used_mib = serializers.IntegerField(allow_null=True, help_text="Most in the minute.")
+    power_w = serializers.FloatField(allow_null=True, help_text="Mean board power.")
+    temperature_c = serializers.IntegerField(allow_null=True, help_text="Hottest reading.")
+
+
+class GpuSeriesOutput(serializers.Serializer):
+    node = serializers.CharField()
+    index = serializers.IntegerField(help_text="The GPU's index on its node.")
+    starts_at = serializers.DateTimeField(help_text="When this GPU became the reservation's.")
+    ends_at = serializers.DateTimeField(help_text="When it stops (or stopped) being.")
+    points = TelemetryPointOutput(many=True)
+
+
+class ReservationTelemetryOutput(serializers.Serializer):
+    reservation = serializers.CharField()
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField()
+    resolution_seconds = serializers.IntegerField()
+    gpus = GpuSeriesOutput(many=True)
+
+
+class ReservationTelemetryApi(_OneReservation):
+    @extend_schema(
+        tags=TAGS,
+        operation_id="reservations_telemetry",
+        summary="GPU utilisation, memory, power and temperature per minute, per GPU",
+        parameters=[TelemetryInput],
+        responses={200: ReservationTelemetryOutput, **errors(400, 403, 404)},
+    )
+    def get(self, request, reservation_id: str):
+        reservation = self.reservation()
+        params = validated_input(TelemetryInput, request.query_params)
+        until = params.get("until") or min(timezone.now(), reservation.ends_at)
+        since = params.get("since") or max(until - timedelta(hours=6), reservation.starts_at)
+        if since >= until:
+            since = until - timedelta(minutes=1)
+        if until - since > MAX_WINDOW:
+            since = until - MAX_WINDOW
+        series = reservation_telemetry(reservation=reservation, since=since, until=until)
+        body = {
+            "reservation": reservation.public_id,
+            "since": since,
+            "until": until,
+            "resolution_seconds": 60,
+            "gpus": series,
+        }
+        return Response(ReservationTelemetryOutput(body).data)
