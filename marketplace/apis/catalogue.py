@@ -230,7 +230,15 @@ class EnergyOutput(serializers.Serializer):
     pue = serializers.CharField()
     renewable_share = serializers.CharField(help_text="0 to 1.")
     grid_carbon_g_per_kwh = serializers.IntegerField(allow_null=True)
-    basis = serializers.CharField()
+    basis = serializers.ChoiceField(
+        choices=["estimated", "measured"],
+        help_text="measured: from the power the GPUs reported (reservations that have run); "
+        "estimated: from rated power (offers, quotes, time without readings).",
+    )
+    method = serializers.CharField(help_text="How the figures were computed.")
+    measured_share = serializers.CharField(
+        allow_null=True, help_text="Measured: the share of metered GPU-time with readings (0-1)."
+    )
 
 
 class OfferSiteOutput(serializers.Serializer):

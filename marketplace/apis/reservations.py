@@ -17,8 +17,11 @@ from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
-from marketplace.selectors.telemetry import MAX_WINDOW, reservation_telemetry
-from marketplace.services.energy import booking_energy
+from marketplace.selectors.telemetry import (
+    MAX_WINDOW,
+    reservation_energy,
+    reservation_telemetry,
+)
 from marketplace.services.reservations import (
     cancellation_terms,
     extension_terms,
@@ -216,7 +219,9 @@ class ReservationDetailOutput(ReservationOutput):
     allowed_actions = serializers.SerializerMethodField()
     breakdown = serializers.JSONField()
     energy = serializers.SerializerMethodField(
-        help_text="Estimated energy and emissions of the booked period."
+        help_text="Energy and emissions: before it runs, estimated for the booked period; once "
+        "it has run, its metered time at the measured power where the GPUs reported it "
+        '(basis "measured"), else at rated power (basis "estimated").'
     )
     workload = serializers.SerializerMethodField()
     allocations = serializers.SerializerMethodField()
@@ -234,7 +239,7 @@ class ReservationDetailOutput(ReservationOutput):
 
     @extend_schema_field(EnergyOutput)
     def get_energy(self, reservation) -> dict:
-        return booking_energy(reservation).as_dict()
+        return reservation_energy(reservation=reservation).as_dict()
 
     def get_allowed_actions(self, reservation) -> list[str]:
         return reservation_allowed_actions(reservation)

@@ -29,6 +29,7 @@ from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
+from marketplace.selectors.telemetry import reservation_energy
 from marketplace.services.energy import booking_energy
 from marketplace.services.organizations import RESERVING_ROLES
 from marketplace.services.quotes import quote_create
@@ -222,7 +223,7 @@ def _detail_context(view, reservation, **extra) -> dict:
     can_act = view.membership.role in RESERVING_ROLES
     context = {
         "reservation": reservation,
-        "energy": booking_energy(reservation),
+        "energy": reservation_energy(reservation=reservation),
         # Moving on its own (provisioning, tearing down): the page reloads itself to follow.
         "refresh_seconds": 5
         if reservation.status in (ReservationStatus.PROVISIONING, ReservationStatus.RELEASING)

@@ -7,12 +7,13 @@ it was moved off).
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.db import connection
 
 from marketplace.models import Reservation
 
-__all__ = ["GpuSeries", "MAX_WINDOW", "reservation_telemetry"]
+__all__ = ["GpuSeries", "MAX_WINDOW", "reservation_telemetry", "reservation_energy"]
 
 MAX_WINDOW = timedelta(days=7)
 
@@ -65,3 +66,63 @@ def reservation_telemetry(
                     }
                 )
     return list(series.values())
+
+
+_MEASURED_SQL = """
+SELECT count(*), coalesce(sum(m.power_w_avg::numeric), 0)
+  FROM marketplace_allocation a
+  JOIN inventory_gpuminute m
+    ON m.gpu_id = a.gpu_id AND m.minute >= lower(a.period) AND m.minute < upper(a.period)
+ WHERE a.reservation_id = %(rid)s
+   AND m.minute >= %(since)s AND m.minute < %(until)s
+   AND m.power_w_avg IS NOT NULL
+   AND NOT EXISTS (
+       SELECT 1 FROM marketplace_reservationoutage o
+        WHERE o.reservation_id = %(rid)s
+          AND m.minute >= o.started_at AND m.minute < coalesce(o.ended_at, %(until)s))
+"""
+
+
+def _union_seconds(intervals: list[tuple[datetime, datetime]]) -> int:
+    total, end = 0, None
+    for lo, hi in sorted(intervals):
+        if end is not None and lo < end:
+            lo = end
+        if hi > lo:
+            total += int((hi - lo).total_seconds())
+            end = hi
+    return total
+
+
+def reservation_energy(*, reservation: Reservation, now: datetime | None = None):
+    """The reservation's energy: before it runs, the estimate for its booked period; once it
+    has run, its metered time (active, outages excluded) at the measured power where the GPUs
+    reported it and at rated power where they did not."""
+    from django.utils import timezone
+
+    from marketplace.services.energy import booking_energy, energy_measured
+
+    if reservation.activated_at is None:
+        return booking_energy(reservation)
+    now = now or timezone.now()
+    since = reservation.activated_at
+    until = min(reservation.released_at or now, reservation.ends_at, now)
+    if until <= since:
+        until = since
+    outages = [
+        (max(o.started_at, since), min(o.ended_at or until, until))
+        for o in reservation.outages.all()
+    ]
+    wall = int((until - since).total_seconds()) - _union_seconds(outages)
+    with connection.cursor() as cursor:
+        cursor.execute(_MEASURED_SQL, {"rid": reservation.pk, "since": since, "until": until})
+        minutes, watts = cursor.fetchone()
+    return energy_measured(
+        measured_wh=Decimal(watts) / 60,
+        measured_gpu_seconds=60 * minutes,
+        metered_gpu_seconds=max(wall, 0) * reservation.gpu_count,
+        tdp_watts=reservation.gpu_model.tdp_watts,
+        pue=reservation.site.pue,
+        renewable_share=reservation.site.renewable_share,
+        grid_carbon_g_per_kwh=reservation.site.grid_carbon_g_per_kwh,
+    )

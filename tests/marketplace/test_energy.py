@@ -84,7 +84,8 @@ def test_offers_quotes_and_reservations_carry_the_estimate(client_key, owner_cli
               "start": start.isoformat(), "end": end.isoformat()}  # fmt: skip
     (offer,) = client_key.get("/api/v1/availability", window).json()["results"]
     assert {k: offer["energy"][k] for k in expected} == expected
-    assert "PUE" in offer["energy"]["basis"]
+    assert offer["energy"]["basis"] == "estimated"
+    assert "PUE" in offer["energy"]["method"]
 
     quote = client_key.post(
         "/api/v1/quotes", {"gpu_model": "h100-sxm-80gb", "gpu_count": 4,
