@@ -5,6 +5,7 @@ price for settings.QUOTE_TTL, reservation_create from the quote, cancellation_te
 before reservation_cancel applies them, reservation_extend.
 """
 
+from datetime import timedelta
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -29,7 +30,7 @@ from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
 from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
-from marketplace.selectors.telemetry import reservation_energy
+from marketplace.selectors.telemetry import reservation_energy, reservation_telemetry
 from marketplace.services.energy import booking_energy
 from marketplace.services.organizations import RESERVING_ROLES
 from marketplace.services.quotes import quote_create
@@ -214,6 +215,33 @@ class ReservationDetailView(PortalView, View):
         return render(request, "portal/reservation.html", _detail_context(self, reservation))
 
 
+def _gpu_use(reservation, minutes: int = 30) -> list[dict]:
+    """The reservation's GPUs together, per minute, newest first (the API has them per GPU)."""
+    if reservation.activated_at is None:
+        return []
+    until = min(timezone.now(), reservation.released_at or reservation.ends_at)
+    series = reservation_telemetry(
+        reservation=reservation, since=until - timedelta(minutes=minutes), until=until
+    )
+    by_minute: dict = {}
+    for gpu in series:
+        for point in gpu.points:
+            row = by_minute.setdefault(point["t"], {"t": point["t"], "gpus": 0, "util": 0.0,
+                                                     "memory": 0, "power": 0.0, "hottest": None})  # fmt: skip
+            row["gpus"] += 1
+            row["util"] += point["utilization_pct"] or 0
+            row["memory"] += point["memory_used_mib"] or 0
+            row["power"] += point["power_w"] or 0
+            temp = point["temperature_c"]
+            if temp is not None and (row["hottest"] is None or temp > row["hottest"]):
+                row["hottest"] = temp
+    rows = sorted(by_minute.values(), key=lambda r: r["t"], reverse=True)
+    for row in rows:
+        row["util"] = round(row["util"] / row["gpus"], 1)
+        row["power"] = round(row["power"])
+    return rows
+
+
 def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
     live = [a for a in reservation.allocations.all() if a.is_live]
@@ -224,6 +252,7 @@ def _detail_context(view, reservation, **extra) -> dict:
     context = {
         "reservation": reservation,
         "energy": reservation_energy(reservation=reservation),
+        "gpu_use": _gpu_use(reservation),
         # Moving on its own (provisioning, tearing down): the page reloads itself to follow.
         "refresh_seconds": 5
         if reservation.status in (ReservationStatus.PROVISIONING, ReservationStatus.RELEASING)

@@ -134,3 +134,30 @@ def test_before_it_runs_the_booked_period_is_estimated(owner_client, market):
     assert created["status"] == "pending"
     body = owner_client.get(f"/api/v1/reservations/{created['id']}").json()
     assert (body["energy"]["basis"], body["energy"]["measured_share"]) == ("estimated", None)
+
+
+def test_the_portal_page_shows_gpu_use_per_minute_and_the_measured_energy(ran):
+    from tests.marketplace.market_helpers import member_client
+
+    reservation, t0 = ran
+    now = timezone.now().replace(second=0, microsecond=0)
+    for i, allocation in enumerate(Allocation.objects.filter(reservation=reservation)):
+        GpuMinute.objects.create(
+            gpu_id=allocation.gpu_id,
+            minute=now - timedelta(minutes=2),
+            samples=2,
+            utilization_pct_avg=90.0 + 10 * i,
+            memory_used_mib_max=1000,
+            power_w_avg=300.0,
+            temperature_c_max=60 + i,
+        )
+    page = member_client(reservation.organization, "member").get(
+        f"/reservations/{reservation.public_id}"
+    )
+    html = page.content.decode()
+    minute = (now - timedelta(minutes=2)).strftime("%H:%M")
+    assert (
+        f'<tr><td>{minute}</td><td>2</td><td class="num">95.0 %</td>'
+        '<td class="num">2000 MiB</td><td class="num">600 W</td><td class="num">61 °C</td></tr>'
+    ) in html
+    assert "Energy (measured)" in html
