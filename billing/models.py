@@ -60,7 +60,8 @@ class BillingAccount(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     postpaid_approved_at = models.DateTimeField(null=True, blank=True)
-    auto_recharge_enabled = models.BooleanField(default=True)
+    # Opt-in: charging a card unasked needs the customer's say-so and a saved card.
+    auto_recharge_enabled = models.BooleanField(default=False)
     recharge_threshold_minor = models.BigIntegerField(
         default=5000, help_text="Recharge (and warn) when the balance drops below this."
     )
@@ -248,6 +249,7 @@ class TopUp(models.Model):
     amount_minor = models.BigIntegerField()
     currency = models.CharField(max_length=3)
     automatic = models.BooleanField(default=False)
+    reason = models.TextField(blank=True, help_text="Why an automatic recharge was started.")
     payment_method_id = models.CharField(max_length=64)
     status = models.CharField(
         max_length=10, choices=TopUpStatus.choices, default=TopUpStatus.PENDING

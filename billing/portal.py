@@ -83,11 +83,19 @@ def _amount_field(label: str, **kwargs) -> forms.DecimalField:
 class BillingSettingsForm(forms.Form):
     """The API's BillingSettingsInput; the ranges are the service's to enforce."""
 
-    auto_recharge_enabled = forms.BooleanField(label="Recharge automatically", required=False)
-    recharge_threshold = _amount_field(
-        "Recharge threshold", help_text="Recharge, and warn, when the balance drops below this."
+    auto_recharge_enabled = forms.BooleanField(
+        label="Recharge automatically",
+        required=False,
+        help_text="Off until you turn it on; needs a saved card. Every automatic charge is "
+        "e-mailed with its reason, and before a reservation triggers one you are asked.",
     )
-    recharge_amount = _amount_field("Recharge amount", help_text="At least 5.00.")
+    recharge_threshold = _amount_field(
+        "Recharge threshold",
+        help_text=f"Recharge, and warn, when the balance drops below this (at most {MAX_TOP_UP}).",
+    )
+    recharge_amount = _amount_field(
+        "Recharge amount", help_text=f"Between {MIN_TOP_UP} and {MAX_TOP_UP}."
+    )
     monthly_spend_limit = forms.DecimalField(
         label="Monthly spend limit",
         max_digits=12,

@@ -43,14 +43,19 @@ def outbox_flush(limit: int = 200) -> int:
 
 
 @shared_task(name="billing.tasks.auto_recharge_for_reservation")
-def auto_recharge_for_reservation_task(organization_id: int, needed_minor: int) -> int | None:
-    """Sent by the funding gate when it refuses a reservation for want of balance."""
+def auto_recharge_for_reservation_task(
+    organization_id: int, needed_minor: int, amount_minor: int | None = None
+) -> int | None:
+    """Sent by the funding gate when it refuses a booking for want of balance, with the
+    amount its 402 stated."""
     from billing.services.topups import auto_recharge_for_reservation
 
     organization = Organization.objects.filter(pk=organization_id).first()
     if organization is None:
         return None
-    top_up = auto_recharge_for_reservation(organization=organization, needed_minor=needed_minor)
+    top_up = auto_recharge_for_reservation(
+        organization=organization, needed_minor=needed_minor, amount_minor=amount_minor
+    )
     return top_up.pk if top_up else None
 
 

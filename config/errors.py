@@ -59,6 +59,19 @@ class QuoteExpired(Conflict):
 
 
 class PaymentRequired(ApplicationError):
+    """Not funded (HTTP 402). `recharge`, when an automatic recharge could fund it: the amount
+    and currency it charges and its status ("started", or "confirm": asked for first)."""
+
     type = "payment_error"
     status_code = 402
     default_code = "payment_required"
+
+    def __init__(self, message: str, *, recharge: dict | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.recharge = recharge
+
+    def as_dict(self) -> dict:
+        d = super().as_dict()
+        if self.recharge is not None:
+            d["recharge"] = self.recharge
+        return d

@@ -28,11 +28,21 @@ __all__ = ["FundingGate", "AllowAllFundingGate", "funding_gate", "funding_gate_r
 
 
 class FundingGate(Protocol):
-    def reservation_authorize(self, *, reservation: Reservation) -> None:
-        """Hold a reservation's committed part; raise PaymentRequired if it is not funded."""
+    def reservation_authorize(
+        self, *, reservation: Reservation, auto_recharge: bool = True
+    ) -> None:
+        """Hold a reservation's committed part; raise PaymentRequired if it is not funded.
+
+        Without `auto_recharge`, a refusal that an automatic recharge could fund only says
+        what it would charge (PaymentRequired.recharge), for the customer to confirm."""
 
     def extension_authorize(
-        self, *, reservation: Reservation, old_ends_at: datetime, old_total: Decimal
+        self,
+        *,
+        reservation: Reservation,
+        old_ends_at: datetime,
+        old_total: Decimal,
+        auto_recharge: bool = True,
     ) -> None:
         """Hold (and charge what is due at once for) the extra time just written to
         `reservation` (its new end and total); raise PaymentRequired if it is not funded."""

@@ -94,21 +94,33 @@ def billing_settings_update(
     recharge_amount: Decimal | None = None,
     monthly_spend_limit: "Decimal | None | object" = _UNSET,
 ) -> BillingAccount:
-    """The customer's own settings: automatic recharge and a monthly spend limit (None: none)."""
+    """The customer's own settings: automatic recharge and a monthly spend limit (None: none).
+
+    Automatic recharge is opt-in and needs a saved card; its amount and threshold are capped
+    like a top-up (topups.MIN_TOP_UP … MAX_TOP_UP). Nothing changes when anything is refused.
+    """
     billing_account_get_or_create(organization=organization)
     account = BillingAccount.objects.select_for_update().get(organization=organization)
+    from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP
+
     fields = []
-    if auto_recharge_enabled is not None:
-        account.auto_recharge_enabled = auto_recharge_enabled
-        fields.append("auto_recharge_enabled")
+    # Bounded like a top-up: an automatic charge is never larger than one the customer may make.
     if recharge_threshold is not None:
-        if recharge_threshold < 0:
-            raise ValidationFailed("Must be zero or more.", field="recharge_threshold")
+        if not Decimal(0) <= recharge_threshold <= MAX_TOP_UP:
+            raise ValidationFailed(
+                f"The recharge threshold is between 0 and {MAX_TOP_UP}.",
+                code="amount_out_of_range",
+                field="recharge_threshold",
+            )
         account.recharge_threshold_minor = to_minor_units(recharge_threshold, account.currency)
         fields.append("recharge_threshold_minor")
     if recharge_amount is not None:
-        if recharge_amount < Decimal("5.00"):
-            raise ValidationFailed("A recharge is at least 5.00.", field="recharge_amount")
+        if not MIN_TOP_UP <= recharge_amount <= MAX_TOP_UP:
+            raise ValidationFailed(
+                f"A recharge is between {MIN_TOP_UP} and {MAX_TOP_UP}.",
+                code="amount_out_of_range",
+                field="recharge_amount",
+            )
         account.recharge_amount_minor = to_minor_units(recharge_amount, account.currency)
         fields.append("recharge_amount_minor")
     if monthly_spend_limit is not _UNSET:
@@ -120,6 +132,15 @@ def billing_settings_update(
             else to_minor_units(monthly_spend_limit, account.currency)
         )
         fields.append("monthly_spend_limit_minor")
+    if auto_recharge_enabled is not None:
+        if auto_recharge_enabled and not account.default_payment_method_id:
+            raise ValidationFailed(
+                "Save a card before turning automatic recharge on.",
+                code="no_payment_method",
+                field="auto_recharge_enabled",
+            )
+        account.auto_recharge_enabled = auto_recharge_enabled
+        fields.append("auto_recharge_enabled")
     if fields:
         account.save(update_fields=fields)
     return account

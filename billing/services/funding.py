@@ -35,6 +35,7 @@ from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
+from billing.services.topups import reservation_recharge_amount
 from billing.services.usage import reservations_meter, reserved_extension_charge
 from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
@@ -97,7 +98,12 @@ def _money(amount_minor: int, currency: str) -> str:
 
 
 def commitment_authorize(
-    *, organization_id: int, commit_minor: int, currency: str, what: str = "reservation"
+    *,
+    organization_id: int,
+    commit_minor: int,
+    currency: str,
+    what: str = "reservation",
+    auto_recharge: bool = True,
 ) -> None:
     """Lock the organisation's billing account (until the transaction ends) and check that it
     may commit `commit_minor` more; raise PaymentRequired if not.
@@ -105,6 +111,9 @@ def commitment_authorize(
     Prepaid: the balance less open holds must cover it. Every organisation with a monthly spend
     limit: this month's charges, open holds and this must stay within it. The caller holds the
     commitment in the same transaction (hold_add), so the next decision counts it.
+
+    A prepaid refusal that an automatic recharge could fund says how much it would charge;
+    with `auto_recharge` it starts it (the API), without it asks first (the portal).
     """
     account = _account_lock(organization_id)
     if account.funding_state == FundingState.SUSPENDED:
@@ -130,25 +139,41 @@ def commitment_authorize(
     if account.mode == BillingMode.POSTPAID:
         return
     available = balance - held
-    if available < commit_minor:
-        recharging = _recharge_kick(account, commit_minor - available)
+    if available >= commit_minor:
+        return
+    message = (
+        f"The balance ({_money(balance, currency)}, of which {_money(held, currency)} is held "
+        f"for bookings) does not cover this {what}'s committed part "
+        f"({_money(commit_minor, currency)})"
+    )
+    shortfall = commit_minor - available
+    recharge_minor = reservation_recharge_amount(account=account, shortfall_minor=shortfall)
+    if recharge_minor is None:
+        raise PaymentRequired(f"{message}: top up and try again.", code="insufficient_funds")
+    recharge = {"amount": str(from_minor_units(recharge_minor, currency)), "currency": currency}
+    if not auto_recharge:
         raise PaymentRequired(
-            f"The balance ({_money(balance, currency)}, of which {_money(held, currency)} is "
-            f"held for bookings) does not cover this {what}'s committed part "
-            f"({_money(commit_minor, currency)}): "
-            + (
-                "an automatic recharge of your card has started; try again in a minute."
-                if recharging
-                else "top up and try again."
-            ),
+            f"{message}: automatic recharge would charge {_money(recharge_minor, currency)} "
+            "to your saved card; confirm to charge it.",
             code="insufficient_funds",
+            recharge={**recharge, "status": "confirm"},
         )
+    if not _recharge_kick(account, commit_minor, recharge_minor):
+        raise PaymentRequired(f"{message}: top up and try again.", code="insufficient_funds")
+    raise PaymentRequired(
+        f"{message}: an automatic recharge of {_money(recharge_minor, currency)} to your saved "
+        "card has started; try again in a minute.",
+        code="insufficient_funds",
+        recharge={**recharge, "status": "started"},
+    )
 
 
 class BillingFundingGate:
     """Billing's implementation of marketplace.funding.FundingGate."""
 
-    def reservation_authorize(self, *, reservation: Reservation) -> None:
+    def reservation_authorize(
+        self, *, reservation: Reservation, auto_recharge: bool = True
+    ) -> None:
         commit_minor = to_minor_units(
             committed_amount(
                 tier=reservation.tier,
@@ -164,6 +189,7 @@ class BillingFundingGate:
             organization_id=reservation.organization_id,
             commit_minor=commit_minor,
             currency=reservation.currency,
+            auto_recharge=auto_recharge,
         )
         hold_add(
             reservation=reservation,
@@ -173,7 +199,12 @@ class BillingFundingGate:
         )
 
     def extension_authorize(
-        self, *, reservation: Reservation, old_ends_at: datetime, old_total: Decimal
+        self,
+        *,
+        reservation: Reservation,
+        old_ends_at: datetime,
+        old_total: Decimal,
+        auto_recharge: bool = True,
     ) -> None:
         """The extra time of an extension, just written to `reservation`: the same gate and a
         hold for its committed part; a reserved term's difference is charged at once."""
@@ -197,6 +228,7 @@ class BillingFundingGate:
             commit_minor=commit_minor,
             currency=currency,
             what="extension",
+            auto_recharge=auto_recharge,
         )
         end = reservation.ends_at.isoformat()
         hold_add(
@@ -221,23 +253,17 @@ class BillingFundingGate:
         holds_release(reservation_ids=[reservation.pk])
 
 
-def _recharge_kick(account: BillingAccount, needed_minor: int) -> bool:
-    """Ask for an automatic recharge covering `needed_minor`, if one is set up; True if asked.
+def _recharge_kick(account: BillingAccount, needed_minor: int, amount_minor: int) -> bool:
+    """Ask for the automatic recharge the refusal states; True if asked.
 
-    The refused reservation's transaction rolls back, so the recharge is not written here: a
-    task is sent at once (not on commit) and records the top-up in its own transaction.
+    The refused booking's transaction rolls back, so the recharge is not written here: a task
+    is sent at once (not on commit) and records the top-up in its own transaction.
     """
-    if not (
-        account.auto_recharge_enabled
-        and account.stripe_customer_id
-        and account.default_payment_method_id
-    ):
-        return False
     from config.celery import task_send
 
     return task_send(
         "billing.tasks.auto_recharge_for_reservation",
-        [account.organization_id, needed_minor],
+        [account.organization_id, needed_minor, amount_minor],
         about=f"organisation {account.organization_id}",
         then="(the 402 asks for a top-up instead)",
     )

@@ -264,4 +264,6 @@ def payment_method_mark_detached(*, stripe_payment_method_id: str) -> None:
         account.default_payment_method_id = (
             replacement.stripe_payment_method_id if replacement else ""
         )
-        account.save(update_fields=["default_payment_method_id"])
+        # No card left: nothing to recharge from; turning it on again needs a new card.
+        account.auto_recharge_enabled = account.auto_recharge_enabled and replacement is not None
+        account.save(update_fields=["default_payment_method_id", "auto_recharge_enabled"])

@@ -34,11 +34,13 @@ from marketplace.models import Organization
 
 __all__ = [
     "MIN_TOP_UP",
+    "MAX_TOP_UP",
     "top_up_create",
     "top_up_succeed",
     "top_up_fail",
     "auto_recharge_check",
     "auto_recharge_for_reservation",
+    "reservation_recharge_amount",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,12 +49,15 @@ MIN_TOP_UP = Decimal("5.00")
 MAX_TOP_UP = Decimal("100000.00")
 
 
-def _start_top_up(*, account: BillingAccount, amount_minor: int, automatic: bool) -> TopUp:
+def _start_top_up(
+    *, account: BillingAccount, amount_minor: int, automatic: bool, reason: str = ""
+) -> TopUp:
     top_up = TopUp.objects.create(
         organization=account.organization,
         amount_minor=amount_minor,
         currency=account.currency,
         automatic=automatic,
+        reason=reason,
         payment_method_id=account.default_payment_method_id,
     )
     outbox_enqueue(
@@ -152,9 +157,18 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
         return None
     if not (account.auto_recharge_enabled and account.recharge_armed):
         return None
-    # Recharge enough to get back over the threshold even after a deep drop.
-    amount_minor = max(account.recharge_amount_minor, account.recharge_threshold_minor - balance)
-    top_up = _start_automatic(account=account, amount_minor=amount_minor)
+    # Recharge enough to get back over the threshold even after a deep drop, within the cap.
+    amount_minor = min(
+        max(account.recharge_amount_minor, account.recharge_threshold_minor - balance),
+        to_minor_units(MAX_TOP_UP, account.currency),
+    )
+    c = account.currency
+    top_up = _start_automatic(
+        account=account,
+        amount_minor=amount_minor,
+        reason=f"your balance ({_money(balance, c)}) fell below your recharge threshold "
+        f"({_money(account.recharge_threshold_minor, c)})",
+    )
     if top_up is None:
         return None
     account.recharge_armed = False
@@ -162,39 +176,83 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
     return top_up
 
 
+def reservation_recharge_amount(*, account: BillingAccount, shortfall_minor: int) -> int | None:
+    """What an automatic recharge for a refused commitment would charge, in minor units: the
+    shortfall plus the recharge threshold (so the booking does not leave the balance at once
+    below it), at least the usual recharge amount. None when there would be none: automatic
+    recharge off, no saved card, postpaid, or more than a top-up may be (the customer decides)."""
+    if not (
+        account.mode == BillingMode.PREPAID
+        and account.auto_recharge_enabled
+        and account.stripe_customer_id
+        and account.default_payment_method_id
+    ):
+        return None
+    amount_minor = max(
+        account.recharge_amount_minor, shortfall_minor + account.recharge_threshold_minor
+    )
+    if amount_minor > to_minor_units(MAX_TOP_UP, account.currency):
+        return None
+    return amount_minor
+
+
 @transaction.atomic
-def auto_recharge_for_reservation(*, organization: Organization, needed_minor: int) -> TopUp | None:
-    """Start one automatic recharge so that the balance covers `needed_minor` (a reservation's
-    committed part that the funding gate refused), if the organisation has one set up.
+def auto_recharge_for_reservation(
+    *, organization: Organization, needed_minor: int, amount_minor: int | None = None
+) -> TopUp | None:
+    """Start one automatic recharge of `amount_minor` (as the refusal stated it) so that what
+    is available covers `needed_minor` (a commitment the funding gate refused).
 
     Runs in its own transaction (a task the gate sends), never in the refused reservation's,
     so the top-up and its charge are recorded whatever became of that reservation. Nothing
-    happens if the balance already covers it, or an automatic recharge is already on its way
-    (the database allows one pending per organisation).
+    happens if what is available already covers it, automatic recharge is no longer set up,
+    or one is already on its way (the database allows one pending per organisation).
     """
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
-    if account is None or account.mode != BillingMode.PREPAID or not account.auto_recharge_enabled:
+    if account is None:
         return None
     balance, held = money_position(organization_id=organization.pk)
     available = balance - held  # what new commitments can use (billing.services.holds)
     if available >= needed_minor:
         return None
-    amount_minor = max(account.recharge_amount_minor, needed_minor - available)
-    if amount_minor > to_minor_units(MAX_TOP_UP, account.currency):
-        return None  # a charge this size needs the customer, not an automatic recharge
-    return _start_automatic(account=account, amount_minor=amount_minor)
+    stated = reservation_recharge_amount(account=account, shortfall_minor=needed_minor - available)
+    if stated is None:
+        return None
+    c = account.currency
+    return _start_automatic(
+        account=account,
+        amount_minor=amount_minor or stated,
+        reason=f"a reservation needed {_money(needed_minor, c)} and {_money(available, c)} was "
+        "available",
+    )
 
 
-def _start_automatic(*, account: BillingAccount, amount_minor: int) -> TopUp | None:
-    """Start an automatic recharge on the saved card; None without a card, or while one is
-    already on its way (the database allows one pending automatic top-up per organisation)."""
+def _money(amount_minor: int, currency: str) -> str:
+    return f"{from_minor_units(amount_minor, currency)} {currency.upper()}"
+
+
+def _start_automatic(*, account: BillingAccount, amount_minor: int, reason: str) -> TopUp | None:
+    """Start an automatic recharge on the saved card and tell the owners why; None without a
+    card, or while one is already on its way (one pending automatic top-up per organisation)."""
     if not (account.stripe_customer_id and account.default_payment_method_id):
         return None
     try:
         with transaction.atomic():
-            return _start_top_up(account=account, amount_minor=amount_minor, automatic=True)
+            top_up = _start_top_up(
+                account=account, amount_minor=amount_minor, automatic=True, reason=reason
+            )
     except IntegrityError:
         return None
+    from billing.services.notices import notice_send
+
+    notice_send(
+        organization=account.organization,
+        kind="automatic_recharge",
+        message=f"We are charging {_money(amount_minor, account.currency)} to your saved card "
+        f"({account.default_payment_method_id}) because {reason}. Automatic recharge can be "
+        "turned off on the Billing page.",
+    )
+    return top_up
 
 
 @outbox_handler("payment_intent.create")

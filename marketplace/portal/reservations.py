@@ -14,7 +14,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views import View
 
-from config.errors import ApplicationError
+from config.errors import ApplicationError, PaymentRequired
 from marketplace.models import ReservationStatus
 from marketplace.portal.forms import (
     PLANS,
@@ -151,7 +151,16 @@ class QuoteView(PortalView, View):
                 user=request.user,
                 quote=quote,
                 workload=workload,
+                # An automatic recharge only once the customer has seen its amount and said yes.
+                auto_recharge=request.POST.get("confirm_recharge") == "yes",
             )
+        except PaymentRequired as exc:
+            recharge = (
+                exc.recharge if exc.recharge and exc.recharge["status"] == "confirm" else None
+            )
+            if recharge is None:
+                _field_error(form, exc)
+            return self._page(request, quote, form, status=exc.status_code, recharge=recharge)
         except ApplicationError as exc:
             _field_error(form, exc)
             return self._page(request, quote, form, status=exc.status_code)
@@ -162,7 +171,7 @@ class QuoteView(PortalView, View):
         saved = ssh_key_list_for_org(organization=self.organization).order_by("name", "pk")
         return ReserveForm(data, saved_keys=saved)
 
-    def _page(self, request, quote, form, status=200):
+    def _page(self, request, quote, form, status=200, recharge=None):
         return render(
             request,
             "portal/quote.html",
@@ -173,6 +182,7 @@ class QuoteView(PortalView, View):
                 "rule": cancellation_rule(quote.tier),
                 "energy": booking_energy(quote),
                 "used": getattr(quote, "reservation", None),
+                "recharge": recharge,
             },
             status=status,
         )

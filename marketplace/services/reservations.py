@@ -156,14 +156,24 @@ def reservation_create(
     site: str | None = None,
     region: str | None = None,
     workload: dict | None = None,
+    auto_recharge: bool = True,
 ) -> Reservation:
-    """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once."""
+    """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once.
+
+    `auto_recharge=False`: a booking the balance does not cover does not start the
+    organisation's automatic recharge; the 402 says what it would charge (the portal asks).
+    """
     now = timezone.now()
     if workload is not None and not isinstance(workload, dict):
         raise ValidationFailed("workload must be an object.", field="workload")
     if quote is not None:
         return _create_from_quote(
-            organization=organization, user=user, quote=quote, workload=workload or {}, now=now
+            organization=organization,
+            user=user,
+            quote=quote,
+            workload=workload or {},
+            now=now,
+            auto_recharge=auto_recharge,
         )
 
     for name, value in (
@@ -193,6 +203,7 @@ def reservation_create(
             region=region,
             workload=workload or {},
             now=now,
+            auto_recharge=auto_recharge,
         )
     resolve_catalogue(gpu_model=gpu_model, site=site)
     offers = availability_search(
@@ -218,6 +229,7 @@ def reservation_create(
                     ends_at=ends_at,
                     workload=workload or {},
                     now=now,
+                    auto_recharge=auto_recharge,
                 )
         except NotAvailable:
             continue
@@ -252,6 +264,7 @@ def _create_at_site(
     region: str | None,
     workload: dict,
     now: datetime,
+    auto_recharge: bool = True,
 ) -> Reservation:
     model = gpu_model_by_slug(gpu_model)
     if model is None:
@@ -287,6 +300,7 @@ def _create_at_site(
         ends_at=ends_at,
         workload=workload,
         now=now,
+        auto_recharge=auto_recharge,
     )
 
 
@@ -301,6 +315,7 @@ def _book_offer(
     ends_at: datetime,
     workload: dict,
     now: datetime,
+    auto_recharge: bool = True,
 ) -> Reservation:
     """Book a direct (quote-less) reservation at the offer's site, price and placement."""
     return _book(
@@ -323,11 +338,18 @@ def _book_offer(
         first_plan=_plan_from_offer(offer),
         site=offer.site,
         gpu_model=offer.gpu_model,
+        auto_recharge=auto_recharge,
     )
 
 
 def _create_from_quote(
-    *, organization: Organization, user, quote: Quote, workload: dict, now: datetime
+    *,
+    organization: Organization,
+    user,
+    quote: Quote,
+    workload: dict,
+    now: datetime,
+    auto_recharge: bool = True,
 ) -> Reservation:
     # The lock serialises two attempts to use the same quote.
     locked = Quote.objects.select_for_update().filter(pk=quote.pk).first()
@@ -362,6 +384,7 @@ def _create_from_quote(
         breakdown=locked.breakdown,
         workload=workload,
         now=now,
+        auto_recharge=auto_recharge,
     )
 
 
@@ -386,6 +409,7 @@ def _book(
     first_plan=None,
     site: Site | None = None,
     gpu_model: GpuModel | None = None,
+    auto_recharge: bool = True,
 ) -> Reservation:
     """`site` and `gpu_model`, when the caller has them in hand, are kept on the reservation."""
     status = S.SCHEDULED if starts_at <= now + START_SKEW else S.PENDING
@@ -422,7 +446,7 @@ def _book(
     )
     # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
     # taken after the node locks, as an extension takes it (one lock order, no deadlock).
-    funding_gate().reservation_authorize(reservation=reservation)
+    funding_gate().reservation_authorize(reservation=reservation, auto_recharge=auto_recharge)
     transition = ReservationTransition.objects.create(
         reservation=reservation,
         from_status="",
@@ -565,7 +589,11 @@ def extension_terms(
 
 @transaction.atomic
 def reservation_extend(
-    *, reservation: Reservation, new_ends_at: datetime, actor_label: str
+    *,
+    reservation: Reservation,
+    new_ends_at: datetime,
+    actor_label: str,
+    auto_recharge: bool = True,
 ) -> Reservation:
     """Move the end later, keeping the same GPUs and the reservation's price per GPU-hour.
 
@@ -639,7 +667,9 @@ def reservation_extend(
     locked.save(update_fields=["ends_at", "total_amount", "breakdown", "updated_at"])
     # The extra time is priced as the original was and passes the same gate (a hold for it;
     # a reserved term's difference charged at once): refused, all of the above rolls back.
-    funding_gate().extension_authorize(reservation=locked, old_ends_at=old_end, old_total=old_total)
+    funding_gate().extension_authorize(
+        reservation=locked, old_ends_at=old_end, old_total=old_total, auto_recharge=auto_recharge
+    )
     ReservationTransition.objects.create(
         reservation=locked,
         from_status=locked.status,

@@ -64,6 +64,7 @@ def test_the_overview_shows_balance_mode_and_what_the_funding_state_means(org, o
 
 
 def test_an_owner_changes_auto_recharge_and_the_spend_limit(org, owner_client):
+    BillingAccount.objects.filter(organization=org).update(default_payment_method_id="pm_saved")
     response = owner_client.post("/billing/", SETTINGS, follow=True)
     cleared = owner_client.post("/billing/", {**SETTINGS, "monthly_spend_limit": "",
                                               "auto_recharge_enabled": ""})  # fmt: skip
@@ -105,9 +106,9 @@ def test_a_plain_member_cannot_top_up_or_start_saving_a_card(org, member_client)
     ("field", "value", "error"),
     [
         ("recharge_threshold", "99999999999", "Ensure that there are no more than 9 digits"),
-        ("recharge_threshold", "-1", "Must be zero or more."),
+        ("recharge_threshold", "-1", "The recharge threshold is between 0 and 100000.00."),
         ("recharge_threshold", "lots", "Enter a number."),
-        ("recharge_amount", "1.00", "A recharge is at least 5.00."),
+        ("recharge_amount", "1.00", "A recharge is between 5.00 and 100000.00."),
         ("monthly_spend_limit", "-5", "Must be zero or more."),
     ],
 )
@@ -342,3 +343,13 @@ def test_the_portal_overview_shows_the_balance_its_state_and_the_latest_notices(
 
 def _panel(page: str) -> str:
     return page.split('id="billing-panel"')[1].split("</section>")[0]
+
+
+def test_turning_auto_recharge_on_without_a_card_is_refused_on_the_form(org, owner_client):
+    before = _account_row(org)
+
+    response = owner_client.post("/billing/", SETTINGS)
+
+    assert response.status_code == 400
+    assert "Save a card before turning automatic recharge on." in response.content.decode()
+    assert _account_row(org) == before

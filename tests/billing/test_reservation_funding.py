@@ -86,8 +86,12 @@ def test_with_auto_recharge_set_up_a_refusal_starts_a_recharge_and_a_retry_then_
         reserve(org)  # first hour committed: 2 × 2.50 = 5.00 against a balance of 0
 
     assert error.value.code == "insufficient_funds"
-    assert "automatic recharge" in error.value.message
-    assert sent_tasks == [("billing.tasks.auto_recharge_for_reservation", [org.pk, 500])]
+    # Its amount is stated: the shortfall and the threshold (10.00), at least the usual 20.00.
+    assert (
+        "an automatic recharge of 20.00 USD to your saved card has started" in error.value.message
+    )
+    assert error.value.recharge == {"amount": "20.00", "currency": "usd", "status": "started"}
+    assert sent_tasks == [("billing.tasks.auto_recharge_for_reservation", [org.pk, 500, 2000])]
     assert not Reservation.objects.exists()
 
     # What the worker does with that task: charge the card off-session, credit the balance.

@@ -85,6 +85,7 @@ def test_a_declined_card_fails_the_top_up_and_adds_nothing(
     localstripe, org, eager_celery, django_capture_on_commit_callbacks
 ):
     save_card(localstripe, org, card="pm_card_chargeCustomerFail")
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=True)
 
     with django_capture_on_commit_callbacks(execute=True):
         top_up = top_up_create(organization=org, amount=Decimal("25.00"))
@@ -113,7 +114,7 @@ def test_auto_recharge_fires_once_per_drop_below_the_threshold(
 ):
     save_card(localstripe, org)
     BillingAccount.objects.filter(organization=org).update(
-        recharge_threshold_minor=5000, recharge_amount_minor=10000
+        auto_recharge_enabled=True, recharge_threshold_minor=5000, recharge_amount_minor=10000
     )
     ledger_entry_add(
         organization=org, kind=LedgerKind.ADJUSTMENT, amount_minor=-1000, currency="usd",
@@ -145,6 +146,7 @@ def test_a_failed_auto_recharge_is_not_retried_until_the_balance_recovers(
     localstripe, org, eager_celery, django_capture_on_commit_callbacks
 ):
     save_card(localstripe, org, card="pm_card_chargeCustomerFail")
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=True)
 
     with django_capture_on_commit_callbacks(execute=True):
         first = auto_recharge_check(organization=org)

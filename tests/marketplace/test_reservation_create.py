@@ -223,7 +223,7 @@ def test_the_funding_gate_can_refuse_and_nothing_is_written(h100, org):
     make_nodes(SiteFactory(), h100, 1)
 
     class Broke:
-        def reservation_authorize(self, *, reservation):
+        def reservation_authorize(self, *, reservation, auto_recharge):
             assert reservation.total_amount == Decimal("44.00")
             raise PaymentRequired("No balance.", code="insufficient_funds")
 
