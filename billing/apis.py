@@ -299,6 +299,7 @@ class SetupIntentOutput(serializers.Serializer):
 class SetupIntentApi(ApiView):
     write_roles = MONEY_ROLES
     moves_money = True
+    sends_secrets = True  # the SetupIntent's client_secret
 
     @extend_schema(tags=TAGS, operation_id="billing_setup_intent_create", request=None,
                    summary="Start saving a card (confirm it with Stripe.js confirmCardSetup)",

@@ -7,6 +7,7 @@ response → rate-limit headers on the way out.
 """
 
 from django.db import transaction
+from django.utils.cache import add_never_cache_headers
 from django_filters.rest_framework import DjangoFilterBackend
 from rest_framework import exceptions, serializers
 from rest_framework.generics import GenericAPIView
@@ -51,6 +52,9 @@ class ApiView(GenericAPIView):
     moves_money = False
     # Response fields never stored for an idempotent replay (an API key's secret).
     idempotency_redacted_fields: tuple[str, ...] = ()
+    # Responses carry a secret (any view with redacted fields does too): Cache-Control:
+    # no-store, so no browser, proxy or CDN keeps a copy.
+    sends_secrets = False
 
     org_context: OrgContext | None = None
     _claim: idempotency.Claim | None = None
@@ -183,6 +187,8 @@ class ApiView(GenericAPIView):
                 self._claim_done = True
             else:
                 self._release_claim()
+        if self.sends_secrets or self.idempotency_redacted_fields:
+            add_never_cache_headers(response)
         rate_limit = getattr(request, "rate_limit", None)
         if rate_limit is not None:
             for name, value in rate_limit_headers(rate_limit).items():

@@ -34,7 +34,8 @@ def test_it_seeds_a_realistic_inventory(db):
     assert all(1 <= site.pue <= 1.3 for site in Site.objects.all())
 
 
-def test_it_creates_the_demo_accounts(db):
+def test_with_debug_on_it_creates_the_demo_accounts(db, settings):
+    settings.DEBUG = True
     call_command("seed_demo", stdout=StringIO())
 
     user_model = get_user_model()
@@ -89,3 +90,44 @@ def test_with_debug_off_it_creates_no_api_key(db, settings):
     call_command("seed_demo", stdout=StringIO())
 
     assert ApiKey.objects.count() == 0
+
+
+def test_with_debug_off_it_creates_no_login_with_a_published_password(db, settings, client):
+    settings.DEBUG = False
+    out = StringIO()
+    call_command("seed_demo", stdout=out)
+
+    assert not get_user_model().objects.filter(username__in=["admin", "demo"]).exists()
+    assert ApiKey.objects.count() == 0
+    assert "switchyard-admin" not in out.getvalue()
+    assert "DEBUG is off: no demo logins and no API key were created" in out.getvalue()
+    assert not client.login(username="admin", password="switchyard-admin")
+    # The organisation exists (make seed credits it), with nobody in it.
+    assert Organization.objects.get(slug="demo-ai-lab").memberships.count() == 0
+
+
+def test_demo_logins_with_debug_off_get_random_passwords_printed_once(db, settings):
+    settings.DEBUG = False
+    out = StringIO()
+    call_command("seed_demo", "--demo-logins", stdout=out)
+
+    printed = dict(
+        line.removeprefix("Demo login ").split(" (shown once")[0].split(" / ")
+        for line in out.getvalue().splitlines()
+        if "(shown once" in line
+    )
+    assert set(printed) == {"admin", "demo"}
+    users = {u.username: u for u in get_user_model().objects.filter(username__in=printed)}
+    for username, password in printed.items():
+        assert len(password) >= 20
+        assert users[username].check_password(password)
+    assert not users["admin"].check_password("switchyard-admin")
+    assert not users["demo"].check_password("switchyard-demo")
+    assert printed["admin"] != printed["demo"]
+    assert ApiKey.objects.count() == 0
+
+    again = StringIO()
+    call_command("seed_demo", "--demo-logins", stdout=again)
+    assert "(shown once" not in again.getvalue()
+    assert "Demo login admin exists; its password is unchanged." in again.getvalue()
+    assert get_user_model().objects.get(username="admin").check_password(printed["admin"])

@@ -4,8 +4,11 @@ Idempotent: rows are matched by slug, hostname, serial or username, so running i
 changes nothing that was already there (node statuses staff changed during a demo are kept;
 hardware facts and site data are brought back to the values below).
 
-With DEBUG on it also creates a read/write API key for Demo AI Lab with a fixed, printed
-secret (DEMO_API_KEY), so the API can be tried at once; with DEBUG off it creates none.
+With DEBUG on it also creates the demo logins with their published passwords and a
+read/write API key for Demo AI Lab with a fixed, printed secret (DEMO_API_KEY), so the API
+can be tried at once. With DEBUG off it creates no login and no key: published credentials
+must never reach a deployment. `--demo-logins` creates the two logins anyway, each with a
+random password printed once (an existing login is left as it is), and still no key.
 
 Pricing: `_seed_pricing()` writes list prices per GPU model, two site overrides and a pricing
 policy. The demo organisation's prepaid balance is billing's business: `make run` and
@@ -15,6 +18,7 @@ policy. The demo organisation's prepaid balance is billing's business: `make run
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -156,21 +160,48 @@ def _serial(hostname: str, index: int, vendor: str) -> str:
 class Command(BaseCommand):
     help = "Create or update the demo inventory (sites, GPU models, nodes, GPUs) and demo accounts."
 
+    def add_arguments(self, parser) -> None:
+        parser.add_argument(
+            "--demo-logins",
+            action="store_true",
+            help="With DEBUG off, create the demo logins anyway, each with a random password "
+            "printed once (never the published ones); existing logins are left unchanged.",
+        )
+
     @transaction.atomic
     def handle(self, *args, **options) -> None:
         models = _seed_gpu_models()
         sites = _seed_sites()
         nodes, gpus = _seed_nodes(sites, models)
-        org = _seed_accounts()
-        api_key = _seed_demo_api_key(org) if settings.DEBUG else None
-        _seed_pricing()
+        org = _seed_organization()
+        api_key = None
         self.stdout.write(
             f"Demo data: {len(sites)} sites, {len(models)} GPU models, {nodes} nodes, {gpus} GPUs."
         )
-        self.stdout.write(
-            f"Demo logins: staff {ADMIN_USERNAME} / {ADMIN_PASSWORD}; "
-            f"customer {DEMO_USERNAME} / {DEMO_PASSWORD} (owner of {DEMO_ORG_NAME})."
-        )
+        if settings.DEBUG:
+            _seed_logins(org, admin_password=ADMIN_PASSWORD, demo_password=DEMO_PASSWORD)
+            api_key = _seed_demo_api_key(org)
+            self.stdout.write(
+                f"Demo logins: staff {ADMIN_USERNAME} / {ADMIN_PASSWORD}; "
+                f"customer {DEMO_USERNAME} / {DEMO_PASSWORD} (owner of {DEMO_ORG_NAME})."
+            )
+        elif options["demo_logins"]:
+            created = _seed_logins(
+                org,
+                admin_password=secrets.token_urlsafe(18),
+                demo_password=secrets.token_urlsafe(18),
+                keep_existing=True,
+            )
+            for username, password in created.items():
+                self.stdout.write(f"Demo login {username} / {password} (shown once; store it).")
+            for username in {ADMIN_USERNAME, DEMO_USERNAME} - set(created):
+                self.stdout.write(f"Demo login {username} exists; its password is unchanged.")
+        else:
+            self.stdout.write(
+                "DEBUG is off: no demo logins and no API key were created (--demo-logins "
+                "creates the logins with random passwords)."
+            )
+        _seed_pricing()
         if api_key is not None and api_key.revoked_at is None:
             self.stdout.write(f"Demo API key ({DEMO_ORG_NAME}, read and write): {DEMO_API_KEY}")
 
@@ -265,22 +296,39 @@ def _seed_nodes(sites: dict[str, Site], models: dict[str, GpuModel]) -> tuple[in
 SITES_BY_SLUG = {spec.slug: spec for spec in SITES}
 
 
-def _seed_accounts() -> Organization:
-    user_model = get_user_model()
-    admin, _ = user_model.objects.get_or_create(
-        username=ADMIN_USERNAME, defaults={"email": "admin@switchyard.example"}
-    )
-    _ensure_login(admin, ADMIN_PASSWORD, staff=True)
-    demo, _ = user_model.objects.get_or_create(
-        username=DEMO_USERNAME,
-        defaults={"email": "demo@demo-ai-lab.example", "first_name": "Demo", "last_name": "User"},
-    )
-    _ensure_login(demo, DEMO_PASSWORD, staff=False)
+def _seed_organization() -> Organization:
     org, _ = Organization.objects.get_or_create(
         slug=DEMO_ORG_SLUG, defaults={"name": DEMO_ORG_NAME}
     )
-    Membership.objects.update_or_create(organization=org, user=demo, defaults={"role": Role.OWNER})
     return org
+
+
+def _seed_logins(
+    org: Organization, *, admin_password: str, demo_password: str, keep_existing: bool = False
+) -> dict[str, str]:
+    """The staff login and the demo customer (owner of the demo organisation).
+
+    Returns {username: password} of the logins whose password was set now. keep_existing:
+    leave a login that already exists exactly as it is.
+    """
+    user_model = get_user_model()
+    admin, admin_created = user_model.objects.get_or_create(
+        username=ADMIN_USERNAME, defaults={"email": "admin@switchyard.example"}
+    )
+    demo, demo_created = user_model.objects.get_or_create(
+        username=DEMO_USERNAME,
+        defaults={"email": "demo@demo-ai-lab.example", "first_name": "Demo", "last_name": "User"},
+    )
+    set_now = {}
+    for user, created, password, staff in (
+        (admin, admin_created, admin_password, True),
+        (demo, demo_created, demo_password, False),
+    ):
+        if created or not keep_existing:
+            _ensure_login(user, password, staff=staff)
+            set_now[user.username] = password
+    Membership.objects.update_or_create(organization=org, user=demo, defaults={"role": Role.OWNER})
+    return set_now
 
 
 def _seed_demo_api_key(org: Organization) -> ApiKey:
@@ -291,7 +339,7 @@ def _seed_demo_api_key(org: Organization) -> ApiKey:
             "organization": org,
             "name": "Demo key (local demo only)",
             "secret_hash": api_key_hash(DEMO_API_KEY),
-            "scopes": sorted(ApiKeyScope.values),
+            "scopes": [ApiKeyScope.READ, ApiKeyScope.WRITE],
         },
     )
     return key
