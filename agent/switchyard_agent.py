@@ -516,9 +516,11 @@ class ContainerExecutor:
         ssh = [22] if payload.get("ssh_public_keys") else []
         return ssh + [p for p in asked if p not in ssh]
 
-    @staticmethod
-    def _env(payload: dict) -> dict[str, str]:
+    @classmethod
+    def _env(cls, payload: dict) -> dict[str, str]:
         env = dict(payload.get("env", {}))
+        # Which container ports are published (and checked for readiness), for the workload.
+        env["SWITCHYARD_PORTS"] = " ".join(str(p) for p in cls._ports(payload))
         if payload.get("ssh_public_keys"):
             env["SSH_PUBLIC_KEYS"] = "\n".join(payload["ssh_public_keys"])
         return env
@@ -899,6 +901,14 @@ def _parser() -> argparse.ArgumentParser:
     return arguments_add(argparse.ArgumentParser(prog="switchyard-agent", description=description))
 
 
+def logging_setup() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s %(message)s",
+        stream=sys.stdout,
+    )
+
+
 def main(
     argv: list[str] | None = None, *, token: str | None = None, flags: dict | None = None
 ) -> int:
@@ -906,11 +916,7 @@ def main(
     (which skips the token file)."""
     args = dict(flags) if flags is not None else vars(_parser().parse_args(argv))
     args.setdefault("config", None)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stdout,
-    )
+    logging_setup()
     try:
         settings = settings_load(args, config_path=args.pop("config"))
         token = token or token_read(settings.token_file)

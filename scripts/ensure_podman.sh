@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The site agent's tests start real containers with podman and runc, from an image built from
 # busybox-static (no registry is needed). No-op when they are installed; installs Debian's
-# packages as root. Podman is configured per run through tests/agent/containers.conf.
+# packages as root. Podman is configured per run through scripts/podman/containers.conf.
 set -euo pipefail
 
 if command -v podman >/dev/null && command -v runc >/dev/null && [ -x /bin/busybox ]; then

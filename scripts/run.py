@@ -4,6 +4,12 @@ Finds or starts PostgreSQL, Redis and a Stripe stand-in (see devservices.py), mi
 seeds the demo inventory and accounts, then runs the web server, a Celery worker and Celery
 beat until Ctrl-C (SIGINT) or SIGTERM, which stops everything this script started.
 Data persists in the database (and, for the embedded PostgreSQL, under .run/pg).
+
+Workloads are simulated (nothing runs) unless RUN_AGENTS=1 and podman works here: then the
+worker uses the site-agent driver and one site agent per demo site (`manage.py site_agent
+--site`, a thread per node) runs real containers with podman, from a locally built image.
+Containers keep running when make run stops, as at a real site; the agents adopt them on the
+next run.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from devservices import (
     tcp_port_open,
     wait_until,
 )
+from podman_image import RUNTIME_ENV, ImageError, workload_image_build
 
 HOST = "127.0.0.1"
 # billing.urls: where Stripe (here localstripe) delivers webhooks.
@@ -83,6 +90,31 @@ def register_localstripe_webhook(stripe_env: dict[str, str], base: str) -> bool:
         return False
 
 
+def provisioning_plan() -> tuple[dict[str, str], str]:
+    """The environment for the chosen provisioning, and a line saying which it is."""
+    if os.environ.get("RUN_AGENTS") != "1":
+        return {}, "simulated: no workload runs (RUN_AGENTS=1 runs real containers with podman)"
+    try:
+        image = workload_image_build()
+    except ImageError as exc:
+        return {}, f"simulated: RUN_AGENTS=1 asked for real containers, but {exc}"
+    plan = {"PROVISIONING_DRIVER": "site_agent", "PROVISIONING_DEFAULT_IMAGE": image}
+    return {**plan, **RUNTIME_ENV}, f"site agents, real containers with podman ({image})"
+
+
+def demo_sites(env: dict[str, str]) -> list[str]:
+    """The slugs of the sites with a node in service (the agents' --site)."""
+    code = (
+        "from inventory.models import Node; print(*sorted(set(Node.objects.filter("
+        "status__in=['available', 'draining']).values_list('site__slug', flat=True))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-v", "0", "-c", code],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return done.stdout.split()
+
+
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_shutdown)
@@ -112,6 +144,9 @@ def main() -> int:
             "PYTHONUNBUFFERED": "1",
             **stripe_env,
         }
+        provisioning_env, provisioning = provisioning_plan()
+        env.update(provisioning_env)
+        print(f"Provisioning: {provisioning}", flush=True)
         print("Migrating and seeding the demo data…", flush=True)
         manage(env, "migrate", "--noinput")
         manage(env, "seed_demo")
@@ -141,7 +176,22 @@ def main() -> int:
         )
         if stripe_env and register_localstripe_webhook(stripe_env, base):
             stripe_description += f"; webhooks go to {base}{STRIPE_WEBHOOK_PATH}"
-        _print_banner(base, postgres.description, redis.description, stripe_description)
+        if provisioning_env:
+            sites = demo_sites(env)
+            for slug in sites:
+                supervisor.start(
+                    f"agent-{slug}",
+                    [sys.executable, "manage.py", "site_agent", "--site", slug,
+                     "--api", base, "--executor", "container", "--runtime", "podman",
+                     "--host", HOST, "--state-dir", str(RUN_DIR / "agents"),
+                     "--allow-private-registries", "--poll-seconds", "3",
+                     "--heartbeat-seconds", "30"],
+                    env=env,
+                )  # fmt: skip
+            provisioning += f"; one agent per demo site ({len(sites)})"
+        _print_banner(
+            base, postgres.description, redis.description, stripe_description, provisioning
+        )
 
         while True:
             gone = supervisor.exited()
@@ -167,7 +217,7 @@ def main() -> int:
         print("Stopped.", flush=True)
 
 
-def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
+def _print_banner(base: str, postgres: str, redis: str, stripe: str, provisioning: str) -> None:
     lines = [
         "",
         "=" * 72,
@@ -195,6 +245,7 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str) -> None:
         f"    PostgreSQL  {postgres}",
         f"    Redis       {redis}",
         f"    Stripe      {stripe}",
+        f"  Provisioning    {provisioning}",
         f"  Processes: web (Django runserver), Celery worker, Celery beat; logs of services in "
         f"{rel(LOG_DIR)}/",
         "=" * 72,

@@ -41,7 +41,13 @@ _IMAGE_RE = re.compile(rf"^(?P<name>{_NAME})(?::{_TAG})?(?:@{_DIGEST})?$")
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by the platform for the container; a customer value would be overwritten or confusing.
-_RESERVED_ENV = {"SSH_PUBLIC_KEYS", "PUBLIC_KEY", "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"}
+_RESERVED_ENV = {
+    "SSH_PUBLIC_KEYS",
+    "SWITCHYARD_PORTS",
+    "PUBLIC_KEY",
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
+}
 
 _SSH_KEY_TYPES = {
     "ssh-ed25519",

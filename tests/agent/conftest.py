@@ -1,54 +1,41 @@
-"""Real containers for the site agent's tests: podman with runc (tests/agent/containers.conf)
-and a workload image built once per run from Debian's busybox-static.
+"""Real containers for the site agent's tests: podman with runc (scripts/podman/containers.conf)
+and a workload image built once per run from Debian's busybox-static (scripts/podman_image.py).
 
 `make test` installs podman, runc and busybox-static when they are missing
 (scripts/ensure_podman.sh); run alone, these tests fail saying what to install.
 """
 
-import hashlib
-import shutil
-import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from switchyard_agent import ContainerExecutor
 
-HERE = Path(__file__).resolve().parent
-CONTAINERS_CONF = HERE / "containers.conf"
-RUNTIME_ENV = {"CONTAINERS_CONF": str(CONTAINERS_CONF)}
-BUSYBOX = Path("/bin/busybox")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from podman_image import (  # noqa: E402
+    CONTAINERS_CONF,
+    RUNTIME_ENV,
+    ImageError,
+    podman,
+    workload_image_build,
+)
 
-def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["podman", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=check,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **RUNTIME_ENV},
-    )
+__all__ = ["CONTAINERS_CONF", "RUNTIME_ENV", "podman"]
 
 
 @pytest.fixture(scope="session", name="test_image")
-def test_image_fixture(tmp_path_factory) -> str:
-    """localhost/switchyard-test:<hash of its sources>, built at most once per run."""
-    if not shutil.which("podman") or not BUSYBOX.exists():
+def test_image_fixture() -> str:
+    """The workload image (scripts/podman_image.py), built at most once per run."""
+    try:
+        return workload_image_build()
+    except ImageError as exc:
         pytest.fail(
-            "The site agent's container tests need podman, runc and busybox-static: "
-            "`make test` installs them, or run 'apt-get install -y podman runc busybox-static'."
+            f"The site agent's container tests cannot run: {exc}. `make test` installs what "
+            "they need, or run 'apt-get install -y podman runc busybox-static'."
         )
-    sources = [HERE / "image" / "Containerfile", HERE / "image" / "workload.sh"]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
-    tag = f"localhost/switchyard-test:{digest}"
-    if podman("image", "exists", tag, check=False).returncode != 0:
-        context = tmp_path_factory.mktemp("image")
-        for path in sources:
-            shutil.copy(path, context / path.name)
-        shutil.copy(BUSYBOX, context / "busybox")
-        podman("build", "-q", "-t", tag, str(context), timeout=300)
-    return tag
 
 
 @pytest.fixture

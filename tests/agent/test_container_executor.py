@@ -12,7 +12,7 @@ import time
 import pytest
 from switchyard_agent import ContainerExecutor, ExecutorError
 
-from tests.agent.conftest import HERE, no_progress, podman
+from tests.agent.conftest import CONTAINERS_CONF, no_progress, podman
 
 pytestmark = pytest.mark.container
 
@@ -101,6 +101,7 @@ def test_env_values_reach_the_container_but_no_command_line_or_log(
 
     name = payload["container_name"]
     assert _env_in(name, "API_TOKEN") == secret
+    assert _env_in(name, "SWITCHYARD_PORTS") == "8080"
     run = next(args for args in command_lines if args[0] == "run")
     assert ["-e", "API_TOKEN"] == run[run.index("API_TOKEN") - 1 : run.index("API_TOKEN") + 1]
     assert not any(secret in arg for args in command_lines for arg in args)
@@ -284,9 +285,7 @@ def test_an_unusable_runtime_is_a_node_failure_not_a_workload_failure(
     executor_factory, payload_for, tmp_path
 ):
     broken = tmp_path / "containers.conf"
-    broken.write_text(
-        (HERE / "containers.conf").read_text().replace('"runc"', '"no-such-oci-runtime"')
-    )
+    broken.write_text(CONTAINERS_CONF.read_text().replace('"runc"', '"no-such-oci-runtime"'))
     executor = executor_factory(runtime_env={"CONTAINERS_CONF": str(broken)})
 
     for kind in ("prepare", "start"):

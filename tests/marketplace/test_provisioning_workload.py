@@ -129,6 +129,7 @@ def test_it_rejects_invalid_ssh_keys(key):
         ({"OK": True}, "workload.env.OK"),
         ({"OK": "x" * 5000}, "workload.env.OK"),
         ({"SSH_PUBLIC_KEYS": "x"}, "workload.env.SSH_PUBLIC_KEYS"),
+        ({"SWITCHYARD_PORTS": "22"}, "workload.env.SWITCHYARD_PORTS"),
         (["A=1"], "workload.env"),
     ],
 )

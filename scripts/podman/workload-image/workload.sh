@@ -1,5 +1,6 @@
 # A stand-in customer workload, driven by its environment:
-#   MODE=serve (default): listen on each port in LISTEN (echoing what it reads) after
+#   MODE=serve (default): listen on each port in LISTEN (default: the published ports the
+#     agent names in SWITCHYARD_PORTS), echoing what it reads, after
 #     READY_AFTER seconds; exit with EXIT_CODE after EXIT_AFTER seconds if set; on SIGTERM
 #     write /checkpoint/step and exit 0.
 #   MODE=crash: print a few lines (one quoting API_TOKEN) and exit with code 3.
@@ -23,10 +24,10 @@ else
     trap 'echo "checkpoint at $(date -u +%FT%TZ)" > /checkpoint/step; echo "checkpoint written"; exit 0' TERM
 fi
 sleep "${READY_AFTER:-0}"
-for port in ${LISTEN:-22}; do
+for port in ${LISTEN:-${SWITCHYARD_PORTS:-22}}; do
     nc -ll -p "$port" -e cat &
 done
-echo "listening on ${LISTEN:-22}"
+echo "listening on ${LISTEN:-${SWITCHYARD_PORTS:-22}}"
 started=0
 while true; do
     sleep 1 & wait $!
