@@ -1,6 +1,7 @@
 """Reads: balance, ledger pages, usage, invoices, payment methods."""
 
 from datetime import date, datetime
+from decimal import Decimal
 
 from django.db.models import Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
@@ -14,6 +15,7 @@ from billing.models import (
     PaymentMethod,
     TopUp,
 )
+from billing.money import from_minor_units
 from marketplace.models import Organization
 from marketplace.services.energy import EnergyEstimate, energy_estimate
 
@@ -28,6 +30,7 @@ __all__ = [
     "billing_account_for_org",
     "notices_for_org",
     "usage_row_energy",
+    "reservations_charged",
 ]
 
 CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
@@ -49,6 +52,18 @@ def spend_minor(
         filters &= Q(created_at__lt=until)
     total = LedgerEntry.objects.filter(filters).aggregate(total=Coalesce(Sum("amount_minor"), 0))
     return -total["total"]
+
+
+def reservations_charged(*, reservation_ids: list[int]) -> dict[int, Decimal]:
+    """What each reservation has been charged so far (major units): its usage and reserved-term
+    charges less its credits (a cancellation refund, SLA credits), from the ledger. One query."""
+    rows = (
+        LedgerEntry.objects.filter(reservation_id__in=reservation_ids)
+        .values("reservation_id", "currency")
+        .annotate(total=Sum("amount_minor"))
+        .order_by()
+    )
+    return {r["reservation_id"]: from_minor_units(-r["total"], r["currency"]) for r in rows}
 
 
 def billing_account_for_org(*, organization: Organization) -> BillingAccount | None:

@@ -16,6 +16,7 @@ config.errors.PaymentRequired (HTTP 402, codes insufficient_funds, spend_limit_e
 account_suspended), which rolls the whole booking back. When the customer cancels or stops a
 reservation, `reservation_ended(reservation=r)` (same transaction) settles it and releases
 what it still holds; the gate's owner releases holds of reservations that end otherwise.
+`reservations_charged(reservation_ids=[…])` is what the API and the portal show as charged.
 """
 
 from datetime import datetime
@@ -50,6 +51,10 @@ class FundingGate(Protocol):
     def reservation_ended(self, *, reservation: Reservation) -> None:
         """The customer cancelled or stopped `reservation`: settle it and release its holds."""
 
+    def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
+        """What each reservation has been charged so far, in its currency's major units:
+        usage and commitments less refunds and credits (absent: nothing)."""
+
 
 class AllowAllFundingGate:
     def reservation_authorize(self, **kwargs) -> None:
@@ -60,6 +65,9 @@ class AllowAllFundingGate:
 
     def reservation_ended(self, **kwargs) -> None:
         return None
+
+    def reservations_charged(self, **kwargs) -> dict[int, Decimal]:
+        return {}
 
 
 _gate: FundingGate = AllowAllFundingGate()

@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
-from billing.selectors import balance_minor, spend_minor
+from billing.selectors import balance_minor, reservations_charged, spend_minor
 from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
@@ -251,6 +251,9 @@ class BillingFundingGate:
             reservations_meter(reservation_ids=[reservation.pk])
         holds_charge(reservation_ids=[reservation.pk])
         holds_release(reservation_ids=[reservation.pk])
+
+    def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
+        return reservations_charged(reservation_ids=reservation_ids)
 
 
 def _recharge_kick(account: BillingAccount, needed_minor: int, amount_minor: int) -> bool:

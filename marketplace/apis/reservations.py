@@ -16,7 +16,14 @@ from marketplace.apis.catalogue import EnergyOutput
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
-from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.selectors.reservations import (
+    reservation_charged,
+    reservation_elapsed_seconds,
+    reservation_get_for_org,
+    reservation_list_for_org,
+    reservation_remaining_seconds,
+    reservations_charged_load,
+)
 from marketplace.selectors.telemetry import (
     MAX_WINDOW,
     reservation_energy,
@@ -167,6 +174,13 @@ class InterruptionOutput(serializers.Serializer):
     reason = serializers.CharField()
 
 
+class ChargedField(serializers.DecimalField):
+    """A reservation's charge so far, loaded for a whole page at once where the view can."""
+
+    def get_attribute(self, instance):
+        return reservation_charged(instance)
+
+
 class ReservationOutput(serializers.Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(choices=ReservationStatus.choices)
@@ -185,11 +199,31 @@ class ReservationOutput(serializers.Serializer):
     currency = serializers.CharField()
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
     total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
+    charged = ChargedField(
+        max_digits=14,
+        decimal_places=2,
+        read_only=True,
+        help_text="Charged so far: usage and commitments less refunds and credits (the booked "
+        "total is `total`). While it runs, the cost so far (usage is metered every minute); "
+        "once it has ended, the final amount.",
+    )
+    elapsed_seconds = serializers.SerializerMethodField(
+        help_text="How long it has run (or ran), outages included; null before it starts."
+    )
+    remaining_seconds = serializers.SerializerMethodField(
+        help_text="Time left while it is active; null otherwise."
+    )
     quote = serializers.CharField(source="quote.public_id", allow_null=True, default=None)
     activated_at = serializers.DateTimeField(allow_null=True)
     released_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
+
+    def get_elapsed_seconds(self, reservation) -> int | None:
+        return reservation_elapsed_seconds(reservation)
+
+    def get_remaining_seconds(self, reservation) -> int | None:
+        return reservation_remaining_seconds(reservation)
 
     @extend_schema_field(InterruptionOutput(allow_null=True))
     def get_interruption(self, reservation) -> dict | None:
@@ -319,7 +353,9 @@ class ReservationListApi(ApiView):
         responses={200: ReservationOutput(many=True), **errors(400, 403, 404)},
     )
     def get(self, request):
-        return self.paginated_response(self.filter_queryset(self.get_queryset()), ReservationOutput)
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        reservations_charged_load(page)  # one question to billing for the page
+        return self.get_paginated_response(ReservationOutput(page, many=True).data)
 
     @extend_schema(
         tags=TAGS,

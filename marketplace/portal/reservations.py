@@ -28,7 +28,14 @@ from marketplace.portal.mixins import PortalView, show_error
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
-from marketplace.selectors.reservations import reservation_get_for_org, reservation_list_for_org
+from marketplace.selectors.reservations import (
+    reservation_charged,
+    reservation_elapsed_seconds,
+    reservation_get_for_org,
+    reservation_list_for_org,
+    reservation_remaining_seconds,
+    reservations_charged_load,
+)
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
 from marketplace.selectors.telemetry import reservation_energy, reservation_telemetry
 from marketplace.services.energy import booking_energy
@@ -43,7 +50,11 @@ from marketplace.services.reservations import (
     reservation_extend,
 )
 from marketplace.services.ssh_keys import workload_add_saved_ssh_keys
-from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
+from marketplace.services.transitions import (
+    PREEMPTIBLE_STATUSES,
+    TERMINAL_STATUSES,
+    reservation_allowed_actions,
+)
 
 RESERVATIONS_PAGE_SIZE = 50
 
@@ -206,6 +217,7 @@ class ReservationListView(PortalView, View):
         )
         # get_page clamps: a page that is not a number is the first, one out of range the last.
         page = Paginator(reservations, RESERVATIONS_PAGE_SIZE).get_page(request.GET.get("page"))
+        reservations_charged_load(page.object_list)  # one question to billing for the page
         return render(
             request,
             "portal/reservations.html",
@@ -252,6 +264,20 @@ def _gpu_use(reservation, minutes: int = 30) -> list[dict]:
     return rows
 
 
+def _duration(seconds: int | None) -> str | None:
+    """1 d 2 h 05 min, 2 h 05 min, 3 min 20 s."""
+    if seconds is None:
+        return None
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h {minutes:02d} min"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s"
+
+
 def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
     live = [a for a in reservation.allocations.all() if a.is_live]
@@ -261,6 +287,11 @@ def _detail_context(view, reservation, **extra) -> dict:
     can_act = view.membership.role in RESERVING_ROLES
     context = {
         "reservation": reservation,
+        # Charged, not booked: what it has cost so far (the final amount once it has ended).
+        "charged": reservation_charged(reservation),
+        "ended": reservation.status in TERMINAL_STATUSES,
+        "elapsed": _duration(reservation_elapsed_seconds(reservation)),
+        "remaining": _duration(reservation_remaining_seconds(reservation)),
         "energy": reservation_energy(reservation=reservation),
         "gpu_use": _gpu_use(reservation),
         # Moving on its own (provisioning, tearing down): the page reloads itself to follow.

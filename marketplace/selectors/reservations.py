@@ -1,19 +1,30 @@
 """Reservation reads, scoped to one organisation (another organisation's rows are NotFound)."""
 
 from datetime import datetime
+from decimal import Decimal
 
 from django.db.models import Prefetch, QuerySet
+from django.utils import timezone
 
 from config.errors import NotFound
+from marketplace.funding import funding_gate
 from marketplace.models import (
     Allocation,
     Organization,
     Reservation,
     ReservationOutage,
+    ReservationStatus,
     ReservationTransition,
 )
 
-__all__ = ["reservation_list_for_org", "reservation_get_for_org"]
+__all__ = [
+    "reservation_list_for_org",
+    "reservation_get_for_org",
+    "reservations_charged_load",
+    "reservation_charged",
+    "reservation_elapsed_seconds",
+    "reservation_remaining_seconds",
+]
 
 
 def reservation_list_for_org(
@@ -65,3 +76,43 @@ def reservation_get_for_org(*, organization: Organization, public_id: str) -> Re
     if reservation is None:
         raise NotFound("No such reservation.", field="reservation")
     return reservation
+
+
+# --- what a reservation has cost so far (charged, not booked) ------------------------------
+
+
+def reservations_charged_load(reservations) -> None:
+    """Set `charged_amount` on each reservation that lacks it: what it has been charged so far
+    (usage and commitments less refunds and credits), asked of billing in one question."""
+    missing = [r for r in reservations if getattr(r, "charged_amount", None) is None]
+    if not missing:
+        return
+    charged = funding_gate().reservations_charged(reservation_ids=[r.pk for r in missing])
+    for reservation in missing:
+        reservation.charged_amount = charged.get(reservation.pk, Decimal("0.00"))
+
+
+def reservation_charged(reservation: Reservation) -> Decimal:
+    reservations_charged_load([reservation])
+    return reservation.charged_amount
+
+
+def reservation_elapsed_seconds(
+    reservation: Reservation, now: datetime | None = None
+) -> int | None:
+    """How long it has run (or ran): from activation to its release, end or now."""
+    if reservation.activated_at is None:
+        return None
+    now = now or timezone.now()
+    until = min(reservation.released_at or now, reservation.ends_at, now)
+    return max(0, int((until - reservation.activated_at).total_seconds()))
+
+
+def reservation_remaining_seconds(
+    reservation: Reservation, now: datetime | None = None
+) -> int | None:
+    """Time left while it runs (active); None otherwise."""
+    if reservation.status != ReservationStatus.ACTIVE:
+        return None
+    now = now or timezone.now()
+    return max(0, int((reservation.ends_at - now).total_seconds()))

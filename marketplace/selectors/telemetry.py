@@ -11,7 +11,7 @@ from decimal import Decimal
 
 from django.db import connection
 
-from marketplace.models import Reservation
+from marketplace.models import Reservation, ReservationStatus
 
 __all__ = ["GpuSeries", "MAX_WINDOW", "reservation_telemetry", "reservation_energy"]
 
@@ -94,15 +94,33 @@ def _union_seconds(intervals: list[tuple[datetime, datetime]]) -> int:
     return total
 
 
+_ENDED = frozenset(
+    {
+        ReservationStatus.COMPLETED,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    }
+)
+
+
 def reservation_energy(*, reservation: Reservation, now: datetime | None = None):
     """The reservation's energy: before it runs, the estimate for its booked period; once it
     has run, its metered time (active, outages excluded) at the measured power where the GPUs
     reported it and at rated power where they did not."""
     from django.utils import timezone
 
-    from marketplace.services.energy import booking_energy, energy_measured
+    from marketplace.services.energy import booking_energy, energy_for, energy_measured
 
     if reservation.activated_at is None:
+        if reservation.status in _ENDED:
+            # Ended without running (cancelled, preempted or failed first): no time was used.
+            return energy_for(
+                site=reservation.site,
+                gpu_model=reservation.gpu_model,
+                gpu_count=reservation.gpu_count,
+                seconds=0,
+            )
         return booking_energy(reservation)
     now = now or timezone.now()
     since = reservation.activated_at

@@ -447,6 +447,7 @@ def _book(
     # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
     # taken after the node locks, as an extension takes it (one lock order, no deadlock).
     funding_gate().reservation_authorize(reservation=reservation, auto_recharge=auto_recharge)
+    reservation.charged_amount = Decimal("0.00")  # just booked: nothing charged yet
     transition = ReservationTransition.objects.create(
         reservation=reservation,
         from_status="",
