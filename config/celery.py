@@ -43,6 +43,9 @@ app.conf.update(
         "unacked_restore_interval": max(1, min(10, _VISIBILITY_TIMEOUT // 10)),
         "unacked_restore_throttle": 1,
     },
+    # Webhook sending waits on customers' servers: its own queue, so it never holds up
+    # provisioning or billing (a worker takes it with -Q celery,webhooks; see docs/integrators.md).
+    task_routes={"marketplace.tasks.webhook_endpoint_send": {"queue": "webhooks"}},
     beat_schedule={
         "marketplace-dispatch-due-reservations": {
             "task": "marketplace.tasks.reservations_dispatch_due",
@@ -59,6 +62,10 @@ app.conf.update(
         "marketplace-purge-idempotency-records": {
             "task": "marketplace.tasks.idempotency_records_purge",
             "schedule": 3600.0,
+        },
+        "marketplace-sweep-webhooks": {
+            "task": "marketplace.tasks.webhooks_sweep",
+            "schedule": 30.0,
         },
         "marketplace-prune-events": {"task": "marketplace.tasks.events_prune", "schedule": 86400.0},
         "billing-outbox-flush": {"task": "billing.tasks.outbox_flush", "schedule": 30.0},

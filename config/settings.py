@@ -171,6 +171,8 @@ SPECTACULAR_SETTINGS = {
         "ReservationStatusEnum": "marketplace.models.core.ReservationStatus",
         "LedgerKindEnum": "billing.models.LedgerKind",
         "AgentJobKindEnum": "marketplace.models.provisioning.AgentJobKind",
+        "EventTypeEnum": "marketplace.models.events.EventType",
+        "WebhookDeliveryStatusEnum": "marketplace.models.webhooks.DeliveryStatus",
     },
 }
 

@@ -32,6 +32,9 @@ from marketplace.models import (
     ReservationOutage,
     ReservationTransition,
     SshKey,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 from marketplace.provisioning.workload import workload_public
 from marketplace.services.api_keys import api_key_revoke
@@ -42,6 +45,7 @@ from marketplace.services.curtailment import (
 )
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
+from marketplace.services.webhooks import webhook_delivery_resend
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -521,3 +525,36 @@ class EventAdmin(ReadOnlyAdmin):
     search_fields = ["public_id", "object_id", "organization__name", "organization__public_id"]
     list_select_related = ["organization"]
     date_hierarchy = "created_at"
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(ReadOnlyAdmin):
+    """Managed by the organisation (portal, API); staff look. The signing secrets never show."""
+
+    list_display = ["public_id", "url", "organization", "enabled", "failing_since", "created_at"]
+    list_filter = ["enabled"]
+    search_fields = ["public_id", "url", "organization__name", "organization__public_id"]
+    list_select_related = ["organization"]
+    exclude = ["secret", "previous_secret"]
+
+
+class WebhookAttemptInline(ReadOnlyInline):
+    model = WebhookAttempt
+    fields = ["at", "duration_ms", "succeeded", "response_status", "error", "response_excerpt"]
+    readonly_fields = fields
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    list_display = ["public_id", "event", "endpoint", "status", "attempts", "next_attempt_at"]
+    list_filter = ["status"]
+    search_fields = ["public_id", "event__public_id", "endpoint__public_id", "endpoint__url"]
+    list_select_related = ["event", "endpoint"]
+    inlines = [WebhookAttemptInline]
+    actions = ["resend"]
+
+    @admin.action(description="Resend the selected deliveries now")
+    def resend(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for delivery in queryset:
+            webhook_delivery_resend(delivery=delivery)
+        messages.success(request, f"{queryset.count()} delivery(ies) queued again.")

@@ -13,8 +13,13 @@ from celery import shared_task
 from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
 from marketplace.provisioning import scheduler, services
 from marketplace.services.events import events_prune as _events_prune
+from marketplace.services.webhook_sending import webhook_endpoint_send as _webhook_endpoint_send
+from marketplace.services.webhook_sending import webhook_endpoints_due
 
 logger = logging.getLogger(__name__)
+
+# Webhook sending waits on customers' servers: it has a queue of its own (config/celery.py).
+WEBHOOKS_QUEUE = "webhooks"
 
 
 @shared_task(bind=True, max_retries=None, name="marketplace.tasks.reservation_provision")
@@ -66,6 +71,25 @@ def idempotency_records_purge() -> int:
 def events_prune() -> int:
     """Daily: delete events past EVENT_RETENTION_DAYS."""
     return _events_prune()
+
+
+@shared_task(name="marketplace.tasks.webhook_endpoint_send")
+def webhook_endpoint_send(endpoint_id: int) -> dict:
+    """Send one endpoint's due deliveries (queue "webhooks"); queues itself again if it had
+    to hand over with work left."""
+    result = _webhook_endpoint_send(endpoint_id=endpoint_id)
+    if result["more"]:
+        webhook_endpoint_send.apply_async([endpoint_id], queue=WEBHOOKS_QUEUE)
+    return result
+
+
+@shared_task(name="marketplace.tasks.webhooks_sweep")
+def webhooks_sweep() -> int:
+    """Every 30 s: queue a sender for every endpoint with a due delivery (retries, lost kicks)."""
+    due = webhook_endpoints_due()
+    for endpoint_id in due:
+        webhook_endpoint_send.apply_async([endpoint_id], queue=WEBHOOKS_QUEUE)
+    return len(due)
 
 
 _counter_client = None

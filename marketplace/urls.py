@@ -10,6 +10,7 @@ from marketplace.apis import (
     quotes,
     reservations,
     ssh_keys,
+    webhooks,
 )
 
 urlpatterns = [
@@ -77,4 +78,25 @@ urlpatterns = [
     ),
     path("events", events.EventListApi.as_view(), name="events"),
     path("events/<str:event_id>", events.EventDetailApi.as_view(), name="event"),
+    path("webhook-endpoints", webhooks.WebhookEndpointListApi.as_view(), name="webhook-endpoints"),
+    path(
+        "webhook-endpoints/<str:endpoint_id>",
+        webhooks.WebhookEndpointDetailApi.as_view(),
+        name="webhook-endpoint",
+    ),
+    path(
+        "webhook-endpoints/<str:endpoint_id>/rotate-secret",
+        webhooks.WebhookEndpointRotateApi.as_view(),
+        name="webhook-endpoint-rotate-secret",
+    ),
+    path(
+        "webhook-endpoints/<str:endpoint_id>/deliveries",
+        webhooks.WebhookDeliveryListApi.as_view(),
+        name="webhook-deliveries",
+    ),
+    path(
+        "webhook-deliveries/<str:delivery_id>/resend",
+        webhooks.WebhookDeliveryResendApi.as_view(),
+        name="webhook-delivery-resend",
+    ),
 ]

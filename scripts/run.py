@@ -142,6 +142,8 @@ def main() -> int:
             "REDIS_URL": redis.url,
             "SITE_URL": os.environ.get("SITE_URL", base),
             "PYTHONUNBUFFERED": "1",
+            # A local demo: webhook endpoints may be http://127.0.0.1:… receivers.
+            "WEBHOOK_ALLOW_INSECURE": os.environ.get("WEBHOOK_ALLOW_INSECURE", "1"),
             **stripe_env,
         }
         provisioning_env, provisioning = provisioning_plan()
@@ -162,6 +164,14 @@ def main() -> int:
             "web", [sys.executable, "manage.py", "runserver", f"{HOST}:{port}"], env=env
         )
         supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "info"], env=env)
+        # Webhook sending waits on customers' servers: its own queue and worker (threads: it
+        # waits on the network), so a slow endpoint never holds up provisioning or billing.
+        supervisor.start(
+            "webhooks",
+            [celery, "-A", "config", "worker", "-l", "info", "-Q", "webhooks",
+             "-P", "threads", "-c", "8", "-n", "webhooks@%h"],
+            env=env,
+        )  # fmt: skip
         supervisor.start(
             "beat",
             [celery, "-A", "config", "beat", "-l", "info",
@@ -246,7 +256,7 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str, provisionin
         f"    Redis       {redis}",
         f"    Stripe      {stripe}",
         f"  Provisioning    {provisioning}",
-        f"  Processes: web (Django runserver), Celery worker, Celery beat; logs of services in "
+        f"  Processes: web (Django runserver), Celery worker, webhooks worker, Celery beat; logs of services in "
         f"{rel(LOG_DIR)}/",
         "=" * 72,
         "",

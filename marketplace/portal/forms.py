@@ -3,7 +3,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
 from django.db.models import Q
 
-from marketplace.models import ApiKeyScope, ReservationStatus, Role, Tier
+from marketplace.models import ApiKeyScope, EventType, ReservationStatus, Role, Tier
 
 __all__ = [
     "SignupForm",
@@ -246,3 +246,20 @@ class InvitationCreateForm(forms.Form):
 
     email = forms.EmailField(label="E-mail address", help_text="They need no account yet.")
     role = forms.ChoiceField(label="Invite as", choices=Role.choices, initial=Role.MEMBER)
+
+
+class WebhookEndpointForm(forms.Form):
+    url = forms.URLField(
+        label="URL",
+        max_length=2000,
+        assume_scheme="https",
+        help_text="https, on a public address. We POST events here.",
+    )
+    event_types = forms.MultipleChoiceField(
+        label="Events",
+        choices=EventType.choices,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None ticked: every event.",
+    )
+    description = forms.CharField(max_length=200, required=False)

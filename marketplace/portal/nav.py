@@ -75,6 +75,13 @@ portal_nav_register(
     label="SSH keys", url_name="portal:ssh-keys", order=65, sections=("portal:ssh-key",)
 )
 portal_nav_register(
+    label="Webhooks",
+    url_name="portal:webhooks",
+    order=68,
+    sections=("portal:webhook",),
+    roles=MANAGER_ROLES,
+)
+portal_nav_register(
     label="Team", url_name="portal:team", order=70, sections=("portal:team", "portal:member")
 )
 

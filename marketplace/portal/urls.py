@@ -1,7 +1,17 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
-from marketplace.portal import invitations, keys, login, reservations, sites, ssh_keys, team, views
+from marketplace.portal import (
+    invitations,
+    keys,
+    login,
+    reservations,
+    sites,
+    ssh_keys,
+    team,
+    views,
+    webhooks,
+)
 
 app_name = "portal"
 
@@ -65,6 +75,8 @@ urlpatterns = [
     path("api-keys", keys.KeysView.as_view(), name="api-keys"),
     path("api-keys/<int:pk>/revoke", keys.KeyRevokeView.as_view(), name="api-key-revoke"),
     path("ssh-keys", ssh_keys.SshKeysView.as_view(), name="ssh-keys"),
+    path("webhooks", webhooks.WebhooksView.as_view(), name="webhooks"),
+    path("webhooks/<str:public_id>", webhooks.WebhookView.as_view(), name="webhook"),
     path(
         "ssh-keys/<str:public_id>/delete",
         ssh_keys.SshKeyDeleteView.as_view(),

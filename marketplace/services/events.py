@@ -1,7 +1,8 @@
 """The event writer: every event is recorded here, in the caller's transaction (an outbox).
 
 Callers pass the object and the API serializer that shows it, so an event's `data` is the
-object exactly as the API showed it at that moment. Billing records its events through
+object exactly as the API showed it at that moment. The event's webhook deliveries (one per
+subscribed endpoint) are written with it, so an event that commits is delivered at least once. Billing records its events through
 event_record too (billing may import the marketplace; the marketplace never imports billing).
 """
 
@@ -13,6 +14,7 @@ from django.utils import timezone
 from rest_framework.serializers import BaseSerializer
 
 from marketplace.models import ApiKey, Event, EventType, Membership, Reservation
+from marketplace.services.webhooks import webhook_deliveries_create
 
 __all__ = [
     "RESERVATION_STATUS_EVENTS",
@@ -55,6 +57,7 @@ def event_record(
             object_id=object_id,
             data=dict(serializer(obj).data),
         )
+        webhook_deliveries_create(event=event)
     return event
 
 

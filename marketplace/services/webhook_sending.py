@@ -1,0 +1,321 @@
+"""Sending webhook deliveries: one endpoint at a time, its oldest due event first.
+
+- The sender of an endpoint holds a short lease on it (sending_until, claimed in one UPDATE), so
+  two workers never send to the same endpoint at once and its deliveries go out in the order of
+  their events' `created`; a worker that dies leaves a lease that lapses.
+- Each try connects to an address the host resolved to, checked again now (no DNS rebinding:
+  the request goes to the address that was checked, with the host name in the Host header and
+  in TLS's SNI and certificate check), waits at most WEBHOOK_TIMEOUT, follows no redirect, and
+  keeps at most EXCERPT_BYTES of the answer. No database transaction is open while it waits.
+- A 2xx is success. Anything else is retried with exponential backoff until WEBHOOK_RETRY_FOR
+  after the event (or the resend), the last try on that deadline; an endpoint whose deliveries
+  have failed without a success for that long is disabled and its owners and admins e-mailed.
+- One call sends for at most SEND_BUDGET, then hands over (a slow endpoint gets a fair share
+  of the webhooks queue, not all of it).
+"""
+
+import http.client
+import json
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from config.errors import ValidationFailed
+from marketplace.models import (
+    DeliveryStatus,
+    Membership,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
+from marketplace.services.organizations import MANAGER_ROLES
+from marketplace.services.webhooks import (
+    SIGNATURE_HEADER,
+    webhook_address_check,
+    webhook_endpoint_secrets,
+    webhook_signature,
+    webhook_url_resolve,
+)
+
+__all__ = [
+    "EXCERPT_BYTES",
+    "SEND_BUDGET",
+    "Outcome",
+    "webhook_post",
+    "webhook_backoff",
+    "webhook_endpoint_send",
+    "webhook_endpoints_due",
+]
+
+logger = logging.getLogger(__name__)
+
+EXCERPT_BYTES = 1000
+SEND_BUDGET = timedelta(seconds=30)
+_LEASE = timedelta(seconds=120)  # longer than SEND_BUDGET plus one timeout
+_USER_AGENT = "Switchyard-Webhooks/1"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    succeeded: bool
+    status: int | None
+    excerpt: str
+    error: str
+    address: str | None
+    duration_ms: int
+
+
+def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Outcome:
+    """POST `body` to `url` once, on a checked address; never raises for network trouble."""
+    started = time.monotonic()
+    address = None
+
+    def outcome(*, status=None, excerpt="", error="") -> Outcome:
+        return Outcome(
+            succeeded=status is not None and 200 <= status < 300,
+            status=status,
+            excerpt=excerpt,
+            error=error[:500],
+            address=address,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+
+    try:
+        scheme, host, port, addresses = webhook_url_resolve(url)
+    except ValidationFailed as exc:
+        return outcome(error=exc.message)
+    address = addresses[0]
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except OSError as exc:
+        return outcome(error=f"could not connect to {address}: {exc}")
+    try:
+        # The peer is the address that was checked; check what we are actually talking to.
+        address = sock.getpeername()[0]
+        webhook_address_check(address)
+        if scheme == "https":
+            context = ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.sock = sock
+        parts = url.split("://", 1)[1]
+        path = "/" + parts.split("/", 1)[1] if "/" in parts else "/"
+        conn.putrequest("POST", path.split("#", 1)[0], skip_host=True, skip_accept_encoding=True)
+        default_port = 443 if scheme == "https" else 80
+        conn.putheader("Host", host if port == default_port else f"{host}:{port}")
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        excerpt = response.read(EXCERPT_BYTES).decode("utf-8", "replace")
+        error = "" if 200 <= response.status < 300 else f"HTTP {response.status}"
+        if 300 <= response.status < 400:
+            error += " (redirects are not followed)"
+        return outcome(status=response.status, excerpt=excerpt, error=error)
+    except ValidationFailed as exc:
+        return outcome(error=exc.message)
+    except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+        return outcome(error=f"{type(exc).__name__}: {exc}" or "connection failed")
+    finally:
+        sock.close()
+
+
+def webhook_backoff(attempts: int) -> timedelta:
+    """After the n-th failed try: 30 s, 1 min, 2 min, … doubling, at most 6 hours."""
+    return timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 6 * 3600))
+
+
+_CLAIM_SQL = """
+UPDATE marketplace_webhookendpoint SET sending_until = %s
+WHERE id = %s AND enabled AND (sending_until IS NULL OR sending_until < %s)
+RETURNING id
+"""
+
+
+def _claim(endpoint_id: int, now: datetime) -> bool:
+    with connection.cursor() as cur:
+        cur.execute(_CLAIM_SQL, [now + _LEASE, endpoint_id, now])
+        return cur.fetchone() is not None
+
+
+def _next_due(endpoint_id: int, now: datetime) -> WebhookDelivery | None:
+    return (
+        WebhookDelivery.objects.filter(
+            endpoint_id=endpoint_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+        )
+        .select_related("event", "event__organization", "endpoint")
+        .order_by("event_created_at", "id")
+        .first()
+    )
+
+
+def webhook_endpoint_send(*, endpoint_id: int) -> dict:
+    """Send the endpoint's due deliveries, oldest event first, for up to SEND_BUDGET.
+
+    Returns {"sent": n, "failed": n, "more": bool}: `more` when due work is left (the task
+    queues itself again).
+    """
+    from marketplace.apis.events import EventOutput
+
+    started = timezone.now()
+    if not _claim(endpoint_id, started):
+        return {"sent": 0, "failed": 0, "more": False}  # another worker has it, or disabled
+    sent = failed = 0
+    more = False
+    try:
+        while True:
+            now = timezone.now()
+            delivery = _next_due(endpoint_id, now)
+            if delivery is None:
+                break
+            if now - started >= SEND_BUDGET:
+                more = True
+                break
+            endpoint = delivery.endpoint
+            body = json.dumps(EventOutput(delivery.event).data, separators=(",", ":")).encode()
+            timestamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": _USER_AGENT,
+                SIGNATURE_HEADER: webhook_signature(
+                    payload=body,
+                    secrets_=webhook_endpoint_secrets(endpoint, now=now),
+                    timestamp=timestamp,
+                ),
+                "Switchyard-Event-Id": delivery.event.public_id,
+                "Switchyard-Delivery-Id": delivery.public_id,
+            }
+            result = webhook_post(
+                url=endpoint.url, body=body, headers=headers, timeout=settings.WEBHOOK_TIMEOUT
+            )
+            try:
+                still_enabled = _record(delivery, result, at=now)
+            except (WebhookEndpoint.DoesNotExist, WebhookDelivery.DoesNotExist):
+                break  # deleted while we were sending: nothing left to record
+            if result.succeeded:
+                sent += 1
+            else:
+                failed += 1
+            if not still_enabled:
+                break
+    finally:
+        WebhookEndpoint.objects.filter(pk=endpoint_id).update(sending_until=None)
+    return {"sent": sent, "failed": failed, "more": more}
+
+
+@transaction.atomic
+def _record(delivery: WebhookDelivery, result: Outcome, *, at: datetime) -> bool:
+    """Record the try on the delivery and the endpoint; False if the endpoint is now disabled."""
+    endpoint = WebhookEndpoint.objects.select_for_update().get(pk=delivery.endpoint_id)
+    locked = WebhookDelivery.objects.select_for_update().get(pk=delivery.pk)
+    WebhookAttempt.objects.create(
+        delivery=locked,
+        at=at,
+        duration_ms=result.duration_ms,
+        succeeded=result.succeeded,
+        response_status=result.status,
+        response_excerpt=result.excerpt[:EXCERPT_BYTES],
+        error=result.error,
+        address=result.address,
+    )
+    locked.attempts = F("attempts") + 1
+    locked.last_attempt_at = at
+    locked.last_response_status = result.status
+    locked.last_error = result.error
+    now = timezone.now()
+    if result.succeeded:
+        locked.status = DeliveryStatus.SUCCEEDED
+        locked.next_attempt_at = None
+        endpoint.failing_since = None
+        endpoint.last_success_at = at
+    else:
+        # Failing since the oldest delivery that has not got through, but not before the last
+        # success.
+        since = locked.retry_from
+        if endpoint.last_success_at and endpoint.last_success_at > since:
+            since = endpoint.last_success_at
+        endpoint.failing_since = min(endpoint.failing_since or since, since)
+        deadline = locked.retry_from + settings.WEBHOOK_RETRY_FOR
+        if now >= deadline:
+            locked.status = DeliveryStatus.FAILED
+            locked.next_attempt_at = None
+        else:  # the last try falls on the deadline itself
+            locked.next_attempt_at = min(now + webhook_backoff(delivery.attempts + 1), deadline)
+    locked.save()
+    disable = (
+        not result.succeeded
+        and endpoint.enabled
+        and now - endpoint.failing_since >= settings.WEBHOOK_RETRY_FOR
+    )
+    if disable:
+        _disable(endpoint, now=now)
+    endpoint.save(
+        update_fields=[
+            "failing_since",
+            "last_success_at",
+            "enabled",
+            "disabled_reason",
+            "updated_at",
+        ]
+    )
+    return endpoint.enabled
+
+
+def _disable(endpoint: WebhookEndpoint, *, now: datetime) -> None:
+    hours = int(settings.WEBHOOK_RETRY_FOR.total_seconds() // 3600)
+    endpoint.enabled = False
+    endpoint.disabled_reason = (
+        f"Every delivery failed from {endpoint.failing_since:%Y-%m-%d %H:%M} UTC for "
+        f"{hours} hours; disabled at {now:%Y-%m-%d %H:%M} UTC."
+    )
+    # What was waiting for it will not be sent; a resend after enabling it again will.
+    WebhookDelivery.objects.filter(endpoint=endpoint, status=DeliveryStatus.PENDING).update(
+        status=DeliveryStatus.FAILED, next_attempt_at=None
+    )
+    recipients = list(
+        Membership.objects.filter(organization_id=endpoint.organization_id, role__in=MANAGER_ROLES)
+        .exclude(user__email="")
+        .values_list("user__email", flat=True)
+    )
+    logger.warning("webhook endpoint %s disabled: %s", endpoint.public_id, endpoint.disabled_reason)
+    if recipients:
+        message = (
+            f"Switchyard stopped sending events to your webhook endpoint {endpoint.url} "
+            f"({endpoint.public_id}). {endpoint.disabled_reason}\n\nFix the endpoint, enable it "
+            "again in the portal (Webhooks) or through the API, and resend what it missed."
+        )
+        transaction.on_commit(
+            lambda: send_mail(
+                "Switchyard: your webhook endpoint was disabled",
+                message,
+                None,
+                recipients,
+                fail_silently=True,
+            )
+        )
+
+
+def webhook_endpoints_due(*, now: datetime | None = None, limit: int = 500) -> list[int]:
+    """Enabled endpoints with a due delivery and no live lease (for the sweeper)."""
+    now = now or timezone.now()
+    return list(
+        WebhookDelivery.objects.filter(
+            status=DeliveryStatus.PENDING,
+            next_attempt_at__lte=now,
+            endpoint__enabled=True,
+        )
+        .exclude(endpoint__sending_until__gte=now)
+        .values_list("endpoint_id", flat=True)
+        .distinct()
+        .order_by("endpoint_id")[:limit]
+    )

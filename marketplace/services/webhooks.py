@@ -1,0 +1,283 @@
+"""Webhook endpoints: registration, settings, secret rotation, and the deliveries of an event.
+
+An endpoint's URL must be https on a public address: its host may not resolve to a loopback,
+private, link-local, shared, multicast, reserved or cloud-metadata address (checked here when
+registered and changed, and again by the sender against the address it connects to, so a
+DNS answer that changes later cannot turn a delivery inward). WEBHOOK_ALLOW_INSECURE, for
+development and tests only, allows http and such addresses.
+"""
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import socket
+from collections.abc import Iterable
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from config.errors import ValidationFailed
+from marketplace.models import (
+    DeliveryStatus,
+    Event,
+    EventType,
+    Organization,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "MAX_ENDPOINTS",
+    "UnsafeAddress",
+    "webhook_signature",
+    "webhook_address_check",
+    "webhook_url_resolve",
+    "webhook_endpoint_create",
+    "webhook_endpoint_update",
+    "webhook_endpoint_rotate_secret",
+    "webhook_endpoint_delete",
+    "webhook_endpoint_secrets",
+    "webhook_deliveries_create",
+    "webhook_delivery_resend",
+]
+
+SIGNATURE_HEADER = "Switchyard-Signature"
+MAX_ENDPOINTS = 16  # per organisation
+_SECRET_PREFIX = "whsec_"
+# Cloud metadata services that are not inside the private ranges in every cloud.
+_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+
+
+class UnsafeAddress(ValidationFailed):
+    default_code = "webhook_url_unsafe"
+
+
+def webhook_signature(*, payload: bytes, secrets_: Iterable[str], timestamp: int) -> str:
+    """t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>"> (one v1 per secret that signs now)."""
+    signed = b"%d." % timestamp + payload
+    parts = [f"t={timestamp}"]
+    for secret in secrets_:
+        parts.append("v1=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest())
+    return ",".join(parts)
+
+
+def webhook_address_check(address: str) -> None:
+    """Raise UnsafeAddress unless `address` is a public unicast address (or insecure is on)."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if settings.WEBHOOK_ALLOW_INSECURE:
+        return
+    if ip in _METADATA or not ip.is_global or ip.is_multicast:
+        raise UnsafeAddress(
+            f"Webhook URLs must reach a public address; {address} is not one.", field="url"
+        )
+
+
+def _split(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    allowed = ("https", "http") if settings.WEBHOOK_ALLOW_INSECURE else ("https",)
+    if scheme not in allowed:
+        raise ValidationFailed(
+            "A webhook URL must start with https://.", code="webhook_url_scheme", field="url"
+        )
+    if parts.username or parts.password:
+        raise ValidationFailed(
+            "A webhook URL may not carry a user name or password.",
+            code="webhook_url_invalid",
+            field="url",
+        )
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise ValidationFailed(
+            "The URL's port is invalid.", code="webhook_url_invalid", field="url"
+        ) from None
+    if not parts.hostname:
+        raise ValidationFailed("The URL has no host.", code="webhook_url_invalid", field="url")
+    return scheme, parts.hostname, port
+
+
+def webhook_url_resolve(url: str) -> tuple[str, str, int, list[str]]:
+    """(scheme, host, port, addresses): every address the host resolves to, each one checked.
+
+    All of them must be safe, not only the first: which one is used is not up to us.
+    """
+    scheme, host, port = _split(url)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValidationFailed(
+            f"The host {host!r} does not resolve ({exc}).",
+            code="webhook_url_unresolvable",
+            field="url",
+        ) from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:
+        webhook_address_check(address)
+    return scheme, host, port, addresses
+
+
+def _event_types_clean(event_types: list[str]) -> list[str]:
+    unknown = sorted(set(event_types) - set(EventType.values))
+    if unknown:
+        raise ValidationFailed(
+            f"Unknown event type {unknown[0]!r}.", code="invalid_event_type", field="event_types"
+        )
+    return sorted(set(event_types))
+
+
+def _new_secret() -> str:
+    return _SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+@transaction.atomic
+def webhook_endpoint_create(
+    *,
+    organization: Organization,
+    url: str,
+    event_types: list[str],
+    description: str = "",
+    enabled: bool = True,
+    created_by: AbstractBaseUser | None = None,
+) -> tuple[WebhookEndpoint, str]:
+    """Register an endpoint; returns it with its signing secret (shown once)."""
+    webhook_url_resolve(url)
+    # Counted under the organisation's row lock, so two requests cannot both pass the limit.
+    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    if WebhookEndpoint.objects.filter(organization=organization).count() >= MAX_ENDPOINTS:
+        raise ValidationFailed(
+            f"An organisation may have at most {MAX_ENDPOINTS} webhook endpoints.",
+            code="too_many_endpoints",
+        )
+    secret = _new_secret()
+    endpoint = WebhookEndpoint.objects.create(
+        organization=organization,
+        url=url,
+        description=description.strip(),
+        event_types=_event_types_clean(event_types),
+        enabled=enabled,
+        secret=secret,
+        created_by=created_by,
+    )
+    return endpoint, secret
+
+
+@transaction.atomic
+def webhook_endpoint_update(
+    *,
+    endpoint: WebhookEndpoint,
+    url: str | None = None,
+    event_types: list[str] | None = None,
+    description: str | None = None,
+    enabled: bool | None = None,
+) -> WebhookEndpoint:
+    """Change what is given. Enabling again starts the failure clock afresh."""
+    locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
+    if url is not None and url != locked.url:
+        webhook_url_resolve(url)
+        locked.url = url
+    if event_types is not None:
+        locked.event_types = _event_types_clean(event_types)
+    if description is not None:
+        locked.description = description.strip()
+    if enabled is not None and enabled != locked.enabled:
+        locked.enabled = enabled
+        locked.failing_since = None
+        locked.disabled_reason = "" if enabled else "Disabled by the organisation."
+    locked.save()
+    return locked
+
+
+@transaction.atomic
+def webhook_endpoint_rotate_secret(
+    *, endpoint: WebhookEndpoint, now: datetime | None = None
+) -> tuple[WebhookEndpoint, str]:
+    """A new secret signs from now on; the old one also signs for WEBHOOK_SECRET_OVERLAP."""
+    now = now or timezone.now()
+    locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
+    secret = _new_secret()
+    locked.previous_secret = locked.secret
+    locked.previous_secret_expires_at = now + settings.WEBHOOK_SECRET_OVERLAP
+    locked.secret = secret
+    locked.save(
+        update_fields=["secret", "previous_secret", "previous_secret_expires_at", "updated_at"]
+    )
+    return locked, secret
+
+
+def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
+    """Deliveries still pending for it are dropped with it."""
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).delete()
+
+
+def webhook_endpoint_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> list[str]:
+    """The secrets that sign now: the current one, and the previous one during the overlap."""
+    signing = [endpoint.secret]
+    if endpoint.previous_secret and endpoint.previous_secret_expires_at:
+        if now < endpoint.previous_secret_expires_at:
+            signing.append(endpoint.previous_secret)
+    return signing
+
+
+def webhook_deliveries_create(*, event: Event) -> list[WebhookDelivery]:
+    """The event's deliveries, one per enabled endpoint that wants its type (in the event's
+    transaction); each endpoint's sender is kicked once that commits."""
+    endpoints = [
+        endpoint
+        for endpoint in WebhookEndpoint.objects.filter(
+            organization_id=event.organization_id, enabled=True
+        ).only("pk", "event_types")
+        if not endpoint.event_types or event.type in endpoint.event_types
+    ]
+    if not endpoints:
+        return []
+    deliveries = WebhookDelivery.objects.bulk_create(
+        [
+            WebhookDelivery(
+                endpoint=endpoint,
+                event=event,
+                event_created_at=event.created_at,
+                retry_from=event.created_at,
+                next_attempt_at=event.created_at,
+            )
+            for endpoint in endpoints
+        ]
+    )
+    _kick_on_commit([endpoint.pk for endpoint in endpoints])
+    return deliveries
+
+
+@transaction.atomic
+def webhook_delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
+    """Send the event again now (whatever became of it), as the next of its endpoint's."""
+    locked = WebhookDelivery.objects.select_for_update().get(pk=delivery.pk)
+    now = timezone.now()
+    locked.status = DeliveryStatus.PENDING
+    locked.retry_from = locked.next_attempt_at = now
+    locked.save(update_fields=["status", "retry_from", "next_attempt_at"])
+    _kick_on_commit([locked.endpoint_id])
+    return locked
+
+
+def _kick_on_commit(endpoint_ids: list[int]) -> None:
+    from config.celery import task_send
+
+    def kick():
+        for endpoint_id in endpoint_ids:
+            # A lost kick is found by the sweeper (marketplace.tasks.webhooks_sweep).
+            task_send(
+                "marketplace.tasks.webhook_endpoint_send",
+                [endpoint_id],
+                about=f"webhook endpoint {endpoint_id}",
+                then="(the sweeper sends it)",
+            )
+
+    transaction.on_commit(kick)
