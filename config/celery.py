@@ -77,6 +77,7 @@ app.conf.update(
         },
         "billing-sla-credits": {"task": "billing.tasks.sla_credits_issue", "schedule": 3600.0},
         "inventory-telemetry-flush": {"task": "inventory.tasks.telemetry_flush", "schedule": 5.0},
+        "inventory-burn-ins-expire": {"task": "inventory.tasks.burn_ins_expire", "schedule": 60.0},
         "inventory-telemetry-rollup": {
             "task": "inventory.tasks.telemetry_rollup",
             "schedule": 60.0,

@@ -18,7 +18,9 @@ from django.utils.html import format_html, format_html_join
 
 from config.errors import ApplicationError
 from inventory import services, telemetry
+from inventory.burn_in import burn_in_request
 from inventory.models import (
+    BurnIn,
     Gpu,
     GpuHealthChange,
     GpuMinute,
@@ -214,6 +216,12 @@ class NodeAdmin(admin.ModelAdmin):
     ]
     inlines = [GpuInline, OutageInline, NodeTokenInline, NodeStatusChangeInline]
 
+    @admin.action(
+        description="Burn in selected nodes (in maintenance), then return them to sale if it passes"
+    )
+    def burn_in(self, request, queryset):
+        _burn_in(request, {node: None for node in queryset.select_related("site")})
+
     @admin.display(description="GPU telemetry (last 15 minutes, per minute)")
     def gpu_telemetry(self, node: Node) -> str:
         gpus = {g.pk: g.index for g in node.gpus.all()} if node.pk else {}
@@ -224,7 +232,14 @@ class NodeAdmin(admin.ModelAdmin):
         return _minutes_table(rows, lambda row: f"gpu{gpus[row.gpu_id]}")
 
     action_form = StatusActionForm
-    actions = ["drain", "set_maintenance", "return_to_service", "retire", "issue_token"]
+    actions = [
+        "drain",
+        "set_maintenance",
+        "burn_in",
+        "return_to_service",
+        "retire",
+        "issue_token",
+    ]
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(gpu_count=Count("gpus"))
@@ -343,7 +358,11 @@ class GpuAdmin(admin.ModelAdmin):
     raw_id_fields = ["node"]
     inlines = [GpuHealthChangeInline]
     action_form = StatusActionForm
-    actions = ["return_to_service", "mark_failed"]
+    actions = ["burn_in", "return_to_service", "mark_failed"]
+
+    @admin.action(description="Burn in selected failed GPUs, then return them to sale if it passes")
+    def burn_in(self, request, queryset):
+        _burn_in(request, {gpu.node: [gpu] for gpu in queryset.select_related("node")})
 
     @admin.display(description="telemetry, last hour (per minute)")
     def telemetry_last_hour(self, gpu: Gpu) -> str:
@@ -362,6 +381,46 @@ class GpuAdmin(admin.ModelAdmin):
     @admin.action(description="Mark selected GPUs failed (their work is moved or ended)")
     def mark_failed(self, request, queryset):
         _apply(request, queryset, telemetry.gpu_mark_failed, "gpu", "Marked failed")
+
+
+def _burn_in(request, targets: dict) -> None:
+    reason = request.POST.get("reason", "").strip() or "burn-in from the admin"
+    by_node: dict = {}
+    for node, gpus in targets.items():
+        by_node.setdefault(node, []).extend(gpus or [])
+    for node, gpus in by_node.items():
+        try:
+            burn_in = burn_in_request(
+                node=node,
+                gpus=gpus or None,
+                reason=reason,
+                requested_by=request.user.get_username(),
+            )
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"Burn-in #{burn_in.pk} queued on {node.hostname}.")
+
+
+@admin.register(BurnIn)
+class BurnInAdmin(admin.ModelAdmin):
+    """Burn-in runs and their output: read-only (queued from the node and GPU actions)."""
+
+    list_display = ["id", "node", "gpu_indexes", "status", "exit_code", "timed_out", "created_at",
+                    "finished_at"]  # fmt: skip
+    list_filter = ["status", "node__site"]
+    list_select_related = ["node"]
+    search_fields = ["node__hostname", "reason", "output"]
+    readonly_fields = [f.name for f in BurnIn._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # staff view it (view permission); the agent writes it
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(HealthRules)

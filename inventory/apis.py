@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
+from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.models import GpuHealth, NodeStatus
 from inventory.services import node_heartbeat_record
 
@@ -154,3 +155,67 @@ class HeartbeatApi(APIView):
             telemetry=data.get("telemetry"),
         )
         return Response(self.OutputSerializer(node).data)
+
+
+class BurnInLeaseApi(APIView):
+    """The node's next burn-in to run (204 when there is none); it is running from now."""
+
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsNodeAgent]
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "BurnInJob"
+
+        id = serializers.IntegerField()
+        command = serializers.CharField()
+        time_limit_seconds = serializers.IntegerField()
+        gpu_indexes = serializers.ListField(child=serializers.IntegerField())
+
+    @extend_schema(
+        request=None,
+        responses={200: OutputSerializer, 204: None, **agent_errors()},
+        operation_id="agent_burn_in_lease",
+    )
+    def post(self, request: Request) -> Response:
+        burn_in = burn_in_lease(node=request.user.node)
+        if burn_in is None:
+            return Response(status=204)
+        return Response(self.OutputSerializer(burn_in).data)
+
+
+class BurnInResultApi(APIView):
+    """The result of a burn-in this node ran: exit 0 within the limit passes."""
+
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsNodeAgent]
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "BurnInResultInput"
+
+        exit_code = serializers.IntegerField(allow_null=True, min_value=-255, max_value=255)
+        timed_out = serializers.BooleanField(default=False)
+        output = serializers.CharField(
+            allow_blank=True, max_length=1_000_000, trim_whitespace=False, default=""
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "BurnInResult"
+
+        id = serializers.IntegerField()
+        status = serializers.CharField()
+
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: OutputSerializer, **agent_errors()},
+        operation_id="agent_burn_in_result",
+    )
+    def post(self, request: Request, burn_in_id: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        burn_in = burn_in_report(
+            node=request.user.node, burn_in_id=burn_in_id, **serializer.validated_data
+        )
+        return Response(self.OutputSerializer(burn_in).data)

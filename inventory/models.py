@@ -70,6 +70,15 @@ class Site(models.Model):
     status = models.CharField(
         max_length=20, choices=SiteStatus.choices, default=SiteStatus.COMMISSIONING, db_index=True
     )
+    burn_in_command = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Run by the agent before a GPU or node returns to sale, e.g. 'dcgmi diag -r 2' "
+        "or a stress container; exit 0 passes. Empty: no burn-in at this site.",
+    )
+    burn_in_time_limit_seconds = models.PositiveIntegerField(
+        default=1800, validators=[MinValueValidator(10), MaxValueValidator(86400)]
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -433,3 +442,45 @@ class HealthRules(models.Model):
 
     def failing_event_codes(self) -> set[str]:
         return {code.strip() for code in self.failing_events.split(",") if code.strip()}
+
+
+class BurnInStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class BurnIn(models.Model):
+    """A burn-in run through a node's agent: the site's command on some of its GPUs (or all),
+    with a time limit. The GPUs (or the node) are sold again only when it passes."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="burn_ins")
+    gpu_indexes = models.JSONField(default=list, help_text="Empty: every GPU of the node.")
+    command = models.CharField(max_length=500)
+    time_limit_seconds = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=10, choices=BurnInStatus.choices, default=BurnInStatus.QUEUED
+    )
+    reason = models.TextField(help_text="Why it runs (who asked, after what).")
+    requested_by = models.CharField(max_length=120)
+    exit_code = models.IntegerField(null=True, blank=True)
+    timed_out = models.BooleanField(default=False)
+    output = models.TextField(blank=True, help_text="The command's last 64 KiB of output.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node"],
+                condition=Q(status__in=["queued", "running"]),
+                name="burn_in_one_open_per_node",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"burn-in {self.pk} on {self.node_id} ({self.status})"

@@ -33,3 +33,11 @@ def telemetry_retention() -> list[int]:
     from inventory.telemetry import telemetry_purge
 
     return list(telemetry_purge())
+
+
+@shared_task(name="inventory.tasks.burn_ins_expire")
+def burn_ins_expire() -> int:
+    """Beat, every minute: a burn-in whose agent went quiet past its limit has failed."""
+    from inventory.burn_in import burn_ins_expire as expire
+
+    return expire()

@@ -103,3 +103,32 @@ def test_staff_edit_the_rules_and_they_apply_at_once(admin_client):
     assert bad.status_code == 200  # the form's error
     assert HealthRules.current().over_temp_c == 85
     assert admin_client.get(reverse("admin:inventory_healthrules_add")).status_code == 403
+
+
+def test_staff_queue_a_node_burn_in_and_read_its_output(admin_client):
+    from inventory.burn_in import burn_in_lease, burn_in_report
+    from inventory.models import BurnIn
+    from inventory.services import node_set_maintenance
+
+    node = NodeFactory(gpus=2, hostname="abl-009")
+    node.site.burn_in_command = "dcgmi diag -r 2"
+    node.site.save()
+    node_set_maintenance(node=node, actor=None, actor_label="ops", reason="fans")
+    admin_client.post(
+        reverse("admin:inventory_node_changelist"),
+        {"action": "burn_in", "_selected_action": [node.pk], "reason": "fans replaced"},
+    )
+    burn_in = BurnIn.objects.get(node=node)
+    assert (burn_in.command, burn_in.reason, burn_in.gpu_indexes) == (
+        "dcgmi diag -r 2",
+        "fans replaced",
+        [],
+    )
+    burn_in_lease(node=node)
+    burn_in_report(
+        node=node, burn_in_id=burn_in.pk, exit_code=226, timed_out=False, output="Diag: FAIL"
+    )
+    page = admin_client.get(reverse("admin:inventory_burnin_change", args=[burn_in.pk]))
+    assert page.status_code == 200
+    assert "Diag: FAIL" in page.content.decode()
+    assert admin_client.get(reverse("admin:inventory_burnin_changelist")).status_code == 200
