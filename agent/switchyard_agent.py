@@ -30,6 +30,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+try:  # GPU telemetry and burn-in: the two modules beside this file (pip installs all three)
+    import burn_in as _burn_in
+    import gpu_telemetry as _gpu_telemetry
+except ImportError:  # copied alone: the agent runs workloads, without telemetry or burn-in
+    _burn_in = _gpu_telemetry = None
+
 __all__ = [
     "AGENT_VERSION",
     "Settings",
@@ -765,10 +771,24 @@ class Agent:
         self.client = client
         self.executor = executor
         self.lease_seconds = lease_seconds
+        self.kernel_cursor = _gpu_telemetry.KernelEventCursor() if _gpu_telemetry else None
+
+    def telemetry(self) -> dict | None:
+        """Per-GPU readings for the heartbeat (gpu_telemetry.py); None on a node without
+        nvidia-smi, amd-smi or rocm-smi (nothing to report) or without the module."""
+        if _gpu_telemetry is None:
+            return None
+        report = _gpu_telemetry.telemetry_collect(cursor=self.kernel_cursor)
+        return None if report.get("source") == "none" else report
 
     def heartbeat(self) -> bool:
-        """Say the node is alive, report every container and its state, apply the notices."""
-        status, body = self.client.post("agent/heartbeat", {"agent_version": AGENT_VERSION})
+        """Say the node is alive with its GPUs' telemetry, report every container and its
+        state, apply the notices."""
+        beat: dict = {"agent_version": AGENT_VERSION}
+        telemetry = self.telemetry()
+        if telemetry is not None:
+            beat["telemetry"] = telemetry
+        status, body = self.client.post("agent/heartbeat", beat)
         if status == 401:
             raise SettingsError("the API refused the node token (revoked or wrong)")
         if status != 200:
@@ -836,6 +856,26 @@ class Agent:
             logger.warning("job %s completion refused (%s): %s", job_id, code, body)
         return True
 
+    def burn_in_one(self) -> bool:
+        """Lease and run this node's burn-in, if one is queued (burn_in.py); False if none."""
+        if _burn_in is None:
+            return False
+        status, job = self.client.post("agent/burn-ins/lease", {})
+        if status != 200 or job is None:
+            if status != 204:
+                logger.warning("burn-in lease answered %s: %s", status, job)
+            return False
+        logger.info(
+            "burn-in %s: %s (limit %s s)", job["id"], job["command"], job["time_limit_seconds"]
+        )
+        result = _burn_in.burn_in_run(job)
+        code, body = self.client.post(
+            f"agent/burn-ins/{job['id']}/result",
+            {k: result[k] for k in ("exit_code", "timed_out", "output")},
+        )
+        logger.info("burn-in %s: exit %s, reported (%s)", job["id"], result["exit_code"], code)
+        return True
+
     def loop(self, *, poll_seconds: float, heartbeat_seconds: float, once: bool) -> None:
         last_heartbeat = float("-inf")
         while True:
@@ -843,7 +883,7 @@ class Agent:
                 if time.monotonic() - last_heartbeat >= heartbeat_seconds:
                     self.heartbeat()
                     last_heartbeat = time.monotonic()
-                ran = self.run_one()
+                ran = self.run_one() or self.burn_in_one()
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 logger.warning("API unreachable: %s; retrying", exc)
                 ran = False
