@@ -14,6 +14,7 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.views import View
 
 from billing.apis import MONEY_ROLES
@@ -40,6 +41,7 @@ from billing.services.payment_methods import (
     setup_intent_create,
 )
 from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
+from config.csp import stripe_js_allow
 from config.errors import ApplicationError
 from marketplace.portal.mixins import PortalView, show_error
 
@@ -238,11 +240,13 @@ class PaymentMethodNewView(BillingPage):
             "publishableKey": setup["publishable_key"],
             "clientSecret": setup["client_secret"],
         }
-        return self.render(
+        response = self.render(
             request,
             "payment_method_new.html",
             {"stripe_js_url": setup["stripe_js_url"], "stripe_config": stripe_config},
         )
+        add_never_cache_headers(response)  # the SetupIntent's client secret
+        return stripe_js_allow(response)
 
 
 class PaymentMethodDefaultView(BillingPage):

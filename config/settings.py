@@ -6,6 +6,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from config.csp import POLICY as CSP_POLICY
 from config.env import (
     env_bool,
     env_database,
@@ -41,6 +42,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django.contrib.postgres",
+    "csp",
     "rest_framework",
     "django_filters",
     "drf_spectacular",
@@ -54,6 +56,7 @@ MIDDLEWARE = [
     "config.request_id.RequestIdMiddleware",
     # Before anything reads the request: a NUL, a lone surrogate or deeply nested JSON is a 400.
     "config.input_guard.InputGuardMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -134,6 +137,8 @@ SESSION_COOKIE_HTTPONLY = True
 # The reverse proxies in front of the app (a count, or addresses/CIDRs): through them the
 # client's address is read from X-Forwarded-For (config/client_ip.py); without, REMOTE_ADDR.
 TRUSTED_PROXIES = env_trusted_proxies("TRUSTED_PROXIES")
+# Content-Security-Policy on every page outside /api/ (config/csp.py).
+CONTENT_SECURITY_POLICY = CSP_POLICY
 
 # --- REST API ------------------------------------------------------------------------------
 REST_FRAMEWORK = {

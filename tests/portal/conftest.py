@@ -57,10 +57,22 @@ def fresh_sign_in_limits(settings):
 
 @pytest.fixture
 def portal(page, live_server):
-    """The page, with its timeouts short enough that a broken page fails fast."""
+    """The page, with its timeouts short enough that a broken page fails fast.
+
+    Every page runs under the portal's Content-Security-Policy; anything it blocks (an inline
+    script without the nonce, a script from an origin not allowed) fails the test.
+    """
     page.set_default_timeout(10_000)
     page.base = live_server.url
-    return page
+    blocked = []
+    page.on(
+        "console",
+        lambda message: (
+            blocked.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    yield page
+    assert blocked == [], "the Content-Security-Policy blocked something"
 
 
 @pytest.fixture
