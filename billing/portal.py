@@ -6,12 +6,15 @@ member reads; owners, admins and billing members change money things. A refused 
 changes nothing.
 """
 
+import csv
+from datetime import date
 from decimal import Decimal
 
 from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
@@ -27,6 +30,8 @@ from billing.selectors import (
     notices_for_org,
     payment_methods_for_org,
     spend_minor,
+    statement_for_month,
+    statement_months,
     top_ups_for_org,
     usage_by_reservation_day,
     usage_row_energy,
@@ -373,3 +378,117 @@ def overview_panel(membership) -> dict:
         "grace_until": account.grace_until if account else None,
         "notices": list(notices_for_org(organization=organization)[:3]),
     }
+
+
+# --- monthly statements: the ledger of a month, printable and as CSV -----------------------
+
+STATEMENT_KIND_LABELS = {
+    "top_up": "Top-ups",
+    "usage": "Usage",
+    "reserved_charge": "Reserved terms",
+    "credit": "Credits",
+    "sla_credit": "SLA credits",
+    "refund": "Refunds to your card",
+    "adjustment": "Adjustments",
+}
+
+
+def _statement(view, year: int, month: int):
+    if not (1 <= month <= 12 and 2000 <= year <= 9999):
+        raise Http404("No such month.")
+    account = billing_account_for_org(organization=view.organization)
+    currency = account.currency if account else settings.CURRENCY
+    return statement_for_month(
+        organization=view.organization, month=date(year, month, 1), currency=currency
+    )
+
+
+class StatementsView(BillingPage):
+    """Every month with a statement, newest first."""
+
+    def get(self, request):
+        months = statement_months(organization=self.organization)
+        return self.render(request, "statements.html", {"months": months})
+
+
+class StatementView(BillingPage):
+    """One month's statement as a page to read or print (ledger, usage, credits)."""
+
+    def get(self, request, year: int, month: int):
+        statement = _statement(self, year, month)
+        c = statement.currency
+        lines = [
+            {
+                "entry": line.entry,
+                "amount": money(line.entry.amount_minor, c),
+                "balance": money(line.balance_after_minor, c),
+            }
+            for line in statement.lines
+        ]
+        totals = [
+            (STATEMENT_KIND_LABELS.get(kind, kind), money(amount, c))
+            for kind, amount in sorted(statement.totals_minor.items())
+        ]
+        usage = [
+            {
+                **row,
+                "gpu_hours": (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01")),
+                "amount": money(row["amount_minor"], c),
+            }
+            for row in statement.usage
+        ]
+        return render(
+            request,
+            "portal/billing/statement.html",
+            {
+                "organization": self.organization,
+                "statement": statement,
+                "opening": money(statement.opening_minor, c),
+                "closing": money(statement.closing_minor, c),
+                "lines": lines,
+                "totals": totals,
+                "usage": usage,
+            },
+        )
+
+
+class StatementCsvView(BillingPage):
+    """One month's statement as CSV: the opening balance, every ledger line with the balance
+    after it, the closing balance. Amounts in major units, signed as in the ledger."""
+
+    def get(self, request, year: int, month: int):
+        statement = _statement(self, year, month)
+        c = statement.currency
+        name = f"switchyard-statement-{self.organization.public_id}-{year:04d}-{month:02d}.csv"
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{name}"'
+        out = csv.writer(response)
+        out.writerow(["date_utc", "kind", "description", "reservation", "period_start",
+                      "period_end", "gpu_seconds", "amount", "currency", "balance_after"])  # fmt: skip
+        start = f"{year:04d}-{month:02d}-01T00:00:00Z"
+        out.writerow([start, "opening_balance", "", "", "", "", "", "", c,
+                      from_minor_units(statement.opening_minor, c)])  # fmt: skip
+        for line in statement.lines:
+            e = line.entry
+            out.writerow(
+                [
+                    e.created_at.isoformat(),
+                    e.kind,
+                    _csv_text(e.description),
+                    e.reservation.public_id if e.reservation else "",
+                    e.period_start.isoformat() if e.period_start else "",
+                    e.period_end.isoformat() if e.period_end else "",
+                    e.gpu_seconds,
+                    from_minor_units(e.amount_minor, c),
+                    c,
+                    from_minor_units(line.balance_after_minor, c),
+                ]
+            )
+        out.writerow(["", "closing_balance", "", "", "", "", "", "", c,
+                      from_minor_units(statement.closing_minor, c)])  # fmt: skip
+        return response
+
+
+def _csv_text(value: str) -> str:
+    """Text a spreadsheet will not run as a formula (=, +, -, @ first)."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@") else value

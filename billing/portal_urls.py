@@ -23,4 +23,11 @@ urlpatterns = [
     path("top-ups", portal.TopUpView.as_view(), name="top-up"),
     path("usage", portal.UsageView.as_view(), name="usage"),
     path("invoices", portal.InvoicesView.as_view(), name="invoices"),
+    path("statements", portal.StatementsView.as_view(), name="statements"),
+    path("statements/<int:year>-<int:month>", portal.StatementView.as_view(), name="statement"),
+    path(
+        "statements/<int:year>-<int:month>.csv",
+        portal.StatementCsvView.as_view(),
+        name="statement-csv",
+    ),
 ]

@@ -1,6 +1,7 @@
 """Reads: balance, ledger pages, usage, invoices, payment methods."""
 
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from django.db.models import Q, QuerySet, Sum
@@ -31,6 +32,9 @@ __all__ = [
     "notices_for_org",
     "usage_row_energy",
     "reservations_charged",
+    "Statement",
+    "statement_for_month",
+    "statement_months",
 ]
 
 CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
@@ -128,4 +132,84 @@ def usage_row_energy(row: dict) -> EnergyEstimate | None:
         grid_carbon_g_per_kwh=row["reservation__site__grid_carbon_g_per_kwh"],
         gpu_count=1,  # the row counts GPU-seconds
         seconds=row["gpu_seconds"],
+    )
+
+
+# --- monthly statements ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatementLine:
+    entry: LedgerEntry
+    balance_after_minor: int
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One UTC calendar month of an organisation's ledger: what came in, what was charged, what
+    was credited, from the opening to the closing balance (all in minor units)."""
+
+    month: date
+    currency: str
+    opening_minor: int
+    closing_minor: int
+    lines: list[StatementLine]
+    totals_minor: dict[str, int]  # by ledger kind, signed as in the ledger
+    usage: list[dict]  # per reservation: public id, GPU-seconds, amount charged (positive)
+
+
+def _month_bounds(month: date) -> tuple[datetime, datetime]:
+    start = datetime(month.year, month.month, 1, tzinfo=UTC)
+    end = datetime(month.year + (month.month == 12), month.month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def statement_months(*, organization: Organization) -> list[date]:
+    """Every month from the organisation's first ledger entry to this one, newest first."""
+    first = (
+        LedgerEntry.objects.filter(organization=organization)
+        .order_by("created_at")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    today = datetime.now(UTC).date().replace(day=1)
+    month = first.date().replace(day=1) if first else today
+    months = []
+    while month <= today:
+        months.append(month)
+        month = date(month.year + (month.month == 12), month.month % 12 + 1, 1)
+    return months[::-1]
+
+
+def statement_for_month(*, organization: Organization, month: date, currency: str) -> Statement:
+    start, end = _month_bounds(month)
+    entries = LedgerEntry.objects.filter(organization=organization)
+    opening = entries.filter(created_at__lt=start).aggregate(t=Coalesce(Sum("amount_minor"), 0))[
+        "t"
+    ]
+    lines, balance, totals = [], opening, {}
+    usage: dict[str, dict] = {}
+    for entry in (
+        entries.filter(created_at__gte=start, created_at__lt=end)
+        .select_related("reservation")
+        .order_by("created_at", "id")
+    ):
+        balance += entry.amount_minor
+        lines.append(StatementLine(entry=entry, balance_after_minor=balance))
+        totals[entry.kind] = totals.get(entry.kind, 0) + entry.amount_minor
+        if entry.kind in CHARGE_KINDS and entry.reservation is not None:
+            row = usage.setdefault(
+                entry.reservation.public_id,
+                {"reservation": entry.reservation.public_id, "gpu_seconds": 0, "amount_minor": 0},
+            )
+            row["gpu_seconds"] += entry.gpu_seconds
+            row["amount_minor"] -= entry.amount_minor
+    return Statement(
+        month=month,
+        currency=currency,
+        opening_minor=opening,
+        closing_minor=balance,
+        lines=lines,
+        totals_minor=totals,
+        usage=sorted(usage.values(), key=lambda r: r["reservation"]),
     )

@@ -111,10 +111,27 @@ def top_up_succeed(*, top_up_id: int, payment_intent_id: str) -> bool:
         + f" ({payment_intent_id})",
     )
     top_up_events_record(top_up=top_up, succeeded=True)
+    _receipt_send(top_up)
     from billing.services.funding import funding_state_update
 
     funding_state_update(organization=top_up.organization)
     return True
+
+
+def _receipt_send(top_up: TopUp) -> None:
+    """Our own receipt for a top-up, e-mailed to the owners and billing members (a notice)."""
+    from billing.services.notices import notice_send
+
+    c = top_up.currency
+    what = f"automatic recharge ({top_up.reason})" if top_up.automatic else "top-up"
+    notice_send(
+        organization=top_up.organization,
+        kind="receipt",
+        message=f"Receipt: {_money(top_up.amount_minor, c)} charged to your saved card "
+        f"({top_up.payment_method_id}) on {top_up.completed_at:%Y-%m-%d %H:%M} UTC for a {what}; "
+        f"payment {top_up.stripe_payment_intent_id}, top-up {top_up.pk}. Your balance is now "
+        f"{_money(balance_minor(organization=top_up.organization), c)}.",
+    )
 
 
 @transaction.atomic
