@@ -3,9 +3,10 @@
 A service that needs a Stripe write calls outbox_enqueue inside its own transaction; the row
 commits (or not) with the change that needs it. On commit the sender task is queued; if Redis
 is down or the worker dies, billing.tasks.outbox_flush finds the due row later. The sender
-locks the row (FOR UPDATE SKIP LOCKED), so two workers never send the same message at once,
-and Stripe's idempotency key (ours, derived from the record) makes a resend after a crash
-return the first result instead of charging twice.
+claims the row in one statement (so two workers never send the same message at once), calls
+Stripe with no transaction open, then records the result under the row lock; Stripe's
+idempotency key (ours, derived from the record) makes a resend after a crash return the
+first result instead of charging twice.
 """
 
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.models import OutboxMessage, OutboxStatus
@@ -32,6 +33,7 @@ __all__ = [
     "outbox_due_ids",
     "outbox_backoff",
     "MAX_ATTEMPTS",
+    "CLAIM_LEASE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,48 +97,86 @@ def _enqueue_quietly(task, message_id: int) -> None:
         logger.warning("could not queue outbox message %s; the sweeper will send it", message_id)
 
 
+# How long a claimed message is left to its sender before another may send it again (with
+# the same idempotency key, so Stripe answers with the first result). Far above the Stripe
+# client's own timeout.
+CLAIM_LEASE = timedelta(minutes=5)
+
+# clock_timestamp(), not now(): the time of the statement, even inside a longer transaction.
+_CLAIM_SQL = """
+UPDATE billing_outboxmessage
+SET attempts = attempts + 1, next_attempt_at = clock_timestamp() + %s * interval '1 second'
+WHERE id = %s AND status = %s AND next_attempt_at <= clock_timestamp()
+RETURNING attempts
+"""
+
+
 def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str:
-    """Send one due message. Returns its status afterwards ("" if busy or not found)."""
-    with transaction.atomic():
-        message = (
-            OutboxMessage.objects.select_for_update(skip_locked=True).filter(pk=message_id).first()
+    """Send one due message. Returns its status afterwards ("" if busy or not found).
+
+    Claim → call → record: the claim is one autocommitted UPDATE (the attempt counted and the
+    message pushed out of every sender's reach for CLAIM_LEASE); the Stripe call runs with
+    no transaction open and no row locked; the result is recorded in a short transaction
+    under the row lock. A sender that dies after the call leaves the message to be sent again
+    once the lease lapses, with the same idempotency key.
+    """
+    with connection.cursor() as cur:
+        cur.execute(
+            _CLAIM_SQL, [CLAIM_LEASE.total_seconds(), message_id, OutboxStatus.PENDING.value]
         )
-        if message is None:
-            return ""  # another worker holds it
-        if message.status != OutboxStatus.PENDING:
-            return message.status
-        if message.next_attempt_at > timezone.now():
-            return message.status
-        handler = _HANDLERS[message.kind]
-        message.attempts += 1
-        try:
-            result = handler.send(gateway or get_gateway(), message)
-        except TransientStripeError as exc:
-            message.last_error = f"transient: {exc}"[:2000]
-            if message.attempts >= MAX_ATTEMPTS:
-                message.status = OutboxStatus.FAILED
-                handler.failed(message, message.last_error)
-            else:
-                message.next_attempt_at = timezone.now() + outbox_backoff(message.attempts)
-            logger.warning("outbox %s attempt %s failed: %s", message.pk, message.attempts, exc)
-        except PermanentStripeError as exc:
+        claimed = cur.fetchone()
+    if claimed is None:
+        current = OutboxMessage.objects.filter(pk=message_id).values_list("status", flat=True)
+        status = current.first()
+        # Pending but not claimable: another sender has it, or it is not due yet.
+        return "" if status is None or status == OutboxStatus.PENDING else status
+    message = OutboxMessage.objects.get(pk=message_id)
+    handler = _HANDLERS[message.kind]
+    outcome: tuple[str, object]
+    try:
+        outcome = ("sent", handler.send(gateway or get_gateway(), message))
+    except TransientStripeError as exc:
+        outcome = ("transient", exc)
+    except PermanentStripeError as exc:
+        outcome = ("permanent", exc)
+    except ObjectDoesNotExist as exc:
+        outcome = ("missing", exc)
+    return _outbox_record(message_id=message_id, outcome=outcome)
+
+
+@transaction.atomic
+def _outbox_record(*, message_id: int, outcome: tuple[str, object]) -> str:
+    message = OutboxMessage.objects.select_for_update().get(pk=message_id)
+    if message.status != OutboxStatus.PENDING:
+        return message.status  # recorded by a sender whose lease had lapsed
+    handler = _HANDLERS[message.kind]
+    kind, value = outcome
+    if kind == "transient":
+        message.last_error = f"transient: {value}"[:2000]
+        if message.attempts >= MAX_ATTEMPTS:
             message.status = OutboxStatus.FAILED
-            message.last_error = f"{exc.code or 'error'}: {exc}"[:2000]
-            # A declined PaymentIntent still exists at Stripe: keep its id for reconciliation.
-            message.stripe_object_id = exc.payment_intent_id[:64]
-            handler.failed(message, str(exc))
-        except ObjectDoesNotExist as exc:
-            # The record the message was written for is gone: nothing to send, ever.
-            message.status = OutboxStatus.FAILED
-            message.last_error = f"record missing: {exc}"[:2000]
+            handler.failed(message, message.last_error)
         else:
-            message.status = OutboxStatus.SENT
-            message.sent_at = timezone.now()
-            message.last_error = ""
-            message.stripe_object_id = str(result.get("id", ""))[:64]
-            handler.succeeded(message, result)
-        message.save()
-        return message.status
+            message.next_attempt_at = timezone.now() + outbox_backoff(message.attempts)
+        logger.warning("outbox %s attempt %s failed: %s", message.pk, message.attempts, value)
+    elif kind == "permanent":
+        message.status = OutboxStatus.FAILED
+        message.last_error = f"{value.code or 'error'}: {value}"[:2000]
+        # A declined PaymentIntent still exists at Stripe: keep its id for reconciliation.
+        message.stripe_object_id = value.payment_intent_id[:64]
+        handler.failed(message, str(value))
+    elif kind == "missing":
+        # The record the message was written for is gone: nothing to send, ever.
+        message.status = OutboxStatus.FAILED
+        message.last_error = f"record missing: {value}"[:2000]
+    else:
+        message.status = OutboxStatus.SENT
+        message.sent_at = timezone.now()
+        message.last_error = ""
+        message.stripe_object_id = str(value.get("id", ""))[:64]
+        handler.succeeded(message, value)
+    message.save()
+    return message.status
 
 
 def outbox_due_ids(*, limit: int = 100) -> list[int]:

@@ -62,13 +62,37 @@ def _queue(task, event_id: int) -> None:
         logger.warning("could not queue webhook event %s; the sweeper will process it", event_id)
 
 
-@transaction.atomic
 def webhook_event_process(*, event_id: int) -> bool:
-    """Apply one stored event. Returns True if this call processed it."""
-    row = WebhookEvent.objects.select_for_update(skip_locked=True).filter(pk=event_id).first()
+    """Apply one stored event. Returns True if this call processed it.
+
+    What an event needs from Stripe beyond its payload (a charge's refunds, a SetupIntent's
+    card) is fetched first, with no transaction open; the event is then applied under its
+    row lock in one short transaction that calls nobody.
+    """
+    row = WebhookEvent.objects.filter(pk=event_id).first()
     if row is None or row.processed_at is not None:
         return False
     obj = (row.payload.get("data") or {}).get("object") or {}
+    fetch = _FETCHERS.get(row.type)
+    if fetch is not None:
+        try:
+            obj = fetch(obj)
+        except Exception as exc:  # noqa: BLE001 — recorded on the event; the sweeper retries it
+            logger.warning(
+                "webhook event %s (%s): fetch failed: %s", row.stripe_event_id, row.type, exc
+            )
+            WebhookEvent.objects.filter(pk=event_id, processed_at__isnull=True).update(
+                error=f"{type(exc).__name__}: {exc}"[:2000]
+            )
+            return False
+    return _webhook_event_apply(event_id=event_id, obj=obj)
+
+
+@transaction.atomic
+def _webhook_event_apply(*, event_id: int, obj: dict) -> bool:
+    row = WebhookEvent.objects.select_for_update(skip_locked=True).filter(pk=event_id).first()
+    if row is None or row.processed_at is not None:
+        return False
     handler = _HANDLERS.get(row.type)
     if handler is not None:
         try:
@@ -134,16 +158,18 @@ def _refund_changed(refund: dict) -> None:
         refund_mark_failed(refund_id=row.pk, reason=refund.get("failure_reason") or status)
 
 
-def _charge_refunded(charge: dict) -> None:
+def _charge_refunds_fetch(charge: dict) -> dict:
     # The current API no longer embeds a charge's refunds; ask for the PaymentIntent's.
-    refunds = (charge.get("refunds") or {}).get("data")
-    if refunds is None and charge.get("payment_intent"):
-        from billing.stripe_gateway import get_gateway
+    if (charge.get("refunds") or {}).get("data") is not None or not charge.get("payment_intent"):
+        return charge
+    from billing.stripe_gateway import get_gateway
 
-        refunds = get_gateway().refunds_for_payment_intent(
-            payment_intent_id=charge["payment_intent"]
-        )
-    for refund in refunds or []:
+    refunds = get_gateway().refunds_for_payment_intent(payment_intent_id=charge["payment_intent"])
+    return {**charge, "refunds": {"data": refunds}}
+
+
+def _charge_refunded(charge: dict) -> None:
+    for refund in (charge.get("refunds") or {}).get("data") or []:
         _refund_changed(refund)
 
 
@@ -168,16 +194,25 @@ def _payment_method_detached(pm: dict) -> None:
     payment_method_mark_detached(stripe_payment_method_id=pm.get("id", ""))
 
 
-def _setup_intent_succeeded(intent: dict) -> None:
+def _setup_intent_card_fetch(intent: dict) -> dict:
     # The card is usable once attached; Stripe attaches it when the SetupIntent has a
     # customer, and announces it with payment_method.attached. We only need its details.
+    pm_id = intent.get("payment_method")
+    if not pm_id or not intent.get("customer") or not _org_for_customer(intent["customer"]):
+        return intent
     from billing.stripe_gateway import get_gateway
 
+    return {
+        **intent,
+        "payment_method": get_gateway().payment_method_retrieve(payment_method_id=pm_id),
+    }
+
+
+def _setup_intent_succeeded(intent: dict) -> None:
     organization = _org_for_customer(intent.get("customer") or "")
-    pm_id = intent.get("payment_method")
-    if organization is None or not pm_id:
+    pm = intent.get("payment_method")
+    if organization is None or not isinstance(pm, dict):
         return
-    pm = get_gateway().payment_method_retrieve(payment_method_id=pm_id)
     if pm.get("customer") == intent.get("customer"):
         _mirror_quietly(organization, pm)
 
@@ -231,6 +266,12 @@ def _invoice_mirror(invoice: dict) -> None:
     if event_type and mirrored.status != before and mirrored.organization_id:
         invoice_event_record(invoice=mirrored, type=event_type)
 
+
+# Stripe reads an event needs before it is applied (made outside any transaction).
+_FETCHERS = {
+    "charge.refunded": _charge_refunds_fetch,
+    "setup_intent.succeeded": _setup_intent_card_fetch,
+}
 
 _HANDLERS = {
     "payment_intent.succeeded": _payment_intent_succeeded,
