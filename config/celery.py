@@ -86,6 +86,10 @@ app.conf.update(
             "task": "inventory.tasks.telemetry_retention",
             "schedule": 3600.0,
         },
+        "marketplace-reliability": {
+            "task": "marketplace.tasks.reliability_compute",
+            "schedule": 3600.0,
+        },
         "marketplace-gpu-failures": {
             "task": "marketplace.tasks.gpu_failures_handle",
             "schedule": 30.0,

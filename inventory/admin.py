@@ -103,6 +103,7 @@ class SiteAdmin(admin.ModelAdmin):
         "status",
         "gpu_total",
         "gpu_available",
+        "reliability_30d",
     ]
     list_filter = ["status", "region", "country", "cooling"]
     search_fields = ["name", "slug", "region", "grid_operator", "former_use"]
@@ -200,6 +201,7 @@ class NodeAdmin(admin.ModelAdmin):
         "status",
         "last_heartbeat_at",
         "agent_version",
+        "reliability_30d",
     ]
     list_filter = ["status", "site", "gpu_model"]
     list_select_related = ["site", "gpu_model"]
@@ -344,7 +346,15 @@ class GpuHealthChangeInline(admin.TabularInline):
 
 @admin.register(Gpu)
 class GpuAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "node", "index", "serial", "health", "health_reason"]
+    list_display = [
+        "__str__",
+        "node",
+        "index",
+        "serial",
+        "health",
+        "health_reason",
+        "reliability_30d",
+    ]
     list_filter = ["health", "node__site", "node__gpu_model", "node__status"]
     list_select_related = ["node"]
     search_fields = ["serial", "node__hostname"]

@@ -79,6 +79,15 @@ class Site(models.Model):
     burn_in_time_limit_seconds = models.PositiveIntegerField(
         default=1800, validators=[MinValueValidator(10), MaxValueValidator(86400)]
     )
+    reliability_30d = models.DecimalField(
+        "reliability (30 days)",
+        max_digits=5,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="0 to 1, computed hourly from the last 30 days (docs/health.md); empty until then.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -145,6 +154,15 @@ class Node(models.Model):
     # heartbeat, so a node just returned to service is not marked offline for old silence.
     status_changed_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=40, blank=True)
+    reliability_30d = models.DecimalField(
+        "reliability (30 days)",
+        max_digits=5,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="0 to 1, computed hourly from the last 30 days (docs/health.md); empty until then.",
+    )
     telemetry_error = models.CharField(
         max_length=300,
         blank=True,
@@ -182,6 +200,15 @@ class Gpu(models.Model):
     health_reported_at = models.DateTimeField(null=True, blank=True)
     health_reason = models.TextField(
         blank=True, help_text="Which health rule set the current state, and on what reading."
+    )
+    reliability_30d = models.DecimalField(
+        "reliability (30 days)",
+        max_digits=5,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="0 to 1, computed hourly from the last 30 days (docs/health.md); empty until then.",
     )
     # When the GPU's current run of over-temperature readings began (None: not over now).
     over_temp_since = models.DateTimeField(null=True, blank=True)

@@ -61,6 +61,14 @@ def gpu_failures_handle() -> dict:
     return handle()
 
 
+@shared_task(name="marketplace.tasks.reliability_compute")
+def reliability_compute() -> dict:
+    """Hourly: every GPU's, node's and site's 30-day reliability (recomputed whole)."""
+    from marketplace.services.reliability import reliability_compute as compute
+
+    return compute()
+
+
 @shared_task(name="marketplace.tasks.idempotency_records_purge")
 def idempotency_records_purge() -> int:
     """Hourly: forget Idempotency-Key records past their 24-hour life (claims ignore them)."""

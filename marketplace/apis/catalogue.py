@@ -80,6 +80,12 @@ class SiteOutput(serializers.Serializer):
     cooling = serializers.CharField()
     uplink_gbps = serializers.IntegerField()
     former_use = serializers.CharField()
+    reliability_30d = serializers.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        allow_null=True,
+        help_text="0-1 over the last 30 days (outages, failed provisioning, GPU failures).",
+    )
     capacity = serializers.SerializerMethodField()
 
     @extend_schema_field(CapacitySummaryOutput)
@@ -178,6 +184,14 @@ class AvailabilityInput(serializers.Serializer):
     site = serializers.SlugField(required=False)
     tier = serializers.ChoiceField(choices=Tier.choices, default=Tier.ON_DEMAND)
     term = serializers.ChoiceField(choices=Term.choices, default=Term.NONE)
+    min_reliability = serializers.DecimalField(
+        required=False,
+        max_digits=5,
+        decimal_places=4,
+        min_value=0,
+        max_value=1,
+        help_text="Only nodes whose 30-day reliability (0-1) is at least this.",
+    )
     max_price = serializers.DecimalField(
         required=False,
         max_digits=12,
@@ -264,6 +278,12 @@ class OfferOutput(serializers.Serializer):
     total = serializers.DecimalField(max_digits=14, decimal_places=2)
     breakdown = serializers.SerializerMethodField()
     energy = serializers.SerializerMethodField()
+    reliability = serializers.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        allow_null=True,
+        help_text="The least reliable offered node's 30-day figure (0-1; null before computed).",
+    )
 
     @extend_schema_field(BreakdownOutput)
     def get_breakdown(self, offer) -> dict:
@@ -300,5 +320,6 @@ class AvailabilityApi(_Catalogue):
             region=params.get("region"),
             site=params.get("site"),
             max_price_per_gpu_hour=params.get("max_price"),
+            min_reliability=params.get("min_reliability"),
         )
         return Response(AvailabilityOutput({"results": offers}).data)

@@ -74,6 +74,14 @@ class SearchForm(forms.Form):
     )
     region = forms.ChoiceField(required=False)
     site = forms.ChoiceField(required=False)
+    min_reliability = forms.DecimalField(
+        label="Reliability at least (%)",
+        required=False,
+        min_value=0,
+        max_value=100,
+        decimal_places=2,
+        help_text="Over the last 30 days: outages, failed starts, GPU failures.",
+    )
     max_price_per_gpu_hour = forms.DecimalField(
         label="Max price per GPU-hour", required=False, min_value=0, max_digits=12, decimal_places=4
     )

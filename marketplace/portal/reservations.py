@@ -93,6 +93,9 @@ class SearchView(PortalView, View):
                     region=d["region"] or None,
                     site=d["site"] or None,
                     max_price_per_gpu_hour=d["max_price_per_gpu_hour"],
+                    min_reliability=None
+                    if d.get("min_reliability") is None
+                    else d["min_reliability"] / 100,
                 )
             except ApplicationError as exc:
                 _field_error(form, exc)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 from django.db import connection
 
 from config.errors import ValidationFailed
-from inventory.models import GpuModel, Site
+from inventory.models import GpuModel, Node, Site
 from marketplace.models import RateCard
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.services.energy import EnergyEstimate, energy_for
@@ -65,6 +65,15 @@ class Offer:
     price_per_gpu_hour: Decimal
     total: Decimal
     breakdown: PriceBreakdown
+    # The least reliable of the offered nodes over 30 days (0-1); None before it is computed.
+    reliability: Decimal | None = None
+
+    @property
+    def reliability_pct(self) -> Decimal | None:
+        """The reliability in per cent, one decimal place (for pages)."""
+        if self.reliability is None:
+            return None
+        return (self.reliability * 100).quantize(Decimal("0.1"))
 
     def energy(self) -> EnergyEstimate:
         """The estimated energy and emissions of the offered GPU time."""
@@ -265,8 +274,13 @@ def _filters(
     region: str | None = None,
     site: str | None = None,
     site_id: int | None = None,
+    min_reliability: Decimal | None = None,
 ) -> tuple[str, dict]:
     clauses, params = [], {}
+    if min_reliability is not None:
+        # A node without a figure yet (computed hourly) does not qualify.
+        clauses.append("n.reliability_30d >= %(min_reliability)s")
+        params["min_reliability"] = min_reliability
     if gpu_model is not None:
         clauses.append("m.slug = %(gpu_model)s")
         params["gpu_model"] = gpu_model
@@ -348,6 +362,7 @@ def availability_search(
     region: str | None = None,
     site: str | None = None,
     max_price_per_gpu_hour: Decimal | None = None,
+    min_reliability: Decimal | None = None,
 ) -> list[Offer]:
     """Offers that can be reserved right now, cheapest first (one per site and GPU model).
 
@@ -363,7 +378,11 @@ def availability_search(
     validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
 
     filters, params = _filters(
-        gpu_model=gpu_model, min_gpu_memory_gb=min_gpu_memory_gb, region=region, site=site
+        gpu_model=gpu_model,
+        min_gpu_memory_gb=min_gpu_memory_gb,
+        region=region,
+        site=site,
+        min_reliability=min_reliability,
     )
     params.update(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
@@ -393,6 +412,11 @@ def availability_search(
     sites = sites_by_id({f[0] for f in fits})
     models = gpu_models_by_id({f[1] for f in fits})
     policy = current_policy()
+    reliability = dict(
+        Node.objects.filter(pk__in={n.node_id for f in fits for n in f[6]}).values_list(
+            "pk", "reliability_30d"
+        )
+    )
 
     offers = []
     for site_id, model_id, healthy, free, placement, node_count, nodes, fitting in fits:
@@ -430,10 +454,16 @@ def availability_search(
                 price_per_gpu_hour=breakdown.price_per_gpu_hour,
                 total=breakdown.total,
                 breakdown=breakdown,
+                reliability=_least(reliability.get(n.node_id) for n in nodes),
             )
         )
     offers.sort(key=lambda o: (o.price_per_gpu_hour, o.total, o.site.slug, o.gpu_model.slug))
     return offers
+
+
+def _least(figures) -> Decimal | None:
+    figures = list(figures)
+    return None if not figures or None in figures else min(figures)
 
 
 def site_model_offer(
