@@ -1,10 +1,20 @@
 import pytest
+from django.db import connections
 from rest_framework.test import APIClient
+
+from tests.status_writes import status_write_guard
 
 
 @pytest.fixture
 def api_client() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def _one_writer_of_reservation_status():
+    # See tests/status_writes.py: a status written outside the transition service fails.
+    with connections["default"].execute_wrapper(status_write_guard):
+        yield
 
 
 @pytest.fixture(autouse=True)

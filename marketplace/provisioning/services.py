@@ -6,10 +6,10 @@ Every step is safe to run twice or after a crash half-way:
   duplicate delivery that finds it taken returns at once. It is claimed and given back in one
   autocommitted statement each, so it works behind a transaction-mode pooler, and a killed
   worker's lease lapses after the task's hard time limit.
-- The status is checked under the row lock before each move, and every move is checked
-  against the state machine (reservation_transition, or reservation_transition_check where the
-  provision step writes its moves in one statement): a provision for an active reservation
-  is a no-op, a release for a completed one too.
+- The status is checked under the row lock before each move, and every move goes through the
+  transition service (reservation_transition, or its batched form reservation_transitions_write
+  where the provision step makes its moves and its own bookkeeping in one statement): a
+  provision for an active reservation is a no-op, a release for a completed one too.
 - Each run records a ProvisioningAttempt (unique per reservation, kind and number); the
   sweeper reads them to tell stuck work from slow work, and gives up after
   PROVISIONING_MAX_ATTEMPTS failed ones.
@@ -38,8 +38,9 @@ from django.db.models import F, Func, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from config.db import model_columns, model_from_row
 from config.errors import ApplicationError
-from inventory.models import Node, NodeStatus, Outage, OutageCause
+from inventory.models import GpuModel, Node, NodeStatus, Outage, OutageCause, Site
 from marketplace.models import (
     AgentJob,
     AgentJobStatus,
@@ -48,6 +49,7 @@ from marketplace.models import (
     EventType,
     ProvisioningAttempt,
     ProvisioningKind,
+    Quote,
     Reservation,
     ReservationOutage,
     ReservationStatus,
@@ -65,8 +67,9 @@ from marketplace.provisioning.drivers import (
     driver_get,
 )
 from marketplace.services.transitions import (
+    Piggyback,
     reservation_transition,
-    reservation_transition_check,
+    reservation_transitions_write,
 )
 
 __all__ = [
@@ -316,19 +319,15 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         if reservation is None:
             return StepResult("noop", detail="no such reservation")
         now = timezone.now()
-        moves: list[tuple[str, str, str]] = []
+        moves: list[tuple[str, str]] = []
         if reservation.status in (S.PENDING, S.SCHEDULED):
             if reservation.starts_at > now:
                 return StepResult("noop", detail="not due yet")
             if reservation.status == S.PENDING:
-                moves.append((S.PENDING, S.SCHEDULED, "start time reached"))
-            moves.append((S.SCHEDULED, S.PROVISIONING, "provisioning started"))
+                moves.append((S.SCHEDULED, "start time reached"))
+            moves.append((S.PROVISIONING, "provisioning started"))
         elif reservation.status != S.PROVISIONING:
             return StepResult("noop", detail=f"reservation is {reservation.status}")
-        for from_status, to_status, _cause in moves:
-            reservation_transition_check(
-                from_status=from_status, to_status=to_status, tier=reservation.tier
-            )
         attempt, failures, resumed, target, node_states = _provision_claim(
             reservation, moves=moves, now=now
         )
@@ -394,41 +393,44 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
     return StepResult("active")
 
 
-# In the model's field order, as Model.from_db expects.
-_LOCK_ROW_FIELDS = [
-    f.attname
-    for f in Reservation._meta.concrete_fields
-    if f.attname
-    in {"id", "public_id", "status", "status_reason", "tier", "starts_at", "ends_at", "workload"}
-]
+_LOCK_ROW_SQL = f"""
+SELECT {model_columns(Reservation, "r")}, {model_columns(GpuModel, "m")},
+       {model_columns(Site, "s")}, {model_columns(Quote, "q")}
+FROM marketplace_reservation r
+JOIN inventory_gpumodel m ON m.id = r.gpu_model_id
+JOIN inventory_site s ON s.id = r.site_id
+LEFT JOIN marketplace_quote q ON q.id = r.quote_id
+WHERE r.id = %s
+FOR UPDATE OF r
+"""
 
 
 def _provision_lock_row(reservation_id: int) -> Reservation | None:
-    """SELECT … FOR UPDATE of what the provision step reads (the other fields load on access).
+    """SELECT … FOR UPDATE of the reservation, with its model, site and quote (its events show
+    them), as select_related loads them.
 
-    Raw, because compiling the ORM query cost more than running it, once per task.
+    Plain SQL (config.db), because compiling the ORM query cost more than running it.
     """
     with connection.cursor() as cur:
-        cur.execute(
-            f"SELECT {', '.join(_LOCK_ROW_FIELDS)} FROM marketplace_reservation"
-            " WHERE id = %s FOR UPDATE",
-            [reservation_id],
-        )
+        cur.execute(_LOCK_ROW_SQL, [reservation_id])
         row = cur.fetchone()
     if row is None:
         return None
-    values = list(row)
-    workload_index = _LOCK_ROW_FIELDS.index("workload")
-    if isinstance(values[workload_index], str):  # a driver that does not decode jsonb
-        values[workload_index] = json.loads(values[workload_index])
-    return Reservation.from_db(connection.alias, _LOCK_ROW_FIELDS, values)
+    widths = [len(m._meta.concrete_fields) for m in (Reservation, GpuModel, Site, Quote)]
+    ends = [sum(widths[: i + 1]) for i in range(len(widths))]
+    reservation = model_from_row(Reservation, row[: ends[0]])
+    reservation.gpu_model = model_from_row(GpuModel, row[ends[0] : ends[1]])
+    reservation.site = model_from_row(Site, row[ends[1] : ends[2]])
+    quote = row[ends[2] : ends[3]]
+    reservation.quote = model_from_row(Quote, quote) if quote[0] is not None else None
+    return reservation
 
 
-# The provision step's two writes, each one statement (see _provision_claim and
-# _provision_activate): a provision task is a few round trips, not two dozen, which is most of
-# what limits how many reservations per second the workers start.
-_CLAIM_SQL = """
-WITH prev AS (
+# The provision step's own bookkeeping, written in the same round trip as its status moves
+# (reservation_transitions_write): mark attempts a dead worker left running as abandoned,
+# record the new attempt, and read the live placement.
+_CLAIM_CTES = """
+prev AS (
     SELECT coalesce(max(number), 0) AS last_number,
            count(*) FILTER (WHERE outcome = ANY(%(failed)s)) AS failures,
            count(*) FILTER (WHERE outcome = %(running)s) AS running,
@@ -439,42 +441,29 @@ WITH prev AS (
     UPDATE marketplace_provisioningattempt
     SET outcome = %(abandoned)s, finished_at = %(now)s, error = 'The worker stopped mid-attempt.'
     WHERE reservation_id = %(rid)s AND kind = %(kind)s AND outcome = %(running)s
-), moved AS (
-    UPDATE marketplace_reservation
-    SET status = %(to_status)s, status_reason = %(reason)s, updated_at = %(now)s
-    WHERE id = %(rid)s AND cardinality(%(tos)s::text[]) > 0
-), recorded AS (
-    INSERT INTO marketplace_reservationtransition
-        (reservation_id, from_status, to_status, cause, actor_label, at)
-    SELECT %(rid)s, m.f, m.t, m.c, %(actor)s, %(now)s
-    FROM unnest(%(froms)s::text[], %(tos)s::text[], %(causes)s::text[])
-        WITH ORDINALITY AS m(f, t, c, n)
-    ORDER BY m.n
 ), attempt AS (
     INSERT INTO marketplace_provisioningattempt
         (reservation_id, kind, number, outcome, error, worker, started_at)
     SELECT %(rid)s, %(kind)s, prev.last_number + 1, %(running)s, '', %(worker)s, %(now)s
     FROM prev
     RETURNING id, number
-)
-SELECT attempt.id, attempt.number, prev.failures + prev.running, prev.running,
-       prev.last_outcome,
+)"""
+_CLAIM_SELECT = """attempt.id, attempt.number, prev.failures + prev.running, prev.last_outcome,
        (SELECT coalesce(json_agg(json_build_array(a.node_id, n.hostname, n.status, g.index)
                                  ORDER BY a.node_id, g.index), '[]'::json)
         FROM marketplace_allocation a
         JOIN inventory_node n ON n.id = a.node_id
         JOIN inventory_gpu g ON g.id = a.gpu_id
         WHERE a.reservation_id = %(rid)s AND a.is_live)
-FROM attempt, prev
-"""
+FROM attempt, prev"""
 
 
 def _provision_claim(
-    reservation: Reservation, *, moves: list[tuple[str, str, str]], now: datetime
+    reservation: Reservation, *, moves: list[tuple[str, str]], now: datetime
 ) -> tuple[ProvisioningAttempt, int, bool, Target, list[tuple[int, str, str]]]:
-    """Under the row lock, in one statement: make the (already checked) moves to provisioning
-    with their transition records, mark attempts a dead worker left running as abandoned,
-    record the new attempt, and read the live placement.
+    """Under the row lock, in one statement: the moves to provisioning (through the transition
+    service), attempts a dead worker left running marked abandoned, the new attempt recorded,
+    and the live placement read.
 
     Returns the attempt, the failures so far (abandoned ones included), whether the last
     attempt was waiting on the driver, the driver's target and (node id, hostname, status) of
@@ -488,21 +477,15 @@ def _provision_claim(
         "failed": [o.value for o in FAILED_OUTCOMES],
         "running": AttemptOutcome.RUNNING.value,
         "abandoned": AttemptOutcome.ABANDONED.value,
-        "froms": [str(f) for f, _t, _c in moves],
-        "tos": [str(t) for _f, t, _c in moves],
-        "causes": [c for _f, _t, c in moves],
-        "to_status": str(moves[-1][1]) if moves else reservation.status,
-        "reason": moves[-1][2] if moves else reservation.status_reason,
-        "actor": ACTOR,
         "worker": _worker_label(),
     }
-    with connection.cursor() as cur:
-        cur.execute(_CLAIM_SQL, params)
-        attempt_id, number, failures, _abandoned, last_outcome, placement = cur.fetchone()
-    if moves:
-        reservation.status = moves[-1][1]
-        reservation.status_reason = moves[-1][2]
-        reservation.updated_at = now
+    _moved, (attempt_id, number, failures, last_outcome, placement) = reservation_transitions_write(
+        reservation=reservation,
+        moves=moves,
+        actor_label=ACTOR,
+        now=now,
+        piggyback=Piggyback(ctes=_CLAIM_CTES, select=_CLAIM_SELECT, params=params),
+    )
     attempt = ProvisioningAttempt(
         pk=attempt_id,
         reservation=reservation,
@@ -536,28 +519,17 @@ def _provision_claim(
     )
 
 
-_ACTIVATE_SQL = """
-WITH activated AS (
-    UPDATE marketplace_reservation
-    SET status = %(active)s, status_reason = %(cause)s, connection = %(connection)s::jsonb,
-        activated_at = coalesce(activated_at, %(now)s), updated_at = %(now)s
-    WHERE id = %(rid)s AND status = %(provisioning)s
-    RETURNING id
-), recorded AS (
-    INSERT INTO marketplace_reservationtransition
-        (reservation_id, from_status, to_status, cause, actor_label, at)
-    SELECT id, %(provisioning)s, %(active)s, %(cause)s, %(actor)s, %(now)s FROM activated
-), finished AS (
+# The attempt's outcome, written in the same statement as the activation.
+_ACTIVATE_CTES = """
+finished AS (
     UPDATE marketplace_provisioningattempt
-    SET outcome = CASE WHEN EXISTS (SELECT 1 FROM activated)
+    SET outcome = CASE WHEN EXISTS (SELECT 1 FROM moved)
                        THEN %(succeeded)s ELSE %(gave_up)s END,
-        error = CASE WHEN EXISTS (SELECT 1 FROM activated)
+        error = CASE WHEN EXISTS (SELECT 1 FROM moved)
                      THEN '' ELSE 'left provisioning meanwhile' END,
         finished_at = %(now)s, next_attempt_at = NULL
     WHERE id = %(attempt)s
-)
-SELECT count(*) FROM activated
-"""
+)"""
 
 
 def _provision_activate(
@@ -567,27 +539,24 @@ def _provision_activate(
     attempt's outcome, in one statement (atomic by itself). The UPDATE takes the row lock and
     checks the status, so a reservation cancelled meanwhile is left alone (the attempt is
     recorded as given up) and False is returned."""
-    reservation_transition_check(
-        from_status=S.PROVISIONING, to_status=S.ACTIVE, tier=reservation.tier
-    )
-    with connection.cursor() as cur:
-        cur.execute(
-            _ACTIVATE_SQL,
-            {
-                "rid": reservation.pk,
+    now = timezone.now()
+    activated, _row = reservation_transitions_write(
+        reservation=reservation,
+        moves=[(S.ACTIVE, "workload running")],
+        actor_label=ACTOR,
+        now=now,
+        fields={"connection": connection_details},
+        piggyback=Piggyback(
+            ctes=_ACTIVATE_CTES,
+            params={
                 "attempt": attempt.pk,
-                "now": timezone.now(),
-                "active": S.ACTIVE.value,
-                "provisioning": S.PROVISIONING.value,
-                "cause": "workload running",
-                "actor": ACTOR,
-                "connection": json.dumps(connection_details),
+                "now": now,
                 "succeeded": AttemptOutcome.SUCCEEDED.value,
                 "gave_up": AttemptOutcome.GAVE_UP.value,
             },
-        )
-        (activated,) = cur.fetchone()
-    return bool(activated)
+        ),
+    )
+    return activated
 
 
 def _refuse_unusable_nodes(node_states: list[tuple[int, str, str]]) -> None:

@@ -18,7 +18,9 @@ from marketplace.services.webhooks import webhook_deliveries_create
 
 __all__ = [
     "RESERVATION_STATUS_EVENTS",
+    "event_build",
     "event_record",
+    "reservation_event_build",
     "reservation_event_record",
     "api_key_event_record",
     "member_event_record",
@@ -37,6 +39,29 @@ RESERVATION_STATUS_EVENTS = {
 }
 
 
+def event_build(
+    *,
+    organization_id: int,
+    type: str,
+    object_type: str,
+    object_id: str,
+    obj,
+    serializer: type[BaseSerializer],
+) -> Event:
+    """The event for `obj`, shown through the API serializer `serializer`, not yet saved:
+    event_record saves it; the transition service writes a reservation's in the statement
+    that moves it."""
+    if type not in EventType.values:
+        raise ValueError(f"unknown event type {type!r}")
+    return Event(
+        organization_id=organization_id,
+        type=type,
+        object_type=object_type,
+        object_id=object_id,
+        data=dict(serializer(obj).data),
+    )
+
+
 def event_record(
     *,
     organization_id: int,
@@ -47,26 +72,27 @@ def event_record(
     serializer: type[BaseSerializer],
 ) -> Event:
     """Record one event for `obj`, shown through the API serializer `serializer`."""
-    if type not in EventType.values:
-        raise ValueError(f"unknown event type {type!r}")
+    event = event_build(
+        organization_id=organization_id,
+        type=type,
+        object_type=object_type,
+        object_id=object_id,
+        obj=obj,
+        serializer=serializer,
+    )
     with transaction.atomic():
-        event = Event.objects.create(
-            organization_id=organization_id,
-            type=type,
-            object_type=object_type,
-            object_id=object_id,
-            data=dict(serializer(obj).data),
-        )
+        event.save(force_insert=True)
         webhook_deliveries_create(event=event)
     return event
 
 
-def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
+def reservation_event_build(*, reservation: Reservation, type: str) -> Event:
+    """The reservation's event as the API shows it now, not yet saved."""
     # The API's serializers import the services; importing them here, at call time, keeps
     # that one-way at import time.
     from marketplace.apis.reservations import ReservationOutput
 
-    return event_record(
+    return event_build(
         organization_id=reservation.organization_id,
         type=type,
         object_type="reservation",
@@ -74,6 +100,14 @@ def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
         obj=reservation,
         serializer=ReservationOutput,
     )
+
+
+def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
+    event = reservation_event_build(reservation=reservation, type=type)
+    with transaction.atomic():
+        event.save(force_insert=True)
+        webhook_deliveries_create(event=event)
+    return event
 
 
 def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:

@@ -21,29 +21,41 @@ event (reservation.<status>) in the same transaction.
 Leaving the live statuses (LIVE_STATUSES) frees the GPUs: the allocations become
 is_live = false, and where the reservation ends early (now inside an allocation's period) the
 period's end is cut to now, so the record says which GPU time was actually held.
+
+This module is the one writer of Reservation.status (reservation_transitions_write; the test
+suite fails on any other): whatever must happen on every move (its history row, events) is
+done there, for the provisioning fast path's batched moves as for single ones. Creating a
+reservation sets its first status and history row (services/reservations.py); that is not a
+move.
 """
 
-from django.contrib.postgres.fields import DateTimeRangeField
-from django.db import transaction
-from django.db.models import F, Func, Value
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connection, transaction
 from django.utils import timezone
 
 from config.errors import InvalidTransition
 from marketplace.models import (
     LIVE_STATUSES,
-    Allocation,
+    Event,
     Reservation,
     ReservationStatus,
-    ReservationTransition,
     Tier,
 )
-from marketplace.services.events import RESERVATION_STATUS_EVENTS, reservation_event_record
+from marketplace.services.events import RESERVATION_STATUS_EVENTS, reservation_event_build
+from marketplace.services.webhooks import webhook_deliveries_create_many
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
     "TERMINAL_STATUSES",
     "PREEMPTIBLE_STATUSES",
+    "Piggyback",
     "reservation_transition",
+    "reservation_transitions_write",
     "reservation_transition_check",
     "reservation_allowed_actions",
     "reservation_action_refusal",
@@ -78,12 +90,18 @@ _EXTENDABLE = frozenset({S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE})
 
 @transaction.atomic
 def reservation_transition(
-    *, reservation: Reservation, to_status: str, cause: str, actor_label: str
+    *,
+    reservation: Reservation,
+    to_status: str,
+    cause: str,
+    actor_label: str,
+    fields: Mapping[str, Any] | None = None,
 ) -> Reservation:
     """Move a reservation to `to_status`, recording why and by whom.
 
     Locks the row first, so two workers cannot both take the same step; returns the fresh,
-    updated row (the instance passed in is not modified).
+    updated row (the instance passed in is not modified). `fields` are other Reservation
+    fields written in the same statement (e.g. the connection details on activation).
     """
     # Only the reservation row is locked; its model, site and quote are read for the event.
     locked = (
@@ -91,39 +109,197 @@ def reservation_transition(
         .select_related("gpu_model", "site", "quote")
         .get(pk=reservation.pk)
     )
-    from_status = locked.status
-    reservation_transition_check(from_status=from_status, to_status=to_status, tier=locked.tier)
-
-    now = timezone.now()
-    locked.status = to_status
-    locked.status_reason = cause
-    update_fields = ["status", "status_reason", "updated_at"]
-    if to_status == S.ACTIVE and locked.activated_at is None:
-        locked.activated_at = now
-        update_fields.append("activated_at")
-    if from_status in _LIVE and to_status not in _LIVE:
-        locked.released_at = now
-        update_fields.append("released_at")
-        _free_allocations(reservation_id=locked.pk, now=now)
-    locked.save(update_fields=update_fields)
-    ReservationTransition.objects.create(
-        reservation=locked,
-        from_status=from_status,
-        to_status=to_status,
-        cause=cause,
-        actor_label=actor_label,
+    reservation_transitions_write(
+        reservation=locked, moves=[(to_status, cause)], actor_label=actor_label, fields=fields
     )
-    event_type = RESERVATION_STATUS_EVENTS.get(to_status)
-    if event_type:
-        reservation_event_record(reservation=locked, type=event_type)
     return locked
+
+
+@dataclass(frozen=True)
+class Piggyback:
+    """A caller's own statements, run in the same round trip as the status write.
+
+    `ctes` are further common table expressions ("name AS (…), …"), which may read the write's
+    `moved` (the reservation's id when the status was written, no row otherwise); `select` is
+    the rest of the final SELECT after the write's own first column ("expr, … FROM …").
+    Parameter names starting with "tr_" are the write's own.
+    """
+
+    ctes: str = ""
+    select: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def reservation_transitions_write(
+    *,
+    reservation: Reservation,
+    moves: Sequence[tuple[str, str]],
+    actor_label: str,
+    now: datetime | None = None,
+    fields: Mapping[str, Any] | None = None,
+    piggyback: Piggyback | None = None,
+) -> tuple[bool, tuple]:
+    """The one writer of Reservation.status: take `moves` ((to_status, cause), in order) from
+    `reservation.status`, each checked against the state machine first, in one statement.
+
+    That statement writes the status, status_reason, activated_at (on reaching active, if not
+    set), released_at and the freed allocations (on leaving the live statuses, as the module's
+    docstring says), the `fields` given, one ReservationTransition per move and the event of
+    each status customers follow (reservation.<status>, showing the reservation as it is after
+    that move: pass it with its model, site and quote loaded); the caller's `piggyback`
+    statements run with it. The row is written only while its status is still `reservation.status`, so a caller that
+    read it without the row lock cannot overwrite a move made meanwhile. The batched form of
+    reservation_transition, for a caller holding the row lock already (the provisioning fast
+    path takes two or three moves in one round trip), or none at all.
+
+    Returns whether the status was written (False also when `moves` is empty) and the
+    piggyback's columns. `reservation` is updated in memory when it was written, and left as
+    it was otherwise.
+    """
+    now = now or timezone.now()
+    from_status = reservation.status
+    step_from = from_status
+    for to_status, _cause in moves:
+        reservation_transition_check(
+            from_status=step_from, to_status=to_status, tier=reservation.tier
+        )
+        step_from = to_status
+    to_status = step_from
+    tos = [t for t, _c in moves]
+    reaches_active = S.ACTIVE in tos
+    ends_live = bool(moves) and from_status in _LIVE and to_status not in _LIVE
+
+    params: dict[str, Any] = {
+        "tr_rid": reservation.pk,
+        "tr_from": str(from_status),
+        "tr_to": str(to_status),
+        "tr_reason": moves[-1][1] if moves else "",
+        "tr_now": now,
+        "tr_actor": actor_label,
+        "tr_froms": [str(f) for f in ([from_status, *tos[:-1]] if tos else [])],
+        "tr_tos": [str(t) for t in tos],
+        "tr_causes": [c for _t, c in moves],
+    }
+    sets = []
+    if reaches_active:
+        sets.append("activated_at = coalesce(activated_at, %(tr_now)s)")
+    if ends_live:
+        sets.append("released_at = %(tr_now)s")
+    for name, value in (fields or {}).items():
+        model_field = Reservation._meta.get_field(name)
+        params[f"tr_f_{model_field.column}"] = model_field.get_db_prep_save(value, connection)
+        sets.append(f'"{model_field.column}" = %(tr_f_{model_field.column})s')
+    ctes = [
+        _MOVE_SQL.format(
+            sets="".join(", " + s for s in sets), moving="" if moves else " AND false"
+        ),
+        _RECORD_SQL,
+    ]
+    if ends_live:
+        ctes.append(_FREE_SQL)
+
+    # The reservation as it is after each move, in memory: its events show it so. Put back as
+    # it was unless the statement writes it.
+    before = {name: vars(reservation)[name] for name in _MOVED_FIELDS if name in vars(reservation)}
+    events = []
+    for index, (step_to, step_cause) in enumerate(moves):
+        values = {"status": step_to, "status_reason": step_cause, "updated_at": now}
+        if step_to == S.ACTIVE and "activated_at" in before and before["activated_at"] is None:
+            values["activated_at"] = now
+        if index == len(moves) - 1:
+            values.update({"released_at": now} if ends_live else {}, **(fields or {}))
+        for name, value in values.items():
+            setattr(reservation, name, value)
+        event_type = RESERVATION_STATUS_EVENTS.get(step_to)
+        if event_type:
+            events.append(reservation_event_build(reservation=reservation, type=event_type))
+    if events:
+        ctes.append(_events_sql(events, params))
+
+    select = "SELECT (SELECT count(*) FROM moved)"
+    if events:
+        select += ", (SELECT json_object_agg(public_id, id) FROM evented)"
+    if piggyback is not None:
+        ctes += [piggyback.ctes] if piggyback.ctes else []
+        select += ", " + piggyback.select if piggyback.select else ""
+        params.update(piggyback.params)
+    written = False
+    try:
+        # The events' webhook deliveries are written after the statement (one read of the
+        # organisation's endpoints), in the same transaction.
+        with transaction.atomic(savepoint=False), connection.cursor() as cur:
+            cur.execute("WITH " + ",\n".join(ctes) + "\n" + select, params)
+            row = cur.fetchone()
+            written = bool(row[0])
+            if written and events:
+                ids = row[1] if isinstance(row[1], dict) else json.loads(row[1])
+                for event in events:
+                    event.pk = ids[event.public_id]
+                webhook_deliveries_create_many(events=events)
+    finally:
+        if not written:
+            for name in (*_MOVED_FIELDS, *(fields or {})):
+                vars(reservation).pop(name, None)
+            vars(reservation).update(before)
+    return written, tuple(row[2 if events else 1 :])
+
+
+# What a move changes on the row besides the fields the caller passes.
+_MOVED_FIELDS = ("status", "status_reason", "updated_at", "activated_at", "released_at")
+
+
+def _events_sql(events: list[Event], params: dict[str, Any]) -> str:
+    """The events' rows, written only when the moves are (ORDER BY keeps their ids in order)."""
+    columns = [f for f in Event._meta.concrete_fields if not f.primary_key]
+    rows = []
+    for i, event in enumerate(events):
+        placeholders = []
+        for f in columns:
+            name = f"tr_e{i}_{f.column}"
+            params[name] = f.get_db_prep_save(f.pre_save(event, add=True), connection)
+            placeholders.append(f"%({name})s::{f.db_type(connection)}")
+        rows.append(f"({i}, {', '.join(placeholders)})")
+    names = ", ".join(f'"{f.column}"' for f in columns)
+    return (
+        f"evented AS (INSERT INTO {Event._meta.db_table} ({names})"
+        f" SELECT {names} FROM moved, (VALUES {', '.join(rows)}) AS e(n, {names}) ORDER BY e.n"
+        " RETURNING id, public_id)"
+    )
+
+
+# The write itself: only while the status is still what the moves start from.
+_MOVE_SQL = """moved AS (
+    UPDATE marketplace_reservation
+    SET status = %(tr_to)s, status_reason = %(tr_reason)s, updated_at = %(tr_now)s{sets}
+    WHERE id = %(tr_rid)s AND status = %(tr_from)s{moving}
+    RETURNING id
+)"""
+
+# One history row per move, in order (ids follow the moves; `at` is the same for all).
+_RECORD_SQL = """recorded AS (
+    INSERT INTO marketplace_reservationtransition
+        (reservation_id, from_status, to_status, cause, actor_label, at)
+    SELECT moved.id, m.f, m.t, m.c, %(tr_actor)s, %(tr_now)s
+    FROM moved, unnest(%(tr_froms)s::text[], %(tr_tos)s::text[], %(tr_causes)s::text[])
+        WITH ORDINALITY AS m(f, t, c, n)
+    ORDER BY m.n
+)"""
+
+# Leaving the live statuses frees the GPUs; an allocation the end falls inside keeps
+# [start, now) as the record of what was held, the others keep their period as booked.
+_FREE_SQL = """freed AS (
+    UPDATE marketplace_allocation
+    SET is_live = false,
+        period = CASE WHEN lower(period) < %(tr_now)s AND upper(period) > %(tr_now)s
+                      THEN tstzrange(lower(period), %(tr_now)s, '[)') ELSE period END
+    WHERE reservation_id IN (SELECT id FROM moved) AND is_live
+)"""
 
 
 def reservation_transition_check(*, from_status: str, to_status: str, tier: str) -> None:
     """Raise InvalidTransition unless the state machine allows this move (no database access).
 
-    reservation_transition applies it; a caller that writes moves in its own SQL (the
-    provisioning fast path) must apply it too, under the row lock.
+    reservation_transitions_write applies it to every move it writes.
     """
     if to_status not in S.values:
         raise InvalidTransition(f"Unknown reservation status {to_status!r}.", field="status")
@@ -137,23 +313,6 @@ def reservation_transition_check(*, from_status: str, to_status: str, tier: str)
             f"Only interruptible reservations can be preempted; this one is {tier}.",
             code="not_preemptible",
         )
-
-
-def _free_allocations(*, reservation_id: int, now) -> None:
-    live = Allocation.objects.filter(reservation_id=reservation_id, is_live=True)
-    # Ending early: keep [start, now) as the record of what was held. Allocations that had not
-    # started (or had already ended) keep their period as booked.
-    live.filter(period__startswith__lt=now, period__endswith__gt=now).update(
-        period=Func(
-            Func(F("period"), function="lower"),
-            Value(now),
-            Value("[)"),
-            function="tstzrange",
-            output_field=DateTimeRangeField(),
-        ),
-        is_live=False,
-    )
-    live.update(is_live=False)
 
 
 def reservation_action_refusal(reservation: Reservation, action: str, *, at=None) -> str | None:

@@ -44,6 +44,7 @@ __all__ = [
     "webhook_endpoint_delete",
     "webhook_endpoint_secrets",
     "webhook_deliveries_create",
+    "webhook_deliveries_create_many",
     "webhook_delivery_resend",
 ]
 
@@ -230,28 +231,35 @@ def webhook_endpoint_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> lis
 def webhook_deliveries_create(*, event: Event) -> list[WebhookDelivery]:
     """The event's deliveries, one per enabled endpoint that wants its type (in the event's
     transaction); each endpoint's sender is kicked once that commits."""
-    endpoints = [
-        endpoint
-        for endpoint in WebhookEndpoint.objects.filter(
-            organization_id=event.organization_id, enabled=True
+    return webhook_deliveries_create_many(events=[event])
+
+
+def webhook_deliveries_create_many(*, events: list[Event]) -> list[WebhookDelivery]:
+    """webhook_deliveries_create for several saved events of one organisation (a
+    reservation's batched moves), reading its endpoints once."""
+    if not events:
+        return []
+    endpoints = list(
+        WebhookEndpoint.objects.filter(
+            organization_id=events[0].organization_id, enabled=True
         ).only("pk", "event_types")
+    )
+    deliveries = [
+        WebhookDelivery(
+            endpoint=endpoint,
+            event=event,
+            event_created_at=event.created_at,
+            retry_from=event.created_at,
+            next_attempt_at=event.created_at,
+        )
+        for event in events
+        for endpoint in endpoints
         if not endpoint.event_types or event.type in endpoint.event_types
     ]
-    if not endpoints:
+    if not deliveries:
         return []
-    deliveries = WebhookDelivery.objects.bulk_create(
-        [
-            WebhookDelivery(
-                endpoint=endpoint,
-                event=event,
-                event_created_at=event.created_at,
-                retry_from=event.created_at,
-                next_attempt_at=event.created_at,
-            )
-            for endpoint in endpoints
-        ]
-    )
-    _kick_on_commit([endpoint.pk for endpoint in endpoints])
+    deliveries = WebhookDelivery.objects.bulk_create(deliveries)
+    _kick_on_commit(sorted({delivery.endpoint_id for delivery in deliveries}))
     return deliveries
 
 
