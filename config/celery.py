@@ -15,6 +15,10 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+# Importing it connects the task metrics' signal handlers.
+from config.metrics.tasks import metrics_server_start
+from config.request_id import TASK_HEADER, current_request_id, request_id_bind, request_id_unbind
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 # Redis hands an unacknowledged task to another worker after this many seconds (settings.py
@@ -119,6 +123,49 @@ def _close_old_connections(task=None, **kwargs) -> None:
 
 
 app.autodiscover_tasks()
+
+
+# Logs: the settings' LOGGING (JSON or plain, with the request id) in workers and beat too,
+# instead of Celery's own format on the root logger.
+@signals.setup_logging.connect
+def _logging_from_settings(**_kwargs) -> None:
+    from logging.config import dictConfig
+
+    from django.conf import settings
+
+    dictConfig(settings.LOGGING)
+
+
+# The request id of the HTTP request (or task) that enqueues a task travels in its headers,
+# and the task runs under it: its log lines, and the tasks it enqueues in turn, carry it.
+@signals.before_task_publish.connect
+def _send_request_id(headers=None, **_kwargs) -> None:
+    request_id = current_request_id()
+    if headers is not None and request_id != "-":
+        headers.setdefault(TASK_HEADER, request_id)
+
+
+@signals.task_prerun.connect
+def _bind_request_id(task=None, task_id=None, **_kwargs) -> None:
+    # A task run eagerly (no message) keeps the id of the request it runs in.
+    request_id = task.request.get(TASK_HEADER) or current_request_id()
+    task.request.request_id_tokens = request_id_bind(request_id, task=(task.name, task_id))
+
+
+@signals.task_postrun.connect
+def _unbind_request_id(task=None, **_kwargs) -> None:
+    tokens = getattr(task.request, "request_id_tokens", None)
+    if tokens is not None:
+        request_id_unbind(tokens)
+
+
+@signals.worker_ready.connect
+def _serve_task_metrics(**_kwargs) -> None:
+    from django.conf import settings
+
+    if settings.CELERY_METRICS_ADDRESS:
+        metrics_server_start(settings.CELERY_METRICS_ADDRESS)
+
 
 logger = logging.getLogger(__name__)
 

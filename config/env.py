@@ -150,3 +150,27 @@ def env_trusted_proxies(name: str) -> int | tuple:
                 f"got {item!r}"
             ) from None
     return tuple(networks)
+
+
+def env_networks(name: str, default: list[str]) -> list[str]:
+    """Comma-separated IP addresses or networks (10.0.0.0/8, ::1)."""
+    networks = env_list(name, default)
+    for network in networks:
+        try:
+            ip_network(network, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} must list IP addresses or networks, got {network!r}"
+            ) from None
+    return networks
+
+
+def env_address(name: str, default: str) -> str:
+    """host:port to listen on ([::1]:9808 for IPv6), or empty for none."""
+    address = env_str(name, default)
+    if not address:
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ImproperlyConfigured(f"{name} must look like 127.0.0.1:9808, got {address!r}")
+    return address

@@ -8,11 +8,13 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config.csp import POLICY as CSP_POLICY
 from config.env import (
+    env_address,
     env_bool,
     env_database,
     env_decimal,
     env_int,
     env_list,
+    env_networks,
     env_rate,
     env_redis_url,
     env_str,
@@ -47,23 +49,29 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "django_prometheus",
     "inventory",
     "marketplace",
     "billing",
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "config.request_id.RequestIdMiddleware",
     # Before anything reads the request: a NUL, a lone surrogate or deeply nested JSON is a 400.
     "config.input_guard.InputGuardMiddleware",
+    # /healthz, /readyz and /metrics, answered before host validation and the HTTPS redirect.
+    "config.ops.OpsEndpointsMiddleware",
     "csp.middleware.CSPMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -310,24 +318,68 @@ EMAIL_BACKEND = (
 # How long a password-reset link works.
 PASSWORD_RESET_TIMEOUT = env_int("PASSWORD_RESET_TIMEOUT_SECONDS", 3600, minimum=60)
 
-# --- Logging -------------------------------------------------------------------------------
+# --- Operations: logs, metrics, static files (docs/operations.md) --------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(f"LOG_LEVEL must be a logging level name, got {LOG_LEVEL!r}")
+# json: one JSON object a line (production); plain: for people (make run, DEBUG).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain" if DEBUG else "json")
+if LOG_FORMAT not in {"json", "plain"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    # request_id: the Request-Id of the HTTP request being served ("-" elsewhere).
+    # request_id: the Request-Id of the HTTP request being served, or of the one that enqueued
+    # the running Celery task ("-" elsewhere).
     "filters": {"request_id": {"()": "config.request_id.RequestIdLogFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
+        "json": {"()": "config.logs.JsonLogFormatter"},
+        "plain": {
+            "()": "config.logs.PlainLogFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+        },
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": LOG_FORMAT,
             "filters": ["request_id"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    # The Stripe library logs request details at INFO.
+    "loggers": {"stripe": {"level": "WARNING"}},
 }
+
+# GET /metrics (Prometheus): allowed with `Authorization: Bearer <METRICS_TOKEN>`, or from an
+# address in METRICS_ALLOWED_IPS (addresses or networks). Neither set: refused to everyone.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured("METRICS_TOKEN must be at least 32 characters")
+METRICS_ALLOWED_IPS = env_networks("METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"] if DEBUG else [])
+# Where each process of a multi-process server (gunicorn, Celery prefork) writes its metrics,
+# so one scrape sums them; read by prometheus_client itself, checked here. Empty: one process.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
+    raise ImproperlyConfigured("PROMETHEUS_MULTIPROC_DIR must be an existing directory")
+# host:port on which a Celery worker serves its task metrics (empty: not served).
+CELERY_METRICS_ADDRESS = env_address("CELERY_METRICS_ADDRESS", "")
+# Database and cache timings for /metrics: the same backends, instrumented.
+DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
+CACHES["default"]["BACKEND"] = "config.metrics.cache.InstrumentedRedisCache"
+# The probes also stay plain HTTP if the middleware order changes.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+
+# whitenoise serves /static/ from STATIC_ROOT (collectstatic), compressed, with content hashes
+# in the names and a year's caching; with DEBUG the files are read from the apps, unhashed.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+# Fixed when the settings load (whitenoise would read DEBUG later, which tests switch off).
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_AUTOREFRESH = DEBUG

@@ -54,7 +54,8 @@ def test_a_good_development_environment_starts():
 def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expected):
     code = (
         f"{SETUP}; from django.db import connection; p = connection.get_connection_params(); "
-        "print(p['cursor_factory'].__name__, p['prepare_threshold'])"
+        # The class psycopg is given is django-prometheus's timing wrapper around Django's.
+        "print(p['cursor_factory'].__mro__[1].__name__, p['prepare_threshold'])"
     )
     result = run(code, DATABASE_PREPARED_STATEMENTS=flag)
 
@@ -76,6 +77,12 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
             {"CELERY_TASK_TIME_LIMIT": "60", "CELERY_TASK_SOFT_TIME_LIMIT": "90"},
             "CELERY_TASK_TIME_LIMIT",
         ),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"METRICS_TOKEN": "too-short"}, "METRICS_TOKEN"),
+        ({"METRICS_ALLOWED_IPS": "10.0.0.0/8,prometheus.internal"}, "METRICS_ALLOWED_IPS"),
+        ({"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/metrics"}, "PROMETHEUS_MULTIPROC_DIR"),
+        ({"CELERY_METRICS_ADDRESS": "9808"}, "CELERY_METRICS_ADDRESS"),
+        ({"CELERY_METRICS_ADDRESS": "0.0.0.0:99999"}, "CELERY_METRICS_ADDRESS"),
         ({"DEBUG": "0", "SECRET_KEY": None}, "SECRET_KEY"),
         ({"DEBUG": "0", "SECRET_KEY": "short"}, "SECRET_KEY"),
     ],

@@ -1,0 +1,51 @@
+"""GET /metrics: Prometheus text format, for a bearer token or an allowed address only."""
+
+import hmac
+import ipaddress
+import os
+
+from django.conf import settings
+from django.http import HttpResponse
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from config.metrics.business import business_registry
+
+__all__ = ["metrics", "process_registry"]
+
+
+def process_registry() -> CollectorRegistry:
+    """This process's metrics, or under PROMETHEUS_MULTIPROC_DIR every process's, summed."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def _allowed(request) -> bool:
+    token = settings.METRICS_TOKEN
+    sent = request.META.get("HTTP_AUTHORIZATION", "")
+    if token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        return True
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(
+        address in ipaddress.ip_network(allowed, strict=False)
+        for allowed in settings.METRICS_ALLOWED_IPS
+    )
+
+
+def metrics(request) -> HttpResponse:
+    if not _allowed(request):
+        response = HttpResponse(
+            "Forbidden: a metrics token or an allowed address is needed.\n",
+            status=403,
+            content_type="text/plain",
+        )
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    body = generate_latest(process_registry()) + generate_latest(business_registry)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

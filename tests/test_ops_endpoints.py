@@ -1,0 +1,272 @@
+"""/healthz, /readyz and /metrics: what a load balancer, an orchestrator and Prometheus see."""
+
+import re
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+import yaml
+from django.db import connection
+from django.test import Client
+from django.utils import timezone
+
+from billing.models import BillingAccount, FundingState, OutboxMessage
+from config import health
+from config.metrics import business
+from tests.factories import OrganizationFactory
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.provisioning_support import market_create
+
+pytestmark = pytest.mark.django_db
+
+# A production-like front: only the public name is allowed, plain HTTP is redirected.
+PRODUCTION = {"ALLOWED_HOSTS": ["switchyard.example.com"], "SECURE_SSL_REDIRECT": True}
+TOKEN = "t" * 40
+
+
+@pytest.fixture
+def production(settings):
+    for name, value in PRODUCTION.items():
+        setattr(settings, name, value)
+    settings.METRICS_TOKEN = TOKEN
+    settings.METRICS_ALLOWED_IPS = []
+    return settings
+
+
+def _probe(path, **extra):
+    # A load balancer probes a backend by address, over plain HTTP, without credentials.
+    return Client().get(path, HTTP_HOST="10.0.3.7:8000", REMOTE_ADDR="10.0.0.2", **extra)
+
+
+def test_healthz_answers_200_behind_a_load_balancer(production):
+    response = _probe("/healthz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert response["Cache-Control"] == "no-store"
+    assert response["Request-Id"].startswith("req_")
+
+
+def test_the_same_request_to_an_ordinary_page_is_refused_or_redirected(production):
+    # What the probes are exempt from: the address is not an allowed host.
+    assert _probe("/api/v1/sites").status_code == 400
+    production.ALLOWED_HOSTS = ["10.0.3.7"]
+    assert _probe("/api/v1/sites").status_code == 301  # plain HTTP → HTTPS
+
+
+def test_readyz_answers_200_naming_each_part_when_all_answer(production):
+    response = _probe("/readyz")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["checks"] == {"database": "ok", "redis": "ok", "migrations": "ok"}
+
+
+def test_readyz_answers_503_naming_redis_when_it_does_not_answer(production):
+    production.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+    response = _probe("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    assert response.json()["checks"] == {
+        "database": "ok",
+        "redis": "unavailable (ConnectionError)",
+        "migrations": "ok",
+    }
+
+
+def test_readyz_answers_503_naming_the_migrations_that_are_not_applied(production):
+    with connection.cursor() as cursor:  # rolled back with the test
+        cursor.execute(
+            "DELETE FROM django_migrations WHERE app = 'billing' AND name = '0001_initial'"
+        )
+
+    response = _probe("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": "ok",
+        "redis": "ok",
+        "migrations": "1 unapplied: billing.0001_initial",
+    }
+    assert _probe("/healthz").status_code == 200  # liveness does not depend on it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_readyz_answers_503_naming_the_database_when_it_does_not_answer(production):
+    real_port = connection.settings_dict["PORT"]
+    connection.close()
+    connection.settings_dict["PORT"] = "1"
+    try:
+        response = _probe("/readyz")
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = real_port
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": "unavailable (OperationalError)",
+        "redis": "ok",
+        "migrations": "unknown",
+    }
+
+
+def test_the_probes_are_only_for_get_and_head(production):
+    production.ALLOWED_HOSTS = ["10.0.3.7"]
+    production.SECURE_SSL_REDIRECT = False
+    assert Client().head("/healthz", HTTP_HOST="10.0.3.7").status_code == 200
+    assert Client().post("/healthz", HTTP_HOST="10.0.3.7").status_code != 200
+
+
+def test_readiness_reads_the_migration_graph_once_per_process(
+    production, django_assert_num_queries
+):
+    health.readiness()
+    with django_assert_num_queries(2):  # SELECT 1, and the applied migrations
+        assert health.readiness()[0] is True
+
+
+# --- /metrics --------------------------------------------------------------------------------
+
+
+def _metrics(**extra):
+    return Client().get("/metrics", HTTP_HOST="10.0.3.7:8000", **extra)
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{'label="value",…': value} for every sample of `name`."""
+    found = {}
+    for labels, value in re.findall(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.M):
+        found[labels] = float(value)
+    return found
+
+
+def test_metrics_are_refused_without_the_token_or_an_allowed_address(production):
+    assert _metrics(REMOTE_ADDR="10.0.0.2").status_code == 403
+    wrong = _metrics(REMOTE_ADDR="10.0.0.2", HTTP_AUTHORIZATION="Bearer " + "x" * 40)
+    assert wrong.status_code == 403
+    assert b"switchyard_" not in wrong.content
+
+
+def test_metrics_answer_the_token_or_an_allowed_network(production):
+    by_token = _metrics(REMOTE_ADDR="10.0.0.2", HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
+    production.METRICS_ALLOWED_IPS = ["10.0.0.0/24"]
+    by_address = _metrics(REMOTE_ADDR="10.0.0.2")
+
+    for response in (by_token, by_address):
+        assert response.status_code == 200
+        assert response["Content-Type"].startswith("text/plain; version=")
+        assert b"switchyard_business_metrics_up 1.0" in response.content
+    assert _metrics(REMOTE_ADDR="10.0.1.2").status_code == 403
+
+
+def test_metrics_count_requests_by_view_and_status(production):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    name = "django_http_responses_total_by_status_view_method_total"
+    before = _samples(_metrics(REMOTE_ADDR="10.0.0.2").content.decode(), name)
+    Client().get("/api/v1/sites", HTTP_HOST="switchyard.example.com", secure=True)
+    Client().get("/api/v1/sites", HTTP_HOST="switchyard.example.com", secure=True)
+
+    after = _samples(_metrics(REMOTE_ADDR="10.0.0.2").content.decode(), name)
+
+    key = next(k for k in after if 'status="401"' in k and "sites" in k)
+    assert after[key] - before.get(key, 0) == 2
+    text = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+    assert "django_http_requests_latency_seconds_by_view_method_bucket" in text
+    assert re.search(
+        r'^django_db_execute_total\{alias="default",vendor="postgresql"\} ', text, re.M
+    )
+
+
+def test_business_metrics_report_reservations_gpus_funding_and_the_outbox(
+    production,
+    allow_all_funding,  # noqa: F811
+):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    market = market_create(nodes=1, gpus=4)
+    market.book(gpu_count=3)  # starts now: due, not started yet
+    market.book(gpu_count=1, starts_at=timezone.now() + timedelta(days=1))
+    org = OrganizationFactory()
+    BillingAccount.objects.create(organization=org, funding_state=FundingState.GRACE)
+    OutboxMessage.objects.create(
+        kind="meter_event",
+        payload={},
+        idempotency_key="k1",
+        next_attempt_at=timezone.now(),
+    )
+    OutboxMessage.objects.filter(idempotency_key="k1").update(
+        created_at=timezone.now() - timedelta(minutes=10)
+    )
+
+    text = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+
+    assert _samples(text, "switchyard_reservations") == {
+        'status="pending"': 1.0,
+        'status="scheduled"': 1.0,
+    }
+    assert _samples(text, "switchyard_reservations_due_not_started") == {"": 1.0}
+    site = market.site.slug
+    assert _samples(text, "switchyard_gpus") == {
+        f'health="ok",node_status="available",site="{site}"': 4.0
+    }
+    assert _samples(text, "switchyard_gpus_allocated") == {f'site="{site}"': 3.0}
+    assert (
+        _samples(text, "switchyard_billing_accounts_by_funding_state")['funding_state="grace"'] == 1
+    )
+    assert _samples(text, "switchyard_billing_outbox_messages") == {'status="pending"': 1.0}
+    age = _samples(text, "switchyard_billing_outbox_oldest_pending_age_seconds")[""]
+    assert 600 <= age < 660
+    assert _samples(text, "switchyard_curtailments_active") == {}
+
+
+def test_business_metrics_report_the_length_of_each_celery_queue(production):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    queue = f"metrics-test-{uuid.uuid4().hex[:8]}"
+    production.CELERY_TASK_DEFAULT_QUEUE = queue
+    broker = redis.Redis.from_url(production.CELERY_BROKER_URL)
+    broker.rpush(queue, "m1", "m2", "m3")
+    try:
+        text = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+    finally:
+        broker.delete(queue)
+
+    assert _samples(text, "switchyard_celery_queue_length") == {f'queue="{queue}"': 3.0}
+
+
+def test_business_metrics_say_so_when_redis_is_down(production, monkeypatch):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    production.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+    monkeypatch.setattr(business, "_broker", None)
+
+    response = _metrics(REMOTE_ADDR="10.0.0.2")
+
+    assert response.status_code == 200
+    assert b"switchyard_business_metrics_up 0.0" in response.content
+    assert b"switchyard_reservations" in response.content  # the database part still answers
+    monkeypatch.setattr(business, "_broker", None)
+
+
+def test_every_metric_the_example_alert_rules_use_is_exported(production):
+    rules_file = settings_root() / "docs" / "prometheus-alerts.yml"
+    rules = yaml.safe_load(rules_file.read_text())["groups"][0]["rules"]
+    used = set()
+    for rule in rules:
+        assert set(rule) >= {"alert", "expr", "annotations"}
+        used |= set(re.findall(r"\b((?:switchyard|celery|django)_[a-z_]+)", rule["expr"]))
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+
+    text = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+
+    exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    # Counters are exported as <name> with samples <name>_total.
+    exported |= {f"{name}_total" for name in exported}
+    assert used and used - exported == set()
+
+
+def settings_root():
+    from django.conf import settings
+
+    return settings.BASE_DIR
