@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: venv run test lint migrate seed worker beat bench clean distclean
+.PHONY: venv run test lint migrate seed worker beat bench loadtest clean distclean
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ beat: venv
 
 bench: venv
 	$(PY) scripts/bench.py
+
+# A locust load test against gunicorn on loopback, with checks afterwards (docs/benchmarks.md).
+loadtest: venv
+	$(PY) scripts/loadtest.py $(LOADTEST_ARGS)
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
