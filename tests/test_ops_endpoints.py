@@ -270,3 +270,12 @@ def settings_root():
     from django.conf import settings
 
     return settings.BASE_DIR
+
+
+def test_a_forwarded_address_is_allowed_only_through_a_trusted_proxy(production):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    spoofed = _metrics(REMOTE_ADDR="203.0.113.9", HTTP_X_FORWARDED_FOR="10.0.0.2")
+    production.TRUSTED_PROXIES = 1
+    forwarded = _metrics(REMOTE_ADDR="192.168.1.1", HTTP_X_FORWARDED_FOR="10.0.0.2")
+
+    assert (spoofed.status_code, forwarded.status_code) == (403, 200)

@@ -9,6 +9,7 @@ from django.http import HttpResponse
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from config.client_ip import client_ip
 from config.metrics.business import business_registry
 
 __all__ = ["metrics", "process_registry"]
@@ -28,8 +29,9 @@ def _allowed(request) -> bool:
     sent = request.META.get("HTTP_AUTHORIZATION", "")
     if token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
         return True
+    # Through TRUSTED_PROXIES if any: a forwarded address from an untrusted peer is ignored.
     try:
-        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+        address = ipaddress.ip_address(client_ip(request))
     except ValueError:
         return False
     return any(
