@@ -145,12 +145,14 @@ def test_no_secret_reaches_the_logs_in_a_full_top_up_and_reservation_flow(
         )
         attached = web.post(
             "/api/v1/billing/payment-methods",
-            {"payment_method": confirmed.payment_method},
+            {"payment_method": confirmed.payment_method, "setup_intent": confirmed.id},
             format="json",
         )
+        assert attached.status_code == 201, attached.content
         BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
         with django_capture_on_commit_callbacks(execute=True):
             top_up = web.post("/api/v1/billing/top-ups", {"amount": "500.00"}, format="json")
+        assert top_up.status_code == 202, top_up.content
         key = web.post(
             "/api/v1/api-keys", {"name": "ci", "scopes": ["read", "write"]}, format="json"
         ).json()
@@ -172,9 +174,10 @@ def test_no_secret_reaches_the_logs_in_a_full_top_up_and_reservation_flow(
              "ends_at": window["end"]},
             format="json",
         )  # fmt: skip
-        reservation = api.post(
-            "/api/v1/reservations", {"quote": quote.json()["id"]}, format="json"
-        ).json()
+        assert quote.status_code == 201, quote.content
+        created = api.post("/api/v1/reservations", {"quote": quote.json()["id"]}, format="json")
+        assert created.status_code == 201, created.content
+        reservation = created.json()
         listed = api.get("/api/v1/reservations")
         extended = api.post(
             f"/api/v1/reservations/{reservation['id']}/extend",

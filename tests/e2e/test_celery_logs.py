@@ -56,12 +56,17 @@ def test_the_request_id_of_a_reservation_create_is_on_the_log_lines_of_its_provi
         what="the reservation to be active",
     )
 
-    lines = [
-        json.loads(line)
-        for line in worker.log_path.read_text().splitlines()
-        if line.startswith("{")
-    ]
-    traced = [line for line in lines if line["request_id"] == "trace-0123456789"]
+    def traced_lines():
+        lines = [
+            json.loads(line)
+            for line in worker.log_path.read_text().splitlines()
+            if line.startswith("{") and line.endswith("}")
+        ]
+        return [line for line in lines if line["request_id"] == "trace-0123456789"], lines
+
+    # The task logs its outcome after the commit that made the reservation active.
+    wait_for(lambda: traced_lines()[0], timeout=10, what="the task's log lines")
+    traced, lines = traced_lines()
     assert traced, "the worker logged nothing under the request's id"
     assert {line.get("task") for line in traced} == {PROVISION_TASK}
     assert all(set(line) >= {"time", "level", "logger", "message", "task_id"} for line in traced)
