@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, FundingState, OutboxMessage
 from config import health
+from config.celery import app as celery_app
 from config.metrics import business
 from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -233,7 +234,11 @@ def test_business_metrics_report_the_length_of_each_celery_queue(production):
     finally:
         broker.delete(queue)
 
-    assert _samples(text, "switchyard_celery_queue_length") == {f'queue="{queue}"': 3.0}
+    lengths = _samples(text, "switchyard_celery_queue_length")
+    assert lengths[f'queue="{queue}"'] == 3.0
+    # Queues that task_routes send tasks to are reported too.
+    routed = {route["queue"] for route in (celery_app.conf.task_routes or {}).values()}
+    assert set(lengths) == {f'queue="{q}"' for q in routed | {queue}}
 
 
 def test_business_metrics_say_so_when_redis_is_down(production, monkeypatch):
