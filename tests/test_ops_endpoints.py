@@ -221,6 +221,7 @@ def test_business_metrics_report_reservations_gpus_funding_and_the_outbox(
     age = _samples(text, "switchyard_billing_outbox_oldest_pending_age_seconds")[""]
     assert 600 <= age < 660
     assert _samples(text, "switchyard_curtailments_active") == {}
+    assert _samples(text, "switchyard_webhook_deliveries_oldest_pending_age_seconds") == {"": 0.0}
 
 
 def test_business_metrics_report_the_length_of_each_celery_queue(production):

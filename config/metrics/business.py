@@ -93,6 +93,28 @@ _GAUGES = [
            WHERE processed_at IS NULL AND error <> ''""",
     ),
     (
+        "switchyard_webhook_deliveries",
+        "Customers' webhook deliveries not delivered, by status (pending: to be tried again; "
+        "failed: given up).",
+        ["status"],
+        """SELECT status, count(*) FROM marketplace_webhookdelivery
+           WHERE status <> 'succeeded' GROUP BY 1""",
+    ),
+    (
+        "switchyard_webhook_deliveries_oldest_pending_age_seconds",
+        "Age of the oldest event still waiting to be delivered to a customer's webhook (0: none).",
+        [],
+        """SELECT coalesce(extract(epoch FROM statement_timestamp() - min(event_created_at)), 0)
+           FROM marketplace_webhookdelivery WHERE status = 'pending'""",
+    ),
+    (
+        "switchyard_webhook_endpoints_failing",
+        "Enabled webhook endpoints whose deliveries are failing.",
+        [],
+        """SELECT count(*) FROM marketplace_webhookendpoint
+           WHERE enabled AND failing_since IS NOT NULL""",
+    ),
+    (
         "switchyard_billing_accounts_by_funding_state",
         "Billing accounts by funding state (warning, grace, suspended: balance low or gone).",
         ["funding_state"],
