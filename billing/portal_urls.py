@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from billing import portal
+from billing import export_views, portal
 
 app_name = "portal-billing"
 
@@ -22,6 +22,8 @@ urlpatterns = [
     ),
     path("top-ups", portal.TopUpView.as_view(), name="top-up"),
     path("usage", portal.UsageView.as_view(), name="usage"),
+    path("usage.csv", export_views.UsageCsvPortalView.as_view(), name="usage-csv"),
+    path("ledger.csv", export_views.LedgerCsvPortalView.as_view(), name="ledger-csv"),
     path("invoices", portal.InvoicesView.as_view(), name="invoices"),
     path("statements", portal.StatementsView.as_view(), name="statements"),
     path("statements/<int:year>-<int:month>", portal.StatementView.as_view(), name="statement"),

@@ -91,6 +91,8 @@ def usage_by_reservation_day(
         qs.annotate(day=TruncDate("period_start"))
         .values(
             "reservation__public_id",
+            "reservation__gpu_model__slug",
+            "reservation__site__slug",
             "day",
             "currency",
             # What the energy of the GPU-seconds is estimated from (one value per reservation).

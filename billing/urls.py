@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from billing import apis
+from billing import apis, export_views
 from billing.webhooks_view import stripe_webhook
 
 urlpatterns = [
@@ -11,6 +11,8 @@ urlpatterns = [
     path("billing/settings", apis.BillingSettingsApi.as_view(), name="billing-settings"),
     path("billing/ledger", apis.LedgerListApi.as_view(), name="billing-ledger"),
     path("billing/usage", apis.UsageApi.as_view(), name="billing-usage"),
+    path("billing/usage.csv", export_views.UsageCsvApi.as_view(), name="billing-usage-csv"),
+    path("billing/ledger.csv", export_views.LedgerCsvApi.as_view(), name="billing-ledger-csv"),
     path("billing/invoices", apis.InvoiceListApi.as_view(), name="billing-invoices"),
     path(
         "billing/payment-methods",

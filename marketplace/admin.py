@@ -19,6 +19,7 @@ from marketplace.models import (
     AgentJob,
     Allocation,
     ApiKey,
+    AuditEntry,
     Curtailment,
     Event,
     Invitation,
@@ -558,3 +559,14 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
         for delivery in queryset:
             webhook_delivery_resend(delivery=delivery)
         messages.success(request, f"{queryset.count()} delivery(ies) queued again.")
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    """Append-only (the database refuses changes); staff read it."""
+
+    list_display = ["created_at", "organization", "actor", "action", "object_id", "ip_address"]
+    list_filter = ["action"]
+    search_fields = ["actor", "action", "object_id", "organization__name", "public_id"]
+    list_select_related = ["organization"]
+    date_hierarchy = "created_at"

@@ -4,6 +4,7 @@ from django.urls import path
 
 from marketplace.apis import (
     api_keys,
+    audit,
     catalogue,
     events,
     organization,
@@ -99,4 +100,5 @@ urlpatterns = [
         webhooks.WebhookDeliveryResendApi.as_view(),
         name="webhook-delivery-resend",
     ),
+    path("audit-log", audit.AuditLogApi.as_view(), name="audit-log"),
 ]

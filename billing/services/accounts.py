@@ -12,6 +12,7 @@ from billing.money import to_minor_units
 from billing.stripe_gateway import StripeGateway, get_gateway
 from config.errors import InvalidTransition, ValidationFailed
 from marketplace.models import Membership, Organization, Role
+from marketplace.services.audit import audit_changes, audit_record
 
 __all__ = [
     "billing_account_get_or_create",
@@ -103,6 +104,8 @@ def billing_settings_update(
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP
 
+    before = _settings(account)
+
     fields = []
     # Bounded like a top-up: an automatic charge is never larger than one the customer may make.
     if recharge_threshold is not None:
@@ -143,4 +146,23 @@ def billing_settings_update(
         fields.append("auto_recharge_enabled")
     if fields:
         account.save(update_fields=fields)
+    changes = audit_changes(before, _settings(account))
+    if changes["after"]:
+        audit_record(
+            organization_id=organization.pk,
+            action="billing_settings.update",
+            object_type="billing_settings",
+            object_id=organization.public_id,
+            changes=changes,
+        )
     return account
+
+
+def _settings(account: BillingAccount) -> dict:
+    """The customer's settings as the audit log shows them (minor units, as stored)."""
+    return {
+        "auto_recharge_enabled": account.auto_recharge_enabled,
+        "recharge_threshold_minor": account.recharge_threshold_minor,
+        "recharge_amount_minor": account.recharge_amount_minor,
+        "monthly_spend_limit_minor": account.monthly_spend_limit_minor,
+    }

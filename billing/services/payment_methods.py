@@ -25,6 +25,7 @@ from billing.stripe_gateway import (
 )
 from config.errors import ApplicationError, NotFound, PaymentRequired, ValidationFailed
 from marketplace.models import Organization
+from marketplace.services.audit import audit_changes, audit_record
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,14 @@ def payment_method_attach(
             code=exc.code or "invalid_payment_method",
             field="payment_method",
         ) from exc
-    return payment_method_mirror(organization=organization, stripe_payment_method=pm)
+    mirrored = payment_method_mirror(organization=organization, stripe_payment_method=pm)
+    _audit(
+        organization,
+        "payment_method.add",
+        payment_method_id,
+        {"after": {"brand": mirrored.brand, "last4": mirrored.last4}},
+    )
+    return mirrored
 
 
 @_customer_facing_errors()
@@ -218,8 +226,15 @@ def payment_method_set_default(
         payment_method_id=payment_method_id,
         idempotency_key=f"pm_default:{organization.public_id}:{payment_method_id}:{pm.pk}",
     )
+    before = account.default_payment_method_id
     account.default_payment_method_id = payment_method_id
     account.save(update_fields=["default_payment_method_id"])
+    _audit(
+        organization,
+        "payment_method.set_default",
+        payment_method_id,
+        audit_changes({"default": before}, {"default": payment_method_id}),
+    )
     return account
 
 
@@ -238,7 +253,24 @@ def payment_method_detach(
         payment_method_id=payment_method_id,
         idempotency_key=f"pm_detach:{payment_method_id}:{pm.pk}",
     )
-    payment_method_mark_detached(stripe_payment_method_id=payment_method_id)
+    with transaction.atomic():
+        payment_method_mark_detached(stripe_payment_method_id=payment_method_id)
+        _audit(
+            organization,
+            "payment_method.remove",
+            payment_method_id,
+            {"before": {"brand": pm.brand, "last4": pm.last4}},
+        )
+
+
+def _audit(organization: Organization, action: str, payment_method_id: str, changes: dict):
+    audit_record(
+        organization_id=organization.pk,
+        action=action,
+        object_type="payment_method",
+        object_id=payment_method_id,
+        changes=changes,
+    )
 
 
 @transaction.atomic

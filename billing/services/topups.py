@@ -31,6 +31,7 @@ from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handle
 from billing.stripe_gateway import StripeGateway
 from config.errors import PaymentRequired, ValidationFailed
 from marketplace.models import Organization
+from marketplace.services.audit import audit_record
 
 __all__ = [
     "MIN_TOP_UP",
@@ -83,9 +84,17 @@ def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     if not account.stripe_customer_id or not account.default_payment_method_id:
         raise PaymentRequired("Add a card before topping up.", code="no_payment_method")
-    return _start_top_up(
+    top_up = _start_top_up(
         account=account, amount_minor=to_minor_units(amount, account.currency), automatic=False
     )
+    audit_record(
+        organization_id=organization.pk,
+        action="top_up.create",
+        object_type="top_up",
+        object_id=f"tu_{top_up.pk}",
+        changes={"after": {"amount": str(amount), "currency": account.currency}},
+    )
+    return top_up
 
 
 @transaction.atomic

@@ -20,6 +20,7 @@ from config.api.context import OrgContext, org_context_resolve
 from config.api.schema import ApiAutoSchema
 from config.api.throttling import ApiRateThrottle, rate_limit_headers
 from config.errors import PermissionDenied
+from marketplace.audit import audit_actor_set
 from marketplace.auth import ApiKeyUser
 from marketplace.models import ApiKeyScope, Role
 from marketplace.services.organizations import RESERVING_ROLES
@@ -76,6 +77,7 @@ class ApiView(GenericAPIView):
         self._check_key_scope(request)
         if self.requires_organization:
             self.org_context = org_context_resolve(request)
+            audit_actor_set(self.org_context.actor_label)
             self._check_member_role(request)
         if request.method == "POST" and hasattr(self, "post") and self.org_context:
             self._claim = idempotency.idempotency_claim(

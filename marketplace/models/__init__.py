@@ -1,5 +1,6 @@
 """Marketplace models, one module per area; Django finds them all through this package."""
 
+from marketplace.models.audit import *  # noqa: F403
 from marketplace.models.core import *  # noqa: F403
 from marketplace.models.curtailment import *  # noqa: F403
 from marketplace.models.events import *  # noqa: F403

@@ -81,6 +81,7 @@ portal_nav_register(
     sections=("portal:webhook",),
     roles=MANAGER_ROLES,
 )
+portal_nav_register(label="Audit log", url_name="portal:audit-log", order=75, roles=MANAGER_ROLES)
 portal_nav_register(
     label="Team", url_name="portal:team", order=70, sections=("portal:team", "portal:member")
 )

@@ -2,6 +2,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
 from marketplace.portal import (
+    audit,
     invitations,
     keys,
     login,
@@ -76,6 +77,7 @@ urlpatterns = [
     path("api-keys/<int:pk>/revoke", keys.KeyRevokeView.as_view(), name="api-key-revoke"),
     path("ssh-keys", ssh_keys.SshKeysView.as_view(), name="ssh-keys"),
     path("webhooks", webhooks.WebhooksView.as_view(), name="webhooks"),
+    path("audit-log", audit.AuditLogView.as_view(), name="audit-log"),
     path("webhooks/<str:public_id>", webhooks.WebhookView.as_view(), name="webhook"),
     path(
         "ssh-keys/<str:public_id>/delete",

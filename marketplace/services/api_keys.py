@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from config.errors import PermissionDenied, ValidationFailed
 from marketplace.models import ApiKey, ApiKeyScope, EventType, Membership, Organization, Role
+from marketplace.services.audit import audit_record
 from marketplace.services.events import api_key_event_record
 
 __all__ = [
@@ -81,6 +82,7 @@ def api_key_create(
                     created_by=created_by,
                 )
             api_key_event_record(api_key=key, type=EventType.API_KEY_CREATED)
+            _audit(key, "api_key.create", {"after": {"name": name, "scopes": scopes}})
             return key, secret
         except IntegrityError:  # a prefix collision (1 in 36^8): draw again
             continue
@@ -107,7 +109,18 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
         api_key_event_record(api_key=key, type=EventType.API_KEY_REVOKED)
+        _audit(key, "api_key.revoke", {"before": {"revoked": False}, "after": {"revoked": True}})
     return key
+
+
+def _audit(key: ApiKey, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=key.organization_id,
+        action=action,
+        object_type="api_key",
+        object_id=f"key_{key.pk}",
+        changes=changes,
+    )
 
 
 def api_key_record_use(*, api_key: ApiKey) -> None:

@@ -20,6 +20,7 @@ from django.utils.text import slugify
 
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from marketplace.models import EventType, Invitation, Membership, Organization, Role
+from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 
 __all__ = [
@@ -147,6 +148,7 @@ def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: st
             "This user is already a member of the organisation.", code="already_member"
         ) from None
     member_event_record(membership=membership, type=EventType.MEMBER_ADDED)
+    _audit_member(membership, "member.add", {"after": {"user": user.get_username(), "role": role}})
     return membership
 
 
@@ -164,8 +166,10 @@ def member_change_role(*, actor: Membership, membership: Membership, role: str) 
         return membership
     if _is_last_owner(membership, owner_pks):
         raise Conflict(_LAST_OWNER, code="last_owner", field="role")
+    before = membership.role
     membership.role = role
     membership.save(update_fields=["role"])
+    _audit_member(membership, "member.change_role", audit_changes({"role": before}, {"role": role}))
     return membership
 
 
@@ -181,8 +185,33 @@ def member_remove(*, actor: Membership, membership: Membership) -> None:
     if _is_last_owner(membership, owner_pks):
         raise Conflict(_LAST_OWNER, code="last_owner")
     member_id = membership.pk
+    _audit_member(
+        membership,
+        "member.remove",
+        {"before": {"user": membership.user.get_username(), "role": membership.role}},
+    )
     membership.delete()
     member_event_record(membership=membership, type=EventType.MEMBER_REMOVED, member_id=member_id)
+
+
+def _audit_member(membership: Membership, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=membership.organization_id,
+        action=action,
+        object_type="member",
+        object_id=f"mem_{membership.pk}",
+        changes=changes,
+    )
+
+
+def _audit_invitation(invitation: Invitation, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=invitation.organization_id,
+        action=action,
+        object_type="invitation",
+        object_id=invitation.public_id,
+        changes=changes,
+    )
 
 
 # --- invitations ----------------------------------------------------------------------------
@@ -275,6 +304,7 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
     transaction.on_commit(
         lambda: _send_invitation(email=email, token=token, context=context), robust=True
     )
+    _audit_invitation(invitation, "invitation.create", {"after": {"email": email, "role": role}})
     return invitation, token
 
 
@@ -291,6 +321,7 @@ def invitation_revoke(*, actor: Membership, invitation: Invitation) -> Invitatio
     if invitation.revoked_at is None:
         invitation.revoked_at = timezone.now()
         invitation.save(update_fields=["revoked_at"])
+        _audit_invitation(invitation, "invitation.revoke", {"before": {"email": invitation.email}})
     return invitation
 
 

@@ -45,6 +45,7 @@ from marketplace.provisioning.scheduler import provisioning_kick, release_kick
 from marketplace.selectors.availability import Offer, availability_search, site_model_offer
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 from marketplace.services.allocation import allocation_place
+from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import (
@@ -469,6 +470,21 @@ def _book(
         queryset._result_cache, queryset._prefetch_done = rows, True
         reservation._prefetched_objects_cache[name] = queryset
     reservation_event_record(reservation=reservation, type=EventType.RESERVATION_CREATED)
+    _audit(
+        reservation,
+        "reservation.create",
+        {
+            "after": {
+                "status": status,
+                "gpu_count": gpu_count,
+                "tier": tier,
+                "starts_at": starts_at.isoformat(),
+                "ends_at": ends_at.isoformat(),
+                "total": str(total_amount),
+                "currency": currency,
+            }
+        },
+    )
     if status == S.SCHEDULED:
         # Due now: start provisioning once this commits rather than at the next dispatch tick.
         provisioning_kick(reservation.pk)
@@ -489,6 +505,14 @@ def reservation_cancel(
     )
     updated.cancellation = {**terms.as_dict(), "reason": reason, "actor_label": actor_label}
     updated.save(update_fields=["cancellation", "updated_at"])
+    _audit(
+        updated,
+        "reservation.cancel",
+        {
+            "before": {"status": locked.status},
+            "after": {"status": to_status, "refund": str(terms.refund_amount), "reason": reason},
+        },
+    )
     funding_gate().reservation_ended(reservation=updated)
     if to_status == S.RELEASING:
         # Billed until released_at: tear down promptly rather than when the sweeper notices.
@@ -682,4 +706,22 @@ def reservation_extend(
         actor_label=actor_label,
     )
     reservation_event_record(reservation=locked, type=EventType.RESERVATION_EXTENDED)
+    _audit(
+        locked,
+        "reservation.extend",
+        {
+            "before": {"ends_at": old_end.isoformat(), "total": str(old_total)},
+            "after": {"ends_at": new_ends_at.isoformat(), "total": str(locked.total_amount)},
+        },
+    )
     return locked
+
+
+def _audit(reservation: Reservation, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=reservation.organization_id,
+        action=action,
+        object_type="reservation",
+        object_id=reservation.public_id,
+        changes=changes,
+    )

@@ -18,6 +18,7 @@ from marketplace.provisioning.workload import (
     ssh_public_key_validate,
 )
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
+from marketplace.services.audit import audit_record
 
 __all__ = ["ssh_key_create", "ssh_key_delete", "workload_add_saved_ssh_keys"]
 
@@ -45,13 +46,15 @@ def ssh_key_create(
     fingerprint = ssh_public_key_fingerprint(public_key)
     try:
         with transaction.atomic():
-            return SshKey.objects.create(
+            key = SshKey.objects.create(
                 organization=organization,
                 name=name,
                 public_key=public_key,
                 fingerprint=fingerprint,
                 created_by=user,
             )
+        _audit(key, "ssh_key.create", {"after": {"name": name, "fingerprint": fingerprint}})
+        return key
     except IntegrityError as exc:
         if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) != (
             _UNIQUE_FINGERPRINT
@@ -71,6 +74,21 @@ def ssh_key_create(
 def ssh_key_delete(*, ssh_key: SshKey) -> None:
     """Forget a saved key. Reservations that already carry it keep it in their workload."""
     SshKey.objects.filter(pk=ssh_key.pk).delete()
+    _audit(
+        ssh_key,
+        "ssh_key.delete",
+        {"before": {"name": ssh_key.name, "fingerprint": ssh_key.fingerprint}},
+    )
+
+
+def _audit(key: SshKey, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=key.organization_id,
+        action=action,
+        object_type="ssh_key",
+        object_id=key.public_id,
+        changes=changes,
+    )
 
 
 def workload_add_saved_ssh_keys(

@@ -30,6 +30,7 @@ from marketplace.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from marketplace.services.audit import audit_changes, audit_record
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -168,6 +169,7 @@ def webhook_endpoint_create(
         secret=secret,
         created_by=created_by,
     )
+    _audit(endpoint, "webhook_endpoint.create", {"after": _settings(endpoint)})
     return endpoint, secret
 
 
@@ -182,6 +184,7 @@ def webhook_endpoint_update(
 ) -> WebhookEndpoint:
     """Change what is given. Enabling again starts the failure clock afresh."""
     locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
+    before = _settings(locked)
     if url is not None and url != locked.url:
         webhook_url_resolve(url)
         locked.url = url
@@ -194,6 +197,9 @@ def webhook_endpoint_update(
         locked.failing_since = None
         locked.disabled_reason = "" if enabled else "Disabled by the organisation."
     locked.save()
+    changes = audit_changes(before, _settings(locked))
+    if changes["after"]:
+        _audit(locked, "webhook_endpoint.update", changes)
     return locked
 
 
@@ -211,12 +217,39 @@ def webhook_endpoint_rotate_secret(
     locked.save(
         update_fields=["secret", "previous_secret", "previous_secret_expires_at", "updated_at"]
     )
+    # The secrets themselves are never in the audit log.
+    _audit(
+        locked,
+        "webhook_endpoint.rotate_secret",
+        {"after": {"previous_secret_expires_at": locked.previous_secret_expires_at.isoformat()}},
+    )
     return locked, secret
 
 
+@transaction.atomic
 def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
     """Deliveries still pending for it are dropped with it."""
     WebhookEndpoint.objects.filter(pk=endpoint.pk).delete()
+    _audit(endpoint, "webhook_endpoint.delete", {"before": _settings(endpoint)})
+
+
+def _settings(endpoint: WebhookEndpoint) -> dict:
+    return {
+        "url": endpoint.url,
+        "event_types": list(endpoint.event_types),
+        "description": endpoint.description,
+        "enabled": endpoint.enabled,
+    }
+
+
+def _audit(endpoint: WebhookEndpoint, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=endpoint.organization_id,
+        action=action,
+        object_type="webhook_endpoint",
+        object_id=endpoint.public_id,
+        changes=changes,
+    )
 
 
 def webhook_endpoint_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> list[str]:
@@ -271,6 +304,12 @@ def webhook_delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
     locked.status = DeliveryStatus.PENDING
     locked.retry_from = locked.next_attempt_at = now
     locked.save(update_fields=["status", "retry_from", "next_attempt_at"])
+    audit_record(
+        organization_id=locked.endpoint.organization_id,
+        action="webhook_delivery.resend",
+        object_type="webhook_delivery",
+        object_id=locked.public_id,
+    )
     _kick_on_commit([locked.endpoint_id])
     return locked
 

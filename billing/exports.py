@@ -1,0 +1,96 @@
+"""CSV exports of usage and the ledger, streamed row by row (the API and the portal share them).
+
+Amounts are exact decimals in major units, as the API shows them (from minor units, never
+through a float); energy is the estimate the usage page shows.
+"""
+
+import csv
+from collections.abc import Iterator
+from datetime import date
+
+from billing.money import from_minor_units
+from billing.selectors import ledger_for_org, usage_by_reservation_day, usage_row_energy
+from marketplace.models import Organization
+
+__all__ = ["USAGE_COLUMNS", "LEDGER_COLUMNS", "usage_csv_lines", "ledger_csv_lines"]
+
+USAGE_COLUMNS = [
+    "day", "reservation", "gpu_model", "site", "gpu_seconds", "amount", "currency", "kwh",
+    "kg_co2e",
+]  # fmt: skip
+LEDGER_COLUMNS = [
+    "id", "created_at", "kind", "amount", "currency", "reservation", "period_start",
+    "period_end", "gpu_seconds", "description",
+]  # fmt: skip
+_CHUNK = 2000
+
+
+class _Line:
+    """A file-like that hands back what csv.writer writes, one line at a time."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def _lines(header: list[str], rows: Iterator[list]) -> Iterator[str]:
+    writer = csv.writer(_Line(), lineterminator="\n")
+    yield writer.writerow(header)
+    for row in rows:
+        yield writer.writerow(row)
+
+
+def usage_csv_lines(
+    *, organization: Organization, since: date | None, until: date | None
+) -> Iterator[str]:
+    """One line per reservation and UTC day, oldest day first: charged amounts positive."""
+    rows = (
+        usage_by_reservation_day(organization=organization, since=since, until=until)
+        .order_by("day", "reservation__public_id")
+        .iterator(chunk_size=_CHUNK)
+    )
+
+    def values():
+        for row in rows:
+            energy = usage_row_energy(row)
+            yield [
+                row["day"].isoformat(),
+                row["reservation__public_id"] or "",
+                row["reservation__gpu_model__slug"] or "",
+                row["reservation__site__slug"] or "",
+                row["gpu_seconds"],
+                from_minor_units(-row["amount_minor"], row["currency"]),
+                row["currency"],
+                "" if energy is None else energy.kwh,
+                "" if energy is None or energy.kg_co2e is None else energy.kg_co2e,
+            ]
+
+    return _lines(USAGE_COLUMNS, values())
+
+
+def ledger_csv_lines(
+    *, organization: Organization, since: date | None, until: date | None
+) -> Iterator[str]:
+    """Every ledger entry created in [since, until), oldest first, signed as stored."""
+    entries = ledger_for_org(organization=organization)
+    if since is not None:
+        entries = entries.filter(created_at__date__gte=since)
+    if until is not None:
+        entries = entries.filter(created_at__date__lt=until)
+    entries = entries.order_by("created_at", "id").iterator(chunk_size=_CHUNK)
+
+    def values():
+        for entry in entries:
+            yield [
+                entry.pk,
+                entry.created_at.isoformat(),
+                entry.kind,
+                from_minor_units(entry.amount_minor, entry.currency),
+                entry.currency,
+                entry.reservation.public_id if entry.reservation_id else "",
+                entry.period_start.isoformat() if entry.period_start else "",
+                entry.period_end.isoformat() if entry.period_end else "",
+                entry.gpu_seconds,
+                entry.description,
+            ]
+
+    return _lines(LEDGER_COLUMNS, values())

@@ -1,0 +1,49 @@
+"""The audit log's one writer. Services call audit_record in their own transaction."""
+
+from django.db.models import Model
+
+from marketplace.audit import audit_context
+from marketplace.models import AuditEntry
+
+__all__ = ["audit_record", "audit_changes"]
+
+
+def audit_record(
+    *,
+    organization_id: int,
+    action: str,
+    object_type: str,
+    object_id: str,
+    changes: dict | None = None,
+) -> AuditEntry | None:
+    """Record `action` by whoever acts in this request; None outside a request (no actor)."""
+    context = audit_context()
+    if context is None or not context.actor:
+        return None
+    return AuditEntry.objects.create(
+        organization_id=organization_id,
+        actor=context.actor,
+        action=action,
+        object_type=object_type,
+        object_id=object_id,
+        changes=changes or {},
+        ip_address=context.ip_address,
+        user_agent=context.user_agent,
+    )
+
+
+def audit_changes(before: dict, after: dict) -> dict:
+    """{"before": …, "after": …} of the fields whose value changed (JSON-ready values)."""
+    changed = sorted(k for k in after if before.get(k) != after.get(k))
+    return {
+        "before": {k: _plain(before.get(k)) for k in changed},
+        "after": {k: _plain(after.get(k)) for k in changed},
+    }
+
+
+def _plain(value):
+    if isinstance(value, Model):
+        return str(value.pk)
+    if value is None or isinstance(value, bool | int | str | list | dict):
+        return value
+    return str(value)  # Decimal, datetime: as text, exactly
