@@ -1,0 +1,460 @@
+"""The `switchyard` command line.
+
+Tables by default, `--json` for scripts. Exit codes (docs/integrators.md):
+0 done · 1 other API error · 2 bad usage or invalid request · 3 not authenticated or not
+allowed · 4 not found · 5 conflict (state, capacity) · 6 payment required · 7 rate limited ·
+8 the API could not be reached.
+"""
+
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from switchyard import errors
+from switchyard.client import DEFAULT_BASE_URL, Client
+from switchyard.models import ApiObject
+
+EXIT_CODES = {
+    errors.InvalidRequestError: 2,
+    errors.AuthenticationError: 3,
+    errors.PermissionDeniedError: 3,
+    errors.NotFoundError: 4,
+    errors.ConflictError: 5,
+    errors.PaymentError: 6,
+    errors.RateLimitError: 7,
+    errors.APIConnectionError: 8,
+}
+
+err_console = Console(stderr=True)
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "switchyard" / "config.json"
+
+
+def _load_config() -> dict:
+    try:
+        return json.loads(config_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_config(data: dict) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Created readable by the owner only, before the key is written into it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.chmod(path, 0o600)
+    return path
+
+
+class State:
+    def __init__(self, as_json: bool, base_url: str | None):
+        self.as_json = as_json
+        self._base_url = base_url
+        self._client: Client | None = None
+
+    @property
+    def base_url(self) -> str:
+        return (
+            self._base_url
+            or os.environ.get("SWITCHYARD_BASE_URL")
+            or _load_config().get("base_url")
+            or DEFAULT_BASE_URL
+        )
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            key = os.environ.get("SWITCHYARD_API_KEY") or _load_config().get("api_key")
+            if not key:
+                raise click.UsageError("Not logged in: run `switchyard login` first.")
+            self._client = Client(api_key=key, base_url=self.base_url)
+        return self._client
+
+
+def _out(state: State, data, columns: list[str], title: str | None = None) -> None:
+    """Print objects as a table (one object: a field and value per row), or JSON with --json."""
+    items = data if isinstance(data, list) else [data]
+    plain = [i.to_dict() if isinstance(i, ApiObject) else i for i in items]
+    if state.as_json:
+        click.echo(json.dumps(plain if isinstance(data, list) else plain[0], indent=2))
+        return
+    table = Table(title=title)
+    if isinstance(data, list):
+        for column in columns:
+            table.add_column(column)
+        for item in plain:
+            table.add_row(*[_cell(item, c) for c in columns])
+    else:
+        table.add_column("field")
+        table.add_column("value", overflow="fold")
+        for column in columns:
+            table.add_row(column, _cell(plain[0], column))
+    # Piped or captured output is not cut to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _cell(item: dict, column: str) -> str:
+    value = item
+    for part in column.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+class Group(click.Group):
+    """Turns API errors into a message on stderr and the documented exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except errors.SwitchyardError as exc:
+            err_console.print(f"[red]Error:[/red] {exc}", highlight=False)
+            code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+            ctx.exit(code)
+
+
+@click.group(cls=Group)
+@click.option("--json", "as_json", is_flag=True, help="JSON output, for scripts.")
+@click.option("--base-url", envvar="SWITCHYARD_BASE_URL", help="The API's address.")
+@click.version_option(package_name="switchyard")
+@click.pass_context
+def main(ctx, as_json: bool, base_url: str | None):
+    """Switchyard: GPU capacity at former bitcoin-mining sites."""
+    ctx.obj = State(as_json, base_url)
+
+
+@main.command()
+@click.option("--base-url", "login_base_url", help="The API's address to remember.")
+@click.option("--api-key-stdin", is_flag=True, help="Read the key from standard input.")
+@click.pass_obj
+def login(state: State, login_base_url: str | None, api_key_stdin: bool):
+    """Store an API key in your user config (asked for, never on the command line)."""
+    if api_key_stdin:
+        key = sys.stdin.readline().strip()
+    else:
+        key = click.prompt("API key", hide_input=True).strip()
+    base_url = login_base_url or state.base_url
+    organization = Client(api_key=key, base_url=base_url, max_retries=1).organization.retrieve()
+    path = _save_config({"api_key": key, "base_url": base_url})
+    name = organization.get("name") or organization.get("organization", {}).get("name", "")
+    if state.as_json:
+        click.echo(json.dumps({"organization": organization.to_dict(), "config": str(path)}))
+    else:
+        click.echo(f"Logged in to {base_url} as {name}; key stored in {path} (mode 600).")
+
+
+@main.group()
+def gpus():
+    """GPU availability."""
+
+
+def _period(start: str | None, hours: float | None, end: str | None) -> tuple[str, str]:
+    starts = datetime.fromisoformat(start) if start else datetime.now(UTC)
+    if end:
+        return starts.isoformat(), end
+    return starts.isoformat(), (starts + timedelta(hours=hours or 1)).isoformat()
+
+
+_search_options = [
+    click.option("--gpu-model", help="e.g. h100-sxm-80gb"),
+    click.option("--count", "gpu_count", type=int, default=1, show_default=True),
+    click.option("--start", help="ISO time; default now."),
+    click.option("--hours", type=float, help="Length (default 1) unless --end."),
+    click.option("--end", help="ISO time."),
+    click.option("--region"),
+    click.option("--site"),
+    click.option("--tier", type=click.Choice(["on_demand", "reserved", "interruptible"])),
+]
+
+
+def search_options(f):
+    for option in reversed(_search_options):
+        f = option(f)
+    return f
+
+
+@gpus.command("search")
+@search_options
+@click.option("--max-price", help="Per GPU-hour.")
+@click.pass_obj
+def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, tier, max_price):
+    """Priced offers that can be reserved now, cheapest first."""
+    starts, ends = _period(start, hours, end)
+    offers = list(
+        state.client.availability.search(
+            gpu_model=gpu_model, gpu_count=gpu_count, start=starts, end=ends, region=region,
+            site=site, tier=tier, max_price=max_price,
+        )
+    )  # fmt: skip
+    _out(state, offers, ["site.id", "site.region", "gpu_model", "gpu_count", "price_per_gpu_hour",
+                         "total", "currency"], "Offers")  # fmt: skip
+
+
+@main.command()
+@search_options
+@click.pass_obj
+def quote(state, gpu_model, gpu_count, start, hours, end, region, site, tier):
+    """Price the best offer and hold it for a few minutes."""
+    starts, ends = _period(start, hours, end)
+    body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts, "ends_at": ends,
+            "region": region, "site": site, "tier": tier}  # fmt: skip
+    result = state.client.quotes.create(**{k: v for k, v in body.items() if v is not None})
+    _out(state, result, ["id", "site", "gpu_model", "gpu_count", "total", "currency",
+                         "expires_at"], "Quote")  # fmt: skip
+
+
+RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts_at", "ends_at",
+                       "total", "currency"]  # fmt: skip
+
+
+@main.command()
+@click.option("--quote", "quote_id", help="quo_…: reserve at the quoted price.")
+@search_options
+@click.option("--ssh-key-id", "ssh_key_ids", multiple=True, help="ssh_…, repeatable.")
+@click.option("--image")
+@click.pass_obj
+def reserve(state, quote_id, gpu_model, gpu_count, start, hours, end, region, site, tier,
+            ssh_key_ids, image):  # fmt: skip
+    """Reserve GPUs, from a quote or directly."""
+    if quote_id:
+        body = {"quote": quote_id}
+    else:
+        if not gpu_model:
+            raise click.UsageError("Give --quote, or --gpu-model and the period.")
+        starts, ends = _period(start, hours, end)
+        body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts,
+                "ends_at": ends, "region": region, "site": site, "tier": tier}  # fmt: skip
+    if ssh_key_ids:
+        body["ssh_key_ids"] = list(ssh_key_ids)
+    if image:
+        body["workload"] = {"image": image}
+    result = state.client.reservations.create(**{k: v for k, v in body.items() if v is not None})
+    _out(state, result, RESERVATION_COLUMNS, "Reservation")
+
+
+@main.command("list")
+@click.option("--status", multiple=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.pass_obj
+def list_(state, status, limit):
+    """Your reservations, newest first."""
+    rows = []
+    for reservation in state.client.reservations.list(status=list(status) or None):
+        rows.append(reservation)
+        if len(rows) >= limit:
+            break
+    _out(state, rows, RESERVATION_COLUMNS, "Reservations")
+
+
+@main.command()
+@click.argument("reservation_id")
+@click.pass_obj
+def show(state, reservation_id):
+    """One reservation, with its connection details once active."""
+    result = state.client.reservations.retrieve(reservation_id)
+    _out(state, result, [*RESERVATION_COLUMNS, "allowed_actions", "connection.host",
+                         "connection.ssh_port"], "Reservation")  # fmt: skip
+
+
+@main.command()
+@click.argument("reservation_id")
+@click.option("--reason", default="")
+@click.pass_obj
+def cancel(state, reservation_id, reason):
+    """Cancel (before it starts) or stop early (while active)."""
+    result = state.client.reservations.cancel(reservation_id, reason=reason)
+    _out(state, result, RESERVATION_COLUMNS, "Reservation")
+
+
+@main.command()
+@click.argument("reservation_id")
+@click.option("--ends-at", help="The new end (ISO time).")
+@click.option("--hours", type=float, help="Or: this many hours more.")
+@click.pass_obj
+def extend(state, reservation_id, ends_at, hours):
+    """Move the end later, on the same GPUs."""
+    if not ends_at:
+        if not hours:
+            raise click.UsageError("Give --ends-at or --hours.")
+        current = state.client.reservations.retrieve(reservation_id)
+        ends = datetime.fromisoformat(current.ends_at.replace("Z", "+00:00"))
+        ends_at = (ends + timedelta(hours=hours)).isoformat()
+    result = state.client.reservations.extend(reservation_id, ends_at=ends_at)
+    _out(state, result, RESERVATION_COLUMNS, "Reservation")
+
+
+@main.command()
+@click.argument("reservation_id")
+@click.option("--user", default="root", show_default=True)
+@click.option("--print", "print_only", is_flag=True, help="Print the ssh command, do not run it.")
+@click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def ssh(state, reservation_id, user, print_only, ssh_args):
+    """Open an SSH session to an active reservation's first node."""
+    reservation = state.client.reservations.retrieve(reservation_id)
+    connection = reservation.get("connection")
+    if not connection:
+        raise click.ClickException(
+            f"{reservation_id} is {reservation.status}: no connection details until it is active."
+        )
+    command = ["ssh", "-p", str(connection["ssh_port"]), f"{user}@{connection['host']}",
+               *ssh_args]  # fmt: skip
+    if print_only:
+        click.echo(shlex.join(command))
+        return
+    os.execvp("ssh", command)
+
+
+@main.group()
+def events():
+    """The organisation's events."""
+
+
+@events.command("tail")
+@click.option("--type", "types", multiple=True, help="Only these types (repeatable).")
+@click.option("--since", help="Start after this time (ISO); default now.")
+@click.option("--interval", type=float, default=2.0, show_default=True)
+@click.option("--once", is_flag=True, help="Print what is new and stop.")
+@click.pass_obj
+def events_tail(state, types, since, interval, once):
+    """Follow new events, oldest first (Ctrl-C to stop)."""
+    cursor = since or datetime.now(UTC).isoformat()
+    while True:
+        new = list(state.client.events.list(type=list(types) or None, created_after=cursor))
+        for event in reversed(new):
+            if state.as_json:
+                click.echo(json.dumps(event.to_dict()))
+            else:
+                click.echo(f"{event.created}  {event.type:<36} {event.object_id}  {event.id}")
+        if new:
+            cursor = new[0].created
+        if once:
+            return
+        time.sleep(interval)
+
+
+@main.group()
+def webhooks():
+    """Webhook endpoints and their deliveries."""
+
+
+ENDPOINT_COLUMNS = ["id", "url", "event_types", "enabled", "failing_since"]
+
+
+@webhooks.command("list")
+@click.pass_obj
+def webhooks_list(state):
+    _out(state, list(state.client.webhook_endpoints.list()), ENDPOINT_COLUMNS, "Webhook endpoints")
+
+
+@webhooks.command("create")
+@click.argument("url")
+@click.option(
+    "--event", "event_types", multiple=True, help="An event type (repeatable); none: all."
+)
+@click.option("--description", default="")
+@click.pass_obj
+def webhooks_create(state, url, event_types, description):
+    """Register an endpoint; prints its signing secret (shown once)."""
+    endpoint = state.client.webhook_endpoints.create(
+        url=url, event_types=list(event_types), description=description
+    )
+    _out(state, endpoint, [*ENDPOINT_COLUMNS, "secret"], "Webhook endpoint (store the secret)")
+
+
+@webhooks.command("rotate")
+@click.argument("endpoint_id")
+@click.pass_obj
+def webhooks_rotate(state, endpoint_id):
+    """A new signing secret; the old one keeps signing for the overlap period."""
+    endpoint = state.client.webhook_endpoints.rotate_secret(endpoint_id)
+    _out(state, endpoint, ["id", "secret", "previous_secret_expires_at"], "New secret")
+
+
+@webhooks.command("enable")
+@click.argument("endpoint_id")
+@click.pass_obj
+def webhooks_enable(state, endpoint_id):
+    _out(state, state.client.webhook_endpoints.update(endpoint_id, enabled=True), ENDPOINT_COLUMNS)
+
+
+@webhooks.command("disable")
+@click.argument("endpoint_id")
+@click.pass_obj
+def webhooks_disable(state, endpoint_id):
+    _out(state, state.client.webhook_endpoints.update(endpoint_id, enabled=False), ENDPOINT_COLUMNS)
+
+
+@webhooks.command("delete")
+@click.argument("endpoint_id")
+@click.pass_obj
+def webhooks_delete(state, endpoint_id):
+    state.client.webhook_endpoints.delete(endpoint_id)
+    if state.as_json:
+        click.echo(json.dumps({"deleted": endpoint_id}))
+    else:
+        click.echo(f"Deleted {endpoint_id}.")
+
+
+@webhooks.command("deliveries")
+@click.argument("endpoint_id")
+@click.option("--status", type=click.Choice(["pending", "succeeded", "failed"]))
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.pass_obj
+def webhooks_deliveries(state, endpoint_id, status, limit):
+    rows = []
+    for delivery in state.client.webhook_endpoints.deliveries(endpoint_id, status=status):
+        rows.append(delivery)
+        if len(rows) >= limit:
+            break
+    _out(state, rows, ["id", "event_type", "event", "status", "attempt_count", "next_attempt_at"],
+         "Deliveries")  # fmt: skip
+
+
+@webhooks.command("resend")
+@click.argument("delivery_id")
+@click.pass_obj
+def webhooks_resend(state, delivery_id):
+    _out(state, state.client.webhook_deliveries.resend(delivery_id), ["id", "status"])
+
+
+@main.group()
+def usage():
+    """Usage and ledger exports."""
+
+
+@usage.command("export")
+@click.option("--since", help="First UTC day (YYYY-MM-DD).")
+@click.option("--until", help="Day after the last (YYYY-MM-DD).")
+@click.option("--ledger", is_flag=True, help="The ledger instead of usage by day.")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), help="Default: stdout."
+)
+@click.pass_obj
+def usage_export(state, since, until, ledger, output):
+    """Download usage (one row per reservation and day) or the ledger as CSV."""
+    billing = state.client.billing
+    chunks = (billing.ledger_csv if ledger else billing.usage_csv)(since=since, until=until)
+    if output:
+        with open(output, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        err_console.print(f"Wrote {output}")
+    else:
+        out = click.get_binary_stream("stdout")
+        for chunk in chunks:
+            out.write(chunk)

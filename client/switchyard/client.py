@@ -1,0 +1,482 @@
+"""The Switchyard API client.
+
+    from switchyard import Client
+    sy = Client(api_key="sy_live_…", base_url="https://api.switchyard.example")
+    for offer in sy.availability.search(gpu_model="h100-sxm-80gb", gpu_count=8, end="…"):
+        ...
+    reservation = sy.reservations.create(quote=sy.quotes.create(...).id)
+
+- Every POST carries an Idempotency-Key (a UUID, or yours), the same on every retry, so a
+  retried request is never done twice.
+- Retries (up to max_retries, with exponential backoff): 409 idempotency_key_in_use, 429 (after
+  Retry-After), 502/503/504 and connection errors.
+- Lists are iterators that follow the cursor pages.
+- Errors are raised as the classes of switchyard.errors, by the error's `type`.
+"""
+
+# Resources have a method named `list`: annotations must not be evaluated in class bodies.
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from switchyard import __version__
+from switchyard.errors import APIConnectionError, error_from_response
+from switchyard.models import (
+    ApiKey,
+    ApiObject,
+    AuditEntry,
+    Event,
+    GpuModel,
+    Offer,
+    Quote,
+    Reservation,
+    Site,
+    SshKey,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
+
+__all__ = ["Client", "OPERATIONS"]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+_RETRY_STATUSES = {502, 503, 504}
+
+
+def _clean(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class Client:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self._http = httpx.Client(
+            base_url=self.base_url + "/api/v1/",
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "User-Agent": f"switchyard-python/{__version__}",
+                "Accept": "application/json",
+            },
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport,
+        )
+        self.gpu_models = _GpuModels(self)
+        self.sites = _Sites(self)
+        self.availability = _Availability(self)
+        self.quotes = _Quotes(self)
+        self.reservations = _Reservations(self)
+        self.api_keys = _ApiKeys(self)
+        self.ssh_keys = _SshKeys(self)
+        self.organization = _Organization(self)
+        self.events = _Events(self)
+        self.webhook_endpoints = _WebhookEndpoints(self)
+        self.webhook_deliveries = _WebhookDeliveries(self)
+        self.audit_log = _AuditLog(self)
+        self.billing = _Billing(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the one request path ----------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        json: Any = None,
+        idempotency_key: str | None = None,
+        raw: bool = False,
+    ) -> Any:
+        headers = {}
+        if method == "POST":
+            headers["Idempotency-Key"] = idempotency_key or str(uuid.uuid4())
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    method,
+                    path.lstrip("/"),
+                    params=_clean(params or {}),
+                    json=json,
+                    headers=headers,
+                )
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise APIConnectionError(f"Could not reach {self.base_url}: {exc}") from exc
+                self._sleep(attempt, None)
+                attempt += 1
+                continue
+            if response.status_code < 400:
+                if raw:
+                    return response
+                return None if response.status_code == 204 else response.json()
+            body = _json_or_text(response)
+            if attempt < self.max_retries and _retryable(response, body):
+                self._sleep(attempt, response.headers.get("Retry-After"))
+                attempt += 1
+                continue
+            raise error_from_response(response.status_code, body)
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        if retry_after is not None:
+            try:
+                time.sleep(min(float(retry_after), 60.0))
+                return
+            except ValueError:
+                pass
+        time.sleep(self.backoff * 2**attempt * (1 + random.random() / 4))
+
+    def iterate(self, path: str, params: dict | None = None, cls=ApiObject) -> Iterator[Any]:
+        """Every item of a list, following the `next` cursor links."""
+        page = self.request("GET", path, params=params)
+        while True:
+            if isinstance(page, list):
+                yield from (cls(item) for item in page)
+                return
+            yield from (cls(item) for item in page.get("results", []))
+            next_url = page.get("next")
+            if not next_url:
+                return
+            cursor = httpx.URL(next_url).params.get("cursor")
+            page = self.request("GET", path, params={**(params or {}), "cursor": cursor})
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _retryable(response: httpx.Response, body: Any) -> bool:
+    if response.status_code == 429 or response.status_code in _RETRY_STATUSES:
+        return True
+    if response.status_code == 409 and isinstance(body, dict):
+        return (body.get("error") or {}).get("code") == "idempotency_key_in_use"
+    return False
+
+
+class _Resource:
+    def __init__(self, client: Client):
+        self._client = client
+
+    def _get(self, path, cls=ApiObject, **params):
+        return cls(self._client.request("GET", path, params=params))
+
+    def _post(self, path, body=None, cls=ApiObject, idempotency_key=None):
+        return cls(
+            self._client.request("POST", path, json=body or {}, idempotency_key=idempotency_key)
+        )
+
+    def _list(self, path, cls=ApiObject, **params):
+        return self._client.iterate(path, params, cls)
+
+
+class _GpuModels(_Resource):
+    def list(self) -> Iterator[GpuModel]:
+        return self._list("gpu-models", GpuModel)
+
+
+class _Sites(_Resource):
+    def list(self) -> Iterator[Site]:
+        return self._list("sites", Site)
+
+    def availability(self, slug: str, **params) -> ApiObject:
+        return self._get(f"sites/{slug}/availability", **params)
+
+
+class _Availability(_Resource):
+    def search(self, **params) -> Iterator[Offer]:
+        """gpu_model, min_gpu_memory_gb, gpu_count, start, end, region, site, tier, term,
+        max_price."""
+        return self._list("availability", Offer, **params)
+
+
+class _Quotes(_Resource):
+    def create(self, *, idempotency_key: str | None = None, **body) -> Quote:
+        return self._post("quotes", body, Quote, idempotency_key)
+
+    def retrieve(self, quote_id: str) -> Quote:
+        return self._get(f"quotes/{quote_id}", Quote)
+
+
+class _Reservations(_Resource):
+    def list(self, **filters) -> Iterator[Reservation]:
+        return self._list("reservations", Reservation, **filters)
+
+    def create(self, *, idempotency_key: str | None = None, **body) -> Reservation:
+        """From a quote (quote="quo_…") or directly (gpu_model, gpu_count, starts_at, …)."""
+        return self._post("reservations", body, Reservation, idempotency_key)
+
+    def retrieve(self, reservation_id: str) -> Reservation:
+        return self._get(f"reservations/{reservation_id}", Reservation)
+
+    def cancel(self, reservation_id: str, *, reason: str = "", idempotency_key=None):
+        return self._post(
+            f"reservations/{reservation_id}/cancel", {"reason": reason}, Reservation,
+            idempotency_key,
+        )  # fmt: skip
+
+    def extend(self, reservation_id: str, *, ends_at: str, idempotency_key=None) -> Reservation:
+        return self._post(
+            f"reservations/{reservation_id}/extend", {"ends_at": ends_at}, Reservation,
+            idempotency_key,
+        )  # fmt: skip
+
+    def cancellation_terms(self, reservation_id: str) -> ApiObject:
+        return self._get(f"reservations/{reservation_id}/cancellation-terms")
+
+    def extension_terms(self, reservation_id: str, *, ends_at: str) -> ApiObject:
+        return self._get(f"reservations/{reservation_id}/extension-terms", ends_at=ends_at)
+
+    def telemetry(self, reservation_id: str, **params) -> ApiObject:
+        return self._get(f"reservations/{reservation_id}/telemetry", **params)
+
+
+class _ApiKeys(_Resource):
+    def list(self, **filters) -> Iterator[ApiKey]:
+        return self._list("api-keys", ApiKey, **filters)
+
+    def create(self, *, name: str, scopes: list[str] | None = None, idempotency_key=None):
+        body = {"name": name, **({"scopes": scopes} if scopes else {})}
+        return self._post("api-keys", body, ApiKey, idempotency_key)
+
+    def revoke(self, key_id: str) -> ApiKey:
+        return self._post(f"api-keys/{key_id}/revoke", None, ApiKey)
+
+
+class _SshKeys(_Resource):
+    def list(self) -> Iterator[SshKey]:
+        return self._list("ssh-keys", SshKey)
+
+    def create(self, *, name: str, public_key: str, idempotency_key=None) -> SshKey:
+        return self._post(
+            "ssh-keys", {"name": name, "public_key": public_key}, SshKey, idempotency_key
+        )
+
+    def retrieve(self, ssh_key_id: str) -> SshKey:
+        return self._get(f"ssh-keys/{ssh_key_id}", SshKey)
+
+    def delete(self, ssh_key_id: str) -> None:
+        self._client.request("DELETE", f"ssh-keys/{ssh_key_id}")
+
+
+class _Organization(_Resource):
+    def retrieve(self) -> ApiObject:
+        return self._get("organization")
+
+    def members(self, **filters) -> Iterator[ApiObject]:
+        return self._list("organization/members", **filters)
+
+    def add_member(self, *, email: str, role: str, idempotency_key=None) -> ApiObject:
+        return self._post(
+            "organization/members", {"email": email, "role": role}, idempotency_key=idempotency_key
+        )
+
+    def update_member(self, member_id: str, *, role: str) -> ApiObject:
+        return ApiObject(
+            self._client.request("PATCH", f"organization/members/{member_id}", json={"role": role})
+        )
+
+    def remove_member(self, member_id: str) -> None:
+        self._client.request("DELETE", f"organization/members/{member_id}")
+
+    def invitations(self) -> Iterator[ApiObject]:
+        return self._list("organization/invitations")
+
+    def invite(self, *, email: str, role: str, idempotency_key=None) -> ApiObject:
+        return self._post(
+            "organization/invitations", {"email": email, "role": role},
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
+
+    def revoke_invitation(self, invitation_id: str) -> ApiObject:
+        return self._post(f"organization/invitations/{invitation_id}/revoke")
+
+
+class _Events(_Resource):
+    def list(self, **filters) -> Iterator[Event]:
+        """Newest first; filters type (str or list), created_after, created_before, object_id."""
+        return self._list("events", Event, **filters)
+
+    def retrieve(self, event_id: str) -> Event:
+        return self._get(f"events/{event_id}", Event)
+
+
+class _WebhookEndpoints(_Resource):
+    def list(self) -> Iterator[WebhookEndpoint]:
+        return self._list("webhook-endpoints", WebhookEndpoint)
+
+    def create(self, *, url: str, event_types: list[str] | None = None, description: str = "",
+               enabled: bool = True, idempotency_key=None) -> WebhookEndpoint:  # fmt: skip
+        body = {"url": url, "event_types": event_types or [], "description": description,
+                "enabled": enabled}  # fmt: skip
+        return self._post("webhook-endpoints", body, WebhookEndpoint, idempotency_key)
+
+    def retrieve(self, endpoint_id: str) -> WebhookEndpoint:
+        return self._get(f"webhook-endpoints/{endpoint_id}", WebhookEndpoint)
+
+    def update(self, endpoint_id: str, **changes) -> WebhookEndpoint:
+        """url, event_types, description, enabled."""
+        return WebhookEndpoint(
+            self._client.request("PATCH", f"webhook-endpoints/{endpoint_id}", json=changes)
+        )
+
+    def delete(self, endpoint_id: str) -> None:
+        self._client.request("DELETE", f"webhook-endpoints/{endpoint_id}")
+
+    def rotate_secret(self, endpoint_id: str) -> WebhookEndpoint:
+        return self._post(f"webhook-endpoints/{endpoint_id}/rotate-secret", None, WebhookEndpoint)
+
+    def deliveries(self, endpoint_id: str, **filters) -> Iterator[WebhookDelivery]:
+        return self._list(f"webhook-endpoints/{endpoint_id}/deliveries", WebhookDelivery, **filters)
+
+
+class _WebhookDeliveries(_Resource):
+    def resend(self, delivery_id: str) -> WebhookDelivery:
+        return self._post(f"webhook-deliveries/{delivery_id}/resend", None, WebhookDelivery)
+
+
+class _AuditLog(_Resource):
+    def list(self, **filters) -> Iterator[AuditEntry]:
+        """Newest first; filters actor, action (a family ending in "."), object_id, times."""
+        return self._list("audit-log", AuditEntry, **filters)
+
+
+class _Billing(_Resource):
+    def balance(self) -> ApiObject:
+        return self._get("billing/balance")
+
+    def update_settings(self, **settings) -> ApiObject:
+        return ApiObject(self._client.request("PATCH", "billing/settings", json=settings))
+
+    def ledger(self) -> Iterator[ApiObject]:
+        return self._list("billing/ledger")
+
+    def usage(self, *, since: str | None = None, until: str | None = None) -> Iterator[ApiObject]:
+        return self._list("billing/usage", since=since, until=until)
+
+    def usage_csv(self, *, since: str | None = None, until: str | None = None) -> Iterator[bytes]:
+        """The usage export, streamed: bytes chunks of CSV."""
+        return self._stream("billing/usage.csv", since=since, until=until)
+
+    def ledger_csv(self, *, since: str | None = None, until: str | None = None) -> Iterator[bytes]:
+        return self._stream("billing/ledger.csv", since=since, until=until)
+
+    def _stream(self, path: str, **params) -> Iterator[bytes]:
+        with self._client._http.stream("GET", path, params=_clean(params)) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_response(response.status_code, _json_or_text(response))
+            yield from response.iter_bytes()
+
+    def invoices(self) -> Iterator[ApiObject]:
+        return self._list("billing/invoices")
+
+    def payment_methods(self) -> Iterator[ApiObject]:
+        return self._list("billing/payment-methods")
+
+    def attach_payment_method(self, *, payment_method: str, setup_intent: str = "",
+                              idempotency_key=None) -> ApiObject:  # fmt: skip
+        body = {"payment_method": payment_method, **({"setup_intent": setup_intent} if setup_intent else {})}  # fmt: skip
+        return self._post("billing/payment-methods", body, idempotency_key=idempotency_key)
+
+    def detach_payment_method(self, payment_method_id: str) -> None:
+        self._client.request("DELETE", f"billing/payment-methods/{payment_method_id}")
+
+    def set_default_payment_method(self, payment_method_id: str) -> ApiObject:
+        return self._post(f"billing/payment-methods/{payment_method_id}/default")
+
+    def create_setup_intent(self) -> ApiObject:
+        return self._post("billing/payment-methods/setup-intent")
+
+    def top_ups(self) -> Iterator[ApiObject]:
+        return self._list("billing/top-ups")
+
+    def top_up(self, *, amount: str, idempotency_key=None) -> ApiObject:
+        return self._post("billing/top-ups", {"amount": amount}, idempotency_key=idempotency_key)
+
+
+# Every operation of the API's OpenAPI schema (operationId) and the SDK method that performs
+# it; tests/client/test_sdk_coverage.py fails when the schema has one that is not here.
+OPERATIONS: dict[str, str] = {
+    "gpu_models_list": "gpu_models.list",
+    "sites_list": "sites.list",
+    "sites_availability": "sites.availability",
+    "availability_search": "availability.search",
+    "quotes_create": "quotes.create",
+    "quotes_retrieve": "quotes.retrieve",
+    "reservations_list": "reservations.list",
+    "reservations_create": "reservations.create",
+    "reservations_retrieve": "reservations.retrieve",
+    "reservations_cancel": "reservations.cancel",
+    "reservations_extend": "reservations.extend",
+    "reservations_cancellation_terms": "reservations.cancellation_terms",
+    "reservations_extension_terms": "reservations.extension_terms",
+    "reservations_telemetry": "reservations.telemetry",
+    "api_keys_list": "api_keys.list",
+    "api_keys_create": "api_keys.create",
+    "api_keys_revoke": "api_keys.revoke",
+    "ssh_keys_list": "ssh_keys.list",
+    "ssh_keys_create": "ssh_keys.create",
+    "ssh_keys_retrieve": "ssh_keys.retrieve",
+    "ssh_keys_destroy": "ssh_keys.delete",
+    "organization_retrieve": "organization.retrieve",
+    "organization_members_list": "organization.members",
+    "organization_members_create": "organization.add_member",
+    "organization_members_update": "organization.update_member",
+    "organization_members_destroy": "organization.remove_member",
+    "organization_invitations_list": "organization.invitations",
+    "organization_invitations_create": "organization.invite",
+    "organization_invitations_revoke": "organization.revoke_invitation",
+    "events_list": "events.list",
+    "events_retrieve": "events.retrieve",
+    "webhook_endpoints_list": "webhook_endpoints.list",
+    "webhook_endpoints_create": "webhook_endpoints.create",
+    "webhook_endpoints_retrieve": "webhook_endpoints.retrieve",
+    "webhook_endpoints_update": "webhook_endpoints.update",
+    "webhook_endpoints_destroy": "webhook_endpoints.delete",
+    "webhook_endpoints_rotate_secret": "webhook_endpoints.rotate_secret",
+    "webhook_deliveries_list": "webhook_endpoints.deliveries",
+    "webhook_deliveries_resend": "webhook_deliveries.resend",
+    "audit_log_list": "audit_log.list",
+    "billing_balance": "billing.balance",
+    "billing_settings_update": "billing.update_settings",
+    "billing_ledger": "billing.ledger",
+    "billing_ledger_csv": "billing.ledger_csv",
+    "billing_usage": "billing.usage",
+    "billing_usage_csv": "billing.usage_csv",
+    "billing_invoices": "billing.invoices",
+    "billing_payment_methods": "billing.payment_methods",
+    "billing_payment_method_attach": "billing.attach_payment_method",
+    "billing_payment_method_detach": "billing.detach_payment_method",
+    "billing_payment_method_set_default": "billing.set_default_payment_method",
+    "billing_setup_intent_create": "billing.create_setup_intent",
+    "billing_top_ups": "billing.top_ups",
+    "billing_top_up_create": "billing.top_up",
+}

@@ -1,0 +1,152 @@
+"""The `switchyard` CLI against a live server: tables, --json, the config file, exit codes."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+import csv
+import io
+import json
+import os
+import stat
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from switchyard.cli import main
+
+from marketplace.models import Reservation, ReservationStatus
+from marketplace.services.transitions import reservation_transition
+from tests.client.conftest import world  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def cli(world, tmp_path, monkeypatch):
+    """Runs `switchyard …` logged in through the config file of a private XDG_CONFIG_HOME."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    for name in ("SWITCHYARD_API_KEY", "SWITCHYARD_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    runner = CliRunner()
+
+    def run(*args, input=None):
+        return runner.invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    login = run("login", "--base-url", world.url, "--api-key-stdin", input=world.secret + "\n")
+    assert login.exit_code == 0, login.output
+    return run
+
+
+def _start(hours=24):
+    start = (datetime.now(UTC) + timedelta(hours=hours)).replace(minute=0, second=0, microsecond=0)
+    return start.isoformat()
+
+
+def test_login_keeps_the_key_in_a_file_only_its_owner_reads(world, cli, tmp_path):
+    path = tmp_path / "switchyard" / "config.json"
+    assert json.loads(path.read_text()) == {"api_key": world.secret, "base_url": world.url}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_wrong_key_does_not_log_in(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    result = CliRunner().invoke(
+        main, ["login", "--base-url", world.url, "--api-key-stdin"], input="sy_live_bad_x\n"
+    )
+    assert result.exit_code == 3
+    assert not (tmp_path / "switchyard" / "config.json").exists()
+
+
+def test_search_quote_reserve_show_extend_cancel(cli):
+    search = cli("gpus", "search", "--gpu-model", "h100-sxm-80gb", "--count", 2, "--start",
+                 _start(), "--hours", 3)  # fmt: skip
+    assert search.exit_code == 0 and "abilene-1" in search.output
+
+    quote = json.loads(cli("--json", "quote", "--gpu-model", "h100-sxm-80gb", "--count", 2,
+                           "--start", _start(), "--hours", 3).output)  # fmt: skip
+    reserved = cli("--json", "reserve", "--quote", quote["id"])
+    assert reserved.exit_code == 0, reserved.output
+    reservation = json.loads(reserved.output)
+    assert (reservation["status"], reservation["total"]) == ("pending", "12.00")
+
+    shown = cli("show", reservation["id"])
+    assert shown.exit_code == 0 and reservation["id"] in shown.output and "pending" in shown.output
+    listed = json.loads(cli("--json", "list").output)
+    assert [r["id"] for r in listed] == [reservation["id"]]
+
+    extended = json.loads(cli("--json", "extend", reservation["id"], "--hours", 1).output)
+    assert extended["total"] == "16.00"
+    cancelled = cli("--json", "cancel", reservation["id"], "--reason", "cli test")
+    assert json.loads(cancelled.output)["status"] == "cancelled"
+
+
+def test_exit_codes_scripts_can_rely_on(world, cli):
+    missing = cli("show", "res_nothere")
+    assert missing.exit_code == 4
+    assert "not_found: No such reservation" in missing.output
+    reservation = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                                 "--start", _start(), "--hours", 2).output)  # fmt: skip
+    assert cli("cancel", reservation["id"]).exit_code == 0
+    assert cli("cancel", reservation["id"]).exit_code == 5  # already cancelled: a conflict
+    too_many = cli("reserve", "--gpu-model", "h100-sxm-80gb", "--count", 99, "--start", _start(),
+                   "--hours", 2)  # fmt: skip
+    assert too_many.exit_code == 5  # no capacity
+    assert cli("reserve").exit_code == 2  # usage error
+    assert cli("--base-url", "http://127.0.0.1:9", "list").exit_code == 8
+
+
+def test_ssh_runs_ssh_with_the_connection_details(world, cli):
+    reservation = json.loads(
+        cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1, "--hours", 2).output
+    )  # fmt: skip (starts now)
+    assert cli("ssh", reservation["id"], "--print").exit_code == 1  # not active yet
+    row = Reservation.objects.get(public_id=reservation["id"])
+    for status in (ReservationStatus.PROVISIONING, ReservationStatus.ACTIVE):
+        row = reservation_transition(reservation=row, to_status=status, cause="t", actor_label="t")
+    Reservation.objects.filter(pk=row.pk).update(
+        connection={"host": "203.0.113.9", "ssh_port": 2222, "ports": {}}
+    )
+    printed = cli("ssh", reservation["id"], "--print", "--", "-i", "~/.ssh/id_ed25519")
+    assert printed.exit_code == 0
+    assert printed.output.strip() == "ssh -p 2222 root@203.0.113.9 -i '~/.ssh/id_ed25519'"
+
+
+def test_events_tail_prints_new_events_oldest_first(world, cli):
+    since = datetime.now(UTC).isoformat()
+    first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                           "--start", _start(), "--hours", 2).output)  # fmt: skip
+    cli("cancel", first["id"])
+    tailed = cli("--json", "events", "tail", "--since", since, "--once")
+    assert tailed.exit_code == 0
+    lines = [json.loads(line) for line in tailed.output.splitlines()]
+    assert [(e["type"], e["object_id"]) for e in lines] == [
+        ("reservation.created", first["id"]),
+        ("reservation.cancelled", first["id"]),
+    ]
+    only = cli("events", "tail", "--since", since, "--type", "reservation.cancelled", "--once")
+    assert only.output.count("reservation.") == 1
+
+
+def test_webhooks_from_the_command_line(world, cli):
+    created = json.loads(cli("--json", "webhooks", "create", "http://127.0.0.1:9/hook", "--event",
+                             "reservation.active").output)  # fmt: skip
+    assert created["secret"].startswith("whsec_")
+    listed = cli("webhooks", "list")
+    assert created["id"] in listed.output and "whsec_" not in listed.output
+    rotated = json.loads(cli("--json", "webhooks", "rotate", created["id"]).output)
+    assert rotated["secret"] != created["secret"]
+    assert (
+        json.loads(cli("--json", "webhooks", "disable", created["id"]).output)["enabled"] is False
+    )
+    assert cli("webhooks", "deliveries", created["id"]).exit_code == 0
+    assert cli("webhooks", "delete", created["id"]).exit_code == 0
+    assert cli("webhooks", "delete", created["id"]).exit_code == 4
+    assert cli("webhooks", "create", "ftp://x/").exit_code == 2
+
+
+def test_usage_export_writes_the_csv(world, cli, tmp_path):
+    out = tmp_path / "usage.csv"
+    result = cli("usage", "export", "--since", "2026-01-01", "-o", out)
+    assert result.exit_code == 0
+    header = next(csv.reader(io.StringIO(out.read_text())))
+    assert header[:6] == ["day", "reservation", "gpu_model", "site", "gpu_seconds", "amount"]
+    ledger = cli("usage", "export", "--ledger")
+    assert ledger.output.startswith("id,created_at,kind,amount")

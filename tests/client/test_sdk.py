@@ -1,0 +1,178 @@
+"""The Python SDK against a live server: every operation covered, iterators, errors, retries."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from switchyard import OPERATIONS, Client
+from switchyard.errors import (
+    APIConnectionError,
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+
+from marketplace.models import IdempotencyRecord, Reservation
+from tests.client.conftest import world  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _client(w, **kwargs) -> Client:
+    return Client(api_key=w.secret, base_url=w.url, backoff=0.05, **kwargs)
+
+
+def _period(hours_ahead=24, length=3):
+    start = (datetime.now(UTC) + timedelta(hours=hours_ahead)).replace(minute=0, second=0,
+                                                                       microsecond=0)  # fmt: skip
+    return start.isoformat(), (start + timedelta(hours=length)).isoformat()
+
+
+def test_the_sdk_covers_every_operation_in_the_openapi_schema(world):
+    schema = httpx.get(world.url + "/api/schema/?format=json").json()
+    operations = {
+        op["operationId"]
+        for item in schema["paths"].values()
+        for method, op in item.items()
+        if method in ("get", "post", "put", "patch", "delete")
+        and any("ApiKeyAuth" in s for s in op.get("security", []))
+    }
+    assert len(operations) > 50
+    assert sorted(operations - set(OPERATIONS)) == [], "operations the SDK lacks"
+    assert sorted(set(OPERATIONS) - operations) == [], "SDK methods for operations that are gone"
+    client = _client(world)
+    for operation_id, dotted in OPERATIONS.items():
+        resource, method = dotted.split(".")
+        assert callable(getattr(getattr(client, resource), method)), operation_id
+
+
+def test_search_quote_reserve_extend_cancel_and_the_events_they_make(world):
+    sy = _client(world)
+    start, end = _period()
+    (offer, *_) = list(sy.availability.search(gpu_model="h100-sxm-80gb", gpu_count=2,
+                                              start=start, end=end))  # fmt: skip
+    assert offer.site.id == "abilene-1"
+    quote = sy.quotes.create(gpu_model="h100-sxm-80gb", gpu_count=2, starts_at=start, ends_at=end)
+    reservation = sy.reservations.create(quote=quote.id)
+    assert (reservation.status, reservation.gpu_count, reservation.total) == ("pending", 2, "12.00")
+
+    later = (datetime.fromisoformat(end) + timedelta(hours=1)).isoformat()
+    assert sy.reservations.extend(reservation.id, ends_at=later).total == "16.00"
+    assert sy.reservations.cancel(reservation.id, reason="sdk test").status == "cancelled"
+    assert sy.reservations.retrieve(reservation.id).allowed_actions == []
+
+    types = [e.type for e in sy.events.list(object_id=reservation.id)]
+    assert types == ["reservation.cancelled", "reservation.extended", "reservation.created"]
+    audit = [e.action for e in sy.audit_log.list(object_id=reservation.id)]
+    assert audit == ["reservation.cancel", "reservation.extend", "reservation.create"]
+
+
+def test_lists_iterate_across_cursor_pages(world):
+    sy = _client(world)
+    made = []
+    for hours in (24, 30, 36):
+        start, end = _period(hours)
+        made.append(sy.reservations.create(gpu_model="h100-sxm-80gb", gpu_count=1,
+                                           starts_at=start, ends_at=end).id)  # fmt: skip
+    listed = [r.id for r in sy.reservations.list(limit=1)]  # three pages of one
+    assert listed == list(reversed(made))
+
+
+def test_errors_are_raised_by_their_type(world):
+    sy = _client(world)
+    with pytest.raises(NotFoundError) as missing:
+        sy.reservations.retrieve("res_doesnotexist")
+    assert (missing.value.status, missing.value.type) == (404, "not_found_error")
+    with pytest.raises(InvalidRequestError) as bad:
+        sy.reservations.create(gpu_model="h100-sxm-80gb", gpu_count=0, ends_at="2030-01-01T00:00Z")
+    assert (bad.value.status, bad.value.field) == (400, "gpu_count")
+    start, end = _period()
+    reservation = sy.reservations.create(gpu_model="h100-sxm-80gb", gpu_count=1, starts_at=start,
+                                         ends_at=end)  # fmt: skip
+    sy.reservations.cancel(reservation.id)
+    with pytest.raises(ConflictError):
+        sy.reservations.cancel(reservation.id)
+    with pytest.raises(AuthenticationError):
+        Client(api_key="sy_live_nope_x", base_url=world.url).organization.retrieve()
+
+
+def test_a_retried_post_is_done_once_thanks_to_its_idempotency_key(world):
+    sy = _client(world)
+    start, end = _period()
+    body = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "starts_at": start, "ends_at": end}
+    first = sy.reservations.create(idempotency_key="retry-me", **body)
+    again = sy.reservations.create(idempotency_key="retry-me", **body)
+    assert first.id == again.id
+    assert Reservation.objects.filter(organization=world.org).count() == 1
+
+
+def test_it_waits_and_retries_while_the_same_request_is_still_in_flight(world):
+    """409 idempotency_key_in_use: the first request is still running; the SDK retries until it
+    has finished, and then gets its response."""
+    sy = _client(world)
+    start, end = _period()
+    reservation = sy.reservations.create(gpu_model="h100-sxm-80gb", gpu_count=1, starts_at=start,
+                                         ends_at=end)  # fmt: skip
+    path = f"/api/v1/reservations/{reservation.id}/cancel"
+    payload = {"reason": ""}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256()
+    for part in (b"POST", path.encode(), canonical):
+        digest.update(part)
+        digest.update(b"\x00")
+    record = IdempotencyRecord.objects.create(  # "in flight": no response yet
+        organization=world.org, principal=f"key:{world.key.pk}", key="in-flight",
+        request_hash=digest.hexdigest(),
+    )  # fmt: skip
+    stored = {"id": reservation.id, "status": "cancelled", "replayed": True}
+
+    def finish():
+        time.sleep(0.6)
+        IdempotencyRecord.objects.filter(pk=record.pk).update(
+            response_status=200, response_body=stored
+        )
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    result = _client(world, max_retries=8).reservations.cancel(
+        reservation.id, idempotency_key="in-flight"
+    )
+    thread.join()
+    assert result.to_dict() == stored
+    assert Reservation.objects.get(public_id=reservation.id).status == "pending"  # not run twice
+
+
+def test_it_retries_after_a_429_as_retry_after_says(world, settings):
+    settings.API_THROTTLE_RATE = "3/s"
+    sy = _client(world)
+    started = time.monotonic()
+    for _ in range(7):
+        assert sy.organization.retrieve()
+    assert time.monotonic() - started >= 1.0  # it had to wait for a new window at least once
+
+
+def test_an_unreachable_api_is_a_connection_error_after_the_retries():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sy = Client(api_key="k", base_url=f"http://127.0.0.1:{port}", max_retries=2, backoff=0.01)
+    with pytest.raises(APIConnectionError, match="Could not reach"):
+        sy.organization.retrieve()
+
+
+def test_the_usage_export_streams_csv(world):
+    sy = _client(world)
+    text = b"".join(sy.billing.usage_csv(since="2026-01-01")).decode()
+    assert (
+        text.splitlines()[0]
+        == "day,reservation,gpu_model,site,gpu_seconds,amount,currency,kwh,kg_co2e"
+    )
+    with pytest.raises(InvalidRequestError):
+        b"".join(sy.billing.usage_csv(since="nope"))
