@@ -63,6 +63,7 @@ MIDDLEWARE = [
     # /healthz, /readyz and /metrics, answered before host validation and the HTTPS redirect.
     "config.ops.OpsEndpointsMiddleware",
     "csp.middleware.CSPMiddleware",
+    "config.outages.DatabaseOutageMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -217,6 +218,9 @@ QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
 # How long an e-mailed invitation to join an organisation can be accepted.
 INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
+# With Redis unreachable, rate limits let requests through uncounted for this long, then
+# answer 503 with Retry-After until Redis is back (config/api/throttling.py).
+RATE_LIMIT_FAIL_OPEN_SECONDS = env_int("RATE_LIMIT_FAIL_OPEN_SECONDS", 300, minimum=0)
 # Portal sign-in attempts per account name from one address (and 5 times that per address).
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()

@@ -1,9 +1,13 @@
+import sys
+
 from django.contrib import admin
 from django.http import JsonResponse
 from django.urls import include, path, re_path
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from config.outages import outage_response
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -42,6 +46,10 @@ def handler404(request, exception):
 
 
 def handler500(request):
+    # An outage raised outside a view (the session or user loaded in middleware) is a 503 too.
+    outage = outage_response(request, sys.exc_info()[1])
+    if outage is not None:
+        return outage
     if request.path.startswith("/api/"):
         return JsonResponse(
             {

@@ -6,8 +6,13 @@ never lives without its expiry; the counter is named by its window, so renewing 
 every request does not change what is counted. Every response carries X-RateLimit-Limit,
 X-RateLimit-Remaining and X-RateLimit-Reset (Unix time, in seconds, when the window resets);
 a 429 also carries Retry-After (seconds).
+
+With Redis unreachable the limiter fails open for RATE_LIMIT_FAIL_OPEN_SECONDS (logged once,
+the uncounted requests counted in `outage`), then answers 503 rate_limiter_unavailable with
+Retry-After until Redis is back: reads and writes that need only PostgreSQL keep working.
 """
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +21,7 @@ import redis
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ImproperlyConfigured
+from rest_framework import exceptions
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
@@ -28,7 +34,11 @@ __all__ = [
     "fixed_window_count",
     "parse_rate",
     "rate_limit_headers",
+    "RateLimiterUnavailable",
+    "outage",
 ]
+
+logger = logging.getLogger(__name__)
 
 _PERIODS = {
     "s": 1,
@@ -83,6 +93,8 @@ def _identity(request: Request) -> str:
 
 
 _redis: redis.Redis | None = None
+# Seconds to wait for Redis before calling it unreachable: a request must not hang on it.
+_REDIS_TIMEOUT = 0.5
 
 
 def _count(key: str, *, timeout: int) -> int:
@@ -91,7 +103,11 @@ def _count(key: str, *, timeout: int) -> int:
     if _redis is None:
         # The cache's Redis, under the cache's key prefix, but one pipelined call instead of
         # the cache API's add + exists + incr (three round trips).
-        _redis = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+        _redis = redis.Redis.from_url(
+            settings.CACHES["default"]["LOCATION"],
+            socket_connect_timeout=_REDIS_TIMEOUT,
+            socket_timeout=_REDIS_TIMEOUT,
+        )
     pipe = _redis.pipeline(transaction=True)
     pipe.incr(key)
     pipe.expire(key, timeout)
@@ -99,14 +115,75 @@ def _count(key: str, *, timeout: int) -> int:
     return count
 
 
-def fixed_window_count(name: str, *, period: int, now: float) -> tuple[int, int]:
+class RateLimiterUnavailable(exceptions.APIException):
+    """Redis has been unreachable for longer than the limiter may run uncounted: 503."""
+
+    status_code = 503
+    default_code = "rate_limiter_unavailable"
+    default_detail = "Rate limiting is briefly unavailable; retry after the time in Retry-After."
+
+    def __init__(self, wait: int):
+        super().__init__()
+        self.wait = wait  # DRF sends it as Retry-After
+
+
+@dataclass
+class LimiterOutage:
+    """While Redis is unreachable: since when, and how many events went uncounted (this
+    process). The limiter lets events through uncounted for RATE_LIMIT_FAIL_OPEN_SECONDS,
+    then refuses them with 503 until Redis answers again."""
+
+    since: float | None = None
+    uncounted: int = 0
+    uncounted_total: int = 0  # over the process's life, for monitoring
+
+
+outage = LimiterOutage()
+
+
+def _unreachable(exc: Exception, now: float) -> None:
+    """Fail open (return) while the outage is young; past the bound, raise a 503."""
+    if outage.since is None:
+        outage.since = now
+        logger.error(
+            "rate limiter: Redis unreachable (%s); requests pass uncounted for up to %s s",
+            exc,
+            settings.RATE_LIMIT_FAIL_OPEN_SECONDS,
+        )
+    if now - outage.since >= settings.RATE_LIMIT_FAIL_OPEN_SECONDS:
+        raise RateLimiterUnavailable(wait=_OUTAGE_RETRY_AFTER) from exc
+    outage.uncounted += 1
+    outage.uncounted_total += 1
+
+
+_OUTAGE_RETRY_AFTER = 10
+
+
+def _reachable(now: float) -> None:
+    if outage.since is not None:
+        logger.warning(
+            "rate limiter: Redis is back after %.0f s; %s requests went uncounted",
+            now - outage.since,
+            outage.uncounted,
+        )
+        outage.since, outage.uncounted = None, 0
+
+
+def fixed_window_count(name: str, *, period: int, now: float) -> tuple[int, int] | None:
     """Count one event for `name` in the current window of `period` seconds.
 
-    Returns the window's count including this event, and when the window resets (Unix s).
+    Returns the window's count including this event, and when the window resets (Unix s);
+    None when Redis is unreachable and the event passes uncounted (see LimiterOutage).
     """
     window = int(now // period)
     key = cache.make_and_validate_key(f"ratelimit:{name}:{period}:{window}")
-    return _count(key, timeout=period + 1), (window + 1) * period
+    try:
+        count = _count(key, timeout=period + 1)
+    except redis.RedisError as exc:
+        _unreachable(exc, now)
+        return None
+    _reachable(now)
+    return count, (window + 1) * period
 
 
 class ApiRateThrottle(BaseThrottle):
@@ -115,7 +192,10 @@ class ApiRateThrottle(BaseThrottle):
     def allow_request(self, request: Request, view) -> bool:
         limit, period = parse_rate(settings.API_THROTTLE_RATE)
         now = time.time()
-        count, reset_at = fixed_window_count(_identity(request), period=period, now=now)
+        counted = fixed_window_count(_identity(request), period=period, now=now)
+        if counted is None:
+            return True  # Redis unreachable: uncounted, and no rate-limit headers
+        count, reset_at = counted
         self.rate_limit = RateLimit(limit=limit, remaining=max(0, limit - count), reset_at=reset_at)
         request.rate_limit = self.rate_limit
         self.now = now

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm
 
-from config.api.throttling import fixed_window_count, parse_rate
+from config.api.throttling import RateLimiterUnavailable, fixed_window_count, parse_rate
 from config.client_ip import client_ip
 
 __all__ = ["SignInForm", "SignInView"]
@@ -29,6 +29,7 @@ class SignInForm(AuthenticationForm):
         **AuthenticationForm.error_messages,
         "too_many_attempts": "Too many sign-in attempts. Try again in %(minutes)s minute(s), "
         "or reset your password.",
+        "limiter_unavailable": "Signing in is briefly unavailable. Try again in a minute.",
     }
 
     def clean(self):
@@ -42,13 +43,20 @@ class SignInForm(AuthenticationForm):
         name = (self.cleaned_data.get("username") or "").strip().lower()
         # Hashed: a user name can hold characters a cache key should not.
         account = hashlib.sha256(name.encode()).hexdigest()[:24]
-        counted = [
-            (*fixed_window_count(f"signin:{address}:{account}", period=period, now=now), limit),
-            (
-                *fixed_window_count(f"signin:{address}", period=period, now=now),
-                limit * _PER_ADDRESS,
-            ),
-        ]
+        try:
+            windows = [
+                (fixed_window_count(f"signin:{address}:{account}", period=period, now=now), limit),
+                (
+                    fixed_window_count(f"signin:{address}", period=period, now=now),
+                    limit * _PER_ADDRESS,
+                ),
+            ]
+        except RateLimiterUnavailable:
+            raise forms.ValidationError(
+                self.error_messages["limiter_unavailable"], code="limiter_unavailable"
+            ) from None
+        # None: Redis is unreachable and the attempt passes uncounted (for a bounded time).
+        counted = [(*window, allowed) for window, allowed in windows if window is not None]
         over = [reset_at for count, reset_at, allowed in counted if count > allowed]
         if over:
             raise forms.ValidationError(

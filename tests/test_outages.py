@@ -1,0 +1,164 @@
+"""Degrade, don't fail: Redis or PostgreSQL going away is a bounded fail-open or a 503, never
+a 500. The services are really stopped: a throwaway redis-server of this test's own, and
+PostgreSQL through a closed port (the shared servers other tests use are left alone)."""
+
+import socket
+import subprocess
+import time
+
+import pytest
+from django.db import connection
+from django.test import Client
+
+from config.api import throttling
+from marketplace.models import ApiKeyScope, Role
+from marketplace.services.api_keys import api_key_create
+from tests.factories import MembershipFactory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ThrowawayRedis:
+    def __init__(self):
+        self.port = _free_port()
+        self.process = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the throwaway redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(settings, monkeypatch):
+    server = ThrowawayRedis()
+    server.start()
+    settings.CACHES = {
+        "default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{server.port}/0"}
+    }
+    monkeypatch.setattr(throttling, "_redis", None)
+    monkeypatch.setattr(throttling, "outage", throttling.LimiterOutage())
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+@pytest.fixture
+def key(db):
+    membership = MembershipFactory(role=Role.OWNER)
+    _, secret = api_key_create(
+        organization=membership.organization, name="k", scopes=[ApiKeyScope.READ], created_by=None
+    )
+    return Client(HTTP_AUTHORIZATION=f"Bearer {secret}", raise_request_exception=False)
+
+
+def test_with_redis_down_the_api_serves_uncounted_for_a_bounded_time_then_503(
+    own_redis, key, settings, caplog
+):
+    settings.RATE_LIMIT_FAIL_OPEN_SECONDS = 300
+    first = key.get("/api/v1/organization")
+    assert first.status_code == 200
+    assert first["X-RateLimit-Remaining"] == str(600 - 1)
+
+    own_redis.stop()
+    caplog.set_level("WARNING", logger="config.api.throttling")
+    reads = [key.get("/api/v1/organization") for _ in range(3)]
+
+    assert [r.status_code for r in reads] == [200, 200, 200]
+    assert all("X-RateLimit-Remaining" not in r for r in reads)  # nothing was counted
+    assert throttling.outage.uncounted == 3
+    logged = [r.getMessage() for r in caplog.records if r.name == "config.api.throttling"]
+    assert len(logged) == 1 and "Redis unreachable" in logged[0]  # once, not per request
+
+    settings.RATE_LIMIT_FAIL_OPEN_SECONDS = 0  # the bound has passed
+    refused = key.get("/api/v1/organization")
+    assert refused.status_code == 503
+    assert refused["Retry-After"] == "10"
+    assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
+    assert refused.json()["error"]["type"] == "api_error"
+
+    own_redis.start()  # back: counted again, and the outage is over
+    again = key.get("/api/v1/organization")
+    assert again.status_code == 200
+    assert "X-RateLimit-Remaining" in again
+    assert throttling.outage.since is None
+
+
+def test_with_redis_down_people_can_still_sign_in(own_redis, db, django_user_model):
+    django_user_model.objects.create_user(username="ada", password="a-long-passphrase-1")
+    own_redis.stop()
+    client = Client(raise_request_exception=False)
+
+    response = client.post("/login", {"username": "ada", "password": "a-long-passphrase-1"})
+
+    assert response.status_code == 302
+    assert throttling.outage.uncounted == 2  # the account's window and the address's
+
+
+@pytest.fixture
+def postgres_down(transactional_db):
+    """Every new connection goes to a closed port, as if PostgreSQL had stopped."""
+    real_port = connection.settings_dict["PORT"]
+
+    def stop():
+        connection.close()
+        connection.settings_dict["PORT"] = str(_free_port())
+
+    yield stop
+    connection.close()
+    connection.settings_dict["PORT"] = real_port
+
+
+@pytest.mark.parametrize("path", ["/api/v1/organization", "/api/v1/reservations", "/dashboard"])
+def test_with_postgresql_down_requests_get_503_with_retry_after(postgres_down, path):
+    membership = MembershipFactory(role=Role.OWNER)
+    client = Client(raise_request_exception=False)
+    client.force_login(membership.user)
+    postgres_down()
+
+    response = client.get(path)
+
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    if path.startswith("/api/"):
+        assert response.json()["error"] == {
+            "type": "api_error",
+            "code": "service_unavailable",
+            "field": None,
+            "message": "The service is briefly unavailable; retry after the time in Retry-After.",
+        }
+    else:
+        assert b"Briefly unavailable" in response.content
+
+
+def test_with_postgresql_down_an_api_key_call_gets_503(postgres_down):
+    membership = MembershipFactory(role=Role.OWNER)
+    _, secret = api_key_create(
+        organization=membership.organization, name="k", scopes=[ApiKeyScope.READ], created_by=None
+    )
+    postgres_down()
+
+    response = Client(raise_request_exception=False).get(
+        "/api/v1/organization", HTTP_AUTHORIZATION=f"Bearer {secret}"
+    )
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
