@@ -9,10 +9,13 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from inventory.services import node_token_issue
-from marketplace.models import Allocation, Reservation, ReservationStatus
+from marketplace.models import Allocation, Reservation, ReservationStatus, Role
 from marketplace.provisioning.drivers import SimulatedDriver
 from marketplace.provisioning.services import reservation_provision_step
-from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
+from tests.marketplace.market_helpers import (  # noqa: F401 (allow_all_funding is a fixture)
+    allow_all_funding,
+    member_client,
+)
 from tests.provisioning_support import market_create, statuses
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("allow_all_funding")]
@@ -57,7 +60,7 @@ def test_a_running_workload_changes_nothing(running):
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE
 
 
-def test_a_workload_that_exited_ends_its_reservation_with_the_exit_shown(running):
+def test_a_workload_that_exited_ends_its_reservation_with_the_exit_shown(running, admin_client):
     r, node, _other, _ = running
     exited = _report(
         r,
@@ -82,6 +85,17 @@ def test_a_workload_that_exited_ends_its_reservation_with_the_exit_shown(running
     assert statuses(r)[-2:] == [S.ACTIVE, S.FAILED]
     assert r.transitions.last().actor_label == "system: site agent"
     assert not Allocation.objects.filter(reservation=r, is_live=True).exists()
+
+    # The customer sees it on the reservation's page, line by line.
+    page = member_client(r.organization, Role.MEMBER).get(f"/reservations/{r.public_id}")
+    assert (
+        "Last log lines:<br>step 900 loss 0.31<br>using token [redacted]<br>Killed"
+        in page.content.decode()
+    )
+    # Staff see the same on the reservation's admin page (its reason and its history).
+    admin_page = admin_client.get(f"/admin/marketplace/reservation/{r.pk}/change/")
+    assert admin_page.status_code == 200
+    assert admin_page.content.decode().count("The workload exited with code 137") == 2
 
     # Reported again at the next heartbeat: nothing more happens.
     again = _agent(node).post(URL, {"containers": [exited]}, format="json")
