@@ -877,20 +877,42 @@ class Agent:
         return True
 
     def loop(self, *, poll_seconds: float, heartbeat_seconds: float, once: bool) -> None:
-        last_heartbeat = float("-inf")
-        while True:
+        """Heartbeat, then run jobs until stopped. Heartbeats have their own thread, so a long
+        pull, readiness wait or grace period never makes the node look silent (offline)."""
+        refused: list[SettingsError] = []
+        stop = threading.Event()
+
+        def beat() -> None:
             try:
-                if time.monotonic() - last_heartbeat >= heartbeat_seconds:
-                    self.heartbeat()
-                    last_heartbeat = time.monotonic()
-                ran = self.run_one() or self.burn_in_one()
+                self.heartbeat()
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                logger.warning("API unreachable: %s; retrying", exc)
-                ran = False
-            if once and not ran:
-                return
-            if not ran:
-                time.sleep(poll_seconds)
+                logger.warning("API unreachable for the heartbeat: %s; retrying", exc)
+
+        def beat_forever() -> None:
+            while not stop.wait(heartbeat_seconds):
+                try:
+                    beat()
+                except SettingsError as exc:  # the token was revoked: the agent must stop
+                    refused.append(exc)
+                    return
+
+        beat()
+        if not once:
+            threading.Thread(target=beat_forever, name="heartbeat", daemon=True).start()
+        try:
+            while not refused:
+                try:
+                    ran = self.run_one() or self.burn_in_one()
+                except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                    logger.warning("API unreachable: %s; retrying", exc)
+                    ran = False
+                if once and not ran:
+                    return
+                if not ran:
+                    time.sleep(poll_seconds)
+            raise refused[0]
+        finally:
+            stop.set()
 
 
 def executor_build(settings: Settings):

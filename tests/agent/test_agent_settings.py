@@ -4,11 +4,14 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from switchyard_agent import (
     KEPT_CAPABILITIES,
+    Agent,
+    DryRunExecutor,
     SettingsError,
     gpu_args,
     image_registry_refusal,
@@ -150,3 +153,52 @@ def test_the_agent_runs_as_one_file_with_the_standard_library_only(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "is readable by others (mode 0644)" in done.stderr
+
+
+class _RecordingApi:
+    """Answers the agent's requests like the API does (one start job, then none); records
+    when each arrives. Heartbeats are refused (401, a revoked token) after `beats_allowed`."""
+
+    def __init__(self, *, beats_allowed: int):
+        self.calls: list[tuple[float, str]] = []
+        self.beats_allowed = beats_allowed
+        self.leased = False
+
+    def post(self, path: str, body: dict):
+        self.calls.append((time.monotonic(), path))
+        if path == "agent/heartbeat":
+            self.beats_allowed -= 1
+            return (200, {}) if self.beats_allowed >= 0 else (401, None)
+        if path == "agent/workloads":
+            return 200, {"notices": []}
+        if path == "agent/jobs/lease" and not self.leased:
+            self.leased = True
+            job = {"kind": "start", "payload": {"container_name": "sy-r1"}, "reservation": "r1"}
+            return 200, {"id": 7, "lease_id": "l1", **job}
+        if path == "agent/jobs/lease":
+            return 204, None
+        return 200, {}
+
+
+class _SlowStart(DryRunExecutor):
+    def run(self, kind, payload, progress):
+        time.sleep(2.0)
+        return super().run(kind, payload, progress)
+
+
+def test_heartbeats_go_on_while_a_long_job_runs_and_a_revoked_token_stops_the_agent():
+    api = _RecordingApi(beats_allowed=5)
+    agent = Agent(client=api, executor=_SlowStart(host="h"), lease_seconds=60)
+
+    with pytest.raises(SettingsError, match="refused the node token"):
+        agent.loop(poll_seconds=0.1, heartbeat_seconds=0.3, once=False)
+
+    paths = [path for _at, path in api.calls]
+    started = next(at for at, path in api.calls if path == "agent/jobs/lease")
+    completed = next(at for at, path in api.calls if path == "agent/jobs/7/complete")
+    during = [
+        at for at, path in api.calls if path == "agent/heartbeat" and started < at < completed
+    ]
+    assert completed - started >= 2.0
+    assert len(during) >= 4  # every 0.3 s while the job ran, not only between jobs
+    assert paths.count("agent/heartbeat") == 6  # 5 answered, the 6th refused: none after it
