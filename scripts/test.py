@@ -6,7 +6,8 @@ PostgreSQL: DATABASE_URL if set (pytest-django creates and drops test_<name> bes
 the system server on 127.0.0.1:5432 (started with the machine's own command if it is down),
 else an embedded one. Redis: REDIS_URL if set, else database 15 of the system Redis on
 127.0.0.1:6379 (started if down), else an embedded one. Stops with a clear message when
-neither can be had. Exits with pytest's exit code.
+neither can be had. Installs what browser tests (Chromium) and container tests (podman, runc,
+busybox-static) need when they are missing. Exits with pytest's exit code.
 """
 
 from __future__ import annotations

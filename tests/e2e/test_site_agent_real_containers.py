@@ -3,8 +3,8 @@ on a live server, and the site agent as its own process running podman.
 
 A reservation becomes active only once its container runs and every port asked for (SSH
 included) accepts TCP on the address customers are given; a workload that crashes while
-starting fails at no charge with its last log lines; one that exits while active ends its
-reservation at the next heartbeat.
+starting fails at no charge with its last log lines, so does one whose image cannot be
+pulled; one that exits while active ends its reservation at the next heartbeat.
 """
 
 import os
@@ -64,7 +64,8 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
         gpu_count=1,
         workload={"image": test_image, "env": {"MODE": "crash", "API_TOKEN": "hf_top_secret"}},
     )
-    names = [f"sy-{r.public_id}" for r in (slow, crash)]
+    missing = market.book(gpu_count=1, workload={"image": "localhost/switchyard-missing:404"})
+    names = [f"sy-{r.public_id}" for r in (slow, crash, missing)]
     reservations_dispatch_due()
 
     log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
@@ -102,6 +103,14 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
         assert failed.status_reason.endswith(
             "Last log lines:\nworkload starting (mode crash)\n"
             "loading weights with token [redacted]\nfatal: CUDA out of memory"
+        )
+
+        wait_for(lambda: _fresh(missing).status == S.FAILED, timeout=60, what="the pull")
+        unpulled = _fresh(missing)
+        assert unpulled.activated_at is None
+        assert unpulled.status_reason.startswith(
+            "The workload could not start: The image localhost/switchyard-missing:404 could not "
+            "be pulled: "
         )
 
         # It exits 6 s after it started listening; the next heartbeat ends the reservation.
