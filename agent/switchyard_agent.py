@@ -662,7 +662,13 @@ class ContainerExecutor:
         ).split()
         if not names:
             return []
-        inspected = json.loads(self._run(["container", "inspect", *names], timeout=60) or "[]")
+        # A container removed since `ps` (a stop job runs meanwhile) fails the inspect of that
+        # one only: the others are still printed.
+        done = self._cli(["container", "inspect", *names], timeout=60)
+        try:
+            inspected = json.loads(done.stdout or "[]")
+        except ValueError:
+            raise ExecutorError(f"{self.flavour} inspect failed: {done.stderr[-500:]}") from None
         report = []
         for item in inspected:
             labels = _labels(item)
@@ -689,15 +695,20 @@ class ContainerExecutor:
         for directory in self.state_dir.iterdir():
             path = directory / "preemption"
             notice = noticed.get(directory.name)
-            if notice is None:
-                path.unlink(missing_ok=True)
-                continue
-            body = json.dumps(
-                {"preempt_at": notice["preempt_at"], "reason": notice.get("reason", "")}
-            )
-            if not path.exists() or path.read_text() != body + "\n":
-                _write_atomic(path, body + "\n", mode=0o644)
-                logger.info("preemption notice for %s: %s", directory.name, notice["preempt_at"])
+            try:
+                if notice is None:
+                    path.unlink(missing_ok=True)
+                    continue
+                body = json.dumps(
+                    {"preempt_at": notice["preempt_at"], "reason": notice.get("reason", "")}
+                )
+                if not path.exists() or path.read_text() != body + "\n":
+                    _write_atomic(path, body + "\n", mode=0o644)
+                    logger.info(
+                        "preemption notice for %s: %s", directory.name, notice["preempt_at"]
+                    )
+            except OSError as exc:  # removed by a stop job meanwhile
+                logger.info("no notice folder for %s: %s", directory.name, exc.strerror)
 
 
 def _is_ip(value: str) -> bool:
@@ -887,6 +898,10 @@ class Agent:
                 self.heartbeat()
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 logger.warning("API unreachable for the heartbeat: %s; retrying", exc)
+            except SettingsError:
+                raise
+            except Exception:  # noqa: BLE001 (the heartbeat must outlive any one failure)
+                logger.exception("heartbeat failed; retrying")
 
         def beat_forever() -> None:
             while not stop.wait(heartbeat_seconds):
