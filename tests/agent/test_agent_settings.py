@@ -175,7 +175,7 @@ class _RecordingApi:
             self.leased = True
             job = {"kind": "start", "payload": {"container_name": "sy-r1"}, "reservation": "r1"}
             return 200, {"id": 7, "lease_id": "l1", **job}
-        if path == "agent/jobs/lease":
+        if path in ("agent/jobs/lease", "agent/burn-ins/lease"):
             return 204, None
         return 200, {}
 
