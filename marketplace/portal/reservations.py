@@ -312,6 +312,7 @@ def _detail_context(view, reservation, **extra) -> dict:
         and reservation.status in PREEMPTIBLE_STATUSES,
         "extend_form": ExtendForm(initial={"ends_at": reservation.ends_at}),
         "extension_terms": None,
+        "recharge": None,
         "cancel_form": CancelForm(),
     }
     if "cancel" in context["allowed"]:
@@ -384,6 +385,23 @@ class ReservationExtendView(PortalView, View):
                 reservation=reservation,
                 new_ends_at=ends_at,
                 actor_label=self.org_context.actor_label,
+                # An automatic recharge only once the customer has seen its amount and said yes.
+                auto_recharge=request.POST.get("confirm_recharge") == "yes",
+            )
+        except PaymentRequired as exc:
+            if not (exc.recharge and exc.recharge["status"] == "confirm"):
+                show_error(request, exc)
+                return redirect("portal:reservation", public_id=public_id)
+            return render(
+                request,
+                "portal/reservation.html",
+                _detail_context(
+                    self,
+                    reservation,
+                    extension_terms=extension_terms(reservation, ends_at),
+                    recharge=exc.recharge,
+                ),
+                status=exc.status_code,
             )
         except ApplicationError as exc:
             show_error(request, exc)

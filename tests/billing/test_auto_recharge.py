@@ -226,3 +226,40 @@ def test_without_confirmation_the_service_only_states_the_recharge(org, quote, s
 
     assert error.value.recharge == {"amount": "20.00", "currency": "usd", "status": "confirm"}
     assert sent_tasks == []
+
+
+def test_the_portal_asks_before_an_extension_triggers_an_automatic_recharge(org, sent_tasks):
+    from marketplace.services.reservations import reservation_create
+
+    model = GpuModelFactory()
+    make_rate(model, "2.5000")
+    make_policy()
+    make_nodes(SiteFactory(), model, 1)
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=500, currency="usd",
+                     idempotency_key="c1")  # fmt: skip
+    booked = reservation_create(organization=org, gpu_model=model.slug, gpu_count=2,
+                                tier="on_demand", starts_at=tomorrow(), ends_at=tomorrow(2))  # fmt: skip
+    BillingAccount.objects.filter(organization=org).update(
+        auto_recharge_enabled=True, stripe_customer_id="cus_x", default_payment_method_id="pm_x",
+        recharge_threshold_minor=500, recharge_amount_minor=2000,
+    )  # fmt: skip
+    client = Client()
+    client.force_login(
+        MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
+    )
+    new_end = tomorrow(5).strftime("%Y-%m-%dT%H:%M:%S")
+    url = f"/reservations/{booked.public_id}/extend"
+
+    asked = client.post(url, {"ends_at": new_end, "confirm": "on"})
+
+    assert asked.status_code == 402
+    assert "Automatic recharge would charge <strong>20.00 USD</strong>" in asked.content.decode()
+    assert sent_tasks == []
+    booked.refresh_from_db()
+    assert booked.ends_at == tomorrow(2)
+
+    client.post(url, {"ends_at": new_end, "confirm": "on", "confirm_recharge": "yes"})
+
+    assert sent_tasks == [("billing.tasks.auto_recharge_for_reservation", [org.pk, 500, 2000])]
+    booked.refresh_from_db()
+    assert booked.ends_at == tomorrow(2)

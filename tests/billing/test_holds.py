@@ -322,3 +322,24 @@ def test_an_on_demand_extension_holds_the_first_hour_of_its_extra_time(capacity,
     with pytest.raises(PaymentRequired):  # 1.00 available: not another first hour (2.50)
         reservation_extend(reservation=booked, new_ends_at=booked.ends_at + timedelta(hours=8),
                            actor_label="user:test")  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_the_balance_api_and_the_portal_show_what_is_held_and_available(capacity, org):
+    from django.test import Client
+
+    from marketplace.models import Role
+
+    credit(org, 50000)
+    reserve_term(org, capacity)
+    client = Client()
+    client.force_login(
+        MembershipFactory(organization=org, role=Role.MEMBER, user__password="!").user
+    )
+
+    body = client.get("/api/v1/billing/balance").json()
+    page = client.get("/billing/").content.decode()
+
+    assert (body["balance"], body["held"], body["available"]) == ("500.00", "399.00", "101.00")
+    assert '<strong id="available">101.00 USD</strong>' in page
+    assert '<span id="held">399.00 USD</span> held for reservations' in page
