@@ -119,6 +119,7 @@ class Settings:
     readiness_timeout_seconds: float = 120.0
     allow_private_registries: bool = False
     lease_seconds: int = 60
+    max_parallel_jobs: int = 4
     poll_seconds: float = 2.0
     heartbeat_seconds: float = 10.0
     once: bool = False
@@ -180,6 +181,8 @@ def settings_load(
         )
     if settings.readiness_timeout_seconds <= 0 or settings.lease_seconds < 5:
         raise SettingsError("readiness_timeout_seconds must be > 0 and lease_seconds >= 5")
+    if settings.max_parallel_jobs < 1:
+        raise SettingsError("max_parallel_jobs must be at least 1")
     return settings
 
 
@@ -778,10 +781,13 @@ class AgentClient:
 
 
 class Agent:
-    def __init__(self, *, client: AgentClient, executor, lease_seconds: int = 60):
+    def __init__(
+        self, *, client: AgentClient, executor, lease_seconds: int = 60, max_parallel_jobs: int = 4
+    ):
         self.client = client
         self.executor = executor
         self.lease_seconds = lease_seconds
+        self.max_parallel_jobs = max_parallel_jobs
         self.kernel_cursor = _gpu_telemetry.KernelEventCursor() if _gpu_telemetry else None
 
     def telemetry(self) -> dict | None:
@@ -819,12 +825,24 @@ class Agent:
 
     def run_one(self) -> bool:
         """Lease and run one job; False when there was none."""
+        job = self.lease()
+        if job is None:
+            return False
+        self.run_job(job)
+        return True
+
+    def lease(self) -> dict | None:
+        """This node's next job, or None."""
         status, job = self.client.post("agent/jobs/lease", {"lease_seconds": self.lease_seconds})
         if status == 204:
-            return False
+            return None
         if status != 200 or job is None:
             logger.warning("lease answered %s: %s", status, job)
-            return False
+            return None
+        return job
+
+    def run_job(self, job: dict) -> None:
+        """Run a leased job through the executor (renewing its lease) and report its end."""
         job_id, lease_id = job["id"], job["lease_id"]
         logger.info("job %s: %s for %s", job_id, job["kind"], job["reservation"])
         stop_renewing = threading.Event()
@@ -853,7 +871,7 @@ class Agent:
             logger.warning(
                 "job %s failed: %s (reported: %s)", job_id, str(exc).splitlines()[0], code
             )
-            return True
+            return
         finally:
             stop_renewing.set()
             renewer.join(timeout=5)
@@ -865,7 +883,6 @@ class Agent:
         else:
             # 409: the lease passed to another agent while this one was slow; its result stands.
             logger.warning("job %s completion refused (%s): %s", job_id, code, body)
-        return True
 
     def burn_in_one(self) -> bool:
         """Lease and run this node's burn-in, if one is queued (burn_in.py); False if none."""
@@ -914,20 +931,43 @@ class Agent:
         beat()
         if not once:
             threading.Thread(target=beat_forever, name="heartbeat", daemon=True).start()
+        # Jobs run side by side (up to max_parallel_jobs): one workload's readiness wait or
+        # grace period does not hold up another's start or stop (and its billing).
+        running: list[threading.Thread] = []
         try:
             while not refused:
+                running = [t for t in running if t.is_alive()]
+                job = None
                 try:
-                    ran = self.run_one() or self.burn_in_one()
+                    if len(running) < self.max_parallel_jobs:
+                        job = self.lease()
+                    if job is not None:
+                        worker = threading.Thread(
+                            target=self._run_job_logged, args=(job,), name=f"job-{job['id']}"
+                        )
+                        worker.start()
+                        running.append(worker)
+                        continue  # lease the next one at once
+                    if not running and self.burn_in_one():  # a burn-in needs the node idle
+                        continue
                 except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                     logger.warning("API unreachable: %s; retrying", exc)
-                    ran = False
-                if once and not ran:
+                if once and not running:
                     return
-                if not ran:
-                    time.sleep(poll_seconds)
+                time.sleep(poll_seconds)
             raise refused[0]
         finally:
             stop.set()
+            for worker in running:
+                worker.join()
+
+    def _run_job_logged(self, job: dict) -> None:
+        try:
+            self.run_job(job)
+        except Exception:  # noqa: BLE001 (one job's crash must not stop the agent)
+            logger.exception(
+                "job %s crashed; its lease will expire and it will be retried", job["id"]
+            )
 
 
 def executor_build(settings: Settings):
@@ -966,6 +1006,7 @@ def arguments_add(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--readiness-timeout-seconds", type=float)
     p.add_argument("--allow-private-registries", action="store_const", const=True, default=None)
     p.add_argument("--lease-seconds", type=int)
+    p.add_argument("--max-parallel-jobs", type=int)
     p.add_argument("--poll-seconds", type=float)
     p.add_argument("--heartbeat-seconds", type=float)
     p.add_argument("--once", action="store_const", const=True, default=None,
@@ -1010,6 +1051,7 @@ def main(
         client=AgentClient(api=settings.api, token=token),
         executor=executor,
         lease_seconds=settings.lease_seconds,
+        max_parallel_jobs=settings.max_parallel_jobs,
     )
     try:
         agent.loop(

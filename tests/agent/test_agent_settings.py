@@ -156,13 +156,13 @@ def test_the_agent_runs_as_one_file_with_the_standard_library_only(tmp_path):
 
 
 class _RecordingApi:
-    """Answers the agent's requests like the API does (one start job, then none); records
-    when each arrives. Heartbeats are refused (401, a revoked token) after `beats_allowed`."""
+    """Answers the agent's requests like the API does (its jobs, then none); records when each
+    arrives. Heartbeats are refused (401, a revoked token) after `beats_allowed`."""
 
-    def __init__(self, *, beats_allowed: int):
+    def __init__(self, *, beats_allowed: int, jobs: list[dict]):
         self.calls: list[tuple[float, str]] = []
         self.beats_allowed = beats_allowed
-        self.leased = False
+        self.jobs = list(jobs)
 
     def post(self, path: str, body: dict):
         self.calls.append((time.monotonic(), path))
@@ -171,34 +171,61 @@ class _RecordingApi:
             return (200, {}) if self.beats_allowed >= 0 else (401, None)
         if path == "agent/workloads":
             return 200, {"notices": []}
-        if path == "agent/jobs/lease" and not self.leased:
-            self.leased = True
-            job = {"kind": "start", "payload": {"container_name": "sy-r1"}, "reservation": "r1"}
-            return 200, {"id": 7, "lease_id": "l1", **job}
+        if path == "agent/jobs/lease" and self.jobs:
+            return 200, self.jobs.pop(0)
         if path in ("agent/jobs/lease", "agent/burn-ins/lease"):
             return 204, None
         return 200, {}
 
 
+def _job(job_id: int, kind: str, reservation: str) -> dict:
+    payload = {"container_name": f"sy-{reservation}"}
+    return {"id": job_id, "lease_id": f"l{job_id}", "kind": kind, "reservation": reservation,
+            "payload": payload}  # fmt: skip
+
+
 class _SlowStart(DryRunExecutor):
     def run(self, kind, payload, progress):
-        time.sleep(2.0)
+        if kind == "start":
+            time.sleep(2.0)
         return super().run(kind, payload, progress)
 
 
+def _at(api: _RecordingApi, path: str) -> float:
+    return next(at for at, called in api.calls if called == path)
+
+
 def test_heartbeats_go_on_while_a_long_job_runs_and_a_revoked_token_stops_the_agent():
-    api = _RecordingApi(beats_allowed=5)
+    api = _RecordingApi(beats_allowed=5, jobs=[_job(7, "start", "r1")])
     agent = Agent(client=api, executor=_SlowStart(host="h"), lease_seconds=60)
 
     with pytest.raises(SettingsError, match="refused the node token"):
         agent.loop(poll_seconds=0.1, heartbeat_seconds=0.3, once=False)
 
     paths = [path for _at, path in api.calls]
-    started = next(at for at, path in api.calls if path == "agent/jobs/lease")
-    completed = next(at for at, path in api.calls if path == "agent/jobs/7/complete")
+    started, completed = _at(api, "agent/jobs/lease"), _at(api, "agent/jobs/7/complete")
     during = [
         at for at, path in api.calls if path == "agent/heartbeat" and started < at < completed
     ]
     assert completed - started >= 2.0
     assert len(during) >= 4  # every 0.3 s while the job ran, not only between jobs
     assert paths.count("agent/heartbeat") == 6  # 5 answered, the 6th refused: none after it
+
+
+def test_a_stop_is_not_held_up_by_another_workloads_slow_start():
+    api = _RecordingApi(beats_allowed=100, jobs=[_job(1, "start", "r1"), _job(2, "stop", "r2")])
+    agent = Agent(client=api, executor=_SlowStart(host="h"), lease_seconds=60)
+
+    agent.loop(poll_seconds=0.1, heartbeat_seconds=60, once=True)  # returns when both are done
+
+    assert _at(api, "agent/jobs/2/complete") < _at(api, "agent/jobs/1/complete")
+    assert _at(api, "agent/jobs/2/complete") - _at(api, "agent/heartbeat") < 1.5
+
+
+def test_with_one_job_at_a_time_they_run_in_order():
+    api = _RecordingApi(beats_allowed=100, jobs=[_job(1, "start", "r1"), _job(2, "stop", "r2")])
+    agent = Agent(client=api, executor=_SlowStart(host="h"), lease_seconds=60, max_parallel_jobs=1)
+
+    agent.loop(poll_seconds=0.1, heartbeat_seconds=60, once=True)
+
+    assert _at(api, "agent/jobs/1/complete") < _at(api, "agent/jobs/2/complete")

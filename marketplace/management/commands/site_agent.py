@@ -81,7 +81,10 @@ class Command(BaseCommand):
             client = switchyard_agent.AgentClient(api=base.api, token=secret)
             agents.append(
                 switchyard_agent.Agent(
-                    client=client, executor=executor, lease_seconds=base.lease_seconds
+                    client=client,
+                    executor=executor,
+                    lease_seconds=base.lease_seconds,
+                    max_parallel_jobs=base.max_parallel_jobs,
                 )
             )
         switchyard_agent.logging_setup()
