@@ -12,10 +12,14 @@ class BillingConfig(AppConfig):
         import billing.services.postpaid  # noqa: F401
         import billing.services.refunds  # noqa: F401
         import billing.services.topups  # noqa: F401
-        from billing.portal import overview_panel
+        from billing.portal import commitment_funding, overview_panel
         from billing.services.funding import BillingFundingGate
         from marketplace.funding import funding_gate_register
-        from marketplace.portal.nav import portal_nav_register, portal_overview_panel_register
+        from marketplace.portal.nav import (
+            portal_funding_register,
+            portal_nav_register,
+            portal_overview_panel_register,
+        )
 
         funding_gate_register(BillingFundingGate())
         portal_nav_register(
@@ -27,3 +31,4 @@ class BillingConfig(AppConfig):
         portal_overview_panel_register(
             template_name="portal/billing/_overview_panel.html", context=overview_panel, order=10
         )
+        portal_funding_register(commitment_funding)

@@ -22,7 +22,7 @@ from django.views import View
 
 from billing.apis import MONEY_ROLES
 from billing.models import BillingMode, FundingState
-from billing.money import from_minor_units
+from billing.money import from_minor_units, to_minor_units
 from billing.selectors import (
     billing_account_for_org,
     invoices_for_org,
@@ -37,7 +37,7 @@ from billing.selectors import (
     usage_row_energy,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
-from billing.services.funding import month_start
+from billing.services.funding import committed_amount, month_start
 from billing.services.holds import money_position
 from billing.services.payment_methods import (
     payment_method_attach,
@@ -51,7 +51,7 @@ from config.errors import ApplicationError
 from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {
-    FundingState.OK: "Funded: reservations run normally.",
+    FundingState.OK: "Funded: the balance covers new reservations.",
     FundingState.WARNING: "The balance is below your recharge threshold. Top up (or let "
     "automatic recharge do it) before it runs out.",
     FundingState.GRACE: "The balance has run out. On-demand and interruptible reservations keep "
@@ -60,15 +60,57 @@ FUNDING_MEANING = {
     "interruptible reservations were stopped; reserved terms keep running. A top-up that "
     "brings the balance above zero lifts this.",
 }
+FUNDING_LABEL = {
+    FundingState.OK: "Funded",
+    FundingState.WARNING: "Running low",
+    FundingState.GRACE: "Out of funds (grace period)",
+    FundingState.SUSPENDED: "Suspended",
+}
+NO_BALANCE = (
+    "No balance yet: top up before reserving. On-demand and interruptible reservations need "
+    "their first hour paid up front, reserved terms the whole term."
+)
 NOT_CONFIGURED = "Card payments are not available on this deployment; contact support."
 LEDGER_PAGE_SIZE = 50
 
 
 def money(amount_minor: int | None, currency: str) -> str:
-    """Minor units as the customer reads them: "1234.50 USD"."""
+    """Minor units as the customer reads them: "1,234.50 USD"."""
     if amount_minor is None:
         return "—"
-    return f"{from_minor_units(int(amount_minor), currency)} {currency.upper()}"
+    return f"{from_minor_units(int(amount_minor), currency):,} {currency.upper()}"
+
+
+def funding_words(account, balance: int) -> tuple[str, str]:
+    """The funding state's label and meaning as the customer should read them now.
+
+    A prepaid account with nothing on it is "ok" to the dunning steps (nothing runs, so nothing
+    is owed) but cannot reserve: it is not called funded.
+    """
+    state = account.funding_state if account else FundingState.OK
+    prepaid = account is None or account.mode == BillingMode.PREPAID
+    if state == FundingState.OK and prepaid and balance <= 0:
+        return "No balance", NO_BALANCE
+    return FUNDING_LABEL.get(state, str(state)), FUNDING_MEANING.get(state, "")
+
+
+def commitment_funding(membership, *, currency: str, **commitment) -> dict:
+    """For a quote page: what is held now, what is available, and whether it covers it."""
+    organization = membership.organization
+    account = billing_account_for_org(organization=organization)
+    due_now = committed_amount(**commitment).quantize(Decimal("0.01"))
+    balance, held = money_position(organization_id=organization.pk)
+    postpaid = bool(account) and account.mode == BillingMode.POSTPAID
+    return {
+        "due_now": due_now,
+        "due_is_total": due_now >= commitment["total_amount"],
+        "balance": from_minor_units(balance, currency),
+        "held": from_minor_units(held, currency),
+        "available": from_minor_units(balance - held, currency),
+        "postpaid": postpaid,
+        "covered": postpaid or balance - held >= to_minor_units(due_now, currency),
+        "can_pay": membership.role in MONEY_ROLES,
+    }
 
 
 def _payments_configured() -> bool:
@@ -163,6 +205,7 @@ class OverviewView(BillingPage):
             )
         spent = spend_minor(organization=self.organization, since=month_start(timezone.now()))
         balance, held = money_position(organization_id=self.organization.pk)
+        funding_label, funding_meaning = funding_words(account, balance - held)
         top_ups = list(top_ups_for_org(organization=self.organization)[:5])
         for top_up in top_ups:
             top_up.amount_display = money(top_up.amount_minor, top_up.currency)
@@ -181,7 +224,8 @@ class OverviewView(BillingPage):
                 else "No limit",
                 "recharge_threshold": money(account.recharge_threshold_minor, c),
                 "recharge_amount": money(account.recharge_amount_minor, c),
-                "funding_meaning": FUNDING_MEANING.get(account.funding_state, ""),
+                "funding_label": funding_label,
+                "funding_meaning": funding_meaning,
                 "top_ups": top_ups,
                 "notices": notices_for_org(organization=self.organization)[:20],
                 "form": form,
@@ -368,13 +412,16 @@ def overview_panel(membership) -> dict:
     currency = account.currency if account else settings.CURRENCY
     state = account.funding_state if account else FundingState.OK
     balance, held = money_position(organization_id=organization.pk)
+    label, meaning = funding_words(account, balance - held)
     return {
         "balance": money(balance, currency),
         "held": money(held, currency),
         "available": money(balance - held, currency),
         "postpaid": bool(account) and account.mode == BillingMode.POSTPAID,
         "state": state,
-        "meaning": FUNDING_MEANING.get(state, ""),
+        "label": label,
+        "meaning": meaning,
+        "funded": label == FUNDING_LABEL[FundingState.OK],
         "grace_until": account.grace_until if account else None,
         "notices": list(notices_for_org(organization=organization)[:3]),
     }

@@ -4,6 +4,7 @@ from django.contrib.auth.forms import UserCreationForm
 from django.db.models import Q
 
 from marketplace.models import ApiKeyScope, EventType, ReservationStatus, Role, Tier
+from marketplace.templatetags.portal_format import status_label
 
 __all__ = [
     "SignupForm",
@@ -37,6 +38,16 @@ class OrganizationForm(forms.Form):
 
 
 # --- finding and reserving GPUs -------------------------------------------------------------
+class MinuteInput(forms.DateTimeInput):
+    """datetime-local to the minute: a value with seconds would make the browser refuse every
+    whole-minute time (its step counts from the value shown)."""
+
+    input_type = "datetime-local"
+
+    def __init__(self, attrs=None):
+        super().__init__(attrs={"step": "60", **(attrs or {})}, format="%Y-%m-%dT%H:%M")
+
+
 # One choice for tier and term together, as customers think of it.
 PLANS = {
     "on_demand": ("on_demand", "none", "On-demand (by the second, cancel any time)"),
@@ -62,7 +73,7 @@ class SearchForm(forms.Form):
     starts_at = forms.DateTimeField(
         label="Start (UTC)",
         required=False,
-        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        widget=MinuteInput(),
         help_text="Blank: now.",
     )
     hours = forms.IntegerField(
@@ -141,6 +152,11 @@ class ReserveForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 3}),
         help_text="One per line; they are installed for root on every node.",
     )
+    without_ssh = forms.BooleanField(
+        label="Run without SSH access",
+        required=False,
+        help_text="Only if the image does its work on its own: without a key nobody can log in.",
+    )
 
     def __init__(self, *args, saved_keys=(), **kwargs):
         super().__init__(*args, **kwargs)
@@ -150,6 +166,19 @@ class ReserveForm(forms.Form):
             self.fields["ssh_key_ids"].initial = [value for value, _ in choices]
         else:
             del self.fields["ssh_key_ids"]
+
+    def clean(self):
+        data = super().clean()
+        pasted = any(line.strip() for line in data.get("ssh_public_keys", "").splitlines())
+        if not (pasted or data.get("ssh_key_ids") or data.get("without_ssh")):
+            field = "ssh_key_ids" if "ssh_key_ids" in self.fields else "ssh_public_keys"
+            self.add_error(
+                field,
+                "Add an SSH key to log in to the nodes"
+                + (" (tick a saved one or paste one)" if field == "ssh_key_ids" else "")
+                + ", or tick “Run without SSH access” if the image needs none.",
+            )
+        return data
 
     def workload(self) -> dict:
         data = self.cleaned_data
@@ -168,8 +197,12 @@ class ReserveForm(forms.Form):
 class ReservationFilterForm(forms.Form):
     """The reservation list's filters; each blank means any. `sites`: the public sites."""
 
-    status = forms.ChoiceField(required=False, choices=[("", "Any")] + ReservationStatus.choices)
-    tier = forms.ChoiceField(required=False, choices=[("", "Any")] + Tier.choices)
+    status = forms.ChoiceField(
+        required=False,
+        # Named as the pages show a status (portal_format.status_label).
+        choices=[("", "Any")] + [(s, status_label(s)) for s in ReservationStatus.values],
+    )
+    tier = forms.ChoiceField(required=False, label="Plan", choices=[("", "Any")] + Tier.choices)
     site = forms.ChoiceField(required=False)
 
     def __init__(self, *args, sites=(), **kwargs):
@@ -183,13 +216,13 @@ class ReservationFilterForm(forms.Form):
 
 class CancelForm(forms.Form):
     reason = forms.CharField(required=False, max_length=500, label="Reason (optional)")
+    # Set only by the confirmation page, which states the refund first: a POST without it
+    # shows that page instead of cancelling.
+    confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 
 class ExtendForm(forms.Form):
-    ends_at = forms.DateTimeField(
-        label="New end (UTC)", widget=forms.DateTimeInput(attrs={"type": "datetime-local"})
-    )
-    # Set by the confirmation step, once the extra cost has been shown.
+    ends_at = forms.DateTimeField(label="New end (UTC)", widget=MinuteInput())
     confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 

@@ -19,6 +19,8 @@ __all__ = [
     "portal_context",
     "portal_overview_panel_register",
     "portal_overview_panels",
+    "portal_funding_register",
+    "portal_funding",
 ]
 
 
@@ -107,6 +109,21 @@ def portal_overview_panels(membership) -> list[tuple[str, dict]]:
         (panel.template_name, panel.context(membership))
         for panel in sorted(_panels.values(), key=lambda p: p.order)
     ]
+
+
+_funding: list[Callable] = []
+
+
+def portal_funding_register(summary: Callable) -> None:
+    """What a commitment asks of the organisation's money (billing registers it):
+    summary(membership, tier=, gpu_count=, price_per_gpu_hour=, total_amount=, currency=,
+    starts_at=, ends_at=) -> {"due_now", "balance", "covered", "postpaid", ...}."""
+    _funding[:] = [summary]
+
+
+def portal_funding(membership, **commitment) -> dict | None:
+    """The registered summary of a commitment, or None in a deployment without billing."""
+    return _funding[0](membership, **commitment) if _funding else None
 
 
 def portal_context(request: HttpRequest) -> dict:

@@ -11,11 +11,13 @@ from urllib.parse import urlencode
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.views import View
 
 from config.errors import ApplicationError, PaymentRequired
-from marketplace.models import ReservationStatus
+from inventory.models import Node, Site, SiteStatus
+from marketplace.models import ApiKey, ReservationStatus
 from marketplace.portal.forms import (
     PLANS,
     CancelForm,
@@ -24,7 +26,9 @@ from marketplace.portal.forms import (
     ReserveForm,
     SearchForm,
 )
+from marketplace.portal.live import progress
 from marketplace.portal.mixins import PortalView, show_error
+from marketplace.portal.nav import portal_funding
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
@@ -55,6 +59,7 @@ from marketplace.services.transitions import (
     TERMINAL_STATUSES,
     reservation_allowed_actions,
 )
+from marketplace.templatetags.portal_format import money, plan_label, utc
 
 RESERVATIONS_PAGE_SIZE = 50
 
@@ -70,6 +75,57 @@ def _field_error(form, exc: ApplicationError) -> None:
     """
     name = (exc.field or "").removeprefix("workload.").split(".")[0]
     form.add_error(name if name in form.fields else None, exc.message)
+
+
+def search_url(**params) -> str:
+    """The search page for these parameters (blank ones left out): a link that keeps them."""
+    query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
+    return reverse("portal:search") + (f"?{query}" if query else "")
+
+
+def search_params_for_quote(quote) -> dict:
+    """The search a quote came from, so "Back to the search" and "Search again" keep it."""
+    plan = next(
+        k for k, (tier, term, _) in PLANS.items() if (tier, term) == (quote.tier, quote.term)
+    )
+    seconds = int((quote.ends_at - quote.starts_at).total_seconds())
+    return {
+        "gpu_model": quote.gpu_model.slug,
+        "gpu_count": quote.gpu_count,
+        "plan": plan,
+        "starts_at": quote.starts_at.strftime("%Y-%m-%dT%H:%M"),
+        "hours": seconds // 3600 if seconds % 3600 == 0 else None,
+        "site": quote.site.slug,
+    }
+
+
+def node_specs(node_ids: list[int]) -> dict[int, Node]:
+    """The offered nodes' CPUs, memory, disk and network, by id (one query for a page)."""
+    return Node.objects.only("cpu_model", "cpu_cores", "ram_gb", "disk_gb", "nic_gbps").in_bulk(
+        node_ids
+    )
+
+
+def nothing_fits_reasons(asked: dict) -> list[str]:
+    """Why a search found nothing, where the reason is known: sites shedding load."""
+    sites = Site.objects.filter(status=SiteStatus.CURTAILED)
+    if asked.get("gpu_model"):
+        sites = sites.filter(nodes__gpu_model__slug=asked["gpu_model"])
+    if asked.get("site"):
+        sites = sites.filter(slug=asked["site"])
+    curtailed = sorted({site.name for site in sites})
+    if not curtailed:
+        return []
+    offering = Site.objects.filter(status=SiteStatus.ACTIVE)
+    if asked.get("gpu_model"):
+        offering = offering.filter(nodes__gpu_model__slug=asked["gpu_model"])
+    where = ", ".join(curtailed)
+    if asked.get("site") or not offering.exists():
+        return [
+            f"Every site that has these GPUs is curtailed now: its grid operator asked it to "
+            f"shed load ({where}). Try another GPU model, or a later start."
+        ]
+    return [f"Curtailed now by their grid operators, so not selling: {where}."]
 
 
 class SearchView(PortalView, View):
@@ -100,12 +156,23 @@ class SearchView(PortalView, View):
             except ApplicationError as exc:
                 _field_error(form, exc)
             else:
-                offers = [(offer, offer.energy()) for offer in offers]
+                specs = node_specs([offer.nodes[0].node_id for offer in offers if offer.nodes])
+                offers = [
+                    (
+                        offer,
+                        offer.energy(),
+                        specs.get(offer.nodes[0].node_id) if offer.nodes else None,
+                    )
+                    for offer in offers
+                ]
         status = 400 if asked and form.errors else 200
         context = {"form": form, "offers": offers, "can_reserve": self._can_reserve()}
         if offers is not None:
             context["asked"] = form.cleaned_data
             context["asked_plan"] = PLANS[form.cleaned_data["plan"]][2]  # as the form names it
+            context["search_query"] = request.GET.urlencode()
+            if not offers:
+                context["reasons"] = nothing_fits_reasons(form.cleaned_data)
         return render(request, "portal/search.html", context, status=status)
 
     def _can_reserve(self) -> bool:
@@ -119,9 +186,11 @@ class QuoteCreateView(PortalView, View):
 
     def post(self, request):
         form = _search_form(request.POST)
+        # Back to the same search on any refusal (the offer's fields are the search's).
+        back = search_url(**{k: request.POST.get(k) for k in form.fields})
         if not form.is_valid() or not form.cleaned_data.get("gpu_model"):
             messages.error(request, "That offer could not be read; search again.")
-            return redirect("portal:search")
+            return redirect(back)
         d = form.cleaned_data
         try:
             quote = quote_create(
@@ -136,7 +205,7 @@ class QuoteCreateView(PortalView, View):
             )
         except ApplicationError as exc:
             show_error(request, exc)
-            return redirect("portal:search")
+            return redirect(back)
         return redirect("portal:quote", public_id=quote.public_id)
 
 
@@ -172,9 +241,16 @@ class QuoteView(PortalView, View):
             recharge = (
                 exc.recharge if exc.recharge and exc.recharge["status"] == "confirm" else None
             )
-            if recharge is None:
-                _field_error(form, exc)
-            return self._page(request, quote, form, status=exc.status_code, recharge=recharge)
+            # The way out beside the refusal: a recharge to confirm, or top up, add a card,
+            # or ask for less.
+            return self._page(
+                request,
+                quote,
+                form,
+                status=exc.status_code,
+                recharge=recharge,
+                payment_required=None if recharge else exc.message,
+            )
         except ApplicationError as exc:
             _field_error(form, exc)
             return self._page(request, quote, form, status=exc.status_code)
@@ -185,7 +261,20 @@ class QuoteView(PortalView, View):
         saved = ssh_key_list_for_org(organization=self.organization).order_by("name", "pk")
         return ReserveForm(data, saved_keys=saved)
 
-    def _page(self, request, quote, form, status=200, recharge=None):
+    def _page(self, request, quote, form, status=200, recharge=None, payment_required=None):
+        funding = portal_funding(
+            self.membership,
+            tier=quote.tier,
+            gpu_count=quote.gpu_count,
+            price_per_gpu_hour=quote.price_per_gpu_hour,
+            total_amount=quote.total_amount,
+            currency=quote.currency,
+            starts_at=quote.starts_at,
+            ends_at=quote.ends_at,
+        )
+        params = search_params_for_quote(quote)
+        back = search_url(**params)
+        smaller = search_url(**(params | {"gpu_count": quote.gpu_count // 2, "site": None}))
         return render(
             request,
             "portal/quote.html",
@@ -196,7 +285,12 @@ class QuoteView(PortalView, View):
                 "rule": cancellation_rule(quote.tier),
                 "energy": booking_energy(quote),
                 "used": getattr(quote, "reservation", None),
+                "funding": funding,
+                "search_url": back,
+                "smaller_url": smaller if quote.gpu_count > 1 else None,
+                "payment_required": payment_required,
                 "recharge": recharge,
+                "plan": plan_label(quote.tier, quote.term),
             },
             status=status,
         )
@@ -221,6 +315,9 @@ class ReservationListView(PortalView, View):
         # get_page clamps: a page that is not a number is the first, one out of range the last.
         page = Paginator(reservations, RESERVATIONS_PAGE_SIZE).get_page(request.GET.get("page"))
         reservations_charged_load(page.object_list)  # one question to billing for the page
+        now = timezone.now()
+        for reservation in page.object_list:
+            reservation.progress = progress(reservation, now)
         return render(
             request,
             "portal/reservations.html",
@@ -281,6 +378,12 @@ def _duration(seconds: int | None) -> str | None:
     return f"{minutes} min {secs:02d} s"
 
 
+def _next_minute(at):
+    """The first whole minute at or after `at`."""
+    whole = at.replace(second=0, microsecond=0)
+    return whole if whole == at else whole + timedelta(minutes=1)
+
+
 def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
     live = [a for a in reservation.allocations.all() if a.is_live]
@@ -288,6 +391,10 @@ def _detail_context(view, reservation, **extra) -> dict:
     for allocation in live or reservation.allocations.all():
         per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
     can_act = view.membership.role in RESERVING_ROLES
+    interruption = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
+    if interruption:
+        allowed = [a for a in allowed if a != "extend"]  # it ends at the interruption anyway
+    workload = workload_public(reservation.workload)
     context = {
         "reservation": reservation,
         # Charged, not booked: what it has cost so far (the final amount once it has ended).
@@ -303,38 +410,63 @@ def _detail_context(view, reservation, **extra) -> dict:
         else None,
         "allowed": allowed if can_act else [],
         "nodes": per_node,
-        "workload": workload_public(reservation.workload),
+        "workload": workload,
+        "has_ssh_keys": bool(workload.get("ssh_public_keys")),
         "connection": reservation.connection
         if reservation.status == ReservationStatus.ACTIVE
         else None,
-        "terms": None,
-        "interruption": reservation.preempt_at is not None
-        and reservation.status in PREEMPTIBLE_STATUSES,
-        "extend_form": ExtendForm(initial={"ends_at": reservation.ends_at}),
-        "extension_terms": None,
-        "recharge": None,
-        "cancel_form": CancelForm(),
+        "interruption": interruption,
+        "progress": progress(reservation),
+        "plan": plan_label(reservation.tier, reservation.term),
+        "key_names": dict(
+            ApiKey.objects.filter(organization=view.organization).values_list("prefix", "name")
+        ),
+        "extend_form": ExtendForm(
+            initial={"ends_at": _next_minute(reservation.ends_at) + timedelta(hours=1)}
+        ),
     }
-    if "cancel" in context["allowed"]:
-        context["terms"] = cancellation_terms(reservation)
     context.update(extra)
     return context
 
 
+def _cancel_page(view, request, reservation, form, status=200):
+    """The confirmation: what stopping or cancelling now refunds, before it is done."""
+    try:
+        terms = cancellation_terms(reservation)
+    except ApplicationError as exc:
+        show_error(request, exc)
+        return redirect("portal:reservation", public_id=reservation.public_id)
+    return render(
+        request,
+        "portal/reservation_cancel.html",
+        {"reservation": reservation, "terms": terms, "form": form},
+        status=status,
+    )
+
+
 class ReservationCancelView(PortalView, View):
-    """POST: cancel (before activation) or stop early, on the terms the detail page states."""
+    """GET: what cancelling (before activation) or stopping early would refund, to confirm.
+    POST from that page (confirmed): do it on those terms."""
 
     write_roles = RESERVING_ROLES
+    read_roles = RESERVING_ROLES
+
+    def get(self, request, public_id):
+        reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
+        return _cancel_page(self, request, reservation, CancelForm(initial={"confirm": True}))
 
     def post(self, request, public_id):
         reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
         form = CancelForm(request.POST)
         if not form.is_valid():
-            return render(
+            return _cancel_page(self, request, reservation, form, status=400)
+        if not form.cleaned_data["confirm"]:
+            # Not confirmed on the page that states the refund: state it, change nothing.
+            return _cancel_page(
+                self,
                 request,
-                "portal/reservation.html",
-                _detail_context(self, reservation, cancel_form=form),
-                status=400,
+                reservation,
+                CancelForm(initial={**form.cleaned_data, "confirm": True}),
             )
         try:
             updated = reservation_cancel(
@@ -346,20 +478,37 @@ class ReservationCancelView(PortalView, View):
             show_error(request, exc)
         else:
             refund = updated.cancellation["refund_amount"]
-            messages.success(
-                request,
-                f"{updated.public_id} is {updated.status}; refund {refund} "
-                f"{updated.currency.upper()}.",
-            )
+            verb = "Stopped" if reservation.status == ReservationStatus.ACTIVE else "Cancelled"
+            messages.success(request, f"{verb}. Refund: {money(refund, updated.currency)}.")
         return redirect("portal:reservation", public_id=public_id)
 
 
 class ReservationExtendView(PortalView, View):
+    """POST a new end: first the cost of the extension to confirm, then (confirmed) extend."""
+
     write_roles = RESERVING_ROLES
+
+    def _confirmation(self, request, reservation, new_ends_at, *, recharge=None, status=200):
+        return render(
+            request,
+            "portal/reservation_extend.html",
+            {
+                "reservation": reservation,
+                "terms": extension_terms(reservation, new_ends_at),
+                "added_seconds": int((new_ends_at - reservation.ends_at).total_seconds()),
+                "form": ExtendForm(initial={"ends_at": new_ends_at, "confirm": True}),
+                "recharge": recharge,
+            },
+            status=status,
+        )
 
     def post(self, request, public_id):
         reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
         form = ExtendForm(request.POST)
+        if form.is_valid() and form.cleaned_data["ends_at"] <= reservation.ends_at:
+            form.add_error(
+                "ends_at", f"Choose a time after the current end ({utc(reservation.ends_at)})."
+            )
         if not form.is_valid():
             return render(
                 request,
@@ -367,23 +516,18 @@ class ReservationExtendView(PortalView, View):
                 _detail_context(self, reservation, extend_form=form),
                 status=400,
             )
-        ends_at = form.cleaned_data["ends_at"]
+        new_ends_at = form.cleaned_data["ends_at"]
         if not form.cleaned_data["confirm"]:
             # First the extra cost, changing nothing; the customer confirms it to extend.
             try:
-                terms = extension_terms(reservation, ends_at)
+                return self._confirmation(request, reservation, new_ends_at)
             except ApplicationError as exc:
                 show_error(request, exc)
                 return redirect("portal:reservation", public_id=public_id)
-            return render(
-                request,
-                "portal/reservation.html",
-                _detail_context(self, reservation, extension_terms=terms),
-            )
         try:
             updated = reservation_extend(
                 reservation=reservation,
-                new_ends_at=ends_at,
+                new_ends_at=new_ends_at,
                 actor_label=self.org_context.actor_label,
                 # An automatic recharge only once the customer has seen its amount and said yes.
                 auto_recharge=request.POST.get("confirm_recharge") == "yes",
@@ -392,23 +536,16 @@ class ReservationExtendView(PortalView, View):
             if not (exc.recharge and exc.recharge["status"] == "confirm"):
                 show_error(request, exc)
                 return redirect("portal:reservation", public_id=public_id)
-            return render(
-                request,
-                "portal/reservation.html",
-                _detail_context(
-                    self,
-                    reservation,
-                    extension_terms=extension_terms(reservation, ends_at),
-                    recharge=exc.recharge,
-                ),
-                status=exc.status_code,
+            # The same confirmation, now asking whether to charge the card first.
+            return self._confirmation(
+                request, reservation, new_ends_at, recharge=exc.recharge, status=exc.status_code
             )
         except ApplicationError as exc:
             show_error(request, exc)
         else:
             messages.success(
                 request,
-                f"Extended to {updated.ends_at:%Y-%m-%d %H:%M} UTC; total now "
-                f"{updated.total_amount} {updated.currency.upper()}.",
+                f"Extended to {utc(updated.ends_at)}; total now "
+                f"{money(updated.total_amount, updated.currency)}.",
             )
         return redirect("portal:reservation", public_id=public_id)

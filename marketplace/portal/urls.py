@@ -5,6 +5,7 @@ from marketplace.portal import (
     audit,
     invitations,
     keys,
+    live,
     login,
     reservations,
     sites,
@@ -58,6 +59,7 @@ urlpatterns = [
     path("quotes", reservations.QuoteCreateView.as_view(), name="quote-create"),
     path("quotes/<str:public_id>", reservations.QuoteView.as_view(), name="quote"),
     path("reservations", reservations.ReservationListView.as_view(), name="reservations"),
+    path("reservations/live", live.LiveView.as_view(), name="reservations-live"),
     path(
         "reservations/<str:public_id>",
         reservations.ReservationDetailView.as_view(),

@@ -18,9 +18,10 @@ from config.errors import ApplicationError
 from marketplace.models import Membership, ReservationStatus
 from marketplace.portal.forms import OrganizationForm, SignupForm
 from marketplace.portal.invitations import open_invitation_for
+from marketplace.portal.live import progress
 from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
 from marketplace.portal.nav import portal_overview_panels
-from marketplace.selectors.reservations import reservation_list_for_org
+from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
 from marketplace.services.organizations import invitation_accept, organization_create
 
 S = ReservationStatus
@@ -151,6 +152,10 @@ class DashboardView(PortalView, View):
                 "starts_at"
             )[:20]
         )
+        reservations_charged_load(current)  # one question to billing for them all
+        now = timezone.now()
+        for reservation in current:
+            reservation.progress = progress(reservation, now)
         memberships = (
             Membership.objects.select_related("organization")
             .filter(user=request.user)

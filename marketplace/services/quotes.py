@@ -32,15 +32,15 @@ def validate_request_period(
             raise ValidationFailed(f"{name} must be a time with a time zone.", field=name)
     if ends_at <= starts_at:
         raise ValidationFailed(
-            "ends_at must be after starts_at.", code="period_invalid", field="ends_at"
+            "The end must be after the start.", code="period_invalid", field="ends_at"
         )
     if starts_at < now - START_SKEW:
         raise ValidationFailed(
-            "starts_at is in the past.", code="starts_in_past", field="starts_at"
+            "The start time is in the past.", code="starts_in_past", field="starts_at"
         )
     if starts_at > now + MAX_LEAD:
         raise ValidationFailed(
-            f"starts_at may be at most {MAX_LEAD.days} days ahead.",
+            f"The start may be at most {MAX_LEAD.days} days ahead.",
             code="starts_too_far_ahead",
             field="starts_at",
         )

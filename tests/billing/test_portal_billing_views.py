@@ -70,7 +70,7 @@ def test_an_owner_changes_auto_recharge_and_the_spend_limit(org, owner_client):
                                               "auto_recharge_enabled": ""})  # fmt: skip
 
     assert "Billing settings saved." in response.content.decode()
-    assert 'id="spend-limit">1000.00 USD<' in response.content.decode()
+    assert 'id="spend-limit">1,000.00 USD<' in response.content.decode()
     assert cleared.status_code == 302
     assert _account_row(org) == (False, 2000, 8000, None)
 
@@ -324,8 +324,9 @@ def test_the_portal_overview_shows_the_balance_its_state_and_the_latest_notices(
     client.force_login(membership.user)
 
     panel = _panel(client.get("/dashboard").content.decode())
-    assert "0.00 USD" in panel and ">ok<" in panel
-    assert "grace" not in panel.lower()
+    # Nothing owed, but nothing to reserve with either: not called "funded".
+    assert "0.00 USD" in panel and ">No balance<" in panel and "top up before reserving" in panel
+    assert "grace" not in panel.lower() and "Funded" not in panel
 
     BillingAccount.objects.create(
         organization=org, funding_state=FundingState.GRACE,
@@ -334,7 +335,7 @@ def test_the_portal_overview_shows_the_balance_its_state_and_the_latest_notices(
     for i in range(4):
         notice_send(organization=org, kind="low_balance", message=f"notice number {i}")
     panel = _panel(client.get("/dashboard").content.decode())
-    assert ">grace<" in panel and "Grace ends" in panel
+    assert ">Out of funds (grace period)<" in panel and "Grace ends" in panel
     assert "notice number 3" in panel and "notice number 1" in panel
     assert "notice number 0" not in panel  # the latest three
     billing_page = client.get("/billing/").content.decode()

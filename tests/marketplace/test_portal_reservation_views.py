@@ -111,9 +111,11 @@ def test_an_expired_quote_is_refused_and_nothing_is_reserved(market, allow_all_f
 
     page = client.get(f"/quotes/{quote.public_id}")
     assert "This price expired" in page.content.decode()
-    assert "Reserve for" not in page.content.decode()
+    assert 'id="reserve"' not in page.content.decode()
 
-    response = client.post(f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": ""})
+    response = client.post(
+        f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": "", "without_ssh": "on"}
+    )
     assert response.status_code == 409
     assert "expired" in response.content.decode()
     assert not Reservation.objects.exists() and not Allocation.objects.exists()
@@ -125,7 +127,9 @@ def test_without_funds_the_reservation_is_refused_with_the_reason(market):
     client = member_client(org, Role.OWNER)
     quote = quote_for(org)
 
-    response = client.post(f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": ""})
+    response = client.post(
+        f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": "", "without_ssh": "on"}
+    )
     assert response.status_code == 402
     assert "does not cover this reservation" in response.content.decode()
     assert not Reservation.objects.exists() and not Allocation.objects.exists()
@@ -138,14 +142,18 @@ def test_a_used_quote_links_to_its_reservation_and_cannot_be_used_again(
     org = OrganizationFactory()
     client = member_client(org, Role.OWNER)
     quote = quote_for(org)
-    first = client.post(f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": ""})
+    first = client.post(
+        f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": "", "without_ssh": "on"}
+    )
     assert first.status_code == 302
     reservation = Reservation.objects.get()
     assert first["Location"] == f"/reservations/{reservation.public_id}"
 
     page = client.get(f"/quotes/{quote.public_id}").content.decode()
     assert "This quote has been used" in page and reservation.public_id in page
-    again = client.post(f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": ""})
+    again = client.post(
+        f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": "", "without_ssh": "on"}
+    )
     assert again.status_code == 409
     assert Reservation.objects.count() == 1
 
@@ -219,7 +227,9 @@ def test_connection_details_show_while_active_and_every_node_of_a_cluster(
         "host": "10.0.0.5", "ssh_port": 2222, "ports": {"8888": 30888},
         "nodes": [{"host": "10.0.0.5", "ssh_port": 2222}, {"host": "10.0.0.6", "ssh_port": 2223}],
     }  # fmt: skip
-    Reservation.objects.filter(pk=reservation.pk).update(connection=connection)
+    Reservation.objects.filter(pk=reservation.pk).update(
+        connection=connection, workload={"ssh_public_keys": ["ssh-ed25519 AAAAC3Nza ada@laptop"]}
+    )
     path = f"/reservations/{reservation.public_id}"
     assert "ssh -p 2222" not in client.get(path).content.decode()  # not active yet
 

@@ -68,7 +68,7 @@ def test_a_member_of_two_organisations_switches_between_them(signed_in):
     organization_create(name="Second Lab", owner=user)
     page.goto(page.base + "/dashboard")
     expect(page.get_by_role("heading", level=1)).to_have_text("Ada Labs")
-    page.get_by_label("Act for").select_option(label="Second Lab (owner)")
+    page.get_by_label("Act for").select_option(label="Second Lab (Owner)")
     page.get_by_role("button", name="Switch").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Second Lab")
 

@@ -140,7 +140,7 @@ def test_reserving_installs_the_ticked_saved_keys_and_the_pasted_ones(signed_in,
     laptop_pasted = ssh_key().replace("dev@laptop", "pasted")
     # The laptop key, ticked and also pasted (with another comment), is installed once.
     page.get_by_label("SSH public keys").fill(f"{pasted}\n{laptop_pasted}")
-    page.get_by_role("button", name=re.compile("Reserve for")).click()
+    page.get_by_role("button", name=re.compile("^Reserve")).click()
 
     expect(page).to_have_url(re.compile(r"/reservations/res_"))
     reservation = Reservation.objects.get(organization=organization)
@@ -156,7 +156,7 @@ def test_a_ticked_saved_key_alone_is_installed(signed_in, market):
     )
     page.goto(page.base + f"/quotes/{_quote(organization, site, h100).public_id}")
     expect(page.get_by_label(f"laptop ({laptop.fingerprint})")).to_be_checked()
-    page.get_by_role("button", name=re.compile("Reserve for")).click()
+    page.get_by_role("button", name=re.compile("^Reserve")).click()
 
     expect(page).to_have_url(re.compile(r"/reservations/res_"))
     reservation = Reservation.objects.get(organization=organization)

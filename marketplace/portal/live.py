@@ -1,0 +1,94 @@
+"""Reservations as they run: elapsed, time left, cost so far, an interruption's countdown.
+
+progress() is what the pages render first; LiveView serves the same figures as JSON for
+static/portal/live.js, which polls it and updates the pages without a reload.
+"""
+
+from datetime import datetime
+
+from django.http import JsonResponse
+from django.utils import timezone
+from django.views import View
+
+from marketplace.models import Reservation, ReservationStatus
+from marketplace.portal.mixins import PortalView
+from marketplace.selectors.reservations import (
+    reservation_charged,
+    reservation_elapsed_seconds,
+    reservation_list_for_org,
+    reservations_charged_load,
+)
+from marketplace.services.transitions import PREEMPTIBLE_STATUSES
+from marketplace.templatetags.portal_format import duration, money, status_label
+
+__all__ = ["progress", "LiveView", "CURRENT_STATUSES"]
+
+S = ReservationStatus
+CURRENT_STATUSES = [S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.RELEASING]
+
+
+def progress(reservation: Reservation, now: datetime | None = None) -> dict:
+    """Seconds run and left, what it has been charged so far (billing's `charged`), seconds to
+    an announced interruption. For a list, load the charges first in one question
+    (reservations_charged_load)."""
+    now = now or timezone.now()
+    running = reservation.status == S.ACTIVE
+    elapsed = reservation_elapsed_seconds(reservation, now) or 0
+    noticed = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
+    return {
+        "running": running,
+        "elapsed_seconds": elapsed,
+        "remaining_seconds": max(int((reservation.ends_at - now).total_seconds()), 0),
+        "starts_in_seconds": max(int((reservation.starts_at - now).total_seconds()), 0),
+        "cost_so_far": reservation_charged(reservation),
+        "interruption_in_seconds": max(int((reservation.preempt_at - now).total_seconds()), 0)
+        if noticed
+        else None,
+    }
+
+
+def _as_json(reservation: Reservation, now: datetime) -> dict:
+    p = progress(reservation, now)
+    currency = reservation.currency
+    interruption = p["interruption_in_seconds"]
+    return {
+        "id": reservation.public_id,
+        "status": reservation.status,
+        "status_label": status_label(reservation.status),
+        "elapsed_seconds": p["elapsed_seconds"],
+        "elapsed": duration(p["elapsed_seconds"]),
+        "remaining_seconds": p["remaining_seconds"],
+        "remaining": duration(p["remaining_seconds"]),
+        "time_left": duration(p["remaining_seconds"])
+        if p["running"]
+        else f"starts in {duration(p['starts_in_seconds'])}",
+        "cost_so_far": str(p["cost_so_far"]),
+        "cost_so_far_display": money(p["cost_so_far"], currency),
+        "total_display": money(reservation.total_amount, currency),
+        "interruption_in_seconds": interruption,
+        "interruption": f"Interruption in {duration(interruption)}"
+        if interruption is not None
+        else "",
+    }
+
+
+class LiveView(PortalView, View):
+    """GET ?id=res_…&id=…: those reservations' live figures (the organisation's only)."""
+
+    MAX_IDS = 100
+
+    def get(self, request):
+        wanted = request.GET.getlist("id")[: self.MAX_IDS]
+        reservations = reservation_list_for_org(organization=self.organization).filter(
+            public_id__in=wanted
+        )
+        reservations = list(reservations)
+        reservations_charged_load(reservations)  # one question to billing for them all
+        now = timezone.now()
+        body = {
+            "now": now.isoformat(),
+            "reservations": [_as_json(r, now) for r in reservations],
+        }
+        response = JsonResponse(body)
+        response["Cache-Control"] = "no-store"
+        return response

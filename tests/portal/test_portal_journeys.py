@@ -1,0 +1,163 @@
+"""Issue 16's journeys in Chromium: quote → reserve → live reservation → extend with its cost →
+stop with its refund, at phone width; live figures without reloading. Screenshots of every step
+are saved under test-results/screenshots/<test name>/.
+"""
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+from playwright.sync_api import expect
+
+from marketplace.models import Reservation, ReservationStatus
+from marketplace.services.quotes import quote_create
+from tests.factories import GpuModelFactory, SiteFactory
+from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+)
+from tests.provisioning_support import ssh_key
+
+pytestmark = pytest.mark.usefixtures("allow_all_funding")
+
+PHONE = {"width": 375, "height": 812}
+SHOTS = Path(__file__).resolve().parents[2] / "test-results" / "screenshots"
+
+
+@pytest.fixture
+def shot(request):
+    """shot(page, "name"): a full-page screenshot in the test's own folder."""
+    folder = SHOTS / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = []
+
+    def take(page, name: str) -> Path:
+        path = folder / f"{len(taken) + 1:02d}-{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        taken.append(path)
+        return path
+
+    return take
+
+
+@pytest.fixture
+def market():
+    make_policy()
+    h100 = GpuModelFactory()
+    site = SiteFactory(slug="mo-i-rana", name="Mo i Rana", region="eu-north")
+    make_nodes(site, h100, 2, gpus=8)
+    make_rate(h100, "1234.5000")  # dear enough for thousands separators
+    return site, h100
+
+
+def _no_sideways_scroll(page) -> None:
+    width = page.evaluate("document.documentElement.scrollWidth")
+    wide = page.evaluate(
+        "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > 376)"
+        ".filter(e => !(e.parentElement && e.parentElement.closest('.scroll'))).slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id)"
+    )
+    assert width <= PHONE["width"], f"{page.url} is {width}px wide at {PHONE['width']}px: {wide}"
+
+
+def _run_now(reservation) -> None:
+    """As if provisioned (it starts now), reachable over SSH."""
+    Reservation.objects.filter(pk=reservation.pk).update(
+        status=ReservationStatus.ACTIVE,
+        connection={"host": "10.0.0.5", "ssh_port": 2222, "ports": {}},
+    )
+
+
+def test_reserve_extend_and_stop_at_phone_width(signed_in, market, shot):
+    page, _, organization = signed_in
+    page.set_viewport_size(PHONE)
+    start = timezone.now()
+    quote = quote_create(
+        organization=organization, gpu_model="h100-sxm-80gb", gpu_count=8, starts_at=start,
+        ends_at=start + timedelta(hours=3), tier="on_demand",
+    )  # fmt: skip
+
+    page.goto(page.base + f"/quotes/{quote.public_id}")
+    expect(page.locator("h1")).to_have_text("Confirm: 8 × NVIDIA H100 SXM 80GB at Mo i Rana")
+    expect(page.locator("#quote-total")).to_have_text("29,628.00 USD")  # 8 × 1,234.50 × 3 h
+    expect(page.locator("#due-now")).to_contain_text("9,876.00 USD")  # the first hour
+    _no_sideways_scroll(page)
+    shot(page, "quote")
+    page.get_by_role("button", name=re.compile("^Reserve")).click()
+    expect(page.locator(".field.invalid")).to_contain_text("Add an SSH key")  # none given
+    page.get_by_label("SSH public keys").fill(ssh_key())
+    page.get_by_role("button", name="Reserve · 9,876.00 USD due now").click()
+    expect(page).to_have_url(re.compile(r"/reservations/res_"))
+
+    reservation = Reservation.objects.get(organization=organization)
+    _run_now(reservation)
+    page.reload()
+    expect(page.locator("#status")).to_have_text("Running")
+    expect(page.locator("#cost-so-far")).to_have_text(re.compile(r"^\d[\d,]*\.\d\d USD$"))
+    expect(page.locator("#connection")).to_contain_text("ssh -p 2222 root@10.0.0.5")
+    _no_sideways_scroll(page)
+    shot(page, "running")
+
+    # Whole minutes are valid in the browser's own check (the value has no seconds).
+    field = page.get_by_label("New end (UTC)")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}", field.input_value())
+    reservation.refresh_from_db()
+    new_end = (reservation.ends_at + timedelta(hours=2)).replace(second=0, microsecond=0)
+    field.fill(new_end.strftime("%Y-%m-%dT%H:%M"))
+    assert field.evaluate("el => el.checkValidity()") is True
+    page.get_by_role("button", name="See the cost").click()
+    expect(page.locator("#added-amount")).to_contain_text(",")
+    shot(page, "extend-preview")
+    page.get_by_role("button", name=re.compile("^Extend for")).click()
+    expect(page.get_by_role("status")).to_contain_text("Extended to")
+    reservation.refresh_from_db()
+    assert reservation.ends_at == new_end
+
+    page.get_by_role("link", name="Stop early…").click()
+    expect(page.locator("#refund")).to_have_text(re.compile(r"USD$"))
+    _no_sideways_scroll(page)
+    shot(page, "stop-confirmation")
+    assert Reservation.objects.get(pk=reservation.pk).status == ReservationStatus.ACTIVE
+    page.get_by_role("button", name=re.compile("^Stop now, refund")).click()
+    expect(page.get_by_role("status")).to_contain_text("Stopped. Refund:")
+    assert Reservation.objects.get(pk=reservation.pk).status != ReservationStatus.ACTIVE
+    shot(page, "stopped")
+
+    for path in ("/dashboard", "/reservations", "/gpus", "/billing/"):
+        page.goto(page.base + path)
+        _no_sideways_scroll(page)
+    page.goto(page.base + "/gpus?gpu_model=h100-sxm-80gb&gpu_count=1&plan=on_demand&hours=2")
+    expect(page.locator("#offers")).to_be_visible()
+    _no_sideways_scroll(page)
+    shot(page, "offers")
+
+
+def test_live_figures_and_an_interruption_update_without_reloading(signed_in, market, shot):
+    page, _, organization = signed_in
+    start = timezone.now()
+    quote = quote_create(
+        organization=organization, gpu_model="h100-sxm-80gb", gpu_count=1, starts_at=start,
+        ends_at=start + timedelta(hours=3), tier="interruptible",
+    )  # fmt: skip
+    from marketplace.services.reservations import reservation_create
+
+    reservation = reservation_create(organization=organization, quote=quote)
+    _run_now(reservation)
+    page.clock.install()
+    page.goto(page.base + "/dashboard")
+    row = page.locator(f'tr[data-live-id="{reservation.public_id}"]')
+    expect(row).to_contain_text("Running")
+    expect(row).not_to_contain_text("Interruption")
+    page.evaluate("document.title = 'not reloaded'")
+
+    Reservation.objects.filter(pk=reservation.pk).update(
+        preempt_at=timezone.now() + timedelta(minutes=3, seconds=30)
+    )
+    page.clock.fast_forward(16_000)  # one poll
+
+    expect(row.locator("[data-live=interruption]")).to_have_text("Interruption in 3 min")
+    assert page.title() == "not reloaded"
+    shot(page, "dashboard-interruption")
