@@ -177,6 +177,8 @@ SPECTACULAR_SETTINGS = {
     "cancel, extend; usage and billing.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The customers' document; the site agents' endpoints are at /api/schema/agent/.
+    "PREPROCESSING_HOOKS": ["config.api_docs.customer_endpoints"],
     "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI and Redoc are served from our own static files, not a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",

@@ -5,7 +5,13 @@ from django.http import JsonResponse
 from django.urls import include, path, re_path
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from config import api_docs
+
+admin.site.site_header = "Switchyard staff console"
+admin.site.site_title = "Switchyard staff"
+admin.site.index_title = "Fleet, customers and money"
 
 from config.outages import outage_response
 
@@ -13,7 +19,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
-    path("api/redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
+    path("api/schema/agent/", api_docs.agent_schema, name="api-schema-agent"),
+    path("api/redoc/", api_docs.LocalRedocView.as_view(url_name="api-schema"), name="api-redoc"),
     path("api/v1/", include("config.api_urls")),
     # Any other URL under /api/v1/ (also with DEBUG on, where handler404 is not used): the
     # API's JSON error, never Django's HTML page (nor the CSRF refusal's, for a POST: like the

@@ -10,7 +10,8 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
-from django.db.models import Count, QuerySet
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.utils import timezone
@@ -244,17 +245,26 @@ class NodeAdmin(admin.ModelAdmin):
     ]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(gpu_count=Count("gpus"))
+        # A subquery, not Count("gpus"): the search by GPU serial joins the GPUs again, and a
+        # Count over that join multiplied (an 8-GPU node found by "GPU" showed 64). The admin
+        # keeps one row per node found through that join itself (may_have_duplicates).
+        gpus = (
+            Gpu.objects.filter(node=OuterRef("pk"))
+            .order_by()
+            .values("node")
+            .annotate(n=Count("pk"))
+            .values("n")
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(gpu_count=Coalesce(Subquery(gpus, output_field=IntegerField()), 0))
+        )
 
     def get_readonly_fields(self, request, obj=None):
         # The GPUs on a node are of its model; a different model means different hardware.
         fields = super().get_readonly_fields(request, obj)
         return [*fields, "gpu_model"] if obj is not None else fields
-
-    def get_search_results(self, request, queryset, search_term):
-        # Searching by GPU serial joins GPUs; keep one row per node.
-        queryset, _ = super().get_search_results(request, queryset, search_term)
-        return queryset, False
 
     @admin.display(description="GPUs", ordering="gpu_count")
     def gpu_count(self, node: Node) -> int:

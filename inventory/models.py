@@ -122,6 +122,7 @@ class GpuModel(models.Model):
 
     class Meta:
         ordering = ["vendor", "-memory_gb", "slug"]
+        verbose_name = "GPU model"
 
     def __str__(self) -> str:
         return self.name
@@ -215,6 +216,8 @@ class Gpu(models.Model):
 
     class Meta:
         ordering = ["node_id", "index"]
+        verbose_name = "GPU"
+        verbose_name_plural = "GPUs"
         constraints = [
             models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_index_per_node"),
             models.CheckConstraint(

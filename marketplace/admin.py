@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from config.errors import ApplicationError
+from inventory.admin import NodeAdmin
 from marketplace.models import (
     AgentJob,
     Allocation,
@@ -570,3 +571,53 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     search_fields = ["actor", "action", "object_id", "organization__name", "public_id"]
     list_select_related = ["organization"]
     date_hierarchy = "created_at"
+
+
+class NodeReservationsInline(admin.TabularInline):
+    """On a node's page: what runs on it or is booked there, before staff drain it."""
+
+    model = Allocation
+    fk_name = "node"
+    verbose_name = "GPU in use or booked"
+    verbose_name_plural = "Reservations on this node (running or booked)"
+    fields = ["reservation_link", "customer", "reservation_status", "gpu", "period"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .filter(is_live=True)
+            .select_related("reservation__organization", "gpu")
+            .order_by("reservation__ends_at", "reservation_id", "gpu__index")
+        )
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="reservation")
+    def reservation_link(self, allocation):
+        r = allocation.reservation
+        url = reverse("admin:marketplace_reservation_change", args=[r.pk])
+        return format_html('<a href="{}">{}</a> ({} GPUs)', url, r.public_id, r.gpu_count)
+
+    @admin.display(description="customer")
+    def customer(self, allocation):
+        return allocation.reservation.organization.name
+
+    @admin.display(description="status")
+    def reservation_status(self, allocation):
+        r = allocation.reservation
+        return f"{r.get_status_display()} until {r.ends_at:%Y-%m-%d %H:%M} UTC" + (
+            " (interruptible)" if r.tier == "interruptible" else ""
+        )
+
+
+# The inventory's node page shows the marketplace's reservations on it: the marketplace
+# depends on the inventory, never the reverse, so it adds the inline to the node's admin.
+NodeAdmin.inlines = [*NodeAdmin.inlines, NodeReservationsInline]

@@ -163,18 +163,20 @@ def main() -> int:
         web = supervisor.start(
             "web", [sys.executable, "manage.py", "runserver", f"{HOST}:{port}"], env=env
         )
-        supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "info"], env=env)
+        # Warnings and errors only: at "info", beat's due tasks every few seconds and the
+        # workers' lines for each pushed the banner below out of sight at once.
+        supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "warning"], env=env)
         # Webhook sending waits on customers' servers: its own queue and worker (threads: it
         # waits on the network), so a slow endpoint never holds up provisioning or billing.
         supervisor.start(
             "webhooks",
-            [celery, "-A", "config", "worker", "-l", "info", "-Q", "webhooks",
+            [celery, "-A", "config", "worker", "-l", "warning", "-Q", "webhooks",
              "-P", "threads", "-c", "8", "-n", "webhooks@%h"],
             env=env,
         )  # fmt: skip
         supervisor.start(
             "beat",
-            [celery, "-A", "config", "beat", "-l", "info",
+            [celery, "-A", "config", "beat", "-l", "warning",
              "-s", str(RUN_DIR / "celerybeat-schedule"), "--pidfile="],
             env=env,
         )  # fmt: skip

@@ -100,6 +100,13 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(smoke_env):
         assert "demo / switchyard-demo" in banner
         assert "localstripe at http://127.0.0.1:" in banner
 
+        # The banner stays in sight: beat's due tasks (every 5 s) and the worker's lines for
+        # them are not printed below it.
+        after_banner = len(output)
+        time.sleep(8)
+        later = output[after_banner:]
+        assert not [line for line in later if "due task" in line or "succeeded in" in line], later
+
         descendants = psutil.Process(run.pid).children(recursive=True)
         commands = [" ".join(p.cmdline()) for p in descendants]
         for expected in ("runserver", "worker", "beat", "localstripe_server.py"):

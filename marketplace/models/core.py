@@ -138,6 +138,7 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name = "API key"
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
@@ -164,6 +165,7 @@ class SshKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        verbose_name = "SSH key"
         ordering = ["-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(

@@ -48,11 +48,44 @@ def test_the_schema_is_served_and_describes_the_api():
     assert set(create["responses"]) >= {"201", "400", "401", "404", "409", "422", "429"}
 
 
+def _schema(url: str = "/api/schema/") -> dict:
+    response = APIClient().get(url, HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    return response.json()
+
+
 def _operations():
-    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
-    for url, item in response.json()["paths"].items():
-        for method, operation in item.items():
-            yield url, method, operation
+    """Every operation of both documents: the customers' and the site agents'."""
+    for url in ("/api/schema/", "/api/schema/agent/"):
+        for path_, item in _schema(url)["paths"].items():
+            for method, operation in item.items():
+                yield path_, method, operation
+
+
+def test_the_customers_document_leaves_the_site_agents_endpoints_to_their_own():
+    customers = _schema()
+    agents = _schema("/api/schema/agent/")
+
+    assert not [p for p in customers["paths"] if p.startswith("/api/v1/agent/")]
+    assert "nodeToken" not in customers["components"]["securitySchemes"]  # not in Authorize
+    assert sorted(agents["paths"]) == [
+        "/api/v1/agent/heartbeat",
+        "/api/v1/agent/jobs/lease",
+        "/api/v1/agent/jobs/{job_id}/complete",
+        "/api/v1/agent/jobs/{job_id}/fail",
+        "/api/v1/agent/jobs/{job_id}/progress",
+    ]
+    assert list(agents["components"]["securitySchemes"]) == ["nodeToken"]
+    validate_schema(agents)
+
+
+def test_redoc_is_served_without_outside_fonts_or_images():
+    response = APIClient().get("/api/redoc/")
+    html = response.content.decode()
+    assert "fonts.googleapis.com" not in html and "https://" not in html
+    assert "/static/drf_spectacular_sidecar/redoc/bundles/redoc.standalone.js" in html
+    policy = response["Content-Security-Policy"]
+    assert "img-src 'self' data:" in policy and "font-src 'self' data:" in policy
 
 
 def test_every_operation_documents_the_errors_the_base_views_can_answer():

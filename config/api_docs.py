@@ -1,0 +1,63 @@
+"""Two API documents: the customers' (what the docs pages show) and the site agents'.
+
+The node-agent endpoints and their nodeToken scheme are for Switchyard's own site agents: in
+the customers' reference they came first (alphabetically "agent") and offered a node token in
+Authorize. They get a schema of their own at /api/schema/agent/.
+"""
+
+from django.views.decorators.cache import never_cache
+from drf_spectacular.utils import extend_schema
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+
+__all__ = [
+    "AGENT_PREFIX",
+    "customer_endpoints",
+    "agent_endpoints",
+    "AgentSchemaView",
+    "LocalRedocView",
+]
+
+AGENT_PREFIX = "/api/v1/agent/"
+
+
+def customer_endpoints(endpoints):
+    """Preprocessing hook (SPECTACULAR_SETTINGS): every endpoint but the site agents'."""
+    return [e for e in endpoints if not e[0].startswith(AGENT_PREFIX)]
+
+
+def agent_endpoints(endpoints):
+    return [e for e in endpoints if e[0].startswith(AGENT_PREFIX)]
+
+
+class AgentSchemaView(SpectacularAPIView):
+    custom_settings = {
+        "TITLE": "Switchyard site agent API",
+        "DESCRIPTION": "Heartbeats and provisioning jobs of a site's agent, authenticated with "
+        "its node token (nt_…). Not for customers: see /api/schema/.",
+        "PREPROCESSING_HOOKS": ["config.api_docs.agent_endpoints"],
+    }
+
+
+class LocalRedocView(SpectacularRedocView):
+    """Redoc from our own static files (the sidecar), with nothing fetched from elsewhere.
+
+    The template leaves out drf-spectacular's Google Fonts links; the policy below stops
+    Redoc's "API docs by Redocly" logo (an image on cdn.redoc.ly, hidden when it cannot load)
+    and any other outside fetch, so the page works offline and tells no one of a visit.
+    """
+
+    template_name = "api/redoc.html"
+    POLICY = (
+        "default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+        "style-src 'self' 'unsafe-inline'; script-src 'self'; worker-src 'self' blob:; "
+        "connect-src 'self'"
+    )
+
+    @extend_schema(exclude=True)
+    def get(self, request, *args, **kwargs):
+        response = super().get(request, *args, **kwargs)
+        response["Content-Security-Policy"] = self.POLICY
+        return response
+
+
+agent_schema = never_cache(AgentSchemaView.as_view())
