@@ -74,6 +74,7 @@ def test_the_customers_document_leaves_the_site_agents_endpoints_to_their_own():
         "/api/v1/agent/jobs/{job_id}/complete",
         "/api/v1/agent/jobs/{job_id}/fail",
         "/api/v1/agent/jobs/{job_id}/progress",
+        "/api/v1/agent/workloads",
     ]
     assert list(agents["components"]["securitySchemes"]) == ["nodeToken"]
     validate_schema(agents)

@@ -244,7 +244,7 @@ def test_reserving_without_an_ssh_key_is_refused_unless_asked_for(
     )
     page = client.get(f"/reservations/{reservation.public_id}").content.decode()
     assert "ssh -p 2222" not in page  # a command that could not work is not offered
-    assert "No SSH key was installed" in page
+    assert "No SSH (the workload has no SSH keys)." in page
 
 
 # --- interruptions ----------------------------------------------------------------------------
