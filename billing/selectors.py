@@ -215,3 +215,15 @@ def statement_for_month(*, organization: Organization, month: date, currency: st
         totals_minor=totals,
         usage=sorted(usage.values(), key=lambda r: r["reservation"]),
     )
+
+
+def ledger_totals_by_kind(
+    *, since: datetime, until: datetime | None = None
+) -> dict[tuple[str, str], int]:
+    """Every organisation's ledger in [since, until), summed by kind (minor units, signed as
+    the ledger is: charges negative, top-ups and credits positive). For the staff dashboard."""
+    qs = LedgerEntry.objects.filter(created_at__gte=since)
+    if until is not None:
+        qs = qs.filter(created_at__lt=until)
+    rows = qs.order_by().values("kind", "currency").annotate(total=Sum("amount_minor"))
+    return {(row["kind"], row["currency"]): row["total"] for row in rows}

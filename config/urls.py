@@ -7,7 +7,7 @@ from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from config import api_docs
+from config import api_docs, staff
 
 admin.site.site_header = "Switchyard staff console"
 admin.site.site_title = "Switchyard staff"
@@ -16,6 +16,7 @@ admin.site.index_title = "Fleet, customers and money"
 from config.outages import outage_response
 
 urlpatterns = [
+    path("staff/", staff.dashboard, name="staff-dashboard"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

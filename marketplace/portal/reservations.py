@@ -32,6 +32,7 @@ from marketplace.portal.nav import portal_funding
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
+from marketplace.selectors.gpu_catalogue import CATALOGUE_PLANS, gpu_catalogue
 from marketplace.selectors.reservations import (
     reservation_charged,
     reservation_elapsed_seconds,
@@ -167,6 +168,10 @@ class SearchView(PortalView, View):
                 ]
         status = 400 if asked and form.errors else 200
         context = {"form": form, "offers": offers, "can_reserve": self._can_reserve()}
+        if not asked:
+            # Before any search: the catalogue, each price a search link for that plan.
+            context["catalogue"] = gpu_catalogue(now=timezone.now())
+            context["plans"] = [(key, PLANS[key][2].split(" (")[0]) for key, *_ in CATALOGUE_PLANS]
         if offers is not None:
             context["asked"] = form.cleaned_data
             context["asked_plan"] = PLANS[form.cleaned_data["plan"]][2]  # as the form names it

@@ -44,6 +44,35 @@ class SiteListView(PortalView, View):
         return render(request, "portal/sites.html", {"rows": rows})
 
 
+FORECAST_DAYS = 14
+
+
+def free_by_day(site, *, now, days: int = FORECAST_DAYS) -> dict:
+    """GPUs free for each whole UTC day ahead (today: from now), per model, from the same
+    availability query as the window below; for the chart and the table beside it."""
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    labels, series = [], {}
+    for n in range(days):
+        day = today + timedelta(days=n)
+        start, end = max(day, now.replace(microsecond=0)), day + timedelta(days=1)
+        labels.append(day.date())
+        for a in site_availability(site=site, starts_at=start, ends_at=end):
+            series.setdefault(a.gpu_model.name, [0] * days)[n] = a.free_gpus
+    return {
+        "labels": labels,
+        "rows": sorted(series.items()),
+        "chart": {
+            "free": {
+                "type": "line",
+                "labels": [d.isoformat() for d in labels],
+                "datasets": [
+                    {"label": name, "data": data} for name, data in sorted(series.items())
+                ],
+            }
+        },
+    }
+
+
 class SiteDetailView(PortalView, View):
     def get(self, request, slug: str):
         site = site_get_public(slug=slug)  # unknown or retired: a 404 (PortalView)
@@ -58,6 +87,7 @@ class SiteDetailView(PortalView, View):
         if form.errors:
             status = 400
         capacity = site_capacity_summaries(site_ids=[site.pk])[site.pk]
+        forecast = free_by_day(site, now=timezone.now()) if site.status == "active" else None
         return render(
             request,
             "portal/site.html",
@@ -67,6 +97,7 @@ class SiteDetailView(PortalView, View):
                 "form": form,
                 "availability": availability,
                 "window": window,
+                "forecast": forecast,
             },
             status=status,
         )

@@ -179,3 +179,9 @@ def pricing_steps(breakdown) -> list[str]:
             f"held at the {'lowest' if clamped == 'floor' else 'highest'} price we charge for it"
         )
     return steps
+
+
+@register.filter
+def get_item(mapping, key):
+    """mapping[key] in a template, or None."""
+    return (mapping or {}).get(key)

@@ -4,6 +4,7 @@ panel. Screenshots under test-results/screenshots/<test name>/."""
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from billing.models import BillingAccount, LedgerEntry, LedgerKind
 from tests.factories import NodeFactory, OrganizationFactory
@@ -57,3 +58,27 @@ def test_list_tables_are_not_clipped_by_the_filter_panel_at_1280px(staff_page, p
     assert table_width <= box_width and right <= 1280, fits
     assert page.locator("#changelist-filter").is_visible()  # still there, above the list
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+
+
+def test_the_staff_dashboard_draws_its_charts_from_the_vendored_library(staff_page, request):
+    """Chart.js from our static files (nothing fetched elsewhere); every chart has its table."""
+    page = staff_page
+    NodeFactory(hostname="rana-001", gpus=8)
+    outside = []
+    page.on(
+        "request",
+        lambda r: outside.append(r.url) if not r.url.startswith(page.base) else None,
+    )
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(page.base + "/staff/")
+
+    for name in ("fleet", "utilisation", "statuses"):
+        canvas = page.locator(f'canvas[data-chart="{name}"]')
+        expect(canvas).to_have_attribute("data-chart-drawn", "true")
+        table = canvas.get_attribute("aria-describedby")
+        expect(page.locator(f"#{table}")).to_be_attached()
+    expect(page.locator("#fleet-table")).to_contain_text("8")
+    folder = SHOTS / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / "dashboard.png"), full_page=True)
+    assert outside == []

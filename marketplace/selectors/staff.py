@@ -1,0 +1,192 @@
+"""What the staff dashboard reads from the marketplace: the fleet's use, reservations by state,
+what runs on nodes out of service, provisioning failures and curtailment exposure.
+
+Each is one or two statements over the whole fleet (no per-row queries): the dashboard stays
+a handful of queries whatever the fleet's size.
+"""
+
+from datetime import datetime, timedelta
+
+from django.db import connection
+from django.db.models import Count
+
+from inventory.models import Node, NodeStatus, Outage
+from marketplace.models import Allocation, ProvisioningAttempt, Reservation, Tier
+from marketplace.models.provisioning import AttemptOutcome
+
+__all__ = [
+    "reservations_by_status",
+    "utilisation_by_day",
+    "curtailment_exposure",
+    "provisioning_failures",
+    "nodes_out_of_service",
+    "fleet_gpus",
+]
+
+
+def reservations_by_status() -> dict[str, int]:
+    rows = Reservation.objects.order_by().values("status").annotate(n=Count("id"))
+    return {row["status"]: row["n"] for row in rows}
+
+
+# GPU-seconds used per UTC day: each reservation from its start to the first of its end, its
+# cancellation, its preemption and now (so time not run counts for nothing), times its GPUs.
+_USED_BY_DAY_SQL = """
+WITH days AS (
+    SELECT d AS day FROM generate_series(%(first)s::timestamptz, %(last)s::timestamptz,
+                                         interval '1 day') AS d
+), used AS (
+    SELECT r.gpu_count, r.starts_at AS since,
+           LEAST(r.ends_at, COALESCE((r.cancellation ->> 'at')::timestamptz, r.ends_at),
+                 COALESCE(r.preempt_at, r.ends_at), %(now)s) AS until
+    FROM marketplace_reservation r
+    WHERE r.status <> 'failed' AND r.starts_at < %(now)s
+      AND r.ends_at > %(first)s
+)
+SELECT days.day,
+       COALESCE(SUM(u.gpu_count * GREATEST(0, EXTRACT(EPOCH FROM
+           LEAST(u.until, days.day + interval '1 day') - GREATEST(u.since, days.day)))), 0)
+FROM days LEFT JOIN used u ON u.since < days.day + interval '1 day' AND u.until > days.day
+GROUP BY days.day ORDER BY days.day
+"""
+
+
+def utilisation_by_day(*, now: datetime, days: int = 30) -> list[dict]:
+    """Per UTC day of the last `days` (today included, to now): GPU-hours used and their share
+    of the GPU-hours the fleet in service (not retired) could give."""
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=days - 1)
+    with connection.cursor() as cur:
+        cur.execute(_USED_BY_DAY_SQL, {"first": first, "last": today, "now": now})
+        used = cur.fetchall()
+    gpus = Node.objects.exclude(status=NodeStatus.RETIRED).aggregate(n=Count("gpus"))["n"] or 0
+    rows = []
+    for day, seconds in used:
+        day_seconds = min(86400, max(0, (now - day).total_seconds()))
+        capacity = gpus * day_seconds
+        rows.append(
+            {
+                "day": day.date(),
+                "gpu_hours": round(float(seconds) / 3600, 1),
+                "share": round(float(seconds) / capacity, 4) if capacity else 0.0,
+            }
+        )
+    return rows
+
+
+# Interruptible GPU-hours booked at each site in [now, now + hours): what a curtailment there
+# in that window would interrupt.
+_EXPOSURE_SQL = """
+SELECT s.id, s.name, s.status,
+       SUM(EXTRACT(EPOCH FROM LEAST(upper(a.period), %(until)s)
+                              - GREATEST(lower(a.period), %(now)s))) / 3600 AS gpu_hours,
+       COUNT(DISTINCT a.reservation_id) AS reservations
+FROM marketplace_allocation a
+JOIN marketplace_reservation r ON r.id = a.reservation_id
+JOIN inventory_node n ON n.id = a.node_id
+JOIN inventory_site s ON s.id = n.site_id
+WHERE a.is_live AND r.tier = %(tier)s
+  AND a.period && tstzrange(%(now)s, %(until)s, '[)')
+GROUP BY s.id, s.name, s.status ORDER BY gpu_hours DESC, s.name
+"""
+
+
+def curtailment_exposure(*, now: datetime, hours: int = 24) -> list[dict]:
+    with connection.cursor() as cur:
+        cur.execute(
+            _EXPOSURE_SQL,
+            {"now": now, "until": now + timedelta(hours=hours), "tier": Tier.INTERRUPTIBLE},
+        )
+        return [
+            {
+                "site": name,
+                "site_status": status,
+                "gpu_hours": round(float(gpu_hours), 1),
+                "reservations": count,
+            }
+            for _, name, status, gpu_hours, count in cur.fetchall()
+        ]
+
+
+# Every attempt that did not get there: errors, a failed node, a dead worker, given up.
+FAILURES = (
+    AttemptOutcome.ERROR,
+    AttemptOutcome.NODE_FAILURE,
+    AttemptOutcome.ABANDONED,
+    AttemptOutcome.GAVE_UP,
+)
+
+
+def provisioning_failures(*, since: datetime, limit: int = 20) -> tuple[int, list]:
+    failed = ProvisioningAttempt.objects.filter(outcome__in=FAILURES, started_at__gte=since)
+    latest = list(
+        failed.select_related("reservation__site", "reservation__organization").order_by(
+            "-started_at"
+        )[:limit]
+    )
+    return failed.count(), latest
+
+
+def nodes_out_of_service() -> list[dict]:
+    """Nodes draining, in maintenance or offline, and nodes with an open outage, each with the
+    reservations still on it (live allocations), for staff deciding what to do next."""
+    open_outages = Outage.objects.filter(ended_at__isnull=True)
+    nodes = list(
+        Node.objects.filter(
+            status__in=[NodeStatus.DRAINING, NodeStatus.MAINTENANCE, NodeStatus.OFFLINE]
+        )
+        .union(Node.objects.filter(pk__in=open_outages.values("node_id")))
+        .order_by("hostname")
+    )
+    by_id = {n.pk: {"node": n, "outages": [], "reservations": {}} for n in nodes}
+    for outage in open_outages.filter(node_id__in=by_id).order_by("started_at"):
+        by_id[outage.node_id]["outages"].append(outage)
+    allocations = (
+        Allocation.objects.filter(node_id__in=by_id, is_live=True)
+        .select_related("reservation__organization")
+        .order_by("reservation__ends_at")
+    )
+    for allocation in allocations:
+        entry = by_id[allocation.node_id]["reservations"]
+        r = allocation.reservation
+        entry.setdefault(r.pk, {"reservation": r, "gpus": 0})["gpus"] += 1
+    sites = {n.site_id for n in nodes}
+    site_names = dict(
+        Node.objects.filter(site_id__in=sites).values_list("site_id", "site__name").distinct()
+    )
+    return [
+        {
+            "node": row["node"],
+            "site": site_names.get(row["node"].site_id, ""),
+            "outages": row["outages"],
+            "reservations": list(row["reservations"].values()),
+        }
+        for row in by_id.values()
+    ]
+
+
+_FLEET_SQL = """
+SELECT s.name, m.name, n.status,
+       COUNT(g.id) AS gpus,
+       COUNT(g.id) FILTER (WHERE g.health = 'failed') AS failed,
+       COUNT(g.id) FILTER (WHERE EXISTS (
+           SELECT 1 FROM marketplace_allocation a
+           WHERE a.gpu_id = g.id AND a.is_live AND a.period @> %(now)s::timestamptz)) AS in_use
+FROM inventory_gpu g
+JOIN inventory_node n ON n.id = g.node_id
+JOIN inventory_site s ON s.id = n.site_id
+JOIN inventory_gpumodel m ON m.id = n.gpu_model_id
+WHERE n.status <> 'retired'
+GROUP BY s.name, m.name, n.status ORDER BY s.name, m.name, n.status
+"""
+
+
+def fleet_gpus(*, now: datetime) -> list[dict]:
+    """GPUs by site, model and node status now: how many, failed, and in use at `now`."""
+    with connection.cursor() as cur:
+        cur.execute(_FLEET_SQL, {"now": now})
+        return [
+            {"site": site, "gpu_model": model, "node_status": status, "gpus": gpus,
+             "failed": failed, "in_use": in_use}
+            for site, model, status, gpus, failed, in_use in cur.fetchall()
+        ]  # fmt: skip

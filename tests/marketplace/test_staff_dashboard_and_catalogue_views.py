@@ -1,0 +1,195 @@
+"""The staff dashboard's figures, the GPU catalogue before any search, and a site's free GPUs
+over the next 14 days (issue 16, items 3 to 5), without a browser."""
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from billing.models import LedgerEntry, LedgerKind
+from inventory.services import node_drain
+from marketplace.models import ProvisioningAttempt, Reservation, ReservationStatus, Role
+from marketplace.services.reservations import reservation_create
+from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory, UserFactory
+from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+    member_client,
+    tomorrow,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fleet():
+    make_policy()
+    h100 = GpuModelFactory()
+    site = SiteFactory(slug="mo-i-rana", name="Mo i Rana", status="active")
+    a, b = make_nodes(site, h100, 2, gpus=8)
+    make_rate(h100, "2.0000")
+    return site, h100, a, b
+
+
+@pytest.fixture
+def staff_client():
+    client = Client()
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    return client
+
+
+def test_the_dashboard_is_for_staff_only(fleet):
+    assert Client().get("/staff/").status_code == 302
+    org = OrganizationFactory()
+    response = member_client(org, Role.OWNER).get("/staff/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_the_dashboard_shows_the_fleet_its_use_money_and_risks(
+    fleet,
+    staff_client,
+    allow_all_funding,  # noqa: F811
+):
+    site, h100, a, b = fleet
+    org = OrganizationFactory(name="Fjord Labs")
+    now = timezone.now()
+    # 2 GPUs from now for two days, then 8 tomorrow: the whole other node.
+    running = reservation_create(
+        organization=org, gpu_model=h100.slug, gpu_count=2, starts_at=now,
+        ends_at=now + timedelta(days=2), tier="interruptible", site=site.slug,
+    )  # fmt: skip
+    Reservation.objects.filter(pk=running.pk).update(status=ReservationStatus.ACTIVE)
+    busy_node = running.allocations.first().node
+    other = b if busy_node == a else a
+    booked = reservation_create(
+        organization=org, gpu_model=h100.slug, gpu_count=8, starts_at=tomorrow(),
+        ends_at=tomorrow(2), tier="on_demand", site=site.slug,
+    )  # fmt: skip
+    assert booked.allocations.first().node == other
+    node_drain(node=other, actor=None, actor_label="test", reason="fans")
+    for kind, amount, key in (
+        (LedgerKind.USAGE, -1_000, "u1"),
+        (LedgerKind.TOP_UP, 123_456, "t1"),
+        (LedgerKind.REFUND, -500, "r1"),
+    ):
+        LedgerEntry.objects.create(
+            organization=org, kind=kind, amount_minor=amount, currency="usd",
+            description="test", idempotency_key=key,
+        )  # fmt: skip
+    ProvisioningAttempt.objects.create(
+        reservation=booked, kind="provision", number=1, outcome="error",
+        error="image pull failed: not found", started_at=now - timedelta(hours=1),
+    )  # fmt: skip
+
+    response = staff_client.get("/staff/")
+
+    html = response.content.decode()
+    assert response.status_code == 200
+    fleet_row = html.split('id="fleet-table"')[1].split("</tbody>")[0]
+    # in use 2, idle 6 on the busy node; the drained node's 8 are out of service
+    assert (
+        '<td class="num">2</td><td class="num">6</td><td class="num">8</td><td class="num">0</td>'
+    ) in fleet_row
+    assert "2 in use, 6 idle, 8 on nodes out of service; 0 failed." in html
+    risks = html.split('id="out-of-service"')[1].split("</table>")[0]
+    assert other.hostname in risks and booked.public_id in risks and "Fjord Labs" in risks
+    assert "image pull failed: not found" in html
+    assert "Provisioning failures, last 7 days: 1" in html
+    exposure = html.split('id="exposure-table"')[1].split("</table>")[0]
+    assert "<td>Mo i Rana</td>" in exposure and '<td class="num">48</td>' in exposure  # 2 × 24 h
+    money = html.split('id="money-table"')[1].split("</table>")[0]
+    assert "10.00 USD" in money and "1,234.56 USD" in money and "5.00 USD" in money
+    charts = json.loads(
+        html.split('<script id="staff-charts" type="application/json">')[1].split("</script>")[0]
+    )
+    assert charts["statuses"]["labels"][:4] == ["Pending", "Scheduled", "Starting", "Running"]
+    assert charts["statuses"]["datasets"][0]["data"][0] == 1  # the booked one
+    assert charts["statuses"]["datasets"][0]["data"][3] == 1  # the running one
+    assert len(charts["utilisation"]["labels"]) == 30
+
+
+def test_utilisation_counts_the_time_reservations_ran_today(
+    fleet,
+    staff_client,
+    allow_all_funding,  # noqa: F811
+):
+    from marketplace.selectors.staff import utilisation_by_day
+
+    site, h100, *_ = fleet
+    now = timezone.now()
+    reservation = reservation_create(
+        organization=OrganizationFactory(), gpu_model=h100.slug, gpu_count=4, starts_at=now,
+        ends_at=now + timedelta(hours=5), tier="on_demand", site=site.slug,
+    )  # fmt: skip
+    started = now - timedelta(hours=2)
+    Reservation.objects.filter(pk=reservation.pk).update(
+        status=ReservationStatus.ACTIVE, starts_at=started
+    )
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    rows = utilisation_by_day(now=now, days=2)
+
+    ran_today = (now - max(started, today)).total_seconds() * 4 / 3600
+    assert rows[-1]["day"] == today.date()
+    assert rows[-1]["gpu_hours"] == pytest.approx(ran_today, abs=0.1)
+    capacity_today = 16 * (now - today).total_seconds() / 3600
+    assert rows[-1]["share"] == pytest.approx(ran_today / capacity_today, abs=0.001)
+
+
+def test_the_catalogue_shows_each_model_before_any_search(
+    fleet,
+    allow_all_funding,  # noqa: F811
+):
+    site, h100, *_ = fleet
+    GpuModelFactory(slug="unused", name="Never installed")
+    org = OrganizationFactory()
+    start = tomorrow()
+    reservation_create(
+        organization=org, gpu_model=h100.slug, gpu_count=8, starts_at=start,
+        ends_at=start + timedelta(hours=1), tier="on_demand", site=site.slug,
+    )  # fmt: skip
+
+    html = member_client(org, Role.MEMBER).get("/gpus").content.decode()
+
+    card = html.split(f'id="model-{h100.slug}"')[1].split("</article>")[0]
+    assert "NVIDIA H100 SXM 80GB" in card and "80 GB" in card
+    assert (
+        f'href="/gpus?gpu_model={h100.slug}&amp;gpu_count=1&amp;plan=on_demand">from 2.0000 USD</a>'
+    ) in card
+    assert "from 0.9000 USD" in card  # interruptible: 55 % off
+    assert "from 1.7600 USD" in card  # reserved 1 month: 12 % off
+    assert "<strong>16</strong> free now" in card
+    assert "<strong>8</strong> free for the next 7 days" in card  # 8 booked tomorrow
+    assert "At Mo i Rana" in card
+    assert 'id="model-unused"' not in html
+    assert 'id="offers"' not in html
+
+
+def test_a_site_page_shows_free_gpus_for_each_of_the_next_14_days(
+    fleet,
+    allow_all_funding,  # noqa: F811
+):
+    site, h100, *_ = fleet
+    org = OrganizationFactory()
+    day_after = (timezone.now() + timedelta(days=2)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    reservation_create(
+        organization=org, gpu_model=h100.slug, gpu_count=8, starts_at=day_after + timedelta(hours=3),
+        ends_at=day_after + timedelta(hours=4), tier="on_demand", site=site.slug,
+    )  # fmt: skip
+
+    html = member_client(org, Role.MEMBER).get(f"/sites/{site.slug}").content.decode()
+
+    table = html.split('id="forecast-table"')[1].split("</table>")[0]
+    cells = table.split("<tbody>")[1].split("<td")
+    assert table.count('<th scope="col"') == 14
+    assert "NVIDIA H100 SXM 80GB" in table
+    free = [c.split(">", 1)[1].split("<")[0] for c in cells[1:]]
+    assert free[:4] == ["16", "16", "8", "16"]  # the day after tomorrow has 8 booked
+    assert Decimal(len(free)) == 14
