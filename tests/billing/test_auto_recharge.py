@@ -181,7 +181,7 @@ def test_the_portal_asks_before_an_automatic_recharge_and_charges_only_when_told
     client.force_login(
         MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
     )
-    form = {"image": "", "ssh_public_keys": ""}
+    form = {"image": "", "ssh_public_keys": "", "without_ssh": "on"}
 
     asked = client.post(f"/quotes/{quote.public_id}", form)
 

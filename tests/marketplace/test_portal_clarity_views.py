@@ -11,7 +11,10 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
+from billing.models import LedgerEntry, LedgerKind
+from billing.services.funding import BillingFundingGate
 from inventory.models import SiteStatus
+from marketplace.funding import funding_gate_register
 from marketplace.models import Reservation, ReservationStatus, ReservationTransition, Role, Tier
 from marketplace.services.api_keys import api_key_create
 from marketplace.services.quotes import quote_create
@@ -56,7 +59,7 @@ def _running(reservation, *, started_ago=timedelta(hours=1), **fields):
     length = reservation.ends_at - reservation.starts_at
     start = now - started_ago
     Reservation.objects.filter(pk=reservation.pk).update(
-        status=S.ACTIVE, starts_at=start, ends_at=start + length, **fields
+        status=S.ACTIVE, starts_at=start, ends_at=start + length, activated_at=start, **fields
     )
     reservation.refresh_from_db()
     return reservation
@@ -372,6 +375,13 @@ def test_the_live_endpoint_gives_running_figures_for_the_organisations_own_only(
     other = OrganizationFactory()
     mine = _running(_reserve(org, gpus=2), started_ago=timedelta(hours=1, minutes=30))
     theirs = _running(_reserve(other))
+    # What billing has charged so far (metered usage): the figure shown, not a guess. Billing
+    # answers that question (the fixture's allow-all gate knows no charges).
+    funding_gate_register(BillingFundingGate())
+    LedgerEntry.objects.create(
+        organization=org, reservation=mine, kind=LedgerKind.USAGE, amount_minor=-3444,
+        currency="usd", description="usage", idempotency_key="usage-1", gpu_seconds=10800,
+    )  # fmt: skip
 
     response = member_client(org, Role.MEMBER).get(
         "/reservations/live", {"id": [mine.public_id, theirs.public_id]}
@@ -383,7 +393,7 @@ def test_the_live_endpoint_gives_running_figures_for_the_organisations_own_only(
     row = rows[0]
     assert row["status_label"] == "Running"
     assert 5400 <= row["elapsed_seconds"] <= 5405
-    assert row["cost_so_far"] == "34.44"  # 2 × 11.48 × 1.5 h
+    assert row["cost_so_far"] == "34.44" and row["cost_so_far_display"] == "34.44 USD"
     assert 22 * 3600 + 29 * 60 <= row["remaining_seconds"] <= 22 * 3600 + 30 * 60
     assert row["remaining"] in ("22 h 29 min", "22 h 30 min")
     assert row["interruption_in_seconds"] is None

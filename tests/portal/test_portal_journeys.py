@@ -96,7 +96,7 @@ def test_reserve_extend_and_stop_at_phone_width(signed_in, market, shot):
     _run_now(reservation)
     page.reload()
     expect(page.locator("#status")).to_have_text("Running")
-    expect(page.locator("#cost-so-far")).to_have_text(re.compile(r"^\d[\d,]*\.\d\d USD$"))
+    expect(page.locator("#charged")).to_contain_text(re.compile(r"^\d[\d,]*\.\d\d USD"))
     expect(page.locator("#connection")).to_contain_text("ssh -p 2222 root@10.0.0.5")
     _no_sideways_scroll(page)
     shot(page, "running")
