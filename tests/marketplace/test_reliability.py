@@ -126,7 +126,7 @@ def test_the_portal_search_filters_by_reliability_in_percent(market, org):
     too_strict = client.get("/gpus", {**query, "min_reliability": "99.95"})
     bad = client.get("/gpus", {**query, "min_reliability": "150"})
 
-    assert [o.reliability for o, _e in strict.context["offers"]] == [Decimal("0.9990")]
+    assert [o.reliability for o, *_ in strict.context["offers"]] == [Decimal("0.9990")]
     assert '<td class="num">99.9 %</td>' in strict.content.decode()
     assert too_strict.context["offers"] == []
     assert bad.context["form"].errors["min_reliability"]

@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('inventory', '0005_burn_in'),
+        ('inventory', '0006_reliability'),
     ]
 
     operations = [
