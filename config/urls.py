@@ -8,12 +8,11 @@ from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from config import api_docs, staff
+from config.outages import outage_response
 
 admin.site.site_header = "Switchyard staff console"
 admin.site.site_title = "Switchyard staff"
 admin.site.index_title = "Fleet, customers and money"
-
-from config.outages import outage_response
 
 urlpatterns = [
     path("staff/", staff.dashboard, name="staff-dashboard"),

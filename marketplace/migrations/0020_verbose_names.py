@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('marketplace', '0018_webhooks'),
+        ('marketplace', '0019_audit_log'),
     ]
 
     operations = [
