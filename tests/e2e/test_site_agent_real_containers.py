@@ -4,20 +4,24 @@ on a live server, and the site agent as its own process running podman.
 A reservation becomes active only once its container runs and every port asked for (SSH
 included) accepts TCP on the address customers are given; a workload that crashes while
 starting fails at no charge with its last log lines, so does one whose image cannot be
-pulled; one that exits while active ends its reservation at the next heartbeat.
+pulled; one that exits while active ends its reservation at the next heartbeat. A preemption notice reaches the inside of the container.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from inventory.services import node_token_issue
 from marketplace.models import AgentJob, Reservation, ReservationStatus
 from marketplace.provisioning.scheduler import reservations_dispatch_due
+from marketplace.services.curtailment import curtailment_announce
 from tests.agent.conftest import RUNTIME_ENV, podman, test_image_fixture  # noqa: F401 (fixture)
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are fixtures)
@@ -53,11 +57,12 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
     _token, secret = node_token_issue(node=node, label="site agent")
     slow = market.book(
         gpu_count=1,
+        tier="interruptible",
         workload={
             "image": test_image,
             "ssh_public_keys": [ssh_key()],
             "ports": [8888],
-            "env": {"LISTEN": "22 8888", "READY_AFTER": "2", "EXIT_AFTER": "6", "EXIT_CODE": "9"},
+            "env": {"LISTEN": "22 8888", "READY_AFTER": "2", "EXIT_AFTER": "10", "EXIT_CODE": "9"},
         },
     )
     crash = market.book(
@@ -94,6 +99,22 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
         assert active.connection["host"] == "127.0.0.1"
         assert "simulated" not in active.connection
 
+        # A grid curtailment gives it notice: the agent writes it inside the container.
+        curtailment_announce(
+            site=market.site, shed_at=timezone.now() + timedelta(minutes=10), reason="Grid peak"
+        )
+        noticed = _fresh(slow)
+        assert noticed.preempt_at is not None
+
+        def notice_inside() -> str:
+            done = podman("exec", names[0], "cat", "/run/switchyard/preemption", check=False)
+            return done.stdout
+
+        assert json.loads(wait_for(notice_inside, timeout=20, what="the notice file")) == {
+            "preempt_at": noticed.preempt_at.isoformat(),
+            "reason": noticed.preempt_reason,
+        }
+
         wait_for(lambda: _fresh(crash).status == S.FAILED, timeout=60, what="the crash")
         failed = _fresh(crash)
         assert failed.activated_at is None  # never billed
@@ -113,11 +134,11 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
             "be pulled: "
         )
 
-        # It exits 6 s after it started listening; the next heartbeat ends the reservation.
+        # It exits 10 s after it started listening; the next heartbeat ends the reservation.
         wait_for(lambda: _fresh(slow).status == S.FAILED, timeout=60, what="the exit")
         ended = _fresh(slow)
         assert ended.status_reason.startswith("The workload exited with code 9 at ")
-        assert ended.status_reason.endswith("giving up after 6 s")
+        assert ended.status_reason.endswith("giving up after 10 s")
         assert statuses(ended) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.FAILED]
 
         # Then both containers are removed (the crash's stop job, the exit's teardown, which
