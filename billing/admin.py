@@ -1,4 +1,5 @@
-"""Staff views of billing: accounts with balance and history, the outbox, webhooks, invoices.
+"""Staff views of billing: accounts with balance and history, holds, the outbox, webhooks,
+invoices.
 
 The ledger is read-only here as everywhere; staff move money only through the services
 (issue a credit, refund a top-up, approve postpaid), each with a reason and their name.
@@ -17,6 +18,7 @@ from django.utils.html import format_html, format_html_join
 from billing.models import (
     BillingAccount,
     BillingNotice,
+    Hold,
     Invoice,
     LedgerEntry,
     OutboxMessage,
@@ -184,6 +186,17 @@ class LedgerEntryAdmin(ReadOnlyAdmin):
     list_display = ("created_at", "organization", "kind", "amount_minor", "currency", "reservation")
     list_filter = ("kind",)
     search_fields = ("organization__name", "idempotency_key", "description")
+    list_select_related = ("organization", "reservation")
+
+
+@admin.register(Hold)
+class HoldAdmin(ReadOnlyAdmin):
+    """What bookings hold against balances until the meter charges them or they end."""
+
+    list_display = ("created_at", "organization", "reservation", "amount_minor",
+                    "charged_minor", "currency", "status", "closed_at")  # fmt: skip
+    list_filter = ("status",)
+    search_fields = ("organization__name", "reservation__public_id", "idempotency_key")
     list_select_related = ("organization", "reservation")
 
 

@@ -94,3 +94,21 @@ def test_staff_refund_a_top_up_through_the_refunds_api(
     )
     assert refund.stripe_refund_id.startswith("re_")
     assert balance_minor(organization=org) == 0
+
+
+def test_staff_see_holds_and_cannot_change_them(staff_client, org):
+    from billing.models import Hold
+    from tests.billing.conftest import make_reservation
+
+    reservation = make_reservation(org, gpu_count=1)
+    hold = Hold.objects.create(organization=org, reservation=reservation, amount_minor=250,
+                               currency="usd", idempotency_key="reservation:x")  # fmt: skip
+
+    listed = staff_client.get(reverse("admin:billing_hold_changelist"))
+    changed = staff_client.post(reverse("admin:billing_hold_change", args=[hold.pk]),
+                                {"amount_minor": 1})  # fmt: skip
+
+    assert listed.status_code == 200 and reservation.public_id in listed.content.decode()
+    assert changed.status_code == 403
+    hold.refresh_from_db()
+    assert hold.amount_minor == 250
