@@ -266,14 +266,14 @@ def ensure_data() -> None:
     Reservation.objects.bulk_create(batch)
     say(f"  reservations: {len(nodes) * SLOTS_PER_NODE} ({time.monotonic() - started:.0f} s)")
     with transaction.atomic(), connection.cursor() as cur:
-        # The trigger would look up each GPU's model a million times; this insert sets it
-        # from the same join instead (setup only: the measured inserts go through the trigger).
+        # The triggers would refresh each GPU's busy multirange a million times; it is set
+        # once below instead (setup only: the measured inserts go through the triggers).
         cur.execute("ALTER TABLE marketplace_allocation DISABLE TRIGGER USER")
         cur.execute(
             """
-            INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, gpu_model_id,
+            INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id,
                                                 period, is_live, created_at)
-            SELECT r.id, g.id, g.node_id, r.gpu_model_id, tstzrange(r.starts_at, r.ends_at, '[)'),
+            SELECT r.id, g.id, g.node_id, tstzrange(r.starts_at, r.ends_at, '[)'),
                    r.status <> 'completed', now()
             FROM marketplace_reservation r
             JOIN inventory_gpu g
@@ -478,7 +478,6 @@ def bench_search(base_url: str, secret: str, n: int) -> None:
         sql_text = availability._sql(
             availability._SEARCH_TAIL,
             filters=" AND m.slug = %(gpu_model)s",
-            strategy=availability.BUSY,
         )
         for case in cases:
             params = {
@@ -596,9 +595,7 @@ def bench_placement_read_raw(clients: int, total: int) -> float:
     for the window: node_free_capacity's query text, prepared), straight through psycopg."""
     pairs = list(Node.objects.values_list("site_id", "gpu_model_id").distinct())
     filters, _ = availability._filters(site_id=0, gpu_model_id=0)
-    sql_text = availability._sql(
-        availability._NODES_TAIL, filters=filters, strategy=availability.BUSY
-    )
+    sql_text = availability._sql(availability._NODES_TAIL, filters=filters)
     per_client = total // clients
     dsn = _dsn()
 

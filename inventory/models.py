@@ -192,7 +192,16 @@ class GpuHealth(models.TextChoices):
 
 
 class Gpu(models.Model):
-    """One physical device; the unit the marketplace allocates."""
+    """One physical device; the unit the marketplace allocates.
+
+    Beside these fields the table has a column `busy` (tstzmultirange, default empty; declared
+    by migration 0007, not a Django field since Django has none for multiranges): the union of
+    the periods of the GPU's live allocations, so a search asks each GPU `NOT busy && window`
+    instead of reading the allocations. Inventory never writes it: the marketplace's triggers
+    on its allocation table refresh it for every GPU a statement books, frees or moves
+    (marketplace migration 0009, marketplace_gpu_busy_refresh), locking the GPU rows in id
+    order first. Its readers are the availability selectors (marketplace.selectors.availability).
+    """
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
     index = models.PositiveSmallIntegerField()

@@ -13,6 +13,7 @@ from marketplace.models import ApiKey
 from marketplace.selectors.organizations import api_key_by_secret_hash
 from marketplace.services.api_keys import api_key_create, api_key_hash
 from tests.factories import NodeFactory, OrganizationFactory
+from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.django_db
 
@@ -47,3 +48,43 @@ def test_the_key_lookup_matches_select_related_field_for_field():
     assert key.scopes == ["read", "write"]  # JSON decoded, not the text
     assert _fields(key.organization) == _fields(expected.organization)
     assert api_key_by_secret_hash(api_key_hash(secret + "x")) is None
+
+
+@pytest.mark.usefixtures("allow_all_funding")
+@pytest.mark.parametrize("with_quote", [False, True])
+def test_the_provision_steps_row_lock_matches_select_related_field_for_field(with_quote):
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from marketplace.models import Reservation
+    from marketplace.provisioning.services import _provision_lock_row
+    from marketplace.services.quotes import quote_create
+    from marketplace.services.reservations import reservation_create
+    from tests.provisioning_support import market_create
+
+    market = market_create(nodes=1, gpus=8)
+    org = OrganizationFactory()
+    if with_quote:
+        start = timezone.now() + timedelta(minutes=1)
+        quote = quote_create(organization=org, gpu_model=market.gpu_model.slug, gpu_count=1,
+                             starts_at=start, ends_at=start + timedelta(hours=1),
+                             tier="on_demand")  # fmt: skip
+        r = reservation_create(organization=org, quote=quote, workload={"ports": [80]})
+    else:
+        r = market.book(organization=org, workload={"ports": [80]})
+
+    with transaction.atomic():
+        loaded = _provision_lock_row(r.pk)
+    expected = Reservation.objects.select_related("gpu_model", "site", "quote").get(pk=r.pk)
+
+    assert _fields(loaded) == _fields(expected)
+    assert loaded.workload == {"ports": [80]} and loaded.get_deferred_fields() == set()
+    for name in ("gpu_model", "site"):
+        assert _fields(getattr(loaded, name)) == _fields(getattr(expected, name))
+    if with_quote:
+        assert _fields(loaded.quote) == _fields(expected.quote)
+    else:
+        assert loaded.quote is None
+    assert _provision_lock_row(-1) is None

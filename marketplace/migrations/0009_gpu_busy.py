@@ -1,5 +1,9 @@
 """inventory_gpu.busy: the union of the GPU's live allocation periods, kept by the database.
 
+The column is inventory's (declared by its migration 0007, documented on inventory.models.Gpu);
+this migration added it before inventory declared it, hence IF NOT EXISTS, and leaves it in
+place when reversed. What is marketplace's here: the triggers on its allocations that keep it.
+
 Availability then asks of each GPU `NOT busy && window`, a cost that follows the GPUs of the
 model instead of the allocations in the window (a 14-day window in the booked period reads
 ~25,000 of them at the benchmark's scale). The column is not a Django field (Django has no
@@ -15,7 +19,7 @@ only serves the searches.
 from django.db import migrations
 
 FORWARD = """
-ALTER TABLE inventory_gpu ADD COLUMN busy tstzmultirange NOT NULL DEFAULT '{}';
+ALTER TABLE inventory_gpu ADD COLUMN IF NOT EXISTS busy tstzmultirange NOT NULL DEFAULT '{}';
 -- busy changes with every booking of the GPU: room on each page keeps those updates HOT
 -- (no index entries, pruned in place), and vacuum comes sooner than the default 20 %.
 ALTER TABLE inventory_gpu SET (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
@@ -70,8 +74,6 @@ DROP TRIGGER IF EXISTS marketplace_allocation_busy_insert ON marketplace_allocat
 DROP FUNCTION IF EXISTS marketplace_allocation_busy_updated();
 DROP FUNCTION IF EXISTS marketplace_allocation_busy_inserted();
 DROP FUNCTION IF EXISTS marketplace_gpu_busy_refresh(bigint[]);
-ALTER TABLE inventory_gpu RESET (fillfactor, autovacuum_vacuum_scale_factor);
-ALTER TABLE inventory_gpu DROP COLUMN IF EXISTS busy;
 """
 
 

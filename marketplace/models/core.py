@@ -364,18 +364,6 @@ class Allocation(models.Model):
         related_name="+",
         help_text="The GPU's node, kept for locking.",
     )
-    # Kept equal to the GPU's node's model by database triggers (migration 0007), whoever
-    # writes the row; lets one index scan answer "busy GPUs of model M during W".
-    gpu_model = models.ForeignKey(
-        GpuModel,
-        on_delete=models.PROTECT,
-        related_name="+",
-        null=True,
-        blank=True,
-        editable=False,
-        db_index=False,
-        help_text="The GPU's node's model, set by the database.",
-    )
     period = DateTimeRangeField()
     is_live = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -400,14 +388,6 @@ class Allocation(models.Model):
                 fields=["node", "period", "gpu"],
                 condition=Q(is_live=True),
                 name="allocation_live_node_period_idx",
-            ),
-            # Searches for one model at every site: one scan of that model's live allocations
-            # in the window, node and GPU included so it is index-only.
-            GistIndex(
-                fields=["gpu_model", "period"],
-                include=["node", "gpu"],
-                condition=Q(is_live=True),
-                name="alloc_live_model_period_idx",
             ),
         ]
 

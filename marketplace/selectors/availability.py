@@ -13,13 +13,13 @@ free nodes at one site (a cluster), never GPUs spread over partly used nodes or 
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import NamedTuple
 
 from django.db import connection
 
 from config.errors import ValidationFailed
 from inventory.models import GpuModel, Node, Site
 from marketplace.models import RateCard
+from marketplace.rules import NodeCapacity, choose_nodes, validate_request_period
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.services.energy import EnergyEstimate, energy_for
 from marketplace.services.pricing import (
@@ -93,26 +93,14 @@ class SiteModelAvailability:
     whole_free_nodes: int
 
 
-class NodeCapacity(NamedTuple):
-    """One node's GPUs for a window (a row per candidate node: cheap to build by the hundred)."""
-
-    node_id: int
-    gpus: int
-    free: int
-    healthy: int | None = None
-
-
 # The candidate nodes and, per node, its GPUs, healthy GPUs and GPUs free for the window.
-# Four ways to find the free GPUs, all the same answer (tested); the searches use busy:
-# - busy: each GPU's busy multirange, kept by triggers, against the window; cost bounded by
-#   the candidate GPUs whatever the window.
-# - hash: one scan of the live allocations overlapping the window through the period-first
-#   partial GiST index (allocation_live_period_idx), hashed and anti-joined to the GPUs; its
-#   cost follows the allocations in the window (slower than busy in the worst windows at the
-#   benchmark's scale: docs/benchmarks.md).
-# - probe and model_scan read the allocations per node or per model in the window.
-# The last three are kept as references the tests hold busy to (the allocation service
-# re-reads the allocations themselves under its node locks, as probe does).
+# Free GPUs are read from each GPU's `busy` multirange (the union of its live allocation
+# periods, kept by triggers: see inventory.models.Gpu) against the window, so the cost follows
+# the candidate nodes' GPUs whatever the window's length or how booked it is (the allocation
+# service re-reads the allocations themselves under its node locks). The GPUs are read per
+# node (a lateral probe of inventory_gpu's node index): joined as a set, the planner prices the
+# index by the table's physical order, and once updates have scattered the rows it scans all
+# 100,000 GPUs for one site's 1,400 (14 ms against 1.7 ms).
 _CANDIDATE_NODES_SQL = """
 WITH node_c AS (
     SELECT n.id, n.site_id, n.gpu_model_id
@@ -124,87 +112,6 @@ WITH node_c AS (
           SELECT 1 FROM inventory_maintenancewindow w
           WHERE w.node_id = n.id AND w.period && {window})
 ),
-{nodes_cte}
-"""
-
-_NODES_BY_HASH = """
-busy AS (
-    SELECT DISTINCT a.gpu_id
-    FROM marketplace_allocation a
-    WHERE a.is_live AND a.period && {window}
-),
-nodes AS (
-    SELECT c.id, c.site_id, c.gpu_model_id,
-           count(*) AS gpus,
-           count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
-           count(*) FILTER (WHERE g.health <> 'failed' AND b.gpu_id IS NULL) AS free
-    FROM node_c c
-    JOIN inventory_gpu g ON g.node_id = c.id
-    LEFT JOIN busy b ON b.gpu_id = g.id
-    GROUP BY c.id, c.site_id, c.gpu_model_id
-)"""
-
-_NODES_BY_PROBE = """
-nodes AS MATERIALIZED (
-    SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy,
-           gc.healthy - (
-               SELECT count(DISTINCT a.gpu_id)
-               FROM marketplace_allocation a
-               WHERE a.is_live AND a.node_id = c.id AND a.period && {window}
-                 AND a.gpu_id <> ALL(gc.failed)) AS free
-    FROM node_c c
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS gpus,
-               count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
-               coalesce(array_agg(g.id) FILTER (WHERE g.health = 'failed'), '{}') AS failed
-        FROM inventory_gpu g WHERE g.node_id = c.id) gc
-    WHERE gc.gpus > 0
-)"""
-
-
-# One model at every site: one scan of that model's live allocations in the window through
-# alloc_live_model_period_idx (allocation.gpu_model_id is kept by triggers), the distinct busy
-# GPUs counted per node and taken from the node's healthy GPUs. A failed GPU is not healthy, so
-# on a node with failed GPUs those of them that are also booked are added back (a probe into
-# the exclusion constraint's index, made only for such nodes).
-_NODES_BY_MODEL_SCAN = """
-busy AS (
-    SELECT node_id, count(*) AS busy
-    FROM (
-        SELECT DISTINCT a.node_id, a.gpu_id
-        FROM marketplace_allocation a
-        WHERE a.is_live AND a.period && {window}
-          AND a.gpu_model_id = (SELECT m.id FROM inventory_gpumodel m WHERE m.slug = %(gpu_model)s)
-    ) busy_gpus
-    GROUP BY node_id
-),
-nodes AS MATERIALIZED (
-    SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy,
-           gc.healthy - CASE
-               WHEN b.busy IS NULL THEN 0
-               WHEN cardinality(gc.failed) = 0 THEN b.busy
-               ELSE b.busy - (
-                   SELECT count(DISTINCT a.gpu_id) FROM marketplace_allocation a
-                   WHERE a.is_live AND a.gpu_id = ANY(gc.failed) AND a.period && {window})
-           END AS free
-    FROM node_c c
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS gpus,
-               count(*) FILTER (WHERE g.health <> 'failed') AS healthy,
-               coalesce(array_agg(g.id) FILTER (WHERE g.health = 'failed'), '{}') AS failed
-        FROM inventory_gpu g WHERE g.node_id = c.id) gc
-    LEFT JOIN busy b ON b.node_id = c.id
-    WHERE gc.gpus > 0
-)"""
-
-# What the searches use: each GPU's `busy` multirange (the union of its live allocation
-# periods, kept by triggers: migration marketplace 0009) against the window, so the cost
-# follows the candidate nodes' GPUs whatever the window's length or how booked it is. The
-# three strategies above read the allocations themselves; the tests hold all four to the same
-# answer. The GPUs are read per node (a lateral probe of inventory_gpu's node index): joined
-# as a set, the planner prices the index by the table's physical order, and once updates have
-# scattered the rows it scans all 100,000 GPUs for one site's 1,400.
-_NODES_BY_BUSY = """
 nodes AS MATERIALIZED (
     SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy, gc.free
     FROM node_c c
@@ -216,22 +123,12 @@ nodes AS MATERIALIZED (
     WHERE gc.gpus > 0
 )"""
 
-PROBE, HASH, MODEL_SCAN, BUSY = "probe", "hash", "model_scan", "busy"
-_NODES_CTES = {
-    PROBE: _NODES_BY_PROBE,
-    HASH: _NODES_BY_HASH,
-    MODEL_SCAN: _NODES_BY_MODEL_SCAN,
-    BUSY: _NODES_BY_BUSY,
-}
-
-
 # The window is written out where it is used (not a CTE), so the planner sees the range.
 _WINDOW = "tstzrange(%(starts_at)s, %(ends_at)s, '[)')"
 
 
-def _sql(tail: str, *, filters: str, strategy: str) -> str:
-    nodes_cte = _NODES_CTES[strategy].replace("{window}", _WINDOW)
-    return _CANDIDATE_NODES_SQL.format(filters=filters, nodes_cte=nodes_cte, window=_WINDOW) + tail
+def _sql(tail: str, *, filters: str) -> str:
+    return _CANDIDATE_NODES_SQL.format(filters=filters, window=_WINDOW) + tail
 
 
 _SEARCH_TAIL = """,
@@ -316,7 +213,7 @@ def node_free_capacity(
     filters, params = _filters(site_id=site_id, gpu_model_id=gpu_model_id)
     with connection.cursor() as cur:
         cur.execute(
-            _sql(_NODES_TAIL, filters=filters, strategy=BUSY),
+            _sql(_NODES_TAIL, filters=filters),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         return list(map(NodeCapacity._make, cur.fetchall()))  # id, gpus, free, healthy
@@ -369,8 +266,6 @@ def availability_search(
     A period no reservation could have (in the past, too long, too far ahead) is refused with
     the same error reserving it would get, rather than answered with offers nobody can book.
     """
-    from marketplace.services.quotes import validate_request_period
-
     if gpu_count < 1:
         raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
     _validate_window(starts_at=starts_at, ends_at=ends_at)
@@ -388,7 +283,7 @@ def availability_search(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
     )
     with connection.cursor() as cur:
-        cur.execute(_sql(_SEARCH_TAIL, filters=filters, strategy=BUSY), params)
+        cur.execute(_sql(_SEARCH_TAIL, filters=filters), params)
         rows = cur.fetchall()
 
     fits = []
@@ -482,8 +377,6 @@ def site_model_offer(
     read here are the ones placement starts from, and the utilisation priced here is the same
     figure (GPUs of the model at the site, busy over healthy, for the window).
     """
-    from marketplace.services.allocation import choose_nodes  # the one placement rule
-
     if gpu_count < 1:
         raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
     _validate_window(starts_at=starts_at, ends_at=ends_at)
@@ -547,7 +440,7 @@ def site_availability(
     filters, params = _filters(site_id=site.pk)
     with connection.cursor() as cur:
         cur.execute(
-            _sql(_SITE_TAIL, filters=filters, strategy=BUSY),
+            _sql(_SITE_TAIL, filters=filters),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
         )
         rows = cur.fetchall()

@@ -23,9 +23,10 @@ from config.db import model_columns, model_from_row
 from config.errors import NotAvailable
 from inventory.models import Node
 from marketplace.models import Allocation, Reservation
-from marketplace.selectors.availability import NodeCapacity, node_free_capacity
+from marketplace.rules import choose_nodes
+from marketplace.selectors.availability import node_free_capacity
 
-__all__ = ["allocation_place", "choose_nodes", "MAX_PLACEMENT_ATTEMPTS"]
+__all__ = ["allocation_place", "MAX_PLACEMENT_ATTEMPTS"]
 
 # Each retry re-reads capacities, so it only fails again if yet another node filled up meanwhile.
 MAX_PLACEMENT_ATTEMPTS = 8
@@ -57,35 +58,13 @@ ORDER BY g.node_id, g.index
 _LOCK_NODES_SQL = f"""
 SELECT {model_columns(Node, "n")} FROM inventory_node n WHERE n.id = ANY(%s) ORDER BY n.id FOR UPDATE
 """
-# One statement for all the allocations (a trigger sets gpu_model_id from the node as well).
+# One statement for all the allocations.
 _INSERT_SQL = """
-INSERT INTO marketplace_allocation
-    (reservation_id, gpu_id, node_id, gpu_model_id, period, is_live, created_at)
-SELECT %(reservation_id)s, t.gpu_id, t.node_id, %(gpu_model_id)s, %(period)s, true, %(created_at)s
+INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live, created_at)
+SELECT %(reservation_id)s, t.gpu_id, t.node_id, %(period)s, true, %(created_at)s
 FROM unnest(%(gpu_ids)s::bigint[], %(node_ids)s::bigint[]) AS t(gpu_id, node_id)
 RETURNING gpu_id, id
 """
-
-
-def choose_nodes(capacities: list[NodeCapacity], gpu_count: int) -> list[tuple[int, int]]:
-    """[(node_id, GPUs to take)] by the placement rule, or [] when it does not fit."""
-    if not capacities:
-        return []
-    if gpu_count <= max(c.gpus for c in capacities):
-        fitting = [c for c in capacities if c.free >= gpu_count]
-        if not fitting:
-            return []
-        best = min(fitting, key=lambda c: (c.free, c.node_id))
-        return [(best.node_id, gpu_count)]
-    whole = sorted((c for c in capacities if c.free == c.gpus), key=lambda c: (-c.gpus, c.node_id))
-    chosen, remaining = [], gpu_count
-    for c in whole:
-        if remaining <= 0:
-            break
-        take = min(c.gpus, remaining)
-        chosen.append((c.node_id, take))
-        remaining -= take
-    return chosen if remaining <= 0 else []
 
 
 class _Taken(Exception):
@@ -128,9 +107,7 @@ def allocation_place(
         try:
             # A savepoint per attempt: rolling it back also releases that attempt's node locks.
             with transaction.atomic():
-                return _lock_and_insert(
-                    reservation=reservation, plan=plan, period=period, gpu_model_id=gpu_model_id
-                )
+                return _lock_and_insert(reservation=reservation, plan=plan, period=period)
         except _Taken:
             continue
         except (IntegrityError, OperationalError) as exc:
@@ -142,9 +119,7 @@ def allocation_place(
     )
 
 
-def _lock_and_insert(
-    *, reservation: Reservation, plan, period: Range, gpu_model_id: int
-) -> list[Allocation]:
+def _lock_and_insert(*, reservation: Reservation, plan, period: Range) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
     with connection.cursor() as cur:
         # The lock, and the node rows the allocations are returned with (the caller shows
@@ -172,24 +147,25 @@ def _lock_and_insert(
                 "reservation_id": reservation.pk,
                 "gpu_ids": gpu_ids,
                 "node_ids": gpu_node_ids,
-                "gpu_model_id": gpu_model_id,
                 "period": period,
                 "created_at": now,
             },
         )
         allocation_ids = dict(cur.fetchall())
+    # As a query loads them (saved, from this database), with the rows in hand attached.
+    names = [f.attname for f in Allocation._meta.concrete_fields]
     allocations = []
     for gpu_id, node_id in zip(gpu_ids, gpu_node_ids, strict=True):
-        allocation = Allocation(
-            id=allocation_ids[gpu_id],
-            reservation=reservation,
-            gpu_id=gpu_id,
-            node=nodes[node_id],
-            gpu_model_id=gpu_model_id,
-            period=period,
-            is_live=True,
-            created_at=now,
-        )
-        allocation._state.adding, allocation._state.db = False, connection.alias  # as saved
+        row = {
+            "id": allocation_ids[gpu_id],
+            "reservation_id": reservation.pk,
+            "gpu_id": gpu_id,
+            "node_id": node_id,
+            "period": period,
+            "is_live": True,
+            "created_at": now,
+        }
+        allocation = Allocation.from_db(connection.alias, names, [row[n] for n in names])
+        allocation.reservation, allocation.node = reservation, nodes[node_id]
         allocations.append(allocation)
     return allocations

@@ -1,6 +1,6 @@
 """Quotes: a priced offer held for settings.QUOTE_TTL."""
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
@@ -8,48 +8,11 @@ from django.utils import timezone
 
 from config.errors import NotAvailable, ValidationFailed
 from marketplace.models import Organization, Quote
+from marketplace.rules import validate_request_period
 from marketplace.selectors.availability import availability_search
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 
-__all__ = ["quote_create", "validate_request_period", "START_SKEW", "MAX_DURATION", "MAX_LEAD"]
-
-# A start this far in the past still counts as "now" (clocks and round trips).
-START_SKEW = timedelta(seconds=60)
-# The longest bookable period (a 1y term plus a day) and how far ahead one may book.
-MAX_DURATION = timedelta(days=366)
-MAX_LEAD = timedelta(days=365)
-
-
-def validate_request_period(
-    *, starts_at: datetime, ends_at: datetime, gpu_count: int, now: datetime | None = None
-) -> None:
-    """The checks every quote and reservation request passes; ValidationFailed otherwise."""
-    now = now or timezone.now()
-    if not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or gpu_count < 1:
-        raise ValidationFailed("gpu_count must be a whole number of at least 1.", field="gpu_count")
-    for name, value in (("starts_at", starts_at), ("ends_at", ends_at)):
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise ValidationFailed(f"{name} must be a time with a time zone.", field=name)
-    if ends_at <= starts_at:
-        raise ValidationFailed(
-            "The end must be after the start.", code="period_invalid", field="ends_at"
-        )
-    if starts_at < now - START_SKEW:
-        raise ValidationFailed(
-            "The start time is in the past.", code="starts_in_past", field="starts_at"
-        )
-    if starts_at > now + MAX_LEAD:
-        raise ValidationFailed(
-            f"The start may be at most {MAX_LEAD.days} days ahead.",
-            code="starts_too_far_ahead",
-            field="starts_at",
-        )
-    if ends_at - starts_at > MAX_DURATION:
-        raise ValidationFailed(
-            f"A reservation may last at most {MAX_DURATION.days} days.",
-            code="period_too_long",
-            field="ends_at",
-        )
+__all__ = ["quote_create", "resolve_catalogue"]
 
 
 def resolve_catalogue(*, gpu_model: str | None, site: str | None) -> None:

@@ -42,18 +42,14 @@ from marketplace.models import (
     Tier,
 )
 from marketplace.provisioning.scheduler import provisioning_kick, release_kick
+from marketplace.rules import MAX_DURATION, START_SKEW, validate_request_period
 from marketplace.selectors.availability import Offer, availability_search, site_model_offer
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 from marketplace.services.allocation import allocation_place
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
-from marketplace.services.quotes import (
-    MAX_DURATION,
-    START_SKEW,
-    resolve_catalogue,
-    validate_request_period,
-)
+from marketplace.services.quotes import resolve_catalogue
 from marketplace.services.transitions import reservation_action_refusal, reservation_transition
 
 __all__ = [

@@ -234,45 +234,41 @@ def test_the_demo_seed_prices_every_model_and_offers_capacity():
     assert offers and all(o.price_per_gpu_hour > 0 for o in offers)
 
 
-@pytest.mark.parametrize("filters", ["", " AND m.slug = %(gpu_model)s"])
-def test_every_sql_strategy_agrees_on_what_is_free(h100, filters):
-    """The per-node probe, the window hash, the model scan and the GPUs' busy multiranges
-    count exactly the same free GPUs."""
-    from django.db import connection
-
-    from marketplace.selectors.availability import (
-        _SEARCH_TAIL,
-        BUSY,
-        HASH,
-        MODEL_SCAN,
-        PROBE,
-        _sql,
+def _free_by_the_allocations(node, start, end) -> int:
+    """What is free on `node` for [start, end), read from the allocations themselves."""
+    taken = set(
+        Allocation.objects.filter(
+            node=node, is_live=True, period__overlap=rng(start, end)
+        ).values_list("gpu_id", flat=True)
     )
+    return sum(1 for g in node.gpus.all() if g.health != GpuHealth.FAILED and g.pk not in taken)
+
+
+def test_the_gpus_busy_ranges_count_what_the_allocations_leave_free(h100):
+    """The searches read each GPU's busy multirange (kept by triggers); it must count exactly
+    the GPUs the live allocations themselves leave free."""
+    from marketplace.selectors.availability import node_free_capacity
 
     l40s = GpuModelFactory(slug="l40s-48gb", name="L40S", memory_gb=48)
-    a, b, c = make_nodes(SiteFactory(), h100, 3)
+    make_rate(l40s, "0.8500")
+    site = SiteFactory()
+    a, b, c = make_nodes(site, h100, 3)
     (d,) = make_nodes(SiteFactory(), l40s, 1, gpus=4)
     book(a, [0, 1, 2, 7])  # GPU 7 fails below: booked and failed counts once
     book(b, range(8), start=T1 - timedelta(hours=1), end=T1 + timedelta(minutes=1))
     book(c, [5], start=T2, end=T2 + timedelta(hours=1))  # adjacent: free
+    book(c, [6], start=T1, end=T2, live=False)  # history: free
     book(d, [0], live=False)
     Gpu.objects.filter(node=a, index=7).update(health=GpuHealth.FAILED)
     Gpu.objects.filter(node=d, index=3).update(health=GpuHealth.FAILED)
-    params = {
-        "starts_at": T1,
-        "ends_at": T2,
-        "gpu_count": 2,
-        "node_limit": 10,
-        "gpu_model": h100.slug,
-    }
-    strategies = (PROBE, HASH, MODEL_SCAN, BUSY) if filters else (PROBE, HASH, BUSY)
-    results = []
-    with connection.cursor() as cur:
-        for strategy in strategies:
-            cur.execute(_sql(_SEARCH_TAIL, filters=filters, strategy=strategy), params)
-            results.append(sorted(cur.fetchall()))
-    assert all(result == results[0] for result in results[1:])
-    free_by_model = {row[1]: row[4] for row in results[0]}
-    assert free_by_model[h100.pk] == 4 + 0 + 8
-    if not filters:
-        assert free_by_model[l40s.pk] == 3
+    Allocation.objects.filter(gpu__node=b).update(is_live=False)  # a cancellation: free again
+    book(b, [3], start=T1 + timedelta(hours=2), end=T1 + timedelta(hours=3))
+
+    capacities = node_free_capacity(site_id=site.pk, gpu_model_id=h100.pk, starts_at=T1, ends_at=T2)
+
+    expected = {n.pk: _free_by_the_allocations(n, T1, T2) for n in (a, b, c)}
+    assert expected == {a.pk: 4, b.pk: 7, c.pk: 8}
+    assert {cap.node_id: cap.free for cap in capacities} == expected
+    by_model = {o.gpu_model.slug: o.free_gpus for o in search(gpu_count=1)}
+    assert by_model == {h100.slug: 19, l40s.slug: _free_by_the_allocations(d, T1, T2)}
+    assert by_model[l40s.slug] == 3

@@ -3,8 +3,7 @@ from django.db import connection
 
 from inventory.models import Gpu, GpuHealth
 from marketplace.models import Allocation
-from marketplace.selectors.availability import NodeCapacity
-from marketplace.services.allocation import choose_nodes
+from marketplace.rules import NodeCapacity, choose_nodes
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 (fixture)

@@ -1,0 +1,90 @@
+"""The pure rules reads and writes share: what a requested period may be, and how GPUs are
+placed on nodes. No database access, so selectors and services import them at module top.
+
+Pricing (services/pricing.py) and energy (services/energy.py) are pure too, and imported the
+same way.
+"""
+
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+from django.utils import timezone
+
+from config.errors import ValidationFailed
+
+__all__ = [
+    "START_SKEW",
+    "MAX_DURATION",
+    "MAX_LEAD",
+    "validate_request_period",
+    "NodeCapacity",
+    "choose_nodes",
+]
+
+# A start this far in the past still counts as "now" (clocks and round trips).
+START_SKEW = timedelta(seconds=60)
+# The longest bookable period (a 1y term plus a day) and how far ahead one may book.
+MAX_DURATION = timedelta(days=366)
+MAX_LEAD = timedelta(days=365)
+
+
+def validate_request_period(
+    *, starts_at: datetime, ends_at: datetime, gpu_count: int, now: datetime | None = None
+) -> None:
+    """The checks every quote and reservation request passes; ValidationFailed otherwise."""
+    now = now or timezone.now()
+    if not isinstance(gpu_count, int) or isinstance(gpu_count, bool) or gpu_count < 1:
+        raise ValidationFailed("gpu_count must be a whole number of at least 1.", field="gpu_count")
+    for name, value in (("starts_at", starts_at), ("ends_at", ends_at)):
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValidationFailed(f"{name} must be a time with a time zone.", field=name)
+    if ends_at <= starts_at:
+        raise ValidationFailed(
+            "The end must be after the start.", code="period_invalid", field="ends_at"
+        )
+    if starts_at < now - START_SKEW:
+        raise ValidationFailed(
+            "The start time is in the past.", code="starts_in_past", field="starts_at"
+        )
+    if starts_at > now + MAX_LEAD:
+        raise ValidationFailed(
+            f"The start may be at most {MAX_LEAD.days} days ahead.",
+            code="starts_too_far_ahead",
+            field="starts_at",
+        )
+    if ends_at - starts_at > MAX_DURATION:
+        raise ValidationFailed(
+            f"A reservation may last at most {MAX_DURATION.days} days.",
+            code="period_too_long",
+            field="ends_at",
+        )
+
+
+class NodeCapacity(NamedTuple):
+    """One node's GPUs for a window (a row per candidate node: cheap to build by the hundred)."""
+
+    node_id: int
+    gpus: int
+    free: int
+    healthy: int | None = None
+
+
+def choose_nodes(capacities: list[NodeCapacity], gpu_count: int) -> list[tuple[int, int]]:
+    """[(node_id, GPUs to take)] by the placement rule, or [] when it does not fit."""
+    if not capacities:
+        return []
+    if gpu_count <= max(c.gpus for c in capacities):
+        fitting = [c for c in capacities if c.free >= gpu_count]
+        if not fitting:
+            return []
+        best = min(fitting, key=lambda c: (c.free, c.node_id))
+        return [(best.node_id, gpu_count)]
+    whole = sorted((c for c in capacities if c.free == c.gpus), key=lambda c: (-c.gpus, c.node_id))
+    chosen, remaining = [], gpu_count
+    for c in whole:
+        if remaining <= 0:
+            break
+        take = min(c.gpus, remaining)
+        chosen.append((c.node_id, take))
+        remaining -= take
+    return chosen if remaining <= 0 else []
