@@ -15,6 +15,8 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from config.env import env_int
+
 # Importing it connects the task metrics' signal handlers.
 from config.metrics.tasks import metrics_server_start
 from config.request_id import TASK_HEADER, current_request_id, request_id_bind, request_id_unbind
@@ -23,7 +25,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 # Redis hands an unacknowledged task to another worker after this many seconds (settings.py
 # documents CELERY_VISIBILITY_TIMEOUT_SECONDS; tasks are idempotent, so an early copy is harmless).
-_VISIBILITY_TIMEOUT = int(os.environ.get("CELERY_VISIBILITY_TIMEOUT_SECONDS", "600"))
+# Read here through config.env as settings.py reads them: this module loads before settings.
+_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)
 
 app = Celery("switchyard")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -53,7 +56,7 @@ app.conf.update(
     beat_schedule={
         "marketplace-dispatch-due-reservations": {
             "task": "marketplace.tasks.reservations_dispatch_due",
-            "schedule": float(os.environ.get("PROVISIONING_DISPATCH_INTERVAL_SECONDS", "5")),
+            "schedule": float(env_int("PROVISIONING_DISPATCH_INTERVAL_SECONDS", 5, minimum=1)),
         },
         "marketplace-sweep-stuck-reservations": {
             "task": "marketplace.tasks.reservations_sweep_stuck",

@@ -109,6 +109,10 @@ def test_a_provision_delivered_while_another_worker_holds_the_reservation_return
         )
         assert busy.outcome == "busy"
         assert calls_log() == []
+        # It touched nothing: no move, no attempt.
+        r.refresh_from_db()
+        assert (r.status, statuses(r)) == (S.SCHEDULED, [S.SCHEDULED])
+        assert not ProvisioningAttempt.objects.filter(reservation=r).exists()
     result = reservation_provision_step(
         reservation_id=r.pk, driver=SimulatedDriver(log_path=calls_log.path)
     )

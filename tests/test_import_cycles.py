@@ -1,0 +1,171 @@
+"""Import cycles between our modules, counting imports inside functions too.
+
+A function-level import hides a cycle from Python (it only fails when the order of loading
+changes), not from this check. The cycles known today are listed below as debt to pay down
+(docs/architecture.md); a new cycle, or a module joining a known one, fails the test. Pure
+rules shared by reads and writes belong in marketplace/rules.py (or another leaf), and tasks
+are enqueued by name (config.celery.task_send), which keeps most cycles from forming.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("config", "inventory", "marketplace", "billing")
+
+# Known cycles (each a strongly connected component of the module graph), to shrink.
+KNOWN_CYCLES = [
+    # The event writer imports the API's serializers (events show objects as the API does),
+    # and the serializers' modules import the services that write events; the API plumbing
+    # reads marketplace's identity (auth, organisations); provisioning's driver, agent jobs,
+    # scheduler and steps call one another.
+    {
+        "config.api.context",
+        "config.api.throttling",
+        "config.api.views",
+        "marketplace.apis.api_keys",
+        "marketplace.apis.catalogue",
+        "marketplace.apis.organization",
+        "marketplace.apis.reservations",
+        "marketplace.auth",
+        "marketplace.provisioning.agent_jobs",
+        "marketplace.provisioning.drivers",
+        "marketplace.provisioning.scheduler",
+        "marketplace.provisioning.services",
+        "marketplace.selectors.organizations",
+        "marketplace.services.api_keys",
+        "marketplace.services.curtailment",
+        "marketplace.services.events",
+        "marketplace.services.organizations",
+        "marketplace.services.reservations",
+        "marketplace.services.transitions",
+    },
+    # Billing: its events use its API serializers; funding, top-ups, metering and the outbox
+    # call one another; services import billing.tasks to run or enqueue them.
+    {
+        "billing.apis",
+        "billing.services.accounts",
+        "billing.services.events",
+        "billing.services.funding",
+        "billing.services.metering",
+        "billing.services.outbox",
+        "billing.services.payment_methods",
+        "billing.services.postpaid",
+        "billing.services.refunds",
+        "billing.services.topups",
+        "billing.services.webhooks",
+        "billing.tasks",
+    },
+]
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "migrations" in path.parts:
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module → the modules of ours it imports, anywhere in its body."""
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([node.module] if node.module else [])])
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in targets:
+                found = owner(target)
+                if found and found != name:
+                    graph[name].add(found)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(component)
+    return found
+
+
+def test_the_check_finds_a_cycle_hidden_in_a_function():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [{"a", "b", "c"}]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_a_function_level_import_counts(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "one.py").write_text("from pkg import two\n")
+    (package / "two.py").write_text("def f():\n    from pkg.one import x\n")
+    modules = {
+        "pkg": package / "__init__.py",
+        "pkg.one": package / "one.py",
+        "pkg.two": package / "two.py",
+    }
+    assert cycles(import_graph(modules)) == [{"pkg.one", "pkg.two"}]
+
+
+def test_no_new_import_cycle_between_our_modules():
+    new = [
+        sorted(component)
+        for component in cycles(import_graph(_modules()))
+        if not any(component <= known for known in KNOWN_CYCLES)
+    ]
+    assert new == []
