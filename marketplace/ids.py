@@ -44,3 +44,11 @@ def webhook_delivery_id() -> str:
 
 def audit_entry_id() -> str:
     return new_public_id("aud")
+
+
+def member_id() -> str:
+    return new_public_id("mem")
+
+
+def api_key_id() -> str:
+    return new_public_id("key")

@@ -17,7 +17,7 @@ TAGS = ["API keys"]
 
 
 class ApiKeyOutput(serializers.Serializer):
-    id = serializers.SerializerMethodField()
+    id = serializers.CharField(source="public_id")
     name = serializers.CharField()
     prefix = serializers.CharField(help_text="The visible start of the secret, to recognise it.")
     scopes = serializers.ListField(child=serializers.ChoiceField(choices=ApiKeyScope.choices))
@@ -27,9 +27,6 @@ class ApiKeyOutput(serializers.Serializer):
         allow_null=True, help_text="Updated at most once a minute."
     )
     revoked_at = serializers.DateTimeField(allow_null=True)
-
-    def get_id(self, key) -> str:
-        return f"key_{key.pk}"
 
 
 class ApiKeyCreatedOutput(ApiKeyOutput):

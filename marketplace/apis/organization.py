@@ -60,13 +60,10 @@ class UserOutput(serializers.Serializer):
 
 
 class MemberOutput(serializers.Serializer):
-    id = serializers.SerializerMethodField()
+    id = serializers.CharField(source="public_id")
     user = UserOutput()
     role = serializers.ChoiceField(choices=Role.choices)
     created_at = serializers.DateTimeField()
-
-    def get_id(self, membership) -> str:
-        return f"mem_{membership.pk}"
 
 
 class MemberFilter(django_filters.FilterSet):

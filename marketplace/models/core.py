@@ -50,6 +50,7 @@ class Role(models.TextChoices):
 
 
 class Membership(models.Model):
+    public_id = models.CharField(max_length=32, unique=True, default=ids.member_id, editable=False)
     organization = models.ForeignKey(
         Organization, on_delete=models.CASCADE, related_name="memberships"
     )
@@ -121,6 +122,7 @@ class ApiKeyScope(models.TextChoices):
 class ApiKey(models.Model):
     """An organisation's API credential. The secret is shown once; we keep its SHA-256 only."""
 
+    public_id = models.CharField(max_length=32, unique=True, default=ids.api_key_id, editable=False)
     organization = models.ForeignKey(
         Organization, on_delete=models.CASCADE, related_name="api_keys"
     )

@@ -25,9 +25,8 @@ def member_list_for_org(*, organization: Organization) -> QuerySet[Membership]:
 
 
 def member_get_for_org(*, organization: Organization, public_id: str) -> Membership:
-    """`public_id` is mem_<n>; another organisation's member is simply not found."""
-    pk = _pk_from_public_id(public_id, "mem")
-    membership = member_list_for_org(organization=organization).filter(pk=pk).first()
+    """Another organisation's member is simply not found."""
+    membership = _by_public_id(member_list_for_org(organization=organization), public_id, "mem")
     if membership is None:
         raise NotFound(f"No member {public_id!r} in this organisation.", code="member_not_found")
     return membership
@@ -38,8 +37,7 @@ def api_key_list_for_org(*, organization: Organization) -> QuerySet[ApiKey]:
 
 
 def api_key_get_for_org(*, organization: Organization, public_id: str) -> ApiKey:
-    pk = _pk_from_public_id(public_id, "key")
-    key = api_key_list_for_org(organization=organization).filter(pk=pk).first()
+    key = _by_public_id(api_key_list_for_org(organization=organization), public_id, "key")
     if key is None:
         raise NotFound(f"No API key {public_id!r} in this organisation.", code="api_key_not_found")
     return key
@@ -102,8 +100,13 @@ def invitation_get_by_token(*, token: str) -> Invitation:
     return invitation
 
 
-def _pk_from_public_id(public_id: str, prefix: str) -> int | None:
+def _by_public_id(queryset: QuerySet, public_id: str, prefix: str):
+    """The row with this public id, or None. Until the next release, also the id the row was
+    known by before public ids were random (<prefix>_<primary key>), for clients that kept it."""
+    found = queryset.filter(public_id=public_id).first()
+    if found is not None:
+        return found
     head, _, tail = public_id.partition("_")
     if head != prefix or not tail.isdigit() or len(tail) > 18:
         return None
-    return int(tail)
+    return queryset.filter(pk=int(tail)).first()

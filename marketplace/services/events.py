@@ -117,7 +117,7 @@ def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:
         organization_id=api_key.organization_id,
         type=type,
         object_type="api_key",
-        object_id=f"key_{api_key.pk}",
+        object_id=api_key.public_id,
         obj=api_key,
         serializer=ApiKeyOutput,
     )
@@ -131,12 +131,12 @@ def member_event_record(
 
     pk = member_id if member_id is not None else membership.pk
     if membership.pk is None:
-        membership.pk = pk  # shown as it was: mem_<id>
+        membership.pk = pk  # shown as it was
     return event_record(
         organization_id=membership.organization_id,
         type=type,
         object_type="member",
-        object_id=f"mem_{pk}",
+        object_id=membership.public_id,
         obj=membership,
         serializer=MemberOutput,
     )

@@ -216,7 +216,7 @@ def test_bad_input_is_refused_and_writes_nothing(
 def test_bad_input_on_member_patch_changes_nothing(owner_client, owner, body, status, code, field):
     before = counts()
     response = owner_client.patch(
-        f"/api/v1/organization/members/mem_{owner.pk}", body, format="json"
+        f"/api/v1/organization/members/{owner.public_id}", body, format="json"
     )
     assert_error(response, status, code, field)
     assert counts() == before

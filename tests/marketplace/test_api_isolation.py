@@ -47,8 +47,8 @@ def victim(market):
         "ssh": saved_key.public_id,
         "res": reservation["id"],
         "quo": quote["id"],
-        "key": f"key_{key.pk}",
-        "mem": f"mem_{member.pk}",
+        "key": key.public_id,
+        "mem": member.public_id,
     }
 
 
@@ -127,7 +127,7 @@ def test_lists_show_only_the_callers_objects(victim, intruder_owner, market):
     keys = client.get("/api/v1/api-keys").json()["results"]
     assert keys == []
     members = client.get("/api/v1/organization/members").json()["results"]
-    assert [m["id"] for m in members] == [f"mem_{intruder_owner.pk}"]
+    assert [m["id"] for m in members] == [intruder_owner.public_id]
     assert client.get("/api/v1/organization/invitations").json()["results"] == []
     assert client.get("/api/v1/ssh-keys").json()["results"] == []
 

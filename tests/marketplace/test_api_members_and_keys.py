@@ -24,7 +24,7 @@ MEMBERS = "/api/v1/organization/members"
 
 
 def member_url(membership) -> str:
-    return f"{MEMBERS}/mem_{membership.pk}"
+    return f"{MEMBERS}/{membership.public_id}"
 
 
 def test_organization_create_makes_the_creator_owner_with_a_unique_slug():
@@ -159,3 +159,35 @@ def test_two_owners_demoting_each_other_at_once_leave_one_owner(org):
         t.join(timeout=30)
     assert sorted(statuses.values()) in ([200, 403], [200, 409])
     assert Membership.objects.filter(organization=org, role=Role.OWNER).count() == 1
+
+
+def test_members_and_keys_have_random_public_ids_and_the_old_ones_work_for_now(
+    owner_client, org, owner
+):
+    other = MembershipFactory(organization=org, role=Role.MEMBER)
+    created = owner_client.post("/api/v1/api-keys", {"name": "ci"}, format="json").json()
+    key = ApiKey.objects.get(organization=org)
+
+    listed = {m["id"] for m in owner_client.get(MEMBERS).json()["results"]}
+    assert listed == {owner.public_id, other.public_id}
+    for public_id, prefix, pk in (
+        (other.public_id, "mem_", other.pk),
+        (key.public_id, "key_", key.pk),
+    ):
+        # Opaque: a random body, nothing to do with the row's primary key.
+        assert public_id.startswith(prefix) and len(public_id) == len(prefix) + 20
+        assert public_id != f"{prefix}{pk}"
+    assert created["id"] == key.public_id
+    assert owner.public_id != other.public_id
+
+    # Until the next release, the id a client kept from before (prefix and primary key).
+    legacy = owner_client.patch(f"{MEMBERS}/mem_{other.pk}", {"role": "billing"}, format="json")
+    assert legacy.status_code == 200 and legacy.json()["id"] == other.public_id
+    revoked = owner_client.post(f"/api/v1/api-keys/key_{key.pk}/revoke")
+    assert revoked.status_code == 200 and revoked.json()["id"] == key.public_id
+    # Neither form reaches another organisation's rows.
+    stranger = MembershipFactory(role=Role.MEMBER)
+    for path in (f"{MEMBERS}/{stranger.public_id}", f"{MEMBERS}/mem_{stranger.pk}"):
+        assert_error(owner_client.patch(path, {"role": "billing"}, format="json"), 404)
+    stranger.refresh_from_db()
+    assert stranger.role == Role.MEMBER

@@ -149,15 +149,15 @@ def test_api_keys_and_members_record_events(org, owner):
 
     events = _events(org)
     assert [(e.type, e.object_id) for e in events] == [
-        ("api_key.created", f"key_{key.pk}"),
-        ("api_key.revoked", f"key_{key.pk}"),
-        ("member.added", f"mem_{membership.pk}"),
-        ("member.removed", f"mem_{membership.pk}"),
+        ("api_key.created", key.public_id),
+        ("api_key.revoked", key.public_id),
+        ("member.added", membership.public_id),
+        ("member.removed", membership.public_id),
     ]
     assert events[0].data["revoked_at"] is None and events[1].data["revoked_at"] is not None
     assert "secret" not in events[0].data
     assert events[3].data["user"]["username"] == newcomer.username
-    assert events[3].data["id"] == f"mem_{membership.pk}"
+    assert events[3].data["id"] == membership.public_id
 
 
 # --- the API ---------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_a_delivery_is_the_event_signed_with_the_endpoints_secret(org, receiver)
     body = json.loads(request.body)
     assert body["id"] == event.public_id
     assert body["type"] == "api_key.created"
-    assert body["data"]["object"]["id"] == f"key_{key.pk}"
+    assert body["data"]["object"]["id"] == key.public_id
     assert request.headers["Host"] == f"127.0.0.1:{receiver.port}"
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["Switchyard-Event-Id"] == event.public_id
