@@ -40,6 +40,9 @@ KNOWN_CYCLES = [
         "marketplace.services.reservations",
         "marketplace.services.transitions",
     },
+    # The Celery app starts the task metrics' server and connects their signal handlers; the
+    # metrics modules read the app's queues back.
+    {"config.celery", "config.metrics.business", "config.metrics.tasks", "config.metrics.views"},
     # Billing: its events use its API serializers; funding, top-ups, metering and the outbox
     # call one another; services import billing.tasks to run or enqueue them.
     {

@@ -48,9 +48,9 @@ class _KeyManagement(PortalView, View):
     read_roles = MANAGER_ROLES
     write_roles = MANAGER_ROLES
 
-    def get_key(self, pk: int) -> ApiKey:
+    def get_key(self, public_id: str) -> ApiKey:
         # Another organisation's key is not found: a 404 (PortalView).
-        return api_key_get_for_org(organization=self.organization, public_id=f"key_{pk}")
+        return api_key_get_for_org(organization=self.organization, public_id=public_id)
 
 
 class KeysView(_KeyManagement):
@@ -108,11 +108,11 @@ class KeysView(_KeyManagement):
 class KeyRevokeView(_KeyManagement):
     """GET asks for confirmation; POST revokes (revoking twice is harmless, as in the API)."""
 
-    def get(self, request, pk: int):
-        return render(request, "portal/api_keys_revoke.html", {"key": self.get_key(pk)})
+    def get(self, request, public_id: str):
+        return render(request, "portal/api_keys_revoke.html", {"key": self.get_key(public_id)})
 
-    def post(self, request, pk: int):
-        key = self.get_key(pk)
+    def post(self, request, public_id: str):
+        key = self.get_key(public_id)
         if key.revoked_at is not None:
             messages.info(request, f"{key.name} ({key.prefix}…) was already revoked.")
         else:

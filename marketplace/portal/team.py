@@ -31,9 +31,9 @@ from marketplace.services.organizations import (
 
 
 class _MemberView(PortalView, View):
-    def get_member(self, pk: int) -> Membership:
+    def get_member(self, public_id: str) -> Membership:
         # Another organisation's member is not found: a 404 (PortalView).
-        return member_get_for_org(organization=self.organization, public_id=f"mem_{pk}")
+        return member_get_for_org(organization=self.organization, public_id=public_id)
 
 
 class TeamView(PortalView, View):
@@ -111,8 +111,8 @@ class MemberRoleView(_MemberView):
     write_roles = MANAGER_ROLES
     http_method_names = ["post"]
 
-    def post(self, request, pk: int):
-        membership = self.get_member(pk)
+    def post(self, request, public_id: str):
+        membership = self.get_member(public_id)
         form = MemberRoleForm(request.POST)
         if not form.is_valid():
             messages.error(request, f"Choose one of the roles: {', '.join(Role.values)}.")
@@ -131,13 +131,13 @@ class MemberRoleView(_MemberView):
 class MemberRemoveView(_MemberView):
     """GET asks for confirmation; POST removes. Any member may leave; the service decides."""
 
-    def get(self, request, pk: int):
-        membership = self.get_member(pk)
+    def get(self, request, public_id: str):
+        membership = self.get_member(public_id)
         context = {"member": membership, "leaving": membership.pk == self.membership.pk}
         return render(request, "portal/team_remove.html", context)
 
-    def post(self, request, pk: int):
-        membership = self.get_member(pk)
+    def post(self, request, public_id: str):
+        membership = self.get_member(public_id)
         try:
             member_remove(actor=self.membership, membership=membership)
         except ApplicationError as exc:

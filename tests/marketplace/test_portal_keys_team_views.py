@@ -55,7 +55,7 @@ def test_roles_outside_owner_and_admin_can_neither_see_nor_create_keys(owner, ro
     assert key.prefix not in listing.content.decode()
     created = client.post("/api-keys", {"name": "mine", "scopes": ["read", "write"]})
     assert created.status_code == 403
-    assert client.post(f"/api-keys/{key.pk}/revoke").status_code == 403
+    assert client.post(f"/api-keys/{key.public_id}/revoke").status_code == 403
     key.refresh_from_db()
     assert key.revoked_at is None
     assert list(ApiKey.objects.values_list("name", flat=True)) == ["ci"]
@@ -107,8 +107,8 @@ def test_a_resent_or_tokenless_create_form_creates_nothing_more(owner):
 
 def test_another_organisations_key_is_not_found_and_stays_active(owner, other_org_key):
     client = signed_in(owner)
-    assert client.get(f"/api-keys/{other_org_key.pk}/revoke").status_code == 404
-    assert client.post(f"/api-keys/{other_org_key.pk}/revoke").status_code == 404
+    assert client.get(f"/api-keys/{other_org_key.public_id}/revoke").status_code == 404
+    assert client.post(f"/api-keys/{other_org_key.public_id}/revoke").status_code == 404
     other_org_key.refresh_from_db()
     assert other_org_key.revoked_at is None
     assert other_org_key.prefix not in client.get("/api-keys").content.decode()
@@ -119,11 +119,11 @@ def test_revoking_twice_keeps_the_first_revocation_time(owner):
         organization=owner.organization, name="ci", scopes=["read"], created_by=None
     )
     client = signed_in(owner)
-    assert client.post(f"/api-keys/{key.pk}/revoke").status_code == 302
+    assert client.post(f"/api-keys/{key.public_id}/revoke").status_code == 302
     key.refresh_from_db()
     first = key.revoked_at
     assert first is not None
-    again = client.post(f"/api-keys/{key.pk}/revoke", follow=True)
+    again = client.post(f"/api-keys/{key.public_id}/revoke", follow=True)
     assert "ci (" in again.content.decode() and "was already revoked" in again.content.decode()
     key.refresh_from_db()
     assert key.revoked_at == first
@@ -148,7 +148,7 @@ def test_a_non_manager_cannot_add_or_change_roles(owner, role):
     UserFactory(username="newcomer", email="new@example.com")
     client = signed_in(actor)
     assert client.post("/team", {"user": "new@example.com", "role": "member"}).status_code == 403
-    assert client.post(f"/team/{owner.pk}/role", {"role": "member"}).status_code == 403
+    assert client.post(f"/team/{owner.public_id}/role", {"role": "member"}).status_code == 403
     assert not Membership.objects.filter(user__username="newcomer").exists()
     owner.refresh_from_db()
     assert owner.role == Role.OWNER
@@ -157,11 +157,11 @@ def test_a_non_manager_cannot_add_or_change_roles(owner, role):
 def test_a_non_manager_cannot_remove_someone_else_but_may_leave(owner):
     member = MembershipFactory(organization=owner.organization, role=Role.MEMBER)
     client = signed_in(member)
-    refused = client.post(f"/team/{owner.pk}/remove", follow=True)
+    refused = client.post(f"/team/{owner.public_id}/remove", follow=True)
     assert "Only owners and admins can manage members." in refused.content.decode()
     assert Membership.objects.filter(pk=owner.pk).exists()
 
-    left = client.post(f"/team/{member.pk}/remove")
+    left = client.post(f"/team/{member.public_id}/remove")
     assert left.status_code == 302 and left["Location"] == "/dashboard"
     assert not Membership.objects.filter(pk=member.pk).exists()
 
@@ -212,7 +212,7 @@ def test_an_admin_cannot_grant_or_touch_the_owner_role(owner):
     added = client.post("/team", {"user": "newcomer", "role": "owner"})
     assert added.status_code == 403
     assert "Only an owner can grant, change or remove the owner role." in added.content.decode()
-    demoted = client.post(f"/team/{owner.pk}/role", {"role": "member"}, follow=True)
+    demoted = client.post(f"/team/{owner.public_id}/role", {"role": "member"}, follow=True)
     assert "Only an owner can grant" in demoted.content.decode()
     owner.refresh_from_db()
     assert owner.role == Role.OWNER
@@ -221,7 +221,7 @@ def test_an_admin_cannot_grant_or_touch_the_owner_role(owner):
 
 def test_an_unknown_role_in_a_role_change_changes_nothing(owner):
     member = MembershipFactory(organization=owner.organization, role=Role.MEMBER)
-    response = signed_in(owner).post(f"/team/{member.pk}/role", {"role": "god"}, follow=True)
+    response = signed_in(owner).post(f"/team/{member.public_id}/role", {"role": "god"}, follow=True)
     assert "Choose one of the roles" in response.content.decode()
     member.refresh_from_db()
     assert member.role == Role.MEMBER
@@ -230,9 +230,9 @@ def test_an_unknown_role_in_a_role_change_changes_nothing(owner):
 def test_another_organisations_membership_is_not_found_and_unchanged(owner):
     theirs = MembershipFactory(organization=OrganizationFactory(name="Elsewhere"), role=Role.ADMIN)
     client = signed_in(owner)
-    assert client.post(f"/team/{theirs.pk}/role", {"role": "member"}).status_code == 404
-    assert client.get(f"/team/{theirs.pk}/remove").status_code == 404
-    assert client.post(f"/team/{theirs.pk}/remove").status_code == 404
+    assert client.post(f"/team/{theirs.public_id}/role", {"role": "member"}).status_code == 404
+    assert client.get(f"/team/{theirs.public_id}/remove").status_code == 404
+    assert client.post(f"/team/{theirs.public_id}/remove").status_code == 404
     theirs.refresh_from_db()
     assert theirs.role == Role.ADMIN
 

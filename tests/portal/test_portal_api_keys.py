@@ -132,7 +132,7 @@ def test_a_member_can_neither_see_nor_create_keys(signed_in, live_server, django
     assert existing.prefix not in page.content()
 
     page.goto(page.base + "/dashboard")  # a page that sets the CSRF cookie for this member
-    refused = post_from_page(page, f"/api-keys/{existing.pk}/revoke")
+    refused = post_from_page(page, f"/api-keys/{existing.public_id}/revoke")
     assert refused.status == 403
     assert "Your role (member) cannot do this" in refused.text()  # not a CSRF failure
     existing.refresh_from_db()
@@ -156,11 +156,11 @@ def test_another_organisations_key_cannot_be_revoked(signed_in, django_user_mode
     expect(page.get_by_role("row").filter(has_text="ours")).to_have_count(1)
     assert theirs.prefix not in page.content()
 
-    assert post_from_page(page, f"/api-keys/{theirs.pk}/revoke").status == 404
-    assert page.goto(page.base + f"/api-keys/{theirs.pk}/revoke").status == 404
+    assert post_from_page(page, f"/api-keys/{theirs.public_id}/revoke").status == 404
+    assert page.goto(page.base + f"/api-keys/{theirs.public_id}/revoke").status == 404
     theirs.refresh_from_db()
     assert theirs.revoked_at is None
     # The same request for our own key does revoke it: the 404 above is isolation, not CSRF.
-    assert post_from_page(page, f"/api-keys/{ours.pk}/revoke").status == 302
+    assert post_from_page(page, f"/api-keys/{ours.public_id}/revoke").status == 302
     ours.refresh_from_db()
     assert ours.revoked_at is not None

@@ -126,13 +126,13 @@ def test_another_organisations_membership_cannot_be_changed_or_removed(
     page.goto(page.base + "/team")
     assert "eve" not in page.locator("table").inner_text()
 
-    assert post_from_page(page, f"/team/{theirs.pk}/role", {"role": "member"}).status == 404
-    assert post_from_page(page, f"/team/{theirs.pk}/remove").status == 404
+    assert post_from_page(page, f"/team/{theirs.public_id}/role", {"role": "member"}).status == 404
+    assert post_from_page(page, f"/team/{theirs.public_id}/remove").status == 404
     theirs.refresh_from_db()
     assert theirs.role == Role.OWNER
     # The same requests for our own member work: the 404s above are isolation, not CSRF.
-    assert post_from_page(page, f"/team/{ours.pk}/role", {"role": "billing"}).status == 302
+    assert post_from_page(page, f"/team/{ours.public_id}/role", {"role": "billing"}).status == 302
     ours.refresh_from_db()
     assert ours.role == Role.BILLING
-    assert post_from_page(page, f"/team/{ours.pk}/remove").status == 302
+    assert post_from_page(page, f"/team/{ours.public_id}/remove").status == 302
     assert not Membership.objects.filter(pk=ours.pk).exists()
