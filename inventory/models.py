@@ -195,7 +195,7 @@ class Gpu(models.Model):
     """One physical device; the unit the marketplace allocates.
 
     Beside these fields the table has a column `busy` (tstzmultirange, default empty; declared
-    by migration 0007, not a Django field since Django has none for multiranges): the union of
+    by migration 0008, not a Django field since Django has none for multiranges): the union of
     the periods of the GPU's live allocations, so a search asks each GPU `NOT busy && window`
     instead of reading the allocations. Inventory never writes it: the marketplace's triggers
     on its allocation table refresh it for every GPU a statement books, frees or moves

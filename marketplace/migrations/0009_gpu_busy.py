@@ -1,6 +1,6 @@
 """inventory_gpu.busy: the union of the GPU's live allocation periods, kept by the database.
 
-The column is inventory's (declared by its migration 0007, documented on inventory.models.Gpu);
+The column is inventory's (declared by its migration 0008, documented on inventory.models.Gpu);
 this migration added it before inventory declared it, hence IF NOT EXISTS, and leaves it in
 place when reversed. What is marketplace's here: the triggers on its allocations that keep it.
 

@@ -17,7 +17,7 @@ def fill(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("marketplace", "0019_allocation_drop_gpu_model"),
+        ("marketplace", "0021_allocation_drop_gpu_model"),
     ]
 
     operations = [

@@ -21,7 +21,7 @@ REVERSE = migrations.RunSQL.noop
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("inventory", "0006_reliability"),
+        ("inventory", "0007_verbose_names"),
     ]
 
     operations = [migrations.RunSQL(FORWARD, REVERSE)]

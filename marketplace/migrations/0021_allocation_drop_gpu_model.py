@@ -55,7 +55,7 @@ CREATE TRIGGER marketplace_gpu_node_follow
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("marketplace", "0018_webhooks"),
+        ("marketplace", "0020_verbose_names"),
     ]
 
     operations = [
