@@ -118,7 +118,7 @@ def _audit(key: ApiKey, action: str, changes: dict) -> None:
         organization_id=key.organization_id,
         action=action,
         object_type="api_key",
-        object_id=f"key_{key.pk}",
+        object_id=key.public_id,
         changes=changes,
     )
 

@@ -199,7 +199,7 @@ def _audit_member(membership: Membership, action: str, changes: dict) -> None:
         organization_id=membership.organization_id,
         action=action,
         object_type="member",
-        object_id=f"mem_{membership.pk}",
+        object_id=membership.public_id,
         changes=changes,
     )
 

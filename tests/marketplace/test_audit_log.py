@@ -114,7 +114,7 @@ def test_settings_changes_record_before_and_after_of_what_changed_only(org, owne
 def test_member_role_changes_are_recorded(org, owner):
     member = MembershipFactory(organization=org, role=Role.MEMBER)
     client = session_client(owner)
-    response = client.patch(f"/api/v1/organization/members/mem_{member.pk}", {"role": "admin"},
+    response = client.patch(f"/api/v1/organization/members/{member.public_id}", {"role": "admin"},
                             format="json")  # fmt: skip
     assert response.status_code == 200
     (entry,) = _entries(org, action="member.change_role")
