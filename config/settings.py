@@ -208,6 +208,8 @@ if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
     )
 
 # --- Inventory health ----------------------------------------------------------------------
+# The largest inventory file import_inventory reads (a 100,000-GPU CSV is about 3 MiB).
+INVENTORY_IMPORT_MAX_BYTES = env_int("INVENTORY_IMPORT_MAX_BYTES", 32 * 2**20, minimum=1024)
 NODE_OFFLINE_AFTER = timedelta(seconds=env_int("NODE_OFFLINE_AFTER_SECONDS", 180, minimum=10))
 # GPU telemetry (docs/health.md): raw samples for this many hours, per-minute rollups for days.
 TELEMETRY_RAW_RETENTION = timedelta(hours=env_int("TELEMETRY_RAW_RETENTION_HOURS", 6, minimum=1))

@@ -65,7 +65,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import yaml
+from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from config.errors import ValidationFailed
 from inventory.models import (
@@ -77,6 +79,24 @@ from inventory.models import (
     Site,
     SiteStatus,
 )
+
+# --- Batching ------------------------------------------------------------------------------
+# PostgreSQL binds at most 65,535 parameters per statement (and with server-side binding,
+# as DATABASE_PREPARED_STATEMENTS has it, every value is one). Lookups go in chunks of
+# _LOOKUP_BATCH values and inserts in _INSERT_BATCH rows, far below it for every model here.
+_LOOKUP_BATCH = 10_000
+_INSERT_BATCH = 2_000
+
+
+def _in_batches(queryset, field_name: str, values) -> list:
+    """queryset.filter(<field_name>__in=values), run in chunks; the rows of every chunk."""
+    values = list(values)
+    rows = []
+    for start in range(0, len(values), _LOOKUP_BATCH):
+        chunk = values[start : start + _LOOKUP_BATCH]
+        rows.extend(queryset.filter(**{f"{field_name}__in": chunk}))
+    return rows
+
 
 # --- Field parsing -------------------------------------------------------------------------
 
@@ -349,7 +369,23 @@ class _LineDict(dict):
 
 
 class _LineLoader(yaml.SafeLoader):
-    """A safe loader whose mappings remember their line and the line of each key."""
+    """A safe loader whose mappings remember their line and the line of each key.
+
+    Anchors (&name) and aliases (*name) are refused: an inventory never needs them, and a few
+    nested aliases expand a kilobyte into gigabytes (the "billion laughs").
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "YAML anchors (&) and aliases (*) are not allowed in an inventory file; "
+                "write each value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 def _construct_line_dict(loader: _LineLoader, node: yaml.MappingNode):
@@ -475,7 +511,7 @@ def _mark_existing(plan: Plan) -> None:
         (plan.nodes, Node, "hostname"),
     ]:
         keys = {r.values[key] for r in records if key in r.values}
-        found = set(model.objects.filter(**{f"{key}__in": keys}).values_list(key, flat=True))
+        found = set(_in_batches(model.objects.values_list(key, flat=True), key, keys))
         for record in records:
             record.exists = record.values.get(key) in found
 
@@ -539,10 +575,12 @@ def _check_against_database(plan: Plan) -> None:
     by_host = {n.values["hostname"]: n for n in plan.nodes if "hostname" in n.values}
     existing = {
         node.hostname: node
-        for node in Node.objects.filter(hostname__in=by_host).select_related("gpu_model")
+        for node in _in_batches(Node.objects.select_related("gpu_model"), "hostname", by_host)
     }
     gpu_counts = Counter(
-        Gpu.objects.filter(node__hostname__in=existing).values_list("node__hostname", flat=True)
+        _in_batches(
+            Gpu.objects.values_list("node__hostname", flat=True), "node__hostname", existing
+        )
     )
     for hostname, node in existing.items():
         record = by_host[hostname]
@@ -573,7 +611,9 @@ def _check_against_database(plan: Plan) -> None:
                 )
             else:
                 owner[serial] = (hostname, index, record.line_of("gpu_serials"))
-    taken = Gpu.objects.filter(serial__in=owner).values_list("serial", "node__hostname", "index")
+    taken = _in_batches(
+        Gpu.objects.values_list("serial", "node__hostname", "index"), "serial", owner
+    )
     for serial, hostname, index in taken:
         file_host, file_index, line = owner[serial]
         if (hostname, index) != (file_host, file_index):
@@ -653,32 +693,82 @@ def _apply(plan: Plan) -> ImportReport:
         sites[record.values["slug"]] = _upsert(
             Site, {"slug": record.values["slug"]}, given, on_create, report.counts["sites"]
         )
-    for record in plan.nodes:
-        given, on_create = _split(record, {"hostname", "gpu_model", "gpu_serials", "gpu_count"})
-        given["site_id"] = sites[record.site_slug].pk
-        if not record.exists:  # an existing node's model never changes (refused in validation)
-            on_create["gpu_model"] = models[record.values["gpu_model"]]
-        node = _upsert(
-            Node, {"hostname": record.values["hostname"]}, given, on_create, report.counts["nodes"]
-        )
-        if "gpu_serials" not in record.values:
-            continue
-        existing = {gpu.index: gpu for gpu in node.gpus.all()}
-        for index, serial in enumerate(record.values["gpu_serials"]):
-            gpu = existing.get(index)
-            if gpu is None:
-                Gpu.objects.create(node=node, index=index, serial=serial)
-                report.counts["gpus"]["created"] += 1
-            elif gpu.serial != serial:
-                gpu.serial = serial
-                gpu.save(update_fields=["serial"])
-                report.counts["gpus"]["updated"] += 1
-            else:
-                report.counts["gpus"]["unchanged"] += 1
+    nodes = _apply_nodes(plan, models, sites, report.counts["nodes"])
+    _apply_gpus(plan, nodes, report.counts["gpus"])
     return report
 
 
+def _apply_nodes(plan: Plan, models: dict, sites: dict, counter: Counter) -> dict[str, Node]:
+    """Create or update every node in batches; returns them by hostname."""
+    hostnames = [r.values["hostname"] for r in plan.nodes]
+    existing = {n.hostname: n for n in _in_batches(Node.objects.all(), "hostname", hostnames)}
+    now = timezone.now()
+    created, updated, update_fields, nodes = [], [], set(), {}
+    for record in plan.nodes:
+        given, on_create = _split(record, {"hostname", "gpu_model", "gpu_serials", "gpu_count"})
+        given["site_id"] = sites[record.site_slug].pk
+        hostname = record.values["hostname"]
+        node = existing.get(hostname)
+        if node is None:  # an existing node's model never changes (refused in validation)
+            node = Node(
+                hostname=hostname,
+                gpu_model=models[record.values["gpu_model"]],
+                **on_create,
+                **given,
+            )
+            created.append(node)
+            counter["created"] += 1
+        else:
+            changed = [name for name, value in given.items() if getattr(node, name) != value]
+            for name in changed:
+                setattr(node, name, given[name])
+            if changed:
+                node.updated_at = now
+                update_fields.update(changed)
+                updated.append(node)
+                counter["updated"] += 1
+            else:
+                counter["unchanged"] += 1
+        nodes[hostname] = node
+    Node.objects.bulk_create(created, batch_size=_INSERT_BATCH)
+    if updated:
+        Node.objects.bulk_update(
+            updated, [*sorted(update_fields), "updated_at"], batch_size=_INSERT_BATCH // 4
+        )
+    return nodes
+
+
+def _apply_gpus(plan: Plan, nodes: dict[str, Node], counter: Counter) -> None:
+    """Create the GPUs the file adds and re-serial the ones it renames, in batches."""
+    with_gpus = [r for r in plan.nodes if "gpu_serials" in r.values]
+    existing: dict[int, dict[int, Gpu]] = {}
+    node_ids = [nodes[r.values["hostname"]].pk for r in with_gpus if r.exists]
+    for gpu in _in_batches(Gpu.objects.all(), "node_id", node_ids):
+        existing.setdefault(gpu.node_id, {})[gpu.index] = gpu
+    created, renamed = [], []
+    for record in with_gpus:
+        node = nodes[record.values["hostname"]]
+        have = existing.get(node.pk, {})
+        for index, serial in enumerate(record.values["gpu_serials"]):
+            gpu = have.get(index)
+            if gpu is None:
+                created.append(Gpu(node=node, index=index, serial=serial))
+                counter["created"] += 1
+            elif gpu.serial != serial:
+                gpu.serial = serial
+                renamed.append(gpu)
+                counter["updated"] += 1
+            else:
+                counter["unchanged"] += 1
+    Gpu.objects.bulk_create(created, batch_size=_INSERT_BATCH)
+    Gpu.objects.bulk_update(renamed, ["serial"], batch_size=_INSERT_BATCH)
+
+
 # --- Entry point ---------------------------------------------------------------------------
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
 def inventory_import(*, path: Path, dry_run: bool = False) -> ImportReport:
@@ -691,6 +781,19 @@ def inventory_import(*, path: Path, dry_run: bool = False) -> ImportReport:
     if suffix not in {".yaml", ".yml", ".csv"}:
         raise ValidationFailed(
             f"{path.name}: the file must end in .yaml, .yml or .csv", field="file"
+        )
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ValidationFailed(f"{path}: cannot read the file: {exc}", field="file") from None
+    limit = settings.INVENTORY_IMPORT_MAX_BYTES
+    if size > limit:
+        raise ValidationFailed(
+            f"{path.name} is {_size(size)}; an inventory file may be at most {_size(limit)} "
+            "(INVENTORY_IMPORT_MAX_BYTES). Split it by site and import the parts one after "
+            "another.",
+            code="file_too_large",
+            field="file",
         )
     try:
         text = path.read_text(encoding="utf-8-sig")
