@@ -209,7 +209,7 @@ class BurnInResultApi(APIView):
 
     @extend_schema(
         request=InputSerializer,
-        responses={200: OutputSerializer, **agent_errors()},
+        responses={200: OutputSerializer, **agent_errors(404, 409)},
         operation_id="agent_burn_in_result",
     )
     def post(self, request: Request, burn_in_id: int) -> Response:

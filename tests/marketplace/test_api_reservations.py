@@ -58,6 +58,7 @@ def test_it_lists_gpu_models_and_sites_with_public_facts(client_key, market):
             "cooling": "immersion",
             "uplink_gbps": 100,
             "former_use": "bitcoin mining",
+            "reliability_30d": None,  # computed hourly; none yet
             "capacity": {
                 "nodes": 2,
                 "gpus": 16,
