@@ -1,5 +1,7 @@
 """What exists physically: repurposed sites, GPU models, nodes, GPUs, and their health."""
 
+from decimal import Decimal
+
 from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
 from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
@@ -106,6 +108,13 @@ class Site(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def reliability_pct(self):
+        """The 30-day reliability in per cent, one decimal place; None before computed."""
+        if self.reliability_30d is None:
+            return None
+        return (self.reliability_30d * 100).quantize(Decimal("0.1"))
 
 
 class GpuModel(models.Model):

@@ -130,3 +130,15 @@ def test_the_portal_search_filters_by_reliability_in_percent(market, org):
     assert '<td class="num">99.9 %</td>' in strict.content.decode()
     assert too_strict.context["offers"] == []
     assert bad.context["form"].errors["min_reliability"]
+
+
+def test_the_portal_site_pages_show_the_figure(market, org):
+    from tests.marketplace.market_helpers import member_client
+
+    site, _model = market
+    Site.objects.filter(pk=site.pk).update(reliability_30d=Decimal("0.9975"))
+    client = member_client(org, "member")
+    listing = client.get("/sites").content.decode()
+    page = client.get(f"/sites/{site.slug}").content.decode()
+    assert '<td class="num">99.8 %</td>' in listing  # 99.75 rounded half-even to 99.8
+    assert "99.8 % over the last 30 days" in page
