@@ -5,6 +5,8 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
+from datetime import date
+
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
@@ -19,6 +21,7 @@ from billing.selectors import (
     ledger_for_org,
     payment_methods_for_org,
     spend_minor,
+    statement_for_month,
     top_ups_for_org,
     usage_by_reservation_day,
     usage_row_energy,
@@ -36,6 +39,7 @@ from billing.services.topups import top_up_create
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
 from config.api.views import ApiView, validated_input
+from config.errors import NotFound
 from marketplace.models import Role
 
 TAGS = ["Billing"]
@@ -213,6 +217,74 @@ class UsageApi(ApiView):
             organization=self.organization, since=data.get("since"), until=data.get("until")
         )[:1000]
         return Response(UsageOutput(rows, many=True).data)
+
+
+class StatementLineOutput(serializers.Serializer):
+    created_at = serializers.DateTimeField(source="entry.created_at")
+    kind = serializers.ChoiceField(source="entry.kind", choices=LedgerKind.choices)
+    description = serializers.CharField(source="entry.description")
+    reservation = serializers.CharField(
+        source="entry.reservation.public_id", allow_null=True, default=None
+    )
+    gpu_seconds = serializers.IntegerField(source="entry.gpu_seconds")
+    amount = serializers.SerializerMethodField()
+    balance_after = serializers.SerializerMethodField()
+
+    def get_amount(self, line) -> str:
+        return _money(line.entry.amount_minor, line.entry.currency)
+
+    def get_balance_after(self, line) -> str:
+        return _money(line.balance_after_minor, line.entry.currency)
+
+
+class StatementUsageOutput(serializers.Serializer):
+    reservation = serializers.CharField()
+    gpu_seconds = serializers.IntegerField()
+    amount = serializers.CharField(help_text="Charged (positive).")
+
+
+class StatementOutput(serializers.Serializer):
+    month = serializers.CharField(help_text="YYYY-MM (UTC).")
+    currency = serializers.CharField()
+    opening_balance = serializers.CharField()
+    closing_balance = serializers.CharField()
+    totals = serializers.DictField(
+        child=serializers.CharField(), help_text="By ledger kind, signed as in the ledger."
+    )
+    usage = StatementUsageOutput(many=True, help_text="Charges by reservation.")
+    lines = StatementLineOutput(many=True, help_text="Every ledger line, oldest first.")
+
+
+class StatementApi(ApiView):
+    @extend_schema(tags=TAGS, operation_id="billing_statement",
+                   summary="A month's statement (UTC): opening and closing balance, totals, usage "
+                   "by reservation and every ledger line",
+                   responses={200: StatementOutput, **errors(403, 404)})  # fmt: skip
+    def get(self, request, year: int, month: int):
+        if not (1 <= month <= 12 and 2000 <= year <= 9999):
+            raise NotFound("No such month.", field="month")
+        account = billing_account_get_or_create(organization=self.organization)
+        c = account.currency
+        statement = statement_for_month(
+            organization=self.organization, month=date(year, month, 1), currency=c
+        )
+        data = {
+            "month": f"{year:04d}-{month:02d}",
+            "currency": c,
+            "opening_balance": _money(statement.opening_minor, c),
+            "closing_balance": _money(statement.closing_minor, c),
+            "totals": {k: _money(v, c) for k, v in sorted(statement.totals_minor.items())},
+            "usage": [
+                {
+                    "reservation": row["reservation"],
+                    "gpu_seconds": row["gpu_seconds"],
+                    "amount": _money(row["amount_minor"], c),
+                }
+                for row in statement.usage
+            ],
+            "lines": statement.lines,
+        }
+        return Response(StatementOutput(data).data)
 
 
 class InvoiceOutput(serializers.Serializer):

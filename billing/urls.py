@@ -15,6 +15,11 @@ urlpatterns = [
     path("billing/ledger.csv", export_views.LedgerCsvApi.as_view(), name="billing-ledger-csv"),
     path("billing/invoices", apis.InvoiceListApi.as_view(), name="billing-invoices"),
     path(
+        "billing/statements/<int:year>-<int:month>",
+        apis.StatementApi.as_view(),
+        name="billing-statement",
+    ),
+    path(
         "billing/payment-methods",
         apis.PaymentMethodListApi.as_view(),
         name="billing-payment-methods",

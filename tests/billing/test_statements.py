@@ -124,3 +124,27 @@ def test_each_top_up_is_receipted_by_email(org, django_capture_on_commit_callbac
     assert "payment pi_123" in receipt.message and "balance is now 75.00 USD" in receipt.message
     (sent,) = [m for m in mail.outbox if m.subject == "Switchyard billing: receipt"]
     assert sent.to == ["owner@example.com"] and "pi_123" in sent.body
+
+
+def test_the_api_gives_the_same_statement(org, owner_client, november):
+    r1, r2 = november
+
+    body = owner_client.get("/api/v1/billing/statements/2026-11").json()
+
+    assert (body["month"], body["opening_balance"], body["closing_balance"]) == (
+        "2026-11", "100.00", "95.00"
+    )  # fmt: skip
+    assert body["totals"] == {"credit": "1.00", "reserved_charge": "-40.00", "sla_credit": "4.00",
+                              "top_up": "50.00", "usage": "-20.00"}  # fmt: skip
+    assert body["usage"] == sorted(
+        [
+            {"reservation": r1.public_id, "gpu_seconds": 5400, "amount": "20.00"},
+            {"reservation": r2.public_id, "gpu_seconds": 0, "amount": "40.00"},
+        ],
+        key=lambda row: row["reservation"],
+    )
+    assert [(x["kind"], x["amount"], x["balance_after"]) for x in body["lines"]][:2] == [
+        ("top_up", "50.00", "150.00"), ("usage", "-12.34", "137.66"),
+    ]  # fmt: skip
+    assert len(body["lines"]) == 6
+    assert owner_client.get("/api/v1/billing/statements/2026-13").status_code == 404
