@@ -7,7 +7,7 @@ changes nothing.
 """
 
 import csv
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 from django import forms
@@ -24,11 +24,13 @@ from billing.apis import MONEY_ROLES
 from billing.models import BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
 from billing.selectors import (
+    balance_by_day,
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
     notices_for_org,
     payment_methods_for_org,
+    spend_by_day_and_model,
     spend_minor,
     statement_for_month,
     statement_months,
@@ -391,9 +393,69 @@ class UsageView(BillingPage):
         return self.render(
             request,
             "usage.html",
-            {"form": form, "usage": usage, "page": page},
+            {"form": form, "usage": usage, "page": page, **self._charts(usage, since, until)},
             status=400 if form.errors else 200,
         )
+
+    CHART_DAYS = 30
+
+    def _charts(self, usage: list[dict], since, until) -> dict:
+        """Spend per day by GPU model and the balance at each day's end over the period (the
+        last 30 days by default), GPU-hours per reservation from the usage rows; each chart
+        has its table on the page."""
+        until = until or timezone.now().date() + timedelta(days=1)
+        since = since or until - timedelta(days=self.CHART_DAYS)
+        currency = billing_account_get_or_create(organization=self.organization).currency
+        days = [since + timedelta(days=n) for n in range((until - since).days)]
+        spend = spend_by_day_and_model(organization=self.organization, since=since, until=until)
+        models = sorted({row["gpu_model"] for row in spend})
+        by_model = {m: dict.fromkeys(days, 0) for m in models}
+        for row in spend:
+            by_model[row["gpu_model"]][row["day"]] += row["amount_minor"]
+        balances = balance_by_day(organization=self.organization, since=since, until=until)
+        per_reservation: dict[str, Decimal] = {}
+        for row in usage:
+            key = row["reservation__public_id"] or "—"
+            per_reservation[key] = per_reservation.get(key, Decimal(0)) + row["gpu_hours"]
+        top = sorted(per_reservation.items(), key=lambda kv: kv[1], reverse=True)[:20]
+        to_major = lambda minor: float(from_minor_units(minor, currency))  # noqa: E731
+        return {
+            "chart_period": (since, until),
+            "spend_rows": [
+                (m, [from_minor_units(by_model[m][d], currency) for d in days]) for m in models
+            ],
+            "spend_total": from_minor_units(sum(r["amount_minor"] for r in spend), currency),
+            "chart_days": days,
+            "balances": [(d, from_minor_units(b, currency)) for d, b in balances],
+            "reservation_hours": top,
+            "chart_currency": currency.upper(),
+            "charts": {
+                "spend": {
+                    "type": "bar",
+                    "stacked": True,
+                    "labels": [d.isoformat() for d in days],
+                    "datasets": [
+                        {"label": m, "data": [to_major(by_model[m][d]) for d in days]}
+                        for m in models
+                    ],
+                },
+                "balance": {
+                    "type": "line",
+                    "labels": [d.isoformat() for d, _ in balances],
+                    "datasets": [
+                        {
+                            "label": f"Balance ({currency.upper()})",
+                            "data": [to_major(b) for _, b in balances],
+                        }
+                    ],
+                },
+                "reservations": {
+                    "type": "bar",
+                    "labels": [r for r, _ in top],
+                    "datasets": [{"label": "GPU-hours", "data": [float(h) for _, h in top]}],
+                },
+            },  # fmt: skip
+        }
 
 
 class InvoicesView(BillingPage):

@@ -227,3 +227,57 @@ def ledger_totals_by_kind(
         qs = qs.filter(created_at__lt=until)
     rows = qs.order_by().values("kind", "currency").annotate(total=Sum("amount_minor"))
     return {(row["kind"], row["currency"]): row["total"] for row in rows}
+
+
+# --- charts on the Usage page ------------------------------------------------------------------
+
+
+def spend_by_day_and_model(*, organization: Organization, since: date, until: date) -> list[dict]:
+    """Charges (usage and reserved terms, net of corrections) per UTC day and GPU model in
+    [since, until), positive minor units: {day, gpu_model, currency, amount_minor}."""
+    rows = (
+        LedgerEntry.objects.filter(
+            organization=organization,
+            kind__in=CHARGE_KINDS,
+            created_at__date__gte=since,
+            created_at__date__lt=until,
+        )
+        .annotate(day=TruncDate("created_at"))
+        .order_by()
+        .values("day", "reservation__gpu_model__name", "currency")
+        .annotate(total=Sum("amount_minor"))
+        .order_by("day", "reservation__gpu_model__name")
+    )
+    return [
+        {
+            "day": row["day"],
+            "gpu_model": row["reservation__gpu_model__name"] or "Other",
+            "currency": row["currency"],
+            "amount_minor": -row["total"],
+        }
+        for row in rows
+    ]
+
+
+def balance_by_day(*, organization: Organization, since: date, until: date) -> list[tuple]:
+    """The balance at the end of each UTC day in [since, until): (day, minor units)."""
+    start = datetime(since.year, since.month, since.day, tzinfo=UTC)
+    opening = LedgerEntry.objects.filter(organization=organization, created_at__lt=start).aggregate(
+        total=Coalesce(Sum("amount_minor"), 0)
+    )["total"]
+    moves = dict(
+        LedgerEntry.objects.filter(
+            organization=organization, created_at__date__gte=since, created_at__date__lt=until
+        )
+        .annotate(day=TruncDate("created_at"))
+        .order_by()
+        .values("day")
+        .annotate(total=Sum("amount_minor"))
+        .values_list("day", "total")
+    )
+    balance, days, day = opening, [], since
+    while day < until:
+        balance += moves.get(day, 0)
+        days.append((day, balance))
+        day = date.fromordinal(day.toordinal() + 1)
+    return days

@@ -38,7 +38,7 @@ def site_capacity_summaries(*, site_ids: list[int]) -> dict[int, dict]:
     rows = (
         Node.objects.filter(site_id__in=site_ids)
         .exclude(status=NodeStatus.RETIRED)
-        .values("site_id", "gpu_model__slug")
+        .values("site_id", "gpu_model__slug", "gpu_model__name")
         .annotate(
             nodes=Count("id", distinct=True),
             gpus=Count("gpus"),
@@ -54,6 +54,7 @@ def site_capacity_summaries(*, site_ids: list[int]) -> dict[int, dict]:
         summary["gpu_models"].append(
             {
                 "gpu_model": row["gpu_model__slug"],
+                "gpu_model_name": row["gpu_model__name"],
                 "nodes": row["nodes"],
                 "gpus": row["gpus"],
                 "available_nodes": row["available_nodes"],

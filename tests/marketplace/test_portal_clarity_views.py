@@ -345,6 +345,10 @@ def test_pages_speak_in_words_not_field_names_enum_values_or_iso_times(
         f"/quotes/{quote.public_id}": None,
         "/gpus?gpu_model=h100-sxm-80gb&gpu_count=1&plan=reserved_1w": None,
         "/billing/": None,
+        "/billing/usage": None,
+        "/sites": None,
+        "/sites/mo-i-rana": None,
+        "/gpus": None,
     }
     for path in pages:
         response = client.get(path)

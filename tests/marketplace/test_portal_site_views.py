@@ -40,7 +40,7 @@ def test_the_site_list_shows_each_sites_power_and_capacity_but_not_retired_ones(
     client, _, texas, _ = world
     page = client.get("/sites").content.decode()
     assert "Texas One" in page and "ERCOT" in page and "390" in page
-    assert "16 × h100-sxm-80gb" in page
+    assert "16 × NVIDIA H100 SXM 80GB" in page and "× h100-sxm-80gb" not in page
     assert "42 %" in page  # the factory's renewable share, 0.420
     assert "Gone One" not in page
 

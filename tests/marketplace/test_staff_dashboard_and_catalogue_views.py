@@ -193,3 +193,64 @@ def test_a_site_page_shows_free_gpus_for_each_of_the_next_14_days(
     free = [c.split(">", 1)[1].split("<")[0] for c in cells[1:]]
     assert free[:4] == ["16", "16", "8", "16"]  # the day after tomorrow has 8 booked
     assert Decimal(len(free)) == 14
+
+
+def test_the_usage_page_charts_spend_by_model_balance_and_hours_with_tables(
+    fleet,
+    allow_all_funding,  # noqa: F811
+):
+    site, h100, *_ = fleet
+    l40s = GpuModelFactory(slug="l40s-48gb", name="NVIDIA L40S", memory_gb=48, tdp_watts=350)
+    make_nodes(site, l40s, 1, gpus=4)
+    make_rate(l40s, "1.0000")
+    org = OrganizationFactory()
+    start = tomorrow()
+    big = reservation_create(
+        organization=org, gpu_model=h100.slug, gpu_count=2, starts_at=start,
+        ends_at=start + timedelta(hours=1), tier="on_demand", site=site.slug,
+    )  # fmt: skip
+    small = reservation_create(
+        organization=org, gpu_model=l40s.slug, gpu_count=1, starts_at=start,
+        ends_at=start + timedelta(hours=1), tier="on_demand", site=site.slug,
+    )  # fmt: skip
+    for kind, amount, reservation, seconds, key in (
+        (LedgerKind.TOP_UP, 100_000, None, 0, "t"),
+        (LedgerKind.USAGE, -2_000, big, 7200, "u1"),
+        (LedgerKind.USAGE, -500, small, 1800, "u2"),
+    ):
+        LedgerEntry.objects.create(
+            organization=org, kind=kind, amount_minor=amount, currency="usd", description="x",
+            reservation=reservation, gpu_seconds=seconds, idempotency_key=key,
+            period_start=timezone.now() if reservation else None,
+        )  # fmt: skip
+
+    html = member_client(org, Role.MEMBER).get("/billing/usage").content.decode()
+
+    assert "Charged in this period: <strong>25.00 USD</strong>" in html
+    charts = json.loads(
+        html.split('<script id="usage-charts" type="application/json">')[1].split("</script>")[0]
+    )
+    today = timezone.now().date().isoformat()
+    spend = {d["label"]: d["data"] for d in charts["spend"]["datasets"]}
+    day = charts["spend"]["labels"].index(today)
+    assert (spend["NVIDIA H100 SXM 80GB"][day], spend["NVIDIA L40S"][day]) == (20.0, 5.0)
+    assert charts["balance"]["datasets"][0]["data"][day] == 975.0
+    assert charts["balance"]["datasets"][0]["data"][0] == 0.0  # 30 days ago: nothing yet
+    assert charts["reservations"]["labels"] == [big.public_id, small.public_id]
+    assert charts["reservations"]["datasets"][0]["data"] == [2.0, 0.5]
+    table = html.split('id="spend-table"')[1].split("</table>")[0]
+    assert '<th scope="row">NVIDIA L40S</th>' in table and ">5.00<" in table
+
+
+def test_the_sites_pages_name_gpu_models_and_statuses_in_words(
+    fleet,
+    allow_all_funding,  # noqa: F811
+):
+    site, h100, *_ = fleet
+    client = member_client(OrganizationFactory(), Role.MEMBER)
+
+    for path in ("/sites", f"/sites/{site.slug}"):
+        html = client.get(path).content.decode()
+        assert "16 × NVIDIA H100 SXM 80GB" in html, path
+        assert f"× {h100.slug}" not in html, path
+        assert ">active<" not in html and ">Active<" in html, path

@@ -161,3 +161,23 @@ def test_live_figures_and_an_interruption_update_without_reloading(signed_in, ma
     expect(row.locator("[data-live=interruption]")).to_have_text("Interruption in 3 min")
     assert page.title() == "not reloaded"
     shot(page, "dashboard-interruption")
+
+
+def test_the_usage_and_site_pages_draw_their_charts_beside_tables(signed_in, market, shot):
+    page, _, _ = signed_in
+    site, _ = market
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(page.base) else None)
+
+    page.goto(page.base + "/billing/usage")
+    for name in ("spend", "balance"):
+        canvas = page.locator(f'canvas[data-chart="{name}"]')
+        expect(canvas).to_have_attribute("data-chart-drawn", "true")
+        expect(page.locator("#" + canvas.get_attribute("aria-describedby"))).to_be_visible()
+    shot(page, "usage")
+
+    page.goto(page.base + f"/sites/{site.slug}")
+    expect(page.locator('canvas[data-chart="free"]')).to_have_attribute("data-chart-drawn", "true")
+    expect(page.locator("#forecast-table tbody tr")).to_have_count(1)
+    shot(page, "site")
+    assert outside == []
