@@ -52,29 +52,45 @@ def _t(verb: str, sources: set[str], targets: set[str]) -> Transition:
     return Transition(verb, frozenset(sources), frozenset(targets))
 
 
-N = NodeStatus
 # Every way a node's status may change. Offline is entered only by the heartbeat sweeper and
 # left by a heartbeat (back to what it was before the silence) or by staff to maintenance or
 # retirement; staff cannot declare a silent node available. Retired is final.
 NODE_TRANSITIONS: dict[str, Transition] = {
-    "drain": _t("drain", {N.AVAILABLE}, {N.DRAINING}),
+    "drain": _t("drain", {NodeStatus.AVAILABLE}, {NodeStatus.DRAINING}),
     "set_maintenance": _t(
-        "put in maintenance", {N.AVAILABLE, N.DRAINING, N.OFFLINE}, {N.MAINTENANCE}
+        "put in maintenance",
+        {NodeStatus.AVAILABLE, NodeStatus.DRAINING, NodeStatus.OFFLINE},
+        {NodeStatus.MAINTENANCE},
     ),
-    "return_to_service": _t("return to service", {N.DRAINING, N.MAINTENANCE}, {N.AVAILABLE}),
-    "retire": _t("retire", {N.AVAILABLE, N.DRAINING, N.MAINTENANCE, N.OFFLINE}, {N.RETIRED}),
-    "mark_offline": _t("mark offline", {N.AVAILABLE, N.DRAINING}, {N.OFFLINE}),
-    "resume": _t("resume", {N.OFFLINE}, {N.AVAILABLE, N.DRAINING}),
+    "return_to_service": _t(
+        "return to service", {NodeStatus.DRAINING, NodeStatus.MAINTENANCE}, {NodeStatus.AVAILABLE}
+    ),
+    "retire": _t(
+        "retire",
+        {NodeStatus.AVAILABLE, NodeStatus.DRAINING, NodeStatus.MAINTENANCE, NodeStatus.OFFLINE},
+        {NodeStatus.RETIRED},
+    ),
+    "mark_offline": _t(
+        "mark offline", {NodeStatus.AVAILABLE, NodeStatus.DRAINING}, {NodeStatus.OFFLINE}
+    ),
+    "resume": _t("resume", {NodeStatus.OFFLINE}, {NodeStatus.AVAILABLE, NodeStatus.DRAINING}),
 }
 
-S = SiteStatus
 # Every way a site's status may change. Retired is final.
 SITE_TRANSITIONS: dict[str, Transition] = {
-    "activate": _t("activate", {S.COMMISSIONING}, {S.ACTIVE}),
-    "curtail": _t("curtail", {S.ACTIVE}, {S.CURTAILED}),
-    "set_maintenance": _t("put in maintenance", {S.ACTIVE, S.CURTAILED}, {S.MAINTENANCE}),
-    "return_to_service": _t("return to service", {S.CURTAILED, S.MAINTENANCE}, {S.ACTIVE}),
-    "retire": _t("retire", {S.COMMISSIONING, S.ACTIVE, S.CURTAILED, S.MAINTENANCE}, {S.RETIRED}),
+    "activate": _t("activate", {SiteStatus.COMMISSIONING}, {SiteStatus.ACTIVE}),
+    "curtail": _t("curtail", {SiteStatus.ACTIVE}, {SiteStatus.CURTAILED}),
+    "set_maintenance": _t(
+        "put in maintenance", {SiteStatus.ACTIVE, SiteStatus.CURTAILED}, {SiteStatus.MAINTENANCE}
+    ),
+    "return_to_service": _t(
+        "return to service", {SiteStatus.CURTAILED, SiteStatus.MAINTENANCE}, {SiteStatus.ACTIVE}
+    ),
+    "retire": _t(
+        "retire",
+        {SiteStatus.COMMISSIONING, SiteStatus.ACTIVE, SiteStatus.CURTAILED, SiteStatus.MAINTENANCE},
+        {SiteStatus.RETIRED},
+    ),
 }
 
 
@@ -156,7 +172,7 @@ def node_drain(
         model=Node,
         obj=node,
         action="drain",
-        to_status=N.DRAINING,
+        to_status=NodeStatus.DRAINING,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -176,7 +192,7 @@ def node_set_maintenance(
         model=Node,
         obj=node,
         action="set_maintenance",
-        to_status=N.MAINTENANCE,
+        to_status=NodeStatus.MAINTENANCE,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -200,7 +216,7 @@ def node_return_to_service(
         model=Node,
         obj=node,
         action="return_to_service",
-        to_status=N.AVAILABLE,
+        to_status=NodeStatus.AVAILABLE,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -225,7 +241,7 @@ def node_retire(
         model=Node,
         obj=node,
         action="retire",
-        to_status=N.RETIRED,
+        to_status=NodeStatus.RETIRED,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -256,7 +272,7 @@ def node_mark_offline(*, node: Node, reason: str, actor_label: str = SWEEPER_LAB
         model=Node,
         obj=node,
         action="mark_offline",
-        to_status=N.OFFLINE,
+        to_status=NodeStatus.OFFLINE,
         actor=None,
         actor_label=actor_label,
         reason=reason,
@@ -285,7 +301,7 @@ def nodes_mark_silent_offline(*, now: datetime | None = None, limit: int = 500) 
     silent = (
         Node.objects.select_for_update(skip_locked=True)
         .filter(
-            status__in=[N.AVAILABLE, N.DRAINING],
+            status__in=[NodeStatus.AVAILABLE, NodeStatus.DRAINING],
             last_heartbeat_at__isnull=False,
             last_heartbeat_at__lt=cutoff,
         )
@@ -313,7 +329,7 @@ def site_activate(
         model=Site,
         obj=site,
         action="activate",
-        to_status=S.ACTIVE,
+        to_status=SiteStatus.ACTIVE,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -333,7 +349,7 @@ def site_curtail(
         model=Site,
         obj=site,
         action="curtail",
-        to_status=S.CURTAILED,
+        to_status=SiteStatus.CURTAILED,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -353,7 +369,7 @@ def site_set_maintenance(
         model=Site,
         obj=site,
         action="set_maintenance",
-        to_status=S.MAINTENANCE,
+        to_status=SiteStatus.MAINTENANCE,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -373,7 +389,7 @@ def site_return_to_service(
         model=Site,
         obj=site,
         action="return_to_service",
-        to_status=S.ACTIVE,
+        to_status=SiteStatus.ACTIVE,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -390,8 +406,8 @@ def site_retire(
 ) -> Site:
     """Close the site for good; its nodes must be retired first."""
     locked = Site.objects.select_for_update().get(pk=site.pk)
-    if locked.status != S.RETIRED:
-        live = locked.nodes.exclude(status=N.RETIRED).count()
+    if locked.status != SiteStatus.RETIRED:
+        live = locked.nodes.exclude(status=NodeStatus.RETIRED).count()
         if live:
             raise InvalidTransition(
                 f"Cannot retire site {locked.slug} (from {locked.status} to retired): "
@@ -402,7 +418,7 @@ def site_retire(
         model=Site,
         obj=site,
         action="retire",
-        to_status=S.RETIRED,
+        to_status=SiteStatus.RETIRED,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
@@ -580,19 +596,19 @@ def node_heartbeat_record(
     Outage.objects.filter(
         node=locked, ended_at__isnull=True, cause=OutageCause.HEARTBEAT_MISSED, started_at__lt=now
     ).update(ended_at=now)
-    if locked.status == N.OFFLINE:
+    if locked.status == NodeStatus.OFFLINE:
         went_offline = (
-            StatusChange.objects.filter(node=locked, to_status=N.OFFLINE)
+            StatusChange.objects.filter(node=locked, to_status=NodeStatus.OFFLINE)
             .order_by("-at", "-id")
             .first()
         )
-        was_draining = went_offline is not None and went_offline.from_status == N.DRAINING
+        was_draining = went_offline is not None and went_offline.from_status == NodeStatus.DRAINING
         offline_for = int((now - went_offline.at).total_seconds()) if went_offline else 0
         locked = _status_change(
             model=Node,
             obj=locked,
             action="resume",
-            to_status=N.DRAINING if was_draining else N.AVAILABLE,
+            to_status=NodeStatus.DRAINING if was_draining else NodeStatus.AVAILABLE,
             actor=None,
             actor_label=actor_label,
             reason=f"Heartbeat received after {offline_for} s offline.",

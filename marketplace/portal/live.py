@@ -23,8 +23,13 @@ from marketplace.templatetags.portal_format import duration, money, status_label
 
 __all__ = ["progress", "LiveView", "CURRENT_STATUSES"]
 
-S = ReservationStatus
-CURRENT_STATUSES = [S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.RELEASING]
+CURRENT_STATUSES = [
+    ReservationStatus.PENDING,
+    ReservationStatus.SCHEDULED,
+    ReservationStatus.PROVISIONING,
+    ReservationStatus.ACTIVE,
+    ReservationStatus.RELEASING,
+]
 
 
 def progress(reservation: Reservation, now: datetime | None = None) -> dict:
@@ -32,7 +37,7 @@ def progress(reservation: Reservation, now: datetime | None = None) -> dict:
     an announced interruption. For a list, load the charges first in one question
     (reservations_charged_load)."""
     now = now or timezone.now()
-    running = reservation.status == S.ACTIVE
+    running = reservation.status == ReservationStatus.ACTIVE
     elapsed = reservation_elapsed_seconds(reservation, now) or 0
     noticed = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
     return {

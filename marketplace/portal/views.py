@@ -24,8 +24,13 @@ from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
 from marketplace.services.organizations import invitation_accept, organization_create
 
-S = ReservationStatus
-_CURRENT = [S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.RELEASING]
+_CURRENT = [
+    ReservationStatus.PENDING,
+    ReservationStatus.SCHEDULED,
+    ReservationStatus.PROVISIONING,
+    ReservationStatus.ACTIVE,
+    ReservationStatus.RELEASING,
+]
 
 
 def home(request):
@@ -166,7 +171,7 @@ class DashboardView(PortalView, View):
             "portal/dashboard.html",
             {
                 "current": current,
-                "running": sum(1 for r in current if r.status == S.ACTIVE),
+                "running": sum(1 for r in current if r.status == ReservationStatus.ACTIVE),
                 "memberships": memberships,
                 "now": timezone.now(),
                 "panels": portal_overview_panels(self.membership),

@@ -22,7 +22,6 @@ from marketplace.services.transitions import reservation_transition
 __all__ = ["agent_workloads_report", "EXITED_STATES"]
 
 logger = logging.getLogger(__name__)
-S = ReservationStatus
 ACTOR = "system: site agent"
 # Container states (docker's and podman's) of a workload that is no longer running.
 EXITED_STATES = frozenset({"exited", "stopped", "dead"})
@@ -48,20 +47,20 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
         r.public_id: r
         for r in Reservation.objects.filter(
             pk__in=Allocation.objects.filter(node=node, is_live=True).values("reservation_id"),
-            status__in=[S.PROVISIONING, S.ACTIVE],
+            status__in=[ReservationStatus.PROVISIONING, ReservationStatus.ACTIVE],
         )
     }
     ended: set[str] = set()
     for report in containers:
         reservation = on_node.get(report.get("reservation", ""))
-        if reservation is None or reservation.status != S.ACTIVE:
+        if reservation is None or reservation.status != ReservationStatus.ACTIVE:
             continue  # before active the start job judges the container; after, it is stopping
         if report.get("state") not in EXITED_STATES:
             continue
         try:
             reservation_transition(
                 reservation=reservation,
-                to_status=S.FAILED,
+                to_status=ReservationStatus.FAILED,
                 cause=_exit_cause(report, reservation.workload or {}),
                 actor_label=ACTOR,
             )
@@ -78,5 +77,7 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
             "reason": r.preempt_reason,
         }
         for r in on_node.values()
-        if r.preempt_at is not None and r.status == S.ACTIVE and r.public_id not in ended
+        if r.preempt_at is not None
+        and r.status == ReservationStatus.ACTIVE
+        and r.public_id not in ended
     ]

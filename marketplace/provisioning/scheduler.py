@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-S = ReservationStatus
 PROVISION_TASK = "marketplace.tasks.reservation_provision"
 RELEASE_TASK = "marketplace.tasks.reservation_release"
 # A reservation moved to provisioning/releasing whose task has not started after this long is
@@ -121,7 +120,9 @@ def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
         reservation_id=OuterRef("pk"), kind=kind, enqueued_at__gt=now - REDISPATCH_AFTER
     )
     if starting:
-        due = Reservation.objects.filter(status__in=[S.PENDING, S.SCHEDULED], starts_at__lte=now)
+        due = Reservation.objects.filter(
+            status__in=[ReservationStatus.PENDING, ReservationStatus.SCHEDULED], starts_at__lte=now
+        )
         order = ("starts_at", "pk")
     else:
         stopped = ProvisioningAttempt.objects.filter(
@@ -132,7 +133,7 @@ def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
         # Due to end, or ended while running without a release (preempted, failed): the
         # release task stops the workload of the latter (see services._teardown_prepare).
         due = Reservation.objects.filter(
-            Q(status=S.ACTIVE, ends_at__lte=now)
+            Q(status=ReservationStatus.ACTIVE, ends_at__lte=now)
             | (
                 Q(
                     status__in=TEARDOWN_STATUSES,
@@ -199,11 +200,13 @@ def reservations_sweep_stuck(
     stuck_after = settings.PROVISIONING_STUCK_AFTER if stuck_after is None else stuck_after
     busy = reservations_locked_by_workers()
     # Only the attempts of the step the reservation is in (a releasing one had provision ones).
-    same_kind = Q(status=S.PROVISIONING, provisioning_attempts__kind="provision") | Q(
-        status=S.RELEASING, provisioning_attempts__kind="release"
-    )
+    same_kind = Q(
+        status=ReservationStatus.PROVISIONING, provisioning_attempts__kind="provision"
+    ) | Q(status=ReservationStatus.RELEASING, provisioning_attempts__kind="release")
     candidates = (
-        Reservation.objects.filter(status__in=[S.PROVISIONING, S.RELEASING])
+        Reservation.objects.filter(
+            status__in=[ReservationStatus.PROVISIONING, ReservationStatus.RELEASING]
+        )
         .annotate(
             last_started=Max("provisioning_attempts__started_at", filter=same_kind),
             last_finished=Max("provisioning_attempts__finished_at", filter=same_kind),
@@ -215,15 +218,15 @@ def reservations_sweep_stuck(
     for r in candidates:
         if r.pk in busy:
             continue
-        if r.status == S.PROVISIONING and now >= r.ends_at:
+        if r.status == ReservationStatus.PROVISIONING and now >= r.ends_at:
             with transaction.atomic():
                 locked = Reservation.objects.select_for_update(skip_locked=True).filter(
-                    pk=r.pk, status=S.PROVISIONING
+                    pk=r.pk, status=ReservationStatus.PROVISIONING
                 )
                 for row in locked:
                     reservation_transition(
                         reservation=row,
-                        to_status=S.FAILED,
+                        to_status=ReservationStatus.FAILED,
                         cause="The reservation's period ended before it could be provisioned.",
                         actor_label="system: provisioning sweeper",
                     )
@@ -237,7 +240,7 @@ def reservations_sweep_stuck(
         deadline = stuck_after if r.last_started else min(stuck_after, _FIRST_ATTEMPT_GRACE)
         if now - last_activity < deadline:
             continue
-        task = PROVISION_TASK if r.status == S.PROVISIONING else RELEASE_TASK
+        task = PROVISION_TASK if r.status == ReservationStatus.PROVISIONING else RELEASE_TASK
         logger.warning(
             "reservation %s stuck in %s since %s; re-enqueueing",
             r.public_id,

@@ -88,7 +88,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-S = ReservationStatus
 ACTOR = "system: provisioning"
 
 # How long a step waits for a driver that answers "pending" before it lets the worker go and
@@ -279,7 +278,7 @@ def _attempt_finish(
 
 def _fail(reservation: Reservation, reason: str) -> Reservation:
     return reservation_transition(
-        reservation=reservation, to_status=S.FAILED, cause=reason, actor_label=ACTOR
+        reservation=reservation, to_status=ReservationStatus.FAILED, cause=reason, actor_label=ACTOR
     )
 
 
@@ -320,13 +319,13 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
             return StepResult("noop", detail="no such reservation")
         now = timezone.now()
         moves: list[tuple[str, str]] = []
-        if reservation.status in (S.PENDING, S.SCHEDULED):
+        if reservation.status in (ReservationStatus.PENDING, ReservationStatus.SCHEDULED):
             if reservation.starts_at > now:
                 return StepResult("noop", detail="not due yet")
-            if reservation.status == S.PENDING:
-                moves.append((S.SCHEDULED, "start time reached"))
-            moves.append((S.PROVISIONING, "provisioning started"))
-        elif reservation.status != S.PROVISIONING:
+            if reservation.status == ReservationStatus.PENDING:
+                moves.append((ReservationStatus.SCHEDULED, "start time reached"))
+            moves.append((ReservationStatus.PROVISIONING, "provisioning started"))
+        elif reservation.status != ReservationStatus.PROVISIONING:
             return StepResult("noop", detail=f"reservation is {reservation.status}")
         attempt, failures, resumed, target, node_states = _provision_claim(
             reservation, moves=moves, now=now
@@ -354,7 +353,7 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
         with transaction.atomic():
             locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-            if locked.status == S.PROVISIONING:
+            if locked.status == ReservationStatus.PROVISIONING:
                 _fail(locked, f"The workload could not start: {exc}")
         _stop_quietly(driver, target)
         return StepResult("failed", detail=str(exc))
@@ -364,7 +363,7 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
             _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
             with transaction.atomic():
                 locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-                if locked.status == S.PROVISIONING:
+                if locked.status == ReservationStatus.PROVISIONING:
                     _fail(locked, f"Provisioning failed {failures} times; last error: {exc}")
             _stop_quietly(driver, target)
             return StepResult("failed", detail=str(exc))
@@ -542,7 +541,7 @@ def _provision_activate(
     now = timezone.now()
     activated, _row = reservation_transitions_write(
         reservation=reservation,
-        moves=[(S.ACTIVE, "workload running")],
+        moves=[(ReservationStatus.ACTIVE, "workload running")],
         actor_label=ACTOR,
         now=now,
         fields={"connection": connection_details},
@@ -597,7 +596,7 @@ def _after_node_failure(
         if not isinstance(exc, _NodeUnusable):
             node = node_mark_failed(node=node, reason=exc.reason, now=now)
         _attempt_finish(attempt, AttemptOutcome.NODE_FAILURE, error=exc.reason)
-        if locked.status != S.PROVISIONING:
+        if locked.status != ReservationStatus.PROVISIONING:
             return StepResult("noop", detail=f"reservation became {locked.status}")
         try:
             with transaction.atomic():
@@ -705,12 +704,12 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
         if reservation is None:
             return StepResult("noop", detail="no such reservation")
         now = timezone.now()
-        if reservation.status == S.ACTIVE:
+        if reservation.status == ReservationStatus.ACTIVE:
             if reservation.ends_at > now:
                 return StepResult("noop", detail="not over yet")
             reservation = reservation_transition(
                 reservation=reservation,
-                to_status=S.RELEASING,
+                to_status=ReservationStatus.RELEASING,
                 cause="period ended",
                 actor_label=ACTOR,
             )
@@ -719,7 +718,7 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
             if isinstance(prepared, StepResult):
                 return prepared
             teardown = prepared
-        elif reservation.status != S.RELEASING:
+        elif reservation.status != ReservationStatus.RELEASING:
             return StepResult("noop", detail=f"reservation is {reservation.status}")
         if teardown is None:
             attempt, failures, _resumed = _attempt_start(reservation, ProvisioningKind.RELEASE, now)
@@ -751,7 +750,7 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
 
     with transaction.atomic():
         locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-        if locked.status != S.RELEASING:
+        if locked.status != ReservationStatus.RELEASING:
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error=f"became {locked.status}")
             return StepResult("noop", detail=f"reservation became {locked.status}")
         _complete(locked, "released")
@@ -820,7 +819,10 @@ def _teardown_stop(
 
 def _complete(reservation: Reservation, cause: str) -> Reservation:
     done = reservation_transition(
-        reservation=reservation, to_status=S.COMPLETED, cause=cause, actor_label=ACTOR
+        reservation=reservation,
+        to_status=ReservationStatus.COMPLETED,
+        cause=cause,
+        actor_label=ACTOR,
     )
     # Whatever outage is still open ends with the reservation (billing stops at released_at).
     ReservationOutage.objects.filter(reservation=done, ended_at__isnull=True).update(
@@ -835,7 +837,9 @@ def _complete(reservation: Reservation, cause: str) -> Reservation:
 def _affected_reservation_ids(node: Node) -> list[int]:
     """Active reservations with a live allocation on this node: the only ones an outage hits."""
     return list(
-        Allocation.objects.filter(node=node, is_live=True, reservation__status=S.ACTIVE)
+        Allocation.objects.filter(
+            node=node, is_live=True, reservation__status=ReservationStatus.ACTIVE
+        )
         .values_list("reservation_id", flat=True)
         .distinct()
         .order_by("reservation_id")

@@ -48,11 +48,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-S = ReservationStatus
 # An announcement may name a shed time this far in the past (the operator's call came a moment
 # ago); further back is a mistake.
 SHED_AT_SKEW = timedelta(minutes=1)
-_NOT_STARTED = (S.PENDING, S.SCHEDULED)
+_NOT_STARTED = (ReservationStatus.PENDING, ReservationStatus.SCHEDULED)
 _ACTOR = "grid curtailment"
 
 
@@ -93,7 +92,10 @@ def curtailment_announce(
     for reservation in affected:
         if reservation.status in _NOT_STARTED and reservation.starts_at >= shed_at:
             reservation_transition(
-                reservation=reservation, to_status=S.PREEMPTED, cause=cause, actor_label=_ACTOR
+                reservation=reservation,
+                to_status=ReservationStatus.PREEMPTED,
+                cause=cause,
+                actor_label=_ACTOR,
             )
             preempted.append(reservation)
         else:
@@ -241,7 +243,7 @@ def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -
         for reservation in due:
             reservation_transition(
                 reservation=reservation,
-                to_status=S.PREEMPTED,
+                to_status=ReservationStatus.PREEMPTED,
                 cause=reservation.preempt_reason or "Preempted.",
                 actor_label=_ACTOR,
             )

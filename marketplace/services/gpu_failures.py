@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-S = ReservationStatus
 ACTOR = "system: GPU health"
 
 
@@ -105,7 +104,10 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
     why = "; ".join(sorted({a.gpu.health_reason or "reported failed" for a in failed}))
     cause = f"GPU {what} failed ({why})"
 
-    if locked.status in (S.ACTIVE, S.RELEASING) and locked.activated_at is not None:
+    if (
+        locked.status in (ReservationStatus.ACTIVE, ReservationStatus.RELEASING)
+        and locked.activated_at is not None
+    ):
         for allocation in failed:
             if ReservationOutage.objects.filter(
                 reservation=locked, node=allocation.node, ended_at=None
@@ -120,7 +122,7 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
                 cause=OutageCause.GPU_FAILURE,
                 detail=cause,
             )
-    if locked.status == S.RELEASING:
+    if locked.status == ReservationStatus.RELEASING:
         return "releasing: outage recorded"
 
     try:
@@ -144,18 +146,21 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
 
     where = ", ".join(f"{a.node.hostname}/gpu{a.gpu_id}" for a in placed)
     moved = f"{cause}; moved to {len(placed)} healthy GPU(s) at {locked.site.slug}"
-    if locked.status == S.ACTIVE:
+    if locked.status == ReservationStatus.ACTIVE:
         reservation_transition(
             reservation=locked,
-            to_status=S.PROVISIONING,
+            to_status=ReservationStatus.PROVISIONING,
             cause=f"{moved}; the workload restarts there and the time since the failure is "
             "not billed",
             actor_label=ACTOR,
         )
         provisioning_kick(locked.pk)
-    elif locked.status == S.PROVISIONING:
+    elif locked.status == ReservationStatus.PROVISIONING:
         reservation_transition(
-            reservation=locked, to_status=S.SCHEDULED, cause=moved, actor_label=ACTOR
+            reservation=locked,
+            to_status=ReservationStatus.SCHEDULED,
+            cause=moved,
+            actor_label=ACTOR,
         )
         provisioning_kick(locked.pk)
     else:
@@ -186,7 +191,7 @@ def _end_reservation(
         locked.save(update_fields=["cancellation", "updated_at"])
     ended = reservation_transition(
         reservation=locked,
-        to_status=S.FAILED,
+        to_status=ReservationStatus.FAILED,
         cause=f"{cause}; no healthy GPU of this model free at {locked.site.slug}: the "
         "reservation ends, undelivered time is not charged"
         + (" and the reserved term's rest is refunded" if locked.tier == Tier.RESERVED else ""),
@@ -205,13 +210,13 @@ def reservation_gpu_outages_close(*, now: datetime | None = None) -> int:
     restarted workload became active (its transition), so billing resumes from then."""
     closed = 0
     open_outages = ReservationOutage.objects.filter(
-        ended_at=None, cause=OutageCause.GPU_FAILURE, reservation__status=S.ACTIVE
+        ended_at=None, cause=OutageCause.GPU_FAILURE, reservation__status=ReservationStatus.ACTIVE
     ).select_related("reservation")
     for outage in open_outages:
         back = (
             ReservationTransition.objects.filter(
                 reservation_id=outage.reservation_id,
-                to_status=S.ACTIVE,
+                to_status=ReservationStatus.ACTIVE,
                 at__gt=outage.started_at,
             )
             .order_by("at")

@@ -63,7 +63,6 @@ __all__ = [
     "reservation_extend",
 ]
 
-S = ReservationStatus
 _FULL_NOTICE = timedelta(days=7)
 _HALF_NOTICE = timedelta(hours=24)
 
@@ -127,7 +126,7 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
         rule = "reserved, under 24 hours' notice or after the start: no refund."
     refund = (unused * fraction).quantize(Decimal("0.01"))
     return CancellationTerms(
-        action="stop" if reservation.status == S.ACTIVE else "cancel",
+        action="stop" if reservation.status == ReservationStatus.ACTIVE else "cancel",
         at=at,
         currency=reservation.currency,
         unused_amount=unused,
@@ -409,7 +408,9 @@ def _book(
     auto_recharge: bool = True,
 ) -> Reservation:
     """`site` and `gpu_model`, when the caller has them in hand, are kept on the reservation."""
-    status = S.SCHEDULED if starts_at <= now + START_SKEW else S.PENDING
+    status = (
+        ReservationStatus.SCHEDULED if starts_at <= now + START_SKEW else ReservationStatus.PENDING
+    )
     reservation = Reservation.objects.create(
         organization=organization,
         created_by=user,
@@ -481,7 +482,7 @@ def _book(
             }
         },
     )
-    if status == S.SCHEDULED:
+    if status == ReservationStatus.SCHEDULED:
         # Due now: start provisioning once this commits rather than at the next dispatch tick.
         provisioning_kick(reservation.pk)
     return reservation
@@ -494,7 +495,11 @@ def reservation_cancel(
     """Cancel (before activation) or stop early (active), recording the refund terms."""
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
     terms = cancellation_terms(locked)
-    to_status = S.RELEASING if locked.status == S.ACTIVE else S.CANCELLED
+    to_status = (
+        ReservationStatus.RELEASING
+        if locked.status == ReservationStatus.ACTIVE
+        else ReservationStatus.CANCELLED
+    )
     cause = f"cancelled by customer: {reason}" if reason else "cancelled by customer"
     updated = reservation_transition(
         reservation=locked, to_status=to_status, cause=cause, actor_label=actor_label
@@ -510,7 +515,7 @@ def reservation_cancel(
         },
     )
     funding_gate().reservation_ended(reservation=updated)
-    if to_status == S.RELEASING:
+    if to_status == ReservationStatus.RELEASING:
         # Billed until released_at: tear down promptly rather than when the sweeper notices.
         release_kick(updated.pk)
     return updated

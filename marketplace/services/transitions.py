@@ -61,31 +61,65 @@ __all__ = [
     "reservation_action_refusal",
 ]
 
-S = ReservationStatus
 
 ALLOWED_TRANSITIONS: dict[str, set[str]] = {
-    S.PENDING: {S.SCHEDULED, S.CANCELLED, S.FAILED, S.PREEMPTED},
-    S.SCHEDULED: {S.PROVISIONING, S.CANCELLED, S.FAILED, S.PREEMPTED},
-    S.PROVISIONING: {S.ACTIVE, S.SCHEDULED, S.CANCELLED, S.FAILED, S.PREEMPTED},
+    ReservationStatus.PENDING: {
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    },
+    ReservationStatus.SCHEDULED: {
+        ReservationStatus.PROVISIONING,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    },
+    ReservationStatus.PROVISIONING: {
+        ReservationStatus.ACTIVE,
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    },
     # active → provisioning: moved off a failed GPU, restarted on healthy ones (gpu_failures).
-    S.ACTIVE: {S.RELEASING, S.PREEMPTED, S.FAILED, S.PROVISIONING},
-    S.RELEASING: {S.COMPLETED, S.FAILED},
-    S.COMPLETED: set(),
-    S.CANCELLED: set(),
-    S.FAILED: set(),
-    S.PREEMPTED: set(),
+    ReservationStatus.ACTIVE: {
+        ReservationStatus.RELEASING,
+        ReservationStatus.PREEMPTED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PROVISIONING,
+    },
+    ReservationStatus.RELEASING: {ReservationStatus.COMPLETED, ReservationStatus.FAILED},
+    ReservationStatus.COMPLETED: set(),
+    ReservationStatus.CANCELLED: set(),
+    ReservationStatus.FAILED: set(),
+    ReservationStatus.PREEMPTED: set(),
 }
 
 TERMINAL_STATUSES = frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if not targets)
 # Where preemption (a grid curtailment) can still reach a reservation: before its release.
 PREEMPTIBLE_STATUSES = frozenset(
-    s for s, targets in ALLOWED_TRANSITIONS.items() if S.PREEMPTED in targets
+    s for s, targets in ALLOWED_TRANSITIONS.items() if ReservationStatus.PREEMPTED in targets
 )
 _LIVE = frozenset(LIVE_STATUSES)
 
 # Customer-facing actions and the statuses in which they may be taken.
-_CANCELLABLE = frozenset({S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE})
-_EXTENDABLE = frozenset({S.PENDING, S.SCHEDULED, S.PROVISIONING, S.ACTIVE})
+_CANCELLABLE = frozenset(
+    {
+        ReservationStatus.PENDING,
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.PROVISIONING,
+        ReservationStatus.ACTIVE,
+    }
+)
+_EXTENDABLE = frozenset(
+    {
+        ReservationStatus.PENDING,
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.PROVISIONING,
+        ReservationStatus.ACTIVE,
+    }
+)
 
 
 @transaction.atomic
@@ -166,7 +200,7 @@ def reservation_transitions_write(
         step_from = to_status
     to_status = step_from
     tos = [t for t, _c in moves]
-    reaches_active = S.ACTIVE in tos
+    reaches_active = ReservationStatus.ACTIVE in tos
     ends_live = bool(moves) and from_status in _LIVE and to_status not in _LIVE
 
     params: dict[str, Any] = {
@@ -204,7 +238,11 @@ def reservation_transitions_write(
     events = []
     for index, (step_to, step_cause) in enumerate(moves):
         values = {"status": step_to, "status_reason": step_cause, "updated_at": now}
-        if step_to == S.ACTIVE and "activated_at" in before and before["activated_at"] is None:
+        if (
+            step_to == ReservationStatus.ACTIVE
+            and "activated_at" in before
+            and before["activated_at"] is None
+        ):
             values["activated_at"] = now
         if index == len(moves) - 1:
             values.update({"released_at": now} if ends_live else {}, **(fields or {}))
@@ -301,14 +339,14 @@ def reservation_transition_check(*, from_status: str, to_status: str, tier: str)
 
     reservation_transitions_write applies it to every move it writes.
     """
-    if to_status not in S.values:
+    if to_status not in ReservationStatus.values:
         raise InvalidTransition(f"Unknown reservation status {to_status!r}.", field="status")
     if to_status not in ALLOWED_TRANSITIONS[from_status]:
         raise InvalidTransition(
             f"A reservation cannot go from {from_status} to {to_status}.",
             code="invalid_transition",
         )
-    if to_status == S.PREEMPTED and tier != Tier.INTERRUPTIBLE:
+    if to_status == ReservationStatus.PREEMPTED and tier != Tier.INTERRUPTIBLE:
         raise InvalidTransition(
             f"Only interruptible reservations can be preempted; this one is {tier}.",
             code="not_preemptible",
@@ -322,7 +360,7 @@ def reservation_action_refusal(reservation: Reservation, action: str, *, at=None
     if action == "cancel":
         if status not in _CANCELLABLE:
             return f"A {status} reservation cannot be cancelled."
-        if status == S.ACTIVE and at >= reservation.ends_at:
+        if status == ReservationStatus.ACTIVE and at >= reservation.ends_at:
             return "The reservation has already reached its end."
         return None
     if action == "extend":
