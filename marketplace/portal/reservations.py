@@ -389,8 +389,26 @@ def _next_minute(at):
     return whole if whole == at else whole + timedelta(minutes=1)
 
 
+def _gpu_chart(rows: list[dict]) -> dict | None:
+    """The per-minute GPU use as a chart (oldest first): mean utilisation and total power."""
+    if not rows:
+        return None
+    rows = list(reversed(rows))
+    return {
+        "use": {
+            "type": "line",
+            "labels": [f"{row['t']:%H:%M}" for row in rows],
+            "datasets": [
+                {"label": "Utilisation, mean (%)", "data": [row["util"] for row in rows]},
+                {"label": "Power, all GPUs (W)", "data": [row["power"] for row in rows]},
+            ],
+        }
+    }
+
+
 def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
+    gpu_use = _gpu_use(reservation)
     live = [a for a in reservation.allocations.all() if a.is_live]
     per_node: dict[str, int] = {}
     for allocation in live or reservation.allocations.all():
@@ -408,7 +426,8 @@ def _detail_context(view, reservation, **extra) -> dict:
         "elapsed": _duration(reservation_elapsed_seconds(reservation)),
         "remaining": _duration(reservation_remaining_seconds(reservation)),
         "energy": reservation_energy(reservation=reservation),
-        "gpu_use": _gpu_use(reservation),
+        "gpu_use": gpu_use,
+        "gpu_chart": _gpu_chart(gpu_use),
         # Moving on its own (provisioning, tearing down): the page reloads itself to follow.
         "refresh_seconds": 5
         if reservation.status in (ReservationStatus.PROVISIONING, ReservationStatus.RELEASING)

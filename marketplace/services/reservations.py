@@ -30,6 +30,7 @@ from config.errors import (
     ValidationFailed,
 )
 from inventory.models import GpuModel, Site
+from marketplace.audit import audit_context
 from marketplace.funding import funding_gate
 from marketplace.models import (
     Allocation,
@@ -135,6 +136,13 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
         fee_amount=unused - refund,
         rule=rule,
     )
+
+
+def _request_actor() -> str:
+    """Who books without a user: the API key the request's audit context names (api_key:…),
+    so the history can show the key's name; "api" outside a request."""
+    context = audit_context()
+    return context.actor if context is not None and context.actor else "api"
 
 
 @transaction.atomic
@@ -451,7 +459,7 @@ def _book(
         from_status="",
         to_status=status,
         cause="created from quote " + quote.public_id if quote else "created",
-        actor_label=f"user:{user.get_username()}" if user else "api",
+        actor_label=f"user:{user.get_username()}" if user else _request_actor(),
     )
     # Everything related to the new reservation was written just above, in this transaction,
     # so the caller can show it without reading it back: the rows as the detail read orders

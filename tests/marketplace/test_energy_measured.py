@@ -161,3 +161,35 @@ def test_the_portal_page_shows_gpu_use_per_minute_and_the_measured_energy(ran):
         '<td class="num">2000 MiB</td><td class="num">600 W</td><td class="num">61 °C</td></tr>'
     ) in html
     assert "Energy (measured)" in html
+
+
+def test_the_portal_page_charts_gpu_use_beside_its_table(ran):
+    """The same minutes as the table, oldest first: mean utilisation and total power."""
+    import json
+
+    from tests.marketplace.market_helpers import member_client
+
+    reservation, _ = ran
+    now = timezone.now().replace(second=0, microsecond=0)
+    for minutes_ago, util in ((3, 40.0), (2, 80.0)):
+        for allocation in Allocation.objects.filter(reservation=reservation):
+            GpuMinute.objects.create(
+                gpu_id=allocation.gpu_id, minute=now - timedelta(minutes=minutes_ago),
+                samples=2, utilization_pct_avg=util, memory_used_mib_max=1000,
+                power_w_avg=250.0, temperature_c_max=60,
+            )  # fmt: skip
+
+    html = (
+        member_client(reservation.organization, "member")
+        .get(f"/reservations/{reservation.public_id}")
+        .content.decode()
+    )
+
+    chart = json.loads(
+        html.split('<script id="gpu-chart" type="application/json">')[1].split("</script>")[0]
+    )["use"]
+    first, second = ((now - timedelta(minutes=m)).strftime("%H:%M") for m in (3, 2))
+    assert chart["labels"] == [first, second]
+    assert chart["datasets"][0]["data"] == [40.0, 80.0]
+    assert chart["datasets"][1]["data"] == [500, 500]  # 2 GPUs × 250 W
+    assert 'aria-describedby="gpu-use"' in html

@@ -402,3 +402,29 @@ def test_the_live_endpoint_gives_running_figures_for_the_organisations_own_only(
     assert row["remaining"] in ("22 h 29 min", "22 h 30 min")
     assert row["interruption_in_seconds"] is None
     assert Tier.ON_DEMAND == mine.tier
+
+
+def test_a_reservation_booked_with_an_api_key_shows_the_keys_name_in_its_history(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    from tests.marketplace.api_fixtures import key_client
+
+    org = OrganizationFactory()
+    api = key_client(org)  # named "test key"
+    start = tomorrow()
+    created = api.post(
+        "/api/v1/reservations",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "starts_at": start.isoformat(),
+         "ends_at": (start + timedelta(hours=1)).isoformat(), "tier": "on_demand",
+         "workload": {"ssh_public_keys": [ssh_key()]}},
+        format="json",
+    )  # fmt: skip
+    assert created.status_code == 201, created.content
+
+    reservation = Reservation.objects.get(organization=org)
+    label = reservation.transitions.get(from_status="").actor_label
+    assert label.startswith("api_key:")  # not "api": the key that booked it
+    html = member_client(org, Role.MEMBER).get(f"/reservations/{reservation.public_id}")
+    history = html.content.decode().split('id="history"')[1]
+    assert "API key “test key”" in history and ">api<" not in history
