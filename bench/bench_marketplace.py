@@ -691,6 +691,12 @@ def bench_reserve_raw(clients: int, total: int) -> float:
 def cleanup() -> None:
     with connection.cursor() as cur:
         for slug in (API_ORG, RAW_ORG):
+            # Billing's holds on the run's reservations protect the reservation rows.
+            cur.execute(
+                """DELETE FROM billing_hold WHERE organization_id IN (
+                       SELECT id FROM marketplace_organization WHERE slug = %s)""",
+                [slug],
+            )
             cur.execute(
                 """DELETE FROM marketplace_allocation WHERE reservation_id IN (
                        SELECT r.id FROM marketplace_reservation r
