@@ -11,7 +11,7 @@ from billing.models import BillingAccount
 from config.logs import JsonLogFormatter, PlainLogFormatter, redact
 from config.request_id import RequestIdLogFilter
 from marketplace.models import Role
-from tests.billing.conftest import stripe_client
+from tests.billing.conftest import eager_celery, stripe_client  # noqa: F401 (fixture)
 from tests.factories import MembershipFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401 (fixtures)
     fresh_rate_limits,
@@ -124,7 +124,10 @@ def test_an_exceptions_text_is_redacted(log_output):
 
 @pytest.mark.stripe
 def test_no_secret_reaches_the_logs_in_a_full_top_up_and_reservation_flow(
-    localstripe, settings, log_output, django_capture_on_commit_callbacks
+    localstripe,
+    log_output,
+    eager_celery,  # noqa: F811
+    django_capture_on_commit_callbacks,
 ):
     """Everything logged at DEBUG, even Stripe's request and response bodies and every SQL
     statement with its parameters, while an owner saves a card, tops up, mints an API key,
@@ -132,7 +135,6 @@ def test_no_secret_reaches_the_logs_in_a_full_top_up_and_reservation_flow(
     cancels with that key."""
     from django.db import connection
 
-    settings.CELERY_TASK_ALWAYS_EAGER = True
     connection.force_debug_cursor = True  # SQL with its parameters, as with DEBUG on
     owner = MembershipFactory(role=Role.OWNER)
     org = owner.organization
