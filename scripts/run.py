@@ -164,21 +164,24 @@ def main() -> int:
             "web", [sys.executable, "manage.py", "runserver", f"{HOST}:{port}"], env=env
         )
         # Warnings and errors only: at "info", beat's due tasks every few seconds and the
-        # workers' lines for each pushed the banner below out of sight at once.
-        supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "warning"], env=env)
+        # workers' lines for each pushed the banner below out of sight at once. Celery's -l
+        # is overridden by the settings' LOGGING (config/celery.py), so LOG_LEVEL too, unless
+        # the developer set one.
+        quiet = {**env, "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING")}
+        supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "warning"], env=quiet)
         # Webhook sending waits on customers' servers: its own queue and worker (threads: it
         # waits on the network), so a slow endpoint never holds up provisioning or billing.
         supervisor.start(
             "webhooks",
             [celery, "-A", "config", "worker", "-l", "warning", "-Q", "webhooks",
              "-P", "threads", "-c", "8", "-n", "webhooks@%h"],
-            env=env,
+            env=quiet,
         )  # fmt: skip
         supervisor.start(
             "beat",
             [celery, "-A", "config", "beat", "-l", "warning",
              "-s", str(RUN_DIR / "celerybeat-schedule"), "--pidfile="],
-            env=env,
+            env=quiet,
         )  # fmt: skip
         wait_until(
             lambda: http_status(f"{base}/admin/login/") == 200,
