@@ -236,3 +236,36 @@ def test_pruning_deletes_events_past_the_retention_and_keeps_the_rest(org, owner
     assert events_prune(now=now) == 1
     assert _events(org) == [recent]
     assert events_prune(now=now) == 0
+
+
+def test_the_provisioning_worker_records_its_steps_as_events(allow_all_funding):
+    """Provisioning goes through the transition service too: provisioning, active, completed
+    (with the connection details' reservation as it was at each step)."""
+    from marketplace.provisioning.drivers import SimulatedDriver
+    from marketplace.provisioning.services import (
+        reservation_provision_step,
+        reservation_release_step,
+    )
+    from tests.provisioning_support import market_create
+
+    market = market_create(nodes=1, gpus=2)
+    reservation = market.book(gpu_count=2)
+    driver = SimulatedDriver()
+    assert reservation_provision_step(reservation_id=reservation.pk, driver=driver).outcome == (
+        "active"
+    )
+    now = timezone.now()
+    type(reservation).objects.filter(pk=reservation.pk).update(
+        starts_at=now - timedelta(hours=1), ends_at=now - timedelta(milliseconds=1)
+    )
+    assert reservation_release_step(reservation_id=reservation.pk, driver=driver).outcome == (
+        "completed"
+    )
+
+    events = _events(reservation.organization, object_id=reservation.public_id)
+    assert [(e.type, e.data["status"]) for e in events] == [
+        ("reservation.created", "scheduled"),
+        ("reservation.provisioning", "provisioning"),
+        ("reservation.active", "active"),
+        ("reservation.completed", "completed"),
+    ]
