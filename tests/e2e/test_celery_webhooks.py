@@ -32,7 +32,7 @@ def webhooks_to_test_queue(broker):
     app.conf.update(task_routes=previous)
 
 
-def test_a_worker_delivers_signed_events_and_a_dead_endpoint_delays_only_itself(
+def test_a_worker_delivers_signed_events_and_leaves_a_dead_endpoint_to_its_retry(
     worker,
     receiver,
     settings,
