@@ -34,7 +34,7 @@ def webhooks_to_test_queue(broker):
 
 def test_a_worker_delivers_signed_events_and_leaves_a_dead_endpoint_to_its_retry(
     worker,
-    receiver,
+    receiver,  # noqa: F811
     settings,
     webhooks_to_test_queue,  # noqa: F811
 ):
