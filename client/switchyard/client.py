@@ -398,6 +398,10 @@ class _Billing(_Resource):
     def invoices(self) -> Iterator[ApiObject]:
         return self._list("billing/invoices")
 
+    def statement(self, *, year: int, month: int) -> ApiObject:
+        """A month's statement (UTC): opening and closing balance, totals, usage."""
+        return self._get(f"billing/statements/{year}-{month:02d}")
+
     def payment_methods(self) -> Iterator[ApiObject]:
         return self._list("billing/payment-methods")
 
@@ -472,6 +476,7 @@ OPERATIONS: dict[str, str] = {
     "billing_usage": "billing.usage",
     "billing_usage_csv": "billing.usage_csv",
     "billing_invoices": "billing.invoices",
+    "billing_statement": "billing.statement",
     "billing_payment_methods": "billing.payment_methods",
     "billing_payment_method_attach": "billing.attach_payment_method",
     "billing_payment_method_detach": "billing.detach_payment_method",

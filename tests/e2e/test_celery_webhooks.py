@@ -55,7 +55,7 @@ def test_a_worker_delivers_signed_events_and_leaves_a_dead_endpoint_to_its_retry
         payload=request.body, header=request.headers["Switchyard-Signature"], secret=secret
     )
     assert event["type"] == "api_key.created"
-    assert event["data"]["object"]["id"] == f"key_{key.pk}"
+    assert event["data"]["object"]["id"] == key.public_id
     assert json.loads(request.body)["organization"] == live_org.public_id
     wait_for(
         lambda: (
