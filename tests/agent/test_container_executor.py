@@ -166,7 +166,7 @@ def test_a_workload_that_never_listens_is_not_ready_within_the_timeout(
     with pytest.raises(ExecutorError) as failure:
         _start(executor, payload)
 
-    assert 1.5 <= time.monotonic() - began < 6
+    assert 1.5 <= time.monotonic() - began < 20  # the timeout, not the first failure
     assert str(failure.value).startswith(
         "The workload was not ready within 1.5 s: port(s) [8080] did not accept connections "
         "on 127.0.0.1. Last log lines:\nworkload starting (mode deaf)"
