@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from django.db import connections
 from rest_framework.test import APIClient
@@ -25,36 +27,11 @@ def fast_password_hashing(settings):
 
 
 # --- localstripe (billing) -----------------------------------------------------------------
-# A real localstripe server for the session, bound to 127.0.0.1 on a free port. localstripe
-# pickles its whole store to a fixed /tmp path on every write; the runner redirects that to a
-# private file so parallel runs do not collide, and a restart (stop() then start()) reloads it,
-# which is what the outbox-replay test needs.
-_LOCALSTRIPE_RUNNER = r"""
-import pickle, sys
-from aiohttp import web
-from localstripe import resources
-from localstripe.server import app
-
-port, path = int(sys.argv[1]), sys.argv[2]
-
-def _load(self):
-    try:
-        with open(path, "rb") as f:
-            old = pickle.load(f)
-    except FileNotFoundError:
-        return
-    self.clear()
-    self.update(old)
-
-def _dump(self):
-    with open(path, "wb") as f:
-        pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-resources.Store.try_load_from_disk = _load
-resources.Store.dump_to_disk = _dump
-resources.store.try_load_from_disk()
-web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-"""
+# A real localstripe server for the session, bound to 127.0.0.1 on a free port, started the
+# one way localstripe is started everywhere (scripts/localstripe_server.py, as make run does):
+# its store in a private file so parallel runs do not collide, and a restart (stop() then
+# start()) reloads it, which is what the outbox-replay test needs.
+_LOCALSTRIPE_SERVER = Path(__file__).resolve().parent.parent / "scripts" / "localstripe_server.py"
 
 
 class LocalStripe:
@@ -79,7 +56,14 @@ class LocalStripe:
 
         env = {**os.environ, "TMPDIR": str(self.directory)}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _LOCALSTRIPE_RUNNER, str(self.port), self.store_path],
+            [
+                sys.executable,
+                str(_LOCALSTRIPE_SERVER),
+                "--port",
+                str(self.port),
+                "--state",
+                self.store_path,
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
