@@ -121,7 +121,8 @@ def _worker_label() -> str:
 
 _LEASE_CLAIM_SQL = """
 INSERT INTO marketplace_reservationworkerlease (reservation_id, holder, expires_at)
-VALUES (%(rid)s, %(holder)s, now() + %(lease)s * interval '1 second')
+SELECT id, %(holder)s, now() + %(lease)s * interval '1 second'
+FROM marketplace_reservation WHERE id = %(rid)s
 ON CONFLICT (reservation_id) DO UPDATE
     SET holder = excluded.holder, expires_at = excluded.expires_at
     WHERE marketplace_reservationworkerlease.expires_at <= now()
@@ -162,6 +163,7 @@ class _LeaseKeeper(threading.Thread):
 @contextmanager
 def reservation_worker_lock(reservation_id: int) -> Iterator[bool]:
     """Try to become the one worker acting on this reservation; yields whether we are.
+    A reservation that no longer exists (a task queued before it was deleted) is never held.
 
     Outside any transaction the claim and the release commit at once, so another worker sees
     the lease while the driver is called (between the step's own transactions). The lease is
@@ -188,6 +190,12 @@ def reservation_worker_lock(reservation_id: int) -> Iterator[bool]:
         ReservationWorkerLease.objects.filter(
             reservation_id=reservation_id, holder=params["holder"]
         ).delete()
+
+
+def _not_held(reservation_id: int) -> StepResult:
+    if not Reservation.objects.filter(pk=reservation_id).exists():
+        return StepResult("noop", detail="no such reservation")
+    return StepResult("busy", detail="another worker is on it")
 
 
 def reservations_locked_by_workers() -> set[int]:
@@ -308,7 +316,7 @@ def reservation_provision_step(
     driver = driver or driver_get()
     with reservation_worker_lock(reservation_id) as held:
         if not held:
-            return StepResult("busy", detail="another worker is on it")
+            return _not_held(reservation_id)
         return _provision(reservation_id=reservation_id, driver=driver, window=check_window)
 
 
@@ -693,7 +701,7 @@ def reservation_release_step(
     driver = driver or driver_get()
     with reservation_worker_lock(reservation_id) as held:
         if not held:
-            return StepResult("busy", detail="another worker is on it")
+            return _not_held(reservation_id)
         return _release(reservation_id=reservation_id, driver=driver, window=check_window)
 
 

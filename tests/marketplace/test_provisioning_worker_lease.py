@@ -16,6 +16,8 @@ from django.utils import timezone
 
 from marketplace.models import ReservationWorkerLease
 from marketplace.provisioning.services import (
+    reservation_provision_step,
+    reservation_release_step,
     reservation_worker_lock,
     reservations_locked_by_workers,
 )
@@ -85,3 +87,13 @@ def test_a_dead_workers_lease_lapses(settings):
 def create_reservation():
     market = market_create(nodes=1, gpus=1)
     return market.book()
+
+
+def test_a_task_for_a_reservation_that_no_longer_exists_is_a_noop_and_leaves_no_lease():
+    # A provision or release queued before its reservation was deleted (e.g. an old broker
+    # message after the database was reset) must not crash on the lease's foreign key.
+    r = create_reservation()
+    missing = r.pk + 10_000
+    assert reservation_provision_step(reservation_id=missing).outcome == "noop"
+    assert reservation_release_step(reservation_id=missing).outcome == "noop"
+    assert not ReservationWorkerLease.objects.exists()
