@@ -122,6 +122,7 @@ class Settings:
     max_parallel_jobs: int = 4
     poll_seconds: float = 2.0
     heartbeat_seconds: float = 10.0
+    status_file: str = ""  # empty: <state_dir>/status.json (what `--check` reads)
     once: bool = False
 
 
@@ -780,12 +781,49 @@ class AgentClient:
                 return exc.code, {"error": {"message": raw.decode(errors="replace")[:500]}}
 
 
+def status_file_path(settings: Settings) -> Path:
+    return Path(settings.status_file or Path(settings.state_dir) / "status.json")
+
+
+def status_write(path: Path, *, now: float | None = None) -> None:
+    """Record a heartbeat the API accepted, for orchestrators (`switchyard-agent --check`)."""
+    now = time.time() if now is None else now
+    body = {"last_heartbeat_at": now, "agent_version": AGENT_VERSION, "pid": os.getpid()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, json.dumps(body), mode=0o644)
+    except OSError as exc:
+        logger.warning("cannot write the status file %s: %s", path, exc)
+
+
+def status_check(path: Path, *, max_age_seconds: float, now: float | None = None) -> str | None:
+    """None when the last accepted heartbeat is recent enough, else what is wrong."""
+    now = time.time() if now is None else now
+    try:
+        last = float(json.loads(path.read_text(encoding="utf-8"))["last_heartbeat_at"])
+    except FileNotFoundError:
+        return f"no heartbeat recorded yet ({path} does not exist)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable status file {path}: {exc}"
+    age = now - last
+    if age > max_age_seconds:
+        return f"last accepted heartbeat {age:.0f} s ago (more than {max_age_seconds:.0f} s)"
+    return None
+
+
 class Agent:
     def __init__(
-        self, *, client: AgentClient, executor, lease_seconds: int = 60, max_parallel_jobs: int = 4
+        self,
+        *,
+        client: AgentClient,
+        executor,
+        lease_seconds: int = 60,
+        max_parallel_jobs: int = 4,
+        status_file: Path | None = None,
     ):
         self.client = client
         self.executor = executor
+        self.status_file = status_file
         self.lease_seconds = lease_seconds
         self.max_parallel_jobs = max_parallel_jobs
         self.kernel_cursor = _gpu_telemetry.KernelEventCursor() if _gpu_telemetry else None
@@ -811,6 +849,8 @@ class Agent:
         if status != 200:
             logger.warning("heartbeat answered %s: %s", status, body)
             return False
+        if self.status_file is not None:
+            status_write(self.status_file)
         try:
             containers = self.executor.containers()
         except ExecutorError as exc:
@@ -1009,6 +1049,7 @@ def arguments_add(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-parallel-jobs", type=int)
     p.add_argument("--poll-seconds", type=float)
     p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--status-file", help="where each accepted heartbeat is recorded")
     p.add_argument("--once", action="store_const", const=True, default=None,
                    help="run the jobs waiting now, then exit")  # fmt: skip
     return p
@@ -1016,7 +1057,11 @@ def arguments_add(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     description = __doc__.split("\n")[0]
-    return arguments_add(argparse.ArgumentParser(prog="switchyard-agent", description=description))
+    p = arguments_add(argparse.ArgumentParser(prog="switchyard-agent", description=description))
+    p.add_argument("--check", action="store_true",
+                   help="exit 0 if the running agent's last heartbeat was accepted within three "
+                        "heartbeat intervals (at least 30 s), else 1: for orchestrators' probes")  # fmt: skip
+    return p
 
 
 def logging_setup() -> None:
@@ -1034,9 +1079,18 @@ def main(
     (which skips the token file)."""
     args = dict(flags) if flags is not None else vars(_parser().parse_args(argv))
     args.setdefault("config", None)
+    check = args.pop("check", False)
     logging_setup()
     try:
         settings = settings_load(args, config_path=args.pop("config"))
+        if check:
+            problem = status_check(
+                status_file_path(settings), max_age_seconds=max(3 * settings.heartbeat_seconds, 30)
+            )
+            print(
+                f"switchyard-agent: {problem or 'ok'}", file=sys.stderr if problem else sys.stdout
+            )
+            return 1 if problem else 0
         token = token or token_read(settings.token_file)
         executor = executor_build(settings)
     except SettingsError as exc:
@@ -1052,6 +1106,7 @@ def main(
         executor=executor,
         lease_seconds=settings.lease_seconds,
         max_parallel_jobs=settings.max_parallel_jobs,
+        status_file=status_file_path(settings),
     )
     try:
         agent.loop(

@@ -58,3 +58,47 @@ def test_the_loop_runs_a_queued_burn_in_and_reports_it():
     assert body == {"exit_code": 0, "timed_out": False, "output": "2,5\n"}
     idle = RecordingClient({"agent/burn-ins/lease": (204, None)})
     assert Agent(client=idle, executor=NoContainers()).burn_in_one() is False
+
+
+# --- the status file orchestrators probe (switchyard-agent --check) ------------------------
+
+
+def test_an_accepted_heartbeat_is_recorded_in_the_status_file_and_a_refused_one_is_not(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(switchyard_agent._gpu_telemetry.shutil, "which", lambda name: None)
+    status_file = tmp_path / "agent" / "status.json"
+
+    refused = RecordingClient({"agent/heartbeat": (503, {"error": {}})})
+    Agent(client=refused, executor=NoContainers(), status_file=status_file).heartbeat()
+    assert not status_file.exists()
+
+    Agent(client=RecordingClient({}), executor=NoContainers(), status_file=status_file).heartbeat()
+    assert switchyard_agent.status_check(status_file, max_age_seconds=30) is None
+
+
+def test_the_status_check_fails_when_the_last_heartbeat_is_stale_missing_or_unreadable(tmp_path):
+    path = tmp_path / "status.json"
+    assert "no heartbeat recorded yet" in switchyard_agent.status_check(path, max_age_seconds=30)
+
+    switchyard_agent.status_write(path, now=1_000.0)
+    assert switchyard_agent.status_check(path, max_age_seconds=30, now=1_030.0) is None
+    assert switchyard_agent.status_check(path, max_age_seconds=30, now=1_031.0) == (
+        "last accepted heartbeat 31 s ago (more than 30 s)"
+    )
+
+    path.write_text("{not json")
+    assert "unreadable status file" in switchyard_agent.status_check(path, max_age_seconds=30)
+
+
+def test_check_exits_0_on_a_fresh_heartbeat_and_1_otherwise_without_a_token(tmp_path, capsys):
+    path = tmp_path / "status.json"
+    argv = ["--check", "--api", "http://127.0.0.1:9", "--status-file", str(path),
+            "--heartbeat-seconds", "10", "--token-file", str(tmp_path / "absent")]  # fmt: skip
+
+    assert switchyard_agent.main(argv) == 1
+    assert "no heartbeat recorded yet" in capsys.readouterr().err
+
+    switchyard_agent.status_write(path)
+    assert switchyard_agent.main(argv) == 0
+    assert capsys.readouterr().out.strip() == "switchyard-agent: ok"
