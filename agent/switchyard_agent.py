@@ -757,18 +757,21 @@ class AgentClient:
         self.token = token
         self.timeout = timeout
 
-    def post(self, path: str, body: dict) -> tuple[int, dict | None]:
+    def post(self, path: str, body: dict, *, request_id: str = "") -> tuple[int, dict | None]:
+        headers = {
+            "Authorization": f"Bearer {self.token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"switchyard-site-agent/{AGENT_VERSION}",
+        }
+        if request_id:
+            # A job's reports carry the id of the request behind it, so the server's log lines
+            # for them can be found with that request's.
+            headers["X-Request-Id"] = request_id
         request = urllib.request.Request(
-            f"{self.api}/api/v1/{path}",
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={
-                "Authorization": f"Bearer {self.token}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "User-Agent": f"switchyard-site-agent/{AGENT_VERSION}",
-            },
-        )
+            f"{self.api}/api/v1/{path}", data=json.dumps(body).encode(), method="POST",
+            headers=headers,
+        )  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 raw = response.read()
@@ -884,13 +887,18 @@ class Agent:
     def run_job(self, job: dict) -> None:
         """Run a leased job through the executor (renewing its lease) and report its end."""
         job_id, lease_id = job["id"], job["lease_id"]
-        logger.info("job %s: %s for %s", job_id, job["kind"], job["reservation"])
+        request_id = job.get("request_id") or ""
+        logger.info(
+            "job %s: %s for %s (request %s)",
+            job_id, job["kind"], job["reservation"], request_id or "-",
+        )  # fmt: skip
         stop_renewing = threading.Event()
 
         def report_progress(progress: dict) -> None:
             self.client.post(
                 f"agent/jobs/{job_id}/progress",
                 {"lease_id": lease_id, "progress": progress, "lease_seconds": self.lease_seconds},
+                request_id=request_id,
             )
 
         def renew() -> None:
@@ -906,6 +914,7 @@ class Agent:
             code, _body = self.client.post(
                 f"agent/jobs/{job_id}/fail",
                 {"lease_id": lease_id, "error": str(exc)[:2000], "node_failure": exc.node_failure},
+                request_id=request_id,
             )
             # The message may quote the workload's log: only its first line goes to our log.
             logger.warning(
@@ -916,7 +925,9 @@ class Agent:
             stop_renewing.set()
             renewer.join(timeout=5)
         code, body = self.client.post(
-            f"agent/jobs/{job_id}/complete", {"lease_id": lease_id, "result": result}
+            f"agent/jobs/{job_id}/complete",
+            {"lease_id": lease_id, "result": result},
+            request_id=request_id,
         )
         if code == 200:
             logger.info("job %s done", job_id)

@@ -155,6 +155,11 @@ class AgentJob(models.Model):
     progress = models.JSONField(default=dict, blank=True)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
+    request_id = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="The request (Request-Id) that led to this job, carried into the agent's log.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -14,6 +14,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from config.errors import Conflict, NotFound
+from config.request_id import current_request_id
 from inventory.models import Node
 from marketplace.models import AgentJob, AgentJobStatus
 
@@ -36,11 +37,21 @@ def agent_job_enqueue(*, reservation_id: int, node_id: int, kind: str, payload: 
     try:
         with transaction.atomic():
             return AgentJob.objects.create(
-                reservation_id=reservation_id, node_id=node_id, kind=kind, payload=payload
+                reservation_id=reservation_id,
+                node_id=node_id,
+                kind=kind,
+                payload=payload,
+                # The task that queues the job runs under the id of the request that enqueued it.
+                request_id=_request_id_or_blank(),
             )
     except IntegrityError:
         # Another worker queued it between our read and our insert.
         return AgentJob.objects.get(reservation_id=reservation_id, node_id=node_id, kind=kind)
+
+
+def _request_id_or_blank() -> str:
+    request_id = current_request_id()
+    return "" if request_id == "-" else request_id
 
 
 @transaction.atomic

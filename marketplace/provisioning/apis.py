@@ -49,6 +49,9 @@ class AgentJobLeaseApi(_AgentApi):
         lease_id = serializers.CharField(source="lease_owner")
         lease_expires_at = serializers.DateTimeField()
         attempts = serializers.IntegerField()
+        request_id = serializers.CharField(
+            help_text="The request that led to this job; send it back as X-Request-Id."
+        )
 
     @extend_schema(
         request=AgentJobLeaseInputSerializer,

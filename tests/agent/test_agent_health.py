@@ -12,7 +12,7 @@ class RecordingClient:
     def __init__(self, answers: dict):
         self.answers, self.posts = answers, []
 
-    def post(self, path: str, body: dict):
+    def post(self, path: str, body: dict, *, request_id: str = ""):
         self.posts.append((path, body))
         return self.answers.get(path, (200, {}))
 

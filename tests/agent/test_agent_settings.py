@@ -164,7 +164,7 @@ class _RecordingApi:
         self.beats_allowed = beats_allowed
         self.jobs = list(jobs)
 
-    def post(self, path: str, body: dict):
+    def post(self, path: str, body: dict, *, request_id: str = ""):
         self.calls.append((time.monotonic(), path))
         if path == "agent/heartbeat":
             self.beats_allowed -= 1

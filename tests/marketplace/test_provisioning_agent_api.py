@@ -8,6 +8,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from config.request_id import request_id_bind, request_id_unbind
 from inventory.models import NodeStatus
 from inventory.services import node_token_issue
 from marketplace.models import AgentJob, AgentJobStatus, Allocation, ReservationStatus
@@ -318,3 +319,36 @@ def test_a_release_does_not_wait_forever_for_a_silent_agent(booked):
     assert r.status == S.COMPLETED
     # The stop stays queued for when the agent comes back.
     assert AgentJob.objects.get(reservation=r, kind="stop").status == AgentJobStatus.QUEUED
+
+
+def test_a_job_carries_the_id_of_the_request_behind_it_and_the_agent_sends_it_back(db):
+    # The provisioning task runs under the id of the request that enqueued it (its Celery
+    # headers); the jobs it queues keep that id, the lease hands it to the agent, and the
+    # agent's reports about the job carry it as X-Request-Id, so the server logs them under it.
+    market = market_create(nodes=1, gpus=2)
+    r = market.book(gpu_count=1, workload={"image": "ghcr.io/acme/train:1.0"})
+    tokens = request_id_bind("req_0123456789abcdef")
+    try:
+        reservation_provision_step(reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0)
+    finally:
+        request_id_unbind(tokens)
+    assert set(AgentJob.objects.filter(reservation=r).values_list("request_id", flat=True)) == {
+        "req_0123456789abcdef"
+    }
+
+    agent = _agent(Allocation.objects.filter(reservation=r).first().node)
+    prepare = agent.post(LEASE, {}, format="json")
+    assert prepare.data["request_id"] == "req_0123456789abcdef"
+    done = agent.post(
+        _job_url(prepare.data["id"], "complete"),
+        {"lease_id": prepare.data["lease_id"]},
+        HTTP_X_REQUEST_ID=prepare.data["request_id"],
+    )
+    assert done.status_code == 200
+    assert done["Request-Id"] == "req_0123456789abcdef"
+
+
+def test_a_job_queued_outside_any_request_has_no_request_id(booked):
+    r, node, _ = booked
+    assert set(AgentJob.objects.filter(reservation=r).values_list("request_id", flat=True)) == {""}
+    assert _agent(node).post(LEASE, {}, format="json").data["request_id"] == ""
