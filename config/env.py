@@ -85,7 +85,9 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def env_database(name: str, default: str, *, prepared_statements: bool = True) -> dict:
+def env_database(
+    name: str, default: str, *, prepared_statements: bool = True, connect_timeout: int = 5
+) -> dict:
     """Parse a postgres://user:pass@host:port/name URL into a Django DATABASES entry.
 
     prepared_statements: bind parameters on the server and let psycopg prepare a statement
@@ -93,6 +95,9 @@ def env_database(name: str, default: str, *, prepared_statements: bool = True) -
     planned once per connection instead of per request; their planning cost more than their
     execution. Turn it off behind a pooler in transaction mode that does not track prepared
     statements (PgBouncer before 1.21, or without max_prepared_statements).
+
+    connect_timeout: seconds to wait for a connection, so a server that accepts TCP and then
+    hangs makes requests (and /readyz) fail fast with 503 instead of hanging a worker.
     """
     url = env_str(name, default)
     parsed = urlparse(url)
@@ -116,9 +121,12 @@ def env_database(name: str, default: str, *, prepared_statements: bool = True) -
         "PORT": str(port),
         "CONN_MAX_AGE": 60,
         "CONN_HEALTH_CHECKS": True,
-        "OPTIONS": (
-            {"server_side_binding": True, "prepare_threshold": 2} if prepared_statements else {}
-        ),
+        "OPTIONS": {
+            "connect_timeout": connect_timeout,
+            **(
+                {"server_side_binding": True, "prepare_threshold": 2} if prepared_statements else {}
+            ),
+        },
     }
 
 

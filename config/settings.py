@@ -102,6 +102,7 @@ DATABASES = {
         "DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/switchyard",
         prepared_statements=env_bool("DATABASE_PREPARED_STATEMENTS", True),
+        connect_timeout=env_int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1),
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,6 +1,8 @@
 """/healthz, /readyz and /metrics: what a load balancer, an orchestrator and Prometheus see."""
 
 import re
+import socket
+import time
 import uuid
 from datetime import timedelta
 
@@ -14,6 +16,7 @@ from django.utils import timezone
 from billing.models import BillingAccount, FundingState, OutboxMessage
 from config import health
 from config.celery import app as celery_app
+from config.env import env_database, env_int
 from config.metrics import business
 from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -113,6 +116,39 @@ def test_readyz_answers_503_naming_the_database_when_it_does_not_answer(producti
         "redis": "ok",
         "migrations": "unknown",
     }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_readyz_fails_fast_when_the_database_accepts_connections_and_then_hangs(production):
+    # A listener that accepts TCP and never answers, as a wedged server or a dead NAT path does:
+    # without a connect timeout the probe (and every request) would wait for ever.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    real = {key: connection.settings_dict[key] for key in ("HOST", "PORT")}
+    connection.close()
+    connection.settings_dict.update(HOST="127.0.0.1", PORT=str(hung.getsockname()[1]))
+    connection.settings_dict["OPTIONS"]["connect_timeout"] = 1
+    try:
+        started = time.monotonic()
+        response = _probe("/readyz")
+        elapsed = time.monotonic() - started
+    finally:
+        connection.close()
+        connection.settings_dict.update(real)
+        connection.settings_dict["OPTIONS"]["connect_timeout"] = 5
+        hung.close()
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"] == "unavailable (OperationalError)"
+    assert elapsed < 4
+
+
+def test_the_database_connect_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DATABASE_CONNECT_TIMEOUT", "7")
+    assert env_database("DATABASE_URL", "postgres://u@h:5432/d", connect_timeout=env_int(
+        "DATABASE_CONNECT_TIMEOUT", 5, minimum=1))["OPTIONS"]["connect_timeout"] == 7  # fmt: skip
+    assert connection.settings_dict["OPTIONS"]["connect_timeout"] == 5  # the default
 
 
 def test_the_probes_are_only_for_get_and_head(production):
