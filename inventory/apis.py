@@ -15,6 +15,21 @@ from inventory.models import GpuHealth, NodeStatus
 from inventory.services import node_heartbeat_record
 
 
+def _gpu_indexes_validate(items: list[dict], *, known: set[int]) -> list[dict]:
+    """Each item names one of this node's GPUs, at most once (health reports, telemetry)."""
+    seen: set[int] = set()
+    for position, item in enumerate(items):
+        index = item["index"]
+        if index in seen or index not in known:
+            why = "is reported twice" if index in seen else "does not exist on this node"
+            code = "duplicate" if index in seen else "unknown_gpu"
+            raise serializers.ValidationError(
+                {position: {"index": [ErrorDetail(f"GPU {index} {why}.", code=code)]}}
+            )
+        seen.add(index)
+    return items
+
+
 class GpuHealthReportSerializer(serializers.Serializer):
     index = serializers.IntegerField(min_value=0, max_value=255)
     health = serializers.ChoiceField(choices=GpuHealth.choices)
@@ -79,17 +94,7 @@ class TelemetrySerializer(serializers.Serializer):
     gpus = GpuTelemetrySerializer(many=True, required=False, default=list, max_length=64)
 
     def validate_gpus(self, readings: list[dict]) -> list[dict]:
-        known, seen = self.context["gpu_indexes"], set()
-        for position, reading in enumerate(readings):
-            index = reading["index"]
-            if index in seen or index not in known:
-                why = "is reported twice" if index in seen else "does not exist on this node"
-                code = "duplicate" if index in seen else "unknown_gpu"
-                raise serializers.ValidationError(
-                    {position: {"index": [ErrorDetail(f"GPU {index} {why}.", code=code)]}}
-                )
-            seen.add(index)
-        return readings
+        return _gpu_indexes_validate(readings, known=self.context["gpu_indexes"])
 
 
 class HeartbeatApi(APIView):
@@ -110,17 +115,7 @@ class HeartbeatApi(APIView):
         metrics = serializers.DictField(required=False)
 
         def validate_gpus(self, reports: list[dict]) -> list[dict]:
-            known, seen = self.context["gpu_indexes"], set()
-            for position, report in enumerate(reports):
-                index = report["index"]
-                if index in seen or index not in known:
-                    why = "is reported twice" if index in seen else "does not exist on this node"
-                    code = "duplicate" if index in seen else "unknown_gpu"
-                    raise serializers.ValidationError(
-                        {position: {"index": [ErrorDetail(f"GPU {index} {why}.", code=code)]}}
-                    )
-                seen.add(index)
-            return reports
+            return _gpu_indexes_validate(reports, known=self.context["gpu_indexes"])
 
     class OutputSerializer(serializers.Serializer):
         class Meta:

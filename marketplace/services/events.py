@@ -80,6 +80,11 @@ def event_record(
         obj=obj,
         serializer=serializer,
     )
+    return _event_save(event)
+
+
+def _event_save(event: Event) -> Event:
+    """Save a built event with its webhook deliveries, together."""
     with transaction.atomic():
         event.save(force_insert=True)
         webhook_deliveries_create(event=event)
@@ -103,11 +108,7 @@ def reservation_event_build(*, reservation: Reservation, type: str) -> Event:
 
 
 def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
-    event = reservation_event_build(reservation=reservation, type=type)
-    with transaction.atomic():
-        event.save(force_insert=True)
-        webhook_deliveries_create(event=event)
-    return event
+    return _event_save(reservation_event_build(reservation=reservation, type=type))
 
 
 def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:
