@@ -32,8 +32,10 @@ from inventory.models import (
     NodeStatus,
     NodeToken,
     Outage,
+    PriceZone,
     Site,
     StatusChange,
+    ZonePrice,
 )
 from inventory.selectors import site_capacity_summary, site_list_with_capacity
 
@@ -92,6 +94,29 @@ class NodeStatusChangeInline(StatusChangeInline):
     fk_name = "node"
 
 
+@admin.register(PriceZone)
+class PriceZoneAdmin(admin.ModelAdmin):
+    list_display = ["name", "code", "currency", "timezone"]
+    search_fields = ["name", "code"]
+
+
+@admin.register(ZonePrice)
+class ZonePriceAdmin(admin.ModelAdmin):
+    """Written by the feeds (CSV upload, the API); read-only here so every price has a source."""
+
+    list_display = ["zone", "starts_at", "ends_at", "price_per_mwh", "currency", "source",
+                    "received_at"]  # fmt: skip
+    list_filter = ["zone"]
+    list_select_related = ["zone"]
+    date_hierarchy = "starts_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Site)
 class SiteAdmin(admin.ModelAdmin):
     list_display = [
@@ -100,13 +125,14 @@ class SiteAdmin(admin.ModelAdmin):
         "region",
         "country",
         "grid_operator",
+        "price_zone",
         "cooling",
         "status",
         "gpu_total",
         "gpu_available",
         "reliability_30d",
     ]
-    list_filter = ["status", "region", "country", "cooling"]
+    list_filter = ["status", "region", "country", "cooling", "price_zone"]
     search_fields = ["name", "slug", "region", "grid_operator", "former_use"]
     readonly_fields = ["status", "created_at", "updated_at"]
     prepopulated_fields = {"slug": ["name"]}
@@ -116,7 +142,7 @@ class SiteAdmin(admin.ModelAdmin):
     change_form_template = "admin/inventory/site/change_form.html"
 
     def get_queryset(self, request):
-        return site_list_with_capacity()
+        return site_list_with_capacity().select_related("price_zone")
 
     @admin.display(description="GPUs", ordering="gpu_total")
     def gpu_total(self, site: Site) -> int:

@@ -26,6 +26,43 @@ class CoolingType(models.TextChoices):
     DIRECT_LIQUID = "direct_liquid"
 
 
+class TsTzRange(models.Func):
+    """tstzrange(start, end, '[)') in SQL: a half-open period from two columns (constraints)."""
+
+    function = "TSTZRANGE"
+    output_field = DateTimeRangeField()
+
+
+class PriceZone(models.Model):
+    """A wholesale power market zone (e.g. ERCOT West, Nord Pool NO4, Hydro-Québec): where a
+    site buys its power. Its prices over time are ZonePrice rows (docs/grid.md)."""
+
+    code = models.SlugField(
+        max_length=40, unique=True, help_text="Short stable code, e.g. ercot-west, nordpool-no4."
+    )
+    name = models.CharField(max_length=120)
+    currency = models.CharField(
+        max_length=3, help_text="ISO 4217, lower case (usd, eur, cad): the prices' currency."
+    )
+    timezone = models.CharField(
+        max_length=64,
+        default="UTC",
+        help_text="The market's local time zone (IANA, e.g. America/Chicago), for its day.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["code"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(currency__regex=r"^[a-z]{3}$"), name="pricezone_currency_iso"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Site(models.Model):
     """A former mining facility: its grid connection, power contract and cooling now serve GPUs."""
 
@@ -49,6 +86,15 @@ class Site(models.Model):
         max_digits=10, decimal_places=2, validators=[MinValueValidator(0)]
     )
     energy_currency = models.CharField(max_length=3, default="usd")
+    price_zone = models.ForeignKey(
+        PriceZone,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="sites",
+        help_text="The power market the site buys from; its prices replace the static energy "
+        "price above where they are published and fresh. Empty: the static price only.",
+    )
     renewable_share = models.DecimalField(
         max_digits=4,
         decimal_places=3,
@@ -115,6 +161,51 @@ class Site(models.Model):
         if self.reliability_30d is None:
             return None
         return (self.reliability_30d * 100).quantize(Decimal("0.1"))
+
+
+class ZonePrice(models.Model):
+    """A zone's power price for [starts_at, ends_at), per MWh, in the zone's currency.
+
+    Intervals of one zone never overlap (the database's exclusion constraint); a correction
+    replaces the interval it covers (inventory.grid_prices.zone_prices_upsert). `received_at`
+    is when the row was last written by a feed: a zone whose newest write is older than
+    GRID_PRICE_MAX_AGE is stale and priced from its sites' static prices.
+    """
+
+    zone = models.ForeignKey(PriceZone, on_delete=models.CASCADE, related_name="prices")
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    price_per_mwh = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3)
+    source = models.CharField(
+        max_length=120, help_text="Who sent it: csv:<user>, api_key:<prefix>, node:<hostname>."
+    )
+    received_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["zone_id", "starts_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(ends_at__gt=models.F("starts_at")), name="zoneprice_ends_after_start"
+            ),
+            ExclusionConstraint(
+                name="zoneprice_no_overlap_per_zone",
+                expressions=[
+                    ("zone", RangeOperators.EQUAL),
+                    (
+                        TsTzRange("starts_at", "ends_at", models.Value("[)")),
+                        RangeOperators.OVERLAPS,
+                    ),
+                ],
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["zone", "ends_at"], name="zoneprice_zone_ends"),
+            models.Index(fields=["zone", "received_at"], name="zoneprice_zone_received"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.zone.code} {self.starts_at:%Y-%m-%d %H:%M}: {self.price_per_mwh}"
 
 
 class GpuModel(models.Model):

@@ -5,7 +5,7 @@ from decimal import Decimal
 import factory
 from django.contrib.auth import get_user_model
 
-from inventory.models import Gpu, GpuModel, Node, Site, SiteStatus
+from inventory.models import Gpu, GpuModel, Node, PriceZone, Site, SiteStatus
 from marketplace.models import Membership, Organization, Role
 
 
@@ -17,6 +17,17 @@ class UserFactory(factory.django.DjangoModelFactory):
     username = factory.Sequence(lambda n: f"user{n}")
     email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
     password = factory.django.Password("correct horse battery staple")
+
+
+class PriceZoneFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = PriceZone
+        django_get_or_create = ("code",)
+
+    code = factory.Sequence(lambda n: f"zone-{n}")
+    name = factory.LazyAttribute(lambda z: z.code.upper())
+    currency = "usd"
+    timezone = "America/Chicago"
 
 
 class SiteFactory(factory.django.DjangoModelFactory):

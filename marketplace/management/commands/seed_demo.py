@@ -34,6 +34,7 @@ from inventory.models import (
     GpuModel,
     Node,
     NodeStatus,
+    PriceZone,
     Site,
     SiteStatus,
     StatusChange,
@@ -58,6 +59,25 @@ GPU_MODELS = [
     ("rtx-4090-24gb", "NVIDIA GeForce RTX 4090 24GB", "NVIDIA", 24, 450, "PCIe 4.0 x16"),
     ("mi300x-192gb", "AMD Instinct MI300X 192GB", "AMD", 192, 750, "Infinity Fabric, 896 GB/s"),
 ]
+
+
+# The power market zones the demo sites buy from: code, name, currency, market time zone.
+PRICE_ZONES = [
+    ("ercot-west", "ERCOT West (LZ_WEST)", "usd", "America/Chicago"),
+    ("hydro-quebec", "Hydro-Québec (rate L)", "cad", "America/Toronto"),
+    ("nordpool-no4", "Nord Pool NO4 (Northern Norway)", "eur", "Europe/Oslo"),
+    ("ande-py", "ANDE (Paraguay)", "usd", "America/Asuncion"),
+    ("landsnet-is", "Landsnet (Iceland)", "usd", "Atlantic/Reykjavik"),
+    ("pacificorp-east", "PacifiCorp East (PACE)", "usd", "America/Denver"),
+]
+SITE_ZONES = {
+    "pecos-tx": "ercot-west",
+    "baie-comeau-qc": "hydro-quebec",
+    "mo-i-rana-no": "nordpool-no4",
+    "hernandarias-py": "ande-py",
+    "reykjanes-is": "landsnet-is",
+    "gillette-wy": "pacificorp-east",
+}
 
 
 @dataclass(frozen=True)
@@ -222,7 +242,17 @@ def _seed_gpu_models() -> dict[str, GpuModel]:
     return models
 
 
+def _seed_price_zones() -> dict[str, PriceZone]:
+    zones = {}
+    for code, name, currency, tz in PRICE_ZONES:
+        zones[code], _ = PriceZone.objects.update_or_create(
+            code=code, defaults={"name": name, "currency": currency, "timezone": tz}
+        )
+    return zones
+
+
 def _seed_sites() -> dict[str, Site]:
+    zones = _seed_price_zones()
     sites = {}
     for spec in SITES:
         facts = {
@@ -238,6 +268,7 @@ def _seed_sites() -> dict[str, Site]:
             "grid_carbon_g_per_kwh": spec.grid_carbon_g_per_kwh,
             "uplink_gbps": spec.uplink_gbps,
             "former_use": spec.former_use,
+            "price_zone": zones[SITE_ZONES[spec.slug]],
         }
         sites[spec.slug], _ = Site.objects.update_or_create(
             slug=spec.slug,
