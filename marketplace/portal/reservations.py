@@ -415,8 +415,6 @@ def _detail_context(view, reservation, **extra) -> dict:
         per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
     can_act = view.membership.role in RESERVING_ROLES
     interruption = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
-    if interruption:
-        allowed = [a for a in allowed if a != "extend"]  # it ends at the interruption anyway
     workload = workload_public(reservation.workload)
     context = {
         "reservation": reservation,

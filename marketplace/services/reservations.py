@@ -51,7 +51,11 @@ from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import resolve_catalogue
-from marketplace.services.transitions import reservation_action_refusal, reservation_transition
+from marketplace.services.transitions import (
+    extension_blocked_by_interruption,
+    reservation_action_refusal,
+    reservation_transition,
+)
 
 __all__ = [
     "CancellationTerms",
@@ -579,7 +583,12 @@ def extension_terms(
     at = at or timezone.now()
     refusal = reservation_action_refusal(reservation, "extend", at=at)
     if refusal:
-        raise InvalidTransition(refusal, code="extend_not_allowed")
+        code = (
+            "interruption_announced"
+            if extension_blocked_by_interruption(reservation)
+            else "extend_not_allowed"
+        )
+        raise InvalidTransition(refusal, code=code)
     if not isinstance(new_ends_at, datetime) or new_ends_at.tzinfo is None:
         raise ValidationFailed("ends_at must be a time with a time zone.", field="ends_at")
     if new_ends_at <= reservation.ends_at:

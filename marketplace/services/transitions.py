@@ -59,6 +59,7 @@ __all__ = [
     "reservation_transition_check",
     "reservation_allowed_actions",
     "reservation_action_refusal",
+    "extension_blocked_by_interruption",
 ]
 
 
@@ -368,8 +369,20 @@ def reservation_action_refusal(reservation: Reservation, action: str, *, at=None
             return f"A {status} reservation cannot be extended."
         if at >= reservation.ends_at:
             return "The reservation has already reached its end."
+        if extension_blocked_by_interruption(reservation):
+            # It ends at the interruption whatever its end says: more time could not be served.
+            return (
+                "An interruption is announced for "
+                f"{reservation.preempt_at:%Y-%m-%d %H:%M} UTC; work under an interruption "
+                "notice cannot be extended."
+            )
         return None
     return f"Unknown action {action!r}."
+
+
+def extension_blocked_by_interruption(reservation: Reservation) -> bool:
+    """Whether an announced interruption (a preemption notice) rules out extending."""
+    return reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
 
 
 def reservation_allowed_actions(reservation: Reservation) -> list[str]:

@@ -7,7 +7,9 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
+from config.errors import InvalidTransition
 from marketplace.models import Allocation, Quote, Reservation
+from marketplace.services.reservations import reservation_extend
 from marketplace.services.transitions import reservation_transition
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -285,6 +287,38 @@ def test_extend_moves_the_end_and_the_total(owner_client, market):
     assert (extension["from_status"], extension["to_status"]) == (body["status"], body["status"])
     assert extension["cause"].startswith("extended: end ")
     assert extension["actor"].startswith("user:")
+
+
+def test_work_under_an_interruption_notice_cannot_be_extended_by_any_caller(owner_client, market):
+    """The refusal is the service's: the API (terms and extend) and the service itself."""
+    created = make_reservation(owner_client)
+    url = f"/api/v1/reservations/{created['id']}"
+    notice = timezone.now() + timedelta(hours=2)
+    Reservation.objects.filter(public_id=created["id"]).update(
+        tier="interruptible", preempt_at=notice, preempt_reason="Grid curtailment"
+    )
+    new_end = iso(tomorrow(hours=5))
+
+    assert owner_client.get(url).json()["allowed_actions"] == ["cancel"]
+    for response in (
+        owner_client.get(f"{url}/extension-terms", {"ends_at": new_end}),
+        owner_client.post(f"{url}/extend", {"ends_at": new_end}, format="json"),
+    ):
+        error = assert_error(response, 409, "interruption_announced")
+        assert "interruption is announced" in error["message"]
+    after = Reservation.objects.get(public_id=created["id"])
+    assert (iso(after.ends_at), str(after.total_amount)) == (created["ends_at"], created["total"])
+    assert after.transitions.count() == len(created["transitions"])
+    with pytest.raises(InvalidTransition) as refused:
+        reservation_extend(
+            reservation=after, new_ends_at=tomorrow(hours=5), actor_label="staff: someone"
+        )
+    assert refused.value.code == "interruption_announced"
+
+    # The notice withdrawn, the same extension goes through.
+    Reservation.objects.filter(pk=after.pk).update(preempt_at=None, preempt_reason="")
+    response = owner_client.post(f"{url}/extend", {"ends_at": new_end}, format="json")
+    assert response.status_code == 200, response.content
 
 
 def test_extension_terms_state_the_extra_cost_and_change_nothing(owner_client, market):
