@@ -264,12 +264,13 @@ class ReservationDetailOutput(ReservationOutput):
     )
     outages = OutageOutput(
         many=True,
+        source="outage_list",
         help_text="Time the reservation was not served (a node out); not charged.",
     )
     cancellation = serializers.JSONField(
         allow_null=True, help_text="The refund terms applied, once cancelled."
     )
-    transitions = TransitionOutput(many=True)
+    transitions = TransitionOutput(many=True, source="transition_list")
 
     @extend_schema_field(EnergyOutput)
     def get_energy(self, reservation) -> dict:
@@ -284,8 +285,8 @@ class ReservationDetailOutput(ReservationOutput):
 
     @extend_schema_field(AllocationSummaryOutput)
     def get_allocations(self, reservation) -> dict:
-        live = [a for a in reservation.allocations.all() if a.is_live]
-        shown = live or list(reservation.allocations.all())
+        live = [a for a in reservation.allocation_list if a.is_live]
+        shown = live or reservation.allocation_list
         per_node: dict[str, int] = {}
         for allocation in shown:
             per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1

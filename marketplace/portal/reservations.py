@@ -409,9 +409,9 @@ def _gpu_chart(rows: list[dict]) -> dict | None:
 def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
     gpu_use = _gpu_use(reservation)
-    live = [a for a in reservation.allocations.all() if a.is_live]
+    live = [a for a in reservation.allocation_list if a.is_live]
     per_node: dict[str, int] = {}
-    for allocation in live or reservation.allocations.all():
+    for allocation in live or reservation.allocation_list:
         per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
     can_act = view.membership.role in RESERVING_ROLES
     interruption = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES

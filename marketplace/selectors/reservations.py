@@ -57,19 +57,30 @@ def reservation_list_for_org(
 
 
 def reservation_get_for_org(*, organization: Organization, public_id: str) -> Reservation:
-    """One reservation with its transitions, allocations (GPU and node) and outages prefetched."""
+    """One reservation with its history, allocations (GPU and node) and outages loaded, as
+    lists: `transition_list`, `allocation_list`, `outage_list` (reservation_create hands a new
+    reservation back with the same three, from the rows it wrote)."""
     reservation = (
         Reservation.objects.filter(organization=organization, public_id=public_id)
         .select_related("site", "gpu_model", "quote", "organization")
         .prefetch_related(
-            Prefetch("transitions", queryset=ReservationTransition.objects.order_by("at", "id")),
+            Prefetch(
+                "transitions",
+                queryset=ReservationTransition.objects.order_by("at", "id"),
+                to_attr="transition_list",
+            ),
             Prefetch(
                 "allocations",
                 queryset=Allocation.objects.select_related("gpu", "node").order_by(
                     "node_id", "gpu__index", "id"
                 ),
+                to_attr="allocation_list",
             ),
-            Prefetch("outages", queryset=ReservationOutage.objects.order_by("started_at", "id")),
+            Prefetch(
+                "outages",
+                queryset=ReservationOutage.objects.order_by("started_at", "id"),
+                to_attr="outage_list",
+            ),
         )
         .first()
     )

@@ -10,8 +10,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db import connection
+from django.utils import timezone
 
 from marketplace.models import Reservation, ReservationStatus
+from marketplace.services.energy import booking_energy, energy_for, energy_measured
 
 __all__ = ["GpuSeries", "MAX_WINDOW", "reservation_telemetry", "reservation_energy"]
 
@@ -104,14 +106,16 @@ _ENDED = frozenset(
 )
 
 
+def _outages(reservation: Reservation):
+    """Its outages: as reservation_get_for_org loaded them, else read now."""
+    loaded = getattr(reservation, "outage_list", None)
+    return loaded if loaded is not None else reservation.outages.all()
+
+
 def reservation_energy(*, reservation: Reservation, now: datetime | None = None):
     """The reservation's energy: before it runs, the estimate for its booked period; once it
     has run, its metered time (active, outages excluded) at the measured power where the GPUs
     reported it and at rated power where they did not."""
-    from django.utils import timezone
-
-    from marketplace.services.energy import booking_energy, energy_for, energy_measured
-
     if reservation.activated_at is None:
         if reservation.status in _ENDED:
             # Ended without running (cancelled, preempted or failed first): no time was used.
@@ -128,8 +132,7 @@ def reservation_energy(*, reservation: Reservation, now: datetime | None = None)
     if until <= since:
         until = since
     outages = [
-        (max(o.started_at, since), min(o.ended_at or until, until))
-        for o in reservation.outages.all()
+        (max(o.started_at, since), min(o.ended_at or until, until)) for o in _outages(reservation)
     ]
     wall = int((until - since).total_seconds()) - _union_seconds(outages)
     with connection.cursor() as cursor:

@@ -14,10 +14,11 @@ Cancelling before activation ends the reservation (cancelled); cancelling an act
 it early (releasing; the provisioning worker tears it down and completes it).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -40,6 +41,7 @@ from marketplace.models import (
     Reservation,
     ReservationStatus,
     ReservationTransition,
+    Term,
     Tier,
 )
 from marketplace.provisioning.scheduler import provisioning_kick, release_kick
@@ -58,11 +60,14 @@ from marketplace.services.transitions import (
 )
 
 __all__ = [
+    "BookingRequest",
+    "BookingTerms",
     "CancellationTerms",
     "ExtensionTerms",
     "extension_terms",
     "cancellation_rule",
     "cancellation_terms",
+    "reservation_book",
     "reservation_create",
     "reservation_cancel",
     "reservation_extend",
@@ -149,6 +154,84 @@ def _request_actor() -> str:
     return context.actor if context is not None and context.actor else "api"
 
 
+@dataclass(frozen=True, kw_only=True)
+class BookingRequest:
+    """What a customer asks to book: a quote to take, or GPUs, a period and a tier asked for
+    directly (priced now), with the workload to run. Built and checked once by
+    reservation_create; the phases below read it instead of a dozen arguments each."""
+
+    organization: Organization
+    user: AbstractBaseUser | None = None
+    quote: Quote | None = None
+    gpu_model: str | None = None
+    gpu_count: int | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    tier: str | None = None
+    term: str = Term.NONE
+    site: str | None = None  # the caller chose the site (from a search): book there only
+    region: str | None = None
+    workload: dict = field(default_factory=dict)
+    # False: a booking the balance does not cover does not start the organisation's
+    # automatic recharge; the 402 says what it would charge (the portal asks).
+    auto_recharge: bool = True
+    now: datetime
+
+    def validate_direct(self) -> None:
+        """A booking without a quote names everything, for a period and tier that may be sold."""
+        for name in ("gpu_model", "gpu_count", "starts_at", "ends_at", "tier"):
+            if getattr(self, name) is None:
+                raise ValidationFailed(f"{name} is required without a quote.", field=name)
+        validate_request_period(
+            starts_at=self.starts_at, ends_at=self.ends_at, gpu_count=self.gpu_count, now=self.now
+        )
+        validate_tier_term(
+            tier=self.tier, term=self.term, starts_at=self.starts_at, ends_at=self.ends_at
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BookingTerms:
+    """What is written for a booking: where, how many GPUs, when, at what price (from an
+    offer priced now, or from a quote). `site` and `gpu_model`, when the caller has them in
+    hand, are kept on the reservation; `first_plan` is the placement the offer was read with."""
+
+    site_id: int
+    gpu_model_id: int
+    gpu_count: int
+    tier: str
+    term: str
+    starts_at: datetime
+    ends_at: datetime
+    currency: str
+    price_per_gpu_hour: Decimal
+    total_amount: Decimal
+    breakdown: dict
+    quote: Quote | None = None
+    first_plan: list[tuple[int, int]] | None = None
+    site: Site | None = None
+    gpu_model: GpuModel | None = None
+
+    @classmethod
+    def from_offer(cls, offer: Offer, request: BookingRequest) -> "BookingTerms":
+        return cls(
+            site_id=offer.site.pk,
+            gpu_model_id=offer.gpu_model.pk,
+            gpu_count=offer.gpu_count,
+            tier=request.tier,
+            term=request.term,
+            starts_at=request.starts_at,
+            ends_at=request.ends_at,
+            currency=offer.currency,
+            price_per_gpu_hour=offer.price_per_gpu_hour,
+            total_amount=offer.total,
+            breakdown=offer.breakdown.as_dict(),
+            first_plan=_plan_from_offer(offer),
+            site=offer.site,
+            gpu_model=offer.gpu_model,
+        )
+
+
 @transaction.atomic
 def reservation_create(
     *,
@@ -160,7 +243,7 @@ def reservation_create(
     starts_at: datetime | None = None,
     ends_at: datetime | None = None,
     tier: str | None = None,
-    term: str = "none",
+    term: str = Term.NONE,
     site: str | None = None,
     region: str | None = None,
     workload: dict | None = None,
@@ -168,81 +251,62 @@ def reservation_create(
 ) -> Reservation:
     """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once.
 
-    `auto_recharge=False`: a booking the balance does not cover does not start the
-    organisation's automatic recharge; the 402 says what it would charge (the portal asks).
+    The arguments are those of BookingRequest. The reservation comes back with what was just
+    written in hand (`transition_list`, `allocation_list`, `outage_list`, as
+    reservation_get_for_org loads them), so it can be shown without reading it back.
     """
-    now = timezone.now()
     if workload is not None and not isinstance(workload, dict):
         raise ValidationFailed("workload must be an object.", field="workload")
-    if quote is not None:
-        return _create_from_quote(
-            organization=organization,
-            user=user,
-            quote=quote,
-            workload=workload or {},
-            now=now,
-            auto_recharge=auto_recharge,
-        )
-
-    for name, value in (
-        ("gpu_model", gpu_model),
-        ("gpu_count", gpu_count),
-        ("starts_at", starts_at),
-        ("ends_at", ends_at),
-        ("tier", tier),
-    ):
-        if value is None:
-            raise ValidationFailed(f"{name} is required without a quote.", field=name)
-    validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
-    validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
-    if site is not None:
-        # The caller chose the site (from a search, as integrators do): price and place there
-        # only, from one read of its nodes, instead of searching every site first.
-        return _create_at_site(
-            organization=organization,
-            user=user,
-            gpu_model=gpu_model,
-            gpu_count=gpu_count,
-            starts_at=starts_at,
-            ends_at=ends_at,
-            tier=tier,
-            term=term,
-            site=site,
-            region=region,
-            workload=workload or {},
-            now=now,
-            auto_recharge=auto_recharge,
-        )
-    resolve_catalogue(gpu_model=gpu_model, site=site)
-    offers = availability_search(
+    request = BookingRequest(
+        organization=organization,
+        user=user,
+        quote=quote,
+        gpu_model=gpu_model,
         gpu_count=gpu_count,
         starts_at=starts_at,
         ends_at=ends_at,
         tier=tier,
         term=term,
-        gpu_model=gpu_model,
         site=site,
         region=region,
+        workload=workload or {},
+        auto_recharge=auto_recharge,
+        now=timezone.now(),
     )
-    for offer in offers:  # cheapest first; a site taken meanwhile falls through to the next
+    if request.quote is not None:
+        return reservation_book(request=request, terms=_quote_take(request))
+    request.validate_direct()
+    if request.site is not None:
+        # Price and place at the chosen site only, from one read of its nodes, instead of
+        # searching every site first.
+        offer = _offer_at_site(request)
+        return reservation_book(request=request, terms=BookingTerms.from_offer(offer, request))
+    return _book_cheapest(request)
+
+
+def _book_cheapest(request: BookingRequest) -> Reservation:
+    """Book the cheapest offer; a site taken meanwhile falls through to the next."""
+    resolve_catalogue(gpu_model=request.gpu_model, site=None)
+    offers = availability_search(
+        gpu_count=request.gpu_count,
+        starts_at=request.starts_at,
+        ends_at=request.ends_at,
+        tier=request.tier,
+        term=request.term,
+        gpu_model=request.gpu_model,
+        site=None,
+        region=request.region,
+    )
+    for offer in offers:  # cheapest first
         try:
             with transaction.atomic():
-                return _book_offer(
-                    offer=offer,
-                    organization=organization,
-                    user=user,
-                    tier=tier,
-                    term=term,
-                    starts_at=starts_at,
-                    ends_at=ends_at,
-                    workload=workload or {},
-                    now=now,
-                    auto_recharge=auto_recharge,
-                )
+                terms = BookingTerms.from_offer(offer, request)
+                return reservation_book(request=request, terms=terms)
         except NotAvailable:
             continue
     raise NotAvailable(
-        f"No site has {gpu_count} {gpu_model} GPU(s) free for that period.", code="not_available"
+        f"No site has {request.gpu_count} {request.gpu_model} GPU(s) free for that period.",
+        code="not_available",
     )
 
 
@@ -258,113 +322,47 @@ def _plan_from_offer(offer: Offer) -> list[tuple[int, int]]:
     return plan
 
 
-def _create_at_site(
-    *,
-    organization: Organization,
-    user,
-    gpu_model: str,
-    gpu_count: int,
-    starts_at: datetime,
-    ends_at: datetime,
-    tier: str,
-    term: str,
-    site: str,
-    region: str | None,
-    workload: dict,
-    now: datetime,
-    auto_recharge: bool = True,
-) -> Reservation:
-    model = gpu_model_by_slug(gpu_model)
+def _offer_at_site(request: BookingRequest) -> Offer:
+    """The offer at the site the request names; NotAvailable if it has none."""
+    model = gpu_model_by_slug(request.gpu_model)
     if model is None:
         raise ValidationFailed(
-            f"Unknown GPU model {gpu_model!r}.", code="unknown_gpu_model", field="gpu_model"
+            f"Unknown GPU model {request.gpu_model!r}.",
+            code="unknown_gpu_model",
+            field="gpu_model",
         )
-    site_obj = site_by_slug(site)
-    if site_obj is None:
-        raise ValidationFailed(f"Unknown site {site!r}.", code="unknown_site", field="site")
-    offer, capacities = (None, [])
-    if region is None or site_obj.region == region:
-        offer, capacities = site_model_offer(
-            site=site_obj,
+    site = site_by_slug(request.site)
+    if site is None:
+        raise ValidationFailed(f"Unknown site {request.site!r}.", code="unknown_site", field="site")
+    offer = None
+    if request.region is None or site.region == request.region:
+        offer, _ = site_model_offer(
+            site=site,
             gpu_model=model,
-            gpu_count=gpu_count,
-            starts_at=starts_at,
-            ends_at=ends_at,
-            tier=tier,
-            term=term,
+            gpu_count=request.gpu_count,
+            starts_at=request.starts_at,
+            ends_at=request.ends_at,
+            tier=request.tier,
+            term=request.term,
         )
     if offer is None:
         raise NotAvailable(
-            f"{site} has no {gpu_count} {gpu_model} GPU(s) free for that period.",
+            f"{request.site} has no {request.gpu_count} {request.gpu_model} GPU(s) free for "
+            "that period.",
             code="not_available",
         )
-    return _book_offer(
-        offer=offer,
-        organization=organization,
-        user=user,
-        tier=tier,
-        term=term,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        workload=workload,
-        now=now,
-        auto_recharge=auto_recharge,
-    )
+    return offer
 
 
-def _book_offer(
-    *,
-    offer: Offer,
-    organization: Organization,
-    user,
-    tier: str,
-    term: str,
-    starts_at: datetime,
-    ends_at: datetime,
-    workload: dict,
-    now: datetime,
-    auto_recharge: bool = True,
-) -> Reservation:
-    """Book a direct (quote-less) reservation at the offer's site, price and placement."""
-    return _book(
-        organization=organization,
-        user=user,
-        quote=None,
-        site_id=offer.site.pk,
-        gpu_model_id=offer.gpu_model.pk,
-        gpu_count=offer.gpu_count,
-        tier=tier,
-        term=term,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        currency=offer.currency,
-        price_per_gpu_hour=offer.price_per_gpu_hour,
-        total_amount=offer.total,
-        breakdown=offer.breakdown.as_dict(),
-        workload=workload,
-        now=now,
-        first_plan=_plan_from_offer(offer),
-        site=offer.site,
-        gpu_model=offer.gpu_model,
-        auto_recharge=auto_recharge,
-    )
-
-
-def _create_from_quote(
-    *,
-    organization: Organization,
-    user,
-    quote: Quote,
-    workload: dict,
-    now: datetime,
-    auto_recharge: bool = True,
-) -> Reservation:
+def _quote_take(request: BookingRequest) -> BookingTerms:
+    """The quote's terms, once it is checked to be this organisation's, unused and current."""
     # The lock serialises two attempts to use the same quote.
-    locked = Quote.objects.select_for_update().filter(pk=quote.pk).first()
-    if locked is None or locked.organization_id != organization.pk:
+    locked = Quote.objects.select_for_update().filter(pk=request.quote.pk).first()
+    if locked is None or locked.organization_id != request.organization.pk:
         raise NotFound("No such quote.", field="quote")
     if Reservation.objects.filter(quote=locked).exists():
         raise Conflict("This quote has already been used.", code="quote_used", field="quote")
+    now = request.now
     if now >= locked.expires_at:
         raise QuoteExpired(
             f"The quote expired at {locked.expires_at.isoformat()}; ask for a new one.",
@@ -375,9 +373,7 @@ def _create_from_quote(
         # A "start now" quote accepted a little later: keep the length (so the total bought
         # is exactly the quoted total) and start now.
         starts_at, ends_at = now, now + (ends_at - starts_at)
-    return _book(
-        organization=organization,
-        user=user,
+    return BookingTerms(
         quote=locked,
         site_id=locked.site_id,
         gpu_model_id=locked.gpu_model_id,
@@ -390,114 +386,99 @@ def _create_from_quote(
         price_per_gpu_hour=locked.price_per_gpu_hour,
         total_amount=locked.total_amount,
         breakdown=locked.breakdown,
-        workload=workload,
-        now=now,
-        auto_recharge=auto_recharge,
     )
 
 
-def _book(
-    *,
-    organization,
-    user,
-    quote,
-    site_id,
-    gpu_model_id,
-    gpu_count,
-    tier,
-    term,
-    starts_at,
-    ends_at,
-    currency,
-    price_per_gpu_hour,
-    total_amount,
-    breakdown,
-    workload,
-    now,
-    first_plan=None,
-    site: Site | None = None,
-    gpu_model: GpuModel | None = None,
-    auto_recharge: bool = True,
-) -> Reservation:
-    """`site` and `gpu_model`, when the caller has them in hand, are kept on the reservation."""
-    status = (
-        ReservationStatus.SCHEDULED if starts_at <= now + START_SKEW else ReservationStatus.PENDING
-    )
-    reservation = Reservation.objects.create(
-        organization=organization,
-        created_by=user,
-        quote=quote,
-        gpu_model_id=gpu_model_id,
-        site_id=site_id,
-        gpu_count=gpu_count,
-        tier=tier,
-        term=term,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        currency=currency,
-        price_per_gpu_hour=price_per_gpu_hour,
-        total_amount=total_amount,
-        breakdown=breakdown,
-        status=status,
-        workload=workload,
-    )
-    if site is not None:
-        reservation.site = site
-    if gpu_model is not None:
-        reservation.gpu_model = gpu_model
+def reservation_book(*, request: BookingRequest, terms: BookingTerms) -> Reservation:
+    """Write a booking on its terms: the reservation, its GPUs, its hold, its history.
+
+    Runs inside the caller's transaction; NotAvailable or a refused hold rolls it all back.
+    """
+    reservation = _reservation_insert(request=request, terms=terms)
     allocations = allocation_place(
         reservation=reservation,
-        site_id=site_id,
-        gpu_model_id=gpu_model_id,
-        gpu_count=gpu_count,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        first_plan=first_plan,
+        site_id=terms.site_id,
+        gpu_model_id=terms.gpu_model_id,
+        gpu_count=terms.gpu_count,
+        starts_at=terms.starts_at,
+        ends_at=terms.ends_at,
+        first_plan=terms.first_plan,
     )
     # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
     # taken after the node locks, as an extension takes it (one lock order, no deadlock).
-    funding_gate().reservation_authorize(reservation=reservation, auto_recharge=auto_recharge)
+    funding_gate().reservation_authorize(
+        reservation=reservation, auto_recharge=request.auto_recharge
+    )
     reservation.charged_amount = Decimal("0.00")  # just booked: nothing charged yet
+    _created_record(reservation=reservation, request=request, allocations=allocations)
+    if reservation.status == ReservationStatus.SCHEDULED:
+        # Due now: start provisioning once this commits rather than at the next dispatch tick.
+        provisioning_kick(reservation.pk)
+    return reservation
+
+
+def _reservation_insert(*, request: BookingRequest, terms: BookingTerms) -> Reservation:
+    """The reservation row: scheduled when it starts within START_SKEW, else pending."""
+    due = terms.starts_at <= request.now + START_SKEW
+    reservation = Reservation.objects.create(
+        organization=request.organization,
+        created_by=request.user,
+        quote=terms.quote,
+        gpu_model_id=terms.gpu_model_id,
+        site_id=terms.site_id,
+        gpu_count=terms.gpu_count,
+        tier=terms.tier,
+        term=terms.term,
+        starts_at=terms.starts_at,
+        ends_at=terms.ends_at,
+        currency=terms.currency,
+        price_per_gpu_hour=terms.price_per_gpu_hour,
+        total_amount=terms.total_amount,
+        breakdown=terms.breakdown,
+        status=ReservationStatus.SCHEDULED if due else ReservationStatus.PENDING,
+        workload=request.workload,
+    )
+    if terms.site is not None:
+        reservation.site = terms.site
+    if terms.gpu_model is not None:
+        reservation.gpu_model = terms.gpu_model
+    return reservation
+
+
+def _created_record(
+    *, reservation: Reservation, request: BookingRequest, allocations: list[Allocation]
+) -> None:
+    """The first history row, the event and the audit entry of a new reservation; the rows
+    written are kept on it as reservation_get_for_org loads them (allocations by node, then
+    GPU index; no outages can exist yet), so the caller shows it without reading it back."""
+    quote, user = reservation.quote, request.user
     transition = ReservationTransition.objects.create(
         reservation=reservation,
         from_status="",
-        to_status=status,
+        to_status=reservation.status,
         cause="created from quote " + quote.public_id if quote else "created",
         actor_label=f"user:{user.get_username()}" if user else _request_actor(),
     )
-    # Everything related to the new reservation was written just above, in this transaction,
-    # so the caller can show it without reading it back: the rows as the detail read orders
-    # them (allocations by node, then GPU index), and no outages (none can exist yet).
-    reservation._prefetched_objects_cache = {}
-    for name, rows in (
-        ("transitions", [transition]),
-        ("allocations", sorted(allocations, key=lambda a: a.node_id)),  # stable: GPU index order
-        ("outages", []),
-    ):
-        # As prefetch_related leaves them: .all() gives these rows, a new query reads afresh.
-        queryset = getattr(reservation, name).all()
-        queryset._result_cache, queryset._prefetch_done = rows, True
-        reservation._prefetched_objects_cache[name] = queryset
+    reservation.transition_list = [transition]
+    # sorted() is stable and placement returns each node's GPUs in index order.
+    reservation.allocation_list = sorted(allocations, key=lambda a: a.node_id)
+    reservation.outage_list = []
     reservation_event_record(reservation=reservation, type=EventType.RESERVATION_CREATED)
     _audit(
         reservation,
         "reservation.create",
         {
             "after": {
-                "status": status,
-                "gpu_count": gpu_count,
-                "tier": tier,
-                "starts_at": starts_at.isoformat(),
-                "ends_at": ends_at.isoformat(),
-                "total": str(total_amount),
-                "currency": currency,
+                "status": reservation.status,
+                "gpu_count": reservation.gpu_count,
+                "tier": reservation.tier,
+                "starts_at": reservation.starts_at.isoformat(),
+                "ends_at": reservation.ends_at.isoformat(),
+                "total": str(reservation.total_amount),
+                "currency": reservation.currency,
             }
         },
     )
-    if status == ReservationStatus.SCHEDULED:
-        # Due now: start provisioning once this commits rather than at the next dispatch tick.
-        provisioning_kick(reservation.pk)
-    return reservation
 
 
 @transaction.atomic
@@ -647,13 +628,30 @@ def reservation_extend(
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
     now = timezone.now()
     terms = extension_terms(locked, new_ends_at, at=now)
-    old_end = locked.ends_at
-    allocations = list(Allocation.objects.filter(reservation=locked, is_live=True))
-    gpu_ids = [a.gpu_id for a in allocations]
+    old_end, old_total = locked.ends_at, locked.total_amount
+    _extension_gpus_check(reservation=locked, new_ends_at=new_ends_at)
+    _allocations_lengthen(reservation=locked, new_ends_at=new_ends_at)
+    _reservation_lengthen(reservation=locked, terms=terms, now=now)
+    # The extra time is priced as the original was and passes the same gate (a hold for it;
+    # a reserved term's difference charged at once): refused, all of the above rolls back.
+    funding_gate().extension_authorize(
+        reservation=locked, old_ends_at=old_end, old_total=old_total, auto_recharge=auto_recharge
+    )
+    _extended_record(
+        reservation=locked, old_ends_at=old_end, old_total=old_total, actor_label=actor_label
+    )
+    return locked
+
+
+def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) -> None:
+    """NotAvailable unless the reservation's GPUs can also serve [its end, new_ends_at): their
+    nodes taking work, no maintenance, no failed GPU, no other booking. Locks the nodes."""
+    allocations = list(Allocation.objects.filter(reservation=reservation, is_live=True))
     node_ids = sorted({a.node_id for a in allocations})
+    old_end = reservation.ends_at
     params = {
-        "rid": locked.pk,
-        "gpu_ids": gpu_ids,
+        "rid": reservation.pk,
+        "gpu_ids": [a.gpu_id for a in allocations],
         "node_ids": node_ids,
         "old_end": old_end,
         "new_end": new_ends_at,
@@ -682,57 +680,72 @@ def reservation_extend(
         raise NotAvailable(
             f"Those GPUs are booked from {booked_from.isoformat()}.", code="not_extendable"
         )
+
+
+def _allocations_lengthen(*, reservation: Reservation, new_ends_at: datetime) -> None:
+    """The live allocations end at new_ends_at; the exclusion constraint has the last word."""
     try:
         with transaction.atomic():
             with connection.cursor() as cur:
                 cur.execute(
                     "UPDATE marketplace_allocation SET period = tstzrange(lower(period), %s, '[)')"
                     " WHERE reservation_id = %s AND is_live",
-                    [new_ends_at, locked.pk],
+                    [new_ends_at, reservation.pk],
                 )
-    except IntegrityError as exc:  # the exclusion constraint is the last word
+    except IntegrityError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != "23P01":
             raise
         raise NotAvailable("Those GPUs are booked later on.", code="not_extendable") from exc
 
-    seconds = int((new_ends_at - locked.starts_at).total_seconds())
-    old_total = locked.total_amount
-    locked.total_amount = terms.new_total
-    breakdown = dict(locked.breakdown or {})
+
+def _reservation_lengthen(
+    *, reservation: Reservation, terms: ExtensionTerms, now: datetime
+) -> None:
+    """The new end and total on the row, the breakdown's hours and total, the extension noted."""
+    seconds = int((terms.new_ends_at - reservation.starts_at).total_seconds())
+    breakdown = dict(reservation.breakdown or {})
     breakdown["hours"] = str((Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.000001")))
-    breakdown["total"] = str(locked.total_amount)
+    breakdown["total"] = str(terms.new_total)
     breakdown["extensions"] = [
         *breakdown.get("extensions", []),
-        {"from": old_end.isoformat(), "to": new_ends_at.isoformat(), "at": now.isoformat()},
+        {
+            "from": terms.ends_at.isoformat(),
+            "to": terms.new_ends_at.isoformat(),
+            "at": now.isoformat(),
+        },
     ]
-    locked.ends_at = new_ends_at
-    locked.breakdown = breakdown
-    locked.save(update_fields=["ends_at", "total_amount", "breakdown", "updated_at"])
-    # The extra time is priced as the original was and passes the same gate (a hold for it;
-    # a reserved term's difference charged at once): refused, all of the above rolls back.
-    funding_gate().extension_authorize(
-        reservation=locked, old_ends_at=old_end, old_total=old_total, auto_recharge=auto_recharge
-    )
+    reservation.total_amount = terms.new_total
+    reservation.ends_at = terms.new_ends_at
+    reservation.breakdown = breakdown
+    reservation.save(update_fields=["ends_at", "total_amount", "breakdown", "updated_at"])
+
+
+def _extended_record(
+    *, reservation: Reservation, old_ends_at: datetime, old_total: Decimal, actor_label: str
+) -> None:
+    """The extension's history row (same status before and after), event and audit entry."""
     ReservationTransition.objects.create(
-        reservation=locked,
-        from_status=locked.status,
-        to_status=locked.status,
+        reservation=reservation,
+        from_status=reservation.status,
+        to_status=reservation.status,
         cause=(
-            f"extended: end {old_end.isoformat()} → {new_ends_at.isoformat()}, "
-            f"total {locked.total_amount} {locked.currency.upper()}"
+            f"extended: end {old_ends_at.isoformat()} → {reservation.ends_at.isoformat()}, "
+            f"total {reservation.total_amount} {reservation.currency.upper()}"
         ),
         actor_label=actor_label,
     )
-    reservation_event_record(reservation=locked, type=EventType.RESERVATION_EXTENDED)
+    reservation_event_record(reservation=reservation, type=EventType.RESERVATION_EXTENDED)
     _audit(
-        locked,
+        reservation,
         "reservation.extend",
         {
-            "before": {"ends_at": old_end.isoformat(), "total": str(old_total)},
-            "after": {"ends_at": new_ends_at.isoformat(), "total": str(locked.total_amount)},
+            "before": {"ends_at": old_ends_at.isoformat(), "total": str(old_total)},
+            "after": {
+                "ends_at": reservation.ends_at.isoformat(),
+                "total": str(reservation.total_amount),
+            },
         },
     )
-    return locked
 
 
 def _audit(reservation: Reservation, action: str, changes: dict) -> None:
