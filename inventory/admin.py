@@ -6,6 +6,7 @@ services, so every change is checked and recorded as a StatusChange with who and
 
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 
 from django import forms
 from django.contrib import admin, messages
@@ -69,6 +70,10 @@ def _apply(
             done.append(str(obj))
     if done:
         messages.success(request, f"{verb}: {', '.join(done)}.")
+
+
+def _staff_action(action: str) -> Callable:
+    return partial(services.status_change, action=action)
 
 
 class StatusChangeInline(admin.TabularInline):
@@ -162,26 +167,26 @@ class SiteAdmin(admin.ModelAdmin):
 
     @admin.action(description="Activate selected sites")
     def activate(self, request, queryset):
-        _apply(request, queryset, services.site_activate, "site", "Activated")
+        _apply(request, queryset, _staff_action("activate"), "site", "Activated")
 
     @admin.action(
         description="Mark selected sites curtailed (stops sales only; to preempt interruptible "
         "work, announce it under Marketplace → Curtailments)"
     )
     def curtail(self, request, queryset):
-        _apply(request, queryset, services.site_curtail, "site", "Curtailed")
+        _apply(request, queryset, _staff_action("curtail"), "site", "Curtailed")
 
     @admin.action(description="Put selected sites in maintenance")
     def set_maintenance(self, request, queryset):
-        _apply(request, queryset, services.site_set_maintenance, "site", "Put in maintenance")
+        _apply(request, queryset, _staff_action("set_maintenance"), "site", "Put in maintenance")
 
     @admin.action(description="Return selected sites to service")
     def return_to_service(self, request, queryset):
-        _apply(request, queryset, services.site_return_to_service, "site", "Returned to service")
+        _apply(request, queryset, _staff_action("return_to_service"), "site", "Returned to service")
 
     @admin.action(description="Retire selected sites (final)")
     def retire(self, request, queryset):
-        _apply(request, queryset, services.site_retire, "site", "Retired")
+        _apply(request, queryset, _staff_action("retire"), "site", "Retired")
 
 
 @admin.register(GpuModel)
@@ -298,19 +303,19 @@ class NodeAdmin(admin.ModelAdmin):
 
     @admin.action(description="Drain selected nodes")
     def drain(self, request, queryset):
-        _apply(request, queryset, services.node_drain, "node", "Drained")
+        _apply(request, queryset, _staff_action("drain"), "node", "Drained")
 
     @admin.action(description="Put selected nodes in maintenance")
     def set_maintenance(self, request, queryset):
-        _apply(request, queryset, services.node_set_maintenance, "node", "Put in maintenance")
+        _apply(request, queryset, _staff_action("set_maintenance"), "node", "Put in maintenance")
 
     @admin.action(description="Return selected nodes to service")
     def return_to_service(self, request, queryset):
-        _apply(request, queryset, services.node_return_to_service, "node", "Returned to service")
+        _apply(request, queryset, _staff_action("return_to_service"), "node", "Returned to service")
 
     @admin.action(description="Retire selected nodes (final)")
     def retire(self, request, queryset):
-        _apply(request, queryset, services.node_retire, "node", "Retired")
+        _apply(request, queryset, _staff_action("retire"), "node", "Retired")
 
     @admin.action(description="Issue an agent token for selected nodes")
     def issue_token(self, request, queryset):

@@ -113,7 +113,7 @@ def burn_in_report(
     *, node: Node, burn_in_id: int, exit_code: int | None, timed_out: bool, output: str
 ) -> BurnIn:
     """The agent's result: pass (exit 0, in time) returns the GPUs or node to sale."""
-    from inventory.services import node_return_to_service
+    from inventory.services import status_change
     from inventory.telemetry import gpu_return_to_service
 
     burn_in = BurnIn.objects.select_for_update().filter(pk=burn_in_id, node=node).first()
@@ -136,7 +136,9 @@ def burn_in_report(
             gpu_return_to_service(gpu=gpu, actor=None, actor_label=ACTOR, reason=why)
         fresh = Node.objects.get(pk=node.pk)
         if not burn_in.gpu_indexes and fresh.status == NodeStatus.MAINTENANCE:
-            node_return_to_service(node=fresh, actor=None, actor_label=ACTOR, reason=why)
+            status_change(
+                action="return_to_service", node=fresh, actor=None, actor_label=ACTOR, reason=why
+            )
     else:
         what = "timed out" if timed_out else f"exit {exit_code}"
         gpus.update(health_reason=f"burn-in #{burn_in.pk} failed ({what}); see its output")

@@ -1,7 +1,9 @@
 """Writes to the inventory: status changes, maintenance windows, node tokens and heartbeats.
 
 Every status change goes through `_status_change`: it locks the row, checks the transition
-tables below, and records a StatusChange, so no status moves unrecorded.
+tables below, and records a StatusChange, so no status moves unrecorded. Staff actions reach
+it through `status_change` (drain, maintenance, return to service, retire, activate, curtail),
+the system's through `node_mark_offline` and a heartbeat's resume.
 
 Outages of cause heartbeat_missed span [went silent, heard again): the sweeper opens them and
 only the next heartbeat closes them, whatever staff did in between. Outages of other causes
@@ -41,15 +43,17 @@ SWEEPER_LABEL = "system: heartbeat sweeper"
 
 @dataclass(frozen=True)
 class Transition:
-    """An action's allowed source statuses and the status(es) it may lead to."""
+    """An action's allowed source statuses and the status(es) it may lead to; a staff action
+    (status_change) leads to one, a system move (offline, resume) has its own service."""
 
     verb: str
     sources: frozenset[str]
     targets: frozenset[str]
+    staff: bool = True
 
 
-def _t(verb: str, sources: set[str], targets: set[str]) -> Transition:
-    return Transition(verb, frozenset(sources), frozenset(targets))
+def _t(verb: str, sources: set[str], targets: set[str], *, staff: bool = True) -> Transition:
+    return Transition(verb, frozenset(sources), frozenset(targets), staff)
 
 
 # Every way a node's status may change. Offline is entered only by the heartbeat sweeper and
@@ -71,9 +75,17 @@ NODE_TRANSITIONS: dict[str, Transition] = {
         {NodeStatus.RETIRED},
     ),
     "mark_offline": _t(
-        "mark offline", {NodeStatus.AVAILABLE, NodeStatus.DRAINING}, {NodeStatus.OFFLINE}
+        "mark offline",
+        {NodeStatus.AVAILABLE, NodeStatus.DRAINING},
+        {NodeStatus.OFFLINE},
+        staff=False,
     ),
-    "resume": _t("resume", {NodeStatus.OFFLINE}, {NodeStatus.AVAILABLE, NodeStatus.DRAINING}),
+    "resume": _t(
+        "resume",
+        {NodeStatus.OFFLINE},
+        {NodeStatus.AVAILABLE, NodeStatus.DRAINING},
+        staff=False,
+    ),
 }
 
 # Every way a site's status may change. Retired is final.
@@ -160,96 +172,64 @@ def _status_change(
 
 
 @transaction.atomic
-def node_drain(
+def status_change(
     *,
-    node: Node,
+    action: str,
     actor: AbstractBaseUser | None,
     reason: str,
     actor_label: str | None = None,
-) -> Node:
-    """Stop selling the node's GPUs; work already running may finish."""
-    return _status_change(
-        model=Node,
-        obj=node,
-        action="drain",
-        to_status=NodeStatus.DRAINING,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
+    node: Node | None = None,
+    site: Site | None = None,
+) -> Node | Site:
+    """A staff action on a node or a site (one of them): an action of NODE_TRANSITIONS or
+    SITE_TRANSITIONS, which names the status it leads to. Locked, checked and recorded by
+    _status_change; the few actions with a consequence beyond the status have it here:
 
-
-@transaction.atomic
-def node_set_maintenance(
-    *,
-    node: Node,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Node:
-    """Take the node out for repair; its agent may stay silent."""
-    return _status_change(
-        model=Node,
-        obj=node,
-        action="set_maintenance",
-        to_status=NodeStatus.MAINTENANCE,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
-
-
-@transaction.atomic
-def node_return_to_service(
-    *,
-    node: Node,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Node:
-    """Sell the node's GPUs again after a drain or a repair.
-
-    Staff returning it say the fault is fixed, so an open outage of any cause but silence ends
-    now; a heartbeat outage ends only when the agent is heard again.
+    - a site is retired only once all its nodes are;
+    - a node returned to service ends its open outages of any cause but silence (staff say
+      the fault is fixed; a heartbeat outage ends only when the agent is heard again);
+    - a retired node's agent tokens are revoked (a retired node has no agent).
     """
+    if (node is None) == (site is None):
+        raise TypeError("status_change takes a node or a site")
+    model, obj, table = (Node, node, NODE_TRANSITIONS) if node else (Site, site, SITE_TRANSITIONS)
+    transition = table.get(action)
+    if transition is None or not transition.staff:
+        raise ValidationFailed(f"Unknown action {action!r}.", code="unknown_action", field="action")
+    (to_status,) = transition.targets
+    if model is Site and action == "retire":
+        _site_retire_check(site)
     changed = _status_change(
-        model=Node,
-        obj=node,
-        action="return_to_service",
-        to_status=NodeStatus.AVAILABLE,
+        model=model,
+        obj=obj,
+        action=action,
+        to_status=to_status,
         actor=actor,
         actor_label=actor_label,
         reason=reason,
     )
-    # A GPU's own outage ends only when that GPU is returned (inventory.telemetry).
-    Outage.objects.filter(
-        node=changed, gpu=None, ended_at__isnull=True, started_at__lt=changed.status_changed_at
-    ).exclude(cause=OutageCause.HEARTBEAT_MISSED).update(ended_at=changed.status_changed_at)
+    if model is Node and action == "return_to_service":
+        # A GPU's own outage ends only when that GPU is returned (inventory.telemetry).
+        Outage.objects.filter(
+            node=changed, gpu=None, ended_at__isnull=True, started_at__lt=changed.status_changed_at
+        ).exclude(cause=OutageCause.HEARTBEAT_MISSED).update(ended_at=changed.status_changed_at)
+    elif model is Node and action == "retire":
+        NodeToken.objects.filter(node=changed, revoked_at__isnull=True).update(
+            revoked_at=changed.status_changed_at
+        )
     return changed
 
 
-@transaction.atomic
-def node_retire(
-    *,
-    node: Node,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Node:
-    """Take the node out for good. Its agent tokens are revoked: a retired node has no agent."""
-    changed = _status_change(
-        model=Node,
-        obj=node,
-        action="retire",
-        to_status=NodeStatus.RETIRED,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
-    NodeToken.objects.filter(node=changed, revoked_at__isnull=True).update(
-        revoked_at=changed.status_changed_at
-    )
-    return changed
+def _site_retire_check(site: Site) -> None:
+    locked = Site.objects.select_for_update().get(pk=site.pk)
+    if locked.status != SiteStatus.RETIRED:
+        live = locked.nodes.exclude(status=NodeStatus.RETIRED).count()
+        if live:
+            raise InvalidTransition(
+                f"Cannot retire site {locked.slug} (from {locked.status} to retired): "
+                f"{live} of its nodes are not retired; retire them first.",
+                field="status",
+            )
 
 
 def node_silent_since(node: Node) -> datetime | None:
@@ -314,115 +294,6 @@ def nodes_mark_silent_offline(*, now: datetime | None = None, limit: int = 500) 
         node_mark_offline(node=node, reason=f"No heartbeat for {seconds} s.")
         marked.append(node.pk)
     return marked
-
-
-@transaction.atomic
-def site_activate(
-    *,
-    site: Site,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Site:
-    """A commissioned site starts selling."""
-    return _status_change(
-        model=Site,
-        obj=site,
-        action="activate",
-        to_status=SiteStatus.ACTIVE,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
-
-
-@transaction.atomic
-def site_curtail(
-    *,
-    site: Site,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Site:
-    """The grid operator asked the site to shed load."""
-    return _status_change(
-        model=Site,
-        obj=site,
-        action="curtail",
-        to_status=SiteStatus.CURTAILED,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
-
-
-@transaction.atomic
-def site_set_maintenance(
-    *,
-    site: Site,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Site:
-    """Planned or unplanned work on the whole facility."""
-    return _status_change(
-        model=Site,
-        obj=site,
-        action="set_maintenance",
-        to_status=SiteStatus.MAINTENANCE,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
-
-
-@transaction.atomic
-def site_return_to_service(
-    *,
-    site: Site,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Site:
-    """Back to active after curtailment or maintenance."""
-    return _status_change(
-        model=Site,
-        obj=site,
-        action="return_to_service",
-        to_status=SiteStatus.ACTIVE,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
-
-
-@transaction.atomic
-def site_retire(
-    *,
-    site: Site,
-    actor: AbstractBaseUser | None,
-    reason: str,
-    actor_label: str | None = None,
-) -> Site:
-    """Close the site for good; its nodes must be retired first."""
-    locked = Site.objects.select_for_update().get(pk=site.pk)
-    if locked.status != SiteStatus.RETIRED:
-        live = locked.nodes.exclude(status=NodeStatus.RETIRED).count()
-        if live:
-            raise InvalidTransition(
-                f"Cannot retire site {locked.slug} (from {locked.status} to retired): "
-                f"{live} of its nodes are not retired; retire them first.",
-                field="status",
-            )
-    return _status_change(
-        model=Site,
-        obj=site,
-        action="retire",
-        to_status=SiteStatus.RETIRED,
-        actor=actor,
-        actor_label=actor_label,
-        reason=reason,
-    )
 
 
 @transaction.atomic

@@ -669,13 +669,17 @@ def _allocations_end(queryset, *, now: datetime) -> None:
 def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) -> Node:
     """Take a node the driver reports as failed out of sale, open an outage, and record it
     against the active reservations it serves (only those)."""
-    from inventory.services import node_set_maintenance
+    from inventory.services import status_change
 
     now = now or timezone.now()
     node = Node.objects.select_for_update().get(pk=node.pk)
     if node.status in _USABLE_NODE_STATUSES:
-        node = node_set_maintenance(
-            node=node, actor=None, actor_label=ACTOR, reason=f"Driver reported failure: {reason}"
+        node = status_change(
+            action="set_maintenance",
+            node=node,
+            actor=None,
+            actor_label=ACTOR,
+            reason=f"Driver reported failure: {reason}",
         )
     outage = Outage.objects.filter(node=node, gpu=None, ended_at__isnull=True).first()
     if outage is None:

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
-from inventory.services import site_curtail, site_return_to_service
+from inventory.services import status_change
 from marketplace.models import (
     Curtailment,
     EventType,
@@ -72,7 +72,8 @@ def curtailment_announce(
     curtailment_validate(site=locked_site, shed_at=shed_at, until=until, reason=reason, now=now)
     reason = reason.strip()
     if locked_site.status == SiteStatus.ACTIVE:
-        site_curtail(
+        status_change(
+            action="curtail",
             site=locked_site,
             actor=user,
             actor_label=None if user else _ACTOR,
@@ -179,7 +180,8 @@ def curtailment_call_off(
         Q(until__isnull=True) | Q(until__gt=now)
     )
     if not in_effect.exists() and site.status == SiteStatus.CURTAILED:
-        site_return_to_service(
+        status_change(
+            action="return_to_service",
             site=site,
             actor=user,
             actor_label=None if user else _ACTOR,

@@ -22,8 +22,7 @@ from inventory.models import (
 from inventory.selectors import site_capacity_summary, site_list_with_capacity
 from inventory.services import (
     maintenance_window_create,
-    node_drain,
-    node_return_to_service,
+    status_change,
     token_hash,
 )
 from tests.factories import GpuModelFactory, NodeFactory, SiteFactory, UserFactory
@@ -46,8 +45,10 @@ def inventory():
     NodeFactory(gpu_model=h100, hostname="elsewhere-001", gpus=8)  # another site
     Gpu.objects.filter(node=a, index__in=[0, 1]).update(health=GpuHealth.FAILED)
     Outage.objects.create(node=c, started_at=timezone.now(), cause=OutageCause.HEARTBEAT_MISSED)
-    node_drain(node=a, actor=None, actor_label="test", reason="setup")
-    node_return_to_service(node=a, actor=None, actor_label="test", reason="setup")
+    status_change(action="drain", node=a, actor=None, actor_label="test", reason="setup")
+    status_change(
+        action="return_to_service", node=a, actor=None, actor_label="test", reason="setup"
+    )
     start = timezone.now() + timedelta(days=1)
     maintenance_window_create(node=b, start=start, end=start + timedelta(hours=2), reason="fw")
     NodeToken.objects.create(node=a, prefix="nt_0000abcd", secret_hash=token_hash("x"))

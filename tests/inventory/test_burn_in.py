@@ -10,7 +10,7 @@ from agent.burn_in import burn_in_run
 from config.errors import Conflict, InvalidTransition, NotAvailable, ValidationFailed
 from inventory.burn_in import burn_in_report, burn_in_request, burn_ins_expire
 from inventory.models import BurnIn, Gpu, GpuHealth, NodeStatus, Outage
-from inventory.services import node_set_maintenance, node_token_issue
+from inventory.services import node_token_issue, status_change
 from inventory.telemetry import gpu_health_apply
 from tests.factories import NodeFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -123,7 +123,9 @@ def test_a_burn_in_past_its_time_limit_is_killed_and_fails(market, node, agent):
 def test_a_node_back_from_maintenance_returns_when_its_burn_in_passes(market, node, agent):
     with pytest.raises(InvalidTransition):
         burn_in_request(node=node, reason="new install", requested_by="ops")
-    node_set_maintenance(node=node, actor=None, actor_label="ops", reason="PSU swap")
+    status_change(
+        action="set_maintenance", node=node, actor=None, actor_label="ops", reason="PSU swap"
+    )
     burn_in_request(node=node, reason="PSU swapped", requested_by="ops")
 
     done = run_through_agent(agent)

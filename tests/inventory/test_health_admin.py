@@ -108,12 +108,12 @@ def test_staff_edit_the_rules_and_they_apply_at_once(admin_client):
 def test_staff_queue_a_node_burn_in_and_read_its_output(admin_client):
     from inventory.burn_in import burn_in_lease, burn_in_report
     from inventory.models import BurnIn
-    from inventory.services import node_set_maintenance
+    from inventory.services import status_change
 
     node = NodeFactory(gpus=2, hostname="abl-009")
     node.site.burn_in_command = "dcgmi diag -r 2"
     node.site.save()
-    node_set_maintenance(node=node, actor=None, actor_label="ops", reason="fans")
+    status_change(action="set_maintenance", node=node, actor=None, actor_label="ops", reason="fans")
     admin_client.post(
         reverse("admin:inventory_node_changelist"),
         {"action": "burn_in", "_selected_action": [node.pk], "reason": "fans replaced"},

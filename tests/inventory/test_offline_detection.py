@@ -8,11 +8,9 @@ from django.utils import timezone
 from inventory.models import Node, NodeStatus, Outage, OutageCause, StatusChange
 from inventory.services import (
     SWEEPER_LABEL,
-    node_drain,
     node_heartbeat_record,
-    node_return_to_service,
-    node_set_maintenance,
     node_token_issue,
+    status_change,
 )
 from inventory.tasks import nodes_mark_offline
 from tests.factories import NodeFactory, UserFactory
@@ -89,7 +87,7 @@ def test_a_node_that_never_heartbeated_is_not_watched():
 
 def test_a_silent_draining_node_goes_offline_and_comes_back_draining():
     node = silent_node(600)
-    node_drain(node=node, actor=UserFactory(), reason="swap PSU")
+    status_change(action="drain", node=node, actor=UserFactory(), reason="swap PSU")
     Node.objects.filter(pk=node.pk).update(
         status_changed_at=timezone.now() - timedelta(seconds=500)
     )
@@ -135,7 +133,7 @@ def test_a_heartbeat_over_http_closes_the_outage(api_client):
 
 def test_silence_is_measured_from_a_later_return_to_service():
     node = silent_node(3600, status=N.MAINTENANCE)
-    node_return_to_service(node=node, actor=UserFactory(), reason="repaired")
+    status_change(action="return_to_service", node=node, actor=UserFactory(), reason="repaired")
 
     assert nodes_mark_offline() == 0
 
@@ -150,8 +148,8 @@ def test_silence_is_measured_from_a_later_return_to_service():
 def test_an_outage_stays_open_through_maintenance_until_the_node_is_heard():
     node = silent_node(600)
     nodes_mark_offline()
-    node_set_maintenance(node=node, actor=UserFactory(), reason="on site visit")
-    node_return_to_service(node=node, actor=UserFactory(), reason="repaired")
+    status_change(action="set_maintenance", node=node, actor=UserFactory(), reason="on site visit")
+    status_change(action="return_to_service", node=node, actor=UserFactory(), reason="repaired")
     assert Outage.objects.get(node=node).ended_at is None
 
     node_heartbeat_record(node=node)
@@ -225,10 +223,14 @@ def test_returning_a_repaired_node_closes_a_hardware_outage_but_not_silence():
     )
     silent = silent_node(600)
     nodes_mark_offline()
-    node_set_maintenance(node=silent, actor=UserFactory(), reason="site visit")
+    status_change(action="set_maintenance", node=silent, actor=UserFactory(), reason="site visit")
 
-    back = node_return_to_service(node=repaired, actor=UserFactory(), reason="PSU replaced")
-    node_return_to_service(node=silent, actor=UserFactory(), reason="cable reseated")
+    back = status_change(
+        action="return_to_service", node=repaired, actor=UserFactory(), reason="PSU replaced"
+    )
+    status_change(
+        action="return_to_service", node=silent, actor=UserFactory(), reason="cable reseated"
+    )
 
     hardware.refresh_from_db()
     assert hardware.ended_at == back.status_changed_at

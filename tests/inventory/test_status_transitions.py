@@ -1,4 +1,5 @@
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from django.utils import timezone
@@ -22,10 +23,10 @@ pytestmark = pytest.mark.django_db
 N, S = NodeStatus, SiteStatus
 
 STAFF_NODE_SERVICES = {
-    "drain": (services.node_drain, N.DRAINING),
-    "set_maintenance": (services.node_set_maintenance, N.MAINTENANCE),
-    "return_to_service": (services.node_return_to_service, N.AVAILABLE),
-    "retire": (services.node_retire, N.RETIRED),
+    "drain": (partial(services.status_change, action="drain"), N.DRAINING),
+    "set_maintenance": (partial(services.status_change, action="set_maintenance"), N.MAINTENANCE),
+    "return_to_service": (partial(services.status_change, action="return_to_service"), N.AVAILABLE),
+    "retire": (partial(services.status_change, action="retire"), N.RETIRED),
 }
 NODE_ALLOWED = {
     ("drain", N.AVAILABLE),
@@ -42,11 +43,11 @@ NODE_ALLOWED = {
 NODE_CASES = [(action, status) for action in STAFF_NODE_SERVICES for status in N.values]
 
 SITE_SERVICES = {
-    "activate": (services.site_activate, S.ACTIVE),
-    "curtail": (services.site_curtail, S.CURTAILED),
-    "set_maintenance": (services.site_set_maintenance, S.MAINTENANCE),
-    "return_to_service": (services.site_return_to_service, S.ACTIVE),
-    "retire": (services.site_retire, S.RETIRED),
+    "activate": (partial(services.status_change, action="activate"), S.ACTIVE),
+    "curtail": (partial(services.status_change, action="curtail"), S.CURTAILED),
+    "set_maintenance": (partial(services.status_change, action="set_maintenance"), S.MAINTENANCE),
+    "return_to_service": (partial(services.status_change, action="return_to_service"), S.ACTIVE),
+    "retire": (partial(services.status_change, action="retire"), S.RETIRED),
 }
 SITE_ALLOWED = {
     ("activate", S.COMMISSIONING),
@@ -177,7 +178,7 @@ def test_it_refuses_to_retire_a_site_with_live_nodes():
     NodeFactory(site=site, status=N.MAINTENANCE, gpus=0)
 
     with pytest.raises(InvalidTransition, match="1 of its nodes are not retired"):
-        services.site_retire(site=site, actor=UserFactory(), reason="lease ends")
+        services.status_change(action="retire", site=site, actor=UserFactory(), reason="lease ends")
 
     site.refresh_from_db()
     assert site.status == S.ACTIVE
@@ -188,7 +189,7 @@ def test_it_revokes_agent_tokens_when_a_node_retires():
     node = NodeFactory(gpus=0)
     token, _ = services.node_token_issue(node=node, label="agent")
 
-    services.node_retire(node=node, actor=UserFactory(), reason="end of life")
+    services.status_change(action="retire", node=node, actor=UserFactory(), reason="end of life")
 
     token.refresh_from_db()
     assert token.revoked_at is not None
@@ -200,7 +201,9 @@ def test_it_revokes_agent_tokens_when_a_node_retires():
 def test_a_system_change_is_labelled_without_a_user():
     node = NodeFactory(gpus=0)
 
-    services.node_drain(node=node, actor=None, actor_label="system: curtailment", reason="grid")
+    services.status_change(
+        action="drain", node=node, actor=None, actor_label="system: curtailment", reason="grid"
+    )
 
     change = StatusChange.objects.get(node=node)
     assert (change.actor, change.actor_label) == (None, "system: curtailment")
@@ -210,9 +213,9 @@ def test_it_refuses_a_change_without_reason_or_actor():
     node = NodeFactory(gpus=0)
 
     with pytest.raises(ValidationFailed) as no_reason:
-        services.node_drain(node=node, actor=UserFactory(), reason="  ")
+        services.status_change(action="drain", node=node, actor=UserFactory(), reason="  ")
     with pytest.raises(ValidationFailed) as no_actor:
-        services.node_drain(node=node, actor=None, reason="why not")
+        services.status_change(action="drain", node=node, actor=None, reason="why not")
 
     assert no_reason.value.field == "reason"
     assert no_actor.value.field == "actor_label"
@@ -228,7 +231,9 @@ def test_staff_cannot_declare_an_offline_node_available():
         InvalidTransition,
         match="'return to service' applies only to nodes that are draining, maintenance",
     ):
-        services.node_return_to_service(node=node, actor=UserFactory(), reason="looks fine")
+        services.status_change(
+            action="return_to_service", node=node, actor=UserFactory(), reason="looks fine"
+        )
 
     node.refresh_from_db()
     assert node.status == N.OFFLINE
@@ -287,3 +292,27 @@ class TestMaintenanceWindow:
 
         assert MaintenanceWindow.objects.count() == 0
         assert Outage.objects.count() == 0
+
+
+@pytest.mark.parametrize("action", ["mark_offline", "resume", "explode"])
+def test_staff_cannot_take_a_system_move_or_an_unknown_action(action):
+    node = NodeFactory(status=N.AVAILABLE if action != "resume" else N.OFFLINE, gpus=1)
+    before = Node.objects.get(pk=node.pk)
+
+    with pytest.raises(ValidationFailed) as refused:
+        services.status_change(action=action, node=node, actor=UserFactory(), reason="try")
+
+    assert (refused.value.code, refused.value.field) == ("unknown_action", "action")
+    assert Node.objects.get(pk=node.pk).status == before.status
+    assert StatusChange.objects.count() == 0
+
+
+def test_a_status_change_names_a_node_or_a_site_not_both():
+    node = NodeFactory(gpus=1)
+    with pytest.raises(TypeError):
+        services.status_change(
+            action="retire", node=node, site=node.site, actor=UserFactory(), reason="x"
+        )
+    with pytest.raises(TypeError):
+        services.status_change(action="retire", actor=UserFactory(), reason="x")
+    assert StatusChange.objects.count() == 0

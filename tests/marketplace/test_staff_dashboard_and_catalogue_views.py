@@ -10,7 +10,7 @@ from django.test import Client
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
-from inventory.services import node_drain
+from inventory.services import status_change
 from marketplace.models import ProvisioningAttempt, Reservation, ReservationStatus, Role
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory, UserFactory
@@ -71,7 +71,7 @@ def test_the_dashboard_shows_the_fleet_its_use_money_and_risks(
         ends_at=tomorrow(2), tier="on_demand", site=site.slug,
     )  # fmt: skip
     assert booked.allocations.first().node == other
-    node_drain(node=other, actor=None, actor_label="test", reason="fans")
+    status_change(action="drain", node=other, actor=None, actor_label="test", reason="fans")
     for kind, amount, key in (
         (LedgerKind.USAGE, -1_000, "u1"),
         (LedgerKind.TOP_UP, 123_456, "t1"),
