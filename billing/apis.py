@@ -40,6 +40,7 @@ from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
 from config.api.views import ApiView, validated_input
 from config.errors import NotFound
+from config.replica import replica_reads
 from marketplace.models import Role
 
 TAGS = ["Billing"]
@@ -164,6 +165,7 @@ class LedgerEntryOutput(serializers.Serializer):
 class LedgerListApi(ApiView):
     pagination_class = NewestFirstCursorPagination
 
+    @replica_reads
     @extend_schema(tags=TAGS, operation_id="billing_ledger", summary="Ledger entries, newest first",
                    responses={200: LedgerEntryOutput(many=True), **errors(400, 403)})  # fmt: skip
     def get(self, request):
@@ -204,6 +206,7 @@ class UsageOutput(serializers.Serializer):
 
 
 class UsageApi(ApiView):
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="billing_usage",

@@ -50,6 +50,7 @@ from billing.services.payment_methods import (
 from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
 from config.csp import stripe_js_allow
 from config.errors import ApplicationError
+from config.replica import replica_reads
 from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {
@@ -370,6 +371,7 @@ class TopUpView(BillingPage):
 class UsageView(BillingPage):
     """Usage by reservation and UTC day, and the ledger, newest first, page by page."""
 
+    @replica_reads
     def get(self, request):
         form = UsageFilterForm(request.GET or None)
         since = until = None

@@ -74,6 +74,8 @@ MIDDLEWARE = [
     "marketplace.audit.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After a write, the client's reads stay on the primary for a while (config/replica.py).
+    "config.replica.ReplicaPinMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
@@ -105,6 +107,21 @@ DATABASES = {
         connect_timeout=env_int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1),
     )
 }
+# A PostgreSQL streaming replica for reads that tolerate a little staleness (search, lists,
+# dashboards, exports): opt-in per view (config/replica.py); every write stays on the primary.
+DATABASE_REPLICA_URL = env_str("DATABASE_REPLICA_URL", "")
+if DATABASE_REPLICA_URL:
+    DATABASES["replica"] = env_database(
+        "DATABASE_REPLICA_URL",
+        DATABASE_REPLICA_URL,
+        prepared_statements=env_bool("DATABASE_PREPARED_STATEMENTS", True),
+        connect_timeout=env_int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1),
+    )
+    # Tests read the primary's test database through it instead of creating another.
+    DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
+DATABASE_ROUTERS = ["config.replica.ReplicaRouter"]
+# After a client writes, its reads stay on the primary this long (read-your-writes).
+DATABASE_REPLICA_PIN_SECONDS = env_int("DATABASE_REPLICA_PIN_SECONDS", 5, minimum=0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -7,6 +7,7 @@ from rest_framework import serializers
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.views import FILTERED, ApiView
+from config.replica import replica_reads
 from marketplace.models import AuditEntry
 from marketplace.selectors.audit import audit_list_for_org
 from marketplace.services.organizations import MANAGER_ROLES
@@ -61,6 +62,7 @@ class AuditLogApi(ApiView):
             return AuditEntry.objects.none()
         return audit_list_for_org(organization=self.organization)
 
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="audit_log_list",

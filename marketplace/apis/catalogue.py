@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from config.api.pagination import SlugCursorPagination
 from config.api.schema import errors
 from config.api.views import ApiView, validated_input
+from config.replica import replica_reads
 from marketplace.models import Term, Tier
 from marketplace.selectors.availability import availability_search, site_availability
 from marketplace.selectors.catalogue import (
@@ -44,6 +45,7 @@ class GpuModelListApi(_Catalogue):
     def get_queryset(self):
         return gpu_model_list()
 
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="gpu_models_list",
@@ -100,6 +102,7 @@ class SiteListApi(_Catalogue):
     def get_queryset(self):
         return site_list_public()
 
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="sites_list",
@@ -151,6 +154,7 @@ class SiteAvailabilityOutput(serializers.Serializer):
 
 
 class SiteAvailabilityApi(_Catalogue):
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="sites_availability",
@@ -299,6 +303,7 @@ class AvailabilityOutput(serializers.Serializer):
 
 
 class AvailabilityApi(_Catalogue):
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="availability_search",

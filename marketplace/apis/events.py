@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.views import FILTERED, ApiView
+from config.replica import replica_reads
 from marketplace.models import Event, EventType
 from marketplace.selectors.events import event_get_for_org, event_list_for_org
 
@@ -61,6 +62,7 @@ class EventListApi(ApiView):
             return Event.objects.none()
         return event_list_for_org(organization=self.organization).select_related("organization")
 
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="events_list",

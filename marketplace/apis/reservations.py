@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.views import FILTERED, ApiView, validated_input
+from config.replica import replica_reads
 from marketplace.apis.catalogue import EnergyOutput
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
@@ -347,6 +348,7 @@ class ReservationListApi(ApiView):
             return Reservation.objects.none()
         return reservation_list_for_org(organization=self.organization)
 
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="reservations_list",
@@ -560,6 +562,7 @@ class ReservationTelemetryOutput(serializers.Serializer):
 
 
 class ReservationTelemetryApi(_OneReservation):
+    @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="reservations_telemetry",

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.views import View
 
 from config.errors import ApplicationError, PaymentRequired
+from config.replica import replica_reads
 from inventory.models import Node, Site, SiteStatus
 from marketplace.models import ApiKey, ReservationStatus
 from marketplace.portal.forms import (
@@ -132,6 +133,7 @@ def nothing_fits_reasons(asked: dict) -> list[str]:
 class SearchView(PortalView, View):
     """GET: the search form and, once asked, the offers that can be reserved right now."""
 
+    @replica_reads
     def get(self, request):
         asked = bool(request.GET)
         form = _search_form(request.GET if asked else None)
@@ -304,6 +306,7 @@ class QuoteView(PortalView, View):
 class ReservationListView(PortalView, View):
     """GET: every reservation of the organisation, newest first, filtered, page by page."""
 
+    @replica_reads
     def get(self, request):
         form = ReservationFilterForm(request.GET, sites=site_list_public().order_by("name"))
         if not form.is_valid():

@@ -9,6 +9,7 @@ from django.utils import timezone
 from django.views import View
 
 from config.errors import ApplicationError
+from config.replica import replica_reads
 from marketplace.portal.mixins import PortalView
 from marketplace.selectors.availability import site_availability
 from marketplace.selectors.catalogue import (
@@ -37,6 +38,7 @@ class SiteWindowForm(forms.Form):
 
 
 class SiteListView(PortalView, View):
+    @replica_reads
     def get(self, request):
         sites = list(site_list_public())
         capacity = site_capacity_summaries(site_ids=[site.pk for site in sites])
@@ -74,6 +76,7 @@ def free_by_day(site, *, now, days: int = FORECAST_DAYS) -> dict:
 
 
 class SiteDetailView(PortalView, View):
+    @replica_reads
     def get(self, request, slug: str):
         site = site_get_public(slug=slug)  # unknown or retired: a 404 (PortalView)
         form = SiteWindowForm(request.GET or {"hours": 24})

@@ -15,6 +15,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views import View
 
 from config.errors import ApplicationError
+from config.replica import replica_reads
 from marketplace.models import Membership, ReservationStatus
 from marketplace.portal.forms import OrganizationForm, SignupForm
 from marketplace.portal.invitations import open_invitation_for
@@ -151,6 +152,7 @@ class OrganizationSwitchView(LoginRequiredMixin, View):
 
 
 class DashboardView(PortalView, View):
+    @replica_reads
     def get(self, request):
         current = list(
             reservation_list_for_org(organization=self.organization, status=_CURRENT).order_by(

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import connection
-
 from config.errors import ValidationFailed
+from config.replica import read_connection
 from inventory.models import GpuModel, Node, Site
 from marketplace.models import RateCard
 from marketplace.rules import NodeCapacity, choose_nodes, validate_request_period
@@ -211,7 +210,7 @@ def node_free_capacity(
 ) -> list[NodeCapacity]:
     """Per node of one model at one site: GPUs, and GPUs free for the whole window."""
     filters, params = _filters(site_id=site_id, gpu_model_id=gpu_model_id)
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(
             _sql(_NODES_TAIL, filters=filters),
             {**params, "starts_at": starts_at, "ends_at": ends_at},
@@ -282,7 +281,7 @@ def availability_search(
     params.update(
         starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
     )
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(_sql(_SEARCH_TAIL, filters=filters), params)
         rows = cur.fetchall()
 
@@ -438,7 +437,7 @@ def site_availability(
     """Free GPUs by model at one site for the period (empty unless the site is active)."""
     _validate_window(starts_at=starts_at, ends_at=ends_at)
     filters, params = _filters(site_id=site.pk)
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(
             _sql(_SITE_TAIL, filters=filters),
             {**params, "starts_at": starts_at, "ends_at": ends_at},

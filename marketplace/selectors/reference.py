@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from django.db.models.signals import post_delete, post_save
 
+from config.replica import primary_reads
 from inventory.models import GpuModel, Site
 from marketplace.models import PricingPolicy, RateCard
 
@@ -44,7 +45,9 @@ def _cached(key: tuple, load: Callable[[], object]):
     hit = _entries.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
-    value = load()
+    # Placement prices from these rows too: never a replica's copy, however far behind it is.
+    with primary_reads():
+        value = load()
     with _lock:
         _entries[key] = (now + REFERENCE_TTL_SECONDS, value)
     return value

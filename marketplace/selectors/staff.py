@@ -7,9 +7,9 @@ a handful of queries whatever the fleet's size.
 
 from datetime import datetime, timedelta
 
-from django.db import connection
 from django.db.models import Count
 
+from config.replica import read_connection
 from inventory.models import Node, NodeStatus, Outage
 from marketplace.models import Allocation, ProvisioningAttempt, Reservation, Tier
 from marketplace.models.provisioning import AttemptOutcome
@@ -56,7 +56,7 @@ def utilisation_by_day(*, now: datetime, days: int = 30) -> list[dict]:
     of the GPU-hours the fleet in service (not retired) could give."""
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     first = today - timedelta(days=days - 1)
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(_USED_BY_DAY_SQL, {"first": first, "last": today, "now": now})
         used = cur.fetchall()
     gpus = Node.objects.exclude(status=NodeStatus.RETIRED).aggregate(n=Count("gpus"))["n"] or 0
@@ -92,7 +92,7 @@ GROUP BY s.id, s.name, s.status ORDER BY gpu_hours DESC, s.name
 
 
 def curtailment_exposure(*, now: datetime, hours: int = 24) -> list[dict]:
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(
             _EXPOSURE_SQL,
             {"now": now, "until": now + timedelta(hours=hours), "tier": Tier.INTERRUPTIBLE},
@@ -183,7 +183,7 @@ GROUP BY s.name, m.name, n.status ORDER BY s.name, m.name, n.status
 
 def fleet_gpus(*, now: datetime) -> list[dict]:
     """GPUs by site, model and node status now: how many, failed, and in use at `now`."""
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(_FLEET_SQL, {"now": now})
         return [
             {"site": site, "gpu_model": model, "node_status": status, "gpus": gpus,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db import connection
 from django.utils import timezone
 
+from config.replica import read_connection
 from marketplace.models import Reservation, ReservationStatus
 from marketplace.services.energy import booking_energy, energy_for, energy_measured
 
@@ -50,7 +50,7 @@ def reservation_telemetry(
 ) -> list[GpuSeries]:
     """Per allocated GPU, its minutes in [since, until) within its allocation."""
     series: dict[int, GpuSeries] = {}
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(_SERIES_SQL, {"rid": reservation.pk, "since": since, "until": until})
         for row in cursor.fetchall():
             allocation_id, host, index, lower, upper, minute, util, memory, power, temp = row
@@ -135,7 +135,7 @@ def reservation_energy(*, reservation: Reservation, now: datetime | None = None)
         (max(o.started_at, since), min(o.ended_at or until, until)) for o in _outages(reservation)
     ]
     wall = int((until - since).total_seconds()) - _union_seconds(outages)
-    with connection.cursor() as cursor:
+    with read_connection().cursor() as cursor:
         cursor.execute(_MEASURED_SQL, {"rid": reservation.pk, "since": since, "until": until})
         minutes, watts = cursor.fetchone()
     return energy_measured(
