@@ -60,6 +60,10 @@ logger = logging.getLogger("switchyard.agent")
 # containers again after a restart (it adopts them rather than starting duplicates).
 LABEL_MANAGED = "switchyard.managed"
 LABEL_RESERVATION = "switchyard.reservation"
+# The reservation's placement generation and the GPUs the container was given: a start job of
+# another generation (the reservation moved to other GPUs) replaces the container.
+LABEL_GENERATION = "switchyard.generation"
+LABEL_GPUS = "switchyard.gpus"
 # Mounted read-only at /run/switchyard in the container: authorized_keys, and the preemption
 # notice once one is given.
 NOTICE_DIR_IN_CONTAINER = "/run/switchyard"
@@ -503,6 +507,9 @@ class ContainerExecutor:
         args = ["run", "-d", "--name", name]
         args += ["--label", f"{LABEL_MANAGED}=1"]
         args += ["--label", f"{LABEL_RESERVATION}={payload['reservation']}"]
+        args += ["--label", f"{LABEL_GENERATION}={int(payload.get('generation') or 0)}"]
+        gpus = ",".join(str(int(i)) for i in sorted(payload.get("gpu_indexes", [])))
+        args += ["--label", f"{LABEL_GPUS}={gpus}"]
         args += isolation_args(network=network, cpus=cpus, memory_mib=memory)
         args += gpu_args(
             self.gpu_vendor,
@@ -550,12 +557,26 @@ class ContainerExecutor:
             _labels(existing).get(LABEL_RESERVATION) != payload["reservation"]
         ):
             raise ExecutorError(f"A container named {name} exists that this agent did not start.")
+        generation = str(int(payload.get("generation") or 0))
+        if (
+            existing is not None
+            and existing["State"].get("Running")
+            and _labels(existing).get(LABEL_GENERATION, "0") != generation
+        ):
+            # An earlier placement's container (its stop job did not run): it must not keep
+            # the GPUs it had. Stopped as a stop job would, then replaced below.
+            logger.info(
+                "replacing %s of an earlier generation with generation %s", name, generation
+            )
+            grace = int(payload.get("grace_seconds", 10))
+            self._run(["stop", "-t", str(grace), name], timeout=grace + 120)
+            existing = self._inspect(name)
         if existing is not None and existing["State"].get("Running"):
             progress({"step": "adopt", "container": name})
             logger.info("adopting running container %s", name)
         else:
             if existing is not None:
-                # Left by an agent that crashed before it was ready: start afresh.
+                # Left by an agent that crashed before it was ready, or stopped: start afresh.
                 logger.info(
                     "removing leftover container %s (%s)", name, existing["State"]["Status"]
                 )

@@ -236,7 +236,16 @@ class OutageInline(ReadOnlyInline):
 class AgentJobInline(ReadOnlyInline):
     model = AgentJob
     # The payload holds the workload's secrets: not shown.
-    fields = ["kind", "node", "status", "attempts", "lease_expires_at", "error", "finished_at"]
+    fields = [
+        "kind",
+        "generation",
+        "node",
+        "status",
+        "attempts",
+        "lease_expires_at",
+        "error",
+        "finished_at",
+    ]
     readonly_fields = fields
     ordering = ["id"]
 
@@ -456,6 +465,7 @@ class AgentJobAdmin(ProvisioningRecordAdmin):
     list_display = [
         "id",
         "kind",
+        "generation",
         "status",
         "reservation_link",
         "node_link",
@@ -472,6 +482,7 @@ class AgentJobAdmin(ProvisioningRecordAdmin):
         "reservation_link",
         "node_link",
         "kind",
+        "generation",
         "status",
         "lease_owner",
         "lease_expires_at",

@@ -298,6 +298,12 @@ class Reservation(models.Model):
     preempt_at = models.DateTimeField(null=True, blank=True)
     # db_default: app servers still on the previous release keep inserting during a deploy.
     preempt_reason = models.TextField(blank=True, default="", db_default="")
+    placement_generation = models.PositiveIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Raised each time its GPUs are moved while it lives: the workload is "
+        "restarted for the new generation (site-agent jobs carry it).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

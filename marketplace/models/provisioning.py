@@ -135,9 +135,11 @@ AGENT_JOB_FINAL = (AgentJobStatus.DONE, AgentJobStatus.FAILED, AgentJobStatus.CA
 class AgentJob(models.Model):
     """Work for the site agent of one node; agents behind NAT pull these over the API.
 
-    Unique per (reservation, node, kind): a job is created once, and once done it cannot be
-    done again. A lease that expires hands the job to the next agent that asks; only the
-    current lease id may report on it.
+    Unique per (reservation, node, kind, generation): a job is created once, and once done it
+    cannot be done again. The generation is the reservation's placement generation: a move
+    to other GPUs raises it, so the workload is stopped and started afresh even on a node
+    that already ran it. A lease that expires hands the job to the next agent that asks; only
+    the current lease id may report on it.
     """
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="agent_jobs")
@@ -145,6 +147,12 @@ class AgentJob(models.Model):
         Reservation, on_delete=models.CASCADE, related_name="agent_jobs"
     )
     kind = models.CharField(max_length=10, choices=AgentJobKind.choices)
+    generation = models.PositiveIntegerField(
+        default=0,
+        db_default=0,
+        help_text="The reservation's placement generation this job serves (a stop: the one "
+        "it takes down).",
+    )
     payload = models.JSONField(default=dict, help_text="Workload for the agent (secrets inside).")
     status = models.CharField(
         max_length=10, choices=AgentJobStatus.choices, default=AgentJobStatus.QUEUED
@@ -168,7 +176,8 @@ class AgentJob(models.Model):
         ordering = ["id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["reservation", "node", "kind"], name="agent_job_unique_per_node_kind"
+                fields=["reservation", "node", "kind", "generation"],
+                name="agent_job_unique_per_generation",
             ),
             models.CheckConstraint(
                 condition=Q(status__in=AgentJobStatus.values), name="agent_job_status_valid"
@@ -182,7 +191,9 @@ class AgentJob(models.Model):
         indexes = [models.Index(fields=["node", "status", "id"])]
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.reservation_id} on {self.node_id} ({self.status})"
+        return (
+            f"{self.kind} {self.reservation_id}#{self.generation} on {self.node_id} ({self.status})"
+        )
 
 
 class ReservationOutage(models.Model):

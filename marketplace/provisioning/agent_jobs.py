@@ -27,26 +27,27 @@ __all__ = [
 ]
 
 
-def agent_job_enqueue(*, reservation_id: int, node_id: int, kind: str, payload: dict) -> AgentJob:
-    """Queue a job once; a second call for the same (reservation, node, kind) returns the first."""
-    existing = AgentJob.objects.filter(
-        reservation_id=reservation_id, node_id=node_id, kind=kind
-    ).first()
+def agent_job_enqueue(
+    *, reservation_id: int, node_id: int, kind: str, payload: dict, generation: int = 0
+) -> AgentJob:
+    """Queue a job once; a second call for the same (reservation, node, kind, generation)
+    returns the first."""
+    key = {"reservation_id": reservation_id, "node_id": node_id, "kind": kind}
+    key["generation"] = generation
+    existing = AgentJob.objects.filter(**key).first()
     if existing is not None:
         return existing
     try:
         with transaction.atomic():
             return AgentJob.objects.create(
-                reservation_id=reservation_id,
-                node_id=node_id,
-                kind=kind,
+                **key,
                 payload=payload,
                 # The task that queues the job runs under the id of the request that enqueued it.
                 request_id=_request_id_or_blank(),
             )
     except IntegrityError:
         # Another worker queued it between our read and our insert.
-        return AgentJob.objects.get(reservation_id=reservation_id, node_id=node_id, kind=kind)
+        return AgentJob.objects.get(**key)
 
 
 def _request_id_or_blank() -> str:
@@ -61,9 +62,17 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
     lease = (
         timedelta(seconds=lease_seconds) if lease_seconds is not None else settings.AGENT_JOB_LEASE
     )
+    same_place = {"reservation_id": OuterRef("reservation_id"), "node_id": OuterRef("node_id")}
     prepare_not_done = AgentJob.objects.filter(
-        reservation_id=OuterRef("reservation_id"), node_id=OuterRef("node_id"), kind="prepare"
+        **same_place, kind="prepare", generation=OuterRef("generation")
     ).exclude(status=AgentJobStatus.DONE)
+    # The container of an earlier generation on this node is being taken down first.
+    earlier_stop_open = AgentJob.objects.filter(
+        **same_place,
+        kind="stop",
+        generation__lt=OuterRef("generation"),
+        status__in=[AgentJobStatus.QUEUED, AgentJobStatus.LEASED],
+    )
     job = (
         AgentJob.objects.select_for_update(skip_locked=True)
         .filter(node=node)
@@ -71,8 +80,8 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
             Q(status=AgentJobStatus.QUEUED)
             | Q(status=AgentJobStatus.LEASED, lease_expires_at__lte=now)
         )
-        # A start job waits for its prepare job.
-        .exclude(Q(kind="start") & Exists(prepare_not_done))
+        # A start job waits for its prepare job, and for the stop of the generation before.
+        .exclude(Q(kind="start") & (Exists(prepare_not_done) | Exists(earlier_stop_open)))
         .order_by("id")
         .first()
     )

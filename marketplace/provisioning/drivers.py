@@ -54,6 +54,8 @@ class Target:
     workload: dict
     nodes: tuple[NodeTarget, ...]
     tier: str = ""
+    # The reservation's placement generation: raised by each move to other GPUs.
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,10 @@ class SiteAgentDriver(Driver):
 
     prepare and start_workload only queue jobs (a start job is handed out after its prepare
     job is done); check reads the jobs' state; stop queues stop jobs and cancels what was not
-    yet handed out.
+    yet handed out. Jobs belong to the target's generation: after a move, prepare first takes
+    down what earlier generations started (a stop job on each node that ran one, which the new
+    start job on that node waits for), so a node that already ran the workload restarts it
+    on its new GPUs instead of reading the old start as done.
     """
 
     name = "site_agent"
@@ -205,10 +210,41 @@ class SiteAgentDriver(Driver):
                 reservation_id=target.reservation_id,
                 node_id=node.node_id,
                 kind=kind,
-                payload=_agent_payload(target, node, kind),
+                generation=target.generation,
+                payload=_agent_payload(target, node, kind, generation=target.generation),
+            )
+
+    def _supersede(self, target: Target) -> None:
+        """Earlier generations' work: what no agent took yet is cancelled, and each node where
+        one of their start jobs may have run a container gets a stop job for it."""
+        from marketplace.models import AgentJob, AgentJobStatus
+        from marketplace.provisioning.agent_jobs import agent_job_enqueue
+
+        earlier = AgentJob.objects.filter(
+            reservation_id=target.reservation_id, generation__lt=target.generation
+        )
+        earlier.filter(kind__in=["prepare", "start"], status=AgentJobStatus.QUEUED).update(
+            status=AgentJobStatus.CANCELLED
+        )
+        latest: dict[int, AgentJob] = {}
+        for job in (
+            earlier.filter(kind="start")
+            .exclude(status=AgentJobStatus.CANCELLED)
+            .order_by("node_id", "-generation")
+        ):
+            latest.setdefault(job.node_id, job)
+        for job in latest.values():
+            node = NodeTarget(job.node_id, "", tuple(job.payload.get("gpu_indexes", [])))
+            agent_job_enqueue(
+                reservation_id=target.reservation_id,
+                node_id=job.node_id,
+                kind="stop",
+                generation=job.generation,
+                payload=_agent_payload(target, node, "stop", generation=job.generation),
             )
 
     def prepare(self, target: Target) -> None:
+        self._supersede(target)
         self._enqueue(target, "prepare")
 
     def start_workload(self, target: Target) -> None:
@@ -223,6 +259,7 @@ class SiteAgentDriver(Driver):
                 reservation_id=target.reservation_id,
                 node_id__in=node_ids,
                 kind__in=["prepare", "start"],
+                generation=target.generation,
             )
         )
         for job in jobs:
@@ -262,6 +299,7 @@ class SiteAgentDriver(Driver):
     def stop(self, target: Target) -> Check:
         from inventory.models import Node, NodeStatus
         from marketplace.models import AgentJob, AgentJobStatus
+        from marketplace.models.provisioning import AGENT_JOB_FINAL
 
         # What an agent has not picked up yet need not run at all.
         AgentJob.objects.filter(
@@ -269,22 +307,19 @@ class SiteAgentDriver(Driver):
             kind__in=["prepare", "start"],
             status=AgentJobStatus.QUEUED,
         ).update(status=AgentJobStatus.CANCELLED)
+        # A container an earlier generation left on a node it has since moved off, too.
+        self._supersede(target)
         self._enqueue(target, "stop")
         stops = AgentJob.objects.filter(reservation_id=target.reservation_id, kind="stop")
         offline = set(
             Node.objects.filter(
-                pk__in=[n.node_id for n in target.nodes],
+                pk__in={j.node_id for j in stops},
                 status__in=[NodeStatus.OFFLINE, NodeStatus.RETIRED],
             ).values_list("pk", flat=True)
         )
         # A node that is offline cannot stop anything now; its agent runs the queued stop job
         # when it comes back, and the GPUs are not sold before the node is back in service.
-        waiting = [
-            j
-            for j in stops
-            if j.status not in (AgentJobStatus.DONE, AgentJobStatus.FAILED)
-            and j.node_id not in offline
-        ]
+        waiting = [j for j in stops if j.status not in AGENT_JOB_FINAL and j.node_id not in offline]
         # An agent that has not even leased its stop job for that long is gone: the release
         # completes (billing stops), and the stop runs when the agent comes back.
         stalled = {j.node_id for j in waiting if _stalled([j])}
@@ -311,9 +346,10 @@ def _stalled(jobs: list["AgentJob"]) -> "AgentJob | None":
     return None
 
 
-def _agent_payload(target: Target, node: NodeTarget, kind: str) -> dict:
+def _agent_payload(target: Target, node: NodeTarget, kind: str, *, generation: int) -> dict:
     payload = {
         "reservation": target.public_id,
+        "generation": generation,
         "gpu_indexes": list(node.gpu_indexes),
         "container_name": f"sy-{target.public_id}",
     }

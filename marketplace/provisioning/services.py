@@ -78,6 +78,7 @@ __all__ = [
     "reservation_provision_step",
     "reservation_release_step",
     "reservation_reallocate",
+    "placement_generation_raise",
     "reservation_outages_record_for_node",
     "reservation_outages_close_for_node",
     "reservation_outages_reconcile",
@@ -227,6 +228,7 @@ def _target(reservation: Reservation) -> tuple[Target, list[tuple[int, str, str]
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
         tier=reservation.tier,
+        generation=reservation.placement_generation,
     )
     return target, list(node_states.values())
 
@@ -349,7 +351,9 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
 
     try:
         _refuse_unusable_nodes(node_states)
-        if not resumed:
+        # Resumed: the last run queued the work and waited for it. Not after a move back to
+        # scheduled, which changed the placement (and its generation).
+        if not resumed or moves:
             driver.prepare(target)
             driver.start_workload(target)
         check = _wait_ready(target, probe=driver.check, window=window)
@@ -516,6 +520,7 @@ def _provision_claim(
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
         tier=reservation.tier,
+        generation=reservation.placement_generation,
     )
     return (
         attempt,
@@ -646,8 +651,16 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
         starts_at=max(now, reservation.starts_at),
         ends_at=reservation.ends_at,
     )
+    placement_generation_raise(reservation)
     reservation_event_record(reservation=reservation, type=EventType.RESERVATION_MOVED)
     return count
+
+
+def placement_generation_raise(reservation: Reservation) -> None:
+    """The reservation's GPUs changed: its workload runs afresh as the next generation (the
+    site agent stops the old container, even on a node it stays on, and starts a new one)."""
+    reservation.placement_generation += 1
+    reservation.save(update_fields=["placement_generation", "updated_at"])
 
 
 def _allocations_end(queryset, *, now: datetime) -> None:
@@ -807,6 +820,7 @@ def _teardown_prepare(
         workload=reservation.workload or {},
         nodes=tuple(by_node.values()),
         tier=reservation.tier,
+        generation=reservation.placement_generation,
     )
     return attempt, failures, target
 

@@ -86,6 +86,7 @@ def _undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal
 def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None = None) -> str:
     """Move or end one reservation holding a failed GPU; returns what was done."""
     from marketplace.provisioning.scheduler import provisioning_kick, release_kick
+    from marketplace.provisioning.services import placement_generation_raise
     from marketplace.services.allocation import allocation_place
 
     now = now or timezone.now()
@@ -144,6 +145,7 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
             locked, cause=cause, failed_at=failed_at, now=now, kick=release_kick
         )
 
+    placement_generation_raise(locked)
     where = ", ".join(f"{a.node.hostname}/gpu{a.gpu_id}" for a in placed)
     moved = f"{cause}; moved to {len(placed)} healthy GPU(s) at {locked.site.slug}"
     if locked.status == ReservationStatus.ACTIVE:

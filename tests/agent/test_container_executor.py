@@ -281,6 +281,44 @@ def test_a_restarted_agent_adopts_the_running_container_instead_of_starting_anot
     assert len(listed) == 1
 
 
+def test_a_start_of_a_new_generation_replaces_the_running_container_with_the_new_gpus(
+    executor_factory, payload_for
+):
+    """The reservation moved to other GPUs on this node and its old container's stop did not
+    run: the new generation's start does not adopt the old container, it replaces it."""
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080], gpu_indexes=[0, 1])
+    name = payload["container_name"]
+    executor = executor_factory()
+    first = _start(executor, payload)
+
+    def labels() -> dict:
+        return json.loads(
+            podman("container", "inspect", "--format", "{{json .Config.Labels}}", name).stdout
+        )
+
+    assert (labels()["switchyard.generation"], labels()["switchyard.gpus"]) == ("0", "0,1")
+    # The same generation again (a restarted agent) adopts it.
+    assert executor.run("start", payload, no_progress) == first
+
+    steps: list[dict] = []
+    moved = {**payload, "generation": 1, "gpu_indexes": [2, 0], "grace_seconds": 5}
+    second = executor.run("start", moved, steps.append)
+
+    assert second["container_id"] != first["container_id"]
+    assert {"step": "adopt", "container": name} not in steps
+    assert (labels()["switchyard.generation"], labels()["switchyard.gpus"]) == ("1", "0,2")
+    assert _echo(second["ports"]["8080"]) == b"ping\n"
+    listed = podman(
+        "ps",
+        "-a",
+        "--filter",
+        f"label=switchyard.reservation={payload['reservation']}",
+        "--format",
+        "{{.ID}}",
+    ).stdout.split()
+    assert listed == [second["container_id"][:12]]
+
+
 def test_an_unusable_runtime_is_a_node_failure_not_a_workload_failure(
     executor_factory, payload_for, tmp_path
 ):

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from inventory.models import Gpu
 from inventory.services import node_token_issue
+from inventory.telemetry import gpu_mark_failed
 from marketplace.models import AgentJob, Reservation, ReservationStatus
 from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.services.curtailment import curtailment_announce
@@ -156,3 +158,91 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
             podman("rm", "-f", "-t", "0", name, check=False)
             podman("network", "rm", "-f", f"{name}-net", check=False)
     assert "hf_top_secret" not in (tmp_path / "agent.log").read_text()
+
+
+def _labels(name: str) -> dict:
+    return json.loads(
+        podman("container", "inspect", "--format", "{{json .Config.Labels}}", name).stdout
+    )
+
+
+def _container_id(name: str) -> str:
+    return podman("container", "inspect", "--format", "{{.Id}}", name).stdout.strip()
+
+
+def test_a_move_to_another_gpu_of_the_same_node_restarts_the_container_on_the_new_gpus(
+    worker, live_server, tmp_path, test_image
+):
+    """A GPU fails under an active reservation; the healthy GPU it moves to is on the node that
+    already runs it. The agent stops the old container and starts a new one with the new GPU
+    set, and the reservation is active again only once the new one answers."""
+    worker.start(PROVISIONING_DRIVER="site_agent", PROVISIONING_READINESS_TIMEOUT_SECONDS="20")
+    market = market_create(nodes=1, gpus=4)
+    node = market.nodes[0]
+    _token, secret = node_token_issue(node=node, label="site agent")
+    r = market.book(
+        gpu_count=2,
+        workload={"image": test_image, "ssh_public_keys": [ssh_key()], "env": {"READY_AFTER": "2"}},
+    )
+    name = f"sy-{r.public_id}"
+    reservations_dispatch_due()
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [
+            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
+            "--token", secret, "--executor", "container", "--runtime", "podman",
+            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **RUNTIME_ENV, "DEBUG": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _fresh(r).status == S.ACTIVE, timeout=60, what="activation")
+        first = _fresh(r)
+        old_id = _container_id(name)
+        old_gpus = sorted(first.connection["nodes"][0]["gpu_indexes"])
+        assert _labels(name)["switchyard.gpus"] == ",".join(map(str, old_gpus))
+        bad = Gpu.objects.get(node=node, index=old_gpus[0])
+
+        gpu_mark_failed(gpu=bad, actor=None, reason="Xid 79 seen", actor_label="staff: test")
+
+        wait_for(
+            lambda: statuses(r)[3:] == [S.PROVISIONING, S.ACTIVE],
+            timeout=90,
+            what="the move and the restart",
+        )
+        moved = _fresh(r)
+        new_gpus = sorted(moved.connection["nodes"][0]["gpu_indexes"])
+        assert bad.index not in new_gpus and len(new_gpus) == 2
+        assert old_gpus[1] in new_gpus  # the healthy GPU it had stays, on the same node
+        assert moved.placement_generation == 1
+        # A new container, given the new GPUs, not the old one read as started.
+        assert _container_id(name) != old_id
+        assert _labels(name)["switchyard.generation"] == "1"
+        assert _labels(name)["switchyard.gpus"] == ",".join(map(str, new_gpus))
+        jobs = {
+            (j.kind, j.generation): j for j in AgentJob.objects.filter(reservation=r, node=node)
+        }
+        assert sorted(jobs) == [
+            ("prepare", 0), ("prepare", 1), ("start", 0), ("start", 1), ("stop", 0)
+        ]  # fmt: skip
+        assert {j.status for j in jobs.values()} == {"done"}
+        assert jobs[("stop", 0)].payload["gpu_indexes"] == old_gpus
+        # Active again only once the new container answered: it listens 2 s after it starts,
+        # which is after the old one's stop finished.
+        back = moved.transitions.filter(to_status=S.ACTIVE).order_by("at").last().at
+        assert (back - jobs[("stop", 0)].finished_at).total_seconds() >= 2
+        assert jobs[("start", 1)].finished_at <= back
+        with socket.create_connection(("127.0.0.1", moved.connection["ssh_port"]), timeout=5) as c:
+            c.sendall(b"hello\n")
+            assert c.recv(16) == b"hello\n"
+        assert "failed" in moved.transitions.filter(to_status=S.PROVISIONING).last().cause
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("network", "rm", "-f", f"{name}-net", check=False)

@@ -12,8 +12,14 @@ from billing.services.credits import cancellation_settle
 from billing.services.usage import outage_intervals, reservation_delivered_seconds
 from inventory.models import Gpu, GpuHealth, NodeStatus, Outage, OutageCause
 from inventory.telemetry import gpu_health_apply
-from marketplace.models import Allocation, ReservationOutage, ReservationStatus, Tier
-from marketplace.provisioning.drivers import SimulatedDriver
+from marketplace.models import (
+    AgentJob,
+    Allocation,
+    ReservationOutage,
+    ReservationStatus,
+    Tier,
+)
+from marketplace.provisioning.drivers import SimulatedDriver, SiteAgentDriver
 from marketplace.provisioning.services import reservation_provision_step
 from marketplace.services.gpu_failures import gpu_failures_handle
 from marketplace.services.reservations import reservation_create
@@ -222,3 +228,33 @@ def test_a_failed_gpu_is_no_longer_sold_but_a_degraded_one_is(market):
     with pytest.raises(Exception) as refused:
         market.book(gpu_count=1)
     assert getattr(refused.value, "code", None) == "not_available"
+
+
+def test_a_reservation_moved_while_its_agent_jobs_wait_queues_them_for_the_new_placement(
+    market,
+):
+    """Provisioning through site agents, waiting for the jobs: a GPU fails, the reservation
+    goes back to scheduled on a new placement, and the next run queues that placement's jobs
+    (a new generation) instead of resuming the wait for the old ones."""
+    r = market.book(gpu_count=2)
+    driver = SiteAgentDriver()
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=driver, check_window=0
+    ).outcome == ("waiting")
+    old = sorted(Allocation.objects.filter(reservation=r).values_list("gpu__index", flat=True))
+    fail_gpu(Gpu.objects.get(pk=min(live_gpus(r))))
+    assert gpu_failures_handle()["moved"] == 1
+    r.refresh_from_db()
+    assert (r.status, r.placement_generation) == (S.SCHEDULED, 1)
+
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=driver, check_window=0
+    ).outcome == ("waiting")
+
+    jobs = AgentJob.objects.filter(reservation=r, generation=1, kind="start")
+    new = sorted(i for j in jobs for i in j.payload["gpu_indexes"])
+    assert len(new) == 2 and new != old
+    # The old generation's work that no agent took is cancelled.
+    assert set(
+        AgentJob.objects.filter(reservation=r, generation=0).values_list("status", flat=True)
+    ) == {"cancelled"}

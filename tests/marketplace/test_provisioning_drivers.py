@@ -3,11 +3,13 @@
 import json
 import random
 import time
+from dataclasses import replace
 
 import pytest
 
 from inventory.models import NodeStatus
 from marketplace.models import AgentJob, AgentJobStatus
+from marketplace.provisioning.agent_jobs import agent_job_lease
 from marketplace.provisioning.drivers import (
     DriverError,
     NodeFailure,
@@ -157,3 +159,82 @@ def test_stopping_on_an_offline_node_does_not_wait_for_its_agent(agent_target):
     assert SiteAgentDriver().stop(target).state == "ready"
     # The stop stays queued for when the agent comes back.
     assert AgentJob.objects.get(reservation=r, kind="stop").status == AgentJobStatus.QUEUED
+
+
+def _lease_kinds(node) -> list[tuple[str, int]]:
+    """Lease (and complete) the node's jobs in the order the agent gets them."""
+    got = []
+    while (job := agent_job_lease(node=node)) is not None:
+        got.append((job.kind, job.generation))
+        AgentJob.objects.filter(pk=job.pk).update(
+            status=AgentJobStatus.DONE, result={"host": "10.0.0.5", "ssh_port": 2200 + len(got)}
+        )
+    return got
+
+
+def test_a_new_generation_on_the_same_node_stops_the_old_container_before_starting(
+    agent_target,
+):
+    r, node, target = agent_target
+    driver = SiteAgentDriver()
+    driver.prepare(target)
+    driver.start_workload(target)
+    assert _lease_kinds(node) == [("prepare", 0), ("start", 0)]
+    assert driver.check(target).state == "ready"
+
+    # Moved: GPU 0 failed, GPU 2 on the same node instead.
+    moved = replace(target, generation=1, nodes=(NodeTarget(node.pk, node.hostname, (1, 2)),))
+    driver.prepare(moved)
+    driver.start_workload(moved)
+
+    # The old generation's finished start is not read as this one's.
+    assert driver.check(moved).state == "pending"
+    stop = AgentJob.objects.get(reservation=r, kind="stop")
+    assert (stop.generation, stop.payload["gpu_indexes"]) == (0, [0, 1])
+    start = AgentJob.objects.get(reservation=r, kind="start", generation=1)
+    assert (start.payload["generation"], start.payload["gpu_indexes"]) == (1, [1, 2])
+    # The new start is handed out only once the old container's stop is done.
+    AgentJob.objects.filter(reservation=r, kind="prepare", generation=1).update(
+        status=AgentJobStatus.DONE
+    )
+    leased = agent_job_lease(node=node)
+    assert (leased.kind, leased.generation) == ("stop", 0)
+    assert agent_job_lease(node=node) is None  # the start waits while the stop is leased
+    AgentJob.objects.filter(pk=leased.pk).update(status=AgentJobStatus.DONE)
+    assert _lease_kinds(node) == [("start", 1)]
+    check = driver.check(moved)
+    assert (check.state, check.connection["ssh_port"]) == ("ready", 2201)
+    assert check.connection["nodes"][0]["gpu_indexes"] == [1, 2]
+    # Preparing again (a retried step) queues nothing more.
+    driver.prepare(moved)
+    assert AgentJob.objects.filter(reservation=r).count() == 5
+
+
+def test_a_node_the_reservation_moved_off_gets_a_stop_and_release_waits_for_it(
+    db,
+    allow_all_funding,  # noqa: F811
+):
+    market = market_create(nodes=2, gpus=2)
+    r = market.book(gpu_count=2)
+    first, second = market.nodes
+    driver = SiteAgentDriver()
+    old = Target(r.pk, r.public_id, r.workload, (NodeTarget(first.pk, first.hostname, (0, 1)),))
+    driver.prepare(old)
+    driver.start_workload(old)
+    assert _lease_kinds(first) == [("prepare", 0), ("start", 0)]
+
+    new = Target(
+        r.pk, r.public_id, r.workload, (NodeTarget(second.pk, second.hostname, (0, 1)),),
+        generation=1,
+    )  # fmt: skip
+    assert driver.stop(new).state == "pending"
+    stops = AgentJob.objects.filter(reservation=r, kind="stop").order_by("node_id")
+    assert list(stops.values_list("node_id", "generation")) == [(first.pk, 0), (second.pk, 1)]
+    AgentJob.objects.filter(reservation=r, kind="stop", node=second).update(
+        status=AgentJobStatus.DONE
+    )
+    assert driver.stop(new).state == "pending"  # the container left on the first node
+    AgentJob.objects.filter(reservation=r, kind="stop", node=first).update(
+        status=AgentJobStatus.DONE
+    )
+    assert driver.stop(new).state == "ready"
