@@ -66,18 +66,17 @@ from pathlib import Path
 
 import yaml
 from django.conf import settings
-from django.db import transaction
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models, transaction
 from django.utils import timezone
 
 from config.errors import ValidationFailed
 from inventory.models import (
-    CoolingType,
     Gpu,
     GpuModel,
     Node,
     NodeStatus,
     Site,
-    SiteStatus,
 )
 
 # --- Batching ------------------------------------------------------------------------------
@@ -108,12 +107,12 @@ class _Bad(Exception):
 Parser = Callable[[object], object]
 
 
-def _text(max_length: int) -> Parser:
+def _text(max_length: int | None) -> Parser:
     def parse(value):
         if isinstance(value, bool | dict | list) or value is None:
             raise _Bad("must be text")
         text = str(value).strip()
-        if len(text) > max_length:
+        if max_length is not None and len(text) > max_length:
             raise _Bad(f"must be at most {max_length} characters")
         return text
 
@@ -124,10 +123,10 @@ def _pattern(regex: str, what: str, max_length: int) -> Parser:
     compiled = re.compile(regex)
 
     def parse(value):
-        text = _text(max_length)(value)
-        if not compiled.fullmatch(text):
+        text = _text(None)(value)
+        if not compiled.fullmatch(text):  # the format first: it says more than a length
             raise _Bad(f"must be {what}, got {text!r}")
-        return text
+        return _text(max_length)(text)
 
     return parse
 
@@ -150,7 +149,9 @@ def _integer(minimum: int = 0, maximum: int = 2_147_483_647) -> Parser:
     return parse
 
 
-def _decimal(max_digits: int, places: int, minimum: Decimal, maximum: Decimal | None) -> Parser:
+def _decimal(
+    max_digits: int, places: int, minimum: Decimal | None, maximum: Decimal | None
+) -> Parser:
     def parse(value):
         if isinstance(value, bool | dict | list) or value is None:
             raise _Bad(f"must be a number, got {value!r}")
@@ -162,8 +163,11 @@ def _decimal(max_digits: int, places: int, minimum: Decimal, maximum: Decimal | 
             raise _Bad(f"must be a number, got {value!r}")
         if number != number.quantize(Decimal(1).scaleb(-places)):
             raise _Bad(f"must have at most {places} decimal places, got {value}")
-        if number < minimum or (maximum is not None and number > maximum):
-            bounds = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+            if minimum is not None and maximum is not None:
+                bounds = f"between {minimum} and {maximum}"
+            else:
+                bounds = f"≥ {minimum}" if minimum is not None else f"≤ {maximum}"
             raise _Bad(f"must be {bounds}, got {number}")
         if abs(number) >= Decimal(10) ** (max_digits - places):
             raise _Bad(f"is too large, got {number}")
@@ -182,22 +186,23 @@ def _choice(choices: list[str]) -> Parser:
     return parse
 
 
-def _country(value):
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z]{2}", value.strip()):
-        raise _Bad(f"must be a two-letter ISO 3166-1 country code, got {value!r}")
-    return value.strip().upper()
+def _upper(parse: Parser) -> Parser:
+    return lambda value: parse(value).upper()
 
 
-def _serials(value):
-    if isinstance(value, str):
-        items = [s for s in re.split(r"[;\s]+", value) if s]
-    elif isinstance(value, list):
-        items = [_text(64)(s) for s in value]
-    else:
-        raise _Bad("must be a list of serial numbers")
-    if any(not s or len(s) > 64 for s in items):
-        raise _Bad("must be serial numbers of 1 to 64 characters")
-    return items
+def _serials(max_length: int) -> Parser:
+    def parse(value):
+        if isinstance(value, str):
+            items = [s for s in re.split(r"[;\s]+", value) if s]
+        elif isinstance(value, list):
+            items = [_text(max_length)(s) for s in value]
+        else:
+            raise _Bad("must be a list of serial numbers")
+        if any(not s or len(s) > max_length for s in items):
+            raise _Bad(f"must be serial numbers of 1 to {max_length} characters")
+        return items
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -208,50 +213,98 @@ class Spec:
     create_only: bool = False  # only used when the row is created (statuses)
 
 
-_SLUG = _pattern(r"[a-z0-9]+(?:[-_][a-z0-9]+)*", "a lowercase slug (a-z, 0-9, -)", 64)
+def _limits(model_field) -> tuple[Decimal | int | None, Decimal | int | None]:
+    """The field's range: its Min/MaxValueValidators (an integer field's include the
+    database column's own range), the tightest of each."""
+    lows = [v.limit_value for v in model_field.validators if isinstance(v, MinValueValidator)]
+    highs = [v.limit_value for v in model_field.validators if isinstance(v, MaxValueValidator)]
+    return (max(lows) if lows else None), (min(highs) if highs else None)
 
-GPU_MODEL_FIELDS: dict[str, Spec] = {
-    "slug": Spec(_SLUG),
-    "name": Spec(_text(120)),
-    "vendor": Spec(_text(40)),
-    "memory_gb": Spec(_integer(1)),
-    "tdp_watts": Spec(_integer(1)),
-    "interconnect": Spec(_text(60), required=False, default=""),
-}
-SITE_FIELDS: dict[str, Spec] = {
-    "slug": Spec(_SLUG),
-    "name": Spec(_text(200)),
-    "region": Spec(_SLUG),
-    "country": Spec(_country),
-    "grid_operator": Spec(_text(120)),
-    "power_capacity_kw": Spec(_decimal(10, 1, Decimal(0), None)),
-    "pue": Spec(_decimal(4, 2, Decimal(1), Decimal(5))),
-    "cooling": Spec(_choice(list(CoolingType.values))),
-    "energy_price_per_mwh": Spec(_decimal(10, 2, Decimal(0), None)),
-    "energy_currency": Spec(
-        _pattern(r"[a-z]{3}", "a three-letter currency code", 3), required=False, default="usd"
-    ),
-    "renewable_share": Spec(_decimal(4, 3, Decimal(0), Decimal(1))),
-    "grid_carbon_g_per_kwh": Spec(_integer(0, 2000), required=False),
-    "uplink_gbps": Spec(_integer(0)),
-    "former_use": Spec(_text(200), required=False, default=""),
-    "status": Spec(_choice(list(SiteStatus.values)), required=False, create_only=True),
-}
+
+def _from_model(
+    model,
+    name: str,
+    *,
+    pattern: tuple[str, str] | None = None,
+    choices: list[str] | None = None,
+    create_only: bool = False,
+) -> Spec:
+    """A file field read as the model's field of that name: its length, digits, range, choices
+    and whether it may be left out (blank, null or a default) come from the model, so a change
+    there reaches the import. `pattern` (regex, what) and `choices` add the file's own rules:
+    a format, or a narrower set of choices."""
+    model_field = model._meta.get_field(name)
+    low, high = _limits(model_field)
+    if choices is not None or model_field.choices:
+        parse = _choice(choices or [str(value) for value, _ in model_field.flatchoices])
+    elif isinstance(model_field, models.DecimalField):
+        parse = _decimal(model_field.max_digits, model_field.decimal_places, low, high)
+    elif isinstance(model_field, models.IntegerField):
+        parse = _integer(0 if low is None else low, 2_147_483_647 if high is None else high)
+    elif pattern is not None:
+        parse = _pattern(*pattern, model_field.max_length)
+    else:
+        parse = _text(model_field.max_length)
+    optional = model_field.blank or model_field.null or model_field.has_default()
+    return Spec(
+        parse,
+        required=not optional,
+        default=model_field.get_default() if optional and not create_only else None,
+        create_only=create_only,
+    )
+
+
+_SLUG = (r"[a-z0-9]+(?:[-_][a-z0-9]+)*", "a lowercase slug (a-z, 0-9, -)")
+_HOSTNAME = (r"[A-Za-z0-9][A-Za-z0-9.-]*", "a hostname")
+_COUNTRY = (r"[A-Za-z]{2}", "a two-letter ISO 3166-1 country code")
+_CURRENCY = (r"[a-z]{3}", "a three-letter currency code")
 _NODE_START_STATUSES = [NodeStatus.AVAILABLE, NodeStatus.DRAINING, NodeStatus.MAINTENANCE]
-NODE_FIELDS: dict[str, Spec] = {
-    "hostname": Spec(_pattern(r"[A-Za-z0-9][A-Za-z0-9.-]*", "a hostname", 120)),
-    "gpu_model": Spec(_SLUG),
-    "gpu_count": Spec(_integer(0, 64), required=False),
-    "gpu_serials": Spec(_serials, required=False),
-    "cpu_model": Spec(_text(120), required=False, default=""),
-    "cpu_cores": Spec(_integer(1)),
-    "ram_gb": Spec(_integer(1)),
-    "disk_gb": Spec(_integer(0)),
-    "nic_gbps": Spec(_integer(0)),
-    "status": Spec(
-        _choice([str(s) for s in _NODE_START_STATUSES]), required=False, create_only=True
-    ),
-}
+_MAX_GPUS_PER_NODE = 64  # gpu_count is the file's shorthand, not a column
+
+
+def field_specs() -> tuple[dict[str, Spec], dict[str, Spec], dict[str, Spec]]:
+    """The file's fields for GPU models, sites and nodes, read from the models' fields."""
+    gpu_models = {
+        "slug": _from_model(GpuModel, "slug", pattern=_SLUG),
+        **{n: _from_model(GpuModel, n) for n in ("name", "vendor", "memory_gb", "tdp_watts")},
+        "interconnect": _from_model(GpuModel, "interconnect"),
+    }
+    country = _from_model(Site, "country", pattern=_COUNTRY)
+    sites = {
+        "slug": _from_model(Site, "slug", pattern=_SLUG),
+        "name": _from_model(Site, "name"),
+        "region": _from_model(Site, "region", pattern=_SLUG),
+        "country": Spec(_upper(country.parse), required=country.required),
+        **{
+            n: _from_model(Site, n)
+            for n in ("grid_operator", "power_capacity_kw", "pue", "cooling")
+        },
+        "energy_price_per_mwh": _from_model(Site, "energy_price_per_mwh"),
+        "energy_currency": _from_model(Site, "energy_currency", pattern=_CURRENCY),
+        **{
+            n: _from_model(Site, n)
+            for n in ("renewable_share", "grid_carbon_g_per_kwh", "uplink_gbps", "former_use")
+        },
+        "status": _from_model(Site, "status", create_only=True),
+    }
+    gpu_model_slug = _from_model(GpuModel, "slug", pattern=_SLUG)
+    nodes = {
+        "hostname": _from_model(Node, "hostname", pattern=_HOSTNAME),
+        "gpu_model": gpu_model_slug,
+        "gpu_count": Spec(_integer(0, _MAX_GPUS_PER_NODE), required=False),
+        "gpu_serials": Spec(_serials(Gpu._meta.get_field("serial").max_length), required=False),
+        **{
+            n: _from_model(Node, n)
+            for n in ("cpu_model", "cpu_cores", "ram_gb", "disk_gb", "nic_gbps")
+        },
+        "status": _from_model(
+            Node, "status", choices=[str(s) for s in _NODE_START_STATUSES], create_only=True
+        ),
+    }
+    return gpu_models, sites, nodes
+
+
+GPU_MODEL_FIELDS, SITE_FIELDS, NODE_FIELDS = field_specs()
 
 # CSV column -> (kind, field)
 CSV_COLUMNS: dict[str, tuple[str, str]] = {

@@ -214,8 +214,8 @@ class GpuModel(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=120)
     vendor = models.CharField(max_length=40)
-    memory_gb = models.PositiveIntegerField()
-    tdp_watts = models.PositiveIntegerField()
+    memory_gb = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    tdp_watts = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     interconnect = models.CharField(
         max_length=60, blank=True, help_text="e.g. NVLink 900 GB/s, PCIe 4.0"
     )
@@ -243,8 +243,8 @@ class Node(models.Model):
     hostname = models.CharField(max_length=120, unique=True)
     gpu_model = models.ForeignKey(GpuModel, on_delete=models.PROTECT, related_name="nodes")
     cpu_model = models.CharField(max_length=120, blank=True)
-    cpu_cores = models.PositiveIntegerField()
-    ram_gb = models.PositiveIntegerField()
+    cpu_cores = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    ram_gb = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     disk_gb = models.PositiveIntegerField()
     nic_gbps = models.PositiveIntegerField()
     status = models.CharField(
