@@ -247,6 +247,20 @@ RATE_LIMIT_FAIL_OPEN_SECONDS = env_int("RATE_LIMIT_FAIL_OPEN_SECONDS", 300, mini
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()
 
+# --- Grid power prices (docs/grid.md) -------------------------------------------------------
+# A zone with no price received for this long is stale: its sites are priced from their
+# static energy price until the feed is back.
+GRID_PRICE_MAX_AGE = timedelta(hours=env_int("GRID_PRICE_MAX_AGE_HOURS", 26, minimum=1))
+# Prices per MWh outside [floor, cap] are refused at the door (and ignored by pricing if the
+# bounds were tightened after they were stored). Negative prices are real; absurd ones are not.
+GRID_PRICE_FLOOR_PER_MWH = env_decimal("GRID_PRICE_FLOOR_PER_MWH", Decimal("-500"))
+GRID_PRICE_CAP_PER_MWH = env_decimal("GRID_PRICE_CAP_PER_MWH", Decimal("5000"))
+if GRID_PRICE_FLOOR_PER_MWH >= GRID_PRICE_CAP_PER_MWH:
+    raise ImproperlyConfigured(
+        "GRID_PRICE_FLOOR_PER_MWH must be below GRID_PRICE_CAP_PER_MWH, got "
+        f"{GRID_PRICE_FLOOR_PER_MWH} and {GRID_PRICE_CAP_PER_MWH}"
+    )
+
 # --- Events and webhooks (docs/integrators.md) ---------------------------------------------
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 30, minimum=30)
 # Development and tests only: let webhook endpoints be plain http and resolve to loopback or

@@ -30,7 +30,8 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
             "URL are refused with 400 api_key_in_url. A key carries scopes: read (GET), write "
             "(everything a member can do, including read, except moving money) and billing "
             "(saving, removing and choosing cards, top-ups, billing settings; never implied "
-            "by write, granted only by an owner, off by default). Each operation names the "
+            "by write, granted only by an owner, off by default); grid (pushing power prices "
+            "for price zones, granted only by staff). Each operation names the "
             "scope it needs in its description and in x-api-key-scope; managing API keys and "
             "invitations needs a signed-in owner or admin (x-api-key-scope: none). A missing "
             "scope is 403 insufficient_scope.",

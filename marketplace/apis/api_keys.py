@@ -45,7 +45,8 @@ class ApiKeyCreateInput(serializers.Serializer):
         default=[ApiKeyScope.READ, ApiKeyScope.WRITE],
         help_text="read: GET only. write: everything a member can do (includes read), except "
         "moving money. billing: save, remove and choose cards, top up, change billing settings "
-        "(not implied by write; only an owner can grant it). Default: read and write.",
+        "(not implied by write; only an owner can grant it). grid: push power prices for any "
+        "price zone (only staff can grant it). Default: read and write.",
     )
 
 

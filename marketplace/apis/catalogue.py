@@ -222,15 +222,44 @@ class BreakdownOutput(serializers.Serializer):
     utilisation_multiplier = serializers.CharField()
     energy_price_per_mwh = serializers.CharField(
         allow_null=True,
-        help_text="The site's energy price in the price's currency; null when it is not known "
-        "in it (then there is no energy adjustment).",
+        help_text="The power price this tier is priced from, per MWh in the price's currency "
+        "(the site's zone prices over the tier's basis, else its static price); null when not "
+        "known in that currency (then no energy adjustment and no energy floor).",
+    )
+    energy_price_source = serializers.CharField(
+        allow_null=True, help_text='"zone:<code>" or "static"; null when not known.'
+    )
+    energy_price_basis = serializers.ChoiceField(
+        choices=["hour", "window", "long"],
+        allow_null=True,
+        help_text="hour: the window's first hour; window: the booked window, time-weighted; "
+        "long: the window and the 30 days before it.",
+    )
+    energy_price_note = serializers.CharField(
+        default="", help_text="In words: which prices, gaps and time beyond the published horizon."
+    )
+    window_energy_price_per_mwh = serializers.CharField(
+        allow_null=True, help_text="The expected power price over the booked window."
     )
     energy_multiplier = serializers.CharField(
         help_text="1 + the policy's pass-through × (energy price ÷ reference − 1); 1 when off."
     )
     multiplier_unbounded = serializers.CharField()
     multiplier = serializers.CharField()
-    clamped = serializers.CharField(allow_null=True)
+    clamped = serializers.ChoiceField(
+        choices=["floor", "ceiling", "energy_floor"],
+        allow_null=True,
+        help_text="energy_floor: the price is the GPU-hour's energy cost plus margin.",
+    )
+    energy_cost_per_gpu_hour = serializers.CharField(
+        allow_null=True,
+        help_text="Rated board power × site PUE × the power price: the GPU-hour's marginal "
+        "energy cost.",
+    )
+    margin_per_gpu_hour = serializers.CharField(allow_null=True)
+    price_floor_per_gpu_hour = serializers.CharField(
+        allow_null=True, help_text="Energy cost + margin: no price goes below it."
+    )
     price_per_gpu_hour = serializers.CharField()
     gpu_count = serializers.IntegerField()
     hours = serializers.CharField()

@@ -117,6 +117,8 @@ class ApiKeyScope(models.TextChoices):
     WRITE = "write"
     # Cards, top-ups and billing settings: never implied by write, granted only by an owner.
     BILLING = "billing"
+    # Pushing power prices for any zone (a grid data feed); granted only by staff.
+    GRID = "grid"
 
 
 class ApiKey(models.Model):
@@ -131,7 +133,9 @@ class ApiKey(models.Model):
         max_length=16, unique=True, help_text="Visible part, e.g. sk_live_ab12."
     )
     secret_hash = models.CharField(max_length=64, unique=True)
-    scopes = models.JSONField(default=list, help_text='Subset of ["read", "write", "billing"].')
+    scopes = models.JSONField(
+        default=list, help_text='Subset of ["read", "write", "billing", "grid"].'
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -11,9 +11,22 @@ from django.db.models import F, Q
 
 from inventory.models import GpuModel, Site
 
-__all__ = ["RateCard", "PricingPolicy"]
+__all__ = ["RateCard", "PricingPolicy", "EnergyBasis", "BeyondHorizon"]
 
 _PCT = [MinValueValidator(Decimal("0")), MaxValueValidator(Decimal("100"))]
+
+
+class EnergyBasis(models.TextChoices):
+    """Which span of the zone's power prices a tier is priced from."""
+
+    HOUR = "hour", "The window's first hour (follows the hour's price)"
+    WINDOW = "window", "The booked window, time-weighted"
+    LONG = "long", "The window and the 30 days before it, time-weighted"
+
+
+class BeyondHorizon(models.TextChoices):
+    STATIC = "static", "The site's static energy price"
+    LAST_KNOWN = "last_known", "The zone's last published price"
 
 
 class RateCard(models.Model):
@@ -114,6 +127,36 @@ class PricingPolicy(models.Model):
         help_text="The energy price the list prices assume, in the rate cards' currency. "
         "Sites paying in another currency are not adjusted.",
     )
+    energy_basis_on_demand = models.CharField(
+        max_length=10, choices=EnergyBasis.choices, default=EnergyBasis.WINDOW
+    )
+    energy_basis_reserved = models.CharField(
+        max_length=10, choices=EnergyBasis.choices, default=EnergyBasis.LONG
+    )
+    energy_basis_interruptible = models.CharField(
+        max_length=10, choices=EnergyBasis.choices, default=EnergyBasis.HOUR
+    )
+    beyond_horizon = models.CharField(
+        max_length=10,
+        choices=BeyondHorizon.choices,
+        default=BeyondHorizon.STATIC,
+        help_text="The energy price of booked time after the zone's last published price.",
+    )
+    floor_margin_pct = models.DecimalField(
+        max_digits=6,
+        decimal_places=2,
+        default=Decimal("20"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="The energy floor: no price per GPU-hour goes below the GPU-hour's energy cost "
+        "(rated board power × PUE × power price) plus this share of it ...",
+    )
+    floor_margin_per_gpu_hour = models.DecimalField(
+        max_digits=10,
+        decimal_places=4,
+        default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="... plus this amount per GPU-hour, in the rate cards' currency.",
+    )
     note = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -125,6 +168,10 @@ class PricingPolicy(models.Model):
                 condition=Q(floor_multiplier__gt=0)
                 & Q(ceiling_multiplier__gte=F("floor_multiplier")),
                 name="pricingpolicy_bounds_ordered",
+            ),
+            models.CheckConstraint(
+                condition=Q(floor_margin_pct__gte=0) & Q(floor_margin_per_gpu_hour__gte=0),
+                name="pricingpolicy_floor_margin_not_negative",
             ),
         ]
 

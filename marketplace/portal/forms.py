@@ -236,18 +236,21 @@ class ApiKeyCreateForm(forms.Form):
         initial=[ApiKeyScope.READ],
         error_messages={"required": "Choose at least one scope."},
         help_text="read: GET only. write: everything a member can do (includes read), except "
-        "moving money. billing: cards, top-ups and billing settings (owners only).",
+        "moving money. billing: cards, top-ups and billing settings (owners only). grid: "
+        "push power prices for any price zone (staff only).",
     )
     # A one-time token (see portal.keys): reloading the page that shows the secret re-sends
     # the form, and that must not create a second key.
     once = forms.CharField(widget=forms.HiddenInput, required=False)
 
-    def __init__(self, *args, can_grant_billing: bool = False, **kwargs):
+    def __init__(
+        self, *args, can_grant_billing: bool = False, can_grant_grid: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        if not can_grant_billing:
-            self.fields["scopes"].choices = [
-                c for c in ApiKeyScope.choices if c[0] != ApiKeyScope.BILLING
-            ]
+        hidden = {ApiKeyScope.BILLING} if not can_grant_billing else set()
+        if not can_grant_grid:
+            hidden.add(ApiKeyScope.GRID)
+        self.fields["scopes"].choices = [c for c in ApiKeyScope.choices if c[0] not in hidden]
 
 
 class MemberAddForm(forms.Form):

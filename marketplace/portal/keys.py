@@ -60,7 +60,9 @@ class KeysView(_KeyManagement):
         return self.render_page(request, self.new_form(request))
 
     def post(self, request):
-        form = ApiKeyCreateForm(request.POST, can_grant_billing=self._is_owner())
+        form = ApiKeyCreateForm(
+            request.POST, can_grant_billing=self._is_owner(), can_grant_grid=request.user.is_staff
+        )
         if not form.is_valid():
             return self.render_page(request, form, status=400)
         if not _form_token_spend(request, form.cleaned_data["once"]):
@@ -89,7 +91,9 @@ class KeysView(_KeyManagement):
 
     def new_form(self, request) -> ApiKeyCreateForm:
         return ApiKeyCreateForm(
-            initial={"once": _form_token_issue(request)}, can_grant_billing=self._is_owner()
+            initial={"once": _form_token_issue(request)},
+            can_grant_billing=self._is_owner(),
+            can_grant_grid=request.user.is_staff,
         )
 
     def _is_owner(self) -> bool:

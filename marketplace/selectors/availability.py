@@ -24,6 +24,7 @@ from marketplace.services.energy import EnergyEstimate, energy_for
 from marketplace.services.pricing import (
     PriceBreakdown,
     current_policy,
+    power_series_for,
     price_quote,
     pricing_inputs_from,
     validate_tier_term,
@@ -222,6 +223,8 @@ def _price(
     *,
     card: RateCard,
     site: Site,
+    gpu_model: GpuModel,
+    series: dict,
     policy,
     healthy: int,
     free: int,
@@ -232,8 +235,15 @@ def _price(
     ends_at: datetime,
 ) -> PriceBreakdown:
     """The offer's price: the card and policy, with the utilisation of the model at the site
-    (busy over healthy GPUs for the window) for the multiplier."""
-    inputs = pricing_inputs_from(card=card, site=site, policy=policy)
+    (busy over healthy GPUs for the window) for the multiplier, and the site's zone prices
+    (`series`: every zone of the search, read in one query) for the energy price and floor."""
+    inputs = pricing_inputs_from(
+        card=card,
+        site=site,
+        policy=policy,
+        gpu_model=gpu_model,
+        series=series.get(site.price_zone_id),
+    )
     return price_quote(
         rate=inputs.rate,
         tier=tier,
@@ -243,6 +253,7 @@ def _price(
         ends_at=ends_at,
         utilisation=Decimal(healthy - free) / Decimal(healthy),
         bounds=inputs.bounds,
+        power=inputs.power,
     )
 
 
@@ -306,6 +317,7 @@ def availability_search(
     sites = sites_by_id({f[0] for f in fits})
     models = gpu_models_by_id({f[1] for f in fits})
     policy = current_policy()
+    series = power_series_for(sites.values(), starts_at=starts_at, ends_at=ends_at)
     reliability = dict(
         Node.objects.filter(pk__in={n.node_id for f in fits for n in f[6]}).values_list(
             "pk", "reliability_30d"
@@ -320,6 +332,8 @@ def availability_search(
         breakdown = _price(
             card=card,
             site=sites[site_id],
+            gpu_model=models[model_id],
+            series=series,
             policy=policy,
             healthy=healthy,
             free=free,
@@ -394,6 +408,8 @@ def site_model_offer(
     breakdown = _price(
         card=card,
         site=site,
+        gpu_model=gpu_model,
+        series=power_series_for([site], starts_at=starts_at, ends_at=ends_at),
         policy=current_policy(),
         healthy=healthy,
         free=free,

@@ -68,6 +68,14 @@ def api_key_create(
         )
     if ApiKeyScope.BILLING in scopes and created_by is not None:
         _require_owner(organization=organization, user=created_by)
+    if ApiKeyScope.GRID in scopes and created_by is not None and not created_by.is_staff:
+        # A grid key writes every zone's power prices, which set everyone's prices; members
+        # never grant it (staff do, or code acting for the operator: created_by None).
+        raise PermissionDenied(
+            "Only staff can create a key with the grid scope.",
+            code="insufficient_role",
+            field="scopes",
+        )
     for _ in range(5):
         prefix = SECRET_PREFIX + _random(_LOWER_ALNUM, 8)
         secret = f"{prefix}_{_random(_ALNUM, 40)}"

@@ -11,16 +11,34 @@ may be preempted. All tiers then get the utilisation multiplier and the energy m
 part of the list price set by the policy's pass-through follows the site's energy price against
 the policy's reference; off by default, and only where the site pays for power in the rate
 card's currency), and the final price is clamped to [floor, ceiling] × list price.
+
+The energy price: where the site's price zone publishes fresh prices in the card's currency,
+the zone's prices time-weighted over a span that depends on the tier's basis (the policy's
+`energy_basis_<tier>`: "hour", the first hour of the window, so interruptible follows the
+hour's price; "window", the booked window; "long", the window plus the 30 days before it).
+Time the zone has not published is priced at the site's static price (gaps inside the
+published horizon) or, beyond the horizon, at the last known price or the static price (the
+policy's `beyond_horizon`); a stale zone, one priced in another currency, or a site without a
+zone uses the static price throughout. The breakdown says which.
+
+The energy floor, never crossed by any tier: the marginal energy cost of the GPU-hour (rated
+board power × the site's PUE × the energy price, which for the floor is the higher of the
+tier's energy price and the window's average) plus the policy's margin (a share of that cost
+plus an amount per GPU-hour), rounded up to 4 places. When the price above would be lower,
+the price is the floor (`clamped` = "energy_floor"), even above the ceiling.
 """
 
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
+from django.conf import settings
 from django.db.models import Q
+from django.utils import timezone
 
 from config.errors import NotAvailable, ValidationFailed
-from marketplace.models import PricingPolicy, RateCard, Term, Tier
+from inventory.grid_prices import zone_price_series
+from marketplace.models import EnergyBasis, PricingPolicy, RateCard, Term, Tier
 
 __all__ = [
     "TERM_LENGTHS",
@@ -29,6 +47,16 @@ __all__ = [
     "PricingBounds",
     "PricingInputs",
     "PriceBreakdown",
+    "PowerPrices",
+    "PowerInputs",
+    "PowerPriceEstimate",
+    "PriceFloor",
+    "LONG_AVERAGE_DAYS",
+    "power_price_over",
+    "power_prices_from",
+    "energy_floor",
+    "price_floor",
+    "power_series_for",
     "price_quote",
     "period_total",
     "pricing_inputs_for",
@@ -72,12 +100,67 @@ class PricingBounds:
     ceiling_multiplier: Decimal
     energy_pass_through_pct: Decimal = Decimal("0")
     reference_energy_price_per_mwh: Decimal = Decimal("40")
+    # Which span of the zone's prices each tier is priced from (EnergyBasis).
+    energy_basis: dict[str, str] = field(
+        default_factory=lambda: {
+            Tier.ON_DEMAND: EnergyBasis.WINDOW,
+            Tier.RESERVED: EnergyBasis.LONG,
+            Tier.INTERRUPTIBLE: EnergyBasis.HOUR,
+        }
+    )
+    beyond_horizon: str = "static"  # "static" or "last_known"
+    floor_margin_pct: Decimal = Decimal("20")
+    floor_margin_per_gpu_hour: Decimal = Decimal("0")
+
+
+# A zone price: [starts_at, ends_at) at price per MWh.
+Interval = tuple[datetime, datetime, Decimal]
+
+
+@dataclass(frozen=True)
+class PowerPrices:
+    """A site's power price over time, in the rate card's currency.
+
+    feed: "ok" (the zone's intervals are used), "no_zone", "no_prices", "stale" or
+    "other_currency" (the zone is not used: the static price throughout).
+    """
+
+    static_price_per_mwh: Decimal | None  # None: the site's static price is in another currency
+    zone: str | None = None
+    feed: str = "no_zone"
+    intervals: tuple[Interval, ...] = ()  # sorted, non-overlapping
+    last: Interval | None = None  # the last published interval: the horizon, the last price
+
+    @property
+    def usable(self) -> bool:
+        return self.feed == "ok" and self.last is not None
+
+
+@dataclass(frozen=True)
+class PowerInputs:
+    """What the energy floor needs besides the price: the board's rated power and the PUE."""
+
+    board_power_w: int
+    pue: Decimal
+    prices: PowerPrices
+
+
+@dataclass(frozen=True)
+class PowerPriceEstimate:
+    price_per_mwh: Decimal | None
+    seconds: int
+    published_seconds: int  # priced from the zone's published intervals
+    gap_seconds: int  # inside the horizon, unpublished: the static price
+    beyond_seconds: int  # after the horizon: last known or static (`beyond_at`)
+    beyond_at: str | None  # "last_known" or "static"
+    note: str  # in words
 
 
 @dataclass(frozen=True)
 class PricingInputs:
     rate: RateInputs
     bounds: PricingBounds
+    power: PowerInputs | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +182,17 @@ class PriceBreakdown:
     gpu_count: int
     hours: Decimal  # exact to the second, shown to 6 places
     total: Decimal
+    # Where the energy price came from ("zone:<code>", "static", or None: not known in the
+    # card's currency), over what span ("hour", "window", "long"), in words.
+    energy_price_source: str | None = None
+    energy_price_basis: str | None = None
+    energy_price_note: str = ""
+    # The expected energy price over the booked window (time-weighted), per MWh.
+    window_energy_price_per_mwh: Decimal | None = None
+    # The floor: energy cost of the GPU-hour + margin (None: no energy price in the currency).
+    energy_cost_per_gpu_hour: Decimal | None = None
+    margin_per_gpu_hour: Decimal | None = None
+    price_floor_per_gpu_hour: Decimal | None = None
     rounding: str = ROUNDING_RULE
 
     def as_dict(self) -> dict:
@@ -125,7 +219,15 @@ DEFAULT_POLICY = {
     "ceiling_multiplier": Decimal("1.5"),
     "energy_pass_through_pct": Decimal("0"),
     "reference_energy_price_per_mwh": Decimal("40"),
+    "energy_basis_on_demand": EnergyBasis.WINDOW,
+    "energy_basis_reserved": EnergyBasis.LONG,
+    "energy_basis_interruptible": EnergyBasis.HOUR,
+    "beyond_horizon": "static",
+    "floor_margin_pct": Decimal("20"),
+    "floor_margin_per_gpu_hour": Decimal("0"),
 }
+LONG_AVERAGE_DAYS = 30
+_HOUR = timedelta(hours=1)
 
 
 def validate_tier_term(*, tier: str, term: str, starts_at: datetime, ends_at: datetime) -> None:
@@ -172,8 +274,12 @@ def price_quote(
     ends_at: datetime,
     utilisation: Decimal,
     bounds: PricingBounds,
+    power: PowerInputs | None = None,
 ) -> PriceBreakdown:
-    """Price `gpu_count` GPUs for [starts_at, ends_at). Pure: no database access."""
+    """Price `gpu_count` GPUs for [starts_at, ends_at). Pure: no database access.
+
+    Without `power` the energy price is the rate's static one and there is no energy floor
+    (the rules' unit tests); every offer and quote passes it."""
     validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
     if gpu_count < 1:
         raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
@@ -191,9 +297,12 @@ def price_quote(
     else:
         discount = Decimal("0")
     util_mult = _ONE + bounds.utilisation_slope * (utilisation - bounds.utilisation_pivot)
+    energy = _tier_energy(rate=rate, power=power, bounds=bounds, tier=tier,
+                          starts_at=starts_at, ends_at=ends_at)  # fmt: skip
+    energy_price = energy["price"]
     energy_mult = _ONE
-    if rate.energy_price_per_mwh is not None and bounds.energy_pass_through_pct:
-        ratio = rate.energy_price_per_mwh / bounds.reference_energy_price_per_mwh
+    if energy_price is not None and bounds.energy_pass_through_pct:
+        ratio = energy_price / bounds.reference_energy_price_per_mwh
         energy_mult = (_ONE + bounds.energy_pass_through_pct / 100 * (ratio - _ONE)).quantize(
             Decimal("0.0001"), rounding=ROUND_HALF_UP
         )
@@ -205,6 +314,16 @@ def price_quote(
         multiplier, clamped = bounds.ceiling_multiplier, "ceiling"
 
     price = (rate.price_per_gpu_hour * multiplier).quantize(_PRICE_QUANTUM, rounding=ROUND_HALF_UP)
+    cost = margin = floor_price = None
+    if power is not None and energy["floor_price"] is not None:
+        cost, margin, floor_price = energy_floor(
+            board_power_w=power.board_power_w,
+            pue=power.pue,
+            energy_price_per_mwh=energy["floor_price"],
+            bounds=bounds,
+        )
+        if price < floor_price:
+            price, clamped = floor_price, "energy_floor"
     seconds = int((ends_at - starts_at).total_seconds())
     return PriceBreakdown(
         currency=rate.currency,
@@ -215,7 +334,7 @@ def price_quote(
         tier_discount_pct=discount,
         utilisation=utilisation,
         utilisation_multiplier=util_mult,
-        energy_price_per_mwh=rate.energy_price_per_mwh,
+        energy_price_per_mwh=energy_price,
         energy_multiplier=energy_mult,
         multiplier_unbounded=unbounded,
         multiplier=multiplier,
@@ -224,6 +343,166 @@ def price_quote(
         gpu_count=gpu_count,
         hours=(Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.000001")),
         total=period_total(price_per_gpu_hour=price, gpu_count=gpu_count, seconds=seconds),
+        energy_price_source=energy["source"],
+        energy_price_basis=energy["basis"],
+        energy_price_note=energy["note"],
+        window_energy_price_per_mwh=energy["window_price"],
+        energy_cost_per_gpu_hour=cost,
+        margin_per_gpu_hour=margin,
+        price_floor_per_gpu_hour=floor_price,
+    )
+
+
+def power_price_over(
+    prices: PowerPrices, *, starts_at: datetime, ends_at: datetime, beyond_horizon: str = "static"
+) -> PowerPriceEstimate:
+    """The time-weighted power price over [starts_at, ends_at). Pure.
+
+    Published intervals count for the time they overlap the span; unpublished time inside the
+    horizon (gaps) is priced at the static price; time after the horizon at the last known
+    price or the static one (`beyond_horizon`; the other when that one is unknown). A zone
+    that is not usable (prices.feed) gives the static price throughout. None: no price known.
+    """
+    seconds = int((ends_at - starts_at).total_seconds())
+    static = prices.static_price_per_mwh
+    if not prices.usable:
+        why = {
+            "no_zone": "the site has no price zone",
+            "no_prices": f"zone {prices.zone} has published no prices",
+            "stale": f"zone {prices.zone}'s feed is stale",
+            "other_currency": f"zone {prices.zone} is priced in another currency",
+        }.get(prices.feed, prices.feed)
+        note = (
+            f"the site's static price ({why})"
+            if static is not None
+            else f"no energy price in this currency ({why})"
+        )
+        return PowerPriceEstimate(static, seconds, 0, 0, 0, None, note)
+    horizon, last_price = prices.last[1], prices.last[2]
+    beyond_at = beyond_horizon if beyond_horizon == "last_known" else "static"
+    if beyond_at == "static" and static is None:
+        beyond_at = "last_known"
+    beyond_price = last_price if beyond_at == "last_known" else static
+    gap_price = static if static is not None else last_price
+    weighted = Decimal(0)
+    published = gaps = 0
+    cursor = starts_at
+    for start, end, price in prices.intervals:
+        if end <= starts_at or start >= ends_at:
+            continue
+        start, end = max(start, starts_at), min(end, ends_at)
+        if start > cursor:
+            gaps += int((start - cursor).total_seconds())
+        length = int((end - start).total_seconds())
+        weighted += price * length
+        published += length
+        cursor = max(cursor, end)
+    if cursor < min(ends_at, horizon):
+        gaps += int((min(ends_at, horizon) - cursor).total_seconds())
+    beyond = seconds - published - gaps
+    total = weighted + gap_price * gaps + beyond_price * beyond
+    average = (total / seconds).quantize(_PRICE_QUANTUM, rounding=ROUND_HALF_UP)
+    parts = [f"zone {prices.zone}'s prices, time-weighted"]
+    if gaps:
+        parts.append(f"{_share(gaps, seconds)} in gaps at the static price {gap_price}")
+    if beyond:
+        which = "the last known price" if beyond_at == "last_known" else "the static price"
+        parts.append(
+            f"{_share(beyond, seconds)} beyond the published horizon "
+            f"({horizon.isoformat()}) at {which} {beyond_price}"
+        )
+    return PowerPriceEstimate(
+        average, seconds, published, gaps, beyond, beyond_at if beyond else None, "; ".join(parts)
+    )
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{(Decimal(part) * 100 / whole).quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)} %"
+
+
+_BASIS_WORDS = {
+    EnergyBasis.HOUR: "over the window's first hour",
+    EnergyBasis.WINDOW: "over the booked window",
+    EnergyBasis.LONG: f"over the window and the {LONG_AVERAGE_DAYS} days before it",
+}
+
+
+def _tier_energy(*, rate, power, bounds, tier, starts_at, ends_at) -> dict:
+    """The tier's energy price (for the multiplier), the window's (shown to customers), and
+    the one the floor uses (the higher of the two)."""
+    if power is None:
+        static = rate.energy_price_per_mwh
+        return {
+            "price": static,
+            "window_price": static,
+            "floor_price": None,
+            "source": None if static is None else "static",
+            "basis": None,
+            "note": "" if static is None else "the site's static price",
+        }
+    prices = power.prices
+    basis = bounds.energy_basis.get(tier, EnergyBasis.WINDOW)
+    span = {
+        EnergyBasis.HOUR: (starts_at, min(ends_at, starts_at + _HOUR)),
+        EnergyBasis.LONG: (starts_at - timedelta(days=LONG_AVERAGE_DAYS), ends_at),
+    }.get(basis, (starts_at, ends_at))
+    window = power_price_over(
+        prices, starts_at=starts_at, ends_at=ends_at, beyond_horizon=bounds.beyond_horizon
+    )
+    tier_estimate = (
+        window
+        if span == (starts_at, ends_at)
+        else power_price_over(
+            prices, starts_at=span[0], ends_at=span[1], beyond_horizon=bounds.beyond_horizon
+        )
+    )
+    price = tier_estimate.price_per_mwh
+    if price is None:
+        source = None
+    elif prices.usable and tier_estimate.published_seconds:
+        source = f"zone:{prices.zone}"
+    elif prices.usable and tier_estimate.beyond_at == "last_known":
+        source = f"zone:{prices.zone}"
+    else:
+        source = "static"
+    floor_price = None
+    if price is not None and window.price_per_mwh is not None:
+        floor_price = max(price, window.price_per_mwh)
+    note = tier_estimate.note
+    if prices.usable:
+        note = f"{note}, {_BASIS_WORDS.get(basis, basis)}"
+    return {
+        "price": price,
+        "window_price": window.price_per_mwh,
+        "floor_price": floor_price,
+        "source": source,
+        "basis": basis,
+        "note": note,
+    }
+
+
+def energy_floor(
+    *, board_power_w: int, pue: Decimal, energy_price_per_mwh: Decimal, bounds: PricingBounds
+) -> tuple[Decimal, Decimal, Decimal]:
+    """(energy cost, margin, floor) per GPU-hour. Pure.
+
+    cost = board power (kW) × PUE × price per MWh ÷ 1000 (kWh per GPU-hour × price per kWh);
+    margin = cost × the policy's margin % (on a positive cost) + its amount per GPU-hour;
+    floor = cost + margin, rounded UP to 4 places so a price at the floor never sells power
+    below what it costs. Cost and margin are shown rounded half-up to 4 places.
+    """
+    exact_cost = Decimal(board_power_w) / 1000 * pue * energy_price_per_mwh / 1000
+    exact_margin = (
+        max(exact_cost, Decimal(0)) * bounds.floor_margin_pct / 100
+        + bounds.floor_margin_per_gpu_hour
+    )
+    floor = max(exact_cost + exact_margin, Decimal(0)).quantize(
+        _PRICE_QUANTUM, rounding=ROUND_CEILING
+    )
+    return (
+        exact_cost.quantize(_PRICE_QUANTUM, rounding=ROUND_HALF_UP),
+        exact_margin.quantize(_PRICE_QUANTUM, rounding=ROUND_HALF_UP),
+        floor,
     )
 
 
@@ -240,6 +519,14 @@ def _bounds_and_discounts(policy: PricingPolicy | None) -> tuple[PricingBounds, 
         ceiling_multiplier=p["ceiling_multiplier"],
         energy_pass_through_pct=p["energy_pass_through_pct"],
         reference_energy_price_per_mwh=p["reference_energy_price_per_mwh"],
+        energy_basis={
+            Tier.ON_DEMAND: p["energy_basis_on_demand"],
+            Tier.RESERVED: p["energy_basis_reserved"],
+            Tier.INTERRUPTIBLE: p["energy_basis_interruptible"],
+        },
+        beyond_horizon=p["beyond_horizon"],
+        floor_margin_pct=p["floor_margin_pct"],
+        floor_margin_per_gpu_hour=p["floor_margin_per_gpu_hour"],
     )
     discounts = {
         Term.WEEK: p["discount_1w_pct"],
@@ -257,8 +544,35 @@ def current_policy() -> PricingPolicy | None:
     return pricing_policy_current()
 
 
-def pricing_inputs_for(site, gpu_model, *, policy: PricingPolicy | None = None) -> PricingInputs:
-    """Load the rate card (the site's override, else the model default) and the policy.
+def power_prices_from(*, site, currency: str, series, now: datetime, max_age: timedelta):
+    """The site's PowerPrices in `currency` from its zone's series (ZoneSeries or None). Pure."""
+    static = site.energy_price_per_mwh if site.energy_currency.lower() == currency.lower() else None
+    if site.price_zone_id is None:
+        return PowerPrices(static_price_per_mwh=static)
+    if series is None or series.last is None:
+        return PowerPrices(static, zone=series.code if series else None, feed="no_prices")
+    if series.currency.lower() != currency.lower():
+        return PowerPrices(static, zone=series.code, feed="other_currency")
+    if series.last_received_at is None or now - series.last_received_at > max_age:
+        return PowerPrices(static, zone=series.code, feed="stale")
+    return PowerPrices(static, series.code, "ok", series.intervals, series.last)
+
+
+def power_series_span(*, starts_at: datetime, ends_at: datetime) -> tuple[datetime, datetime]:
+    """The span of zone prices any tier's basis may read for a window."""
+    return starts_at - timedelta(days=LONG_AVERAGE_DAYS), ends_at
+
+
+def pricing_inputs_for(
+    site,
+    gpu_model,
+    *,
+    policy: PricingPolicy | None = None,
+    starts_at: datetime | None = None,
+    ends_at: datetime | None = None,
+) -> PricingInputs:
+    """Load the rate card (the site's override, else the model default), the policy and, for a
+    window, the site's power prices.
 
     Raises NotAvailable when the model has no rate card: it is not for sale.
     """
@@ -269,10 +583,33 @@ def pricing_inputs_for(site, gpu_model, *, policy: PricingPolicy | None = None) 
     card = cards.get(site.pk) or cards.get(None)
     if card is None:
         raise NotAvailable(f"{gpu_model.slug} has no rate card; it is not for sale.")
-    return pricing_inputs_from(card=card, site=site, policy=policy or current_policy())
+    series = None
+    if starts_at is not None and ends_at is not None:
+        series = power_series_for([site], starts_at=starts_at, ends_at=ends_at).get(
+            site.price_zone_id
+        )
+    return pricing_inputs_from(
+        card=card,
+        site=site,
+        policy=policy or current_policy(),
+        gpu_model=gpu_model,
+        series=series,
+    )
 
 
-def pricing_inputs_from(*, card: RateCard, site, policy: PricingPolicy | None):
+def power_series_for(sites, *, starts_at: datetime, ends_at: datetime) -> dict:
+    """{zone id: ZoneSeries} for the sites' zones, as the window's pricing needs: one query."""
+    lo, hi = power_series_span(starts_at=starts_at, ends_at=ends_at)
+    return zone_price_series(
+        zone_ids={s.price_zone_id for s in sites if s.price_zone_id}, starts_at=lo, ends_at=hi
+    )
+
+
+def pricing_inputs_from(
+    *, card: RateCard, site, policy: PricingPolicy | None, gpu_model=None, series=None, now=None
+):
+    """The pricing inputs from loaded rows; with the GPU model, the power inputs too (the
+    zone's `series`, from inventory.grid_prices.zone_price_series, or None)."""
     bounds, discounts, interruptible = _bounds_and_discounts(policy)
     rate = RateInputs(
         price_per_gpu_hour=card.price_per_gpu_hour,
@@ -284,4 +621,77 @@ def pricing_inputs_from(*, card: RateCard, site, policy: PricingPolicy | None):
         if site.energy_currency.lower() == card.currency.lower()
         else None,
     )
-    return PricingInputs(rate=rate, bounds=bounds)
+    power = None
+    if gpu_model is not None:
+        power = PowerInputs(
+            board_power_w=gpu_model.tdp_watts,
+            pue=site.pue,
+            prices=power_prices_from(
+                site=site,
+                currency=card.currency,
+                series=series,
+                now=now or timezone.now(),
+                max_age=settings.GRID_PRICE_MAX_AGE,
+            ),
+        )
+    return PricingInputs(rate=rate, bounds=bounds, power=power)
+
+
+@dataclass(frozen=True)
+class PriceFloor:
+    """The lowest price per GPU-hour anything may sell at, and how it was reached."""
+
+    price_per_gpu_hour: Decimal
+    currency: str
+    energy_cost_per_gpu_hour: Decimal | None
+    margin_per_gpu_hour: Decimal
+    energy_price_per_mwh: Decimal | None
+    energy_price_note: str
+
+
+def price_floor(
+    *,
+    site,
+    gpu_model,
+    starts_at: datetime,
+    ends_at: datetime,
+    tier: str = Tier.ON_DEMAND,
+    currency: str | None = None,
+) -> PriceFloor:
+    """The energy floor of a GPU-hour of `gpu_model` at `site` for [starts_at, ends_at), as
+    offers of `tier` get it: energy cost + margin (module docstring). For callers that set a
+    price themselves (resale asks) and must not go below it. `currency`: default the rate
+    card's (NotAvailable without a rate card and without `currency`).
+
+    Reads the policy and the zone's prices (one query); the rule itself is energy_floor.
+    """
+    from marketplace.selectors.reference import rate_card_for
+
+    if currency is None:
+        card = rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk)
+        if card is None:
+            raise NotAvailable(f"{gpu_model.slug} has no rate card; it is not for sale.")
+        currency = card.currency
+    bounds, _, _ = _bounds_and_discounts(current_policy())
+    series = power_series_for([site], starts_at=starts_at, ends_at=ends_at).get(site.price_zone_id)
+    prices = power_prices_from(
+        site=site,
+        currency=currency,
+        series=series,
+        now=timezone.now(),
+        max_age=settings.GRID_PRICE_MAX_AGE,
+    )
+    power = PowerInputs(board_power_w=gpu_model.tdp_watts, pue=site.pue, prices=prices)
+    energy = _tier_energy(
+        rate=None, power=power, bounds=bounds, tier=tier, starts_at=starts_at, ends_at=ends_at
+    )
+    if energy["floor_price"] is None:
+        margin = bounds.floor_margin_per_gpu_hour.quantize(_PRICE_QUANTUM)
+        return PriceFloor(margin, currency, None, margin, None, energy["note"])
+    cost, margin, floor = energy_floor(
+        board_power_w=gpu_model.tdp_watts,
+        pue=site.pue,
+        energy_price_per_mwh=energy["floor_price"],
+        bounds=bounds,
+    )
+    return PriceFloor(floor, currency, cost, margin, energy["floor_price"], energy["note"])

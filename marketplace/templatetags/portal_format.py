@@ -174,9 +174,22 @@ def pricing_steps(breakdown) -> list[str]:
             f"{_change(energy)} for the site's power price ({money(b.get('energy_price_per_mwh'))} per MWh)"
         )
     clamped = b.get("clamped")
-    if clamped:
+    if clamped == "energy_floor":
+        steps.append(
+            f"raised to the energy floor: {rate(b.get('energy_cost_per_gpu_hour'), currency)} of "
+            f"power per GPU-hour plus {rate(b.get('margin_per_gpu_hour'), currency)} margin"
+        )
+    elif clamped:
         steps.append(
             f"held at the {'lowest' if clamped == 'floor' else 'highest'} price we charge for it"
+        )
+    if b.get("energy_price_note"):
+        steps.append(f"Power price: {b['energy_price_note']}")
+    if b.get("price_floor_per_gpu_hour") and clamped != "energy_floor":
+        steps.append(
+            f"Never below {rate(b.get('price_floor_per_gpu_hour'), currency)} per GPU-hour: "
+            f"{rate(b.get('energy_cost_per_gpu_hour'), currency)} of power plus "
+            f"{rate(b.get('margin_per_gpu_hour'), currency)} margin"
         )
     return steps
 

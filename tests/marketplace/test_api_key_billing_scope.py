@@ -162,4 +162,4 @@ def test_the_schema_names_the_scope_each_operation_needs(owner_client):
     scheme = schema["components"]["securitySchemes"]["ApiKeyAuth"]["description"]
     assert "billing (saving, removing and choosing cards" in scheme
     enum = schema["components"]["schemas"]["ScopesEnum"]["enum"]
-    assert enum == ["read", "write", "billing"]
+    assert enum == ["read", "write", "billing", "grid"]

@@ -1,0 +1,505 @@
+"""Power prices per zone: taking them in (CSV from staff, the API from a feed), and reading
+them back for pricing and for the admin's feed health. Docs: docs/grid.md.
+
+Every way in goes through `zone_price_rows_parse` (what a row may be) and `zone_prices_upsert`
+(how rows are written), so the CSV upload, the command and the API refuse the same things:
+
+- a row needs a known zone, an aware start and end (end after start, at most a day apart), a
+  price per MWh with at most 2 decimal places inside [GRID_PRICE_FLOOR_PER_MWH,
+  GRID_PRICE_CAP_PER_MWH], and the zone's currency; rows of one zone may not overlap;
+- one bad row refuses the whole batch, with every problem listed: nothing is half-imported;
+- upserts are idempotent: a row equal to the stored one changes nothing (not even when it was
+  received, which is what staleness is measured by); a different price for the same interval
+  replaces it; an interval cutting across stored ones replaces the part it covers and leaves
+  the rest of those as they were.
+"""
+
+import csv
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from config.errors import ValidationFailed
+from inventory.models import PriceZone, ZonePrice
+
+__all__ = [
+    "MAX_INTERVAL",
+    "MAX_ROWS",
+    "CSV_COLUMNS",
+    "PriceRow",
+    "PriceProblem",
+    "PricesRefused",
+    "UpsertResult",
+    "ZoneSeries",
+    "FeedHealth",
+    "zone_price_rows_parse",
+    "zone_prices_csv_parse",
+    "zone_prices_upsert",
+    "zone_price_series",
+    "zone_feed_health",
+    "price_is_absurd",
+]
+
+MAX_INTERVAL = timedelta(days=1)
+MAX_ROWS = 20_000  # a year of hourly prices for two zones; larger loads go in several files
+CSV_COLUMNS = ["zone", "starts_at", "ends_at", "price_per_mwh", "currency"]
+_CENT = Decimal("0.01")
+
+
+@dataclass(frozen=True)
+class PriceRow:
+    zone: PriceZone
+    starts_at: datetime
+    ends_at: datetime
+    price_per_mwh: Decimal
+    currency: str
+
+
+@dataclass(frozen=True)
+class PriceProblem:
+    where: str  # "line 4" (CSV) or "prices[3]" (API)
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class PricesRefused(ValidationFailed):
+    """The batch has problems; nothing was written."""
+
+    def __init__(self, problems: list[PriceProblem]):
+        self.problems = problems
+        shown = "; ".join(str(p) for p in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        first = problems[0]
+        super().__init__(
+            f"{len(problems)} problem(s), nothing was written: {shown}{more}",
+            code="prices_refused",
+            field=first.where if first.field is None else f"{first.where}.{first.field}",
+        )
+
+
+def price_is_absurd(price_per_mwh: Decimal) -> bool:
+    return not settings.GRID_PRICE_FLOOR_PER_MWH <= price_per_mwh <= settings.GRID_PRICE_CAP_PER_MWH
+
+
+def _parse_time(value, name: str, problems: list, where: str) -> datetime | None:
+    parsed = value if isinstance(value, datetime) else None
+    if parsed is None and isinstance(value, str):
+        try:
+            parsed = parse_datetime(value.strip())
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        problems.append(PriceProblem(where, name, f"{name} {value!r} is not an ISO 8601 time."))
+        return None
+    if parsed.tzinfo is None:
+        problems.append(
+            PriceProblem(where, name, f"{name} {value!r} has no UTC offset (add Z or +01:00).")
+        )
+        return None
+    return parsed
+
+
+def zone_price_rows_parse(
+    items: list[tuple[str, dict]], *, zones: dict[str, PriceZone] | None = None
+) -> list[PriceRow]:
+    """[(where, {zone, starts_at, ends_at, price_per_mwh, currency})] → rows, or PricesRefused
+    listing every problem. `zones` limits which zone codes are accepted (None: any that exists).
+    """
+    if len(items) > MAX_ROWS:
+        raise PricesRefused(
+            [PriceProblem("batch", None, f"{len(items)} rows; at most {MAX_ROWS} at a time.")]
+        )
+    if not items:
+        raise PricesRefused([PriceProblem("batch", None, "No price rows.")])
+    known = zones if zones is not None else PriceZone.objects.in_bulk(field_name="code")
+    problems: list[PriceProblem] = []
+    rows: list[tuple[str, PriceRow]] = []
+    for where, raw in items:
+        count = len(problems)
+        code = str(raw.get("zone") or "").strip()
+        zone = known.get(code)
+        if zone is None:
+            problems.append(PriceProblem(where, "zone", f"Unknown price zone {code!r}."))
+        starts_at = _parse_time(raw.get("starts_at"), "starts_at", problems, where)
+        ends_at = _parse_time(raw.get("ends_at"), "ends_at", problems, where)
+        if starts_at and ends_at:
+            if ends_at <= starts_at:
+                problems.append(PriceProblem(where, "ends_at", "ends_at must be after starts_at."))
+            elif ends_at - starts_at > MAX_INTERVAL:
+                problems.append(
+                    PriceProblem(where, "ends_at", "An interval may last at most one day.")
+                )
+        price = None
+        try:
+            price = Decimal(str(raw.get("price_per_mwh", "")).strip())
+            if not price.is_finite():
+                raise InvalidOperation
+        except (InvalidOperation, ValueError):
+            problems.append(
+                PriceProblem(
+                    where, "price_per_mwh", f"{raw.get('price_per_mwh')!r} is not a number."
+                )
+            )
+            price = None
+        if price is not None:
+            if price != price.quantize(_CENT):
+                problems.append(
+                    PriceProblem(where, "price_per_mwh", "At most 2 decimal places per MWh.")
+                )
+            elif price_is_absurd(price):
+                problems.append(
+                    PriceProblem(
+                        where,
+                        "price_per_mwh",
+                        f"{price} per MWh is outside the accepted range "
+                        f"[{settings.GRID_PRICE_FLOOR_PER_MWH}, "
+                        f"{settings.GRID_PRICE_CAP_PER_MWH}] (GRID_PRICE_FLOOR_PER_MWH, "
+                        "GRID_PRICE_CAP_PER_MWH).",
+                    )
+                )
+        currency = str(raw.get("currency") or "").strip().lower() or (zone and zone.currency)
+        if zone is not None and currency != zone.currency:
+            problems.append(
+                PriceProblem(
+                    where,
+                    "currency",
+                    f"Zone {zone.code} is priced in {zone.currency}, not {currency!r}.",
+                )
+            )
+        if len(problems) == count:
+            rows.append(
+                (where, PriceRow(zone, starts_at, ends_at, price.quantize(_CENT), currency))
+            )
+    by_zone: dict[int, list[tuple[str, PriceRow]]] = defaultdict(list)
+    for where, row in rows:
+        by_zone[row.zone.pk].append((where, row))
+    for zone_rows in by_zone.values():
+        zone_rows.sort(key=lambda item: item[1].starts_at)
+        for (_, before), (where, row) in zip(zone_rows, zone_rows[1:], strict=False):
+            if row.starts_at < before.ends_at:
+                problems.append(
+                    PriceProblem(
+                        where,
+                        "starts_at",
+                        f"Overlaps another row of {row.zone.code} in this batch "
+                        f"({before.starts_at.isoformat()} to {before.ends_at.isoformat()}).",
+                    )
+                )
+    if problems:
+        raise PricesRefused(problems)
+    return [row for _, row in rows]
+
+
+def zone_prices_csv_parse(text: str) -> list[PriceRow]:
+    """A CSV with the header zone,starts_at,ends_at,price_per_mwh,currency (currency may be
+    empty: the zone's). Every problem is reported with its line; PricesRefused if any."""
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in reader.fieldnames or []]
+    missing = [c for c in CSV_COLUMNS if c not in header and c != "currency"]
+    if missing:
+        raise PricesRefused(
+            [
+                PriceProblem(
+                    "line 1",
+                    None,
+                    f"The header lacks {', '.join(missing)}; expected {','.join(CSV_COLUMNS)}.",
+                )
+            ]
+        )
+    items = []
+    for record in reader:
+        raw = {(k or "").strip(): v for k, v in record.items()}
+        if None in record:  # more cells than columns
+            raw = {**raw, "_extra": True}
+        items.append((f"line {reader.line_num}", raw))
+    extra = [PriceProblem(w, None, "More cells than columns.") for w, r in items if "_extra" in r]
+    if extra:
+        raise PricesRefused(extra)
+    return zone_price_rows_parse(items)
+
+
+@dataclass
+class UpsertResult:
+    created: int = 0
+    corrected: int = 0
+    unchanged: int = 0
+    replaced: int = 0  # stored rows cut by new intervals (deleted, their remainder kept)
+    gaps: list[tuple[str, datetime, datetime]] = field(default_factory=list)  # in the batch
+
+    def summary(self) -> str:
+        text = (
+            f"{self.created} new, {self.corrected} corrected, {self.unchanged} unchanged, "
+            f"{self.replaced} replaced"
+        )
+        if self.gaps:
+            text += f"; {len(self.gaps)} gap(s) between the rows sent"
+        return text
+
+    def as_dict(self) -> dict:
+        return {
+            "created": self.created,
+            "corrected": self.corrected,
+            "unchanged": self.unchanged,
+            "replaced": self.replaced,
+            "gaps": [{"zone": z, "from": a, "to": b} for z, a, b in self.gaps],
+        }
+
+
+@dataclass
+class _Stored:
+    pk: int | None
+    starts_at: datetime
+    ends_at: datetime
+    price_per_mwh: Decimal
+    currency: str
+    source: str
+    received_at: datetime
+    dirty: bool = False
+
+
+@transaction.atomic
+def zone_prices_upsert(*, rows: list[PriceRow], source: str) -> UpsertResult:
+    """Write parsed rows (zone_price_rows_parse); see the module's docstring for the rules.
+
+    Each zone's row is locked first (in id order), so two feeds writing the same zone take
+    turns; the exclusion constraint remains the last word on overlaps.
+    """
+    now = timezone.now()
+    result = UpsertResult()
+    by_zone: dict[int, list[PriceRow]] = defaultdict(list)
+    for row in rows:
+        by_zone[row.zone.pk].append(row)
+    list(PriceZone.objects.select_for_update().filter(pk__in=by_zone).order_by("pk"))
+    for zone_id in sorted(by_zone):
+        batch = sorted(by_zone[zone_id], key=lambda r: r.starts_at)
+        code = batch[0].zone.code
+        for before, row in zip(batch, batch[1:], strict=False):
+            if row.starts_at > before.ends_at:
+                result.gaps.append((code, before.ends_at, row.starts_at))
+        stored = [
+            _Stored(
+                p.pk, p.starts_at, p.ends_at, p.price_per_mwh, p.currency, p.source, p.received_at
+            )  # fmt: skip
+            for p in ZonePrice.objects.filter(
+                zone_id=zone_id, starts_at__lt=batch[-1].ends_at, ends_at__gt=batch[0].starts_at
+            )
+        ]
+        original = {s.pk for s in stored}
+        for row in batch:
+            hits = [s for s in stored if s.starts_at < row.ends_at and s.ends_at > row.starts_at]
+            if len(hits) == 1 and (hits[0].starts_at, hits[0].ends_at) == (
+                row.starts_at,
+                row.ends_at,
+            ):
+                hit = hits[0]
+                if (hit.price_per_mwh, hit.currency) == (row.price_per_mwh, row.currency):
+                    result.unchanged += 1
+                    continue
+                hit.price_per_mwh, hit.currency = row.price_per_mwh, row.currency
+                hit.source, hit.received_at, hit.dirty = source, now, True
+                result.corrected += 1
+                continue
+            for hit in hits:
+                stored.remove(hit)
+                for start, end in ((hit.starts_at, row.starts_at), (row.ends_at, hit.ends_at)):
+                    if start < end:  # the part the new interval does not cover stays
+                        stored.append(
+                            _Stored(
+                                None,
+                                start,
+                                end,
+                                hit.price_per_mwh,
+                                hit.currency,
+                                hit.source,
+                                hit.received_at,
+                            )  # fmt: skip
+                        )
+            stored.append(
+                _Stored(
+                    None, row.starts_at, row.ends_at, row.price_per_mwh, row.currency, source, now
+                )  # fmt: skip
+            )
+            result.created += 1
+        kept = {s.pk for s in stored if s.pk is not None}
+        gone = original - kept
+        result.replaced += len(gone)
+        ZonePrice.objects.filter(pk__in=gone).delete()  # before inserting what replaces them
+        for s in stored:
+            if s.pk is not None and s.dirty:
+                ZonePrice.objects.filter(pk=s.pk).update(
+                    price_per_mwh=s.price_per_mwh,
+                    currency=s.currency,
+                    source=s.source,
+                    received_at=s.received_at,
+                )
+        ZonePrice.objects.bulk_create(
+            ZonePrice(
+                zone_id=zone_id,
+                starts_at=s.starts_at,
+                ends_at=s.ends_at,
+                price_per_mwh=s.price_per_mwh,
+                currency=s.currency,
+                source=s.source,
+                received_at=s.received_at,
+            )  # fmt: skip
+            for s in stored
+            if s.pk is None
+        )
+    return result
+
+
+# --- Reading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZoneSeries:
+    """What pricing needs of one zone: its prices overlapping the asked span (in order), the
+    last published interval (the horizon and the last known price) and when a price was last
+    received. Values outside the accepted range are left out and counted."""
+
+    zone_id: int
+    code: str
+    currency: str
+    intervals: tuple[tuple[datetime, datetime, Decimal], ...]
+    last: tuple[datetime, datetime, Decimal] | None
+    last_received_at: datetime | None
+    absurd: int = 0
+
+
+# One statement for every zone of a search: the rows overlapping the span, each zone's last
+# interval and its newest receipt (both by index: (zone, ends_at) and (zone, received_at)).
+_SERIES_SQL = """
+SELECT z.id, z.code, z.currency, 'w' AS kind, p.starts_at, p.ends_at, p.price_per_mwh, NULL
+FROM inventory_pricezone z JOIN inventory_zoneprice p ON p.zone_id = z.id
+WHERE z.id = ANY(%(zones)s) AND p.ends_at > %(lo)s AND p.starts_at < %(hi)s
+UNION ALL
+SELECT z.id, z.code, z.currency, 'l', l.starts_at, l.ends_at, l.price_per_mwh, r.received_at
+FROM inventory_pricezone z
+LEFT JOIN LATERAL (SELECT starts_at, ends_at, price_per_mwh FROM inventory_zoneprice
+                   WHERE zone_id = z.id ORDER BY ends_at DESC LIMIT 1) l ON true
+LEFT JOIN LATERAL (SELECT received_at FROM inventory_zoneprice
+                   WHERE zone_id = z.id ORDER BY received_at DESC LIMIT 1) r ON true
+WHERE z.id = ANY(%(zones)s)
+ORDER BY 1, 4 DESC, 5
+"""
+
+
+def zone_price_series(*, zone_ids, starts_at: datetime, ends_at: datetime) -> dict[int, ZoneSeries]:
+    """{zone id: ZoneSeries} for the zones, with the prices overlapping [starts_at, ends_at)."""
+    zone_ids = sorted(set(zone_ids))
+    if not zone_ids:
+        return {}
+    with connection.cursor() as cur:
+        cur.execute(_SERIES_SQL, {"zones": zone_ids, "lo": starts_at, "hi": ends_at})
+        rows = cur.fetchall()
+    found: dict[int, dict] = {}
+    for zone_id, code, currency, kind, start, end, price, received in rows:
+        entry = found.setdefault(
+            zone_id,
+            {"code": code, "currency": currency, "intervals": [], "last": None,
+             "received": None, "absurd": 0},
+        )  # fmt: skip
+        if kind == "l":
+            entry["received"] = received
+            if start is not None and not price_is_absurd(price):
+                entry["last"] = (start, end, price)
+        elif price_is_absurd(price):
+            entry["absurd"] += 1
+        else:
+            entry["intervals"].append((start, end, price))
+    return {
+        zone_id: ZoneSeries(
+            zone_id=zone_id,
+            code=e["code"],
+            currency=e["currency"],
+            intervals=tuple(e["intervals"]),
+            last=e["last"],
+            last_received_at=e["received"],
+            absurd=e["absurd"],
+        )
+        for zone_id, e in found.items()
+    }
+
+
+@dataclass(frozen=True)
+class FeedHealth:
+    """A zone's feed as staff see it (the admin's zone list)."""
+
+    zone_id: int
+    last_received_at: datetime | None
+    horizon: datetime | None  # the end of the last published interval
+    current_price: Decimal | None  # in force now, None: no price for now
+    gaps: int  # holes between intervals from a day ago to the horizon
+    absurd: int  # stored values outside today's accepted range, same span
+    stale: bool
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.last_received_at is None:
+            return ["no prices"]
+        if self.stale:
+            found.append("stale")
+        if self.current_price is None:
+            found.append("no price for now")
+        if self.gaps:
+            found.append(f"{self.gaps} gap(s)")
+        if self.absurd:
+            found.append(f"{self.absurd} absurd value(s)")
+        return found
+
+
+_HEALTH_SQL = """
+SELECT z.id,
+       (SELECT max(received_at) FROM inventory_zoneprice WHERE zone_id = z.id),
+       (SELECT max(ends_at) FROM inventory_zoneprice WHERE zone_id = z.id),
+       (SELECT price_per_mwh FROM inventory_zoneprice
+        WHERE zone_id = z.id AND starts_at <= %(now)s AND ends_at > %(now)s),
+       (SELECT count(*) FROM (
+            SELECT starts_at, lag(ends_at) OVER (ORDER BY starts_at) AS prev_end
+            FROM inventory_zoneprice WHERE zone_id = z.id AND ends_at > %(since)s) p
+        WHERE p.prev_end IS NOT NULL AND p.starts_at > p.prev_end),
+       (SELECT count(*) FROM inventory_zoneprice
+        WHERE zone_id = z.id AND ends_at > %(since)s
+          AND (price_per_mwh < %(floor)s OR price_per_mwh > %(cap)s))
+FROM inventory_pricezone z WHERE z.id = ANY(%(zones)s)
+"""
+
+
+def zone_feed_health(*, zone_ids, now: datetime | None = None) -> dict[int, FeedHealth]:
+    """{zone id: FeedHealth}: one statement for the zones (a page of the admin list)."""
+    now = now or timezone.now()
+    with connection.cursor() as cur:
+        cur.execute(
+            _HEALTH_SQL,
+            {
+                "zones": sorted(set(zone_ids)),
+                "now": now,
+                "since": now - timedelta(days=1),
+                "floor": settings.GRID_PRICE_FLOOR_PER_MWH,
+                "cap": settings.GRID_PRICE_CAP_PER_MWH,
+            },
+        )
+        rows = cur.fetchall()
+    return {
+        zone_id: FeedHealth(
+            zone_id=zone_id,
+            last_received_at=received,
+            horizon=horizon,
+            current_price=current,
+            gaps=gaps,
+            absurd=absurd,
+            stale=received is None or now - received > settings.GRID_PRICE_MAX_AGE,
+        )
+        for zone_id, received, horizon, current, gaps, absurd in rows
+    }
