@@ -27,6 +27,15 @@ class QuoteCreateInput(serializers.Serializer):
     )
     site = serializers.SlugField(required=False, help_text="Only this site.")
     region = serializers.CharField(required=False, max_length=64, help_text="Only this region.")
+    min_reliability = serializers.DecimalField(
+        required=False,
+        max_digits=5,
+        decimal_places=4,
+        min_value=0,
+        max_value=1,
+        help_text="Only nodes whose 30-day reliability (0-1) is at least this, as "
+        "availability's filter: the booking is placed on such nodes only.",
+    )
 
 
 class QuoteOutput(serializers.Serializer):
@@ -42,6 +51,12 @@ class QuoteOutput(serializers.Serializer):
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
     total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
     breakdown = BreakdownOutput()
+    min_reliability = serializers.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        allow_null=True,
+        help_text="The reliability floor asked for; the booking is placed on such nodes only.",
+    )
     expires_at = serializers.DateTimeField(help_text="Reserve before this to keep the price.")
     energy = serializers.SerializerMethodField()
     expired = serializers.SerializerMethodField()
@@ -80,6 +95,7 @@ class QuoteListApi(ApiView):
             term=data["term"],
             site=data.get("site"),
             region=data.get("region"),
+            min_reliability=data.get("min_reliability"),
         )
         return Response(QuoteOutput(quote).data, status=status.HTTP_201_CREATED)
 

@@ -51,6 +51,7 @@ _DIRECT_FIELDS = (
     "term",
     "site",
     "region",
+    "min_reliability",
 )
 
 
@@ -83,6 +84,15 @@ class ReservationCreateInput(serializers.Serializer):
     term = serializers.ChoiceField(choices=Term.choices, required=False)
     site = serializers.SlugField(required=False)
     region = serializers.CharField(required=False, max_length=64)
+    min_reliability = serializers.DecimalField(
+        required=False,
+        max_digits=5,
+        decimal_places=4,
+        min_value=0,
+        max_value=1,
+        help_text="Only nodes whose 30-day reliability (0-1) is at least this, as "
+        "availability's filter: the booking is placed on such nodes only.",
+    )
     workload = WorkloadInput(required=False)
     ssh_key_ids = serializers.ListField(
         child=serializers.CharField(max_length=32),
@@ -392,6 +402,7 @@ class ReservationListApi(ApiView):
                 term=data.get("term", Term.NONE),
                 site=data.get("site"),
                 region=data.get("region"),
+                min_reliability=data.get("min_reliability"),
                 workload=workload,
             )
         # The service returns the reservation with everything it just wrote (transition,

@@ -215,6 +215,14 @@ class Quote(models.Model):
     price_per_gpu_hour = models.DecimalField(max_digits=12, decimal_places=4)
     total_amount = models.DecimalField(max_digits=14, decimal_places=2)
     breakdown = models.JSONField()
+    min_reliability = models.DecimalField(
+        max_digits=5,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        help_text="The reliability floor (0-1) the quote was asked with: booking it places "
+        "only on nodes at or above it.",
+    )
     expires_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
 

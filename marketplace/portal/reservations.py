@@ -6,6 +6,7 @@ before reservation_cancel applies them, reservation_extend.
 """
 
 from datetime import timedelta
+from decimal import Decimal
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -98,6 +99,9 @@ def search_params_for_quote(quote) -> dict:
         "starts_at": quote.starts_at.strftime("%Y-%m-%dT%H:%M"),
         "hours": seconds // 3600 if seconds % 3600 == 0 else None,
         "site": quote.site.slug,
+        "min_reliability": None
+        if quote.min_reliability is None
+        else f"{(quote.min_reliability * 100).normalize():f}",
     }
 
 
@@ -130,6 +134,12 @@ def nothing_fits_reasons(asked: dict) -> list[str]:
     return [f"Curtailed now by their grid operators, so not selling: {where}."]
 
 
+def _reliability_floor(cleaned: dict) -> Decimal | None:
+    """The form's floor in % as the services take it (0-1)."""
+    percent = cleaned.get("min_reliability")
+    return None if percent is None else percent / 100
+
+
 class SearchView(PortalView, View):
     """GET: the search form and, once asked, the offers that can be reserved right now."""
 
@@ -152,9 +162,7 @@ class SearchView(PortalView, View):
                     region=d["region"] or None,
                     site=d["site"] or None,
                     max_price_per_gpu_hour=d["max_price_per_gpu_hour"],
-                    min_reliability=None
-                    if d.get("min_reliability") is None
-                    else d["min_reliability"] / 100,
+                    min_reliability=_reliability_floor(d),
                 )
             except ApplicationError as exc:
                 _field_error(form, exc)
@@ -209,6 +217,7 @@ class QuoteCreateView(PortalView, View):
                 tier=d["tier"],
                 term=d["term"],
                 site=d["site"] or None,
+                min_reliability=_reliability_floor(d),
             )
         except ApplicationError as exc:
             show_error(request, exc)

@@ -207,10 +207,18 @@ def _validate_window(*, starts_at: datetime, ends_at: datetime) -> None:
 
 
 def node_free_capacity(
-    *, site_id: int, gpu_model_id: int, starts_at: datetime, ends_at: datetime
+    *,
+    site_id: int,
+    gpu_model_id: int,
+    starts_at: datetime,
+    ends_at: datetime,
+    min_reliability: Decimal | None = None,
 ) -> list[NodeCapacity]:
-    """Per node of one model at one site: GPUs, and GPUs free for the whole window."""
-    filters, params = _filters(site_id=site_id, gpu_model_id=gpu_model_id)
+    """Per node of one model at one site (at or above the reliability floor, if any): GPUs,
+    and GPUs free for the whole window."""
+    filters, params = _filters(
+        site_id=site_id, gpu_model_id=gpu_model_id, min_reliability=min_reliability
+    )
     with read_connection().cursor() as cur:
         cur.execute(
             _sql(_NODES_TAIL, filters=filters),
@@ -383,6 +391,7 @@ def site_model_offer(
     ends_at: datetime,
     tier: str,
     term: str = "none",
+    min_reliability: Decimal | None = None,
 ) -> tuple[Offer | None, list[NodeCapacity]]:
     """The offer of one site for one model (None if it does not fit), and the node capacities.
 
@@ -395,7 +404,11 @@ def site_model_offer(
     _validate_window(starts_at=starts_at, ends_at=ends_at)
     validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
     capacities = node_free_capacity(
-        site_id=site.pk, gpu_model_id=gpu_model.pk, starts_at=starts_at, ends_at=ends_at
+        site_id=site.pk,
+        gpu_model_id=gpu_model.pk,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        min_reliability=min_reliability,
     )
     plan = choose_nodes(capacities, gpu_count)
     if not plan:

@@ -14,6 +14,7 @@ again, and after a few attempts answer NotAvailable.
 """
 
 from datetime import datetime
+from decimal import Decimal
 
 from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
@@ -42,6 +43,7 @@ JOIN inventory_node n ON n.id = g.node_id
 JOIN inventory_site s ON s.id = n.site_id
 WHERE g.node_id = ANY(%(node_ids)s)
   AND n.status = 'available' AND s.status = 'active' AND g.health <> 'failed'
+  AND (%(min_reliability)s::numeric IS NULL OR n.reliability_30d >= %(min_reliability)s::numeric)
   AND NOT EXISTS (
       SELECT 1 FROM inventory_maintenancewindow w
       WHERE w.node_id = n.id AND w.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
@@ -84,12 +86,15 @@ def allocation_place(
     starts_at: datetime,
     ends_at: datetime,
     first_plan: list[tuple[int, int]] | None = None,
+    min_reliability: Decimal | None = None,
 ) -> list[Allocation]:
     """Allocate `gpu_count` GPUs at one site to `reservation`; NotAvailable if they cannot be.
 
     `first_plan`, from a read the caller has just made (the offer being booked), is tried
     first without reading the site again; it is checked under the node locks like any plan.
-    Must run inside the caller's transaction (the reservation row is not yet committed).
+    `min_reliability` (the floor the booking was searched with) keeps every plan, the first
+    included, to nodes at or above it. Must run inside the caller's transaction (the
+    reservation row is not yet committed).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("allocation_place must run inside a transaction")
@@ -99,7 +104,11 @@ def allocation_place(
             plan = first_plan
         else:
             capacities = node_free_capacity(
-                site_id=site_id, gpu_model_id=gpu_model_id, starts_at=starts_at, ends_at=ends_at
+                site_id=site_id,
+                gpu_model_id=gpu_model_id,
+                starts_at=starts_at,
+                ends_at=ends_at,
+                min_reliability=min_reliability,
             )
             plan = choose_nodes(capacities, gpu_count)
         if not plan:
@@ -107,7 +116,12 @@ def allocation_place(
         try:
             # A savepoint per attempt: rolling it back also releases that attempt's node locks.
             with transaction.atomic():
-                return _lock_and_insert(reservation=reservation, plan=plan, period=period)
+                return _lock_and_insert(
+                    reservation=reservation,
+                    plan=plan,
+                    period=period,
+                    min_reliability=min_reliability,
+                )
         except _Taken:
             continue
         except (IntegrityError, OperationalError) as exc:
@@ -119,7 +133,9 @@ def allocation_place(
     )
 
 
-def _lock_and_insert(*, reservation: Reservation, plan, period: Range) -> list[Allocation]:
+def _lock_and_insert(
+    *, reservation: Reservation, plan, period: Range, min_reliability: Decimal | None
+) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
     with connection.cursor() as cur:
         # The lock, and the node rows the allocations are returned with (the caller shows
@@ -128,7 +144,12 @@ def _lock_and_insert(*, reservation: Reservation, plan, period: Range) -> list[A
         nodes = {node.pk: node for node in (model_from_row(Node, r) for r in cur.fetchall())}
         cur.execute(
             _FREE_GPUS_SQL,
-            {"node_ids": node_ids, "starts_at": period.lower, "ends_at": period.upper},
+            {
+                "node_ids": node_ids,
+                "starts_at": period.lower,
+                "ends_at": period.upper,
+                "min_reliability": min_reliability,
+            },
         )
         free_by_node: dict[int, list[int]] = {}
         for gpu_id, node_id in cur.fetchall():

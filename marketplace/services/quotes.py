@@ -1,6 +1,7 @@
 """Quotes: a priced offer held for settings.QUOTE_TTL."""
 
 from datetime import datetime
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
@@ -37,8 +38,10 @@ def quote_create(
     term: str = "none",
     site: str | None = None,
     region: str | None = None,
+    min_reliability: Decimal | None = None,
 ) -> Quote:
-    """Price the cheapest offer that fits and hold it for settings.QUOTE_TTL."""
+    """Price the cheapest offer that fits and hold it for settings.QUOTE_TTL. A reliability
+    floor is kept on the quote: booking it places only on nodes at or above it."""
     now = timezone.now()
     validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
     resolve_catalogue(gpu_model=gpu_model, site=site)
@@ -51,6 +54,7 @@ def quote_create(
         gpu_model=gpu_model,
         site=site,
         region=region,
+        min_reliability=min_reliability,
     )
     if not offers:
         raise NotAvailable(
@@ -71,5 +75,6 @@ def quote_create(
         price_per_gpu_hour=best.price_per_gpu_hour,
         total_amount=best.total,
         breakdown=best.breakdown.as_dict(),
+        min_reliability=min_reliability,
         expires_at=now + settings.QUOTE_TTL,
     )

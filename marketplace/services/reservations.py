@@ -171,6 +171,8 @@ class BookingRequest:
     term: str = Term.NONE
     site: str | None = None  # the caller chose the site (from a search): book there only
     region: str | None = None
+    # Only nodes whose 30-day reliability is at least this (0-1), as the search was filtered.
+    min_reliability: Decimal | None = None
     workload: dict = field(default_factory=dict)
     # False: a booking the balance does not cover does not start the organisation's
     # automatic recharge; the 402 says what it would charge (the portal asks).
@@ -209,6 +211,7 @@ class BookingTerms:
     breakdown: dict
     quote: Quote | None = None
     first_plan: list[tuple[int, int]] | None = None
+    min_reliability: Decimal | None = None
     site: Site | None = None
     gpu_model: GpuModel | None = None
 
@@ -227,6 +230,7 @@ class BookingTerms:
             total_amount=offer.total,
             breakdown=offer.breakdown.as_dict(),
             first_plan=_plan_from_offer(offer),
+            min_reliability=request.min_reliability,
             site=offer.site,
             gpu_model=offer.gpu_model,
         )
@@ -248,6 +252,7 @@ def reservation_create(
     region: str | None = None,
     workload: dict | None = None,
     auto_recharge: bool = True,
+    min_reliability: Decimal | None = None,
 ) -> Reservation:
     """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once.
 
@@ -271,6 +276,7 @@ def reservation_create(
         region=region,
         workload=workload or {},
         auto_recharge=auto_recharge,
+        min_reliability=min_reliability,
         now=timezone.now(),
     )
     if request.quote is not None:
@@ -296,6 +302,7 @@ def _book_cheapest(request: BookingRequest) -> Reservation:
         gpu_model=request.gpu_model,
         site=None,
         region=request.region,
+        min_reliability=request.min_reliability,
     )
     for offer in offers:  # cheapest first
         try:
@@ -344,6 +351,7 @@ def _offer_at_site(request: BookingRequest) -> Offer:
             ends_at=request.ends_at,
             tier=request.tier,
             term=request.term,
+            min_reliability=request.min_reliability,
         )
     if offer is None:
         raise NotAvailable(
@@ -386,6 +394,7 @@ def _quote_take(request: BookingRequest) -> BookingTerms:
         price_per_gpu_hour=locked.price_per_gpu_hour,
         total_amount=locked.total_amount,
         breakdown=locked.breakdown,
+        min_reliability=locked.min_reliability,
     )
 
 
@@ -403,6 +412,7 @@ def reservation_book(*, request: BookingRequest, terms: BookingTerms) -> Reserva
         starts_at=terms.starts_at,
         ends_at=terms.ends_at,
         first_plan=terms.first_plan,
+        min_reliability=terms.min_reliability,
     )
     # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
     # taken after the node locks, as an extension takes it (one lock order, no deadlock).

@@ -8,7 +8,14 @@ import pytest
 from django.utils import timezone
 
 from inventory.models import Gpu, Node, Outage, OutageCause, Site
-from marketplace.models import AttemptOutcome, ProvisioningAttempt, ProvisioningKind
+from marketplace.models import (
+    Allocation,
+    AttemptOutcome,
+    ProvisioningAttempt,
+    ProvisioningKind,
+    Quote,
+    Reservation,
+)
 from marketplace.services.reliability import reliability_compute
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -142,3 +149,97 @@ def test_the_portal_site_pages_show_the_figure(market, org):
     page = client.get(f"/sites/{site.slug}").content.decode()
     assert '<td class="num">99.8 %</td>' in listing  # 99.75 rounded half-even to 99.8
     assert "99.8 % over the last 30 days" in page
+
+
+def _reliable_and_not(site) -> tuple[Node, Node]:
+    reliable, flaky = Node.objects.filter(site=site).order_by("pk")
+    Node.objects.filter(pk=reliable.pk).update(reliability_30d=Decimal("0.9990"))
+    Node.objects.filter(pk=flaky.pk).update(reliability_30d=Decimal("0.9500"))
+    return reliable, flaky
+
+
+def _booking(start, **extra) -> dict:
+    return {"gpu_model": "h100-sxm-80gb", "starts_at": start.isoformat(),
+            "ends_at": (start + 4 * H).isoformat(), **extra}  # fmt: skip
+
+
+def _nodes_of(reservation_id: str) -> set[int]:
+    return set(
+        Allocation.objects.filter(reservation__public_id=reservation_id).values_list(
+            "node_id", flat=True
+        )
+    )
+
+
+def test_a_quote_asked_with_a_reliability_floor_is_booked_only_on_nodes_above_it(
+    client_key, market
+):
+    site, _model = market
+    reliable, flaky = _reliable_and_not(site)
+    start = tomorrow()
+    quote = client_key.post(
+        "/api/v1/quotes", _booking(start, gpu_count=4, min_reliability="0.99"), format="json"
+    ).json()
+    assert quote["min_reliability"] == "0.9900"
+    # Meanwhile someone takes most of the reliable node: the 4 GPUs no longer fit on it.
+    blocker = client_key.post(
+        "/api/v1/reservations", _booking(start, gpu_count=6, min_reliability="0.99"), format="json"
+    )
+    assert blocker.status_code == 201, blocker.content
+    assert _nodes_of(blocker.json()["id"]) == {reliable.pk}
+    before = Reservation.objects.count()
+
+    refused = client_key.post("/api/v1/reservations", {"quote": quote["id"]}, format="json")
+
+    assert_error(refused, 409, "not_available")
+    assert Reservation.objects.count() == before  # nothing placed on the flaky node
+    assert not Allocation.objects.filter(node=flaky).exists()
+
+    # The same booking without the floor is free to use the other node.
+    loose = client_key.post("/api/v1/quotes", _booking(start, gpu_count=4), format="json").json()
+    assert loose["min_reliability"] is None
+    booked = client_key.post("/api/v1/reservations", {"quote": loose["id"]}, format="json")
+    assert booked.status_code == 201, booked.content
+    assert _nodes_of(booked.json()["id"]) == {flaky.pk}
+
+
+def test_a_direct_booking_honours_its_reliability_floor(client_key, market):
+    site, _model = market
+    reliable, _flaky = _reliable_and_not(site)
+    start = tomorrow()
+    for _ in range(2):  # the second cannot fit on the reliable node any more
+        response = client_key.post(
+            "/api/v1/reservations",
+            _booking(start, gpu_count=5, min_reliability="0.99", site="abilene-1"),
+            format="json",
+        )
+    assert_error(response, 409, "not_available")
+    (booked,) = Reservation.objects.all()
+    assert _nodes_of(booked.public_id) == {reliable.pk}
+    assert_error(
+        client_key.post(
+            "/api/v1/reservations", _booking(start, gpu_count=1, min_reliability="2"), format="json"
+        ),
+        400,
+        field="min_reliability",
+    )
+    assert Reservation.objects.count() == 1
+
+
+def test_the_portal_carries_the_floor_from_the_search_to_the_held_price(market, org):
+    from tests.marketplace.market_helpers import member_client
+
+    site, _model = market
+    _reliable_and_not(site)
+    client = member_client(org, "member")
+    query = {"gpu_model": "h100-sxm-80gb", "gpu_count": 2, "plan": "on_demand", "hours": 2,
+             "min_reliability": "99.5"}  # fmt: skip
+    page = client.get("/gpus", query).content.decode()
+    assert '<input type="hidden" name="min_reliability" value="99.5">' in page
+
+    held = client.post("/quotes", {**query, "site": "abilene-1"})
+
+    quote = Quote.objects.get(organization=org)
+    assert held.status_code == 302 and held["Location"].endswith(quote.public_id)
+    assert quote.min_reliability == Decimal("0.9950")
+    assert "min_reliability=99.5" in client.get(held["Location"]).content.decode()
