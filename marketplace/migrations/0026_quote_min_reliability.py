@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('marketplace', '0024_placement_generation'),
+        ('marketplace', '0025_pricing_energy_floor_grid_scope'),
     ]
 
     operations = [
