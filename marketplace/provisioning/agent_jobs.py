@@ -17,6 +17,7 @@ from config.errors import Conflict, NotFound
 from config.request_id import current_request_id
 from inventory.models import Node
 from marketplace.models import AgentJob, AgentJobStatus
+from marketplace.provisioning.kicks import provisioning_kick, release_kick
 
 __all__ = [
     "agent_job_enqueue",
@@ -136,8 +137,6 @@ def _finish(job: AgentJob, *, status: str, result: dict, error: str) -> AgentJob
     job.finished_at = timezone.now()
     job.save(update_fields=["status", "result", "error", "finished_at", "updated_at"])
     # The reservation's task is waiting for this: wake it now rather than at its next check.
-    from marketplace.provisioning.scheduler import provisioning_kick, release_kick
-
     if job.kind == "stop":
         release_kick(job.reservation_id)
     else:

@@ -17,12 +17,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from django.conf import settings
+from django.utils import timezone
 
-if TYPE_CHECKING:
-    from marketplace.models import AgentJob
+from inventory.models import Gpu, Node, NodeStatus
+from marketplace.models import AgentJob, AgentJobStatus
+from marketplace.models.provisioning import AGENT_JOB_FINAL
+from marketplace.provisioning.agent_jobs import agent_job_enqueue
 
 __all__ = [
     "NodeTarget",
@@ -203,8 +206,6 @@ class SiteAgentDriver(Driver):
     name = "site_agent"
 
     def _enqueue(self, target: Target, kind: str) -> None:
-        from marketplace.provisioning.agent_jobs import agent_job_enqueue
-
         for node in target.nodes:
             agent_job_enqueue(
                 reservation_id=target.reservation_id,
@@ -217,9 +218,6 @@ class SiteAgentDriver(Driver):
     def _supersede(self, target: Target) -> None:
         """Earlier generations' work: what no agent took yet is cancelled, and each node where
         one of their start jobs may have run a container gets a stop job for it."""
-        from marketplace.models import AgentJob, AgentJobStatus
-        from marketplace.provisioning.agent_jobs import agent_job_enqueue
-
         earlier = AgentJob.objects.filter(
             reservation_id=target.reservation_id, generation__lt=target.generation
         )
@@ -251,8 +249,6 @@ class SiteAgentDriver(Driver):
         self._enqueue(target, "start")
 
     def check(self, target: Target) -> Check:
-        from marketplace.models import AgentJob, AgentJobStatus
-
         node_ids = [n.node_id for n in target.nodes]
         jobs = list(
             AgentJob.objects.filter(
@@ -297,10 +293,6 @@ class SiteAgentDriver(Driver):
         return Check("ready", connection=connection)
 
     def stop(self, target: Target) -> Check:
-        from inventory.models import Node, NodeStatus
-        from marketplace.models import AgentJob, AgentJobStatus
-        from marketplace.models.provisioning import AGENT_JOB_FINAL
-
         # What an agent has not picked up yet need not run at all.
         AgentJob.objects.filter(
             reservation_id=target.reservation_id,
@@ -333,12 +325,8 @@ class SiteAgentDriver(Driver):
         return Check("ready")
 
 
-def _stalled(jobs: list["AgentJob"]) -> "AgentJob | None":
+def _stalled(jobs: list[AgentJob]) -> AgentJob | None:
     """The first job still queued (never leased) after AGENT_JOB_STALL: its agent is silent."""
-    from django.utils import timezone
-
-    from marketplace.models import AgentJobStatus
-
     cutoff = timezone.now() - settings.AGENT_JOB_STALL
     for job in jobs:
         if job.status == AgentJobStatus.QUEUED and job.created_at < cutoff:
@@ -356,8 +344,6 @@ def _agent_payload(target: Target, node: NodeTarget, kind: str, *, generation: i
     if kind in ("prepare", "start"):
         payload["image"] = target.workload.get("image") or settings.PROVISIONING_DEFAULT_IMAGE
     if kind == "start":
-        from inventory.models import Gpu
-
         payload["env"] = dict(target.workload.get("env", {}))
         payload["ssh_public_keys"] = list(target.workload.get("ssh_public_keys", []))
         payload["ports"] = list(target.workload.get("ports", []))

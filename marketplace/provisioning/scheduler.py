@@ -1,4 +1,4 @@
-"""What is due and what is stuck: the dispatcher, the sweeper, and enqueueing on commit.
+"""What is due and what is stuck: the dispatcher and the sweeper (enqueueing: kicks.py).
 
 The schedule lives in PostgreSQL (starts_at, ends_at, status), never in a countdown parked in
 Redis. Beat runs the dispatcher every PROVISIONING_DISPATCH_INTERVAL_SECONDS (5 s): a
@@ -20,6 +20,7 @@ from django.db import transaction
 from django.db.models import Exists, Max, OuterRef, Q
 from django.utils import timezone
 
+from config.celery import BROKER_ERRORS, app
 from marketplace.models import (
     AttemptOutcome,
     ProvisioningAttempt,
@@ -28,20 +29,17 @@ from marketplace.models import (
     Reservation,
     ReservationStatus,
 )
+from marketplace.provisioning.kicks import PROVISION_TASK, RELEASE_TASK, enqueue_now
 from marketplace.provisioning.services import TEARDOWN_STATUSES, reservations_locked_by_workers
+from marketplace.services.curtailment import reservations_preempt_due
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
-    "provisioning_kick",
-    "release_kick",
-    "enqueue_now",
     "reservations_dispatch_due",
     "reservations_sweep_stuck",
 ]
 
 logger = logging.getLogger(__name__)
-PROVISION_TASK = "marketplace.tasks.reservation_provision"
-RELEASE_TASK = "marketplace.tasks.reservation_release"
 # A reservation moved to provisioning/releasing whose task has not started after this long is
 # enqueued again (a task waiting in a long queue just finds the work done: no harm).
 _FIRST_ATTEMPT_GRACE = timedelta(seconds=20)
@@ -55,39 +53,9 @@ _TEARDOWN_WINDOW = timedelta(days=1)
 _MAX_BATCHES_PER_RUN = 50
 
 
-def enqueue_now(task_name: str, reservation_id: int) -> bool:
-    """Send the task to the broker; a broker outage is logged, not raised (the sweeper and
-    the dispatcher pick the reservation up from the database later)."""
-    from config.celery import task_send
-
-    return task_send(
-        task_name,
-        [reservation_id],
-        about=f"reservation {reservation_id}",
-        then="(the sweeper will retry)",
-    )
-
-
-def provisioning_kick(reservation_id: int) -> None:
-    """Provision this reservation as soon as the current transaction commits.
-
-    Call it where a reservation becomes due now (created starting now, or an agent reported);
-    it is harmless for one that is not due or already active. Outside a transaction it sends
-    at once.
-    """
-    transaction.on_commit(lambda: enqueue_now(PROVISION_TASK, reservation_id))
-
-
-def release_kick(reservation_id: int) -> None:
-    """Release this reservation (it went to releasing, e.g. cancelled early) after commit."""
-    transaction.on_commit(lambda: enqueue_now(RELEASE_TASK, reservation_id))
-
-
 def _enqueue_batch(task_name: str, kind: str, reservation_ids: list[int]) -> None:
     """After commit: send the tasks over one producer; forget the markers of failed sends so
     the next tick tries those again."""
-    from config.celery import BROKER_ERRORS, app
-
     failed: list[int] = []
     try:
         with app.producer_or_acquire() as producer:
@@ -172,8 +140,6 @@ def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None 
     The tasks make the moves themselves (scheduled → provisioning, active → releasing), in
     parallel on the workers: the dispatcher's own work per reservation is a marker row.
     """
-    from marketplace.services.curtailment import reservations_preempt_due
-
     now = now or timezone.now()
     batch = batch or settings.PROVISIONING_DISPATCH_BATCH
     # Notices that ran out first: a preempted running reservation is then torn down below.

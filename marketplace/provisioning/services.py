@@ -41,6 +41,7 @@ from django.utils import timezone
 from config.db import model_columns, model_from_row
 from config.errors import ApplicationError
 from inventory.models import GpuModel, Node, NodeStatus, Outage, OutageCause, Site
+from inventory.services import status_change
 from marketplace.models import (
     AgentJob,
     AgentJobStatus,
@@ -66,6 +67,8 @@ from marketplace.provisioning.drivers import (
     WorkloadFailure,
     driver_get,
 )
+from marketplace.services.allocation import allocation_place
+from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import (
     Piggyback,
     reservation_transition,
@@ -79,6 +82,7 @@ __all__ = [
     "reservation_release_step",
     "reservation_reallocate",
     "placement_generation_raise",
+    "allocations_end",
     "reservation_outages_record_for_node",
     "reservation_outages_close_for_node",
     "reservation_outages_reconcile",
@@ -635,14 +639,11 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
     there are not enough, leaving the allocations as they were (the caller's savepoint).
     The old allocations are kept as the record of what was held: cut to now, no longer live.
     """
-    from marketplace.services.allocation import allocation_place
-    from marketplace.services.events import reservation_event_record
-
     on_node = Allocation.objects.filter(reservation=reservation, node=node, is_live=True)
     count = on_node.count()
     if count == 0:
         return 0
-    _allocations_end(on_node, now=now)
+    allocations_end(on_node, now=now)
     allocation_place(
         reservation=reservation,
         site_id=reservation.site_id,
@@ -663,7 +664,7 @@ def placement_generation_raise(reservation: Reservation) -> None:
     reservation.save(update_fields=["placement_generation", "updated_at"])
 
 
-def _allocations_end(queryset, *, now: datetime) -> None:
+def allocations_end(queryset, *, now: datetime) -> None:
     """Stop allocations being live; one that had begun keeps [start, now) as its record."""
     queryset.filter(period__startswith__lt=now, period__endswith__gt=now).update(
         period=Func(
@@ -682,8 +683,6 @@ def _allocations_end(queryset, *, now: datetime) -> None:
 def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) -> Node:
     """Take a node the driver reports as failed out of sale, open an outage, and record it
     against the active reservations it serves (only those)."""
-    from inventory.services import status_change
-
     now = now or timezone.now()
     node = Node.objects.select_for_update().get(pk=node.pk)
     if node.status in _USABLE_NODE_STATUSES:

@@ -40,6 +40,9 @@ from marketplace.models import (
     Tier,
 )
 from marketplace.models.events import EventType
+from marketplace.provisioning.kicks import provisioning_kick, release_kick
+from marketplace.provisioning.services import allocations_end, placement_generation_raise
+from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import reservation_transition
 
@@ -65,9 +68,7 @@ def _failed_live_allocations(reservation: Reservation):
 
 
 def _end(allocations, *, now: datetime) -> None:
-    from marketplace.provisioning.services import _allocations_end
-
-    _allocations_end(Allocation.objects.filter(pk__in=[a.pk for a in allocations]), now=now)
+    allocations_end(Allocation.objects.filter(pk__in=[a.pk for a in allocations]), now=now)
 
 
 def _undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal:
@@ -85,10 +86,6 @@ def _undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal
 @transaction.atomic
 def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None = None) -> str:
     """Move or end one reservation holding a failed GPU; returns what was done."""
-    from marketplace.provisioning.scheduler import provisioning_kick, release_kick
-    from marketplace.provisioning.services import placement_generation_raise
-    from marketplace.services.allocation import allocation_place
-
     now = now or timezone.now()
     locked = Reservation.objects.select_for_update().get(pk=reservation_id)
     if locked.status not in LIVE_STATUSES:

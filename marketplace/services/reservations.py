@@ -44,7 +44,7 @@ from marketplace.models import (
     Term,
     Tier,
 )
-from marketplace.provisioning.scheduler import provisioning_kick, release_kick
+from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.rules import MAX_DURATION, START_SKEW, validate_request_period
 from marketplace.selectors.availability import Offer, availability_search, site_model_offer
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug

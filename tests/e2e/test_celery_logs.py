@@ -7,7 +7,7 @@ import pytest
 from django.utils import timezone
 
 from marketplace.models import Reservation, ReservationStatus
-from marketplace.provisioning.scheduler import PROVISION_TASK
+from marketplace.provisioning.kicks import PROVISION_TASK
 from tests.factories import OrganizationFactory
 from tests.marketplace.api_fixtures import key_client
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)

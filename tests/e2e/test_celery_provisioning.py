@@ -20,12 +20,8 @@ from marketplace.models import (
     Reservation,
     ReservationStatus,
 )
-from marketplace.provisioning.scheduler import (
-    PROVISION_TASK,
-    provisioning_kick,
-    reservations_dispatch_due,
-    reservations_sweep_stuck,
-)
+from marketplace.provisioning.kicks import PROVISION_TASK, provisioning_kick
+from marketplace.provisioning.scheduler import reservations_dispatch_due, reservations_sweep_stuck
 from marketplace.provisioning.services import reservations_locked_by_workers
 from marketplace.services.curtailment import curtailment_announce
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from marketplace.models import Reservation, ReservationStatus
 from marketplace.provisioning.drivers import SimulatedDriver
-from marketplace.provisioning.scheduler import PROVISION_TASK, RELEASE_TASK
+from marketplace.provisioning.kicks import PROVISION_TASK, RELEASE_TASK
 from marketplace.provisioning.services import reservation_provision_step
 from marketplace.services.reservations import reservation_cancel
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -67,7 +67,7 @@ def test_a_reservation_booked_ahead_enqueues_nothing(
 def test_a_reservation_is_still_made_when_redis_is_unreachable_and_the_failure_is_logged(
     market, broker, caplog, django_capture_on_commit_callbacks
 ):
-    caplog.set_level(logging.WARNING, logger="marketplace.provisioning.scheduler")
+    caplog.set_level(logging.WARNING, logger="config.celery")
     with broker_url_for_this_process(CLOSED_PORT_BROKER):
         with django_capture_on_commit_callbacks(execute=True):
             r = market.book()
