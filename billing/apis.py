@@ -71,12 +71,18 @@ class MoneyField(serializers.Field):
 class BalanceOutput(serializers.Serializer):
     currency = serializers.CharField()
     balance = serializers.CharField(help_text="Prepaid balance: the sum of the ledger.")
+    accrued = serializers.CharField(
+        help_text="Usage accrued by the second and not yet booked to the ledger (it is booked "
+        "every hour and whenever a reservation stops, ends or moves)."
+    )
     held = serializers.CharField(
-        help_text="Committed by bookings and not yet charged (open holds): reserved terms until "
-        "the meter charges them, on-demand first hours until used."
+        help_text="Committed by bookings and not yet used or charged (open holds beyond the "
+        "usage that fills them): reserved terms until the meter charges them, on-demand first "
+        "hours until used."
     )
     available = serializers.CharField(
-        help_text="balance − held: what new reservations and extensions can commit (prepaid)."
+        help_text="balance − accrued − held: what new reservations and extensions can commit "
+        "(prepaid), and what the low-balance rules read."
     )
     mode = serializers.ChoiceField(choices=BillingMode.choices)
     funding_state = serializers.ChoiceField(choices=FundingState.choices)
@@ -104,12 +110,13 @@ def balance_data(org) -> dict:
     """The balance as GET billing/balance shows it (also the object of balance events)."""
     account = billing_account_get_or_create(organization=org)
     c = account.currency
-    balance, held = money_position(organization_id=org.pk)
+    position = money_position(organization_id=org.pk)
     return {
         "currency": c,
-        "balance": _money(balance, c),
-        "held": _money(held, c),
-        "available": _money(balance - held, c),
+        "balance": _money(position.balance, c),
+        "accrued": _money(position.accrued, c),
+        "held": _money(position.held, c),
+        "available": _money(position.available, c),
         "mode": account.mode,
         "funding_state": account.funding_state,
         "grace_until": account.grace_until,

@@ -32,6 +32,8 @@ __all__ = [
     "BillingNotice",
     "HoldStatus",
     "Hold",
+    "UsageAccrual",
+    "Balance",
 ]
 
 
@@ -180,6 +182,76 @@ class LedgerEntry(models.Model):
 
     def delete(self, *args, **kwargs):
         raise LedgerImmutable("ledger entries cannot be deleted")
+
+
+class UsageAccrual(models.Model):
+    """A metered reservation's usage, accrued to the second and booked to the ledger coarsely.
+
+    Every metering run sets `gpu_seconds` (GPU-seconds delivered from activation up to
+    `accrued_until`, outages excluded) and `accrued_minor` (their cost, rounded once on the
+    total) for all open accruals in one statement. Booking (billing.services.usage.usage_book)
+    writes one usage line for what is accrued but not booked — hourly, at every state change,
+    extension and the end — and adds it to `booked_*` in the same statement, so
+    accrued_minor − booked_minor is exactly the money accrued but not yet in the ledger.
+    """
+
+    reservation = models.OneToOneField(
+        Reservation, on_delete=models.PROTECT, primary_key=True, related_name="+"
+    )
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    currency = models.CharField(max_length=3)
+    price_per_gpu_hour = models.DecimalField(max_digits=12, decimal_places=4)
+    # Priced before the last price change (booked then at the old price): the cost of
+    # gpu_seconds is price_from_minor + (gpu_seconds − price_from_gpu_seconds) × price.
+    price_from_gpu_seconds = models.BigIntegerField(default=0)
+    price_from_minor = models.BigIntegerField(default=0)
+    gpu_seconds = models.BigIntegerField(default=0)
+    accrued_minor = models.BigIntegerField(default=0)
+    accrued_until = models.DateTimeField()
+    # The clock was running at accrued_until (active, not released, no outage open): the live
+    # figure adds the seconds since then.
+    running = models.BooleanField(default=False)
+    gpu_count = models.PositiveIntegerField(default=1)
+    booked_gpu_seconds = models.BigIntegerField(default=0)
+    booked_minor = models.BigIntegerField(default=0)
+    booked_until = models.DateTimeField()
+    # Set once the reservation has ended and its last late correction window has passed.
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(gpu_seconds__gte=0) & Q(booked_gpu_seconds__gte=0),
+                name="usage_accrual_seconds_non_negative",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["organization"],
+                condition=Q(closed_at__isnull=True),
+                name="usage_accrual_open_org_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"accrual of {self.reservation_id}: {self.gpu_seconds} GPU-s"
+
+    @property
+    def unbooked_minor(self) -> int:
+        return self.accrued_minor - self.booked_minor
+
+
+class Balance(models.Model):
+    """An organisation's balance: the sum of its ledger entries, kept by a database trigger on
+    every ledger insert (billing migration 0007), so reading it does not sum the ledger."""
+
+    organization = models.OneToOneField(
+        Organization, on_delete=models.PROTECT, primary_key=True, related_name="+"
+    )
+    amount_minor = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"balance of {self.organization_id}: {self.amount_minor}"
 
 
 class HoldStatus(models.TextChoices):

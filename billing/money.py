@@ -9,6 +9,7 @@ always the correctly rounded total (no drift from rounding many small lines).
 from decimal import ROUND_HALF_UP, Decimal
 
 __all__ = [
+    "ZERO_DECIMAL_CURRENCIES",
     "minor_exponent",
     "to_minor_units",
     "from_minor_units",
@@ -16,7 +17,7 @@ __all__ = [
 ]
 
 # ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
-_ZERO_DECIMAL = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
+ZERO_DECIMAL_CURRENCIES = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
                  "vnd", "vuv", "xaf", "xof", "xpf"}  # fmt: skip
 
 
@@ -27,7 +28,7 @@ def _require_exact(value, name: str) -> None:
 
 
 def minor_exponent(currency: str) -> int:
-    return 0 if currency.lower() in _ZERO_DECIMAL else 2
+    return 0 if currency.lower() in ZERO_DECIMAL_CURRENCIES else 2
 
 
 def to_minor_units(amount: Decimal | int, currency: str) -> int:

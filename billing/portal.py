@@ -102,16 +102,17 @@ def commitment_funding(membership, *, currency: str, **commitment) -> dict:
     organization = membership.organization
     account = billing_account_for_org(organization=organization)
     due_now = committed_amount(**commitment).quantize(Decimal("0.01"))
-    balance, held = money_position(organization_id=organization.pk)
+    position = money_position(organization_id=organization.pk)
+    balance, held = position.balance, position.accrued + position.held
     postpaid = bool(account) and account.mode == BillingMode.POSTPAID
     return {
         "due_now": due_now,
         "due_is_total": due_now >= commitment["total_amount"],
         "balance": from_minor_units(balance, currency),
         "held": from_minor_units(held, currency),
-        "available": from_minor_units(balance - held, currency),
+        "available": from_minor_units(position.available, currency),
         "postpaid": postpaid,
-        "covered": postpaid or balance - held >= to_minor_units(due_now, currency),
+        "covered": postpaid or position.available >= to_minor_units(due_now, currency),
         "can_pay": membership.role in MONEY_ROLES,
     }
 
@@ -207,8 +208,9 @@ class OverviewView(BillingPage):
                 }
             )
         spent = spend_minor(organization=self.organization, since=month_start(timezone.now()))
-        balance, held = money_position(organization_id=self.organization.pk)
-        funding_label, funding_meaning = funding_words(account, balance - held)
+        position = money_position(organization_id=self.organization.pk)
+        balance, held = position.balance, position.held
+        funding_label, funding_meaning = funding_words(account, position.available)
         top_ups = list(top_ups_for_org(organization=self.organization)[:5])
         for top_up in top_ups:
             top_up.amount_display = money(top_up.amount_minor, top_up.currency)
@@ -219,8 +221,9 @@ class OverviewView(BillingPage):
                 "account": account,
                 "currency": c.upper(),
                 "balance": money(balance, c),
+                "accrued": money(position.accrued, c) if position.accrued else None,
                 "held": money(held, c) if held else None,
-                "available": money(balance - held, c),
+                "available": money(position.available, c),
                 "spent_this_month": money(spent, c),
                 "monthly_spend_limit": money(account.monthly_spend_limit_minor, c)
                 if account.monthly_spend_limit_minor is not None
@@ -475,12 +478,13 @@ def overview_panel(membership) -> dict:
     account = billing_account_for_org(organization=organization)
     currency = account.currency if account else settings.CURRENCY
     state = account.funding_state if account else FundingState.OK
-    balance, held = money_position(organization_id=organization.pk)
-    label, meaning = funding_words(account, balance - held)
+    position = money_position(organization_id=organization.pk)
+    label, meaning = funding_words(account, position.available)
     return {
-        "balance": money(balance, currency),
-        "held": money(held, currency),
-        "available": money(balance - held, currency),
+        "balance": money(position.balance, currency),
+        "accrued": money(position.accrued, currency),
+        "held": money(position.held, currency),
+        "available": money(position.available, currency),
         "postpaid": bool(account) and account.mode == BillingMode.POSTPAID,
         "state": state,
         "label": label,

@@ -16,6 +16,9 @@ config.errors.PaymentRequired (HTTP 402, codes insufficient_funds, spend_limit_e
 account_suspended), which rolls the whole booking back. When the customer cancels or stops a
 reservation, `reservation_ended(reservation=r)` (same transaction) settles it and releases
 what it still holds; the gate's owner releases holds of reservations that end otherwise.
+Every move out of active or releasing (stop, end, preemption, failure, a move off a failed
+GPU) calls `reservation_status_changed(...)` in the move's transaction, so the usage up to it
+is booked there.
 `reservations_charged(reservation_ids=[…])` is what the API and the portal show as charged.
 """
 
@@ -51,6 +54,12 @@ class FundingGate(Protocol):
     def reservation_ended(self, *, reservation: Reservation) -> None:
         """The customer cancelled or stopped `reservation`: settle it and release its holds."""
 
+    def reservation_status_changed(
+        self, *, reservation: Reservation, from_status: str, to_status: str, at: datetime
+    ) -> None:
+        """`reservation` (not a reserved term) just moved out of active or releasing at `at`,
+        in the caller's transaction: book what it used up to then."""
+
     def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
         """What each reservation has been charged so far, in its currency's major units:
         usage and commitments less refunds and credits (absent: nothing)."""
@@ -64,6 +73,9 @@ class AllowAllFundingGate:
         return None
 
     def reservation_ended(self, **kwargs) -> None:
+        return None
+
+    def reservation_status_changed(self, **kwargs) -> None:
         return None
 
     def reservations_charged(self, **kwargs) -> dict[int, Decimal]:

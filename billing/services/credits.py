@@ -25,8 +25,8 @@ from decimal import Decimal
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Sum
-from django.db.models.functions import Coalesce
+from django.db.models import CharField, Exists, OuterRef, Sum, Value
+from django.db.models.functions import Cast, Coalesce, Concat
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
@@ -224,10 +224,11 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
 
 def cancellations_due() -> list[int]:
     """Reserved reservations with cancellation terms (or failed undelivered) not yet settled."""
-    settled = LedgerEntry.objects.filter(idempotency_key__startswith="cancel:").values(
-        "reservation_id"
+    # Found by its key (the unique index), not by a scan of the ledger for a key prefix.
+    settled = LedgerEntry.objects.filter(
+        idempotency_key=Concat(Value("cancel:"), Cast(OuterRef("pk"), CharField()))
     )
-    qs = Reservation.objects.filter(tier=Tier.RESERVED).exclude(pk__in=settled)
+    qs = Reservation.objects.filter(tier=Tier.RESERVED).exclude(Exists(settled))
     cancelled = qs.exclude(cancellation={}) if hasattr(Reservation, "cancellation") else qs.none()
     failed = qs.filter(status=ReservationStatus.FAILED, activated_at__isnull=True)
     return sorted(

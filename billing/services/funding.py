@@ -30,13 +30,13 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
-from billing.selectors import balance_minor, reservations_charged, spend_minor
+from billing.selectors import reservations_charged, spend_minor
 from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
 from billing.services.topups import reservation_recharge_amount
-from billing.services.usage import reservations_meter, reserved_extension_charge
+from billing.services.usage import reservations_book_now, reserved_extension_charge
 from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
 
@@ -123,7 +123,8 @@ def commitment_authorize(
         )
     # After the lock, in a statement of its own: a snapshot taken now sees every hold that
     # the decisions before this one committed.
-    balance, held = money_position(organization_id=organization_id)
+    position = money_position(organization_id=organization_id)
+    balance, held = position.balance, position.accrued + position.held
     if account.monthly_spend_limit_minor is not None:
         spent = spend_minor(
             organization=Organization(pk=organization_id), since=month_start(timezone.now())
@@ -132,7 +133,8 @@ def commitment_authorize(
             raise PaymentRequired(
                 f"This {what} would take this month's spend over the limit of "
                 f"{_money(account.monthly_spend_limit_minor, currency)} (charged "
-                f"{_money(spent, currency)}, held for bookings {_money(held, currency)}, "
+                f"{_money(spent, currency)}, accrued and held for bookings "
+                f"{_money(held, currency)}, "
                 f"this needs {_money(commit_minor, currency)}).",
                 code="spend_limit_exceeded",
             )
@@ -142,8 +144,8 @@ def commitment_authorize(
     if available >= commit_minor:
         return
     message = (
-        f"The balance ({_money(balance, currency)}, of which {_money(held, currency)} is held "
-        f"for bookings) does not cover this {what}'s committed part "
+        f"The balance ({_money(balance, currency)}, of which {_money(held, currency)} is used "
+        f"or held for bookings) does not cover this {what}'s committed part "
         f"({_money(commit_minor, currency)})"
     )
     shortfall = commit_minor - available
@@ -241,16 +243,30 @@ class BillingFundingGate:
             reserved_extension_charge(
                 reservation=reservation, old_total=old_total, extra_minor=extra_minor
             )
+        elif reservation.activated_at is not None:
+            # A line ends at the extension: what was used up to it, at the price it was used.
+            reservations_book_now(reservation_ids=[reservation.pk], reason="extended")
 
     def reservation_ended(self, *, reservation: Reservation) -> None:
         """Cancelled or stopped by the customer: charge what is due up to now (a cancelled
         reserved term: its terms) and release what stays held, in the same transaction."""
         if reservation.tier == Tier.RESERVED:
             cancellation_settle(reservation_id=reservation.pk)
-        else:
-            reservations_meter(reservation_ids=[reservation.pk])
+        elif reservation.activated_at is not None:
+            reservations_book_now(reservation_ids=[reservation.pk], reason="stopped")
         holds_charge(reservation_ids=[reservation.pk])
         holds_release(reservation_ids=[reservation.pk])
+
+    def reservation_status_changed(
+        self, *, reservation: Reservation, from_status: str, to_status: str, at: datetime
+    ) -> None:
+        """A metered reservation that has run moved (stopped, ended, preempted, failed, moved
+        off a failed GPU): its usage up to the move is booked in the move's transaction."""
+        if reservation.tier == Tier.RESERVED or reservation.activated_at is None:
+            return
+        reservations_book_now(
+            reservation_ids=[reservation.pk], now=at, reason=f"{from_status} → {to_status}"
+        )
 
     def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
         return reservations_charged(reservation_ids=reservation_ids)
@@ -288,7 +304,8 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
     if account is None or account.mode != BillingMode.PREPAID:
         return FundingState.OK
-    balance = balance_minor(organization=organization)
+    # What is left once accrued usage and open holds are counted (money_position).
+    balance = money_position(organization_id=organization.pk).available
     money = f"{from_minor_units(balance, account.currency)} {account.currency.upper()}"
     state = account.funding_state
     if balance >= account.recharge_threshold_minor:

@@ -8,9 +8,12 @@ the same money (DESIGN invariant 9). What is left of it is counted until:
   filled completely is `charged`;
 - the reservation is cancelled or ends: what was never charged is `released`.
 
-The gate reads the balance and the open holds in one statement, so it sees a charge and the
-hold it fills together or not at all.
+The gate reads the balance, the usage accrued and not yet booked, and the open holds in one
+statement, so it sees a charge and the hold it fills together or not at all; a reservation's
+accrued usage fills its holds first (money_position), so neither is counted twice.
 """
+
+from typing import NamedTuple
 
 from django.db import connection
 from django.utils import timezone
@@ -19,6 +22,8 @@ from billing.models import Hold, HoldStatus, LedgerKind
 from marketplace.models import Reservation
 
 __all__ = [
+    "MoneyPosition",
+    "POSITIONS_SQL",
     "money_position",
     "hold_add",
     "holds_charge",
@@ -26,20 +31,73 @@ __all__ = [
     "holds_release_ended",
 ]
 
-_POSITION_SQL = """
-SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_ledgerentry
+# An organisation's money in one snapshot: its balance (kept by the ledger's trigger), what its
+# reservations accrued and the ledger does not have yet, and what its open holds still commit
+# beyond that. Per reservation, accrued usage fills its holds first (the hold is that usage
+# committed ahead), so the two are never counted twice: exposure = max(accrued, held).
+_EXPOSURE_SQL = """
+WITH u AS (
+    SELECT organization_id, reservation_id, accrued_minor - booked_minor AS unbooked
+    FROM billing_usageaccrual WHERE closed_at IS NULL {u_where}
+), h AS (
+    SELECT organization_id, reservation_id, sum(amount_minor - charged_minor) AS held
+    FROM billing_hold WHERE status = 'open' {h_where}
+    GROUP BY organization_id, reservation_id
+), per AS (
+    SELECT coalesce(u.organization_id, h.organization_id) AS organization_id,
+           coalesce(u.unbooked, 0) AS unbooked,
+           greatest(coalesce(h.held, 0) - greatest(coalesce(u.unbooked, 0), 0), 0) AS held
+    FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
+)"""
+
+_POSITION_SQL = (
+    _EXPOSURE_SQL.format(
+        u_where="AND organization_id = %(org)s", h_where="AND organization_id = %(org)s"
+    )
+    + """
+SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
         WHERE organization_id = %(org)s),
-       (SELECT coalesce(sum(amount_minor - charged_minor), 0) FROM billing_hold
-        WHERE organization_id = %(org)s AND status = 'open')
+       (SELECT coalesce(sum(unbooked), 0) FROM per),
+       (SELECT coalesce(sum(held), 0) FROM per)
 """
+)
+
+# Every prepaid account's position, for the metering run's funding pass (one statement).
+POSITIONS_SQL = (
+    _EXPOSURE_SQL.format(u_where="", h_where="")
+    + """, sums AS (
+    SELECT organization_id, sum(unbooked) AS unbooked, sum(held) AS held
+    FROM per GROUP BY organization_id
+)
+SELECT ba.organization_id, coalesce(b.amount_minor, 0), coalesce(s.unbooked, 0),
+       coalesce(s.held, 0), ba.funding_state, ba.recharge_threshold_minor,
+       ba.auto_recharge_enabled AND ba.recharge_armed, ba.recharge_armed, ba.grace_until
+FROM billing_billingaccount ba
+LEFT JOIN billing_balance b ON b.organization_id = ba.organization_id
+LEFT JOIN sums s ON s.organization_id = ba.organization_id
+WHERE ba.mode = 'prepaid'
+"""
+)
 
 
-def money_position(*, organization_id: int) -> tuple[int, int]:
-    """(balance, held) in minor units, from one snapshot."""
+class MoneyPosition(NamedTuple):
+    """An organisation's money in minor units: `available` is what new commitments can use."""
+
+    balance: int
+    accrued: int  # usage accrued and not yet booked to the ledger (negative: a correction)
+    held: int  # open holds beyond the usage that already fills them
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.accrued - self.held
+
+
+def money_position(*, organization_id: int) -> MoneyPosition:
+    """Balance, accrued-but-unbooked usage and holds, from one snapshot."""
     with connection.cursor() as cur:
         cur.execute(_POSITION_SQL, {"org": organization_id})
-        balance, held = cur.fetchone()
-    return int(balance), int(held)
+        balance, accrued, held = cur.fetchone()
+    return MoneyPosition(int(balance), int(accrued), int(held))
 
 
 def hold_add(

@@ -1,39 +1,87 @@
-"""The metering run: usage lines for every reservation that may owe, holds of ended ones
-released, then funding state."""
+"""The metering run (every minute): a few set-based statements whatever the number of
+reservations, then the funding rules for the organisations they concern.
 
-from datetime import datetime, timedelta
+1. reserved terms booked since the last run are charged (once each);
+2. usage accrues: every started metered reservation has an accrual, set in one statement to
+   what it delivered up to now (billing.services.usage);
+3. usage is booked: one ledger line per reservation not booked since the hour began (up to the
+   hour) and per ended reservation (up to its end), in one statement with the accruals' booked
+   figures, and the holds those lines fill;
+4. accruals of reservations that ended over two days ago and are booked in full are closed;
+5. cancelled reserved terms are settled and what ended reservations still hold is released;
+6. the funding rules: every prepaid organisation's position (balance − accrued − held) in one
+   statement, and the ones whose state must move (or whose automatic recharge is due) go
+   through funding_state_update.
+Each step is idempotent and recomputes from the database, so a run killed between two
+statements, or two runs at once, leaves nothing doubled or lost: the next run finishes it.
+"""
 
+from datetime import datetime
+
+from django.db import connection
 from django.utils import timezone
 
+from billing.models import FundingState
 from billing.services.credits import cancellation_settle, cancellations_due
 from billing.services.funding import funding_state_update
-from billing.services.holds import holds_release_ended
-from billing.services.usage import reservations_meter, reservations_to_meter
-from marketplace.models import Organization, Reservation
+from billing.services.holds import POSITIONS_SQL, holds_release_ended
+from billing.services.usage import (
+    reservations_meter,
+    reserved_terms_to_charge,
+    usage_accruals_close,
+    usage_accruals_open,
+    usage_accrue,
+    usage_book,
+)
+from marketplace.models import Organization
 
-__all__ = ["usage_meter_run"]
+__all__ = ["usage_meter_run", "funding_states_update"]
 
-# Reservations released within this window are metered once more (late outages, last seconds).
-RECENTLY_RELEASED = timedelta(days=2)
 BATCH = 500
 
 
 def usage_meter_run(*, now: datetime | None = None) -> int:
-    now = now or timezone.now()
-    ids = reservations_to_meter(now=now, since=now - RECENTLY_RELEASED)
-    written = 0
-    for i in range(0, len(ids), BATCH):
-        written += reservations_meter(reservation_ids=ids[i : i + BATCH], now=now)
-    settled = cancellations_due()
-    for reservation_id in settled:
+    """One run; returns the number of usage lines written."""
+    now = (now or timezone.now()).replace(microsecond=0)
+    reserved = reserved_terms_to_charge()
+    for i in range(0, len(reserved), BATCH):
+        reservations_meter(reservation_ids=reserved[i : i + BATCH], now=now)
+    usage_accruals_open()
+    usage_accrue(now=now)
+    written = len(usage_book(now=now))
+    usage_accruals_close(now=now)
+    for reservation_id in cancellations_due():
         cancellation_settle(reservation_id=reservation_id)
-    # Charged up to their end just above: what ended reservations still hold is released.
     holds_release_ended()
-    org_ids = set(
-        Reservation.objects.filter(pk__in=[*ids, *settled]).values_list(
-            "organization_id", flat=True
-        )
-    )
-    for organization in Organization.objects.filter(pk__in=org_ids).order_by("pk"):
-        funding_state_update(organization=organization, now=now)
+    funding_states_update(now=now)
     return written
+
+
+def funding_states_update(*, now: datetime) -> list[int]:
+    """Apply the funding rules to every prepaid organisation that needs it, found in one
+    statement: its state would move, or its automatic recharge is due or must be re-armed.
+    Organisations with nothing accrued or held and in good standing are left alone (a new
+    organisation with an empty balance is not warned). Returns the ids it acted on."""
+    with connection.cursor() as cur:
+        cur.execute(POSITIONS_SQL)
+        rows = cur.fetchall()
+    due = []
+    for org_id, balance, accrued, held, state, threshold, recharge_due, armed, grace_until in rows:
+        available = balance - accrued - held
+        if accrued == 0 and held == 0 and state == FundingState.OK:
+            continue
+        if available >= threshold:
+            act = state != FundingState.OK or not armed
+        elif available > 0:
+            act = state != FundingState.WARNING or recharge_due
+        else:
+            act = (
+                state in (FundingState.OK, FundingState.WARNING, FundingState.SUSPENDED)
+                or recharge_due
+                or (state == FundingState.GRACE and grace_until is not None and now >= grace_until)
+            )
+        if act:
+            due.append(org_id)
+    for organization in Organization.objects.filter(pk__in=due).order_by("pk"):
+        funding_state_update(organization=organization, now=now)
+    return sorted(due)

@@ -175,7 +175,8 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
     if account is None or account.mode != BillingMode.PREPAID:
         return None
-    balance = balance_minor(organization=organization)
+    # What is left once accrued usage and holds are counted, as the funding rules read it.
+    balance = money_position(organization_id=organization.pk).available
     if balance >= account.recharge_threshold_minor:
         if not account.recharge_armed:
             account.recharge_armed = True
@@ -237,8 +238,8 @@ def auto_recharge_for_reservation(
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
     if account is None:
         return None
-    balance, held = money_position(organization_id=organization.pk)
-    available = balance - held  # what new commitments can use (billing.services.holds)
+    # What new commitments can use: balance − accrued usage − holds (billing.services.holds).
+    available = money_position(organization_id=organization.pk).available
     if available >= needed_minor:
         return None
     stated = reservation_recharge_amount(account=account, shortfall_minor=needed_minor - available)

@@ -16,16 +16,16 @@ Reserved-tier reservations are charged their whole term once (reserved_charge) a
 metered by the second; outages against them are compensated by SLA credits.
 """
 
-from collections import defaultdict
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 
-from django.db import transaction
-from django.db.models import Max, Q, Sum
+from django.db import connection, models, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
-from billing.money import to_minor_units, usage_cost_minor
+from billing.money import ZERO_DECIMAL_CURRENCIES, to_minor_units
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
 from inventory.models import Outage
@@ -40,12 +40,20 @@ from marketplace.models import (
 __all__ = [
     "METERED_TIERS",
     "CHARGED_RESERVED_STATUSES",
+    "RECENTLY_RELEASED",
+    "BookedUsage",
     "interval_union",
     "outage_intervals",
     "reservation_delivered_seconds",
+    "usage_accruals_open",
+    "usage_accrue",
+    "usage_book",
+    "usage_accruals_close",
+    "usage_price_change",
+    "reservations_book_now",
     "reservation_meter",
     "reservations_meter",
-    "reservations_to_meter",
+    "reserved_terms_to_charge",
     "reserved_base_charge",
     "reserved_extension_charge",
 ]
@@ -126,114 +134,340 @@ def reservation_delivered_seconds(
     return int((hi - lo).total_seconds()) - _overlap_seconds(outages, lo, hi)
 
 
-def _delivered(reservation: Reservation, outages: list[Interval], until: datetime) -> int:
-    window = active_window(reservation=reservation, until=until)
-    if window is None:
-        return 0
-    lo, hi = window
-    return int((hi - lo).total_seconds()) - _overlap_seconds(outages, lo, hi)
+# --- accrual: set-based, a few statements per run whatever the number of reservations ------
+
+# Minor units per major unit, in SQL (money.minor_exponent): rounding happens in PostgreSQL with
+# round(numeric), which rounds half away from zero, as ROUND_HALF_UP does.
+_FACTOR_SQL = "(CASE WHEN lower({c}) = ANY(%(zero_decimal)s) THEN 1 ELSE 100 END)"
+
+# Every outage that stops the clock of the reservations in `scope`, as one multirange each:
+# its own outages and any outage of a node that served it (usage.outage_intervals, in SQL).
+_OUTAGES_CTE = """
+outs AS (
+    SELECT x.reservation_id, range_agg(x.r) AS mr FROM (
+        SELECT ro.reservation_id, tstzrange(ro.started_at, ro.ended_at, '[)') AS r
+        FROM marketplace_reservationoutage ro JOIN scope s ON s.reservation_id = ro.reservation_id
+        WHERE ro.started_at < %(now)s AND (ro.ended_at IS NULL OR ro.ended_at > ro.started_at)
+        UNION ALL
+        SELECT DISTINCT al.reservation_id, tstzrange(o.started_at, o.ended_at, '[)')
+        FROM inventory_outage o
+        JOIN marketplace_allocation al ON al.node_id = o.node_id
+        JOIN scope s ON s.reservation_id = al.reservation_id
+        WHERE o.gpu_id IS NULL AND o.started_at < %(now)s
+          AND (o.ended_at IS NULL OR o.ended_at > s.activated_at)
+    ) x GROUP BY x.reservation_id
+)"""
+
+# Whole seconds delivered in [activated_at, hi) outside the outages `mr` (NULL: none).
+_DELIVERED_SQL = """(CASE
+    WHEN {hi} <= {a} THEN 0
+    WHEN {mr} IS NULL THEN floor(extract(epoch FROM {hi} - {a}))
+    ELSE (SELECT coalesce(floor(sum(extract(epoch FROM upper(x) - lower(x)))), 0)
+          FROM unnest(tstzmultirange(tstzrange({a}, {hi}, '[)')) - {mr}) x)
+END)::bigint"""
+
+# The cost of a cumulative number of GPU-seconds: what was priced before the last price change
+# (price_from_*) plus the rest at the current price, rounded once on the total.
+_COST_SQL = (
+    "({a}.price_from_minor + round(({gs} - {a}.price_from_gpu_seconds) * {a}.price_per_gpu_hour"
+    " * " + _FACTOR_SQL.format(c="{a}.currency") + " / 3600))::bigint"
+)
+
+_ACCRUE_SQL = (
+    """
+WITH scope AS (
+    SELECT a.reservation_id, r.activated_at, r.gpu_count,
+           least(coalesce(r.released_at, %(now)s), r.ends_at, %(now)s) AS hi,
+           r.released_at IS NULL AND r.ends_at > %(now)s AS open
+    FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
+    WHERE a.closed_at IS NULL AND a.accrued_until <= %(now)s {only}
+),"""
+    + _OUTAGES_CTE
+    + """,
+calc AS (
+    SELECT s.reservation_id, s.gpu_count,
+           """
+    + _DELIVERED_SQL.format(hi="s.hi", a="s.activated_at", mr="o.mr")
+    + """ * s.gpu_count AS gs,
+           s.open AND s.hi > s.activated_at AND NOT coalesce(o.mr @> s.hi, false) AS running
+    FROM scope s LEFT JOIN outs o USING (reservation_id)
+)
+UPDATE billing_usageaccrual a
+SET gpu_seconds = c.gs, accrued_minor = """
+    + _COST_SQL.format(a="a", gs="c.gs")
+    + """,
+    accrued_until = %(now)s, running = c.running, gpu_count = c.gpu_count
+FROM calc c
+WHERE a.reservation_id = c.reservation_id
+"""
+)
+
+# Accruals for metered reservations that have started and have none yet (written by booking
+# at the first state change, or here: the sweep behind it). Uses the status index.
+_OPEN_SQL = """
+INSERT INTO billing_usageaccrual (reservation_id, organization_id, currency, price_per_gpu_hour,
+    price_from_gpu_seconds, price_from_minor, gpu_seconds, accrued_minor, accrued_until, running,
+    gpu_count, booked_gpu_seconds, booked_minor, booked_until, closed_at)
+SELECT r.id, r.organization_id, r.currency, r.price_per_gpu_hour, 0, 0, 0, 0, r.activated_at,
+       false, r.gpu_count, 0, 0, r.activated_at, NULL
+FROM marketplace_reservation r
+WHERE r.tier = ANY(%(tiers)s) AND r.activated_at IS NOT NULL {where}
+  AND NOT EXISTS (SELECT 1 FROM billing_usageaccrual a WHERE a.reservation_id = r.id)
+ORDER BY r.id
+ON CONFLICT (reservation_id) DO NOTHING
+"""
+
+_DUE_LOCK_SQL = """
+SELECT a.reservation_id
+FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
+WHERE a.closed_at IS NULL AND {due}
+ORDER BY a.reservation_id
+FOR UPDATE OF a
+"""
+# Due at the hour: not booked since the hour began; at the end: anything still unbooked.
+_DUE_HOURLY = """(a.booked_until < %(hour)s
+    OR ((r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
+        AND (a.accrued_minor <> a.booked_minor OR a.gpu_seconds <> a.booked_gpu_seconds
+             OR a.booked_until < least(coalesce(r.released_at, r.ends_at), r.ends_at))))"""
+
+# One usage line per locked accrual for what it accrued up to its bound and has not booked,
+# and the accrual's booked figures moved by exactly the lines written, in one statement: a
+# crash leaves both or neither. A line whose key exists already (a run racing another) is not
+# written and moves nothing.
+_BOOK_SQL = (
+    """
+WITH scope AS (
+    SELECT a.reservation_id, r.activated_at, r.gpu_count, r.released_at, r.ends_at,
+           CASE WHEN %(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s
+                THEN %(now)s ELSE greatest(a.booked_until, %(hour)s) END AS bound
+    FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
+    WHERE a.reservation_id = ANY(%(ids)s) AND a.closed_at IS NULL
+),"""
+    + _OUTAGES_CTE
+    + """,
+cum AS (
+    SELECT s.reservation_id, s.bound,
+           greatest(a.booked_until,
+                    least(s.bound, s.ends_at, coalesce(s.released_at, s.bound))) AS period_end,
+           """
+    + _DELIVERED_SQL.format(
+        hi="least(coalesce(s.released_at, s.bound), s.ends_at, s.bound)",
+        a="s.activated_at",
+        mr="o.mr",
+    )
+    + """ * s.gpu_count AS gs
+    FROM scope s JOIN billing_usageaccrual a USING (reservation_id)
+    LEFT JOIN outs o USING (reservation_id)
+), priced AS (
+    SELECT c.*, """
+    + _COST_SQL.format(a="a", gs="c.gs")
+    + """ AS minor,
+           a.organization_id, a.currency, a.price_per_gpu_hour, a.booked_until,
+           a.booked_gpu_seconds, a.booked_minor
+    FROM cum c JOIN billing_usageaccrual a USING (reservation_id)
+), lines AS (
+    INSERT INTO billing_ledgerentry (organization_id, kind, amount_minor, currency,
+        reservation_id, period_start, period_end, gpu_seconds, idempotency_key, description,
+        created_at)
+    SELECT p.organization_id, 'usage', p.booked_minor - p.minor, p.currency, p.reservation_id,
+           p.booked_until, p.period_end, p.gs - p.booked_gpu_seconds,
+           'usage:' || p.reservation_id || ':to:'
+               || (extract(epoch FROM p.bound) * 1000000)::bigint,
+           (p.gs - p.booked_gpu_seconds) || ' GPU-seconds at ' || p.price_per_gpu_hour
+               || '/GPU-hour' || %(why)s,
+           %(created)s
+    FROM priced p
+    WHERE p.minor <> p.booked_minor OR p.gs <> p.booked_gpu_seconds
+    ORDER BY p.reservation_id
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id, reservation_id, organization_id, amount_minor, gpu_seconds, currency
+), moved AS (
+    UPDATE billing_usageaccrual a
+    SET booked_minor = p.minor, booked_gpu_seconds = p.gs,
+        booked_until = greatest(a.booked_until, p.period_end)
+    FROM priced p
+    WHERE a.reservation_id = p.reservation_id
+      AND ((p.minor = p.booked_minor AND p.gs = p.booked_gpu_seconds)
+           OR p.reservation_id IN (SELECT reservation_id FROM lines))
+    RETURNING a.reservation_id
+)
+SELECT l.id, l.reservation_id, l.organization_id, l.amount_minor, l.gpu_seconds, l.currency,
+       (SELECT count(*) FROM moved)
+FROM lines l ORDER BY l.reservation_id
+"""
+)
+
+_CLOSE_SQL = """
+UPDATE billing_usageaccrual a SET closed_at = %(now)s
+FROM marketplace_reservation r
+WHERE r.id = a.reservation_id AND a.closed_at IS NULL
+  AND least(coalesce(r.released_at, r.ends_at), r.ends_at) < %(settled)s
+  AND a.accrued_until >= least(coalesce(r.released_at, r.ends_at), r.ends_at)
+  AND a.accrued_minor = a.booked_minor AND a.gpu_seconds = a.booked_gpu_seconds
+"""
+
+# Reservations released within this window are still accrued (an outage recorded late gives
+# its money back) before their accrual is closed.
+RECENTLY_RELEASED = timedelta(days=2)
+
+
+@dataclass(frozen=True)
+class BookedUsage:
+    """One usage line written by usage_book (amount signed as in the ledger: a charge < 0)."""
+
+    entry_id: int
+    reservation_id: int
+    organization_id: int
+    amount_minor: int
+    gpu_seconds: int
+    currency: str
+
+
+def _params(now: datetime, **more) -> dict:
+    return {"now": now, "zero_decimal": sorted(ZERO_DECIMAL_CURRENCIES), **more}
+
+
+def usage_accruals_open(*, reservation_ids: list[int] | None = None) -> int:
+    """Open an accrual for every started metered reservation that has none (all running ones,
+    or the given ones whatever their status). Returns how many were opened."""
+    where = (
+        "AND r.id = ANY(%(ids)s)"
+        if reservation_ids is not None
+        else ("AND r.status IN ('active', 'releasing')")
+    )
+    with connection.cursor() as cur:
+        cur.execute(
+            _OPEN_SQL.format(where=where),
+            {"tiers": [str(t) for t in METERED_TIERS], "ids": list(reservation_ids or [])},
+        )
+        return cur.rowcount
+
+
+def usage_accrue(*, now: datetime, reservation_ids: list[int] | None = None) -> int:
+    """Set every open accrual (or the given ones) to what was delivered up to `now`: one
+    statement. Idempotent, and never moves an accrual back to an earlier instant."""
+    only = "AND a.reservation_id = ANY(%(ids)s)" if reservation_ids is not None else ""
+    with connection.cursor() as cur:
+        cur.execute(_ACCRUE_SQL.format(only=only), _params(now, ids=list(reservation_ids or [])))
+        return cur.rowcount
+
+
+@transaction.atomic
+def usage_book(
+    *, now: datetime, reservation_ids: list[int] | None = None, reason: str = ""
+) -> list[BookedUsage]:
+    """The one writer of usage lines: book what is accrued and not yet in the ledger.
+
+    Without `reservation_ids` (the metering run): every open accrual not booked since the hour
+    began is booked up to the hour (one line per reservation and hour), and every ended one up
+    to its end. With them (a state change, an extension, a price change): those are booked up
+    to `now`. The accruals are locked (in id order) for the transaction, so a run and a state
+    change, or two runs, book each second once; their holds are filled from the new lines in
+    the same transaction. Returns the lines written.
+    """
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    with connection.cursor() as cur:
+        if reservation_ids is None:
+            cur.execute(_DUE_LOCK_SQL.format(due=_DUE_HOURLY), {"now": now, "hour": hour})
+        else:
+            cur.execute(
+                _DUE_LOCK_SQL.format(due="a.reservation_id = ANY(%(ids)s)"),
+                {"ids": list(reservation_ids)},
+            )
+        ids = [row[0] for row in cur.fetchall()]
+        if not ids:
+            return []
+        cur.execute(
+            _BOOK_SQL,
+            _params(
+                now,
+                hour=hour,
+                ids=ids,
+                to_now=reservation_ids is not None,
+                why=f" ({reason})" if reason else "",
+                created=timezone.now(),
+            ),
+        )
+        lines = [BookedUsage(*row[:6]) for row in cur.fetchall()]
+    if lines:
+        # In this transaction: the gate sees a charge and the hold it fills together.
+        holds_charge(reservation_ids=sorted({line.reservation_id for line in lines}))
+    return lines
+
+
+def usage_accruals_close(*, now: datetime) -> int:
+    """Close the accruals of reservations that ended more than RECENTLY_RELEASED ago and are
+    booked in full: the run no longer looks at them."""
+    with connection.cursor() as cur:
+        cur.execute(_CLOSE_SQL, {"now": now, "settled": now - RECENTLY_RELEASED})
+        return cur.rowcount
+
+
+@transaction.atomic
+def usage_price_change(
+    *, reservation_id: int, price_per_gpu_hour: Decimal, now: datetime | None = None
+) -> list[BookedUsage]:
+    """A running reservation's price changes at `now`: what it accrued so far is booked at the
+    old price first, and only the GPU-seconds after `now` are priced at the new one (the caller
+    holds the reservation's row lock and writes its new price)."""
+    if isinstance(price_per_gpu_hour, float):
+        raise TypeError("price_per_gpu_hour must be Decimal, not float")
+    lines = reservations_book_now(reservation_ids=[reservation_id], now=now, reason="price change")
+    from billing.models import UsageAccrual
+
+    UsageAccrual.objects.filter(reservation_id=reservation_id).update(
+        price_from_gpu_seconds=models.F("booked_gpu_seconds"),
+        price_from_minor=models.F("booked_minor"),
+        price_per_gpu_hour=price_per_gpu_hour,
+    )
+    return lines
+
+
+def reservations_book_now(
+    *, reservation_ids: list[int], now: datetime | None = None, reason: str = ""
+) -> list[BookedUsage]:
+    """Book these reservations' usage up to `now` (a state change, an extension, a stop): open
+    their accruals if they have none, accrue them, book, in the caller's transaction."""
+    now = now or timezone.now()
+    ids = sorted(set(reservation_ids))
+    with transaction.atomic():
+        usage_accruals_open(reservation_ids=ids)
+        usage_accrue(now=now, reservation_ids=ids)
+        return usage_book(now=now, reservation_ids=ids, reason=reason)
 
 
 @transaction.atomic
 def reservations_meter(*, reservation_ids: list[int], now: datetime | None = None) -> int:
-    """Bring a batch of reservations' charges up to `now` in a handful of queries.
-
-    Returns the number of usage lines written. The rows are locked (in id order) for the
-    batch, so concurrent runs cannot both charge the same time.
-    """
-    now = (now or timezone.now()).replace(microsecond=0)
+    """Charge reserved terms due and book metered reservations' usage up to `now`. Returns the
+    number of usage lines written."""
+    now = now or timezone.now()
     reservations = list(
-        Reservation.objects.select_for_update().filter(pk__in=reservation_ids).order_by("pk")
+        Reservation.objects.select_for_update()
+        .filter(pk__in=reservation_ids)
+        .order_by("pk")
+        .only("pk", "tier", "status", "activated_at", "organization_id", "total_amount")
     )
     for reservation in reservations:
         if reservation.tier == Tier.RESERVED:
             _charge_reserved_term(reservation)
-    metered = [r for r in reservations if r.tier in METERED_TIERS and r.activated_at is not None]
+    metered = [r.pk for r in reservations if r.tier in METERED_TIERS and r.activated_at]
     if not metered:
         return 0
-    written = _meter_usage(metered, now)
-    # In this transaction: the gate sees a charge and the hold it fills together.
-    holds_charge(reservation_ids=[r.pk for r in metered])
-    return written
-
-
-def _meter_usage(metered: list[Reservation], now: datetime) -> int:
-    ids = [r.pk for r in metered]
-    nodes_of: dict[int, set[int]] = defaultdict(set)
-    for reservation_id, node_id in Allocation.objects.filter(reservation_id__in=ids).values_list(
-        "reservation_id", "node_id"
-    ):
-        nodes_of[reservation_id].add(node_id)
-    earliest = min(r.activated_at for r in metered)
-    outages_of_node: dict[int, list[Interval]] = defaultdict(list)
-    all_nodes = set().union(*nodes_of.values()) if nodes_of else set()
-    for node_id, started, ended in (
-        Outage.objects.filter(node_id__in=all_nodes, gpu=None, started_at__lt=now)
-        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=earliest))
-        .values_list("node_id", "started_at", "ended_at")
-    ):
-        outages_of_node[node_id].append((started, min(ended or now, now)))
-    charged = {
-        row["reservation_id"]: row
-        for row in LedgerEntry.objects.filter(reservation_id__in=ids, kind=LedgerKind.USAGE)
-        .values("reservation_id")
-        .annotate(
-            amount=Sum("amount_minor"), gpu_seconds=Sum("gpu_seconds"), last=Max("period_end")
-        )
-    }
-    own_outages: dict[int, list[Interval]] = defaultdict(list)
-    for reservation_id, started, ended in (
-        ReservationOutage.objects.filter(reservation_id__in=ids, started_at__lt=now)
-        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=earliest))
-        .values_list("reservation_id", "started_at", "ended_at")
-    ):
-        own_outages[reservation_id].append((started, min(ended or now, now)))
-    entries = []
-    for r in metered:
-        outages = interval_union(
-            [o for n in nodes_of[r.pk] for o in outages_of_node[n]] + own_outages[r.pk]
-        )
-        gpu_seconds = _delivered(r, outages, now) * r.gpu_count
-        cost_minor = usage_cost_minor(
-            gpu_seconds=gpu_seconds, price_per_gpu_hour=r.price_per_gpu_hour, currency=r.currency
-        )
-        done = charged.get(r.pk, {"amount": 0, "gpu_seconds": 0, "last": None})
-        delta_minor = -cost_minor - done["amount"]
-        delta_seconds = gpu_seconds - done["gpu_seconds"]
-        if delta_minor == 0 and delta_seconds == 0:
-            continue
-        period_start = done["last"] or r.activated_at
-        period_end = max(min(now, r.released_at or now, r.ends_at), period_start)
-        entries.append(
-            LedgerEntry(
-                organization_id=r.organization_id,
-                kind=LedgerKind.USAGE,
-                amount_minor=delta_minor,
-                currency=r.currency,
-                idempotency_key=f"usage:{r.pk}:{int(now.timestamp())}",
-                reservation_id=r.pk,
-                period_start=period_start,
-                period_end=period_end,
-                gpu_seconds=delta_seconds,
-                description=f"{delta_seconds} GPU-seconds at {r.price_per_gpu_hour}/GPU-hour",
-            )
-        )
-    # Keys are unique: a line already written for this instant is left as it is.
-    LedgerEntry.objects.bulk_create(entries, ignore_conflicts=True)
-    return len(entries)
+    return len(reservations_book_now(reservation_ids=metered, now=now))
 
 
 def reservation_meter(*, reservation_id: int, now: datetime | None = None) -> LedgerEntry | None:
     """Bring one reservation's charges up to `now`. Returns the entry written, if any."""
-    now = (now or timezone.now()).replace(microsecond=0)
+    now = now or timezone.now()
     reservation = Reservation.objects.only("tier").get(pk=reservation_id)
     if reservation.tier == Tier.RESERVED:
         with transaction.atomic():
             locked = Reservation.objects.select_for_update().get(pk=reservation_id)
             return _charge_reserved_term(locked)
-    if not reservations_meter(reservation_ids=[reservation_id], now=now):
-        return None
-    return LedgerEntry.objects.get(idempotency_key=f"usage:{reservation_id}:{int(now.timestamp())}")
+    with transaction.atomic():
+        Reservation.objects.select_for_update().filter(pk=reservation_id).first()
+        lines = reservations_book_now(reservation_ids=[reservation_id], now=now)
+    return LedgerEntry.objects.get(pk=lines[0].entry_id) if lines else None
 
 
 def _charge_reserved_term(reservation: Reservation) -> LedgerEntry | None:
@@ -282,18 +516,14 @@ def reserved_extension_charge(
     holds_charge(reservation_ids=[reservation.pk])
 
 
-def reservations_to_meter(*, now: datetime, since: datetime) -> list[int]:
-    """Ids of reservations that may owe something: delivering now, or ended since `since`."""
-    metered = (
-        Reservation.objects.filter(tier__in=METERED_TIERS, activated_at__isnull=False)
-        .filter(Q(released_at__isnull=True) | Q(released_at__gte=since))
-        .exclude(ends_at__lt=since)
+def reserved_terms_to_charge() -> list[int]:
+    """Ids of reserved terms booked and not yet charged (the meter charges them once)."""
+    charged = LedgerEntry.objects.filter(
+        kind=LedgerKind.RESERVED_CHARGE, reservation_id=OuterRef("pk")
     )
-    reserved = Reservation.objects.filter(
-        tier=Tier.RESERVED, status__in=CHARGED_RESERVED_STATUSES
-    ).exclude(
-        id__in=LedgerEntry.objects.filter(kind=LedgerKind.RESERVED_CHARGE).values("reservation_id")
-    )
-    return sorted(
-        set(metered.values_list("id", flat=True)) | set(reserved.values_list("id", flat=True))
+    return list(
+        Reservation.objects.filter(tier=Tier.RESERVED, status__in=CHARGED_RESERVED_STATUSES)
+        .filter(~Exists(charged))
+        .order_by("pk")
+        .values_list("pk", flat=True)
     )

@@ -39,6 +39,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config.errors import InvalidTransition
+from marketplace.funding import funding_gate
 from marketplace.models import (
     LIVE_STATUSES,
     Event,
@@ -280,7 +281,17 @@ def reservation_transitions_write(
             for name in (*_MOVED_FIELDS, *(fields or {})):
                 vars(reservation).pop(name, None)
             vars(reservation).update(before)
+    if written and from_status in _METERED_FROM and reservation.tier != Tier.RESERVED:
+        # The clock stops or the work moves: money's owner books the usage up to this move,
+        # in this transaction (marketplace.funding).
+        funding_gate().reservation_status_changed(
+            reservation=reservation, from_status=str(from_status), to_status=str(to_status), at=now
+        )
     return written, tuple(row[2 if events else 1 :])
+
+
+# Moves out of these statuses end or interrupt time that is billed.
+_METERED_FROM = frozenset({ReservationStatus.ACTIVE, ReservationStatus.RELEASING})
 
 
 # What a move changes on the row besides the fields the caller passes.

