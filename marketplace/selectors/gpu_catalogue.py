@@ -18,12 +18,18 @@ from marketplace.services.pricing import TERM_LENGTHS
 
 __all__ = ["CatalogueEntry", "CATALOGUE_PLANS", "gpu_catalogue"]
 
-# (plan key as the search form names it, tier, term, how long the priced window is)
-CATALOGUE_PLANS = [
-    ("on_demand", Tier.ON_DEMAND, Term.NONE, timedelta(hours=1)),
-    ("interruptible", Tier.INTERRUPTIBLE, Term.NONE, timedelta(hours=1)),
-    ("reserved_1m", Tier.RESERVED, Term.MONTH, TERM_LENGTHS[Term.MONTH]),
-]
+
+
+def _sold_plans() -> list[tuple[str, str, str, timedelta]]:
+    """Every tier and term the product sells, from their definitions (a new term is in the
+    catalogue without touching it): (plan key as the search form names it, tier, term, how
+    long the priced window is: an hour, or the whole term)."""
+    hourly = [(t.value, t, Term.NONE, timedelta(hours=1)) for t in Tier if t != Tier.RESERVED]
+    terms = [(f"reserved_{t}", Tier.RESERVED, t, TERM_LENGTHS[t]) for t in TERM_LENGTHS]
+    return hourly + terms
+
+
+CATALOGUE_PLANS = _sold_plans()
 WEEK = timedelta(days=7)
 
 

@@ -2,6 +2,7 @@
 over the next 14 days (issue 16, items 3 to 5), without a browser."""
 
 import json
+import re
 from datetime import timedelta
 from decimal import Decimal
 
@@ -12,6 +13,7 @@ from django.utils import timezone
 from billing.models import LedgerEntry, LedgerKind
 from inventory.services import status_change
 from marketplace.models import ProvisioningAttempt, Reservation, ReservationStatus, Role
+from marketplace.portal.forms import PLANS
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory, UserFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
@@ -161,8 +163,24 @@ def test_the_catalogue_shows_each_model_before_any_search(
     assert (
         f'href="/gpus?gpu_model={h100.slug}&amp;gpu_count=1&amp;plan=on_demand">from 2.0000 USD</a>'
     ) in card
-    assert "from 0.9000 USD" in card  # interruptible: 55 % off
-    assert "from 1.7600 USD" in card  # reserved 1 month: 12 % off
+    prices = {
+        plan: card.split(f'plan={plan}">from ')[1].split("</a>")[0]
+        for plan in re.findall(r"plan=(\w+)\">from ", card)
+    }
+    # Every tier and term sold, each a search link the search form understands.
+    assert set(prices) == set(PLANS)
+    assert prices == {
+        "on_demand": "2.0000 USD",
+        "interruptible": "0.9000 USD",  # 55 % off
+        "reserved_1w": "1.9000 USD",  # 5 % off
+        "reserved_1m": "1.7600 USD",  # 12 % off
+        "reserved_3m": "1.6000 USD",  # 20 % off
+        "reserved_1y": "1.3000 USD",  # 35 % off
+    }
+    assert len(set(prices.values())) == 6
+    labels = re.findall(r"<dt>([^<]+)</dt>", card)
+    assert labels == ["On-demand", "Interruptible", "Reserved, 1 week", "Reserved, 1 month",
+                      "Reserved, 3 months", "Reserved, 1 year"]  # fmt: skip
     assert "<strong>16</strong> free now" in card
     assert "<strong>8</strong> free for the next 7 days" in card  # 8 booked tomorrow
     assert "At Mo i Rana" in card
