@@ -1,7 +1,7 @@
 """Reads: balance, ledger pages, usage, invoices, payment methods."""
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.db import connection
@@ -19,7 +19,8 @@ from billing.models import (
     TopUp,
 )
 from billing.money import ZERO_DECIMAL_CURRENCIES, from_minor_units
-from marketplace.models import Organization
+from config.replica import read_connection
+from marketplace.models import Organization, Tier
 from marketplace.services.energy import EnergyEstimate, energy_estimate
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Statement",
     "statement_for_month",
     "statement_months",
+    "delivered_gpu_seconds_by_day",
 ]
 
 CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
@@ -318,3 +320,71 @@ def balance_by_day(*, organization: Organization, since: date, until: date) -> l
         days.append((day, balance))
         day = date.fromordinal(day.toordinal() + 1)
     return days
+
+
+# --- the staff dashboard's utilisation ---------------------------------------------------------
+
+# GPU-seconds delivered per UTC day, as billing counts them. Metered tiers: their usage lines,
+# each line's GPU-seconds spread over its metered interval (a correction without an interval
+# falls on its start's day). Reserved terms are charged whole and not metered by the second:
+# their delivered time by the same rule (active, reservation outages excluded) × their GPUs.
+_METERED_BY_DAY_SQL = """
+WITH days AS (
+    SELECT d AS day, d + interval '1 day' AS next
+    FROM generate_series(%(first)s::timestamptz, %(last)s::timestamptz, interval '1 day') AS d
+), metered AS (
+    SELECT l.period_start AS since, greatest(coalesce(l.period_end, l.period_start),
+                                             l.period_start) AS until,
+           l.gpu_seconds::float8 AS gpu_seconds
+    FROM billing_ledgerentry l
+    WHERE l.kind = %(usage)s AND l.gpu_seconds <> 0 AND l.period_start IS NOT NULL
+      -- written once its interval was metered: the index on created_at bounds the read
+      AND l.created_at >= %(first)s
+      AND coalesce(l.period_end, l.period_start) >= %(first)s
+), reserved AS (
+    SELECT r.gpu_count,
+           tstzmultirange(tstzrange(r.activated_at, greatest(r.activated_at,
+               least(coalesce(r.released_at, %(now)s), r.ends_at, %(now)s)), '[)'))
+           - coalesce((SELECT range_agg(tstzrange(o.started_at,
+                                                  greatest(o.started_at,
+                                                           coalesce(o.ended_at, %(now)s)), '[)'))
+                       FROM marketplace_reservationoutage o WHERE o.reservation_id = r.id),
+                      '{}'::tstzmultirange) AS delivered
+    FROM marketplace_reservation r
+    WHERE r.tier = %(reserved)s AND r.activated_at IS NOT NULL AND r.activated_at < %(now)s
+      AND coalesce(r.released_at, r.ends_at) > %(first)s
+), per_day AS (
+    SELECT d.day, m.gpu_seconds * CASE
+               WHEN m.until > m.since THEN extract(epoch FROM least(m.until, d.next)
+                                                   - greatest(m.since, d.day))
+                                           / extract(epoch FROM m.until - m.since)
+               ELSE 1 END AS gpu_seconds
+    FROM metered m JOIN days d
+      ON (m.until > m.since AND m.since < d.next AND m.until > d.day)
+      OR (m.until = m.since AND m.since >= d.day AND m.since < d.next)
+    UNION ALL
+    SELECT d.day, r.gpu_count * extract(epoch FROM upper(x) - lower(x))
+    FROM reserved r CROSS JOIN days d
+    CROSS JOIN LATERAL unnest(r.delivered * tstzmultirange(tstzrange(d.day, d.next, '[)'))) AS x
+)
+SELECT days.day, coalesce(sum(p.gpu_seconds), 0)
+FROM days LEFT JOIN per_day p ON p.day = days.day
+GROUP BY days.day ORDER BY days.day
+"""
+
+
+def delivered_gpu_seconds_by_day(*, first: datetime, days: int, now: datetime) -> list[tuple]:
+    """GPU-seconds delivered to customers per UTC day from `first` (a midnight) for `days`
+    days, up to `now`, as billing meters them: [(date, seconds), …], every day present."""
+    with read_connection().cursor() as cur:
+        cur.execute(
+            _METERED_BY_DAY_SQL,
+            {
+                "first": first,
+                "last": first + timedelta(days=days - 1),
+                "now": now,
+                "usage": LedgerKind.USAGE.value,
+                "reserved": Tier.RESERVED.value,
+            },
+        )
+        return [(day.date(), float(seconds)) for day, seconds in cur.fetchall()]

@@ -6,7 +6,7 @@ should depend on the others for it; each figure comes from its app's selectors. 
 """
 
 from collections import defaultdict
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.contrib.admin import site as admin_site
 from django.contrib.admin.views.decorators import staff_member_required
@@ -14,20 +14,21 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from billing.models import LedgerKind
-from billing.selectors import ledger_totals_by_kind
+from billing.selectors import delivered_gpu_seconds_by_day, ledger_totals_by_kind
 from billing.services.funding import month_start
+from inventory.selectors import fleet_gpu_utilisation_by_day
 from marketplace.models import ReservationStatus
 from marketplace.selectors.staff import (
     curtailment_exposure,
     fleet_gpus,
+    gpus_in_service,
     nodes_out_of_service,
     provisioning_failures,
     reservations_by_status,
-    utilisation_by_day,
 )
 from marketplace.templatetags.portal_format import status_label
 
-__all__ = ["dashboard"]
+__all__ = ["dashboard", "utilisation_by_day"]
 
 # How this month's ledger reads to staff: (label, kinds, sign that makes it positive).
 MONEY_LINES = [
@@ -65,6 +66,34 @@ def _fleet_tables(rows: list[dict]) -> tuple[list[dict], dict]:
     return flat, totals
 
 
+def utilisation_by_day(*, now: datetime, days: int = 30) -> list[dict]:
+    """Per UTC day of the last `days` (today to now): GPU-hours delivered as billing meters
+    them, their share of what the GPUs in service could give, and the mean GPU utilisation the
+    fleet's telemetry reported (None for a day without telemetry)."""
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=days - 1)
+    gpus = gpus_in_service()
+    busy = fleet_gpu_utilisation_by_day(first=first, days=days)
+    rows = []
+    for day, seconds in delivered_gpu_seconds_by_day(first=first, days=days, now=now):
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        capacity = gpus * min(86400, max(0, (now - start).total_seconds()))
+        rows.append(
+            {
+                "day": day,
+                "gpu_hours": round(seconds / 3600, 1),
+                "share": round(seconds / capacity, 4) if capacity else 0.0,
+                "gpu_busy_pct": busy.get(day),
+            }
+        )
+    return rows
+
+
+def _mean(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 1) if known else None
+
+
 @staff_member_required
 def dashboard(request):
     now = timezone.now()
@@ -92,8 +121,10 @@ def dashboard(request):
         "utilisation": {
             "type": "line",
             "labels": [r["day"].isoformat() for r in usage],
-            "datasets": [{"label": "Share of GPU-hours used (%)",
-                          "data": [round(r["share"] * 100, 1) for r in usage]}],
+            "datasets": [{"label": "Share of GPU-hours delivered (%)",
+                          "data": [round(r["share"] * 100, 1) for r in usage]},
+                         {"label": "GPU utilisation, telemetry (%)",
+                          "data": [r["gpu_busy_pct"] for r in usage]}],
         },
         "statuses": {
             "type": "bar",
@@ -117,6 +148,7 @@ def dashboard(request):
         "usage_average": round(sum(r["share"] for r in usage) / len(usage) * 100, 1)
         if usage
         else 0,
+        "usage_busy_average": _mean([r["gpu_busy_pct"] for r in usage]),
         "statuses": statuses,
         "money": money,
         "month": month_start(now),

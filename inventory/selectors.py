@@ -1,8 +1,11 @@
 """Reads of the inventory, shared by the admin, the API and the marketplace."""
 
-from django.db.models import Count, Q, QuerySet
+from datetime import UTC, date, datetime, timedelta
 
-from inventory.models import Gpu, GpuHealth, NodeStatus, Site
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
+
+from inventory.models import FleetMinute, Gpu, GpuHealth, NodeStatus, Site
 
 NODE_STATUSES = list(NodeStatus.values)
 
@@ -40,3 +43,19 @@ def site_capacity_summary(*, site: Site) -> list[dict]:
         }
         for row in rows
     ]
+
+
+def fleet_gpu_utilisation_by_day(*, first: datetime, days: int) -> dict[date, float]:
+    """Mean GPU utilisation (%) of the GPUs that reported, per UTC day from `first`, from the
+    fleet's telemetry minutes (FleetMinute: one row a minute). A day without telemetry is
+    absent, not 0."""
+    rows = (
+        FleetMinute.objects.filter(
+            minute__gte=first, minute__lt=first + timedelta(days=days), utilization_gpus__gt=0
+        )
+        .annotate(day=TruncDate("minute", tzinfo=UTC))
+        .values("day")
+        .annotate(total=Sum("utilization_pct_sum"), readings=Sum("utilization_gpus"))
+        .order_by("day")
+    )
+    return {r["day"]: round(r["total"] / r["readings"], 1) for r in rows}

@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from config.errors import InvalidTransition, ValidationFailed
 from inventory.models import (
+    FleetMinute,
     Gpu,
     GpuHealth,
     GpuHealthChange,
@@ -363,7 +364,10 @@ def telemetry_record(
     return changed
 
 
+# The GPUs' minutes, and the fleet's minutes summed from exactly those rows: every GPU-minute
+# of a minute in the window is recomputed here, so each fleet minute is whole and idempotent.
 _ROLLUP_SQL = f"""
+WITH rolled AS (
 INSERT INTO {GpuMinute._meta.db_table} AS m
        (gpu_id, minute, samples, temperature_c_max, power_w_avg, utilization_pct_avg,
         memory_used_mib_max)
@@ -376,6 +380,18 @@ ON CONFLICT (gpu_id, minute) DO UPDATE
    SET samples = EXCLUDED.samples, temperature_c_max = EXCLUDED.temperature_c_max,
        power_w_avg = EXCLUDED.power_w_avg, utilization_pct_avg = EXCLUDED.utilization_pct_avg,
        memory_used_mib_max = EXCLUDED.memory_used_mib_max
+RETURNING minute, power_w_avg, utilization_pct_avg
+), fleet AS (
+INSERT INTO {FleetMinute._meta.db_table} AS f
+       (minute, gpus, utilization_gpus, utilization_pct_sum, power_w_sum)
+SELECT minute, count(*), count(utilization_pct_avg), coalesce(sum(utilization_pct_avg), 0),
+       coalesce(sum(power_w_avg), 0)
+  FROM rolled GROUP BY minute
+ON CONFLICT (minute) DO UPDATE
+   SET gpus = EXCLUDED.gpus, utilization_gpus = EXCLUDED.utilization_gpus,
+       utilization_pct_sum = EXCLUDED.utilization_pct_sum, power_w_sum = EXCLUDED.power_w_sum
+)
+SELECT count(*) FROM rolled
 """
 
 
@@ -388,7 +404,7 @@ def telemetry_rollup(*, now: datetime | None = None, lookback: timedelta = ROLLU
     until = now.replace(second=0, microsecond=0)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_ROLLUP_SQL, {"since": until - lookback, "until": until})
-        return cursor.rowcount
+        return cursor.fetchone()[0]
 
 
 def telemetry_purge(*, now: datetime | None = None) -> tuple[int, int]:
@@ -404,4 +420,9 @@ def telemetry_purge(*, now: datetime | None = None) -> tuple[int, int]:
             f"DELETE FROM {GpuMinute._meta.db_table} WHERE minute < %s",
             [now - settings.TELEMETRY_ROLLUP_RETENTION],
         )
-        return raw, cursor.rowcount
+        minutes = cursor.rowcount
+        cursor.execute(
+            f"DELETE FROM {FleetMinute._meta.db_table} WHERE minute < %s",
+            [now - settings.TELEMETRY_ROLLUP_RETENTION],
+        )
+        return raw, minutes

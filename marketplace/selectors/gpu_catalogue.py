@@ -19,7 +19,6 @@ from marketplace.services.pricing import TERM_LENGTHS
 __all__ = ["CatalogueEntry", "CATALOGUE_PLANS", "gpu_catalogue"]
 
 
-
 def _sold_plans() -> list[tuple[str, str, str, timedelta]]:
     """Every tier and term the product sells, from their definitions (a new term is in the
     catalogue without touching it): (plan key as the search form names it, tier, term, how

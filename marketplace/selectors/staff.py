@@ -16,7 +16,7 @@ from marketplace.models.provisioning import AttemptOutcome
 
 __all__ = [
     "reservations_by_status",
-    "utilisation_by_day",
+    "gpus_in_service",
     "curtailment_exposure",
     "provisioning_failures",
     "nodes_out_of_service",
@@ -29,49 +29,9 @@ def reservations_by_status() -> dict[str, int]:
     return {row["status"]: row["n"] for row in rows}
 
 
-# GPU-seconds used per UTC day: each reservation from its start to the first of its end, its
-# cancellation, its preemption and now (so time not run counts for nothing), times its GPUs.
-_USED_BY_DAY_SQL = """
-WITH days AS (
-    SELECT d AS day FROM generate_series(%(first)s::timestamptz, %(last)s::timestamptz,
-                                         interval '1 day') AS d
-), used AS (
-    SELECT r.gpu_count, r.starts_at AS since,
-           LEAST(r.ends_at, COALESCE((r.cancellation ->> 'at')::timestamptz, r.ends_at),
-                 COALESCE(r.preempt_at, r.ends_at), %(now)s) AS until
-    FROM marketplace_reservation r
-    WHERE r.status <> 'failed' AND r.starts_at < %(now)s
-      AND r.ends_at > %(first)s
-)
-SELECT days.day,
-       COALESCE(SUM(u.gpu_count * GREATEST(0, EXTRACT(EPOCH FROM
-           LEAST(u.until, days.day + interval '1 day') - GREATEST(u.since, days.day)))), 0)
-FROM days LEFT JOIN used u ON u.since < days.day + interval '1 day' AND u.until > days.day
-GROUP BY days.day ORDER BY days.day
-"""
-
-
-def utilisation_by_day(*, now: datetime, days: int = 30) -> list[dict]:
-    """Per UTC day of the last `days` (today included, to now): GPU-hours used and their share
-    of the GPU-hours the fleet in service (not retired) could give."""
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    first = today - timedelta(days=days - 1)
-    with read_connection().cursor() as cur:
-        cur.execute(_USED_BY_DAY_SQL, {"first": first, "last": today, "now": now})
-        used = cur.fetchall()
-    gpus = Node.objects.exclude(status=NodeStatus.RETIRED).aggregate(n=Count("gpus"))["n"] or 0
-    rows = []
-    for day, seconds in used:
-        day_seconds = min(86400, max(0, (now - day).total_seconds()))
-        capacity = gpus * day_seconds
-        rows.append(
-            {
-                "day": day.date(),
-                "gpu_hours": round(float(seconds) / 3600, 1),
-                "share": round(float(seconds) / capacity, 4) if capacity else 0.0,
-            }
-        )
-    return rows
+def gpus_in_service() -> int:
+    """GPUs on nodes not retired: what the fleet could give per second (utilisation's base)."""
+    return Node.objects.exclude(status=NodeStatus.RETIRED).aggregate(n=Count("gpus"))["n"] or 0
 
 
 # Interruptible GPU-hours booked at each site in [now, now + hours): what a curtailment there

@@ -10,6 +10,7 @@ from django.utils import timezone
 from agent import gpu_telemetry as t
 from config.errors import InvalidTransition, ValidationFailed
 from inventory.models import (
+    FleetMinute,
     Gpu,
     GpuHealth,
     GpuHealthChange,
@@ -336,6 +337,20 @@ def test_rollup_per_minute_is_exact_and_idempotent(node):
     )
     assert rows == [(_at(1), 2, 61, 612.87, 98.0), (_at(2), 1, 66, 400.0, 98.0)]
     assert GpuMinute.objects.count() == 16
+    # The fleet's minute is the sum of its GPUs' minutes, written by the same run.
+    fleet = list(
+        FleetMinute.objects.values_list(
+            "minute", "gpus", "utilization_gpus", "utilization_pct_sum", "power_w_sum"
+        )
+    )
+    expected = []
+    for minute in (_at(1), _at(2)):
+        rows = GpuMinute.objects.filter(minute=minute)
+        util = [r.utilization_pct_avg for r in rows if r.utilization_pct_avg is not None]
+        power = [r.power_w_avg for r in rows if r.power_w_avg is not None]
+        expected.append((minute, 8, len(util), pytest.approx(sum(util)), pytest.approx(sum(power))))
+    assert fleet == expected
+    assert fleet[1][4] == pytest.approx(fleet[0][4] - 612.87 + 400.0)  # GPU 0 drew less
 
 
 def test_retention_drops_old_raw_samples_and_old_minutes(node, settings):
@@ -351,7 +366,19 @@ def test_retention_drops_old_raw_samples_and_old_minutes(node, settings):
         GpuMinute(gpu_id=gpus[0].pk, minute=now - timedelta(days=d), samples=2) for d in (31, 29)
     )
 
+    FleetMinute.objects.bulk_create(
+        FleetMinute(
+            minute=now - timedelta(days=d),
+            gpus=1,
+            utilization_gpus=1,
+            utilization_pct_sum=50,
+            power_w_sum=300,
+        )
+        for d in (31, 29)
+    )
+
     assert telemetry_purge(now=now) == (8, 1)
+    assert list(FleetMinute.objects.values_list("minute", flat=True)) == [now - timedelta(days=29)]
     assert set(GpuSample.objects.values_list("at", flat=True)) == {now - timedelta(hours=5)}
     assert list(GpuMinute.objects.values_list("minute", flat=True)) == [now - timedelta(days=29)]
 

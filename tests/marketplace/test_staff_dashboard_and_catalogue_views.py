@@ -11,8 +11,15 @@ from django.test import Client
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
+from inventory.models import FleetMinute
 from inventory.services import status_change
-from marketplace.models import ProvisioningAttempt, Reservation, ReservationStatus, Role
+from marketplace.models import (
+    ProvisioningAttempt,
+    Reservation,
+    ReservationOutage,
+    ReservationStatus,
+    Role,
+)
 from marketplace.portal.forms import PLANS
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory, UserFactory
@@ -115,32 +122,69 @@ def test_the_dashboard_shows_the_fleet_its_use_money_and_risks(
     assert len(charts["utilisation"]["labels"]) == 30
 
 
-def test_utilisation_counts_the_time_reservations_ran_today(
+def test_utilisation_is_the_metered_time_and_the_telemetry_not_the_booked_time(
     fleet,
     staff_client,
     allow_all_funding,  # noqa: F811
 ):
-    from marketplace.selectors.staff import utilisation_by_day
+    from config.staff import utilisation_by_day
 
-    site, h100, *_ = fleet
-    now = timezone.now()
-    reservation = reservation_create(
-        organization=OrganizationFactory(), gpu_model=h100.slug, gpu_count=4, starts_at=now,
-        ends_at=now + timedelta(hours=5), tier="on_demand", site=site.slug,
+    site, h100, a, _b = fleet
+    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    now = today + timedelta(hours=12)
+    yesterday = today - timedelta(days=1)
+    org = OrganizationFactory()
+
+    def booked(gpus, tier="on_demand", **fields):
+        start = timezone.now()
+        r = reservation_create(
+            organization=org, gpu_model=h100.slug, gpu_count=gpus, starts_at=start,
+            ends_at=start + timedelta(days=40), tier=tier,
+            term="1m" if tier == "reserved" else "none", site=site.slug,
+        )  # fmt: skip
+        Reservation.objects.filter(pk=r.pk).update(**fields)
+        return r
+
+    # On demand: what its usage lines metered, spread over their intervals (1 h across
+    # midnight: half each day), whatever its own times say.
+    metered = booked(2, status=ReservationStatus.ACTIVE, starts_at=yesterday,
+                     activated_at=yesterday)  # fmt: skip
+    LedgerEntry.objects.create(
+        organization=org, kind=LedgerKind.USAGE, amount_minor=-400, currency="usd",
+        reservation=metered, gpu_seconds=7200, description="usage", idempotency_key="u1",
+        period_start=today - timedelta(minutes=30), period_end=today + timedelta(minutes=30),
     )  # fmt: skip
-    started = now - timedelta(hours=2)
-    Reservation.objects.filter(pk=reservation.pk).update(
-        status=ReservationStatus.ACTIVE, starts_at=started
-    )
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    # A reserved term (charged whole, not metered): its active time less its outage, 4 GPUs.
+    term = booked(4, tier="reserved", status=ReservationStatus.ACTIVE,
+                  starts_at=now - timedelta(hours=3), activated_at=now - timedelta(hours=2))  # fmt: skip
+    ReservationOutage.objects.create(
+        reservation=term, node=a, started_at=now - timedelta(hours=1),
+        ended_at=now - timedelta(minutes=30), cause="hardware_failure",
+    )  # fmt: skip
+    # Booked from yesterday but never started: nothing delivered, nothing counted.
+    booked(8, status=ReservationStatus.PROVISIONING, starts_at=yesterday)
+    # Telemetry: two minutes today of the GPUs that reported.
+    FleetMinute.objects.bulk_create(
+        [
+            FleetMinute(minute=today + timedelta(hours=1), gpus=16, utilization_gpus=16,
+                        utilization_pct_sum=16 * 40.0, power_w_sum=5000),
+            FleetMinute(minute=today + timedelta(hours=2), gpus=16, utilization_gpus=8,
+                        utilization_pct_sum=8 * 70.0, power_w_sum=5000),
+        ]
+    )  # fmt: skip
 
     rows = utilisation_by_day(now=now, days=2)
 
-    ran_today = (now - max(started, today)).total_seconds() * 4 / 3600
-    assert rows[-1]["day"] == today.date()
-    assert rows[-1]["gpu_hours"] == pytest.approx(ran_today, abs=0.1)
-    capacity_today = 16 * (now - today).total_seconds() / 3600
-    assert rows[-1]["share"] == pytest.approx(ran_today / capacity_today, abs=0.001)
+    assert [r["day"] for r in rows] == [yesterday.date(), today.date()]
+    assert rows[0]["gpu_hours"] == 1.0  # 3,600 of the 7,200 GPU-s
+    assert rows[0]["gpu_busy_pct"] is None  # no telemetry that day
+    assert rows[1]["gpu_hours"] == 1.0 + 4 * 1.5  # 6,000 GPU-s delivered of the reserved term
+    assert rows[1]["share"] == round((3600 + 4 * 1.5 * 3600) / (16 * 12 * 3600), 4)
+    assert rows[1]["gpu_busy_pct"] == round((16 * 40 + 8 * 70) / 24, 1)
+
+    html = staff_client.get("/staff/").content.decode()
+    table = html.split('id="utilisation-table"')[1].split("</table>")[0]
+    assert "GPU utilisation (telemetry)" in table
 
 
 def test_the_catalogue_shows_each_model_before_any_search(
