@@ -326,7 +326,7 @@ def balance_by_day(*, organization: Organization, since: date, until: date) -> l
 
 # GPU-seconds delivered per UTC day, as billing counts them. Metered tiers: their usage lines,
 # each line's GPU-seconds spread over its metered interval (a correction without an interval
-# falls on its start's day). Reserved terms are charged whole and not metered by the second:
+# falls on its start's day), and what their accruals hold that is not booked yet. Reserved terms are charged whole and not metered by the second:
 # their delivered time by the same rule (active, reservation outages excluded) × their GPUs.
 _METERED_BY_DAY_SQL = """
 WITH days AS (
@@ -341,6 +341,19 @@ WITH days AS (
       -- written once its interval was metered: the index on created_at bounds the read
       AND l.created_at >= %(first)s
       AND coalesce(l.period_end, l.period_start) >= %(first)s
+    UNION ALL
+    -- Accrued by the metering runs and not booked to the ledger yet (it books hourly).
+    SELECT a.booked_until, greatest(a.accrued_until, a.booked_until),
+           (a.gpu_seconds - a.booked_gpu_seconds)::float8
+    FROM billing_usageaccrual a
+    WHERE a.closed_at IS NULL AND a.gpu_seconds <> a.booked_gpu_seconds
+      AND a.accrued_until >= %(first)s
+    UNION ALL
+    -- And the seconds since the last run while its clock runs.
+    SELECT a.accrued_until, least(%(now)s, r.ends_at),
+           a.gpu_count * extract(epoch FROM least(%(now)s, r.ends_at) - a.accrued_until)
+    FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
+    WHERE a.closed_at IS NULL AND a.running AND least(%(now)s, r.ends_at) > a.accrued_until
 ), reserved AS (
     SELECT r.gpu_count,
            tstzmultirange(tstzrange(r.activated_at, greatest(r.activated_at,

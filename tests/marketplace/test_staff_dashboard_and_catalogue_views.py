@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from billing.models import LedgerEntry, LedgerKind
+from billing.models import LedgerEntry, LedgerKind, UsageAccrual
 from inventory.models import FleetMinute
 from inventory.services import status_change
 from marketplace.models import (
@@ -154,6 +154,14 @@ def test_utilisation_is_the_metered_time_and_the_telemetry_not_the_booked_time(
         reservation=metered, gpu_seconds=7200, description="usage", idempotency_key="u1",
         period_start=today - timedelta(minutes=30), period_end=today + timedelta(minutes=30),
     )  # fmt: skip
+    # Accrued since and not booked to the ledger yet (it books hourly): 1,800 GPU-s up to
+    # the last metering run, then 6 minutes of 2 GPUs while its clock runs.
+    UsageAccrual.objects.create(
+        reservation=metered, organization=org, currency="usd", price_per_gpu_hour="2.0000",
+        gpu_seconds=7200 + 1800, booked_gpu_seconds=7200, accrued_minor=500, booked_minor=400,
+        booked_until=today + timedelta(minutes=30), accrued_until=now - timedelta(minutes=6),
+        running=True, gpu_count=2,
+    )  # fmt: skip
     # A reserved term (charged whole, not metered): its active time less its outage, 4 GPUs.
     term = booked(4, tier="reserved", status=ReservationStatus.ACTIVE,
                   starts_at=now - timedelta(hours=3), activated_at=now - timedelta(hours=2))  # fmt: skip
@@ -178,8 +186,10 @@ def test_utilisation_is_the_metered_time_and_the_telemetry_not_the_booked_time(
     assert [r["day"] for r in rows] == [yesterday.date(), today.date()]
     assert rows[0]["gpu_hours"] == 1.0  # 3,600 of the 7,200 GPU-s
     assert rows[0]["gpu_busy_pct"] is None  # no telemetry that day
-    assert rows[1]["gpu_hours"] == 1.0 + 4 * 1.5  # 6,000 GPU-s delivered of the reserved term
-    assert rows[1]["share"] == round((3600 + 4 * 1.5 * 3600) / (16 * 12 * 3600), 4)
+    # 3,600 + 1,800 + 720 GPU-s metered, 4 × 1.5 h of the reserved term
+    today_seconds = 3600 + 1800 + 720 + 4 * 1.5 * 3600
+    assert rows[1]["gpu_hours"] == round(today_seconds / 3600, 1)
+    assert rows[1]["share"] == round(today_seconds / (16 * 12 * 3600), 4)
     assert rows[1]["gpu_busy_pct"] == round((16 * 40 + 8 * 70) / 24, 1)
 
     html = staff_client.get("/staff/").content.decode()
