@@ -11,7 +11,11 @@ class BillingConfig(AppConfig):
         # Importing these registers their outbox handlers.
         import billing.services.postpaid  # noqa: F401
         import billing.services.refunds  # noqa: F401
-        import billing.services.topups  # noqa: F401
+        import billing.services.top_up_payments  # noqa: F401
+
+        # Registers billing's tasks in every process, so one sent by name (config.celery's
+        # task_enqueue) runs inline where tasks run eagerly, as the tests ask.
+        import billing.tasks  # noqa: F401
         from billing.portal import commitment_funding, overview_panel
         from billing.services.funding import BillingFundingGate
         from marketplace.funding import funding_gate_register

@@ -10,11 +10,17 @@ from decimal import ROUND_HALF_UP, Decimal
 
 __all__ = [
     "ZERO_DECIMAL_CURRENCIES",
+    "MIN_TOP_UP",
+    "MAX_TOP_UP",
     "minor_exponent",
     "to_minor_units",
     "from_minor_units",
     "usage_cost_minor",
 ]
+
+# What one top-up (or automatic recharge, or its threshold) may be, in major units.
+MIN_TOP_UP = Decimal("5.00")
+MAX_TOP_UP = Decimal("100000.00")
 
 # ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
 ZERO_DECIMAL_CURRENCIES = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",

@@ -7,6 +7,12 @@ from celery import shared_task
 from django.utils import timezone
 
 from billing.models import WebhookEvent
+from billing.services.credits import sla_credits_issue_for_month
+from billing.services.metering import usage_meter_run
+from billing.services.outbox import outbox_due_ids, outbox_send
+from billing.services.postpaid import usage_report_postpaid_run
+from billing.services.topups import auto_recharge_for_reservation
+from billing.services.webhooks import webhook_event_process
 from marketplace.models import Organization
 
 __all__ = [
@@ -25,16 +31,12 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="billing.tasks.outbox_send")
 def outbox_send_task(message_id: int) -> str:
-    from billing.services.outbox import outbox_send
-
     return outbox_send(message_id=message_id)
 
 
 @shared_task(name="billing.tasks.outbox_flush")
 def outbox_flush(limit: int = 200) -> int:
     """Send every due pending message (the sweeper behind on_commit; replays after outages)."""
-    from billing.services.outbox import outbox_due_ids, outbox_send
-
     sent = 0
     for message_id in outbox_due_ids(limit=limit):
         if outbox_send(message_id=message_id):
@@ -48,8 +50,6 @@ def auto_recharge_for_reservation_task(
 ) -> int | None:
     """Sent by the funding gate when it refuses a booking for want of balance, with the
     amount its 402 stated."""
-    from billing.services.topups import auto_recharge_for_reservation
-
     organization = Organization.objects.filter(pk=organization_id).first()
     if organization is None:
         return None
@@ -61,16 +61,12 @@ def auto_recharge_for_reservation_task(
 
 @shared_task(name="billing.tasks.webhook_process")
 def webhook_process(event_id: int) -> bool:
-    from billing.services.webhooks import webhook_event_process
-
     return webhook_event_process(event_id=event_id)
 
 
 @shared_task(name="billing.tasks.webhook_sweep")
 def webhook_sweep() -> int:
     """Process stored events whose task was lost (older than a minute and not processed)."""
-    from billing.services.webhooks import webhook_event_process
-
     ids = WebhookEvent.objects.filter(
         processed_at__isnull=True, received_at__lt=timezone.now() - timedelta(minutes=1)
     ).values_list("id", flat=True)[:500]
@@ -80,16 +76,12 @@ def webhook_sweep() -> int:
 @shared_task(name="billing.tasks.usage_meter")
 def usage_meter() -> int:
     """Meter every reservation that may owe something, then update each organisation's funding."""
-    from billing.services.metering import usage_meter_run
-
     return usage_meter_run()
 
 
 @shared_task(name="billing.tasks.sla_credits_issue")
 def sla_credits_issue() -> int:
     """Credit last month's SLA misses (idempotent: once per reservation and month)."""
-    from billing.services.credits import sla_credits_issue_for_month
-
     first_of_this_month = timezone.now().date().replace(day=1)
     last_month = (first_of_this_month - timedelta(days=1)).replace(day=1)
     return sla_credits_issue_for_month(month=last_month)
@@ -98,6 +90,4 @@ def sla_credits_issue() -> int:
 @shared_task(name="billing.tasks.usage_report_postpaid")
 def usage_report_postpaid() -> int:
     """Send each completed hour of postpaid usage to Stripe Billing Meters (one event per org)."""
-    from billing.services.postpaid import usage_report_postpaid_run
-
     return usage_report_postpaid_run()

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode
-from billing.money import to_minor_units
+from billing.money import MAX_TOP_UP, MIN_TOP_UP, to_minor_units
 from billing.stripe_gateway import StripeGateway, get_gateway
 from config.errors import InvalidTransition, ValidationFailed
 from marketplace.models import Membership, Organization, Role
@@ -98,12 +98,10 @@ def billing_settings_update(
     """The customer's own settings: automatic recharge and a monthly spend limit (None: none).
 
     Automatic recharge is opt-in and needs a saved card; its amount and threshold are capped
-    like a top-up (topups.MIN_TOP_UP … MAX_TOP_UP). Nothing changes when anything is refused.
+    like a top-up (money.MIN_TOP_UP … MAX_TOP_UP). Nothing changes when anything is refused.
     """
     billing_account_get_or_create(organization=organization)
     account = BillingAccount.objects.select_for_update().get(organization=organization)
-    from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP
-
     before = _settings(account)
 
     fields = []

@@ -31,12 +31,14 @@ from django.utils import timezone
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
 from billing.selectors import reservations_charged, spend_minor
+from billing.services.accounts import billing_account_get_or_create
 from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
-from billing.services.topups import reservation_recharge_amount
+from billing.services.topups import auto_recharge_check, reservation_recharge_amount
 from billing.services.usage import reservations_book_now, reserved_extension_charge
+from config.celery import task_send
 from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
 
@@ -86,8 +88,6 @@ FROM billing_billingaccount WHERE organization_id = %s FOR UPDATE
 def _account_lock(organization_id: int) -> BillingAccount:
     account = next(iter(BillingAccount.objects.raw(_LOCK_ACCOUNT_SQL, [organization_id])), None)
     if account is None:
-        from billing.services.accounts import billing_account_get_or_create
-
         billing_account_get_or_create(organization=Organization(pk=organization_id))
         account = next(iter(BillingAccount.objects.raw(_LOCK_ACCOUNT_SQL, [organization_id])))
     return account
@@ -278,8 +278,6 @@ def _recharge_kick(account: BillingAccount, needed_minor: int, amount_minor: int
     The refused booking's transaction rolls back, so the recharge is not written here: a task
     is sent at once (not on commit) and records the top-up in its own transaction.
     """
-    from config.celery import task_send
-
     return task_send(
         "billing.tasks.auto_recharge_for_reservation",
         [account.organization_id, needed_minor, amount_minor],
@@ -298,8 +296,6 @@ def _set_state(account: BillingAccount, state: str, *, grace_until: datetime | N
 @transaction.atomic
 def funding_state_update(*, organization: Organization, now: datetime | None = None) -> str:
     """Move a prepaid account through ok → warning → grace → suspended (and back) by balance."""
-    from billing.services.topups import auto_recharge_check
-
     now = now or timezone.now()
     account = BillingAccount.objects.select_for_update().filter(organization=organization).first()
     if account is None or account.mode != BillingMode.PREPAID:

@@ -24,6 +24,7 @@ from billing.stripe_gateway import (
     TransientStripeError,
     get_gateway,
 )
+from config.celery import task_enqueue
 
 __all__ = [
     "OutboxHandler",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+SEND_TASK = "billing.tasks.outbox_send"
 
 MAX_ATTEMPTS = 25  # with the capped backoff below, about a day of retrying
 
@@ -83,16 +85,14 @@ def outbox_enqueue(*, kind: str, payload: dict, idempotency_key: str) -> OutboxM
         defaults={"kind": kind, "payload": payload, "next_attempt_at": timezone.now()},
     )
     if created:
-        from billing.tasks import outbox_send_task
-
-        transaction.on_commit(lambda: _enqueue_quietly(outbox_send_task, message.pk))
+        transaction.on_commit(lambda: _enqueue_quietly(message.pk))
     return message
 
 
-def _enqueue_quietly(task, message_id: int) -> None:
+def _enqueue_quietly(message_id: int) -> None:
     # The row is already committed: if the broker is down, outbox_flush sends it later.
     try:
-        task.delay(message_id)
+        task_enqueue(SEND_TASK, [message_id])
     except Exception:  # noqa: BLE001 — any broker failure is recoverable by the sweeper
         logger.warning("could not queue outbox message %s; the sweeper will send it", message_id)
 

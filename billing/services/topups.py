@@ -17,18 +17,17 @@ from billing.models import (
     BillingAccount,
     BillingMode,
     LedgerKind,
-    OutboxMessage,
     TopUp,
     TopUpStatus,
 )
-from billing.money import from_minor_units, to_minor_units
+from billing.money import MAX_TOP_UP, MIN_TOP_UP, from_minor_units, to_minor_units
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.events import top_up_events_record
 from billing.services.holds import money_position
 from billing.services.ledger import ledger_entry_add
-from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handler
-from billing.stripe_gateway import StripeGateway
+from billing.services.notices import notice_send
+from billing.services.outbox import outbox_enqueue
 from config.errors import PaymentRequired, ValidationFailed
 from marketplace.models import Organization
 from marketplace.services.audit import audit_record
@@ -45,9 +44,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-MIN_TOP_UP = Decimal("5.00")
-MAX_TOP_UP = Decimal("100000.00")
 
 
 def _start_top_up(
@@ -121,16 +117,11 @@ def top_up_succeed(*, top_up_id: int, payment_intent_id: str) -> bool:
     )
     top_up_events_record(top_up=top_up, succeeded=True)
     _receipt_send(top_up)
-    from billing.services.funding import funding_state_update
-
-    funding_state_update(organization=top_up.organization)
     return True
 
 
 def _receipt_send(top_up: TopUp) -> None:
     """Our own receipt for a top-up, e-mailed to the owners and billing members (a notice)."""
-    from billing.services.notices import notice_send
-
     c = top_up.currency
     what = f"automatic recharge ({top_up.reason})" if top_up.automatic else "top-up"
     notice_send(
@@ -158,8 +149,6 @@ def top_up_fail(*, top_up_id: int, reason: str, payment_intent_id: str = "") -> 
         update_fields=["status", "failure_reason", "stripe_payment_intent_id", "completed_at"]
     )
     top_up_events_record(top_up=top_up, succeeded=False)
-    from billing.services.notices import notice_send
-
     notice_send(
         organization=top_up.organization,
         kind="top_up_failed",
@@ -270,8 +259,6 @@ def _start_automatic(*, account: BillingAccount, amount_minor: int, reason: str)
             )
     except IntegrityError:
         return None
-    from billing.services.notices import notice_send
-
     notice_send(
         organization=account.organization,
         kind="automatic_recharge",
@@ -280,38 +267,3 @@ def _start_automatic(*, account: BillingAccount, amount_minor: int, reason: str)
         "turned off on the Billing page.",
     )
     return top_up
-
-
-@outbox_handler("payment_intent.create")
-class PaymentIntentCreate(OutboxHandler):
-    def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
-        top_up = TopUp.objects.select_related("organization").get(pk=message.payload["top_up_id"])
-        account = BillingAccount.objects.get(organization=top_up.organization)
-        return gateway.payment_intent_create_off_session(
-            customer_id=account.stripe_customer_id,
-            payment_method_id=top_up.payment_method_id,
-            amount=from_minor_units(top_up.amount_minor, top_up.currency),
-            currency=top_up.currency,
-            metadata={"top_up": str(top_up.pk), "organization": top_up.organization.public_id},
-            idempotency_key=message.idempotency_key,
-        )
-
-    def succeeded(self, message: OutboxMessage, result: dict) -> None:
-        top_up_id = message.payload["top_up_id"]
-        status = result.get("status")
-        if status == "succeeded":
-            top_up_succeed(top_up_id=top_up_id, payment_intent_id=result["id"])
-        elif status in ("requires_action", "requires_payment_method", "canceled"):
-            # Off-session: nobody is there to authenticate; the customer must top up on-session.
-            top_up_fail(
-                top_up_id=top_up_id, reason=f"payment {status}", payment_intent_id=result["id"]
-            )
-        else:  # processing: the webhook settles it
-            TopUp.objects.filter(pk=top_up_id).update(stripe_payment_intent_id=result["id"])
-
-    def failed(self, message: OutboxMessage, error: str) -> None:
-        top_up_fail(
-            top_up_id=message.payload["top_up_id"],
-            reason=error,
-            payment_intent_id=message.stripe_object_id,
-        )

@@ -9,6 +9,7 @@ itself idempotent (ledger keys, status checks), so even a forced re-run does no 
 
 import json
 import logging
+from datetime import UTC, datetime
 
 import stripe
 from django.db import transaction
@@ -23,11 +24,19 @@ from billing.models import (
     WebhookEvent,
 )
 from billing.services.events import invoice_event_record
+from billing.services.payment_methods import payment_method_mark_detached, payment_method_mirror
+from billing.services.refunds import refund_mark_failed, refund_mark_succeeded
+from billing.services.top_up_payments import top_up_credit
+from billing.services.topups import top_up_fail
+from billing.stripe_gateway import get_gateway
+from config.celery import task_enqueue
+from config.errors import NotFound
 from marketplace.models import EventType
 
 __all__ = ["InvalidSignature", "webhook_receive", "webhook_event_process"]
 
 logger = logging.getLogger(__name__)
+PROCESS_TASK = "billing.tasks.webhook_process"
 
 
 class InvalidSignature(Exception):
@@ -49,15 +58,13 @@ def webhook_receive(*, payload: bytes, signature: str, secret: str) -> tuple[Web
             defaults={"type": event.get("type", ""), "payload": event},
         )
         if created:
-            from billing.tasks import webhook_process
-
-            transaction.on_commit(lambda: _queue(webhook_process, row.pk))
+            transaction.on_commit(lambda: _queue(row.pk))
     return row, created
 
 
-def _queue(task, event_id: int) -> None:
+def _queue(event_id: int) -> None:
     try:
-        task.delay(event_id)
+        task_enqueue(PROCESS_TASK, [event_id])
     except Exception:  # noqa: BLE001 — the stored event is picked up by the sweeper
         logger.warning("could not queue webhook event %s; the sweeper will process it", event_id)
 
@@ -121,16 +128,12 @@ def _top_up_for(pi: dict) -> TopUp | None:
 
 
 def _payment_intent_succeeded(pi: dict) -> None:
-    from billing.services.topups import top_up_succeed
-
     top_up = _top_up_for(pi)
     if top_up is not None:
-        top_up_succeed(top_up_id=top_up.pk, payment_intent_id=pi["id"])
+        top_up_credit(top_up_id=top_up.pk, payment_intent_id=pi["id"])
 
 
 def _payment_intent_failed(pi: dict) -> None:
-    from billing.services.topups import top_up_fail
-
     top_up = _top_up_for(pi)
     if top_up is not None:
         error = pi.get("last_payment_error") or {}
@@ -139,8 +142,6 @@ def _payment_intent_failed(pi: dict) -> None:
 
 
 def _refund_changed(refund: dict) -> None:
-    from billing.services.refunds import refund_mark_failed, refund_mark_succeeded
-
     row = Refund.objects.filter(stripe_refund_id=refund.get("id", "")).first()
     if row is None:
         refund_id = (refund.get("metadata") or {}).get("refund")
@@ -162,8 +163,6 @@ def _charge_refunds_fetch(charge: dict) -> dict:
     # The current API no longer embeds a charge's refunds; ask for the PaymentIntent's.
     if (charge.get("refunds") or {}).get("data") is not None or not charge.get("payment_intent"):
         return charge
-    from billing.stripe_gateway import get_gateway
-
     refunds = get_gateway().refunds_for_payment_intent(payment_intent_id=charge["payment_intent"])
     return {**charge, "refunds": {"data": refunds}}
 
@@ -189,8 +188,6 @@ def _payment_method_attached(pm: dict) -> None:
 
 
 def _payment_method_detached(pm: dict) -> None:
-    from billing.services.payment_methods import payment_method_mark_detached
-
     payment_method_mark_detached(stripe_payment_method_id=pm.get("id", ""))
 
 
@@ -200,8 +197,6 @@ def _setup_intent_card_fetch(intent: dict) -> dict:
     pm_id = intent.get("payment_method")
     if not pm_id or not intent.get("customer") or not _org_for_customer(intent["customer"]):
         return intent
-    from billing.stripe_gateway import get_gateway
-
     return {
         **intent,
         "payment_method": get_gateway().payment_method_retrieve(payment_method_id=pm_id),
@@ -218,9 +213,6 @@ def _setup_intent_succeeded(intent: dict) -> None:
 
 
 def _mirror_quietly(organization, pm: dict) -> None:
-    from billing.services.payment_methods import payment_method_mirror
-    from config.errors import NotFound
-
     try:
         with transaction.atomic():
             payment_method_mirror(organization=organization, stripe_payment_method=pm)
@@ -230,8 +222,6 @@ def _mirror_quietly(organization, pm: dict) -> None:
 
 
 def _ts(value):
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(int(value), tz=UTC) if value else None
 
 

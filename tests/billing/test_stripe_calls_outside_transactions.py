@@ -115,7 +115,7 @@ def test_the_webhook_processor_reads_stripe_before_it_locks_the_event(
                                      "payment_method": confirmed.payment_method}}},
     )  # fmt: skip
     gateway = WatchedGateway("billing_webhookevent", event.pk)
-    monkeypatch.setattr("billing.stripe_gateway.get_gateway", lambda: gateway)
+    monkeypatch.setattr("billing.services.webhooks.get_gateway", lambda: gateway)
 
     assert webhook_event_process(event_id=event.pk) is True
 
