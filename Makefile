@@ -36,7 +36,7 @@ seed: migrate
 	$(PY) scripts/with_services.py -- $(PY) manage.py billing_credit demo-ai-lab 500.00 "demo credit" --key demo-credit
 
 worker: venv
-	$(PY) scripts/with_services.py --stripe -- $(VENV)/bin/celery -A config worker -l info -Q celery,webhooks
+	$(PY) scripts/with_services.py --stripe -- $(VENV)/bin/celery -A config worker -l info -Q provisioning,billing,webhooks,telemetry,default
 
 beat: venv
 	$(PY) scripts/with_services.py -- $(VENV)/bin/celery -A config beat -l info -s .run/celerybeat-schedule

@@ -1,6 +1,7 @@
 """The Celery app.
 
-Worker: celery -A config worker -l info
+Worker: celery -A config worker -l info -Q provisioning,billing,webhooks,telemetry,default
+        (or workers per queue, on as many machines as needed: docs/scaling.md)
 Beat:   celery -A config beat -l info
 
 Starts and ends of reservations live in PostgreSQL; beat only runs short periodic tasks that
@@ -28,6 +29,47 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Read here through config.env as settings.py reads them: this module loads before settings.
 _VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)
 
+# The queues, and which tasks go to each (by name; the first matching prefix wins). Each can be
+# consumed by workers of its own on other machines (docs/scaling.md):
+# - provisioning: starts and ends of reservations (driver and site-agent calls, seconds each);
+# - billing: metering, Stripe's outbox and webhooks, recharges, SLA credits;
+# - webhooks: sending events to customers' endpoints (waits on their servers: threads);
+# - telemetry: writing and rolling up GPU telemetry, its retention;
+# - default: everything else (sweeps of silent nodes, reliability, pruning).
+DEFAULT_QUEUE = "default"
+QUEUES = ("provisioning", "billing", "webhooks", "telemetry", DEFAULT_QUEUE)
+TASK_QUEUES = (
+    ("marketplace.tasks.reservation_provision", "provisioning"),
+    ("marketplace.tasks.reservation_release", "provisioning"),
+    ("marketplace.tasks.reservations_dispatch_due", "provisioning"),
+    ("marketplace.tasks.reservations_sweep_stuck", "provisioning"),
+    ("marketplace.tasks.reservation_outages_reconcile", "provisioning"),
+    ("marketplace.tasks.gpu_failures_handle", "provisioning"),
+    ("marketplace.tasks.webhook", "webhooks"),
+    ("billing.tasks.", "billing"),
+    ("inventory.tasks.telemetry_", "telemetry"),
+)
+
+
+def task_route(name: str) -> dict:
+    """The queue a task is sent to. A process whose CELERY_TASK_DEFAULT_QUEUE is not "default"
+    (tests and benchmarks, each on a queue of its own in a shared Redis) sends every task there,
+    and its workers consume only that queue."""
+    default = app.conf.task_default_queue
+    if default != DEFAULT_QUEUE:
+        return {"queue": default}
+    for prefix, queue in TASK_QUEUES:
+        if name.startswith(prefix):
+            return {"queue": queue}
+    return {"queue": DEFAULT_QUEUE}
+
+
+def worker_queues() -> list[str]:
+    """What a worker that does everything consumes (make worker, make run)."""
+    default = app.conf.task_default_queue
+    return list(QUEUES) if default == DEFAULT_QUEUE else [default]
+
+
 app = Celery("switchyard")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.update(
@@ -50,9 +92,8 @@ app.conf.update(
         "unacked_restore_interval": max(1, min(10, _VISIBILITY_TIMEOUT // 10)),
         "unacked_restore_throttle": 1,
     },
-    # Webhook sending waits on customers' servers: its own queue, so it never holds up
-    # provisioning or billing (a worker takes it with -Q celery,webhooks; see docs/integrators.md).
-    task_routes={"marketplace.tasks.webhook_endpoint_send": {"queue": "webhooks"}},
+    # Each kind of work on its own queue, so each scales with its own workers (task_route).
+    task_routes=(lambda name, args, kwargs, options, task=None, **kw: task_route(name),),
     beat_schedule={
         "marketplace-dispatch-due-reservations": {
             "task": "marketplace.tasks.reservations_dispatch_due",

@@ -18,9 +18,6 @@ from marketplace.services.webhook_sending import webhook_endpoints_due
 
 logger = logging.getLogger(__name__)
 
-# Webhook sending waits on customers' servers: it has a queue of its own (config/celery.py).
-WEBHOOKS_QUEUE = "webhooks"
-
 
 @shared_task(bind=True, max_retries=None, name="marketplace.tasks.reservation_provision")
 def reservation_provision(self, reservation_id: int) -> str:
@@ -87,7 +84,7 @@ def webhook_endpoint_send(endpoint_id: int) -> dict:
     to hand over with work left."""
     result = _webhook_endpoint_send(endpoint_id=endpoint_id)
     if result["more"]:
-        webhook_endpoint_send.apply_async([endpoint_id], queue=WEBHOOKS_QUEUE)
+        webhook_endpoint_send.delay(endpoint_id)
     return result
 
 
@@ -96,7 +93,7 @@ def webhooks_sweep() -> int:
     """Every 30 s: queue a sender for every endpoint with a due delivery (retries, lost kicks)."""
     due = webhook_endpoints_due()
     for endpoint_id in due:
-        webhook_endpoint_send.apply_async([endpoint_id], queue=WEBHOOKS_QUEUE)
+        webhook_endpoint_send.delay(endpoint_id)
     return len(due)
 
 

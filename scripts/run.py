@@ -168,7 +168,12 @@ def main() -> int:
         # is overridden by the settings' LOGGING (config/celery.py), so LOG_LEVEL too, unless
         # the developer set one.
         quiet = {**env, "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING")}
-        supervisor.start("worker", [celery, "-A", "config", "worker", "-l", "warning"], env=quiet)
+        supervisor.start(
+            "worker",
+            [celery, "-A", "config", "worker", "-l", "warning",
+             "-Q", "provisioning,billing,telemetry,default"],
+            env=quiet,
+        )  # fmt: skip
         # Webhook sending waits on customers' servers: its own queue and worker (threads: it
         # waits on the network), so a slow endpoint never holds up provisioning or billing.
         supervisor.start(

@@ -23,6 +23,7 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
+from config.celery import QUEUES
 from inventory.models import GpuModel, Node, Site
 from marketplace.models import Reservation
 from marketplace.services.reservations import reservation_create
@@ -140,8 +141,11 @@ class CeleryWorker:
             "--without-gossip",
             "--without-mingle",
         ]
+        # A queue of the test's own, or every queue as `make worker` consumes them.
         if full_env.get("CELERY_TASK_DEFAULT_QUEUE"):
             command += ["-Q", full_env["CELERY_TASK_DEFAULT_QUEUE"]]
+        else:
+            command += ["-Q", ",".join(QUEUES)]
         if beat:
             command += ["-B", "-s", str(self.log_dir / f"beat-{self._starts}.db")]
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)

@@ -135,10 +135,9 @@ _broker: redis.Redis | None = None
 
 
 def _queues() -> list[str]:
-    from config.celery import app
+    from config.celery import QUEUES
 
-    routed = {route.get("queue") for route in (app.conf.task_routes or {}).values()}
-    return sorted({settings.CELERY_TASK_DEFAULT_QUEUE, *routed} - {None})
+    return sorted({settings.CELERY_TASK_DEFAULT_QUEUE, *QUEUES})
 
 
 def _queue_depths() -> GaugeMetricFamily:

@@ -1,0 +1,84 @@
+"""Each kind of work goes to its own Celery queue, so each scales with workers of its own."""
+
+import pytest
+
+from config.celery import DEFAULT_QUEUE, QUEUES, app, task_route, worker_queues
+
+# Every task of ours and where it must go.
+EXPECTED = {
+    "marketplace.tasks.reservation_provision": "provisioning",
+    "marketplace.tasks.reservation_release": "provisioning",
+    "marketplace.tasks.reservations_dispatch_due": "provisioning",
+    "marketplace.tasks.reservations_sweep_stuck": "provisioning",
+    "marketplace.tasks.reservation_outages_reconcile": "provisioning",
+    "marketplace.tasks.gpu_failures_handle": "provisioning",
+    "marketplace.tasks.webhook_endpoint_send": "webhooks",
+    "marketplace.tasks.webhooks_sweep": "webhooks",
+    "marketplace.tasks.reliability_compute": "default",
+    "marketplace.tasks.idempotency_records_purge": "default",
+    "marketplace.tasks.events_prune": "default",
+    "marketplace.tasks.noop": "default",
+    "billing.tasks.outbox_send": "billing",
+    "billing.tasks.outbox_flush": "billing",
+    "billing.tasks.auto_recharge_for_reservation": "billing",
+    "billing.tasks.webhook_process": "billing",
+    "billing.tasks.webhook_sweep": "billing",
+    "billing.tasks.usage_meter": "billing",
+    "billing.tasks.sla_credits_issue": "billing",
+    "billing.tasks.usage_report_postpaid": "billing",
+    "inventory.tasks.telemetry_flush": "telemetry",
+    "inventory.tasks.telemetry_rollup": "telemetry",
+    "inventory.tasks.telemetry_retention": "telemetry",
+    "inventory.tasks.nodes_mark_offline": "default",
+    "inventory.tasks.burn_ins_expire": "default",
+}
+
+
+@pytest.fixture
+def production_queues():
+    previous = app.conf.task_default_queue
+    app.conf.task_default_queue = DEFAULT_QUEUE
+    yield
+    app.conf.task_default_queue = previous
+
+
+def _our_tasks() -> set[str]:
+    app.loader.import_default_modules()
+    return {
+        name for name in app.tasks if name.split(".")[0] in {"marketplace", "billing", "inventory"}
+    }
+
+
+@pytest.mark.usefixtures("production_queues")
+def test_every_task_is_routed_to_its_queue():
+    assert _our_tasks() == set(EXPECTED)
+    assert {name: task_route(name)["queue"] for name in EXPECTED} == EXPECTED
+    assert set(EXPECTED.values()) == set(QUEUES)
+
+
+@pytest.mark.usefixtures("production_queues")
+def test_a_sent_task_lands_on_its_queue_through_celerys_router():
+    route = app.amqp.router.route({}, "billing.tasks.usage_meter", args=(), kwargs={})
+    assert route["queue"].name == "billing"
+    route = app.amqp.router.route({}, "marketplace.tasks.webhook_endpoint_send", (1,), {})
+    assert route["queue"].name == "webhooks"
+
+
+@pytest.mark.usefixtures("production_queues")
+def test_a_worker_for_everything_consumes_every_queue():
+    assert worker_queues() == ["provisioning", "billing", "webhooks", "telemetry", "default"]
+
+
+def test_a_process_on_a_queue_of_its_own_sends_everything_there():
+    previous = app.conf.task_default_queue
+    app.conf.task_default_queue = "bench-1234"
+    try:
+        assert {task_route(name)["queue"] for name in EXPECTED} == {"bench-1234"}
+        assert worker_queues() == ["bench-1234"]
+    finally:
+        app.conf.task_default_queue = previous
+
+
+def test_beat_schedules_only_tasks_that_exist():
+    tasks = _our_tasks()
+    assert {entry["task"] for entry in app.conf.beat_schedule.values()} <= tasks
