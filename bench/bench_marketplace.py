@@ -429,10 +429,10 @@ class ApiClient:
     server runs on; http.client costs a fraction of that, so the figures measure the server.
     """
 
-    def __init__(self, base_url: str, secret: str):
+    def __init__(self, base_url: str, secret: str | None):
         parsed = urlsplit(base_url)
         self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
-        self.headers = {"Authorization": f"Bearer {secret}"}
+        self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
     def _request(self, method: str, path: str, body: bytes | None, headers: dict) -> _Response:
         self.conn.request(method, path, body=body, headers={**self.headers, **headers})
@@ -454,7 +454,7 @@ class ApiClient:
 # --- the measurements ----------------------------------------------------------------------
 
 
-def bench_search(base_url: str, secret: str, n: int) -> None:
+def bench_search(base_url: str, secret: str, n: int) -> float:
     rng = random.Random(7)
     cases = [random_search(rng) for _ in range(n)]
     session = ApiClient(base_url, secret)
@@ -490,12 +490,15 @@ def bench_search(base_url: str, secret: str, n: int) -> None:
             t = time.perf_counter()
             conn.execute(sql_text, params, prepare=True).fetchall()  # as the API's connection
             raw_ms.append((time.perf_counter() - t) * 1000)
+    api_p99, raw_p99 = percentile(api_ms, 99), percentile(raw_ms, 99)
     say(
         f"availability search, {n} searches (random model, 1-32 GPUs, windows up to 60 days ahead):\n"
         f"  through the API : p50 {percentile(api_ms, 50):6.1f} ms   p99 {percentile(api_ms, 99):6.1f} ms"
         f"   (mean offers {statistics.mean(offers):.1f})\n"
-        f"  raw SQL         : p50 {percentile(raw_ms, 50):6.1f} ms   p99 {percentile(raw_ms, 99):6.1f} ms"
+        f"  raw SQL         : p50 {percentile(raw_ms, 50):6.1f} ms   p99 {percentile(raw_ms, 99):6.1f} ms\n"
+        f"  p99 through the API / raw SQL: {api_p99 / raw_p99:.2f}"
     )
+    return api_p99 / raw_p99
 
 
 def _params(case: dict) -> dict:
@@ -517,7 +520,7 @@ def _dsn() -> str:
 
 def bench_reserve_api(
     base_url: str, secret: str, clients: int, total: int, *, with_site: bool
-) -> None:
+) -> float:
     """Direct reservations; with_site: naming the site, as an integrator does after a search."""
     counts = {"created": 0, "not_available": 0, "other": 0}
     lock = threading.Lock()
@@ -565,6 +568,28 @@ def bench_reserve_api(
     )
     for line in others:
         say(f"  other: {line}")
+    return counts["created"] / elapsed
+
+
+def bench_bare(base_url: str, clients: int, total: int) -> float:
+    """The same server and clients on the bare health endpoint (GET /healthz: no
+    authentication, no database, no Redis): what a request costs through gunicorn and
+    Django's handler alone, the line every other figure is read against."""
+    per_client = total // clients
+    done = [0] * clients
+
+    def client(c: int) -> None:
+        session = ApiClient(base_url, None)
+        for _ in range(per_client):
+            session.get("/healthz").raise_for_status()
+            done[c] += 1
+
+    elapsed = run_clients(client, clients)
+    say(
+        f"bare: GET /healthz, {clients} clients: "
+        f"{sum(done)} in {elapsed:.1f} s = {sum(done) / elapsed:.0f} requests/s"
+    )
+    return sum(done) / elapsed
 
 
 def bench_floor(base_url: str, secret: str, clients: int, total: int) -> float:
@@ -688,6 +713,11 @@ def bench_reserve_raw(clients: int, total: int) -> float:
     return done / elapsed
 
 
+def _load(when: str) -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average at the {when}: {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
 def cleanup() -> None:
     with connection.cursor() as cur:
         for slug in (API_ORG, RAW_ORG):
@@ -744,18 +774,32 @@ def main() -> None:
         f"{total} allocations ({live} live)."
     )
     cleanup()
+    say(_load("start"))
     _, secret = api_org_and_key()
     port = free_port()
     server = start_server(port, args.workers, args.threads)
     try:
         base_url = f"http://127.0.0.1:{port}"
-        bench_search(base_url, secret, args.searches)
-        bench_reserve_api(base_url, secret, args.clients, args.reservations, with_site=True)
+        # The two lines everything is read against, measured before and after the
+        # marketplace's own figures (the machine's speed drifts); their means are used.
+        bares = [bench_bare(base_url, args.clients, args.reservations * 2)]
+        floors = [bench_floor(base_url, secret, args.clients, args.reservations)]
+        search_ratio = bench_search(base_url, secret, args.searches)
+        creates = bench_reserve_api(
+            base_url, secret, args.clients, args.reservations, with_site=True
+        )
         if args.global_reservations:
             bench_reserve_api(
                 base_url, secret, args.clients, args.global_reservations, with_site=False
             )
-        floor = bench_floor(base_url, secret, args.clients, args.reservations)
+        bares.append(bench_bare(base_url, args.clients, args.reservations * 2))
+        floors.append(bench_floor(base_url, secret, args.clients, args.reservations))
+        bare, floor = statistics.mean(bares), statistics.mean(floors)
+        say(
+            f"same run: floor / bare {floor / bare:.2f}; creates naming the site / bare "
+            f"{creates / bare:.3f}, / floor {creates / floor:.2f}; search p99 API / raw SQL "
+            f"{search_ratio:.2f} (bare {bare:.0f}/s, floor {floor:.0f}/s, means of the two)"
+        )
         read = bench_placement_read_raw(args.clients, args.reservations)
         raw = bench_reserve_raw(args.clients, args.reservations)
         # A create through the API does at least what each of these does, on the same cores:
@@ -768,6 +812,7 @@ def main() -> None:
             cur.execute(OVERLAP_SQL)
             overlapping = cur.fetchone()[0]
         say(f"double bookings (live allocations overlapping on a GPU): {overlapping}")
+        say(_load("end"))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

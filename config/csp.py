@@ -10,9 +10,10 @@ and tests.
 from urllib.parse import urlparse
 
 from csp.constants import NONCE, NONE, SELF
+from csp.middleware import CSPMiddleware as _CSPMiddleware
 from django.conf import settings
 
-__all__ = ["POLICY", "stripe_js_allow"]
+__all__ = ["POLICY", "CSPMiddleware", "stripe_js_allow"]
 
 POLICY = {
     # The JSON API needs no policy; its docs pages (Swagger UI, Redoc) run inline scripts.
@@ -51,3 +52,14 @@ def stripe_js_allow(response):
     response._csp_replace = {"frame-src": sources["frame-src"]}
     response._csp_update = {k: v for k, v in sources.items() if k != "frame-src"}
     return response
+
+
+class CSPMiddleware(_CSPMiddleware):
+    """django-csp's middleware, which builds the policy for every response before it looks
+    at EXCLUDE_URL_PREFIXES: excluded paths (the JSON API) skip that work."""
+
+    def process_response(self, request, response):
+        excluded = settings.CONTENT_SECURITY_POLICY.get("EXCLUDE_URL_PREFIXES") or ()
+        if request.path_info.startswith(tuple(excluded)):
+            return response
+        return super().process_response(request, response)

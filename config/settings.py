@@ -62,7 +62,7 @@ MIDDLEWARE = [
     "config.input_guard.InputGuardMiddleware",
     # /healthz, /readyz and /metrics, answered before host validation and the HTTPS redirect.
     "config.ops.OpsEndpointsMiddleware",
-    "csp.middleware.CSPMiddleware",
+    "config.csp.CSPMiddleware",
     "config.outages.DatabaseOutageMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -120,6 +120,11 @@ if DATABASE_REPLICA_URL:
     # Tests read the primary's test database through it instead of creating another.
     DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
 DATABASE_ROUTERS = ["config.replica.ReplicaRouter"]
+# A connection that ran a query this recently is not checked with SELECT 1 before the next
+# request's first query (PgBouncer's server_check_delay; config/postgresql/base.py).
+DATABASE_HEALTH_CHECK_AFTER_IDLE_SECONDS = env_int(
+    "DATABASE_HEALTH_CHECK_AFTER_IDLE_SECONDS", 10, minimum=0
+)
 # After a client writes, its reads stay on the primary this long (read-your-writes).
 DATABASE_REPLICA_PIN_SECONDS = env_int("DATABASE_REPLICA_PIN_SECONDS", 5, minimum=0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -242,6 +247,9 @@ QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
 # How long an e-mailed invitation to join an organisation can be accepted.
 INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
+# How long a process keeps an API key it read (a change to any key empties every process's
+# cache at once, through Redis: marketplace/auth.py); 0: read the key on every request.
+API_KEY_CACHE_SECONDS = env_int("API_KEY_CACHE_SECONDS", 60, minimum=0)
 # With Redis unreachable, rate limits let requests through uncounted for this long, then
 # answer 503 with Retry-After until Redis is back (config/api/throttling.py).
 RATE_LIMIT_FAIL_OPEN_SECONDS = env_int("RATE_LIMIT_FAIL_OPEN_SECONDS", 300, minimum=0)
@@ -409,7 +417,7 @@ if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
 # host:port on which a Celery worker serves its task metrics (empty: not served).
 CELERY_METRICS_ADDRESS = env_address("CELERY_METRICS_ADDRESS", "")
 # Database and cache timings for /metrics: the same backends, instrumented.
-DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
+DATABASES["default"]["ENGINE"] = "config.postgresql"  # django-prometheus's, see its base.py
 CACHES["default"]["BACKEND"] = "config.metrics.cache.InstrumentedRedisCache"
 # The probes also stay plain HTTP if the middleware order changes.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]

@@ -225,7 +225,8 @@ def test_stale_tolerant_reads_use_the_replica_and_bookings_the_primary(primary_a
     assert listed["status"] == 200
     assert [r["id"] for r in listed["body"]["results"]] == [reserve["body"]["id"]]
     assert _aliases(listed, touching="marketplace_reservation") == {REPLICA}
-    assert _aliases(listed, touching="marketplace_apikey") == {"default"}
+    # The key may come from the process's key cache by now; never from the replica.
+    assert REPLICA not in _aliases(listed, touching="marketplace_apikey")
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Rate limits per API key (per user for sessions, per IP address before authentication).
 
 A fixed window counted in Redis with one atomic INCR per request: settings.API_THROTTLE_RATE
-("600/min") requests per window. INCR and EXPIRE go in one MULTI/EXEC round trip, so a counter
-never lives without its expiry; the counter is named by its window, so renewing the expiry on
-every request does not change what is counted. Every response carries X-RateLimit-Limit,
+("600/min") requests per window. INCR, and EXPIRE of a new counter, run in one Lua script (one
+atomic round trip), so a counter never lives without its expiry; the same call reads the API
+keys' generation for a key's request (marketplace/auth.py). Every response carries X-RateLimit-Limit,
 X-RateLimit-Remaining and X-RateLimit-Reset (Unix time, in seconds, when the window resets);
 a 429 also carries Retry-After (seconds).
 
@@ -14,6 +14,7 @@ Retry-After until Redis is back: reads and writes that need only PostgreSQL keep
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
 from config.client_ip import client_ip
-from marketplace.auth import ApiKeyUser
+from marketplace.auth import API_KEYS_GENERATION, ApiKeyUser, api_key_user_confirm
 
 __all__ = [
     "RateLimit",
@@ -97,22 +98,34 @@ _redis: redis.Redis | None = None
 _REDIS_TIMEOUT = 0.5
 
 
-def _count(key: str, *, timeout: int) -> int:
-    """INCR the counter and (re)set its expiry, in one round trip; returns the new count."""
-    global _redis
+# Count, set the expiry of a new counter, and read one more key (the API keys' generation,
+# marketplace/auth.py), in one atomic round trip. A missing watched key is created with ARGV[2].
+_COUNT_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if #KEYS < 2 then return {count} end
+redis.call('SET', KEYS[2], ARGV[2], 'NX')
+return {count, redis.call('GET', KEYS[2])}
+"""
+_script = None
+
+
+def _count(key: str, *, timeout: int, watch: str | None = None) -> tuple[int, bytes | None]:
+    """INCR the counter (a new one gets its expiry in the same atomic step) and read `watch`,
+    in one round trip; returns the new count and the watched value."""
+    global _redis, _script
     if _redis is None:
-        # The cache's Redis, under the cache's key prefix, but one pipelined call instead of
+        # The cache's Redis, under the cache's key prefix, but one scripted call instead of
         # the cache API's add + exists + incr (three round trips).
         _redis = redis.Redis.from_url(
             settings.CACHES["default"]["LOCATION"],
             socket_connect_timeout=_REDIS_TIMEOUT,
             socket_timeout=_REDIS_TIMEOUT,
         )
-    pipe = _redis.pipeline(transaction=True)
-    pipe.incr(key)
-    pipe.expire(key, timeout)
-    count, _ = pipe.execute()
-    return count
+        _script = _redis.register_script(_COUNT_SCRIPT)
+    keys = [key] if watch is None else [key, watch]
+    result = _script(keys=keys, args=[timeout, secrets.token_hex(8)])
+    return result[0], (result[1] if len(result) > 1 else None)
 
 
 class RateLimiterUnavailable(exceptions.APIException):
@@ -169,21 +182,30 @@ def _reachable(now: float) -> None:
         outage.since, outage.uncounted = None, 0
 
 
-def fixed_window_count(name: str, *, period: int, now: float) -> tuple[int, int] | None:
+def fixed_window_count(
+    name: str, *, period: int, now: float, watch: str | None = None
+) -> tuple[int, int] | tuple[int, int, bytes | None] | None:
     """Count one event for `name` in the current window of `period` seconds.
 
-    Returns the window's count including this event, and when the window resets (Unix s);
-    None when Redis is unreachable and the event passes uncounted (see LimiterOutage).
+    Returns the window's count including this event and when the window resets (Unix s),
+    and with `watch` (a cache key) its value read in the same round trip; None when Redis is
+    unreachable and the event passes uncounted (see LimiterOutage).
     """
     window = int(now // period)
     key = cache.make_and_validate_key(f"ratelimit:{name}:{period}:{window}")
     try:
-        count = _count(key, timeout=period + 1)
+        count, watched = _count(
+            key,
+            timeout=period + 1,
+            watch=None if watch is None else cache.make_and_validate_key(watch),
+        )
     except redis.RedisError as exc:
         _unreachable(exc, now)
         return None
     _reachable(now)
-    return count, (window + 1) * period
+    if watch is None:
+        return count, (window + 1) * period
+    return count, (window + 1) * period, watched
 
 
 class ApiRateThrottle(BaseThrottle):
@@ -192,10 +214,21 @@ class ApiRateThrottle(BaseThrottle):
     def allow_request(self, request: Request, view) -> bool:
         limit, period = parse_rate(settings.API_THROTTLE_RATE)
         now = time.time()
-        counted = fixed_window_count(_identity(request), period=period, now=now)
+        user = request.user
+        key_user = user if isinstance(user, ApiKeyUser) else None
+        # An API key's request also reads the keys' generation here: a key authenticated from
+        # the process's cache is confirmed (or refused, if revoked since) in this round trip.
+        counted = fixed_window_count(
+            _identity(request),
+            period=period,
+            now=now,
+            watch=API_KEYS_GENERATION if key_user else None,
+        )
+        if key_user is not None:
+            api_key_user_confirm(key_user, generation=None if counted is None else counted[2])
         if counted is None:
             return True  # Redis unreachable: uncounted, and no rate-limit headers
-        count, reset_at = counted
+        count, reset_at = counted[0], counted[1]
         self.rate_limit = RateLimit(limit=limit, remaining=max(0, limit - count), reset_at=reset_at)
         request.rate_limit = self.rate_limit
         self.now = now

@@ -19,6 +19,7 @@ from marketplace.selectors.catalogue import (
     site_get_public,
     site_list_public,
 )
+from marketplace.selectors.reference import gpu_models_in_slug_order
 from marketplace.services.quotes import resolve_catalogue
 
 TAGS = ["Catalogue"]
@@ -53,7 +54,29 @@ class GpuModelListApi(_Catalogue):
         responses={200: GpuModelOutput(many=True), **errors(400, 403)},
     )
     def get(self, request):
+        if not request.query_params:
+            # The first page as the paginator would give it, from the per-process reference
+            # cache (a catalogue entry takes up to REFERENCE_TTL_SECONDS to show everywhere).
+            first_page = _gpu_models_first_page(self.pagination_class.page_size)
+            if first_page is not None:
+                return Response({"next": None, "previous": None, "results": first_page})
         return self.paginated_response(self.get_queryset(), GpuModelOutput)
+
+
+_first_page: tuple[list | None, list | None] = (None, None)
+
+
+def _gpu_models_first_page(page_size: int) -> list | None:
+    """The whole catalogue, serialised, when it fits on one page; else None."""
+    global _first_page
+    models = gpu_models_in_slug_order()
+    if len(models) > page_size:
+        return None
+    cached_for, data = _first_page
+    if cached_for is not models:  # the reference cache reloaded: serialise again
+        data = GpuModelOutput(models, many=True).data
+        _first_page = (models, data)
+    return data
 
 
 class CapacityByModelOutput(serializers.Serializer):

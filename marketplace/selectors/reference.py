@@ -23,6 +23,7 @@ __all__ = [
     "reference_cache_clear",
     "gpu_model_by_slug",
     "gpu_models_by_id",
+    "gpu_models_in_slug_order",
     "site_by_slug",
     "sites_by_id",
     "pricing_policy_current",
@@ -59,8 +60,8 @@ def _cached(key: tuple, load: Callable[[], object]):
 
 
 def _gpu_models() -> dict:
-    models = list(GpuModel.objects.all())
-    return {"slug": {m.slug: m for m in models}, "pk": {m.pk: m for m in models}}
+    models = sorted(GpuModel.objects.all(), key=lambda m: m.slug)
+    return {"slug": {m.slug: m for m in models}, "pk": {m.pk: m for m in models}, "all": models}
 
 
 def _sites() -> dict:
@@ -80,6 +81,11 @@ def gpu_models_by_id(ids) -> dict[int, GpuModel]:
     """{pk: GpuModel} for the ids that exist."""
     by_pk = _cached(("gpu_models",), _gpu_models)["pk"]
     return {pk: by_pk[pk] for pk in ids if pk in by_pk}
+
+
+def gpu_models_in_slug_order() -> list[GpuModel]:
+    """The whole catalogue of GPU models; the same list object until the cache reloads."""
+    return _cached(("gpu_models",), _gpu_models)["all"]
 
 
 def site_by_slug(slug: str) -> Site | None:
