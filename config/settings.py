@@ -244,6 +244,15 @@ TELEMETRY_ROLLUP_RETENTION = timedelta(
 
 # --- Marketplace ---------------------------------------------------------------------------
 QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
+# Grid curtailment (docs/grid.md): the least notice a preempted reservation gets unless the
+# grid operator's call itself gives less; how recent a GPU's power reading must be to count
+# as its draw (older: rated power).
+CURTAILMENT_MIN_NOTICE = timedelta(
+    seconds=env_int("CURTAILMENT_MIN_NOTICE_SECONDS", 120, minimum=0)
+)
+CURTAILMENT_POWER_FRESH = timedelta(
+    seconds=env_int("CURTAILMENT_POWER_FRESH_SECONDS", 120, minimum=10)
+)
 # How long an e-mailed invitation to join an organisation can be accepted.
 INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")

@@ -20,6 +20,7 @@ from inventory.selectors import fleet_gpu_utilisation_by_day
 from marketplace.models import ReservationStatus
 from marketplace.selectors.staff import (
     curtailment_exposure,
+    curtailments_recent,
     fleet_gpus,
     gpus_in_service,
     nodes_out_of_service,
@@ -156,6 +157,7 @@ def dashboard(request):
         "failures_count": failures_count,
         "failures": failures,
         "exposure": exposure,
+        "curtailments": curtailments_recent(now=now),
         "charts": charts,
     }
     return render(request, "staff/dashboard.html", context)

@@ -6,6 +6,8 @@ Quotes, transitions and allocations are records, read-only here, as are the prov
 records (attempts, site-agent jobs, reservation outages): the workers and agents write them.
 """
 
+from decimal import Decimal
+
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
@@ -22,6 +24,9 @@ from marketplace.models import (
     ApiKey,
     AuditEntry,
     Curtailment,
+    CurtailmentVictim,
+    DemandResponseEvent,
+    DemandResponseSource,
     Event,
     Invitation,
     Membership,
@@ -337,10 +342,30 @@ class ReservationAdmin(admin.ModelAdmin):
             messages.success(request, f"Cancelled: {', '.join(done)}.")
 
 
+def _mw(value) -> str:
+    """Megawatts to the watt, without trailing zeros."""
+    return f"{value.quantize(Decimal('0.000001')).normalize():f}"
+
+
 class CurtailmentForm(forms.ModelForm):
+    call_notice = forms.BooleanField(
+        required=False,
+        label="The operator's call gives less than the minimum notice",
+        help_text="Preempt at the shed time even if it is sooner than the minimum notice "
+        "(the notice says so). Otherwise the minimum notice is given.",
+    )
+    force_reason = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        label="Force protected work, because",
+        help_text="Only if interruptible load cannot cover the target: also preempt on-demand "
+        "and reserved reservations (fewest first; recorded in the audit log, credited under "
+        "the SLA). Leave empty to shed only interruptible load and record any shortfall.",
+    )
+
     class Meta:
         model = Curtailment
-        fields = ["site", "shed_at", "until", "reason"]
+        fields = ["site", "shed_at", "until", "target_mw", "reason"]
 
     def clean(self):
         data = super().clean()
@@ -353,34 +378,81 @@ class CurtailmentForm(forms.ModelForm):
                 until=data.get("until"),
                 reason=data.get("reason", ""),
                 now=timezone.now(),
+                target_mw=data.get("target_mw"),
             )
         except ApplicationError as exc:
             field = exc.field if exc.field in self.fields else None
             raise forms.ValidationError({field: exc.message} if field else exc.message) from exc
+        if data.get("force_reason", "").strip() and data.get("target_mw") is None:
+            raise forms.ValidationError(
+                {"force_reason": "Forcing needs a megawatt target to cover."}
+            )
         return data
+
+
+class CurtailmentVictimInline(ReadOnlyInline):
+    model = CurtailmentVictim
+    fields = [
+        "reservation",
+        "tier",
+        "draw_kw",
+        "draw_basis",
+        "forced",
+        "outcome",
+        "gpu_hours_forgone",
+        "revenue_forgone",
+        "chosen_at",
+        "withdrawn_at",
+    ]
+    readonly_fields = fields
 
 
 @admin.register(Curtailment)
 class CurtailmentAdmin(admin.ModelAdmin):
-    """Announcing one stops selling the site and notifies or preempts its interruptible
-    reservations (marketplace.services.curtailment); a saved one is a record, read-only."""
+    """Announcing one plans it: the fewest interruptible reservations that cover its target
+    are noticed or preempted, and the window's sales stop (marketplace.services.curtailment);
+    a saved one is a record, read-only, with its victims below."""
 
     form = CurtailmentForm
+    inlines = [CurtailmentVictimInline]
     list_display = (
         "site",
         "shed_at",
         "until",
+        "target",
+        "shed",
+        "short",
         "reservations_notified",
         "reservations_preempted",
-        "announced_by",
-        "announced_at",
+        "gpu_hours_forgone",
+        "revenue_forgone",
+        "short_notice",
+        "origin",
         "called_off_at",
     )
-    list_filter = ("site",)
+    list_filter = ("site", "short_notice")
     date_hierarchy = "shed_at"
     actions = ["call_off"]
 
-    @admin.action(description="Call off (the operator cancelled it before shed time)")
+    @admin.display(description="asked (MW)")
+    def target(self, obj: Curtailment) -> str:
+        return "all flexible" if obj.target_mw is None else _mw(obj.target_mw)
+
+    @admin.display(description="shed (MW)")
+    def shed(self, obj: Curtailment) -> str:
+        return _mw(obj.shed_mw)
+
+    @admin.display(description="short (MW)")
+    def short(self, obj: Curtailment) -> str:
+        return _mw(obj.short_mw) if obj.short_kw else "–"
+
+    @admin.display(description="from")
+    def origin(self, obj: Curtailment) -> str:
+        if obj.demand_response_event_id:
+            return f"call {obj.demand_response_event}"
+        return f"staff {obj.announced_by}" if obj.announced_by else "staff"
+
+    @admin.action(description="Call off, or end now (the operator allows the load back)")
     def call_off(self, request: HttpRequest, queryset: QuerySet) -> None:
         for curtailment in queryset.order_by("pk"):
             try:
@@ -389,13 +461,23 @@ class CurtailmentAdmin(admin.ModelAdmin):
                 messages.error(request, f"{curtailment}: {exc.message}")
                 continue
             messages.success(
-                request, f"{curtailment}: called off, {withdrawn} notice(s) withdrawn."
+                request,
+                f"{curtailment}: called off or ended, {withdrawn} notice(s) withdrawn; its "
+                "window is sold again.",
             )
 
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         if obj is None:
             return ()
         return [f.name for f in Curtailment._meta.fields]
+
+    def get_inlines(self, request, obj=None):
+        return self.inlines if obj is not None else []  # victims exist once it is planned
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is not None:  # a record: the model's fields only, all read-only
+            kwargs["form"] = forms.ModelForm
+        return super().get_form(request, obj, change=change, **kwargs)
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
@@ -407,19 +489,66 @@ class CurtailmentAdmin(admin.ModelAdmin):
             site=obj.site,
             shed_at=obj.shed_at,
             until=obj.until,
+            target_mw=obj.target_mw,
             reason=obj.reason,
+            call_notice=form.cleaned_data.get("call_notice", False),
+            force_reason=form.cleaned_data.get("force_reason", ""),
             user=request.user,
         )
         obj.pk, obj.announced_at, obj.announced_by = done.pk, done.announced_at, done.announced_by
-        obj.reservations_notified = done.reservations_notified
-        obj.reservations_preempted = done.reservations_preempted
+        for name in ("reservations_notified", "reservations_preempted", "shed_kw", "short_kw"):
+            setattr(obj, name, getattr(done, name))
+        asked = "all flexible load" if done.target_mw is None else f"{done.target_mw} MW"
         self.message_user(
             request,
-            f"{obj.site} is curtailed: {done.reservations_notified} interruptible reservation(s) "
-            f"will be preempted at {done.shed_at:%Y-%m-%d %H:%M %Z}, "
-            f"{done.reservations_preempted} preempted now (they had not started).",
+            f"{obj.site}: asked {asked}, shed {done.shed_mw:.3f} MW; "
+            f"{done.reservations_notified} reservation(s) will be preempted at "
+            f"{done.preempt_at:%Y-%m-%d %H:%M:%S %Z}, {done.reservations_preempted} preempted "
+            "now (they had not started). Nothing more is sold there for the window.",
             messages.WARNING,
         )
+        if done.short_kw:
+            self.message_user(
+                request,
+                f"Short by {done.short_mw:.3f} MW: the site's interruptible load cannot cover "
+                "the target. Force protected work (with a reason) to cover it.",
+                messages.ERROR,
+            )
+
+
+@admin.register(DemandResponseSource)
+class DemandResponseSourceAdmin(admin.ModelAdmin):
+    """Grid operators and aggregators whose signed calls become curtailments (docs/grid.md).
+    The secret signs their requests: give it to the operator over a trusted channel."""
+
+    list_display = ("name", "description", "is_active", "created_at")
+    filter_horizontal = ("sites",)
+    fields = ("name", "description", "secret", "sites", "is_active")
+
+
+@admin.register(DemandResponseEvent)
+class DemandResponseEventAdmin(admin.ModelAdmin):
+    list_display = (
+        "source",
+        "event_id",
+        "modification_number",
+        "status",
+        "site",
+        "starts_at",
+        "ends_at",
+        "target_mw",
+        "updated_at",
+    )
+    list_filter = ("source", "status")
+
+    def get_readonly_fields(self, request: HttpRequest, obj=None):
+        return [f.name for f in DemandResponseEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
 
 
 @admin.register(Allocation)

@@ -18,9 +18,18 @@ by marketplace.services.reservations.reservation_cancel): a reserved term, charg
 gets `refund_amount` back as a credit to the balance. On-demand and interruptible time is only
 ever charged as it is used, so cancelling them leaves nothing to refund. A reserved
 reservation that failed before ever becoming active is credited in full.
+
+Forced curtailment (docs/grid.md): an on-demand or reserved reservation that staff forced a
+grid curtailment onto is credited once it is preempted, once each ("curtail:<id>:refund",
+"curtail:<id>:sla"): nobody pays for time they did not get, so a reserved term (charged up
+front) gets back the part of its total for the booked time it lost (from the preemption to its
+end, pro rata by the second); and the lost time counts as downtime under the SLA above, for the
+month of the preemption (uptime = booked time in the month not lost ÷ booked time in the
+month), credited at the SLA's rate on what that month charged for time delivered (its charge
+less the part just refunded).
 """
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -40,7 +49,13 @@ from billing.services.usage import (
     reserved_base_charge,
 )
 from config.errors import ValidationFailed
-from marketplace.models import Organization, Reservation, ReservationStatus, Tier
+from marketplace.models import (
+    CurtailmentVictim,
+    Organization,
+    Reservation,
+    ReservationStatus,
+    Tier,
+)
 
 __all__ = [
     "SLA_TARGET",
@@ -53,6 +68,8 @@ __all__ = [
     "credit_issue",
     "cancellation_settle",
     "cancellations_due",
+    "curtailment_forced_credit_issue",
+    "curtailment_forced_credits_due",
 ]
 
 SLA_TARGET = Decimal("0.995")
@@ -234,3 +251,103 @@ def cancellations_due() -> list[int]:
     return sorted(
         set(cancelled.values_list("pk", flat=True)) | set(failed.values_list("pk", flat=True))
     )
+
+
+# Forced curtailment victims are looked for this long after they were chosen.
+_FORCED_LOOKBACK_DAYS = 7
+
+
+def curtailment_forced_credits_due(*, now: datetime | None = None) -> list[int]:
+    """Protected reservations a forced curtailment preempted, not yet credited."""
+    now = now or timezone.now()
+    credited = LedgerEntry.objects.filter(idempotency_key__startswith="curtail:").values(
+        "reservation_id"
+    )
+    return sorted(
+        CurtailmentVictim.objects.filter(
+            forced=True,
+            withdrawn_at__isnull=True,
+            reservation__status=ReservationStatus.PREEMPTED,
+            chosen_at__gte=now - timedelta(days=_FORCED_LOOKBACK_DAYS),
+        )
+        .exclude(reservation_id__in=credited)
+        .values_list("reservation_id", flat=True)
+        .distinct()
+    )
+
+
+@transaction.atomic
+def curtailment_forced_credit_issue(*, reservation_id: int) -> list[LedgerEntry]:
+    """Credit a protected reservation for a forced preemption (the module's docstring)."""
+    reservation = (
+        Reservation.objects.select_for_update()
+        .select_related("organization")
+        .get(pk=reservation_id)
+    )
+    if reservation.tier == Tier.INTERRUPTIBLE or reservation.status != ReservationStatus.PREEMPTED:
+        return []
+    if not CurtailmentVictim.objects.filter(
+        reservation=reservation, forced=True, withdrawn_at__isnull=True
+    ).exists():
+        return []
+    stop = min(
+        max(reservation.released_at or reservation.starts_at, reservation.starts_at),
+        reservation.ends_at,
+    )
+    booked = int((reservation.ends_at - reservation.starts_at).total_seconds())
+    lost = int((reservation.ends_at - stop).total_seconds())
+    written = []
+    if reservation.tier == Tier.RESERVED and lost > 0 and booked > 0:
+        reserved_base_charge(reservation, reservation.total_amount)
+        holds_charge(reservation_ids=[reservation.pk])
+        refund_minor = to_minor_units(
+            Decimal(reservation.total_amount) * Decimal(lost) / Decimal(booked),
+            reservation.currency,
+        )
+        if refund_minor > 0:
+            entry, created = ledger_entry_add(
+                organization=reservation.organization,
+                kind=LedgerKind.CREDIT,
+                amount_minor=refund_minor,
+                currency=reservation.currency,
+                idempotency_key=f"curtail:{reservation.pk}:refund",
+                reservation=reservation,
+                description=f"Forced grid curtailment: {lost} s of the term not delivered, "
+                "refunded pro rata.",
+            )
+            written += [entry] if created else []
+    month = stop.date().replace(day=1)
+    m0, m1 = month_bounds(month)
+    booked_in_month = _seconds_between(max(reservation.starts_at, m0), min(reservation.ends_at, m1))
+    lost_in_month = _seconds_between(max(stop, m0), min(reservation.ends_at, m1))
+    if booked_in_month > 0 and lost_in_month > 0:
+        uptime = Decimal(booked_in_month - lost_in_month) / Decimal(booked_in_month)
+        fraction = sla_credit_fraction(uptime)
+        charge_minor = _month_charge_minor(reservation, month)
+        if reservation.tier == Tier.RESERVED and booked > 0:
+            charge_minor -= to_minor_units(
+                Decimal(reservation.total_amount) * Decimal(lost_in_month) / Decimal(booked),
+                reservation.currency,
+            )
+        charge_minor = max(charge_minor, 0)
+        amount_minor = to_minor_units(
+            from_minor_units(charge_minor, reservation.currency) * fraction, reservation.currency
+        )
+        if amount_minor > 0:
+            entry, created = ledger_entry_add(
+                organization=reservation.organization,
+                kind=LedgerKind.SLA_CREDIT,
+                amount_minor=amount_minor,
+                currency=reservation.currency,
+                idempotency_key=f"curtail:{reservation.pk}:sla",
+                reservation=reservation,
+                description=f"SLA credit, forced grid curtailment {month:%Y-%m}: uptime "
+                f"{uptime * 100:.3f} % → {fraction * 100:.0f} % of "
+                f"{from_minor_units(charge_minor, reservation.currency)}",
+            )
+            written += [entry] if created else []
+    return written
+
+
+def _seconds_between(lo: datetime, hi: datetime) -> int:
+    return max(int((hi - lo).total_seconds()), 0)

@@ -8,7 +8,8 @@ reservations, then the funding rules for the organisations they concern.
    hour) and per ended reservation (up to its end), in one statement with the accruals' booked
    figures, and the holds those lines fill;
 4. accruals of reservations that ended over two days ago and are booked in full are closed;
-5. cancelled reserved terms are settled and what ended reservations still hold is released;
+5. cancelled reserved terms are settled, protected reservations a forced grid curtailment
+   preempted are credited, and what ended reservations still hold is released;
 6. the funding rules: every prepaid organisation's position (balance − accrued − held) in one
    statement, and the ones whose state must move (or whose automatic recharge is due) go
    through funding_state_update.
@@ -22,7 +23,12 @@ from django.db import connection
 from django.utils import timezone
 
 from billing.models import FundingState
-from billing.services.credits import cancellation_settle, cancellations_due
+from billing.services.credits import (
+    cancellation_settle,
+    cancellations_due,
+    curtailment_forced_credit_issue,
+    curtailment_forced_credits_due,
+)
 from billing.services.funding import funding_state_update
 from billing.services.holds import POSITIONS_SQL, holds_release_ended
 from billing.services.usage import (
@@ -52,6 +58,8 @@ def usage_meter_run(*, now: datetime | None = None) -> int:
     usage_accruals_close(now=now)
     for reservation_id in cancellations_due():
         cancellation_settle(reservation_id=reservation_id)
+    for reservation_id in curtailment_forced_credits_due(now=now):
+        curtailment_forced_credit_issue(reservation_id=reservation_id)
     holds_release_ended()
     funding_states_update(now=now)
     return written

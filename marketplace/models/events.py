@@ -20,6 +20,7 @@ class EventType(models.TextChoices):
     RESERVATION_PROVISIONING = "reservation.provisioning"
     RESERVATION_ACTIVE = "reservation.active"
     RESERVATION_INTERRUPTION_SCHEDULED = "reservation.interruption_scheduled"
+    RESERVATION_INTERRUPTION_WITHDRAWN = "reservation.interruption_withdrawn"
     RESERVATION_PREEMPTED = "reservation.preempted"
     RESERVATION_EXTENDED = "reservation.extended"
     RESERVATION_CANCELLED = "reservation.cancelled"

@@ -2,7 +2,9 @@
 
 Exact by construction: a GPU counts as free for [starts_at, ends_at) only if its node is
 `available`, its site is `active`, the GPU itself is not `failed`, no maintenance window of the
-node overlaps the period, and no live allocation of the GPU overlaps it. The allocation service
+node overlaps the period, no live allocation of the GPU overlaps it, and no grid curtailment of
+the site overlaps it unless the curtailment shed more than asked by at least the request's
+draw (CURTAILMENT_BLOCKS, docs/grid.md). The allocation service
 uses the same SQL (under node locks), so what is listed here can be reserved at that moment.
 
 Placement rule shared with marketplace.services.allocation: a request no larger than the
@@ -14,10 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from django.db.models import Q
+
 from config.errors import ValidationFailed
 from config.replica import read_connection
 from inventory.models import GpuModel, Node, Site
-from marketplace.models import RateCard
+from marketplace.models import Curtailment, RateCard
 from marketplace.rules import NodeCapacity, choose_nodes, validate_request_period
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.services.energy import EnergyEstimate, energy_for
@@ -39,6 +43,7 @@ __all__ = [
     "node_free_capacity",
     "NodeCapacity",
     "site_model_offer",
+    "curtailment_overlapping",
 ]
 
 # How many best-fit nodes an offer lists for a single-node request.
@@ -111,6 +116,7 @@ WITH node_c AS (
       AND NOT EXISTS (
           SELECT 1 FROM inventory_maintenancewindow w
           WHERE w.node_id = n.id AND w.period && {window})
+      AND NOT {curtailed}
 ),
 nodes AS MATERIALIZED (
     SELECT c.id, c.site_id, c.gpu_model_id, gc.gpus, gc.healthy, gc.free
@@ -126,9 +132,20 @@ nodes AS MATERIALIZED (
 # The window is written out where it is used (not a CTE), so the planner sees the range.
 _WINDOW = "tstzrange(%(starts_at)s, %(ends_at)s, '[)')"
 
+# A grid curtailment of site `s` (in effect: not called off) whose window overlaps {window}
+# and whose unsold over-shed (headroom_kw - resold_kw) is less than the draw of {gpus} GPUs of
+# model `m` at the site's PUE: that capacity is not sold (placement takes the headroom under
+# the curtailment's row lock, marketplace.services.allocation.curtailment_headroom_take).
+CURTAILMENT_BLOCKS = """EXISTS (
+          SELECT 1 FROM marketplace_curtailment c
+          WHERE c.site_id = s.id AND c.called_off_at IS NULL
+            AND tstzrange(c.shed_at, c.until, '[)') && {window}
+            AND c.headroom_kw - c.resold_kw < {gpus} * m.tdp_watts * s.pue / 1000.0)"""
+
 
 def _sql(tail: str, *, filters: str) -> str:
-    return _CANDIDATE_NODES_SQL.format(filters=filters, window=_WINDOW) + tail
+    curtailed = CURTAILMENT_BLOCKS.format(window=_WINDOW, gpus="%(curtail_gpus)s")
+    return _CANDIDATE_NODES_SQL.format(filters=filters, window=_WINDOW, curtailed=curtailed) + tail
 
 
 _SEARCH_TAIL = """,
@@ -213,16 +230,18 @@ def node_free_capacity(
     starts_at: datetime,
     ends_at: datetime,
     min_reliability: Decimal | None = None,
+    gpu_count: int = 1,
 ) -> list[NodeCapacity]:
     """Per node of one model at one site (at or above the reliability floor, if any): GPUs,
-    and GPUs free for the whole window."""
+    and GPUs free for the whole window (none where a grid curtailment leaves no room for
+    `gpu_count` GPUs' draw)."""
     filters, params = _filters(
         site_id=site_id, gpu_model_id=gpu_model_id, min_reliability=min_reliability
     )
     with read_connection().cursor() as cur:
         cur.execute(
             _sql(_NODES_TAIL, filters=filters),
-            {**params, "starts_at": starts_at, "ends_at": ends_at},
+            {**params, "starts_at": starts_at, "ends_at": ends_at, "curtail_gpus": gpu_count},
         )
         return list(map(NodeCapacity._make, cur.fetchall()))  # id, gpus, free, healthy
 
@@ -298,7 +317,11 @@ def availability_search(
         min_reliability=min_reliability,
     )
     params.update(
-        starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, node_limit=_OFFER_NODE_LIMIT
+        starts_at=starts_at,
+        ends_at=ends_at,
+        gpu_count=gpu_count,
+        curtail_gpus=gpu_count,
+        node_limit=_OFFER_NODE_LIMIT,
     )
     with read_connection().cursor() as cur:
         cur.execute(_sql(_SEARCH_TAIL, filters=filters), params)
@@ -409,6 +432,7 @@ def site_model_offer(
         starts_at=starts_at,
         ends_at=ends_at,
         min_reliability=min_reliability,
+        gpu_count=gpu_count,
     )
     plan = choose_nodes(capacities, gpu_count)
     if not plan:
@@ -469,7 +493,7 @@ def site_availability(
     with read_connection().cursor() as cur:
         cur.execute(
             _sql(_SITE_TAIL, filters=filters),
-            {**params, "starts_at": starts_at, "ends_at": ends_at},
+            {**params, "starts_at": starts_at, "ends_at": ends_at, "curtail_gpus": 1},
         )
         rows = cur.fetchall()
     models = GpuModel.objects.in_bulk([r[0] for r in rows])
@@ -486,3 +510,16 @@ def site_availability(
     ]
     result.sort(key=lambda a: a.gpu_model.slug)
     return result
+
+
+def curtailment_overlapping(
+    *, site_id: int, starts_at: datetime, ends_at: datetime
+) -> Curtailment | None:
+    """The site's first grid curtailment in effect whose window overlaps the period (why
+    nothing is offered there), or None."""
+    return (
+        Curtailment.objects.filter(site_id=site_id, called_off_at__isnull=True, shed_at__lt=ends_at)
+        .filter(Q(until__isnull=True) | Q(until__gt=starts_at))
+        .order_by("shed_at", "pk")
+        .first()
+    )

@@ -7,17 +7,18 @@ a handful of queries whatever the fleet's size.
 
 from datetime import datetime, timedelta
 
-from django.db.models import Count
+from django.db.models import Count, Q
 
 from config.replica import read_connection
 from inventory.models import Node, NodeStatus, Outage
-from marketplace.models import Allocation, ProvisioningAttempt, Reservation, Tier
+from marketplace.models import Allocation, Curtailment, ProvisioningAttempt, Reservation, Tier
 from marketplace.models.provisioning import AttemptOutcome
 
 __all__ = [
     "reservations_by_status",
     "gpus_in_service",
     "curtailment_exposure",
+    "curtailments_recent",
     "provisioning_failures",
     "nodes_out_of_service",
     "fleet_gpus",
@@ -150,3 +151,13 @@ def fleet_gpus(*, now: datetime) -> list[dict]:
              "failed": failed, "in_use": in_use}
             for site, model, status, gpus, failed, in_use in cur.fetchall()
         ]  # fmt: skip
+
+
+def curtailments_recent(*, now: datetime, days: int = 7, limit: int = 20) -> list:
+    """Curtailments whose window was in effect in the last `days` or is still to come, newest
+    first: what was asked, shed and short, and what it cost."""
+    return list(
+        Curtailment.objects.filter(Q(until__isnull=True) | Q(until__gte=now - timedelta(days=days)))
+        .select_related("site", "demand_response_event__source")
+        .order_by("-shed_at", "-pk")[:limit]
+    )

@@ -27,7 +27,7 @@ from marketplace.models import Allocation, Reservation
 from marketplace.rules import choose_nodes
 from marketplace.selectors.availability import node_free_capacity
 
-__all__ = ["allocation_place", "MAX_PLACEMENT_ATTEMPTS"]
+__all__ = ["allocation_place", "curtailment_headroom_take", "MAX_PLACEMENT_ATTEMPTS"]
 
 # Each retry re-reads capacities, so it only fails again if yet another node filled up meanwhile.
 MAX_PLACEMENT_ATTEMPTS = 8
@@ -67,6 +67,55 @@ SELECT %(reservation_id)s, t.gpu_id, t.node_id, %(period)s, true, %(created_at)s
 FROM unnest(%(gpu_ids)s::bigint[], %(node_ids)s::bigint[]) AS t(gpu_id, node_id)
 RETURNING gpu_id, id
 """
+
+
+# The grid curtailments of the nodes' site whose window overlaps the period, locked (id order);
+# if each has unsold over-shed for the new draw, it is taken from all of them; the first that
+# has not is returned and nothing is written.
+_HEADROOM_TAKE_SQL = """
+WITH draw AS (
+    SELECT %(gpus)s * m.tdp_watts * s.pue / 1000.0 AS kw, s.id AS site_id
+    FROM inventory_node n
+    JOIN inventory_site s ON s.id = n.site_id
+    JOIN inventory_gpumodel m ON m.id = n.gpu_model_id
+    WHERE n.id = %(node_id)s),
+c AS (
+    SELECT c.id, c.shed_at, c.until, c.headroom_kw - c.resold_kw AS room
+    FROM marketplace_curtailment c, draw
+    WHERE c.site_id = draw.site_id AND c.called_off_at IS NULL
+      AND tstzrange(c.shed_at, c.until, '[)') && tstzrange(%(lo)s, %(hi)s, '[)')
+    ORDER BY c.id FOR UPDATE OF c),
+blocked AS (SELECT c.* FROM c, draw WHERE c.room < draw.kw ORDER BY c.shed_at LIMIT 1),
+taken AS (
+    UPDATE marketplace_curtailment u SET resold_kw = u.resold_kw + draw.kw
+    FROM c, draw WHERE u.id = c.id AND NOT EXISTS (SELECT 1 FROM blocked)
+    RETURNING u.id)
+SELECT shed_at, until FROM blocked
+"""
+
+
+def curtailment_headroom_take(
+    *, node_id: int, gpu_count: int, starts_at: datetime, ends_at: datetime
+) -> None:
+    """Sell new load at the node's site for [starts_at, ends_at) only where its grid
+    curtailments leave room (what they shed beyond their target); NotAvailable otherwise.
+
+    Under the caller's node locks: a curtailment being planned locks every node of the site
+    first, so a booking and a curtailment at one site are taken one after the other."""
+    with connection.cursor() as cur:
+        cur.execute(
+            _HEADROOM_TAKE_SQL,
+            {"gpus": gpu_count, "node_id": node_id, "lo": starts_at, "hi": ends_at},
+        )
+        blocked = cur.fetchone()
+    if blocked is not None:
+        shed_at, until = blocked
+        window = f"from {shed_at.isoformat()}" + (f" to {until.isoformat()}" if until else "")
+        raise NotAvailable(
+            f"The site is shedding load for its grid operator {window}: nothing more is sold "
+            "there for that time.",
+            code="site_curtailed",
+        )
 
 
 class _Taken(Exception):
@@ -109,6 +158,7 @@ def allocation_place(
                 starts_at=starts_at,
                 ends_at=ends_at,
                 min_reliability=min_reliability,
+                gpu_count=gpu_count,
             )
             plan = choose_nodes(capacities, gpu_count)
         if not plan:
@@ -161,6 +211,12 @@ def _lock_and_insert(
                 raise _Taken
             gpu_ids += free[:take]
             gpu_node_ids += [node_id] * take
+        curtailment_headroom_take(
+            node_id=node_ids[0],
+            gpu_count=len(gpu_ids),
+            starts_at=period.lower,
+            ends_at=period.upper,
+        )
         now = timezone.now()
         cur.execute(
             _INSERT_SQL,

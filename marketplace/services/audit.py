@@ -15,20 +15,23 @@ def audit_record(
     object_type: str,
     object_id: str,
     changes: dict | None = None,
+    actor: str | None = None,
 ) -> AuditEntry | None:
-    """Record `action` by whoever acts in this request; None outside a request (no actor)."""
+    """Record `action` by whoever acts in this request (or `actor`, named by a service that
+    knows who asked, e.g. staff forcing a curtailment); None when nobody is known."""
     context = audit_context()
-    if context is None or not context.actor:
+    actor = (context.actor if context is not None else None) or actor
+    if not actor:
         return None
     return AuditEntry.objects.create(
         organization_id=organization_id,
-        actor=context.actor,
+        actor=actor,
         action=action,
         object_type=object_type,
         object_id=object_id,
         changes=changes or {},
-        ip_address=context.ip_address,
-        user_agent=context.user_agent,
+        ip_address=context.ip_address if context is not None else None,
+        user_agent=context.user_agent if context is not None else "",
     )
 
 

@@ -1,34 +1,59 @@
-"""Grid curtailment: the site sheds its interruptible load at a given time, with notice.
+"""Grid curtailment: the site sheds a number of megawatts (or all its flexible load) for a
+window, with notice.
 
-A site's grid operator asks it to cut consumption from `shed_at` (demand response): that is
-the contract a former mining site sells its flexibility under, and what the interruptible
-tier is priced for. When staff announce it:
-- the site is marked curtailed at once, so nothing new is sold there;
-- interruptible reservations that would be running at shed_at get a notice (preempt_at,
-  preempt_reason), shown by the API and e-mailed to the organisation's owners and admins;
-  the dispatcher preempts them at shed_at (the workload is stopped, the GPUs freed, metering
-  ends there: nobody pays for time they did not get);
-- interruptible reservations that would only start at or after shed_at (and before `until`,
-  when the operator gave one) are preempted at once: they never run and are never charged;
-- every other tier is protected: untouched, and still served (the site keeps enough power for
-  its committed load; interruptible capacity is what it sheds).
-Staff return the site to service when the operator allows (admin action), which sells it again.
+A site's grid operator, or an aggregator, asks it to cut consumption from `shed_at` to `until`
+(demand response): that is the contract a former mining site sells its flexibility under, and
+what the interruptible tier is priced for. Announcing one (staff in the admin, or a signed
+demand-response call, marketplace.services.demand_response) plans it:
+
+- candidates: the site's interruptible reservations (bought as such or resold as such) that
+  would still be running when the notice ends, and are not already shed by another
+  curtailment in effect (a reservation is shed by one at a time: a database constraint);
+- each candidate's draw: GPUs × board power × the site's PUE, where board power is the mean
+  power the GPU reported over the last CURTAILMENT_POWER_FRESH when it is running and did,
+  else its model's rated power (TDP);
+- victims (`victims_choose`): the fewest candidates whose draw covers the target and, among
+  the sets that few, the one that comes first in the order lowest price per GPU-hour paid,
+  then most recently started (activated, or due to start), then most recently booked;
+  "all flexible load" takes every candidate. If the candidates cannot cover the target, all
+  are taken and the curtailment records how much is short. Only then, and only when staff
+  force it with a reason, are on-demand and reserved reservations taken (the same rule, for
+  the shortfall): the reason goes to the audit log and billing credits them (docs/grid.md);
+- notice: victims are preempted at `preempt_at`, which is shed_at, unless that leaves less than
+  CURTAILMENT_MIN_NOTICE: then it is now + the minimum, unless the call itself gives less
+  (`call_notice`: demand-response calls always), when it stays at shed_at and the notice
+  says it is short. Victims that would only start at or after preempt_at are preempted at
+  once (never run, never charged); the others are noticed (API, e-mail, agent) and the
+  dispatcher preempts them at preempt_at (`reservations_preempt_due`);
+- sales: new load at the site in the window is refused except for what the victims shed beyond
+  the target (`headroom_kw`, taken by each booking under the curtailment's row lock,
+  marketplace.services.allocation.curtailment_headroom_take). The site stays active and
+  sells outside the window; the reservations not chosen keep running;
+- the record: MW asked, shed and short, victims noticed and preempted, GPU-hours and revenue
+  forgone (their booked time from the preemption on, at the price they paid).
+
+A curtailment is re-planned when its call changes (`curtailment_replan`), and called off or
+ended early (`curtailment_call_off`): notices not yet carried out are withdrawn, and sales of
+the window come back; what was already preempted stays preempted (and uncharged).
 """
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import transaction
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
-from inventory.services import status_change
 from marketplace.models import (
     Curtailment,
+    CurtailmentVictim,
     EventType,
     Membership,
     Reservation,
@@ -36,11 +61,16 @@ from marketplace.models import (
     Role,
     Tier,
 )
+from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_transition
 
 __all__ = [
+    "Candidate",
+    "victims_choose",
+    "reservation_draws",
     "curtailment_announce",
+    "curtailment_replan",
     "curtailment_call_off",
     "curtailment_validate",
     "reservations_preempt_due",
@@ -52,163 +82,111 @@ logger = logging.getLogger(__name__)
 # ago); further back is a mistake.
 SHED_AT_SKEW = timedelta(minutes=1)
 _NOT_STARTED = (ReservationStatus.PENDING, ReservationStatus.SCHEDULED)
+_PROTECTED_TIERS = (Tier.ON_DEMAND, Tier.RESERVED)
 _ACTOR = "grid curtailment"
+_KW = Decimal("0.001")
+_CENT = Decimal("0.01")
 
 
-@transaction.atomic
-def curtailment_announce(
-    *,
-    site: Site,
-    shed_at: datetime,
-    reason: str,
-    until: datetime | None = None,
-    user=None,
-    now: datetime | None = None,
-) -> Curtailment:
-    """Record the curtailment, stop selling the site, and notify or preempt the interruptible
-    reservations it affects (see the module docstring)."""
-    now = now or timezone.now()
-    locked_site = Site.objects.select_for_update().get(pk=site.pk)
-    curtailment_validate(site=locked_site, shed_at=shed_at, until=until, reason=reason, now=now)
-    reason = reason.strip()
-    if locked_site.status == SiteStatus.ACTIVE:
-        status_change(
-            action="curtail",
-            site=locked_site,
-            actor=user,
-            actor_label=None if user else _ACTOR,
-            reason=f"Grid curtailment: {reason}",
-        )
+@dataclass(frozen=True)
+class Candidate:
+    """A reservation a curtailment may shed, with what shedding it saves."""
 
-    shed_at = max(shed_at, now)
-    window = Q(ends_at__gt=shed_at) & (Q() if until is None else Q(starts_at__lt=until))
-    affected = list(
-        Reservation.objects.select_for_update()
-        .filter(window, site=locked_site, tier=Tier.INTERRUPTIBLE, status__in=PREEMPTIBLE_STATUSES)
-        .select_related("organization")
-        .order_by("pk")
-    )
-    cause = _cause(locked_site, shed_at, reason)
-    notified, preempted = [], []
-    for reservation in affected:
-        if reservation.status in _NOT_STARTED and reservation.starts_at >= shed_at:
-            reservation_transition(
-                reservation=reservation,
-                to_status=ReservationStatus.PREEMPTED,
-                cause=cause,
-                actor_label=_ACTOR,
+    reservation_id: int
+    draw_kw: Decimal
+    price_per_gpu_hour: Decimal
+    started: datetime  # activated, or due to start
+    basis: str = "rated"  # "measured", "partly measured" or "rated"
+
+    def preference(self) -> tuple:
+        """Lowest price first, then most recently started, then most recently booked."""
+        return (self.price_per_gpu_hour, -self.started.timestamp(), -self.reservation_id)
+
+
+def victims_choose(candidates: Sequence[Candidate], target_kw: Decimal | None) -> list[Candidate]:
+    """The victims for a target (None: all flexible load), in preference order.
+
+    Fewest first: k is the least number of candidates whose draws can reach the target (the
+    k largest draws). Among the sets of k that reach it, the preference order decides: walk
+    the candidates in order and take each one if the target can still be reached with the
+    slots left and the largest draws after it; so a set of k is chosen that comes first in
+    that order. If all candidates together fall short, all are taken (the caller records
+    the shortfall). Pure: the same candidates give the same victims.
+    """
+    ordered = sorted(candidates, key=Candidate.preference)
+    if target_kw is None:
+        return ordered
+    if target_kw <= 0:
+        return []
+    by_draw = sorted((c.draw_kw for c in ordered), reverse=True)
+    running, k = Decimal(0), 0
+    for draw in by_draw:
+        if running >= target_kw:
+            break
+        running += draw
+        k += 1
+    if running < target_kw:
+        return ordered  # short: everything there is
+    chosen: list[Candidate] = []
+    need = target_kw
+    for i, candidate in enumerate(ordered):
+        if need <= 0:
+            break
+        slots = k - len(chosen) - 1
+        rest = sorted((c.draw_kw for c in ordered[i + 1 :]), reverse=True)[:slots]
+        if candidate.draw_kw + sum(rest, Decimal(0)) >= need:
+            chosen.append(candidate)
+            need -= candidate.draw_kw
+    return chosen
+
+
+# Mean reported board power over the freshness window, per GPU allocated to a running
+# reservation (the raw samples: the per-minute rollup lags by up to a minute).
+_MEASURED_SQL = """
+SELECT a.reservation_id, a.gpu_id, avg(s.power_w)
+FROM marketplace_allocation a
+JOIN inventory_gpusample s ON s.gpu_id = a.gpu_id
+WHERE a.is_live AND a.reservation_id = ANY(%(ids)s)
+  AND s.at >= %(since)s AND s.at <= %(now)s AND s.power_w IS NOT NULL
+GROUP BY a.reservation_id, a.gpu_id
+"""
+
+
+def reservation_draws(
+    reservations: Sequence[Reservation], *, site: Site, now: datetime
+) -> dict[int, tuple[Decimal, str]]:
+    """kW each reservation draws from the grid (board power × PUE) and how it is known: its
+    GPUs' fresh readings when it runs and they reported, rated power (TDP) otherwise."""
+    running = [r.pk for r in reservations if r.status == ReservationStatus.ACTIVE]
+    measured: dict[int, list[float]] = {}
+    if running:
+        with connection.cursor() as cur:
+            cur.execute(
+                _MEASURED_SQL,
+                {"ids": running, "since": now - settings.CURTAILMENT_POWER_FRESH, "now": now},
             )
-            preempted.append(reservation)
-        else:
-            _notice(reservation, shed_at=shed_at, cause=cause)
-            notified.append(reservation)
-
-    curtailment = Curtailment.objects.create(
-        site=locked_site,
-        shed_at=shed_at,
-        until=until,
-        reason=reason,
-        announced_by=user,
-        reservations_notified=len(notified),
-        reservations_preempted=len(preempted),
-    )
-    logger.warning(
-        "curtailment of %s from %s: %d interruptible reservation(s) noticed, %d preempted now",
-        locked_site.slug,
-        shed_at.isoformat(),
-        len(notified),
-        len(preempted),
-    )
-    _email_notices(notified=notified, preempted=preempted, shed_at=shed_at, reason=reason)
-    return curtailment
-
-
-@transaction.atomic
-def curtailment_call_off(
-    *, curtailment: Curtailment, user=None, now: datetime | None = None
-) -> int:
-    """The operator called the event off before shed time: withdraw its notices (those of
-    the site's other curtailments still stand) and, if no other one may be in effect, sell the
-    site again. Returns how many notices were withdrawn. Reservations it preempted before they
-    started stay preempted (they were never charged)."""
-    now = now or timezone.now()
-    locked = Curtailment.objects.select_for_update().select_related("site").get(pk=curtailment.pk)
-    if locked.called_off_at is not None:
-        raise Conflict("This curtailment was already called off.", code="already_called_off")
-    if now >= locked.shed_at:
-        raise Conflict(
-            "Its shed time has passed: what it preempted stays preempted. Return the site to "
-            "service from Sites when the operator allows.",
-            code="shed_time_passed",
-        )
-    site = Site.objects.select_for_update().get(pk=locked.site_id)
-    locked.called_off_at = now
-    locked.save(update_fields=["called_off_at"])
-    noticed = list(
-        Reservation.objects.select_for_update()
-        .filter(site=site, preempt_at__isnull=False, status__in=PREEMPTIBLE_STATUSES)
-        .order_by("pk")
-    )
-    noticed_at = {reservation.pk: reservation.preempt_at for reservation in noticed}
-    for reservation in noticed:
-        reservation.preempt_at, reservation.preempt_reason = None, ""
-    pending = list(
-        Curtailment.objects.filter(site=site, called_off_at__isnull=True, shed_at__gt=now)
-    )
-    for other in pending:  # their notices stand, whichever came first
-        for reservation in noticed:
-            if reservation.ends_at > other.shed_at and (
-                other.until is None or reservation.starts_at < other.until
-            ):
-                _notice(
-                    reservation,
-                    shed_at=other.shed_at,
-                    cause=_cause(site, other.shed_at, other.reason),
-                    save=False,
-                )
-    withdrawn = sum(1 for r in noticed if r.preempt_at is None)
-    Reservation.objects.bulk_update(noticed, ["preempt_at", "preempt_reason"])
-    for reservation in noticed:
-        # Another curtailment's notice now stands, with another time.
-        if reservation.preempt_at not in (None, noticed_at[reservation.pk]):
-            reservation_event_record(
-                reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
-            )
-    # Sold again only if no other curtailment may still be in effect (one without `until` is
-    # taken to be: staff then return the site to service themselves).
-    in_effect = Curtailment.objects.filter(site=site, called_off_at__isnull=True).filter(
-        Q(until__isnull=True) | Q(until__gt=now)
-    )
-    if not in_effect.exists() and site.status == SiteStatus.CURTAILED:
-        status_change(
-            action="return_to_service",
-            site=site,
-            actor=user,
-            actor_label=None if user else _ACTOR,
-            reason=f"Grid curtailment from {locked.shed_at.isoformat()} called off",
-        )
-    logger.warning("curtailment %s called off: %d notice(s) withdrawn", locked.pk, withdrawn)
-    return withdrawn
-
-
-def _cause(site: Site, shed_at: datetime, reason: str) -> str:
-    return f"Grid curtailment at {site.name} from {shed_at.isoformat()}: {reason}"
-
-
-def _notice(reservation: Reservation, *, shed_at: datetime, cause: str, save: bool = True) -> None:
-    """Give notice of a preemption at shed_at; an earlier notice already given stands."""
-    if reservation.preempt_at is not None and reservation.preempt_at <= shed_at:
-        return
-    reservation.preempt_at, reservation.preempt_reason = shed_at, cause
-    if save:
-        reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
-        reservation_event_record(
-            reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
-        )
+            for reservation_id, _gpu_id, watts in cur.fetchall():
+                measured.setdefault(reservation_id, []).append(watts)
+    draws = {}
+    for r in reservations:
+        readings = measured.get(r.pk, [])[: r.gpu_count]
+        rated = r.gpu_count - len(readings)
+        watts = sum((Decimal(str(round(w, 1))) for w in readings), Decimal(0))
+        watts += Decimal(r.gpu_model.tdp_watts) * rated
+        kw = (watts * site.pue / 1000).quantize(_KW, rounding=ROUND_HALF_UP)
+        basis = "rated" if not readings else ("measured" if not rated else "partly measured")
+        draws[r.pk] = (kw, basis)
+    return draws
 
 
 def curtailment_validate(
-    *, site: Site, shed_at: datetime, until: datetime | None, reason: str, now: datetime
+    *,
+    site: Site,
+    shed_at: datetime,
+    until: datetime | None,
+    reason: str,
+    now: datetime,
+    target_mw: Decimal | None = None,
 ) -> None:
     """Raise ValidationFailed or Conflict unless this curtailment can be announced."""
     if not (reason or "").strip():
@@ -219,6 +197,13 @@ def curtailment_validate(
         raise ValidationFailed("shed_at is in the past.", code="shed_at_past", field="shed_at")
     if until is not None and until <= shed_at:
         raise ValidationFailed("until must be after shed_at.", code="period_invalid", field="until")
+    if until is not None and until <= now:
+        raise ValidationFailed("The window has already ended.", code="period_past", field="until")
+    if target_mw is not None and (isinstance(target_mw, float) or target_mw <= 0):
+        raise ValidationFailed(
+            "target_mw must be a positive number of megawatts (empty: all flexible load).",
+            field="target_mw",
+        )
     if site.status not in (SiteStatus.ACTIVE, SiteStatus.CURTAILED):
         raise Conflict(
             f"{site.slug} is {site.status}; only an active or already curtailed site sheds load.",
@@ -227,12 +212,374 @@ def curtailment_validate(
         )
 
 
+@transaction.atomic
+def curtailment_announce(
+    *,
+    site: Site,
+    shed_at: datetime,
+    reason: str,
+    until: datetime | None = None,
+    target_mw: Decimal | None = None,
+    call_notice: bool = False,
+    force_reason: str = "",
+    user=None,
+    demand_response_event=None,
+    now: datetime | None = None,
+) -> Curtailment:
+    """Record the curtailment and plan it (see the module docstring).
+
+    `call_notice`: the operator's call itself gives the notice it gives (shed_at), even if
+    shorter than CURTAILMENT_MIN_NOTICE. `force_reason`: staff take on-demand and reserved
+    reservations too, if the flexible load falls short (recorded, credited).
+    """
+    now = now or timezone.now()
+    locked_site = _lock_site(site.pk)
+    curtailment_validate(
+        site=locked_site, shed_at=shed_at, until=until, reason=reason, now=now, target_mw=target_mw
+    )
+    curtailment = Curtailment.objects.create(
+        site=locked_site,
+        shed_at=shed_at,
+        until=until,
+        target_mw=target_mw,
+        reason=reason.strip(),
+        announced_by=user,
+        demand_response_event=demand_response_event,
+        forced_reason=force_reason.strip(),
+        currency=settings.CURRENCY,
+    )
+    _plan(curtailment, site=locked_site, now=now, call_notice=call_notice, user=user)
+    return curtailment
+
+
+@transaction.atomic
+def curtailment_replan(
+    *,
+    curtailment: Curtailment,
+    shed_at: datetime,
+    until: datetime | None,
+    target_mw: Decimal | None,
+    reason: str,
+    call_notice: bool = True,
+    now: datetime | None = None,
+) -> Curtailment:
+    """The call changed (megawatts, window): withdraw the notices not yet carried out and plan
+    again. Reservations already preempted stay so; their draw still counts as shed."""
+    now = now or timezone.now()
+    locked_site = _lock_site(curtailment.site_id)
+    locked = Curtailment.objects.select_for_update().get(pk=curtailment.pk)
+    if locked.called_off_at is not None:
+        raise Conflict("This curtailment was called off.", code="already_called_off")
+    if locked.until is not None and locked.until <= now:
+        raise Conflict("This curtailment has ended.", code="curtailment_ended")
+    # Once the window has begun, its start is history: the call can change the rest.
+    started = locked.shed_at <= now
+    shed_at = locked.shed_at if started else shed_at
+    curtailment_validate(
+        site=locked_site,
+        shed_at=now if started else shed_at,
+        until=until,
+        reason=reason,
+        now=now,
+        target_mw=target_mw,
+    )
+    _withdraw(locked, now=now)
+    locked.shed_at, locked.until, locked.target_mw = shed_at, until, target_mw
+    locked.reason = reason.strip()
+    locked.save(update_fields=["shed_at", "until", "target_mw", "reason"])
+    _plan(locked, site=locked_site, now=now, call_notice=call_notice, user=None)
+    _top_up_others(locked_site, exclude=locked.pk, now=now)
+    return locked
+
+
+@transaction.atomic
+def curtailment_call_off(
+    *, curtailment: Curtailment, user=None, now: datetime | None = None
+) -> int:
+    """The operator called the event off (before its window: it never happens) or allows the
+    load back early (during it: it ends now). Notices not yet carried out are withdrawn and the
+    rest of the window is sold again; what it preempted stays preempted (never charged for the
+    time after). Returns how many notices were withdrawn."""
+    now = now or timezone.now()
+    site = _lock_site(curtailment.site_id)
+    locked = Curtailment.objects.select_for_update().get(pk=curtailment.pk)
+    if locked.called_off_at is not None:
+        raise Conflict("This curtailment was already called off.", code="already_called_off")
+    if locked.until is not None and locked.until <= now:
+        raise Conflict("This curtailment has already ended.", code="curtailment_ended")
+    withdrawn = _withdraw(locked, now=now)
+    if now < locked.shed_at:
+        locked.called_off_at = now
+        locked.save(update_fields=["called_off_at"])
+    else:  # the window so far stays on record
+        locked.until = max(now, locked.shed_at + timedelta(microseconds=1))
+        locked.save(update_fields=["until"])
+    _totals(locked)
+    _top_up_others(site, exclude=locked.pk, now=now)
+    logger.warning("curtailment %s called off: %d notice(s) withdrawn", locked.pk, withdrawn)
+    return withdrawn
+
+
+def _top_up_others(site: Site, *, exclude: int, now: datetime) -> None:
+    """Reservations released from one curtailment may be what another at the site still
+    needs (all flexible load, or short of its target): plan those again on top of what they
+    already shed (a covered one takes nothing more)."""
+    others = (
+        Curtailment.objects.select_for_update()
+        .filter(site=site, called_off_at__isnull=True)
+        .filter(Q(until__isnull=True) | Q(until__gt=now))
+        .filter(Q(target_mw__isnull=True) | Q(short_kw__gt=0))
+        .exclude(pk=exclude)
+        .order_by("pk")
+    )
+    for other in others:
+        _plan(
+            other,
+            site=site,
+            now=now,
+            call_notice=other.short_notice or other.demand_response_event_id is not None,
+            user=None,
+            keep_preempt_at=True,
+        )
+
+
+def _lock_site(site_id: int) -> Site:
+    """The site row, then every node of it in id order (the lock a booking takes first), so
+    a booking at the site is placed wholly before or wholly after the plan."""
+    site = Site.objects.select_for_update().get(pk=site_id)
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT id FROM inventory_node WHERE site_id = %s ORDER BY id FOR UPDATE", [site_id]
+        )
+    return site
+
+
+def _candidates(*, site: Site, curtailment: Curtailment, tiers, preempt_at: datetime):
+    window = Q(ends_at__gt=preempt_at) & (
+        Q() if curtailment.until is None else Q(starts_at__lt=curtailment.until)
+    )
+    return list(
+        Reservation.objects.select_for_update(of=("self",))
+        .filter(window, site=site, tier__in=tiers, status__in=PREEMPTIBLE_STATUSES)
+        .exclude(
+            Exists(
+                CurtailmentVictim.objects.filter(
+                    reservation=OuterRef("pk"), withdrawn_at__isnull=True
+                )
+            )
+        )
+        .select_related("organization", "gpu_model")
+        .order_by("pk")
+    )
+
+
+def _plan(
+    curtailment: Curtailment,
+    *,
+    site: Site,
+    now: datetime,
+    call_notice: bool,
+    user,
+    keep_preempt_at: bool = False,
+):
+    minimum = now + settings.CURTAILMENT_MIN_NOTICE
+    preempt_at = max(curtailment.shed_at, now)
+    if preempt_at < minimum and not call_notice:
+        preempt_at = minimum  # the minimum notice is honoured
+    if keep_preempt_at and curtailment.preempt_at is not None:
+        preempt_at = max(curtailment.preempt_at, preempt_at)
+    if curtailment.until is not None and preempt_at >= curtailment.until:
+        raise ValidationFailed(
+            "The window ends before the minimum notice runs out "
+            f"({settings.CURTAILMENT_MIN_NOTICE.total_seconds():.0f} s).",
+            code="notice_too_short",
+            field="until",
+        )
+    curtailment.preempt_at = preempt_at
+    curtailment.short_notice = preempt_at < minimum or (
+        keep_preempt_at and curtailment.short_notice
+    )
+    notice_s = int((preempt_at - now).total_seconds())
+    short = (
+        f" Short notice: the grid operator's call gave {notice_s} s, less than our usual "
+        f"{settings.CURTAILMENT_MIN_NOTICE.total_seconds():.0f} s."
+        if curtailment.short_notice
+        else ""
+    )
+    cause = (
+        f"Grid curtailment at {site.name} from {curtailment.shed_at.isoformat()}: "
+        f"{curtailment.reason}{short}"
+    )
+    target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
+    kept = CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
+    need = None if target_kw is None else target_kw - sum((v.draw_kw for v in kept), Decimal(0))
+
+    flexible = _candidates(
+        site=site, curtailment=curtailment, tiers=[Tier.INTERRUPTIBLE], preempt_at=preempt_at
+    )
+    rows = {r.pk: r for r in flexible}
+    draws = reservation_draws(flexible, site=site, now=now)
+    chosen = victims_choose(_as_candidates(flexible, draws), need)
+    forced: list = []
+    covered = sum((c.draw_kw for c in chosen), Decimal(0))
+    if need is not None and covered < need and curtailment.forced_reason:
+        protected = _candidates(
+            site=site, curtailment=curtailment, tiers=_PROTECTED_TIERS, preempt_at=preempt_at
+        )
+        rows.update({r.pk: r for r in protected})
+        protected_draws = reservation_draws(protected, site=site, now=now)
+        draws.update(protected_draws)
+        forced = victims_choose(_as_candidates(protected, protected_draws), need - covered)
+
+    notified, preempted = [], []
+    for candidate, is_forced in [(c, False) for c in chosen] + [(c, True) for c in forced]:
+        reservation = rows[candidate.reservation_id]
+        kw, basis = draws[reservation.pk]
+        before_start = reservation.status in _NOT_STARTED and reservation.starts_at >= preempt_at
+        stop = reservation.starts_at if before_start else max(reservation.starts_at, preempt_at)
+        hours = (
+            Decimal(reservation.gpu_count)
+            * Decimal(int((reservation.ends_at - stop).total_seconds()))
+            / Decimal(3600)
+        )
+        CurtailmentVictim.objects.create(
+            curtailment=curtailment,
+            reservation=reservation,
+            tier=reservation.tier,
+            draw_kw=kw,
+            draw_basis=basis,
+            forced=is_forced,
+            outcome=(
+                CurtailmentVictim.Outcome.PREEMPTED
+                if before_start
+                else CurtailmentVictim.Outcome.NOTICED
+            ),
+            gpu_hours_forgone=hours.quantize(_KW, rounding=ROUND_HALF_UP),
+            revenue_forgone=(hours * reservation.price_per_gpu_hour).quantize(
+                _CENT, rounding=ROUND_HALF_UP
+            ),
+            chosen_at=now,
+        )
+        why = cause + (f" (forced by staff: {curtailment.forced_reason})" if is_forced else "")
+        if is_forced:
+            audit_record(
+                organization_id=reservation.organization_id,
+                action="reservation.preempt_forced",
+                object_type="reservation",
+                object_id=reservation.public_id,
+                changes={
+                    "curtailment": curtailment.pk,
+                    "reason": curtailment.forced_reason,
+                    "preempt_at": preempt_at.isoformat(),
+                    "tier": reservation.tier,
+                },
+                actor=f"staff:{user.get_username()}" if user is not None else None,
+            )
+        if before_start:
+            reservation_transition(
+                reservation=reservation,
+                to_status=ReservationStatus.PREEMPTED,
+                cause=why,
+                actor_label=_ACTOR,
+                force_preemption=is_forced,
+            )
+            preempted.append(reservation)
+        else:
+            _notice(reservation, preempt_at=preempt_at, cause=why)
+            notified.append(reservation)
+
+    _totals(curtailment)
+    logger.warning(
+        "curtailment of %s from %s: target %s MW, shed %s kW (short %s kW); %d noticed, %d "
+        "preempted now, %d forced",
+        site.slug,
+        curtailment.shed_at.isoformat(),
+        "all flexible" if curtailment.target_mw is None else curtailment.target_mw,
+        curtailment.shed_kw,
+        curtailment.short_kw,
+        len(notified),
+        len(preempted),
+        len(forced),
+    )
+    _email_notices(notified=notified, preempted=preempted, preempt_at=preempt_at, reason=cause)
+
+
+def _as_candidates(reservations, draws) -> list[Candidate]:
+    return [
+        Candidate(
+            reservation_id=r.pk,
+            draw_kw=draws[r.pk][0],
+            price_per_gpu_hour=r.price_per_gpu_hour,
+            started=r.activated_at or r.starts_at,
+            basis=draws[r.pk][1],
+        )
+        for r in reservations
+    ]
+
+
+def _totals(curtailment: Curtailment) -> None:
+    """The record's figures from its victims in effect."""
+    live = list(
+        CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
+    )
+    shed = sum((v.draw_kw for v in live), Decimal(0))
+    target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
+    curtailment.shed_kw = shed
+    curtailment.short_kw = Decimal(0) if target_kw is None else max(target_kw - shed, Decimal(0))
+    curtailment.headroom_kw = Decimal(0) if target_kw is None else max(shed - target_kw, Decimal(0))
+    curtailment.reservations_notified = sum(
+        1 for v in live if v.outcome == CurtailmentVictim.Outcome.NOTICED
+    )
+    curtailment.reservations_preempted = len(live) - curtailment.reservations_notified
+    curtailment.gpu_hours_forgone = sum((v.gpu_hours_forgone for v in live), Decimal(0))
+    curtailment.revenue_forgone = sum((v.revenue_forgone for v in live), Decimal(0))
+    curtailment.save()
+
+
+def _withdraw(curtailment: Curtailment, *, now: datetime) -> int:
+    """Withdraw the notices of this curtailment not yet carried out; returns how many."""
+    pending = list(
+        CurtailmentVictim.objects.select_for_update()
+        .filter(
+            curtailment=curtailment,
+            withdrawn_at__isnull=True,
+            reservation__status__in=PREEMPTIBLE_STATUSES,
+        )
+        .select_related("reservation")
+        .order_by("pk")
+    )
+    for victim in pending:
+        reservation = victim.reservation
+        victim.withdrawn_at = now
+        victim.save(update_fields=["withdrawn_at"])
+        Reservation.objects.filter(pk=reservation.pk).update(
+            preempt_at=None, preempt_reason="", updated_at=now
+        )
+        reservation.preempt_at, reservation.preempt_reason = None, ""
+        reservation_event_record(
+            reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
+        )
+    return len(pending)
+
+
+def _notice(reservation: Reservation, *, preempt_at: datetime, cause: str) -> None:
+    """Give notice of a preemption at preempt_at; an earlier notice already given stands."""
+    if reservation.preempt_at is not None and reservation.preempt_at <= preempt_at:
+        return
+    reservation.preempt_at, reservation.preempt_reason = preempt_at, cause
+    reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
+    reservation_event_record(
+        reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
+    )
+
+
 def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -> int:
     """Preempt every reservation whose notice has run out; returns how many.
 
     Run by the dispatcher before it looks for work to tear down, so the workload of a
     preempted running reservation is stopped in the same tick. Rows a worker holds are
-    skipped and taken on the next tick.
+    skipped and taken on the next tick. A protected reservation is preempted only as the
+    forced victim of a curtailment (billing then credits it).
     """
     now = now or timezone.now()
     done = 0
@@ -242,28 +589,37 @@ def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -
             .select_for_update(skip_locked=True)
             .order_by("preempt_at", "pk")[:limit]
         )
+        forced = set(
+            CurtailmentVictim.objects.filter(
+                reservation__in=[r.pk for r in due], forced=True, withdrawn_at__isnull=True
+            ).values_list("reservation_id", flat=True)
+        )
         for reservation in due:
+            if reservation.tier != Tier.INTERRUPTIBLE and reservation.pk not in forced:
+                logger.error("notice on protected reservation %s ignored", reservation.public_id)
+                continue
             reservation_transition(
                 reservation=reservation,
                 to_status=ReservationStatus.PREEMPTED,
                 cause=reservation.preempt_reason or "Preempted.",
                 actor_label=_ACTOR,
+                force_preemption=reservation.pk in forced,
             )
             done += 1
     return done
 
 
-def _email_notices(*, notified, preempted, shed_at: datetime, reason: str) -> None:
+def _email_notices(*, notified, preempted, preempt_at: datetime, reason: str) -> None:
     by_org: dict[int, list[str]] = {}
     for reservation in notified:
         by_org.setdefault(reservation.organization_id, []).append(
-            f"- {reservation.public_id} ({reservation.gpu_count} GPU(s)): stops at "
-            f"{max(shed_at, reservation.starts_at).isoformat()}"
+            f"- {reservation.public_id} ({reservation.gpu_count} GPU(s), {reservation.tier}): "
+            f"stops at {max(preempt_at, reservation.starts_at).isoformat()}"
         )
     for reservation in preempted:
         by_org.setdefault(reservation.organization_id, []).append(
-            f"- {reservation.public_id} ({reservation.gpu_count} GPU(s)): will not start "
-            "(nothing is charged)"
+            f"- {reservation.public_id} ({reservation.gpu_count} GPU(s), {reservation.tier}): "
+            "will not start (nothing is charged)"
         )
     for org_id, lines in by_org.items():
         recipients = list(
@@ -274,14 +630,13 @@ def _email_notices(*, notified, preempted, shed_at: datetime, reason: str) -> No
         if not recipients:
             continue
         body = (
-            "The site's grid operator has asked it to shed load. These interruptible "
-            "reservations are preempted:\n\n" + "\n".join(lines) + f"\n\nReason: {reason}\n"
-            "Time after the stop is not charged. Reserved and on-demand capacity is not "
-            "affected."
+            "The site's grid operator has asked it to shed load. These reservations are "
+            "preempted:\n\n" + "\n".join(lines) + f"\n\nReason: {reason}\n"
+            "Time after the stop is not charged. Other reservations at the site keep running."
         )
         transaction.on_commit(
             lambda recipients=recipients, body=body: send_mail(
-                "Switchyard: interruptible reservations preempted (grid curtailment)",
+                "Switchyard: reservations preempted (grid curtailment)",
                 body,
                 getattr(settings, "DEFAULT_FROM_EMAIL", None),
                 recipients,

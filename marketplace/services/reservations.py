@@ -46,9 +46,14 @@ from marketplace.models import (
 )
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.rules import MAX_DURATION, START_SKEW, validate_request_period
-from marketplace.selectors.availability import Offer, availability_search, site_model_offer
+from marketplace.selectors.availability import (
+    Offer,
+    availability_search,
+    curtailment_overlapping,
+    site_model_offer,
+)
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
-from marketplace.services.allocation import allocation_place
+from marketplace.services.allocation import allocation_place, curtailment_headroom_take
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
@@ -354,6 +359,17 @@ def _offer_at_site(request: BookingRequest) -> Offer:
             min_reliability=request.min_reliability,
         )
     if offer is None:
+        curtailed = curtailment_overlapping(
+            site_id=site.pk, starts_at=request.starts_at, ends_at=request.ends_at
+        )
+        if curtailed is not None:
+            raise NotAvailable(
+                f"{site} is shedding load for its grid operator from "
+                f"{curtailed.shed_at.isoformat()}"
+                + (f" to {curtailed.until.isoformat()}" if curtailed.until else "")
+                + ": nothing more is sold there for that time.",
+                code="site_curtailed",
+            )
         raise NotAvailable(
             f"{request.site} has no {request.gpu_count} {request.gpu_model} GPU(s) free for "
             "that period.",
@@ -689,6 +705,13 @@ def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) ->
     if booked_from is not None:
         raise NotAvailable(
             f"Those GPUs are booked from {booked_from.isoformat()}.", code="not_extendable"
+        )
+    if node_ids:  # more time is more load: a grid curtailment of the site may forbid it
+        curtailment_headroom_take(
+            node_id=node_ids[0],
+            gpu_count=len(allocations),
+            starts_at=old_end,
+            ends_at=new_ends_at,
         )
 
 

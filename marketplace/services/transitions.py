@@ -14,7 +14,8 @@ event (reservation.<status>) in the same transaction.
 - scheduled: the start is due; the provisioning worker picks it up.
 - provisioning → scheduled: a retryable driver failure gives the reservation back to the queue.
 - Any live status may go to failed (terminal, with the reason in status_reason).
-- preempted is only for the interruptible tier (curtailment); other tiers are protected.
+- preempted is only for the interruptible tier (curtailment); other tiers are protected,
+  unless staff force a curtailment onto them with a reason (force_preemption).
 - A customer "cancel" is pending/scheduled/provisioning → cancelled, or active → releasing
   (stop early); see marketplace.services.reservations.reservation_cancel.
 
@@ -132,6 +133,7 @@ def reservation_transition(
     cause: str,
     actor_label: str,
     fields: Mapping[str, Any] | None = None,
+    force_preemption: bool = False,
 ) -> Reservation:
     """Move a reservation to `to_status`, recording why and by whom.
 
@@ -146,7 +148,11 @@ def reservation_transition(
         .get(pk=reservation.pk)
     )
     reservation_transitions_write(
-        reservation=locked, moves=[(to_status, cause)], actor_label=actor_label, fields=fields
+        reservation=locked,
+        moves=[(to_status, cause)],
+        actor_label=actor_label,
+        fields=fields,
+        force_preemption=force_preemption,
     )
     return locked
 
@@ -174,6 +180,7 @@ def reservation_transitions_write(
     now: datetime | None = None,
     fields: Mapping[str, Any] | None = None,
     piggyback: Piggyback | None = None,
+    force_preemption: bool = False,
 ) -> tuple[bool, tuple]:
     """The one writer of Reservation.status: take `moves` ((to_status, cause), in order) from
     `reservation.status`, each checked against the state machine first, in one statement.
@@ -197,7 +204,10 @@ def reservation_transitions_write(
     step_from = from_status
     for to_status, _cause in moves:
         reservation_transition_check(
-            from_status=step_from, to_status=to_status, tier=reservation.tier
+            from_status=step_from,
+            to_status=to_status,
+            tier=reservation.tier,
+            force_preemption=force_preemption,
         )
         step_from = to_status
     to_status = step_from
@@ -346,8 +356,13 @@ _FREE_SQL = """freed AS (
 )"""
 
 
-def reservation_transition_check(*, from_status: str, to_status: str, tier: str) -> None:
+def reservation_transition_check(
+    *, from_status: str, to_status: str, tier: str, force_preemption: bool = False
+) -> None:
     """Raise InvalidTransition unless the state machine allows this move (no database access).
+
+    `force_preemption`: staff forced a curtailment onto a protected tier (with a reason,
+    recorded and credited by the curtailment service); only then may it be preempted.
 
     reservation_transitions_write applies it to every move it writes.
     """
@@ -358,7 +373,11 @@ def reservation_transition_check(*, from_status: str, to_status: str, tier: str)
             f"A reservation cannot go from {from_status} to {to_status}.",
             code="invalid_transition",
         )
-    if to_status == ReservationStatus.PREEMPTED and tier != Tier.INTERRUPTIBLE:
+    if (
+        to_status == ReservationStatus.PREEMPTED
+        and tier != Tier.INTERRUPTIBLE
+        and not force_preemption
+    ):
         raise InvalidTransition(
             f"Only interruptible reservations can be preempted; this one is {tier}.",
             code="not_preemptible",

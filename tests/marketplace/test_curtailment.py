@@ -1,4 +1,5 @@
-"""Grid curtailment: interruptible reservations are preempted with notice, the rest protected."""
+"""Grid curtailment of all flexible load: interruptible reservations are preempted with notice,
+the rest protected, the window not sold. Megawatt targets: test_curtailment_megawatts.py."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import time
@@ -77,7 +78,7 @@ def test_an_announcement_notices_running_interruptible_work_and_protects_the_res
         )
 
     site.refresh_from_db()
-    assert site.status == SiteStatus.CURTAILED
+    assert site.status == SiteStatus.ACTIVE  # it sells outside the window
     running = _fresh(booked["running"])
     assert (running.status, running.preempt_at) == (S.ACTIVE, shed_at)
     assert "ERCOT EEA 2" in running.preempt_reason
@@ -88,17 +89,15 @@ def test_an_announcement_notices_running_interruptible_work_and_protects_the_res
         untouched = _fresh(booked[name])
         assert untouched.preempt_at is None and untouched.status == booked[name].status, name
     assert (curtailment.reservations_notified, curtailment.reservations_preempted) == (1, 1)
-    # Nothing more is sold there meanwhile.
-    assert (
-        availability_search(
-            gpu_model="h100-sxm-80gb",
-            gpu_count=1,
-            starts_at=shed_at + timedelta(days=1),
-            ends_at=shed_at + timedelta(days=1, hours=1),
-            tier="on_demand",
-        )
-        == []
-    )
+    # Nothing more is sold there for the window; after it, the site sells again.
+    search = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "tier": "on_demand"}
+    inside = {"starts_at": shed_at + timedelta(hours=6), "ends_at": shed_at + timedelta(hours=8)}
+    assert availability_search(**search, **inside) == []
+    after = {
+        "starts_at": shed_at + timedelta(days=1),
+        "ends_at": shed_at + timedelta(days=1, hours=1),
+    }
+    assert [o.site.slug for o in availability_search(**search, **after)] == ["abilene-1"]
     # The owner is told which reservations stop and when.
     (mail,) = mailoutbox
     assert (
@@ -129,9 +128,15 @@ def test_the_api_shows_the_notice_until_the_preemption(booked, market, org):
 
 def test_at_shed_time_the_dispatcher_preempts_and_stops_the_running_work(booked, market):
     site, _ = market
-    curtailment_announce(
-        site=site, shed_at=timezone.now() + timedelta(seconds=1), reason="Frequency event"
+    # The operator's call gives one second, less than the minimum notice: it is what we give.
+    curtailment = curtailment_announce(
+        site=site,
+        shed_at=timezone.now() + timedelta(seconds=1),
+        reason="Frequency event",
+        call_notice=True,
     )
+    assert curtailment.short_notice
+    assert "Short notice" in _fresh(booked["running"]).preempt_reason
     assert reservations_dispatch_due()["preempted"] == 0  # the notice has not run out
     time.sleep(1.1)
 
@@ -228,10 +233,10 @@ def test_staff_announce_a_curtailment_in_the_admin(booked, market, staff_client)
     assert curtailment.announced_by.username == "grid-desk"
     # running: noticed; both that start later (no `until` given): preempted now.
     assert (curtailment.reservations_notified, curtailment.reservations_preempted) == (1, 2)
-    assert b"is curtailed" in response.content
+    assert b"asked all flexible load" in response.content
     assert _fresh(booked["running"]).preempt_at == shed_at
     site.refresh_from_db()
-    assert site.status == SiteStatus.CURTAILED
+    assert site.status == SiteStatus.ACTIVE
     # A record: the change page edits nothing, and it cannot be deleted.
     page = staff_client.get(f"/admin/marketplace/curtailment/{curtailment.pk}/change/")
     assert page.status_code == 200 and b'name="reason"' not in page.content
@@ -279,33 +284,39 @@ def test_calling_it_off_before_shed_time_withdraws_the_notices_and_sells_the_sit
     assert again.value.code == "already_called_off"
 
 
-def test_calling_one_off_leaves_the_other_pending_curtailments_notices(booked, market):
+def test_calling_one_off_hands_its_reservations_to_the_other_pending_curtailment(booked, market):
     site, _ = market
     now = timezone.now()
     early = curtailment_announce(site=site, shed_at=now + timedelta(hours=1), reason="early")
-    curtailment_announce(site=site, shed_at=now + timedelta(hours=2), reason="late")
+    late = curtailment_announce(site=site, shed_at=now + timedelta(hours=2), reason="late")
+    assert late.reservations_notified == 0  # the early one sheds them already
 
     curtailment_call_off(curtailment=early)
 
     running = _fresh(booked["running"])
     assert running.preempt_at == now + timedelta(hours=2) and "late" in running.preempt_reason
-    site.refresh_from_db()
-    assert site.status == SiteStatus.CURTAILED  # the late one still applies
+    late.refresh_from_db()
+    assert late.reservations_notified == 1
+    assert late.victims.filter(withdrawn_at__isnull=True).get().reservation_id == running.pk
 
 
-def test_after_shed_time_it_cannot_be_called_off(booked, market):
+def test_during_its_window_calling_it_off_ends_it_now_and_sells_the_rest(booked, market):
     site, _ = market
+    start = timezone.now() + timedelta(minutes=5)
     curtailment = curtailment_announce(
-        site=site, shed_at=timezone.now() + timedelta(minutes=5), reason="now"
+        site=site, shed_at=start, until=start + timedelta(hours=4), reason="now"
     )
+    later = timezone.now() + timedelta(minutes=6)
 
-    with pytest.raises(Conflict) as refused:
-        curtailment_call_off(curtailment=curtailment, now=timezone.now() + timedelta(minutes=6))
+    withdrawn = curtailment_call_off(curtailment=curtailment, now=later)
 
-    assert refused.value.code == "shed_time_passed"
-    assert _fresh(booked["running"]).preempt_at is not None
+    assert withdrawn == 2  # running across the window, not preempted yet (dispatcher lag)
+    assert _fresh(booked["running"]).preempt_at is None
     curtailment.refresh_from_db()
-    assert curtailment.called_off_at is None
+    assert curtailment.called_off_at is None and curtailment.until == later
+    with pytest.raises(Conflict) as refused:
+        curtailment_call_off(curtailment=curtailment, now=later + timedelta(seconds=1))
+    assert refused.value.code == "curtailment_ended"
 
 
 def test_staff_call_one_off_from_the_admin_list(booked, market, staff_client):
@@ -320,5 +331,5 @@ def test_staff_call_one_off_from_the_admin_list(booked, market, staff_client):
         follow=True,
     )
 
-    assert b"called off, 1 notice(s) withdrawn" in response.content
+    assert b"called off or ended, 1 notice(s) withdrawn" in response.content
     assert _fresh(booked["running"]).preempt_at is None

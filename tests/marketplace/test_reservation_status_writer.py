@@ -305,9 +305,14 @@ def test_every_move_of_the_provision_step_goes_through_the_transition_service(ma
     checked = []
     check = transitions.reservation_transition_check
 
-    def spy(*, from_status, to_status, tier):
+    def spy(*, from_status, to_status, tier, force_preemption=False):
         checked.append((from_status, to_status))
-        return check(from_status=from_status, to_status=to_status, tier=tier)
+        return check(
+            from_status=from_status,
+            to_status=to_status,
+            tier=tier,
+            force_preemption=force_preemption,
+        )
 
     monkeypatch.setattr(transitions, "reservation_transition_check", spy)
     r = market.book(starts_at=timezone.now() + timedelta(hours=1))
