@@ -33,7 +33,8 @@ class AgentSchemaView(SpectacularAPIView):
     custom_settings = {
         "TITLE": "Switchyard site agent API",
         "DESCRIPTION": "Heartbeats and provisioning jobs of a site's agent, authenticated with "
-        "its node token (nt_…). Not for customers: see /api/schema/.",
+        "its node token (nt_…), and the grid price feed (a node token for its own site's zone, "
+        "or an API key with the grid scope). Not for customers: see /api/schema/.",
         "PREPROCESSING_HOOKS": ["config.api_docs.agent_endpoints"],
     }
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from config.errors import ApplicationError
-from inventory import services, telemetry
+from inventory import grid_prices, services, telemetry
 from inventory.burn_in import burn_in_request
 from inventory.models import (
     BurnIn,
@@ -99,10 +99,85 @@ class NodeStatusChangeInline(StatusChangeInline):
     fk_name = "node"
 
 
+class PriceCsvForm(forms.Form):
+    file = forms.FileField(
+        help_text="CSV with the header zone,starts_at,ends_at,price_per_mwh,currency; times "
+        "ISO 8601 with a UTC offset; currency may be empty (the zone's)."
+    )
+    dry_run = forms.BooleanField(required=False, help_text="Check and report; write nothing.")
+
+
 @admin.register(PriceZone)
 class PriceZoneAdmin(admin.ModelAdmin):
-    list_display = ["name", "code", "currency", "timezone"]
+    """Zones with their feed's health: when a price last arrived, how far ahead prices are
+    published, the price now, and what is wrong (stale, gaps, absurd values, no price now)."""
+
+    list_display = ["name", "code", "currency", "timezone", "feed_status", "last_received",
+                    "horizon", "price_now"]  # fmt: skip
     search_fields = ["name", "code"]
+    actions = ["load_prices_csv"]
+
+    def get_queryset(self, request):
+        return grid_prices.price_zones_with_feed_health()
+
+    def _health(self, zone: PriceZone) -> grid_prices.FeedHealth:
+        return grid_prices.FeedHealth.of(zone, now=timezone.now())
+
+    @admin.display(description="feed")
+    def feed_status(self, zone: PriceZone) -> str:
+        problems = self._health(zone).problems
+        if not problems:
+            return "ok"
+        return format_html('<strong class="errornote">{}</strong>', ", ".join(problems))
+
+    @admin.display(description="last price received", ordering="feed_last_received_at")
+    def last_received(self, zone: PriceZone):
+        return zone.feed_last_received_at
+
+    @admin.display(description="prices published until", ordering="feed_horizon")
+    def horizon(self, zone: PriceZone):
+        return zone.feed_horizon
+
+    @admin.display(description="price now (per MWh)")
+    def price_now(self, zone: PriceZone):
+        return zone.feed_current_price
+
+    @admin.action(description="Load prices for the selected zones from a CSV file…")
+    def load_prices_csv(self, request, queryset):
+        zones = list(queryset)
+        form = PriceCsvForm(request.POST or None, request.FILES or None)
+        if "apply" in request.POST and form.is_valid():
+            upload = form.cleaned_data["file"]
+            try:
+                result = grid_prices.zone_prices_csv_load(
+                    data=upload.read(),
+                    source=f"csv:{request.user.get_username()}",
+                    zones=zones,
+                    dry_run=form.cleaned_data["dry_run"],
+                )
+            except grid_prices.PricesRefused as exc:
+                form.add_error(None, f"{len(exc.problems)} problem(s), nothing was written.")
+                problems = exc.problems
+            else:
+                verb = "Checked (nothing written)" if form.cleaned_data["dry_run"] else "Loaded"
+                messages.success(request, f"{verb} {upload.name}: {result.summary()}.")
+                return None
+        else:
+            problems = []
+        return TemplateResponse(
+            request,
+            "admin/inventory/pricezone/load_prices.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Load power prices from a CSV file",
+                "zones": zones,
+                "form": form,
+                "problems": problems,
+                "opts": self.model._meta,
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            },
+            status=400 if problems else 200,
+        )
 
 
 @admin.register(ZonePrice)

@@ -41,9 +41,11 @@ __all__ = [
     "FeedHealth",
     "zone_price_rows_parse",
     "zone_prices_csv_parse",
+    "zone_prices_csv_load",
     "zone_prices_upsert",
     "zone_price_series",
     "zone_feed_health",
+    "price_zones_with_feed_health",
     "price_is_absurd",
 ]
 
@@ -85,6 +87,14 @@ class PricesRefused(ValidationFailed):
             code="prices_refused",
             field=first.where if first.field is None else f"{first.where}.{first.field}",
         )
+
+    def as_dict(self) -> dict:
+        return {
+            **super().as_dict(),
+            "problems": [
+                {"where": p.where, "field": p.field, "message": p.message} for p in self.problems
+            ],
+        }
 
 
 def price_is_absurd(price_per_mwh: Decimal) -> bool:
@@ -129,7 +139,8 @@ def zone_price_rows_parse(
         code = str(raw.get("zone") or "").strip()
         zone = known.get(code)
         if zone is None:
-            problems.append(PriceProblem(where, "zone", f"Unknown price zone {code!r}."))
+            scope = "" if zones is None else " here (not among the zones chosen)"
+            problems.append(PriceProblem(where, "zone", f"Unknown price zone {code!r}{scope}."))
         starts_at = _parse_time(raw.get("starts_at"), "starts_at", problems, where)
         ends_at = _parse_time(raw.get("ends_at"), "ends_at", problems, where)
         if starts_at and ends_at:
@@ -200,7 +211,7 @@ def zone_price_rows_parse(
     return [row for _, row in rows]
 
 
-def zone_prices_csv_parse(text: str) -> list[PriceRow]:
+def zone_prices_csv_parse(text: str, *, zones=None) -> list[PriceRow]:
     """A CSV with the header zone,starts_at,ends_at,price_per_mwh,currency (currency may be
     empty: the zone's). Every problem is reported with its line; PricesRefused if any."""
     reader = csv.DictReader(io.StringIO(text))
@@ -225,7 +236,8 @@ def zone_prices_csv_parse(text: str) -> list[PriceRow]:
     extra = [PriceProblem(w, None, "More cells than columns.") for w, r in items if "_extra" in r]
     if extra:
         raise PricesRefused(extra)
-    return zone_price_rows_parse(items)
+    known = None if zones is None else {z.code: z for z in zones}
+    return zone_price_rows_parse(items, zones=known)
 
 
 @dataclass
@@ -251,7 +263,7 @@ class UpsertResult:
             "corrected": self.corrected,
             "unchanged": self.unchanged,
             "replaced": self.replaced,
-            "gaps": [{"zone": z, "from": a, "to": b} for z, a, b in self.gaps],
+            "gaps": [{"zone": z, "starts_at": a, "ends_at": b} for z, a, b in self.gaps],
         }
 
 
@@ -265,6 +277,7 @@ class _Stored:
     source: str
     received_at: datetime
     dirty: bool = False
+    trimmed: bool = False  # the rest of a stored row another row of this batch cut
 
 
 @transaction.atomic
@@ -302,12 +315,17 @@ def zone_prices_upsert(*, rows: list[PriceRow], source: str) -> UpsertResult:
                 row.ends_at,
             ):
                 hit = hits[0]
-                if (hit.price_per_mwh, hit.currency) == (row.price_per_mwh, row.currency):
+                same = (hit.price_per_mwh, hit.currency) == (row.price_per_mwh, row.currency)
+                if same and not hit.trimmed:
                     result.unchanged += 1
                     continue
                 hit.price_per_mwh, hit.currency = row.price_per_mwh, row.currency
                 hit.source, hit.received_at, hit.dirty = source, now, True
-                result.corrected += 1
+                if hit.trimmed:
+                    hit.trimmed = False
+                    result.created += 1
+                else:
+                    result.corrected += 1
                 continue
             for hit in hits:
                 stored.remove(hit)
@@ -322,7 +340,8 @@ def zone_prices_upsert(*, rows: list[PriceRow], source: str) -> UpsertResult:
                                 hit.currency,
                                 hit.source,
                                 hit.received_at,
-                            )  # fmt: skip
+                                trimmed=True,
+                            )
                         )
             stored.append(
                 _Stored(
@@ -356,6 +375,40 @@ def zone_prices_upsert(*, rows: list[PriceRow], source: str) -> UpsertResult:
             if s.pk is None
         )
     return result
+
+
+class _DryRun(Exception):
+    pass
+
+
+def zone_prices_csv_load(
+    *, data: bytes, source: str, zones=None, dry_run: bool = False
+) -> UpsertResult:
+    """Parse and upsert a CSV file's bytes (UTF-8); every problem or nothing written. `zones`:
+    the PriceZone rows the file may name (None: any). `dry_run`: report, then roll back."""
+    if len(data) > settings.INVENTORY_IMPORT_MAX_BYTES:
+        raise PricesRefused(
+            [
+                PriceProblem(
+                    "file",
+                    None,
+                    f"The file is larger than {settings.INVENTORY_IMPORT_MAX_BYTES} bytes.",
+                )
+            ]
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise PricesRefused([PriceProblem("file", None, "The file is not UTF-8 text.")]) from None
+    rows = zone_prices_csv_parse(text, zones=zones)
+    if not dry_run:
+        return zone_prices_upsert(rows=rows, source=source)
+    try:
+        with transaction.atomic():
+            result = zone_prices_upsert(rows=rows, source=source)
+            raise _DryRun
+    except _DryRun:
+        return result
 
 
 # --- Reading ---------------------------------------------------------------------------------
@@ -443,6 +496,20 @@ class FeedHealth:
     absurd: int  # stored values outside today's accepted range, same span
     stale: bool
 
+    @classmethod
+    def of(cls, zone, *, now: datetime) -> "FeedHealth":
+        """From a zone of price_zones_with_feed_health()."""
+        received = zone.feed_last_received_at
+        return cls(
+            zone_id=zone.pk,
+            last_received_at=received,
+            horizon=zone.feed_horizon,
+            current_price=zone.feed_current_price,
+            gaps=zone.feed_gaps,
+            absurd=zone.feed_absurd,
+            stale=received is None or now - received > settings.GRID_PRICE_MAX_AGE,
+        )
+
     @property
     def problems(self) -> list[str]:
         found = []
@@ -459,47 +526,49 @@ class FeedHealth:
         return found
 
 
-_HEALTH_SQL = """
-SELECT z.id,
-       (SELECT max(received_at) FROM inventory_zoneprice WHERE zone_id = z.id),
-       (SELECT max(ends_at) FROM inventory_zoneprice WHERE zone_id = z.id),
-       (SELECT price_per_mwh FROM inventory_zoneprice
-        WHERE zone_id = z.id AND starts_at <= %(now)s AND ends_at > %(now)s),
-       (SELECT count(*) FROM (
-            SELECT starts_at, lag(ends_at) OVER (ORDER BY starts_at) AS prev_end
-            FROM inventory_zoneprice WHERE zone_id = z.id AND ends_at > %(since)s) p
-        WHERE p.prev_end IS NOT NULL AND p.starts_at > p.prev_end),
-       (SELECT count(*) FROM inventory_zoneprice
-        WHERE zone_id = z.id AND ends_at > %(since)s
-          AND (price_per_mwh < %(floor)s OR price_per_mwh > %(cap)s))
-FROM inventory_pricezone z WHERE z.id = ANY(%(zones)s)
-"""
+def _health_sql(now_param: str) -> dict[str, str]:
+    # Correlated on the zone row, so the admin's list is one statement for its page.
+    zone = "inventory_pricezone.id"
+    return {
+        "feed_last_received_at": f"SELECT max(received_at) FROM inventory_zoneprice "
+        f"WHERE zone_id = {zone}",
+        "feed_horizon": f"SELECT max(ends_at) FROM inventory_zoneprice WHERE zone_id = {zone}",
+        "feed_current_price": f"SELECT price_per_mwh FROM inventory_zoneprice "
+        f"WHERE zone_id = {zone} AND starts_at <= {now_param} AND ends_at > {now_param}",
+        "feed_gaps": "SELECT count(*) FROM (SELECT starts_at, lag(ends_at) OVER "
+        "(ORDER BY starts_at) AS prev_end FROM inventory_zoneprice "
+        f"WHERE zone_id = {zone} AND ends_at > %s) p "
+        "WHERE p.prev_end IS NOT NULL AND p.starts_at > p.prev_end",
+        "feed_absurd": f"SELECT count(*) FROM inventory_zoneprice WHERE zone_id = {zone} "
+        "AND ends_at > %s AND (price_per_mwh < %s OR price_per_mwh > %s)",
+    }
+
+
+def price_zones_with_feed_health(now: datetime | None = None):
+    """PriceZone rows annotated with their feed's health (FeedHealth.of reads them)."""
+    from django.db.models.expressions import RawSQL
+
+    now = now or timezone.now()
+    since = now - timedelta(days=1)
+    sql = _health_sql("%s")
+    params = {
+        "feed_last_received_at": [],
+        "feed_horizon": [],
+        "feed_current_price": [now, now],
+        "feed_gaps": [since],
+        "feed_absurd": [
+            since,
+            settings.GRID_PRICE_FLOOR_PER_MWH,
+            settings.GRID_PRICE_CAP_PER_MWH,
+        ],
+    }
+    return PriceZone.objects.annotate(
+        **{name: RawSQL(f"({query})", params[name]) for name, query in sql.items()}
+    )
 
 
 def zone_feed_health(*, zone_ids, now: datetime | None = None) -> dict[int, FeedHealth]:
-    """{zone id: FeedHealth}: one statement for the zones (a page of the admin list)."""
+    """{zone id: FeedHealth} for the zones, in one statement."""
     now = now or timezone.now()
-    with connection.cursor() as cur:
-        cur.execute(
-            _HEALTH_SQL,
-            {
-                "zones": sorted(set(zone_ids)),
-                "now": now,
-                "since": now - timedelta(days=1),
-                "floor": settings.GRID_PRICE_FLOOR_PER_MWH,
-                "cap": settings.GRID_PRICE_CAP_PER_MWH,
-            },
-        )
-        rows = cur.fetchall()
-    return {
-        zone_id: FeedHealth(
-            zone_id=zone_id,
-            last_received_at=received,
-            horizon=horizon,
-            current_price=current,
-            gaps=gaps,
-            absurd=absurd,
-            stale=received is None or now - received > settings.GRID_PRICE_MAX_AGE,
-        )
-        for zone_id, received, horizon, current, gaps, absurd in rows
-    }
+    zones = price_zones_with_feed_health(now).filter(pk__in=set(zone_ids))
+    return {zone.pk: FeedHealth.of(zone, now=now) for zone in zones}

@@ -5,7 +5,7 @@ from datetime import UTC, date, datetime, timedelta
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
-from inventory.models import FleetMinute, Gpu, GpuHealth, NodeStatus, Site
+from inventory.models import FleetMinute, Gpu, GpuHealth, NodeStatus, Site, ZonePrice
 
 NODE_STATUSES = list(NodeStatus.values)
 
@@ -59,3 +59,10 @@ def fleet_gpu_utilisation_by_day(*, first: datetime, days: int) -> dict[date, fl
         .order_by("day")
     )
     return {r["day"]: round(r["total"] / r["readings"], 1) for r in rows}
+
+
+def zone_prices_between(*, zone, starts_at, ends_at) -> QuerySet:
+    """A price zone's intervals overlapping [starts_at, ends_at), in order."""
+    return ZonePrice.objects.filter(
+        zone=zone, starts_at__lt=ends_at, ends_at__gt=starts_at
+    ).order_by("starts_at")

@@ -209,6 +209,10 @@ class _Sites(_Resource):
     def availability(self, slug: str, **params) -> ApiObject:
         return self._get(f"sites/{slug}/availability", **params)
 
+    def zone_prices(self, zone: str, **params) -> ApiObject:
+        """A price zone's power prices (a site's `price_zone`); start, end (default 48 h)."""
+        return self._get(f"grid/zones/{zone}/prices", **params)
+
 
 class _Availability(_Resource):
     def search(self, **params) -> Iterator[Offer]:
@@ -432,6 +436,7 @@ OPERATIONS: dict[str, str] = {
     "gpu_models_list": "gpu_models.list",
     "sites_list": "sites.list",
     "sites_availability": "sites.availability",
+    "zone_prices_list": "sites.zone_prices",
     "availability_search": "availability.search",
     "quotes_create": "quotes.create",
     "quotes_retrieve": "quotes.retrieve",

@@ -118,7 +118,10 @@ class ApiAutoSchema(AutoSchema):
             implied |= {403, 404}
             if self.method == "POST":
                 implied |= {409, 422}
+        throttled = bool(getattr(self.view, "throttle_classes", None))
         for code, response in errors(*implied).items():
+            if code == 429 and not throttled:
+                continue  # a view without rate limits (the grid price feed) never answers 429
             if str(code) not in bodies:
                 bodies[str(code)] = self._get_response_for_code(
                     response, str(code), direction=direction
@@ -127,7 +130,8 @@ class ApiAutoSchema(AutoSchema):
 
     def get_override_parameters(self):
         parameters = list(super().get_override_parameters())
-        if self.method == "POST":
+        if self.method == "POST" and getattr(self.view, "requires_organization", False):
+            # Keys are claimed per organisation; views acting for none do not take them.
             parameters.append(IDEMPOTENCY_KEY_PARAMETER)
         if getattr(self.view, "requires_organization", False):
             parameters.append(ORGANIZATION_PARAMETER)

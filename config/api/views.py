@@ -119,6 +119,11 @@ class ApiView(GenericAPIView):
                 "This API key is read-only; writing needs a key with the write scope.",
                 code="insufficient_scope",
             )
+        if needed == ApiKeyScope.GRID and ApiKeyScope.GRID not in scopes:
+            raise PermissionDenied(
+                "Pushing power prices needs an API key with the grid scope (granted by staff).",
+                code="insufficient_scope",
+            )
         if needed == ApiKeyScope.BILLING and ApiKeyScope.BILLING not in scopes:
             raise PermissionDenied(
                 "Cards, top-ups and billing settings need a signed-in owner or admin, or an "
