@@ -135,9 +135,15 @@ def _split(items: list, parts: int) -> list[list]:
 
 
 def _bytes(table: str) -> int:
+    """Heap and indexes of a table, summed over its partitions (both telemetry tables are
+    partitioned by time: docs/retention.md)."""
     with connection.cursor() as cur:
-        cur.execute("SELECT pg_total_relation_size(%s)", [table])
-        return cur.fetchone()[0]
+        cur.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+            "WHERE inhparent = %s::regclass",
+            [table],
+        )
+        return cur.fetchone()[0] or 0
 
 
 def main() -> None:

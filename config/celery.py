@@ -34,7 +34,7 @@ _VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=
 # - provisioning: starts and ends of reservations (driver and site-agent calls, seconds each);
 # - billing: metering, Stripe's outbox and webhooks, recharges, SLA credits;
 # - webhooks: sending events to customers' endpoints (waits on their servers: threads);
-# - telemetry: writing and rolling up GPU telemetry, its retention;
+# - telemetry: writing and rolling up GPU telemetry, its retention, the heartbeat buffer's flush;
 # - default: everything else (sweeps of silent nodes, reliability, pruning).
 DEFAULT_QUEUE = "default"
 QUEUES = ("provisioning", "billing", "webhooks", "telemetry", DEFAULT_QUEUE)
@@ -48,6 +48,7 @@ TASK_QUEUES = (
     ("marketplace.tasks.webhook", "webhooks"),
     ("billing.tasks.", "billing"),
     ("inventory.tasks.telemetry_", "telemetry"),
+    ("inventory.tasks.heartbeats_flush", "telemetry"),
 )
 
 
@@ -116,6 +117,10 @@ app.conf.update(
             "schedule": 30.0,
         },
         "marketplace-prune-events": {"task": "marketplace.tasks.events_prune", "schedule": 86400.0},
+        "marketplace-prune-history": {
+            "task": "marketplace.tasks.history_prune",
+            "schedule": 86400.0,
+        },
         "billing-outbox-flush": {"task": "billing.tasks.outbox_flush", "schedule": 30.0},
         "billing-usage-meter": {"task": "billing.tasks.usage_meter", "schedule": 60.0},
         "billing-webhook-sweep": {"task": "billing.tasks.webhook_sweep", "schedule": 60.0},
@@ -125,6 +130,10 @@ app.conf.update(
         },
         "billing-sla-credits": {"task": "billing.tasks.sla_credits_issue", "schedule": 3600.0},
         "inventory-telemetry-flush": {"task": "inventory.tasks.telemetry_flush", "schedule": 5.0},
+        "inventory-heartbeats-flush": {
+            "task": "inventory.tasks.heartbeats_flush",
+            "schedule": 5.0,
+        },
         "inventory-burn-ins-expire": {"task": "inventory.tasks.burn_ins_expire", "schedule": 60.0},
         "inventory-telemetry-rollup": {
             "task": "inventory.tasks.telemetry_rollup",

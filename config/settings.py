@@ -280,6 +280,16 @@ if GRID_PRICE_FLOOR_PER_MWH >= GRID_PRICE_CAP_PER_MWH:
         f"{GRID_PRICE_FLOOR_PER_MWH} and {GRID_PRICE_CAP_PER_MWH}"
     )
 
+# --- Retention (docs/retention.md) ---------------------------------------------------------
+# Rows a retention job deletes per transaction.
+RETENTION_BATCH_SIZE = env_int("RETENTION_BATCH_SIZE", 5000, minimum=1)
+# Provisioning attempts, agent jobs and dispatch markers of finished reservations (the 30-day
+# reliability figure reads the attempts).
+PROVISIONING_HISTORY_RETENTION_DAYS = env_int("PROVISIONING_HISTORY_RETENTION_DAYS", 90, minimum=31)
+# Allocations and history entries of reservations that ended this long ago (the reservation
+# row itself is kept: money refers to it).
+RESERVATION_HISTORY_RETENTION_DAYS = env_int("RESERVATION_HISTORY_RETENTION_DAYS", 400, minimum=90)
+
 # --- Events and webhooks (docs/integrators.md) ---------------------------------------------
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 30, minimum=30)
 # Development and tests only: let webhook endpoints be plain http and resolve to loopback or

@@ -279,10 +279,35 @@ class Node(models.Model):
                 condition=Q(status__in=NodeStatus.values), name="node_status_valid"
             ),
         ]
-        indexes = [models.Index(fields=["site", "gpu_model", "status"])]
+        indexes = [
+            models.Index(fields=["site", "gpu_model", "status"]),
+            # The offline sweeper's read: nodes it watches, silent since before a cutoff, so a
+            # sweep costs the silent nodes, not the fleet.
+            models.Index(
+                fields=["last_heartbeat_at"],
+                condition=Q(status__in=["available", "draining"]),
+                name="node_watched_last_heartbeat",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.hostname
+
+
+class HeartbeatFlush(models.Model):
+    """One row: how far the heartbeat buffer is known to be written to inventory_node.
+
+    Every heartbeat older than `flushed_through` is in `Node.last_heartbeat_at`; written in the
+    same transaction as the times it covers (inventory.heartbeats), read by the offline sweeper.
+    """
+
+    flushed_through = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(id=1), name="heartbeat_flush_one_row")]
+
+    def __str__(self) -> str:
+        return f"heartbeats flushed through {self.flushed_through:%Y-%m-%d %H:%M:%S}"
 
 
 class GpuHealth(models.TextChoices):

@@ -24,6 +24,14 @@ from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
 
 from config.errors import Conflict, InvalidTransition, ValidationFailed
+from inventory.heartbeats import (
+    flushed_through,
+    heartbeat_buffer_push,
+    heartbeats_buffered,
+    node_last_heard_bound,
+    token_use_buffer,
+    write_through_after,
+)
 from inventory.models import (
     Gpu,
     GpuHealth,
@@ -37,6 +45,7 @@ from inventory.models import (
     SiteStatus,
     StatusChange,
 )
+from inventory.telemetry import telemetry_changes_state, telemetry_rows
 
 SWEEPER_LABEL = "system: heartbeat sweeper"
 
@@ -278,7 +287,7 @@ def nodes_mark_silent_offline(*, now: datetime | None = None, limit: int = 500) 
     """
     now = now or timezone.now()
     cutoff = now - settings.NODE_OFFLINE_AFTER
-    silent = (
+    silent = list(
         Node.objects.select_for_update(skip_locked=True)
         .filter(
             status__in=[NodeStatus.AVAILABLE, NodeStatus.DRAINING],
@@ -288,8 +297,20 @@ def nodes_mark_silent_offline(*, now: datetime | None = None, limit: int = 500) 
         .exclude(status_changed_at__gte=cutoff)
         .order_by("pk")[:limit]
     )
+    # Heartbeats may wait in the buffer (inventory.heartbeats): a node counts as silent only
+    # if the latest heartbeat it may have sent is before the cutoff.
+    through = flushed_through()
+    lag = write_through_after()
+    unsettled = [n.pk for n in silent if through is None or through < n.last_heartbeat_at + lag]
+    buffered = heartbeats_buffered(unsettled)
     marked = []
     for node in silent:
+        known, latest = node_last_heard_bound(node, through=through, buffered=buffered.get(node.pk))
+        if latest >= cutoff:
+            continue
+        if known > node.last_heartbeat_at:  # the buffer knew better: the outage starts there
+            Node.objects.filter(pk=node.pk).update(last_heartbeat_at=known)
+            node.last_heartbeat_at = known
         seconds = int((now - node_silent_since(node)).total_seconds())
         node_mark_offline(node=node, reason=f"No heartbeat for {seconds} s.")
         marked.append(node.pk)
@@ -380,14 +401,64 @@ def node_token_authenticate(secret: str) -> NodeToken | None:
     if not hmac.compare_digest(expected, token_hash(secret)) or token is None:
         return None
     now = timezone.now()
-    # Cheap: a single UPDATE, and at most once a minute per token.
+    # At most once a minute per token, and after its first use buffered for the heartbeat
+    # flush (a fleet's tokens would otherwise cost an UPDATE each a minute); written at once
+    # the first time, and if Redis is down.
     if token.last_used_at is None or (now - token.last_used_at).total_seconds() >= 60:
-        NodeToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        if token.last_used_at is None or not token_use_buffer(token_id=token.pk, at=now):
+            NodeToken.objects.filter(pk=token.pk).update(last_used_at=now)
         token.last_used_at = now
     return token
 
 
 # --- Heartbeats ----------------------------------------------------------------------------
+
+
+def node_heartbeat_accept(
+    *,
+    node: Node,
+    gpus: dict[int, Gpu],
+    gpu_reports: list[dict] | None = None,
+    agent_version: str | None = None,
+    actor_label: str = "node agent",
+    telemetry: dict | None = None,
+) -> Node:
+    """A validated heartbeat, on the cheapest path that keeps its meaning.
+
+    `node` and `gpus` (the node's GPUs by index) are rows as the request loaded them, unlocked.
+    A routine heartbeat, one that changes nothing but the node's last-heard time and adds
+    telemetry samples, is buffered (inventory.heartbeats) and written in a batch a few seconds
+    later. Anything that must act at once goes through node_heartbeat_record, under the node's
+    lock, as before: a node coming back from offline (or heard for the first time), a GPU
+    whose health or over-temperature run changes, a health report from an older agent, a new
+    agent version or unreadable-telemetry reason, a node whose database time is older than
+    the write-through bound, and every heartbeat while Redis is down.
+    """
+    now = timezone.now()
+    last = node.last_heartbeat_at
+    locked_path = (
+        node.status == NodeStatus.OFFLINE
+        or last is None
+        or now - last > write_through_after()
+        or bool(gpu_reports)
+        or (agent_version is not None and agent_version != node.agent_version)
+        or (
+            telemetry is not None
+            and telemetry_changes_state(node=node, report=telemetry, gpus=gpus, now=now)
+        )
+    )
+    if not locked_path:
+        samples = telemetry_rows(report=telemetry, gpus=gpus, now=now) if telemetry else []
+        if heartbeat_buffer_push(node_id=node.pk, at=now, samples=samples):
+            node.last_heartbeat_at = now
+            return node
+    return node_heartbeat_record(
+        node=node,
+        gpu_reports=gpu_reports,
+        agent_version=agent_version,
+        actor_label=actor_label,
+        telemetry=telemetry,
+    )
 
 
 @transaction.atomic

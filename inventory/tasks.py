@@ -11,6 +11,15 @@ def nodes_mark_offline() -> int:
     return len(nodes_mark_silent_offline())
 
 
+@shared_task(name="inventory.tasks.heartbeats_flush")
+def heartbeats_flush() -> int:
+    """Beat runs this every 5 s: buffered heartbeat times into inventory_node, one UPDATE per
+    few thousand nodes. Idempotent; a flush that finds another running returns 0."""
+    from inventory.heartbeats import heartbeats_flush as flush
+
+    return flush()
+
+
 @shared_task(name="inventory.tasks.telemetry_flush")
 def telemetry_flush() -> int:
     """Beat runs this every 5 s: buffered samples into the database, a few thousand per COPY."""
@@ -28,11 +37,12 @@ def telemetry_rollup() -> int:
 
 
 @shared_task(name="inventory.tasks.telemetry_retention")
-def telemetry_retention() -> list[int]:
-    """Beat runs this hourly: raw samples and minute rows past their retention go."""
+def telemetry_retention() -> dict[str, dict]:
+    """Beat runs this hourly: the telemetry tables' partitions for the next day are created,
+    those past their retention dropped (inventory.partitions); idempotent."""
     from inventory.telemetry import telemetry_purge
 
-    return list(telemetry_purge())
+    return telemetry_purge()
 
 
 @shared_task(name="inventory.tasks.burn_ins_expire")

@@ -14,8 +14,9 @@
 - Rollup (`telemetry_rollup`, every minute): per GPU and minute, the count of samples, the
   hottest reading, mean power and utilisation, most memory used; recomputed for the last
   ROLLUP_LOOKBACK, so a late or repeated run gives the same rows.
-- Retention (`telemetry_purge`, hourly): raw samples older than TELEMETRY_RAW_RETENTION, minute
-  rows older than TELEMETRY_ROLLUP_RETENTION.
+- Retention (`telemetry_purge`, hourly): the tables are partitioned by time (hourly raw
+  samples, daily minute rows; inventory.partitions): partitions past TELEMETRY_RAW_RETENTION
+  and TELEMETRY_ROLLUP_RETENTION are dropped, the next day's created.
 """
 
 import json
@@ -30,6 +31,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config.errors import InvalidTransition, ValidationFailed
+from config.retention import delete_in_batches
 from inventory.models import (
     FleetMinute,
     Gpu,
@@ -42,6 +44,7 @@ from inventory.models import (
     Outage,
     OutageCause,
 )
+from inventory.partitions import MINUTES, RAW, partitions_ensure, telemetry_partitions_maintain
 
 __all__ = [
     "SAMPLE_COLUMNS",
@@ -51,6 +54,8 @@ __all__ = [
     "gpu_return_to_service",
     "gpu_mark_failed",
     "telemetry_record",
+    "telemetry_rows",
+    "telemetry_changes_state",
     "telemetry_flush",
     "samples_enqueue",
     "telemetry_rollup",
@@ -262,6 +267,11 @@ def _sample_row(gpu_id: int, reading: dict, at: datetime) -> tuple:
 _redis = None
 
 
+def buffer_client():
+    """The Redis client of the telemetry and heartbeat buffers (REDIS_URL, 1 s timeouts)."""
+    return _buffer()
+
+
 def _buffer():
     global _redis
     if _redis is None:
@@ -273,7 +283,7 @@ def _buffer():
     return _redis
 
 
-def _encode(rows: list[tuple]) -> bytes:
+def samples_encode(rows: list[tuple]) -> bytes:
     return json.dumps([[row[0].isoformat(), *row[1:]] for row in rows]).encode()
 
 
@@ -282,7 +292,7 @@ def samples_enqueue(rows: list[tuple]) -> bool:
     import redis
 
     try:
-        _buffer().rpush(BUFFER_KEY, _encode(rows))
+        _buffer().rpush(BUFFER_KEY, samples_encode(rows))
         return True
     except (redis.RedisError, OSError) as exc:
         logger.warning("telemetry buffer unavailable (%s); writing %d samples now", exc, len(rows))
@@ -311,10 +321,45 @@ def telemetry_flush(*, max_batches: int = 200) -> int:
 
 
 def samples_copy(rows: list[tuple]) -> None:
-    """Write sample rows (SAMPLE_COLUMNS order) with one COPY."""
+    """Write sample rows (SAMPLE_COLUMNS order) with one COPY, into their hours' partitions
+    (created first if the partition job has not yet)."""
+    if not rows:
+        return
+    # Rows from the buffer carry their time as ISO text (UTC, one format, so text order is
+    # time order); rows made here carry datetimes.
+    first, last = min(row[0] for row in rows), max(row[0] for row in rows)
+    if isinstance(first, str):
+        first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
+    partitions_ensure(RAW, first, last + RAW.step)
     with connection.cursor() as cursor, cursor.copy(_COPY_SQL) as copy:
         for row in rows:
             copy.write_row(row)
+
+
+def telemetry_rows(*, report: dict, gpus: dict[int, Gpu], now: datetime) -> list[tuple]:
+    """The report's sample rows (SAMPLE_COLUMNS order), for the buffer or a COPY."""
+    return [_sample_row(gpus[r["index"]].pk, r, now) for r in report.get("gpus") or []]
+
+
+def telemetry_changes_state(
+    *, node: Node, report: dict, gpus: dict[int, Gpu], now: datetime
+) -> bool:
+    """Whether storing this report changes more than samples: the node's unreadable reason, a
+    GPU's health or the start of its over-temperature run. Read without locks from rows as
+    loaded; a True sends the heartbeat down the locked path, which judges again under lock."""
+    if (report.get("unreadable") or "")[:300] != node.telemetry_error:
+        return True
+    rules = _rules()
+    for reading in report.get("gpus") or []:
+        gpu = gpus[reading["index"]]
+        verdict = gpu_health_evaluate(
+            reading, rules=rules, over_temp_since=gpu.over_temp_since, now=now
+        )
+        if verdict.over_temp_since != gpu.over_temp_since:
+            return True
+        if verdict.health != gpu.health and gpu.health != GpuHealth.FAILED:
+            return True
+    return False
 
 
 def telemetry_record(
@@ -403,26 +448,18 @@ def telemetry_rollup(*, now: datetime | None = None, lookback: timedelta = ROLLU
     now = now or timezone.now()
     until = now.replace(second=0, microsecond=0)
     with transaction.atomic(), connection.cursor() as cursor:
+        partitions_ensure(MINUTES, until - lookback, until)
         cursor.execute(_ROLLUP_SQL, {"since": until - lookback, "until": until})
         return cursor.fetchone()[0]
 
 
-def telemetry_purge(*, now: datetime | None = None) -> tuple[int, int]:
-    """Delete raw samples and minute rows past their retention; (raw, minutes) deleted."""
+def telemetry_purge(*, now: datetime | None = None) -> dict[str, dict]:
+    """Raw samples and minute rows past their retention go with their partitions (whole hours
+    and days: a row is kept at most one partition's span longer than its window), the next
+    day's partitions are created, and the fleet's minutes past the rollup's retention are
+    deleted. Returns what was created, dropped and deleted per table."""
     now = now or timezone.now()
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            f"DELETE FROM {GpuSample._meta.db_table} WHERE at < %s",
-            [now - settings.TELEMETRY_RAW_RETENTION],
-        )
-        raw = cursor.rowcount
-        cursor.execute(
-            f"DELETE FROM {GpuMinute._meta.db_table} WHERE minute < %s",
-            [now - settings.TELEMETRY_ROLLUP_RETENTION],
-        )
-        minutes = cursor.rowcount
-        cursor.execute(
-            f"DELETE FROM {FleetMinute._meta.db_table} WHERE minute < %s",
-            [now - settings.TELEMETRY_ROLLUP_RETENTION],
-        )
-        return raw, minutes
+    result = telemetry_partitions_maintain(now=now)
+    fleet = FleetMinute.objects.filter(minute__lt=now - settings.TELEMETRY_ROLLUP_RETENTION)
+    result[FleetMinute._meta.db_table] = {"deleted": delete_in_batches(fleet)}
+    return result

@@ -78,6 +78,15 @@ def events_prune() -> int:
     return _events_prune()
 
 
+@shared_task(name="marketplace.tasks.history_prune")
+def history_prune() -> dict[str, int]:
+    """Daily: provisioning and reservation history of long-finished reservations, in batches
+    (docs/retention.md); idempotent."""
+    from marketplace.services.retention import history_prune as prune
+
+    return prune().as_dict()
+
+
 @shared_task(name="marketplace.tasks.webhook_endpoint_send")
 def webhook_endpoint_send(endpoint_id: int) -> dict:
     """Send one endpoint's due deliveries (queue "webhooks"); queues itself again if it had

@@ -127,3 +127,19 @@ def _empty_reference_cache():
     reference_cache_clear()
     yield
     reference_cache_clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _empty_heartbeat_buffers():
+    """Heartbeats and telemetry wait in Redis for a flush (inventory.heartbeats); entries an
+    earlier session left name node ids this session's fresh database may reuse."""
+    import redis
+
+    from inventory import heartbeats, telemetry
+
+    keys = [heartbeats.LAST_SEEN_KEY, heartbeats.TOKEN_USED_KEY, telemetry.BUFFER_KEY]
+    try:
+        telemetry.buffer_client().delete(*keys)
+    except (redis.RedisError, OSError):
+        pass  # no Redis here: the tests that need it say so
+    yield

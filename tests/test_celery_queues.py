@@ -29,6 +29,8 @@ EXPECTED = {
     "inventory.tasks.telemetry_flush": "telemetry",
     "inventory.tasks.telemetry_rollup": "telemetry",
     "inventory.tasks.telemetry_retention": "telemetry",
+    "inventory.tasks.heartbeats_flush": "telemetry",
+    "marketplace.tasks.history_prune": "default",
     "inventory.tasks.nodes_mark_offline": "default",
     "inventory.tasks.burn_ins_expire": "default",
 }

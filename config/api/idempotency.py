@@ -26,6 +26,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
 from config.errors import ApplicationError, Conflict, ValidationFailed
+from config.retention import delete_in_batches
 from marketplace.models import IdempotencyRecord, Organization
 
 __all__ = [
@@ -193,5 +194,4 @@ def idempotency_records_purge(*, now=None) -> int:
     Meant for a periodic task; claims already ignore expired rows, so running it late is safe.
     """
     now = now or timezone.now()
-    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=now - KEY_TTL).delete()
-    return deleted
+    return delete_in_batches(IdempotencyRecord.objects.filter(created_at__lt=now - KEY_TTL))

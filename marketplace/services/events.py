@@ -13,6 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework.serializers import BaseSerializer
 
+from config.retention import delete_in_batches
 from marketplace.models import ApiKey, Event, EventType, Membership, Reservation
 from marketplace.services.webhooks import webhook_deliveries_create
 
@@ -144,8 +145,8 @@ def member_event_record(
 
 
 def events_prune(*, now: datetime | None = None) -> int:
-    """Delete events older than EVENT_RETENTION_DAYS (at least 30); returns how many."""
+    """Delete events older than EVENT_RETENTION_DAYS (at least 30), with their webhook
+    deliveries and attempts, in batches; returns how many events."""
     now = now or timezone.now()
     cutoff = now - timedelta(days=settings.EVENT_RETENTION_DAYS)
-    deleted, _ = Event.objects.filter(created_at__lt=cutoff).delete()
-    return deleted
+    return delete_in_batches(Event.objects.filter(created_at__lt=cutoff))

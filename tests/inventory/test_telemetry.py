@@ -22,6 +22,7 @@ from inventory.models import (
     Outage,
     OutageCause,
 )
+from inventory.partitions import MINUTES, partitions_ensure
 from inventory.services import node_mark_offline, node_token_issue
 from inventory.telemetry import (
     gpu_return_to_service,
@@ -362,8 +363,10 @@ def test_retention_drops_old_raw_samples_and_old_minutes(node, settings):
     for at in (now - timedelta(hours=7), now - timedelta(hours=5)):
         telemetry_record(node=node, report=report, gpus=gpus, now=at, actor_label="t")
     telemetry_flush()
+    minutes = [now - timedelta(days=d) for d in (31, 29)]
+    partitions_ensure(MINUTES, minutes[0], now)  # the rollup makes its own; this writes by hand
     GpuMinute.objects.bulk_create(
-        GpuMinute(gpu_id=gpus[0].pk, minute=now - timedelta(days=d), samples=2) for d in (31, 29)
+        GpuMinute(gpu_id=gpus[0].pk, minute=m, samples=2) for m in minutes
     )
 
     FleetMinute.objects.bulk_create(
@@ -377,10 +380,21 @@ def test_retention_drops_old_raw_samples_and_old_minutes(node, settings):
         for d in (31, 29)
     )
 
-    assert telemetry_purge(now=now) == (8, 1)
+    purged = telemetry_purge(now=now)
+
+    # Whole partitions go: the hour of 03:00 (past 6 h at 10:00), the day of 5 November.
+    assert "inventory_gpusample_p2026120603" in purged["inventory_gpusample"]["dropped"]
+    assert "inventory_gpusample_p2026120605" not in purged["inventory_gpusample"]["dropped"]
+    assert purged["inventory_gpuminute"]["dropped"][-1] == "inventory_gpuminute_p20261105"
+    assert purged["inventory_fleetminute"] == {"deleted": 1}
     assert list(FleetMinute.objects.values_list("minute", flat=True)) == [now - timedelta(days=29)]
     assert set(GpuSample.objects.values_list("at", flat=True)) == {now - timedelta(hours=5)}
     assert list(GpuMinute.objects.values_list("minute", flat=True)) == [now - timedelta(days=29)]
+    assert telemetry_purge(now=now) == {
+        "inventory_gpusample": {"created": [], "dropped": []},
+        "inventory_gpuminute": {"created": [], "dropped": []},
+        "inventory_fleetminute": {"deleted": 0},
+    }
 
 
 def test_samples_wait_in_the_buffer_until_flushed_in_one_copy(api_client, node, secret):

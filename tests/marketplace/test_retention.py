@@ -1,0 +1,224 @@
+"""Retention jobs delete exactly what is past its window, in batches, idempotently; live work
+and money are never touched (docs/retention.md)."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from psycopg.types.range import Range
+
+from billing.models import LedgerEntry, LedgerKind
+from config.retention import delete_in_batches
+from inventory.models import Gpu
+from marketplace.models import (
+    AgentJob,
+    Allocation,
+    Event,
+    ProvisioningAttempt,
+    ProvisioningDispatch,
+    Reservation,
+    ReservationStatus,
+    ReservationTransition,
+)
+from marketplace.services.events import events_prune
+from marketplace.services.retention import history_prune
+from tests.factories import NodeFactory, OrganizationFactory
+from tests.marketplace.market_helpers import make_reservation_rows
+
+pytestmark = pytest.mark.django_db
+S = ReservationStatus
+
+
+@pytest.fixture
+def org():
+    return OrganizationFactory()
+
+
+@pytest.fixture
+def node():
+    return NodeFactory(gpus=2)
+
+
+def reservation(org, node, *, status: str, ended_days_ago: float) -> Reservation:
+    """A reservation that ended (and was last touched) `ended_days_ago`, with the history a
+    run leaves: two attempts, a start job, a dispatch marker, an allocation, two transitions."""
+    now = timezone.now()
+    ended = now - timedelta(days=ended_days_ago)
+    (r,) = make_reservation_rows(
+        org, 1, site=node.site, gpu_model=node.gpu_model, status=status,
+        starts_at=ended - timedelta(hours=2), ends_at=ended,
+    )  # fmt: skip
+    gpu = Gpu.objects.filter(node=node).first()
+    started = ended - timedelta(hours=2)
+    Allocation.objects.create(
+        reservation=r, gpu=gpu, node=node, period=Range(started, ended, "[)"), is_live=False
+    )
+    for number in (1, 2):
+        ProvisioningAttempt.objects.create(
+            reservation=r, kind="provision", number=number, started_at=started
+        )
+    AgentJob.objects.create(node=node, reservation=r, kind="start", status="done")
+    ProvisioningDispatch.objects.create(reservation=r, kind="provision", enqueued_at=started)
+    for to in (S.SCHEDULED, status):
+        ReservationTransition.objects.create(
+            reservation=r, from_status="pending", to_status=to, cause="test", actor_label="t"
+        )
+    AgentJob.objects.filter(reservation=r).update(created_at=started)
+    ReservationTransition.objects.filter(reservation=r).update(at=ended)
+    Reservation.objects.filter(pk=r.pk).update(updated_at=ended)
+    return r
+
+
+def history(r: Reservation) -> dict[str, int]:
+    return {
+        "attempts": ProvisioningAttempt.objects.filter(reservation=r).count(),
+        "jobs": AgentJob.objects.filter(reservation=r).count(),
+        "markers": ProvisioningDispatch.objects.filter(reservation=r).count(),
+        "allocations": Allocation.objects.filter(reservation=r).count(),
+        "transitions": ReservationTransition.objects.filter(reservation=r).count(),
+    }
+
+
+FULL = {"attempts": 2, "jobs": 1, "markers": 1, "allocations": 1, "transitions": 2}
+
+
+def test_history_goes_exactly_past_each_window_and_never_for_live_work(org, node, settings):
+    settings.PROVISIONING_HISTORY_RETENTION_DAYS = 90
+    settings.RESERVATION_HISTORY_RETENTION_DAYS = 400
+    recent = reservation(org, node, status=S.COMPLETED, ended_days_ago=89)
+    finished = reservation(org, node, status=S.COMPLETED, ended_days_ago=91)
+    failed = reservation(org, node, status=S.FAILED, ended_days_ago=91)
+    ancient = reservation(org, node, status=S.CANCELLED, ended_days_ago=401)
+    # A reservation still active whose period is long past (stuck work): never touched.
+    live = reservation(org, node, status=S.ACTIVE, ended_days_ago=500)
+
+    pruned = history_prune()
+
+    assert pruned.as_dict() == {
+        "provisioning_attempts": 6,
+        "agent_jobs": 3,
+        "dispatch_markers": 3,
+        "allocations": 1,
+        "transitions": 2,
+        "quotes": 0,
+    }
+    assert history(recent) == FULL
+    assert history(live) == FULL
+    work_gone = {**FULL, "attempts": 0, "jobs": 0, "markers": 0}
+    assert history(finished) == work_gone
+    assert history(failed) == work_gone
+    assert history(ancient) == {k: 0 for k in FULL}
+    assert Reservation.objects.filter(pk=ancient.pk).exists()  # the row itself stays
+    assert history_prune().as_dict() == dict.fromkeys(pruned.as_dict(), 0)  # idempotent
+
+
+def test_a_reservation_touched_recently_keeps_its_history(org, node):
+    r = reservation(org, node, status=S.COMPLETED, ended_days_ago=500)
+    Reservation.objects.filter(pk=r.pk).update(updated_at=timezone.now() - timedelta(days=10))
+
+    history_prune()
+
+    assert history(r) == FULL
+
+
+def test_quotes_never_booked_go_a_day_after_they_expired(org, node):
+    from marketplace.models import Quote
+
+    now = timezone.now()
+
+    def quote(expired_ago: timedelta) -> Quote:
+        return Quote.objects.create(
+            organization=org, gpu_model=node.gpu_model, site=node.site, gpu_count=1,
+            tier="on_demand", starts_at=now, ends_at=now + timedelta(hours=1), currency="usd",
+            price_per_gpu_hour="2.0000", total_amount="2.00", breakdown={},
+            expires_at=now - expired_ago,
+        )  # fmt: skip
+
+    stale = quote(timedelta(days=1, seconds=1))
+    fresh = quote(timedelta(hours=23))
+    booked = quote(timedelta(days=3))
+    r = reservation(org, node, status=S.COMPLETED, ended_days_ago=1)
+    Reservation.objects.filter(pk=r.pk).update(quote=booked)
+
+    assert history_prune(now=now).quotes == 1
+
+    assert set(Quote.objects.values_list("pk", flat=True)) == {fresh.pk, booked.pk}
+    assert not Quote.objects.filter(pk=stale.pk).exists()
+    assert history_prune(now=now).quotes == 0
+
+
+def test_deletes_go_in_batches_each_its_own_statement(org, node):
+    rows = [reservation(org, node, status=S.COMPLETED, ended_days_ago=100) for _ in range(5)]
+    attempts = ProvisioningAttempt.objects.filter(reservation__in=rows)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert delete_in_batches(attempts, batch_size=3) == 10
+
+    deletes = [q["sql"] for q in queries if q["sql"].startswith("DELETE")]
+    assert len(deletes) == 4  # 3 + 3 + 3 + 1
+    assert delete_in_batches(attempts, batch_size=3) == 0
+
+
+def test_events_go_with_their_deliveries_in_batches(org, settings):
+    from marketplace.models import WebhookDelivery, WebhookEndpoint
+
+    settings.EVENT_RETENTION_DAYS = 30
+    settings.RETENTION_BATCH_SIZE = 2
+    now = timezone.now()
+    endpoint = WebhookEndpoint.objects.create(
+        organization=org, url="https://hooks.example.com/x", secret="whsec_x"
+    )
+    events = [
+        Event.objects.create(organization=org, type="reservation.active", object_type="r",
+                             object_id=f"r{i}", data={})
+        for i in range(5)
+    ]  # fmt: skip
+    for i, event in enumerate(events):
+        age = timedelta(days=30, seconds=1) if i < 3 else timedelta(days=29, hours=23)
+        Event.objects.filter(pk=event.pk).update(created_at=now - age)
+        WebhookDelivery.objects.create(
+            endpoint=endpoint, event=event, event_created_at=now - age, retry_from=now - age
+        )
+
+    assert events_prune(now=now) == 3
+
+    assert sorted(Event.objects.values_list("object_id", flat=True)) == ["r3", "r4"]
+    assert WebhookDelivery.objects.count() == 2
+    assert events_prune(now=now) == 0
+
+
+def test_money_is_never_deleted(org, node):
+    r = reservation(org, node, status=S.COMPLETED, ended_days_ago=800)
+    LedgerEntry.objects.create(
+        organization=org, kind=LedgerKind.USAGE, amount_minor=-1250, currency="usd",
+        reservation=r, idempotency_key=f"usage-{r.pk}", description="usage",
+    )  # fmt: skip
+    ledger = list(LedgerEntry.objects.values_list("pk", "amount_minor"))
+
+    history_prune()
+    events_prune()
+
+    assert list(LedgerEntry.objects.values_list("pk", "amount_minor")) == ledger
+    assert Reservation.objects.filter(pk=r.pk).exists()
+
+
+def test_beat_prunes_history_daily():
+    from config.celery import app
+
+    app.loader.import_default_modules()
+    entry = app.conf.beat_schedule["marketplace-prune-history"]
+
+    assert (entry["task"], entry["schedule"]) == ("marketplace.tasks.history_prune", 86400.0)
+    assert app.tasks[entry["task"]]() == dict.fromkeys(
+        [
+            "provisioning_attempts",
+            "agent_jobs",
+            "dispatch_markers",
+            "allocations",
+            "transitions",
+            "quotes",
+        ],
+        0,
+    )
