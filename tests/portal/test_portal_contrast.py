@@ -1,0 +1,234 @@
+"""Colour contrast (WCAG 2.1 AA, success criterion 1.4.3) measured in Chromium on the portal's
+pages: every visible piece of text against the background it is drawn on.
+
+For each element holding text, the browser's computed colour is composited over the
+backgrounds of its ancestors (their alpha included) and the contrast ratio is worked out from
+the relative luminance, as WCAG defines them. Normal text needs 4.5:1, large text (24 px, or
+18.66 px bold) 3:1. Text on a background image, disabled controls and hidden text are left out,
+as the criterion does. The page is measured as it first renders and again with every
+`<details>` opened, so text in collapsed tables is measured too.
+"""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from marketplace.models import Reservation, ReservationStatus
+from marketplace.services.api_keys import api_key_create, api_key_revoke
+from marketplace.services.quotes import quote_create
+from marketplace.services.reservations import reservation_create
+from tests.factories import GpuModelFactory, SiteFactory
+from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+)
+
+pytestmark = pytest.mark.usefixtures("allow_all_funding")
+
+# Returns [{text, selector, ratio, needed, colour, background}] for text below its threshold.
+CONTRAST_JS = r"""
+() => {
+  const parse = (value) => {
+    const m = value.match(/rgba?\(([^)]+)\)/);
+    if (!m) return null;
+    const p = m[1].split(/[ ,\/]+/).filter(Boolean).map(Number);
+    return {r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1};
+  };
+  const over = (top, bottom) => {
+    const a = top.a + bottom.a * (1 - top.a);
+    if (a === 0) return {r: 0, g: 0, b: 0, a: 0};
+    const mix = (t, b) => (t * top.a + b * bottom.a * (1 - top.a)) / a;
+    return {r: mix(top.r, bottom.r), g: mix(top.g, bottom.g), b: mix(top.b, bottom.b), a};
+  };
+  const luminance = (c) => {
+    const lin = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+    return 0.2126 * lin(c.r) + 0.7152 * lin(c.g) + 0.0722 * lin(c.b);
+  };
+  const background = (element) => {
+    const layers = [];
+    for (let e = element; e; e = e.parentElement) {
+      const style = getComputedStyle(e);
+      if (style.backgroundImage && style.backgroundImage !== 'none') return null;
+      const c = parse(style.backgroundColor);
+      if (c && c.a > 0) { layers.push(c); if (c.a >= 1) break; }
+    }
+    let result = {r: 255, g: 255, b: 255, a: 1};  // the canvas
+    for (const layer of layers.reverse()) result = over(layer, result);
+    return result;
+  };
+  const describe = (e) => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+    (e.className && typeof e.className === 'string' ? '.' + e.className.trim().split(/\s+/).join('.') : '');
+  const failures = [];
+  for (const element of document.querySelectorAll('body *')) {
+    if (['SCRIPT', 'STYLE', 'NOSCRIPT', 'TEMPLATE', 'OPTION', 'CANVAS', 'SVG'].includes(element.tagName)) continue;
+    const own = [...element.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent.trim()).join(' ').trim();
+    if (!own) continue;
+    if (element.disabled || element.closest('[aria-hidden="true"]')) continue;
+    const rect = element.getBoundingClientRect();
+    if (rect.width <= 1 || rect.height <= 1) continue;  // visually hidden (clip, 1 px boxes)
+    const style = getComputedStyle(element);
+    if (style.visibility !== 'visible' || style.display === 'none') continue;
+    let opacity = 1;
+    for (let e = element; e; e = e.parentElement) opacity *= Number(getComputedStyle(e).opacity);
+    if (opacity === 0) continue;
+    const bg = background(element);
+    if (!bg) continue;  // on an image: not measurable this way
+    const colour = parse(style.color);
+    const fg = over({...colour, a: colour.a * opacity}, bg);
+    const [hi, lo] = [luminance(fg), luminance(bg)].sort((x, y) => y - x);
+    const ratio = (hi + 0.05) / (lo + 0.05);
+    const size = parseFloat(style.fontSize);
+    const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+    const needed = large ? 3 : 4.5;
+    if (ratio + 1e-6 < needed) {
+      failures.push({text: own.slice(0, 40), selector: describe(element), ratio: Math.round(ratio * 100) / 100,
+                     needed, colour: style.color, background: `rgb(${Math.round(bg.r)}, ${Math.round(bg.g)}, ${Math.round(bg.b)})`});
+    }
+  }
+  return failures;
+}
+"""
+
+
+def contrast_failures(page) -> list[dict]:
+    found = page.evaluate(CONTRAST_JS)
+    page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+    seen = {(f["selector"], f["text"]) for f in found}
+    found += [f for f in page.evaluate(CONTRAST_JS) if (f["selector"], f["text"]) not in seen]
+    return found
+
+
+def test_the_contrast_check_finds_text_too_faint_to_read(portal):
+    """The measure itself: grey on white below 4.5:1 is caught, large text at 3:1 is not."""
+    portal.set_content(
+        "<body style='background:#fff'>"
+        "<p id='faint' style='color:#999'>faint</p>"  # 2.85:1
+        "<p id='ok' style='color:#767676'>just enough</p>"  # 4.54:1
+        "<p id='large' style='color:#949494;font-size:24px'>large</p>"  # 3.03:1
+        "<div style='background:rgba(0,0,0,.8)'><p id='dark' style='color:#555'>on dark</p></div>"
+        "</body>"
+    )
+    failing = {f["selector"]: f for f in portal.evaluate(CONTRAST_JS)}
+    assert set(failing) == {"p#faint", "p#dark"}
+    assert failing["p#faint"]["ratio"] == 2.85
+
+
+@pytest.fixture
+def lab(signed_in):
+    """A signed-in owner with something on every page: reservations in several states (one
+    with an interruption announced), a held quote, an API key."""
+    page, user, organization = signed_in
+    make_policy()
+    h100 = GpuModelFactory()
+    site = SiteFactory(slug="mo-i-rana", name="Mo i Rana", region="eu-north")
+    make_nodes(site, h100, 2, gpus=8)
+    make_rate(h100, "2.5000")
+    now = timezone.now()
+
+    def book(**kwargs):
+        return reservation_create(
+            organization=organization, gpu_model=h100.slug, gpu_count=1, starts_at=now,
+            ends_at=now + timedelta(hours=6), tier="interruptible", site=site.slug, **kwargs,
+        )  # fmt: skip
+
+    running = book()
+    Reservation.objects.filter(pk=running.pk).update(
+        status=ReservationStatus.ACTIVE,
+        activated_at=now,
+        connection={"host": "10.0.0.5", "ssh_port": 2222, "ports": {}},
+        preempt_at=now + timedelta(minutes=20),
+        preempt_reason="Grid curtailment at Mo i Rana",
+    )
+    for status in (ReservationStatus.FAILED, ReservationStatus.CANCELLED):
+        Reservation.objects.filter(pk=book().pk).update(status=status, status_reason="test")
+    quote = quote_create(
+        organization=organization, gpu_model=h100.slug, gpu_count=1, starts_at=now,
+        ends_at=now + timedelta(hours=2), tier="on_demand",
+    )  # fmt: skip
+    key, _secret = api_key_create(
+        organization=organization, name="ci", scopes=["read"], created_by=user
+    )
+    api_key_revoke(api_key=key)  # shown as revoked
+    return page, running, quote, site
+
+
+def test_every_portal_page_meets_wcag_aa_contrast(lab, live_server):
+    page, running, quote, site = lab
+    paths = [
+        "/dashboard",
+        "/gpus",
+        "/gpus?gpu_model=h100-sxm-80gb&gpu_count=1&plan=on_demand",
+        "/gpus?gpu_model=h100-sxm-80gb&gpu_count=64&plan=on_demand",  # nothing fits
+        "/sites",
+        f"/sites/{site.slug}",
+        "/reservations",
+        f"/reservations/{running.public_id}",
+        f"/reservations/{running.public_id}/cancel",
+        f"/quotes/{quote.public_id}",
+        "/api-keys",
+        "/ssh-keys",
+        "/team",
+        "/billing/",
+        "/billing/usage",
+        "/billing/payment-methods",
+        "/billing/invoices",
+        "/billing/statements",
+        "/webhooks",
+        "/audit-log",
+    ]
+    failures = {}
+    for path in paths:
+        response = page.goto(live_server.url + path)
+        assert response.status < 400, path
+        found = contrast_failures(page)
+        if found:
+            failures[path] = found
+    # Refusals as they are shown: a form's errors (400), and a message after a redirect.
+    page.goto(live_server.url + "/gpus?gpu_model=h100-sxm-80gb&gpu_count=0&plan=on_demand")
+    assert page.locator(".errors, p.error").count() > 0
+    failures["/gpus (bad input)"] = contrast_failures(page)
+    page.goto(f"{live_server.url}/reservations/{running.public_id}")
+    page.locator("form[action$='/cancel'] button, a[href$='/cancel']").first.click()
+    page.locator("main form button[type=submit]").last.click()
+    page.wait_for_load_state()
+    assert page.locator(".messages li").count() > 0
+    failures["after cancelling"] = contrast_failures(page)
+    failures = {path: found for path, found in failures.items() if found}
+    page.context.clear_cookies()
+    for path in ("/login", "/signup"):
+        page.goto(live_server.url + path)
+        found = contrast_failures(page)
+        if found:
+            failures[path] = found
+    assert failures == {}
+
+
+def test_the_staff_dashboard_and_console_meet_wcag_aa_contrast(lab, live_server, client):
+    from django.contrib.auth import get_user_model
+
+    page, running, _quote, _site = lab
+    staff = get_user_model().objects.create(username="staff", is_staff=True, is_superuser=True)
+    client.force_login(staff)
+    page.context.clear_cookies()
+    page.context.add_cookies(
+        [{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": live_server.url}]
+    )
+    node = running.allocations.first().node
+    failures = {}
+    for path in (
+        "/staff/",
+        "/admin/",
+        "/admin/inventory/node/",
+        f"/admin/inventory/node/{node.pk}/change/",
+        "/admin/marketplace/reservation/",
+        f"/admin/marketplace/reservation/{running.pk}/change/",
+    ):
+        response = page.goto(live_server.url + path)
+        assert response.status < 400, path
+        found = contrast_failures(page)
+        if found:
+            failures[path] = found
+    assert failures == {}
