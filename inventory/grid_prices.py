@@ -22,11 +22,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from config.errors import ValidationFailed
+from config.replica import read_connection
 from inventory.models import PriceZone, ZonePrice
 
 __all__ = [
@@ -452,7 +453,7 @@ def zone_price_series(*, zone_ids, starts_at: datetime, ends_at: datetime) -> di
     zone_ids = sorted(set(zone_ids))
     if not zone_ids:
         return {}
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:  # prices may be a moment old: the replica will do
         cur.execute(_SERIES_SQL, {"zones": zone_ids, "lo": starts_at, "hi": ends_at})
         rows = cur.fetchall()
     found: dict[int, dict] = {}

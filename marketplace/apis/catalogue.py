@@ -14,6 +14,7 @@ from config.replica import replica_reads
 from marketplace.models import Term, Tier
 from marketplace.selectors.availability import availability_search, site_availability
 from marketplace.selectors.catalogue import (
+    CurtailmentHistory,
     gpu_model_list,
     site_capacity_summaries,
     site_get_public,
@@ -219,6 +220,29 @@ class AvailabilityInput(serializers.Serializer):
         max_value=1,
         help_text="Only nodes whose 30-day reliability (0-1) is at least this.",
     )
+    min_renewable_share = serializers.DecimalField(
+        required=False,
+        max_digits=4,
+        decimal_places=3,
+        min_value=0,
+        max_value=1,
+        help_text="Only sites whose renewable share (0-1) is at least this.",
+    )
+    max_grid_carbon = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=2000,
+        help_text="Only sites whose grid carbon intensity (gCO2e/kWh) is at most this; sites "
+        "without the figure are left out.",
+    )
+    max_pue = serializers.DecimalField(
+        required=False,
+        max_digits=4,
+        decimal_places=2,
+        min_value=1,
+        max_value=5,
+        help_text="Only sites whose PUE is at most this.",
+    )
     max_price = serializers.DecimalField(
         required=False,
         max_digits=12,
@@ -318,6 +342,28 @@ class OfferSiteOutput(serializers.Serializer):
     country = serializers.CharField()
 
 
+class CurtailmentHistoryOutput(serializers.Serializer):
+    days = serializers.IntegerField(help_text="The period looked at: the last 90 days.")
+    events = serializers.IntegerField(help_text="Curtailments that took effect in it.")
+    hours = serializers.CharField(help_text="Hours the site was curtailed in it (1 place).")
+
+
+class OfferGridOutput(serializers.Serializer):
+    """The grid behind the offer."""
+
+    price_zone = serializers.CharField(
+        allow_null=True, help_text="The site's power market zone (its prices: grid/zones/{id})."
+    )
+    expected_energy_price_per_mwh = serializers.CharField(
+        allow_null=True,
+        help_text="The expected power price over the window, time-weighted, in `currency`; "
+        "null when not known in it.",
+    )
+    currency = serializers.CharField()
+    energy_price_note = serializers.CharField(help_text="Where that price comes from.")
+    curtailments_90d = CurtailmentHistoryOutput()
+
+
 class OfferOutput(serializers.Serializer):
     site = OfferSiteOutput()
     gpu_model = serializers.CharField(source="gpu_model.slug")
@@ -334,6 +380,10 @@ class OfferOutput(serializers.Serializer):
     total = serializers.DecimalField(max_digits=14, decimal_places=2)
     breakdown = serializers.SerializerMethodField()
     energy = serializers.SerializerMethodField()
+    grid = serializers.SerializerMethodField(
+        help_text="The site's power zone, the expected power price over the window, and its "
+        "curtailments over the last 90 days."
+    )
     reliability = serializers.DecimalField(
         max_digits=5,
         decimal_places=4,
@@ -348,6 +398,18 @@ class OfferOutput(serializers.Serializer):
     @extend_schema_field(EnergyOutput)
     def get_energy(self, offer) -> dict:
         return offer.energy().as_dict()
+
+    @extend_schema_field(OfferGridOutput)
+    def get_grid(self, offer) -> dict:
+        b = offer.breakdown
+        price = b.window_energy_price_per_mwh
+        return {
+            "price_zone": offer.price_zone,
+            "expected_energy_price_per_mwh": None if price is None else str(price),
+            "currency": b.currency,
+            "energy_price_note": b.energy_price_note,
+            "curtailments_90d": (offer.curtailments or CurtailmentHistory()).as_dict(),
+        }
 
 
 class AvailabilityOutput(serializers.Serializer):
@@ -378,5 +440,8 @@ class AvailabilityApi(_Catalogue):
             site=params.get("site"),
             max_price_per_gpu_hour=params.get("max_price"),
             min_reliability=params.get("min_reliability"),
+            min_renewable_share=params.get("min_renewable_share"),
+            max_grid_carbon_g_per_kwh=params.get("max_grid_carbon"),
+            max_pue=params.get("max_pue"),
         )
         return Response(AvailabilityOutput({"results": offers}).data)

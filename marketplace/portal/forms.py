@@ -96,6 +96,29 @@ class SearchForm(forms.Form):
     max_price_per_gpu_hour = forms.DecimalField(
         label="Max price per GPU-hour", required=False, min_value=0, max_digits=12, decimal_places=4
     )
+    min_renewable_pct = forms.DecimalField(
+        label="Renewable at least (%)",
+        required=False,
+        min_value=0,
+        max_value=100,
+        decimal_places=1,
+        help_text="The site's share of energy from renewable sources.",
+    )
+    max_grid_carbon = forms.IntegerField(
+        label="Grid carbon at most (gCO₂e/kWh)",
+        required=False,
+        min_value=0,
+        max_value=2000,
+        help_text="The site grid's average intensity; sites without the figure are left out.",
+    )
+    max_pue = forms.DecimalField(
+        label="PUE at most",
+        required=False,
+        min_value=1,
+        max_value=5,
+        decimal_places=2,
+        help_text="Power usage effectiveness: 1.00 means no cooling or power overhead.",
+    )
 
     def __init__(self, *args, gpu_models=(), sites=(), **kwargs):
         super().__init__(*args, **kwargs)

@@ -163,6 +163,11 @@ class SearchView(PortalView, View):
                     site=d["site"] or None,
                     max_price_per_gpu_hour=d["max_price_per_gpu_hour"],
                     min_reliability=_reliability_floor(d),
+                    min_renewable_share=None
+                    if d.get("min_renewable_pct") is None
+                    else d["min_renewable_pct"] / 100,
+                    max_grid_carbon_g_per_kwh=d.get("max_grid_carbon"),
+                    max_pue=d.get("max_pue"),
                 )
             except ApplicationError as exc:
                 _field_error(form, exc)

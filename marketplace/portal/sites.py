@@ -10,6 +10,7 @@ from django.views import View
 
 from config.errors import ApplicationError
 from config.replica import replica_reads
+from inventory.selectors import zone_prices_between
 from marketplace.portal.mixins import PortalView
 from marketplace.selectors.availability import site_availability
 from marketplace.selectors.catalogue import (
@@ -75,6 +76,35 @@ def free_by_day(site, *, now, days: int = FORECAST_DAYS) -> dict:
     }
 
 
+def zone_prices_next_day(site, *, now) -> dict | None:
+    """The site's price zone's prices from this hour for 24 hours: a chart and its table."""
+    if site.price_zone_id is None:
+        return None
+    zone = site.price_zone
+    start = now.replace(minute=0, second=0, microsecond=0)
+    prices = list(
+        zone_prices_between(zone=zone, starts_at=start, ends_at=start + timedelta(days=1))
+    )
+    return {
+        "zone": zone,
+        "start": start,
+        "prices": prices,
+        "chart": {
+            "power": {
+                "type": "line",
+                "labels": [p.starts_at.strftime("%H:%M") for p in prices],
+                "datasets": [
+                    {
+                        "label": f"{zone.currency.upper()} per MWh",
+                        "data": [float(p.price_per_mwh) for p in prices],  # display only
+                        "stepped": True,
+                    }
+                ],
+            }
+        },
+    }
+
+
 class SiteDetailView(PortalView, View):
     @replica_reads
     def get(self, request, slug: str):
@@ -90,7 +120,8 @@ class SiteDetailView(PortalView, View):
         if form.errors:
             status = 400
         capacity = site_capacity_summaries(site_ids=[site.pk])[site.pk]
-        forecast = free_by_day(site, now=timezone.now()) if site.status == "active" else None
+        now = timezone.now()
+        forecast = free_by_day(site, now=now) if site.status == "active" else None
         return render(
             request,
             "portal/site.html",
@@ -101,6 +132,7 @@ class SiteDetailView(PortalView, View):
                 "availability": availability,
                 "window": window,
                 "forecast": forecast,
+                "power": zone_prices_next_day(site, now=now),
             },
             status=status,
         )

@@ -17,12 +17,14 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db.models import Q
+from django.utils import timezone
 
 from config.errors import ValidationFailed
 from config.replica import read_connection
 from inventory.models import GpuModel, Node, Site
 from marketplace.models import Curtailment, RateCard
 from marketplace.rules import NodeCapacity, choose_nodes, validate_request_period
+from marketplace.selectors.catalogue import CurtailmentHistory, site_curtailment_history
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.services.energy import EnergyEstimate, energy_for
 from marketplace.services.pricing import (
@@ -72,6 +74,11 @@ class Offer:
     breakdown: PriceBreakdown
     # The least reliable of the offered nodes over 30 days (0-1); None before it is computed.
     reliability: Decimal | None = None
+    # The grid behind the offer (searches fill it): the site's price zone, if any, and how
+    # often it was curtailed over the last 90 days. The expected energy price over the window
+    # is the breakdown's window_energy_price_per_mwh.
+    price_zone: str | None = None
+    curtailments: CurtailmentHistory | None = None
 
     @property
     def reliability_pct(self) -> Decimal | None:
@@ -189,8 +196,21 @@ def _filters(
     site: str | None = None,
     site_id: int | None = None,
     min_reliability: Decimal | None = None,
+    min_renewable_share: Decimal | None = None,
+    max_grid_carbon_g_per_kwh: int | None = None,
+    max_pue: Decimal | None = None,
 ) -> tuple[str, dict]:
     clauses, params = [], {}
+    if min_renewable_share is not None:
+        clauses.append("s.renewable_share >= %(min_renewable_share)s")
+        params["min_renewable_share"] = min_renewable_share
+    if max_grid_carbon_g_per_kwh is not None:
+        # A site whose grid intensity is unknown does not qualify.
+        clauses.append("s.grid_carbon_g_per_kwh <= %(max_grid_carbon)s")
+        params["max_grid_carbon"] = max_grid_carbon_g_per_kwh
+    if max_pue is not None:
+        clauses.append("s.pue <= %(max_pue)s")
+        params["max_pue"] = max_pue
     if min_reliability is not None:
         # A node without a figure yet (computed hourly) does not qualify.
         clauses.append("n.reliability_30d >= %(min_reliability)s")
@@ -297,8 +317,14 @@ def availability_search(
     site: str | None = None,
     max_price_per_gpu_hour: Decimal | None = None,
     min_reliability: Decimal | None = None,
+    min_renewable_share: Decimal | None = None,
+    max_grid_carbon_g_per_kwh: int | None = None,
+    max_pue: Decimal | None = None,
 ) -> list[Offer]:
     """Offers that can be reserved right now, cheapest first (one per site and GPU model).
+
+    The grid filters select sites: renewable share at least (0-1), grid carbon intensity at
+    most (gCO2e/kWh; a site without the figure does not qualify), PUE at most.
 
     A period no reservation could have (in the past, too long, too far ahead) is refused with
     the same error reserving it would get, rather than answered with offers nobody can book.
@@ -315,6 +341,9 @@ def availability_search(
         region=region,
         site=site,
         min_reliability=min_reliability,
+        min_renewable_share=min_renewable_share,
+        max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
+        max_pue=max_pue,
     )
     params.update(
         starts_at=starts_at,
@@ -349,6 +378,7 @@ def availability_search(
     models = gpu_models_by_id({f[1] for f in fits})
     policy = current_policy()
     series = power_series_for(sites.values(), starts_at=starts_at, ends_at=ends_at)
+    curtailments = site_curtailment_history(site_ids=sites, now=timezone.now())
     reliability = dict(
         Node.objects.filter(pk__in={n.node_id for f in fits for n in f[6]}).values_list(
             "pk", "reliability_30d"
@@ -394,10 +424,17 @@ def availability_search(
                 total=breakdown.total,
                 breakdown=breakdown,
                 reliability=_least(reliability.get(n.node_id) for n in nodes),
+                price_zone=_zone_code(series, sites[site_id]),
+                curtailments=curtailments.get(site_id, CurtailmentHistory()),
             )
         )
     offers.sort(key=lambda o: (o.price_per_gpu_hour, o.total, o.site.slug, o.gpu_model.slug))
     return offers
+
+
+def _zone_code(series: dict, site: Site) -> str | None:
+    zone = series.get(site.price_zone_id)
+    return zone.code if zone is not None else None
 
 
 def _least(figures) -> Decimal | None:

@@ -1,12 +1,16 @@
 """Public catalogue reads for the API: GPU models, sites and their capacity, quotes by org."""
 
 from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce, Greatest, Least
 
 from config.errors import NotFound
 from inventory.models import GpuModel, Node, NodeStatus, Site, SiteStatus
-from marketplace.models import Organization, Quote
+from marketplace.models import Curtailment, Organization, Quote
 
 __all__ = [
     "gpu_model_list",
@@ -14,7 +18,57 @@ __all__ = [
     "site_get_public",
     "site_capacity_summaries",
     "quote_get_for_org",
+    "CURTAILMENT_HISTORY_DAYS",
+    "CurtailmentHistory",
+    "site_curtailment_history",
 ]
+
+CURTAILMENT_HISTORY_DAYS = 90
+
+
+@dataclass(frozen=True)
+class CurtailmentHistory:
+    """How often and how long a site shed load for its grid over the last 90 days."""
+
+    events: int = 0
+    hours: Decimal = Decimal("0.0")
+
+    def as_dict(self) -> dict:
+        return {"days": CURTAILMENT_HISTORY_DAYS, "events": self.events, "hours": str(self.hours)}
+
+
+def site_curtailment_history(*, site_ids, now: datetime) -> dict[int, CurtailmentHistory]:
+    """{site id: CurtailmentHistory} over [now − 90 days, now), one query for all the sites.
+
+    A curtailment counts from its start (or the period's) to the first of its end, when it
+    was called off or ended, and now; one called off before it started does not count. Sites
+    without any are absent (the default history is none)."""
+    since = now - timedelta(days=CURTAILMENT_HISTORY_DAYS)
+    moment = Value(now)
+    rows = (
+        Curtailment.objects.filter(site_id__in=set(site_ids), shed_at__lt=now)
+        .annotate(
+            span_start=Greatest("shed_at", Value(since)),
+            span_end=Least(Coalesce("until", moment), Coalesce("called_off_at", moment), moment),
+        )
+        .filter(span_end__gt=F("span_start"))
+        .values("site_id")
+        .annotate(
+            events=Count("id"),
+            duration=Sum(
+                ExpressionWrapper(F("span_end") - F("span_start"), output_field=DurationField())
+            ),
+        )
+    )
+    return {
+        row["site_id"]: CurtailmentHistory(
+            events=row["events"],
+            hours=(Decimal(row["duration"].total_seconds()) / 3600).quantize(
+                Decimal("0.1"), rounding=ROUND_HALF_UP
+            ),
+        )
+        for row in rows
+    }
 
 
 def gpu_model_list() -> QuerySet[GpuModel]:

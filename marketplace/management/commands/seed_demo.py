@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -70,6 +71,13 @@ PRICE_ZONES = [
     ("landsnet-is", "Landsnet (Iceland)", "usd", "Atlantic/Reykjavik"),
     ("pacificorp-east", "PacifiCorp East (PACE)", "usd", "America/Denver"),
 ]
+# Hourly price shape (per cent of the zone's base price), hour 0-23 UTC, and the base per MWh.
+PRICE_SHAPE = [70, 65, 62, 60, 62, 70, 85, 100, 110, 105, 95, 88, 82, 80, 84, 95, 115, 150,
+               180, 160, 130, 110, 90, 78]  # fmt: skip
+ZONE_BASE_PRICES = {
+    "ercot-west": "32.00", "hydro-quebec": "48.00", "nordpool-no4": "26.00", "ande-py": "30.00",
+    "landsnet-is": "41.00", "pacificorp-east": "39.00",
+}  # fmt: skip
 SITE_ZONES = {
     "pecos-tx": "ercot-west",
     "baie-comeau-qc": "hydro-quebec",
@@ -222,6 +230,7 @@ class Command(BaseCommand):
                 "creates the logins with random passwords)."
             )
         _seed_pricing()
+        _seed_zone_prices()
         if api_key is not None and api_key.revoked_at is None:
             self.stdout.write(f"Demo API key ({DEMO_ORG_NAME}, read and write): {DEMO_API_KEY}")
 
@@ -249,6 +258,23 @@ def _seed_price_zones() -> dict[str, PriceZone]:
             code=code, defaults={"name": name, "currency": currency, "timezone": tz}
         )
     return zones
+
+
+def _seed_zone_prices() -> None:
+    """A day back and a day and a half ahead of hourly prices per zone, as a day-ahead market
+    publishes them (re-running adds the hours that came since and changes nothing else)."""
+    from inventory.grid_prices import PriceRow, zone_prices_upsert
+
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    rows = []
+    for zone in PriceZone.objects.filter(code__in=ZONE_BASE_PRICES):
+        base = Decimal(ZONE_BASE_PRICES[zone.code])
+        for n in range(-24, 36):
+            start = hour + timedelta(hours=n)
+            price = (base * PRICE_SHAPE[start.hour] / 100).quantize(Decimal("0.01"))
+            rows.append(PriceRow(zone, start, start + timedelta(hours=1), price, zone.currency))
+    if rows:
+        zone_prices_upsert(rows=rows, source=SEED_ACTOR)
 
 
 def _seed_sites() -> dict[str, Site]:
