@@ -71,6 +71,45 @@ def _run_now(reservation) -> None:
     )
 
 
+def test_from_the_catalogue_to_an_offer_a_held_price_and_a_reservation(signed_in, market, shot):
+    """The journey's start in the browser: the catalogue before any search, a plan's "from"
+    price as a link to its offers, the offer's node specs, then hold and confirm."""
+    page, _, organization = signed_in
+    page.set_viewport_size(PHONE)
+    page.goto(page.base + "/gpus")
+    card = page.locator("#model-h100-sxm-80gb")
+    expect(card).to_contain_text("16 free now")
+    _no_sideways_scroll(page)
+    shot(page, "catalogue")
+    monthly = card.locator("a[href*='plan=reserved_1m']")
+    expect(monthly).to_have_text("from 1,086.3600 USD")  # reserved 1 month: 12 % off
+    monthly.click()
+
+    expect(page).to_have_url(re.compile(r"plan=reserved_1m"))
+    offer = page.locator("#offers tbody tr").first
+    expect(offer).to_contain_text("Mo i Rana")
+    expect(offer).to_contain_text("vCPU")  # the node's specs beside the price
+    _no_sideways_scroll(page)
+    shot(page, "offer")
+    offer.get_by_role("button", name=re.compile("^Hold this price")).click()
+
+    expect(page).to_have_url(re.compile(r"/quotes/quo_"))
+    expect(page.locator("h1")).to_have_text("Confirm: 1 × NVIDIA H100 SXM 80GB at Mo i Rana")
+    # A reserved term is due whole, now: what the button says before anything happens.
+    total = page.locator("#quote-total").inner_text()
+    expect(page.locator("#due-now")).to_contain_text(total)
+    page.get_by_label("SSH public keys").fill(ssh_key())
+    shot(page, "quote")
+    assert not Reservation.objects.filter(organization=organization).exists()
+    page.get_by_role("button", name=f"Reserve · {total} due now").click()
+
+    expect(page).to_have_url(re.compile(r"/reservations/res_"))
+    reservation = Reservation.objects.get(organization=organization)
+    assert (reservation.tier, reservation.term, reservation.gpu_count) == ("reserved", "1m", 1)
+    _no_sideways_scroll(page)
+    shot(page, "reserved")
+
+
 def test_reserve_extend_and_stop_at_phone_width(signed_in, market, shot):
     page, _, organization = signed_in
     page.set_viewport_size(PHONE)

@@ -232,3 +232,93 @@ def test_the_staff_dashboard_and_console_meet_wcag_aa_contrast(lab, live_server,
         if found:
             failures[path] = found
     assert failures == {}
+
+
+# Visible form controls without an accessible name, positive tabindexes (which reorder focus),
+# and the focusable elements in page order.
+CONTROLS_JS = r"""
+() => {
+  const visible = (e) => {
+    const r = e.getBoundingClientRect(), s = getComputedStyle(e);
+    return r.width > 0 && r.height > 0 && s.visibility === 'visible' && s.display !== 'none';
+  };
+  const name = (e) => {
+    if (e.getAttribute('aria-label')) return e.getAttribute('aria-label').trim();
+    const by = e.getAttribute('aria-labelledby');
+    if (by) return by.split(/\s+/).map(id => (document.getElementById(id) || {}).textContent || '').join(' ').trim();
+    if (e.labels && e.labels.length) return [...e.labels].map(l => l.textContent).join(' ').trim();
+    if (e.tagName === 'BUTTON' || e.tagName === 'A') return e.textContent.trim();
+    if (e.type === 'submit' || e.type === 'button') return (e.value || '').trim();
+    return (e.getAttribute('title') || '').trim();
+  };
+  const describe = (e) => e.tagName.toLowerCase() + (e.name ? `[name=${e.name}]` : '') + (e.id ? '#' + e.id : '');
+  const controls = [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button, a[href]')].filter(visible);
+  return {
+    unnamed: controls.filter(e => !name(e)).map(describe),
+    reordered: [...document.querySelectorAll('[tabindex]')].filter(e => Number(e.getAttribute('tabindex')) > 0).map(describe),
+    order: controls.filter(e => !e.disabled && e.tabIndex >= 0).map(describe),
+  };
+}
+"""
+
+
+def test_the_control_check_finds_unnamed_controls_and_reordered_focus(portal):
+    portal.set_content(
+        "<label>Name <input name=a></label><input name=b aria-label='B'>"
+        "<input name=c><button></button><a href='#' tabindex='2'>x</a>"
+    )
+    found = portal.evaluate(CONTROLS_JS)
+    assert found["unnamed"] == ["input[name=c]", "button"]
+    assert found["reordered"] == ["a"]
+
+
+def test_every_control_has_a_label_and_focus_follows_the_page(lab, live_server):
+    """Labels and focus order (WCAG 1.3.1, 2.4.3, 2.4.7, 4.1.2): every visible control has an
+    accessible name, nothing reorders focus, Tab visits the controls in page order starting
+    with the skip link, and the focused control is drawn visibly."""
+    page, running, quote, site = lab
+    problems = {}
+    for path in (
+        "/dashboard",
+        "/gpus",
+        "/gpus?gpu_model=h100-sxm-80gb&gpu_count=1&plan=on_demand",
+        f"/sites/{site.slug}",
+        "/reservations",
+        f"/reservations/{running.public_id}",
+        f"/quotes/{quote.public_id}",
+        "/api-keys",
+        "/ssh-keys",
+        "/team",
+        "/billing/",
+        "/billing/usage",
+    ):
+        page.goto(live_server.url + path)
+        found = page.evaluate(CONTROLS_JS)
+        if found["unnamed"] or found["reordered"]:
+            problems[path] = {k: found[k] for k in ("unnamed", "reordered")}
+        # Tab through the first controls: page order, each with a visible focus indicator.
+        page.evaluate("document.activeElement && document.activeElement.blur()")
+        visited = []
+        for _ in range(min(12, len(found["order"]))):
+            page.keyboard.press("Tab")
+            visited.append(
+                page.evaluate(
+                    """() => { const e = document.activeElement, s = getComputedStyle(e);
+                       const shown = (s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) > 0)
+                                     || s.boxShadow !== 'none';
+                       return [e.tagName.toLowerCase() + (e.name ? `[name=${e.name}]` : '')
+                               + (e.id ? '#' + e.id : ''), shown]; }"""
+                )
+            )
+        expected = found["order"][: len(visited)]
+        if [v[0] for v in visited] != expected:
+            problems.setdefault(path, {})["order"] = ([v[0] for v in visited], expected)
+        hidden_focus = [v[0] for v in visited if not v[1]]
+        if hidden_focus:
+            problems.setdefault(path, {})["focus not visible"] = hidden_focus
+    assert problems == {}
+    # The first stop is the skip link, and it leads to the main content.
+    page.goto(live_server.url + "/dashboard")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    assert page.evaluate("document.activeElement.getAttribute('href')") == "#main"
