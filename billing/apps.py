@@ -16,6 +16,8 @@ class BillingConfig(AppConfig):
         # Registers billing's tasks in every process, so one sent by name (config.celery's
         # task_enqueue) runs inline where tasks run eagerly, as the tests ask.
         import billing.tasks  # noqa: F401
+
+        # In ready(): these modules import models, which exist only once the apps are loaded.
         from billing.portal import commitment_funding, overview_panel
         from billing.services.funding import BillingFundingGate
         from marketplace.funding import funding_gate_register

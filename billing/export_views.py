@@ -5,6 +5,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 
+from billing.apis import UsageInput
 from billing.exports import ledger_csv_lines, usage_csv_lines
 from billing.portal import BillingPage, UsageFilterForm
 from config.api.schema import errors
@@ -47,8 +48,6 @@ class UsageCsvApi(ApiView):
         },
     )
     def get(self, request):
-        from billing.apis import UsageInput
-
         data = validated_input(UsageInput, request.query_params)
         lines = usage_csv_lines(
             organization=self.organization, since=data.get("since"), until=data.get("until")
@@ -69,8 +68,6 @@ class LedgerCsvApi(ApiView):
         },
     )
     def get(self, request):
-        from billing.apis import UsageInput
-
         data = validated_input(UsageInput, request.query_params)
         lines = ledger_csv_lines(
             organization=self.organization, since=data.get("since"), until=data.get("until")

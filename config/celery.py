@@ -10,6 +10,7 @@ pick up what is due, so nothing depends on a long countdown parked in Redis.
 
 import logging
 import os
+from logging.config import dictConfig
 
 from celery import Celery, signals
 from kombu.exceptions import KombuError
@@ -167,6 +168,8 @@ app.conf.update(CELERY_DB_REUSE_MAX=1000)
 @signals.task_prerun.connect
 @signals.task_postrun.connect
 def _close_old_connections(task=None, **kwargs) -> None:
+    # At call time: this module loads with the config package (config/__init__), before the
+    # settings module, so it imports nothing of Django's database layer at its top.
     from django.db import close_old_connections, connection
 
     # A task run eagerly (in a test, inside its transaction) must not lose its connection.
@@ -182,8 +185,7 @@ app.autodiscover_tasks()
 # instead of Celery's own format on the root logger.
 @signals.setup_logging.connect
 def _logging_from_settings(**_kwargs) -> None:
-    from logging.config import dictConfig
-
+    # At call time: see _close_old_connections (this module loads before the settings).
     from django.conf import settings
 
     dictConfig(settings.LOGGING)
@@ -214,6 +216,7 @@ def _unbind_request_id(task=None, **_kwargs) -> None:
 
 @signals.worker_ready.connect
 def _serve_task_metrics(**_kwargs) -> None:
+    # At call time: see _close_old_connections (this module loads before the settings).
     from django.conf import settings
 
     if settings.CELERY_METRICS_ADDRESS:

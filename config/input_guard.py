@@ -16,6 +16,8 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponseBadRequest, JsonResponse
 from django.utils.html import escape
 
+from config.api.errors import error_body
+
 __all__ = ["InputGuardMiddleware", "MAX_JSON_DEPTH", "unstorable"]
 
 # Deeper than any request body the API documents (a reservation's workload is 3 levels).
@@ -122,8 +124,6 @@ def _check_json(body: bytes) -> None:
 
 def _refusal(request, refused: _Refused):
     if request.path_info.startswith("/api/"):
-        from config.api.errors import error_body
-
         return JsonResponse(
             error_body(
                 type="invalid_request_error",

@@ -12,6 +12,8 @@ import logging
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
 
+from config.api.errors import error_body
+
 __all__ = ["DatabaseOutageMiddleware", "outage_response", "RETRY_AFTER_SECONDS"]
 
 logger = logging.getLogger(__name__)
@@ -26,8 +28,6 @@ def outage_response(request, exc: BaseException | None) -> HttpResponse | None:
     logger.error("database unavailable: %s", " ".join(str(exc).split())[:300])
     message = "The service is briefly unavailable; retry after the time in Retry-After."
     if request.path.startswith("/api/"):
-        from config.api.errors import error_body
-
         response = JsonResponse(
             error_body(type="api_error", code="service_unavailable", message=message), status=503
         )

@@ -15,6 +15,8 @@ from django.utils import timezone
 
 from config.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from inventory.models import BurnIn, BurnInStatus, Gpu, GpuHealth, Node, NodeStatus
+from inventory.services import status_change
+from inventory.telemetry import gpu_return_to_service
 
 __all__ = [
     "OUTPUT_LIMIT",
@@ -113,9 +115,6 @@ def burn_in_report(
     *, node: Node, burn_in_id: int, exit_code: int | None, timed_out: bool, output: str
 ) -> BurnIn:
     """The agent's result: pass (exit 0, in time) returns the GPUs or node to sale."""
-    from inventory.services import status_change
-    from inventory.telemetry import gpu_return_to_service
-
     burn_in = BurnIn.objects.select_for_update().filter(pk=burn_in_id, node=node).first()
     if burn_in is None:
         raise NotFound("No such burn-in on this node.")

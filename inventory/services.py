@@ -45,7 +45,12 @@ from inventory.models import (
     SiteStatus,
     StatusChange,
 )
-from inventory.telemetry import telemetry_changes_state, telemetry_rows
+from inventory.telemetry import (
+    gpu_health_apply,
+    telemetry_changes_state,
+    telemetry_record,
+    telemetry_rows,
+)
 
 SWEEPER_LABEL = "system: heartbeat sweeper"
 
@@ -478,8 +483,6 @@ def node_heartbeat_record(
     inventory.telemetry) opens an outage for that GPU only: the node still serves its other
     GPUs, and the marketplace does not sell failed GPUs. Failed is sticky until staff return it.
     """
-    from inventory.telemetry import gpu_health_apply, telemetry_record
-
     now = timezone.now()
     locked = Node.objects.select_for_update().get(pk=node.pk)
     reports = gpu_reports or []

@@ -25,11 +25,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import redis
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection, transaction
 from django.utils import timezone
 
+from config.celery import task_send
 from config.errors import InvalidTransition, ValidationFailed
 from config.retention import delete_in_batches
 from inventory.models import (
@@ -168,8 +170,6 @@ def gpu_health_apply(
 def _after_gpu_failure(gpu_id: int) -> None:
     """Ask the marketplace to move or end the work on the GPU, once this commits. The periodic
     sweep (marketplace.tasks.gpu_failures_handle) finds it anyway if the broker is down."""
-    from config.celery import task_send
-
     transaction.on_commit(
         lambda: task_send(
             "marketplace.tasks.gpu_failures_handle",
@@ -275,8 +275,6 @@ def buffer_client():
 def _buffer():
     global _redis
     if _redis is None:
-        import redis
-
         _redis = redis.Redis.from_url(
             settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0
         )
@@ -289,8 +287,6 @@ def samples_encode(rows: list[tuple]) -> bytes:
 
 def samples_enqueue(rows: list[tuple]) -> bool:
     """Append one heartbeat's samples to the buffer; False (and COPY now) if Redis fails."""
-    import redis
-
     try:
         _buffer().rpush(BUFFER_KEY, samples_encode(rows))
         return True

@@ -9,10 +9,14 @@ in PostgreSQL (see marketplace.provisioning.scheduler).
 import logging
 
 from celery import shared_task
+from django.conf import settings
+from redis import Redis
 
 from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
 from marketplace.provisioning import scheduler, services
 from marketplace.services.events import events_prune as _events_prune
+from marketplace.services.gpu_failures import gpu_failures_handle as _gpu_failures_handle
+from marketplace.services.reliability import reliability_compute as _reliability_compute
 from marketplace.services.webhook_sending import webhook_endpoint_send as _webhook_endpoint_send
 from marketplace.services.webhook_sending import webhook_endpoints_due
 
@@ -53,17 +57,13 @@ def reservation_outages_reconcile() -> tuple[int, int]:
 @shared_task(name="marketplace.tasks.gpu_failures_handle")
 def gpu_failures_handle() -> dict:
     """Every 30 s and after a GPU fails: move or end the work on failed GPUs (idempotent)."""
-    from marketplace.services.gpu_failures import gpu_failures_handle as handle
-
-    return handle()
+    return _gpu_failures_handle()
 
 
 @shared_task(name="marketplace.tasks.reliability_compute")
 def reliability_compute() -> dict:
     """Hourly: every GPU's, node's and site's 30-day reliability (recomputed whole)."""
-    from marketplace.services.reliability import reliability_compute as compute
-
-    return compute()
+    return _reliability_compute()
 
 
 @shared_task(name="marketplace.tasks.idempotency_records_purge")
@@ -115,8 +115,5 @@ def noop(counter_key: str = "") -> None:
     global _counter_client
     if counter_key:
         if _counter_client is None:
-            from django.conf import settings
-            from redis import Redis
-
             _counter_client = Redis.from_url(settings.REDIS_URL)
         _counter_client.incr(counter_key)

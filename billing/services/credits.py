@@ -29,6 +29,7 @@ month), credited at the SLA's rate on what that month charged for time delivered
 less the part just refunded).
 """
 
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -189,7 +190,6 @@ def credit_issue(
     amount_minor = to_minor_units(amount, currency)
     if amount_minor <= 0:
         raise ValidationFailed("A credit must be positive.", field="amount")
-    import uuid
 
     entry, _ = ledger_entry_add(
         organization=organization,

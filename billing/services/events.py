@@ -12,6 +12,7 @@ __all__ = ["top_up_events_record", "balance_event_record", "invoice_event_record
 
 def top_up_events_record(*, top_up: TopUp, succeeded: bool) -> None:
     """payment.succeeded and top_up.succeeded (the balance was credited), or payment.failed."""
+    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services that record these events.
     from billing.apis import TopUpOutput
 
     types = (
@@ -32,6 +33,7 @@ def top_up_events_record(*, top_up: TopUp, succeeded: bool) -> None:
 
 def balance_event_record(*, organization: Organization, type: str) -> None:
     """balance.low or funding.suspended, with the balance as GET billing/balance shows it."""
+    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services that record these events.
     from billing.apis import BalanceOutput, balance_data
 
     event_record(
@@ -45,6 +47,7 @@ def balance_event_record(*, organization: Organization, type: str) -> None:
 
 
 def invoice_event_record(*, invoice: Invoice, type: str) -> None:
+    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services that record these events.
     from billing.apis import InvoiceOutput
 
     event_record(

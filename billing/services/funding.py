@@ -41,6 +41,7 @@ from billing.services.usage import reservations_book_now, reserved_extension_cha
 from config.celery import task_send
 from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
+from marketplace.services.transitions import reservation_transition
 
 __all__ = [
     "committed_amount",
@@ -361,8 +362,6 @@ def _running_metered(organization: Organization) -> bool:
 
 
 def _release_unfunded(*, organization: Organization) -> list[str]:
-    from marketplace.services.transitions import reservation_transition
-
     S = ReservationStatus
     released = []
     # The account row is locked here; a reservation locked by someone else (an extension,

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from billing.models import Hold, HoldStatus, LedgerKind
 from marketplace.models import Reservation
+from marketplace.services.transitions import TERMINAL_STATUSES
 
 __all__ = [
     "MoneyPosition",
@@ -160,8 +161,6 @@ def holds_release(*, reservation_ids: list[int]) -> int:
 def holds_release_ended() -> int:
     """Release the open holds of reservations that have ended or been released (the meter's
     sweep, after it has charged them up to their end)."""
-    from marketplace.services.transitions import TERMINAL_STATUSES
-
     ended = Reservation.objects.filter(released_at__isnull=False) | Reservation.objects.filter(
         status__in=TERMINAL_STATUSES
     )

@@ -24,7 +24,7 @@ from django.db import connection, models, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from billing.models import LedgerEntry, LedgerKind
+from billing.models import LedgerEntry, LedgerKind, UsageAccrual
 from billing.money import ZERO_DECIMAL_CURRENCIES, to_minor_units
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
@@ -413,7 +413,6 @@ def usage_price_change(
     if isinstance(price_per_gpu_hour, float):
         raise TypeError("price_per_gpu_hour must be Decimal, not float")
     lines = reservations_book_now(reservation_ids=[reservation_id], now=now, reason="price change")
-    from billing.models import UsageAccrual
 
     UsageAccrual.objects.filter(reservation_id=reservation_id).update(
         price_from_gpu_seconds=models.F("booked_gpu_seconds"),

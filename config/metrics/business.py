@@ -135,6 +135,7 @@ _broker: redis.Redis | None = None
 
 
 def _queues() -> list[str]:
+    # Known cycle (tests/test_import_cycles.py): config.celery imports the metrics at its top.
     from config.celery import QUEUES
 
     return sorted({settings.CELERY_TASK_DEFAULT_QUEUE, *QUEUES})

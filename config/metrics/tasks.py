@@ -63,6 +63,8 @@ def _process_gone(pid=None, **_kwargs) -> None:
 
 def metrics_server_start(address: str) -> None:
     """Serve this worker's task metrics (every prefork child's, summed) at host:port."""
+    # At call time: config.celery imports this module before the settings module has loaded,
+    # and the views (Django's HTTP layer, the business metrics) need the settings.
     from config.metrics.views import process_registry
 
     host, _, port = address.rpartition(":")

@@ -1,9 +1,13 @@
+from datetime import timedelta
+
 from django import forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
 from django.db.models import Q
+from django.utils import timezone
 
 from marketplace.models import ApiKeyScope, EventType, ReservationStatus, Role, Tier
+from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 
 __all__ = [
@@ -131,12 +135,6 @@ class SearchForm(forms.Form):
         ]
 
     def clean(self):
-        from datetime import timedelta
-
-        from django.utils import timezone
-
-        from marketplace.services.pricing import TERM_LENGTHS
-
         data = super().clean()
         if "plan" not in data:
             return data

@@ -94,8 +94,8 @@ def _event_save(event: Event) -> Event:
 
 def reservation_event_build(*, reservation: Reservation, type: str) -> Event:
     """The reservation's event as the API shows it now, not yet saved."""
-    # The API's serializers import the services; importing them here, at call time, keeps
-    # that one-way at import time.
+    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services
+    # that write events; importing them at call time keeps module loading one-way.
     from marketplace.apis.reservations import ReservationOutput
 
     return event_build(
@@ -113,6 +113,7 @@ def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
 
 
 def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:
+    # Known cycle (tests/test_import_cycles.py): the API's serializers import this module's callers.
     from marketplace.apis.api_keys import ApiKeyOutput
 
     return event_record(
@@ -129,6 +130,7 @@ def member_event_record(
     *, membership: Membership, type: str, member_id: int | None = None
 ) -> Event:
     """`member_id`: the membership's id when the row is already deleted (member.removed)."""
+    # Known cycle (tests/test_import_cycles.py): the API's serializers import this module's callers.
     from marketplace.apis.organization import MemberOutput
 
     pk = member_id if member_id is not None else membership.pk

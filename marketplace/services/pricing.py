@@ -39,6 +39,7 @@ from django.utils import timezone
 from config.errors import NotAvailable, ValidationFailed
 from inventory.grid_prices import zone_price_series
 from marketplace.models import EnergyBasis, PricingPolicy, RateCard, Term, Tier
+from marketplace.selectors.reference import pricing_policy_current, rate_card_for
 
 __all__ = [
     "TERM_LENGTHS",
@@ -539,8 +540,6 @@ def _bounds_and_discounts(policy: PricingPolicy | None) -> tuple[PricingBounds, 
 
 def current_policy() -> PricingPolicy | None:
     """The newest policy; from the per-process reference cache (up to 5 s old elsewhere)."""
-    from marketplace.selectors.reference import pricing_policy_current
-
     return pricing_policy_current()
 
 
@@ -665,8 +664,6 @@ def price_floor(
 
     Reads the policy and the zone's prices (one query); the rule itself is energy_floor.
     """
-    from marketplace.selectors.reference import rate_card_for
-
     if currency is None:
         card = rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk)
         if card is None:

@@ -30,6 +30,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from config.errors import ValidationFailed
+from marketplace.apis.events import EventOutput
 from marketplace.models import (
     DeliveryStatus,
     Membership,
@@ -165,8 +166,6 @@ def webhook_endpoint_send(*, endpoint_id: int) -> dict:
     Returns {"sent": n, "failed": n, "more": bool}: `more` when due work is left (the task
     queues itself again).
     """
-    from marketplace.apis.events import EventOutput
-
     started = timezone.now()
     if not _claim(endpoint_id, started):
         return {"sent": 0, "failed": 0, "more": False}  # another worker has it, or disabled

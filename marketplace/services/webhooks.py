@@ -21,6 +21,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
+from config.celery import task_send
 from config.errors import ValidationFailed
 from marketplace.models import (
     DeliveryStatus,
@@ -315,8 +316,6 @@ def webhook_delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
 
 
 def _kick_on_commit(endpoint_ids: list[int]) -> None:
-    from config.celery import task_send
-
     def kick():
         for endpoint_id in endpoint_ids:
             # A lost kick is found by the sweeper (marketplace.tasks.webhooks_sweep).

@@ -40,8 +40,17 @@ from inventory.models import (
     SiteStatus,
     StatusChange,
 )
-from marketplace.models import ApiKey, ApiKeyScope, Membership, Organization, Role
+from marketplace.models import (
+    ApiKey,
+    ApiKeyScope,
+    Membership,
+    Organization,
+    PricingPolicy,
+    RateCard,
+    Role,
+)
 from marketplace.services.api_keys import SECRET_PREFIX, api_key_hash
+from marketplace.services.pricing import DEFAULT_POLICY
 
 ADMIN_USERNAME, ADMIN_PASSWORD = "admin", "switchyard-admin"
 DEMO_USERNAME, DEMO_PASSWORD = "demo", "switchyard-demo"
@@ -422,9 +431,6 @@ def _seed_pricing() -> None:
     Idempotent: rate cards are matched on (GPU model, site); a policy is created only when
     there is none, so staff edits made during a demo are kept.
     """
-    from marketplace.models import PricingPolicy, RateCard
-    from marketplace.services.pricing import DEFAULT_POLICY
-
     defaults = {
         "h200-sxm-141gb": "3.1000",
         "h100-sxm-80gb": "2.2000",

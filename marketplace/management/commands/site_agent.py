@@ -19,6 +19,9 @@ import threading
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from inventory.models import Node, NodeStatus, NodeToken
+from inventory.services import node_token_issue, node_token_revoke
+
 sys.path.insert(0, str(settings.BASE_DIR / "agent"))
 
 import switchyard_agent  # noqa: E402
@@ -48,9 +51,6 @@ class Command(BaseCommand):
             raise CommandError(f"the agent stopped with exit code {code}")
 
     def _site(self, slug: str, flags: dict) -> None:
-        from inventory.models import Node, NodeStatus, NodeToken
-        from inventory.services import node_token_issue, node_token_revoke
-
         if not settings.DEBUG:
             raise CommandError("--site issues node tokens on the fly: development only (DEBUG).")
         try:
