@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -547,8 +548,6 @@ def _health_sql(now_param: str) -> dict[str, str]:
 
 def price_zones_with_feed_health(now: datetime | None = None):
     """PriceZone rows annotated with their feed's health (FeedHealth.of reads them)."""
-    from django.db.models.expressions import RawSQL
-
     now = now or timezone.now()
     since = now - timedelta(days=1)
     sql = _health_sql("%s")
