@@ -27,6 +27,7 @@ rollback to an older snapshot, data loss, outage):
 import logging
 from datetime import UTC, datetime, timedelta
 
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -76,8 +77,6 @@ def _from_epoch(value: bytes | str) -> datetime:
 def heartbeat_buffer_push(*, node_id: int, at: datetime, samples: list[tuple]) -> bool:
     """Buffer one heartbeat (its time and its telemetry samples) in one MULTI; False if Redis
     did not take it (the caller writes it at once instead)."""
-    import redis
-
     try:
         pipe = _buffer().pipeline(transaction=True)
         pipe.hset(LAST_SEEN_KEY, str(node_id), _epoch(at))
@@ -92,8 +91,6 @@ def heartbeat_buffer_push(*, node_id: int, at: datetime, samples: list[tuple]) -
 
 def token_use_buffer(*, token_id: int, at: datetime) -> bool:
     """Note a node token's use for the next flush; False if Redis did not take it."""
-    import redis
-
     try:
         _buffer().hset(TOKEN_USED_KEY, str(token_id), _epoch(at))
         return True
@@ -103,8 +100,6 @@ def token_use_buffer(*, token_id: int, at: datetime) -> bool:
 
 def heartbeats_buffered(node_ids: list[int]) -> dict[int, datetime]:
     """The buffered (not yet flushed) heartbeat time of these nodes; {} if Redis is down."""
-    import redis
-
     if not node_ids:
         return {}
     try:

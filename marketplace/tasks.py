@@ -17,6 +17,7 @@ from marketplace.provisioning import scheduler, services
 from marketplace.services.events import events_prune as _events_prune
 from marketplace.services.gpu_failures import gpu_failures_handle as _gpu_failures_handle
 from marketplace.services.reliability import reliability_compute as _reliability_compute
+from marketplace.services.retention import history_prune as _history_prune
 from marketplace.services.webhook_sending import webhook_endpoint_send as _webhook_endpoint_send
 from marketplace.services.webhook_sending import webhook_endpoints_due
 
@@ -82,9 +83,7 @@ def events_prune() -> int:
 def history_prune() -> dict[str, int]:
     """Daily: provisioning and reservation history of long-finished reservations, in batches
     (docs/retention.md); idempotent."""
-    from marketplace.services.retention import history_prune as prune
-
-    return prune().as_dict()
+    return _history_prune().as_dict()
 
 
 @shared_task(name="marketplace.tasks.webhook_endpoint_send")
