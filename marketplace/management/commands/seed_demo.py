@@ -29,6 +29,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
+from inventory.grid_prices import PriceRow, zone_prices_upsert
 from inventory.models import (
     CoolingType,
     Gpu,
@@ -272,8 +273,6 @@ def _seed_price_zones() -> dict[str, PriceZone]:
 def _seed_zone_prices() -> None:
     """A day back and a day and a half ahead of hourly prices per zone, as a day-ahead market
     publishes them (re-running adds the hours that came since and changes nothing else)."""
-    from inventory.grid_prices import PriceRow, zone_prices_upsert
-
     hour = timezone.now().replace(minute=0, second=0, microsecond=0)
     rows = []
     for zone in PriceZone.objects.filter(code__in=ZONE_BASE_PRICES):
