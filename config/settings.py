@@ -253,6 +253,10 @@ CURTAILMENT_MIN_NOTICE = timedelta(
 CURTAILMENT_POWER_FRESH = timedelta(
     seconds=env_int("CURTAILMENT_POWER_FRESH_SECONDS", 120, minimum=10)
 )
+# How far a demand-response call's signed timestamp may be from our clock (docs/grid.md).
+DEMAND_RESPONSE_SIGNATURE_TOLERANCE = timedelta(
+    seconds=env_int("DEMAND_RESPONSE_SIGNATURE_TOLERANCE_SECONDS", 300, minimum=5)
+)
 # How long an e-mailed invitation to join an organisation can be accepted.
 INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")

@@ -522,8 +522,8 @@ class DemandResponseSourceAdmin(admin.ModelAdmin):
     The secret signs their requests: give it to the operator over a trusted channel."""
 
     list_display = ("name", "description", "is_active", "created_at")
-    filter_horizontal = ("sites",)
-    fields = ("name", "description", "secret", "sites", "is_active")
+    filter_horizontal = ("sites", "zones")
+    fields = ("name", "description", "secret", "sites", "zones", "is_active")
 
 
 @admin.register(DemandResponseEvent)
@@ -534,6 +534,7 @@ class DemandResponseEventAdmin(admin.ModelAdmin):
         "modification_number",
         "status",
         "site",
+        "zone",
         "starts_at",
         "ends_at",
         "target_mw",

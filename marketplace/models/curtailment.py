@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
-from inventory.models import Site
+from inventory.models import PriceZone, Site
 
 __all__ = [
     "Curtailment",
@@ -39,6 +39,12 @@ class DemandResponseSource(models.Model):
     secret = models.CharField(max_length=80, default=_dr_secret)
     sites = models.ManyToManyField(
         Site, blank=True, related_name="+", help_text="Sites this source may curtail."
+    )
+    zones = models.ManyToManyField(
+        PriceZone,
+        blank=True,
+        related_name="+",
+        help_text="Price zones this source may curtail (a call for a zone sheds its sites).",
     )
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -68,6 +74,9 @@ class DemandResponseEvent(models.Model):
     site = models.ForeignKey(
         Site, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
+    zone = models.ForeignKey(
+        PriceZone, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     starts_at = models.DateTimeField()
     ends_at = models.DateTimeField()
     target_mw = models.DecimalField(
@@ -87,6 +96,11 @@ class DemandResponseEvent(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(ends_at__gt=F("starts_at")), name="dr_event_period_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(site__isnull=True, zone__isnull=False)
+                | Q(site__isnull=False, zone__isnull=True),
+                name="dr_event_site_or_zone",
             ),
         ]
 

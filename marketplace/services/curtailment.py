@@ -69,6 +69,7 @@ __all__ = [
     "Candidate",
     "victims_choose",
     "reservation_draws",
+    "site_flexible_kw",
     "curtailment_announce",
     "curtailment_replan",
     "curtailment_call_off",
@@ -354,13 +355,33 @@ def _lock_site(site_id: int) -> Site:
     return site
 
 
-def _candidates(*, site: Site, curtailment: Curtailment, tiers, preempt_at: datetime):
+def site_flexible_kw(
+    *, site: Site, shed_at: datetime, until: datetime | None, now: datetime | None = None
+) -> Decimal:
+    """The draw a curtailment of the site from shed_at to until could shed now (its
+    candidates' draws, unlocked): what a zone's call is spread by."""
+    now = now or timezone.now()
+    probe = Curtailment(site=site, shed_at=shed_at, until=until)
+    flexible = _candidates(
+        site=site,
+        curtailment=probe,
+        tiers=[Tier.INTERRUPTIBLE],
+        preempt_at=max(shed_at, now),
+        lock=False,
+    )
+    draws = reservation_draws(flexible, site=site, now=now)
+    return sum((kw for kw, _basis in draws.values()), Decimal(0))
+
+
+def _candidates(
+    *, site: Site, curtailment: Curtailment, tiers, preempt_at: datetime, lock: bool = True
+):
     window = Q(ends_at__gt=preempt_at) & (
         Q() if curtailment.until is None else Q(starts_at__lt=curtailment.until)
     )
+    rows = Reservation.objects.select_for_update(of=("self",)) if lock else Reservation.objects
     return list(
-        Reservation.objects.select_for_update(of=("self",))
-        .filter(window, site=site, tier__in=tiers, status__in=PREEMPTIBLE_STATUSES)
+        rows.filter(window, site=site, tier__in=tiers, status__in=PREEMPTIBLE_STATUSES)
         .exclude(
             Exists(
                 CurtailmentVictim.objects.filter(
