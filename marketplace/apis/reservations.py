@@ -2,7 +2,6 @@
 
 from datetime import timedelta
 
-import django_filters
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
@@ -14,6 +13,7 @@ from config.api.schema import errors
 from config.api.views import FILTERED, ApiView, validated_input
 from config.replica import replica_reads
 from marketplace.apis.catalogue import EnergyOutput
+from marketplace.filters import ReservationFilter
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
@@ -317,35 +317,6 @@ class ReservationDetailOutput(ReservationOutput):
         data = super().to_representation(reservation)
         data["cancellation"] = reservation.cancellation or None
         return data
-
-
-class ReservationFilter(django_filters.FilterSet):
-    status = django_filters.MultipleChoiceFilter(
-        choices=ReservationStatus.choices, help_text="Repeat for several: ?status=a&status=b."
-    )
-    tier = django_filters.ChoiceFilter(choices=Tier.choices)
-    site = django_filters.CharFilter(field_name="site__slug")
-    gpu_model = django_filters.CharFilter(field_name="gpu_model__slug")
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
-    updated_after = django_filters.IsoDateTimeFilter(
-        field_name="updated_at",
-        lookup_expr="gte",
-        help_text="Changed at or after this time (status, end, interruption notice): to sync, "
-        "ask with the time of your last sync.",
-    )
-
-    class Meta:
-        model = Reservation
-        fields = [
-            "status",
-            "tier",
-            "site",
-            "gpu_model",
-            "created_after",
-            "created_before",
-            "updated_after",
-        ]
 
 
 class ReservationListApi(ApiView):

@@ -19,6 +19,7 @@ from django.views import View
 from config.errors import ApplicationError, PaymentRequired
 from config.replica import replica_reads
 from inventory.models import Node, Site, SiteStatus
+from marketplace.filters import ReservationFilter
 from marketplace.models import ApiKey, ReservationStatus
 from marketplace.portal.forms import (
     PLANS,
@@ -327,13 +328,28 @@ class ReservationListView(PortalView, View):
             return render(
                 request, "portal/reservations.html", {"form": form, "page": None}, status=400
             )
-        filters = form.active_filters()
-        reservations = reservation_list_for_org(
-            organization=self.organization,
-            status=filters.get("status"),
-            tier=filters.get("tier"),
-            site=filters.get("site"),
+        # The API's filter set, on the same query string: one definition of what each filter
+        # means (the form above offers the common ones and says what is wrong with them; the
+        # API's others, such as created_after, work here too).
+        filterset = ReservationFilter(
+            request.GET, queryset=reservation_list_for_org(organization=self.organization)
         )
+        if not filterset.is_valid():
+            problems = [f"{name}: {' '.join(e)}" for name, e in filterset.errors.items()]
+            return render(
+                request,
+                "portal/reservations.html",
+                {"form": form, "page": None, "filter_errors": problems},
+                status=400,
+            )
+        filters = [  # as asked (a filter may repeat: ?status=a&status=b), blanks left out
+            (name, value)
+            for name in request.GET
+            if name in filterset.filters
+            for value in request.GET.getlist(name)
+            if value.strip()
+        ]
+        reservations = filterset.qs
         # get_page clamps: a page that is not a number is the first, one out of range the last.
         page = Paginator(reservations, RESERVATIONS_PAGE_SIZE).get_page(request.GET.get("page"))
         reservations_charged_load(page.object_list)  # one question to billing for the page

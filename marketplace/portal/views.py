@@ -155,9 +155,9 @@ class DashboardView(PortalView, View):
     @replica_reads
     def get(self, request):
         current = list(
-            reservation_list_for_org(organization=self.organization, status=_CURRENT).order_by(
-                "starts_at"
-            )[:20]
+            reservation_list_for_org(organization=self.organization)
+            .filter(status__in=_CURRENT)
+            .order_by("starts_at")[:20]
         )
         reservations_charged_load(current)  # one question to billing for them all
         now = timezone.now()

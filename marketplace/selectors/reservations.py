@@ -27,33 +27,14 @@ __all__ = [
 ]
 
 
-def reservation_list_for_org(
-    *,
-    organization: Organization,
-    status: str | list[str] | None = None,
-    tier: str | None = None,
-    site: str | None = None,
-    gpu_model: str | None = None,
-    starts_after: datetime | None = None,
-    starts_before: datetime | None = None,
-) -> QuerySet[Reservation]:
-    """The organisation's reservations, newest first, with site and model joined in."""
-    qs = Reservation.objects.filter(organization=organization).select_related(
-        "site", "gpu_model", "quote", "organization"
+def reservation_list_for_org(*, organization: Organization) -> QuerySet[Reservation]:
+    """The organisation's reservations, newest first, with site and model joined in. Lists
+    filter it with marketplace.filters.ReservationFilter (the API and the portal alike)."""
+    return (
+        Reservation.objects.filter(organization=organization)
+        .select_related("site", "gpu_model", "quote", "organization")
+        .order_by("-created_at", "-id")
     )
-    if status:
-        qs = qs.filter(status__in=[status] if isinstance(status, str) else status)
-    if tier:
-        qs = qs.filter(tier=tier)
-    if site:
-        qs = qs.filter(site__slug=site)
-    if gpu_model:
-        qs = qs.filter(gpu_model__slug=gpu_model)
-    if starts_after:
-        qs = qs.filter(starts_at__gte=starts_after)
-    if starts_before:
-        qs = qs.filter(starts_at__lt=starts_before)
-    return qs.order_by("-created_at", "-id")
 
 
 def reservation_get_for_org(*, organization: Organization, public_id: str) -> Reservation:

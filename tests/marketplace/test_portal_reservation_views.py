@@ -8,13 +8,14 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from inventory.models import SiteStatus
 from marketplace.models import Allocation, Quote, Reservation, ReservationStatus, Role, Tier
 from marketplace.portal.reservations import RESERVATIONS_PAGE_SIZE
 from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import reservation_create
-from tests.factories import OrganizationFactory, SiteFactory
+from tests.factories import MembershipFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
     make_nodes,
@@ -411,3 +412,53 @@ def test_an_empty_list_says_whether_there_are_none_or_none_match(market):
     page = unmatched.content.decode()
     assert "No reservation matches these filters." in page
     assert "No reservations yet." not in page and "Showing" not in page
+
+
+def test_the_list_filters_as_the_api_does_with_the_same_query(market):
+    """The portal runs the API's filter set: the same query string lists the same
+    reservations, the API's own filters (several statuses, creation time) included."""
+    site, h100 = market
+    org = OrganizationFactory()
+    membership = MembershipFactory(organization=org, role=Role.MEMBER)
+    portal, api = Client(), APIClient()
+    portal.force_login(membership.user)
+    api.force_login(membership.user)
+    active = make_reservation_rows(
+        org, 3, site=site, gpu_model=h100, status=ReservationStatus.ACTIVE
+    )
+    cancelled = make_reservation_rows(
+        org, 2, site=site, gpu_model=h100, status=ReservationStatus.CANCELLED
+    )
+    completed = make_reservation_rows(
+        org, 2, site=site, gpu_model=h100, status=ReservationStatus.COMPLETED
+    )
+    after = cancelled[0].created_at.isoformat()
+    expected = [
+        ({"status": ["active", "cancelled"]}, newest_first([*active, *cancelled])),
+        ({"created_after": after}, newest_first([*cancelled, *completed])),
+        (
+            {"status": ["active", "cancelled"], "created_after": after, "gpu_model": h100.slug},
+            newest_first(cancelled),
+        ),
+        ({"tier": "reserved"}, []),
+    ]
+
+    for query, ids in expected:
+        listed = api.get("/api/v1/reservations", {**query, "limit": 100})
+        assert listed.status_code == 200, listed.content
+        assert [r["id"] for r in listed.json()["results"]] == ids
+        assert shown(portal.get("/reservations", query)) == ids
+
+
+def test_a_malformed_api_filter_is_refused_and_lists_nothing(market):
+    site, h100 = market
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    (mine,) = make_reservation_rows(org, 1, site=site, gpu_model=h100)
+
+    response = client.get("/reservations", {"created_after": "yesterday-ish"})
+
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert 'id="filter_errors"' in page and "created_after: Enter a valid date/time." in page
+    assert mine.public_id not in page
