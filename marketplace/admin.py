@@ -189,6 +189,8 @@ class PricingPolicyAdmin(admin.ModelAdmin):
         "floor_multiplier",
         "ceiling_multiplier",
         "energy_pass_through_pct",
+        "floor_margin_pct",
+        "floor_margin_per_gpu_hour",
         "note",
     ]
 

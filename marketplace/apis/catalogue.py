@@ -202,24 +202,9 @@ class SiteAvailabilityApi(_Catalogue):
         )
 
 
-class AvailabilityInput(serializers.Serializer):
-    gpu_model = serializers.SlugField(required=False, help_text="e.g. h100-sxm-80gb.")
-    min_gpu_memory_gb = serializers.IntegerField(required=False, min_value=1)
-    gpu_count = serializers.IntegerField(default=1, min_value=1, max_value=4096)
-    start = serializers.DateTimeField(required=False, help_text="Default: now.")
-    end = serializers.DateTimeField(help_text="Exclusive end of the period.")
-    region = serializers.CharField(required=False, max_length=64)
-    site = serializers.SlugField(required=False)
-    tier = serializers.ChoiceField(choices=Tier.choices, default=Tier.ON_DEMAND)
-    term = serializers.ChoiceField(choices=Term.choices, default=Term.NONE)
-    min_reliability = serializers.DecimalField(
-        required=False,
-        max_digits=5,
-        decimal_places=4,
-        min_value=0,
-        max_value=1,
-        help_text="Only nodes whose 30-day reliability (0-1) is at least this.",
-    )
+class GridFiltersInput(serializers.Serializer):
+    """Which sites qualify by their grid: shared by the search and quotes."""
+
     min_renewable_share = serializers.DecimalField(
         required=False,
         max_digits=4,
@@ -242,6 +227,35 @@ class AvailabilityInput(serializers.Serializer):
         min_value=1,
         max_value=5,
         help_text="Only sites whose PUE is at most this.",
+    )
+
+    def grid_filters(self) -> dict:
+        """The filters as availability_search takes them."""
+        data = self.validated_data
+        return {
+            "min_renewable_share": data.get("min_renewable_share"),
+            "max_grid_carbon_g_per_kwh": data.get("max_grid_carbon"),
+            "max_pue": data.get("max_pue"),
+        }
+
+
+class AvailabilityInput(GridFiltersInput):
+    gpu_model = serializers.SlugField(required=False, help_text="e.g. h100-sxm-80gb.")
+    min_gpu_memory_gb = serializers.IntegerField(required=False, min_value=1)
+    gpu_count = serializers.IntegerField(default=1, min_value=1, max_value=4096)
+    start = serializers.DateTimeField(required=False, help_text="Default: now.")
+    end = serializers.DateTimeField(help_text="Exclusive end of the period.")
+    region = serializers.CharField(required=False, max_length=64)
+    site = serializers.SlugField(required=False)
+    tier = serializers.ChoiceField(choices=Tier.choices, default=Tier.ON_DEMAND)
+    term = serializers.ChoiceField(choices=Term.choices, default=Term.NONE)
+    min_reliability = serializers.DecimalField(
+        required=False,
+        max_digits=5,
+        decimal_places=4,
+        min_value=0,
+        max_value=1,
+        help_text="Only nodes whose 30-day reliability (0-1) is at least this.",
     )
     max_price = serializers.DecimalField(
         required=False,
@@ -426,7 +440,9 @@ class AvailabilityApi(_Catalogue):
         responses={200: AvailabilityOutput, **errors(400, 403)},
     )
     def get(self, request):
-        params = validated_input(AvailabilityInput, request.query_params)
+        serializer = AvailabilityInput(data=request.query_params)
+        serializer.is_valid(raise_exception=True)
+        params = serializer.validated_data
         resolve_catalogue(gpu_model=params.get("gpu_model"), site=params.get("site"))
         offers = availability_search(
             gpu_count=params["gpu_count"],
@@ -440,8 +456,6 @@ class AvailabilityApi(_Catalogue):
             site=params.get("site"),
             max_price_per_gpu_hour=params.get("max_price"),
             min_reliability=params.get("min_reliability"),
-            min_renewable_share=params.get("min_renewable_share"),
-            max_grid_carbon_g_per_kwh=params.get("max_grid_carbon"),
-            max_pue=params.get("max_pue"),
+            **serializer.grid_filters(),
         )
         return Response(AvailabilityOutput({"results": offers}).data)

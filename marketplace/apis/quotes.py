@@ -6,8 +6,8 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from config.api.schema import errors
-from config.api.views import ApiView, validated_input
-from marketplace.apis.catalogue import BreakdownOutput, EnergyOutput
+from config.api.views import ApiView
+from marketplace.apis.catalogue import BreakdownOutput, EnergyOutput, GridFiltersInput
 from marketplace.models import Term, Tier
 from marketplace.selectors.catalogue import quote_get_for_org
 from marketplace.services.energy import booking_energy
@@ -16,7 +16,7 @@ from marketplace.services.quotes import quote_create
 TAGS = ["Quotes"]
 
 
-class QuoteCreateInput(serializers.Serializer):
+class QuoteCreateInput(GridFiltersInput):
     gpu_model = serializers.SlugField(help_text="e.g. h100-sxm-80gb.")
     gpu_count = serializers.IntegerField(min_value=1, max_value=4096)
     starts_at = serializers.DateTimeField(required=False, help_text="Default: now.")
@@ -84,7 +84,9 @@ class QuoteListApi(ApiView):
         responses={201: QuoteOutput, **errors(400, 403, 404, 409, 415, 422)},
     )
     def post(self, request):
-        data = validated_input(QuoteCreateInput, request.data)
+        serializer = QuoteCreateInput(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
         quote = quote_create(
             organization=self.organization,
             gpu_model=data["gpu_model"],
@@ -96,6 +98,7 @@ class QuoteListApi(ApiView):
             site=data.get("site"),
             region=data.get("region"),
             min_reliability=data.get("min_reliability"),
+            **serializer.grid_filters(),
         )
         return Response(QuoteOutput(quote).data, status=status.HTTP_201_CREATED)
 

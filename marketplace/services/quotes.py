@@ -39,9 +39,13 @@ def quote_create(
     site: str | None = None,
     region: str | None = None,
     min_reliability: Decimal | None = None,
+    min_renewable_share: Decimal | None = None,
+    max_grid_carbon_g_per_kwh: int | None = None,
+    max_pue: Decimal | None = None,
 ) -> Quote:
     """Price the cheapest offer that fits and hold it for settings.QUOTE_TTL. A reliability
-    floor is kept on the quote: booking it places only on nodes at or above it."""
+    floor is kept on the quote: booking it places only on nodes at or above it. The grid
+    filters choose the site, which the quote then names."""
     now = timezone.now()
     validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
     resolve_catalogue(gpu_model=gpu_model, site=site)
@@ -55,6 +59,9 @@ def quote_create(
         site=site,
         region=region,
         min_reliability=min_reliability,
+        min_renewable_share=min_renewable_share,
+        max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
+        max_pue=max_pue,
     )
     if not offers:
         raise NotAvailable(

@@ -420,3 +420,32 @@ def test_two_feeds_writing_one_zone_at_once_take_turns():
     assert rows[0].starts_at == T0 and rows[-1].ends_at == T0 + 6 * H
     assert all(a.ends_at == b.starts_at for a, b in zip(rows, rows[1:], strict=False))
     assert sum((r.ends_at - r.starts_at for r in rows), timedelta()) == 6 * H
+
+
+def test_only_staff_grant_the_grid_scope(zone):
+    from marketplace.models import ApiKey, Membership
+    from tests.factories import MembershipFactory
+
+    owner = MembershipFactory(role="owner")
+    member_client = APIClient()
+    member_client.force_authenticate(owner.user)
+    refused = member_client.post(
+        "/api/v1/api-keys", {"name": "feed", "scopes": ["grid"]}, format="json"
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"] | {"message": ""} == {
+        "type": "permission_error", "code": "insufficient_role", "field": "scopes", "message": "",
+    }  # fmt: skip
+    assert not ApiKey.objects.exists()
+
+    owner.user.is_staff = True
+    owner.user.save(update_fields=["is_staff"])
+    granted = member_client.post(
+        "/api/v1/api-keys", {"name": "feed", "scopes": ["grid"]}, format="json"
+    )
+    assert granted.status_code == 201 and granted.json()["scopes"] == ["grid"]
+    feed = APIClient(HTTP_AUTHORIZATION=f"Bearer {granted.json()['secret']}")
+    assert feed.post(url(zone.code), body("30.00"), format="json").status_code == 200
+    # The grid scope reads nothing of the organisation's.
+    assert feed.get("/api/v1/reservations").status_code == 403
+    assert Membership.objects.count() == 1

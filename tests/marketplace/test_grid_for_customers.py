@@ -20,7 +20,13 @@ from tests.factories import (
     PriceZoneFactory,
     SiteFactory,
 )
-from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
+from tests.marketplace.market_helpers import (  # noqa: F401 (fixture)
+    allow_all_funding,
+    make_nodes,
+    make_policy,
+    make_rate,
+    tomorrow,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -183,3 +189,19 @@ def test_a_site_without_a_zone_says_its_power_has_a_contract_price(world):
     html = _portal().get("/sites/quebec").content.decode()
     assert 'id="power-none"' in html and "fixed contract price (38.50 USD per MWh)" in html
     assert 'data-chart="power"' not in html
+
+
+@pytest.mark.usefixtures("allow_all_funding")
+def test_a_quote_takes_the_grid_filters_too(world):
+    make_rate(GpuModelFactory(), "2.5000", site=world["quebec"])  # Québec is dearer
+    client = APIClient()
+    client.force_authenticate(MembershipFactory(role=Role.OWNER).user)
+    body = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "starts_at": T1.isoformat(),
+            "ends_at": T2.isoformat()}  # fmt: skip
+    cheapest = client.post("/api/v1/quotes", body, format="json")
+    greenest = client.post("/api/v1/quotes", {**body, "max_grid_carbon": 100}, format="json")
+    assert cheapest.status_code == greenest.status_code == 201
+    assert cheapest.json()["site"] == "texas"
+    assert greenest.json()["site"] == "quebec"
+    nothing = client.post("/api/v1/quotes", {**body, "max_pue": "1.01"}, format="json")
+    assert nothing.status_code == 409
