@@ -25,6 +25,8 @@ from billing.selectors import (
     top_ups_for_org,
     usage_by_reservation_day,
     usage_row_energy,
+    usage_unbooked_by_reservation_day,
+    usage_with_unbooked,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import month_start
@@ -223,8 +225,15 @@ class UsageApi(ApiView):
     )
     def get(self, request):
         data = validated_input(UsageInput, request.query_params)
-        rows = usage_by_reservation_day(
-            organization=self.organization, since=data.get("since"), until=data.get("until")
+        since, until = data.get("since"), data.get("until")
+        unbooked = usage_unbooked_by_reservation_day(
+            organization=self.organization, since=since, until=until
+        )
+        rows = usage_by_reservation_day(organization=self.organization, since=since, until=until)
+        # Newest day first; the unbooked usage (to the second) is in its day's row.
+        rows = sorted(
+            usage_with_unbooked(rows[:1000], unbooked),
+            key=lambda row: (-row["day"].toordinal(), row["reservation__public_id"] or ""),
         )[:1000]
         return Response(UsageOutput(rows, many=True).data)
 

@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from datetime import date
 
 from billing.money import from_minor_units
-from billing.selectors import ledger_for_org, usage_by_reservation_day, usage_row_energy
+from billing.selectors import (
+    ledger_for_org,
+    usage_by_reservation_day,
+    usage_row_energy,
+    usage_unbooked_by_reservation_day,
+    usage_with_unbooked,
+)
 from marketplace.models import Organization
 
 __all__ = ["USAGE_COLUMNS", "LEDGER_COLUMNS", "usage_csv_lines", "ledger_csv_lines"]
@@ -42,11 +48,13 @@ def _lines(header: list[str], rows: Iterator[list]) -> Iterator[str]:
 def usage_csv_lines(
     *, organization: Organization, since: date | None, until: date | None
 ) -> Iterator[str]:
-    """One line per reservation and UTC day, oldest day first: charged amounts positive."""
-    rows = (
+    """One line per reservation and UTC day, oldest day first: charged amounts positive, to
+    the second (the usage accrued and not yet booked is in its day's line)."""
+    rows = usage_with_unbooked(
         usage_by_reservation_day(organization=organization, since=since, until=until)
         .order_by("day", "reservation__public_id")
-        .iterator(chunk_size=_CHUNK)
+        .iterator(chunk_size=_CHUNK),
+        usage_unbooked_by_reservation_day(organization=organization, since=since, until=until),
     )
 
     def values():

@@ -37,6 +37,8 @@ from billing.selectors import (
     top_ups_for_org,
     usage_by_reservation_day,
     usage_row_energy,
+    usage_unbooked_by_reservation_day,
+    usage_with_unbooked,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import committed_amount, month_start
@@ -380,11 +382,18 @@ class UsageView(BillingPage):
         since = until = None
         if form.is_valid():
             since, until = form.cleaned_data["since"], form.cleaned_data["until"]
-        usage = list(
-            usage_by_reservation_day(organization=self.organization, since=since, until=until)[
-                :1000
-            ]
+        unbooked = usage_unbooked_by_reservation_day(
+            organization=self.organization, since=since, until=until
         )
+        usage = sorted(
+            usage_with_unbooked(
+                usage_by_reservation_day(organization=self.organization, since=since, until=until)[
+                    :1000
+                ],
+                unbooked,
+            ),
+            key=lambda row: (-row["day"].toordinal(), row["reservation__public_id"] or ""),
+        )[:1000]
         for row in usage:
             # Usage entries take from the balance; the customer reads them as positive charges.
             row["amount_display"] = money(-row["amount_minor"], row["currency"])

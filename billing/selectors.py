@@ -17,8 +17,9 @@ from billing.models import (
     LedgerKind,
     PaymentMethod,
     TopUp,
+    UsageAccrual,
 )
-from billing.money import ZERO_DECIMAL_CURRENCIES, from_minor_units
+from billing.money import ZERO_DECIMAL_CURRENCIES, from_minor_units, usage_cost_minor
 from config.replica import read_connection
 from marketplace.models import Organization, Tier
 from marketplace.services.energy import EnergyEstimate, energy_estimate
@@ -28,6 +29,8 @@ __all__ = [
     "spend_minor",
     "ledger_for_org",
     "usage_by_reservation_day",
+    "usage_unbooked_by_reservation_day",
+    "usage_with_unbooked",
     "invoices_for_org",
     "payment_methods_for_org",
     "top_ups_for_org",
@@ -64,6 +67,10 @@ def spend_minor(
     return -total["total"]
 
 
+# Between two metering runs a running reservation's cost grows by the second from its last
+# accrual; an accrual older than this (the meter is behind) is shown as it is, not guessed on.
+LIVE_EXTRAPOLATION = timedelta(minutes=2)
+
 # What each reservation has cost up to this second: its ledger lines (usage, reserved terms,
 # less refunds and credits) plus the usage it accrued and the ledger does not have yet, with
 # the seconds since the last metering run added while its clock runs.
@@ -73,8 +80,10 @@ SELECT r.id, r.currency,
                  WHERE l.reservation_id = r.id), 0),
        a.price_from_minor + round(
            (a.gpu_seconds - a.price_from_gpu_seconds
-            + CASE WHEN a.running THEN a.gpu_count * greatest(0, floor(extract(epoch FROM
-                   least(%(now)s, r.ends_at) - a.accrued_until))) ELSE 0 END)
+            + CASE WHEN a.running AND a.accrued_until >= %(now)s - make_interval(secs => %(fresh)s)
+                   THEN a.gpu_count * greatest(0, floor(extract(epoch FROM
+                        least(%(now)s, r.ends_at) - a.accrued_until)))
+                   ELSE 0 END)
            * a.price_per_gpu_hour
            * (CASE WHEN lower(a.currency) = ANY(%(zero_decimal)s) THEN 1 ELSE 100 END) / 3600
        )::bigint - a.booked_minor
@@ -99,6 +108,7 @@ def reservations_charged(
                 "ids": list(reservation_ids),
                 "now": now or datetime.now(UTC),
                 "zero_decimal": sorted(ZERO_DECIMAL_CURRENCIES),
+                "fresh": int(LIVE_EXTRAPOLATION.total_seconds()),
             },
         )
         rows = cur.fetchall()
@@ -143,6 +153,72 @@ def usage_by_reservation_day(
         .annotate(gpu_seconds=Sum("gpu_seconds"), amount_minor=Sum("amount_minor"))
         .order_by("-day", "reservation__public_id")
     )
+
+
+def usage_unbooked_by_reservation_day(
+    *,
+    organization: Organization,
+    since: date | None = None,
+    until: date | None = None,
+    now: datetime | None = None,
+) -> dict[tuple[str, date], dict]:
+    """Usage accrued and not yet in the ledger, to the second, as usage_by_reservation_day's
+    rows (keyed by reservation and day): it belongs to the UTC day its unbooked part started."""
+    now = now or datetime.now(UTC)
+    rows = {}
+    for accrual in (
+        UsageAccrual.objects.filter(organization=organization, closed_at__isnull=True)
+        .select_related("reservation__gpu_model", "reservation__site")
+        .order_by("reservation_id")
+    ):
+        gpu_seconds = accrual.gpu_seconds
+        if accrual.running and now - accrual.accrued_until <= LIVE_EXTRAPOLATION:
+            until_now = min(now, accrual.reservation.ends_at)
+            gpu_seconds += accrual.gpu_count * max(
+                0, int((until_now - accrual.accrued_until).total_seconds())
+            )
+        cost = accrual.price_from_minor + usage_cost_minor(
+            gpu_seconds=gpu_seconds - accrual.price_from_gpu_seconds,
+            price_per_gpu_hour=accrual.price_per_gpu_hour,
+            currency=accrual.currency,
+        )
+        unbooked_seconds = gpu_seconds - accrual.booked_gpu_seconds
+        unbooked_minor = cost - accrual.booked_minor
+        day = accrual.booked_until.astimezone(UTC).date()
+        if (unbooked_seconds, unbooked_minor) == (0, 0):
+            continue
+        if (since is not None and day < since) or (until is not None and day >= until):
+            continue
+        r = accrual.reservation
+        rows[(r.public_id, day)] = {
+            "reservation__public_id": r.public_id,
+            "reservation__gpu_model__slug": r.gpu_model.slug,
+            "reservation__site__slug": r.site.slug,
+            "day": day,
+            "currency": accrual.currency,
+            "reservation__gpu_model__tdp_watts": r.gpu_model.tdp_watts,
+            "reservation__site__pue": r.site.pue,
+            "reservation__site__renewable_share": r.site.renewable_share,
+            "reservation__site__grid_carbon_g_per_kwh": r.site.grid_carbon_g_per_kwh,
+            "gpu_seconds": unbooked_seconds,
+            "amount_minor": -unbooked_minor,
+        }
+    return rows
+
+
+def usage_with_unbooked(rows, unbooked: dict[tuple[str, date], dict]):
+    """usage_by_reservation_day's rows (any order) with the unbooked usage added: to the row
+    of the same reservation and day, and the rest after them. A generator: exports stream."""
+    for row in rows:
+        extra = unbooked.pop((row["reservation__public_id"], row["day"]), None)
+        if extra is not None:
+            row = {
+                **row,
+                "gpu_seconds": row["gpu_seconds"] + extra["gpu_seconds"],
+                "amount_minor": row["amount_minor"] + extra["amount_minor"],
+            }
+        yield row
+    yield from unbooked.values()
 
 
 def invoices_for_org(*, organization: Organization) -> QuerySet[Invoice]:

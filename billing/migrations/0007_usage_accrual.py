@@ -102,11 +102,14 @@ CREATE TRIGGER billing_ledger_balance
     REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION billing_balance_add();
 
-INSERT INTO billing_balance (organization_id, amount_minor)
-SELECT organization_id, sum(amount_minor) FROM billing_ledgerentry GROUP BY organization_id;
 
 -- Every run rewrites each open accrual: room on the page keeps those updates HOT.
 ALTER TABLE billing_usageaccrual SET (fillfactor = 50);
+"""
+
+BALANCE_BACKFILL_SQL = """
+INSERT INTO billing_balance (organization_id, amount_minor)
+SELECT organization_id, sum(amount_minor) FROM billing_ledgerentry GROUP BY organization_id
 """
 
 BALANCE_REVERSE_SQL = """
@@ -147,5 +150,6 @@ def backfill_accruals(apps, schema_editor) -> None:
 
 Migration.operations += [
     migrations.RunSQL(BALANCE_SQL, BALANCE_REVERSE_SQL),
+    migrations.RunSQL(BALANCE_BACKFILL_SQL, migrations.RunSQL.noop),
     migrations.RunPython(backfill_accruals, migrations.RunPython.noop),
 ]

@@ -181,6 +181,8 @@ WITH scope AS (
            r.released_at IS NULL AND r.ends_at > %(now)s AS open
     FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
     WHERE a.closed_at IS NULL AND a.accrued_until <= %(now)s {only}
+    ORDER BY a.reservation_id
+    FOR UPDATE OF a {skip}
 ),"""
     + _OUTAGES_CTE
     + """,
@@ -214,15 +216,22 @@ FROM marketplace_reservation r
 WHERE r.tier = ANY(%(tiers)s) AND r.activated_at IS NOT NULL {where}
   AND NOT EXISTS (SELECT 1 FROM billing_usageaccrual a WHERE a.reservation_id = r.id)
 ORDER BY r.id
+{lock}
 ON CONFLICT (reservation_id) DO NOTHING
 """
+
+# A transition holds its reservation's row (FOR UPDATE) while it books: a key-share lock that
+# skips those keeps the run off them, and held until the run commits it also keeps a
+# transition from starting on a reservation the run is booking (the ledger's foreign keys
+# would otherwise wait on it at commit, while it waits on the run's accrual lock).
+_SKIP_MOVING = "FOR KEY SHARE OF r SKIP LOCKED"
 
 _DUE_LOCK_SQL = """
 SELECT a.reservation_id
 FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
 WHERE a.closed_at IS NULL AND {due}
 ORDER BY a.reservation_id
-FOR UPDATE OF a
+FOR UPDATE OF a {lock}
 """
 # Due at the hour: not booked since the hour began; at the end: anything still unbooked.
 _DUE_HOURLY = """(a.booked_until < %(hour)s
@@ -330,14 +339,14 @@ def _params(now: datetime, **more) -> dict:
 def usage_accruals_open(*, reservation_ids: list[int] | None = None) -> int:
     """Open an accrual for every started metered reservation that has none (all running ones,
     or the given ones whatever their status). Returns how many were opened."""
-    where = (
-        "AND r.id = ANY(%(ids)s)"
-        if reservation_ids is not None
-        else ("AND r.status IN ('active', 'releasing')")
-    )
+    if reservation_ids is not None:
+        where, lock = "AND r.id = ANY(%(ids)s)", ""
+    else:
+        # Reservations in a state change (their row locked) are left to it.
+        where, lock = "AND r.status IN ('active', 'releasing')", _SKIP_MOVING
     with connection.cursor() as cur:
         cur.execute(
-            _OPEN_SQL.format(where=where),
+            _OPEN_SQL.format(where=where, lock=lock),
             {"tiers": [str(t) for t in METERED_TIERS], "ids": list(reservation_ids or [])},
         )
         return cur.rowcount
@@ -346,9 +355,16 @@ def usage_accruals_open(*, reservation_ids: list[int] | None = None) -> int:
 def usage_accrue(*, now: datetime, reservation_ids: list[int] | None = None) -> int:
     """Set every open accrual (or the given ones) to what was delivered up to `now`: one
     statement. Idempotent, and never moves an accrual back to an earlier instant."""
-    only = "AND a.reservation_id = ANY(%(ids)s)" if reservation_ids is not None else ""
+    if reservation_ids is not None:
+        only, skip = "AND a.reservation_id = ANY(%(ids)s)", ""
+    else:
+        # The whole set: an accrual a state change is booking is left to it (it accrues and
+        # books that one itself), so the run never waits on one.
+        only, skip = "", "SKIP LOCKED"
     with connection.cursor() as cur:
-        cur.execute(_ACCRUE_SQL.format(only=only), _params(now, ids=list(reservation_ids or [])))
+        cur.execute(
+            _ACCRUE_SQL.format(only=only, skip=skip), _params(now, ids=list(reservation_ids or []))
+        )
         return cur.rowcount
 
 
@@ -368,10 +384,15 @@ def usage_book(
     hour = now.replace(minute=0, second=0, microsecond=0)
     with connection.cursor() as cur:
         if reservation_ids is None:
-            cur.execute(_DUE_LOCK_SQL.format(due=_DUE_HOURLY), {"now": now, "hour": hour})
-        else:
+            # Skipping what a state change holds (its reservation or its accrual): that one
+            # books itself, and the run then never waits on a transaction that waits on it.
             cur.execute(
-                _DUE_LOCK_SQL.format(due="a.reservation_id = ANY(%(ids)s)"),
+                _DUE_LOCK_SQL.format(due=_DUE_HOURLY, lock="SKIP LOCKED " + _SKIP_MOVING),
+                {"now": now, "hour": hour},
+            )
+        else:  # the caller holds the reservations' row locks
+            cur.execute(
+                _DUE_LOCK_SQL.format(due="a.reservation_id = ANY(%(ids)s)", lock=""),
                 {"ids": list(reservation_ids)},
             )
         ids = [row[0] for row in cur.fetchall()]

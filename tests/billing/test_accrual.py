@@ -6,7 +6,7 @@ the expected amounts below are easy to check by hand.
 """
 
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 from django.db import connection
@@ -283,3 +283,29 @@ def test_the_run_statement_count_does_not_grow_with_reservations(org):
     many = run_statements(40)
     assert LedgerEntry.objects.filter(kind=LedgerKind.USAGE).count() == 42
     assert many == few
+
+
+@pytest.mark.django_db
+def test_the_usage_export_and_charged_include_the_unbooked_usage_to_the_second(funded):
+    import csv
+
+    from billing.exports import usage_csv_lines
+
+    org = funded
+    now = timezone.now().replace(microsecond=0)
+    start = now - timedelta(minutes=90)
+    reservation = make_reservation(org, gpu_count=2, price=PRICE, starts_at=start,
+                                   activated_at=start)  # fmt: skip
+    usage_meter_run(now=now)
+    booked = sum(g for *_rest, g in lines(reservation))
+    assert 0 < booked < 2 * 90 * 60  # the hour is booked, the rest only accrued
+
+    rows = list(csv.DictReader(usage_csv_lines(organization=org, since=None, until=None)))
+    seconds = sum(int(row["gpu_seconds"]) for row in rows)
+    amount = sum(Decimal(row["amount"]) for row in rows)
+    elapsed = 2 * int((timezone.now() - start).total_seconds())
+    assert 2 * 90 * 60 <= seconds <= elapsed  # every second up to the read, not to the hour
+    # 0.1 cent a GPU-second, rounded once on the total.
+    assert amount == (Decimal(seconds) / 1000).quantize(Decimal("0.01"), ROUND_HALF_UP)
+    charged = reservations_charged(reservation_ids=[reservation.pk])[reservation.pk]
+    assert charged >= Decimal(2 * 90 * 60) / 1000

@@ -12,7 +12,15 @@ from urllib.parse import parse_qs
 import pytest
 import stripe
 
-from billing.models import BillingAccount, BillingMode, OutboxMessage, OutboxStatus, UsageAggregate
+from billing.models import (
+    BillingAccount,
+    BillingMode,
+    LedgerEntry,
+    LedgerKind,
+    OutboxMessage,
+    OutboxStatus,
+    UsageAggregate,
+)
 from billing.services.postpaid import usage_aggregate_create, usage_report_postpaid_run
 from billing.services.usage import reservation_meter
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
@@ -184,3 +192,47 @@ def test_a_credit_larger_than_what_follows_stays_owed_to_the_customer(
     aggregates = UsageAggregate.objects.filter(organization=org)
     usage = sum(a.gpu_seconds for a in aggregates)
     assert (usage, sum(a.sent_gpu_seconds for a in aggregates)) == (-1500, 1000)  # 2,500 owed
+
+
+def test_accrued_usage_reaches_stripe_as_one_event_per_organisation_and_hour(
+    recorder, django_capture_on_commit_callbacks, monkeypatch
+):
+    """Metering every minute for two hours books hourly lines; the meter events follow the
+    hours and the postpaid organisations, not the minutes or the reservations."""
+    from django.utils import timezone
+
+    from billing.services.metering import usage_meter_run
+
+    h0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+    orgs = [postpaid_org(f"cus_acc{i}") for i in range(3)]
+    for org in orgs:
+        for _ in range(4):
+            make_reservation(org, gpu_count=2, price=Decimal("1.0000"), starts_at=h0,
+                             activated_at=h0, hours=5)  # fmt: skip
+    at = h0 + timedelta(minutes=1)
+    while at <= h0 + timedelta(hours=2, minutes=5):
+        monkeypatch.setattr(timezone, "now", lambda at=at: at)
+        usage_meter_run(now=at)
+        at += timedelta(minutes=1)
+    monkeypatch.undo()
+    # Two lines per reservation (booked at 11:00 and 12:00), not 125.
+    assert LedgerEntry.objects.filter(kind=LedgerKind.USAGE).count() == 3 * 4 * 2
+
+    with django_capture_on_commit_callbacks(execute=False):
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=1)) == 6
+    assert outbox_flush() == 6
+
+    sent = sorted(
+        (form["payload[stripe_customer_id]"][0], int(form["timestamp"][0]),
+         int(form["payload[value]"][0]))
+        for form in (parse_qs(body) for _, _, _, body in recorder.requests)
+    )  # fmt: skip
+    # Booked at 11:00 (hour 11) and 12:00 (hour 12): 4 reservations × 2 GPUs × 3600 s each.
+    assert sent == [
+        (f"cus_acc{i}", int((h0 + timedelta(hours=h)).timestamp()), 4 * 2 * 3600)
+        for i in range(3)
+        for h in (1, 2)
+    ]
+    assert sum(v for *_, v in sent) == sum(
+        LedgerEntry.objects.filter(kind=LedgerKind.USAGE).values_list("gpu_seconds", flat=True)
+    )
