@@ -178,6 +178,10 @@ _search_options = [
     click.option("--region"),
     click.option("--site"),
     click.option("--tier", type=click.Choice(["on_demand", "reserved", "interruptible"])),
+    click.option(
+        "--min-reliability",
+        help="0-1: only nodes at least this reliable over 30 days (kept when booking).",
+    ),
 ]
 
 
@@ -191,13 +195,14 @@ def search_options(f):
 @search_options
 @click.option("--max-price", help="Per GPU-hour.")
 @click.pass_obj
-def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, tier, max_price):
+def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, tier,
+                min_reliability, max_price):  # fmt: skip
     """Priced offers that can be reserved now, cheapest first."""
     starts, ends = _period(start, hours, end)
     offers = list(
         state.client.availability.search(
             gpu_model=gpu_model, gpu_count=gpu_count, start=starts, end=ends, region=region,
-            site=site, tier=tier, max_price=max_price,
+            site=site, tier=tier, max_price=max_price, min_reliability=min_reliability,
         )
     )  # fmt: skip
     _out(state, offers, ["site.id", "site.region", "gpu_model", "gpu_count", "price_per_gpu_hour",
@@ -207,11 +212,12 @@ def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, ti
 @main.command()
 @search_options
 @click.pass_obj
-def quote(state, gpu_model, gpu_count, start, hours, end, region, site, tier):
+def quote(state, gpu_model, gpu_count, start, hours, end, region, site, tier, min_reliability):
     """Price the best offer and hold it for a few minutes."""
     starts, ends = _period(start, hours, end)
     body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts, "ends_at": ends,
-            "region": region, "site": site, "tier": tier}  # fmt: skip
+            "region": region, "site": site, "tier": tier,
+            "min_reliability": min_reliability}  # fmt: skip
     result = state.client.quotes.create(**{k: v for k, v in body.items() if v is not None})
     _out(state, result, ["id", "site", "gpu_model", "gpu_count", "total", "currency",
                          "expires_at"], "Quote")  # fmt: skip
@@ -228,7 +234,7 @@ RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts
 @click.option("--image")
 @click.pass_obj
 def reserve(state, quote_id, gpu_model, gpu_count, start, hours, end, region, site, tier,
-            ssh_key_ids, image):  # fmt: skip
+            min_reliability, ssh_key_ids, image):  # fmt: skip
     """Reserve GPUs, from a quote or directly."""
     if quote_id:
         body = {"quote": quote_id}
@@ -237,7 +243,8 @@ def reserve(state, quote_id, gpu_model, gpu_count, start, hours, end, region, si
             raise click.UsageError("Give --quote, or --gpu-model and the period.")
         starts, ends = _period(start, hours, end)
         body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts,
-                "ends_at": ends, "region": region, "site": site, "tier": tier}  # fmt: skip
+                "ends_at": ends, "region": region, "site": site, "tier": tier,
+                "min_reliability": min_reliability}  # fmt: skip
     if ssh_key_ids:
         body["ssh_key_ids"] = list(ssh_key_ids)
     if image:

@@ -78,6 +78,28 @@ def test_search_quote_reserve_show_extend_cancel(cli):
     assert json.loads(cancelled.output)["status"] == "cancelled"
 
 
+def test_the_reliability_floor_filters_the_search_and_holds_through_the_booking(world, cli):
+    from decimal import Decimal
+
+    from inventory.models import Node
+
+    nodes = list(Node.objects.order_by("pk"))
+    Node.objects.filter(pk=nodes[0].pk).update(reliability_30d=Decimal("0.9990"))
+    Node.objects.exclude(pk=nodes[0].pk).update(reliability_30d=Decimal("0.9000"))
+    args = ["--gpu-model", "h100-sxm-80gb", "--count", 1, "--start", _start(), "--hours", 2]
+    too_strict = json.loads(
+        cli("--json", "gpus", "search", *args, "--min-reliability", "0.9995").output
+    )
+    assert too_strict == []
+    quote = json.loads(cli("--json", "quote", *args, "--min-reliability", "0.99").output)
+    reservation = json.loads(cli("--json", "reserve", "--quote", quote["id"]).output)
+    direct = json.loads(cli("--json", "reserve", *args, "--min-reliability", "0.99").output)
+    for booked in (reservation, direct):
+        row = Reservation.objects.get(public_id=booked["id"])
+        assert set(row.allocations.values_list("node_id", flat=True)) == {nodes[0].pk}
+    assert cli("reserve", *args, "--min-reliability", "2").exit_code != 0  # refused: bad input
+
+
 def test_exit_codes_scripts_can_rely_on(world, cli):
     missing = cli("show", "res_nothere")
     assert missing.exit_code == 4
