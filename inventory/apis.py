@@ -12,8 +12,8 @@ from config.api.errors import agent_errors
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.heartbeat_input import heartbeat_fast_validate
-from inventory.models import Gpu, GpuHealth, NodeStatus
-from inventory.services import node_heartbeat_accept
+from inventory.models import GpuHealth, NodeStatus
+from inventory.services import node_gpus_by_index, node_heartbeat_accept
 
 
 def _gpu_indexes_validate(items: list[dict], *, known: set[int]) -> list[dict]:
@@ -137,7 +137,7 @@ class HeartbeatApi(APIView):
     )
     def post(self, request: Request) -> Response:
         node = request.user.node
-        gpus = {gpu.index: gpu for gpu in Gpu.objects.filter(node=node)}
+        gpus = node_gpus_by_index(node)
         # The agent's well-formed body is checked without DRF's fields (same result, a tenth
         # of the time); anything else goes through the serializer and its errors.
         data = heartbeat_fast_validate(request.data, gpu_indexes=set(gpus))

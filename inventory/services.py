@@ -19,10 +19,11 @@ from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
 
+from config.db import model_columns, model_from_row
 from config.errors import Conflict, InvalidTransition, ValidationFailed
 from inventory.heartbeats import (
     flushed_through,
@@ -394,14 +395,37 @@ def node_token_revoke(*, token: NodeToken) -> NodeToken:
     return token
 
 
+_TOKEN_SQL = f"""
+SELECT {model_columns(NodeToken, "t")}, {model_columns(Node, "n")}
+  FROM {NodeToken._meta.db_table} t JOIN {Node._meta.db_table} n ON n.id = t.node_id
+ WHERE t.prefix = %s AND t.revoked_at IS NULL
+"""
+_NODE_GPUS_SQL = (
+    f"SELECT {model_columns(Gpu, 'g')} FROM {Gpu._meta.db_table} g WHERE g.node_id = %s"
+)
+
+
+def node_gpus_by_index(node: Node) -> dict[int, Gpu]:
+    """The node's GPUs by index, unlocked (the heartbeat reads them on every call: SQL)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_NODE_GPUS_SQL, [node.pk])
+        gpus = [model_from_row(Gpu, row) for row in cursor.fetchall()]
+    return {gpu.index: gpu for gpu in gpus}
+
+
 def node_token_authenticate(secret: str) -> NodeToken | None:
     """The live token this secret belongs to, or None. Compares hashes in constant time."""
     prefix = secret[: len(TOKEN_PREFIX) + 8]
-    token = (
-        NodeToken.objects.select_related("node")
-        .filter(prefix=prefix, revoked_at__isnull=True)
-        .first()
-    )
+    token = None
+    # Every agent request makes this read: SQL, not the ORM, whose compiling cost more than
+    # running it (config/db.py); tests/test_db_rows.py holds its rows to the ORM's.
+    with connection.cursor() as cursor:
+        cursor.execute(_TOKEN_SQL, [prefix])
+        row = cursor.fetchone()
+    if row is not None:
+        width = len(NodeToken._meta.concrete_fields)
+        token = model_from_row(NodeToken, row[:width])
+        token.node = model_from_row(Node, row[width:])
     expected = token.secret_hash if token else token_hash("")
     if not hmac.compare_digest(expected, token_hash(secret)) or token is None:
         return None

@@ -88,3 +88,22 @@ def test_the_provision_steps_row_lock_matches_select_related_field_for_field(wit
     else:
         assert loaded.quote is None
     assert _provision_lock_row(-1) is None
+
+
+def test_the_node_token_lookup_and_the_gpu_read_match_the_orm_field_for_field():
+    from inventory.models import Gpu, NodeToken
+    from inventory.services import node_gpus_by_index, node_token_authenticate, node_token_issue
+
+    node = NodeFactory(gpus=3)
+    issued, secret = node_token_issue(node=node, label="agent")
+
+    token = node_token_authenticate(secret)
+    expected = NodeToken.objects.select_related("node").get(pk=issued.pk)
+
+    assert _fields(token) == {**_fields(expected), "last_used_at": token.last_used_at}
+    assert _fields(token.node) == _fields(expected.node)
+    assert node_token_authenticate(secret + "x") is None
+    gpus = node_gpus_by_index(node)
+    assert {i: _fields(g) for i, g in gpus.items()} == {
+        g.index: _fields(g) for g in Gpu.objects.filter(node=node)
+    }
