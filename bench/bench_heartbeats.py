@@ -20,8 +20,9 @@ connections in threads, in one run:
 4. the same heartbeats paced at the fleet's rate (12,500 / 30 s), and whether they kept up;
 (`--requests N` sends N heartbeats a pass, spread over the fleet, instead of one per node)
 then the flusher's time per run, a last flush, a check that every node's last heartbeat is
-in the database and that every sample reached the table, and the offline sweep over the
-fleet (nothing to mark, and its time). The fleet and all it wrote are deleted at the end.
+in the database and that every sample reached the table, the offline sweep over the fleet
+(nothing to mark, and its time), and the CPU one heartbeat and one floor request cost in
+this process (Django's test client): a ratio the machine's load moves far less than rates. The fleet and all it wrote are deleted at the end.
 """
 
 import argparse
@@ -225,6 +226,31 @@ def run(port: int, requests: list[tuple], clients: int, pace: float | None = Non
     return time.perf_counter() - started, [x for per in latencies for x in per]
 
 
+def cpu_per_request(beat: tuple, floor: tuple, n: int = 300) -> tuple[float, float]:
+    """This process's CPU per request (ms) through Django's test client, no HTTP and no other
+    process in the measure: a figure the machine's load moves far less than a rate."""
+    from django.test import Client
+
+    client = Client(HTTP_HOST="127.0.0.1")
+    Node.objects.filter(hostname__startswith=PREFIX).update(last_heartbeat_at=timezone.now())
+    result = []
+    for _method, path, body, headers in (beat, floor):
+        extra = {"HTTP_AUTHORIZATION": headers["Authorization"]}
+
+        def call(path=path, body=body, extra=extra):
+            if body is None:
+                return client.get(path, **extra)
+            return client.post(path, body, content_type="application/json", **extra)
+
+        for _ in range(20):
+            assert call().status_code == 200
+        started = time.process_time()
+        for _ in range(n):
+            call()
+        result.append((time.process_time() - started) / n * 1000)
+    return result[0], result[1]
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return 1000 * ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -331,6 +357,9 @@ def main() -> None:
         marked = nodes_mark_silent_offline()
         say(f"offline sweep over the fleet: {len(marked)} marked, "
             f"{(time.perf_counter() - started) * 1000:.1f} ms")  # fmt: skip
+        cpu_beat, cpu_floor = cpu_per_request(beats[0], floor[0])
+        say(f"CPU per request in one process (Django's test client, 300 each): heartbeat "
+            f"{cpu_beat:.2f} ms, floor {cpu_floor:.2f} ms, ratio {cpu_floor / cpu_beat:.2f}")  # fmt: skip
         say(f"heartbeats/s ÷ floor: {rate / floor_rate:.2f}; buffered ÷ locked path: "
             f"{rate / locked_rate:.2f}; buffered ÷ need: {rate / need:.2f}")  # fmt: skip
     finally:
