@@ -220,3 +220,39 @@ def test_the_usage_and_site_pages_draw_their_charts_beside_tables(signed_in, mar
     expect(page.locator("#forecast-table tbody tr")).to_have_count(1)
     shot(page, "site")
     assert outside == []
+
+
+def test_a_sites_page_draws_its_zones_power_prices_beside_a_table(signed_in, market, shot):
+    from decimal import Decimal
+
+    from inventory.models import ZonePrice
+    from tests.factories import PriceZoneFactory
+
+    page, _, _ = signed_in
+    site, _ = market
+    site.price_zone = PriceZoneFactory(code="ercot-west", name="ERCOT West")
+    site.save(update_fields=["price_zone"])
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    ZonePrice.objects.bulk_create(
+        ZonePrice(
+            zone=site.price_zone,
+            starts_at=hour + timedelta(hours=i),
+            ends_at=hour + timedelta(hours=i + 1),
+            price_per_mwh=Decimal(20 + 3 * i),
+            currency="usd",
+            source="test",
+            received_at=timezone.now(),
+        )  # fmt: skip
+        for i in range(24)
+    )
+
+    page.goto(page.base + f"/sites/{site.slug}")
+
+    canvas = page.locator('canvas[data-chart="power"]')
+    expect(canvas).to_have_attribute("data-chart-drawn", "true")
+    expect(page.locator("#" + canvas.get_attribute("aria-describedby"))).to_contain_text(
+        "ERCOT West"
+    )
+    expect(page.locator("#power-table tbody tr")).to_have_count(24)
+    expect(page.locator("#power-table tbody tr").last).to_contain_text("89.00 USD")
+    shot(page, "site-power-prices")
