@@ -36,6 +36,7 @@ from marketplace.services.curtailment import (
 )
 from marketplace.services.reservations import reservation_create, reservation_extend
 from marketplace.services.transitions import reservation_transition
+from tests.factories import UserFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
     market,
@@ -320,8 +321,6 @@ def test_without_force_protected_work_is_never_touched_and_the_shortfall_is_reco
 @pytest.mark.django_db
 def test_staff_force_protected_work_with_a_reason_recorded_in_the_audit_log(fleet, market, org):
     site, _ = market
-    from tests.factories import UserFactory
-
     staff = UserFactory(username="grid-desk", is_staff=True)
     reserved = _book(org, tier="reserved", gpus=4, start=timezone.now(), hours=7 * 24, active=True)
 
@@ -548,8 +547,6 @@ def test_a_booking_racing_a_curtailment_never_sells_the_shed_window(market, org,
 
 @pytest.fixture
 def staff_client(client):
-    from tests.factories import UserFactory
-
     client.force_login(UserFactory(username="grid-desk", is_staff=True, is_superuser=True))
     return client
 

@@ -10,12 +10,14 @@ import time
 from datetime import timedelta
 from decimal import Decimal
 
+import psycopg
 import pytest
-from django.db import close_old_connections, connection
+from django.db import OperationalError, close_old_connections, connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from inventory.models import PriceZone
+from marketplace.apis import demand_response as grid_api
 from marketplace.models import (
     Curtailment,
     CurtailmentVictim,
@@ -27,6 +29,7 @@ from marketplace.models import (
 )
 from marketplace.selectors.availability import availability_search
 from marketplace.services.demand_response import demand_response_signature
+from marketplace.services.reservations import reservation_create
 from marketplace.tasks import reservations_dispatch_due
 from tests.factories import SiteFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
@@ -277,8 +280,6 @@ def test_a_zone_call_is_spread_over_its_sites_by_their_flexible_load(market, org
     now = timezone.now()
     # abilene-1: 4 GPUs flexible (3.22 kW); pecos-2: 2 GPUs (1.61 kW). 3 kW asked: 2 and 1.
     _book(org, gpus=4, start=now, active=True)
-    from marketplace.services.reservations import reservation_create
-
     reservation_create(
         organization=org, gpu_model="h100-sxm-80gb", gpu_count=2, starts_at=now,
         ends_at=now + timedelta(hours=8), tier="interruptible", site="pecos-2",
@@ -317,3 +318,27 @@ def test_the_same_event_sent_twice_at_once_is_applied_once(fleet, source):
     assert sorted(r.json()["result"] for r in results) == ["created", "unchanged"]
     assert Curtailment.objects.count() == 1
     assert CurtailmentVictim.objects.filter(withdrawn_at__isnull=True).count() == 1
+
+
+def test_a_call_chosen_as_a_deadlock_victim_is_taken_again(fleet, source, monkeypatch):
+    # A real deadlock needs a provisioning worker caught between a reservation and a node
+    # lock at that instant; the first attempt here fails as PostgreSQL reports one.
+    real, attempts = grid_api.demand_response_apply, []
+
+    def deadlocked_once(**kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            real(**kwargs)  # its writes are rolled back with the attempt
+            try:
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+            except psycopg.errors.DeadlockDetected as cause:
+                raise OperationalError("deadlock detected") from cause
+        return real(**kwargs)
+
+    monkeypatch.setattr(grid_api, "demand_response_apply", deadlocked_once)
+
+    response = _post(_call(), source=source)
+
+    assert response.status_code == 201 and len(attempts) == 2
+    assert Curtailment.objects.count() == 1 and DemandResponseNonce.objects.count() == 1
+    assert _live_victims(Curtailment.objects.get()) == {fleet["r2"].pk}
