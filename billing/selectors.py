@@ -448,9 +448,13 @@ WITH days AS (
                                                    - greatest(m.since, d.day))
                                            / extract(epoch FROM m.until - m.since)
                ELSE 1 END AS gpu_seconds
-    FROM metered m JOIN days d
-      ON (m.until > m.since AND m.since < d.next AND m.until > d.day)
-      OR (m.until = m.since AND m.since >= d.day AND m.since < d.next)
+    -- each line joins only the days it spans (a line is an hour at most: one or two)
+    FROM metered m
+    CROSS JOIN LATERAL generate_series(
+        date_trunc('day', m.since, 'UTC'),
+        date_trunc('day', greatest(m.since, m.until - interval '1 microsecond'), 'UTC'),
+        interval '1 day') AS s(day)
+    JOIN days d ON d.day = s.day
     UNION ALL
     SELECT d.day, r.gpu_count * extract(epoch FROM upper(x) - lower(x))
     FROM reserved r CROSS JOIN days d
