@@ -20,6 +20,16 @@ def _one_writer_of_reservation_status():
 
 
 @pytest.fixture(autouse=True)
+def mail_task_runs_eagerly(monkeypatch):
+    """E-mail is sent by a Celery task (marketplace.mail); here that one task runs eagerly in
+    the process that queues it (Task.apply, retries included), so tests read mail.outbox.
+    tests/marketplace/test_mail.py checks the queueing itself."""
+    from marketplace.mail import mail_send
+
+    monkeypatch.setattr(mail_send, "delay", lambda *args: mail_send.apply(args=args))
+
+
+@pytest.fixture(autouse=True)
 def fast_password_hashing(settings):
     # Factories and the demo seed hash passwords; PBKDF2's cost (~0.5 s a user here) is not
     # what any test tests.

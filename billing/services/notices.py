@@ -2,11 +2,8 @@
 
 import logging
 
-from django.conf import settings
-from django.core.mail import send_mail
-from django.db import transaction
-
 from billing.models import BillingNotice
+from marketplace.mail import mail_send_on_commit
 from marketplace.models import Membership, Organization, Role
 
 __all__ = ["notice_send"]
@@ -22,14 +19,7 @@ def notice_send(*, organization: Organization, kind: str, message: str) -> Billi
         .exclude(user__email="")
         .values_list("user__email", flat=True)
     )
-    if recipients:
-        transaction.on_commit(
-            lambda: send_mail(
-                f"Switchyard billing: {kind.replace('_', ' ')}",
-                message,
-                getattr(settings, "DEFAULT_FROM_EMAIL", None),
-                recipients,
-                fail_silently=True,
-            )
-        )
+    mail_send_on_commit(
+        subject=f"Switchyard billing: {kind.replace('_', ' ')}", body=message, recipients=recipients
+    )
     return notice

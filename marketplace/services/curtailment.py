@@ -44,13 +44,13 @@ from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
+from marketplace.mail import mail_send_on_commit
 from marketplace.models import (
     Curtailment,
     CurtailmentVictim,
@@ -655,12 +655,8 @@ def _email_notices(*, notified, preempted, preempt_at: datetime, reason: str) ->
             "preempted:\n\n" + "\n".join(lines) + f"\n\nReason: {reason}\n"
             "Time after the stop is not charged. Other reservations at the site keep running."
         )
-        transaction.on_commit(
-            lambda recipients=recipients, body=body: send_mail(
-                "Switchyard: reservations preempted (grid curtailment)",
-                body,
-                getattr(settings, "DEFAULT_FROM_EMAIL", None),
-                recipients,
-                fail_silently=True,
-            )
+        mail_send_on_commit(
+            subject="Switchyard: reservations preempted (grid curtailment)",
+            body=body,
+            recipients=recipients,
         )

@@ -11,7 +11,6 @@ import secrets
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.template.loader import render_to_string
@@ -19,6 +18,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from marketplace.mail import mail_send_on_commit
 from marketplace.models import EventType, Invitation, Membership, Organization, Role
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
@@ -242,11 +242,10 @@ def _normalised_email(email: str) -> str:
 
 def _send_invitation(*, email: str, token: str, context: dict) -> None:
     url = f"{settings.SITE_URL.rstrip('/')}/invitations/{token}"
-    send_mail(
+    mail_send_on_commit(
         subject=f"Join {context['organization']} on Switchyard",
-        message=render_to_string("portal/invitation_email.txt", {**context, "url": url}),
-        from_email=None,
-        recipient_list=[email],
+        body=render_to_string("portal/invitation_email.txt", {**context, "url": url}),
+        recipients=[email],
     )
 
 
@@ -300,10 +299,9 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
         "role": role,
         "expires_at": invitation.expires_at,
     }
-    # robust: the invitation stands if the mail server fails; it can be revoked and re-sent.
-    transaction.on_commit(
-        lambda: _send_invitation(email=email, token=token, context=context), robust=True
-    )
+    # Sent by a task after commit (marketplace.mail): the invitation stands if the mail server
+    # fails meanwhile; it can be revoked and sent again.
+    _send_invitation(email=email, token=token, context=context)
     _audit_invitation(invitation, "invitation.create", {"after": {"email": email, "role": role}})
     return invitation, token
 

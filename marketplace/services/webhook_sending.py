@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from config.errors import ValidationFailed
 from marketplace.apis.events import EventOutput
+from marketplace.mail import mail_send_on_commit
 from marketplace.models import (
     DeliveryStatus,
     Membership,
@@ -293,14 +293,10 @@ def _disable(endpoint: WebhookEndpoint, *, now: datetime) -> None:
             f"({endpoint.public_id}). {endpoint.disabled_reason}\n\nFix the endpoint, enable it "
             "again in the portal (Webhooks) or through the API, and resend what it missed."
         )
-        transaction.on_commit(
-            lambda: send_mail(
-                "Switchyard: your webhook endpoint was disabled",
-                message,
-                None,
-                recipients,
-                fail_silently=True,
-            )
+        mail_send_on_commit(
+            subject="Switchyard: your webhook endpoint was disabled",
+            body=message,
+            recipients=recipients,
         )
 
 

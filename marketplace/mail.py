@@ -1,0 +1,53 @@
+"""E-mail to customers (invitations, funding notices, curtailment, disabled webhooks) is sent by
+a Celery task, after the transaction that decided it commits: the web request does not wait on
+the mail server, and a server that is down or refuses for a while is retried with backoff
+(SMTP errors and network errors, up to MAIL_MAX_RETRIES times, 10 s doubling to 10 min). If the
+broker itself cannot be reached, the message is sent from this process instead of being lost.
+
+A retry after a server accepted the message but the connection failed before it said so can
+send it twice; e-mail is delivered at least once, never silently dropped.
+"""
+
+import logging
+from smtplib import SMTPException
+
+from celery import shared_task
+from django.core.mail import send_mail
+from django.db import transaction
+
+from config.celery import BROKER_ERRORS
+
+__all__ = ["MAIL_MAX_RETRIES", "mail_send", "mail_send_on_commit"]
+
+logger = logging.getLogger(__name__)
+MAIL_MAX_RETRIES = 8
+
+
+@shared_task(
+    name="marketplace.mail.mail_send",
+    autoretry_for=(SMTPException, OSError),
+    retry_backoff=10,
+    retry_backoff_max=600,
+    max_retries=MAIL_MAX_RETRIES,
+)
+def mail_send(subject: str, body: str, recipients: list[str], from_email: str | None = None) -> int:
+    """Send one message to `recipients`; a failure raises, and the task retries it."""
+    return send_mail(subject, body, from_email, recipients, fail_silently=False)
+
+
+def mail_send_on_commit(
+    *, subject: str, body: str, recipients: list[str], from_email: str | None = None
+) -> None:
+    """Queue the message once the current transaction commits (at once outside one)."""
+    if not recipients:
+        return
+    args = [subject, body, list(recipients), from_email]
+    transaction.on_commit(lambda: _enqueue(args), robust=True)
+
+
+def _enqueue(args: list) -> None:
+    try:
+        mail_send.delay(*args)
+    except BROKER_ERRORS as exc:
+        logger.warning("could not queue an e-mail (%s); sending it from this process", exc)
+        mail_send.apply(args=args)
