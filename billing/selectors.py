@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
-from django.db import connection
 from django.db.models import Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
@@ -101,7 +100,7 @@ def reservations_charged(
     ledger, plus its usage accrued and not yet booked. One query."""
     if not reservation_ids:
         return {}
-    with connection.cursor() as cur:
+    with read_connection().cursor() as cur:
         cur.execute(
             _CHARGED_SQL,
             {
