@@ -126,6 +126,10 @@ class LedgerKind(models.TextChoices):
     SLA_CREDIT = "sla_credit"
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
+    # A reserved term's holder resold part of it: what the buyer was charged (+), and the
+    # platform's fee on it (−), on the seller's balance (marketplace ResaleListing).
+    RESALE_PROCEEDS = "resale_proceeds"
+    RESALE_FEE = "resale_fee"
 
 
 class LedgerImmutable(Exception):

@@ -514,6 +514,8 @@ STATEMENT_KIND_LABELS = {
     "sla_credit": "SLA credits",
     "refund": "Refunds to your card",
     "adjustment": "Adjustments",
+    "resale_proceeds": "Resold time (what buyers were charged)",
+    "resale_fee": "Resale fees",
 }
 
 

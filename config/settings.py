@@ -214,6 +214,9 @@ SPECTACULAR_SETTINGS = {
         "AgentJobKindEnum": "marketplace.models.provisioning.AgentJobKind",
         "EventTypeEnum": "marketplace.models.events.EventType",
         "WebhookDeliveryStatusEnum": "marketplace.models.webhooks.DeliveryStatus",
+        "TierEnum": "marketplace.models.core.Tier",
+        "ResaleTierEnum": "marketplace.models.resale.RESALE_TIER_CHOICES",
+        "ListingStatusEnum": "marketplace.models.resale.ListingStatus",
     },
 }
 

@@ -38,6 +38,9 @@ MONEY_LINES = [
     ("Refunds", (LedgerKind.REFUND,), -1),
     ("Credits (goodwill and SLA)", (LedgerKind.CREDIT, LedgerKind.SLA_CREDIT), 1),
     ("Adjustments", (LedgerKind.ADJUSTMENT,), 1),
+    # Part of the revenue above is resold time: paid on to its sellers, less the fee kept.
+    ("Resale: paid to sellers", (LedgerKind.RESALE_PROCEEDS,), 1),
+    ("Resale: fees kept", (LedgerKind.RESALE_FEE,), -1),
 ]
 
 

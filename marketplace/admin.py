@@ -35,6 +35,8 @@ from marketplace.models import (
     ProvisioningAttempt,
     Quote,
     RateCard,
+    ResaleFee,
+    ResaleListing,
     Reservation,
     ReservationOutage,
     ReservationTransition,
@@ -764,3 +766,66 @@ class NodeReservationsInline(admin.TabularInline):
 # The inventory's node page shows the marketplace's reservations on it: the marketplace
 # depends on the inventory, never the reverse, so it adds the inline to the node's admin.
 NodeAdmin.inlines = [*NodeAdmin.inlines, NodeReservationsInline]
+
+
+@admin.register(ResaleListing)
+class ResaleListingAdmin(ReadOnlyAdmin):
+    """Listings of resold reserved time, and the sales they became (status sold): written by
+    the sellers and buyers through the API and the portal."""
+
+    list_display = [
+        "public_id",
+        "organization",
+        "term_link",
+        "status",
+        "site",
+        "node",
+        "gpu_count",
+        "tier",
+        "starts_at",
+        "ends_at",
+        "price_per_gpu_hour",
+        "fee_pct",
+        "buyer_link",
+        "sold_at",
+    ]
+    list_filter = ["status", "tier", "site"]
+    list_select_related = [
+        "organization",
+        "reservation",
+        "buyer_reservation__organization",
+        "site",
+        "node",
+    ]
+    search_fields = ["public_id", "reservation__public_id", "buyer_reservation__public_id"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="term", ordering="reservation_id")
+    def term_link(self, obj) -> str:
+        return _admin_link(obj.reservation, obj.reservation.public_id)
+
+    @admin.display(description="buyer")
+    def buyer_link(self, obj) -> str:
+        buyer = obj.buyer_reservation
+        if buyer is None:
+            return "-"
+        return _admin_link(buyer, f"{buyer.public_id} ({buyer.organization})")
+
+
+@admin.register(ResaleFee)
+class ResaleFeeAdmin(admin.ModelAdmin):
+    """The platform's fee on resales: the newest row is in force (10 % until one is saved);
+    to change it, add a new one (history is kept, and a sale keeps the fee it sold at)."""
+
+    list_display = ["created_at", "fee_pct", "note", "created_by"]
+    readonly_fields = ["created_by"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj, form, change) -> None:
+        obj.created_by = request.user
+        super().save_model(request, obj, form, change)

@@ -19,7 +19,8 @@ what it still holds; the gate's owner releases holds of reservations that end ot
 Every move out of active or releasing (stop, end, preemption, failure, a move off a failed
 GPU) calls `reservation_status_changed(...)` in the move's transaction, so the usage up to it
 is booked there.
-`reservations_charged(reservation_ids=[…])` is what the API and the portal show as charged.
+`reservations_charged(reservation_ids=[…])` is what the API and the portal show as charged;
+`resale_settled(listing_ids=[…])` what a seller of resold time has been credited so far.
 """
 
 from datetime import datetime
@@ -64,6 +65,10 @@ class FundingGate(Protocol):
         """What each reservation has been charged so far, in its currency's major units:
         usage and commitments less refunds and credits (absent: nothing)."""
 
+    def resale_settled(self, *, listing_ids: list[int]) -> dict[int, tuple[Decimal, Decimal]]:
+        """Per sold resale listing: (proceeds credited to the seller, fees taken) so far, in
+        major units (absent: nothing yet)."""
+
 
 class AllowAllFundingGate:
     def reservation_authorize(self, **kwargs) -> None:
@@ -79,6 +84,9 @@ class AllowAllFundingGate:
         return None
 
     def reservations_charged(self, **kwargs) -> dict[int, Decimal]:
+        return {}
+
+    def resale_settled(self, **kwargs) -> dict[int, tuple[Decimal, Decimal]]:
         return {}
 
 

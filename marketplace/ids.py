@@ -52,3 +52,7 @@ def member_id() -> str:
 
 def api_key_id() -> str:
     return new_public_id("key")
+
+
+def listing_id() -> str:
+    return new_public_id("lst")

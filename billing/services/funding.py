@@ -36,6 +36,7 @@ from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
+from billing.services.resale import resale_settled
 from billing.services.topups import auto_recharge_check, reservation_recharge_amount
 from billing.services.usage import reservations_book_now, reserved_extension_charge
 from config.celery import task_send
@@ -271,6 +272,9 @@ class BillingFundingGate:
 
     def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
         return reservations_charged(reservation_ids=reservation_ids)
+
+    def resale_settled(self, *, listing_ids: list[int]) -> dict[int, tuple[Decimal, Decimal]]:
+        return resale_settled(listing_ids=listing_ids)
 
 
 def _recharge_kick(account: BillingAccount, needed_minor: int, amount_minor: int) -> bool:

@@ -28,6 +28,7 @@ from billing.models import LedgerEntry, LedgerKind, UsageAccrual
 from billing.money import ZERO_DECIMAL_CURRENCIES, to_minor_units
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
+from billing.services.resale import resale_proceeds_book
 from inventory.models import Outage
 from marketplace.models import (
     Allocation,
@@ -411,8 +412,11 @@ def usage_book(
         )
         lines = [BookedUsage(*row[:6]) for row in cur.fetchall()]
     if lines:
+        charged = sorted({line.reservation_id for line in lines})
         # In this transaction: the gate sees a charge and the hold it fills together.
-        holds_charge(reservation_ids=sorted({line.reservation_id for line in lines}))
+        holds_charge(reservation_ids=charged)
+        # Time bought from a resale listing: its seller is credited what was just charged.
+        resale_proceeds_book(reservation_ids=charged)
     return lines
 
 

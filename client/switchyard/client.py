@@ -84,6 +84,7 @@ class Client:
         self.reservations = _Reservations(self)
         self.api_keys = _ApiKeys(self)
         self.ssh_keys = _SshKeys(self)
+        self.resale = _Resale(self)
         self.organization = _Organization(self)
         self.events = _Events(self)
         self.webhook_endpoints = _WebhookEndpoints(self)
@@ -290,6 +291,28 @@ class _SshKeys(_Resource):
         self._client.request("DELETE", f"ssh-keys/{ssh_key_id}")
 
 
+class _Resale(_Resource):
+    """Resold reserved time: your listings and sales (buy one with reservations.create(
+    listing=…, gpu_count=…, starts_at=…, ends_at=…))."""
+
+    def listings(self, **filters) -> Iterator[ApiObject]:
+        return self._list("resale/listings", **filters)
+
+    def create_listing(self, *, idempotency_key: str | None = None, **body) -> ApiObject:
+        return self._post("resale/listings", body, idempotency_key=idempotency_key)
+
+    def retrieve_listing(self, listing_id: str) -> ApiObject:
+        return self._get(f"resale/listings/{listing_id}")
+
+    def withdraw_listing(self, listing_id: str, *, idempotency_key=None) -> ApiObject:
+        return self._post(
+            f"resale/listings/{listing_id}/withdraw", {}, idempotency_key=idempotency_key
+        )
+
+    def sales(self) -> Iterator[ApiObject]:
+        return self._list("resale/sales")
+
+
 class _Organization(_Resource):
     def retrieve(self) -> ApiObject:
         return self._get("organization")
@@ -455,6 +478,11 @@ OPERATIONS: dict[str, str] = {
     "ssh_keys_create": "ssh_keys.create",
     "ssh_keys_retrieve": "ssh_keys.retrieve",
     "ssh_keys_destroy": "ssh_keys.delete",
+    "resale_listings_list": "resale.listings",
+    "resale_listings_create": "resale.create_listing",
+    "resale_listings_retrieve": "resale.retrieve_listing",
+    "resale_listings_withdraw": "resale.withdraw_listing",
+    "resale_sales_list": "resale.sales",
     "organization_retrieve": "organization.retrieve",
     "organization_members_list": "organization.members",
     "organization_members_create": "organization.add_member",

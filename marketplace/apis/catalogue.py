@@ -378,6 +378,15 @@ class OfferGridOutput(serializers.Serializer):
     curtailments_90d = CurtailmentHistoryOutput()
 
 
+class OfferResaleOutput(serializers.Serializer):
+    listing = serializers.CharField(
+        source="public_id", help_text="lst_…: book it with POST reservations {listing: …}."
+    )
+    starts_at = serializers.DateTimeField(help_text="The listing's window, inside which you book.")
+    ends_at = serializers.DateTimeField()
+    gpu_count = serializers.IntegerField(help_text="GPUs listed (you may take fewer).")
+
+
 class OfferOutput(serializers.Serializer):
     site = OfferSiteOutput()
     gpu_model = serializers.CharField(source="gpu_model.slug")
@@ -404,6 +413,12 @@ class OfferOutput(serializers.Serializer):
         allow_null=True,
         help_text="The least reliable offered node's 30-day figure (0-1; null before computed).",
     )
+    resale = OfferResaleOutput(
+        source="listing",
+        allow_null=True,
+        help_text="Resold reserved time (another customer's term, at their asking price): the "
+        "listing to book; null for the operator's own capacity.",
+    )
 
     @extend_schema_field(BreakdownOutput)
     def get_breakdown(self, offer) -> dict:
@@ -427,7 +442,11 @@ class OfferOutput(serializers.Serializer):
 
 
 class AvailabilityOutput(serializers.Serializer):
-    results = OfferOutput(many=True, help_text="Cheapest first; one offer per site and model.")
+    results = OfferOutput(
+        many=True,
+        help_text="Cheapest first; one offer per site and model, and one per resale listing "
+        "that fits.",
+    )
 
 
 class AvailabilityApi(_Catalogue):
@@ -457,5 +476,6 @@ class AvailabilityApi(_Catalogue):
             max_price_per_gpu_hour=params.get("max_price"),
             min_reliability=params.get("min_reliability"),
             **serializer.grid_filters(),
+            include_resale=True,
         )
         return Response(AvailabilityOutput({"results": offers}).data)

@@ -17,6 +17,7 @@ from marketplace.filters import ReservationFilter
 from marketplace.models import Reservation, ReservationStatus, Term, Tier
 from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
+from marketplace.selectors.resale import listing_get_for_sale
 from marketplace.selectors.reservations import (
     reservation_charged,
     reservation_elapsed_seconds,
@@ -76,6 +77,12 @@ class ReservationCreateInput(serializers.Serializer):
     quote = serializers.CharField(
         required=False, max_length=32, help_text="quo_…: reserve at the quoted price."
     )
+    listing = serializers.CharField(
+        required=False,
+        max_length=32,
+        help_text="lst_…: resold time from a search offer's `resale.listing`, with gpu_count, "
+        "starts_at and ends_at inside its window (its site, model, tier and asking price).",
+    )
     gpu_model = serializers.SlugField(required=False, help_text="Without a quote.")
     gpu_count = serializers.IntegerField(required=False, min_value=1, max_value=4096)
     starts_at = serializers.DateTimeField(required=False)
@@ -104,12 +111,21 @@ class ReservationCreateInput(serializers.Serializer):
 
     def validate(self, attrs):
         direct = [name for name in _DIRECT_FIELDS if name in attrs]
-        if "quote" in attrs and direct:
+        if "quote" in attrs and (direct or "listing" in attrs):
             raise serializers.ValidationError(
-                {direct[0]: "Give either a quote or the reservation's parameters, not both."},
+                {
+                    (direct or ["listing"])[0]: "Give either a quote or the reservation's "
+                    "parameters, not both."
+                },
                 code="quote_and_parameters",
             )
-        if "quote" not in attrs:
+        if "listing" in attrs:
+            for name in ("gpu_count", "ends_at"):
+                if name not in attrs:
+                    raise serializers.ValidationError(
+                        {name: "This field is required with a listing."}, code="required"
+                    )
+        elif "quote" not in attrs:
             for name in ("gpu_model", "gpu_count", "ends_at"):
                 if name not in attrs:
                     raise serializers.ValidationError(
@@ -298,13 +314,14 @@ class ReservationDetailOutput(ReservationOutput):
     def get_allocations(self, reservation) -> dict:
         live = [a for a in reservation.allocation_list if a.is_live]
         shown = live or reservation.allocation_list
-        per_node: dict[str, int] = {}
+        # Distinct GPUs: a GPU whose time was partly resold has an allocation before and after.
+        per_node: dict[str, set[int]] = {}
         for allocation in shown:
-            per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
+            per_node.setdefault(allocation.node.hostname, set()).add(allocation.gpu_id)
         return {
-            "gpu_count": len(shown),
+            "gpu_count": len({a.gpu_id for a in shown}),
             "node_count": len(per_node),
-            "nodes": [{"hostname": h, "gpus": n} for h, n in per_node.items()],
+            "nodes": [{"hostname": h, "gpus": len(g)} for h, g in per_node.items()],
         }
 
     @extend_schema_field(ConnectionOutput(allow_null=True))
@@ -360,6 +377,20 @@ class ReservationListApi(ApiView):
             quote = quote_get_for_org(organization=self.organization, public_id=data["quote"])
             reservation = reservation_create(
                 organization=self.organization, user=ctx.user, quote=quote, workload=workload
+            )
+        elif "listing" in data:
+            reservation = reservation_create(
+                organization=self.organization,
+                user=ctx.user,
+                listing=listing_get_for_sale(public_id=data["listing"]),
+                gpu_model=data.get("gpu_model"),
+                gpu_count=data["gpu_count"],
+                starts_at=data.get("starts_at") or timezone.now(),
+                ends_at=data["ends_at"],
+                tier=data.get("tier"),
+                term=data.get("term", Term.NONE),
+                site=data.get("site"),
+                workload=workload,
             )
         else:
             reservation = reservation_create(

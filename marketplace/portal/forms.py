@@ -6,7 +6,14 @@ from django.contrib.auth.forms import UserCreationForm
 from django.db.models import Q
 from django.utils import timezone
 
-from marketplace.models import ApiKeyScope, EventType, ReservationStatus, Role, Tier
+from marketplace.models import (
+    RESALE_TIER_CHOICES,
+    ApiKeyScope,
+    EventType,
+    ReservationStatus,
+    Role,
+    Tier,
+)
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 
@@ -328,3 +335,23 @@ class WebhookEndpointForm(forms.Form):
         help_text="None ticked: every event.",
     )
     description = forms.CharField(max_length=200, required=False)
+
+
+class ListingForm(forms.Form):
+    """Resell part of a reserved term (services.resale.listing_create checks the rest)."""
+
+    gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096)
+    starts_at = forms.DateTimeField(label="From (UTC)", widget=MinuteInput())
+    ends_at = forms.DateTimeField(label="Until (UTC)", widget=MinuteInput())
+    price_per_gpu_hour = forms.DecimalField(
+        label="Asking price per GPU-hour",
+        max_digits=12,
+        decimal_places=4,
+        min_value=0,
+        help_text="Not below the floor.",
+    )
+    tier = forms.ChoiceField(
+        label="Sold as",
+        choices=RESALE_TIER_CHOICES,
+        help_text="Interruptible time is cheaper to buyers and may be preempted by the grid.",
+    )

@@ -66,6 +66,7 @@ portal_nav_register(label="Sites", url_name="portal:sites", order=25, sections=(
 portal_nav_register(
     label="Reservations", url_name="portal:reservations", order=30, sections=("portal:reservation",)
 )
+portal_nav_register(label="Resale", url_name="portal:resale", order=35, sections=("portal:resale",))
 portal_nav_register(
     label="API keys",
     url_name="portal:api-keys",

@@ -20,11 +20,12 @@ from config.errors import ApplicationError, PaymentRequired
 from config.replica import replica_reads
 from inventory.models import Node, Site, SiteStatus
 from marketplace.filters import ReservationFilter
-from marketplace.models import ApiKey, ReservationStatus
+from marketplace.models import LIVE_STATUSES, ApiKey, ReservationStatus, Tier
 from marketplace.portal.forms import (
     PLANS,
     CancelForm,
     ExtendForm,
+    ListingForm,
     ReservationFilterForm,
     ReserveForm,
     SearchForm,
@@ -36,6 +37,7 @@ from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.availability import availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
 from marketplace.selectors.gpu_catalogue import CATALOGUE_PLANS, gpu_catalogue
+from marketplace.selectors.resale import listings_for_reservation
 from marketplace.selectors.reservations import (
     reservation_charged,
     reservation_elapsed_seconds,
@@ -169,6 +171,7 @@ class SearchView(PortalView, View):
                     else d["min_renewable_pct"] / 100,
                     max_grid_carbon_g_per_kwh=d.get("max_grid_carbon"),
                     max_pue=d.get("max_pue"),
+                    include_resale=True,
                 )
             except ApplicationError as exc:
                 _field_error(form, exc)
@@ -443,10 +446,13 @@ def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
     gpu_use = _gpu_use(reservation)
     live = [a for a in reservation.allocation_list if a.is_live]
-    per_node: dict[str, int] = {}
+    # Distinct GPUs: a GPU whose time was partly resold has an allocation before and after.
+    gpus_on: dict[str, set[int]] = {}
     for allocation in live or reservation.allocation_list:
-        per_node[allocation.node.hostname] = per_node.get(allocation.node.hostname, 0) + 1
+        gpus_on.setdefault(allocation.node.hostname, set()).add(allocation.gpu_id)
+    per_node = {host: len(gpus) for host, gpus in gpus_on.items()}
     can_act = view.membership.role in RESERVING_ROLES
+    resellable = reservation.tier == Tier.RESERVED and reservation.status in LIVE_STATUSES
     interruption = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
     workload = workload_public(reservation.workload)
     context = {
@@ -464,6 +470,7 @@ def _detail_context(view, reservation, **extra) -> dict:
         if reservation.status in (ReservationStatus.PROVISIONING, ReservationStatus.RELEASING)
         else None,
         "allowed": allowed if can_act else [],
+        "can_act": can_act,
         "nodes": per_node,
         "workload": workload,
         "has_ssh_keys": bool(workload.get("ssh_public_keys")),
@@ -479,6 +486,20 @@ def _detail_context(view, reservation, **extra) -> dict:
         "extend_form": ExtendForm(
             initial={"ends_at": _next_minute(reservation.ends_at) + timedelta(hours=1)}
         ),
+        # A reserved term's resale: its listings, and the form to list more (reserving roles).
+        "listings": listings_for_reservation(reservation=reservation)
+        if reservation.tier == Tier.RESERVED
+        else [],
+        "listing_form": ListingForm(
+            initial={
+                "starts_at": _next_minute(max(timezone.now(), reservation.starts_at))
+                + timedelta(hours=1),
+                "ends_at": reservation.ends_at,
+                "tier": Tier.ON_DEMAND,
+            }
+        )
+        if resellable and can_act
+        else None,
     }
     context.update(extra)
     return context

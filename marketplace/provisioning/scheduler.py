@@ -17,26 +17,35 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, Max, OuterRef, Q
+from django.db.models import Exists, F, Max, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from config.celery import BROKER_ERRORS, app
 from marketplace.models import (
     AttemptOutcome,
+    ListingStatus,
     ProvisioningAttempt,
     ProvisioningDispatch,
     ProvisioningKind,
+    ResaleListing,
     Reservation,
     ReservationStatus,
+    ReservationTransition,
 )
 from marketplace.provisioning.kicks import PROVISION_TASK, RELEASE_TASK, enqueue_now
-from marketplace.provisioning.services import TEARDOWN_STATUSES, reservations_locked_by_workers
+from marketplace.provisioning.services import (
+    RESOLD_PAUSE_CAUSE,
+    TEARDOWN_STATUSES,
+    reservation_resale_resync,
+    reservations_locked_by_workers,
+)
 from marketplace.services.curtailment import reservations_preempt_due
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
     "reservations_dispatch_due",
     "reservations_sweep_stuck",
+    "reservations_resale_resync",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,7 +152,13 @@ def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None 
     now = now or timezone.now()
     batch = batch or settings.PROVISIONING_DISPATCH_BATCH
     # Notices that ran out first: a preempted running reservation is then torn down below.
-    counts = {"preempted": reservations_preempt_due(now=now), "started": 0, "ended": 0}
+    counts = {
+        "preempted": reservations_preempt_due(now=now),
+        # Before the starts below: a seller leaves the GPUs a buyer starts on in this tick.
+        "resold": reservations_resale_resync(now=now),
+        "started": 0,
+        "ended": 0,
+    }
     for key, starting in (("ended", False), ("started", True)):
         for _ in range(_MAX_BATCHES_PER_RUN):
             n = _dispatch_batch(now=now, batch=batch, starting=starting)
@@ -151,6 +166,53 @@ def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None 
             if n < batch:
                 break
     return counts
+
+
+# Edges of resold windows older than this are not looked for again (the dispatcher runs every
+# few seconds; a day bounds the query).
+_RESALE_EDGE_WINDOW = timedelta(days=1)
+
+
+def reservations_resale_resync(*, now: datetime | None = None, limit: int = 200) -> int:
+    """Running reserved terms with a resold window that began or ended since their workload
+    was placed (their last move to provisioning, or their pause): each is restarted on the
+    GPUs it holds now, paused, or released (provisioning.services.reservation_resale_resync).
+    Returns how many changed."""
+    now = now or timezone.now()
+    since = now - _RESALE_EDGE_WINDOW
+    placed_at = Subquery(
+        ReservationTransition.objects.filter(reservation_id=OuterRef("reservation_id"))
+        .filter(
+            Q(to_status=ReservationStatus.PROVISIONING)
+            | Q(
+                from_status=ReservationStatus.ACTIVE,
+                to_status=ReservationStatus.ACTIVE,
+                cause__startswith=RESOLD_PAUSE_CAUSE,
+            )
+        )
+        .order_by("-at", "-id")
+        .values("at")[:1]
+    )
+    edges = (
+        ResaleListing.objects.filter(
+            status=ListingStatus.SOLD, reservation__status=ReservationStatus.ACTIVE
+        )
+        .filter(Q(starts_at__gt=since, starts_at__lte=now) | Q(ends_at__gt=since, ends_at__lte=now))
+        .annotate(placed_at=placed_at)
+        .filter(
+            Q(starts_at__lte=now, starts_at__gt=F("placed_at"))
+            | Q(ends_at__lte=now, ends_at__gt=F("placed_at"))
+        )
+        .values_list("reservation_id", "placed_at")
+    )
+    due = dict(sorted(edges[:limit]))
+    changed = 0
+    for reservation_id, placed in due.items():
+        outcome = reservation_resale_resync(
+            reservation_id=reservation_id, placed_at=placed, now=now
+        )
+        changed += outcome not in ("skipped", "unchanged")
+    return changed
 
 
 def reservations_sweep_stuck(

@@ -54,7 +54,9 @@ from marketplace.models import (
     Reservation,
     ReservationOutage,
     ReservationStatus,
+    ReservationTransition,
     ReservationWorkerLease,
+    Tier,
 )
 from marketplace.models.provisioning import FAILED_OUTCOMES
 from marketplace.provisioning.drivers import (
@@ -67,6 +69,7 @@ from marketplace.provisioning.drivers import (
     WorkloadFailure,
     driver_get,
 )
+from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import (
@@ -83,6 +86,8 @@ __all__ = [
     "reservation_reallocate",
     "placement_generation_raise",
     "allocations_end",
+    "RESOLD_PAUSE_CAUSE",
+    "reservation_resale_resync",
     "reservation_outages_record_for_node",
     "reservation_outages_close_for_node",
     "reservation_outages_reconcile",
@@ -223,7 +228,9 @@ def _target(reservation: Reservation) -> tuple[Target, list[tuple[int, str, str]
     node_states: dict[int, tuple[int, str, str]] = {}
     for a in allocations:
         current = by_node.get(a.node_id)
-        indexes = (current.gpu_indexes if current else ()) + (a.gpu.index,)
+        indexes = current.gpu_indexes if current else ()
+        if a.gpu.index not in indexes:  # a GPU partly resold has rows before and after
+            indexes += (a.gpu.index,)
         by_node[a.node_id] = NodeTarget(a.node_id, a.node.hostname, indexes)
         node_states[a.node_id] = (a.node_id, a.node.hostname, a.node.status)
     target = Target(
@@ -336,6 +343,10 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
         if reservation.status in (ReservationStatus.PENDING, ReservationStatus.SCHEDULED):
             if reservation.starts_at > now:
                 return StepResult("noop", detail="not due yet")
+            if reservation.tier == Tier.RESERVED and not _holds_gpus_at(reservation, now):
+                # Every GPU of the term is resold for now: it starts when it holds one again
+                # (the dispatcher keeps offering it), never on a buyer's GPUs.
+                return StepResult("noop", detail="all its GPUs are resold for now")
             if reservation.status == ReservationStatus.PENDING:
                 moves.append((ReservationStatus.SCHEDULED, "start time reached"))
             moves.append((ReservationStatus.PROVISIONING, "provisioning started"))
@@ -420,6 +431,17 @@ FOR UPDATE OF r
 """
 
 
+def _holds_gpus_at(reservation: Reservation, at: datetime) -> bool:
+    """Whether a reserved term has a GPU to run on at `at` (not every one resold then)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM marketplace_allocation a WHERE a.reservation_id = "
+            "%(rid)s AND a.is_live" + _NOT_RESOLD_NOW + ")",
+            {"rid": reservation.pk, "now": at},
+        )
+        return cur.fetchone()[0]
+
+
 def _provision_lock_row(reservation_id: int) -> Reservation | None:
     """SELECT … FOR UPDATE of the reservation, with its model, site and quote (its events show
     them), as select_related loads them.
@@ -440,6 +462,14 @@ def _provision_lock_row(reservation_id: int) -> Reservation | None:
     reservation.quote = model_from_row(Quote, quote) if quote[0] is not None else None
     return reservation
 
+
+# A GPU of a reserved term whose time now was resold is not the term's to run on now (its
+# allocations before and after the sold window are; a GPU split so appears once).
+_NOT_RESOLD_NOW = """
+  AND NOT EXISTS (SELECT 1 FROM marketplace_resalelisting l
+                  WHERE l.reservation_id = a.reservation_id AND l.status = 'sold'
+                    AND a.gpu_id = ANY(l.gpu_ids)
+                    AND l.starts_at <= %(now)s AND l.ends_at > %(now)s)"""
 
 # The provision step's own bookkeeping, written in the same round trip as its status moves
 # (reservation_transitions_write): mark attempts a dead worker left running as abandoned,
@@ -463,14 +493,19 @@ prev AS (
     FROM prev
     RETURNING id, number
 )"""
-_CLAIM_SELECT = """attempt.id, attempt.number, prev.failures + prev.running, prev.last_outcome,
-       (SELECT coalesce(json_agg(json_build_array(a.node_id, n.hostname, n.status, g.index)
-                                 ORDER BY a.node_id, g.index), '[]'::json)
-        FROM marketplace_allocation a
-        JOIN inventory_node n ON n.id = a.node_id
-        JOIN inventory_gpu g ON g.id = a.gpu_id
-        WHERE a.reservation_id = %(rid)s AND a.is_live)
+_CLAIM_SELECT = (
+    """attempt.id, attempt.number, prev.failures + prev.running, prev.last_outcome,
+       (SELECT coalesce(json_agg(json_build_array(p.node_id, p.hostname, p.status, p.index)
+                                 ORDER BY p.node_id, p.index), '[]'::json)
+        FROM (SELECT DISTINCT a.node_id, n.hostname, n.status, g.index
+              FROM marketplace_allocation a
+              JOIN inventory_node n ON n.id = a.node_id
+              JOIN inventory_gpu g ON g.id = a.gpu_id
+              WHERE a.reservation_id = %(rid)s AND a.is_live"""
+    + _NOT_RESOLD_NOW
+    + """) p)
 FROM attempt, prev"""
+)
 
 
 def _provision_claim(
@@ -702,6 +737,106 @@ def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) ->
         node=node, started_at=outage.started_at, cause=outage.cause, source_outage=outage
     )
     return node
+
+
+# --- resold time: a running term's GPUs change at the edges of the windows it sold ---------
+
+RESOLD_PAUSE_CAUSE = "every GPU of the term is resold for now"
+_PLACEMENT_SQL = (
+    """
+SELECT DISTINCT a.node_id, n.hostname, g.index
+FROM marketplace_allocation a
+JOIN inventory_node n ON n.id = a.node_id
+JOIN inventory_gpu g ON g.id = a.gpu_id
+WHERE a.reservation_id = %(rid)s AND a.is_live"""
+    + _NOT_RESOLD_NOW
+    + """
+ORDER BY a.node_id, g.index
+"""
+)
+
+
+def _placement_at(reservation_id: int, at: datetime) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """node id → (hostname, GPU indexes) the term runs on at `at`, as the provision step
+    places it (its live GPUs less those resold for that moment)."""
+    placement: dict[int, tuple[str, tuple[int, ...]]] = {}
+    with connection.cursor() as cur:
+        cur.execute(_PLACEMENT_SQL, {"rid": reservation_id, "now": at})
+        for node_id, hostname, index in cur.fetchall():
+            placement[node_id] = (hostname, placement.get(node_id, ("", ()))[1] + (index,))
+    return placement
+
+
+def reservation_resale_resync(
+    *, reservation_id: int, placed_at: datetime, now: datetime, driver: Driver | None = None
+) -> str:
+    """A running term whose GPUs changed since its workload was placed at `placed_at` (a
+    window it sold began or ended): its workload must not stay on GPUs sold for now, and gets
+    back the ones whose sold window ended. Under the row lock, as a move off a failed GPU:
+
+    - it holds GPUs now: its placement generation is raised and it goes active →
+      provisioning; the worker restarts the workload on them (the site agents first stop the
+      old generation's containers, on every node that ran one);
+    - it holds none now but will again: the generation is raised and the old containers are
+      stopped; the term stays active with no connection, and the history says so (the end of
+      the window restarts it);
+    - it holds none for the rest of the term: active → releasing (it is over for its holder).
+    """
+    with transaction.atomic():
+        locked = (
+            Reservation.objects.select_for_update(skip_locked=True)
+            .filter(pk=reservation_id, status=ReservationStatus.ACTIVE)
+            .first()
+        )
+        if locked is None:
+            return "skipped"
+        new = _placement_at(locked.pk, now)
+        if _placement_at(locked.pk, placed_at) == new:
+            return "unchanged"
+        if new:
+            placement_generation_raise(locked)
+            reservation_transition(
+                reservation=locked,
+                to_status=ReservationStatus.PROVISIONING,
+                cause="Its GPUs changed at the edge of a resold window: the workload restarts "
+                f"on the {sum(len(i) for _, i in new.values())} GPU(s) the term holds now.",
+                actor_label=ACTOR,
+            )
+            provisioning_kick(locked.pk)
+            return "restarted"
+        if Allocation.objects.filter(
+            reservation=locked, is_live=True, period__endswith__gt=now
+        ).exists():
+            placement_generation_raise(locked)
+            # Not a status move: it stays active (paid for) with nothing running until then.
+            locked.connection = {}
+            locked.save(update_fields=["connection", "updated_at"])
+            ReservationTransition.objects.create(
+                reservation=locked,
+                from_status=locked.status,
+                to_status=locked.status,
+                cause=f"{RESOLD_PAUSE_CAUSE}: the workload is stopped until it holds GPUs again",
+                actor_label=ACTOR,
+            )
+            nothing = Target(
+                reservation_id=locked.pk,
+                public_id=locked.public_id,
+                workload=locked.workload or {},
+                nodes=(),
+                tier=locked.tier,
+                generation=locked.placement_generation,
+            )
+            stopper = driver or driver_get()
+            transaction.on_commit(lambda: _stop_quietly(stopper, nothing))
+            return "paused"
+        reservation_transition(
+            reservation=locked,
+            to_status=ReservationStatus.RELEASING,
+            cause="The rest of the term is resold: it ends for its holder.",
+            actor_label=ACTOR,
+        )
+        release_kick(locked.pk)
+        return "released"
 
 
 # --- release --------------------------------------------------------------------------------

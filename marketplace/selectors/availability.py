@@ -22,10 +22,11 @@ from django.utils import timezone
 from config.errors import ValidationFailed
 from config.replica import read_connection
 from inventory.models import GpuModel, Node, Site
-from marketplace.models import Curtailment, RateCard
+from marketplace.models import Curtailment, RateCard, ResaleListing, Tier
 from marketplace.rules import NodeCapacity, choose_nodes, validate_request_period
 from marketplace.selectors.catalogue import CurtailmentHistory, site_curtailment_history
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
+from marketplace.selectors.resale import resale_breakdown, resale_offer_rows
 from marketplace.services.energy import EnergyEstimate, energy_for
 from marketplace.services.pricing import (
     PriceBreakdown,
@@ -79,6 +80,8 @@ class Offer:
     # is the breakdown's window_energy_price_per_mwh.
     price_zone: str | None = None
     curtailments: CurtailmentHistory | None = None
+    # Resold time: the listing it comes from (booked with reservation_create(listing=…)).
+    listing: ResaleListing | None = None
 
     @property
     def reliability_pct(self) -> Decimal | None:
@@ -320,11 +323,15 @@ def availability_search(
     min_renewable_share: Decimal | None = None,
     max_grid_carbon_g_per_kwh: int | None = None,
     max_pue: Decimal | None = None,
+    include_resale: bool = False,
 ) -> list[Offer]:
     """Offers that can be reserved right now, cheapest first (one per site and GPU model).
 
     The grid filters select sites: renewable share at least (0-1), grid carbon intensity at
     most (gCO2e/kWh; a site without the figure does not qualify), PUE at most.
+
+    `include_resale`: also resold time (one offer per listing that fits, `listing` set), which
+    is booked by naming the listing; quotes and direct bookings leave it out.
 
     A period no reservation could have (in the past, too long, too far ahead) is refused with
     the same error reserving it would get, rather than answered with offers nobody can book.
@@ -355,6 +362,23 @@ def availability_search(
     with read_connection().cursor() as cur:
         cur.execute(_sql(_SEARCH_TAIL, filters=filters), params)
         rows = cur.fetchall()
+    resale = []
+    if include_resale:
+        resale = _resale_offers(
+            gpu_count=gpu_count,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            tier=tier,
+            gpu_model=gpu_model,
+            min_gpu_memory_gb=min_gpu_memory_gb,
+            region=region,
+            site=site,
+            max_price_per_gpu_hour=max_price_per_gpu_hour,
+            min_reliability=min_reliability,
+            min_renewable_share=min_renewable_share,
+            max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
+            max_pue=max_pue,
+        )
 
     fits = []
     for (site_id, model_id, node_size, healthy, free, fitting, best_fit, whole_nodes,
@@ -372,7 +396,7 @@ def availability_search(
                 (site_id, model_id, healthy, free, "cluster", len(nodes), nodes, whole_nodes)
             )
     if not fits:
-        return []
+        return _cheapest_first(resale)
 
     sites = sites_by_id({f[0] for f in fits})
     models = gpu_models_by_id({f[1] for f in fits})
@@ -428,7 +452,61 @@ def availability_search(
                 curtailments=curtailments.get(site_id, CurtailmentHistory()),
             )
         )
-    offers.sort(key=lambda o: (o.price_per_gpu_hour, o.total, o.site.slug, o.gpu_model.slug))
+    return _cheapest_first(offers + resale)
+
+
+def _cheapest_first(offers: list[Offer]) -> list[Offer]:
+    offers.sort(
+        key=lambda o: (
+            o.price_per_gpu_hour,
+            o.total,
+            o.site.slug,
+            o.gpu_model.slug,
+            o.listing is not None,
+            o.listing.pk if o.listing is not None else 0,
+        )
+    )
+    return offers
+
+
+def _resale_offers(*, gpu_count: int, starts_at: datetime, ends_at: datetime, tier: str, **filters):
+    """One offer per listing that fits: its node, its GPUs, at the seller's asking price, with
+    its site's grid as every offer has it."""
+    if tier == Tier.RESERVED:
+        return []  # resold time is sold by the hour (on-demand or interruptible), not as terms
+    listings = resale_offer_rows(
+        gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at, tier=tier, **filters
+    )
+    if not listings:
+        return []
+    sites = {listing.site_id: listing.site for listing in listings}
+    series = power_series_for(sites.values(), starts_at=starts_at, ends_at=ends_at)
+    curtailments = site_curtailment_history(site_ids=sites, now=timezone.now())
+    offers = []
+    for listing in listings:
+        breakdown = resale_breakdown(
+            listing=listing, gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at
+        )
+        offers.append(
+            Offer(
+                site=listing.site,
+                gpu_model=listing.gpu_model,
+                gpu_count=gpu_count,
+                placement="single_node",
+                node_count=1,
+                nodes=[NodeFit(node_id=listing.node_id, free_gpus=listing.gpu_count)],
+                fitting_node_count=1,
+                free_gpus=listing.gpu_count,
+                currency=breakdown.currency,
+                price_per_gpu_hour=breakdown.price_per_gpu_hour,
+                total=breakdown.total,
+                breakdown=breakdown,
+                reliability=listing.node.reliability_30d,
+                price_zone=_zone_code(series, listing.site),
+                curtailments=curtailments.get(listing.site_id, CurtailmentHistory()),
+                listing=listing,
+            )
+        )
     return offers
 
 

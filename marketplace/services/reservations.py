@@ -38,6 +38,7 @@ from marketplace.models import (
     EventType,
     Organization,
     Quote,
+    ResaleListing,
     Reservation,
     ReservationStatus,
     ReservationTransition,
@@ -53,11 +54,16 @@ from marketplace.selectors.availability import (
     site_model_offer,
 )
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
+from marketplace.selectors.resale import resale_breakdown, sold_gpu_seconds
 from marketplace.services.allocation import allocation_place, curtailment_headroom_take
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import resolve_catalogue
+from marketplace.services.resale import (
+    listings_withdraw_for_reservation,
+    resale_allocations_transfer,
+)
 from marketplace.services.transitions import (
     extension_blocked_by_interruption,
     reservation_action_refusal,
@@ -117,12 +123,14 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
         raise InvalidTransition(refusal, code="cancel_not_allowed")
     unused_from = max(at, reservation.starts_at)
     unused_seconds = max(0, int((reservation.ends_at - unused_from).total_seconds()))
+    # Time resold to someone else is no longer the holder's to give back: its sale pays them.
+    sold = sold_gpu_seconds(reservation=reservation, since=unused_from)
     unused = min(
         reservation.total_amount,
         period_total(
             price_per_gpu_hour=reservation.price_per_gpu_hour,
-            gpu_count=reservation.gpu_count,
-            seconds=unused_seconds,
+            gpu_count=1,
+            seconds=max(0, reservation.gpu_count * unused_seconds - sold),
         ),
     )
     notice = reservation.starts_at - at
@@ -179,6 +187,8 @@ class BookingRequest:
     # Only nodes whose 30-day reliability is at least this (0-1), as the search was filtered.
     min_reliability: Decimal | None = None
     workload: dict = field(default_factory=dict)
+    # Resold time: the listing to book from (gpu_count GPUs for [starts_at, ends_at) in it).
+    listing: ResaleListing | None = None
     # False: a booking the balance does not cover does not start the organisation's
     # automatic recharge; the 402 says what it would charge (the portal asks).
     auto_recharge: bool = True
@@ -219,6 +229,8 @@ class BookingTerms:
     min_reliability: Decimal | None = None
     site: Site | None = None
     gpu_model: GpuModel | None = None
+    # Resold time: the GPUs are moved from the listing's seller instead of placed.
+    listing_id: int | None = None
 
     @classmethod
     def from_offer(cls, offer: Offer, request: BookingRequest) -> "BookingTerms":
@@ -258,8 +270,10 @@ def reservation_create(
     workload: dict | None = None,
     auto_recharge: bool = True,
     min_reliability: Decimal | None = None,
+    listing: ResaleListing | None = None,
 ) -> Reservation:
     """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once.
+    With a `listing`, books resold time from it (its site, model, tier and asking price).
 
     The arguments are those of BookingRequest. The reservation comes back with what was just
     written in hand (`transition_list`, `allocation_list`, `outage_list`, as
@@ -282,10 +296,13 @@ def reservation_create(
         workload=workload or {},
         auto_recharge=auto_recharge,
         min_reliability=min_reliability,
+        listing=listing,
         now=timezone.now(),
     )
     if request.quote is not None:
         return reservation_book(request=request, terms=_quote_take(request))
+    if request.listing is not None:
+        return reservation_book(request=request, terms=_listing_terms(request))
     request.validate_direct()
     if request.site is not None:
         # Price and place at the chosen site only, from one read of its nodes, instead of
@@ -378,6 +395,56 @@ def _offer_at_site(request: BookingRequest) -> Offer:
     return offer
 
 
+def _listing_terms(request: BookingRequest) -> BookingTerms:
+    """Resold time at the listing's asking price; whether it can still be sold is decided
+    under its locks when the GPUs are moved (resale_allocations_transfer)."""
+    listing = request.listing
+    for name, asked, offered in (
+        ("gpu_model", request.gpu_model, listing.gpu_model.slug),
+        ("site", request.site, listing.site.slug),
+        ("tier", request.tier, listing.tier),
+    ):
+        if asked is not None and asked != offered:
+            raise ValidationFailed(
+                f"This listing offers {offered} as its {name}, not {asked}.", field=name
+            )
+    if request.term != Term.NONE:
+        raise ValidationFailed(
+            "Resold time is booked without a term.", code="term_not_allowed", field="term"
+        )
+    for name in ("gpu_count", "starts_at", "ends_at"):
+        if getattr(request, name) is None:
+            raise ValidationFailed(f"{name} is required to book from a listing.", field=name)
+    validate_request_period(
+        starts_at=request.starts_at,
+        ends_at=request.ends_at,
+        gpu_count=request.gpu_count,
+        now=request.now,
+    )
+    breakdown = resale_breakdown(
+        listing=listing,
+        gpu_count=request.gpu_count,
+        starts_at=request.starts_at,
+        ends_at=request.ends_at,
+    )
+    return BookingTerms(
+        site_id=listing.site_id,
+        gpu_model_id=listing.gpu_model_id,
+        gpu_count=request.gpu_count,
+        tier=listing.tier,
+        term=Term.NONE,
+        starts_at=request.starts_at,
+        ends_at=request.ends_at,
+        currency=listing.currency,
+        price_per_gpu_hour=listing.price_per_gpu_hour,
+        total_amount=breakdown.total,
+        breakdown=breakdown.as_dict(),
+        site=listing.site,
+        gpu_model=listing.gpu_model,
+        listing_id=listing.pk,
+    )
+
+
 def _quote_take(request: BookingRequest) -> BookingTerms:
     """The quote's terms, once it is checked to be this organisation's, unused and current."""
     # The lock serialises two attempts to use the same quote.
@@ -420,16 +487,26 @@ def reservation_book(*, request: BookingRequest, terms: BookingTerms) -> Reserva
     Runs inside the caller's transaction; NotAvailable or a refused hold rolls it all back.
     """
     reservation = _reservation_insert(request=request, terms=terms)
-    allocations = allocation_place(
-        reservation=reservation,
-        site_id=terms.site_id,
-        gpu_model_id=terms.gpu_model_id,
-        gpu_count=terms.gpu_count,
-        starts_at=terms.starts_at,
-        ends_at=terms.ends_at,
-        first_plan=terms.first_plan,
-        min_reliability=terms.min_reliability,
-    )
+    if terms.listing_id is not None:
+        allocations = resale_allocations_transfer(
+            buyer=reservation,
+            listing_id=terms.listing_id,
+            gpu_count=terms.gpu_count,
+            starts_at=terms.starts_at,
+            ends_at=terms.ends_at,
+            now=request.now,
+        )
+    else:
+        allocations = allocation_place(
+            reservation=reservation,
+            site_id=terms.site_id,
+            gpu_model_id=terms.gpu_model_id,
+            gpu_count=terms.gpu_count,
+            starts_at=terms.starts_at,
+            ends_at=terms.ends_at,
+            first_plan=terms.first_plan,
+            min_reliability=terms.min_reliability,
+        )
     # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
     # taken after the node locks, as an extension takes it (one lock order, no deadlock).
     funding_gate().reservation_authorize(
@@ -525,6 +602,8 @@ def reservation_cancel(
     )
     updated.cancellation = {**terms.as_dict(), "reason": reason, "actor_label": actor_label}
     updated.save(update_fields=["cancellation", "updated_at"])
+    # Under the row lock a buyer's transfer takes first: nothing of it is sold from here on.
+    listings_withdraw_for_reservation(reservation=updated)
     _audit(
         updated,
         "reservation.cancel",
@@ -672,12 +751,12 @@ def reservation_extend(
 def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) -> None:
     """NotAvailable unless the reservation's GPUs can also serve [its end, new_ends_at): their
     nodes taking work, no maintenance, no failed GPU, no other booking. Locks the nodes."""
-    allocations = list(Allocation.objects.filter(reservation=reservation, is_live=True))
-    node_ids = sorted({a.node_id for a in allocations})
+    gpus = _gpus_at_end(reservation)
+    node_ids = sorted({node_id for _, node_id in gpus})
     old_end = reservation.ends_at
     params = {
         "rid": reservation.pk,
-        "gpu_ids": [a.gpu_id for a in allocations],
+        "gpu_ids": [gpu_id for gpu_id, _ in gpus],
         "node_ids": node_ids,
         "old_end": old_end,
         "new_end": new_ends_at,
@@ -709,22 +788,54 @@ def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) ->
     if node_ids:  # more time is more load: a grid curtailment of the site may forbid it
         curtailment_headroom_take(
             node_id=node_ids[0],
-            gpu_count=len(allocations),
+            gpu_count=len(gpus),
             starts_at=old_end,
             ends_at=new_ends_at,
         )
 
 
+# (GPU, node) of each GPU a reservation holds at its end: its live allocations that run to the
+# end, and GPUs whose time up to the end was resold (the term keeps its GPUs: an extension
+# gives them back to the holder from the old end on).
+_GPUS_AT_END_SQL = """
+SELECT a.gpu_id, a.node_id FROM marketplace_allocation a
+WHERE a.reservation_id = %(rid)s AND a.is_live AND upper(a.period) = %(end)s
+UNION ALL
+SELECT g.gpu_id, l.node_id
+FROM marketplace_resalelisting l CROSS JOIN LATERAL unnest(l.gpu_ids) AS g(gpu_id)
+WHERE l.reservation_id = %(rid)s AND l.status = 'sold' AND l.ends_at = %(end)s
+"""
+
+
+def _gpus_at_end(reservation: Reservation) -> list[tuple[int, int]]:
+    with connection.cursor() as cur:
+        cur.execute(_GPUS_AT_END_SQL, {"rid": reservation.pk, "end": reservation.ends_at})
+        return cur.fetchall()
+
+
+# An allocation ending at the old end is lengthened; a GPU whose time up to the old end was
+# resold gets a new allocation from the old end on (the buyer's ends there). One statement.
+_LENGTHEN_SQL = """
+WITH lengthened AS (
+    UPDATE marketplace_allocation SET period = tstzrange(lower(period), %(new_end)s, '[)')
+    WHERE reservation_id = %(rid)s AND is_live AND upper(period) = %(old_end)s
+    RETURNING id
+)
+INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live, created_at)
+SELECT %(rid)s, g.gpu_id, l.node_id, tstzrange(%(old_end)s, %(new_end)s, '[)'), true, now()
+FROM marketplace_resalelisting l CROSS JOIN LATERAL unnest(l.gpu_ids) AS g(gpu_id)
+WHERE l.reservation_id = %(rid)s AND l.status = 'sold' AND l.ends_at = %(old_end)s
+"""
+
+
 def _allocations_lengthen(*, reservation: Reservation, new_ends_at: datetime) -> None:
-    """The live allocations end at new_ends_at; the exclusion constraint has the last word."""
+    """The GPUs held at the end serve on to new_ends_at; the exclusion constraint has the
+    last word."""
+    params = {"rid": reservation.pk, "old_end": reservation.ends_at, "new_end": new_ends_at}
     try:
         with transaction.atomic():
             with connection.cursor() as cur:
-                cur.execute(
-                    "UPDATE marketplace_allocation SET period = tstzrange(lower(period), %s, '[)')"
-                    " WHERE reservation_id = %s AND is_live",
-                    [new_ends_at, reservation.pk],
-                )
+                cur.execute(_LENGTHEN_SQL, params)
     except IntegrityError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != "23P01":
             raise

@@ -160,7 +160,7 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
         other = market.book()
         counts = reservations_dispatch_due()  # its enqueues after commit fail too
 
-    assert counts == {"preempted": 0, "started": 2, "ended": 0}
+    assert counts == {"preempted": 0, "resold": 0, "started": 2, "ended": 0}
     assert Reservation.objects.filter(pk__in=[kicked.pk, other.pk]).count() == 2
     assert [_status(kicked), _status(other)] == [S.SCHEDULED, S.SCHEDULED]
     failures = [m for m in caplog.messages if "could not enqueue" in m]
@@ -171,7 +171,7 @@ def test_a_reservation_made_while_redis_is_unreachable_is_provisioned_once_it_is
     assert ProvisioningDispatch.objects.count() == 0
 
     # Redis is back: the next dispatcher run catches both up.
-    assert reservations_dispatch_due() == {"preempted": 0, "started": 2, "ended": 0}
+    assert reservations_dispatch_due() == {"preempted": 0, "resold": 0, "started": 2, "ended": 0}
     for r in (kicked, other):
         r = _wait_status(r, S.ACTIVE, timeout=20)
         assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]

@@ -129,7 +129,7 @@ def test_it_does_not_provision_a_reservation_before_its_start(market, calls_log)
     )
 
     r.refresh_from_db()
-    assert counts == {"preempted": 0, "started": 0, "ended": 0}
+    assert counts == {"preempted": 0, "resold": 0, "started": 0, "ended": 0}
     assert result.outcome == "noop"
     assert r.status == S.PENDING
     assert calls_log() == []
@@ -149,9 +149,9 @@ def test_the_dispatcher_enqueues_due_starts_and_ends_once_after_commit(
     with django_capture_on_commit_callbacks() as again:
         repeat = reservations_dispatch_due()
 
-    assert counts == {"preempted": 0, "started": 2, "ended": 1}
+    assert counts == {"preempted": 0, "resold": 0, "started": 2, "ended": 1}
     assert len(callbacks) == 3  # one enqueue per batch, each after its commit
-    assert repeat == {"preempted": 0, "started": 0, "ended": 0} and again == []
+    assert repeat == {"preempted": 0, "resold": 0, "started": 0, "ended": 0} and again == []
     markers = ProvisioningDispatch.objects.values_list("reservation_id", "kind")
     assert sorted(markers) == sorted(
         [(due.pk, "provision"), (due_too.pk, "provision"), (active.pk, "release")]
@@ -170,7 +170,7 @@ def test_a_due_reservation_is_enqueued_again_once_its_marker_is_old(market):
     reservations_dispatch_due()
     ProvisioningDispatch.objects.update(enqueued_at=timezone.now() - timedelta(minutes=2))
 
-    assert reservations_dispatch_due() == {"preempted": 0, "started": 1, "ended": 0}
+    assert reservations_dispatch_due() == {"preempted": 0, "resold": 0, "started": 1, "ended": 0}
     assert ProvisioningDispatch.objects.get(reservation=r).enqueued_at > timezone.now() - (
         timedelta(seconds=5)
     )
@@ -350,7 +350,12 @@ def test_the_workload_of_a_reservation_that_failed_while_active_is_stopped_once(
     reservation_transition(reservation=r, to_status=S.FAILED, cause="staff", actor_label="staff")
 
     with django_capture_on_commit_callbacks() as callbacks:
-        assert reservations_dispatch_due() == {"preempted": 0, "started": 0, "ended": 1}
+        assert reservations_dispatch_due() == {
+            "preempted": 0,
+            "resold": 0,
+            "started": 0,
+            "ended": 1,
+        }
     assert len(callbacks) == 1
     result = reservation_release_step(reservation_id=r.pk, driver=driver)
     again = reservation_release_step(reservation_id=r.pk, driver=driver)
@@ -358,7 +363,7 @@ def test_the_workload_of_a_reservation_that_failed_while_active_is_stopped_once(
 
     assert (result.outcome, again.outcome) == ("torn_down", "noop")
     assert calls_log() == ["prepare", "start", "stop"]
-    assert reservations_dispatch_due() == {"preempted": 0, "started": 0, "ended": 0}
+    assert reservations_dispatch_due() == {"preempted": 0, "resold": 0, "started": 0, "ended": 0}
     r.refresh_from_db()
     assert r.status == S.FAILED  # no status change, only the stop
 

@@ -1,0 +1,520 @@
+"""Resale of reserved time: list, withdraw, and the transfer a buyer's booking makes.
+
+A reserved term's holder lists whole GPUs of one node of its allocation for a window inside
+the term that has not started, at an asking price per GPU-hour not below the floor, offered
+at the on-demand or interruptible tier. A buyer books it through the booking service
+(services/reservations.py, `listing=`); the GPUs then move in that transaction: the seller's
+allocation row of each GPU is split around the window (the sold piece kept, not live, as the
+record), the buyer's rows are inserted, and the exclusion constraint still has the last word.
+
+Sold in parts: a buyer takes any whole number of the listed GPUs (the first ones by index)
+for any window inside the listing's; the listing row is narrowed to what was sold and what is
+left stays listed as new open listings (parent = the sold row).
+
+Locks, in the order every path takes them: the seller's reservation row, then listing rows,
+then nodes (as placement and extensions), then a billing account (the buyer's funding gate).
+"""
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+from django.db import connection, transaction
+from django.utils import timezone
+from psycopg.types.range import Range
+
+from config.errors import Conflict, NotAvailable, NotFound, ValidationFailed
+from inventory.models import Gpu, Node
+from marketplace.models import (
+    LIVE_STATUSES,
+    RESALE_TIERS,
+    Allocation,
+    ListingStatus,
+    Organization,
+    ResaleFee,
+    ResaleListing,
+    Reservation,
+    Tier,
+)
+from marketplace.services.audit import audit_record
+from marketplace.services.pricing import PriceFloor, price_floor
+
+__all__ = [
+    "DEFAULT_RESALE_FEE_PCT",
+    "resale_fee_pct",
+    "resale_price_floor",
+    "listing_create",
+    "listing_withdraw",
+    "listings_withdraw_for_reservation",
+    "resale_allocations_transfer",
+]
+
+DEFAULT_RESALE_FEE_PCT = Decimal("10")
+_PRICE_QUANTUM = Decimal("0.0001")
+
+
+def resale_fee_pct() -> Decimal:
+    """The fee in force: the newest ResaleFee row staff saved, else the default."""
+    fee = ResaleFee.objects.order_by("-created_at", "-id").values_list("fee_pct", flat=True).first()
+    return DEFAULT_RESALE_FEE_PCT if fee is None else fee
+
+
+def resale_price_floor(
+    *, site, gpu_model, starts_at: datetime, ends_at: datetime, tier: str, currency: str
+) -> PriceFloor:
+    """The lowest asking price per GPU-hour for that window: the floor every price keeps
+    (services.pricing.price_floor: the marginal energy cost of the GPU-hour plus the policy's
+    margin), as offers of that tier get it."""
+    return price_floor(
+        site=site,
+        gpu_model=gpu_model,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        tier=tier,
+        currency=currency,
+    )
+
+
+# The seller's GPUs that are theirs for the whole window and not already listed for any of it:
+# its live allocation rows containing the window (a GPU sold for part of it no longer has one).
+_LISTABLE_SQL = """
+SELECT a.gpu_id, a.node_id, n.hostname
+FROM marketplace_allocation a
+JOIN inventory_gpu g ON g.id = a.gpu_id
+JOIN inventory_node n ON n.id = a.node_id
+WHERE a.reservation_id = %(rid)s AND a.is_live
+  AND a.period @> tstzrange(%(s)s, %(e)s, '[)')
+  AND NOT EXISTS (
+      SELECT 1 FROM marketplace_resalelisting l
+      WHERE l.reservation_id = a.reservation_id AND l.status = 'open'
+        AND a.gpu_id = ANY(l.gpu_ids)
+        AND tstzrange(l.starts_at, l.ends_at, '[)') && tstzrange(%(s)s, %(e)s, '[)'))
+ORDER BY a.node_id, g.index
+"""
+
+
+def _aware(value, field: str) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValidationFailed(f"{field} must be a time with a time zone.", field=field)
+    return value
+
+
+def _price(value) -> Decimal:
+    if isinstance(value, float) or isinstance(value, bool):
+        raise ValidationFailed(
+            "price_per_gpu_hour must be a decimal string.", field="price_per_gpu_hour"
+        )
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        price = None
+    if (
+        price is None
+        or not price.is_finite()
+        or price <= 0
+        or price != price.quantize(_PRICE_QUANTUM)
+    ):
+        raise ValidationFailed(
+            "price_per_gpu_hour must be a positive amount with at most 4 decimal places.",
+            code="invalid_price",
+            field="price_per_gpu_hour",
+        )
+    return price
+
+
+@transaction.atomic
+def listing_create(
+    *,
+    organization: Organization,
+    reservation: Reservation,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+    price_per_gpu_hour,
+    tier: str = Tier.ON_DEMAND,
+    node: str | None = None,
+    user=None,
+) -> ResaleListing:
+    """List `gpu_count` GPUs of one node of a reserved term for [starts_at, ends_at).
+
+    Refused, changing nothing: not the holder (404), not a live reserved term (409), a window
+    outside the term or already begun, a price below the floor, a tier other than on-demand
+    or interruptible, more GPUs than the node has free of other listings (400/409).
+    """
+    now = timezone.now()
+    # The seller's row first: every listing write and the buyer's transfer take it first.
+    locked = (
+        Reservation.objects.select_for_update()
+        .filter(pk=reservation.pk, organization=organization)
+        .select_related("site", "gpu_model")
+        .first()
+    )
+    if locked is None:
+        raise NotFound("No such reservation.", field="reservation")
+    if locked.tier != Tier.RESERVED:
+        raise Conflict(
+            f"Only a reserved term can be resold; this reservation is {locked.tier}.",
+            code="not_reserved_term",
+            field="reservation",
+        )
+    if locked.status not in LIVE_STATUSES:
+        raise Conflict(
+            f"A {locked.status} reservation has no time left to resell.",
+            code="reservation_not_live",
+            field="reservation",
+        )
+    if tier not in RESALE_TIERS:
+        raise ValidationFailed(
+            "Resold time is offered at the on_demand or interruptible tier.",
+            code="invalid_tier",
+            field="tier",
+        )
+    if isinstance(gpu_count, bool) or not isinstance(gpu_count, int) or gpu_count < 1:
+        raise ValidationFailed("gpu_count must be a whole number of at least 1.", field="gpu_count")
+    starts_at, ends_at = _aware(starts_at, "starts_at"), _aware(ends_at, "ends_at")
+    if ends_at <= starts_at:
+        raise ValidationFailed(
+            "The end must be after the start.", code="period_invalid", field="ends_at"
+        )
+    if starts_at < locked.starts_at or ends_at > locked.ends_at:
+        raise ValidationFailed(
+            f"The window must lie inside the term ({locked.starts_at.isoformat()} to "
+            f"{locked.ends_at.isoformat()}).",
+            code="window_outside_term",
+            field="starts_at" if starts_at < locked.starts_at else "ends_at",
+        )
+    if starts_at <= now:
+        raise ValidationFailed(
+            "Only time that has not started can be resold; the window must start later.",
+            code="window_started",
+            field="starts_at",
+        )
+    price = _price(price_per_gpu_hour)
+    floor = resale_price_floor(
+        site=locked.site,
+        gpu_model=locked.gpu_model,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        tier=tier,
+        currency=locked.currency,
+    )
+    if price < floor.price_per_gpu_hour:
+        raise ValidationFailed(
+            f"The asking price must be at least the floor of {floor.price_per_gpu_hour} "
+            f"{locked.currency.upper()} per GPU-hour (the GPU-hour's energy cost, "
+            f"{floor.energy_cost_per_gpu_hour}, plus the margin, {floor.margin_per_gpu_hour}; "
+            f"{floor.energy_price_note}).",
+            code="price_below_floor",
+            field="price_per_gpu_hour",
+        )
+    with connection.cursor() as cur:
+        cur.execute(_LISTABLE_SQL, {"rid": locked.pk, "s": starts_at, "e": ends_at})
+        rows = cur.fetchall()
+    by_node: dict[int, list[int]] = {}
+    hostnames: dict[int, str] = {}
+    for gpu_id, node_id, hostname in rows:
+        by_node.setdefault(node_id, []).append(gpu_id)
+        hostnames[node_id] = hostname
+    if node is not None:
+        chosen = [n for n, h in hostnames.items() if h == node]
+        if not chosen and not Node.objects.filter(hostname=node).exists():
+            raise ValidationFailed(f"Unknown node {node!r}.", code="unknown_node", field="node")
+        candidates = [n for n in chosen if len(by_node[n]) >= gpu_count]
+    else:
+        # Best fit: the node with the fewest listable GPUs that still has enough.
+        candidates = sorted(
+            (n for n, gpus in by_node.items() if len(gpus) >= gpu_count),
+            key=lambda n: (len(by_node[n]), n),
+        )
+    if not candidates:
+        if node is None:
+            have, where = max((len(g) for g in by_node.values()), default=0), "Any one node"
+        else:
+            have, where = (len(by_node[chosen[0]]) if chosen else 0), f"Node {node}"
+        raise Conflict(
+            f"{where} of this reservation has {have} GPU(s) to list for that window; "
+            f"{gpu_count} asked (a listing is GPUs of one node, held by the term for the whole "
+            "window and not listed already).",
+            code="not_enough_gpus",
+            field="gpu_count",
+        )
+    node_id = candidates[0]
+    listing = ResaleListing.objects.create(
+        organization=organization,
+        reservation=locked,
+        site_id=locked.site_id,
+        gpu_model_id=locked.gpu_model_id,
+        node_id=node_id,
+        gpu_ids=by_node[node_id][:gpu_count],
+        gpu_count=gpu_count,
+        tier=tier,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        currency=locked.currency,
+        price_per_gpu_hour=price,
+        created_by=user,
+    )
+    _audit(listing, "resale_listing.create", {"after": _listing_fields(listing)})
+    return listing
+
+
+@transaction.atomic
+def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> ResaleListing:
+    """Take an open listing off sale (twice is harmless); a sold one is 409."""
+    locked = (
+        ResaleListing.objects.select_for_update()
+        .filter(pk=listing.pk, organization=organization)
+        .first()
+    )
+    if locked is None:
+        raise NotFound("No such listing.", field="listing")
+    if locked.status == ListingStatus.WITHDRAWN:
+        return locked
+    if locked.status == ListingStatus.SOLD:
+        raise Conflict("This listing is sold; it cannot be withdrawn.", code="listing_sold")
+    locked.status = ListingStatus.WITHDRAWN
+    locked.withdrawn_at = timezone.now()
+    locked.save(update_fields=["status", "withdrawn_at", "updated_at"])
+    _audit(locked, "resale_listing.withdraw", {"after": {"status": locked.status}})
+    return locked
+
+
+def listings_withdraw_for_reservation(*, reservation: Reservation) -> int:
+    """Withdraw the open listings of a term that is ending (cancelled); the caller holds the
+    reservation's row lock, so no buyer is transferring from it meanwhile."""
+    return ResaleListing.objects.filter(reservation=reservation, status=ListingStatus.OPEN).update(
+        status=ListingStatus.WITHDRAWN, withdrawn_at=timezone.now(), updated_at=timezone.now()
+    )
+
+
+# Sold GPUs: the seller's row of each becomes the record of the sold piece (not live), then
+# the seller's pieces before and after the window and the buyer's rows are inserted.
+_SELLER_ROWS_SQL = """
+SELECT a.id, a.gpu_id, lower(a.period), upper(a.period)
+FROM marketplace_allocation a
+WHERE a.reservation_id = %(rid)s AND a.is_live AND a.gpu_id = ANY(%(gpus)s)
+  AND a.period @> tstzrange(%(s)s, %(e)s, '[)')
+ORDER BY a.id
+FOR UPDATE
+"""
+_NODE_USABLE_SQL = """
+SELECT n.status = 'available' AND s.status = 'active'
+   AND NOT EXISTS (SELECT 1 FROM inventory_maintenancewindow w
+                   WHERE w.node_id = n.id AND w.period && tstzrange(%(s)s, %(e)s, '[)'))
+   AND NOT EXISTS (SELECT 1 FROM inventory_gpu g
+                   WHERE g.id = ANY(%(gpus)s) AND g.health = 'failed')
+FROM inventory_node n JOIN inventory_site s ON s.id = n.site_id
+WHERE n.id = %(node)s
+FOR UPDATE OF n
+"""
+_INSERT_SQL = """
+INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live, created_at)
+SELECT t.rid, t.gpu_id, %(node)s, tstzrange(t.lo, t.hi, '[)'), true, %(now)s
+FROM unnest(%(rids)s::bigint[], %(gpu_ids)s::bigint[], %(los)s::timestamptz[],
+            %(his)s::timestamptz[]) AS t(rid, gpu_id, lo, hi)
+RETURNING id, reservation_id, gpu_id
+"""
+
+
+def resale_allocations_transfer(
+    *,
+    buyer: Reservation,
+    listing_id: int,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+    now: datetime,
+) -> list[Allocation]:
+    """Move `gpu_count` listed GPUs for [starts_at, ends_at) from the seller to `buyer` (just
+    inserted, in the caller's transaction); returns the buyer's allocations.
+
+    Raises NotAvailable (409) when the listing can no longer be sold (sold, withdrawn, its
+    window begun, the seller's term ended, a node out of service), ValidationFailed (400)
+    for a request that does not fit it. The caller's transaction rolls everything back.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("resale_allocations_transfer must run inside a transaction")
+    seller_id = (
+        ResaleListing.objects.filter(pk=listing_id).values_list("reservation_id", flat=True).first()
+    )
+    if seller_id is None:
+        raise NotFound("No such listing.", field="listing")
+    seller = Reservation.objects.select_for_update().get(pk=seller_id)
+    listing = ResaleListing.objects.select_for_update().get(pk=listing_id)
+    # The clock read under the seller's lock: the seller's provisioning takes that lock too
+    # before it starts the term, so the two are ordered by it.
+    now = max(now, timezone.now())
+    if listing.organization_id == buyer.organization_id:
+        raise Conflict(
+            "This is your own listing: withdraw it to use the time yourself.",
+            code="own_listing",
+            field="listing",
+        )
+    if listing.status != ListingStatus.OPEN:
+        raise NotAvailable(f"This listing is {listing.status}.", code="listing_not_available")
+    if seller.status not in LIVE_STATUSES or seller.ends_at < listing.ends_at:
+        raise NotAvailable(
+            "The reserved term this listing came from has ended.", code="listing_not_available"
+        )
+    if listing.starts_at <= now:
+        # The seller may be using the time from its start: a listing sells before it begins.
+        raise NotAvailable(
+            "This listing's window has begun; it is no longer for sale.",
+            code="listing_not_available",
+        )
+    if buyer.tier != listing.tier:
+        raise ValidationFailed(
+            f"This listing is offered at the {listing.tier} tier.",
+            code="invalid_tier",
+            field="tier",
+        )
+    if starts_at < listing.starts_at or ends_at > listing.ends_at:
+        raise ValidationFailed(
+            f"The period must lie inside the listing's window ({listing.starts_at.isoformat()} "
+            f"to {listing.ends_at.isoformat()}).",
+            code="window_outside_listing",
+            field="starts_at" if starts_at < listing.starts_at else "ends_at",
+        )
+    if gpu_count > listing.gpu_count:
+        raise ValidationFailed(
+            f"This listing has {listing.gpu_count} GPU(s).", code="too_many_gpus", field="gpu_count"
+        )
+    gpus = listing.gpu_ids[:gpu_count]
+    params = {"rid": seller.pk, "gpus": gpus, "s": starts_at, "e": ends_at, "node": listing.node_id}
+    with connection.cursor() as cur:
+        # The node lock placement and extensions take (in the same order: after the rows).
+        cur.execute(_NODE_USABLE_SQL, params)
+        usable = cur.fetchone()
+        if not usable or not usable[0]:
+            raise NotAvailable(
+                "The listed GPUs' node is out of service for that period.",
+                code="listing_not_available",
+            )
+        cur.execute(_SELLER_ROWS_SQL, params)
+        rows = cur.fetchall()
+        if len(rows) != gpu_count:
+            raise NotAvailable(
+                "The listed GPUs are no longer the seller's for that period.",
+                code="listing_not_available",
+            )
+        cur.execute(
+            "UPDATE marketplace_allocation SET is_live = false, period = %s WHERE id = ANY(%s)",
+            [Range(starts_at, ends_at, "[)"), [r[0] for r in rows]],
+        )
+        rids, gpu_ids, los, his = [], [], [], []
+        for _id, gpu_id, lo, hi in rows:
+            for owner, a, b in (
+                (seller.pk, lo, starts_at),
+                (buyer.pk, starts_at, ends_at),
+                (seller.pk, ends_at, hi),
+            ):
+                if a < b:
+                    rids.append(owner)
+                    gpu_ids.append(gpu_id)
+                    los.append(a)
+                    his.append(b)
+        cur.execute(
+            _INSERT_SQL,
+            {
+                "node": listing.node_id,
+                "now": now,
+                "rids": rids,
+                "gpu_ids": gpu_ids,
+                "los": los,
+                "his": his,
+            },
+        )
+        inserted = cur.fetchall()
+    _listing_sell(listing, buyer=buyer, gpus=gpus, starts_at=starts_at, ends_at=ends_at, now=now)
+    node = Node.objects.get(pk=listing.node_id)
+    gpus_by_id = Gpu.objects.in_bulk(gpus)
+    names = [f.attname for f in Allocation._meta.concrete_fields]
+    allocations = []
+    for allocation_id, reservation_id, gpu_id in inserted:
+        if reservation_id != buyer.pk:
+            continue
+        row = {
+            "id": allocation_id,
+            "reservation_id": buyer.pk,
+            "gpu_id": gpu_id,
+            "node_id": node.pk,
+            "period": Range(starts_at, ends_at, "[)"),
+            "is_live": True,
+            "created_at": now,
+        }
+        allocation = Allocation.from_db(connection.alias, names, [row[n] for n in names])
+        allocation.reservation, allocation.node, allocation.gpu = buyer, node, gpus_by_id[gpu_id]
+        allocations.append(allocation)
+    allocations.sort(key=lambda a: a.gpu.index)
+    return allocations
+
+
+def _listing_sell(
+    listing: ResaleListing,
+    *,
+    buyer: Reservation,
+    gpus: list[int],
+    starts_at: datetime,
+    ends_at: datetime,
+    now: datetime,
+) -> None:
+    """Narrow the listing to what was sold and list what is left as new open listings."""
+    rest = [g for g in listing.gpu_ids if g not in gpus]
+    pieces = [
+        (listing.gpu_ids, listing.starts_at, starts_at),
+        (listing.gpu_ids, ends_at, listing.ends_at),
+        (rest, starts_at, ends_at),
+    ]
+    remainders = [
+        ResaleListing(
+            organization_id=listing.organization_id,
+            reservation_id=listing.reservation_id,
+            parent=listing,
+            site_id=listing.site_id,
+            gpu_model_id=listing.gpu_model_id,
+            node_id=listing.node_id,
+            gpu_ids=list(piece_gpus),
+            gpu_count=len(piece_gpus),
+            tier=listing.tier,
+            starts_at=a,
+            ends_at=b,
+            currency=listing.currency,
+            price_per_gpu_hour=listing.price_per_gpu_hour,
+            created_by_id=listing.created_by_id,
+        )
+        for piece_gpus, a, b in pieces
+        if piece_gpus and a < b
+    ]
+    listing.gpu_ids = list(gpus)
+    listing.gpu_count = len(gpus)
+    listing.starts_at, listing.ends_at = starts_at, ends_at
+    listing.status = ListingStatus.SOLD
+    listing.buyer_reservation = buyer
+    listing.fee_pct = resale_fee_pct()
+    listing.sold_at = now
+    listing.save()
+    ResaleListing.objects.bulk_create(remainders)
+    # No audit entry here: this runs in the buyer's request, and the seller's audit log must
+    # not name the buyer; the seller sees the sale on the listing (sold_at, its sales).
+
+
+def _listing_fields(listing: ResaleListing) -> dict:
+    return {
+        "status": listing.status,
+        "reservation": listing.reservation.public_id,
+        "gpu_count": listing.gpu_count,
+        "tier": listing.tier,
+        "starts_at": listing.starts_at.isoformat(),
+        "ends_at": listing.ends_at.isoformat(),
+        "price_per_gpu_hour": str(listing.price_per_gpu_hour),
+        "currency": listing.currency,
+    }
+
+
+def _audit(listing: ResaleListing, action: str, changes: dict) -> None:
+    audit_record(
+        organization_id=listing.organization_id,
+        action=action,
+        object_type="resale_listing",
+        object_id=listing.public_id,
+        changes=changes,
+    )

@@ -1,0 +1,124 @@
+"""Set-up for the resale tests: a site with one 8-GPU node, a funded seller holding a 1-week
+reserved term on it, and a funded buyer."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.db import connection
+from django.db.models import F
+
+from billing.models import LedgerKind
+from billing.services.accounts import billing_account_get_or_create
+from billing.services.ledger import ledger_entry_add
+from marketplace.models import (
+    Allocation,
+    Organization,
+    ResaleListing,
+    Reservation,
+    ReservationTransition,
+)
+from marketplace.services.reservations import reservation_create
+from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
+from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
+
+# The energy floor of an H100 GPU-hour at the factory site: 700 W × PUE 1.15 × 38.50 USD/MWh
+# = 0.0309925, plus the policy's 20 % margin = 0.037191, rounded up to 4 places.
+FLOOR = Decimal("0.0372")
+
+
+@dataclass
+class Market:
+    site: object
+    model: object
+    node: object
+    seller: Organization
+    buyer: Organization
+    term: Reservation
+
+    @property
+    def start(self) -> datetime:
+        return self.term.starts_at
+
+
+def fund(organization: Organization, amount_minor: int = 1_000_000) -> None:
+    billing_account_get_or_create(organization=organization)
+    ledger_entry_add(
+        organization=organization,
+        kind=LedgerKind.CREDIT,
+        amount_minor=amount_minor,
+        currency="usd",
+        idempotency_key=f"fund:{organization.pk}:{amount_minor}",
+    )
+
+
+def market(*, gpus: int = 8, term_gpus: int = 8, starts_at: datetime | None = None) -> Market:
+    model = GpuModelFactory()
+    make_rate(model, "2.0000")
+    make_policy()
+    site = SiteFactory()
+    (node,) = make_nodes(site, model, 1, gpus=gpus)
+    seller, buyer = OrganizationFactory(), OrganizationFactory()
+    fund(seller)
+    fund(buyer)
+    starts_at = starts_at or tomorrow()
+    term = reservation_create(
+        organization=seller,
+        gpu_model=model.slug,
+        gpu_count=term_gpus,
+        starts_at=starts_at,
+        ends_at=starts_at + timedelta(days=8),
+        tier="reserved",
+        term="1w",
+        site=site.slug,
+    )
+    return Market(site=site, model=model, node=node, seller=seller, buyer=buyer, term=term)
+
+
+def time_passes(delta: timedelta) -> None:
+    """Move every reservation, allocation and listing `delta` earlier: as if that much time
+    had passed since they were booked (periods cannot be booked in the past)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "UPDATE marketplace_allocation SET period = tstzrange(lower(period) - %s, "
+            "upper(period) - %s, '[)')",
+            [delta, delta],
+        )
+    Reservation.objects.update(
+        starts_at=F("starts_at") - delta,
+        ends_at=F("ends_at") - delta,
+        activated_at=F("activated_at") - delta,
+        released_at=F("released_at") - delta,
+    )
+    ReservationTransition.objects.update(at=F("at") - delta)
+    ResaleListing.objects.update(starts_at=F("starts_at") - delta, ends_at=F("ends_at") - delta)
+
+
+def time_passes_until(at: datetime, *, past: timedelta = timedelta(seconds=1)) -> None:
+    """As time_passes, so that `at` is `past` ago."""
+    from django.utils import timezone
+
+    time_passes(at - timezone.now() + past)
+
+
+def live_rows(reservation: Reservation) -> list[tuple[int, datetime, datetime]]:
+    """(GPU index, start, end) of a reservation's live allocations, in order."""
+    return sorted(
+        (a.gpu.index, a.period.lower, a.period.upper)
+        for a in Allocation.objects.filter(reservation=reservation, is_live=True).select_related(
+            "gpu"
+        )
+    )
+
+
+OVERLAPS_SQL = """
+SELECT count(*) FROM marketplace_allocation a JOIN marketplace_allocation b
+  ON a.gpu_id = b.gpu_id AND a.id < b.id AND a.period && b.period
+WHERE a.is_live AND b.is_live
+"""
+
+
+def overlapping_live_pairs() -> int:
+    with connection.cursor() as cur:
+        cur.execute(OVERLAPS_SQL)
+        return cur.fetchone()[0]
