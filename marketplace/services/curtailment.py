@@ -284,11 +284,17 @@ def curtailment_replan(
         now=now,
         target_mw=target_mw,
     )
-    _withdraw(locked, now=now)
+    # Withdrawn quietly: a reservation chosen again with the same notice hears nothing; one
+    # no longer chosen is told its notice is withdrawn, one with a new time gets the new one.
+    before = _withdraw(locked, now=now, announce=False)
     locked.shed_at, locked.until, locked.target_mw = shed_at, until, target_mw
     locked.reason = reason.strip()
     locked.save(update_fields=["shed_at", "until", "target_mw", "reason"])
-    _plan(locked, site=locked_site, now=now, call_notice=call_notice, user=None)
+    _plan(locked, site=locked_site, now=now, call_notice=call_notice, user=None, before=before)
+    for reservation in Reservation.objects.filter(pk__in=before, preempt_at__isnull=True):
+        reservation_event_record(
+            reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
+        )
     _top_up_others(locked_site, exclude=locked.pk, now=now)
     return locked
 
@@ -308,7 +314,7 @@ def curtailment_call_off(
         raise Conflict("This curtailment was already called off.", code="already_called_off")
     if locked.until is not None and locked.until <= now:
         raise Conflict("This curtailment has already ended.", code="curtailment_ended")
-    withdrawn = _withdraw(locked, now=now)
+    withdrawn = len(_withdraw(locked, now=now))
     if now < locked.shed_at:
         locked.called_off_at = now
         locked.save(update_fields=["called_off_at"])
@@ -402,6 +408,7 @@ def _plan(
     call_notice: bool,
     user,
     keep_preempt_at: bool = False,
+    before: dict[int, datetime] | None = None,
 ):
     minimum = now + settings.CURTAILMENT_MIN_NOTICE
     preempt_at = max(curtailment.shed_at, now)
@@ -506,8 +513,10 @@ def _plan(
             )
             preempted.append(reservation)
         else:
-            _notice(reservation, preempt_at=preempt_at, cause=why)
-            notified.append(reservation)
+            unchanged = (before or {}).get(reservation.pk) == preempt_at
+            _notice(reservation, preempt_at=preempt_at, cause=why, announce=not unchanged)
+            if not unchanged:  # told already, at that time
+                notified.append(reservation)
 
     _totals(curtailment)
     logger.warning(
@@ -557,8 +566,11 @@ def _totals(curtailment: Curtailment) -> None:
     curtailment.save()
 
 
-def _withdraw(curtailment: Curtailment, *, now: datetime) -> int:
-    """Withdraw the notices of this curtailment not yet carried out; returns how many."""
+def _withdraw(
+    curtailment: Curtailment, *, now: datetime, announce: bool = True
+) -> dict[int, datetime]:
+    """Withdraw the notices of this curtailment not yet carried out (with the event, if
+    `announce`); returns the reservations' ids with the time their notice said."""
     pending = list(
         CurtailmentVictim.objects.select_for_update()
         .filter(
@@ -569,29 +581,36 @@ def _withdraw(curtailment: Curtailment, *, now: datetime) -> int:
         .select_related("reservation")
         .order_by("pk")
     )
+    withdrawn = {}
     for victim in pending:
         reservation = victim.reservation
+        withdrawn[reservation.pk] = reservation.preempt_at
         victim.withdrawn_at = now
         victim.save(update_fields=["withdrawn_at"])
         Reservation.objects.filter(pk=reservation.pk).update(
             preempt_at=None, preempt_reason="", updated_at=now
         )
         reservation.preempt_at, reservation.preempt_reason = None, ""
-        reservation_event_record(
-            reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
-        )
-    return len(pending)
+        if announce:
+            reservation_event_record(
+                reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
+            )
+    return withdrawn
 
 
-def _notice(reservation: Reservation, *, preempt_at: datetime, cause: str) -> None:
-    """Give notice of a preemption at preempt_at; an earlier notice already given stands."""
+def _notice(
+    reservation: Reservation, *, preempt_at: datetime, cause: str, announce: bool = True
+) -> None:
+    """Give notice of a preemption at preempt_at; an earlier notice already given stands.
+    `announce`: send the event (not when the customer was told this very time already)."""
     if reservation.preempt_at is not None and reservation.preempt_at <= preempt_at:
         return
     reservation.preempt_at, reservation.preempt_reason = preempt_at, cause
     reservation.save(update_fields=["preempt_at", "preempt_reason", "updated_at"])
-    reservation_event_record(
-        reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
-    )
+    if announce:
+        reservation_event_record(
+            reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_SCHEDULED
+        )
 
 
 def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -> int:

@@ -22,6 +22,7 @@ from marketplace.models import (
     AuditEntry,
     Curtailment,
     CurtailmentVictim,
+    Event,
     Reservation,
     ReservationStatus,
 )
@@ -448,6 +449,8 @@ def test_a_modified_call_is_planned_again(fleet, market):
 
     assert _victims(curtailment) == {fleet["r4"].pk, fleet["r2"].pk}
     assert curtailment.shed_kw == Decimal("4.830")
+    # r2's notice stands as it was: its owner is told once, not withdrawn and told again.
+    assert _notice_events(fleet["r2"]) == ["reservation.interruption_scheduled"]
     # Lowered again: r4 was preempted (it had not started) and stays so; its 1.61 kW still
     # counts, so only 0.39 kW more is needed: the first that covers it is r3 (0.805 kW).
     curtailment = curtailment_replan(
@@ -460,9 +463,21 @@ def test_a_modified_call_is_planned_again(fleet, market):
     assert curtailment.shed_kw == Decimal("2.415")  # 1.61 + 0.805
     assert _victims(curtailment) == {fleet["r4"].pk, fleet["r3"].pk}
     assert Reservation.objects.get(pk=fleet["r2"].pk).preempt_at is None  # withdrawn
+    assert _notice_events(fleet["r2"]) == [
+        "reservation.interruption_scheduled",
+        "reservation.interruption_withdrawn",
+    ]
     assert CurtailmentVictim.objects.filter(
         curtailment=curtailment, reservation=fleet["r2"], withdrawn_at__isnull=False
     ).count() == 2  # fmt: skip
+
+
+def _notice_events(reservation) -> list[str]:
+    return list(
+        Event.objects.filter(object_id=reservation.public_id, type__contains="interruption")
+        .order_by("pk")
+        .values_list("type", flat=True)
+    )
 
 
 # --- Races ------------------------------------------------------------------------------------
