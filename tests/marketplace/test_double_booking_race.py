@@ -29,7 +29,7 @@ WHERE a.is_live AND b.is_live
 """
 
 
-def race(*, gpu_model: str, gpu_count: int, starts_at, ends_at) -> Counter:
+def race(*, gpu_model: str, gpu_count: int, starts_at, ends_at, **booking) -> Counter:
     orgs = [OrganizationFactory() for _ in range(CLIENTS)]
     barrier = threading.Barrier(CLIENTS)
     outcomes: list[str] = []
@@ -45,6 +45,7 @@ def race(*, gpu_model: str, gpu_count: int, starts_at, ends_at) -> Counter:
                 starts_at=starts_at,
                 ends_at=ends_at,
                 tier="on_demand",
+                **booking,
             )
             result = "ok"
         except NotAvailable:
@@ -115,4 +116,28 @@ def test_multi_gpu_requests_win_capacity_divided_by_size():
     assert outcomes["ok"] == 12
     assert outcomes["not_available"] == CLIENTS - 12
     assert Allocation.objects.filter(is_live=True).count() == 24
+    assert overlapping_live_pairs() == 0
+
+
+def test_racing_bookings_with_a_reliability_floor_never_spill_onto_a_less_reliable_node():
+    from decimal import Decimal
+
+    from inventory.models import Node
+
+    model = GpuModelFactory()
+    make_rate(model, "2.0000")
+    make_policy()
+    site = SiteFactory()
+    reliable, flaky = make_nodes(site, model, 2, gpus=4)
+    Node.objects.filter(pk=reliable.pk).update(reliability_30d=Decimal("0.9990"))
+    Node.objects.filter(pk=flaky.pk).update(reliability_30d=Decimal("0.9000"))
+
+    outcomes = race(
+        gpu_model=model.slug, gpu_count=1, starts_at=tomorrow(), ends_at=tomorrow(6),
+        min_reliability=Decimal("0.99"),
+    )  # fmt: skip
+
+    assert outcomes == Counter({"ok": 4, "not_available": CLIENTS - 4})
+    assert set(Allocation.objects.values_list("node_id", flat=True)) == {reliable.pk}
+    assert Reservation.objects.count() == 4
     assert overlapping_live_pairs() == 0
