@@ -27,10 +27,12 @@ LIMITS = {
     "web_reads_per_core": 450.0,  # the authenticated floor: 2.1-2.2 ms of gunicorn CPU
     "web_creates_per_core": 97.0,  # a create: 10.3 ms of gunicorn CPU
     "web_searches_per_core": 100.0,  # a search: ~10 ms of web CPU beside PostgreSQL's
-    "web_heartbeats_per_core": 60.0,  # a heartbeat with 8 GPUs' telemetry: <= 35 ms at load 14
+    # a buffered heartbeat with 8 GPUs' telemetry costs 2.3 floor requests of CPU (3.34 ms
+    # against 1.43 ms in one process, bench_heartbeats.py's notes): 450 / 2.3
+    "web_heartbeats_per_core": 190.0,
     # PostgreSQL, CPU milliseconds per operation.
     "pg_ms_per_create": 5.6,  # measured PostgreSQL CPU per create
-    "pg_ms_per_heartbeat": 1.5,  # estimate: one node row update and commit
+    "pg_ms_per_heartbeat": 0.5,  # estimate: token and GPU reads, a share of a batched UPDATE
     "pg_ms_per_1k_samples": 59.4,  # batched COPY of telemetry: 16,826 samples/s on one core
     "pg_ms_per_search": 20.0,  # raw-SQL search p50 (a replica's CPU, not the primary's)
     "pg_ms_per_read": 0.5,  # estimate: a list page
@@ -96,12 +98,13 @@ def tiers(args: argparse.Namespace, limits: dict[str, float]) -> list[Tier]:
         + r["reads_per_s"] * limits["pg_ms_per_read"]
     )
     # Per API request: a rate-limit INCR+EXPIRE; per task: a push, a fetch and an ack; per
-    # heartbeat: the telemetry buffer push; per create: the cache reads of the reference rows.
+    # heartbeat: its buffer transaction (MULTI, HSET of its time, RPUSH of its samples, EXEC)
+    # and its token's last use; per create: the cache reads of the reference rows.
     tasks = r["provision_tasks_per_s"] + r["webhooks_per_s"] + r["heartbeats_per_s"] / 10
     redis_ops = (
         2 * (r["creates_per_s"] + r["searches_per_s"] + r["reads_per_s"] + r["heartbeats_per_s"])
         + 3 * tasks
-        + r["heartbeats_per_s"]
+        + 5 * r["heartbeats_per_s"]
     )
     return [
         Tier("web (gunicorn)", web_core_seconds, "core-seconds/s", 1.0,
