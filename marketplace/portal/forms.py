@@ -338,7 +338,10 @@ class WebhookEndpointForm(forms.Form):
 
 
 class ListingForm(forms.Form):
-    """Resell part of a reserved term (services.resale.listing_create checks the rest)."""
+    """Resell part of a reserved term (services.resale.listing_create checks the rest).
+    Prefixed: it shares the term's page with the extend form (ids stay unique)."""
+
+    prefix = "resale"
 
     gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096)
     starts_at = forms.DateTimeField(label="From (UTC)", widget=MinuteInput())

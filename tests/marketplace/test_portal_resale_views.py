@@ -20,7 +20,7 @@ def minute(t) -> str:
 
 
 def form(m, **overrides):
-    return {
+    fields = {
         "gpu_count": "4",
         "starts_at": minute(m.start + 24 * H),
         "ends_at": minute(m.start + 48 * H),
@@ -28,6 +28,7 @@ def form(m, **overrides):
         "tier": "on_demand",
         **overrides,
     }
+    return {f"resale-{name}": value for name, value in fields.items()}
 
 
 def test_a_term_is_listed_from_its_page_withdrawn_and_shown_on_the_resale_page():

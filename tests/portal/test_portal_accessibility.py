@@ -10,6 +10,7 @@ as the criterion does. The page is measured as it first renders and again with e
 """
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.utils import timezone
@@ -17,6 +18,7 @@ from django.utils import timezone
 from marketplace.models import Reservation, ReservationStatus
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.quotes import quote_create
+from marketplace.services.resale import listing_create
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
@@ -148,11 +150,27 @@ def lab(signed_in):
         organization=organization, gpu_model=h100.slug, gpu_count=1, starts_at=now,
         ends_at=now + timedelta(hours=2), tier="on_demand",
     )  # fmt: skip
+    # A reserved term with part of it listed for resale (its page has the resale form).
+    term_start = now + timedelta(days=1)
+    term = reservation_create(
+        organization=organization, gpu_model=h100.slug, gpu_count=8, starts_at=term_start,
+        ends_at=term_start + timedelta(days=8), tier="reserved", term="1w", site=site.slug,
+    )  # fmt: skip
+    listing_create(
+        organization=organization, reservation=term, gpu_count=2,
+        starts_at=term_start + timedelta(days=1), ends_at=term_start + timedelta(days=2),
+        price_per_gpu_hour=Decimal("1.5000"),
+    )  # fmt: skip
     key, _secret = api_key_create(
         organization=organization, name="ci", scopes=["read"], created_by=user
     )
     api_key_revoke(api_key=key)  # shown as revoked
     return page, running, quote, site
+
+
+def _term_path() -> str:
+    """The lab's reserved term's page: its listings and the form to list more."""
+    return f"/reservations/{Reservation.objects.get(tier='reserved').public_id}"
 
 
 def test_every_portal_page_meets_wcag_aa_contrast(lab, live_server):
@@ -167,6 +185,8 @@ def test_every_portal_page_meets_wcag_aa_contrast(lab, live_server):
         "/reservations",
         f"/reservations/{running.public_id}",
         f"/reservations/{running.public_id}/cancel",
+        _term_path(),
+        "/resale",
         f"/quotes/{quote.public_id}",
         "/api-keys",
         "/ssh-keys",
@@ -285,6 +305,8 @@ def test_every_control_has_a_label_and_focus_follows_the_page(lab, live_server):
         f"/sites/{site.slug}",
         "/reservations",
         f"/reservations/{running.public_id}",
+        _term_path(),
+        "/resale",
         f"/quotes/{quote.public_id}",
         "/api-keys",
         "/ssh-keys",
