@@ -429,16 +429,33 @@ class ZoneSeries:
     last: tuple[datetime, datetime, Decimal] | None
     last_received_at: datetime | None
     absurd: int = 0
+    # The history before the span, summed in the database: (from, to, Σ price × seconds,
+    # published seconds) over [from, to), values outside the accepted range left out.
+    lookback: tuple[datetime, datetime, Decimal, int] | None = None
 
 
-# One statement for every zone of a search: the rows overlapping the span, each zone's last
-# interval and its newest receipt (both by index: (zone, ends_at) and (zone, received_at)).
+# One statement for every zone of a search: the rows overlapping the span, the history before
+# it summed (a month of hourly rows per zone would cost more to load than the search itself),
+# each zone's last interval and its newest receipt (both by index: (zone, ends_at) and (zone,
+# received_at)).
 _SERIES_SQL = """
-SELECT z.id, z.code, z.currency, 'w' AS kind, p.starts_at, p.ends_at, p.price_per_mwh, NULL
+SELECT z.id, z.code, z.currency, 'w' AS kind, p.starts_at, p.ends_at, p.price_per_mwh,
+       NULL::timestamptz, NULL::numeric
 FROM inventory_pricezone z JOIN inventory_zoneprice p ON p.zone_id = z.id
 WHERE z.id = ANY(%(zones)s) AND p.ends_at > %(lo)s AND p.starts_at < %(hi)s
 UNION ALL
-SELECT z.id, z.code, z.currency, 'l', l.starts_at, l.ends_at, l.price_per_mwh, r.received_at
+SELECT p.zone_id, NULL, NULL, 'a', NULL::timestamptz, NULL::timestamptz,
+       sum(p.price_per_mwh * extract(epoch FROM least(p.ends_at, %(lo)s)
+                                              - greatest(p.starts_at, %(back)s))),
+       NULL::timestamptz,
+       sum(extract(epoch FROM least(p.ends_at, %(lo)s) - greatest(p.starts_at, %(back)s)))
+FROM inventory_zoneprice p
+WHERE p.zone_id = ANY(%(zones)s) AND p.ends_at > %(back)s AND p.starts_at < %(lo)s
+  AND p.price_per_mwh BETWEEN %(floor)s AND %(cap)s
+GROUP BY p.zone_id
+UNION ALL
+SELECT z.id, z.code, z.currency, 'l', l.starts_at, l.ends_at, l.price_per_mwh, r.received_at,
+       NULL
 FROM inventory_pricezone z
 LEFT JOIN LATERAL (SELECT starts_at, ends_at, price_per_mwh FROM inventory_zoneprice
                    WHERE zone_id = z.id ORDER BY ends_at DESC LIMIT 1) l ON true
@@ -449,16 +466,31 @@ ORDER BY 1, 4 DESC, 5
 """
 
 
-def zone_price_series(*, zone_ids, starts_at: datetime, ends_at: datetime) -> dict[int, ZoneSeries]:
-    """{zone id: ZoneSeries} for the zones, with the prices overlapping [starts_at, ends_at)."""
+def zone_price_series(
+    *, zone_ids, starts_at: datetime, ends_at: datetime, lookback_from: datetime | None = None
+) -> dict[int, ZoneSeries]:
+    """{zone id: ZoneSeries} for the zones, with the prices overlapping [starts_at, ends_at)
+    and, with `lookback_from`, those of [lookback_from, starts_at) summed."""
     zone_ids = sorted(set(zone_ids))
     if not zone_ids:
         return {}
+    params = {
+        "zones": zone_ids,
+        "lo": starts_at,
+        "hi": ends_at,
+        "back": lookback_from or starts_at,
+        "floor": settings.GRID_PRICE_FLOOR_PER_MWH,
+        "cap": settings.GRID_PRICE_CAP_PER_MWH,
+    }
     with read_connection().cursor() as cur:  # prices may be a moment old: the replica will do
-        cur.execute(_SERIES_SQL, {"zones": zone_ids, "lo": starts_at, "hi": ends_at})
+        cur.execute(_SERIES_SQL, params)
         rows = cur.fetchall()
     found: dict[int, dict] = {}
-    for zone_id, code, currency, kind, start, end, price, received in rows:
+    sums: dict[int, tuple[Decimal, int]] = {}
+    for zone_id, code, currency, kind, start, end, price, received, seconds in rows:
+        if kind == "a":
+            sums[zone_id] = (price, int(seconds))
+            continue
         entry = found.setdefault(
             zone_id,
             {"code": code, "currency": currency, "intervals": [], "last": None,
@@ -481,6 +513,9 @@ def zone_price_series(*, zone_ids, starts_at: datetime, ends_at: datetime) -> di
             last=e["last"],
             last_received_at=e["received"],
             absurd=e["absurd"],
+            lookback=None
+            if lookback_from is None or lookback_from >= starts_at
+            else (lookback_from, starts_at, *sums.get(zone_id, (Decimal(0), 0))),
         )
         for zone_id, e in found.items()
     }

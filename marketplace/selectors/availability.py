@@ -275,6 +275,7 @@ def _price(
     site: Site,
     gpu_model: GpuModel,
     series: dict,
+    power_prices: dict,
     policy,
     healthy: int,
     free: int,
@@ -293,6 +294,7 @@ def _price(
         policy=policy,
         gpu_model=gpu_model,
         series=series.get(site.price_zone_id),
+        power_prices=power_prices,
     )
     return price_quote(
         rate=inputs.rate,
@@ -401,7 +403,10 @@ def availability_search(
     sites = sites_by_id({f[0] for f in fits})
     models = gpu_models_by_id({f[1] for f in fits})
     policy = current_policy()
-    series = power_series_for(sites.values(), starts_at=starts_at, ends_at=ends_at)
+    series = power_series_for(
+        sites.values(), starts_at=starts_at, ends_at=ends_at, tier=tier, policy=policy
+    )
+    power_prices: dict = {}  # per site, for all its models
     curtailments = site_curtailment_history(site_ids=sites, now=timezone.now())
     reliability = dict(
         Node.objects.filter(pk__in={n.node_id for f in fits for n in f[6]}).values_list(
@@ -419,6 +424,7 @@ def availability_search(
             site=sites[site_id],
             gpu_model=models[model_id],
             series=series,
+            power_prices=power_prices,
             policy=policy,
             healthy=healthy,
             free=free,
@@ -557,12 +563,16 @@ def site_model_offer(
         return None, capacities  # no rate card: not for sale
     healthy = sum(c.healthy for c in capacities)
     free = sum(c.free for c in capacities)
+    policy = current_policy()
     breakdown = _price(
         card=card,
         site=site,
         gpu_model=gpu_model,
-        series=power_series_for([site], starts_at=starts_at, ends_at=ends_at),
-        policy=current_policy(),
+        series=power_series_for(
+            [site], starts_at=starts_at, ends_at=ends_at, tier=tier, policy=policy
+        ),
+        power_prices={},
+        policy=policy,
         healthy=healthy,
         free=free,
         tier=tier,

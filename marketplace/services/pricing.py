@@ -28,6 +28,7 @@ plus an amount per GPU-hour), rounded up to 4 places. When the price above would
 the price is the floor (`clamped` = "energy_floor"), even above the ceiling.
 """
 
+from bisect import bisect_right
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -131,6 +132,11 @@ class PowerPrices:
     feed: str = "no_zone"
     intervals: tuple[Interval, ...] = ()  # sorted, non-overlapping
     last: Interval | None = None  # the last published interval: the horizon, the last price
+    # History before the intervals, summed: (from, to, Σ price × seconds, published seconds).
+    lookback: tuple[datetime, datetime, Decimal, int] | None = None
+    # Estimates already made from these prices (a search prices every model of a site from the
+    # same prices and window): a memo, not part of the value.
+    memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def usable(self) -> bool:
@@ -364,6 +370,13 @@ def power_price_over(
     price or the static one (`beyond_horizon`; the other when that one is unknown). A zone
     that is not usable (prices.feed) gives the static price throughout. None: no price known.
     """
+    key = (starts_at, ends_at, beyond_horizon)
+    if key not in prices.memo:
+        prices.memo[key] = _power_price_over(prices, starts_at, ends_at, beyond_horizon)
+    return prices.memo[key]
+
+
+def _power_price_over(prices, starts_at, ends_at, beyond_horizon) -> PowerPriceEstimate:
     seconds = int((ends_at - starts_at).total_seconds())
     static = prices.static_price_per_mwh
     if not prices.usable:
@@ -388,10 +401,28 @@ def power_price_over(
     weighted = Decimal(0)
     published = gaps = 0
     cursor = starts_at
-    for start, end, price in prices.intervals:
-        if end <= starts_at or start >= ends_at:
+    back = prices.lookback
+    if back is not None and back[0] == starts_at and back[1] <= ends_at:
+        # The history was summed in the database: its published part, its unpublished part
+        # (gaps, or beyond the horizon if the horizon fell inside it).
+        span = int((back[1] - back[0]).total_seconds())
+        beyond_back = max(0, int((back[1] - max(horizon, back[0])).total_seconds()))
+        weighted, published = back[2], back[3]
+        gaps = span - published - beyond_back
+        cursor = back[1]
+        if beyond_back:  # then nothing after is published either
+            beyond = seconds - published - gaps
+            return _estimate(prices, seconds, weighted, published, gaps, beyond, beyond_at,
+                             gap_price, beyond_price, horizon)  # fmt: skip
+    if "ends" not in prices.memo:  # the intervals' ends, sorted as the intervals are
+        prices.memo["ends"] = [end for _, end, _ in prices.intervals]
+    first = bisect_right(prices.memo["ends"], starts_at)  # the first ending after the start
+    for start, end, price in prices.intervals[first:]:
+        if start >= ends_at:
+            break
+        start, end = max(start, cursor), min(end, ends_at)
+        if end <= start:
             continue
-        start, end = max(start, starts_at), min(end, ends_at)
         if start > cursor:
             gaps += int((start - cursor).total_seconds())
         length = int((end - start).total_seconds())
@@ -401,6 +432,12 @@ def power_price_over(
     if cursor < min(ends_at, horizon):
         gaps += int((min(ends_at, horizon) - cursor).total_seconds())
     beyond = seconds - published - gaps
+    return _estimate(prices, seconds, weighted, published, gaps, beyond, beyond_at,
+                     gap_price, beyond_price, horizon)  # fmt: skip
+
+
+def _estimate(prices, seconds, weighted, published, gaps, beyond, beyond_at, gap_price,
+              beyond_price, horizon) -> PowerPriceEstimate:  # fmt: skip
     total = weighted + gap_price * gaps + beyond_price * beyond
     average = (total / seconds).quantize(_PRICE_QUANTUM, rounding=ROUND_HALF_UP)
     parts = [f"zone {prices.zone}'s prices, time-weighted"]
@@ -554,11 +591,17 @@ def power_prices_from(*, site, currency: str, series, now: datetime, max_age: ti
         return PowerPrices(static, zone=series.code, feed="other_currency")
     if series.last_received_at is None or now - series.last_received_at > max_age:
         return PowerPrices(static, zone=series.code, feed="stale")
-    return PowerPrices(static, series.code, "ok", series.intervals, series.last)
+    return PowerPrices(
+        static, series.code, "ok", series.intervals, series.last, lookback=series.lookback
+    )
 
 
-def power_series_span(*, starts_at: datetime, ends_at: datetime) -> tuple[datetime, datetime]:
-    """The span of zone prices any tier's basis may read for a window."""
+def power_series_span(
+    *, starts_at: datetime, ends_at: datetime, basis: str | None = None
+) -> tuple[datetime, datetime]:
+    """The span of zone prices a basis reads for a window (None: any basis)."""
+    if basis in (EnergyBasis.HOUR, EnergyBasis.WINDOW):
+        return starts_at, ends_at
     return starts_at - timedelta(days=LONG_AVERAGE_DAYS), ends_at
 
 
@@ -596,19 +639,38 @@ def pricing_inputs_for(
     )
 
 
-def power_series_for(sites, *, starts_at: datetime, ends_at: datetime) -> dict:
-    """{zone id: ZoneSeries} for the sites' zones, as the window's pricing needs: one query."""
-    lo, hi = power_series_span(starts_at=starts_at, ends_at=ends_at)
+def power_series_for(
+    sites, *, starts_at: datetime, ends_at: datetime, tier: str | None = None, policy=None
+) -> dict:
+    """{zone id: ZoneSeries} for the sites' zones, as pricing `tier` for the window needs
+    (the policy's basis for the tier; None: any tier): one query."""
+    basis = None
+    if tier is not None:
+        bounds, _, _ = _bounds_and_discounts(policy)
+        basis = bounds.energy_basis.get(tier)
+    lo, hi = power_series_span(starts_at=starts_at, ends_at=ends_at, basis=basis)
     return zone_price_series(
-        zone_ids={s.price_zone_id for s in sites if s.price_zone_id}, starts_at=lo, ends_at=hi
+        zone_ids={s.price_zone_id for s in sites if s.price_zone_id},
+        starts_at=starts_at,
+        ends_at=hi,
+        lookback_from=lo if lo < starts_at else None,
     )
 
 
 def pricing_inputs_from(
-    *, card: RateCard, site, policy: PricingPolicy | None, gpu_model=None, series=None, now=None
+    *,
+    card: RateCard,
+    site,
+    policy: PricingPolicy | None,
+    gpu_model=None,
+    series=None,
+    now=None,
+    power_prices: dict | None = None,
 ):
     """The pricing inputs from loaded rows; with the GPU model, the power inputs too (the
-    zone's `series`, from inventory.grid_prices.zone_price_series, or None)."""
+    zone's `series`, from inventory.grid_prices.zone_price_series, or None). `power_prices`:
+    a dict the caller keeps for one search, so each site's PowerPrices (and the estimates
+    memoised on it) is built once for all its GPU models."""
     bounds, discounts, interruptible = _bounds_and_discounts(policy)
     rate = RateInputs(
         price_per_gpu_hour=card.price_per_gpu_hour,
@@ -622,17 +684,19 @@ def pricing_inputs_from(
     )
     power = None
     if gpu_model is not None:
-        power = PowerInputs(
-            board_power_w=gpu_model.tdp_watts,
-            pue=site.pue,
-            prices=power_prices_from(
+        key = (site.pk, card.currency.lower())
+        prices = None if power_prices is None else power_prices.get(key)
+        if prices is None:
+            prices = power_prices_from(
                 site=site,
                 currency=card.currency,
                 series=series,
                 now=now or timezone.now(),
                 max_age=settings.GRID_PRICE_MAX_AGE,
-            ),
-        )
+            )
+            if power_prices is not None:
+                power_prices[key] = prices
+        power = PowerInputs(board_power_w=gpu_model.tdp_watts, pue=site.pue, prices=prices)
     return PricingInputs(rate=rate, bounds=bounds, power=power)
 
 
@@ -670,7 +734,9 @@ def price_floor(
             raise NotAvailable(f"{gpu_model.slug} has no rate card; it is not for sale.")
         currency = card.currency
     bounds, _, _ = _bounds_and_discounts(current_policy())
-    series = power_series_for([site], starts_at=starts_at, ends_at=ends_at).get(site.price_zone_id)
+    series = power_series_for([site], starts_at=starts_at, ends_at=ends_at, tier=tier).get(
+        site.price_zone_id
+    )
     prices = power_prices_from(
         site=site,
         currency=currency,

@@ -209,3 +209,39 @@ def test_price_floor_without_zone_uses_the_static_price(h100):
     floor = price_floor(site=s, gpu_model=h100, starts_at=T1, ends_at=T2)
     assert floor.price_per_gpu_hour == Decimal("0.0420")  # 0.7 × 0.05 = 0.035 + 20 %
     assert "no price zone" in floor.energy_price_note
+
+
+def test_a_reserved_term_reads_the_month_before_summed_in_the_database(site, settings):
+    from marketplace.services.pricing import PowerPrices, power_price_over
+
+    zone = site.price_zone
+    history = [("10.00" if h != 100 else "9000.00") for h in range(30 * 24)]  # one absurd hour
+    publish(zone, T1 - timedelta(days=30), history)
+    ZonePrice.objects.filter(
+        zone=zone, starts_at__gte=T1 - timedelta(days=3), starts_at__lt=T1 - timedelta(days=2)
+    ).delete()  # a day with no prices
+    publish(zone, T1, ["100.00", "20.00"])
+    settings.GRID_PRICE_CAP_PER_MWH = Decimal("5000")
+    from marketplace.selectors.availability import availability_search
+
+    (offer,) = availability_search(
+        gpu_count=1, starts_at=T1, ends_at=T1 + timedelta(days=7), tier="reserved", term="1w"
+    )
+    b = offer.breakdown
+    # 888 h: 695 h at 10, 25 h of gaps (the day, the absurd hour) at the static 40, 2 h
+    # published in the window (100 + 20), 166 h beyond the horizon at the static 40.
+    expected = (Decimal(695 * 10 + 25 * 40 + 120 + 166 * 40) / 888).quantize(Decimal("0.0001"))
+    assert (b.energy_price_per_mwh, b.energy_price_basis) == (expected, "long")
+    assert (
+        "2.8 % in gaps" in b.energy_price_note
+        and "beyond the published horizon" in b.energy_price_note
+    )
+    # The same figure as the pure rule reading every interval itself.
+    rows = ZonePrice.objects.filter(zone=zone, price_per_mwh__lt=5000).order_by("starts_at")
+    intervals = tuple((r.starts_at, r.ends_at, r.price_per_mwh) for r in rows)
+    pure = power_price_over(
+        PowerPrices(Decimal("40.00"), "ercot-west", "ok", intervals, intervals[-1]),
+        starts_at=T1 - timedelta(days=30),
+        ends_at=T1 + timedelta(days=7),
+    )
+    assert pure.price_per_mwh == expected
