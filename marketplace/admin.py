@@ -502,10 +502,10 @@ class CurtailmentAdmin(admin.ModelAdmin):
         obj.pk, obj.announced_at, obj.announced_by = done.pk, done.announced_at, done.announced_by
         for name in ("reservations_notified", "reservations_preempted", "shed_kw", "short_kw"):
             setattr(obj, name, getattr(done, name))
-        asked = "all flexible load" if done.target_mw is None else f"{done.target_mw} MW"
+        asked = "all flexible load" if done.target_mw is None else f"{_mw(done.target_mw)} MW"
         self.message_user(
             request,
-            f"{obj.site}: asked {asked}, shed {done.shed_mw:.3f} MW; "
+            f"{obj.site}: asked {asked}, shed {_mw(done.shed_mw)} MW; "
             f"{done.reservations_notified} reservation(s) will be preempted at "
             f"{done.preempt_at:%Y-%m-%d %H:%M:%S %Z}, {done.reservations_preempted} preempted "
             "now (they had not started). Nothing more is sold there for the window.",
@@ -514,7 +514,7 @@ class CurtailmentAdmin(admin.ModelAdmin):
         if done.short_kw:
             self.message_user(
                 request,
-                f"Short by {done.short_mw:.3f} MW: the site's interruptible load cannot cover "
+                f"Short by {_mw(done.short_mw)} MW: the site's interruptible load cannot cover "
                 "the target. Force protected work (with a reason) to cover it.",
                 messages.ERROR,
             )

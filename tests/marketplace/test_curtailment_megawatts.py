@@ -593,3 +593,44 @@ def test_staff_see_asked_shed_short_and_forgone_on_the_dashboard_and_the_record(
     assert '<td class="field-target">0.008</td>' in listing
     assert '<td class="field-shed">0.007245</td>' in listing
     assert '<td class="field-short">0.000755</td>' in listing
+
+
+def _admin_form(site, shed_at, until, **extra):
+    local, end = timezone.localtime(shed_at), timezone.localtime(until)
+    return {
+        "site": site.pk,
+        "shed_at_0": local.strftime("%Y-%m-%d"),
+        "shed_at_1": local.strftime("%H:%M:%S"),
+        "until_0": end.strftime("%Y-%m-%d"),
+        "until_1": end.strftime("%H:%M:%S"),
+        "reason": "ERCOT EEA 3",
+        **extra,
+    }
+
+
+@pytest.mark.django_db
+def test_staff_force_protected_work_from_the_admin_form(fleet, market, staff_client):
+    site, _ = market
+    shed_at = (timezone.now() + timedelta(hours=1)).replace(microsecond=0)
+    form = _admin_form(site, shed_at, shed_at + timedelta(hours=4), target_mw="0.008")
+
+    refused = staff_client.post(
+        "/admin/marketplace/curtailment/add/", {**form, "target_mw": "", "force_reason": "x"}
+    )
+    assert b"Forcing needs a megawatt target" in refused.content
+    assert not Curtailment.objects.exists()
+
+    done = staff_client.post(
+        "/admin/marketplace/curtailment/add/",
+        {**form, "force_reason": "EEA 3: firm load shed ordered"},
+        follow=True,
+    )
+
+    (curtailment,) = Curtailment.objects.all()
+    # 8 kW: the four interruptible (7.245), 0.755 short; forced, the on-demand reservation
+    # (1.61) covers it.
+    assert _victims(curtailment) == {r.pk for r in fleet.values()}
+    assert curtailment.short_kw == 0
+    entry = AuditEntry.objects.get(action="reservation.preempt_forced")
+    assert (entry.object_id, entry.actor) == (fleet["on_demand"].public_id, "staff:grid-desk")
+    assert b"asked 0.008 MW, shed 0.008855 MW" in done.content
