@@ -675,7 +675,8 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
     The old allocations are kept as the record of what was held: cut to now, no longer live.
     """
     on_node = Allocation.objects.filter(reservation=reservation, node=node, is_live=True)
-    count = on_node.count()
+    # GPUs, not rows: a GPU whose time was partly resold has two allocations.
+    count = on_node.values("gpu_id").distinct().count()
     if count == 0:
         return 0
     allocations_end(on_node, now=now)

@@ -130,7 +130,8 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
                 reservation=locked,
                 site_id=locked.site_id,
                 gpu_model_id=locked.gpu_model_id,
-                gpu_count=len(failed),
+                # GPUs, not rows: a GPU whose time was partly resold has two allocations.
+                gpu_count=len({a.gpu_id for a in failed}),
                 starts_at=max(now, locked.starts_at),
                 ends_at=locked.ends_at,
             )

@@ -504,3 +504,22 @@ def test_a_running_term_that_sold_every_gpu_for_a_window_pauses_and_one_that_sol
     assert _dispatch()["resold"] == 1
     term.refresh_from_db()
     assert term.status == ReservationStatus.RELEASING
+
+
+def test_a_failed_gpu_whose_time_was_partly_resold_is_replaced_once():
+    from inventory.models import Gpu, GpuHealth
+    from marketplace.services.gpu_failures import reservation_gpu_failure_handle
+
+    m = market()
+    make_nodes(m.site, m.model, 1, gpus=8)  # somewhere to move to
+    lst = listing(m, gpus=1, start_h=24, hours=24)
+    buy(m, lst, gpus=1)
+    failed = Gpu.objects.get(pk=lst.gpu_ids[0])  # the seller holds it before and after
+    Gpu.objects.filter(pk=failed.pk).update(health=GpuHealth.FAILED)
+
+    assert reservation_gpu_failure_handle(reservation_id=m.term.pk) == "moved"
+
+    held = Allocation.objects.filter(reservation=m.term, is_live=True)
+    assert held.values("gpu_id").distinct().count() == 8
+    assert not held.filter(gpu=failed).exists()
+    assert overlapping_live_pairs() == 0
