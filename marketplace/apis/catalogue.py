@@ -100,6 +100,13 @@ class SiteOutput(serializers.Serializer):
     region = serializers.CharField()
     country = serializers.CharField(help_text="ISO 3166-1 alpha-2.")
     grid_operator = serializers.CharField()
+    price_zone = serializers.CharField(
+        source="price_zone.code",
+        allow_null=True,
+        default=None,
+        help_text="The power market zone it buys from (its prices: GET grid/zones/{id}/prices); "
+        "null: a fixed contract price.",
+    )
     power_capacity_kw = serializers.DecimalField(max_digits=10, decimal_places=1)
     pue = serializers.DecimalField(max_digits=4, decimal_places=2)
     renewable_share = serializers.DecimalField(max_digits=4, decimal_places=3, help_text="0 to 1.")

@@ -76,8 +76,8 @@ def gpu_model_list() -> QuerySet[GpuModel]:
 
 
 def site_list_public() -> QuerySet[Site]:
-    """Every site a customer may hear about: all but retired ones."""
-    return Site.objects.exclude(status=SiteStatus.RETIRED)
+    """Every site a customer may hear about: all but retired ones (with their price zone)."""
+    return Site.objects.exclude(status=SiteStatus.RETIRED).select_related("price_zone")
 
 
 def site_get_public(*, slug: str) -> Site:

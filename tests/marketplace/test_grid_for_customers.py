@@ -205,3 +205,11 @@ def test_a_quote_takes_the_grid_filters_too(world):
     assert greenest.json()["site"] == "quebec"
     nothing = client.post("/api/v1/quotes", {**body, "max_pue": "1.01"}, format="json")
     assert nothing.status_code == 409
+
+
+def test_the_site_list_names_each_sites_price_zone(world):
+    client = APIClient()
+    client.force_authenticate(MembershipFactory().user)
+    response = client.get("/api/v1/sites")
+    zones = {s["id"]: s["price_zone"] for s in response.json()["results"]}
+    assert zones == {"quebec": None, "texas": "ercot-west", "unknown": None}
