@@ -54,6 +54,7 @@ def test_it_lists_gpu_models_and_sites_with_public_facts(client_key, market):
             "region": "us-central",
             "country": "US",
             "grid_operator": "ERCOT",
+            "price_zone": None,
             "power_capacity_kw": "25000.0",
             "pue": "1.15",
             "renewable_share": "0.420",
