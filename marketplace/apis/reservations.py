@@ -276,7 +276,11 @@ class CancellationTermsOutput(serializers.Serializer):
     rule = serializers.CharField()
 
 
-class ReservationDetailOutput(ReservationOutput):
+class ReservationDetailFields(serializers.Serializer):
+    """What the detail shows beyond ReservationOutput's fields (which come first). A create
+    shows ReservationOutput's part from its reservation.created event's data, serialised once
+    for both (reservation_detail_after_create)."""
+
     allowed_actions = serializers.SerializerMethodField()
     breakdown = serializers.JSONField()
     energy = serializers.SerializerMethodField(
@@ -334,6 +338,18 @@ class ReservationDetailOutput(ReservationOutput):
         data = super().to_representation(reservation)
         data["cancellation"] = reservation.cancellation or None
         return data
+
+
+class ReservationDetailOutput(ReservationOutput, ReservationDetailFields):
+    """A reservation with its actions, allocations, history: ReservationOutput's fields, then
+    ReservationDetailFields'."""
+
+
+def reservation_detail_after_create(reservation) -> dict:
+    """ReservationDetailOutput(reservation).data for a reservation reservation_create just
+    returned: its ReservationOutput part is the data its reservation.created event recorded
+    (nothing changes the reservation between the two), so it is serialised once."""
+    return {**reservation.created_event.data, **ReservationDetailFields(reservation).data}
 
 
 class ReservationListApi(ApiView):
@@ -409,7 +425,9 @@ class ReservationListApi(ApiView):
             )
         # The service returns the reservation with everything it just wrote (transition,
         # allocations with their nodes): shown as GET shows it, without reading it back.
-        return Response(ReservationDetailOutput(reservation).data, status=status.HTTP_201_CREATED)
+        return Response(
+            reservation_detail_after_create(reservation), status=status.HTTP_201_CREATED
+        )
 
 
 def _detail(organization, public_id: str) -> dict:

@@ -566,7 +566,10 @@ def _created_record(
     # sorted() is stable and placement returns each node's GPUs in index order.
     reservation.allocation_list = sorted(allocations, key=lambda a: a.node_id)
     reservation.outage_list = []
-    reservation_event_record(reservation=reservation, type=EventType.RESERVATION_CREATED)
+    # Kept on it: the API shows the new reservation from the event's data, serialised once.
+    reservation.created_event = reservation_event_record(
+        reservation=reservation, type=EventType.RESERVATION_CREATED
+    )
     _audit(
         reservation,
         "reservation.create",

@@ -80,3 +80,27 @@ def test_a_reservation_from_a_quote_shows_the_same_on_create_and_read(owner_clie
     assert created == shown
     assert created["quote"] == quote["id"]
     assert created["transitions"][0]["cause"] == f"created from quote {quote['id']}"
+
+
+def test_the_create_serialises_the_reservation_once_for_its_event_and_response(
+    client_key, market, monkeypatch
+):
+    # The reservation.created event and the 201 show the same ReservationOutput fields; they
+    # come from one pass (the charge is a field of that part: asked for once per create).
+    from marketplace.apis import reservations as api
+    from marketplace.apis.reservations import ReservationDetailOutput, ReservationOutput
+    from marketplace.models import Event
+
+    calls = []
+    charged = api.reservation_charged
+    monkeypatch.setattr(api, "reservation_charged", lambda r: calls.append(r) or charged(r))
+    response = client_key.post(
+        "/api/v1/reservations", reservation_body(site="abilene-1", gpu_count=2), format="json"
+    )
+    assert response.status_code == 201, response.content
+    assert len(calls) == 1
+    created = response.json()
+    assert list(created) == list(ReservationDetailOutput().fields)  # the detail's order
+    event = Event.objects.get(type="reservation.created", object_id=created["id"])
+    assert set(event.data) == set(ReservationOutput().fields)
+    assert event.data == {name: created[name] for name in event.data}
