@@ -326,6 +326,7 @@ def availability_search(
     max_grid_carbon_g_per_kwh: int | None = None,
     max_pue: Decimal | None = None,
     include_resale: bool = False,
+    with_history: bool = True,
 ) -> list[Offer]:
     """Offers that can be reserved right now, cheapest first (one per site and GPU model).
 
@@ -334,6 +335,9 @@ def availability_search(
 
     `include_resale`: also resold time (one offer per listing that fits, `listing` set), which
     is booked by naming the listing; quotes and direct bookings leave it out.
+
+    `with_history`: each offer's site curtailment history (for display; a booking or a quote
+    that only takes the offer's price and placement leaves it out, one query less).
 
     A period no reservation could have (in the past, too long, too far ahead) is refused with
     the same error reserving it would get, rather than answered with offers nobody can book.
@@ -407,7 +411,9 @@ def availability_search(
         sites.values(), starts_at=starts_at, ends_at=ends_at, tier=tier, policy=policy
     )
     power_prices: dict = {}  # per site, for all its models
-    curtailments = site_curtailment_history(site_ids=sites, now=timezone.now())
+    curtailments = (
+        site_curtailment_history(site_ids=sites, now=timezone.now()) if with_history else {}
+    )
     reliability = dict(
         Node.objects.filter(pk__in={n.node_id for f in fits for n in f[6]}).values_list(
             "pk", "reliability_30d"
@@ -455,7 +461,9 @@ def availability_search(
                 breakdown=breakdown,
                 reliability=_least(reliability.get(n.node_id) for n in nodes),
                 price_zone=_zone_code(series, sites[site_id]),
-                curtailments=curtailments.get(site_id, CurtailmentHistory()),
+                curtailments=curtailments.get(site_id, CurtailmentHistory())
+                if with_history
+                else None,
             )
         )
     return _cheapest_first(offers + resale)

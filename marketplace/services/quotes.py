@@ -62,6 +62,7 @@ def quote_create(
         min_renewable_share=min_renewable_share,
         max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
         max_pue=max_pue,
+        with_history=False,
     )
     if not offers:
         raise NotAvailable(

@@ -325,6 +325,7 @@ def _book_cheapest(request: BookingRequest) -> Reservation:
         site=None,
         region=request.region,
         min_reliability=request.min_reliability,
+        with_history=False,
     )
     for offer in offers:  # cheapest first
         try:
