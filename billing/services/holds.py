@@ -122,7 +122,7 @@ def hold_add(
 _CHARGE_SQL = f"""
 WITH due AS (
     SELECT DISTINCT reservation_id FROM billing_hold
-    WHERE status = 'open' AND reservation_id = ANY(%(ids)s)
+    WHERE status = 'open' AND reservation_id IN (SELECT unnest(%(ids)s::bigint[]))
 ), charged AS (
     SELECT l.reservation_id, -coalesce(sum(l.amount_minor), 0) AS total
     FROM billing_ledgerentry l JOIN due USING (reservation_id)

@@ -1,7 +1,9 @@
 """Postpaid usage → Stripe Billing Meters, one meter event per organisation and hour.
 
-Usage lines are written to the ledger for every organisation alike; for postpaid ones, each
-completed UTC hour's lines (by the time they were written) are summed into a UsageAggregate,
+Usage lines are written to the ledger for every organisation alike (booked hourly from the
+accruals, and at state changes: billing.services.usage); for postpaid ones, each completed UTC
+hour's lines (by the time they were written, two minutes after the hour) are summed into a
+UsageAggregate,
 and that aggregate is sent as one meter event whose `identifier` is derived from its id
 ("sy-usage-<id>"), through the outbox with the idempotency key "meter:<id>". A resend of the
 same aggregate is therefore harmless twice over, and the number of Stripe calls grows with
@@ -38,6 +40,7 @@ __all__ = ["usage_aggregate_create", "usage_report_postpaid_run"]
 
 # Stripe accepts meter events up to 35 days old; we look back a little less.
 LOOKBACK = timedelta(days=30)
+SETTLE = timedelta(minutes=2)
 
 
 @transaction.atomic
@@ -81,7 +84,9 @@ def usage_aggregate_create(
 def usage_report_postpaid_run(*, now: datetime | None = None) -> int:
     """Aggregate every completed hour of postpaid usage not yet aggregated. Returns the count."""
     now = now or timezone.now()
-    current_hour = now.replace(minute=0, second=0, microsecond=0)
+    # An hour is aggregated once SETTLE has passed after it: a line stamped just before the
+    # hour by a transaction that commits just after it is in the ledger by then.
+    current_hour = (now - SETTLE).replace(minute=0, second=0, microsecond=0)
     postpaid = BillingAccount.objects.filter(mode=BillingMode.POSTPAID).values("organization_id")
     rows = (
         LedgerEntry.objects.filter(

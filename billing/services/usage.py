@@ -147,17 +147,29 @@ _OUTAGES_CTE = """
 outs AS (
     SELECT x.reservation_id, range_agg(x.r) AS mr FROM (
         SELECT ro.reservation_id, tstzrange(ro.started_at, ro.ended_at, '[)') AS r
-        FROM marketplace_reservationoutage ro JOIN scope s ON s.reservation_id = ro.reservation_id
+        FROM marketplace_reservationoutage ro
+        JOIN billing_usageaccrual oa
+          ON oa.reservation_id = ro.reservation_id AND oa.closed_at IS NULL
         WHERE ro.started_at < %(now)s AND (ro.ended_at IS NULL OR ro.ended_at > ro.started_at)
+          {only_ro}
         UNION ALL
         SELECT DISTINCT al.reservation_id, tstzrange(o.started_at, o.ended_at, '[)')
         FROM inventory_outage o
         JOIN marketplace_allocation al ON al.node_id = o.node_id
-        JOIN scope s ON s.reservation_id = al.reservation_id
+        JOIN billing_usageaccrual oa
+          ON oa.reservation_id = al.reservation_id AND oa.closed_at IS NULL
+        JOIN marketplace_reservation orr ON orr.id = al.reservation_id
         WHERE o.gpu_id IS NULL AND o.started_at < %(now)s
-          AND (o.ended_at IS NULL OR o.ended_at > s.activated_at)
+          AND (o.ended_at IS NULL OR o.ended_at > orr.activated_at) {only_al}
     ) x GROUP BY x.reservation_id
 )"""
+# Outages are few: they are read from the outage side (through the allocations of their
+# nodes), for every open accrual or only the given ones, never by joining every accrual.
+_OUTS_ALL = {"only_ro": "", "only_al": ""}
+_OUTS_IDS = {
+    "only_ro": "AND ro.reservation_id IN (SELECT unnest(%(ids)s::bigint[]))",
+    "only_al": "AND al.reservation_id IN (SELECT unnest(%(ids)s::bigint[]))",
+}
 
 # Whole seconds delivered in [activated_at, hi) outside the outages `mr` (NULL: none).
 _DELIVERED_SQL = """(CASE
@@ -221,18 +233,19 @@ ORDER BY r.id
 ON CONFLICT (reservation_id) DO NOTHING
 """
 
-# A transition holds its reservation's row (FOR UPDATE) while it books: a key-share lock that
-# skips those keeps the run off them, and held until the run commits it also keeps a
-# transition from starting on a reservation the run is booking (the ledger's foreign keys
-# would otherwise wait on it at commit, while it waits on the run's accrual lock).
+# Reservations a transition holds (FOR UPDATE) are skipped by the run's statements.
 _SKIP_MOVING = "FOR KEY SHARE OF r SKIP LOCKED"
 
-_DUE_LOCK_SQL = """
-SELECT a.reservation_id
-FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
-WHERE a.closed_at IS NULL AND {due}
+# The run's statements join whole sets (every open accrual with its reservation, the outages,
+# the rows just computed): the planner cannot estimate a CTE's rows, and a nested loop over
+# two of them is quadratic (seconds at 2,000 reservations). Hash joins keep them linear.
+_SET_OPERATIONS = "SET LOCAL enable_nestloop = off"
+
+_IDS_LOCK_SQL = """
+SELECT a.reservation_id FROM billing_usageaccrual a
+WHERE a.reservation_id IN (SELECT unnest(%(ids)s::bigint[])) AND a.closed_at IS NULL
 ORDER BY a.reservation_id
-FOR UPDATE OF a {lock}
+FOR UPDATE OF a
 """
 # Due at the hour: not booked since the hour began; at the end: anything still unbooked.
 _DUE_HOURLY = """(a.booked_until < %(hour)s
@@ -247,17 +260,19 @@ _DUE_HOURLY = """(a.booked_until < %(hour)s
 _BOOK_SQL = (
     """
 WITH scope AS (
-    SELECT a.reservation_id, r.activated_at, r.gpu_count, r.released_at, r.ends_at,
+    SELECT a.reservation_id, a.organization_id, a.currency, a.price_per_gpu_hour,
+           a.price_from_gpu_seconds, a.price_from_minor, a.booked_until, a.booked_gpu_seconds,
+           a.booked_minor, r.activated_at, r.gpu_count, r.released_at, r.ends_at,
            CASE WHEN %(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s
                 THEN %(now)s ELSE greatest(a.booked_until, %(hour)s) END AS bound
     FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
-    WHERE a.reservation_id = ANY(%(ids)s) AND a.closed_at IS NULL
+    WHERE a.closed_at IS NULL AND {scope}
 ),"""
     + _OUTAGES_CTE
     + """,
-cum AS (
-    SELECT s.reservation_id, s.bound,
-           greatest(a.booked_until,
+priced AS (
+    SELECT s.*,
+           greatest(s.booked_until,
                     least(s.bound, s.ends_at, coalesce(s.released_at, s.bound))) AS period_end,
            """
     + _DELIVERED_SQL.format(
@@ -266,15 +281,12 @@ cum AS (
         mr="o.mr",
     )
     + """ * s.gpu_count AS gs
-    FROM scope s JOIN billing_usageaccrual a USING (reservation_id)
-    LEFT JOIN outs o USING (reservation_id)
-), priced AS (
-    SELECT c.*, """
-    + _COST_SQL.format(a="a", gs="c.gs")
-    + """ AS minor,
-           a.organization_id, a.currency, a.price_per_gpu_hour, a.booked_until,
-           a.booked_gpu_seconds, a.booked_minor
-    FROM cum c JOIN billing_usageaccrual a USING (reservation_id)
+    FROM scope s LEFT JOIN outs o USING (reservation_id)
+), costed AS (
+    SELECT p.*, """
+    + _COST_SQL.format(a="p", gs="p.gs")
+    + """ AS minor
+    FROM priced p
 ), lines AS (
     INSERT INTO billing_ledgerentry (organization_id, kind, amount_minor, currency,
         reservation_id, period_start, period_end, gpu_seconds, idempotency_key, description,
@@ -286,7 +298,7 @@ cum AS (
            (p.gs - p.booked_gpu_seconds) || ' GPU-seconds at ' || p.price_per_gpu_hour
                || '/GPU-hour' || %(why)s,
            %(created)s
-    FROM priced p
+    FROM costed p
     WHERE p.minor <> p.booked_minor OR p.gs <> p.booked_gpu_seconds
     ORDER BY p.reservation_id
     ON CONFLICT (idempotency_key) DO NOTHING
@@ -295,7 +307,7 @@ cum AS (
     UPDATE billing_usageaccrual a
     SET booked_minor = p.minor, booked_gpu_seconds = p.gs,
         booked_until = greatest(a.booked_until, p.period_end)
-    FROM priced p
+    FROM costed p
     WHERE a.reservation_id = p.reservation_id
       AND ((p.minor = p.booked_minor AND p.gs = p.booked_gpu_seconds)
            OR p.reservation_id IN (SELECT reservation_id FROM lines))
@@ -306,6 +318,19 @@ SELECT l.id, l.reservation_id, l.organization_id, l.amount_minor, l.gpu_seconds,
 FROM lines l ORDER BY l.reservation_id
 """
 )
+# The metering run's scope: every accrual due, locked by this statement (the columns read
+# above are those of the locked row, however recently a state change wrote it), skipping what a
+# state change holds — its reservation or its accrual: that one books itself, and the run then
+# never waits on a transaction that waits on it. Held until the run commits, the key-share
+# lock also keeps a transition from starting on a reservation the run is booking (the ledger's
+# foreign keys would otherwise wait on it at commit while it waited on the accrual's lock).
+_RUN_SCOPE = (
+    "{due}\n    ORDER BY a.reservation_id\n"
+    "    FOR UPDATE OF a SKIP LOCKED FOR KEY SHARE OF r SKIP LOCKED"
+)
+# A state change's scope: its reservations, whose rows the caller holds; their accruals are
+# locked by the statement before this one, so this one sees them as last written.
+_IDS_SCOPE = "a.reservation_id IN (SELECT unnest(%(ids)s::bigint[]))"
 
 _CLOSE_SQL = """
 UPDATE billing_usageaccrual a SET closed_at = %(now)s
@@ -362,9 +387,14 @@ def usage_accrue(*, now: datetime, reservation_ids: list[int] | None = None) -> 
         # The whole set: an accrual a state change is booking is left to it (it accrues and
         # books that one itself), so the run never waits on one.
         only, skip = "", "SKIP LOCKED"
-    with connection.cursor() as cur:
+    with transaction.atomic(), connection.cursor() as cur:
+        if reservation_ids is None:
+            cur.execute(_SET_OPERATIONS)
         cur.execute(
-            _ACCRUE_SQL.format(only=only, skip=skip), _params(now, ids=list(reservation_ids or []))
+            _ACCRUE_SQL.format(
+                only=only, skip=skip, **(_OUTS_ALL if reservation_ids is None else _OUTS_IDS)
+            ),
+            _params(now, ids=list(reservation_ids or [])),
         )
         return cur.rowcount
 
@@ -383,33 +413,24 @@ def usage_book(
     the same transaction. Returns the lines written.
     """
     hour = now.replace(minute=0, second=0, microsecond=0)
+    params = _params(
+        now,
+        hour=hour,
+        ids=list(reservation_ids or []),
+        to_now=reservation_ids is not None,
+        why=f" ({reason})" if reason else "",
+        created=timezone.now(),
+    )
     with connection.cursor() as cur:
         if reservation_ids is None:
-            # Skipping what a state change holds (its reservation or its accrual): that one
-            # books itself, and the run then never waits on a transaction that waits on it.
-            cur.execute(
-                _DUE_LOCK_SQL.format(due=_DUE_HOURLY, lock="SKIP LOCKED " + _SKIP_MOVING),
-                {"now": now, "hour": hour},
-            )
-        else:  # the caller holds the reservations' row locks
-            cur.execute(
-                _DUE_LOCK_SQL.format(due="a.reservation_id = ANY(%(ids)s)", lock=""),
-                {"ids": list(reservation_ids)},
-            )
-        ids = [row[0] for row in cur.fetchall()]
-        if not ids:
-            return []
-        cur.execute(
-            _BOOK_SQL,
-            _params(
-                now,
-                hour=hour,
-                ids=ids,
-                to_now=reservation_ids is not None,
-                why=f" ({reason})" if reason else "",
-                created=timezone.now(),
-            ),
-        )
+            sql = _BOOK_SQL.format(scope=_RUN_SCOPE.format(due=_DUE_HOURLY), **_OUTS_ALL)
+            cur.execute(_SET_OPERATIONS)
+            cur.execute(sql, params)
+        else:
+            cur.execute(_IDS_LOCK_SQL, params)
+            if not cur.fetchall():
+                return []
+            cur.execute(_BOOK_SQL.format(scope=_IDS_SCOPE, **_OUTS_IDS), params)
         lines = [BookedUsage(*row[:6]) for row in cur.fetchall()]
     if lines:
         charged = sorted({line.reservation_id for line in lines})

@@ -126,8 +126,11 @@ def test_stripe_calls_scale_with_organisations_and_hours_not_reservations(
                 reservation_meter(reservation_id=r.pk, now=h0 + timedelta(minutes=75))
 
     with django_capture_on_commit_callbacks(execute=False):
-        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=1)) == 6
-        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=2)) == 0
+        # An hour is aggregated two minutes after it ends (lines stamped just before the
+        # hour may commit just after it): at 12:01 hour 10, at 12:03 hour 11 too.
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=1)) == 3
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=3)) == 3
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=2, minutes=4)) == 0
     assert outbox_flush() == 6
     assert outbox_flush() == 0
 
@@ -219,7 +222,7 @@ def test_accrued_usage_reaches_stripe_as_one_event_per_organisation_and_hour(
     assert LedgerEntry.objects.filter(kind=LedgerKind.USAGE).count() == 3 * 4 * 2
 
     with django_capture_on_commit_callbacks(execute=False):
-        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=1)) == 6
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=3)) == 6
     assert outbox_flush() == 6
 
     sent = sorted(
