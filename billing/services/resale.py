@@ -17,6 +17,7 @@ from collections import defaultdict
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.db.models import Q, Sum
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce
 
 from billing.models import LedgerEntry, LedgerKind
@@ -36,8 +37,11 @@ def resale_proceeds_book(*, reservation_ids: list[int]) -> int:
     which holds the buyers' reservation rows locked; returns the lines written."""
     sales = {
         listing.buyer_reservation_id: listing
+        # One array parameter, not one per id: the hourly booking passes every reservation it
+        # charged (100,000 at fleet scale; PostgreSQL takes at most 65,535 parameters).
         for listing in ResaleListing.objects.filter(
-            buyer_reservation_id__in=reservation_ids, status=ListingStatus.SOLD
+            buyer_reservation_id__in=RawSQL("SELECT unnest(%s::bigint[])", [list(reservation_ids)]),
+            status=ListingStatus.SOLD,
         ).select_related("reservation")
     }
     if not sales:
