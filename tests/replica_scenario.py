@@ -45,9 +45,12 @@ def _recorder(alias: str):
 
 
 def _lsn_caught_up(timeout: float = 20.0) -> float:
-    """Wait until the replica has replayed everything the primary has written; seconds waited."""
+    """Wait until the replica has replayed everything the primary has written; seconds waited.
+
+    The insert position, not pg_current_wal_lsn() (the write position): the throwaway primary
+    runs with synchronous_commit=off, so a commit just made may not be written out yet."""
     with connections["default"].cursor() as cur:
-        cur.execute("SELECT pg_current_wal_lsn()")
+        cur.execute("SELECT pg_current_wal_insert_lsn()")
         (target,) = cur.fetchone()
     started = time.monotonic()
     while time.monotonic() - started < timeout:
