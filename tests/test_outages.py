@@ -162,3 +162,23 @@ def test_with_postgresql_down_an_api_key_call_gets_503(postgres_down):
 
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "service_unavailable"
+
+
+def test_the_limiter_follows_the_cache_when_its_location_changes(settings, monkeypatch):
+    # The limiter's own Redis client was made for one location; when the cache moves (a
+    # fixture pointing it at a throwaway server, then back), it must count on the new one, not
+    # keep calling a server that is gone (every request would then pass uncounted, then 503).
+    monkeypatch.setattr(throttling, "outage", throttling.LimiterOutage())
+    now = time.time()
+    assert throttling.fixed_window_count("follow", period=60, now=now) is not None
+    shared = settings.CACHES["default"]
+
+    server = ThrowawayRedis()
+    server.start()
+    settings.CACHES = {"default": {**shared, "LOCATION": f"redis://127.0.0.1:{server.port}/0"}}
+    assert throttling.fixed_window_count("follow", period=60, now=now)[0] == 1  # its own count
+    server.stop()
+    settings.CACHES = {"default": shared}
+
+    assert throttling.fixed_window_count("follow", period=60, now=now) is not None
+    assert throttling.outage.since is None  # the shared Redis answered: no outage

@@ -94,6 +94,7 @@ def _identity(request: Request) -> str:
 
 
 _redis: redis.Redis | None = None
+_redis_location = None
 # Seconds to wait for Redis before calling it unreachable: a request must not hang on it.
 _REDIS_TIMEOUT = 0.5
 
@@ -113,12 +114,15 @@ _script = None
 def _count(key: str, *, timeout: int, watch: str | None = None) -> tuple[int, bytes | None]:
     """INCR the counter (a new one gets its expiry in the same atomic step) and read `watch`,
     in one round trip; returns the new count and the watched value."""
-    global _redis, _script
-    if _redis is None:
+    global _redis, _script, _redis_location
+    location = settings.CACHES["default"]["LOCATION"]
+    if _redis is None or location != _redis_location:
         # The cache's Redis, under the cache's key prefix, but one scripted call instead of
-        # the cache API's add + exists + incr (three round trips).
+        # the cache API's add + exists + incr (three round trips). Made again when the cache
+        # moves (settings changed at run time, as tests do), like Django's own cache handler.
+        _redis_location = location
         _redis = redis.Redis.from_url(
-            settings.CACHES["default"]["LOCATION"],
+            location,
             socket_connect_timeout=_REDIS_TIMEOUT,
             socket_timeout=_REDIS_TIMEOUT,
         )
