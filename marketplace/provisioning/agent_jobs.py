@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import BooleanField, Exists, Func, OuterRef, Q
 from django.utils import timezone
 
 from config.errors import Conflict, NotFound
@@ -67,11 +67,19 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
     prepare_not_done = AgentJob.objects.filter(
         **same_place, kind="prepare", generation=OuterRef("generation")
     ).exclude(status=AgentJobStatus.DONE)
-    # The container of an earlier generation on this node is being taken down first.
-    earlier_stop_open = AgentJob.objects.filter(
-        **same_place,
+    # A container on this node is still being taken down (a stop never waits for anything, so
+    # nothing waits in a circle; a stop that failed or was cancelled no longer holds a start
+    # back, one whose lease expired is handed out again first): this reservation's container
+    # of an earlier generation, or another reservation's on any of the GPUs the start needs
+    # (e.g. a seller's, whose GPUs were resold from this moment).
+    stop_open = AgentJob.objects.filter(
+        Q(reservation_id=OuterRef("reservation_id"), generation__lt=OuterRef("generation"))
+        | (
+            ~Q(reservation_id=OuterRef("reservation_id"))
+            & Q(_JsonArraysOverlap("payload__gpu_indexes", OuterRef("payload__gpu_indexes")))
+        ),
+        node_id=OuterRef("node_id"),
         kind="stop",
-        generation__lt=OuterRef("generation"),
         status__in=[AgentJobStatus.QUEUED, AgentJobStatus.LEASED],
     )
     job = (
@@ -81,8 +89,8 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
             Q(status=AgentJobStatus.QUEUED)
             | Q(status=AgentJobStatus.LEASED, lease_expires_at__lte=now)
         )
-        # A start job waits for its prepare job, and for the stop of the generation before.
-        .exclude(Q(kind="start") & (Exists(prepare_not_done) | Exists(earlier_stop_open)))
+        # A start job waits for its prepare job, and for the stops of containers in its way.
+        .exclude(Q(kind="start") & (Exists(prepare_not_done) | Exists(stop_open)))
         .order_by("id")
         .first()
     )
@@ -94,6 +102,20 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
     job.attempts += 1
     job.save(update_fields=["status", "lease_owner", "lease_expires_at", "attempts", "updated_at"])
     return job
+
+
+class _JsonArraysOverlap(Func):
+    """Whether two JSON arrays (jsonb) have an element in common."""
+
+    output_field = BooleanField()
+
+    def as_sql(self, compiler, connection, **extra_context):
+        left, right = (compiler.compile(e) for e in self.get_source_expressions())
+        sql = (
+            f"EXISTS (SELECT 1 FROM jsonb_array_elements({left[0]}) AS a(v)"
+            f" JOIN jsonb_array_elements({right[0]}) AS b(v) ON a.v = b.v)"
+        )
+        return sql, (*left[1], *right[1])
 
 
 def _locked_job(*, node: Node, job_id: int) -> AgentJob:

@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from django.utils import timezone
 
 from inventory.models import NodeStatus
 from marketplace.models import AgentJob, AgentJobStatus
@@ -238,3 +239,100 @@ def test_a_node_the_reservation_moved_off_gets_a_stop_and_release_waits_for_it(
         status=AgentJobStatus.DONE
     )
     assert driver.stop(new).state == "ready"
+
+
+def _done(job) -> None:
+    AgentJob.objects.filter(pk=job.pk).update(status=AgentJobStatus.DONE)
+
+
+@pytest.mark.parametrize("buyer_gpus", [(0,), (2, 3)], ids=["shared-gpu", "other-gpus"])
+def test_another_reservations_start_waits_for_the_stop_of_a_container_on_its_gpus(
+    db,
+    allow_all_funding,  # noqa: F811
+    buyer_gpus,
+):
+    # Resale: the seller's running term loses GPU 0 to a buyer. The seller restarts on GPU 1
+    # (a new generation); the buyer starts on what it bought. The seller's old container holds
+    # GPUs 0 and 1 until its stop job is done.
+    market = market_create(nodes=1, gpus=4)
+    node = market.nodes[0]
+    seller_r, buyer_r = market.book(gpu_count=1), market.book(gpu_count=1)
+    driver = SiteAgentDriver()
+    seller = Target(
+        seller_r.pk, seller_r.public_id, seller_r.workload, (NodeTarget(node.pk, "", (0, 1)),)
+    )
+    driver.prepare(seller)
+    driver.start_workload(seller)
+    assert _lease_kinds(node) == [("prepare", 0), ("start", 0)]
+
+    restarted = replace(seller, generation=1, nodes=(NodeTarget(node.pk, "", (1,)),))
+    buyer = Target(
+        buyer_r.pk, buyer_r.public_id, buyer_r.workload, (NodeTarget(node.pk, "", buyer_gpus),)
+    )
+    driver.prepare(restarted)
+    driver.start_workload(restarted)
+    driver.prepare(buyer)
+    driver.start_workload(buyer)
+
+    stop = agent_job_lease(node=node)
+    assert (stop.reservation_id, stop.kind, stop.payload["gpu_indexes"]) == (
+        seller_r.pk,
+        "stop",
+        [0, 1],
+    )
+    # Both prepares are handed out while the old container is being stopped.
+    for _ in range(2):
+        job = agent_job_lease(node=node)
+        assert job.kind == "prepare"
+        _done(job)
+    if buyer_gpus == (2, 3):
+        # GPUs nobody else holds: the buyer starts at once, the seller's restart waits.
+        job = agent_job_lease(node=node)
+        assert (job.reservation_id, job.kind) == (buyer_r.pk, "start")
+        assert agent_job_lease(node=node) is None
+        _done(stop)
+        assert _lease_kinds(node) == [("start", 1)]
+        return
+    # GPU 0 is still the old container's: neither start is handed out while its stop runs,
+    assert agent_job_lease(node=node) is None
+    # nor when its lease expired: the stop is handed out again, never the start.
+    AgentJob.objects.filter(pk=stop.pk).update(lease_expires_at=timezone.now())
+    again = agent_job_lease(node=node)
+    assert again.pk == stop.pk
+    assert agent_job_lease(node=node) is None
+    _done(stop)
+    assert [
+        (j.reservation_id, j.kind)
+        for j in AgentJob.objects.filter(pk__in=_leased_ids(node)).order_by("id")
+    ] == [(seller_r.pk, "start"), (buyer_r.pk, "start")]
+
+    # The window ends: the buyer stops, the seller restarts on GPUs 0 and 1 again. The
+    # seller's start waits for the buyer's stop (a stop never waits for a start).
+    driver.stop(buyer)
+    back = replace(seller, generation=2)
+    driver.prepare(back)
+    driver.start_workload(back)
+    leased = []
+    while (job := agent_job_lease(node=node)) is not None:
+        leased.append((job.reservation_id, job.kind, job.generation))
+        if job.kind != "stop":
+            _done(job)
+    # Both stops (the seller's generation 1, the buyer's) and the prepare; no start yet.
+    assert sorted(leased) == sorted(
+        [(seller_r.pk, "stop", 1), (seller_r.pk, "prepare", 2), (buyer_r.pk, "stop", 0)]
+    )
+    own_stop = AgentJob.objects.get(reservation=seller_r, kind="stop", generation=1)
+    _done(own_stop)
+    assert agent_job_lease(node=node) is None  # still the buyer's container on GPU 0
+    # A stop that fails does not hold the GPU's next start forever.
+    AgentJob.objects.filter(reservation=buyer_r, kind="stop").update(status=AgentJobStatus.FAILED)
+    assert _lease_kinds(node) == [("start", 2)]
+
+
+def _leased_ids(node) -> list[int]:
+    """Lease and complete the node's jobs; their ids in the order handed out."""
+    ids = []
+    while (job := agent_job_lease(node=node)) is not None:
+        ids.append(job.pk)
+        _done(job)
+    return ids
