@@ -52,12 +52,14 @@ def fund(organization: Organization, amount_minor: int = 1_000_000) -> None:
     )
 
 
-def market(*, gpus: int = 8, term_gpus: int = 8, starts_at: datetime | None = None) -> Market:
+def market(
+    *, gpus: int = 8, term_gpus: int = 8, starts_at: datetime | None = None, nodes: int = 1
+) -> Market:
     model = GpuModelFactory()
     make_rate(model, "2.0000")
     make_policy()
     site = SiteFactory()
-    (node,) = make_nodes(site, model, 1, gpus=gpus)
+    node, *_ = make_nodes(site, model, nodes, gpus=gpus)
     seller, buyer = OrganizationFactory(), OrganizationFactory()
     fund(seller)
     fund(buyer)

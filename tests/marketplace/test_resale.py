@@ -523,3 +523,73 @@ def test_a_failed_gpu_whose_time_was_partly_resold_is_replaced_once():
     assert held.values("gpu_id").distinct().count() == 8
     assert not held.filter(gpu=failed).exists()
     assert overlapping_live_pairs() == 0
+
+
+def _agent_runs_jobs(nodes) -> list[tuple[int, str, int]]:
+    """Each node's site agent does every job it is handed: (node id, reservation id, kind)."""
+    from marketplace.provisioning.agent_jobs import agent_job_complete, agent_job_lease
+
+    done = []
+    for node in nodes:
+        while (job := agent_job_lease(node=node)) is not None:
+            result = {"host": node.hostname, "ssh_port": 22, "ports": {}}
+            agent_job_complete(node=node, job_id=job.pk, lease_id=job.lease_owner, result=result)
+            done.append((node.pk, job.reservation_id, job.kind))
+    return done
+
+
+def test_a_term_that_sold_a_whole_node_for_a_window_runs_on_the_other_and_gets_it_back():
+    """Under the site agent: the node whose every GPU was sold gets a stop and no start while
+    the window lasts, and a start again when it ends; the term is active throughout."""
+    from marketplace.provisioning.drivers import SiteAgentDriver
+    from marketplace.provisioning.scheduler import reservations_dispatch_due
+    from marketplace.provisioning.services import reservation_provision_step
+
+    m = market(gpus=4, term_gpus=8, nodes=2)
+    nodes = sorted({a.node for a in Allocation.objects.filter(reservation=m.term)}, key=str)
+    assert len(nodes) == 2
+    sold_node, kept_node = nodes
+    lst = listing(m, gpus=4, start_h=26, hours=2, node=sold_node.hostname)
+    buy(m, lst, start_h=26, hours=2)
+    driver = SiteAgentDriver()
+
+    done = []
+
+    def dispatch_and_provision():
+        done.clear()
+        counts = reservations_dispatch_due()
+        for _ in range(3):
+            for r in Reservation.objects.exclude(status=ReservationStatus.ACTIVE):
+                reservation_provision_step(reservation_id=r.pk, driver=driver, check_window=0)
+            done.extend(_agent_runs_jobs(nodes))
+        return counts
+
+    time_passes(timedelta(days=1, minutes=1))
+    dispatch_and_provision()
+    term = Reservation.objects.get(pk=m.term.pk)
+    assert term.status == ReservationStatus.ACTIVE
+    assert sorted(n["host"] for n in term.connection["nodes"]) == sorted(n.hostname for n in nodes)
+
+    _edge(lst.pk)
+    assert dispatch_and_provision()["resold"] == 1
+    term.refresh_from_db()
+    assert term.status == ReservationStatus.ACTIVE
+    assert [n["host"] for n in term.connection["nodes"]] == [kept_node.hostname]
+    jobs = term.agent_jobs.filter(generation=term.placement_generation)
+    assert set(jobs.values_list("node_id", "kind")) == {
+        (kept_node.pk, "prepare"),
+        (kept_node.pk, "start"),
+    }
+    # The old container on the sold node was stopped, and only then the buyer's started there.
+    buyer_r = Reservation.objects.get(organization=m.buyer)
+    assert buyer_r.status == ReservationStatus.ACTIVE
+    on_sold = [(r, kind) for node_id, r, kind in done if node_id == sold_node.pk]
+    assert on_sold.index((term.pk, "stop")) < on_sold.index((buyer_r.pk, "start"))
+
+    _edge(lst.pk, end=True)
+    assert dispatch_and_provision()["resold"] == 1
+    term.refresh_from_db()
+    assert term.status == ReservationStatus.ACTIVE
+    assert sorted(n["host"] for n in term.connection["nodes"]) == sorted(n.hostname for n in nodes)
+    start = term.agent_jobs.get(node=sold_node, kind="start", generation=term.placement_generation)
+    assert start.status == "done"
