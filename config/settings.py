@@ -376,6 +376,13 @@ BILLING_DEFAULT_RECHARGE_THRESHOLD = env_decimal(
     "BILLING_DEFAULT_RECHARGE_THRESHOLD", Decimal("50")
 )
 # Hours of an on-demand reservation the prepaid balance must cover before it is accepted.
+# The metering run books each reservation's completed clock hour at minute
+# (reservation id % this) of the next hour, so the lines of 100,000 reservations are not all
+# written by one run (docs/money.md). At most 58: every hour's lines are then written within
+# the next hour, which postpaid reporting relies on (billing.services.postpaid).
+BILLING_USAGE_BOOK_SPREAD_MINUTES = env_int(
+    "BILLING_USAGE_BOOK_SPREAD_MINUTES", 30, minimum=1, maximum=58
+)
 BILLING_ON_DEMAND_COMMIT_HOURS = env_int("BILLING_ON_DEMAND_COMMIT_HOURS", 1, minimum=0)
 
 # --- E-mail --------------------------------------------------------------------------------

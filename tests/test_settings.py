@@ -78,6 +78,8 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
             "CELERY_TASK_TIME_LIMIT",
         ),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"BILLING_USAGE_BOOK_SPREAD_MINUTES": "0"}, "BILLING_USAGE_BOOK_SPREAD_MINUTES"),
+        ({"BILLING_USAGE_BOOK_SPREAD_MINUTES": "59"}, "BILLING_USAGE_BOOK_SPREAD_MINUTES"),
         ({"METRICS_TOKEN": "too-short"}, "METRICS_TOKEN"),
         ({"METRICS_ALLOWED_IPS": "10.0.0.0/8,prometheus.internal"}, "METRICS_ALLOWED_IPS"),
         ({"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/metrics"}, "PROMETHEUS_MULTIPROC_DIR"),

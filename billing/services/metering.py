@@ -5,7 +5,8 @@ reservations, then the funding rules for the organisations they concern.
 2. usage accrues: every started metered reservation has an accrual, set in one statement to
    what it delivered up to now (billing.services.usage);
 3. usage is booked: one ledger line per reservation not booked since the hour began (up to the
-   hour) and per ended reservation (up to its end), in one statement with the accruals' booked
+   hour, at the reservation's minute of the hour: id % BILLING_USAGE_BOOK_SPREAD_MINUTES, so
+   the hour's lines are spread over that many runs) and per ended reservation (up to its end), in one statement with the accruals' booked
    figures, and the holds those lines fill;
 4. accruals of reservations that ended over two days ago and are booked in full are closed;
 5. cancelled reserved terms are settled, protected reservations a forced grid curtailment

@@ -3,7 +3,9 @@
 Usage lines are written to the ledger for every organisation alike (booked hourly from the
 accruals, and at state changes: billing.services.usage); for postpaid ones, each completed UTC
 hour's lines (by the time they were written, two minutes after the hour) are summed into a
-UsageAggregate,
+UsageAggregate. A reservation's clock hour is booked in the first
+BILLING_USAGE_BOOK_SPREAD_MINUTES (at most 58) minutes of the next hour, so every line of it
+is written within that next hour and in its aggregate, once, whatever minute booked it;
 and that aggregate is sent as one meter event whose `identifier` is derived from its id
 ("sy-usage-<id>"), through the outbox with the idempotency key "meter:<id>". A resend of the
 same aggregate is therefore harmless twice over, and the number of Stripe calls grows with

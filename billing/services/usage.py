@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import connection, models, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
@@ -247,8 +248,12 @@ WHERE a.reservation_id IN (SELECT unnest(%(ids)s::bigint[])) AND a.closed_at IS 
 ORDER BY a.reservation_id
 FOR UPDATE OF a
 """
-# Due at the hour: not booked since the hour began; at the end: anything still unbooked.
-_DUE_HOURLY = """(a.booked_until < %(hour)s
+# Due at the hour: not booked since the hour began, at the reservation's minute of the hour
+# (id % spread: the hour's lines are spread over the run's first `spread` minutes), or at once
+# when even the hour before is unbooked (a run missed); at the end: anything still unbooked.
+_DUE_HOURLY = """((a.booked_until < %(hour)s
+        AND (a.reservation_id %% %(spread)s <= %(minute)s
+             OR a.booked_until < %(hour)s - interval '1 hour'))
     OR ((r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
         AND (a.accrued_minor <> a.booked_minor OR a.gpu_seconds <> a.booked_gpu_seconds
              OR a.booked_until < least(coalesce(r.released_at, r.ends_at), r.ends_at))))"""
@@ -406,8 +411,9 @@ def usage_book(
     """The one writer of usage lines: book what is accrued and not yet in the ledger.
 
     Without `reservation_ids` (the metering run): every open accrual not booked since the hour
-    began is booked up to the hour (one line per reservation and hour), and every ended one up
-    to its end. With them (a state change, an extension, a price change): those are booked up
+    began is booked up to the hour (one line per reservation and hour) once the run reaches its
+    minute of the hour (reservation id % settings.BILLING_USAGE_BOOK_SPREAD_MINUTES, or at once
+    if the hour before is unbooked too), and every ended one up to its end. With them (a state change, an extension, a price change): those are booked up
     to `now`. The accruals are locked (in id order) for the transaction, so a run and a state
     change, or two runs, book each second once; their holds are filled from the new lines in
     the same transaction. Returns the lines written.
@@ -416,6 +422,8 @@ def usage_book(
     params = _params(
         now,
         hour=hour,
+        minute=now.minute,
+        spread=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES,
         ids=list(reservation_ids or []),
         to_now=reservation_ids is not None,
         why=f" ({reason})" if reason else "",

@@ -9,6 +9,7 @@ from datetime import timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
@@ -33,6 +34,8 @@ from tests.billing.conftest import T0, make_reservation
 
 PRICE = Decimal("3.6000")  # 0.1 cent per GPU-second
 FUNDS = 10_000_000  # 100,000.00: the funding rules stay out of these tests' way
+# The run that has booked every reservation's previous hour: the hour's last booking minute.
+BOOKED = timedelta(minutes=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES - 1)
 
 
 @pytest.fixture
@@ -85,7 +88,8 @@ def test_usage_accrues_to_the_second_without_a_ledger_line(funded):
 
 
 @pytest.mark.django_db
-def test_usage_is_booked_once_an_hour_on_the_hour_and_nothing_drifts(funded):
+def test_usage_is_booked_once_an_hour_on_the_hour_and_nothing_drifts(funded, settings):
+    settings.BILLING_USAGE_BOOK_SPREAD_MINUTES = 1  # every hour booked at minute 0
     org = funded
     activated = T0 + timedelta(minutes=37, seconds=20)
     reservation = make_reservation(
@@ -123,7 +127,7 @@ def test_a_reservation_day_writes_at_most_twenty_five_lines(funded):
     reservation = make_reservation(org, gpu_count=1, price=PRICE, activated_at=T0, hours=30)
     # A run every 10 minutes over a day (the booking does not depend on the cadence).
     at = T0
-    while at <= T0 + timedelta(hours=24, minutes=5):
+    while at <= T0 + timedelta(hours=24, minutes=59):
         usage_meter_run(now=at)
         at += timedelta(minutes=10)
 
@@ -148,14 +152,14 @@ def test_an_outage_stops_the_clock_and_one_recorded_late_is_given_back(funded):
     ) == {reservation.pk: Decimal("1.20")}  # not running: no seconds added between runs
 
     Outage.objects.filter(pk=open_outage.pk).update(ended_at=T0 + timedelta(minutes=35))
-    usage_meter_run(now=T0 + timedelta(hours=1, minutes=1))  # booked: 20 + 25 minutes
+    usage_meter_run(now=T0 + timedelta(hours=1) + BOOKED)  # booked: 20 + 25 minutes
     assert lines(reservation) == [(T0, T0 + timedelta(hours=1), -270, 2700)]
 
     # Recorded after the hour was booked: 10 of those minutes were not delivered.
     ReservationOutage.objects.create(reservation=reservation, node=node, cause="test",
                                      started_at=T0 + timedelta(minutes=40),
                                      ended_at=T0 + timedelta(minutes=50))  # fmt: skip
-    usage_meter_run(now=T0 + timedelta(hours=2, minutes=1))
+    usage_meter_run(now=T0 + timedelta(hours=2) + BOOKED)
     hour2 = lines(reservation)[1]
     assert hour2 == (T0 + timedelta(hours=1), T0 + timedelta(hours=2), -360 + 60, 3600 - 600)
     assert balance_minor(organization=org) == FUNDS - (270 + 300)
@@ -182,7 +186,7 @@ def test_a_run_killed_between_statements_is_finished_by_the_next_one(funded, mon
     reservations = [
         make_reservation(org, gpu_count=1, price=PRICE, activated_at=T0) for _ in range(3)
     ]
-    at = T0 + timedelta(hours=1, minutes=1)
+    at = T0 + timedelta(hours=1) + BOOKED
     # Killed after accruing, before booking.
     usage_accruals_open()
     usage_accrue(now=at)
@@ -257,7 +261,7 @@ def test_a_price_change_books_the_old_price_first(funded):
 
     usage_price_change(reservation_id=reservation.pk, price_per_gpu_hour=Decimal("7.2000"),
                        now=T0 + timedelta(minutes=30))  # fmt: skip
-    usage_meter_run(now=T0 + timedelta(hours=1, minutes=1))
+    usage_meter_run(now=T0 + timedelta(hours=1) + BOOKED)
 
     assert lines(reservation) == [
         (T0, T0 + timedelta(minutes=30), -180, 1800),
@@ -276,7 +280,7 @@ def test_the_run_statement_count_does_not_grow_with_reservations(org):
         from django.test.utils import CaptureQueriesContext
 
         with CaptureQueriesContext(connection) as queries:
-            usage_meter_run(now=T0 + timedelta(hours=1, minutes=1))
+            usage_meter_run(now=T0 + timedelta(hours=1) + BOOKED)
         return len(queries)
 
     few = run_statements(2)
@@ -309,3 +313,58 @@ def test_the_usage_export_and_charged_include_the_unbooked_usage_to_the_second(f
     assert amount == (Decimal(seconds) / 1000).quantize(Decimal("0.01"), ROUND_HALF_UP)
     charged = reservations_charged(reservation_ids=[reservation.pk])[reservation.pk]
     assert charged >= Decimal(2 * 90 * 60) / 1000
+
+
+@pytest.mark.django_db
+def test_the_hours_lines_are_spread_over_the_first_minutes_of_the_next_hour(funded, settings):
+    """Each reservation's completed hour is booked at minute (id % spread) of the next hour,
+    the run stays a constant number of statements, and a later booking changes no figure the
+    funding rules read (balance − accrued − held)."""
+    from django.test.utils import CaptureQueriesContext
+
+    settings.BILLING_USAGE_BOOK_SPREAD_MINUTES = 4
+    org = funded
+    reservations = [
+        make_reservation(org, gpu_count=1, price=PRICE, activated_at=T0) for _ in range(8)
+    ]
+    usage_meter_run(now=T0 + timedelta(minutes=59))
+    counts = []
+    for minute in range(6):
+        at = T0 + timedelta(hours=1, minutes=minute)
+        usage_accrue(now=at)  # what the funding rules read just before the run books
+        before = money_position(organization_id=org.pk)
+        with CaptureQueriesContext(connection) as queries:
+            usage_meter_run(now=at)
+        counts.append(len(queries))
+        after = money_position(organization_id=org.pk)
+        assert after.available == before.available
+        booked = {r.pk for r in reservations if lines(r)}
+        assert booked == {r.pk for r in reservations if r.pk % 4 <= minute}, minute
+    # As many statements in every run that books (two lines each here, or 40: the statement
+    # count test above), a few fewer (no holds to fill) in one that books none.
+    assert counts[:4] == [counts[0]] * 4 and counts[4:] == [counts[4]] * 2
+    assert counts[4] < counts[0]
+    for r in reservations:
+        assert lines(r) == [(T0, T0 + timedelta(hours=1), -360, 3600)]
+    assert balance_minor(organization=org) == FUNDS - 8 * 360
+
+
+@pytest.mark.django_db
+def test_an_hour_left_unbooked_by_missed_runs_is_booked_at_once(funded, settings):
+    settings.BILLING_USAGE_BOOK_SPREAD_MINUTES = 50
+    org = funded
+    reservation = make_reservation(org, gpu_count=1, price=PRICE, activated_at=T0, hours=5)
+    slot = reservation.pk % 50
+    # No run in the whole of hour 11 (a stopped worker): at 12:00 two hours are due at once,
+    # in one line, whatever the reservation's minute.
+    usage_meter_run(now=T0 + timedelta(minutes=59))
+    usage_meter_run(now=T0 + timedelta(hours=2))
+    assert lines(reservation) == [(T0, T0 + timedelta(hours=2), -720, 7200)]
+    # The next hour waits for its minute again.
+    if slot > 0:
+        usage_meter_run(now=T0 + timedelta(hours=3, minutes=slot - 1))
+        assert len(lines(reservation)) == 1
+    usage_meter_run(now=T0 + timedelta(hours=3, minutes=slot))
+    assert lines(reservation)[1:] == [
+        (T0 + timedelta(hours=2), T0 + timedelta(hours=3), -360, 3600)
+    ]

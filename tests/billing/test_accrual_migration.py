@@ -9,6 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
@@ -137,7 +138,10 @@ def test_the_migration_keeps_every_balance_and_metering_continues_exactly():
     usage_meter_run(now=last_minute)
     assert ledger_by_org() == before
     # ...and an hour later every reservation's lines add up to its whole usage, rounded once.
-    later = now + timedelta(hours=1, minutes=1)
+    # (at the hour's last booking minute: every reservation's hour is due by then)
+    later = (now + timedelta(hours=1)).replace(
+        minute=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES - 1, second=0, microsecond=0
+    )
     usage_meter_run(now=later)
     hour = later.replace(minute=0, second=0, microsecond=0)
     for r in metered:

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 
 import pytest
 import stripe
+from django.conf import settings
 
 from billing.models import (
     BillingAccount,
@@ -25,6 +26,7 @@ from billing.services.postpaid import usage_aggregate_create, usage_report_postp
 from billing.services.usage import reservation_meter
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
 from billing.tasks import outbox_flush
+from marketplace.models import Reservation
 from tests.billing.conftest import make_reservation
 from tests.factories import OrganizationFactory
 
@@ -212,17 +214,29 @@ def test_accrued_usage_reaches_stripe_as_one_event_per_organisation_and_hour(
         for _ in range(4):
             make_reservation(org, gpu_count=2, price=Decimal("1.0000"), starts_at=h0,
                              activated_at=h0, hours=5)  # fmt: skip
+    spread = settings.BILLING_USAGE_BOOK_SPREAD_MINUTES
+    reservation_ids = sorted(
+        Reservation.objects.filter(organization__in=orgs).values_list("pk", flat=True)
+    )
     at = h0 + timedelta(minutes=1)
-    while at <= h0 + timedelta(hours=2, minutes=5):
+    while at <= h0 + timedelta(hours=2, minutes=59):
         monkeypatch.setattr(timezone, "now", lambda at=at: at)
         usage_meter_run(now=at)
+        if at.hour == 11 and at.minute < spread:
+            # The hour's lines are spread over the next hour's first minutes (id % spread).
+            assert sorted(LedgerEntry.objects.filter(kind=LedgerKind.USAGE).values_list(
+                "reservation_id", flat=True)) == [i for i in reservation_ids if i % spread <= at.minute]  # fmt: skip
+        if at.hour == 12 and at.minute == 5:
+            # Hour 11 (every line written in it, at whatever minute): one event per organisation.
+            assert usage_report_postpaid_run(now=at) == 3
         at += timedelta(minutes=1)
     monkeypatch.undo()
-    # Two lines per reservation (booked at 11:00 and 12:00), not 125.
+    # Two lines per reservation (booked in hour 11 and in hour 12), not 175.
     assert LedgerEntry.objects.filter(kind=LedgerKind.USAGE).count() == 3 * 4 * 2
 
     with django_capture_on_commit_callbacks(execute=False):
-        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=3)) == 6
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=3)) == 3
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=4)) == 0
     assert outbox_flush() == 6
 
     sent = sorted(
@@ -230,7 +244,8 @@ def test_accrued_usage_reaches_stripe_as_one_event_per_organisation_and_hour(
          int(form["payload[value]"][0]))
         for form in (parse_qs(body) for _, _, _, body in recorder.requests)
     )  # fmt: skip
-    # Booked at 11:00 (hour 11) and 12:00 (hour 12): 4 reservations × 2 GPUs × 3600 s each.
+    # Booked in hour 11 and in hour 12, whatever the minute: 4 reservations × 2 GPUs × 3600 s
+    # each, every line in exactly one event.
     assert sent == [
         (f"cus_acc{i}", int((h0 + timedelta(hours=h)).timestamp()), 4 * 2 * 3600)
         for i in range(3)
