@@ -234,7 +234,7 @@ def main() -> None:
                            ("hourly", "run after the hour (books 1/spread)"),
                            ("bare", "bare UPDATE … FROM, same rows")):  # fmt: skip
             seconds, statements, _result = f[key]
-            print(f"  {label:32} {seconds:7.2f} s  {statements:3d} SQL statements  "
+            print(f"  {label:36} {seconds:7.2f} s  {statements:3d} SQL statements  "
                   f"{seconds / f['bare'][0]:5.1f} × bare  {seconds / interval:6.1%} of the 60 s interval")  # fmt: skip
         print(f"  usage lines written: {f['lines']} (the run after the hour: those of id % "
               f"{settings.BILLING_USAGE_BOOK_SPREAD_MINUTES} = 0)")  # fmt: skip
