@@ -211,7 +211,9 @@ def test_a_run_killed_between_statements_is_finished_by_the_next_one(funded, mon
 
 
 @pytest.mark.django_db
-def test_every_state_change_books_up_to_the_move(funded):
+def test_every_state_change_books_up_to_the_move(funded, settings):
+    # On the wall clock: every hour due at minute 0, whatever the reservation's id.
+    settings.BILLING_USAGE_BOOK_SPREAD_MINUTES = 1
     org = funded
     now = timezone.now()
     start = now - timedelta(hours=1, minutes=30)
@@ -290,11 +292,12 @@ def test_the_run_statement_count_does_not_grow_with_reservations(org):
 
 
 @pytest.mark.django_db
-def test_the_usage_export_and_charged_include_the_unbooked_usage_to_the_second(funded):
+def test_the_usage_export_and_charged_include_the_unbooked_usage_to_the_second(funded, settings):
     import csv
 
     from billing.exports import usage_csv_lines
 
+    settings.BILLING_USAGE_BOOK_SPREAD_MINUTES = 1  # on the wall clock: booked at minute 0
     org = funded
     now = timezone.now().replace(microsecond=0)
     start = now - timedelta(minutes=90)
