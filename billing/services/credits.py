@@ -140,8 +140,21 @@ def sla_credit_issue(
     if active == 0 or down == 0:
         return None
     uptime = Decimal(active - down) / Decimal(active)
+    return _sla_credit_add(
+        reservation,
+        charge_minor=_month_charge_minor(reservation, month),
+        uptime=uptime,
+        idempotency_key=f"sla:{reservation.pk}:{month:%Y-%m}",
+        head=f"SLA credit {month:%Y-%m}: uptime {uptime * 100:.3f} % ({down} s down of {active} s)",
+    )
+
+
+def _sla_credit_add(
+    reservation: Reservation, *, charge_minor: int, uptime: Decimal, idempotency_key: str, head: str
+) -> LedgerEntry | None:
+    """The SLA table's share of charge_minor for this uptime, credited once under the key;
+    None when it is nothing or was credited before."""
     fraction = sla_credit_fraction(uptime)
-    charge_minor = _month_charge_minor(reservation, month)
     amount_minor = to_minor_units(
         from_minor_units(charge_minor, reservation.currency) * fraction, reservation.currency
     )
@@ -152,10 +165,9 @@ def sla_credit_issue(
         kind=LedgerKind.SLA_CREDIT,
         amount_minor=amount_minor,
         currency=reservation.currency,
-        idempotency_key=f"sla:{reservation.pk}:{month:%Y-%m}",
+        idempotency_key=idempotency_key,
         reservation=reservation,
-        description=f"SLA credit {month:%Y-%m}: uptime {uptime * 100:.3f} % "
-        f"({down} s down of {active} s) → {fraction * 100:.0f} % of "
+        description=f"{head} → {fraction * 100:.0f} % of "
         f"{from_minor_units(charge_minor, reservation.currency)}",
     )
     return entry if created else None
@@ -322,30 +334,20 @@ def curtailment_forced_credit_issue(*, reservation_id: int) -> list[LedgerEntry]
     lost_in_month = _seconds_between(max(stop, m0), min(reservation.ends_at, m1))
     if booked_in_month > 0 and lost_in_month > 0:
         uptime = Decimal(booked_in_month - lost_in_month) / Decimal(booked_in_month)
-        fraction = sla_credit_fraction(uptime)
         charge_minor = _month_charge_minor(reservation, month)
         if reservation.tier == Tier.RESERVED and booked > 0:
             charge_minor -= to_minor_units(
                 Decimal(reservation.total_amount) * Decimal(lost_in_month) / Decimal(booked),
                 reservation.currency,
             )
-        charge_minor = max(charge_minor, 0)
-        amount_minor = to_minor_units(
-            from_minor_units(charge_minor, reservation.currency) * fraction, reservation.currency
+        entry = _sla_credit_add(
+            reservation,
+            charge_minor=max(charge_minor, 0),
+            uptime=uptime,
+            idempotency_key=f"curtail:{reservation.pk}:sla",
+            head=f"SLA credit, forced grid curtailment {month:%Y-%m}: uptime {uptime * 100:.3f} %",
         )
-        if amount_minor > 0:
-            entry, created = ledger_entry_add(
-                organization=reservation.organization,
-                kind=LedgerKind.SLA_CREDIT,
-                amount_minor=amount_minor,
-                currency=reservation.currency,
-                idempotency_key=f"curtail:{reservation.pk}:sla",
-                reservation=reservation,
-                description=f"SLA credit, forced grid curtailment {month:%Y-%m}: uptime "
-                f"{uptime * 100:.3f} % → {fraction * 100:.0f} % of "
-                f"{from_minor_units(charge_minor, reservation.currency)}",
-            )
-            written += [entry] if created else []
+        written += [entry] if entry is not None else []
     return written
 
 
