@@ -483,6 +483,7 @@ def bench_search(base_url: str, secret: str, n: int) -> float:
             params = {
                 "gpu_model": case["gpu_model"],
                 "gpu_count": case["gpu_count"],
+                "curtail_gpus": case["gpu_count"],
                 "starts_at": case["start"],
                 "ends_at": case["end"],
                 "node_limit": 10,
@@ -637,6 +638,7 @@ def bench_placement_read_raw(clients: int, total: int) -> float:
                     "gpu_model_id": model_id,
                     "starts_at": start,
                     "ends_at": start + timedelta(hours=rng.randint(1, 12)),
+                    "curtail_gpus": 1,
                 }
                 conn.execute(sql_text, params, prepare=True).fetchall()
 
