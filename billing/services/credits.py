@@ -3,7 +3,8 @@
 SLA (documented for customers): each reservation has a monthly uptime target of 99.5 %,
 measured per calendar month (UTC) over the time it was active in that month
 ([activated_at, released_at or its booked end)), where its recorded outages
-(ReservationOutage) and any outage of any node serving it count as downtime. If the month's uptime is below target, the reservation is credited a
+(ReservationOutage) and any outage of a node serving it, while it held GPUs there, count as
+downtime. If the month's uptime is below target, the reservation is credited a
 share of what it was charged for that month:
 
     uptime < 99.5 % → 10 %      uptime < 99 % → 25 %      uptime < 95 % → 100 %

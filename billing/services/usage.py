@@ -2,8 +2,9 @@
 
 Billable time of a reservation = [activated_at, min(released_at or now, ends_at)) minus every
 outage that hit it: the reservation's own outages (marketplace ReservationOutage, recorded by
-provisioning) and every inventory Outage of a node serving it, as one union (open outages run
-to now; an interval in both sources is excluded once). Time
+provisioning) and every inventory Outage of a node serving it, for the time its allocations
+there held GPUs, as one union (open outages run to now; an interval in both sources is
+excluded once). Time
 before activation (provisioning), after release (including preemption) and during outages
 is never charged. GPU-seconds = billable seconds × GPU count.
 
@@ -33,6 +34,8 @@ from billing.services.resale import resale_proceeds_book
 from inventory.models import Outage
 from marketplace.models import (
     Allocation,
+    ListingStatus,
+    ResaleListing,
     Reservation,
     ReservationOutage,
     ReservationStatus,
@@ -95,21 +98,47 @@ def _overlap_seconds(intervals: list[Interval], start: datetime, end: datetime) 
 
 
 def outage_intervals(*, reservation: Reservation, until: datetime) -> list[Interval]:
-    """Union of the reservation's outages and its nodes' (any node down = it is down)."""
+    """Union of the reservation's outages and its nodes' (any node down = it is down), a
+    node's only while the reservation held GPUs on it."""
     since = reservation.activated_at or until
     live = Q(started_at__lt=until) & (Q(ended_at__isnull=True) | Q(ended_at__gt=since))
-    node_ids = Allocation.objects.filter(reservation=reservation).values("node_id")
+    held = _held_on_nodes(reservation)
+    rows = []
     # Node outages only: a GPU's own outage (Outage.gpu) reaches the reservations on that GPU
     # as ReservationOutage rows (marketplace.services.gpu_failures), not every one on its node.
-    rows = list(
-        Outage.objects.filter(live, node_id__in=node_ids, gpu=None).values_list(
-            "started_at", "ended_at"
-        )
+    for node_id, start, end in Outage.objects.filter(live, node_id__in=held, gpu=None).values_list(
+        "node_id", "started_at", "ended_at"
+    ):
+        end = min(end or until, until)
+        rows += [(max(start, a), min(end, b)) for a, b in held[node_id]]
+    rows += [
+        (start, min(end or until, until))
+        for start, end in ReservationOutage.objects.filter(
+            live, reservation=reservation
+        ).values_list("started_at", "ended_at")
+    ]
+    return interval_union(rows)
+
+
+def _held_on_nodes(reservation: Reservation) -> dict[int, list[Interval]]:
+    """The periods the reservation held GPUs on each node: its allocations' periods, less the
+    record a reserved term keeps of a GPU's sold window (held by the buyer, not by it)."""
+    sold = list(
+        ResaleListing.objects.filter(
+            reservation=reservation, status=ListingStatus.SOLD
+        ).values_list("gpu_ids", "starts_at", "ends_at")
     )
-    rows += ReservationOutage.objects.filter(live, reservation=reservation).values_list(
-        "started_at", "ended_at"
-    )
-    return interval_union([(start, min(end or until, until)) for start, end in rows])
+    held: dict[int, list[Interval]] = {}
+    for node_id, gpu_id, period, is_live in Allocation.objects.filter(
+        reservation=reservation
+    ).values_list("node_id", "gpu_id", "period", "is_live"):
+        if period.isempty:  # ended before it began
+            continue
+        lo, hi = period.lower, period.upper
+        if not is_live and any(gpu_id in gpus and a <= lo and hi <= b for gpus, a, b in sold):
+            continue
+        held.setdefault(node_id, []).append((lo, hi))
+    return {node_id: interval_union(periods) for node_id, periods in held.items()}
 
 
 def active_window(*, reservation: Reservation, until: datetime) -> Interval | None:
@@ -143,7 +172,9 @@ def reservation_delivered_seconds(
 _FACTOR_SQL = "(CASE WHEN lower({c}) = ANY(%(zero_decimal)s) THEN 1 ELSE 100 END)"
 
 # Every outage that stops the clock of the reservations in `scope`, as one multirange each:
-# its own outages and any outage of a node that served it (usage.outage_intervals, in SQL).
+# its own outages and any outage of a node that served it, for the time an allocation of it
+# held GPUs there (usage.outage_intervals, in SQL; a metered reservation sells no time, so no
+# sold window is left out here).
 _OUTAGES_CTE = """
 outs AS (
     SELECT x.reservation_id, range_agg(x.r) AS mr FROM (
@@ -154,9 +185,10 @@ outs AS (
         WHERE ro.started_at < %(now)s AND (ro.ended_at IS NULL OR ro.ended_at > ro.started_at)
           {only_ro}
         UNION ALL
-        SELECT DISTINCT al.reservation_id, tstzrange(o.started_at, o.ended_at, '[)')
+        SELECT DISTINCT al.reservation_id, tstzrange(o.started_at, o.ended_at, '[)') * al.period
         FROM inventory_outage o
         JOIN marketplace_allocation al ON al.node_id = o.node_id
+         AND al.period && tstzrange(o.started_at, o.ended_at, '[)')
         JOIN billing_usageaccrual oa
           ON oa.reservation_id = al.reservation_id AND oa.closed_at IS NULL
         JOIN marketplace_reservation orr ON orr.id = al.reservation_id

@@ -37,6 +37,7 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Func, Value
 from django.db.models.functions import Now
 from django.utils import timezone
+from psycopg.types.range import Range
 
 from config.db import model_columns, model_from_row
 from config.errors import ApplicationError
@@ -701,7 +702,12 @@ def placement_generation_raise(reservation: Reservation) -> None:
 
 
 def allocations_end(queryset, *, now: datetime) -> None:
-    """Stop allocations being live; one that had begun keeps [start, now) as its record."""
+    """Stop allocations being live; one that had begun keeps [start, now) as its record, one
+    that had not keeps an empty period: it held nothing (billing counts a node's outage only
+    for the time a reservation held GPUs on the node)."""
+    queryset.filter(is_live=True, period__startswith__gte=now).update(
+        period=Range(empty=True), is_live=False
+    )
     queryset.filter(period__startswith__lt=now, period__endswith__gt=now).update(
         period=Func(
             Func(F("period"), function="lower"),
