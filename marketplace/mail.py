@@ -4,32 +4,44 @@ the mail server, and a server that is down or refuses for a while is retried wit
 (SMTP errors and network errors, up to MAIL_MAX_RETRIES times, 10 s doubling to 10 min). If the
 broker itself cannot be reached, the message is sent from this process instead of being lost.
 
+A message that carries a secret (an invitation's link) is not handed to the broker, where it
+would sit in Redis and in its logs: its task takes the record's id and the worker composes and
+sends it (mail_task_on_commit).
+
 A retry after a server accepted the message but the connection failed before it said so can
 send it twice; e-mail is delivered at least once, never silently dropped.
 """
 
 import logging
+from collections.abc import Callable
 from smtplib import SMTPException
 
 from celery import shared_task
 from django.core.mail import send_mail
 from django.db import transaction
 
-from config.celery import BROKER_ERRORS
+from config.celery import BROKER_ERRORS, task_enqueue
 
-__all__ = ["MAIL_MAX_RETRIES", "mail_send", "mail_send_on_commit"]
+__all__ = [
+    "MAIL_MAX_RETRIES",
+    "MAIL_RETRY",
+    "mail_send",
+    "mail_send_on_commit",
+    "mail_task_on_commit",
+]
 
 logger = logging.getLogger(__name__)
 MAIL_MAX_RETRIES = 8
+# How every task that sends mail retries (shared_task options).
+MAIL_RETRY = {
+    "autoretry_for": (SMTPException, OSError),
+    "retry_backoff": 10,
+    "retry_backoff_max": 600,
+    "max_retries": MAIL_MAX_RETRIES,
+}
 
 
-@shared_task(
-    name="marketplace.mail.mail_send",
-    autoretry_for=(SMTPException, OSError),
-    retry_backoff=10,
-    retry_backoff_max=600,
-    max_retries=MAIL_MAX_RETRIES,
-)
+@shared_task(name="marketplace.mail.mail_send", **MAIL_RETRY)
 def mail_send(subject: str, body: str, recipients: list[str], from_email: str | None = None) -> int:
     """Send one message to `recipients`; a failure raises, and the task retries it."""
     return send_mail(subject, body, from_email, recipients, fail_silently=False)
@@ -51,3 +63,17 @@ def _enqueue(args: list) -> None:
     except BROKER_ERRORS as exc:
         logger.warning("could not queue an e-mail (%s); sending it from this process", exc)
         mail_send.apply(args=args)
+
+
+def mail_task_on_commit(task_name: str, ids: list[int], *, inline: Callable[[], object]) -> None:
+    """Queue `task_name`, which composes and sends a message from `ids`, once the current
+    transaction commits; if the broker cannot be reached, `inline` sends it from this process."""
+    transaction.on_commit(lambda: _enqueue_task(task_name, ids, inline), robust=True)
+
+
+def _enqueue_task(task_name: str, ids: list[int], inline: Callable[[], object]) -> None:
+    try:
+        task_enqueue(task_name, ids)
+    except BROKER_ERRORS as exc:
+        logger.warning("could not queue an e-mail (%s); sending it from this process", exc)
+        inline()

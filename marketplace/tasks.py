@@ -13,9 +13,11 @@ from django.conf import settings
 from redis import Redis
 
 from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
+from marketplace.mail import MAIL_RETRY
 from marketplace.provisioning import scheduler, services
 from marketplace.services.events import events_prune as _events_prune
 from marketplace.services.gpu_failures import gpu_failures_handle as _gpu_failures_handle
+from marketplace.services.organizations import invitation_mail_send as _invitation_mail_send
 from marketplace.services.reliability import reliability_compute as _reliability_compute
 from marketplace.services.retention import history_prune as _history_prune
 from marketplace.services.webhook_sending import webhook_endpoint_send as _webhook_endpoint_send
@@ -84,6 +86,13 @@ def history_prune() -> dict[str, int]:
     """Daily: provisioning and reservation history of long-finished reservations, in batches
     (docs/retention.md); idempotent."""
     return _history_prune().as_dict()
+
+
+@shared_task(name="marketplace.tasks.invitation_mail_send", **MAIL_RETRY)
+def invitation_mail_send(invitation_id: int) -> int:
+    """E-mail an invitation its link, built here from its id: the token never sits in the
+    broker. Retried as any mail (marketplace.mail)."""
+    return _invitation_mail_send(invitation_id=invitation_id)
 
 
 @shared_task(name="marketplace.tasks.webhook_endpoint_send")

@@ -21,12 +21,18 @@ def _one_writer_of_reservation_status():
 
 @pytest.fixture(autouse=True)
 def mail_task_runs_eagerly(monkeypatch):
-    """E-mail is sent by a Celery task (marketplace.mail); here that one task runs eagerly in
+    """E-mail is sent by Celery tasks (marketplace.mail); here those tasks run eagerly in
     the process that queues it (Task.apply, retries included), so tests read mail.outbox.
     tests/marketplace/test_mail.py checks the queueing itself."""
     from marketplace.mail import mail_send
+    from marketplace.tasks import invitation_mail_send
 
-    monkeypatch.setattr(mail_send, "delay", lambda *args: mail_send.apply(args=args))
+    for task in (mail_send, invitation_mail_send):
+        monkeypatch.setattr(
+            task,
+            "apply_async",
+            lambda args=None, kwargs=None, _task=task, **options: _task.apply(args, kwargs),
+        )
 
 
 @pytest.fixture(autouse=True)

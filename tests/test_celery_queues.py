@@ -20,6 +20,7 @@ EXPECTED = {
     "marketplace.tasks.events_prune": "default",
     "marketplace.tasks.noop": "default",
     "marketplace.mail.mail_send": "default",
+    "marketplace.tasks.invitation_mail_send": "default",
     "billing.tasks.outbox_send": "billing",
     "billing.tasks.outbox_flush": "billing",
     "billing.tasks.auto_recharge_for_reservation": "billing",

@@ -6,19 +6,23 @@ rules when it is sent, and becomes a membership through the same path as member_
 """
 
 import hashlib
+import logging
 import secrets
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 from django.utils.text import slugify
 
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
-from marketplace.mail import mail_send_on_commit
+from marketplace import ids
+from marketplace.mail import mail_task_on_commit
 from marketplace.models import EventType, Invitation, Membership, Organization, Role
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
@@ -30,12 +34,17 @@ __all__ = [
     "member_add",
     "member_change_role",
     "member_remove",
+    "INVITATION_MAIL_TASK",
+    "invitation_token",
     "invitation_token_hash",
+    "invitation_mail_send",
     "invitation_check_open",
     "invitation_create",
     "invitation_revoke",
     "invitation_accept",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Who may add, change and remove members and manage API keys.
 MANAGER_ROLES = frozenset({Role.OWNER, Role.ADMIN})
@@ -217,6 +226,16 @@ def _audit_invitation(invitation: Invitation, action: str, changes: dict) -> Non
 # --- invitations ----------------------------------------------------------------------------
 
 
+INVITATION_MAIL_TASK = "marketplace.tasks.invitation_mail_send"
+
+
+def invitation_token(public_id: str) -> str:
+    """The secret of an invitation's link, derived from its id with the site's SECRET_KEY (as
+    Django's password-reset tokens are): the worker that mails it rebuilds it from the id, so
+    it never passes through the broker, and the database keeps only its hash."""
+    return salted_hmac("marketplace.invitation", public_id, algorithm="sha256").hexdigest()
+
+
 def invitation_token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -240,12 +259,38 @@ def _normalised_email(email: str) -> str:
     return email
 
 
-def _send_invitation(*, email: str, token: str, context: dict) -> None:
-    url = f"{settings.SITE_URL.rstrip('/')}/invitations/{token}"
-    mail_send_on_commit(
-        subject=f"Join {context['organization']} on Switchyard",
-        body=render_to_string("portal/invitation_email.txt", {**context, "url": url}),
-        recipients=[email],
+def invitation_mail_send(*, invitation_id: int) -> int:
+    """E-mail an open invitation its link (the worker's side of invitation_create); returns
+    how many messages were sent. One revoked, used or expired meanwhile is not sent."""
+    invitation = (
+        Invitation.objects.select_related("organization", "invited_by")
+        .filter(pk=invitation_id)
+        .first()
+    )
+    if invitation is None:
+        return 0
+    try:
+        invitation_check_open(invitation)
+    except Conflict:
+        return 0
+    token = invitation_token(invitation.public_id)
+    if invitation_token_hash(token) != invitation.token_hash:
+        # SECRET_KEY changed since it was created: this link would not work.
+        logger.error("invitation %s not sent: its token no longer matches", invitation.public_id)
+        return 0
+    context = {
+        "organization": invitation.organization.name,
+        "inviter": invitation.invited_by.get_username() if invitation.invited_by else "",
+        "role": invitation.role,
+        "expires_at": invitation.expires_at,
+        "url": f"{settings.SITE_URL.rstrip('/')}/invitations/{token}",
+    }
+    return send_mail(
+        f"Join {invitation.organization.name} on Switchyard",
+        render_to_string("portal/invitation_email.txt", context),
+        None,
+        [invitation.email],
+        fail_silently=False,
     )
 
 
@@ -253,8 +298,9 @@ def _send_invitation(*, email: str, token: str, context: dict) -> None:
 def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invitation, str]:
     """Invite `email` to the actor's organisation with `role`; returns it and its secret token.
 
-    The token is e-mailed (once the transaction commits) and returned here; only its hash is
-    kept. An open invitation for the same address is refused by the database, not by a check.
+    The token is e-mailed (by a task, from the invitation's id, once the transaction commits)
+    and returned here; only its hash is kept. An open invitation for the same address is
+    refused by the database, not by a check.
     """
     _check_role(role)
     email = _normalised_email(email)
@@ -276,10 +322,12 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
         revoked_at=None,
         expires_at__lte=now,
     ).update(revoked_at=now)
-    token = secrets.token_urlsafe(32)
+    public_id = ids.invitation_id()
+    token = invitation_token(public_id)
     try:
         with transaction.atomic():
             invitation = Invitation.objects.create(
+                public_id=public_id,
                 organization_id=actor.organization_id,
                 email=email,
                 role=role,
@@ -293,15 +341,13 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
             code="invitation_exists",
             field="email",
         ) from None
-    context = {
-        "organization": actor.organization.name,
-        "inviter": actor.user.get_username(),
-        "role": role,
-        "expires_at": invitation.expires_at,
-    }
-    # Sent by a task after commit (marketplace.mail): the invitation stands if the mail server
-    # fails meanwhile; it can be revoked and sent again.
-    _send_invitation(email=email, token=token, context=context)
+    # Sent by a task after commit, from the invitation's id (the worker rebuilds the link):
+    # the invitation stands if the mail server fails meanwhile; it can be revoked and sent again.
+    mail_task_on_commit(
+        INVITATION_MAIL_TASK,
+        [invitation.pk],
+        inline=lambda: invitation_mail_send(invitation_id=invitation.pk),
+    )
     _audit_invitation(invitation, "invitation.create", {"after": {"email": email, "role": role}})
     return invitation, token
 

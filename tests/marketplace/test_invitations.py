@@ -8,6 +8,7 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from config.celery import app as celery_app
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from marketplace.models import Invitation, Membership, Role
 from marketplace.services.organizations import (
@@ -65,6 +66,44 @@ def test_an_owner_invites_and_one_email_with_the_link_is_sent_on_commit(
         timedelta(days=7), abs=timedelta(seconds=1)
     )
     assert invitation.accepted_at is None and invitation.revoked_at is None
+
+
+def test_the_token_is_not_handed_to_the_broker_only_the_invitations_id(
+    owner, settings, mailoutbox, django_capture_on_commit_callbacks, monkeypatch
+):
+    """What goes through Celery sits in Redis and in its logs: the e-mail's link, with its
+    token, is built by the worker from the invitation's id."""
+    settings.SITE_URL = "https://switchyard.example.com"
+    queued = []
+    for task in celery_app.tasks.values():
+        if task.name.startswith("marketplace."):
+            send = task.apply_async
+
+            def record(args=None, kwargs=None, _task=task, _send=send, **options):
+                queued.append((_task.name, list(args or []), dict(kwargs or {})))
+                return _send(args, kwargs, **options)
+
+            monkeypatch.setattr(task, "apply_async", record)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        invitation, token = invite(owner)
+
+    assert queued == [("marketplace.tasks.invitation_mail_send", [invitation.pk], {})]
+    assert token not in repr(queued)
+    (sent,) = mailoutbox
+    assert f"https://switchyard.example.com/invitations/{token}\n" in sent.body
+    assert invitation_accept(token=token, user=UserFactory()).role == Role.MEMBER
+
+
+def test_an_invitation_revoked_before_its_mail_went_out_is_not_sent(
+    owner, mailoutbox, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        invitation, _ = invite(owner)
+    invitation_revoke(actor=owner, invitation=invitation)
+    for callback in callbacks:
+        callback()
+    assert mailoutbox == []
 
 
 def test_a_rolled_back_invitation_sends_nothing(

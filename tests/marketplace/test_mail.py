@@ -9,7 +9,7 @@ from django.db import transaction
 from kombu.exceptions import OperationalError
 
 from marketplace import mail as mail_module
-from marketplace.mail import MAIL_MAX_RETRIES, mail_send, mail_send_on_commit
+from marketplace.mail import MAIL_MAX_RETRIES, mail_send, mail_send_on_commit, mail_task_on_commit
 
 pytestmark = pytest.mark.django_db
 
@@ -90,4 +90,21 @@ def test_with_the_broker_down_the_message_is_sent_from_this_process(
     with django_capture_on_commit_callbacks(execute=True):
         mail_send_on_commit(subject="Still", body="Body", recipients=["a@example.com"])
     assert [m.subject for m in mailoutbox] == ["Still"]
+    assert any("could not queue an e-mail" in m for m in caplog.messages)
+
+
+def test_with_the_broker_down_a_message_built_from_ids_is_sent_from_this_process(
+    monkeypatch, mailoutbox, django_capture_on_commit_callbacks, caplog
+):
+    def broker_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    monkeypatch.setattr(mail_module, "task_enqueue", broker_down)
+    with django_capture_on_commit_callbacks(execute=True):
+        mail_task_on_commit(
+            "marketplace.tasks.invitation_mail_send",
+            [7],
+            inline=lambda: mail_send(f"Built for {7}", "Body", ["a@example.com"]),
+        )
+    assert [m.subject for m in mailoutbox] == ["Built for 7"]
     assert any("could not queue an e-mail" in m for m in caplog.messages)
