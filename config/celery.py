@@ -122,6 +122,10 @@ app.conf.update(
             "task": "marketplace.tasks.history_prune",
             "schedule": 86400.0,
         },
+        "marketplace-clear-expired-sessions": {
+            "task": "marketplace.tasks.sessions_clear_expired",
+            "schedule": 86400.0,
+        },
         "billing-outbox-flush": {"task": "billing.tasks.outbox_flush", "schedule": 30.0},
         "billing-usage-meter": {"task": "billing.tasks.usage_meter", "schedule": 60.0},
         "billing-webhook-sweep": {"task": "billing.tasks.webhook_sweep", "schedule": 60.0},

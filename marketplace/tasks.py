@@ -7,6 +7,7 @@ in PostgreSQL (see marketplace.provisioning.scheduler).
 """
 
 import logging
+from importlib import import_module
 
 from celery import shared_task
 from django.conf import settings
@@ -93,6 +94,12 @@ def invitation_mail_send(invitation_id: int) -> int:
     """E-mail an invitation its link, built here from its id: the token never sits in the
     broker. Retried as any mail (marketplace.mail)."""
     return _invitation_mail_send(invitation_id=invitation_id)
+
+
+@shared_task(name="marketplace.tasks.sessions_clear_expired")
+def sessions_clear_expired() -> None:
+    """Daily: delete the portal's expired sessions (what `manage.py clearsessions` does)."""
+    import_module(settings.SESSION_ENGINE).SessionStore.clear_expired()
 
 
 @shared_task(name="marketplace.tasks.webhook_endpoint_send")

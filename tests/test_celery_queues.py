@@ -34,6 +34,7 @@ EXPECTED = {
     "inventory.tasks.telemetry_retention": "telemetry",
     "inventory.tasks.heartbeats_flush": "telemetry",
     "marketplace.tasks.history_prune": "default",
+    "marketplace.tasks.sessions_clear_expired": "default",
     "inventory.tasks.nodes_mark_offline": "default",
     "inventory.tasks.burn_ins_expire": "default",
 }

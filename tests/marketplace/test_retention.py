@@ -4,12 +4,15 @@ and money are never touched (docs/retention.md)."""
 from datetime import timedelta
 
 import pytest
+from django.contrib.sessions.backends.db import SessionStore
+from django.contrib.sessions.models import Session
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from psycopg.types.range import Range
 
 from billing.models import LedgerEntry, LedgerKind
+from config.celery import app as celery_app
 from config.retention import delete_in_batches
 from inventory.models import Gpu
 from marketplace.models import (
@@ -24,6 +27,7 @@ from marketplace.models import (
 )
 from marketplace.services.events import events_prune
 from marketplace.services.retention import history_prune
+from marketplace.tasks import sessions_clear_expired
 from tests.factories import NodeFactory, OrganizationFactory
 from tests.marketplace.market_helpers import make_reservation_rows
 
@@ -222,3 +226,17 @@ def test_beat_prunes_history_daily():
         ],
         0,
     )
+
+
+def test_the_session_sweep_removes_expired_sessions_only():
+    expired, live = SessionStore(), SessionStore()
+    for store, expiry in ((expired, -60), (live, 3600)):
+        store["who"] = "ada"
+        store.set_expiry(expiry)
+        store.create()
+
+    sessions_clear_expired.apply().get()
+
+    assert list(Session.objects.values_list("session_key", flat=True)) == [live.session_key]
+    beat = {entry["task"]: entry["schedule"] for entry in celery_app.conf.beat_schedule.values()}
+    assert beat["marketplace.tasks.sessions_clear_expired"] == 86400.0  # daily
