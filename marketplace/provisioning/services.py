@@ -335,24 +335,41 @@ def reservation_provision_step(
 
 
 def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepResult:
+    """One provisioning step in phases: claim the due reservation for an attempt (one
+    transaction), drive the workload up, then record what the driver answered."""
+    claim = _provision_claim_due(reservation_id)
+    if isinstance(claim, StepResult):
+        return claim
+    check = _provision_drive(claim, driver=driver, window=window)
+    if isinstance(check, StepResult):
+        return check
+    return _provision_settle(claim, check, driver=driver)
+
+
+@dataclass(frozen=True)
+class _ProvisionClaim:
+    """A reservation claimed for one provisioning attempt, and what the driver is to run."""
+
+    reservation: Reservation
+    attempt: ProvisioningAttempt
+    failures: int  # failed attempts before this one
+    resumed: bool  # the last attempt queued the work and waited for it
+    moved: bool  # moved to provisioning by this step (a new placement and generation)
+    target: Target
+    node_states: list[tuple[int, str, str]]
+
+
+def _provision_claim_due(reservation_id: int) -> _ProvisionClaim | StepResult:
+    """Under the row lock: move a due reservation to provisioning and record the attempt, or
+    say why not (not due, not provisionable, gave up after too many attempts or its end)."""
     with transaction.atomic():
         reservation = _provision_lock_row(reservation_id)
         if reservation is None:
             return StepResult("noop", detail="no such reservation")
         now = timezone.now()
-        moves: list[tuple[str, str]] = []
-        if reservation.status in (ReservationStatus.PENDING, ReservationStatus.SCHEDULED):
-            if reservation.starts_at > now:
-                return StepResult("noop", detail="not due yet")
-            if reservation.tier == Tier.RESERVED and not _holds_gpus_at(reservation, now):
-                # Every GPU of the term is resold for now: it starts when it holds one again
-                # (the dispatcher keeps offering it), never on a buyer's GPUs.
-                return StepResult("noop", detail="all its GPUs are resold for now")
-            if reservation.status == ReservationStatus.PENDING:
-                moves.append((ReservationStatus.SCHEDULED, "start time reached"))
-            moves.append((ReservationStatus.PROVISIONING, "provisioning started"))
-        elif reservation.status != ReservationStatus.PROVISIONING:
-            return StepResult("noop", detail=f"reservation is {reservation.status}")
+        moves = _provision_moves(reservation, now)
+        if isinstance(moves, StepResult):
+            return moves
         attempt, failures, resumed, target, node_states = _provision_claim(
             reservation, moves=moves, now=now
         )
@@ -364,56 +381,110 @@ def _provision(*, reservation_id: int, driver: Driver, window: float) -> StepRes
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
             _fail(reservation, "The reservation's period ended before it could be provisioned.")
             return StepResult("failed", detail="period over")
+    return _ProvisionClaim(
+        reservation, attempt, failures, resumed, bool(moves), target, node_states
+    )
 
+
+def _provision_moves(reservation: Reservation, now: datetime) -> list[tuple[str, str]] | StepResult:
+    """The moves that take the reservation to provisioning (none if it is there already), or
+    a no-op result when it is not due or not in a state to provision."""
+    if reservation.status == ReservationStatus.PROVISIONING:
+        return []
+    if reservation.status not in (ReservationStatus.PENDING, ReservationStatus.SCHEDULED):
+        return StepResult("noop", detail=f"reservation is {reservation.status}")
+    if reservation.starts_at > now:
+        return StepResult("noop", detail="not due yet")
+    if reservation.tier == Tier.RESERVED and not _holds_gpus_at(reservation, now):
+        # Every GPU of the term is resold for now: it starts when it holds one again
+        # (the dispatcher keeps offering it), never on a buyer's GPUs.
+        return StepResult("noop", detail="all its GPUs are resold for now")
+    moves = []
+    if reservation.status == ReservationStatus.PENDING:
+        moves.append((ReservationStatus.SCHEDULED, "start time reached"))
+    moves.append((ReservationStatus.PROVISIONING, "provisioning started"))
+    return moves
+
+
+def _provision_drive(
+    claim: _ProvisionClaim, *, driver: Driver, window: float
+) -> Check | StepResult:
+    """Start the workload through the driver (unless the last attempt already did) and wait
+    up to `window` seconds for it; a node, workload or driver failure ends the step here."""
+    target = claim.target
     try:
-        _refuse_unusable_nodes(node_states)
+        _refuse_unusable_nodes(claim.node_states)
         # Resumed: the last run queued the work and waited for it. Not after a move back to
         # scheduled, which changed the placement (and its generation).
-        if not resumed or moves:
+        if not claim.resumed or claim.moved:
             driver.prepare(target)
             driver.start_workload(target)
         check = _wait_ready(target, probe=driver.check, window=window)
         if check.state == "failed":
             raise WorkloadFailure(check.detail or "The driver reported a failure.")
     except NodeFailure as exc:
-        return _after_node_failure(reservation_id, attempt, exc, driver=driver, target=target)
+        return _after_node_failure(
+            claim.reservation.pk, claim.attempt, exc, driver=driver, target=target
+        )
     except WorkloadFailure as exc:
-        _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
-        with transaction.atomic():
-            locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-            if locked.status == ReservationStatus.PROVISIONING:
-                _fail(locked, f"The workload could not start: {exc}")
-        _stop_quietly(driver, target)
+        _attempt_finish(claim.attempt, AttemptOutcome.ERROR, error=str(exc))
+        _provisioning_fail(claim, f"The workload could not start: {exc}", driver=driver)
         return StepResult("failed", detail=str(exc))
     except DriverError as exc:
-        failures += 1
-        if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
-            _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc))
-            with transaction.atomic():
-                locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-                if locked.status == ReservationStatus.PROVISIONING:
-                    _fail(locked, f"Provisioning failed {failures} times; last error: {exc}")
-            _stop_quietly(driver, target)
-            return StepResult("failed", detail=str(exc))
-        delay = retry_backoff(failures)
-        _attempt_finish(attempt, AttemptOutcome.ERROR, error=str(exc), retry_in=delay)
-        logger.warning("provisioning %s failed (%s); retry in %ss", target.public_id, exc, delay)
-        return StepResult("retry", retry_in=delay, detail=str(exc))
+        return _provision_driver_error(claim, exc, driver=driver)
+    return check
 
+
+def _provision_driver_error(
+    claim: _ProvisionClaim, exc: DriverError, *, driver: Driver
+) -> StepResult:
+    """A driver error is retried with backoff, until the attempts run out."""
+    failures = claim.failures + 1
+    if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
+        _attempt_finish(claim.attempt, AttemptOutcome.ERROR, error=str(exc))
+        reason = f"Provisioning failed {failures} times; last error: {exc}"
+        _provisioning_fail(claim, reason, driver=driver)
+        return StepResult("failed", detail=str(exc))
+    delay = retry_backoff(failures)
+    _attempt_finish(claim.attempt, AttemptOutcome.ERROR, error=str(exc), retry_in=delay)
+    logger.warning("provisioning %s failed (%s); retry in %ss", claim.target.public_id, exc, delay)
+    return StepResult("retry", retry_in=delay, detail=str(exc))
+
+
+def _provisioning_fail(claim: _ProvisionClaim, reason: str, *, driver: Driver) -> None:
+    """Fail the reservation if it is still provisioning, and stop what may have started."""
+    with transaction.atomic():
+        locked = Reservation.objects.select_for_update().get(pk=claim.reservation.pk)
+        if locked.status == ReservationStatus.PROVISIONING:
+            _fail(locked, reason)
+    _stop_quietly(driver, claim.target)
+
+
+def _provision_settle(claim: _ProvisionClaim, check: Check, *, driver: Driver) -> StepResult:
+    """What the driver answered: a stalled site agent is a node failure, a pending workload
+    is checked again later, a ready one makes the reservation active."""
+    target = claim.target
     if check.state == "pending" and check.stalled_node_id is not None:
         silent = NodeFailure(
             check.stalled_node_id,
             f"Its site agent did not pick up the job within "
             f"{int(settings.AGENT_JOB_STALL.total_seconds())} s.",
         )
-        return _after_node_failure(reservation_id, attempt, silent, driver=driver, target=target)
+        return _after_node_failure(
+            claim.reservation.pk, claim.attempt, silent, driver=driver, target=target
+        )
     if check.state == "pending":
         _attempt_finish(
-            attempt, AttemptOutcome.WAITING, error=check.detail, retry_in=WAITING_RECHECK_SECONDS
+            claim.attempt,
+            AttemptOutcome.WAITING,
+            error=check.detail,
+            retry_in=WAITING_RECHECK_SECONDS,
         )
         return StepResult("waiting", retry_in=WAITING_RECHECK_SECONDS, detail=check.detail)
-
-    if not _provision_activate(reservation, attempt=attempt, connection_details=check.connection):
+    activated = _provision_activate(
+        claim.reservation, attempt=claim.attempt, connection_details=check.connection
+    )
+    if not activated:
         # Cancelled (or failed by staff) while we were starting it: take it down again.
         transaction.on_commit(lambda: _stop_quietly(driver, target))
         return StepResult("noop", detail="reservation left provisioning meanwhile")
