@@ -201,7 +201,42 @@ def reservation_transitions_write(
     """
     now = now or timezone.now()
     from_status = reservation.status
-    step_from = from_status
+    to_status = _moves_check(reservation, moves, force_preemption=force_preemption)
+    ends_live = bool(moves) and from_status in _LIVE and to_status not in _LIVE
+    # The reservation as it is after each move, in memory: its events show it so. Put back as
+    # it was unless the statement writes it.
+    before = {name: vars(reservation)[name] for name in _MOVED_FIELDS if name in vars(reservation)}
+    events = _moves_apply(
+        reservation, moves, now=now, fields=fields, ends_live=ends_live, before=before
+    )
+    sql, params = _move_statement(
+        reservation.pk,
+        moves,
+        from_status=from_status,
+        actor_label=actor_label,
+        now=now,
+        fields=fields,
+        ends_live=ends_live,
+        events=events,
+        piggyback=piggyback,
+    )
+    written, row = _moves_execute(
+        reservation, sql, params, events=events, before=before, fields=fields
+    )
+    if written and from_status in _METERED_FROM and reservation.tier != Tier.RESERVED:
+        # The clock stops or the work moves: money's owner books the usage up to this move,
+        # in this transaction (marketplace.funding).
+        funding_gate().reservation_status_changed(
+            reservation=reservation, from_status=str(from_status), to_status=str(to_status), at=now
+        )
+    return written, tuple(row[2 if events else 1 :])
+
+
+def _moves_check(
+    reservation: Reservation, moves: Sequence[tuple[str, str]], *, force_preemption: bool
+) -> str:
+    """Each move checked against the state machine from the one before; the status reached."""
+    step_from = reservation.status
     for to_status, _cause in moves:
         reservation_transition_check(
             from_status=step_from,
@@ -210,15 +245,28 @@ def reservation_transitions_write(
             force_preemption=force_preemption,
         )
         step_from = to_status
-    to_status = step_from
-    tos = [t for t, _c in moves]
-    reaches_active = ReservationStatus.ACTIVE in tos
-    ends_live = bool(moves) and from_status in _LIVE and to_status not in _LIVE
+    return step_from
 
+
+def _move_statement(
+    reservation_id: int,
+    moves: Sequence[tuple[str, str]],
+    *,
+    from_status: str,
+    actor_label: str,
+    now: datetime,
+    fields: Mapping[str, Any] | None,
+    ends_live: bool,
+    events: list[Event],
+    piggyback: Piggyback | None,
+) -> tuple[str, dict[str, Any]]:
+    """The one statement and its parameters: the row, the history rows, the freed GPUs when
+    it leaves the live statuses, the events, and the caller's piggyback."""
+    tos = [t for t, _c in moves]
     params: dict[str, Any] = {
-        "tr_rid": reservation.pk,
+        "tr_rid": reservation_id,
         "tr_from": str(from_status),
-        "tr_to": str(to_status),
+        "tr_to": str(tos[-1] if tos else from_status),
         "tr_reason": moves[-1][1] if moves else "",
         "tr_now": now,
         "tr_actor": actor_label,
@@ -227,7 +275,7 @@ def reservation_transitions_write(
         "tr_causes": [c for _t, c in moves],
     }
     sets = []
-    if reaches_active:
+    if ReservationStatus.ACTIVE in tos:
         sets.append("activated_at = coalesce(activated_at, %(tr_now)s)")
     if ends_live:
         sets.append("released_at = %(tr_now)s")
@@ -243,10 +291,28 @@ def reservation_transitions_write(
     ]
     if ends_live:
         ctes.append(_FREE_SQL)
+    select = "SELECT (SELECT count(*) FROM moved)"
+    if events:
+        ctes.append(_events_sql(events, params))
+        select += ", (SELECT json_object_agg(public_id, id) FROM evented)"
+    if piggyback is not None:
+        ctes += [piggyback.ctes] if piggyback.ctes else []
+        select += ", " + piggyback.select if piggyback.select else ""
+        params.update(piggyback.params)
+    return "WITH " + ",\n".join(ctes) + "\n" + select, params
 
-    # The reservation as it is after each move, in memory: its events show it so. Put back as
-    # it was unless the statement writes it.
-    before = {name: vars(reservation)[name] for name in _MOVED_FIELDS if name in vars(reservation)}
+
+def _moves_apply(
+    reservation: Reservation,
+    moves: Sequence[tuple[str, str]],
+    *,
+    now: datetime,
+    fields: Mapping[str, Any] | None,
+    ends_live: bool,
+    before: dict[str, Any],
+) -> list[Event]:
+    """Take the moves on the instance in memory, one by one, and build the event of each
+    status customers follow as the reservation is after that move."""
     events = []
     for index, (step_to, step_cause) in enumerate(moves):
         values = {"status": step_to, "status_reason": step_cause, "updated_at": now}
@@ -263,22 +329,26 @@ def reservation_transitions_write(
         event_type = RESERVATION_STATUS_EVENTS.get(step_to)
         if event_type:
             events.append(reservation_event_build(reservation=reservation, type=event_type))
-    if events:
-        ctes.append(_events_sql(events, params))
+    return events
 
-    select = "SELECT (SELECT count(*) FROM moved)"
-    if events:
-        select += ", (SELECT json_object_agg(public_id, id) FROM evented)"
-    if piggyback is not None:
-        ctes += [piggyback.ctes] if piggyback.ctes else []
-        select += ", " + piggyback.select if piggyback.select else ""
-        params.update(piggyback.params)
+
+def _moves_execute(
+    reservation: Reservation,
+    sql: str,
+    params: dict[str, Any],
+    *,
+    events: list[Event],
+    before: dict[str, Any],
+    fields: Mapping[str, Any] | None,
+) -> tuple[bool, tuple]:
+    """Run the statement; whether it wrote the status, and its row. The events get their ids
+    and webhook deliveries; the instance is put back as it was unless the status was written."""
     written = False
     try:
         # The events' webhook deliveries are written after the statement (one read of the
         # organisation's endpoints), in the same transaction.
         with transaction.atomic(savepoint=False), connection.cursor() as cur:
-            cur.execute("WITH " + ",\n".join(ctes) + "\n" + select, params)
+            cur.execute(sql, params)
             row = cur.fetchone()
             written = bool(row[0])
             if written and events:
@@ -291,13 +361,7 @@ def reservation_transitions_write(
             for name in (*_MOVED_FIELDS, *(fields or {})):
                 vars(reservation).pop(name, None)
             vars(reservation).update(before)
-    if written and from_status in _METERED_FROM and reservation.tier != Tier.RESERVED:
-        # The clock stops or the work moves: money's owner books the usage up to this move,
-        # in this transaction (marketplace.funding).
-        funding_gate().reservation_status_changed(
-            reservation=reservation, from_status=str(from_status), to_status=str(to_status), at=now
-        )
-    return written, tuple(row[2 if events else 1 :])
+    return written, row
 
 
 # Moves out of these statuses end or interrupt time that is billed.
