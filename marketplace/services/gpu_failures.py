@@ -85,7 +85,10 @@ def _undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal
 
 @transaction.atomic
 def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None = None) -> str:
-    """Move or end one reservation holding a failed GPU; returns what was done."""
+    """Move or end one reservation holding a failed GPU; returns what was done.
+
+    In phases: its outage is recorded (once it has run), then the failed GPUs are replaced at
+    its site and the move recorded, or, with none free, the reservation ends."""
     now = now or timezone.now()
     locked = Reservation.objects.select_for_update().get(pk=reservation_id)
     if locked.status not in LIVE_STATUSES:
@@ -101,32 +104,53 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
     what = ", ".join(f"{a.node.hostname}/gpu{a.gpu.index}" for a in failed)
     why = "; ".join(sorted({a.gpu.health_reason or "reported failed" for a in failed}))
     cause = f"GPU {what} failed ({why})"
-
-    if (
-        locked.status in (ReservationStatus.ACTIVE, ReservationStatus.RELEASING)
-        and locked.activated_at is not None
-    ):
-        for allocation in failed:
-            if ReservationOutage.objects.filter(
-                reservation=locked, node=allocation.node, ended_at=None
-            ).exists():
-                continue
-            outage = outages.get(allocation.gpu_id)
-            ReservationOutage.objects.create(
-                reservation=locked,
-                node=allocation.node,
-                source_outage=outage,
-                started_at=max(outage.started_at if outage else now, locked.activated_at),
-                cause=OutageCause.GPU_FAILURE,
-                detail=cause,
-            )
+    _failure_outages_record(locked, failed, outages, cause=cause, now=now)
     if locked.status == ReservationStatus.RELEASING:
         return "releasing: outage recorded"
+    placed = _failed_gpus_replace(locked, failed, now=now)
+    if placed is None:
+        return _end_reservation(
+            locked, cause=cause, failed_at=failed_at, now=now, kick=release_kick
+        )
+    _reservation_moved_record(locked, placed, cause=cause)
+    where = ", ".join(f"{a.node.hostname}/gpu{a.gpu_id}" for a in placed)
+    logger.warning("reservation %s moved off failed GPU(s) %s to %s", locked.public_id, what, where)
+    return "moved"
 
+
+def _failure_outages_record(
+    locked: Reservation, failed: list, outages: dict, *, cause: str, now: datetime
+) -> None:
+    """An outage of the reservation per node of a failed GPU (unless one is open), from the
+    GPU's outage (not before the reservation became active); none before it ran."""
+    if (
+        locked.status not in (ReservationStatus.ACTIVE, ReservationStatus.RELEASING)
+        or locked.activated_at is None
+    ):
+        return
+    for allocation in failed:
+        if ReservationOutage.objects.filter(
+            reservation=locked, node=allocation.node, ended_at=None
+        ).exists():
+            continue
+        outage = outages.get(allocation.gpu_id)
+        ReservationOutage.objects.create(
+            reservation=locked,
+            node=allocation.node,
+            source_outage=outage,
+            started_at=max(outage.started_at if outage else now, locked.activated_at),
+            cause=OutageCause.GPU_FAILURE,
+            detail=cause,
+        )
+
+
+def _failed_gpus_replace(locked: Reservation, failed: list, *, now: datetime) -> list | None:
+    """End the failed GPUs' allocations and place as many GPUs at the site from now (or the
+    start) to the end; None, with nothing changed, when the site has none free."""
     try:
         with transaction.atomic():
             _end(failed, now=now)
-            placed = allocation_place(
+            return allocation_place(
                 reservation=locked,
                 site_id=locked.site_id,
                 gpu_model_id=locked.gpu_model_id,
@@ -136,15 +160,14 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
                 ends_at=locked.ends_at,
             )
     except NotAvailable:
-        placed = None
+        return None
 
-    if placed is None:
-        return _end_reservation(
-            locked, cause=cause, failed_at=failed_at, now=now, kick=release_kick
-        )
 
+def _reservation_moved_record(locked: Reservation, placed: list, *, cause: str) -> None:
+    """The move on new GPUs: a new placement generation; an active reservation restarts its
+    workload there and one being provisioned starts again (both through the worker), one not
+    started yet only records it; the reservation.moved event."""
     placement_generation_raise(locked)
-    where = ", ".join(f"{a.node.hostname}/gpu{a.gpu_id}" for a in placed)
     moved = f"{cause}; moved to {len(placed)} healthy GPU(s) at {locked.site.slug}"
     if locked.status == ReservationStatus.ACTIVE:
         reservation_transition(
@@ -172,8 +195,6 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
             actor_label=ACTOR,
         )
     reservation_event_record(reservation=locked, type=EventType.RESERVATION_MOVED)
-    logger.warning("reservation %s moved off failed GPU(s) %s to %s", locked.public_id, what, where)
-    return "moved"
 
 
 def _end_reservation(
