@@ -296,30 +296,16 @@ def price_quote(
     utilisation = min(max(Decimal(utilisation), Decimal("0")), _ONE).quantize(
         Decimal("0.0001"), rounding=ROUND_HALF_UP
     )
-
-    if tier == Tier.RESERVED:
-        discount = rate.term_discount_pct.get(term, Decimal("0"))
-    elif tier == Tier.INTERRUPTIBLE:
-        discount = rate.interruptible_discount_pct
-    else:
-        discount = Decimal("0")
-    util_mult = _ONE + bounds.utilisation_slope * (utilisation - bounds.utilisation_pivot)
     energy = _tier_energy(rate=rate, power=power, bounds=bounds, tier=tier,
                           starts_at=starts_at, ends_at=ends_at)  # fmt: skip
-    energy_price = energy["price"]
-    energy_mult = _ONE
-    if energy_price is not None and bounds.energy_pass_through_pct:
-        ratio = energy_price / bounds.reference_energy_price_per_mwh
-        energy_mult = (_ONE + bounds.energy_pass_through_pct / 100 * (ratio - _ONE)).quantize(
-            Decimal("0.0001"), rounding=ROUND_HALF_UP
-        )
-    unbounded = (_ONE - discount / 100) * util_mult * energy_mult
-    multiplier, clamped = unbounded, None
-    if unbounded < bounds.floor_multiplier:
-        multiplier, clamped = bounds.floor_multiplier, "floor"
-    elif unbounded > bounds.ceiling_multiplier:
-        multiplier, clamped = bounds.ceiling_multiplier, "ceiling"
-
+    discount, util_mult, energy_mult, unbounded, multiplier, clamped = _price_multiplier(
+        rate=rate,
+        bounds=bounds,
+        tier=tier,
+        term=term,
+        utilisation=utilisation,
+        energy_price=energy["price"],
+    )
     price = (rate.price_per_gpu_hour * multiplier).quantize(_PRICE_QUANTUM, rounding=ROUND_HALF_UP)
     cost = margin = floor_price = None
     if power is not None and energy["floor_price"] is not None:
@@ -341,7 +327,7 @@ def price_quote(
         tier_discount_pct=discount,
         utilisation=utilisation,
         utilisation_multiplier=util_mult,
-        energy_price_per_mwh=energy_price,
+        energy_price_per_mwh=energy["price"],
         energy_multiplier=energy_mult,
         multiplier_unbounded=unbounded,
         multiplier=multiplier,
@@ -358,6 +344,41 @@ def price_quote(
         margin_per_gpu_hour=margin,
         price_floor_per_gpu_hour=floor_price,
     )
+
+
+def _price_multiplier(
+    *,
+    rate: RateInputs,
+    bounds: PricingBounds,
+    tier: str,
+    term: str,
+    utilisation: Decimal,
+    energy_price: Decimal | None,
+) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal, str | None]:
+    """The list price's multiplier: the tier's discount, times the utilisation multiplier,
+    times the energy pass-through, kept within the floor and ceiling. Returns the discount (%),
+    the utilisation and energy multipliers, the product before and after the bounds, and
+    which bound clamped it (None, "floor" or "ceiling")."""
+    if tier == Tier.RESERVED:
+        discount = rate.term_discount_pct.get(term, Decimal("0"))
+    elif tier == Tier.INTERRUPTIBLE:
+        discount = rate.interruptible_discount_pct
+    else:
+        discount = Decimal("0")
+    util_mult = _ONE + bounds.utilisation_slope * (utilisation - bounds.utilisation_pivot)
+    energy_mult = _ONE
+    if energy_price is not None and bounds.energy_pass_through_pct:
+        ratio = energy_price / bounds.reference_energy_price_per_mwh
+        energy_mult = (_ONE + bounds.energy_pass_through_pct / 100 * (ratio - _ONE)).quantize(
+            Decimal("0.0001"), rounding=ROUND_HALF_UP
+        )
+    unbounded = (_ONE - discount / 100) * util_mult * energy_mult
+    multiplier, clamped = unbounded, None
+    if unbounded < bounds.floor_multiplier:
+        multiplier, clamped = bounds.floor_multiplier, "floor"
+    elif unbounded > bounds.ceiling_multiplier:
+        multiplier, clamped = bounds.ceiling_multiplier, "ceiling"
+    return discount, util_mult, energy_mult, unbounded, multiplier, clamped
 
 
 def power_price_over(
