@@ -141,6 +141,37 @@ def listing_create(
     or interruptible, more GPUs than the node has free of other listings (400/409).
     """
     now = timezone.now()
+    locked = _term_lock_for_resale(organization=organization, reservation=reservation)
+    starts_at, ends_at = _listing_window_check(
+        locked, tier=tier, gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at, now=now
+    )
+    price = _listing_price_check(
+        locked, price_per_gpu_hour, tier=tier, starts_at=starts_at, ends_at=ends_at
+    )
+    node_id, gpu_ids = _listing_gpus_choose(
+        locked, node=node, gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at
+    )
+    listing = ResaleListing.objects.create(
+        organization=organization,
+        reservation=locked,
+        site_id=locked.site_id,
+        gpu_model_id=locked.gpu_model_id,
+        node_id=node_id,
+        gpu_ids=gpu_ids,
+        gpu_count=gpu_count,
+        tier=tier,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        currency=locked.currency,
+        price_per_gpu_hour=price,
+        created_by=user,
+    )
+    _audit(listing, "resale_listing.create", {"after": _listing_fields(listing)})
+    return listing
+
+
+def _term_lock_for_resale(*, organization: Organization, reservation: Reservation) -> Reservation:
+    """The seller's reserved term, locked, if it is theirs and live."""
     # The seller's row first: every listing write and the buyer's transfer take it first.
     locked = (
         Reservation.objects.select_for_update()
@@ -162,6 +193,13 @@ def listing_create(
             code="reservation_not_live",
             field="reservation",
         )
+    return locked
+
+
+def _listing_window_check(
+    locked: Reservation, *, tier: str, gpu_count: int, starts_at, ends_at, now: datetime
+) -> tuple[datetime, datetime]:
+    """A resale tier, a whole number of GPUs and a window inside the term, not begun yet."""
     if tier not in RESALE_TIERS:
         raise ValidationFailed(
             "Resold time is offered at the on_demand or interruptible tier.",
@@ -188,6 +226,13 @@ def listing_create(
             code="window_started",
             field="starts_at",
         )
+    return starts_at, ends_at
+
+
+def _listing_price_check(
+    locked: Reservation, price_per_gpu_hour, *, tier: str, starts_at: datetime, ends_at: datetime
+) -> Decimal:
+    """The asking price, if it is a valid amount at or above the floor for the window."""
     price = _price(price_per_gpu_hour)
     floor = resale_price_floor(
         site=locked.site,
@@ -206,6 +251,14 @@ def listing_create(
             code="price_below_floor",
             field="price_per_gpu_hour",
         )
+    return price
+
+
+def _listing_gpus_choose(
+    locked: Reservation, *, node: str | None, gpu_count: int, starts_at: datetime, ends_at: datetime
+) -> tuple[int, list[int]]:
+    """The node and GPUs to list: the term's GPUs held for the whole window and not listed
+    already, on the node asked for or else the best fit (fewest such GPUs that are enough)."""
     with connection.cursor() as cur:
         cur.execute(_LISTABLE_SQL, {"rid": locked.pk, "s": starts_at, "e": ends_at})
         rows = cur.fetchall()
@@ -237,24 +290,7 @@ def listing_create(
             code="not_enough_gpus",
             field="gpu_count",
         )
-    node_id = candidates[0]
-    listing = ResaleListing.objects.create(
-        organization=organization,
-        reservation=locked,
-        site_id=locked.site_id,
-        gpu_model_id=locked.gpu_model_id,
-        node_id=node_id,
-        gpu_ids=by_node[node_id][:gpu_count],
-        gpu_count=gpu_count,
-        tier=tier,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        currency=locked.currency,
-        price_per_gpu_hour=price,
-        created_by=user,
-    )
-    _audit(listing, "resale_listing.create", {"after": _listing_fields(listing)})
-    return listing
+    return candidates[0], by_node[candidates[0]][:gpu_count]
 
 
 @transaction.atomic
@@ -333,6 +369,27 @@ def resale_allocations_transfer(
     """
     if not connection.in_atomic_block:
         raise RuntimeError("resale_allocations_transfer must run inside a transaction")
+    seller, listing, now = _listing_lock_for_sale(buyer=buyer, listing_id=listing_id, now=now)
+    _listing_request_check(
+        listing, buyer=buyer, gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at
+    )
+    gpus = listing.gpu_ids[:gpu_count]
+    inserted = _listed_gpus_move(
+        seller=seller, buyer=buyer, listing=listing, gpus=gpus, gpu_count=gpu_count,
+        starts_at=starts_at, ends_at=ends_at, now=now,
+    )  # fmt: skip
+    _listing_sell(listing, buyer=buyer, gpus=gpus, starts_at=starts_at, ends_at=ends_at, now=now)
+    return _buyer_allocations(
+        buyer=buyer, listing=listing, inserted=inserted, gpus=gpus,
+        starts_at=starts_at, ends_at=ends_at, now=now,
+    )  # fmt: skip
+
+
+def _listing_lock_for_sale(
+    *, buyer: Reservation, listing_id: int, now: datetime
+) -> tuple[Reservation, ResaleListing, datetime]:
+    """The seller's term and the listing, locked in that order, if the listing can still be
+    sold to this buyer; and the clock read under the seller's lock."""
     seller_id = (
         ResaleListing.objects.filter(pk=listing_id).values_list("reservation_id", flat=True).first()
     )
@@ -361,6 +418,18 @@ def resale_allocations_transfer(
             "This listing's window has begun; it is no longer for sale.",
             code="listing_not_available",
         )
+    return seller, listing, now
+
+
+def _listing_request_check(
+    listing: ResaleListing,
+    *,
+    buyer: Reservation,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+) -> None:
+    """The buyer's tier, period and GPU count fit the listing."""
     if buyer.tier != listing.tier:
         raise ValidationFailed(
             f"This listing is offered at the {listing.tier} tier.",
@@ -378,7 +447,22 @@ def resale_allocations_transfer(
         raise ValidationFailed(
             f"This listing has {listing.gpu_count} GPU(s).", code="too_many_gpus", field="gpu_count"
         )
-    gpus = listing.gpu_ids[:gpu_count]
+
+
+def _listed_gpus_move(
+    *,
+    seller: Reservation,
+    buyer: Reservation,
+    listing: ResaleListing,
+    gpus: list[int],
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+    now: datetime,
+) -> list[tuple]:
+    """Under the node lock: end the seller's allocations of the GPUs over the period and write
+    them again as the seller's before and after it and the buyer's during it. Returns the new
+    rows (id, reservation id, GPU id)."""
     params = {"rid": seller.pk, "gpus": gpus, "s": starts_at, "e": ends_at, "node": listing.node_id}
     with connection.cursor() as cur:
         # The node lock placement and extensions take (in the same order: after the rows).
@@ -423,8 +507,21 @@ def resale_allocations_transfer(
                 "his": his,
             },
         )
-        inserted = cur.fetchall()
-    _listing_sell(listing, buyer=buyer, gpus=gpus, starts_at=starts_at, ends_at=ends_at, now=now)
+        return cur.fetchall()
+
+
+def _buyer_allocations(
+    *,
+    buyer: Reservation,
+    listing: ResaleListing,
+    inserted: list[tuple],
+    gpus: list[int],
+    starts_at: datetime,
+    ends_at: datetime,
+    now: datetime,
+) -> list[Allocation]:
+    """The buyer's new allocations as model instances (with their node and GPU), by GPU index,
+    from the rows just written instead of read back."""
     node = Node.objects.get(pk=listing.node_id)
     gpus_by_id = Gpu.objects.in_bulk(gpus)
     names = [f.attname for f in Allocation._meta.concrete_fields]
