@@ -410,6 +410,50 @@ def _plan(
     keep_preempt_at: bool = False,
     before: dict[int, datetime] | None = None,
 ):
+    """Set when the curtailment preempts, choose the reservations it sheds (interruptible
+    first, protected ones only when staff force it) and shed each: preempted now if it has
+    not started by then, else given notice; then its totals, the log line and the e-mails."""
+    preempt_at = _preempt_at_set(
+        curtailment, now=now, call_notice=call_notice, keep_preempt_at=keep_preempt_at
+    )
+    cause = _curtailment_cause(curtailment, site=site, now=now)
+    rows, draws, chosen, forced = _victims_select(
+        curtailment, site=site, preempt_at=preempt_at, now=now
+    )
+    notified, preempted = [], []
+    for candidate, is_forced in [(c, False) for c in chosen] + [(c, True) for c in forced]:
+        reservation = rows[candidate.reservation_id]
+        shed = _victim_shed(
+            curtailment, reservation, draw=draws[reservation.pk], forced=is_forced,
+            preempt_at=preempt_at, cause=cause, user=user, now=now, before=before,
+        )  # fmt: skip
+        if shed == "preempted":
+            preempted.append(reservation)
+        elif shed == "notified":
+            notified.append(reservation)
+
+    _totals(curtailment)
+    logger.warning(
+        "curtailment of %s from %s: target %s MW, shed %s kW (short %s kW); %d noticed, %d "
+        "preempted now, %d forced",
+        site.slug,
+        curtailment.shed_at.isoformat(),
+        "all flexible" if curtailment.target_mw is None else curtailment.target_mw,
+        curtailment.shed_kw,
+        curtailment.short_kw,
+        len(notified),
+        len(preempted),
+        len(forced),
+    )
+    _email_notices(notified=notified, preempted=preempted, preempt_at=preempt_at, reason=cause)
+
+
+def _preempt_at_set(
+    curtailment: Curtailment, *, now: datetime, call_notice: bool, keep_preempt_at: bool
+) -> datetime:
+    """When the curtailment preempts: its start, but not before the minimum notice unless the
+    grid operator's call gave less (nor earlier than set before, when kept); short notice is
+    marked on it. Refused when the window ends first."""
     minimum = now + settings.CURTAILMENT_MIN_NOTICE
     preempt_at = max(curtailment.shed_at, now)
     if preempt_at < minimum and not call_notice:
@@ -427,17 +471,28 @@ def _plan(
     curtailment.short_notice = preempt_at < minimum or (
         keep_preempt_at and curtailment.short_notice
     )
-    notice_s = int((preempt_at - now).total_seconds())
+    return preempt_at
+
+
+def _curtailment_cause(curtailment: Curtailment, *, site: Site, now: datetime) -> str:
+    """Why a reservation is shed, in words (with the short notice, if so)."""
+    notice_s = int((curtailment.preempt_at - now).total_seconds())
     short = (
         f" Short notice: the grid operator's call gave {notice_s} s, less than our usual "
         f"{settings.CURTAILMENT_MIN_NOTICE.total_seconds():.0f} s."
         if curtailment.short_notice
         else ""
     )
-    cause = (
+    return (
         f"Grid curtailment at {site.name} from {curtailment.shed_at.isoformat()}: "
         f"{curtailment.reason}{short}"
     )
+
+
+def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetime, now: datetime):
+    """The reservations to shed towards the target not yet met by those kept: interruptible
+    ones, then protected ones when staff force it and those fall short. Returns the rows and
+    draws by id, and the chosen and the forced candidates."""
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
     kept = CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
     need = None if target_kw is None else target_kw - sum((v.draw_kw for v in kept), Decimal(0))
@@ -458,80 +513,94 @@ def _plan(
         protected_draws = reservation_draws(protected, site=site, now=now)
         draws.update(protected_draws)
         forced = victims_choose(_as_candidates(protected, protected_draws), need - covered)
+    return rows, draws, chosen, forced
 
-    notified, preempted = [], []
-    for candidate, is_forced in [(c, False) for c in chosen] + [(c, True) for c in forced]:
-        reservation = rows[candidate.reservation_id]
-        kw, basis = draws[reservation.pk]
-        before_start = reservation.status in _NOT_STARTED and reservation.starts_at >= preempt_at
-        stop = reservation.starts_at if before_start else max(reservation.starts_at, preempt_at)
-        hours = (
-            Decimal(reservation.gpu_count)
-            * Decimal(int((reservation.ends_at - stop).total_seconds()))
-            / Decimal(3600)
+
+def _victim_shed(
+    curtailment: Curtailment,
+    reservation: Reservation,
+    *,
+    draw: tuple,
+    forced: bool,
+    preempt_at: datetime,
+    cause: str,
+    user,
+    now: datetime,
+    before: dict[int, datetime] | None,
+) -> str | None:
+    """Record the reservation as shed and act: preempt it now if it has not started by
+    `preempt_at`, else give it notice (again only if its time changed). Returns "preempted",
+    "notified", or None when it was told that time already."""
+    before_start = reservation.status in _NOT_STARTED and reservation.starts_at >= preempt_at
+    _victim_record(
+        curtailment, reservation, draw=draw, forced=forced, before_start=before_start,
+        preempt_at=preempt_at, now=now,
+    )  # fmt: skip
+    why = cause + (f" (forced by staff: {curtailment.forced_reason})" if forced else "")
+    if forced:
+        audit_record(
+            organization_id=reservation.organization_id,
+            action="reservation.preempt_forced",
+            object_type="reservation",
+            object_id=reservation.public_id,
+            changes={
+                "curtailment": curtailment.pk,
+                "reason": curtailment.forced_reason,
+                "preempt_at": preempt_at.isoformat(),
+                "tier": reservation.tier,
+            },
+            actor=f"staff:{user.get_username()}" if user is not None else None,
         )
-        CurtailmentVictim.objects.create(
-            curtailment=curtailment,
+    if before_start:
+        reservation_transition(
             reservation=reservation,
-            tier=reservation.tier,
-            draw_kw=kw,
-            draw_basis=basis,
-            forced=is_forced,
-            outcome=(
-                CurtailmentVictim.Outcome.PREEMPTED
-                if before_start
-                else CurtailmentVictim.Outcome.NOTICED
-            ),
-            gpu_hours_forgone=hours.quantize(_KW, rounding=ROUND_HALF_UP),
-            revenue_forgone=(hours * reservation.price_per_gpu_hour).quantize(
-                _CENT, rounding=ROUND_HALF_UP
-            ),
-            chosen_at=now,
+            to_status=ReservationStatus.PREEMPTED,
+            cause=why,
+            actor_label=_ACTOR,
+            force_preemption=forced,
         )
-        why = cause + (f" (forced by staff: {curtailment.forced_reason})" if is_forced else "")
-        if is_forced:
-            audit_record(
-                organization_id=reservation.organization_id,
-                action="reservation.preempt_forced",
-                object_type="reservation",
-                object_id=reservation.public_id,
-                changes={
-                    "curtailment": curtailment.pk,
-                    "reason": curtailment.forced_reason,
-                    "preempt_at": preempt_at.isoformat(),
-                    "tier": reservation.tier,
-                },
-                actor=f"staff:{user.get_username()}" if user is not None else None,
-            )
-        if before_start:
-            reservation_transition(
-                reservation=reservation,
-                to_status=ReservationStatus.PREEMPTED,
-                cause=why,
-                actor_label=_ACTOR,
-                force_preemption=is_forced,
-            )
-            preempted.append(reservation)
-        else:
-            unchanged = (before or {}).get(reservation.pk) == preempt_at
-            _notice(reservation, preempt_at=preempt_at, cause=why, announce=not unchanged)
-            if not unchanged:  # told already, at that time
-                notified.append(reservation)
+        return "preempted"
+    unchanged = (before or {}).get(reservation.pk) == preempt_at
+    _notice(reservation, preempt_at=preempt_at, cause=why, announce=not unchanged)
+    return None if unchanged else "notified"  # unchanged: told already, at that time
 
-    _totals(curtailment)
-    logger.warning(
-        "curtailment of %s from %s: target %s MW, shed %s kW (short %s kW); %d noticed, %d "
-        "preempted now, %d forced",
-        site.slug,
-        curtailment.shed_at.isoformat(),
-        "all flexible" if curtailment.target_mw is None else curtailment.target_mw,
-        curtailment.shed_kw,
-        curtailment.short_kw,
-        len(notified),
-        len(preempted),
-        len(forced),
+
+def _victim_record(
+    curtailment: Curtailment,
+    reservation: Reservation,
+    *,
+    draw: tuple,
+    forced: bool,
+    before_start: bool,
+    preempt_at: datetime,
+    now: datetime,
+) -> None:
+    """The victim row: its draw, and the GPU-hours and revenue forgone from the stop on."""
+    kw, basis = draw
+    stop = reservation.starts_at if before_start else max(reservation.starts_at, preempt_at)
+    hours = (
+        Decimal(reservation.gpu_count)
+        * Decimal(int((reservation.ends_at - stop).total_seconds()))
+        / Decimal(3600)
     )
-    _email_notices(notified=notified, preempted=preempted, preempt_at=preempt_at, reason=cause)
+    CurtailmentVictim.objects.create(
+        curtailment=curtailment,
+        reservation=reservation,
+        tier=reservation.tier,
+        draw_kw=kw,
+        draw_basis=basis,
+        forced=forced,
+        outcome=(
+            CurtailmentVictim.Outcome.PREEMPTED
+            if before_start
+            else CurtailmentVictim.Outcome.NOTICED
+        ),
+        gpu_hours_forgone=hours.quantize(_KW, rounding=ROUND_HALF_UP),
+        revenue_forgone=(hours * reservation.price_per_gpu_hour).quantize(
+            _CENT, rounding=ROUND_HALF_UP
+        ),
+        chosen_at=now,
+    )
 
 
 def _as_candidates(reservations, draws) -> list[Candidate]:
