@@ -137,62 +137,77 @@ def zone_price_rows_parse(
     problems: list[PriceProblem] = []
     rows: list[tuple[str, PriceRow]] = []
     for where, raw in items:
-        count = len(problems)
-        code = str(raw.get("zone") or "").strip()
-        zone = known.get(code)
-        if zone is None:
-            scope = "" if zones is None else " here (not among the zones chosen)"
-            problems.append(PriceProblem(where, "zone", f"Unknown price zone {code!r}{scope}."))
-        starts_at = _parse_time(raw.get("starts_at"), "starts_at", problems, where)
-        ends_at = _parse_time(raw.get("ends_at"), "ends_at", problems, where)
-        if starts_at and ends_at:
-            if ends_at <= starts_at:
-                problems.append(PriceProblem(where, "ends_at", "ends_at must be after starts_at."))
-            elif ends_at - starts_at > MAX_INTERVAL:
-                problems.append(
-                    PriceProblem(where, "ends_at", "An interval may last at most one day.")
-                )
-        price = None
-        try:
-            price = Decimal(str(raw.get("price_per_mwh", "")).strip())
-            if not price.is_finite():
-                raise InvalidOperation
-        except (InvalidOperation, ValueError):
-            problems.append(
-                PriceProblem(
-                    where, "price_per_mwh", f"{raw.get('price_per_mwh')!r} is not a number."
-                )
+        row = _price_row_parse(where, raw, known=known, chosen=zones is not None, problems=problems)
+        if row is not None:
+            rows.append((where, row))
+    _batch_overlaps_find(rows, problems)
+    if problems:
+        raise PricesRefused(problems)
+    return [row for _, row in rows]
+
+
+def _price_row_parse(
+    where: str, raw: dict, *, known: dict, chosen: bool, problems: list[PriceProblem]
+) -> PriceRow | None:
+    """One row, or None with its problems added to `problems`."""
+    count = len(problems)
+    code = str(raw.get("zone") or "").strip()
+    zone = known.get(code)
+    if zone is None:
+        scope = " here (not among the zones chosen)" if chosen else ""
+        problems.append(PriceProblem(where, "zone", f"Unknown price zone {code!r}{scope}."))
+    starts_at = _parse_time(raw.get("starts_at"), "starts_at", problems, where)
+    ends_at = _parse_time(raw.get("ends_at"), "ends_at", problems, where)
+    if starts_at and ends_at:
+        if ends_at <= starts_at:
+            problems.append(PriceProblem(where, "ends_at", "ends_at must be after starts_at."))
+        elif ends_at - starts_at > MAX_INTERVAL:
+            problems.append(PriceProblem(where, "ends_at", "An interval may last at most one day."))
+    price = _price_parse(where, raw, problems)
+    currency = str(raw.get("currency") or "").strip().lower() or (zone and zone.currency)
+    if zone is not None and currency != zone.currency:
+        problems.append(
+            PriceProblem(
+                where,
+                "currency",
+                f"Zone {zone.code} is priced in {zone.currency}, not {currency!r}.",
             )
-            price = None
-        if price is not None:
-            if price != price.quantize(_CENT):
-                problems.append(
-                    PriceProblem(where, "price_per_mwh", "At most 2 decimal places per MWh.")
-                )
-            elif price_is_absurd(price):
-                problems.append(
-                    PriceProblem(
-                        where,
-                        "price_per_mwh",
-                        f"{price} per MWh is outside the accepted range "
-                        f"[{settings.GRID_PRICE_FLOOR_PER_MWH}, "
-                        f"{settings.GRID_PRICE_CAP_PER_MWH}] (GRID_PRICE_FLOOR_PER_MWH, "
-                        "GRID_PRICE_CAP_PER_MWH).",
-                    )
-                )
-        currency = str(raw.get("currency") or "").strip().lower() or (zone and zone.currency)
-        if zone is not None and currency != zone.currency:
-            problems.append(
-                PriceProblem(
-                    where,
-                    "currency",
-                    f"Zone {zone.code} is priced in {zone.currency}, not {currency!r}.",
-                )
+        )
+    if len(problems) != count:
+        return None
+    return PriceRow(zone, starts_at, ends_at, price.quantize(_CENT), currency)
+
+
+def _price_parse(where: str, raw: dict, problems: list[PriceProblem]) -> Decimal | None:
+    """The row's price per MWh: a number with at most 2 decimal places within the accepted range
+    (a problem is added otherwise; None if it is not a number at all)."""
+    try:
+        price = Decimal(str(raw.get("price_per_mwh", "")).strip())
+        if not price.is_finite():
+            raise InvalidOperation
+    except (InvalidOperation, ValueError):
+        problems.append(
+            PriceProblem(where, "price_per_mwh", f"{raw.get('price_per_mwh')!r} is not a number.")
+        )
+        return None
+    if price != price.quantize(_CENT):
+        problems.append(PriceProblem(where, "price_per_mwh", "At most 2 decimal places per MWh."))
+    elif price_is_absurd(price):
+        problems.append(
+            PriceProblem(
+                where,
+                "price_per_mwh",
+                f"{price} per MWh is outside the accepted range "
+                f"[{settings.GRID_PRICE_FLOOR_PER_MWH}, "
+                f"{settings.GRID_PRICE_CAP_PER_MWH}] (GRID_PRICE_FLOOR_PER_MWH, "
+                "GRID_PRICE_CAP_PER_MWH).",
             )
-        if len(problems) == count:
-            rows.append(
-                (where, PriceRow(zone, starts_at, ends_at, price.quantize(_CENT), currency))
-            )
+        )
+    return price
+
+
+def _batch_overlaps_find(rows: list[tuple[str, PriceRow]], problems: list[PriceProblem]) -> None:
+    """A problem for each row that overlaps an earlier one of its zone in the batch."""
     by_zone: dict[int, list[tuple[str, PriceRow]]] = defaultdict(list)
     for where, row in rows:
         by_zone[row.zone.pk].append((where, row))
@@ -208,9 +223,6 @@ def zone_price_rows_parse(
                         f"({before.starts_at.isoformat()} to {before.ends_at.isoformat()}).",
                     )
                 )
-    if problems:
-        raise PricesRefused(problems)
-    return [row for _, row in rows]
 
 
 def zone_prices_csv_parse(text: str, *, zones=None) -> list[PriceRow]:
