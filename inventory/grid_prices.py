@@ -323,72 +323,83 @@ def zone_prices_upsert(*, rows: list[PriceRow], source: str) -> UpsertResult:
         ]
         original = {s.pk for s in stored}
         for row in batch:
-            hits = [s for s in stored if s.starts_at < row.ends_at and s.ends_at > row.starts_at]
-            if len(hits) == 1 and (hits[0].starts_at, hits[0].ends_at) == (
-                row.starts_at,
-                row.ends_at,
-            ):
-                hit = hits[0]
-                same = (hit.price_per_mwh, hit.currency) == (row.price_per_mwh, row.currency)
-                if same and not hit.trimmed:
-                    result.unchanged += 1
-                    continue
-                hit.price_per_mwh, hit.currency = row.price_per_mwh, row.currency
-                hit.source, hit.received_at, hit.dirty = source, now, True
-                if hit.trimmed:
-                    hit.trimmed = False
-                    result.created += 1
-                else:
-                    result.corrected += 1
-                continue
-            for hit in hits:
-                stored.remove(hit)
-                for start, end in ((hit.starts_at, row.starts_at), (row.ends_at, hit.ends_at)):
-                    if start < end:  # the part the new interval does not cover stays
-                        stored.append(
-                            _Stored(
-                                None,
-                                start,
-                                end,
-                                hit.price_per_mwh,
-                                hit.currency,
-                                hit.source,
-                                hit.received_at,
-                                trimmed=True,
-                            )
-                        )
-            stored.append(
-                _Stored(
-                    None, row.starts_at, row.ends_at, row.price_per_mwh, row.currency, source, now
-                )  # fmt: skip
-            )
+            _stored_merge(stored, row, source=source, now=now, result=result)
+        _stored_write(zone_id, stored, original=original, result=result)
+    return result
+
+
+def _stored_merge(
+    stored: list[_Stored], row: PriceRow, *, source: str, now: datetime, result: UpsertResult
+) -> None:
+    """Take one new row into the zone's stored intervals (in memory): the same interval is
+    corrected (or left unchanged), overlapped ones are cut to the parts it does not cover."""
+    hits = [s for s in stored if s.starts_at < row.ends_at and s.ends_at > row.starts_at]
+    if len(hits) == 1 and (hits[0].starts_at, hits[0].ends_at) == (row.starts_at, row.ends_at):
+        hit = hits[0]
+        same = (hit.price_per_mwh, hit.currency) == (row.price_per_mwh, row.currency)
+        if same and not hit.trimmed:
+            result.unchanged += 1
+            return
+        hit.price_per_mwh, hit.currency = row.price_per_mwh, row.currency
+        hit.source, hit.received_at, hit.dirty = source, now, True
+        if hit.trimmed:
+            hit.trimmed = False
             result.created += 1
-        kept = {s.pk for s in stored if s.pk is not None}
-        gone = original - kept
-        result.replaced += len(gone)
-        ZonePrice.objects.filter(pk__in=gone).delete()  # before inserting what replaces them
-        for s in stored:
-            if s.pk is not None and s.dirty:
-                ZonePrice.objects.filter(pk=s.pk).update(
-                    price_per_mwh=s.price_per_mwh,
-                    currency=s.currency,
-                    source=s.source,
-                    received_at=s.received_at,
+        else:
+            result.corrected += 1
+        return
+    for hit in hits:
+        stored.remove(hit)
+        for start, end in ((hit.starts_at, row.starts_at), (row.ends_at, hit.ends_at)):
+            if start < end:  # the part the new interval does not cover stays
+                stored.append(
+                    _Stored(
+                        None,
+                        start,
+                        end,
+                        hit.price_per_mwh,
+                        hit.currency,
+                        hit.source,
+                        hit.received_at,
+                        trimmed=True,
+                    )
                 )
-        ZonePrice.objects.bulk_create(
-            ZonePrice(
-                zone_id=zone_id,
-                starts_at=s.starts_at,
-                ends_at=s.ends_at,
+    stored.append(
+        _Stored(None, row.starts_at, row.ends_at, row.price_per_mwh, row.currency, source, now)
+    )
+    result.created += 1
+
+
+def _stored_write(
+    zone_id: int, stored: list[_Stored], *, original: set[int], result: UpsertResult
+) -> None:
+    """Write the zone's merged intervals: delete the stored rows cut, update the corrected
+    ones, insert the new ones and the remainders."""
+    kept = {s.pk for s in stored if s.pk is not None}
+    gone = original - kept
+    result.replaced += len(gone)
+    ZonePrice.objects.filter(pk__in=gone).delete()  # before inserting what replaces them
+    for s in stored:
+        if s.pk is not None and s.dirty:
+            ZonePrice.objects.filter(pk=s.pk).update(
                 price_per_mwh=s.price_per_mwh,
                 currency=s.currency,
                 source=s.source,
                 received_at=s.received_at,
-            )  # fmt: skip
-            for s in stored
-            if s.pk is None
-        )
-    return result
+            )
+    ZonePrice.objects.bulk_create(
+        ZonePrice(
+            zone_id=zone_id,
+            starts_at=s.starts_at,
+            ends_at=s.ends_at,
+            price_per_mwh=s.price_per_mwh,
+            currency=s.currency,
+            source=s.source,
+            received_at=s.received_at,
+        )  # fmt: skip
+        for s in stored
+        if s.pk is None
+    )
 
 
 class _DryRun(Exception):
