@@ -6,10 +6,12 @@ call, it is written as SQL and the rows are turned back into model instances her
 exactly as the ORM converts them (JSON fields, for one), so callers cannot tell the difference.
 """
 
+from functools import cache
+
 from django.db import connection
 from django.db.models import Model
 
-__all__ = ["model_columns", "model_from_row"]
+__all__ = ["model_columns", "model_from_row", "model_insert"]
 
 
 def model_columns(model: type[Model], alias: str) -> str:
@@ -25,3 +27,50 @@ def model_from_row(model: type[Model], values) -> Model:
         for f, v in zip(fields, values, strict=True)
     ]
     return model.from_db(connection.alias, [f.attname for f in fields], values)
+
+
+@cache
+def _insert_sql(model: type[Model]) -> str:
+    meta, quote = model._meta, connection.ops.quote_name
+    columns = [quote(f.column) for f in meta.concrete_fields if not f.primary_key]
+    return (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(columns)})"
+        f" VALUES ({', '.join(['%s'] * len(columns))}) RETURNING {quote(meta.pk.column)}"
+    )
+
+
+def model_insert(instance: Model) -> Model:
+    """Insert a new, unsaved instance as `save(force_insert=True)` would, and return it saved.
+
+    The values are prepared as the ORM prepares them (each field's `pre_save`, so
+    `auto_now_add` is set, and `get_db_prep_save`); the statement is built once per model,
+    not compiled per call. The instance returned is a new one, loaded as a query loads a row
+    (`Model.from_db`), holding the related objects the given one had cached. Expressions as
+    values (a `db_default` left to the database, say), models with several tables and
+    generated columns are the ORM's to write.
+    """
+    model = type(instance)
+    meta = model._meta
+    if meta.parents or any(getattr(f, "generated", False) for f in meta.concrete_fields):
+        raise TypeError(f"model_insert cannot write {model.__name__}: use the ORM")
+    params = []
+    for field in meta.concrete_fields:
+        if field.primary_key:
+            continue
+        value = field.pre_save(instance, add=True)
+        if hasattr(value, "resolve_expression"):
+            raise TypeError(f"{model.__name__}.{field.name} is an expression: use the ORM")
+        params.append(field.get_db_prep_save(value, connection))
+    with connection.cursor() as cur:
+        cur.execute(_insert_sql(model), params)
+        (pk,) = cur.fetchone()
+    names = [f.attname for f in meta.concrete_fields]
+    saved = model.from_db(
+        connection.alias,
+        names,
+        [pk if f.primary_key else getattr(instance, f.attname) for f in meta.concrete_fields],
+    )
+    for field in meta.concrete_fields:
+        if field.is_relation and field.is_cached(instance):
+            field.set_cached_value(saved, field.get_cached_value(instance))
+    return saved

@@ -19,6 +19,7 @@ from django.db import connection
 from django.utils import timezone
 
 from billing.models import Hold, HoldStatus, LedgerKind
+from config.db import model_insert
 from marketplace.models import Reservation
 from marketplace.services.transitions import TERMINAL_STATUSES
 
@@ -107,13 +108,15 @@ def hold_add(
     """Hold `amount_minor` for `reservation` (nothing for a zero amount)."""
     if amount_minor <= 0:
         return None
-    return Hold.objects.create(
-        organization_id=reservation.organization_id,
-        reservation=reservation,
-        amount_minor=amount_minor,
-        currency=reservation.currency,
-        idempotency_key=idempotency_key,
-        description=description[:200],
+    return model_insert(
+        Hold(
+            organization_id=reservation.organization_id,
+            reservation=reservation,
+            amount_minor=amount_minor,
+            currency=reservation.currency,
+            idempotency_key=idempotency_key,
+            description=description[:200],
+        )
     )
 
 

@@ -2,6 +2,7 @@
 
 from django.db.models import Model
 
+from config.db import model_insert
 from marketplace.audit import audit_context
 from marketplace.models import AuditEntry
 
@@ -23,15 +24,17 @@ def audit_record(
     actor = (context.actor if context is not None else None) or actor
     if not actor:
         return None
-    return AuditEntry.objects.create(
-        organization_id=organization_id,
-        actor=actor,
-        action=action,
-        object_type=object_type,
-        object_id=object_id,
-        changes=changes or {},
-        ip_address=context.ip_address if context is not None else None,
-        user_agent=context.user_agent if context is not None else "",
+    return model_insert(
+        AuditEntry(
+            organization_id=organization_id,
+            actor=actor,
+            action=action,
+            object_type=object_type,
+            object_id=object_id,
+            changes=changes or {},
+            ip_address=context.ip_address if context is not None else None,
+            user_agent=context.user_agent if context is not None else "",
+        )
     )
 
 

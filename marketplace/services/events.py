@@ -13,6 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework.serializers import BaseSerializer
 
+from config.db import model_insert
 from config.retention import delete_in_batches
 from marketplace.models import ApiKey, Event, EventType, Membership, Reservation
 from marketplace.services.webhooks import webhook_deliveries_create
@@ -85,9 +86,10 @@ def event_record(
 
 
 def _event_save(event: Event) -> Event:
-    """Save a built event with its webhook deliveries, together."""
-    with transaction.atomic():
-        event.save(force_insert=True)
+    """Save a built event with its webhook deliveries, together (in the caller's transaction,
+    or one of their own)."""
+    with transaction.atomic(savepoint=False):
+        event = model_insert(event)
         webhook_deliveries_create(event=event)
     return event
 

@@ -22,6 +22,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from config.db import model_insert
 from config.errors import (
     Conflict,
     InvalidTransition,
@@ -524,7 +525,7 @@ def reservation_book(*, request: BookingRequest, terms: BookingTerms) -> Reserva
 def _reservation_insert(*, request: BookingRequest, terms: BookingTerms) -> Reservation:
     """The reservation row: scheduled when it starts within START_SKEW, else pending."""
     due = terms.starts_at <= request.now + START_SKEW
-    reservation = Reservation.objects.create(
+    reservation = Reservation(
         organization=request.organization,
         created_by=request.user,
         quote=terms.quote,
@@ -542,6 +543,7 @@ def _reservation_insert(*, request: BookingRequest, terms: BookingTerms) -> Rese
         status=ReservationStatus.SCHEDULED if due else ReservationStatus.PENDING,
         workload=request.workload,
     )
+    reservation = model_insert(reservation)
     if terms.site is not None:
         reservation.site = terms.site
     if terms.gpu_model is not None:
@@ -556,12 +558,14 @@ def _created_record(
     written are kept on it as reservation_get_for_org loads them (allocations by node, then
     GPU index; no outages can exist yet), so the caller shows it without reading it back."""
     quote, user = reservation.quote, request.user
-    transition = ReservationTransition.objects.create(
-        reservation=reservation,
-        from_status="",
-        to_status=reservation.status,
-        cause="created from quote " + quote.public_id if quote else "created",
-        actor_label=f"user:{user.get_username()}" if user else _request_actor(),
+    transition = model_insert(
+        ReservationTransition(
+            reservation=reservation,
+            from_status="",
+            to_status=reservation.status,
+            cause="created from quote " + quote.public_id if quote else "created",
+            actor_label=f"user:{user.get_username()}" if user else _request_actor(),
+        )
     )
     reservation.transition_list = [transition]
     # sorted() is stable and placement returns each node's GPUs in index order.

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from config.celery import task_send
@@ -262,6 +262,13 @@ def webhook_endpoint_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> lis
     return signing
 
 
+# An organisation's enabled endpoints and the event types each wants (none: every type).
+_SUBSCRIBED_SQL = """
+SELECT id, ARRAY(SELECT jsonb_array_elements_text(coalesce(event_types, '[]'::jsonb)))
+FROM marketplace_webhookendpoint WHERE organization_id = %s AND enabled
+"""
+
+
 def webhook_deliveries_create(*, event: Event) -> list[WebhookDelivery]:
     """The event's deliveries, one per enabled endpoint that wants its type (in the event's
     transaction); each endpoint's sender is kicked once that commits."""
@@ -273,22 +280,20 @@ def webhook_deliveries_create_many(*, events: list[Event]) -> list[WebhookDelive
     reservation's batched moves), reading its endpoints once."""
     if not events:
         return []
-    endpoints = list(
-        WebhookEndpoint.objects.filter(
-            organization_id=events[0].organization_id, enabled=True
-        ).only("pk", "event_types")
-    )
+    with connection.cursor() as cur:  # on every event: a plain read, not an ORM query
+        cur.execute(_SUBSCRIBED_SQL, [events[0].organization_id])
+        endpoints = cur.fetchall()
     deliveries = [
         WebhookDelivery(
-            endpoint=endpoint,
+            endpoint_id=endpoint_id,
             event=event,
             event_created_at=event.created_at,
             retry_from=event.created_at,
             next_attempt_at=event.created_at,
         )
         for event in events
-        for endpoint in endpoints
-        if not endpoint.event_types or event.type in endpoint.event_types
+        for endpoint_id, event_types in endpoints
+        if not event_types or event.type in event_types
     ]
     if not deliveries:
         return []

@@ -60,7 +60,7 @@ def test_a_booking_at_a_named_site_takes_a_fixed_number_of_statements(
     market, django_assert_num_queries
 ):
     model, site, org = market
-    with django_assert_num_queries(15):
+    with django_assert_num_queries(13):
         reservation = reservation_create(organization=org, site=site.slug, **_ask(model))
     with django_assert_num_queries(0):
         _created_shown_without_reads(reservation, 12)
@@ -70,7 +70,7 @@ def test_a_booking_at_the_cheapest_site_takes_a_fixed_number_of_statements(
     market, django_assert_num_queries
 ):
     model, _, org = market
-    with django_assert_num_queries(18):
+    with django_assert_num_queries(16):
         reservation = reservation_create(organization=org, **_ask(model))
     with django_assert_num_queries(0):
         _created_shown_without_reads(reservation, 12)
@@ -82,7 +82,7 @@ def test_a_booking_from_a_quote_takes_a_fixed_number_of_statements(
     model, _, org = market
     quote = quote_create(organization=org, **_ask(model))
     quote = Quote.objects.get(pk=quote.pk)
-    with django_assert_num_queries(19):
+    with django_assert_num_queries(17):
         reservation = reservation_create(organization=org, quote=quote)
     with django_assert_num_queries(0):
         _created_shown_without_reads(reservation, 12)
@@ -91,7 +91,7 @@ def test_a_booking_from_a_quote_takes_a_fixed_number_of_statements(
 def test_an_extension_takes_a_fixed_number_of_statements(market, django_assert_num_queries):
     model, site, org = market
     reservation = reservation_create(organization=org, site=site.slug, **_ask(model))
-    with django_assert_num_queries(19):
+    with django_assert_num_queries(17):
         extended = reservation_extend(
             reservation=reservation,
             new_ends_at=reservation.ends_at + timedelta(hours=2),
