@@ -25,7 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, FundingState
@@ -40,6 +40,7 @@ from billing.services.resale import resale_settled
 from billing.services.topups import auto_recharge_check, reservation_recharge_amount
 from billing.services.usage import reservations_book_now, reserved_extension_charge
 from config.celery import task_send
+from config.db import model_columns, model_from_row
 from config.errors import InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
 from marketplace.services.transitions import reservation_transition
@@ -80,19 +81,21 @@ def committed_amount(
 # The gate's lock: every money decision for an organisation (a booking, an extension) takes
 # its billing account row first, so they happen one after another. A plain statement, because
 # compiling the ORM's query cost more CPU than running it (the create path runs it every time).
-_LOCK_ACCOUNT_SQL = """
-SELECT id, organization_id, currency, mode, funding_state, monthly_spend_limit_minor,
-       auto_recharge_enabled, stripe_customer_id, default_payment_method_id
-FROM billing_billingaccount WHERE organization_id = %s FOR UPDATE
+_LOCK_ACCOUNT_SQL = f"""
+SELECT {model_columns(BillingAccount, "a")}
+FROM billing_billingaccount a WHERE a.organization_id = %s FOR UPDATE
 """
 
 
 def _account_lock(organization_id: int) -> BillingAccount:
-    account = next(iter(BillingAccount.objects.raw(_LOCK_ACCOUNT_SQL, [organization_id])), None)
-    if account is None:
-        billing_account_get_or_create(organization=Organization(pk=organization_id))
-        account = next(iter(BillingAccount.objects.raw(_LOCK_ACCOUNT_SQL, [organization_id])))
-    return account
+    with connection.cursor() as cur:
+        cur.execute(_LOCK_ACCOUNT_SQL, [organization_id])
+        row = cur.fetchone()
+        if row is None:
+            billing_account_get_or_create(organization=Organization(pk=organization_id))
+            cur.execute(_LOCK_ACCOUNT_SQL, [organization_id])
+            row = cur.fetchone()
+    return model_from_row(BillingAccount, row)
 
 
 def _money(amount_minor: int, currency: str) -> str:
