@@ -59,7 +59,7 @@ from django.utils import timezone  # noqa: E402
 
 from inventory.models import Gpu, GpuModel, Node, PriceZone, Site, ZonePrice  # noqa: E402
 from marketplace.models import PricingPolicy, RateCard  # noqa: E402
-from marketplace.selectors.availability import availability_search  # noqa: E402
+from marketplace.selectors.availability import AvailabilityQuery, availability_search  # noqa: E402
 from marketplace.selectors.reference import reference_cache_clear  # noqa: E402
 
 MODELS = [("b-h100", 700), ("b-a100", 400), ("b-l40s", 350), ("b-4090", 450)]
@@ -132,10 +132,10 @@ def _time(tier: str, term: str, hours: int, rounds: int) -> tuple[list[float], i
     for _ in range(rounds):
         with CaptureQueriesContext(connection) as queries:
             began = time.perf_counter()
-            found = availability_search(
+            found = availability_search(AvailabilityQuery(
                 gpu_count=8, starts_at=start, ends_at=start + timedelta(hours=hours),
                 tier=tier, term=term,
-            )  # fmt: skip
+            ))  # fmt: skip
             times.append(time.perf_counter() - began)
         statements, offers = len(queries.captured_queries), len(found)
     return times, statements, offers

@@ -12,7 +12,11 @@ from config.api.schema import errors
 from config.api.views import ApiView, validated_input
 from config.replica import replica_reads
 from marketplace.models import Term, Tier
-from marketplace.selectors.availability import availability_search, site_availability
+from marketplace.selectors.availability import (
+    AvailabilityQuery,
+    availability_search,
+    site_availability,
+)
 from marketplace.selectors.catalogue import (
     CurtailmentHistory,
     gpu_model_list,
@@ -470,7 +474,7 @@ class AvailabilityApi(_Catalogue):
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
         resolve_catalogue(gpu_model=params.get("gpu_model"), site=params.get("site"))
-        offers = availability_search(
+        query = AvailabilityQuery(
             gpu_count=params["gpu_count"],
             starts_at=params["start"],
             ends_at=params["end"],
@@ -485,4 +489,5 @@ class AvailabilityApi(_Catalogue):
             **serializer.grid_filters(),
             include_resale=True,
         )
+        offers = availability_search(query)
         return Response(AvailabilityOutput({"results": offers}).data)

@@ -34,7 +34,7 @@ from marketplace.portal.live import progress
 from marketplace.portal.mixins import PortalView, show_error
 from marketplace.portal.nav import portal_funding
 from marketplace.provisioning.workload import workload_public, workload_validate
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.selectors.catalogue import gpu_model_list, quote_get_for_org, site_list_public
 from marketplace.selectors.gpu_catalogue import CATALOGUE_PLANS, gpu_catalogue
 from marketplace.selectors.resale import listings_for_reservation
@@ -143,6 +143,28 @@ def _reliability_floor(cleaned: dict) -> Decimal | None:
     return None if percent is None else percent / 100
 
 
+def _search_query(cleaned: dict) -> AvailabilityQuery:
+    """The search form's fields as the search takes them (percentages as 0-1)."""
+    renewable_pct = cleaned.get("min_renewable_pct")
+    return AvailabilityQuery(
+        gpu_count=cleaned["gpu_count"],
+        starts_at=cleaned["starts_at"],
+        ends_at=cleaned["ends_at"],
+        tier=cleaned["tier"],
+        term=cleaned["term"],
+        gpu_model=cleaned["gpu_model"] or None,
+        min_gpu_memory_gb=cleaned["min_gpu_memory_gb"],
+        region=cleaned["region"] or None,
+        site=cleaned["site"] or None,
+        max_price_per_gpu_hour=cleaned["max_price_per_gpu_hour"],
+        min_reliability=_reliability_floor(cleaned),
+        min_renewable_share=None if renewable_pct is None else renewable_pct / 100,
+        max_grid_carbon_g_per_kwh=cleaned.get("max_grid_carbon"),
+        max_pue=cleaned.get("max_pue"),
+        include_resale=True,
+    )
+
+
 class SearchView(PortalView, View):
     """GET: the search form and, once asked, the offers that can be reserved right now."""
 
@@ -154,25 +176,7 @@ class SearchView(PortalView, View):
         if asked and form.is_valid():
             d = form.cleaned_data
             try:
-                offers = availability_search(
-                    gpu_count=d["gpu_count"],
-                    starts_at=d["starts_at"],
-                    ends_at=d["ends_at"],
-                    tier=d["tier"],
-                    term=d["term"],
-                    gpu_model=d["gpu_model"] or None,
-                    min_gpu_memory_gb=d["min_gpu_memory_gb"],
-                    region=d["region"] or None,
-                    site=d["site"] or None,
-                    max_price_per_gpu_hour=d["max_price_per_gpu_hour"],
-                    min_reliability=_reliability_floor(d),
-                    min_renewable_share=None
-                    if d.get("min_renewable_pct") is None
-                    else d["min_renewable_pct"] / 100,
-                    max_grid_carbon_g_per_kwh=d.get("max_grid_carbon"),
-                    max_pue=d.get("max_pue"),
-                    include_resale=True,
-                )
+                offers = availability_search(_search_query(d))
             except ApplicationError as exc:
                 _field_error(form, exc)
             else:

@@ -38,6 +38,7 @@ from marketplace.services.pricing import (
 )
 
 __all__ = [
+    "AvailabilityQuery",
     "NodeFit",
     "Offer",
     "SiteModelAvailability",
@@ -106,6 +107,55 @@ class SiteModelAvailability:
     free_gpus: int
     largest_free_on_one_node: int
     whole_free_nodes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AvailabilityQuery:
+    """What a search asks for: GPUs for a period at a tier, with the filters that choose sites
+    and nodes. Built once by the caller (the API, the portal, a quote, a booking); the search's
+    phases read it instead of a dozen arguments each.
+
+    The grid filters select sites: renewable share at least (0-1), grid carbon intensity at
+    most (gCO2e/kWh; a site without the figure does not qualify), PUE at most.
+
+    `include_resale`: also resold time (one offer per listing that fits, `listing` set), which
+    is booked by naming the listing; quotes and direct bookings leave it out.
+
+    `with_history`: each offer's site curtailment history (for display; a booking or a quote
+    that only takes the offer's price and placement leaves it out, one query less).
+    """
+
+    gpu_count: int
+    starts_at: datetime
+    ends_at: datetime
+    tier: str
+    term: str = "none"
+    gpu_model: str | None = None
+    min_gpu_memory_gb: int | None = None
+    region: str | None = None
+    site: str | None = None
+    max_price_per_gpu_hour: Decimal | None = None
+    min_reliability: Decimal | None = None
+    min_renewable_share: Decimal | None = None
+    max_grid_carbon_g_per_kwh: int | None = None
+    max_pue: Decimal | None = None
+    include_resale: bool = False
+    with_history: bool = True
+
+    def validate(self, *, as_booked: bool = True) -> None:
+        """A window and tier that can be priced; with `as_booked`, also a period a reservation
+        could have (not in the past, too long or too far ahead), refused with the same error
+        reserving it would get rather than answered with offers nobody can book."""
+        if self.gpu_count < 1:
+            raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
+        _validate_window(starts_at=self.starts_at, ends_at=self.ends_at)
+        if as_booked:
+            validate_request_period(
+                starts_at=self.starts_at, ends_at=self.ends_at, gpu_count=self.gpu_count
+            )
+        validate_tier_term(
+            tier=self.tier, term=self.term, starts_at=self.starts_at, ends_at=self.ends_at
+        )
 
 
 # The candidate nodes and, per node, its GPUs, healthy GPUs and GPUs free for the window.
@@ -271,6 +321,7 @@ def node_free_capacity(
 
 def _price(
     *,
+    query: AvailabilityQuery,
     card: RateCard,
     site: Site,
     gpu_model: GpuModel,
@@ -279,11 +330,6 @@ def _price(
     policy,
     healthy: int,
     free: int,
-    tier: str,
-    term: str,
-    gpu_count: int,
-    starts_at: datetime,
-    ends_at: datetime,
 ) -> PriceBreakdown:
     """The offer's price: the card and policy, with the utilisation of the model at the site
     (busy over healthy GPUs for the window) for the multiplier, and the site's zone prices
@@ -298,94 +344,63 @@ def _price(
     )
     return price_quote(
         rate=inputs.rate,
-        tier=tier,
-        term=term,
-        gpu_count=gpu_count,
-        starts_at=starts_at,
-        ends_at=ends_at,
+        tier=query.tier,
+        term=query.term,
+        gpu_count=query.gpu_count,
+        starts_at=query.starts_at,
+        ends_at=query.ends_at,
         utilisation=Decimal(healthy - free) / Decimal(healthy),
         bounds=inputs.bounds,
         power=inputs.power,
     )
 
 
-def availability_search(
-    *,
-    gpu_count: int,
-    starts_at: datetime,
-    ends_at: datetime,
-    tier: str,
-    term: str = "none",
-    gpu_model: str | None = None,
-    min_gpu_memory_gb: int | None = None,
-    region: str | None = None,
-    site: str | None = None,
-    max_price_per_gpu_hour: Decimal | None = None,
-    min_reliability: Decimal | None = None,
-    min_renewable_share: Decimal | None = None,
-    max_grid_carbon_g_per_kwh: int | None = None,
-    max_pue: Decimal | None = None,
-    include_resale: bool = False,
-    with_history: bool = True,
-) -> list[Offer]:
-    """Offers that can be reserved right now, cheapest first (one per site and GPU model).
+def availability_search(query: AvailabilityQuery) -> list[Offer]:
+    """Offers that can be reserved right now, cheapest first (one per site and GPU model, and
+    with `query.include_resale` one per resale listing that fits).
 
-    The grid filters select sites: renewable share at least (0-1), grid carbon intensity at
-    most (gCO2e/kWh; a site without the figure does not qualify), PUE at most.
-
-    `include_resale`: also resold time (one offer per listing that fits, `listing` set), which
-    is booked by naming the listing; quotes and direct bookings leave it out.
-
-    `with_history`: each offer's site curtailment history (for display; a booking or a quote
-    that only takes the offer's price and placement leaves it out, one query less).
-
-    A period no reservation could have (in the past, too long, too far ahead) is refused with
-    the same error reserving it would get, rather than answered with offers nobody can book.
+    In phases: the query is checked; one statement reads, per site and model, the candidate
+    nodes' free GPUs; resold time is read; the sites where the request fits are kept, priced
+    into offers (after one read of what pricing and the offers show), and sorted.
     """
-    if gpu_count < 1:
-        raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
-    _validate_window(starts_at=starts_at, ends_at=ends_at)
-    validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count)
-    validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
+    query.validate()
+    rows = _candidate_rows(query)
+    resale = _resale_offers(query) if query.include_resale else []
+    fits = _fits(query.gpu_count, rows)
+    if not fits:
+        return _cheapest_first(resale)
+    return _cheapest_first(_offers_priced(query, fits, _offer_context(query, fits)) + resale)
 
+
+def _candidate_rows(query: AvailabilityQuery) -> list[tuple]:
+    """Per site and model with candidate nodes (_SEARCH_TAIL, one statement): node size,
+    healthy and free GPUs, the nodes that fit, the best-fit nodes, the whole free nodes."""
     filters, params = _filters(
-        gpu_model=gpu_model,
-        min_gpu_memory_gb=min_gpu_memory_gb,
-        region=region,
-        site=site,
-        min_reliability=min_reliability,
-        min_renewable_share=min_renewable_share,
-        max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
-        max_pue=max_pue,
+        gpu_model=query.gpu_model,
+        min_gpu_memory_gb=query.min_gpu_memory_gb,
+        region=query.region,
+        site=query.site,
+        min_reliability=query.min_reliability,
+        min_renewable_share=query.min_renewable_share,
+        max_grid_carbon_g_per_kwh=query.max_grid_carbon_g_per_kwh,
+        max_pue=query.max_pue,
     )
     params.update(
-        starts_at=starts_at,
-        ends_at=ends_at,
-        gpu_count=gpu_count,
-        curtail_gpus=gpu_count,
+        starts_at=query.starts_at,
+        ends_at=query.ends_at,
+        gpu_count=query.gpu_count,
+        curtail_gpus=query.gpu_count,
         node_limit=_OFFER_NODE_LIMIT,
     )
     with read_connection().cursor() as cur:
         cur.execute(_sql(_SEARCH_TAIL, filters=filters), params)
-        rows = cur.fetchall()
-    resale = []
-    if include_resale:
-        resale = _resale_offers(
-            gpu_count=gpu_count,
-            starts_at=starts_at,
-            ends_at=ends_at,
-            tier=tier,
-            gpu_model=gpu_model,
-            min_gpu_memory_gb=min_gpu_memory_gb,
-            region=region,
-            site=site,
-            max_price_per_gpu_hour=max_price_per_gpu_hour,
-            min_reliability=min_reliability,
-            min_renewable_share=min_renewable_share,
-            max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
-            max_pue=max_pue,
-        )
+        return cur.fetchall()
 
+
+def _fits(gpu_count: int, rows: list[tuple]) -> list[tuple]:
+    """The rows where the request fits, with its placement: on one node (best fit) when it is
+    no larger than the site's biggest node of the model, else on whole free nodes (a cluster).
+    Each fit is (site_id, model_id, healthy, free, placement, node_count, nodes, fitting)."""
     fits = []
     for (site_id, model_id, node_size, healthy, free, fitting, best_fit, whole_nodes,
          whole_gpus, cluster_nodes) in rows:  # fmt: skip
@@ -401,55 +416,78 @@ def availability_search(
             fits.append(
                 (site_id, model_id, healthy, free, "cluster", len(nodes), nodes, whole_nodes)
             )
-    if not fits:
-        return _cheapest_first(resale)
+    return fits
 
+
+@dataclass(frozen=True)
+class _OfferContext:
+    """What pricing the fits and showing their offers reads, once per search."""
+
+    sites: dict
+    models: dict
+    policy: object
+    series: dict
+    curtailments: dict
+    reliability: dict
+
+
+def _offer_context(query: AvailabilityQuery, fits: list[tuple]) -> _OfferContext:
+    """The fits' sites and models, the pricing policy, every zone's prices for the window,
+    the sites' curtailment history (when the query shows it) and the offered nodes'
+    reliability."""
     sites = sites_by_id({f[0] for f in fits})
     models = gpu_models_by_id({f[1] for f in fits})
     policy = current_policy()
     series = power_series_for(
-        sites.values(), starts_at=starts_at, ends_at=ends_at, tier=tier, policy=policy
+        sites.values(),
+        starts_at=query.starts_at,
+        ends_at=query.ends_at,
+        tier=query.tier,
+        policy=policy,
     )
-    power_prices: dict = {}  # per site, for all its models
     curtailments = (
-        site_curtailment_history(site_ids=sites, now=timezone.now()) if with_history else {}
+        site_curtailment_history(site_ids=sites, now=timezone.now()) if query.with_history else {}
     )
     reliability = dict(
         Node.objects.filter(pk__in={n.node_id for f in fits for n in f[6]}).values_list(
             "pk", "reliability_30d"
         )
     )
+    return _OfferContext(sites, models, policy, series, curtailments, reliability)
 
+
+def _offers_priced(
+    query: AvailabilityQuery, fits: list[tuple], context: _OfferContext
+) -> list[Offer]:
+    """One offer per fit that has a rate card and is within the query's price cap."""
+    sites, models, series = context.sites, context.models, context.series
+    power_prices: dict = {}  # per site, for all its models
     offers = []
     for site_id, model_id, healthy, free, placement, node_count, nodes, fitting in fits:
         card = rate_card_for(site_id=site_id, gpu_model_id=model_id)
         if card is None or site_id not in sites or model_id not in models:
             continue  # no rate card: not for sale
         breakdown = _price(
+            query=query,
             card=card,
             site=sites[site_id],
             gpu_model=models[model_id],
             series=series,
             power_prices=power_prices,
-            policy=policy,
+            policy=context.policy,
             healthy=healthy,
             free=free,
-            tier=tier,
-            term=term,
-            gpu_count=gpu_count,
-            starts_at=starts_at,
-            ends_at=ends_at,
         )
         if (
-            max_price_per_gpu_hour is not None
-            and breakdown.price_per_gpu_hour > max_price_per_gpu_hour
+            query.max_price_per_gpu_hour is not None
+            and breakdown.price_per_gpu_hour > query.max_price_per_gpu_hour
         ):
             continue
         offers.append(
             Offer(
                 site=sites[site_id],
                 gpu_model=models[model_id],
-                gpu_count=gpu_count,
+                gpu_count=query.gpu_count,
                 placement=placement,
                 node_count=node_count,
                 nodes=nodes,
@@ -459,14 +497,14 @@ def availability_search(
                 price_per_gpu_hour=breakdown.price_per_gpu_hour,
                 total=breakdown.total,
                 breakdown=breakdown,
-                reliability=_least(reliability.get(n.node_id) for n in nodes),
+                reliability=_least(context.reliability.get(n.node_id) for n in nodes),
                 price_zone=_zone_code(series, sites[site_id]),
-                curtailments=curtailments.get(site_id, CurtailmentHistory())
-                if with_history
+                curtailments=context.curtailments.get(site_id, CurtailmentHistory())
+                if query.with_history
                 else None,
             )
         )
-    return _cheapest_first(offers + resale)
+    return offers
 
 
 def _cheapest_first(offers: list[Offer]) -> list[Offer]:
@@ -483,13 +521,26 @@ def _cheapest_first(offers: list[Offer]) -> list[Offer]:
     return offers
 
 
-def _resale_offers(*, gpu_count: int, starts_at: datetime, ends_at: datetime, tier: str, **filters):
+def _resale_offers(query: AvailabilityQuery) -> list[Offer]:
     """One offer per listing that fits: its node, its GPUs, at the seller's asking price, with
     its site's grid as every offer has it."""
-    if tier == Tier.RESERVED:
+    if query.tier == Tier.RESERVED:
         return []  # resold time is sold by the hour (on-demand or interruptible), not as terms
+    gpu_count, starts_at, ends_at = query.gpu_count, query.starts_at, query.ends_at
     listings = resale_offer_rows(
-        gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at, tier=tier, **filters
+        gpu_count=gpu_count,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        tier=query.tier,
+        gpu_model=query.gpu_model,
+        min_gpu_memory_gb=query.min_gpu_memory_gb,
+        region=query.region,
+        site=query.site,
+        max_price_per_gpu_hour=query.max_price_per_gpu_hour,
+        min_reliability=query.min_reliability,
+        min_renewable_share=query.min_renewable_share,
+        max_grid_carbon_g_per_kwh=query.max_grid_carbon_g_per_kwh,
+        max_pue=query.max_pue,
     )
     if not listings:
         return []
@@ -535,35 +586,25 @@ def _least(figures) -> Decimal | None:
 
 
 def site_model_offer(
-    *,
-    site: Site,
-    gpu_model: GpuModel,
-    gpu_count: int,
-    starts_at: datetime,
-    ends_at: datetime,
-    tier: str,
-    term: str = "none",
-    min_reliability: Decimal | None = None,
+    *, query: AvailabilityQuery, site: Site, gpu_model: GpuModel
 ) -> tuple[Offer | None, list[NodeCapacity]]:
     """The offer of one site for one model (None if it does not fit), and the node capacities.
+    The query's own site and model filters are not read: `site` and `gpu_model` are asked.
 
     Same answer as availability_search(site=…, gpu_model=…) with one query less: the capacities
     read here are the ones placement starts from, and the utilisation priced here is the same
     figure (GPUs of the model at the site, busy over healthy, for the window).
     """
-    if gpu_count < 1:
-        raise ValidationFailed("gpu_count must be at least 1.", field="gpu_count")
-    _validate_window(starts_at=starts_at, ends_at=ends_at)
-    validate_tier_term(tier=tier, term=term, starts_at=starts_at, ends_at=ends_at)
+    query.validate(as_booked=False)
     capacities = node_free_capacity(
         site_id=site.pk,
         gpu_model_id=gpu_model.pk,
-        starts_at=starts_at,
-        ends_at=ends_at,
-        min_reliability=min_reliability,
-        gpu_count=gpu_count,
+        starts_at=query.starts_at,
+        ends_at=query.ends_at,
+        min_reliability=query.min_reliability,
+        gpu_count=query.gpu_count,
     )
-    plan = choose_nodes(capacities, gpu_count)
+    plan = choose_nodes(capacities, query.gpu_count)
     if not plan:
         return None, capacities
     card = rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk)
@@ -573,37 +614,23 @@ def site_model_offer(
     free = sum(c.free for c in capacities)
     policy = current_policy()
     breakdown = _price(
+        query=query,
         card=card,
         site=site,
         gpu_model=gpu_model,
         series=power_series_for(
-            [site], starts_at=starts_at, ends_at=ends_at, tier=tier, policy=policy
+            [site], starts_at=query.starts_at, ends_at=query.ends_at, tier=query.tier, policy=policy
         ),
         power_prices={},
         policy=policy,
         healthy=healthy,
         free=free,
-        tier=tier,
-        term=term,
-        gpu_count=gpu_count,
-        starts_at=starts_at,
-        ends_at=ends_at,
     )
-    single = gpu_count <= max(c.gpus for c in capacities)
-    by_id = {c.node_id: c for c in capacities}
-    if single:
-        fitting = sorted(
-            (c for c in capacities if c.free >= gpu_count), key=lambda c: (c.free, c.node_id)
-        )
-        nodes = [NodeFit(node_id=c.node_id, free_gpus=c.free) for c in fitting[:_OFFER_NODE_LIMIT]]
-        fitting_count = len(fitting)
-    else:
-        nodes = [NodeFit(node_id=n, free_gpus=by_id[n].gpus) for n, _ in plan]
-        fitting_count = sum(1 for c in capacities if c.free == c.gpus)
+    single, nodes, fitting_count = _site_offer_nodes(capacities, plan, query.gpu_count)
     offer = Offer(
         site=site,
         gpu_model=gpu_model,
-        gpu_count=gpu_count,
+        gpu_count=query.gpu_count,
         placement="single_node" if single else "cluster",
         node_count=len(plan),
         nodes=nodes,
@@ -615,6 +642,22 @@ def site_model_offer(
         breakdown=breakdown,
     )
     return offer, capacities
+
+
+def _site_offer_nodes(
+    capacities: list[NodeCapacity], plan: list[tuple[int, int]], gpu_count: int
+) -> tuple[bool, list[NodeFit], int]:
+    """Whether the request goes on one node, the offer's nodes (best fit first, or the
+    cluster's whole nodes) and how many nodes fit (or are wholly free), as the search has them."""
+    if gpu_count <= max(c.gpus for c in capacities):
+        fitting = sorted(
+            (c for c in capacities if c.free >= gpu_count), key=lambda c: (c.free, c.node_id)
+        )
+        nodes = [NodeFit(node_id=c.node_id, free_gpus=c.free) for c in fitting[:_OFFER_NODE_LIMIT]]
+        return True, nodes, len(fitting)
+    by_id = {c.node_id: c for c in capacities}
+    nodes = [NodeFit(node_id=n, free_gpus=by_id[n].gpus) for n, _ in plan]
+    return False, nodes, sum(1 for c in capacities if c.free == c.gpus)
 
 
 def site_availability(

@@ -13,7 +13,7 @@ from django.db.models import Count
 
 from inventory.models import Gpu, GpuModel, Node, NodeStatus
 from marketplace.models import Term, Tier
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.pricing import TERM_LENGTHS
 
 __all__ = ["CatalogueEntry", "CATALOGUE_PLANS", "gpu_catalogue"]
@@ -68,9 +68,10 @@ def gpu_catalogue(*, now: datetime) -> list[CatalogueEntry]:
         entry.sites.sort()
 
     for key, tier, term, length in CATALOGUE_PLANS:
-        for offer in availability_search(
+        query = AvailabilityQuery(
             gpu_count=1, starts_at=start, ends_at=start + length, tier=tier, term=term
-        ):
+        )
+        for offer in availability_search(query):
             entry = entries[offer.gpu_model.pk]
             price = entry.from_price.get(key)
             if price is None or offer.price_per_gpu_hour < price:
@@ -78,8 +79,9 @@ def gpu_catalogue(*, now: datetime) -> list[CatalogueEntry]:
                 entry.currency = offer.currency
             if key == "on_demand":
                 entry.free_now += offer.free_gpus
-    for offer in availability_search(
+    week = AvailabilityQuery(
         gpu_count=1, starts_at=start, ends_at=start + WEEK, tier=Tier.ON_DEMAND
-    ):
+    )
+    for offer in availability_search(week):
         entries[offer.gpu_model.pk].free_week += offer.free_gpus
     return [e for e in entries.values() if e.installed]

@@ -10,7 +10,7 @@ from django.utils import timezone
 from config.errors import NotAvailable, ValidationFailed
 from marketplace.models import Organization, Quote
 from marketplace.rules import validate_request_period
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 
 __all__ = ["quote_create", "resolve_catalogue"]
@@ -49,7 +49,7 @@ def quote_create(
     now = timezone.now()
     validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
     resolve_catalogue(gpu_model=gpu_model, site=site)
-    offers = availability_search(
+    query = AvailabilityQuery(
         gpu_count=gpu_count,
         starts_at=starts_at,
         ends_at=ends_at,
@@ -64,6 +64,7 @@ def quote_create(
         max_pue=max_pue,
         with_history=False,
     )
+    offers = availability_search(query)
     if not offers:
         raise NotAvailable(
             f"No site has {gpu_count} {gpu_model} GPU(s) free for that period.",

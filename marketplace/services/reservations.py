@@ -49,6 +49,7 @@ from marketplace.models import (
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.rules import MAX_DURATION, START_SKEW, validate_request_period
 from marketplace.selectors.availability import (
+    AvailabilityQuery,
     Offer,
     availability_search,
     curtailment_overlapping,
@@ -207,6 +208,22 @@ class BookingRequest:
             tier=self.tier, term=self.term, starts_at=self.starts_at, ends_at=self.ends_at
         )
 
+    def availability_query(self) -> AvailabilityQuery:
+        """The search for what this booking asks (a booking takes an offer's price and
+        placement only: no curtailment history)."""
+        return AvailabilityQuery(
+            gpu_count=self.gpu_count,
+            starts_at=self.starts_at,
+            ends_at=self.ends_at,
+            tier=self.tier,
+            term=self.term,
+            gpu_model=self.gpu_model,
+            site=self.site,
+            region=self.region,
+            min_reliability=self.min_reliability,
+            with_history=False,
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class BookingTerms:
@@ -316,18 +333,7 @@ def reservation_create(
 def _book_cheapest(request: BookingRequest) -> Reservation:
     """Book the cheapest offer; a site taken meanwhile falls through to the next."""
     resolve_catalogue(gpu_model=request.gpu_model, site=None)
-    offers = availability_search(
-        gpu_count=request.gpu_count,
-        starts_at=request.starts_at,
-        ends_at=request.ends_at,
-        tier=request.tier,
-        term=request.term,
-        gpu_model=request.gpu_model,
-        site=None,
-        region=request.region,
-        min_reliability=request.min_reliability,
-        with_history=False,
-    )
+    offers = availability_search(request.availability_query())
     for offer in offers:  # cheapest first
         try:
             with transaction.atomic():
@@ -367,16 +373,7 @@ def _offer_at_site(request: BookingRequest) -> Offer:
         raise ValidationFailed(f"Unknown site {request.site!r}.", code="unknown_site", field="site")
     offer = None
     if request.region is None or site.region == request.region:
-        offer, _ = site_model_offer(
-            site=site,
-            gpu_model=model,
-            gpu_count=request.gpu_count,
-            starts_at=request.starts_at,
-            ends_at=request.ends_at,
-            tier=request.tier,
-            term=request.term,
-            min_reliability=request.min_reliability,
-        )
+        offer, _ = site_model_offer(query=request.availability_query(), site=site, gpu_model=model)
     if offer is None:
         curtailed = curtailment_overlapping(
             site_id=site.pk, starts_at=request.starts_at, ends_at=request.ends_at

@@ -6,7 +6,11 @@ import pytest
 from config.errors import ValidationFailed
 from inventory.models import Gpu, GpuHealth, MaintenanceWindow, NodeStatus, SiteStatus
 from marketplace.models import Allocation
-from marketplace.selectors.availability import availability_search, site_availability
+from marketplace.selectors.availability import (
+    AvailabilityQuery,
+    availability_search,
+    site_availability,
+)
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, rng, tomorrow
 
@@ -25,7 +29,7 @@ def h100():
 
 def search(**kw):
     args = {"gpu_count": 1, "starts_at": T1, "ends_at": T2, "tier": "on_demand"}
-    return availability_search(**{**args, **kw})
+    return availability_search(AvailabilityQuery(**{**args, **kw}))
 
 
 def book(node, gpu_indexes, start=T1, end=T2, live=True):

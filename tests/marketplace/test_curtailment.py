@@ -12,7 +12,7 @@ from config.errors import Conflict, ValidationFailed
 from inventory.models import SiteStatus
 from marketplace.models import Allocation, Curtailment, ReservationStatus
 from marketplace.provisioning.scheduler import reservations_dispatch_due
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.curtailment import curtailment_announce, curtailment_call_off
 from marketplace.services.reservations import reservation_create
 from marketplace.services.transitions import reservation_transition
@@ -92,12 +92,14 @@ def test_an_announcement_notices_running_interruptible_work_and_protects_the_res
     # Nothing more is sold there for the window; after it, the site sells again.
     search = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "tier": "on_demand"}
     inside = {"starts_at": shed_at + timedelta(hours=6), "ends_at": shed_at + timedelta(hours=8)}
-    assert availability_search(**search, **inside) == []
+    assert availability_search(AvailabilityQuery(**search, **inside)) == []
     after = {
         "starts_at": shed_at + timedelta(days=1),
         "ends_at": shed_at + timedelta(days=1, hours=1),
     }
-    assert [o.site.slug for o in availability_search(**search, **after)] == ["abilene-1"]
+    assert [o.site.slug for o in availability_search(AvailabilityQuery(**search, **after))] == [
+        "abilene-1"
+    ]
     # The owner is told which reservations stop and when.
     (mail,) = mailoutbox
     assert (

@@ -27,7 +27,7 @@ from marketplace.models import (
     ReservationStatus,
 )
 from marketplace.provisioning.scheduler import reservations_dispatch_due
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.curtailment import (
     Candidate,
     curtailment_announce,
@@ -377,17 +377,20 @@ def test_the_window_sells_only_what_was_shed_beyond_the_target(fleet, market, or
         "ends_at": start + timedelta(hours=1),
     }
 
-    assert availability_search(gpu_count=2, tier="on_demand", **search) == []
-    assert [o.gpu_count for o in availability_search(gpu_count=1, tier="on_demand", **search)] == [
-        1
-    ]
+    assert availability_search(AvailabilityQuery(gpu_count=2, tier="on_demand", **search)) == []
+    assert [
+        o.gpu_count
+        for o in availability_search(AvailabilityQuery(gpu_count=1, tier="on_demand", **search))
+    ] == [1]
     with pytest.raises(NotAvailable) as refused:
         _book(org, tier="on_demand", gpus=2, start=start, hours=1)
     assert refused.value.code == "site_curtailed"
     _book(org, tier="on_demand", gpus=1, start=start, hours=1)
     curtailment.refresh_from_db()
     assert curtailment.resold_kw == Decimal("0.805")
-    assert availability_search(gpu_count=1, tier="on_demand", **search) == []  # 0.415 kW left
+    assert (
+        availability_search(AvailabilityQuery(gpu_count=1, tier="on_demand", **search)) == []
+    )  # 0.415 kW left
     with pytest.raises(NotAvailable):
         _book(org, tier="interruptible", gpus=1, start=start, hours=1)
     # Before and after the window the site sells as usual.
@@ -425,11 +428,11 @@ def test_calling_it_off_before_its_start_sells_the_window_again(fleet, market, o
     start = curtailment.shed_at + timedelta(hours=1)
     search = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "tier": "on_demand",
               "starts_at": start, "ends_at": start + timedelta(hours=1)}  # fmt: skip
-    assert availability_search(**search) == []
+    assert availability_search(AvailabilityQuery(**search)) == []
 
     curtailment_call_off(curtailment=curtailment)
 
-    assert availability_search(**search) != []
+    assert availability_search(AvailabilityQuery(**search)) != []
     assert _book(org, tier="on_demand", gpus=2, start=start, hours=1).status == S.PENDING
 
 

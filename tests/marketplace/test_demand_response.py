@@ -27,7 +27,7 @@ from marketplace.models import (
     Reservation,
     ReservationStatus,
 )
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.demand_response import demand_response_signature
 from marketplace.services.reservations import reservation_create
 from marketplace.tasks import reservations_dispatch_due
@@ -238,7 +238,7 @@ def test_cancelling_before_the_start_withdraws_the_notices_and_sells_the_window(
     start = timezone.now() + timedelta(hours=1, minutes=30)
     search = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "tier": "on_demand",
               "starts_at": start, "ends_at": start + timedelta(minutes=30)}  # fmt: skip
-    assert availability_search(**search) == []
+    assert availability_search(AvailabilityQuery(**search)) == []
 
     cancelled = _post({**call, "modification_number": 1, "status": "cancelled"}, source=source)
 
@@ -248,7 +248,7 @@ def test_cancelling_before_the_start_withdraws_the_notices_and_sells_the_window(
     for name in ("r1", "r2", "r3"):
         assert Reservation.objects.get(pk=fleet[name].pk).preempt_at is None
     assert Reservation.objects.get(pk=fleet["r4"].pk).status == S.PREEMPTED  # never started
-    assert [o.site.slug for o in availability_search(**search)] == ["abilene-1"]
+    assert [o.site.slug for o in availability_search(AvailabilityQuery(**search))] == ["abilene-1"]
     again = _post({**call, "modification_number": 2}, source=source)
     assert again.status_code == 409 and again.json()["error"]["code"] == "event_cancelled"
 

@@ -16,7 +16,7 @@ from marketplace.models import (
     Reservation,
     ReservationStatus,
 )
-from marketplace.selectors.availability import availability_search
+from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.resale import listing_create, listing_withdraw
 from marketplace.services.reservations import (
     cancellation_terms,
@@ -200,12 +200,14 @@ def test_listed_time_is_offered_in_search_marked_as_resale_at_its_asking_price()
     lst = listing(m, gpus=4, price="0.9000")
 
     offers = availability_search(
-        gpu_count=2,
-        starts_at=m.start + 30 * H,
-        ends_at=m.start + 40 * H,
-        tier="on_demand",
-        gpu_model=m.model.slug,
-        include_resale=True,
+        AvailabilityQuery(
+            gpu_count=2,
+            starts_at=m.start + 30 * H,
+            ends_at=m.start + 40 * H,
+            tier="on_demand",
+            gpu_model=m.model.slug,
+            include_resale=True,
+        )
     )
 
     (offer,) = offers  # the only node is the seller's: no other capacity
@@ -228,11 +230,13 @@ def test_search_offers_a_listing_only_for_what_it_can_sell(gpus, start_h, hours,
     m = market()
     listing(m, gpus=4)
     offers = availability_search(
-        gpu_count=gpus,
-        starts_at=m.start + start_h * H,
-        ends_at=m.start + (start_h + hours) * H,
-        tier=tier,
-        include_resale=True,
+        AvailabilityQuery(
+            gpu_count=gpus,
+            starts_at=m.start + start_h * H,
+            ends_at=m.start + (start_h + hours) * H,
+            tier=tier,
+            include_resale=True,
+        )
     )
     assert [o for o in offers if o.listing is not None] == []
 
@@ -241,9 +245,11 @@ def test_search_leaves_out_withdrawn_listings_and_quotes_leave_out_resale():
     m = market()
     lst = listing(m, gpus=4)
     args = dict(gpu_count=1, starts_at=m.start + 30 * H, ends_at=m.start + 31 * H, tier="on_demand")
-    assert availability_search(**args) == []  # without include_resale: operator capacity only
+    assert (
+        availability_search(AvailabilityQuery(**args)) == []
+    )  # without include_resale: operator capacity only
     listing_withdraw(organization=m.seller, listing=lst)
-    assert availability_search(**args, include_resale=True) == []
+    assert availability_search(AvailabilityQuery(**args, include_resale=True)) == []
 
 
 # --- buying -------------------------------------------------------------------------------

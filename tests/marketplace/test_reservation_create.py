@@ -238,17 +238,17 @@ def test_the_funding_gate_can_refuse_and_nothing_is_written(h100, org):
 
 
 def test_a_direct_reservation_naming_a_site_books_there_at_that_sites_search_price(h100, org):
-    from marketplace.selectors.availability import availability_search
+    from marketplace.selectors.availability import AvailabilityQuery, availability_search
 
     cheap, named = SiteFactory(), SiteFactory()
     make_rate(h100, "1.0000", site=cheap)
     make_nodes(cheap, h100, 2)
     make_nodes(named, h100, 3)
     direct(org, gpu_count=3, site=named.slug)  # utilisation at the named site is now 3 / 24
-    (offer,) = availability_search(
+    (offer,) = availability_search(AvailabilityQuery(
         gpu_model=h100.slug, gpu_count=12, starts_at=T1, ends_at=T2, tier="on_demand",
         site=named.slug,
-    )  # fmt: skip
+    ))  # fmt: skip
     cluster = direct(org, gpu_count=12, site=named.slug)
     assert (cluster.site, cluster.price_per_gpu_hour, cluster.total_amount) == (
         named,

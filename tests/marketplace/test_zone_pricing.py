@@ -72,10 +72,10 @@ def publish(zone, start, prices, *, received_at=None, step=H):
 
 
 def search_offer(tier="on_demand", **kw):
-    from marketplace.selectors.availability import availability_search
+    from marketplace.selectors.availability import AvailabilityQuery, availability_search
 
     (offer,) = availability_search(
-        gpu_count=1, starts_at=T1, ends_at=T2, tier=tier, **kw
+        AvailabilityQuery(gpu_count=1, starts_at=T1, ends_at=T2, tier=tier, **kw)
     )  # one site
     return offer
 
@@ -141,11 +141,15 @@ def test_a_search_reads_every_zones_prices_in_one_query(h100):
         s = SiteFactory(price_zone=PriceZoneFactory(code=f"z{n}"))
         make_nodes(s, h100, 2)
         publish(s.price_zone, T1, ["30.00", "50.00"])
-    from marketplace.selectors.availability import availability_search
+    from marketplace.selectors.availability import AvailabilityQuery, availability_search
 
-    availability_search(gpu_count=1, starts_at=T1, ends_at=T2, tier="on_demand")  # warm caches
+    availability_search(
+        AvailabilityQuery(gpu_count=1, starts_at=T1, ends_at=T2, tier="on_demand")
+    )  # warm caches
     with CaptureQueriesContext(connection) as queries:
-        offers = availability_search(gpu_count=1, starts_at=T1, ends_at=T2, tier="on_demand")
+        offers = availability_search(
+            AvailabilityQuery(gpu_count=1, starts_at=T1, ends_at=T2, tier="on_demand")
+        )
     assert len(offers) == 4
     assert all(o.breakdown.energy_price_source.startswith("zone:") for o in offers)
     assert sum("inventory_zoneprice" in q["sql"] for q in queries.captured_queries) == 1
@@ -222,10 +226,12 @@ def test_a_reserved_term_reads_the_month_before_summed_in_the_database(site, set
     ).delete()  # a day with no prices
     publish(zone, T1, ["100.00", "20.00"])
     settings.GRID_PRICE_CAP_PER_MWH = Decimal("5000")
-    from marketplace.selectors.availability import availability_search
+    from marketplace.selectors.availability import AvailabilityQuery, availability_search
 
     (offer,) = availability_search(
-        gpu_count=1, starts_at=T1, ends_at=T1 + timedelta(days=7), tier="reserved", term="1w"
+        AvailabilityQuery(
+            gpu_count=1, starts_at=T1, ends_at=T1 + timedelta(days=7), tier="reserved", term="1w"
+        )
     )
     b = offer.breakdown
     # 888 h: 695 h at 10, 25 h of gaps (the day, the absurd hour) at the static 40, 2 h
