@@ -30,6 +30,14 @@ class NotFound(ApplicationError):
     default_code = "not_found"
 
 
+class Gone(NotFound):
+    """It existed and was deleted by retention (HTTP 410); to code asking only whether it is
+    there, a NotFound."""
+
+    status_code = 410
+    default_code = "gone"
+
+
 class PermissionDenied(ApplicationError):
     type = "permission_error"
     status_code = 403

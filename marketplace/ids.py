@@ -2,6 +2,9 @@
 
 import secrets
 import string
+from datetime import UTC, datetime
+
+from django.utils.crypto import constant_time_compare, salted_hmac
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -19,8 +22,50 @@ def org_id() -> str:
     return new_public_id("org")
 
 
-def quote_id() -> str:
-    return new_public_id("quo")
+def quote_id(*, expires_at: datetime | None = None) -> str:
+    """With `expires_at`: quo_ + its expiry (6 base-62 digits, in seconds) + 12 random + an
+    8-digit MAC of the rest under SECRET_KEY, so once retention has deleted the quote an id of
+    ours is still known to be expired (quote_id_expires_at), without a record of it."""
+    if expires_at is None:
+        return new_public_id("quo")
+    stamp = _base62(int(expires_at.timestamp()), 6) + "".join(
+        secrets.choice(_ALPHABET) for _ in range(12)
+    )
+    return f"quo_{stamp}{_quote_mac(stamp)}"
+
+
+def quote_id_expires_at(public_id: str) -> datetime | None:
+    """The expiry a quote id of ours carries; None for any other string (a forged one too)."""
+    body = public_id.removeprefix("quo_")
+    if len(body) != 26 or body == public_id or not set(body) <= _ALPHABET_SET:
+        return None
+    stamp, mac = body[:18], body[18:]
+    if not constant_time_compare(mac, _quote_mac(stamp)):
+        return None
+    return datetime.fromtimestamp(_base62_value(stamp[:6]), UTC)
+
+
+_ALPHABET_SET = frozenset(_ALPHABET)
+
+
+def _quote_mac(stamp: str) -> str:
+    digest = salted_hmac("marketplace.quote_id", stamp, algorithm="sha256").digest()
+    return _base62(int.from_bytes(digest[:8]), 11)[-8:]
+
+
+def _base62(value: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        value, digit = divmod(value, 62)
+        digits.append(_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
+def _base62_value(digits: str) -> int:
+    value = 0
+    for digit in digits:
+        value = value * 62 + _ALPHABET.index(digit)
+    return value
 
 
 def reservation_id() -> str:

@@ -67,7 +67,7 @@ class PermissionDeniedError(SwitchyardError):
 
 
 class NotFoundError(SwitchyardError):
-    """not_found_error (404)."""
+    """not_found_error (404; 410 with code quote_expired for a quote deleted after it expired)."""
 
 
 class ConflictError(SwitchyardError):

@@ -47,6 +47,7 @@ _DESCRIPTIONS = {
     "among yours).",
     409: "Conflict: the action is not allowed in the object's current state, or the capacity "
     "was taken, or the Idempotency-Key is in use.",
+    410: "Gone: the quote expired and was deleted a day later (quote_expired).",
     415: "Only application/json bodies are accepted.",
     422: "Idempotency-Key reused with a different request.",
     429: "Rate limit exceeded; see Retry-After.",

@@ -108,7 +108,7 @@ class QuoteDetailApi(ApiView):
         tags=TAGS,
         operation_id="quotes_retrieve",
         summary="Retrieve a quote",
-        responses={200: QuoteOutput, **errors(403, 404)},
+        responses={200: QuoteOutput, **errors(403, 404, 410)},
     )
     def get(self, request, quote_id: str):
         return Response(

@@ -379,7 +379,10 @@ class ReservationListApi(ApiView):
         operation_id="reservations_create",
         summary="Reserve GPUs, from a quote (at its price) or directly (priced now)",
         request=ReservationCreateInput,
-        responses={201: ReservationDetailOutput, **errors(400, 402, 403, 404, 409, 415, 422)},
+        responses={
+            201: ReservationDetailOutput,
+            **errors(400, 402, 403, 404, 409, 410, 415, 422),
+        },
     )
     def post(self, request):
         data = validated_input(ReservationCreateInput, request.data)

@@ -7,9 +7,11 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, Greatest, Least
+from django.utils import timezone
 
-from config.errors import NotFound
+from config.errors import Gone, NotFound
 from inventory.models import GpuModel, Node, NodeStatus, Site, SiteStatus
+from marketplace import ids
 from marketplace.models import Curtailment, Organization, Quote
 
 __all__ = [
@@ -125,5 +127,15 @@ def quote_get_for_org(*, organization: Organization, public_id: str) -> Quote:
         .first()
     )
     if quote is None:
+        # An id of ours whose quote has expired: retention deletes an unbooked quote a day after,
+        # and the holder is told why it is gone. The answer rests on the id alone (never on
+        # another organisation's rows), so it tells nothing an id's holder does not know.
+        expired_at = ids.quote_id_expires_at(public_id)
+        if expired_at is not None and expired_at <= timezone.now():
+            raise Gone(
+                f"Quote {public_id!r} expired at {expired_at.isoformat()}; ask for a new one.",
+                code="quote_expired",
+                field="quote",
+            )
         raise NotFound(f"No quote {public_id!r}.", code="quote_not_found", field="quote")
     return quote

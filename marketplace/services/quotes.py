@@ -8,6 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.errors import NotAvailable, ValidationFailed
+from marketplace import ids
 from marketplace.models import Organization, Quote
 from marketplace.rules import validate_request_period
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
@@ -71,7 +72,9 @@ def quote_create(
             code="not_available",
         )
     best = offers[0]
+    expires_at = now + settings.QUOTE_TTL
     return Quote.objects.create(
+        public_id=ids.quote_id(expires_at=expires_at),
         organization=organization,
         gpu_model=best.gpu_model,
         site=best.site,
@@ -85,5 +88,5 @@ def quote_create(
         total_amount=best.total,
         breakdown=best.breakdown.as_dict(),
         min_reliability=min_reliability,
-        expires_at=now + settings.QUOTE_TTL,
+        expires_at=expires_at,
     )

@@ -10,6 +10,7 @@ from django.utils import timezone
 from config.errors import InvalidTransition
 from marketplace.models import Allocation, Quote, Reservation
 from marketplace.services.reservations import reservation_extend
+from marketplace.services.retention import history_prune
 from marketplace.services.transitions import reservation_transition
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -19,9 +20,11 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     make_reservation,
     market,
     org,
+    other_org,
     owner,
     owner_client,
     reservation_body,
+    session_client,
     tomorrow,
 )
 
@@ -197,6 +200,43 @@ def test_a_quote_becomes_a_reservation_at_its_price(owner_client, market, owner)
     again = owner_client.post("/api/v1/reservations", {"quote": quote["id"]}, format="json")
     assert_error(again, 409, "quote_used")
     assert Reservation.objects.count() == 1
+
+
+def _quote(client, start):
+    response = client.post(
+        "/api/v1/quotes",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "starts_at": iso(start),
+         "ends_at": iso(start + timedelta(hours=1))},
+        format="json",
+    )  # fmt: skip
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def test_a_quote_retention_deleted_answers_410_quote_expired_not_404(
+    owner_client, market, settings
+):
+    settings.QUOTE_TTL = timedelta(0)  # expired as soon as it is made
+    quote = _quote(owner_client, tomorrow())
+    history_prune(now=timezone.now() + timedelta(days=2))
+    assert not Quote.objects.exists()
+
+    gone = assert_error(owner_client.get(f"/api/v1/quotes/{quote['id']}"), 410, "quote_expired")
+    assert gone["field"] == "quote"
+    booked = owner_client.post("/api/v1/reservations", {"quote": quote["id"]}, format="json")
+    assert_error(booked, 410, "quote_expired", field="quote")
+    assert Reservation.objects.count() == 0
+
+
+def test_an_id_we_did_not_issue_or_a_quote_not_yet_expired_elsewhere_stays_404(
+    owner_client, market, settings, other_org
+):
+    quote = _quote(owner_client, tomorrow())
+    forged = quote["id"][:-1] + ("A" if quote["id"][-1] != "A" else "B")
+    other = session_client(other_org.memberships.get())
+    for client, quote_id in ((owner_client, forged), (other, quote["id"])):
+        assert_error(client.get(f"/api/v1/quotes/{quote_id}"), 404, "quote_not_found")
+    assert_error(owner_client.get("/api/v1/quotes/quo_nope"), 404, "quote_not_found")
 
 
 def test_an_expired_quote_is_refused(owner_client, market):
