@@ -22,6 +22,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -288,8 +289,12 @@ def _disable(endpoint: WebhookEndpoint, *, now: datetime) -> None:
     )
     logger.warning("webhook endpoint %s disabled: %s", endpoint.public_id, endpoint.disabled_reason)
     if recipients:
+        # Its origin, not its URL: a URL may carry a secret (chat services' webhook URLs do),
+        # and the message waits in the broker.
+        url = urlsplit(endpoint.url)
         message = (
-            f"Switchyard stopped sending events to your webhook endpoint {endpoint.url} "
+            f"Switchyard stopped sending events to your webhook endpoint "
+            f"{url.scheme}://{url.netloc.rpartition('@')[2]} "
             f"({endpoint.public_id}). {endpoint.disabled_reason}\n\nFix the endpoint, enable it "
             "again in the portal (Webhooks) or through the API, and resend what it missed."
         )

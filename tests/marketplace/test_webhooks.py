@@ -291,7 +291,9 @@ def test_an_endpoint_failing_for_three_days_is_disabled_and_its_managers_emailed
 ):
     settings.WEBHOOK_RETRY_FOR = timedelta(hours=72)
     MembershipFactory(organization=org, role=Role.MEMBER)  # not e-mailed
-    endpoint, _ = _endpoint(org, receiver)
+    # A URL may carry a secret (as chat services' webhook URLs do): the mail, which passes
+    # through the broker, names the endpoint by its id and origin only.
+    endpoint, _ = _endpoint(org, receiver, path="/hook/T0123/s3cr3t-path-token")
     _key_event(org, "old")
     receiver.answer(503, b"down")
     _send(endpoint)
@@ -313,6 +315,8 @@ def test_an_endpoint_failing_for_three_days_is_disabled_and_its_managers_emailed
     (mail,) = mailoutbox
     assert mail.to == [owner.user.email]
     assert endpoint.public_id in mail.body
+    assert f"{receiver.url} ({endpoint.public_id})" in mail.body
+    assert "s3cr3t-path-token" not in mail.body
     # Disabled: new events make no deliveries, and the sender does not touch it.
     _key_event(org, "later")
     assert WebhookDelivery.objects.count() == 2
