@@ -15,13 +15,14 @@ admin.site.site_title = "Switchyard staff"
 admin.site.index_title = "Fleet, customers and money"
 
 urlpatterns = [
+    # First: most requests are the API's, and Django tries the patterns in order.
+    path("api/v1/", include("config.api_urls")),
     path("staff/", staff.dashboard, name="staff-dashboard"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/schema/agent/", api_docs.agent_schema, name="api-schema-agent"),
     path("api/redoc/", api_docs.LocalRedocView.as_view(url_name="api-schema"), name="api-redoc"),
-    path("api/v1/", include("config.api_urls")),
     # Any other URL under /api/v1/ (also with DEBUG on, where handler404 is not used): the
     # API's JSON error, never Django's HTML page (nor the CSRF refusal's, for a POST: like the
     # API's own views, this one changes nothing).
