@@ -1,5 +1,7 @@
-"""The pure rules reads and writes share: what a requested period may be, and how GPUs are
-placed on nodes. No database access, so selectors and services import them at module top.
+"""The pure rules reads and writes share: what a requested period may be, how GPUs are placed
+on nodes, and the reservation state machine's table (its one writer is
+services/transitions.py; the API shows a coming preemption by it). No database access, so
+selectors, serializers and services import them at module top.
 
 Pricing (services/pricing.py) and energy (services/energy.py) are pure too, and imported the
 same way.
@@ -11,6 +13,7 @@ from typing import NamedTuple
 from django.utils import timezone
 
 from config.errors import ValidationFailed
+from marketplace.models import ReservationStatus
 
 __all__ = [
     "START_SKEW",
@@ -19,6 +22,9 @@ __all__ = [
     "validate_request_period",
     "NodeCapacity",
     "choose_nodes",
+    "ALLOWED_TRANSITIONS",
+    "TERMINAL_STATUSES",
+    "PREEMPTIBLE_STATUSES",
 ]
 
 # A start this far in the past still counts as "now" (clocks and round trips).
@@ -88,3 +94,46 @@ def choose_nodes(capacities: list[NodeCapacity], gpu_count: int) -> list[tuple[i
         chosen.append((c.node_id, take))
         remaining -= take
     return chosen if remaining <= 0 else []
+
+
+# The reservation state machine (see marketplace/services/transitions.py): each status → the
+# statuses it may move to.
+ALLOWED_TRANSITIONS: dict[str, set[str]] = {
+    ReservationStatus.PENDING: {
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    },
+    ReservationStatus.SCHEDULED: {
+        ReservationStatus.PROVISIONING,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    },
+    ReservationStatus.PROVISIONING: {
+        ReservationStatus.ACTIVE,
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.CANCELLED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PREEMPTED,
+    },
+    # active → provisioning: moved off a failed GPU, restarted on healthy ones (gpu_failures).
+    ReservationStatus.ACTIVE: {
+        ReservationStatus.RELEASING,
+        ReservationStatus.PREEMPTED,
+        ReservationStatus.FAILED,
+        ReservationStatus.PROVISIONING,
+    },
+    ReservationStatus.RELEASING: {ReservationStatus.COMPLETED, ReservationStatus.FAILED},
+    ReservationStatus.COMPLETED: set(),
+    ReservationStatus.CANCELLED: set(),
+    ReservationStatus.FAILED: set(),
+    ReservationStatus.PREEMPTED: set(),
+}
+
+TERMINAL_STATUSES = frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if not targets)
+# Where preemption (a grid curtailment) can still reach a reservation: before its release.
+PREEMPTIBLE_STATUSES = frozenset(
+    s for s, targets in ALLOWED_TRANSITIONS.items() if ReservationStatus.PREEMPTED in targets
+)

@@ -15,25 +15,6 @@ PACKAGES = ("config", "inventory", "marketplace", "billing")
 
 # Known cycles (each a strongly connected component of the module graph), to shrink.
 KNOWN_CYCLES = [
-    # The event writer imports the API's serializers (events show objects as the API does),
-    # and the serializers' modules import the services that write events; the API plumbing
-    # reads marketplace's identity (auth, organisations).
-    {
-        "config.api.context",
-        "config.api.throttling",
-        "config.api.views",
-        "marketplace.apis.api_keys",
-        "marketplace.apis.catalogue",
-        "marketplace.apis.organization",
-        "marketplace.apis.reservations",
-        "marketplace.auth",
-        "marketplace.selectors.organizations",
-        "marketplace.services.api_keys",
-        "marketplace.services.events",
-        "marketplace.services.organizations",
-        "marketplace.services.reservations",
-        "marketplace.services.transitions",
-    },
     # The Celery app starts the task metrics' server and connects their signal handlers; the
     # metrics modules read the app's queues back.
     {"config.celery", "config.metrics.business", "config.metrics.tasks", "config.metrics.views"},

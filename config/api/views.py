@@ -22,8 +22,7 @@ from config.api.throttling import ApiRateThrottle, rate_limit_headers
 from config.errors import PermissionDenied
 from marketplace.audit import audit_actor_set
 from marketplace.auth import ApiKeyUser
-from marketplace.models import ApiKeyScope, Role
-from marketplace.services.organizations import RESERVING_ROLES
+from marketplace.models import RESERVING_ROLES, ApiKeyScope, Role
 
 __all__ = ["ApiView", "FILTERED", "validated_input"]
 

@@ -10,23 +10,11 @@ from config.api.schema import errors
 from config.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import ApiKey, ApiKeyScope
 from marketplace.selectors.organizations import api_key_get_for_org, api_key_list_for_org
+from marketplace.serializers import ApiKeyOutput
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.organizations import MANAGER_ROLES
 
 TAGS = ["API keys"]
-
-
-class ApiKeyOutput(serializers.Serializer):
-    id = serializers.CharField(source="public_id")
-    name = serializers.CharField()
-    prefix = serializers.CharField(help_text="The visible start of the secret, to recognise it.")
-    scopes = serializers.ListField(child=serializers.ChoiceField(choices=ApiKeyScope.choices))
-    created_by = serializers.CharField(source="created_by.username", allow_null=True, default=None)
-    created_at = serializers.DateTimeField()
-    last_used_at = serializers.DateTimeField(
-        allow_null=True, help_text="Updated at most once a minute."
-    )
-    revoked_at = serializers.DateTimeField(allow_null=True)
 
 
 class ApiKeyCreatedOutput(ApiKeyOutput):

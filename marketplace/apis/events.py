@@ -2,7 +2,6 @@
 
 import django_filters
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
 from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
@@ -11,30 +10,9 @@ from config.api.views import FILTERED, ApiView
 from config.replica import replica_reads
 from marketplace.models import Event, EventType
 from marketplace.selectors.events import event_get_for_org, event_list_for_org
+from marketplace.serializers import EventOutput
 
 TAGS = ["Events"]
-
-
-class EventDataOutput(serializers.Serializer):
-    object = serializers.JSONField(
-        source="data", help_text="The object as the API showed it when the event happened."
-    )
-
-
-class EventOutput(serializers.Serializer):
-    """Also the body of every webhook delivery."""
-
-    id = serializers.CharField(source="public_id")
-    object = serializers.SerializerMethodField()
-    type = serializers.ChoiceField(choices=EventType.choices)
-    created = serializers.DateTimeField(source="created_at")
-    organization = serializers.CharField(source="organization.public_id")
-    object_type = serializers.CharField(help_text="reservation, top_up, invoice, api_key, member…")
-    object_id = serializers.CharField(help_text="The object's id (res_…, key_…, mem_…).")
-    data = EventDataOutput(source="*")
-
-    def get_object(self, event) -> str:
-        return "event"
 
 
 class EventFilter(django_filters.FilterSet):

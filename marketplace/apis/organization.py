@@ -18,6 +18,7 @@ from marketplace.selectors.organizations import (
     member_get_for_org,
     member_list_for_org,
 )
+from marketplace.serializers import MemberOutput
 from marketplace.services.organizations import (
     MANAGER_ROLES,
     invitation_create,
@@ -52,18 +53,6 @@ class OrganizationApi(ApiView):
     )
     def get(self, request):
         return Response(OrganizationOutput(self.org_context).data)
-
-
-class UserOutput(serializers.Serializer):
-    username = serializers.CharField()
-    email = serializers.EmailField()
-
-
-class MemberOutput(serializers.Serializer):
-    id = serializers.CharField(source="public_id")
-    user = UserOutput()
-    role = serializers.ChoiceField(choices=Role.choices)
-    created_at = serializers.DateTimeField()
 
 
 class MemberFilter(django_filters.FilterSet):

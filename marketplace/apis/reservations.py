@@ -19,11 +19,8 @@ from marketplace.provisioning.workload import workload_public, workload_validate
 from marketplace.selectors.catalogue import quote_get_for_org
 from marketplace.selectors.resale import listing_get_for_sale
 from marketplace.selectors.reservations import (
-    reservation_charged,
-    reservation_elapsed_seconds,
     reservation_get_for_org,
     reservation_list_for_org,
-    reservation_remaining_seconds,
     reservations_charged_load,
 )
 from marketplace.selectors.telemetry import (
@@ -31,6 +28,7 @@ from marketplace.selectors.telemetry import (
     reservation_energy,
     reservation_telemetry,
 )
+from marketplace.serializers import ReservationOutput
 from marketplace.services.reservations import (
     cancellation_terms,
     extension_terms,
@@ -39,7 +37,7 @@ from marketplace.services.reservations import (
     reservation_extend,
 )
 from marketplace.services.ssh_keys import workload_add_saved_ssh_keys
-from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_allowed_actions
+from marketplace.services.transitions import reservation_allowed_actions
 
 TAGS = ["Reservations"]
 
@@ -194,72 +192,6 @@ class OutageOutput(serializers.Serializer):
     started_at = serializers.DateTimeField()
     ended_at = serializers.DateTimeField(allow_null=True, help_text="null while still open.")
     cause = serializers.CharField()
-
-
-class InterruptionOutput(serializers.Serializer):
-    at = serializers.DateTimeField(help_text="When the reservation will be preempted.")
-    reason = serializers.CharField()
-
-
-class ChargedField(serializers.DecimalField):
-    """A reservation's charge so far, loaded for a whole page at once where the view can."""
-
-    def get_attribute(self, instance):
-        return reservation_charged(instance)
-
-
-class ReservationOutput(serializers.Serializer):
-    id = serializers.CharField(source="public_id")
-    status = serializers.ChoiceField(choices=ReservationStatus.choices)
-    status_reason = serializers.CharField()
-    interruption = serializers.SerializerMethodField(
-        help_text="Interruptible reservations: the notice of a coming preemption (a grid "
-        "curtailment of the site), until it happens; null otherwise."
-    )
-    gpu_model = serializers.CharField(source="gpu_model.slug")
-    site = serializers.CharField(source="site.slug")
-    gpu_count = serializers.IntegerField()
-    tier = serializers.ChoiceField(choices=Tier.choices)
-    term = serializers.ChoiceField(choices=Term.choices)
-    starts_at = serializers.DateTimeField()
-    ends_at = serializers.DateTimeField()
-    currency = serializers.CharField()
-    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
-    total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
-    charged = ChargedField(
-        max_digits=14,
-        decimal_places=2,
-        read_only=True,
-        help_text="Charged so far: usage and commitments less refunds and credits (the booked "
-        "total is `total`). While it runs, the cost so far (usage is metered every minute); "
-        "once it has ended, the final amount.",
-    )
-    elapsed_seconds = serializers.SerializerMethodField(
-        help_text="How long it has run (or ran), outages included; null before it starts."
-    )
-    remaining_seconds = serializers.SerializerMethodField(
-        help_text="Time left while it is active; null otherwise."
-    )
-    quote = serializers.CharField(source="quote.public_id", allow_null=True, default=None)
-    activated_at = serializers.DateTimeField(allow_null=True)
-    released_at = serializers.DateTimeField(allow_null=True)
-    created_at = serializers.DateTimeField()
-    updated_at = serializers.DateTimeField()
-
-    def get_elapsed_seconds(self, reservation) -> int | None:
-        return reservation_elapsed_seconds(reservation)
-
-    def get_remaining_seconds(self, reservation) -> int | None:
-        return reservation_remaining_seconds(reservation)
-
-    @extend_schema_field(InterruptionOutput(allow_null=True))
-    def get_interruption(self, reservation) -> dict | None:
-        # Shown until the preemption happens (or the reservation ends first).
-        if reservation.preempt_at is None or reservation.status not in PREEMPTIBLE_STATUSES:
-            return None
-        return InterruptionOutput(
-            {"at": reservation.preempt_at, "reason": reservation.preempt_reason}
-        ).data
 
 
 class CancellationTermsOutput(serializers.Serializer):

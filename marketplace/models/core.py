@@ -13,6 +13,8 @@ from marketplace import ids
 __all__ = [
     "Organization",
     "Role",
+    "MANAGER_ROLES",
+    "RESERVING_ROLES",
     "Membership",
     "Invitation",
     "ApiKeyScope",
@@ -47,6 +49,12 @@ class Role(models.TextChoices):
     ADMIN = "admin"
     MEMBER = "member"
     BILLING = "billing"
+
+
+# Who may add, change and remove members and manage API keys.
+MANAGER_ROLES = frozenset({Role.OWNER, Role.ADMIN})
+# Who may quote, reserve, cancel and extend. The billing role reads; it does not buy.
+RESERVING_ROLES = frozenset({Role.OWNER, Role.ADMIN, Role.MEMBER})
 
 
 class Membership(models.Model):

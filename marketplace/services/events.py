@@ -1,7 +1,8 @@
 """The event writer: every event is recorded here, in the caller's transaction (an outbox).
 
 Callers pass the object and the API serializer that shows it, so an event's `data` is the
-object exactly as the API showed it at that moment. The event's webhook deliveries (one per
+object exactly as the API showed it at that moment (marketplace/serializers.py holds the ones
+used here: it imports no services, so this module imports it at its top). The event's webhook deliveries (one per
 subscribed endpoint) are written with it, so an event that commits is delivered at least once. Billing records its events through
 event_record too (billing may import the marketplace; the marketplace never imports billing).
 """
@@ -16,6 +17,7 @@ from rest_framework.serializers import BaseSerializer
 from config.db import model_insert
 from config.retention import delete_in_batches
 from marketplace.models import ApiKey, Event, EventType, Membership, Reservation
+from marketplace.serializers import ApiKeyOutput, MemberOutput, ReservationOutput
 from marketplace.services.webhooks import webhook_deliveries_create
 
 __all__ = [
@@ -96,10 +98,6 @@ def _event_save(event: Event) -> Event:
 
 def reservation_event_build(*, reservation: Reservation, type: str) -> Event:
     """The reservation's event as the API shows it now, not yet saved."""
-    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services
-    # that write events; importing them at call time keeps module loading one-way.
-    from marketplace.apis.reservations import ReservationOutput
-
     return event_build(
         organization_id=reservation.organization_id,
         type=type,
@@ -115,9 +113,6 @@ def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
 
 
 def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:
-    # Known cycle (tests/test_import_cycles.py): the API's serializers import this module's callers.
-    from marketplace.apis.api_keys import ApiKeyOutput
-
     return event_record(
         organization_id=api_key.organization_id,
         type=type,
@@ -132,9 +127,6 @@ def member_event_record(
     *, membership: Membership, type: str, member_id: int | None = None
 ) -> Event:
     """`member_id`: the membership's id when the row is already deleted (member.removed)."""
-    # Known cycle (tests/test_import_cycles.py): the API's serializers import this module's callers.
-    from marketplace.apis.organization import MemberOutput
-
     pk = member_id if member_id is not None else membership.pk
     if membership.pk is None:
         membership.pk = pk  # shown as it was

@@ -23,11 +23,20 @@ from django.utils.text import slugify
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from marketplace import ids
 from marketplace.mail import mail_task_on_commit
-from marketplace.models import EventType, Invitation, Membership, Organization, Role
+from marketplace.models import (
+    MANAGER_ROLES,
+    RESERVING_ROLES,
+    EventType,
+    Invitation,
+    Membership,
+    Organization,
+    Role,
+)
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 
 __all__ = [
+    # Declared with Role (marketplace/models/core.py, which the API plumbing reads too).
     "MANAGER_ROLES",
     "RESERVING_ROLES",
     "organization_create",
@@ -45,11 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Who may add, change and remove members and manage API keys.
-MANAGER_ROLES = frozenset({Role.OWNER, Role.ADMIN})
-# Who may quote, reserve, cancel and extend. The billing role reads; it does not buy.
-RESERVING_ROLES = frozenset({Role.OWNER, Role.ADMIN, Role.MEMBER})
 
 
 def _unique_slug(name: str) -> str:

@@ -48,10 +48,13 @@ from marketplace.models import (
     ReservationStatus,
     Tier,
 )
+from marketplace.rules import ALLOWED_TRANSITIONS, PREEMPTIBLE_STATUSES, TERMINAL_STATUSES
 from marketplace.services.events import RESERVATION_STATUS_EVENTS, reservation_event_build
 from marketplace.services.webhooks import webhook_deliveries_create_many
 
 __all__ = [
+    # The state machine's table (marketplace/rules.py, which the API's serializers read too),
+    # named here beside its one writer.
     "ALLOWED_TRANSITIONS",
     "TERMINAL_STATUSES",
     "PREEMPTIBLE_STATUSES",
@@ -65,45 +68,6 @@ __all__ = [
 ]
 
 
-ALLOWED_TRANSITIONS: dict[str, set[str]] = {
-    ReservationStatus.PENDING: {
-        ReservationStatus.SCHEDULED,
-        ReservationStatus.CANCELLED,
-        ReservationStatus.FAILED,
-        ReservationStatus.PREEMPTED,
-    },
-    ReservationStatus.SCHEDULED: {
-        ReservationStatus.PROVISIONING,
-        ReservationStatus.CANCELLED,
-        ReservationStatus.FAILED,
-        ReservationStatus.PREEMPTED,
-    },
-    ReservationStatus.PROVISIONING: {
-        ReservationStatus.ACTIVE,
-        ReservationStatus.SCHEDULED,
-        ReservationStatus.CANCELLED,
-        ReservationStatus.FAILED,
-        ReservationStatus.PREEMPTED,
-    },
-    # active → provisioning: moved off a failed GPU, restarted on healthy ones (gpu_failures).
-    ReservationStatus.ACTIVE: {
-        ReservationStatus.RELEASING,
-        ReservationStatus.PREEMPTED,
-        ReservationStatus.FAILED,
-        ReservationStatus.PROVISIONING,
-    },
-    ReservationStatus.RELEASING: {ReservationStatus.COMPLETED, ReservationStatus.FAILED},
-    ReservationStatus.COMPLETED: set(),
-    ReservationStatus.CANCELLED: set(),
-    ReservationStatus.FAILED: set(),
-    ReservationStatus.PREEMPTED: set(),
-}
-
-TERMINAL_STATUSES = frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if not targets)
-# Where preemption (a grid curtailment) can still reach a reservation: before its release.
-PREEMPTIBLE_STATUSES = frozenset(
-    s for s, targets in ALLOWED_TRANSITIONS.items() if ReservationStatus.PREEMPTED in targets
-)
 _LIVE = frozenset(LIVE_STATUSES)
 
 # Customer-facing actions and the statuses in which they may be taken.

@@ -30,7 +30,6 @@ from django.db.models import F
 from django.utils import timezone
 
 from config.errors import ValidationFailed
-from marketplace.apis.events import EventOutput
 from marketplace.mail import mail_send_on_commit
 from marketplace.models import (
     DeliveryStatus,
@@ -39,6 +38,7 @@ from marketplace.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from marketplace.serializers import EventOutput
 from marketplace.services.organizations import MANAGER_ROLES
 from marketplace.services.webhooks import (
     SIGNATURE_HEADER,
