@@ -21,6 +21,7 @@ from config.env import env_int
 
 # Importing it connects the task metrics' signal handlers.
 from config.metrics.tasks import metrics_server_start
+from config.queues import DEFAULT_QUEUE, QUEUES, TASK_QUEUES
 from config.request_id import TASK_HEADER, current_request_id, request_id_bind, request_id_unbind
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -29,28 +30,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # documents CELERY_VISIBILITY_TIMEOUT_SECONDS; tasks are idempotent, so an early copy is harmless).
 # Read here through config.env as settings.py reads them: this module loads before settings.
 _VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)
-
-# The queues, and which tasks go to each (by name; the first matching prefix wins). Each can be
-# consumed by workers of its own on other machines (docs/scaling.md):
-# - provisioning: starts and ends of reservations (driver and site-agent calls, seconds each);
-# - billing: metering, Stripe's outbox and webhooks, recharges, SLA credits;
-# - webhooks: sending events to customers' endpoints (waits on their servers: threads);
-# - telemetry: writing and rolling up GPU telemetry, its retention, the heartbeat buffer's flush;
-# - default: everything else (sweeps of silent nodes, reliability, pruning).
-DEFAULT_QUEUE = "default"
-QUEUES = ("provisioning", "billing", "webhooks", "telemetry", DEFAULT_QUEUE)
-TASK_QUEUES = (
-    ("marketplace.tasks.reservation_provision", "provisioning"),
-    ("marketplace.tasks.reservation_release", "provisioning"),
-    ("marketplace.tasks.reservations_dispatch_due", "provisioning"),
-    ("marketplace.tasks.reservations_sweep_stuck", "provisioning"),
-    ("marketplace.tasks.reservation_outages_reconcile", "provisioning"),
-    ("marketplace.tasks.gpu_failures_handle", "provisioning"),
-    ("marketplace.tasks.webhook", "webhooks"),
-    ("billing.tasks.", "billing"),
-    ("inventory.tasks.telemetry_", "telemetry"),
-    ("inventory.tasks.heartbeats_flush", "telemetry"),
-)
 
 
 def task_route(name: str) -> dict:

@@ -5,7 +5,7 @@ import pytest
 from config.celery import DEFAULT_QUEUE, QUEUES, app, task_route, worker_queues
 
 # Every task of ours and where it must go: a new task fails the first test until it is added
-# here, so its queue is a decision (config/celery.py's TASK_QUEUES), not an accident.
+# here, so its queue is a decision (config/queues.py's TASK_QUEUES), not an accident.
 EXPECTED = {
     "marketplace.tasks.reservation_provision": "provisioning",
     "marketplace.tasks.reservation_release": "provisioning",

@@ -15,9 +15,6 @@ PACKAGES = ("config", "inventory", "marketplace", "billing")
 
 # Known cycles (each a strongly connected component of the module graph), to shrink.
 KNOWN_CYCLES = [
-    # The Celery app starts the task metrics' server and connects their signal handlers; the
-    # metrics modules read the app's queues back.
-    {"config.celery", "config.metrics.business", "config.metrics.tasks", "config.metrics.views"},
     # Billing: its events show objects through its API serializers, and the API's module
     # imports the services that record those events.
     {

@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from config.health import readiness
+from config.queues import QUEUES
 
 __all__ = ["business_registry"]
 
@@ -135,9 +136,6 @@ _broker: redis.Redis | None = None
 
 
 def _queues() -> list[str]:
-    # Known cycle (tests/test_import_cycles.py): config.celery imports the metrics at its top.
-    from config.celery import QUEUES
-
     return sorted({settings.CELERY_TASK_DEFAULT_QUEUE, *QUEUES})
 
 
