@@ -7,20 +7,16 @@ admin or billing member. Amounts are strings in major units with the currency be
 
 from datetime import date
 
-from django.utils import timezone
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from billing.models import BillingMode, FundingState, LedgerKind, TopUpStatus
-from billing.money import from_minor_units
+from billing.models import LedgerKind
 from billing.selectors import (
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
     payment_methods_for_org,
-    spend_minor,
     statement_for_month,
     top_ups_for_org,
     usage_by_reservation_day,
@@ -28,9 +24,15 @@ from billing.selectors import (
     usage_unbooked_by_reservation_day,
     usage_with_unbooked,
 )
+from billing.serializers import (
+    BalanceOutput,
+    InvoiceOutput,
+    MoneyField,
+    TopUpOutput,
+    balance_data,
+    money_text,
+)
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
-from billing.services.funding import month_start
-from billing.services.holds import money_position
 from billing.services.payment_methods import (
     payment_method_attach,
     payment_method_detach,
@@ -49,54 +51,6 @@ TAGS = ["Billing"]
 MONEY_ROLES = frozenset({Role.OWNER, Role.ADMIN, Role.BILLING})
 
 
-def _money(amount_minor: int | None, currency: str) -> str | None:
-    return None if amount_minor is None else str(from_minor_units(int(amount_minor), currency))
-
-
-@extend_schema_field(OpenApiTypes.STR)
-class MoneyField(serializers.Field):
-    """Reads `<source>` (minor units) and the object's currency; renders a decimal string."""
-
-    def __init__(self, **kwargs):
-        kwargs["read_only"] = True
-        super().__init__(**kwargs)
-
-    def get_attribute(self, instance):
-        value = super().get_attribute(instance)
-        currency = instance["currency"] if isinstance(instance, dict) else instance.currency
-        return _money(value, currency)
-
-    def to_representation(self, value):
-        return value
-
-
-class BalanceOutput(serializers.Serializer):
-    currency = serializers.CharField()
-    balance = serializers.CharField(help_text="Prepaid balance: the sum of the ledger.")
-    accrued = serializers.CharField(
-        help_text="Usage accrued by the second and not yet booked to the ledger (it is booked "
-        "every hour and whenever a reservation stops, ends or moves)."
-    )
-    held = serializers.CharField(
-        help_text="Committed by bookings and not yet used or charged (open holds beyond the "
-        "usage that fills them): reserved terms until the meter charges them, on-demand first "
-        "hours until used."
-    )
-    available = serializers.CharField(
-        help_text="balance − accrued − held: what new reservations and extensions can commit "
-        "(prepaid), and what the low-balance rules read."
-    )
-    mode = serializers.ChoiceField(choices=BillingMode.choices)
-    funding_state = serializers.ChoiceField(choices=FundingState.choices)
-    grace_until = serializers.DateTimeField(allow_null=True)
-    auto_recharge_enabled = serializers.BooleanField()
-    recharge_threshold = serializers.CharField()
-    recharge_amount = serializers.CharField()
-    monthly_spend_limit = serializers.CharField(allow_null=True)
-    spent_this_month = serializers.CharField()
-    default_payment_method = serializers.CharField(allow_blank=True)
-
-
 class BalanceApi(ApiView):
     @extend_schema(tags=TAGS, operation_id="billing_balance", summary="Balance and funding state",
                    responses={200: BalanceOutput, **errors(403)})  # fmt: skip
@@ -106,31 +60,6 @@ class BalanceApi(ApiView):
     @staticmethod
     def get_response_for(org) -> Response:
         return Response(BalanceOutput(balance_data(org)).data)
-
-
-def balance_data(org) -> dict:
-    """The balance as GET billing/balance shows it (also the object of balance events)."""
-    account = billing_account_get_or_create(organization=org)
-    c = account.currency
-    position = money_position(organization_id=org.pk)
-    return {
-        "currency": c,
-        "balance": _money(position.balance, c),
-        "accrued": _money(position.accrued, c),
-        "held": _money(position.held, c),
-        "available": _money(position.available, c),
-        "mode": account.mode,
-        "funding_state": account.funding_state,
-        "grace_until": account.grace_until,
-        "auto_recharge_enabled": account.auto_recharge_enabled,
-        "recharge_threshold": _money(account.recharge_threshold_minor, c),
-        "recharge_amount": _money(account.recharge_amount_minor, c),
-        "monthly_spend_limit": _money(account.monthly_spend_limit_minor, c),
-        "spent_this_month": _money(
-            spend_minor(organization=org, since=month_start(timezone.now())), c
-        ),
-        "default_payment_method": account.default_payment_method_id,
-    }
 
 
 class BillingSettingsInput(serializers.Serializer):
@@ -203,7 +132,7 @@ class UsageOutput(serializers.Serializer):
     )
 
     def get_amount(self, row) -> str:
-        return _money(-row["amount_minor"], row["currency"])
+        return money_text(-row["amount_minor"], row["currency"])
 
     def get_kwh(self, row) -> str | None:
         energy = usage_row_energy(row)
@@ -250,10 +179,10 @@ class StatementLineOutput(serializers.Serializer):
     balance_after = serializers.SerializerMethodField()
 
     def get_amount(self, line) -> str:
-        return _money(line.entry.amount_minor, line.entry.currency)
+        return money_text(line.entry.amount_minor, line.entry.currency)
 
     def get_balance_after(self, line) -> str:
-        return _money(line.balance_after_minor, line.entry.currency)
+        return money_text(line.balance_after_minor, line.entry.currency)
 
 
 class StatementUsageOutput(serializers.Serializer):
@@ -290,31 +219,20 @@ class StatementApi(ApiView):
         data = {
             "month": f"{year:04d}-{month:02d}",
             "currency": c,
-            "opening_balance": _money(statement.opening_minor, c),
-            "closing_balance": _money(statement.closing_minor, c),
-            "totals": {k: _money(v, c) for k, v in sorted(statement.totals_minor.items())},
+            "opening_balance": money_text(statement.opening_minor, c),
+            "closing_balance": money_text(statement.closing_minor, c),
+            "totals": {k: money_text(v, c) for k, v in sorted(statement.totals_minor.items())},
             "usage": [
                 {
                     "reservation": row["reservation"],
                     "gpu_seconds": row["gpu_seconds"],
-                    "amount": _money(row["amount_minor"], c),
+                    "amount": money_text(row["amount_minor"], c),
                 }
                 for row in statement.usage
             ],
             "lines": statement.lines,
         }
         return Response(StatementOutput(data).data)
-
-
-class InvoiceOutput(serializers.Serializer):
-    id = serializers.CharField(source="stripe_invoice_id")
-    status = serializers.CharField()
-    currency = serializers.CharField()
-    amount_due = MoneyField(source="amount_due_minor")
-    amount_paid = MoneyField(source="amount_paid_minor")
-    hosted_invoice_url = serializers.CharField()
-    period_start = serializers.DateTimeField(allow_null=True)
-    period_end = serializers.DateTimeField(allow_null=True)
 
 
 class InvoiceListApi(ApiView):
@@ -426,16 +344,6 @@ class PaymentMethodDetailApi(ApiView):
 
 class TopUpInput(serializers.Serializer):
     amount = serializers.DecimalField(max_digits=9, decimal_places=2, help_text='e.g. "50.00"')
-
-
-class TopUpOutput(serializers.Serializer):
-    id = serializers.IntegerField()
-    amount = MoneyField(source="amount_minor")
-    currency = serializers.CharField()
-    automatic = serializers.BooleanField()
-    status = serializers.ChoiceField(choices=TopUpStatus.choices)
-    failure_reason = serializers.CharField()
-    created_at = serializers.DateTimeField()
 
 
 class TopUpListApi(ApiView):

@@ -28,6 +28,7 @@ from billing.selectors import (
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
+    month_start,
     notices_for_org,
     payment_methods_for_org,
     spend_by_day_and_model,
@@ -41,7 +42,7 @@ from billing.selectors import (
     usage_with_unbooked,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
-from billing.services.funding import committed_amount, month_start
+from billing.services.funding import committed_amount
 from billing.services.holds import money_position
 from billing.services.payment_methods import (
     payment_method_attach,

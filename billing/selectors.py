@@ -26,6 +26,7 @@ from marketplace.services.energy import EnergyEstimate, energy_estimate
 __all__ = [
     "balance_minor",
     "spend_minor",
+    "month_start",
     "ledger_for_org",
     "usage_by_reservation_day",
     "usage_unbooked_by_reservation_day",
@@ -64,6 +65,11 @@ def spend_minor(
         filters &= Q(created_at__lt=until)
     total = LedgerEntry.objects.filter(filters).aggregate(total=Coalesce(Sum("amount_minor"), 0))
     return -total["total"]
+
+
+def month_start(at: datetime) -> datetime:
+    """The start of the month `at` is in: where a month's spend (spend_minor) counts from."""
+    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 # Between two metering runs a running reservation's cost grows by the second from its last

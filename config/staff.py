@@ -14,8 +14,7 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from billing.models import LedgerKind
-from billing.selectors import delivered_gpu_seconds_by_day, ledger_totals_by_kind
-from billing.services.funding import month_start
+from billing.selectors import delivered_gpu_seconds_by_day, ledger_totals_by_kind, month_start
 from inventory.selectors import fleet_gpu_utilisation_by_day
 from marketplace.models import ReservationStatus
 from marketplace.selectors.staff import (

@@ -1,9 +1,11 @@
 """Billing's events, recorded through the marketplace's event writer in the caller's transaction.
 
-The objects are shown as billing's API shows them (top-ups, the balance, invoices).
+The objects are shown as billing's API shows them (top-ups, the balance, invoices), through the
+serializers it shares with the API (billing/serializers.py).
 """
 
 from billing.models import Invoice, TopUp
+from billing.serializers import BalanceOutput, InvoiceOutput, TopUpOutput, balance_data
 from marketplace.models import EventType, Organization
 from marketplace.services.events import event_record
 
@@ -12,9 +14,6 @@ __all__ = ["top_up_events_record", "balance_event_record", "invoice_event_record
 
 def top_up_events_record(*, top_up: TopUp, succeeded: bool) -> None:
     """payment.succeeded and top_up.succeeded (the balance was credited), or payment.failed."""
-    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services that record these events.
-    from billing.apis import TopUpOutput
-
     types = (
         [EventType.PAYMENT_SUCCEEDED, EventType.TOP_UP_SUCCEEDED]
         if succeeded
@@ -33,9 +32,6 @@ def top_up_events_record(*, top_up: TopUp, succeeded: bool) -> None:
 
 def balance_event_record(*, organization: Organization, type: str) -> None:
     """balance.low or funding.suspended, with the balance as GET billing/balance shows it."""
-    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services that record these events.
-    from billing.apis import BalanceOutput, balance_data
-
     event_record(
         organization_id=organization.pk,
         type=type,
@@ -47,9 +43,6 @@ def balance_event_record(*, organization: Organization, type: str) -> None:
 
 
 def invoice_event_record(*, invoice: Invoice, type: str) -> None:
-    # Known cycle (tests/test_import_cycles.py): the API's serializers import the services that record these events.
-    from billing.apis import InvoiceOutput
-
     event_record(
         organization_id=invoice.organization_id,
         type=type,

@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, to_minor_units
-from billing.selectors import reservations_charged, spend_minor
+from billing.selectors import month_start, reservations_charged, spend_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.credits import cancellation_settle
 from billing.services.events import balance_event_record
@@ -50,14 +50,9 @@ __all__ = [
     "commitment_authorize",
     "BillingFundingGate",
     "funding_state_update",
-    "month_start",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def month_start(at: datetime) -> datetime:
-    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 def committed_amount(
