@@ -87,13 +87,14 @@ def test_the_create_serialises_the_reservation_once_for_its_event_and_response(
 ):
     # The reservation.created event and the 201 show the same ReservationOutput fields; they
     # come from one pass (the charge is a field of that part: asked for once per create).
-    from marketplace.apis import reservations as api
-    from marketplace.apis.reservations import ReservationDetailOutput, ReservationOutput
+    from marketplace import serializers
+    from marketplace.apis.reservations import ReservationDetailOutput
     from marketplace.models import Event
+    from marketplace.serializers import ReservationOutput
 
     calls = []
-    charged = api.reservation_charged
-    monkeypatch.setattr(api, "reservation_charged", lambda r: calls.append(r) or charged(r))
+    charged = serializers.reservation_charged
+    monkeypatch.setattr(serializers, "reservation_charged", lambda r: calls.append(r) or charged(r))
     response = client_key.post(
         "/api/v1/reservations", reservation_body(site="abilene-1", gpu_count=2), format="json"
     )
