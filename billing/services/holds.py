@@ -21,7 +21,7 @@ from django.utils import timezone
 from billing.models import Hold, HoldStatus, LedgerKind
 from config.db import model_insert
 from marketplace.models import Reservation
-from marketplace.services.transitions import TERMINAL_STATUSES
+from marketplace.rules import TERMINAL_STATUSES
 
 __all__ = [
     "MoneyPosition",
