@@ -42,6 +42,7 @@ from billing.services.payment_methods import (
 from billing.services.topups import top_up_create
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import IDEMPOTENCY_KEY_PARAMETER, errors
+from config.api.serializers import Serializer
 from config.api.views import ApiView, validated_input
 from config.errors import NotFound
 from config.replica import replica_reads
@@ -62,7 +63,7 @@ class BalanceApi(ApiView):
         return Response(BalanceOutput(balance_data(org)).data)
 
 
-class BillingSettingsInput(serializers.Serializer):
+class BillingSettingsInput(Serializer):
     auto_recharge_enabled = serializers.BooleanField(required=False)
     recharge_threshold = serializers.DecimalField(max_digits=9, decimal_places=2, required=False)
     recharge_amount = serializers.DecimalField(max_digits=9, decimal_places=2, required=False)
@@ -85,7 +86,7 @@ class BillingSettingsApi(ApiView):
         return BalanceApi().get_response_for(self.organization)
 
 
-class LedgerEntryOutput(serializers.Serializer):
+class LedgerEntryOutput(Serializer):
     id = serializers.IntegerField()
     kind = serializers.ChoiceField(choices=LedgerKind.choices)
     amount = MoneyField(source="amount_minor")
@@ -112,12 +113,12 @@ class LedgerListApi(ApiView):
         )
 
 
-class UsageInput(serializers.Serializer):
+class UsageInput(Serializer):
     since = serializers.DateField(required=False)
     until = serializers.DateField(required=False)
 
 
-class UsageOutput(serializers.Serializer):
+class UsageOutput(Serializer):
     reservation = serializers.CharField(source="reservation__public_id")
     day = serializers.DateField()
     gpu_seconds = serializers.IntegerField()
@@ -167,7 +168,7 @@ class UsageApi(ApiView):
         return Response(UsageOutput(rows, many=True).data)
 
 
-class StatementLineOutput(serializers.Serializer):
+class StatementLineOutput(Serializer):
     created_at = serializers.DateTimeField(source="entry.created_at")
     kind = serializers.ChoiceField(source="entry.kind", choices=LedgerKind.choices)
     description = serializers.CharField(source="entry.description")
@@ -185,13 +186,13 @@ class StatementLineOutput(serializers.Serializer):
         return money_text(line.balance_after_minor, line.entry.currency)
 
 
-class StatementUsageOutput(serializers.Serializer):
+class StatementUsageOutput(Serializer):
     reservation = serializers.CharField()
     gpu_seconds = serializers.IntegerField()
     amount = serializers.CharField(help_text="Charged (positive).")
 
 
-class StatementOutput(serializers.Serializer):
+class StatementOutput(Serializer):
     month = serializers.CharField(help_text="YYYY-MM (UTC).")
     currency = serializers.CharField()
     opening_balance = serializers.CharField()
@@ -244,7 +245,7 @@ class InvoiceListApi(ApiView):
         )
 
 
-class PaymentMethodOutput(serializers.Serializer):
+class PaymentMethodOutput(Serializer):
     id = serializers.CharField(source="stripe_payment_method_id")
     brand = serializers.CharField()
     last4 = serializers.CharField()
@@ -253,7 +254,7 @@ class PaymentMethodOutput(serializers.Serializer):
     is_default = serializers.BooleanField()
 
 
-class PaymentMethodAttachInput(serializers.Serializer):
+class PaymentMethodAttachInput(Serializer):
     payment_method = serializers.RegexField(
         r"^pm_[A-Za-z0-9_]+$", max_length=64, help_text="pm_… confirmed with Stripe.js."
     )
@@ -298,7 +299,7 @@ class PaymentMethodListApi(ApiView):
         return Response(PaymentMethodOutput(methods, many=True).data)
 
 
-class SetupIntentOutput(serializers.Serializer):
+class SetupIntentOutput(Serializer):
     setup_intent_id = serializers.CharField()
     client_secret = serializers.CharField(help_text="For Stripe.js confirmCardSetup.")
     publishable_key = serializers.CharField()
@@ -342,7 +343,7 @@ class PaymentMethodDetailApi(ApiView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class TopUpInput(serializers.Serializer):
+class TopUpInput(Serializer):
     amount = serializers.DecimalField(max_digits=9, decimal_places=2, help_text='e.g. "50.00"')
 
 

@@ -14,6 +14,7 @@ from billing.money import from_minor_units
 from billing.selectors import month_start, spend_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.holds import money_position
+from config.api.serializers import Serializer
 
 __all__ = [
     "money_text",
@@ -47,7 +48,7 @@ class MoneyField(serializers.Field):
         return value
 
 
-class BalanceOutput(serializers.Serializer):
+class BalanceOutput(Serializer):
     currency = serializers.CharField()
     balance = serializers.CharField(help_text="Prepaid balance: the sum of the ledger.")
     accrued = serializers.CharField(
@@ -99,7 +100,7 @@ def balance_data(org) -> dict:
     }
 
 
-class InvoiceOutput(serializers.Serializer):
+class InvoiceOutput(Serializer):
     id = serializers.CharField(source="stripe_invoice_id")
     status = serializers.CharField()
     currency = serializers.CharField()
@@ -110,7 +111,7 @@ class InvoiceOutput(serializers.Serializer):
     period_end = serializers.DateTimeField(allow_null=True)
 
 
-class TopUpOutput(serializers.Serializer):
+class TopUpOutput(Serializer):
     id = serializers.IntegerField()
     amount = MoneyField(source="amount_minor")
     currency = serializers.CharField()

@@ -9,6 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
+from config.api.serializers import Serializer
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.heartbeat_input import heartbeat_fast_validate
@@ -31,7 +32,7 @@ def _gpu_indexes_validate(items: list[dict], *, known: set[int]) -> list[dict]:
     return items
 
 
-class GpuHealthReportSerializer(serializers.Serializer):
+class GpuHealthReportSerializer(Serializer):
     index = serializers.IntegerField(min_value=0, max_value=255)
     health = serializers.ChoiceField(choices=GpuHealth.choices)
 
@@ -50,12 +51,12 @@ def _flag():
     return serializers.BooleanField(required=False, allow_null=True, default=None)
 
 
-class DriverEventSerializer(serializers.Serializer):
+class DriverEventSerializer(Serializer):
     code = serializers.CharField(max_length=40)  # an Xid number or an amdgpu event name
     detail = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
 
 
-class GpuTelemetrySerializer(serializers.Serializer):
+class GpuTelemetrySerializer(Serializer):
     """One GPU's readings, as agent/gpu_telemetry.py reports them (other keys are ignored)."""
 
     index = serializers.IntegerField(min_value=0, max_value=255)
@@ -87,7 +88,7 @@ class GpuTelemetrySerializer(serializers.Serializer):
     events = DriverEventSerializer(many=True, required=False, default=list, max_length=50)
 
 
-class TelemetrySerializer(serializers.Serializer):
+class TelemetrySerializer(Serializer):
     source = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     unreadable = serializers.CharField(
         max_length=500, required=False, allow_null=True, allow_blank=True, default=None
@@ -104,7 +105,7 @@ class HeartbeatApi(APIView):
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeAgent]
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(Serializer):
         class Meta:
             ref_name = "HeartbeatInput"
 
@@ -118,7 +119,7 @@ class HeartbeatApi(APIView):
         def validate_gpus(self, reports: list[dict]) -> list[dict]:
             return _gpu_indexes_validate(reports, known=self.context["gpu_indexes"])
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(Serializer):
         class Meta:
             ref_name = "Heartbeat"
 
@@ -162,7 +163,7 @@ class BurnInLeaseApi(APIView):
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeAgent]
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(Serializer):
         class Meta:
             ref_name = "BurnInJob"
 
@@ -189,7 +190,7 @@ class BurnInResultApi(APIView):
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeAgent]
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(Serializer):
         class Meta:
             ref_name = "BurnInResultInput"
 
@@ -199,7 +200,7 @@ class BurnInResultApi(APIView):
             allow_blank=True, max_length=1_000_000, trim_whitespace=False, default=""
         )
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(Serializer):
         class Meta:
             ref_name = "BurnInResult"
 

@@ -7,6 +7,7 @@ event writer and the webhook sender import it at module top, as do the API's mod
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from config.api.serializers import Serializer
 from marketplace.models import ApiKeyScope, EventType, ReservationStatus, Role, Term, Tier
 from marketplace.rules import PREEMPTIBLE_STATUSES
 from marketplace.selectors.reservations import (
@@ -18,7 +19,7 @@ from marketplace.selectors.reservations import (
 __all__ = ["ReservationOutput", "ApiKeyOutput", "MemberOutput", "EventOutput"]
 
 
-class InterruptionOutput(serializers.Serializer):
+class InterruptionOutput(Serializer):
     at = serializers.DateTimeField(help_text="When the reservation will be preempted.")
     reason = serializers.CharField()
 
@@ -30,7 +31,7 @@ class ChargedField(serializers.DecimalField):
         return reservation_charged(instance)
 
 
-class ReservationOutput(serializers.Serializer):
+class ReservationOutput(Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(choices=ReservationStatus.choices)
     status_reason = serializers.CharField()
@@ -84,7 +85,7 @@ class ReservationOutput(serializers.Serializer):
         ).data
 
 
-class ApiKeyOutput(serializers.Serializer):
+class ApiKeyOutput(Serializer):
     id = serializers.CharField(source="public_id")
     name = serializers.CharField()
     prefix = serializers.CharField(help_text="The visible start of the secret, to recognise it.")
@@ -97,25 +98,25 @@ class ApiKeyOutput(serializers.Serializer):
     revoked_at = serializers.DateTimeField(allow_null=True)
 
 
-class UserOutput(serializers.Serializer):
+class UserOutput(Serializer):
     username = serializers.CharField()
     email = serializers.EmailField()
 
 
-class MemberOutput(serializers.Serializer):
+class MemberOutput(Serializer):
     id = serializers.CharField(source="public_id")
     user = UserOutput()
     role = serializers.ChoiceField(choices=Role.choices)
     created_at = serializers.DateTimeField()
 
 
-class EventDataOutput(serializers.Serializer):
+class EventDataOutput(Serializer):
     object = serializers.JSONField(
         source="data", help_text="The object as the API showed it when the event happened."
     )
 
 
-class EventOutput(serializers.Serializer):
+class EventOutput(Serializer):
     """Also the body of every webhook delivery."""
 
     id = serializers.CharField(source="public_id")

@@ -13,6 +13,7 @@ from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from config.api.serializers import Serializer
 from config.errors import ApplicationError
 
 _TYPE_BY_STATUS = {
@@ -91,7 +92,7 @@ def exception_handler(exc, context):
 # --- the error shape in the OpenAPI schema ------------------------------------------------
 
 
-class _ErrorObjectSerializer(serializers.Serializer):
+class _ErrorObjectSerializer(Serializer):
     type = serializers.ChoiceField(
         choices=[
             "invalid_request_error",
@@ -121,7 +122,7 @@ class _ErrorObjectSerializer(serializers.Serializer):
     retry_after = serializers.IntegerField(required=False, help_text="On 429, in seconds.")
 
 
-class ErrorSerializer(serializers.Serializer):
+class ErrorSerializer(Serializer):
     error = _ErrorObjectSerializer()
 
 

@@ -7,6 +7,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import ApiKey, ApiKeyScope
 from marketplace.selectors.organizations import api_key_get_for_org, api_key_list_for_org
@@ -25,7 +26,7 @@ class ApiKeyCreatedOutput(ApiKeyOutput):
     )
 
 
-class ApiKeyCreateInput(serializers.Serializer):
+class ApiKeyCreateInput(Serializer):
     name = serializers.CharField(max_length=120)
     scopes = serializers.ListField(
         child=serializers.ChoiceField(choices=ApiKeyScope.choices),

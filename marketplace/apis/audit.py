@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView
 from config.replica import replica_reads
 from marketplace.models import AuditEntry
@@ -15,7 +16,7 @@ from marketplace.services.organizations import MANAGER_ROLES
 TAGS = ["Audit log"]
 
 
-class AuditEntryOutput(serializers.Serializer):
+class AuditEntryOutput(Serializer):
     id = serializers.CharField(source="public_id")
     created_at = serializers.DateTimeField()
     actor = serializers.CharField(help_text="user:<username> or api_key:<prefix>.")

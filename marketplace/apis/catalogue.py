@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import SlugCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import ApiView, validated_input
 from config.replica import replica_reads
 from marketplace.models import Term, Tier
@@ -32,7 +33,7 @@ TAGS = ["Catalogue"]
 MAX_WINDOW = timedelta(days=366)
 
 
-class GpuModelOutput(serializers.Serializer):
+class GpuModelOutput(Serializer):
     id = serializers.CharField(source="slug", help_text="The model's slug, e.g. h100-sxm-80gb.")
     name = serializers.CharField()
     vendor = serializers.CharField()
@@ -84,20 +85,20 @@ def _gpu_models_first_page(page_size: int) -> list | None:
     return data
 
 
-class CapacityByModelOutput(serializers.Serializer):
+class CapacityByModelOutput(Serializer):
     gpu_model = serializers.CharField()
     nodes = serializers.IntegerField()
     gpus = serializers.IntegerField()
     available_nodes = serializers.IntegerField(help_text="Nodes in service right now.")
 
 
-class CapacitySummaryOutput(serializers.Serializer):
+class CapacitySummaryOutput(Serializer):
     nodes = serializers.IntegerField()
     gpus = serializers.IntegerField()
     gpu_models = CapacityByModelOutput(many=True)
 
 
-class SiteOutput(serializers.Serializer):
+class SiteOutput(Serializer):
     id = serializers.CharField(source="slug", help_text="The site's slug.")
     name = serializers.CharField()
     status = serializers.CharField()
@@ -163,7 +164,7 @@ def _validate_window(attrs: dict) -> dict:
     return attrs
 
 
-class SiteAvailabilityInput(serializers.Serializer):
+class SiteAvailabilityInput(Serializer):
     start = serializers.DateTimeField(required=False, help_text="Default: now.")
     end = serializers.DateTimeField(help_text="Exclusive end of the window.")
 
@@ -172,7 +173,7 @@ class SiteAvailabilityInput(serializers.Serializer):
         return _validate_window(attrs)
 
 
-class SiteModelAvailabilityOutput(serializers.Serializer):
+class SiteModelAvailabilityOutput(Serializer):
     gpu_model = serializers.CharField(source="gpu_model.slug")
     nodes = serializers.IntegerField(help_text="Nodes in service for the whole window.")
     healthy_gpus = serializers.IntegerField()
@@ -181,7 +182,7 @@ class SiteModelAvailabilityOutput(serializers.Serializer):
     whole_free_nodes = serializers.IntegerField()
 
 
-class SiteAvailabilityOutput(serializers.Serializer):
+class SiteAvailabilityOutput(Serializer):
     site = serializers.CharField()
     start = serializers.DateTimeField()
     end = serializers.DateTimeField()
@@ -213,7 +214,7 @@ class SiteAvailabilityApi(_Catalogue):
         )
 
 
-class GridFiltersInput(serializers.Serializer):
+class GridFiltersInput(Serializer):
     """Which sites qualify by their grid: shared by the search and quotes."""
 
     min_renewable_share = serializers.DecimalField(
@@ -281,7 +282,7 @@ class AvailabilityInput(GridFiltersInput):
         return _validate_window(attrs)
 
 
-class BreakdownOutput(serializers.Serializer):
+class BreakdownOutput(Serializer):
     """How the price was reached; every amount a decimal string."""
 
     currency = serializers.CharField()
@@ -339,7 +340,7 @@ class BreakdownOutput(serializers.Serializer):
     rounding = serializers.CharField()
 
 
-class EnergyOutput(serializers.Serializer):
+class EnergyOutput(Serializer):
     """Estimated energy and emissions of the GPU time (marketplace.services.energy)."""
 
     kwh = serializers.CharField(help_text="Decimal string, 3 places.")
@@ -360,20 +361,20 @@ class EnergyOutput(serializers.Serializer):
     )
 
 
-class OfferSiteOutput(serializers.Serializer):
+class OfferSiteOutput(Serializer):
     id = serializers.CharField(source="slug")
     name = serializers.CharField()
     region = serializers.CharField()
     country = serializers.CharField()
 
 
-class CurtailmentHistoryOutput(serializers.Serializer):
+class CurtailmentHistoryOutput(Serializer):
     days = serializers.IntegerField(help_text="The period looked at: the last 90 days.")
     events = serializers.IntegerField(help_text="Curtailments that took effect in it.")
     hours = serializers.CharField(help_text="Hours the site was curtailed in it (1 place).")
 
 
-class OfferGridOutput(serializers.Serializer):
+class OfferGridOutput(Serializer):
     """The grid behind the offer."""
 
     price_zone = serializers.CharField(
@@ -389,7 +390,7 @@ class OfferGridOutput(serializers.Serializer):
     curtailments_90d = CurtailmentHistoryOutput()
 
 
-class OfferResaleOutput(serializers.Serializer):
+class OfferResaleOutput(Serializer):
     listing = serializers.CharField(
         source="public_id", help_text="lst_…: book it with POST reservations {listing: …}."
     )
@@ -398,7 +399,7 @@ class OfferResaleOutput(serializers.Serializer):
     gpu_count = serializers.IntegerField(help_text="GPUs listed (you may take fewer).")
 
 
-class OfferOutput(serializers.Serializer):
+class OfferOutput(Serializer):
     site = OfferSiteOutput()
     gpu_model = serializers.CharField(source="gpu_model.slug")
     gpu_count = serializers.IntegerField()
@@ -452,7 +453,7 @@ class OfferOutput(serializers.Serializer):
         }
 
 
-class AvailabilityOutput(serializers.Serializer):
+class AvailabilityOutput(Serializer):
     results = OfferOutput(
         many=True,
         help_text="Cheapest first; one offer per site and model, and one per resale listing "

@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.throttling import ApiRateThrottle
 from marketplace.models import Curtailment, DemandResponseEvent, DemandResponseSource
 from marketplace.services.demand_response import (
@@ -94,7 +95,7 @@ class IsDemandResponseSource(permissions.BasePermission):
         return isinstance(request.auth, DemandResponseSource)
 
 
-class DemandResponseCallInput(serializers.Serializer):
+class DemandResponseCallInput(Serializer):
     event_id = serializers.CharField(max_length=200, help_text="Yours; unique per source.")
     modification_number = serializers.IntegerField(
         min_value=0, default=0, help_text="Raise it to change or cancel the call."
@@ -131,7 +132,7 @@ class DemandResponseCallInput(serializers.Serializer):
         return data
 
 
-class CurtailmentOutput(serializers.Serializer):
+class CurtailmentOutput(Serializer):
     site = serializers.CharField(source="site.slug")
     shed_at = serializers.DateTimeField()
     until = serializers.DateTimeField(allow_null=True)
@@ -148,7 +149,7 @@ class CurtailmentOutput(serializers.Serializer):
         return obj.called_off_at is not None
 
 
-class DemandResponseOutput(serializers.Serializer):
+class DemandResponseOutput(Serializer):
     event_id = serializers.CharField()
     modification_number = serializers.IntegerField()
     status = serializers.CharField()

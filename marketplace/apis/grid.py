@@ -15,6 +15,7 @@ from rest_framework.response import Response
 
 from config.api.errors import ErrorSerializer, agent_errors
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import ApiView, validated_input
 from config.errors import NotFound, PermissionDenied
 from inventory.auth import NodeTokenAuthentication
@@ -28,7 +29,7 @@ TAGS = ["Grid"]
 MAX_READ_WINDOW = timedelta(days=31)
 
 
-class PriceInput(serializers.Serializer):
+class PriceInput(Serializer):
     """One interval; checked by the same rules as a staff CSV (docs/grid.md)."""
 
     starts_at = serializers.CharField(help_text="ISO 8601 with a UTC offset.")
@@ -39,17 +40,17 @@ class PriceInput(serializers.Serializer):
     )
 
 
-class PricesPushInput(serializers.Serializer):
+class PricesPushInput(Serializer):
     prices = serializers.ListField(child=PriceInput(), min_length=1, max_length=MAX_ROWS)
 
 
-class GapOutput(serializers.Serializer):
+class GapOutput(Serializer):
     zone = serializers.CharField()
     starts_at = serializers.DateTimeField()
     ends_at = serializers.DateTimeField()
 
 
-class PricesPushOutput(serializers.Serializer):
+class PricesPushOutput(Serializer):
     zone = serializers.CharField()
     created = serializers.IntegerField(help_text="Intervals not stored before.")
     corrected = serializers.IntegerField(help_text="Same interval, another price: replaced.")
@@ -60,7 +61,7 @@ class PricesPushOutput(serializers.Serializer):
     gaps = GapOutput(many=True, help_text="Holes between the intervals sent (flagged, stored).")
 
 
-class PricesReadInput(serializers.Serializer):
+class PricesReadInput(Serializer):
     start = serializers.DateTimeField(required=False, help_text="Default: now.")
     end = serializers.DateTimeField(required=False, help_text="Default: start + 48 hours.")
 
@@ -76,21 +77,21 @@ class PricesReadInput(serializers.Serializer):
         return attrs
 
 
-class ZoneOutput(serializers.Serializer):
+class ZoneOutput(Serializer):
     id = serializers.CharField(source="code")
     name = serializers.CharField()
     currency = serializers.CharField()
     timezone = serializers.CharField()
 
 
-class PriceOutput(serializers.Serializer):
+class PriceOutput(Serializer):
     starts_at = serializers.DateTimeField()
     ends_at = serializers.DateTimeField()
     price_per_mwh = serializers.DecimalField(max_digits=12, decimal_places=2)
     currency = serializers.CharField()
 
 
-class PricesReadOutput(serializers.Serializer):
+class PricesReadOutput(Serializer):
     zone = ZoneOutput()
     prices = PriceOutput(many=True)
 

@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
 from config.errors import ValidationFailed
 from marketplace.models import Invitation, Membership, Role
@@ -31,7 +32,7 @@ from marketplace.services.organizations import (
 TAGS = ["Organization"]
 
 
-class OrganizationOutput(serializers.Serializer):
+class OrganizationOutput(Serializer):
     id = serializers.CharField(source="organization.public_id")
     name = serializers.CharField(source="organization.name")
     slug = serializers.CharField(source="organization.slug")
@@ -63,7 +64,7 @@ class MemberFilter(django_filters.FilterSet):
         fields = ["role"]
 
 
-class MemberCreateInput(serializers.Serializer):
+class MemberCreateInput(Serializer):
     email = serializers.EmailField(help_text="The email of an existing Switchyard user.")
     role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 
@@ -110,7 +111,7 @@ class MemberListApi(ApiView):
         return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
 
 
-class MemberUpdateInput(serializers.Serializer):
+class MemberUpdateInput(Serializer):
     role = serializers.ChoiceField(choices=Role.choices)
 
 
@@ -146,7 +147,7 @@ class MemberDetailApi(ApiView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class InvitationOutput(serializers.Serializer):
+class InvitationOutput(Serializer):
     id = serializers.CharField(source="public_id")
     email = serializers.EmailField()
     role = serializers.ChoiceField(choices=Role.choices)
@@ -165,7 +166,7 @@ class InvitationCreatedOutput(InvitationOutput):
     )
 
 
-class InvitationCreateInput(serializers.Serializer):
+class InvitationCreateInput(Serializer):
     email = serializers.EmailField(help_text="Who to invite; they need no account yet.")
     role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
 

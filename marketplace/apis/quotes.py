@@ -6,6 +6,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import ApiView
 from marketplace.apis.catalogue import BreakdownOutput, EnergyOutput, GridFiltersInput
 from marketplace.models import Term, Tier
@@ -38,7 +39,7 @@ class QuoteCreateInput(GridFiltersInput):
     )
 
 
-class QuoteOutput(serializers.Serializer):
+class QuoteOutput(Serializer):
     id = serializers.CharField(source="public_id")
     gpu_model = serializers.CharField(source="gpu_model.slug")
     site = serializers.CharField(source="site.slug")

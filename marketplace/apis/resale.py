@@ -10,6 +10,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
 from marketplace.funding import funding_gate
 from marketplace.models import RESALE_TIER_CHOICES, ListingStatus, ResaleListing, Tier
@@ -21,7 +22,7 @@ from marketplace.services.resale import listing_create, listing_withdraw
 TAGS = ["Resale"]
 
 
-class SaleOutput(serializers.Serializer):
+class SaleOutput(Serializer):
     """What sold (the listing was narrowed to it) and what it has brought so far."""
 
     sold_at = serializers.DateTimeField()
@@ -43,7 +44,7 @@ class SaleOutput(serializers.Serializer):
     net = serializers.DecimalField(max_digits=14, decimal_places=2)
 
 
-class ListingOutput(serializers.Serializer):
+class ListingOutput(Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(
         choices=ListingStatus.choices,
@@ -101,7 +102,7 @@ def _listings_output(listings) -> list:
     return ListingOutput(listings, many=True, context={"settled": settled}).data
 
 
-class ListingCreateInput(serializers.Serializer):
+class ListingCreateInput(Serializer):
     reservation = serializers.CharField(max_length=32, help_text="res_…: your reserved term.")
     gpu_count = serializers.IntegerField(min_value=1, max_value=4096)
     node = serializers.CharField(

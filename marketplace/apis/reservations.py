@@ -10,6 +10,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
 from config.replica import replica_reads
 from marketplace.apis.catalogue import EnergyOutput
@@ -54,7 +55,7 @@ _DIRECT_FIELDS = (
 )
 
 
-class WorkloadInput(serializers.Serializer):
+class WorkloadInput(Serializer):
     image = serializers.CharField(
         required=False, max_length=512, help_text="Container image; default: the platform's."
     )
@@ -71,7 +72,7 @@ class WorkloadInput(serializers.Serializer):
     )
 
 
-class ReservationCreateInput(serializers.Serializer):
+class ReservationCreateInput(Serializer):
     quote = serializers.CharField(
         required=False, max_length=32, help_text="quo_…: reserve at the quoted price."
     )
@@ -132,7 +133,7 @@ class ReservationCreateInput(serializers.Serializer):
         return attrs
 
 
-class TransitionOutput(serializers.Serializer):
+class TransitionOutput(Serializer):
     from_status = serializers.CharField(allow_blank=True)
     to_status = serializers.CharField()
     cause = serializers.CharField()
@@ -140,25 +141,25 @@ class TransitionOutput(serializers.Serializer):
     at = serializers.DateTimeField()
 
 
-class AllocationNodeOutput(serializers.Serializer):
+class AllocationNodeOutput(Serializer):
     hostname = serializers.CharField()
     gpus = serializers.IntegerField()
 
 
-class AllocationSummaryOutput(serializers.Serializer):
+class AllocationSummaryOutput(Serializer):
     gpu_count = serializers.IntegerField()
     node_count = serializers.IntegerField()
     nodes = AllocationNodeOutput(many=True)
 
 
-class WorkloadOutput(serializers.Serializer):
+class WorkloadOutput(Serializer):
     image = serializers.CharField(allow_null=True)
     ssh_public_keys = serializers.ListField(child=serializers.CharField())
     env_names = serializers.ListField(child=serializers.CharField())
     ports = serializers.ListField(child=serializers.IntegerField())
 
 
-class ConnectionNodeOutput(serializers.Serializer):
+class ConnectionNodeOutput(Serializer):
     host = serializers.CharField()
     ssh_port = serializers.IntegerField(
         allow_null=True, help_text="Null when the workload has no SSH keys (22 not published)."
@@ -171,7 +172,7 @@ class ConnectionNodeOutput(serializers.Serializer):
     gpu_indexes = serializers.ListField(child=serializers.IntegerField(), required=False)
 
 
-class ConnectionOutput(serializers.Serializer):
+class ConnectionOutput(Serializer):
     host = serializers.CharField(help_text="The entry point (the first node).")
     ssh_port = serializers.IntegerField(
         allow_null=True, help_text="Null when the workload has no SSH keys (22 not published)."
@@ -188,13 +189,13 @@ class ConnectionOutput(serializers.Serializer):
     nodes = ConnectionNodeOutput(many=True, required=False, help_text="Every node, in order.")
 
 
-class OutageOutput(serializers.Serializer):
+class OutageOutput(Serializer):
     started_at = serializers.DateTimeField()
     ended_at = serializers.DateTimeField(allow_null=True, help_text="null while still open.")
     cause = serializers.CharField()
 
 
-class CancellationTermsOutput(serializers.Serializer):
+class CancellationTermsOutput(Serializer):
     action = serializers.ChoiceField(
         choices=["cancel", "stop"],
         help_text="cancel: before activation; stop: an active reservation ends early.",
@@ -208,7 +209,7 @@ class CancellationTermsOutput(serializers.Serializer):
     rule = serializers.CharField()
 
 
-class ReservationDetailFields(serializers.Serializer):
+class ReservationDetailFields(Serializer):
     """What the detail shows beyond ReservationOutput's fields (which come first). A create
     shows ReservationOutput's part from its reservation.created event's data, serialised once
     for both (reservation_detail_after_create)."""
@@ -401,7 +402,7 @@ class CancellationTermsApi(_OneReservation):
         return Response(CancellationTermsOutput(cancellation_terms(self.reservation())).data)
 
 
-class ReservationCancelInput(serializers.Serializer):
+class ReservationCancelInput(Serializer):
     reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
 
 
@@ -424,11 +425,11 @@ class ReservationCancelApi(_OneReservation):
         return Response(_detail(self.organization, reservation.public_id))
 
 
-class ExtensionTermsInput(serializers.Serializer):
+class ExtensionTermsInput(Serializer):
     ends_at = serializers.DateTimeField(help_text="The new, later end to price.")
 
 
-class ExtensionTermsOutput(serializers.Serializer):
+class ExtensionTermsOutput(Serializer):
     ends_at = serializers.DateTimeField(help_text="The current end.")
     new_ends_at = serializers.DateTimeField()
     currency = serializers.CharField()
@@ -460,7 +461,7 @@ class ExtensionTermsApi(_OneReservation):
         return Response(ExtensionTermsOutput(terms).data)
 
 
-class ReservationExtendInput(serializers.Serializer):
+class ReservationExtendInput(Serializer):
     ends_at = serializers.DateTimeField(
         help_text="The new, later end; same GPUs, same price (see extension-terms first)."
     )
@@ -486,7 +487,7 @@ class ReservationExtendApi(_OneReservation):
         return Response(_detail(self.organization, reservation.public_id))
 
 
-class TelemetryInput(serializers.Serializer):
+class TelemetryInput(Serializer):
     since = serializers.DateTimeField(required=False, help_text="Default: 6 hours before until.")
     until = serializers.DateTimeField(
         required=False, help_text="Default: now, or the reservation's end if earlier."
@@ -503,7 +504,7 @@ class TelemetryInput(serializers.Serializer):
         return attrs
 
 
-class TelemetryPointOutput(serializers.Serializer):
+class TelemetryPointOutput(Serializer):
     t = serializers.DateTimeField(help_text="The minute (UTC) the figures are for.")
     utilization_pct = serializers.FloatField(allow_null=True, help_text="Mean over the minute.")
     memory_used_mib = serializers.IntegerField(allow_null=True, help_text="Most in the minute.")
@@ -511,7 +512,7 @@ class TelemetryPointOutput(serializers.Serializer):
     temperature_c = serializers.IntegerField(allow_null=True, help_text="Hottest reading.")
 
 
-class GpuSeriesOutput(serializers.Serializer):
+class GpuSeriesOutput(Serializer):
     node = serializers.CharField()
     index = serializers.IntegerField(help_text="The GPU's index on its node.")
     starts_at = serializers.DateTimeField(help_text="When this GPU became the reservation's.")
@@ -519,7 +520,7 @@ class GpuSeriesOutput(serializers.Serializer):
     points = TelemetryPointOutput(many=True)
 
 
-class ReservationTelemetryOutput(serializers.Serializer):
+class ReservationTelemetryOutput(Serializer):
     reservation = serializers.CharField()
     since = serializers.DateTimeField()
     until = serializers.DateTimeField()

@@ -6,6 +6,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import ApiView, validated_input
 from marketplace.models import SshKey
 from marketplace.selectors.ssh_keys import ssh_key_get_for_org, ssh_key_list_for_org
@@ -14,7 +15,7 @@ from marketplace.services.ssh_keys import ssh_key_create, ssh_key_delete
 TAGS = ["SSH keys"]
 
 
-class SshKeyOutput(serializers.Serializer):
+class SshKeyOutput(Serializer):
     id = serializers.CharField(source="public_id")
     name = serializers.CharField()
     public_key = serializers.CharField(help_text="Normalised: type, base64 body, comment.")
@@ -23,7 +24,7 @@ class SshKeyOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
-class SshKeyCreateInput(serializers.Serializer):
+class SshKeyCreateInput(Serializer):
     name = serializers.CharField(max_length=100, help_text="To recognise the key, e.g. “laptop”.")
     public_key = serializers.CharField(
         max_length=16384,

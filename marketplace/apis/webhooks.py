@@ -8,6 +8,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
 from marketplace.models import DeliveryStatus, EventType, WebhookDelivery, WebhookEndpoint
 from marketplace.selectors.webhooks import (
@@ -28,7 +29,7 @@ from marketplace.services.webhooks import (
 TAGS = ["Webhooks"]
 
 
-class WebhookEndpointOutput(serializers.Serializer):
+class WebhookEndpointOutput(Serializer):
     id = serializers.CharField(source="public_id")
     url = serializers.URLField()
     description = serializers.CharField()
@@ -53,7 +54,7 @@ class WebhookEndpointSecretOutput(WebhookEndpointOutput):
     )
 
 
-class WebhookEndpointCreateInput(serializers.Serializer):
+class WebhookEndpointCreateInput(Serializer):
     url = serializers.URLField(max_length=2000)
     event_types = serializers.ListField(
         child=serializers.ChoiceField(choices=EventType.choices),
@@ -65,7 +66,7 @@ class WebhookEndpointCreateInput(serializers.Serializer):
     enabled = serializers.BooleanField(default=True)
 
 
-class WebhookEndpointUpdateInput(serializers.Serializer):
+class WebhookEndpointUpdateInput(Serializer):
     url = serializers.URLField(max_length=2000, required=False)
     event_types = serializers.ListField(
         child=serializers.ChoiceField(choices=EventType.choices),
@@ -78,7 +79,7 @@ class WebhookEndpointUpdateInput(serializers.Serializer):
     )
 
 
-class WebhookAttemptOutput(serializers.Serializer):
+class WebhookAttemptOutput(Serializer):
     at = serializers.DateTimeField()
     duration_ms = serializers.IntegerField()
     succeeded = serializers.BooleanField()
@@ -87,7 +88,7 @@ class WebhookAttemptOutput(serializers.Serializer):
     error = serializers.CharField()
 
 
-class WebhookDeliveryOutput(serializers.Serializer):
+class WebhookDeliveryOutput(Serializer):
     id = serializers.CharField(source="public_id")
     endpoint = serializers.CharField(source="endpoint.public_id")
     event = serializers.CharField(source="event.public_id")

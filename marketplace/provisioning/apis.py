@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
+from config.api.serializers import Serializer
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from marketplace.models import AgentJob, AgentJobKind, AgentJobStatus
 from marketplace.provisioning.agent_jobs import (
@@ -28,7 +29,7 @@ class _AgentApi(APIView):
     permission_classes = [IsNodeAgent]
 
 
-class JobStateSerializer(serializers.Serializer):
+class JobStateSerializer(Serializer):
     id = serializers.IntegerField()
     kind = serializers.ChoiceField(choices=AgentJobKind.choices)
     status = serializers.ChoiceField(choices=AgentJobStatus.choices)
@@ -38,10 +39,10 @@ class JobStateSerializer(serializers.Serializer):
 class AgentJobLeaseApi(_AgentApi):
     """Lease this node's next job. 204 when there is none."""
 
-    class AgentJobLeaseInputSerializer(serializers.Serializer):
+    class AgentJobLeaseInputSerializer(Serializer):
         lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(Serializer):
         id = serializers.IntegerField()
         kind = serializers.ChoiceField(choices=AgentJobKind.choices)
         reservation = serializers.CharField(source="reservation.public_id")
@@ -73,7 +74,7 @@ class AgentJobLeaseApi(_AgentApi):
 class AgentJobProgressApi(_AgentApi):
     """Report progress on a leased job; extends the lease."""
 
-    class AgentJobProgressInputSerializer(serializers.Serializer):
+    class AgentJobProgressInputSerializer(Serializer):
         lease_id = serializers.CharField(max_length=64)
         progress = serializers.DictField(required=False, default=dict)
         lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
@@ -100,7 +101,7 @@ class AgentJobProgressApi(_AgentApi):
 class AgentJobCompleteApi(_AgentApi):
     """The job is done; a start job reports how to connect. Repeating it is harmless."""
 
-    class ResultSerializer(serializers.Serializer):
+    class ResultSerializer(Serializer):
         host = serializers.CharField(max_length=255, required=False)
         ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
         ports = serializers.DictField(
@@ -109,7 +110,7 @@ class AgentJobCompleteApi(_AgentApi):
         container_id = serializers.CharField(max_length=128, required=False)
         detail = serializers.CharField(max_length=2000, required=False)
 
-    class AgentJobCompleteInputSerializer(serializers.Serializer):
+    class AgentJobCompleteInputSerializer(Serializer):
         lease_id = serializers.CharField(max_length=64)
         result = serializers.DictField(required=False, default=dict)
 
@@ -135,7 +136,7 @@ class AgentJobCompleteApi(_AgentApi):
 class AgentJobFailApi(_AgentApi):
     """The job failed; node_failure says the node itself is bad (it is taken out of sale)."""
 
-    class AgentJobFailInputSerializer(serializers.Serializer):
+    class AgentJobFailInputSerializer(Serializer):
         lease_id = serializers.CharField(max_length=64)
         error = serializers.CharField(max_length=2000)
         node_failure = serializers.BooleanField(default=False)
@@ -164,7 +165,7 @@ class AgentWorkloadsApi(_AgentApi):
     that exited while its reservation was active ends the reservation; the answer holds the
     preemption notices to write into the node's containers."""
 
-    class ContainerReportSerializer(serializers.Serializer):
+    class ContainerReportSerializer(Serializer):
         name = serializers.CharField(max_length=128)
         reservation = serializers.CharField(max_length=64, allow_blank=True)
         state = serializers.CharField(max_length=32)
@@ -172,7 +173,7 @@ class AgentWorkloadsApi(_AgentApi):
         finished_at = serializers.CharField(max_length=64, allow_null=True, required=False)
         log_tail = serializers.CharField(max_length=4000, allow_blank=True, required=False)
 
-    class AgentWorkloadsInputSerializer(serializers.Serializer):
+    class AgentWorkloadsInputSerializer(Serializer):
         containers = serializers.ListField(child=serializers.DictField(), max_length=512)
 
         def validate_containers(self, items: list[dict]) -> list[dict]:
@@ -180,7 +181,7 @@ class AgentWorkloadsApi(_AgentApi):
             reports.is_valid(raise_exception=True)
             return reports.validated_data
 
-    class OutputSerializer(serializers.Serializer):
+    class OutputSerializer(Serializer):
         notices = serializers.ListField(child=serializers.DictField())
 
         class Meta:

@@ -1,0 +1,141 @@
+"""config.api.serializers.Serializer: the base of every serializer of ours, whose instances
+copy the declared fields by their attributes instead of DRF's deepcopy. Each instance must
+still get fields of its own, bound to it, equal to DRF's copies; and no serializer of ours
+may skip the base (one that did would only be slower, so this test says where)."""
+
+import copy
+import importlib
+import pkgutil
+
+import pytest
+from rest_framework import serializers
+
+from config.api.serializers import Serializer
+
+PACKAGES = ("billing", "config", "inventory", "marketplace")
+
+
+class _Child(Serializer):
+    n = serializers.IntegerField()
+    shown = serializers.SerializerMethodField()
+
+    def get_shown(self, obj) -> str:
+        return f"{self.context['who']}:{obj['n']}"
+
+
+class _Parent(Serializer):
+    name = serializers.CharField(max_length=5)
+    tags = serializers.ListField(child=serializers.CharField(), required=False)
+    child = _Child()
+    children = _Child(many=True)
+    kind = serializers.ChoiceField(choices=["a", "b"])
+    greeting = serializers.SerializerMethodField()
+
+    def get_greeting(self, obj) -> str:
+        return f"hello {self.context['who']}"
+
+
+def _our_serializers() -> list[type]:
+    for package in PACKAGES:
+        root = importlib.import_module(package)
+        for module in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if ".migrations" in module.name or module.name.endswith(".tests"):
+                continue
+            importlib.import_module(module.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    return sorted(
+        {
+            cls
+            for cls in subclasses(serializers.Serializer)
+            if cls.__module__.split(".")[0] in PACKAGES
+        },
+        key=lambda cls: f"{cls.__module__}.{cls.__qualname__}",
+    )
+
+
+def test_each_instance_has_fields_of_its_own_bound_to_it():
+    one, two = _Parent(context={"who": "one"}), _Parent(context={"who": "two"})
+    for name in one.fields:
+        assert one.fields[name] is not two.fields[name]
+        assert one.fields[name].parent is one and two.fields[name].parent is two
+        assert one.fields[name] is not _Parent._declared_fields[name]
+    one.fields["name"].required = False  # an instance may change its own field
+    assert two.fields["name"].required is True
+    assert _Parent().fields["name"].required is True
+    assert _Parent._declared_fields["name"].parent is None  # the template stays unbound
+
+
+def test_context_reaches_method_fields_and_nested_serializers_of_each_instance():
+    data = {"name": "x", "child": {"n": 1}, "children": [{"n": 2}, {"n": 3}], "kind": "a"}
+    first = _Parent(data, context={"who": "first"}).data
+    second = _Parent(data, context={"who": "second"}).data
+    assert first["greeting"] == "hello first" and second["greeting"] == "hello second"
+    assert first["child"]["shown"] == "first:1"
+    assert [c["shown"] for c in second["children"]] == ["second:2", "second:3"]
+
+
+def test_validation_errors_are_drfs():
+    serializer = _Parent(
+        data={"name": "toolong", "kind": "c", "child": {"n": "x"}, "children": []},
+        context={"who": "v"},
+    )
+    assert not serializer.is_valid()
+    assert set(serializer.errors) == {"name", "kind", "child"}
+    assert "5 characters" in str(serializer.errors["name"][0])
+    assert serializer.errors["child"] == {"n": ["A valid integer is required."]}
+    ok = _Parent(data={"name": "ok", "kind": "b", "child": {"n": 1}, "children": []})
+    assert ok.is_valid(), ok.errors
+    assert ok.validated_data["kind"] == "b"
+
+
+def _described(field) -> tuple:
+    return (
+        type(field),
+        repr(field),
+        field.field_name,
+        field.source,
+        field.source_attrs,
+        field.label,
+        field.required,
+        field.read_only,
+        field.write_only,
+        field.allow_null,
+        [type(v) for v in field.validators],
+    )
+
+
+def test_every_serializer_of_ours_uses_the_base_and_gets_drfs_fields():
+    found = _our_serializers()
+    assert len(found) > 50  # the import walk found the apps' serializers
+    skipped = [f"{c.__module__}.{c.__qualname__}" for c in found if not issubclass(c, Serializer)]
+    assert skipped == []
+    for cls in found:
+        if cls is Serializer:
+            continue
+        ours = cls()
+        drfs = cls()
+        drf_fields = copy.deepcopy(cls._declared_fields)
+        for name, field in drf_fields.items():
+            field.bind(name, drfs)
+        assert {n: _described(f) for n, f in ours.fields.items()} == {
+            n: _described(f) for n, f in drf_fields.items()
+        }, cls
+
+
+@pytest.mark.parametrize("field", [serializers.ListField(child=serializers.IntegerField()),
+                                   _Child(), _Child(many=True)])  # fmt: skip
+def test_fields_holding_fields_are_copied_whole(field):
+    class _Holder(Serializer):
+        held = field
+
+    one, two = _Holder(), _Holder()
+    held_one, held_two = one.fields["held"], two.fields["held"]
+    assert held_one is not held_two
+    inner = "child" if hasattr(held_one, "child") else None
+    if inner:
+        assert getattr(held_one, inner) is not getattr(held_two, inner)
