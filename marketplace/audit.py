@@ -9,6 +9,7 @@ context, and audit_record records nothing: those changes are made by no person o
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.http import HttpRequest
 
 from config.client_ip import client_ip
@@ -45,6 +46,8 @@ def _address(request: HttpRequest) -> str | None:
 
 
 def _user_actor(request: HttpRequest) -> str | None:
+    if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+        return None  # no session, nobody signed in: an API key's call is not made to load one
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return None
