@@ -851,6 +851,7 @@ class Agent:
         self.lease_seconds = lease_seconds
         self.max_parallel_jobs = max_parallel_jobs
         self.kernel_cursor = _gpu_telemetry.KernelEventCursor() if _gpu_telemetry else None
+        self.workloads_reported: list[dict] | None = None  # the last report the API accepted
 
     def telemetry(self) -> dict | None:
         """Per-GPU readings for the heartbeat (gpu_telemetry.py); None on a node without
@@ -862,7 +863,8 @@ class Agent:
 
     def heartbeat(self) -> bool:
         """Say the node is alive with its GPUs' telemetry, report every container and its
-        state, apply the notices."""
+        state, apply the notices. A node that runs no container, and said so last time, sends
+        no report: nothing can have exited and no notice has a container to go to."""
         beat: dict = {"agent_version": AGENT_VERSION}
         telemetry = self.telemetry()
         if telemetry is not None:
@@ -880,8 +882,11 @@ class Agent:
         except ExecutorError as exc:
             logger.warning("cannot list containers: %s", exc)
             return True
+        if not containers and self.workloads_reported == []:
+            return True
         status, body = self.client.post("agent/workloads", {"containers": containers})
         if status == 200 and body is not None:
+            self.workloads_reported = containers
             self.executor.notices_apply(body.get("notices", []))
         else:
             logger.warning("workload report answered %s: %s", status, body)

@@ -46,6 +46,47 @@ def test_a_node_without_a_gpu_tool_sends_no_telemetry(monkeypatch):
     assert "telemetry" not in client.posts[0][1]
 
 
+class Containers(NoContainers):
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def containers(self):
+        return [{"name": n, "reservation": n, "state": "running"} for n in self.names]
+
+
+def test_an_idle_node_reports_its_empty_container_list_once(monkeypatch):
+    monkeypatch.setattr(switchyard_agent._gpu_telemetry.shutil, "which", lambda name: None)
+    client = RecordingClient({})
+    agent = Agent(client=client, executor=NoContainers())
+
+    for _ in range(3):
+        agent.heartbeat()
+
+    assert [path for path, _ in client.posts] == [
+        "agent/heartbeat", "agent/workloads", "agent/heartbeat", "agent/heartbeat"
+    ]  # fmt: skip
+
+
+def test_a_refused_empty_report_is_sent_again_and_running_containers_every_time(monkeypatch):
+    monkeypatch.setattr(switchyard_agent._gpu_telemetry.shutil, "which", lambda name: None)
+    refused = RecordingClient({"agent/workloads": (503, None)})
+    agent = Agent(client=refused, executor=NoContainers())
+    agent.heartbeat()
+    agent.heartbeat()
+    assert [path for path, _ in refused.posts].count("agent/workloads") == 2
+
+    client = RecordingClient({"agent/workloads": (200, {"notices": []})})
+    executor = Containers(["sy-r1"])
+    agent = Agent(client=client, executor=executor)
+    agent.heartbeat()
+    agent.heartbeat()  # running: a notice may come for it any time
+    executor.names = []
+    agent.heartbeat()  # it is gone: reported once more, then nothing
+    agent.heartbeat()
+    reports = [body["containers"] for path, body in client.posts if path == "agent/workloads"]
+    assert [[c["name"] for c in r] for r in reports] == [["sy-r1"], ["sy-r1"], []]
+
+
 def test_the_loop_runs_a_queued_burn_in_and_reports_it():
     job = {"id": 7, "command": "sh -c 'echo $CUDA_VISIBLE_DEVICES; exit 0'",
            "time_limit_seconds": 10, "gpu_indexes": [2, 5]}  # fmt: skip
