@@ -1,6 +1,11 @@
 """The site agent's API."""
 
+import functools
+import json
+
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import ErrorDetail
@@ -10,11 +15,17 @@ from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
 from config.api.serializers import Serializer
-from inventory.auth import IsNodeAgent, NodeTokenAuthentication
+from config.errors import ApplicationError
+from inventory.auth import IsNodeAgent, NodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.heartbeat_input import heartbeat_fast_validate
 from inventory.models import GpuHealth, NodeStatus
-from inventory.services import node_gpus_by_index, node_heartbeat_accept
+from inventory.services import (
+    TOKEN_PREFIX,
+    node_gpus_by_index,
+    node_heartbeat_accept,
+    node_token_authenticate_with_gpus,
+)
 
 
 def _gpu_indexes_validate(items: list[dict], *, known: set[int]) -> list[dict]:
@@ -131,6 +142,19 @@ class HeartbeatApi(APIView):
         def get_next_heartbeat_within_seconds(self, node) -> int:
             return int(settings.NODE_OFFLINE_AFTER.total_seconds())
 
+    @classmethod
+    def as_view(cls, **initkwargs):
+        """DRF's view behind a plain one that answers the agent's routine heartbeat (a valid
+        token, a well-formed JSON body) without DRF's request, negotiation and serializers;
+        anything else, every error included, goes to DRF as before."""
+        drf_view = super().as_view(**initkwargs)
+
+        @functools.wraps(drf_view)  # keeps cls, initkwargs and csrf_exempt for the schema
+        def view(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            return _heartbeat_plain(request) or drf_view(request, *args, **kwargs)
+
+        return view
+
     @extend_schema(
         request=InputSerializer,
         responses={200: OutputSerializer, **agent_errors()},
@@ -155,6 +179,66 @@ class HeartbeatApi(APIView):
             telemetry=data.get("telemetry"),
         )
         return Response(self.OutputSerializer(node).data)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: DRF's strict parser refuses them
+
+
+def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
+    """The heartbeat answered as HeartbeatApi.post would answer it, or None when the request
+    is not the plain case (not JSON, no node token, a body the fast checks do not take) and
+    DRF must answer it, with its own errors."""
+    if request.method != "POST" or request.content_type != "application/json":
+        return None
+    if request.content_params.get("charset", "utf-8").lower() not in ("utf-8", "utf8"):
+        return None
+    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    secret = secret.strip()
+    if scheme != NodeTokenAuthentication.keyword or not secret.startswith(TOKEN_PREFIX):
+        return None
+    try:
+        body = json.loads(request.body.decode(), parse_constant=_no_constant)
+    except (ValueError, RequestDataTooBig):  # UnicodeDecodeError is a ValueError too
+        return None
+    found = node_token_authenticate_with_gpus(secret)
+    if found is None:
+        return None
+    token, gpus = found
+    data = heartbeat_fast_validate(body, gpu_indexes=set(gpus))
+    if data is None:
+        return None
+    request.user = NodeAgent(node=token.node, token=token)
+    try:
+        node = node_heartbeat_accept(
+            node=token.node,
+            gpus=gpus,
+            agent_version=data.get("agent_version"),
+            actor_label=f"node agent ({token.prefix})",
+            telemetry=data.get("telemetry"),
+        )
+    except ApplicationError as exc:  # as config.api.errors.exception_handler answers it
+        return _json_response({"error": exc.as_dict()}, status=exc.status_code)
+    return _json_response(
+        {
+            "node": node.hostname,
+            "status": node.status,
+            "last_heartbeat_at": _AT.to_representation(node.last_heartbeat_at),
+            "next_heartbeat_within_seconds": int(settings.NODE_OFFLINE_AFTER.total_seconds()),
+        }
+    )  # HeartbeatApi.OutputSerializer's fields (its .data costs as much as the rest here)
+
+
+_AT = serializers.DateTimeField()
+
+
+def _json_response(data: dict, status: int = 200) -> HttpResponse:
+    """The bytes and headers DRF's JSONRenderer and Response give the same data."""
+    content = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    response = HttpResponse(content.encode(), status=status, content_type="application/json")
+    response["Vary"] = "Accept"
+    response["Allow"] = "POST, OPTIONS"
+    return response
 
 
 class BurnInLeaseApi(APIView):

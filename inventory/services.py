@@ -400,9 +400,21 @@ SELECT {model_columns(NodeToken, "t")}, {model_columns(Node, "n")}
   FROM {NodeToken._meta.db_table} t JOIN {Node._meta.db_table} n ON n.id = t.node_id
  WHERE t.prefix = %s AND t.revoked_at IS NULL
 """
+# The heartbeat's one read: the token, its node, and the node's GPUs as one array per column
+# (a row per GPU would repeat the node's columns, and loading them cost more than the second
+# query this saves).
+_GPU_ARRAYS = ", ".join(f'array_agg(g."{f.column}")' for f in Gpu._meta.concrete_fields)
+_TOKEN_GPUS_SQL = f"""
+SELECT {model_columns(NodeToken, "t")}, {model_columns(Node, "n")}, a.*
+  FROM {NodeToken._meta.db_table} t JOIN {Node._meta.db_table} n ON n.id = t.node_id
+ CROSS JOIN LATERAL (SELECT {_GPU_ARRAYS} FROM {Gpu._meta.db_table} g WHERE g.node_id = n.id) a
+ WHERE t.prefix = %s AND t.revoked_at IS NULL
+"""
 _NODE_GPUS_SQL = (
     f"SELECT {model_columns(Gpu, 'g')} FROM {Gpu._meta.db_table} g WHERE g.node_id = %s"
 )
+_TOKEN_WIDTH = len(NodeToken._meta.concrete_fields)
+_TOKEN_NODE_WIDTH = _TOKEN_WIDTH + len(Node._meta.concrete_fields)
 
 
 def node_gpus_by_index(node: Node) -> dict[int, Gpu]:
@@ -413,19 +425,21 @@ def node_gpus_by_index(node: Node) -> dict[int, Gpu]:
     return {gpu.index: gpu for gpu in gpus}
 
 
-def node_token_authenticate(secret: str) -> NodeToken | None:
-    """The live token this secret belongs to, or None. Compares hashes in constant time."""
-    prefix = secret[: len(TOKEN_PREFIX) + 8]
-    token = None
+def _token_read(sql: str, secret: str) -> list[tuple]:
     # Every agent request makes this read: SQL, not the ORM, whose compiling cost more than
     # running it (config/db.py); tests/test_db_rows.py holds its rows to the ORM's.
     with connection.cursor() as cursor:
-        cursor.execute(_TOKEN_SQL, [prefix])
-        row = cursor.fetchone()
+        cursor.execute(sql, [secret[: len(TOKEN_PREFIX) + 8]])
+        return cursor.fetchall()
+
+
+def _token_accept(secret: str, row: tuple | None) -> NodeToken | None:
+    """The token in `row` if the secret is its own (hashes compared in constant time, also
+    when there is no row), its use noted; else None."""
+    token = None
     if row is not None:
-        width = len(NodeToken._meta.concrete_fields)
-        token = model_from_row(NodeToken, row[:width])
-        token.node = model_from_row(Node, row[width:])
+        token = model_from_row(NodeToken, row[:_TOKEN_WIDTH])
+        token.node = model_from_row(Node, row[_TOKEN_WIDTH:_TOKEN_NODE_WIDTH])
     expected = token.secret_hash if token else token_hash("")
     if not hmac.compare_digest(expected, token_hash(secret)) or token is None:
         return None
@@ -438,6 +452,25 @@ def node_token_authenticate(secret: str) -> NodeToken | None:
             NodeToken.objects.filter(pk=token.pk).update(last_used_at=now)
         token.last_used_at = now
     return token
+
+
+def node_token_authenticate(secret: str) -> NodeToken | None:
+    """The live token this secret belongs to (its node loaded), or None."""
+    rows = _token_read(_TOKEN_SQL, secret)
+    return _token_accept(secret, rows[0] if rows else None)
+
+
+def node_token_authenticate_with_gpus(secret: str) -> tuple[NodeToken, dict[int, Gpu]] | None:
+    """node_token_authenticate and node_gpus_by_index of its node in one query, or None."""
+    rows = _token_read(_TOKEN_GPUS_SQL, secret)
+    token = _token_accept(secret, rows[0] if rows else None)
+    if token is None:
+        return None
+    columns = rows[0][_TOKEN_NODE_WIDTH:]  # None when the node has no GPU
+    gpus = (
+        [model_from_row(Gpu, values) for values in zip(*columns, strict=True)] if columns[0] else []
+    )
+    return token, {gpu.index: gpu for gpu in gpus}
 
 
 # --- Heartbeats ----------------------------------------------------------------------------

@@ -92,7 +92,12 @@ def test_the_provision_steps_row_lock_matches_select_related_field_for_field(wit
 
 def test_the_node_token_lookup_and_the_gpu_read_match_the_orm_field_for_field():
     from inventory.models import Gpu, NodeToken
-    from inventory.services import node_gpus_by_index, node_token_authenticate, node_token_issue
+    from inventory.services import (
+        node_gpus_by_index,
+        node_token_authenticate,
+        node_token_authenticate_with_gpus,
+        node_token_issue,
+    )
 
     node = NodeFactory(gpus=3)
     issued, secret = node_token_issue(node=node, label="agent")
@@ -107,6 +112,10 @@ def test_the_node_token_lookup_and_the_gpu_read_match_the_orm_field_for_field():
     assert {i: _fields(g) for i, g in gpus.items()} == {
         g.index: _fields(g) for g in Gpu.objects.filter(node=node)
     }
+    token, with_gpus = node_token_authenticate_with_gpus(secret)
+    assert _fields(token.node) == _fields(expected.node)
+    assert {i: _fields(g) for i, g in with_gpus.items()} == {i: _fields(g) for i, g in gpus.items()}
+    assert node_token_authenticate_with_gpus(secret + "x") is None
 
 
 @pytest.mark.usefixtures("allow_all_funding")
