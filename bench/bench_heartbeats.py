@@ -226,6 +226,16 @@ def run(port: int, requests: list[tuple], clients: int, pace: float | None = Non
     return time.perf_counter() - started, [x for per in latencies for x in per]
 
 
+def server_cpu(server: subprocess.Popen) -> float:
+    """CPU seconds gunicorn's master and workers have used so far (Linux /proc)."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    total = 0
+    for pid in [server.pid, *children]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_per_request(beat: tuple, floor: tuple, n: int = 300) -> tuple[float, float]:
     """This process's CPU per request (ms) through Django's test client, no HTTP and no other
     process in the measure: a figure the machine's load moves far less than a rate."""
@@ -256,11 +266,20 @@ def pct(values: list[float], p: float) -> float:
     return 1000 * ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def line(what: str, seconds: float, latencies: list[float]) -> float:
+def line(what: str, seconds: float, latencies: list[float], cpu: float | None = None) -> float:
+    """Print a pass's rate and latencies (and the server's CPU per request, if measured)."""
     rate = len(latencies) / seconds
-    say(f"  {what:<48} {len(latencies):>6,} in {seconds:6.1f} s = {rate:6.0f}/s, "
-        f"p50 {pct(latencies, 50):6.1f} ms, p99 {pct(latencies, 99):6.1f} ms")  # fmt: skip
+    per = f", server CPU {cpu * 1000 / len(latencies):5.2f} ms a request" if cpu else ""
+    say(f"  {what:<42} {len(latencies):>6,} in {seconds:6.1f} s = {rate:5.0f}/s, "
+        f"p50 {pct(latencies, 50):6.1f} ms, p99 {pct(latencies, 99):6.1f} ms{per}")  # fmt: skip
     return rate
+
+
+def measured(server: subprocess.Popen, *args, **kwargs) -> tuple[float, list[float], float]:
+    """run(*args), with the CPU seconds gunicorn's processes spent meanwhile."""
+    before = server_cpu(server)
+    seconds, latencies = run(*args, **kwargs)
+    return seconds, latencies, server_cpu(server) - before
 
 
 def main() -> None:
@@ -310,9 +329,11 @@ def main() -> None:
         say(
             f"{args.workers} gunicorn workers, {args.clients} clients, {len(beats):,} requests a pass:"
         )
-        rate = line("heartbeats with telemetry (buffered)", *run(port, beats, args.clients))
+        rate = line(
+            "heartbeats with telemetry (buffered)", *measured(server, port, beats, args.clients)
+        )
         floor_rate = line(
-            "floor: GET /api/v1/gpu-models (API key)", *run(port, floor, args.clients)
+            "floor: GET /api/v1/gpu-models (API key)", *measured(server, port, floor, args.clients)
         )
 
         Node.objects.filter(hostname__startswith=PREFIX).update(
@@ -320,14 +341,15 @@ def main() -> None:
         )
         connections.close_all()
         locked_rate = line(
-            "heartbeats on the locked path (as before)", *run(port, beats, args.clients)
+            "heartbeats on the locked path (as before)",
+            *measured(server, port, beats, args.clients),
         )
 
         Node.objects.filter(hostname__startswith=PREFIX).update(last_heartbeat_at=timezone.now())
         connections.close_all()  # the fleet in steady state again
         paced_from = timezone.now()
-        cycle_s, cycle = run(port, beats, args.clients, pace=need)
-        line(f"paced at the fleet's {need:,.0f}/s", cycle_s, cycle)
+        cycle_s, cycle, cycle_cpu = measured(server, port, beats, args.clients, pace=need)
+        line(f"paced at the fleet's {need:,.0f}/s", cycle_s, cycle, cycle_cpu)
         due = len(beats) / need
         say(f"  {len(beats):,} heartbeats due over {due:.1f} s took {cycle_s:.1f} s "
             f"({'kept up' if cycle_s <= due * 1.02 else 'fell behind'})")  # fmt: skip
