@@ -11,7 +11,9 @@ sync workers, DEBUG off) and a flusher process doing what beat does every 5 s
 connections in threads, in one run:
 1. heartbeats: POST /api/v1/agent/heartbeat for every node once (node token, the H100
    telemetry report the agent's parser makes from the recorded nvidia-smi output, full
-   validation), as fast as the server answers: sustained heartbeats/s and p50/p99;
+   validation), as fast as the server answers: sustained heartbeats/s and p50/p99; meanwhile
+   no node's time in the database is older than 30 s, as the fleet's previous round would
+   leave it (see _flusher);
 2. the floor: as many requests to the cheapest authenticated endpoint (GET
    /api/v1/gpu-models with an API key) with the same server and clients;
 3. the locked path, the way every heartbeat was handled before the buffer: as many
@@ -22,7 +24,8 @@ connections in threads, in one run:
 then the flusher's time per run, a last flush, a check that every node's last heartbeat is
 in the database and that every sample reached the table, the offline sweep over the fleet
 (nothing to mark, and its time), and the CPU one heartbeat and one floor request cost in
-this process (Django's test client): a ratio the machine's load moves far less than rates. The fleet and all it wrote are deleted at the end.
+this process (Django's test client): a ratio the machine's load moves far less than rates.
+Each pass also prints the CPU gunicorn's processes spent per request (from /proc). The fleet and all it wrote are deleted at the end.
 """
 
 import argparse
@@ -169,8 +172,18 @@ def start_server(port: int, workers: int) -> subprocess.Popen:
     sys.exit("gunicorn did not start")
 
 
-def _flusher(stop, times) -> None:
-    """What beat does every 5 s: the heartbeat and telemetry flushes; records each run's time."""
+_STEADY = f"""
+UPDATE {Node._meta.db_table} SET last_heartbeat_at = now() - interval '{INTERVAL:.0f} s'
+ WHERE hostname LIKE %s AND last_heartbeat_at < now() - interval '{INTERVAL:.0f} s'
+"""
+
+
+def _flusher(stop, steady, times) -> None:
+    """What beat does every 5 s: the heartbeat and telemetry flushes; records each run's time.
+    While `steady` is set, also what the fleet's previous round of heartbeats would have left
+    in the database: no node last heard more than INTERVAL ago. Without it, a pass longer
+    than the write-through bound (60 s) would send every node it reaches after that down the
+    locked path, which a fleet heartbeating every 30 s never takes."""
     connections.close_all()
     telemetry._redis = None
     while not stop.wait(5.0):
@@ -178,6 +191,9 @@ def _flusher(stop, times) -> None:
         nodes = heartbeats.heartbeats_flush()
         samples = telemetry.telemetry_flush()
         times.append((time.perf_counter() - started, nodes, samples))
+        if steady.is_set():
+            with connection.cursor() as cursor:
+                cursor.execute(_STEADY, [PREFIX + "%"])
 
 
 class Client:
@@ -317,11 +333,12 @@ def main() -> None:
     client.delete(heartbeats.LAST_SEEN_KEY, heartbeats.TOKEN_USED_KEY, telemetry.BUFFER_KEY)
     connections.close_all()
     ctx = multiprocessing.get_context("fork")
-    stop, flush_times = ctx.Event(), ctx.Manager().list()
-    flusher = ctx.Process(target=_flusher, args=(stop, flush_times))
+    stop, steady, flush_times = ctx.Event(), ctx.Event(), ctx.Manager().list()
+    flusher = ctx.Process(target=_flusher, args=(stop, steady, flush_times))
     paced_from = timezone.now()
     port = free_port()
     server = start_server(port, args.workers)
+    steady.set()
     flusher.start()
     try:
         run(port, beats[: args.clients * 4], args.clients)  # warm every worker
@@ -336,6 +353,8 @@ def main() -> None:
             "floor: GET /api/v1/gpu-models (API key)", *measured(server, port, floor, args.clients)
         )
 
+        steady.clear()
+        time.sleep(6)  # the flusher's running round ends
         Node.objects.filter(hostname__startswith=PREFIX).update(
             last_heartbeat_at=timezone.now() - timedelta(hours=1)
         )
