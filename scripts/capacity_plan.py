@@ -27,9 +27,9 @@ LIMITS = {
     "web_reads_per_core": 450.0,  # the authenticated floor: 2.1-2.2 ms of gunicorn CPU
     "web_creates_per_core": 97.0,  # a create: 10.3 ms of gunicorn CPU
     "web_searches_per_core": 100.0,  # a search: ~10 ms of web CPU beside PostgreSQL's
-    # a buffered heartbeat with 8 GPUs' telemetry costs 1.6 floor requests of gunicorn CPU
-    # (4.10 ms against the floor's 2.59 ms in the same bench_heartbeats.py run): 450 / 1.6
-    "web_heartbeats_per_core": 280.0,
+    # a buffered heartbeat with 8 GPUs' telemetry: 3.11 ms of gunicorn CPU (the floor 1.36 ms
+    # in the same bench_heartbeats.py run, 2026-12-06 17:08)
+    "web_heartbeats_per_core": 320.0,
     # PostgreSQL, CPU milliseconds per operation.
     "pg_ms_per_create": 5.6,  # measured PostgreSQL CPU per create
     "pg_ms_per_heartbeat": 0.5,  # estimate: token and GPU reads, a share of a batched UPDATE
