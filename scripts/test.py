@@ -8,18 +8,32 @@ else an embedded one. Redis: REDIS_URL if set, else database 15 of the system Re
 127.0.0.1:6379 (started if down), else an embedded one. Stops with a clear message when
 neither can be had. Installs what browser tests (Chromium) and container tests (podman, runc,
 busybox-static) need when they are missing. Exits with pytest's exit code.
+
+The suite runs with production settings (DEBUG off), given only what a deployment must set
+(docs/operations.md): a fresh random SECRET_KEY each run, ALLOWED_HOSTS for the test hosts,
+the database and Redis, and STATIC_ROOT, into which collectstatic has written the hashed and
+compressed files the templates link to (.run/test-static, collected again only when a static
+source or the requirements changed). Tests that need another setting say so themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import time
 
 from devservices import ROOT, RUN_DIR, ServiceError, Supervisor, ensure_postgres, ensure_redis
 
 TEST_REDIS_DB = 15
+# The hosts the tests talk to: Django's test client, and the live server on loopback.
+TEST_ALLOWED_HOSTS = "testserver,localhost,127.0.0.1"
+STATIC_ROOT = RUN_DIR / "test-static"
+# What STATIC_ROOT was collected from, beside it (whitenoise serves everything inside it).
+STATIC_FINGERPRINT = RUN_DIR / "test-static.fingerprint"
 BROWSER_TEST_MARKERS = ("pytest.mark.browser", "playwright")
 CONTAINER_TEST_MARKERS = ("pytest.mark.container",)
 
@@ -30,6 +44,52 @@ def tests_exist(markers: tuple[str, ...]) -> bool:
         if any(marker in text for marker in markers):
             return True
     return False
+
+
+def static_sources_fingerprint() -> str:
+    """The project's static files (names, sizes, times) and the requirements, which pin the
+    packages whose static files (admin, API docs) collectstatic also copies."""
+    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes())
+    for directory in sorted(ROOT.glob("*/static")):
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            info = path.stat()
+            digest.update(f"{path.relative_to(ROOT)} {info.st_size} {info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def collect_static(env: dict[str, str]) -> None:
+    """collectstatic into STATIC_ROOT, as a deployment does, unless its sources are unchanged
+    since the last run (compressing every file takes a minute or more of CPU)."""
+    fingerprint = static_sources_fingerprint()
+    manifest = STATIC_ROOT / "staticfiles.json"
+    if manifest.exists() and STATIC_FINGERPRINT.exists():
+        if STATIC_FINGERPRINT.read_text() == fingerprint:
+            return
+    print(f"make test: collecting static files into {STATIC_ROOT}…", flush=True)
+    started = time.monotonic()
+    STATIC_FINGERPRINT.unlink(missing_ok=True)
+    subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput", "--clear", "--verbosity=0"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    STATIC_FINGERPRINT.write_text(fingerprint)
+    print(f"make test: static files collected in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def test_environment(*, database_url: str, redis_url: str) -> dict[str, str]:
+    """A production environment: DEBUG unset, and what a deployment must provide."""
+    env = {name: value for name, value in os.environ.items() if name != "DEBUG"}
+    return {
+        **env,
+        "SECRET_KEY": secrets.token_urlsafe(50),  # 67 characters, new every run
+        "ALLOWED_HOSTS": TEST_ALLOWED_HOSTS,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "STATIC_ROOT": str(STATIC_ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def main(pytest_args: list[str]) -> int:
@@ -52,14 +112,8 @@ def main(pytest_args: list[str]) -> int:
         if tests_exist(CONTAINER_TEST_MARKERS):
             subprocess.run(["bash", str(ROOT / "scripts" / "ensure_podman.sh")], check=True)
 
-        env = {
-            **os.environ,
-            # DEBUG gives the development secret key and turns SECURE_SSL_REDIRECT off.
-            "DEBUG": "1",
-            "DATABASE_URL": postgres.url,
-            "REDIS_URL": redis.url,
-            "PYTHONUNBUFFERED": "1",
-        }
+        env = test_environment(database_url=postgres.url, redis_url=redis.url)
+        collect_static(env)
         pytest = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT, env=env)
         # Ctrl-C reaches pytest directly (same process group); we only clean up after it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,15 +1,60 @@
+import os
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.db import connections
-from rest_framework.test import APIClient
 
+from config.env import env_bool
+from tests.clients import BehindTlsProxy, HttpsAPIClient, HttpsClient
 from tests.status_writes import status_write_guard
 
 
+def pytest_configure(config):
+    """The suite runs with production settings, in the environment scripts/test.py gives it
+    (docs/development.md); a test that needs another setting overrides it itself."""
+    how = "run the suite with `make test` or `python scripts/test.py [pytest args]`"
+    if env_bool("DEBUG", False):
+        pytest.exit(f"The test suite runs with production settings, not DEBUG: {how}.", 4)
+    if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
+        pytest.exit(f"No collected static files in STATIC_ROOT ({settings.STATIC_ROOT}): {how}.", 4)
+
+
 @pytest.fixture
-def api_client() -> APIClient:
-    return APIClient()
+def client() -> HttpsClient:
+    """pytest-django's client, through the TLS proxy (tests/clients.py)."""
+    return HttpsClient()
+
+
+@pytest.fixture
+def admin_client(db, admin_user) -> HttpsClient:
+    """pytest-django's admin_client, through the TLS proxy."""
+    client = HttpsClient()
+    client.force_login(admin_user)
+    return client
+
+
+@pytest.fixture
+def api_client() -> HttpsAPIClient:
+    return HttpsAPIClient()
+
+
+@pytest.fixture(scope="session")
+def live_server(request):
+    """pytest-django's live server, behind the TLS proxy (tests/clients.py), with static files
+    served by whitenoise from STATIC_ROOT as in production (not by Django's finders)."""
+    from pytest_django.live_server_helper import LiveServer
+
+    address = (
+        request.config.getvalue("liveserver")
+        or os.getenv("DJANGO_LIVE_TEST_SERVER_ADDRESS")
+        or "localhost"
+    )
+    server = LiveServer(address, start=False)
+    server.thread.static_handler = BehindTlsProxy
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

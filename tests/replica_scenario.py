@@ -24,12 +24,12 @@ import django  # noqa: E402
 django.setup()
 
 from django.db import connections  # noqa: E402
-from django.test import Client  # noqa: E402
 
 from billing.models import Hold  # noqa: E402
 from billing.services.accounts import billing_account_get_or_create  # noqa: E402
 from billing.services.credits import credit_issue  # noqa: E402
 from marketplace.services.api_keys import api_key_create  # noqa: E402
+from tests.clients import HttpsClient  # noqa: E402
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory  # noqa: E402
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow  # noqa: E402
 
@@ -67,11 +67,11 @@ def _replay(action: str) -> None:
         cur.execute(f"SELECT pg_wal_replay_{action}()")
 
 
-def _client(organization) -> Client:
+def _client(organization) -> HttpsClient:
     _, secret = api_key_create(
         organization=organization, name="replica test", scopes=["read", "write"], created_by=None
     )
-    return Client(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return HttpsClient(HTTP_AUTHORIZATION=f"Bearer {secret}")
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """The portal's pages send a Content-Security-Policy; the card page lets in Stripe.js only."""
 
 import pytest
-from django.test import Client
 
 from marketplace.models import Role
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
 
 pytestmark = pytest.mark.django_db
@@ -19,7 +19,7 @@ def _policy(response) -> dict[str, list[str]]:
 @pytest.fixture
 def owner_client():
     membership = MembershipFactory(role=Role.OWNER)
-    client = Client()
+    client = HttpsClient()
     client.force_login(membership.user)
     return client
 

@@ -11,11 +11,11 @@ import json
 import re
 
 import pytest
-from django.test import Client
 from django.urls import URLResolver, get_resolver
 
 from inventory.services import node_token_issue
 from marketplace.models import Role
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, NodeFactory, UserFactory
 from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
 
@@ -74,10 +74,10 @@ def _nested(depth: int) -> str:
 def clients():
     user = UserFactory(is_staff=True, is_superuser=True)
     MembershipFactory(user=user, role=Role.OWNER)
-    session = Client(raise_request_exception=False)
+    session = HttpsClient(raise_request_exception=False)
     session.force_login(user)
     _token, secret = node_token_issue(node=NodeFactory(), label="walker")
-    agent = Client(raise_request_exception=False, HTTP_AUTHORIZATION=f"Bearer {secret}")
+    agent = HttpsClient(raise_request_exception=False, HTTP_AUTHORIZATION=f"Bearer {secret}")
     return session, agent
 
 

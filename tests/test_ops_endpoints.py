@@ -18,28 +18,28 @@ from config import health
 from config.celery import QUEUES
 from config.env import env_database, env_int
 from config.metrics import business
+from tests.clients import HttpsClient
 from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import market_create
 
 pytestmark = pytest.mark.django_db
 
-# A production-like front: only the public name is allowed, plain HTTP is redirected.
-PRODUCTION = {"ALLOWED_HOSTS": ["switchyard.example.com"], "SECURE_SSL_REDIRECT": True}
 TOKEN = "t" * 40
 
 
 @pytest.fixture
 def production(settings):
-    for name, value in PRODUCTION.items():
-        setattr(settings, name, value)
+    # A deployment's front: only the public name is allowed (plain HTTP is redirected anyway).
+    settings.ALLOWED_HOSTS = ["switchyard.example.com"]
     settings.METRICS_TOKEN = TOKEN
     settings.METRICS_ALLOWED_IPS = []
     return settings
 
 
 def _probe(path, **extra):
-    # A load balancer probes a backend by address, over plain HTTP, without credentials.
+    # A load balancer probes a backend by address, over plain HTTP (not through the TLS
+    # proxy), without credentials.
     return Client().get(path, HTTP_HOST="10.0.3.7:8000", REMOTE_ADDR="10.0.0.2", **extra)
 
 
@@ -170,6 +170,7 @@ def test_readiness_reads_the_migration_graph_once_per_process(
 
 
 def _metrics(**extra):
+    # Prometheus scrapes each backend directly, over plain HTTP.
     return Client().get("/metrics", HTTP_HOST="10.0.3.7:8000", **extra)
 
 
@@ -204,8 +205,8 @@ def test_metrics_count_requests_by_view_and_status(production):
     production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
     name = "django_http_responses_total_by_status_view_method_total"
     before = _samples(_metrics(REMOTE_ADDR="10.0.0.2").content.decode(), name)
-    Client().get("/api/v1/sites", HTTP_HOST="switchyard.example.com", secure=True)
-    Client().get("/api/v1/sites", HTTP_HOST="switchyard.example.com", secure=True)
+    HttpsClient().get("/api/v1/sites", HTTP_HOST="switchyard.example.com")
+    HttpsClient().get("/api/v1/sites", HTTP_HOST="switchyard.example.com")
 
     after = _samples(_metrics(REMOTE_ADDR="10.0.0.2").content.decode(), name)
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 from django.db import connection
-from django.test import Client
 
 from config.api import throttling
 from marketplace.models import ApiKeyScope, Role
 from marketplace.services.api_keys import api_key_create
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
 
 
@@ -67,7 +67,7 @@ def key(db):
     _, secret = api_key_create(
         organization=membership.organization, name="k", scopes=[ApiKeyScope.READ], created_by=None
     )
-    return Client(HTTP_AUTHORIZATION=f"Bearer {secret}", raise_request_exception=False)
+    return HttpsClient(HTTP_AUTHORIZATION=f"Bearer {secret}", raise_request_exception=False)
 
 
 def test_with_redis_down_the_api_serves_uncounted_for_a_bounded_time_then_503(
@@ -105,7 +105,7 @@ def test_with_redis_down_the_api_serves_uncounted_for_a_bounded_time_then_503(
 def test_with_redis_down_people_can_still_sign_in(own_redis, db, django_user_model):
     django_user_model.objects.create_user(username="ada", password="a-long-passphrase-1")
     own_redis.stop()
-    client = Client(raise_request_exception=False)
+    client = HttpsClient(raise_request_exception=False)
 
     response = client.post("/login", {"username": "ada", "password": "a-long-passphrase-1"})
 
@@ -130,7 +130,7 @@ def postgres_down(transactional_db):
 @pytest.mark.parametrize("path", ["/api/v1/organization", "/api/v1/reservations", "/dashboard"])
 def test_with_postgresql_down_requests_get_503_with_retry_after(postgres_down, path):
     membership = MembershipFactory(role=Role.OWNER)
-    client = Client(raise_request_exception=False)
+    client = HttpsClient(raise_request_exception=False)
     client.force_login(membership.user)
     postgres_down()
 
@@ -156,7 +156,7 @@ def test_with_postgresql_down_an_api_key_call_gets_503(postgres_down):
     )
     postgres_down()
 
-    response = Client(raise_request_exception=False).get(
+    response = HttpsClient(raise_request_exception=False).get(
         "/api/v1/organization", HTTP_AUTHORIZATION=f"Bearer {secret}"
     )
 

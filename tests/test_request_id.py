@@ -3,15 +3,15 @@
 import logging
 
 import pytest
-from rest_framework.test import APIClient
 
 from config.request_id import RequestIdLogFilter, current_request_id
+from tests.clients import HttpsAPIClient
 
 pytestmark = pytest.mark.django_db
 
 
 def test_every_response_has_its_own_request_id():
-    client = APIClient()
+    client = HttpsAPIClient()
     first = client.get("/api/schema/")
     second = client.get("/api/v1/no-such-endpoint")
     denied = client.get("/api/v1/reservations")
@@ -33,7 +33,7 @@ def test_every_response_has_its_own_request_id():
     ],
 )
 def test_a_callers_own_x_request_id_is_kept_only_when_it_is_a_plain_token(sent, kept):
-    response = APIClient().get("/api/schema/", HTTP_X_REQUEST_ID=sent)
+    response = HttpsAPIClient().get("/api/schema/", HTTP_X_REQUEST_ID=sent)
 
     assert (response["Request-Id"] == sent) is kept
     assert response["Request-Id"].startswith("req_") is not kept
@@ -51,7 +51,7 @@ def test_log_lines_written_during_a_request_carry_its_id(caplog):
     logger = logging.getLogger("django.request")
     logger.addHandler(handler)
     try:
-        response = APIClient().get("/api/v1/no-such-endpoint")  # Django logs the 404
+        response = HttpsAPIClient().get("/api/v1/no-such-endpoint")  # Django logs the 404
     finally:
         logger.removeHandler(handler)
 

@@ -7,7 +7,6 @@ from decimal import Decimal
 
 import pytest
 from django.core import mail
-from django.test import Client
 
 from billing.models import BillingAccount, BillingNotice, LedgerKind, TopUp
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
@@ -17,6 +16,7 @@ from config.celery import app
 from config.errors import PaymentRequired, ValidationFailed
 from marketplace.models import Reservation, Role
 from marketplace.services.quotes import quote_create
+from tests.clients import HttpsClient
 from tests.factories import GpuModelFactory, MembershipFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
 
@@ -58,7 +58,7 @@ def test_turning_automatic_recharge_on_needs_a_saved_card(org):
     ],
 )
 def test_the_api_caps_recharge_amount_and_threshold_like_a_top_up(org, field, value):
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
     )
@@ -177,7 +177,7 @@ def sent_tasks(monkeypatch):
 def test_the_portal_asks_before_an_automatic_recharge_and_charges_only_when_told(
     org, quote, sent_tasks
 ):
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
     )
@@ -202,7 +202,7 @@ def test_the_portal_asks_before_an_automatic_recharge_and_charges_only_when_told
 
 
 def test_the_api_402_states_the_automatic_recharge_it_started(org, quote, sent_tasks):
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
     )
@@ -243,7 +243,7 @@ def test_the_portal_asks_before_an_extension_triggers_an_automatic_recharge(org,
         auto_recharge_enabled=True, stripe_customer_id="cus_x", default_payment_method_id="pm_x",
         recharge_threshold_minor=500, recharge_amount_minor=2000,
     )  # fmt: skip
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
     )

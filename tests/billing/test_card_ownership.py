@@ -5,7 +5,6 @@ without a SetupIntent, through the API, the portal and a webhook.
 """
 
 import pytest
-from django.test import Client
 
 from billing.models import BillingAccount, PaymentMethod
 from billing.services.accounts import billing_account_get_or_create
@@ -14,6 +13,7 @@ from billing.services.webhooks import _HANDLERS
 from config.errors import NotFound
 from marketplace.models import Role
 from tests.billing.conftest import save_card, stripe_client
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
 
 pytestmark = [pytest.mark.django_db, pytest.mark.stripe]
@@ -24,7 +24,7 @@ def two_orgs(localstripe, org):
     other = MembershipFactory(role=Role.OWNER, user__password="!")
     billing_account_get_or_create(organization=other.organization)
     card = save_card(localstripe, org)
-    client = Client()
+    client = HttpsClient()
     client.force_login(other.user)
     return org, other.organization, card, client
 
@@ -125,7 +125,7 @@ def test_a_stored_card_never_moves_to_another_organisation(two_orgs):
 
 def test_saving_ones_own_card_again_changes_nothing(localstripe, two_orgs):
     org_a, org_b, card, _client = two_orgs
-    owner_a = Client()
+    owner_a = HttpsClient()
     owner_a.force_login(org_a.memberships.get().user)
 
     response = _attach(owner_a, {"payment_method": card})

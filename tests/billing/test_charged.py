@@ -6,7 +6,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from billing.models import LedgerKind
@@ -15,6 +14,7 @@ from billing.services.metering import usage_meter_run
 from marketplace.models import Reservation, Role
 from marketplace.services.reservations import reservation_cancel, reservation_create
 from marketplace.services.transitions import reservation_transition
+from tests.clients import HttpsClient
 from tests.factories import GpuModelFactory, MembershipFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
 
@@ -34,7 +34,7 @@ def h100(org):
 
 @pytest.fixture
 def client(org):
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
     )

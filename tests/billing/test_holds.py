@@ -328,13 +328,12 @@ def test_an_on_demand_extension_holds_the_first_hour_of_its_extra_time(capacity,
 
 @pytest.mark.django_db
 def test_the_balance_api_and_the_portal_show_what_is_held_and_available(capacity, org):
-    from django.test import Client
-
     from marketplace.models import Role
+    from tests.clients import HttpsClient
 
     credit(org, 50000)
     reserve_term(org, capacity)
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.MEMBER, user__password="!").user
     )

@@ -4,7 +4,6 @@ or missing. The browser paths (Stripe.js card form) are in tests/portal/test_por
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from billing.models import BillingAccount, Invoice, LedgerKind, PaymentMethod, TopUp
@@ -12,6 +11,7 @@ from billing.services.ledger import ledger_entry_add
 from billing.services.usage import reservation_meter
 from marketplace.models import Role
 from tests.billing.conftest import T0, make_reservation, save_card
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
 
 pytestmark = pytest.mark.django_db
@@ -320,7 +320,7 @@ def test_the_portal_overview_shows_the_balance_its_state_and_the_latest_notices(
 
     org = OrganizationFactory()
     membership = MembershipFactory(organization=org, role=Role.MEMBER)
-    client = Client()
+    client = HttpsClient()
     client.force_login(membership.user)
 
     panel = _panel(client.get("/dashboard").content.decode())

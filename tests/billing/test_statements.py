@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 import pytest
 from django.core import mail
 from django.db import connection
-from django.test import Client
 
 from billing.models import BillingNotice, LedgerKind, TopUp
 from billing.services.topups import top_up_succeed
 from marketplace.models import Role
 from tests.billing.conftest import make_reservation
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
 
 pytestmark = pytest.mark.django_db
@@ -34,7 +34,7 @@ def entry_at(org, kind, amount_minor, at, *, reservation=None, gpu_seconds=0, ke
 
 @pytest.fixture
 def owner_client(org):
-    client = Client()
+    client = HttpsClient()
     client.force_login(
         MembershipFactory(organization=org, role=Role.MEMBER, user__password="!").user
     )

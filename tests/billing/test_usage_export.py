@@ -84,10 +84,10 @@ def test_a_bad_period_is_a_400_in_the_error_shape(client):
 
 
 def test_the_portal_downloads_the_same_csv(org):
-    from django.test import Client
+    from tests.clients import HttpsClient
 
     member = MembershipFactory(organization=org, role=Role.BILLING)
-    browser = Client()
+    browser = HttpsClient()
     browser.force_login(member.user)
     ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=123, currency="usd",
                      idempotency_key="c1")  # fmt: skip

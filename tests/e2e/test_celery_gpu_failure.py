@@ -4,7 +4,6 @@ worker moves the reservation to a healthy GPU and restarts it, and the gap is no
 from datetime import timedelta
 
 import pytest
-from rest_framework.test import APIClient
 
 from agent import gpu_telemetry as t
 from billing.services.usage import reservation_delivered_seconds
@@ -13,6 +12,7 @@ from inventory.services import node_token_issue
 from marketplace.models import Allocation, Reservation, ReservationOutage, ReservationStatus
 from marketplace.services.gpu_failures import reservation_gpu_outages_close
 from tests.agent.test_gpu_telemetry import fixture
+from tests.clients import HttpsAPIClient
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import (  # noqa: F401 (the *_fixture names are fixtures)
     broker_fixture,
@@ -48,7 +48,7 @@ def test_a_failed_gpu_reported_by_the_agent_is_moved_by_the_worker(worker, drive
     report = t.parse_nvidia_smi_xml(fixture("nvidia_h100_uncorrectable_ecc.xml"))
     report["gpus"] = [{**report["gpus"][3], "index": bad.index}]
 
-    agent = APIClient()
+    agent = HttpsAPIClient()
     response = agent.post(
         "/api/v1/agent/heartbeat",
         {"telemetry": report},

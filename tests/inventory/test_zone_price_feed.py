@@ -12,12 +12,12 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from inventory import grid_prices
 from inventory.models import ZonePrice
 from inventory.services import node_token_issue
 from marketplace.models import ApiKeyScope
+from tests.clients import HttpsAPIClient
 from tests.factories import NodeFactory, PriceZoneFactory, SiteFactory
 from tests.marketplace.api_fixtures import key_client
 
@@ -186,11 +186,11 @@ def test_a_customer_key_cannot_push_prices(zone, scopes, code):
 
 
 def test_no_credentials_or_a_bad_key_is_401_and_changes_nothing(zone):
-    anonymous = APIClient().post(url(zone.code), body("30.00"), format="json")
-    bad = APIClient(HTTP_AUTHORIZATION="Bearer sy_live_nope_nope").post(
+    anonymous = HttpsAPIClient().post(url(zone.code), body("30.00"), format="json")
+    bad = HttpsAPIClient(HTTP_AUTHORIZATION="Bearer sy_live_nope_nope").post(
         url(zone.code), body("30.00"), format="json"
     )
-    bad_node = APIClient(HTTP_AUTHORIZATION="Bearer nt_nope").post(
+    bad_node = HttpsAPIClient(HTTP_AUTHORIZATION="Bearer nt_nope").post(
         url(zone.code), body("30.00"), format="json"
     )
     assert [anonymous.status_code, bad.status_code, bad_node.status_code] == [401, 401, 401]
@@ -208,7 +208,7 @@ def test_a_revoked_grid_key_is_refused(zone):
 
 
 def test_a_signed_in_session_cannot_push_prices(zone, admin_user):
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_authenticate(admin_user)
     response = client.post(url(zone.code), body("30.00"), format="json")
     assert response.status_code == 403
@@ -220,7 +220,7 @@ def test_a_node_token_pushes_its_own_sites_zone_only(zone):
     other = PriceZoneFactory(code="pacificorp-east")
     node = NodeFactory(site=SiteFactory(price_zone=zone), gpus=1)
     _, secret = node_token_issue(node=node)
-    agent = APIClient(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    agent = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {secret}")
 
     own = agent.post(url(zone.code), body("30.00"), format="json")
     foreign = agent.post(url(other.code), body("30.00"), format="json")
@@ -427,7 +427,7 @@ def test_only_staff_grant_the_grid_scope(zone):
     from tests.factories import MembershipFactory
 
     owner = MembershipFactory(role="owner")
-    member_client = APIClient()
+    member_client = HttpsAPIClient()
     member_client.force_authenticate(owner.user)
     refused = member_client.post(
         "/api/v1/api-keys", {"name": "feed", "scopes": ["grid"]}, format="json"
@@ -444,7 +444,7 @@ def test_only_staff_grant_the_grid_scope(zone):
         "/api/v1/api-keys", {"name": "feed", "scopes": ["grid"]}, format="json"
     )
     assert granted.status_code == 201 and granted.json()["scopes"] == ["grid"]
-    feed = APIClient(HTTP_AUTHORIZATION=f"Bearer {granted.json()['secret']}")
+    feed = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {granted.json()['secret']}")
     assert feed.post(url(zone.code), body("30.00"), format="json").status_code == 200
     # The grid scope reads nothing of the organisation's.
     assert feed.get("/api/v1/reservations").status_code == 403

@@ -4,10 +4,10 @@ from datetime import timedelta
 
 import pytest
 import redis
-from rest_framework.test import APIClient
 
 from marketplace.models import ApiKeyScope, Role
 from marketplace.services.api_keys import api_key_create
+from tests.clients import HttpsAPIClient
 from tests.factories import (
     GpuModelFactory,
     MembershipFactory,
@@ -40,19 +40,19 @@ def fresh_rate_limits(settings):
         client.close()
 
 
-def session_client(membership, *, org_header: str | None = None) -> APIClient:
-    client = APIClient()
+def session_client(membership, *, org_header: str | None = None) -> HttpsAPIClient:
+    client = HttpsAPIClient()
     client.force_login(membership.user)
     if org_header:
         client.credentials(HTTP_SY_ORGANIZATION=org_header)
     return client
 
 
-def key_client(organization, scopes=(ApiKeyScope.READ, ApiKeyScope.WRITE)) -> APIClient:
+def key_client(organization, scopes=(ApiKeyScope.READ, ApiKeyScope.WRITE)) -> HttpsAPIClient:
     _, secret = api_key_create(
         organization=organization, name="test key", scopes=list(scopes), created_by=None
     )
-    client = APIClient()
+    client = HttpsAPIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
     client.secret = secret
     return client

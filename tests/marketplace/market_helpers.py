@@ -5,12 +5,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 from psycopg.types.range import Range
 
 from marketplace import funding
 from marketplace.models import PricingPolicy, RateCard, Reservation, Tier
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, NodeFactory
 
 # Utilisation-neutral policy: slope 0, so prices depend on tier and term only.
@@ -41,9 +41,9 @@ def make_nodes(site, gpu_model, count: int, gpus: int = 8, **kwargs) -> list:
     return [NodeFactory(site=site, gpu_model=gpu_model, gpus=gpus, **kwargs) for _ in range(count)]
 
 
-def member_client(organization, role: str) -> Client:
+def member_client(organization, role: str) -> HttpsClient:
     """A Django test client signed in as a new member of `organization` with `role`."""
-    client = Client()
+    client = HttpsClient()
     client.force_login(MembershipFactory(organization=organization, role=role).user)
     return client
 

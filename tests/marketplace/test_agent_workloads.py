@@ -6,12 +6,12 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from inventory.services import node_token_issue
 from marketplace.models import Allocation, Reservation, ReservationStatus, Role
 from marketplace.provisioning.drivers import SimulatedDriver
 from marketplace.provisioning.services import reservation_provision_step
+from tests.clients import HttpsAPIClient
 from tests.marketplace.market_helpers import (  # noqa: F401 (allow_all_funding is a fixture)
     allow_all_funding,
     member_client,
@@ -23,9 +23,9 @@ S = ReservationStatus
 URL = "/api/v1/agent/workloads"
 
 
-def _agent(node) -> APIClient:
+def _agent(node) -> HttpsAPIClient:
     _token, secret = node_token_issue(node=node, label="test agent")
-    client = APIClient()
+    client = HttpsAPIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
     return client
 
@@ -159,5 +159,5 @@ def test_a_malformed_report_is_a_400_and_changes_nothing(running, body, field):
 
 
 def test_without_a_node_token_the_report_is_refused(running):
-    response = APIClient().post(URL, {"containers": []}, format="json")
+    response = HttpsAPIClient().post(URL, {"containers": []}, format="json")
     assert response.status_code == 401

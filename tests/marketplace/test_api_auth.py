@@ -5,10 +5,10 @@ from datetime import timedelta
 
 import pytest
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from marketplace.models import ApiKey, ApiKeyScope, Reservation
 from marketplace.services.api_keys import api_key_create, api_key_hash, api_key_revoke
+from tests.clients import HttpsAPIClient
 from tests.marketplace.api_fixtures import (  # noqa: F401
     assert_error,
     client_key,
@@ -47,7 +47,7 @@ def test_it_stores_only_the_hash_and_a_visible_prefix(org):
 
 
 def test_it_answers_401_without_credentials():
-    response = APIClient().get(URL)
+    response = HttpsAPIClient().get(URL)
     assert_error(response, 401, "not_authenticated")
     assert response["WWW-Authenticate"] == 'Bearer realm="switchyard"'
 
@@ -62,7 +62,7 @@ def test_it_answers_401_without_credentials():
     ],
 )
 def test_it_answers_401_to_a_bad_key(header, code, org):
-    client = APIClient()
+    client = HttpsAPIClient()
     client.credentials(HTTP_AUTHORIZATION=header)
     error = assert_error(client.get(URL), 401)
     assert (error["type"], error["code"]) == ("authentication_error", code)
@@ -78,7 +78,7 @@ def test_it_answers_401_to_a_revoked_key(org):
 @pytest.mark.parametrize("param", ["api_key", "key", "token", "access_token"])
 def test_it_refuses_a_key_in_the_query_string(param, org):
     client = key_client(org)  # also has a valid header: the URL key is refused regardless
-    anonymous = APIClient()
+    anonymous = HttpsAPIClient()
     for c in (client, anonymous):
         error = assert_error(c.get(f"{URL}?{param}={client.secret}"), 400, "api_key_in_url")
         assert "Authorization header" in error["message"]
@@ -86,7 +86,7 @@ def test_it_refuses_a_key_in_the_query_string(param, org):
 
 def test_it_refuses_a_key_value_under_any_query_parameter_name(org):
     client = key_client(org)
-    assert_error(APIClient().get(f"{URL}?q={client.secret}"), 400, "api_key_in_url")
+    assert_error(HttpsAPIClient().get(f"{URL}?q={client.secret}"), 400, "api_key_in_url")
 
 
 def test_a_read_only_key_can_read_but_not_post(org):
@@ -151,8 +151,9 @@ def test_a_form_encoded_body_answers_415_in_the_error_shape(owner):
 def test_options_and_the_browsable_api_do_not_break(owner_client):
     assert owner_client.options("/api/v1/reservations").status_code == 200
     response = owner_client.get("/api/v1/reservations", HTTP_ACCEPT="text/html")
-    # The browsable renderer is on with DEBUG only; without it, HTML is not acceptable.
-    assert response.status_code in (200, 406)
+    # The browsable renderer is on with DEBUG only: in production HTML is not acceptable.
+    assert response.status_code == 406
+    assert response["Content-Type"] == "application/json"
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,7 @@ def test_an_unknown_api_url_answers_in_the_error_shape_even_with_debug_on(
 def test_a_post_to_an_unknown_api_url_is_a_json_404_not_a_csrf_refusal(settings):
     """As integrators call it: no session, no CSRF token (the test client skips the check)."""
     settings.DEBUG = True
-    client = APIClient(enforce_csrf_checks=True)
+    client = HttpsAPIClient(enforce_csrf_checks=True)
     response = client.post("/api/v1/agent/jobs/null,null/complete", {}, format="json")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"

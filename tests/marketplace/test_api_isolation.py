@@ -162,11 +162,10 @@ def test_the_organisation_header_picks_among_the_users_memberships(victim, intru
 
 
 def test_a_user_without_an_organisation_is_refused(market):
-    from rest_framework.test import APIClient
-
+    from tests.clients import HttpsAPIClient
     from tests.factories import UserFactory
 
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_login(UserFactory())
     assert_error(client.get("/api/v1/reservations"), 403, "no_organization")
     # The catalogue acts for nobody in particular.

@@ -7,12 +7,12 @@ organisation's API keys and open invitations is for signed-in owners and admins.
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import pytest
-from django.test import Client
 
 from billing.models import BillingAccount, OutboxMessage, TopUp
 from billing.services.accounts import billing_account_get_or_create
 from marketplace.models import ApiKey, ApiKeyScope, Role
 from marketplace.services.api_keys import api_key_create
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     assert_error,
@@ -71,7 +71,7 @@ def test_a_billing_key_from_an_owner_can_change_billing_settings(org, owner):
         scopes=[ApiKeyScope.READ, ApiKeyScope.BILLING],
         created_by=owner.user,
     )
-    client = Client(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    client = HttpsClient(HTTP_AUTHORIZATION=f"Bearer {secret}")
 
     response = client.patch(
         "/api/v1/billing/settings",
@@ -129,13 +129,13 @@ def test_the_keys_page_offers_billing_to_owners_only(org, owner):
     admin = MembershipFactory(organization=org, role=Role.ADMIN)
     pages = {}
     for membership in (owner, admin):
-        client = Client()
+        client = HttpsClient()
         client.force_login(membership.user)
         pages[membership.role] = client.get("/api-keys").content.decode()
     assert 'value="billing"' in pages[Role.OWNER]
     assert 'value="billing"' not in pages[Role.ADMIN]
 
-    client = Client()
+    client = HttpsClient()
     client.force_login(admin.user)
     page = client.get("/api-keys").content.decode()
     once = page.split('name="once" value="', 1)[1].split('"', 1)[0]

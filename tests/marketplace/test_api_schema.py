@@ -6,15 +6,15 @@ from django.urls import include, path
 from drf_spectacular.drainage import GENERATOR_STATS
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.validation import validate_schema
-from rest_framework.test import APIClient
 
+from tests.clients import HttpsAPIClient
 from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 
 
 def test_the_schema_is_served_and_describes_the_api():
-    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    response = HttpsAPIClient().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
     assert response.status_code == 200
     schema = response.json()
     assert schema["components"]["securitySchemes"]["ApiKeyAuth"]["scheme"] == "bearer"
@@ -49,7 +49,7 @@ def test_the_schema_is_served_and_describes_the_api():
 
 
 def _schema(url: str = "/api/schema/") -> dict:
-    response = APIClient().get(url, HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    response = HttpsAPIClient().get(url, HTTP_ACCEPT="application/vnd.oai.openapi+json")
     assert response.status_code == 200
     return response.json()
 
@@ -82,7 +82,7 @@ def test_the_customers_document_leaves_the_site_agents_endpoints_to_their_own():
 
 
 def test_redoc_is_served_without_outside_fonts_or_images():
-    response = APIClient().get("/api/redoc/")
+    response = HttpsAPIClient().get("/api/redoc/")
     html = response.content.decode()
     assert "fonts.googleapis.com" not in html and "https://" not in html
     assert "/static/drf_spectacular_sidecar/redoc/bundles/redoc.standalone.js" in html
@@ -127,6 +127,6 @@ def test_the_marketplace_part_of_the_schema_is_valid_and_has_no_warnings():
 
 @pytest.mark.parametrize("url", ["/api/docs/", "/api/redoc/"])
 def test_the_docs_pages_render(url):
-    response = APIClient().get(url)
+    response = HttpsAPIClient().get(url)
     assert response.status_code == 200
     assert b"/api/schema/" in response.content

@@ -4,8 +4,8 @@
 import time
 
 import pytest
-from rest_framework.test import APIClient
 
+from tests.clients import HttpsAPIClient
 from tests.marketplace.api_fixtures import (  # noqa: F401
     assert_error,
     fresh_rate_limits,
@@ -53,7 +53,7 @@ def test_it_answers_429_past_the_limit_per_key(org, settings):
 
 def test_failed_authentication_is_counted_per_address(settings):
     settings.API_THROTTLE_RATE = "2/min"
-    client = APIClient()
+    client = HttpsAPIClient()
     client.credentials(HTTP_AUTHORIZATION="Bearer sy_live_guessing_" + "x" * 40)
     assert [client.get("/api/v1/organization").status_code for _ in range(3)] == [401, 401, 429]
 

@@ -2,9 +2,8 @@
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import pytest
-from django.test import Client
-from rest_framework.test import APIClient
 
+from tests.clients import HttpsAPIClient, HttpsClient
 from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_rate_limits")]
@@ -13,7 +12,7 @@ PROXY = "127.0.0.1"
 TOO_MANY = "Too many sign-in attempts"
 
 
-def _sign_in(client: Client, forwarded: str | None, password="wrong-password"):
+def _sign_in(client: HttpsClient, forwarded: str | None, password="wrong-password"):
     extra = {"REMOTE_ADDR": PROXY}
     if forwarded is not None:
         extra["HTTP_X_FORWARDED_FOR"] = forwarded
@@ -28,7 +27,7 @@ def ada(django_user_model):
 def test_behind_a_trusted_proxy_one_persons_failed_sign_ins_do_not_lock_out_another(ada, settings):
     settings.TRUSTED_PROXIES = 1
     settings.PORTAL_SIGN_IN_RATE = "2/hour"
-    attacker, colleague = Client(), Client()
+    attacker, colleague = HttpsClient(), HttpsClient()
     for _ in range(2):
         assert TOO_MANY not in _sign_in(attacker, "203.0.113.66").content.decode()
     assert TOO_MANY in _sign_in(attacker, "203.0.113.66").content.decode()
@@ -43,7 +42,7 @@ def test_behind_a_trusted_proxy_one_persons_failed_sign_ins_do_not_lock_out_anot
 def test_without_trusted_proxies_a_spoofed_forwarded_for_does_not_escape_the_limit(ada, settings):
     settings.TRUSTED_PROXIES = 0
     settings.PORTAL_SIGN_IN_RATE = "2/hour"
-    client = Client()
+    client = HttpsClient()
     for n in range(2):
         assert TOO_MANY not in _sign_in(client, f"203.0.113.{n}").content.decode()
     response = _sign_in(client, "203.0.113.99", password="a-long-passphrase-1")
@@ -54,7 +53,7 @@ def test_without_trusted_proxies_a_spoofed_forwarded_for_does_not_escape_the_lim
 def test_the_api_counts_unauthenticated_callers_per_forwarded_client(settings):
     settings.TRUSTED_PROXIES = 1
     settings.API_THROTTLE_RATE = "2/min"
-    client = APIClient()
+    client = HttpsAPIClient()
 
     def call(forwarded: str) -> int:
         return client.get(

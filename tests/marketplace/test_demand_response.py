@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from django.db import OperationalError, close_old_connections, connection
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from inventory.models import PriceZone
 from marketplace.apis import demand_response as grid_api
@@ -31,6 +30,7 @@ from marketplace.selectors.availability import AvailabilityQuery, availability_s
 from marketplace.services.demand_response import demand_response_signature
 from marketplace.services.reservations import reservation_create
 from marketplace.tasks import reservations_dispatch_due
+from tests.clients import HttpsAPIClient
 from tests.factories import SiteFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -66,7 +66,7 @@ def _post(body, *, source=None, name=None, ts=None, signature=None, client=None)
             "HTTP_X_DR_TIMESTAMP": ts,
             "HTTP_X_DR_SIGNATURE": signature or f"sha256={digest}",
         }
-    client = client or APIClient()
+    client = client or HttpsAPIClient()
     return client.post(URL, raw, content_type="application/json", **headers)
 
 
@@ -159,7 +159,7 @@ def test_a_call_that_is_not_properly_signed_is_refused_and_changes_nothing(
         raw = json.dumps(_call()).encode()
         ts = str(int(time.time()))
         digest = demand_response_signature(secret=source.secret, timestamp=ts, body=raw)
-        response = APIClient().post(
+        response = HttpsAPIClient().post(
             URL, json.dumps(_call(target_mw="9")), content_type="application/json",
             HTTP_X_DR_SOURCE=source.name, HTTP_X_DR_TIMESTAMP=ts,
             HTTP_X_DR_SIGNATURE=f"sha256={digest}",

@@ -6,13 +6,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.test import Client
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from inventory.models import ZonePrice
 from marketplace.models import Curtailment, Role
 from marketplace.selectors.catalogue import CurtailmentHistory, site_curtailment_history
+from tests.clients import HttpsAPIClient, HttpsClient
 from tests.factories import (
     GpuModelFactory,
     MembershipFactory,
@@ -96,7 +95,7 @@ def _search(client, **params):
 
 
 def test_an_offer_shows_the_expected_power_price_and_curtailments(world):
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_authenticate(MembershipFactory().user)
     offers = _search(client)
     assert offers["texas"]["grid"] == {
@@ -124,7 +123,7 @@ def test_an_offer_shows_the_expected_power_price_and_curtailments(world):
     ],
 )
 def test_the_search_filters_on_renewable_share_carbon_and_pue(world, params, sites):
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_authenticate(MembershipFactory().user)
     assert set(_search(client, **params)) == sites
 
@@ -133,7 +132,7 @@ def test_the_search_filters_on_renewable_share_carbon_and_pue(world, params, sit
     "params", [{"min_renewable_share": "1.5"}, {"max_pue": "0.9"}, {"max_grid_carbon": "-1"}]
 )
 def test_out_of_range_grid_filters_are_bad_input(world, params):
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_authenticate(MembershipFactory().user)
     response = client.get(
         "/api/v1/availability", {"start": T1.isoformat(), "end": T2.isoformat(), **params}
@@ -143,7 +142,7 @@ def test_out_of_range_grid_filters_are_bad_input(world, params):
 
 
 def _portal():
-    client = Client()
+    client = HttpsClient()
     client.force_login(MembershipFactory(organization=OrganizationFactory(), role=Role.MEMBER).user)
     return client
 
@@ -194,7 +193,7 @@ def test_a_site_without_a_zone_says_its_power_has_a_contract_price(world):
 @pytest.mark.usefixtures("allow_all_funding")
 def test_a_quote_takes_the_grid_filters_too(world):
     make_rate(GpuModelFactory(), "2.5000", site=world["quebec"])  # Québec is dearer
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_authenticate(MembershipFactory(role=Role.OWNER).user)
     body = {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "starts_at": T1.isoformat(),
             "ends_at": T2.isoformat()}  # fmt: skip
@@ -208,7 +207,7 @@ def test_a_quote_takes_the_grid_filters_too(world):
 
 
 def test_the_site_list_names_each_sites_price_zone(world):
-    client = APIClient()
+    client = HttpsAPIClient()
     client.force_authenticate(MembershipFactory().user)
     response = client.get("/api/v1/sites")
     zones = {s["id"]: s["price_zone"] for s in response.json()["results"]}

@@ -4,10 +4,10 @@ The browser tests (tests/portal/test_portal_invitations.py) drive the whole flow
 """
 
 import pytest
-from django.test import Client
 
 from marketplace.models import Invitation, Membership, Organization, Role
 from marketplace.services.organizations import invitation_create
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, OrganizationFactory
 
 pytestmark = pytest.mark.django_db
@@ -21,8 +21,8 @@ SIGNUP = {
 }
 
 
-def signed_in(membership) -> Client:
-    client = Client()
+def signed_in(membership) -> HttpsClient:
+    client = HttpsClient()
     client.force_login(membership.user)
     return client
 
@@ -33,9 +33,9 @@ def owner():
 
 
 def test_signup_follows_a_safe_next_and_ignores_another_sites():
-    response = Client().post("/signup?next=https://evil.example/steal", SIGNUP)
+    response = HttpsClient().post("/signup?next=https://evil.example/steal", SIGNUP)
     assert response.status_code == 302 and response["Location"] == "/dashboard"
-    response = Client().post("/signup", {**SIGNUP, "username": "ada", "next": "/reservations"})
+    response = HttpsClient().post("/signup", {**SIGNUP, "username": "ada", "next": "/reservations"})
     assert response.status_code == 302 and response["Location"] == "/reservations"
     assert Organization.objects.count() == 2  # each made their own, as without an invitation
 
@@ -43,9 +43,9 @@ def test_signup_follows_a_safe_next_and_ignores_another_sites():
 def test_signup_through_a_closed_invitation_is_an_ordinary_signup(owner):
     invitation, token = invitation_create(actor=owner, email="grace@example.com", role=Role.ADMIN)
     Invitation.objects.filter(pk=invitation.pk).update(revoked_at=invitation.created_at)
-    page = Client().get(f"/signup?next=/invitations/{token}")
+    page = HttpsClient().get(f"/signup?next=/invitations/{token}")
     assert "organization" in page.context["form"].fields
-    response = Client().post(f"/signup?next=/invitations/{token}", SIGNUP)
+    response = HttpsClient().post(f"/signup?next=/invitations/{token}", SIGNUP)
     assert response.status_code == 302
     membership = Membership.objects.get(user__username="grace")
     assert membership.organization.name == "Hopper Compute"
@@ -66,11 +66,11 @@ def test_a_member_accepting_is_told_and_the_invitation_stays_open(owner):
 
 def test_accepting_signed_out_changes_nothing(owner):
     invitation, token = invitation_create(actor=owner, email="bob@example.com", role=Role.MEMBER)
-    response = Client().post(f"/invitations/{token}")
+    response = HttpsClient().post(f"/invitations/{token}")
     assert response.status_code == 302 and response["Location"] == f"/invitations/{token}"
     invitation.refresh_from_db()
     assert invitation.accepted_at is None
-    assert Client().post("/invitations/unknown").status_code == 404
+    assert HttpsClient().post("/invitations/unknown").status_code == 404
 
 
 def test_the_invite_form_refuses_bad_input_duplicates_and_non_managers(owner):

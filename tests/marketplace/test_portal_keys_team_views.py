@@ -4,22 +4,22 @@ The browser tests (tests/portal) drive the same pages end to end; these are the 
 """
 
 import pytest
-from django.test import Client
 
 from marketplace.models import ApiKey, Membership, Role
 from marketplace.services.api_keys import api_key_create
+from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
 
-def signed_in(membership) -> Client:
-    client = Client()
+def signed_in(membership) -> HttpsClient:
+    client = HttpsClient()
     client.force_login(membership.user)
     return client
 
 
-def form_token(client: Client) -> str:
+def form_token(client: HttpsClient) -> str:
     """The one-time token the create-key form carries, as the browser would get it."""
     return client.get("/api-keys").context["form"].initial["once"]
 
@@ -238,7 +238,7 @@ def test_another_organisations_membership_is_not_found_and_unchanged(owner):
 
 
 def test_signed_out_visitors_are_sent_to_sign_in():
-    client = Client()
+    client = HttpsClient()
     for url in ("/api-keys", "/team", "/api-keys/1/revoke", "/team/1/remove"):
         response = client.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/login?next=")

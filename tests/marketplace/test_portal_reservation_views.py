@@ -5,16 +5,15 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from inventory.models import SiteStatus
 from marketplace.models import Allocation, Quote, Reservation, ReservationStatus, Role, Tier
 from marketplace.portal.reservations import RESERVATIONS_PAGE_SIZE
 from marketplace.services.quotes import quote_create
 from marketplace.services.reservations import reservation_create
+from tests.clients import HttpsAPIClient, HttpsClient
 from tests.factories import MembershipFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
@@ -60,7 +59,7 @@ def reserve(organization):
 
 def test_pages_need_a_signed_in_user():
     for path in ("/dashboard", "/gpus", "/reservations", "/reservations/res_x", "/quotes/quo_x"):
-        response = Client().get(path)
+        response = HttpsClient().get(path)
         assert response.status_code == 302
         assert response["Location"].startswith("/login?next=")
 
@@ -420,7 +419,7 @@ def test_the_list_filters_as_the_api_does_with_the_same_query(market):
     site, h100 = market
     org = OrganizationFactory()
     membership = MembershipFactory(organization=org, role=Role.MEMBER)
-    portal, api = Client(), APIClient()
+    portal, api = HttpsClient(), HttpsAPIClient()
     portal.force_login(membership.user)
     api.force_login(membership.user)
     active = make_reservation_rows(

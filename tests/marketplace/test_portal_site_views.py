@@ -4,11 +4,11 @@
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 
 from inventory.models import SiteStatus
 from marketplace.models import Role
 from marketplace.services.reservations import reservation_create
+from tests.clients import HttpsClient
 from tests.factories import GpuModelFactory, MembershipFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
@@ -31,7 +31,7 @@ def world():
     make_rate(h100, "2.00")
     SiteFactory(slug="gone-1", name="Gone One", status=SiteStatus.RETIRED)
     org = OrganizationFactory()
-    client = Client()
+    client = HttpsClient()
     client.force_login(MembershipFactory(organization=org, role=Role.MEMBER).user)
     return client, org, texas, h100
 

@@ -6,7 +6,6 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from config.request_id import request_id_bind, request_id_unbind
 from inventory.models import NodeStatus
@@ -17,6 +16,7 @@ from marketplace.provisioning.services import (
     reservation_provision_step,
     reservation_release_step,
 )
+from tests.clients import HttpsAPIClient
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import (  # noqa: F401 (broker_fixture is a fixture)
     broker_fixture,
@@ -34,9 +34,9 @@ def _job_url(job_id: int, action: str) -> str:
     return f"/api/v1/agent/jobs/{job_id}/{action}"
 
 
-def _agent(node) -> APIClient:
+def _agent(node) -> HttpsAPIClient:
     _token, secret = node_token_issue(node=node, label="test agent")
-    client = APIClient()
+    client = HttpsAPIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
     return client
 
@@ -161,8 +161,8 @@ def test_an_agent_cannot_see_or_report_on_another_nodes_jobs(booked):
 
 
 def test_the_job_api_refuses_requests_without_a_valid_node_token(booked):
-    anonymous = APIClient()
-    forged = APIClient()
+    anonymous = HttpsAPIClient()
+    forged = HttpsAPIClient()
     forged.credentials(HTTP_AUTHORIZATION="Bearer nt_00000000_forged")
 
     assert anonymous.post(LEASE, {}, format="json").status_code == 401

@@ -7,7 +7,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind, UsageAccrual
@@ -22,6 +21,7 @@ from marketplace.models import (
 )
 from marketplace.portal.forms import PLANS
 from marketplace.services.reservations import reservation_create
+from tests.clients import HttpsClient
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory, UserFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
@@ -47,13 +47,13 @@ def fleet():
 
 @pytest.fixture
 def staff_client():
-    client = Client()
+    client = HttpsClient()
     client.force_login(UserFactory(is_staff=True, is_superuser=True))
     return client
 
 
 def test_the_dashboard_is_for_staff_only(fleet):
-    assert Client().get("/staff/").status_code == 302
+    assert HttpsClient().get("/staff/").status_code == 302
     org = OrganizationFactory()
     response = member_client(org, Role.OWNER).get("/staff/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]

@@ -56,12 +56,15 @@ def fresh_sign_in_limits(settings):
 
 
 @pytest.fixture
-def portal(page, live_server):
+def portal(page, live_server, settings):
     """The page, with its timeouts short enough that a broken page fails fast.
 
     Every page runs under the portal's Content-Security-Policy; anything it blocks (an inline
     script without the nonce, a script from an origin not allowed) fails the test.
     """
+    # The live server plays the TLS proxy (tests/clients.py), but Chromium itself speaks plain
+    # HTTP to it, so its forms post with an http:// Origin that production's CSRF check refuses.
+    settings.CSRF_TRUSTED_ORIGINS = [live_server.url]
     page.set_default_timeout(10_000)
     page.base = live_server.url
     blocked = []

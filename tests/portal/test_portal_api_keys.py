@@ -3,12 +3,12 @@
 import re
 
 import requests
-from django.test import Client
 from playwright.sync_api import expect
 
 from marketplace.models import ApiKey, Membership, Role
 from marketplace.services.api_keys import api_key_create
 from marketplace.services.organizations import organization_create
+from tests.clients import HttpsClient
 
 API = "/api/v1/gpu-models"
 
@@ -20,7 +20,7 @@ def call_api(live_server, secret: str) -> requests.Response:
 
 
 def sign_in_as(page, live_server, user) -> None:
-    client = Client()
+    client = HttpsClient()
     client.force_login(user)
     page.context.clear_cookies()
     page.context.add_cookies(
@@ -29,9 +29,11 @@ def sign_in_as(page, live_server, user) -> None:
 
 
 def post_from_page(page, path: str):
-    """A form POST the page itself did not offer, with the page's CSRF token."""
+    """A form POST the page itself did not offer, with the page's CSRF token (and its Origin,
+    which a browser sends and Django checks on HTTPS)."""
     csrf = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
-    return page.request.post(page.base + path, headers={"X-CSRFToken": csrf}, max_redirects=0)
+    headers = {"X-CSRFToken": csrf, "Origin": page.base}
+    return page.request.post(page.base + path, headers=headers, max_redirects=0)
 
 
 def create_key(page, name: str, *, write: bool = False) -> str:

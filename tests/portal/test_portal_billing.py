@@ -5,7 +5,6 @@ import re
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 from playwright.sync_api import expect
 
 from billing.models import BillingAccount, LedgerKind, PaymentMethod, TopUp, TopUpStatus
@@ -15,6 +14,7 @@ from billing.services.ledger import ledger_entry_add
 from config.celery import app as celery_app
 from marketplace.models import Membership, Role
 from tests.billing.conftest import T0, make_reservation, save_card, stripe_client
+from tests.clients import HttpsClient
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_a_plain_member_cannot_change_billing_settings(portal, live_server, djan
     billing_account_get_or_create(organization=organization)
     member = django_user_model.objects.create_user(username="bob", password="!")
     Membership.objects.create(organization=organization, user=member, role=Role.MEMBER)
-    client = Client()
+    client = HttpsClient()
     client.force_login(member)
     portal.context.add_cookies(
         [{"name": "sessionid", "value": client.cookies["sessionid"].value, "url": live_server.url}]
@@ -144,7 +144,7 @@ def test_a_plain_member_cannot_change_billing_settings(portal, live_server, djan
     response = portal.request.post(
         portal.base + "/billing/",
         form={"recharge_threshold": "1.00", "recharge_amount": "500.00", "monthly_spend_limit": ""},
-        headers={"X-CSRFToken": csrf},
+        headers={"X-CSRFToken": csrf, "Origin": portal.base},  # a browser sends its Origin
     )
 
     assert response.status == 403

@@ -2,17 +2,17 @@
 
 import re
 
-from django.test import Client
 from playwright.sync_api import expect
 
 from marketplace.models import Membership, Role
 from marketplace.services.organizations import organization_create
+from tests.clients import HttpsClient
 
 LAST_OWNER = "An organisation must keep at least one owner; make someone else owner first."
 
 
 def sign_in_as(page, live_server, user) -> None:
-    client = Client()
+    client = HttpsClient()
     client.force_login(user)
     page.context.clear_cookies()
     page.context.add_cookies(
@@ -21,11 +21,11 @@ def sign_in_as(page, live_server, user) -> None:
 
 
 def post_from_page(page, path: str, form: dict | None = None):
-    """A form POST the page itself did not offer, with the page's CSRF token."""
+    """A form POST the page itself did not offer, with the page's CSRF token (and its Origin,
+    which a browser sends and Django checks on HTTPS)."""
     csrf = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
-    return page.request.post(
-        page.base + path, form=form or {}, headers={"X-CSRFToken": csrf}, max_redirects=0
-    )
+    headers = {"X-CSRFToken": csrf, "Origin": page.base}
+    return page.request.post(page.base + path, form=form or {}, headers=headers, max_redirects=0)
 
 
 def test_an_owner_adds_a_member_by_email_changes_their_role_and_removes_them(
