@@ -119,7 +119,6 @@ class CeleryWorker:
         self.log_path = self.log_dir / f"worker-{self._starts}.log"
         full_env = {
             **os.environ,
-            "DEBUG": "1",
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
             "CELERY_BROKER_URL": self.redis_url,

@@ -19,7 +19,7 @@ import run  # noqa: E402
 
 @pytest.mark.django_db(transaction=True)
 def test_site_plays_each_in_service_node_with_a_fresh_token(live_server, settings):
-    settings.DEBUG = True
+    settings.DEBUG = True  # --site plays a whole site's agents for `make run` (DEBUG) only
     market = market_create(nodes=3, gpus=2)
     first, second, down = market.nodes
     type(down).objects.filter(pk=down.pk).update(status=NodeStatus.MAINTENANCE)

@@ -79,7 +79,7 @@ def test_a_dead_agents_job_is_handed_to_the_next_agent_and_the_reservation_runs(
             "0.5",
         ],
         cwd=ROOT,
-        env={**os.environ, "DEBUG": "1"},
+        env=os.environ,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -84,7 +84,7 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
             "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
         ],
         cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV, "DEBUG": "1"},
+        env={**os.environ, **RUNTIME_ENV},
         stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -195,7 +195,7 @@ def test_a_move_to_another_gpu_of_the_same_node_restarts_the_container_on_the_ne
             "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
         ],
         cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV, "DEBUG": "1"},
+        env={**os.environ, **RUNTIME_ENV},
         stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -24,6 +24,7 @@ from schemathesis.checks import (
 from config.wsgi import application
 from marketplace.models import ApiKeyScope
 from marketplace.services.api_keys import api_key_create
+from tests.clients import BehindTlsProxy
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
     fresh_rate_limits,
@@ -62,8 +63,9 @@ def fuzz_key(org):
     return secret
 
 
-# Loaded once at collection: the schema view needs no database.
-schema = schemathesis.openapi.from_wsgi("/api/schema/", application)
+# Loaded once at collection: the schema view needs no database. Calls come as through the TLS
+# proxy (tests/clients.py).
+schema = schemathesis.openapi.from_wsgi("/api/schema/", BehindTlsProxy(application))
 
 
 @schema.parametrize()

@@ -35,7 +35,7 @@ def test_it_seeds_a_realistic_inventory(db):
 
 
 def test_with_debug_on_it_creates_the_demo_accounts(db, settings):
-    settings.DEBUG = True
+    settings.DEBUG = True  # the demo logins are made for `make run` (DEBUG) only
     call_command("seed_demo", stdout=StringIO())
 
     user_model = get_user_model()
@@ -71,7 +71,7 @@ def test_it_keeps_a_node_status_staff_changed(db):
 
 
 def test_with_debug_on_it_creates_the_printed_demo_api_key(db, api_client, settings):
-    settings.DEBUG = True
+    settings.DEBUG = True  # the published demo API key is made for `make run` (DEBUG) only
     call_command("seed_demo", stdout=StringIO())
 
     response = api_client.get(
