@@ -78,7 +78,7 @@ def collect_static(env: dict[str, str]) -> None:
     print(f"make test: static files collected in {time.monotonic() - started:.0f} s", flush=True)
 
 
-def test_environment(*, database_url: str, redis_url: str) -> dict[str, str]:
+def suite_environment(*, database_url: str, redis_url: str) -> dict[str, str]:
     """A production environment: DEBUG unset, and what a deployment must provide."""
     env = {name: value for name, value in os.environ.items() if name != "DEBUG"}
     return {
@@ -112,7 +112,7 @@ def main(pytest_args: list[str]) -> int:
         if tests_exist(CONTAINER_TEST_MARKERS):
             subprocess.run(["bash", str(ROOT / "scripts" / "ensure_podman.sh")], check=True)
 
-        env = test_environment(database_url=postgres.url, redis_url=redis.url)
+        env = suite_environment(database_url=postgres.url, redis_url=redis.url)
         collect_static(env)
         pytest = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT, env=env)
         # Ctrl-C reaches pytest directly (same process group); we only clean up after it.

@@ -2,7 +2,9 @@
 link the content-hashed names from its manifest, and whitenoise serves them itself, cached
 for a year and compressed for clients that accept it."""
 
+import importlib.util
 import re
+import sys
 
 import pytest
 from django.conf import settings
@@ -13,6 +15,7 @@ from tests.clients import HttpsClient
 
 pytestmark = pytest.mark.django_db
 
+SCRIPTS = settings.BASE_DIR / "scripts"
 STATIC_TAG = re.compile(r"""{%\s*static\s+["']([^"']+)["']""")
 
 
@@ -79,3 +82,47 @@ def test_the_unhashed_name_is_served_too_but_not_cached_for_long():
 
     assert response.status_code == 200
     assert "immutable" not in response["Cache-Control"]
+
+
+def _test_script():
+    """scripts/test.py as a module (its name would clash with the standard library's `test`)."""
+    sys.path.insert(0, str(SCRIPTS))  # for its `import devservices`
+    try:
+        spec = importlib.util.spec_from_file_location("make_test", SCRIPTS / "test.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+def test_make_test_collects_again_only_when_a_static_source_changed(tmp_path, monkeypatch):
+    script = _test_script()
+    (tmp_path / "requirements.txt").write_text("Django==5.2\n")
+    css = tmp_path / "portal" / "static" / "portal.css"
+    css.parent.mkdir(parents=True)
+    css.write_text("a {}")
+    static_root = tmp_path / ".run" / "test-static"
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    monkeypatch.setattr(script, "STATIC_ROOT", static_root)
+    monkeypatch.setattr(script, "STATIC_FINGERPRINT", tmp_path / ".run" / "fingerprint")
+    runs = []
+
+    def collectstatic(command, **kwargs):
+        runs.append(command)
+        static_root.mkdir(parents=True, exist_ok=True)
+        (static_root / "staticfiles.json").write_text("{}")
+
+    monkeypatch.setattr(script.subprocess, "run", collectstatic)
+
+    script.collect_static({})
+    script.collect_static({})
+    assert len(runs) == 1
+    assert "--clear" in runs[0]  # a file gone from the sources is gone from STATIC_ROOT too
+    css.write_text("a { color: red }")
+    script.collect_static({})
+    (tmp_path / "requirements.txt").write_text("Django==5.2.1\n")
+    script.collect_static({})
+    (static_root / "staticfiles.json").unlink()
+    script.collect_static({})
+    assert len(runs) == 4

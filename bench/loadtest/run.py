@@ -205,7 +205,10 @@ def _checks() -> list[tuple[str, bool, str]]:
     ):
         client = Client(HTTP_HOST="127.0.0.1")
         client.force_login(org.memberships.all()[0].user)
-        answer = client.get("/api/v1/billing/balance", HTTP_SY_ORGANIZATION=org.public_id)
+        # Over HTTPS, as customers call it (with DEBUG off plain HTTP is redirected).
+        answer = client.get(
+            "/api/v1/billing/balance", HTTP_SY_ORGANIZATION=org.public_id, secure=True
+        )
         balance_minor = int(Decimal(answer.json()["balance"]) * 100)
         if answer.status_code != 200 or balance_minor != ledger.get(org.id, 0):
             mismatched.append(org.slug)
