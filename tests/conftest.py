@@ -20,6 +20,29 @@ def pytest_configure(config):
         pytest.exit(f"No collected static files in STATIC_ROOT ({settings.STATIC_ROOT}): {how}.", 4)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _static_root_scanned_once():
+    """whitenoise's middleware lists STATIC_ROOT (1,700 files with their compressed copies,
+    0.1–0.4 s) when it is built: once per process in production, but once per test client
+    here, since each client builds its own middleware. The session lists it once and gives
+    each new middleware the same files."""
+    from whitenoise.middleware import WhiteNoiseMiddleware
+
+    scan = WhiteNoiseMiddleware.update_files_dictionary
+    scanned = {}
+
+    def update_files_dictionary(self, root, prefix):
+        if (root, prefix) not in scanned:
+            before = set(self.files)
+            scan(self, root, prefix)
+            scanned[root, prefix] = {url: self.files[url] for url in self.files.keys() - before}
+        self.files.update(scanned[root, prefix])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WhiteNoiseMiddleware, "update_files_dictionary", update_files_dictionary)
+        yield
+
+
 @pytest.fixture
 def client() -> HttpsClient:
     """pytest-django's client, through the TLS proxy (tests/clients.py)."""
