@@ -108,8 +108,9 @@ def test_the_plain_answer_is_drf_s_answer(client, monkeypatch):
     }
     for response in (plain, drf):  # DRF's date format: UTC with a Z
         assert response.json()["last_heartbeat_at"].endswith("Z")
-    assert {h: plain[h] for h in ("Content-Type", "Vary", "Allow")} == {
-        h: drf[h] for h in ("Content-Type", "Vary", "Allow")
+    # Vary: Accept only where DRF has a second renderer (the browsable one, with DEBUG).
+    assert {h: plain.get(h) for h in ("Content-Type", "Vary", "Allow")} == {
+        h: drf.get(h) for h in ("Content-Type", "Vary", "Allow")
     }
 
 
