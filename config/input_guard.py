@@ -88,7 +88,26 @@ def _body(request, read):
         ) from None
 
 
+# In JSON text a NUL or a surrogate can only be written as such an escape: the raw characters
+# are refused by any JSON parser (a control character in a string, invalid UTF-8).
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _plainly_fine(body: bytes) -> bool:
+    """A body that needs no parsing to be known storable and shallow enough: UTF-8 (no NUL
+    byte, which UTF-16 and UTF-32 text always has), no escape of a NUL or a surrogate, and
+    fewer brackets than the depth allowed (every level of nesting opens one). Most bodies are
+    such; anything else is parsed and walked below."""
+    return (
+        b"\x00" not in body
+        and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH
+        and _UNSTORABLE_ESCAPE.search(body) is None
+    )
+
+
 def _check_json(body: bytes) -> None:
+    if _plainly_fine(body):
+        return
     try:
         value = json.loads(body)
     except RecursionError:

@@ -166,3 +166,39 @@ def test_the_refusals_name_what_was_wrong(clients):
     page = session.get("/reservations/%00")
     assert page.status_code == 400
     assert b"<h1>Bad request</h1>" in page.content
+
+
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        ('{"name": "ok", "n": [1, 2, {"a": "\\u00e9"}]}', None),
+        ('{"name": "x\\u0000y"}', "invalid_characters"),
+        ('{"name": "x\\uD800"}', "invalid_characters"),
+        ('{"name": "x\\udfff"}', "invalid_characters"),
+        ('{"name": "\\ud83d\\ude00"}', None),  # a surrogate pair: one emoji, storable
+        ('{"name": "a\\\\u0000"}', None),  # an escaped backslash, then the text u0000
+        ('{"w": ' + "[" * 33 + "]" * 33 + "}", "too_deeply_nested"),
+        ('{"w": "' + "[" * 40 + '"}', None),  # brackets inside a string nest nothing
+    ],
+)
+def test_json_bodies_are_refused_exactly_when_postgresql_would_refuse_them(body, refused):
+    from config.input_guard import _check_json, _Refused
+
+    for encoding in ("utf-8", "utf-16", "utf-32"):  # json.loads reads all three
+        raw = body.encode(encoding)
+        if refused is None:
+            _check_json(raw)
+        else:
+            with pytest.raises(_Refused) as caught:
+                _check_json(raw)
+            assert caught.value.code == refused, (body, encoding)
+
+
+def test_a_plain_body_is_let_through_without_parsing():
+    from config.input_guard import MAX_JSON_DEPTH, _plainly_fine
+
+    heartbeat = json.dumps({"gpus": [{"index": i, "temp_c": 61.5} for i in range(8)]})
+    assert _plainly_fine(heartbeat.encode())
+    assert not _plainly_fine(heartbeat.encode("utf-16"))  # NUL bytes: parsed and walked
+    assert not _plainly_fine(b'{"a": "\\u0000"}')
+    assert not _plainly_fine(("[" * (MAX_JSON_DEPTH + 1)).encode())
