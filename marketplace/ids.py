@@ -10,12 +10,16 @@ _ALPHABET = string.ascii_letters + string.digits
 
 
 def new_public_id(prefix: str, length: int = 20) -> str:
+    return f"{prefix}_{_random_text(length)}"
+
+
+def _random_text(length: int) -> str:
     # Random bytes below 248 (4 × 62) taken modulo 62: every character equally likely, and
     # cheaper than a secrets.choice per character (several of these are made per booking).
     body: list[str] = []
     while len(body) < length:
         body += [_ALPHABET[b % 62] for b in secrets.token_bytes(length + 4) if b < 248]
-    return f"{prefix}_{''.join(body[:length])}"
+    return "".join(body[:length])
 
 
 def org_id() -> str:
@@ -28,9 +32,7 @@ def quote_id(*, expires_at: datetime | None = None) -> str:
     ours is still known to be expired (quote_id_expires_at), without a record of it."""
     if expires_at is None:
         return new_public_id("quo")
-    stamp = _base62(int(expires_at.timestamp()), 6) + "".join(
-        secrets.choice(_ALPHABET) for _ in range(12)
-    )
+    stamp = _base62(int(expires_at.timestamp()), 6) + _random_text(12)
     return f"quo_{stamp}{_quote_mac(stamp)}"
 
 

@@ -34,19 +34,8 @@ from inventory.services import (
 from tests.agent.test_gpu_telemetry import fixture
 from tests.factories import NodeFactory
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_buffers")]
 URL = "/api/v1/agent/heartbeat"
-
-
-@pytest.fixture(autouse=True)
-def empty_buffers():
-    client = telemetry.buffer_client()
-    keys = [heartbeats.LAST_SEEN_KEY, heartbeats.TOKEN_USED_KEY, telemetry.BUFFER_KEY]
-    client.delete(*keys)
-    telemetry.rules_cache_clear()
-    yield client
-    client.delete(*keys)
-    telemetry.rules_cache_clear()
 
 
 def heard(seconds_ago: float, **kwargs) -> Node:

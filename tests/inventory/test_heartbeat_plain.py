@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from inventory import heartbeats, telemetry
+from inventory import telemetry
 from inventory.apis import HeartbeatApi
 from inventory.heartbeats import heartbeats_buffered, heartbeats_flush
 from inventory.models import Gpu, GpuHealth, GpuSample, Node, NodeToken
@@ -19,19 +19,8 @@ from inventory.services import node_token_issue
 from tests.factories import NodeFactory
 from tests.inventory.test_heartbeat_buffer import report
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_buffers")]
 URL = "/api/v1/agent/heartbeat"
-
-
-@pytest.fixture(autouse=True)
-def empty_buffers():
-    client = telemetry.buffer_client()
-    keys = [heartbeats.LAST_SEEN_KEY, heartbeats.TOKEN_USED_KEY, telemetry.BUFFER_KEY]
-    client.delete(*keys)
-    telemetry.rules_cache_clear()
-    yield client
-    client.delete(*keys)
-    telemetry.rules_cache_clear()
 
 
 @pytest.fixture
