@@ -76,7 +76,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # After a write, the client's reads stay on the primary for a while (config/replica.py).
     "config.replica.ReplicaPinMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # django-prometheus's, recording only the series operators read (config/metrics/http.py).
+    "config.metrics.http.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

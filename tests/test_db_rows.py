@@ -213,3 +213,50 @@ def test_model_insert_leaves_expressions_to_the_orm():
         model_insert(Event(organization_id=org.pk, type="x", object_type="y", object_id="z",
                            data=Value({})))  # fmt: skip
     assert not Event.objects.exists()
+
+
+def _every_model():
+    from django.apps import apps
+
+    return [m for m in apps.get_models() if not m._meta.proxy]
+
+
+@pytest.mark.parametrize("model", _every_model(), ids=lambda m: m._meta.label)
+def test_every_model_loads_from_a_row_as_from_db_loads_it(model):
+    values = [
+        1 if f.primary_key else f.get_default() if f.has_default() and not callable(f.default)
+        else None
+        for f in model._meta.concrete_fields
+    ]  # fmt: skip
+    loaded = model_from_row(model, values)
+    expected = model.from_db(
+        "default", [f.attname for f in model._meta.concrete_fields], list(values)
+    )
+
+    assert type(loaded) is model
+    assert list(vars(loaded)) == list(vars(expected))  # the same attributes, in field order
+    assert _fields(loaded) == _fields(expected)
+    assert (loaded._state.adding, loaded._state.db) == (False, "default")
+    assert loaded._state.fields_cache == {}
+
+
+def test_a_post_init_listener_still_hears_rows_loaded():
+    from django.db.models.signals import post_init
+
+    heard = []
+
+    def listener(sender, instance, **kwargs):
+        heard.append(instance)
+
+    post_init.connect(listener, sender=Node)
+    try:
+        node = NodeFactory()
+        with connection.cursor() as cur:
+            cur.execute(f"SELECT {model_columns(Node, 'n')} FROM inventory_node n WHERE n.id = %s",
+                        [node.pk])  # fmt: skip
+            heard.clear()
+            loaded = model_from_row(Node, cur.fetchone())
+    finally:
+        post_init.disconnect(listener, sender=Node)
+
+    assert heard == [loaded]

@@ -219,6 +219,38 @@ def test_metrics_count_requests_by_view_and_status(production):
     )
 
 
+def test_metrics_time_each_view_and_bound_the_method_label(production):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    latency = "django_http_requests_latency_seconds_by_view_method_count"
+    responses = "django_http_responses_total_by_status_view_method_total"
+    before = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+    client = HttpsClient()
+    for _ in range(3):
+        client.get("/api/v1/gpu-models", HTTP_HOST="switchyard.example.com")
+    client.generic("BREW", "/api/v1/gpu-models", HTTP_HOST="switchyard.example.com")
+
+    after = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+    counted = {
+        k: v - _samples(before, latency).get(k, 0)
+        for k, v in _samples(after, latency).items()
+        if v != _samples(before, latency).get(k, 0)
+    }
+    assert counted == {
+        'method="GET",view="gpu-models"': 3,
+        'method="<invalid method>",view="gpu-models"': 1,
+    }
+    brewed = {
+        k: v - _samples(before, responses).get(k, 0)
+        for k, v in _samples(after, responses).items()
+        if "invalid" in k and v != _samples(before, responses).get(k, 0)
+    }
+    assert brewed == {'method="<invalid method>",status="401",view="gpu-models"': 1}
+    # The library's other per-request series are not recorded (config/metrics/http.py).
+    assert "django_http_requests_total_by_method_total{" not in after
+    body_sizes = "django_http_responses_body_total_bytes_count"
+    assert _samples(after, body_sizes) == _samples(before, body_sizes)
+
+
 def test_business_metrics_report_reservations_gpus_funding_and_the_outbox(
     production,
     allow_all_funding,  # noqa: F811
