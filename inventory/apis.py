@@ -22,8 +22,8 @@ from inventory.heartbeat_input import heartbeat_fast_validate
 from inventory.models import GpuHealth, NodeStatus
 from inventory.services import (
     TOKEN_PREFIX,
-    node_gpus_by_index,
     node_heartbeat_accept,
+    node_heartbeat_read,
     node_token_authenticate_with_gpus,
 )
 
@@ -138,9 +138,15 @@ class HeartbeatApi(APIView):
         status = serializers.ChoiceField(choices=NodeStatus.choices)
         last_heartbeat_at = serializers.DateTimeField()
         next_heartbeat_within_seconds = serializers.SerializerMethodField()
+        # A job or a burn-in waits for this node's agent: an idle agent leases only when told
+        # (agent/README.md), so it need not poll; it comes from the heartbeat's one read.
+        work_waiting = serializers.SerializerMethodField()
 
         def get_next_heartbeat_within_seconds(self, node) -> int:
             return int(settings.NODE_OFFLINE_AFTER.total_seconds())
+
+        def get_work_waiting(self, node) -> bool:
+            return self.context["work_waiting"]
 
     @classmethod
     def as_view(cls, **initkwargs):
@@ -162,7 +168,7 @@ class HeartbeatApi(APIView):
     )
     def post(self, request: Request) -> Response:
         node = request.user.node
-        gpus = node_gpus_by_index(node)
+        gpus, work_waiting = node_heartbeat_read(node)
         # The agent's well-formed body is checked without DRF's fields (same result, a tenth
         # of the time); anything else goes through the serializer and its errors.
         data = heartbeat_fast_validate(request.data, gpu_indexes=set(gpus))
@@ -178,7 +184,7 @@ class HeartbeatApi(APIView):
             actor_label=f"node agent ({request.auth.prefix})",
             telemetry=data.get("telemetry"),
         )
-        return Response(self.OutputSerializer(node).data)
+        return Response(self.OutputSerializer(node, context={"work_waiting": work_waiting}).data)
 
 
 def _no_constant(name: str):
@@ -204,7 +210,7 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
     found = node_token_authenticate_with_gpus(secret)
     if found is None:
         return None
-    token, gpus = found
+    token, (gpus, work_waiting) = found
     data = heartbeat_fast_validate(body, gpu_indexes=set(gpus))
     if data is None:
         return None
@@ -225,6 +231,7 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
             "status": node.status,
             "last_heartbeat_at": _AT.to_representation(node.last_heartbeat_at),
             "next_heartbeat_within_seconds": int(settings.NODE_OFFLINE_AFTER.total_seconds()),
+            "work_waiting": work_waiting,
         }
     )  # HeartbeatApi.OutputSerializer's fields (its .data costs as much as the rest here)
 

@@ -11,11 +11,13 @@ only the next heartbeat closes them, whatever staff did in between. Outages of o
 node to service.
 """
 
+import functools
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -25,6 +27,7 @@ from django.utils import timezone
 
 from config.db import model_columns, model_from_row
 from config.errors import Conflict, InvalidTransition, ValidationFailed
+from inventory.agent_work import agent_work_waiting_sql
 from inventory.heartbeats import (
     flushed_through,
     heartbeat_buffer_push,
@@ -400,29 +403,59 @@ SELECT {model_columns(NodeToken, "t")}, {model_columns(Node, "n")}
   FROM {NodeToken._meta.db_table} t JOIN {Node._meta.db_table} n ON n.id = t.node_id
  WHERE t.prefix = %s AND t.revoked_at IS NULL
 """
-# The heartbeat's one read: the token, its node, and the node's GPUs as one array per column
-# (a row per GPU would repeat the node's columns, and loading them cost more than the second
-# query this saves).
+# The heartbeat's one read: the token, its node, the node's GPUs as one array per column (a
+# row per GPU would repeat the node's columns, and loading them cost more than the second
+# query this saves), and whether work waits for its agent (inventory.agent_work). Built at
+# first use, once every app has registered its agent work.
 _GPU_ARRAYS = ", ".join(f'array_agg(g."{f.column}")' for f in Gpu._meta.concrete_fields)
-_TOKEN_GPUS_SQL = f"""
-SELECT {model_columns(NodeToken, "t")}, {model_columns(Node, "n")}, a.*
-  FROM {NodeToken._meta.db_table} t JOIN {Node._meta.db_table} n ON n.id = t.node_id
- CROSS JOIN LATERAL (SELECT {_GPU_ARRAYS} FROM {Gpu._meta.db_table} g WHERE g.node_id = n.id) a
- WHERE t.prefix = %s AND t.revoked_at IS NULL
-"""
-_NODE_GPUS_SQL = (
-    f"SELECT {model_columns(Gpu, 'g')} FROM {Gpu._meta.db_table} g WHERE g.node_id = %s"
-)
+_GPUS_OF_N = f"SELECT {_GPU_ARRAYS} FROM {Gpu._meta.db_table} g WHERE g.node_id = n.id"
 _TOKEN_WIDTH = len(NodeToken._meta.concrete_fields)
 _TOKEN_NODE_WIDTH = _TOKEN_WIDTH + len(Node._meta.concrete_fields)
 
 
-def node_gpus_by_index(node: Node) -> dict[int, Gpu]:
-    """The node's GPUs by index, unlocked (the heartbeat reads them on every call: SQL)."""
+@functools.cache
+def _token_gpus_sql() -> str:
+    return f"""
+SELECT {model_columns(NodeToken, "t")}, {model_columns(Node, "n")}, a.*,
+       {agent_work_waiting_sql("n.id")}
+  FROM {NodeToken._meta.db_table} t JOIN {Node._meta.db_table} n ON n.id = t.node_id
+ CROSS JOIN LATERAL ({_GPUS_OF_N}) a
+ WHERE t.prefix = %s AND t.revoked_at IS NULL
+"""
+
+
+@functools.cache
+def _node_gpus_sql() -> str:
+    return f"""
+SELECT a.*, {agent_work_waiting_sql("n.id")}
+  FROM {Node._meta.db_table} n CROSS JOIN LATERAL ({_GPUS_OF_N}) a
+ WHERE n.id = %s
+"""
+
+
+class HeartbeatRead(NamedTuple):
+    """What a heartbeat reads besides its token: the node's GPUs by index (unlocked), and
+    whether work waits for its agent (a job or a burn-in to lease: inventory.agent_work)."""
+
+    gpus: dict[int, Gpu]
+    work_waiting: bool
+
+
+def _heartbeat_read(columns: tuple) -> HeartbeatRead:
+    """The GPU arrays (None when the node has none) and the work flag, as the reads end."""
+    *arrays, work_waiting = columns
+    gpus = (
+        [model_from_row(Gpu, values) for values in zip(*arrays, strict=True)] if arrays[0] else []
+    )
+    return HeartbeatRead({gpu.index: gpu for gpu in gpus}, bool(work_waiting))
+
+
+def node_heartbeat_read(node: Node) -> HeartbeatRead:
+    """The node's GPUs and whether work waits for its agent, in one query (every heartbeat
+    that DRF answers reads them: SQL)."""
     with connection.cursor() as cursor:
-        cursor.execute(_NODE_GPUS_SQL, [node.pk])
-        gpus = [model_from_row(Gpu, row) for row in cursor.fetchall()]
-    return {gpu.index: gpu for gpu in gpus}
+        cursor.execute(_node_gpus_sql(), [node.pk])
+        return _heartbeat_read(cursor.fetchone())
 
 
 def _token_read(sql: str, secret: str) -> list[tuple]:
@@ -460,17 +493,13 @@ def node_token_authenticate(secret: str) -> NodeToken | None:
     return _token_accept(secret, rows[0] if rows else None)
 
 
-def node_token_authenticate_with_gpus(secret: str) -> tuple[NodeToken, dict[int, Gpu]] | None:
-    """node_token_authenticate and node_gpus_by_index of its node in one query, or None."""
-    rows = _token_read(_TOKEN_GPUS_SQL, secret)
+def node_token_authenticate_with_gpus(secret: str) -> tuple[NodeToken, HeartbeatRead] | None:
+    """node_token_authenticate and node_heartbeat_read of its node in one query, or None."""
+    rows = _token_read(_token_gpus_sql(), secret)
     token = _token_accept(secret, rows[0] if rows else None)
     if token is None:
         return None
-    columns = rows[0][_TOKEN_NODE_WIDTH:]  # None when the node has no GPU
-    gpus = (
-        [model_from_row(Gpu, values) for values in zip(*columns, strict=True)] if columns[0] else []
-    )
-    return token, {gpu.index: gpu for gpu in gpus}
+    return token, _heartbeat_read(rows[0][_TOKEN_NODE_WIDTH:])
 
 
 # --- Heartbeats ----------------------------------------------------------------------------

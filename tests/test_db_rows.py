@@ -93,7 +93,7 @@ def test_the_provision_steps_row_lock_matches_select_related_field_for_field(wit
 def test_the_node_token_lookup_and_the_gpu_read_match_the_orm_field_for_field():
     from inventory.models import Gpu, NodeToken
     from inventory.services import (
-        node_gpus_by_index,
+        node_heartbeat_read,
         node_token_authenticate,
         node_token_authenticate_with_gpus,
         node_token_issue,
@@ -108,13 +108,15 @@ def test_the_node_token_lookup_and_the_gpu_read_match_the_orm_field_for_field():
     assert _fields(token) == {**_fields(expected), "last_used_at": token.last_used_at}
     assert _fields(token.node) == _fields(expected.node)
     assert node_token_authenticate(secret + "x") is None
-    gpus = node_gpus_by_index(node)
+    gpus, work_waiting = node_heartbeat_read(node)
     assert {i: _fields(g) for i, g in gpus.items()} == {
         g.index: _fields(g) for g in Gpu.objects.filter(node=node)
     }
-    token, with_gpus = node_token_authenticate_with_gpus(secret)
+    assert work_waiting is False
+    token, (with_gpus, work_waiting) = node_token_authenticate_with_gpus(secret)
     assert _fields(token.node) == _fields(expected.node)
     assert {i: _fields(g) for i, g in with_gpus.items()} == {i: _fields(g) for i, g in gpus.items()}
+    assert work_waiting is False
     assert node_token_authenticate_with_gpus(secret + "x") is None
 
 

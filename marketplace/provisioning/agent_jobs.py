@@ -25,7 +25,19 @@ __all__ = [
     "agent_job_progress",
     "agent_job_complete",
     "agent_job_fail",
+    "AGENT_JOB_WAITING_SQL",
 ]
+
+# Whether agent_job_lease could hand the node a job now or soon, for the heartbeat's answer
+# (registered with inventory.agent_work by marketplace.apps): one queued, or leased with its
+# lease run out. A start still waiting for its prepare counts: the node is busy with that
+# prepare anyway. Read through the index on (node, status, id).
+AGENT_JOB_WAITING_SQL = (
+    f"EXISTS (SELECT 1 FROM {AgentJob._meta.db_table} j WHERE j.node_id = {{node_id}}"
+    f" AND j.status IN ('{AgentJobStatus.QUEUED.value}', '{AgentJobStatus.LEASED.value}')"
+    f" AND (j.status = '{AgentJobStatus.QUEUED.value}'"
+    " OR j.lease_expires_at <= statement_timestamp()))"
+)
 
 
 def agent_job_enqueue(

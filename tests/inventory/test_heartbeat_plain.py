@@ -70,7 +70,7 @@ def test_a_routine_heartbeat_is_answered_without_drf_in_one_query_and_flushed(cl
         response = post(client, secret, body)
 
     assert response.status_code == 200, response.content
-    assert len(queries) == 1  # the token, its node and its GPUs
+    assert len(queries) == 1  # the token, its node, its GPUs and whether work waits
     assert response["Content-Type"] == "application/json"
     said = parse_datetime(response.json()["last_heartbeat_at"])
     assert response.json() == {
@@ -78,6 +78,7 @@ def test_a_routine_heartbeat_is_answered_without_drf_in_one_query_and_flushed(cl
         "status": "available",
         "last_heartbeat_at": said.isoformat().replace("+00:00", "Z"),
         "next_heartbeat_within_seconds": 180,
+        "work_waiting": False,
     }
     assert Node.objects.get(pk=node.pk).last_heartbeat_at == before  # buffered
     assert heartbeats_flush() == 1
