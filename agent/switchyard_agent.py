@@ -124,8 +124,9 @@ class Settings:
     allow_private_registries: bool = False
     lease_seconds: int = 60
     max_parallel_jobs: int = 4
-    poll_seconds: float = 2.0
+    poll_seconds: float = 2.0  # while jobs run, or against an API that does not say work waits
     heartbeat_seconds: float = 10.0
+    idle_poll_seconds: float = 300.0  # idle: lease when a heartbeat says work waits, or this often
     status_file: str = ""  # empty: <state_dir>/status.json (what `--check` reads)
     once: bool = False
 
@@ -188,6 +189,10 @@ def settings_load(
         raise SettingsError("readiness_timeout_seconds must be > 0 and lease_seconds >= 5")
     if settings.max_parallel_jobs < 1:
         raise SettingsError("max_parallel_jobs must be at least 1")
+    if settings.poll_seconds <= 0 or settings.heartbeat_seconds <= 0:
+        raise SettingsError("poll_seconds and heartbeat_seconds must be > 0")
+    if settings.idle_poll_seconds < settings.poll_seconds:
+        raise SettingsError("idle_poll_seconds must be at least poll_seconds")
     return settings
 
 
@@ -852,6 +857,12 @@ class Agent:
         self.max_parallel_jobs = max_parallel_jobs
         self.kernel_cursor = _gpu_telemetry.KernelEventCursor() if _gpu_telemetry else None
         self.workloads_reported: list[dict] | None = None  # the last report the API accepted
+        # Set by a heartbeat whose answer says work waits for this node (a job or a burn-in to
+        # lease): the idle loop waits on it instead of polling. work_signalled: the last
+        # heartbeat was answered, with that field (an older API's answer has none; then the
+        # loop polls as it always did).
+        self.work_waiting = threading.Event()
+        self.work_signalled = False
 
     def telemetry(self) -> dict | None:
         """Per-GPU readings for the heartbeat (gpu_telemetry.py); None on a node without
@@ -869,7 +880,16 @@ class Agent:
         telemetry = self.telemetry()
         if telemetry is not None:
             beat["telemetry"] = telemetry
-        status, body = self.client.post("agent/heartbeat", beat)
+        try:
+            status, body = self.client.post("agent/heartbeat", beat)
+        except Exception:
+            self.work_signalled = False  # no answer: the loop polls until one comes
+            raise
+        self.work_signalled = (
+            status == 200 and isinstance(body, dict) and isinstance(body.get("work_waiting"), bool)
+        )
+        if self.work_signalled and body["work_waiting"]:
+            self.work_waiting.set()
         if status == 401:
             raise SettingsError("the API refused the node token (revoked or wrong)")
         if status != 200:
@@ -981,9 +1001,23 @@ class Agent:
         logger.info("burn-in %s: exit %s, reported (%s)", job["id"], result["exit_code"], code)
         return True
 
-    def loop(self, *, poll_seconds: float, heartbeat_seconds: float, once: bool) -> None:
+    def loop(
+        self,
+        *,
+        poll_seconds: float,
+        heartbeat_seconds: float,
+        once: bool,
+        idle_poll_seconds: float = 300.0,
+    ) -> None:
         """Heartbeat, then run jobs until stopped. Heartbeats have their own thread, so a long
-        pull, readiness wait or grace period never makes the node look silent (offline)."""
+        pull, readiness wait or grace period never makes the node look silent (offline).
+
+        While jobs run (or one was just leased) the loop leases every poll_seconds. Idle (the
+        last leases found nothing and nothing runs) it waits until a heartbeat's answer says
+        work waits, so an idle node sends only its heartbeats, and a job queued for it starts
+        within one heartbeat; it still leases every idle_poll_seconds, should a signal be
+        missed. Against an API whose answer does not say (an older one), it polls as before.
+        """
         refused: list[SettingsError] = []
         stop = threading.Event()
 
@@ -1003,6 +1037,7 @@ class Agent:
                     beat()
                 except SettingsError as exc:  # the token was revoked: the agent must stop
                     refused.append(exc)
+                    self.work_waiting.set()  # wakes an idle loop to stop
                     return
 
         beat()
@@ -1015,6 +1050,10 @@ class Agent:
             while not refused:
                 running = [t for t in running if t.is_alive()]
                 job = None
+                idle = False
+                # A heartbeat that says work waits from here on wakes the wait below, even one
+                # answered while the leases are on their way.
+                self.work_waiting.clear()
                 try:
                     if len(running) < self.max_parallel_jobs:
                         job = self.lease()
@@ -1027,11 +1066,13 @@ class Agent:
                         continue  # lease the next one at once
                     if not running and self.burn_in_one():  # a burn-in needs the node idle
                         continue
+                    idle = not running
                 except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                     logger.warning("API unreachable: %s; retrying", exc)
                 if once and not running:
                     return
-                time.sleep(poll_seconds)
+                signalled = idle and self.work_signalled
+                self.work_waiting.wait(idle_poll_seconds if signalled else poll_seconds)
             raise refused[0]
         finally:
             stop.set()
@@ -1086,6 +1127,8 @@ def arguments_add(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-parallel-jobs", type=int)
     p.add_argument("--poll-seconds", type=float)
     p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--idle-poll-seconds", type=float,
+                   help="idle, lease this often even if no heartbeat says work waits")  # fmt: skip
     p.add_argument("--status-file", help="where each accepted heartbeat is recorded")
     p.add_argument("--once", action="store_const", const=True, default=None,
                    help="run the jobs waiting now, then exit")  # fmt: skip
@@ -1150,6 +1193,7 @@ def main(
             poll_seconds=settings.poll_seconds,
             heartbeat_seconds=settings.heartbeat_seconds,
             once=settings.once,
+            idle_poll_seconds=settings.idle_poll_seconds,
         )
     except SettingsError as exc:
         print(f"switchyard-agent: {exc}", file=sys.stderr)

@@ -22,13 +22,13 @@ _used = False
 def agent_work_register(exists_sql: str) -> None:
     """Add `exists_sql`, an SQL boolean (an `EXISTS (…)` with `{node_id}` for the node's id
     and no parameters), to what makes work wait for a node's agent."""
+    if "{node_id}" not in exists_sql:
+        raise ValueError("the condition must name the node's id as {node_id}")
     if _used:
         raise RuntimeError(
             "agent work registered after the heartbeat's statements were built; "
             "register it in an AppConfig.ready()"
         )
-    if "{node_id}" not in exists_sql:
-        raise ValueError("the condition must name the node's id as {node_id}")
     _conditions.append(exists_sql)
 
 

@@ -177,3 +177,17 @@ def test_the_work_is_read_through_the_node_and_status_indexes(statement, key):
     assert "Seq Scan" not in plan, plan
     for table in (AgentJob._meta.db_table, BurnIn._meta.db_table):
         assert any(table in line and "Index" in line for line in plan.splitlines()), plan
+
+
+def test_agent_work_registered_too_late_or_without_the_node_is_refused():
+    """The heartbeat's statements are built once: a condition registered after that would be
+    silently left out, so it is an error."""
+    from inventory import agent_work
+
+    before = list(agent_work._conditions)
+    _token_gpus_sql()  # built
+
+    with pytest.raises(RuntimeError, match="registered after the heartbeat's statements"):
+        agent_work.agent_work_register("EXISTS (SELECT 1 WHERE {node_id} > 0)")
+    assert agent_work._conditions == before
+    assert AgentJob._meta.db_table in _token_gpus_sql()  # the marketplace's, from its ready()

@@ -97,6 +97,7 @@ class Command(BaseCommand):
                 kwargs={
                     "poll_seconds": base.poll_seconds,
                     "heartbeat_seconds": base.heartbeat_seconds,
+                    "idle_poll_seconds": base.idle_poll_seconds,
                     "once": base.once,
                 },
                 name=node.hostname,
