@@ -204,8 +204,7 @@ def main() -> int:
                     [sys.executable, "manage.py", "site_agent", "--site", slug,
                      "--api", base, "--executor", "container", "--runtime", "podman",
                      "--host", HOST, "--state-dir", str(RUN_DIR / "agents"),
-                     "--allow-private-registries", "--poll-seconds", "3",
-                     "--heartbeat-seconds", "30"],
+                     "--allow-private-registries", "--poll-seconds", "3"],
                     env=env,
                 )  # fmt: skip
             provisioning += f"; one agent per demo site ({len(sites)})"
