@@ -7,14 +7,9 @@ exactly as the ORM converts them (JSON fields, for one), so callers cannot tell 
 """
 
 from functools import cache
-from typing import NamedTuple
 
 from django.db import connection
 from django.db.models import Model
-from django.db.models.base import ModelState
-from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
-from django.db.models.query_utils import DeferredAttribute
-from django.db.models.signals import post_init, pre_init
 
 __all__ = ["model_columns", "model_from_row", "model_insert"]
 
@@ -26,45 +21,12 @@ def model_columns(model: type[Model], alias: str) -> str:
 
 def model_from_row(model: type[Model], values) -> Model:
     """An instance loaded from the values of model_columns(model, …), as a query would load it."""
-    plan = _plan(model)
-    values = [
-        convert(v, None, connection) if convert else v
-        for convert, v in zip(plan.converters, values, strict=True)
-    ]
-    return _loaded(model, plan, values)
-
-
-class _Plan(NamedTuple):
-    attnames: list[str]
-    converters: list  # each field's from_db_value, or None
-    plain: bool  # Model.from_db, and only the ORM's own descriptors on the fields
-
-
-@cache
-def _plan(model: type[Model]) -> _Plan:
     fields = model._meta.concrete_fields
-    plain = model.from_db.__func__ is Model.from_db.__func__ and all(
-        type(model.__dict__.get(f.attname)) in (DeferredAttribute, ForeignKeyDeferredAttribute)
-        for f in fields
-    )
-    return _Plan(
-        [f.attname for f in fields], [getattr(f, "from_db_value", None) for f in fields], plain
-    )
-
-
-def _loaded(model: type[Model], plan: _Plan, values: list) -> Model:
-    """Model.from_db(alias, every field, values). For a plain model, with nobody listening
-    to pre_init or post_init, the same instance is built without Model.__init__, whose
-    setattr per field and two signal sends cost more than the statement on the hot paths:
-    the values go into the instance's __dict__ in field order, as __init__ would put them
-    (a foreign key's descriptor only clears a cache a new instance does not have)."""
-    if not plan.plain or pre_init.receivers or post_init.receivers:
-        return model.from_db(connection.alias, plan.attnames, values)
-    instance = model.__new__(model)
-    state = instance._state = ModelState()
-    state.adding, state.db = False, connection.alias
-    instance.__dict__.update(zip(plan.attnames, values, strict=True))
-    return instance
+    values = [
+        f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
+        for f, v in zip(fields, values, strict=True)
+    ]
+    return model.from_db(connection.alias, [f.attname for f in fields], values)
 
 
 @cache
@@ -83,9 +45,9 @@ def model_insert(instance: Model) -> Model:
     The values are prepared as the ORM prepares them (each field's `pre_save`, so
     `auto_now_add` is set, and `get_db_prep_save`); the statement is built once per model,
     not compiled per call. The instance returned is a new one, loaded as a query loads a row
-    (`Model.from_db`, see _loaded), holding the related objects the given one had cached.
-    Expressions as values (a `db_default` left to the database, say), models with several
-    tables and generated columns are the ORM's to write.
+    (`Model.from_db`), holding the related objects the given one had cached. Expressions as
+    values (a `db_default` left to the database, say), models with several tables and
+    generated columns are the ORM's to write.
     """
     model = type(instance)
     meta = model._meta
@@ -102,9 +64,10 @@ def model_insert(instance: Model) -> Model:
     with connection.cursor() as cur:
         cur.execute(_insert_sql(model), params)
         (pk,) = cur.fetchone()
-    saved = _loaded(
-        model,
-        _plan(model),
+    names = [f.attname for f in meta.concrete_fields]
+    saved = model.from_db(
+        connection.alias,
+        names,
         [pk if f.primary_key else getattr(instance, f.attname) for f in meta.concrete_fields],
     )
     for field in meta.concrete_fields:
