@@ -242,6 +242,18 @@ if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
 # The largest inventory file import_inventory reads (a 100,000-GPU CSV is about 3 MiB).
 INVENTORY_IMPORT_MAX_BYTES = env_int("INVENTORY_IMPORT_MAX_BYTES", 32 * 2**20, minimum=1024)
 NODE_OFFLINE_AFTER = timedelta(seconds=env_int("NODE_OFFLINE_AFTER_SECONDS", 180, minimum=10))
+# How often every site agent heartbeats, told in each heartbeat's answer (an agent given its
+# own heartbeat_seconds keeps that; agents take 1-300 s). It sets an idle fleet's request load
+# and how soon an idle node starts a job. A node is marked offline only after three intervals
+# without a heartbeat, at least: one lost or late heartbeat must not take it out of sale.
+AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 10, minimum=1, maximum=300)
+if AGENT_HEARTBEAT_SECONDS > NODE_OFFLINE_AFTER.total_seconds() / 3:
+    raise ImproperlyConfigured(
+        "AGENT_HEARTBEAT_SECONDS must be at most a third of NODE_OFFLINE_AFTER_SECONDS, so that "
+        f"a node misses several heartbeats before it is marked offline; got "
+        f"{AGENT_HEARTBEAT_SECONDS} with NODE_OFFLINE_AFTER_SECONDS="
+        f"{int(NODE_OFFLINE_AFTER.total_seconds())}"
+    )
 # GPU telemetry (docs/health.md): raw samples for this many hours, per-minute rollups for days.
 TELEMETRY_RAW_RETENTION = timedelta(hours=env_int("TELEMETRY_RAW_RETENTION_HOURS", 6, minimum=1))
 TELEMETRY_ROLLUP_RETENTION = timedelta(

@@ -141,9 +141,15 @@ class HeartbeatApi(APIView):
         # A job or a burn-in waits for this node's agent: an idle agent leases only when told
         # (agent/README.md), so it need not poll; it comes from the heartbeat's one read.
         work_waiting = serializers.SerializerMethodField()
+        # How long the agent waits before its next heartbeat (AGENT_HEARTBEAT_SECONDS): the
+        # operator sets the fleet's pace here, not in every node's config (agent/README.md).
+        heartbeat_seconds = serializers.SerializerMethodField()
 
         def get_next_heartbeat_within_seconds(self, node) -> int:
             return int(settings.NODE_OFFLINE_AFTER.total_seconds())
+
+        def get_heartbeat_seconds(self, node) -> int:
+            return settings.AGENT_HEARTBEAT_SECONDS
 
         def get_work_waiting(self, node) -> bool:
             return self.context["work_waiting"]
@@ -232,6 +238,7 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
             "last_heartbeat_at": _AT.to_representation(node.last_heartbeat_at),
             "next_heartbeat_within_seconds": int(settings.NODE_OFFLINE_AFTER.total_seconds()),
             "work_waiting": work_waiting,
+            "heartbeat_seconds": settings.AGENT_HEARTBEAT_SECONDS,
         }
     )  # HeartbeatApi.OutputSerializer's fields (its .data costs as much as the rest here)
 

@@ -73,6 +73,14 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"DATABASE_PREPARED_STATEMENTS": "sometimes"}, "DATABASE_PREPARED_STATEMENTS"),
         ({"NODE_OFFLINE_AFTER_SECONDS": "abc"}, "NODE_OFFLINE_AFTER_SECONDS"),
         ({"NODE_OFFLINE_AFTER_SECONDS": "5"}, "NODE_OFFLINE_AFTER_SECONDS"),
+        ({"AGENT_HEARTBEAT_SECONDS": "0"}, "AGENT_HEARTBEAT_SECONDS"),
+        ({"AGENT_HEARTBEAT_SECONDS": "61"}, "AGENT_HEARTBEAT_SECONDS"),  # > 180 s / 3
+        # The default 10 s with a shorter offline time: one late heartbeat would be an outage.
+        ({"NODE_OFFLINE_AFTER_SECONDS": "29"}, "AGENT_HEARTBEAT_SECONDS"),
+        (
+            {"AGENT_HEARTBEAT_SECONDS": "301", "NODE_OFFLINE_AFTER_SECONDS": "3600"},
+            "AGENT_HEARTBEAT_SECONDS",
+        ),
         (
             {"CELERY_TASK_TIME_LIMIT": "60", "CELERY_TASK_SOFT_TIME_LIMIT": "90"},
             "CELERY_TASK_TIME_LIMIT",
@@ -96,6 +104,23 @@ def test_a_malformed_value_stops_start_up_naming_the_variable(env, variable):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: ")
     assert variable in last_line
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "10"),
+        ({"AGENT_HEARTBEAT_SECONDS": "60"}, "60"),  # exactly a third of the default 180 s
+        ({"AGENT_HEARTBEAT_SECONDS": "300", "NODE_OFFLINE_AFTER_SECONDS": "900"}, "300"),
+    ],
+)
+def test_the_agents_heartbeat_interval_may_be_up_to_a_third_of_the_offline_time(env, expected):
+    result = run(
+        f"{SETUP}; from django.conf import settings; print(settings.AGENT_HEARTBEAT_SECONDS)", **env
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
 
 
 PRODUCTION = {

@@ -50,6 +50,7 @@ def test_a_good_token_records_the_heartbeat(api_client, node, secret):
         "last_heartbeat_at": node.last_heartbeat_at.isoformat().replace("+00:00", "Z"),
         "next_heartbeat_within_seconds": 180,
         "work_waiting": False,
+        "heartbeat_seconds": 10,
     }
     token = NodeToken.objects.get(node=node)
     assert token.last_used_at is not None

@@ -79,6 +79,7 @@ def test_a_routine_heartbeat_is_answered_without_drf_in_one_query_and_flushed(cl
         "last_heartbeat_at": said.isoformat().replace("+00:00", "Z"),
         "next_heartbeat_within_seconds": 180,
         "work_waiting": False,
+        "heartbeat_seconds": 10,
     }
     assert Node.objects.get(pk=node.pk).last_heartbeat_at == before  # buffered
     assert heartbeats_flush() == 1
@@ -178,3 +179,35 @@ def test_the_schema_still_describes_the_heartbeat():
     view = next(p.callback for p in urlpatterns if p.name == "agent-heartbeat")
     assert view.cls is HeartbeatApi
     assert view.csrf_exempt is True
+
+
+def test_both_paths_tell_the_agent_the_operator_s_heartbeat_interval_in_the_same_queries(
+    client, monkeypatch, settings
+):
+    """AGENT_HEARTBEAT_SECONDS reaches the agent in every answer (agent/README.md), read from
+    the settings: no query more on either path."""
+    settings.AGENT_HEARTBEAT_SECONDS = 45
+    node, secret = heard()
+    post(client, secret, {"telemetry": report()})  # reads the health rules once
+    with CaptureQueriesContext(connection) as plain_queries:
+        plain = post(client, secret, {"telemetry": report()})
+    monkeypatch.setattr("inventory.apis._heartbeat_plain", lambda request: None)
+    with CaptureQueriesContext(connection) as drf_queries:
+        drf = post(client, secret, {"telemetry": report()})
+
+    assert (plain.status_code, drf.status_code) == (200, 200)
+    assert plain.json()["heartbeat_seconds"] == drf.json()["heartbeat_seconds"] == 45
+    assert len(plain_queries) == 1
+    assert len(drf_queries) == 2  # the token and its node; its GPUs and whether work waits
+
+
+def test_the_agent_schema_documents_the_heartbeat_interval():
+    from tests.clients import HttpsAPIClient
+
+    response = HttpsAPIClient().get(
+        "/api/schema/agent/", HTTP_ACCEPT="application/vnd.oai.openapi+json"
+    )
+    heartbeat = response.json()["components"]["schemas"]["Heartbeat"]
+
+    assert heartbeat["properties"]["heartbeat_seconds"] == {"type": "integer", "readOnly": True}
+    assert "heartbeat_seconds" in heartbeat["required"]
