@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -125,10 +126,15 @@ class Settings:
     lease_seconds: int = 60
     max_parallel_jobs: int = 4
     poll_seconds: float = 2.0  # while jobs run, or against an API that does not say work waits
+    # Given: this pace, whatever the API says. Not given: the API's (its heartbeat answer's
+    # heartbeat_seconds), this one until it says, or when it does not (an older API).
     heartbeat_seconds: float = 10.0
     idle_poll_seconds: float = 300.0  # idle: lease when a heartbeat says work waits, or this often
     status_file: str = ""  # empty: <state_dir>/status.json (what `--check` reads)
     once: bool = False
+    # Not a setting: the names above that the config file, the environment or a flag gave
+    # (settings_load fills it), e.g. whether heartbeat_seconds was chosen for this node.
+    given: frozenset[str] = field(default=frozenset(), repr=False)
 
 
 _CHOICES = {
@@ -159,7 +165,11 @@ def settings_load(
 ) -> Settings:
     """Merge the defaults, the config file, the environment and the flags (in that order)."""
     environ = os.environ if environ is None else environ
-    types = {f.name: type(getattr(Settings(host="x"), f.name)) for f in fields(Settings)}
+    types = {
+        f.name: type(getattr(Settings(host="x"), f.name))
+        for f in fields(Settings)
+        if f.name != "given"
+    }
     values: dict[str, object] = {}
     config_path = config_path or environ.get("SWITCHYARD_CONFIG")
     if config_path:
@@ -177,7 +187,9 @@ def settings_load(
         if env_value is not None:
             values[name] = env_value
     values.update({k: v for k, v in flags.items() if v is not None and k in types})
-    settings = Settings(**{k: _coerce(k, types[k], v) for k, v in values.items()})
+    settings = Settings(
+        **{k: _coerce(k, types[k], v) for k, v in values.items()}, given=frozenset(values)
+    )
     for name, allowed in _CHOICES.items():
         if getattr(settings, name) not in allowed:
             raise SettingsError(f"{name} must be one of {sorted(allowed)}")
@@ -810,14 +822,35 @@ class AgentClient:
                 return exc.code, {"error": {"message": raw.decode(errors="replace")[:500]}}
 
 
+# The heartbeat interval an API may set (its answer's heartbeat_seconds): anything outside is
+# taken as the nearest bound, so a misconfigured server can neither flood itself nor make
+# its nodes look silent.
+SERVER_HEARTBEAT_SECONDS = (1.0, 300.0)
+
+
+def server_heartbeat_seconds(answer: object) -> float | None:
+    """The heartbeat interval a heartbeat's answer sets, within SERVER_HEARTBEAT_SECONDS; None
+    when it sets none (an older API) or not a number (ignored: the agent keeps its own)."""
+    value = answer.get("heartbeat_seconds") if isinstance(answer, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    low, high = SERVER_HEARTBEAT_SECONDS
+    return min(max(float(value), low), high)
+
+
 def status_file_path(settings: Settings) -> Path:
     return Path(settings.status_file or Path(settings.state_dir) / "status.json")
 
 
-def status_write(path: Path, *, now: float | None = None) -> None:
-    """Record a heartbeat the API accepted, for orchestrators (`switchyard-agent --check`)."""
+def status_write(
+    path: Path, *, heartbeat_seconds: float | None = None, now: float | None = None
+) -> None:
+    """Record a heartbeat the API accepted, for orchestrators (`switchyard-agent --check`),
+    with the interval the agent now heartbeats at (the API's may differ from the config's)."""
     now = time.time() if now is None else now
     body = {"last_heartbeat_at": now, "agent_version": AGENT_VERSION, "pid": os.getpid()}
+    if heartbeat_seconds is not None:
+        body["heartbeat_seconds"] = heartbeat_seconds
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, json.dumps(body), mode=0o644)
@@ -825,15 +858,20 @@ def status_write(path: Path, *, now: float | None = None) -> None:
         logger.warning("cannot write the status file %s: %s", path, exc)
 
 
-def status_check(path: Path, *, max_age_seconds: float, now: float | None = None) -> str | None:
-    """None when the last accepted heartbeat is recent enough, else what is wrong."""
+def status_check(path: Path, *, heartbeat_seconds: float, now: float | None = None) -> str | None:
+    """None when the last accepted heartbeat is at most three intervals old (at least 30 s),
+    else what is wrong. The interval is the one the status file records (the agent's, which
+    the API may have set), else `heartbeat_seconds` (the config's)."""
     now = time.time() if now is None else now
     try:
-        last = float(json.loads(path.read_text(encoding="utf-8"))["last_heartbeat_at"])
+        status = json.loads(path.read_text(encoding="utf-8"))
+        last = float(status["last_heartbeat_at"])
+        heartbeat_seconds = float(status.get("heartbeat_seconds", heartbeat_seconds))
     except FileNotFoundError:
         return f"no heartbeat recorded yet ({path} does not exist)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"unreadable status file {path}: {exc}"
+    max_age_seconds = max(3 * heartbeat_seconds, 30)
     age = now - last
     if age > max_age_seconds:
         return f"last accepted heartbeat {age:.0f} s ago (more than {max_age_seconds:.0f} s)"
@@ -863,6 +901,13 @@ class Agent:
         # loop polls as it always did).
         self.work_waiting = threading.Event()
         self.work_signalled = False
+        # The heartbeat interval: heartbeat_seconds (the node's setting, given to loop) until
+        # the API's answer sets one, and whenever an answer sets none (an older API); with
+        # heartbeat_pinned (the setting was given for this node), always. An unanswered
+        # heartbeat changes nothing: an API that asked for a slower pace is not retried faster
+        # while it is down.
+        self.heartbeat_seconds = self.heartbeat_interval = 10.0
+        self.heartbeat_pinned = False
 
     def telemetry(self) -> dict | None:
         """Per-GPU readings for the heartbeat (gpu_telemetry.py); None on a node without
@@ -895,8 +940,9 @@ class Agent:
         if status != 200:
             logger.warning("heartbeat answered %s: %s", status, body)
             return False
+        self._heartbeat_interval_set(server_heartbeat_seconds(body))
         if self.status_file is not None:
-            status_write(self.status_file)
+            status_write(self.status_file, heartbeat_seconds=self.heartbeat_interval)
         try:
             containers = self.executor.containers()
         except ExecutorError as exc:
@@ -911,6 +957,17 @@ class Agent:
         else:
             logger.warning("workload report answered %s: %s", status, body)
         return True
+
+    def _heartbeat_interval_set(self, told: float | None) -> None:
+        """Follow the interval an answered heartbeat set (None: it set none)."""
+        interval = self.heartbeat_seconds if self.heartbeat_pinned or told is None else told
+        if interval != self.heartbeat_interval:
+            logger.info(
+                "heartbeating every %g s (%s)",
+                interval,
+                "as Switchyard asks" if interval == told else "heartbeat_seconds",
+            )
+            self.heartbeat_interval = interval
 
     def run_one(self) -> bool:
         """Lease and run one job; False when there was none."""
@@ -1008,9 +1065,14 @@ class Agent:
         heartbeat_seconds: float,
         once: bool,
         idle_poll_seconds: float = 300.0,
+        heartbeat_pinned: bool = False,
     ) -> None:
         """Heartbeat, then run jobs until stopped. Heartbeats have their own thread, so a long
         pull, readiness wait or grace period never makes the node look silent (offline).
+
+        Heartbeats come every heartbeat_seconds until an answer sets the interval (the API's
+        heartbeat_seconds, which the operator sets for the whole fleet), then at that pace;
+        heartbeat_pinned (the node's own setting was given) keeps heartbeat_seconds.
 
         While jobs run (or one was just leased) the loop leases every poll_seconds. Idle (the
         last leases found nothing and nothing runs) it waits until a heartbeat's answer says
@@ -1020,6 +1082,8 @@ class Agent:
         """
         refused: list[SettingsError] = []
         stop = threading.Event()
+        self.heartbeat_seconds = self.heartbeat_interval = heartbeat_seconds
+        self.heartbeat_pinned = heartbeat_pinned
 
         def beat() -> None:
             try:
@@ -1032,7 +1096,7 @@ class Agent:
                 logger.exception("heartbeat failed; retrying")
 
         def beat_forever() -> None:
-            while not stop.wait(heartbeat_seconds):
+            while not stop.wait(self.heartbeat_interval):  # the last answer's, or ours
                 try:
                     beat()
                 except SettingsError as exc:  # the token was revoked: the agent must stop
@@ -1126,7 +1190,9 @@ def arguments_add(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=int)
     p.add_argument("--max-parallel-jobs", type=int)
     p.add_argument("--poll-seconds", type=float)
-    p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--heartbeat-seconds", type=float,
+                   help="heartbeat this often whatever Switchyard asks (default: as it asks, "
+                        "10 s until it does)")  # fmt: skip
     p.add_argument("--idle-poll-seconds", type=float,
                    help="idle, lease this often even if no heartbeat says work waits")  # fmt: skip
     p.add_argument("--status-file", help="where each accepted heartbeat is recorded")
@@ -1165,7 +1231,7 @@ def main(
         settings = settings_load(args, config_path=args.pop("config"))
         if check:
             problem = status_check(
-                status_file_path(settings), max_age_seconds=max(3 * settings.heartbeat_seconds, 30)
+                status_file_path(settings), heartbeat_seconds=settings.heartbeat_seconds
             )
             print(
                 f"switchyard-agent: {problem or 'ok'}", file=sys.stderr if problem else sys.stdout
@@ -1194,6 +1260,7 @@ def main(
             heartbeat_seconds=settings.heartbeat_seconds,
             once=settings.once,
             idle_poll_seconds=settings.idle_poll_seconds,
+            heartbeat_pinned="heartbeat_seconds" in settings.given,
         )
     except SettingsError as exc:
         print(f"switchyard-agent: {exc}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """The agent's heartbeat carries its GPUs' telemetry, and its loop runs queued burn-ins."""
 
+import json
+import time
+
 import switchyard_agent
 from switchyard_agent import Agent
 
@@ -115,21 +118,53 @@ def test_an_accepted_heartbeat_is_recorded_in_the_status_file_and_a_refused_one_
     assert not status_file.exists()
 
     Agent(client=RecordingClient({}), executor=NoContainers(), status_file=status_file).heartbeat()
-    assert switchyard_agent.status_check(status_file, max_age_seconds=30) is None
+    assert switchyard_agent.status_check(status_file, heartbeat_seconds=10) is None
+
+
+def test_the_status_file_records_the_interval_the_api_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(switchyard_agent._gpu_telemetry.shutil, "which", lambda name: None)
+    status_file = tmp_path / "status.json"
+    client = RecordingClient({"agent/heartbeat": (200, {"heartbeat_seconds": 60})})
+
+    Agent(client=client, executor=NoContainers(), status_file=status_file).heartbeat()
+
+    assert json.loads(status_file.read_text())["heartbeat_seconds"] == 60.0
+    # A probe configured for 10 s allows three of the agent's 60 s intervals.
+    assert (
+        switchyard_agent.status_check(status_file, heartbeat_seconds=10, now=time.time() + 170)
+        is None
+    )
 
 
 def test_the_status_check_fails_when_the_last_heartbeat_is_stale_missing_or_unreadable(tmp_path):
     path = tmp_path / "status.json"
-    assert "no heartbeat recorded yet" in switchyard_agent.status_check(path, max_age_seconds=30)
+    assert "no heartbeat recorded yet" in switchyard_agent.status_check(path, heartbeat_seconds=10)
 
     switchyard_agent.status_write(path, now=1_000.0)
-    assert switchyard_agent.status_check(path, max_age_seconds=30, now=1_030.0) is None
-    assert switchyard_agent.status_check(path, max_age_seconds=30, now=1_031.0) == (
+    assert switchyard_agent.status_check(path, heartbeat_seconds=10, now=1_030.0) is None
+    assert switchyard_agent.status_check(path, heartbeat_seconds=10, now=1_031.0) == (
         "last accepted heartbeat 31 s ago (more than 30 s)"
     )
 
     path.write_text("{not json")
-    assert "unreadable status file" in switchyard_agent.status_check(path, max_age_seconds=30)
+    assert "unreadable status file" in switchyard_agent.status_check(path, heartbeat_seconds=10)
+
+
+def test_the_status_check_allows_three_of_the_intervals_the_agent_heartbeats_at(tmp_path):
+    """The API may have set a longer interval than the config's: the file records it."""
+    path = tmp_path / "status.json"
+    switchyard_agent.status_write(path, heartbeat_seconds=60.0, now=1_000.0)
+
+    assert switchyard_agent.status_check(path, heartbeat_seconds=10, now=1_180.0) is None
+    assert switchyard_agent.status_check(path, heartbeat_seconds=10, now=1_181.0) == (
+        "last accepted heartbeat 181 s ago (more than 180 s)"
+    )
+    switchyard_agent.status_write(path, heartbeat_seconds=5.0, now=1_000.0)  # 30 s at least
+    assert switchyard_agent.status_check(path, heartbeat_seconds=60, now=1_031.0) == (
+        "last accepted heartbeat 31 s ago (more than 30 s)"
+    )
+    path.write_text('{"last_heartbeat_at": 1000.0, "heartbeat_seconds": "often"}')
+    assert "unreadable status file" in switchyard_agent.status_check(path, heartbeat_seconds=10)
 
 
 def test_check_exits_0_on_a_fresh_heartbeat_and_1_otherwise_without_a_token(tmp_path, capsys):

@@ -16,12 +16,15 @@ HEARTBEAT = 0.3  # seconds between heartbeats in these tests
 
 class StubApi:
     """The agent's endpoints over HTTP: a heartbeat answer that says whether a job or a
-    burn-in is queued (or, `says_work=False`, an older API's answer without the field), jobs
+    burn-in is queued (or, `says_work=False`, an older API's answer without the field), and
+    the fields in `tells` (the heartbeat interval, say); `down`: heartbeats answered 503. Jobs
     and burn-ins handed out in the order queued; every request recorded with its time."""
 
-    def __init__(self, *, says_work: bool = True):
+    def __init__(self, *, says_work: bool = True, tells: dict | None = None):
         self.says_work = says_work
+        self.tells = dict(tells or {})
         self.revoked = False
+        self.down = False
         self.jobs: list[dict] = []
         self.burn_ins: list[dict] = []
         self.calls: list[tuple[float, str]] = []
@@ -53,7 +56,9 @@ class StubApi:
             if path == "agent/heartbeat":
                 if self.revoked:
                     return 401, {"error": {"type": "authentication_error"}}
-                beat = {"node": "gpu1", "status": "available"}
+                if self.down:
+                    return 503, {"error": {"type": "service_unavailable"}}
+                beat = {"node": "gpu1", "status": "available", **self.tells}
                 if self.says_work:
                     beat["work_waiting"] = bool(self.jobs or self.burn_ins)
                 return 200, beat
@@ -82,6 +87,10 @@ class StubApi:
         with self.lock:
             return next(at for at, called in self.calls if called == path)
 
+    def times(self, path: str, *, since: float = 0.0) -> list[float]:
+        with self.lock:
+            return [at for at, called in self.calls if called == path and at >= since]
+
 
 @pytest.fixture
 def stub():
@@ -101,7 +110,10 @@ class Running:
     """The agent's loop in a thread, as `switchyard-agent` runs it; stopped by revoking its
     token (the only way the loop ends), which must also wake an idle loop."""
 
-    def __init__(self, api: StubApi, *, poll=0.05, idle_poll=60.0, executor=None):
+    def __init__(
+        self, api: StubApi, *, poll=0.05, idle_poll=60.0, executor=None, heartbeat=HEARTBEAT,
+        pinned=False,
+    ):  # fmt: skip
         self.api = api
         self.agent = Agent(
             client=AgentClient(api=api.url, token="nt_test"),
@@ -109,15 +121,17 @@ class Running:
         )
         self.error: BaseException | None = None
         self.thread = threading.Thread(
-            target=self._run, kwargs={"poll": poll, "idle_poll": idle_poll}, daemon=True
+            target=self._run,
+            kwargs={"poll": poll, "idle_poll": idle_poll, "heartbeat": heartbeat, "pinned": pinned},
+            daemon=True,
         )
         self.thread.start()
 
-    def _run(self, *, poll: float, idle_poll: float) -> None:
+    def _run(self, *, poll: float, idle_poll: float, heartbeat: float, pinned: bool) -> None:
         try:
             self.agent.loop(
-                poll_seconds=poll, heartbeat_seconds=HEARTBEAT, once=False,
-                idle_poll_seconds=idle_poll,
+                poll_seconds=poll, heartbeat_seconds=heartbeat, once=False,
+                idle_poll_seconds=idle_poll, heartbeat_pinned=pinned,
             )  # fmt: skip
         except BaseException as exc:  # noqa: BLE001 (handed to the test)
             self.error = exc

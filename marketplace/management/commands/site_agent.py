@@ -98,6 +98,7 @@ class Command(BaseCommand):
                     "poll_seconds": base.poll_seconds,
                     "heartbeat_seconds": base.heartbeat_seconds,
                     "idle_poll_seconds": base.idle_poll_seconds,
+                    "heartbeat_pinned": "heartbeat_seconds" in base.given,
                     "once": base.once,
                 },
                 name=node.hostname,
