@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.postgres.fields import DateTimeRangeField
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F, Func, Value
+from django.db.models import Exists, F, Func, Max, Min, OuterRef, Subquery, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 from psycopg.types.range import Range
@@ -812,7 +812,7 @@ def node_mark_failed(*, node: Node, reason: str, now: datetime | None = None) ->
             node=node, started_at=now, cause=OutageCause.HARDWARE_FAILURE, detail=reason
         )
     reservation_outages_record_for_node(
-        node=node, started_at=outage.started_at, cause=outage.cause, source_outage=outage
+        node=node, started_at=outage.started_at, cause=outage.cause, source_outage=outage, now=now
     )
     return node
 
@@ -1072,30 +1072,42 @@ def _complete(reservation: Reservation, cause: str) -> Reservation:
 # --- outages --------------------------------------------------------------------------------
 
 
-def _affected_reservation_ids(node: Node) -> list[int]:
-    """Active reservations with a live allocation on this node: the only ones an outage hits."""
-    return list(
+def _affected_reservations(node: Node, *, now: datetime) -> dict[int, datetime]:
+    """Active reservations an outage of this node hits now: those with a live allocation on
+    it that has begun (one moved there from a later time is not hit yet), with the start of
+    their time on the node."""
+    rows = (
         Allocation.objects.filter(
-            node=node, is_live=True, reservation__status=ReservationStatus.ACTIVE
+            node=node,
+            is_live=True,
+            reservation__status=ReservationStatus.ACTIVE,
+            period__startswith__lte=now,
         )
-        .values_list("reservation_id", flat=True)
-        .distinct()
+        .values("reservation_id")
+        .annotate(since=Min(Func(F("period"), function="lower")))
         .order_by("reservation_id")
     )
+    return {row["reservation_id"]: row["since"] for row in rows}
 
 
 @transaction.atomic
 def reservation_outages_record_for_node(
-    *, node: Node, started_at: datetime, cause: str, source_outage: Outage | None = None
+    *,
+    node: Node,
+    started_at: datetime,
+    cause: str,
+    source_outage: Outage | None = None,
+    now: datetime | None = None,
 ) -> list[ReservationOutage]:
-    """Open an outage on every active reservation served by `node` (none other is touched).
+    """Open an outage on every active reservation served by `node` now (none other is touched).
 
     Idempotent: a reservation that already has an open outage on this node keeps it. The
-    outage starts no earlier than the reservation's activation (no time is credited twice).
+    outage starts no earlier than the reservation's activation nor its time on the node (no
+    time is credited twice, none before it was there).
     """
+    affected = _affected_reservations(node, now=now or timezone.now())
     created = []
-    reservations = Reservation.objects.filter(pk__in=_affected_reservation_ids(node)).order_by("pk")
-    for reservation in reservations:
+    for reservation in Reservation.objects.filter(pk__in=affected).order_by("pk"):
         if ReservationOutage.objects.filter(
             reservation=reservation, node=node, ended_at__isnull=True
         ).exists():
@@ -1105,7 +1117,9 @@ def reservation_outages_record_for_node(
                 reservation=reservation,
                 node=node,
                 source_outage=source_outage,
-                started_at=max(started_at, reservation.activated_at or started_at),
+                started_at=max(
+                    started_at, reservation.activated_at or started_at, affected[reservation.pk]
+                ),
                 cause=cause,
                 detail=source_outage.detail if source_outage else "",
             )
@@ -1146,4 +1160,33 @@ def reservation_outages_reconcile() -> tuple[int, int]:
         closed += ReservationOutage.objects.filter(pk=ro.pk, ended_at__isnull=True).update(
             ended_at=max(ro.source_outage.ended_at, ro.started_at)
         )
-    return opened, closed
+    return opened, closed + _outages_close_moved_off()
+
+
+def _outages_close_moved_off() -> int:
+    """Close the node outages of reservations moved off the node: at the end of their time on
+    it (billing counts the node's outage only that long). A GPU failure's outage is left to
+    run until the workload is active again on its new GPUs (gpu_failures)."""
+    on_node = Allocation.objects.filter(
+        reservation_id=OuterRef("reservation_id"), node_id=OuterRef("node_id")
+    )
+    moved_off = (
+        ReservationOutage.objects.filter(ended_at__isnull=True)
+        .exclude(cause=OutageCause.GPU_FAILURE)
+        .exclude(Exists(on_node.filter(is_live=True)))
+        .annotate(
+            left_at=Subquery(
+                on_node.exclude(period__isempty=True)
+                .order_by()
+                .values("reservation_id")
+                .annotate(last=Max(Func(F("period"), function="upper")))
+                .values("last")
+            )
+        )
+    )
+    closed = 0
+    for ro in moved_off:
+        closed += ReservationOutage.objects.filter(pk=ro.pk, ended_at__isnull=True).update(
+            ended_at=max(ro.left_at or ro.started_at, ro.started_at)
+        )
+    return closed

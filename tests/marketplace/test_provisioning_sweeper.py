@@ -130,6 +130,53 @@ def test_the_reconciler_mirrors_a_node_outage_onto_the_active_reservations_it_hi
     assert ReservationOutage.objects.filter(reservation=spared).count() == 0
 
 
+def _offline(node):
+    node.last_heartbeat_at = timezone.now() - timedelta(minutes=10)
+    node.save(update_fields=["last_heartbeat_at"])
+    node_mark_offline(node=node, reason="No heartbeat for 600 s.")
+
+
+def test_a_reservation_moved_off_a_down_node_has_its_outage_closed_when_it_left(market):
+    from marketplace.provisioning.services import allocations_end
+
+    r = market.book(gpu_count=2)
+    reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+    down, other = market.nodes if Allocation.objects.get(
+        reservation=r, gpu__index=0
+    ).node_id == market.nodes[0].pk else market.nodes[::-1]
+    _offline(down)
+    assert reservation_outages_reconcile() == (1, 0)
+
+    # Moved to the other node while the first is still down: its outage there ends with its
+    # time on the node; the node's own outage stays open.
+    left = timezone.now()
+    allocations_end(Allocation.objects.filter(reservation=r, node=down), now=left)
+    for gpu in other.gpus.order_by("index")[:2]:
+        Allocation.objects.create(reservation=r, gpu=gpu, node=other,
+                                  period=(left, r.ends_at))  # fmt: skip
+
+    assert reservation_outages_reconcile() == (0, 1)
+    assert reservation_outages_reconcile() == (0, 0)
+    outage = ReservationOutage.objects.get(reservation=r)
+    assert outage.ended_at == left
+    assert Outage.objects.get(node=down).ended_at is None
+
+
+def test_a_node_outage_does_not_hit_a_reservation_before_its_time_on_the_node(market):
+    r = market.book(gpu_count=2)
+    reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+    here = Allocation.objects.filter(reservation=r).first().node
+    later = next(n for n in market.nodes if n.pk != here.pk)
+    # Halfway on it also holds a GPU of the other node (a later placement there).
+    soon = timezone.now() + (r.ends_at - timezone.now()) / 2
+    gpu = later.gpus.order_by("index").first()
+    Allocation.objects.create(reservation=r, gpu=gpu, node=later, period=(soon, r.ends_at))
+    _offline(later)
+
+    assert reservation_outages_reconcile() == (0, 0)
+    assert not ReservationOutage.objects.filter(reservation=r).exists()
+
+
 def test_a_reservation_whose_task_never_started_is_requeued_sooner(market, queue):
     # Cancelled early by its customer: releasing, but no task was ever sent for it.
     r = market.book()
