@@ -6,12 +6,17 @@ call, it is written as SQL and the rows are turned back into model instances her
 exactly as the ORM converts them (JSON fields, for one), so callers cannot tell the difference.
 """
 
-from functools import cache
+from collections.abc import Callable
+from functools import cache, wraps
 
-from django.db import connection
+from django.db import OperationalError, connection, transaction
 from django.db.models import Model
 
-__all__ = ["model_columns", "model_from_row", "model_insert"]
+__all__ = ["model_columns", "model_from_row", "model_insert", "retried_on_deadlock"]
+
+# A deadlock's victim (40P01) or a serialization failure (40001): PostgreSQL rolled the work
+# back, so it can simply be done again.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
 
 
 def model_columns(model: type[Model], alias: str) -> str:
@@ -74,3 +79,31 @@ def model_insert(instance: Model) -> Model:
         if field.is_relation and field.is_cached(instance):
             field.set_cached_value(saved, field.get_cached_value(instance))
     return saved
+
+
+def retried_on_deadlock(attempts: int = 3) -> Callable:
+    """Run the decorated function in a savepoint (a transaction of its own outside one) and
+    run it again, up to `attempts` times in all, when PostgreSQL picks it as a deadlock's
+    victim or refuses it for serialization: the savepoint's rollback undid all it wrote and
+    released its locks, and Django drops the on_commit callbacks it registered. Any other
+    error, and the last attempt's, propagates.
+
+    For writes that must lock rows in an order other paths cannot share (a site's nodes, then
+    the reservations on them, against a worker holding a reservation and waiting for a node):
+    every caller, API, admin or task, gets the same retry from the service."""
+
+    def decorate(function: Callable) -> Callable:
+        @wraps(function)
+        def retrying(*args, **kwargs):
+            for attempt in range(1, attempts + 1):
+                try:
+                    with transaction.atomic():
+                        return function(*args, **kwargs)
+                except OperationalError as exc:
+                    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+                    if sqlstate not in RETRYABLE_SQLSTATES or attempt == attempts:
+                        raise
+
+        return retrying
+
+    return decorate

@@ -7,7 +7,6 @@ demand_response); a call becomes curtailments with no person (docs/grid.md).
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db import OperationalError, transaction
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import authentication, exceptions, permissions, serializers
@@ -19,6 +18,7 @@ from rest_framework.views import APIView
 from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.throttling import ApiRateThrottle
+from config.db import retried_on_deadlock
 from marketplace.models import Curtailment, DemandResponseEvent, DemandResponseSource
 from marketplace.services.demand_response import (
     DemandResponseCall,
@@ -32,7 +32,6 @@ __all__ = ["DemandResponseApi", "DemandResponseSignatureAuthentication"]
 TAGS = ["Grid"]
 _MAX_DAYS = 7
 _ATTEMPTS = 3
-_RETRYABLE = {"40P01", "40001"}  # deadlock detected, serialization failure
 
 
 @dataclass(frozen=True)
@@ -235,23 +234,18 @@ class DemandResponseApi(APIView):
             reason=data["reason"].strip(),
         )
         caller: DemandResponseCaller = request.user
-        for attempt in range(_ATTEMPTS):
-            try:
-                with transaction.atomic():
-                    event, result = demand_response_apply(
-                        source=caller.source, digest=caller.digest, call=call, body=request.data
-                    )
-                    curtailments = list(
-                        event.curtailments.select_related("site").order_by("site_id", "pk")
-                    )
-                break
-            except OperationalError as exc:
-                # Planning locks the site's nodes, then its reservations; a worker holding a
-                # reservation and waiting for a node can make PostgreSQL pick us as the
-                # deadlock's victim: everything rolled back, so the call is simply taken again.
-                sqlstate = getattr(exc.__cause__, "sqlstate", None)
-                if sqlstate not in _RETRYABLE or attempt == _ATTEMPTS - 1:
-                    raise
+
+        # The whole call is taken again if PostgreSQL picks it as a deadlock's victim (each
+        # curtailment service also retries its own part): everything was rolled back.
+        @retried_on_deadlock(_ATTEMPTS)
+        def apply():
+            event, result = demand_response_apply(
+                source=caller.source, digest=caller.digest, call=call, body=request.data
+            )
+            curtailments = event.curtailments.select_related("site").order_by("site_id", "pk")
+            return event, result, list(curtailments)
+
+        event, result, curtailments = apply()
         live = [c for c in curtailments if c.called_off_at is None]
         out = {
             "event_id": event.event_id,

@@ -48,6 +48,7 @@ from django.db import connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
+from config.db import retried_on_deadlock
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
 from marketplace.mail import mail_send_on_commit
@@ -213,7 +214,7 @@ def curtailment_validate(
         )
 
 
-@transaction.atomic
+@retried_on_deadlock()
 def curtailment_announce(
     *,
     site: Site,
@@ -253,7 +254,7 @@ def curtailment_announce(
     return curtailment
 
 
-@transaction.atomic
+@retried_on_deadlock()
 def curtailment_replan(
     *,
     curtailment: Curtailment,
@@ -299,7 +300,7 @@ def curtailment_replan(
     return locked
 
 
-@transaction.atomic
+@retried_on_deadlock()
 def curtailment_call_off(
     *, curtailment: Curtailment, user=None, now: datetime | None = None
 ) -> int:

@@ -335,3 +335,62 @@ def test_staff_call_one_off_from_the_admin_list(booked, market, staff_client):
 
     assert b"called off or ended, 1 notice(s) withdrawn" in response.content
     assert _fresh(booked["running"]).preempt_at is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, monkeypatch):
+    """A worker holding a running reservation's row asks for one of the site's nodes while the
+    announce, holding the nodes, waits for that reservation: PostgreSQL rolls one of the two
+    back. The announce waited first, so it is the victim; it is taken again, once the worker
+    is done, instead of failing (from the API, the admin or a grid call alike)."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from inventory.models import Node
+    from marketplace.models import Reservation
+    from marketplace.services import curtailment as service
+
+    site, _ = market
+    running = _book(org, tier="interruptible", start=timezone.now(), hours=6, active=True)
+    node_id = Allocation.objects.filter(reservation=running).values_list("node_id", flat=True)[0]
+    holding, failures = threading.Event(), []
+
+    def worker() -> None:
+        try:
+            with transaction.atomic():
+                Reservation.objects.select_for_update().get(pk=running.pk)
+                holding.set()
+                with connection.cursor() as cur:
+                    for _ in range(200):  # until the announce waits for the reservation's row
+                        cur.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND datname = current_database()"
+                        )
+                        if cur.fetchone()[0]:
+                            break
+                        time.sleep(0.02)
+                Node.objects.select_for_update().get(pk=node_id)  # closes the circle
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    attempts = []
+    lock_site = service._lock_site
+    monkeypatch.setattr(
+        service, "_lock_site", lambda site_id: attempts.append(1) or lock_site(site_id)
+    )
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert holding.wait(10)
+
+    curtailment = curtailment_announce(
+        site=site, shed_at=timezone.now() + timedelta(minutes=30), reason="ERCOT EEA 2"
+    )
+    thread.join(20)
+
+    assert failures == []  # the worker was not the victim and finished
+    assert len(attempts) == 2  # the announce was rolled back once and taken again
+    assert Curtailment.objects.get() == curtailment
+    assert curtailment.reservations_notified == 1

@@ -141,9 +141,11 @@ def test_a_reservation_moved_off_a_down_node_has_its_outage_closed_when_it_left(
 
     r = market.book(gpu_count=2)
     reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
-    down, other = market.nodes if Allocation.objects.get(
-        reservation=r, gpu__index=0
-    ).node_id == market.nodes[0].pk else market.nodes[::-1]
+    down, other = (
+        market.nodes
+        if Allocation.objects.get(reservation=r, gpu__index=0).node_id == market.nodes[0].pk
+        else market.nodes[::-1]
+    )
     _offline(down)
     assert reservation_outages_reconcile() == (1, 0)
 
