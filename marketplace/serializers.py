@@ -1,22 +1,41 @@
 """The output serializers the services share with the API: an event shows its object as the
-API does (a reservation, an API key, a member), and a webhook delivery's body is the event as
-the API shows it. This module imports no services (models, rules and reads only), so the
-event writer and the webhook sender import it at module top, as do the API's modules.
+API does (a reservation, a resale listing, an API key, a member), and a webhook delivery's body
+is the event as the API shows it. This module imports no services that write (models, rules,
+reads, the funding gate's question and pricing's pure total rule only), so the event writer and
+the webhook sender import it at module top, as do the API's modules.
 """
 
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from config.api.serializers import Serializer
-from marketplace.models import ApiKeyScope, EventType, ReservationStatus, Role, Term, Tier
+from marketplace.funding import funding_gate
+from marketplace.models import (
+    ApiKeyScope,
+    EventType,
+    ListingStatus,
+    ReservationStatus,
+    Role,
+    Term,
+    Tier,
+)
 from marketplace.rules import PREEMPTIBLE_STATUSES
 from marketplace.selectors.reservations import (
     reservation_charged,
     reservation_elapsed_seconds,
     reservation_remaining_seconds,
 )
+from marketplace.services.pricing import period_total
 
-__all__ = ["ReservationOutput", "ApiKeyOutput", "MemberOutput", "EventOutput"]
+__all__ = [
+    "ReservationOutput",
+    "SaleOutput",
+    "ListingOutput",
+    "ApiKeyOutput",
+    "MemberOutput",
+    "EventOutput",
+]
 
 
 class InterruptionOutput(Serializer):
@@ -85,6 +104,83 @@ class ReservationOutput(Serializer):
         ).data
 
 
+class SaleOutput(Serializer):
+    """What sold (the listing was narrowed to it) and what it has brought so far."""
+
+    sold_at = serializers.DateTimeField()
+    total = serializers.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        help_text="The sale price: asking price × GPUs × hours of the window, if the buyer uses "
+        "all of it.",
+    )
+    fee_pct = serializers.DecimalField(max_digits=5, decimal_places=2)
+    proceeds = serializers.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        help_text="Credited to your balance so far: what the buyer has been charged.",
+    )
+    fees = serializers.DecimalField(
+        max_digits=14, decimal_places=2, help_text="The platform's fee on the proceeds so far."
+    )
+    net = serializers.DecimalField(max_digits=14, decimal_places=2)
+
+
+class ListingOutput(Serializer):
+    """A resale listing (a sold one is a sale). Context `settled`: {listing id: (proceeds,
+    fees)} read for a whole page at once; without it a sold listing reads its own."""
+
+    id = serializers.CharField(source="public_id")
+    status = serializers.ChoiceField(
+        choices=ListingStatus.choices,
+        help_text="open (for sale until its window begins), sold or withdrawn.",
+    )
+    for_sale = serializers.SerializerMethodField(
+        help_text="Open and its window not begun: a buyer can book it now."
+    )
+    reservation = serializers.CharField(source="reservation.public_id")
+    parent = serializers.CharField(source="parent.public_id", allow_null=True, default=None)
+    site = serializers.CharField(source="site.slug")
+    gpu_model = serializers.CharField(source="gpu_model.slug")
+    node = serializers.CharField(source="node.hostname")
+    gpu_count = serializers.IntegerField()
+    tier = serializers.CharField()
+    starts_at = serializers.DateTimeField()
+    ends_at = serializers.DateTimeField()
+    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
+    currency = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    withdrawn_at = serializers.DateTimeField(allow_null=True)
+    sale = serializers.SerializerMethodField()
+
+    def get_for_sale(self, listing) -> bool:
+        return listing.status == ListingStatus.OPEN and listing.starts_at > timezone.now()
+
+    @extend_schema_field(SaleOutput(allow_null=True))
+    def get_sale(self, listing) -> dict | None:
+        if listing.status != ListingStatus.SOLD:
+            return None
+        settled = self.context.get("settled")
+        if settled is None:
+            settled = funding_gate().resale_settled(listing_ids=[listing.pk])
+        proceeds, fees = settled.get(listing.pk, (0, 0))
+        seconds = int((listing.ends_at - listing.starts_at).total_seconds())
+        return SaleOutput(
+            {
+                "sold_at": listing.sold_at,
+                "total": period_total(
+                    price_per_gpu_hour=listing.price_per_gpu_hour,
+                    gpu_count=listing.gpu_count,
+                    seconds=seconds,
+                ),
+                "fee_pct": listing.fee_pct,
+                "proceeds": proceeds,
+                "fees": fees,
+                "net": proceeds - fees,
+            }
+        ).data
+
+
 class ApiKeyOutput(Serializer):
     id = serializers.CharField(source="public_id")
     name = serializers.CharField()
@@ -124,8 +220,10 @@ class EventOutput(Serializer):
     type = serializers.ChoiceField(choices=EventType.choices)
     created = serializers.DateTimeField(source="created_at")
     organization = serializers.CharField(source="organization.public_id")
-    object_type = serializers.CharField(help_text="reservation, top_up, invoice, api_key, member…")
-    object_id = serializers.CharField(help_text="The object's id (res_…, key_…, mem_…).")
+    object_type = serializers.CharField(
+        help_text="reservation, listing, top_up, invoice, api_key, member…"
+    )
+    object_id = serializers.CharField(help_text="The object's id (res_…, lst_…, key_…, mem_…).")
     data = EventDataOutput(source="*")
 
     def get_object(self, event) -> str:

@@ -22,7 +22,7 @@ class EventFilter(django_filters.FilterSet):
     created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gt")
     created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     object_id = django_filters.CharFilter(
-        max_length=64, help_text="Only the events of this object (res_…, key_…, mem_…)."
+        max_length=64, help_text="Only the events of this object (res_…, lst_…, key_…, mem_…)."
     )
 
     class Meta:

@@ -3,8 +3,7 @@ POST resale/listings/{id}/withdraw, GET resale/sales. Every member reads; reserv
 keys with the write scope) list and withdraw. Buying is POST reservations with `listing`."""
 
 import django_filters
-from django.utils import timezone
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -16,84 +15,10 @@ from marketplace.funding import funding_gate
 from marketplace.models import RESALE_TIER_CHOICES, ListingStatus, ResaleListing, Tier
 from marketplace.selectors.resale import listing_get_for_org, listings_for_org
 from marketplace.selectors.reservations import reservation_get_for_org
-from marketplace.services.pricing import period_total
+from marketplace.serializers import ListingOutput
 from marketplace.services.resale import listing_create, listing_withdraw
 
 TAGS = ["Resale"]
-
-
-class SaleOutput(Serializer):
-    """What sold (the listing was narrowed to it) and what it has brought so far."""
-
-    sold_at = serializers.DateTimeField()
-    total = serializers.DecimalField(
-        max_digits=14,
-        decimal_places=2,
-        help_text="The sale price: asking price × GPUs × hours of the window, if the buyer uses "
-        "all of it.",
-    )
-    fee_pct = serializers.DecimalField(max_digits=5, decimal_places=2)
-    proceeds = serializers.DecimalField(
-        max_digits=14,
-        decimal_places=2,
-        help_text="Credited to your balance so far: what the buyer has been charged.",
-    )
-    fees = serializers.DecimalField(
-        max_digits=14, decimal_places=2, help_text="The platform's fee on the proceeds so far."
-    )
-    net = serializers.DecimalField(max_digits=14, decimal_places=2)
-
-
-class ListingOutput(Serializer):
-    id = serializers.CharField(source="public_id")
-    status = serializers.ChoiceField(
-        choices=ListingStatus.choices,
-        help_text="open (for sale until its window begins), sold or withdrawn.",
-    )
-    for_sale = serializers.SerializerMethodField(
-        help_text="Open and its window not begun: a buyer can book it now."
-    )
-    reservation = serializers.CharField(source="reservation.public_id")
-    parent = serializers.CharField(source="parent.public_id", allow_null=True, default=None)
-    site = serializers.CharField(source="site.slug")
-    gpu_model = serializers.CharField(source="gpu_model.slug")
-    node = serializers.CharField(source="node.hostname")
-    gpu_count = serializers.IntegerField()
-    tier = serializers.CharField()
-    starts_at = serializers.DateTimeField()
-    ends_at = serializers.DateTimeField()
-    price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
-    currency = serializers.CharField()
-    created_at = serializers.DateTimeField()
-    withdrawn_at = serializers.DateTimeField(allow_null=True)
-    sale = serializers.SerializerMethodField()
-
-    def get_for_sale(self, listing) -> bool:
-        return listing.status == ListingStatus.OPEN and listing.starts_at > timezone.now()
-
-    @extend_schema_field(SaleOutput(allow_null=True))
-    def get_sale(self, listing) -> dict | None:
-        if listing.status != ListingStatus.SOLD:
-            return None
-        settled = self.context.get("settled")
-        if settled is None:
-            settled = funding_gate().resale_settled(listing_ids=[listing.pk])
-        proceeds, fees = settled.get(listing.pk, (0, 0))
-        seconds = int((listing.ends_at - listing.starts_at).total_seconds())
-        return SaleOutput(
-            {
-                "sold_at": listing.sold_at,
-                "total": period_total(
-                    price_per_gpu_hour=listing.price_per_gpu_hour,
-                    gpu_count=listing.gpu_count,
-                    seconds=seconds,
-                ),
-                "fee_pct": listing.fee_pct,
-                "proceeds": proceeds,
-                "fees": fees,
-                "net": proceeds - fees,
-            }
-        ).data
 
 
 def _listings_output(listings) -> list:

@@ -16,9 +16,9 @@ from rest_framework.serializers import BaseSerializer
 
 from config.db import model_insert
 from config.retention import delete_in_batches
-from marketplace.models import ApiKey, Event, EventType, Membership, Reservation
-from marketplace.serializers import ApiKeyOutput, MemberOutput, ReservationOutput
-from marketplace.services.webhooks import webhook_deliveries_create
+from marketplace.models import ApiKey, Event, EventType, Membership, ResaleListing, Reservation
+from marketplace.serializers import ApiKeyOutput, ListingOutput, MemberOutput, ReservationOutput
+from marketplace.services.webhooks import webhook_deliveries_create, webhook_deliveries_create_many
 
 __all__ = [
     "RESERVATION_STATUS_EVENTS",
@@ -26,6 +26,7 @@ __all__ = [
     "event_record",
     "reservation_event_build",
     "reservation_event_record",
+    "listing_events_record",
     "api_key_event_record",
     "member_event_record",
     "events_prune",
@@ -51,10 +52,11 @@ def event_build(
     object_id: str,
     obj,
     serializer: type[BaseSerializer],
+    context: dict | None = None,
 ) -> Event:
-    """The event for `obj`, shown through the API serializer `serializer`, not yet saved:
-    event_record saves it; the transition service writes a reservation's in the statement
-    that moves it."""
+    """The event for `obj`, shown through the API serializer `serializer` (with `context`),
+    not yet saved: event_record saves it; the transition service writes a reservation's in
+    the statement that moves it."""
     if type not in EventType.values:
         raise ValueError(f"unknown event type {type!r}")
     return Event(
@@ -62,7 +64,7 @@ def event_build(
         type=type,
         object_type=object_type,
         object_id=object_id,
-        data=dict(serializer(obj).data),
+        data=dict(serializer(obj, context=context or {}).data),
     )
 
 
@@ -110,6 +112,33 @@ def reservation_event_build(*, reservation: Reservation, type: str) -> Event:
 
 def reservation_event_record(*, reservation: Reservation, type: str) -> Event:
     return _event_save(reservation_event_build(reservation=reservation, type=type))
+
+
+def listing_events_record(*, events: list[tuple[str, ResaleListing]]) -> list[Event]:
+    """Record (type, listing) events of one organisation's listings, in order, with their
+    webhook deliveries (its endpoints read once): a sale is the sold listing and the new ones
+    of what is left. Recorded as the listing changes, so a sold one has nothing credited yet
+    (the buyer is charged as it uses the time): its `sale` shows the price and fee, proceeds 0.
+    """
+    if not events:
+        return []
+    (organization_id,) = {listing.organization_id for _, listing in events}
+    built = [
+        event_build(
+            organization_id=organization_id,
+            type=type,
+            object_type="listing",
+            object_id=listing.public_id,
+            obj=listing,
+            serializer=ListingOutput,
+            context={"settled": {}},  # no query for what cannot have been credited yet
+        )
+        for type, listing in events
+    ]
+    with transaction.atomic(savepoint=False):
+        built = Event.objects.bulk_create(built)
+        webhook_deliveries_create_many(events=built)
+    return built
 
 
 def api_key_event_record(*, api_key: ApiKey, type: str) -> Event:

@@ -28,6 +28,7 @@ from marketplace.models import (
     LIVE_STATUSES,
     RESALE_TIERS,
     Allocation,
+    EventType,
     ListingStatus,
     Organization,
     ResaleFee,
@@ -36,6 +37,7 @@ from marketplace.models import (
     Tier,
 )
 from marketplace.services.audit import audit_record
+from marketplace.services.events import listing_events_record
 from marketplace.services.pricing import PriceFloor, price_floor
 
 __all__ = [
@@ -154,8 +156,8 @@ def listing_create(
     listing = ResaleListing.objects.create(
         organization=organization,
         reservation=locked,
-        site_id=locked.site_id,
-        gpu_model_id=locked.gpu_model_id,
+        site=locked.site,
+        gpu_model=locked.gpu_model,
         node_id=node_id,
         gpu_ids=gpu_ids,
         gpu_count=gpu_count,
@@ -167,6 +169,7 @@ def listing_create(
         created_by=user,
     )
     _audit(listing, "resale_listing.create", {"after": _listing_fields(listing)})
+    listing_events_record(events=[(EventType.LISTING_CREATED, listing)])
     return listing
 
 
@@ -295,10 +298,11 @@ def _listing_gpus_choose(
 
 @transaction.atomic
 def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> ResaleListing:
-    """Take an open listing off sale (twice is harmless); a sold one is 409."""
+    """Take an open listing off sale (twice is harmless: one event); a sold one is 409."""
     locked = (
-        ResaleListing.objects.select_for_update()
+        ResaleListing.objects.select_for_update(of=("self",))
         .filter(pk=listing.pk, organization=organization)
+        .select_related(*_SHOWN_WITH)
         .first()
     )
     if locked is None:
@@ -311,15 +315,36 @@ def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> R
     locked.withdrawn_at = timezone.now()
     locked.save(update_fields=["status", "withdrawn_at", "updated_at"])
     _audit(locked, "resale_listing.withdraw", {"after": {"status": locked.status}})
+    listing_events_record(events=[(EventType.LISTING_WITHDRAWN, locked)])
     return locked
 
 
 def listings_withdraw_for_reservation(*, reservation: Reservation) -> int:
-    """Withdraw the open listings of a term that is ending (cancelled); the caller holds the
-    reservation's row lock, so no buyer is transferring from it meanwhile."""
-    return ResaleListing.objects.filter(reservation=reservation, status=ListingStatus.OPEN).update(
-        status=ListingStatus.WITHDRAWN, withdrawn_at=timezone.now(), updated_at=timezone.now()
+    """Withdraw the open listings of a term that is ending (cancelled), each with its event;
+    the caller holds the reservation's row lock, so no buyer is transferring from it
+    meanwhile. The listings are locked too (by id), as the seller's own withdrawal locks
+    one: a listing that was withdrawn meanwhile is no longer open here, so it gets no second
+    event."""
+    listings = list(
+        ResaleListing.objects.select_for_update(of=("self",))
+        .filter(reservation=reservation, status=ListingStatus.OPEN)
+        .select_related(*_SHOWN_WITH)
+        .order_by("pk")
     )
+    if not listings:
+        return 0
+    now = timezone.now()
+    ResaleListing.objects.filter(pk__in=[listing.pk for listing in listings]).update(
+        status=ListingStatus.WITHDRAWN, withdrawn_at=now, updated_at=now
+    )
+    for listing in listings:
+        listing.status, listing.withdrawn_at, listing.updated_at = ListingStatus.WITHDRAWN, now, now
+    listing_events_record(events=[(EventType.LISTING_WITHDRAWN, one) for one in listings])
+    return len(listings)
+
+
+# What a listing's event shows besides the row (ListingOutput), loaded with it.
+_SHOWN_WITH = ("reservation", "parent", "site", "gpu_model", "node")
 
 
 # Sold GPUs: the seller's row of each becomes the record of the sold piece (not live), then
@@ -378,6 +403,7 @@ def resale_allocations_transfer(
         seller=seller, buyer=buyer, listing=listing, gpus=gpus, gpu_count=gpu_count,
         starts_at=starts_at, ends_at=ends_at, now=now,
     )  # fmt: skip
+    listing.node = Node.objects.get(pk=listing.node_id)  # read under the node's lock
     _listing_sell(listing, buyer=buyer, gpus=gpus, starts_at=starts_at, ends_at=ends_at, now=now)
     return _buyer_allocations(
         buyer=buyer, listing=listing, inserted=inserted, gpus=gpus,
@@ -396,7 +422,12 @@ def _listing_lock_for_sale(
     if seller_id is None:
         raise NotFound("No such listing.", field="listing")
     seller = Reservation.objects.select_for_update().get(pk=seller_id)
-    listing = ResaleListing.objects.select_for_update().get(pk=listing_id)
+    listing = (
+        ResaleListing.objects.select_for_update(of=("self",))
+        .select_related("parent", "site", "gpu_model")
+        .get(pk=listing_id)
+    )
+    listing.reservation = seller  # the same row, locked: its events show it
     # The clock read under the seller's lock: the seller's provisioning takes that lock too
     # before it starts the term, so the two are ordered by it.
     now = max(now, timezone.now())
@@ -522,7 +553,7 @@ def _buyer_allocations(
 ) -> list[Allocation]:
     """The buyer's new allocations as model instances (with their node and GPU), by GPU index,
     from the rows just written instead of read back."""
-    node = Node.objects.get(pk=listing.node_id)
+    node = listing.node
     gpus_by_id = Gpu.objects.in_bulk(gpus)
     names = [f.attname for f in Allocation._meta.concrete_fields]
     allocations = []
@@ -554,7 +585,9 @@ def _listing_sell(
     ends_at: datetime,
     now: datetime,
 ) -> None:
-    """Narrow the listing to what was sold and list what is left as new open listings."""
+    """Narrow the listing to what was sold and list what is left as new open listings; the
+    seller's organisation gets listing.sold and a listing.created for each new one (in the
+    buyer's transaction: a booking that rolls back records none of them)."""
     rest = [g for g in listing.gpu_ids if g not in gpus]
     pieces = [
         (listing.gpu_ids, listing.starts_at, starts_at),
@@ -564,11 +597,11 @@ def _listing_sell(
     remainders = [
         ResaleListing(
             organization_id=listing.organization_id,
-            reservation_id=listing.reservation_id,
+            reservation=listing.reservation,
             parent=listing,
-            site_id=listing.site_id,
-            gpu_model_id=listing.gpu_model_id,
-            node_id=listing.node_id,
+            site=listing.site,
+            gpu_model=listing.gpu_model,
+            node=listing.node,
             gpu_ids=list(piece_gpus),
             gpu_count=len(piece_gpus),
             tier=listing.tier,
@@ -589,9 +622,16 @@ def _listing_sell(
     listing.fee_pct = resale_fee_pct()
     listing.sold_at = now
     listing.save()
-    ResaleListing.objects.bulk_create(remainders)
+    remainders = ResaleListing.objects.bulk_create(remainders)
     # No audit entry here: this runs in the buyer's request, and the seller's audit log must
-    # not name the buyer; the seller sees the sale on the listing (sold_at, its sales).
+    # not name the buyer; the seller sees the sale on the listing (sold_at, its sales) and in
+    # its events, which show the listing as the seller's API does (never the buyer).
+    listing_events_record(
+        events=[
+            (EventType.LISTING_SOLD, listing),
+            *((EventType.LISTING_CREATED, remainder) for remainder in remainders),
+        ]
+    )
 
 
 def _listing_fields(listing: ResaleListing) -> dict:
