@@ -88,6 +88,10 @@ app.conf.update(
             "task": "marketplace.tasks.reservation_outages_reconcile",
             "schedule": 15.0,
         },
+        "marketplace-withdraw-listings-of-ended-terms": {
+            "task": "marketplace.tasks.resale_listings_withdraw_ended",
+            "schedule": 60.0,
+        },
         "marketplace-purge-idempotency-records": {
             "task": "marketplace.tasks.idempotency_records_purge",
             "schedule": 3600.0,

@@ -19,6 +19,7 @@ TASK_QUEUES = (
     ("marketplace.tasks.reservations_sweep_stuck", "provisioning"),
     ("marketplace.tasks.reservation_outages_reconcile", "provisioning"),
     ("marketplace.tasks.gpu_failures_handle", "provisioning"),
+    ("marketplace.tasks.resale_listings_withdraw_ended", "provisioning"),
     ("marketplace.tasks.webhook", "webhooks"),
     ("billing.tasks.", "billing"),
     ("inventory.tasks.telemetry_", "telemetry"),

@@ -13,6 +13,7 @@ EXPECTED = {
     "marketplace.tasks.reservations_sweep_stuck": "provisioning",
     "marketplace.tasks.reservation_outages_reconcile": "provisioning",
     "marketplace.tasks.gpu_failures_handle": "provisioning",
+    "marketplace.tasks.resale_listings_withdraw_ended": "provisioning",
     "marketplace.tasks.webhook_endpoint_send": "webhooks",
     "marketplace.tasks.webhooks_sweep": "webhooks",
     "marketplace.tasks.reliability_compute": "default",

@@ -47,6 +47,7 @@ __all__ = [
     "listing_create",
     "listing_withdraw",
     "listings_withdraw_for_reservation",
+    "listings_withdraw_for_ended_terms",
     "resale_allocations_transfer",
 ]
 
@@ -341,6 +342,28 @@ def listings_withdraw_for_reservation(*, reservation: Reservation) -> int:
         listing.status, listing.withdrawn_at, listing.updated_at = ListingStatus.WITHDRAWN, now, now
     listing_events_record(events=[(EventType.LISTING_WITHDRAWN, one) for one in listings])
     return len(listings)
+
+
+def listings_withdraw_for_ended_terms(*, limit: int = 500) -> int:
+    """Withdraw, each with its event, the open listings of terms no longer live: failed,
+    preempted or completed (a cancel withdraws its own at once). None of them can be sold,
+    so the seller sees them withdrawn rather than open. Beat runs it every minute; returns
+    how many listings were withdrawn (at most `limit` terms a run)."""
+    ended = list(
+        ResaleListing.objects.filter(status=ListingStatus.OPEN)
+        .exclude(reservation__status__in=LIVE_STATUSES)
+        .values_list("reservation_id", flat=True)
+        .distinct()
+        .order_by("reservation_id")[:limit]
+    )
+    withdrawn = 0
+    for reservation_id in ended:
+        with transaction.atomic():
+            # The same lock as a cancel's: a term is never both withdrawing and selling.
+            locked = Reservation.objects.select_for_update().get(pk=reservation_id)
+            if locked.status not in LIVE_STATUSES:
+                withdrawn += listings_withdraw_for_reservation(reservation=locked)
+    return withdrawn
 
 
 # What a listing's event shows besides the row (ListingOutput), loaded with it.

@@ -267,3 +267,28 @@ def test_a_withdrawal_committing_while_the_term_is_cancelled_is_recorded_once():
         ("listing.withdrawn", lst.public_id),
     ]
     assert Reservation.objects.get(pk=term.pk).status == "cancelled"
+
+
+def test_listings_of_a_term_that_failed_are_withdrawn_by_the_sweep_with_their_events():
+    from marketplace.services.resale import listings_withdraw_for_ended_terms
+    from marketplace.services.transitions import reservation_transition
+
+    m = market(nodes=2)
+    other = reservation_create(organization=m.seller, gpu_model=m.model.slug, gpu_count=8,
+                               starts_at=m.start, ends_at=m.term.ends_at, tier="reserved",
+                               term="1w", site=m.site.slug)  # fmt: skip
+    lost = listing(m)
+    kept = listing_create(organization=m.seller, reservation=other, gpu_count=4,
+                          starts_at=m.start + 24 * H, ends_at=m.start + 48 * H,
+                          price_per_gpu_hour=Decimal("1.5000"))  # fmt: skip
+    reservation_transition(reservation=m.term, to_status="failed", cause="node lost",
+                           actor_label="test")  # fmt: skip
+
+    assert listings_withdraw_for_ended_terms() == 1
+    assert listings_withdraw_for_ended_terms() == 0  # once
+
+    lost.refresh_from_db()
+    kept.refresh_from_db()
+    assert (lost.status, kept.status) == (ListingStatus.WITHDRAWN, ListingStatus.OPEN)
+    withdrawn = [e for e in listing_events(m.seller) if e.type == "listing.withdrawn"]
+    assert [(e.object_id, e.data["status"]) for e in withdrawn] == [(lost.public_id, "withdrawn")]
