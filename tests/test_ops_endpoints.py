@@ -230,19 +230,20 @@ def test_metrics_time_each_view_and_bound_the_method_label(production):
     client.generic("BREW", "/api/v1/gpu-models", HTTP_HOST="switchyard.example.com")
 
     after = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+    timed_before, answered_before = _samples(before, latency), _samples(before, responses)
     counted = {
-        k: v - _samples(before, latency).get(k, 0)
+        k: v - timed_before.get(k, 0)
         for k, v in _samples(after, latency).items()
-        if v != _samples(before, latency).get(k, 0)
+        if v != timed_before.get(k, 0)
     }
     assert counted == {
         'method="GET",view="gpu-models"': 3,
         'method="<invalid method>",view="gpu-models"': 1,
     }
     brewed = {
-        k: v - _samples(before, responses).get(k, 0)
+        k: v - answered_before.get(k, 0)
         for k, v in _samples(after, responses).items()
-        if "invalid" in k and v != _samples(before, responses).get(k, 0)
+        if "invalid" in k and v != answered_before.get(k, 0)
     }
     assert brewed == {'method="<invalid method>",status="401",view="gpu-models"': 1}
     # The library's other per-request series are not recorded (config/metrics/http.py).
