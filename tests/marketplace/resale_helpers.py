@@ -18,6 +18,7 @@ from marketplace.models import (
     Reservation,
     ReservationTransition,
 )
+from marketplace.services.resale import listing_create
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
@@ -75,6 +76,35 @@ def market(
         site=site.slug,
     )
     return Market(site=site, model=model, node=node, seller=seller, buyer=buyer, term=term)
+
+
+H = timedelta(hours=1)
+
+
+def listing(m: Market, *, gpus=4, start_h=24, hours=24, price="1.5000", tier="on_demand", **kw):
+    """The seller lists `gpus` of its term from `start_h` hours after the term starts."""
+    return listing_create(
+        organization=m.seller,
+        reservation=m.term,
+        gpu_count=gpus,
+        starts_at=m.start + start_h * H,
+        ends_at=m.start + (start_h + hours) * H,
+        price_per_gpu_hour=Decimal(price),
+        tier=tier,
+        **kw,
+    )
+
+
+def buy(m: Market, lst, *, gpus=None, start_h=24, hours=24, org=None, tier=None):
+    """The buyer (or `org`) books `gpus` of the listing (all of it by default)."""
+    return reservation_create(
+        organization=org or m.buyer,
+        listing=lst,
+        gpu_count=gpus or lst.gpu_count,
+        starts_at=m.start + start_h * H,
+        ends_at=m.start + (start_h + hours) * H,
+        tier=tier,
+    )
 
 
 def time_passes(delta: timedelta) -> None:

@@ -28,7 +28,10 @@ from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import make_nodes
 from tests.marketplace.resale_helpers import (
     FLOOR,
+    H,
+    buy,
     fund,
+    listing,
     live_rows,
     market,
     overlapping_live_pairs,
@@ -37,32 +40,6 @@ from tests.marketplace.resale_helpers import (
 )
 
 pytestmark = pytest.mark.django_db
-
-H = timedelta(hours=1)
-
-
-def listing(m, *, gpus=4, start_h=24, hours=24, price="1.5000", tier="on_demand", **kw):
-    return listing_create(
-        organization=m.seller,
-        reservation=m.term,
-        gpu_count=gpus,
-        starts_at=m.start + start_h * H,
-        ends_at=m.start + (start_h + hours) * H,
-        price_per_gpu_hour=Decimal(price),
-        tier=tier,
-        **kw,
-    )
-
-
-def buy(m, lst, *, gpus=None, start_h=24, hours=24, org=None, tier=None):
-    return reservation_create(
-        organization=org or m.buyer,
-        listing=lst,
-        gpu_count=gpus or lst.gpu_count,
-        starts_at=m.start + start_h * H,
-        ends_at=m.start + (start_h + hours) * H,
-        tier=tier,
-    )
 
 
 def snapshot():

@@ -5,7 +5,6 @@ GET /api/v1/events for the seller only."""
 
 import threading
 import time
-from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -18,33 +17,10 @@ from marketplace.services.reservations import reservation_cancel, reservation_cr
 from marketplace.services.webhooks import webhook_endpoint_create
 from tests.factories import OrganizationFactory
 from tests.marketplace.api_fixtures import fresh_rate_limits, key_client  # noqa: F401
-from tests.marketplace.resale_helpers import market
+from tests.marketplace.resale_helpers import H, buy, listing, market
 from tests.marketplace.test_resale_race import run_together
 
 pytestmark = pytest.mark.django_db
-
-H = timedelta(hours=1)
-
-
-def listing(m, *, gpus=4, start_h=24, hours=24, price="1.5000"):
-    return listing_create(
-        organization=m.seller,
-        reservation=m.term,
-        gpu_count=gpus,
-        starts_at=m.start + start_h * H,
-        ends_at=m.start + (start_h + hours) * H,
-        price_per_gpu_hour=Decimal(price),
-    )
-
-
-def buy(m, lst, *, gpus, start_h, hours, org=None):
-    return reservation_create(
-        organization=org or m.buyer,
-        listing=lst,
-        gpu_count=gpus,
-        starts_at=m.start + start_h * H,
-        ends_at=m.start + (start_h + hours) * H,
-    )
 
 
 def listing_events(org=None) -> list[Event]:

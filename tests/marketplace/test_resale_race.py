@@ -21,14 +21,19 @@ from marketplace.models import (
 )
 from marketplace.provisioning.drivers import SimulatedDriver
 from marketplace.provisioning.services import reservation_provision_step
-from marketplace.services.resale import listing_create
 from marketplace.services.reservations import (
     reservation_cancel,
     reservation_create,
     reservation_extend,
 )
 from tests.factories import OrganizationFactory
-from tests.marketplace.resale_helpers import fund, live_rows, market, overlapping_live_pairs
+from tests.marketplace.resale_helpers import (
+    fund,
+    listing,
+    live_rows,
+    market,
+    overlapping_live_pairs,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,17 +66,6 @@ def run_together(*jobs) -> list[str]:
     return outcomes
 
 
-def list_gpus(m, *, gpus, start_h, hours):
-    return listing_create(
-        organization=m.seller,
-        reservation=m.term,
-        gpu_count=gpus,
-        starts_at=m.start + start_h * H,
-        ends_at=m.start + (start_h + hours) * H,
-        price_per_gpu_hour=Decimal("1.0000"),
-    )
-
-
 def buyer_of(m, lst, org=None):
     org = org or m.buyer
 
@@ -89,7 +83,7 @@ def buyer_of(m, lst, org=None):
 
 def test_many_buyers_race_for_one_listing_and_exactly_one_gets_it():
     m = market()
-    lst = list_gpus(m, gpus=4, start_h=24, hours=24)
+    lst = listing(m, gpus=4, start_h=24, hours=24, price="1.0000")
     buyers = [OrganizationFactory() for _ in range(8)]
     for org in buyers:
         fund(org)
@@ -106,7 +100,7 @@ def test_many_buyers_race_for_one_listing_and_exactly_one_gets_it():
 @pytest.mark.parametrize("round_", range(3))
 def test_the_seller_cancelling_while_a_buyer_buys_ends_one_way_or_the_other(round_):
     m = market(starts_at=timezone.now() + timedelta(days=10))
-    lst = list_gpus(m, gpus=4, start_h=24, hours=24)
+    lst = listing(m, gpus=4, start_h=24, hours=24, price="1.0000")
     price = m.term.price_per_gpu_hour
 
     outcomes = run_together(
@@ -136,7 +130,7 @@ def test_the_seller_cancelling_while_a_buyer_buys_ends_one_way_or_the_other(roun
 def test_the_seller_extending_while_a_buyer_buys_the_tail_both_succeed(round_):
     m = market()
     end = m.term.ends_at
-    lst = list_gpus(m, gpus=2, start_h=7 * 24, hours=24)  # the last day
+    lst = listing(m, gpus=2, start_h=7 * 24, hours=24, price="1.0000")  # the last day
 
     outcomes = run_together(
         buyer_of(m, lst),
@@ -161,7 +155,7 @@ def test_the_seller_extending_while_a_buyer_buys_the_tail_both_succeed(round_):
 def test_the_term_starting_while_a_buyer_buys_its_first_hours_never_shares_a_gpu(round_):
     start = timezone.now().replace(microsecond=0) + timedelta(seconds=3)
     m = market(starts_at=start)
-    lst = list_gpus(m, gpus=3, start_h=0, hours=5)
+    lst = listing(m, gpus=3, start_h=0, hours=5, price="1.0000")
     driver = SimulatedDriver()
 
     def seller_starts():
