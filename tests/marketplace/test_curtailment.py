@@ -341,8 +341,11 @@ def test_staff_call_one_off_from_the_admin_list(booked, market, staff_client):
 def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, monkeypatch):
     """A worker holding a running reservation's row asks for one of the site's nodes while the
     announce, holding the nodes, waits for that reservation: PostgreSQL rolls one of the two
-    back. The announce waited first, so it is the victim; it is taken again, once the worker
-    is done, instead of failing (from the API, the admin or a grid call alike)."""
+    back: the one whose deadlock check finds the circle. Only the announce checks here (the
+    worker's deadlock_timeout is a minute, the announce's 3 s, time enough for the worker to
+    close the circle on a loaded machine), so the announce is the victim; it is taken again,
+    once the worker is done, instead of failing (from the API, the admin or a grid call
+    alike)."""
     import threading
 
     from django.db import connection, transaction
@@ -359,6 +362,8 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
     def worker() -> None:
         try:
             with transaction.atomic():
+                with connection.cursor() as cur:
+                    cur.execute("SET LOCAL deadlock_timeout = '60s'")
                 Reservation.objects.select_for_update().get(pk=running.pk)
                 holding.set()
                 with connection.cursor() as cur:
@@ -385,9 +390,15 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
     thread.start()
     assert holding.wait(10)
 
-    curtailment = curtailment_announce(
-        site=site, shed_at=timezone.now() + timedelta(minutes=30), reason="ERCOT EEA 2"
-    )
+    with connection.cursor() as cur:
+        cur.execute("SET deadlock_timeout = '3s'")
+    try:
+        curtailment = curtailment_announce(
+            site=site, shed_at=timezone.now() + timedelta(minutes=30), reason="ERCOT EEA 2"
+        )
+    finally:
+        with connection.cursor() as cur:
+            cur.execute("RESET deadlock_timeout")
     thread.join(20)
 
     assert failures == []  # the worker was not the victim and finished
