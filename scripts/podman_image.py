@@ -7,6 +7,7 @@ registry is needed. Podman runs with scripts/podman/containers.conf (runc, cgrou
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import subprocess
@@ -44,15 +45,22 @@ def workload_image_build() -> str:
         raise ImageError("podman does not work here with scripts/podman/containers.conf")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
     tag = f"localhost/switchyard-workload:{digest}"
-    if podman("image", "exists", tag, check=False).returncode != 0:
-        with tempfile.TemporaryDirectory() as context:
-            for path in SOURCES:
-                shutil.copy(path, Path(context) / path.name)
-            shutil.copy(BUSYBOX, Path(context) / "busybox")
-            done = podman("build", "-q", "-t", tag, context, check=False, timeout=300)
-            if done.returncode != 0:
-                raise ImageError(f"podman build failed: {done.stderr.strip()[-500:]}")
+    # One build at a time (the suite's two workers, `make run`), each after the last has ended.
+    with open(Path(tempfile.gettempdir()) / "switchyard-workload-image.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if podman("image", "exists", tag, check=False).returncode != 0:
+            _build(tag)
     return tag
+
+
+def _build(tag: str) -> None:
+    with tempfile.TemporaryDirectory() as context:
+        for path in SOURCES:
+            shutil.copy(path, Path(context) / path.name)
+        shutil.copy(BUSYBOX, Path(context) / "busybox")
+        done = podman("build", "-q", "-t", tag, context, check=False, timeout=300)
+        if done.returncode != 0:
+            raise ImageError(f"podman build failed: {done.stderr.strip()[-500:]}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
     python scripts/test.py [PYTEST ARGS...]
 
+Runs in two pytest-xdist workers (`-n 2 --dist load`; pass `-n 0` for one process), each
+with its own test database and Redis database (tests/parallel.py). Not `--dist loadfile`:
+under it the API fuzz (schemathesis's subtests, one per operation) stops after the first.
+
 PostgreSQL: DATABASE_URL if set (pytest-django creates and drops test_<name> beside it), else
 the system server on 127.0.0.1:5432 (started with the machine's own command if it is down),
 else an embedded one. Redis: REDIS_URL if set, else database 15 of the system Redis on
@@ -34,6 +38,9 @@ TEST_ALLOWED_HOSTS = "testserver,localhost,127.0.0.1"
 STATIC_ROOT = RUN_DIR / "test-static"
 # What STATIC_ROOT was collected from, beside it (whitenoise serves everything inside it).
 STATIC_FINGERPRINT = RUN_DIR / "test-static.fingerprint"
+# Two workers, one per core: about half the suite waits on subprocesses, containers, Celery
+# workers and the browser, which overlap.
+PARALLEL_ARGS = ["-n", "2", "--dist", "load"]
 BROWSER_TEST_MARKERS = ("pytest.mark.browser", "playwright")
 CONTAINER_TEST_MARKERS = ("pytest.mark.container",)
 
@@ -92,6 +99,15 @@ def suite_environment(*, database_url: str, redis_url: str) -> dict[str, str]:
     }
 
 
+def pytest_command(pytest_args: list[str]) -> list[str]:
+    """The arguments given, in two workers unless they choose (-n, --numprocesses, -p no:xdist)."""
+    chosen = any(
+        arg in ("-n", "--numprocesses", "no:xdist") or arg.startswith(("-n", "--numprocesses="))
+        for arg in pytest_args
+    )
+    return pytest_args if chosen else [*PARALLEL_ARGS, *pytest_args]
+
+
 def main(pytest_args: list[str]) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor()
@@ -114,7 +130,11 @@ def main(pytest_args: list[str]) -> int:
 
         env = suite_environment(database_url=postgres.url, redis_url=redis.url)
         collect_static(env)
-        pytest = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT, env=env)
+        pytest = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "tests.parallel", *pytest_command(pytest_args)],
+            cwd=ROOT,
+            env=env,
+        )
         # Ctrl-C reaches pytest directly (same process group); we only clean up after it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda signum, _frame: pytest.send_signal(signum))
