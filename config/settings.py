@@ -254,6 +254,10 @@ if AGENT_HEARTBEAT_SECONDS > NODE_OFFLINE_AFTER.total_seconds() / 3:
         f"{AGENT_HEARTBEAT_SECONDS} with NODE_OFFLINE_AFTER_SECONDS="
         f"{int(NODE_OFFLINE_AFTER.total_seconds())}"
     )
+# The most heartbeats a second the fleet may send (the web tier is sized for it, docs/scaling.md):
+# a fleet past AGENT_HEARTBEAT_SECONDS × this many nodes is told a longer interval, up to a
+# third of NODE_OFFLINE_AFTER (inventory.selectors.agent_heartbeat_seconds). 0: no limit.
+AGENT_HEARTBEATS_PER_SECOND = env_int("AGENT_HEARTBEATS_PER_SECOND", 400, minimum=0)
 # GPU telemetry (docs/health.md): raw samples for this many hours, per-minute rollups for days.
 TELEMETRY_RAW_RETENTION = timedelta(hours=env_int("TELEMETRY_RAW_RETENTION_HOURS", 6, minimum=1))
 TELEMETRY_ROLLUP_RETENTION = timedelta(

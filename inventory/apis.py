@@ -20,6 +20,7 @@ from inventory.auth import IsNodeAgent, NodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.heartbeat_input import heartbeat_fast_validate
 from inventory.models import GpuHealth, NodeStatus
+from inventory.selectors import agent_heartbeat_seconds
 from inventory.services import (
     TOKEN_PREFIX,
     node_heartbeat_accept,
@@ -141,15 +142,16 @@ class HeartbeatApi(APIView):
         # A job or a burn-in waits for this node's agent: an idle agent leases only when told
         # (agent/README.md), so it need not poll; it comes from the heartbeat's one read.
         work_waiting = serializers.SerializerMethodField()
-        # How long the agent waits before its next heartbeat (AGENT_HEARTBEAT_SECONDS): the
-        # operator sets the fleet's pace here, not in every node's config (agent/README.md).
+        # How long the agent waits before its next heartbeat (AGENT_HEARTBEAT_SECONDS, longer
+        # for a fleet past AGENT_HEARTBEATS_PER_SECOND): the fleet's pace is set on the
+        # server, not in every node's config (agent/README.md).
         heartbeat_seconds = serializers.SerializerMethodField()
 
         def get_next_heartbeat_within_seconds(self, node) -> int:
             return int(settings.NODE_OFFLINE_AFTER.total_seconds())
 
         def get_heartbeat_seconds(self, node) -> int:
-            return settings.AGENT_HEARTBEAT_SECONDS
+            return agent_heartbeat_seconds()
 
         def get_work_waiting(self, node) -> bool:
             return self.context["work_waiting"]
@@ -238,7 +240,7 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
             "last_heartbeat_at": _AT.to_representation(node.last_heartbeat_at),
             "next_heartbeat_within_seconds": int(settings.NODE_OFFLINE_AFTER.total_seconds()),
             "work_waiting": work_waiting,
-            "heartbeat_seconds": settings.AGENT_HEARTBEAT_SECONDS,
+            "heartbeat_seconds": agent_heartbeat_seconds(),
         }
     )  # HeartbeatApi.OutputSerializer's fields (its .data costs as much as the rest here)
 

@@ -1,13 +1,57 @@
 """Reads of the inventory, shared by the admin, the API and the marketplace."""
 
+import logging
+import math
+import time
 from datetime import UTC, date, datetime, timedelta
 
+from django.conf import settings
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
-from inventory.models import FleetMinute, Gpu, GpuHealth, NodeStatus, Site, ZonePrice
+from inventory.models import FleetMinute, Gpu, GpuHealth, Node, NodeStatus, Site, ZonePrice
+
+logger = logging.getLogger(__name__)
 
 NODE_STATUSES = list(NodeStatus.values)
+# The fleet's size changes by the node, not by the second: counted once a minute a process.
+FLEET_COUNT_SECONDS = 60
+_heartbeat_interval: tuple[float, int] | None = None  # (monotonic expiry, seconds)
+
+
+def agent_heartbeat_seconds() -> int:
+    """How long every site agent waits between heartbeats, as each heartbeat's answer tells
+    it: AGENT_HEARTBEAT_SECONDS, lengthened so that the fleet's heartbeats stay within
+    AGENT_HEARTBEATS_PER_SECOND (what the web tier is sized for, docs/scaling.md) as nodes
+    are added, but never past a third of NODE_OFFLINE_AFTER (a node must miss several
+    heartbeats before it is marked offline; past that, the fleet outgrows the setting and a
+    warning says so). Nodes not retired are counted, once a minute a process."""
+    global _heartbeat_interval
+    now = time.monotonic()
+    if _heartbeat_interval is not None and now < _heartbeat_interval[0]:
+        return _heartbeat_interval[1]
+    seconds = settings.AGENT_HEARTBEAT_SECONDS
+    budget = settings.AGENT_HEARTBEATS_PER_SECOND
+    if budget:
+        nodes = Node.objects.exclude(status=NodeStatus.RETIRED).count()
+        longest = int(settings.NODE_OFFLINE_AFTER.total_seconds() // 3)
+        wanted = max(seconds, math.ceil(nodes / budget))
+        if wanted > longest:
+            logger.warning(
+                "%d nodes heartbeat every %d s, %.0f a second, more than "
+                "AGENT_HEARTBEATS_PER_SECOND=%d: raise NODE_OFFLINE_AFTER_SECONDS (the interval "
+                "stays within a third of it) or the budget, with the web tier (docs/scaling.md)",
+                nodes, longest, nodes / longest, budget,
+            )  # fmt: skip
+        seconds = min(wanted, longest)
+    _heartbeat_interval = (now + FLEET_COUNT_SECONDS, seconds)
+    return seconds
+
+
+def agent_heartbeat_seconds_clear() -> None:
+    """Count the fleet again at the next call (tests; a changed setting)."""
+    global _heartbeat_interval
+    _heartbeat_interval = None
 
 
 def site_list_with_capacity() -> QuerySet[Site]:

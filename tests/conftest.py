@@ -205,12 +205,16 @@ def localstripe(localstripe_server, settings):
 @pytest.fixture(autouse=True)
 def _empty_reference_cache():
     """GPU models, sites, rate cards and the pricing policy are cached per process for a few
-    seconds (marketplace.selectors.reference); each test starts without rows from another."""
+    seconds (marketplace.selectors.reference), the fleet's heartbeat interval for a minute
+    (inventory.selectors); each test starts without rows from another."""
+    from inventory.selectors import agent_heartbeat_seconds_clear
     from marketplace.selectors.reference import reference_cache_clear
 
     reference_cache_clear()
+    agent_heartbeat_seconds_clear()
     yield
     reference_cache_clear()
+    agent_heartbeat_seconds_clear()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -77,6 +77,7 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"AGENT_HEARTBEAT_SECONDS": "61"}, "AGENT_HEARTBEAT_SECONDS"),  # > 180 s / 3
         # The default 10 s with a shorter offline time: one late heartbeat would be an outage.
         ({"NODE_OFFLINE_AFTER_SECONDS": "29"}, "AGENT_HEARTBEAT_SECONDS"),
+        ({"AGENT_HEARTBEATS_PER_SECOND": "-1"}, "AGENT_HEARTBEATS_PER_SECOND"),
         (
             {"AGENT_HEARTBEAT_SECONDS": "301", "NODE_OFFLINE_AFTER_SECONDS": "3600"},
             "AGENT_HEARTBEAT_SECONDS",
