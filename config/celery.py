@@ -92,6 +92,10 @@ app.conf.update(
             "task": "marketplace.tasks.resale_listings_withdraw_ended",
             "schedule": 60.0,
         },
+        "marketplace-expire-listings-begun-unsold": {
+            "task": "marketplace.tasks.resale_listings_expire_begun",
+            "schedule": 60.0,
+        },
         "marketplace-purge-idempotency-records": {
             "task": "marketplace.tasks.idempotency_records_purge",
             "schedule": 3600.0,

@@ -20,6 +20,7 @@ TASK_QUEUES = (
     ("marketplace.tasks.reservation_outages_reconcile", "provisioning"),
     ("marketplace.tasks.gpu_failures_handle", "provisioning"),
     ("marketplace.tasks.resale_listings_withdraw_ended", "provisioning"),
+    ("marketplace.tasks.resale_listings_expire_begun", "provisioning"),
     ("marketplace.tasks.webhook", "webhooks"),
     ("billing.tasks.", "billing"),
     ("inventory.tasks.telemetry_", "telemetry"),

@@ -133,7 +133,8 @@ class ListingOutput(Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(
         choices=ListingStatus.choices,
-        help_text="open (for sale until its window begins), sold or withdrawn.",
+        help_text="open (for sale until its window begins), sold, withdrawn, or expired (its "
+        "window began unsold; the seller keeps the time; marked within a minute).",
     )
     for_sale = serializers.SerializerMethodField(
         help_text="Open and its window not begun: a buyer can book it now."
@@ -151,6 +152,7 @@ class ListingOutput(Serializer):
     currency = serializers.CharField()
     created_at = serializers.DateTimeField()
     withdrawn_at = serializers.DateTimeField(allow_null=True)
+    expired_at = serializers.DateTimeField(allow_null=True)
     sale = serializers.SerializerMethodField()
 
     def get_for_sale(self, listing) -> bool:

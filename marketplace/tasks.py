@@ -20,6 +20,7 @@ from marketplace.services.events import events_prune as _events_prune
 from marketplace.services.gpu_failures import gpu_failures_handle as _gpu_failures_handle
 from marketplace.services.organizations import invitation_mail_send as _invitation_mail_send
 from marketplace.services.reliability import reliability_compute as _reliability_compute
+from marketplace.services.resale import listings_expire_begun as _listings_expire
 from marketplace.services.resale import listings_withdraw_for_ended_terms as _listings_withdraw
 from marketplace.services.retention import history_prune as _history_prune
 from marketplace.services.webhook_sending import webhook_endpoint_send as _webhook_endpoint_send
@@ -138,3 +139,8 @@ def noop(counter_key: str = "") -> None:
 @shared_task(name="marketplace.tasks.resale_listings_withdraw_ended")
 def resale_listings_withdraw_ended() -> int:
     return _listings_withdraw()
+
+
+@shared_task(name="marketplace.tasks.resale_listings_expire_begun")
+def resale_listings_expire_begun() -> int:
+    return _listings_expire()

@@ -14,6 +14,7 @@ EXPECTED = {
     "marketplace.tasks.reservation_outages_reconcile": "provisioning",
     "marketplace.tasks.gpu_failures_handle": "provisioning",
     "marketplace.tasks.resale_listings_withdraw_ended": "provisioning",
+    "marketplace.tasks.resale_listings_expire_begun": "provisioning",
     "marketplace.tasks.webhook_endpoint_send": "webhooks",
     "marketplace.tasks.webhooks_sweep": "webhooks",
     "marketplace.tasks.reliability_compute": "default",

@@ -30,6 +30,7 @@ class EventType(models.TextChoices):
     LISTING_CREATED = "listing.created"
     LISTING_SOLD = "listing.sold"
     LISTING_WITHDRAWN = "listing.withdrawn"
+    LISTING_EXPIRED = "listing.expired"
     PAYMENT_SUCCEEDED = "payment.succeeded"
     PAYMENT_FAILED = "payment.failed"
     TOP_UP_SUCCEEDED = "top_up.succeeded"

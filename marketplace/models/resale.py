@@ -24,6 +24,8 @@ class ListingStatus(models.TextChoices):
     OPEN = "open"
     SOLD = "sold"
     WITHDRAWN = "withdrawn"
+    # Its window began unsold: the seller keeps the time (beat marks it within a minute).
+    EXPIRED = "expired"
 
 
 class ResaleListing(models.Model):
@@ -85,6 +87,9 @@ class ResaleListing(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     sold_at = models.DateTimeField(null=True, blank=True)
     withdrawn_at = models.DateTimeField(null=True, blank=True)
+    expired_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it was found unsold with its window begun."
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -122,6 +127,12 @@ class ResaleListing(models.Model):
                 fields=["site", "gpu_model", "starts_at"],
                 condition=Q(status="open"),
                 name="resale_listing_open_idx",
+            ),
+            # The expiry sweep: open listings whose window has begun.
+            models.Index(
+                fields=["starts_at"],
+                condition=Q(status="open"),
+                name="resale_listing_open_start_idx",
             ),
             models.Index(fields=["organization", "-created_at"]),
         ]

@@ -299,7 +299,8 @@ def _listing_gpus_choose(
 
 @transaction.atomic
 def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> ResaleListing:
-    """Take an open listing off sale (twice is harmless: one event); a sold one is 409."""
+    """Take an open listing off sale (twice is harmless: one event; so is an expired one,
+    already off sale); a sold one is 409."""
     locked = (
         ResaleListing.objects.select_for_update(of=("self",))
         .filter(pk=listing.pk, organization=organization)
@@ -308,7 +309,7 @@ def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> R
     )
     if locked is None:
         raise NotFound("No such listing.", field="listing")
-    if locked.status == ListingStatus.WITHDRAWN:
+    if locked.status in (ListingStatus.WITHDRAWN, ListingStatus.EXPIRED):
         return locked
     if locked.status == ListingStatus.SOLD:
         raise Conflict("This listing is sold; it cannot be withdrawn.", code="listing_sold")
@@ -364,6 +365,47 @@ def listings_withdraw_for_ended_terms(*, limit: int = 500) -> int:
             if locked.status not in LIVE_STATUSES:
                 withdrawn += listings_withdraw_for_reservation(reservation=locked)
     return withdrawn
+
+
+def listings_expire_begun(*, now: datetime | None = None, limit: int = 500) -> int:
+    """Mark `expired`, each with its listing.expired event, the open listings whose window
+    has begun unsold: none can be sold any more (a sale refuses a begun window) and the
+    seller keeps the time. Beat runs it every minute; returns how many expired (at most
+    `limit` terms a run). Each term is locked first, then its listings, as a sale locks them,
+    so a sale that got its locks before the window began is either done (sold) or not."""
+    now = now or timezone.now()
+    begun = list(
+        ResaleListing.objects.filter(status=ListingStatus.OPEN, starts_at__lte=now)
+        .values_list("reservation_id", flat=True)
+        .distinct()
+        .order_by("reservation_id")[:limit]
+    )
+    expired = 0
+    for reservation_id in begun:
+        with transaction.atomic():
+            Reservation.objects.select_for_update().get(pk=reservation_id)
+            listings = list(
+                ResaleListing.objects.select_for_update(of=("self",))
+                .filter(reservation_id=reservation_id, status=ListingStatus.OPEN)
+                .filter(starts_at__lte=now)
+                .select_related(*_SHOWN_WITH)
+                .order_by("pk")
+            )
+            if not listings:
+                continue
+            at = timezone.now()
+            ResaleListing.objects.filter(pk__in=[listing.pk for listing in listings]).update(
+                status=ListingStatus.EXPIRED, expired_at=at, updated_at=at
+            )
+            for listing in listings:
+                listing.status, listing.expired_at, listing.updated_at = (
+                    ListingStatus.EXPIRED,
+                    at,
+                    at,
+                )
+            listing_events_record(events=[(EventType.LISTING_EXPIRED, one) for one in listings])
+            expired += len(listings)
+    return expired
 
 
 # What a listing's event shows besides the row (ListingOutput), loaded with it.

@@ -5,10 +5,11 @@ GET /api/v1/events for the seller only."""
 
 import threading
 import time
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 
 from config.errors import Conflict, NotAvailable, PaymentRequired
 from marketplace.models import Event, ListingStatus, ResaleListing, Reservation, WebhookDelivery
@@ -268,3 +269,71 @@ def test_listings_of_a_term_that_failed_are_withdrawn_by_the_sweep_with_their_ev
     assert (lost.status, kept.status) == (ListingStatus.WITHDRAWN, ListingStatus.OPEN)
     withdrawn = [e for e in listing_events(m.seller) if e.type == "listing.withdrawn"]
     assert [(e.object_id, e.data["status"]) for e in withdrawn] == [(lost.public_id, "withdrawn")]
+
+
+def test_a_listing_whose_window_begins_unsold_expires_once_with_its_event():
+    from marketplace.services.resale import listings_expire_begun
+
+    m = market()
+    seller = key_client(m.seller)
+    begun, later, sold = listing(m, gpus=2), listing(m, gpus=2, start_h=48), listing(m, gpus=4)
+    buy(m, sold, gpus=4, start_h=24, hours=24)
+    window_begins = begun.starts_at + timedelta(seconds=1)
+
+    assert listings_expire_begun(now=begun.starts_at - timedelta(seconds=1)) == 0  # not yet
+    assert listings_expire_begun(now=window_begins) == 1
+    assert listings_expire_begun(now=window_begins) == 0  # once
+
+    statuses = dict(ResaleListing.objects.values_list("pk", "status"))
+    assert (statuses[begun.pk], statuses[later.pk], statuses[sold.pk]) == (
+        "expired", "open", "sold",
+    )  # fmt: skip
+    (event,) = [e for e in listing_events(m.seller) if e.type == "listing.expired"]
+    assert event.object_id == begun.public_id
+    assert event.data == shown(seller, begun)
+    assert event.data["status"] == "expired" and event.data["expired_at"]
+    assert event.data["for_sale"] is False
+    filtered = seller.get("/api/v1/resale/listings", {"status": "expired"}).json()["results"]
+    assert [row["id"] for row in filtered] == [begun.public_id]
+
+    # Off sale for good: a withdrawal leaves it as it is, with no event; a buyer is refused.
+    assert seller.post(f"/api/v1/resale/listings/{begun.public_id}/withdraw").json()["status"] == (
+        "expired"
+    )
+    with pytest.raises(NotAvailable) as refused:
+        buy(m, ResaleListing.objects.get(pk=begun.pk), gpus=2)
+    assert refused.value.code == "listing_not_available"
+    assert [e.type for e in listing_events(m.seller)].count("listing.expired") == 1
+    assert not [e for e in listing_events(m.seller) if e.type == "listing.withdrawn"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_expiry_sweep_waits_for_a_sale_holding_the_term_and_leaves_it_sold():
+    """A buyer's booking holds the seller's term and the listing (as a sale locks them) when
+    the window begins: the sweep waits for it, then finds the listing sold, not open."""
+    from marketplace.services.resale import listings_expire_begun
+
+    m = market()
+    lst = listing(m, gpus=4)
+    holding, done = threading.Event(), threading.Event()
+
+    def sale() -> None:
+        try:
+            with transaction.atomic():
+                Reservation.objects.select_for_update().get(pk=m.term.pk)
+                holding.set()
+                time.sleep(0.5)  # the sweep starts meanwhile and waits for the term's lock
+                buy(m, ResaleListing.objects.get(pk=lst.pk), gpus=4)
+        finally:
+            connection.close()
+            done.set()
+
+    worker = threading.Thread(target=sale)
+    worker.start()
+    assert holding.wait(10)
+    expired = listings_expire_begun(now=lst.starts_at + timedelta(seconds=1))
+    worker.join(20)
+
+    assert done.is_set() and expired == 0
+    assert ResaleListing.objects.get(pk=lst.pk).status == ListingStatus.SOLD
+    assert not [e for e in listing_events(m.seller) if e.type == "listing.expired"]
