@@ -169,6 +169,8 @@ def _period(start: str | None, hours: float | None, end: str | None) -> tuple[st
     return starts.isoformat(), (starts + timedelta(hours=hours or 1)).isoformat()
 
 
+TERMS = ["1w", "1m", "3m", "1y"]
+
 _search_options = [
     click.option("--gpu-model", help="e.g. h100-sxm-80gb"),
     click.option("--count", "gpu_count", type=int, default=1, show_default=True),
@@ -178,6 +180,11 @@ _search_options = [
     click.option("--region"),
     click.option("--site"),
     click.option("--tier", type=click.Choice(["on_demand", "reserved", "interruptible"])),
+    click.option(
+        "--term",
+        type=click.Choice(TERMS),
+        help="The reserved tier's commitment (with --tier reserved).",
+    ),
     click.option(
         "--min-reliability",
         help="0-1: only nodes at least this reliable over 30 days (kept when booking).",
@@ -195,14 +202,14 @@ def search_options(f):
 @search_options
 @click.option("--max-price", help="Per GPU-hour.")
 @click.pass_obj
-def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, tier,
+def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, tier, term,
                 min_reliability, max_price):  # fmt: skip
     """Priced offers that can be reserved now, cheapest first."""
     starts, ends = _period(start, hours, end)
     offers = list(
         state.client.availability.search(
             gpu_model=gpu_model, gpu_count=gpu_count, start=starts, end=ends, region=region,
-            site=site, tier=tier, max_price=max_price, min_reliability=min_reliability,
+            site=site, tier=tier, term=term, max_price=max_price, min_reliability=min_reliability,
         )
     )  # fmt: skip
     _out(state, offers, ["site.id", "site.region", "gpu_model", "gpu_count", "price_per_gpu_hour",
@@ -212,15 +219,26 @@ def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, ti
 @main.command()
 @search_options
 @click.pass_obj
-def quote(state, gpu_model, gpu_count, start, hours, end, region, site, tier, min_reliability):
+def quote(state, gpu_model, gpu_count, start, hours, end, region, site, tier, term,
+          min_reliability):  # fmt: skip
     """Price the best offer and hold it for a few minutes."""
     starts, ends = _period(start, hours, end)
     body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts, "ends_at": ends,
-            "region": region, "site": site, "tier": tier,
+            "region": region, "site": site, "tier": tier, "term": term,
             "min_reliability": min_reliability}  # fmt: skip
     result = state.client.quotes.create(**{k: v for k, v in body.items() if v is not None})
     _out(state, result, ["id", "site", "gpu_model", "gpu_count", "total", "currency",
                          "expires_at"], "Quote")  # fmt: skip
+
+
+def _first(rows, limit: int) -> list:
+    """The first `limit` of an iterator over cursor pages (fetching no page more)."""
+    taken = []
+    for row in rows:
+        taken.append(row)
+        if len(taken) >= limit:
+            break
+    return taken
 
 
 RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts_at", "ends_at",
@@ -229,21 +247,28 @@ RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts
 
 @main.command()
 @click.option("--quote", "quote_id", help="quo_…: reserve at the quoted price.")
+@click.option("--listing", "listing_id", help="lst_…: book resold time (--count and the period).")
 @search_options
 @click.option("--ssh-key-id", "ssh_key_ids", multiple=True, help="ssh_…, repeatable.")
 @click.option("--image")
 @click.pass_obj
-def reserve(state, quote_id, gpu_model, gpu_count, start, hours, end, region, site, tier,
-            min_reliability, ssh_key_ids, image):  # fmt: skip
-    """Reserve GPUs, from a quote or directly."""
+def reserve(state, quote_id, listing_id, gpu_model, gpu_count, start, hours, end, region, site,
+            tier, term, min_reliability, ssh_key_ids, image):  # fmt: skip
+    """Reserve GPUs: from a quote, from a resale listing, or directly."""
     if quote_id:
         body = {"quote": quote_id}
+    elif listing_id:
+        if not start:
+            raise click.UsageError("Give --start (and --hours or --end) inside the listing.")
+        starts, ends = _period(start, hours, end)
+        body = {"listing": listing_id, "gpu_count": gpu_count, "starts_at": starts,
+                "ends_at": ends, "tier": tier}  # fmt: skip
     else:
         if not gpu_model:
-            raise click.UsageError("Give --quote, or --gpu-model and the period.")
+            raise click.UsageError("Give --quote, --listing, or --gpu-model and the period.")
         starts, ends = _period(start, hours, end)
         body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts,
-                "ends_at": ends, "region": region, "site": site, "tier": tier,
+                "ends_at": ends, "region": region, "site": site, "tier": tier, "term": term,
                 "min_reliability": min_reliability}  # fmt: skip
     if ssh_key_ids:
         body["ssh_key_ids"] = list(ssh_key_ids)
@@ -259,11 +284,7 @@ def reserve(state, quote_id, gpu_model, gpu_count, start, hours, end, region, si
 @click.pass_obj
 def list_(state, status, limit):
     """Your reservations, newest first."""
-    rows = []
-    for reservation in state.client.reservations.list(status=list(status) or None):
-        rows.append(reservation)
-        if len(rows) >= limit:
-            break
+    rows = _first(state.client.reservations.list(status=list(status) or None), limit)
     _out(state, rows, RESERVATION_COLUMNS, "Reservations")
 
 
@@ -423,11 +444,7 @@ def webhooks_delete(state, endpoint_id):
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.pass_obj
 def webhooks_deliveries(state, endpoint_id, status, limit):
-    rows = []
-    for delivery in state.client.webhook_endpoints.deliveries(endpoint_id, status=status):
-        rows.append(delivery)
-        if len(rows) >= limit:
-            break
+    rows = _first(state.client.webhook_endpoints.deliveries(endpoint_id, status=status), limit)
     _out(state, rows, ["id", "event_type", "event", "status", "attempt_count", "next_attempt_at"],
          "Deliveries")  # fmt: skip
 
@@ -437,6 +454,64 @@ def webhooks_deliveries(state, endpoint_id, status, limit):
 @click.pass_obj
 def webhooks_resend(state, delivery_id):
     _out(state, state.client.webhook_deliveries.resend(delivery_id), ["id", "status"])
+
+
+@main.group()
+def resale():
+    """Sell reserved time you will not use, and see what sold (buy with `reserve --listing`)."""
+
+
+LISTING_COLUMNS = ["id", "status", "for_sale", "reservation", "node", "gpu_count", "tier",
+                   "starts_at", "ends_at", "price_per_gpu_hour", "currency"]  # fmt: skip
+
+
+@resale.command("list")
+@click.option("--status", multiple=True,
+              type=click.Choice(["open", "sold", "withdrawn", "expired"]))  # fmt: skip
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.pass_obj
+def resale_list(state, status, limit):
+    """Your listings, newest first."""
+    rows = _first(state.client.resale.listings(status=list(status) or None), limit)
+    _out(state, rows, LISTING_COLUMNS, "Listings")
+
+
+@resale.command("sell")
+@click.argument("reservation_id")
+@click.option("--count", "gpu_count", type=int, required=True, help="Whole GPUs to list.")
+@click.option("--start", required=True, help="ISO time inside the term, not yet begun.")
+@click.option("--hours", type=float, help="Length (default 1) unless --end.")
+@click.option("--end", help="ISO time inside the term.")
+@click.option("--price", required=True, help="Asking price per GPU-hour (not below the floor).")
+@click.option("--tier", type=click.Choice(["on_demand", "interruptible"]), default="on_demand",
+              show_default=True, help="How buyers get it.")  # fmt: skip
+@click.option("--node", help="The term's node to list from (hostname); default: the best fit.")
+@click.pass_obj
+def resale_sell(state, reservation_id, gpu_count, start, hours, end, price, tier, node):
+    """List part of a reserved term for sale."""
+    starts, ends = _period(start, hours, end)
+    body = {"reservation": reservation_id, "gpu_count": gpu_count, "starts_at": starts,
+            "ends_at": ends, "price_per_gpu_hour": price, "tier": tier, "node": node}  # fmt: skip
+    listing = state.client.resale.create_listing(**{k: v for k, v in body.items() if v is not None})
+    _out(state, listing, LISTING_COLUMNS, "Listing")
+
+
+@resale.command("withdraw")
+@click.argument("listing_id")
+@click.pass_obj
+def resale_withdraw(state, listing_id):
+    """Take a listing off sale (until it has sold)."""
+    _out(state, state.client.resale.withdraw_listing(listing_id), LISTING_COLUMNS, "Listing")
+
+
+@resale.command("sales")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.pass_obj
+def resale_sales(state, limit):
+    """What sold, newest first, with proceeds and fees so far."""
+    rows = _first(state.client.resale.sales(), limit)
+    _out(state, rows, ["id", "reservation", "gpu_count", "starts_at", "ends_at", "sale.total",
+                       "sale.proceeds", "sale.fees", "sale.net", "currency"], "Sales")  # fmt: skip
 
 
 @main.group()

@@ -172,3 +172,51 @@ def test_usage_export_writes_the_csv(world, cli, tmp_path):
     assert header[:6] == ["day", "reservation", "gpu_model", "site", "gpu_seconds", "amount"]
     ledger = cli("usage", "export", "--ledger")
     assert ledger.output.startswith("id,created_at,kind,amount")
+
+
+def test_reserve_a_term_sell_part_of_it_and_another_organisation_buys_it(world, cli, monkeypatch):
+    from marketplace.models import ApiKeyScope
+    from marketplace.services.api_keys import api_key_create
+    from tests.factories import OrganizationFactory
+
+    start = _start(48)
+    term = cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 8, "--start",
+               start, "--hours", 7 * 24, "--tier", "reserved", "--term", "1w")  # fmt: skip
+    assert term.exit_code == 0, term.output
+    term = json.loads(term.output)
+    window = (datetime.fromisoformat(start) + timedelta(hours=24)).isoformat()
+
+    sold = json.loads(cli("--json", "resale", "sell", term["id"], "--count", 4, "--start", window,
+                          "--hours", 24, "--price", "1.5000").output)  # fmt: skip
+    kept = json.loads(cli("--json", "resale", "sell", term["id"], "--count", 4, "--start", window,
+                          "--hours", 24, "--price", "1.7500").output)  # fmt: skip
+    assert (sold["status"], sold["for_sale"], sold["reservation"]) == ("open", True, term["id"])
+    too_cheap = cli(
+        "resale", "sell", term["id"], "--count", 1, "--start", window, "--price", "0.0001"
+    )
+    assert too_cheap.exit_code == 2, too_cheap.output  # below the floor: refused, nothing listed
+
+    _, buyer_key = api_key_create(organization=OrganizationFactory(), name="buyer",
+                                  scopes=[ApiKeyScope.READ, ApiKeyScope.WRITE], created_by=None)  # fmt: skip
+    monkeypatch.setenv("SWITCHYARD_API_KEY", buyer_key)
+    bought = cli("--json", "reserve", "--listing", sold["id"], "--count", 4, "--start", window,
+                 "--hours", 24)  # fmt: skip
+    assert bought.exit_code == 0, bought.output
+    assert json.loads(bought.output)["total"] == "144.00"  # 4 GPUs × 24 h × 1.50
+    again = cli("reserve", "--listing", sold["id"], "--count", 4, "--start", window, "--hours", 24)
+    assert again.exit_code == 5  # sold: a conflict
+    monkeypatch.delenv("SWITCHYARD_API_KEY")
+
+    withdrawn = json.loads(cli("--json", "resale", "withdraw", kept["id"]).output)
+    assert withdrawn["status"] == "withdrawn"
+    listed = json.loads(cli("--json", "resale", "list").output)
+    assert {(row["id"], row["status"]) for row in listed} == {
+        (sold["id"], "sold"), (kept["id"], "withdrawn"),
+    }  # fmt: skip
+    assert [
+        r["id"] for r in json.loads(cli("--json", "resale", "list", "--status", "sold").output)
+    ] == [sold["id"]]
+    (sale,) = json.loads(cli("--json", "resale", "sales").output)
+    assert (sale["id"], sale["sale"]["total"]) == (sold["id"], "144.00")
+    table = cli("resale", "sales")
+    assert table.exit_code == 0 and sold["id"] in table.output and "144.00" in table.output
