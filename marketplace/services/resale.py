@@ -327,22 +327,9 @@ def listings_withdraw_for_reservation(*, reservation: Reservation) -> int:
     meanwhile. The listings are locked too (by id), as the seller's own withdrawal locks
     one: a listing that was withdrawn meanwhile is no longer open here, so it gets no second
     event."""
-    listings = list(
-        ResaleListing.objects.select_for_update(of=("self",))
-        .filter(reservation=reservation, status=ListingStatus.OPEN)
-        .select_related(*_SHOWN_WITH)
-        .order_by("pk")
+    return _open_listings_close(
+        reservation_id=reservation.pk, status=ListingStatus.WITHDRAWN, stamp="withdrawn_at"
     )
-    if not listings:
-        return 0
-    now = timezone.now()
-    ResaleListing.objects.filter(pk__in=[listing.pk for listing in listings]).update(
-        status=ListingStatus.WITHDRAWN, withdrawn_at=now, updated_at=now
-    )
-    for listing in listings:
-        listing.status, listing.withdrawn_at, listing.updated_at = ListingStatus.WITHDRAWN, now, now
-    listing_events_record(events=[(EventType.LISTING_WITHDRAWN, one) for one in listings])
-    return len(listings)
 
 
 def listings_withdraw_for_ended_terms(*, limit: int = 500) -> int:
@@ -350,62 +337,78 @@ def listings_withdraw_for_ended_terms(*, limit: int = 500) -> int:
     preempted or completed (a cancel withdraws its own at once). None of them can be sold,
     so the seller sees them withdrawn rather than open. Beat runs it every minute; returns
     how many listings were withdrawn (at most `limit` terms a run)."""
-    ended = list(
-        ResaleListing.objects.filter(status=ListingStatus.OPEN)
-        .exclude(reservation__status__in=LIVE_STATUSES)
-        .values_list("reservation_id", flat=True)
-        .distinct()
-        .order_by("reservation_id")[:limit]
+    ended = ResaleListing.objects.filter(status=ListingStatus.OPEN).exclude(
+        reservation__status__in=LIVE_STATUSES
     )
-    withdrawn = 0
-    for reservation_id in ended:
-        with transaction.atomic():
-            # The same lock as a cancel's: a term is never both withdrawing and selling.
-            locked = Reservation.objects.select_for_update().get(pk=reservation_id)
-            if locked.status not in LIVE_STATUSES:
-                withdrawn += listings_withdraw_for_reservation(reservation=locked)
-    return withdrawn
+
+    def withdraw(locked: Reservation) -> int:
+        if locked.status in LIVE_STATUSES:
+            return 0
+        return listings_withdraw_for_reservation(reservation=locked)
+
+    return _for_each_term_locked(ended, withdraw, limit=limit)
 
 
 def listings_expire_begun(*, now: datetime | None = None, limit: int = 500) -> int:
     """Mark `expired`, each with its listing.expired event, the open listings whose window
     has begun unsold: none can be sold any more (a sale refuses a begun window) and the
     seller keeps the time. Beat runs it every minute; returns how many expired (at most
-    `limit` terms a run). Each term is locked first, then its listings, as a sale locks them,
-    so a sale that got its locks before the window began is either done (sold) or not."""
+    `limit` terms a run)."""
     now = now or timezone.now()
-    begun = list(
-        ResaleListing.objects.filter(status=ListingStatus.OPEN, starts_at__lte=now)
-        .values_list("reservation_id", flat=True)
+    begun = ResaleListing.objects.filter(status=ListingStatus.OPEN, starts_at__lte=now)
+
+    def expire(locked: Reservation) -> int:
+        return _open_listings_close(
+            reservation_id=locked.pk,
+            status=ListingStatus.EXPIRED,
+            stamp="expired_at",
+            starts_at__lte=now,
+        )
+
+    return _for_each_term_locked(begun, expire, limit=limit)
+
+
+def _for_each_term_locked(listings, change, *, limit: int) -> int:
+    """change(term) for the terms of `listings` (at most `limit`), each in its own
+    transaction under the term's row lock, which a sale and a cancel take first too: a
+    listing is never both changing here and selling. Returns the sum of what change returns;
+    it must check again what it reads, under the lock."""
+    term_ids = list(
+        listings.values_list("reservation_id", flat=True)
         .distinct()
         .order_by("reservation_id")[:limit]
     )
-    expired = 0
-    for reservation_id in begun:
+    changed = 0
+    for term_id in term_ids:
         with transaction.atomic():
-            Reservation.objects.select_for_update().get(pk=reservation_id)
-            listings = list(
-                ResaleListing.objects.select_for_update(of=("self",))
-                .filter(reservation_id=reservation_id, status=ListingStatus.OPEN)
-                .filter(starts_at__lte=now)
-                .select_related(*_SHOWN_WITH)
-                .order_by("pk")
-            )
-            if not listings:
-                continue
-            at = timezone.now()
-            ResaleListing.objects.filter(pk__in=[listing.pk for listing in listings]).update(
-                status=ListingStatus.EXPIRED, expired_at=at, updated_at=at
-            )
-            for listing in listings:
-                listing.status, listing.expired_at, listing.updated_at = (
-                    ListingStatus.EXPIRED,
-                    at,
-                    at,
-                )
-            listing_events_record(events=[(EventType.LISTING_EXPIRED, one) for one in listings])
-            expired += len(listings)
-    return expired
+            changed += change(Reservation.objects.select_for_update().get(pk=term_id))
+    return changed
+
+
+def _open_listings_close(*, reservation_id: int, status: str, stamp: str, **also) -> int:
+    """Give the term's open listings (those also matching `also`) `status` and the time in
+    `stamp`, locked by id, each with its listing event; the caller holds the term's lock."""
+    listings = list(
+        ResaleListing.objects.select_for_update(of=("self",))
+        .filter(reservation_id=reservation_id, status=ListingStatus.OPEN, **also)
+        .select_related(*_SHOWN_WITH)
+        .order_by("pk")
+    )
+    if not listings:
+        return 0
+    now = timezone.now()
+    ResaleListing.objects.filter(pk__in=[listing.pk for listing in listings]).update(
+        status=status, updated_at=now, **{stamp: now}
+    )
+    for listing in listings:
+        listing.status, listing.updated_at = status, now
+        setattr(listing, stamp, now)
+    event = {
+        ListingStatus.WITHDRAWN: EventType.LISTING_WITHDRAWN,
+        ListingStatus.EXPIRED: EventType.LISTING_EXPIRED,
+    }[status]
+    listing_events_record(events=[(event, listing) for listing in listings])
+    return len(listings)
 
 
 # What a listing's event shows besides the row (ListingOutput), loaded with it.
