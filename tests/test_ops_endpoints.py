@@ -294,6 +294,17 @@ def test_business_metrics_report_reservations_gpus_funding_and_the_outbox(
     assert _samples(text, "switchyard_webhook_deliveries_oldest_pending_age_seconds") == {"": 0.0}
 
 
+def test_business_metrics_report_the_heartbeat_interval_the_fleet_is_told(production):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    production.AGENT_HEARTBEAT_SECONDS = 2
+    production.AGENT_HEARTBEATS_PER_SECOND = 1
+    market_create(nodes=5, gpus=1)  # 5 nodes at one heartbeat a second: every 5 s
+
+    text = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
+
+    assert _samples(text, "switchyard_agent_heartbeat_interval_seconds") == {"": 5.0}
+
+
 def test_business_metrics_report_the_length_of_each_celery_queue(production):
     production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
     queue = f"metrics-test-{uuid.uuid4().hex[:8]}"

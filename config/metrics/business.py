@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from config.health import readiness
 from config.queues import QUEUES
+from inventory.selectors import agent_heartbeat_seconds
 
 __all__ = ["business_registry"]
 
@@ -169,6 +170,13 @@ class BusinessCollector(Collector):
                     for *label_values, value in cursor.fetchall():
                         family.add_metric([str(v) for v in label_values], float(value))
                     yield family
+            yield GaugeMetricFamily(
+                "switchyard_agent_heartbeat_interval_seconds",
+                "The interval every site agent is told to heartbeat at: AGENT_HEARTBEAT_SECONDS, "
+                "longer for a fleet past AGENT_HEARTBEATS_PER_SECOND (at most a third of "
+                "NODE_OFFLINE_AFTER_SECONDS).",
+                value=agent_heartbeat_seconds(),
+            )
         except DatabaseError:
             logger.exception("metrics: the business figures could not be read")
             up = 0
