@@ -885,27 +885,7 @@ def reservation_resale_resync(
         if Allocation.objects.filter(
             reservation=locked, is_live=True, period__endswith__gt=now
         ).exists():
-            placement_generation_raise(locked)
-            # Not a status move: it stays active (paid for) with nothing running until then.
-            locked.connection = {}
-            locked.save(update_fields=["connection", "updated_at"])
-            ReservationTransition.objects.create(
-                reservation=locked,
-                from_status=locked.status,
-                to_status=locked.status,
-                cause=f"{RESOLD_PAUSE_CAUSE}: the workload is stopped until it holds GPUs again",
-                actor_label=ACTOR,
-            )
-            nothing = Target(
-                reservation_id=locked.pk,
-                public_id=locked.public_id,
-                workload=locked.workload or {},
-                nodes=(),
-                tier=locked.tier,
-                generation=locked.placement_generation,
-            )
-            stopper = driver or driver_get()
-            transaction.on_commit(lambda: _stop_quietly(stopper, nothing))
+            _resold_pause(locked, driver or driver_get())
             return "paused"
         reservation_transition(
             reservation=locked,
@@ -915,6 +895,31 @@ def reservation_resale_resync(
         )
         release_kick(locked.pk)
         return "released"
+
+
+def _resold_pause(locked: Reservation, driver: Driver) -> None:
+    """A locked active term that holds no GPUs now but will again: a new placement
+    generation, no connection, a history row, and its containers stopped once this commits.
+    Not a status move: it stays active (paid for) with nothing running until then."""
+    placement_generation_raise(locked)
+    locked.connection = {}
+    locked.save(update_fields=["connection", "updated_at"])
+    ReservationTransition.objects.create(
+        reservation=locked,
+        from_status=locked.status,
+        to_status=locked.status,
+        cause=f"{RESOLD_PAUSE_CAUSE}: the workload is stopped until it holds GPUs again",
+        actor_label=ACTOR,
+    )
+    nothing = Target(
+        reservation_id=locked.pk,
+        public_id=locked.public_id,
+        workload=locked.workload or {},
+        nodes=(),
+        tier=locked.tier,
+        generation=locked.placement_generation,
+    )
+    transaction.on_commit(lambda: _stop_quietly(driver, nothing))
 
 
 # --- release --------------------------------------------------------------------------------
