@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet
+from django.db.models import Model, QuerySet, URLField
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -71,6 +71,9 @@ class ReadOnlyInline(admin.TabularInline):
 
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Records written by services, tasks and agents: staff look, never edit."""
+
+    # The (read-only) form's URL fields as the portal's: a URL without a scheme is https.
+    formfield_overrides = {URLField: {"assume_scheme": "https"}}
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -537,6 +537,6 @@ def usage_export(state, since, until, ledger, output):
                 f.write(chunk)
         err_console.print(f"Wrote {output}")
     else:
-        out = click.get_binary_stream("stdout")
+        out = sys.stdout.buffer
         for chunk in chunks:
             out.write(chunk)
