@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 NODE_STATUSES = list(NodeStatus.values)
 # The fleet's size changes by the node, not by the second: counted once a minute a process.
 FLEET_COUNT_SECONDS = 60
+# The longest interval agents take from an answer (agent/switchyard_agent.py clamps to it).
+AGENT_HEARTBEAT_LONGEST_SECONDS = 300
 _heartbeat_interval: tuple[float, int] | None = None  # (monotonic expiry, seconds)
 
 
@@ -24,8 +26,9 @@ def agent_heartbeat_seconds() -> int:
     it: AGENT_HEARTBEAT_SECONDS, lengthened so that the fleet's heartbeats stay within
     AGENT_HEARTBEATS_PER_SECOND (what the web tier is sized for, docs/scaling.md) as nodes
     are added, but never past a third of NODE_OFFLINE_AFTER (a node must miss several
-    heartbeats before it is marked offline; past that, the fleet outgrows the setting and a
-    warning says so). Nodes not retired are counted, once a minute a process."""
+    heartbeats before it is marked offline) nor 300 s (what agents take); past that, the
+    fleet outgrows the setting and a warning says so. Nodes not retired are counted, once a
+    minute a process."""
     global _heartbeat_interval
     now = time.monotonic()
     if _heartbeat_interval is not None and now < _heartbeat_interval[0]:
@@ -34,7 +37,9 @@ def agent_heartbeat_seconds() -> int:
     budget = settings.AGENT_HEARTBEATS_PER_SECOND
     if budget:
         nodes = Node.objects.exclude(status=NodeStatus.RETIRED).count()
-        longest = int(settings.NODE_OFFLINE_AFTER.total_seconds() // 3)
+        longest = min(
+            int(settings.NODE_OFFLINE_AFTER.total_seconds() // 3), AGENT_HEARTBEAT_LONGEST_SECONDS
+        )
         wanted = max(seconds, math.ceil(nodes / budget))
         if wanted > longest:
             logger.warning(

@@ -64,6 +64,14 @@ def test_the_interval_stops_at_a_third_of_the_offline_time_and_says_so(fleet, se
     assert "NODE_OFFLINE_AFTER_SECONDS" in caplog.text
 
 
+def test_the_interval_stops_at_what_agents_take(fleet, settings):
+    settings.AGENT_HEARTBEATS_PER_SECOND = 1
+    settings.NODE_OFFLINE_AFTER = timedelta(hours=1)  # a third: 1,200 s
+    fleet(400)
+
+    assert agent_heartbeat_seconds() == 300  # agents clamp an answer to 1-300 s
+
+
 def test_no_budget_leaves_the_operators_interval(fleet, settings):
     settings.AGENT_HEARTBEATS_PER_SECOND = 0
     fleet(40)
