@@ -33,18 +33,8 @@ from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_approve_postpaid
 from billing.services.credits import credit_issue
 from billing.services.refunds import refund_create
+from config.admin_base import ReadOnlyAdmin
 from config.errors import ApplicationError
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class MoneyForm(forms.Form):

@@ -10,12 +10,13 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet, URLField
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from config.admin_base import ReadOnlyAdmin, ReadOnlyInline
 from config.errors import ApplicationError
 from inventory.admin import NodeAdmin
 from marketplace.models import (
@@ -55,34 +56,6 @@ from marketplace.services.curtailment import (
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
-
-
-class ReadOnlyInline(admin.TabularInline):
-    extra = 0
-    can_delete = False
-    show_change_link = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Records written by services, tasks and agents: staff look, never edit."""
-
-    # The (read-only) form's URL fields as the portal's: a URL without a scheme is https.
-    formfield_overrides = {URLField: {"assume_scheme": "https"}}
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 def _admin_link(obj: Model | None, label: str | None = None) -> str:
