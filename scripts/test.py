@@ -99,10 +99,16 @@ def suite_environment(*, database_url: str, redis_url: str) -> dict[str, str]:
     }
 
 
+# Arguments that want one process: a debugger, or the tests' output on the terminal.
+ONE_PROCESS_ARGS = ("--pdb", "--trace", "-s", "--capture=no")
+
+
 def pytest_command(pytest_args: list[str]) -> list[str]:
-    """The arguments given, in two workers unless they choose (-n, --numprocesses, -p no:xdist)."""
+    """The arguments given, in two workers unless they choose (-n, --numprocesses, -p no:xdist)
+    or need one process (ONE_PROCESS_ARGS)."""
     chosen = any(
-        arg in ("-n", "--numprocesses", "no:xdist") or arg.startswith(("-n", "--numprocesses="))
+        arg in ("-n", "--numprocesses", "no:xdist", *ONE_PROCESS_ARGS)
+        or arg.startswith(("-n", "--numprocesses="))
         for arg in pytest_args
     )
     return pytest_args if chosen else [*PARALLEL_ARGS, *pytest_args]

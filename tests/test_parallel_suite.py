@@ -48,6 +48,8 @@ def test_a_worker_past_database_zero_is_refused():
         (["-n4"], ["-n4"]),
         (["--numprocesses=auto"], ["--numprocesses=auto"]),
         (["-p", "no:xdist"], ["-p", "no:xdist"]),
+        (["tests/billing", "--pdb"], ["tests/billing", "--pdb"]),  # a debugger: one process
+        (["-s", "tests/billing"], ["-s", "tests/billing"]),
     ],
 )
 def test_the_suite_runs_in_two_workers_unless_the_arguments_choose(given, expected):
