@@ -72,7 +72,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     # Who acts and from where, for the audit log (marketplace.audit).
     "marketplace.audit.AuditContextMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    # Django's, building the message storage only for a request that uses it (config/messages.py).
+    "config.messages.LazyMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # After a write, the client's reads stay on the primary for a while (config/replica.py).
     "config.replica.ReplicaPinMiddleware",
