@@ -83,6 +83,10 @@ class State:
             self._client = Client(api_key=key, base_url=self.base_url)
         return self._client
 
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
 
 def _out(state: State, data, columns: list[str], title: str | None = None) -> None:
     """Print objects as a table (one object: a field and value per row), or JSON with --json."""
@@ -135,6 +139,7 @@ class Group(click.Group):
 def main(ctx, as_json: bool, base_url: str | None):
     """Switchyard: GPU capacity at former bitcoin-mining sites."""
     ctx.obj = State(as_json, base_url)
+    ctx.call_on_close(ctx.obj.close)  # the client's connections, when the command is done
 
 
 @main.command()
@@ -148,7 +153,8 @@ def login(state: State, login_base_url: str | None, api_key_stdin: bool):
     else:
         key = click.prompt("API key", hide_input=True).strip()
     base_url = login_base_url or state.base_url
-    organization = Client(api_key=key, base_url=base_url, max_retries=1).organization.retrieve()
+    with Client(api_key=key, base_url=base_url, max_retries=1) as client:
+        organization = client.organization.retrieve()
     path = _save_config({"api_key": key, "base_url": base_url})
     name = organization.get("name") or organization.get("organization", {}).get("name", "")
     if state.as_json:

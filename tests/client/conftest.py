@@ -36,4 +36,9 @@ def world(transactional_db, allow_all_funding, live_server, settings):  # noqa: 
     w = World()
     w.url, w.org, w.owner, w.key, w.secret = live_server.url, org, owner, key, secret
     w.site, w.gpu_model = site, gpu_model
-    return w
+    # SDK clients the test made: closed before the database goes, or their keep-alive
+    # connections keep the live server's threads (and their database sessions) open.
+    w.clients = []
+    yield w
+    for client in w.clients:
+        client.close()

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _client(w, **kwargs) -> Client:
-    return Client(api_key=w.secret, base_url=w.url, backoff=0.05, **kwargs)
+    client = Client(api_key=w.secret, base_url=w.url, backoff=0.05, **kwargs)
+    w.clients.append(client)
+    return client
 
 
 def _period(hours_ahead=24, length=3):
@@ -99,8 +101,9 @@ def test_errors_are_raised_by_their_type(world):
     sy.reservations.cancel(reservation.id)
     with pytest.raises(ConflictError):
         sy.reservations.cancel(reservation.id)
-    with pytest.raises(AuthenticationError):
-        Client(api_key="sy_live_nope_x", base_url=world.url).organization.retrieve()
+    with Client(api_key="sy_live_nope_x", base_url=world.url) as stranger:
+        with pytest.raises(AuthenticationError):
+            stranger.organization.retrieve()
 
 
 def test_a_retried_post_is_done_once_thanks_to_its_idempotency_key(world):
