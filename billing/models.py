@@ -312,6 +312,23 @@ class Hold(models.Model):
         return self.amount_minor - self.charged_minor if self.status == HoldStatus.OPEN else 0
 
 
+class OpenHoldsDelta(models.Model):
+    """A change to what an organisation's open holds still commit (amount − charged).
+
+    Written by the database's triggers on every statement that changes holds (billing
+    migration 0009), never by Python: the sum of an organisation's rows is its open holds, so
+    the funding gate does not read every hold of an organisation that has booked far ahead.
+    Only inserted, so writers take no lock on a shared row; the metering run folds them into
+    one row per organisation (holds.open_holds_fold).
+    """
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    amount_minor = models.BigIntegerField()
+
+    def __str__(self) -> str:
+        return f"open holds of {self.organization_id}: {self.amount_minor:+}"
+
+
 class TopUpStatus(models.TextChoices):
     PENDING = "pending"
     SUCCEEDED = "succeeded"

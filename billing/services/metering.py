@@ -31,7 +31,7 @@ from billing.services.credits import (
     curtailment_forced_credits_due,
 )
 from billing.services.funding import funding_state_update
-from billing.services.holds import POSITIONS_SQL, holds_release_ended
+from billing.services.holds import POSITIONS_SQL, holds_release_ended, open_holds_fold
 from billing.services.usage import (
     reservations_meter,
     reserved_terms_to_charge,
@@ -62,6 +62,7 @@ def usage_meter_run(*, now: datetime | None = None) -> int:
     for reservation_id in curtailment_forced_credits_due(now=now):
         curtailment_forced_credit_issue(reservation_id=reservation_id)
     holds_release_ended()
+    open_holds_fold()
     funding_states_update(now=now)
     return written
 

@@ -1,0 +1,195 @@
+"""The open holds' sum kept by triggers (billing migration 0009) and the money position read
+from it: on generated holds and accruals, after every kind of change to holds, folded or not,
+the position is exactly the one computed from every hold, as the gate read it before."""
+
+import importlib
+import random
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections
+from django.utils import timezone
+
+from billing.models import Hold, HoldStatus, OpenHoldsDelta, UsageAccrual
+from billing.services.holds import MoneyPosition, money_position, open_holds_fold
+from billing.services.metering import usage_meter_run
+from tests.billing.conftest import make_reservation
+from tests.factories import GpuModelFactory, NodeFactory, OrganizationFactory
+
+pytestmark = pytest.mark.django_db
+
+migration = importlib.import_module("billing.migrations.0009_open_holds_delta")
+
+# The position from every hold and accrual, per reservation: exposure = max(accrued, held).
+REFERENCE_SQL = """
+WITH u AS (
+    SELECT reservation_id, accrued_minor - booked_minor AS unbooked
+    FROM billing_usageaccrual WHERE closed_at IS NULL AND organization_id = %(org)s
+), h AS (
+    SELECT reservation_id, sum(amount_minor - charged_minor) AS held
+    FROM billing_hold WHERE status = 'open' AND organization_id = %(org)s
+    GROUP BY reservation_id
+)
+SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
+        WHERE organization_id = %(org)s),
+       coalesce(sum(coalesce(u.unbooked, 0)), 0),
+       coalesce(sum(greatest(coalesce(h.held, 0) - greatest(coalesce(u.unbooked, 0), 0), 0)), 0)
+FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
+"""
+
+
+def reference(org_id: int) -> MoneyPosition:
+    with connection.cursor() as cur:
+        cur.execute(REFERENCE_SQL, {"org": org_id})
+        return MoneyPosition(*(int(v) for v in cur.fetchone()))
+
+
+def open_sum(org_id: int) -> int:
+    return sum(h.open_minor for h in Hold.objects.filter(organization_id=org_id))
+
+
+def delta_sum(org_id: int) -> int:
+    return sum(d.amount_minor for d in OpenHoldsDelta.objects.filter(organization_id=org_id))
+
+
+def generate(rng: random.Random, orgs: int = 6):
+    """Organisations with reservations, some running (an open accrual, unbooked usage above,
+    at or below what is held, or negative: a correction), some booked ahead, several holds
+    each in every status."""
+    now = timezone.now()
+    node = NodeFactory(gpus=8, gpu_model=GpuModelFactory())
+    made, slot = [], 0
+    for _ in range(orgs):
+        org = OrganizationFactory()
+        for _ in range(rng.randrange(3, 9)):
+            slot += 1  # one node, each reservation on it in its own 10 hours
+            r = make_reservation(
+                org, node=node, gpu_count=1, starts_at=now + timedelta(hours=10 * slot)
+            )
+            for k in range(rng.randrange(0, 5)):
+                amount = rng.randrange(1, 5000)
+                status = rng.choice([HoldStatus.OPEN, HoldStatus.OPEN, HoldStatus.CHARGED,
+                                     HoldStatus.RELEASED])  # fmt: skip
+                charged = amount if status == HoldStatus.CHARGED else rng.randrange(0, amount + 1)
+                Hold.objects.create(organization=org, reservation=r, amount_minor=amount,
+                                    charged_minor=charged, currency="usd", status=status,
+                                    idempotency_key=f"h:{r.pk}:{k}")  # fmt: skip
+            if rng.random() < 0.5:
+                booked = rng.randrange(0, 3000)
+                UsageAccrual.objects.create(
+                    reservation=r, organization=org, currency="usd",
+                    price_per_gpu_hour=r.price_per_gpu_hour, accrued_until=now,
+                    booked_until=now, booked_minor=booked,
+                    accrued_minor=booked + rng.choice([0, rng.randrange(-400, 6000)]),
+                    closed_at=now if rng.random() < 0.2 else None,
+                )  # fmt: skip
+        made.append(org)
+    return made
+
+
+def assert_exact(orgs) -> None:
+    for org in orgs:
+        assert delta_sum(org.pk) == open_sum(org.pk)
+        assert money_position(organization_id=org.pk) == reference(org.pk)
+
+
+def test_the_position_equals_the_one_from_every_hold_through_every_kind_of_change():
+    rng = random.Random(9)
+    orgs = generate(rng)
+    assert_exact(orgs)
+    holds = list(Hold.objects.all())
+    assert len(holds) > 40 and {h.status for h in holds} == set(HoldStatus.values)
+
+    # Charged a little, in one statement across organisations.
+    some = [h.pk for h in holds if h.status == HoldStatus.OPEN][::2]
+    with connection.cursor() as cur:
+        cur.execute("UPDATE billing_hold SET charged_minor = least(amount_minor, charged_minor "
+                    "+ 7) WHERE id = ANY(%s)", [some])  # fmt: skip
+    assert_exact(orgs)
+    # Filled: charged; released; reopened; moved to another organisation; deleted.
+    Hold.objects.filter(pk__in=some[:5]).update(status=HoldStatus.CHARGED)
+    Hold.objects.filter(pk__in=some[5:10]).update(status=HoldStatus.RELEASED)
+    Hold.objects.filter(pk__in=some[:2]).update(status=HoldStatus.OPEN, charged_minor=0)
+    Hold.objects.filter(pk__in=some[10:12]).update(organization=orgs[0])
+    Hold.objects.filter(pk__in=some[12:16]).delete()
+    assert_exact(orgs)
+    # Accruals move (the meter), without touching holds.
+    UsageAccrual.objects.filter(closed_at__isnull=True).update(accrued_minor=rng.randrange(0, 900))
+    assert_exact(orgs)
+
+    rows_before = OpenHoldsDelta.objects.count()
+    assert open_holds_fold() <= len(orgs) < rows_before
+    assert_exact(orgs)
+    assert open_holds_fold() == OpenHoldsDelta.objects.count()  # again: nothing changes
+    assert_exact(orgs)
+
+
+def test_a_statement_leaving_the_open_sum_as_it_was_writes_no_delta():
+    (org,) = generate(random.Random(3), orgs=1)
+    rows = OpenHoldsDelta.objects.count()
+    Hold.objects.all().update(description="renamed")
+    Hold.objects.filter(status=HoldStatus.RELEASED).update(charged_minor=0)
+    assert OpenHoldsDelta.objects.count() == rows
+    assert_exact([org])
+
+
+def test_the_migration_fills_each_organisation_with_its_open_holds():
+    orgs = generate(random.Random(5), orgs=3)
+    expected = {org.pk: open_sum(org.pk) for org in orgs}
+    OpenHoldsDelta.objects.all().delete()  # as before the migration: nothing recorded
+    with connection.cursor() as cur:
+        cur.execute(migration.REVERSE_SQL)
+        cur.execute(migration.FORWARD_SQL)
+    assert {org.pk: delta_sum(org.pk) for org in orgs} == expected
+    assert OpenHoldsDelta.objects.count() == sum(1 for v in expected.values() if v)
+    assert_exact(orgs)
+
+
+def test_the_metering_run_folds_the_deltas():
+    orgs = generate(random.Random(7), orgs=2)
+    assert OpenHoldsDelta.objects.count() > 2
+    usage_meter_run()
+    assert OpenHoldsDelta.objects.count() <= 2
+    for org in orgs:
+        assert delta_sum(org.pk) == open_sum(org.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_folds_racing_each_other_and_new_holds_lose_and_double_nothing():
+    (org,) = generate(random.Random(11), orgs=1)
+    reservation = make_reservation(org, gpu_count=1, starts_at=timezone.now() - timedelta(days=9))
+    barrier = threading.Barrier(6)
+    errors: list[Exception] = []
+
+    def folder():
+        try:
+            barrier.wait()
+            for _ in range(10):
+                open_holds_fold()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    def holder(n: int):
+        try:
+            barrier.wait()
+            for k in range(15):
+                Hold.objects.create(organization=org, reservation=reservation, amount_minor=100 + k,
+                                    currency="usd", idempotency_key=f"race:{n}:{k}")  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=folder) for _ in range(3)]
+    threads += [threading.Thread(target=holder, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Hold.objects.filter(idempotency_key__startswith="race:").count() == 45
+    assert delta_sum(org.pk) == open_sum(org.pk)
+    assert money_position(organization_id=org.pk) == reference(org.pk)
