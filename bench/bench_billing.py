@@ -19,6 +19,11 @@ allocation), activated 50 minutes before the hour; 1 node in 10 had an outage. R
    one column on the same rows, the floor a set-based run cannot beat;
 5. the postpaid hourly aggregation and its meter events through the outbox, with the stripe
    library's HTTP client replaced by a counting one (nothing leaves the machine).
+Then the funding gate's read of one organisation's money position, which every booking makes
+under the organisation's account lock, for an organisation with --position-holds reservations
+booked ahead (a hold each) and 20 running ones (an accrual and a hold each): the gate's
+statement, the same figures summed from every hold (as the gate read them before billing
+migration 0009), and as the baseline a bare read of the organisation's balance row.
 Each size runs in one transaction that is rolled back at the end (tables ANALYZEd first): the
 database is left as it was (it only needs the schema, which the script migrates).
 """
@@ -48,7 +53,15 @@ from django.db import connection, transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 from psycopg.types.range import Range  # noqa: E402
 
-from billing.models import BillingAccount, BillingMode, LedgerEntry, LedgerKind  # noqa: E402
+from billing.models import (  # noqa: E402
+    BillingAccount,
+    BillingMode,
+    Hold,
+    LedgerEntry,
+    LedgerKind,
+    UsageAccrual,
+)
+from billing.services.holds import money_position  # noqa: E402
 from billing.services.metering import usage_meter_run  # noqa: E402
 from billing.services.postpaid import usage_report_postpaid_run  # noqa: E402
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override  # noqa: E402
@@ -205,10 +218,102 @@ def measure(orgs: int, per_org: int, counter: "CountingHTTPClient", now) -> dict
     return figures
 
 
+# The position from every open hold and accrual (the gate's statement before billing 0009).
+EVERY_HOLD_SQL = """
+WITH u AS (
+    SELECT reservation_id, accrued_minor - booked_minor AS unbooked
+    FROM billing_usageaccrual WHERE closed_at IS NULL AND organization_id = %(org)s
+), h AS (
+    SELECT reservation_id, sum(amount_minor - charged_minor) AS held
+    FROM billing_hold WHERE status = 'open' AND organization_id = %(org)s
+    GROUP BY reservation_id
+)
+SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
+        WHERE organization_id = %(org)s),
+       coalesce(sum(coalesce(u.unbooked, 0)), 0),
+       coalesce(sum(greatest(coalesce(h.held, 0) - greatest(coalesce(u.unbooked, 0), 0), 0)), 0)
+FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
+"""
+
+
+def median_ms(run, times: int) -> float:
+    samples = []
+    for _ in range(times):
+        t = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - t) * 1000)
+    return sorted(samples)[times // 2]
+
+
+def measure_position(open_holds: int, now) -> dict:
+    """The gate's read for one organisation with `open_holds` bookings ahead, in a rolled-back
+    transaction."""
+    figures: dict = {}
+    try:
+        with transaction.atomic():
+            org = Organization.objects.create(name="Bench position", slug="bench-position")
+            BillingAccount.objects.create(organization=org, currency="usd")
+            LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, currency="usd",
+                                       amount_minor=10**9, idempotency_key="bench:position")  # fmt: skip
+            model, _ = GpuModel.objects.get_or_create(slug="bench-gpu", defaults={
+                "name": "Bench GPU", "vendor": "NVIDIA", "memory_gb": 80, "tdp_watts": 700,
+                "interconnect": "NVLink"})  # fmt: skip
+            site = Site.objects.filter(slug="bench-billing").first() or Site.objects.create(
+                slug="bench-billing", name="Bench", region="us", country="US",
+                grid_operator="ERCOT", power_capacity_kw=Decimal("1000"), pue=Decimal("1.1"),
+                cooling="air", energy_price_per_mwh=Decimal("40"),
+                renewable_share=Decimal("0.5"), uplink_gbps=100, status="active")  # fmt: skip
+            running = 20
+            reservations = Reservation.objects.bulk_create(
+                Reservation(organization=org, gpu_model=model, site=site, gpu_count=1,
+                            tier="on_demand", starts_at=now + timedelta(days=1 + i % 60),
+                            ends_at=now + timedelta(days=1 + i % 60, hours=8), currency="usd",
+                            price_per_gpu_hour=Decimal("2.0000"), total_amount=Decimal("16.00"),
+                            status="active" if i < running else "pending")
+                for i in range(open_holds + running)
+            )  # fmt: skip
+            Hold.objects.bulk_create(
+                (Hold(organization=org, reservation=r, amount_minor=1600, currency="usd",
+                      idempotency_key=f"bench:position:{r.pk}") for r in reservations),
+                batch_size=5000,
+            )  # fmt: skip
+            UsageAccrual.objects.bulk_create(
+                UsageAccrual(reservation=r, organization=org, currency="usd",
+                             price_per_gpu_hour=r.price_per_gpu_hour, accrued_until=now,
+                             booked_until=now, accrued_minor=400 * (i % 7))
+                for i, r in enumerate(reservations[:running])
+            )  # fmt: skip
+            with connection.cursor() as cur:
+                cur.execute("ANALYZE billing_hold, billing_openholdsdelta, billing_usageaccrual")
+
+            def every_hold():
+                with connection.cursor() as cur:
+                    cur.execute(EVERY_HOLD_SQL, {"org": org.pk})
+                    return tuple(int(v) for v in cur.fetchone())
+
+            def bare():
+                with connection.cursor() as cur:
+                    cur.execute(
+                        "SELECT amount_minor FROM billing_balance WHERE organization_id = %s",
+                        [org.pk],
+                    )
+                    return cur.fetchone()
+
+            assert tuple(money_position(organization_id=org.pk)) == every_hold()
+            figures["gate"] = median_ms(lambda: money_position(organization_id=org.pk), 200)
+            figures["every_hold"] = median_ms(every_hold, 40)
+            figures["bare"] = median_ms(bare, 200)
+            raise Rollback
+    except Rollback:
+        pass
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10000,100000", help="reservations, comma-separated")
     parser.add_argument("--per-org", type=int, default=10)
+    parser.add_argument("--position-holds", type=int, default=13000)
     args = parser.parse_args()
     call_command("migrate", verbosity=0)
     settings.STRIPE_SECRET_KEY = settings.STRIPE_SECRET_KEY or "sk_test_bench"
@@ -221,6 +326,7 @@ def main() -> None:
     try:
         for total in [int(size) for size in args.sizes.split(",")]:
             results[total] = measure(total // args.per_org, args.per_org, counter, now)
+        position = measure_position(args.position_holds, now)
     finally:
         set_gateway_override(None)
 
@@ -242,6 +348,10 @@ def main() -> None:
               f"aggregates, {f['sent']} sent; Stripe API calls: {f['stripe_calls_total']} "
               f"({f['stripe_calls_metering']} during metering) = "
               f"{f['stripe_calls_total'] / (orgs - orgs // 2):.2f} per postpaid organisation and hour")  # fmt: skip
+    print(f"money position of one organisation with {args.position_holds} open holds ahead and "
+          f"20 running reservations (median): the gate's read {position['gate']:.3f} ms; "
+          f"summed from every hold {position['every_hold']:.2f} ms; bare balance row "
+          f"{position['bare']:.3f} ms (gate {position['gate'] / position['bare']:.1f} × bare)")  # fmt: skip
     sizes = list(results)
     if len(sizes) > 1:
         print("SQL statements per run by size: " + ", ".join(
