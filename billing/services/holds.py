@@ -34,61 +34,62 @@ __all__ = [
     "holds_release_ended",
 ]
 
-# An organisation's money in one snapshot: its balance (kept by the ledger's trigger), what its
-# reservations accrued and the ledger does not have yet, and what its open holds still commit
+
+# Organisations' money in one snapshot: the balance (kept by the ledger's trigger), what their
+# reservations accrued and the ledger does not have yet, and what their open holds still commit
 # beyond that. Per reservation, accrued usage fills its holds first (the hold is that usage
-# committed ahead), so the two are never counted twice: exposure = max(accrued, held).
-_EXPOSURE_SQL = """
+# committed ahead), so the two are never counted twice: its exposure is max(unbooked, held),
+# and its held part max(held − unbooked⁺, 0) = held − min(held, unbooked⁺) (held ≥ 0). Summed
+# per organisation, that is its open holds' sum (the triggers' deltas, billing migration 0009)
+# less, for its running reservations (the open accruals), the part of their holds their
+# unbooked usage already fills: no statement reads every open hold, only the running
+# reservations' ones. `sums` has the figures by organisation, in rows to add up.
+def _money_sql(org_filter: str) -> str:
+    where = f"AND {org_filter}" if org_filter else ""
+    return f"""
 WITH u AS (
     SELECT organization_id, reservation_id, accrued_minor - booked_minor AS unbooked
-    FROM billing_usageaccrual WHERE closed_at IS NULL {u_where}
-), h AS (
-    SELECT organization_id, reservation_id, sum(amount_minor - charged_minor) AS held
-    FROM billing_hold WHERE status = 'open' {h_where}
-    GROUP BY organization_id, reservation_id
-), per AS (
-    SELECT coalesce(u.organization_id, h.organization_id) AS organization_id,
-           coalesce(u.unbooked, 0) AS unbooked,
-           greatest(coalesce(h.held, 0) - greatest(coalesce(u.unbooked, 0), 0), 0) AS held
-    FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
+    FROM billing_usageaccrual WHERE closed_at IS NULL {where}
+), filled AS (
+    SELECT u.organization_id,
+           least(sum(h.amount_minor - h.charged_minor), greatest(u.unbooked, 0)) AS filled
+    FROM u JOIN billing_hold h
+         ON h.reservation_id = u.reservation_id AND h.organization_id = u.organization_id
+    WHERE h.status = 'open'
+    GROUP BY u.organization_id, u.reservation_id, u.unbooked
+), sums AS (
+    SELECT organization_id, unbooked, 0 AS held FROM u
+    UNION ALL
+    SELECT organization_id, 0, amount_minor FROM billing_openholdsdelta WHERE TRUE {where}
+    UNION ALL
+    SELECT organization_id, 0, -filled FROM filled
 )"""
 
-# One organisation's position, for the gate on every booking: the same figures as `per` gives,
-# without reading every open hold. Per reservation the held part is max(held − unbooked⁺, 0) =
-# held − min(held, unbooked⁺) (held ≥ 0), so the organisation's is its open holds' sum (the
-# triggers' deltas, billing migration 0009) less, for its running reservations (the open
-# accruals), the part of their holds their unbooked usage already fills.
-_POSITION_SQL = """
-WITH u AS (
-    SELECT reservation_id, accrued_minor - booked_minor AS unbooked
-    FROM billing_usageaccrual WHERE closed_at IS NULL AND organization_id = %(org)s
-), filled AS (
-    SELECT least(sum(h.amount_minor - h.charged_minor), greatest(u.unbooked, 0)) AS filled
-    FROM u JOIN billing_hold h ON h.reservation_id = u.reservation_id
-    WHERE h.status = 'open' AND h.organization_id = %(org)s
-    GROUP BY u.reservation_id, u.unbooked
-)
+
+# One organisation's position, for the gate on every booking and extension.
+_POSITION_SQL = (
+    _money_sql("organization_id = %(org)s")
+    + """
 SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
         WHERE organization_id = %(org)s),
-       (SELECT coalesce(sum(unbooked), 0) FROM u),
-       (SELECT coalesce(sum(amount_minor), 0) FROM billing_openholdsdelta
-        WHERE organization_id = %(org)s)
-       - (SELECT coalesce(sum(filled), 0) FROM filled)
+       coalesce(sum(unbooked), 0), coalesce(sum(held), 0)
+FROM sums
 """
+)
 
 # Every prepaid account's position, for the metering run's funding pass (one statement).
 POSITIONS_SQL = (
-    _EXPOSURE_SQL.format(u_where="", h_where="")
-    + """, sums AS (
+    _money_sql("")
+    + """, per_org AS (
     SELECT organization_id, sum(unbooked) AS unbooked, sum(held) AS held
-    FROM per GROUP BY organization_id
+    FROM sums GROUP BY organization_id
 )
 SELECT ba.organization_id, coalesce(b.amount_minor, 0), coalesce(s.unbooked, 0),
        coalesce(s.held, 0), ba.funding_state, ba.recharge_threshold_minor,
        ba.auto_recharge_enabled AND ba.recharge_armed, ba.recharge_armed, ba.grace_until
 FROM billing_billingaccount ba
 LEFT JOIN billing_balance b ON b.organization_id = ba.organization_id
-LEFT JOIN sums s ON s.organization_id = ba.organization_id
+LEFT JOIN per_org s ON s.organization_id = ba.organization_id
 WHERE ba.mode = 'prepaid'
 """
 )

@@ -11,8 +11,15 @@ import pytest
 from django.db import connection, connections
 from django.utils import timezone
 
-from billing.models import Hold, HoldStatus, OpenHoldsDelta, UsageAccrual
-from billing.services.holds import MoneyPosition, money_position, open_holds_fold
+from billing.models import (
+    BillingAccount,
+    BillingMode,
+    Hold,
+    HoldStatus,
+    OpenHoldsDelta,
+    UsageAccrual,
+)
+from billing.services.holds import POSITIONS_SQL, MoneyPosition, money_position, open_holds_fold
 from billing.services.metering import usage_meter_run
 from tests.billing.conftest import make_reservation
 from tests.factories import GpuModelFactory, NodeFactory, OrganizationFactory
@@ -62,6 +69,7 @@ def generate(rng: random.Random, orgs: int = 6):
     made, slot = [], 0
     for _ in range(orgs):
         org = OrganizationFactory()
+        BillingAccount.objects.create(organization=org, currency="usd", mode=BillingMode.PREPAID)
         for _ in range(rng.randrange(3, 9)):
             slot += 1  # one node, each reservation on it in its own 10 hours
             r = make_reservation(
@@ -89,9 +97,15 @@ def generate(rng: random.Random, orgs: int = 6):
 
 
 def assert_exact(orgs) -> None:
+    """The gate's read and the metering run's funding pass (every prepaid organisation in one
+    statement) both give the position from every hold."""
+    with connection.cursor() as cur:
+        cur.execute(POSITIONS_SQL)
+        funding_pass = {row[0]: MoneyPosition(*(int(v) for v in row[1:4])) for row in cur}
     for org in orgs:
         assert delta_sum(org.pk) == open_sum(org.pk)
         assert money_position(organization_id=org.pk) == reference(org.pk)
+        assert funding_pass[org.pk] == reference(org.pk)
 
 
 def test_the_position_equals_the_one_from_every_hold_through_every_kind_of_change():
