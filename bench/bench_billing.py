@@ -61,7 +61,7 @@ from billing.models import (  # noqa: E402
     LedgerKind,
     UsageAccrual,
 )
-from billing.services.holds import money_position  # noqa: E402
+from billing.services.holds import POSITION_FROM_EVERY_HOLD_SQL, money_position  # noqa: E402
 from billing.services.metering import usage_meter_run  # noqa: E402
 from billing.services.postpaid import usage_report_postpaid_run  # noqa: E402
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override  # noqa: E402
@@ -218,24 +218,6 @@ def measure(orgs: int, per_org: int, counter: "CountingHTTPClient", now) -> dict
     return figures
 
 
-# The position from every open hold and accrual (the gate's statement before billing 0009).
-EVERY_HOLD_SQL = """
-WITH u AS (
-    SELECT reservation_id, accrued_minor - booked_minor AS unbooked
-    FROM billing_usageaccrual WHERE closed_at IS NULL AND organization_id = %(org)s
-), h AS (
-    SELECT reservation_id, sum(amount_minor - charged_minor) AS held
-    FROM billing_hold WHERE status = 'open' AND organization_id = %(org)s
-    GROUP BY reservation_id
-)
-SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
-        WHERE organization_id = %(org)s),
-       coalesce(sum(coalesce(u.unbooked, 0)), 0),
-       coalesce(sum(greatest(coalesce(h.held, 0) - greatest(coalesce(u.unbooked, 0), 0), 0)), 0)
-FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
-"""
-
-
 def median_ms(run, times: int) -> float:
     samples = []
     for _ in range(times):
@@ -288,7 +270,7 @@ def measure_position(open_holds: int, now) -> dict:
 
             def every_hold():
                 with connection.cursor() as cur:
-                    cur.execute(EVERY_HOLD_SQL, {"org": org.pk})
+                    cur.execute(POSITION_FROM_EVERY_HOLD_SQL, {"org": org.pk})
                     return tuple(int(v) for v in cur.fetchone())
 
             def bare():

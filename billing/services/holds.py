@@ -26,6 +26,7 @@ from marketplace.rules import TERMINAL_STATUSES
 __all__ = [
     "MoneyPosition",
     "POSITIONS_SQL",
+    "POSITION_FROM_EVERY_HOLD_SQL",
     "money_position",
     "open_holds_fold",
     "hold_add",
@@ -76,6 +77,25 @@ SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
 FROM sums
 """
 )
+
+# The definition the statements here compute faster: one organisation's figures from every
+# open hold and accrual, per reservation max(unbooked, held). Not read by the gate or the
+# run; the tests and the billing benchmark compare with it.
+POSITION_FROM_EVERY_HOLD_SQL = """
+WITH u AS (
+    SELECT reservation_id, accrued_minor - booked_minor AS unbooked
+    FROM billing_usageaccrual WHERE closed_at IS NULL AND organization_id = %(org)s
+), h AS (
+    SELECT reservation_id, sum(amount_minor - charged_minor) AS held
+    FROM billing_hold WHERE status = 'open' AND organization_id = %(org)s
+    GROUP BY reservation_id
+)
+SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
+        WHERE organization_id = %(org)s),
+       coalesce(sum(coalesce(u.unbooked, 0)), 0),
+       coalesce(sum(greatest(coalesce(h.held, 0) - greatest(coalesce(u.unbooked, 0), 0), 0)), 0)
+FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
+"""
 
 # Every prepaid account's position, for the metering run's funding pass (one statement).
 POSITIONS_SQL = (
