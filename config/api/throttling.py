@@ -14,6 +14,7 @@ Retry-After until Redis is back: reads and writes that need only PostgreSQL keep
 
 import logging
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def _identity(request: Request) -> str:
 
 _redis: redis.Redis | None = None
 _redis_location = None
+_redis_pid = None
 # Seconds to wait for Redis before calling it unreachable: a request must not hang on it.
 _REDIS_TIMEOUT = 0.5
 
@@ -114,17 +116,22 @@ _script = None
 def _count(key: str, *, timeout: int, watch: str | None = None) -> tuple[int, bytes | None]:
     """INCR the counter (a new one gets its expiry in the same atomic step) and read `watch`,
     in one round trip; returns the new count and the watched value."""
-    global _redis, _script, _redis_location
+    global _redis, _script, _redis_location, _redis_pid
     location = settings.CACHES["default"]["LOCATION"]
-    if _redis is None or location != _redis_location:
+    if _redis is None or location != _redis_location or _redis_pid != os.getpid():
         # The cache's Redis, under the cache's key prefix, but one scripted call instead of
         # the cache API's add + exists + incr (three round trips). Made again when the cache
-        # moves (settings changed at run time, as tests do), like Django's own cache handler.
-        _redis_location = location
+        # moves (settings changed at run time, as tests do), like Django's own cache handler,
+        # and in a forked process. One connection kept for the process (its threads take
+        # turns), not a pool: a pool checks a connection out and back in, with a poll of its
+        # socket, on every call.
+        _redis_location, _redis_pid = location, os.getpid()
+        _redis = None
         _redis = redis.Redis.from_url(
             location,
             socket_connect_timeout=_REDIS_TIMEOUT,
             socket_timeout=_REDIS_TIMEOUT,
+            single_connection_client=True,
         )
         _script = _redis.register_script(_COUNT_SCRIPT)
     keys = [key] if watch is None else [key, watch]
