@@ -109,14 +109,21 @@ def timed(run):
     return elapsed, counter.count, result
 
 
-def build(orgs: int, per_org: int, now):
-    site = Site.objects.create(slug="bench-billing", name="Bench", region="us", country="US",
-                               grid_operator="ERCOT", power_capacity_kw=Decimal("1000"),
-                               pue=Decimal("1.1"), cooling="air", energy_price_per_mwh=Decimal("40"),
-                               renewable_share=Decimal("0.5"), uplink_gbps=100, status="active")  # fmt: skip
+def site_and_model() -> tuple[Site, GpuModel]:
+    """The benchmark's one site and GPU model (each measurement's transaction makes its own)."""
+    site, _ = Site.objects.get_or_create(slug="bench-billing", defaults={
+        "name": "Bench", "region": "us", "country": "US", "grid_operator": "ERCOT",
+        "power_capacity_kw": Decimal("1000"), "pue": Decimal("1.1"), "cooling": "air",
+        "energy_price_per_mwh": Decimal("40"), "renewable_share": Decimal("0.5"),
+        "uplink_gbps": 100, "status": "active"})  # fmt: skip
     model, _ = GpuModel.objects.get_or_create(slug="bench-gpu", defaults={
         "name": "Bench GPU", "vendor": "NVIDIA", "memory_gb": 80, "tdp_watts": 700,
         "interconnect": "NVLink"})  # fmt: skip
+    return site, model
+
+
+def build(orgs: int, per_org: int, now):
+    site, model = site_and_model()
     total = orgs * per_org
     nodes = Node.objects.bulk_create(
         Node(site=site, gpu_model=model, hostname=f"bench-{i:05d}", cpu_model="x", cpu_cores=64,
@@ -237,14 +244,7 @@ def measure_position(open_holds: int, now) -> dict:
             BillingAccount.objects.create(organization=org, currency="usd")
             LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, currency="usd",
                                        amount_minor=10**9, idempotency_key="bench:position")  # fmt: skip
-            model, _ = GpuModel.objects.get_or_create(slug="bench-gpu", defaults={
-                "name": "Bench GPU", "vendor": "NVIDIA", "memory_gb": 80, "tdp_watts": 700,
-                "interconnect": "NVLink"})  # fmt: skip
-            site = Site.objects.filter(slug="bench-billing").first() or Site.objects.create(
-                slug="bench-billing", name="Bench", region="us", country="US",
-                grid_operator="ERCOT", power_capacity_kw=Decimal("1000"), pue=Decimal("1.1"),
-                cooling="air", energy_price_per_mwh=Decimal("40"),
-                renewable_share=Decimal("0.5"), uplink_gbps=100, status="active")  # fmt: skip
+            site, model = site_and_model()
             running = 20
             reservations = Reservation.objects.bulk_create(
                 Reservation(organization=org, gpu_model=model, site=site, gpu_count=1,
