@@ -123,7 +123,7 @@ def commitment_authorize(
         )
     # After the lock, in a statement of its own: a snapshot taken now sees every hold that
     # the decisions before this one committed.
-    position = money_position(organization_id=organization_id)
+    position = money_position(organization_id=organization_id, fold=True)
     balance, held = position.balance, position.accrued + position.held
     if account.monthly_spend_limit_minor is not None:
         spent = spend_minor(

@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from billing.models import (
@@ -19,7 +19,9 @@ from billing.models import (
     OpenHoldsDelta,
     UsageAccrual,
 )
+from billing.services import holds
 from billing.services.holds import (
+    FOLD_AT,
     POSITION_FROM_EVERY_HOLD_SQL,
     POSITIONS_SQL,
     MoneyPosition,
@@ -162,11 +164,42 @@ def test_the_metering_run_folds_the_deltas():
         assert delta_sum(org.pk) == open_sum(org.pk)
 
 
+def test_the_gate_folds_an_organisation_with_more_than_fold_at_deltas():
+    orgs = generate(random.Random(17), orgs=2)
+    busy, quiet = orgs
+    reservation = make_reservation(busy, gpu_count=1, starts_at=timezone.now() + timedelta(days=90))
+    for k in range(FOLD_AT + 5):  # one statement each, as bookings between two metering runs
+        Hold.objects.create(organization=busy, reservation=reservation, amount_minor=50 + k,
+                            currency="usd", idempotency_key=f"burst:{k}")  # fmt: skip
+    quiet_rows = sorted(
+        OpenHoldsDelta.objects.filter(organization=quiet).values_list("id", flat=True)
+    )
+    assert 1 < len(quiet_rows) <= FOLD_AT
+    assert OpenHoldsDelta.objects.filter(organization=busy).count() > FOLD_AT
+
+    for org in orgs:
+        assert money_position(organization_id=org.pk, fold=True) == reference(org.pk)
+    assert OpenHoldsDelta.objects.filter(organization=busy).count() == 1
+    assert delta_sum(busy.pk) == open_sum(busy.pk)
+    # At or under FOLD_AT: left as it is.
+    assert (
+        sorted(OpenHoldsDelta.objects.filter(organization=quiet).values_list("id", flat=True))
+        == quiet_rows
+    )
+    # A read without `fold` (the portal, the API's balance) never writes.
+    Hold.objects.create(organization=busy, reservation=reservation, amount_minor=9,
+                        currency="usd", idempotency_key="after")  # fmt: skip
+    assert money_position(organization_id=busy.pk) == reference(busy.pk)
+    assert OpenHoldsDelta.objects.filter(organization=busy).count() == 2
+    assert_exact(orgs)
+
+
 @pytest.mark.django_db(transaction=True)
-def test_folds_racing_each_other_and_new_holds_lose_and_double_nothing():
+def test_folds_racing_each_other_and_new_holds_lose_and_double_nothing(monkeypatch):
+    monkeypatch.setattr(holds, "FOLD_AT", 1)  # the gate folds whenever there are two
     (org,) = generate(random.Random(11), orgs=1)
     reservation = make_reservation(org, gpu_count=1, starts_at=timezone.now() - timedelta(days=9))
-    barrier = threading.Barrier(6)
+    barrier = threading.Barrier(8)
     errors: list[Exception] = []
 
     def folder():
@@ -174,6 +207,18 @@ def test_folds_racing_each_other_and_new_holds_lose_and_double_nothing():
             barrier.wait()
             for _ in range(10):
                 open_holds_fold()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    def gate():  # as a booking does: its account locked, then the position read and folded
+        try:
+            barrier.wait()
+            for _ in range(10):
+                with transaction.atomic():
+                    BillingAccount.objects.select_for_update().get(organization=org)
+                    money_position(organization_id=org.pk, fold=True)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -191,6 +236,7 @@ def test_folds_racing_each_other_and_new_holds_lose_and_double_nothing():
             connections.close_all()
 
     threads = [threading.Thread(target=folder) for _ in range(3)]
+    threads += [threading.Thread(target=gate) for _ in range(2)]
     threads += [threading.Thread(target=holder, args=(n,)) for n in range(3)]
     for t in threads:
         t.start()
