@@ -22,8 +22,9 @@ from it is dropped and generated again.) Then, in one run:
   the same triggers) with as many clients;
 - the floor: the cheapest authenticated endpoint (GET /api/v1/gpu-models) with the same
   server and clients, what the stack costs before any marketplace work;
-- the placement read every create makes (one site's nodes of one model and their free GPUs
-  for the window) as raw SQL with as many clients;
+- the placement read every create naming its site makes (one site's nodes of one model,
+  their free GPUs for the window summed and the best-fit nodes chosen) as raw SQL with as
+  many clients;
 - the ceiling those three leave: a create through the API does at least a floor request, a
   placement read and a reservation transaction on the same cores, so a create path on this
   stack and machine can hardly beat 1 / (1/floor + 1/read + 1/transaction) (an estimate:
@@ -647,11 +648,12 @@ def lines_measure(base_url: str, secret: str, args, bares: list, floors: list) -
 
 
 def bench_placement_read_raw(clients: int, total: int) -> float:
-    """The exact read every create makes (one site's nodes of one model and their free GPUs
-    for the window: node_free_capacity's query text, prepared), straight through psycopg."""
+    """The exact read every create naming its site makes (one site's nodes of one model, their
+    free GPUs for the window summed and the best-fit nodes chosen: site_model_offer's query
+    text, prepared), straight through psycopg."""
     pairs = list(Node.objects.values_list("site_id", "gpu_model_id").distinct())
     filters, _ = availability._filters(site_id=0, gpu_model_id=0)
-    sql_text = availability._sql(availability._NODES_TAIL, filters=filters)
+    sql_text = availability._sql(availability._SEARCH_TAIL, filters=filters)
     per_client = total // clients
     dsn = _dsn()
 
@@ -663,19 +665,23 @@ def bench_placement_read_raw(clients: int, total: int) -> float:
                 start = timezone.now() + timedelta(
                     days=rng.randint(1, 120), hours=rng.randint(0, 23)
                 )
+                gpu_count = rng.choice([1, 1, 2, 4, 8])  # as random_create asks
                 params = {
                     "site_id": site_id,
                     "gpu_model_id": model_id,
                     "starts_at": start,
                     "ends_at": start + timedelta(hours=rng.randint(1, 12)),
-                    "curtail_gpus": 1,
+                    "gpu_count": gpu_count,
+                    "curtail_gpus": gpu_count,
+                    "node_limit": availability._OFFER_NODE_LIMIT,
                 }
                 conn.execute(sql_text, params, prepare=True).fetchall()
 
     elapsed = run_clients(client, clients)
     rate = per_client * clients / elapsed
     say(
-        f"raw-SQL placement read (one site's nodes of one model, free GPUs), {clients} clients: "
+        f"raw-SQL placement read (one site's nodes of one model, free GPUs, best fit), "
+        f"{clients} clients: "
         f"{per_client * clients} in {elapsed:.1f} s = {rate:.0f} reads/s"
     )
     return rate

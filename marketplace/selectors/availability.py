@@ -23,7 +23,7 @@ from config.errors import ValidationFailed
 from config.replica import read_connection
 from inventory.models import GpuModel, Node, Site
 from marketplace.models import Curtailment, RateCard, ResaleListing, Tier
-from marketplace.rules import NodeCapacity, choose_nodes, validate_request_period
+from marketplace.rules import NodeCapacity, validate_request_period
 from marketplace.selectors.catalogue import CurtailmentHistory, site_curtailment_history
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.selectors.resale import resale_breakdown, resale_offer_rows
@@ -585,33 +585,37 @@ def _least(figures) -> Decimal | None:
     return None if not figures or None in figures else min(figures)
 
 
-def site_model_offer(
-    *, query: AvailabilityQuery, site: Site, gpu_model: GpuModel
-) -> tuple[Offer | None, list[NodeCapacity]]:
-    """The offer of one site for one model (None if it does not fit), and the node capacities.
-    The query's own site and model filters are not read: `site` and `gpu_model` are asked.
+def site_model_offer(*, query: AvailabilityQuery, site: Site, gpu_model: GpuModel) -> Offer | None:
+    """The offer of one site for one model, or None if the request does not fit there (or
+    the model has no rate card there). The query's own site and model filters are not read:
+    `site` and `gpu_model` are asked.
 
-    Same answer as availability_search(site=…, gpu_model=…) with one query less: the capacities
-    read here are the ones placement starts from, and the utilisation priced here is the same
-    figure (GPUs of the model at the site, busy over healthy, for the window).
+    The same answer as availability_search(site=…, gpu_model=…), from the same statement
+    (_SEARCH_TAIL: the nodes' figures summed and the best-fit or cluster nodes chosen in the
+    database, one row back), without reading the site, model and reliability again: the
+    utilisation priced is the same figure (GPUs of the model at the site, busy over healthy,
+    for the window) and the offer's nodes are the plan placement tries first.
     """
     query.validate(as_booked=False)
-    capacities = node_free_capacity(
-        site_id=site.pk,
-        gpu_model_id=gpu_model.pk,
+    filters, params = _filters(
+        site_id=site.pk, gpu_model_id=gpu_model.pk, min_reliability=query.min_reliability
+    )
+    params.update(
         starts_at=query.starts_at,
         ends_at=query.ends_at,
-        min_reliability=query.min_reliability,
         gpu_count=query.gpu_count,
+        curtail_gpus=query.gpu_count,
+        node_limit=_OFFER_NODE_LIMIT,
     )
-    plan = choose_nodes(capacities, query.gpu_count)
-    if not plan:
-        return None, capacities
+    with read_connection().cursor() as cur:
+        cur.execute(_sql(_SEARCH_TAIL, filters=filters), params)
+        fits = _fits(query.gpu_count, cur.fetchall())
+    if not fits:
+        return None
+    (_, _, healthy, free, placement, node_count, nodes, fitting) = fits[0]
     card = rate_card_for(site_id=site.pk, gpu_model_id=gpu_model.pk)
     if card is None:
-        return None, capacities  # no rate card: not for sale
-    healthy = sum(c.healthy for c in capacities)
-    free = sum(c.free for c in capacities)
+        return None  # no rate card: not for sale
     policy = current_policy()
     breakdown = _price(
         query=query,
@@ -626,38 +630,20 @@ def site_model_offer(
         healthy=healthy,
         free=free,
     )
-    single, nodes, fitting_count = _site_offer_nodes(capacities, plan, query.gpu_count)
-    offer = Offer(
+    return Offer(
         site=site,
         gpu_model=gpu_model,
         gpu_count=query.gpu_count,
-        placement="single_node" if single else "cluster",
-        node_count=len(plan),
+        placement=placement,
+        node_count=node_count,
         nodes=nodes,
-        fitting_node_count=fitting_count,
+        fitting_node_count=fitting,
         free_gpus=free,
         currency=breakdown.currency,
         price_per_gpu_hour=breakdown.price_per_gpu_hour,
         total=breakdown.total,
         breakdown=breakdown,
     )
-    return offer, capacities
-
-
-def _site_offer_nodes(
-    capacities: list[NodeCapacity], plan: list[tuple[int, int]], gpu_count: int
-) -> tuple[bool, list[NodeFit], int]:
-    """Whether the request goes on one node, the offer's nodes (best fit first, or the
-    cluster's whole nodes) and how many nodes fit (or are wholly free), as the search has them."""
-    if gpu_count <= max(c.gpus for c in capacities):
-        fitting = sorted(
-            (c for c in capacities if c.free >= gpu_count), key=lambda c: (c.free, c.node_id)
-        )
-        nodes = [NodeFit(node_id=c.node_id, free_gpus=c.free) for c in fitting[:_OFFER_NODE_LIMIT]]
-        return True, nodes, len(fitting)
-    by_id = {c.node_id: c for c in capacities}
-    nodes = [NodeFit(node_id=n, free_gpus=by_id[n].gpus) for n, _ in plan]
-    return False, nodes, sum(1 for c in capacities if c.free == c.gpus)
 
 
 def site_availability(

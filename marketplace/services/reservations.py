@@ -373,7 +373,7 @@ def _offer_at_site(request: BookingRequest) -> Offer:
         raise ValidationFailed(f"Unknown site {request.site!r}.", code="unknown_site", field="site")
     offer = None
     if request.region is None or site.region == request.region:
-        offer, _ = site_model_offer(query=request.availability_query(), site=site, gpu_model=model)
+        offer = site_model_offer(query=request.availability_query(), site=site, gpu_model=model)
     if offer is None:
         curtailed = curtailment_overlapping(
             site_id=site.pk, starts_at=request.starts_at, ends_at=request.ends_at
