@@ -22,7 +22,7 @@ from psycopg.types.range import Range
 
 from config.db import model_columns, model_from_row
 from config.errors import NotAvailable
-from inventory.models import Node
+from inventory.models import Node, NodeStatus, SiteStatus
 from marketplace.models import Allocation, Reservation
 from marketplace.rules import choose_nodes
 from marketplace.selectors.availability import node_free_capacity
@@ -33,32 +33,26 @@ __all__ = ["allocation_place", "curtailment_headroom_take", "MAX_PLACEMENT_ATTEM
 MAX_PLACEMENT_ATTEMPTS = 8
 _TAKEN_SQLSTATES = {"23P01", "40P01"}
 
-# The GPUs of the given (already locked) nodes that are free for the window, in placement order.
-# The busy GPUs are read per node through allocation_live_node_period_idx (a correlated
-# subquery, so the planner cannot turn it into a scan of every allocation in the window).
-_FREE_GPUS_SQL = """
-SELECT g.id, g.node_id
-FROM inventory_gpu g
-JOIN inventory_node n ON n.id = g.node_id
-JOIN inventory_site s ON s.id = n.site_id
-WHERE g.node_id = ANY(%(node_ids)s)
-  AND n.status = 'available' AND s.status = 'active' AND g.health <> 'failed'
-  AND (%(min_reliability)s::numeric IS NULL OR n.reliability_30d >= %(min_reliability)s::numeric)
-  AND NOT EXISTS (
-      SELECT 1 FROM inventory_maintenancewindow w
-      WHERE w.node_id = n.id AND w.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
-  AND g.id <> ALL(ARRAY(
-      SELECT a.gpu_id FROM marketplace_allocation a
-      WHERE a.is_live AND a.node_id = n.id
-        AND a.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)')))
-ORDER BY g.node_id, g.index
-"""
-
-
-# SELECT … FOR UPDATE in id order: the lock every booking takes first (an extension locks
-# its nodes in the same order, so the two cannot deadlock).
+# The chosen nodes locked FOR UPDATE in id order, the lock every booking takes first (an
+# extension locks its nodes in the same order, so the two cannot deadlock), with what decides
+# whether each may take the booking now: its status and reliability (of the locked row, so
+# current), its site's status and whether maintenance overlaps the window.
 _LOCK_NODES_SQL = f"""
-SELECT {model_columns(Node, "n")} FROM inventory_node n WHERE n.id = ANY(%s) ORDER BY n.id FOR UPDATE
+SELECT {model_columns(Node, "n")}, s.status, EXISTS (
+           SELECT 1 FROM inventory_maintenancewindow w
+           WHERE w.node_id = n.id AND w.period && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
+FROM inventory_node n JOIN inventory_site s ON s.id = n.site_id
+WHERE n.id = ANY(%(node_ids)s) ORDER BY n.id FOR UPDATE OF n
+"""
+# The GPUs of the (locked) nodes that are free for the window, in placement order: not
+# failed, and no live allocation in their `busy` periods (kept with the allocations by
+# triggers, so what the previous lock holder committed is there). One table, so planning it
+# costs little, unlike the joins the lock statement has.
+_FREE_GPUS_SQL = """
+SELECT g.id, g.node_id FROM inventory_gpu g
+WHERE g.node_id = ANY(%(node_ids)s) AND g.health <> 'failed'
+  AND NOT (g.busy && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
+ORDER BY g.node_id, g.index
 """
 # One statement for all the allocations.
 _INSERT_SQL = """
@@ -187,23 +181,34 @@ def _lock_and_insert(
     *, reservation: Reservation, plan, period: Range, min_reliability: Decimal | None
 ) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
+    window = {"node_ids": node_ids, "starts_at": period.lower, "ends_at": period.upper}
+    columns = len(Node._meta.concrete_fields)
     with connection.cursor() as cur:
         # The lock, and the node rows the allocations are returned with (the caller shows
         # their hostnames without reading again).
-        cur.execute(_LOCK_NODES_SQL, [node_ids])
-        nodes = {node.pk: node for node in (model_from_row(Node, r) for r in cur.fetchall())}
-        cur.execute(
-            _FREE_GPUS_SQL,
-            {
-                "node_ids": node_ids,
-                "starts_at": period.lower,
-                "ends_at": period.upper,
-                "min_reliability": min_reliability,
-            },
-        )
+        cur.execute(_LOCK_NODES_SQL, window)
+        nodes, bookable = {}, set()
+        for row in cur.fetchall():
+            node = model_from_row(Node, row[:columns])
+            site_status, in_maintenance = row[columns:]
+            nodes[node.pk] = node
+            reliable = min_reliability is None or (
+                node.reliability_30d is not None and node.reliability_30d >= min_reliability
+            )
+            if (
+                node.status == NodeStatus.AVAILABLE
+                and site_status == SiteStatus.ACTIVE
+                and not in_maintenance
+                and reliable
+            ):
+                bookable.add(node.pk)
+        # A fresh snapshot, taken once the locks are held: it sees what the previous holder
+        # of any of them committed.
+        cur.execute(_FREE_GPUS_SQL, window)
         free_by_node: dict[int, list[int]] = {}
         for gpu_id, node_id in cur.fetchall():
-            free_by_node.setdefault(node_id, []).append(gpu_id)
+            if node_id in bookable:
+                free_by_node.setdefault(node_id, []).append(gpu_id)
         gpu_ids, gpu_node_ids = [], []
         for node_id, take in plan:
             free = free_by_node.get(node_id, [])

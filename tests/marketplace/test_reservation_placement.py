@@ -1,9 +1,16 @@
+from decimal import Decimal
+
 import pytest
 from django.db import connection
+from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 
-from inventory.models import Gpu, GpuHealth
+from config.errors import NotAvailable
+from inventory.models import Gpu, GpuHealth, MaintenanceWindow, Node, NodeStatus, Site, SiteStatus
 from marketplace.models import Allocation
 from marketplace.rules import NodeCapacity, choose_nodes
+from marketplace.selectors import availability
+from marketplace.selectors.availability import AvailabilityQuery
+from marketplace.services import reservations
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 (fixture)
@@ -74,3 +81,55 @@ def test_the_search_uses_the_period_first_partial_index():
         )
         (indexdef,) = cur.fetchone()
     assert "gist (period, gpu_id)" in indexdef and "WHERE is_live" in indexdef
+
+
+def _spoil(kind: str, node, site) -> None:
+    """What may change between the read an offer was made from and the booking's node lock."""
+    if kind == "node_draining":
+        Node.objects.filter(pk=node.pk).update(status=NodeStatus.DRAINING)
+    elif kind == "maintenance":
+        MaintenanceWindow.objects.create(
+            node=node, period=DateTimeTZRange(T1, T2, "[)"), reason="fans"
+        )
+    elif kind == "gpus_failed":
+        Gpu.objects.filter(node=node).update(health=GpuHealth.FAILED)
+    elif kind == "below_reliability":
+        Node.objects.filter(pk=node.pk).update(reliability_30d=Decimal("0.5"))
+    elif kind == "site_in_maintenance":
+        Site.objects.filter(pk=site.pk).update(status=SiteStatus.MAINTENANCE)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["node_draining", "maintenance", "gpus_failed", "below_reliability", "site_in_maintenance"],
+)
+def test_an_offer_read_before_the_node_lock_is_checked_again_under_it(h100, monkeypatch, kind):
+    site = SiteFactory()
+    first, second = make_nodes(site, h100, 2, reliability_30d=Decimal("0.99"))
+    query = AvailabilityQuery(
+        gpu_count=2, starts_at=T1, ends_at=T2, tier="on_demand", min_reliability=Decimal("0.9")
+    )
+    offer = availability.site_model_offer(query=query, site=site, gpu_model=h100)
+    assert offer.nodes[0].node_id == first.pk  # best fit: the lowest id of two whole nodes
+    _spoil(kind, first, site)
+    monkeypatch.setattr(reservations, "site_model_offer", lambda **kwargs: offer)
+
+    def book_stale():
+        return reservation_create(
+            organization=OrganizationFactory(),
+            gpu_model=h100.slug,
+            gpu_count=2,
+            starts_at=T1,
+            ends_at=T2,
+            tier="on_demand",
+            site=site.slug,
+            min_reliability=Decimal("0.9"),
+        )
+
+    if kind == "site_in_maintenance":  # no node of the site can take it now
+        with pytest.raises(NotAvailable):
+            book_stale()
+        assert not Allocation.objects.exists()
+        return
+    reservation = book_stale()
+    assert {a.node_id for a in Allocation.objects.filter(reservation=reservation)} == {second.pk}
