@@ -88,6 +88,21 @@ def generate(rng: random.Random, orgs: int = 6):
     return made
 
 
+def spread(org, parts: int) -> None:
+    """The organisation's deltas spread over `parts` rows with the same sum, as the triggers
+    leave them when its rows are held by other transactions (each writes a row of its own)."""
+    total = delta_sum(org.pk)
+    OpenHoldsDelta.objects.filter(organization=org).delete()
+    amounts = [total - 100 * (parts - 1)] + [100] * (parts - 1)
+    OpenHoldsDelta.objects.bulk_create(
+        OpenHoldsDelta(organization=org, amount_minor=a) for a in amounts
+    )
+
+
+def rows(org) -> int:
+    return OpenHoldsDelta.objects.filter(organization=org).count()
+
+
 def assert_exact(orgs) -> None:
     """The gate's read and the metering run's funding pass (every prepaid organisation in one
     statement) both give the position from every hold."""
@@ -124,6 +139,11 @@ def test_the_position_equals_the_one_from_every_hold_through_every_kind_of_chang
     UsageAccrual.objects.filter(closed_at__isnull=True).update(accrued_minor=rng.randrange(0, 900))
     assert_exact(orgs)
 
+    # Every change above added to each organisation's row: one row each.
+    assert all(rows(org) == 1 for org in orgs)
+    for org in orgs:
+        spread(org, 4)
+    assert_exact(orgs)
     rows_before = OpenHoldsDelta.objects.count()
     assert open_holds_fold() <= len(orgs) < rows_before
     assert OpenHoldsDelta.objects.count() <= len(orgs)
@@ -157,6 +177,8 @@ def test_the_migration_fills_each_organisation_with_its_open_holds():
 
 def test_the_metering_run_folds_the_deltas():
     orgs = generate(random.Random(7), orgs=2)
+    for org in orgs:
+        spread(org, 3)
     assert OpenHoldsDelta.objects.count() > 2
     usage_meter_run()
     assert OpenHoldsDelta.objects.count() <= 2
@@ -168,18 +190,15 @@ def test_the_gate_folds_an_organisation_with_more_than_fold_at_deltas():
     orgs = generate(random.Random(17), orgs=2)
     busy, quiet = orgs
     reservation = make_reservation(busy, gpu_count=1, starts_at=timezone.now() + timedelta(days=90))
-    for k in range(FOLD_AT + 5):  # one statement each, as bookings between two metering runs
-        Hold.objects.create(organization=busy, reservation=reservation, amount_minor=50 + k,
-                            currency="usd", idempotency_key=f"burst:{k}")  # fmt: skip
+    spread(busy, FOLD_AT + 5)  # its rows held by others through a burst of bookings
+    spread(quiet, 3)
     quiet_rows = sorted(
         OpenHoldsDelta.objects.filter(organization=quiet).values_list("id", flat=True)
     )
-    assert 1 < len(quiet_rows) <= FOLD_AT
-    assert OpenHoldsDelta.objects.filter(organization=busy).count() > FOLD_AT
 
     for org in orgs:
         assert money_position(organization_id=org.pk, fold=True) == reference(org.pk)
-    assert OpenHoldsDelta.objects.filter(organization=busy).count() == 1
+    assert rows(busy) == 1
     assert delta_sum(busy.pk) == open_sum(busy.pk)
     # At or under FOLD_AT: left as it is.
     assert (
@@ -187,11 +206,58 @@ def test_the_gate_folds_an_organisation_with_more_than_fold_at_deltas():
         == quiet_rows
     )
     # A read without `fold` (the portal, the API's balance) never writes.
-    Hold.objects.create(organization=busy, reservation=reservation, amount_minor=9,
-                        currency="usd", idempotency_key="after")  # fmt: skip
+    spread(busy, FOLD_AT + 5)
     assert money_position(organization_id=busy.pk) == reference(busy.pk)
-    assert OpenHoldsDelta.objects.filter(organization=busy).count() == 2
+    assert rows(busy) == FOLD_AT + 5
+    # Bookings add to the organisation's first row: no row more.
+    for k in range(5):
+        Hold.objects.create(organization=busy, reservation=reservation, amount_minor=50 + k,
+                            currency="usd", idempotency_key=f"burst:{k}")  # fmt: skip
+    assert rows(busy) == FOLD_AT + 5
     assert_exact(orgs)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_adds_to_a_row_nobody_holds_and_never_waits_for_one():
+    (org,) = generate(random.Random(19), orgs=1)
+    reservation = make_reservation(org, gpu_count=1, starts_at=timezone.now() + timedelta(days=30))
+    assert rows(org) == 1
+
+    def hold(key: str) -> None:
+        Hold.objects.create(organization=org, reservation=reservation, amount_minor=100,
+                            currency="usd", idempotency_key=key)  # fmt: skip
+
+    hold("added")
+    assert rows(org) == 1
+    # Another transaction holds the organisation's row (a metering run charging its holds).
+    locked, release = threading.Event(), threading.Event()
+
+    def holder():
+        try:
+            with transaction.atomic():
+                list(OpenHoldsDelta.objects.select_for_update().filter(organization=org))
+                locked.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert locked.wait(10)
+    try:
+        with connection.cursor() as cur:
+            cur.execute("SET statement_timeout = '3s'")  # a wait fails the test
+        hold("beside")
+        assert rows(org) == 2
+    finally:
+        release.set()
+        thread.join()
+        with connection.cursor() as cur:
+            cur.execute("RESET statement_timeout")
+    hold("after")
+    assert rows(org) == 2  # back to adding to the first row
+    assert delta_sum(org.pk) == open_sum(org.pk)
+    assert money_position(organization_id=org.pk) == reference(org.pk)
 
 
 @pytest.mark.django_db(transaction=True)
