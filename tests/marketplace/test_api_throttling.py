@@ -70,3 +70,18 @@ def test_a_malformed_rate_fails_at_start_up(rate):
     )
     assert result.returncode != 0
     assert "API_THROTTLE_RATE must look like 600/min" in result.stderr
+
+
+def test_a_redis_that_lost_the_count_script_is_given_it_again(org, settings):
+    """Redis restarted or flushed its scripts: the next request loads it and is counted."""
+    from config.api import throttling
+
+    settings.API_THROTTLE_RATE = "50/min"
+    client = key_client(org)
+    assert client.get("/api/v1/organization")["X-RateLimit-Remaining"] == "49"
+    throttling._redis.script_flush()
+    response = client.get("/api/v1/organization")
+    assert response.status_code == 200
+    assert response["X-RateLimit-Remaining"] == "48"
+    assert throttling._redis.script_exists(throttling._script.sha) == [True]
+    assert client.get("/api/v1/organization")["X-RateLimit-Remaining"] == "47"
