@@ -316,10 +316,12 @@ class OpenHoldsDelta(models.Model):
     """A change to what an organisation's open holds still commit (amount − charged).
 
     Written by the database's triggers on every statement that changes holds (billing
-    migration 0009), never by Python: the sum of an organisation's rows is its open holds, so
-    the funding gate does not read every hold of an organisation that has booked far ahead.
-    Only inserted, so writers take no lock on a shared row; the metering run folds them into
-    one row per organisation (holds.open_holds_fold).
+    migrations 0009 and 0010), never by Python: the sum of an organisation's rows is its open
+    holds, so the funding gate does not read every hold of an organisation that has booked far
+    ahead. A statement adds its change to a row of the organisation that no other transaction
+    holds (SKIP LOCKED: no writer waits on another) and inserts a row only when all are held;
+    the metering run and the gate fold an organisation's rows into one
+    (holds.open_holds_fold, money_position(fold=True)).
     """
 
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
