@@ -144,18 +144,21 @@ def money_position(*, organization_id: int, fold: bool = False) -> MoneyPosition
     return MoneyPosition(int(balance), int(accrued), int(held))
 
 
-# The deltas of each organisation with several folded into one row (one with a single row is
-# already folded: no rewrite every minute). Rows committed after the statement began (or not
-# yet committed) are not in its snapshot and stay; a concurrent fold waits on the rows this
-# one deletes, then skips them, so nothing is counted twice or lost.
-_FOLD_SQL = """
+def _fold_sql(org_filter: str) -> str:
+    """The deltas of each organisation with several (of one, with `org_filter`) folded into one
+    row; one with a single row is already folded, so nothing is rewritten every minute. Rows
+    another transaction holds (a fold, a statement adding to them) are skipped and stay for the
+    next fold, so a fold never waits; rows committed after it began are not in its snapshot and
+    stay too: nothing is counted twice or lost."""
+    return f"""
 WITH several AS (
-    SELECT organization_id FROM billing_openholdsdelta
+    SELECT organization_id FROM billing_openholdsdelta WHERE TRUE {org_filter}
     GROUP BY organization_id HAVING count(*) > 1
 ), folded AS (
-    DELETE FROM billing_openholdsdelta d USING several
-    WHERE d.organization_id = several.organization_id
-    RETURNING d.organization_id, d.amount_minor
+    DELETE FROM billing_openholdsdelta WHERE id IN (
+        SELECT d.id FROM billing_openholdsdelta d JOIN several USING (organization_id)
+        FOR UPDATE OF d SKIP LOCKED)
+    RETURNING organization_id, amount_minor
 )
 INSERT INTO billing_openholdsdelta (organization_id, amount_minor)
 SELECT organization_id, sum(amount_minor) FROM folded
@@ -163,21 +166,12 @@ GROUP BY organization_id HAVING sum(amount_minor) <> 0 ORDER BY organization_id
 """
 
 
+# Every organisation's deltas, by the metering run; one organisation's, by the gate.
+_FOLD_SQL = _fold_sql("")
+_FOLD_ORG_SQL = _fold_sql("AND organization_id = %(org)s")
+
 # How many deltas an organisation may have before the gate folds them (money_position).
 FOLD_AT = 32
-
-# One organisation's deltas folded into one row, by the gate. The rows a concurrent fold has
-# locked are skipped (that fold replaces them), so the gate never waits on the metering run.
-_FOLD_ORG_SQL = """
-WITH folded AS (
-    DELETE FROM billing_openholdsdelta WHERE id IN (
-        SELECT id FROM billing_openholdsdelta WHERE organization_id = %(org)s
-        FOR UPDATE SKIP LOCKED)
-    RETURNING amount_minor
-)
-INSERT INTO billing_openholdsdelta (organization_id, amount_minor)
-SELECT %(org)s, sum(amount_minor) FROM folded HAVING sum(amount_minor) <> 0
-"""
 
 
 def open_holds_fold() -> int:
