@@ -44,6 +44,9 @@ RESERVATION_STATUS_EVENTS = {
 }
 
 
+_EVENT_TYPES = frozenset(EventType.values)
+
+
 def event_build(
     *,
     organization_id: int,
@@ -57,7 +60,7 @@ def event_build(
     """The event for `obj`, shown through the API serializer `serializer` (with `context`),
     not yet saved: event_record saves it; the transition service writes a reservation's in
     the statement that moves it."""
-    if type not in EventType.values:
+    if type not in _EVENT_TYPES:
         raise ValueError(f"unknown event type {type!r}")
     return Event(
         organization_id=organization_id,

@@ -237,11 +237,15 @@ LONG_AVERAGE_DAYS = 30
 _HOUR = timedelta(hours=1)
 
 
+# Read on every search, quote and booking: Choices.values builds its list on each access.
+_TIERS, _TERMS = frozenset(Tier.values), frozenset(Term.values)
+
+
 def validate_tier_term(*, tier: str, term: str, starts_at: datetime, ends_at: datetime) -> None:
     """Raise ValidationFailed unless tier, term and period go together."""
-    if tier not in Tier.values:
+    if tier not in _TIERS:
         raise ValidationFailed(f"Unknown tier {tier!r}.", code="invalid_tier", field="tier")
-    if term not in Term.values:
+    if term not in _TERMS:
         raise ValidationFailed(f"Unknown term {term!r}.", code="invalid_term", field="term")
     if tier == Tier.RESERVED:
         if term == Term.NONE:
