@@ -203,12 +203,15 @@ def fixed_window_count(
     unreachable and the event passes uncounted (see LimiterOutage).
     """
     window = int(now // period)
-    key = cache.make_and_validate_key(f"ratelimit:{name}:{period}:{window}")
+    # make_key, not make_and_validate_key: the check is memcached's (it warns of spaces,
+    # control characters and keys over 250 bytes), Redis takes any bytes as a key, and the
+    # check walks every character of both keys on every request.
+    key = cache.make_key(f"ratelimit:{name}:{period}:{window}")
     try:
         count, watched = _count(
             key,
             timeout=period + 1,
-            watch=None if watch is None else cache.make_and_validate_key(watch),
+            watch=None if watch is None else cache.make_key(watch),
         )
     except redis.RedisError as exc:
         _unreachable(exc, now)
