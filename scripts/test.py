@@ -127,12 +127,20 @@ def main(pytest_args: list[str]) -> int:
             return 2
         print(f"make test: {postgres.description}; {redis.description}", flush=True)
 
-        if tests_exist(BROWSER_TEST_MARKERS):
-            subprocess.run(["bash", str(ROOT / "scripts" / "ensure_chromium.sh")], check=True)
-        # The site agent's tests run real containers (their image is built once per run by
-        # tests/agent/conftest.py).
-        if tests_exist(CONTAINER_TEST_MARKERS):
-            subprocess.run(["bash", str(ROOT / "scripts" / "ensure_podman.sh")], check=True)
+        # The browser tests drive the system's Chromium; the site agent's tests run real
+        # containers (their image is built once per run by tests/agent/conftest.py). Each
+        # script installs what is missing as root, else says what to install and fails.
+        for markers, script in (
+            (BROWSER_TEST_MARKERS, "ensure_chromium.sh"),
+            (CONTAINER_TEST_MARKERS, "ensure_podman.sh"),
+        ):
+            if (
+                tests_exist(markers)
+                and subprocess.run(["bash", str(ROOT / "scripts" / script)]).returncode
+            ):
+                print(f"make test: scripts/{script} failed (above); the suite did not run.",
+                      file=sys.stderr)  # fmt: skip
+                return 2
 
         env = suite_environment(database_url=postgres.url, redis_url=redis.url)
         collect_static(env)
