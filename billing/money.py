@@ -4,9 +4,14 @@ Rounding rule (the only one): an amount becomes minor units once, at the ledger 
 ROUND_HALF_UP to the currency's minor unit. Usage is rounded on the reservation's cumulative
 cost, and each line is the difference to what was already charged, so the sum of the lines is
 always the correctly rounded total (no drift from rounding many small lines).
+
+A hold is not a ledger line but money set aside for what a booking commits: it rounds up
+(`hold_minor_units`), so it always covers what it stands for. Rounded half-up, the commitment
+of a minute of one GPU, or of a short extension, would be held as nothing, and any number of
+them would pass a gate with nothing available.
 """
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 __all__ = [
     "ZERO_DECIMAL_CURRENCIES",
@@ -14,6 +19,7 @@ __all__ = [
     "MAX_TOP_UP",
     "minor_exponent",
     "to_minor_units",
+    "hold_minor_units",
     "from_minor_units",
     "usage_cost_minor",
 ]
@@ -42,6 +48,13 @@ def to_minor_units(amount: Decimal | int, currency: str) -> int:
     _require_exact(amount, "amount")
     scaled = Decimal(amount).scaleb(minor_exponent(currency))
     return int(scaled.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def hold_minor_units(amount: Decimal | int, currency: str) -> int:
+    """Decimal major units → int minor units for a hold: rounded up, never below the amount."""
+    _require_exact(amount, "amount")
+    scaled = Decimal(amount).scaleb(minor_exponent(currency))
+    return int(scaled.quantize(Decimal(1), rounding=ROUND_CEILING))
 
 
 def from_minor_units(amount_minor: int, currency: str) -> Decimal:

@@ -22,7 +22,7 @@ from django.views import View
 
 from billing.apis import MONEY_ROLES
 from billing.models import BillingMode, FundingState
-from billing.money import from_minor_units, to_minor_units
+from billing.money import from_minor_units
 from billing.selectors import (
     balance_by_day,
     billing_account_for_org,
@@ -42,7 +42,7 @@ from billing.selectors import (
     usage_with_unbooked,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
-from billing.services.funding import committed_amount
+from billing.services.funding import committed_hold_minor
 from billing.services.holds import money_position
 from billing.services.payment_methods import (
     payment_method_attach,
@@ -104,7 +104,8 @@ def commitment_funding(membership, *, currency: str, **commitment) -> dict:
     """For a quote page: what is held now, what is available, and whether it covers it."""
     organization = membership.organization
     account = billing_account_for_org(organization=organization)
-    due_now = committed_amount(**commitment).quantize(Decimal("0.01"))
+    due_minor = committed_hold_minor(currency=currency, **commitment)
+    due_now = from_minor_units(due_minor, currency)
     position = money_position(organization_id=organization.pk)
     balance, held = position.balance, position.accrued + position.held
     postpaid = bool(account) and account.mode == BillingMode.POSTPAID
@@ -115,7 +116,7 @@ def commitment_funding(membership, *, currency: str, **commitment) -> dict:
         "held": from_minor_units(held, currency),
         "available": from_minor_units(position.available, currency),
         "postpaid": postpaid,
-        "covered": postpaid or position.available >= to_minor_units(due_now, currency),
+        "covered": postpaid or position.available >= due_minor,
         "can_pay": membership.role in MONEY_ROLES,
     }
 

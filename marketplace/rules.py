@@ -19,6 +19,8 @@ __all__ = [
     "START_SKEW",
     "MAX_DURATION",
     "MAX_LEAD",
+    "MIN_DURATION",
+    "validate_period_length",
     "validate_request_period",
     "NodeCapacity",
     "choose_nodes",
@@ -32,6 +34,25 @@ START_SKEW = timedelta(seconds=60)
 # The longest bookable period (a 1y term plus a day) and how far ahead one may book.
 MAX_DURATION = timedelta(days=366)
 MAX_LEAD = timedelta(days=365)
+# The shortest period sold, searched or resold: usage is billed by the second and holds by
+# the cent, but a window of a few seconds (or under one: priced over zero seconds) is nothing
+# a workload can use, and slices that small of a resale listing would only split the
+# seller's term.
+MIN_DURATION = timedelta(minutes=1)
+
+
+def validate_period_length(*, starts_at: datetime, ends_at: datetime) -> None:
+    """An end after the start, at least MIN_DURATION after it; ValidationFailed otherwise."""
+    if ends_at <= starts_at:
+        raise ValidationFailed(
+            "The end must be after the start.", code="period_invalid", field="ends_at"
+        )
+    if ends_at - starts_at < MIN_DURATION:
+        raise ValidationFailed(
+            f"A period lasts at least {int(MIN_DURATION.total_seconds())} seconds.",
+            code="period_too_short",
+            field="ends_at",
+        )
 
 
 def validate_request_period(
@@ -44,10 +65,7 @@ def validate_request_period(
     for name, value in (("starts_at", starts_at), ("ends_at", ends_at)):
         if not isinstance(value, datetime) or value.tzinfo is None:
             raise ValidationFailed(f"{name} must be a time with a time zone.", field=name)
-    if ends_at <= starts_at:
-        raise ValidationFailed(
-            "The end must be after the start.", code="period_invalid", field="ends_at"
-        )
+    validate_period_length(starts_at=starts_at, ends_at=ends_at)
     if starts_at < now - START_SKEW:
         raise ValidationFailed(
             "The start time is in the past.", code="starts_in_past", field="starts_at"

@@ -29,7 +29,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, FundingState
-from billing.money import from_minor_units, to_minor_units
+from billing.money import from_minor_units, hold_minor_units, to_minor_units
 from billing.selectors import month_start, reservations_charged, spend_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.credits import cancellation_settle
@@ -47,6 +47,7 @@ from marketplace.services.transitions import reservation_transition
 
 __all__ = [
     "committed_amount",
+    "committed_hold_minor",
     "commitment_authorize",
     "BillingFundingGate",
     "funding_state_update",
@@ -71,6 +72,12 @@ def committed_amount(
     hours = Decimal(getattr(settings, "BILLING_ON_DEMAND_COMMIT_HOURS", 1))
     period_hours = Decimal(int((ends_at - starts_at).total_seconds())) / 3600
     return Decimal(price_per_gpu_hour) * gpu_count * min(hours, period_hours)
+
+
+def committed_hold_minor(*, currency: str, **commitment) -> int:
+    """What a booking (or an extension, given its extra time and amount) holds, in minor units:
+    its committed_amount rounded up to the minor unit (billing.money.hold_minor_units)."""
+    return hold_minor_units(committed_amount(**commitment), currency)
 
 
 # The gate's lock: every money decision for an organisation (a booking, an extension) takes
@@ -176,16 +183,14 @@ class BillingFundingGate:
     def reservation_authorize(
         self, *, reservation: Reservation, auto_recharge: bool = True
     ) -> None:
-        commit_minor = to_minor_units(
-            committed_amount(
-                tier=reservation.tier,
-                gpu_count=reservation.gpu_count,
-                price_per_gpu_hour=reservation.price_per_gpu_hour,
-                total_amount=reservation.total_amount,
-                starts_at=reservation.starts_at,
-                ends_at=reservation.ends_at,
-            ),
-            reservation.currency,
+        commit_minor = committed_hold_minor(
+            currency=reservation.currency,
+            tier=reservation.tier,
+            gpu_count=reservation.gpu_count,
+            price_per_gpu_hour=reservation.price_per_gpu_hour,
+            total_amount=reservation.total_amount,
+            starts_at=reservation.starts_at,
+            ends_at=reservation.ends_at,
         )
         commitment_authorize(
             organization_id=reservation.organization_id,
@@ -214,16 +219,14 @@ class BillingFundingGate:
         extra_minor = to_minor_units(reservation.total_amount, currency) - to_minor_units(
             old_total, currency
         )
-        commit_minor = to_minor_units(
-            committed_amount(
-                tier=reservation.tier,
-                gpu_count=reservation.gpu_count,
-                price_per_gpu_hour=reservation.price_per_gpu_hour,
-                total_amount=from_minor_units(extra_minor, currency),
-                starts_at=old_ends_at,
-                ends_at=reservation.ends_at,
-            ),
-            currency,
+        commit_minor = committed_hold_minor(
+            currency=currency,
+            tier=reservation.tier,
+            gpu_count=reservation.gpu_count,
+            price_per_gpu_hour=reservation.price_per_gpu_hour,
+            total_amount=from_minor_units(extra_minor, currency),
+            starts_at=old_ends_at,
+            ends_at=reservation.ends_at,
         )
         commitment_authorize(
             organization_id=reservation.organization_id,

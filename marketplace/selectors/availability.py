@@ -23,7 +23,7 @@ from config.errors import ValidationFailed
 from config.replica import read_connection
 from inventory.models import GpuModel, Node, Site
 from marketplace.models import Curtailment, RateCard, ResaleListing, Tier
-from marketplace.rules import NodeCapacity, validate_request_period
+from marketplace.rules import NodeCapacity, validate_period_length, validate_request_period
 from marketplace.selectors.catalogue import CurtailmentHistory, site_curtailment_history
 from marketplace.selectors.reference import gpu_models_by_id, rate_card_for, sites_by_id
 from marketplace.selectors.resale import resale_breakdown, resale_offer_rows
@@ -292,8 +292,7 @@ def _filters(
 def _validate_window(*, starts_at: datetime, ends_at: datetime) -> None:
     if starts_at.tzinfo is None or ends_at.tzinfo is None:
         raise ValidationFailed("Times must carry a time zone.", field="starts_at")
-    if ends_at <= starts_at:
-        raise ValidationFailed("ends_at must be after starts_at.", field="ends_at")
+    validate_period_length(starts_at=starts_at, ends_at=ends_at)
 
 
 def node_free_capacity(

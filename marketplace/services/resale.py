@@ -36,6 +36,7 @@ from marketplace.models import (
     Reservation,
     Tier,
 )
+from marketplace.rules import validate_period_length
 from marketplace.services.audit import audit_record
 from marketplace.services.events import listing_events_record
 from marketplace.services.pricing import PriceFloor, price_floor
@@ -213,10 +214,7 @@ def _listing_window_check(
     if isinstance(gpu_count, bool) or not isinstance(gpu_count, int) or gpu_count < 1:
         raise ValidationFailed("gpu_count must be a whole number of at least 1.", field="gpu_count")
     starts_at, ends_at = _aware(starts_at, "starts_at"), _aware(ends_at, "ends_at")
-    if ends_at <= starts_at:
-        raise ValidationFailed(
-            "The end must be after the start.", code="period_invalid", field="ends_at"
-        )
+    validate_period_length(starts_at=starts_at, ends_at=ends_at)
     if starts_at < locked.starts_at or ends_at > locked.ends_at:
         raise ValidationFailed(
             f"The window must lie inside the term ({locked.starts_at.isoformat()} to "

@@ -1,4 +1,4 @@
-"""Money committed is money held (DESIGN invariant 9): bookings race against one balance.
+"""Money committed is money held: bookings race against one balance.
 
 Real PostgreSQL, one thread (and connection) per client: the gate's lock on the billing
 account row and the holds it writes decide, not Python.
@@ -324,6 +324,50 @@ def test_an_on_demand_extension_holds_the_first_hour_of_its_extra_time(capacity,
     with pytest.raises(PaymentRequired):  # 1.00 available: not another first hour (2.50)
         reservation_extend(reservation=booked, new_ends_at=booked.ends_at + timedelta(hours=8),
                            actor_label="user:test")  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_a_hold_rounds_up_so_small_extensions_cannot_pile_up_on_nothing(capacity, org):
+    # At 2.50/GPU-hour, 5 s of one GPU is 0.0035: half-up it would be held as 0.00, and
+    # extension after extension would pass a gate with nothing available.
+    credit(org, 250)
+    booked = reserve_on_demand(org, capacity, hours=1)  # its first hour, 2.50, held: 0 left
+    assert money_position(organization_id=org.pk).available == 0
+
+    with pytest.raises(PaymentRequired) as error:
+        reservation_extend(reservation=booked, new_ends_at=booked.ends_at + timedelta(seconds=5),
+                           actor_label="user:test")  # fmt: skip
+
+    assert error.value.code == "insufficient_funds"
+    assert "committed part (0.01 USD)" in str(error.value)
+    booked.refresh_from_db()
+    assert booked.ends_at == booked.starts_at + timedelta(hours=1)
+    credit(org, 1, key="c2")  # exactly what 5 s holds, rounded up
+    reservation_extend(reservation=booked, new_ends_at=booked.ends_at + timedelta(seconds=5),
+                       actor_label="user:test")  # fmt: skip
+    assert sorted(
+        Hold.objects.filter(reservation=booked).values_list("amount_minor", flat=True)
+    ) == [1, 250]
+    assert money_position(organization_id=org.pk).available == 0
+
+
+@pytest.mark.django_db
+def test_a_minute_of_one_gpu_is_held_to_the_cent_above(capacity, org):
+    # 60 s at 2.50/GPU-hour is 0.041666…: held as 0.05, not 0.04; the total stays 0.04.
+    credit(org, 4)
+    start = tomorrow()
+    with pytest.raises(PaymentRequired):
+        reservation_create(organization=org, gpu_model=capacity.slug, gpu_count=1,
+                           tier="on_demand", starts_at=start,
+                           ends_at=start + timedelta(minutes=1))  # fmt: skip
+    assert not Reservation.objects.filter(organization=org).exists()
+
+    credit(org, 1, key="c2")
+    booked = reservation_create(organization=org, gpu_model=capacity.slug, gpu_count=1,
+                                tier="on_demand", starts_at=start,
+                                ends_at=start + timedelta(minutes=1))  # fmt: skip
+    assert booked.total_amount == Decimal("0.04")
+    assert Hold.objects.get(reservation=booked).amount_minor == 5
 
 
 @pytest.mark.django_db

@@ -121,6 +121,29 @@ CASES = [
         "not_a_list",
         "ssh_key_ids",
     ),
+    # Under MIN_DURATION: under a second was priced over zero seconds (a 500), a few seconds
+    # rounded to a total and a hold of nothing.
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "starts_at": START, "ends_at": "2099-01-01T00:00:00.5Z"},
+        400,
+        "period_too_short",
+        "ends_at",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "starts_at": START, "ends_at": "2099-01-01T00:00:59Z"},
+        400,
+        "period_too_short",
+        "ends_at",
+    ),
+    (
+        "/api/v1/quotes",
+        {**reservation_body(), "starts_at": START, "ends_at": "2099-01-01T00:00:00.5Z"},
+        400,
+        "period_too_short",
+        "ends_at",
+    ),
     ("/api/v1/reservations/{res}/cancel", {"reason": "x" * 501}, 400, "max_length", "reason"),
     ("/api/v1/reservations/{res}/extend", {}, 400, "required", "ends_at"),
     (

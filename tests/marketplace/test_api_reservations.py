@@ -126,6 +126,21 @@ def test_availability_refuses_a_period_no_reservation_could_have(
     assert response.json()["error"]["field"] == "starts_at"
 
 
+@pytest.mark.parametrize("length", [timedelta(milliseconds=500), timedelta(seconds=59)])
+def test_availability_refuses_a_window_under_a_minute(client_key, market, length):
+    # Under a second was priced over zero seconds (a 500); under a minute is nothing a
+    # reservation may be (MIN_DURATION).
+    start = tomorrow()
+    response = client_key.get(
+        "/api/v1/availability",
+        {"gpu_model": "h100-sxm-80gb", "gpu_count": 1, "start": start.isoformat(),
+         "end": (start + length).isoformat()},
+    )  # fmt: skip
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "period_too_short"
+    assert response.json()["error"]["field"] == "ends_at"
+
+
 def test_site_availability_counts_free_gpus(client_key, owner_client, market):
     make_reservation(owner_client, gpu_count=3)
     start = tomorrow()

@@ -81,6 +81,7 @@ def test_a_holder_lists_whole_gpus_of_one_node_for_a_future_window():
         ({"price": "1.00001"}, "invalid_price", "price_per_gpu_hour"),
         ({"tier": "reserved"}, "invalid_tier", "tier"),
         ({"hours": 0}, "period_invalid", "ends_at"),
+        ({"hours": 0.01}, "period_too_short", "ends_at"),  # 36 s
         ({"gpus": 0}, "invalid", "gpu_count"),
         ({"node": "no-such-node"}, "unknown_node", "node"),
     ],
@@ -302,6 +303,23 @@ def test_a_purchase_that_does_not_fit_the_listing_is_refused(change, error, code
     if code:
         assert raised.value.code == code
     assert snapshot() == before
+
+
+def test_a_slice_of_a_listing_under_a_minute_cannot_be_bought():
+    # A half-second slice was priced over zero seconds; a few seconds' slice cost nothing
+    # and split the seller's listing (and its term) for free.
+    m = market()
+    lst = listing(m)
+    before = snapshot()
+
+    for hours in (0.5 / 3600, 30 / 3600):
+        with pytest.raises(ValidationFailed) as error:
+            buy(m, lst, gpus=1, hours=hours)
+        assert (error.value.code, error.value.field) == ("period_too_short", "ends_at")
+
+    assert snapshot() == before
+    lst.refresh_from_db()
+    assert lst.status == ListingStatus.OPEN
 
 
 def test_a_seller_cannot_buy_its_own_listing_and_a_sold_one_cannot_be_bought_twice():
