@@ -365,6 +365,16 @@ class DryRunExecutor:
         return None
 
 
+def _ssh_keys(payload: dict) -> list[str]:
+    """The workload's SSH public keys, one line each whatever the server let through: a key
+    with a line break in it would authorise what follows the break."""
+    return [
+        k
+        for k in payload.get("ssh_public_keys") or []
+        if isinstance(k, str) and k and "\n" not in k and "\r" not in k
+    ]
+
+
 class ContainerExecutor:
     """Runs workloads with podman or docker through the CLI verbs both share (run, inspect,
     port, logs, stop, rm, pull, network).
@@ -555,15 +565,15 @@ class ContainerExecutor:
         env = dict(payload.get("env", {}))
         # Which container ports are published (and checked for readiness), for the workload.
         env["SWITCHYARD_PORTS"] = " ".join(str(p) for p in cls._ports(payload))
-        if payload.get("ssh_public_keys"):
-            env["SSH_PUBLIC_KEYS"] = "\n".join(payload["ssh_public_keys"])
+        if _ssh_keys(payload):
+            env["SSH_PUBLIC_KEYS"] = "\n".join(_ssh_keys(payload))
         return env
 
     def _notice_dir(self, name: str, payload: dict) -> Path:
         directory = self.state_dir / name
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o755)
-        keys = "".join(f"{k}\n" for k in payload.get("ssh_public_keys", []))
+        keys = "".join(f"{k}\n" for k in _ssh_keys(payload))
         _write_atomic(directory / "authorized_keys", keys, mode=0o644)
         return directory
 

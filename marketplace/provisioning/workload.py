@@ -102,7 +102,15 @@ def ssh_public_key_validate(value, *, field: str) -> str:
 
     if not isinstance(value, str):
         raise fail("An SSH public key must be a string.", "invalid")
-    fields = value.strip().split(None, 2)
+    value = value.strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        # A line break would end the key's line in authorized_keys, and what follows it (say,
+        # another key, with options) would be authorised too, under this key's fingerprint.
+        raise fail(
+            "An SSH public key is one line: no line breaks or other control characters "
+            "(add several keys one by one)."
+        )
+    fields = value.split(None, 2)
     if len(fields) < 2:
         raise fail("An SSH public key looks like 'ssh-ed25519 AAAA… comment'.")
     key_type, body = fields[0], fields[1]

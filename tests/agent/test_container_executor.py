@@ -69,7 +69,10 @@ def test_a_workload_starts_ready_with_its_ports_published_on_the_node_address(
 def test_ssh_keys_are_delivered_as_a_file_and_in_the_environment(executor_factory, payload_for):
     executor = executor_factory()
     other = KEY.replace("test@example", "second@example")
-    payload = payload_for(ssh_public_keys=[KEY, other], env={"LISTEN": "22"})
+    # A key with a line break in it (which the server refuses) would authorise what follows
+    # the break: the agent drops it rather than write it.
+    smuggled = KEY + '\ncommand="/bin/sh" ' + KEY.replace("test@example", "backdoor")
+    payload = payload_for(ssh_public_keys=[KEY, smuggled, other], env={"LISTEN": "22"})
     _start(executor, payload)
 
     name = payload["container_name"]

@@ -26,6 +26,7 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     reservation_body,
     tomorrow,
 )
+from tests.provisioning_support import ssh_key
 
 pytestmark = pytest.mark.django_db
 
@@ -166,6 +167,21 @@ CASES = [
         "public_key",
     ),
     ("/api/v1/ssh-keys", {"name": "x" * 101, "public_key": "x"}, 400, "max_length", "name"),
+    # A line break ends the key's line in authorized_keys: what follows would be authorised too.
+    (
+        "/api/v1/ssh-keys",
+        {"name": "x", "public_key": f"{ssh_key()}\nno-pty {ssh_key(body=bytes(32))}"},
+        400,
+        "invalid_ssh_key",
+        "public_key",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "workload": {"ssh_public_keys": [f"{ssh_key()}\r\nx"]}},
+        400,
+        "invalid_ssh_key",
+        "workload.ssh_public_keys.0",
+    ),
     (
         "/api/v1/organization/members",
         {"email": "nobody@example.com"},
