@@ -5,8 +5,6 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
-from datetime import date
-
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -18,6 +16,7 @@ from billing.selectors import (
     ledger_for_org,
     payment_methods_for_org,
     statement_for_month,
+    statement_month,
     top_ups_for_org,
     usage_by_reservation_day,
     usage_row_energy,
@@ -210,13 +209,12 @@ class StatementApi(ApiView):
                    "by reservation and every ledger line",
                    responses={200: StatementOutput, **errors(403, 404)})  # fmt: skip
     def get(self, request, year: int, month: int):
-        if not (1 <= month <= 12 and 2000 <= year <= 9999):
-            raise NotFound("No such month.", field="month")
+        first_day = statement_month(year, month)
+        if first_day is None:
+            raise NotFound("No statement for that month.", field="month")
         account = billing_account_get_or_create(organization=self.organization)
         c = account.currency
-        statement = statement_for_month(
-            organization=self.organization, month=date(year, month, 1), currency=c
-        )
+        statement = statement_for_month(organization=self.organization, month=first_day, currency=c)
         data = {
             "month": f"{year:04d}-{month:02d}",
             "currency": c,

@@ -7,7 +7,7 @@ changes nothing.
 """
 
 import csv
-from datetime import date, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 from django import forms
@@ -34,6 +34,7 @@ from billing.selectors import (
     spend_by_day_and_model,
     spend_minor,
     statement_for_month,
+    statement_month,
     statement_months,
     top_ups_for_org,
     usage_by_reservation_day,
@@ -522,13 +523,12 @@ STATEMENT_KIND_LABELS = {
 
 
 def _statement(view, year: int, month: int):
-    if not (1 <= month <= 12 and 2000 <= year <= 9999):
-        raise Http404("No such month.")
+    first_day = statement_month(year, month)
+    if first_day is None:
+        raise Http404("No statement for that month.")
     account = billing_account_for_org(organization=view.organization)
     currency = account.currency if account else settings.CURRENCY
-    return statement_for_month(
-        organization=view.organization, month=date(year, month, 1), currency=currency
-    )
+    return statement_for_month(organization=view.organization, month=first_day, currency=currency)
 
 
 class StatementsView(BillingPage):

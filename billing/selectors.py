@@ -40,6 +40,7 @@ __all__ = [
     "reservations_charged",
     "Statement",
     "statement_for_month",
+    "statement_month",
     "statement_months",
     "delivered_gpu_seconds_by_day",
 ]
@@ -278,6 +279,15 @@ class Statement:
     lines: list[StatementLine]
     totals_minor: dict[str, int]  # by ledger kind, signed as in the ledger
     usage: list[dict]  # per reservation: public id, GPU-seconds, amount charged (positive)
+
+
+def statement_month(year: int, month: int) -> date | None:
+    """The first day of that month (UTC) if it can have a statement: from January 2000 to
+    the current month; None for any other (a statement's page or API answers 404)."""
+    if not (1 <= month <= 12 and 2000 <= year <= datetime.now(UTC).year):
+        return None
+    first = date(year, month, 1)
+    return first if first <= datetime.now(UTC).date() else None
 
 
 def _month_bounds(month: date) -> tuple[datetime, datetime]:

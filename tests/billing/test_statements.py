@@ -106,9 +106,15 @@ def test_the_printable_statement_sums_by_kind_and_usage_by_reservation(org, owne
     assert 'href="/billing/statements/2026-10.csv"' in listed
 
 
-def test_a_month_that_does_not_exist_is_a_404(owner_client):
-    assert owner_client.get("/billing/statements/2026-13").status_code == 404
-    assert owner_client.get("/billing/statements/2026-00.csv").status_code == 404
+@pytest.mark.parametrize("month", ["2026-13", "2026-00", "1999-12", "9999-12", "2999-01"])
+def test_a_month_without_a_statement_is_a_404_on_every_page(owner_client, month):
+    # 9999-12 once ran into year 10000 (a 500); a month after this one has no statement yet.
+    for path in (f"/billing/statements/{month}", f"/billing/statements/{month}.csv",
+                 f"/api/v1/billing/statements/{month}"):  # fmt: skip
+        assert owner_client.get(path).status_code == 404, path
+    assert owner_client.get("/api/v1/billing/statements/" + month).json()["error"]["code"] == (
+        "not_found"
+    )
 
 
 def test_each_top_up_is_receipted_by_email(org, django_capture_on_commit_callbacks):
