@@ -47,7 +47,9 @@ API_KEYS_GENERATION = "apikeys:generation"
 
 logger = logging.getLogger(__name__)
 
-KEY_QUERY_PARAMS = frozenset({"api_key", "apikey", "key", "token", "access_token"})
+KEY_QUERY_PARAMS = frozenset(
+    {"api_key", "apikey", "key", "token", "access_token", "authorization", "bearer"}
+)
 
 
 class ApiKeyInUrl(exceptions.APIException):
@@ -98,8 +100,16 @@ class ApiKeyAuthentication(BaseAuthentication):
 
 
 def _refuse_key_in_url(request: Request) -> None:
+    """A parameter named like a credential, or a key anywhere in the path or the query (also
+    inside a value such as `?Authorization=Bearer sy_live_…`), is refused."""
+    if SECRET_PREFIX in request.path:
+        raise ApiKeyInUrl()
     for name, values in request.query_params.lists():
-        if name.lower() in KEY_QUERY_PARAMS or any(v.startswith(SECRET_PREFIX) for v in values):
+        if (
+            name.lower() in KEY_QUERY_PARAMS
+            or SECRET_PREFIX in name
+            or any(SECRET_PREFIX in v for v in values)
+        ):
             raise ApiKeyInUrl()
 
 

@@ -75,7 +75,9 @@ def test_it_answers_401_to_a_revoked_key(org):
     assert_error(client.get(URL), 401, "api_key_revoked")
 
 
-@pytest.mark.parametrize("param", ["api_key", "key", "token", "access_token"])
+@pytest.mark.parametrize(
+    "param", ["api_key", "key", "token", "access_token", "Authorization", "bearer"]
+)
 def test_it_refuses_a_key_in_the_query_string(param, org):
     client = key_client(org)  # also has a valid header: the URL key is refused regardless
     anonymous = HttpsAPIClient()
@@ -87,6 +89,18 @@ def test_it_refuses_a_key_in_the_query_string(param, org):
 def test_it_refuses_a_key_value_under_any_query_parameter_name(org):
     client = key_client(org)
     assert_error(HttpsAPIClient().get(f"{URL}?q={client.secret}"), 400, "api_key_in_url")
+
+
+def test_it_refuses_a_key_inside_a_query_value_or_in_the_path(org):
+    # Not only a value that starts with the key: a whole header pasted into the URL, or a
+    # key where an id goes, has leaked into the URL as surely.
+    client = key_client(org)  # a valid header too: the leak is refused regardless
+    for url in (
+        f"{URL}?Authorization=Bearer%20{client.secret}",
+        f"{URL}?note=mine-is-{client.secret}",
+        f"/api/v1/reservations/{client.secret}",
+    ):
+        assert_error(client.get(url), 400, "api_key_in_url")
 
 
 def test_a_read_only_key_can_read_but_not_post(org):
