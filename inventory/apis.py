@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
-from config.api.serializers import Serializer
+from config.api.serializers import LenientSerializer
 from config.errors import ApplicationError
 from inventory.auth import IsNodeAgent, NodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
@@ -44,7 +44,7 @@ def _gpu_indexes_validate(items: list[dict], *, known: set[int]) -> list[dict]:
     return items
 
 
-class GpuHealthReportSerializer(Serializer):
+class GpuHealthReportSerializer(LenientSerializer):
     index = serializers.IntegerField(min_value=0, max_value=255)
     health = serializers.ChoiceField(choices=GpuHealth.choices)
 
@@ -63,12 +63,12 @@ def _flag():
     return serializers.BooleanField(required=False, allow_null=True, default=None)
 
 
-class DriverEventSerializer(Serializer):
+class DriverEventSerializer(LenientSerializer):
     code = serializers.CharField(max_length=40)  # an Xid number or an amdgpu event name
     detail = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
 
 
-class GpuTelemetrySerializer(Serializer):
+class GpuTelemetrySerializer(LenientSerializer):
     """One GPU's readings, as agent/gpu_telemetry.py reports them (other keys are ignored)."""
 
     index = serializers.IntegerField(min_value=0, max_value=255)
@@ -100,7 +100,7 @@ class GpuTelemetrySerializer(Serializer):
     events = DriverEventSerializer(many=True, required=False, default=list, max_length=50)
 
 
-class TelemetrySerializer(Serializer):
+class TelemetrySerializer(LenientSerializer):
     source = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     unreadable = serializers.CharField(
         max_length=500, required=False, allow_null=True, allow_blank=True, default=None
@@ -117,7 +117,7 @@ class HeartbeatApi(APIView):
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeAgent]
 
-    class InputSerializer(Serializer):
+    class InputSerializer(LenientSerializer):
         class Meta:
             ref_name = "HeartbeatInput"
 
@@ -131,7 +131,7 @@ class HeartbeatApi(APIView):
         def validate_gpus(self, reports: list[dict]) -> list[dict]:
             return _gpu_indexes_validate(reports, known=self.context["gpu_indexes"])
 
-    class OutputSerializer(Serializer):
+    class OutputSerializer(LenientSerializer):
         class Meta:
             ref_name = "Heartbeat"
 
@@ -264,7 +264,7 @@ class BurnInLeaseApi(APIView):
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeAgent]
 
-    class OutputSerializer(Serializer):
+    class OutputSerializer(LenientSerializer):
         class Meta:
             ref_name = "BurnInJob"
 
@@ -291,7 +291,7 @@ class BurnInResultApi(APIView):
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeAgent]
 
-    class InputSerializer(Serializer):
+    class InputSerializer(LenientSerializer):
         class Meta:
             ref_name = "BurnInResultInput"
 
@@ -301,7 +301,7 @@ class BurnInResultApi(APIView):
             allow_blank=True, max_length=1_000_000, trim_whitespace=False, default=""
         )
 
-    class OutputSerializer(Serializer):
+    class OutputSerializer(LenientSerializer):
         class Meta:
             ref_name = "BurnInResult"
 

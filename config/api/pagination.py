@@ -1,5 +1,6 @@
 """Cursor pagination: stable under inserts, opaque cursors, newest first."""
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import exceptions, serializers
 from rest_framework.pagination import CursorPagination
 
@@ -20,10 +21,7 @@ class NewestFirstCursorPagination(CursorPagination):
         raw = request.query_params.get(self.page_size_query_param)
         if raw is None:
             return self.page_size
-        try:
-            limit = int(raw)
-        except ValueError:
-            limit = None
+        limit = int(raw) if raw.isascii() and raw.isdigit() else None
         if limit is None or not 1 <= limit <= self.max_page_size:
             raise serializers.ValidationError(
                 {
@@ -40,10 +38,22 @@ class NewestFirstCursorPagination(CursorPagination):
         try:
             return super().decode_cursor(request)
         except exceptions.NotFound:
-            raise serializers.ValidationError(
-                {"cursor": "Invalid cursor; use the next or previous link as given."},
-                code="invalid_cursor",
-            ) from None
+            raise _invalid_cursor() from None
+
+    def paginate_queryset(self, queryset, request, view=None):
+        # A cursor that decodes but whose position is not a value of the ordering field (a
+        # forged one: "p=garbage" where a time goes) fails in the query, as bad input.
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except DjangoValidationError:
+            raise _invalid_cursor() from None
+
+
+def _invalid_cursor() -> serializers.ValidationError:
+    return serializers.ValidationError(
+        {"cursor": "Invalid cursor; use the next or previous link as given."},
+        code="invalid_cursor",
+    )
 
 
 class SlugCursorPagination(NewestFirstCursorPagination):

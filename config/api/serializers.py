@@ -11,14 +11,30 @@ related field's child) is still deep-copied, since its children are bound to it.
 
 A serializer that changes a field's shared state (appends to its validators, edits its
 choices in place) would change it for every instance: assign a new value instead.
+
+Input: a JSON object with a key the serializer does not take is refused (400 unknown_field,
+naming it), at every level, as Stripe refuses an unknown parameter: DRF would drop it, and a
+misspelt `min_reliabilty` would book without the floor the caller asked for. A query string
+is not checked (paging and filter parameters are read elsewhere), nor is a serializer that
+sets `refuse_unknown_fields = False` (the site agent's protocol: a newer agent may send more
+than this server reads).
+
+A whole number given as a string is read only as ASCII digits with an optional sign: Python's
+int(), which DRF's IntegerField calls, also reads "1_0" as 10 and other scripts' digits.
 """
 
 import copy
+import re
 
+from django.http import QueryDict
 from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail, ValidationError
 from rest_framework.fields import Field
 
-__all__ = ["Serializer"]
+__all__ = ["LenientSerializer", "Serializer"]
+
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
 
 
 def _field_copy(field: Field) -> Field:
@@ -32,5 +48,38 @@ def _field_copy(field: Field) -> Field:
 
 
 class Serializer(serializers.Serializer):
+    refuse_unknown_fields = True
+
     def get_fields(self) -> dict[str, Field]:
         return {name: _field_copy(field) for name, field in self._declared_fields.items()}
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):  # a QueryDict too
+            fields = self.fields
+            if self.refuse_unknown_fields and not isinstance(data, QueryDict):
+                unknown = sorted(k for k in data if k not in fields or fields[k].read_only)
+                if unknown:
+                    name = str(unknown[0])
+                    takes = ", ".join(sorted(n for n, f in fields.items() if not f.read_only))
+                    raise ValidationError(
+                        {name: [ErrorDetail(f"Unknown field {name[:100]!r}; this request takes "
+                                            f"{takes}.", code="unknown_field")]}
+                    )  # fmt: skip
+            for name, field in fields.items():
+                value = data.get(name)
+                if (
+                    isinstance(value, str)
+                    and isinstance(field, serializers.IntegerField)
+                    and not _WHOLE_NUMBER.fullmatch(value)
+                ):
+                    raise ValidationError(
+                        {name: [ErrorDetail("A valid integer is required.", code="invalid")]}
+                    )
+        return super().to_internal_value(data)
+
+
+class LenientSerializer(Serializer):
+    """For a protocol whose newer clients may send more than this server reads (the site
+    agent's): a key it does not take is ignored, as DRF does, not refused."""
+
+    refuse_unknown_fields = False

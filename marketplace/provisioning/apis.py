@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
-from config.api.serializers import Serializer
+from config.api.serializers import LenientSerializer
 from inventory.auth import IsNodeAgent, NodeTokenAuthentication
 from marketplace.models import AgentJob, AgentJobKind, AgentJobStatus
 from marketplace.provisioning.agent_jobs import (
@@ -29,7 +29,7 @@ class _AgentApi(APIView):
     permission_classes = [IsNodeAgent]
 
 
-class JobStateSerializer(Serializer):
+class JobStateSerializer(LenientSerializer):
     id = serializers.IntegerField()
     kind = serializers.ChoiceField(choices=AgentJobKind.choices)
     status = serializers.ChoiceField(choices=AgentJobStatus.choices)
@@ -39,10 +39,10 @@ class JobStateSerializer(Serializer):
 class AgentJobLeaseApi(_AgentApi):
     """Lease this node's next job. 204 when there is none."""
 
-    class AgentJobLeaseInputSerializer(Serializer):
+    class AgentJobLeaseInputSerializer(LenientSerializer):
         lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
 
-    class OutputSerializer(Serializer):
+    class OutputSerializer(LenientSerializer):
         id = serializers.IntegerField()
         kind = serializers.ChoiceField(choices=AgentJobKind.choices)
         reservation = serializers.CharField(source="reservation.public_id")
@@ -74,7 +74,7 @@ class AgentJobLeaseApi(_AgentApi):
 class AgentJobProgressApi(_AgentApi):
     """Report progress on a leased job; extends the lease."""
 
-    class AgentJobProgressInputSerializer(Serializer):
+    class AgentJobProgressInputSerializer(LenientSerializer):
         lease_id = serializers.CharField(max_length=64)
         progress = serializers.DictField(required=False, default=dict)
         lease_seconds = serializers.IntegerField(min_value=5, max_value=3600, required=False)
@@ -101,7 +101,7 @@ class AgentJobProgressApi(_AgentApi):
 class AgentJobCompleteApi(_AgentApi):
     """The job is done; a start job reports how to connect. Repeating it is harmless."""
 
-    class ResultSerializer(Serializer):
+    class ResultSerializer(LenientSerializer):
         host = serializers.CharField(max_length=255, required=False)
         ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
         ports = serializers.DictField(
@@ -110,7 +110,7 @@ class AgentJobCompleteApi(_AgentApi):
         container_id = serializers.CharField(max_length=128, required=False)
         detail = serializers.CharField(max_length=2000, required=False)
 
-    class AgentJobCompleteInputSerializer(Serializer):
+    class AgentJobCompleteInputSerializer(LenientSerializer):
         lease_id = serializers.CharField(max_length=64)
         result = serializers.DictField(required=False, default=dict)
 
@@ -136,7 +136,7 @@ class AgentJobCompleteApi(_AgentApi):
 class AgentJobFailApi(_AgentApi):
     """The job failed; node_failure says the node itself is bad (it is taken out of sale)."""
 
-    class AgentJobFailInputSerializer(Serializer):
+    class AgentJobFailInputSerializer(LenientSerializer):
         lease_id = serializers.CharField(max_length=64)
         error = serializers.CharField(max_length=2000)
         node_failure = serializers.BooleanField(default=False)
@@ -165,7 +165,7 @@ class AgentWorkloadsApi(_AgentApi):
     that exited while its reservation was active ends the reservation; the answer holds the
     preemption notices to write into the node's containers."""
 
-    class ContainerReportSerializer(Serializer):
+    class ContainerReportSerializer(LenientSerializer):
         name = serializers.CharField(max_length=128)
         reservation = serializers.CharField(max_length=64, allow_blank=True)
         state = serializers.CharField(max_length=32)
@@ -173,7 +173,7 @@ class AgentWorkloadsApi(_AgentApi):
         finished_at = serializers.CharField(max_length=64, allow_null=True, required=False)
         log_tail = serializers.CharField(max_length=4000, allow_blank=True, required=False)
 
-    class AgentWorkloadsInputSerializer(Serializer):
+    class AgentWorkloadsInputSerializer(LenientSerializer):
         containers = serializers.ListField(child=serializers.DictField(), max_length=512)
 
         def validate_containers(self, items: list[dict]) -> list[dict]:
@@ -181,7 +181,7 @@ class AgentWorkloadsApi(_AgentApi):
             reports.is_valid(raise_exception=True)
             return reports.validated_data
 
-    class OutputSerializer(Serializer):
+    class OutputSerializer(LenientSerializer):
         notices = serializers.ListField(child=serializers.DictField())
 
         class Meta:

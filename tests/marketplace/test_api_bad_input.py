@@ -145,6 +145,33 @@ CASES = [
         "period_too_short",
         "ends_at",
     ),
+    # A key the request does not take is refused, not dropped: a misspelt floor would
+    # otherwise book without it, a misspelt image run the default one.
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "min_reliabilty": "0.99"},
+        400,
+        "unknown_field",
+        "min_reliabilty",
+    ),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "workload": {"imgae": "ghcr.io/x/y:1"}},
+        400,
+        "unknown_field",
+        "workload.imgae",
+    ),
+    ("/api/v1/quotes", {**reservation_body(), "gpu_cuont": 4}, 400, "unknown_field", "gpu_cuont"),
+    (
+        "/api/v1/ssh-keys",
+        {"name": "x", "public_key": ssh_key(), "comment": "x"},
+        400,
+        "unknown_field",
+        "comment",
+    ),  # fmt: skip
+    # Python's int() reads both as numbers (10 and 1); a whole number is ASCII digits.
+    ("/api/v1/quotes", {**reservation_body(), "gpu_count": "1_0"}, 400, "invalid", "gpu_count"),
+    ("/api/v1/quotes", {**reservation_body(), "gpu_count": "\u0661"}, 400, "invalid", "gpu_count"),
     ("/api/v1/reservations/{res}/cancel", {"reason": "x" * 501}, 400, "max_length", "reason"),
     ("/api/v1/reservations/{res}/extend", {}, 400, "required", "ends_at"),
     (

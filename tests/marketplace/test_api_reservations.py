@@ -1,6 +1,7 @@
 """Catalogue, quotes and reservations through the API, end to end on real PostgreSQL."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import base64
 from datetime import timedelta
 from decimal import Decimal
 
@@ -124,6 +125,20 @@ def test_availability_refuses_a_period_no_reservation_could_have(
     assert response.status_code == 400, response.content
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["field"] == "starts_at"
+
+
+@pytest.mark.parametrize("count", ["1_0", "\u0661", " 2"])
+def test_availability_reads_a_whole_number_as_ascii_digits_only(client_key, market, count):
+    start = tomorrow()
+    response = client_key.get(
+        "/api/v1/availability",
+        {"gpu_count": count, "start": start.isoformat(),
+         "end": (start + timedelta(hours=1)).isoformat()},
+    )  # fmt: skip
+    assert response.status_code == 400, response.content
+    assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (
+        "invalid", "gpu_count"
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("length", [timedelta(milliseconds=500), timedelta(seconds=59)])
@@ -460,9 +475,13 @@ def test_cursor_pagination_walks_every_reservation_once(owner_client, market):
     assert_error(
         owner_client.get("/api/v1/reservations?cursor=garbage"), 400, "invalid_cursor", "cursor"
     )
+    # One that decodes, with a position that is no time (a forged cursor), is as invalid.
+    forged = base64.b64encode(b"p=garbage").decode()
+    for url in (f"/api/v1/reservations?cursor={forged}", f"/api/v1/api-keys?cursor={forged}"):
+        assert_error(owner_client.get(url), 400, "invalid_cursor", "cursor")
 
 
-@pytest.mark.parametrize("limit", ["abc", "null", "0", "-1", "101", "2.5", ""])
+@pytest.mark.parametrize("limit", ["abc", "null", "0", "-1", "101", "2.5", "", "1_0", " 5"])
 @pytest.mark.parametrize("url", ["/api/v1/reservations", "/api/v1/gpu-models", "/api/v1/api-keys"])
 def test_a_limit_outside_1_to_100_is_refused_not_quietly_replaced(owner_client, market, url, limit):
     assert_error(owner_client.get(url, {"limit": limit}), 400, "invalid_limit", "limit")
