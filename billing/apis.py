@@ -116,6 +116,14 @@ class UsageInput(Serializer):
     since = serializers.DateField(required=False)
     until = serializers.DateField(required=False)
 
+    def validate(self, attrs):
+        # An empty period is a mistake to say, not an empty answer to give.
+        if attrs.get("since") and attrs.get("until") and attrs["until"] <= attrs["since"]:
+            raise serializers.ValidationError(
+                {"until": "until (exclusive) must be after since."}, code="period_invalid"
+            )
+        return attrs
+
 
 class UsageOutput(Serializer):
     reservation = serializers.CharField(source="reservation__public_id")

@@ -181,6 +181,15 @@ class UsageFilterForm(forms.Form):
         help_text="Up to, not including.",
     )
 
+    def clean(self):
+        cleaned = super().clean()
+        since, until = cleaned.get("since"), cleaned.get("until")
+        if since and until and until <= since:
+            self.add_error(
+                "until", "Pick a day after the first one (the last day is not included)."
+            )
+        return cleaned
+
 
 def _form_error(form: forms.Form, exc: ApplicationError) -> None:
     form.add_error(exc.field if exc.field in form.fields else None, exc.message)

@@ -5,6 +5,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
+from config.api.filters import StrictBooleanFilter
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
@@ -40,9 +41,7 @@ class ApiKeyCreateInput(Serializer):
 
 
 class ApiKeyFilter(django_filters.FilterSet):
-    revoked = django_filters.BooleanFilter(
-        field_name="revoked_at", lookup_expr="isnull", exclude=True
-    )
+    revoked = StrictBooleanFilter(field_name="revoked_at", lookup_expr="isnull", exclude=True)
 
     class Meta:
         model = ApiKey

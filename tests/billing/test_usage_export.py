@@ -83,6 +83,15 @@ def test_a_bad_period_is_a_400_in_the_error_shape(client):
     assert response.json()["error"]["field"] == "since"
 
 
+@pytest.mark.parametrize("path", ["usage", "usage.csv", "ledger.csv"])
+def test_a_period_that_ends_before_it_begins_is_a_400_not_nothing(client, path):
+    response = client.get(f"/api/v1/billing/{path}?since=2026-12-09&until=2026-12-01")
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (
+        "period_invalid", "until"
+    )  # fmt: skip
+
+
 def test_the_portal_downloads_the_same_csv(org):
     from tests.clients import HttpsClient
 

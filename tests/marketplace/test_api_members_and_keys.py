@@ -123,6 +123,10 @@ def test_api_keys_are_created_listed_and_revoked(owner_client, org, owner):
     assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
     assert owner_client.get("/api/v1/api-keys?revoked=false").json()["results"] == []
     assert len(owner_client.get("/api/v1/api-keys?revoked=true").json()["results"]) == 1
+    assert len(owner_client.get("/api/v1/api-keys?revoked=1").json()["results"]) == 1
+    assert len(owner_client.get("/api/v1/api-keys?revoked=").json()["results"]) == 1  # no filter
+    # A value that is neither: refused, not read as "no filter" (every key listed).
+    assert_error(owner_client.get("/api/v1/api-keys?revoked=bogus"), 400, "invalid")
 
 
 def test_organisations_are_separate_for_members_too(owner_client):
