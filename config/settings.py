@@ -359,6 +359,10 @@ PROVISIONING_STUCK_AFTER = timedelta(
 PROVISIONING_WORKER_LEASE_SECONDS = env_int("PROVISIONING_WORKER_LEASE_SECONDS", 30, minimum=1)
 PROVISIONING_MAX_ATTEMPTS = env_int("PROVISIONING_MAX_ATTEMPTS", 5, minimum=1)
 PROVISIONING_DEFAULT_IMAGE = env_str("PROVISIONING_DEFAULT_IMAGE", "docker.io/library/ubuntu:24.04")
+# A customer's image from a registry at localhost or a loopback, link-local or private address
+# is refused at booking (the site agents refuse to pull it too, unless started with
+# --allow-private-registries): on a node it would reach the site's own network.
+WORKLOAD_PRIVATE_REGISTRIES = env_bool("WORKLOAD_PRIVATE_REGISTRIES", False)
 AGENT_JOB_LEASE = timedelta(seconds=env_int("AGENT_JOB_LEASE_SECONDS", 60, minimum=1))
 # A job no agent has leased after this long means the node's agent is gone: provisioning moves
 # the reservation to other GPUs, a release completes without waiting for the stop.

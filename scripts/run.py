@@ -98,7 +98,12 @@ def provisioning_plan() -> tuple[dict[str, str], str]:
         image = workload_image_build()
     except ImageError as exc:
         return {}, f"simulated: RUN_AGENTS=1 asked for real containers, but {exc}"
-    plan = {"PROVISIONING_DRIVER": "site_agent", "PROVISIONING_DEFAULT_IMAGE": image}
+    # The image is local (localhost/…), and the agents below pull from private registries.
+    plan = {
+        "PROVISIONING_DRIVER": "site_agent",
+        "PROVISIONING_DEFAULT_IMAGE": image,
+        "WORKLOAD_PRIVATE_REGISTRIES": "1",
+    }
     return {**plan, **RUNTIME_ENV}, f"site agents, real containers with podman ({image})"
 
 

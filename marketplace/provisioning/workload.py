@@ -9,8 +9,11 @@ key, also used for the organisation's saved keys (services.ssh_keys).
 import base64
 import binascii
 import hashlib
+import ipaddress
 import re
 import struct
+
+from django.conf import settings
 
 from config.errors import ValidationFailed
 
@@ -73,7 +76,38 @@ def _image(value) -> str:
             "image",
             "invalid_image",
         )
+    host = _registry_host(value)
+    if host is not None and not settings.WORKLOAD_PRIVATE_REGISTRIES and _private_host(host):
+        raise _fail(
+            f"The image's registry {host} is on this machine or a private network; images are "
+            "pulled from public registries only.",
+            "image",
+            "image_registry_not_allowed",
+        )
     return value
+
+
+def _registry_host(image: str) -> str | None:
+    """The registry host of an image reference (as the site agent reads it), or None for
+    the default registry (docker.io)."""
+    first, slash, _rest = image.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        return None
+    if first.startswith("["):  # [v6]:port
+        return first[1 : first.index("]")]
+    return first.rsplit(":", 1)[0] if first.count(":") == 1 else first
+
+
+def _private_host(host: str) -> bool:
+    """localhost, or an IP address a node would reach on itself or its site's network. A name
+    is not resolved here: the agent resolves it where it pulls, and refuses it there."""
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not address.is_global
 
 
 def _ssh_blob_strings(blob: bytes) -> list[bytes]:

@@ -52,10 +52,36 @@ def test_no_workload_is_an_empty_one():
         "registry.example.com:5000/team/sub/img:v1.2-rc_3",
         "nvcr.io/nvidia/pytorch:24.10-py3",
         "ghcr.io/acme/app@sha256:" + "a" * 64,
-        "localhost:5000/app:latest@sha256:" + "0" * 64,
+        "8.8.8.8:5000/team/img:1",  # a public address is any registry's
     ],
 )
 def test_it_accepts_valid_image_references(image):
+    assert workload_validate({"image": image}) == {"image": image}
+
+
+PRIVATE_REGISTRY_IMAGES = [
+    "localhost:5000/app:latest@sha256:" + "0" * 64,
+    "localhost/app:1",
+    "127.0.0.1:5000/x:latest",
+    "10.0.0.5:5000/team/trainer:1",
+    "192.168.1.20/x",
+    "169.254.169.254/latest:1",  # the cloud metadata address
+    "[::1]:5000/x:1",
+    "[::ffff:7f00:1]:5000/x:1",  # 127.0.0.1, IPv4-mapped
+]
+
+
+@pytest.mark.parametrize("image", PRIVATE_REGISTRY_IMAGES)
+def test_it_refuses_an_image_from_a_registry_on_the_node_or_a_private_network(image):
+    # From a node, such a pull would reach the site's own network (the agent refuses it too).
+    with pytest.raises(ValidationFailed) as error:
+        workload_validate({"image": image})
+    assert (error.value.code, error.value.field) == ("image_registry_not_allowed", "workload.image")
+
+
+@pytest.mark.parametrize("image", PRIVATE_REGISTRY_IMAGES[:2])
+def test_a_deployment_may_allow_private_registries(image, settings):
+    settings.WORKLOAD_PRIVATE_REGISTRIES = True  # as make run does with its local image
     assert workload_validate({"image": image}) == {"image": image}
 
 
