@@ -27,6 +27,7 @@ __all__ = [
     "api_key_hash",
     "api_key_create",
     "api_key_revoke",
+    "api_keys_revoke_created_by",
     "api_key_record_use",
 ]
 
@@ -119,6 +120,15 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
         api_key_event_record(api_key=key, type=EventType.API_KEY_REVOKED)
         _audit(key, "api_key.revoke", {"before": {"revoked": False}, "after": {"revoked": True}})
     return key
+
+
+def api_keys_revoke_created_by(*, organization_id: int, user) -> list[ApiKey]:
+    """Revoke the keys `user` created in the organisation (when they leave it or are removed):
+    a key outlives nobody's access, so one made by a person who is gone stops working too."""
+    keys = ApiKey.objects.filter(
+        organization_id=organization_id, created_by=user, revoked_at__isnull=True
+    ).order_by("pk")
+    return [api_key_revoke(api_key=key) for key in keys]
 
 
 def _audit(key: ApiKey, action: str, changes: dict) -> None:

@@ -32,6 +32,7 @@ from marketplace.models import (
     Organization,
     Role,
 )
+from marketplace.services.api_keys import api_keys_revoke_created_by
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 
@@ -188,7 +189,8 @@ def member_change_role(*, actor: Membership, membership: Membership, role: str) 
 
 @transaction.atomic
 def member_remove(*, actor: Membership, membership: Membership) -> None:
-    """Remove a member (or let a member leave); the last owner cannot be removed."""
+    """Remove a member (or let a member leave); the last owner cannot be removed. The API keys
+    they created in the organisation are revoked with them."""
     if membership.organization_id != actor.organization_id:
         raise NotFound("No such member.", code="member_not_found")
     membership, owner_pks = _lock_with_owners(membership)
@@ -205,6 +207,7 @@ def member_remove(*, actor: Membership, membership: Membership) -> None:
     )
     membership.delete()
     member_event_record(membership=membership, type=EventType.MEMBER_REMOVED, member_id=member_id)
+    api_keys_revoke_created_by(organization_id=membership.organization_id, user=membership.user)
 
 
 def _audit_member(membership: Membership, action: str, changes: dict) -> None:

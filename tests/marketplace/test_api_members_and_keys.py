@@ -8,6 +8,7 @@ from django.db import connection
 
 from marketplace.models import ApiKey, Membership, Organization, Role
 from marketplace.services.organizations import organization_create
+from tests.clients import HttpsAPIClient
 from tests.factories import MembershipFactory, UserFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     assert_error,
@@ -52,6 +53,25 @@ def test_an_owner_adds_lists_changes_and_removes_members(owner_client, org):
     assert changed.json()["role"] == "billing"
     assert owner_client.delete(f"{MEMBERS}/{created['id']}").status_code == 204
     assert not Membership.objects.filter(user=newcomer).exists()
+
+
+def test_a_removed_members_api_keys_stop_working_with_their_access(owner_client, org):
+    # Offboarding: a key made by someone who is gone must not keep acting for the organisation.
+    admin = MembershipFactory(organization=org, role=Role.ADMIN)
+    made = session_client(admin).post(
+        "/api/v1/api-keys", {"name": "ci"}, format="json"
+    ).json()  # fmt: skip
+    kept = owner_client.post("/api/v1/api-keys", {"name": "owner's"}, format="json").json()
+    leaver_key = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {made['secret']}")
+    assert leaver_key.get("/api/v1/sites").status_code == 200
+
+    assert owner_client.delete(member_url(admin)).status_code == 204
+
+    assert_error(leaver_key.get("/api/v1/sites"), 401, "api_key_revoked")
+    assert ApiKey.objects.get(public_id=made["id"]).revoked_at is not None
+    assert ApiKey.objects.get(public_id=kept["id"]).revoked_at is None
+    owners_key = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {kept['secret']}")
+    assert owners_key.get("/api/v1/sites").status_code == 200
 
 
 def test_the_last_owner_can_be_neither_removed_nor_demoted(owner_client, owner):
