@@ -315,6 +315,8 @@ RETENTION_BATCH_SIZE = env_int("RETENTION_BATCH_SIZE", 5000, minimum=1)
 PROVISIONING_HISTORY_RETENTION_DAYS = env_int("PROVISIONING_HISTORY_RETENTION_DAYS", 90, minimum=31)
 # Allocations and history entries of reservations that ended this long ago (the reservation
 # row itself is kept: money refers to it).
+# The shortest period searched, quoted, booked or resold (an extension may add any length).
+RESERVATION_MIN_SECONDS = env_int("RESERVATION_MIN_SECONDS", 60, minimum=1)
 RESERVATION_HISTORY_RETENTION_DAYS = env_int("RESERVATION_HISTORY_RETENTION_DAYS", 400, minimum=90)
 
 # --- Events and webhooks (docs/integrators.md) ---------------------------------------------

@@ -10,6 +10,7 @@ same way.
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
+from django.conf import settings
 from django.utils import timezone
 
 from config.errors import ValidationFailed
@@ -19,7 +20,6 @@ __all__ = [
     "START_SKEW",
     "MAX_DURATION",
     "MAX_LEAD",
-    "MIN_DURATION",
     "validate_period_length",
     "validate_request_period",
     "NodeCapacity",
@@ -34,22 +34,22 @@ START_SKEW = timedelta(seconds=60)
 # The longest bookable period (a 1y term plus a day) and how far ahead one may book.
 MAX_DURATION = timedelta(days=366)
 MAX_LEAD = timedelta(days=365)
-# The shortest period sold, searched or resold: usage is billed by the second and holds by
-# the cent, but a window of a few seconds (or under one: priced over zero seconds) is nothing
-# a workload can use, and slices that small of a resale listing would only split the
-# seller's term.
-MIN_DURATION = timedelta(minutes=1)
 
 
 def validate_period_length(*, starts_at: datetime, ends_at: datetime) -> None:
-    """An end after the start, at least MIN_DURATION after it; ValidationFailed otherwise."""
+    """An end after the start, at least RESERVATION_MIN_SECONDS after it (the shortest period
+    sold, searched or resold: usage is billed by the second and holds by the cent, but a
+    window of a few seconds, or under one, priced over zero seconds, is nothing a workload
+    can use, and slices that small of a resale listing would only split the seller's term);
+    ValidationFailed otherwise."""
     if ends_at <= starts_at:
         raise ValidationFailed(
             "The end must be after the start.", code="period_invalid", field="ends_at"
         )
-    if ends_at - starts_at < MIN_DURATION:
+    shortest = settings.RESERVATION_MIN_SECONDS
+    if ends_at - starts_at < timedelta(seconds=shortest):
         raise ValidationFailed(
-            f"A period lasts at least {int(MIN_DURATION.total_seconds())} seconds.",
+            f"A period lasts at least {shortest} seconds.",
             code="period_too_short",
             field="ends_at",
         )

@@ -25,6 +25,7 @@ __all__ = [
     "gpu_models_by_id",
     "gpu_models_in_slug_order",
     "site_by_slug",
+    "site_regions",
     "sites_by_id",
     "pricing_policy_current",
     "rate_card_for",
@@ -66,7 +67,11 @@ def _gpu_models() -> dict:
 
 def _sites() -> dict:
     sites = list(Site.objects.all())
-    return {"slug": {s.slug: s for s in sites}, "pk": {s.pk: s for s in sites}}
+    return {
+        "slug": {s.slug: s for s in sites},
+        "pk": {s.pk: s for s in sites},
+        "regions": frozenset(s.region for s in sites),
+    }
 
 
 def _rate_cards() -> dict:
@@ -90,6 +95,11 @@ def gpu_models_in_slug_order() -> list[GpuModel]:
 
 def site_by_slug(slug: str) -> Site | None:
     return _cached(("sites",), _sites)["slug"].get(slug)
+
+
+def site_regions() -> frozenset[str]:
+    """Every region a site is in."""
+    return _cached(("sites",), _sites)["regions"]
 
 
 def sites_by_id(ids) -> dict[int, Site]:

@@ -12,19 +12,26 @@ from marketplace import ids
 from marketplace.models import Organization, Quote
 from marketplace.rules import validate_request_period
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
-from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
+from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug, site_regions
 
 __all__ = ["quote_create", "resolve_catalogue"]
 
 
-def resolve_catalogue(*, gpu_model: str | None, site: str | None) -> None:
-    """Unknown model or site slugs are bad input (400), not "nothing available" (409)."""
+def resolve_catalogue(
+    *, gpu_model: str | None, site: str | None, region: str | None = None
+) -> None:
+    """Unknown model or site slugs, or a region no site is in, are bad input (400), not
+    "nothing available" (409)."""
     if gpu_model is not None and gpu_model_by_slug(gpu_model) is None:
         raise ValidationFailed(
             f"Unknown GPU model {gpu_model!r}.", code="unknown_gpu_model", field="gpu_model"
         )
     if site is not None and site_by_slug(site) is None:
         raise ValidationFailed(f"Unknown site {site!r}.", code="unknown_site", field="site")
+    if region is not None and region not in site_regions():
+        raise ValidationFailed(
+            f"No site is in region {region!r}.", code="unknown_region", field="region"
+        )
 
 
 @transaction.atomic
@@ -49,7 +56,7 @@ def quote_create(
     filters choose the site, which the quote then names."""
     now = timezone.now()
     validate_request_period(starts_at=starts_at, ends_at=ends_at, gpu_count=gpu_count, now=now)
-    resolve_catalogue(gpu_model=gpu_model, site=site)
+    resolve_catalogue(gpu_model=gpu_model, site=site, region=region)
     query = AvailabilityQuery(
         gpu_count=gpu_count,
         starts_at=starts_at,

@@ -332,7 +332,7 @@ def reservation_create(
 
 def _book_cheapest(request: BookingRequest) -> Reservation:
     """Book the cheapest offer; a site taken meanwhile falls through to the next."""
-    resolve_catalogue(gpu_model=request.gpu_model, site=None)
+    resolve_catalogue(gpu_model=request.gpu_model, site=None, region=request.region)
     offers = availability_search(request.availability_query())
     for offer in offers:  # cheapest first
         try:
@@ -371,6 +371,7 @@ def _offer_at_site(request: BookingRequest) -> Offer:
     site = site_by_slug(request.site)
     if site is None:
         raise ValidationFailed(f"Unknown site {request.site!r}.", code="unknown_site", field="site")
+    resolve_catalogue(gpu_model=None, site=None, region=request.region)
     offer = None
     if request.region is None or site.region == request.region:
         offer = site_model_offer(query=request.availability_query(), site=site, gpu_model=model)

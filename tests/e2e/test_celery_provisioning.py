@@ -90,9 +90,12 @@ def test_a_curtailment_preempts_interruptible_work_at_shed_time_and_stops_it(wor
     assert "stop" not in driver_log(protected)
 
 
-def test_a_reservation_goes_from_scheduled_to_active_to_completed_on_time(worker, driver_log):
+def test_a_reservation_goes_from_scheduled_to_active_to_completed_on_time(
+    worker, driver_log, settings
+):
     # Beat inside the worker, dispatching every second: the real schedule, nothing called by hand.
     worker.start(beat=True, PROVISIONING_DISPATCH_INTERVAL_SECONDS="1")
+    settings.RESERVATION_MIN_SECONDS = 1  # a four-second booking, to watch it end on time
     market = market_create(nodes=1, gpus=4)
     r = market.book(gpu_count=2, seconds=4, workload={"ports": [8080]})
 

@@ -68,8 +68,29 @@ CASES = [
     ("/api/v1/quotes", {**reservation_body(), "tier": "gold"}, 400, "invalid_choice", "tier"),
     ("/api/v1/quotes", {**reservation_body(), "tier": "reserved"}, 400, "term_required", "term"),
     ("/api/v1/quotes", {**reservation_body(), "gpu_count": 64}, 409, "not_available", None),
+    (
+        "/api/v1/quotes",
+        {**reservation_body(), "region": "atlantis"},
+        400,
+        "unknown_region",
+        "region",
+    ),  # fmt: skip
     ("/api/v1/quotes", [1, 2], 400, "invalid", None),
     ("/api/v1/reservations", {}, 400, "required", "gpu_model"),
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "region": "atlantis"},
+        400,
+        "unknown_region",
+        "region",
+    ),  # fmt: skip
+    (
+        "/api/v1/reservations",
+        {**reservation_body(), "region": "atlantis", "site": "{site}"},
+        400,
+        "unknown_region",
+        "region",
+    ),  # fmt: skip
     ("/api/v1/reservations", {"quote": "quo_nope"}, 404, "quote_not_found", "quote"),
     (
         "/api/v1/reservations",
@@ -122,7 +143,7 @@ CASES = [
         "not_a_list",
         "ssh_key_ids",
     ),
-    # Under MIN_DURATION: under a second was priced over zero seconds (a 500), a few seconds
+    # Under RESERVATION_MIN_SECONDS (60): under a second was priced over zero seconds (a 500), a few seconds
     # rounded to a total and a hold of nothing.
     (
         "/api/v1/reservations",
@@ -258,7 +279,7 @@ def test_bad_input_is_refused_and_writes_nothing(
     owner_client, owner, market, path, body, status, code, field
 ):
     reservation = make_reservation(owner_client)
-    ids = {"res": reservation["id"], "owner_email": owner.user.email}
+    ids = {"res": reservation["id"], "owner_email": owner.user.email, "site": reservation["site"]}
     path = path.format(**ids)
     if isinstance(body, dict):
         body = {k: v.format(**ids) if isinstance(v, str) else v for k, v in body.items()}

@@ -144,7 +144,7 @@ def test_availability_reads_a_whole_number_as_ascii_digits_only(client_key, mark
 @pytest.mark.parametrize("length", [timedelta(milliseconds=500), timedelta(seconds=59)])
 def test_availability_refuses_a_window_under_a_minute(client_key, market, length):
     # Under a second was priced over zero seconds (a 500); under a minute is nothing a
-    # reservation may be (MIN_DURATION).
+    # reservation may be (RESERVATION_MIN_SECONDS, 60).
     start = tomorrow()
     response = client_key.get(
         "/api/v1/availability",

@@ -264,14 +264,17 @@ def test_a_direct_reservation_naming_a_site_books_there_at_that_sites_search_pri
 
 
 def test_a_full_named_site_is_not_available_even_when_another_site_has_room(h100, org):
-    full, other = SiteFactory(), SiteFactory()
+    full, other = SiteFactory(region="us-west"), SiteFactory(region="eu-north")
     make_nodes(full, h100, 1)
     make_nodes(other, h100, 1)
     direct(org, gpu_count=8, site=full.slug)
     with pytest.raises(NotAvailable):
         direct(org, gpu_count=1, site=full.slug)
-    with pytest.raises(NotAvailable):
+    with pytest.raises(NotAvailable):  # a region, but not the named site's
+        direct(org, gpu_count=1, site=other.slug, region="us-west")
+    with pytest.raises(ValidationFailed) as error:  # no site is in it: bad input
         direct(org, gpu_count=1, site=other.slug, region="nowhere")
+    assert error.value.code == "unknown_region"
     with pytest.raises(ValidationFailed):
         direct(org, gpu_count=1, site="no-such-site")
     assert Reservation.objects.count() == 1 and Allocation.objects.count() == 8
