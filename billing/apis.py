@@ -86,7 +86,7 @@ class BillingSettingsApi(ApiView):
 
 
 class LedgerEntryOutput(Serializer):
-    id = serializers.IntegerField()
+    id = serializers.CharField(source="public_id", help_text="led_…")
     kind = serializers.ChoiceField(choices=LedgerKind.choices)
     amount = MoneyField(source="amount_minor")
     currency = serializers.CharField()

@@ -89,7 +89,7 @@ def ledger_csv_lines(
     def values():
         for entry in entries:
             yield [
-                entry.pk,
+                entry.public_id,
                 entry.created_at.isoformat(),
                 entry.kind,
                 from_minor_units(entry.amount_minor, entry.currency),

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from marketplace import ids
 from marketplace.models import Organization, Reservation
 
 __all__ = [
@@ -137,8 +138,15 @@ class LedgerImmutable(Exception):
 
 
 class LedgerEntry(models.Model):
-    """One money movement. Append-only (a database trigger refuses UPDATE and DELETE)."""
+    """One money movement. Append-only (a database trigger refuses UPDATE and DELETE).
 
+    Shown by its `public_id` (led_…), never its sequential id, which would tell any customer
+    how many lines the whole platform writes. Rows the metering run inserts in SQL get theirs
+    from the column's database default (billing 0011)."""
+
+    public_id = models.CharField(
+        max_length=40, unique=True, default=ids.ledger_entry_id, editable=False
+    )
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
     kind = models.CharField(max_length=20, choices=LedgerKind.choices)
     amount_minor = models.BigIntegerField(help_text="Signed: + adds to the balance, − takes.")

@@ -108,3 +108,7 @@ def api_key_id() -> str:
 
 def listing_id() -> str:
     return new_public_id("lst")
+
+
+def ledger_entry_id() -> str:
+    return new_public_id("led")

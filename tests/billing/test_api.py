@@ -1,5 +1,7 @@
 """The billing API: the organisation's own data only, money in strings, clear 4xx."""
 
+import csv
+import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -55,6 +57,25 @@ def test_ledger_is_cursor_paginated_and_only_the_organisations_own(org, member, 
     amounts = [e["amount"] for e in first["results"] + second["results"]]
     assert amounts == ["1.02", "1.01", "1.00"]
     assert second["next"] is None
+
+
+def test_ledger_lines_are_shown_by_opaque_ids_never_the_platforms_sequence(org, member, client_for):
+    # A sequential id would tell any customer how many lines the whole platform writes.
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=100, currency="usd",
+                     idempotency_key="c")  # fmt: skip
+    reservation = make_reservation(org, gpu_count=1, price=Decimal("1.8000"), activated_at=T0)
+    reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=1))  # SQL insert
+
+    lines = client_for(member).get("/api/v1/billing/ledger").json()["results"]
+
+    assert {line["kind"] for line in lines} == {"credit", "usage"}
+    ids = [line["id"] for line in lines]
+    assert all(isinstance(i, str) and i.startswith("led_") and len(i) >= 24 for i in ids)
+    assert len(set(ids)) == len(ids)
+    response = client_for(member).get("/api/v1/billing/ledger.csv")
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))[1:]
+    csv_ids = [row[0] for row in rows]
+    assert sorted(csv_ids) == sorted(ids)
 
 
 def test_usage_by_reservation_and_day(org, member, client_for):
