@@ -30,6 +30,7 @@ from billing.services.holds import (
 )
 from billing.services.metering import usage_meter_run
 from billing.services.reconcile import kept_figures_differences
+from marketplace.models import Reservation
 from tests.billing.conftest import make_reservation
 from tests.factories import GpuModelFactory, NodeFactory, OrganizationFactory
 
@@ -76,6 +77,11 @@ def generate(rng: random.Random, orgs: int = 6):
                                     charged_minor=charged, currency="usd", status=status,
                                     idempotency_key=f"h:{r.pk}:{k}")  # fmt: skip
             if rng.random() < 0.5:
+                # Running: an accrual exists only for a reservation that was activated (a
+                # metering run whose `now` passed the accrual's would read its activation).
+                Reservation.objects.filter(pk=r.pk).update(
+                    activated_at=now - timedelta(minutes=rng.randrange(1, 600))
+                )
                 booked = rng.randrange(0, 3000)
                 UsageAccrual.objects.create(
                     reservation=r, organization=org, currency="usd",
@@ -180,7 +186,8 @@ def test_the_metering_run_folds_the_deltas():
     for org in orgs:
         spread(org, 3)
     assert OpenHoldsDelta.objects.count() > 2
-    usage_meter_run()
+    # A second on: past every accrual's accrued_until, so the run accrues each of them too.
+    usage_meter_run(now=timezone.now() + timedelta(seconds=2))
     assert OpenHoldsDelta.objects.count() <= 2
     for org in orgs:
         assert delta_sum(org.pk) == open_sum(org.pk)
