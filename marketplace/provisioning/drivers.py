@@ -104,19 +104,21 @@ class Driver:
 
 
 def _connection(target: Target, *, host_for) -> dict:
-    """Connection details in one shape for every driver: the first node is the entry point."""
+    """Connection details in one shape for every driver: the first node is the entry point.
+    Without SSH keys nothing listens on 22, so there is no SSH port to show."""
     ports = target.workload.get("ports", [])
+    ssh_port = 22 if target.workload.get("ssh_public_keys") else None
     nodes = [
         {
             "host": host_for(n),
-            "ssh_port": 22,
+            "ssh_port": ssh_port,
             "ports": {str(p): p for p in ports},
             "gpu_indexes": list(n.gpu_indexes),
         }
         for n in target.nodes
     ]
     first = nodes[0]
-    return {"host": first["host"], "ssh_port": 22, "ports": first["ports"], "nodes": nodes}
+    return {"host": first["host"], "ssh_port": ssh_port, "ports": first["ports"], "nodes": nodes}
 
 
 def _redact(text: str, workload: dict) -> str:

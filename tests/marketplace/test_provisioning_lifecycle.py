@@ -27,7 +27,7 @@ from marketplace.provisioning.services import (
     reservation_worker_lock,
 )
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
-from tests.provisioning_support import market_create, statuses
+from tests.provisioning_support import market_create, ssh_key, statuses
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("allow_all_funding")]
 S = ReservationStatus
@@ -60,7 +60,7 @@ def calls_log(tmp_path):
 
 
 def test_it_provisions_a_due_reservation_to_active_with_connection_details(market, calls_log):
-    r = market.book(gpu_count=2, workload={"ports": [8888]})
+    r = market.book(gpu_count=2, workload={"ports": [8888], "ssh_public_keys": [ssh_key()]})
     assert r.status == S.SCHEDULED
 
     result = reservation_provision_step(
@@ -78,6 +78,16 @@ def test_it_provisions_a_due_reservation_to_active_with_connection_details(marke
     assert r.activated_at is not None and r.released_at is None
     assert calls_log() == ["prepare", "start"]
     assert list(ProvisioningAttempt.objects.values_list("outcome", flat=True)) == ["succeeded"]
+
+
+def test_without_ssh_keys_the_connection_shows_no_ssh_port(market, calls_log):
+    # Nothing listens on 22 without a key: the schema's null, not a port that refuses.
+    r = market.book(gpu_count=1, workload={"ports": [8888]})
+    reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver(log_path=calls_log.path))
+    r.refresh_from_db()
+    assert r.connection["ssh_port"] is None
+    assert [n["ssh_port"] for n in r.connection["nodes"]] == [None]
+    assert r.connection["ports"] == {"8888": 8888}
 
 
 def test_a_repeated_provision_of_an_active_reservation_does_nothing(market, calls_log):
