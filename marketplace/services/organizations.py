@@ -142,11 +142,30 @@ _LAST_OWNER = "An organisation must keep at least one owner; make someone else o
 
 
 @transaction.atomic
+@transaction.atomic
 def member_add(*, actor: Membership, user: AbstractBaseUser, role: str) -> Membership:
-    """Add `user` to the actor's organisation with `role`."""
+    """Add `user` to the actor's organisation with `role`. Open invitations of the
+    organisation to their e-mail address are revoked: they are in, and a link still open
+    would let whoever holds it join too."""
     _check_role(role)
     _check_can_manage(actor=actor, role_involved=role)
-    return _membership_create(organization_id=actor.organization_id, user=user, role=role)
+    membership = _membership_create(organization_id=actor.organization_id, user=user, role=role)
+    if user.email:
+        open_ones = Invitation.objects.select_for_update().filter(
+            organization_id=actor.organization_id,
+            email=user.email.lower(),
+            accepted_at__isnull=True,
+            revoked_at__isnull=True,
+        )
+        for invitation in open_ones.order_by("pk"):
+            invitation.revoked_at = timezone.now()
+            invitation.save(update_fields=["revoked_at"])
+            _audit_invitation(
+                invitation,
+                "invitation.revoke",
+                {"before": {"email": invitation.email}, "reason": "added as a member directly"},
+            )
+    return membership
 
 
 def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: str) -> Membership:

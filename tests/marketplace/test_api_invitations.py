@@ -5,7 +5,7 @@ import pytest
 
 from marketplace.models import IdempotencyRecord, Invitation, Role
 from marketplace.services.organizations import invitation_create
-from tests.factories import MembershipFactory
+from tests.factories import MembershipFactory, UserFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     assert_error,
     fresh_rate_limits,
@@ -95,6 +95,21 @@ def test_duplicates_and_members_are_conflicts(owner_client, owner):
         "email",
     )
     assert Invitation.objects.count() == 1
+
+
+def test_adding_someone_directly_closes_their_open_invitation(owner_client, owner):
+    # They are in: a link still open would let whoever holds it join as well.
+    invited = owner_client.post(INVITATIONS, {"email": "bob@example.com"}, format="json").json()
+    other = owner_client.post(INVITATIONS, {"email": "eve@example.com"}, format="json").json()
+    UserFactory(email="bob@example.com")
+
+    added = owner_client.post(
+        "/api/v1/organization/members", {"email": "BOB@example.com"}, format="json"
+    )
+
+    assert added.status_code == 201, added.content
+    assert [i["id"] for i in owner_client.get(INVITATIONS).json()["results"]] == [other["id"]]
+    assert Invitation.objects.get(public_id=invited["id"]).revoked_at is not None
 
 
 def test_a_replay_with_the_same_idempotency_key_never_shows_the_token_again(
