@@ -18,6 +18,7 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     owner,
     owner_client,
 )
+from tests.provisioning_support import ssh_key
 
 pytestmark = pytest.mark.django_db
 
@@ -28,7 +29,10 @@ def _start_now() -> str:
 
 def test_the_connection_appears_once_active_and_goes_when_released(owner_client, market):
     created = make_reservation(
-        owner_client, starts_at=_start_now(), gpu_count=2, workload={"ports": [8888, 6006]}
+        owner_client,
+        starts_at=_start_now(),
+        gpu_count=2,
+        workload={"ports": [8888, 6006], "ssh_public_keys": [ssh_key()]},
     )
     url = f"/api/v1/reservations/{created['id']}"
     assert created["status"] == "scheduled" and created["connection"] is None
