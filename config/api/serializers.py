@@ -14,8 +14,9 @@ choices in place) would change it for every instance: assign a new value instead
 
 Input: a JSON object with a key the serializer does not take is refused (400 unknown_field,
 naming it), at every level, as Stripe refuses an unknown parameter: DRF would drop it, and a
-misspelt `min_reliabilty` would book without the floor the caller asked for. A query string
-is not checked (paging and filter parameters are read elsewhere), nor is a serializer that
+misspelt `min_reliabilty` would book without the floor the caller asked for. A query
+string's keys are not checked (paging and filter parameters are read elsewhere), nor are those
+of a serializer that
 sets `refuse_unknown_fields = False` (the site agent's protocol: a newer agent may send more
 than this server reads).
 
