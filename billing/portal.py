@@ -55,6 +55,7 @@ from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
 from config.csp import stripe_js_allow
 from config.errors import ApplicationError
 from config.replica import replica_reads
+from marketplace.portal.fields import PortalDateField
 from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {
@@ -174,8 +175,8 @@ class PaymentMethodAttachForm(forms.Form):
 
 
 class UsageFilterForm(forms.Form):
-    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    until = forms.DateField(
+    since = PortalDateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = PortalDateField(
         required=False,
         widget=forms.DateInput(attrs={"type": "date"}),
         help_text="Up to, not including.",
@@ -188,6 +189,26 @@ class UsageFilterForm(forms.Form):
             self.add_error(
                 "until", "Pick a day after the first one (the last day is not included)."
             )
+        return cleaned
+
+
+class UsagePageForm(UsageFilterForm):
+    """The usage page's period: its charts have a bar per day, so at most CHART_MAX_DAYS
+    (a download takes any period)."""
+
+    CHART_MAX_DAYS = 366
+
+    def clean(self):
+        cleaned = super().clean()
+        since, until = cleaned.get("since"), cleaned.get("until")
+        if since and not self.errors:
+            end = until or timezone.now().date() + timedelta(days=1)
+            if (end - since).days > self.CHART_MAX_DAYS:
+                self.add_error(
+                    "since",
+                    f"Pick at most {self.CHART_MAX_DAYS} days here (a bar per day); the CSV "
+                    "download takes any period.",
+                )
         return cleaned
 
 
@@ -390,7 +411,7 @@ class UsageView(BillingPage):
 
     @replica_reads
     def get(self, request):
-        form = UsageFilterForm(request.GET or None)
+        form = UsagePageForm(request.GET or None)
         since = until = None
         if form.is_valid():
             since, until = form.cleaned_data["since"], form.cleaned_data["until"]

@@ -14,6 +14,7 @@ from marketplace.models import (
     Role,
     Tier,
 )
+from marketplace.portal.fields import PortalDateTimeField
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 
@@ -81,7 +82,7 @@ class SearchForm(forms.Form):
     plan = forms.ChoiceField(
         label="Plan", choices=[(k, v[2]) for k, v in PLANS.items()], initial="on_demand"
     )
-    starts_at = forms.DateTimeField(
+    starts_at = PortalDateTimeField(
         label="Start (UTC)",
         required=False,
         widget=MinuteInput(),
@@ -250,7 +251,7 @@ class CancelForm(forms.Form):
 
 
 class ExtendForm(forms.Form):
-    ends_at = forms.DateTimeField(label="New end (UTC)", widget=MinuteInput())
+    ends_at = PortalDateTimeField(label="New end (UTC)", widget=MinuteInput())
     confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 
@@ -344,8 +345,8 @@ class ListingForm(forms.Form):
     prefix = "resale"
 
     gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096)
-    starts_at = forms.DateTimeField(label="From (UTC)", widget=MinuteInput())
-    ends_at = forms.DateTimeField(label="Until (UTC)", widget=MinuteInput())
+    starts_at = PortalDateTimeField(label="From (UTC)", widget=MinuteInput())
+    ends_at = PortalDateTimeField(label="Until (UTC)", widget=MinuteInput())
     price_per_gpu_hour = forms.DecimalField(
         label="Asking price per GPU-hour",
         max_digits=12,

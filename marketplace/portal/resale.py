@@ -99,14 +99,25 @@ class ResaleBuyView(PortalView, View):
     write_roles = RESERVING_ROLES
 
     def _asked(self, data):
+        """The listing, and the GPUs and window asked of it (from a search's offer link), or
+        None for the second when they cannot be read or are not part of the listing: a
+        tampered link is sent back to search, not priced (or crashed on)."""
         listing = listing_get_for_sale(public_id=self.kwargs["public_id"])
-        starts_at = parse_datetime(data.get("starts_at") or "")
-        ends_at = parse_datetime(data.get("ends_at") or "")
         try:
-            gpu_count = int(data.get("gpu_count") or 0)
-        except ValueError:
-            gpu_count = 0
-        ok = starts_at and ends_at and starts_at.tzinfo and ends_at > starts_at and gpu_count > 0
+            starts_at = parse_datetime(data.get("starts_at") or "")
+            ends_at = parse_datetime(data.get("ends_at") or "")
+        except ValueError:  # a month 13, an offset of +99:00
+            return listing, None
+        raw = data.get("gpu_count") or ""
+        gpu_count = int(raw) if raw.isascii() and raw.isdigit() else 0
+        ok = (
+            starts_at is not None
+            and ends_at is not None
+            and starts_at.tzinfo is not None
+            and ends_at.tzinfo is not None
+            and listing.starts_at <= starts_at < ends_at <= listing.ends_at
+            and 1 <= gpu_count <= listing.gpu_count
+        )
         return listing, (gpu_count, starts_at, ends_at) if ok else None
 
     def _form(self, data=None) -> ReserveForm:

@@ -11,6 +11,7 @@ from django.views import View
 from config.errors import ApplicationError
 from config.replica import replica_reads
 from inventory.selectors import zone_prices_between
+from marketplace.portal.fields import PortalDateTimeField
 from marketplace.portal.mixins import PortalView
 from marketplace.selectors.availability import site_availability
 from marketplace.selectors.catalogue import (
@@ -25,7 +26,7 @@ MAX_HOURS = 366 * 24  # the API's longest window
 
 
 class SiteWindowForm(forms.Form):
-    starts_at = forms.DateTimeField(
+    starts_at = PortalDateTimeField(
         label="From (UTC)",
         required=False,
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
