@@ -18,7 +18,7 @@ from billing.selectors import (
 )
 from marketplace.models import Organization
 
-__all__ = ["USAGE_COLUMNS", "LEDGER_COLUMNS", "usage_csv_lines", "ledger_csv_lines"]
+__all__ = ["USAGE_COLUMNS", "LEDGER_COLUMNS", "csv_text", "usage_csv_lines", "ledger_csv_lines"]
 
 USAGE_COLUMNS = [
     "day", "reservation", "gpu_model", "site", "gpu_seconds", "amount", "currency", "kwh",
@@ -29,6 +29,12 @@ LEDGER_COLUMNS = [
     "period_end", "gpu_seconds", "description",
 ]  # fmt: skip
 _CHUNK = 2000
+
+
+def csv_text(value: str) -> str:
+    """Text a spreadsheet will not run as a formula: one starting with =, +, -, @, a tab or a
+    carriage return gets a leading apostrophe (free text only: descriptions, reasons)."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 class _Line:
@@ -98,7 +104,7 @@ def ledger_csv_lines(
                 entry.period_start.isoformat() if entry.period_start else "",
                 entry.period_end.isoformat() if entry.period_end else "",
                 entry.gpu_seconds,
-                entry.description,
+                csv_text(entry.description),
             ]
 
     return _lines(LEDGER_COLUMNS, values())

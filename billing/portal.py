@@ -21,6 +21,7 @@ from django.utils.cache import add_never_cache_headers
 from django.views import View
 
 from billing.apis import MONEY_ROLES
+from billing.exports import csv_text
 from billing.models import BillingMode, FundingState
 from billing.money import from_minor_units
 from billing.selectors import (
@@ -632,7 +633,7 @@ class StatementCsvView(BillingPage):
                 [
                     e.created_at.isoformat(),
                     e.kind,
-                    _csv_text(e.description),
+                    csv_text(e.description),
                     e.reservation.public_id if e.reservation else "",
                     e.period_start.isoformat() if e.period_start else "",
                     e.period_end.isoformat() if e.period_end else "",
@@ -645,8 +646,3 @@ class StatementCsvView(BillingPage):
         out.writerow(["", "closing_balance", "", "", "", "", "", "", c,
                       from_minor_units(statement.closing_minor, c)])  # fmt: skip
         return response
-
-
-def _csv_text(value: str) -> str:
-    """Text a spreadsheet will not run as a formula (=, +, -, @ first)."""
-    return f"'{value}" if value[:1] in ("=", "+", "-", "@") else value

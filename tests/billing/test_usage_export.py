@@ -92,6 +92,15 @@ def test_a_period_that_ends_before_it_begins_is_a_400_not_nothing(client, path):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("text", ['=HYPERLINK("http://evil.example")', "+1+1", "-2", "@SUM(A1)",
+                                  "\tx"])  # fmt: skip
+def test_a_ledger_description_never_reaches_a_spreadsheet_as_a_formula(client, org, text):
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=100, currency="usd",
+                     idempotency_key="f", description=text)  # fmt: skip
+    (row,) = _rows(client.get("/api/v1/billing/ledger.csv"))
+    assert row["description"] == "'" + text
+
+
 def test_the_portal_downloads_the_same_csv(org):
     from tests.clients import HttpsClient
 
