@@ -56,7 +56,7 @@ from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
 from config.csp import stripe_js_allow
 from config.errors import ApplicationError
 from config.replica import replica_reads
-from marketplace.portal.fields import PortalDateField
+from marketplace.portal.fields import OnceField, PortalDateField, once_or_refused
 from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {
@@ -168,6 +168,8 @@ class BillingSettingsForm(forms.Form):
 
 class TopUpForm(forms.Form):
     amount = _amount_field("Amount", help_text=f"Between {MIN_TOP_UP} and {MAX_TOP_UP}.")
+    # A double click or a reload of the answer sends the form twice: one charge, not two.
+    once = OnceField()
 
 
 class PaymentMethodAttachForm(forms.Form):
@@ -394,10 +396,22 @@ class TopUpView(BillingPage):
         if form.is_valid():
             amount: Decimal = form.cleaned_data["amount"]
             try:
-                top_up = top_up_create(organization=self.organization, amount=amount)
+                top_up = once_or_refused(
+                    request,
+                    self.organization,
+                    form.cleaned_data["once"],
+                    lambda: top_up_create(organization=self.organization, amount=amount),
+                )
             except ApplicationError as exc:
                 _form_error(form, exc)
             else:
+                if top_up is None:
+                    messages.warning(
+                        request,
+                        "This top-up was already requested (the form was sent twice); it is "
+                        "charged once. Its status is below.",
+                    )
+                    return redirect("portal-billing:top-up")
                 messages.success(
                     request,
                     f"Top-up of {money(top_up.amount_minor, top_up.currency)} requested; "

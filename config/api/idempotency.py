@@ -184,6 +184,16 @@ def idempotency_complete(*, claim: Claim, status: int, data) -> None:
         )
 
 
+def once_claim(*, organization: Organization, principal: str, key: str) -> bool:
+    """Claim a one-time key (a portal form's: sent twice by a double click or a reload) in the
+    caller's transaction: True the first time, False while the key is remembered (KEY_TTL).
+    The unique constraint decides between two sends at once; an action that rolls back
+    leaves the key free, so sending again after a refusal works."""
+    with connection.cursor() as cur:
+        cur.execute(_CLAIM_SQL, [organization.pk, principal, key, "once", timezone.now()])
+        return cur.fetchone() is not None
+
+
 def idempotency_release(*, claim: Claim) -> None:
     IdempotencyRecord.objects.filter(pk=claim.record_id, response_status__isnull=True).delete()
 

@@ -14,7 +14,7 @@ from marketplace.models import (
     Role,
     Tier,
 )
-from marketplace.portal.fields import PortalDateTimeField
+from marketplace.portal.fields import OnceField, PortalDateTimeField
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 
@@ -322,6 +322,8 @@ class InvitationCreateForm(forms.Form):
 
 
 class WebhookEndpointForm(forms.Form):
+    # Sent twice (a double click, a reload of the page with the secret): one endpoint.
+    once = OnceField()
     url = forms.URLField(
         label="URL",
         max_length=2000,

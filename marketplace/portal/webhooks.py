@@ -6,9 +6,11 @@ stored in a message or the session.
 
 from django.contrib import messages
 from django.shortcuts import redirect, render
+from django.utils.cache import add_never_cache_headers
 from django.views import View
 
 from config.errors import ApplicationError
+from marketplace.portal.fields import once_or_refused
 from marketplace.portal.forms import WebhookEndpointForm
 from marketplace.portal.mixins import PortalView
 from marketplace.selectors.webhooks import (
@@ -43,16 +45,30 @@ class WebhooksView(_WebhookView):
         if not form.is_valid():
             return self.render_page(request, form, status=400)
         try:
-            endpoint, secret = webhook_endpoint_create(
-                organization=self.organization,
-                url=form.cleaned_data["url"],
-                event_types=form.cleaned_data["event_types"],
-                description=form.cleaned_data["description"],
-                created_by=request.user,
+            created = once_or_refused(
+                request,
+                self.organization,
+                form.cleaned_data["once"],
+                lambda: webhook_endpoint_create(
+                    organization=self.organization,
+                    url=form.cleaned_data["url"],
+                    event_types=form.cleaned_data["event_types"],
+                    description=form.cleaned_data["description"],
+                    created_by=request.user,
+                ),
             )
         except ApplicationError as exc:
             form.add_error(exc.field if exc.field in form.fields else None, exc.message)
             return self.render_page(request, form, status=exc.status_code)
+        if created is None:
+            messages.warning(
+                request,
+                "This form was already sent (the page was reloaded?), so no second endpoint "
+                "was added. A signing secret is shown only once: rotate it on the endpoint's "
+                "page if you did not copy it.",
+            )
+            return self.render_page(request, WebhookEndpointForm(), status=409)
+        endpoint, secret = created
         return render_endpoint(request, self.organization, endpoint, new_secret=secret)
 
     def render_page(self, request, form, *, status=200):
@@ -68,7 +84,10 @@ def render_endpoint(request, organization, endpoint, *, new_secret=None, status=
         "-created_at", "-id"
     )[:DELIVERIES_SHOWN]
     context = {"endpoint": endpoint, "deliveries": deliveries, "new_secret": new_secret}
-    return render(request, "portal/webhook.html", context, status=status)
+    response = render(request, "portal/webhook.html", context, status=status)
+    if new_secret is not None:
+        add_never_cache_headers(response)  # the secret is in it: never kept by a cache
+    return response
 
 
 class WebhookView(_WebhookView):

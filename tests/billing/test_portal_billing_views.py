@@ -92,7 +92,7 @@ def test_a_plain_member_reads_billing_but_cannot_change_settings(org, member_cli
 
 
 def test_a_plain_member_cannot_top_up_or_start_saving_a_card(org, member_client):
-    top_up = member_client.post("/billing/top-ups", {"amount": "50.00"})
+    top_up = member_client.post("/billing/top-ups", {"amount": "50.00", "once": "t1"})
     new_card = member_client.get("/billing/payment-methods/new")
     attach = member_client.post("/billing/payment-methods", {"payment_method": "pm_card_visa"})
 
@@ -133,7 +133,7 @@ def test_bad_settings_are_a_form_error_and_change_nothing(org, owner_client, fie
     ],
 )
 def test_a_bad_top_up_amount_is_a_form_error_and_writes_nothing(org, owner_client, amount, error):
-    response = owner_client.post("/billing/top-ups", {"amount": amount})
+    response = owner_client.post("/billing/top-ups", {"amount": amount, "once": "t1"})
 
     assert response.status_code == 400
     assert response.context["form"].errors["amount"] == [error]
@@ -143,11 +143,43 @@ def test_a_bad_top_up_amount_is_a_form_error_and_writes_nothing(org, owner_clien
 def test_a_top_up_without_a_card_says_so_and_writes_nothing(org, owner_client, settings):
     settings.STRIPE_SECRET_KEY = "sk_test_switchyard"  # configured, but no card saved
 
-    response = owner_client.post("/billing/top-ups", {"amount": "50.00"})
+    response = owner_client.post("/billing/top-ups", {"amount": "50.00", "once": "t1"})
 
     assert response.status_code == 400
     assert "Add a card before topping up." in response.content.decode()
     assert not TopUp.objects.exists()
+
+
+def _card_on_file(org) -> None:
+    """A saved card as Stripe's answers leave it (no call is made before the commit)."""
+    BillingAccount.objects.filter(organization=org).update(
+        stripe_customer_id="cus_test", default_payment_method_id="pm_test"
+    )
+
+
+def test_a_top_up_form_sent_twice_charges_once(org, owner_client, settings):
+    # A double click, or a reload of the page that answered it.
+    settings.STRIPE_SECRET_KEY = "sk_test_switchyard"
+    owner_client.get("/billing/top-ups")
+    _card_on_file(org)
+    page = owner_client.get("/billing/top-ups").content.decode()
+    once = page.split('name="once" value="')[1].split('"')[0]
+
+    first = owner_client.post("/billing/top-ups", {"amount": "50.00", "once": once})
+    second = owner_client.post("/billing/top-ups", {"amount": "50.00", "once": once})
+
+    assert (first.status_code, second.status_code) == (302, 302)
+    assert TopUp.objects.filter(organization=org).count() == 1
+    assert "already requested" in owner_client.get("/billing/top-ups").content.decode()
+    # A new form (a new key) is a new top-up; a refused one leaves its key free to send again.
+    fresh = owner_client.get("/billing/top-ups").content.decode()
+    assert fresh.split('name="once" value="')[1].split('"')[0] != once
+    refused = owner_client.post("/billing/top-ups", {"amount": "1.00", "once": "k2"})
+    assert refused.status_code == 400
+    assert (
+        owner_client.post("/billing/top-ups", {"amount": "20.00", "once": "k2"}).status_code == 302
+    )
+    assert TopUp.objects.filter(organization=org).count() == 2
 
 
 def test_without_stripe_the_card_and_top_up_pages_say_so(org, owner_client, settings):

@@ -29,12 +29,18 @@ def test_an_admin_adds_an_endpoint_and_sees_its_secret_once(org, receiver):
     client = member_client(org, Role.ADMIN)
     response = client.post(
         "/webhooks",
-        {"url": receiver.url + "/h", "event_types": ["reservation.active", "api_key.created"]},
-    )
+        {"url": receiver.url + "/h", "event_types": ["reservation.active", "api_key.created"],
+         "once": "f1"},
+    )  # fmt: skip
     assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]  # the secret is in it
     endpoint = WebhookEndpoint.objects.get()
     assert endpoint.event_types == ["api_key.created", "reservation.active"]
     assert endpoint.secret in response.content.decode()
+    # The same form again (a reload of that page): no second endpoint, no secret shown.
+    again = client.post("/webhooks", {"url": receiver.url + "/h", "once": "f1"})
+    assert again.status_code == 409
+    assert WebhookEndpoint.objects.count() == 1 and endpoint.secret not in again.content.decode()
     page = client.get(f"/webhooks/{endpoint.public_id}").content.decode()
     assert endpoint.secret not in page and endpoint.url in page
 
@@ -42,7 +48,7 @@ def test_an_admin_adds_an_endpoint_and_sees_its_secret_once(org, receiver):
 def test_a_bad_url_is_a_form_error_and_writes_nothing(org, settings):
     settings.WEBHOOK_ALLOW_INSECURE = False
     client = member_client(org, Role.OWNER)
-    response = client.post("/webhooks", {"url": "https://127.0.0.1/h"})
+    response = client.post("/webhooks", {"url": "https://127.0.0.1/h", "once": "f1"})
     assert response.status_code == 400
     assert "public address" in response.content.decode()
     assert not WebhookEndpoint.objects.exists()
