@@ -30,7 +30,11 @@ from billing.models import (
 )
 from billing.money import from_minor_units
 from billing.selectors import balance_minor
-from billing.services.accounts import billing_account_approve_postpaid
+from billing.services.accounts import (
+    billing_account_approve_postpaid,
+    billing_settings_check,
+    billing_settings_update,
+)
 from billing.services.credits import credit_issue
 from billing.services.refunds import refund_create
 from config.admin_base import ReadOnlyAdmin
@@ -40,6 +44,57 @@ from config.errors import ApplicationError
 class MoneyForm(forms.Form):
     amount = forms.DecimalField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
     reason = forms.CharField(widget=forms.Textarea, max_length=2000)
+
+
+_SETTINGS_FIELDS = {  # admin field (minor units) → billing_settings_update's argument (major)
+    "recharge_threshold_minor": "recharge_threshold",
+    "recharge_amount_minor": "recharge_amount",
+    "monthly_spend_limit_minor": "monthly_spend_limit",
+}
+
+
+class BillingAccountAdminForm(forms.ModelForm):
+    """Staff change an account's settings within the customer's own bounds
+    (billing_settings_check), and its currency only while nothing is on its ledger."""
+
+    class Meta:
+        model = BillingAccount
+        fields = ("currency", "auto_recharge_enabled", *_SETTINGS_FIELDS)
+
+    def settings_changes(self) -> dict:
+        """The changed settings, as billing_settings_update takes them (major units)."""
+        currency = self.cleaned_data.get("currency") or self.instance.currency
+        changes = {}
+        for name, argument in _SETTINGS_FIELDS.items():
+            if name in self.changed_data and name in self.cleaned_data:
+                value = self.cleaned_data[name]
+                changes[argument] = None if value is None else from_minor_units(value, currency)
+        if "auto_recharge_enabled" in self.changed_data and "auto_recharge_enabled" in (
+            self.cleaned_data
+        ):
+            changes["auto_recharge_enabled"] = self.cleaned_data["auto_recharge_enabled"]
+        return changes
+
+    def clean(self):
+        cleaned = super().clean()
+        if (
+            "currency" in self.changed_data
+            and LedgerEntry.objects.filter(organization_id=self.instance.organization_id).exists()
+        ):
+            self.add_error("currency", "The ledger already holds money in this currency.")
+        if (
+            self.cleaned_data.get("auto_recharge_enabled")
+            and "auto_recharge_enabled" in (self.changed_data)
+            and not self.instance.default_payment_method_id
+        ):
+            self.add_error("auto_recharge_enabled", "The organisation has no saved card.")
+        bounds = {k: v for k, v in self.settings_changes().items() if k != "auto_recharge_enabled"}
+        try:
+            billing_settings_check(**bounds)
+        except ApplicationError as exc:
+            field = {v: k for k, v in _SETTINGS_FIELDS.items()}.get(exc.field)
+            self.add_error(field if field in self.fields else None, exc.message)
+        return cleaned
 
 
 @admin.register(BillingAccount)
@@ -58,9 +113,25 @@ class BillingAccountAdmin(admin.ModelAdmin):
         "monthly_spend_limit_minor",
     ) + readonly_fields[2:]  # fmt: skip
     actions = ["approve_postpaid"]
+    form = BillingAccountAdminForm
 
     def has_add_permission(self, request):
         return False
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = super().get_readonly_fields(request, obj)
+        if obj is not None and LedgerEntry.objects.filter(organization=obj.organization).exists():
+            return (*fields, "currency")  # money is on its ledger in this currency
+        return fields
+
+    def save_model(self, request, obj, form, change):
+        # The settings go through the customer's own service (its bounds, its audit entry);
+        # anything else the form changed (the currency, before any money) is saved here.
+        changes = form.settings_changes()
+        if "currency" in form.changed_data:
+            obj.save(update_fields=["currency"])
+        if changes:
+            billing_settings_update(organization=obj.organization, **changes)
 
     def has_delete_permission(self, request, obj=None):
         return False

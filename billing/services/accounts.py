@@ -18,6 +18,7 @@ __all__ = [
     "billing_account_get_or_create",
     "stripe_customer_ensure",
     "billing_account_approve_postpaid",
+    "billing_settings_check",
     "billing_settings_update",
 ]
 
@@ -103,30 +104,20 @@ def billing_settings_update(
     billing_account_get_or_create(organization=organization)
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     before = _settings(account)
+    billing_settings_check(
+        recharge_threshold=recharge_threshold,
+        recharge_amount=recharge_amount,
+        monthly_spend_limit=monthly_spend_limit,
+    )
 
     fields = []
-    # Bounded like a top-up: an automatic charge is never larger than one the customer may make.
     if recharge_threshold is not None:
-        if not Decimal(0) <= recharge_threshold <= MAX_TOP_UP:
-            raise ValidationFailed(
-                f"The recharge threshold is between 0 and {MAX_TOP_UP}.",
-                code="amount_out_of_range",
-                field="recharge_threshold",
-            )
         account.recharge_threshold_minor = to_minor_units(recharge_threshold, account.currency)
         fields.append("recharge_threshold_minor")
     if recharge_amount is not None:
-        if not MIN_TOP_UP <= recharge_amount <= MAX_TOP_UP:
-            raise ValidationFailed(
-                f"A recharge is between {MIN_TOP_UP} and {MAX_TOP_UP}.",
-                code="amount_out_of_range",
-                field="recharge_amount",
-            )
         account.recharge_amount_minor = to_minor_units(recharge_amount, account.currency)
         fields.append("recharge_amount_minor")
     if monthly_spend_limit is not _UNSET:
-        if monthly_spend_limit is not None and monthly_spend_limit < 0:
-            raise ValidationFailed("Must be zero or more.", field="monthly_spend_limit")
         account.monthly_spend_limit_minor = (
             None
             if monthly_spend_limit is None
@@ -154,6 +145,31 @@ def billing_settings_update(
             changes=changes,
         )
     return account
+
+
+def billing_settings_check(
+    *,
+    recharge_threshold: Decimal | None = None,
+    recharge_amount: Decimal | None = None,
+    monthly_spend_limit: "Decimal | None | object" = _UNSET,
+) -> None:
+    """The bounds of the settings (ValidationFailed naming the first out of them), for the
+    customer's changes and staff's (the admin) alike. Bounded like a top-up: an automatic
+    charge is never larger than one the customer may make."""
+    if recharge_threshold is not None and not Decimal(0) <= recharge_threshold <= MAX_TOP_UP:
+        raise ValidationFailed(
+            f"The recharge threshold is between 0 and {MAX_TOP_UP}.",
+            code="amount_out_of_range",
+            field="recharge_threshold",
+        )
+    if recharge_amount is not None and not MIN_TOP_UP <= recharge_amount <= MAX_TOP_UP:
+        raise ValidationFailed(
+            f"A recharge is between {MIN_TOP_UP} and {MAX_TOP_UP}.",
+            code="amount_out_of_range",
+            field="recharge_amount",
+        )
+    if monthly_spend_limit not in (_UNSET, None) and monthly_spend_limit < 0:
+        raise ValidationFailed("Must be zero or more.", field="monthly_spend_limit")
 
 
 def _settings(account: BillingAccount) -> dict:

@@ -31,6 +31,57 @@ def test_the_account_page_shows_balance_and_history(staff_client, org):
     assert b"12.34 USD" in page.content and b"welcome" in page.content
 
 
+def _settings_form(account, **changes) -> dict:
+    form = {
+        "currency": account.currency,
+        "auto_recharge_enabled": "on" if account.auto_recharge_enabled else "",
+        "recharge_threshold_minor": account.recharge_threshold_minor,
+        "recharge_amount_minor": account.recharge_amount_minor,
+        "monthly_spend_limit_minor": account.monthly_spend_limit_minor or "",
+        **changes,
+    }
+    return {k: v for k, v in form.items() if v != ""}
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"monthly_spend_limit_minor": -100}, "monthly_spend_limit_minor"),
+        ({"recharge_amount_minor": 500_000_000}, "recharge_amount_minor"),  # over a top-up's cap
+        ({"recharge_threshold_minor": 20_000_000}, "recharge_threshold_minor"),
+        ({"auto_recharge_enabled": "on"}, "auto_recharge_enabled"),  # no card saved
+    ],
+)
+def test_staff_change_settings_only_within_the_customers_bounds(staff_client, org, changes, field):
+    account = BillingAccount.objects.get(organization=org)
+    url = reverse("admin:billing_billingaccount_change", args=[account.pk])
+    before = BillingAccount.objects.filter(pk=account.pk).values().get()
+
+    response = staff_client.post(url, _settings_form(account, **changes))
+
+    assert response.status_code == 200  # the form again, with the error
+    assert field in response.context["adminform"].form.errors
+    assert BillingAccount.objects.filter(pk=account.pk).values().get() == before
+
+
+def test_staff_settings_are_audited_and_the_currency_stays_once_money_is_held(staff_client, org):
+    from marketplace.models import AuditEntry
+
+    account = BillingAccount.objects.get(organization=org)
+    url = reverse("admin:billing_billingaccount_change", args=[account.pk])
+    staff_client.post(url, _settings_form(account, monthly_spend_limit_minor=50000))
+    account.refresh_from_db()
+    assert account.monthly_spend_limit_minor == 50000
+    entry = AuditEntry.objects.get(organization=org, action="billing_settings.update")
+    assert entry.changes["after"] == {"monthly_spend_limit_minor": 50000}
+
+    LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=100,
+                               currency="usd", idempotency_key="c")  # fmt: skip
+    staff_client.post(url, _settings_form(account, currency="eur"))
+    account.refresh_from_db()
+    assert account.currency == "usd"  # read-only now: the ledger holds dollars
+
+
 def test_staff_issue_a_credit_with_a_reason(staff_client, org):
     account = BillingAccount.objects.get(organization=org)
     url = reverse("admin:billing_billingaccount_credit", args=[account.pk])
