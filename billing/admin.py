@@ -39,11 +39,14 @@ from billing.services.credits import credit_issue
 from billing.services.refunds import refund_create
 from config.admin_base import ReadOnlyAdmin
 from config.errors import ApplicationError
+from marketplace.portal.fields import OnceField, once_or_refused
 
 
 class MoneyForm(forms.Form):
     amount = forms.DecimalField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
     reason = forms.CharField(widget=forms.Textarea, max_length=2000)
+    # Sent twice (a double click, a reload): the money moves once.
+    once = OnceField()
 
 
 _SETTINGS_FIELDS = {  # admin field (minor units) → billing_settings_update's argument (major)
@@ -228,14 +231,24 @@ class BillingAccountAdmin(admin.ModelAdmin):
         account = get_object_or_404(BillingAccount.objects.select_related("organization"), pk=pk)
         form = MoneyForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
             try:
-                credit_issue(organization=account.organization, amount=form.cleaned_data["amount"],
-                             reason=form.cleaned_data["reason"], created_by=request.user,
-                             currency=account.currency)  # fmt: skip
+                issued = once_or_refused(
+                    request, account.organization, data["once"],
+                    lambda: credit_issue(organization=account.organization, amount=data["amount"],
+                                         reason=data["reason"], created_by=request.user,
+                                         currency=account.currency),
+                )  # fmt: skip
             except ApplicationError as exc:
                 form.add_error(None, exc.message)
             else:
-                self.message_user(request, "Credit issued.")
+                if issued is None:
+                    self.message_user(
+                        request, "This credit was already issued (the form was sent twice).",
+                        messages.WARNING,
+                    )  # fmt: skip
+                else:
+                    self.message_user(request, "Credit issued.")
                 return redirect("admin:billing_billingaccount_change", pk)
         context = {**self.admin_site.each_context(request), "form": form,
                    "title": "Issue a credit", "subject": str(account.organization)}  # fmt: skip
@@ -292,13 +305,23 @@ class TopUpAdmin(ReadOnlyAdmin):
         top_up = get_object_or_404(TopUp.objects.select_related("organization"), pk=pk)
         form = MoneyForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
             try:
-                refund_create(top_up=top_up, amount=form.cleaned_data["amount"],
-                              reason=form.cleaned_data["reason"], created_by=request.user)  # fmt: skip
+                refund = once_or_refused(
+                    request, top_up.organization, data["once"],
+                    lambda: refund_create(top_up=top_up, amount=data["amount"],
+                                          reason=data["reason"], created_by=request.user),
+                )  # fmt: skip
             except ApplicationError as exc:
                 form.add_error(None, exc.message)
             else:
-                self.message_user(request, "Refund requested; Stripe confirms it shortly.")
+                if refund is None:
+                    self.message_user(
+                        request, "This refund was already requested (the form was sent twice).",
+                        messages.WARNING,
+                    )  # fmt: skip
+                else:
+                    self.message_user(request, "Refund requested; Stripe confirms it shortly.")
                 return redirect("admin:billing_topup_changelist")
         context = {**self.admin_site.each_context(request), "form": form, "title": "Refund a top-up",
                    "subject": f"{top_up.organization}: top-up {top_up.pk} of "

@@ -58,6 +58,7 @@ from marketplace.models import (
     ReservationStatus,
     Tier,
 )
+from marketplace.services.audit import audit_record
 
 __all__ = [
     "SLA_TARGET",
@@ -204,7 +205,7 @@ def credit_issue(
     if amount_minor <= 0:
         raise ValidationFailed("A credit must be positive.", field="amount")
 
-    entry, _ = ledger_entry_add(
+    entry, created = ledger_entry_add(
         organization=organization,
         kind=LedgerKind.CREDIT,
         amount_minor=amount_minor,
@@ -213,6 +214,14 @@ def credit_issue(
         description=reason,
         created_by=created_by,
     )
+    if created:
+        audit_record(
+            organization_id=organization.pk,
+            action="credit.issue",
+            object_type="ledger_entry",
+            object_id=entry.public_id,
+            changes={"after": {"amount": str(amount), "currency": currency, "reason": reason}},
+        )
     return entry
 
 

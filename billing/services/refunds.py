@@ -20,6 +20,7 @@ from billing.services.ledger import ledger_entry_add
 from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handler
 from billing.stripe_gateway import StripeGateway
 from config.errors import Conflict, ValidationFailed
+from marketplace.services.audit import audit_record
 
 __all__ = ["refund_create", "refund_mark_succeeded", "refund_mark_failed"]
 
@@ -69,6 +70,13 @@ def refund_create(
         kind="refund.create",
         payload={"refund_id": refund.pk},
         idempotency_key=f"refund:{refund.pk}",
+    )
+    audit_record(
+        organization_id=top_up.organization_id,
+        action="refund.create",
+        object_type="top_up",
+        object_id=f"tu_{top_up.pk}",
+        changes={"after": {"refund": str(amount), "currency": top_up.currency, "reason": reason}},
     )
     return refund
 

@@ -86,14 +86,22 @@ def test_staff_issue_a_credit_with_a_reason(staff_client, org):
     account = BillingAccount.objects.get(organization=org)
     url = reverse("admin:billing_billingaccount_credit", args=[account.pk])
 
-    refused = staff_client.post(url, {"amount": "25.00", "reason": ""})
+    refused = staff_client.post(url, {"amount": "25.00", "reason": "", "once": "k1"})
     assert refused.status_code == 200 and balance_minor(organization=org) == 0
-    done = staff_client.post(url, {"amount": "25.00", "reason": "outage goodwill"})
+    done = staff_client.post(url, {"amount": "25.00", "reason": "outage goodwill", "once": "k1"})
+    again = staff_client.post(url, {"amount": "25.00", "reason": "outage goodwill", "once": "k1"})
 
     assert done.status_code == 302
+    assert again.status_code == 302  # sent twice (a double click): one credit
     entry = LedgerEntry.objects.get(organization=org)
     assert (entry.kind, entry.amount_minor, entry.description, entry.created_by.username) == (
         LedgerKind.CREDIT, 2500, "outage goodwill", "staff",
+    )  # fmt: skip
+    from marketplace.models import AuditEntry
+
+    (audited,) = AuditEntry.objects.filter(organization=org, action="credit.issue")
+    assert (audited.object_id, audited.changes["after"]["reason"]) == (
+        entry.public_id, "outage goodwill"
     )  # fmt: skip
 
 
@@ -134,7 +142,8 @@ def test_staff_refund_a_top_up_through_the_refunds_api(
 
     with django_capture_on_commit_callbacks(execute=True):
         response = staff_client.post(reverse("admin:billing_topup_refund", args=[top_up.pk]),
-                                     {"amount": "30.00", "reason": "double booking"})  # fmt: skip
+                                     {"amount": "30.00", "reason": "double booking",
+                                      "once": "r1"})  # fmt: skip
 
     assert response.status_code == 302
     refund = Refund.objects.get()
