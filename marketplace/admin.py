@@ -10,7 +10,10 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.models import User
 from django.db.models import Model, QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -41,13 +44,14 @@ from marketplace.models import (
     Reservation,
     ReservationOutage,
     ReservationTransition,
+    Role,
     SshKey,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
 )
 from marketplace.provisioning.workload import workload_public
-from marketplace.services.api_keys import api_key_revoke
+from marketplace.services.api_keys import api_key_revoke, api_keys_revoke_created_by
 from marketplace.services.curtailment import (
     curtailment_announce,
     curtailment_call_off,
@@ -78,8 +82,25 @@ class ProvisioningRecordAdmin(ReadOnlyAdmin):
         return _admin_link(obj.node, obj.node.hostname)
 
 
+class MembershipFormSet(BaseInlineFormSet):
+    """Staff keep the portal's rule: an organisation with members keeps an owner."""
+
+    def clean(self):
+        super().clean()
+        kept = [
+            form.cleaned_data
+            for form in self.forms
+            if form.cleaned_data and not form.cleaned_data.get("DELETE")
+        ]
+        if kept and not any(data.get("role") == Role.OWNER for data in kept):
+            raise forms.ValidationError(
+                "An organisation keeps at least one owner: make someone else owner first."
+            )
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
+    formset = MembershipFormSet
     extra = 0
     autocomplete_fields = ["user"]
 
@@ -90,6 +111,40 @@ class OrganizationAdmin(admin.ModelAdmin):
     search_fields = ["name", "slug", "public_id"]
     readonly_fields = ["public_id", "created_at"]
     inlines = [MembershipInline]
+
+    def save_formset(self, request, form, formset, change):
+        super().save_formset(request, form, formset, change)
+        # A member staff removed leaves as one who leaves the portal does: with their keys.
+        for membership in getattr(formset, "deleted_objects", []):
+            if isinstance(membership, Membership):
+                api_keys_revoke_created_by(
+                    organization_id=membership.organization_id, user=membership.user
+                )
+
+
+def sole_owner_of(user) -> list[Organization]:
+    """The organisations `user` is the only owner of (they would be left without one)."""
+    owned = Organization.objects.filter(memberships__user=user, memberships__role=Role.OWNER)
+    return [
+        org
+        for org in owned
+        if not org.memberships.filter(role=Role.OWNER).exclude(user=user).exists()
+    ]
+
+
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class SwitchyardUserAdmin(UserAdmin):
+    """Django's user admin, but a user who is an organisation's only owner is not deleted
+    (the organisation, its money and bookings would be left with nobody to act for them):
+    neither from their page nor in a bulk delete that includes them."""
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and sole_owner_of(obj):
+            return False
+        return super().has_delete_permission(request, obj)
 
 
 @admin.register(ApiKey)

@@ -1,0 +1,70 @@
+"""Staff keep the portal's rules on members: an organisation keeps an owner, and a member
+removed in the admin leaves with their API keys, as in the portal."""
+
+import pytest
+from django.urls import reverse
+
+from marketplace.models import ApiKey, Membership, Role
+from marketplace.services.api_keys import api_key_create
+from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff_client(client, django_user_model):
+    staff = django_user_model.objects.create(username="staff", is_staff=True, is_superuser=True)
+    client.force_login(staff)
+    return client
+
+
+def _memberships_form(org, rows) -> dict:
+    """The organisation's change form with its membership rows as given: (membership, role,
+    delete)."""
+    form = {"name": org.name, "slug": org.slug, "memberships-TOTAL_FORMS": len(rows),
+            "memberships-INITIAL_FORMS": len(rows), "memberships-MIN_NUM_FORMS": 0,
+            "memberships-MAX_NUM_FORMS": 1000}  # fmt: skip
+    for i, (membership, role, delete) in enumerate(rows):
+        form |= {f"memberships-{i}-id": membership.pk, f"memberships-{i}-organization": org.pk,
+                 f"memberships-{i}-user": membership.user_id, f"memberships-{i}-role": role}  # fmt: skip
+        if delete:
+            form[f"memberships-{i}-DELETE"] = "on"
+    return form
+
+
+def test_the_admin_cannot_leave_an_organisation_without_an_owner(staff_client):
+    org = OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER)
+    member = MembershipFactory(organization=org, role=Role.MEMBER)
+    url = reverse("admin:marketplace_organization_change", args=[org.pk])
+
+    for rows in (
+        [(owner, Role.MEMBER, False), (member, Role.MEMBER, False)],  # demoted
+        [(owner, Role.OWNER, True), (member, Role.MEMBER, False)],  # removed
+    ):
+        response = staff_client.post(url, _memberships_form(org, rows))
+        assert response.status_code == 200  # the form again
+        assert "keeps at least one owner" in response.content.decode()
+    assert Membership.objects.get(pk=owner.pk).role == Role.OWNER
+
+    # Another owner first: then the first may go, and their keys go with them.
+    _, secret = api_key_create(organization=org, name="ci", scopes=["read"], created_by=owner.user)
+    rows = [(owner, Role.OWNER, True), (member, Role.OWNER, False)]
+    assert staff_client.post(url, _memberships_form(org, rows)).status_code == 302
+    assert not Membership.objects.filter(pk=owner.pk).exists()
+    assert ApiKey.objects.get(organization=org).revoked_at is not None
+
+
+def test_the_only_owner_of_an_organisation_is_not_deleted(staff_client):
+    org = OrganizationFactory()
+    sole = MembershipFactory(organization=org, role=Role.OWNER).user
+    other = UserFactory()
+
+    assert staff_client.get(reverse("admin:auth_user_delete", args=[sole.pk])).status_code == 403
+    changelist = reverse("admin:auth_user_changelist")
+    bulk = {"action": "delete_selected", "_selected_action": [sole.pk, other.pk], "post": "yes"}
+    assert staff_client.post(changelist, bulk).status_code == 403  # not even with others
+    assert type(sole).objects.filter(pk__in=[sole.pk, other.pk]).count() == 2
+    bulk["_selected_action"] = [other.pk]
+    assert staff_client.post(changelist, bulk).status_code == 302
+    assert not type(other).objects.filter(pk=other.pk).exists()
