@@ -279,6 +279,7 @@ class QuoteView(PortalView, View):
                 status=exc.status_code,
                 recharge=recharge,
                 payment_required=None if recharge else exc.message,
+                payment_code=exc.code,
             )
         except ApplicationError as exc:
             _field_error(form, exc)
@@ -290,7 +291,16 @@ class QuoteView(PortalView, View):
         saved = ssh_key_list_for_org(organization=self.organization).order_by("name", "pk")
         return ReserveForm(data, saved_keys=saved)
 
-    def _page(self, request, quote, form, status=200, recharge=None, payment_required=None):
+    def _page(
+        self,
+        request,
+        quote,
+        form,
+        status=200,
+        recharge=None,
+        payment_required=None,
+        payment_code=None,
+    ):
         funding = portal_funding(
             self.membership,
             tier=quote.tier,
@@ -318,6 +328,7 @@ class QuoteView(PortalView, View):
                 "search_url": back,
                 "smaller_url": smaller if quote.gpu_count > 1 else None,
                 "payment_required": payment_required,
+                "payment_code": payment_code,
                 "recharge": recharge,
                 "plan": plan_label(quote.tier, quote.term),
             },

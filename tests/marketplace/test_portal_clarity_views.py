@@ -219,6 +219,36 @@ def test_a_402_offers_top_up_a_card_and_a_smaller_request_and_reserves_nothing(m
     assert not Reservation.objects.filter(organization=org).exists()
 
 
+def test_a_402_for_the_spend_limit_points_to_the_limit_not_to_a_top_up(market):
+    # Topping up cannot fix it: the month's limit is what refused the booking.
+    from billing.models import LedgerKind
+    from billing.services.accounts import billing_account_get_or_create
+    from billing.services.ledger import ledger_entry_add
+
+    org = OrganizationFactory()
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=100000,
+                     currency="usd", idempotency_key="c")  # fmt: skip
+    account = billing_account_get_or_create(organization=org)
+    account.monthly_spend_limit_minor = 100
+    account.save(update_fields=["monthly_spend_limit_minor"])
+    start = tomorrow()
+    quote = quote_create(
+        organization=org, gpu_model="h100-sxm-80gb", gpu_count=4, starts_at=start,
+        ends_at=start + timedelta(hours=3), tier="on_demand",
+    )  # fmt: skip
+
+    response = member_client(org, Role.OWNER).post(
+        f"/quotes/{quote.public_id}", {"ssh_public_keys": ssh_key()}
+    )
+
+    html = response.content.decode()
+    assert response.status_code == 402
+    assert "Not reserved: over this month's spend limit." in html
+    way_out = html.split('id="payment-required"')[1].split("</div>")[0]
+    assert "Change the spend limit" in way_out and 'href="/billing/top-ups"' not in way_out
+    assert not Reservation.objects.filter(organization=org).exists()
+
+
 # --- SSH ----------------------------------------------------------------------------------
 
 
