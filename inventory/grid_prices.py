@@ -16,6 +16,7 @@ Every way in goes through `zone_price_rows_parse` (what a row may be) and `zone_
 
 import csv
 import io
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from config.dates import OUT_OF_RANGE, within_bounds
 from config.errors import ValidationFailed
 from config.replica import read_connection
 from inventory.models import PriceZone, ZonePrice
@@ -55,6 +57,7 @@ MAX_INTERVAL = timedelta(days=1)
 MAX_ROWS = 20_000  # a year of hourly prices for two zones; larger loads go in several files
 CSV_COLUMNS = ["zone", "starts_at", "ends_at", "price_per_mwh", "currency"]
 _CENT = Decimal("0.01")
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,9 @@ def _parse_time(value, name: str, problems: list, where: str) -> datetime | None
         problems.append(
             PriceProblem(where, name, f"{name} {value!r} has no UTC offset (add Z or +01:00).")
         )
+        return None
+    if not within_bounds(parsed):
+        problems.append(PriceProblem(where, name, f"{name} {value!r}: {OUT_OF_RANGE}"))
         return None
     return parsed
 
@@ -182,9 +188,10 @@ def _price_parse(where: str, raw: dict, problems: list[PriceProblem]) -> Decimal
     """The row's price per MWh: a number with at most 2 decimal places within the accepted range
     (a problem is added otherwise; None if it is not a number at all)."""
     try:
-        price = Decimal(str(raw.get("price_per_mwh", "")).strip())
-        if not price.is_finite():
+        text = str(raw.get("price_per_mwh", "")).strip()
+        if not _DECIMAL_TEXT.fullmatch(text):  # Decimal() also reads "1e3" and other digits
             raise InvalidOperation
+        price = Decimal(text)
     except (InvalidOperation, ValueError):
         problems.append(
             PriceProblem(where, "price_per_mwh", f"{raw.get('price_per_mwh')!r} is not a number.")

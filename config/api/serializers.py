@@ -20,22 +20,31 @@ of a serializer that
 sets `refuse_unknown_fields = False` (the site agent's protocol: a newer agent may send more
 than this server reads).
 
-A whole number given as a string is read only as ASCII digits with an optional sign: Python's
-int(), which DRF's IntegerField calls, also reads "1_0" as 10 and other scripts' digits.
+A whole number given as a string is read only as ASCII digits with an optional sign, and a
+decimal as ASCII digits with an optional point (no exponent): Python's int() and Decimal(),
+which DRF's fields call, also read "1_0" as 10, "1e3" as 1000 and other scripts' digits.
+Dates and times are read from 2000 to 2099 only (config.dates).
 """
 
 import copy
 import re
+from datetime import date
 
 from django.http import QueryDict
 from rest_framework import serializers
 from rest_framework.exceptions import ErrorDetail, ValidationError
 from rest_framework.fields import Field
+from rest_framework.settings import api_settings
+
+from config.dates import OUT_OF_RANGE, within_bounds
 
 __all__ = ["LenientSerializer", "Serializer"]
 
 
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+# The strings each kind of field reads, beyond DRF's own checks.
+_STRICT = ((serializers.IntegerField, _WHOLE_NUMBER), (serializers.DecimalField, _DECIMAL))
 
 
 def _field_copy(field: Field) -> Field:
@@ -68,15 +77,25 @@ class Serializer(serializers.Serializer):
                     )  # fmt: skip
             for name, field in fields.items():
                 value = data.get(name)
-                if (
-                    isinstance(value, str)
-                    and isinstance(field, serializers.IntegerField)
-                    and not _WHOLE_NUMBER.fullmatch(value)
-                ):
-                    raise ValidationError(
-                        {name: [ErrorDetail("A valid integer is required.", code="invalid")]}
-                    )
-        return super().to_internal_value(data)
+                if not isinstance(value, str):
+                    continue
+                for kind, pattern in _STRICT:
+                    if isinstance(field, kind) and not pattern.fullmatch(value.strip()):
+                        raise ValidationError(
+                            {name: [ErrorDetail("A valid number is required.", code="invalid")]}
+                        )
+        try:
+            result = super().to_internal_value(data)
+        except OverflowError:  # a time whose offset takes it past year 9999
+            raise ValidationError({api_settings.NON_FIELD_ERRORS_KEY: [
+                ErrorDetail(OUT_OF_RANGE, code="out_of_range")]}) from None  # fmt: skip
+        for name, field in self.fields.items():
+            value = result.get(field.source) if isinstance(result, dict) else None
+            if isinstance(field, serializers.DateTimeField | serializers.DateField) and (
+                isinstance(value, date) and not within_bounds(value)
+            ):
+                raise ValidationError({name: [ErrorDetail(OUT_OF_RANGE, code="out_of_range")]})
+        return result
 
 
 class LenientSerializer(Serializer):

@@ -97,7 +97,10 @@ class IsDemandResponseSource(permissions.BasePermission):
 class DemandResponseCallInput(Serializer):
     event_id = serializers.CharField(max_length=200, help_text="Yours; unique per source.")
     modification_number = serializers.IntegerField(
-        min_value=0, default=0, help_text="Raise it to change or cancel the call."
+        min_value=0,
+        max_value=2**31 - 1,  # the column's range
+        default=0,
+        help_text="Raise it to change or cancel the call.",
     )
     status = serializers.ChoiceField(
         choices=DemandResponseEvent.Status.choices, default=DemandResponseEvent.Status.ACTIVE

@@ -1,33 +1,19 @@
 """Form fields the portal's pages share."""
 
 import secrets
-from datetime import UTC, date, datetime
 
 from django import forms
 from django.db import transaction
 
 from config.api.idempotency import once_claim
+from config.dates import OUT_OF_RANGE, within_bounds
 
 __all__ = [
-    "EARLIEST",
-    "LATEST",
     "OnceField",
     "PortalDateField",
     "PortalDateTimeField",
     "once_or_refused",
-    "within_bounds",
 ]
-
-# What a date or time in the portal may be: nothing here is booked, searched or billed
-# outside these years, and a time near datetime's own limits (9999-12-31) overflows the
-# moment a period's length is added to it.
-EARLIEST, LATEST = date(2000, 1, 1), date(2100, 1, 1)
-_BOUNDS_MESSAGE = "Pick a date from 2000 to 2099."
-
-
-def within_bounds(value: date | datetime) -> bool:
-    day = value.date() if isinstance(value, datetime) else value
-    return EARLIEST <= day < LATEST
 
 
 class PortalDateTimeField(forms.DateTimeField):
@@ -37,9 +23,9 @@ class PortalDateTimeField(forms.DateTimeField):
         try:
             result = super().to_python(value)
         except OverflowError:  # an offset that pushes past year 9999
-            raise forms.ValidationError(_BOUNDS_MESSAGE, code="out_of_range") from None
-        if result is not None and not within_bounds(result.astimezone(UTC)):
-            raise forms.ValidationError(_BOUNDS_MESSAGE, code="out_of_range")
+            raise forms.ValidationError(OUT_OF_RANGE, code="out_of_range") from None
+        if result is not None and not within_bounds(result):
+            raise forms.ValidationError(OUT_OF_RANGE, code="out_of_range")
         return result
 
 
@@ -49,7 +35,7 @@ class PortalDateField(forms.DateField):
     def to_python(self, value):
         result = super().to_python(value)
         if result is not None and not within_bounds(result):
-            raise forms.ValidationError(_BOUNDS_MESSAGE, code="out_of_range")
+            raise forms.ValidationError(OUT_OF_RANGE, code="out_of_range")
         return result
 
 

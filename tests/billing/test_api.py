@@ -131,6 +131,17 @@ def test_a_top_up_without_a_card_is_a_402(org, member, client_for):
                                         "field": None, "message": "Add a card before topping up."}  # fmt: skip
 
 
+@pytest.mark.parametrize("amount", ["1e3", "\u0663\u0660", "1_000", "Infinity"])
+def test_an_amount_is_ascii_digits_not_whatever_decimal_reads(org, member, client_for, amount):
+    # Decimal() reads "1e3" as 1000.00 and "٣٠" as 30.00: neither is what anyone typed.
+    response = client_for(member).post("/api/v1/billing/top-ups", {"amount": amount}, format="json")
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (
+        "invalid", "amount"
+    )  # fmt: skip
+    assert not TopUp.objects.exists()
+
+
 def test_a_bad_amount_is_a_400_naming_the_field(org, member, client_for):
     response = client_for(member).post("/api/v1/billing/top-ups", {"amount": "lots"}, format="json")
     card = client_for(member).post("/api/v1/billing/payment-methods", {"payment_method": "x"},

@@ -141,6 +141,14 @@ BAD_ROWS = [
       "price_per_mwh": "30", "currency": "eur"}, "currency", "priced in usd"),
     ({"starts_at": "soon", "ends_at": "2030-03-01T01:00:00Z",
       "price_per_mwh": "30"}, "starts_at", "not an ISO 8601 time"),
+    # Decimal() reads these too; a price is ASCII digits.
+    ({"starts_at": "2030-03-01T00:00:00Z", "ends_at": "2030-03-01T01:00:00Z",
+      "price_per_mwh": "3e1"}, "price_per_mwh", "not a number"),
+    ({"starts_at": "2030-03-01T00:00:00Z", "ends_at": "2030-03-01T01:00:00Z",
+      "price_per_mwh": "\u0665"}, "price_per_mwh", "not a number"),
+    # Published until 9999 otherwise.
+    ({"starts_at": "9999-12-31T22:00:00Z", "ends_at": "2030-03-01T01:00:00Z",
+      "price_per_mwh": "30"}, "starts_at", "from 2000 to 2099"),
 ]  # fmt: skip
 
 
@@ -235,6 +243,20 @@ def test_an_unknown_zone_is_404(grid_key):
     assert response.status_code == 404
 
 
+def test_a_read_of_a_window_out_of_range_is_a_400_not_an_overflow(zone):
+    from tests.factories import OrganizationFactory
+
+    reader = key_client(OrganizationFactory(), scopes=[ApiKeyScope.READ])
+    response = reader.get(
+        f"/api/v1/grid/zones/{zone.code}/prices",
+        {"start": "9999-12-30T00:00:00Z", "end": "9999-12-30T01:00:00Z"},
+    )
+    assert response.status_code == 400
+    assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (
+        "out_of_range", "start"
+    )  # fmt: skip
+
+
 def test_anyone_signed_in_reads_a_zones_prices(zone, grid_key):
     grid_key.post(url(zone.code), body("30.00", "31.00", "32.00"), format="json")
     from tests.factories import OrganizationFactory
@@ -260,7 +282,7 @@ BAD_CSV = (
     "zone,starts_at,ends_at,price_per_mwh,currency\n"
     "ercot-west,2030-03-01T00:00:00Z,2030-03-01T01:00:00Z,31.20,usd\n"
     "atlantis,2030-03-01T01:00:00Z,2030-03-01T02:00:00Z,28.05,usd\n"
-    "ercot-west,2030-03-01T02:00:00Z,2030-03-01T03:00:00Z,1e9,usd\n"
+    "ercot-west,2030-03-01T02:00:00Z,2030-03-01T03:00:00Z,1000000000,usd\n"
 )
 
 

@@ -193,6 +193,10 @@ def test_a_replayed_signed_request_is_refused_and_changes_nothing(fleet, source)
         ({"end": "2020-01-01T00:00:00Z"}, 400, "invalid"),
         ({"target_mw": "-1"}, 400, "min_value"),
         ({"start": "soon"}, 400, "invalid"),
+        # Past its column's range (a 500 before) and past datetime's arithmetic.
+        ({"modification_number": 2**31}, 400, "max_value"),
+        ({"modification_number": 10**20}, 400, "max_value"),
+        ({"start": "9999-12-31T00:00:00Z"}, 400, "out_of_range"),
     ],
 )
 def test_bad_input_is_a_clear_400_and_changes_nothing(fleet, source, change, status, code):
