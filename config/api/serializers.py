@@ -81,9 +81,8 @@ class Serializer(serializers.Serializer):
                     continue
                 for kind, pattern in _STRICT:
                     if isinstance(field, kind) and not pattern.fullmatch(value.strip()):
-                        raise ValidationError(
-                            {name: [ErrorDetail("A valid number is required.", code="invalid")]}
-                        )
+                        message = field.error_messages["invalid"]  # DRF's own words
+                        raise ValidationError({name: [ErrorDetail(message, code="invalid")]})
         try:
             result = super().to_internal_value(data)
         except OverflowError:  # a time whose offset takes it past year 9999
