@@ -9,13 +9,13 @@ key, also used for the organisation's saved keys (services.ssh_keys).
 import base64
 import binascii
 import hashlib
-import ipaddress
 import re
 import struct
 
 from django.conf import settings
 
 from config.errors import ValidationFailed
+from config.netaddr import is_public_address
 
 __all__ = [
     "workload_validate",
@@ -104,10 +104,9 @@ def _private_host(host: str) -> bool:
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
     try:
-        address = ipaddress.ip_address(host)
+        return not is_public_address(host)
     except ValueError:
         return False
-    return not address.is_global
 
 
 def _ssh_blob_strings(blob: bytes) -> list[bytes]:

@@ -68,6 +68,7 @@ PRIVATE_REGISTRY_IMAGES = [
     "169.254.169.254/latest:1",  # the cloud metadata address
     "[::1]:5000/x:1",
     "[::ffff:7f00:1]:5000/x:1",  # 127.0.0.1, IPv4-mapped
+    "[64:ff9b::a00:5]:5000/x:1",  # 10.0.0.5, through NAT64
 ]
 
 

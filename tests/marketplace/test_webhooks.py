@@ -398,6 +398,11 @@ def test_a_slow_endpoint_does_not_hold_up_another_organisations(receiver, settin
         ("https://0.0.0.0/x", "webhook_url_unsafe"),
         ("https://[::ffff:127.0.0.1]/x", "webhook_url_unsafe"),
         ("https://[fd00:ec2::254]/x", "webhook_url_unsafe"),
+        # 127.0.0.1 inside an IPv6 address a translator or relay would reach it by.
+        ("https://[64:ff9b::7f00:1]/x", "webhook_url_unsafe"),  # NAT64
+        ("https://[2002:7f00:1::]/x", "webhook_url_unsafe"),  # 6to4
+        ("https://[64:ff9b:1::a00:1]/x", "webhook_url_unsafe"),  # local-use NAT64
+        ("https://192.0.0.8/x", "webhook_url_unsafe"),  # IETF protocol assignments
         ("https://user:pw@93.184.216.34/x", "webhook_url_invalid"),
         ("https://no-such-host.invalid/x", "webhook_url_unresolvable"),
     ],
