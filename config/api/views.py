@@ -47,6 +47,9 @@ class ApiView(GenericAPIView):
     keys_may_write = True
     # False where even reading needs a signed-in member (the organisation's keys, invitations).
     keys_allowed = True
+    # The scope a key needs to read here: write where only owners and admins may read (what
+    # a read-only key is given for, dashboards and exports, never needs the configuration).
+    key_read_scope = ApiKeyScope.READ
     # True where a write moves money (cards, top-ups, billing settings): API keys need the
     # billing scope for it, which write does not include.
     moves_money = False
@@ -95,7 +98,7 @@ class ApiView(GenericAPIView):
         if not self.keys_allowed:
             return None
         if method in SAFE_METHODS:
-            return ApiKeyScope.READ
+            return self.key_read_scope
         if not self.keys_may_write:
             return None
         return ApiKeyScope.BILLING if self.moves_money else ApiKeyScope.WRITE

@@ -10,7 +10,13 @@ from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
-from marketplace.models import DeliveryStatus, EventType, WebhookDelivery, WebhookEndpoint
+from marketplace.models import (
+    ApiKeyScope,
+    DeliveryStatus,
+    EventType,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from marketplace.selectors.webhooks import (
     webhook_delivery_get_for_org,
     webhook_delivery_list_for_endpoint,
@@ -103,6 +109,8 @@ class WebhookDeliveryOutput(Serializer):
 class _WebhookManagement(ApiView):
     read_roles = MANAGER_ROLES
     write_roles = MANAGER_ROLES
+    # Endpoints and deliveries (with the receivers' answers) are for those who manage them.
+    key_read_scope = ApiKeyScope.WRITE
 
     def endpoint(self) -> WebhookEndpoint:
         return webhook_endpoint_get_for_org(

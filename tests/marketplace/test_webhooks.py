@@ -16,6 +16,7 @@ from django.utils import timezone
 from switchyard.webhooks import SignatureError, verify_signature
 
 from marketplace.models import (
+    ApiKeyScope,
     DeliveryStatus,
     Event,
     Role,
@@ -558,3 +559,10 @@ def test_only_owners_and_admins_manage_webhooks_and_other_orgs_are_invisible(
     key = key_client(org)
     response = key.post("/api/v1/webhook-endpoints", {"url": receiver.url + "/k"}, format="json")
     assert response.status_code == 201, response.content
+    # A read-only key (dashboards, exports) sees neither the endpoints nor the receivers'
+    # answers in their deliveries: as a member, it is not one who manages them.
+    reader = key_client(org, scopes=[ApiKeyScope.READ])
+    created = response.json()["id"]
+    for path in ("/api/v1/webhook-endpoints", f"/api/v1/webhook-endpoints/{created}",
+                 f"/api/v1/webhook-endpoints/{created}/deliveries"):  # fmt: skip
+        assert_error(reader.get(path), 403, "insufficient_scope")
