@@ -230,6 +230,12 @@ def _ts(value):
 _INVOICE_STATUS_EVENTS = {"open": EventType.INVOICE_FINALIZED, "paid": EventType.INVOICE_PAID}
 
 
+# How far along an invoice is: Stripe may deliver its events out of order, and a late
+# invoice.finalized (open) must not undo an invoice.paid. Paid and void are final;
+# uncollectible may still be paid.
+_INVOICE_STAGE = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
+
+
 def _invoice_mirror(invoice: dict) -> None:
     organization = _org_for_customer(invoice.get("customer") or "")
     before = (
@@ -238,6 +244,12 @@ def _invoice_mirror(invoice: dict) -> None:
         .values_list("status", flat=True)
         .first()
     )
+    status = invoice.get("status") or ""
+    if before is not None and _INVOICE_STAGE.get(status, 0) < _INVOICE_STAGE.get(before, 0):
+        logger.info("invoice %s: %s after %s ignored (out of order)", invoice["id"], status, before)
+        return
+    if before in ("paid", "void") and status != before:
+        return  # final: nothing moves it
     mirrored, _ = Invoice.objects.update_or_create(
         stripe_invoice_id=invoice["id"],
         defaults={

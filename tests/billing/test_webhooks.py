@@ -177,6 +177,17 @@ def test_invoice_events_are_mirrored_with_their_hosted_link(client, settings, or
     assert invoice.hosted_invoice_url == "https://invoice.stripe.com/i/acct_1/test_in_123"
     assert invoice.period_start.isoformat() == "2026-11-01T00:00:00+00:00"
 
+    # Stripe does not promise order: a finalized event arriving after the payment (a retry
+    # of an earlier delivery) does not make the paid invoice open again, nor tell the
+    # customer it was finalized after it was paid.
+    from marketplace.models import Event
+
+    events_before = Event.objects.filter(organization=org).count()
+    deliver("evt_fin_late", "invoice.finalized", "open", 0)
+    invoice.refresh_from_db()
+    assert (invoice.status, invoice.amount_paid_minor) == ("paid", 4321)
+    assert Event.objects.filter(organization=org).count() == events_before
+
 
 def deliver(client, event_id: str, event_type: str, obj: dict) -> WebhookEvent:
     payload = json.dumps({"id": event_id, "object": "event", "type": event_type,
