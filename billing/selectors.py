@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
+# The key of the credit that gives back what a cancelled reserved term was charged for the time
+# it will not run (billing.services.credits.cancellation_settle): a charge undone, not a gift.
+CANCELLATION_REFUND_KEY = "cancel:"
 
 
 def balance_minor(*, organization: Organization) -> int:
@@ -60,8 +63,12 @@ def balance_minor(*, organization: Organization) -> int:
 def spend_minor(
     *, organization: Organization, since: datetime, until: datetime | None = None
 ) -> int:
-    """What was charged (usage and reserved terms, net of usage corrections) in [since, until)."""
-    filters = Q(organization=organization, kind__in=CHARGE_KINDS, created_at__gte=since)
+    """What was charged (usage and reserved terms, net of usage corrections and of what a
+    cancelled term gave back) in [since, until); credits (SLA, goodwill) do not lower it."""
+    charges = Q(kind__in=CHARGE_KINDS) | Q(
+        kind=LedgerKind.CREDIT, idempotency_key__startswith=CANCELLATION_REFUND_KEY
+    )
+    filters = Q(organization=organization, created_at__gte=since) & charges
     if until is not None:
         filters &= Q(created_at__lt=until)
     total = LedgerEntry.objects.filter(filters).aggregate(total=Coalesce(Sum("amount_minor"), 0))

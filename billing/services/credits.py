@@ -42,6 +42,7 @@ from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
 from billing.money import from_minor_units, to_minor_units
+from billing.selectors import CANCELLATION_REFUND_KEY
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
 from billing.services.usage import (
@@ -254,7 +255,7 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
         kind=LedgerKind.CREDIT,
         amount_minor=amount_minor,
         currency=reservation.currency,
-        idempotency_key=f"cancel:{reservation.pk}",
+        idempotency_key=f"{CANCELLATION_REFUND_KEY}{reservation.pk}",
         reservation=reservation,
         description=why,
     )
@@ -265,7 +266,7 @@ def cancellations_due() -> list[int]:
     """Reserved reservations with cancellation terms (or failed undelivered) not yet settled."""
     # Found by its key (the unique index), not by a scan of the ledger for a key prefix.
     settled = LedgerEntry.objects.filter(
-        idempotency_key=Concat(Value("cancel:"), Cast(OuterRef("pk"), CharField()))
+        idempotency_key=Concat(Value(CANCELLATION_REFUND_KEY), Cast(OuterRef("pk"), CharField()))
     )
     qs = Reservation.objects.filter(tier=Tier.RESERVED).exclude(Exists(settled))
     cancelled = qs.exclude(cancellation={}) if hasattr(Reservation, "cancellation") else qs.none()

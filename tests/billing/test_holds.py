@@ -11,9 +11,10 @@ from decimal import Decimal
 
 import pytest
 from django.db import connections
+from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, Hold, HoldStatus, LedgerEntry, LedgerKind
-from billing.selectors import balance_minor
+from billing.selectors import balance_minor, month_start, spend_minor
 from billing.services.holds import money_position
 from billing.services.ledger import ledger_entry_add
 from billing.services.metering import usage_meter_run
@@ -207,6 +208,12 @@ def test_cancelling_a_reserved_term_with_notice_settles_it_in_the_same_transacti
         LedgerEntry.objects.filter(reservation=term).values_list("kind", "amount_minor")
     ) == [("credit", 39900), ("reserved_charge", -39900)]
     assert money_position(organization_id=org.pk) == (50000, 0, 0)
+    # A charge given back is not spent: the month's spend (and its limit) nets it out, where a
+    # goodwill credit would not.
+    month = month_start(timezone.now())
+    assert spend_minor(organization=org, since=month) == 0
+    BillingAccount.objects.filter(organization=org).update(monthly_spend_limit_minor=30000)
+    reserve_on_demand(org, capacity, hours=2)  # 2.50 held: within 300.00, as nothing is spent
 
 
 @pytest.mark.django_db
