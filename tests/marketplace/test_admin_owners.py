@@ -11,13 +11,6 @@ from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def staff_client(client, django_user_model):
-    staff = django_user_model.objects.create(username="staff", is_staff=True, is_superuser=True)
-    client.force_login(staff)
-    return client
-
-
 def _memberships_form(org, rows) -> dict:
     """The organisation's change form with its membership rows as given: (membership, role,
     delete)."""
@@ -32,7 +25,7 @@ def _memberships_form(org, rows) -> dict:
     return form
 
 
-def test_the_admin_cannot_leave_an_organisation_without_an_owner(staff_client):
+def test_the_admin_cannot_leave_an_organisation_without_an_owner(admin_client):
     org = OrganizationFactory()
     owner = MembershipFactory(organization=org, role=Role.OWNER)
     member = MembershipFactory(organization=org, role=Role.MEMBER)
@@ -42,7 +35,7 @@ def test_the_admin_cannot_leave_an_organisation_without_an_owner(staff_client):
         [(owner, Role.MEMBER, False), (member, Role.MEMBER, False)],  # demoted
         [(owner, Role.OWNER, True), (member, Role.MEMBER, False)],  # removed
     ):
-        response = staff_client.post(url, _memberships_form(org, rows))
+        response = admin_client.post(url, _memberships_form(org, rows))
         assert response.status_code == 200  # the form again
         assert "keeps at least one owner" in response.content.decode()
     assert Membership.objects.get(pk=owner.pk).role == Role.OWNER
@@ -50,21 +43,21 @@ def test_the_admin_cannot_leave_an_organisation_without_an_owner(staff_client):
     # Another owner first: then the first may go, and their keys go with them.
     _, secret = api_key_create(organization=org, name="ci", scopes=["read"], created_by=owner.user)
     rows = [(owner, Role.OWNER, True), (member, Role.OWNER, False)]
-    assert staff_client.post(url, _memberships_form(org, rows)).status_code == 302
+    assert admin_client.post(url, _memberships_form(org, rows)).status_code == 302
     assert not Membership.objects.filter(pk=owner.pk).exists()
     assert ApiKey.objects.get(organization=org).revoked_at is not None
 
 
-def test_the_only_owner_of_an_organisation_is_not_deleted(staff_client):
+def test_the_only_owner_of_an_organisation_is_not_deleted(admin_client):
     org = OrganizationFactory()
     sole = MembershipFactory(organization=org, role=Role.OWNER).user
     other = UserFactory()
 
-    assert staff_client.get(reverse("admin:auth_user_delete", args=[sole.pk])).status_code == 403
+    assert admin_client.get(reverse("admin:auth_user_delete", args=[sole.pk])).status_code == 403
     changelist = reverse("admin:auth_user_changelist")
     bulk = {"action": "delete_selected", "_selected_action": [sole.pk, other.pk], "post": "yes"}
-    assert staff_client.post(changelist, bulk).status_code == 403  # not even with others
+    assert admin_client.post(changelist, bulk).status_code == 403  # not even with others
     assert type(sole).objects.filter(pk__in=[sole.pk, other.pk]).count() == 2
     bulk["_selected_action"] = [other.pk]
-    assert staff_client.post(changelist, bulk).status_code == 302
+    assert admin_client.post(changelist, bulk).status_code == 302
     assert not type(other).objects.filter(pk=other.pk).exists()

@@ -197,17 +197,21 @@ def test_the_quote_states_what_is_due_now_and_what_it_may_cost_in_total(market):
     assert 'href="/billing/top-ups"' in html
 
 
-def test_a_402_offers_top_up_a_card_and_a_smaller_request_and_reserves_nothing(market):
-    org = OrganizationFactory()
+def _reserve_from_a_quote(org):
+    """The owner reserves 4 H100s for 3 hours from the quote page, with an SSH key."""
     start = tomorrow()
     quote = quote_create(
         organization=org, gpu_model="h100-sxm-80gb", gpu_count=4, starts_at=start,
         ends_at=start + timedelta(hours=3), tier="on_demand",
     )  # fmt: skip
-
-    response = member_client(org, Role.OWNER).post(
+    return member_client(org, Role.OWNER).post(
         f"/quotes/{quote.public_id}", {"ssh_public_keys": ssh_key()}
     )
+
+
+def test_a_402_offers_top_up_a_card_and_a_smaller_request_and_reserves_nothing(market):
+    org = OrganizationFactory()
+    response = _reserve_from_a_quote(org)
 
     html = response.content.decode()
     assert response.status_code == 402
@@ -231,15 +235,7 @@ def test_a_402_for_the_spend_limit_points_to_the_limit_not_to_a_top_up(market):
     account = billing_account_get_or_create(organization=org)
     account.monthly_spend_limit_minor = 100
     account.save(update_fields=["monthly_spend_limit_minor"])
-    start = tomorrow()
-    quote = quote_create(
-        organization=org, gpu_model="h100-sxm-80gb", gpu_count=4, starts_at=start,
-        ends_at=start + timedelta(hours=3), tier="on_demand",
-    )  # fmt: skip
-
-    response = member_client(org, Role.OWNER).post(
-        f"/quotes/{quote.public_id}", {"ssh_public_keys": ssh_key()}
-    )
+    response = _reserve_from_a_quote(org)
 
     html = response.content.decode()
     assert response.status_code == 402
