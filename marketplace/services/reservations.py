@@ -603,8 +603,15 @@ def reservation_cancel(
         else ReservationStatus.CANCELLED
     )
     cause = f"cancelled by customer: {reason}" if reason else "cancelled by customer"
+    # Stopped early: released for billing now, as the stop's terms say, while the GPUs are
+    # torn down (releasing → completed) at the agent's pace.
+    stopped = {"released_at": timezone.now()} if to_status == ReservationStatus.RELEASING else None
     updated = reservation_transition(
-        reservation=locked, to_status=to_status, cause=cause, actor_label=actor_label
+        reservation=locked,
+        to_status=to_status,
+        cause=cause,
+        actor_label=actor_label,
+        fields=stopped,
     )
     updated.cancellation = {**terms.as_dict(), "reason": reason, "actor_label": actor_label}
     updated.save(update_fields=["cancellation", "updated_at"])

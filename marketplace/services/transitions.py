@@ -242,7 +242,8 @@ def _move_statement(
     if ReservationStatus.ACTIVE in tos:
         sets.append("activated_at = coalesce(activated_at, %(tr_now)s)")
     if ends_live:
-        sets.append("released_at = %(tr_now)s")
+        # Kept when a customer's stop set it already: billing ended there, not at the teardown.
+        sets.append("released_at = coalesce(released_at, %(tr_now)s)")
     for name, value in (fields or {}).items():
         model_field = Reservation._meta.get_field(name)
         params[f"tr_f_{model_field.column}"] = model_field.get_db_prep_save(value, connection)
@@ -287,7 +288,8 @@ def _moves_apply(
         ):
             values["activated_at"] = now
         if index == len(moves) - 1:
-            values.update({"released_at": now} if ends_live else {}, **(fields or {}))
+            released = {"released_at": reservation.released_at or now} if ends_live else {}
+            values.update(released, **(fields or {}))
         for name, value in values.items():
             setattr(reservation, name, value)
         event_type = RESERVATION_STATUS_EVENTS.get(step_to)

@@ -378,6 +378,39 @@ def test_a_minute_of_one_gpu_is_held_to_the_cent_above(capacity, org):
 
 
 @pytest.mark.django_db
+def test_a_customers_early_stop_ends_billing_at_the_stop_not_at_the_teardown(capacity, org):
+    # The stop's terms refund the unused time; the minute the site agent takes to tear the
+    # workload down (releasing → completed) is not the customer's to pay.
+    from marketplace.models import ReservationStatus as S
+    from marketplace.services.transitions import reservation_transitions_write
+
+    credit(org, 100000)
+    start = timezone.now()
+    booked = reservation_create(organization=org, gpu_model=capacity.slug, gpu_count=1,
+                                tier="on_demand", starts_at=start,
+                                ends_at=start + timedelta(hours=2))  # fmt: skip
+    for step in (S.PROVISIONING, S.ACTIVE):
+        booked = reservation_transition(reservation=booked, to_status=step, cause="",
+                                        actor_label="t")  # fmt: skip
+    activated = start - timedelta(minutes=10)  # it has run ten minutes
+    Reservation.objects.filter(pk=booked.pk).update(activated_at=activated)
+    booked.refresh_from_db()
+
+    stopped = reservation_cancel(reservation=booked, actor_label="user:test")
+    assert stopped.status == S.RELEASING and stopped.released_at is not None
+    stop = stopped.released_at
+    locked = Reservation.objects.select_for_update().get(pk=booked.pk)
+    reservation_transitions_write(reservation=locked, moves=[(S.COMPLETED, "torn down")],
+                                  actor_label="agent", now=stop + timedelta(seconds=75))  # fmt: skip
+    usage_meter_run(now=stop + timedelta(minutes=2))
+
+    booked.refresh_from_db()
+    assert (booked.status, booked.released_at) == (S.COMPLETED, stop)
+    billed = LedgerEntry.objects.filter(reservation=booked, kind=LedgerKind.USAGE)
+    assert sum(e.gpu_seconds for e in billed) == int((stop - activated).total_seconds())
+
+
+@pytest.mark.django_db
 def test_the_balance_api_and_the_portal_show_what_is_held_and_available(capacity, org):
     from marketplace.models import Role
     from tests.clients import HttpsClient
