@@ -346,8 +346,10 @@ class TopUpStatus(models.TextChoices):
 
 
 class TopUp(models.Model):
-    """A charge of the saved card that adds to the prepaid balance (manual or automatic)."""
+    """A charge of the saved card that adds to the prepaid balance (manual or automatic).
+    Shown by its `public_id` (tu_…), never its sequential id (billing 0012)."""
 
+    public_id = models.CharField(max_length=40, unique=True, default=ids.top_up_id, editable=False)
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
     amount_minor = models.BigIntegerField()
     currency = models.CharField(max_length=3)

@@ -112,7 +112,7 @@ class InvoiceOutput(Serializer):
 
 
 class TopUpOutput(Serializer):
-    id = serializers.IntegerField()
+    id = serializers.CharField(source="public_id", help_text="tu_…")
     amount = MoneyField(source="amount_minor")
     currency = serializers.CharField()
     automatic = serializers.BooleanField()

@@ -112,3 +112,7 @@ def listing_id() -> str:
 
 def ledger_entry_id() -> str:
     return new_public_id("led")
+
+
+def top_up_id() -> str:
+    return new_public_id("tu")

@@ -24,7 +24,7 @@ def top_up_events_record(*, top_up: TopUp, succeeded: bool) -> None:
             organization_id=top_up.organization_id,
             type=type,
             object_type="top_up",
-            object_id=f"tu_{top_up.pk}",
+            object_id=top_up.public_id,
             obj=top_up,
             serializer=TopUpOutput,
         )

@@ -75,7 +75,7 @@ def refund_create(
         organization_id=top_up.organization_id,
         action="refund.create",
         object_type="top_up",
-        object_id=f"tu_{top_up.pk}",
+        object_id=top_up.public_id,
         changes={"after": {"refund": str(amount), "currency": top_up.currency, "reason": reason}},
     )
     return refund

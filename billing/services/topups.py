@@ -87,7 +87,7 @@ def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
         organization_id=organization.pk,
         action="top_up.create",
         object_type="top_up",
-        object_id=f"tu_{top_up.pk}",
+        object_id=top_up.public_id,
         changes={"after": {"amount": str(amount), "currency": account.currency}},
     )
     return top_up

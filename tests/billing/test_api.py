@@ -181,6 +181,8 @@ def test_cards_through_the_api_setup_intent_list_and_top_up(
     assert cards == [{"id": pm_id, "brand": "visa", "last4": "4242", "exp_month": 12,
                       "exp_year": 2030, "is_default": True}]  # fmt: skip
     assert (top_up.status_code, top_up.json()["amount"]) == (202, "75.00")
+    assert top_up.json()["id"] == TopUp.objects.get().public_id  # tu_…, not the sequence
+    assert top_up.json()["id"].startswith("tu_")
     assert balance == "75.00"
     assert detach.status_code == 204
     assert client.get("/api/v1/billing/payment-methods").json() == []

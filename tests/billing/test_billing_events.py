@@ -32,10 +32,12 @@ def test_a_paid_top_up_records_the_payment_and_the_top_up(
 
     events = [e for e in _events(org) if e.object_type == "top_up"]
     assert [e.type for e in events] == ["payment.succeeded", "top_up.succeeded"]
-    assert {e.object_id for e in events} == {f"tu_{top_up.pk}"}
+    # The platform's sequence is not shown: the same opaque id in the event and its object.
+    assert top_up.public_id.startswith("tu_")
+    assert {e.object_id for e in events} == {top_up.public_id}
     assert events[1].data == {
         **events[1].data,
-        "id": top_up.pk,
+        "id": top_up.public_id,
         "amount": "60.00",
         "currency": "usd",
         "status": "succeeded",
