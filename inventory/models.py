@@ -1,14 +1,18 @@
 """What exists physically: repurposed sites, GPU models, nodes, GPUs, and their health."""
 
 from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
 from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
 from django.contrib.postgres.indexes import BrinIndex
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+
+from config.dates import OUT_OF_RANGE, within_bounds
 
 
 class SiteStatus(models.TextChoices):
@@ -61,6 +65,15 @@ class PriceZone(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        """An IANA time zone this machine knows (the zone's day is read in it)."""
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValidationError(
+                {"timezone": f"{self.timezone!r} is not an IANA time zone."}
+            ) from None
 
 
 class Site(models.Model):
@@ -475,6 +488,22 @@ class Outage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node.hostname} {self.cause} from {self.started_at:%Y-%m-%d %H:%M}"
+
+    def clean(self) -> None:
+        """What staff record (the admin runs this): a GPU of this node, in years that exist."""
+        errors = {}
+        if (
+            self.gpu_id is not None
+            and self.node_id is not None
+            and self.gpu.node_id != self.node_id
+        ):
+            errors["gpu"] = "This GPU is on another node."
+        for name in ("started_at", "ended_at"):
+            value = getattr(self, name)
+            if value is not None and not within_bounds(value):
+                errors[name] = OUT_OF_RANGE
+        if errors:
+            raise ValidationError(errors)
 
 
 class MaintenanceWindow(models.Model):

@@ -1,0 +1,39 @@
+"""What staff record in the admin is checked as the rest of the product checks it."""
+
+import pytest
+from django.urls import reverse
+
+from inventory.models import Outage, PriceZone
+from tests.factories import NodeFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _outage_form(node, gpu, started_at="2026-12-01 10:00:00"):
+    return {"node": node.pk, "gpu": gpu.pk if gpu else "", "started_at_0": started_at[:10],
+            "started_at_1": started_at[11:], "cause": "hardware_failure", "detail": "fan"}  # fmt: skip
+
+
+def test_an_outage_names_a_gpu_of_its_own_node_in_years_that_exist(admin_client):
+    node, other = NodeFactory(gpus=2), NodeFactory(gpus=2)
+    url = reverse("admin:inventory_outage_add")
+
+    elsewhere = admin_client.post(url, _outage_form(node, other.gpus.first()))
+    far = admin_client.post(url, _outage_form(node, None, started_at="9999-12-01 10:00:00"))
+
+    assert "This GPU is on another node." in elsewhere.content.decode()
+    assert "Pick a date from 2000 to 2099." in far.content.decode()
+    assert not Outage.objects.exists()
+    assert admin_client.post(url, _outage_form(node, node.gpus.first())).status_code == 302
+    assert Outage.objects.get().gpu.node == node
+
+
+def test_a_price_zone_has_an_iana_time_zone(admin_client):
+    url = reverse("admin:inventory_pricezone_add")
+    form = {"code": "mars-base", "name": "Mars", "currency": "usd", "timezone": "Mars/Base"}
+
+    response = admin_client.post(url, form)
+
+    assert "is not an IANA time zone" in response.content.decode()
+    assert not PriceZone.objects.exists()
+    assert admin_client.post(url, {**form, "timezone": "America/Chicago"}).status_code == 302
