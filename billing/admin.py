@@ -39,7 +39,22 @@ from billing.services.credits import credit_issue
 from billing.services.refunds import refund_create
 from config.admin_base import ReadOnlyAdmin
 from config.errors import ApplicationError
-from marketplace.portal.fields import OnceField, once_or_refused
+from config.once import OnceField, once_or_refused
+
+
+def _money_moved(model_admin, request, form, organization, move, *, done: str, again: str):
+    """Take a MoneyForm's action once (its one-time key) and say so; False (the refusal on
+    the form) when the service refused it."""
+    try:
+        moved = once_or_refused(request, organization, form.cleaned_data["once"], move)
+    except ApplicationError as exc:
+        form.add_error(None, exc.message)
+        return False
+    if moved is None:
+        model_admin.message_user(request, f"{again} (the form was sent twice).", messages.WARNING)
+    else:
+        model_admin.message_user(request, done)
+    return True
 
 
 class MoneyForm(forms.Form):
@@ -232,23 +247,13 @@ class BillingAccountAdmin(admin.ModelAdmin):
         form = MoneyForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
-            try:
-                issued = once_or_refused(
-                    request, account.organization, data["once"],
-                    lambda: credit_issue(organization=account.organization, amount=data["amount"],
-                                         reason=data["reason"], created_by=request.user,
-                                         currency=account.currency),
-                )  # fmt: skip
-            except ApplicationError as exc:
-                form.add_error(None, exc.message)
-            else:
-                if issued is None:
-                    self.message_user(
-                        request, "This credit was already issued (the form was sent twice).",
-                        messages.WARNING,
-                    )  # fmt: skip
-                else:
-                    self.message_user(request, "Credit issued.")
+            if _money_moved(
+                self, request, form, account.organization,
+                lambda: credit_issue(organization=account.organization, amount=data["amount"],
+                                     reason=data["reason"], created_by=request.user,
+                                     currency=account.currency),
+                done="Credit issued.", again="This credit was already issued",
+            ):  # fmt: skip
                 return redirect("admin:billing_billingaccount_change", pk)
         context = {**self.admin_site.each_context(request), "form": form,
                    "title": "Issue a credit", "subject": str(account.organization)}  # fmt: skip
@@ -306,22 +311,13 @@ class TopUpAdmin(ReadOnlyAdmin):
         form = MoneyForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
-            try:
-                refund = once_or_refused(
-                    request, top_up.organization, data["once"],
-                    lambda: refund_create(top_up=top_up, amount=data["amount"],
-                                          reason=data["reason"], created_by=request.user),
-                )  # fmt: skip
-            except ApplicationError as exc:
-                form.add_error(None, exc.message)
-            else:
-                if refund is None:
-                    self.message_user(
-                        request, "This refund was already requested (the form was sent twice).",
-                        messages.WARNING,
-                    )  # fmt: skip
-                else:
-                    self.message_user(request, "Refund requested; Stripe confirms it shortly.")
+            if _money_moved(
+                self, request, form, top_up.organization,
+                lambda: refund_create(top_up=top_up, amount=data["amount"],
+                                      reason=data["reason"], created_by=request.user),
+                done="Refund requested; Stripe confirms it shortly.",
+                again="This refund was already requested",
+            ):  # fmt: skip
                 return redirect("admin:billing_topup_changelist")
         context = {**self.admin_site.each_context(request), "form": form, "title": "Refund a top-up",
                    "subject": f"{top_up.organization}: top-up {top_up.pk} of "

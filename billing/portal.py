@@ -55,8 +55,9 @@ from billing.services.payment_methods import (
 from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
 from config.csp import stripe_js_allow
 from config.errors import ApplicationError
+from config.once import OnceField, once_or_refused
 from config.replica import replica_reads
-from marketplace.portal.fields import OnceField, PortalDateField, once_or_refused
+from marketplace.portal.fields import PortalDateField
 from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {

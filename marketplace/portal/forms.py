@@ -6,6 +6,7 @@ from django.contrib.auth.forms import UserCreationForm
 from django.db.models import Q
 from django.utils import timezone
 
+from config.once import OnceField
 from marketplace.models import (
     RESALE_TIER_CHOICES,
     ApiKeyScope,
@@ -14,7 +15,7 @@ from marketplace.models import (
     Role,
     Tier,
 )
-from marketplace.portal.fields import OnceField, PortalDateTimeField
+from marketplace.portal.fields import PortalDateTimeField
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 

@@ -10,7 +10,7 @@ from django.utils.cache import add_never_cache_headers
 from django.views import View
 
 from config.errors import ApplicationError
-from marketplace.portal.fields import once_or_refused
+from config.once import once_or_refused
 from marketplace.portal.forms import WebhookEndpointForm
 from marketplace.portal.mixins import PortalView
 from marketplace.selectors.webhooks import (
