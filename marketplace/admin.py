@@ -713,7 +713,7 @@ class WebhookEndpointAdmin(ReadOnlyAdmin):
     list_filter = ["enabled"]
     search_fields = ["public_id", "url", "organization__name", "organization__public_id"]
     list_select_related = ["organization"]
-    exclude = ["secret", "previous_secret"]
+    exclude = ["secret", "previous_secrets"]
 
 
 class WebhookAttemptInline(ReadOnlyInline):

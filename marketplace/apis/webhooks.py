@@ -47,7 +47,14 @@ class WebhookEndpointOutput(Serializer):
     failing_since = serializers.DateTimeField(allow_null=True)
     last_success_at = serializers.DateTimeField(allow_null=True)
     previous_secret_expires_at = serializers.DateTimeField(
-        allow_null=True, help_text="Until then the previous secret also signs (after a rotation)."
+        allow_null=True,
+        help_text="Until then a replaced secret still signs (after a rotation); null: none does.",
+    )
+    previous_secrets_expire_at = serializers.ListField(
+        child=serializers.DateTimeField(),
+        source="previous_secret_expiries",
+        help_text="When each replaced secret that still signs stops, oldest first: every "
+        "rotation keeps its own overlap.",
     )
     created_at = serializers.DateTimeField()
 
@@ -82,6 +89,14 @@ class WebhookEndpointUpdateInput(Serializer):
     description = serializers.CharField(max_length=200, required=False, allow_blank=True)
     enabled = serializers.BooleanField(
         required=False, help_text="true again after a disable: failures are counted afresh."
+    )
+
+
+class WebhookEndpointRotateInput(Serializer):
+    expire_previous = serializers.BooleanField(
+        default=False,
+        help_text="true (a leaked secret): every replaced secret stops signing now, instead of "
+        "at the end of its overlap.",
     )
 
 
@@ -198,11 +213,14 @@ class WebhookEndpointRotateApi(_WebhookManagement):
         tags=TAGS,
         operation_id="webhook_endpoints_rotate_secret",
         summary="Rotate the signing secret; the old one keeps signing for the overlap period",
-        request=None,
-        responses={200: WebhookEndpointSecretOutput, **errors(403, 404, 409, 422)},
+        request=WebhookEndpointRotateInput,
+        responses={200: WebhookEndpointSecretOutput, **errors(400, 403, 404, 409, 415, 422)},
     )
     def post(self, request, endpoint_id: str):
-        endpoint, secret = webhook_endpoint_rotate_secret(endpoint=self.endpoint())
+        data = validated_input(WebhookEndpointRotateInput, request.data)
+        endpoint, secret = webhook_endpoint_rotate_secret(
+            endpoint=self.endpoint(), expire_previous=data["expire_previous"]
+        )
         endpoint.secret = secret
         return Response(WebhookEndpointSecretOutput(endpoint).data)
 

@@ -6,9 +6,12 @@ delivered at least once. Each try is a WebhookAttempt (status, time, duration, a
 the answer).
 """
 
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from marketplace import ids
 from marketplace.models.core import Organization
@@ -34,8 +37,9 @@ class WebhookEndpoint(models.Model):
     # The signing secret must be readable to sign with (as Stripe's are); it is shown to the
     # customer once, at creation or rotation, and never again.
     secret = models.CharField(max_length=80)
-    previous_secret = models.CharField(max_length=80, blank=True, default="")
-    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    # The secrets replaced by rotations that still sign, oldest first, each until its own
+    # expiry: [{"secret": "whsec_…", "expires_at": ISO 8601}].
+    previous_secrets = models.JSONField(default=list, blank=True)
     failing_since = models.DateTimeField(
         null=True,
         blank=True,
@@ -56,6 +60,23 @@ class WebhookEndpoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.public_id} {self.url}"
+
+    def previous_secrets_signing(self, now: datetime | None = None) -> list[tuple[str, datetime]]:
+        """The replaced secrets that still sign at now, with when each stops, oldest first."""
+        now = now or timezone.now()
+        kept = [
+            (k["secret"], datetime.fromisoformat(k["expires_at"])) for k in self.previous_secrets
+        ]
+        return [(secret, until) for secret, until in kept if now < until]
+
+    @property
+    def previous_secret_expiries(self) -> list[datetime]:
+        return [until for _, until in self.previous_secrets_signing()]
+
+    @property
+    def previous_secret_expires_at(self) -> datetime | None:
+        """When the last replaced secret stops signing; None: none signs."""
+        return max(self.previous_secret_expiries, default=None)
 
 
 class DeliveryStatus(models.TextChoices):

@@ -12,7 +12,7 @@ from django.views import View
 from config.errors import ApplicationError
 from config.once import once_or_refused
 from marketplace.portal.forms import WebhookEndpointForm
-from marketplace.portal.mixins import PortalView
+from marketplace.portal.mixins import PortalView, show_error
 from marketplace.selectors.webhooks import (
     webhook_delivery_get_for_org,
     webhook_delivery_list_for_endpoint,
@@ -105,7 +105,13 @@ class WebhookView(_WebhookView):
             webhook_endpoint_update(endpoint=endpoint, enabled=action == "enable")
             messages.success(request, f"Endpoint {action}d.")
         elif action == "rotate":
-            endpoint, secret = webhook_endpoint_rotate_secret(endpoint=endpoint)
+            try:
+                endpoint, secret = webhook_endpoint_rotate_secret(
+                    endpoint=endpoint, expire_previous=bool(request.POST.get("expire_previous"))
+                )
+            except ApplicationError as exc:
+                show_error(request, exc)
+                return render_endpoint(request, self.organization, endpoint, status=exc.status_code)
             return render_endpoint(request, self.organization, endpoint, new_secret=secret)
         elif action == "delete":
             webhook_endpoint_delete(endpoint=endpoint)

@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config.celery import task_send
-from config.errors import ValidationFailed
+from config.errors import Conflict, ValidationFailed
 from config.netaddr import is_public_address
 from marketplace.models import (
     DeliveryStatus,
@@ -201,25 +201,46 @@ def webhook_endpoint_update(
     return locked
 
 
+# How many replaced secrets may sign at once, each in its own overlap.
+PREVIOUS_SECRETS_MAX = 4
+
+
 @transaction.atomic
 def webhook_endpoint_rotate_secret(
-    *, endpoint: WebhookEndpoint, now: datetime | None = None
+    *, endpoint: WebhookEndpoint, expire_previous: bool = False, now: datetime | None = None
 ) -> tuple[WebhookEndpoint, str]:
-    """A new secret signs from now on; the old one also signs for WEBHOOK_SECRET_OVERLAP."""
+    """A new secret signs from now on; the one it replaces also signs for
+    WEBHOOK_SECRET_OVERLAP, and earlier ones until their own overlaps end, so each secret a
+    receiver was promised keeps its promise. expire_previous (a leaked secret) stops every
+    replaced secret now."""
     now = now or timezone.now()
     locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
+    kept = [] if expire_previous else locked.previous_secrets_signing(now)
+    if len(kept) >= PREVIOUS_SECRETS_MAX:
+        raise Conflict(
+            f"{len(kept)} replaced secrets still sign; the oldest stops at "
+            f"{kept[0][1].isoformat()}. Rotate then, or rotate with expire_previous to stop "
+            "every replaced secret now.",
+            code="too_many_signing_secrets",
+        )
+    if not expire_previous and settings.WEBHOOK_SECRET_OVERLAP:
+        kept.append((locked.secret, now + settings.WEBHOOK_SECRET_OVERLAP))
     secret = _new_secret()
-    locked.previous_secret = locked.secret
-    locked.previous_secret_expires_at = now + settings.WEBHOOK_SECRET_OVERLAP
+    locked.previous_secrets = [
+        {"secret": kept_secret, "expires_at": until.isoformat()} for kept_secret, until in kept
+    ]
     locked.secret = secret
-    locked.save(
-        update_fields=["secret", "previous_secret", "previous_secret_expires_at", "updated_at"]
-    )
+    locked.save(update_fields=["secret", "previous_secrets", "updated_at"])
     # The secrets themselves are never in the audit log.
     _audit(
         locked,
         "webhook_endpoint.rotate_secret",
-        {"after": {"previous_secret_expires_at": locked.previous_secret_expires_at.isoformat()}},
+        {
+            "after": {
+                "expire_previous": expire_previous,
+                "previous_secrets_expire_at": [until.isoformat() for _, until in kept],
+            }
+        },
     )
     return locked, secret
 
@@ -251,12 +272,8 @@ def _audit(endpoint: WebhookEndpoint, action: str, changes: dict) -> None:
 
 
 def webhook_endpoint_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> list[str]:
-    """The secrets that sign now: the current one, and the previous one during the overlap."""
-    signing = [endpoint.secret]
-    if endpoint.previous_secret and endpoint.previous_secret_expires_at:
-        if now < endpoint.previous_secret_expires_at:
-            signing.append(endpoint.previous_secret)
-    return signing
+    """The secrets that sign now: the current one, and each replaced one in its overlap."""
+    return [endpoint.secret] + [s for s, _ in endpoint.previous_secrets_signing(now)]
 
 
 # An organisation's enabled endpoints and the event types each wants (none: every type).

@@ -100,7 +100,11 @@ def test_rotate_disable_and_delete_from_the_portal(org, receiver):
     url = f"/webhooks/{endpoint.public_id}"
     page = client.post(url, {"action": "rotate"}).content.decode()
     endpoint.refresh_from_db()
-    assert endpoint.secret in page and endpoint.previous_secret == old
+    assert endpoint.secret in page and [s for s, _ in endpoint.previous_secrets_signing()] == [old]
+    assert "Replaced secrets also sign" in page
+    page = client.post(url, {"action": "rotate", "expire_previous": "1"}).content.decode()
+    endpoint.refresh_from_db()
+    assert endpoint.secret in page and endpoint.previous_secrets == []
     client.post(url, {"action": "disable"})
     endpoint.refresh_from_db()
     assert endpoint.enabled is False

@@ -15,6 +15,7 @@ import pytest
 from django.utils import timezone
 from switchyard.webhooks import SignatureError, verify_signature
 
+from config.errors import Conflict
 from marketplace.models import (
     ApiKeyScope,
     DeliveryStatus,
@@ -32,9 +33,11 @@ from marketplace.services.webhook_sending import (
     webhook_endpoints_due,
 )
 from marketplace.services.webhooks import (
+    PREVIOUS_SECRETS_MAX,
     webhook_delivery_resend,
     webhook_endpoint_create,
     webhook_endpoint_rotate_secret,
+    webhook_endpoint_secrets,
 )
 from tests.factories import MembershipFactory, OrganizationFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
@@ -148,9 +151,9 @@ def test_after_a_rotation_both_secrets_sign_until_the_overlap_ends(org, receiver
     for secret in (old, new):
         verify_signature(payload=receiver.received[-1].body, header=header, secret=secret)
 
-    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
-        previous_secret_expires_at=timezone.now() - timedelta(seconds=1)
-    )
+    endpoint.refresh_from_db()
+    endpoint.previous_secrets[0]["expires_at"] = (timezone.now() - timedelta(seconds=1)).isoformat()
+    endpoint.save(update_fields=["previous_secrets"])
     _key_event(org, "two")
     _send(endpoint)
     header = receiver.received[-1].headers["Switchyard-Signature"]
@@ -502,6 +505,75 @@ def test_the_api_registers_an_endpoint_and_shows_its_secret_once(org, owner_clie
     assert rotated.status_code == 200
     assert rotated.json()["secret"] not in (None, created["secret"])
     assert rotated.json()["previous_secret_expires_at"] is not None
+
+
+def test_each_replaced_secret_keeps_its_own_overlap(org, receiver, settings):
+    """A second rotation within the overlap does not cut the first one's promise short."""
+    settings.WEBHOOK_SECRET_OVERLAP = timedelta(hours=24)
+    start = timezone.now()
+    endpoint, first = _endpoint(org, receiver)
+    endpoint, second = webhook_endpoint_rotate_secret(endpoint=endpoint, now=start)
+    endpoint, third = webhook_endpoint_rotate_secret(
+        endpoint=endpoint, now=start + timedelta(hours=2)
+    )
+    assert endpoint.previous_secret_expiries == [
+        start + timedelta(hours=24),
+        start + timedelta(hours=26),
+    ]
+    assert webhook_endpoint_secrets(endpoint, now=start + timedelta(hours=3)) == [
+        third,
+        first,
+        second,
+    ]
+    # Past the first overlap, only the first secret has stopped.
+    later = start + timedelta(hours=25)
+    assert webhook_endpoint_secrets(endpoint, now=later) == [third, second]
+    _key_event(org, "one")
+    _send(endpoint)
+    header = receiver.received[-1].headers["Switchyard-Signature"]
+    assert header.count("v1=") == 3
+    for secret in (first, second, third):
+        verify_signature(payload=receiver.received[-1].body, header=header, secret=secret)
+
+
+def test_rotations_in_flight_are_capped_and_expire_previous_ends_them(org, receiver, settings):
+    settings.WEBHOOK_SECRET_OVERLAP = timedelta(hours=24)
+    endpoint, first = _endpoint(org, receiver)
+    for _ in range(PREVIOUS_SECRETS_MAX):
+        endpoint, current = webhook_endpoint_rotate_secret(endpoint=endpoint)
+    with pytest.raises(Conflict) as refused:
+        webhook_endpoint_rotate_secret(endpoint=endpoint)
+    assert refused.value.code == "too_many_signing_secrets"
+    endpoint.refresh_from_db()
+    assert endpoint.secret == current and len(endpoint.previous_secrets) == PREVIOUS_SECRETS_MAX
+
+    # A leaked secret: the new one alone signs from now on.
+    endpoint, fresh = webhook_endpoint_rotate_secret(endpoint=endpoint, expire_previous=True)
+    assert webhook_endpoint_secrets(endpoint, now=timezone.now()) == [fresh]
+    assert endpoint.previous_secret_expires_at is None
+    # Expired ones are dropped at the next rotation, so the cap counts only those that sign.
+    settings.WEBHOOK_SECRET_OVERLAP = timedelta(0)
+    endpoint, newest = webhook_endpoint_rotate_secret(endpoint=endpoint)
+    assert endpoint.previous_secrets == [] and newest != fresh
+
+
+def test_the_api_rotates_with_expire_previous_and_refuses_bad_input(org, owner_client, receiver):
+    endpoint, _ = _endpoint(org, receiver)
+    url = f"/api/v1/webhook-endpoints/{endpoint.public_id}/rotate-secret"
+    rotated = owner_client.post(url, {}, format="json").json()
+    assert len(rotated["previous_secrets_expire_at"]) == 1
+    assert rotated["previous_secret_expires_at"] == rotated["previous_secrets_expire_at"][0]
+    bad = owner_client.post(url, {"expire_previous": "soon"}, format="json")
+    assert bad.status_code == 400
+    unknown = owner_client.post(url, {"expire_previus": True}, format="json")
+    assert_error(unknown, 400, "unknown_field")
+    endpoint.refresh_from_db()
+    assert endpoint.secret == rotated["secret"]  # the refused requests changed nothing
+    ended = owner_client.post(url, {"expire_previous": True}, format="json").json()
+    assert ended["previous_secrets_expire_at"] == [] and ended["previous_secret_expires_at"] is None
+    assert webhook_endpoint_secrets(WebhookEndpoint.objects.get(), now=timezone.now()) == [
+        ended["secret"]
+    ]
 
 
 def test_the_api_changes_disables_and_deletes_an_endpoint(org, owner_client, receiver):
