@@ -412,11 +412,16 @@ def webhooks_create(state, url, event_types, description):
 
 @webhooks.command("rotate")
 @click.argument("endpoint_id")
+@click.option(
+    "--expire-previous", is_flag=True, help="A leaked secret: the replaced secrets stop now."
+)
 @click.pass_obj
-def webhooks_rotate(state, endpoint_id):
-    """A new signing secret; the old one keeps signing for the overlap period."""
-    endpoint = state.client.webhook_endpoints.rotate_secret(endpoint_id)
-    _out(state, endpoint, ["id", "secret", "previous_secret_expires_at"], "New secret")
+def webhooks_rotate(state, endpoint_id, expire_previous):
+    """A new signing secret; the one it replaces keeps signing for the overlap period."""
+    endpoint = state.client.webhook_endpoints.rotate_secret(
+        endpoint_id, expire_previous=expire_previous
+    )
+    _out(state, endpoint, ["id", "secret", "previous_secrets_expire_at"], "New secret")
 
 
 @webhooks.command("enable")

@@ -377,8 +377,10 @@ class _WebhookEndpoints(_Resource):
     def delete(self, endpoint_id: str) -> None:
         self._client.request("DELETE", f"webhook-endpoints/{endpoint_id}")
 
-    def rotate_secret(self, endpoint_id: str) -> WebhookEndpoint:
-        return self._post(f"webhook-endpoints/{endpoint_id}/rotate-secret", None, WebhookEndpoint)
+    def rotate_secret(self, endpoint_id: str, *, expire_previous: bool = False) -> WebhookEndpoint:
+        """A new secret; expire_previous (a leaked secret) stops the replaced ones now."""
+        body = {"expire_previous": True} if expire_previous else None
+        return self._post(f"webhook-endpoints/{endpoint_id}/rotate-secret", body, WebhookEndpoint)
 
     def deliveries(self, endpoint_id: str, **filters) -> Iterator[WebhookDelivery]:
         return self._list(f"webhook-endpoints/{endpoint_id}/deliveries", WebhookDelivery, **filters)

@@ -155,6 +155,11 @@ def test_webhooks_from_the_command_line(world, cli):
     assert created["id"] in listed.output and "whsec_" not in listed.output
     rotated = json.loads(cli("--json", "webhooks", "rotate", created["id"]).output)
     assert rotated["secret"] != created["secret"]
+    assert len(rotated["previous_secrets_expire_at"]) == 1
+    ended = json.loads(
+        cli("--json", "webhooks", "rotate", "--expire-previous", created["id"]).output
+    )
+    assert ended["previous_secrets_expire_at"] == []
     assert (
         json.loads(cli("--json", "webhooks", "disable", created["id"]).output)["enabled"] is False
     )
