@@ -5,7 +5,7 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -113,8 +113,8 @@ class LedgerListApi(ApiView):
 
 
 class UsageInput(Serializer):
-    since = serializers.DateField(required=False)
-    until = serializers.DateField(required=False)
+    since = serializers.DateField(required=False, help_text="First UTC day (inclusive).")
+    until = serializers.DateField(required=False, help_text="Last UTC day (exclusive).")
 
     def validate(self, attrs):
         # An empty period is a mistake to say, not an empty answer to give.
@@ -152,16 +152,17 @@ class UsageOutput(Serializer):
 
 
 class UsageApi(ApiView):
+    query_serializer = UsageInput
+
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="billing_usage",
         summary="Usage by reservation and UTC day (charged amounts, positive)",
-        parameters=[OpenApiParameter("since", str), OpenApiParameter("until", str)],
         responses={200: UsageOutput(many=True), **errors(400, 403)},
     )
     def get(self, request):
-        data = validated_input(UsageInput, request.query_params)
+        data = self.query_input()
         since, until = data.get("since"), data.get("until")
         unbooked = usage_unbooked_by_reservation_day(
             organization=self.organization, since=since, until=until

@@ -3,22 +3,16 @@ billing/ledger.csv) and the portal's (Billing → Usage → Download)."""
 
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 
 from billing.apis import UsageInput
 from billing.exports import ledger_csv_lines, usage_csv_lines
 from billing.portal import BillingPage, UsageFilterForm
 from config.api.schema import errors
-from config.api.views import ApiView, validated_input
+from config.api.views import ApiView
 from config.replica import replica_reads, stale_iter
 
 TAGS = ["Billing"]
-
-_PERIOD = [
-    OpenApiParameter("since", OpenApiTypes.DATE, description="First UTC day (inclusive)."),
-    OpenApiParameter("until", OpenApiTypes.DATE, description="Last UTC day (exclusive)."),
-]
-
 
 def _csv(lines, filename: str) -> StreamingHttpResponse:
     # The lines are read while the response streams, after the view returned: they keep the
@@ -35,20 +29,21 @@ def _filename(kind: str, organization, data) -> str:
 
 
 class UsageCsvApi(ApiView):
+    query_serializer = UsageInput
+
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="billing_usage_csv",
         summary="Usage as CSV: one row per reservation and UTC day (GPU model, site, "
         "GPU-seconds, amount, currency, kWh, kg CO2e), streamed",
-        parameters=_PERIOD,
         responses={
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="The CSV file."),
             **errors(400, 403),
         },
     )
     def get(self, request):
-        data = validated_input(UsageInput, request.query_params)
+        data = self.query_input()
         lines = usage_csv_lines(
             organization=self.organization, since=data.get("since"), until=data.get("until")
         )
@@ -56,19 +51,20 @@ class UsageCsvApi(ApiView):
 
 
 class LedgerCsvApi(ApiView):
+    query_serializer = UsageInput
+
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="billing_ledger_csv",
         summary="The ledger as CSV (every money movement, signed), streamed",
-        parameters=_PERIOD,
         responses={
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="The CSV file."),
             **errors(400, 403),
         },
     )
     def get(self, request):
-        data = validated_input(UsageInput, request.query_params)
+        data = self.query_input()
         lines = ledger_csv_lines(
             organization=self.organization, since=data.get("since"), until=data.get("until")
         )

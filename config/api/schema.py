@@ -131,6 +131,9 @@ class ApiAutoSchema(AutoSchema):
 
     def get_override_parameters(self):
         parameters = list(super().get_override_parameters())
+        query_serializer = getattr(self.view, "query_serializer", None)
+        if self.method == "GET" and query_serializer is not None:
+            parameters.insert(0, query_serializer)  # what query_input() reads, and all it takes
         if self.method == "POST" and getattr(self.view, "requires_organization", False):
             # Keys are claimed per organisation; views acting for none do not take them.
             parameters.append(IDEMPOTENCY_KEY_PARAMETER)

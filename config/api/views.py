@@ -2,9 +2,16 @@
 
 Per request, in this order: authenticate → count against the rate limit (even when
 authentication failed, so guessing keys costs requests) → key scope → organisation and role →
-claim the Idempotency-Key (POST) → the handler, inside one transaction with the stored
-response → rate-limit headers on the way out.
+the query string's names → claim the Idempotency-Key (POST) → the handler, inside one
+transaction with the stored response → rate-limit headers on the way out.
+
+A query parameter the operation does not take is refused (400 unknown_parameter), as an
+unknown field of a JSON body is: `?stauts=active` would otherwise list every reservation. An
+operation takes what it documents: its filters, its paginator's cursor and limit, the fields of
+its query_serializer (GET), and `format`.
 """
+
+import functools
 
 from django.db import transaction
 from django.utils.cache import add_never_cache_headers
@@ -14,12 +21,13 @@ from rest_framework.generics import GenericAPIView
 from rest_framework.permissions import SAFE_METHODS, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 
 from config.api import idempotency
 from config.api.context import OrgContext, org_context_resolve
 from config.api.schema import ApiAutoSchema
 from config.api.throttling import ApiRateThrottle, rate_limit_headers
-from config.errors import PermissionDenied
+from config.errors import PermissionDenied, ValidationFailed
 from marketplace.audit import audit_actor_set
 from marketplace.auth import ApiKeyUser
 from marketplace.models import RESERVING_ROLES, ApiKeyScope, Role
@@ -53,6 +61,9 @@ class ApiView(GenericAPIView):
     # True where a write moves money (cards, top-ups, billing settings): API keys need the
     # billing scope for it, which write does not include.
     moves_money = False
+    # The serializer that reads a GET's query string (validated by query_input(); documented
+    # as the operation's parameters).
+    query_serializer: type[serializers.Serializer] | None = None
     # Response fields never stored for an idempotent replay (an API key's secret).
     idempotency_redacted_fields: tuple[str, ...] = ()
     # Responses carry a secret (any view with redacted fields does too): Cache-Control:
@@ -81,6 +92,7 @@ class ApiView(GenericAPIView):
             self.org_context = org_context_resolve(request)
             audit_actor_set(self.org_context.actor_label)
             self._check_member_role(request)
+        self._check_query_params(request)
         if request.method == "POST" and hasattr(self, "post") and self.org_context:
             self._claim = idempotency.idempotency_claim(
                 request=request,
@@ -158,6 +170,19 @@ class ApiView(GenericAPIView):
 
         return run
 
+    def _check_query_params(self, request: Request) -> None:
+        if not request.query_params:
+            return
+        known = _query_params_taken(type(self), request.method)
+        for name in request.query_params:
+            if name not in known:
+                takes = ", ".join(sorted(known - {api_settings.URL_FORMAT_OVERRIDE})) or "none"
+                raise ValidationFailed(
+                    f"Unknown query parameter {name[:100]!r}; this request takes {takes}.",
+                    code="unknown_parameter",
+                    field=name[:100],
+                )
+
     def throttled(self, request: Request, wait: float | None) -> None:
         raise exceptions.Throttled(
             wait=wait,
@@ -215,9 +240,43 @@ class ApiView(GenericAPIView):
     def organization(self):
         return self.org_context.organization
 
+    def query_input(self) -> dict:
+        """The query string, validated by the view's query_serializer."""
+        return validated_input(self.query_serializer, self.request.query_params)
+
     def paginated_response(self, queryset, serializer_class) -> Response:
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response(serializer_class(page, many=True).data)
+
+
+_PAGINATION_PARAMS = (
+    "cursor_query_param",
+    "page_size_query_param",
+    "page_query_param",
+    "limit_query_param",
+    "offset_query_param",
+)
+
+
+@functools.cache
+def _query_params_taken(view_class: type[ApiView], method: str) -> frozenset[str]:
+    """The query parameter names an operation takes (worked out once per view and method)."""
+    names = {api_settings.URL_FORMAT_OVERRIDE} - {None}
+    if method not in ("GET", "HEAD"):
+        return frozenset(names)
+    if view_class.query_serializer is not None:
+        names |= set(view_class.query_serializer().fields)
+    paginator = view_class.pagination_class
+    if paginator is not None:
+        names |= {getattr(paginator, a) for a in _PAGINATION_PARAMS if getattr(paginator, a, None)}
+    filterset = getattr(view_class, "filterset_class", None)
+    if filterset is not None and DjangoFilterBackend in view_class.filter_backends:
+        for name, declared in filterset.base_filters.items():
+            # A range filter reads name_after and name_before (its widget's suffixes).
+            widget = declared.extra.get("widget") or declared.field_class.widget
+            suffixes = getattr(widget, "suffixes", None) or [""]
+            names |= {f"{name}_{suffix}" if suffix else name for suffix in suffixes}
+    return frozenset(names)
 
 
 def validated_input(serializer_class, data, **kwargs) -> dict:

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from config.api.pagination import SlugCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
-from config.api.views import ApiView, validated_input
+from config.api.views import ApiView
 from config.replica import replica_reads
 from marketplace.models import Term, Tier
 from marketplace.selectors.availability import (
@@ -190,17 +190,18 @@ class SiteAvailabilityOutput(Serializer):
 
 
 class SiteAvailabilityApi(_Catalogue):
+    query_serializer = SiteAvailabilityInput
+
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="sites_availability",
         summary="Free GPUs by model at one site for a window",
-        parameters=[SiteAvailabilityInput],
         responses={200: SiteAvailabilityOutput, **errors(400, 403, 404)},
     )
     def get(self, request, slug: str):
         site = site_get_public(slug=slug)
-        params = validated_input(SiteAvailabilityInput, request.query_params)
+        params = self.query_input()
         results = site_availability(site=site, starts_at=params["start"], ends_at=params["end"])
         return Response(
             SiteAvailabilityOutput(
@@ -462,16 +463,17 @@ class AvailabilityOutput(Serializer):
 
 
 class AvailabilityApi(_Catalogue):
+    query_serializer = AvailabilityInput
+
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="availability_search",
         summary="Search offers: what can be reserved now for a period, and at what price",
-        parameters=[AvailabilityInput],
         responses={200: AvailabilityOutput, **errors(400, 403)},
     )
     def get(self, request):
-        serializer = AvailabilityInput(data=request.query_params)
+        serializer = self.query_serializer(data=request.query_params)
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
         resolve_catalogue(gpu_model=params.get("gpu_model"), site=params.get("site"))

@@ -105,17 +105,17 @@ def _zone(code: str) -> PriceZone:
 
 class ZonePricesApi(ApiView):
     requires_organization = False
+    query_serializer = PricesReadInput
 
     @extend_schema(
         tags=TAGS,
         operation_id="zone_prices_list",
         summary="A price zone's power prices for a window",
-        parameters=[PricesReadInput],
         responses={200: PricesReadOutput, **errors(400, 403, 404)},
     )
     def get(self, request, code: str):
         zone = _zone(code)
-        params = validated_input(PricesReadInput, request.query_params)
+        params = self.query_input()
         prices = zone_prices_between(zone=zone, starts_at=params["start"], ends_at=params["end"])
         return Response(PricesReadOutput({"zone": zone, "prices": prices}).data)
 

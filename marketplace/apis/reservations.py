@@ -3,8 +3,7 @@
 from datetime import timedelta
 
 from django.utils import timezone
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -448,15 +447,16 @@ class ExtensionTermsOutput(Serializer):
 
 
 class ExtensionTermsApi(_OneReservation):
+    query_serializer = ExtensionTermsInput
+
     @extend_schema(
         tags=TAGS,
         operation_id="reservations_extension_terms",
         summary="What extending to ends_at would cost, before extending (nothing changes)",
-        parameters=[OpenApiParameter("ends_at", OpenApiTypes.DATETIME, required=True)],
         responses={200: ExtensionTermsOutput, **errors(400, 403, 404, 409)},
     )
     def get(self, request, reservation_id: str):
-        data = validated_input(ExtensionTermsInput, request.query_params)
+        data = self.query_input()
         terms = extension_terms(self.reservation(), data["ends_at"])
         return Response(ExtensionTermsOutput(terms).data)
 
@@ -529,17 +529,18 @@ class ReservationTelemetryOutput(Serializer):
 
 
 class ReservationTelemetryApi(_OneReservation):
+    query_serializer = TelemetryInput
+
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="reservations_telemetry",
         summary="GPU utilisation, memory, power and temperature per minute, per GPU",
-        parameters=[TelemetryInput],
         responses={200: ReservationTelemetryOutput, **errors(400, 403, 404)},
     )
     def get(self, request, reservation_id: str):
         reservation = self.reservation()
-        params = validated_input(TelemetryInput, request.query_params)
+        params = self.query_input()
         until = params.get("until") or min(timezone.now(), reservation.ends_at)
         since = params.get("since") or max(until - timedelta(hours=6), reservation.starts_at)
         if since >= until:

@@ -316,3 +316,46 @@ def test_a_body_that_is_not_json_is_refused(owner_client, market):
     )
     assert_error(response, 400, "parse_error")
     assert counts() == before
+
+
+@pytest.mark.parametrize(
+    "path,param",
+    [
+        # A misspelt filter would list everything instead of what was asked for.
+        ("/api/v1/reservations?stauts=active", "stauts"),
+        ("/api/v1/reservations?status=active&created_afer=2030-01-01T00:00:00Z", "created_afer"),
+        ("/api/v1/events?page=2", "page"),  # another API's paging: this one has cursors
+        ("/api/v1/gpu-models?offset=25", "offset"),
+        (f"/api/v1/availability?end={START}&start=2098-12-31T00:00:00Z&gpu_modle=x", "gpu_modle"),
+        ("/api/v1/billing/usage?from=2030-01-01", "from"),
+        ("/api/v1/billing/usage.csv?since=2030-01-01&unitl=2030-02-01", "unitl"),
+    ],
+)
+def test_an_unknown_query_parameter_is_refused(owner_client, market, path, param):
+    response = owner_client.get(path)
+    error = assert_error(response, 400, "unknown_parameter", param)
+    assert "this request takes" in error["message"]
+
+
+def test_a_query_parameter_on_a_write_is_refused_and_writes_nothing(owner_client, market):
+    before = counts()
+    records_before = IdempotencyRecord.objects.count()
+    response = owner_client.post(
+        "/api/v1/reservations?gpu_count=8", reservation_body(), format="json",
+        HTTP_IDEMPOTENCY_KEY="query-on-post",
+    )  # fmt: skip
+    assert_error(response, 400, "unknown_parameter", "gpu_count")
+    assert counts() == before and IdempotencyRecord.objects.count() == records_before
+
+
+def test_the_parameters_an_operation_documents_are_taken(owner_client, market):
+    """Filters, paging, a query serializer's fields and format."""
+    body = reservation_body()
+    window = f"start={body['starts_at']}&end={body['ends_at']}".replace("+", "%2B")
+    for path in (
+        "/api/v1/reservations?status=active&created_after=2030-01-01T00:00:00Z&limit=5",
+        "/api/v1/events?type=reservation.active&limit=1&format=json",
+        f"/api/v1/availability?{window}&gpu_count=1",
+        "/api/v1/billing/usage?since=2030-01-01&until=2030-02-01",
+    ):
+        assert owner_client.get(path).status_code == 200, path
