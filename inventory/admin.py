@@ -38,6 +38,7 @@ from inventory.models import (
     StatusChange,
     ZonePrice,
 )
+from inventory.node_bookings import node_bookings
 from inventory.selectors import site_capacity_summary, site_list_with_capacity
 
 
@@ -74,6 +75,45 @@ def _apply(
 
 def _staff_action(action: str) -> Callable:
     return partial(services.status_change, action=action)
+
+
+# What taking nodes out of service does to the bookings on them, said before it is done.
+_NODE_CONSEQUENCES = {
+    "drain": "Nothing new is booked on these nodes. The reservations listed keep their GPUs: "
+    "those running run on, and those booked start here as booked.",
+    "set_maintenance": "Nothing new is booked on these nodes. Running workloads are not "
+    "stopped by this: ask their customers, or wait for them to end, if the work needs the "
+    "node down. A booked reservation that starts while its node is out of service is placed "
+    "on other free GPUs of its model at its site, or fails if there are none.",
+    "retire": "Final: the node leaves the fleet and its agent tokens are revoked. A node is "
+    "retired only when none of its GPUs is booked from now on, so the nodes with bookings "
+    "listed here will be refused: drain them and retire them once those bookings end.",
+}
+
+
+def _node_status_confirm(
+    model_admin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet, action: str, verb: str
+) -> TemplateResponse | None:
+    """The page that lists the reservations a node action touches, before it is taken; None
+    once staff confirmed it there (the action then runs)."""
+    if request.POST.get("confirmed") == "yes":
+        return None
+    nodes = list(queryset.order_by("pk"))
+    hostnames = {node.pk: node.hostname for node in nodes}
+    bookings = node_bookings(hostnames, now=timezone.now())
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": f"{verb} {len(nodes)} node(s)?",
+        "opts": model_admin.model._meta,
+        "nodes": nodes,
+        "bookings": [{"node": hostnames[b.node_id], "booking": b} for b in bookings],
+        "booked_nodes": len({b.node_id for b in bookings}),
+        "consequence": _NODE_CONSEQUENCES[action],
+        "action": action,
+        "verb": f"Yes, {verb.lower()}",
+        "reason": request.POST.get("reason", ""),
+    }
+    return TemplateResponse(request, "admin/inventory/node/status_confirm.html", context)
 
 
 class StatusChangeInline(admin.TabularInline):
@@ -376,21 +416,30 @@ class NodeAdmin(admin.ModelAdmin):
     def gpu_count(self, node: Node) -> int:
         return node.gpu_count
 
-    @admin.action(description="Drain selected nodes")
+    @admin.action(description="Drain selected nodes…")
     def drain(self, request, queryset):
-        _apply(request, queryset, _staff_action("drain"), "node", "Drained")
+        return _node_status_confirm(self, request, queryset, "drain", "Drain") or _apply(
+            request, queryset, _staff_action("drain"), "node", "Drained"
+        )
 
-    @admin.action(description="Put selected nodes in maintenance")
+    @admin.action(description="Put selected nodes in maintenance…")
     def set_maintenance(self, request, queryset):
-        _apply(request, queryset, _staff_action("set_maintenance"), "node", "Put in maintenance")
+        page = _node_status_confirm(
+            self, request, queryset, "set_maintenance", "Put in maintenance"
+        )
+        return page or _apply(
+            request, queryset, _staff_action("set_maintenance"), "node", "Put in maintenance"
+        )
 
     @admin.action(description="Return selected nodes to service")
     def return_to_service(self, request, queryset):
         _apply(request, queryset, _staff_action("return_to_service"), "node", "Returned to service")
 
-    @admin.action(description="Retire selected nodes (final)")
+    @admin.action(description="Retire selected nodes (final)…")
     def retire(self, request, queryset):
-        _apply(request, queryset, _staff_action("retire"), "node", "Retired")
+        return _node_status_confirm(self, request, queryset, "retire", "Retire") or _apply(
+            request, queryset, _staff_action("retire"), "node", "Retired"
+        )
 
     @admin.action(description="Issue an agent token for selected nodes")
     def issue_token(self, request, queryset):

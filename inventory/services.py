@@ -204,6 +204,9 @@ def status_change(
     _status_change; the few actions with a consequence beyond the status have it here:
 
     - a site is retired only once all its nodes are;
+    - a node is retired only when none of its GPUs is booked from now on (a running workload
+      would be left without an agent, still billed; a booked one would be moved at its start,
+      or fail): drain it first, and retire it once its bookings end;
     - a node returned to service ends its open outages of any cause but silence (staff say
       the fault is fixed; a heartbeat outage ends only when the agent is heard again);
     - a retired node's agent tokens are revoked (a retired node has no agent).
@@ -217,6 +220,8 @@ def status_change(
     (to_status,) = transition.targets
     if model is Site and action == "retire":
         _site_retire_check(site)
+    elif model is Node and action == "retire":
+        _node_retire_check(node)
     changed = _status_change(
         model=model,
         obj=obj,
@@ -236,6 +241,29 @@ def status_change(
             revoked_at=changed.status_changed_at
         )
     return changed
+
+
+def _node_retire_check(node: Node) -> None:
+    # Under the node's lock, which placement and extensions take before they book its GPUs:
+    # a booking either committed before (and is seen here) or finds the node retired.
+    locked = Node.objects.select_for_update().get(pk=node.pk)
+    if locked.status == NodeStatus.RETIRED:
+        return  # _status_change refuses it, with the usual words
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(*), max(upper(busy)) FROM inventory_gpu"
+            " WHERE node_id = %s AND busy && tstzrange(now(), NULL)",
+            [locked.pk],
+        )
+        gpus, until = cur.fetchone()
+    if gpus:
+        raise InvalidTransition(
+            f"Cannot retire node {locked.hostname}: {gpus} of its GPUs are booked until "
+            f"{until.isoformat()} (running or booked reservations). Drain it, so nothing new "
+            "is booked there, and retire it once those bookings end.",
+            code="node_booked",
+            field="status",
+        )
 
 
 def _site_retire_check(site: Site) -> None:

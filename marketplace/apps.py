@@ -8,8 +8,12 @@ class MarketplaceConfig(AppConfig):
     def ready(self) -> None:
         # In ready(): these modules import models, which exist only once the apps are loaded.
         from inventory.agent_work import agent_work_register
+        from inventory.node_bookings import node_bookings_register
         from marketplace.provisioning.agent_jobs import AGENT_JOB_WAITING_SQL
+        from marketplace.selectors.staff import node_bookings_ahead
 
         # The heartbeat (inventory) tells an idle agent when a job waits for it; inventory
         # does not import the marketplace, so the marketplace says what its jobs are.
         agent_work_register(AGENT_JOB_WAITING_SQL)
+        # Staff taking nodes out of service (inventory's admin) see whose bookings they touch.
+        node_bookings_register(node_bookings_ahead)

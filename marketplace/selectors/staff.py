@@ -11,10 +11,12 @@ from django.db.models import Count, Q
 
 from config.replica import read_connection
 from inventory.models import Node, NodeStatus, Outage
+from inventory.node_bookings import NodeBooking
 from marketplace.models import Allocation, Curtailment, ProvisioningAttempt, Reservation, Tier
 from marketplace.models.provisioning import AttemptOutcome
 
 __all__ = [
+    "node_bookings_ahead",
     "reservations_by_status",
     "gpus_in_service",
     "curtailment_exposure",
@@ -161,3 +163,24 @@ def curtailments_recent(*, now: datetime, days: int = 7, limit: int = 20) -> lis
         .select_related("site", "demand_response_event__source")
         .order_by("-shed_at", "-pk")[:limit]
     )
+
+
+def node_bookings_ahead(node_ids: list[int], now: datetime) -> list[NodeBooking]:
+    """The reservations holding GPUs of these nodes from now on, one row per node and
+    reservation (inventory.node_bookings' reader: what a drain, maintenance or retirement of
+    the nodes would touch)."""
+    rows = (
+        Allocation.objects.filter(node_id__in=node_ids, is_live=True, period__endswith__gt=now)
+        .values(
+            "node_id",
+            "reservation__public_id",
+            "reservation__organization__name",
+            "reservation__status",
+            "reservation__tier",
+            "reservation__starts_at",
+            "reservation__ends_at",
+        )
+        .annotate(gpus=Count("gpu_id", distinct=True))
+        .order_by("reservation__starts_at", "reservation__public_id", "node_id")
+    )
+    return [NodeBooking(*row.values()) for row in rows]

@@ -109,10 +109,11 @@ def test_bulk_drain_drains_records_and_reports_refusals(admin_client, admin_user
     url = reverse("admin:inventory_node_changelist")
     StatusChange.objects.all().delete()
 
-    response = admin_client.post(
-        url,
-        {"action": "drain", "_selected_action": [a.pk, b.pk, c.pk], "reason": "PDU swap"},
-    )
+    selected = {"action": "drain", "_selected_action": [a.pk, b.pk, c.pk], "reason": "PDU swap"}
+    confirm = admin_client.post(url, {**selected, "index": 0})  # the changelist's action bar
+    assert confirm.status_code == 200 and "Yes, drain" in confirm.content.decode()
+    assert not StatusChange.objects.exists()
+    response = admin_client.post(url, {**selected, "confirmed": "yes"})
 
     assert response.status_code == 302
     statuses = dict(Node.objects.filter(site=inventory["site"]).values_list("hostname", "status"))
