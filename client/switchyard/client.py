@@ -320,11 +320,6 @@ class _Organization(_Resource):
     def members(self, **filters) -> Iterator[ApiObject]:
         return self._list("organization/members", **filters)
 
-    def add_member(self, *, email: str, role: str, idempotency_key=None) -> ApiObject:
-        return self._post(
-            "organization/members", {"email": email, "role": role}, idempotency_key=idempotency_key
-        )
-
     def update_member(self, member_id: str, *, role: str) -> ApiObject:
         return ApiObject(
             self._client.request("PATCH", f"organization/members/{member_id}", json={"role": role})
@@ -487,7 +482,6 @@ OPERATIONS: dict[str, str] = {
     "resale_sales_list": "resale.sales",
     "organization_retrieve": "organization.retrieve",
     "organization_members_list": "organization.members",
-    "organization_members_create": "organization.add_member",
     "organization_members_update": "organization.update_member",
     "organization_members_destroy": "organization.remove_member",
     "organization_invitations_list": "organization.invitations",

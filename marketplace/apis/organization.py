@@ -2,7 +2,6 @@
 GET/POST organization/invitations; POST organization/invitations/{id}/revoke."""
 
 import django_filters
-from django.contrib.auth import get_user_model
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -11,7 +10,6 @@ from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
-from config.errors import ValidationFailed
 from marketplace.models import Invitation, Membership, Role
 from marketplace.selectors.organizations import (
     invitation_get_for_org,
@@ -24,7 +22,6 @@ from marketplace.services.organizations import (
     MANAGER_ROLES,
     invitation_create,
     invitation_revoke,
-    member_add,
     member_change_role,
     member_remove,
 )
@@ -64,15 +61,11 @@ class MemberFilter(django_filters.FilterSet):
         fields = ["role"]
 
 
-class MemberCreateInput(Serializer):
-    email = serializers.EmailField(help_text="The email of an existing Switchyard user.")
-    role = serializers.ChoiceField(choices=Role.choices, default=Role.MEMBER)
-
-
 class MemberListApi(ApiView):
-    # Every member may see who else is in; the service decides who may add whom.
-    write_roles = frozenset(Role.values)
-    keys_may_write = False
+    """Every member may see who else is in. Members join only by accepting an invitation
+    (organization/invitations): adding an account by its e-mail would tell whoever tried
+    whether that address has an account, and put people in organisations without asking."""
+
     pagination_class = NewestFirstCursorPagination
     filter_backends = FILTERED
     filterset_class = MemberFilter
@@ -90,25 +83,6 @@ class MemberListApi(ApiView):
     )
     def get(self, request):
         return self.paginated_response(self.filter_queryset(self.get_queryset()), MemberOutput)
-
-    @extend_schema(
-        tags=TAGS,
-        operation_id="organization_members_create",
-        summary="Add a member (owners and admins; only owners grant owner)",
-        request=MemberCreateInput,
-        responses={201: MemberOutput, **errors(400, 403, 404, 409, 415, 422)},
-    )
-    def post(self, request):
-        data = validated_input(MemberCreateInput, request.data)
-        users = list(get_user_model().objects.filter(email__iexact=data["email"])[:2])
-        if len(users) != 1:
-            raise ValidationFailed(
-                "No single Switchyard user has this email; they must sign up first.",
-                code="user_not_found",
-                field="email",
-            )
-        membership = member_add(actor=self.org_context.membership, user=users[0], role=data["role"])
-        return Response(MemberOutput(membership).data, status=status.HTTP_201_CREATED)
 
 
 class MemberUpdateInput(Serializer):

@@ -1,9 +1,7 @@
 from datetime import timedelta
 
 from django import forms
-from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
-from django.db.models import Q
 from django.utils import timezone
 
 from config.once import OnceField
@@ -23,7 +21,6 @@ __all__ = [
     "SignupForm",
     "OrganizationForm",
     "ApiKeyCreateForm",
-    "MemberAddForm",
     "MemberRoleForm",
     "PLANS",
     "SearchForm",
@@ -281,23 +278,6 @@ class ApiKeyCreateForm(forms.Form):
         if not can_grant_grid:
             hidden.add(ApiKeyScope.GRID)
         self.fields["scopes"].choices = [c for c in ApiKeyScope.choices if c[0] not in hidden]
-
-
-class MemberAddForm(forms.Form):
-    user = forms.CharField(label="Username or email", max_length=254)
-    role = forms.ChoiceField(choices=Role.choices, initial=Role.MEMBER)
-
-    def clean_user(self):
-        # As the API does for an email: exactly one existing user, or refuse.
-        wanted = self.cleaned_data["user"].strip()
-        users = list(
-            get_user_model().objects.filter(Q(username=wanted) | Q(email__iexact=wanted))[:2]
-        )
-        if len(users) != 1:
-            raise forms.ValidationError(
-                "No single Switchyard user has this username or email; they must sign up first."
-            )
-        return users[0]
 
 
 class MemberRoleForm(forms.Form):

@@ -1,8 +1,9 @@
 """Portal: the organisation's members. Every member sees the team, as in the API.
 
-Owners and admins (MANAGER_ROLES) add members, invite by e-mail and change roles; the services
-hold the rest of the rules (only an owner touches the owner role; the last owner stays). Anyone
-may leave. The invitation link itself is answered by portal.invitations.
+Owners and admins (MANAGER_ROLES) invite by e-mail and change roles; members join only by
+accepting an invitation. The services hold the rest of the rules (only an owner touches the
+owner role; the last owner stays). Anyone may leave. The invitation link itself is answered by
+portal.invitations.
 """
 
 from django.contrib import messages
@@ -12,7 +13,7 @@ from django.views import View
 
 from config.errors import ApplicationError
 from marketplace.models import Membership, Role
-from marketplace.portal.forms import InvitationCreateForm, MemberAddForm, MemberRoleForm
+from marketplace.portal.forms import InvitationCreateForm, MemberRoleForm
 from marketplace.portal.mixins import PortalView, show_error
 from marketplace.selectors.organizations import (
     invitation_get_for_org,
@@ -24,7 +25,6 @@ from marketplace.services.organizations import (
     MANAGER_ROLES,
     invitation_create,
     invitation_revoke,
-    member_add,
     member_change_role,
     member_remove,
 )
@@ -41,26 +41,12 @@ class TeamView(PortalView, View):
     template_name = "portal/team.html"
 
     def get(self, request):
-        return self.render_page(request, MemberAddForm())
+        return self.render_page(request)
 
-    def post(self, request):
-        form = MemberAddForm(request.POST)
-        if not form.is_valid():
-            return self.render_page(request, form, status=400)
-        user, role = form.cleaned_data["user"], form.cleaned_data["role"]
-        try:
-            member_add(actor=self.membership, user=user, role=role)
-        except ApplicationError as exc:
-            show_error(request, exc)
-            return self.render_page(request, form, status=exc.status_code)
-        messages.success(request, f"{user.get_username()} joined as {role}.")
-        return redirect("portal:team")
-
-    def render_page(self, request, form=None, invite_form=None, *, status=200):
+    def render_page(self, request, invite_form=None, *, status=200):
         members = member_list_for_org(organization=self.organization).order_by("created_at", "pk")
         can_manage = self.membership.role in MANAGER_ROLES
         context = {
-            "form": form or MemberAddForm(),
             "invite_form": invite_form or InvitationCreateForm(prefix="invite"),
             "members": members,
             "invitations": (

@@ -1,8 +1,10 @@
 """Organisations, their members, and invitations to join them by e-mail.
 
 Rules: an organisation always keeps at least one owner; owners and admins manage members, but
-only an owner may grant, change or remove the owner role. An invitation is checked by the same
-rules when it is sent, and becomes a membership through the same path as member_add.
+only an owner may grant, change or remove the owner role. Members join only by accepting an
+invitation (checked by the same rules when it is sent): adding an account by its e-mail would
+tell the one adding whether the address has an account, and put people in an organisation
+without asking them. Staff can still add members in the admin.
 """
 
 import hashlib
@@ -41,7 +43,6 @@ __all__ = [
     "MANAGER_ROLES",
     "RESERVING_ROLES",
     "organization_create",
-    "member_add",
     "member_change_role",
     "member_remove",
     "INVITATION_MAIL_TASK",
@@ -141,35 +142,8 @@ def _fresh(actor: Membership) -> Membership:
 _LAST_OWNER = "An organisation must keep at least one owner; make someone else owner first."
 
 
-@transaction.atomic
-@transaction.atomic
-def member_add(*, actor: Membership, user: AbstractBaseUser, role: str) -> Membership:
-    """Add `user` to the actor's organisation with `role`. Open invitations of the
-    organisation to their e-mail address are revoked: they are in, and a link still open
-    would let whoever holds it join too."""
-    _check_role(role)
-    _check_can_manage(actor=actor, role_involved=role)
-    membership = _membership_create(organization_id=actor.organization_id, user=user, role=role)
-    if user.email:
-        open_ones = Invitation.objects.select_for_update().filter(
-            organization_id=actor.organization_id,
-            email=user.email.lower(),
-            accepted_at__isnull=True,
-            revoked_at__isnull=True,
-        )
-        for invitation in open_ones.order_by("pk"):
-            invitation.revoked_at = timezone.now()
-            invitation.save(update_fields=["revoked_at"])
-            _audit_invitation(
-                invitation,
-                "invitation.revoke",
-                {"before": {"email": invitation.email}, "reason": "added as a member directly"},
-            )
-    return membership
-
-
 def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: str) -> Membership:
-    """The one place a member joins (member_add, invitation_accept); unique per organisation."""
+    """The one place a member joins (invitation_accept); unique per organisation."""
     _check_role(role)
     try:
         with transaction.atomic():

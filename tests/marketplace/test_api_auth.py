@@ -115,12 +115,12 @@ def test_a_read_only_key_can_read_but_not_post(org):
     assert Reservation.objects.count() == 0
 
 
-def test_a_key_cannot_create_keys_or_add_members(client_key, org):
+def test_a_key_cannot_create_keys_or_invite_members(client_key, org):
     before = ApiKey.objects.count()
     response = client_key.post("/api/v1/api-keys", {"name": "x"}, format="json")
     assert_error(response, 403, "session_required")
     response = client_key.post(
-        "/api/v1/organization/members", {"email": "a@example.com"}, format="json"
+        "/api/v1/organization/invitations", {"email": "a@example.com"}, format="json"
     )
     assert_error(response, 403, "session_required")
     assert ApiKey.objects.count() == before

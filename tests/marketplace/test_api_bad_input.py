@@ -230,28 +230,6 @@ CASES = [
         "invalid_ssh_key",
         "workload.ssh_public_keys.0",
     ),
-    (
-        "/api/v1/organization/members",
-        {"email": "nobody@example.com"},
-        400,
-        "user_not_found",
-        "email",
-    ),
-    ("/api/v1/organization/members", {"email": "not-an-email"}, 400, "invalid", "email"),
-    (
-        "/api/v1/organization/members",
-        {"email": "{owner_email}", "role": "member"},
-        409,
-        "already_member",
-        None,
-    ),
-    (
-        "/api/v1/organization/members",
-        {"email": "{owner_email}", "role": "king"},
-        400,
-        "invalid_choice",
-        "role",
-    ),
     ("/api/v1/organization/invitations", {}, 400, "required", "email"),
     ("/api/v1/organization/invitations", {"email": "not-an-email"}, 400, "invalid", "email"),
     (

@@ -159,7 +159,7 @@ def test_owners_read_the_log_newest_first_with_filters(org, owner, other_org):
     admin = MembershipFactory(organization=org, role=Role.ADMIN)
     session_client(owner).post("/api/v1/api-keys", {"name": "a"}, format="json")
     session_client(admin).post("/api/v1/api-keys", {"name": "b"}, format="json")
-    session_client(admin).post("/api/v1/organization/members",
+    session_client(admin).post("/api/v1/organization/invitations",
                                {"email": UserFactory().email, "role": "member"}, format="json")  # fmt: skip
     theirs = MembershipFactory(organization=other_org, role=Role.OWNER)
     session_client(theirs).post("/api/v1/api-keys", {"name": "theirs"}, format="json")
@@ -170,10 +170,10 @@ def test_owners_read_the_log_newest_first_with_filters(org, owner, other_org):
         assert response.status_code == 200, response.content
         return [e["action"] for e in response.json()["results"]]
 
-    assert actions() == ["member.add", "api_key.create", "api_key.create"]
-    assert actions(f"?actor=user:{admin.user.username}") == ["member.add", "api_key.create"]
+    assert actions() == ["invitation.create", "api_key.create", "api_key.create"]
+    assert actions(f"?actor=user:{admin.user.username}") == ["invitation.create", "api_key.create"]
     assert actions("?action=api_key.create") == ["api_key.create", "api_key.create"]
-    assert actions("?action=member.") == ["member.add"]
+    assert actions("?action=invitation.") == ["invitation.create"]
     future = (timezone.now() + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
     assert actions("?created_after=" + future) == []
     first = client.get("/api/v1/audit-log").json()["results"][0]

@@ -12,7 +12,11 @@ from marketplace.models import Event, ReservationStatus, Role
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.curtailment import curtailment_announce
 from marketplace.services.events import events_prune
-from marketplace.services.organizations import member_add, member_remove
+from marketplace.services.organizations import (
+    invitation_accept,
+    invitation_create,
+    member_remove,
+)
 from marketplace.services.reservations import reservation_cancel, reservation_extend
 from marketplace.services.transitions import reservation_transition
 from tests.factories import MembershipFactory, UserFactory
@@ -144,7 +148,8 @@ def test_api_keys_and_members_record_events(org, owner):
     api_key_revoke(api_key=key)
     api_key_revoke(api_key=key)  # revoking twice changes nothing, and records nothing
     newcomer = UserFactory()
-    membership = member_add(actor=owner, user=newcomer, role=Role.MEMBER)
+    _, token = invitation_create(actor=owner, email=newcomer.email, role=Role.MEMBER)
+    membership = invitation_accept(token=token, user=newcomer)
     member_remove(actor=owner, membership=membership)
 
     events = _events(org)

@@ -1,4 +1,5 @@
-"""The team page in the browser: add by email, change a role, remove; the services' rules."""
+"""The team page in the browser: change a role, remove; the services' rules. Members join by
+invitation (test_portal_invitations.py)."""
 
 import re
 
@@ -28,24 +29,19 @@ def post_from_page(page, path: str, form: dict | None = None):
     return page.request.post(page.base + path, form=form or {}, headers=headers, max_redirects=0)
 
 
-def test_an_owner_adds_a_member_by_email_changes_their_role_and_removes_them(
-    signed_in, django_user_model
-):
+def test_an_owner_changes_a_members_role_and_removes_them(signed_in, django_user_model):
     page, _, organization = signed_in
     grace = django_user_model.objects.create_user(
         username="grace", email="grace@example.com", password="x-long-pass-1"
     )
+    membership = Membership.objects.create(organization=organization, user=grace, role="billing")
     page.goto(page.base + "/team")
-    page.get_by_label("Username or email").fill("GRACE@example.com")
-    page.get_by_label("Role", exact=True).select_option("billing")
-    page.get_by_role("button", name="Add member").click()
-
-    expect(page.locator(".messages")).to_have_text("grace joined as billing.")
+    # Nothing on the page adds an account directly: people join by accepting an invitation.
+    expect(page.get_by_role("button", name="Add member")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send invitation")).to_be_visible()
     row = page.get_by_role("row").filter(has_text="grace@example.com")
     expect(row).to_contain_text(re.compile(r"\d{4}-\d{2}-\d{2}"))
     expect(page.get_by_label("Role for grace")).to_have_value("billing")
-    membership = Membership.objects.get(organization=organization, user=grace)
-    assert membership.role == Role.BILLING
 
     page.get_by_label("Role for grace").select_option("admin")
     page.get_by_role("button", name="Change role of grace").click()
@@ -62,17 +58,6 @@ def test_an_owner_adds_a_member_by_email_changes_their_role_and_removes_them(
     expect(page.locator(".messages")).to_have_text("grace was removed.")
     expect(page.get_by_role("row").filter(has_text="grace@example.com")).to_have_count(0)
     assert not Membership.objects.filter(pk=membership.pk).exists()
-
-
-def test_an_unknown_email_is_a_form_error_and_adds_nobody(signed_in):
-    page, user, organization = signed_in
-    page.goto(page.base + "/team")
-    page.get_by_label("Username or email").fill("nobody@example.com")
-    page.get_by_role("button", name="Add member").click()
-    expect(page.get_by_text("No single Switchyard user has this username or email")).to_be_visible()
-    assert list(Membership.objects.filter(organization=organization)) == [
-        Membership.objects.get(user=user)
-    ]
 
 
 def test_the_last_owner_is_neither_demoted_nor_removed_and_is_told_why(signed_in):
@@ -105,11 +90,13 @@ def test_a_member_sees_the_team_read_only(signed_in, live_server, django_user_mo
     page.goto(page.base + "/team")
     expect(page.get_by_role("row").filter(has_text="ada")).to_contain_text("owner")
     expect(page.get_by_role("row").filter(has_text="bob (you)")).to_contain_text("member")
-    expect(page.get_by_role("button", name="Add member")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send invitation")).to_have_count(0)
     expect(page.locator("select")).to_have_count(0)
     expect(page.get_by_role("link", name="Remove ada")).to_have_count(0)
     expect(page.get_by_text("Your role (member) can see the team")).to_be_visible()
-    refused = post_from_page(page, "/team", {"user": "bob", "role": "owner"})
+    refused = post_from_page(
+        page, "/team/invitations", {"invite-email": "bob@x.example", "invite-role": "owner"}
+    )
     assert refused.status == 403
     assert "Your role (member) cannot do this" in refused.text()  # not a CSRF failure
     assert Membership.objects.get(user=bob).role == Role.MEMBER
