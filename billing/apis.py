@@ -308,7 +308,11 @@ class PaymentMethodListApi(ApiView):
 
 class SetupIntentOutput(Serializer):
     setup_intent_id = serializers.CharField()
-    client_secret = serializers.CharField(help_text="For Stripe.js confirmCardSetup.")
+    client_secret = serializers.CharField(
+        allow_null=True,
+        help_text="For Stripe.js confirmCardSetup. Null in an idempotent replay: secrets are "
+        "never stored for replays (start another SetupIntent).",
+    )
     publishable_key = serializers.CharField()
     stripe_js_url = serializers.CharField()
 
@@ -316,7 +320,9 @@ class SetupIntentOutput(Serializer):
 class SetupIntentApi(ApiView):
     write_roles = MONEY_ROLES
     moves_money = True
-    sends_secrets = True  # the SetupIntent's client_secret
+    # The SetupIntent's client_secret confirms a card for the organisation: never stored for
+    # an idempotent replay (which answers it as null).
+    idempotency_redacted_fields = ("client_secret",)
 
     @extend_schema(tags=TAGS, operation_id="billing_setup_intent_create", request=None,
                    summary="Start saving a card (confirm it with Stripe.js confirmCardSetup)",

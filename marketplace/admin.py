@@ -51,12 +51,13 @@ from marketplace.models import (
     WebhookEndpoint,
 )
 from marketplace.provisioning.workload import workload_public
-from marketplace.services.api_keys import api_key_revoke, api_keys_revoke_created_by
+from marketplace.services.api_keys import api_key_revoke
 from marketplace.services.curtailment import (
     curtailment_announce,
     curtailment_call_off,
     curtailment_validate,
 )
+from marketplace.services.organizations import member_grants_revoke
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
@@ -114,11 +115,15 @@ class OrganizationAdmin(admin.ModelAdmin):
 
     def save_formset(self, request, form, formset, change):
         super().save_formset(request, form, formset, change)
-        # A member staff removed leaves as one who leaves the portal does: with their keys.
+        # A member staff removed leaves as one who leaves the portal does, and one whose role
+        # staff changed keeps only what that role could grant (keys, open invitations).
         for membership in getattr(formset, "deleted_objects", []):
             if isinstance(membership, Membership):
-                api_keys_revoke_created_by(
-                    organization_id=membership.organization_id, user=membership.user
+                member_grants_revoke(membership.organization_id, membership.user, role=None)
+        for membership, fields in getattr(formset, "changed_objects", []):
+            if isinstance(membership, Membership) and "role" in fields:
+                member_grants_revoke(
+                    membership.organization_id, membership.user, role=membership.role
                 )
 
 

@@ -17,7 +17,15 @@ from django.db.models import Q
 from django.utils import timezone
 
 from config.errors import PermissionDenied, ValidationFailed
-from marketplace.models import ApiKey, ApiKeyScope, EventType, Membership, Organization, Role
+from marketplace.models import (
+    MANAGER_ROLES,
+    ApiKey,
+    ApiKeyScope,
+    EventType,
+    Membership,
+    Organization,
+    Role,
+)
 from marketplace.services.audit import audit_record
 from marketplace.services.events import api_key_event_record
 
@@ -122,12 +130,18 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     return key
 
 
-def api_keys_revoke_created_by(*, organization_id: int, user) -> list[ApiKey]:
-    """Revoke the keys `user` created in the organisation (when they leave it or are removed):
-    a key outlives nobody's access, so one made by a person who is gone stops working too."""
+def api_keys_revoke_created_by(*, organization_id: int, user, role: str | None = None) -> list:
+    """Revoke the keys `user` created in the organisation that they could no longer create: a
+    key outlives nobody's access. role None: they left or were removed (every key); a role
+    that manages no keys (member, billing): every key; admin: those with the billing scope,
+    which only an owner grants."""
     keys = ApiKey.objects.filter(
         organization_id=organization_id, created_by=user, revoked_at__isnull=True
     ).order_by("pk")
+    if role == Role.OWNER:
+        return []
+    if role in MANAGER_ROLES:
+        keys = keys.filter(scopes__contains=[ApiKeyScope.BILLING])
     return [api_key_revoke(api_key=key) for key in keys]
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "organization_create",
     "member_change_role",
     "member_remove",
+    "member_grants_revoke",
     "INVITATION_MAIL_TASK",
     "invitation_token",
     "invitation_token_hash",
@@ -161,7 +162,9 @@ def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: st
 
 @transaction.atomic
 def member_change_role(*, actor: Membership, membership: Membership, role: str) -> Membership:
-    """Change a member's role; the last owner cannot be demoted."""
+    """Change a member's role; the last owner cannot be demoted. What they handed on with the
+    role they had and no longer do (API keys, open invitations) is revoked: neither outlives
+    its maker's access."""
     _check_role(role)
     if membership.organization_id != actor.organization_id:
         raise NotFound("No such member.", code="member_not_found")
@@ -177,13 +180,15 @@ def member_change_role(*, actor: Membership, membership: Membership, role: str) 
     membership.role = role
     membership.save(update_fields=["role"])
     _audit_member(membership, "member.change_role", audit_changes({"role": before}, {"role": role}))
+    member_grants_revoke(membership.organization_id, membership.user, role=role)
     return membership
 
 
 @transaction.atomic
 def member_remove(*, actor: Membership, membership: Membership) -> None:
     """Remove a member (or let a member leave); the last owner cannot be removed. The API keys
-    they created in the organisation are revoked with them."""
+    they created in the organisation, and the invitations they sent that are still open, are
+    revoked with them."""
     if membership.organization_id != actor.organization_id:
         raise NotFound("No such member.", code="member_not_found")
     membership, owner_pks = _lock_with_owners(membership)
@@ -200,7 +205,32 @@ def member_remove(*, actor: Membership, membership: Membership) -> None:
     )
     membership.delete()
     member_event_record(membership=membership, type=EventType.MEMBER_REMOVED, member_id=member_id)
-    api_keys_revoke_created_by(organization_id=membership.organization_id, user=membership.user)
+    member_grants_revoke(membership.organization_id, membership.user, role=None)
+
+
+def member_grants_revoke(organization_id: int, user: AbstractBaseUser, *, role: str | None) -> None:
+    """Revoke the keys and open invitations `user` made that `role` (None: gone) could not make
+    now: a manager's all once they manage no more, an owner's owner-only ones (billing keys,
+    invitations as owner) once they are not an owner."""
+    api_keys_revoke_created_by(organization_id=organization_id, user=user, role=role)
+    if role == Role.OWNER:
+        return
+    sent = Invitation.objects.select_for_update().filter(
+        organization_id=organization_id,
+        invited_by=user,
+        accepted_at__isnull=True,
+        revoked_at__isnull=True,
+    )
+    if role in MANAGER_ROLES:
+        sent = sent.filter(role=Role.OWNER)
+    for invitation in sent.order_by("pk"):
+        invitation.revoked_at = timezone.now()
+        invitation.save(update_fields=["revoked_at"])
+        _audit_invitation(
+            invitation,
+            "invitation.revoke",
+            {"before": {"email": invitation.email}, "reason": "its sender's access changed"},
+        )
 
 
 def _audit_member(membership: Membership, action: str, changes: dict) -> None:

@@ -10,7 +10,7 @@ import pytest
 from billing.models import BillingAccount, Invoice, LedgerKind, TopUp
 from billing.services.ledger import ledger_entry_add
 from billing.services.usage import reservation_meter
-from marketplace.models import Role
+from marketplace.models import IdempotencyRecord, Role
 from tests.billing.conftest import T0, make_reservation, stripe_client
 from tests.factories import MembershipFactory
 
@@ -157,9 +157,15 @@ def test_cards_through_the_api_setup_intent_list_and_top_up(
     localstripe, org, member, client_for, eager_celery, django_capture_on_commit_callbacks
 ):
     client = client_for(member)
-    setup = client.post("/api/v1/billing/payment-methods/setup-intent")
+    setup = client.post("/api/v1/billing/payment-methods/setup-intent", HTTP_IDEMPOTENCY_KEY="si")
     assert setup.status_code == 201
     assert setup.json()["client_secret"].startswith(setup.json()["setup_intent_id"])
+    # The client secret is never stored for a replay, nor answered by one.
+    replay = client.post("/api/v1/billing/payment-methods/setup-intent", HTTP_IDEMPOTENCY_KEY="si")
+    assert replay["Idempotent-Replayed"] == "true" and replay.json()["client_secret"] is None
+    assert setup.json()["client_secret"] not in str(
+        list(IdempotencyRecord.objects.values_list("response_body", flat=True))
+    )
     confirmed = stripe_client(localstripe).v1.setup_intents.confirm(
         setup.json()["setup_intent_id"], {"payment_method": "pm_card_visa"}
     )

@@ -61,3 +61,17 @@ def test_the_only_owner_of_an_organisation_is_not_deleted(admin_client):
     bulk["_selected_action"] = [other.pk]
     assert admin_client.post(changelist, bulk).status_code == 302
     assert not type(other).objects.filter(pk=other.pk).exists()
+
+
+def test_a_role_staff_lower_keeps_only_the_keys_that_role_could_make(admin_client):
+    org = OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER)
+    other = MembershipFactory(organization=org, role=Role.OWNER)
+    plain, _ = api_key_create(organization=org, name="ci", scopes=["read"], created_by=owner.user)
+    pay, _ = api_key_create(organization=org, name="pay", scopes=["billing"], created_by=owner.user)
+    url = reverse("admin:marketplace_organization_change", args=[org.pk])
+
+    rows = [(owner, Role.ADMIN, False), (other, Role.OWNER, False)]
+    assert admin_client.post(url, _memberships_form(org, rows)).status_code == 302
+    assert ApiKey.objects.get(pk=pay.pk).revoked_at is not None
+    assert ApiKey.objects.get(pk=plain.pk).revoked_at is None

@@ -6,7 +6,8 @@ import threading
 import pytest
 from django.db import connection
 
-from marketplace.models import ApiKey, Membership, Organization, Role
+from config.errors import ApplicationError
+from marketplace.models import ApiKey, AuditEntry, Invitation, Membership, Organization, Role
 from marketplace.services.organizations import invitation_accept, organization_create
 from tests.clients import HttpsAPIClient
 from tests.factories import MembershipFactory, UserFactory
@@ -73,6 +74,53 @@ def test_a_removed_members_api_keys_stop_working_with_their_access(owner_client,
     assert ApiKey.objects.get(public_id=kept["id"]).revoked_at is None
     owners_key = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {kept['secret']}")
     assert owners_key.get("/api/v1/sites").status_code == 200
+
+
+def test_a_demoted_maker_keeps_only_the_keys_and_invitations_their_role_could_make(
+    owner_client, org, owner
+):
+    """A key or an invitation never outlives its maker's access: demoted from owner to admin,
+    their billing keys and owner invitations go; from admin to member, all of them."""
+    maker = MembershipFactory(organization=org, role=Role.OWNER)
+    client = session_client(maker)
+    plain = client.post("/api/v1/api-keys", {"name": "ci"}, format="json").json()
+    billing = client.post(
+        "/api/v1/api-keys", {"name": "pay", "scopes": ["read", "billing"]}, format="json"
+    ).json()
+    as_owner = client.post(
+        "/api/v1/organization/invitations", {"email": "o@x.example", "role": "owner"},
+        format="json",
+    ).json()  # fmt: skip
+    as_member = client.post(
+        "/api/v1/organization/invitations", {"email": "m@x.example"}, format="json"
+    ).json()
+
+    def live():
+        keys = set(ApiKey.objects.filter(revoked_at=None).values_list("public_id", flat=True))
+        sent = set(Invitation.objects.filter(revoked_at=None).values_list("public_id", flat=True))
+        return keys, sent
+
+    owner_client.patch(member_url(maker), {"role": "admin"}, format="json")
+    assert live() == ({plain["id"]}, {as_member["id"]})
+    billing_key = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {billing['secret']}")
+    assert_error(billing_key.get("/api/v1/billing/balance"), 401, "api_key_revoked")
+
+    owner_client.patch(member_url(maker), {"role": "member"}, format="json")
+    assert live() == (set(), set())
+    assert AuditEntry.objects.filter(action="invitation.revoke", object_id=as_owner["id"]).exists()
+
+
+def test_a_removed_members_open_invitations_are_revoked(owner_client, org):
+    """A removed admin cannot come back through a link they sent before."""
+    admin = MembershipFactory(organization=org, role=Role.ADMIN)
+    sent = session_client(admin).post(
+        "/api/v1/organization/invitations", {"email": "alt@x.example", "role": "admin"},
+        format="json",
+    ).json()  # fmt: skip
+    assert owner_client.delete(member_url(admin)).status_code == 204
+    with pytest.raises(ApplicationError):
+        invitation_accept(token=sent["token"], user=UserFactory())
+    assert Invitation.objects.get(public_id=sent["id"]).revoked_at is not None
 
 
 def test_the_last_owner_can_be_neither_removed_nor_demoted(owner_client, owner):
