@@ -3,6 +3,7 @@ whichever way a customer comes in."""
 
 import django_filters
 
+from config.api.filters import BoundedIsoDateTimeFilter
 from marketplace.models import Reservation, ReservationStatus, Tier
 
 __all__ = ["ReservationFilter"]
@@ -15,9 +16,9 @@ class ReservationFilter(django_filters.FilterSet):
     tier = django_filters.ChoiceFilter(choices=Tier.choices)
     site = django_filters.CharFilter(field_name="site__slug")
     gpu_model = django_filters.CharFilter(field_name="gpu_model__slug")
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
-    updated_after = django_filters.IsoDateTimeFilter(
+    created_after = BoundedIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = BoundedIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    updated_after = BoundedIsoDateTimeFilter(
         field_name="updated_at",
         lookup_expr="gte",
         help_text="Changed at or after this time (status, end, interruption notice): to sync, "

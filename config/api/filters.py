@@ -2,8 +2,11 @@
 
 import django_filters
 from django import forms
+from django_filters.fields import IsoDateTimeField
 
-__all__ = ["StrictBooleanFilter"]
+from config.dates import OUT_OF_RANGE, within_bounds
+
+__all__ = ["BoundedIsoDateTimeFilter", "StrictBooleanFilter"]
 
 
 class _StrictNullBooleanField(forms.NullBooleanField):
@@ -29,3 +32,20 @@ class _StrictNullBooleanField(forms.NullBooleanField):
 
 class StrictBooleanFilter(django_filters.BooleanFilter):
     field_class = _StrictNullBooleanField
+
+
+class _BoundedIsoDateTimeField(IsoDateTimeField):
+    """An ISO 8601 time from 2000 to 2099 (config.dates), as every other time the API reads."""
+
+    def to_python(self, value):
+        try:
+            parsed = super().to_python(value)
+            if parsed is None or within_bounds(parsed):
+                return parsed
+        except OverflowError:  # an offset that takes it past year 9999
+            pass
+        raise forms.ValidationError(OUT_OF_RANGE, code="out_of_range")
+
+
+class BoundedIsoDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = _BoundedIsoDateTimeField

@@ -22,7 +22,9 @@ than this server reads).
 
 A whole number given as a string is read only as ASCII digits with an optional sign, and a
 decimal as ASCII digits with an optional point (no exponent): Python's int() and Decimal(),
-which DRF's fields call, also read "1_0" as 10, "1e3" as 1000 and other scripts' digits.
+which DRF's fields call, also read "1_0" as 10, "1e3" as 1000 and other scripts' digits. The
+same holds inside lists and dicts of numbers, and a whole number is not a JSON fraction (2.0).
+These refusals come in one answer with DRF's own errors for the other fields.
 Dates and times are read from 2000 to 2099 only (config.dates).
 """
 
@@ -64,30 +66,20 @@ class Serializer(serializers.Serializer):
         return {name: _field_copy(field) for name, field in self._declared_fields.items()}
 
     def to_internal_value(self, data):
-        if isinstance(data, dict):  # a QueryDict too
-            fields = self.fields
-            if self.refuse_unknown_fields and not isinstance(data, QueryDict):
-                unknown = sorted(k for k in data if k not in fields or fields[k].read_only)
-                if unknown:
-                    name = str(unknown[0])
-                    takes = ", ".join(sorted(n for n, f in fields.items() if not f.read_only))
-                    raise ValidationError(
-                        {name: [ErrorDetail(f"Unknown field {name[:100]!r}; this request takes "
-                                            f"{takes}.", code="unknown_field")]}
-                    )  # fmt: skip
-            for name, field in fields.items():
-                value = data.get(name)
-                if not isinstance(value, str):
-                    continue
-                for kind, pattern in _STRICT:
-                    if isinstance(field, kind) and not pattern.fullmatch(value.strip()):
-                        message = field.error_messages["invalid"]  # DRF's own words
-                        raise ValidationError({name: [ErrorDetail(message, code="invalid")]})
+        # What DRF would let through (an unknown key, a loosely read number) is refused beside
+        # DRF's own errors, so one answer names every field that is wrong.
+        refused = self._strict_errors(data) if isinstance(data, dict) else {}  # a QueryDict too
         try:
             result = super().to_internal_value(data)
         except OverflowError:  # a time whose offset takes it past year 9999
             raise ValidationError({api_settings.NON_FIELD_ERRORS_KEY: [
                 ErrorDetail(OUT_OF_RANGE, code="out_of_range")]}) from None  # fmt: skip
+        except ValidationError as exc:
+            if refused and isinstance(exc.detail, dict):
+                raise ValidationError({**exc.detail, **refused}) from None
+            raise
+        if refused:
+            raise ValidationError(refused)
         for name, field in self.fields.items():
             value = result.get(field.source) if isinstance(result, dict) else None
             if isinstance(field, serializers.DateTimeField | serializers.DateField) and (
@@ -95,6 +87,37 @@ class Serializer(serializers.Serializer):
             ):
                 raise ValidationError({name: [ErrorDetail(OUT_OF_RANGE, code="out_of_range")]})
         return result
+
+    def _strict_errors(self, data: dict) -> dict[str, list[ErrorDetail]]:
+        fields, refused = self.fields, {}
+        if self.refuse_unknown_fields and not isinstance(data, QueryDict):
+            for key in sorted(k for k in data if k not in fields or fields[k].read_only):
+                name = str(key)[:100]
+                takes = ", ".join(sorted(n for n, f in fields.items() if not f.read_only))
+                refused[name] = [ErrorDetail(f"Unknown field {name!r}; this request takes "
+                                             f"{takes}.", code="unknown_field")]  # fmt: skip
+        for name, field in fields.items():
+            if name in data and (error := _loose_number(field, data.get(name))) is not None:
+                refused[name] = [error]
+        return refused
+
+
+def _loose_number(field: Field, value) -> ErrorDetail | None:
+    """The error for a number DRF would read loosely: a whole number or decimal string beyond
+    ASCII digits (also inside a list or a dict of them), a JSON fraction for a whole number."""
+    child = getattr(field, "child", None)
+    if child is not None and not isinstance(field, serializers.BaseSerializer):
+        items = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(items, list):
+            return None
+        return next((e for v in items if (e := _loose_number(child, v)) is not None), None)
+    if isinstance(field, serializers.IntegerField) and isinstance(value, float):
+        return ErrorDetail(field.error_messages["invalid"], code="invalid")
+    if isinstance(value, str):
+        for kind, pattern in _STRICT:
+            if isinstance(field, kind) and not pattern.fullmatch(value.strip()):
+                return ErrorDetail(field.error_messages["invalid"], code="invalid")  # DRF's words
+    return None
 
 
 class LenientSerializer(Serializer):

@@ -4,6 +4,7 @@ import django_filters
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 
+from config.api.filters import BoundedIsoDateTimeFilter
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
@@ -35,8 +36,8 @@ class AuditFilter(django_filters.FilterSet):
         help_text="An action (api_key.create) or, ending in a dot, a family (api_key.).",
     )
     object_id = django_filters.CharFilter(max_length=64)
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = BoundedIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = BoundedIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = AuditEntry

@@ -4,6 +4,7 @@ import django_filters
 from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 
+from config.api.filters import BoundedIsoDateTimeFilter
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.views import FILTERED, ApiView
@@ -19,8 +20,8 @@ class EventFilter(django_filters.FilterSet):
     type = django_filters.MultipleChoiceFilter(
         choices=EventType.choices, help_text="Repeat for several: ?type=a&type=b."
     )
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gt")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = BoundedIsoDateTimeFilter(field_name="created_at", lookup_expr="gt")
+    created_before = BoundedIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     object_id = django_filters.CharFilter(
         max_length=64, help_text="Only the events of this object (res_…, lst_…, key_…, mem_…)."
     )

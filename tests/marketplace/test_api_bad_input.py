@@ -337,3 +337,44 @@ def test_the_parameters_an_operation_documents_are_taken(owner_client, market):
         "/api/v1/billing/usage?since=2030-01-01&until=2030-02-01",
     ):
         assert owner_client.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize(
+    "workload_or_count, field",
+    [
+        ({"workload": {"ports": ["2_2"]}}, "workload.ports"),
+        ({"workload": {"ports": ["\uff12\uff12"]}}, "workload.ports"),  # full-width digits
+        ({"workload": {"ports": ["\u0662\u0662"]}}, "workload.ports"),  # Arabic-Indic digits
+        ({"gpu_count": 2.0}, "gpu_count"),  # a JSON fraction is not a whole number
+    ],
+)
+def test_numbers_inside_lists_and_fractions_are_read_strictly(
+    owner_client, market, workload_or_count, field
+):
+    before = counts()
+    response = owner_client.post(
+        "/api/v1/reservations", {**reservation_body(), **workload_or_count}, format="json"
+    )
+    assert_error(response, 400, "invalid", field)
+    assert counts() == before
+
+
+def test_one_answer_names_every_field_that_is_wrong(owner_client, market):
+    body = {**reservation_body(), "gpu_count": "1e3", "ends_at": "nope", "tier": "bad"}
+    response = owner_client.post("/api/v1/reservations", body, format="json")
+    error = assert_error(response, 400)
+    assert {e["field"] for e in error["errors"]} == {"gpu_count", "ends_at", "tier"}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/api/v1/reservations?created_after=0001-01-01T00:00:00Z",
+        "/api/v1/reservations?updated_after=2150-01-01T00:00:00Z",
+        "/api/v1/events?created_before=1900-01-01T00:00:00Z",
+        "/api/v1/audit-log?created_after=9999-12-31T23:59:59-05:00",
+    ],
+)
+def test_filter_times_are_read_from_2000_to_2099(owner_client, market, query):
+    field = query.split("?")[1].split("=")[0]
+    assert_error(owner_client.get(query), 400, "out_of_range", field)
