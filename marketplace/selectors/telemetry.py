@@ -19,7 +19,15 @@ __all__ = ["GpuSeries", "MAX_WINDOW", "reservation_telemetry", "reservation_ener
 
 MAX_WINDOW = timedelta(days=7)
 
-_SERIES_SQL = """
+# A seller's allocation row of a GPU it sold for a window is kept (not live, its period the
+# window) as the record of the sale: that time is the buyer's, and so are its measurements.
+_NOT_SOLD_AWAY = """
+   AND NOT EXISTS (SELECT 1 FROM marketplace_resalelisting l
+                    WHERE l.reservation_id = a.reservation_id AND l.status = 'sold'
+                      AND a.gpu_id = ANY(l.gpu_ids)
+                      AND a.period <@ tstzrange(l.starts_at, l.ends_at, '[)'))"""
+
+_SERIES_SQL = f"""
 SELECT a.id, n.hostname, g.index, lower(a.period), upper(a.period),
        m.minute, m.utilization_pct_avg, m.memory_used_mib_max, m.power_w_avg,
        m.temperature_c_max
@@ -31,7 +39,7 @@ SELECT a.id, n.hostname, g.index, lower(a.period), upper(a.period),
         AND m.minute >= greatest(lower(a.period), %(since)s)
         AND m.minute < least(upper(a.period), %(until)s)
  WHERE a.reservation_id = %(rid)s
-   AND lower(a.period) < %(until)s AND upper(a.period) > %(since)s
+   AND lower(a.period) < %(until)s AND upper(a.period) > %(since)s{_NOT_SOLD_AWAY}
  ORDER BY lower(a.period), n.hostname, g.index, a.id, m.minute
 """
 
@@ -70,7 +78,7 @@ def reservation_telemetry(
     return list(series.values())
 
 
-_MEASURED_SQL = """
+_MEASURED_SQL = f"""
 SELECT count(*), coalesce(sum(m.power_w_avg::numeric), 0)
   FROM marketplace_allocation a
   JOIN inventory_gpuminute m
@@ -81,8 +89,9 @@ SELECT count(*), coalesce(sum(m.power_w_avg::numeric), 0)
    AND NOT EXISTS (
        SELECT 1 FROM marketplace_reservationoutage o
         WHERE o.reservation_id = %(rid)s
-          AND m.minute >= o.started_at AND m.minute < coalesce(o.ended_at, %(until)s))
+          AND m.minute >= o.started_at AND m.minute < coalesce(o.ended_at, %(until)s)){_NOT_SOLD_AWAY}
 """
+
 
 
 def _union_seconds(intervals: list[tuple[datetime, datetime]]) -> int:

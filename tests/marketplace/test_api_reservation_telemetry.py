@@ -105,3 +105,28 @@ def test_a_reservation_without_readings_has_empty_series(owner_client, reservati
         url, {"since": iso(start), "until": iso(start + timedelta(hours=1))}
     ).json()
     assert [g["points"] for g in body["gpus"]] == [[], []]
+
+
+def test_a_seller_never_sees_the_minutes_of_time_it_sold():
+    """The seller's allocation of a sold window is kept as the sale's record; the minutes in
+    it are the buyer's (telemetry and measured energy)."""
+    from marketplace.selectors.telemetry import reservation_telemetry
+    from tests.marketplace.resale_helpers import buy, listing, market, time_passes_until
+
+    m = market()
+    sold = buy(m, listing(m, gpus=2, start_h=24, hours=2), hours=2)
+    time_passes_until(m.start + 27 * timedelta(hours=1))
+    m.term.refresh_from_db()
+    sold.refresh_from_db()
+    window_start = m.start + 24 * timedelta(hours=1)
+    for gpu_id in Allocation.objects.filter(reservation=sold).values_list("gpu_id", flat=True):
+        minutes(gpu_id, window_start, 10)
+
+    def points(reservation):
+        series = reservation_telemetry(
+            reservation=reservation, since=window_start, until=window_start + timedelta(hours=1)
+        )
+        return sum(len(s.points) for s in series)
+
+    assert points(sold) == 20
+    assert points(m.term) == 0
