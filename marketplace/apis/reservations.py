@@ -123,6 +123,14 @@ class ReservationCreateInput(Serializer):
                     raise serializers.ValidationError(
                         {name: "This field is required with a listing."}, code="required"
                     )
+            for name in ("region", "min_reliability"):
+                # A listing's GPUs are fixed: a filter it would ignore must not look applied.
+                if name in attrs:
+                    raise serializers.ValidationError(
+                        {name: f"{name} does not apply to a listing, whose node is fixed; "
+                               "the search offer shows its site and reliability."},
+                        code="not_with_listing",
+                    )  # fmt: skip
         elif "quote" not in attrs:
             for name in ("gpu_model", "gpu_count", "ends_at"):
                 if name not in attrs:

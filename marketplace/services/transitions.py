@@ -429,6 +429,13 @@ def reservation_action_refusal(reservation: Reservation, action: str, *, at=None
             return f"A {status} reservation cannot be extended."
         if at >= reservation.ends_at:
             return "The reservation has already reached its end."
+        if str((reservation.breakdown or {}).get("rate_source", "")).startswith("resale:"):
+            # Bought time is the seller's, priced by the seller for its window: what follows
+            # is the operator's again, at the operator's price, through a new booking.
+            return (
+                "Time bought from a resale listing ends with the listing's window; book the "
+                "time after it as a new reservation."
+            )
         if extension_blocked_by_interruption(reservation):
             # It ends at the interruption whatever its end says: more time could not be served.
             return (

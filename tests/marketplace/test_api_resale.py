@@ -197,6 +197,25 @@ def test_buying_needs_a_count_and_an_end_and_not_a_quote_too():
         ({"listing": "lst_x", "ends_at": iso(m.start + 30 * H)}, "gpu_count"),
         ({"listing": "lst_x", "gpu_count": 1}, "ends_at"),
         ({"listing": "lst_x", "quote": "quo_x"}, "listing"),
+        # A listing's node is fixed: a filter it would ignore must not look applied.
+        (
+            {
+                "listing": "lst_x",
+                "gpu_count": 1,
+                "ends_at": iso(m.start + 30 * H),
+                "region": "eu-north",
+            },
+            "region",
+        ),
+        (
+            {
+                "listing": "lst_x",
+                "gpu_count": 1,
+                "ends_at": iso(m.start + 30 * H),
+                "min_reliability": "0.9999",
+            },
+            "min_reliability",
+        ),
     ):
         response = buyer.post("/api/v1/reservations", payload, format="json")
         assert response.status_code == 400, payload

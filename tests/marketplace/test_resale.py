@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from config.errors import Conflict, NotAvailable, NotFound, ValidationFailed
+from config.errors import Conflict, InvalidTransition, NotAvailable, NotFound, ValidationFailed
 from marketplace.models import (
     Allocation,
     ListingStatus,
@@ -24,6 +24,7 @@ from marketplace.services.reservations import (
     reservation_create,
     reservation_extend,
 )
+from marketplace.services.transitions import reservation_allowed_actions
 from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import make_nodes
 from tests.marketplace.resale_helpers import (
@@ -380,6 +381,23 @@ def test_cancelling_the_term_withdraws_its_listings_and_refunds_only_what_was_no
     bought = ResaleListing.objects.get(pk=lst.pk).buyer_reservation
     assert len(live_rows(bought)) == 4
     assert live_rows(m.term) == []
+
+
+def test_bought_time_is_not_extended_at_the_sellers_price():
+    """After the listing's window the GPUs are the operator's again: more time is a new
+    booking at the operator's price, never the seller's asking price stretched on."""
+    m = market()
+    lst = listing(m, gpus=8, start_h=6 * 24, hours=24, price="0.0500")
+    bought = buy(m, lst, start_h=6 * 24, hours=24)
+    assert "extend" not in reservation_allowed_actions(bought)
+    with pytest.raises(InvalidTransition) as refused:
+        reservation_extend(
+            reservation=bought, new_ends_at=bought.ends_at + timedelta(days=300),
+            actor_label="test",
+        )  # fmt: skip
+    assert refused.value.code == "extend_not_allowed"
+    bought.refresh_from_db()
+    assert bought.ends_at == m.start + 7 * 24 * H and bought.total_amount == Decimal("9.60")
 
 
 def test_extending_a_term_whose_tail_was_resold_gives_the_gpus_back_after_the_old_end():
