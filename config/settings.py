@@ -282,6 +282,9 @@ DEMAND_RESPONSE_SIGNATURE_TOLERANCE = timedelta(
 )
 # How long an e-mailed invitation to join an organisation can be accepted.
 INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
+# Invitations an organisation may send a day (revoked ones count): in all, and to one address.
+INVITATIONS_PER_DAY = env_int("INVITATIONS_PER_DAY", 50, minimum=1)
+INVITATIONS_PER_ADDRESS_PER_DAY = env_int("INVITATIONS_PER_ADDRESS_PER_DAY", 3, minimum=1)
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
 # How long a process keeps an API key it read (a change to any key empties every process's
 # cache at once, through Redis: marketplace/auth.py); 0: read the key on every request.

@@ -10,6 +10,7 @@ without asking them. Staff can still add members in the admin.
 import hashlib
 import logging
 import secrets
+from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -330,12 +331,15 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
 
     The token is e-mailed (by a task, from the invitation's id, once the transaction commits)
     and returned here; only its hash is kept. An open invitation for the same address is
-    refused by the database, not by a check.
+    refused by the database, not by a check. Sending is capped per organisation and day
+    (INVITATIONS_PER_DAY, INVITATIONS_PER_ADDRESS_PER_DAY, revoked ones counted), so an
+    organisation cannot make Switchyard mail an address again and again.
     """
     _check_role(role)
     email = _normalised_email(email)
     actor = _fresh(actor)
     _check_can_manage(actor=actor, role_involved=role)
+    _invitations_within_caps(actor.organization_id, email)
     members = Membership.objects.filter(organization_id=actor.organization_id)
     if members.filter(user__email__iexact=email).exists():
         raise Conflict(
@@ -380,6 +384,27 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
     )
     _audit_invitation(invitation, "invitation.create", {"after": {"email": email, "role": role}})
     return invitation, token
+
+
+def _invitations_within_caps(organization_id: int, email: str) -> None:
+    # Under the organisation's row lock, so two sends at once are counted one after the other.
+    Organization.objects.select_for_update().filter(pk=organization_id).exists()
+    since = timezone.now() - timedelta(days=1)
+    sent = Invitation.objects.filter(organization_id=organization_id, created_at__gte=since)
+    caps = (
+        (sent.filter(email=email), settings.INVITATIONS_PER_ADDRESS_PER_DAY, " to this address"),
+        (sent, settings.INVITATIONS_PER_DAY, ""),
+    )
+    for invitations, cap, to_whom in caps:
+        if invitations.count() >= cap:
+            first = invitations.order_by("created_at").values_list("created_at", flat=True)[0]
+            raise Conflict(
+                f"This organisation has sent {cap} invitations{to_whom} in the last 24 hours "
+                f"(revoked ones count); the next can be sent from "
+                f"{(first + timedelta(days=1)).isoformat(timespec='seconds')}.",
+                code="invitation_limit",
+                field="email",
+            )
 
 
 @transaction.atomic

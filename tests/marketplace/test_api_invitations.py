@@ -141,3 +141,20 @@ def test_another_organisations_invitations_are_neither_listed_nor_revoked(owner_
     assert_error(response, 404, "invitation_not_found")
     theirs.refresh_from_db()
     assert theirs.revoked_at is None
+
+
+def test_an_organisation_cannot_mail_an_address_again_and_again(owner_client, settings):
+    settings.INVITATIONS_PER_ADDRESS_PER_DAY = 2
+    for _ in range(2):
+        sent = owner_client.post(INVITATIONS, {"email": "eve@example.com"}, format="json").json()
+        owner_client.post(f"{INVITATIONS}/{sent['id']}/revoke")
+    refused = owner_client.post(INVITATIONS, {"email": "eve@example.com"}, format="json")
+    assert_error(refused, 409, "invitation_limit", "email")
+    assert Invitation.objects.filter(email="eve@example.com").count() == 2
+    # Another address is still fine, up to the organisation's daily cap.
+    settings.INVITATIONS_PER_DAY = 3
+    assert (
+        owner_client.post(INVITATIONS, {"email": "bob@x.example"}, format="json").status_code == 201
+    )
+    over = owner_client.post(INVITATIONS, {"email": "carol@x.example"}, format="json")
+    assert_error(over, 409, "invitation_limit")
