@@ -41,7 +41,7 @@ from billing.services.topups import auto_recharge_check, reservation_recharge_am
 from billing.services.usage import reservations_book_now, reserved_extension_charge
 from config.celery import task_send
 from config.db import model_columns, model_from_row
-from config.errors import InvalidTransition, PaymentRequired
+from config.errors import Conflict, InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
 from marketplace.services.transitions import reservation_transition
 
@@ -49,6 +49,7 @@ __all__ = [
     "committed_amount",
     "committed_hold_minor",
     "commitment_authorize",
+    "billing_account_lock",
     "BillingFundingGate",
     "funding_state_update",
 ]
@@ -80,16 +81,19 @@ def committed_hold_minor(*, currency: str, **commitment) -> int:
     return hold_minor_units(committed_amount(**commitment), currency)
 
 
-# The gate's lock: every money decision for an organisation (a booking, an extension) takes
-# its billing account row first, so they happen one after another. A plain statement, because
-# compiling the ORM's query cost more CPU than running it (the create path runs it every time).
+# The gate's lock: every money decision for an organisation (a booking, an extension, a
+# refund) takes its billing account row first, so they happen one after another. A plain
+# statement, because compiling the ORM's query cost more CPU than running it (the create path
+# runs it every time).
 _LOCK_ACCOUNT_SQL = f"""
 SELECT {model_columns(BillingAccount, "a")}
 FROM billing_billingaccount a WHERE a.organization_id = %s FOR UPDATE
 """
 
 
-def _account_lock(organization_id: int) -> BillingAccount:
+def billing_account_lock(organization_id: int) -> BillingAccount:
+    """The organisation's billing account, locked until the transaction ends (created first,
+    in settings.CURRENCY, if it has none): whatever moves its available money takes it."""
     with connection.cursor() as cur:
         cur.execute(_LOCK_ACCOUNT_SQL, [organization_id])
         row = cur.fetchone()
@@ -115,6 +119,10 @@ def commitment_authorize(
     """Lock the organisation's billing account (until the transaction ends) and check that it
     may commit `commit_minor` more; raise PaymentRequired if not.
 
+    The commitment must be in the account's currency (Conflict `currency_mismatch` if not).
+    An account has its currency from the start, money or none: settings.CURRENCY when it is
+    created, which staff may change in the admin until its ledger holds money.
+
     Prepaid: the balance less open holds must cover it. Every organisation with a monthly spend
     limit: this month's charges, open holds and this must stay within it. The caller holds the
     commitment in the same transaction (hold_add), so the next decision counts it.
@@ -122,7 +130,15 @@ def commitment_authorize(
     A prepaid refusal that an automatic recharge could fund says how much it would charge;
     with `auto_recharge` it starts it (the API), without it asks first (the portal).
     """
-    account = _account_lock(organization_id)
+    account = billing_account_lock(organization_id)
+    if currency.lower() != account.currency.lower():
+        # One currency per account: a commitment in another would hold and charge its minor
+        # units against this balance as if they were the account's.
+        raise Conflict(
+            f"This {what} is priced in {currency.upper()}, but this organisation is billed in "
+            f"{account.currency.upper()}: book at a price in {account.currency.upper()}.",
+            code="currency_mismatch",
+        )
     if account.funding_state == FundingState.SUSPENDED:
         raise PaymentRequired(
             "Billing is suspended for this organisation: top up to reserve or extend again.",

@@ -209,10 +209,35 @@ def payment_method_attach(
 
 
 @_customer_facing_errors()
-@transaction.atomic
 def payment_method_set_default(
     *, organization: Organization, payment_method_id: str, gateway: StripeGateway | None = None
 ) -> BillingAccount:
+    """Make a saved card the default: Stripe first, with no transaction open or row locked
+    (as attach and detach), then our record under the account's lock."""
+    pm = _attached(organization, payment_method_id)
+    account = BillingAccount.objects.get(organization=organization)
+    (gateway or get_gateway()).customer_set_default_payment_method(
+        customer_id=account.stripe_customer_id,
+        payment_method_id=payment_method_id,
+        idempotency_key=f"pm_default:{organization.public_id}:{payment_method_id}:{pm.pk}",
+    )
+    with transaction.atomic():
+        account = BillingAccount.objects.select_for_update().get(organization=organization)
+        # Removed while Stripe answered: its detach cleared Stripe's default too.
+        _attached(organization, payment_method_id)
+        before = account.default_payment_method_id
+        account.default_payment_method_id = payment_method_id
+        account.save(update_fields=["default_payment_method_id"])
+        _audit(
+            organization,
+            "payment_method.set_default",
+            payment_method_id,
+            audit_changes({"default": before}, {"default": payment_method_id}),
+        )
+    return account
+
+
+def _attached(organization: Organization, payment_method_id: str) -> PaymentMethod:
     pm = PaymentMethod.objects.filter(
         organization=organization,
         stripe_payment_method_id=payment_method_id,
@@ -220,35 +245,14 @@ def payment_method_set_default(
     ).first()
     if pm is None:
         raise NotFound("No such payment method.", field="payment_method_id")
-    account = BillingAccount.objects.select_for_update().get(organization=organization)
-    (gateway or get_gateway()).customer_set_default_payment_method(
-        customer_id=account.stripe_customer_id,
-        payment_method_id=payment_method_id,
-        idempotency_key=f"pm_default:{organization.public_id}:{payment_method_id}:{pm.pk}",
-    )
-    before = account.default_payment_method_id
-    account.default_payment_method_id = payment_method_id
-    account.save(update_fields=["default_payment_method_id"])
-    _audit(
-        organization,
-        "payment_method.set_default",
-        payment_method_id,
-        audit_changes({"default": before}, {"default": payment_method_id}),
-    )
-    return account
+    return pm
 
 
 @_customer_facing_errors()
 def payment_method_detach(
     *, organization: Organization, payment_method_id: str, gateway: StripeGateway | None = None
 ) -> None:
-    pm = PaymentMethod.objects.filter(
-        organization=organization,
-        stripe_payment_method_id=payment_method_id,
-        detached_at__isnull=True,
-    ).first()
-    if pm is None:
-        raise NotFound("No such payment method.", field="payment_method_id")
+    pm = _attached(organization, payment_method_id)
     (gateway or get_gateway()).payment_method_detach(
         payment_method_id=payment_method_id,
         idempotency_key=f"pm_detach:{payment_method_id}:{pm.pk}",

@@ -2,7 +2,8 @@
 
 A Stripe call can take seconds (or time out after many); a transaction held open across it
 keeps its row locks and a pooled connection that long. The outbox sender and the webhook
-processor claim, call Stripe with no transaction open, then record. Checked against a real
+processor claim, call Stripe with no transaction open, then record; the synchronous card
+calls (setting the default card) call Stripe first, then record. Checked against a real
 localstripe, with every gateway call watched: is a transaction open, and can another
 connection lock the row right now?
 """
@@ -15,6 +16,7 @@ from django.db import connection, transaction
 
 from billing.models import BillingAccount, OutboxMessage, OutboxStatus, WebhookEvent
 from billing.services.outbox import outbox_send
+from billing.services.payment_methods import payment_method_set_default
 from billing.services.topups import top_up_create
 from billing.services.webhooks import webhook_event_process
 from billing.stripe_gateway import get_gateway
@@ -122,3 +124,18 @@ def test_the_webhook_processor_reads_stripe_before_it_locks_the_event(
     assert gateway.calls == [("payment_method_retrieve", False, True)]
     event.refresh_from_db()
     assert event.processed_at is not None and event.error == ""
+
+
+def test_setting_the_default_card_calls_stripe_with_the_account_unlocked(localstripe, funded_org):
+    second = save_card(localstripe, funded_org)  # the fixture's card stays the default
+    account = BillingAccount.objects.get(organization=funded_org)
+    assert account.default_payment_method_id not in ("", second)
+    gateway = WatchedGateway("billing_billingaccount", account.pk)
+
+    payment_method_set_default(organization=funded_org, payment_method_id=second, gateway=gateway)
+
+    assert gateway.calls == [("customer_set_default_payment_method", False, True)]
+    account.refresh_from_db()
+    assert account.default_payment_method_id == second
+    customer = stripe_client(localstripe).v1.customers.retrieve(account.stripe_customer_id)
+    assert customer.invoice_settings.default_payment_method == second
