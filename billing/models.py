@@ -492,34 +492,35 @@ class Invoice(models.Model):
 
 
 class UsageAggregate(models.Model):
-    """Postpaid usage of one organisation in one period, reported as one meter event.
+    """What a postpaid organisation's ledger lines written in one hour add up to, reported to
+    Stripe as money (billing.services.postpaid): `amount_minor` > 0 is owed (a meter event of
+    that many minor units), < 0 given back (a credit on the Stripe customer's balance).
 
-    gpu_seconds is the period's net usage (negative when corrections outweigh it);
-    sent_gpu_seconds is what the meter event carries: never negative, and less than the usage
-    while an earlier correction is still being taken off (billing.services.postpaid).
+    Normally one row per organisation and hour; a line that lands late in an hour already
+    reported adds a row with the difference, so an hour's rows always add up to its lines.
     """
 
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
     period_start = models.DateTimeField()
     period_end = models.DateTimeField()
-    gpu_seconds = models.BigIntegerField()
+    gpu_seconds = models.BigIntegerField(help_text="The usage lines' GPU-seconds (for reading).")
     sent_gpu_seconds = models.BigIntegerField(
-        default=0, help_text="The meter event's value; 0: no event for this period."
+        default=0, help_text="Before billing 0013 only: the GPU-seconds a meter event carried."
     )
-    amount_minor = models.BigIntegerField()
+    amount_minor = models.BigIntegerField(help_text="Owed (+) or given back (−), minor units.")
     currency = models.CharField(max_length=3)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-period_start", "-id"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["organization", "period_start"], name="usage_aggregate_once_per_period"
-            )
+        indexes = [
+            models.Index(
+                fields=["organization", "period_start"], name="usage_aggregate_org_period_idx"
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.organization_id} {self.period_start:%Y-%m-%d %H:%M} {self.gpu_seconds}s"
+        return f"{self.organization_id} {self.period_start:%Y-%m-%d %H:%M} {self.amount_minor:+}"
 
     @property
     def identifier(self) -> str:

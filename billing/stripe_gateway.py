@@ -192,7 +192,8 @@ class StripeGateway:
         timestamp: datetime,
         idempotency_key: str,
     ) -> dict:
-        """One Billing Meter event. `value` is a whole quantity (GPU-seconds), not money."""
+        """One Billing Meter event. `value` is a whole quantity: for postpaid billing, money in
+        minor units (the meter's price is 1 minor unit per unit), never a float."""
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"meter value must be int, not {type(value).__name__}")
         params = {
@@ -204,6 +205,34 @@ class StripeGateway:
         }
         return self._call(
             self.client.v1.billing.meter_events.create, params, _options(idempotency_key)
+        )
+
+    def customer_balance_credit(
+        self,
+        *,
+        customer_id: str,
+        amount: Decimal,
+        currency: str,
+        description: str,
+        metadata: dict[str, str],
+        idempotency_key: str,
+    ) -> dict:
+        """A credit on the customer's balance (Stripe applies it to the next invoice):
+        POST /v1/customers/{id}/balance_transactions with a negative amount."""
+        minor = to_minor_units(amount, currency)
+        if minor <= 0:
+            raise ValueError(f"a credit is a positive amount, not {amount}")
+        params = {
+            "amount": -minor,
+            "currency": currency,
+            "description": description,
+            "metadata": metadata,
+        }
+        return self._call(
+            self.client.v1.customers.balance_transactions.create,
+            customer_id,
+            params,
+            _options(idempotency_key),
         )
 
     # --- reads for reconciliation -----------------------------------------------------

@@ -5,13 +5,15 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from billing.models import BillingAccount, BillingMode
+from billing.models import BillingAccount, BillingMode, UsageAccrual
 from billing.money import MAX_TOP_UP, MIN_TOP_UP, to_minor_units
+from billing.services.usage import METERED_TIERS, reservations_book_now
 from billing.stripe_gateway import StripeGateway, get_gateway
 from config.errors import InvalidTransition, ValidationFailed
-from marketplace.models import Membership, Organization, Role
+from marketplace.models import Membership, Organization, Reservation, ReservationStatus, Role
 from marketplace.services.audit import audit_changes, audit_record
 
 __all__ = [
@@ -72,13 +74,36 @@ def stripe_customer_ensure(
 def billing_account_approve_postpaid(
     *, organization: Organization, approved_by: AbstractBaseUser
 ) -> BillingAccount:
-    """Staff only: invoice this organisation monthly instead of drawing a prepaid balance."""
-    billing_account_get_or_create(organization=organization)
+    """Staff only: invoice this organisation monthly instead of drawing a prepaid balance.
+
+    Usage accrued while prepaid is paid from the balance, not invoiced: its running
+    reservations' usage is booked up to now first (each reservation locked, in id order,
+    before the account, as a state change does), and only lines written after
+    `postpaid_approved_at` are invoiced (billing.services.postpaid).
+    """
+    account = billing_account_get_or_create(organization=organization)
+    if account.mode == BillingMode.POSTPAID:
+        raise InvalidTransition("This organisation is already postpaid.", code="already_postpaid")
+    running = Reservation.objects.filter(
+        Q(status__in=(ReservationStatus.ACTIVE, ReservationStatus.RELEASING))
+        | Q(
+            pk__in=UsageAccrual.objects.filter(
+                organization=organization, closed_at__isnull=True
+            ).values("reservation_id")
+        ),
+        organization=organization,
+        tier__in=METERED_TIERS,
+        activated_at__isnull=False,
+    )
+    ids = list(running.select_for_update().order_by("pk").values_list("pk", flat=True))
+    if ids:
+        reservations_book_now(reservation_ids=ids, reason="switch to postpaid")
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     if account.mode == BillingMode.POSTPAID:
         raise InvalidTransition("This organisation is already postpaid.", code="already_postpaid")
     account.mode = BillingMode.POSTPAID
     account.postpaid_approved_by = approved_by
+    # After the booking above: every line it wrote is stamped before this instant.
     account.postpaid_approved_at = timezone.now()
     account.save(update_fields=["mode", "postpaid_approved_by", "postpaid_approved_at"])
     return account

@@ -1,29 +1,33 @@
-"""Postpaid usage → Stripe Billing Meters, one meter event per organisation and hour.
+"""Postpaid organisations → Stripe, in money: what the ledger says, once, per organisation and hour.
 
-Usage lines are written to the ledger for every organisation alike (booked hourly from the
-accruals, and at state changes: billing.services.usage); for postpaid ones, each completed UTC
-hour's lines (by the time they were written, two minutes after the hour) are summed into a
-UsageAggregate. A reservation's clock hour is booked in the first
-BILLING_USAGE_BOOK_SPREAD_MINUTES (at most 58) minutes of the next hour, so every line of it
-is written within that next hour and in its aggregate, once, whatever minute booked it;
-and that aggregate is sent as one meter event whose `identifier` is derived from its id
-("sy-usage-<id>"), through the outbox with the idempotency key "meter:<id>". A resend of the
-same aggregate is therefore harmless twice over, and the number of Stripe calls grows with
-organisations × hours, not with reservations. The meter (event_name settings.STRIPE_METER_EVENT_NAME,
-sum of `value`, customer mapped by `stripe_customer_id`) is priced per GPU-second in Stripe.
+A postpaid organisation's ledger lines are written as everyone's are (usage booked hourly and
+at state changes, reserved-term charges, cancellation refunds, SLA and staff credits, resale
+proceeds and fees); the ledger says what it owes. Every run (Celery beat, every 5 minutes)
+compares, per organisation and completed UTC hour (by the time the lines were written, two
+minutes after the hour), what its invoiced lines add up to with what was already reported
+for that hour, and records the difference as a UsageAggregate: normally once per hour, again
+only when a line lands late in an hour already reported (a transaction that committed after
+the run). Each aggregate goes to Stripe through the outbox, as money in minor units:
 
-Corrections (usage given back: an outage found late, a reservation ended early) can make an
-hour's net usage negative, and a meter event cannot carry a negative value. Such an hour sends
-nothing, and its GPU-seconds are taken off the next hours' events until they are used up: each
-event carries max(0, all usage so far − all sent so far), so what Stripe has been told never
-exceeds the usage (beyond an unused credit carried forward) and a credit is never lost.
+- owed (> 0): one Billing Meter event whose value is the amount in minor units (the meter
+  sums `value`, and its price is 1 minor unit per unit), `identifier` "sy-usage-<id>",
+  idempotency key "meter:<id>";
+- given back (< 0: the hour's credits and corrections outweigh its charges): one customer
+  balance transaction of that amount (a credit Stripe applies to the next invoice),
+  idempotency key "balance_credit:<id>".
+
+So Stripe is told exactly the ledger's amount (no GPU-seconds priced alike at any price, no
+credit left behind), with one Stripe call per organisation and hour whatever the number of
+reservations or lines. Invoiced lines: every kind except what moved over the card and is
+settled there (top-ups, refunds to the card and their reversals), written after the switch
+to postpaid (BillingAccount.postpaid_approved_at; none: postpaid from the start).
 """
 
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Sum
+from django.db import transaction
+from django.db.models import F, Q, QuerySet, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -35,105 +39,164 @@ from billing.models import (
     OutboxMessage,
     UsageAggregate,
 )
+from billing.money import from_minor_units
 from billing.services.outbox import OutboxHandler, outbox_enqueue, outbox_handler
 from billing.stripe_gateway import StripeGateway
 
-__all__ = ["usage_aggregate_create", "usage_report_postpaid_run"]
+__all__ = [
+    "CARD_SETTLED_KINDS",
+    "postpaid_invoiced_lines",
+    "usage_aggregate_create",
+    "usage_report_postpaid_run",
+]
 
 # Stripe accepts meter events up to 35 days old; we look back a little less.
 LOOKBACK = timedelta(days=30)
 SETTLE = timedelta(minutes=2)
+HOUR = timedelta(hours=1)
+
+# Money that moved over the card (a top-up's PaymentIntent, a Refund and the adjustment that
+# reverses a failed one): Stripe settled it already, so it is not invoiced again.
+CARD_SETTLED_KINDS = (LedgerKind.TOP_UP, LedgerKind.REFUND, LedgerKind.ADJUSTMENT)
+
+
+def postpaid_invoiced_lines() -> QuerySet[LedgerEntry]:
+    """The ledger lines a postpaid organisation is invoiced for: every kind but the card's,
+    written since it became postpaid (lines from before were paid from its prepaid balance)."""
+    account = "organization__billing_account__"
+    return LedgerEntry.objects.filter(
+        Q(**{f"{account}postpaid_approved_at__isnull": True})
+        # After the switch: the lines it booked itself are stamped at or before its instant.
+        | Q(created_at__gt=F(f"{account}postpaid_approved_at")),
+        **{f"{account}mode": BillingMode.POSTPAID},
+    ).exclude(kind__in=CARD_SETTLED_KINDS)
 
 
 @transaction.atomic
 def usage_aggregate_create(
-    *,
-    organization_id: int,
-    period_start: datetime,
-    gpu_seconds: int,
-    amount_minor: int,
-    currency: str,
+    *, organization_id: int, period_start: datetime, currency: str
 ) -> UsageAggregate | None:
-    # One organisation's periods are aggregated one at a time: each takes off what the
-    # previous ones left (the account row is the lock).
-    BillingAccount.objects.select_for_update().filter(organization_id=organization_id).first()
-    so_far = UsageAggregate.objects.filter(organization_id=organization_id).aggregate(
-        usage=Sum("gpu_seconds", default=0), sent=Sum("sent_gpu_seconds", default=0)
+    """Record what the organisation's lines written in the hour from `period_start` add up to
+    beyond what was reported for it, and queue it for Stripe. None: nothing is left to report.
+
+    Under the billing account's row lock, so two runs (or a run and its retry) report each
+    line once: the second finds the difference already recorded.
+    """
+    account = BillingAccount.objects.select_for_update().filter(organization_id=organization_id)
+    if account.first() is None:
+        return None
+    in_hour = {"organization_id": organization_id, "currency": currency}
+    ledger = (
+        postpaid_invoiced_lines()
+        .filter(created_at__gte=period_start, created_at__lt=period_start + HOUR, **in_hour)
+        .aggregate(
+            amount=Sum("amount_minor", default=0),
+            gpu_seconds=Sum("gpu_seconds", filter=Q(kind=LedgerKind.USAGE), default=0),
+        )
     )
-    sent = max(0, so_far["usage"] + gpu_seconds - so_far["sent"])
-    try:
-        with transaction.atomic():
-            aggregate = UsageAggregate.objects.create(
-                organization_id=organization_id,
-                period_start=period_start,
-                period_end=period_start + timedelta(hours=1),
-                gpu_seconds=gpu_seconds,
-                sent_gpu_seconds=sent,
-                amount_minor=amount_minor,
-                currency=currency,
-            )
-    except IntegrityError:
-        return None  # already aggregated
-    if sent > 0:
+    reported = UsageAggregate.objects.filter(period_start=period_start, **in_hour).aggregate(
+        amount=Sum("amount_minor", default=0), gpu_seconds=Sum("gpu_seconds", default=0)
+    )
+    # A charge is negative in the ledger and owed (positive) here.
+    owed = -int(ledger["amount"]) - int(reported["amount"])
+    if owed == 0:
+        return None
+    aggregate = UsageAggregate.objects.create(
+        organization_id=organization_id,
+        period_start=period_start,
+        period_end=period_start + HOUR,
+        gpu_seconds=int(ledger["gpu_seconds"]) - int(reported["gpu_seconds"]),
+        amount_minor=owed,
+        currency=currency,
+    )
+    if owed > 0:
         outbox_enqueue(
             kind="meter_event.create",
             payload={"aggregate_id": aggregate.pk},
             idempotency_key=f"meter:{aggregate.pk}",
         )
+    else:
+        outbox_enqueue(
+            kind="customer_balance.credit",
+            payload={"aggregate_id": aggregate.pk},
+            idempotency_key=f"balance_credit:{aggregate.pk}",
+        )
     return aggregate
 
 
 def usage_report_postpaid_run(*, now: datetime | None = None) -> int:
-    """Aggregate every completed hour of postpaid usage not yet aggregated. Returns the count."""
+    """Report every completed hour of postpaid ledger lines not yet (wholly) reported.
+    Returns the number of aggregates recorded."""
     now = now or timezone.now()
-    # An hour is aggregated once SETTLE has passed after it: a line stamped just before the
-    # hour by a transaction that commits just after it is in the ledger by then.
+    # An hour is reported once SETTLE has passed after it: a line stamped just before the
+    # hour by a transaction that commits just after it is in the ledger by then (one that
+    # commits later still is reported by the next run that finds it).
     current_hour = (now - SETTLE).replace(minute=0, second=0, microsecond=0)
-    postpaid = BillingAccount.objects.filter(mode=BillingMode.POSTPAID).values("organization_id")
-    rows = (
-        LedgerEntry.objects.filter(
-            kind=LedgerKind.USAGE,
-            organization_id__in=postpaid,
-            created_at__gte=current_hour - LOOKBACK,
-            created_at__lt=current_hour,
-        )
+    since = current_hour - LOOKBACK
+    ledger = (
+        postpaid_invoiced_lines()
+        .filter(created_at__gte=since, created_at__lt=current_hour)
         .annotate(hour=TruncHour("created_at"))
         .values("organization_id", "hour", "currency")
-        .annotate(gpu_seconds=Sum("gpu_seconds"), amount=Sum("amount_minor"))
-        .order_by("organization_id", "hour")
+        .annotate(amount=Sum("amount_minor"))
+        .order_by("organization_id", "hour", "currency")
     )
-    done = set(
-        UsageAggregate.objects.filter(period_start__gte=current_hour - LOOKBACK).values_list(
-            "organization_id", "period_start"
-        )
-    )
+    reported = {
+        (row["organization_id"], row["period_start"], row["currency"]): row["amount"]
+        for row in UsageAggregate.objects.filter(period_start__gte=since)
+        .values("organization_id", "period_start", "currency")
+        .annotate(amount=Sum("amount_minor"))
+        .order_by()
+    }
     created = 0
-    for row in rows:
-        if (row["organization_id"], row["hour"]) in done:
+    for row in ledger:
+        key = (row["organization_id"], row["hour"], row["currency"])
+        if -int(row["amount"]) == reported.get(key, 0):
             continue
         if usage_aggregate_create(
             organization_id=row["organization_id"],
             period_start=row["hour"],
-            gpu_seconds=int(row["gpu_seconds"]),
-            amount_minor=-int(row["amount"]),
             currency=row["currency"],
         ):
             created += 1
     return created
 
 
+def _aggregate_and_customer(message: OutboxMessage) -> tuple[UsageAggregate, str]:
+    aggregate = UsageAggregate.objects.get(pk=message.payload["aggregate_id"])
+    account = BillingAccount.objects.get(organization_id=aggregate.organization_id)
+    return aggregate, account.stripe_customer_id
+
+
 @outbox_handler("meter_event.create")
 class MeterEventCreate(OutboxHandler):
+    """What an hour owes, in minor units, on the meter priced at 1 minor unit per unit."""
+
     def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
-        aggregate = UsageAggregate.objects.get(pk=message.payload["aggregate_id"])
-        account = BillingAccount.objects.get(organization_id=aggregate.organization_id)
+        aggregate, customer_id = _aggregate_and_customer(message)
         result = gateway.meter_event_create(
             event_name=settings.STRIPE_METER_EVENT_NAME,
             identifier=aggregate.identifier,
-            customer_id=account.stripe_customer_id,
-            value=int(aggregate.sent_gpu_seconds),
+            customer_id=customer_id,
+            value=int(aggregate.amount_minor),
             timestamp=aggregate.period_start,
             idempotency_key=message.idempotency_key,
         )
         # A meter event has no id of its own; its identifier is ours.
         return {"id": result.get("identifier", aggregate.identifier), **result}
+
+
+@outbox_handler("customer_balance.credit")
+class CustomerBalanceCredit(OutboxHandler):
+    """What an hour gives back, as a credit on the customer's balance (the next invoice)."""
+
+    def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
+        aggregate, customer_id = _aggregate_and_customer(message)
+        return gateway.customer_balance_credit(
+            customer_id=customer_id,
+            amount=from_minor_units(-int(aggregate.amount_minor), aggregate.currency),
+            currency=aggregate.currency,
+            description=f"Credits and corrections, {aggregate.period_start:%Y-%m-%d %H:00} UTC",
+            metadata={"aggregate": aggregate.identifier},
+            idempotency_key=message.idempotency_key,
+        )

@@ -1,4 +1,5 @@
-"""Postpaid usage → Stripe Billing Meters. localstripe has no Meters, so these tests check the
+"""Postpaid usage → Stripe Billing Meters, in money (minor units; the meter's price is 1 minor
+unit per unit). localstripe has no Meters, so these tests check the
 exact request our adapter sends (through the stripe library's own HTTP client interface,
 recording instead of sending) against Stripe's documented parameters for
 POST /v1/billing/meter_events: event_name, payload[stripe_customer_id], payload[value],
@@ -22,7 +23,7 @@ from billing.models import (
     OutboxStatus,
     UsageAggregate,
 )
-from billing.services.postpaid import usage_aggregate_create, usage_report_postpaid_run
+from billing.services.postpaid import usage_report_postpaid_run
 from billing.services.usage import reservation_meter
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
 from billing.tasks import outbox_flush
@@ -147,56 +148,40 @@ def test_stripe_calls_scale_with_organisations_and_hours_not_reservations(
     assert [s[:3] for s in sent] == [
         (f"cus_{i}", str(int((h0 + timedelta(hours=h)).timestamp())), v)
         for i in range(3)
-        for h, v in ((0, str(4 * 1800)), (1, str(4 * 2700)))
+        # At 1.00 per GPU-hour: 4 × 1,800 s is 2.00, 4 × 2,700 s 3.00, sent in cents.
+        for h, v in ((0, "200"), (1, "300"))
     ]
     assert set(OutboxMessage.objects.values_list("status", flat=True)) == {OutboxStatus.SENT}
 
 
-def test_a_correction_is_taken_off_the_next_events_and_never_lost(
-    recorder, django_capture_on_commit_callbacks
+def test_a_correction_hour_is_given_back_at_once_not_carried_forward(
+    recorder, django_capture_on_commit_callbacks, monkeypatch
 ):
-    """A meter event cannot be negative: an hour whose corrections outweigh its usage sends
-    nothing, and the GPU-seconds it gives back come off the following hours' events."""
+    """A meter event cannot be negative: an hour whose corrections outweigh its usage (an
+    outage credited late) is a credit on the customer's Stripe balance, to the cent, and the
+    next hours are metered in full (no credit left behind if no usage follows)."""
+    from django.utils import timezone
+
     org = postpaid_org("cus_corrected")
     h0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-    net_usage = [3600, -5000, 2000, 4000, 700]  # hour 1: an outage credited late
+    net_usage = [3600, -5000, 2000]  # in cents; hour 1: an outage credited late
+    for hour, cents in enumerate(net_usage):
+        monkeypatch.setattr(timezone, "now", lambda h=hour: h0 + timedelta(hours=h, minutes=20))
+        LedgerEntry.objects.create(organization=org, kind=LedgerKind.USAGE, amount_minor=-cents,
+                                   currency="usd", idempotency_key=f"usage:{hour}")  # fmt: skip
+    monkeypatch.undo()
     with django_capture_on_commit_callbacks(execute=False):
-        for hour, gpu_seconds in enumerate(net_usage):
-            usage_aggregate_create(organization_id=org.pk, period_start=h0 + timedelta(hours=hour),
-                                   gpu_seconds=gpu_seconds, amount_minor=gpu_seconds,
-                                   currency="usd")  # fmt: skip
+        assert usage_report_postpaid_run(now=h0 + timedelta(hours=3, minutes=5)) == 3
     outbox_flush()
 
-    aggregates = UsageAggregate.objects.filter(organization=org).order_by("period_start")
-    assert [a.sent_gpu_seconds for a in aggregates] == [3600, 0, 0, 1000, 700]
-    sent = [parse_qs(body) for _, _, _, body in recorder.requests]
-    assert [(f["timestamp"][0], f["payload[value]"][0]) for f in sent] == [
-        (str(int((h0 + timedelta(hours=h)).timestamp())), v)
-        for h, v in ((0, "3600"), (3, "1000"), (4, "700"))
+    sent = [(url.rsplit("/v1/", 1)[1], parse_qs(body)) for _, url, _, body in recorder.requests]
+    assert [(path, f.get("payload[value]") or f["amount"]) for path, f in sent] == [
+        ("billing/meter_events", ["3600"]),
+        ("customers/cus_corrected/balance_transactions", ["-5000"]),
+        ("billing/meter_events", ["2000"]),
     ]
-    # Stripe has been told exactly the net usage: the credit was used up, nothing more.
-    assert sum(int(f["payload[value]"][0]) for f in sent) == sum(net_usage)
-
-
-def test_a_credit_larger_than_what_follows_stays_owed_to_the_customer(
-    recorder, django_capture_on_commit_callbacks
-):
-    org = postpaid_org("cus_credit")
-    h0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-    with django_capture_on_commit_callbacks(execute=False):
-        for hour, gpu_seconds in enumerate([1000, -3000, 500]):
-            usage_aggregate_create(organization_id=org.pk, period_start=h0 + timedelta(hours=hour),
-                                   gpu_seconds=gpu_seconds, amount_minor=gpu_seconds,
-                                   currency="usd")  # fmt: skip
-        # The same hour again (a second run) changes nothing.
-        assert usage_aggregate_create(organization_id=org.pk, period_start=h0, gpu_seconds=9,
-                                      amount_minor=9, currency="usd") is None  # fmt: skip
-    outbox_flush()
-
-    assert [int(parse_qs(body)["payload[value]"][0]) for *_, body in recorder.requests] == [1000]
-    aggregates = UsageAggregate.objects.filter(organization=org)
-    usage = sum(a.gpu_seconds for a in aggregates)
-    assert (usage, sum(a.sent_gpu_seconds for a in aggregates)) == (-1500, 1000)  # 2,500 owed
+    aggregates = UsageAggregate.objects.filter(organization=org).order_by("period_start")
+    assert [a.amount_minor for a in aggregates] == net_usage
 
 
 def test_accrued_usage_reaches_stripe_as_one_event_per_organisation_and_hour(
@@ -245,12 +230,12 @@ def test_accrued_usage_reaches_stripe_as_one_event_per_organisation_and_hour(
         for form in (parse_qs(body) for _, _, _, body in recorder.requests)
     )  # fmt: skip
     # Booked in hour 11 and in hour 12, whatever the minute: 4 reservations × 2 GPUs × 3600 s
-    # each, every line in exactly one event.
+    # at 1.00 per GPU-hour each (8.00, in cents), every line in exactly one event.
     assert sent == [
-        (f"cus_acc{i}", int((h0 + timedelta(hours=h)).timestamp()), 4 * 2 * 3600)
+        (f"cus_acc{i}", int((h0 + timedelta(hours=h)).timestamp()), 800)
         for i in range(3)
         for h in (1, 2)
     ]
-    assert sum(v for *_, v in sent) == sum(
-        LedgerEntry.objects.filter(kind=LedgerKind.USAGE).values_list("gpu_seconds", flat=True)
+    assert sum(v for *_, v in sent) == -sum(
+        LedgerEntry.objects.filter(kind=LedgerKind.USAGE).values_list("amount_minor", flat=True)
     )
