@@ -279,6 +279,7 @@ class PaymentMethodAttachInput(Serializer):
 class PaymentMethodListApi(ApiView):
     write_roles = MONEY_ROLES
     moves_money = True
+    calls_stripe = True
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_attach",
                    summary="Save a card confirmed with Stripe.js (the first becomes the default)",
@@ -320,6 +321,7 @@ class SetupIntentOutput(Serializer):
 class SetupIntentApi(ApiView):
     write_roles = MONEY_ROLES
     moves_money = True
+    calls_stripe = True
     # The SetupIntent's client_secret confirms a card for the organisation: never stored for
     # an idempotent replay (which answers it as null).
     idempotency_redacted_fields = ("client_secret",)
@@ -335,6 +337,7 @@ class SetupIntentApi(ApiView):
 class PaymentMethodDefaultApi(ApiView):
     write_roles = MONEY_ROLES
     moves_money = True
+    calls_stripe = True
 
     @extend_schema(tags=TAGS, operation_id="billing_payment_method_set_default", request=None,
                    summary="Make a saved card the default", responses={204: None, **errors(403, 404, 503)})  # fmt: skip

@@ -61,7 +61,9 @@ def build_client(*, http_client: stripe.HTTPClient | None = None) -> stripe.Stri
         # The outbox retries with backoff across minutes; within one call a single quick
         # retry covers a dropped connection without holding a worker.
         max_network_retries=1,
-        http_client=http_client or stripe.RequestsClient(),
+        # Not the library's 80 s: a card call runs while its request waits (and its
+        # Idempotency-Key stays in flight), so both tries end well within a minute.
+        http_client=http_client or stripe.RequestsClient(timeout=settings.STRIPE_TIMEOUT_SECONDS),
     )
 
 

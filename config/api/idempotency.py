@@ -47,7 +47,9 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 KEY_TTL = timedelta(hours=24)
 # A claim older than this whose request never finished (the process died) may be taken over.
-IN_FLIGHT_TIMEOUT = timedelta(seconds=60)
+# Well past the longest a request can run: gunicorn ends a sync worker silent for 30 s, and
+# the slowest path, a card call to Stripe, takes at most two tries of STRIPE_TIMEOUT_SECONDS.
+IN_FLIGHT_TIMEOUT = timedelta(minutes=5)
 MAX_KEY_LENGTH = 255
 
 

@@ -64,6 +64,10 @@ class ApiView(GenericAPIView):
     # The serializer that reads a GET's query string (validated by query_input(); documented
     # as the operation's parameters).
     query_serializer: type[serializers.Serializer] | None = None
+    # True where the handler calls Stripe while the request runs (cards): with an
+    # Idempotency-Key its response is stored after it, not in one transaction around it, so
+    # no Stripe call waits inside an open transaction (the services keep their own short ones).
+    calls_stripe = False
     # Response fields never stored for an idempotent replay (an API key's secret).
     idempotency_redacted_fields: tuple[str, ...] = ()
     # Responses carry a secret (any view with redacted fields does too): Cache-Control:
@@ -158,14 +162,24 @@ class ApiView(GenericAPIView):
             )
 
     def _idempotent(self, handler):
+        def complete(response) -> None:
+            idempotency.idempotency_complete(
+                claim=self._claim, status=response.status_code, data=response.data
+            )
+            self._claim_done = True
+
         def run(request, *args, **kwargs):
+            if self.calls_stripe:
+                # No Stripe call waits inside an open transaction: the response is stored
+                # right after the action (should the process die between the two, the key
+                # stays in flight until IN_FLIGHT_TIMEOUT, then a retry runs again).
+                response = handler(request, *args, **kwargs)
+                complete(response)
+                return response
             # The stored response commits with the action's own writes, or neither does.
             with transaction.atomic():
                 response = handler(request, *args, **kwargs)
-                idempotency.idempotency_complete(
-                    claim=self._claim, status=response.status_code, data=response.data
-                )
-                self._claim_done = True
+                complete(response)
             return response
 
         return run

@@ -139,3 +139,28 @@ def test_setting_the_default_card_calls_stripe_with_the_account_unlocked(localst
     assert account.default_payment_method_id == second
     customer = stripe_client(localstripe).v1.customers.retrieve(account.stripe_customer_id)
     assert customer.invoice_settings.default_payment_method == second
+
+
+def test_a_card_call_through_the_api_with_an_idempotency_key_opens_no_transaction(
+    localstripe, funded_org, monkeypatch
+):
+    """The API stores an Idempotency-Key's response with the action's writes, in one
+    transaction; a card call waits on Stripe, so there the response is stored right after."""
+    from marketplace.models import IdempotencyRecord, Membership
+    from tests.clients import HttpsAPIClient
+
+    second = save_card(localstripe, funded_org)
+    account = BillingAccount.objects.get(organization=funded_org)
+    gateway = WatchedGateway("billing_billingaccount", account.pk)
+    monkeypatch.setattr("billing.services.payment_methods.get_gateway", lambda: gateway)
+    client = HttpsAPIClient()
+    client.force_authenticate(Membership.objects.get(organization=funded_org).user)
+    url = f"/api/v1/billing/payment-methods/{second}/default"
+
+    first = client.post(url, HTTP_IDEMPOTENCY_KEY="default-1")
+    replay = client.post(url, HTTP_IDEMPOTENCY_KEY="default-1")
+
+    assert first.status_code == replay.status_code == 204
+    assert replay["Idempotent-Replayed"] == "true"
+    assert gateway.calls == [("customer_set_default_payment_method", False, True)]
+    assert IdempotencyRecord.objects.get(key="default-1").response_status == 204
