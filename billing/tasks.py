@@ -7,7 +7,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from billing.models import WebhookEvent
-from billing.services.credits import sla_credits_issue_for_month
+from billing.services.credits import sla_credits_issue_for_month, sla_settle_delay
 from billing.services.metering import usage_meter_run
 from billing.services.outbox import outbox_due_ids, outbox_send
 from billing.services.postpaid import usage_report_postpaid_run
@@ -81,13 +81,16 @@ def usage_meter() -> int:
 
 @shared_task(name="billing.tasks.sla_credits_issue")
 def sla_credits_issue() -> int:
-    """Credit last month's SLA misses (idempotent: once per reservation and month)."""
-    first_of_this_month = timezone.now().date().replace(day=1)
-    last_month = (first_of_this_month - timedelta(days=1)).replace(day=1)
-    return sla_credits_issue_for_month(month=last_month)
+    """Credit the SLA misses of the last month that has settled: everything that can land in
+    it has (sla_settle_delay after its end). Idempotent: once per reservation and month."""
+    now = timezone.now()
+    settled_up_to = (now - sla_settle_delay()).date().replace(day=1)
+    last_month = (settled_up_to - timedelta(days=1)).replace(day=1)
+    return sla_credits_issue_for_month(month=last_month, now=now)
 
 
 @shared_task(name="billing.tasks.usage_report_postpaid")
 def usage_report_postpaid() -> int:
-    """Send each completed hour of postpaid usage to Stripe Billing Meters (one event per org)."""
+    """Report each completed hour of postpaid ledger lines to Stripe, in money (one meter event
+    or balance credit per organisation and hour)."""
     return usage_report_postpaid_run()

@@ -4,15 +4,28 @@ SLA (documented for customers): each reservation has a monthly uptime target of 
 measured per calendar month (UTC) over the time it was active in that month
 ([activated_at, released_at or its booked end)), where its recorded outages
 (ReservationOutage) and any outage of a node serving it, while it held GPUs there, count as
-downtime. If the month's uptime is below target, the reservation is credited a
-share of what it was charged for that month:
+downtime; a reservation a forced grid curtailment preempted is measured to its booked end, the
+time it lost counting as downtime. If the month's uptime is below target, the reservation is
+credited a share of its net charge for that month:
 
     uptime < 99.5 % → 10 %      uptime < 99 % → 25 %      uptime < 95 % → 100 %
 
-"Charged for that month": on-demand and interruptible, the usage lines whose interval starts
-in the month (already net of outage time, which is never billed); reserved, the term's total
-pro rata to the part of the booked period in the month. Credits are rounded half-up to the
-cent, once, and written once per reservation and month (key "sla:<id>:<YYYY-MM>").
+"Net charge for the month" (_month_net_charge_minor), from the ledger: what the reservation was
+charged for the month less what was given back for it. Usage lines (and a resold term's
+proceeds and fees) count in the month their interval starts in; a reserved term's charges
+(as booked and extensions) are spread pro rata over its booked period, and the credits that
+gave part of it back (a cancellation refund, a forced curtailment's refund: undelivered time at
+the end of the term) come off its last months first. Never negative; SLA credits themselves
+do not lower it. The credit is rounded half-up to the cent.
+
+One SLA credit per reservation and month, whoever writes it: the forced-curtailment credit
+("curtail:<id>:sla", at the preemption, for the month of the stop) and the month's credit
+("sla:<id>:<YYYY-MM>") are both the same share (_sla_month_credit_add), each writing only what
+the SLA lines already written for that reservation and month fall short of, under the
+reservation's row lock, so together they never exceed it. The month's credit is written once
+everything that can land in the month has landed (sla_month_settled_at): the meter keeps
+ended reservations open for late outage records for RECENTLY_RELEASED (2 days) and books an
+hour's usage up to BILLING_USAGE_BOOK_SPREAD_MINUTES after it; before then nothing is written.
 
 Cancellation refunds follow the marketplace's stated terms (reservation.cancellation, written
 by marketplace.services.reservations.reservation_cancel): a reserved term, charged up front,
@@ -25,18 +38,18 @@ grid curtailment onto is credited once it is preempted, once each ("curtail:<id>
 "curtail:<id>:sla"): nobody pays for time they did not get, so a reserved term (charged up
 front) gets back the part of its total for the booked time it lost (from the preemption to its
 end, pro rata by the second); and the lost time counts as downtime under the SLA above, for the
-month of the preemption (uptime = booked time in the month not lost ÷ booked time in the
-month), credited at the SLA's rate on what that month charged for time delivered (its charge
-less the part just refunded).
+month of the preemption, credited by the SLA's rule on that month's net charge (its charge less
+the part just refunded).
 """
 
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import CharField, Exists, OuterRef, Sum, Value
+from django.db.models import CharField, Exists, OuterRef, Q, Sum, Value
 from django.db.models.functions import Cast, Coalesce, Concat
 from django.utils import timezone
 
@@ -46,8 +59,9 @@ from billing.selectors import CANCELLATION_REFUND_KEY
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
 from billing.services.usage import (
-    METERED_TIERS,
+    RECENTLY_RELEASED,
     _overlap_seconds,
+    interval_union,
     outage_intervals,
     reserved_base_charge,
 )
@@ -66,6 +80,8 @@ __all__ = [
     "SLA_CREDIT_TIERS",
     "sla_credit_fraction",
     "month_bounds",
+    "sla_settle_delay",
+    "sla_month_settled_at",
     "reservation_month_uptime",
     "sla_credit_issue",
     "sla_credits_issue_for_month",
@@ -100,69 +116,133 @@ def month_bounds(month: date) -> tuple[datetime, datetime]:
     return start, end
 
 
+def sla_settle_delay() -> timedelta:
+    """How long after a month's end what can still land in it may land: an ended
+    reservation's late outage records (the meter keeps it open RECENTLY_RELEASED) and the
+    booking of the month's last hour (up to BILLING_USAGE_BOOK_SPREAD_MINUTES after it)."""
+    return RECENTLY_RELEASED + timedelta(minutes=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES)
+
+
+def sla_month_settled_at(month: date) -> datetime:
+    """When the month's SLA credits may be written (and are, by the next hourly run)."""
+    return month_bounds(month)[1] + sla_settle_delay()
+
+
 def reservation_month_uptime(
     *, reservation: Reservation, month: date, now: datetime | None = None
 ) -> tuple[int, int]:
-    """(seconds active in the month, seconds of outage within them)."""
-    now = now or timezone.now()
+    """(seconds measured in the month, seconds of downtime within them)."""
+    return _month_uptime(reservation, month, now or timezone.now(), _forced_stop(reservation))
+
+
+def _month_uptime(
+    reservation: Reservation, month: date, now: datetime, stop: datetime | None
+) -> tuple[int, int]:
     m0, m1 = month_bounds(month)
     if reservation.activated_at is None:
         return 0, 0
     lo = max(reservation.activated_at, m0)
-    hi = min(reservation.released_at or reservation.ends_at, reservation.ends_at, m1, now)
+    if stop is not None:  # a forced preemption: to the booked end, the rest lost
+        hi = min(reservation.ends_at, m1)
+    else:
+        end = min(reservation.released_at or reservation.ends_at, reservation.ends_at)
+        hi = min(end, m1, now)
     if hi <= lo:
         return 0, 0
-    outages = outage_intervals(reservation=reservation, until=hi)
-    return int((hi - lo).total_seconds()), _overlap_seconds(outages, lo, hi)
+    down = outage_intervals(reservation=reservation, until=hi)
+    if stop is not None:
+        down = interval_union([*down, (stop, reservation.ends_at)])
+    return int((hi - lo).total_seconds()), _overlap_seconds(down, lo, hi)
 
 
-def _month_charge_minor(reservation: Reservation, month: date) -> int:
+def _forced_stop(reservation: Reservation) -> datetime | None:
+    """Where a forced grid curtailment stopped this protected reservation; None if none did."""
+    if reservation.tier == Tier.INTERRUPTIBLE or reservation.status != ReservationStatus.PREEMPTED:
+        return None
+    if not CurtailmentVictim.objects.filter(
+        reservation=reservation, forced=True, withdrawn_at__isnull=True
+    ).exists():
+        return None
+    return min(
+        max(reservation.released_at or reservation.starts_at, reservation.starts_at),
+        reservation.ends_at,
+    )
+
+
+def _month_net_charge_minor(reservation: Reservation, month: date) -> int:
+    """What the reservation was charged for the month less what was given back for it (the
+    module's docstring), from the ledger; never negative."""
     m0, m1 = month_bounds(month)
-    if reservation.tier in METERED_TIERS:
-        charged = LedgerEntry.objects.filter(
-            reservation=reservation,
-            kind=LedgerKind.USAGE,
-            period_start__gte=m0,
-            period_start__lt=m1,
-        ).aggregate(total=Coalesce(Sum("amount_minor"), 0))["total"]
-        return max(-charged, 0)
-    period = (reservation.ends_at - reservation.starts_at).total_seconds()
-    lo, hi = max(reservation.starts_at, m0), min(reservation.ends_at, m1)
-    if hi <= lo or period <= 0:
-        return 0
-    share = Decimal(int((hi - lo).total_seconds())) / Decimal(int(period))
-    return to_minor_units(Decimal(reservation.total_amount) * share, reservation.currency)
+    lines = LedgerEntry.objects.filter(reservation=reservation).exclude(kind=LedgerKind.SLA_CREDIT)
+    spread = Q(kind=LedgerKind.RESERVED_CHARGE)
+    unperiodised = ~spread & Q(period_start__isnull=True)
+    in_month = Q(period_start__gte=m0, period_start__lt=m1)
+    sums = lines.aggregate(
+        term=Coalesce(Sum("amount_minor", filter=spread), 0),
+        given_back=Coalesce(Sum("amount_minor", filter=unperiodised), 0),
+        given_back_in_month=Coalesce(
+            Sum("amount_minor", filter=unperiodised & Q(created_at__gte=m0, created_at__lt=m1)), 0
+        ),
+        in_month=Coalesce(Sum("amount_minor", filter=~spread & in_month), 0),
+    )
+    net = -sums["in_month"]
+    term_minor = -sums["term"]
+    booked = _seconds_between(reservation.starts_at, reservation.ends_at)
+    if term_minor > 0 and booked > 0:
+        # The term's charge to date, pro rata; what was given back comes off its end.
+        def charged_by(at: datetime) -> int:
+            share = Decimal(_seconds_between(reservation.starts_at, min(at, reservation.ends_at)))
+            return to_minor_units(
+                from_minor_units(term_minor, reservation.currency) * share / Decimal(booked),
+                reservation.currency,
+            )
+
+        kept = max(term_minor - sums["given_back"], 0)
+        before, by_end = charged_by(max(m0, reservation.starts_at)), charged_by(m1)
+        net += min(max(kept, before), by_end) - before
+    else:
+        net -= sums["given_back_in_month"]
+    return max(net, 0)
 
 
-@transaction.atomic
-def sla_credit_issue(
-    *, reservation_id: int, month: date, now: datetime | None = None
+def _sla_month_credit_add(
+    reservation: Reservation,
+    *,
+    month: date,
+    now: datetime,
+    stop: datetime | None,
+    idempotency_key: str,
+    head: str,
 ) -> LedgerEntry | None:
-    reservation = Reservation.objects.select_related("organization").get(pk=reservation_id)
-    active, down = reservation_month_uptime(reservation=reservation, month=month, now=now)
+    """The one SLA rule: the table's share of the month's net charge for the month's uptime,
+    less what SLA lines for this reservation and month already gave; the caller holds the
+    reservation's row lock. None when nothing is due or it was credited before."""
+    active, down = _month_uptime(reservation, month, now, stop)
     if active == 0 or down == 0:
         return None
     uptime = Decimal(active - down) / Decimal(active)
-    return _sla_credit_add(
-        reservation,
-        charge_minor=_month_charge_minor(reservation, month),
-        uptime=uptime,
-        idempotency_key=f"sla:{reservation.pk}:{month:%Y-%m}",
-        head=f"SLA credit {month:%Y-%m}: uptime {uptime * 100:.3f} % ({down} s down of {active} s)",
-    )
-
-
-def _sla_credit_add(
-    reservation: Reservation, *, charge_minor: int, uptime: Decimal, idempotency_key: str, head: str
-) -> LedgerEntry | None:
-    """The SLA table's share of charge_minor for this uptime, credited once under the key;
-    None when it is nothing or was credited before."""
     fraction = sla_credit_fraction(uptime)
-    amount_minor = to_minor_units(
+    charge_minor = _month_net_charge_minor(reservation, month)
+    due_minor = to_minor_units(
         from_minor_units(charge_minor, reservation.currency) * fraction, reservation.currency
     )
+    keys = [f"sla:{reservation.pk}:{month:%Y-%m}"]
+    if stop is not None and stop.date().replace(day=1) == month:
+        keys.append(f"curtail:{reservation.pk}:sla")
+    given_minor = (
+        LedgerEntry.objects.filter(kind=LedgerKind.SLA_CREDIT, idempotency_key__in=keys)
+        .exclude(idempotency_key=idempotency_key)
+        .aggregate(total=Coalesce(Sum("amount_minor"), 0))["total"]
+    )
+    amount_minor = due_minor - given_minor
     if amount_minor <= 0:
         return None
+    charge = from_minor_units(charge_minor, reservation.currency)
+    already = (
+        f", less {from_minor_units(given_minor, reservation.currency)} credited before"
+        if given_minor
+        else ""
+    )
     entry, created = ledger_entry_add(
         organization=reservation.organization,
         kind=LedgerKind.SLA_CREDIT,
@@ -170,13 +250,50 @@ def _sla_credit_add(
         currency=reservation.currency,
         idempotency_key=idempotency_key,
         reservation=reservation,
-        description=f"{head} → {fraction * 100:.0f} % of "
-        f"{from_minor_units(charge_minor, reservation.currency)}",
+        description=f"{head}: uptime {uptime * 100:.3f} % ({down} s down of {active} s) → "
+        f"{fraction * 100:.0f} % of {charge}{already}",
     )
     return entry if created else None
 
 
+@transaction.atomic
+def sla_credit_issue(
+    *, reservation_id: int, month: date, now: datetime | None = None
+) -> LedgerEntry | None:
+    """The month's SLA credit for one reservation, once the month has settled; once."""
+    now = now or timezone.now()
+    if now < sla_month_settled_at(month):
+        return None
+    reservation = Reservation.objects.select_related("organization").get(pk=reservation_id)
+    stop = _forced_stop(reservation)
+    if _month_uptime(reservation, month, now, stop)[1] == 0:
+        return None  # most reservations: no downtime, no lock taken
+    if reservation.tier == Tier.RESERVED:
+        # What is owed back for undelivered time is given before the share is taken on the rest.
+        cancellation_settle(reservation_id=reservation.pk)
+    if stop is not None:
+        curtailment_forced_credit_issue(reservation_id=reservation.pk)
+    reservation = (
+        Reservation.objects.select_for_update()
+        .select_related("organization")
+        .get(pk=reservation_id)
+    )
+    return _sla_month_credit_add(
+        reservation,
+        month=month,
+        now=now,
+        stop=_forced_stop(reservation),
+        idempotency_key=f"sla:{reservation.pk}:{month:%Y-%m}",
+        head=f"SLA credit {month:%Y-%m}",
+    )
+
+
 def sla_credits_issue_for_month(*, month: date, now: datetime | None = None) -> int:
+    """Every SLA credit of the month, once it has settled (sla_month_settled_at); until then
+    nothing. Returns the number written."""
+    now = now or timezone.now()
+    if now < sla_month_settled_at(month):
+        return 0
     m0, m1 = month_bounds(month)
     ids = (
         Reservation.objects.filter(activated_at__lt=m1, ends_at__gt=m0)
@@ -307,16 +424,9 @@ def curtailment_forced_credit_issue(*, reservation_id: int) -> list[LedgerEntry]
         .select_related("organization")
         .get(pk=reservation_id)
     )
-    if reservation.tier == Tier.INTERRUPTIBLE or reservation.status != ReservationStatus.PREEMPTED:
+    stop = _forced_stop(reservation)
+    if stop is None:
         return []
-    if not CurtailmentVictim.objects.filter(
-        reservation=reservation, forced=True, withdrawn_at__isnull=True
-    ).exists():
-        return []
-    stop = min(
-        max(reservation.released_at or reservation.starts_at, reservation.starts_at),
-        reservation.ends_at,
-    )
     booked = int((reservation.ends_at - reservation.starts_at).total_seconds())
     lost = int((reservation.ends_at - stop).total_seconds())
     written = []
@@ -340,25 +450,15 @@ def curtailment_forced_credit_issue(*, reservation_id: int) -> list[LedgerEntry]
             )
             written += [entry] if created else []
     month = stop.date().replace(day=1)
-    m0, m1 = month_bounds(month)
-    booked_in_month = _seconds_between(max(reservation.starts_at, m0), min(reservation.ends_at, m1))
-    lost_in_month = _seconds_between(max(stop, m0), min(reservation.ends_at, m1))
-    if booked_in_month > 0 and lost_in_month > 0:
-        uptime = Decimal(booked_in_month - lost_in_month) / Decimal(booked_in_month)
-        charge_minor = _month_charge_minor(reservation, month)
-        if reservation.tier == Tier.RESERVED and booked > 0:
-            charge_minor -= to_minor_units(
-                Decimal(reservation.total_amount) * Decimal(lost_in_month) / Decimal(booked),
-                reservation.currency,
-            )
-        entry = _sla_credit_add(
-            reservation,
-            charge_minor=max(charge_minor, 0),
-            uptime=uptime,
-            idempotency_key=f"curtail:{reservation.pk}:sla",
-            head=f"SLA credit, forced grid curtailment {month:%Y-%m}: uptime {uptime * 100:.3f} %",
-        )
-        written += [entry] if entry is not None else []
+    entry = _sla_month_credit_add(
+        reservation,
+        month=month,
+        now=timezone.now(),
+        stop=stop,
+        idempotency_key=f"curtail:{reservation.pk}:sla",
+        head=f"SLA credit, forced grid curtailment {month:%Y-%m}",
+    )
+    written += [entry] if entry is not None else []
     return written
 
 

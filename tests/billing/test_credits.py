@@ -37,11 +37,13 @@ def test_sla_credit_tiers(uptime, fraction):
 
 
 def reserved_for_march(org, total="3100.00"):
-    return make_reservation(
+    reservation = make_reservation(
         org, tier=Tier.RESERVED, gpu_count=1, starts_at=M0, hours=31 * 24,
         activated_at=M0, status=ReservationStatus.COMPLETED, released_at=M0 + timedelta(days=31),
         total=Decimal(total),
     )  # fmt: skip
+    reservation_meter(reservation_id=reservation.pk)  # the term charged up front, as booked
+    return reservation
 
 
 def down(reservation, seconds: int, at: datetime = M0 + timedelta(days=3)):
@@ -81,7 +83,11 @@ def test_an_sla_credit_is_issued_once_per_reservation_and_month(org):
 
     assert sla_credits_issue_for_month(month=MARCH, now=M0 + timedelta(days=40)) == 1
     assert sla_credits_issue_for_month(month=MARCH, now=M0 + timedelta(days=41)) == 0
-    assert list(LedgerEntry.objects.values_list("amount_minor", flat=True)) == [310000]
+    assert list(
+        LedgerEntry.objects.filter(kind=LedgerKind.SLA_CREDIT).values_list(
+            "amount_minor", flat=True
+        )
+    ) == [310000]
 
 
 def test_on_demand_sla_credit_is_a_share_of_what_was_charged_net_of_outages(org):
