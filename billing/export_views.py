@@ -14,6 +14,7 @@ from config.replica import replica_reads, stale_iter
 
 TAGS = ["Billing"]
 
+
 def _csv(lines, filename: str) -> StreamingHttpResponse:
     # The lines are read while the response streams, after the view returned: they keep the
     # view's choice of database (the replica, for these downloads).
