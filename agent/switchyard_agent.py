@@ -707,11 +707,10 @@ class ContainerExecutor:
     # What the heartbeat reports, and preemption notices.
 
     def containers(self) -> list[dict]:
-        """Every container this agent runs (found by label) and its state."""
-        names = self._run(
-            ["ps", "-a", "--filter", f"label={LABEL_MANAGED}=1", "--format", "{{.Names}}"],
-            timeout=60,
-        ).split()
+        """Every container this agent runs (found by label) and its state. The list is
+        complete or not given (ExecutorError): Switchyard ends the reservation of a container
+        missing from it."""
+        names = self._managed_names()
         if not names:
             return []
         # A container removed since `ps` (a stop job runs meanwhile) fails the inspect of that
@@ -721,6 +720,15 @@ class ContainerExecutor:
             inspected = json.loads(done.stdout or "[]")
         except ValueError:
             raise ExecutorError(f"{self.flavour} inspect failed: {done.stderr[-500:]}") from None
+        if done.returncode != 0:
+            # Left out only if it is gone for `ps` too: not for a runtime that failed to answer.
+            found = {item.get("Name", "").lstrip("/") for item in inspected}
+            unseen = sorted(set(self._managed_names()) & (set(names) - found))
+            if unseen:
+                raise ExecutorError(
+                    f"{self.flavour} inspect failed for {', '.join(unseen)}: "
+                    f"{done.stderr.strip()[-500:]}"
+                )
         report = []
         for item in inspected:
             labels = _labels(item)
@@ -737,6 +745,12 @@ class ContainerExecutor:
                 entry["log_tail"] = self.log_tail(entry["name"], secrets)
             report.append(entry)
         return sorted(report, key=lambda e: e["name"])
+
+    def _managed_names(self) -> list[str]:
+        return self._run(
+            ["ps", "-a", "--filter", f"label={LABEL_MANAGED}=1", "--format", "{{.Names}}"],
+            timeout=60,
+        ).split()
 
     def notices_apply(self, notices: list[dict]) -> None:
         """Write /run/switchyard/preemption in each noticed container (time and reason, JSON);

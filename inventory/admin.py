@@ -311,8 +311,19 @@ class GpuModelAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name", "vendor"]
 
 
+class GpuInlineForm(forms.ModelForm):
+    """A GPU added on the node's page gets its index; an existing GPU keeps it (its physical
+    identity: jobs send it as gpu_indexes, telemetry and health name the GPU by it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None and "index" in self.fields:
+            self.fields["index"].disabled = True  # a posted value is ignored
+
+
 class GpuInline(admin.TabularInline):
     model = Gpu
+    form = GpuInlineForm
     fields = ["index", "serial", "health", "health_reason", "health_reported_at"]
     # Health changes only through the GPU actions (recorded, outage opened or closed).
     readonly_fields = ["health", "health_reason", "health_reported_at"]
@@ -409,8 +420,9 @@ class NodeAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         # The GPUs on a node are of its model; a different model means different hardware.
+        # Its site is where it physically is: placement, curtailment and prices go by it.
         fields = super().get_readonly_fields(request, obj)
-        return [*fields, "gpu_model"] if obj is not None else fields
+        return [*fields, "gpu_model", "site"] if obj is not None else fields
 
     @admin.display(description="GPUs", ordering="gpu_count")
     def gpu_count(self, node: Node) -> int:
@@ -534,6 +546,12 @@ class GpuAdmin(admin.ModelAdmin):
     inlines = [GpuHealthChangeInline]
     action_form = StatusActionForm
     actions = ["burn_in", "return_to_service", "mark_failed"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A GPU's node and index are its physical identity (the fleet import creates them):
+        # jobs send the index as gpu_indexes, telemetry and health name the GPU by it.
+        fields = super().get_readonly_fields(request, obj)
+        return [*fields, "node", "index"] if obj is not None else fields
 
     @admin.action(description="Burn in selected failed GPUs, then return them to sale if it passes")
     def burn_in(self, request, queryset):

@@ -50,7 +50,10 @@ gpu_serials, cpu_model, cpu_cores, ram_gb, disk_gb, nic_gbps, node_status``; ``g
 separates serials with ``;``.
 
 Import never deletes anything: a node whose gpu_count is lower than the GPUs it already has is
-refused (remove GPUs in the admin), and so is a change of an existing node's GPU model.
+refused (remove GPUs in the admin), and so is a change of an existing node's GPU model. Nor
+does it move anything: an existing node under another site, or an existing GPU's serial at
+another index, is refused (a node's site and a GPU's node and index are its physical
+identity, which placement, jobs, telemetry and health go by).
 Statuses are only set on creation; later changes go through the status services so they are
 recorded.
 """
@@ -628,7 +631,9 @@ def _check_against_database(plan: Plan) -> None:
     by_host = {n.values["hostname"]: n for n in plan.nodes if "hostname" in n.values}
     existing = {
         node.hostname: node
-        for node in _in_batches(Node.objects.select_related("gpu_model"), "hostname", by_host)
+        for node in _in_batches(
+            Node.objects.select_related("gpu_model", "site"), "hostname", by_host
+        )
     }
     gpu_counts = Counter(
         _in_batches(
@@ -643,6 +648,13 @@ def _check_against_database(plan: Plan) -> None:
                 record.line_of("gpu_model"),
                 f"node {hostname!r}: its gpu model is {node.gpu_model.slug!r}; import does not "
                 f"change an existing node's GPU model to {wanted!r}",
+            )
+        if record.site_slug is not None and record.site_slug != node.site.slug:
+            # Placement, curtailment and prices go by a node's site: a move is not an edit.
+            plan.problem(
+                record.line,
+                f"node {hostname!r} is at site {node.site.slug!r}; import does not move an "
+                f"existing node to site {record.site_slug!r}",
             )
         serials = record.values.get("gpu_serials")
         if serials is not None and len(serials) < gpu_counts[hostname]:
@@ -669,7 +681,14 @@ def _check_against_database(plan: Plan) -> None:
     )
     for serial, hostname, index in taken:
         file_host, file_index, line = owner[serial]
-        if (hostname, index) != (file_host, file_index):
+        if hostname == file_host and index != file_index:
+            # Jobs, telemetry and health name a GPU by its index on its node.
+            plan.problem(
+                line,
+                f"node {file_host!r}: GPU serial {serial!r} is its gpu {index}; import does "
+                f"not change an existing GPU's index (to {file_index})",
+            )
+        elif (hostname, index) != (file_host, file_index):
             plan.problem(
                 line,
                 f"node {file_host!r}: GPU serial {serial!r} already belongs to "

@@ -51,6 +51,7 @@ __all__ = [
     "reservation_gpu_failure_handle",
     "gpu_failures_handle",
     "reservation_gpu_outages_close",
+    "undelivered_refund",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _end(allocations, *, now: datetime) -> None:
     allocations_end(Allocation.objects.filter(pk__in=[a.pk for a in allocations]), now=now)
 
 
-def _undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal:
+def undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal:
     """The reserved term's price for [since, end): the share of the period not delivered."""
     period = (reservation.ends_at - reservation.starts_at).total_seconds()
     left = (reservation.ends_at - max(since, reservation.starts_at)).total_seconds()
@@ -202,7 +203,7 @@ def _end_reservation(
 ) -> str:
     was_active = locked.activated_at is not None
     if locked.tier == Tier.RESERVED and was_active:
-        refund = _undelivered_refund(locked, since=failed_at)
+        refund = undelivered_refund(locked, since=failed_at)
         locked.cancellation = {
             "rule": "GPU failure with no healthy GPU to move to: the undelivered share of the "
             "term is refunded",

@@ -23,7 +23,7 @@ from marketplace.models import (
     ReservationStatus,
     Tier,
 )
-from marketplace.services.gpu_failures import _undelivered_refund
+from marketplace.services.gpu_failures import undelivered_refund
 from tests.billing.conftest import T0, make_reservation
 
 pytestmark = pytest.mark.django_db
@@ -55,7 +55,7 @@ def _failed_term(org):
         released_at=T0 + 49 * H,
     )  # fmt: skip
     _outage(term, T0 + 48 * H, T0 + 49 * H)
-    term.cancellation = {"refund_amount": str(_undelivered_refund(term, since=T0 + 48 * H))}
+    term.cancellation = {"refund_amount": str(undelivered_refund(term, since=T0 + 48 * H))}
     term.save(update_fields=["cancellation"])
     return term
 
