@@ -5,6 +5,7 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -31,7 +32,7 @@ from billing.serializers import (
     balance_data,
     money_text,
 )
-from billing.services.accounts import billing_account_get_or_create, billing_settings_update
+from billing.services.accounts import billing_settings_update
 from billing.services.payment_methods import (
     payment_method_attach,
     payment_method_detach,
@@ -221,8 +222,9 @@ class StatementApi(ApiView):
         first_day = statement_month(year, month)
         if first_day is None:
             raise NotFound("No statement for that month.", field="month")
-        account = billing_account_get_or_create(organization=self.organization)
-        c = account.currency
+        # A read writes nothing: without an account yet, the statement is in the default currency.
+        account = billing_account_for_org(organization=self.organization)
+        c = account.currency if account else settings.CURRENCY
         statement = statement_for_month(organization=self.organization, month=first_day, currency=c)
         data = {
             "month": f"{year:04d}-{month:02d}",

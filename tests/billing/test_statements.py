@@ -154,3 +154,13 @@ def test_the_api_gives_the_same_statement(org, owner_client, november):
     ]  # fmt: skip
     assert len(body["lines"]) == 6
     assert owner_client.get("/api/v1/billing/statements/2026-13").status_code == 404
+
+
+def test_reading_a_statement_writes_nothing(owner_client, org):
+    """A GET (a read-only key's too) never opens a billing account on the way."""
+    from billing.models import BillingAccount
+
+    BillingAccount.objects.filter(organization=org).delete()
+    body = owner_client.get("/api/v1/billing/statements/2026-11").json()
+    assert body["currency"] == "usd" and body["lines"] == []
+    assert not BillingAccount.objects.filter(organization=org).exists()
