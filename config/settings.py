@@ -399,7 +399,7 @@ STRIPE_JS_URL = env_str("STRIPE_JS_URL", "https://js.stripe.com/v3/")
 STRIPE_API_VERSION = env_str("STRIPE_API_VERSION", "2025-10-29.clover")
 # How long one request to Stripe may take (connect and read); a call is tried at most twice.
 STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 20, minimum=1)
-STRIPE_METER_EVENT_NAME = env_str("STRIPE_METER_EVENT_NAME", "gpu_seconds")
+STRIPE_METER_EVENT_NAME = env_str("STRIPE_METER_EVENT_NAME", "usage_minor_units")
 BILLING_LOW_BALANCE_GRACE = timedelta(
     seconds=env_int("BILLING_LOW_BALANCE_GRACE_SECONDS", 3600, minimum=0)
 )

@@ -10,13 +10,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import BooleanField, Exists, Func, OuterRef, Q
+from django.db.models import BooleanField, Exists, F, Func, OuterRef, Q
 from django.utils import timezone
 
 from config.errors import Conflict, NotFound
 from config.request_id import current_request_id
-from inventory.models import Node
-from marketplace.models import AgentJob, AgentJobStatus
+from inventory.models import Node, NodeStatus
+from marketplace.models import AgentJob, AgentJobStatus, ReservationStatus
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
 
 __all__ = [
@@ -27,6 +27,17 @@ __all__ = [
     "agent_job_fail",
     "AGENT_JOB_WAITING_SQL",
 ]
+
+# A prepare or start job is handed out only while its reservation is in one of these
+# statuses, and only to a node in one of these (a stop job always is).
+_LIVE = (
+    ReservationStatus.PENDING,
+    ReservationStatus.SCHEDULED,
+    ReservationStatus.PROVISIONING,
+    ReservationStatus.ACTIVE,
+)
+_WORKLOAD_NODE_STATUSES = (NodeStatus.AVAILABLE, NodeStatus.DRAINING)
+_WORKLOAD_KINDS = ("prepare", "start")
 
 # Whether agent_job_lease could hand the node a job now or soon, for the heartbeat's answer
 # (registered with inventory.agent_work by marketplace.apps): one queued, or leased with its
@@ -70,7 +81,10 @@ def _request_id_or_blank() -> str:
 
 @transaction.atomic
 def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob | None:
-    """Lease the node's next job, or None. Rows another agent is leasing are skipped."""
+    """Lease the node's next job, or None. Rows another agent is leasing are skipped.
+
+    Never a prepare or start job whose reservation is no longer live (it is cancelled instead)
+    or on a node out of service; a stop job is always handed out."""
     now = timezone.now()
     lease = (
         timedelta(seconds=lease_seconds) if lease_seconds is not None else settings.AGENT_JOB_LEASE
@@ -94,18 +108,38 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
         kind="stop",
         status__in=[AgentJobStatus.QUEUED, AgentJobStatus.LEASED],
     )
-    job = (
-        AgentJob.objects.select_for_update(skip_locked=True)
-        .filter(node=node)
-        .filter(
-            Q(status=AgentJobStatus.QUEUED)
-            | Q(status=AgentJobStatus.LEASED, lease_expires_at__lte=now)
-        )
+    available = AgentJob.objects.filter(node=node).filter(
+        Q(status=AgentJobStatus.QUEUED) | Q(status=AgentJobStatus.LEASED, lease_expires_at__lte=now)
+    )
+    # Only the job row is locked (not its reservation, which a worker may hold); the statuses
+    # come along through the joins to say whether the job may still run.
+    candidates = (
+        available.select_for_update(skip_locked=True, of=("self",))
+        # A node out of service (maintenance, offline, retired) gets stops only.
+        .filter(Q(kind="stop") | Q(node__status__in=_WORKLOAD_NODE_STATUSES))
         # A start job waits for its prepare job, and for the stops of containers in its way.
         .exclude(Q(kind="start") & (Exists(prepare_not_done) | Exists(stop_open)))
+        .annotate(reservation_status=F("reservation__status"))
         .order_by("id")
-        .first()
     )
+    job = candidates.first()
+    while job is not None and job.kind != "stop" and job.reservation_status not in _LIVE:
+        # Its reservation ended (cancelled, failed, preempted, released): its prepare and
+        # start must not run. Rare, so the check rides on the lease's own query, and all such
+        # jobs of the node are cancelled at once when one turns up: those no other agent's
+        # lease has locked (waiting for them could deadlock with that agent doing the same).
+        dead = (
+            available.filter(kind__in=_WORKLOAD_KINDS)
+            .exclude(reservation__status__in=_LIVE)
+            .select_for_update(skip_locked=True, of=("self",))
+            .values("pk")
+        )
+        AgentJob.objects.filter(pk__in=dead).update(
+            status=AgentJobStatus.CANCELLED,
+            error="Not handed out: its reservation is no longer live.",
+            finished_at=now,
+        )
+        job = candidates.first()
     if job is None:
         return None
     job.status = AgentJobStatus.LEASED

@@ -314,8 +314,9 @@ class SiteAgentDriver(Driver):
         # A node that is offline cannot stop anything now; its agent runs the queued stop job
         # when it comes back, and the GPUs are not sold before the node is back in service.
         waiting = [j for j in stops if j.status not in AGENT_JOB_FINAL and j.node_id not in offline]
-        # An agent that has not even leased its stop job for that long is gone: the release
-        # completes (billing stops), and the stop runs when the agent comes back.
+        # An agent that has not even leased its stop job for that long, or let its lease on it
+        # run out that long ago, is gone or hung: the release completes (billing stops), and
+        # the stop runs when the agent comes back (an expired lease is handed out again).
         stalled = {j.node_id for j in waiting if _stalled([j])}
         waiting = [j for j in waiting if j.node_id not in stalled]
         if waiting:
@@ -328,10 +329,18 @@ class SiteAgentDriver(Driver):
 
 
 def _stalled(jobs: list[AgentJob]) -> AgentJob | None:
-    """The first job still queued (never leased) after AGENT_JOB_STALL: its agent is silent."""
+    """The first job its agent has let lie for AGENT_JOB_STALL: still queued (never leased)
+    that long after it was queued, or a stop whose lease ran out that long ago and that no
+    agent took again (its agent hung mid-stop; a release need not wait for it)."""
     cutoff = timezone.now() - settings.AGENT_JOB_STALL
     for job in jobs:
         if job.status == AgentJobStatus.QUEUED and job.created_at < cutoff:
+            return job
+        if (
+            job.kind == "stop"
+            and job.status == AgentJobStatus.LEASED
+            and job.lease_expires_at < cutoff
+        ):
             return job
     return None
 

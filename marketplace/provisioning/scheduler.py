@@ -35,9 +35,9 @@ from marketplace.models import (
 from marketplace.provisioning.kicks import PROVISION_TASK, RELEASE_TASK, enqueue_now
 from marketplace.provisioning.services import (
     RESOLD_PAUSE_CAUSE,
-    TEARDOWN_STATUSES,
     reservation_resale_resync,
     reservations_locked_by_workers,
+    teardown_needed,
 )
 from marketplace.services.curtailment import reservations_preempt_due
 from marketplace.services.transitions import reservation_transition
@@ -107,18 +107,12 @@ def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
             kind=ProvisioningKind.RELEASE,
             outcome__in=[AttemptOutcome.SUCCEEDED, AttemptOutcome.GAVE_UP],
         )
-        # Due to end, or ended while running without a release (preempted, failed): the
-        # release task stops the workload of the latter (see services._teardown_prepare).
+        # Due to end, or ended without a release after its workload may have been started
+        # (cancelled while provisioning, preempted, failed): the release task stops what the
+        # driver was asked to run for the latter (see services._teardown_prepare).
         due = Reservation.objects.filter(
             Q(status=ReservationStatus.ACTIVE, ends_at__lte=now)
-            | (
-                Q(
-                    status__in=TEARDOWN_STATUSES,
-                    activated_at__isnull=False,
-                    released_at__gte=now - _TEARDOWN_WINDOW,
-                )
-                & ~Exists(stopped)
-            )
+            | (teardown_needed() & Q(released_at__gte=now - _TEARDOWN_WINDOW) & ~Exists(stopped))
         )
         order = ("ends_at", "pk")
     with transaction.atomic():
@@ -143,8 +137,9 @@ def _dispatch_batch(*, now: datetime, batch: int, starting: bool) -> int:
 
 def reservations_dispatch_due(*, now: datetime | None = None, batch: int | None = None) -> dict:
     """Preempt what a curtailment notice ends now, then enqueue the provision task of every
-    reservation due to start and the release task of every one due to end (or preempted while
-    running), in small SKIP LOCKED batches, after each batch commits.
+    reservation due to start and the release task of every one due to end (or ended without a
+    release after its workload may have started: a teardown), in small SKIP LOCKED batches,
+    after each batch commits.
 
     The tasks make the moves themselves (scheduled → provisioning, active → releasing), in
     parallel on the workers: the dispatcher's own work per reservation is a marker row.

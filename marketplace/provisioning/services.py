@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.postgres.fields import DateTimeRangeField
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Exists, F, Func, Max, Min, OuterRef, Subquery, Value
+from django.db.models import Exists, F, Func, Max, Min, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 from psycopg.types.range import Range
@@ -84,6 +84,8 @@ __all__ = [
     "ACTOR",
     "reservation_provision_step",
     "reservation_release_step",
+    "TEARDOWN_STATUSES",
+    "teardown_needed",
     "reservation_reallocate",
     "placement_generation_raise",
     "allocations_end",
@@ -107,9 +109,24 @@ CHECK_WINDOW_SECONDS = 3.0
 CHECK_POLL_SECONDS = 0.2
 WAITING_RECHECK_SECONDS = 10.0
 _USABLE_NODE_STATUSES = (NodeStatus.AVAILABLE, NodeStatus.DRAINING)
-# Statuses a running reservation can end in without going through releasing: its workload is
-# stopped afterwards by the release task (a "teardown").
-TEARDOWN_STATUSES = (ReservationStatus.PREEMPTED, ReservationStatus.FAILED)
+# Statuses a reservation can end in without going through releasing: whatever the driver was
+# asked to run for it is stopped afterwards by the release task (a "teardown").
+TEARDOWN_STATUSES = (
+    ReservationStatus.PREEMPTED,
+    ReservationStatus.FAILED,
+    ReservationStatus.CANCELLED,
+)
+
+
+def teardown_needed() -> Q:
+    """Reservations (as a filter) that ended without a release after the driver may have been
+    asked to run their workload: they were active, or a provision step claimed them (its
+    prepare and start may be queued, or running on a node). One never claimed has nothing to
+    stop."""
+    claimed = ProvisioningAttempt.objects.filter(
+        reservation_id=OuterRef("pk"), kind=ProvisioningKind.PROVISION
+    )
+    return Q(status__in=TEARDOWN_STATUSES) & (Q(activated_at__isnull=False) | Exists(claimed))
 
 
 @dataclass(frozen=True)
@@ -955,7 +972,10 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
                 cause="period ended",
                 actor_label=ACTOR,
             )
-        elif reservation.status in TEARDOWN_STATUSES and reservation.activated_at is not None:
+        elif (
+            reservation.status in TEARDOWN_STATUSES
+            and Reservation.objects.filter(teardown_needed(), pk=reservation.pk).exists()
+        ):
             prepared = _teardown_prepare(reservation=reservation, now=now)
             if isinstance(prepared, StepResult):
                 return prepared
@@ -1003,9 +1023,11 @@ def _release(*, reservation_id: int, driver: Driver, window: float) -> StepResul
 def _teardown_prepare(
     *, reservation: Reservation, now
 ) -> StepResult | tuple[ProvisioningAttempt, int, Target]:
-    """For a reservation that ended while running without a release (preempted, or failed by
-    staff or a node): its GPUs were freed by the transition, but the container must not keep
-    running on them. Records the attempt and returns what to stop; no status changes."""
+    """For a reservation that ended without a release after the driver may have been asked
+    to run it (cancelled while provisioning, preempted, or failed by staff, a node or its
+    period's end): its GPUs were freed by the transition, but no job of it may still run and
+    no container keep running on them. Records the attempt and returns what to stop; no
+    status changes."""
     done = ProvisioningAttempt.objects.filter(
         reservation=reservation,
         kind=ProvisioningKind.RELEASE,
@@ -1017,12 +1039,14 @@ def _teardown_prepare(
     if failures >= settings.PROVISIONING_MAX_ATTEMPTS:
         _attempt_finish(attempt, AttemptOutcome.GAVE_UP, error="stop never confirmed")
         return StepResult("noop", detail="gave up stopping")
-    # The GPUs it held when it ended: allocations cut at released_at (not later bookings).
+    # The GPUs it held when it ended: allocations cut at released_at (not later bookings), or
+    # ending with its period when that ended first (failed as "period over" while provisioning).
+    ended_at = min(reservation.released_at or now, reservation.ends_at)
     allocations = (
         Allocation.objects.filter(
             reservation=reservation,
-            period__startswith__lt=reservation.released_at,
-            period__endswith__gte=reservation.released_at,
+            period__startswith__lt=ended_at,
+            period__endswith__gte=ended_at,
         )
         .select_related("node", "gpu")
         .order_by("node_id", "gpu__index")

@@ -93,7 +93,6 @@ SELECT count(*), coalesce(sum(m.power_w_avg::numeric), 0)
 """
 
 
-
 def _union_seconds(intervals: list[tuple[datetime, datetime]]) -> int:
     total, end = 0, None
     for lo, hi in sorted(intervals):

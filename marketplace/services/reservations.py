@@ -16,7 +16,7 @@ it early (releasing; the provisioning worker tears it down and completes it).
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
@@ -149,7 +149,8 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
     else:
         fraction = Decimal("0")
         rule = "reserved, under 24 hours' notice or after the start: no refund."
-    refund = (unused * fraction).quantize(Decimal("0.01"))
+    # Half-up to the cent, the one money rule (docs/money.md), not Decimal's half-even.
+    refund = (unused * fraction).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     return CancellationTerms(
         action="stop" if reservation.status == ReservationStatus.ACTIVE else "cancel",
         at=at,
@@ -628,6 +629,10 @@ def reservation_cancel(
     funding_gate().reservation_ended(reservation=updated)
     if to_status == ReservationStatus.RELEASING:
         # Billed until released_at: tear down promptly rather than when the sweeper notices.
+        release_kick(updated.pk)
+    elif locked.status == ReservationStatus.PROVISIONING:
+        # Its prepare and start may be queued or running at a site: the release task cancels
+        # them and stops what started (a teardown) now rather than at the next dispatch.
         release_kick(updated.pk)
     return updated
 
