@@ -57,7 +57,7 @@ from marketplace.services.curtailment import (
     curtailment_call_off,
     curtailment_validate,
 )
-from marketplace.services.organizations import member_grants_revoke
+from marketplace.services.organizations import member_staff_change_record
 from marketplace.services.reservations import reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
@@ -114,16 +114,24 @@ class OrganizationAdmin(admin.ModelAdmin):
     inlines = [MembershipInline]
 
     def save_formset(self, request, form, formset, change):
+        if formset.model is not Membership:
+            return super().save_formset(request, form, formset, change)
+        # Read before saving: a deleted row loses its id, a changed one its old role.
+        leaving = {id(f.instance): f.instance.pk for f in formset.deleted_forms if f.instance.pk}
+        roles_before = {f.instance.pk: f.initial.get("role") for f in formset.initial_forms}
         super().save_formset(request, form, formset, change)
-        # A member staff removed leaves as one who leaves the portal does, and one whose role
-        # staff changed keeps only what that role could grant (keys, open invitations).
-        for membership in getattr(formset, "deleted_objects", []):
-            if isinstance(membership, Membership):
-                member_grants_revoke(membership.organization_id, membership.user, role=None)
-        for membership, fields in getattr(formset, "changed_objects", []):
-            if isinstance(membership, Membership) and "role" in fields:
-                member_grants_revoke(
-                    membership.organization_id, membership.user, role=membership.role
+        # Recorded as the portal's and the API's changes are (events, audit, and what the
+        # member handed on that their new access no longer covers, revoked).
+        for membership in formset.new_objects:
+            member_staff_change_record(membership, change="add")
+        for membership in formset.deleted_objects:
+            member_staff_change_record(
+                membership, change="remove", member_id=leaving.get(id(membership))
+            )
+        for membership, fields in formset.changed_objects:
+            if "role" in fields:
+                member_staff_change_record(
+                    membership, change="role", before_role=roles_before.get(membership.pk)
                 )
 
 

@@ -6,7 +6,8 @@
                              secret="whsec_…")
 
 The header is `t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`; after a secret
-rotation it carries one v1 per secret that signs (the new one and, for a while, the old one).
+rotation it carries one v1 per secret that signs (the new one and each replaced one still in
+its overlap).
 A signature is accepted if any v1 matches and t is within `tolerance` seconds of now, so a
 captured delivery cannot be replayed later.
 """

@@ -93,11 +93,13 @@ class ApiAutoSchema(AutoSchema):
             return operation
         scope = required(self.method)
         operation["x-api-key-scope"] = scope or "none"
-        note = (
-            f"API keys need the `{scope}` scope."
-            if scope
-            else "API keys cannot call this: sign in as an owner or admin."
-        )
+        if scope:
+            note = f"API keys need the `{scope}` scope."
+        else:
+            safe = self.method in ("GET", "HEAD", "OPTIONS")
+            roles = getattr(self.view, "read_roles" if safe else "write_roles", frozenset())
+            who = ", ".join(sorted(roles)) if roles else "a member"
+            note = f"API keys cannot call this: sign in (roles: {who})."
         description = operation.get("description", "")
         operation["description"] = f"{description}\n\n{note}" if description else note
         return operation

@@ -1,4 +1,4 @@
-"""GET organization; GET/POST organization/members; PATCH/DELETE organization/members/{id};
+"""GET organization; GET organization/members; PATCH/DELETE organization/members/{id};
 GET/POST organization/invitations; POST organization/invitations/{id}/revoke."""
 
 import django_filters

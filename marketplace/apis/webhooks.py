@@ -48,7 +48,8 @@ class WebhookEndpointOutput(Serializer):
     last_success_at = serializers.DateTimeField(allow_null=True)
     previous_secret_expires_at = serializers.DateTimeField(
         allow_null=True,
-        help_text="Until then a replaced secret still signs (after a rotation); null: none does.",
+        help_text="When the last replaced secret stops signing (after a rotation); null: none "
+        "signs. previous_secrets_expire_at gives each.",
     )
     previous_secrets_expire_at = serializers.ListField(
         child=serializers.DateTimeField(),

@@ -296,7 +296,8 @@ class SshKeyCreateForm(forms.Form):
 
 
 class InvitationCreateForm(forms.Form):
-    """Shown beside MemberAddForm on the team page, so it takes prefix="invite"."""
+    """The team page's invitation form (prefix="invite": its fields are invite-email and
+    invite-role, apart from the page's other forms)."""
 
     email = forms.EmailField(label="E-mail address", help_text="They need no account yet.")
     role = forms.ChoiceField(label="Invite as", choices=Role.choices, initial=Role.MEMBER)

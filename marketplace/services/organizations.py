@@ -47,6 +47,7 @@ __all__ = [
     "member_change_role",
     "member_remove",
     "member_grants_revoke",
+    "member_staff_change_record",
     "INVITATION_MAIL_TASK",
     "invitation_token",
     "invitation_token_hash",
@@ -232,6 +233,39 @@ def member_grants_revoke(organization_id: int, user: AbstractBaseUser, *, role: 
             "invitation.revoke",
             {"before": {"email": invitation.email}, "reason": "its sender's access changed"},
         )
+
+
+def member_staff_change_record(
+    membership: Membership, *, change: str, before_role: str | None = None, member_id=None
+) -> None:
+    """Record a membership change staff made in the admin (change: add, remove, role) as the
+    services record a member's: its event, its audit entry (the actor is staff:<name>), and
+    what the member handed on that their access no longer covers, revoked."""
+    user = membership.user
+    if change == "add":
+        member_event_record(membership=membership, type=EventType.MEMBER_ADDED)
+        _audit_member(
+            membership,
+            "member.add",
+            {"after": {"user": user.get_username(), "role": membership.role}},
+        )
+    elif change == "remove":
+        _audit_member(
+            membership,
+            "member.remove",
+            {"before": {"user": user.get_username(), "role": membership.role}},
+        )
+        member_event_record(
+            membership=membership, type=EventType.MEMBER_REMOVED, member_id=member_id
+        )
+        member_grants_revoke(membership.organization_id, user, role=None)
+    elif change == "role":
+        _audit_member(
+            membership,
+            "member.change_role",
+            audit_changes({"role": before_role}, {"role": membership.role}),
+        )
+        member_grants_revoke(membership.organization_id, user, role=membership.role)
 
 
 def _audit_member(membership: Membership, action: str, changes: dict) -> None:

@@ -75,3 +75,27 @@ def test_a_role_staff_lower_keeps_only_the_keys_that_role_could_make(admin_clien
     assert admin_client.post(url, _memberships_form(org, rows)).status_code == 302
     assert ApiKey.objects.get(pk=pay.pk).revoked_at is not None
     assert ApiKey.objects.get(pk=plain.pk).revoked_at is None
+
+
+def test_staff_membership_changes_are_recorded_as_members_own_are(admin_client, admin_user):
+    """Events (member.added, member.removed) and audit entries by staff:<name>, as the
+    portal's and the API's changes."""
+    from marketplace.models import AuditEntry, Event
+
+    org = OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER)
+    leaver = MembershipFactory(organization=org, role=Role.MEMBER)
+    url = reverse("admin:marketplace_organization_change", args=[org.pk])
+    newcomer = UserFactory()
+    form = _memberships_form(org, [(owner, Role.OWNER, False), (leaver, Role.MEMBER, True)])
+    form |= {"memberships-TOTAL_FORMS": 3, "memberships-2-organization": org.pk,
+             "memberships-2-user": newcomer.pk, "memberships-2-role": Role.ADMIN}  # fmt: skip
+    assert admin_client.post(url, form).status_code == 302
+
+    joined = Membership.objects.get(organization=org, user=newcomer)
+    events = list(Event.objects.filter(organization=org).values_list("type", "object_id"))
+    assert ("member.added", joined.public_id) in events
+    assert ("member.removed", leaver.public_id) in events
+    entries = AuditEntry.objects.filter(organization=org)
+    assert {e.action for e in entries} >= {"member.add", "member.remove"}
+    assert {e.actor for e in entries} == {f"staff:{admin_user.get_username()}"}
