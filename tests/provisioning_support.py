@@ -25,8 +25,10 @@ from django.utils import timezone
 
 from config.celery import QUEUES
 from inventory.models import GpuModel, Node, Site
+from inventory.services import node_token_issue
 from marketplace.models import Reservation
 from marketplace.services.reservations import reservation_create
+from tests.clients import HttpsAPIClient
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate
 
@@ -64,6 +66,14 @@ class Market:
             site=self.site.slug,
             workload=workload,
         )
+
+
+def agent_client(node):
+    """An API client acting as the node's site agent (a fresh agent token)."""
+    _token, secret = node_token_issue(node=node, label="test agent")
+    client = HttpsAPIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
 
 
 def market_create(*, nodes: int = 2, gpus: int = 8) -> Market:

@@ -7,8 +7,10 @@ from psycopg.types.range import Range
 
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.payment_methods import payment_method_attach, setup_intent_create
+from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
 from config.celery import app as celery_app
 from marketplace.models import Allocation, Reservation, ReservationStatus, Tier
+from tests.billing.stripe_recording import RecordingHTTPClient
 from tests.factories import GpuModelFactory, MembershipFactory, NodeFactory
 
 
@@ -100,3 +102,14 @@ def make_reservation(
             is_live=status in ("pending", "scheduled", "provisioning", "active", "releasing"),
         )
     return reservation
+
+
+@pytest.fixture
+def recorder(settings):
+    """The Stripe gateway, sending through a RecordingHTTPClient (for what localstripe lacks)."""
+    settings.STRIPE_SECRET_KEY = "sk_test_recording"
+    settings.STRIPE_API_BASE = ""  # the real address: nothing is sent, only recorded
+    client = RecordingHTTPClient()
+    set_gateway_override(StripeGateway(build_client(http_client=client)))
+    yield client
+    set_gateway_override(None)

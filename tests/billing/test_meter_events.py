@@ -5,13 +5,11 @@ recording instead of sending) against Stripe's documented parameters for
 POST /v1/billing/meter_events: event_name, payload[stripe_customer_id], payload[value],
 identifier (≤ 100 chars), timestamp (Unix seconds, within the past 35 days)."""
 
-import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import parse_qs
 
 import pytest
-import stripe
 from django.conf import settings
 
 from billing.models import (
@@ -25,51 +23,13 @@ from billing.models import (
 )
 from billing.services.postpaid import usage_report_postpaid_run
 from billing.services.usage import reservation_meter
-from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
+from billing.stripe_gateway import StripeGateway, build_client
 from billing.tasks import outbox_flush
 from marketplace.models import Reservation
 from tests.billing.conftest import make_reservation
 from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db
-
-
-class RecordingHTTPClient(stripe.HTTPClient):
-    """Answers like Stripe would and keeps every request (a stand-in for the network only)."""
-
-    name = "recording"
-
-    def __init__(self):
-        super().__init__()
-        self.requests = []
-
-    def request(self, method, url, headers, post_data=None, *, _usage=None):
-        self.requests.append((method, url, dict(headers or {}), post_data))
-        form = {k: v[0] for k, v in parse_qs(post_data or "").items()}
-        body = {
-            "object": "billing.meter_event",
-            "created": 1,
-            "livemode": False,
-            "event_name": form.get("event_name"),
-            "identifier": form.get("identifier"),
-            "payload": {"stripe_customer_id": form.get("payload[stripe_customer_id]"),
-                        "value": form.get("payload[value]")},
-            "timestamp": int(form.get("timestamp", 0)),
-        }  # fmt: skip
-        return json.dumps(body), 200, {"Request-Id": "req_test"}
-
-    def close(self):
-        pass
-
-
-@pytest.fixture
-def recorder(settings):
-    settings.STRIPE_SECRET_KEY = "sk_test_recording"
-    settings.STRIPE_API_BASE = ""  # the real address: nothing is sent, only recorded
-    client = RecordingHTTPClient()
-    set_gateway_override(StripeGateway(build_client(http_client=client)))
-    yield client
-    set_gateway_override(None)
 
 
 def postpaid_org(customer_id: str):

@@ -7,14 +7,11 @@ parameters: POST /v1/billing/meter_events (event_name, identifier, payload[strip
 payload[value], timestamp) and POST /v1/customers/{id}/balance_transactions (amount, negative
 for a credit; currency; description; metadata)."""
 
-import json
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from urllib.parse import parse_qs
 
 import pytest
-import stripe
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -35,8 +32,6 @@ from billing.services.usage import reservation_meter, reserved_base_charge
 from billing.stripe_gateway import (
     StripeGateway,
     TransientStripeError,
-    build_client,
-    set_gateway_override,
 )
 from billing.tasks import outbox_flush
 from marketplace.models import Tier
@@ -46,48 +41,6 @@ from tests.factories import OrganizationFactory, UserFactory
 pytestmark = pytest.mark.django_db
 
 H0 = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
-
-
-class RecordingHTTPClient(stripe.HTTPClient):
-    """Answers like Stripe would and keeps every request (a stand-in for the network only)."""
-
-    name = "recording"
-
-    def __init__(self):
-        super().__init__()
-        self.requests = []
-
-    def request(self, method, url, headers, post_data=None, *, _usage=None):
-        self.requests.append((method, url, dict(headers or {}), post_data))
-        form = {k: v[0] for k, v in parse_qs(post_data or "").items()}
-        if url.endswith("/balance_transactions"):
-            body = {"id": f"cbtxn_{len(self.requests)}", "object": "customer_balance_transaction",
-                    "amount": int(form["amount"]), "currency": form["currency"],
-                    "customer": url.split("/")[-2], "type": "adjustment"}  # fmt: skip
-        else:
-            body = {"object": "billing.meter_event", "event_name": form.get("event_name"),
-                    "identifier": form.get("identifier"), "timestamp": int(form["timestamp"]),
-                    "payload": {"stripe_customer_id": form.get("payload[stripe_customer_id]"),
-                                "value": form.get("payload[value]")}}  # fmt: skip
-        return json.dumps(body), 200, {"Request-Id": "req_test"}
-
-    def close(self):
-        pass
-
-    def sent(self):
-        """(path, form) of every request, in order."""
-        return [(url.removeprefix("https://api.stripe.com"), parse_qs(body or ""))
-                for _, url, _, body in self.requests]  # fmt: skip
-
-
-@pytest.fixture
-def recorder(settings):
-    settings.STRIPE_SECRET_KEY = "sk_test_recording"
-    settings.STRIPE_API_BASE = ""  # the real address: nothing is sent, only recorded
-    client = RecordingHTTPClient()
-    set_gateway_override(StripeGateway(build_client(http_client=client)))
-    yield client
-    set_gateway_override(None)
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
 """Fixtures for the API tests (imported by tests/marketplace/test_api_*.py)."""
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 import redis
 
-from marketplace.models import ApiKeyScope, Role
+from marketplace.models import ApiKeyScope, Reservation, ReservationStatus, Role, Term, Tier
 from marketplace.services.api_keys import api_key_create
+from marketplace.services.reservations import reservation_create
+from marketplace.services.transitions import reservation_transition
 from tests.clients import HttpsAPIClient
 from tests.factories import (
     GpuModelFactory,
@@ -116,6 +119,7 @@ __all__ = [
     "market",
     "reservation_body",
     "make_reservation",
+    "book_at_market",
     "tomorrow",
 ]
 
@@ -147,3 +151,28 @@ def make_reservation(client, **overrides) -> dict:
     response = client.post("/api/v1/reservations", reservation_body(**overrides), format="json")
     assert response.status_code == 201, response.content
     return response.json()
+
+
+def book_at_market(org, *, start, hours=8, gpus=2, tier="on_demand", active=False, price=None):
+    """A reservation on the market fixture's H100s at abilene-1 (a reserved one for a week's
+    term), booked through the service; active: moved through provisioning to active; price:
+    the price paid, set apart from the rate card."""
+    reservation = reservation_create(
+        organization=org,
+        gpu_model="h100-sxm-80gb",
+        gpu_count=gpus,
+        starts_at=start,
+        ends_at=start + timedelta(hours=hours),
+        tier=tier,
+        term="1w" if tier == Tier.RESERVED else Term.NONE,
+        site="abilene-1",
+    )
+    if price is not None:
+        Reservation.objects.filter(pk=reservation.pk).update(price_per_gpu_hour=Decimal(price))
+        reservation.refresh_from_db()
+    if active:
+        for to in (ReservationStatus.PROVISIONING, ReservationStatus.ACTIVE):
+            reservation = reservation_transition(
+                reservation=reservation, to_status=to, cause="test", actor_label="test"
+            )
+    return reservation

@@ -9,7 +9,6 @@ from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
 from inventory.heartbeats import LAST_SEEN_KEY
-from inventory.services import node_token_issue
 from inventory.telemetry import buffer_client
 from marketplace.models import AgentJob, AgentJobStatus, Allocation, Reservation, ReservationStatus
 from marketplace.provisioning import agent_reports
@@ -20,20 +19,13 @@ from marketplace.services.reservations import reservation_create
 from tests.clients import HttpsAPIClient
 from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
-from tests.provisioning_support import market_create, statuses
+from tests.provisioning_support import agent_client, market_create, statuses
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("allow_all_funding")]
 S = ReservationStatus
 REPORT = "/api/v1/agent/workloads"
 HEARTBEAT = "/api/v1/agent/heartbeat"
 LEASE = "/api/v1/agent/jobs/lease"
-
-
-def _agent(node) -> HttpsAPIClient:
-    _token, secret = node_token_issue(node=node, label="test agent")
-    client = HttpsAPIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
 
 
 def _run_jobs(agent: HttpsAPIClient) -> list[str]:
@@ -85,7 +77,7 @@ def _active_through_agent(tier: str = "on_demand"):
         r = market.book(gpu_count=2, tier=tier)
     _provision(r)
     node = Allocation.objects.filter(reservation=r, is_live=True).first().node
-    agent = _agent(node)
+    agent = agent_client(node)
     assert _run_jobs(agent) == ["prepare", "start"]
     _provision(r)
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE
@@ -156,7 +148,7 @@ def test_a_report_that_may_predate_the_start_ends_nothing_until_a_later_heartbea
     r = market.book(gpu_count=2)
     _provision(r)
     node = market.nodes[0]
-    agent = _agent(node)
+    agent = agent_client(node)
     _heartbeat(agent)  # the agent's heartbeat, then its listing: no container yet
     assert _run_jobs(agent) == ["prepare", "start"]  # meanwhile the start completes
     _provision(r)
@@ -200,7 +192,7 @@ def test_a_container_being_stopped_by_its_stop_job_does_not_fail_the_reservation
 
 def test_another_nodes_agent_cannot_end_the_reservation(active):
     r, node, _agent_here, market = active
-    other = _agent(next(n for n in market.nodes if n.pk != node.pk))
+    other = agent_client(next(n for n in market.nodes if n.pk != node.pk))
     _heartbeat(other)
     other.post(REPORT, {"containers": []}, format="json")
     other.post(REPORT, {"containers": [_container(r, "exited", exit_code=1)]}, format="json")

@@ -6,7 +6,6 @@ from datetime import timedelta
 
 import pytest
 
-from inventory.services import node_token_issue
 from marketplace.models import AgentJob, AgentJobStatus, ResaleListing, Reservation
 from marketplace.models import ReservationStatus as S
 from marketplace.provisioning.drivers import SiteAgentDriver
@@ -14,17 +13,11 @@ from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.provisioning.services import RESOLD_PAUSE_CAUSE, reservation_provision_step
 from tests.clients import HttpsAPIClient
 from tests.marketplace.resale_helpers import buy, listing, market, time_passes, time_passes_until
+from tests.provisioning_support import agent_client
 
 pytestmark = pytest.mark.django_db
 REPORT = "/api/v1/agent/workloads"
 LEASE = "/api/v1/agent/jobs/lease"
-
-
-def _agent(node) -> HttpsAPIClient:
-    _token, secret = node_token_issue(node=node, label="test agent")
-    client = HttpsAPIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
 
 
 def _lease(agent: HttpsAPIClient) -> dict | None:
@@ -53,7 +46,7 @@ def paused(settings, django_capture_on_commit_callbacks):
     m = market(gpus=4, term_gpus=4)
     lst = listing(m, gpus=4, start_h=26, hours=2)
     buy(m, lst, start_h=26, hours=2)
-    agent = _agent(m.node)
+    agent = agent_client(m.node)
     time_passes(timedelta(days=1, minutes=1))  # the term began a minute ago
     driver = SiteAgentDriver()
     reservation_provision_step(reservation_id=m.term.pk, driver=driver, check_window=0)

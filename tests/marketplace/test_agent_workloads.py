@@ -7,7 +7,6 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from inventory.services import node_token_issue
 from marketplace.models import Allocation, Reservation, ReservationStatus, Role
 from marketplace.provisioning.drivers import SimulatedDriver
 from marketplace.provisioning.services import reservation_provision_step
@@ -16,18 +15,11 @@ from tests.marketplace.market_helpers import (  # noqa: F401 (allow_all_funding 
     allow_all_funding,
     member_client,
 )
-from tests.provisioning_support import market_create, statuses
+from tests.provisioning_support import agent_client, market_create, statuses
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("allow_all_funding")]
 S = ReservationStatus
 URL = "/api/v1/agent/workloads"
-
-
-def _agent(node) -> HttpsAPIClient:
-    _token, secret = node_token_issue(node=node, label="test agent")
-    client = HttpsAPIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
 
 
 @pytest.fixture
@@ -54,7 +46,7 @@ def _report(r, state: str, **extra) -> dict:
 
 def test_a_running_workload_changes_nothing(running):
     r, node, _other, _ = running
-    response = _agent(node).post(URL, {"containers": [_report(r, "running")]}, format="json")
+    response = agent_client(node).post(URL, {"containers": [_report(r, "running")]}, format="json")
     assert response.status_code == 200
     assert response.json() == {"notices": []}
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE
@@ -71,7 +63,7 @@ def test_a_workload_that_exited_ends_its_reservation_with_the_exit_shown(running
     )
 
     before = timezone.now()
-    response = _agent(node).post(URL, {"containers": [exited]}, format="json")
+    response = agent_client(node).post(URL, {"containers": [exited]}, format="json")
 
     assert response.status_code == 200
     r = Reservation.objects.get(pk=r.pk)
@@ -98,14 +90,14 @@ def test_a_workload_that_exited_ends_its_reservation_with_the_exit_shown(running
     assert admin_page.content.decode().count("The workload exited with code 137") == 2
 
     # Reported again at the next heartbeat: nothing more happens.
-    again = _agent(node).post(URL, {"containers": [exited]}, format="json")
+    again = agent_client(node).post(URL, {"containers": [exited]}, format="json")
     assert again.status_code == 200
     assert Reservation.objects.get(pk=r.pk).released_at == r.released_at
 
 
 def test_another_nodes_agent_cannot_end_a_reservation(running):
     r, _node, other, _ = running
-    response = _agent(other).post(
+    response = agent_client(other).post(
         URL, {"containers": [_report(r, "exited", exit_code=1)]}, format="json"
     )
     assert response.status_code == 200
@@ -115,7 +107,7 @@ def test_another_nodes_agent_cannot_end_a_reservation(running):
 def test_a_reservation_being_released_is_not_failed_by_its_stopping_container(running):
     r, node, _other, _ = running
     Reservation.objects.filter(pk=r.pk).update(status=S.RELEASING)
-    _agent(node).post(URL, {"containers": [_report(r, "exited", exit_code=0)]}, format="json")
+    agent_client(node).post(URL, {"containers": [_report(r, "exited", exit_code=0)]}, format="json")
     assert Reservation.objects.get(pk=r.pk).status == S.RELEASING
 
 
@@ -126,7 +118,7 @@ def test_the_answer_carries_the_preemption_notices_of_the_nodes_reservations(run
         preempt_at=preempt_at, preempt_reason="Grid curtailment requested by the utility."
     )
 
-    response = _agent(node).post(URL, {"containers": []}, format="json")
+    response = agent_client(node).post(URL, {"containers": []}, format="json")
 
     assert response.json() == {
         "notices": [
@@ -138,7 +130,9 @@ def test_the_answer_carries_the_preemption_notices_of_the_nodes_reservations(run
             }
         ]
     }
-    assert _agent(other).post(URL, {"containers": []}, format="json").json() == {"notices": []}
+    assert agent_client(other).post(URL, {"containers": []}, format="json").json() == {
+        "notices": []
+    }
 
 
 @pytest.mark.parametrize(
@@ -152,7 +146,7 @@ def test_the_answer_carries_the_preemption_notices_of_the_nodes_reservations(run
 )
 def test_a_malformed_report_is_a_400_and_changes_nothing(running, body, field):
     r, node, _other, _ = running
-    response = _agent(node).post(URL, body, format="json")
+    response = agent_client(node).post(URL, body, format="json")
     assert response.status_code == 400
     assert response.json()["error"]["field"].startswith(field)
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE

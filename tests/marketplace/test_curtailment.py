@@ -14,10 +14,9 @@ from marketplace.models import Allocation, Curtailment, ReservationStatus
 from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.curtailment import curtailment_announce, curtailment_call_off
-from marketplace.services.reservations import reservation_create
-from marketplace.services.transitions import reservation_transition
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
+    book_at_market,
     fresh_rate_limits,
     key_client,
     market,
@@ -30,21 +29,7 @@ S = ReservationStatus
 
 
 def _book(org, *, tier, start, hours, active=False, gpus=2):
-    reservation = reservation_create(
-        organization=org,
-        gpu_model="h100-sxm-80gb",
-        gpu_count=gpus,
-        starts_at=start,
-        ends_at=start + timedelta(hours=hours),
-        tier=tier,
-        site="abilene-1",
-    )
-    if active:
-        for to in (S.PROVISIONING, S.ACTIVE):
-            reservation = reservation_transition(
-                reservation=reservation, to_status=to, cause="test", actor_label="test"
-            )
-    return reservation
+    return book_at_market(org, tier=tier, start=start, hours=hours, active=active, gpus=gpus)
 
 
 @pytest.fixture

@@ -35,11 +35,11 @@ from marketplace.services.curtailment import (
     curtailment_replan,
     victims_choose,
 )
-from marketplace.services.reservations import reservation_create, reservation_extend
-from marketplace.services.transitions import reservation_transition
+from marketplace.services.reservations import reservation_extend
 from tests.factories import UserFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
+    book_at_market,
     market,
     org,
     owner,
@@ -111,24 +111,9 @@ def test_all_flexible_load_takes_every_candidate_in_order():
 
 
 def _book(org, *, tier="interruptible", gpus, start, hours=8, active=False, price=None):
-    reservation = reservation_create(
-        organization=org,
-        gpu_model="h100-sxm-80gb",
-        gpu_count=gpus,
-        starts_at=start,
-        ends_at=start + timedelta(hours=hours),
-        tier=tier,
-        term="1w" if tier == "reserved" else "none",
-        site="abilene-1",
+    return book_at_market(
+        org, tier=tier, gpus=gpus, start=start, hours=hours, active=active, price=price
     )
-    if price is not None:  # the price paid, set apart from the rate card for the test
-        Reservation.objects.filter(pk=reservation.pk).update(price_per_gpu_hour=Decimal(price))
-    if active:
-        for to in (S.PROVISIONING, S.ACTIVE):
-            reservation_transition(
-                reservation=reservation, to_status=to, cause="test", actor_label="test"
-            )
-    return Reservation.objects.get(pk=reservation.pk)
 
 
 @pytest.fixture

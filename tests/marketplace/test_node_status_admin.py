@@ -15,9 +15,14 @@ from config.errors import InvalidTransition, NotAvailable
 from inventory.models import Node, NodeStatus, NodeToken, StatusChange
 from inventory.services import node_token_issue, status_change
 from marketplace.models import ReservationStatus
-from marketplace.services.reservations import reservation_create
 from marketplace.services.transitions import reservation_transition
-from tests.marketplace.api_fixtures import allow_all_funding, market, org, owner  # noqa: F401
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    allow_all_funding,
+    book_at_market,
+    market,
+    org,
+    owner,
+)
 
 pytestmark = pytest.mark.django_db
 S = ReservationStatus
@@ -25,21 +30,7 @@ URL = reverse("admin:inventory_node_changelist")
 
 
 def _book(org, *, start, hours, gpus=8, active=False):
-    reservation = reservation_create(
-        organization=org,
-        gpu_model="h100-sxm-80gb",
-        gpu_count=gpus,
-        starts_at=start,
-        ends_at=start + timedelta(hours=hours),
-        tier="on_demand",
-        site="abilene-1",
-    )
-    if active:
-        for to in (S.PROVISIONING, S.ACTIVE):
-            reservation = reservation_transition(
-                reservation=reservation, to_status=to, cause="test", actor_label="test"
-            )
-    return reservation
+    return book_at_market(org, start=start, hours=hours, gpus=gpus, active=active)
 
 
 def _node_of(reservation) -> Node:

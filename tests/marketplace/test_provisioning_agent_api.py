@@ -19,6 +19,7 @@ from marketplace.provisioning.services import (
 from tests.clients import HttpsAPIClient
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import (  # noqa: F401 (broker_fixture is a fixture)
+    agent_client,
     broker_fixture,
     market_create,
     ssh_key,
@@ -32,13 +33,6 @@ LEASE = "/api/v1/agent/jobs/lease"
 
 def _job_url(job_id: int, action: str) -> str:
     return f"/api/v1/agent/jobs/{job_id}/{action}"
-
-
-def _agent(node) -> HttpsAPIClient:
-    _token, secret = node_token_issue(node=node, label="test agent")
-    client = HttpsAPIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
 
 
 @pytest.fixture
@@ -64,7 +58,7 @@ def booked(db):
 
 def test_an_agent_leases_its_jobs_in_order_and_the_reservation_becomes_active(booked):
     r, node, _ = booked
-    agent = _agent(node)
+    agent = agent_client(node)
 
     prepare = agent.post(LEASE, {}, format="json")
     assert prepare.status_code == 200
@@ -101,7 +95,7 @@ def test_an_agent_leases_its_jobs_in_order_and_the_reservation_becomes_active(bo
 
 def test_an_expired_lease_is_handed_out_again_and_only_the_new_holder_may_report(booked):
     _, node, _ = booked
-    first, second = _agent(node), _agent(node)
+    first, second = agent_client(node), agent_client(node)
 
     lease = first.post(LEASE, {"lease_seconds": 5}, format="json").data
     AgentJob.objects.filter(pk=lease["id"]).update(
@@ -129,7 +123,7 @@ def test_an_expired_lease_is_handed_out_again_and_only_the_new_holder_may_report
 
 def test_a_live_lease_is_not_handed_out_and_progress_extends_it(booked):
     _, node, _ = booked
-    agent = _agent(node)
+    agent = agent_client(node)
     lease = agent.post(LEASE, {"lease_seconds": 30}, format="json").data
     before = AgentJob.objects.get(pk=lease["id"]).lease_expires_at
 
@@ -151,7 +145,7 @@ def test_a_live_lease_is_not_handed_out_and_progress_extends_it(booked):
 def test_an_agent_cannot_see_or_report_on_another_nodes_jobs(booked):
     r, node, market = booked
     other = next(n for n in market.nodes if n.pk != node.pk)
-    outsider = _agent(other)
+    outsider = agent_client(other)
     job = AgentJob.objects.filter(reservation=r).first()
 
     assert outsider.post(LEASE, {}, format="json").status_code == 204
@@ -172,7 +166,7 @@ def test_the_job_api_refuses_requests_without_a_valid_node_token(booked):
 
 def test_a_node_failure_reported_by_the_agent_moves_the_reservation_to_another_node(booked):
     r, node, market = booked
-    agent = _agent(node)
+    agent = agent_client(node)
     lease = agent.post(LEASE, {}, format="json").data
 
     failed = agent.post(
@@ -202,7 +196,7 @@ def test_a_node_failure_reported_by_the_agent_moves_the_reservation_to_another_n
 
 def test_a_workload_failure_reported_by_the_agent_fails_the_reservation_uncharged(booked):
     r, node, _ = booked
-    agent = _agent(node)
+    agent = agent_client(node)
     lease = agent.post(LEASE, {}, format="json").data
     agent.post(
         _job_url(lease["id"], "fail"),
@@ -297,7 +291,7 @@ def test_a_node_whose_agent_never_picks_up_the_job_is_marked_and_the_reservation
 
 def test_a_release_does_not_wait_forever_for_a_silent_agent(booked):
     r, node, _ = booked
-    agent = _agent(node)
+    agent = agent_client(node)
     for _ in range(2):
         job = agent.post(LEASE, {}, format="json").data
         agent.post(_job_url(job["id"], "complete"), {"lease_id": job["lease_id"]})
@@ -336,7 +330,7 @@ def test_a_job_carries_the_id_of_the_request_behind_it_and_the_agent_sends_it_ba
         "req_0123456789abcdef"
     }
 
-    agent = _agent(Allocation.objects.filter(reservation=r).first().node)
+    agent = agent_client(Allocation.objects.filter(reservation=r).first().node)
     prepare = agent.post(LEASE, {}, format="json")
     assert prepare.data["request_id"] == "req_0123456789abcdef"
     done = agent.post(
@@ -351,4 +345,4 @@ def test_a_job_carries_the_id_of_the_request_behind_it_and_the_agent_sends_it_ba
 def test_a_job_queued_outside_any_request_has_no_request_id(booked):
     r, node, _ = booked
     assert set(AgentJob.objects.filter(reservation=r).values_list("request_id", flat=True)) == {""}
-    assert _agent(node).post(LEASE, {}, format="json").data["request_id"] == ""
+    assert agent_client(node).post(LEASE, {}, format="json").data["request_id"] == ""
