@@ -11,8 +11,8 @@ becomes a curtailment with no person (docs/grid.md#demand-response-calls).
   a higher modification number changes it (megawatts, window: the curtailments are planned
   again) or cancels it (before its start: called off, the window sold again; during it:
   ended now); a lower one, or the same number with another content, is refused (409).
-- A call names a site or a price zone. A zone's call is spread over the zone's sites (active
-  or curtailed, that the source may curtail) in proportion to their flexible load when the
+- A call names a site or a price zone (a source is granted sites and zones; a zone granted
+  grants its sites). A zone's call is spread over the zone's sites (active or curtailed) in proportion to their flexible load when the
   call arrives (each site's share at most what it can shed, so the shares cover the call
   whenever the zone's flexible load does); with no flexible load anywhere, in proportion to
   the sites' power capacity (each then records what it is short). "All flexible load" is
@@ -97,12 +97,11 @@ def demand_response_verify(
     source = DemandResponseSource.objects.filter(name=source_name, is_active=True).first()
     if source is None:
         raise SignatureRefused("unknown_source", "No active demand-response source of that name.")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise SignatureRefused(
-            "timestamp_invalid", "X-DR-Timestamp must be Unix seconds."
-        ) from None
+    # ASCII digits only, and no more of them than a time this century has: int() would also
+    # read "1_0", other scripts' digits, and numbers too large to compare with a clock.
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 11):
+        raise SignatureRefused("timestamp_invalid", "X-DR-Timestamp must be Unix seconds.")
+    sent_at = int(timestamp)
     skew = abs(now.timestamp() - sent_at)
     if skew > settings.DEMAND_RESPONSE_SIGNATURE_TOLERANCE.total_seconds():
         raise SignatureRefused(

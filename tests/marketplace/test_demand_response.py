@@ -137,6 +137,8 @@ def _nothing_written():
         ("unknown_source", 401, "unknown_source"),
         ("inactive_source", 401, "unknown_source"),
         ("tampered_body", 401, "signature_invalid"),
+        ("huge_timestamp", 401, "timestamp_invalid"),  # once a 500: too large for a float
+        ("loose_timestamp", 401, "timestamp_invalid"),  # int() would read "1_7…" as a number
     ],
 )
 def test_a_call_that_is_not_properly_signed_is_refused_and_changes_nothing(
@@ -151,6 +153,11 @@ def test_a_call_that_is_not_properly_signed_is_refused_and_changes_nothing(
         kwargs["ts"] = str(int(time.time()) - 301)
     elif how == "future":
         kwargs["ts"] = str(int(time.time()) + 301)
+    elif how == "huge_timestamp":
+        kwargs["ts"] = "9" * 400
+    elif how == "loose_timestamp":
+        now = str(int(time.time()))
+        kwargs["ts"] = now[0] + "_" + now[1:]
     elif how == "unknown_source":
         kwargs["name"] = "someone-else"
     elif how == "inactive_source":
