@@ -387,10 +387,9 @@ class UsageAggregateAdmin(ReadOnlyAdmin):
         "id",
         "organization",
         "period_start",
-        "gpu_seconds",
-        "sent_gpu_seconds",
         "amount_minor",
         "currency",
+        "gpu_seconds",
     )
 
 
