@@ -252,6 +252,12 @@ class StripeGateway:
     def payment_intent_retrieve(self, *, payment_intent_id: str) -> dict:
         return self._call(self.client.v1.payment_intents.retrieve, payment_intent_id)
 
+    def refund_retrieve(self, *, refund_id: str) -> dict:
+        return self._call(self.client.v1.refunds.retrieve, refund_id)
+
+    def charge_retrieve(self, *, charge_id: str) -> dict:
+        return self._call(self.client.v1.charges.retrieve, charge_id)
+
     def refunds_for_payment_intent(self, *, payment_intent_id: str) -> list[dict]:
         try:
             page = self.client.v1.refunds.list({"payment_intent": payment_intent_id, "limit": 100})

@@ -5,11 +5,17 @@ bad), inserts the event keyed by Stripe's event id (a replay finds the row and i
 again) and queues processing on commit. webhook_event_process runs in the task; it locks the
 row, skips it if already processed, and applies the event to our records. Every handler is
 itself idempotent (ledger keys, status checks), so even a forced re-run does no harm.
+
+A refund's status is applied from Stripe's current state of it, read back before the event is
+applied, never from the event's payload (a late delivery may carry a status long gone). A card
+dispute is applied from what Stripe has done with its money (withdrawn, reinstated): facts
+that, once true, stay true, so a repeated or late delivery adds nothing and needs no read.
 """
 
 import json
 import logging
 from datetime import UTC, datetime
+from functools import partial
 
 import stripe
 from django.db import transaction
@@ -25,7 +31,12 @@ from billing.models import (
 )
 from billing.services.events import invoice_event_record
 from billing.services.payment_methods import payment_method_mark_detached, payment_method_mirror
-from billing.services.refunds import refund_mark_failed, refund_mark_succeeded
+from billing.services.refunds import (
+    refund_mark_failed,
+    refund_mark_succeeded,
+    refund_record_from_stripe,
+    top_up_dispute_settle,
+)
 from billing.services.top_up_payments import top_up_credit
 from billing.services.topups import top_up_fail
 from billing.stripe_gateway import get_gateway
@@ -141,7 +152,18 @@ def _payment_intent_failed(pi: dict) -> None:
         top_up_fail(top_up_id=top_up.pk, reason=reason, payment_intent_id=pi["id"])
 
 
+def _id(value) -> str:
+    """An id Stripe gives as a string, or as the object when expanded."""
+    return (value.get("id") if isinstance(value, dict) else value) or ""
+
+
+def _top_up_of_payment_intent(payment_intent) -> TopUp | None:
+    pi_id = _id(payment_intent)
+    return _top_up_for({"id": pi_id}) if pi_id else None
+
+
 def _refund_changed(refund: dict) -> None:
+    """Apply Stripe's current state of a refund (as read by _refund_fetch)."""
     row = Refund.objects.filter(stripe_refund_id=refund.get("id", "")).first()
     if row is None:
         refund_id = (refund.get("metadata") or {}).get("refund")
@@ -150,26 +172,87 @@ def _refund_changed(refund: dict) -> None:
             if str(refund_id or "").isdigit()
             else None
         )
-    if row is None:
-        return
     status = refund.get("status")
+    if row is None:
+        # Not one of ours: a refund of a top-up's charge made at Stripe (the Dashboard).
+        top_up = _top_up_of_payment_intent(refund.get("payment_intent"))
+        if top_up is None:
+            return
+        row, created = refund_record_from_stripe(
+            top_up_id=top_up.pk,
+            stripe_refund_id=refund["id"],
+            amount_minor=int(refund.get("amount") or 0),
+            currency=refund.get("currency") or "",
+            status=status or "",
+        )
+        if created:
+            return
     if status == "succeeded" and row.status != RefundStatus.SUCCEEDED:
         refund_mark_succeeded(refund_id=row.pk, stripe_refund_id=refund["id"])
     elif status in ("failed", "canceled"):
-        refund_mark_failed(refund_id=row.pk, reason=refund.get("failure_reason") or status)
+        refund_mark_failed(
+            refund_id=row.pk,
+            reason=refund.get("failure_reason") or status,
+            stripe_refund_id=refund["id"],
+        )
+
+
+def _with_payment_intent(obj: dict) -> dict:
+    """A refund or dispute with its charge's PaymentIntent (which names our top-up)."""
+    if obj.get("payment_intent") or not obj.get("charge"):
+        return obj
+    charge = get_gateway().charge_retrieve(charge_id=_id(obj["charge"]))
+    return {**obj, "payment_intent": charge.get("payment_intent") or ""}
+
+
+def _refund_fetch(refund: dict) -> dict:
+    # Stripe's current state of the refund: the payload's may be older than what we applied.
+    return _with_payment_intent(get_gateway().refund_retrieve(refund_id=refund["id"]))
 
 
 def _charge_refunds_fetch(charge: dict) -> dict:
-    # The current API no longer embeds a charge's refunds; ask for the PaymentIntent's.
-    if (charge.get("refunds") or {}).get("data") is not None or not charge.get("payment_intent"):
-        return charge
-    refunds = get_gateway().refunds_for_payment_intent(payment_intent_id=charge["payment_intent"])
-    return {**charge, "refunds": {"data": refunds}}
+    # Stripe's current refunds of the charge, asked for through its PaymentIntent (the current
+    # API no longer embeds them, and embedded ones would be as old as the event).
+    pi_id = _id(charge.get("payment_intent"))
+    if not pi_id:
+        return {**charge, "refunds": {"data": []}}  # not a PaymentIntent's: no top-up of ours
+    refunds = get_gateway().refunds_for_payment_intent(payment_intent_id=pi_id)
+    return {
+        **charge,
+        "refunds": {"data": [{**r, "payment_intent": r.get("payment_intent") or pi_id}
+                             for r in refunds]},
+    }  # fmt: skip
 
 
 def _charge_refunded(charge: dict) -> None:
     for refund in (charge.get("refunds") or {}).get("data") or []:
         _refund_changed(refund)
+
+
+def _dispute_changed(dispute: dict, *, withdrawn: bool = False, reinstated: bool = False) -> None:
+    """Apply what Stripe has done with a disputed top-up's money. The event type says it
+    (funds_withdrawn, funds_reinstated), and so do the dispute's balance transactions (a
+    withdrawal is negative, a reinstatement positive) and a lost dispute."""
+    top_up = _top_up_of_payment_intent(dispute.get("payment_intent"))
+    if top_up is None:
+        logger.info("dispute %s is not of a top-up's charge; ignored", dispute.get("id"))
+        return
+    moves = [
+        int(t.get("amount") or 0) for t in dispute.get("balance_transactions") or []
+        if isinstance(t, dict)
+    ]  # fmt: skip
+    reinstated = reinstated or any(m > 0 for m in moves)
+    withdrawn = withdrawn or any(m < 0 for m in moves) or dispute.get("status") == "lost"
+    top_up_dispute_settle(
+        top_up_id=top_up.pk,
+        dispute_id=dispute["id"],
+        amount_minor=int(dispute.get("amount") or 0),
+        currency=dispute.get("currency") or "",
+        withdrawn=withdrawn,
+        reinstated=reinstated,
+        reason=dispute.get("reason") or "",
+        status=dispute.get("status") or "",
+    )
 
 
 def _org_for_customer(customer_id: str):
@@ -272,6 +355,13 @@ def _invoice_mirror(invoice: dict) -> None:
 # Stripe reads an event needs before it is applied (made outside any transaction).
 _FETCHERS = {
     "charge.refunded": _charge_refunds_fetch,
+    "refund.created": _refund_fetch,
+    "refund.updated": _refund_fetch,
+    "charge.refund.updated": _refund_fetch,
+    "charge.dispute.created": _with_payment_intent,
+    "charge.dispute.funds_withdrawn": _with_payment_intent,
+    "charge.dispute.funds_reinstated": _with_payment_intent,
+    "charge.dispute.closed": _with_payment_intent,
     "setup_intent.succeeded": _setup_intent_card_fetch,
 }
 
@@ -282,6 +372,10 @@ _HANDLERS = {
     "refund.created": _refund_changed,
     "refund.updated": _refund_changed,
     "charge.refund.updated": _refund_changed,
+    "charge.dispute.created": _dispute_changed,
+    "charge.dispute.funds_withdrawn": partial(_dispute_changed, withdrawn=True),
+    "charge.dispute.funds_reinstated": partial(_dispute_changed, reinstated=True),
+    "charge.dispute.closed": _dispute_changed,
     "payment_method.attached": _payment_method_attached,
     "payment_method.detached": _payment_method_detached,
     "setup_intent.succeeded": _setup_intent_succeeded,

@@ -3,6 +3,8 @@ follow Stripe's last word on them, whatever order its webhooks arrive in."""
 
 import threading
 from decimal import Decimal
+from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 from django.db import connection
@@ -19,7 +21,7 @@ from billing.models import (
 )
 from billing.selectors import balance_minor
 from billing.services.holds import money_position
-from billing.services.refunds import refund_create
+from billing.services.refunds import refund_create, refund_mark_failed
 from billing.services.topups import top_up_succeed
 from billing.services.webhooks import webhook_event_process
 from config.errors import Conflict
@@ -116,14 +118,18 @@ def test_two_refunds_at_once_cannot_together_exceed_what_is_available(capacity):
 
 
 def _refund_event(refund: Refund, status: str, n: int) -> bool:
+    """A refund.updated delivered while Stripe's refund is `status` (the processor reads it back
+    through the gateway's refund_retrieve, stubbed here: localstripe cannot fail a refund)."""
+    remote = {"id": f"re_{refund.pk}", "object": "refund", "status": status,
+              "amount": refund.amount_minor, "metadata": {"refund": str(refund.pk)}}  # fmt: skip
     event = WebhookEvent.objects.create(
         stripe_event_id=f"evt_refund_{refund.pk}_{n}",
         type="refund.updated",
-        payload={"data": {"object": {"id": f"re_{refund.pk}", "object": "refund",
-                                     "status": status, "amount": refund.amount_minor,
-                                     "metadata": {"refund": str(refund.pk)}}}},
-    )  # fmt: skip
-    return webhook_event_process(event_id=event.pk)
+        payload={"data": {"object": remote}},
+    )
+    stripe = SimpleNamespace(refund_retrieve=lambda *, refund_id: remote)
+    with patch("billing.services.webhooks.get_gateway", lambda: stripe):
+        return webhook_event_process(event_id=event.pk)
 
 
 def _lines(org) -> list[tuple[str, int]]:
@@ -143,9 +149,11 @@ def refund_of_40(db):
 
 
 def test_a_success_after_a_failure_takes_the_money_again_once(refund_of_40):
+    """The failure was our request to Stripe giving up; Stripe made the refund after all.
+    (A failure of Stripe's own is final: tests/billing/test_refunds_out_of_band_stale_status.py.)"""
     org, refund = refund_of_40
 
-    assert _refund_event(refund, "failed", 1)
+    refund_mark_failed(refund_id=refund.pk, reason="timeout")
     assert balance_minor(organization=org) == 10000
     assert _refund_event(refund, "succeeded", 2)
     assert _refund_event(refund, "succeeded", 3)  # told again: nothing more moves
@@ -159,17 +167,16 @@ def test_a_success_after_a_failure_takes_the_money_again_once(refund_of_40):
 def test_each_change_of_stripes_word_moves_the_money_once(refund_of_40):
     org, refund = refund_of_40
 
+    # Stripe fails a refund that had succeeded; a "succeeded" after that is an older word.
     for n, status in enumerate(["succeeded", "failed", "failed", "succeeded", "failed"]):
         assert _refund_event(refund, status, n)
 
     refund.refresh_from_db()
     assert refund.status == RefundStatus.FAILED
-    assert _lines(org) == [
-        ("refund", -4000), ("adjustment", 4000), ("refund", -4000), ("adjustment", 4000),
-    ]  # fmt: skip
+    assert _lines(org) == [("refund", -4000), ("adjustment", 4000)]
     assert balance_minor(organization=org) == 10000
     assert sorted(
-        LedgerEntry.objects.filter(organization=org, kind__in=["refund", "adjustment"])
-        .values_list("idempotency_key", flat=True)
-    ) == sorted([f"refund:{refund.pk}", f"refund_reversal:{refund.pk}",
-                 f"refund_reinstated:{refund.pk}:1", f"refund_reversal:{refund.pk}:2"])  # fmt: skip
+        LedgerEntry.objects.filter(organization=org, kind__in=["refund", "adjustment"]).values_list(
+            "idempotency_key", flat=True
+        )
+    ) == sorted([f"refund:{refund.pk}", f"refund_reversal:{refund.pk}"])

@@ -5,6 +5,7 @@ can play it (its refunds always succeed); a refund Stripe failed is played by a 
 gateway's refund_retrieve (localstripe cannot fail a refund)."""
 
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 
@@ -37,7 +38,7 @@ class StripeSays:
         return {"id": refund_id, "object": "refund", "status": self.status, "amount": 4000,
                 "currency": "usd", "payment_intent": "pi_refunded",
                 "failure_reason": "expired_or_canceled_card" if self.status == "failed" else None,
-                "metadata": {}}  # fmt: skip
+                "metadata": {"refund": refund_id.removeprefix("re_")}}  # fmt: skip
 
 
 def event(refund: Refund, status: str, n: int, type: str = "refund.updated") -> WebhookEvent:
@@ -199,3 +200,36 @@ def test_a_refund_our_request_gave_up_on_that_stripe_made_after_all_is_taken_onc
     )  # fmt: skip
     assert lines(org) == [("refund", -4000), ("adjustment", 4000), ("refund", -4000)]
     assert balance_minor(organization=org) == 6000
+
+
+@pytest.mark.django_db
+def test_a_dashboard_refund_read_as_succeeded_but_failed_meanwhile_moves_no_money(org, monkeypatch):
+    """The same race for a refund made in the Stripe Dashboard (none of ours): the failure is
+    applied first and recorded, so the older "succeeded" read finds it failed."""
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
+    top_up = TopUp.objects.create(organization=org, amount_minor=10000, currency="usd",
+                                  payment_method_id="pm_card_visa")  # fmt: skip
+    assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id="pi_refunded")
+    remote = {"id": "re_dashboard", "object": "refund", "status": "succeeded", "amount": 4000,
+              "currency": "usd", "payment_intent": "pi_refunded", "metadata": {}}  # fmt: skip
+    stripe = SimpleNamespace(refund_retrieve=lambda *, refund_id: dict(remote))
+    later = WebhookEvent.objects.create(stripe_event_id="evt_dash_2", type="refund.updated",
+                                        payload={"data": {"object": remote}})  # fmt: skip
+
+    def read_then_fail(*, refund_id):
+        answer = dict(remote)  # read: succeeded
+        remote.update(status="failed", failure_reason="lost_or_stolen_card")
+        monkeypatch.setattr("billing.services.webhooks.get_gateway", lambda: stripe)
+        assert webhook_event_process(event_id=later.pk)
+        return answer
+
+    monkeypatch.setattr("billing.services.webhooks.get_gateway",
+                        lambda: SimpleNamespace(refund_retrieve=read_then_fail))  # fmt: skip
+    first = WebhookEvent.objects.create(stripe_event_id="evt_dash_1", type="refund.created",
+                                        payload={"data": {"object": remote}})  # fmt: skip
+    assert webhook_event_process(event_id=first.pk)
+
+    refund = Refund.objects.get()
+    assert (refund.status, refund.stripe_refund_id) == (RefundStatus.FAILED, "re_dashboard")
+    assert lines(org) == []
+    assert balance_minor(organization=org) == 10000

@@ -124,8 +124,8 @@ def test_each_dashboard_refund_of_a_charge_is_recorded(client, localstripe, org,
 
 @pytest.mark.django_db
 def test_a_refund_of_a_charge_that_is_not_a_top_up_records_nothing(client, localstripe, org):
-    account = BillingAccount.objects.get(organization=org)
     pm_id = save_card(localstripe, org)
+    account = BillingAccount.objects.get(organization=org)
     pi = stripe_client(localstripe).v1.payment_intents.create(
         {
             "amount": 10000,
