@@ -38,6 +38,7 @@ from django.db.models import Q, Sum
 from django.db.models.functions import Coalesce
 
 from billing.models import (
+    BillingAccount,
     LedgerEntry,
     LedgerKind,
     OutboxMessage,
@@ -361,6 +362,21 @@ def top_up_dispute_settle(
         message = (f"Your card payment for top-up {top_up.public_id} was disputed "
                    f"({reason or 'no reason given'}), and the card issuer took the {money} back: "
                    f"it is taken from your balance, which is now {balance}.")  # fmt: skip
+        # The card disputes what it paid: it is not charged again by itself (the funding
+        # update below would start an automatic recharge on a balance gone short).
+        stopped = BillingAccount.objects.filter(
+            organization_id=top_up.organization_id, auto_recharge_enabled=True
+        ).update(auto_recharge_enabled=False)
+        if stopped:
+            message += " Automatic recharge is turned off; turn it on again in Billing."
+            audit_record(
+                organization_id=top_up.organization_id,
+                action="billing_settings.update",
+                object_type="billing_account",
+                object_id=top_up.organization.public_id,
+                changes={"after": {"auto_recharge_enabled": False}, "reason": "card dispute"},
+                actor=STRIPE_ACTOR,
+            )
     notice_send(organization=top_up.organization, kind=kind, message=message)
     funding_state_update(organization=top_up.organization)
     return written

@@ -87,6 +87,21 @@ def test_withdrawn_funds_of_a_disputed_top_up_leave_the_balance_once(client, org
 
 
 @pytest.mark.django_db
+def test_a_disputed_card_is_not_recharged_by_itself(client, org, spent_top_up):
+    """The funding update after the withdrawal would recharge the very card that disputed."""
+    BillingAccount.objects.filter(organization=org).update(
+        auto_recharge_enabled=True, recharge_threshold_minor=500,
+        recharge_amount_minor=5000,
+    )  # fmt: skip
+    deliver(client, "evt_dp_w", "charge.dispute.funds_withdrawn",
+            dispute("needs_response", WITHDRAWAL))  # fmt: skip
+    assert BillingAccount.objects.get(organization=org).auto_recharge_enabled is False
+    assert not TopUp.objects.filter(organization=org).exclude(pk=spent_top_up.pk).exists()
+    notice = BillingNotice.objects.get(organization=org, kind="dispute_funds_withdrawn")
+    assert "Automatic recharge is turned off" in notice.message
+
+
+@pytest.mark.django_db
 def test_a_won_dispute_gives_the_money_back_once(client, org, spent_top_up):
     deliver(client, "evt_dp_w", "charge.dispute.funds_withdrawn",
             dispute("needs_response", WITHDRAWAL))  # fmt: skip
