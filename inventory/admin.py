@@ -33,6 +33,7 @@ from inventory.models import (
     NodeStatus,
     NodeToken,
     Outage,
+    OutageCause,
     PriceZone,
     Site,
     StatusChange,
@@ -331,11 +332,17 @@ class GpuInline(admin.TabularInline):
 
 
 class OutageInline(admin.TabularInline):
+    """The node's outages, to read: staff record one on the Outages page (checked there)."""
+
     model = Outage
     fields = ["cause", "gpu", "started_at", "ended_at", "detail"]
-    raw_id_fields = ["gpu"]
+    readonly_fields = fields
     extra = 0
+    can_delete = False
     ordering = ["-started_at"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 class NodeTokenInline(admin.TabularInline):
@@ -650,12 +657,33 @@ class OpenOutageFilter(admin.SimpleListFilter):
 
 @admin.register(Outage)
 class OutageAdmin(admin.ModelAdmin):
+    """Outages are records that bills and SLA credits are computed from: staff record one that
+    happened (a hardware fault, say) and close it, never delete one or move its start. A
+    heartbeat outage is the sweeper's: it opens when a node goes silent and only the node's
+    next heartbeat ends it."""
+
     list_display = ["node", "gpu", "cause", "started_at", "ended_at"]
     list_filter = [OpenOutageFilter, "cause", "node__site"]
     list_select_related = ["node", "gpu"]
     search_fields = ["node__hostname", "detail"]
     raw_id_fields = ["node", "gpu"]
     date_hierarchy = "started_at"
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return []
+        fixed = ["node", "gpu", "cause", "started_at"]
+        return [*fixed, "ended_at"] if obj.cause == OutageCause.HEARTBEAT_MISSED else fixed
+
+    def formfield_for_choice_field(self, db_field, request, **kwargs):
+        if db_field.name == "cause":
+            kwargs["choices"] = [
+                c for c in OutageCause.choices if c[0] != OutageCause.HEARTBEAT_MISSED
+            ]
+        return super().formfield_for_choice_field(db_field, request, **kwargs)
 
 
 @admin.register(MaintenanceWindow)

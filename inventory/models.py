@@ -1,5 +1,6 @@
 """What exists physically: repurposed sites, GPU models, nodes, GPUs, and their health."""
 
+from datetime import timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -11,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from config.dates import OUT_OF_RANGE, within_bounds
 
@@ -490,7 +492,8 @@ class Outage(models.Model):
         return f"{self.node.hostname} {self.cause} from {self.started_at:%Y-%m-%d %H:%M}"
 
     def clean(self) -> None:
-        """What staff record (the admin runs this): a GPU of this node, in years that exist."""
+        """What staff record (the admin runs this): a GPU of this node, in years that exist,
+        and something that has happened: not in the future."""
         errors = {}
         if (
             self.gpu_id is not None
@@ -498,10 +501,13 @@ class Outage(models.Model):
             and self.gpu.node_id != self.node_id
         ):
             errors["gpu"] = "This GPU is on another node."
+        latest = timezone.now() + timedelta(minutes=1)  # a minute of clock skew
         for name in ("started_at", "ended_at"):
             value = getattr(self, name)
             if value is not None and not within_bounds(value):
                 errors[name] = OUT_OF_RANGE
+            elif value is not None and value > latest:
+                errors[name] = "An outage is recorded once it has happened: not in the future."
         if errors:
             raise ValidationError(errors)
 

@@ -166,7 +166,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix", "organization__name", "organization__public_id"]
     list_select_related = ["organization"]
+    # What a key may do is its organisation's to decide, checked and audited by the service:
+    # staff look, and revoke (a leaked key); grid keys are granted in the portal's key form.
     readonly_fields = [
+        "name",
+        "scopes",
         "organization",
         "prefix",
         "secret_hash",
@@ -175,7 +179,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "last_used_at",
         "revoked_at",
     ]
-    fields = ["name", "scopes", *readonly_fields]
+    fields = readonly_fields
     actions = ["revoke"]
 
     def has_add_permission(self, request) -> bool:
@@ -183,9 +187,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for key in queryset.order_by("pk"):
+        live = list(queryset.filter(revoked_at__isnull=True).order_by("pk"))
+        for key in live:
             api_key_revoke(api_key=key)
-        messages.success(request, f"Revoked {queryset.count()} key(s).")
+        messages.success(request, f"Revoked {len(live)} key(s).")
 
 
 @admin.register(SshKey)
@@ -746,9 +751,16 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Resend the selected deliveries now")
     def resend(self, request: HttpRequest, queryset: QuerySet) -> None:
+        queued = 0
         for delivery in queryset:
-            webhook_delivery_resend(delivery=delivery)
-        messages.success(request, f"{queryset.count()} delivery(ies) queued again.")
+            try:
+                webhook_delivery_resend(delivery=delivery)
+            except ApplicationError as exc:
+                messages.error(request, f"{delivery.public_id}: {exc.message}")
+            else:
+                queued += 1
+        if queued:
+            messages.success(request, f"{queued} delivery(ies) queued again.")
 
 
 @admin.register(AuditEntry)

@@ -1,5 +1,6 @@
 """A real HTTP server on 127.0.0.1 that records what it receives (webhook tests, SDK tests)."""
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,3 +78,61 @@ def receiver():
     yield recorder
     server.shutdown()
     server.server_close()
+
+
+@dataclass
+class TrickleReceiver:
+    """A raw-socket receiver that answers 200 with its headers at once, then its body one byte
+    every `interval` seconds for `lasts` seconds (a slow or hostile receiver: each read gets a
+    byte well within any per-read timeout); records each request's time and
+    Switchyard-Delivery-Id."""
+
+    url: str
+    interval: float = 0.25
+    lasts: float = 5.0  # then it hangs up, the body unfinished
+    requests: list[tuple[float, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _trickle(conn, recorder: TrickleReceiver) -> None:
+    with conn:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+        recorder.requests.append((time.monotonic(), headers.get("Switchyard-Delivery-Id", "")))
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            until = time.monotonic() + recorder.lasts
+            while time.monotonic() < until:
+                if recorder.stop.wait(recorder.interval):
+                    return
+                conn.sendall(b".")
+        except OSError:
+            pass  # the sender gave up
+
+
+@pytest.fixture
+def trickle_receiver():
+    listener = socket.create_server(("127.0.0.1", 0))
+    recorder = TrickleReceiver(url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    listener.settimeout(0.2)  # to notice the end of the test
+
+    def serve():
+        while not recorder.stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=_trickle, args=(conn, recorder), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield recorder
+    recorder.stop.set()
+    listener.close()

@@ -121,7 +121,11 @@ class WebhookView(_WebhookView):
             delivery = webhook_delivery_get_for_org(
                 organization=self.organization, public_id=request.POST.get("delivery", "")
             )
-            webhook_delivery_resend(delivery=delivery)
+            try:
+                webhook_delivery_resend(delivery=delivery)
+            except ApplicationError as exc:
+                show_error(request, exc)
+                return render_endpoint(request, self.organization, endpoint, status=exc.status_code)
             messages.success(request, f"{delivery.event.type} ({delivery.event.public_id}) queued.")
         else:
             messages.error(request, "Unknown action.")

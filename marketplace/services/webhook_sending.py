@@ -5,8 +5,14 @@
   their events' `created`; a worker that dies leaves a lease that lapses.
 - Each try connects to an address the host resolved to, checked again now (no DNS rebinding:
   the request goes to the address that was checked, with the host name in the Host header and
-  in TLS's SNI and certificate check), waits at most WEBHOOK_TIMEOUT, follows no redirect, and
-  keeps at most EXCERPT_BYTES of the answer. No database transaction is open while it waits.
+  in TLS's SNI and certificate check), follows no redirect, and keeps at most EXCERPT_BYTES of
+  the answer. The whole try (connect, TLS, request, the answer's status, headers and excerpt)
+  has WEBHOOK_TIMEOUT, however slowly a receiver trickles; the lease is derived from it and
+  SEND_BUDGET, so it never lapses while a try is in flight. A sender releases only its own
+  lease. No database transaction is open while it waits.
+- What a receiver answers is stored as PostgreSQL text can hold it (a NUL becomes U+FFFD), and
+  a try is recorded even if its answer cannot be: one bad answer never leaves a delivery
+  unrecorded (and so sent again at once, for ever).
 - A 2xx is success. Anything else is retried with exponential backoff until WEBHOOK_RETRY_FOR
   after the event (or the resend), the last try on that deadline; an endpoint whose deliveries
   have failed without a success for that long is disabled and its owners and admins e-mailed.
@@ -14,7 +20,9 @@
   of the webhooks queue, not all of it).
 """
 
+import dataclasses
 import http.client
+import io
 import json
 import logging
 import socket
@@ -25,7 +33,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DataError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -62,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 EXCERPT_BYTES = 1000
 SEND_BUDGET = timedelta(seconds=30)
-_LEASE = timedelta(seconds=120)  # longer than SEND_BUDGET plus one timeout
 _USER_AGENT = "Switchyard-Webhooks/1"
 
 
@@ -77,8 +84,12 @@ class Outcome:
 
 
 def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: float) -> Outcome:
-    """POST `body` to `url` once, on a checked address; never raises for network trouble."""
+    """POST `body` to `url` once, on a checked address; never raises for network trouble.
+
+    `timeout` bounds the whole try, from connecting to the last byte of the excerpt.
+    """
     started = time.monotonic()
+    deadline = started + timeout
     address = None
 
     def outcome(*, status=None, excerpt="", error="") -> Outcome:
@@ -96,8 +107,11 @@ def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: flo
     except ValidationFailed as exc:
         return outcome(error=exc.message)
     address = addresses[0]
+    # One parse for host, port and target: the one webhook_url_resolve checked.
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        sock = socket.create_connection((address, port), timeout=timeout)
+        sock = socket.create_connection((address, port), timeout=_time_left(deadline))
     except OSError as exc:
         return outcome(error=f"could not connect to {address}: {exc}")
     try:
@@ -105,13 +119,12 @@ def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: flo
         address = sock.getpeername()[0]
         webhook_address_check(address)
         if scheme == "https":
+            sock.settimeout(_time_left(deadline))  # bounds the whole handshake
             context = ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host)
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        conn.sock = sock
-        parts = url.split("://", 1)[1]
-        path = "/" + parts.split("/", 1)[1] if "/" in parts else "/"
-        conn.putrequest("POST", path.split("#", 1)[0], skip_host=True, skip_accept_encoding=True)
+        conn = http.client.HTTPConnection(host, port)
+        conn.sock = _DeadlineSocket(sock, deadline)
+        conn.putrequest("POST", target, skip_host=True, skip_accept_encoding=True)
         default_port = 443 if scheme == "https" else 80
         conn.putheader("Host", host if port == default_port else f"{host}:{port}")
         for name, value in headers.items():
@@ -126,15 +139,67 @@ def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: flo
         return outcome(status=response.status, excerpt=excerpt, error=error)
     except ValidationFailed as exc:
         return outcome(error=exc.message)
+    except TimeoutError:
+        return outcome(error=f"timed out: no complete answer within {timeout:g} s")
     except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
-        return outcome(error=f"{type(exc).__name__}: {exc}" or "connection failed")
+        return outcome(error=f"{type(exc).__name__}: {exc}")
     finally:
         sock.close()
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+class _DeadlineSocket:
+    """The socket as http.client uses it (sendall, makefile, close), each send and receive
+    given only what is left until `deadline`: a socket's own timeout is per call, so an answer
+    trickled a byte at a time would otherwise hold the sender for ever. webhook_post closes
+    the socket itself."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock = sock
+        self._deadline = deadline
+
+    def recv_into(self, buffer) -> int:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._sock.recv_into(buffer)
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(_time_left(self._deadline))
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        pass
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: _DeadlineSocket):
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._sock.recv_into(buffer)
 
 
 def webhook_backoff(attempts: int) -> timedelta:
     """After the n-th failed try: 30 s, 1 min, 2 min, … doubling, at most 6 hours."""
     return timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 6 * 3600))
+
+
+def _lease() -> timedelta:
+    """How long a claim holds: twice the longest a sender keeps an endpoint (SEND_BUDGET, then
+    one last try of at most WEBHOOK_TIMEOUT), so it cannot lapse while a try is in flight."""
+    return 2 * (SEND_BUDGET + timedelta(seconds=settings.WEBHOOK_TIMEOUT))
 
 
 _CLAIM_SQL = """
@@ -144,10 +209,17 @@ RETURNING id
 """
 
 
-def _claim(endpoint_id: int, now: datetime) -> bool:
+def _claim(endpoint_id: int, now: datetime) -> datetime | None:
+    """The lease taken on the endpoint (its sending_until), or None if it is not ours."""
+    lease = now + _lease()
     with connection.cursor() as cur:
-        cur.execute(_CLAIM_SQL, [now + _LEASE, endpoint_id, now])
-        return cur.fetchone() is not None
+        cur.execute(_CLAIM_SQL, [lease, endpoint_id, now])
+        return lease if cur.fetchone() is not None else None
+
+
+def _release(endpoint_id: int, lease: datetime) -> None:
+    # Only our own: had it lapsed and another sender claimed the endpoint, that lease is theirs.
+    WebhookEndpoint.objects.filter(pk=endpoint_id, sending_until=lease).update(sending_until=None)
 
 
 def _next_due(endpoint_id: int, now: datetime) -> WebhookDelivery | None:
@@ -168,7 +240,8 @@ def webhook_endpoint_send(*, endpoint_id: int) -> dict:
     queues itself again).
     """
     started = timezone.now()
-    if not _claim(endpoint_id, started):
+    lease = _claim(endpoint_id, started)
+    if lease is None:
         return {"sent": 0, "failed": 0, "more": False}  # another worker has it, or disabled
     sent = failed = 0
     more = False
@@ -199,7 +272,7 @@ def webhook_endpoint_send(*, endpoint_id: int) -> dict:
                 url=endpoint.url, body=body, headers=headers, timeout=settings.WEBHOOK_TIMEOUT
             )
             try:
-                still_enabled = _record(delivery, result, at=now)
+                still_enabled = _record_try(delivery, result, at=now)
             except (WebhookEndpoint.DoesNotExist, WebhookDelivery.DoesNotExist):
                 break  # deleted while we were sending: nothing left to record
             if result.succeeded:
@@ -209,8 +282,28 @@ def webhook_endpoint_send(*, endpoint_id: int) -> dict:
             if not still_enabled:
                 break
     finally:
-        WebhookEndpoint.objects.filter(pk=endpoint_id).update(sending_until=None)
+        _release(endpoint_id, lease)
     return {"sent": sent, "failed": failed, "more": more}
+
+
+def _storable(text: str) -> str:
+    """`text` as a PostgreSQL text column can hold it: no NUL, nothing UTF-8 cannot encode."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _record_try(delivery: WebhookDelivery, result: Outcome, *, at: datetime) -> bool:
+    """_record, and if the database refuses what the receiver answered, the try without it: an
+    unrecorded try would be sent again at once, for ever, holding up the endpoint's others."""
+    try:
+        return _record(delivery, result, at=at)
+    except DataError:
+        logger.exception("webhook delivery %s: the try's answer could not be stored", delivery.pk)
+    escaped = dataclasses.replace(
+        result,
+        excerpt=ascii(result.excerpt)[1:-1][:EXCERPT_BYTES],  # printable ASCII only
+        error=("the answer could not be stored as sent: " + ascii(result.error))[:500],
+    )
+    return _record(delivery, escaped, at=at)
 
 
 @transaction.atomic
@@ -218,20 +311,21 @@ def _record(delivery: WebhookDelivery, result: Outcome, *, at: datetime) -> bool
     """Record the try on the delivery and the endpoint; False if the endpoint is now disabled."""
     endpoint = WebhookEndpoint.objects.select_for_update().get(pk=delivery.endpoint_id)
     locked = WebhookDelivery.objects.select_for_update().get(pk=delivery.pk)
+    error = _storable(result.error)[:500]
     WebhookAttempt.objects.create(
         delivery=locked,
         at=at,
         duration_ms=result.duration_ms,
         succeeded=result.succeeded,
         response_status=result.status,
-        response_excerpt=result.excerpt[:EXCERPT_BYTES],
-        error=result.error,
+        response_excerpt=_storable(result.excerpt)[:EXCERPT_BYTES],
+        error=error,
         address=result.address,
     )
     locked.attempts = F("attempts") + 1
     locked.last_attempt_at = at
     locked.last_response_status = result.status
-    locked.last_error = result.error
+    locked.last_error = error
     now = timezone.now()
     if result.succeeded:
         locked.status = DeliveryStatus.SUCCEEDED

@@ -318,14 +318,26 @@ def webhook_deliveries_create_many(*, events: list[Event]) -> list[WebhookDelive
 
 @transaction.atomic
 def webhook_delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
-    """Send the event again now (whatever became of it), as the next of its endpoint's."""
+    """Send the event again now (whatever became of it), as the next of its endpoint's.
+
+    Refused (409 endpoint_disabled) while the endpoint is disabled: nothing would send it.
+    """
+    # The endpoint before the delivery, as the sender locks them: it cannot be disabled (and
+    # its pending deliveries failed) between this check and the resend.
+    endpoint = WebhookEndpoint.objects.select_for_update().get(pk=delivery.endpoint_id)
+    if not endpoint.enabled:
+        raise Conflict(
+            f"The endpoint {endpoint.public_id} is disabled, so nothing would be sent: enable "
+            "it first, then resend.",
+            code="endpoint_disabled",
+        )
     locked = WebhookDelivery.objects.select_for_update().get(pk=delivery.pk)
     now = timezone.now()
     locked.status = DeliveryStatus.PENDING
     locked.retry_from = locked.next_attempt_at = now
     locked.save(update_fields=["status", "retry_from", "next_attempt_at"])
     audit_record(
-        organization_id=locked.endpoint.organization_id,
+        organization_id=endpoint.organization_id,
         action="webhook_delivery.resend",
         object_type="webhook_delivery",
         object_id=locked.public_id,

@@ -37,3 +37,30 @@ def test_a_price_zone_has_an_iana_time_zone(admin_client):
     assert "is not an IANA time zone" in response.content.decode()
     assert not PriceZone.objects.exists()
     assert admin_client.post(url, {**form, "timezone": "America/Chicago"}).status_code == 302
+
+
+def test_an_outage_is_a_record_of_what_happened_not_a_lever_on_bills(admin_client, admin_user):
+    """Bills and SLA credits are computed from outages: staff record a fault that happened,
+    never one in the future, never a heartbeat outage (the sweeper's), and delete none."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    node = NodeFactory(gpus=2)
+    url = reverse("admin:inventory_outage_add")
+    future = (timezone.now() + timedelta(days=30)).strftime("%Y-%m-%d %H:%M:%S")
+    ahead = admin_client.post(url, _outage_form(node, None, started_at=future))
+    beat = admin_client.post(url, {**_outage_form(node, None), "cause": "heartbeat_missed"})
+    assert "not in the future" in ahead.content.decode()
+    assert "heartbeat_missed is not one of the available choices" in beat.content.decode()
+    assert not Outage.objects.exists()
+
+    assert admin_client.post(url, _outage_form(node, None)).status_code == 302
+    outage = Outage.objects.get()
+    delete = reverse("admin:inventory_outage_delete", args=[outage.pk])
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 403
+    change = reverse("admin:inventory_outage_change", args=[outage.pk])
+    moved = {**_outage_form(node, None, started_at="2026-11-01 10:00:00"), "_save": "Save"}
+    admin_client.post(change, moved)
+    outage.refresh_from_db()
+    assert outage.started_at.day == 1 and outage.started_at.month == 12  # the start stays

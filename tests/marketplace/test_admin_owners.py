@@ -99,3 +99,22 @@ def test_staff_membership_changes_are_recorded_as_members_own_are(admin_client, 
     entries = AuditEntry.objects.filter(organization=org)
     assert {e.action for e in entries} >= {"member.add", "member.remove"}
     assert {e.actor for e in entries} == {f"staff:{admin_user.get_username()}"}
+
+
+def test_staff_cannot_change_what_a_key_may_do_but_may_revoke_it(admin_client):
+    from marketplace.models import AuditEntry
+
+    org = OrganizationFactory()
+    key, _ = api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)
+    url = reverse("admin:marketplace_apikey_change", args=[key.pk])
+    admin_client.post(url, {"name": "x", "scopes": "5", "_save": "Save"})
+    key.refresh_from_db()
+    assert (key.name, key.scopes) == ("ci", ["read"])
+
+    changelist = reverse("admin:marketplace_apikey_changelist")
+    for _ in range(2):
+        done = admin_client.post(
+            changelist, {"action": "revoke", "_selected_action": [key.pk]}, follow=True
+        )
+    assert "Revoked 0 key(s)." in done.content.decode()  # the second time: none was live
+    assert AuditEntry.objects.filter(action="api_key.revoke", object_id=key.public_id).count() == 1
