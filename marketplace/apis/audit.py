@@ -30,7 +30,9 @@ class AuditEntryOutput(Serializer):
 
 
 class AuditFilter(django_filters.FilterSet):
-    actor = django_filters.CharFilter(max_length=160, help_text="user:<name>, api_key:<prefix> or staff:<name>.")
+    actor = django_filters.CharFilter(
+        max_length=160, help_text="user:<name>, api_key:<prefix> or staff:<name>."
+    )
     action = django_filters.CharFilter(
         max_length=64,
         help_text="An action (api_key.create) or, ending in a dot, a family (api_key.).",
