@@ -4,7 +4,7 @@ from django import forms
 
 from config.dates import OUT_OF_RANGE, within_bounds
 
-__all__ = ["PortalDateField", "PortalDateTimeField"]
+__all__ = ["PortalDateField", "PortalDateTimeField", "PortalMinuteField"]
 
 
 class PortalDateTimeField(forms.DateTimeField):
@@ -17,6 +17,19 @@ class PortalDateTimeField(forms.DateTimeField):
             raise forms.ValidationError(OUT_OF_RANGE, code="out_of_range") from None
         if result is not None and not within_bounds(result):
             raise forms.ValidationError(OUT_OF_RANGE, code="out_of_range")
+        return result
+
+
+class PortalMinuteField(PortalDateTimeField):
+    """A time to the minute, as the portal's pickers give it: seconds are refused, not kept
+    unseen (a forged or typed value would otherwise book, extend or list to the second)."""
+
+    def to_python(self, value):
+        result = super().to_python(value)
+        if result is not None and (result.second or result.microsecond):
+            raise forms.ValidationError(
+                "Give a time to the minute, without seconds.", code="not_whole_minute"
+            )
         return result
 
 

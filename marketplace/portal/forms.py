@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 from django import forms
+from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
 from django.utils import timezone
 
@@ -13,7 +14,7 @@ from marketplace.models import (
     Role,
     Tier,
 )
-from marketplace.portal.fields import PortalDateTimeField
+from marketplace.portal.fields import PortalDateTimeField, PortalMinuteField
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 
@@ -42,9 +43,20 @@ class SignupForm(UserCreationForm):
     class Meta(UserCreationForm.Meta):
         fields = ("username", "email")
 
+    def clean_email(self):
+        # One account per address: a password reset or an invitation to it means one person.
+        email = self.cleaned_data["email"].strip()
+        if get_user_model().objects.filter(email__iexact=email).exists():
+            raise forms.ValidationError(
+                "An account with this e-mail address exists: sign in, or reset its password."
+            )
+        return email
+
 
 class OrganizationForm(forms.Form):
     name = forms.CharField(label="Organisation name", max_length=100)
+    # Sent twice (a double click), the form creates one organisation (OrganizationNewView).
+    once = OnceField()
 
 
 # --- finding and reserving GPUs -------------------------------------------------------------
@@ -249,7 +261,7 @@ class CancelForm(forms.Form):
 
 
 class ExtendForm(forms.Form):
-    ends_at = PortalDateTimeField(label="New end (UTC)", widget=MinuteInput())
+    ends_at = PortalMinuteField(label="New end (UTC)", widget=MinuteInput())
     confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 
@@ -328,9 +340,11 @@ class ListingForm(forms.Form):
 
     prefix = "resale"
 
+    # Sent twice (a double click), the form lists once.
+    once = OnceField()
     gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096)
-    starts_at = PortalDateTimeField(label="From (UTC)", widget=MinuteInput())
-    ends_at = PortalDateTimeField(label="Until (UTC)", widget=MinuteInput())
+    starts_at = PortalMinuteField(label="From (UTC)", widget=MinuteInput())
+    ends_at = PortalMinuteField(label="Until (UTC)", widget=MinuteInput())
     price_per_gpu_hour = forms.DecimalField(
         label="Asking price per GPU-hour",
         max_digits=12,

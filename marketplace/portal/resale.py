@@ -8,6 +8,7 @@ from django.utils.dateparse import parse_datetime
 from django.views import View
 
 from config.errors import ApplicationError, PaymentRequired
+from config.once import once_or_refused
 from marketplace.funding import funding_gate
 from marketplace.models import ListingStatus
 from marketplace.portal.forms import ListingForm, ReserveForm
@@ -40,19 +41,29 @@ class ListingCreateView(PortalView, View):
         if form.is_valid():
             d = form.cleaned_data
             try:
-                listing = listing_create(
-                    organization=self.organization,
-                    reservation=reservation,
-                    gpu_count=d["gpu_count"],
-                    starts_at=d["starts_at"],
-                    ends_at=d["ends_at"],
-                    price_per_gpu_hour=d["price_per_gpu_hour"],
-                    tier=d["tier"],
-                    user=request.user,
+                listing = once_or_refused(
+                    request,
+                    self.organization,
+                    d["once"],
+                    lambda: listing_create(
+                        organization=self.organization,
+                        reservation=reservation,
+                        gpu_count=d["gpu_count"],
+                        starts_at=d["starts_at"],
+                        ends_at=d["ends_at"],
+                        price_per_gpu_hour=d["price_per_gpu_hour"],
+                        tier=d["tier"],
+                        user=request.user,
+                    ),
                 )
             except ApplicationError as exc:
                 form.add_error(exc.field if exc.field in form.fields else None, exc.message)
             else:
+                if listing is None:
+                    messages.warning(
+                        request, "This form was already sent, so nothing more was listed."
+                    )
+                    return redirect("portal:reservation", public_id=public_id)
                 messages.success(
                     request,
                     f"Listed {listing.gpu_count} GPU(s) for resale ({listing.public_id}).",

@@ -457,13 +457,21 @@ def _gpu_chart(rows: list[dict]) -> dict | None:
     }
 
 
+def _last_placement(allocations) -> list:
+    """The allocations an ended reservation held at its end: those reaching the latest end."""
+    held = [a for a in allocations if a.period is not None and not a.period.isempty]
+    last = max((a.period.upper for a in held), default=None)
+    return [a for a in held if a.period.upper == last]
+
+
 def _detail_context(view, reservation, **extra) -> dict:
     allowed = reservation_allowed_actions(reservation)
     gpu_use = _gpu_use(reservation)
     live = [a for a in reservation.allocation_list if a.is_live]
     # Distinct GPUs: a GPU whose time was partly resold has an allocation before and after.
+    # Once it has ended, the GPUs it held last (a GPU moved off after a failure is not one).
     gpus_on: dict[str, set[int]] = {}
-    for allocation in live or reservation.allocation_list:
+    for allocation in live or _last_placement(reservation.allocation_list):
         gpus_on.setdefault(allocation.node.hostname, set()).add(allocation.gpu_id)
     per_node = {host: len(gpus) for host, gpus in gpus_on.items()}
     can_act = view.membership.role in RESERVING_ROLES

@@ -7,6 +7,7 @@ from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.contrib.messages.views import SuccessMessageMixin
+from django.core.cache import cache
 from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse_lazy
@@ -111,6 +112,17 @@ class SignupView(View):
         return open_invitation_for(token) if token else None
 
 
+def _once_key(request, key: str) -> str:
+    return f"portal:once:{request.user.pk}:{key}"
+
+
+def _first_send(once: str) -> bool:
+    try:
+        return cache.add(once, 1, timeout=24 * 3600)
+    except Exception:  # noqa: BLE001 — Redis away: a second organisation is the lesser harm
+        return True
+
+
 class OrganizationNewView(LoginRequiredMixin, View):
     """A signed-in user creates an organisation (also where members of none are sent)."""
 
@@ -122,11 +134,18 @@ class OrganizationNewView(LoginRequiredMixin, View):
     def post(self, request):
         form = OrganizationForm(request.POST)
         if form.is_valid():
+            # One-time key (OnceField), kept in the cache: an organisation is not there yet
+            # to hold it as config.once does. add is atomic: of two sends at once one is first.
+            once = _once_key(request, form.cleaned_data["once"])
+            if not _first_send(once):
+                messages.warning(request, "This form was already sent: the organisation exists.")
+                return redirect("portal:dashboard")
             try:
                 organization = organization_create(
                     name=form.cleaned_data["name"], owner=request.user
                 )
             except ApplicationError as exc:
+                cache.delete(once)  # nothing was created: the form may be sent again
                 form.add_error("name", exc.message)
             else:
                 request.session[SESSION_ORG_KEY] = organization.public_id

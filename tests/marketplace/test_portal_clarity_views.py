@@ -115,6 +115,21 @@ def test_extending_shows_the_cost_first_and_changes_nothing_until_confirmed(
     assert reservation.total_amount == Decimal("114.80")
 
 
+def test_an_extension_is_to_the_minute(market, allow_all_funding):  # noqa: F811
+    org = OrganizationFactory()
+    reservation = _reserve(org, hours=2)
+    later = (reservation.ends_at + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M") + ":30"
+
+    response = member_client(org, Role.MEMBER).post(
+        f"/reservations/{reservation.public_id}/extend", {"ends_at": later, "confirm": "True"}
+    )
+
+    assert response.status_code == 400
+    assert "to the minute, without seconds" in response.content.decode()
+    reservation.refresh_from_db()
+    assert reservation.ends_at == reservation.starts_at + timedelta(hours=2)
+
+
 def test_an_extension_to_an_earlier_end_is_refused_on_the_field(
     market,
     allow_all_funding,  # noqa: F811

@@ -1,6 +1,7 @@
 """The portal's resale: list from a reserved term's page, withdraw, see listings and sales, and
 find and reserve resold time from the search."""
 
+import secrets
 from datetime import timedelta
 
 import pytest
@@ -21,6 +22,7 @@ def minute(t) -> str:
 
 def form(m, **overrides):
     fields = {
+        "once": secrets.token_urlsafe(8),  # the form's one-time key, new each time it is shown
         "gpu_count": "4",
         "starts_at": minute(m.start + 24 * H),
         "ends_at": minute(m.start + 48 * H),
