@@ -32,6 +32,9 @@ CURRENT_STATUSES = [
 ]
 
 
+_STARTING = (ReservationStatus.PENDING, ReservationStatus.SCHEDULED, ReservationStatus.PROVISIONING)
+
+
 def progress(reservation: Reservation, now: datetime | None = None) -> dict:
     """Seconds run and left, what it has been charged so far (billing's `charged`), seconds to
     an announced interruption. For a list, load the charges first in one question
@@ -40,11 +43,20 @@ def progress(reservation: Reservation, now: datetime | None = None) -> dict:
     running = reservation.status == ReservationStatus.ACTIVE
     elapsed = reservation_elapsed_seconds(reservation, now) or 0
     noticed = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
+    remaining = max(int((reservation.ends_at - now).total_seconds()), 0)
+    starts_in = max(int((reservation.starts_at - now).total_seconds()), 0)
+    if running:
+        time_left = duration(remaining)
+    elif starts_in:
+        time_left = f"starts in {duration(starts_in)}"
+    else:  # its start has come: it is being set up (or moved), not waiting for a time
+        time_left = "starting now" if reservation.status in _STARTING else "—"
     return {
         "running": running,
+        "time_left": time_left,
         "elapsed_seconds": elapsed,
-        "remaining_seconds": max(int((reservation.ends_at - now).total_seconds()), 0),
-        "starts_in_seconds": max(int((reservation.starts_at - now).total_seconds()), 0),
+        "remaining_seconds": remaining,
+        "starts_in_seconds": starts_in,
         "cost_so_far": reservation_charged(reservation),
         "interruption_in_seconds": max(int((reservation.preempt_at - now).total_seconds()), 0)
         if noticed
@@ -64,9 +76,7 @@ def _as_json(reservation: Reservation, now: datetime) -> dict:
         "elapsed": duration(p["elapsed_seconds"]),
         "remaining_seconds": p["remaining_seconds"],
         "remaining": duration(p["remaining_seconds"]),
-        "time_left": duration(p["remaining_seconds"])
-        if p["running"]
-        else f"starts in {duration(p['starts_in_seconds'])}",
+        "time_left": p["time_left"],
         "cost_so_far": str(p["cost_so_far"]),
         "cost_so_far_display": money(p["cost_so_far"], currency),
         "total_display": money(reservation.total_amount, currency),

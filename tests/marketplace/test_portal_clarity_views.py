@@ -445,6 +445,24 @@ def test_the_live_endpoint_gives_running_figures_for_the_organisations_own_only(
     assert Tier.ON_DEMAND == mine.tier
 
 
+def test_a_reservation_past_its_start_but_not_running_says_it_is_starting(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    """Not "starts in 0 min": its time has come, it is being set up (or moved after a fault)."""
+    org = OrganizationFactory()
+    later, now_due = _reserve(org), _reserve(org, start=timezone.now() + timedelta(seconds=2))
+    Reservation.objects.filter(pk=now_due.pk).update(
+        starts_at=timezone.now() - timedelta(minutes=1), status=ReservationStatus.PROVISIONING
+    )
+    rows = member_client(org, Role.MEMBER).get(
+        "/reservations/live", {"id": [later.public_id, now_due.public_id]}
+    ).json()["reservations"]
+    labels = {r["id"]: r["time_left"] for r in rows}
+    assert labels[later.public_id].startswith("starts in ")
+    assert labels[now_due.public_id] == "starting now"
+
+
 def test_a_reservation_booked_with_an_api_key_shows_the_keys_name_in_its_history(
     market,
     allow_all_funding,  # noqa: F811
