@@ -478,7 +478,7 @@ LISTING_COLUMNS = ["id", "status", "for_sale", "reservation", "node", "gpu_count
 
 @resale.command("list")
 @click.option("--status", multiple=True,
-              type=click.Choice(["open", "sold", "withdrawn", "expired"]))  # fmt: skip
+              type=click.Choice(["open", "sold", "returned", "withdrawn", "expired"]))  # fmt: skip
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
 @click.pass_obj
 def resale_list(state, status, limit):

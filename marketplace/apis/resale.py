@@ -73,7 +73,7 @@ class ListingListApi(ApiView):
     @extend_schema(
         tags=TAGS,
         operation_id="resale_listings_list",
-        summary="Your resale listings, newest first (open, sold, withdrawn, expired)",
+        summary="Your resale listings, newest first (open, sold, returned, withdrawn, expired)",
         responses={200: ListingOutput(many=True), **errors(400, 403, 404)},
     )
     def get(self, request):

@@ -26,13 +26,22 @@ class ListingStatus(models.TextChoices):
     WITHDRAWN = "withdrawn"
     # Its window began unsold: the seller keeps the time (beat marks it within a minute).
     EXPIRED = "expired"
+    # Sold, then given back whole: its buyer left before the window began, so the time went
+    # back to the seller's term and nothing was sold (services.resale.resale_unused_return).
+    RETURNED = "returned"
+
+
+# A listing that was bought: a sale (sold), or one its buyer gave back whole (returned).
+_BOUGHT_STATUSES = (ListingStatus.SOLD, ListingStatus.RETURNED)
 
 
 class ResaleListing(models.Model):
     """Whole GPUs of one node of a reserved term, offered for a window inside the term.
 
     Sold in parts: a sale narrows this row to what the buyer took (GPUs and window) and
-    lists what is left as new open listings (parent = this one), so a sold row is a sale.
+    lists what is left as new open listings (parent = this one), so a sold row is a sale. A
+    buyer that leaves early gives the rest of the window back to the seller: the row is
+    narrowed again to the time the buyer held, or is `returned` if it held none of it.
     """
 
     public_id = models.CharField(max_length=32, unique=True, default=ids.listing_id, editable=False)
@@ -110,15 +119,16 @@ class ResaleListing(models.Model):
             models.CheckConstraint(
                 condition=Q(status__in=ListingStatus.values), name="resale_listing_status_valid"
             ),
-            # Sold exactly when it has a buyer, with the fee it sold at.
+            # Bought (sold, or returned by its buyer) exactly when it has a buyer, with the
+            # fee it sold at.
             models.CheckConstraint(
                 condition=(
-                    Q(status=ListingStatus.SOLD)
+                    Q(status__in=_BOUGHT_STATUSES)
                     & Q(buyer_reservation__isnull=False)
                     & Q(fee_pct__isnull=False)
                     & Q(sold_at__isnull=False)
                 )
-                | (~Q(status=ListingStatus.SOLD) & Q(buyer_reservation__isnull=True)),
+                | (~Q(status__in=_BOUGHT_STATUSES) & Q(buyer_reservation__isnull=True)),
                 name="resale_listing_sold_has_buyer",
             ),
         ]

@@ -163,7 +163,9 @@ def resale_breakdown(
 
 
 def sold_gpu_seconds(*, reservation, since: datetime) -> int:
-    """GPU-seconds of a term from `since` on that were resold (no longer the holder's)."""
+    """GPU-seconds of a term from `since` on that were resold (no longer the holder's): its
+    sold listings' windows, which a buyer leaving early narrows to the time it held (one that
+    held none is `returned`, not sold), so time given back counts as the holder's again."""
     total = 0
     for gpu_count, starts_at, ends_at in ResaleListing.objects.filter(
         reservation=reservation, status=ListingStatus.SOLD, ends_at__gt=since

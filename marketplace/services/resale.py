@@ -11,14 +11,24 @@ Sold in parts: a buyer takes any whole number of the listed GPUs (the first ones
 for any window inside the listing's; the listing row is narrowed to what was sold and what is
 left stays listed as new open listings (parent = the sold row).
 
+A buyer that leaves the live statuses before its window is over (cancelled before the
+start, stopped early, failed, preempted) gives the rest back: in the transition that frees
+its GPUs, the seller's allocation of each GPU is live again from max(now, window start) to
+the window's end, and the sale is narrowed to the time the buyer held (`returned` when it
+held none), so the term's refund, extension and provisioning see that time as the seller's.
+
 Locks, in the order every path takes them: the seller's reservation row, then listing rows,
 then nodes (as placement and extensions), then a billing account (the buyer's funding gate).
+A buyer giving time back holds its own row (the transition's) and takes the seller's, the
+listing and the node next, before its move frees (and so locks) its GPUs; no path holding a
+seller's row waits for a buyer's.
 """
 
+import logging
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg.types.range import Range
 
@@ -34,6 +44,7 @@ from marketplace.models import (
     ResaleFee,
     ResaleListing,
     Reservation,
+    ReservationStatus,
     Tier,
 )
 from marketplace.rules import validate_period_length
@@ -50,7 +61,11 @@ __all__ = [
     "listings_withdraw_for_reservation",
     "listings_withdraw_for_ended_terms",
     "resale_allocations_transfer",
+    "resale_return_lock",
+    "resale_unused_return",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RESALE_FEE_PCT = Decimal("10")
 _PRICE_QUANTUM = Decimal("0.0001")
@@ -721,3 +736,167 @@ def _audit(listing: ResaleListing, action: str, changes: dict) -> None:
         object_id=listing.public_id,
         changes=changes,
     )
+
+
+# --- a buyer leaving early gives the rest of its window back to the seller ----------------
+
+# Per GPU: the seller's record of the sold window (not live, the window's exact period) and
+# its live rows that meet the returned time ([r, e)) at either end, to be joined to it.
+_RETURN_ROWS_SQL = """
+SELECT a.id, a.gpu_id, a.is_live, lower(a.period), upper(a.period)
+FROM marketplace_allocation a
+WHERE a.reservation_id = %(rid)s AND a.gpu_id = ANY(%(gpus)s)
+  AND ((NOT a.is_live AND a.period = tstzrange(%(s)s, %(e)s, '[)'))
+       OR (a.is_live AND (upper(a.period) = %(r)s OR lower(a.period) = %(e)s)))
+ORDER BY a.id
+FOR UPDATE
+"""
+# The term's other GPUs it holds during the returned time: with the returned ones, never more
+# than it booked (a term moved off a failed GPU holds its replacement instead).
+_OTHER_GPUS_HELD_SQL = """
+SELECT count(DISTINCT a.gpu_id)
+FROM marketplace_allocation a
+WHERE a.reservation_id = %(rid)s AND a.is_live AND NOT a.gpu_id = ANY(%(gpus)s)
+  AND a.period && tstzrange(%(r)s, %(e)s, '[)')
+"""
+_NODE_LOCK_SQL = "SELECT 1 FROM inventory_node WHERE id = %(node)s FOR UPDATE"
+_PERIODS_SET_SQL = """
+UPDATE marketplace_allocation a SET period = tstzrange(t.lo, t.hi, '[)')
+FROM unnest(%(ids)s::bigint[], %(los)s::timestamptz[], %(his)s::timestamptz[]) AS t(id, lo, hi)
+WHERE a.id = t.id
+"""
+
+# The statuses in which a term can use time given back (a releasing one is ending).
+_TAKES_BACK = frozenset(LIVE_STATUSES) - {ReservationStatus.RELEASING}
+
+
+def resale_return_lock(*, buyer: Reservation, now: datetime) -> ResaleListing | None:
+    """Before `buyer` (its row locked) leaves the live statuses at `now`: if it was bought from
+    a listing whose window is not over, and the seller's term can still use time given back,
+    lock the seller's term, the listing and its node, in the module's order, and return the
+    listing (with the term as its `reservation`) for resale_unused_return after the move.
+
+    Taken before the move frees the buyer's GPUs, as that write locks their rows (the
+    allocations' busy trigger) and every seller's own move takes its row before its GPUs'.
+    """
+    if buyer.tier == Tier.RESERVED or not str(
+        (buyer.breakdown or {}).get("rate_source", "")
+    ).startswith("resale:"):
+        return None
+    sale = (
+        ResaleListing.objects.filter(buyer_reservation_id=buyer.pk, status=ListingStatus.SOLD)
+        .values_list("pk", "reservation_id", "ends_at")
+        .first()
+    )
+    if sale is None or now >= sale[2]:
+        return None
+    seller = Reservation.objects.select_for_update().get(pk=sale[1])
+    if seller.status not in _TAKES_BACK:
+        return None
+    listing = ResaleListing.objects.select_for_update().get(pk=sale[0])
+    if listing.status != ListingStatus.SOLD or now >= listing.ends_at:
+        return None
+    with connection.cursor() as cur:
+        cur.execute(_NODE_LOCK_SQL, {"node": listing.node_id})
+    listing.reservation = seller
+    return listing
+
+
+def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
+    """The listing's buyer has just left the live statuses at `now`, in this transaction,
+    under the locks resale_return_lock took: the window's time from max(now, window start)
+    goes back to the seller's term. The seller's allocation of each GPU is live again over it
+    (joined to the seller's pieces around it), and the sale is narrowed to the time the buyer
+    held, or marked `returned` when it held none. The exclusion constraint has the last word:
+    if someone else holds any of that time meanwhile, nothing is returned. Returns whether
+    time was returned."""
+    seller = listing.reservation
+    returned_from = max(now, listing.starts_at)
+    try:
+        with transaction.atomic():
+            returned = _sold_gpus_return(
+                seller=seller, listing=listing, returned_from=returned_from
+            )
+    except IntegrityError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) != "23P01":
+            raise
+        returned = False
+    if not returned:
+        logger.warning(
+            "resale: the buyer of %s left early; its time is not returned to %s (held)",
+            listing.public_id,
+            seller.public_id,
+        )
+        return False
+    if returned_from == listing.starts_at:
+        listing.status = ListingStatus.RETURNED
+    else:
+        listing.ends_at = returned_from
+    listing.save(update_fields=["status", "ends_at", "updated_at"])
+    return True
+
+
+def _sold_gpus_return(
+    *, seller: Reservation, listing: ResaleListing, returned_from: datetime
+) -> bool:
+    """Under the node's lock: the seller's record of each sold GPU is cut to what the buyer held
+    (gone if it held none) and the seller's live row of the GPU covers [returned_from, window
+    end) again, joined to its live pieces that meet it. False, changing nothing, if the
+    seller's rows are not as the sale left them or it would hold more GPUs than it booked."""
+    gpus = list(listing.gpu_ids)
+    s, e, r = listing.starts_at, listing.ends_at, returned_from
+    params = {"rid": seller.pk, "gpus": gpus, "s": s, "e": e, "r": r}
+    with connection.cursor() as cur:
+        cur.execute(_OTHER_GPUS_HELD_SQL, params)
+        if cur.fetchone()[0] + len(gpus) > seller.gpu_count:
+            return False
+        cur.execute(_RETURN_ROWS_SQL, params)
+        records, before, after = {}, {}, {}
+        for row_id, gpu_id, is_live, lo, hi in cur.fetchall():
+            if not is_live:
+                records[gpu_id] = row_id
+            elif hi == r:
+                before[gpu_id] = (row_id, lo)
+            else:
+                after[gpu_id] = (row_id, hi)
+        if set(records) != set(gpus):
+            return False
+        deleted, set_ids, set_los, set_his = [], [], [], []
+        new_gpus, new_los, new_his = [], [], []
+        for gpu_id in gpus:
+            if r == s:
+                deleted.append(records[gpu_id])  # the buyer held none of it: no record
+            else:
+                set_ids.append(records[gpu_id])
+                set_los.append(s)
+                set_his.append(r)
+            lo = before[gpu_id][1] if gpu_id in before else r
+            hi = after[gpu_id][1] if gpu_id in after else e
+            if gpu_id in before:
+                set_ids.append(before[gpu_id][0])
+                if gpu_id in after:
+                    deleted.append(after[gpu_id][0])  # joined into the piece before
+            elif gpu_id in after:
+                set_ids.append(after[gpu_id][0])
+            else:
+                new_gpus.append(gpu_id)
+                new_los.append(lo)
+                new_his.append(hi)
+                continue
+            set_los.append(lo)
+            set_his.append(hi)
+        # Joined pieces go first, so no live row of the seller overlaps another meanwhile.
+        cur.execute("DELETE FROM marketplace_allocation WHERE id = ANY(%s)", [deleted])
+        cur.execute(_PERIODS_SET_SQL, {"ids": set_ids, "los": set_los, "his": set_his})
+        cur.execute(
+            _INSERT_SQL,
+            {
+                "node": listing.node_id,
+                "now": timezone.now(),
+                "rids": [seller.pk] * len(new_gpus),
+                "gpu_ids": new_gpus,
+                "los": new_los,
+                "his": new_his,
+            },
+        )
+    return True

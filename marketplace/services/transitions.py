@@ -21,7 +21,9 @@ event (reservation.<status>) in the same transaction.
 
 Leaving the live statuses (LIVE_STATUSES) frees the GPUs: the allocations become
 is_live = false, and where the reservation ends early (now inside an allocation's period) the
-period's end is cut to now, so the record says which GPU time was actually held.
+period's end is cut to now, so the record says which GPU time was actually held. Time bought
+from a resale listing and left unused goes back to the seller's term in the same transaction
+(marketplace.services.resale.resale_unused_return).
 
 This module is the one writer of Reservation.status (reservation_transitions_write; the test
 suite fails on any other): whatever must happen on every move (its history row, events) is
@@ -50,6 +52,7 @@ from marketplace.models import (
 )
 from marketplace.rules import ALLOWED_TRANSITIONS, PREEMPTIBLE_STATUSES, TERMINAL_STATUSES
 from marketplace.services.events import RESERVATION_STATUS_EVENTS, reservation_event_build
+from marketplace.services.resale import resale_return_lock, resale_unused_return
 from marketplace.services.webhooks import webhook_deliveries_create_many
 
 __all__ = [
@@ -184,9 +187,16 @@ def reservation_transitions_write(
         events=events,
         piggyback=piggyback,
     )
+    # Time bought from a listing and not used goes back to its seller in this transaction:
+    # the seller's locks are taken before the statement frees (and so locks) the buyer's
+    # GPUs, the return comes before the usage booking below locks billing accounts (the
+    # lock order of marketplace.services.resale).
+    sale = resale_return_lock(buyer=reservation, now=now) if ends_live else None
     written, row = _moves_execute(
         reservation, sql, params, events=events, before=before, fields=fields
     )
+    if written and sale is not None:
+        resale_unused_return(listing=sale, now=now)
     if written and from_status in _METERED_FROM and reservation.tier != Tier.RESERVED:
         # The clock stops or the work moves: money's owner books the usage up to this move,
         # in this transaction (marketplace.funding).

@@ -455,9 +455,11 @@ def test_a_reservation_past_its_start_but_not_running_says_it_is_starting(
     Reservation.objects.filter(pk=now_due.pk).update(
         starts_at=timezone.now() - timedelta(minutes=1), status=ReservationStatus.PROVISIONING
     )
-    rows = member_client(org, Role.MEMBER).get(
-        "/reservations/live", {"id": [later.public_id, now_due.public_id]}
-    ).json()["reservations"]
+    rows = (
+        member_client(org, Role.MEMBER)
+        .get("/reservations/live", {"id": [later.public_id, now_due.public_id]})
+        .json()["reservations"]
+    )
     labels = {r["id"]: r["time_left"] for r in rows}
     assert labels[later.public_id].startswith("starts in ")
     assert labels[now_due.public_id] == "starting now"
