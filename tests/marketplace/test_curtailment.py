@@ -387,6 +387,8 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
     thread.join(20)
 
     assert failures == []  # the worker was not the victim and finished
-    assert len(attempts) == 2  # the announce was rolled back once and taken again
+    # The announce was rolled back and taken again (on a loaded machine its retry can meet the
+    # worker's circle once more before the worker has its node: a victim again, taken again).
+    assert len(attempts) >= 2
     assert Curtailment.objects.get() == curtailment
     assert curtailment.reservations_notified == 1

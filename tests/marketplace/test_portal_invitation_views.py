@@ -35,7 +35,10 @@ def owner():
 def test_signup_follows_a_safe_next_and_ignores_another_sites():
     response = HttpsClient().post("/signup?next=https://evil.example/steal", SIGNUP)
     assert response.status_code == 302 and response["Location"] == "/dashboard"
-    response = HttpsClient().post("/signup", {**SIGNUP, "username": "ada", "next": "/reservations"})
+    response = HttpsClient().post(
+        "/signup",
+        {**SIGNUP, "username": "ada", "email": "ada@example.com", "next": "/reservations"},
+    )
     assert response.status_code == 302 and response["Location"] == "/reservations"
     assert Organization.objects.count() == 2  # each made their own, as without an invitation
 

@@ -46,7 +46,7 @@ def test_a_site_window_out_of_range_is_a_form_error(m, starts_at):
 def test_a_tampered_resale_offer_link_is_sent_back_to_search(m):
     member_client(m.seller, "member").post(
         reverse("portal:reservation-resale", args=[m.term.public_id]),
-        {"resale-gpu_count": "2", "resale-starts_at": (m.start + 24 * H).strftime("%Y-%m-%dT%H:%M"),
+        {"resale-once": "k1", "resale-gpu_count": "2", "resale-starts_at": (m.start + 24 * H).strftime("%Y-%m-%dT%H:%M"),
          "resale-ends_at": (m.start + 48 * H).strftime("%Y-%m-%dT%H:%M"),
          "resale-price_per_gpu_hour": "1.5000", "resale-tier": "on_demand"},
     )  # fmt: skip
