@@ -152,6 +152,10 @@ class UsageOutput(Serializer):
         return None if energy is None or energy.kg_co2e is None else str(energy.kg_co2e)
 
 
+USAGE_ROWS_MAX = 1000
+USAGE_TRUNCATED_HEADER = "Sy-Truncated"
+
+
 class UsageApi(ApiView):
     query_serializer = UsageInput
 
@@ -159,7 +163,10 @@ class UsageApi(ApiView):
     @extend_schema(
         tags=TAGS,
         operation_id="billing_usage",
-        summary="Usage by reservation and UTC day (charged amounts, positive)",
+        summary="Usage by reservation and UTC day (charged amounts, positive), newest first",
+        description="At most 1000 rows, the newest: when the period holds more, the answer "
+        "says so with the header Sy-Truncated: true (narrow since/until, or stream the whole "
+        "period from usage.csv).",
         responses={200: UsageOutput(many=True), **errors(400, 403)},
     )
     def get(self, request):
@@ -171,10 +178,14 @@ class UsageApi(ApiView):
         rows = usage_by_reservation_day(organization=self.organization, since=since, until=until)
         # Newest day first; the unbooked usage (to the second) is in its day's row.
         rows = sorted(
-            usage_with_unbooked(rows[:1000], unbooked),
+            usage_with_unbooked(rows, unbooked),
             key=lambda row: (-row["day"].toordinal(), row["reservation__public_id"] or ""),
-        )[:1000]
-        return Response(UsageOutput(rows, many=True).data)
+        )
+        response = Response(UsageOutput(rows[:USAGE_ROWS_MAX], many=True).data)
+        if len(rows) > USAGE_ROWS_MAX:
+            # Said, not hidden: the newest rows only; usage.csv streams the whole period.
+            response[USAGE_TRUNCATED_HEADER] = "true"
+        return response
 
 
 class StatementLineOutput(Serializer):

@@ -96,6 +96,23 @@ def test_usage_by_reservation_and_day(org, member, client_for):
     assert row["kg_co2e"] == "0.374"
 
 
+def test_usage_cut_to_its_newest_rows_says_so(org, member, client_for, monkeypatch):
+    monkeypatch.setattr("billing.apis.USAGE_ROWS_MAX", 1)
+    for day in (0, 1):  # two UTC days
+        start = T0 + timedelta(days=day)
+        reservation = make_reservation(
+            org, gpu_count=1, price=Decimal("1.8000"), starts_at=start, activated_at=start
+        )
+        reservation_meter(reservation_id=reservation.pk, now=start + timedelta(hours=1))
+
+    cut = client_for(member).get("/api/v1/billing/usage")
+    whole = client_for(member).get("/api/v1/billing/usage?since=2026-03-03")
+
+    assert len(cut.json()) == 1 and cut["Sy-Truncated"] == "true"
+    assert cut.json()[0]["day"] == "2026-03-03"  # the newest
+    assert len(whole.json()) == 1 and "Sy-Truncated" not in whole
+
+
 def test_invoices_show_their_hosted_links(org, member, client_for):
     Invoice.objects.create(organization=org, stripe_invoice_id="in_1", stripe_customer_id="cus_1",
                            status="open", currency="usd", amount_due_minor=4200,
