@@ -5,6 +5,7 @@ stored in a message or the session.
 """
 
 from django.contrib import messages
+from django.http import Http404
 from django.shortcuts import redirect, render
 from django.utils.cache import add_never_cache_headers
 from django.views import View
@@ -121,6 +122,8 @@ class WebhookView(_WebhookView):
             delivery = webhook_delivery_get_for_org(
                 organization=self.organization, public_id=request.POST.get("delivery", "")
             )
+            if delivery.endpoint_id != endpoint.pk:  # a delivery of this endpoint's page only
+                raise Http404("No such delivery of this endpoint.")
             try:
                 webhook_delivery_resend(delivery=delivery)
             except ApplicationError as exc:

@@ -133,3 +133,22 @@ def test_staff_resend_from_the_admin(org, receiver, client):
     assert delivery.status == DeliveryStatus.PENDING
     webhook_endpoint_send(endpoint_id=endpoint.pk)
     assert len(receiver.received) == 2
+
+
+def test_a_delivery_is_resent_from_its_own_endpoints_page_only(org, receiver):
+    from marketplace.models import WebhookDelivery
+    from marketplace.services.api_keys import api_key_create
+
+    one, _ = webhook_endpoint_create(organization=org, url=receiver.url + "/a", event_types=[])
+    two, _ = webhook_endpoint_create(organization=org, url=receiver.url + "/b", event_types=[])
+    api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)
+    delivery = WebhookDelivery.objects.get(endpoint=one)
+    client = member_client(org, Role.OWNER)
+    other_page = client.post(
+        f"/webhooks/{two.public_id}", {"action": "resend", "delivery": delivery.public_id}
+    )
+    assert other_page.status_code == 404
+    own_page = client.post(
+        f"/webhooks/{one.public_id}", {"action": "resend", "delivery": delivery.public_id}
+    )
+    assert own_page.status_code == 302
