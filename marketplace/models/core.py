@@ -349,6 +349,13 @@ class Reservation(models.Model):
                 condition=Q(preempt_at__isnull=False),
                 name="reservation_preempt_at_idx",
             ),
+            # The provisioning dispatcher's teardown scan (every 5 s): recently ended
+            # reservations that may still have a workload to stop, not all ended history.
+            models.Index(
+                fields=["released_at"],
+                condition=Q(status__in=["preempted", "failed", "cancelled"]),
+                name="reservation_teardown_idx",
+            ),
         ]
 
     def __str__(self) -> str:
