@@ -58,6 +58,32 @@ def save_card(localstripe, organization, card: str = "pm_card_visa") -> str:
     return pm.stripe_payment_method_id
 
 
+def paid_top_up(localstripe, organization, amount_minor: int = 10000):
+    """A top-up paid by card at localstripe and credited, as a customer's would be (automatic
+    recharge off): the top-up and its PaymentIntent."""
+    from billing.models import BillingAccount, TopUp
+    from billing.services.topups import top_up_succeed
+
+    BillingAccount.objects.filter(organization=organization).update(auto_recharge_enabled=False)
+    pm_id = save_card(localstripe, organization)
+    account = BillingAccount.objects.get(organization=organization)
+    top_up = TopUp.objects.create(organization=organization, amount_minor=amount_minor,
+                                  currency="usd", payment_method_id=pm_id)  # fmt: skip
+    pi = stripe_client(localstripe).v1.payment_intents.create(
+        {
+            "amount": amount_minor,
+            "currency": "usd",
+            "customer": account.stripe_customer_id,
+            "payment_method": pm_id,
+            "off_session": True,
+            "confirm": True,
+            "metadata": {"top_up": str(top_up.pk)},
+        }  # fmt: skip
+    )
+    assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id=pi.id)
+    return top_up, pi
+
+
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 
 

@@ -23,7 +23,7 @@ from billing.services.ledger import ledger_entry_add
 from billing.services.topups import top_up_succeed
 from billing.services.webhooks import webhook_event_process
 from marketplace.models import AuditEntry
-from tests.billing.conftest import make_reservation, save_card, stripe_client
+from tests.billing.conftest import make_reservation, paid_top_up
 from tests.billing.test_webhooks import SECRET, deliver
 
 WITHDRAWAL = {"id": "txn_w", "object": "balance_transaction", "amount": -10000, "fee": 1500,
@@ -188,23 +188,7 @@ def test_a_dispute_in_another_currency_than_its_top_up_is_refused_and_moves_noth
 def test_a_dispute_naming_only_its_charge_is_mapped_through_the_charges_payment_intent(
     client, localstripe, org
 ):
-    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
-    pm_id = save_card(localstripe, org)
-    account = BillingAccount.objects.get(organization=org)
-    top_up = TopUp.objects.create(organization=org, amount_minor=10000, currency="usd",
-                                  payment_method_id=pm_id)  # fmt: skip
-    pi = stripe_client(localstripe).v1.payment_intents.create(
-        {
-            "amount": 10000,
-            "currency": "usd",
-            "customer": account.stripe_customer_id,
-            "payment_method": pm_id,
-            "off_session": True,
-            "confirm": True,
-            "metadata": {"top_up": str(top_up.pk)},
-        }  # fmt: skip
-    )
-    assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id=pi.id)
+    top_up, pi = paid_top_up(localstripe, org)
 
     deliver(client, "evt_by_charge", "charge.dispute.funds_withdrawn",
             dispute("needs_response", WITHDRAWAL, charge=pi.latest_charge.id, payment_intent=None))  # fmt: skip

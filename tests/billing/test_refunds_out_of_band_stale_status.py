@@ -24,7 +24,7 @@ from billing.services.refunds import refund_create
 from billing.services.topups import top_up_succeed
 from billing.services.webhooks import webhook_event_process
 from billing.stripe_gateway import PermanentStripeError, get_gateway
-from tests.billing.conftest import save_card, stripe_client
+from tests.billing.conftest import paid_top_up
 
 
 class StripeSays:
@@ -143,22 +143,7 @@ def test_a_failed_fetch_leaves_the_event_for_the_sweeper_and_moves_nothing(
 @pytest.mark.django_db
 def test_an_event_claiming_a_failure_stripe_does_not_have_moves_no_money(localstripe, org):
     """localstripe's refund succeeded; a payload saying "failed" is not believed."""
-    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
-    pm_id = save_card(localstripe, org)
-    account = BillingAccount.objects.get(organization=org)
-    top_up = TopUp.objects.create(organization=org, amount_minor=10000, currency="usd",
-                                  payment_method_id=pm_id)  # fmt: skip
-    pi = stripe_client(localstripe).v1.payment_intents.create(
-        {
-            "amount": 10000,
-            "currency": "usd",
-            "customer": account.stripe_customer_id,
-            "payment_method": pm_id,
-            "off_session": True,
-            "confirm": True,
-        }  # fmt: skip
-    )
-    assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id=pi.id)
+    top_up, pi = paid_top_up(localstripe, org)
     refund = refund_create(top_up=top_up, amount=Decimal("40.00"), reason="customer asked")
     message = OutboxMessage.objects.get(kind="refund.create")
     outbox_send(message_id=message.pk, gateway=get_gateway())

@@ -16,15 +16,13 @@ from billing.models import (
     LedgerKind,
     Refund,
     RefundStatus,
-    TopUp,
     WebhookEvent,
 )
 from billing.selectors import balance_minor
 from billing.services.ledger import ledger_entry_add
-from billing.services.topups import top_up_succeed
 from billing.services.webhooks import webhook_event_process
 from marketplace.models import AuditEntry
-from tests.billing.conftest import save_card, stripe_client
+from tests.billing.conftest import paid_top_up, save_card, stripe_client
 from tests.billing.test_webhooks import deliver
 
 pytestmark = [pytest.mark.stripe]
@@ -33,23 +31,7 @@ pytestmark = [pytest.mark.stripe]
 @pytest.fixture
 def paid(localstripe, org):
     """A top-up of 100.00 paid at localstripe and credited, 90.00 of it spent: 10.00 left."""
-    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=False)
-    pm_id = save_card(localstripe, org)
-    account = BillingAccount.objects.get(organization=org)
-    top_up = TopUp.objects.create(organization=org, amount_minor=10000, currency="usd",
-                                  payment_method_id=pm_id)  # fmt: skip
-    pi = stripe_client(localstripe).v1.payment_intents.create(
-        {
-            "amount": 10000,
-            "currency": "usd",
-            "customer": account.stripe_customer_id,
-            "payment_method": pm_id,
-            "off_session": True,
-            "confirm": True,
-            "metadata": {"top_up": str(top_up.pk)},
-        }  # fmt: skip
-    )
-    assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id=pi.id)
+    top_up, pi = paid_top_up(localstripe, org)
     ledger_entry_add(organization=org, kind=LedgerKind.USAGE, amount_minor=-9000,
                      currency="usd", idempotency_key="usage:spent")  # fmt: skip
     return top_up, pi
