@@ -13,6 +13,8 @@ them would pass a gate with nothing available.
 
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
+from config.currency import ZERO_DECIMAL_CURRENCIES, minor_exponent
+
 __all__ = [
     "ZERO_DECIMAL_CURRENCIES",
     "MIN_TOP_UP",
@@ -28,19 +30,12 @@ __all__ = [
 MIN_TOP_UP = Decimal("5.00")
 MAX_TOP_UP = Decimal("100000.00")
 
-# ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
-ZERO_DECIMAL_CURRENCIES = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
-                 "vnd", "vuv", "xaf", "xof", "xpf"}  # fmt: skip
 
 
 def _require_exact(value, name: str) -> None:
     # bool is an int subclass; float has no exact decimal meaning: both are refused loudly.
     if isinstance(value, bool) or not isinstance(value, Decimal | int):
         raise TypeError(f"{name} must be Decimal or int, not {type(value).__name__}")
-
-
-def minor_exponent(currency: str) -> int:
-    return 0 if currency.lower() in ZERO_DECIMAL_CURRENCIES else 2
 
 
 def to_minor_units(amount: Decimal | int, currency: str) -> int:

@@ -174,6 +174,7 @@ class ListingOutput(Serializer):
                     price_per_gpu_hour=listing.price_per_gpu_hour,
                     gpu_count=listing.gpu_count,
                     seconds=seconds,
+                    currency=listing.currency,
                 ),
                 "fee_pct": listing.fee_pct,
                 "proceeds": proceeds,

@@ -139,7 +139,10 @@ class ResaleBuyView(PortalView, View):
         gpu_count, starts_at, ends_at = asked
         seconds = int((ends_at - starts_at).total_seconds())
         total = period_total(
-            price_per_gpu_hour=listing.price_per_gpu_hour, gpu_count=gpu_count, seconds=seconds
+            price_per_gpu_hour=listing.price_per_gpu_hour,
+            gpu_count=gpu_count,
+            seconds=seconds,
+            currency=listing.currency,
         )
         return render(
             request,

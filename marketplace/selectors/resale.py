@@ -157,7 +157,10 @@ def resale_breakdown(
         gpu_count=gpu_count,
         hours=(Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.000001")),
         total=period_total(
-            price_per_gpu_hour=listing.price_per_gpu_hour, gpu_count=gpu_count, seconds=seconds
+            price_per_gpu_hour=listing.price_per_gpu_hour,
+            gpu_count=gpu_count,
+            seconds=seconds,
+            currency=listing.currency,
         ),
     )
 

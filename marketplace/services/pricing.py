@@ -37,6 +37,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from config.currency import money_round
 from config.errors import NotAvailable, ValidationFailed
 from inventory.grid_prices import zone_price_series
 from marketplace.models import EnergyBasis, PricingPolicy, RateCard, Term, Tier
@@ -268,11 +269,13 @@ def validate_tier_term(*, tier: str, term: str, starts_at: datetime, ends_at: da
         )
 
 
-def period_total(*, price_per_gpu_hour: Decimal, gpu_count: int, seconds: int) -> Decimal:
-    """The one total rule: price × GPUs × seconds / 3600, rounded half-up to the cent once."""
-    return (price_per_gpu_hour * gpu_count * seconds / Decimal(3600)).quantize(
-        _CENT, rounding=ROUND_HALF_UP
-    )
+def period_total(
+    *, price_per_gpu_hour: Decimal, gpu_count: int, seconds: int, currency: str
+) -> Decimal:
+    """The one total rule: price × GPUs × seconds / 3600, rounded half-up once to the
+    currency's minor unit (the cent; the yen for a currency without one), as the ledger
+    charges it."""
+    return money_round(price_per_gpu_hour * gpu_count * seconds / Decimal(3600), currency)
 
 
 def price_quote(
@@ -339,7 +342,9 @@ def price_quote(
         price_per_gpu_hour=price,
         gpu_count=gpu_count,
         hours=(Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.000001")),
-        total=period_total(price_per_gpu_hour=price, gpu_count=gpu_count, seconds=seconds),
+        total=period_total(
+            price_per_gpu_hour=price, gpu_count=gpu_count, seconds=seconds, currency=rate.currency
+        ),
         energy_price_source=energy["source"],
         energy_price_basis=energy["basis"],
         energy_price_note=energy["note"],

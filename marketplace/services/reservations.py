@@ -16,12 +16,13 @@ it early (releasing; the provisioning worker tears it down and completes it).
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from config.currency import money_round
 from config.db import model_insert
 from config.errors import (
     Conflict,
@@ -133,6 +134,7 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
             price_per_gpu_hour=reservation.price_per_gpu_hour,
             gpu_count=1,
             seconds=max(0, reservation.gpu_count * unused_seconds - sold),
+            currency=reservation.currency,
         ),
     )
     notice = reservation.starts_at - at
@@ -149,8 +151,8 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
     else:
         fraction = Decimal("0")
         rule = "reserved, under 24 hours' notice or after the start: no refund."
-    # Half-up to the cent, the one money rule (docs/money.md), not Decimal's half-even.
-    refund = (unused * fraction).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    # Half-up to the currency's minor unit, the one money rule (docs/money.md).
+    refund = money_round(unused * fraction, reservation.currency)
     return CancellationTerms(
         action="stop" if reservation.status == ReservationStatus.ACTIVE else "cancel",
         at=at,
@@ -711,6 +713,7 @@ def extension_terms(
         price_per_gpu_hour=reservation.price_per_gpu_hour,
         gpu_count=reservation.gpu_count,
         seconds=int((new_ends_at - reservation.starts_at).total_seconds()),
+        currency=reservation.currency,
     )
     extra = new_total - reservation.total_amount
     if reservation.tier == Tier.RESERVED:

@@ -158,11 +158,26 @@ def test_it_rounds_the_price_per_gpu_hour_half_up_to_four_places():
 
 def test_it_rounds_the_total_half_up_to_the_cent_once():
     # 1.0000 × 18 s = 0.005 exactly: half-up gives 0.01.
-    assert period_total(price_per_gpu_hour=Decimal("1"), gpu_count=1, seconds=18) == Decimal("0.01")
+    assert period_total(
+        price_per_gpu_hour=Decimal("1"), gpu_count=1, seconds=18, currency="usd"
+    ) == Decimal("0.01")
     # Not rounded per hour: 0.0001/h × 3 GPUs × 100 h = 0.03, not 3 × round(0.01) per 100 h.
     assert period_total(
-        price_per_gpu_hour=Decimal("0.0001"), gpu_count=3, seconds=360000
+        price_per_gpu_hour=Decimal("0.0001"), gpu_count=3, seconds=360000, currency="usd"
     ) == Decimal("0.03")
+
+
+def test_a_currency_without_cents_is_totalled_to_its_whole_unit_as_the_ledger_charges_it():
+    """Shown is charged: 316.6666 JPY × 168 h = 53199.99 would be charged as 53200 yen."""
+    from billing.money import to_minor_units
+
+    total = period_total(
+        price_per_gpu_hour=Decimal("316.6666"), gpu_count=1, seconds=168 * 3600, currency="jpy"
+    )
+    assert total == Decimal("53200") and to_minor_units(total, "jpy") == 53200
+    assert period_total(
+        price_per_gpu_hour=Decimal("333.3333"), gpu_count=1, seconds=61, currency="JPY"
+    ) == Decimal("6")
 
 
 def test_the_breakdown_is_json_safe():

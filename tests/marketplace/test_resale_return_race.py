@@ -54,8 +54,12 @@ def test_a_buyer_giving_time_back_while_the_seller_cancels_ends_one_way_or_the_o
     assert live_rows(term) == [] and live_rows(bought) == []
     assert overlapping_live_pairs() == 0
     lst.refresh_from_db()
-    full = period_total(price_per_gpu_hour=price, gpu_count=1, seconds=8 * 192 * 3600)
-    resold = period_total(price_per_gpu_hour=price, gpu_count=1, seconds=4 * 24 * 3600)
+    full = period_total(
+        price_per_gpu_hour=price, gpu_count=1, seconds=8 * 192 * 3600, currency="usd"
+    )
+    resold = period_total(
+        price_per_gpu_hour=price, gpu_count=1, seconds=4 * 24 * 3600, currency="usd"
+    )
     if seller_delay >= 1.0:  # long after the buyer's cancel has committed
         assert lst.status == ListingStatus.RETURNED
     if lst.status == ListingStatus.RETURNED:  # given back first: the seller's refund counts it

@@ -68,6 +68,7 @@ def _unused_before_start(term: Reservation, *, sold_gpu_hours: int = 0) -> Decim
         price_per_gpu_hour=term.price_per_gpu_hour,
         gpu_count=1,
         seconds=(term.gpu_count * hours - sold_gpu_hours) * 3600,
+        currency=term.currency,
     )
 
 

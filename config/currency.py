@@ -1,0 +1,26 @@
+"""Currencies' minor units, which the marketplace's totals and billing's ledger both round to:
+one rule, so an amount shown is the amount charged (ISO 4217, as Stripe lists them)."""
+
+from decimal import ROUND_HALF_UP, Decimal
+
+__all__ = ["ZERO_DECIMAL_CURRENCIES", "minor_exponent", "minor_unit", "money_round"]
+
+# ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
+ZERO_DECIMAL_CURRENCIES = frozenset(
+    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
+     "xaf", "xof", "xpf"}  # fmt: skip
+)
+
+
+def minor_exponent(currency: str) -> int:
+    return 0 if currency.lower() in ZERO_DECIMAL_CURRENCIES else 2
+
+
+def minor_unit(currency: str) -> Decimal:
+    """0.01 for most currencies, 1 for those without a minor unit."""
+    return Decimal(1).scaleb(-minor_exponent(currency))
+
+
+def money_round(amount: Decimal, currency: str) -> Decimal:
+    """An amount rounded half-up to the currency's minor unit (the one rounding rule)."""
+    return amount.quantize(minor_unit(currency), rounding=ROUND_HALF_UP)
