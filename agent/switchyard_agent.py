@@ -92,6 +92,53 @@ class SettingsError(Exception):
     """A setting, the token file or the runtime is not usable: the agent does not start."""
 
 
+# Names the runtime command reads from the environment the agent starts it with (the
+# workload's variables are passed to it by name): never a workload's. The server refuses them
+# at booking (marketplace/provisioning/workload.py); this is the agent's own check, since it
+# imports nothing of the server's.
+_HOST_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "TMP",
+        "TEMP",
+        "SHELL",
+        "IFS",
+        "USER",
+        "LOGNAME",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "REGISTRY_AUTH_FILE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "CUDA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "GPU_DEVICE_ORDINAL",
+        "GODEBUG",
+        "GOTRACEBACK",
+        "GOMAXPROCS",
+        "GOGC",
+        "GOMEMLIMIT",
+    }  # fmt: skip
+)
+_HOST_ENV_PREFIXES = ("LD_", "DYLD_", "DOCKER_", "CONTAINER", "PODMAN_", "BUILDAH_", "STORAGE_",
+                      "XDG_", "CNI_", "NETAVARK_", "CRUN_", "RUNC_", "SYSTEMD_", "DBUS_",
+                      "NVIDIA_")  # fmt: skip
+
+
+def host_env_name(name: str) -> bool:
+    """Whether the runtime itself would read a variable of this name."""
+    upper = name.upper()
+    return upper in _HOST_ENV_NAMES or upper.startswith(_HOST_ENV_PREFIXES)
+
+
 class ExecutorError(Exception):
     """A job failed. node_failure: the node itself is at fault (runtime unusable), not the
     workload; the platform then takes the node out of sale and moves the reservation."""
@@ -563,6 +610,14 @@ class ContainerExecutor:
     @classmethod
     def _env(cls, payload: dict) -> dict[str, str]:
         env = dict(payload.get("env", {}))
+        refused = sorted(name for name in env if host_env_name(name))
+        if refused:
+            # Passed by name, it would be in the runtime's own environment (LD_PRELOAD, a
+            # containers.conf, another daemon): the job fails rather than run it.
+            raise ExecutorError(
+                f"The workload sets {', '.join(refused)}, which the container runtime would "
+                "read itself; refused."
+            )
         # Which container ports are published (and checked for readiness), for the workload.
         env["SWITCHYARD_PORTS"] = " ".join(str(p) for p in cls._ports(payload))
         if _ssh_keys(payload):

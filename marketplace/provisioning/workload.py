@@ -52,6 +52,46 @@ _RESERVED_ENV = {
     "CUDA_VISIBLE_DEVICES",
 }
 
+# Names the container runtime on the node reads from its own environment (the agent starts it
+# with the workload's variables, passed by name): the dynamic loader, the runtime and its
+# storage, proxies, the GPU toolkits' device selection. A workload never sets them. The site
+# agent refuses them too (it imports nothing of ours: its own copy, agent/switchyard_agent.py).
+_HOST_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "TMP",
+        "TEMP",
+        "SHELL",
+        "IFS",
+        "USER",
+        "LOGNAME",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "REGISTRY_AUTH_FILE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "CUDA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "GPU_DEVICE_ORDINAL",
+        "GODEBUG",
+        "GOTRACEBACK",
+        "GOMAXPROCS",
+        "GOGC",
+        "GOMEMLIMIT",
+    }  # fmt: skip
+)
+_HOST_ENV_PREFIXES = ("LD_", "DYLD_", "DOCKER_", "CONTAINER", "PODMAN_", "BUILDAH_", "STORAGE_",
+                      "XDG_", "CNI_", "NETAVARK_", "CRUN_", "RUNC_", "SYSTEMD_", "DBUS_",
+                      "NVIDIA_")  # fmt: skip
+
 _SSH_KEY_TYPES = {
     "ssh-ed25519",
     "ssh-rsa",
@@ -191,6 +231,13 @@ def _env(value) -> dict[str, str]:
             )
         if name.upper() in _RESERVED_ENV:
             raise _fail(f"{name} is set by the platform.", f"env.{name}", "reserved")
+        if name.upper() in _HOST_ENV_NAMES or name.upper().startswith(_HOST_ENV_PREFIXES):
+            raise _fail(
+                f"{name} would change how the node runs containers (the runtime reads it); "
+                "choose another name.",
+                f"env.{name}",
+                "reserved",
+            )
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise _fail("Values must be strings.", f"env.{name}")
         text = str(item)

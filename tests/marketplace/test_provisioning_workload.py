@@ -200,3 +200,34 @@ def test_the_public_form_lists_environment_names_but_never_values():
         "ports": [8888, 6006],
     }
     assert "hf_abc" not in repr(public) and "secret" not in repr(public)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LD_PRELOAD", "ld_library_path", "CONTAINERS_CONF", "CONTAINER_HOST", "DOCKER_HOST",
+     "PATH", "HOME", "XDG_RUNTIME_DIR", "HTTPS_PROXY", "NVIDIA_DRIVER_CAPABILITIES",
+     "GODEBUG", "PODMAN_USERNS"],  # fmt: skip
+)
+def test_a_variable_the_container_runtime_reads_itself_is_refused(name):
+    """The agent starts the runtime with the workload's variables passed by name: LD_PRELOAD
+    would load a library from the customer's image into it, CONTAINERS_CONF mount the host."""
+    with pytest.raises(ValidationFailed) as error:
+        workload_validate({"env": {name: "/var/lib/containers/storage/overlay/x/diff/evil"}})
+    assert (error.value.code, error.value.field) == ("reserved", f"workload.env.{name}")
+
+
+def test_ordinary_variable_names_stay_allowed():
+    env = {"GOOGLE_APPLICATION_CREDENTIALS": "/c.json", "MODEL_PATH": "/m", "HF_HOME": "/h"}
+    assert workload_validate({"env": env}) == {"env": env}
+
+
+def test_the_site_agent_refuses_them_too_without_running_anything(monkeypatch):
+    """Its own check: the agent imports nothing of the server's, and an older server (or a
+    forged job) must not get LD_PRELOAD into the runtime's environment."""
+    from switchyard_agent import ContainerExecutor, ExecutorError
+
+    ran = []
+    monkeypatch.setattr(ContainerExecutor, "_cli", lambda self, args, **kw: ran.append(args))
+    with pytest.raises(ExecutorError, match="LD_PRELOAD"):
+        ContainerExecutor._env({"env": {"LD_PRELOAD": "/x.so", "OK": "1"}})
+    assert ran == []
