@@ -8,7 +8,7 @@ changes nothing.
 
 import csv
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from django import forms
 from django.conf import settings
@@ -446,7 +446,7 @@ class UsageView(BillingPage):
         for row in usage:
             # Usage entries take from the balance; the customer reads them as positive charges.
             row["amount_display"] = money(-row["amount_minor"], row["currency"])
-            row["gpu_hours"] = (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"))
+            row["gpu_hours"] = (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
             row["energy"] = usage_row_energy(row)
         ledger = Paginator(ledger_for_org(organization=self.organization), LEDGER_PAGE_SIZE)
         page = ledger.get_page(request.GET.get("page"))
@@ -606,7 +606,7 @@ class StatementView(BillingPage):
         usage = [
             {
                 **row,
-                "gpu_hours": (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01")),
+                "gpu_hours": (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP),
                 "amount": money(row["amount_minor"], c),
             }
             for row in statement.usage

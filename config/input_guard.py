@@ -62,6 +62,14 @@ def _check(request) -> None:
                     field=name if not unstorable(name) else None,
                 )
     content_type = request.content_type or ""
+    if "*" in content_type:
+        # A body's type is named, never a pattern: DRF would read */* or application/* as
+        # JSON, past the checks below.
+        raise _Refused(
+            "unsupported_media_type",
+            "Name the body's type (application/json), not a pattern such as */*.",
+            status=415,
+        )
     if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         # The body is read first, so the views (and the idempotency fingerprint) can still
         # read it after the form is parsed from it.

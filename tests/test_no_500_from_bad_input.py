@@ -168,6 +168,22 @@ def test_the_refusals_name_what_was_wrong(clients):
     assert b"<h1>Bad request</h1>" in page.content
 
 
+@pytest.mark.parametrize("content_type", ["*/*", "application/*", "*/json"])
+def test_a_body_typed_by_a_pattern_is_refused_not_read_as_json_past_the_checks(
+    clients, content_type
+):
+    """DRF reads */* as JSON: such a body would skip the guard (NUL, depth) and reach a 500."""
+    session, agent = clients
+    nested = session.generic("POST", "/api/v1/quotes", _nested(50_000), content_type=content_type)
+    nul = agent.generic(
+        "POST", "/api/v1/agent/heartbeat", '{"agent_version": "x\u0000y"}',
+        content_type=content_type,
+    )  # fmt: skip
+    for response in (nested, nul):
+        assert response.status_code == 415
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
 @pytest.mark.parametrize(
     ("body", "refused"),
     [
