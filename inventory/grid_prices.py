@@ -35,6 +35,7 @@ from inventory.models import PriceZone, ZonePrice
 
 __all__ = [
     "MAX_INTERVAL",
+    "MIN_INTERVAL",
     "MAX_ROWS",
     "CSV_COLUMNS",
     "PriceRow",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 MAX_INTERVAL = timedelta(days=1)
+# Markets settle in 5-minute steps at the finest: a shorter interval is no price anyone pays,
+# and a feed of them would only grow the table.
+MIN_INTERVAL = timedelta(minutes=5)
 MAX_ROWS = 20_000  # a year of hourly prices for two zones; larger loads go in several files
 CSV_COLUMNS = ["zone", "starts_at", "ends_at", "price_per_mwh", "currency"]
 _CENT = Decimal("0.01")
@@ -128,10 +132,15 @@ def _parse_time(value, name: str, problems: list, where: str) -> datetime | None
 
 
 def zone_price_rows_parse(
-    items: list[tuple[str, dict]], *, zones: dict[str, PriceZone] | None = None
+    items: list[tuple[str, dict]],
+    *,
+    zones: dict[str, PriceZone] | None = None,
+    window: tuple[datetime, datetime] | None = None,
 ) -> list[PriceRow]:
     """[(where, {zone, starts_at, ends_at, price_per_mwh, currency})] → rows, or PricesRefused
-    listing every problem. `zones` limits which zone codes are accepted (None: any that exists).
+    listing every problem. `zones` limits which zone codes are accepted (None: any that exists);
+    `window` ([from, until)), the time the rows may cover (a site's node: a day back to a week
+    ahead, so one node cannot rewrite its zone's history or fill its future).
     """
     if len(items) > MAX_ROWS:
         raise PricesRefused(
@@ -144,7 +153,18 @@ def zone_price_rows_parse(
     rows: list[tuple[str, PriceRow]] = []
     for where, raw in items:
         row = _price_row_parse(where, raw, known=known, chosen=zones is not None, problems=problems)
-        if row is not None:
+        if row is not None and window is not None and not (
+            window[0] <= row.starts_at and row.ends_at <= window[1]
+        ):
+            problems.append(
+                PriceProblem(
+                    where,
+                    "starts_at",
+                    f"This source prices {window[0].isoformat()} to {window[1].isoformat()} "
+                    "only.",
+                )
+            )
+        elif row is not None:
             rows.append((where, row))
     _batch_overlaps_find(rows, problems)
     if problems:
@@ -167,6 +187,10 @@ def _price_row_parse(
     if starts_at and ends_at:
         if ends_at <= starts_at:
             problems.append(PriceProblem(where, "ends_at", "ends_at must be after starts_at."))
+        elif ends_at - starts_at < MIN_INTERVAL:
+            problems.append(
+                PriceProblem(where, "ends_at", "An interval lasts at least five minutes.")
+            )
         elif ends_at - starts_at > MAX_INTERVAL:
             problems.append(PriceProblem(where, "ends_at", "An interval may last at most one day."))
     price = _price_parse(where, raw, problems)

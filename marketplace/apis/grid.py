@@ -120,6 +120,12 @@ class ZonePricesApi(ApiView):
         return Response(PricesReadOutput({"zone": zone, "prices": prices}).data)
 
 
+# What a node token may price: from a day back (late readings) to a week ahead (day-ahead
+# markets); a grid feed's key may price any time.
+NODE_PRICE_PAST = timedelta(days=1)
+NODE_PRICE_AHEAD = timedelta(days=7)
+
+
 class ZonePricesPushApi(ApiView):
     """The feed's door, beside the site agents' endpoints (their document, not the customers')."""
 
@@ -157,12 +163,17 @@ class ZonePricesPushApi(ApiView):
         zone = _zone(code)
         source = self._source(request, zone)
         data = validated_input(PricesPushInput, request.data)
+        now = timezone.now()
         rows = zone_price_rows_parse(
             [
                 (f"prices[{i}]", {**item, "zone": zone.code})
                 for i, item in enumerate(data["prices"])
             ],
             zones={zone.code: zone},
+            # A site's node reports what its meter sees: around now, not the zone's history.
+            window=(now - NODE_PRICE_PAST, now + NODE_PRICE_AHEAD)
+            if source.startswith("node:")
+            else None,
         )
         result = zone_prices_upsert(rows=rows, source=source)
         return Response(PricesPushOutput({"zone": zone.code, **result.as_dict()}).data)

@@ -230,12 +230,33 @@ def test_a_node_token_pushes_its_own_sites_zone_only(zone):
     _, secret = node_token_issue(node=node)
     agent = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {secret}")
 
-    own = agent.post(url(zone.code), body("30.00"), format="json")
-    foreign = agent.post(url(other.code), body("30.00"), format="json")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    own = agent.post(url(zone.code), body("30.00", start=hour), format="json")
+    foreign = agent.post(url(other.code), body("30.00", start=hour), format="json")
 
     assert own.status_code == 200 and snapshot(zone)[0][4] == f"node:{node.hostname}"
     assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "wrong_zone"
     assert snapshot(other) == []
+
+
+def test_a_node_prices_around_now_only_and_nobody_prices_slivers(zone, grid_key):
+    """One node's token cannot rewrite its zone's history or fill its future, and no feed
+    stores intervals shorter than five minutes (a price nobody pays, rows without end)."""
+    node = NodeFactory(site=SiteFactory(price_zone=zone), gpus=1)
+    _, secret = node_token_issue(node=node)
+    agent = HttpsAPIClient(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+
+    past = agent.post(url(zone.code), body("1.00", start=hour - 3 * 24 * H), format="json")
+    ahead = agent.post(url(zone.code), body("1.00", start=hour + 30 * 24 * H), format="json")
+    sliver = grid_key.post(
+        url(zone.code), body("1.00", start=T0, step=timedelta(milliseconds=1)), format="json"
+    )
+    for response in (past, ahead, sliver):
+        assert response.status_code == 400 and response.json()["error"]["code"] == "prices_refused"
+    assert snapshot(zone) == []
+    # A grid feed's key still prices any time (its history included).
+    assert grid_key.post(url(zone.code), body("2.00", start=T0), format="json").status_code == 200
 
 
 def test_an_unknown_zone_is_404(grid_key):
