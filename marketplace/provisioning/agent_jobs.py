@@ -16,7 +16,13 @@ from django.utils import timezone
 from config.errors import Conflict, NotFound
 from config.request_id import current_request_id
 from inventory.models import Node, NodeStatus
-from marketplace.models import AgentJob, AgentJobStatus, ReservationStatus
+from marketplace.models import (
+    AgentJob,
+    AgentJobStatus,
+    Reservation,
+    ReservationStatus,
+)
+from marketplace.models.provisioning import AGENT_JOB_FINAL
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
 
 __all__ = [
@@ -223,7 +229,35 @@ def agent_job_complete(*, node: Node, job_id: int, lease_id: str, result: dict) 
     if job.status == AgentJobStatus.DONE and secrets.compare_digest(job.lease_owner, lease_id):
         return job
     _refuse_unless_holder(job, lease_id)
-    return _finish(job, status=AgentJobStatus.DONE, result=result, error="")
+    done = _finish(job, status=AgentJobStatus.DONE, result=result, error="")
+    if done.kind == "start":
+        _late_start_stop(done)
+    return done
+
+
+def _late_start_stop(start: AgentJob) -> None:
+    """A start that an agent completed after its reservation ended (it held the lease when the
+    teardown cancelled what was still queued) left a container running: the stop of its
+    generation on that node runs again, though it may have run before the container existed."""
+    ended = (
+        Reservation.objects.filter(pk=start.reservation_id)
+        .exclude(status__in=_LIVE)
+        .exists()
+    )
+    if not ended:
+        return
+    rerun = AgentJob.objects.filter(
+        reservation_id=start.reservation_id,
+        node_id=start.node_id,
+        kind="stop",
+        generation=start.generation,
+        status__in=AGENT_JOB_FINAL,
+    ).update(
+        status=AgentJobStatus.QUEUED, lease_owner="", lease_expires_at=None, finished_at=None,
+        error="",
+    )  # fmt: skip
+    if rerun:
+        release_kick(start.reservation_id)
 
 
 @transaction.atomic

@@ -145,6 +145,28 @@ def test_a_job_leased_now_is_left_to_its_agent_and_the_start_after_it_is_cancell
     assert _statuses(r) == {"prepare": AgentJobStatus.DONE, "start": AgentJobStatus.CANCELLED}
 
 
+def test_a_start_completed_after_its_stop_ran_gets_the_stop_again(market):
+    """The agent held the start's lease when the reservation was cancelled, and the teardown's
+    stop ran before the start made its container: that container must not outlive the end."""
+    node = market.nodes[0]
+    r, _target = _queued_to_run(market)
+    prepare = agent_job_lease(node=node)
+    agent_job_complete(node=node, job_id=prepare.pk, lease_id=prepare.lease_owner, result={})
+    start = agent_job_lease(node=node)
+    assert start.kind == "start"
+    reservation_cancel(reservation=r, actor_label="user:test")
+    stop = _stop_queued(r, node)
+    leased = agent_job_lease(node=node)
+    assert leased.pk == stop.pk  # a stop waits for nothing
+    agent_job_complete(node=node, job_id=stop.pk, lease_id=leased.lease_owner, result={})
+
+    agent_job_complete(node=node, job_id=start.pk, lease_id=start.lease_owner, result={})
+
+    stop.refresh_from_db()
+    assert stop.status == AgentJobStatus.QUEUED  # to run again, after the late start
+    assert agent_job_lease(node=node).pk == stop.pk
+
+
 @pytest.mark.parametrize("status", [NodeStatus.MAINTENANCE, NodeStatus.OFFLINE, NodeStatus.RETIRED])
 def test_a_node_out_of_service_is_handed_only_stop_jobs(market, status):
     node = market.nodes[0]
