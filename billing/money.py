@@ -31,7 +31,6 @@ MIN_TOP_UP = Decimal("5.00")
 MAX_TOP_UP = Decimal("100000.00")
 
 
-
 def _require_exact(value, name: str) -> None:
     # bool is an int subclass; float has no exact decimal meaning: both are refused loudly.
     if isinstance(value, bool) or not isinstance(value, Decimal | int):

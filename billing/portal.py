@@ -446,7 +446,9 @@ class UsageView(BillingPage):
         for row in usage:
             # Usage entries take from the balance; the customer reads them as positive charges.
             row["amount_display"] = money(-row["amount_minor"], row["currency"])
-            row["gpu_hours"] = (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+            row["gpu_hours"] = (Decimal(row["gpu_seconds"]) / 3600).quantize(
+                Decimal("0.01"), rounding=ROUND_HALF_UP
+            )
             row["energy"] = usage_row_energy(row)
         ledger = Paginator(ledger_for_org(organization=self.organization), LEDGER_PAGE_SIZE)
         page = ledger.get_page(request.GET.get("page"))
@@ -606,7 +608,9 @@ class StatementView(BillingPage):
         usage = [
             {
                 **row,
-                "gpu_hours": (Decimal(row["gpu_seconds"]) / 3600).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP),
+                "gpu_hours": (Decimal(row["gpu_seconds"]) / 3600).quantize(
+                    Decimal("0.01"), rounding=ROUND_HALF_UP
+                ),
                 "amount": money(row["amount_minor"], c),
             }
             for row in statement.usage

@@ -7,8 +7,24 @@ __all__ = ["ZERO_DECIMAL_CURRENCIES", "minor_exponent", "minor_unit", "money_rou
 
 # ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
 ZERO_DECIMAL_CURRENCIES = frozenset(
-    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
-     "xaf", "xof", "xpf"}  # fmt: skip
+    {
+        "bif",
+        "clp",
+        "djf",
+        "gnf",
+        "jpy",
+        "kmf",
+        "krw",
+        "mga",
+        "pyg",
+        "rwf",
+        "ugx",
+        "vnd",
+        "vuv",
+        "xaf",
+        "xof",
+        "xpf",
+    }  # fmt: skip
 )
 
 

@@ -153,15 +153,16 @@ def zone_price_rows_parse(
     rows: list[tuple[str, PriceRow]] = []
     for where, raw in items:
         row = _price_row_parse(where, raw, known=known, chosen=zones is not None, problems=problems)
-        if row is not None and window is not None and not (
-            window[0] <= row.starts_at and row.ends_at <= window[1]
+        if (
+            row is not None
+            and window is not None
+            and not (window[0] <= row.starts_at and row.ends_at <= window[1])
         ):
             problems.append(
                 PriceProblem(
                     where,
                     "starts_at",
-                    f"This source prices {window[0].isoformat()} to {window[1].isoformat()} "
-                    "only.",
+                    f"This source prices {window[0].isoformat()} to {window[1].isoformat()} only.",
                 )
             )
         elif row is not None:

@@ -239,11 +239,7 @@ def _late_start_stop(start: AgentJob) -> None:
     """A start that an agent completed after its reservation ended (it held the lease when the
     teardown cancelled what was still queued) left a container running: the stop of its
     generation on that node runs again, though it may have run before the container existed."""
-    ended = (
-        Reservation.objects.filter(pk=start.reservation_id)
-        .exclude(status__in=_LIVE)
-        .exists()
-    )
+    ended = Reservation.objects.filter(pk=start.reservation_id).exclude(status__in=_LIVE).exists()
     if not ended:
         return
     rerun = AgentJob.objects.filter(

@@ -204,9 +204,20 @@ def test_the_public_form_lists_environment_names_but_never_values():
 
 @pytest.mark.parametrize(
     "name",
-    ["LD_PRELOAD", "ld_library_path", "CONTAINERS_CONF", "CONTAINER_HOST", "DOCKER_HOST",
-     "PATH", "HOME", "XDG_RUNTIME_DIR", "HTTPS_PROXY", "NVIDIA_DRIVER_CAPABILITIES",
-     "GODEBUG", "PODMAN_USERNS"],  # fmt: skip
+    [
+        "LD_PRELOAD",
+        "ld_library_path",
+        "CONTAINERS_CONF",
+        "CONTAINER_HOST",
+        "DOCKER_HOST",
+        "PATH",
+        "HOME",
+        "XDG_RUNTIME_DIR",
+        "HTTPS_PROXY",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "GODEBUG",
+        "PODMAN_USERNS",
+    ],  # fmt: skip
 )
 def test_a_variable_the_container_runtime_reads_itself_is_refused(name):
     """The agent starts the runtime with the workload's variables passed by name: LD_PRELOAD
