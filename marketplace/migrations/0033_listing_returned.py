@@ -4,6 +4,12 @@ from django.conf import settings
 from django.db import migrations, models
 
 
+def returned_as_sold(apps, schema_editor):
+    """Backwards: a listing given back was sold first; before this migration it stays sold."""
+    ResaleListing = apps.get_model("marketplace", "ResaleListing")
+    ResaleListing.objects.filter(status="returned").update(status="sold")
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -34,4 +40,5 @@ class Migration(migrations.Migration):
             model_name='resalelisting',
             constraint=models.CheckConstraint(condition=models.Q(models.Q(('status__in', ('sold', 'returned')), ('buyer_reservation__isnull', False), ('fee_pct__isnull', False), ('sold_at__isnull', False)), models.Q(models.Q(('status__in', ('sold', 'returned')), _negated=True), ('buyer_reservation__isnull', True)), _connector='OR'), name='resale_listing_sold_has_buyer'),
         ),
+        migrations.RunPython(migrations.RunPython.noop, returned_as_sold),
     ]
