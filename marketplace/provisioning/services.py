@@ -776,6 +776,7 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
         gpu_count=count,
         starts_at=max(now, reservation.starts_at),
         ends_at=reservation.ends_at,
+        moved=True,  # off a failed node at the same site: no load is added there
     )
     placement_generation_raise(reservation)
     reservation_event_record(reservation=reservation, type=EventType.RESERVATION_MOVED)

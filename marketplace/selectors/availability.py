@@ -306,7 +306,7 @@ def node_free_capacity(
 ) -> list[NodeCapacity]:
     """Per node of one model at one site (at or above the reliability floor, if any): GPUs,
     and GPUs free for the whole window (none where a grid curtailment leaves no room for
-    `gpu_count` GPUs' draw)."""
+    `gpu_count` GPUs' draw; 0 for a move, which adds none)."""
     filters, params = _filters(
         site_id=site_id, gpu_model_id=gpu_model_id, min_reliability=min_reliability
     )

@@ -130,8 +130,12 @@ def allocation_place(
     ends_at: datetime,
     first_plan: list[tuple[int, int]] | None = None,
     min_reliability: Decimal | None = None,
+    moved: bool = False,
 ) -> list[Allocation]:
     """Allocate `gpu_count` GPUs at one site to `reservation`; NotAvailable if they cannot be.
+
+    `moved`: the GPUs replace ones the reservation held at this site (a failed GPU, a failed
+    node), so they add no load there: a curtailment's window is not asked for room.
 
     `first_plan`, from a read the caller has just made (the offer being booked), is tried
     first without reading the site again; it is checked under the node locks like any plan.
@@ -152,7 +156,8 @@ def allocation_place(
                 starts_at=starts_at,
                 ends_at=ends_at,
                 min_reliability=min_reliability,
-                gpu_count=gpu_count,
+                # A move asks a curtailment's window for no room: it adds no draw there.
+                gpu_count=0 if moved else gpu_count,
             )
             plan = choose_nodes(capacities, gpu_count)
         if not plan:
@@ -165,6 +170,7 @@ def allocation_place(
                     plan=plan,
                     period=period,
                     min_reliability=min_reliability,
+                    moved=moved,
                 )
         except _Taken:
             continue
@@ -178,7 +184,7 @@ def allocation_place(
 
 
 def _lock_and_insert(
-    *, reservation: Reservation, plan, period: Range, min_reliability: Decimal | None
+    *, reservation: Reservation, plan, period: Range, min_reliability: Decimal | None, moved: bool
 ) -> list[Allocation]:
     node_ids = sorted(node_id for node_id, _ in plan)
     window = {"node_ids": node_ids, "starts_at": period.lower, "ends_at": period.upper}
@@ -216,12 +222,13 @@ def _lock_and_insert(
                 raise _Taken
             gpu_ids += free[:take]
             gpu_node_ids += [node_id] * take
-        curtailment_headroom_take(
-            node_id=node_ids[0],
-            gpu_count=len(gpu_ids),
-            starts_at=period.lower,
-            ends_at=period.upper,
-        )
+        if not moved:
+            curtailment_headroom_take(
+                node_id=node_ids[0],
+                gpu_count=len(gpu_ids),
+                starts_at=period.lower,
+                ends_at=period.upper,
+            )
         now = timezone.now()
         cur.execute(
             _INSERT_SQL,

@@ -159,6 +159,7 @@ def _failed_gpus_replace(locked: Reservation, failed: list, *, now: datetime) ->
                 gpu_count=len({a.gpu_id for a in failed}),
                 starts_at=max(now, locked.starts_at),
                 ends_at=locked.ends_at,
+                moved=True,  # the failed GPUs' load leaves the site as theirs arrives
             )
     except NotAvailable:
         return None
