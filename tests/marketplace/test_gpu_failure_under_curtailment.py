@@ -12,7 +12,12 @@ from inventory.telemetry import gpu_health_apply
 from marketplace.models import Curtailment, ReservationStatus
 from marketplace.services.curtailment import curtailment_announce
 from marketplace.services.gpu_failures import gpu_failures_handle
-from tests.marketplace.api_fixtures import allow_all_funding, book_at_market, market, org
+from tests.marketplace.api_fixtures import (  # noqa: F401 (fixtures requested by name)
+    allow_all_funding,
+    book_at_market,
+    market,
+    org,
+)
 
 pytestmark = pytest.mark.django_db
 
