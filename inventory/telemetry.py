@@ -22,6 +22,7 @@
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -296,22 +297,56 @@ def samples_enqueue(rows: list[tuple]) -> bool:
         return False
 
 
+# A flush claims a batch by moving it, in one step, from the buffer to a list of its own
+# (registered with the time it was claimed), and drops that list once the COPY committed. A
+# flush that died in between (killed, out of memory, a hard time limit) leaves its list: the
+# next flush puts it back at the buffer's head after RECLAIM_AFTER, so no sample is lost (one
+# that died after its commit and before the drop writes its batch twice: rare, and harmless
+# to the per-minute averages, where a loss would leave a gap).
+CLAIMS_KEY = "switchyard:telemetry:claims"
+RECLAIM_AFTER = 120  # seconds: far longer than a batch's COPY takes
+_CLAIM_LUA = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items == 0 then return items end
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('RPUSH', KEYS[2], unpack(items))
+redis.call('ZADD', KEYS[3], ARGV[2], KEYS[2])
+return items
+"""
+_RECLAIM_LUA = """
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+if #items > 0 then
+  for i = #items, 1, -1 do redis.call('LPUSH', KEYS[1], items[i]) end
+end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], KEYS[2])
+return #items
+"""
+
+
 def telemetry_flush(*, max_batches: int = 200) -> int:
     """Drain the buffer into inventory_gpusample, FLUSH_BATCH heartbeats per COPY; returns the
-    rows written. Rows of a COPY that fails go back to the buffer's head."""
+    rows written. A batch whose COPY fails, or whose flush died, goes back to the buffer's
+    head (CLAIMS_KEY above)."""
     written = 0
     client = _buffer()
+    claim_batch, reclaim = client.register_script(_CLAIM_LUA), client.register_script(_RECLAIM_LUA)
+    now = time.time()
+    for stale in client.zrangebyscore(CLAIMS_KEY, "-inf", now - RECLAIM_AFTER):
+        reclaim(keys=[BUFFER_KEY, stale, CLAIMS_KEY])
     for _ in range(max_batches):
-        items = client.lpop(BUFFER_KEY, FLUSH_BATCH)
+        claimed = f"switchyard:telemetry:flushing:{uuid.uuid4().hex}"
+        items = claim_batch(keys=[BUFFER_KEY, claimed, CLAIMS_KEY], args=[FLUSH_BATCH, now])
         if not items:
             break
-        rows = [row for item in items for row in json.loads(item)]
         try:
+            rows = [row for item in items for row in json.loads(item)]
             with transaction.atomic():
                 samples_copy(rows)
         except Exception:
-            client.lpush(BUFFER_KEY, *reversed(items))
+            reclaim(keys=[BUFFER_KEY, claimed, CLAIMS_KEY])
             raise
+        client.pipeline().delete(claimed).zrem(CLAIMS_KEY, claimed).execute()
         written += len(rows)
     return written
 

@@ -43,10 +43,10 @@ def empty_buffer():
     from inventory import telemetry
 
     client = telemetry._buffer()
-    client.delete(telemetry.BUFFER_KEY)
+    client.delete(telemetry.BUFFER_KEY, telemetry.CLAIMS_KEY)
     telemetry.rules_cache_clear()
     yield
-    client.delete(telemetry.BUFFER_KEY)
+    client.delete(telemetry.BUFFER_KEY, telemetry.CLAIMS_KEY)
     telemetry.rules_cache_clear()
 
 
@@ -432,3 +432,38 @@ def test_without_redis_the_heartbeat_writes_its_own_samples(api_client, node, se
     assert response.status_code == 200
     assert GpuSample.objects.count() == 8
     assert health(node)[3] == GpuHealth.FAILED
+
+
+def test_a_flush_that_dies_after_taking_a_batch_loses_none_of_it(monkeypatch):
+    """Killed (out of memory, a hard time limit) between taking samples from the buffer and
+    committing them: the next flush, once the claim is old enough, writes them."""
+    from inventory import telemetry
+
+    node = NodeFactory(gpus=1)
+    gpu = node.gpus.get()
+    at = timezone.now().replace(microsecond=0)
+    rows = telemetry.telemetry_rows(
+        report={"gpus": [{"index": 0, "temperature_c": 50, "power_w": 300.0}]},
+        gpus={0: gpu},
+        now=at,
+    )
+    telemetry.samples_enqueue(rows)
+
+    class Killed(BaseException):  # not an Exception: nothing in the flush catches it
+        pass
+
+    def die(rows):
+        raise Killed
+
+    monkeypatch.setattr(telemetry, "samples_copy", die)
+    with pytest.raises(Killed):
+        telemetry_flush()
+    monkeypatch.undo()
+
+    client = telemetry._buffer()
+    assert client.llen(telemetry.BUFFER_KEY) == 0 and client.zcard(telemetry.CLAIMS_KEY) == 1
+    assert telemetry_flush() == 0  # the claim is fresh: its flush may still be running
+    monkeypatch.setattr(telemetry, "RECLAIM_AFTER", 0)
+    assert telemetry_flush() == 1
+    assert GpuSample.objects.filter(gpu=gpu).count() == 1
+    assert client.zcard(telemetry.CLAIMS_KEY) == 0
