@@ -706,7 +706,17 @@ def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -
         )
         for reservation in due:
             if reservation.tier != Tier.INTERRUPTIBLE and reservation.pk not in forced:
-                logger.error("notice on protected reservation %s ignored", reservation.public_id)
+                # A protected reservation no curtailment forces: its notice is void. Lifted
+                # (with the event), so the next ticks do not take it again ahead of the
+                # interruptible work that is due.
+                logger.error("notice on protected reservation %s withdrawn", reservation.public_id)
+                Reservation.objects.filter(pk=reservation.pk).update(
+                    preempt_at=None, preempt_reason="", updated_at=now
+                )
+                reservation.preempt_at, reservation.preempt_reason = None, ""
+                reservation_event_record(
+                    reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
+                )
                 continue
             reservation_transition(
                 reservation=reservation,

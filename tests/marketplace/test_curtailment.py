@@ -392,3 +392,27 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
     assert len(attempts) >= 2
     assert Curtailment.objects.get() == curtailment
     assert curtailment.reservations_notified == 1
+
+
+def test_a_void_notice_on_protected_work_is_lifted_not_taken_again_every_tick(market, org):
+    """A protected reservation with a notice no curtailment forces (its victim row withdrawn,
+    say) is not preempted; its notice is lifted, so it does not stand first in every tick's
+    batch ahead of the interruptible work that is due."""
+    from marketplace.models import Event, Reservation
+    from marketplace.services.curtailment import reservations_preempt_due
+
+    now = timezone.now()
+    protected = _book(org, tier="on_demand", start=now, hours=6, active=True)
+    due = _book(org, tier="interruptible", start=now, hours=6, active=True)
+    Reservation.objects.filter(pk__in=[protected.pk, due.pk]).update(
+        preempt_at=now - timedelta(minutes=1), preempt_reason="grid"
+    )
+
+    assert reservations_preempt_due(now=now, limit=1) == 0  # the protected one came first
+    assert reservations_preempt_due(now=now, limit=1) == 1  # then the interruptible one
+    protected.refresh_from_db()
+    assert (protected.status, protected.preempt_at) == (ReservationStatus.ACTIVE, None)
+    assert Event.objects.filter(
+        object_id=protected.public_id, type="reservation.interruption_withdrawn"
+    ).exists()
+    assert Reservation.objects.get(pk=due.pk).status == ReservationStatus.PREEMPTED
