@@ -58,6 +58,32 @@ def save_card(localstripe, organization, card: str = "pm_card_visa") -> str:
     return pm.stripe_payment_method_id
 
 
+def events_processed_at_once(events) -> list:
+    """Process these Stripe webhook events in threads released together, each on its own
+    connection to PostgreSQL; returns what each processing answered."""
+    import threading
+
+    from django.db import connection
+
+    from billing.services.webhooks import webhook_event_process
+
+    barrier, outcomes = threading.Barrier(len(events)), []
+
+    def process(event):
+        try:
+            barrier.wait()
+            outcomes.append(webhook_event_process(event_id=event.pk))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=process, args=(e,)) for e in events]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
 def paid_top_up(localstripe, organization, amount_minor: int = 10000):
     """A top-up paid by card at localstripe and credited, as a customer's would be (automatic
     recharge off): the top-up and its PaymentIntent."""

@@ -4,10 +4,7 @@ when the dispute is won and the funds are reinstated. Deliveries are signed payl
 Stripe sends them (localstripe has no disputes); the charge a dispute names is read from
 localstripe where the payload lacks its PaymentIntent."""
 
-import threading
-
 import pytest
-from django.db import connection
 
 from billing.models import (
     BillingAccount,
@@ -23,7 +20,7 @@ from billing.services.ledger import ledger_entry_add
 from billing.services.topups import top_up_succeed
 from billing.services.webhooks import webhook_event_process
 from marketplace.models import AuditEntry
-from tests.billing.conftest import make_reservation, paid_top_up
+from tests.billing.conftest import events_processed_at_once, make_reservation, paid_top_up
 from tests.billing.test_webhooks import SECRET, deliver
 
 WITHDRAWAL = {"id": "txn_w", "object": "balance_transaction", "amount": -10000, "fee": 1500,
@@ -207,21 +204,7 @@ def test_two_deliveries_processed_at_once_take_the_money_once(client, org, spent
         )  # fmt: skip
         for n, type in enumerate(["charge.dispute.created", "charge.dispute.funds_withdrawn"])
     ]
-    barrier = threading.Barrier(2)
-    outcomes = []
-
-    def process(event):
-        try:
-            barrier.wait()
-            outcomes.append(webhook_event_process(event_id=event.pk))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=process, args=(e,)) for e in events]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    outcomes = events_processed_at_once(events)
 
     assert outcomes == [True, True]
     assert dispute_lines(org) == [("adjustment", -10000, "dispute:dp_1:withdrawn")]

@@ -3,10 +3,7 @@ made them: a refund row and its refund line, once per Stripe refund, the balance
 negative if it must. Refunds are made in localstripe; the deliveries are signed payloads,
 and the processor reads the refunds' current state back from localstripe."""
 
-import threading
-
 import pytest
-from django.db import connection
 
 from billing.models import (
     BillingAccount,
@@ -20,9 +17,8 @@ from billing.models import (
 )
 from billing.selectors import balance_minor
 from billing.services.ledger import ledger_entry_add
-from billing.services.webhooks import webhook_event_process
 from marketplace.models import AuditEntry
-from tests.billing.conftest import paid_top_up, save_card, stripe_client
+from tests.billing.conftest import events_processed_at_once, paid_top_up, save_card, stripe_client
 from tests.billing.test_webhooks import deliver
 
 pytestmark = [pytest.mark.stripe]
@@ -136,21 +132,7 @@ def test_two_events_about_one_dashboard_refund_at_once_record_it_once(localstrip
         WebhookEvent.objects.create(stripe_event_id="evt_race_refund", type="refund.created",
                                     payload={"data": {"object": remote}}),
     ]  # fmt: skip
-    barrier = threading.Barrier(2)
-    outcomes = []
-
-    def process(event):
-        try:
-            barrier.wait()
-            outcomes.append(webhook_event_process(event_id=event.pk))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=process, args=(e,)) for e in events]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    outcomes = events_processed_at_once(events)
 
     assert outcomes == [True, True]
     assert Refund.objects.count() == 1
