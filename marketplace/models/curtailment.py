@@ -10,6 +10,7 @@ grid operator or aggregator (a configured source, signed) become curtailments wi
 import secrets
 
 from django.conf import settings
+from django.contrib.postgres.fields import DateTimeRangeField
 from django.db import models
 from django.db.models import F, Q
 
@@ -18,6 +19,7 @@ from inventory.models import PriceZone, Site
 __all__ = [
     "Curtailment",
     "CurtailmentVictim",
+    "CurtailmentTake",
     "DemandResponseSource",
     "DemandResponseEvent",
     "DemandResponseNonce",
@@ -171,7 +173,6 @@ class Curtailment(models.Model):
         **_KW,
         help_text="Shed beyond the target: new load that may still be sold in the window.",
     )
-    resold_kw = models.DecimalField("sold in the window since (kW)", **_KW)
     forced_reason = models.TextField(
         blank=True,
         default="",
@@ -216,6 +217,35 @@ class Curtailment(models.Model):
     @property
     def short_mw(self):
         return self.short_kw / 1000
+
+
+class CurtailmentTake(models.Model):
+    """Load sold in a curtailment's window after it was planned, out of what it shed beyond
+    its target (headroom_kw): a booking's (or an extension's) draw over its own time in the
+    window. Written by placement under the curtailment's row lock
+    (marketplace.services.allocation.curtailment_headroom_take); when the reservation leaves
+    the live statuses its take ends there (marketplace.services.transitions), so a cancelled
+    booking gives its room back. What is sold at an instant is the sum of the takes whose
+    period holds it (the SQL function marketplace_curtailment_sold_kw)."""
+
+    curtailment = models.ForeignKey(Curtailment, on_delete=models.CASCADE, related_name="takes")
+    reservation = models.ForeignKey(
+        "marketplace.Reservation",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="curtailment_takes",
+        help_text="Empty: sold before takes were recorded per booking (kept for the window).",
+    )
+    kw = models.DecimalField("draw (kW)", max_digits=12, decimal_places=3)
+    period = DateTimeRangeField(help_text="The booking's time inside the window.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["curtailment_id", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.kw} kW of {self.curtailment_id} for {self.reservation_id}"
 
 
 class CurtailmentVictim(models.Model):

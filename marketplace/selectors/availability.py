@@ -193,14 +193,18 @@ nodes AS MATERIALIZED (
 _WINDOW = "tstzrange(%(starts_at)s, %(ends_at)s, '[)')"
 
 # A grid curtailment of site `s` (in effect: not called off) whose window overlaps {window}
-# and whose unsold over-shed (headroom_kw - resold_kw) is less than the draw of {gpus} GPUs of
-# model `m` at the site's PUE: that capacity is not sold (placement takes the headroom under
-# the curtailment's row lock, marketplace.services.allocation.curtailment_headroom_take).
+# and whose unsold over-shed over that overlap (headroom_kw less the most sold at once there,
+# marketplace_curtailment_sold_kw) is less than the draw of {gpus} GPUs of model `m` at the
+# site's PUE: that capacity is not sold (placement takes the headroom under the curtailment's
+# row lock, marketplace.services.allocation.curtailment_headroom_take).
 CURTAILMENT_BLOCKS = """EXISTS (
           SELECT 1 FROM marketplace_curtailment c
           WHERE c.site_id = s.id AND c.called_off_at IS NULL
             AND tstzrange(c.shed_at, c.until, '[)') && {window}
-            AND c.headroom_kw - c.resold_kw < {gpus} * m.tdp_watts * s.pue / 1000.0)"""
+            AND c.headroom_kw - marketplace_curtailment_sold_kw(
+                    c.id, greatest(c.shed_at, lower({window})),
+                    least(coalesce(c.until, 'infinity'), upper({window})))
+                < {gpus} * m.tdp_watts * s.pue / 1000.0)"""
 
 
 def _sql(tail: str, *, filters: str) -> str:

@@ -63,9 +63,10 @@ RETURNING gpu_id, id
 """
 
 
-# The grid curtailments of the nodes' site whose window overlaps the period, locked (id order);
-# if each has unsold over-shed for the new draw, it is taken from all of them; the first that
-# has not is returned and nothing is written.
+# The grid curtailments of the nodes' site whose window overlaps the period, locked (id order),
+# with the booking's time inside each window; if each has unsold over-shed for the new draw all
+# through that time (what is sold at once there: marketplace_curtailment_sold_kw), the draw is
+# taken from all of them, a take each; the first that has not is returned and nothing written.
 _HEADROOM_TAKE_SQL = """
 WITH draw AS (
     SELECT %(gpus)s * m.tdp_watts * s.pue / 1000.0 AS kw, s.id AS site_id
@@ -74,32 +75,50 @@ WITH draw AS (
     JOIN inventory_gpumodel m ON m.id = n.gpu_model_id
     WHERE n.id = %(node_id)s),
 c AS (
-    SELECT c.id, c.shed_at, c.until, c.headroom_kw - c.resold_kw AS room
+    SELECT c.id, c.shed_at, c.until, c.headroom_kw,
+           tstzrange(%(lo)s, %(hi)s, '[)') * tstzrange(c.shed_at, c.until, '[)') AS inside
     FROM marketplace_curtailment c, draw
     WHERE c.site_id = draw.site_id AND c.called_off_at IS NULL
       AND tstzrange(c.shed_at, c.until, '[)') && tstzrange(%(lo)s, %(hi)s, '[)')
     ORDER BY c.id FOR UPDATE OF c),
-blocked AS (SELECT c.* FROM c, draw WHERE c.room < draw.kw ORDER BY c.shed_at LIMIT 1),
+blocked AS (
+    SELECT c.shed_at, c.until FROM c, draw
+    WHERE c.headroom_kw
+          - marketplace_curtailment_sold_kw(c.id, lower(c.inside), upper(c.inside)) < draw.kw
+    ORDER BY c.shed_at LIMIT 1),
 taken AS (
-    UPDATE marketplace_curtailment u SET resold_kw = u.resold_kw + draw.kw
-    FROM c, draw WHERE u.id = c.id AND NOT EXISTS (SELECT 1 FROM blocked)
-    RETURNING u.id)
+    INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)
+    SELECT c.id, %(reservation_id)s, draw.kw, c.inside, now()
+    FROM c, draw WHERE NOT EXISTS (SELECT 1 FROM blocked))
 SELECT shed_at, until FROM blocked
 """
 
 
 def curtailment_headroom_take(
-    *, node_id: int, gpu_count: int, starts_at: datetime, ends_at: datetime
+    *,
+    reservation_id: int,
+    node_id: int,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
 ) -> None:
     """Sell new load at the node's site for [starts_at, ends_at) only where its grid
-    curtailments leave room (what they shed beyond their target); NotAvailable otherwise.
+    curtailments leave room (what they shed beyond their target, less what is sold at once
+    there already); NotAvailable otherwise. The reservation's take ends when it leaves the
+    live statuses (marketplace.services.transitions), giving the room back.
 
     Under the caller's node locks: a curtailment being planned locks every node of the site
     first, so a booking and a curtailment at one site are taken one after the other."""
     with connection.cursor() as cur:
         cur.execute(
             _HEADROOM_TAKE_SQL,
-            {"gpus": gpu_count, "node_id": node_id, "lo": starts_at, "hi": ends_at},
+            {
+                "gpus": gpu_count,
+                "node_id": node_id,
+                "lo": starts_at,
+                "hi": ends_at,
+                "reservation_id": reservation_id,
+            },
         )
         blocked = cur.fetchone()
     if blocked is not None:
@@ -224,6 +243,7 @@ def _lock_and_insert(
             gpu_node_ids += [node_id] * take
         if not moved:
             curtailment_headroom_take(
+                reservation_id=reservation.pk,
                 node_id=node_ids[0],
                 gpu_count=len(gpu_ids),
                 starts_at=period.lower,

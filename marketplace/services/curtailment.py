@@ -322,7 +322,7 @@ def curtailment_call_off(
     else:  # the window so far stays on record
         locked.until = max(now, locked.shed_at + timedelta(microseconds=1))
         locked.save(update_fields=["until"])
-    _totals(locked)
+    _totals(locked, now=now)
     _top_up_others(site, exclude=locked.pk, now=now)
     logger.warning("curtailment %s called off: %d notice(s) withdrawn", locked.pk, withdrawn)
     return withdrawn
@@ -433,7 +433,7 @@ def _plan(
         elif shed == "notified":
             notified.append(reservation)
 
-    _totals(curtailment)
+    _totals(curtailment, now=now)
     logger.warning(
         "curtailment of %s from %s: target %s MW, shed %s kW (short %s kW); %d noticed, %d "
         "preempted now, %d forced",
@@ -496,7 +496,13 @@ def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetim
     draws by id, and the chosen and the forced candidates."""
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
     kept = CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
-    need = None if target_kw is None else target_kw - sum((v.draw_kw for v in kept), Decimal(0))
+    # Load sold in the window since an earlier plan counts on top of the target: a re-plan
+    # that shed less than target + sold would leave the window oversold.
+    need = (
+        None
+        if target_kw is None
+        else target_kw + _sold_kw(curtailment, now=now) - sum((v.draw_kw for v in kept), Decimal(0))
+    )
 
     flexible = _candidates(
         site=site, curtailment=curtailment, tiers=[Tier.INTERRUPTIBLE], preempt_at=preempt_at
@@ -617,15 +623,36 @@ def _as_candidates(reservations, draws) -> list[Candidate]:
     ]
 
 
-def _totals(curtailment: Curtailment) -> None:
-    """The record's figures from its victims in effect."""
+def _sold_kw(curtailment: Curtailment, *, now: datetime) -> Decimal:
+    """The most load sold at once in the rest of the window out of its over-shed (the takes
+    of bookings made since it was planned, marketplace.services.allocation)."""
+    if curtailment.pk is None:
+        return Decimal(0)
+    lo = max(curtailment.shed_at, now)
+    if curtailment.until is not None and curtailment.until <= lo:
+        return Decimal(0)
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT marketplace_curtailment_sold_kw(%s, %s, coalesce(%s, 'infinity'))",
+            [curtailment.pk, lo, curtailment.until],
+        )
+        return cur.fetchone()[0]
+
+
+def _totals(curtailment: Curtailment, *, now: datetime) -> None:
+    """The record's figures from its victims in effect (short of the target counts the load
+    sold in the window since, which must be shed too)."""
     live = list(
         CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
     )
     shed = sum((v.draw_kw for v in live), Decimal(0))
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
     curtailment.shed_kw = shed
-    curtailment.short_kw = Decimal(0) if target_kw is None else max(target_kw - shed, Decimal(0))
+    curtailment.short_kw = (
+        Decimal(0)
+        if target_kw is None
+        else max(target_kw + _sold_kw(curtailment, now=now) - shed, Decimal(0))
+    )
     curtailment.headroom_kw = Decimal(0) if target_kw is None else max(shed - target_kw, Decimal(0))
     curtailment.reservations_notified = sum(
         1 for v in live if v.outcome == CurtailmentVictim.Outcome.NOTICED

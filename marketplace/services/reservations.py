@@ -808,6 +808,7 @@ def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) ->
         )
     if node_ids:  # more time is more load: a grid curtailment of the site may forbid it
         curtailment_headroom_take(
+            reservation_id=reservation.pk,
             node_id=node_ids[0],
             gpu_count=len(gpus),
             starts_at=old_end,

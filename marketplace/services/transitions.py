@@ -393,6 +393,18 @@ _FREE_SQL = """freed AS (
         period = CASE WHEN lower(period) < %(tr_now)s AND upper(period) > %(tr_now)s
                       THEN tstzrange(lower(period), %(tr_now)s, '[)') ELSE period END
     WHERE reservation_id IN (SELECT id FROM moved) AND is_live
+),
+-- and gives back the room it took in grid curtailments' windows from now on (the time
+-- before now stays as the record of what it drew).
+ungranted AS (
+    DELETE FROM marketplace_curtailmenttake
+    WHERE reservation_id IN (SELECT id FROM moved) AND lower(period) >= %(tr_now)s
+),
+shortened AS (
+    UPDATE marketplace_curtailmenttake
+    SET period = tstzrange(lower(period), %(tr_now)s, '[)')
+    WHERE reservation_id IN (SELECT id FROM moved)
+      AND lower(period) < %(tr_now)s AND upper(period) > %(tr_now)s
 )"""
 
 

@@ -35,7 +35,8 @@ from marketplace.services.curtailment import (
     curtailment_replan,
     victims_choose,
 )
-from marketplace.services.reservations import reservation_extend
+from marketplace.services.reservations import reservation_cancel, reservation_extend
+from marketplace.services.transitions import reservation_transition
 from tests.factories import UserFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -371,8 +372,7 @@ def test_the_window_sells_only_what_was_shed_beyond_the_target(fleet, market, or
         _book(org, tier="on_demand", gpus=2, start=start, hours=1)
     assert refused.value.code == "site_curtailed"
     _book(org, tier="on_demand", gpus=1, start=start, hours=1)
-    curtailment.refresh_from_db()
-    assert curtailment.resold_kw == Decimal("0.805")
+    assert [t.kw for t in curtailment.takes.all()] == [Decimal("0.805")]
     assert (
         availability_search(AvailabilityQuery(gpu_count=1, tier="on_demand", **search)) == []
     )  # 0.415 kW left
@@ -386,6 +386,97 @@ def test_the_window_sells_only_what_was_shed_beyond_the_target(fleet, market, or
     )
     after = curtailment.until
     assert _book(org, tier="on_demand", gpus=2, start=after, hours=1).status == S.PENDING
+
+
+def _one_gpu_search(start, hours=1):
+    return AvailabilityQuery(
+        gpu_count=1,
+        tier="on_demand",
+        gpu_model="h100-sxm-80gb",
+        starts_at=start,
+        ends_at=start + timedelta(hours=hours),
+    )
+
+
+@pytest.mark.django_db
+def test_a_booking_that_leaves_the_window_gives_its_room_back(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")  # 1.22 kW to sell: one GPU at a time
+    start = curtailment.shed_at + timedelta(hours=1)
+    booked = _book(org, tier="on_demand", gpus=1, start=start, hours=2)
+    assert availability_search(_one_gpu_search(start)) == []
+    with pytest.raises(NotAvailable):
+        _book(org, tier="on_demand", gpus=1, start=start, hours=1)
+
+    reservation_cancel(reservation=booked, actor_label="customer")
+
+    assert not curtailment.takes.exists()  # it had not begun: nothing of it stays
+    assert [o.gpu_count for o in availability_search(_one_gpu_search(start))] == [1]
+    again = _book(org, tier="on_demand", gpus=1, start=start, hours=2)
+    assert list(curtailment.takes.values_list("reservation_id", flat=True)) == [again.pk]
+
+
+@pytest.mark.django_db
+def test_a_booking_ended_inside_the_window_gives_back_the_rest_of_it(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002", hours_ahead=-0.005)  # began 18 s ago
+    running = _book(org, tier="on_demand", gpus=1, start=timezone.now(), hours=8, active=True)
+    take = curtailment.takes.get(reservation=running)
+    assert (take.period.lower, take.period.upper) == (running.starts_at, curtailment.until)
+    later = timezone.now() + timedelta(hours=2)
+    assert availability_search(_one_gpu_search(later)) == []
+
+    running = reservation_cancel(reservation=running, actor_label="customer")  # releasing
+    reservation_transition(
+        reservation=running, to_status=S.COMPLETED, cause="stopped", actor_label="t"
+    )
+
+    take.refresh_from_db()  # what it drew stays on record; the rest is sold again
+    assert take.period.lower == running.starts_at and take.period.upper <= timezone.now()
+    assert [o.gpu_count for o in availability_search(_one_gpu_search(later))] == [1]
+
+
+@pytest.mark.django_db
+def test_the_window_is_sold_by_the_hour_not_once_for_all_of_it(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")  # one GPU's draw at any one time
+    first = curtailment.shed_at + timedelta(minutes=30)
+    _book(org, tier="on_demand", gpus=1, start=first, hours=1)
+    # Back to back, then in a later hour: never two at once, so both fit.
+    _book(org, tier="on_demand", gpus=1, start=first + timedelta(hours=1), hours=1)
+    _book(org, tier="on_demand", gpus=1, start=first + timedelta(hours=3), hours=1)
+    # Overlapping any of them by a minute would be two at once.
+    with pytest.raises(NotAvailable) as refused:
+        _book(org, tier="on_demand", gpus=1, start=first + timedelta(minutes=119), hours=1)
+    assert refused.value.code == "site_curtailed"
+    assert availability_search(_one_gpu_search(first + timedelta(minutes=59))) == []
+    assert availability_search(_one_gpu_search(first - timedelta(minutes=30), hours=0.5)) != []
+    assert curtailment.takes.count() == 3
+
+
+@pytest.mark.django_db
+def test_a_replan_sheds_enough_for_what_was_sold_in_the_window_since(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")  # r2 (3.22 kW): 1.22 kW over
+    sold = _book(org, tier="on_demand", gpus=1, start=curtailment.shed_at, hours=2)
+    assert _victims(curtailment) == {fleet["r2"].pk}
+
+    # 3 MW now: r2 alone would still reach the target, but the 0.805 kW sold since must be
+    # shed too (3.805 kW): r4 joins it, and nothing is short.
+    replanned = curtailment_replan(
+        curtailment=curtailment,
+        shed_at=curtailment.shed_at,
+        until=curtailment.until,
+        target_mw=Decimal("0.003"),
+        reason="ERCOT raised the call",
+    )
+
+    assert _victims(replanned) == {fleet["r2"].pk, fleet["r4"].pk}
+    assert replanned.shed_kw == Decimal("4.830") and replanned.short_kw == 0
+    assert Reservation.objects.get(pk=sold.pk).status == S.PENDING  # what was sold stands
+    # The window has 4.83 - 3 - 0.805 = 1.025 kW left: one more GPU, not two.
+    start = curtailment.shed_at + timedelta(hours=3)
+    assert [o.gpu_count for o in availability_search(_one_gpu_search(start))] == [1]
 
 
 @pytest.mark.django_db
