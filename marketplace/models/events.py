@@ -31,6 +31,7 @@ class EventType(models.TextChoices):
     LISTING_SOLD = "listing.sold"
     LISTING_WITHDRAWN = "listing.withdrawn"
     LISTING_EXPIRED = "listing.expired"
+    LISTING_RETURNED = "listing.returned"
     PAYMENT_SUCCEEDED = "payment.succeeded"
     PAYMENT_FAILED = "payment.failed"
     TOP_UP_SUCCEEDED = "top_up.succeeded"

@@ -833,6 +833,8 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
     else:
         listing.ends_at = returned_from
     listing.save(update_fields=["status", "ends_at", "updated_at"])
+    # The seller is told: the sale as it now stands (narrowed, or `returned`), the time back.
+    listing_events_record(events=[(EventType.LISTING_RETURNED, listing)])
     return True
 
 

@@ -12,7 +12,13 @@ from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
 from config.errors import NotAvailable
-from marketplace.models import ListingStatus, ResaleListing, Reservation, ReservationStatus
+from marketplace.models import (
+    Event,
+    ListingStatus,
+    ResaleListing,
+    Reservation,
+    ReservationStatus,
+)
 from marketplace.provisioning.drivers import SimulatedDriver
 from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.provisioning.services import reservation_provision_step, reservation_release_step
@@ -115,6 +121,11 @@ def test_a_buyer_cancelling_before_the_window_gives_every_gpu_back_to_the_seller
     lst.refresh_from_db()
     assert (lst.status, lst.buyer_reservation_id) == (ListingStatus.RETURNED, bought.pk)
     assert (lst.starts_at, lst.ends_at) == (m.start + 24 * H, m.start + 48 * H)
+    # The seller is told, with the listing as it stands; the buyer hears of its own cancel only.
+    (returned,) = Event.objects.filter(type="listing.returned")
+    assert returned.organization_id == m.seller.pk and returned.object_id == lst.public_id
+    assert returned.data["status"] == "returned"
+    assert not Event.objects.filter(organization=m.buyer, type__startswith="listing.").exists()
     # One live row per GPU over the whole term again, as before the sale; no record left.
     term = _term(m)
     assert live_rows(term) == [(i, term.starts_at, term.ends_at) for i in range(8)]
@@ -243,6 +254,7 @@ def test_nothing_is_returned_to_a_term_that_ended_meanwhile():
 
     assert list(sold) == before
     assert before[0][0] == ListingStatus.SOLD
+    assert not Event.objects.filter(type="listing.returned").exists()
     assert live_rows(_term(m)) == []
     # The GPUs are the operator's again, to sell at its price.
     assert _third_books(m).status == ReservationStatus.PENDING
