@@ -5,9 +5,13 @@ Idempotency-Key on POST). Reading is open to every member; money actions need an
 admin or billing member. Amounts are strings in major units with the currency beside them.
 """
 
+from datetime import date
+from functools import partial
+
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
+from rest_framework.pagination import Cursor
 from rest_framework.response import Response
 
 from billing.models import LedgerKind
@@ -19,10 +23,8 @@ from billing.selectors import (
     statement_for_month,
     statement_month,
     top_ups_for_org,
-    usage_by_reservation_day,
+    usage_page,
     usage_row_energy,
-    usage_unbooked_by_reservation_day,
-    usage_with_unbooked,
 )
 from billing.serializers import (
     BalanceOutput,
@@ -152,40 +154,83 @@ class UsageOutput(Serializer):
         return None if energy is None or energy.kg_co2e is None else str(energy.kg_co2e)
 
 
-USAGE_ROWS_MAX = 1000
-USAGE_TRUNCATED_HEADER = "Sy-Truncated"
+class UsageCursorPagination(NewestFirstCursorPagination):
+    """The API's cursor pages (?limit=, next and previous links) over usage rows, which are
+    sums by reservation and day rather than records: a cursor holds the day and reservation
+    of the row it follows (a keyset), so a page costs the same however deep it is and usage
+    booked between pages moves no row to another page."""
+
+    def paginate_usage(self, fetch, request) -> list[dict]:
+        """One page of fetch(after=, backwards=, limit=) (billing.selectors.usage_page)."""
+        self.request, self.base_url = request, request.build_absolute_uri()
+        self.page_size = self.get_page_size(request)
+        self.cursor = self.decode_cursor(request)
+        backwards = bool(self.cursor and self.cursor.reverse)
+        after = _usage_position(self.cursor.position) if self.cursor else None
+        rows = fetch(after=after, backwards=backwards, limit=self.page_size + 1)
+        more = len(rows) > self.page_size
+        self.page = rows[: self.page_size][:: -1 if backwards else 1]
+        # Forwards, the rows after this page are there if more came; backwards, those before.
+        self.has_next = more if not backwards else after is not None
+        self.has_previous = after is not None if not backwards else more
+        self.after = after
+        return self.page
+
+    def get_next_link(self):
+        if not self.has_next:
+            return None
+        at = _usage_key(self.page[-1]) if self.page else self.after
+        return self.encode_cursor(Cursor(offset=0, reverse=False, position=at))
+
+    def get_previous_link(self):
+        if not self.has_previous:
+            return None
+        at = _usage_key(self.page[0]) if self.page else self.after
+        return self.encode_cursor(Cursor(offset=0, reverse=True, position=at))
+
+
+def _usage_key(row: dict) -> str:
+    return f"{row['day'].isoformat()} {row['reservation__public_id'] or ''}"
+
+
+def _usage_position(position: str | None) -> tuple[date, str] | None:
+    if position is None:
+        return None
+    day, _, reservation = position.partition(" ")
+    try:
+        return date.fromisoformat(day), reservation
+    except ValueError:
+        raise serializers.ValidationError(
+            {"cursor": "Invalid cursor; use the next or previous link as given."},
+            code="invalid_cursor",
+        ) from None
 
 
 class UsageApi(ApiView):
     query_serializer = UsageInput
+    pagination_class = UsageCursorPagination
 
     @replica_reads
     @extend_schema(
         tags=TAGS,
         operation_id="billing_usage",
         summary="Usage by reservation and UTC day (charged amounts, positive), newest first",
-        description="At most 1000 rows, the newest: when the period holds more, the answer "
-        "says so with the header Sy-Truncated: true (narrow since/until, or stream the whole "
-        "period from usage.csv).",
+        description="A cursor page at a time, as every list (?limit=, the next and previous "
+        "links); usage.csv streams the whole period at once.",
         responses={200: UsageOutput(many=True), **errors(400, 403)},
     )
     def get(self, request):
         data = self.query_input()
-        since, until = data.get("since"), data.get("until")
-        unbooked = usage_unbooked_by_reservation_day(
-            organization=self.organization, since=since, until=until
+        page = self.paginator.paginate_usage(
+            partial(
+                usage_page,
+                organization=self.organization,
+                since=data.get("since"),
+                until=data.get("until"),
+            ),
+            request,
         )
-        rows = usage_by_reservation_day(organization=self.organization, since=since, until=until)
-        # Newest day first; the unbooked usage (to the second) is in its day's row.
-        rows = sorted(
-            usage_with_unbooked(rows, unbooked),
-            key=lambda row: (-row["day"].toordinal(), row["reservation__public_id"] or ""),
-        )
-        response = Response(UsageOutput(rows[:USAGE_ROWS_MAX], many=True).data)
-        if len(rows) > USAGE_ROWS_MAX:
-            # Said, not hidden: the newest rows only; usage.csv streams the whole period.
-            response[USAGE_TRUNCATED_HEADER] = "true"
-        return response
+        return self.get_paginated_response(UsageOutput(page, many=True).data)
 
 
 class StatementLineOutput(Serializer):

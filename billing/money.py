@@ -14,6 +14,7 @@ them would pass a gate with nothing available.
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 from config.currency import ZERO_DECIMAL_CURRENCIES, minor_exponent
+from config.errors import ValidationFailed
 
 __all__ = [
     "ZERO_DECIMAL_CURRENCIES",
@@ -23,6 +24,7 @@ __all__ = [
     "to_minor_units",
     "hold_minor_units",
     "from_minor_units",
+    "to_minor_units_asked",
     "usage_cost_minor",
 ]
 
@@ -49,6 +51,20 @@ def hold_minor_units(amount: Decimal | int, currency: str) -> int:
     _require_exact(amount, "amount")
     scaled = Decimal(amount).scaleb(minor_exponent(currency))
     return int(scaled.quantize(Decimal(1), rounding=ROUND_CEILING))
+
+
+def to_minor_units_asked(amount: Decimal | int, currency: str, *, field: str) -> int:
+    """An amount a customer asks for (a top-up, a recharge setting) → int minor units, refused
+    (400 amount_precision on `field`) unless it is a whole number of them: 5.50 in yen would
+    be charged as 6, another amount than the one asked for."""
+    minor = to_minor_units(amount, currency)
+    if Decimal(amount).scaleb(minor_exponent(currency)) != minor:
+        places = minor_exponent(currency)
+        unit = "whole numbers" if places == 0 else f"given to at most {places} decimal places"
+        raise ValidationFailed(
+            f"Amounts in {currency.upper()} are {unit}.", code="amount_precision", field=field
+        )
+    return minor
 
 
 def from_minor_units(amount_minor: int, currency: str) -> Decimal:

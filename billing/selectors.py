@@ -4,8 +4,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
-from django.db.models import Q, QuerySet, Sum
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models import Q, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce, Collate, TruncDate
 
 from billing.models import (
     Balance,
@@ -31,6 +31,7 @@ __all__ = [
     "usage_by_reservation_day",
     "usage_unbooked_by_reservation_day",
     "usage_with_unbooked",
+    "usage_page",
     "invoices_for_org",
     "payment_methods_for_org",
     "top_ups_for_org",
@@ -232,6 +233,54 @@ def usage_with_unbooked(rows, unbooked: dict[tuple[str, date], dict]):
             }
         yield row
     yield from unbooked.values()
+
+
+def _usage_order(day: date, reservation_id: str | None) -> tuple[int, str]:
+    # The usage API's order: newest day first, then reservation id (byte order).
+    return -day.toordinal(), reservation_id or ""
+
+
+def usage_page(
+    *,
+    organization: Organization,
+    since: date | None = None,
+    until: date | None = None,
+    after: tuple[date, str] | None = None,
+    backwards: bool = False,
+    limit: int,
+) -> list[dict]:
+    """Up to `limit` usage rows (booked and unbooked, as usage_with_unbooked gives them),
+    newest day first then reservation id, that come after `after` (a row's day and
+    reservation id) in that order; `backwards`: those before it, nearest first. A keyset
+    read: the database returns at most `limit` rows however deep into the period it is."""
+    rows = usage_by_reservation_day(organization=organization, since=since, until=until)
+    # Compared in byte order, as Python compares the unbooked rows' ids.
+    rows = rows.annotate(key=Collate(Coalesce("reservation__public_id", Value("")), "C"))
+    unbooked = usage_unbooked_by_reservation_day(
+        organization=organization, since=since, until=until
+    )
+    if after is not None:
+        day, key = after
+        rows = rows.filter(
+            Q(day__gt=day) | Q(day=day, key__lt=key)
+            if backwards
+            else Q(day__lt=day) | Q(day=day, key__gt=key)
+        )
+        at = _usage_order(day, key)
+        unbooked = {
+            (rid, d): row
+            for (rid, d), row in unbooked.items()
+            if (_usage_order(d, rid) < at if backwards else _usage_order(d, rid) > at)
+        }
+    rows = rows.order_by(*(("day", "-key") if backwards else ("-day", "key")))
+    # An unbooked row whose booked row is beyond these `limit` sorts after all of them and is
+    # cut below: no row is split across pages.
+    merged = sorted(
+        usage_with_unbooked(list(rows[:limit]), unbooked),
+        key=lambda row: _usage_order(row["day"], row["reservation__public_id"]),
+        reverse=backwards,
+    )
+    return merged[:limit]
 
 
 def invoices_for_org(*, organization: Organization) -> QuerySet[Invoice]:

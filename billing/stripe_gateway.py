@@ -249,6 +249,15 @@ class StripeGateway:
         except stripe.StripeError as exc:
             raise _translate(exc) from exc
 
+    def disputes_all(self) -> list[dict]:
+        """Every dispute (auto-paginated), each with its balance transactions (the money
+        Stripe withdrew and reinstated)."""
+        try:
+            page = self.client.v1.disputes.list({"limit": 100})
+            return [dispute.to_dict() for dispute in page.auto_paging_iter()]
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+
     def payment_intent_retrieve(self, *, payment_intent_id: str) -> dict:
         return self._call(self.client.v1.payment_intents.retrieve, payment_intent_id)
 

@@ -9,7 +9,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, UsageAccrual
-from billing.money import MAX_TOP_UP, MIN_TOP_UP, to_minor_units
+from billing.money import MAX_TOP_UP, MIN_TOP_UP, to_minor_units, to_minor_units_asked
 from billing.services.usage import METERED_TIERS, reservations_book_now
 from billing.stripe_gateway import StripeGateway, get_gateway
 from config.errors import InvalidTransition, ValidationFailed
@@ -137,16 +137,22 @@ def billing_settings_update(
 
     fields = []
     if recharge_threshold is not None:
-        account.recharge_threshold_minor = to_minor_units(recharge_threshold, account.currency)
+        account.recharge_threshold_minor = to_minor_units_asked(
+            recharge_threshold, account.currency, field="recharge_threshold"
+        )
         fields.append("recharge_threshold_minor")
     if recharge_amount is not None:
-        account.recharge_amount_minor = to_minor_units(recharge_amount, account.currency)
+        account.recharge_amount_minor = to_minor_units_asked(
+            recharge_amount, account.currency, field="recharge_amount"
+        )
         fields.append("recharge_amount_minor")
     if monthly_spend_limit is not _UNSET:
         account.monthly_spend_limit_minor = (
             None
             if monthly_spend_limit is None
-            else to_minor_units(monthly_spend_limit, account.currency)
+            else to_minor_units_asked(
+                monthly_spend_limit, account.currency, field="monthly_spend_limit"
+            )
         )
         fields.append("monthly_spend_limit_minor")
     if auto_recharge_enabled is not None:

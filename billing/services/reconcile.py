@@ -7,6 +7,9 @@ Checked per organisation with a Stripe customer:
 - every succeeded PaymentIntent of the customer is a successful top-up of ours;
 - the refunds Stripe has for each top-up are exactly our refunds that are not failed, with the
   same amounts, each with its refund ledger entry;
+- every dispute of a top-up's payment has the lines of what Stripe did with its money (a
+  withdrawal, a reinstatement: top_up_dispute_settle), and no dispute line is of a dispute
+  Stripe does not have or did not move that money;
 and, globally, no outbox message has been pending for more than an hour, and the figures the
 database keeps by triggers equal their records: every organisation's balance the sum of its
 ledger (billing 0007), its open holds' sum what its open holds still commit (billing 0009).
@@ -76,6 +79,7 @@ def billing_reconcile(*, gateway: StripeGateway | None = None) -> list[str]:
                 differences.append(f"{label}: Stripe charged {pi.get('amount')} {pi.get('currency')} "
                                    f"({pi_id}) with no successful top-up here")  # fmt: skip
 
+    differences.extend(_dispute_differences(gateway))
     stuck = OutboxMessage.objects.filter(
         status=OutboxStatus.PENDING, created_at__lt=timezone.now() - timedelta(hours=1)
     )
@@ -143,3 +147,58 @@ def _refund_differences(label: str, top_up: TopUp, gateway: StripeGateway) -> li
             differences.append(f"{label}: Stripe refunded {r.get('amount')} ({refund_id}) of top-up "
                                f"{top_up.pk} with no refund here")  # fmt: skip
     return differences
+
+
+# What Stripe did with a dispute's money, as the webhooks apply it (billing.services.webhooks).
+def _dispute_moves(dispute: dict) -> set[str]:
+    moves = [int(t.get("amount") or 0) for t in dispute.get("balance_transactions") or []
+             if isinstance(t, dict)]  # fmt: skip
+    reinstated = any(m > 0 for m in moves)
+    withdrawn = reinstated or any(m < 0 for m in moves) or dispute.get("status") == "lost"
+    return {step for step, done in (("withdrawn", withdrawn), ("reinstated", reinstated)) if done}
+
+
+def _dispute_differences(gateway: StripeGateway) -> list[str]:
+    """Each dispute's lines (keys dispute:<id>:withdrawn and :reinstated) beside what Stripe
+    did with its money: a webhook lost, or a line written for money Stripe never moved."""
+    differences = []
+    lines: dict[str, dict[str, LedgerEntry]] = {}
+    for entry in LedgerEntry.objects.filter(idempotency_key__startswith="dispute:"):
+        dispute_id, _, step = entry.idempotency_key.removeprefix("dispute:").rpartition(":")
+        lines.setdefault(dispute_id, {})[step] = entry
+    for dispute in gateway.disputes_all():
+        pi_id = _id(dispute.get("payment_intent"))
+        if not pi_id and dispute.get("charge"):
+            charge = gateway.charge_retrieve(charge_id=_id(dispute["charge"]))
+            pi_id = _id(charge.get("payment_intent"))
+        ours = lines.pop(dispute["id"], {})
+        top_ups = TopUp.objects.filter(stripe_payment_intent_id=pi_id).exclude(
+            stripe_payment_intent_id=""
+        )
+        top_up = top_ups.select_related("organization").first()
+        if top_up is None:
+            continue  # not a top-up's payment (a charge of ours with no top-up is listed above)
+        label = f"{top_up.organization.public_id}: dispute {dispute['id']} of top-up {top_up.pk}"
+        amount = int(dispute.get("amount") or 0)
+        for step, sign in (("withdrawn", -1), ("reinstated", 1)):
+            done, entry = step in _dispute_moves(dispute), ours.get(step)
+            if done and entry is None:
+                differences.append(f"{label}: Stripe has the funds {step} ({amount} "
+                                   f"{dispute.get('currency')}) but there is no line for it here")  # fmt: skip
+            elif entry is not None and not done:
+                differences.append(f"{label}: the {step} line of {entry.amount_minor} is here "
+                                   f"but Stripe has not {step} the funds ({dispute.get('status')})")  # fmt: skip
+            elif entry is not None and entry.amount_minor != sign * amount:
+                differences.append(f"{label}: the {step} line is {entry.amount_minor} here, "
+                                   f"{sign * amount} at Stripe")  # fmt: skip
+    for dispute_id, ours in sorted(lines.items()):
+        for step, entry in sorted(ours.items()):
+            differences.append(f"organisation {entry.organization_id}: the {step} line of "
+                               f"{entry.amount_minor} is of dispute {dispute_id}, which Stripe "
+                               "does not have")  # fmt: skip
+    return differences
+
+
+def _id(value) -> str:
+    """An id Stripe gives as a string, or as the object when expanded."""
+    return (value.get("id") if isinstance(value, dict) else value) or ""

@@ -20,7 +20,13 @@ from billing.models import (
     TopUp,
     TopUpStatus,
 )
-from billing.money import MAX_TOP_UP, MIN_TOP_UP, from_minor_units, to_minor_units
+from billing.money import (
+    MAX_TOP_UP,
+    MIN_TOP_UP,
+    from_minor_units,
+    to_minor_units,
+    to_minor_units_asked,
+)
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.events import top_up_events_record
@@ -78,11 +84,10 @@ def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
         )
     billing_account_get_or_create(organization=organization)
     account = BillingAccount.objects.select_for_update().get(organization=organization)
+    amount_minor = to_minor_units_asked(amount, account.currency, field="amount")
     if not account.stripe_customer_id or not account.default_payment_method_id:
         raise PaymentRequired("Add a card before topping up.", code="no_payment_method")
-    top_up = _start_top_up(
-        account=account, amount_minor=to_minor_units(amount, account.currency), automatic=False
-    )
+    top_up = _start_top_up(account=account, amount_minor=amount_minor, automatic=False)
     audit_record(
         organization_id=organization.pk,
         action="top_up.create",

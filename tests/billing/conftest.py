@@ -10,7 +10,7 @@ from billing.services.payment_methods import payment_method_attach, setup_intent
 from billing.stripe_gateway import StripeGateway, build_client, set_gateway_override
 from config.celery import app as celery_app
 from marketplace.models import Allocation, Reservation, ReservationStatus, Tier
-from tests.billing.stripe_recording import RecordingHTTPClient
+from tests.billing.stripe_recording import DisputesBesideLocalstripe, RecordingHTTPClient
 from tests.factories import GpuModelFactory, MembershipFactory, NodeFactory
 
 
@@ -164,4 +164,14 @@ def recorder(settings):
     client = RecordingHTTPClient()
     set_gateway_override(StripeGateway(build_client(http_client=client)))
     yield client
+    set_gateway_override(None)
+
+
+@pytest.fixture
+def stripe_disputes(localstripe):
+    """Stripe beside localstripe, with the disputes localstripe lacks: the list to put Stripe's
+    dispute objects in (GET /v1/disputes answers them)."""
+    client = DisputesBesideLocalstripe()
+    set_gateway_override(StripeGateway(build_client(http_client=client)))
+    yield client.disputes
     set_gateway_override(None)

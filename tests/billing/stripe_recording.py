@@ -3,11 +3,11 @@
 every request, so tests check exactly what our adapter sends."""
 
 import json
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 import stripe
 
-__all__ = ["RecordingHTTPClient"]
+__all__ = ["DisputesBesideLocalstripe", "RecordingHTTPClient"]
 
 
 class RecordingHTTPClient(stripe.HTTPClient):
@@ -40,3 +40,22 @@ class RecordingHTTPClient(stripe.HTTPClient):
         """(path, form) of every request, in order."""
         return [(url.removeprefix("https://api.stripe.com"), parse_qs(body or ""))
                 for _, url, _, body in self.requests]  # fmt: skip
+
+
+class DisputesBesideLocalstripe(stripe.RequestsClient):
+    """localstripe has no disputes: GET /v1/disputes is answered with the disputes a test put
+    in `disputes` (Stripe's dispute objects, one page as Stripe lists them); every other
+    request goes on to localstripe."""
+
+    name = "disputes-beside-localstripe"
+
+    def __init__(self):
+        super().__init__()
+        self.disputes: list[dict] = []
+
+    def request(self, method, url, headers, post_data=None):
+        if method == "get" and urlparse(url).path == "/v1/disputes":
+            body = {"object": "list", "url": "/v1/disputes", "has_more": False,
+                    "data": self.disputes}  # fmt: skip
+            return json.dumps(body), 200, {"Request-Id": "req_test"}
+        return super().request(method, url, headers, post_data)

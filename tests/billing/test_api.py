@@ -1,15 +1,16 @@
 """The billing API: the organisation's own data only, money in strings, clear 4xx."""
 
+import base64
 import csv
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from billing.models import BillingAccount, Invoice, LedgerKind, TopUp
 from billing.services.ledger import ledger_entry_add
-from billing.services.usage import reservation_meter
+from billing.services.usage import reservation_meter, usage_accrue
 from marketplace.models import IdempotencyRecord, Role
 from tests.billing.conftest import T0, make_reservation, stripe_client
 from tests.factories import MembershipFactory
@@ -82,7 +83,7 @@ def test_usage_by_reservation_and_day(org, member, client_for):
     reservation = make_reservation(org, gpu_count=2, price=Decimal("1.8000"), activated_at=T0)
     reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=1))
 
-    body = client_for(member).get("/api/v1/billing/usage").json()
+    body = client_for(member).get("/api/v1/billing/usage").json()["results"]
 
     # Energy: 2 GPUs × 700 W × 1 h × PUE 1.15 = 1.61 kWh; the site's grid intensity is unknown.
     assert body == [{"reservation": reservation.public_id, "day": "2026-03-02",
@@ -91,26 +92,84 @@ def test_usage_by_reservation_and_day(org, member, client_for):
 
     reservation.site.grid_carbon_g_per_kwh = 400
     reservation.site.save(update_fields=["grid_carbon_g_per_kwh"])
-    [row] = client_for(member).get("/api/v1/billing/usage").json()
+    [row] = client_for(member).get("/api/v1/billing/usage").json()["results"]
     # 1.61 kWh × (1 − 0.42 renewable) × 400 g/kWh = 373.52 g
     assert row["kg_co2e"] == "0.374"
 
 
-def test_usage_cut_to_its_newest_rows_says_so(org, member, client_for, monkeypatch):
-    monkeypatch.setattr("billing.apis.USAGE_ROWS_MAX", 1)
-    for day in (0, 1):  # two UTC days
+def _usage_on(org, days: int, per_day: int) -> list[tuple[str, str]]:
+    """`per_day` reservations of one GPU on each of `days` UTC days from T0, each metered for an
+    hour (booked) and accrued for half an hour more (unbooked, as the metering run leaves it):
+    their (day, reservation) rows newest day first, then reservation id."""
+    rows = []
+    for day in range(days):
         start = T0 + timedelta(days=day)
-        reservation = make_reservation(
-            org, gpu_count=1, price=Decimal("1.8000"), starts_at=start, activated_at=start
-        )
-        reservation_meter(reservation_id=reservation.pk, now=start + timedelta(hours=1))
+        for _ in range(per_day):
+            r = make_reservation(org, gpu_count=1, price=Decimal("1.8000"), starts_at=start,
+                                 activated_at=start)  # fmt: skip
+            reservation_meter(reservation_id=r.pk, now=start + timedelta(hours=1))
+            usage_accrue(now=start + timedelta(minutes=90), reservation_ids=[r.pk])
+            rows.append((start.date().isoformat(), r.public_id))
+    return sorted(rows, key=lambda row: (-date.fromisoformat(row[0]).toordinal(), row[1]))
 
-    cut = client_for(member).get("/api/v1/billing/usage")
-    whole = client_for(member).get("/api/v1/billing/usage?since=2026-03-03")
 
-    assert len(cut.json()) == 1 and cut["Sy-Truncated"] == "true"
-    assert cut.json()[0]["day"] == "2026-03-03"  # the newest
-    assert len(whole.json()) == 1 and "Sy-Truncated" not in whole
+def _walk(client, url: str, link: str = "next") -> list[list[dict]]:
+    pages = []
+    while url:
+        body = client.get(url).json()
+        pages.append(body["results"])
+        url = body[link]
+    return pages
+
+
+def test_usage_pages_through_every_row_with_cursors(org, member, client_for):
+    expected = _usage_on(org, days=3, per_day=3)
+    client = client_for(member)
+
+    pages = _walk(client, "/api/v1/billing/usage?limit=4")
+
+    assert [len(page) for page in pages] == [4, 4, 1]
+    rows = [row for page in pages for row in page]
+    assert [(row["day"], row["reservation"]) for row in rows] == expected
+    # Each row is whole: the booked hour and the unbooked half hour, 1.5 h at 1.80.
+    assert {(row["gpu_seconds"], row["amount"]) for row in rows} == {(5400, "2.70")}
+    # And back: the last page's previous link leads through the same rows in reverse.
+    last = client.get("/api/v1/billing/usage?limit=4").json()
+    last = client.get(client.get(last["next"]).json()["next"]).json()
+    back = _walk(client, last["previous"], link="previous")
+    assert [(r["day"], r["reservation"]) for page in back[::-1] for r in page] == [
+        (row["day"], row["reservation"]) for row in rows[:8]
+    ]
+    assert [len(page) for page in back] == [4, 4]
+
+
+def test_usage_booked_between_pages_moves_no_row_to_another_page(org, member, client_for):
+    expected = _usage_on(org, days=2, per_day=2)
+    client = client_for(member)
+    first = client.get("/api/v1/billing/usage?limit=2").json()
+    # A newer day's usage arrives before the second page is read.
+    later = T0 + timedelta(days=5)
+    newer = make_reservation(org, gpu_count=1, starts_at=later, activated_at=later)
+    reservation_meter(reservation_id=newer.pk, now=later + timedelta(hours=1))
+
+    second = client.get(first["next"]).json()
+
+    got = [(r["day"], r["reservation"]) for r in first["results"] + second["results"]]
+    assert got == expected
+
+
+def test_usage_refuses_a_forged_cursor_and_a_limit_out_of_range(org, member, client_for):
+    client = client_for(member)
+    forged = base64.b64encode(b"p=yesterday+res_x").decode()
+
+    for query, field, code in (
+        (f"cursor={forged}", "cursor", "invalid_cursor"),
+        ("limit=1000", "limit", "invalid_limit"),
+    ):
+        response = client.get(f"/api/v1/billing/usage?{query}")
+        assert response.status_code == 400, query
+        error = response.json()["error"]
+        assert (error["field"], error["code"]) == (field, code)
 
 
 def test_invoices_show_their_hosted_links(org, member, client_for):

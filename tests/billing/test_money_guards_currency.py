@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from billing.models import BillingAccount, Hold, LedgerEntry, LedgerKind
+from billing.models import BillingAccount, Hold, LedgerEntry, LedgerKind, TopUp
 from billing.services.holds import money_position
 from billing.services.ledger import ledger_entry_add
 from config.errors import Conflict
@@ -156,3 +156,36 @@ def test_resold_time_in_another_currency_is_not_bought(db):
     assert ResaleListing.objects.filter(pk=listing.pk).values().get() == listing_before
     assert not Allocation.objects.filter(reservation__organization=buyer).exists()
     assert money_position(organization_id=buyer.pk) == (1_000_000, 0, 0)
+
+
+def test_an_amount_finer_than_the_currencys_unit_is_refused_not_rounded(api_client):
+    """5.50 in yen would be charged as 6: another amount than the one asked for. A 400 on the
+    field, and nothing is started or changed."""
+    org = OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
+    BillingAccount.objects.create(organization=org, currency="jpy", stripe_customer_id="cus_1",
+                                  default_payment_method_id="pm_1")  # fmt: skip
+    before = BillingAccount.objects.filter(organization=org).values().get()
+    api_client.force_authenticate(owner)
+
+    top_up = api_client.post("/api/v1/billing/top-ups", {"amount": "5000.50"}, format="json")
+    settings_refused = [
+        api_client.patch("/api/v1/billing/settings", {field: "1000.5"}, format="json")
+        for field in ("recharge_threshold", "recharge_amount", "monthly_spend_limit")
+    ]
+    whole = api_client.post("/api/v1/billing/top-ups", {"amount": "5000.00"}, format="json")
+
+    assert top_up.status_code == 400
+    assert top_up.json()["error"] | {"message": None} == {
+        "type": "invalid_request_error", "code": "amount_precision", "field": "amount",
+        "message": None,
+    }  # fmt: skip
+    assert top_up.json()["error"]["message"] == "Amounts in JPY are whole numbers."
+    assert [(r.status_code, r.json()["error"]["field"]) for r in settings_refused] == [
+        (400, "recharge_threshold"), (400, "recharge_amount"), (400, "monthly_spend_limit"),
+    ]  # fmt: skip
+    assert BillingAccount.objects.filter(organization=org).values().get() == before
+    assert whole.status_code == 202 and whole.json()["amount"] == "5000"
+    assert list(TopUp.objects.filter(organization=org).values_list("amount_minor", flat=True)) == [
+        5000
+    ]
