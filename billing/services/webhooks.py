@@ -138,14 +138,55 @@ def _top_up_for(pi: dict) -> TopUp | None:
     )
 
 
-def _payment_intent_succeeded(pi: dict) -> None:
+def _top_up_paid_by(pi: dict) -> TopUp | None:
+    """The top-up this PaymentIntent pays, only if it is the payment that top-up asked for: its
+    amount, currency and customer, and no other PaymentIntent recorded for it. Metadata alone
+    names a top-up, so a payment made otherwise on the same Stripe account (another
+    environment, the Dashboard, a script) must not credit or fail one; such a mismatch is
+    logged and left for billing_reconcile."""
     top_up = _top_up_for(pi)
+    if top_up is None:
+        return None
+    amount = pi.get("amount_received") or pi.get("amount")
+    customer = _id(pi.get("customer"))
+    account_customer = (
+        BillingAccount.objects.filter(organization_id=top_up.organization_id)
+        .values_list("stripe_customer_id", flat=True)
+        .first()
+    )
+    problems = [
+        name
+        for name, wrong in (
+            ("amount", amount != top_up.amount_minor),
+            ("currency", str(pi.get("currency") or "").lower() != top_up.currency),
+            ("customer", bool(customer) and customer != account_customer),
+            (
+                "payment intent",
+                bool(top_up.stripe_payment_intent_id)
+                and top_up.stripe_payment_intent_id != pi.get("id"),
+            ),
+        )
+        if wrong
+    ]
+    if problems:
+        logger.error(
+            "stripe webhook: %s names top-up %s but its %s differ; nothing applied",
+            pi.get("id"),
+            top_up.pk,
+            ", ".join(problems),
+        )
+        return None
+    return top_up
+
+
+def _payment_intent_succeeded(pi: dict) -> None:
+    top_up = _top_up_paid_by(pi)
     if top_up is not None:
         top_up_credit(top_up_id=top_up.pk, payment_intent_id=pi["id"])
 
 
 def _payment_intent_failed(pi: dict) -> None:
-    top_up = _top_up_for(pi)
+    top_up = _top_up_paid_by(pi)
     if top_up is not None:
         error = pi.get("last_payment_error") or {}
         reason = error.get("message") or error.get("code") or "payment failed"

@@ -124,6 +124,9 @@ def test_a_replayed_event_is_stored_once_and_processed_once(client, settings, or
                     "id": "pi_replayed",
                     "object": "payment_intent",
                     "status": "succeeded",
+                    "amount": 2500,
+                    "amount_received": 2500,
+                    "currency": "usd",
                     "metadata": {"top_up": str(top_up.pk)},
                 }
             },
@@ -230,6 +233,7 @@ def test_a_payment_failed_event_fails_the_pending_top_up_without_crediting(clien
 
     deliver(client, "evt_fail", "payment_intent.payment_failed",
             {"id": "pi_fail", "object": "payment_intent", "status": "requires_payment_method",
+             "amount": 5000, "amount_received": 0, "currency": "usd",
              "metadata": {"top_up": str(top_up.pk)},
              "last_payment_error": {"code": "card_declined", "message": "Your card was declined."}})  # fmt: skip
 
@@ -237,3 +241,46 @@ def test_a_payment_failed_event_fails_the_pending_top_up_without_crediting(clien
     assert (top_up.status, top_up.failure_reason) == (TopUpStatus.FAILED, "Your card was declined.")
     assert balance_minor(organization=org) == 0
     assert not LedgerEntry.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"amount": 1, "amount_received": 1}, "amount"),
+        ({"currency": "eur"}, "currency"),
+        ({"customer": "cus_someone_else"}, "customer"),
+        ({"id": "pi_second"}, "payment intent"),
+    ],
+)
+def test_a_payment_that_only_names_a_top_up_in_its_metadata_credits_nothing(
+    client, settings, org, change, why, caplog
+):
+    """Metadata names a top-up, but the payment is not the one it asked for (another amount,
+    currency or customer, or a second PaymentIntent): neither credited nor failed."""
+    settings.STRIPE_WEBHOOK_SECRET = SECRET
+    BillingAccount.objects.filter(organization=org).update(stripe_customer_id="cus_ours")
+    top_up = TopUp.objects.create(
+        organization=org,
+        amount_minor=2500,
+        currency="usd",
+        payment_method_id="pm_x",
+        stripe_payment_intent_id="pi_ours",
+    )
+    pi = {"id": "pi_ours", "object": "payment_intent", "status": "succeeded", "amount": 2500,
+          "amount_received": 2500, "currency": "usd", "customer": "cus_ours",
+          "metadata": {"top_up": str(top_up.pk)}}  # fmt: skip
+
+    deliver(client, "evt_wrong_ok", "payment_intent.succeeded", {**pi, **change})
+    deliver(client, "evt_wrong_failed", "payment_intent.payment_failed", {**pi, **change,
+            "status": "requires_payment_method", "last_payment_error": {"message": "no"}})  # fmt: skip
+
+    top_up.refresh_from_db()
+    assert top_up.status == TopUpStatus.PENDING
+    assert balance_minor(organization=org) == 0
+    assert "differ; nothing applied" in caplog.text and why in caplog.text
+
+    deliver(client, "evt_right", "payment_intent.succeeded", pi)  # the real one still credits
+    top_up.refresh_from_db()
+    assert top_up.status == TopUpStatus.SUCCEEDED
+    assert balance_minor(organization=org) == 2500
