@@ -393,7 +393,8 @@ def cancellations_due() -> list[int]:
     )
 
 
-# Forced curtailment victims are looked for this long after they were chosen.
+# Forced curtailment victims are looked for this long after they were preempted (a notice can
+# be given weeks ahead, so the choice's time says nothing about when the credit is due).
 _FORCED_LOOKBACK_DAYS = 7
 
 
@@ -408,7 +409,7 @@ def curtailment_forced_credits_due(*, now: datetime | None = None) -> list[int]:
             forced=True,
             withdrawn_at__isnull=True,
             reservation__status=ReservationStatus.PREEMPTED,
-            chosen_at__gte=now - timedelta(days=_FORCED_LOOKBACK_DAYS),
+            reservation__released_at__gte=now - timedelta(days=_FORCED_LOOKBACK_DAYS),
         )
         .exclude(reservation_id__in=credited)
         .values_list("reservation_id", flat=True)

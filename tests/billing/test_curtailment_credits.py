@@ -102,8 +102,21 @@ def test_the_metering_run_credits_them(org):
         status=ReservationStatus.PREEMPTED, activated_at=T0, released_at=T0 + timedelta(hours=4),
     )  # fmt: skip
     _forced_victim(reserved)
-    CurtailmentVictim.objects.update(chosen_at=T0 + timedelta(days=400))  # within the lookback
 
-    usage_meter_run(now=T0 + timedelta(days=400))
+    usage_meter_run(now=T0 + timedelta(hours=5))  # within the week after the preemption
 
     assert _credits(reserved)[LedgerKind.CREDIT] == 12000
+
+
+def test_a_victim_chosen_weeks_before_its_preemption_is_still_credited(org):
+    """Announced three weeks ahead, preempted an hour ago: due now, whenever it was chosen."""
+    reserved = make_reservation(
+        org, tier=Tier.RESERVED, price=Decimal("10.00"), hours=10,
+        status=ReservationStatus.PREEMPTED, activated_at=T0, released_at=T0 + timedelta(hours=4),
+    )  # fmt: skip
+    _forced_victim(reserved)
+    CurtailmentVictim.objects.filter(reservation=reserved).update(chosen_at=T0 - timedelta(days=21))
+
+    assert curtailment_forced_credits_due(now=T0 + timedelta(hours=5)) == [reserved.pk]
+    # A week after the preemption it is no longer looked for (the daily runs credited it).
+    assert curtailment_forced_credits_due(now=T0 + timedelta(days=8)) == []
