@@ -1,7 +1,8 @@
 """Staff tools for the inventory.
 
 Status is never edited in a form: it changes only through the actions below, which call the
-services, so every change is checked and recorded as a StatusChange with who and why.
+services, so every change is checked and recorded as a StatusChange with who and why. Every
+action needs the change permission on its model: staff who may only view do not act.
 """
 
 from collections.abc import Callable
@@ -183,7 +184,9 @@ class PriceZoneAdmin(admin.ModelAdmin):
     def price_now(self, zone: PriceZone):
         return zone.feed_current_price
 
-    @admin.action(description="Load prices for the selected zones from a CSV file…")
+    @admin.action(
+        description="Load prices for the selected zones from a CSV file…", permissions=["change"]
+    )
     def load_prices_csv(self, request, queryset):
         zones = list(queryset)
         form = PriceCsvForm(request.POST or None, request.FILES or None)
@@ -281,26 +284,27 @@ class SiteAdmin(admin.ModelAdmin):
             extra_context["node_statuses"] = list(NodeStatus.values)
         return super().change_view(request, object_id, form_url, extra_context)
 
-    @admin.action(description="Activate selected sites")
+    @admin.action(description="Activate selected sites", permissions=["change"])
     def activate(self, request, queryset):
         _apply(request, queryset, _staff_action("activate"), "site", "Activated")
 
     @admin.action(
         description="Mark selected sites curtailed (stops sales only; to preempt interruptible "
-        "work, announce it under Marketplace → Curtailments)"
+        "work, announce it under Marketplace → Curtailments)",
+        permissions=["change"],
     )
     def curtail(self, request, queryset):
         _apply(request, queryset, _staff_action("curtail"), "site", "Curtailed")
 
-    @admin.action(description="Put selected sites in maintenance")
+    @admin.action(description="Put selected sites in maintenance", permissions=["change"])
     def set_maintenance(self, request, queryset):
         _apply(request, queryset, _staff_action("set_maintenance"), "site", "Put in maintenance")
 
-    @admin.action(description="Return selected sites to service")
+    @admin.action(description="Return selected sites to service", permissions=["change"])
     def return_to_service(self, request, queryset):
         _apply(request, queryset, _staff_action("return_to_service"), "site", "Returned to service")
 
-    @admin.action(description="Retire selected sites (final)")
+    @admin.action(description="Retire selected sites (final)", permissions=["change"])
     def retire(self, request, queryset):
         _apply(request, queryset, _staff_action("retire"), "site", "Retired")
 
@@ -384,7 +388,8 @@ class NodeAdmin(admin.ModelAdmin):
     inlines = [GpuInline, OutageInline, NodeTokenInline, NodeStatusChangeInline]
 
     @admin.action(
-        description="Burn in selected nodes (in maintenance), then return them to sale if it passes"
+        description="Burn in selected nodes (in maintenance), then return them to sale if it passes",
+        permissions=["change"],
     )
     def burn_in(self, request, queryset):
         _burn_in(request, {node: None for node in queryset.select_related("site")})
@@ -435,13 +440,13 @@ class NodeAdmin(admin.ModelAdmin):
     def gpu_count(self, node: Node) -> int:
         return node.gpu_count
 
-    @admin.action(description="Drain selected nodes…")
+    @admin.action(description="Drain selected nodes…", permissions=["change"])
     def drain(self, request, queryset):
         return _node_status_confirm(self, request, queryset, "drain", "Drain") or _apply(
             request, queryset, _staff_action("drain"), "node", "Drained"
         )
 
-    @admin.action(description="Put selected nodes in maintenance…")
+    @admin.action(description="Put selected nodes in maintenance…", permissions=["change"])
     def set_maintenance(self, request, queryset):
         page = _node_status_confirm(
             self, request, queryset, "set_maintenance", "Put in maintenance"
@@ -450,17 +455,17 @@ class NodeAdmin(admin.ModelAdmin):
             request, queryset, _staff_action("set_maintenance"), "node", "Put in maintenance"
         )
 
-    @admin.action(description="Return selected nodes to service")
+    @admin.action(description="Return selected nodes to service", permissions=["change"])
     def return_to_service(self, request, queryset):
         _apply(request, queryset, _staff_action("return_to_service"), "node", "Returned to service")
 
-    @admin.action(description="Retire selected nodes (final)…")
+    @admin.action(description="Retire selected nodes (final)…", permissions=["change"])
     def retire(self, request, queryset):
         return _node_status_confirm(self, request, queryset, "retire", "Retire") or _apply(
             request, queryset, _staff_action("retire"), "node", "Retired"
         )
 
-    @admin.action(description="Issue an agent token for selected nodes")
+    @admin.action(description="Issue an agent token for selected nodes", permissions=["change"])
     def issue_token(self, request, queryset):
         """Shows each new secret once, on a page of its own (never stored, nor put in a
         message, which would travel in a cookie)."""
@@ -560,7 +565,10 @@ class GpuAdmin(admin.ModelAdmin):
         fields = super().get_readonly_fields(request, obj)
         return [*fields, "node", "index"] if obj is not None else fields
 
-    @admin.action(description="Burn in selected failed GPUs, then return them to sale if it passes")
+    @admin.action(
+        description="Burn in selected failed GPUs, then return them to sale if it passes",
+        permissions=["change"],
+    )
     def burn_in(self, request, queryset):
         _burn_in(request, {gpu.node: [gpu] for gpu in queryset.select_related("node")})
 
@@ -570,7 +578,10 @@ class GpuAdmin(admin.ModelAdmin):
         rows = GpuMinute.objects.filter(gpu_id=gpu.pk, minute__gte=since).order_by("-minute")
         return _minutes_table(rows, lambda row: f"gpu{gpu.index}")
 
-    @admin.action(description="Return selected GPUs to service (reason required, recorded)")
+    @admin.action(
+        description="Return selected GPUs to service (reason required, recorded)",
+        permissions=["change"],
+    )
     def return_to_service(self, request, queryset):
         reason = request.POST.get("reason", "").strip()
         if not reason:
@@ -578,7 +589,10 @@ class GpuAdmin(admin.ModelAdmin):
             return
         _apply(request, queryset, telemetry.gpu_return_to_service, "gpu", "Returned to service")
 
-    @admin.action(description="Mark selected GPUs failed (their work is moved or ended)")
+    @admin.action(
+        description="Mark selected GPUs failed (their work is moved or ended)",
+        permissions=["change"],
+    )
     def mark_failed(self, request, queryset):
         _apply(request, queryset, telemetry.gpu_mark_failed, "gpu", "Marked failed")
 
@@ -686,14 +700,91 @@ class OutageAdmin(admin.ModelAdmin):
         return super().formfield_for_choice_field(db_field, request, **kwargs)
 
 
+# What a maintenance window does to the bookings it overlaps, said before it is saved.
+_WINDOW_CONSEQUENCE = (
+    "Nothing new is sold on this node during the window, and no booking is extended into it. "
+    "The reservations listed keep their GPUs: a maintenance window neither stops nor moves "
+    "them, so ask their customers, or plan the window around them."
+)
+
+
+def _window_bookings(node: Node, period) -> list:
+    """The bookings holding GPUs of the node during [start, end) of the window."""
+    now = timezone.now()
+    after = period.lower if period.lower is not None and period.lower > now else now
+    return [
+        b
+        for b in node_bookings([node.pk], now=after)
+        if period.upper is None or b.starts_at < period.upper
+    ]
+
+
+class MaintenanceWindowForm(forms.ModelForm):
+    """A window over booked GPUs is saved only once staff have seen those bookings (listed on
+    the page) and ticked the acknowledgement; adding one, or moving one, asks again."""
+
+    acknowledge_bookings = forms.BooleanField(
+        required=False,
+        label="Save it over these bookings",
+        help_text="The bookings listed above hold GPUs of this node during the window.",
+        widget=forms.HiddenInput,  # a checkbox once there is something to acknowledge
+    )
+
+    class Meta:
+        model = MaintenanceWindow
+        fields = ["node", "period", "reason"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bookings: list = []
+        if self.instance.pk is not None and not self.is_bound:
+            self._show_bookings(_window_bookings(self.instance.node, self.instance.period))
+
+    def _show_bookings(self, bookings: list) -> None:
+        self.bookings = bookings
+        if bookings and "acknowledge_bookings" in self.fields:
+            self.fields["acknowledge_bookings"].widget = forms.CheckboxInput()
+
+    def clean_period(self):
+        period = self.cleaned_data.get("period")
+        if period is None or period.lower is None or period.upper is None:
+            raise forms.ValidationError("A maintenance window needs a start and an end.")
+        if period.upper <= period.lower:
+            raise forms.ValidationError("A maintenance window must end after it starts.")
+        return period
+
+    def clean(self):
+        cleaned = super().clean()
+        node, period = cleaned.get("node"), cleaned.get("period")
+        if node is None or period is None:
+            return cleaned
+        self._show_bookings(_window_bookings(node, period))
+        moved = self.instance.pk is None or {"node", "period"} & set(self.changed_data)
+        if self.bookings and moved and not cleaned.get("acknowledge_bookings"):
+            self.add_error(
+                "acknowledge_bookings",
+                f"{len(self.bookings)} booking(s) hold GPUs of {node.hostname} during this "
+                "window (listed above): tick the box to save the window over them.",
+            )
+        return cleaned
+
+
 @admin.register(MaintenanceWindow)
 class MaintenanceWindowAdmin(admin.ModelAdmin):
+    form = MaintenanceWindowForm
     list_display = ["node", "period", "reason", "created_by", "created_at"]
     list_filter = ["node__site"]
     list_select_related = ["node", "created_by"]
     search_fields = ["node__hostname", "reason"]
     raw_id_fields = ["node"]
     readonly_fields = ["created_by", "created_at"]
+    change_form_template = "admin/inventory/maintenancewindow/change_form.html"
+
+    def render_change_form(self, request, context, *args, **kwargs):
+        form = context["adminform"].form
+        context["window_bookings"] = getattr(form, "bookings", [])
+        context["window_consequence"] = _WINDOW_CONSEQUENCE
+        return super().render_change_form(request, context, *args, **kwargs)
 
     def save_model(self, request, obj, form, change):
         # The form already checked the no-overlap exclusion constraint (Django validates
@@ -743,7 +834,7 @@ class NodeTokenAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return False  # revoke instead, so the record of the token stays
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         for token in queryset.order_by("pk"):
             services.node_token_revoke(token=token)

@@ -4,6 +4,7 @@ Reservation status is never edited in a form: staff cancel through the same serv
 use (so the refund terms are computed and recorded), and every transition shows inline.
 Quotes, transitions and allocations are records, read-only here, as are the provisioning
 records (attempts, site-agent jobs, reservation outages): the workers and agents write them.
+Every action needs a permission to change its model: staff who may only view do not act.
 """
 
 from decimal import Decimal
@@ -185,7 +186,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False  # keys are created by their organisation, which sees the secret once
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
         live = list(queryset.filter(revoked_at__isnull=True).order_by("pk"))
         for key in live:
@@ -227,7 +228,9 @@ class RateCardAdmin(admin.ModelAdmin):
 
 @admin.register(PricingPolicy)
 class PricingPolicyAdmin(admin.ModelAdmin):
-    """The newest policy is in force; to change prices, add a new one (history is kept)."""
+    """The newest policy is in force; to change prices, add a new one (history is kept): a
+    saved policy is a record, neither edited in place nor deleted (either would rewrite which
+    discounts and bounds were in force when past quotes were priced)."""
 
     list_display = [
         "created_at",
@@ -244,6 +247,12 @@ class PricingPolicyAdmin(admin.ModelAdmin):
         "floor_margin_per_gpu_hour",
         "note",
     ]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Quote)
@@ -377,7 +386,9 @@ class ReservationAdmin(admin.ModelAdmin):
     def allowed_actions(self, obj: Reservation) -> str:
         return ", ".join(reservation_allowed_actions(obj)) or "none"
 
-    @admin.action(description="Cancel selected reservations (refund rule applies)")
+    @admin.action(
+        description="Cancel selected reservations (refund rule applies)", permissions=["change"]
+    )
     def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
         done = []
         for reservation in queryset.order_by("pk"):
@@ -505,7 +516,10 @@ class CurtailmentAdmin(admin.ModelAdmin):
             return f"call {obj.demand_response_event}"
         return f"staff {obj.announced_by}" if obj.announced_by else "staff"
 
-    @admin.action(description="Call off, or end now (the operator allows the load back)")
+    @admin.action(
+        description="Call off, or end now (the operator allows the load back)",
+        permissions=["change"],
+    )
     def call_off(self, request: HttpRequest, queryset: QuerySet) -> None:
         for curtailment in queryset.order_by("pk"):
             try:
@@ -749,7 +763,12 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
     inlines = [WebhookAttemptInline]
     actions = ["resend"]
 
-    @admin.action(description="Resend the selected deliveries now")
+    def has_resend_permission(self, request: HttpRequest) -> bool:
+        # The records are read-only here, so the model's change permission is what resending
+        # needs (a view-only user reads them and does not send).
+        return request.user.has_perm("marketplace.change_webhookdelivery")
+
+    @admin.action(description="Resend the selected deliveries now", permissions=["resend"])
     def resend(self, request: HttpRequest, queryset: QuerySet) -> None:
         queued = 0
         for delivery in queryset:

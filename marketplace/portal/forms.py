@@ -1,3 +1,4 @@
+import secrets
 from datetime import timedelta
 
 from django import forms
@@ -26,6 +27,7 @@ __all__ = [
     "PLANS",
     "SearchForm",
     "ReserveForm",
+    "ResaleBuyForm",
     "ReservationFilterForm",
     "CancelForm",
     "ExtendForm",
@@ -233,6 +235,18 @@ class ReserveForm(forms.Form):
         return list(self.cleaned_data.get("ssh_key_ids", []))
 
 
+class ResaleBuyForm(ReserveForm):
+    """The resold time's booking form: a one-time key, so that the form sent twice (a double
+    click on "Reserve") books once. Optional, so that a form without it still books."""
+
+    once = forms.CharField(
+        widget=forms.HiddenInput,
+        required=False,
+        max_length=64,
+        initial=lambda: secrets.token_urlsafe(16),
+    )
+
+
 class ReservationFilterForm(forms.Form):
     """The reservation list's filters; each blank means any. `sites`: the public sites."""
 
@@ -258,6 +272,12 @@ class CancelForm(forms.Form):
     # Set only by the confirmation page, which states the refund first: a POST without it
     # shows that page instead of cancelling.
     confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
+    # The refund rule's share the confirmation page stated: confirmed once a boundary of the
+    # rule has passed (7 days' or 24 hours' notice), the page is shown again, not applied.
+    refund_fraction = forms.DecimalField(
+        required=False, min_value=0, max_value=1, max_digits=5, decimal_places=4,
+        widget=forms.HiddenInput,
+    )  # fmt: skip
 
 
 class ExtendForm(forms.Form):

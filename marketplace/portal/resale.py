@@ -11,7 +11,7 @@ from config.errors import ApplicationError, PaymentRequired
 from config.once import once_or_refused
 from marketplace.funding import funding_gate
 from marketplace.models import ListingStatus
-from marketplace.portal.forms import ListingForm, ReserveForm
+from marketplace.portal.forms import ListingForm, ResaleBuyForm
 from marketplace.portal.mixins import PortalView, show_error
 from marketplace.portal.reservations import _detail_context
 from marketplace.provisioning.workload import workload_validate
@@ -131,9 +131,9 @@ class ResaleBuyView(PortalView, View):
         )
         return listing, (gpu_count, starts_at, ends_at) if ok else None
 
-    def _form(self, data=None) -> ReserveForm:
+    def _form(self, data=None) -> ResaleBuyForm:
         saved = ssh_key_list_for_org(organization=self.organization).order_by("name", "pk")
-        return ReserveForm(data, saved_keys=saved)
+        return ResaleBuyForm(data, saved_keys=saved)
 
     def _page(self, request, listing, asked, form, status=200):
         gpu_count, starts_at, ends_at = asked
@@ -180,15 +180,22 @@ class ResaleBuyView(PortalView, View):
                 workload=workload_validate(form.workload()),
                 ssh_key_ids=form.saved_key_ids(),
             )
-            reservation = reservation_create(
-                organization=self.organization,
-                user=request.user,
-                listing=listing,
-                gpu_count=gpu_count,
-                starts_at=starts_at,
-                ends_at=ends_at,
-                workload=workload,
-                auto_recharge=False,
+
+            def book():
+                return reservation_create(
+                    organization=self.organization,
+                    user=request.user,
+                    listing=listing,
+                    gpu_count=gpu_count,
+                    starts_at=starts_at,
+                    ends_at=ends_at,
+                    workload=workload,
+                    auto_recharge=False,
+                )
+
+            once = form.cleaned_data["once"]
+            reservation = (
+                once_or_refused(request, self.organization, once, book) if once else book()
             )
         except PaymentRequired as exc:
             form.add_error(None, exc.message)
@@ -196,6 +203,13 @@ class ResaleBuyView(PortalView, View):
         except ApplicationError as exc:
             form.add_error(None, exc.message)
             return self._page(request, listing, asked, form, status=exc.status_code)
+        if reservation is None:
+            messages.warning(
+                request,
+                "This form was already sent, so the resold time was booked once: it is in "
+                "your reservations.",
+            )
+            return redirect("portal:reservations")
         messages.success(
             request,
             f"Reserved resold time: {reservation.public_id} "

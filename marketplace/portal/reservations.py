@@ -535,6 +535,8 @@ def _cancel_page(view, request, reservation, form, status=200):
     except ApplicationError as exc:
         show_error(request, exc)
         return redirect("portal:reservation", public_id=reservation.public_id)
+    if not form.is_bound:
+        form.initial["refund_fraction"] = terms.refund_fraction  # what this page states
     return render(
         request,
         "portal/reservation_cancel.html",
@@ -543,9 +545,21 @@ def _cancel_page(view, request, reservation, form, status=200):
     )
 
 
+def _refund_rule_worsened(reservation, shown) -> bool:
+    """Whether the refund rule now gives back a smaller share than the page confirmed stated
+    (it was left open across 7 days' or 24 hours' notice, or the term began meanwhile)."""
+    if shown is None:
+        return False
+    try:
+        return cancellation_terms(reservation).refund_fraction < shown
+    except ApplicationError:
+        return False  # no longer allowed at all: reservation_cancel says why
+
+
 class ReservationCancelView(PortalView, View):
     """GET: what cancelling (before activation) or stopping early would refund, to confirm.
-    POST from that page (confirmed): do it on those terms."""
+    POST from that page (confirmed): do it on those terms, or, if the refund rule has since
+    moved against the customer, state the new terms again and change nothing."""
 
     write_roles = RESERVING_ROLES
     read_roles = RESERVING_ROLES
@@ -559,13 +573,18 @@ class ReservationCancelView(PortalView, View):
         form = CancelForm(request.POST)
         if not form.is_valid():
             return _cancel_page(self, request, reservation, form, status=400)
+        confirmed_page = {"reason": form.cleaned_data["reason"], "confirm": True}
         if not form.cleaned_data["confirm"]:
             # Not confirmed on the page that states the refund: state it, change nothing.
-            return _cancel_page(
-                self,
+            return _cancel_page(self, request, reservation, CancelForm(initial=confirmed_page))
+        if _refund_rule_worsened(reservation, form.cleaned_data["refund_fraction"]):
+            messages.warning(
                 request,
-                reservation,
-                CancelForm(initial={**form.cleaned_data, "confirm": True}),
+                "The refund has changed since that page was shown: nothing was done. Here "
+                "is what it is now.",
+            )
+            return _cancel_page(
+                self, request, reservation, CancelForm(initial=confirmed_page), status=409
             )
         try:
             updated = reservation_cancel(
@@ -604,6 +623,15 @@ class ReservationExtendView(PortalView, View):
     def post(self, request, public_id):
         reservation = reservation_get_for_org(organization=self.organization, public_id=public_id)
         form = ExtendForm(request.POST)
+        if (
+            form.is_valid()
+            and form.cleaned_data["confirm"]
+            and form.cleaned_data["ends_at"] == reservation.ends_at
+        ):
+            # The confirmation sent again (a double click, a reload of its answer): the first
+            # send extended it; say so rather than refuse an end that is no longer later.
+            messages.info(request, f"Already extended: it ends at {utc(reservation.ends_at)}.")
+            return redirect("portal:reservation", public_id=public_id)
         if form.is_valid() and form.cleaned_data["ends_at"] <= reservation.ends_at:
             form.add_error(
                 "ends_at", f"Choose a time after the current end ({utc(reservation.ends_at)})."
