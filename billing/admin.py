@@ -216,7 +216,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
         url = reverse("admin:billing_billingaccount_credit", args=[obj.pk])
         return format_html('<a class="button" href="{}">Issue a credit</a>', url)
 
-    @admin.action(description="Approve postpaid invoicing")
+    @admin.action(description="Approve postpaid invoicing", permissions=["change"])
     def approve_postpaid(self, request, queryset):
         for account in queryset:
             try:

@@ -29,6 +29,7 @@ from marketplace.models import (
     ApiKey,
     AuditEntry,
     Curtailment,
+    CurtailmentTake,
     CurtailmentVictim,
     DemandResponseEvent,
     DemandResponseSource,
@@ -471,6 +472,17 @@ class CurtailmentVictimInline(ReadOnlyInline):
     readonly_fields = fields
 
 
+class CurtailmentTakeInline(ReadOnlyInline):
+    """What was sold in the window since it was planned, out of its over-shed: each booking's
+    draw over its hours there (ended where the booking left the live statuses)."""
+
+    model = CurtailmentTake
+    verbose_name = "sale in the window"
+    verbose_name_plural = "sold in the window since (out of what it shed beyond its target)"
+    fields = ["reservation", "kw", "period", "created_at"]
+    readonly_fields = fields
+
+
 @admin.register(Curtailment)
 class CurtailmentAdmin(admin.ModelAdmin):
     """Announcing one plans it: the fewest interruptible reservations that cover its target
@@ -478,7 +490,7 @@ class CurtailmentAdmin(admin.ModelAdmin):
     a saved one is a record, read-only, with its victims below."""
 
     form = CurtailmentForm
-    inlines = [CurtailmentVictimInline]
+    inlines = [CurtailmentVictimInline, CurtailmentTakeInline]
     list_display = (
         "site",
         "shed_at",

@@ -131,6 +131,22 @@ def test_staff_approve_postpaid(staff_client, org):
     assert account.postpaid_approved_by.username == "staff"
 
 
+def test_staff_who_may_only_view_accounts_do_not_approve_postpaid(client, django_user_model, org):
+    from django.contrib.auth.models import Permission
+
+    viewer = django_user_model.objects.create_user("support", password="x", is_staff=True)
+    viewer.user_permissions.set(Permission.objects.filter(codename="view_billingaccount"))
+    client.force_login(viewer)
+    account = BillingAccount.objects.get(organization=org)
+    url = reverse("admin:billing_billingaccount_changelist")
+
+    assert "Approve postpaid" not in client.get(url).content.decode()
+    client.post(url, {"action": "approve_postpaid", "_selected_action": [account.pk]})
+
+    account.refresh_from_db()
+    assert account.mode == BillingMode.PREPAID and account.postpaid_approved_by is None
+
+
 @pytest.mark.stripe
 def test_staff_refund_a_top_up_through_the_refunds_api(
     staff_client, localstripe, org, eager_celery, django_capture_on_commit_callbacks

@@ -713,3 +713,22 @@ def test_staff_force_protected_work_from_the_admin_form(fleet, market, staff_cli
     entry = AuditEntry.objects.get(action="reservation.preempt_forced")
     assert (entry.object_id, entry.actor) == (fleet["on_demand"].public_id, "staff:grid-desk")
     assert b"asked 0.008 MW, shed 0.008855 MW" in done.content
+
+
+@pytest.mark.django_db
+def test_the_admin_record_lists_what_was_sold_in_the_window(fleet, market, org):
+    from tests.clients import HttpsClient
+
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")
+    sold = _book(org, tier="on_demand", gpus=1, start=curtailment.shed_at, hours=1)
+    staff = UserFactory(username="grid-desk", is_staff=True, is_superuser=True)
+    client = HttpsClient()
+    client.force_login(staff)
+
+    page = client.get(f"/admin/marketplace/curtailment/{curtailment.pk}/change/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "sold in the window since" in html.lower() and "0.805" in html
+    assert str(sold.pk) in html or sold.public_id in html
