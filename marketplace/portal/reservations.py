@@ -545,17 +545,6 @@ def _cancel_page(view, request, reservation, form, status=200):
     )
 
 
-def _refund_rule_worsened(reservation, shown) -> bool:
-    """Whether the refund rule now gives back a smaller share than the page confirmed stated
-    (it was left open across 7 days' or 24 hours' notice, or the term began meanwhile)."""
-    if shown is None:
-        return False
-    try:
-        return cancellation_terms(reservation).refund_fraction < shown
-    except ApplicationError:
-        return False  # no longer allowed at all: reservation_cancel says why
-
-
 class ReservationCancelView(PortalView, View):
     """GET: what cancelling (before activation) or stopping early would refund, to confirm.
     POST from that page (confirmed): do it on those terms, or, if the refund rule has since
@@ -577,7 +566,19 @@ class ReservationCancelView(PortalView, View):
         if not form.cleaned_data["confirm"]:
             # Not confirmed on the page that states the refund: state it, change nothing.
             return _cancel_page(self, request, reservation, CancelForm(initial=confirmed_page))
-        if _refund_rule_worsened(reservation, form.cleaned_data["refund_fraction"]):
+        try:
+            # The share the page stated is checked under the reservation's lock: if the rule
+            # gives less now (left open across a notice boundary), nothing is cancelled.
+            updated = reservation_cancel(
+                reservation=reservation,
+                actor_label=self.org_context.actor_label,
+                reason=form.cleaned_data["reason"],
+                expected_refund_fraction=form.cleaned_data["refund_fraction"],
+            )
+        except ApplicationError as exc:
+            if exc.code != "refund_changed":
+                show_error(request, exc)
+                return redirect("portal:reservation", public_id=public_id)
             messages.warning(
                 request,
                 "The refund has changed since that page was shown: nothing was done. Here "
@@ -586,14 +587,6 @@ class ReservationCancelView(PortalView, View):
             return _cancel_page(
                 self, request, reservation, CancelForm(initial=confirmed_page), status=409
             )
-        try:
-            updated = reservation_cancel(
-                reservation=reservation,
-                actor_label=self.org_context.actor_label,
-                reason=form.cleaned_data["reason"],
-            )
-        except ApplicationError as exc:
-            show_error(request, exc)
         else:
             refund = updated.cancellation["refund_amount"]
             verb = "Stopped" if reservation.status == ReservationStatus.ACTIVE else "Cancelled"

@@ -595,11 +595,27 @@ def _created_record(
 
 @transaction.atomic
 def reservation_cancel(
-    *, reservation: Reservation, actor_label: str, reason: str = ""
+    *,
+    reservation: Reservation,
+    actor_label: str,
+    reason: str = "",
+    expected_refund_fraction: Decimal | None = None,
 ) -> Reservation:
-    """Cancel (before activation) or stop early (active), recording the refund terms."""
+    """Cancel (before activation) or stop early (active), recording the refund terms.
+
+    `expected_refund_fraction`: the share of the unused time the customer was shown as
+    refunded; if the rule gives less now (the page was left open across a notice boundary),
+    Conflict `refund_changed` and nothing changes. Checked under the row lock, so what is
+    applied is never less than what was confirmed."""
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
     terms = cancellation_terms(locked)
+    if expected_refund_fraction is not None and terms.refund_fraction < expected_refund_fraction:
+        raise Conflict(
+            f"The refund is now {terms.refund_fraction * 100:.0f} % of the unused time, not "
+            f"the {expected_refund_fraction * 100:.0f} % shown: nothing was cancelled. Read "
+            "the terms again.",
+            code="refund_changed",
+        )
     to_status = (
         ReservationStatus.RELEASING
         if locked.status == ReservationStatus.ACTIVE

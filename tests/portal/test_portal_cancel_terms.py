@@ -78,3 +78,22 @@ def test_a_confirmation_whose_refund_still_holds_cancels_at_once():
     assert done.status_code == 302
     m.term.refresh_from_db()
     assert m.term.status == ReservationStatus.CANCELLED
+
+
+def test_the_service_checks_the_refund_shown_under_the_reservations_lock():
+    from config.errors import Conflict
+    from marketplace.services.reservations import reservation_cancel
+
+    m = _term_starting_in(3 * 24 * H)  # under 7 days' notice: 50 %
+    with pytest.raises(Conflict) as refused:
+        reservation_cancel(
+            reservation=m.term, actor_label="customer", expected_refund_fraction=Decimal("1")
+        )
+    assert refused.value.code == "refund_changed"
+    m.term.refresh_from_db()
+    assert m.term.status == ReservationStatus.PENDING and not m.term.cancellation
+
+    done = reservation_cancel(
+        reservation=m.term, actor_label="customer", expected_refund_fraction=Decimal("0.5")
+    )
+    assert done.status == ReservationStatus.CANCELLED
