@@ -16,6 +16,7 @@ from django.contrib.auth.models import User
 from django.db.models import Model, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -60,7 +61,7 @@ from marketplace.services.curtailment import (
     curtailment_validate,
 )
 from marketplace.services.organizations import member_staff_change_record
-from marketplace.services.reservations import reservation_cancel
+from marketplace.services.reservations import cancellation_terms, reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
 
@@ -390,14 +391,19 @@ class ReservationAdmin(admin.ModelAdmin):
     @admin.action(
         description="Cancel selected reservations (refund rule applies)", permissions=["change"]
     )
-    def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def cancel(self, request: HttpRequest, queryset: QuerySet) -> TemplateResponse | None:
+        """First a page with each reservation's terms as of now (or why it cannot be
+        cancelled) and a reason; the cancellations run once staff confirm it there."""
+        reason = (request.POST.get("reason") or "").strip()
+        if request.POST.get("confirmed") != "yes" or not reason:
+            return self._cancel_confirm(request, queryset, reason=reason)
         done = []
         for reservation in queryset.order_by("pk"):
             try:
                 reservation_cancel(
                     reservation=reservation,
                     actor_label=f"staff:{request.user.get_username()}",
-                    reason="cancelled by staff",
+                    reason=f"by staff: {reason}",
                 )
             except ApplicationError as exc:
                 messages.error(request, f"{reservation.public_id}: {exc.message}")
@@ -405,6 +411,28 @@ class ReservationAdmin(admin.ModelAdmin):
                 done.append(reservation.public_id)
         if done:
             messages.success(request, f"Cancelled: {', '.join(done)}.")
+        return None
+
+    def _cancel_confirm(self, request: HttpRequest, queryset: QuerySet, *, reason: str):
+        rows = []
+        for reservation in queryset.select_related("organization").order_by("pk"):
+            try:
+                rows.append({"reservation": reservation, "terms": cancellation_terms(reservation)})
+            except ApplicationError as exc:
+                rows.append({"reservation": reservation, "refused": exc.message})
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Cancel {len(rows)} reservation(s)?",
+            "opts": self.model._meta,
+            "rows": rows,
+            "reason": reason,
+            "error": "Say why: the customer reads it."
+            if request.POST.get("confirmed") == "yes"
+            else "",
+        }
+        return TemplateResponse(
+            request, "admin/marketplace/reservation/cancel_confirm.html", context
+        )
 
 
 def _mw(value) -> str:

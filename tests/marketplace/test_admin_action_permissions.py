@@ -53,7 +53,13 @@ def test_staff_who_may_change_reservations_still_cancel_them(market, org):
 
     client.post(
         reverse("admin:marketplace_reservation_changelist"),
-        {"action": "cancel", "_selected_action": [reservation.pk], "index": 0},
+        {
+            "action": "cancel",
+            "_selected_action": [reservation.pk],
+            "index": 0,
+            "confirmed": "yes",
+            "reason": "support ticket 42",
+        },
     )
 
     reservation.refresh_from_db()

@@ -67,16 +67,30 @@ def test_the_reservation_page_shows_transitions_allocations_and_actions(staff_cl
     assert body.count(reservation.site.nodes.first().hostname) >= 2  # one row per allocation
 
 
-def test_staff_cancel_goes_through_the_service(staff_client, reservation):
+def test_staff_cancel_first_shows_the_terms_then_goes_through_the_service(
+    staff_client, reservation
+):
+    url = reverse("admin:marketplace_reservation_changelist")
+    asked = {"action": "cancel", "_selected_action": [reservation.pk]}
+
+    page = staff_client.post(url, asked)
+    no_reason = staff_client.post(url, {**asked, "confirmed": "yes", "reason": " "})
+
+    assert page.status_code == 200 and no_reason.status_code == 200
+    html = page.content.decode()
+    assert reservation.public_id in html and "20.00 USD" in html and 'name="reason"' in html
+    assert "Say why" in no_reason.content.decode()
+    reservation.refresh_from_db()
+    assert reservation.status != ReservationStatus.CANCELLED  # nothing before it is confirmed
+
     response = staff_client.post(
-        reverse("admin:marketplace_reservation_changelist"),
-        {"action": "cancel", "_selected_action": [reservation.pk]},
-        follow=True,
+        url, {**asked, "confirmed": "yes", "reason": "node recalled by the site"}, follow=True
     )
     assert response.status_code == 200
     reservation.refresh_from_db()
     assert reservation.status == ReservationStatus.CANCELLED
     assert reservation.cancellation["actor_label"] == "staff:staff"
+    assert reservation.cancellation["reason"] == "by staff: node recalled by the site"
     assert reservation.cancellation["refund_amount"] == "20.00"
     assert not reservation.allocations.filter(is_live=True).exists()
     assert reservation.transitions.last().actor_label == "staff:staff"
