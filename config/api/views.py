@@ -13,6 +13,7 @@ its query_serializer (GET), and `format`.
 
 import functools
 
+from django import forms
 from django.db import transaction
 from django.utils.cache import add_never_cache_headers
 from django_filters.rest_framework import DjangoFilterBackend
@@ -188,13 +189,23 @@ class ApiView(GenericAPIView):
         if not request.query_params:
             return
         known = _query_params_taken(type(self), request.method)
-        for name in request.query_params:
+        repeatable = _query_params_repeatable(type(self), request.method)
+        for name, values in request.query_params.lists():
             if name not in known:
                 takes = ", ".join(sorted(known - {api_settings.URL_FORMAT_OVERRIDE})) or "none"
                 raise ValidationFailed(
                     f"Unknown query parameter {name[:100]!r}; this request takes {takes}.",
                     code="unknown_parameter",
                     field=name[:100],
+                )
+            if len(values) > 1 and name not in repeatable:
+                # Read as its last value, ?tier=on_demand&tier=reserved would list reserved
+                # only, as if the first had never been asked for.
+                raise ValidationFailed(
+                    f"The query parameter {name!r} is given {len(values)} times; it takes one "
+                    "value.",
+                    code="repeated_parameter",
+                    field=name,
                 )
 
     def throttled(self, request: Request, wait: float | None) -> None:
@@ -290,6 +301,24 @@ def _query_params_taken(view_class: type[ApiView], method: str) -> frozenset[str
             widget = declared.extra.get("widget") or declared.field_class.widget
             suffixes = getattr(widget, "suffixes", None) or [""]
             names |= {f"{name}_{suffix}" if suffix else name for suffix in suffixes}
+    return frozenset(names)
+
+
+@functools.cache
+def _query_params_repeatable(view_class: type[ApiView], method: str) -> frozenset[str]:
+    """The query parameters an operation reads several values of (?status=a&status=b)."""
+    names: set[str] = set()
+    if method not in ("GET", "HEAD"):
+        return frozenset(names)
+    if view_class.query_serializer is not None:
+        for name, field in view_class.query_serializer().fields.items():
+            if isinstance(field, serializers.ListField | serializers.MultipleChoiceField):
+                names.add(name)
+    filterset = getattr(view_class, "filterset_class", None)
+    if filterset is not None and DjangoFilterBackend in view_class.filter_backends:
+        for name, declared in filterset.base_filters.items():
+            if issubclass(declared.field_class, forms.MultipleChoiceField):
+                names.add(name)
     return frozenset(names)
 
 

@@ -4,12 +4,13 @@
   two workers never send to the same endpoint at once and its deliveries go out in the order of
   their events' `created`; a worker that dies leaves a lease that lapses.
 - Each try connects to an address the host resolved to, checked again now (no DNS rebinding:
-  the request goes to the address that was checked, with the host name in the Host header and
-  in TLS's SNI and certificate check), follows no redirect, and keeps at most EXCERPT_BYTES of
-  the answer. The whole try (connect, TLS, request, the answer's status, headers and excerpt)
-  has WEBHOOK_TIMEOUT, however slowly a receiver trickles; the lease is derived from it and
-  SEND_BUDGET, so it never lapses while a try is in flight. A sender releases only its own
-  lease. No database transaction is open while it waits.
+  the request goes to the address that was checked, the next one if it refuses, with the host
+  name, in its ASCII form, in the Host header and in TLS's SNI and certificate check), follows
+  no redirect, and keeps at most EXCERPT_BYTES of the answer. The whole try (the DNS lookup,
+  connect, TLS, request, the answer's status, headers and excerpt) has WEBHOOK_TIMEOUT, however
+  slowly a resolver or a receiver answers; the lease is derived from it and SEND_BUDGET, so it
+  never lapses while a try is in flight. A sender releases only its own lease. No database
+  transaction is open while it waits.
 - What a receiver answers is stored as PostgreSQL text can hold it (a NUL becomes U+FFFD), and
   a try is recorded even if its answer cannot be: one bad answer never leaves a delivery
   unrecorded (and so sent again at once, for ever).
@@ -103,21 +104,30 @@ def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: flo
         )
 
     try:
-        scheme, host, port, addresses = webhook_url_resolve(url)
+        # The lookup is part of the try: a hung resolver cannot hold it past its deadline.
+        scheme, host, port, addresses = webhook_url_resolve(url, timeout=timeout)
     except ValidationFailed as exc:
         return outcome(error=exc.message)
-    address = addresses[0]
     # One parse for host, port and target: the one webhook_url_resolve checked.
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        sock = socket.create_connection((address, port), timeout=_time_left(deadline))
-    except OSError as exc:
-        return outcome(error=f"could not connect to {address}: {exc}")
+    # Each checked address in turn until one answers, as a browser would: one dead address of
+    # several (a load balancer's, an IPv6 one without a route) must not fail every try.
+    sock, failures = None, []
+    for address in addresses:  # the attempt records the last one tried
+        try:
+            sock = socket.create_connection((address, port), timeout=_time_left(deadline))
+            break
+        except OSError as exc:  # a TimeoutError too, once the deadline has passed
+            failures.append(f"{address}: {exc}")
+    if sock is None:
+        return outcome(error="could not connect to " + "; ".join(failures))
     try:
         # The peer is the address that was checked; check what we are actually talking to.
         address = sock.getpeername()[0]
         webhook_address_check(address)
+        # The name as DNS has it (IDNA, xn--…): a header cannot carry пример.рф.
+        host = host.encode("idna").decode("ascii")
         if scheme == "https":
             sock.settimeout(_time_left(deadline))  # bounds the whole handshake
             context = ssl.create_default_context()
@@ -126,7 +136,8 @@ def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: flo
         conn.sock = _DeadlineSocket(sock, deadline)
         conn.putrequest("POST", target, skip_host=True, skip_accept_encoding=True)
         default_port = 443 if scheme == "https" else 80
-        conn.putheader("Host", host if port == default_port else f"{host}:{port}")
+        authority = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+        conn.putheader("Host", authority if port == default_port else f"{authority}:{port}")
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.putheader("Content-Length", str(len(body)))
@@ -141,7 +152,7 @@ def webhook_post(*, url: str, body: bytes, headers: dict[str, str], timeout: flo
         return outcome(error=exc.message)
     except TimeoutError:
         return outcome(error=f"timed out: no complete answer within {timeout:g} s")
-    except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+    except (OSError, http.client.HTTPException, ssl.SSLError, UnicodeError) as exc:
         return outcome(error=f"{type(exc).__name__}: {exc}")
     finally:
         sock.close()

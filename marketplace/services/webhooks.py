@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import secrets
 import socket
+import threading
 from collections.abc import Iterable
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -41,6 +42,7 @@ __all__ = [
     "webhook_signature",
     "webhook_address_check",
     "webhook_url_resolve",
+    "webhook_url_for_audit",
     "webhook_endpoint_create",
     "webhook_endpoint_update",
     "webhook_endpoint_rotate_secret",
@@ -105,14 +107,48 @@ def _split(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, port
 
 
-def webhook_url_resolve(url: str) -> tuple[str, str, int, list[str]]:
+def _getaddrinfo_within(host: str, port: int, timeout: float) -> list:
+    """socket.getaddrinfo given at most `timeout` seconds. The system resolver takes no
+    timeout of ours (a dead name server can hold it for minutes), so it runs in a daemon
+    thread, which is left to finish on its own if it outlasts the wait."""
+    answer: dict = {}
+
+    def lookup() -> None:
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+            answer["error"] = exc
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(max(timeout, 0))
+    if thread.is_alive():
+        raise TimeoutError(f"no DNS answer within {timeout:g} s")
+    if "error" in answer:
+        raise answer["error"]
+    return answer["infos"]
+
+
+def webhook_url_resolve(
+    url: str, *, timeout: float | None = None
+) -> tuple[str, str, int, list[str]]:
     """(scheme, host, port, addresses): every address the host resolves to, each one checked.
 
-    All of them must be safe, not only the first: which one is used is not up to us.
+    All of them must be safe, not only the first: which one is used is not up to us. The
+    lookup takes at most `timeout` seconds (default WEBHOOK_TIMEOUT), so a hung resolver cannot
+    hold a request or a sender's try past its deadline.
     """
     scheme, host, port = _split(url)
+    if timeout is None:
+        timeout = settings.WEBHOOK_TIMEOUT
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _getaddrinfo_within(host, port, timeout)
+    except TimeoutError:
+        raise ValidationFailed(
+            f"The host {host!r} did not resolve within {timeout:g} s.",
+            code="webhook_url_unresolvable",
+            field="url",
+        ) from None
     except (socket.gaierror, UnicodeError) as exc:
         raise ValidationFailed(
             f"The host {host!r} does not resolve ({exc}).",
@@ -181,10 +217,16 @@ def webhook_endpoint_update(
     enabled: bool | None = None,
 ) -> WebhookEndpoint:
     """Change what is given. Enabling again starts the failure clock afresh."""
+    # A new URL is looked up before the row is locked: the sender records its tries under that
+    # lock, and a slow name server must not hold it.
+    checked = url is not None and url != endpoint.url
+    if checked:
+        webhook_url_resolve(url)
     locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
     before = _settings(locked)
     if url is not None and url != locked.url:
-        webhook_url_resolve(url)
+        if not checked:  # the row changed meanwhile, away from the URL given
+            webhook_url_resolve(url)
         locked.url = url
     if event_types is not None:
         locked.event_types = _event_types_clean(event_types)
@@ -254,11 +296,21 @@ def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
 
 def _settings(endpoint: WebhookEndpoint) -> dict:
     return {
-        "url": endpoint.url,
+        "url": webhook_url_for_audit(endpoint.url),
         "event_types": list(endpoint.event_types),
         "description": endpoint.description,
         "enabled": endpoint.enabled,
     }
+
+
+def webhook_url_for_audit(url: str) -> str:
+    """The URL as the audit log keeps it: its origin and a digest of the whole. A URL may carry
+    a secret in its path or query (chat services' webhook URLs do), and the log is append-only
+    and read with any read key, which may not read the endpoints themselves; the digest still
+    shows that, and when, the URL changed."""
+    parts = urlsplit(url)
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/… (sha256:{digest})"
 
 
 def _audit(endpoint: WebhookEndpoint, action: str, changes: dict) -> None:

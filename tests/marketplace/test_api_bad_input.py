@@ -340,6 +340,36 @@ def test_the_parameters_an_operation_documents_are_taken(owner_client, market):
 
 
 @pytest.mark.parametrize(
+    "path, param",
+    [
+        ("/api/v1/reservations?tier=on_demand&tier=reserved", "tier"),
+        ("/api/v1/reservations?limit=5&limit=100", "limit"),
+        ("/api/v1/events?created_after=2030-01-01T00:00:00Z&created_after=2020-01-01T00:00:00Z",
+         "created_after"),
+        ("/api/v1/availability?gpu_count=1&gpu_count=8", "gpu_count"),
+        ("/api/v1/audit-log?actor=user:a&actor=user:b", "actor"),
+    ],
+)  # fmt: skip
+def test_a_single_valued_query_parameter_given_twice_is_refused(owner_client, market, path, param):
+    """Read as its last value, the first would silently not apply: ?tier=on_demand&tier=reserved
+    would list reserved reservations only."""
+    error = assert_error(owner_client.get(path), 400, "repeated_parameter", param)
+    assert "2 times" in error["message"]
+
+
+def test_a_multi_valued_filter_may_be_repeated(owner_client, market):
+    mine = make_reservation(owner_client)
+    for path in (
+        "/api/v1/reservations?status=pending&status=scheduled",
+        "/api/v1/events?type=reservation.created&type=reservation.active",
+        "/api/v1/resale/listings?status=open&status=sold",
+    ):
+        assert owner_client.get(path).status_code == 200, path
+    listed = owner_client.get("/api/v1/reservations?status=pending&status=scheduled").json()
+    assert [r["id"] for r in listed["results"]] == [mine["id"]]
+
+
+@pytest.mark.parametrize(
     "workload_or_count, field",
     [
         ({"workload": {"ports": ["2_2"]}}, "workload.ports"),

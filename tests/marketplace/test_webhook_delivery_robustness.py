@@ -6,16 +6,18 @@ tests race real senders on their own connections.
 """
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import socket
 import threading
 import time
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
-from config.errors import Conflict
+from config.errors import Conflict, ValidationFailed
 from marketplace.models import (
     AuditEntry,
     DeliveryStatus,
@@ -324,3 +326,127 @@ def test_the_request_goes_to_the_urls_own_path_and_query(org, receiver, suffix, 
     assert _send(endpoint)["sent"] == 1
 
     assert [r.path for r in receiver.received] == [target]
+
+
+# --- a resolver that hangs -------------------------------------------------------------------
+
+
+@pytest.fixture
+def hung_resolver(monkeypatch):
+    """socket.getaddrinfo for hooks.customer.example never answers (a dead name server) until
+    the test ends; other names resolve as usual. Replaced because nothing here can make the
+    system resolver hang on cue."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):
+        if host == "hooks.customer.example":
+            release.wait(30)
+            raise socket.gaierror("the resolver gave up")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    yield
+    release.set()
+
+
+def test_a_hung_resolver_does_not_hold_a_try_past_its_deadline(org, settings, hung_resolver):
+    settings.WEBHOOK_TIMEOUT = 1
+    endpoint = _endpoint(org, "http://127.0.0.1:9/hook")
+    # Registered while the name resolved; its name server has since died.
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url="https://hooks.customer.example/x")
+    _key_event(org)
+
+    started = time.monotonic()
+    result = _send(endpoint)
+    took = time.monotonic() - started
+
+    assert result == {"sent": 0, "failed": 1, "more": False}
+    assert took < 1.8  # the try's 1 s, not the resolver's 30
+    attempt = WebhookAttempt.objects.get()
+    assert attempt.error == "The host 'hooks.customer.example' did not resolve within 1 s."
+    assert 900 <= attempt.duration_ms < 1500 and attempt.response_status is None
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 1)
+    endpoint.refresh_from_db()
+    assert endpoint.sending_until is None  # released on time, well inside its lease
+
+
+def test_registration_with_a_hung_resolver_is_refused_within_the_timeout(
+    org, owner_client, settings, hung_resolver
+):
+    settings.WEBHOOK_TIMEOUT = 1
+    settings.WEBHOOK_ALLOW_INSECURE = False
+    started = time.monotonic()
+    response = owner_client.post(
+        "/api/v1/webhook-endpoints", {"url": "https://hooks.customer.example/x"}, format="json"
+    )
+
+    assert time.monotonic() - started < 1.8
+    assert_error(response, 400, "webhook_url_unresolvable", "url")
+    assert not WebhookEndpoint.objects.exists()
+
+
+# --- an IPv6 literal in the URL --------------------------------------------------------------
+
+
+def test_a_url_with_an_ipv6_literal_sends_a_valid_host_header(org):
+    """Host: [::1]:port, as RFC 9110 writes an IPv6 literal; without brackets a receiver's
+    server (nginx, any proxy) refuses the request as malformed."""
+    server = ThreadingHTTPServer(("::1", 0), None, bind_and_activate=False)
+    server.address_family = socket.AF_INET6
+    server.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    server.server_bind()
+    server.server_activate()
+    port = server.server_address[1]
+    hosts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the standard library's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            hosts.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server.RequestHandlerClass = Handler
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = _endpoint(org, f"http://[::1]:{port}/hook")
+        _key_event(org)
+        assert _send(endpoint) == {"sent": 1, "failed": 0, "more": False}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert hosts == [f"[::1]:{port}"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_lookup_of_a_new_url_does_not_lock_the_endpoint(settings, hung_resolver):
+    """The sender records its tries under the endpoint's row lock: a change of URL whose name
+    server hangs must not hold that lock while it waits."""
+    settings.WEBHOOK_TIMEOUT = 1
+    org = OrganizationFactory()
+    endpoint = _endpoint(org, "http://127.0.0.1:9/hook")
+    refused = []
+
+    def change():
+        try:
+            webhook_endpoint_update(endpoint=endpoint, url="https://hooks.customer.example/x")
+        except ValidationFailed as exc:
+            refused.append(exc.code)
+
+    changing = _in_thread(change)
+    time.sleep(0.3)  # well inside the lookup
+    with transaction.atomic():
+        WebhookEndpoint.objects.select_for_update(nowait=True).get(pk=endpoint.pk)
+    changing.join()
+
+    assert refused == ["webhook_url_unresolvable"]
+    endpoint.refresh_from_db()
+    assert endpoint.url == "http://127.0.0.1:9/hook"

@@ -638,3 +638,75 @@ def test_only_owners_and_admins_manage_webhooks_and_other_orgs_are_invisible(
     for path in ("/api/v1/webhook-endpoints", f"/api/v1/webhook-endpoints/{created}",
                  f"/api/v1/webhook-endpoints/{created}/deliveries"):  # fmt: skip
         assert_error(reader.get(path), 403, "insufficient_scope")
+
+
+def test_the_audit_log_never_holds_a_webhook_urls_path_or_query(org, owner_client, receiver):
+    """A URL may carry a secret (chat services' webhook URLs do); a read-only key, which may
+    not read the endpoints, reads the audit log, which keeps every entry for ever."""
+    secret_url = receiver.url + "/services/T0/B0/tok3n-in-path?sig=tok3n-in-query"
+    created = owner_client.post(
+        "/api/v1/webhook-endpoints", {"url": secret_url}, format="json"
+    ).json()
+    path = f"/api/v1/webhook-endpoints/{created['id']}"
+    moved = receiver.url + "/services/T0/B0/other-tok3n"
+    assert owner_client.patch(path, {"url": moved}, format="json").status_code == 200
+    assert owner_client.delete(path).status_code == 204
+
+    reader = key_client(org, scopes=[ApiKeyScope.READ])
+    response = reader.get("/api/v1/audit-log", {"action": "webhook_endpoint."})
+    assert response.status_code == 200
+    entries = response.json()["results"]
+    assert [e["action"] for e in entries] == [
+        "webhook_endpoint.delete",
+        "webhook_endpoint.update",
+        "webhook_endpoint.create",
+    ]
+    assert "tok3n" not in json.dumps(entries)
+    # A change of path alone is still seen as a change, and the origin is kept.
+    update = entries[1]["changes"]
+    assert update["before"]["url"] != update["after"]["url"]
+    assert update["after"]["url"].startswith(receiver.url + "/… (sha256:")
+
+
+def test_a_dead_address_among_several_does_not_fail_the_delivery(org, receiver, monkeypatch):
+    """The name has two addresses; the first refuses connections (nothing listens on
+    127.0.0.2), the second is the receiver: the try goes on to the second."""
+    _dns(monkeypatch, {"hooks.customer.example": ["127.0.0.2", "127.0.0.1"]})
+    endpoint, _ = webhook_endpoint_create(
+        organization=org, url=f"http://hooks.customer.example:{receiver.port}/x", event_types=[]
+    )
+    _key_event(org)
+
+    assert _send(endpoint) == {"sent": 1, "failed": 0, "more": False}
+
+    assert len(receiver.received) == 1
+    assert WebhookAttempt.objects.get().address == "127.0.0.1"
+
+
+def test_when_every_address_is_dead_the_attempt_names_each(org, monkeypatch):
+    _dns(monkeypatch, {"hooks.customer.example": ["127.0.0.2", "127.0.0.3"]})
+    endpoint, _ = webhook_endpoint_create(
+        organization=org, url="http://hooks.customer.example:9/x", event_types=[]
+    )
+    _key_event(org)
+
+    assert _send(endpoint)["failed"] == 1
+
+    error = WebhookAttempt.objects.get().error
+    assert error.startswith("could not connect to 127.0.0.2: ")
+    assert "; 127.0.0.3: " in error
+
+
+def test_an_internationalised_host_name_is_sent_as_its_ascii_form(org, receiver, monkeypatch):
+    """Host carries the name as DNS knows it (IDNA, xn--…): http.client cannot put a
+    Cyrillic name in a header, and the sender crashed on every try, recording none."""
+    _dns(monkeypatch, {"пример.рф": ["127.0.0.1"], "xn--e1afmkfd.xn--p1ai": ["127.0.0.1"]})
+    endpoint, _ = webhook_endpoint_create(
+        organization=org, url=f"http://пример.рф:{receiver.port}/x", event_types=[]
+    )
+    _key_event(org)
+
+    assert _send(endpoint) == {"sent": 1, "failed": 0, "more": False}
+
+    (received,) = receiver.received
+    assert received.headers["Host"] == f"xn--e1afmkfd.xn--p1ai:{receiver.port}"
