@@ -34,7 +34,9 @@ demand-response call, marketplace.services.demand_response) plans it:
 
 A curtailment is re-planned when its call changes (`curtailment_replan`), and called off or
 ended early (`curtailment_call_off`): notices not yet carried out are withdrawn, and sales of
-the window come back; what was already preempted stays preempted (and uncharged).
+the window come back; what was already preempted stays preempted (and uncharged). A re-plan
+counts as shed only the victims that would have run in the new window (`_shedding`) and cuts
+the takes of what was sold to the new window (`_takes_refit`).
 """
 
 import logging
@@ -288,16 +290,70 @@ def curtailment_replan(
     # Withdrawn quietly: a reservation chosen again with the same notice hears nothing; one
     # no longer chosen is told its notice is withdrawn, one with a new time gets the new one.
     before = _withdraw(locked, now=now, announce=False)
+    old_shed_at = locked.shed_at
     locked.shed_at, locked.until, locked.target_mw = shed_at, until, target_mw
     locked.reason = reason.strip()
     locked.save(update_fields=["shed_at", "until", "target_mw", "reason"])
+    _takes_refit(locked, old_shed_at=old_shed_at, now=now)
     _plan(locked, site=locked_site, now=now, call_notice=call_notice, user=None, before=before)
-    for reservation in Reservation.objects.filter(pk__in=before, preempt_at__isnull=True):
+    # Not chosen again: told the notice is withdrawn. One chosen again that had not started by
+    # the new time was preempted instead (and told so), never withdrawn.
+    for reservation in Reservation.objects.filter(
+        pk__in=before, preempt_at__isnull=True, status__in=PREEMPTIBLE_STATUSES
+    ):
         reservation_event_record(
             reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
         )
     _top_up_others(locked_site, exclude=locked.pk, now=now)
     return locked
+
+
+# What was sold out of the window's over-shed holds its draw from where it was sold (a
+# booking: its start; an extension: the old end) to the booking's end: when the window moves
+# or stretches, the takes of the bookings still live (a live allocation: one that left ended
+# its take, marketplace.services.transitions) are cut again to the new window, one per
+# booking. Where a take began at the old window's start, where it was sold from is not known:
+# the booking's start, which may count more as sold than was (never less).
+_TAKES_REFIT_SQL = """
+WITH live AS (
+    SELECT t.reservation_id, max(t.kw) AS kw,
+           tstzrange(min(CASE WHEN lower(t.period) > %(old_lo)s THEN lower(t.period)
+                              ELSE r.starts_at END), r.ends_at, '[)')
+           * tstzrange(%(lo)s, %(hi)s, '[)') AS inside
+    FROM marketplace_curtailmenttake t
+    JOIN marketplace_reservation r ON r.id = t.reservation_id
+    WHERE t.curtailment_id = %(cid)s
+      AND EXISTS (SELECT 1 FROM marketplace_allocation a
+                  WHERE a.reservation_id = r.id AND a.is_live)
+    GROUP BY t.reservation_id, r.starts_at, r.ends_at),
+gone AS (
+    DELETE FROM marketplace_curtailmenttake t USING live
+    WHERE t.curtailment_id = %(cid)s AND t.reservation_id = live.reservation_id)
+INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)
+SELECT %(cid)s, reservation_id, kw, inside, %(now)s FROM live WHERE NOT isempty(inside)
+"""
+
+
+def _takes_refit(curtailment: Curtailment, *, old_shed_at: datetime, now: datetime) -> None:
+    """Cut the takes of the bookings still live to the curtailment's (new) window. Their rows
+    are locked first (id order), so one leaving the live statuses meanwhile (which ends its
+    takes) is seen as gone, not given its room back."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT id FROM marketplace_reservation WHERE id IN (SELECT reservation_id FROM "
+            "marketplace_curtailmenttake WHERE curtailment_id = %s) ORDER BY id FOR UPDATE",
+            [curtailment.pk],
+        )
+        cur.execute(
+            _TAKES_REFIT_SQL,
+            {
+                "cid": curtailment.pk,
+                "old_lo": old_shed_at,
+                "lo": curtailment.shed_at,
+                "hi": curtailment.until,
+                "now": now,
+            },
+        )
 
 
 @retried_on_deadlock()
@@ -341,14 +397,11 @@ def _top_up_others(site: Site, *, exclude: int, now: datetime) -> None:
         .order_by("pk")
     )
     for other in others:
-        _plan(
-            other,
-            site=site,
-            now=now,
-            call_notice=other.short_notice or other.demand_response_event_id is not None,
-            user=None,
-            keep_preempt_at=True,
-        )
+        call_notice = other.short_notice or other.demand_response_event_id is not None
+        at, _short = _preempt_at_for(other, now=now, call_notice=call_notice, keep_preempt_at=True)
+        if other.until is not None and at >= other.until:
+            continue  # its window ends before a notice given now could run out: nothing to add
+        _plan(other, site=site, now=now, call_notice=call_notice, user=None, keep_preempt_at=True)
 
 
 def _lock_site(site_id: int) -> Site:
@@ -363,21 +416,33 @@ def _lock_site(site_id: int) -> Site:
 
 
 def site_flexible_kw(
-    *, site: Site, shed_at: datetime, until: datetime | None, now: datetime | None = None
+    *,
+    site: Site,
+    shed_at: datetime,
+    until: datetime | None,
+    now: datetime | None = None,
+    curtailment: Curtailment | None = None,
 ) -> Decimal:
     """The draw a curtailment of the site from shed_at to until could shed now (its
-    candidates' draws, unlocked): what a zone's call is spread by."""
+    candidates' draws, unlocked): what a zone's call is spread by. `curtailment`: the site's
+    curtailment for this very call, re-planned: what it sheds in that window counts too (its
+    victims are no longer candidates, and a re-plan keeps them)."""
     now = now or timezone.now()
+    since = max(shed_at, now)
     probe = Curtailment(site=site, shed_at=shed_at, until=until)
     flexible = _candidates(
         site=site,
         curtailment=probe,
         tiers=[Tier.INTERRUPTIBLE],
-        preempt_at=max(shed_at, now),
+        preempt_at=since,
         lock=False,
     )
     draws = reservation_draws(flexible, site=site, now=now)
-    return sum((kw for kw, _basis in draws.values()), Decimal(0))
+    kw = sum((kw for kw, _basis in draws.values()), Decimal(0))
+    if curtailment is not None:
+        kept = _shedding(curtailment.pk, since=since, until=until)
+        kw += sum((v.draw_kw for v in kept), Decimal(0))
+    return kw
 
 
 def _candidates(
@@ -455,12 +520,9 @@ def _preempt_at_set(
     """When the curtailment preempts: its start, but not before the minimum notice unless the
     grid operator's call gave less (nor earlier than set before, when kept); short notice is
     marked on it. Refused when the window ends first."""
-    minimum = now + settings.CURTAILMENT_MIN_NOTICE
-    preempt_at = max(curtailment.shed_at, now)
-    if preempt_at < minimum and not call_notice:
-        preempt_at = minimum  # the minimum notice is honoured
-    if keep_preempt_at and curtailment.preempt_at is not None:
-        preempt_at = max(curtailment.preempt_at, preempt_at)
+    preempt_at, short_notice = _preempt_at_for(
+        curtailment, now=now, call_notice=call_notice, keep_preempt_at=keep_preempt_at
+    )
     if curtailment.until is not None and preempt_at >= curtailment.until:
         raise ValidationFailed(
             "The window ends before the minimum notice runs out "
@@ -468,11 +530,22 @@ def _preempt_at_set(
             code="notice_too_short",
             field="until",
         )
-    curtailment.preempt_at = preempt_at
-    curtailment.short_notice = preempt_at < minimum or (
-        keep_preempt_at and curtailment.short_notice
-    )
+    curtailment.preempt_at, curtailment.short_notice = preempt_at, short_notice
     return preempt_at
+
+
+def _preempt_at_for(
+    curtailment: Curtailment, *, now: datetime, call_notice: bool, keep_preempt_at: bool
+) -> tuple[datetime, bool]:
+    """When a plan made now would preempt, and whether that is short notice (no writes)."""
+    minimum = now + settings.CURTAILMENT_MIN_NOTICE
+    preempt_at = max(curtailment.shed_at, now)
+    if preempt_at < minimum and not call_notice:
+        preempt_at = minimum  # the minimum notice is honoured
+    if keep_preempt_at and curtailment.preempt_at is not None:
+        preempt_at = max(curtailment.preempt_at, preempt_at)
+    short_notice = preempt_at < minimum or (keep_preempt_at and curtailment.short_notice)
+    return preempt_at, short_notice
 
 
 def _curtailment_cause(curtailment: Curtailment, *, site: Site, now: datetime) -> str:
@@ -495,7 +568,7 @@ def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetim
     ones, then protected ones when staff force it and those fall short. Returns the rows and
     draws by id, and the chosen and the forced candidates."""
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
-    kept = CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
+    kept = _shedding(curtailment.pk, since=preempt_at, until=curtailment.until)
     # Load sold in the window since an earlier plan counts on top of the target: a re-plan
     # that shed less than target + sold would leave the window oversold.
     need = (
@@ -639,18 +712,32 @@ def _sold_kw(curtailment: Curtailment, *, now: datetime) -> Decimal:
         return cur.fetchone()[0]
 
 
+def _shedding(curtailment_id: int, *, since: datetime, until: datetime | None):
+    """The curtailment's victims in effect whose booked time meets [since, until): only they
+    shed in that window. One preempted for a window the call has since moved away from sheds
+    nothing in the new one (it stays preempted, and on the record as forgone)."""
+    booked = Q(reservation__ends_at__gt=since)
+    if until is not None:
+        booked &= Q(reservation__starts_at__lt=until)
+    return CurtailmentVictim.objects.filter(
+        booked, curtailment_id=curtailment_id, withdrawn_at__isnull=True
+    )
+
+
 def _totals(curtailment: Curtailment, *, now: datetime) -> None:
     """The record's figures from its victims in effect (short of the target counts the load
     sold in the window since, which must be shed too)."""
     live = list(
         CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
     )
-    shed = sum((v.draw_kw for v in live), Decimal(0))
+    since = curtailment.preempt_at or curtailment.shed_at
+    shedding = _shedding(curtailment.pk, since=since, until=curtailment.until)
+    shed = sum((v.draw_kw for v in shedding), Decimal(0))
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
     curtailment.shed_kw = shed
     curtailment.short_kw = (
         Decimal(0)
-        if target_kw is None
+        if target_kw is None or curtailment.called_off_at is not None  # it never happens
         else max(target_kw + _sold_kw(curtailment, now=now) - shed, Decimal(0))
     )
     curtailment.headroom_kw = Decimal(0) if target_kw is None else max(shed - target_kw, Decimal(0))
@@ -667,7 +754,9 @@ def _withdraw(
     curtailment: Curtailment, *, now: datetime, announce: bool = True
 ) -> dict[int, datetime]:
     """Withdraw the notices of this curtailment not yet carried out (with the event, if
-    `announce`); returns the reservations' ids with the time their notice said."""
+    `announce`); returns the reservations' ids with the time their notice said. The victims
+    and their reservations are locked together: one the dispatcher is preempting at that
+    moment is read again once it commits, and left preempted (test_grid_probe_call_off_race)."""
     pending = list(
         CurtailmentVictim.objects.select_for_update()
         .filter(

@@ -13,7 +13,8 @@ becomes a curtailment with no person (docs/grid.md#demand-response-calls).
   ended now); a lower one, or the same number with another content, is refused (409).
 - A call names a site or a price zone (a source is granted sites and zones; a zone granted
   grants its sites). A zone's call is spread over the zone's sites (active or curtailed) in proportion to their flexible load when the
-  call arrives (each site's share at most what it can shed, so the shares cover the call
+  call arrives (on a modification, with what each already sheds for it), in whole kilowatts
+  (each site's share at most what it can shed, so the shares cover the call
   whenever the zone's flexible load does); with no flexible load anywhere, in proportion to
   the sites' power capacity (each then records what it is short). "All flexible load" is
   all of it at every site.
@@ -54,7 +55,7 @@ __all__ = [
     "demand_response_apply",
 ]
 
-_KW = Decimal("0.001")
+_WHOLE_KW = Decimal(1)
 
 
 class SignatureRefused(Exception):
@@ -94,7 +95,12 @@ def demand_response_verify(
             "signature_missing",
             "Sign the call: X-DR-Source, X-DR-Timestamp and X-DR-Signature are required.",
         )
-    source = DemandResponseSource.objects.filter(name=source_name, is_active=True).first()
+    # A NUL cannot be in a name (nor in a PostgreSQL string: the lookup itself would fail).
+    source = (
+        None
+        if "\x00" in source_name
+        else DemandResponseSource.objects.filter(name=source_name, is_active=True).first()
+    )
     if source is None:
         raise SignatureRefused("unknown_source", "No active demand-response source of that name.")
     # ASCII digits only, and no more of them than a time this century has: int() would also
@@ -111,7 +117,8 @@ def demand_response_verify(
         )
     digest = signature.removeprefix("sha256=").strip().lower()
     expected = demand_response_signature(secret=source.secret, timestamp=timestamp, body=body)
-    if not hmac.compare_digest(digest, expected):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a no).
+    if not hmac.compare_digest(digest.encode(), expected.encode()):
         raise SignatureRefused("signature_invalid", "The signature does not match the body.")
     return source, digest
 
@@ -198,7 +205,10 @@ def _target(*, source, call: DemandResponseCall):
             raise ValidationFailed(
                 f"Unknown site {call.site!r}.", code="unknown_site", field="site"
             )
-        if not source.sites.filter(pk=site.pk).exists():
+        granted = source.sites.filter(pk=site.pk).exists() or (
+            site.price_zone_id is not None and source.zones.filter(pk=site.price_zone_id).exists()
+        )  # a zone granted grants its sites
+        if not granted:
             raise PermissionDenied(
                 f"{source.name} may not curtail {site.slug}.", code="site_not_allowed"
             )
@@ -282,7 +292,9 @@ def _replan(event, *, source, call, site, zone, now) -> None:
     current = {c.site_id: c for c in _in_effect(event, now)}
     shares = dict(
         (s.pk, (s, share))
-        for s, share in _shares(source=source, call=call, site=site, zone=zone, now=now)
+        for s, share in _shares(
+            source=source, call=call, site=site, zone=zone, now=now, current=current
+        )
     )
     for site_id, curtailment in sorted(current.items()):
         if site_id not in shares:
@@ -310,8 +322,12 @@ def _replan(event, *, source, call, site, zone, now) -> None:
             )
 
 
-def _shares(*, source, call, site, zone, now) -> list[tuple[Site, Decimal | None]]:
-    """Each site's part of the call (None: all its flexible load), as the module says."""
+def _shares(
+    *, source, call, site, zone, now, current: dict[int, Curtailment] | None = None
+) -> list[tuple[Site, Decimal | None]]:
+    """Each site's part of the call (None: all its flexible load), as the module says.
+    `current`: the call's curtailments by site, when it is modified: what each already sheds
+    for it is part of that site's flexible load."""
     if site is not None:
         return [(site, call.target_mw)]
     sites = list(
@@ -322,23 +338,28 @@ def _shares(*, source, call, site, zone, now) -> list[tuple[Site, Decimal | None
     if call.target_mw is None:
         return [(s, None) for s in sites]
     shed_at = max(call.starts_at, now)
+    current = current or {}
     weights = [
-        site_flexible_kw(site=s, shed_at=shed_at, until=call.ends_at, now=now) for s in sites
+        site_flexible_kw(
+            site=s, shed_at=shed_at, until=call.ends_at, now=now, curtailment=current.get(s.pk)
+        )
+        for s in sites
     ]
     if sum(weights) == 0:
         weights = [Decimal(s.power_capacity_kw) for s in sites]
     total = sum(weights)
     if total == 0:
         weights, total = [Decimal(1)] * len(sites), Decimal(len(sites))
+    # Whole kilowatts, as a curtailment's target is stored (MW to 3 places): each share rounded
+    # down, then the kilowatts left one each to the largest remainders (the first site on a
+    # tie), so the shares sum to the call and none exceeds its exact part by a kilowatt.
     target_kw = call.target_mw * 1000
-    shares, given = [], Decimal(0)
-    nonzero = [i for i, w in enumerate(weights) if w > 0]
-    for i in nonzero:
-        if i == nonzero[-1]:
-            kw = target_kw - given  # the last takes the rounding, so the shares sum to the call
-        else:
-            kw = (target_kw * weights[i] / total).quantize(_KW, rounding=ROUND_DOWN)
-        given += kw
-        if kw > 0:
-            shares.append((sites[i], kw / 1000))
-    return shares
+    exact = [target_kw * w / total for w in weights]
+    kws = [e.quantize(_WHOLE_KW, rounding=ROUND_DOWN) for e in exact]
+    left = int(target_kw - sum(kws))
+    by_remainder = sorted(
+        (i for i, w in enumerate(weights) if w > 0), key=lambda i: (kws[i] - exact[i], i)
+    )
+    for i in by_remainder[:left]:
+        kws[i] += 1
+    return [(s, kw / 1000) for s, kw in zip(sites, kws, strict=True) if kw > 0]
