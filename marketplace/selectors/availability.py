@@ -195,16 +195,19 @@ _WINDOW = "tstzrange(%(starts_at)s, %(ends_at)s, '[)')"
 # A grid curtailment of site `s` (in effect: not called off) whose window overlaps {window}
 # and whose unsold over-shed over that overlap (headroom_kw less the most sold at once there,
 # marketplace_curtailment_sold_kw) is less than the draw of {gpus} GPUs of model `m` at the
-# site's PUE: that capacity is not sold (placement takes the headroom under the curtailment's
-# row lock, marketplace.services.allocation.curtailment_headroom_take).
+# site's PUE, or that overlap begins before its victims' notice ends: that capacity is not
+# sold (placement takes the headroom under the curtailment's row lock,
+# marketplace.services.allocation.curtailment_headroom_take).
 CURTAILMENT_BLOCKS = """EXISTS (
           SELECT 1 FROM marketplace_curtailment c
           WHERE c.site_id = s.id AND c.called_off_at IS NULL
             AND tstzrange(c.shed_at, c.until, '[)') && {window}
-            AND c.headroom_kw - marketplace_curtailment_sold_kw(
+            AND (c.headroom_kw - marketplace_curtailment_sold_kw(
                     c.id, greatest(c.shed_at, lower({window})),
                     least(coalesce(c.until, 'infinity'), upper({window})))
-                < {gpus} * m.tdp_watts * s.pue / 1000.0)"""
+                < {gpus} * m.tdp_watts * s.pue / 1000.0
+                 OR (c.preempt_at > c.shed_at
+                     AND tstzrange(c.shed_at, c.preempt_at, '[)') && {window})))"""
 
 
 def _sql(tail: str, *, filters: str) -> str:

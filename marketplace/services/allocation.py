@@ -65,7 +65,8 @@ RETURNING gpu_id, id
 
 # The grid curtailments of the nodes' site whose window overlaps the period, locked (id order),
 # with the booking's time inside each window; if each has unsold over-shed for the new draw all
-# through that time (what is sold at once there: marketplace_curtailment_sold_kw), the draw is
+# through that time (what is sold at once there: marketplace_curtailment_sold_kw; none before
+# its victims' notice ends, when that is after the window's start), the draw is
 # taken from all of them, a take each; the first that has not is returned and nothing written.
 _HEADROOM_TAKE_SQL = """
 WITH draw AS (
@@ -75,7 +76,7 @@ WITH draw AS (
     JOIN inventory_gpumodel m ON m.id = n.gpu_model_id
     WHERE n.id = %(node_id)s),
 c AS (
-    SELECT c.id, c.shed_at, c.until, c.headroom_kw,
+    SELECT c.id, c.shed_at, c.until, c.headroom_kw, c.preempt_at,
            tstzrange(%(lo)s, %(hi)s, '[)') * tstzrange(c.shed_at, c.until, '[)') AS inside
     FROM marketplace_curtailment c, draw
     WHERE c.site_id = draw.site_id AND c.called_off_at IS NULL
@@ -85,6 +86,9 @@ blocked AS (
     SELECT c.shed_at, c.until FROM c, draw
     WHERE c.headroom_kw
           - marketplace_curtailment_sold_kw(c.id, lower(c.inside), upper(c.inside)) < draw.kw
+       -- victims given the minimum notice run past the window's start: nothing is over-shed
+       -- until they stop
+       OR (c.preempt_at > c.shed_at AND c.inside && tstzrange(c.shed_at, c.preempt_at, '[)'))
     ORDER BY c.shed_at LIMIT 1),
 taken AS (
     INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)

@@ -419,7 +419,8 @@ def test_a_booking_that_leaves_the_window_gives_its_room_back(fleet, market, org
 @pytest.mark.django_db
 def test_a_booking_ended_inside_the_window_gives_back_the_rest_of_it(fleet, market, org):
     site, _ = market
-    curtailment = _announce(site, mw="0.002", hours_ahead=-0.005)  # began 18 s ago
+    # Began 18 s ago, the operator's call giving no notice: its victims stop at once.
+    curtailment = _announce(site, mw="0.002", hours_ahead=-0.005, call_notice=True)
     running = _book(org, tier="on_demand", gpus=1, start=timezone.now(), hours=8, active=True)
     take = curtailment.takes.get(reservation=running)
     assert (take.period.lower, take.period.upper) == (running.starts_at, curtailment.until)
@@ -732,3 +733,21 @@ def test_the_admin_record_lists_what_was_sold_in_the_window(fleet, market, org):
     html = page.content.decode()
     assert "sold in the window since" in html.lower() and "0.805" in html
     assert str(sold.pk) in html or sold.public_id in html
+
+
+@pytest.mark.django_db
+def test_nothing_is_sold_in_the_window_before_its_victims_notice_ends(fleet, market, org):
+    site, _ = market
+    # Shedding in 30 s, announced by staff: the victims get the minimum notice (2 min) and run
+    # past the window's start; until they stop nothing is over-shed.
+    curtailment = _announce(site, mw="0.002", hours_ahead=30 / 3600)
+    assert curtailment.preempt_at > curtailment.shed_at
+    early = curtailment.shed_at + timedelta(seconds=10)
+    assert availability_search(_one_gpu_search(early)) == []
+    with pytest.raises(NotAvailable) as refused:
+        _book(org, tier="on_demand", gpus=1, start=early, hours=1)
+    assert refused.value.code == "site_curtailed"
+
+    after = curtailment.preempt_at + timedelta(minutes=1)
+    assert [o.gpu_count for o in availability_search(_one_gpu_search(after))] == [1]
+    assert _book(org, tier="on_demand", gpus=1, start=after, hours=1).status == S.PENDING
