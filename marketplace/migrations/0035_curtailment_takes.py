@@ -5,10 +5,12 @@ import django.db.models.deletion
 from django.db import migrations, models
 
 # The most load sold at once in [lo, hi) out of a curtailment's over-shed: the largest sum of
-# the takes holding one instant. A sum of half-open periods only rises where one begins, so
-# the instants to look at are lo and every take's start inside (lo, hi).
+# the takes holding one instant, leaving out the reservations in `skip` (its victims, whose
+# takes end when they are preempted). A sum of half-open periods only rises where one begins,
+# so the instants to look at are lo and every take's start inside (lo, hi).
 SOLD_KW_FUNCTION = """
-CREATE FUNCTION marketplace_curtailment_sold_kw(cid bigint, lo timestamptz, hi timestamptz)
+CREATE FUNCTION marketplace_curtailment_sold_kw(
+    cid bigint, lo timestamptz, hi timestamptz, skip bigint[] DEFAULT '{}')
 RETURNS numeric LANGUAGE sql STABLE AS $$
     SELECT coalesce(max(at_once.kw), 0) FROM (
         SELECT sum(t.kw) AS kw
@@ -19,6 +21,7 @@ RETURNS numeric LANGUAGE sql STABLE AS $$
              ) instants
         JOIN marketplace_curtailmenttake t
           ON t.curtailment_id = cid AND t.period @> instants.at
+         AND (t.reservation_id IS NULL OR t.reservation_id <> ALL(skip))
         GROUP BY instants.at) at_once
 $$
 """

@@ -56,6 +56,7 @@ from inventory.models import Site, SiteStatus
 from marketplace.mail import mail_send_on_commit
 from marketplace.models import (
     Curtailment,
+    CurtailmentTake,
     CurtailmentVictim,
     EventType,
     Membership,
@@ -568,13 +569,15 @@ def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetim
     ones, then protected ones when staff force it and those fall short. Returns the rows and
     draws by id, and the chosen and the forced candidates."""
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
-    kept = _shedding(curtailment.pk, since=preempt_at, until=curtailment.until)
+    kept = list(_shedding(curtailment.pk, since=preempt_at, until=curtailment.until))
     # Load sold in the window since an earlier plan counts on top of the target: a re-plan
-    # that shed less than target + sold would leave the window oversold.
+    # that shed less than target + sold would leave the window oversold. A victim that was
+    # such a sale sheds nothing of the target (its take goes with it).
+    sold = _sold_kw(curtailment, now=now, skip={v.reservation_id for v in kept})
     need = (
         None
         if target_kw is None
-        else target_kw + _sold_kw(curtailment, now=now) - sum((v.draw_kw for v in kept), Decimal(0))
+        else target_kw + sold - _effective_kw(kept, _sold_here(curtailment))
     )
 
     flexible = _candidates(
@@ -696,9 +699,10 @@ def _as_candidates(reservations, draws) -> list[Candidate]:
     ]
 
 
-def _sold_kw(curtailment: Curtailment, *, now: datetime) -> Decimal:
+def _sold_kw(curtailment: Curtailment, *, now: datetime, skip=()) -> Decimal:
     """The most load sold at once in the rest of the window out of its over-shed (the takes
-    of bookings made since it was planned, marketplace.services.allocation)."""
+    of bookings made since it was planned, marketplace.services.allocation), leaving out the
+    reservations in `skip` (its victims: their takes end when they are preempted)."""
     if curtailment.pk is None:
         return Decimal(0)
     lo = max(curtailment.shed_at, now)
@@ -706,10 +710,27 @@ def _sold_kw(curtailment: Curtailment, *, now: datetime) -> Decimal:
         return Decimal(0)
     with connection.cursor() as cur:
         cur.execute(
-            "SELECT marketplace_curtailment_sold_kw(%s, %s, coalesce(%s, 'infinity'))",
-            [curtailment.pk, lo, curtailment.until],
+            "SELECT marketplace_curtailment_sold_kw(%s::bigint, %s::timestamptz, "
+            "coalesce(%s::timestamptz, 'infinity'), %s::bigint[])",
+            [curtailment.pk, lo, curtailment.until, sorted(skip)],
         )
         return cur.fetchone()[0]
+
+
+def _sold_here(curtailment: Curtailment) -> set[int]:
+    """The reservations that bought load in the window after it was planned (a take, empty
+    once given back). Shedding one only undoes its own sale: its draw counts against the
+    target as nothing, and its take no longer counts as sold."""
+    return set(
+        CurtailmentTake.objects.filter(
+            curtailment=curtailment, reservation__isnull=False
+        ).values_list("reservation_id", flat=True)
+    )
+
+
+def _effective_kw(victims, sold_here: set[int]) -> Decimal:
+    """What the victims shed of the load the site had when the plan was made."""
+    return sum((v.draw_kw for v in victims if v.reservation_id not in sold_here), Decimal(0))
 
 
 def _shedding(curtailment_id: int, *, since: datetime, until: datetime | None):
@@ -731,14 +752,16 @@ def _totals(curtailment: Curtailment, *, now: datetime) -> None:
         CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
     )
     since = curtailment.preempt_at or curtailment.shed_at
-    shedding = _shedding(curtailment.pk, since=since, until=curtailment.until)
-    shed = sum((v.draw_kw for v in shedding), Decimal(0))
+    shedding = list(_shedding(curtailment.pk, since=since, until=curtailment.until))
+    # A victim that was itself sold in the window since sheds none of the load the plan had.
+    shed = _effective_kw(shedding, _sold_here(curtailment))
+    sold = _sold_kw(curtailment, now=now, skip={v.reservation_id for v in shedding})
     target_kw = None if curtailment.target_mw is None else curtailment.target_mw * 1000
     curtailment.shed_kw = shed
     curtailment.short_kw = (
         Decimal(0)
         if target_kw is None or curtailment.called_off_at is not None  # it never happens
-        else max(target_kw + _sold_kw(curtailment, now=now) - shed, Decimal(0))
+        else max(target_kw + sold - shed, Decimal(0))
     )
     curtailment.headroom_kw = Decimal(0) if target_kw is None else max(shed - target_kw, Decimal(0))
     curtailment.reservations_notified = sum(

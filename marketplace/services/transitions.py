@@ -395,9 +395,10 @@ _FREE_SQL = """freed AS (
     WHERE reservation_id IN (SELECT id FROM moved) AND is_live
 ),
 -- and gives back the room it took in grid curtailments' windows from now on (the time
--- before now stays as the record of what it drew).
+-- before now stays as the record of what it drew; a take not yet begun stays, empty, as the
+-- record that it was sold there).
 ungranted AS (
-    DELETE FROM marketplace_curtailmenttake
+    UPDATE marketplace_curtailmenttake SET period = 'empty'
     WHERE reservation_id IN (SELECT id FROM moved) AND lower(period) >= %(tr_now)s
 ),
 shortened AS (

@@ -410,10 +410,11 @@ def test_a_booking_that_leaves_the_window_gives_its_room_back(fleet, market, org
 
     reservation_cancel(reservation=booked, actor_label="customer")
 
-    assert not curtailment.takes.exists()  # it had not begun: nothing of it stays
+    (given_back,) = curtailment.takes.all()  # it had not begun: none of it is sold any more
+    assert given_back.reservation_id == booked.pk and given_back.period.isempty
     assert [o.gpu_count for o in availability_search(_one_gpu_search(start))] == [1]
     again = _book(org, tier="on_demand", gpus=1, start=start, hours=2)
-    assert list(curtailment.takes.values_list("reservation_id", flat=True)) == [again.pk]
+    assert list(curtailment.takes.values_list("reservation_id", flat=True)) == [booked.pk, again.pk]
 
 
 @pytest.mark.django_db
@@ -751,3 +752,32 @@ def test_nothing_is_sold_in_the_window_before_its_victims_notice_ends(fleet, mar
     after = curtailment.preempt_at + timedelta(minutes=1)
     assert [o.gpu_count for o in availability_search(_one_gpu_search(after))] == [1]
     assert _book(org, tier="on_demand", gpus=1, start=after, hours=1).status == S.PENDING
+
+
+@pytest.mark.django_db
+def test_a_victim_that_was_sold_in_the_window_sheds_nothing_of_the_target(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")  # r2 (3.22 kW): 1.22 kW over
+    start = curtailment.shed_at + timedelta(hours=1)
+    # Interruptible work sold in the window since, cheaper than anything there: the first
+    # to shed when the call is raised.
+    sold = _book(org, gpus=1, start=start, hours=2, price="0.50")
+
+    # 4.8 kW plus the 0.805 sold: three reservations are needed and the sale is one of them,
+    # but preempting it only undoes its own sale. What the site had then sheds 4.83 kW.
+    replanned = curtailment_replan(
+        curtailment=curtailment,
+        shed_at=curtailment.shed_at,
+        until=curtailment.until,
+        target_mw=Decimal("0.0048"),
+        reason="ERCOT raised the call",
+    )
+
+    assert fleet["r2"].pk in _victims(replanned) and sold.pk in _victims(replanned)
+    assert Reservation.objects.get(pk=sold.pk).status == S.PREEMPTED  # not started yet
+    assert replanned.shed_kw == replanned.headroom_kw + Decimal("4.8")
+    # What is left to sell is what was really shed beyond 4.8 kW: never a whole GPU more.
+    assert replanned.headroom_kw < Decimal("0.805")
+    assert availability_search(_one_gpu_search(start)) == []
+    with pytest.raises(NotAvailable):
+        _book(org, tier="on_demand", gpus=1, start=start, hours=1)
