@@ -12,6 +12,7 @@ then report complete (with connection details) or fail. See agent/README.md.
 from __future__ import annotations
 
 import argparse
+import email.utils
 import ipaddress
 import json
 import logging
@@ -640,6 +641,18 @@ class ContainerExecutor:
         ):
             raise ExecutorError(f"A container named {name} exists that this agent did not start.")
         generation = str(int(payload.get("generation") or 0))
+        running = _labels(existing).get(LABEL_GENERATION, "0") if existing is not None else None
+        if (
+            running is not None
+            and existing["State"].get("Running")
+            and _generation_number(running) > int(generation)
+        ):
+            # A later placement's container: this start was superseded (its lease ran out
+            # while the reservation moved). It must not put the workload back on old GPUs.
+            raise ExecutorError(
+                f"{name} already runs generation {running}; this start of generation "
+                f"{generation} is superseded."
+            )
         if (
             existing is not None
             and existing["State"].get("Running")
@@ -747,6 +760,12 @@ class ContainerExecutor:
         grace = int(payload.get("grace_seconds", 10))
         existing = self._inspect(name)
         detail = f"{name} was already gone"
+        if existing is not None and "generation" in payload:
+            running = _labels(existing).get(LABEL_GENERATION, "0")
+            if _generation_number(running) > int(payload["generation"] or 0):
+                # The reservation's later placement runs here now: this stop is of an earlier
+                # one's container, which is gone already.
+                return {"detail": f"{name} runs generation {running}, left running"}
         if existing is not None:
             if existing["State"].get("Running"):
                 self._run(["stop", "-t", str(grace), name], timeout=grace + 120)
@@ -844,6 +863,14 @@ def _publish_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
+def _generation_number(label: str) -> int:
+    """A container's generation label as a number (-1 when unreadable: treated as older)."""
+    try:
+        return int(label)
+    except ValueError:
+        return -1
+
+
 def _labels(inspected: dict) -> dict[str, str]:
     return (inspected.get("Config") or {}).get("Labels") or {}
 
@@ -868,13 +895,74 @@ def _write_atomic(path: Path, text: str, *, mode: int) -> None:
 # --- the API and the loop -----------------------------------------------------------------
 
 
+# Retry-After (on a 429, or a 503) is obeyed up to this many seconds, so a wrong header
+# cannot silence the node for long; a request refused this way is sent again at most
+# RETRY_AFTER_RETRIES times, so a job's report is not lost to a rate limit.
+RETRY_AFTER_MAX_SECONDS = 120.0
+RETRY_AFTER_RETRIES = 3
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """A Retry-After header's wait in seconds (a number, or an HTTP date), at most
+    RETRY_AFTER_MAX_SECONDS; None when there is none or it cannot be read."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_SECONDS)
+
+
 class AgentClient:
-    def __init__(self, *, api: str, token: str, timeout: float = 15):
+    """POSTs to the API with the node token. A 429 or 503 with Retry-After pauses every
+    request of this client (the heartbeat's, the loop's, the jobs') until then, and the
+    refused request is sent again after it, so the agent slows down to what the API allows
+    instead of dropping its reports."""
+
+    def __init__(
+        self, *, api: str, token: str, timeout: float = 15, retries: int = RETRY_AFTER_RETRIES
+    ):
         self.api = api.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.retries = retries
+        self._paused_until = 0.0  # time.monotonic(): no request leaves before then
+        self._pause_lock = threading.Lock()
 
     def post(self, path: str, body: dict, *, request_id: str = "") -> tuple[int, dict | None]:
+        for attempt in range(self.retries + 1):
+            self._wait_out_pause()
+            status, answer, retry_after = self._send(path, body, request_id=request_id)
+            if status not in (429, 503) or retry_after is None:
+                return status, answer
+            self._pause(retry_after)
+            logger.warning(
+                "%s answered %s: waiting %.0f s as Retry-After says%s",
+                path, status, retry_after, "" if attempt < self.retries else "; giving up",
+            )  # fmt: skip
+        return status, answer
+
+    def _pause(self, seconds: float) -> None:
+        with self._pause_lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    def _wait_out_pause(self) -> None:
+        while (wait := self._paused_until - time.monotonic()) > 0:
+            time.sleep(wait)
+
+    def _send(
+        self, path: str, body: dict, *, request_id: str
+    ) -> tuple[int, dict | None, float | None]:
         headers = {
             "Authorization": f"Bearer {self.token}",
             "Content-Type": "application/json",
@@ -892,13 +980,15 @@ class AgentClient:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 raw = response.read()
-                return response.status, json.loads(raw) if raw else None
+                return response.status, json.loads(raw) if raw else None, None
         except urllib.error.HTTPError as exc:
             raw = exc.read()
+            retry_after = retry_after_seconds(exc.headers.get("Retry-After"))
             try:
-                return exc.code, json.loads(raw) if raw else None
+                return exc.code, json.loads(raw) if raw else None, retry_after
             except ValueError:
-                return exc.code, {"error": {"message": raw.decode(errors="replace")[:500]}}
+                message = {"error": {"message": raw.decode(errors="replace")[:500]}}
+                return exc.code, message, retry_after
 
 
 # The heartbeat interval an API may set (its answer's heartbeat_seconds): anything outside is

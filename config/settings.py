@@ -286,6 +286,25 @@ INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
 INVITATIONS_PER_DAY = env_int("INVITATIONS_PER_DAY", 50, minimum=1)
 INVITATIONS_PER_ADDRESS_PER_DAY = env_int("INVITATIONS_PER_ADDRESS_PER_DAY", 3, minimum=1)
 API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
+# Requests a node's agent may make (its node token, every /api/v1/agent/ endpoint) per window;
+# a busy agent at its defaults makes about 60 a minute, one beating every second and polling
+# every 0.3 s about 330 (config/api/throttling.py, AgentRateThrottle).
+AGENT_THROTTLE_RATE = env_rate("AGENT_THROTTLE_RATE", "600/min")
+# An agent over its budget waits out the window, silent: the window must be shorter than the
+# offline time, and hold at least a heartbeat, its workload report and a lease per interval.
+_agent_count, _, _agent_unit = AGENT_THROTTLE_RATE.partition("/")
+_agent_window = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}.get(
+    _agent_unit, 3600 if _agent_unit in ("h", "hour") else 86400
+)
+_agent_beats = -(-_agent_window // AGENT_HEARTBEAT_SECONDS)  # heartbeats a window, rounded up
+if _agent_window >= NODE_OFFLINE_AFTER.total_seconds() or int(_agent_count) < 3 * _agent_beats:
+    raise ImproperlyConfigured(
+        "AGENT_THROTTLE_RATE must let every agent heartbeat: a window shorter than "
+        "NODE_OFFLINE_AFTER_SECONDS and at least 3 requests per AGENT_HEARTBEAT_SECONDS in it; "
+        f"got {AGENT_THROTTLE_RATE!r} with NODE_OFFLINE_AFTER_SECONDS="
+        f"{int(NODE_OFFLINE_AFTER.total_seconds())} and AGENT_HEARTBEAT_SECONDS="
+        f"{AGENT_HEARTBEAT_SECONDS}"
+    )
 # How long a process keeps an API key it read (a change to any key empties every process's
 # cache at once, through Redis: marketplace/auth.py); 0: read the key on every request.
 API_KEY_CACHE_SECONDS = env_int("API_KEY_CACHE_SECONDS", 60, minimum=0)

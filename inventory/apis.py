@@ -2,21 +2,22 @@
 
 import functools
 import json
+import time
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
+from rest_framework import exceptions, serializers
 from rest_framework.exceptions import ErrorDetail
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from config.api.errors import agent_errors
+from config.api.errors import agent_errors, error_body
 from config.api.serializers import LenientSerializer
+from config.api.throttling import agent_rate_count
 from config.errors import ApplicationError
-from inventory.auth import IsNodeAgent, NodeAgent, NodeTokenAuthentication
+from inventory.auth import AGENT_THROTTLED, AgentApiView, NodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.heartbeat_input import heartbeat_fast_validate
 from inventory.models import GpuHealth, NodeStatus
@@ -111,11 +112,8 @@ class TelemetrySerializer(LenientSerializer):
         return _gpu_indexes_validate(readings, known=self.context["gpu_indexes"])
 
 
-class HeartbeatApi(APIView):
+class HeartbeatApi(AgentApiView):
     """A node agent says it is alive and how its GPUs are."""
-
-    authentication_classes = [NodeTokenAuthentication]
-    permission_classes = [IsNodeAgent]
 
     class InputSerializer(LenientSerializer):
         class Meta:
@@ -222,6 +220,11 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
     data = heartbeat_fast_validate(body, gpu_indexes=set(gpus))
     if data is None:
         return None
+    # Counted here, once the plain path answers it (a request DRF answers is counted there).
+    now = time.time()
+    counted = agent_rate_count(token.node.pk, now=now)
+    if counted is not None and not counted[1]:
+        return _throttled_response(counted[0].retry_after(now))
     request.user = NodeAgent(node=token.node, token=token)
     try:
         node = node_heartbeat_accept(
@@ -248,6 +251,16 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
 _AT = serializers.DateTimeField()
 
 
+def _throttled_response(wait: int) -> HttpResponse:
+    """The 429 DRF's view gives a node over its rate limit (AgentApiView.throttled)."""
+    message = str(exceptions.Throttled(wait=wait, detail=AGENT_THROTTLED).detail)
+    body = error_body(type="rate_limit_error", code="rate_limited", message=message)
+    body["error"]["retry_after"] = wait
+    response = _json_response(body, status=429)
+    response["Retry-After"] = str(wait)
+    return response
+
+
 def _json_response(data: dict, status: int = 200) -> HttpResponse:
     """The bytes and headers DRF's JSONRenderer and Response give the same data."""
     content = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -258,11 +271,8 @@ def _json_response(data: dict, status: int = 200) -> HttpResponse:
     return response
 
 
-class BurnInLeaseApi(APIView):
+class BurnInLeaseApi(AgentApiView):
     """The node's next burn-in to run (204 when there is none); it is running from now."""
-
-    authentication_classes = [NodeTokenAuthentication]
-    permission_classes = [IsNodeAgent]
 
     class OutputSerializer(LenientSerializer):
         class Meta:
@@ -285,11 +295,8 @@ class BurnInLeaseApi(APIView):
         return Response(self.OutputSerializer(burn_in).data)
 
 
-class BurnInResultApi(APIView):
+class BurnInResultApi(AgentApiView):
     """The result of a burn-in this node ran: exit 0 within the limit passes."""
-
-    authentication_classes = [NodeTokenAuthentication]
-    permission_classes = [IsNodeAgent]
 
     class InputSerializer(LenientSerializer):
         class Meta:

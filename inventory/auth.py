@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
+from rest_framework.request import Request
+from rest_framework.views import APIView
 
+from config.api.throttling import AgentRateThrottle
 from inventory.models import Node, NodeToken
 from inventory.services import TOKEN_PREFIX, node_token_authenticate
 
@@ -48,6 +51,23 @@ class NodeTokenAuthentication(authentication.BaseAuthentication):
 class IsNodeAgent(permissions.BasePermission):
     def has_permission(self, request, view) -> bool:
         return isinstance(request.auth, NodeToken)
+
+
+AGENT_THROTTLED = (
+    "This node's agent is over its rate limit; slow down and retry after the time in Retry-After."
+)
+
+
+class AgentApiView(APIView):
+    """A site-agent endpoint: a node token, acting for its node only, within the node's rate
+    limit (AGENT_THROTTLE_RATE; past it 429 with Retry-After, which the agent obeys)."""
+
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsNodeAgent]
+    throttle_classes = [AgentRateThrottle]
+
+    def throttled(self, request: Request, wait: float | None) -> None:
+        raise exceptions.Throttled(wait=wait, detail=AGENT_THROTTLED, code="rate_limited")
 
 
 class NodeTokenScheme(OpenApiAuthenticationExtension):

@@ -95,19 +95,50 @@ def burn_in_request(
 
 @transaction.atomic
 def burn_in_lease(*, node: Node, now=None) -> BurnIn | None:
-    """The node's queued burn-in, now running; None if there is none."""
+    """The node's queued burn-in, now running; None if there is none.
+
+    Only on what is still out of sale: a burn-in of the node needs it in maintenance, one of
+    GPUs runs on those still failed. One whose node or GPUs staff returned to service while it
+    waited (the return needs no burn-in) is cancelled, not run: a stress test on GPUs in sale
+    would run beside, or on, a customer's workload."""
     now = now or timezone.now()
-    burn_in = (
-        BurnIn.objects.select_for_update(skip_locked=True)
-        .filter(node=node, status=BurnInStatus.QUEUED)
-        .order_by("pk")
-        .first()
-    )
-    if burn_in is None:
-        return None
+    while True:
+        burn_in = (
+            BurnIn.objects.select_for_update(skip_locked=True)
+            .filter(node=node, status=BurnInStatus.QUEUED)
+            .order_by("pk")
+            .first()
+        )
+        if burn_in is None:
+            return None
+        moot = _burn_in_moot(burn_in)
+        if moot is None:
+            break
+        burn_in.status, burn_in.finished_at = BurnInStatus.CANCELLED, now
+        burn_in.output = f"Cancelled before it ran: {moot}"
+        burn_in.save(update_fields=["status", "finished_at", "output"])
     burn_in.status, burn_in.started_at = BurnInStatus.RUNNING, now
-    burn_in.save(update_fields=["status", "started_at"])
+    burn_in.save(update_fields=["status", "started_at", "gpu_indexes"])
     return burn_in
+
+
+def _burn_in_moot(burn_in: BurnIn) -> str | None:
+    """Why the queued burn-in must not run any more, or None; a GPU burn-in is narrowed to its
+    GPUs still failed (not saved here)."""
+    if not burn_in.gpu_indexes:
+        status = Node.objects.filter(pk=burn_in.node_id).values_list("status", flat=True).get()
+        if status != NodeStatus.MAINTENANCE:
+            return f"the node is {status}, no longer in maintenance."
+        return None
+    still_failed = sorted(
+        Gpu.objects.filter(
+            node_id=burn_in.node_id, index__in=burn_in.gpu_indexes, health=GpuHealth.FAILED
+        ).values_list("index", flat=True)
+    )
+    if not still_failed:
+        return "its GPUs were returned to service."
+    burn_in.gpu_indexes = still_failed
+    return None
 
 
 @transaction.atomic
@@ -115,6 +146,9 @@ def burn_in_report(
     *, node: Node, burn_in_id: int, exit_code: int | None, timed_out: bool, output: str
 ) -> BurnIn:
     """The agent's result: pass (exit 0, in time) returns the GPUs or node to sale."""
+    # The node before its GPUs, as a heartbeat locks them (inventory.services), or the two
+    # could deadlock.
+    Node.objects.select_for_update(no_key=True).filter(pk=node.pk).first()
     burn_in = BurnIn.objects.select_for_update().filter(pk=burn_in_id, node=node).first()
     if burn_in is None:
         raise NotFound("No such burn-in on this node.")

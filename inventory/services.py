@@ -598,12 +598,19 @@ def node_heartbeat_record(
     GPUs, and the marketplace does not sell failed GPUs. Failed is sticky until staff return it.
     """
     now = timezone.now()
-    locked = Node.objects.select_for_update().get(pk=node.pk)
+    # FOR NO KEY UPDATE, node then its GPUs: heartbeats of the node still take turns, and
+    # staff's GPU actions (which lock the GPU, then check the node as their outage's foreign
+    # key) wait for the heartbeat instead of being overwritten by the health it read, or
+    # deadlocking with it. Everything that locks both takes the node first.
+    locked = Node.objects.select_for_update(no_key=True).get(pk=node.pk)
     reports = gpu_reports or []
     readings = (telemetry or {}).get("gpus") or []
     by_index: dict[int, Gpu] = {}
     if reports or readings:
-        by_index = {gpu.index: gpu for gpu in Gpu.objects.filter(node=locked)}
+        by_index = {
+            gpu.index: gpu
+            for gpu in Gpu.objects.select_for_update(no_key=True).filter(node=locked).order_by("pk")
+        }
     for position, reading in enumerate(readings):
         if reading["index"] not in by_index:
             raise ValidationFailed(

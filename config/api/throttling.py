@@ -33,6 +33,8 @@ from marketplace.auth import API_KEYS_GENERATION, ApiKeyUser, api_key_user_confi
 __all__ = [
     "RateLimit",
     "ApiRateThrottle",
+    "AgentRateThrottle",
+    "agent_rate_count",
     "fixed_window_count",
     "parse_rate",
     "rate_limit_headers",
@@ -247,6 +249,44 @@ class ApiRateThrottle(BaseThrottle):
         request.rate_limit = self.rate_limit
         self.now = now
         return count <= limit
+
+    def wait(self) -> float:
+        return self.rate_limit.retry_after(self.now)
+
+
+def agent_rate_count(node_id: int, *, now: float) -> tuple[RateLimit, bool] | None:
+    """Count one request of a node's agent against settings.AGENT_THROTTLE_RATE: the outcome
+    and whether it is allowed, or None when Redis is unreachable. Then it passes uncounted for
+    as long as Redis is gone (never a 503, unlike ApiRateThrottle): a heartbeat must get
+    through while Redis is down (it is written at once), or the fleet would go offline."""
+    limit, period = parse_rate(settings.AGENT_THROTTLE_RATE)
+    try:
+        counted = fixed_window_count(f"node:{node_id}", period=period, now=now)
+    except RateLimiterUnavailable:
+        return None
+    if counted is None:
+        return None
+    count, reset_at = counted
+    rate_limit = RateLimit(limit=limit, remaining=max(0, limit - count), reset_at=reset_at)
+    return rate_limit, count <= limit
+
+
+class AgentRateThrottle(BaseThrottle):
+    """Per node, for the site agent's endpoints (a node token: inventory.auth): a node's agent,
+    or whoever holds its token, cannot heartbeat, report or lease faster than
+    settings.AGENT_THROTTLE_RATE. Runs after authentication and the permission check, so a
+    request without a valid node token is refused (401) before it is counted."""
+
+    def allow_request(self, request: Request, view) -> bool:
+        node = getattr(request.user, "node", None)
+        if node is None:
+            return True  # not a node agent: the permission check has refused it already
+        self.now = time.time()
+        counted = agent_rate_count(node.pk, now=self.now)
+        if counted is None:
+            return True
+        self.rate_limit, allowed = counted
+        return allowed
 
     def wait(self) -> float:
         return self.rate_limit.retry_after(self.now)

@@ -44,16 +44,32 @@ _LIVE = (
 )
 _WORKLOAD_NODE_STATUSES = (NodeStatus.AVAILABLE, NodeStatus.DRAINING)
 _WORKLOAD_KINDS = ("prepare", "start")
+# work_waiting is read before the heartbeat brings an offline node back (available or
+# draining again), so its prepare and start jobs count already.
+_WAITING_NODE_STATUSES = (*_WORKLOAD_NODE_STATUSES, NodeStatus.OFFLINE)
+
+
+def _sql_in(choices) -> str:
+    return ", ".join(f"'{choice.value}'" for choice in choices)
+
 
 # Whether agent_job_lease could hand the node a job now or soon, for the heartbeat's answer
 # (registered with inventory.agent_work by marketplace.apps): one queued, or leased with its
-# lease run out. A start still waiting for its prepare counts: the node is busy with that
-# prepare anyway. Read through the index on (node, status, id).
+# lease run out, that the lease would hand out rather than cancel or hold back: a stop, or a
+# prepare or start of a live reservation's current placement on a node in service (an
+# offline node counts: the heartbeat that reads this brings it back). A start still waiting
+# for its prepare counts: the node is busy with that prepare anyway. Read through the index
+# on (node, status, id); the reservation and the node by their primary keys.
 AGENT_JOB_WAITING_SQL = (
     f"EXISTS (SELECT 1 FROM {AgentJob._meta.db_table} j WHERE j.node_id = {{node_id}}"
     f" AND j.status IN ('{AgentJobStatus.QUEUED.value}', '{AgentJobStatus.LEASED.value}')"
     f" AND (j.status = '{AgentJobStatus.QUEUED.value}'"
-    " OR j.lease_expires_at <= statement_timestamp()))"
+    " OR j.lease_expires_at <= statement_timestamp())"
+    " AND (j.kind = 'stop' OR ("
+    f"EXISTS (SELECT 1 FROM {Reservation._meta.db_table} r WHERE r.id = j.reservation_id"
+    f" AND r.status IN ({_sql_in(_LIVE)}) AND r.placement_generation <= j.generation)"
+    f" AND EXISTS (SELECT 1 FROM {Node._meta.db_table} wn WHERE wn.id = j.node_id"
+    f" AND wn.status IN ({_sql_in(_WAITING_NODE_STATUSES)})))))"
 )
 
 
@@ -89,8 +105,8 @@ def _request_id_or_blank() -> str:
 def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob | None:
     """Lease the node's next job, or None. Rows another agent is leasing are skipped.
 
-    Never a prepare or start job whose reservation is no longer live (it is cancelled instead)
-    or on a node out of service; a stop job is always handed out."""
+    Never a prepare or start job whose reservation is no longer live or was placed again since
+    (it is cancelled instead) or on a node out of service; a stop job is always handed out."""
     now = timezone.now()
     lease = (
         timedelta(seconds=lease_seconds) if lease_seconds is not None else settings.AGENT_JOB_LEASE
@@ -125,26 +141,34 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
         .filter(Q(kind="stop") | Q(node__status__in=_WORKLOAD_NODE_STATUSES))
         # A start job waits for its prepare job, and for the stops of containers in its way.
         .exclude(Q(kind="start") & (Exists(prepare_not_done) | Exists(stop_open)))
-        .annotate(reservation_status=F("reservation__status"))
+        .annotate(
+            reservation_status=F("reservation__status"),
+            reservation_generation=F("reservation__placement_generation"),
+        )
         .order_by("id")
     )
     job = candidates.first()
-    while job is not None and job.kind != "stop" and job.reservation_status not in _LIVE:
-        # Its reservation ended (cancelled, failed, preempted, released): its prepare and
-        # start must not run. Rare, so the check rides on the lease's own query, and all such
-        # jobs of the node are cancelled at once when one turns up: those no other agent's
-        # lease has locked (waiting for them could deadlock with that agent doing the same).
-        dead = (
-            available.filter(kind__in=_WORKLOAD_KINDS)
-            .exclude(reservation__status__in=_LIVE)
-            .select_for_update(skip_locked=True, of=("self",))
-            .values("pk")
-        )
-        AgentJob.objects.filter(pk__in=dead).update(
-            status=AgentJobStatus.CANCELLED,
-            error="Not handed out: its reservation is no longer live.",
-            finished_at=now,
-        )
+    while job is not None and job.kind != "stop" and not _may_run(job):
+        # Its reservation ended (cancelled, failed, preempted, released), or moved on to a
+        # later placement since (its agent lost the lease mid-job): its prepare and start must
+        # not run (an old start would put the workload back on GPUs it left). Rare, so the
+        # check rides on the lease's own query, and all such jobs of the node are cancelled at
+        # once when one turns up: those no other agent's lease has locked (waiting for them
+        # could deadlock with that agent doing the same).
+        workload = available.filter(kind__in=_WORKLOAD_KINDS)
+        for moot, error in (
+            (
+                workload.exclude(reservation__status__in=_LIVE),
+                "Not handed out: its reservation is no longer live.",
+            ),
+            (
+                workload.filter(generation__lt=F("reservation__placement_generation")),
+                "Not handed out: its reservation was placed again since.",
+            ),
+        ):
+            AgentJob.objects.filter(
+                pk__in=moot.select_for_update(skip_locked=True, of=("self",)).values("pk")
+            ).update(status=AgentJobStatus.CANCELLED, error=error, finished_at=now)
         job = candidates.first()
     if job is None:
         return None
@@ -154,6 +178,12 @@ def agent_job_lease(*, node: Node, lease_seconds: int | None = None) -> AgentJob
     job.attempts += 1
     job.save(update_fields=["status", "lease_owner", "lease_expires_at", "attempts", "updated_at"])
     return job
+
+
+def _may_run(job: AgentJob) -> bool:
+    """A prepare or start (annotated by agent_job_lease) is of a live reservation's current
+    placement."""
+    return job.reservation_status in _LIVE and job.generation >= job.reservation_generation
 
 
 class _JsonArraysOverlap(Func):
@@ -237,10 +267,16 @@ def agent_job_complete(*, node: Node, job_id: int, lease_id: str, result: dict) 
 
 def _late_start_stop(start: AgentJob) -> None:
     """A start that an agent completed after its reservation ended (it held the lease when the
-    teardown cancelled what was still queued) left a container running: the stop of its
-    generation on that node runs again, though it may have run before the container existed."""
-    ended = Reservation.objects.filter(pk=start.reservation_id).exclude(status__in=_LIVE).exists()
-    if not ended:
+    teardown cancelled what was still queued), or after the reservation moved to a later
+    placement (it held the lease when the move superseded it), left a container running: the
+    stop of its generation on that node runs again, though it may have run before the
+    container existed. (An agent's stop leaves a later generation's container alone.)"""
+    moot = (
+        Reservation.objects.filter(pk=start.reservation_id)
+        .filter(~Q(status__in=_LIVE) | Q(placement_generation__gt=start.generation))
+        .exists()
+    )
+    if not moot:
         return
     rerun = AgentJob.objects.filter(
         reservation_id=start.reservation_id,

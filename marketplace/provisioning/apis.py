@@ -9,11 +9,10 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from config.api.errors import agent_errors
 from config.api.serializers import LenientSerializer
-from inventory.auth import IsNodeAgent, NodeTokenAuthentication
+from inventory.auth import AgentApiView
 from marketplace.models import AgentJob, AgentJobKind, AgentJobStatus
 from marketplace.provisioning.agent_jobs import (
     agent_job_complete,
@@ -24,9 +23,8 @@ from marketplace.provisioning.agent_jobs import (
 from marketplace.provisioning.agent_reports import agent_workloads_report
 
 
-class _AgentApi(APIView):
-    authentication_classes = [NodeTokenAuthentication]
-    permission_classes = [IsNodeAgent]
+class _AgentApi(AgentApiView):
+    pass
 
 
 class JobStateSerializer(LenientSerializer):

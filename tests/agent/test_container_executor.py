@@ -284,6 +284,41 @@ def test_a_restarted_agent_adopts_the_running_container_instead_of_starting_anot
     assert len(listed) == 1
 
 
+def test_a_start_of_an_earlier_generation_never_replaces_a_later_one(executor_factory, payload_for):
+    """A superseded start (its lease ran out mid-job while the reservation moved) that reaches
+    the agent after the new placement's container runs must not put the workload back on
+    the GPUs it left."""
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080], gpu_indexes=[0, 2])
+    name = payload["container_name"]
+    executor = executor_factory()
+    current = _start(executor, {**payload, "generation": 1})
+
+    with pytest.raises(ExecutorError, match="already runs generation 1") as failure:
+        executor.run("start", {**payload, "generation": 0, "gpu_indexes": [0, 1]}, no_progress)
+
+    assert not failure.value.node_failure
+    labels = json.loads(
+        podman("container", "inspect", "--format", "{{json .Config.Labels}}", name).stdout
+    )
+    assert (labels["switchyard.generation"], labels["switchyard.gpus"]) == ("1", "0,2")
+    assert _echo(current["ports"]["8080"]) == b"ping\n"
+
+
+def test_a_stop_of_an_earlier_generation_leaves_a_later_one_running(executor_factory, payload_for):
+    """A superseded start's stop, run again after the reservation's new placement started on
+    this node, must not take the new container down."""
+    payload = payload_for(env={"LISTEN": "8080"}, ports=[8080], gpu_indexes=[0, 2])
+    executor = executor_factory()
+    current = _start(executor, {**payload, "generation": 1})
+
+    old = executor.run("stop", {**payload, "generation": 0, "grace_seconds": 1}, no_progress)
+
+    assert "left running" in old["detail"]
+    assert _echo(current["ports"]["8080"]) == b"ping\n"
+    executor.run("stop", {**payload, "generation": 1, "grace_seconds": 1}, no_progress)
+    assert executor._inspect(payload["container_name"]) is None
+
+
 def test_a_start_of_a_new_generation_replaces_the_running_container_with_the_new_gpus(
     executor_factory, payload_for
 ):

@@ -9,9 +9,9 @@ from django.utils import timezone
 from agent.burn_in import burn_in_run
 from config.errors import Conflict, InvalidTransition, NotAvailable, ValidationFailed
 from inventory.burn_in import burn_in_report, burn_in_request, burn_ins_expire
-from inventory.models import BurnIn, Gpu, GpuHealth, NodeStatus, Outage
+from inventory.models import BurnIn, Gpu, GpuHealth, Node, NodeStatus, Outage
 from inventory.services import node_token_issue, status_change
-from inventory.telemetry import gpu_health_apply
+from inventory.telemetry import gpu_health_apply, gpu_return_to_service
 from tests.factories import NodeFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
 from tests.provisioning_support import market_create
@@ -198,3 +198,52 @@ def test_a_burn_in_whose_agent_went_quiet_fails(market, node, agent):
     burn_in = BurnIn.objects.get(pk=job["id"])
     assert (burn_in.status, burn_in.timed_out) == ("failed", True)
     assert Gpu.objects.get(pk=gpu.pk).health == GpuHealth.FAILED
+
+
+def test_a_node_returned_to_service_while_its_burn_in_waited_does_not_run_it(market, node, agent):
+    """Staff may return a node without burn-in; the queued burn-in must not then stress GPUs
+    that are in sale (possibly under a customer's workload)."""
+    status_change(
+        action="set_maintenance", node=node, actor=None, actor_label="ops", reason="PSU swap"
+    )
+    burn_in = burn_in_request(node=node, reason="PSU swapped", requested_by="ops")
+    status_change(
+        action="return_to_service", node=node, actor=None, actor_label="ops", reason="urgent"
+    )
+
+    assert agent.post("/api/v1/agent/burn-ins/lease").status_code == 204
+
+    burn_in.refresh_from_db()
+    assert (burn_in.status, burn_in.started_at) == ("cancelled", None)
+    assert (
+        burn_in.output
+        == "Cancelled before it ran: the node is available, no longer in maintenance."
+    )
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.AVAILABLE
+
+
+def test_a_gpu_burn_in_runs_only_on_the_gpus_still_failed(market, node, agent):
+    first, second = node.gpus.get(index=1), node.gpus.get(index=2)
+    fail(first)
+    fail(second)
+    burn_in = burn_in_request(node=node, gpus=[first, second], reason="x", requested_by="ops")
+    gpu_return_to_service(gpu=second, actor=None, actor_label="ops", reason="reseated")
+
+    done = run_through_agent(agent)
+
+    assert (done["id"], done["gpu_indexes"], done["status"]) == (burn_in.pk, [1], "passed")
+    assert BurnIn.objects.get(pk=burn_in.pk).gpu_indexes == [1]
+    assert Gpu.objects.get(pk=first.pk).health == GpuHealth.OK
+
+
+def test_a_gpu_burn_in_whose_gpus_all_returned_is_cancelled(market, node, agent):
+    gpu = node.gpus.get(index=3)
+    fail(gpu)
+    burn_in = burn_in_request(node=node, gpus=[gpu], reason="x", requested_by="ops")
+    gpu_return_to_service(gpu=gpu, actor=None, actor_label="ops", reason="false alarm")
+
+    assert agent.post("/api/v1/agent/burn-ins/lease").status_code == 204
+
+    burn_in.refresh_from_db()
+    assert burn_in.status == "cancelled"
+    assert burn_in.output == "Cancelled before it ran: its GPUs were returned to service."

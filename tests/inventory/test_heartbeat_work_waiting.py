@@ -11,9 +11,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from inventory.models import BurnIn, BurnInStatus, Node, NodeToken
+from inventory.models import BurnIn, BurnInStatus, Node, NodeStatus, NodeToken
 from inventory.services import _node_gpus_sql, _token_gpus_sql, node_token_issue
-from marketplace.models import AgentJob, AgentJobStatus
+from marketplace.models import AgentJob, AgentJobStatus, ReservationStatus
 from tests.factories import NodeFactory, OrganizationFactory
 from tests.marketplace.market_helpers import make_reservation_rows
 
@@ -32,12 +32,21 @@ def heard(**kwargs) -> tuple[Node, str]:
     return node, secret
 
 
-def job(node: Node, *, status: str = AgentJobStatus.QUEUED, lease_in: float | None = None):
+def job(
+    node: Node,
+    *,
+    status: str = AgentJobStatus.QUEUED,
+    lease_in: float | None = None,
+    kind: str = "prepare",
+    reservation_status: str = ReservationStatus.SCHEDULED,
+    placement_generation: int = 0,
+):
     """An agent job of a fresh reservation on `node`; a leased one's lease ends `lease_in`
     seconds from now (negative: it has run out)."""
     (reservation,) = make_reservation_rows(
-        OrganizationFactory(), 1, site=node.site, gpu_model=node.gpu_model
-    )
+        OrganizationFactory(), 1, site=node.site, gpu_model=node.gpu_model,
+        status=reservation_status, placement_generation=placement_generation,
+    )  # fmt: skip
     lease = {}
     if lease_in is not None:
         lease = {
@@ -45,7 +54,7 @@ def job(node: Node, *, status: str = AgentJobStatus.QUEUED, lease_in: float | No
             "lease_expires_at": timezone.now() + timedelta(seconds=lease_in),
         }
     return AgentJob.objects.create(
-        node=node, reservation=reservation, kind="prepare", status=status, **lease
+        node=node, reservation=reservation, kind=kind, status=status, **lease
     )
 
 
@@ -67,6 +76,12 @@ def beat(client, secret: str, *, drf: bool = False, monkeypatch=None) -> dict:
         monkeypatch.undo()
     assert response.status_code == 200, response.content
     return response.json()
+
+
+def lease(client, secret: str):
+    return client.post(
+        LEASE, "{}", content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {secret}"
+    )
 
 
 def both_paths(client, secret: str, monkeypatch) -> tuple[bool, bool]:
@@ -101,6 +116,64 @@ def test_work_waits_for_a_job_a_lease_could_hand_out(
     job(node, status=status, lease_in=lease_in)
 
     assert both_paths(client, secret, monkeypatch) == (waiting, waiting)
+
+
+@pytest.mark.parametrize("kind", ["prepare", "start"])
+@pytest.mark.parametrize(
+    "ended", [ReservationStatus.CANCELLED, ReservationStatus.FAILED, ReservationStatus.PREEMPTED]
+)
+def test_a_dead_reservation_s_queued_work_is_not_waiting(client, monkeypatch, kind, ended):
+    """A lease would cancel it, not hand it out: telling the agent to lease costs a request
+    for nothing."""
+    node, secret = heard()
+    dead = job(node, kind=kind, reservation_status=ended)
+
+    assert both_paths(client, secret, monkeypatch) == (False, False)
+    job(node, kind="stop", reservation_status=ended)  # its stop is handed out, though
+    assert both_paths(client, secret, monkeypatch) == (True, True)
+    AgentJob.objects.filter(kind="stop").delete()
+    leased = lease(client, secret)
+    assert leased.status_code == 204
+    assert AgentJob.objects.get(pk=dead.pk).status == AgentJobStatus.CANCELLED
+
+
+def test_a_start_of_an_earlier_placement_is_not_waiting(client, monkeypatch):
+    """Its lease ran out while the reservation moved: a lease cancels it, not hands it out."""
+    node, secret = heard()
+    old = job(node, kind="start", lease_in=-1, placement_generation=1)
+
+    assert both_paths(client, secret, monkeypatch) == (False, False)
+    assert lease(client, secret).status_code == 204
+    assert AgentJob.objects.get(pk=old.pk).status == AgentJobStatus.CANCELLED
+
+
+@pytest.mark.parametrize("status", [NodeStatus.MAINTENANCE, NodeStatus.RETIRED])
+def test_a_node_out_of_service_is_told_only_of_its_stops(client, monkeypatch, status):
+    """A lease hands a node in maintenance or retired its stops only: its queued prepare
+    would make every heartbeat say work waits, and every lease answer 204, for ever."""
+    node, secret = heard()
+    queued = job(node)
+    Node.objects.filter(pk=node.pk).update(status=status)
+
+    assert both_paths(client, secret, monkeypatch) == (False, False)
+    assert lease(client, secret).status_code == 204
+    assert AgentJob.objects.get(pk=queued.pk).status == AgentJobStatus.QUEUED
+    stop = job(node, kind="stop")
+    assert both_paths(client, secret, monkeypatch) == (True, True)
+    leased = lease(client, secret)
+    assert (leased.status_code, leased.json()["id"]) == (200, stop.pk)
+
+
+def test_an_offline_node_coming_back_is_told_of_its_work_at_once(client):
+    """The heartbeat that reads work_waiting is the one that brings the node back."""
+    node, secret = heard()
+    queued = job(node)
+    Node.objects.filter(pk=node.pk).update(status=NodeStatus.OFFLINE)
+
+    assert beat(client, secret)["work_waiting"] is True
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.AVAILABLE
+    leased = lease(client, secret)
+    assert (leased.status_code, leased.json()["id"]) == (200, queued.pk)
 
 
 def test_only_the_node_s_own_jobs_and_burn_ins_count(client, monkeypatch):

@@ -272,3 +272,74 @@ def test_a_prepare_whose_lease_ran_out_long_ago_is_not_a_stalled_node(market, se
     )
     check = SiteAgentDriver().check(target)
     assert (check.state, check.stalled_node_id) == ("pending", None)
+
+
+def test_a_start_whose_lease_ran_out_while_its_reservation_moved_is_cancelled(market):
+    """The agent lost its lease on a start mid-job (it crashed or hung), and meanwhile the
+    reservation moved to other GPUs (a GPU failed): the old start must not run again, or it
+    would put the workload back on the GPUs it left, and replace the new container."""
+    node = market.nodes[0]
+    r, target = _queued_to_run(market)
+    driver = SiteAgentDriver()
+    prepare = agent_job_lease(node=node)
+    agent_job_complete(node=node, job_id=prepare.pk, lease_id=prepare.lease_owner, result={})
+    old_start = agent_job_lease(node=node, lease_seconds=5)
+    assert (old_start.kind, old_start.generation) == ("start", 0)
+    r.placement_generation = 1
+    r.save(update_fields=["placement_generation"])
+    moved = Target(
+        r.pk, r.public_id, r.workload, (NodeTarget(node.pk, node.hostname, (2,)),), generation=1
+    )
+    driver.prepare(moved)  # a stop of generation 0 on the node, then generation 1's prepare
+    AgentJob.objects.filter(pk=old_start.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    handed = [agent_job_lease(node=node) for _ in range(3)]
+
+    assert [(j.kind, j.generation) for j in handed if j] == [("stop", 0), ("prepare", 1)]
+    old_start.refresh_from_db()
+    assert (old_start.status, old_start.error) == (
+        AgentJobStatus.CANCELLED,
+        "Not handed out: its reservation was placed again since.",
+    )
+
+
+def test_a_start_completed_after_its_reservation_moved_has_its_stop_run_again(market):
+    """The agent was still running the old start when the reservation moved (a GPU failed) and
+    ran the old generation's stop meanwhile, before the container existed: the container the
+    start then made holds GPUs the reservation left (which may be sold again), so the stop
+    of that generation on that node runs again."""
+    node = market.nodes[0]
+    r, target = _queued_to_run(market)
+    prepare = agent_job_lease(node=node)
+    agent_job_complete(node=node, job_id=prepare.pk, lease_id=prepare.lease_owner, result={})
+    old_start = agent_job_lease(node=node)
+    r.placement_generation = 1
+    r.save(update_fields=["placement_generation"])
+    moved = Target(
+        r.pk, r.public_id, r.workload, (NodeTarget(node.pk, node.hostname, (2,)),), generation=1
+    )
+    SiteAgentDriver().prepare(moved)
+    stop = agent_job_lease(node=node)
+    assert (stop.kind, stop.generation) == ("stop", 0)
+    agent_job_complete(node=node, job_id=stop.pk, lease_id=stop.lease_owner, result={})
+
+    agent_job_complete(
+        node=node, job_id=old_start.pk, lease_id=old_start.lease_owner, result={"host": "h"}
+    )
+
+    stop.refresh_from_db()
+    assert (stop.status, stop.lease_owner, stop.finished_at) == (AgentJobStatus.QUEUED, "", None)
+    again = agent_job_lease(node=node)
+    assert (again.pk, again.kind) == (stop.pk, "stop")
+
+
+def test_a_start_of_the_current_placement_completing_queues_no_stop(market):
+    node = market.nodes[0]
+    r, target = _queued_to_run(market)
+    for _ in range(2):
+        job = agent_job_lease(node=node)
+        agent_job_complete(node=node, job_id=job.pk, lease_id=job.lease_owner, result={})
+
+    assert not AgentJob.objects.filter(reservation=r, kind="stop").exists()
