@@ -132,10 +132,12 @@ _AGENT_DESCRIPTIONS = {
     404: "No such job for this node.",
     409: "The job is finished, or this lease is no longer the job's lease.",
     415: "Only application/json bodies are accepted.",
+    429: "The node's agent is over AGENT_THROTTLE_RATE: wait the Retry-After seconds.",
 }
 
 
 def agent_errors(*statuses: int) -> dict[int, OpenApiResponse]:
-    """Error responses of the site-agent endpoints (node token); 400, 401 and 415 apply to all."""
-    wanted = sorted({400, 401, 415, *statuses})
+    """Error responses of the site-agent endpoints (node token); 400, 401, 415 and 429 apply
+    to all."""
+    wanted = sorted({400, 401, 415, 429, *statuses})
     return {s: OpenApiResponse(ErrorSerializer, description=_AGENT_DESCRIPTIONS[s]) for s in wanted}
