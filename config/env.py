@@ -68,18 +68,36 @@ def env_decimal(name: str, default: Decimal) -> Decimal:
         raise ImproperlyConfigured(f"{name} must be a decimal number, got {value!r}") from None
 
 
-_RATE_PERIODS = {"s", "sec", "second", "m", "min", "minute", "h", "hour", "d", "day"}
+# A rate's period names, and their seconds.
+RATE_PERIOD_SECONDS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
 
 
 def env_rate(name: str, default: str) -> str:
     """A rate such as "600/min": a positive count per s, min, hour or day."""
     rate = env_str(name, default)
     count, _, period = rate.partition("/")
-    if not count.isdigit() or int(count) < 1 or period not in _RATE_PERIODS:
+    if not count.isdigit() or int(count) < 1 or period not in RATE_PERIOD_SECONDS:
         raise ImproperlyConfigured(
             f"{name} must look like 600/min (per s, min, hour or day), got {rate!r}"
         )
     return rate
+
+
+def rate_window(rate: str) -> tuple[int, int]:
+    """'600/min' → (600, 60): the count and the window in seconds."""
+    count, _, period = rate.partition("/")
+    return int(count), RATE_PERIOD_SECONDS[period.strip().lower()]
 
 
 def env_list(name: str, default: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from config.env import (
     env_redis_url,
     env_str,
     env_trusted_proxies,
+    rate_window,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -292,12 +293,9 @@ API_THROTTLE_RATE = env_rate("API_THROTTLE_RATE", "600/min")
 AGENT_THROTTLE_RATE = env_rate("AGENT_THROTTLE_RATE", "600/min")
 # An agent over its budget waits out the window, silent: the window must be shorter than the
 # offline time, and hold at least a heartbeat, its workload report and a lease per interval.
-_agent_count, _, _agent_unit = AGENT_THROTTLE_RATE.partition("/")
-_agent_window = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}.get(
-    _agent_unit, 3600 if _agent_unit in ("h", "hour") else 86400
-)
+_agent_count, _agent_window = rate_window(AGENT_THROTTLE_RATE)
 _agent_beats = -(-_agent_window // AGENT_HEARTBEAT_SECONDS)  # heartbeats a window, rounded up
-if _agent_window >= NODE_OFFLINE_AFTER.total_seconds() or int(_agent_count) < 3 * _agent_beats:
+if _agent_window >= NODE_OFFLINE_AFTER.total_seconds() or _agent_count < 3 * _agent_beats:
     raise ImproperlyConfigured(
         "AGENT_THROTTLE_RATE must let every agent heartbeat: a window shorter than "
         "NODE_OFFLINE_AFTER_SECONDS and at least 3 requests per AGENT_HEARTBEAT_SECONDS in it; "

@@ -28,6 +28,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
 from config.client_ip import client_ip
+from config.env import rate_window
 from marketplace.auth import API_KEYS_GENERATION, ApiKeyUser, api_key_user_confirm
 
 __all__ = [
@@ -44,25 +45,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PERIODS = {
-    "s": 1,
-    "sec": 1,
-    "second": 1,
-    "m": 60,
-    "min": 60,
-    "minute": 60,
-    "h": 3600,
-    "hour": 3600,
-    "d": 86400,
-    "day": 86400,
-}
-
 
 def parse_rate(rate: str) -> tuple[int, int]:
     """'600/min' → (600, 60)."""
     try:
-        count, period = rate.split("/")
-        return int(count), _PERIODS[period.strip().lower()]
+        return rate_window(rate)
     except (ValueError, KeyError):
         raise ImproperlyConfigured(
             f"API_THROTTLE_RATE must look like '600/min', got {rate!r}"
