@@ -13,6 +13,7 @@ import os
 from logging.config import dictConfig
 
 from celery import Celery, signals
+from celery.beat import PersistentScheduler, ScheduleEntry
 from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
@@ -149,6 +150,31 @@ app.conf.update(
         },
     },
 )
+# A periodic task that waited in its queue longer than this (or its own interval, if longer) is
+# acknowledged and dropped by the worker that takes it, not run (Celery's `expires`): newer
+# copies follow it. After workers were away, the hours of sweeps beat queued meanwhile are
+# skipped in a moment instead of run one by one ahead of the work queued since.
+PERIODIC_EXPIRES_SECONDS = 300.0
+
+
+def periodic_expires(entry: ScheduleEntry) -> float:
+    """Seconds a periodic task sent now stays worth running."""
+    run_every = getattr(entry.schedule, "run_every", None)
+    interval = run_every.total_seconds() if run_every is not None else 0.0
+    return max(interval, PERIODIC_EXPIRES_SECONDS)
+
+
+class ExpiringScheduler(PersistentScheduler):
+    """Beat's scheduler (celery beat, and worker -B): sends each periodic task with an expiry."""
+
+    def apply_async(self, entry: ScheduleEntry, producer=None, advance=True, **kwargs):
+        if "expires" not in entry.options:
+            entry.options = {**entry.options, "expires": periodic_expires(entry)}
+        return super().apply_async(entry, producer, advance, **kwargs)
+
+
+app.conf.beat_scheduler = ExpiringScheduler
+
 # Celery's Django fix-up closes every database connection before and after each task unless
 # CELERY_DB_REUSE_MAX is set: a new PostgreSQL backend per task, which cost several times the
 # work of a short task. Reuse connections as Django does between requests instead: closed when

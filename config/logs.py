@@ -5,7 +5,8 @@ Each JSON line has time, level, logger, message and request_id (the HTTP request
 or the one that enqueued the running task; "-" otherwise), plus task and task_id in workers.
 Redaction runs on the finished line, so a secret cannot slip through a message argument, an
 `extra` field or an exception's text: API keys, node tokens, Stripe keys and client secrets,
-bearer credentials, password and token fields, one-use links and card numbers.
+webhook and demand-response signing secrets, bearer credentials, password and token fields,
+one-use links and card numbers.
 """
 
 import logging
@@ -25,7 +26,9 @@ _PATTERNS = [
     (re.compile(r"\b(sy_live|nt)_([A-Za-z0-9]+)_[A-Za-z0-9_\-]{8,}"), r"\1_\2_" + _REDACTED),
     # Stripe: secret and restricted keys, webhook secrets, PaymentIntent/SetupIntent secrets
     (re.compile(r"\b(sk|rk)_(live|test)_[A-Za-z0-9]+"), r"\1_\2_" + _REDACTED),
-    (re.compile(r"\bwhsec_[A-Za-z0-9]+"), "whsec_" + _REDACTED),
+    # Webhook signing secrets: Stripe's, and ours (customers' endpoints, grid operators' demand-
+    # response calls: token_urlsafe, so "-" and "_" inside).
+    (re.compile(r"\b(whsec|drs)_[A-Za-z0-9_\-]+"), r"\1_" + _REDACTED),
     (re.compile(r"\b((?:pi|seti)_[A-Za-z0-9]+)_secret_[A-Za-z0-9]+"), r"\1_secret_" + _REDACTED),
     # key=value and "key": "value" pairs whose name says they are secret
     (

@@ -14,16 +14,22 @@ Inside `stale_reads()` a read still goes to the primary when
   reservation just created is on the next page of the list, whatever the replica's lag).
 
 Raw-SQL readers take their cursor from `read_connection()`, which follows the same rule.
+
+A replica that cannot be reached (stopped, restarting, refusing connections) is passed over
+for REPLICA_RETRY_SECONDS, in each process: its reads go to the primary meanwhile, so a replica
+outage costs the primary some read load, never a 503 on every search and list.
 """
 
 import functools
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
 from redis.exceptions import RedisError
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "read_alias",
     "read_connection",
     "replica_configured",
+    "replica_reachable",
     "replica_reads",
     "stale_iter",
     "stale_reads",
@@ -52,6 +59,13 @@ PRIMARY_ONLY = frozenset(
     }
 )
 _PIN_PREFIX = "replica-pin:"
+# How long a replica found unreachable is passed over before it is tried again.
+REPLICA_RETRY_SECONDS = 30
+# What a lost or refused connection raises (as config/outages.py counts an outage).
+_UNREACHABLE = (OperationalError, InterfaceError)
+_replica_down_until = 0.0
+
+logger = logging.getLogger(__name__)
 
 _stale_ok: ContextVar[bool] = ContextVar("stale_reads_ok", default=False)
 
@@ -138,6 +152,32 @@ def _principal(user) -> str | None:
     return None
 
 
+def _replica_down(exc: BaseException) -> None:
+    global _replica_down_until
+    _replica_down_until = time.monotonic() + REPLICA_RETRY_SECONDS
+    logger.warning(
+        "read replica unreachable, its reads go to the primary for %d s: %s",
+        REPLICA_RETRY_SECONDS,
+        " ".join(str(exc).split())[:300],
+    )
+    connections[REPLICA].close()
+
+
+def replica_reachable() -> bool:
+    """Whether the replica takes reads: a connection to it is open, or opens now. False for
+    REPLICA_RETRY_SECONDS after it did not, or after a read on it failed (replica_reads). A
+    connection kept from an earlier request is health-checked by its first read, as usual."""
+    if time.monotonic() < _replica_down_until:
+        return False
+    replica = connections[REPLICA]
+    try:
+        replica.ensure_connection()
+    except _UNREACHABLE as exc:
+        _replica_down(exc)
+        return False
+    return True
+
+
 def _pinned(request) -> bool:
     principal = _principal(getattr(request, "user", None))
     if principal is None:
@@ -155,10 +195,19 @@ def replica_reads(view_method):
 
     @functools.wraps(view_method)
     def handler(view, request, *args, **kwargs):
-        if not replica_configured() or _pinned(request):
+        if not replica_configured() or _pinned(request) or not replica_reachable():
             return view_method(view, request, *args, **kwargs)
-        with stale_reads():
-            return view_method(view, request, *args, **kwargs)
+        replica = connections[REPLICA]
+        replica.errors_occurred = False
+        try:
+            with stale_reads():
+                return view_method(view, request, *args, **kwargs)
+        except _UNREACHABLE as exc:
+            if not replica.errors_occurred:
+                raise  # the primary's: an outage (503), not the replica's
+            _replica_down(exc)
+        # The replica went away during the reads: a GET handler only reads, so run it again.
+        return view_method(view, request, *args, **kwargs)
 
     return handler
 

@@ -1,8 +1,20 @@
 """Each kind of work goes to its own Celery queue, so each scales with workers of its own."""
 
+import json
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from config.celery import DEFAULT_QUEUE, QUEUES, app, task_route, worker_queues
+from config.celery import (
+    DEFAULT_QUEUE,
+    PERIODIC_EXPIRES_SECONDS,
+    QUEUES,
+    app,
+    periodic_expires,
+    task_route,
+    worker_queues,
+)
+from tests.provisioning_support import broker_fixture, redis_test_client  # noqa: F401 (fixture)
 
 # Every task of ours and where it must go: a new task fails the first test until it is added
 # here, so its queue is a decision (config/queues.py's TASK_QUEUES), not an accident.
@@ -90,3 +102,34 @@ def test_a_process_on_a_queue_of_its_own_sends_everything_there():
 def test_beat_schedules_only_tasks_that_exist():
     tasks = _our_tasks()
     assert {entry["task"] for entry in app.conf.beat_schedule.values()} <= tasks
+
+
+def _beat_entry(name: str):
+    scheduler = app.conf.beat_scheduler(app=app, lazy=True)  # what celery beat and -B run
+    return scheduler, scheduler.Entry(name=name, app=app, **app.conf.beat_schedule[name])
+
+
+def test_every_periodic_task_expires_once_newer_copies_follow_it():
+    # Workers away for hours must not come back to hours of sweeps queued ahead of new work.
+    expiries = {name: periodic_expires(_beat_entry(name)[1]) for name in app.conf.beat_schedule}
+    assert expiries["inventory-heartbeats-flush"] == PERIODIC_EXPIRES_SECONDS
+    assert expiries["marketplace-prune-events"] == 86400.0
+    for name, expires in expiries.items():
+        interval = app.conf.beat_schedule[name]["schedule"]
+        assert expires == max(interval, PERIODIC_EXPIRES_SECONDS), name
+
+
+def test_beat_publishes_a_periodic_task_with_its_expiry(broker):
+    scheduler, entry = _beat_entry("marketplace-dispatch-due-reservations")
+    before = datetime.now(UTC)
+
+    scheduler.apply_async(entry, advance=False)
+
+    [message] = [json.loads(raw) for raw in redis_test_client().lrange(broker, 0, -1)]
+    assert message["headers"]["task"] == "marketplace.tasks.reservations_dispatch_due"
+    left = datetime.fromisoformat(message["headers"]["expires"]) - before
+    assert (
+        timedelta(seconds=PERIODIC_EXPIRES_SECONDS - 5)
+        < left
+        <= timedelta(seconds=PERIODIC_EXPIRES_SECONDS + 5)
+    )

@@ -94,6 +94,29 @@ def test_secrets_are_redacted(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Our own signing secrets are "whsec_"/"drs_" + token_urlsafe: "-" and "_" inside.
+        ("endpoint whsec_a-Zq9xWv8_uT7sR6qP5oN4 rotated", "endpoint whsec_[redacted] rotated"),
+        ("zone drs_Q_x-9AbCdEfGhIjKlMnOpQrSt signed", "zone drs_[redacted] signed"),
+    ],
+)
+def test_our_signing_secrets_are_redacted_whole(text, expected):
+    assert redact(text) == expected
+
+
+def test_no_part_of_a_generated_webhook_or_demand_response_secret_reaches_the_logs():
+    from marketplace.models.curtailment import _dr_secret
+    from marketplace.services.webhooks import _new_secret
+
+    for secret in [_new_secret() for _ in range(50)] + [_dr_secret() for _ in range(50)]:
+        prefix, body = secret.split("_", 1)
+        line = redact(f"signing with {secret}.")
+        assert line == f"signing with {prefix}_[redacted]."
+        assert body[-6:] not in line
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "reservation res_8f3k2 on node 1234567890123 for 117.60 usd",  # not a card (Luhn)

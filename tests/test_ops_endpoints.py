@@ -201,6 +201,41 @@ def test_metrics_answer_the_token_or_an_allowed_network(production):
     assert _metrics(REMOTE_ADDR="10.0.1.2").status_code == 403
 
 
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        {"HTTP_X_FORWARDED_FOR": "203.0.113.9"},
+        {"HTTP_FORWARDED": "for=203.0.113.9;proto=https"},
+        {"HTTP_X_REAL_IP": "203.0.113.9"},
+    ],
+)
+def test_metrics_are_refused_to_a_client_behind_an_untrusted_proxy_in_the_allowed_network(
+    production, forwarded
+):
+    # The public proxy (10.0.0.2) is inside the network Prometheus scrapes from, and
+    # TRUSTED_PROXIES is not set: the connection's address is the proxy's, not the client's.
+    production.METRICS_ALLOWED_IPS = ["10.0.0.0/24"]
+    production.TRUSTED_PROXIES = 0
+
+    refused = _metrics(REMOTE_ADDR="10.0.0.2", **forwarded)
+    by_token = _metrics(REMOTE_ADDR="10.0.0.2", HTTP_AUTHORIZATION=f"Bearer {TOKEN}", **forwarded)
+
+    assert refused.status_code == 403
+    assert b"switchyard_" not in refused.content
+    assert by_token.status_code == 200
+    assert _metrics(REMOTE_ADDR="10.0.0.2").status_code == 200  # Prometheus, scraping directly
+
+
+def test_metrics_read_the_client_through_trusted_proxies(production):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.0/24"]
+    production.TRUSTED_PROXIES = 1
+
+    public = _metrics(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="10.0.0.9, 203.0.113.9")
+    internal = _metrics(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="10.0.0.7")
+
+    assert [public.status_code, internal.status_code] == [403, 200]
+
+
 def test_metrics_count_requests_by_view_and_status(production):
     production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
     name = "django_http_responses_total_by_status_view_method_total"

@@ -24,11 +24,19 @@ def process_registry() -> CollectorRegistry:
     return registry
 
 
+# What a reverse proxy adds to a request it forwards for a client.
+_FORWARDED = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+
+
 def _allowed(request) -> bool:
     token = settings.METRICS_TOKEN
     sent = request.META.get("HTTP_AUTHORIZATION", "")
     if token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
         return True
+    if not settings.TRUSTED_PROXIES and any(header in request.META for header in _FORWARDED):
+        # A proxy forwarded it and none is trusted to say for whom: the connection's address
+        # is the proxy's (inside the allowed network, as often as not), not the client's.
+        return False
     # Through TRUSTED_PROXIES if any: a forwarded address from an untrusted peer is ignored.
     try:
         address = ipaddress.ip_address(client_ip(request))
