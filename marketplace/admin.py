@@ -576,7 +576,7 @@ class CurtailmentAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         if obj is None:
             return ()
-        return [f.name for f in Curtailment._meta.fields]
+        return [f.name for f in Curtailment._meta.fields if f.name != "resold_kw"]
 
     def get_inlines(self, request, obj=None):
         return self.inlines if obj is not None else []  # victims exist once it is planned

@@ -93,8 +93,4 @@ class Migration(migrations.Migration):
             WHERE EXISTS (SELECT 1 FROM marketplace_curtailmenttake t WHERE t.curtailment_id = c.id)
             """,
         ),
-        migrations.RemoveField(
-            model_name="curtailment",
-            name="resold_kw",
-        ),
     ]

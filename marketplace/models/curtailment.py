@@ -173,6 +173,10 @@ class Curtailment(models.Model):
         **_KW,
         help_text="Shed beyond the target: new load that may still be sold in the window.",
     )
+    # Unused since marketplace 0035 (sales in the window are CurtailmentTake rows): kept for one
+    # release, so the release before it keeps answering while this one's migrations run; the
+    # next release drops it.
+    resold_kw = models.DecimalField("sold in the window since (kW)", **_KW)
     forced_reason = models.TextField(
         blank=True,
         default="",
