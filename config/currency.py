@@ -3,7 +3,17 @@ one rule, so an amount shown is the amount charged (ISO 4217, as Stripe lists th
 
 from decimal import ROUND_HALF_UP, Decimal
 
-__all__ = ["ZERO_DECIMAL_CURRENCIES", "minor_exponent", "minor_unit", "money_round"]
+__all__ = [
+    "ZERO_DECIMAL_CURRENCIES",
+    "THREE_DECIMAL_CURRENCIES",
+    "minor_exponent",
+    "minor_unit",
+    "money_round",
+]
+
+# ISO 4217 currencies of three decimals that Stripe takes (in multiples of ten of the minor
+# unit): not supported here, as a price of them would be charged at two decimals.
+THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 
 # ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
 ZERO_DECIMAL_CURRENCIES = frozenset(

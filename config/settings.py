@@ -1,5 +1,6 @@
 """Switchyard settings. Every value is read here, from the environment (see .env.example)."""
 
+import re
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from config.csp import POLICY as CSP_POLICY
+from config.currency import THREE_DECIMAL_CURRENCIES
 from config.env import (
     env_address,
     env_bool,
@@ -36,6 +38,9 @@ if not DEBUG and (len(SECRET_KEY) < 50 or SECRET_KEY.startswith("dev-insecure"))
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
+if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", SITE_URL or ""):
+    # Every link in an e-mail starts with it.
+    raise ImproperlyConfigured(f"SITE_URL must be an http(s):// URL with a host, got {SITE_URL!r}")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -312,6 +317,12 @@ RATE_LIMIT_FAIL_OPEN_SECONDS = env_int("RATE_LIMIT_FAIL_OPEN_SECONDS", 300, mini
 # Portal sign-in attempts per account name from one address (and 5 times that per address).
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()
+if not re.fullmatch(r"[a-z]{3}", CURRENCY) or CURRENCY in THREE_DECIMAL_CURRENCIES:
+    # Amounts go to Stripe in minor units of 2 decimals (0 for zero-decimal currencies):
+    # a three-decimal currency would be charged a tenth of its price.
+    raise ImproperlyConfigured(
+        f"CURRENCY must be an ISO 4217 code with 0 or 2 decimals (usd, eur, jpy…), got {CURRENCY!r}"
+    )
 
 # --- Grid power prices (docs/grid.md) -------------------------------------------------------
 # A zone with no price received for this long is stale: its sites are priced from their
@@ -423,6 +434,8 @@ BILLING_LOW_BALANCE_GRACE = timedelta(
 BILLING_DEFAULT_RECHARGE_THRESHOLD = env_decimal(
     "BILLING_DEFAULT_RECHARGE_THRESHOLD", Decimal("50")
 )
+if BILLING_DEFAULT_RECHARGE_THRESHOLD < 0:
+    raise ImproperlyConfigured("BILLING_DEFAULT_RECHARGE_THRESHOLD must be 0 or more")
 # Hours of an on-demand reservation the prepaid balance must cover before it is accepted.
 # The metering run books each reservation's completed clock hour at minute
 # (reservation id % this) of the next hour, so the lines of 100,000 reservations are not all
@@ -498,7 +511,8 @@ if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
 # host:port on which a Celery worker serves its task metrics (empty: not served).
 CELERY_METRICS_ADDRESS = env_address("CELERY_METRICS_ADDRESS", "")
 # Database and cache timings for /metrics: the same backends, instrumented.
-DATABASES["default"]["ENGINE"] = "config.postgresql"  # django-prometheus's, see its base.py
+for _alias in DATABASES:  # django-prometheus's, see its base.py; the replica's alike
+    DATABASES[_alias]["ENGINE"] = "config.postgresql"
 CACHES["default"]["BACKEND"] = "config.metrics.cache.InstrumentedRedisCache"
 # The probes also stay plain HTTP if the middleware order changes.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]

@@ -36,7 +36,9 @@ MAIL_MAX_RETRIES = 8
 MAIL_RETRY = {
     "autoretry_for": (SMTPException, OSError),
     "retry_backoff": 10,
-    "retry_backoff_max": 600,
+    # Well inside the broker's visibility timeout (600 s by default): a retry waiting longer
+    # could be handed to a second worker as well, and the mail sent twice.
+    "retry_backoff_max": 300,
     "max_retries": MAIL_MAX_RETRIES,
 }
 

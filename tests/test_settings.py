@@ -94,6 +94,10 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/metrics"}, "PROMETHEUS_MULTIPROC_DIR"),
         ({"CELERY_METRICS_ADDRESS": "9808"}, "CELERY_METRICS_ADDRESS"),
         ({"CELERY_METRICS_ADDRESS": "0.0.0.0:99999"}, "CELERY_METRICS_ADDRESS"),
+        ({"CURRENCY": "kwd"}, "CURRENCY"),  # three decimals: charged a tenth
+        ({"CURRENCY": "us dollars"}, "CURRENCY"),
+        ({"SITE_URL": "switchyard.example"}, "SITE_URL"),
+        ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "-5"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"DEBUG": "0", "SECRET_KEY": None}, "SECRET_KEY"),
         ({"DEBUG": "0", "SECRET_KEY": "short"}, "SECRET_KEY"),
     ],
