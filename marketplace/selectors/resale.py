@@ -9,7 +9,13 @@ from django.utils import timezone
 
 from config.errors import NotFound
 from config.replica import read_connection
-from marketplace.models import LIVE_STATUSES, ListingStatus, Organization, ResaleListing
+from marketplace.models import (
+    LIVE_STATUSES,
+    ListingStatus,
+    Organization,
+    ResaleListing,
+    ReservationStatus,
+)
 from marketplace.services.pricing import PriceBreakdown, period_total
 
 __all__ = [
@@ -123,7 +129,8 @@ def resale_offer_rows(
         e=ends_at,
         n=gpu_count,
         tier=tier,
-        live=[str(s) for s in LIVE_STATUSES],
+        # A releasing term is ending: what it listed is no longer sold (services.resale).
+        live=[str(s) for s in LIVE_STATUSES if s != ReservationStatus.RELEASING],
     )
     with read_connection().cursor() as cur:
         cur.execute(_OFFERS_SQL.format(filters=" ".join(clauses)), params)

@@ -13,8 +13,8 @@ left stays listed as new open listings (parent = the sold row).
 
 A buyer that leaves the live statuses before its window is over (cancelled before the
 start, stopped early, failed, preempted) gives the rest back: in the transition that frees
-its GPUs, the seller's allocation of each GPU is live again from max(now, window start) to
-the window's end, and the sale is narrowed to the time the buyer held (`returned` when it
+its GPUs, the seller's allocation of each GPU (each healthy one: a failed one stays gone) is
+live again from max(now, window start) to the window's end, and the sale is narrowed to the time the buyer held (`returned` when it
 held none), so the term's refund, extension and provisioning see that time as the seller's.
 
 Locks, in the order every path takes them: the seller's reservation row, then listing rows,
@@ -33,7 +33,7 @@ from django.utils import timezone
 from psycopg.types.range import Range
 
 from config.errors import Conflict, NotAvailable, NotFound, ValidationFailed
-from inventory.models import Gpu, Node
+from inventory.models import Gpu, GpuHealth, Node
 from marketplace.models import (
     LIVE_STATUSES,
     RESALE_TIERS,
@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RESALE_FEE_PCT = Decimal("10")
 _PRICE_QUANTUM = Decimal("0.0001")
+# The statuses in which a term can list, sell and take back time (a releasing one is ending).
+_TAKES_BACK = frozenset(LIVE_STATUSES) - {ReservationStatus.RELEASING}
 
 
 def resale_fee_pct() -> Decimal:
@@ -207,7 +209,9 @@ def _term_lock_for_resale(*, organization: Organization, reservation: Reservatio
             code="not_reserved_term",
             field="reservation",
         )
-    if locked.status not in LIVE_STATUSES:
+    # A releasing term is ending (stopped, or its whole rest sold): a stop withdrew its
+    # listings and gave up the rest, so none is listed again meanwhile.
+    if locked.status not in _TAKES_BACK:
         raise Conflict(
             f"A {locked.status} reservation has no time left to resell.",
             code="reservation_not_live",
@@ -312,8 +316,8 @@ def _listing_gpus_choose(
 
 @transaction.atomic
 def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> ResaleListing:
-    """Take an open listing off sale (twice is harmless: one event; so is an expired one,
-    already off sale); a sold one is 409."""
+    """Take an open listing off sale (twice is harmless: one event; so is an expired or a
+    returned one, already off sale); a sold one is 409."""
     locked = (
         ResaleListing.objects.select_for_update(of=("self",))
         .filter(pk=listing.pk, organization=organization)
@@ -322,8 +326,8 @@ def listing_withdraw(*, organization: Organization, listing: ResaleListing) -> R
     )
     if locked is None:
         raise NotFound("No such listing.", field="listing")
-    if locked.status in (ListingStatus.WITHDRAWN, ListingStatus.EXPIRED):
-        return locked
+    if locked.status in (ListingStatus.WITHDRAWN, ListingStatus.EXPIRED, ListingStatus.RETURNED):
+        return locked  # already off sale (a returned one is the record of a sale given back)
     if locked.status == ListingStatus.SOLD:
         raise Conflict("This listing is sold; it cannot be withdrawn.", code="listing_sold")
     locked.status = ListingStatus.WITHDRAWN
@@ -520,9 +524,10 @@ def _listing_lock_for_sale(
         )
     if listing.status != ListingStatus.OPEN:
         raise NotAvailable(f"This listing is {listing.status}.", code="listing_not_available")
-    if seller.status not in LIVE_STATUSES or seller.ends_at < listing.ends_at:
+    if seller.status not in _TAKES_BACK or seller.ends_at < listing.ends_at:
         raise NotAvailable(
-            "The reserved term this listing came from has ended.", code="listing_not_available"
+            "The reserved term this listing came from has ended or is ending.",
+            code="listing_not_available",
         )
     if listing.starts_at <= now:
         # The seller may be using the time from its start: a listing sells before it begins.
@@ -766,9 +771,6 @@ FROM unnest(%(ids)s::bigint[], %(los)s::timestamptz[], %(his)s::timestamptz[]) A
 WHERE a.id = t.id
 """
 
-# The statuses in which a term can use time given back (a releasing one is ending).
-_TAKES_BACK = frozenset(LIVE_STATUSES) - {ReservationStatus.RELEASING}
-
 
 def resale_return_lock(*, buyer: Reservation, now: datetime) -> ResaleListing | None:
     """Before `buyer` (its row locked) leaves the live statuses at `now`: if it was bought from
@@ -842,15 +844,20 @@ def _sold_gpus_return(
     *, seller: Reservation, listing: ResaleListing, returned_from: datetime
 ) -> bool:
     """Under the node's lock: the seller's record of each sold GPU is cut to what the buyer held
-    (gone if it held none) and the seller's live row of the GPU covers [returned_from, window
-    end) again, joined to its live pieces that meet it. False, changing nothing, if the
+    (gone if it held none) and the seller's live row of each healthy one covers
+    [returned_from, window end) again, joined to its live pieces that meet it (a failed GPU
+    stays gone: the term is moved off it, as the buyer was). False, changing nothing, if the
     seller's rows are not as the sale left them or it would hold more GPUs than it booked."""
     gpus = list(listing.gpu_ids)
+    failed = set(
+        Gpu.objects.filter(pk__in=gpus, health=GpuHealth.FAILED).values_list("pk", flat=True)
+    )
+    back = [gpu_id for gpu_id in gpus if gpu_id not in failed]
     s, e, r = listing.starts_at, listing.ends_at, returned_from
     params = {"rid": seller.pk, "gpus": gpus, "s": s, "e": e, "r": r}
     with connection.cursor() as cur:
         cur.execute(_OTHER_GPUS_HELD_SQL, params)
-        if cur.fetchone()[0] + len(gpus) > seller.gpu_count:
+        if cur.fetchone()[0] + len(back) > seller.gpu_count:
             return False
         cur.execute(_RETURN_ROWS_SQL, params)
         records, before, after = {}, {}, {}
@@ -872,6 +879,8 @@ def _sold_gpus_return(
                 set_ids.append(records[gpu_id])
                 set_los.append(s)
                 set_his.append(r)
+            if gpu_id in failed:
+                continue
             lo = before[gpu_id][1] if gpu_id in before else r
             hi = after[gpu_id][1] if gpu_id in after else e
             if gpu_id in before:
