@@ -133,8 +133,9 @@ class ListingOutput(Serializer):
     id = serializers.CharField(source="public_id")
     status = serializers.ChoiceField(
         choices=ListingStatus.choices,
-        help_text="open (for sale until its window begins), sold, withdrawn, or expired (its "
-        "window began unsold; the seller keeps the time; marked within a minute).",
+        help_text="open (for sale until its window begins), sold, withdrawn, expired (its "
+        "window began unsold; the seller keeps the time; marked within a minute), or returned "
+        "(sold, but its buyer left before the window began: the time is the seller's again).",
     )
     for_sale = serializers.SerializerMethodField(
         help_text="Open and its window not begun: a buyer can book it now."

@@ -475,7 +475,10 @@ def _detail_context(view, reservation, **extra) -> dict:
         gpus_on.setdefault(allocation.node.hostname, set()).add(allocation.gpu_id)
     per_node = {host: len(gpus) for host, gpus in gpus_on.items()}
     can_act = view.membership.role in RESERVING_ROLES
-    resellable = reservation.tier == Tier.RESERVED and reservation.status in LIVE_STATUSES
+    # A stopped term (releasing) has given its time up: nothing of it is listed any more.
+    resellable = reservation.tier == Tier.RESERVED and reservation.status in (
+        set(LIVE_STATUSES) - {ReservationStatus.RELEASING}
+    )
     interruption = reservation.preempt_at is not None and reservation.status in PREEMPTIBLE_STATUSES
     workload = workload_public(reservation.workload)
     context = {

@@ -49,6 +49,11 @@ def test_a_stopped_term_cannot_list_the_time_it_gave_up():
     assert not ResaleListing.objects.exists()
     assert not Event.objects.filter(type="listing.created").exists()
     assert live_rows(term) == rows
+    # Nor does its page offer the form any more.
+    from tests.marketplace.market_helpers import member_client
+
+    page = member_client(m.seller, "member").get(f"/reservations/{term.public_id}")
+    assert page.status_code == 200 and 'id="resale-form"' not in page.content.decode()
 
 
 def test_a_listing_of_a_term_that_is_releasing_is_neither_offered_nor_sold():
