@@ -809,9 +809,10 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
     under the locks resale_return_lock took: the window's time from max(now, window start)
     goes back to the seller's term. The seller's allocation of each GPU is live again over it
     (joined to the seller's pieces around it), and the sale is narrowed to the time the buyer
-    held, or marked `returned` when it held none. The exclusion constraint has the last word:
-    if someone else holds any of that time meanwhile, nothing is returned. Returns whether
-    time was returned."""
+    held, or marked `returned` when it held none, and then, if its window has not begun, the
+    GPUs given back are listed again on the same terms (a new open listing, parent = it). The
+    exclusion constraint has the last word: if someone else holds any of that time meanwhile,
+    nothing is returned. Returns whether time was returned."""
     seller = listing.reservation
     returned_from = max(now, listing.starts_at)
     try:
@@ -822,32 +823,59 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
     except IntegrityError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != "23P01":
             raise
-        returned = False
-    if not returned:
+        returned = None
+    if returned is None:
         logger.warning(
             "resale: the buyer of %s left early; its time is not returned to %s (held)",
             listing.public_id,
             seller.public_id,
         )
         return False
+    events = []
     if returned_from == listing.starts_at:
         listing.status = ListingStatus.RETURNED
     else:
         listing.ends_at = returned_from
     listing.save(update_fields=["status", "ends_at", "updated_at"])
     # The seller is told: the sale as it now stands (narrowed, or `returned`), the time back.
-    listing_events_record(events=[(EventType.LISTING_RETURNED, listing)])
+    events.append((EventType.LISTING_RETURNED, listing))
+    if listing.status == ListingStatus.RETURNED and listing.starts_at > now and returned:
+        # Its window has not begun: the GPUs given back are for sale again, as the seller
+        # listed them (a buyer booking and cancelling takes nothing off sale for good).
+        events.append((EventType.LISTING_CREATED, _relist(listing, gpus=returned)))
+    listing_events_record(events=events)
     return True
+
+
+def _relist(listing: ResaleListing, *, gpus: list[int]) -> ResaleListing:
+    """A new open listing of `gpus` over the returned listing's window, on its terms."""
+    return ResaleListing.objects.create(
+        organization_id=listing.organization_id,
+        reservation=listing.reservation,
+        parent=listing,
+        site_id=listing.site_id,
+        gpu_model_id=listing.gpu_model_id,
+        node_id=listing.node_id,
+        gpu_ids=list(gpus),
+        gpu_count=len(gpus),
+        tier=listing.tier,
+        starts_at=listing.starts_at,
+        ends_at=listing.ends_at,
+        currency=listing.currency,
+        price_per_gpu_hour=listing.price_per_gpu_hour,
+        created_by_id=listing.created_by_id,
+    )
 
 
 def _sold_gpus_return(
     *, seller: Reservation, listing: ResaleListing, returned_from: datetime
-) -> bool:
+) -> list[int] | None:
     """Under the node's lock: the seller's record of each sold GPU is cut to what the buyer held
     (gone if it held none) and the seller's live row of each healthy one covers
     [returned_from, window end) again, joined to its live pieces that meet it (a failed GPU
-    stays gone: the term is moved off it, as the buyer was). False, changing nothing, if the
-    seller's rows are not as the sale left them or it would hold more GPUs than it booked."""
+    stays gone: the term is moved off it, as the buyer was). Returns the GPUs that are the
+    seller's again; None, changing nothing, if the seller's rows are not as the sale left them
+    or it would hold more GPUs than it booked."""
     gpus = list(listing.gpu_ids)
     failed = set(
         Gpu.objects.filter(pk__in=gpus, health=GpuHealth.FAILED).values_list("pk", flat=True)
@@ -858,7 +886,7 @@ def _sold_gpus_return(
     with connection.cursor() as cur:
         cur.execute(_OTHER_GPUS_HELD_SQL, params)
         if cur.fetchone()[0] + len(back) > seller.gpu_count:
-            return False
+            return None
         cur.execute(_RETURN_ROWS_SQL, params)
         records, before, after = {}, {}, {}
         for row_id, gpu_id, is_live, lo, hi in cur.fetchall():
@@ -869,7 +897,7 @@ def _sold_gpus_return(
             else:
                 after[gpu_id] = (row_id, hi)
         if set(records) != set(gpus):
-            return False
+            return None
         deleted, set_ids, set_los, set_his = [], [], [], []
         new_gpus, new_los, new_his = [], [], []
         for gpu_id in gpus:
@@ -910,4 +938,4 @@ def _sold_gpus_return(
                 "his": new_his,
             },
         )
-    return True
+    return back

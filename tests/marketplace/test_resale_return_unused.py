@@ -137,9 +137,25 @@ def test_a_buyer_cancelling_before_the_window_gives_every_gpu_back_to_the_seller
     assert _ledger(m.seller, LedgerKind.RESALE_PROCEEDS) == 0
     assert _ledger(m.buyer, LedgerKind.USAGE) == 0
     assert overlapping_live_pairs() == 0
-    # The time is the seller's to use or list again.
-    again = listing(m, gpus=8, start_h=24, hours=24)
-    assert again.status == ListingStatus.OPEN
+    # Its window has not begun: the time is on sale again as the seller listed it (a buyer
+    # booking and cancelling takes nothing off sale), and the seller may withdraw it.
+    again = ResaleListing.objects.get(parent=lst)
+    assert (again.status, again.gpu_ids, again.starts_at, again.ends_at) == (
+        ListingStatus.OPEN,
+        lst.gpu_ids,
+        lst.starts_at,
+        lst.ends_at,
+    )
+    assert again.price_per_gpu_hour == lst.price_per_gpu_hour and again.tier == lst.tier
+    seller_events = Event.objects.filter(organization=m.seller, type__startswith="listing.")
+    assert list(seller_events.order_by("pk").values_list("type", "object_id"))[-2:] == [
+        ("listing.returned", lst.public_id),
+        ("listing.created", again.public_id),
+    ]
+    second = OrganizationFactory()
+    fund(second)
+    buy(m, again, org=second)  # and sells
+    assert overlapping_live_pairs() == 0
 
 
 def test_a_buyer_cancelling_part_of_a_listing_gives_back_only_its_gpus_and_window():
@@ -153,7 +169,15 @@ def test_a_buyer_cancelling_part_of_a_listing_gives_back_only_its_gpus_and_windo
 
     lst.refresh_from_db()
     assert lst.status == ListingStatus.RETURNED
-    assert list(ResaleListing.objects.filter(parent=lst).values_list("status", flat=True)) == rest
+    # The remainders stay as they were, and the 3 GPUs' hours are listed again beside them.
+    again = ResaleListing.objects.filter(parent=lst).order_by("pk")
+    assert list(again.values_list("status", flat=True)) == [*rest, ListingStatus.OPEN]
+    relisted = again.last()
+    assert (relisted.gpu_ids, relisted.starts_at, relisted.ends_at) == (
+        lst.gpu_ids,
+        lst.starts_at,
+        lst.ends_at,
+    )
     term = _term(m)
     assert live_rows(term) == [(i, term.starts_at, term.ends_at) for i in range(8)]
     # The open remainders still sell: a second buyer takes hours 30-36 of GPUs 3-7.
