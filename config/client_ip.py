@@ -23,6 +23,7 @@ def client_ip(request) -> str:
     """The client's address for a Django (or DRF) request, as text."""
     meta = request.META
     peer = meta.get("REMOTE_ADDR") or "unknown"
+    peer = _normal(peer) or peer
     trusted = settings.TRUSTED_PROXIES
     if not trusted:
         return peer
@@ -43,7 +44,9 @@ def client_ip(request) -> str:
 
 
 def _normal(text: str) -> str | None:
-    """ "1.2.3.4", "1.2.3.4:5678", "[2001:db8::1]:443" or "2001:db8::1" → the address."""
+    """ "1.2.3.4", "1.2.3.4:5678", "[2001:db8::1]:443" or "2001:db8::1" → the address. An
+    IPv4-mapped IPv6 address ("::ffff:1.2.3.4", what a dual-stack socket reports for an IPv4
+    peer) is its IPv4 address: one client, one form, and IPv4 proxy networks match it."""
     candidates = [text]
     if text.startswith("[") and "]" in text:
         candidates = [text[1 : text.index("]")]]
@@ -51,15 +54,16 @@ def _normal(text: str) -> str | None:
         candidates.append(text.split(":", 1)[0])
     for candidate in candidates:
         try:
-            return str(ip_address(candidate))
+            address = ip_address(candidate)
         except ValueError:
             continue
+        return str(getattr(address, "ipv4_mapped", None) or address)
     return None
 
 
 def _is_trusted(address: str, networks: tuple) -> bool:
     try:
-        parsed = ip_address(address)
+        parsed = ip_address(_normal(address) or address)
     except ValueError:
         return False
     return any(parsed in network for network in networks)

@@ -1,27 +1,96 @@
-"""Portal sign-in, with a limit on attempts.
+"""Portal sign-in and password-reset requests, with a limit on attempts.
 
-Each attempt counts against the account name from the caller's address
+Each sign-in attempt counts against the account name from the caller's address
 (settings.PORTAL_SIGN_IN_RATE, e.g. 10/hour) and against the address alone (five times that),
 in the same Redis fixed windows as the API's rate limit. Past either, the form refuses
 before checking the password, and says when to try again. Counting every attempt (not only
 failures) keeps it one atomic step; a person signs in far less often than the limit.
+
+A password-reset request counts against the address it comes from (PORTAL_SIGN_IN_RATE) and
+against the e-mail address it names (PASSWORD_RESETS_PER_EMAIL an hour, whoever asks), so
+nobody can make Switchyard mail a person again and again; the refusal is the same whether
+or not the address has an account.
+
+Sign-up attempts count against the address too (as its sign-ins do): the form says whether
+an e-mail address has an account, and must not answer that for a list of them.
+
+An IPv6 client is counted by its /64, the block one subscriber or host is given: counting
+each address would let one machine rotate through 2^64 of them.
 """
 
 import hashlib
 import math
 import time
+from ipaddress import IPv6Address, ip_address, ip_network
 
 from django import forms
 from django.conf import settings
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 
 from config.api.throttling import RateLimiterUnavailable, fixed_window_count, parse_rate
 from config.client_ip import client_ip
 
-__all__ = ["SignInForm", "SignInView"]
+__all__ = [
+    "PASSWORD_RESETS_PER_EMAIL",
+    "PasswordResetRequestForm",
+    "PasswordResetRequestView",
+    "SignInForm",
+    "SignInView",
+    "limited_address",
+    "signup_attempts_over",
+]
 
 _PER_ADDRESS = 5  # times the per-account limit
+PASSWORD_RESETS_PER_EMAIL = 3  # an hour, to one e-mail address
+_LIMITER_UNAVAILABLE = "%(what)s is briefly unavailable. Try again in a minute."
+
+
+def limited_address(request) -> str:
+    """The client's address as the portal's limits count it: an IPv6 address by its /64."""
+    address = client_ip(request) if request else "unknown"
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, IPv6Address):
+        return str(ip_network(f"{parsed}/64", strict=False))
+    return address
+
+
+def _hashed(text: str) -> str:
+    # A user name or e-mail address can hold characters a cache key should not.
+    return hashlib.sha256(text.strip().lower().encode()).hexdigest()[:24]
+
+
+def _minutes_over(windows: list[tuple[str, int, int]]) -> int | None:
+    """Count one attempt in each (name, allowed, period in seconds) window: the minutes until
+    every window over its limit resets, or None when none is. RateLimiterUnavailable passes
+    through; with Redis unreachable for a short while the attempt passes uncounted."""
+    now = time.time()
+    over = []
+    for name, allowed, period in windows:
+        window = fixed_window_count(name, period=period, now=now)
+        if window is not None and window[0] > allowed:
+            over.append(window[1])
+    if not over:
+        return None
+    return max(1, math.ceil((max(over) - now) / 60))
+
+
+def signup_attempts_over(request) -> str | None:
+    """Count a sign-up attempt from the request's address (as many as its sign-ins): the refusal
+    to show when it is over the limit, else None. Sign-up says whether an e-mail address has
+    an account, so unlimited attempts would list who has one."""
+    limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
+    name = f"signin:signup:{limited_address(request)}"
+    try:
+        minutes = _minutes_over([(name, limit * _PER_ADDRESS, period)])
+    except RateLimiterUnavailable:
+        return _LIMITER_UNAVAILABLE % {"what": "Signing up"}
+    if minutes is None:
+        return None
+    return f"Too many sign-up attempts from your address. Try again in {minutes} minute(s)."
 
 
 class SignInForm(AuthenticationForm):
@@ -29,7 +98,7 @@ class SignInForm(AuthenticationForm):
         **AuthenticationForm.error_messages,
         "too_many_attempts": "Too many sign-in attempts. Try again in %(minutes)s minute(s), "
         "or reset your password.",
-        "limiter_unavailable": "Signing in is briefly unavailable. Try again in a minute.",
+        "limiter_unavailable": _LIMITER_UNAVAILABLE % {"what": "Signing in"},
     }
 
     def clean(self):
@@ -38,31 +107,23 @@ class SignInForm(AuthenticationForm):
 
     def _check_attempts(self) -> None:
         limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
-        now = time.time()
-        address = client_ip(self.request) if self.request else "unknown"
-        name = (self.cleaned_data.get("username") or "").strip().lower()
-        # Hashed: a user name can hold characters a cache key should not.
-        account = hashlib.sha256(name.encode()).hexdigest()[:24]
+        address = limited_address(self.request)
+        account = _hashed(self.cleaned_data.get("username") or "")
+        windows = [
+            (f"signin:{address}:{account}", limit, period),
+            (f"signin:{address}", limit * _PER_ADDRESS, period),
+        ]
         try:
-            windows = [
-                (fixed_window_count(f"signin:{address}:{account}", period=period, now=now), limit),
-                (
-                    fixed_window_count(f"signin:{address}", period=period, now=now),
-                    limit * _PER_ADDRESS,
-                ),
-            ]
+            minutes = _minutes_over(windows)
         except RateLimiterUnavailable:
             raise forms.ValidationError(
                 self.error_messages["limiter_unavailable"], code="limiter_unavailable"
             ) from None
-        # None: Redis is unreachable and the attempt passes uncounted (for a bounded time).
-        counted = [(*window, allowed) for window, allowed in windows if window is not None]
-        over = [reset_at for count, reset_at, allowed in counted if count > allowed]
-        if over:
+        if minutes is not None:
             raise forms.ValidationError(
                 self.error_messages["too_many_attempts"],
                 code="too_many_attempts",
-                params={"minutes": max(1, math.ceil((max(over) - now) / 60))},
+                params={"minutes": minutes},
             )
 
 
@@ -70,3 +131,49 @@ class SignInView(auth_views.LoginView):
     template_name = "portal/login.html"
     authentication_form = SignInForm
     redirect_authenticated_user = True
+
+
+class PasswordResetRequestForm(PasswordResetForm):
+    """Django's form (the same answer for every address), with the request limits above."""
+
+    error_messages = {
+        "too_many_requests": "Too many password reset requests. Try again in %(minutes)s "
+        "minute(s); a link already sent keeps working until it is used.",
+        "limiter_unavailable": _LIMITER_UNAVAILABLE % {"what": "Resetting a password"},
+    }
+
+    def __init__(self, *args, request=None, **kwargs):
+        self.request = request
+        super().__init__(*args, **kwargs)
+
+    def clean(self):
+        cleaned = super().clean()
+        if "email" in cleaned:
+            self._check_requests(cleaned["email"])
+        return cleaned
+
+    def _check_requests(self, email: str) -> None:
+        limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
+        windows = [
+            (f"signin:password-reset:{_hashed(email)}", PASSWORD_RESETS_PER_EMAIL, 3600),
+            (f"signin:password-reset:{limited_address(self.request)}", limit, period),
+        ]
+        try:
+            minutes = _minutes_over(windows)
+        except RateLimiterUnavailable:
+            raise forms.ValidationError(
+                self.error_messages["limiter_unavailable"], code="limiter_unavailable"
+            ) from None
+        if minutes is not None:
+            raise forms.ValidationError(
+                self.error_messages["too_many_requests"],
+                code="too_many_requests",
+                params={"minutes": minutes},
+            )
+
+
+class PasswordResetRequestView(auth_views.PasswordResetView):
+    form_class = PasswordResetRequestForm
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}

@@ -25,7 +25,7 @@ urlpatterns = [
     # Forgotten and changed passwords: Django's own views, with the portal's templates.
     path(
         "password-reset",
-        auth_views.PasswordResetView.as_view(
+        login.PasswordResetRequestView.as_view(
             template_name="portal/password_reset_form.html",
             email_template_name="portal/password_reset_email.txt",
             subject_template_name="portal/password_reset_subject.txt",

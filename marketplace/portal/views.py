@@ -21,6 +21,7 @@ from marketplace.models import Membership, ReservationStatus
 from marketplace.portal.forms import OrganizationForm, SignupForm
 from marketplace.portal.invitations import open_invitation_for
 from marketplace.portal.live import progress
+from marketplace.portal.login import signup_attempts_over
 from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
 from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
@@ -54,6 +55,13 @@ class SignupView(View):
 
     def post(self, request):
         invitation = self._invitation(request)
+        if refusal := signup_attempts_over(request):
+            # Refused before the form is checked: it says nothing of the e-mail address.
+            kept = {k: request.POST.get(k, "") for k in ("username", "email", "organization")}
+            form = self._form(invitation, initial=kept)
+            form.cleaned_data = {}  # unbound: add_error expects what a check would leave
+            form.add_error(None, refusal)
+            return self._render(request, form, invitation, status=429)
         form = self._form(invitation, data=request.POST)
         if not form.is_valid():
             return self._render(request, form, invitation, status=400)

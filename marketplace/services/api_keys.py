@@ -9,6 +9,7 @@ characters (≈238 bits), not a password.
 import hashlib
 import secrets
 import string
+import unicodedata
 from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -37,6 +38,7 @@ __all__ = [
     "api_key_revoke",
     "api_keys_revoke_created_by",
     "api_key_record_use",
+    "display_name_clean",
 ]
 
 SECRET_PREFIX = "sy_live_"
@@ -52,6 +54,28 @@ def api_key_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# Control (line breaks, tabs), format (bidi overrides, zero-width) and line/paragraph separator
+# characters: invisible or reordering in a name people read, and a line break in a name that
+# reaches an e-mail subject ("Join <organisation> on Switchyard") makes the message unsendable.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def display_name_clean(name: str, *, what: str, field: str = "name") -> str:
+    """A name shown to people (an organisation's, a key's), stripped; blank, or holding a
+    control or formatting character, is refused."""
+    name = name.strip()
+    if not name:
+        raise ValidationFailed(f"{what} needs a name.", code="blank", field=field)
+    if any(unicodedata.category(c) in _UNPRINTABLE_CATEGORIES for c in name):
+        raise ValidationFailed(
+            f"{what}'s name cannot hold control or formatting characters (line breaks, tabs, "
+            "invisible or right-to-left marks).",
+            code="invalid_characters",
+            field=field,
+        )
+    return name
+
+
 def _random(alphabet: str, length: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
@@ -65,9 +89,7 @@ def api_key_create(
     created_by: AbstractBaseUser | None,
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its secret, which is not stored and cannot be shown again."""
-    name = name.strip()
-    if not name:
-        raise ValidationFailed("An API key needs a name.", code="blank", field="name")
+    name = display_name_clean(name, what="An API key")
     scopes = sorted(set(scopes))
     if not scopes or not set(scopes) <= set(ApiKeyScope.values):
         raise ValidationFailed(

@@ -35,7 +35,7 @@ from marketplace.models import (
     Organization,
     Role,
 )
-from marketplace.services.api_keys import api_keys_revoke_created_by
+from marketplace.services.api_keys import api_keys_revoke_created_by, display_name_clean
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 
@@ -71,9 +71,7 @@ def _unique_slug(name: str) -> str:
 @transaction.atomic
 def organization_create(*, name: str, owner: AbstractBaseUser) -> Organization:
     """Create an organisation with `owner` as its first owner; the slug is derived from the name."""
-    name = name.strip()
-    if not name:
-        raise ValidationFailed("An organisation needs a name.", code="blank", field="name")
+    name = display_name_clean(name, what="An organisation")
     # The unique constraint settles a race for the same slug; retry once with a random suffix.
     for attempt in range(3):
         slug = (
@@ -350,8 +348,11 @@ def invitation_mail_send(*, invitation_id: int) -> int:
         "expires_at": invitation.expires_at,
         "url": f"{settings.SITE_URL.rstrip('/')}/invitations/{token}",
     }
+    # One line whatever the name holds (one edited in the admin may carry a line break, which
+    # would make the message unsendable).
+    name = " ".join(invitation.organization.name.split())
     return send_mail(
-        f"Join {invitation.organization.name} on Switchyard",
+        f"Join {name} on Switchyard",
         render_to_string("portal/invitation_email.txt", context),
         None,
         [invitation.email],

@@ -1,0 +1,134 @@
+"""Password-reset requests are limited (per e-mail address named, per client address), so
+nobody can make Switchyard mail a person again and again; an IPv6 client is counted by its /64
+for sign-ins and resets; an IPv4 client seen through a dual-stack socket is one client."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
+
+from ipaddress import ip_network
+
+import pytest
+from django.test import RequestFactory
+
+from config.client_ip import client_ip
+from tests.clients import HttpsClient
+from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_rate_limits")]
+
+PASSWORD_RESETS_PER_EMAIL = 3  # an hour (marketplace.portal.login)
+TOO_MANY_RESETS = "Too many password reset requests"
+TOO_MANY_SIGN_INS = "Too many sign-in attempts"
+
+
+@pytest.fixture
+def ada(django_user_model):
+    return django_user_model.objects.create_user(
+        username="ada", email="ada@example.com", password="a-long-passphrase-1"
+    )
+
+
+def _reset(email: str, address: str):
+    return HttpsClient().post("/password-reset", {"email": email}, REMOTE_ADDR=address)
+
+
+def test_one_address_is_mailed_a_reset_link_only_so_often_whoever_asks(ada, mailoutbox):
+    for n in range(PASSWORD_RESETS_PER_EMAIL):
+        response = _reset("ADA@example.com", f"203.0.113.{n}")
+        assert response.status_code == 302  # "check your e-mail"
+    assert len(mailoutbox) == PASSWORD_RESETS_PER_EMAIL
+
+    response = _reset("ada@example.com", "198.51.100.9")  # another client, same victim
+    assert response.status_code == 200
+    assert TOO_MANY_RESETS in response.content.decode()
+    assert len(mailoutbox) == PASSWORD_RESETS_PER_EMAIL  # nothing more was sent
+
+
+def test_the_refusal_is_the_same_for_an_address_without_an_account(ada, mailoutbox):
+    for n in range(PASSWORD_RESETS_PER_EMAIL):
+        assert _reset("nobody@example.com", f"203.0.113.{n}").status_code == 302
+    response = _reset("nobody@example.com", "198.51.100.9")
+    assert TOO_MANY_RESETS in response.content.decode()
+    assert mailoutbox == []
+
+
+def test_one_client_cannot_request_resets_for_address_after_address(ada, settings, mailoutbox):
+    settings.PORTAL_SIGN_IN_RATE = "2/hour"
+    assert _reset("a@example.com", "203.0.113.5").status_code == 302
+    assert _reset("b@example.com", "203.0.113.5").status_code == 302
+    response = _reset("ada@example.com", "203.0.113.5")
+    assert TOO_MANY_RESETS in response.content.decode()
+    assert mailoutbox == []
+    assert _reset("ada@example.com", "198.51.100.9").status_code == 302  # someone else
+    assert len(mailoutbox) == 1
+
+
+def test_sign_ins_from_one_ipv6_block_share_one_budget(ada, settings):
+    """Without it, one host with a /64 (every IPv6 subscriber) tries passwords without end."""
+    settings.PORTAL_SIGN_IN_RATE = "2/hour"
+
+    def sign_in(address: str) -> str:
+        return (
+            HttpsClient()
+            .post("/login", {"username": "ada", "password": "wrong"}, REMOTE_ADDR=address)
+            .content.decode()
+        )
+
+    assert TOO_MANY_SIGN_INS not in sign_in("2001:db8:1:2::1")
+    assert TOO_MANY_SIGN_INS not in sign_in("2001:db8:1:2::2")
+    assert TOO_MANY_SIGN_INS in sign_in("2001:db8:1:2:ffff::3")
+    assert TOO_MANY_SIGN_INS not in sign_in("2001:db8:1:3::1")  # another /64
+
+
+def test_an_ipv4_peer_on_a_dual_stack_socket_is_its_ipv4_address(settings):
+    settings.TRUSTED_PROXIES = 0
+    request = RequestFactory().get("/", REMOTE_ADDR="::ffff:203.0.113.7")
+    assert client_ip(request) == "203.0.113.7"
+
+
+def test_a_trusted_ipv4_proxy_is_recognised_through_a_dual_stack_socket(settings):
+    """Else the proxy is taken for the client and everyone behind it shares one limit."""
+    settings.TRUSTED_PROXIES = (ip_network("10.0.0.0/8"),)
+    request = RequestFactory().get(
+        "/", REMOTE_ADDR="::ffff:10.0.0.1", HTTP_X_FORWARDED_FOR="::ffff:203.0.113.7"
+    )
+    assert client_ip(request) == "203.0.113.7"
+
+
+def _sign_up(n: int, address: str, email: str | None = None):
+    return HttpsClient().post(
+        "/signup",
+        {
+            "username": f"user{n}",
+            "email": email or f"user{n}@example.com",
+            "password1": "a-long-passphrase-1",
+            "password2": "a-long-passphrase-1",
+            "organization": f"Lab {n}",
+        },
+        REMOTE_ADDR=address,
+    )
+
+
+def test_sign_up_attempts_are_limited_per_address(ada, settings, django_user_model):
+    """The form says whether an e-mail address has an account: one client must not be able
+    to ask it of a whole list."""
+    settings.PORTAL_SIGN_IN_RATE = "1/hour"  # five sign-ups an hour from one address
+    for n in range(1, 5):
+        assert _sign_up(n, "203.0.113.5").status_code == 302
+    taken = _sign_up(5, "203.0.113.5", email="ada@example.com")
+    assert "An account with this e-mail address exists" in taken.content.decode()
+
+    refused = _sign_up(6, "203.0.113.5", email="ada@example.com")
+    assert refused.status_code == 429
+    page = refused.content.decode()
+    assert "Too many sign-up attempts" in page
+    assert "An account with this e-mail address exists" not in page  # not even checked
+    assert not django_user_model.objects.filter(username="user6").exists()
+
+    assert _sign_up(7, "198.51.100.9").status_code == 302  # another client
+    assert set(django_user_model.objects.values_list("username", flat=True)) == {
+        "ada",
+        "user1",
+        "user2",
+        "user3",
+        "user4",
+        "user7",
+    }
