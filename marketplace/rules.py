@@ -7,6 +7,7 @@ Pricing (services/pricing.py) and energy (services/energy.py) are pure too, and 
 same way.
 """
 
+import unicodedata
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "TERMINAL_STATUSES",
     "PREEMPTIBLE_STATUSES",
+    "display_name_clean",
 ]
 
 # A start this far in the past still counts as "now" (clocks and round trips).
@@ -155,3 +157,28 @@ TERMINAL_STATUSES = frozenset(s for s, targets in ALLOWED_TRANSITIONS.items() if
 PREEMPTIBLE_STATUSES = frozenset(
     s for s, targets in ALLOWED_TRANSITIONS.items() if ReservationStatus.PREEMPTED in targets
 )
+
+
+# Control (line breaks, tabs), format (bidi overrides, zero-width) and line/paragraph separator
+# characters: invisible or reordering in a name people read, and a line break in a name that
+# reaches an e-mail subject ("Join <organisation> on Switchyard") makes the message unsendable.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def display_name_clean(
+    name: str, *, what: str, part: str = "name", field: str = "name", blank_ok: bool = False
+) -> str:
+    """A name people read (an organisation's, an API or SSH key's, a webhook endpoint's
+    description: `what`'s `part`), stripped; blank (unless `blank_ok`), or holding a control
+    or formatting character, is refused."""
+    name = (name or "").strip()
+    if not name and not blank_ok:
+        raise ValidationFailed(f"{what} needs a {part}.", code="blank", field=field)
+    if any(unicodedata.category(c) in _UNPRINTABLE_CATEGORIES for c in name):
+        raise ValidationFailed(
+            f"{what}'s {part} cannot hold control or formatting characters (line breaks, "
+            "tabs, invisible or right-to-left marks).",
+            code="invalid_characters",
+            field=field,
+        )
+    return name

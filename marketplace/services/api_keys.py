@@ -9,7 +9,6 @@ characters (≈238 bits), not a password.
 import hashlib
 import secrets
 import string
-import unicodedata
 from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -27,6 +26,7 @@ from marketplace.models import (
     Organization,
     Role,
 )
+from marketplace.rules import display_name_clean
 from marketplace.services.audit import audit_record
 from marketplace.services.events import api_key_event_record
 
@@ -38,7 +38,6 @@ __all__ = [
     "api_key_revoke",
     "api_keys_revoke_created_by",
     "api_key_record_use",
-    "display_name_clean",
 ]
 
 SECRET_PREFIX = "sy_live_"
@@ -52,28 +51,6 @@ _ALNUM = string.ascii_letters + string.digits
 
 def api_key_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-# Control (line breaks, tabs), format (bidi overrides, zero-width) and line/paragraph separator
-# characters: invisible or reordering in a name people read, and a line break in a name that
-# reaches an e-mail subject ("Join <organisation> on Switchyard") makes the message unsendable.
-_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
-
-
-def display_name_clean(name: str, *, what: str, field: str = "name") -> str:
-    """A name shown to people (an organisation's, a key's), stripped; blank, or holding a
-    control or formatting character, is refused."""
-    name = name.strip()
-    if not name:
-        raise ValidationFailed(f"{what} needs a name.", code="blank", field=field)
-    if any(unicodedata.category(c) in _UNPRINTABLE_CATEGORIES for c in name):
-        raise ValidationFailed(
-            f"{what}'s name cannot hold control or formatting characters (line breaks, tabs, "
-            "invisible or right-to-left marks).",
-            code="invalid_characters",
-            field=field,
-        )
-    return name
 
 
 def _random(alphabet: str, length: int) -> str:

@@ -35,7 +35,8 @@ from marketplace.models import (
     Organization,
     Role,
 )
-from marketplace.services.api_keys import api_keys_revoke_created_by, display_name_clean
+from marketplace.rules import display_name_clean
+from marketplace.services.api_keys import api_keys_revoke_created_by
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 

@@ -17,6 +17,7 @@ from marketplace.provisioning.workload import (
     ssh_public_key_fingerprint,
     ssh_public_key_validate,
 )
+from marketplace.rules import display_name_clean
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
 from marketplace.services.audit import audit_record
 
@@ -35,9 +36,7 @@ def ssh_key_create(
     public_key: str,
 ) -> SshKey:
     """Save a public key for the organisation. Conflict ssh_key_exists if it is already saved."""
-    name = (name or "").strip()
-    if not name:
-        raise ValidationFailed("An SSH key needs a name.", code="blank", field="name")
+    name = display_name_clean(name, what="An SSH key")
     if len(name) > _NAME_MAX:
         raise ValidationFailed(
             f"A name is at most {_NAME_MAX} characters.", code="max_length", field="name"

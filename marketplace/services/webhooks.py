@@ -33,6 +33,7 @@ from marketplace.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from marketplace.rules import display_name_clean
 from marketplace.services.audit import audit_changes, audit_record
 
 __all__ = [
@@ -185,6 +186,10 @@ def webhook_endpoint_create(
     created_by: AbstractBaseUser | None = None,
 ) -> tuple[WebhookEndpoint, str]:
     """Register an endpoint; returns it with its signing secret (shown once)."""
+    description = display_name_clean(
+        description, what="A webhook endpoint", part="description", field="description",
+        blank_ok=True,
+    )  # fmt: skip
     webhook_url_resolve(url)
     # Counted under the organisation's row lock, so two requests cannot both pass the limit.
     Organization.objects.select_for_update().filter(pk=organization.pk).first()
@@ -197,7 +202,7 @@ def webhook_endpoint_create(
     endpoint = WebhookEndpoint.objects.create(
         organization=organization,
         url=url,
-        description=description.strip(),
+        description=description,
         event_types=_event_types_clean(event_types),
         enabled=enabled,
         secret=secret,
@@ -231,7 +236,10 @@ def webhook_endpoint_update(
     if event_types is not None:
         locked.event_types = _event_types_clean(event_types)
     if description is not None:
-        locked.description = description.strip()
+        locked.description = display_name_clean(
+            description, what="A webhook endpoint", part="description", field="description",
+            blank_ok=True,
+        )  # fmt: skip
     if enabled is not None and enabled != locked.enabled:
         locked.enabled = enabled
         locked.failing_since = None

@@ -95,3 +95,25 @@ def test_an_invitation_to_an_organisation_renamed_with_a_line_break_is_still_sen
     (mail,) = mailoutbox
     assert mail.subject == "Join Ada Labs on Switchyard"
     assert mail.to == ["grace@example.com"]
+
+
+@pytest.mark.parametrize("name", UNPRINTABLE[:3])
+def test_ssh_key_names_and_webhook_descriptions_are_held_to_the_same_rule(name):
+    from config.errors import ValidationFailed
+    from marketplace.models import SshKey, WebhookEndpoint
+    from marketplace.services.ssh_keys import ssh_key_create
+    from marketplace.services.webhooks import webhook_endpoint_create
+
+    org = OrganizationFactory()
+    with pytest.raises(ValidationFailed) as refused:
+        ssh_key_create(organization=org, user=None, name=name, public_key="ssh-ed25519 AAAA x")
+    assert (refused.value.code, refused.value.field) == ("invalid_characters", "name")
+    with pytest.raises(ValidationFailed) as refused:
+        webhook_endpoint_create(
+            organization=org,
+            url="https://hooks.example.com/x",
+            event_types=["reservation.created"],
+            description=name,
+        )
+    assert (refused.value.code, refused.value.field) == ("invalid_characters", "description")
+    assert not SshKey.objects.exists() and not WebhookEndpoint.objects.exists()
