@@ -54,6 +54,7 @@ from marketplace.models import (
     WebhookEndpoint,
 )
 from marketplace.provisioning.workload import workload_public
+from marketplace.rules import display_name_clean
 from marketplace.services.api_keys import api_key_revoke
 from marketplace.services.curtailment import (
     curtailment_announce,
@@ -109,8 +110,22 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ["user"]
 
 
+class OrganizationForm(forms.ModelForm):
+    class Meta:
+        model = Organization
+        fields = ["name", "slug"]
+
+    def clean_name(self) -> str:
+        """The rule the portal and the API apply (it reaches e-mail subjects and pages)."""
+        try:
+            return display_name_clean(self.cleaned_data.get("name"), what="An organisation")
+        except ApplicationError as exc:
+            raise forms.ValidationError(exc.message) from None
+
+
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
+    form = OrganizationForm
     list_display = ["name", "slug", "public_id", "created_at"]
     search_fields = ["name", "slug", "public_id"]
     readonly_fields = ["public_id", "created_at"]

@@ -117,3 +117,24 @@ def test_ssh_key_names_and_webhook_descriptions_are_held_to_the_same_rule(name):
         )
     assert (refused.value.code, refused.value.field) == ("invalid_characters", "description")
     assert not SshKey.objects.exists() and not WebhookEndpoint.objects.exists()
+
+
+def test_staff_renaming_an_organisation_in_the_admin_are_held_to_the_rule():
+    org = OrganizationFactory(name="Acme")
+    staff = UserFactory(username="staff", is_staff=True, is_superuser=True)
+    client = HttpsClient()
+    client.force_login(staff)
+    url = f"/admin/marketplace/organization/{org.pk}/change/"
+    form = {
+        "name": "Acme\r\nBcc: x@example.com",
+        "slug": org.slug,
+        "memberships-TOTAL_FORMS": "0",
+        "memberships-INITIAL_FORMS": "0",
+    }
+
+    response = client.post(url, form)
+
+    assert response.status_code == 200  # the form again, with the error
+    assert "control or formatting characters" in response.content.decode()
+    org.refresh_from_db()
+    assert org.name == "Acme"
