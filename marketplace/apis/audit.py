@@ -10,11 +10,29 @@ from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView
 from config.replica import replica_reads
+from marketplace.auth import ApiKeyUser
 from marketplace.models import AuditEntry
 from marketplace.selectors.audit import audit_list_for_org
 from marketplace.services.organizations import MANAGER_ROLES
 
 TAGS = ["Audit log"]
+
+
+def _emails_masked(value):
+    """`changes` with every e-mail address masked (a***@example.com), at any depth."""
+    if isinstance(value, dict):
+        return {
+            k: _mask(v) if k == "email" and isinstance(v, str) else _emails_masked(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_emails_masked(v) for v in value]
+    return value
+
+
+def _mask(email: str) -> str:
+    local, at, domain = email.partition("@")
+    return f"{local[:1]}***{at}{domain}"
 
 
 class AuditEntryOutput(Serializer):
@@ -24,7 +42,10 @@ class AuditEntryOutput(Serializer):
     action = serializers.CharField(help_text="e.g. api_key.create, reservation.cancel.")
     object_type = serializers.CharField()
     object_id = serializers.CharField()
-    changes = serializers.JSONField(help_text="{before, after} of what changed; never secrets.")
+    changes = serializers.JSONField(
+        help_text="{before, after} of what changed; never secrets. Read with an API key, "
+        "e-mail addresses (invitations) are masked: a leaked key does not tell who is invited."
+    )
     ip_address = serializers.IPAddressField(allow_null=True)
     user_agent = serializers.CharField()
 
@@ -74,4 +95,9 @@ class AuditLogApi(ApiView):
         responses={200: AuditEntryOutput(many=True), **errors(400, 403, 404)},
     )
     def get(self, request):
-        return self.paginated_response(self.filter_queryset(self.get_queryset()), AuditEntryOutput)
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        data = AuditEntryOutput(page, many=True).data
+        if isinstance(request.user, ApiKeyUser):
+            for entry in data:
+                entry["changes"] = _emails_masked(entry["changes"])
+        return self.get_paginated_response(data)

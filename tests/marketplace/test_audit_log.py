@@ -182,6 +182,20 @@ def test_owners_read_the_log_newest_first_with_filters(org, owner, other_org):
     assert_error(client.get("/api/v1/audit-log?created_after=soon"), 400, field="created_after")
 
 
+def test_a_key_reads_the_log_with_invited_addresses_masked(org, owner):
+    session_client(owner).post("/api/v1/organization/invitations",
+                               {"email": "grace.hopper@example.com", "role": "member"},
+                               format="json")  # fmt: skip
+
+    by_key = key_client(org, scopes=["read"]).get("/api/v1/audit-log?action=invitation.")
+    by_owner = session_client(owner).get("/api/v1/audit-log?action=invitation.")
+
+    assert by_key.status_code == 200
+    assert by_key.json()["results"][0]["changes"]["after"]["email"] == "g***@example.com"
+    assert "grace.hopper" not in by_key.content.decode()
+    assert by_owner.json()["results"][0]["changes"]["after"]["email"] == "grace.hopper@example.com"
+
+
 def test_members_and_keys_without_a_manager_cannot_read_the_log(org):
     member = session_client(MembershipFactory(organization=org, role=Role.MEMBER))
     assert_error(member.get("/api/v1/audit-log"), 403, "insufficient_role")
