@@ -19,6 +19,9 @@ from marketplace.provisioning import scheduler, services
 from marketplace.services.events import events_prune as _events_prune
 from marketplace.services.gpu_failures import gpu_failures_handle as _gpu_failures_handle
 from marketplace.services.organizations import invitation_mail_send as _invitation_mail_send
+from marketplace.services.organizations import (
+    password_reset_mail_send as _password_reset_mail_send,
+)
 from marketplace.services.reliability import reliability_compute as _reliability_compute
 from marketplace.services.resale import listings_expire_begun as _listings_expire
 from marketplace.services.resale import listings_withdraw_for_ended_terms as _listings_withdraw
@@ -96,6 +99,13 @@ def invitation_mail_send(invitation_id: int) -> int:
     """E-mail an invitation its link, built here from its id: the token never sits in the
     broker. Retried as any mail (marketplace.mail)."""
     return _invitation_mail_send(invitation_id=invitation_id)
+
+
+@shared_task(name="marketplace.tasks.password_reset_mail_send", **MAIL_RETRY)
+def password_reset_mail_send(user_id: int) -> int:
+    """E-mail an account its password reset link, built here from its id (the token never
+    sits in the broker). Retried as any mail (marketplace.mail)."""
+    return _password_reset_mail_send(user_id=user_id)
 
 
 @shared_task(name="marketplace.tasks.sessions_clear_expired")

@@ -93,9 +93,9 @@ def mail_task_runs_eagerly(monkeypatch):
     the process that queues it (Task.apply, retries included), so tests read mail.outbox.
     tests/marketplace/test_mail.py checks the queueing itself."""
     from marketplace.mail import mail_send
-    from marketplace.tasks import invitation_mail_send
+    from marketplace.tasks import invitation_mail_send, password_reset_mail_send
 
-    for task in (mail_send, invitation_mail_send):
+    for task in (mail_send, invitation_mail_send, password_reset_mail_send):
         monkeypatch.setattr(
             task,
             "apply_async",

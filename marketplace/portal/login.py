@@ -30,6 +30,8 @@ from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 
 from config.api.throttling import RateLimiterUnavailable, fixed_window_count, parse_rate
 from config.client_ip import client_ip
+from marketplace.mail import mail_task_on_commit
+from marketplace.services.organizations import password_reset_mail_send
 
 __all__ = [
     "PASSWORD_RESETS_PER_EMAIL",
@@ -145,6 +147,18 @@ class PasswordResetRequestForm(PasswordResetForm):
     def __init__(self, *args, request=None, **kwargs):
         self.request = request
         super().__init__(*args, **kwargs)
+
+    def save(self, **_options) -> None:
+        """Queue the reset mail of each active account with this address; the worker builds
+        and sends it (marketplace.tasks.password_reset_mail_send). The request does the same
+        work whether or not the address has an account, and a mail server that is down
+        delays the mail (retried) instead of losing it."""
+        for user in self.get_users(self.cleaned_data["email"]):
+            mail_task_on_commit(
+                "marketplace.tasks.password_reset_mail_send",
+                [user.pk],
+                inline=lambda pk=user.pk: password_reset_mail_send(user_id=pk),
+            )
 
     def clean(self):
         cleaned = super().clean()

@@ -6,7 +6,7 @@ for sign-ins and resets; an IPv4 client seen through a dual-stack socket is one 
 from ipaddress import ip_network
 
 import pytest
-from django.test import RequestFactory
+from django.test import RequestFactory, TestCase
 
 from config.client_ip import client_ip
 from tests.clients import HttpsClient
@@ -27,7 +27,9 @@ def ada(django_user_model):
 
 
 def _reset(email: str, address: str):
-    return HttpsClient().post("/password-reset", {"email": email}, REMOTE_ADDR=address)
+    # The reset mail is queued when the request's transaction commits: run that here.
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        return HttpsClient().post("/password-reset", {"email": email}, REMOTE_ADDR=address)
 
 
 def test_one_address_is_mailed_a_reset_link_only_so_often_whoever_asks(ada, mailoutbox):
@@ -132,3 +134,29 @@ def test_sign_up_attempts_are_limited_per_address(ada, settings, django_user_mod
         "user4",
         "user7",
     }
+
+
+def test_the_reset_link_is_built_by_the_worker_on_site_url(ada, settings, monkeypatch, mailoutbox):
+    """The request queues the account's id only (the token never sits in the broker, and the
+    request does no mail work, whether or not the address has an account); the link is on
+    SITE_URL, not on the Host the request came to."""
+    from config.celery import app as celery_app
+
+    settings.SITE_URL = "https://switchyard.example.com"
+    task = celery_app.tasks["marketplace.tasks.password_reset_mail_send"]
+    queued = []
+    send = task.apply_async
+
+    def record(args=None, kwargs=None, **options):
+        queued.append(list(args or []))
+        return send(args, kwargs, **options)
+
+    monkeypatch.setattr(task, "apply_async", record)
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        HttpsClient().post("/password-reset", {"email": "ada@example.com"})
+
+    assert queued == [[ada.pk]]
+    (sent,) = mailoutbox
+    assert "https://switchyard.example.com/password-reset/" in sent.body
+    assert "testserver" not in sent.body
