@@ -50,6 +50,10 @@ CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
 # The key of the credit that gives back what a cancelled reserved term was charged for the time
 # it will not run (billing.services.credits.cancellation_settle): a charge undone, not a gift.
 CANCELLATION_REFUND_KEY = "cancel:"
+# The keys of the credits that give a reserved term's undelivered time back: its cancellation
+# (or failure) refund and a forced grid curtailment's refund ("curtail:<id>:refund"; the SLA
+# credit of that curtailment is an sla_credit line, not a credit).
+GIVEN_BACK_KEYS = (CANCELLATION_REFUND_KEY, "curtail:")
 
 
 def balance_minor(*, organization: Organization) -> int:
@@ -65,10 +69,12 @@ def spend_minor(
     *, organization: Organization, since: datetime, until: datetime | None = None
 ) -> int:
     """What was charged (usage and reserved terms, net of usage corrections and of what a
-    cancelled term gave back) in [since, until); credits (SLA, goodwill) do not lower it."""
-    charges = Q(kind__in=CHARGE_KINDS) | Q(
-        kind=LedgerKind.CREDIT, idempotency_key__startswith=CANCELLATION_REFUND_KEY
-    )
+    cancelled, failed or force-curtailed term gave back for time it did not get) in
+    [since, until); credits (SLA, goodwill) do not lower it."""
+    given_back = Q()
+    for prefix in GIVEN_BACK_KEYS:
+        given_back |= Q(idempotency_key__startswith=prefix)
+    charges = Q(kind__in=CHARGE_KINDS) | (Q(kind=LedgerKind.CREDIT) & given_back)
     filters = Q(organization=organization, created_at__gte=since) & charges
     if until is not None:
         filters &= Q(created_at__lt=until)
@@ -177,7 +183,8 @@ def usage_unbooked_by_reservation_day(
     now: datetime | None = None,
 ) -> dict[tuple[str, date], dict]:
     """Usage accrued and not yet in the ledger, to the second, as usage_by_reservation_day's
-    rows (keyed by reservation and day): it belongs to the UTC day its unbooked part started."""
+    rows (keyed by reservation and day): in the UTC day it was used, as its ledger lines will
+    be (the part used before midnight in the day before)."""
     now = now or datetime.now(UTC)
     rows = {}
     for accrual in (
@@ -185,12 +192,13 @@ def usage_unbooked_by_reservation_day(
         .select_related("reservation__gpu_model", "reservation__site")
         .order_by("reservation_id")
     ):
-        gpu_seconds = accrual.gpu_seconds
+        gpu_seconds, counted_until = accrual.gpu_seconds, accrual.accrued_until
         if accrual.running and now - accrual.accrued_until <= LIVE_EXTRAPOLATION:
             until_now = min(now, accrual.reservation.ends_at)
             gpu_seconds += accrual.gpu_count * max(
                 0, int((until_now - accrual.accrued_until).total_seconds())
             )
+            counted_until = max(counted_until, until_now)
         cost = accrual.price_from_minor + usage_cost_minor(
             gpu_seconds=gpu_seconds - accrual.price_from_gpu_seconds,
             price_per_gpu_hour=accrual.price_per_gpu_hour,
@@ -198,26 +206,55 @@ def usage_unbooked_by_reservation_day(
         )
         unbooked_seconds = gpu_seconds - accrual.booked_gpu_seconds
         unbooked_minor = cost - accrual.booked_minor
-        day = accrual.booked_until.astimezone(UTC).date()
         if (unbooked_seconds, unbooked_minor) == (0, 0):
             continue
-        if (since is not None and day < since) or (until is not None and day >= until):
-            continue
+        day = accrual.booked_until.astimezone(UTC).date()
+        parts = [(day, unbooked_seconds, unbooked_minor)]
+        midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+        if counted_until > midnight:
+            # Unbooked since before midnight: the day before gets what was used before it, as
+            # the ledger's line will (a line never spans midnight).
+            parts = _unbooked_split_at(accrual, midnight, unbooked_seconds, unbooked_minor)
         r = accrual.reservation
-        rows[(r.public_id, day)] = {
-            "reservation__public_id": r.public_id,
-            "reservation__gpu_model__slug": r.gpu_model.slug,
-            "reservation__site__slug": r.site.slug,
-            "day": day,
-            "currency": accrual.currency,
-            "reservation__gpu_model__tdp_watts": r.gpu_model.tdp_watts,
-            "reservation__site__pue": r.site.pue,
-            "reservation__site__renewable_share": r.site.renewable_share,
-            "reservation__site__grid_carbon_g_per_kwh": r.site.grid_carbon_g_per_kwh,
-            "gpu_seconds": unbooked_seconds,
-            "amount_minor": -unbooked_minor,
-        }
+        for part_day, part_seconds, part_minor in parts:
+            if (since is not None and part_day < since) or (
+                until is not None and part_day >= until
+            ):
+                continue
+            rows[(r.public_id, part_day)] = {
+                "reservation__public_id": r.public_id,
+                "reservation__gpu_model__slug": r.gpu_model.slug,
+                "reservation__site__slug": r.site.slug,
+                "day": part_day,
+                "currency": accrual.currency,
+                "reservation__gpu_model__tdp_watts": r.gpu_model.tdp_watts,
+                "reservation__site__pue": r.site.pue,
+                "reservation__site__renewable_share": r.site.renewable_share,
+                "reservation__site__grid_carbon_g_per_kwh": r.site.grid_carbon_g_per_kwh,
+                "gpu_seconds": part_seconds,
+                "amount_minor": -part_minor,
+            }
     return rows
+
+
+def _unbooked_split_at(
+    accrual: UsageAccrual, midnight: datetime, seconds: int, minor: int
+) -> list[tuple[date, int, int]]:
+    """An accrual's unbooked (GPU-seconds, cost) as the day before `midnight` and the day it
+    starts: what was delivered up to it (outages excluded), priced as the meter prices it."""
+    from billing.services.usage import reservation_delivered_seconds  # a read, not a write
+
+    delivered = reservation_delivered_seconds(reservation=accrual.reservation, until=midnight)
+    before_gs = max(accrual.gpu_count * delivered, accrual.booked_gpu_seconds)
+    before_cost = accrual.price_from_minor + usage_cost_minor(
+        gpu_seconds=before_gs - accrual.price_from_gpu_seconds,
+        price_per_gpu_hour=accrual.price_per_gpu_hour,
+        currency=accrual.currency,
+    )
+    before = (before_gs - accrual.booked_gpu_seconds, before_cost - accrual.booked_minor)
+    after = (seconds - before[0], minor - before[1])
+    days = ((midnight - timedelta(days=1)).date(), midnight.date())
+    return [(d, s, m) for d, (s, m) in zip(days, (before, after), strict=True) if (s, m) != (0, 0)]
 
 
 def usage_with_unbooked(rows, unbooked: dict[tuple[str, date], dict]):

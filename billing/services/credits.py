@@ -31,7 +31,11 @@ Cancellation refunds follow the marketplace's stated terms (reservation.cancella
 by marketplace.services.reservations.reservation_cancel): a reserved term, charged up front,
 gets `refund_amount` back as a credit to the balance. On-demand and interruptible time is only
 ever charged as it is used, so cancelling them leaves nothing to refund. A reserved
-reservation that failed before ever becoming active is credited in full.
+reservation that failed before ever becoming active is credited in full; one that had run and
+failed while it was being provisioned again (moved off a failed GPU, with no start on the new
+ones) gets the rest of its term from the failure back (less time resold to a buyer, who pays
+for it), as a GPU failure with nowhere to move ends it; a term whose own workload ended it is
+not. A stated refund of nothing is settled once the term is charged, not looked at again.
 
 Forced curtailment (docs/grid.md): an on-demand or reserved reservation that staff forced a
 grid curtailment onto is credited once it is preempted, once each ("curtail:<id>:refund",
@@ -49,7 +53,8 @@ from decimal import Decimal
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import CharField, Exists, OuterRef, Q, Sum, Value
+from django.db.models import CharField, DecimalField, Exists, F, OuterRef, Q, Sum, Value
+from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, Concat
 from django.utils import timezone
 
@@ -65,14 +70,17 @@ from billing.services.usage import (
     outage_intervals,
     reserved_base_charge,
 )
+from config.currency import money_round
 from config.errors import ValidationFailed
 from marketplace.models import (
     CurtailmentVictim,
     Organization,
     Reservation,
     ReservationStatus,
+    ReservationTransition,
     Tier,
 )
+from marketplace.selectors.resale import sold_gpu_seconds
 from marketplace.services.audit import audit_record
 
 __all__ = [
@@ -356,6 +364,13 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
     elif reservation.status == ReservationStatus.FAILED and reservation.activated_at is None:
         refund = Decimal(reservation.total_amount)
         why = "Reserved term never delivered: full refund."
+    elif reservation.status == ReservationStatus.FAILED and _failed_reprovisioning(reservation):
+        since = reservation.released_at or timezone.now()
+        refund = _undelivered_share(reservation, since=since)
+        why = (
+            "Reserved term failed while it was being provisioned again (moved off a failed "
+            f"GPU): the term from {since.isoformat()} on, not delivered, refunded."
+        )
     else:
         return None
     reserved_base_charge(reservation, reservation.total_amount)
@@ -379,15 +394,67 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
     return entry if created else None
 
 
+# A reserved term that had run and then failed while the platform was provisioning it again
+# (moved off a failed GPU): not the customer's workload ending itself (active → failed).
+_REPROVISIONING = (ReservationStatus.SCHEDULED, ReservationStatus.PROVISIONING)
+
+
+def _failed_reprovisioning_q() -> Q:
+    return Q(
+        Exists(
+            ReservationTransition.objects.filter(
+                reservation_id=OuterRef("pk"),
+                to_status=ReservationStatus.FAILED,
+                from_status__in=_REPROVISIONING,
+            )
+        ),
+        activated_at__isnull=False,
+    )
+
+
+def _failed_reprovisioning(reservation: Reservation) -> bool:
+    return Reservation.objects.filter(pk=reservation.pk).filter(_failed_reprovisioning_q()).exists()
+
+
+def _undelivered_share(reservation: Reservation, *, since: datetime) -> Decimal:
+    """The term's price for its GPU-seconds from `since` to its end that were neither
+    delivered nor resold (a buyer pays the holder for those), pro rata of its total."""
+    booked = _seconds_between(reservation.starts_at, reservation.ends_at)
+    since = max(since, reservation.starts_at)
+    left = _seconds_between(since, reservation.ends_at)
+    if booked == 0 or left == 0:
+        return Decimal(0)
+    held = max(
+        reservation.gpu_count * left - sold_gpu_seconds(reservation=reservation, since=since), 0
+    )
+    share = Decimal(held) / Decimal(reservation.gpu_count * booked)
+    return money_round(Decimal(reservation.total_amount) * share, reservation.currency)
+
+
 def cancellations_due() -> list[int]:
-    """Reserved reservations with cancellation terms (or failed undelivered) not yet settled."""
+    """Reserved reservations with cancellation terms (or failed undelivered) not yet settled.
+
+    One whose refund is nothing (stopped, or cancelled late) writes no credit: once its term
+    is charged there is nothing left to settle, so it is not taken up again every run."""
     # Found by its key (the unique index), not by a scan of the ledger for a key prefix.
     settled = LedgerEntry.objects.filter(
         idempotency_key=Concat(Value(CANCELLATION_REFUND_KEY), Cast(OuterRef("pk"), CharField()))
     )
+    charged = LedgerEntry.objects.filter(
+        idempotency_key=Concat(Value("reserved:"), Cast(OuterRef("pk"), CharField()))
+    )
     qs = Reservation.objects.filter(tier=Tier.RESERVED).exclude(Exists(settled))
-    cancelled = qs.exclude(cancellation={}) if hasattr(Reservation, "cancellation") else qs.none()
-    failed = qs.filter(status=ReservationStatus.FAILED, activated_at__isnull=True)
+    # The refund the terms stated (written by the marketplace as a decimal string).
+    stated = Cast(KT("cancellation__refund_amount"), DecimalField(max_digits=20, decimal_places=6))
+    cancelled = (
+        qs.exclude(cancellation={}).alias(stated=stated).exclude(Exists(charged), stated__lte=0)
+    )
+    failed = (
+        qs.filter(status=ReservationStatus.FAILED)
+        .filter(Q(activated_at__isnull=True) | _failed_reprovisioning_q())
+        .exclude(Exists(charged), total_amount__lte=0)
+        .exclude(Exists(charged), released_at__gte=F("ends_at"))
+    )
     return sorted(
         set(cancelled.values_list("pk", flat=True)) | set(failed.values_list("pk", flat=True))
     )

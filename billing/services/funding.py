@@ -15,8 +15,9 @@ When funds run out (prepaid), the policy is explicit, and every step sends a not
    keep running for BILLING_LOW_BALANCE_GRACE and keep accruing usage (the balance goes
    negative; that debt is owed and the next top-up settles it first — nothing runs free);
 3. suspended — the grace period is over and the balance is still ≤ 0: notice, running
-   on-demand and interruptible reservations are released and not-yet-started ones cancelled
-   through the marketplace's state machine; reserved terms, already paid for, keep running.
+   on-demand and interruptible reservations are released (billed up to that instant, not
+   through the teardown) and not-yet-started ones cancelled through the marketplace's state
+   machine; reserved terms, already paid for, keep running.
 A top-up that brings the balance back above zero ends grace or suspension.
 """
 
@@ -43,6 +44,7 @@ from config.celery import task_send
 from config.db import model_columns, model_from_row
 from config.errors import Conflict, InvalidTransition, PaymentRequired
 from marketplace.models import EventType, Organization, Reservation, ReservationStatus, Tier
+from marketplace.provisioning.kicks import release_kick
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
@@ -398,15 +400,23 @@ def _release_unfunded(*, organization: Organization) -> list[str]:
         .order_by("pk")
     )
     for reservation in candidates:
-        to_status = S.RELEASING if reservation.status == S.ACTIVE else S.CANCELLED
+        was = reservation.status
+        to_status = S.RELEASING if was == S.ACTIVE else S.CANCELLED
+        # Released for billing now, as a customer's stop is: the site's teardown (releasing →
+        # completed) is not charged to a balance that has run out.
+        stopped = {"released_at": timezone.now()} if to_status == S.RELEASING else None
         try:
             reservation_transition(
                 reservation=reservation,
                 to_status=to_status,
                 cause="Prepaid balance exhausted and the grace period is over.",
                 actor_label="billing",
+                fields=stopped,
             )
         except InvalidTransition:
             continue  # it moved on meanwhile (ended, failed): nothing left to release
+        if to_status == S.RELEASING or was == S.PROVISIONING:
+            # Stop the workload (or the provisioning under way) now, not at the sweeper's pace.
+            release_kick(reservation.pk)
         released.append(reservation.public_id)
     return released

@@ -18,7 +18,7 @@ metered by the second; outages against them are compensated by SLA credits.
 """
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -300,8 +300,14 @@ WITH scope AS (
     SELECT a.reservation_id, a.organization_id, a.currency, a.price_per_gpu_hour,
            a.price_from_gpu_seconds, a.price_from_minor, a.booked_until, a.booked_gpu_seconds,
            a.booked_minor, r.activated_at, r.gpu_count, r.released_at, r.ends_at,
-           CASE WHEN %(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s
-                THEN %(now)s ELSE greatest(a.booked_until, %(hour)s) END AS bound
+           CASE WHEN NOT (%(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
+                THEN greatest(a.booked_until, %(hour)s)
+                WHEN %(split)s AND a.booked_until < %(day)s THEN %(day)s
+                ELSE %(now)s END AS bound,
+           %(split)s AND a.booked_until < %(day)s
+               AND (%(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
+               AND least(coalesce(r.released_at, %(now)s), r.ends_at, %(now)s) > %(day)s
+               AS cut
     FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
     WHERE a.closed_at IS NULL AND {scope}
 ),"""
@@ -350,9 +356,11 @@ priced AS (
            OR p.reservation_id IN (SELECT reservation_id FROM lines))
     RETURNING a.reservation_id
 )
-SELECT l.id, l.reservation_id, l.organization_id, l.amount_minor, l.gpu_seconds, l.currency,
-       (SELECT count(*) FROM moved)
-FROM lines l ORDER BY l.reservation_id
+SELECT l.id, p.reservation_id, l.organization_id, l.amount_minor, l.gpu_seconds, l.currency,
+       (SELECT count(*) FROM moved), p.cut
+FROM costed p LEFT JOIN lines l USING (reservation_id)
+WHERE l.id IS NOT NULL OR p.cut
+ORDER BY p.reservation_id
 """
 )
 # The metering run's scope: every accrual due, locked by this statement (the columns read
@@ -454,10 +462,12 @@ def usage_book(
     params = _params(
         now,
         hour=hour,
+        day=now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
         minute=now.minute,
         spread=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES,
         ids=list(reservation_ids or []),
         to_now=reservation_ids is not None,
+        split=True,
         why=f" ({reason})" if reason else "",
         created=timezone.now(),
     )
@@ -471,7 +481,20 @@ def usage_book(
             if not cur.fetchall():
                 return []
             cur.execute(_BOOK_SQL.format(scope=_IDS_SCOPE, **_OUTS_IDS), params)
-        lines = [BookedUsage(*row[:6]) for row in cur.fetchall()]
+        rows = cur.fetchall()
+        # A line booked to `now` would cross midnight when the one before it ended before it
+        # (an end or a state change before the last hour's line was booked): it was cut at
+        # midnight (a row with or without a line), so every line stays in one UTC day and
+        # month (the usage API counts it by day, the SLA by month, where it was used); the
+        # rest is booked now, to `now`.
+        cut = sorted({row[1] for row in rows if row[7]})
+        if cut:
+            cur.execute(_IDS_LOCK_SQL, {**params, "ids": cut})
+            cur.fetchall()
+            more = {**params, "ids": cut, "split": False}
+            cur.execute(_BOOK_SQL.format(scope=_IDS_SCOPE, **_OUTS_IDS), more)
+            rows += cur.fetchall()
+        lines = [BookedUsage(*row[:6]) for row in rows if row[0] is not None]
     if lines:
         charged = sorted({line.reservation_id for line in lines})
         # In this transaction: the gate sees a charge and the hold it fills together.
