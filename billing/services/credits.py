@@ -70,7 +70,6 @@ from billing.services.usage import (
     outage_intervals,
     reserved_base_charge,
 )
-from config.currency import money_round
 from config.errors import ValidationFailed
 from marketplace.models import (
     CurtailmentVictim,
@@ -80,7 +79,7 @@ from marketplace.models import (
     ReservationTransition,
     Tier,
 )
-from marketplace.selectors.resale import sold_gpu_seconds
+from marketplace.selectors.resale import term_unused_amount
 from marketplace.services.audit import audit_record
 
 __all__ = [
@@ -362,11 +361,12 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
         refund = Decimal(str(terms["refund_amount"]))
         why = f"Cancellation refund: {terms.get('rule', '')}".strip()
     elif reservation.status == ReservationStatus.FAILED and reservation.activated_at is None:
-        refund = Decimal(reservation.total_amount)
-        why = "Reserved term never delivered: full refund."
+        # All of it, but the windows resold: their buyers keep them and pay the holder.
+        refund = term_unused_amount(reservation, since=reservation.starts_at)
+        why = "Reserved term never delivered: full refund (of the time not resold)."
     elif reservation.status == ReservationStatus.FAILED and _failed_reprovisioning(reservation):
         since = reservation.released_at or timezone.now()
-        refund = _undelivered_share(reservation, since=since)
+        refund = term_unused_amount(reservation, since=since)
         why = (
             "Reserved term failed while it was being provisioned again (moved off a failed "
             f"GPU): the term from {since.isoformat()} on, not delivered, refunded."
@@ -414,21 +414,6 @@ def _failed_reprovisioning_q() -> Q:
 
 def _failed_reprovisioning(reservation: Reservation) -> bool:
     return Reservation.objects.filter(pk=reservation.pk).filter(_failed_reprovisioning_q()).exists()
-
-
-def _undelivered_share(reservation: Reservation, *, since: datetime) -> Decimal:
-    """The term's price for its GPU-seconds from `since` to its end that were neither
-    delivered nor resold (a buyer pays the holder for those), pro rata of its total."""
-    booked = _seconds_between(reservation.starts_at, reservation.ends_at)
-    since = max(since, reservation.starts_at)
-    left = _seconds_between(since, reservation.ends_at)
-    if booked == 0 or left == 0:
-        return Decimal(0)
-    held = max(
-        reservation.gpu_count * left - sold_gpu_seconds(reservation=reservation, since=since), 0
-    )
-    share = Decimal(held) / Decimal(reservation.gpu_count * booked)
-    return money_round(Decimal(reservation.total_amount) * share, reservation.currency)
 
 
 def cancellations_due() -> list[int]:

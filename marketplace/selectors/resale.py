@@ -26,6 +26,7 @@ __all__ = [
     "resale_offer_rows",
     "resale_breakdown",
     "sold_gpu_seconds",
+    "term_unused_amount",
 ]
 
 
@@ -182,3 +183,26 @@ def sold_gpu_seconds(*, reservation, since: datetime) -> int:
     ).values_list("gpu_count", "starts_at", "ends_at"):
         total += gpu_count * int((ends_at - max(starts_at, since)).total_seconds())
     return total
+
+
+def term_unused_amount(reservation, *, since: datetime) -> Decimal:
+    """The term's price for its GPU-seconds from `since` to its end that are still the
+    holder's (not resold: a buyer pays the holder for those), at its price per GPU-hour and
+    never more than its total: what cancelling, a failure or an undelivered rest gives back
+    before the refund rule's share. Rounded to the currency's minor unit."""
+    unused_from = max(since, reservation.starts_at)
+    seconds = max(0, int((reservation.ends_at - unused_from).total_seconds()))
+    held = max(
+        0,
+        reservation.gpu_count * seconds
+        - sold_gpu_seconds(reservation=reservation, since=unused_from),
+    )
+    return min(
+        reservation.total_amount,
+        period_total(
+            price_per_gpu_hour=reservation.price_per_gpu_hour,
+            gpu_count=1,
+            seconds=held,
+            currency=reservation.currency,
+        ),
+    )

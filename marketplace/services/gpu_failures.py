@@ -21,7 +21,7 @@ reservation holding a failed GPU, under its row lock:
 
 import logging
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from django.db import transaction
 from django.db.models import F, Value
@@ -42,6 +42,7 @@ from marketplace.models import (
 from marketplace.models.events import EventType
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.provisioning.services import allocations_end, placement_generation_raise
+from marketplace.selectors.resale import term_unused_amount
 from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import reservation_transition
@@ -73,15 +74,10 @@ def _end(allocations, *, now: datetime) -> None:
 
 
 def undelivered_refund(reservation: Reservation, *, since: datetime) -> Decimal:
-    """The reserved term's price for [since, end): the share of the period not delivered."""
-    period = (reservation.ends_at - reservation.starts_at).total_seconds()
-    left = (reservation.ends_at - max(since, reservation.starts_at)).total_seconds()
-    if period <= 0 or left <= 0:
-        return Decimal("0.00")
-    share = Decimal(int(left)) / Decimal(int(period))
-    return (Decimal(reservation.total_amount) * share).quantize(
-        Decimal("0.01"), rounding=ROUND_HALF_UP
-    )
+    """The reserved term's price for [since, end) not delivered, less what of it was resold
+    (its buyer keeps that time and pays the holder for it): the one rule cancelling uses too
+    (marketplace.selectors.resale.term_unused_amount)."""
+    return term_unused_amount(reservation, since=since)
 
 
 @transaction.atomic

@@ -57,7 +57,7 @@ from marketplace.selectors.availability import (
     site_model_offer,
 )
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
-from marketplace.selectors.resale import resale_breakdown, sold_gpu_seconds
+from marketplace.selectors.resale import resale_breakdown, term_unused_amount
 from marketplace.services.allocation import allocation_place, curtailment_headroom_take
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
@@ -124,19 +124,8 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
     refusal = reservation_action_refusal(reservation, "cancel", at=at)
     if refusal:
         raise InvalidTransition(refusal, code="cancel_not_allowed")
-    unused_from = max(at, reservation.starts_at)
-    unused_seconds = max(0, int((reservation.ends_at - unused_from).total_seconds()))
     # Time resold to someone else is no longer the holder's to give back: its sale pays them.
-    sold = sold_gpu_seconds(reservation=reservation, since=unused_from)
-    unused = min(
-        reservation.total_amount,
-        period_total(
-            price_per_gpu_hour=reservation.price_per_gpu_hour,
-            gpu_count=1,
-            seconds=max(0, reservation.gpu_count * unused_seconds - sold),
-            currency=reservation.currency,
-        ),
-    )
+    unused = term_unused_amount(reservation, since=at)
     notice = reservation.starts_at - at
     if reservation.tier != Tier.RESERVED:
         fraction = Decimal("1")

@@ -123,7 +123,7 @@ def test_a_term_that_fails_when_moved_off_a_failed_gpu_gets_its_undelivered_rest
     S = ReservationStatus
     term = make_reservation(org, tier=Tier.RESERVED, gpu_count=1, starts_at=T0, hours=168,
                             status=S.FAILED, activated_at=T0, released_at=T0 + timedelta(days=2),
-                            total=Decimal("168.00"))  # fmt: skip
+                            price=Decimal("1.0000"), total=Decimal("168.00"))  # fmt: skip
     _history(term, (S.ACTIVE, S.PROVISIONING), (S.PROVISIONING, S.FAILED))
     assert cancellations_due() == [term.pk]
 
@@ -139,7 +139,7 @@ def test_a_term_whose_own_workload_ended_it_gets_nothing_back(org):
     S = ReservationStatus
     term = make_reservation(org, tier=Tier.RESERVED, gpu_count=1, starts_at=T0, hours=168,
                             status=S.FAILED, activated_at=T0, released_at=T0 + timedelta(days=2),
-                            total=Decimal("168.00"))  # fmt: skip
+                            price=Decimal("1.0000"), total=Decimal("168.00"))  # fmt: skip
     _history(term, (S.ACTIVE, S.FAILED))
 
     assert cancellations_due() == []

@@ -1,7 +1,8 @@
-"""Money of a sale whose seller's term ended before the buyer's window: defects found by the
-resale probe whose cause lies outside the resale modules (billing/services/credits.py,
-marketplace/services/reservations.py), kept here as strict expected failures so the fix
-shows up (an unexpected pass fails the run: then drop the marker)."""
+"""Money of a sale whose seller's term ended before the buyer's window: a term refunded for
+what it will not run is never refunded the window a buyer holds (the buyer pays the seller
+for it). One case is still open and kept as a strict expected failure (an unexpected pass
+fails the run: then drop the marker): a cancelled term's sold window that the buyer then gives
+back unused is neither refunded nor paid for."""
 
 from datetime import timedelta
 
@@ -51,11 +52,6 @@ def test_a_cancelled_term_whose_sold_window_is_given_back_unused_is_refunded_for
     assert _given_back_minor(m.seller) == int(term.total_amount * 100)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="billing/services/credits.cancellation_settle refunds a never-delivered failed term "
-    "in full, its sold window too, while the buyer keeps that window and pays the seller for it",
-)
 def test_a_term_that_failed_before_it_began_is_not_refunded_the_window_a_buyer_holds():
     m = market(starts_at=timezone.now() + timedelta(days=10))
     lst = listing(m, gpus=8, start_h=24, hours=24)
@@ -70,3 +66,19 @@ def test_a_term_that_failed_before_it_began_is_not_refunded_the_window_a_buyer_h
 
     assert len(live_rows(bought)) == 8  # the buyer keeps its window, and will pay for it
     assert _given_back_minor(m.seller) == int((term.total_amount - sold_share) * 100)
+
+
+def test_a_failed_terms_undelivered_rest_leaves_out_the_window_a_buyer_holds():
+    """A term ended by a failure gets back what it will not run, not the window it resold
+    (its buyer keeps it and pays the seller for it): the rule cancelling uses too."""
+    from marketplace.services.gpu_failures import undelivered_refund
+
+    m = market(starts_at=timezone.now() + timedelta(days=10))
+    term = Reservation.objects.get(pk=m.term.pk)
+    whole = undelivered_refund(term, since=term.starts_at)
+    assert whole == term.total_amount
+    buy(m, listing(m, gpus=8, start_h=24, hours=24))
+
+    sold_share = term.price_per_gpu_hour * 8 * 24
+    assert undelivered_refund(term, since=term.starts_at) == whole - sold_share
+    assert cancellation_terms(term).unused_amount == whole - sold_share
