@@ -69,6 +69,13 @@ class FundingGate(Protocol):
         """Per sold resale listing: (proceeds credited to the seller, fees taken) so far, in
         major units (absent: nothing yet)."""
 
+    def resale_window_returned(
+        self, *, seller: Reservation, listing_id: int, gpu_seconds: int
+    ) -> None:
+        """`seller`'s term has ended (cancelled, failed) and was refunded its unused rest less
+        the windows it resold; `gpu_seconds` of listing `listing_id`'s window came back unused
+        from its buyer, in the caller's transaction: refund them on the same terms, once."""
+
 
 class AllowAllFundingGate:
     def reservation_authorize(self, **kwargs) -> None:
@@ -88,6 +95,9 @@ class AllowAllFundingGate:
 
     def resale_settled(self, **kwargs) -> dict[int, tuple[Decimal, Decimal]]:
         return {}
+
+    def resale_window_returned(self, **kwargs) -> None:
+        return None
 
 
 _gate: FundingGate = AllowAllFundingGate()

@@ -70,6 +70,7 @@ from billing.services.usage import (
     outage_intervals,
     reserved_base_charge,
 )
+from config.currency import money_round
 from config.errors import ValidationFailed
 from marketplace.models import (
     CurtailmentVictim,
@@ -81,6 +82,7 @@ from marketplace.models import (
 )
 from marketplace.selectors.resale import term_unused_amount
 from marketplace.services.audit import audit_record
+from marketplace.services.pricing import period_total
 
 __all__ = [
     "SLA_TARGET",
@@ -97,6 +99,7 @@ __all__ = [
     "cancellations_due",
     "curtailment_forced_credit_issue",
     "curtailment_forced_credits_due",
+    "resale_window_return_refund",
 ]
 
 SLA_TARGET = Decimal("0.995")
@@ -414,6 +417,46 @@ def _failed_reprovisioning_q() -> Q:
 
 def _failed_reprovisioning(reservation: Reservation) -> bool:
     return Reservation.objects.filter(pk=reservation.pk).filter(_failed_reprovisioning_q()).exists()
+
+
+def resale_window_return_refund(
+    *, seller: Reservation, listing_id: int, gpu_seconds: int
+) -> LedgerEntry | None:
+    """A window a reserved term resold came back unused after the term ended (cancelled,
+    failed): its refund left that window out (its sale was to pay for it), so it is refunded
+    now on the same terms: the share the cancellation stated (refund_fraction), all of it for
+    a term that failed. Once per listing; the caller holds the seller's row lock."""
+    terms = seller.cancellation or {}
+    if seller.status == ReservationStatus.FAILED:
+        fraction = Decimal(1)
+    elif "refund_fraction" in terms:
+        fraction = Decimal(str(terms["refund_fraction"]))
+    else:
+        return None
+    amount = money_round(
+        period_total(
+            price_per_gpu_hour=seller.price_per_gpu_hour,
+            gpu_count=1,
+            seconds=gpu_seconds,
+            currency=seller.currency,
+        )
+        * fraction,
+        seller.currency,
+    )
+    amount_minor = to_minor_units(amount, seller.currency)
+    if amount_minor <= 0:
+        return None
+    entry, created = ledger_entry_add(
+        organization=seller.organization,
+        kind=LedgerKind.CREDIT,
+        amount_minor=amount_minor,
+        currency=seller.currency,
+        idempotency_key=f"resale-return:{listing_id}",
+        reservation=seller,
+        description=f"Resold time given back unused after the term ended: {gpu_seconds} "
+        f"GPU-seconds refunded at {fraction * 100:.0f} %, as the term's own refund.",
+    )
+    return entry if created else None
 
 
 def cancellations_due() -> list[int]:

@@ -33,7 +33,7 @@ from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, hold_minor_units, to_minor_units
 from billing.selectors import month_start, reservations_charged, spend_minor
 from billing.services.accounts import billing_account_get_or_create
-from billing.services.credits import cancellation_settle
+from billing.services.credits import cancellation_settle, resale_window_return_refund
 from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
@@ -294,6 +294,11 @@ class BillingFundingGate:
 
     def resale_settled(self, *, listing_ids: list[int]) -> dict[int, tuple[Decimal, Decimal]]:
         return resale_settled(listing_ids=listing_ids)
+
+    def resale_window_returned(
+        self, *, seller: Reservation, listing_id: int, gpu_seconds: int
+    ) -> None:
+        resale_window_return_refund(seller=seller, listing_id=listing_id, gpu_seconds=gpu_seconds)
 
 
 def _recharge_kick(account: BillingAccount, needed_minor: int, amount_minor: int) -> bool:

@@ -34,6 +34,7 @@ from psycopg.types.range import Range
 
 from config.errors import Conflict, NotAvailable, NotFound, ValidationFailed
 from inventory.models import Gpu, GpuHealth, Node
+from marketplace.funding import funding_gate
 from marketplace.models import (
     LIVE_STATUSES,
     RESALE_TIERS,
@@ -71,6 +72,9 @@ DEFAULT_RESALE_FEE_PCT = Decimal("10")
 _PRICE_QUANTUM = Decimal("0.0001")
 # The statuses in which a term can list, sell and take back time (a releasing one is ending).
 _TAKES_BACK = frozenset(LIVE_STATUSES) - {ReservationStatus.RELEASING}
+# Ended terms whose unused rest was refunded less the windows they resold: a window a buyer
+# gives back unused is refunded to them on the same terms (billing's funding gate).
+_REFUNDED_ENDS = frozenset({ReservationStatus.CANCELLED, ReservationStatus.FAILED})
 
 
 def resale_fee_pct() -> Decimal:
@@ -793,7 +797,7 @@ def resale_return_lock(*, buyer: Reservation, now: datetime) -> ResaleListing | 
     if sale is None or now >= sale[2]:
         return None
     seller = Reservation.objects.select_for_update().get(pk=sale[1])
-    if seller.status not in _TAKES_BACK:
+    if seller.status not in _TAKES_BACK and seller.status not in _REFUNDED_ENDS:
         return None
     listing = ResaleListing.objects.select_for_update().get(pk=sale[0])
     if listing.status != ListingStatus.SOLD or now >= listing.ends_at:
@@ -815,6 +819,8 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
     nothing is returned. Returns whether time was returned."""
     seller = listing.reservation
     returned_from = max(now, listing.starts_at)
+    if seller.status not in _TAKES_BACK:
+        return _ended_term_window_return(listing, returned_from=returned_from)
     try:
         with transaction.atomic():
             returned = _sold_gpus_return(
@@ -844,6 +850,25 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
         # listed them (a buyer booking and cancelling takes nothing off sale for good).
         events.append((EventType.LISTING_CREATED, _relist(listing, gpus=returned)))
     listing_events_record(events=events)
+    return True
+
+
+def _ended_term_window_return(listing: ResaleListing, *, returned_from: datetime) -> bool:
+    """The seller's term ended (cancelled, failed) with its unused rest refunded less this
+    window: the window the buyer gives back is no longer sold (narrowed, or `returned`), and
+    the seller is refunded its GPU-seconds on the terms the term's own refund took (billing's
+    funding gate, once). Its GPUs are not the term's again: it has ended."""
+    seller = listing.reservation
+    gpu_seconds = listing.gpu_count * int((listing.ends_at - returned_from).total_seconds())
+    if returned_from == listing.starts_at:
+        listing.status = ListingStatus.RETURNED
+    else:
+        listing.ends_at = returned_from
+    listing.save(update_fields=["status", "ends_at", "updated_at"])
+    funding_gate().resale_window_returned(
+        seller=seller, listing_id=listing.pk, gpu_seconds=gpu_seconds
+    )
+    listing_events_record(events=[(EventType.LISTING_RETURNED, listing)])
     return True
 
 

@@ -1,8 +1,7 @@
 """Money of a sale whose seller's term ended before the buyer's window: a term refunded for
 what it will not run is never refunded the window a buyer holds (the buyer pays the seller
-for it). One case is still open and kept as a strict expected failure (an unexpected pass
-fails the run: then drop the marker): a cancelled term's sold window that the buyer then gives
-back unused is neither refunded nor paid for."""
+for it), and a window a buyer gives back unused after the term ended is refunded to it on
+the terms its own refund took."""
 
 from datetime import timedelta
 
@@ -29,11 +28,6 @@ def _given_back_minor(org) -> int:
     return entries.aggregate(s=Sum("amount_minor"))["s"] or 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/reservations.cancellation_terms keeps the sold window out of the refund "
-    "and nothing credits it when the buyer gives it back unused to the cancelled term",
-)
 def test_a_cancelled_term_whose_sold_window_is_given_back_unused_is_refunded_for_it():
     m = market(starts_at=timezone.now() + timedelta(days=10))
     lst = listing(m, gpus=8, start_h=24, hours=24)

@@ -266,19 +266,24 @@ def test_a_buyer_whose_window_passes_gives_nothing_back():
     assert overlapping_live_pairs() == 0
 
 
-def test_nothing_is_returned_to_a_term_that_ended_meanwhile():
+def test_a_term_that_ended_meanwhile_gets_no_gpus_back_but_is_refunded_the_window():
     m = market(starts_at=timezone.now() + timedelta(days=10))
     lst = listing(m, gpus=8, start_h=24, hours=24)
     bought = buy(m, lst)
-    reservation_cancel(reservation=m.term, actor_label="seller")
-    sold = ResaleListing.objects.filter(pk=lst.pk).values_list("status", "starts_at", "ends_at")
-    before = list(sold)
+    reservation_cancel(reservation=m.term, actor_label="seller")  # 10 days' notice: 100 %
+    refunds = LedgerEntry.objects.filter(reservation=m.term, kind=LedgerKind.CREDIT)
+    assert refunds.aggregate(s=Sum("amount_minor"))["s"] == (
+        _unused_before_start(_term(m), sold_gpu_hours=8 * 24) * 100
+    )
 
     reservation_cancel(reservation=bought, actor_label="buyer")
 
-    assert list(sold) == before
-    assert before[0][0] == ListingStatus.SOLD
-    assert not Event.objects.filter(type="listing.returned").exists()
+    lst.refresh_from_db()
+    assert lst.status == ListingStatus.RETURNED  # no longer sold: nobody pays for it
+    assert Event.objects.filter(type="listing.returned", object_id=lst.public_id).exists()
+    assert not ResaleListing.objects.filter(parent=lst).exists()  # an ended term lists nothing
+    # The window comes back as money, on the terms the term's own refund took: all of it.
+    assert refunds.aggregate(s=Sum("amount_minor"))["s"] == _term(m).total_amount * 100
     assert live_rows(_term(m)) == []
     # The GPUs are the operator's again, to sell at its price.
     assert _third_books(m).status == ReservationStatus.PENDING
