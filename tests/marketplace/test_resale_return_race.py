@@ -12,7 +12,6 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
-
 from marketplace.models import ListingStatus, Reservation, ReservationStatus
 from marketplace.services.pricing import period_total
 from marketplace.services.reservations import reservation_cancel, reservation_create
