@@ -411,6 +411,15 @@ class CancellationTermsApi(_OneReservation):
 
 class ReservationCancelInput(Serializer):
     reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
+    expected_refund_fraction = serializers.DecimalField(
+        required=False,
+        max_digits=4,
+        decimal_places=3,
+        min_value=0,
+        max_value=1,
+        help_text="The refund_fraction cancellation-terms stated: if the rule now gives less "
+        "(a notice boundary passed meanwhile), 409 refund_changed and nothing changes.",
+    )
 
 
 class ReservationCancelApi(_OneReservation):
@@ -428,6 +437,7 @@ class ReservationCancelApi(_OneReservation):
             reservation=reservation,
             actor_label=self.org_context.actor_label,
             reason=data["reason"],
+            expected_refund_fraction=data.get("expected_refund_fraction"),
         )
         return Response(_detail(self.organization, reservation.public_id))
 

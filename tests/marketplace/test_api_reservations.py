@@ -329,6 +329,26 @@ def test_cancellation_terms_are_shown_then_applied(owner_client, market):
     assert Allocation.objects.filter(is_live=True).count() == 0
 
 
+def test_a_cancel_naming_the_refund_it_was_shown_is_refused_if_it_shrank(owner_client, market):
+    start = tomorrow() + timedelta(days=2)
+    created = make_reservation(owner_client, tier="reserved", term="1w", starts_at=iso(start),
+                               ends_at=iso(start + timedelta(days=7)))  # fmt: skip
+    url = f"/api/v1/reservations/{created['id']}"
+    terms = owner_client.get(f"{url}/cancellation-terms").json()
+    assert terms["refund_fraction"] == "0.50"  # days' notice, under a week: half
+
+    # As if the terms were read when a full refund was due (a boundary passed since).
+    refused = owner_client.post(f"{url}/cancel", {"expected_refund_fraction": "1"}, format="json")
+    assert assert_error(refused, 409, "refund_changed")
+    assert owner_client.get(url).json()["status"] == "pending"
+    bad = owner_client.post(f"{url}/cancel", {"expected_refund_fraction": "2"}, format="json")
+    assert_error(bad, 400, field="expected_refund_fraction")
+
+    done = owner_client.post(f"{url}/cancel", {"expected_refund_fraction": "0.5"}, format="json")
+    assert done.status_code == 200, done.content
+    assert done.json()["cancellation"]["refund_fraction"] == "0.5"
+
+
 def test_an_action_not_allowed_gets_409_with_the_reason(owner_client, market):
     created = make_reservation(owner_client)
     url = f"/api/v1/reservations/{created['id']}"
