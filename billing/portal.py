@@ -7,7 +7,7 @@ changes nothing.
 """
 
 import csv
-from datetime import timedelta
+from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django import forms
@@ -38,10 +38,8 @@ from billing.selectors import (
     statement_month,
     statement_months,
     top_ups_for_org,
-    usage_by_reservation_day,
+    usage_page,
     usage_row_energy,
-    usage_unbooked_by_reservation_day,
-    usage_with_unbooked,
 )
 from billing.services.accounts import billing_account_get_or_create, billing_settings_update
 from billing.services.funding import committed_hold_minor
@@ -359,7 +357,35 @@ class PaymentMethodDefaultView(BillingPage):
 
 
 class PaymentMethodRemoveView(BillingPage):
+    """GET asks for confirmation, saying what removing the card changes; POST removes it."""
+
     read_roles = MONEY_ROLES
+
+    def get(self, request, payment_method_id: str):
+        methods = list(payment_methods_for_org(organization=self.organization))
+        card = next(
+            (pm for pm in methods if pm.stripe_payment_method_id == payment_method_id), None
+        )
+        if card is None:  # gone already, or another organisation's: as the service says
+            raise Http404("No such payment method.")
+        account = billing_account_for_org(organization=self.organization)
+        is_default = bool(account) and account.default_payment_method_id == payment_method_id
+        others = sorted(
+            (pm for pm in methods if pm.pk != card.pk), key=lambda pm: (pm.created_at, pm.pk)
+        )
+        return self.render(
+            request,
+            "payment_method_remove.html",
+            {
+                "card": card,
+                "is_default": is_default,
+                # The service makes the newest remaining card the default.
+                "replacement": others[-1] if is_default and others else None,
+                "auto_recharge_stops": is_default
+                and not others
+                and bool(account and account.auto_recharge_enabled),
+            },
+        )
 
     def post(self, request, payment_method_id: str):
         try:
@@ -423,7 +449,10 @@ class TopUpView(BillingPage):
 
 
 class UsageView(BillingPage):
-    """Usage by reservation and UTC day, and the ledger, newest first, page by page."""
+    """Usage by reservation and UTC day, newest first, USAGE_PAGE_SIZE rows a page (keyset
+    pages over billing.selectors.usage_page, as the API's), and the ledger, page by page."""
+
+    USAGE_PAGE_SIZE = 200
 
     @replica_reads
     def get(self, request):
@@ -431,18 +460,7 @@ class UsageView(BillingPage):
         since = until = None
         if form.is_valid():
             since, until = form.cleaned_data["since"], form.cleaned_data["until"]
-        unbooked = usage_unbooked_by_reservation_day(
-            organization=self.organization, since=since, until=until
-        )
-        usage = sorted(
-            usage_with_unbooked(
-                usage_by_reservation_day(organization=self.organization, since=since, until=until)[
-                    :1000
-                ],
-                unbooked,
-            ),
-            key=lambda row: (-row["day"].toordinal(), row["reservation__public_id"] or ""),
-        )[:1000]
+        usage, usage_pages = self._usage_page(request, since, until)
         for row in usage:
             # Usage entries take from the balance; the customer reads them as positive charges.
             row["amount_display"] = money(-row["amount_minor"], row["currency"])
@@ -458,9 +476,39 @@ class UsageView(BillingPage):
         return self.render(
             request,
             "usage.html",
-            {"form": form, "usage": usage, "page": page, **self._charts(usage, since, until)},
+            {
+                "form": form,
+                "usage": usage,
+                "usage_pages": usage_pages,
+                "page": page,
+                **self._charts(usage, since, until),
+            },
             status=400 if form.errors else 200,
         )
+
+    def _usage_page(self, request, since, until) -> tuple[list[dict], dict]:
+        """One page of usage rows and the positions of the pages beside it: ?usage_after= (or
+        ?usage_before=) holds the day and reservation of the row the page follows (precedes)."""
+        backwards = "usage_before" in request.GET
+        at = _usage_position(request.GET.get("usage_before" if backwards else "usage_after"))
+        backwards = backwards and at is not None
+        size = self.USAGE_PAGE_SIZE
+        rows = usage_page(
+            organization=self.organization,
+            since=since,
+            until=until,
+            after=at,
+            backwards=backwards,
+            limit=size + 1,
+        )
+        more = len(rows) > size
+        rows = rows[:size][:: -1 if backwards else 1]
+        has_older = more if not backwards else at is not None
+        has_newer = at is not None if not backwards else more
+        return rows, {
+            "older": _usage_key(rows[-1]) if has_older and rows else None,
+            "newer": _usage_key(rows[0]) if has_newer and rows else None,
+        }
 
     CHART_DAYS = 30
 
@@ -521,6 +569,19 @@ class UsageView(BillingPage):
                 },
             },  # fmt: skip
         }
+
+
+def _usage_key(row: dict) -> str:
+    return f"{row['day'].isoformat()} {row['reservation__public_id'] or ''}"
+
+
+def _usage_position(value: str | None) -> tuple[date, str] | None:
+    """A usage page's position from its address; a malformed one is the first page."""
+    day, _, reservation = (value or "").partition(" ")
+    try:
+        return date.fromisoformat(day), reservation
+    except ValueError:
+        return None
 
 
 class InvoicesView(BillingPage):

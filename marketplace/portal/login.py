@@ -35,6 +35,7 @@ from marketplace.services.organizations import password_reset_mail_send
 
 __all__ = [
     "PASSWORD_RESETS_PER_EMAIL",
+    "PasswordResetDoneView",
     "PasswordResetRequestForm",
     "PasswordResetRequestView",
     "SignInForm",
@@ -191,3 +192,15 @@ class PasswordResetRequestView(auth_views.PasswordResetView):
 
     def get_form_kwargs(self):
         return {**super().get_form_kwargs(), "request": self.request}
+
+
+class PasswordResetDoneView(auth_views.PasswordResetDoneView):
+    """The answer to a reset request, stating how long the link works (as configured)."""
+
+    template_name = "portal/password_reset_done.html"
+
+    def get_context_data(self, **kwargs):
+        return {
+            **super().get_context_data(**kwargs),
+            "link_works_for": settings.PASSWORD_RESET_TIMEOUT,
+        }

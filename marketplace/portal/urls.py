@@ -35,7 +35,7 @@ urlpatterns = [
     ),
     path(
         "password-reset/sent",
-        auth_views.PasswordResetDoneView.as_view(template_name="portal/password_reset_done.html"),
+        login.PasswordResetDoneView.as_view(),
         name="password-reset-done",
     ),
     path(
@@ -94,6 +94,11 @@ urlpatterns = [
     path("webhooks", webhooks.WebhooksView.as_view(), name="webhooks"),
     path("audit-log", audit.AuditLogView.as_view(), name="audit-log"),
     path("webhooks/<str:public_id>", webhooks.WebhookView.as_view(), name="webhook"),
+    path(
+        "webhooks/<str:public_id>/delete",
+        webhooks.WebhookDeleteView.as_view(),
+        name="webhook-delete",
+    ),
     path(
         "ssh-keys/<str:public_id>/delete",
         ssh_keys.SshKeyDeleteView.as_view(),

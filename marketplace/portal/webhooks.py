@@ -12,6 +12,7 @@ from django.views import View
 
 from config.errors import ApplicationError
 from config.once import once_or_refused
+from marketplace.models import DeliveryStatus
 from marketplace.portal.forms import WebhookEndpointForm
 from marketplace.portal.mixins import PortalView, show_error
 from marketplace.selectors.webhooks import (
@@ -93,7 +94,7 @@ def render_endpoint(request, organization, endpoint, *, new_secret=None, status=
 
 class WebhookView(_WebhookView):
     """GET shows an endpoint and its latest deliveries; POST takes action=enable, disable,
-    rotate, delete or resend (with delivery=whd_…)."""
+    rotate, delete (asked first on WebhookDeleteView's page) or resend (with delivery=whd_…)."""
 
     def get(self, request, public_id: str):
         endpoint = webhook_endpoint_get_for_org(organization=self.organization, public_id=public_id)
@@ -134,3 +135,19 @@ class WebhookView(_WebhookView):
             messages.error(request, "Unknown action.")
             return render_endpoint(request, self.organization, endpoint, status=400)
         return redirect("portal:webhook", public_id=endpoint.public_id)
+
+
+class WebhookDeleteView(_WebhookView):
+    """GET asks for confirmation, saying what is lost; its form posts action=delete to the
+    endpoint's page (WebhookView)."""
+
+    def get(self, request, public_id: str):
+        endpoint = webhook_endpoint_get_for_org(organization=self.organization, public_id=public_id)
+        pending = (
+            webhook_delivery_list_for_endpoint(endpoint=endpoint)
+            .filter(status=DeliveryStatus.PENDING)
+            .count()
+        )
+        return render(
+            request, "portal/webhook_delete.html", {"endpoint": endpoint, "pending": pending}
+        )

@@ -286,6 +286,46 @@ def test_a_member_cannot_remove_a_card(org, member_client):
     assert PaymentMethod.objects.get().detached_at is None
 
 
+def test_removing_a_card_asks_first_and_says_what_changes(org, owner_client):
+    """The card list's Remove opens a confirmation page (no one-click removal); it names the
+    card that takes over as default, or that automatic recharge stops with the last card."""
+    older = PaymentMethod.objects.create(
+        organization=org, stripe_payment_method_id="pm_old", brand="visa", last4="1111"
+    )
+    newer = PaymentMethod.objects.create(
+        organization=org, stripe_payment_method_id="pm_new", brand="mastercard", last4="2222"
+    )
+    BillingAccount.objects.filter(organization=org).update(
+        default_payment_method_id="pm_old", auto_recharge_enabled=True
+    )
+
+    listed = owner_client.get("/billing/payment-methods").content.decode()
+    default = owner_client.get("/billing/payment-methods/pm_old/remove")
+    other = owner_client.get("/billing/payment-methods/pm_new/remove").content.decode()
+    newer.delete()
+    last = owner_client.get("/billing/payment-methods/pm_old/remove").content.decode()
+    theirs = MembershipFactory(user__password="!").organization
+    PaymentMethod.objects.create(organization=theirs, stripe_payment_method_id="pm_theirs")
+
+    assert 'action="/billing/payment-methods/pm_old/remove"' not in listed
+    assert 'href="/billing/payment-methods/pm_old/remove"' in listed
+    assert default.status_code == 200
+    page = default.content.decode()
+    assert "Remove Visa ending 1111?" in page
+    assert "charged to Mastercard ending 2222 instead" in page
+    assert 'method="post" action="/billing/payment-methods/pm_old/remove"' in page
+    assert "It is not your default card" in other
+    assert "automatic recharge will be turned off" in last
+    assert owner_client.get("/billing/payment-methods/pm_theirs/remove").status_code == 404
+    assert PaymentMethod.objects.get(pk=older.pk).detached_at is None  # asking removes nothing
+
+
+def test_a_member_cannot_open_a_cards_removal_page(org, member_client):
+    PaymentMethod.objects.create(organization=org, stripe_payment_method_id="pm_1", last4="4242")
+
+    assert member_client.get("/billing/payment-methods/pm_1/remove").status_code == 403
+
+
 def test_usage_and_ledger_show_amounts_with_the_currency_and_only_this_org(org, owner_client):
     other = MembershipFactory(user__password="!").organization
     reservation = make_reservation(org, gpu_count=2, activated_at=T0)
@@ -328,6 +368,38 @@ def test_the_ledger_pages_keep_the_usage_dates(org, owner_client):
         second.content.decode()
     )
     assert [e.description for e in second.context["page"].object_list] == ["credit 0"]
+
+
+def test_the_usage_table_pages_through_every_row(org, owner_client, monkeypatch):
+    """The usage table shows every row, a page at a time (it used to drop all but the first
+    thousand rows without a word); the pages keep the period and the ledger's page."""
+    from billing.portal import UsageView
+
+    monkeypatch.setattr(UsageView, "USAGE_PAGE_SIZE", 2)
+    reservation = make_reservation(org, activated_at=T0, hours=96)
+    for hours in range(6, 81, 6):  # metered as it ran: a line a day or less
+        reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=hours))
+    rows = lambda response: [  # noqa: E731
+        (row["day"], row["reservation__public_id"]) for row in response.context["usage"]
+    ]
+
+    first = owner_client.get("/billing/usage", {"since": "2026-01-01", "page": "1"})
+    older = first.context["usage_pages"]["older"]
+    second = owner_client.get("/billing/usage", {"since": "2026-01-01", "usage_after": older})
+    back = owner_client.get(
+        "/billing/usage",
+        {"since": "2026-01-01", "usage_before": second.context["usage_pages"]["newer"]},
+    )
+    tampered = owner_client.get("/billing/usage", {"usage_after": "yesterday x"})
+
+    days = [d for d, _ in rows(first) + rows(second)]
+    assert len(days) == 4 and days == sorted(days, reverse=True)  # every day, newest first
+    assert first.context["usage_pages"]["newer"] is None and older is not None
+    assert second.context["usage_pages"]["older"] is None
+    assert rows(back) == rows(first)
+    html = first.content.decode()
+    assert f"?since=2026-01-01&amp;page=1&amp;usage_after={older.replace(' ', '+')}#usage" in html
+    assert tampered.status_code == 200 and rows(tampered) == rows(first)
 
 
 def test_invoices_link_to_the_hosted_invoice(org, owner_client):

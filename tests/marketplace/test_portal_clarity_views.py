@@ -489,3 +489,16 @@ def test_a_reservation_booked_with_an_api_key_shows_the_keys_name_in_its_history
     html = member_client(org, Role.MEMBER).get(f"/reservations/{reservation.public_id}")
     history = html.content.decode().split('id="history"')[1]
     assert "API key “test key”" in history and ">api<" not in history
+
+
+@pytest.mark.parametrize(("seconds", "said"), [(3600, "1 h 00 min"), (900, "15 min")])
+def test_the_reset_request_answer_states_the_configured_link_lifetime(
+    client, settings, seconds, said
+):
+    """PASSWORD_RESET_TIMEOUT_SECONDS is configurable: the answer to a reset request states it
+    (it said "an hour" whatever was set)."""
+    settings.PASSWORD_RESET_TIMEOUT = seconds
+
+    page = client.get("/password-reset/sent").content.decode()
+
+    assert f"It works once, for {said}." in page and "an hour" not in page

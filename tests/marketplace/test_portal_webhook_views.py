@@ -112,6 +112,33 @@ def test_rotate_disable_and_delete_from_the_portal(org, receiver):
     assert not WebhookEndpoint.objects.exists()
 
 
+def test_deleting_an_endpoint_asks_first_and_says_what_is_lost(org, receiver):
+    """The endpoint page has no one-click Delete: it links to a page that names the endpoint
+    and the deliveries not yet made, whose form deletes it."""
+    endpoint, _ = webhook_endpoint_create(organization=org, url=receiver.url + "/h", event_types=[])
+    other, _ = webhook_endpoint_create(
+        organization=OrganizationFactory(), url=receiver.url + "/o", event_types=[]
+    )
+    api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)
+    pending = WebhookDelivery.objects.filter(endpoint=endpoint, status=DeliveryStatus.PENDING)
+    client = member_client(org, Role.ADMIN)
+    url = f"/webhooks/{endpoint.public_id}"
+
+    page = client.get(url).content.decode()
+    asked = client.get(f"{url}/delete")
+
+    assert 'value="delete"' not in page and f'href="{url}/delete"' in page
+    assert asked.status_code == 200
+    confirm = asked.content.decode()
+    assert endpoint.url in confirm and f'action="{url}"' in confirm
+    assert f"including {pending.count()} deliver" in confirm
+    assert WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()  # asking deletes nothing
+    assert client.get(f"/webhooks/{other.public_id}/delete").status_code == 404
+    assert member_client(org, Role.MEMBER).get(f"{url}/delete").status_code == 403
+    client.post(url, {"action": "delete"})
+    assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
+
+
 def test_staff_resend_from_the_admin(org, receiver, client):
     endpoint, _ = webhook_endpoint_create(organization=org, url=receiver.url + "/h", event_types=[])
     api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)
