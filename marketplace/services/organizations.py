@@ -11,7 +11,6 @@ import hashlib
 import logging
 import secrets
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -22,6 +21,7 @@ from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 from django.utils.encoding import force_bytes
@@ -374,15 +374,14 @@ def password_reset_mail_send(*, user_id: int) -> int:
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     if user is None or not user.has_usable_password() or not user.email:
         return 0
-    site = urlsplit(settings.SITE_URL)
+    uid = urlsafe_base64_encode(force_bytes(user.pk))
+    token = default_token_generator.make_token(user)
+    path = reverse("portal:password-reset-confirm", kwargs={"uidb64": uid, "token": token})
     context = {
-        "email": user.email,
-        "domain": site.netloc,
-        "site_name": "Switchyard",
-        "uid": urlsafe_base64_encode(force_bytes(user.pk)),
         "user": user,
-        "token": default_token_generator.make_token(user),
-        "protocol": site.scheme,
+        # SITE_URL as given, a path under it included, as the invitation links are.
+        "url": settings.SITE_URL.rstrip("/") + path,
+        "link_works_for": settings.PASSWORD_RESET_TIMEOUT,
     }
     subject = " ".join(render_to_string("portal/password_reset_subject.txt", context).split())
     body = render_to_string("portal/password_reset_email.txt", context)

@@ -160,3 +160,17 @@ def test_the_reset_link_is_built_by_the_worker_on_site_url(ada, settings, monkey
     (sent,) = mailoutbox
     assert "https://switchyard.example.com/password-reset/" in sent.body
     assert "testserver" not in sent.body
+
+
+def test_the_reset_link_keeps_a_path_under_site_url_and_states_its_lifetime(
+    ada, settings, mailoutbox
+):
+    settings.SITE_URL = "https://example.com/switchyard/"
+    settings.PASSWORD_RESET_TIMEOUT = 15 * 60
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        HttpsClient().post("/password-reset", {"email": "ada@example.com"})
+
+    (sent,) = mailoutbox
+    assert "https://example.com/switchyard/password-reset/" in sent.body
+    assert "works once, for 15 min." in sent.body
