@@ -29,3 +29,37 @@ def test_no_curl_example_has_a_fixed_date():
 
 def test_the_check_sees_the_readmes_curl_examples():
     assert any("curl" in line for _, _, line in _command_lines())
+
+
+# A booking's time given as a literal (`--start 2027-01-04…`, `ends_at="2026-12-24…"`) in an
+# SDK or CLI example: once that day has passed, the copied example is refused. (`--since` and
+# `--until` of an export are in the past on purpose.)
+_BOOKING_TIME = re.compile(
+    r"""(?:--start|--end|\bstarts?_at|\bends?_at|\bstart|\bend)[ =:]+["']?20\d\d-\d\d-\d\d"""
+)
+
+
+def _code_lines():
+    for page in [ROOT / "README.md", ROOT / "client" / "README.md",
+                 *sorted((ROOT / "docs").glob("**/*.md"))]:  # fmt: skip
+        in_block = False
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                in_block = not in_block
+            elif in_block:
+                yield page.relative_to(ROOT), number, line
+
+
+def test_no_sdk_or_cli_example_books_a_fixed_date():
+    stale = [
+        f"{page}:{number}: {line.strip()}"
+        for page, number, line in _code_lines()
+        if _BOOKING_TIME.search(line)
+    ]
+    assert stale == []
+
+
+def test_the_check_sees_the_sdk_and_cli_examples():
+    lines = [line for _, _, line in _code_lines()]
+    assert any("sy.quotes.create(" in line for line in lines)
+    assert any(line.startswith("switchyard reserve") for line in lines)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from switchyard import errors
 from switchyard.client import DEFAULT_BASE_URL, Client
@@ -95,17 +97,17 @@ def _out(state: State, data, columns: list[str], title: str | None = None) -> No
     if state.as_json:
         click.echo(json.dumps(plain if isinstance(data, list) else plain[0], indent=2))
         return
-    table = Table(title=title)
+    table = Table(title=title)  # cells as Text: values are data, never rich markup
     if isinstance(data, list):
         for column in columns:
             table.add_column(column)
         for item in plain:
-            table.add_row(*[_cell(item, c) for c in columns])
+            table.add_row(*[Text(_cell(item, c)) for c in columns])
     else:
         table.add_column("field")
         table.add_column("value", overflow="fold")
         for column in columns:
-            table.add_row(column, _cell(plain[0], column))
+            table.add_row(column, Text(_cell(plain[0], column)))
     # Piped or captured output is not cut to 80 columns.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
@@ -126,7 +128,11 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except errors.SwitchyardError as exc:
-            err_console.print(f"[red]Error:[/red] {exc}", highlight=False)
+            # Escaped: the message may echo input ("Unknown event type '[/x]'"), not markup.
+            request = f" [dim](request {escape(exc.request_id)})[/dim]" if exc.request_id else ""
+            err_console.print(
+                f"[red]Error:[/red] {escape(str(exc))}{request}", highlight=False, soft_wrap=True
+            )
             code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
             ctx.exit(code)
 
@@ -168,8 +174,17 @@ def gpus():
     """GPU availability."""
 
 
+def _time(value: str, option: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO time (2027-01-04T00:00:00+00:00).", param_hint=option
+        ) from None
+
+
 def _period(start: str | None, hours: float | None, end: str | None) -> tuple[str, str]:
-    starts = datetime.fromisoformat(start) if start else datetime.now(UTC)
+    starts = _time(start, "--start") if start else datetime.now(UTC)
     if end:
         return starts.isoformat(), end
     return starts.isoformat(), (starts + timedelta(hours=hours or 1)).isoformat()
@@ -325,7 +340,7 @@ def extend(state, reservation_id, ends_at, hours):
         if not hours:
             raise click.UsageError("Give --ends-at or --hours.")
         current = state.client.reservations.retrieve(reservation_id)
-        ends = datetime.fromisoformat(current.ends_at.replace("Z", "+00:00"))
+        ends = _parse_time(current.ends_at)
         ends_at = (ends + timedelta(hours=hours)).isoformat()
     result = state.client.reservations.extend(reservation_id, ends_at=ends_at)
     _out(state, result, RESERVATION_COLUMNS, "Reservation")
@@ -358,6 +373,11 @@ def events():
     """The organisation's events."""
 
 
+# An event is stamped inside its change's transaction, so it can become visible after a
+# later-stamped one: each poll looks back this far and skips the ids already printed.
+TAIL_LOOKBACK = timedelta(minutes=1)
+
+
 @events.command("tail")
 @click.option("--type", "types", multiple=True, help="Only these types (repeatable).")
 @click.option("--since", help="Start after this time (ISO); default now.")
@@ -366,19 +386,33 @@ def events():
 @click.pass_obj
 def events_tail(state, types, since, interval, once):
     """Follow new events, oldest first (Ctrl-C to stop)."""
-    cursor = since or datetime.now(UTC).isoformat()
+    floor = _time(since, "--since") if since else datetime.now(UTC)
+    if floor.tzinfo is None:
+        floor = floor.replace(tzinfo=UTC)  # the API reads a time without an offset as UTC
+    after = floor
+    printed: dict[str, datetime] = {}  # id → created, for the ids still inside the look-back
     while True:
-        new = list(state.client.events.list(type=list(types) or None, created_after=cursor))
+        new = list(
+            state.client.events.list(type=list(types) or None, created_after=after.isoformat())
+        )
         for event in reversed(new):
+            if event.id in printed:
+                continue
+            printed[event.id] = _parse_time(event.created)
             if state.as_json:
                 click.echo(json.dumps(event.to_dict()))
             else:
                 click.echo(f"{event.created}  {event.type:<36} {event.object_id}  {event.id}")
-        if new:
-            cursor = new[0].created
         if once:
             return
+        if printed:
+            after = max(floor, max(printed.values()) - TAIL_LOOKBACK)
+            printed = {i: created for i, created in printed.items() if created > after}
         time.sleep(interval)
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @main.group()
@@ -543,10 +577,17 @@ def usage_export(state, since, until, ledger, output):
     billing = state.client.billing
     chunks = (billing.ledger_csv if ledger else billing.usage_csv)(since=since, until=until)
     if output:
-        with open(output, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        err_console.print(f"Wrote {output}")
+        # Written beside it and renamed when complete: a refused or broken download leaves
+        # an existing file as it was, never empty or cut short.
+        partial = Path(output).with_name(f".{Path(output).name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+            os.replace(partial, output)
+        finally:
+            partial.unlink(missing_ok=True)
+        err_console.print(f"Wrote {escape(output)}")
     else:
         out = sys.stdout.buffer
         for chunk in chunks:

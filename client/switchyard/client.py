@@ -113,19 +113,46 @@ class Client:
         idempotency_key: str | None = None,
         raw: bool = False,
     ) -> Any:
+        response = self._send(method, path, params=params, json=json,
+                              idempotency_key=idempotency_key)  # fmt: skip
+        if raw:
+            return response
+        return None if response.status_code == 204 else response.json()
+
+    def stream(self, path: str, params: dict | None = None) -> Iterator[bytes]:
+        """A GET's body in chunks (the CSV exports), retried as any request until it starts."""
+        response = self._send("GET", path, params=params, stream=True)
+        try:
+            yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"The download from {self.base_url} broke off: {exc}") from exc
+        finally:
+            response.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        json: Any = None,
+        idempotency_key: str | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """The one request path: a 2xx/3xx response, or the error raised after the retries."""
         headers = {}
         if method == "POST":
             headers["Idempotency-Key"] = idempotency_key or str(uuid.uuid4())
         attempt = 0
         while True:
+            request = self._http.build_request(
+                method, path.lstrip("/"), params=_clean(params or {}), json=json, headers=headers
+            )
             try:
-                response = self._http.request(
-                    method,
-                    path.lstrip("/"),
-                    params=_clean(params or {}),
-                    json=json,
-                    headers=headers,
-                )
+                response = self._http.send(request, stream=stream)
+                if stream and response.status_code >= 400:
+                    response.read()  # the error body, then the connection goes back to the pool
+                    response.close()
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise APIConnectionError(f"Could not reach {self.base_url}: {exc}") from exc
@@ -133,15 +160,15 @@ class Client:
                 attempt += 1
                 continue
             if response.status_code < 400:
-                if raw:
-                    return response
-                return None if response.status_code == 204 else response.json()
+                return response
             body = _json_or_text(response)
             if attempt < self.max_retries and _retryable(response, body):
                 self._sleep(attempt, response.headers.get("Retry-After"))
                 attempt += 1
                 continue
-            raise error_from_response(response.status_code, body)
+            raise error_from_response(
+                response.status_code, body, request_id=response.headers.get("Request-Id")
+            )
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         if retry_after is not None:
@@ -413,11 +440,7 @@ class _Billing(_Resource):
         return self._stream("billing/ledger.csv", since=since, until=until)
 
     def _stream(self, path: str, **params) -> Iterator[bytes]:
-        with self._client._http.stream("GET", path, params=_clean(params)) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise error_from_response(response.status_code, _json_or_text(response))
-            yield from response.iter_bytes()
+        return self._client.stream(path, params)
 
     def invoices(self) -> Iterator[ApiObject]:
         return self._list("billing/invoices")

@@ -1,7 +1,8 @@
 """Errors, one class per error `type` of the API's error object (and one for the network).
 
-Every API error carries the parsed fields: status, type, code, field, message (and the raw
-body). Catch SwitchyardError for all of them.
+Every API error carries the parsed fields: status, type, code, field, message, the raw body,
+and request_id (the response's Request-Id, to quote when asking for help). Catch
+SwitchyardError for all of them.
 """
 
 from typing import Any
@@ -31,6 +32,7 @@ class SwitchyardError(Exception):
         code: str | None = None,
         field: str | None = None,
         body: Any = None,
+        request_id: str | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -39,6 +41,7 @@ class SwitchyardError(Exception):
         self.code = code
         self.field = field
         self.body = body
+        self.request_id = request_id
 
     def __str__(self) -> str:
         where = f" ({self.field})" if self.field else ""
@@ -96,10 +99,12 @@ _BY_TYPE: dict[str, type[SwitchyardError]] = {
 }
 
 
-def error_from_response(status: int, body: Any) -> SwitchyardError:
+def error_from_response(
+    status: int, body: Any, *, request_id: str | None = None
+) -> SwitchyardError:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        return APIError(f"HTTP {status}", status=status, body=body)
+        return APIError(f"HTTP {status}", status=status, body=body, request_id=request_id)
     cls = _BY_TYPE.get(error.get("type", ""), APIError)
     exc = cls(
         error.get("message") or f"HTTP {status}",
@@ -108,6 +113,7 @@ def error_from_response(status: int, body: Any) -> SwitchyardError:
         code=error.get("code"),
         field=error.get("field"),
         body=body,
+        request_id=request_id,
     )
     if isinstance(exc, RateLimitError):
         exc.retry_after = error.get("retry_after")

@@ -5,6 +5,9 @@
     event = verify_signature(payload=request.body, header=request.headers["Switchyard-Signature"],
                              secret="whsec_…")
 
+`secret` may also be a list of secrets (the one you use and the one you are rotating to), so a
+receiver can be deployed with both while a rotation is under way and switch at its leisure.
+
 The header is `t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`; after a secret
 rotation it carries one v1 per secret that signs (the new one and each replaced one still in
 its overlap).
@@ -16,6 +19,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["SignatureError", "DEFAULT_TOLERANCE", "sign", "verify_signature"]
@@ -37,7 +41,7 @@ def verify_signature(
     *,
     payload: bytes,
     header: str,
-    secret: str,
+    secret: str | Iterable[str],
     tolerance: int = DEFAULT_TOLERANCE,
     now: float | None = None,
 ) -> dict[str, Any]:
@@ -45,14 +49,25 @@ def verify_signature(
     timestamp, signatures = None, []
     for part in (header or "").split(","):
         name, _, value = part.strip().partition("=")
-        if name == "t" and value.isdigit():
+        # ASCII digits only: int() would also read "١٢٣", and refuse "²" with a ValueError.
+        if name == "t" and value.isascii() and value.isdigit():
             timestamp = int(value)
         elif name == "v1" and value:
             signatures.append(value)
     if timestamp is None or not signatures:
         raise SignatureError("No t=… and v1=… in the Switchyard-Signature header.")
-    expected = hmac.new(secret.encode(), b"%d." % timestamp + payload, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+    secrets_ = [secret] if isinstance(secret, str) else list(secret)
+    # An empty secret (an unset variable) would accept what anyone signs with the empty key.
+    if not secrets_ or not all(isinstance(s, str) and s for s in secrets_):
+        raise ValueError("secret: the endpoint's signing secret (whsec_…), or a list of them.")
+    signed = b"%d." % timestamp + payload
+    expected = [hmac.new(s.encode(), signed, hashlib.sha256).hexdigest().encode() for s in secrets_]
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a "no").
+    if not any(
+        hmac.compare_digest(mac, candidate.encode("ascii", "replace"))
+        for mac in expected
+        for candidate in signatures
+    ):
         raise SignatureError("No signature matches this secret and body.")
     now = time.time() if now is None else now
     if abs(now - timestamp) > tolerance:

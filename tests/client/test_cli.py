@@ -225,3 +225,66 @@ def test_reserve_a_term_sell_part_of_it_and_another_organisation_buys_it(world, 
     assert (sale["id"], sale["sale"]["total"]) == (sold["id"], "144.00")
     table = cli("resale", "sales")
     assert table.exit_code == 0 and sold["id"] in table.output and "144.00" in table.output
+
+
+def test_a_time_that_is_not_iso_is_a_usage_error(cli):
+    result = cli("quote", "--gpu-model", "h100-sxm-80gb", "--start", "tomorrow")
+    assert result.exit_code == 2
+    assert "--start" in result.output and "'tomorrow' is not an ISO time" in result.output
+    assert cli("events", "tail", "--since", "yesterday", "--once").exit_code == 2
+
+
+def test_text_that_looks_like_markup_is_printed_as_it_is(world, cli):
+    refused = cli("webhooks", "create", "http://127.0.0.1:9/hook", "--event", "[/x]")
+    assert refused.exit_code == 2  # the API's 400, not a crash of the error printer
+    assert "[/x]" in refused.output and "(request req_" in refused.output
+    created = cli("webhooks", "create", "http://127.0.0.1:9/a[/x][bold]b")
+    assert created.exit_code == 0
+    listed = cli("webhooks", "list")
+    assert listed.exit_code == 0 and "http://127.0.0.1:9/a[/x][bold]b" in listed.output
+
+
+def test_a_refused_export_leaves_the_file_it_would_replace_as_it_was(cli, tmp_path):
+    out = tmp_path / "november.csv"
+    out.write_text("last month's export\n")
+    result = cli("usage", "export", "--since", "nope", "-o", out)
+    assert result.exit_code == 2
+    assert out.read_text() == "last month's export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["november.csv", "switchyard"]
+
+
+def test_events_tail_prints_an_event_that_became_visible_after_a_later_one(world, cli, monkeypatch):
+    """An event is stamped inside its change's transaction, so one stamped earlier can commit
+    after a later one has been printed: the next poll still prints it, and nothing twice."""
+    from switchyard import cli as cli_module
+
+    from marketplace.models import Event
+
+    since = datetime.now(UTC)
+    first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                           "--start", _start(), "--hours", 2).output)  # fmt: skip
+    printed_first = Event.objects.get(object_id=first["id"])
+
+    class Stop(Exception):
+        pass
+
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 1:  # committed only now, stamped before the event already printed
+            Event.objects.create(
+                organization=world.org, type="reservation.cancelled", object_type="reservation",
+                object_id=first["id"], data={"object": {"id": first["id"]}},
+                created_at=printed_first.created_at - timedelta(milliseconds=5),
+            )  # fmt: skip
+        elif len(polls) == 3:
+            raise Stop
+
+    monkeypatch.setattr(cli_module.time, "sleep", sleep)
+    tailed = CliRunner().invoke(main, ["--json", "events", "tail", "--since", since.isoformat()])
+    assert isinstance(tailed.exception, Stop)
+    assert [json.loads(line)["type"] for line in tailed.output.splitlines()] == [
+        "reservation.created",
+        "reservation.cancelled",
+    ]

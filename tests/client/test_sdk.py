@@ -3,10 +3,12 @@
 
 import hashlib
 import json
+import re
 import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,3 +181,54 @@ def test_the_usage_export_streams_csv(world):
     )
     with pytest.raises(InvalidRequestError):
         b"".join(sy.billing.usage_csv(since="nope"))
+
+
+def test_a_csv_export_from_an_unreachable_api_is_a_connection_error():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sy = Client(api_key="k", base_url=f"http://127.0.0.1:{port}", max_retries=1, backoff=0.01)
+    with pytest.raises(APIConnectionError, match="Could not reach"):
+        b"".join(sy.billing.usage_csv(since="2026-01-01"))
+
+
+def test_a_csv_export_is_retried_after_a_503_like_any_request():
+    """A proxy's 503 before the download starts: retried, then the whole file. (A mock
+    transport: the test server cannot be made to answer 503 once.)"""
+    answers = [
+        httpx.Response(503, text="<html>upstream unavailable</html>"),
+        httpx.Response(200, text="day,reservation\n2026-12-01,res_1\n"),
+    ]
+    sy = Client(api_key="k", transport=httpx.MockTransport(lambda request: answers.pop(0)),
+                backoff=0.01)  # fmt: skip
+    assert b"".join(sy.billing.usage_csv()) == b"day,reservation\n2026-12-01,res_1\n"
+    assert answers == []
+
+
+def test_an_api_error_carries_the_request_id_to_quote(world):
+    sy = _client(world)
+    with pytest.raises(NotFoundError) as missing:
+        sy.reservations.retrieve("res_doesnotexist")
+    assert missing.value.request_id.startswith("req_")
+    with pytest.raises(InvalidRequestError) as export:
+        b"".join(sy.billing.usage_csv(since="nope"))
+    assert export.value.request_id.startswith("req_")
+
+
+def test_the_integrators_guide_sdk_example_runs_as_written(world, capsys):
+    """The Python example of docs/integrators.md, copied as an integrator would: only the key
+    and the address are theirs."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "integrators.md").read_text()
+    (example,) = [
+        block for block in re.findall(r"```python\n(.*?)```", guide, re.S)
+        if "from switchyard import Client" in block
+    ]  # fmt: skip
+    assert 'api_key="sy_live_…", base_url="https://switchyard.example"' in example
+    example = example.replace('api_key="sy_live_…", base_url="https://switchyard.example"',
+                              f"api_key={world.secret!r}, base_url={world.url!r}")  # fmt: skip
+    namespace: dict = {}
+    exec(compile(example, "docs/integrators.md", "exec"), namespace)
+    namespace["sy"].close()
+    reservation = Reservation.objects.get(organization=world.org)
+    assert (reservation.gpu_count, reservation.status) == (8, "cancelled")
+    assert capsys.readouterr().out.split()[1::2] == ["reservation.created"]
