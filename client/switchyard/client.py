@@ -161,13 +161,20 @@ class Client:
                 continue
             if response.status_code < 400:
                 return response
+            if method == "DELETE" and attempt > 0 and response.status_code == 404:
+                # A retry of a delete whose first try arrived but whose answer did not: the
+                # thing is gone, which is what was asked.
+                return response
             body = _json_or_text(response)
             if attempt < self.max_retries and _retryable(response, body):
                 self._sleep(attempt, response.headers.get("Retry-After"))
                 attempt += 1
                 continue
             raise error_from_response(
-                response.status_code, body, request_id=response.headers.get("Request-Id")
+                response.status_code,
+                body,
+                request_id=response.headers.get("Request-Id"),
+                retry_after=response.headers.get("Retry-After"),
             )
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
@@ -268,11 +275,23 @@ class _Reservations(_Resource):
     def retrieve(self, reservation_id: str) -> Reservation:
         return self._get(f"reservations/{reservation_id}", Reservation)
 
-    def cancel(self, reservation_id: str, *, reason: str = "", idempotency_key=None):
+    def cancel(
+        self,
+        reservation_id: str,
+        *,
+        reason: str = "",
+        expected_refund_fraction: str | None = None,
+        idempotency_key=None,
+    ):
+        """Cancel or stop early. `expected_refund_fraction`: the `refund_fraction` that
+        cancellation_terms showed; if the rule now gives less, ConflictError refund_changed and
+        nothing changes."""
+        body = {"reason": reason}
+        if expected_refund_fraction is not None:
+            body["expected_refund_fraction"] = str(expected_refund_fraction)
         return self._post(
-            f"reservations/{reservation_id}/cancel", {"reason": reason}, Reservation,
-            idempotency_key,
-        )  # fmt: skip
+            f"reservations/{reservation_id}/cancel", body, Reservation, idempotency_key
+        )
 
     def extend(self, reservation_id: str, *, ends_at: str, idempotency_key=None) -> Reservation:
         return self._post(

@@ -100,11 +100,16 @@ _BY_TYPE: dict[str, type[SwitchyardError]] = {
 
 
 def error_from_response(
-    status: int, body: Any, *, request_id: str | None = None
+    status: int, body: Any, *, request_id: str | None = None, retry_after: str | None = None
 ) -> SwitchyardError:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        return APIError(f"HTTP {status}", status=status, body=body, request_id=request_id)
+        # Not Switchyard's error body (a proxy's page): its status still says what it is.
+        cls = RateLimitError if status == 429 else APIError
+        exc = cls(f"HTTP {status}", status=status, body=body, request_id=request_id)
+        if isinstance(exc, RateLimitError):
+            exc.retry_after = _seconds(retry_after)
+        return exc
     cls = _BY_TYPE.get(error.get("type", ""), APIError)
     exc = cls(
         error.get("message") or f"HTTP {status}",
@@ -117,4 +122,14 @@ def error_from_response(
     )
     if isinstance(exc, RateLimitError):
         exc.retry_after = error.get("retry_after")
+        if exc.retry_after is None:
+            exc.retry_after = _seconds(retry_after)
     return exc
+
+
+def _seconds(header: str | None) -> float | None:
+    """A Retry-After header given in seconds (an HTTP date is left to the caller)."""
+    try:
+        return float(header) if header is not None else None
+    except ValueError:
+        return None

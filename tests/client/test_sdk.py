@@ -232,3 +232,53 @@ def test_the_integrators_guide_sdk_example_runs_as_written(world, capsys):
     reservation = Reservation.objects.get(organization=world.org)
     assert (reservation.gpu_count, reservation.status) == (8, "cancelled")
     assert capsys.readouterr().out.split()[1::2] == ["reservation.created"]
+
+
+def test_a_proxys_429_is_a_rate_limit_error_with_the_headers_retry_after():
+    from switchyard.errors import RateLimitError
+
+    sy = Client(api_key="k", max_retries=0, transport=httpx.MockTransport(
+        lambda request: httpx.Response(429, text="slow down", headers={"Retry-After": "7"})
+    ))  # fmt: skip
+    with pytest.raises(RateLimitError) as limited:
+        sy.reservations.retrieve("res_1")
+    assert limited.value.retry_after == 7.0
+
+
+def test_a_delete_retried_after_its_answer_was_lost_is_done_when_the_thing_is_gone():
+    """The first try arrived and deleted it, its answer was lost (a 502 from the proxy): the
+    retry's 404 means done, not an error."""
+    answers = [
+        httpx.Response(502, text="bad gateway"),
+        httpx.Response(
+            404,
+            json={
+                "error": {"type": "not_found_error", "code": "not_found", "message": "Not found."}
+            },
+        ),
+    ]
+    sy = Client(api_key="k", backoff=0.01,
+                transport=httpx.MockTransport(lambda request: answers.pop(0)))  # fmt: skip
+    assert sy.ssh_keys.delete("ssh_1") is None
+    assert answers == []
+    with pytest.raises(NotFoundError):  # a first try's 404 is still an error
+        Client(api_key="k", transport=httpx.MockTransport(lambda request: httpx.Response(
+            404, json={"error": {"type": "not_found_error", "message": "Not found."}}))
+        ).ssh_keys.delete("ssh_2")  # fmt: skip
+
+
+def test_cancel_sends_the_refund_it_was_shown():
+    body = {}
+
+    def capture(request):
+        body.update(json.loads(request.content))
+        return httpx.Response(
+            409,
+            json={"error": {"type": "conflict_error", "code": "refund_changed", "message": "x"}},
+        )
+
+    mocked = Client(api_key="k", transport=httpx.MockTransport(capture))
+    with pytest.raises(ConflictError) as changed:
+        mocked.reservations.cancel("res_1", reason="r", expected_refund_fraction="0.5")
+    assert changed.value.code == "refund_changed"
+    assert body == {"reason": "r", "expected_refund_fraction": "0.5"}
