@@ -18,7 +18,7 @@ metered by the second; outages against them are compensated by SLA credits.
 """
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -290,6 +290,10 @@ _DUE_HOURLY = """((a.booked_until < %(hour)s
         AND (a.accrued_minor <> a.booked_minor OR a.gpu_seconds <> a.booked_gpu_seconds
              OR a.booked_until < least(coalesce(r.released_at, r.ends_at), r.ends_at))))"""
 
+# The most UTC days one call books a reservation across (a day a pass); past it the next run
+# goes on from where this one stopped.
+_MAX_DAYS_A_RUN = 400
+
 # One usage line per locked accrual for what it accrued up to its bound and has not booked,
 # and the accrual's booked figures moved by exactly the lines written, in one statement: a
 # crash leaves both or neither. A line whose key exists already (a run racing another) is not
@@ -300,15 +304,21 @@ WITH scope AS (
     SELECT a.reservation_id, a.organization_id, a.currency, a.price_per_gpu_hour,
            a.price_from_gpu_seconds, a.price_from_minor, a.booked_until, a.booked_gpu_seconds,
            a.booked_minor, r.activated_at, r.gpu_count, r.released_at, r.ends_at,
-           CASE WHEN NOT (%(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
-                THEN greatest(a.booked_until, %(hour)s)
-                WHEN %(split)s AND a.booked_until < %(day)s THEN %(day)s
-                ELSE %(now)s END AS bound,
-           %(split)s AND a.booked_until < %(day)s
-               AND (%(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
-               AND least(coalesce(r.released_at, %(now)s), r.ends_at, %(now)s) > %(day)s
-               AS cut
+           CASE WHEN m.crosses THEN m.midnight ELSE m.target END AS bound,
+           m.crosses AS cut
     FROM billing_usageaccrual a JOIN marketplace_reservation r ON r.id = a.reservation_id
+    -- Where the line would end (the hour's bound, or now), and the first UTC midnight after
+    -- what is booked: a line reaching past it is cut there (`cut`), and the caller books on.
+    CROSS JOIN LATERAL (
+        SELECT t.target, t.midnight,
+               %(split)s AND t.midnight
+                   < least(t.target, r.ends_at, coalesce(r.released_at, t.target)) AS crosses
+        FROM (SELECT
+                CASE WHEN NOT (%(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
+                     THEN greatest(a.booked_until, %(hour)s) ELSE %(now)s END AS target,
+                (date_trunc('day', a.booked_until AT TIME ZONE 'UTC') + interval '1 day')
+                    AT TIME ZONE 'UTC' AS midnight) t
+    ) m
     WHERE a.closed_at IS NULL AND {scope}
 ),"""
     + _OUTAGES_CTE
@@ -462,7 +472,6 @@ def usage_book(
     params = _params(
         now,
         hour=hour,
-        day=now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
         minute=now.minute,
         spread=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES,
         ids=list(reservation_ids or []),
@@ -482,18 +491,21 @@ def usage_book(
                 return []
             cur.execute(_BOOK_SQL.format(scope=_IDS_SCOPE, **_OUTS_IDS), params)
         rows = cur.fetchall()
-        # A line booked to `now` would cross midnight when the one before it ended before it
-        # (an end or a state change before the last hour's line was booked): it was cut at
-        # midnight (a row with or without a line), so every line stays in one UTC day and
-        # month (the usage API counts it by day, the SLA by month, where it was used); the
-        # rest is booked now, to `now`.
+        # A line that would cross a UTC midnight (an end or a state change before the last
+        # hour's line was booked, or runs that stopped for a day) was cut at the first one (a
+        # row with or without a line), so every line stays in one UTC day and month (the
+        # usage API counts it by day, the SLA by month, where it was used); the rest is booked
+        # on, a day a pass, up to where it was to end.
         cut = sorted({row[1] for row in rows if row[7]})
-        if cut:
+        for _day in range(_MAX_DAYS_A_RUN):
+            if not cut:
+                break
             cur.execute(_IDS_LOCK_SQL, {**params, "ids": cut})
             cur.fetchall()
-            more = {**params, "ids": cut, "split": False}
-            cur.execute(_BOOK_SQL.format(scope=_IDS_SCOPE, **_OUTS_IDS), more)
-            rows += cur.fetchall()
+            cur.execute(_BOOK_SQL.format(scope=_IDS_SCOPE, **_OUTS_IDS), {**params, "ids": cut})
+            more = cur.fetchall()
+            rows += more
+            cut = sorted({row[1] for row in more if row[7]})
         lines = [BookedUsage(*row[:6]) for row in rows if row[0] is not None]
     if lines:
         charged = sorted({line.reservation_id for line in lines})

@@ -196,6 +196,29 @@ def test_a_reservation_ending_after_midnight_is_booked_on_both_sides_of_it(org, 
     assert sum(g for _s, _e, g in _usage_lines(ended)) == 3 * 3600
 
 
+def test_runs_that_stopped_for_days_book_each_day_apart_when_they_resume(org):
+    # Running since 10:00 two days before MIDNIGHT; nothing booked since its first hour (the
+    # workers were away): the run that resumes books up to its hour with a line per UTC day.
+    hour = timedelta(hours=1)
+    start = MIDNIGHT - 38 * hour
+    running = make_reservation(org, gpu_count=1, price=Decimal("3.6000"), hours=96,
+                               starts_at=start, activated_at=start)  # fmt: skip
+    reservations_book_now(reservation_ids=[running.pk], now=start + hour)
+    resumed = MIDNIGHT + 30 * hour + timedelta(minutes=5)
+
+    reservations_book_now(reservation_ids=[running.pk], now=resumed)
+
+    lines = _usage_lines(running)
+    assert all(s.date() == (e - timedelta(microseconds=1)).date() for s, e, _g in lines), lines
+    assert [(s, e) for s, e, _g in lines[1:]] == [
+        (start + hour, MIDNIGHT - 24 * hour),
+        (MIDNIGHT - 24 * hour, MIDNIGHT),
+        (MIDNIGHT, MIDNIGHT + 24 * hour),
+        (MIDNIGHT + 24 * hour, resumed),
+    ]
+    assert sum(g for _s, _e, g in lines) == int((resumed - start).total_seconds())
+
+
 def test_usage_not_yet_booked_is_shown_in_the_day_it_was_used(org):
     # Booked to 23:00; at 00:10 the usage API shows 23:00-00:10 unbooked: an hour of it on the
     # day before midnight and ten minutes on the new day, as the ledger will book it.
