@@ -366,7 +366,6 @@ def invitation_mail_send(*, invitation_id: int) -> int:
     )
 
 
-@transaction.atomic
 def password_reset_mail_send(*, user_id: int) -> int:
     """E-mail an active account with a password its reset link, built here (the worker's side
     of the portal's reset form: the token never sits in the broker, and the request answers
@@ -388,6 +387,7 @@ def password_reset_mail_send(*, user_id: int) -> int:
     return send_mail(subject, body, None, [user.email])
 
 
+@transaction.atomic
 def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invitation, str]:
     """Invite `email` to the actor's organisation with `role`; returns it and its secret token.
 
