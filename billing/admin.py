@@ -12,6 +12,7 @@ from django.contrib import admin, messages
 from django.db.models import OuterRef, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
@@ -28,7 +29,7 @@ from billing.models import (
     UsageAggregate,
     WebhookEvent,
 )
-from billing.money import from_minor_units
+from billing.money import from_minor_units, to_minor_units_asked
 from billing.selectors import balance_minor
 from billing.services.accounts import (
     billing_account_approve_postpaid,
@@ -37,7 +38,7 @@ from billing.services.accounts import (
 )
 from billing.services.credits import credit_issue
 from billing.services.refunds import refund_create
-from config.admin_base import ReadOnlyAdmin
+from config.admin_base import ReadOnlyAdmin, currency_clean
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
 
@@ -62,6 +63,20 @@ class MoneyForm(forms.Form):
     reason = forms.CharField(widget=forms.Textarea, max_length=2000)
     # Sent twice (a double click, a reload): the money moves once.
     once = OnceField()
+
+    def __init__(self, *args, currency: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.currency = currency
+        self.fields["amount"].label = f"Amount ({currency.upper()})"
+
+    def clean_amount(self) -> Decimal:
+        # The amount typed is the amount moved: 10.50 in yen would be rounded to 11.
+        amount = self.cleaned_data["amount"]
+        try:
+            to_minor_units_asked(amount, self.currency, field="amount")
+        except ApplicationError as exc:
+            raise forms.ValidationError(exc.message) from None
+        return amount
 
 
 _SETTINGS_FIELDS = {  # admin field (minor units) → billing_settings_update's argument (major)
@@ -92,6 +107,9 @@ class BillingAccountAdminForm(forms.ModelForm):
         ):
             changes["auto_recharge_enabled"] = self.cleaned_data["auto_recharge_enabled"]
         return changes
+
+    def clean_currency(self) -> str:
+        return currency_clean(self.cleaned_data.get("currency"))
 
     def clean(self):
         cleaned = super().clean()
@@ -216,9 +234,22 @@ class BillingAccountAdmin(admin.ModelAdmin):
         url = reverse("admin:billing_billingaccount_credit", args=[obj.pk])
         return format_html('<a class="button" href="{}">Issue a credit</a>', url)
 
-    @admin.action(description="Approve postpaid invoicing", permissions=["change"])
+    @admin.action(description="Approve postpaid invoicing…", permissions=["change"])
     def approve_postpaid(self, request, queryset):
-        for account in queryset:
+        """First a page with each account and what the switch does (the admin has no way
+        back to prepaid); the switches run once staff confirm it there."""
+        if request.POST.get("confirmed") != "yes":
+            accounts = list(queryset.order_by("pk"))
+            context = {
+                **self.admin_site.each_context(request),
+                "title": f"Approve postpaid invoicing for {len(accounts)} organisation(s)?",
+                "opts": self.model._meta,
+                "rows": [{"account": a, "balance": self.balance(a)} for a in accounts],
+            }
+            return TemplateResponse(
+                request, "admin/billing/billingaccount/approve_postpaid_confirm.html", context
+            )
+        for account in queryset.order_by("pk"):
             try:
                 billing_account_approve_postpaid(
                     organization=account.organization, approved_by=request.user
@@ -244,7 +275,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
         if not request.user.has_perm("billing.change_billingaccount"):
             return redirect("admin:index")
         account = get_object_or_404(BillingAccount.objects.select_related("organization"), pk=pk)
-        form = MoneyForm(request.POST or None)
+        form = MoneyForm(request.POST or None, currency=account.currency)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
             if _money_moved(
@@ -308,7 +339,7 @@ class TopUpAdmin(ReadOnlyAdmin):
         if not request.user.has_perm("billing.add_refund"):
             return redirect("admin:index")
         top_up = get_object_or_404(TopUp.objects.select_related("organization"), pk=pk)
-        form = MoneyForm(request.POST or None)
+        form = MoneyForm(request.POST or None, currency=top_up.currency)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
             if _money_moved(
@@ -337,6 +368,7 @@ class RefundAdmin(ReadOnlyAdmin):
         "created_by",
     )
     list_filter = ("status",)
+    list_select_related = ("organization", "created_by")  # created_by may be empty: named here
 
 
 @admin.register(OutboxMessage)

@@ -1,8 +1,21 @@
 """What every app's admin shares: records written by services, tasks and agents, which staff
 look at and never edit."""
 
+from django import forms
 from django.contrib import admin
 from django.db.models import URLField
+
+from config.currency import currency_refusal
+
+
+def currency_clean(value: str) -> str:
+    """A currency staff type (a rate card's, an account's), lower-cased, held to the rule
+    settings.CURRENCY keeps (config.currency.currency_refusal)."""
+    code = (value or "").strip().lower()
+    refusal = currency_refusal(code)
+    if refusal:
+        raise forms.ValidationError(refusal)
+    return code
 
 
 class ReadOnlyInline(admin.TabularInline):

@@ -1,11 +1,13 @@
 """Currencies' minor units, which the marketplace's totals and billing's ledger both round to:
 one rule, so an amount shown is the amount charged (ISO 4217, as Stripe lists them)."""
 
+import re
 from decimal import ROUND_HALF_UP, Decimal
 
 __all__ = [
     "ZERO_DECIMAL_CURRENCIES",
     "THREE_DECIMAL_CURRENCIES",
+    "currency_refusal",
     "minor_exponent",
     "minor_unit",
     "money_round",
@@ -50,3 +52,15 @@ def minor_unit(currency: str) -> Decimal:
 def money_round(amount: Decimal, currency: str) -> Decimal:
     """An amount rounded half-up to the currency's minor unit (the one rounding rule)."""
     return amount.quantize(minor_unit(currency), rounding=ROUND_HALF_UP)
+
+
+def currency_refusal(code: str) -> str | None:
+    """Why `code` (lower case) is not a currency Switchyard charges in; None when it is: an
+    ISO 4217 code of 0 or 2 decimals, lower case as Stripe and the ledger write it ("USD"
+    would be another currency than the accounts' "usd", and a three-decimal one would be
+    charged a tenth of its price)."""
+    if not re.fullmatch(r"[a-z]{3}", code or ""):
+        return "A currency is a three-letter ISO 4217 code in lower case (usd, eur, jpy)."
+    if code in THREE_DECIMAL_CURRENCIES:
+        return f"{code.upper()} has three decimals, which Switchyard does not charge in."
+    return None

@@ -8,7 +8,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from config.csp import POLICY as CSP_POLICY
-from config.currency import THREE_DECIMAL_CURRENCIES
+from config.currency import currency_refusal
 from config.env import (
     env_address,
     env_bool,
@@ -317,12 +317,8 @@ RATE_LIMIT_FAIL_OPEN_SECONDS = env_int("RATE_LIMIT_FAIL_OPEN_SECONDS", 300, mini
 # Portal sign-in attempts per account name from one address (and 5 times that per address).
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()
-if not re.fullmatch(r"[a-z]{3}", CURRENCY) or CURRENCY in THREE_DECIMAL_CURRENCIES:
-    # Amounts go to Stripe in minor units of 2 decimals (0 for zero-decimal currencies):
-    # a three-decimal currency would be charged a tenth of its price.
-    raise ImproperlyConfigured(
-        f"CURRENCY must be an ISO 4217 code with 0 or 2 decimals (usd, eur, jpy…), got {CURRENCY!r}"
-    )
+if currency_refusal(CURRENCY):
+    raise ImproperlyConfigured(f"CURRENCY: {currency_refusal(CURRENCY)} Got {CURRENCY!r}.")
 
 # --- Grid power prices (docs/grid.md) -------------------------------------------------------
 # A zone with no price received for this long is stale: its sites are priced from their

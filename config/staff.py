@@ -14,6 +14,7 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from billing.models import LedgerKind
+from billing.money import from_minor_units
 from billing.selectors import delivered_gpu_seconds_by_day, ledger_totals_by_kind, month_start
 from inventory.selectors import fleet_gpu_utilisation_by_day
 from marketplace.models import ReservationStatus
@@ -49,7 +50,9 @@ def _money_lines(totals: dict) -> list[dict]:
     for label, kinds, sign in MONEY_LINES:
         for currency in currencies:
             minor = sign * sum(totals.get((kind, currency), 0) for kind in kinds)
-            lines.append({"label": label, "currency": currency, "amount": minor / 100})
+            # Exact, in the currency's own unit (a yen has no cents: ¥5,000 is 5000 minor).
+            amount = from_minor_units(minor, currency)
+            lines.append({"label": label, "currency": currency, "amount": amount})
     return lines
 
 

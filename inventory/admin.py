@@ -669,6 +669,28 @@ class OpenOutageFilter(admin.SimpleListFilter):
         return queryset
 
 
+class OutageForm(forms.ModelForm):
+    class Meta:
+        model = Outage
+        fields = ["node", "gpu", "started_at", "ended_at", "cause", "detail"]
+
+    def clean(self):
+        cleaned = super().clean()
+        # An open outage of one GPU is the GPU's failure: only marking the GPU failed takes it
+        # out of sale and moves or ends the work on it (and stops its bill); an outage row
+        # alone would leave it sold and billed, and open until someone closed it by hand.
+        gpu, node = cleaned.get("gpu"), cleaned.get("node")
+        on_node = gpu is not None and node is not None and gpu.node_id == node.pk  # else: model
+        if self.instance.pk is None and on_node and not cleaned.get("ended_at"):
+            self.add_error(
+                "gpu",
+                'A GPU that is down now is marked failed (GPUs list, "Mark selected GPUs '
+                'failed"), which opens its outage and moves or ends its work. Here, record a '
+                "GPU's outage that has ended, or the node's.",
+            )
+        return cleaned
+
+
 @admin.register(Outage)
 class OutageAdmin(admin.ModelAdmin):
     """Outages are records that bills and SLA credits are computed from: staff record one that
@@ -676,6 +698,7 @@ class OutageAdmin(admin.ModelAdmin):
     heartbeat outage is the sweeper's: it opens when a node goes silent and only the node's
     next heartbeat ends it."""
 
+    form = OutageForm
     list_display = ["node", "gpu", "cause", "started_at", "ended_at"]
     list_filter = [OpenOutageFilter, "cause", "node__site"]
     list_select_related = ["node", "gpu"]
@@ -836,6 +859,10 @@ class NodeTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
-        for token in queryset.order_by("pk"):
+        # Only the live ones: one already revoked keeps its time, and is neither counted nor
+        # recorded again. Who revoked a token is in its history (the admin's log).
+        live = list(queryset.filter(revoked_at__isnull=True).order_by("pk"))
+        for token in live:
             services.node_token_revoke(token=token)
-        messages.success(request, f"Revoked {queryset.count()} token(s).")
+            self.log_change(request, token, "Revoked")
+        messages.success(request, f"Revoked {len(live)} token(s).")

@@ -7,7 +7,7 @@ records (attempts, site-agent jobs, reservation outages): the workers and agents
 Every action needs a permission to change its model: staff who may only view do not act.
 """
 
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from django import forms
 from django.contrib import admin, messages
@@ -21,7 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from config.admin_base import ReadOnlyAdmin, ReadOnlyInline
+from config.admin_base import ReadOnlyAdmin, ReadOnlyInline, currency_clean
 from config.errors import ApplicationError
 from inventory.admin import NodeAdmin
 from marketplace.models import (
@@ -103,8 +103,19 @@ class MembershipFormSet(BaseInlineFormSet):
             )
 
 
+class MembershipInlineForm(forms.ModelForm):
+    """A member's row stays theirs: handing it to another user would remove them unrecorded,
+    their API keys still live. Staff remove the row and add one (each recorded) instead."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None and "user" in self.fields:
+            self.fields["user"].disabled = True  # a posted value is ignored
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
+    form = MembershipInlineForm
     formset = MembershipFormSet
     extra = 0
     autocomplete_fields = ["user"]
@@ -235,8 +246,18 @@ class InvitationAdmin(ReadOnlyAdmin):
     exclude = ["token_hash"]
 
 
+class RateCardForm(forms.ModelForm):
+    class Meta:
+        model = RateCard
+        fields = ["gpu_model", "site", "price_per_gpu_hour", "currency"]
+
+    def clean_currency(self) -> str:
+        return currency_clean(self.cleaned_data.get("currency"))
+
+
 @admin.register(RateCard)
 class RateCardAdmin(admin.ModelAdmin):
+    form = RateCardForm
     list_display = ["gpu_model", "site", "price_per_gpu_hour", "currency", "updated_at"]
     list_filter = ["gpu_model", "site"]
     list_select_related = ["gpu_model", "site"]
@@ -414,11 +435,22 @@ class ReservationAdmin(admin.ModelAdmin):
             return self._cancel_confirm(request, queryset, reason=reason)
         done = []
         for reservation in queryset.order_by("pk"):
+            # The refund shown on the confirmation page binds: if the rule gives less now (the
+            # page was left open across a notice boundary), the service refuses it.
+            shown = _shown_refund_fraction(request, reservation)
+            if shown is None:
+                messages.error(
+                    request,
+                    f"{reservation.public_id}: its terms were not on the page confirmed; "
+                    "nothing was done. Select it and cancel again.",
+                )
+                continue
             try:
                 reservation_cancel(
                     reservation=reservation,
                     actor_label=f"staff:{request.user.get_username()}",
                     reason=f"by staff: {reason}",
+                    expected_refund_fraction=shown,
                 )
             except ApplicationError as exc:
                 messages.error(request, f"{reservation.public_id}: {exc.message}")
@@ -448,6 +480,16 @@ class ReservationAdmin(admin.ModelAdmin):
         return TemplateResponse(
             request, "admin/marketplace/reservation/cancel_confirm.html", context
         )
+
+
+def _shown_refund_fraction(request: HttpRequest, reservation: Reservation) -> Decimal | None:
+    """The refund fraction the cancel confirmation page showed for `reservation` (posted
+    back with it), or None if that page did not offer to cancel it."""
+    try:
+        fraction = Decimal(request.POST.get(f"refund_fraction_{reservation.pk}", ""))
+    except InvalidOperation:
+        return None
+    return fraction if fraction.is_finite() and 0 <= fraction <= 1 else None
 
 
 def _mw(value) -> str:
@@ -550,6 +592,8 @@ class CurtailmentAdmin(admin.ModelAdmin):
         "called_off_at",
     )
     list_filter = ("site", "short_notice")
+    # "from" names the operator's call (and its source) or the staff member: in the list's query.
+    list_select_related = ("site", "announced_by", "demand_response_event__source")
     date_hierarchy = "shed_at"
     actions = ["call_off"]
 
@@ -663,6 +707,7 @@ class DemandResponseEventAdmin(admin.ModelAdmin):
         "updated_at",
     )
     list_filter = ("source", "status")
+    list_select_related = ("source", "site", "zone")  # site and zone may be empty: named here
 
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         return [f.name for f in DemandResponseEvent._meta.fields]

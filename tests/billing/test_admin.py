@@ -120,11 +120,22 @@ def test_the_ledger_cannot_be_edited_or_deleted_in_the_admin(staff_client, org):
     assert LedgerEntry.objects.get().amount_minor == 100
 
 
-def test_staff_approve_postpaid(staff_client, org):
+def test_staff_approve_postpaid_once_they_confirm_it(staff_client, org):
     account = BillingAccount.objects.get(organization=org)
+    LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=1234,
+                               currency="usd", idempotency_key="c")  # fmt: skip
+    url = reverse("admin:billing_billingaccount_changelist")
+    asked = {"action": "approve_postpaid", "_selected_action": [account.pk]}
 
-    staff_client.post(reverse("admin:billing_billingaccount_changelist"),
-                      {"action": "approve_postpaid", "_selected_action": [account.pk]})  # fmt: skip
+    page = staff_client.post(url, asked)
+
+    html = page.content.decode()
+    assert page.status_code == 200 and 'id="consequence"' in html
+    assert str(org) in html and "12.34 USD" in html and 'name="confirmed"' in html
+    account.refresh_from_db()
+    assert account.mode == BillingMode.PREPAID  # nothing before it is confirmed
+
+    staff_client.post(url, {**asked, "confirmed": "yes"})
 
     account.refresh_from_db()
     assert account.mode == BillingMode.POSTPAID
@@ -188,3 +199,35 @@ def test_staff_see_holds_and_cannot_change_them(staff_client, org):
     assert changed.status_code == 403
     hold.refresh_from_db()
     assert hold.amount_minor == 250
+
+
+def test_staff_credit_in_yen_is_refused_unless_it_is_whole_yen(staff_client, org):
+    BillingAccount.objects.filter(organization=org).update(currency="jpy")
+    account = BillingAccount.objects.get(organization=org)
+    url = reverse("admin:billing_billingaccount_credit", args=[account.pk])
+
+    refused = staff_client.post(url, {"amount": "1000.50", "reason": "goodwill", "once": "y1"})
+
+    assert refused.status_code == 200  # the form again: ¥1,000.50 would have been ¥1,001
+    assert "Amounts in JPY are whole numbers." in refused.content.decode()
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+    done = staff_client.post(url, {"amount": "1000", "reason": "goodwill", "once": "y2"})
+    assert done.status_code == 302
+    assert LedgerEntry.objects.get(organization=org).amount_minor == 1000
+
+
+def test_staff_refund_in_yen_is_refused_unless_it_is_whole_yen(staff_client, org):
+    from billing.models import TopUp
+
+    top_up = TopUp.objects.create(organization=org, amount_minor=5000, currency="jpy",
+                                  payment_method_id="pm_x", status="succeeded")  # fmt: skip
+    BillingAccount.objects.filter(organization=org).update(currency="jpy")
+    LedgerEntry.objects.create(organization=org, kind=LedgerKind.TOP_UP, amount_minor=5000,
+                               currency="jpy", idempotency_key="t")  # fmt: skip
+    url = reverse("admin:billing_topup_refund", args=[top_up.pk])
+
+    response = staff_client.post(url, {"amount": "0.50", "reason": "double", "once": "r1"})
+
+    assert response.status_code == 200
+    assert "Amounts in JPY are whole numbers." in response.content.decode()
+    assert not Refund.objects.exists()

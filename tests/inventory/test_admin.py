@@ -6,6 +6,7 @@ from django.contrib.messages import get_messages
 from django.urls import reverse
 from django.utils import timezone
 
+from inventory import services
 from inventory.models import (
     Gpu,
     GpuHealth,
@@ -185,6 +186,28 @@ def test_revoking_tokens_in_the_admin(admin_client, inventory):
 
     token.refresh_from_db()
     assert token.revoked_at is not None
+
+
+def test_revoking_tokens_records_who_and_counts_only_those_it_revoked(admin_client, inventory):
+    from django.contrib.admin.models import LogEntry
+
+    live = NodeToken.objects.get()
+    token, _ = services.node_token_issue(node=live.node, label="spare")
+    services.node_token_revoke(token=token)
+    revoked_at = NodeToken.objects.get(pk=token.pk).revoked_at
+
+    response = admin_client.post(
+        reverse("admin:inventory_nodetoken_changelist"),
+        {"action": "revoke", "_selected_action": [live.pk, token.pk]},
+        follow=True,
+    )
+
+    assert "Revoked 1 token(s)." in response.content.decode()  # not 2: one was revoked before
+    assert NodeToken.objects.get(pk=token.pk).revoked_at == revoked_at
+    tokens = LogEntry.objects.filter(content_type__model="nodetoken")
+    (entry,) = tokens.filter(object_id=str(live.pk))
+    assert (entry.user.username, entry.get_change_message()) == ("admin", "Revoked")
+    assert not tokens.filter(object_id=str(token.pk)).exists()
 
 
 def test_the_site_page_shows_its_capacity_summary(admin_client, inventory):

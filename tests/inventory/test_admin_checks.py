@@ -9,9 +9,10 @@ from tests.factories import NodeFactory
 pytestmark = pytest.mark.django_db
 
 
-def _outage_form(node, gpu, started_at="2026-12-01 10:00:00"):
+def _outage_form(node, gpu, started_at="2026-12-01 10:00:00", ended_at=""):
     return {"node": node.pk, "gpu": gpu.pk if gpu else "", "started_at_0": started_at[:10],
-            "started_at_1": started_at[11:], "cause": "hardware_failure", "detail": "fan"}  # fmt: skip
+            "started_at_1": started_at[11:], "ended_at_0": ended_at[:10],
+            "ended_at_1": ended_at[11:], "cause": "hardware_failure", "detail": "fan"}  # fmt: skip
 
 
 def test_an_outage_names_a_gpu_of_its_own_node_in_years_that_exist(admin_client):
@@ -24,8 +25,25 @@ def test_an_outage_names_a_gpu_of_its_own_node_in_years_that_exist(admin_client)
     assert "This GPU is on another node." in elsewhere.content.decode()
     assert "Pick a date from 2000 to 2099." in far.content.decode()
     assert not Outage.objects.exists()
-    assert admin_client.post(url, _outage_form(node, node.gpus.first())).status_code == 302
+    ended = _outage_form(node, node.gpus.first(), ended_at="2026-12-01 11:00:00")
+    assert admin_client.post(url, ended).status_code == 302
     assert Outage.objects.get().gpu.node == node
+
+
+def test_a_gpu_down_now_is_marked_failed_not_given_an_open_outage_by_hand(admin_client):
+    """An open outage row alone would leave the GPU sold and its customer billed."""
+    from inventory.models import GpuHealth
+
+    node = NodeFactory(gpus=2)
+    gpu = node.gpus.first()
+
+    response = admin_client.post(reverse("admin:inventory_outage_add"), _outage_form(node, gpu))
+
+    assert response.status_code == 200  # the form again
+    assert "Mark selected GPUs failed" in response.content.decode()
+    assert not Outage.objects.exists()
+    gpu.refresh_from_db()
+    assert gpu.health == GpuHealth.OK
 
 
 def test_a_price_zone_has_an_iana_time_zone(admin_client):

@@ -59,6 +59,7 @@ def test_staff_who_may_change_reservations_still_cancel_them(market, org):
             "index": 0,
             "confirmed": "yes",
             "reason": "support ticket 42",
+            f"refund_fraction_{reservation.pk}": "1",  # as the confirmation page showed it
         },
     )
 

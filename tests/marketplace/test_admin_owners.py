@@ -118,3 +118,22 @@ def test_staff_cannot_change_what_a_key_may_do_but_may_revoke_it(admin_client):
         )
     assert "Revoked 0 key(s)." in done.content.decode()  # the second time: none was live
     assert AuditEntry.objects.filter(action="api_key.revoke", object_id=key.public_id).count() == 1
+
+
+def test_staff_cannot_hand_a_membership_row_to_another_user(admin_client):
+    """Swapping the user on a member's row would remove them unrecorded, with their API keys
+    still live: the row's user is fixed (remove the row and add one instead)."""
+    org = OrganizationFactory()
+    owner = MembershipFactory(organization=org, role=Role.OWNER)
+    leaver = MembershipFactory(organization=org, role=Role.ADMIN)
+    key, _ = api_key_create(organization=org, name="ci", scopes=["read"], created_by=leaver.user)
+    newcomer = UserFactory()
+    url = reverse("admin:marketplace_organization_change", args=[org.pk])
+    form = _memberships_form(org, [(owner, Role.OWNER, False), (leaver, Role.ADMIN, False)])
+    form["memberships-1-user"] = newcomer.pk
+
+    admin_client.post(url, form)
+
+    assert Membership.objects.get(pk=leaver.pk).user == leaver.user
+    assert not Membership.objects.filter(organization=org, user=newcomer).exists()
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is None  # still a member: still theirs

@@ -69,9 +69,9 @@ def test_a_buyer_giving_time_back_while_the_seller_cancels_ends_one_way_or_the_o
     assert (lst.starts_at, lst.ends_at) == (m.start + 24 * H, m.start + 48 * H)
     unused = Decimal(term.cancellation["unused_amount"])
     assert unused in (full, full - resold)
-    refunded = LedgerEntry.objects.filter(
-        reservation=term, kind=LedgerKind.CREDIT
-    ).aggregate(s=Sum("amount_minor"))["s"]
+    refunded = LedgerEntry.objects.filter(reservation=term, kind=LedgerKind.CREDIT).aggregate(
+        s=Sum("amount_minor")
+    )["s"]
     assert refunded == int(full * 100)
     returned_credit = LedgerEntry.objects.filter(idempotency_key=f"resale-return:{lst.pk}")
     assert returned_credit.exists() == (unused == full - resold)

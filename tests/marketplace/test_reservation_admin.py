@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -67,6 +69,12 @@ def test_the_reservation_page_shows_transitions_allocations_and_actions(staff_cl
     assert body.count(reservation.site.nodes.first().hostname) >= 2  # one row per allocation
 
 
+def _shown_terms(page) -> dict:
+    """The terms the confirmation page posts back with its reason (the refund it showed)."""
+    html = page.content.decode()
+    return dict(re.findall(r'name="(refund_fraction_\d+)" value="([^"]*)"', html))
+
+
 def test_staff_cancel_first_shows_the_terms_then_goes_through_the_service(
     staff_client, reservation
 ):
@@ -84,7 +92,9 @@ def test_staff_cancel_first_shows_the_terms_then_goes_through_the_service(
     assert reservation.status != ReservationStatus.CANCELLED  # nothing before it is confirmed
 
     response = staff_client.post(
-        url, {**asked, "confirmed": "yes", "reason": "node recalled by the site"}, follow=True
+        url,
+        {**asked, **_shown_terms(page), "confirmed": "yes", "reason": "node recalled by the site"},
+        follow=True,
     )
     assert response.status_code == 200
     reservation.refresh_from_db()
