@@ -449,7 +449,7 @@ class ReservationAdmin(admin.ModelAdmin):
                 reservation_cancel(
                     reservation=reservation,
                     actor_label=f"staff:{request.user.get_username()}",
-                    reason=f"by staff: {reason}",
+                    reason=reason,
                     expected_refund_fraction=shown,
                 )
             except ApplicationError as exc:

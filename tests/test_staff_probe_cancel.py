@@ -74,7 +74,8 @@ def test_staff_cancel_gives_the_refund_shown(staff_client, market, org):
     reservation.refresh_from_db()
     assert reservation.status == ReservationStatus.CANCELLED
     assert reservation.cancellation["refund_fraction"] == "1"
-    assert reservation.cancellation["reason"] == "by staff: site recalled"
+    assert reservation.cancellation["reason"] == "site recalled"
+    assert reservation.transitions.last().cause == "cancelled by staff: site recalled"
 
 
 def test_staff_cancel_does_nothing_to_a_reservation_the_page_did_not_offer(

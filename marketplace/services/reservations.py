@@ -610,7 +610,8 @@ def reservation_cancel(
         if locked.status == ReservationStatus.ACTIVE
         else ReservationStatus.CANCELLED
     )
-    cause = f"cancelled by customer: {reason}" if reason else "cancelled by customer"
+    who = "staff" if actor_label.startswith("staff:") else "customer"
+    cause = f"cancelled by {who}: {reason}" if reason else f"cancelled by {who}"
     # Stopped early: released for billing now, as the stop's terms say, while the GPUs are
     # torn down (releasing → completed) at the agent's pace.
     stopped = {"released_at": timezone.now()} if to_status == ReservationStatus.RELEASING else None

@@ -10,6 +10,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 from django import template
 
+from config.currency import minor_exponent
 from marketplace.models import ReservationStatus, Term, Tier
 
 register = template.Library()
@@ -52,11 +53,13 @@ def _grouped(amount: Decimal, places: int) -> str:
 
 @register.filter
 def money(value, currency: str = "") -> str:
-    """65370.62 → "65,370.62 USD" (two decimals, thousands separated)."""
+    """65370.62 → "65,370.62 USD": the currency's own decimals (none for yen: "500,000 JPY";
+    two when no currency is named), thousands separated."""
     amount = _decimal(value)
     if amount is None:
         return "—"
-    return f"{_grouped(amount, 2)} {currency.upper()}".strip()
+    places = minor_exponent(currency) if currency else 2
+    return f"{_grouped(amount, places)} {currency.upper()}".strip()
 
 
 @register.filter

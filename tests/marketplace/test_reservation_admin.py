@@ -100,7 +100,8 @@ def test_staff_cancel_first_shows_the_terms_then_goes_through_the_service(
     reservation.refresh_from_db()
     assert reservation.status == ReservationStatus.CANCELLED
     assert reservation.cancellation["actor_label"] == "staff:staff"
-    assert reservation.cancellation["reason"] == "by staff: node recalled by the site"
+    assert reservation.cancellation["reason"] == "node recalled by the site"
+    assert reservation.transitions.last().cause == "cancelled by staff: node recalled by the site"
     assert reservation.cancellation["refund_amount"] == "20.00"
     assert not reservation.allocations.filter(is_live=True).exists()
     assert reservation.transitions.last().actor_label == "staff:staff"
