@@ -116,18 +116,20 @@ class SignInForm(AuthenticationForm):
             (f"signin:{address}:{account}", limit, period),
             (f"signin:{address}", limit * _PER_ADDRESS, period),
         ]
-        try:
-            minutes = _minutes_over(windows)
-        except RateLimiterUnavailable:
-            raise forms.ValidationError(
-                self.error_messages["limiter_unavailable"], code="limiter_unavailable"
-            ) from None
-        if minutes is not None:
-            raise forms.ValidationError(
-                self.error_messages["too_many_attempts"],
-                code="too_many_attempts",
-                params={"minutes": minutes},
-            )
+        _refused_when_over(windows, self.error_messages, code="too_many_attempts")
+
+
+def _refused_when_over(windows, error_messages: dict, *, code: str) -> None:
+    """A form error `code` (with the minutes to wait) when any of the counted windows is over
+    its limit, or `limiter_unavailable` when they cannot be counted."""
+    try:
+        minutes = _minutes_over(windows)
+    except RateLimiterUnavailable:
+        raise forms.ValidationError(
+            error_messages["limiter_unavailable"], code="limiter_unavailable"
+        ) from None
+    if minutes is not None:
+        raise forms.ValidationError(error_messages[code], code=code, params={"minutes": minutes})
 
 
 class SignInView(auth_views.LoginView):
@@ -173,18 +175,7 @@ class PasswordResetRequestForm(PasswordResetForm):
             (f"signin:password-reset:{_hashed(email)}", PASSWORD_RESETS_PER_EMAIL, 3600),
             (f"signin:password-reset:{limited_address(self.request)}", limit, period),
         ]
-        try:
-            minutes = _minutes_over(windows)
-        except RateLimiterUnavailable:
-            raise forms.ValidationError(
-                self.error_messages["limiter_unavailable"], code="limiter_unavailable"
-            ) from None
-        if minutes is not None:
-            raise forms.ValidationError(
-                self.error_messages["too_many_requests"],
-                code="too_many_requests",
-                params={"minutes": minutes},
-            )
+        _refused_when_over(windows, self.error_messages, code="too_many_requests")
 
 
 class PasswordResetRequestView(auth_views.PasswordResetView):
