@@ -685,22 +685,7 @@ def _listing_sell(
         (rest, starts_at, ends_at),
     ]
     remainders = [
-        ResaleListing(
-            organization_id=listing.organization_id,
-            reservation=listing.reservation,
-            parent=listing,
-            site=listing.site,
-            gpu_model=listing.gpu_model,
-            node=listing.node,
-            gpu_ids=list(piece_gpus),
-            gpu_count=len(piece_gpus),
-            tier=listing.tier,
-            starts_at=a,
-            ends_at=b,
-            currency=listing.currency,
-            price_per_gpu_hour=listing.price_per_gpu_hour,
-            created_by_id=listing.created_by_id,
-        )
+        _listing_piece(listing, gpus=piece_gpus, starts_at=a, ends_at=b)
         for piece_gpus, a, b in pieces
         if piece_gpus and a < b
     ]
@@ -874,18 +859,30 @@ def _ended_term_window_return(listing: ResaleListing, *, returned_from: datetime
 
 def _relist(listing: ResaleListing, *, gpus: list[int]) -> ResaleListing:
     """A new open listing of `gpus` over the returned listing's window, on its terms."""
-    return ResaleListing.objects.create(
+    relisted = _listing_piece(
+        listing, gpus=gpus, starts_at=listing.starts_at, ends_at=listing.ends_at
+    )
+    relisted.save()
+    return relisted
+
+
+def _listing_piece(
+    listing: ResaleListing, *, gpus: list[int], starts_at: datetime, ends_at: datetime
+) -> ResaleListing:
+    """An open listing (not saved) of `gpus` for [starts_at, ends_at) on `listing`'s terms,
+    its child: what is left of a partial sale, or a returned window listed again."""
+    return ResaleListing(
         organization_id=listing.organization_id,
         reservation=listing.reservation,
         parent=listing,
-        site_id=listing.site_id,
-        gpu_model_id=listing.gpu_model_id,
-        node_id=listing.node_id,
+        site=listing.site,
+        gpu_model=listing.gpu_model,
+        node=listing.node,
         gpu_ids=list(gpus),
         gpu_count=len(gpus),
         tier=listing.tier,
-        starts_at=listing.starts_at,
-        ends_at=listing.ends_at,
+        starts_at=starts_at,
+        ends_at=ends_at,
         currency=listing.currency,
         price_per_gpu_hour=listing.price_per_gpu_hour,
         created_by_id=listing.created_by_id,
