@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from switchyard import __version__
-from switchyard.errors import APIConnectionError, error_from_response
+from switchyard.errors import APIConnectionError, APIError, error_from_response
 from switchyard.models import (
     ApiKey,
     ApiObject,
@@ -197,8 +197,11 @@ class Client:
             next_url = page.get("next")
             if not next_url:
                 return
-            cursor = httpx.URL(next_url).params.get("cursor")
-            page = self.request("GET", path, params={**(params or {}), "cursor": cursor})
+            query = dict(httpx.URL(next_url).params)
+            if not query.get("cursor"):
+                # Fetching the first page again would never end.
+                raise APIError(f"A next link without a cursor: {next_url}", status=200, body=page)
+            page = self.request("GET", path, params={**(params or {}), **query})
 
 
 def _json_or_text(response: httpx.Response) -> Any:

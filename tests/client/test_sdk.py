@@ -282,3 +282,26 @@ def test_cancel_sends_the_refund_it_was_shown():
         mocked.reservations.cancel("res_1", reason="r", expected_refund_fraction="0.5")
     assert changed.value.code == "refund_changed"
     assert body == {"reason": "r", "expected_refund_fraction": "0.5"}
+
+
+def test_a_next_link_is_followed_as_given_and_one_without_a_cursor_stops_the_walk():
+    from switchyard.errors import APIError
+
+    seen = []
+
+    def pages(request):
+        seen.append(dict(request.url.params))
+        if "cursor" not in request.url.params:
+            nxt = "https://h/api/v1/reservations?cursor=c2&limit=2&status=active"
+            return httpx.Response(200, json={"results": [{"id": "res_1"}], "next": nxt})
+        if request.url.params["cursor"] == "c2":
+            return httpx.Response(200, json={"results": [{"id": "res_2"}], "next": "https://h/x"})
+        raise AssertionError(request.url)
+
+    sy = Client(api_key="k", transport=httpx.MockTransport(pages))
+    walked = []
+    with pytest.raises(APIError, match="without a cursor"):
+        for item in sy.reservations.list(status="active"):
+            walked.append(item.id)
+    assert walked == ["res_1", "res_2"]
+    assert seen == [{"status": "active"}, {"status": "active", "cursor": "c2", "limit": "2"}]
