@@ -638,6 +638,64 @@ def test_a_booking_racing_a_curtailment_never_sells_the_shed_window(market, org,
         assert not live.exists()
 
 
+def _sold_at_most(curtailment) -> Decimal:
+    """The most sold at once in the window, read as placement reads it."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT marketplace_curtailment_sold_kw(%s, %s, %s)",
+            [curtailment.pk, curtailment.shed_at, curtailment.until],
+        )
+        return cur.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_bookings_racing_for_the_windows_last_room_get_it_once(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")  # 1.22 kW over: one GPU's draw at a time
+    start = curtailment.shed_at + timedelta(hours=1)
+
+    def book():
+        return _book(org, tier="on_demand", gpus=1, start=start, hours=1)
+
+    first, second = _run_together(book, book)
+
+    won = [r for r in (first, second) if isinstance(r, Reservation)]
+    lost = [r for r in (first, second) if not isinstance(r, Reservation)]
+    assert len(won) == 1, (first, second)
+    # Refused under the curtailment's lock, or found no room when it read the site again.
+    assert isinstance(lost[0], NotAvailable) and lost[0].code in ("site_curtailed", "not_available")
+    curtailment.refresh_from_db()
+    assert _sold_at_most(curtailment) == Decimal("0.805") <= curtailment.headroom_kw
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_racing_a_booking_for_its_room_never_oversells_the_window(fleet, market, org):
+    site, _ = market
+    curtailment = _announce(site, mw="0.002")
+    start = curtailment.shed_at + timedelta(hours=1)
+    for attempt in range(3):
+        held = _book(org, tier="on_demand", gpus=1, start=start, hours=1)
+
+        def cancel(held=held):
+            return reservation_cancel(reservation=held, actor_label="customer")
+
+        def book():
+            return _book(org, tier="on_demand", gpus=1, start=start, hours=1)
+
+        cancelled, booked = _run_together(cancel, book)
+
+        assert isinstance(cancelled, Reservation), cancelled
+        # The booking waited for the cancel's room or was refused: never both held at once.
+        if not isinstance(booked, Reservation):
+            assert isinstance(booked, NotAvailable), booked
+            booked = None
+        curtailment.refresh_from_db()
+        assert _sold_at_most(curtailment) <= curtailment.headroom_kw, attempt
+        if booked is not None:
+            reservation_cancel(reservation=booked, actor_label="customer")  # room for the next
+        assert _sold_at_most(curtailment) == 0
+
+
 # --- What staff see ---------------------------------------------------------------------------
 
 
