@@ -317,8 +317,8 @@ RATE_LIMIT_FAIL_OPEN_SECONDS = env_int("RATE_LIMIT_FAIL_OPEN_SECONDS", 300, mini
 # Portal sign-in attempts per account name from one address (and 5 times that per address).
 PORTAL_SIGN_IN_RATE = env_rate("PORTAL_SIGN_IN_RATE", "10/hour")
 CURRENCY = env_str("CURRENCY", "usd").lower()
-if currency_refusal(CURRENCY):
-    raise ImproperlyConfigured(f"CURRENCY: {currency_refusal(CURRENCY)} Got {CURRENCY!r}.")
+if _currency_refused := currency_refusal(CURRENCY):
+    raise ImproperlyConfigured(f"CURRENCY: {_currency_refused} Got {CURRENCY!r}.")
 
 # --- Grid power prices (docs/grid.md) -------------------------------------------------------
 # A zone with no price received for this long is stale: its sites are priced from their
