@@ -311,8 +311,8 @@ WITH scope AS (
     -- what is booked: a line reaching past it is cut there (`cut`), and the caller books on.
     CROSS JOIN LATERAL (
         SELECT t.target, t.midnight,
-               %(split)s AND t.midnight
-                   < least(t.target, r.ends_at, coalesce(r.released_at, t.target)) AS crosses
+               t.midnight < least(t.target, r.ends_at, coalesce(r.released_at, t.target))
+                   AS crosses
         FROM (SELECT
                 CASE WHEN NOT (%(to_now)s OR r.released_at IS NOT NULL OR r.ends_at <= %(now)s)
                      THEN greatest(a.booked_until, %(hour)s) ELSE %(now)s END AS target,
@@ -476,7 +476,6 @@ def usage_book(
         spread=settings.BILLING_USAGE_BOOK_SPREAD_MINUTES,
         ids=list(reservation_ids or []),
         to_now=reservation_ids is not None,
-        split=True,
         why=f" ({reason})" if reason else "",
         created=timezone.now(),
     )
