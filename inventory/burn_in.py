@@ -163,12 +163,20 @@ def burn_in_report(
     gpus = Gpu.objects.filter(node=node, health=GpuHealth.FAILED)
     if burn_in.gpu_indexes:
         gpus = gpus.filter(index__in=burn_in.gpu_indexes)
+    # The result speaks for the state the run tested: a GPU whose health changed since it
+    # began (staff returned it, then it failed again) has a failure this run never saw, and a
+    # node whose status changed meanwhile is no longer the node it tested.
+    gpus = gpus.exclude(health_changes__at__gte=burn_in.started_at)
     if passed:
         why = f"burn-in #{burn_in.pk} passed ({burn_in.command})"
         for gpu in gpus.order_by("index"):
             gpu_return_to_service(gpu=gpu, actor=None, actor_label=ACTOR, reason=why)
         fresh = Node.objects.get(pk=node.pk)
-        if not burn_in.gpu_indexes and fresh.status == NodeStatus.MAINTENANCE:
+        if (
+            not burn_in.gpu_indexes
+            and fresh.status == NodeStatus.MAINTENANCE
+            and not fresh.status_changes.filter(at__gte=burn_in.started_at).exists()
+        ):
             status_change(
                 action="return_to_service", node=fresh, actor=None, actor_label=ACTOR, reason=why
             )

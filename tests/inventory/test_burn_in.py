@@ -247,3 +247,78 @@ def test_a_gpu_burn_in_whose_gpus_all_returned_is_cancelled(market, node, agent)
     burn_in.refresh_from_db()
     assert burn_in.status == "cancelled"
     assert burn_in.output == "Cancelled before it ran: its GPUs were returned to service."
+
+
+def lease_and_report_later(agent):
+    """The agent leases and starts a run; the returned function reports it (passed)."""
+    leased = agent.post("/api/v1/agent/burn-ins/lease")
+    assert leased.status_code == 200, leased.content
+    job = leased.json()
+
+    def report(exit_code=0):
+        reply = agent.post(
+            f"/api/v1/agent/burn-ins/{job['id']}/result",
+            {"exit_code": exit_code, "timed_out": False, "output": "done\n"},
+            format="json",
+        )
+        assert reply.status_code == 200, reply.content
+        return reply.json()
+
+    return report
+
+
+def test_a_pass_does_not_return_a_gpu_that_failed_again_while_it_ran(market, node, agent):
+    """Staff returned the GPU during the run and it failed again: the late pass tested the old
+    failure, not the new one, so the GPU stays out with the new failure's reason."""
+    gpu = node.gpus.get(index=2)
+    fail(gpu)
+    burn_in_request(node=node, gpus=[gpu], reason="reseated", requested_by="ops")
+    report = lease_and_report_later(agent)
+    gpu = gpu_return_to_service(gpu=gpu, actor=None, actor_label="ops", reason="urgent order")
+    gpu_health_apply(
+        gpu=gpu, health=GpuHealth.FAILED, reason="Xid 48", actor_label="t", now=timezone.now()
+    )
+
+    assert report()["status"] == "passed"
+
+    gpu.refresh_from_db()
+    assert (gpu.health, gpu.health_reason) == (GpuHealth.FAILED, "Xid 48")
+    with pytest.raises(NotAvailable):
+        market.book(gpu_count=4)
+
+
+def test_a_failed_run_keeps_a_later_failures_own_reason(market, node, agent):
+    gpu = node.gpus.get(index=1)
+    fail(gpu)
+    burn_in_request(node=node, gpus=[gpu], reason="reseated", requested_by="ops")
+    report = lease_and_report_later(agent)
+    gpu = gpu_return_to_service(gpu=gpu, actor=None, actor_label="ops", reason="urgent order")
+    gpu_health_apply(
+        gpu=gpu, health=GpuHealth.FAILED, reason="Xid 48", actor_label="t", now=timezone.now()
+    )
+
+    assert report(exit_code=3)["status"] == "failed"
+
+    assert Gpu.objects.get(pk=gpu.pk).health_reason == "Xid 48"
+
+
+def test_a_pass_does_not_return_a_node_put_back_in_maintenance_while_it_ran(market, node, agent):
+    """Staff returned the node during the run, then put it in maintenance again (a new fault):
+    the late pass must not return it to sale."""
+    status_change(
+        action="set_maintenance", node=node, actor=None, actor_label="ops", reason="PSU swap"
+    )
+    burn_in_request(node=node, reason="PSU swapped", requested_by="ops")
+    report = lease_and_report_later(agent)
+    status_change(
+        action="return_to_service", node=node, actor=None, actor_label="ops", reason="urgent"
+    )
+    status_change(
+        action="set_maintenance", node=node, actor=None, actor_label="ops", reason="fan fault"
+    )
+
+    assert report()["status"] == "passed"
+
+    node.refresh_from_db()
+    assert node.status == NodeStatus.MAINTENANCE
+    assert node.status_changes.first().reason == "fan fault"
