@@ -1,3 +1,4 @@
+import re
 import secrets
 from datetime import timedelta
 
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 
+_USERNAME_CHARACTERS = re.compile(r"[A-Za-z0-9@.+\-_]+")
+
+
 class SignupForm(UserCreationForm):
     email = forms.EmailField(help_text="Where notices about your reservations and billing go.")
     organization = forms.CharField(
@@ -44,6 +48,18 @@ class SignupForm(UserCreationForm):
 
     class Meta(UserCreationForm.Meta):
         fields = ("username", "email")
+
+    def clean_username(self):
+        # Other people read a user name (team lists, reservation history, audit): letters
+        # from other scripts that look like Latin ones ("pаypal" with a Cyrillic "а") would let
+        # one account pass for another, so names are plain ASCII.
+        username = super().clean_username()
+        if not _USERNAME_CHARACTERS.fullmatch(username):
+            raise forms.ValidationError(
+                "Use only letters a-z, digits and @ . + - _ in a user name.",
+                code="username_characters",
+            )
+        return username
 
     def clean_email(self):
         # One account per address: a password reset or an invitation to it means one person.

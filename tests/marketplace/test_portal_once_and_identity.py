@@ -6,6 +6,7 @@ import secrets
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.urls import reverse
 from django.utils import timezone
 
@@ -78,3 +79,31 @@ def test_an_ended_reservation_shows_the_gpus_it_held_at_its_end(market, org):
 
     page = member_client(org, "member").get(f"/reservations/{r.public_id}").content.decode()
     assert "(2 GPUs)" in page and "(3 GPUs)" not in page
+
+
+@pytest.mark.parametrize(
+    "username",
+    ["p\u0430ypal", "\u0391dmin", "admin\u200b", "ad\u202emin", "gr\u00e4ce", "a b"],
+    ids=["cyrillic-a", "greek-alpha", "zero-width", "rtl-override", "umlaut", "space"],
+)
+def test_a_user_name_that_could_pass_for_another_is_refused(username):
+    UserFactory(username="paypal")
+    response = HttpsClient().post("/signup", {
+        "username": username, "email": "new@example.com", "organization": "Lookalike",
+        "password1": "a-long-passphrase-1", "password2": "a-long-passphrase-1",
+    })  # fmt: skip
+    assert response.status_code in (200, 400)
+    assert not Organization.objects.filter(name="Lookalike").exists()
+    assert not get_user_model().objects.filter(email="new@example.com").exists()
+
+
+def test_a_plain_user_name_signs_up():
+    response = HttpsClient().post("/signup", {
+        "username": "grace.hopper+ops@navy", "email": "new@example.com",
+        "organization": "Plain", "password1": "a-long-passphrase-1",
+        "password2": "a-long-passphrase-1",
+    })  # fmt: skip
+    assert response.status_code == 302, response.content.decode()[-1500:]
+    assert get_user_model().objects.get(email="new@example.com").username == (
+        "grace.hopper+ops@navy"
+    )
