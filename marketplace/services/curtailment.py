@@ -291,11 +291,11 @@ def curtailment_replan(
     # Withdrawn quietly: a reservation chosen again with the same notice hears nothing; one
     # no longer chosen is told its notice is withdrawn, one with a new time gets the new one.
     before = _withdraw(locked, now=now, announce=False)
-    old_shed_at = locked.shed_at
+    old_shed_at, old_until = locked.shed_at, locked.until
     locked.shed_at, locked.until, locked.target_mw = shed_at, until, target_mw
     locked.reason = reason.strip()
     locked.save(update_fields=["shed_at", "until", "target_mw", "reason"])
-    _takes_refit(locked, old_shed_at=old_shed_at, now=now)
+    _takes_refit(locked, old_shed_at=old_shed_at, old_until=old_until, now=now)
     _plan(locked, site=locked_site, now=now, call_notice=call_notice, user=None, before=before)
     # Not chosen again: told the notice is withdrawn. One chosen again that had not started by
     # the new time was preempted instead (and told so), never withdrawn.
@@ -312,30 +312,34 @@ def curtailment_replan(
 # What was sold out of the window's over-shed holds its draw from where it was sold (a
 # booking: its start; an extension: the old end) to the booking's end: when the window moves
 # or stretches, the takes of the bookings still live (a live allocation: one that left ended
-# its take, marketplace.services.transitions) are cut again to the new window, one per
-# booking. Where a take began at the old window's start, where it was sold from is not known:
-# the booking's start, which may count more as sold than was (never less).
+# its take, marketplace.services.transitions) are cut again to the new window, each row on
+# its own (a resold term's take is cut around the hours it sold, which its buyer took:
+# marketplace.services.resale). A take that began at the old window's start reaches back to
+# the booking's start (where it was sold from is not known: it may count more as sold than
+# was, never less), one that ran to the old window's end on to the booking's end.
 _TAKES_REFIT_SQL = """
 WITH live AS (
-    SELECT t.reservation_id, max(t.kw) AS kw,
-           tstzrange(min(CASE WHEN lower(t.period) > %(old_lo)s THEN lower(t.period)
-                              ELSE r.starts_at END), r.ends_at, '[)')
+    SELECT t.id, t.reservation_id, t.kw,
+           tstzrange(CASE WHEN lower(t.period) > %(old_lo)s THEN lower(t.period)
+                          ELSE r.starts_at END,
+                     CASE WHEN upper(t.period) < coalesce(%(old_hi)s::timestamptz, 'infinity')
+                          THEN upper(t.period) ELSE r.ends_at END, '[)')
            * tstzrange(%(lo)s, %(hi)s, '[)') AS inside
     FROM marketplace_curtailmenttake t
     JOIN marketplace_reservation r ON r.id = t.reservation_id
-    WHERE t.curtailment_id = %(cid)s
+    WHERE t.curtailment_id = %(cid)s AND NOT isempty(t.period)
       AND EXISTS (SELECT 1 FROM marketplace_allocation a
-                  WHERE a.reservation_id = r.id AND a.is_live)
-    GROUP BY t.reservation_id, r.starts_at, r.ends_at),
+                  WHERE a.reservation_id = r.id AND a.is_live)),
 gone AS (
-    DELETE FROM marketplace_curtailmenttake t USING live
-    WHERE t.curtailment_id = %(cid)s AND t.reservation_id = live.reservation_id)
+    DELETE FROM marketplace_curtailmenttake t USING live WHERE t.id = live.id)
 INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)
 SELECT %(cid)s, reservation_id, kw, inside, %(now)s FROM live WHERE NOT isempty(inside)
 """
 
 
-def _takes_refit(curtailment: Curtailment, *, old_shed_at: datetime, now: datetime) -> None:
+def _takes_refit(
+    curtailment: Curtailment, *, old_shed_at: datetime, old_until: datetime | None, now: datetime
+) -> None:
     """Cut the takes of the bookings still live to the curtailment's (new) window. Their rows
     are locked first (id order), so one leaving the live statuses meanwhile (which ends its
     takes) is seen as gone, not given its room back."""
@@ -350,6 +354,7 @@ def _takes_refit(curtailment: Curtailment, *, old_shed_at: datetime, now: dateti
             {
                 "cid": curtailment.pk,
                 "old_lo": old_shed_at,
+                "old_hi": old_until,
                 "lo": curtailment.shed_at,
                 "hi": curtailment.until,
                 "now": now,

@@ -17,6 +17,11 @@ reservation holding a failed GPU, under its row lock:
   reservation's cancellation terms, which billing settles as a credit), or all of it if it
   never ran. The outage stays on record for the SLA credit.
 - releasing: it is ending anyway; only the outage is recorded.
+
+Only the hours the reservation itself holds on the failed GPUs from now on are replaced: a
+reserved term that resold a window of a GPU gets replacements before and after it, its buyer
+for the window (through its own reservation). A reservation not on a failed GPU at this
+moment (its seller's, while the buyer runs on it) is not down: no outage, no restart.
 """
 
 import logging
@@ -101,7 +106,10 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
     what = ", ".join(f"{a.node.hostname}/gpu{a.gpu.index}" for a in failed)
     why = "; ".join(sorted({a.gpu.health_reason or "reported failed" for a in failed}))
     cause = f"GPU {what} failed ({why})"
-    _failure_outages_record(locked, failed, outages, cause=cause, now=now)
+    # Only a GPU the reservation holds now is down for it: a seller whose failed GPU is the
+    # buyer's at this moment loses nothing until its own later hours, which are moved.
+    current = [a for a in failed if a.period.lower <= now < a.period.upper]
+    _failure_outages_record(locked, current, outages, cause=cause, now=now)
     if locked.status == ReservationStatus.RELEASING:
         return "releasing: outage recorded"
     placed = _failed_gpus_replace(locked, failed, now=now)
@@ -109,7 +117,11 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
         return _end_reservation(
             locked, cause=cause, failed_at=failed_at, now=now, kick=release_kick
         )
-    _reservation_moved_record(locked, placed, cause=cause)
+    if not placed and not current:
+        return "nothing to move"  # its hours on the failed GPUs are over: ended, as held
+    # One being provisioned starts again on its new placement whatever GPU failed.
+    restart = bool(current) or locked.status == ReservationStatus.PROVISIONING
+    _reservation_moved_record(locked, placed, cause=cause, restart=restart)
     where = ", ".join(f"{a.node.hostname}/gpu{a.gpu_id}" for a in placed)
     logger.warning("reservation %s moved off failed GPU(s) %s to %s", locked.public_id, what, where)
     return "moved"
@@ -142,32 +154,59 @@ def _failure_outages_record(
 
 
 def _failed_gpus_replace(locked: Reservation, failed: list, *, now: datetime) -> list | None:
-    """End the failed GPUs' allocations and place as many GPUs at the site from now (or the
-    start) to the end; None, with nothing changed, when the site has none free."""
+    """End the failed GPUs' allocations and place as many GPUs at the site for the hours the
+    reservation itself held on them from now (or its start): not the term's whole span, so a
+    seller is not given GPUs again for a window it sold (its buyer holds those hours and is
+    moved by its own failure). None, with nothing changed, when the site has none free for
+    any of those hours."""
     try:
         with transaction.atomic():
             _end(failed, now=now)
-            return allocation_place(
-                reservation=locked,
-                site_id=locked.site_id,
-                gpu_model_id=locked.gpu_model_id,
-                # GPUs, not rows: a GPU whose time was partly resold has two allocations.
-                gpu_count=len({a.gpu_id for a in failed}),
-                starts_at=max(now, locked.starts_at),
-                ends_at=locked.ends_at,
-                moved=True,  # the failed GPUs' load leaves the site as theirs arrives
-            )
+            placed = []
+            for (starts_at, ends_at), gpu_count in _held_pieces(locked, failed, now=now).items():
+                placed += allocation_place(
+                    reservation=locked,
+                    site_id=locked.site_id,
+                    gpu_model_id=locked.gpu_model_id,
+                    gpu_count=gpu_count,
+                    starts_at=starts_at,
+                    ends_at=ends_at,
+                    moved=True,  # the failed GPUs' load leaves the site as theirs arrives
+                )
+            return placed
     except NotAvailable:
         return None
 
 
-def _reservation_moved_record(locked: Reservation, placed: list, *, cause: str) -> None:
+def _held_pieces(
+    locked: Reservation, failed: list, *, now: datetime
+) -> dict[tuple[datetime, datetime], int]:
+    """The periods still to come of the failed allocations, each with how many GPUs held it
+    (GPUs, not rows: a GPU whose time was partly resold has a row before and after)."""
+    gpus: dict[tuple[datetime, datetime], set[int]] = {}
+    for allocation in failed:
+        starts_at = max(allocation.period.lower, now, locked.starts_at)
+        ends_at = min(allocation.period.upper, locked.ends_at)
+        if starts_at < ends_at:
+            gpus.setdefault((starts_at, ends_at), set()).add(allocation.gpu_id)
+    return {period: len(ids) for period, ids in sorted(gpus.items())}
+
+
+def _reservation_moved_record(
+    locked: Reservation, placed: list, *, cause: str, restart: bool = True
+) -> None:
     """The move on new GPUs: a new placement generation; an active reservation restarts its
     workload there and one being provisioned starts again (both through the worker), one not
-    started yet only records it; the reservation.moved event."""
-    placement_generation_raise(locked)
-    moved = f"{cause}; moved to {len(placed)} healthy GPU(s) at {locked.site.slug}"
-    if locked.status == ReservationStatus.ACTIVE:
+    started yet, or not on a failed GPU now (`restart` false: only later hours moved), only
+    records it; the reservation.moved event. A running one whose moved hours are all to come
+    keeps its generation: the dispatcher restarts it when its GPUs change, as at a sold
+    window's edge."""
+    running = locked.status in (ReservationStatus.ACTIVE, ReservationStatus.PROVISIONING)
+    if restart or not running:
+        placement_generation_raise(locked)
+    gpus = len({a.gpu_id for a in placed})
+    moved = f"{cause}; moved to {gpus} healthy GPU(s) at {locked.site.slug}"
+    if restart and locked.status == ReservationStatus.ACTIVE:
         reservation_transition(
             reservation=locked,
             to_status=ReservationStatus.PROVISIONING,
@@ -176,7 +215,7 @@ def _reservation_moved_record(locked: Reservation, placed: list, *, cause: str) 
             actor_label=ACTOR,
         )
         provisioning_kick(locked.pk)
-    elif locked.status == ReservationStatus.PROVISIONING:
+    elif restart and locked.status == ReservationStatus.PROVISIONING:
         reservation_transition(
             reservation=locked,
             to_status=ReservationStatus.SCHEDULED,

@@ -17,8 +17,13 @@ its GPUs, the seller's allocation of each GPU (each healthy one: a failed one st
 live again from max(now, window start) to the window's end, and the sale is narrowed to the time the buyer held (`returned` when it
 held none), so the term's refund, extension and provisioning see that time as the seller's.
 
+Room the seller's term took in a grid curtailment's window (CurtailmentTake) goes with the
+hours sold: the buyer takes its GPUs' draw there, the seller's take is cut by as much, and a
+buyer giving the time back gives it back (services.curtailment counts the takes as sold).
+
 Locks, in the order every path takes them: the seller's reservation row, then listing rows,
-then nodes (as placement and extensions), then a billing account (the buyer's funding gate).
+then nodes (as placement and extensions), then curtailments (id order, as placement), then a
+billing account (the buyer's funding gate).
 A buyer giving time back holds its own row (the transition's) and takes the seller's, the
 listing and the node next, before its move frees (and so locks) its GPUs; no path holding a
 seller's row waits for a buyer's.
@@ -39,6 +44,7 @@ from marketplace.models import (
     LIVE_STATUSES,
     RESALE_TIERS,
     Allocation,
+    CurtailmentTake,
     EventType,
     ListingStatus,
     Organization,
@@ -49,6 +55,7 @@ from marketplace.models import (
     Tier,
 )
 from marketplace.rules import validate_period_length
+from marketplace.services.allocation import allocation_place
 from marketplace.services.audit import audit_record
 from marketplace.services.events import listing_events_record
 from marketplace.services.pricing import PriceFloor, price_floor
@@ -492,6 +499,10 @@ def resale_allocations_transfer(
         seller=seller, buyer=buyer, listing=listing, gpus=gpus, gpu_count=gpu_count,
         starts_at=starts_at, ends_at=ends_at, now=now,
     )  # fmt: skip
+    _takes_split(
+        seller=seller, buyer=buyer, node_id=listing.node_id, gpu_count=gpu_count,
+        starts_at=starts_at, ends_at=ends_at,
+    )  # fmt: skip
     listing.node = Node.objects.get(pk=listing.node_id)  # read under the node's lock
     _listing_sell(listing, buyer=buyer, gpus=gpus, starts_at=starts_at, ends_at=ends_at, now=now)
     return _buyer_allocations(
@@ -629,6 +640,75 @@ def _listed_gpus_move(
             },
         )
         return cur.fetchall()
+
+
+# The site's grid curtailments where the seller's term took room (CurtailmentTake) over the
+# sold period, locked in id order after the node (as placement takes them).
+_TAKEN_CURTAILMENTS_SQL = """
+SELECT c.id FROM marketplace_curtailment c
+WHERE EXISTS (SELECT 1 FROM marketplace_curtailmenttake t
+              WHERE t.curtailment_id = c.id AND t.reservation_id = %(seller)s
+                AND t.period && tstzrange(%(s)s, %(e)s, '[)'))
+ORDER BY c.id FOR UPDATE
+"""
+# Each take of the seller meeting the sold period is cut there: the sold GPUs' draw (as
+# placement computes it, never more than the take) becomes the buyer's take over the sold
+# hours, and the seller keeps the rest of it then and all of it before and after. What is
+# sold in the window at any instant is unchanged.
+_TAKES_SPLIT_SQL = """
+WITH draw AS (
+    SELECT round(%(gpus)s * m.tdp_watts * s.pue / 1000.0, 3) AS kw
+    FROM inventory_node n
+    JOIN inventory_site s ON s.id = n.site_id
+    JOIN inventory_gpumodel m ON m.id = n.gpu_model_id
+    WHERE n.id = %(node)s),
+hit AS (
+    DELETE FROM marketplace_curtailmenttake t
+    WHERE t.reservation_id = %(seller)s AND t.curtailment_id = ANY(%(cids)s)
+      AND t.period && tstzrange(%(s)s, %(e)s, '[)')
+    RETURNING t.curtailment_id, t.kw, t.period),
+pieces AS (
+    SELECT curtailment_id, %(seller)s::bigint AS rid, kw,
+           period * tstzrange(NULL, %(s)s, '[)') AS period FROM hit
+    UNION ALL
+    SELECT curtailment_id, %(seller)s, kw, period * tstzrange(%(e)s, NULL, '[)') FROM hit
+    UNION ALL
+    SELECT curtailment_id, %(seller)s, hit.kw - least(hit.kw, draw.kw),
+           period * tstzrange(%(s)s, %(e)s, '[)') FROM hit, draw
+    UNION ALL
+    SELECT curtailment_id, %(buyer)s, least(hit.kw, draw.kw),
+           period * tstzrange(%(s)s, %(e)s, '[)') FROM hit, draw)
+INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)
+SELECT curtailment_id, rid, kw, period, now() FROM pieces
+WHERE kw > 0 AND NOT isempty(period)
+"""
+
+
+def _takes_split(
+    *,
+    seller: Reservation,
+    buyer: Reservation,
+    node_id: int,
+    gpu_count: int,
+    starts_at: datetime,
+    ends_at: datetime,
+) -> None:
+    """The room the seller's term took in grid curtailments' windows goes with the hours
+    sold: the buyer takes its GPUs' draw there, the seller's take is cut by as much, so a
+    cancelled term gives back only its own room (marketplace.services.curtailment)."""
+    params = {
+        "seller": seller.pk,
+        "buyer": buyer.pk,
+        "node": node_id,
+        "gpus": gpu_count,
+        "s": starts_at,
+        "e": ends_at,
+    }
+    with connection.cursor() as cur:
+        cur.execute(_TAKEN_CURTAILMENTS_SQL, params)
+        params["cids"] = [row[0] for row in cur.fetchall()]
+        if params["cids"]:
+            cur.execute(_TAKES_SPLIT_SQL, params)
 
 
 def _buyer_allocations(
@@ -790,6 +870,15 @@ def resale_return_lock(*, buyer: Reservation, now: datetime) -> ResaleListing | 
     with connection.cursor() as cur:
         cur.execute(_NODE_LOCK_SQL, {"node": listing.node_id})
     listing.reservation = seller
+    # The room the buyer took in curtailments' windows from now on, read before the move
+    # ends it: the seller's term takes it back with the time (resale_unused_return).
+    listing.buyer_takes = list(
+        CurtailmentTake.objects.filter(
+            reservation_id=buyer.pk, period__overlap=Range(now, listing.ends_at, "[)")
+        )
+        .exclude(period__isempty=True)
+        .values_list("curtailment_id", "kw", "period")
+    )
     return listing
 
 
@@ -822,6 +911,12 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
             seller.public_id,
         )
         return False
+    _failed_sold_gpus_replace(
+        seller=seller, listing=listing, returned=returned, returned_from=returned_from
+    )
+    _takes_return(
+        seller=seller, takes=getattr(listing, "buyer_takes", []), returned_from=returned_from
+    )
     events = []
     if returned_from == listing.starts_at:
         listing.status = ListingStatus.RETURNED
@@ -836,6 +931,67 @@ def resale_unused_return(*, listing: ResaleListing, now: datetime) -> bool:
         events.append((EventType.LISTING_CREATED, _relist(listing, gpus=returned)))
     listing_events_record(events=events)
     return True
+
+
+def _failed_sold_gpus_replace(
+    *, seller: Reservation, listing: ResaleListing, returned: list[int], returned_from: datetime
+) -> None:
+    """A sold GPU that failed is not given back, and the term was replaced only for the hours
+    it held (marketplace.services.gpu_failures): it gets as many GPUs at the site for the time
+    returned, never more than it booked; none free, it goes without (logged)."""
+    count = len(listing.gpu_ids) - len(returned)
+    if not count:
+        return
+    params = {"rid": seller.pk, "gpus": [], "r": returned_from, "e": listing.ends_at}
+    with connection.cursor() as cur:
+        cur.execute(_OTHER_GPUS_HELD_SQL, params)
+        count = min(count, seller.gpu_count - cur.fetchone()[0])
+    if count <= 0:
+        return
+    try:
+        with transaction.atomic():
+            allocation_place(
+                reservation=seller,
+                site_id=listing.site_id,
+                gpu_model_id=listing.gpu_model_id,
+                gpu_count=count,
+                starts_at=returned_from,
+                ends_at=listing.ends_at,
+                moved=True,  # the buyer's load there leaves as the term's comes back
+            )
+    except NotAvailable:
+        logger.warning(
+            "resale: %d failed GPU(s) of %s not replaced for %s's returned time (none free)",
+            count,
+            listing.public_id,
+            seller.public_id,
+        )
+
+
+# The curtailments whose takes the buyer gave back, locked in id order (after the node).
+_CURTAILMENTS_LOCK_SQL = (
+    "SELECT id FROM marketplace_curtailment WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+)
+
+
+def _takes_return(*, seller: Reservation, takes: list, returned_from: datetime) -> None:
+    """The room the buyer had taken in curtailments' windows for the time returned is the
+    seller's term's again (it runs there once more): a take of the seller over it."""
+    rows = [
+        CurtailmentTake(
+            curtailment_id=curtailment_id,
+            reservation_id=seller.pk,
+            kw=kw,
+            period=Range(max(period.lower, returned_from), period.upper, "[)"),
+        )
+        for curtailment_id, kw, period in takes
+        if max(period.lower, returned_from) < period.upper
+    ]
+    if not rows:
+        return
+    with connection.cursor() as cur:
+        cur.execute(_CURTAILMENTS_LOCK_SQL, [sorted({t.curtailment_id for t in rows})])
+    CurtailmentTake.objects.bulk_create(rows)
 
 
 def _ended_term_window_return(listing: ResaleListing, *, returned_from: datetime) -> bool:
