@@ -1,12 +1,17 @@
 """Credits: staff credits, SLA credits from recorded outages, cancellation refunds.
 
 SLA (documented for customers): each reservation has a monthly uptime target of 99.5 %,
-measured per calendar month (UTC) over the time it was active in that month
-([activated_at, released_at or its booked end)), where its recorded outages
-(ReservationOutage) and any outage of a node serving it, while it held GPUs there, count as
-downtime; a reservation a forced grid curtailment preempted is measured to its booked end, the
-time it lost counting as downtime. If the month's uptime is below target, the reservation is
-credited a share of its net charge for that month:
+measured per calendar month (UTC) over the time it was charged for in that month: an
+on-demand or interruptible one from when it became active, a reserved term (charged up front
+from its start) from its start ([activated_at or starts_at, released_at or its booked end)).
+Its recorded outages (ReservationOutage) and any outage of a node serving it, while it held
+GPUs there, count as downtime; so does a reserved term's late start: the time from its start
+plus the start allowance (marketplace's start_overdue_at: PROVISIONING_READINESS_TIMEOUT_SECONDS)
+until it became active (or ended, or now, if it never did), month by month, so a term that
+started on the 31st and became active on the 1st has that wait in both months. A reservation
+a forced grid curtailment preempted is measured to its booked end, the time it lost counting
+as downtime. If the month's uptime is below target, the reservation is credited a share of
+its net charge for that month:
 
     uptime < 99.5 % → 10 %      uptime < 99 % → 25 %      uptime < 95 % → 100 %
 
@@ -30,8 +35,12 @@ hour's usage up to BILLING_USAGE_BOOK_SPREAD_MINUTES after it; before then nothi
 Cancellation refunds follow the marketplace's stated terms (reservation.cancellation, written
 by marketplace.services.reservations.reservation_cancel): a reserved term, charged up front,
 gets `refund_amount` back as a credit to the balance. On-demand and interruptible time is only
-ever charged as it is used, so cancelling them leaves nothing to refund. A reserved
-reservation that failed before ever becoming active is credited in full; one that had run and
+ever charged as it is used, so cancelling them leaves nothing to refund (their terms state
+0). A reserved term cancelled while its start is overdue (not active by its start plus the
+start allowance) gets its unused rest back in full, as its terms state; the wait before the
+cancel is SLA downtime above. A reserved reservation that failed before ever becoming active
+is credited in full, less the SLA credits its wait already got (never more than it paid); one
+that had run and
 failed while it was being provisioned again (moved off a failed GPU, with no start on the new
 ones) gets the rest of its term from the failure back (less time resold to a buyer, who pays
 for it), as a GPU failure with nowhere to move ends it; a term whose own workload ended it is
@@ -83,6 +92,7 @@ from marketplace.models import (
 from marketplace.selectors.resale import term_unused_amount
 from marketplace.services.audit import audit_record
 from marketplace.services.pricing import period_total
+from marketplace.services.reservations import start_overdue_at
 
 __all__ = [
     "SLA_TARGET",
@@ -149,9 +159,11 @@ def _month_uptime(
     reservation: Reservation, month: date, now: datetime, stop: datetime | None
 ) -> tuple[int, int]:
     m0, m1 = month_bounds(month)
-    if reservation.activated_at is None:
+    # Measured from when it is charged: a reserved term from its start, the others as used.
+    begun = reservation.starts_at if reservation.tier == Tier.RESERVED else reservation.activated_at
+    if begun is None:
         return 0, 0
-    lo = max(reservation.activated_at, m0)
+    lo = max(begun, m0)
     if stop is not None:  # a forced preemption: to the booked end, the rest lost
         hi = min(reservation.ends_at, m1)
     else:
@@ -160,6 +172,11 @@ def _month_uptime(
     if hi <= lo:
         return 0, 0
     down = outage_intervals(reservation=reservation, until=hi)
+    if reservation.tier == Tier.RESERVED:
+        # A late start: paid for from the start, not delivered until active.
+        late = (start_overdue_at(reservation), reservation.activated_at or hi)
+        if late[0] < late[1]:
+            down = interval_union([*down, late])
     if stop is not None:
         down = interval_union([*down, (stop, reservation.ends_at)])
     return int((hi - lo).total_seconds()), _overlap_seconds(down, lo, hi)
@@ -305,8 +322,10 @@ def sla_credits_issue_for_month(*, month: date, now: datetime | None = None) -> 
     if now < sla_month_settled_at(month):
         return 0
     m0, m1 = month_bounds(month)
+    # A reserved term is measured from its start, active yet or not (_month_uptime).
+    measured = Q(activated_at__lt=m1) | Q(tier=Tier.RESERVED, starts_at__lt=m1)
     ids = (
-        Reservation.objects.filter(activated_at__lt=m1, ends_at__gt=m0)
+        Reservation.objects.filter(measured, ends_at__gt=m0)
         .exclude(released_at__lt=m0)
         .order_by("pk")
         .values_list("pk", flat=True)
@@ -364,9 +383,14 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
         refund = Decimal(str(terms["refund_amount"]))
         why = f"Cancellation refund: {terms.get('rule', '')}".strip()
     elif reservation.status == ReservationStatus.FAILED and reservation.activated_at is None:
-        # All of it, but the windows resold: their buyers keep them and pay the holder.
+        # All of it, but the windows resold: their buyers keep them and pay the holder; and
+        # less what the SLA already gave for its late start (the same undelivered time).
         refund = term_unused_amount(reservation, since=reservation.starts_at)
         why = "Reserved term never delivered: full refund (of the time not resold)."
+        sla_given = from_minor_units(_sla_credited_minor(reservation), reservation.currency)
+        if sla_given:
+            refund -= sla_given
+            why += f" Less {sla_given} credited before under the SLA for its late start."
     elif reservation.status == ReservationStatus.FAILED and _failed_reprovisioning(reservation):
         since = reservation.released_at or timezone.now()
         refund = term_unused_amount(reservation, since=since)
@@ -395,6 +419,12 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
         description=why,
     )
     return entry if created else None
+
+
+def _sla_credited_minor(reservation: Reservation) -> int:
+    return LedgerEntry.objects.filter(
+        reservation=reservation, kind=LedgerKind.SLA_CREDIT
+    ).aggregate(total=Coalesce(Sum("amount_minor"), 0))["total"]
 
 
 # A reserved term that had run and then failed while the platform was provisioning it again

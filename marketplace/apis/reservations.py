@@ -98,6 +98,16 @@ class ReservationCreateInput(Serializer):
         help_text="Only nodes whose 30-day reliability (0-1) is at least this, as "
         "availability's filter: the booking is placed on such nodes only.",
     )
+    max_price = serializers.DecimalField(
+        required=False,
+        max_digits=12,
+        decimal_places=4,
+        min_value=0,
+        help_text="The most you will pay per GPU-hour, in the offer's currency (as the "
+        "search's max_price): a booking priced above it now is refused with 409 "
+        "price_above_max and nothing is booked. Also checked against a quote's or "
+        "listing's price.",
+    )
     workload = WorkloadInput(required=False)
     ssh_key_ids = serializers.ListField(
         child=serializers.CharField(max_length=32),
@@ -209,10 +219,24 @@ class CancellationTermsOutput(Serializer):
     )
     at = serializers.DateTimeField()
     currency = serializers.CharField()
-    unused_amount = serializers.DecimalField(max_digits=14, decimal_places=2)
-    refund_fraction = serializers.DecimalField(max_digits=4, decimal_places=2)
-    refund_amount = serializers.DecimalField(max_digits=14, decimal_places=2)
-    fee_amount = serializers.DecimalField(max_digits=14, decimal_places=2)
+    unused_amount = serializers.DecimalField(
+        max_digits=14,
+        decimal_places=2,
+        help_text="What was charged up front for the time not yet used: a reserved term's "
+        "price for it; 0 for on-demand and interruptible (charged only as used).",
+    )
+    refund_fraction = serializers.DecimalField(
+        max_digits=4,
+        decimal_places=2,
+        help_text="The share of unused_amount refunded (1 for on-demand and interruptible: "
+        "nothing is kept); send it back as expected_refund_fraction.",
+    )
+    refund_amount = serializers.DecimalField(
+        max_digits=14, decimal_places=2, help_text="Credited to the balance on cancelling."
+    )
+    fee_amount = serializers.DecimalField(
+        max_digits=14, decimal_places=2, help_text="What of unused_amount is kept."
+    )
     rule = serializers.CharField()
 
 
@@ -335,7 +359,11 @@ class ReservationListApi(ApiView):
         if "quote" in data:
             quote = quote_get_for_org(organization=self.organization, public_id=data["quote"])
             reservation = reservation_create(
-                organization=self.organization, user=ctx.user, quote=quote, workload=workload
+                organization=self.organization,
+                user=ctx.user,
+                quote=quote,
+                workload=workload,
+                max_price_per_gpu_hour=data.get("max_price"),
             )
         elif "listing" in data:
             reservation = reservation_create(
@@ -350,6 +378,7 @@ class ReservationListApi(ApiView):
                 term=data.get("term", Term.NONE),
                 site=data.get("site"),
                 workload=workload,
+                max_price_per_gpu_hour=data.get("max_price"),
             )
         else:
             reservation = reservation_create(
@@ -365,6 +394,7 @@ class ReservationListApi(ApiView):
                 region=data.get("region"),
                 min_reliability=data.get("min_reliability"),
                 workload=workload,
+                max_price_per_gpu_hour=data.get("max_price"),
             )
         # The service returns the reservation with everything it just wrote (transition,
         # allocations with their nodes): shown as GET shows it, without reading it back.

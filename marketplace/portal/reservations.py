@@ -593,7 +593,10 @@ class ReservationCancelView(PortalView, View):
         else:
             refund = updated.cancellation["refund_amount"]
             verb = "Stopped" if reservation.status == ReservationStatus.ACTIVE else "Cancelled"
-            messages.success(request, f"{verb}. Refund: {money(refund, updated.currency)}.")
+            if updated.tier != Tier.RESERVED:  # charged as used: nothing was paid ahead
+                messages.success(request, f"{verb}. Charged only for the time it ran.")
+            else:
+                messages.success(request, f"{verb}. Refund: {money(refund, updated.currency)}.")
         return redirect("portal:reservation", public_id=public_id)
 
 

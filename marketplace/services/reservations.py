@@ -5,11 +5,15 @@ reservation, so a reservation booked ahead keeps its GPUs. A start within START_
 makes it `scheduled` (due; the provisioning worker picks it up), a later start `pending`.
 
 Cancellation rule (stated before by cancellation_terms, applied after by reservation_cancel):
-the "unused amount" is the price of the part of the period not yet begun (the whole total
-before the start), at the reservation's price, rounded half-up to the cent.
-- on-demand and interruptible: the unused amount is refunded in full, no fee.
-- reserved: 100 % of it with at least 7 days' notice before the start, 50 % with at least
-  24 hours', nothing later or after the start (a term is a commitment).
+the "unused amount" is what was charged up front for the part of the period not yet begun.
+- on-demand and interruptible are charged only as used: nothing was charged for time not
+  used, so the unused amount and the refund are 0 (the fraction stays 1: nothing is kept).
+- reserved (charged up front for its whole period): the unused amount is its price for the
+  part not yet begun (the whole total before the start), rounded half-up to the cent; 100 %
+  of it with at least 7 days' notice before the start, 50 % with at least 24 hours', nothing
+  later or after the start (a term is a commitment) — except a term the platform has not got
+  running by its start plus the start allowance (start_overdue_at): the delay is ours, so
+  the unused rest is refunded in full (the wait itself is SLA downtime, billing's credits).
 Cancelling before activation ends the reservation (cancelled); cancelling an active one stops
 it early (releasing; the provisioning worker tears it down and completes it).
 """
@@ -18,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -81,6 +86,8 @@ __all__ = [
     "extension_terms",
     "cancellation_rule",
     "cancellation_terms",
+    "start_allowance",
+    "start_overdue_at",
     "reservation_book",
     "reservation_create",
     "reservation_cancel",
@@ -108,14 +115,36 @@ class CancellationTerms:
         return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in d.items()}
 
 
+def start_allowance() -> timedelta:
+    """How long after its start a reservation may take to become active before the wait is the
+    platform's delay: the start's readiness deadline (PROVISIONING_READINESS_TIMEOUT_SECONDS,
+    docs/provisioning.md), not a number of its own."""
+    return timedelta(seconds=settings.PROVISIONING_READINESS_TIMEOUT_SECONDS)
+
+
+def start_overdue_at(reservation: Reservation) -> datetime:
+    """From when a reserved term (charged from its start) that is not yet active is late: its
+    cancellation refunds the unused rest in full, and the SLA counts the wait as downtime."""
+    return reservation.starts_at + start_allowance()
+
+
 def cancellation_rule(tier: str) -> str:
     """The refund rule for a tier, in words: what a customer is told before reserving."""
     if tier == Tier.RESERVED:
         return (
             "Cancelling refunds the part not yet begun: in full with 7 days' notice or more, "
-            "50 % with 24 hours' to 7 days' notice, nothing later or after the start."
+            "50 % with 24 hours' to 7 days' notice, nothing later or after the start; in full "
+            f"if we have not got it running {_allowance_words()} after its start."
         )
-    return "Cancel any time: the time not yet begun is refunded in full; time used is charged."
+    return (
+        "Cancel any time: only time used is charged, by the second; nothing is charged for "
+        "time not used, so there is nothing to refund."
+    )
+
+
+def _allowance_words() -> str:
+    seconds = int(start_allowance().total_seconds())
+    return f"{seconds // 60} minutes" if seconds % 60 == 0 else f"{seconds} seconds"
 
 
 def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> CancellationTerms:
@@ -124,14 +153,29 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
     refusal = reservation_action_refusal(reservation, "cancel", at=at)
     if refusal:
         raise InvalidTransition(refusal, code="cancel_not_allowed")
+    if reservation.tier != Tier.RESERVED:
+        # Charged only as used: nothing was paid ahead, so nothing comes back and nothing is
+        # kept. The fraction is 1 (all of nothing): a cancel naming the 1 shown still passes.
+        nothing = money_round(Decimal("0"), reservation.currency)
+        return CancellationTerms(
+            action="stop" if reservation.status == ReservationStatus.ACTIVE else "cancel",
+            at=at,
+            currency=reservation.currency,
+            unused_amount=nothing,
+            refund_fraction=Decimal("1"),
+            refund_amount=nothing,
+            fee_amount=nothing,
+            rule=f"{reservation.tier}: charged only for time used, by the second; nothing was "
+            "charged for time not used, so there is nothing to refund.",
+        )
     # Time resold to someone else is no longer the holder's to give back: its sale pays them.
     unused = term_unused_amount(reservation, since=at)
     notice = reservation.starts_at - at
-    if reservation.tier != Tier.RESERVED:
+    if reservation.activated_at is None and at >= start_overdue_at(reservation):
         fraction = Decimal("1")
         rule = (
-            f"{reservation.tier}: time not yet begun is refunded in full; "
-            "time used is charged by the second."
+            f"reserved, not running {_allowance_words()} after its start: the delay is ours, "
+            "the unused rest is refunded in full (the wait counts as downtime under the SLA)."
         )
     elif notice >= _FULL_NOTICE:
         fraction, rule = Decimal("1"), "reserved, 7 days' notice or more: full refund."
@@ -180,6 +224,9 @@ class BookingRequest:
     region: str | None = None
     # Only nodes whose 30-day reliability is at least this (0-1), as the search was filtered.
     min_reliability: Decimal | None = None
+    # The most the caller will pay per GPU-hour (as a search's max_price): a booking priced now
+    # above it is refused (409 price_above_max) instead of made at a price nobody saw.
+    max_price_per_gpu_hour: Decimal | None = None
     workload: dict = field(default_factory=dict)
     # Resold time: the listing to book from (gpu_count GPUs for [starts_at, ends_at) in it).
     listing: ResaleListing | None = None
@@ -213,8 +260,20 @@ class BookingRequest:
             site=self.site,
             region=self.region,
             min_reliability=self.min_reliability,
+            max_price_per_gpu_hour=self.max_price_per_gpu_hour,
             with_history=False,
         )
+
+    def price_check(self, *, price_per_gpu_hour: Decimal, currency: str, where: str) -> None:
+        """Refuse a price above the caller's max_price (nothing is written)."""
+        limit = self.max_price_per_gpu_hour
+        if limit is not None and price_per_gpu_hour > limit:
+            raise Conflict(
+                f"{where} is {price_per_gpu_hour} {currency.upper()} per GPU-hour now, above "
+                f"your max_price of {limit}: nothing was booked.",
+                code="price_above_max",
+                field="max_price",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +340,7 @@ def reservation_create(
     auto_recharge: bool = True,
     min_reliability: Decimal | None = None,
     listing: ResaleListing | None = None,
+    max_price_per_gpu_hour: Decimal | None = None,
 ) -> Reservation:
     """Book GPUs from a quote (at its price) or directly (priced now); allocates them at once.
     With a `listing`, books resold time from it (its site, model, tier and asking price).
@@ -307,6 +367,7 @@ def reservation_create(
         auto_recharge=auto_recharge,
         min_reliability=min_reliability,
         listing=listing,
+        max_price_per_gpu_hour=max_price_per_gpu_hour,
         now=timezone.now(),
     )
     if request.quote is not None:
@@ -318,6 +379,11 @@ def reservation_create(
         # Price and place at the chosen site only, from one read of its nodes, instead of
         # searching every site first.
         offer = _offer_at_site(request)
+        request.price_check(
+            price_per_gpu_hour=offer.price_per_gpu_hour,
+            currency=offer.currency,
+            where=f"The price at {offer.site.slug}",
+        )
         return reservation_book(request=request, terms=BookingTerms.from_offer(offer, request))
     return _book_cheapest(request)
 
@@ -333,8 +399,14 @@ def _book_cheapest(request: BookingRequest) -> Reservation:
                 return reservation_book(request=request, terms=terms)
         except NotAvailable:
             continue
+    at_most = (
+        f" at or below {request.max_price_per_gpu_hour} per GPU-hour"
+        if request.max_price_per_gpu_hour is not None
+        else ""
+    )
     raise NotAvailable(
-        f"No site has {request.gpu_count} {request.gpu_model} GPU(s) free for that period.",
+        f"No site has {request.gpu_count} {request.gpu_model} GPU(s) free for that "
+        f"period{at_most}.",
         code="not_available",
     )
 
@@ -413,6 +485,11 @@ def _listing_terms(request: BookingRequest) -> BookingTerms:
         gpu_count=request.gpu_count,
         now=request.now,
     )
+    request.price_check(
+        price_per_gpu_hour=listing.price_per_gpu_hour,
+        currency=listing.currency,
+        where=f"Listing {listing.public_id}'s asking price",
+    )
     breakdown = resale_breakdown(
         listing=listing,
         gpu_count=request.gpu_count,
@@ -451,6 +528,11 @@ def _quote_take(request: BookingRequest) -> BookingTerms:
             f"The quote expired at {locked.expires_at.isoformat()}; ask for a new one.",
             field="quote",
         )
+    request.price_check(
+        price_per_gpu_hour=locked.price_per_gpu_hour,
+        currency=locked.currency,
+        where=f"Quote {locked.public_id}'s price",
+    )
     starts_at, ends_at = locked.starts_at, locked.ends_at
     if starts_at < now:
         # A "start now" quote accepted a little later: keep the length (so the total bought

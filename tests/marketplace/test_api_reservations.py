@@ -313,17 +313,19 @@ def test_cancellation_terms_are_shown_then_applied(owner_client, market):
     url = f"/api/v1/reservations/{created['id']}"
     terms = owner_client.get(f"{url}/cancellation-terms").json()
     assert terms["action"] == "cancel"
+    # On-demand is charged only as used: nothing to refund, nothing kept.
     assert (terms["refund_amount"], terms["fee_amount"], terms["currency"]) == (
-        "12.00",
+        "0.00",
         "0.00",
         "usd",
     )
+    assert (terms["unused_amount"], terms["refund_fraction"]) == ("0.00", "1.00")
     response = owner_client.post(f"{url}/cancel", {"reason": "plans changed"}, format="json")
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["status"] == "cancelled"
     assert body["allowed_actions"] == []
-    assert body["cancellation"]["refund_amount"] == "12.00"
+    assert body["cancellation"]["refund_amount"] == "0.00"
     assert body["cancellation"]["reason"] == "plans changed"
     assert [t["to_status"] for t in body["transitions"]] == ["pending", "cancelled"]
     assert Allocation.objects.filter(is_live=True).count() == 0

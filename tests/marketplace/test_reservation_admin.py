@@ -86,7 +86,9 @@ def test_staff_cancel_first_shows_the_terms_then_goes_through_the_service(
 
     assert page.status_code == 200 and no_reason.status_code == 200
     html = page.content.decode()
-    assert reservation.public_id in html and "20.00 USD" in html and 'name="reason"' in html
+    assert reservation.public_id in html and 'name="reason"' in html
+    # On-demand: charged as used, so no refund is promised (none would be credited).
+    assert "none, charged as used" in html and "20.00 USD" not in html
     assert "Say why" in no_reason.content.decode()
     reservation.refresh_from_db()
     assert reservation.status != ReservationStatus.CANCELLED  # nothing before it is confirmed
@@ -102,7 +104,7 @@ def test_staff_cancel_first_shows_the_terms_then_goes_through_the_service(
     assert reservation.cancellation["actor_label"] == "staff:staff"
     assert reservation.cancellation["reason"] == "node recalled by the site"
     assert reservation.transitions.last().cause == "cancelled by staff: node recalled by the site"
-    assert reservation.cancellation["refund_amount"] == "20.00"
+    assert reservation.cancellation["refund_amount"] == "0.00"
     assert not reservation.allocations.filter(is_live=True).exists()
     assert reservation.transitions.last().actor_label == "staff:staff"
 

@@ -57,29 +57,41 @@ def book(h100, *, start, hours=10, tier="on_demand", term="none", gpus=2, days=N
 # --- cancellation terms: stated before -----------------------------------------------------
 
 
-def test_on_demand_before_the_start_refunds_everything(h100, node):
+def test_on_demand_before_the_start_states_no_refund_as_nothing_was_charged(h100, node):
     r = book(h100, start=tomorrow())
     t = cancellation_terms(r)
+    # Charged only as used: nothing was paid ahead, so nothing comes back and nothing is kept.
     assert (t.action, t.unused_amount, t.refund_fraction, t.refund_amount, t.fee_amount) == (
         "cancel",
-        Decimal("40.00"),
+        Decimal("0.00"),
         Decimal("1"),
-        Decimal("40.00"),
+        Decimal("0.00"),
         Decimal("0.00"),
     )
+    assert "nothing was charged for time not used" in t.rule
 
 
-def test_on_demand_after_the_start_refunds_the_unused_time(h100, node):
+def test_on_demand_after_the_start_states_no_refund_for_the_unused_time(h100, node):
     r = book(h100, start=timezone.now())
     r = reservation_transition(reservation=r, to_status=S.PROVISIONING, cause="", actor_label="t")
     r = reservation_transition(reservation=r, to_status=S.ACTIVE, cause="", actor_label="t")
     t = cancellation_terms(r, at=r.starts_at + timedelta(hours=4))
-    # 6 h × 2 GPUs × 2.00 unused
-    assert (t.action, t.unused_amount, t.refund_amount) == (
+    assert (t.action, t.unused_amount, t.refund_amount, t.refund_fraction) == (
         "stop",
-        Decimal("24.00"),
-        Decimal("24.00"),
+        Decimal("0.00"),
+        Decimal("0.00"),
+        Decimal("1"),
     )
+
+
+def test_an_on_demand_cancel_naming_the_fraction_it_was_shown_goes_through(h100, node):
+    r = book(h100, start=tomorrow())
+    shown = cancellation_terms(r).refund_fraction
+
+    r = reservation_cancel(reservation=r, actor_label="user:1", expected_refund_fraction=shown)
+
+    assert r.status == S.CANCELLED
+    assert (r.cancellation["refund_fraction"], r.cancellation["refund_amount"]) == ("1", "0.00")
 
 
 @pytest.mark.parametrize(
@@ -111,7 +123,7 @@ def test_cancelling_ahead_records_the_terms_frees_the_gpus_and_is_final(h100, no
     r = reservation_cancel(reservation=r, actor_label="user:1", reason="plans changed")
 
     assert r.status == S.CANCELLED
-    assert r.cancellation["refund_amount"] == str(stated.refund_amount) == "160.00"
+    assert r.cancellation["refund_amount"] == str(stated.refund_amount) == "0.00"
     assert r.cancellation["reason"] == "plans changed"
     assert Allocation.objects.filter(reservation=r, is_live=True).count() == 0
     book(h100, start=tomorrow(), gpus=8)  # the node is free again
