@@ -126,7 +126,9 @@ class BillingAccountAdminForm(forms.ModelForm):
             self.add_error("auto_recharge_enabled", "The organisation has no saved card.")
         bounds = {k: v for k, v in self.settings_changes().items() if k != "auto_recharge_enabled"}
         try:
-            billing_settings_check(**bounds)
+            billing_settings_check(
+                currency=self.cleaned_data.get("currency") or self.instance.currency, **bounds
+            )
         except ApplicationError as exc:
             field = {v: k for k, v in _SETTINGS_FIELDS.items()}.get(exc.field)
             self.add_error(field if field in self.fields else None, exc.message)

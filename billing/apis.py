@@ -67,8 +67,14 @@ class BalanceApi(ApiView):
 
 class BillingSettingsInput(Serializer):
     auto_recharge_enabled = serializers.BooleanField(required=False)
-    recharge_threshold = serializers.DecimalField(max_digits=9, decimal_places=2, required=False)
-    recharge_amount = serializers.DecimalField(max_digits=9, decimal_places=2, required=False)
+    # Limits of the account's currency (balance's top_up_min and top_up_max; 400
+    # amount_out_of_range outside them); 12 digits hold the largest in any currency.
+    recharge_threshold = serializers.DecimalField(
+        max_digits=12, decimal_places=2, required=False, help_text="0 to top_up_max."
+    )
+    recharge_amount = serializers.DecimalField(
+        max_digits=12, decimal_places=2, required=False, help_text="top_up_min to top_up_max."
+    )
     monthly_spend_limit = serializers.DecimalField(
         max_digits=12, decimal_places=2, required=False, allow_null=True,
         help_text="null removes the limit.",
@@ -418,7 +424,12 @@ class PaymentMethodDetailApi(ApiView):
 
 
 class TopUpInput(Serializer):
-    amount = serializers.DecimalField(max_digits=9, decimal_places=2, help_text='e.g. "50.00"')
+    amount = serializers.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        help_text='e.g. "50.00", in the account\'s currency, from its top_up_min to its top_up_max '
+        "(GET billing/balance); else 400 amount_out_of_range.",
+    )
 
 
 class TopUpListApi(ApiView):

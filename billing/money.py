@@ -13,13 +13,16 @@ them would pass a gate with nothing available.
 
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
-from config.currency import ZERO_DECIMAL_CURRENCIES, minor_exponent
+from config.currency import ZERO_DECIMAL_CURRENCIES, minor_exponent, minor_unit
 from config.errors import ValidationFailed
 
 __all__ = [
     "ZERO_DECIMAL_CURRENCIES",
-    "MIN_TOP_UP",
-    "MAX_TOP_UP",
+    "STRIPE_MINIMUM_CHARGE",
+    "STRIPE_MAXIMUM_CHARGE_MINOR",
+    "TOP_UP_LIMITS",
+    "top_up_limits",
+    "top_up_range_text",
     "minor_exponent",
     "to_minor_units",
     "hold_minor_units",
@@ -28,9 +31,58 @@ __all__ = [
     "usage_cost_minor",
 ]
 
-# What one top-up (or automatic recharge, or its threshold) may be, in major units.
-MIN_TOP_UP = Decimal("5.00")
-MAX_TOP_UP = Decimal("100000.00")
+# Stripe's smallest charge per currency, in major units: a PaymentIntent for less is refused
+# (docs.stripe.com/currencies, "Minimum and maximum charge amounts").
+_STRIPE_MINIMUMS = {
+    "usd": "0.50", "aed": "2.00", "aud": "0.50", "bgn": "1.00", "brl": "0.50",
+    "cad": "0.50", "chf": "0.50", "czk": "15.00", "dkk": "2.50", "eur": "0.50",
+    "gbp": "0.30", "hkd": "4.00", "huf": "175.00", "inr": "0.50", "jpy": "50",
+    "mxn": "10.00", "myr": "2.00", "nok": "3.00", "nzd": "0.50", "pln": "2.00",
+    "ron": "2.00", "sek": "3.00", "sgd": "0.50", "thb": "10.00",
+}  # fmt: skip
+STRIPE_MINIMUM_CHARGE = {code: Decimal(amount) for code, amount in _STRIPE_MINIMUMS.items()}
+# Stripe's largest charge in any currency: eight digits of minor units (999,999.99; ¥99,999,999).
+STRIPE_MAXIMUM_CHARGE_MINOR = 99_999_999
+
+# What one top-up may be in each currency Stripe lists a minimum for, in major units: at least
+# 5 and at least Stripe's minimum; at most about US$100,000 in round numbers of the currency,
+# or Stripe's largest charge where that is less (HUF, INR, CZK, MXN, THB, NOK, SEK).
+_TOP_UP_LIMITS = {
+    "usd": ("5.00", "100000.00"), "eur": ("5.00", "100000.00"), "gbp": ("5.00", "100000.00"),
+    "chf": ("5.00", "100000.00"), "aud": ("5.00", "150000.00"), "cad": ("5.00", "150000.00"),
+    "nzd": ("5.00", "150000.00"), "sgd": ("5.00", "150000.00"), "bgn": ("5.00", "200000.00"),
+    "aed": ("5.00", "400000.00"), "pln": ("5.00", "400000.00"), "brl": ("5.00", "500000.00"),
+    "myr": ("5.00", "500000.00"), "ron": ("5.00", "500000.00"), "dkk": ("5.00", "700000.00"),
+    "hkd": ("5.00", "800000.00"), "nok": ("5.00", "999999.99"), "sek": ("5.00", "999999.99"),
+    "inr": ("5.00", "999999.99"), "mxn": ("10.00", "999999.99"), "thb": ("10.00", "999999.99"),
+    "czk": ("15.00", "999999.99"), "huf": ("175.00", "999999.99"), "jpy": ("50", "10000000"),
+}  # fmt: skip
+TOP_UP_LIMITS = {
+    code: (Decimal(least), Decimal(most)) for code, (least, most) in _TOP_UP_LIMITS.items()
+}
+
+
+def top_up_limits(currency: str) -> tuple[Decimal, Decimal]:
+    """The least and the most one top-up may be in `currency`, in major units, both included;
+    an automatic recharge and its threshold are bounded by the same numbers.
+
+    TOP_UP_LIMITS for the currencies Stripe lists a minimum for. Any other: 5.00 to
+    100,000.00, and 500 to 10,000,000 in a currency without a minor unit (a unit worth about
+    a hundredth of a dollar or less, as the yen). Stripe's minimum for those (the equivalent
+    of US$0.50 at the day's rate) is Stripe's to enforce: a top-up under it fails with
+    Stripe's reason."""
+    code = currency.lower()
+    if code in TOP_UP_LIMITS:
+        return TOP_UP_LIMITS[code]
+    scale = Decimal(10) ** (2 - minor_exponent(code))
+    unit = minor_unit(code)
+    return (Decimal(5) * scale).quantize(unit), (Decimal(100_000) * scale).quantize(unit)
+
+
+def top_up_range_text(currency: str) -> str:
+    """The limits as a customer reads them: "5.00 and 100,000.00 USD"."""
+    least, most = top_up_limits(currency)
+    return f"{least:,} and {most:,} {currency.upper()}"
 
 
 def _require_exact(value, name: str) -> None:

@@ -23,7 +23,7 @@ from django.views import View
 from billing.apis import MONEY_ROLES
 from billing.exports import csv_text
 from billing.models import BillingMode, FundingState
-from billing.money import from_minor_units
+from billing.money import from_minor_units, top_up_limits, top_up_range_text
 from billing.selectors import (
     balance_by_day,
     billing_account_for_org,
@@ -50,7 +50,7 @@ from billing.services.payment_methods import (
     payment_method_set_default,
     setup_intent_create,
 )
-from billing.services.topups import MAX_TOP_UP, MIN_TOP_UP, top_up_create
+from billing.services.topups import top_up_create
 from config.csp import stripe_js_allow
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
@@ -129,10 +129,11 @@ def _payments_configured() -> bool:
 
 
 def _amount_field(label: str, **kwargs) -> forms.DecimalField:
-    # A text box, not type=number: money is typed as text and validated here, one way.
+    # A text box, not type=number: money is typed as text and validated here, one way. Room
+    # for the largest top-up in any currency (¥10,000,000); the service checks the limits.
     return forms.DecimalField(
         label=label,
-        max_digits=9,
+        max_digits=12,
         decimal_places=2,
         widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
         **kwargs,
@@ -140,7 +141,8 @@ def _amount_field(label: str, **kwargs) -> forms.DecimalField:
 
 
 class BillingSettingsForm(forms.Form):
-    """The API's BillingSettingsInput; the ranges are the service's to enforce."""
+    """The API's BillingSettingsInput; the ranges are the service's to enforce, and the help
+    texts state them in the account's currency."""
 
     auto_recharge_enabled = forms.BooleanField(
         label="Recharge automatically",
@@ -148,13 +150,8 @@ class BillingSettingsForm(forms.Form):
         help_text="Off until you turn it on; needs a saved card. Every automatic charge is "
         "e-mailed with its reason, and before a reservation triggers one you are asked.",
     )
-    recharge_threshold = _amount_field(
-        "Recharge threshold",
-        help_text=f"Recharge, and warn, when the balance drops below this (at most {MAX_TOP_UP}).",
-    )
-    recharge_amount = _amount_field(
-        "Recharge amount", help_text=f"Between {MIN_TOP_UP} and {MAX_TOP_UP}."
-    )
+    recharge_threshold = _amount_field("Recharge threshold")
+    recharge_amount = _amount_field("Recharge amount")
     monthly_spend_limit = forms.DecimalField(
         label="Monthly spend limit",
         max_digits=12,
@@ -164,11 +161,24 @@ class BillingSettingsForm(forms.Form):
         help_text="Empty: no limit. New reservations that would go over it are refused.",
     )
 
+    def __init__(self, *args, currency: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        most = top_up_limits(currency)[1]
+        self.fields["recharge_threshold"].help_text = (
+            "Recharge, and warn, when the balance drops below this "
+            f"(at most {most:,} {currency.upper()})."
+        )
+        self.fields["recharge_amount"].help_text = f"Between {top_up_range_text(currency)}."
+
 
 class TopUpForm(forms.Form):
-    amount = _amount_field("Amount", help_text=f"Between {MIN_TOP_UP} and {MAX_TOP_UP}.")
+    amount = _amount_field("Amount")
     # A double click or a reload of the answer sends the form twice: one charge, not two.
     once = OnceField()
+
+    def __init__(self, *args, currency: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["amount"].help_text = f"Between {top_up_range_text(currency)}."
 
 
 class PaymentMethodAttachForm(forms.Form):
@@ -214,6 +224,11 @@ class UsagePageForm(UsageFilterForm):
         return cleaned
 
 
+def _account_currency(account) -> str:
+    # An organisation without an account yet gets one in settings.CURRENCY on its first top-up.
+    return account.currency if account else settings.CURRENCY
+
+
 def _form_error(form: forms.Form, exc: ApplicationError) -> None:
     form.add_error(exc.field if exc.field in form.fields else None, exc.message)
 
@@ -235,6 +250,7 @@ class OverviewView(BillingPage):
         c = account.currency
         if form is None:
             form = BillingSettingsForm(
+                currency=c,
                 initial={
                     "auto_recharge_enabled": account.auto_recharge_enabled,
                     "recharge_threshold": from_minor_units(account.recharge_threshold_minor, c),
@@ -242,7 +258,7 @@ class OverviewView(BillingPage):
                     "monthly_spend_limit": None
                     if account.monthly_spend_limit_minor is None
                     else from_minor_units(account.monthly_spend_limit_minor, c),
-                }
+                },
             )
         spent = spend_minor(organization=self.organization, since=month_start(timezone.now()))
         position = money_position(organization_id=self.organization.pk)
@@ -277,7 +293,8 @@ class OverviewView(BillingPage):
         )
 
     def post(self, request):
-        form = BillingSettingsForm(request.POST)
+        account = billing_account_get_or_create(organization=self.organization)
+        form = BillingSettingsForm(request.POST, currency=account.currency)
         if form.is_valid():
             try:
                 billing_settings_update(organization=self.organization, **form.cleaned_data)
@@ -405,12 +422,12 @@ class TopUpView(BillingPage):
         for top_up in top_ups:
             top_up.amount_display = money(top_up.amount_minor, top_up.currency)
         account = billing_account_for_org(organization=self.organization)
-        currency = account.currency if account else settings.CURRENCY
+        currency = _account_currency(account)
         return self.render(
             request,
             "top_up.html",
             {
-                "form": form or TopUpForm(),
+                "form": form or TopUpForm(currency=currency),
                 "top_ups": top_ups,
                 "currency": currency.upper(),
                 "has_card": bool(account and account.default_payment_method_id),
@@ -419,7 +436,8 @@ class TopUpView(BillingPage):
         )
 
     def post(self, request):
-        form = TopUpForm(request.POST)
+        account = billing_account_for_org(organization=self.organization)
+        form = TopUpForm(request.POST, currency=_account_currency(account))
         if form.is_valid():
             amount: Decimal = form.cleaned_data["amount"]
             try:

@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from billing.models import BillingMode, FundingState, TopUpStatus
-from billing.money import from_minor_units
+from billing.money import from_minor_units, top_up_limits
 from billing.selectors import month_start, spend_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.holds import money_position
@@ -73,6 +73,14 @@ class BalanceOutput(Serializer):
     monthly_spend_limit = serializers.CharField(allow_null=True)
     spent_this_month = serializers.CharField()
     default_payment_method = serializers.CharField(allow_blank=True)
+    top_up_min = serializers.CharField(
+        help_text="The least one top-up (or automatic recharge) may be in this currency: at "
+        "least Stripe's minimum charge in it."
+    )
+    top_up_max = serializers.CharField(
+        help_text="The most one top-up (or automatic recharge, or the recharge threshold) may "
+        "be in this currency."
+    )
 
 
 def balance_data(org) -> dict:
@@ -80,6 +88,7 @@ def balance_data(org) -> dict:
     account = billing_account_get_or_create(organization=org)
     c = account.currency
     position = money_position(organization_id=org.pk)
+    top_up_min, top_up_max = top_up_limits(c)
     return {
         "currency": c,
         "balance": money_text(position.balance, c),
@@ -97,6 +106,8 @@ def balance_data(org) -> dict:
             spend_minor(organization=org, since=month_start(timezone.now())), c
         ),
         "default_payment_method": account.default_payment_method_id,
+        "top_up_min": str(top_up_min),
+        "top_up_max": str(top_up_max),
     }
 
 

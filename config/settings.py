@@ -308,6 +308,17 @@ if _agent_window >= NODE_OFFLINE_AFTER.total_seconds() or _agent_count < 3 * _ag
         f"{int(NODE_OFFLINE_AFTER.total_seconds())} and AGENT_HEARTBEAT_SECONDS="
         f"{AGENT_HEARTBEAT_SECONDS}"
     )
+# Failed authentications (a wrong or revoked API key or node token) one client address may
+# make per window; past them its requests with credentials are answered 429 until the window
+# ends, without a lookup (config/api/throttling.py, AuthFailureLimit). The node agents behind
+# an address over it wait the window out: it must be shorter than the offline time.
+AUTH_FAILURE_RATE = env_rate("AUTH_FAILURE_RATE", "30/min")
+if rate_window(AUTH_FAILURE_RATE)[1] >= NODE_OFFLINE_AFTER.total_seconds():
+    raise ImproperlyConfigured(
+        "AUTH_FAILURE_RATE's window must be shorter than NODE_OFFLINE_AFTER_SECONDS (the "
+        f"agents behind a refused address wait it out); got {AUTH_FAILURE_RATE!r} with "
+        f"NODE_OFFLINE_AFTER_SECONDS={int(NODE_OFFLINE_AFTER.total_seconds())}"
+    )
 # How long a process keeps an API key it read (a change to any key empties every process's
 # cache at once, through Redis: marketplace/auth.py); 0: read the key on every request.
 API_KEY_CACHE_SECONDS = env_int("API_KEY_CACHE_SECONDS", 60, minimum=0)

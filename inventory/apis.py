@@ -15,7 +15,7 @@ from rest_framework.response import Response
 
 from config.api.errors import agent_errors, error_body
 from config.api.serializers import LenientSerializer
-from config.api.throttling import agent_rate_count
+from config.api.throttling import agent_rate_count, auth_failures
 from config.errors import ApplicationError
 from inventory.auth import AGENT_THROTTLED, AgentApiView, NodeAgent, NodeTokenAuthentication
 from inventory.burn_in import burn_in_lease, burn_in_report
@@ -213,6 +213,8 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
         body = json.loads(request.body.decode(), parse_constant=_no_constant)
     except (ValueError, RequestDataTooBig):  # UnicodeDecodeError is a ValueError too
         return None
+    if auth_failures.wait(request) is not None:
+        return None  # its address is over AUTH_FAILURE_RATE: DRF's 429, and no lookup
     found = node_token_authenticate_with_gpus(secret)
     if found is None:
         return None

@@ -1,6 +1,8 @@
 """Authentication for site agents: `Authorization: Bearer nt_…` carrying a per-node token.
 
-Tokens are read from the header only, never from the query string (URLs end up in logs).
+Tokens are read from the header only, never from the query string (URLs end up in logs). A
+refused token counts against its client's failed authentications (AUTH_FAILURE_RATE); a
+client over them is answered 429 before its token is looked up.
 """
 
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from config.api.throttling import AgentRateThrottle
+from config.api.throttling import AgentRateThrottle, auth_failures
 from inventory.models import Node, NodeToken
 from inventory.services import TOKEN_PREFIX, node_token_authenticate
 
@@ -38,8 +40,10 @@ class NodeTokenAuthentication(authentication.BaseAuthentication):
         secret = secret.strip()
         if scheme != self.keyword or not secret.startswith(TOKEN_PREFIX):
             return None  # not ours: another authentication class may know it
+        auth_failures.check(request)
         token = node_token_authenticate(secret)
         if token is None:
+            auth_failures.failed(request)
             raise exceptions.AuthenticationFailed("Invalid or revoked node token.")
         return NodeAgent(node=token.node, token=token), token
 

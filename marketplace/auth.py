@@ -12,6 +12,10 @@ request of a key reads the generation in the same Redis round trip as its rate l
 was cached under; otherwise the cache is emptied and the key is read again (a revoked key is
 refused with 401). With Redis unreachable nothing is trusted from the cache: the key is read
 from PostgreSQL, as without a cache.
+
+A refused key counts against its client's failed authentications (AUTH_FAILURE_RATE); a client
+over them is answered 429 before its key is looked up (config.api.throttling.AuthFailureLimit,
+handed to this module when that one is imported, since it imports this one).
 """
 
 import logging
@@ -40,6 +44,7 @@ __all__ = [
     "api_key_cache_clear",
     "api_key_user_confirm",
     "api_keys_changed",
+    "auth_failure_limit_register",
 ]
 
 # The cache key (under the cache's prefix) whose value changes whenever any API key changes.
@@ -61,6 +66,24 @@ class ApiKeyInUrl(exceptions.APIException):
     )
 
 
+class _NoFailureLimit:
+    def check(self, request) -> None:
+        pass
+
+    def failed(self, request) -> None:
+        pass
+
+
+_failure_limit = _NoFailureLimit()
+
+
+def auth_failure_limit_register(limit) -> None:
+    """The limit on failed authentications per client (an object with `check(request)`, which
+    raises while the client is over it, and `failed(request)`, which counts one)."""
+    global _failure_limit
+    _failure_limit = limit
+
+
 class ApiKeyAuthentication(BaseAuthentication):
     keyword = "Bearer"
 
@@ -69,6 +92,14 @@ class ApiKeyAuthentication(BaseAuthentication):
         header = get_authorization_header(request).split()
         if not header or header[0].lower() != self.keyword.lower().encode():
             return None
+        _failure_limit.check(request)
+        try:
+            return self._authenticate(request, header)
+        except exceptions.AuthenticationFailed:
+            _failure_limit.failed(request)
+            raise
+
+    def _authenticate(self, request: Request, header: list[bytes]) -> tuple:
         if len(header) != 2:
             raise exceptions.AuthenticationFailed(
                 "Malformed Authorization header; expected 'Bearer <api key>'.",

@@ -217,6 +217,27 @@ def _empty_reference_cache():
     agent_heartbeat_seconds_clear()
 
 
+@pytest.fixture(autouse=True)
+def _no_failed_authentications():
+    """Failed authentications are limited per client address (AUTH_FAILURE_RATE), and every
+    test client is 127.0.0.1: each test starts with none counted, nor remembered by the
+    process (config.api.throttling.AuthFailureLimit)."""
+    import redis
+
+    from config.api import throttling
+
+    throttling.auth_failures.forget()
+    try:
+        client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+        with client:
+            keys = list(client.scan_iter(match="*ratelimit:authfail:*", count=1000))
+            if keys:
+                client.delete(*keys)
+    except (redis.RedisError, OSError):
+        pass  # no Redis here: the tests that need it say so
+    yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _empty_heartbeat_buffers():
     """Heartbeats and telemetry wait in Redis for a flush (inventory.heartbeats); entries an

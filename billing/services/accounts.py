@@ -9,7 +9,12 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, UsageAccrual
-from billing.money import MAX_TOP_UP, MIN_TOP_UP, to_minor_units, to_minor_units_asked
+from billing.money import (
+    to_minor_units,
+    to_minor_units_asked,
+    top_up_limits,
+    top_up_range_text,
+)
 from billing.services.usage import METERED_TIERS, reservations_book_now
 from billing.stripe_gateway import StripeGateway, get_gateway
 from config.errors import InvalidTransition, ValidationFailed
@@ -124,12 +129,14 @@ def billing_settings_update(
     """The customer's own settings: automatic recharge and a monthly spend limit (None: none).
 
     Automatic recharge is opt-in and needs a saved card; its amount and threshold are capped
-    like a top-up (money.MIN_TOP_UP … MAX_TOP_UP). Nothing changes when anything is refused.
+    like a top-up in the account's currency (money.top_up_limits). Nothing changes when
+    anything is refused.
     """
     billing_account_get_or_create(organization=organization)
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     before = _settings(account)
     billing_settings_check(
+        currency=account.currency,
         recharge_threshold=recharge_threshold,
         recharge_amount=recharge_amount,
         monthly_spend_limit=monthly_spend_limit,
@@ -180,22 +187,25 @@ def billing_settings_update(
 
 def billing_settings_check(
     *,
+    currency: str,
     recharge_threshold: Decimal | None = None,
     recharge_amount: Decimal | None = None,
     monthly_spend_limit: "Decimal | None | object" = _UNSET,
 ) -> None:
-    """The bounds of the settings (ValidationFailed naming the first out of them), for the
-    customer's changes and staff's (the admin) alike. Bounded like a top-up: an automatic
-    charge is never larger than one the customer may make."""
-    if recharge_threshold is not None and not Decimal(0) <= recharge_threshold <= MAX_TOP_UP:
+    """The bounds of the settings in the account's `currency` (ValidationFailed naming the
+    first out of them), for the customer's changes and staff's (the admin) alike. Bounded like
+    a top-up (money.top_up_limits): an automatic charge is never larger than one the customer
+    may make, nor smaller than one Stripe takes."""
+    least, most = top_up_limits(currency)
+    if recharge_threshold is not None and not Decimal(0) <= recharge_threshold <= most:
         raise ValidationFailed(
-            f"The recharge threshold is between 0 and {MAX_TOP_UP}.",
+            f"The recharge threshold is between 0 and {most:,} {currency.upper()}.",
             code="amount_out_of_range",
             field="recharge_threshold",
         )
-    if recharge_amount is not None and not MIN_TOP_UP <= recharge_amount <= MAX_TOP_UP:
+    if recharge_amount is not None and not least <= recharge_amount <= most:
         raise ValidationFailed(
-            f"A recharge is between {MIN_TOP_UP} and {MAX_TOP_UP}.",
+            f"A recharge is between {top_up_range_text(currency)}.",
             code="amount_out_of_range",
             field="recharge_amount",
         )

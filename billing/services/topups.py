@@ -21,11 +21,11 @@ from billing.models import (
     TopUpStatus,
 )
 from billing.money import (
-    MAX_TOP_UP,
-    MIN_TOP_UP,
     from_minor_units,
     to_minor_units,
     to_minor_units_asked,
+    top_up_limits,
+    top_up_range_text,
 )
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_get_or_create
@@ -39,8 +39,6 @@ from marketplace.models import Organization
 from marketplace.services.audit import audit_record
 
 __all__ = [
-    "MIN_TOP_UP",
-    "MAX_TOP_UP",
     "top_up_create",
     "top_up_succeed",
     "top_up_fail",
@@ -73,17 +71,19 @@ def _start_top_up(
 
 @transaction.atomic
 def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
-    """Charge the default card off-session for `amount` (major units) and credit the balance."""
+    """Charge the default card off-session for `amount` (major units of the account's currency,
+    within money.top_up_limits) and credit the balance."""
     if isinstance(amount, float):
         raise TypeError("amount must be Decimal, not float")
-    if not isinstance(amount, Decimal) or not (MIN_TOP_UP <= amount <= MAX_TOP_UP):
+    billing_account_get_or_create(organization=organization)
+    account = BillingAccount.objects.select_for_update().get(organization=organization)
+    least, most = top_up_limits(account.currency)
+    if not isinstance(amount, Decimal) or not (least <= amount <= most):
         raise ValidationFailed(
-            f"A top-up is between {MIN_TOP_UP} and {MAX_TOP_UP}.",
+            f"A top-up is between {top_up_range_text(account.currency)}.",
             code="amount_out_of_range",
             field="amount",
         )
-    billing_account_get_or_create(organization=organization)
-    account = BillingAccount.objects.select_for_update().get(organization=organization)
     amount_minor = to_minor_units_asked(amount, account.currency, field="amount")
     if not account.stripe_customer_id or not account.default_payment_method_id:
         raise PaymentRequired("Add a card before topping up.", code="no_payment_method")
@@ -181,7 +181,7 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
     # Recharge enough to get back over the threshold even after a deep drop, within the cap.
     amount_minor = min(
         max(account.recharge_amount_minor, account.recharge_threshold_minor - balance),
-        to_minor_units(MAX_TOP_UP, account.currency),
+        _top_up_most_minor(account.currency),
     )
     c = account.currency
     top_up = _start_automatic(
@@ -212,7 +212,7 @@ def reservation_recharge_amount(*, account: BillingAccount, shortfall_minor: int
     amount_minor = max(
         account.recharge_amount_minor, shortfall_minor + account.recharge_threshold_minor
     )
-    if amount_minor > to_minor_units(MAX_TOP_UP, account.currency):
+    if amount_minor > _top_up_most_minor(account.currency):
         return None
     return amount_minor
 
@@ -246,6 +246,10 @@ def auto_recharge_for_reservation(
         reason=f"a reservation needed {_money(needed_minor, c)} and {_money(available, c)} was "
         "available",
     )
+
+
+def _top_up_most_minor(currency: str) -> int:
+    return to_minor_units(top_up_limits(currency)[1], currency)
 
 
 def _money(amount_minor: int, currency: str) -> str:

@@ -132,7 +132,8 @@ _AGENT_DESCRIPTIONS = {
     404: "No such job for this node.",
     409: "The job is finished, or this lease is no longer the job's lease.",
     415: "Only application/json bodies are accepted.",
-    429: "The node's agent is over AGENT_THROTTLE_RATE: wait the Retry-After seconds.",
+    429: "The node's agent is over AGENT_THROTTLE_RATE (rate_limited), or its address over "
+    "AUTH_FAILURE_RATE (too_many_failed_authentications): wait the Retry-After seconds.",
 }
 
 

@@ -121,10 +121,15 @@ class ApiAutoSchema(AutoSchema):
             implied |= {403, 404}
             if self.method == "POST":
                 implied |= {409, 422}
-        throttled = bool(getattr(self.view, "throttle_classes", None))
+        # A view without rate limits (the grid price feed) answers 429 only to a client over
+        # AUTH_FAILURE_RATE, which any view taking an API key or node token can.
+        throttled = bool(getattr(self.view, "throttle_classes", None)) or any(
+            getattr(auth, "keyword", None) == "Bearer"
+            for auth in getattr(self.view, "authentication_classes", ())
+        )
         for code, response in errors(*implied).items():
             if code == 429 and not throttled:
-                continue  # a view without rate limits (the grid price feed) never answers 429
+                continue
             if str(code) not in bodies:
                 bodies[str(code)] = self._get_response_for_code(
                     response, str(code), direction=direction

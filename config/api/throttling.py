@@ -10,14 +10,20 @@ a 429 also carries Retry-After (seconds).
 With Redis unreachable the limiter fails open for RATE_LIMIT_FAIL_OPEN_SECONDS (logged once,
 the uncounted requests counted in `outage`), then answers 503 rate_limiter_unavailable with
 Retry-After until Redis is back: reads and writes that need only PostgreSQL keep working.
+
+Failed authentications (a wrong or revoked API key or node token) are limited per client
+address as well (settings.AUTH_FAILURE_RATE, AuthFailureLimit): DRF authenticates before any
+throttle runs, so the authentication classes consult that limit themselves.
 """
 
 import logging
 import math
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address, ip_network
 
 import redis
 from django.conf import settings
@@ -29,7 +35,12 @@ from rest_framework.throttling import BaseThrottle
 
 from config.client_ip import client_ip
 from config.env import rate_window
-from marketplace.auth import API_KEYS_GENERATION, ApiKeyUser, api_key_user_confirm
+from marketplace.auth import (
+    API_KEYS_GENERATION,
+    ApiKeyUser,
+    api_key_user_confirm,
+    auth_failure_limit_register,
+)
 
 __all__ = [
     "RateLimit",
@@ -41,6 +52,8 @@ __all__ = [
     "rate_limit_headers",
     "RateLimiterUnavailable",
     "outage",
+    "AuthFailureLimit",
+    "auth_failures",
 ]
 
 logger = logging.getLogger(__name__)
@@ -277,3 +290,90 @@ class AgentRateThrottle(BaseThrottle):
 
     def wait(self) -> float:
         return self.rate_limit.retry_after(self.now)
+
+
+# --- Failed authentications per client ------------------------------------------------------
+
+AUTH_FAILURES_THROTTLED = (
+    "Too many failed authentications from your address; retry after the time in Retry-After."
+)
+# Clients a process remembers as over the limit before it drops those whose window has ended.
+_BLOCKED_PRUNE_AT = 4096
+
+
+def auth_client(request) -> str:
+    """The client as failed authentications are counted: its address (config.client_ip), an
+    IPv6 one by its /64, which one subscriber holds whole (else each guess could come from a
+    new address of it)."""
+    address = client_ip(request)
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, IPv6Address):
+        return str(ip_network(f"{parsed}/64", strict=False))
+    return address
+
+
+class AuthFailureLimit:
+    """At most settings.AUTH_FAILURE_RATE failed authentications per client and window: past
+    them the client's requests with credentials are answered 429 too_many_failed_authentications
+    (Retry-After: until the window ends) before the credential is looked up.
+
+    The authentication classes call `check` before a lookup and `failed` when they refuse a
+    credential (marketplace.auth, inventory.auth). Failures are counted in Redis
+    (fixed_window_count), so every process adds to one count; the process whose count reaches
+    the limit remembers the client until the window ends, and so answers it without Redis or
+    the database. Another process learns it at the client's next failure there (one lookup
+    more each). With Redis unreachable a failure passes uncounted, never a 429 or 503: an
+    outage of the limiter must not lock everybody out."""
+
+    def __init__(self):
+        self._blocked: dict[str, int] = {}  # client → Unix time its window ends
+        self._lock = threading.Lock()
+
+    def wait(self, request) -> int | None:
+        """Seconds until this client may present credentials again; None: it may now."""
+        client = auth_client(request)
+        reset_at = self._blocked.get(client)
+        if reset_at is None:
+            return None
+        now = time.time()
+        if reset_at <= now:
+            self._blocked.pop(client, None)
+            return None
+        return max(1, math.ceil(reset_at - now))
+
+    def check(self, request) -> None:
+        """429 (Throttled) while the client is over the limit."""
+        wait = self.wait(request)
+        if wait is not None:
+            raise exceptions.Throttled(
+                wait=wait, detail=AUTH_FAILURES_THROTTLED, code="too_many_failed_authentications"
+            )
+
+    def failed(self, request) -> None:
+        """Count one refused credential of this client."""
+        limit, period = parse_rate(settings.AUTH_FAILURE_RATE)
+        client = auth_client(request)
+        now = time.time()
+        try:
+            counted = fixed_window_count(f"authfail:{client}", period=period, now=now)
+        except RateLimiterUnavailable:
+            return  # Redis gone for long: still uncounted, never a 503 for a failure
+        if counted is None or counted[0] < limit:
+            return
+        with self._lock:
+            if len(self._blocked) >= _BLOCKED_PRUNE_AT:
+                self._blocked = {c: t for c, t in self._blocked.items() if t > now}
+            self._blocked[client] = counted[1]
+
+    def forget(self) -> None:
+        """Forget the clients this process knows to be over the limit (tests)."""
+        with self._lock:
+            self._blocked = {}
+
+
+auth_failures = AuthFailureLimit()
+# API keys are checked in marketplace.auth, which this module imports: it is handed the limit.
+auth_failure_limit_register(auth_failures)

@@ -105,10 +105,10 @@ def test_a_plain_member_cannot_top_up_or_start_saving_a_card(org, member_client)
 @pytest.mark.parametrize(
     ("field", "value", "error"),
     [
-        ("recharge_threshold", "99999999999", "Ensure that there are no more than 9 digits"),
-        ("recharge_threshold", "-1", "The recharge threshold is between 0 and 100000.00."),
+        ("recharge_threshold", "9999999999999", "Ensure that there are no more than 12 digits"),
+        ("recharge_threshold", "-1", "The recharge threshold is between 0 and 100,000.00 USD."),
         ("recharge_threshold", "lots", "Enter a number."),
-        ("recharge_amount", "1.00", "A recharge is between 5.00 and 100000.00."),
+        ("recharge_amount", "1.00", "A recharge is between 5.00 and 100,000.00 USD."),
         ("monthly_spend_limit", "-5", "Must be zero or more."),
     ],
 )
@@ -126,8 +126,8 @@ def test_bad_settings_are_a_form_error_and_change_nothing(org, owner_client, fie
 @pytest.mark.parametrize(
     ("amount", "error"),
     [
-        ("-5", "A top-up is between 5.00 and 100000.00."),
-        ("1000000", "A top-up is between 5.00 and 100000.00."),
+        ("-5", "A top-up is between 5.00 and 100,000.00 USD."),
+        ("1000000", "A top-up is between 5.00 and 100,000.00 USD."),
         ("abc", "Enter a number."),
         ("", "This field is required."),
     ],

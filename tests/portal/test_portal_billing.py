@@ -184,17 +184,17 @@ def test_bad_amounts_get_a_form_error_and_write_nothing(signed_in, stripe_js):
     before = _settings_row(organization)
 
     page.goto(page.base + "/billing/top-ups")
-    for amount, error in [("-5", "A top-up is between 5.00 and 100000.00."),
+    for amount, error in [("-5", "A top-up is between 5.00 and 100,000.00 USD."),
                           ("abc", "Enter a number.")]:  # fmt: skip
         page.get_by_label("Amount").fill(amount)
         page.get_by_role("button", name="Top up").click()
         expect(page.locator(".field.invalid p.error")).to_have_text(error)
     _billing_tab(page, "Overview").click()
-    page.get_by_label("Recharge threshold").fill("99999999999")
+    page.get_by_label("Recharge threshold").fill("9999999999999")
     page.get_by_role("button", name="Save settings").click()
 
     expect(page.locator(".field.invalid p.error")).to_have_text(
-        "Ensure that there are no more than 9 digits in total."
+        "Ensure that there are no more than 12 digits in total."
     )
     assert not TopUp.objects.exists()
     assert _settings_row(organization) == before
