@@ -12,11 +12,11 @@ client in X-Forwarded-For, to which each proxy appends the address it received f
   right-most address in the header that is not one of them.
 """
 
-from ipaddress import ip_address
+from ipaddress import IPv6Address, ip_address, ip_network
 
 from django.conf import settings
 
-__all__ = ["client_ip"]
+__all__ = ["client_ip", "client_bucket"]
 
 
 def client_ip(request) -> str:
@@ -41,6 +41,19 @@ def client_ip(request) -> str:
         if not _is_trusted(address, trusted):
             break
     return client
+
+
+def client_bucket(request) -> str:
+    """The client as limits count it: its address, an IPv6 one by its /64, which one
+    subscriber holds whole (else each try could come from a new address of it)."""
+    address = client_ip(request) if request is not None else "unknown"
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, IPv6Address):
+        return str(ip_network(f"{parsed}/64", strict=False))
+    return address
 
 
 def _normal(text: str) -> str | None:

@@ -23,7 +23,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from ipaddress import IPv6Address, ip_address, ip_network
 
 import redis
 from django.conf import settings
@@ -33,7 +32,7 @@ from rest_framework import exceptions
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
-from config.client_ip import client_ip
+from config.client_ip import client_bucket
 from config.env import rate_window
 from marketplace.auth import (
     API_KEYS_GENERATION,
@@ -93,7 +92,7 @@ def _identity(request: Request) -> str:
         return f"key:{user.api_key.pk}"
     if user and user.is_authenticated:
         return f"user:{user.pk}"
-    return f"ip:{client_ip(request)}"
+    return f"ip:{client_bucket(request)}"
 
 
 _redis: redis.Redis | None = None
@@ -301,20 +300,6 @@ AUTH_FAILURES_THROTTLED = (
 _BLOCKED_PRUNE_AT = 4096
 
 
-def auth_client(request) -> str:
-    """The client as failed authentications are counted: its address (config.client_ip), an
-    IPv6 one by its /64, which one subscriber holds whole (else each guess could come from a
-    new address of it)."""
-    address = client_ip(request)
-    try:
-        parsed = ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(parsed, IPv6Address):
-        return str(ip_network(f"{parsed}/64", strict=False))
-    return address
-
-
 class AuthFailureLimit:
     """At most settings.AUTH_FAILURE_RATE failed authentications per client and window: past
     them the client's requests with credentials are answered 429 too_many_failed_authentications
@@ -334,7 +319,7 @@ class AuthFailureLimit:
 
     def wait(self, request) -> int | None:
         """Seconds until this client may present credentials again; None: it may now."""
-        client = auth_client(request)
+        client = client_bucket(request)
         reset_at = self._blocked.get(client)
         if reset_at is None:
             return None
@@ -355,7 +340,7 @@ class AuthFailureLimit:
     def failed(self, request) -> None:
         """Count one refused credential of this client."""
         limit, period = parse_rate(settings.AUTH_FAILURE_RATE)
-        client = auth_client(request)
+        client = client_bucket(request)
         now = time.time()
         try:
             counted = fixed_window_count(f"authfail:{client}", period=period, now=now)

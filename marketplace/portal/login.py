@@ -21,7 +21,6 @@ each address would let one machine rotate through 2^64 of them.
 import hashlib
 import math
 import time
-from ipaddress import IPv6Address, ip_address, ip_network
 
 from django import forms
 from django.conf import settings
@@ -29,7 +28,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 
 from config.api.throttling import RateLimiterUnavailable, fixed_window_count, parse_rate
-from config.client_ip import client_ip
+from config.client_ip import client_bucket
 from marketplace.mail import mail_task_on_commit
 from marketplace.services.organizations import password_reset_mail_send
 
@@ -40,25 +39,12 @@ __all__ = [
     "PasswordResetRequestView",
     "SignInForm",
     "SignInView",
-    "limited_address",
     "signup_attempts_over",
 ]
 
 _PER_ADDRESS = 5  # times the per-account limit
 PASSWORD_RESETS_PER_EMAIL = 3  # an hour, to one e-mail address
 _LIMITER_UNAVAILABLE = "%(what)s is briefly unavailable. Try again in a minute."
-
-
-def limited_address(request) -> str:
-    """The client's address as the portal's limits count it: an IPv6 address by its /64."""
-    address = client_ip(request) if request else "unknown"
-    try:
-        parsed = ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(parsed, IPv6Address):
-        return str(ip_network(f"{parsed}/64", strict=False))
-    return address
 
 
 def _hashed(text: str) -> str:
@@ -86,7 +72,7 @@ def signup_attempts_over(request) -> str | None:
     to show when it is over the limit, else None. Sign-up says whether an e-mail address has
     an account, so unlimited attempts would list who has one."""
     limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
-    name = f"signin:signup:{limited_address(request)}"
+    name = f"signin:signup:{client_bucket(request)}"
     try:
         minutes = _minutes_over([(name, limit * _PER_ADDRESS, period)])
     except RateLimiterUnavailable:
@@ -110,7 +96,7 @@ class SignInForm(AuthenticationForm):
 
     def _check_attempts(self) -> None:
         limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
-        address = limited_address(self.request)
+        address = client_bucket(self.request)
         account = _hashed(self.cleaned_data.get("username") or "")
         windows = [
             (f"signin:{address}:{account}", limit, period),
@@ -173,7 +159,7 @@ class PasswordResetRequestForm(PasswordResetForm):
         limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
         windows = [
             (f"signin:password-reset:{_hashed(email)}", PASSWORD_RESETS_PER_EMAIL, 3600),
-            (f"signin:password-reset:{limited_address(self.request)}", limit, period),
+            (f"signin:password-reset:{client_bucket(self.request)}", limit, period),
         ]
         _refused_when_over(windows, self.error_messages, code="too_many_requests")
 

@@ -65,3 +65,19 @@ def test_the_api_counts_unauthenticated_callers_per_forwarded_client(settings):
 
     settings.TRUSTED_PROXIES = 0  # the header is ignored: everyone is the proxy
     assert [call("192.0.2.1"), call("192.0.2.2"), call("192.0.2.3")] == [401, 401, 429]
+
+
+def test_the_api_counts_an_unauthenticated_ipv6_caller_by_its_64(settings):
+    """One subscriber holds a whole /64: a new address of it for each call is the same client."""
+    settings.TRUSTED_PROXIES = 1
+    settings.API_THROTTLE_RATE = "2/min"
+    client = HttpsAPIClient()
+
+    def call(forwarded: str) -> int:
+        return client.get(
+            "/api/v1/organization", REMOTE_ADDR=PROXY, HTTP_X_FORWARDED_FOR=forwarded
+        ).status_code
+
+    calls = [call(f"2001:db8:1:2::{n}") for n in (1, 2, 3)]
+    assert calls == [401, 401, 429]
+    assert call("2001:db8:1:3::1") == 401  # the next /64: another client
