@@ -270,11 +270,12 @@ RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts
 @click.option("--quote", "quote_id", help="quo_…: reserve at the quoted price.")
 @click.option("--listing", "listing_id", help="lst_…: book resold time (--count and the period).")
 @search_options
+@click.option("--max-price", help="Per GPU-hour: refuse a booking priced above it.")
 @click.option("--ssh-key-id", "ssh_key_ids", multiple=True, help="ssh_…, repeatable.")
 @click.option("--image")
 @click.pass_obj
 def reserve(state, quote_id, listing_id, gpu_model, gpu_count, start, hours, end, region, site,
-            tier, term, min_reliability, ssh_key_ids, image):  # fmt: skip
+            tier, term, min_reliability, max_price, ssh_key_ids, image):  # fmt: skip
     """Reserve GPUs: from a quote, from a resale listing, or directly."""
     if quote_id:
         body = {"quote": quote_id}
@@ -291,6 +292,7 @@ def reserve(state, quote_id, listing_id, gpu_model, gpu_count, start, hours, end
         body = {"gpu_model": gpu_model, "gpu_count": gpu_count, "starts_at": starts,
                 "ends_at": ends, "region": region, "site": site, "tier": tier, "term": term,
                 "min_reliability": min_reliability}  # fmt: skip
+    body["max_price"] = max_price
     if ssh_key_ids:
         body["ssh_key_ids"] = list(ssh_key_ids)
     if image:
@@ -373,41 +375,33 @@ def events():
     """The organisation's events."""
 
 
-# An event is stamped inside its change's transaction, so it can become visible after a
-# later-stamped one: each poll looks back this far and skips the ids already printed.
-TAIL_LOOKBACK = timedelta(minutes=1)
-
-
 @events.command("tail")
 @click.option("--type", "types", multiple=True, help="Only these types (repeatable).")
-@click.option("--since", help="Start after this time (ISO); default now.")
+@click.option("--since", help="Only events created after this time (ISO); default now.")
+@click.option("--after", "after", help="Continue after this event (evt_…) a tail printed.")
 @click.option("--interval", type=float, default=2.0, show_default=True)
 @click.option("--once", is_flag=True, help="Print what is new and stop.")
 @click.pass_obj
-def events_tail(state, types, since, interval, once):
-    """Follow new events, oldest first (Ctrl-C to stop)."""
-    floor = _time(since, "--since") if since else datetime.now(UTC)
-    if floor.tzinfo is None:
-        floor = floor.replace(tzinfo=UTC)  # the API reads a time without an offset as UTC
-    after = floor
-    printed: dict[str, datetime] = {}  # id → created, for the ids still inside the look-back
+def events_tail(state, types, since, after, interval, once):
+    """Follow new events, oldest first (Ctrl-C to stop).
+
+    Reads the forward feed (GET events?after=…), which holds an event back until every
+    transaction older than it has ended, so one that commits late is printed, never skipped."""
+    filters = {"type": list(types) or None}
+    if since or not after:
+        floor = _time(since, "--since") if since else datetime.now(UTC)
+        if floor.tzinfo is None:
+            floor = floor.replace(tzinfo=UTC)  # the API reads a time without an offset as UTC
+        filters["created_after"] = floor.isoformat()
     while True:
-        new = list(
-            state.client.events.list(type=list(types) or None, created_after=after.isoformat())
-        )
-        for event in reversed(new):
-            if event.id in printed:
-                continue
-            printed[event.id] = _parse_time(event.created)
+        for event in state.client.events.poll(after=after, **filters):
+            after = event.id
             if state.as_json:
                 click.echo(json.dumps(event.to_dict()))
             else:
                 click.echo(f"{event.created}  {event.type:<36} {event.object_id}  {event.id}")
         if once:
             return
-        if printed:
-            after = max(floor, max(printed.values()) - TAIL_LOOKBACK)
-            printed = {i: created for i, created in printed.items() if created > after}
         time.sleep(interval)
 
 

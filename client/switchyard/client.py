@@ -187,7 +187,8 @@ class Client:
         time.sleep(self.backoff * 2**attempt * (1 + random.random() / 4))
 
     def iterate(self, path: str, params: dict | None = None, cls=ApiObject) -> Iterator[Any]:
-        """Every item of a list, following the `next` cursor links."""
+        """Every item of a list, following the `next` links: cursor pages, or a feed's pages
+        (`after=`) until it says it is caught up (`has_more` false)."""
         page = self.request("GET", path, params=params)
         while True:
             if isinstance(page, list):
@@ -195,12 +196,16 @@ class Client:
                 return
             yield from (cls(item) for item in page.get("results", []))
             next_url = page.get("next")
-            if not next_url:
+            if not next_url or page.get("has_more") is False:
                 return
             query = dict(httpx.URL(next_url).params)
-            if not query.get("cursor"):
-                # Fetching the first page again would never end.
-                raise APIError(f"A next link without a cursor: {next_url}", status=200, body=page)
+            if not query.get("cursor") and not (query.get("after") and page.get("results")):
+                # Fetching the same page again would never end.
+                raise APIError(
+                    f"A next link without a cursor or a new position: {next_url}",
+                    status=200,
+                    body=page,
+                )
             page = self.request("GET", path, params={**(params or {}), **query})
 
 
@@ -392,8 +397,17 @@ class _Organization(_Resource):
 
 class _Events(_Resource):
     def list(self, **filters) -> Iterator[Event]:
-        """Newest first; filters type (str or list), created_after, created_before, object_id."""
+        """Newest first; filters type (str or list), created_after, created_before, object_id.
+        With order="oldest" or after="evt_…": the forward feed (see poll)."""
         return self._list("events", Event, **filters)
+
+    def poll(self, after: str | None = None, **filters) -> Iterator[Event]:
+        """The events committed after the event `after` (None: from the oldest kept, or from
+        created_after), oldest first, until caught up. Keep the last one's id and pass it as
+        `after` next time: an event that commits late still comes after it, so none is
+        missed. Same filters as list."""
+        return self._list("events", Event, **_clean({"order": "oldest", "after": after}),
+                          **filters)  # fmt: skip
 
     def retrieve(self, event_id: str) -> Event:
         return self._get(f"events/{event_id}", Event)

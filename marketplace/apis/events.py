@@ -1,19 +1,29 @@
-"""GET events (newest first, filtered) and events/{id}: what changed, as the API showed it."""
+"""GET events (newest first, filtered; or the forward feed a poller follows) and events/{id}."""
 
 import django_filters
 from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
 from rest_framework.response import Response
+from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from config.api.filters import BoundedIsoDateTimeFilter
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.views import FILTERED, ApiView
+from config.errors import NotFound, ValidationFailed
 from config.replica import replica_reads
 from marketplace.models import Event, EventType
-from marketplace.selectors.events import event_get_for_org, event_list_for_org
+from marketplace.selectors.events import (
+    event_feed_for_org,
+    event_feed_position,
+    event_get_for_org,
+    event_list_for_org,
+)
 from marketplace.serializers import EventOutput
 
 TAGS = ["Events"]
+
+NEWEST, OLDEST = "newest", "oldest"
 
 
 class EventFilter(django_filters.FilterSet):
@@ -31,10 +41,42 @@ class EventFilter(django_filters.FilterSet):
         fields = ["type", "created_after", "created_before", "object_id"]
 
 
+class EventListInput(serializers.Serializer):
+    order = serializers.ChoiceField(
+        choices=[NEWEST, OLDEST],
+        required=False,
+        help_text="newest (the default): newest first by `created`, paged with `cursor`, for "
+        "browsing. oldest: the forward feed for polling, oldest first by the writing "
+        "transaction, holding back events while an older transaction is still open, so an "
+        "event that commits late is never skipped; continue from the `next` link (or with "
+        "`after` set to the last id you got).",
+    )
+    after = serializers.RegexField(
+        r"^evt_[A-Za-z0-9]{1,28}$",
+        required=False,
+        help_text="The forward feed (implies order=oldest) from just after this event of yours "
+        "(evt_…), which should be one the feed gave you. Unknown: 404 event_not_found.",
+        error_messages={"invalid": "after must be an event id (evt_…)."},
+    )
+
+
+class EventPagination(NewestFirstCursorPagination):
+    def get_paginated_response_schema(self, schema):
+        response = super().get_paginated_response_schema(schema)
+        response["properties"]["has_more"] = {
+            "type": "boolean",
+            "description": "The forward feed (order=oldest or after) only: true when more "
+            "events are ready now (fetch `next` at once); false when you are caught up (poll "
+            "`next` again later). There, `next` is always set.",
+        }
+        return response
+
+
 class EventListApi(ApiView):
-    pagination_class = NewestFirstCursorPagination
+    pagination_class = EventPagination
     filter_backends = FILTERED
     filterset_class = EventFilter
+    query_serializer = EventListInput
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
@@ -45,11 +87,60 @@ class EventListApi(ApiView):
     @extend_schema(
         tags=TAGS,
         operation_id="events_list",
-        summary="List events, newest first (kept for at least 30 days)",
+        summary="List events: newest first (kept for at least 30 days), or the forward feed",
+        description="To follow along, poll the forward feed, not `created_after`: an event "
+        "commits with its change, and can become visible after a later-stamped one. "
+        "`?order=oldest` starts the feed at the oldest event kept (add `created_after` to "
+        "start later); each response's `next` link carries `after=<the last event returned>` "
+        "(or the same position when nothing was new) and `has_more`. The filters apply to "
+        "both orders; `cursor` belongs to newest-first only.",
         responses={200: EventOutput(many=True), **errors(400, 403, 404)},
     )
     def get(self, request):
-        return self.paginated_response(self.filter_queryset(self.get_queryset()), EventOutput)
+        params = self.query_input()
+        forward = params.get("order") == OLDEST or "after" in params
+        if not forward:
+            return self.paginated_response(self.filter_queryset(self.get_queryset()), EventOutput)
+        if params.get("order") == NEWEST:
+            raise ValidationFailed(
+                "after reads the forward feed, oldest first: drop order=newest.",
+                code="invalid_parameter_combination",
+                field="order",
+            )
+        if self.paginator.cursor_query_param in request.query_params:
+            raise ValidationFailed(
+                "The forward feed continues with after=<event id> (its next link), not cursor.",
+                code="invalid_parameter_combination",
+                field="cursor",
+            )
+        return self._feed_response(request, params.get("after"))
+
+    def _feed_response(self, request, after_id: str | None) -> Response:
+        limit = self.paginator.get_page_size(request)
+        after = None
+        if after_id is not None:
+            try:
+                after = event_feed_position(organization=self.organization, public_id=after_id)
+            except NotFound as exc:
+                exc.field = "after"
+                raise
+        feed = event_feed_for_org(organization=self.organization, after=after)
+        # The filters narrow the feed; the position stays (txid, id), whatever they match.
+        page = list(self.filter_queryset(feed).select_related("organization")[: limit + 1])
+        has_more = len(page) > limit
+        page = page[:limit]
+        next_url = request.build_absolute_uri()
+        if page:
+            next_url = replace_query_param(next_url, "after", page[-1].public_id)
+            next_url = remove_query_param(next_url, "order")  # after implies it
+        return Response(
+            {
+                "next": next_url,
+                "previous": None,
+                "has_more": has_more,
+                "results": EventOutput(page, many=True).data,
+            }
+        )
 
 
 class EventDetailApi(ApiView):

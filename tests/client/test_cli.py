@@ -6,10 +6,13 @@ import io
 import json
 import os
 import stat
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
+from django.db import connections, transaction
 from switchyard.cli import main
 
 from marketplace.models import Reservation, ReservationStatus
@@ -100,6 +103,17 @@ def test_the_reliability_floor_filters_the_search_and_holds_through_the_booking(
     assert cli("reserve", *args, "--min-reliability", "2").exit_code != 0  # refused: bad input
 
 
+def test_reserve_refuses_a_price_above_max_price(world, cli):
+    """The world's H100s cost 2.00 per GPU-hour: a cap below it books nothing."""
+    args = ["--gpu-model", "h100-sxm-80gb", "--count", 1, "--start", _start(), "--hours", 2]
+    refused = cli("reserve", *args, "--site", "abilene-1", "--max-price", "1.50")
+    assert refused.exit_code != 0
+    assert "price_above_max" in refused.output
+    assert not Reservation.objects.exists()
+    booked = json.loads(cli("--json", "reserve", *args, "--max-price", "2.00").output)
+    assert booked["price_per_gpu_hour"] == "2.0000"
+
+
 def test_exit_codes_scripts_can_rely_on(world, cli):
     missing = cli("show", "res_nothere")
     assert missing.exit_code == 4
@@ -131,11 +145,29 @@ def test_ssh_runs_ssh_with_the_connection_details(world, cli):
     assert printed.output.strip() == "ssh -p 2222 root@203.0.113.9 -i '~/.ssh/id_ed25519'"
 
 
+# Tests replace time.sleep (the module's, which the CLI calls between polls); waiting here must
+# not go through their replacement.
+_sleep = time.sleep
+
+
+def _settled(org, timeout: float = 120.0) -> None:
+    """Wait until every event of org is settled: a write transaction open anywhere on the
+    server (another test's) holds the feed back for a while."""
+    from marketplace.models import Event
+    from marketplace.models.events import SnapshotXmin
+
+    deadline = time.monotonic() + timeout
+    while Event.objects.filter(organization=org, txid__gte=SnapshotXmin()).exists():
+        assert time.monotonic() < deadline, "events not settled"
+        _sleep(0.1)
+
+
 def test_events_tail_prints_new_events_oldest_first(world, cli):
     since = datetime.now(UTC).isoformat()
     first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
                            "--start", _start(), "--hours", 2).output)  # fmt: skip
     cli("cancel", first["id"])
+    _settled(world.org)
     tailed = cli("--json", "events", "tail", "--since", since, "--once")
     assert tailed.exit_code == 0
     lines = [json.loads(line) for line in tailed.output.splitlines()]
@@ -253,17 +285,36 @@ def test_a_refused_export_leaves_the_file_it_would_replace_as_it_was(cli, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["november.csv", "switchyard"]
 
 
-def test_events_tail_prints_an_event_that_became_visible_after_a_later_one(world, cli, monkeypatch):
-    """An event is stamped inside its change's transaction, so one stamped earlier can commit
-    after a later one has been printed: the next poll still prints it, and nothing twice."""
+def test_events_tail_prints_an_event_that_commits_after_a_later_one(world, cli, monkeypatch):
+    """Transaction A records an event and stays open while B records a later one and commits:
+    the tail prints neither until A commits, then A and B in that order (a tail by `created`
+    would have printed B, moved past A, and printed A late or never)."""
     from switchyard import cli as cli_module
 
-    from marketplace.models import Event
+    from marketplace.services.api_keys import api_key_create
 
     since = datetime.now(UTC)
-    first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+    written, release = threading.Event(), threading.Event()
+    failures = []
+
+    def slow_transaction():
+        try:
+            with transaction.atomic():
+                api_key_create(organization=world.org, name="slow", scopes=["read"],
+                               created_by=None)  # fmt: skip
+                written.set()
+                assert release.wait(timeout=60)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+            written.set()
+        finally:
+            connections.close_all()
+
+    slow = threading.Thread(target=slow_transaction)
+    slow.start()
+    assert written.wait(timeout=60) and not failures
+    quick = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
                            "--start", _start(), "--hours", 2).output)  # fmt: skip
-    printed_first = Event.objects.get(object_id=first["id"])
 
     class Stop(Exception):
         pass
@@ -272,19 +323,36 @@ def test_events_tail_prints_an_event_that_became_visible_after_a_later_one(world
 
     def sleep(seconds):
         polls.append(seconds)
-        if len(polls) == 1:  # committed only now, stamped before the event already printed
-            Event.objects.create(
-                organization=world.org, type="reservation.cancelled", object_type="reservation",
-                object_id=first["id"], data={"object": {"id": first["id"]}},
-                created_at=printed_first.created_at - timedelta(milliseconds=5),
-            )  # fmt: skip
-        elif len(polls) == 3:
+        if len(polls) == 1:  # the first poll is done: A commits now
+            release.set()
+            slow.join(timeout=60)
+            _settled(world.org)
+        else:
             raise Stop
 
     monkeypatch.setattr(cli_module.time, "sleep", sleep)
     tailed = CliRunner().invoke(main, ["--json", "events", "tail", "--since", since.isoformat()])
-    assert isinstance(tailed.exception, Stop)
-    assert [json.loads(line)["type"] for line in tailed.output.splitlines()] == [
-        "reservation.created",
-        "reservation.cancelled",
+    assert isinstance(tailed.exception, Stop) and not failures
+    lines = [json.loads(line) for line in tailed.output.splitlines()]
+    assert [(e["type"], e["object_id"]) for e in lines] == [
+        ("api_key.created", lines[0]["object_id"]),
+        ("reservation.created", quick["id"]),
     ]
+    assert lines[0]["data"]["object"]["name"] == "slow"
+
+
+def test_events_tail_continues_after_a_given_event(world, cli):
+    since = datetime.now(UTC).isoformat()
+    first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                           "--start", _start(), "--hours", 2).output)  # fmt: skip
+    cli("cancel", first["id"])
+    _settled(world.org)
+    head = cli("--json", "events", "tail", "--since", since, "--once", "--type",
+               "reservation.created")  # fmt: skip
+    (created,) = [json.loads(line) for line in head.output.splitlines()]
+    tailed = cli("--json", "events", "tail", "--after", created["id"], "--once")
+    assert [json.loads(line)["type"] for line in tailed.output.splitlines()] == [
+        "reservation.cancelled"
+    ]
+    unknown = cli("events", "tail", "--after", "evt_doesNotExist1234", "--once")
+    assert unknown.exit_code == 4 and "evt_doesNotExist1234" in unknown.output

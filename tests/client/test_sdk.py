@@ -89,6 +89,81 @@ def test_lists_iterate_across_cursor_pages(world):
     assert listed == list(reversed(made))
 
 
+def _settled(org, timeout: float = 120.0) -> None:
+    """Wait until every event of org is settled: a write transaction open anywhere on the
+    server (another test's) holds the feed back for a while."""
+    from marketplace.models import Event
+    from marketplace.models.events import SnapshotXmin
+
+    deadline = time.monotonic() + timeout
+    while Event.objects.filter(organization=org, txid__gte=SnapshotXmin()).exists():
+        assert time.monotonic() < deadline, "events not settled"
+        time.sleep(0.1)
+
+
+def test_events_poll_walks_the_feed_oldest_first_and_continues_after_the_last(world):
+    from marketplace.models import Event
+    from marketplace.services.api_keys import api_key_create
+
+    sy = _client(world)
+    for name in ("a", "b", "c"):
+        api_key_create(organization=world.org, name=name, scopes=["read"], created_by=None)
+    _settled(world.org)
+    expected = [
+        e.public_id for e in Event.objects.filter(organization=world.org).order_by("txid", "id")
+    ]
+    assert len(expected) >= 4  # the world's own key, and the three above
+
+    polled = [e.id for e in sy.events.poll(limit=1)]  # a page per event, until caught up
+    assert polled == expected
+    assert list(sy.events.poll(after=polled[-1])) == []  # caught up: the walk ends
+
+    key, _ = api_key_create(organization=world.org, name="d", scopes=["read"], created_by=None)
+    _settled(world.org)
+    (new,) = sy.events.poll(after=polled[-1])
+    assert (new.type, new.object_id) == ("api_key.created", key.public_id)
+    assert [e.id for e in sy.events.poll(after=polled[0], type="api_key.created", limit=2)] == [
+        *expected[1:],
+        new.id,
+    ]
+    with pytest.raises(NotFoundError) as unknown:
+        list(sy.events.poll(after="evt_doesNotExist1234"))
+    assert (unknown.value.code, unknown.value.field) == ("event_not_found", "after")
+    with pytest.raises(InvalidRequestError) as malformed:
+        list(sy.events.poll(after="res_x"))
+    assert malformed.value.field == "after"
+
+
+def test_a_feed_page_that_is_caught_up_ends_the_walk_and_one_that_stands_still_stops_it():
+    from switchyard.errors import APIError
+
+    seen = []
+
+    def feed(request):
+        seen.append(dict(request.url.params))
+        after = request.url.params.get("after")
+        if after is None:
+            nxt = "https://h/api/v1/events?after=evt_1&limit=1"
+            return httpx.Response(200, json={"results": [{"id": "evt_1"}], "next": nxt,
+                                             "has_more": True})  # fmt: skip
+        if after == "evt_1":
+            nxt = "https://h/api/v1/events?after=evt_2&limit=1"
+            return httpx.Response(200, json={"results": [{"id": "evt_2"}], "next": nxt,
+                                             "has_more": False})  # fmt: skip
+        # A server that says there is more but gives nothing and does not move on.
+        nxt = "https://h/api/v1/events?after=evt_9"
+        return httpx.Response(200, json={"results": [], "next": nxt, "has_more": True})
+
+    sy = Client(api_key="k", transport=httpx.MockTransport(feed))
+    assert [e.id for e in sy.events.poll(limit=1)] == ["evt_1", "evt_2"]
+    assert seen == [
+        {"order": "oldest", "limit": "1"},
+        {"order": "oldest", "after": "evt_1", "limit": "1"},
+    ]
+    with pytest.raises(APIError, match="without a cursor or a new position"):
+        list(sy.events.poll(after="evt_9"))
+
+
 def test_errors_are_raised_by_their_type(world):
     sy = _client(world)
     with pytest.raises(NotFoundError) as missing:
