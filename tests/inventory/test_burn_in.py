@@ -267,17 +267,24 @@ def lease_and_report_later(agent):
     return report
 
 
-def test_a_pass_does_not_return_a_gpu_that_failed_again_while_it_ran(market, node, agent):
-    """Staff returned the GPU during the run and it failed again: the late pass tested the old
-    failure, not the new one, so the GPU stays out with the new failure's reason."""
-    gpu = node.gpus.get(index=2)
-    fail(gpu)
+def run_started_then_gpu_fails_again(node, gpu, agent):
+    """A burn-in of the failed GPU starts; meanwhile staff return the GPU and it fails again
+    (Xid 48). Returns the run's late report."""
     burn_in_request(node=node, gpus=[gpu], reason="reseated", requested_by="ops")
     report = lease_and_report_later(agent)
     gpu = gpu_return_to_service(gpu=gpu, actor=None, actor_label="ops", reason="urgent order")
     gpu_health_apply(
         gpu=gpu, health=GpuHealth.FAILED, reason="Xid 48", actor_label="t", now=timezone.now()
     )
+    return report
+
+
+def test_a_pass_does_not_return_a_gpu_that_failed_again_while_it_ran(market, node, agent):
+    """Staff returned the GPU during the run and it failed again: the late pass tested the old
+    failure, not the new one, so the GPU stays out with the new failure's reason."""
+    gpu = node.gpus.get(index=2)
+    fail(gpu)
+    report = run_started_then_gpu_fails_again(node, gpu, agent)
 
     assert report()["status"] == "passed"
 
@@ -290,12 +297,7 @@ def test_a_pass_does_not_return_a_gpu_that_failed_again_while_it_ran(market, nod
 def test_a_failed_run_keeps_a_later_failures_own_reason(market, node, agent):
     gpu = node.gpus.get(index=1)
     fail(gpu)
-    burn_in_request(node=node, gpus=[gpu], reason="reseated", requested_by="ops")
-    report = lease_and_report_later(agent)
-    gpu = gpu_return_to_service(gpu=gpu, actor=None, actor_label="ops", reason="urgent order")
-    gpu_health_apply(
-        gpu=gpu, health=GpuHealth.FAILED, reason="Xid 48", actor_label="t", now=timezone.now()
-    )
+    report = run_started_then_gpu_fails_again(node, gpu, agent)
 
     assert report(exit_code=3)["status"] == "failed"
 

@@ -19,6 +19,13 @@ def _sign_in(client: HttpsClient, forwarded: str | None, password="wrong-passwor
     return client.post("/login", {"username": "ada", "password": password}, **extra)
 
 
+def _api_call(client: HttpsAPIClient, forwarded: str) -> int:
+    """An unauthenticated API call from `forwarded`, through the proxy."""
+    return client.get(
+        "/api/v1/organization", REMOTE_ADDR=PROXY, HTTP_X_FORWARDED_FOR=forwarded
+    ).status_code
+
+
 @pytest.fixture
 def ada(django_user_model):
     return django_user_model.objects.create_user(username="ada", password="a-long-passphrase-1")
@@ -54,11 +61,7 @@ def test_the_api_counts_unauthenticated_callers_per_forwarded_client(settings):
     settings.TRUSTED_PROXIES = 1
     settings.API_THROTTLE_RATE = "2/min"
     client = HttpsAPIClient()
-
-    def call(forwarded: str) -> int:
-        return client.get(
-            "/api/v1/organization", REMOTE_ADDR=PROXY, HTTP_X_FORWARDED_FOR=forwarded
-        ).status_code
+    call = lambda forwarded: _api_call(client, forwarded)  # noqa: E731
 
     assert [call("203.0.113.66") for _ in range(3)] == [401, 401, 429]
     assert call("198.51.100.7") == 401  # another client behind the same proxy
@@ -73,11 +76,6 @@ def test_the_api_counts_an_unauthenticated_ipv6_caller_by_its_64(settings):
     settings.API_THROTTLE_RATE = "2/min"
     client = HttpsAPIClient()
 
-    def call(forwarded: str) -> int:
-        return client.get(
-            "/api/v1/organization", REMOTE_ADDR=PROXY, HTTP_X_FORWARDED_FOR=forwarded
-        ).status_code
-
-    calls = [call(f"2001:db8:1:2::{n}") for n in (1, 2, 3)]
+    calls = [_api_call(client, f"2001:db8:1:2::{n}") for n in (1, 2, 3)]
     assert calls == [401, 401, 429]
-    assert call("2001:db8:1:3::1") == 401  # the next /64: another client
+    assert _api_call(client, "2001:db8:1:3::1") == 401  # the next /64: another client
