@@ -198,7 +198,7 @@ class Client:
             next_url = page.get("next")
             if not next_url or page.get("has_more") is False:
                 return
-            query = dict(httpx.URL(next_url).params)
+            query = _query(next_url)
             if not query.get("cursor") and not (query.get("after") and page.get("results")):
                 # Fetching the same page again would never end.
                 raise APIError(
@@ -207,6 +207,14 @@ class Client:
                     body=page,
                 )
             page = self.request("GET", path, params={**(params or {}), **query})
+
+
+def _query(url: str) -> dict[str, str | list[str]]:
+    """A link's query, a parameter given more than once (?type=a&type=b) kept as a list."""
+    values: dict[str, list[str]] = {}
+    for key, value in httpx.URL(url).params.multi_items():
+        values.setdefault(key, []).append(value)
+    return {key: vs[0] if len(vs) == 1 else vs for key, vs in values.items()}
 
 
 def _json_or_text(response: httpx.Response) -> Any:

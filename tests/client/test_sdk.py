@@ -380,3 +380,20 @@ def test_a_next_link_is_followed_as_given_and_one_without_a_cursor_stops_the_wal
             walked.append(item.id)
     assert walked == ["res_1", "res_2"]
     assert seen == [{"status": "active"}, {"status": "active", "cursor": "c2", "limit": "2"}]
+
+
+def test_a_filter_given_twice_holds_on_every_page():
+    """?type=a&type=b is one filter: the second page must ask for both types, not the first."""
+    seen = []
+
+    def pages(request):
+        seen.append(request.url.params.get_list("type"))
+        if "cursor" not in request.url.params:
+            nxt = "https://h/api/v1/events?cursor=c2&type=member.added&type=member.removed"
+            return httpx.Response(200, json={"results": [{"id": "evt_1"}], "next": nxt})
+        return httpx.Response(200, json={"results": [{"id": "evt_2"}], "next": None})
+
+    sy = Client(api_key="k", transport=httpx.MockTransport(pages))
+    found = [e.id for e in sy.events.list(type=["member.added", "member.removed"])]
+    assert found == ["evt_1", "evt_2"]
+    assert seen == [["member.added", "member.removed"]] * 2
