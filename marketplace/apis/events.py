@@ -3,6 +3,7 @@
 import django_filters
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.response import Response
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
@@ -58,6 +59,15 @@ class EventListInput(serializers.Serializer):
         "(evt_…), which should be one the feed gave you. Unknown: 404 event_not_found.",
         error_messages={"invalid": "after must be an event id (evt_…)."},
     )
+
+    def validate(self, attrs: dict) -> dict:
+        # DRF reads an empty optional value as absent: ?after= (a poller's position variable
+        # left empty) would answer the newest-first list, not the feed, with a cursor link.
+        if "after" not in attrs and self.initial_data.get("after") == "":
+            raise serializers.ValidationError(
+                {"after": ErrorDetail("after must be an event id (evt_…).", code="invalid")}
+            )
+        return attrs
 
 
 class EventPagination(NewestFirstCursorPagination):
