@@ -20,6 +20,7 @@ from billing.models import (
     BillingAccount,
     BillingNotice,
     Hold,
+    HoldStatus,
     Invoice,
     LedgerEntry,
     OutboxMessage,
@@ -113,11 +114,15 @@ class BillingAccountAdminForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
-        if (
-            "currency" in self.changed_data
-            and LedgerEntry.objects.filter(organization_id=self.instance.organization_id).exists()
-        ):
+        org_id = self.instance.organization_id
+        currency_changed = "currency" in self.changed_data
+        if currency_changed and LedgerEntry.objects.filter(organization_id=org_id).exists():
             self.add_error("currency", "The ledger already holds money in this currency.")
+        elif (
+            currency_changed
+            and Hold.objects.filter(organization_id=org_id, status=HoldStatus.OPEN).exists()
+        ):
+            self.add_error("currency", "Reservations already hold money in this currency.")
         if (
             self.cleaned_data.get("auto_recharge_enabled")
             and "auto_recharge_enabled" in (self.changed_data)
@@ -125,6 +130,14 @@ class BillingAccountAdminForm(forms.ModelForm):
         ):
             self.add_error("auto_recharge_enabled", "The organisation has no saved card.")
         bounds = {k: v for k, v in self.settings_changes().items() if k != "auto_recharge_enabled"}
+        if currency_changed and "currency" in cleaned:
+            # Minor units kept as they are mean another amount in the new currency: all of
+            # them must be within its limits, not only those changed.
+            bounds = {
+                argument: from_minor_units(cleaned[name], cleaned["currency"])
+                for name, argument in _SETTINGS_FIELDS.items()
+                if cleaned.get(name) is not None
+            }
         try:
             billing_settings_check(
                 currency=self.cleaned_data.get("currency") or self.instance.currency, **bounds

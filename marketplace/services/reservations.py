@@ -43,6 +43,7 @@ from marketplace.funding import funding_gate
 from marketplace.models import (
     Allocation,
     EventType,
+    ListingStatus,
     Organization,
     Quote,
     ResaleListing,
@@ -124,8 +125,26 @@ def start_allowance() -> timedelta:
 
 def start_overdue_at(reservation: Reservation) -> datetime:
     """From when a reserved term (charged from its start) that is not yet active is late: its
-    cancellation refunds the unused rest in full, and the SLA counts the wait as downtime."""
-    return reservation.starts_at + start_allowance()
+    cancellation refunds the unused rest in full, and the SLA counts the wait as downtime.
+    Counted from when its own hours begin: a term whose every GPU was sold for its first
+    hours waits for them by its holder's choice (the buyer pays it for them), not ours."""
+    return _own_hours_from(reservation) + start_allowance()
+
+
+def _own_hours_from(reservation: Reservation) -> datetime:
+    """The first instant from its start at which the term holds a GPU not sold (its sold
+    listings' windows, as sold_gpu_seconds counts them); the count sold only drops where a
+    window ends, so the start and those ends are the only candidates."""
+    sold = list(
+        ResaleListing.objects.filter(
+            reservation=reservation, status=ListingStatus.SOLD, ends_at__gt=reservation.starts_at
+        ).values_list("gpu_count", "starts_at", "ends_at")
+    )
+    for at in sorted({reservation.starts_at, *(ends_at for _, _, ends_at in sold)}):
+        held_by_buyers = sum(n for n, lo, hi in sold if lo <= at < hi)
+        if held_by_buyers < reservation.gpu_count:
+            return at
+    return reservation.ends_at
 
 
 def cancellation_rule(tier: str) -> str:
