@@ -213,11 +213,12 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
         body = json.loads(request.body.decode(), parse_constant=_no_constant)
     except (ValueError, RequestDataTooBig):  # UnicodeDecodeError is a ValueError too
         return None
-    if auth_failures.wait(request) is not None:
+    if auth_failures.wait(request) is not None and not auth_failures.vouched(secret):
         return None  # its address is over AUTH_FAILURE_RATE: DRF's 429, and no lookup
     found = node_token_authenticate_with_gpus(secret)
     if found is None:
         return None
+    auth_failures.vouch(secret)
     token, (gpus, work_waiting) = found
     data = heartbeat_fast_validate(body, gpu_indexes=set(gpus))
     if data is None:

@@ -2,7 +2,9 @@
 
 Tokens are read from the header only, never from the query string (URLs end up in logs). A
 refused token counts against its client's failed authentications (AUTH_FAILURE_RATE); a
-client over them is answered 429 before its token is looked up.
+client over them is answered 429 before its token is looked up, unless the token is one this
+process accepted lately (config.api.throttling.AuthFailureLimit): one agent with a revoked
+token must not silence the other agents of its site, which share its address.
 """
 
 from dataclasses import dataclass
@@ -40,11 +42,12 @@ class NodeTokenAuthentication(authentication.BaseAuthentication):
         secret = secret.strip()
         if scheme != self.keyword or not secret.startswith(TOKEN_PREFIX):
             return None  # not ours: another authentication class may know it
-        auth_failures.check(request)
+        auth_failures.check(request, secret)
         token = node_token_authenticate(secret)
         if token is None:
             auth_failures.failed(request)
             raise exceptions.AuthenticationFailed("Invalid or revoked node token.")
+        auth_failures.vouch(secret)
         return NodeAgent(node=token.node, token=token), token
 
     def authenticate_header(self, request) -> str:

@@ -14,8 +14,9 @@ refused with 401). With Redis unreachable nothing is trusted from the cache: the
 from PostgreSQL, as without a cache.
 
 A refused key counts against its client's failed authentications (AUTH_FAILURE_RATE); a client
-over them is answered 429 before its key is looked up (config.api.throttling.AuthFailureLimit,
-handed to this module when that one is imported, since it imports this one).
+over them is answered 429 before its key is looked up, unless the key is one this process
+accepted lately (config.api.throttling.AuthFailureLimit, handed to this module when that one is
+imported, since it imports this one).
 """
 
 import logging
@@ -67,10 +68,13 @@ class ApiKeyInUrl(exceptions.APIException):
 
 
 class _NoFailureLimit:
-    def check(self, request) -> None:
+    def check(self, request, credential) -> None:
         pass
 
     def failed(self, request) -> None:
+        pass
+
+    def vouch(self, credential) -> None:
         pass
 
 
@@ -78,8 +82,10 @@ _failure_limit = _NoFailureLimit()
 
 
 def auth_failure_limit_register(limit) -> None:
-    """The limit on failed authentications per client (an object with `check(request)`, which
-    raises while the client is over it, and `failed(request)`, which counts one)."""
+    """The limit on failed authentications per client (an object with `check(request,
+    credential)`, which raises while the client is over it and the credential is not one it
+    vouches for, `failed(request)`, which counts one, and `vouch(credential)`, which notes one
+    accepted)."""
     global _failure_limit
     _failure_limit = limit
 
@@ -92,12 +98,15 @@ class ApiKeyAuthentication(BaseAuthentication):
         header = get_authorization_header(request).split()
         if not header or header[0].lower() != self.keyword.lower().encode():
             return None
-        _failure_limit.check(request)
+        credential = header[1].decode("latin-1") if len(header) == 2 else None
+        _failure_limit.check(request, credential)
         try:
-            return self._authenticate(request, header)
+            accepted = self._authenticate(request, header)
         except exceptions.AuthenticationFailed:
             _failure_limit.failed(request)
             raise
+        _failure_limit.vouch(credential)
+        return accepted
 
     def _authenticate(self, request: Request, header: list[bytes]) -> tuple:
         if len(header) != 2:

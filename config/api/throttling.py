@@ -16,6 +16,7 @@ address as well (settings.AUTH_FAILURE_RATE, AuthFailureLimit): DRF authenticate
 throttle runs, so the authentication classes consult that limit themselves.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -298,6 +299,16 @@ AUTH_FAILURES_THROTTLED = (
 )
 # Clients a process remembers as over the limit before it drops those whose window has ended.
 _BLOCKED_PRUNE_AT = 4096
+# How long a credential a process accepted passes from a client over the limit (AuthFailureLimit),
+# how often its time is renewed, and how many a process keeps before dropping stale ones (a
+# fleet's node tokens and the keys in use: tens of thousands at most).
+VOUCHED_SECONDS = 900
+_VOUCH_REFRESH_SECONDS = 60
+_VOUCHED_PRUNE_AT = 65536
+
+
+def _digest(credential: str) -> str:
+    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class AuthFailureLimit:
@@ -311,10 +322,18 @@ class AuthFailureLimit:
     the limit remembers the client until the window ends, and so answers it without Redis or
     the database. Another process learns it at the client's next failure there (one lookup
     more each). With Redis unreachable a failure passes uncounted, never a 429 or 503: an
-    outage of the limiter must not lock everybody out."""
+    outage of the limiter must not lock everybody out.
+
+    A credential this process accepted in the last VOUCHED_SECONDS still passes from a client
+    over the limit (and is then looked up as usual): the agents of a site share its address,
+    as a company's scripts share their NAT's, and one agent left running with a revoked token,
+    or one script with a wrong key, must not take the others' heartbeats and calls down with
+    it. Only credentials this process never saw work are refused unlooked-at."""
 
     def __init__(self):
         self._blocked: dict[str, int] = {}  # client → Unix time its window ends
+        # sha256 of a credential this process accepted → monotonic time it last did
+        self._vouched: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def wait(self, request) -> int | None:
@@ -329,13 +348,33 @@ class AuthFailureLimit:
             return None
         return max(1, math.ceil(reset_at - now))
 
-    def check(self, request) -> None:
-        """429 (Throttled) while the client is over the limit."""
+    def check(self, request, credential: str | None) -> None:
+        """429 (Throttled) while the client is over the limit, unless `credential` is one this
+        process accepted lately."""
         wait = self.wait(request)
-        if wait is not None:
+        if wait is not None and not self.vouched(credential):
             raise exceptions.Throttled(
                 wait=wait, detail=AUTH_FAILURES_THROTTLED, code="too_many_failed_authentications"
             )
+
+    def vouched(self, credential: str | None) -> bool:
+        if not credential:
+            return False
+        seen = self._vouched.get(_digest(credential))
+        return seen is not None and time.monotonic() - seen < VOUCHED_SECONDS
+
+    def vouch(self, credential: str) -> None:
+        """Note a credential this process has just accepted (its digest, not itself)."""
+        digest, now = _digest(credential), time.monotonic()
+        seen = self._vouched.get(digest)
+        if seen is not None and now - seen < _VOUCH_REFRESH_SECONDS:
+            return
+        with self._lock:
+            if len(self._vouched) >= _VOUCHED_PRUNE_AT:
+                self._vouched = {
+                    d: t for d, t in self._vouched.items() if now - t < VOUCHED_SECONDS
+                }
+            self._vouched[digest] = now
 
     def failed(self, request) -> None:
         """Count one refused credential of this client."""
@@ -357,6 +396,7 @@ class AuthFailureLimit:
         """Forget the clients this process knows to be over the limit (tests)."""
         with self._lock:
             self._blocked = {}
+            self._vouched = {}
 
 
 auth_failures = AuthFailureLimit()

@@ -12,8 +12,10 @@ import sys
 import time
 
 import pytest
+from django.utils import timezone
 
 from config.api import throttling
+from inventory.models import NodeToken
 from marketplace.models import ApiKey
 from marketplace.services.api_keys import api_key_revoke
 from tests.clients import HttpsAPIClient
@@ -187,3 +189,41 @@ def test_a_window_agents_could_not_wait_out_fails_at_start_up():
         refused.stderr
     )
     assert accepted.returncode == 0, accepted.stderr
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["fast path", "DRF"])
+def test_one_agent_with_a_revoked_token_does_not_silence_its_sites_other_agents(plain, monkeypatch):
+    """A site's agents share its address: a retired node's agent, still running with its
+    revoked token, spends the address's budget; the agents whose tokens this process accepted
+    keep heartbeating, and a token it never saw waits like a guess."""
+    if not plain:
+        monkeypatch.setattr("inventory.apis._heartbeat_plain", lambda request: None)
+    site_address = "192.0.2.10"
+    _, working = heard()
+    assert agent_post(f"Bearer {working}", site_address).status_code == 200
+    retired_node, retired = heard()
+    NodeToken.objects.filter(node=retired_node).update(revoked_at=timezone.now())
+
+    assert [agent_post(f"Bearer {retired}", site_address).status_code for _ in range(3)] == [
+        401
+    ] * 3
+    assert_refused_for_failures(agent_post(f"Bearer {retired}", site_address))
+    for _ in range(3):
+        assert agent_post(f"Bearer {working}", site_address).status_code == 200
+    _, unseen = heard()
+    assert_refused_for_failures(agent_post(f"Bearer {unseen}", site_address))
+
+
+def test_a_key_this_process_accepted_still_works_from_a_locked_address_for_a_while(
+    org, monkeypatch
+):
+    used, unused = key_client(org).secret, key_client(org).secret
+    assert api_get(f"Bearer {used}", GUESSER).status_code == 200
+    assert [api_get(WRONG_KEY, GUESSER).status_code for _ in range(3)] == [401] * 3
+
+    assert api_get(f"Bearer {used}", GUESSER).status_code == 200
+    assert_refused_for_failures(api_get(f"Bearer {unused}", GUESSER))
+    # Vouched for VOUCHED_SECONDS after it was last accepted, then a credential like any other.
+    later = time.monotonic() + throttling.VOUCHED_SECONDS + 1
+    monkeypatch.setattr(throttling.time, "monotonic", lambda: later)
+    assert_refused_for_failures(api_get(f"Bearer {used}", GUESSER))
