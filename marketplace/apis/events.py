@@ -16,7 +16,9 @@ from config.replica import replica_reads
 from marketplace.models import Event, EventType
 from marketplace.selectors.events import (
     event_feed_for_org,
+    event_feed_head,
     event_feed_position,
+    event_feed_snapshot,
     event_get_for_org,
     event_list_for_org,
 )
@@ -134,14 +136,21 @@ class EventListApi(ApiView):
             except NotFound as exc:
                 exc.field = "after"
                 raise
-        feed = event_feed_for_org(organization=self.organization, after=after)
-        # The filters narrow the feed; the position stays (txid, id), whatever they match.
-        page = list(self.filter_queryset(feed).select_related("organization")[: limit + 1])
+        with event_feed_snapshot() as alias:
+            head = event_feed_head(organization=self.organization, using=alias)
+            # Nothing settled (no head): the page reads nothing either, in the same snapshot.
+            feed = event_feed_for_org(organization=self.organization, after=after, upto=head)
+            # The filters narrow the page; the position is (txid, id), whatever they match.
+            feed = self.filter_queryset(feed.using(alias)).select_related("organization")
+            page = list(feed[: limit + 1])
         has_more = len(page) > limit
         page = page[:limit]
+        # Caught up: on to the head, past events the filters skipped (a filtered poller would
+        # otherwise stand on its last match, which retention deletes in time).
+        position = page[-1] if has_more else head
         next_url = request.build_absolute_uri()
-        if page:
-            next_url = replace_query_param(next_url, "after", page[-1].public_id)
+        if position is not None and (after is None or _key(position) > _key(after)):
+            next_url = replace_query_param(next_url, "after", position.public_id)
             next_url = remove_query_param(next_url, "order")  # after implies it
         return Response(
             {
@@ -151,6 +160,10 @@ class EventListApi(ApiView):
                 "results": EventOutput(page, many=True).data,
             }
         )
+
+
+def _key(event: Event) -> tuple[int, int]:
+    return (int(event.txid), event.pk)
 
 
 class EventDetailApi(ApiView):

@@ -9,7 +9,10 @@ not visible yet has a txid at or above the snapshot's xmin, so it sorts after ev
 feed has already returned: a poller continuing from the last event it got misses nothing.
 """
 
-from django.db import DEFAULT_DB_ALIAS
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Q, QuerySet
 
 from config.errors import NotFound
@@ -17,7 +20,14 @@ from config.replica import primary_reads, read_alias
 from marketplace.models import Event, Organization
 from marketplace.models.events import SnapshotXmin
 
-__all__ = ["event_list_for_org", "event_get_for_org", "event_feed_for_org", "event_feed_position"]
+__all__ = [
+    "event_list_for_org",
+    "event_get_for_org",
+    "event_feed_for_org",
+    "event_feed_head",
+    "event_feed_position",
+    "event_feed_snapshot",
+]
 
 
 def event_list_for_org(*, organization: Organization) -> QuerySet[Event]:
@@ -46,10 +56,10 @@ def event_feed_position(*, organization: Organization, public_id: str) -> Event:
 
 
 def event_feed_for_org(
-    *, organization: Organization, after: Event | None = None
+    *, organization: Organization, after: Event | None = None, upto: Event | None = None
 ) -> QuerySet[Event]:
     """The organisation's settled events, by (txid, id), strictly after `after` (None: from
-    the oldest kept).
+    the oldest kept) and, with `upto` (the feed's head, event_feed_head), not past it.
 
     The xmin check is part of the statement that reads the rows, so it is the snapshot of
     that statement, on that connection (primary or replica), that decides what is settled."""
@@ -57,4 +67,38 @@ def event_feed_for_org(
     if after is not None:
         # (txid, id) > (after.txid, after.id); the txid bound lets the index range-scan.
         events = events.filter(Q(txid__gt=after.txid) | Q(id__gt=after.pk), txid__gte=after.txid)
+    if upto is not None:
+        events = events.filter(Q(txid__lt=upto.txid) | Q(id__lte=upto.pk), txid__lte=upto.txid)
     return events.order_by("txid", "id")
+
+
+def event_feed_head(*, organization: Organization, using: str) -> Event | None:
+    """The organisation's last settled event, whatever a poller's filters match: where a
+    caught-up poller stands. Everything not settled yet sorts after it (its txid is at or
+    above the snapshot's xmin, which this event's is below), so a poller moved on to it past
+    events its filters skipped misses nothing, and its position is an event that stays kept
+    (an organisation's newest event is never pruned: events_prune)."""
+    return (
+        event_list_for_org(organization=organization)
+        .using(using)
+        .filter(txid__lt=SnapshotXmin())
+        .order_by("-txid", "-id")
+        .first()
+    )
+
+
+@contextmanager
+def event_feed_snapshot() -> Iterator[str]:
+    """The database alias a feed page reads, inside one REPEATABLE READ transaction there, so
+    its head and its page see one snapshot (read apart, events settling in between could pass
+    the page and the head alike: skipped). Inside a transaction already open on that
+    connection, that transaction's own isolation decides."""
+    alias = read_alias(Event)
+    connection = connections[alias]
+    if connection.in_atomic_block:
+        yield alias
+        return
+    with transaction.atomic(using=alias):
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield alias

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 from rest_framework.serializers import BaseSerializer
 
@@ -174,7 +175,14 @@ def member_event_record(
 
 def events_prune(*, now: datetime | None = None) -> int:
     """Delete events older than EVENT_RETENTION_DAYS (at least 30), with their webhook
-    deliveries and attempts, in batches; returns how many events."""
+    deliveries and attempts, in batches; returns how many events.
+
+    An organisation's newest event stays, however old: it is where a poller of the forward
+    feed stands when nothing has happened since (marketplace.selectors.events), and deleting
+    it would make its next poll a 404 though it never stopped polling."""
     now = now or timezone.now()
     cutoff = now - timedelta(days=settings.EVENT_RETENTION_DAYS)
-    return delete_in_batches(Event.objects.filter(created_at__lt=cutoff))
+    newer = Event.objects.filter(organization_id=OuterRef("organization_id")).filter(
+        Q(txid__gt=OuterRef("txid")) | Q(txid=OuterRef("txid"), id__gt=OuterRef("id"))
+    )
+    return delete_in_batches(Event.objects.filter(Exists(newer), created_at__lt=cutoff))

@@ -50,7 +50,8 @@ def test_a_type_filter_that_hides_the_after_event_still_continues_after_it(org, 
     body = _poll(owner_client, f"?after={created.public_id}&type=api_key.revoked")
 
     assert _ids(body) == [revoked.public_id]
-    assert _next_params(body) == {"after": revoked.public_id, "type": "api_key.revoked"}
+    # Caught up: the position moves on to the feed's head, past the event the filter skipped.
+    assert _next_params(body) == {"after": later.public_id, "type": "api_key.revoked"}
     body = _poll(owner_client, f"?after={revoked.public_id}&type=api_key.created&limit=1")
     assert _ids(body) == [later.public_id] and body["has_more"] is False
 
@@ -88,6 +89,63 @@ def test_an_after_event_deleted_by_retention_is_404_and_the_feed_can_start_again
 
     assert_error(response, 404, "event_not_found", field="after")
     assert _ids(_poll(owner_client, "?order=oldest")) == [new.public_id]
+
+
+def test_a_quiet_organisations_poller_keeps_its_place_through_retention(org, owner_client):
+    """Nothing happened for 31 days: the event a continuous poller stands on is the
+    organisation's newest, which retention keeps."""
+    first = _key_event(org, "first")
+    last = _key_event(org, "last")
+    month_ago = timezone.now() - timedelta(days=31)
+    Event.objects.filter(pk__in=[first.pk, last.pk]).update(created_at=month_ago)
+    _settled(first, last)
+
+    assert events_prune() == 1  # the older one; the newest stays, however old
+    body = _poll(owner_client, f"?after={last.public_id}")
+
+    assert (_ids(body), body["has_more"]) == ([], False)
+    assert _next_params(body) == {"after": last.public_id}
+
+
+def test_a_filtered_poller_moves_past_what_its_filter_skips_and_survives_retention(
+    org, owner_client
+):
+    """A tail of one type in a busy organisation: caught up, its position is the feed's head,
+    not its last match, which retention deletes after 30 days without that type."""
+    from marketplace.models import ApiKey
+
+    created = _key_event(org, "watched")
+    _settled(created)
+    body = _poll(owner_client, "?order=oldest&type=api_key.revoked")
+    assert _next_params(body) == {"after": created.public_id, "type": "api_key.revoked"}
+    api_key_revoke(api_key=ApiKey.objects.get(public_id=created.object_id))
+    busy = [_key_event(org, f"busy{i}") for i in range(3)]  # none of the watched type
+    revoked = Event.objects.get(organization=org, type="api_key.revoked")
+    _settled(revoked, *busy)
+
+    body = _poll(owner_client, _next_query(body))
+    assert _ids(body) == [revoked.public_id]
+    assert _next_params(body) == {"after": busy[-1].public_id, "type": "api_key.revoked"}
+    Event.objects.filter(organization=org).update(created_at=timezone.now() - timedelta(days=31))
+    assert events_prune() == 4  # everything but the newest
+    body = _poll(owner_client, _next_query(body))
+    assert (_ids(body), body["has_more"]) == ([], False)
+
+
+def test_a_feed_page_reads_its_head_and_its_rows_in_one_snapshot(org, owner_client):
+    """Read apart, an event settling between the head and the page could pass both."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    _settled(_key_event(org, "one"))
+    with CaptureQueriesContext(connection) as queries:
+        assert owner_client.get("/api/v1/events?order=oldest").status_code == 200
+    sqls = [q["sql"] for q in queries.captured_queries]
+    begin = next(i for i, q in enumerate(sqls) if "REPEATABLE READ" in q)
+    reads = [i for i, q in enumerate(sqls) if "pg_snapshot_xmin" in q]
+    assert len(reads) == 2 and all(i > begin for i in reads), sqls
+    # Nothing between the isolation level and the reads ends the transaction.
+    assert not any("COMMIT" in q.upper() for q in sqls[begin : reads[-1]])
 
 
 @pytest.mark.parametrize(
