@@ -419,6 +419,12 @@ PROVISIONING_STOP_GRACE_SECONDS = {
     "reserved": env_int("PROVISIONING_STOP_GRACE_SECONDS_RESERVED", 10, minimum=0),
     "interruptible": env_int("PROVISIONING_STOP_GRACE_SECONDS_INTERRUPTIBLE", 30, minimum=30),
 }
+# An active workload whose container vanished or stalled (not its own exit) is restarted in
+# place; past this many restarts within the window (a crash loop) the next one ends it. 0: never.
+PROVISIONING_WORKLOAD_RESTARTS = env_int("PROVISIONING_WORKLOAD_RESTARTS", 3, minimum=0)
+PROVISIONING_WORKLOAD_RESTART_WINDOW = timedelta(
+    seconds=env_int("PROVISIONING_WORKLOAD_RESTART_WINDOW_SECONDS", 3600, minimum=60)
+)
 # Redis redelivers an unacknowledged task after this long; tasks are idempotent, and a
 # duplicate that arrives while the first copy still runs is a no-op.
 CELERY_VISIBILITY_TIMEOUT_SECONDS = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)

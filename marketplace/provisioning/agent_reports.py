@@ -1,19 +1,31 @@
 """What a site agent reports with each heartbeat: every container it runs and its state.
 
-The rule: an `active` reservation whose workload is not running on a node it holds GPUs on
-now ends (`active → failed`, through the transition service) when the platform learns of
-it, at most one agent heartbeat later. Billing stops there (billing counts activated_at →
-released_at); the customer and staff see why as the reason: the exit code, the time and the
-last log lines (secrets redacted), or the container's state, or that it is gone. What that
-means for the money depends on the tier (`_money_after_end`). The release task then removes
-the container ("teardown").
+The rule, for an `active` reservation whose workload is not running on a node it holds GPUs on
+now, decided when the platform learns of it (at most one agent heartbeat later):
+
+- Its process exited by itself (`exited`, `stopped`, `dead`, with an exit code): the customer's
+  own ending. It ends (`active → failed`, through the transition service); billing stops there
+  (billing counts activated_at → released_at), and a reserved term's rest is not refunded.
+- Its container vanished or stalled (missing, `created`, `paused`, `restarting`, …): not the
+  customer's doing (a node reboot, a restarted runtime, an operator's `rm`). It is restarted in
+  place, every tier alike, as a move off a failed GPU restarts it: a new placement generation on
+  the same allocations, `active → provisioning` with the reason, and the provisioning worker
+  (the agents: the old generation's stop, then a fresh prepare and start) runs it again. A
+  reservation outage (WORKLOAD_LOST_CAUSE) runs from the report until it is active again, so
+  metered tiers are not charged for the gap and the SLA counts it as downtime.
+- A crash loop is not restarted for ever: once it was restarted PROVISIONING_WORKLOAD_RESTARTS
+  times within PROVISIONING_WORKLOAD_RESTART_WINDOW, the next vanish ends it (`active →
+  failed`, and a reserved term's undelivered rest is refunded), the reason saying so.
+
+The customer and staff see why as the reason: the exit code, the time and the last log lines
+(secrets redacted), or the container's state, or that it is gone. The release task (after an
+end) or the new generation's prepare (after a restart) removes the old container.
 
 A report is complete: the agent lists every container it manages (`ps -a` by its label)
 and sends nothing when it cannot list them, so a container absent from a report it did send
 is not on the node. A workload is judged "not running" on this node when:
 
-- its container is reported in any state but `running` (`exited`, `stopped`, `dead`,
-  `created`, `paused` — a paused container delivers nothing —, `restarting`, …), or
+- its container is reported in any state but `running`, or
 - it is missing from the report, and the node's agent started it: the start job of the
   reservation's current placement generation on this node is done.
 
@@ -28,8 +40,8 @@ after, it is stopping), one whose GPUs on this node are all resold for now (a te
 for resale, `_resold_pause`, or about to be), a start of the current generation that is not
 done, and a container stopped on purpose: a stop job of the current generation on this node
 exists (a stop runs `stop` then `rm`, and a report in between shows it exited). The
-decision is taken again under the reservation's row lock (still active, same generation, no
-stop job), so a pause, a move or a release that commits meanwhile wins.
+decision, end or restart, is taken again under the reservation's row lock (still active,
+same generation, no stop job), so a pause, a move or a release that commits meanwhile wins.
 
 A reservation not started through this node's agent (no agent job at all: another driver)
 is judged only on a container the agent reports for it, never on one missing.
@@ -42,6 +54,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -55,10 +68,18 @@ from marketplace.models import (
     ListingStatus,
     ResaleListing,
     Reservation,
+    ReservationOutage,
     ReservationStatus,
+    ReservationTransition,
     Tier,
 )
 from marketplace.provisioning.drivers import _redact
+from marketplace.provisioning.kicks import provisioning_kick
+from marketplace.provisioning.services import (
+    WORKLOAD_LOST_CAUSE,
+    placement_generation_raise,
+    workload_lost_outages_close,
+)
 from marketplace.services.gpu_failures import undelivered_refund
 from marketplace.services.transitions import reservation_transition
 
@@ -95,31 +116,32 @@ def _money_after_end(reservation: Reservation, *, own_exit: bool) -> str:
     return "the reservation ended, and the undelivered rest of the reserved term is refunded."
 
 
+def _money_after_restart(reservation: Reservation) -> str:
+    """What the restart means for the bill, per tier (docs/money.md)."""
+    if reservation.tier == Tier.RESERVED:
+        return "the time until it runs again counts as downtime of the term under the SLA."
+    return "the time until it runs again is not charged."
+
+
 def _log_suffix(report: dict, workload: dict) -> str:
     tail = _redact(report.get("log_tail") or "", workload)
     return f" Last log lines:\n{tail}" if tail else " It wrote no log."
 
 
-def _exit_cause(report: dict, reservation: Reservation) -> str:
+def _not_running(report: dict | None, node: Node, now: datetime) -> str:
+    """What the report says of the workload, as the reason's first half."""
+    if report is None:
+        return (
+            f"The workload's container is gone: node {node.hostname}'s agent no longer runs it "
+            f"(its report at {now.isoformat()})"
+        )
     state = report.get("state")
     if state in EXITED_STATES:
-        what = (
+        return (
             f"The workload exited with code {report.get('exit_code')} at "
             f"{report.get('finished_at') or 'an unknown time'}"
         )
-    else:
-        what = f"The workload is not running: its container is {state}"
-    own_exit = state in EXITED_STATES
-    return f"{what}; {_money_after_end(reservation, own_exit=own_exit)}" + _log_suffix(
-        report, reservation.workload or {}
-    )
-
-
-def _missing_cause(reservation: Reservation, node: Node, now: datetime) -> str:
-    return (
-        f"The workload's container is gone: node {node.hostname}'s agent no longer runs it "
-        f"(its report at {now.isoformat()}); {_money_after_end(reservation, own_exit=False)}"
-    )
+    return f"The workload is not running: its container is {state}"
 
 
 def _last_heard(node: Node) -> datetime | None:
@@ -182,49 +204,132 @@ def _judged(node: Node, active: list[Reservation], now: datetime) -> list[_Judge
     return judged
 
 
-def _end(item: _Judged, *, node: Node, cause: str, refund_from: datetime | None) -> bool:
-    """active → failed, decided again under the row lock: still active, still the generation
-    the report was judged against, and (started here) still no stop job for it. refund_from:
-    the workload did not end itself, so a reserved term's rest from then is refunded (its
-    cancellation terms, which billing settles as a credit, as for a GPU failure)."""
-    with transaction.atomic():
-        locked = (
-            Reservation.objects.select_for_update()
-            .filter(
-                pk=item.reservation.pk,
-                status=ReservationStatus.ACTIVE,
-                placement_generation=item.generation,
-            )
-            .first()
+def _locked_if_still_judged(item: _Judged, *, node: Node) -> Reservation | None:
+    """The reservation under its row lock, if the judgement still holds: still active, still
+    the generation the report was judged against, and (started here) still no stop job for
+    it on this node. Call inside a transaction."""
+    locked = (
+        Reservation.objects.select_for_update()
+        .filter(
+            pk=item.reservation.pk,
+            status=ReservationStatus.ACTIVE,
+            placement_generation=item.generation,
         )
-        if locked is None:
-            return False
-        if (
-            item.started_here
-            and AgentJob.objects.filter(
-                reservation=locked, node=node, kind="stop", generation=item.generation
-            ).exists()
-        ):
-            return False
-        if refund_from is not None and locked.tier == Tier.RESERVED:
-            locked.cancellation = {
-                "rule": "The workload's container vanished or stalled, not by its own exit: "
-                "the undelivered share of the term is refunded",
-                "refund_amount": str(undelivered_refund(locked, since=refund_from)),
-                "failed_at": refund_from.isoformat(),
-            }
-            locked.save(update_fields=["cancellation", "updated_at"])
-        try:
-            reservation_transition(
-                reservation=locked,
-                to_status=ReservationStatus.FAILED,
-                cause=cause,
-                actor_label=ACTOR,
-            )
-        except InvalidTransition:  # cannot happen under the lock; said rather than hidden
-            logger.warning("could not end %s after its workload stopped", locked.public_id)
-            return False
+        .first()
+    )
+    if locked is None:
+        return None
+    if (
+        item.started_here
+        and AgentJob.objects.filter(
+            reservation=locked, node=node, kind="stop", generation=item.generation
+        ).exists()
+    ):
+        return None
+    return locked
+
+
+def _end(item: _Judged, *, node: Node, cause: str, refund_from: datetime | None) -> bool:
+    """active → failed, decided again under the row lock (_locked_if_still_judged)."""
+    with transaction.atomic():
+        locked = _locked_if_still_judged(item, node=node)
+        return locked is not None and _fail(locked, cause=cause, refund_from=refund_from)
+
+
+def _fail(locked: Reservation, *, cause: str, refund_from: datetime | None) -> bool:
+    """active → failed. refund_from: the workload did not end itself, so a reserved term's
+    rest from then is refunded (its cancellation terms, which billing settles as a credit, as
+    for a GPU failure)."""
+    if refund_from is not None and locked.tier == Tier.RESERVED:
+        locked.cancellation = {
+            "rule": "The workload's container vanished or stalled, not by its own exit: "
+            "the undelivered share of the term is refunded",
+            "refund_amount": str(undelivered_refund(locked, since=refund_from)),
+            "failed_at": refund_from.isoformat(),
+        }
+        locked.save(update_fields=["cancellation", "updated_at"])
+    try:
+        reservation_transition(
+            reservation=locked,
+            to_status=ReservationStatus.FAILED,
+            cause=cause,
+            actor_label=ACTOR,
+        )
+    except InvalidTransition:  # cannot happen under the lock; said rather than hidden
+        logger.warning("could not end %s after its workload stopped", locked.public_id)
+        return False
     return True
+
+
+def _restarts_used(locked: Reservation, *, now: datetime) -> int:
+    """Restarts in place of this reservation within the window up to now (its history)."""
+    return ReservationTransition.objects.filter(
+        reservation=locked,
+        from_status=ReservationStatus.ACTIVE,
+        to_status=ReservationStatus.PROVISIONING,
+        actor_label=ACTOR,
+        at__gt=now - settings.PROVISIONING_WORKLOAD_RESTART_WINDOW,
+    ).count()
+
+
+def _window_text() -> str:
+    seconds = int(settings.PROVISIONING_WORKLOAD_RESTART_WINDOW.total_seconds())
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
+
+
+def _restart_or_end(item: _Judged, *, node: Node, what: str, log: str, now: datetime) -> str:
+    """A vanished or stalled workload, under the row lock (_locked_if_still_judged): restarted
+    in place, or ended with its rest refunded once its restarts in the window are used up.
+    Returns "restarted", "ended" or "" (nothing done: the judgement no longer holds)."""
+    with transaction.atomic():
+        locked = _locked_if_still_judged(item, node=node)
+        if locked is None:
+            return ""
+        allowed = settings.PROVISIONING_WORKLOAD_RESTARTS
+        used = _restarts_used(locked, now=now)
+        if used >= allowed:
+            why = (
+                f"it was restarted in place {used} time(s) within {_window_text()}, the most "
+                "allowed, so it is not restarted again"
+                if allowed
+                else "restarts in place are turned off"
+            )
+            cause = f"{what}; {why}: {_money_after_end(locked, own_exit=False)}{log}"
+            return "ended" if _fail(locked, cause=cause, refund_from=now) else ""
+        cause = (
+            f"{what}; it restarts in place on the same GPUs (restart {used + 1} of at most "
+            f"{allowed} within {_window_text()}), and {_money_after_restart(locked)}{log}"
+        )
+        _restart(locked, node=node, cause=cause, detail=what, now=now)
+        return "restarted"
+
+
+def _restart(locked: Reservation, *, node: Node, cause: str, detail: str, now: datetime) -> None:
+    """As a move off a failed GPU restarts a workload (gpu_failures), on the same allocations:
+    a new placement generation (the agents stop what is left of the old container, then
+    prepare and start it afresh), active → provisioning, the provisioning worker woken; and
+    an outage from now until it is active again (closed by reservation_outages_reconcile).
+    The outage of its last restart, should the sweep not have closed it yet, closes first (it
+    is active again, so that one is over)."""
+    placement_generation_raise(locked)
+    workload_lost_outages_close(reservation_id=locked.pk)
+    if not ReservationOutage.objects.filter(reservation=locked, node=node, ended_at=None).exists():
+        ReservationOutage.objects.create(
+            reservation=locked,
+            node=node,
+            started_at=now,
+            cause=WORKLOAD_LOST_CAUSE,
+            detail=detail,
+        )
+    reservation_transition(
+        reservation=locked,
+        to_status=ReservationStatus.PROVISIONING,
+        cause=cause,
+        actor_label=ACTOR,
+    )
+    provisioning_kick(locked.pk)
 
 
 def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
@@ -249,7 +354,7 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
         if rid and (rid not in reported or report.get("name") == f"sy-{rid}"):
             reported[rid] = report
     active = [r for r in on_node.values() if r.status == ReservationStatus.ACTIVE]
-    ended: set[str] = set()
+    left_active: set[str] = set()
     for item in _judged(node, active, now):
         r = item.reservation
         report = reported.get(r.public_id)
@@ -257,11 +362,17 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
             continue  # nothing says this agent should run it
         if report is not None and report.get("state") == RUNNING_STATE:
             continue
-        cause = _missing_cause(r, node, now) if report is None else _exit_cause(report, r)
-        own_exit = report is not None and report.get("state") in EXITED_STATES
-        if _end(item, node=node, cause=cause, refund_from=None if own_exit else now):
-            ended.add(r.public_id)
-            logger.info("reservation %s ended: its workload is not running", r.public_id)
+        what = _not_running(report, node, now)
+        log = "" if report is None else _log_suffix(report, r.workload or {})
+        if report is not None and report.get("state") in EXITED_STATES:
+            # Its own exit: the customer's ending, never restarted.
+            cause = f"{what}; {_money_after_end(r, own_exit=True)}{log}"
+            outcome = "ended" if _end(item, node=node, cause=cause, refund_from=None) else ""
+        else:
+            outcome = _restart_or_end(item, node=node, what=what, log=log, now=now)
+        if outcome:
+            left_active.add(r.public_id)
+            logger.info("reservation %s %s: its workload is not running", r.public_id, outcome)
     return [
         {
             "reservation": r.public_id,
@@ -272,5 +383,5 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
         for r in on_node.values()
         if r.preempt_at is not None
         and r.status == ReservationStatus.ACTIVE
-        and r.public_id not in ended
+        and r.public_id not in left_active
     ]

@@ -94,6 +94,8 @@ __all__ = [
     "reservation_outages_record_for_node",
     "reservation_outages_close_for_node",
     "reservation_outages_reconcile",
+    "WORKLOAD_LOST_CAUSE",
+    "workload_lost_outages_close",
     "node_mark_failed",
     "reservation_worker_lock",
     "reservations_locked_by_workers",
@@ -1101,6 +1103,10 @@ def _complete(reservation: Reservation, cause: str) -> Reservation:
 
 # --- outages --------------------------------------------------------------------------------
 
+# The cause of a reservation's outage from the moment its container was found gone or stalled
+# until its workload, restarted in place, is active again (agent_reports).
+WORKLOAD_LOST_CAUSE = "workload_lost"
+
 
 def _affected_reservations(node: Node, *, now: datetime) -> dict[int, datetime]:
     """Active reservations an outage of this node hits now: those with a live allocation on
@@ -1190,19 +1196,20 @@ def reservation_outages_reconcile() -> tuple[int, int]:
         closed += ReservationOutage.objects.filter(pk=ro.pk, ended_at__isnull=True).update(
             ended_at=max(ro.source_outage.ended_at, ro.started_at)
         )
-    return opened, closed + _outages_close_moved_off()
+    return opened, closed + _outages_close_moved_off() + workload_lost_outages_close()
 
 
 def _outages_close_moved_off() -> int:
     """Close the node outages of reservations moved off the node: at the end of their time on
     it (billing counts the node's outage only that long). A GPU failure's outage is left to
-    run until the workload is active again on its new GPUs (gpu_failures)."""
+    run until the workload is active again on its new GPUs (gpu_failures), and so is a lost
+    workload's until it is active again after its restart."""
     on_node = Allocation.objects.filter(
         reservation_id=OuterRef("reservation_id"), node_id=OuterRef("node_id")
     )
     moved_off = (
         ReservationOutage.objects.filter(ended_at__isnull=True)
-        .exclude(cause=OutageCause.GPU_FAILURE)
+        .exclude(cause__in=[OutageCause.GPU_FAILURE, WORKLOAD_LOST_CAUSE])
         .exclude(Exists(on_node.filter(is_live=True)))
         .annotate(
             left_at=Subquery(
@@ -1218,5 +1225,37 @@ def _outages_close_moved_off() -> int:
     for ro in moved_off:
         closed += ReservationOutage.objects.filter(pk=ro.pk, ended_at__isnull=True).update(
             ended_at=max(ro.left_at or ro.started_at, ro.started_at)
+        )
+    return closed
+
+
+def workload_lost_outages_close(*, reservation_id: int | None = None) -> int:
+    """Close the outages of workloads restarted in place (WORKLOAD_LOST_CAUSE), of every
+    reservation or of one: at their first move to active since the outage began, so billing
+    resumes from then; one that ended without running again (failed while restarting,
+    cancelled) at its release."""
+    closed = 0
+    open_outages = ReservationOutage.objects.filter(
+        ended_at__isnull=True, cause=WORKLOAD_LOST_CAUSE
+    ).select_related("reservation")
+    if reservation_id is not None:
+        open_outages = open_outages.filter(reservation_id=reservation_id)
+    for outage in open_outages:
+        back = (
+            ReservationTransition.objects.filter(
+                reservation_id=outage.reservation_id,
+                to_status=ReservationStatus.ACTIVE,
+                at__gt=outage.started_at,
+            )
+            .order_by("at")
+            .values_list("at", flat=True)
+            .first()
+        )
+        if back is None:
+            back = outage.reservation.released_at
+        if back is None:
+            continue  # still being restarted
+        closed += ReservationOutage.objects.filter(pk=outage.pk, ended_at__isnull=True).update(
+            ended_at=max(back, outage.started_at)
         )
     return closed

@@ -5,6 +5,7 @@ A reservation becomes active only once its container runs and every port asked f
 included) accepts TCP on the address customers are given; a workload that crashes while
 starting fails at no charge with its last log lines, so does one whose image cannot be
 pulled; one that exits while active ends its reservation at the next heartbeat. A preemption notice reaches the inside of the container.
+One whose container is removed while active (an operator's `rm`) is restarted in place.
 """
 
 import json
@@ -21,8 +22,9 @@ from django.utils import timezone
 from inventory.models import Gpu
 from inventory.services import node_token_issue
 from inventory.telemetry import gpu_mark_failed
-from marketplace.models import AgentJob, Reservation, ReservationStatus
+from marketplace.models import AgentJob, Reservation, ReservationOutage, ReservationStatus
 from marketplace.provisioning.scheduler import reservations_dispatch_due
+from marketplace.provisioning.services import reservation_outages_reconcile
 from marketplace.services.curtailment import curtailment_announce
 from tests.agent.conftest import RUNTIME_ENV, podman, test_image_fixture  # noqa: F401 (fixture)
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -240,6 +242,77 @@ def test_a_move_to_another_gpu_of_the_same_node_restarts_the_container_on_the_ne
             c.sendall(b"hello\n")
             assert c.recv(16) == b"hello\n"
         assert "failed" in moved.transitions.filter(to_status=S.PROVISIONING).last().cause
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("network", "rm", "-f", f"{name}-net", check=False)
+
+
+def test_a_container_removed_while_active_is_restarted_in_place_and_the_gap_is_an_outage(
+    worker, live_server, tmp_path, test_image
+):
+    """An operator removes the running container by mistake. The agent's next report lacks
+    it: the reservation restarts in place (same GPUs, a new container of the next
+    generation), and the time it was down is an outage until it answers again."""
+    worker.start(PROVISIONING_DRIVER="site_agent", PROVISIONING_READINESS_TIMEOUT_SECONDS="20")
+    market = market_create(nodes=1, gpus=4)
+    node = market.nodes[0]
+    _token, secret = node_token_issue(node=node, label="site agent")
+    r = market.book(
+        gpu_count=2,
+        workload={"image": test_image, "ssh_public_keys": [ssh_key()], "env": {"READY_AFTER": "1"}},
+    )
+    name = f"sy-{r.public_id}"
+    reservations_dispatch_due()
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [
+            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
+            "--token", secret, "--executor", "container", "--runtime", "podman",
+            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **RUNTIME_ENV},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _fresh(r).status == S.ACTIVE, timeout=60, what="activation")
+        first = _fresh(r)
+        old_id = _container_id(name)
+        gpus = sorted(first.connection["nodes"][0]["gpu_indexes"])
+
+        podman("rm", "-f", "-t", "0", name)
+
+        wait_for(
+            lambda: statuses(r)[3:] == [S.PROVISIONING, S.ACTIVE],
+            timeout=90,
+            what="the restart in place",
+        )
+        back = _fresh(r)
+        assert back.placement_generation == 1
+        assert back.activated_at == first.activated_at
+        assert sorted(back.connection["nodes"][0]["gpu_indexes"]) == gpus  # the same GPUs
+        assert _container_id(name) != old_id
+        assert _labels(name)["switchyard.generation"] == "1"
+        assert _labels(name)["switchyard.gpus"] == ",".join(map(str, gpus))
+        restart = back.transitions.filter(to_status=S.PROVISIONING).order_by("at").last()
+        assert restart.cause.startswith(
+            f"The workload's container is gone: node {node.hostname}'s agent no longer runs it"
+        )
+        assert restart.actor_label == "system: site agent"
+        with socket.create_connection(("127.0.0.1", back.connection["ssh_port"]), timeout=5) as c:
+            c.sendall(b"hello\n")
+            assert c.recv(16) == b"hello\n"
+        # The gap, from the report to the return, is the reservation's outage (beat would
+        # close it; this worker runs none).
+        reservation_outages_reconcile()
+        outage = ReservationOutage.objects.get(reservation=r)
+        assert outage.started_at <= restart.at
+        assert outage.ended_at == back.transitions.filter(to_status=S.ACTIVE).latest("at").at
     finally:
         agent.terminate()
         agent.wait(timeout=10)

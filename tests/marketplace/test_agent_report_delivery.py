@@ -1,6 +1,7 @@
-"""A workload report ends an active reservation whose container is gone or not running
-(only delivered time is billed), and never one whose container the platform stopped on
-purpose or a report that may predate the container."""
+"""A workload report restarts in place an active reservation whose container is gone or
+stalled, and ends one whose workload exited by itself (only delivered time is billed); never
+one whose container the platform stopped on purpose, nor on a report that may predate the
+container. The restart itself, its outage and the crash-loop limit: test_agent_report_restart."""
 
 from datetime import timedelta
 
@@ -97,49 +98,54 @@ def test_a_running_container_changes_nothing(active):
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE
 
 
-def test_a_container_missing_from_a_complete_report_ends_the_reservation(active):
+def test_a_container_missing_from_a_complete_report_restarts_the_workload_in_place(active):
     r, node, agent, _ = active
-    before = timezone.now()
+    gpus = set(Allocation.objects.filter(reservation=r, is_live=True).values_list("gpu_id"))
 
     response = agent.post(REPORT, {"containers": []}, format="json")
 
     assert response.status_code == 200
     r = Reservation.objects.get(pk=r.pk)
-    assert r.status == S.FAILED
-    assert before <= r.released_at <= timezone.now()  # billing stops here
+    assert r.status == S.PROVISIONING
+    assert r.released_at is None
+    assert r.placement_generation == 1
     assert r.status_reason.startswith(
         f"The workload's container is gone: node {node.hostname}'s agent no longer runs it "
         "(its report at "
     )
     assert r.status_reason.endswith(
-        "); the reservation ended and the rest of its time is not charged."
+        "); it restarts in place on the same GPUs (restart 1 of at most 3 within 1 h), and "
+        "the time until it runs again is not charged."
     )
-    assert statuses(r)[-2:] == [S.ACTIVE, S.FAILED]
+    assert statuses(r)[-2:] == [S.ACTIVE, S.PROVISIONING]
     assert r.transitions.last().actor_label == "system: site agent"
-    assert not Allocation.objects.filter(reservation=r, is_live=True).exists()
+    live = set(Allocation.objects.filter(reservation=r, is_live=True).values_list("gpu_id"))
+    assert live == gpus
 
 
-def test_a_report_of_other_containers_only_ends_the_one_missing(active):
+def test_a_report_of_other_containers_only_restarts_the_one_missing(active):
     r, _node, agent, market = active
     agent.post(
         REPORT,
         {"containers": [{"name": "sy-r_other", "reservation": "r_other", "state": "running"}]},
         format="json",
     )
-    assert Reservation.objects.get(pk=r.pk).status == S.FAILED
+    assert Reservation.objects.get(pk=r.pk).status == S.PROVISIONING
 
 
 @pytest.mark.parametrize("state", ["created", "paused", "restarting", "removing", "unknown"])
-def test_a_container_that_is_not_running_ends_the_reservation(active, state):
+def test_a_container_that_stalled_restarts_the_workload_in_place(active, state):
     r, _node, agent, _ = active
     response = agent.post(REPORT, {"containers": [_container(r, state)]}, format="json")
 
     assert response.status_code == 200
     r = Reservation.objects.get(pk=r.pk)
-    assert r.status == S.FAILED
+    assert r.status == S.PROVISIONING
+    assert r.placement_generation == 1
     assert r.status_reason == (
-        f"The workload is not running: its container is {state}; the reservation ended and "
-        "the rest of its time is not charged. It wrote no log."
+        f"The workload is not running: its container is {state}; it restarts in place on the "
+        "same GPUs (restart 1 of at most 3 within 1 h), and the time until it runs again is "
+        "not charged. It wrote no log."
     )
 
 
@@ -163,7 +169,7 @@ def test_a_report_that_may_predate_the_start_ends_nothing_until_a_later_heartbea
     _heartbeat(agent)
     assert buffer_client().hget(LAST_SEEN_KEY, str(node.pk)) is not None
     agent.post(REPORT, {"containers": []}, format="json")
-    assert Reservation.objects.get(pk=r.pk).status == S.FAILED
+    assert Reservation.objects.get(pk=r.pk).status == S.PROVISIONING  # restarted
 
 
 def test_a_start_job_not_done_ends_nothing(active):
@@ -247,23 +253,3 @@ def test_an_old_heartbeat_time_is_not_trusted_for_a_newer_start(active):
     )
     agent.post(REPORT, {"containers": []}, format="json")
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE
-
-
-def test_a_reserved_term_whose_container_vanished_gets_its_rest_back():
-    """Not the customer's doing (a reboot, a runtime that lost it): the undelivered share of
-    the term is refunded, as for a GPU failure with no GPU to move to."""
-    from billing.services.metering import usage_meter_run
-
-    r, _node, agent, _ = _active_through_agent(tier="reserved")
-    agent.post(REPORT, {"containers": []}, format="json")
-
-    r = Reservation.objects.get(pk=r.pk)
-    assert r.status == S.FAILED
-    assert r.status_reason.endswith("the undelivered rest of the reserved term is refunded.")
-    refund = r.cancellation["refund_amount"]
-    assert 0 < float(refund) <= float(r.total_amount)
-    usage_meter_run()
-    credited = LedgerEntry.objects.filter(
-        organization=r.organization, kind=LedgerKind.CREDIT, reservation=r
-    ).values_list("amount_minor", flat=True)
-    assert sum(credited) == round(float(refund) * 100)
