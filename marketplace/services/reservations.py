@@ -147,13 +147,33 @@ def _own_hours_from(reservation: Reservation) -> datetime:
     return reservation.ends_at
 
 
+def _restarting_since(reservation: Reservation) -> datetime | None:
+    """When a term that had run went down to be started again by the platform (moved off a
+    failed GPU, restarted in place, back from a resold window), if it is still not running
+    again; None otherwise."""
+    if reservation.activated_at is None or reservation.status not in (
+        ReservationStatus.SCHEDULED,
+        ReservationStatus.PROVISIONING,
+    ):
+        return None
+    return (
+        ReservationTransition.objects.filter(
+            reservation=reservation, from_status=ReservationStatus.ACTIVE
+        )
+        .order_by("-at", "-id")
+        .values_list("at", flat=True)
+        .first()
+    )
+
+
 def cancellation_rule(tier: str) -> str:
     """The refund rule for a tier, in words: what a customer is told before reserving."""
     if tier == Tier.RESERVED:
         return (
             "Cancelling refunds the part not yet begun: in full with 7 days' notice or more, "
             "50 % with 24 hours' to 7 days' notice, nothing later or after the start; in full "
-            f"if we have not got it running {_allowance_words()} after its start."
+            f"if we have not got it running {_allowance_words()} after its start, or again "
+            f"{_allowance_words()} after we stopped it to move or restart it."
         )
     return (
         "Cancel any time: only time used is charged, by the second; nothing is charged for "
@@ -190,11 +210,19 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
     # Time resold to someone else is no longer the holder's to give back: its sale pays them.
     unused = term_unused_amount(reservation, since=at)
     notice = reservation.starts_at - at
+    down_since = _restarting_since(reservation)
     if reservation.activated_at is None and at >= start_overdue_at(reservation):
         fraction = Decimal("1")
         rule = (
             f"reserved, not running {_allowance_words()} after its start: the delay is ours, "
             "the unused rest is refunded in full (the wait counts as downtime under the SLA)."
+        )
+    elif down_since is not None and at >= down_since + start_allowance():
+        fraction = Decimal("1")
+        rule = (
+            f"reserved, not running again {_allowance_words()} after we stopped it to move or "
+            "restart it: the delay is ours, the unused rest is refunded in full (the wait "
+            "counts as downtime under the SLA)."
         )
     elif notice >= _FULL_NOTICE:
         fraction, rule = Decimal("1"), "reserved, 7 days' notice or more: full refund."

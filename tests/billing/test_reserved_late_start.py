@@ -233,3 +233,46 @@ def test_a_metered_cancel_states_no_refund_and_credits_none(org, tier):
     assert response.json()["cancellation"]["refund_amount"] == "0.00"
     assert not LedgerEntry.objects.filter(organization=org).exists()
     assert client.get("/api/v1/billing/balance").json()["balance"] == "0.00"
+
+
+def restarted_since(org, down: timedelta) -> Reservation:
+    """A week's term that ran from its start two days ago until the platform stopped it `down`
+    ago to start it again (moved off a failed GPU, restarted in place); not running since."""
+    from marketplace.models import ReservationTransition
+
+    start = timezone.now().replace(microsecond=0) - 48 * H
+    term = week(org, starts_at=start, activated_at=start, status=ReservationStatus.PROVISIONING)
+    moved = ReservationTransition.objects.create(
+        reservation=term,
+        from_status=ReservationStatus.ACTIVE,
+        to_status=ReservationStatus.PROVISIONING,
+        cause="GPU failed; moved to 1 healthy GPU(s)",
+        actor_label="system: gpu health",
+    )
+    ReservationTransition.objects.filter(pk=moved.pk).update(at=timezone.now() - down)
+    return term
+
+
+def test_cancelling_a_term_we_stopped_and_have_not_got_running_again_refunds_the_rest(org):
+    """It ran, the platform stopped it to move or restart it, and it has not come back: the
+    delay is ours as at a first start (if it failed instead, its rest would be refunded)."""
+    term = restarted_since(org, 3 * H)
+
+    shown = cancellation_terms(term)
+
+    assert (shown.refund_fraction, shown.fee_amount) == (Decimal("1"), Decimal("0.00"))
+    assert shown.refund_amount == shown.unused_amount == rest_of(term, shown.at)
+    assert "not running again" in shown.rule
+    cancelled = reservation_cancel(
+        reservation=term, actor_label="user:1", expected_refund_fraction=Decimal("1")
+    )
+    credit = LedgerEntry.objects.get(reservation=term, kind=LedgerKind.CREDIT)
+    assert credit.amount_minor == Decimal(cancelled.cancellation["refund_amount"]) * 100 > 0
+
+
+def test_a_term_being_started_again_within_the_allowance_keeps_the_notice_rule(org):
+    term = restarted_since(org, timedelta(seconds=60))
+
+    shown = cancellation_terms(term)
+
+    assert (shown.refund_fraction, shown.refund_amount) == (Decimal("0"), Decimal("0.00"))
