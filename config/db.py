@@ -38,9 +38,10 @@ def model_from_row(model: type[Model], values) -> Model:
 def _insert_sql(model: type[Model]) -> str:
     meta, quote = model._meta, connection.ops.quote_name
     columns = [quote(f.column) for f in meta.concrete_fields if not f.primary_key]
+    returning = [quote(f.column) for f in meta.db_returning_fields]  # the pk first
     return (
         f"INSERT INTO {quote(meta.db_table)} ({', '.join(columns)})"
-        f" VALUES ({', '.join(['%s'] * len(columns))}) RETURNING {quote(meta.pk.column)}"
+        f" VALUES ({', '.join(['%s'] * len(columns))}) RETURNING {', '.join(returning)}"
     )
 
 
@@ -49,7 +50,8 @@ def model_insert(instance: Model) -> Model:
 
     The values are prepared as the ORM prepares them (each field's `pre_save`, so
     `auto_now_add` is set, and `get_db_prep_save`); the statement is built once per model,
-    not compiled per call. The instance returned is a new one, loaded as a query loads a row
+    not compiled per call. What the database sets itself comes back with the pk (fields with
+    `db_returning`, such as an event's writing transaction id, set by its trigger). The instance returned is a new one, loaded as a query loads a row
     (`Model.from_db`), holding the related objects the given one had cached. Expressions as
     values (a `db_default` left to the database, say), models with several tables and
     generated columns are the ORM's to write.
@@ -68,12 +70,19 @@ def model_insert(instance: Model) -> Model:
         params.append(field.get_db_prep_save(value, connection))
     with connection.cursor() as cur:
         cur.execute(_insert_sql(model), params)
-        (pk,) = cur.fetchone()
+        row = cur.fetchone()
+    # The pk, and what the database sets itself (fields with db_returning: a trigger's value).
+    returned = {
+        f.attname: f.from_db_value(value, None, connection)
+        if hasattr(f, "from_db_value")
+        else value
+        for f, value in zip(meta.db_returning_fields, row, strict=True)
+    }
     names = [f.attname for f in meta.concrete_fields]
     saved = model.from_db(
         connection.alias,
         names,
-        [pk if f.primary_key else getattr(instance, f.attname) for f in meta.concrete_fields],
+        [returned.get(f.attname, getattr(instance, f.attname)) for f in meta.concrete_fields],
     )
     for field in meta.concrete_fields:
         if field.is_relation and field.is_cached(instance):

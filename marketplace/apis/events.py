@@ -10,6 +10,7 @@ from rest_framework.utils.urls import remove_query_param, replace_query_param
 from config.api.filters import BoundedIsoDateTimeFilter
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
+from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView
 from config.errors import NotFound, ValidationFailed
 from config.replica import replica_reads
@@ -44,7 +45,7 @@ class EventFilter(django_filters.FilterSet):
         fields = ["type", "created_after", "created_before", "object_id"]
 
 
-class EventListInput(serializers.Serializer):
+class EventListInput(Serializer):
     order = serializers.ChoiceField(
         choices=[NEWEST, OLDEST],
         required=False,

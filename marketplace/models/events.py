@@ -56,6 +56,8 @@ class TransactionIdField(models.Field):
 
     empty_strings_allowed = False
     description = "PostgreSQL transaction id (xid8)"
+    # Set by the database (a trigger), so an insert reads it back, the ORM's and model_insert.
+    db_returning = True
 
     def db_type(self, connection) -> str:
         return "xid8"
