@@ -9,7 +9,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from config.api.serializers import Serializer
+from config.api.serializers import AmountField, Serializer
 from marketplace.funding import funding_gate
 from marketplace.models import (
     ApiKeyScope,
@@ -43,11 +43,11 @@ class InterruptionOutput(Serializer):
     reason = serializers.CharField()
 
 
-class ChargedField(serializers.DecimalField):
+class ChargedField(AmountField):
     """A reservation's charge so far, loaded for a whole page at once where the view can."""
 
     def get_attribute(self, instance):
-        return reservation_charged(instance)
+        return self.amount_with_currency(instance, reservation_charged(instance))
 
 
 class ReservationOutput(Serializer):
@@ -67,11 +67,8 @@ class ReservationOutput(Serializer):
     ends_at = serializers.DateTimeField()
     currency = serializers.CharField()
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
-    total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
+    total = AmountField(source="total_amount")
     charged = ChargedField(
-        max_digits=14,
-        decimal_places=2,
-        read_only=True,
         help_text="Charged so far: usage and commitments less refunds and credits (the booked "
         "total is `total`). While it runs, the cost so far (usage is metered every minute); "
         "once it has ended, the final amount.",
@@ -105,25 +102,20 @@ class ReservationOutput(Serializer):
 
 
 class SaleOutput(Serializer):
-    """What sold (the listing was narrowed to it) and what it has brought so far."""
+    """What sold (the listing was narrowed to it) and what it has brought so far, in the
+    listing's currency."""
 
     sold_at = serializers.DateTimeField()
-    total = serializers.DecimalField(
-        max_digits=14,
-        decimal_places=2,
+    total = AmountField(
         help_text="The sale price: asking price × GPUs × hours of the window, if the buyer uses "
         "all of it.",
     )
     fee_pct = serializers.DecimalField(max_digits=5, decimal_places=2)
-    proceeds = serializers.DecimalField(
-        max_digits=14,
-        decimal_places=2,
-        help_text="Credited to your balance so far: what the buyer has been charged.",
+    proceeds = AmountField(
+        help_text="Credited to your balance so far: what the buyer has been charged."
     )
-    fees = serializers.DecimalField(
-        max_digits=14, decimal_places=2, help_text="The platform's fee on the proceeds so far."
-    )
-    net = serializers.DecimalField(max_digits=14, decimal_places=2)
+    fees = AmountField(help_text="The platform's fee on the proceeds so far.")
+    net = AmountField()
 
 
 class ListingOutput(Serializer):
@@ -171,6 +163,7 @@ class ListingOutput(Serializer):
         return SaleOutput(
             {
                 "sold_at": listing.sold_at,
+                "currency": listing.currency,
                 "total": period_total(
                     price_per_gpu_hour=listing.price_per_gpu_hour,
                     gpu_count=listing.gpu_count,

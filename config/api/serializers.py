@@ -26,21 +26,26 @@ which DRF's fields call, also read "1_0" as 10, "1e3" as 1000 and other scripts'
 same holds inside lists and dicts of numbers, and a whole number is not a JSON fraction (2.0).
 These refusals come in one answer with DRF's own errors for the other fields.
 Dates and times are read from 2000 to 2099 only (config.dates).
+
+Output: an amount of money is written by AmountField, in its currency's own decimals.
 """
 
 import copy
 import re
 from datetime import date
+from decimal import Decimal
 
 from django.http import QueryDict
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ErrorDetail, ValidationError
-from rest_framework.fields import Field
+from rest_framework.fields import Field, get_attribute
 from rest_framework.settings import api_settings
 
+from config.currency import money_round
 from config.dates import OUT_OF_RANGE, within_bounds
 
-__all__ = ["LenientSerializer", "Serializer"]
+__all__ = ["AmountField", "LenientSerializer", "Serializer", "amount_text"]
 
 
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
@@ -125,3 +130,44 @@ class LenientSerializer(Serializer):
     agent's): a key it does not take is ignored, as DRF does, not refused."""
 
     refuse_unknown_fields = False
+
+
+def amount_text(amount: Decimal | int, currency: str) -> str:
+    """An amount in major units as the API writes money: a decimal string in the currency's
+    own decimals ("32.00" in dollars, "241500" in yen), as billing writes balances."""
+    # bool is an int; a float has no exact decimal meaning: both are bugs, said loudly.
+    if isinstance(amount, bool) or not isinstance(amount, Decimal | int):
+        raise TypeError(f"an amount must be Decimal or int, not {type(amount).__name__}")
+    return format(money_round(Decimal(amount), currency), "f")
+
+
+# As a DecimalField(max_digits=14, decimal_places=2) is documented: a string of at most two
+# decimals, which a currency without a minor unit writes with none.
+_AMOUNT_SCHEMA = {"type": "string", "format": "decimal", "pattern": r"^-?\d{0,12}(?:\.\d{0,2})?$"}
+
+
+@extend_schema_field(_AMOUNT_SCHEMA)
+class AmountField(Field):
+    """An amount of money held as a Decimal (or int) in major units, written by amount_text.
+    Read-only. The currency is read from the object at `currency_source` (a dotted attribute
+    or key path, default "currency").
+
+    The amount should already be in the currency's minor unit (a total, a refund); a finer one
+    is rounded by the one money rule (money_round), never by a rule of its own."""
+
+    def __init__(self, *, currency_source: str = "currency", **kwargs):
+        kwargs["read_only"] = True
+        self.currency_attrs = currency_source.split(".")
+        super().__init__(**kwargs)
+
+    def get_attribute(self, instance):
+        return self.amount_with_currency(instance, super().get_attribute(instance))
+
+    def amount_with_currency(self, instance, amount) -> tuple[Decimal | int, str] | None:
+        """The (amount, currency) pair to_representation writes; None stays None (null)."""
+        if amount is None:
+            return None
+        return amount, get_attribute(instance, self.currency_attrs)
+
+    def to_representation(self, value: tuple[Decimal | int, str]) -> str:
+        return amount_text(*value)

@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import SlugCursorPagination
 from config.api.schema import errors
-from config.api.serializers import Serializer
+from config.api.serializers import AmountField, Serializer
 from config.api.views import ApiView
 from config.replica import replica_reads
 from marketplace.models import Term, Tier
@@ -413,7 +413,7 @@ class OfferOutput(Serializer):
     free_gpus = serializers.IntegerField()
     currency = serializers.CharField()
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
-    total = serializers.DecimalField(max_digits=14, decimal_places=2)
+    total = AmountField()
     breakdown = serializers.SerializerMethodField()
     energy = serializers.SerializerMethodField()
     grid = serializers.SerializerMethodField(

@@ -6,7 +6,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from config.api.schema import errors
-from config.api.serializers import Serializer
+from config.api.serializers import AmountField, Serializer
 from config.api.views import ApiView
 from marketplace.apis.catalogue import BreakdownOutput, EnergyOutput, GridFiltersInput
 from marketplace.models import Term, Tier
@@ -50,7 +50,7 @@ class QuoteOutput(Serializer):
     ends_at = serializers.DateTimeField()
     currency = serializers.CharField()
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
-    total = serializers.DecimalField(source="total_amount", max_digits=14, decimal_places=2)
+    total = AmountField(source="total_amount")
     breakdown = BreakdownOutput()
     min_reliability = serializers.DecimalField(
         max_digits=5,

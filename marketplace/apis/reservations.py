@@ -1,6 +1,7 @@
 """Reservations: create, list, retrieve, cancellation terms, cancel, extend."""
 
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema, extend_schema_field
@@ -9,7 +10,7 @@ from rest_framework.response import Response
 
 from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
-from config.api.serializers import Serializer
+from config.api.serializers import AmountField, Serializer, amount_text
 from config.api.views import FILTERED, ApiView, validated_input
 from config.replica import replica_reads
 from marketplace.apis.catalogue import EnergyOutput
@@ -219,9 +220,7 @@ class CancellationTermsOutput(Serializer):
     )
     at = serializers.DateTimeField()
     currency = serializers.CharField()
-    unused_amount = serializers.DecimalField(
-        max_digits=14,
-        decimal_places=2,
+    unused_amount = AmountField(
         help_text="What was charged up front for the time not yet used: a reserved term's "
         "price for it; 0 for on-demand and interruptible (charged only as used).",
     )
@@ -231,12 +230,8 @@ class CancellationTermsOutput(Serializer):
         help_text="The share of unused_amount refunded (1 for on-demand and interruptible: "
         "nothing is kept); send it back as expected_refund_fraction.",
     )
-    refund_amount = serializers.DecimalField(
-        max_digits=14, decimal_places=2, help_text="Credited to the balance on cancelling."
-    )
-    fee_amount = serializers.DecimalField(
-        max_digits=14, decimal_places=2, help_text="What of unused_amount is kept."
-    )
+    refund_amount = AmountField(help_text="Credited to the balance on cancelling.")
+    fee_amount = AmountField(help_text="What of unused_amount is kept.")
     rule = serializers.CharField()
 
 
@@ -300,8 +295,26 @@ class ReservationDetailFields(Serializer):
 
     def to_representation(self, reservation):
         data = super().to_representation(reservation)
-        data["cancellation"] = reservation.cancellation or None
+        data["cancellation"] = _cancellation_shown(reservation)
         return data
+
+
+_CANCELLATION_AMOUNTS = ("unused_amount", "refund_amount", "fee_amount")
+
+
+def _cancellation_shown(reservation) -> dict | None:
+    """The refund terms applied, their amounts written as the API writes money (stored as the
+    service's Decimals printed: "241500.00" in yen where a term's total was the unused part)."""
+    if not reservation.cancellation:
+        return None
+    shown = dict(reservation.cancellation)
+    for key in _CANCELLATION_AMOUNTS:
+        if isinstance(shown.get(key), str):
+            try:
+                shown[key] = amount_text(Decimal(shown[key]), reservation.currency)
+            except InvalidOperation:  # not a number: shown as stored, not hidden
+                pass
+    return shown
 
 
 class ReservationDetailOutput(ReservationOutput, ReservationDetailFields):
@@ -481,13 +494,9 @@ class ExtensionTermsOutput(Serializer):
     new_ends_at = serializers.DateTimeField()
     currency = serializers.CharField()
     price_per_gpu_hour = serializers.DecimalField(max_digits=12, decimal_places=4)
-    extra_amount = serializers.DecimalField(
-        max_digits=14, decimal_places=2, help_text="What the extra time costs."
-    )
-    new_total = serializers.DecimalField(max_digits=14, decimal_places=2)
-    charged_now = serializers.DecimalField(
-        max_digits=14,
-        decimal_places=2,
+    extra_amount = AmountField(help_text="What the extra time costs.")
+    new_total = AmountField()
+    charged_now = AmountField(
         help_text="Charged when the extension is made (a reserved term's extra time); "
         "on-demand and interruptible time is charged as it is used.",
     )

@@ -135,3 +135,33 @@ def test_the_docs_pages_render(url):
     response = HttpsAPIClient().get(url)
     assert response.status_code == 200
     assert b"/api/schema/" in response.content
+
+
+# Every amount of money the marketplace's API writes (AmountField), by component.
+AMOUNTS = {
+    "ReservationOutput": ["total", "charged"],
+    "ReservationDetailOutput": ["total", "charged"],
+    "QuoteOutput": ["total"],
+    "OfferOutput": ["total"],
+    "CancellationTermsOutput": ["unused_amount", "refund_amount", "fee_amount"],
+    "ExtensionTermsOutput": ["extra_amount", "new_total", "charged_now"],
+    "SaleOutput": ["total", "proceeds", "fees", "net"],
+}
+
+
+def test_amounts_are_read_only_decimal_strings_and_rates_keep_four_places():
+    """The type integrators generate clients from is unchanged (a decimal string of at most
+    two places, which a currency without a minor unit writes with none); amounts are output."""
+    components = _schema()["components"]["schemas"]
+    for component, names in AMOUNTS.items():
+        for name in names:
+            prop = components[component]["properties"][name]
+            where = f"{component}.{name}"
+            assert (prop["type"], prop["format"]) == ("string", "decimal"), where
+            assert prop["pattern"] == r"^-?\d{0,12}(?:\.\d{0,2})?$", where
+            assert prop.get("readOnly") is True, where
+            assert name in components[component]["required"], where
+    for component in ("ReservationOutput", "QuoteOutput", "OfferOutput", "ExtensionTermsOutput"):
+        rate = components[component]["properties"]["price_per_gpu_hour"]
+        assert (rate["type"], rate["format"]) == ("string", "decimal")
+        assert rate["pattern"] == r"^-?\d{0,8}(?:\.\d{0,4})?$"
