@@ -53,6 +53,7 @@ from marketplace.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from marketplace.provisioning.agent_reports import workload_restarts_summary
 from marketplace.provisioning.workload import workload_public
 from marketplace.rules import display_name_clean
 from marketplace.services.api_keys import api_key_revoke
@@ -397,6 +398,7 @@ class ReservationAdmin(admin.ModelAdmin):
         "breakdown",
         "status",
         "status_reason",
+        "restarts_in_place",
         "allowed_actions",
         "cancellation",
         "activated_at",
@@ -419,6 +421,11 @@ class ReservationAdmin(admin.ModelAdmin):
     def workload_summary(self, obj: Reservation) -> dict:
         # Environment values are the customer's secrets: staff see their names only.
         return workload_public(obj.workload)
+
+    @admin.display(description="restarts in place")
+    def restarts_in_place(self, obj: Reservation) -> str:
+        # Why each one: its history below (actor "system: site agent"); its outages too.
+        return workload_restarts_summary(obj, now=timezone.now())
 
     @admin.display(description="customer actions now")
     def allowed_actions(self, obj: Reservation) -> str:

@@ -60,7 +60,7 @@ from django.utils import timezone
 
 from config.errors import InvalidTransition
 from inventory.heartbeats import heartbeats_buffered
-from inventory.models import Node
+from inventory.models import Node, OutageCause
 from marketplace.models import (
     AgentJob,
     AgentJobStatus,
@@ -83,7 +83,13 @@ from marketplace.provisioning.services import (
 from marketplace.services.gpu_failures import undelivered_refund
 from marketplace.services.transitions import reservation_transition
 
-__all__ = ["agent_workloads_report", "EXITED_STATES", "RUNNING_STATE"]
+__all__ = [
+    "agent_workloads_report",
+    "EXITED_STATES",
+    "RUNNING_STATE",
+    "workload_restarts",
+    "workload_restarts_summary",
+]
 
 logger = logging.getLogger(__name__)
 ACTOR = "system: site agent"
@@ -261,15 +267,33 @@ def _fail(locked: Reservation, *, cause: str, refund_from: datetime | None) -> b
     return True
 
 
-def _restarts_used(locked: Reservation, *, now: datetime) -> int:
-    """Restarts in place of this reservation within the window up to now (its history)."""
-    return ReservationTransition.objects.filter(
-        reservation=locked,
+def workload_restarts(reservation: Reservation, *, since: datetime | None = None) -> int:
+    """Restarts in place of this reservation (its history): all, or those after `since`."""
+    restarts = ReservationTransition.objects.filter(
+        reservation=reservation,
         from_status=ReservationStatus.ACTIVE,
         to_status=ReservationStatus.PROVISIONING,
         actor_label=ACTOR,
-        at__gt=now - settings.PROVISIONING_WORKLOAD_RESTART_WINDOW,
-    ).count()
+    )
+    if since is not None:
+        restarts = restarts.filter(at__gt=since)
+    return restarts.count()
+
+
+def _restarts_used(locked: Reservation, *, now: datetime) -> int:
+    """Restarts in place of this reservation within the window up to now."""
+    return workload_restarts(locked, since=now - settings.PROVISIONING_WORKLOAD_RESTART_WINDOW)
+
+
+def workload_restarts_summary(reservation: Reservation, *, now: datetime) -> str:
+    """For staff: how many times it was restarted in place, and how many of those count
+    towards the crash-loop limit now."""
+    window = settings.PROVISIONING_WORKLOAD_RESTART_WINDOW
+    return (
+        f"{workload_restarts(reservation)} in all; "
+        f"{workload_restarts(reservation, since=now - window)} within the last "
+        f"{_window_text()} (at most {settings.PROVISIONING_WORKLOAD_RESTARTS})"
+    )
 
 
 def _window_text() -> str:
@@ -312,17 +336,19 @@ def _restart(locked: Reservation, *, node: Node, cause: str, detail: str, now: d
     prepare and start it afresh), active → provisioning, the provisioning worker woken; and
     an outage from now until it is active again (closed by reservation_outages_reconcile).
     The outage of its last restart, should the sweep not have closed it yet, closes first (it
-    is active again, so that one is over)."""
+    is active again, so that one is over), and so does any other open on this node
+    (_open_outage_hand_over): a node's would end when the node is back (a reboot) or the
+    workload moves off it, while the workload is down until it answers again."""
     placement_generation_raise(locked)
     workload_lost_outages_close(reservation_id=locked.pk)
-    if not ReservationOutage.objects.filter(reservation=locked, node=node, ended_at=None).exists():
-        ReservationOutage.objects.create(
-            reservation=locked,
-            node=node,
-            started_at=now,
-            cause=WORKLOAD_LOST_CAUSE,
-            detail=detail,
-        )
+    _open_outage_hand_over(locked, node=node, now=now)
+    ReservationOutage.objects.create(
+        reservation=locked,
+        node=node,
+        started_at=now,
+        cause=WORKLOAD_LOST_CAUSE,
+        detail=detail,
+    )
     reservation_transition(
         reservation=locked,
         to_status=ReservationStatus.PROVISIONING,
@@ -330,6 +356,29 @@ def _restart(locked: Reservation, *, node: Node, cause: str, detail: str, now: d
         actor_label=ACTOR,
     )
     provisioning_kick(locked.pk)
+
+
+def _open_outage_hand_over(locked: Reservation, *, node: Node, now: datetime) -> None:
+    """End the reservation's outage still open on this node (one at a time, a constraint), so
+    the workload's own runs on from now: a node's (silence, hardware; its sweep has not closed
+    it yet, or the node is still down) at now, the two back to back; a GPU failure's, whose
+    sweep has not run since the moved workload became active, at that activation, as the
+    sweep would. Billing counts the node's own outage from inventory either way."""
+    for outage in ReservationOutage.objects.filter(reservation=locked, node=node, ended_at=None):
+        end = now
+        if outage.cause == OutageCause.GPU_FAILURE:
+            back = (
+                ReservationTransition.objects.filter(
+                    reservation=locked, to_status=ReservationStatus.ACTIVE, at__gt=outage.started_at
+                )
+                .order_by("at")
+                .values_list("at", flat=True)
+                .first()
+            )
+            end = min(back or now, now)
+        ReservationOutage.objects.filter(pk=outage.pk, ended_at=None).update(
+            ended_at=max(end, outage.started_at)
+        )
 
 
 def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:

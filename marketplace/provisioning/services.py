@@ -564,15 +564,20 @@ _NOT_RESOLD_NOW = """
 
 # The provision step's own bookkeeping, written in the same round trip as its status moves
 # (reservation_transitions_write): mark attempts a dead worker left running as abandoned,
-# record the new attempt, and read the live placement.
+# record the new attempt, and read the live placement. Failures count from the last attempt
+# that succeeded (its activation): a restart in place or a move of a running reservation
+# gets its own PROVISIONING_MAX_ATTEMPTS, whatever its first start or earlier restarts cost.
 _CLAIM_CTES = """
 prev AS (
-    SELECT coalesce(max(number), 0) AS last_number,
-           count(*) FILTER (WHERE outcome = ANY(%(failed)s)) AS failures,
-           count(*) FILTER (WHERE outcome = %(running)s) AS running,
-           (array_agg(outcome ORDER BY number DESC))[1] AS last_outcome
-    FROM marketplace_provisioningattempt
-    WHERE reservation_id = %(rid)s AND kind = %(kind)s
+    SELECT coalesce(max(a.number), 0) AS last_number,
+           count(*) FILTER (WHERE a.outcome = ANY(%(failed)s) AND a.number > ok.number)
+               AS failures,
+           count(*) FILTER (WHERE a.outcome = %(running)s) AS running,
+           (array_agg(a.outcome ORDER BY a.number DESC))[1] AS last_outcome
+    FROM marketplace_provisioningattempt a,
+         (SELECT coalesce(max(number), 0) AS number FROM marketplace_provisioningattempt
+          WHERE reservation_id = %(rid)s AND kind = %(kind)s AND outcome = %(succeeded)s) ok
+    WHERE a.reservation_id = %(rid)s AND a.kind = %(kind)s
 ), abandoned AS (
     UPDATE marketplace_provisioningattempt
     SET outcome = %(abandoned)s, finished_at = %(now)s, error = 'The worker stopped mid-attempt.'
@@ -618,6 +623,7 @@ def _provision_claim(
         "failed": [o.value for o in FAILED_OUTCOMES],
         "running": AttemptOutcome.RUNNING.value,
         "abandoned": AttemptOutcome.ABANDONED.value,
+        "succeeded": AttemptOutcome.SUCCEEDED.value,
         "worker": _worker_label(),
     }
     _moved, (attempt_id, number, failures, last_outcome, placement) = reservation_transitions_write(
