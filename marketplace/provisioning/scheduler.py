@@ -35,6 +35,7 @@ from marketplace.models import (
 from marketplace.provisioning.kicks import PROVISION_TASK, RELEASE_TASK, enqueue_now
 from marketplace.provisioning.services import (
     RESOLD_PAUSE_CAUSE,
+    period_over_cause,
     reservation_resale_resync,
     reservations_locked_by_workers,
     teardown_needed,
@@ -250,7 +251,7 @@ def reservations_sweep_stuck(
                     reservation_transition(
                         reservation=row,
                         to_status=ReservationStatus.FAILED,
-                        cause="The reservation's period ended before it could be provisioned.",
+                        cause=period_over_cause(row),
                         actor_label="system: provisioning sweeper",
                     )
                     counts["failed"] += 1

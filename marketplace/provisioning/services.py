@@ -398,7 +398,7 @@ def _provision_claim_due(reservation_id: int) -> _ProvisionClaim | StepResult:
             return StepResult("failed", detail="too many attempts")
         if now >= reservation.ends_at:
             _attempt_finish(attempt, AttemptOutcome.GAVE_UP)
-            _fail(reservation, "The reservation's period ended before it could be provisioned.")
+            _fail(reservation, period_over_cause(reservation))
             return StepResult("failed", detail="period over")
     return _ProvisionClaim(
         reservation, attempt, failures, resumed, bool(moves), target, node_states
@@ -921,6 +921,17 @@ def reservation_resale_resync(
         )
         release_kick(locked.pk)
         return "released"
+
+
+def period_over_cause(reservation: Reservation) -> str:
+    """Why a reservation whose period ended while it was being provisioned fails: never
+    started, or started before and not running again (a move or a restart in place)."""
+    if reservation.activated_at is None:
+        return "The reservation's period ended before it could be provisioned."
+    return (
+        "The reservation's period ended while it was being started again (after a move or a "
+        "restart in place); it had run until then."
+    )
 
 
 def _resold_pause(locked: Reservation, driver: Driver) -> None:

@@ -107,6 +107,27 @@ def test_it_fails_a_reservation_whose_period_ended_while_provisioning(market, qu
     assert Allocation.objects.filter(reservation=r, is_live=True).count() == 0
 
 
+def test_a_reservation_that_had_run_says_its_period_ended_while_it_was_started_again(market, queue):
+    """Moved or restarted in place and not running again by its end: it had run, so the
+    reason does not say it was never provisioned."""
+    r = market.book()
+    _provisioning(r)
+    now = timezone.now()
+    type(r).objects.filter(pk=r.pk).update(
+        starts_at=now - timedelta(hours=2),
+        ends_at=now - timedelta(seconds=1),
+        activated_at=now - timedelta(hours=2),
+    )
+
+    assert reservations_sweep_stuck() == {"requeued": 0, "failed": 1}
+    r.refresh_from_db()
+    assert r.status == S.FAILED
+    assert r.transitions.order_by("-at", "-id").first().cause == (
+        "The reservation's period ended while it was being started again (after a move or a "
+        "restart in place); it had run until then."
+    )
+
+
 def test_the_reconciler_mirrors_a_node_outage_onto_the_active_reservations_it_hits(market):
     hit, spared = market.book(gpu_count=4), market.book(gpu_count=4)
     for r in (hit, spared):
