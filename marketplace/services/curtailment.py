@@ -35,8 +35,10 @@ demand-response call, marketplace.services.demand_response) plans it:
 A curtailment is re-planned when its call changes (`curtailment_replan`), and called off or
 ended early (`curtailment_call_off`): notices not yet carried out are withdrawn, and sales of
 the window come back; what was already preempted stays preempted (and uncharged). A re-plan
-counts as shed only the victims that would have run in the new window (`_shedding`) and cuts
-the takes of what was sold to the new window (`_takes_refit`).
+counts as shed only the victims that would have run in the new window (`_shedding`), cuts
+the takes of what was sold to the new window and gives takes to what was sold since the call
+in the hours it newly covers, what was booked before the call being its baseline
+(`_takes_refit`).
 """
 
 import logging
@@ -337,29 +339,123 @@ SELECT %(cid)s, reservation_id, kw, inside, %(now)s FROM live WHERE NOT isempty(
 """
 
 
+# What was sold since the call in the hours a re-plan newly covers (the new window less the
+# old one), per reservation live there and per stretch of time in which its GPUs and takes do
+# not change: `kw` is its GPUs' draw there less what its takes hold then. A reservation's (a
+# resale buyer's: its seller term's) hours count as sold when it was placed after the call was
+# announced (its first allocation is later), or, placed before, those of the extensions made
+# since; what was there before the call is the call's baseline (docs/grid.md).
+_NEW_HOURS_OWED_CTE = """
+WITH fresh AS (
+    SELECT tstzmultirange(tstzrange(%(lo)s, %(hi)s, '[)'))
+           - tstzmultirange(tstzrange(%(old_lo)s, %(old_hi)s, '[)')) AS hours),
+sold AS (
+    SELECT a.reservation_id AS rid, piece
+    FROM marketplace_allocation a
+    CROSS JOIN fresh
+    JOIN inventory_node n ON n.id = a.node_id
+    LEFT JOIN marketplace_resalelisting l ON l.buyer_reservation_id = a.reservation_id
+    JOIN marketplace_reservation src ON src.id = coalesce(l.reservation_id, a.reservation_id)
+    CROSS JOIN LATERAL unnest(
+        tstzmultirange(a.period) * fresh.hours
+        * CASE WHEN (SELECT min(f.created_at) FROM marketplace_allocation f
+                     WHERE f.reservation_id = src.id) > %(announced_at)s
+               THEN '{(,)}'::tstzmultirange
+               ELSE (SELECT coalesce(range_agg(tstzrange((e->>'from')::timestamptz,
+                                                         (e->>'to')::timestamptz, '[)')),
+                                     '{}')
+                     FROM jsonb_array_elements(
+                         CASE WHEN jsonb_typeof(src.breakdown->'extensions') = 'array'
+                              THEN src.breakdown->'extensions' ELSE '[]' END) e
+                     WHERE (e->>'at')::timestamptz > %(announced_at)s) END) AS piece
+    WHERE n.site_id = %(site)s AND a.is_live AND a.period && tstzrange(%(lo)s, %(hi)s, '[)')
+      AND tstzmultirange(a.period) && fresh.hours),
+held AS (
+    SELECT t.reservation_id AS rid, t.kw, t.period FROM marketplace_curtailmenttake t
+    WHERE t.curtailment_id = %(cid)s AND NOT isempty(t.period)
+      AND t.reservation_id IN (SELECT rid FROM sold)),
+edges AS (
+    SELECT rid, lower(piece) AS at FROM sold UNION SELECT rid, upper(piece) FROM sold
+    UNION SELECT rid, lower(period) FROM held UNION SELECT rid, upper(period) FROM held),
+stretches AS (
+    SELECT rid, at AS lo, lead(at) OVER (PARTITION BY rid ORDER BY at) AS hi FROM edges),
+owed AS (
+    SELECT s.rid, tstzrange(s.lo, s.hi, '[)') AS period,
+           round((SELECT count(*) FROM sold g WHERE g.rid = s.rid AND g.piece @> s.lo)
+                 * m.tdp_watts * site.pue / 1000.0, 3)
+           - (SELECT coalesce(sum(h.kw), 0) FROM held h
+              WHERE h.rid = s.rid AND h.period @> s.lo) AS kw
+    FROM fresh, stretches s
+    JOIN marketplace_reservation r ON r.id = s.rid
+    JOIN inventory_gpumodel m ON m.id = r.gpu_model_id
+    JOIN inventory_site site ON site.id = %(site)s
+    WHERE s.lo IS NOT NULL AND s.hi IS NOT NULL AND fresh.hours @> s.lo)"""
+# A reservation whose takes there hold more than it draws (a term whose hours there are partly
+# resold: cut above to its end as if it held all its GPUs) has its takes in the new hours cut
+# away, to be given again by the next statement, exactly.
+_NEW_HOURS_UNTAKE_SQL = (
+    _NEW_HOURS_OWED_CTE
+    + """,
+over AS (SELECT DISTINCT rid FROM owed WHERE kw < 0),
+hit AS (
+    DELETE FROM marketplace_curtailmenttake t USING over, fresh
+    WHERE t.curtailment_id = %(cid)s AND t.reservation_id = over.rid
+      AND NOT isempty(t.period) AND tstzmultirange(t.period) && fresh.hours
+    RETURNING t.reservation_id, t.kw, t.period)
+INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)
+SELECT %(cid)s, hit.reservation_id, hit.kw, piece, %(now)s
+FROM hit, fresh, unnest(tstzmultirange(hit.period) - fresh.hours) AS piece
+"""
+)
+# Then each is given what it is owed there.
+_NEW_HOURS_TAKE_SQL = (
+    _NEW_HOURS_OWED_CTE
+    + """
+INSERT INTO marketplace_curtailmenttake (curtailment_id, reservation_id, kw, period, created_at)
+SELECT %(cid)s, rid, kw, period, %(now)s FROM owed WHERE kw > 0
+"""
+)
+# The reservations whose takes a re-plan cuts or gives (those live in the hours it newly
+# covers), locked in id order before either.
+_TAKERS_LOCK_SQL = """
+SELECT r.id FROM marketplace_reservation r
+WHERE r.id IN (SELECT reservation_id FROM marketplace_curtailmenttake WHERE curtailment_id = %(cid)s)
+   OR r.id IN (SELECT a.reservation_id FROM marketplace_allocation a
+               JOIN inventory_node n ON n.id = a.node_id
+               WHERE n.site_id = %(site)s AND a.is_live
+                 AND a.period && tstzrange(%(lo)s, %(hi)s, '[)')
+                 AND tstzmultirange(a.period)
+                     && tstzmultirange(tstzrange(%(lo)s, %(hi)s, '[)'))
+                        - tstzmultirange(tstzrange(%(old_lo)s, %(old_hi)s, '[)')))
+ORDER BY r.id FOR UPDATE OF r"""
+
+
 def _takes_refit(
-    curtailment: Curtailment, *, old_shed_at: datetime, old_until: datetime | None, now: datetime
+    curtailment: Curtailment,
+    *,
+    old_shed_at: datetime,
+    old_until: datetime | None,
+    now: datetime,
 ) -> None:
-    """Cut the takes of the bookings still live to the curtailment's (new) window. Their rows
-    are locked first (id order), so one leaving the live statuses meanwhile (which ends its
-    takes) is seen as gone, not given its room back."""
+    """Cut the takes of the bookings still live to the curtailment's (new) window, and give
+    takes to what was sold since the call in the hours it newly covers. The reservations are
+    locked first (id order), so one leaving the live statuses meanwhile (which ends its takes)
+    is seen as gone, not given its room back, and one leaving after sees the takes it ends."""
+    params = {
+        "cid": curtailment.pk,
+        "site": curtailment.site_id,
+        "announced_at": curtailment.announced_at,
+        "old_lo": old_shed_at,
+        "old_hi": old_until,
+        "lo": curtailment.shed_at,
+        "hi": curtailment.until,
+        "now": now,
+    }
     with connection.cursor() as cur:
-        cur.execute(
-            "SELECT id FROM marketplace_reservation WHERE id IN (SELECT reservation_id FROM "
-            "marketplace_curtailmenttake WHERE curtailment_id = %s) ORDER BY id FOR UPDATE",
-            [curtailment.pk],
-        )
-        cur.execute(
-            _TAKES_REFIT_SQL,
-            {
-                "cid": curtailment.pk,
-                "old_lo": old_shed_at,
-                "old_hi": old_until,
-                "lo": curtailment.shed_at,
-                "hi": curtailment.until,
-                "now": now,
-            },
-        )
+        cur.execute(_TAKERS_LOCK_SQL, params)
+        cur.execute(_TAKES_REFIT_SQL, params)
+        cur.execute(_NEW_HOURS_UNTAKE_SQL, params)
+        cur.execute(_NEW_HOURS_TAKE_SQL, params)
 
 
 @retried_on_deadlock()
@@ -412,11 +508,15 @@ def _top_up_others(site: Site, *, exclude: int, now: datetime) -> None:
 
 def _lock_site(site_id: int) -> Site:
     """The site row, then every node of it in id order (the lock a booking takes first), so
-    a booking at the site is placed wholly before or wholly after the plan."""
-    site = Site.objects.select_for_update().get(pk=site_id)
+    a booking at the site is placed wholly before or wholly after the plan. Without their keys
+    (NO KEY UPDATE): a transaction that holds a reservation this plan will lock next and, at its
+    commit, checks a foreign key to the site or a node (a row that names them) takes only a key
+    share, which these locks let through; FOR UPDATE would block it there and deadlock."""
+    site = Site.objects.select_for_update(no_key=True).get(pk=site_id)
     with connection.cursor() as cur:
         cur.execute(
-            "SELECT id FROM inventory_node WHERE site_id = %s ORDER BY id FOR UPDATE", [site_id]
+            "SELECT id FROM inventory_node WHERE site_id = %s ORDER BY id FOR NO KEY UPDATE",
+            [site_id],
         )
     return site
 
