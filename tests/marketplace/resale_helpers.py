@@ -110,12 +110,19 @@ def buy(m: Market, lst, *, gpus=None, start_h=24, hours=24, org=None, tier=None)
 def time_passes(delta: timedelta) -> None:
     """Move every reservation, allocation and listing `delta` earlier: as if that much time
     had passed since they were booked (periods cannot be booked in the past)."""
+    # Row by row, the earliest first when moving earlier (the latest first when later): the
+    # exclusion constraint is checked at each row, and one UPDATE of all of them in no order
+    # could move a row onto a neighbour on its GPU that has not moved yet (back to back
+    # allocations: a seller's hours and its buyer's).
+    order = "ASC" if delta > timedelta(0) else "DESC"
     with connection.cursor() as cur:
-        cur.execute(
-            "UPDATE marketplace_allocation SET period = tstzrange(lower(period) - %s, "
-            "upper(period) - %s, '[)')",
-            [delta, delta],
-        )
+        cur.execute(f"SELECT id FROM marketplace_allocation ORDER BY lower(period) {order}, id")
+        for (allocation_id,) in cur.fetchall():
+            cur.execute(
+                "UPDATE marketplace_allocation SET period = tstzrange(lower(period) - %s, "
+                "upper(period) - %s, '[)') WHERE id = %s",
+                [delta, delta, allocation_id],
+            )
     Reservation.objects.update(
         starts_at=F("starts_at") - delta,
         ends_at=F("ends_at") - delta,
