@@ -71,6 +71,7 @@ from marketplace.provisioning.drivers import (
     driver_get,
 )
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
+from marketplace.selectors.reservations import reservation_active_again_at
 from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import (
@@ -1258,18 +1259,7 @@ def workload_lost_outages_close(*, reservation_id: int | None = None) -> int:
     if reservation_id is not None:
         open_outages = open_outages.filter(reservation_id=reservation_id)
     for outage in open_outages:
-        back = (
-            ReservationTransition.objects.filter(
-                reservation_id=outage.reservation_id,
-                to_status=ReservationStatus.ACTIVE,
-                at__gt=outage.started_at,
-            )
-            .order_by("at")
-            .values_list("at", flat=True)
-            .first()
-        )
-        if back is None:
-            back = outage.reservation.released_at
+        back = reservation_active_again_at(outage) or outage.reservation.released_at
         if back is None:
             continue  # still being restarted
         closed += ReservationOutage.objects.filter(pk=outage.pk, ended_at__isnull=True).update(

@@ -24,7 +24,23 @@ __all__ = [
     "reservation_charged",
     "reservation_elapsed_seconds",
     "reservation_remaining_seconds",
+    "reservation_active_again_at",
 ]
+
+
+def reservation_active_again_at(outage: ReservationOutage) -> datetime | None:
+    """When the outage's reservation next became active after the outage began (a restarted
+    or moved workload running again), or None: where such an outage ends."""
+    return (
+        ReservationTransition.objects.filter(
+            reservation_id=outage.reservation_id,
+            to_status=ReservationStatus.ACTIVE,
+            at__gt=outage.started_at,
+        )
+        .order_by("at")
+        .values_list("at", flat=True)
+        .first()
+    )
 
 
 def reservation_list_for_org(*, organization: Organization) -> QuerySet[Reservation]:

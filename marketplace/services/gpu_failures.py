@@ -48,6 +48,7 @@ from marketplace.models.events import EventType
 from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.provisioning.services import allocations_end, placement_generation_raise
 from marketplace.selectors.resale import term_unused_amount
+from marketplace.selectors.reservations import reservation_active_again_at
 from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
 from marketplace.services.transitions import reservation_transition
@@ -271,16 +272,7 @@ def reservation_gpu_outages_close(*, now: datetime | None = None) -> int:
         ended_at=None, cause=OutageCause.GPU_FAILURE, reservation__status=ReservationStatus.ACTIVE
     ).select_related("reservation")
     for outage in open_outages:
-        back = (
-            ReservationTransition.objects.filter(
-                reservation_id=outage.reservation_id,
-                to_status=ReservationStatus.ACTIVE,
-                at__gt=outage.started_at,
-            )
-            .order_by("at")
-            .values_list("at", flat=True)
-            .first()
-        )
+        back = reservation_active_again_at(outage)
         if back is not None:
             closed += ReservationOutage.objects.filter(pk=outage.pk, ended_at=None).update(
                 ended_at=back
