@@ -42,6 +42,7 @@ from billing.services.refunds import refund_create
 from config.admin_base import ReadOnlyAdmin, currency_clean
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
+from marketplace.portal.fields import PortalAmountField
 
 
 def _money_moved(model_admin, request, form, organization, move, *, done: str, again: str):
@@ -60,7 +61,8 @@ def _money_moved(model_admin, request, form, organization, move, *, done: str, a
 
 
 class MoneyForm(forms.Form):
-    amount = forms.DecimalField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
+    # Digits as typed: "1e3" is not read as 1000 (money typed is money moved).
+    amount = PortalAmountField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
     reason = forms.CharField(widget=forms.Textarea, max_length=2000)
     # Sent twice (a double click, a reload): the money moves once.
     once = OnceField()

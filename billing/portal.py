@@ -55,7 +55,7 @@ from config.csp import stripe_js_allow
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
 from config.replica import replica_reads
-from marketplace.portal.fields import PortalDateField
+from marketplace.portal.fields import PortalAmountField, PortalDateField
 from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {
@@ -131,7 +131,7 @@ def _payments_configured() -> bool:
 def _amount_field(label: str, **kwargs) -> forms.DecimalField:
     # A text box, not type=number: money is typed as text and validated here, one way. Room
     # for the largest top-up in any currency (¥10,000,000); the service checks the limits.
-    return forms.DecimalField(
+    return PortalAmountField(
         label=label,
         max_digits=12,
         decimal_places=2,
@@ -152,7 +152,7 @@ class BillingSettingsForm(forms.Form):
     )
     recharge_threshold = _amount_field("Recharge threshold")
     recharge_amount = _amount_field("Recharge amount")
-    monthly_spend_limit = forms.DecimalField(
+    monthly_spend_limit = PortalAmountField(
         label="Monthly spend limit",
         max_digits=12,
         decimal_places=2,

@@ -66,6 +66,7 @@ from marketplace.services.organizations import member_staff_change_record
 from marketplace.services.reservations import cancellation_terms, reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
+from marketplace.templatetags.portal_format import money
 
 
 def _admin_link(obj: Model | None, label: str | None = None) -> str:
@@ -305,12 +306,16 @@ class QuoteAdmin(ReadOnlyAdmin):
         "tier",
         "term",
         "price_per_gpu_hour",
-        "total_amount",
+        "total",
         "expires_at",
     ]
     list_filter = ["tier", "site"]
     search_fields = ["public_id", "organization__name", "organization__public_id"]
     list_select_related = ["organization", "gpu_model", "site"]
+
+    @admin.display(description="total amount", ordering="total_amount")
+    def total(self, obj: Quote) -> str:
+        return money(obj.total_amount, obj.currency)
 
 
 class TransitionInline(ReadOnlyInline):
@@ -372,7 +377,7 @@ class ReservationAdmin(admin.ModelAdmin):
         "site",
         "starts_at",
         "ends_at",
-        "total_amount",
+        "total",
     ]
     list_filter = ["status", "tier", "site", "gpu_model"]
     search_fields = ["public_id", "organization__name", "organization__public_id"]
@@ -394,7 +399,7 @@ class ReservationAdmin(admin.ModelAdmin):
         "ends_at",
         "currency",
         "price_per_gpu_hour",
-        "total_amount",
+        "total",
         "breakdown",
         "status",
         "status_reason",
@@ -416,6 +421,11 @@ class ReservationAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+    @admin.display(description="total amount", ordering="total_amount")
+    def total(self, obj: Reservation) -> str:
+        # In the currency's own decimals, as the API and the portal write it ("273,600 JPY").
+        return money(obj.total_amount, obj.currency)
 
     @admin.display(description="workload")
     def workload_summary(self, obj: Reservation) -> dict:

@@ -1,10 +1,25 @@
 """Form fields the portal's pages share."""
 
+import re
+
 from django import forms
 
 from config.dates import OUT_OF_RANGE, within_bounds
 
-__all__ = ["PortalDateField", "PortalDateTimeField", "PortalMinuteField"]
+__all__ = ["PortalAmountField", "PortalDateField", "PortalDateTimeField", "PortalMinuteField"]
+
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+class PortalAmountField(forms.DecimalField):
+    """An amount of money typed as ASCII digits with an optional point, as the API reads one
+    (config.api.serializers): Decimal() alone would also take "1e3" as 1000 and other
+    scripts' digits ("１００"), so a typo could charge or set an amount nobody typed."""
+
+    def to_python(self, value):
+        if isinstance(value, str) and value.strip() and not _DECIMAL.fullmatch(value.strip()):
+            raise forms.ValidationError(self.error_messages["invalid"], code="invalid")
+        return super().to_python(value)
 
 
 class PortalDateTimeField(forms.DateTimeField):

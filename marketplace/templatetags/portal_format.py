@@ -174,7 +174,7 @@ def pricing_steps(breakdown) -> list[str]:
     energy = _decimal(b.get("energy_multiplier"))
     if energy is not None and energy != 1:
         steps.append(
-            f"{_change(energy)} for the site's power price ({money(b.get('energy_price_per_mwh'))} per MWh)"
+            f"{_change(energy)} for the site's power price ({money(b.get('energy_price_per_mwh'), currency)} per MWh)"
         )
     clamped = b.get("clamped")
     if clamped == "energy_floor":
