@@ -476,6 +476,8 @@ EMAIL_BACKEND = (
 )
 # How long a password-reset link works.
 PASSWORD_RESET_TIMEOUT = env_int("PASSWORD_RESET_TIMEOUT_SECONDS", 3600, minimum=60)
+# How long the link that finishes a sign-up (mailed to prove the address) works.
+SIGNUP_CONFIRM_HOURS = env_int("SIGNUP_CONFIRM_HOURS", 24, minimum=1, maximum=168)
 
 # --- Operations: logs, metrics, static files (docs/operations.md) --------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

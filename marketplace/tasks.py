@@ -22,6 +22,10 @@ from marketplace.services.organizations import invitation_mail_send as _invitati
 from marketplace.services.organizations import (
     password_reset_mail_send as _password_reset_mail_send,
 )
+from marketplace.services.organizations import signup_mail_send as _signup_mail_send
+from marketplace.services.organizations import (
+    signup_taken_mail_send as _signup_taken_mail_send,
+)
 from marketplace.services.reliability import reliability_compute as _reliability_compute
 from marketplace.services.resale import listings_expire_begun as _listings_expire
 from marketplace.services.resale import listings_withdraw_for_ended_terms as _listings_withdraw
@@ -106,6 +110,19 @@ def password_reset_mail_send(user_id: int) -> int:
     """E-mail an account its password reset link, built here from its id (the token never
     sits in the broker). Retried as any mail (marketplace.mail)."""
     return _password_reset_mail_send(user_id=user_id)
+
+
+@shared_task(name="marketplace.tasks.signup_mail_send", **MAIL_RETRY)
+def signup_mail_send(pending_signup_id: int) -> int:
+    """E-mail a pending sign-up the link that finishes it, built here from its id (neither the
+    token nor the password's hash sits in the broker). Retried as any mail."""
+    return _signup_mail_send(pending_signup_id=pending_signup_id)
+
+
+@shared_task(name="marketplace.tasks.signup_taken_mail_send", **MAIL_RETRY)
+def signup_taken_mail_send(user_id: int) -> int:
+    """Tell an account that someone tried to sign up with its e-mail address."""
+    return _signup_taken_mail_send(user_id=user_id)
 
 
 @shared_task(name="marketplace.tasks.sessions_clear_expired")

@@ -36,6 +36,8 @@ EXPECTED = {
     "marketplace.mail.mail_send": "default",
     "marketplace.tasks.invitation_mail_send": "default",
     "marketplace.tasks.password_reset_mail_send": "default",
+    "marketplace.tasks.signup_mail_send": "default",
+    "marketplace.tasks.signup_taken_mail_send": "default",
     "billing.tasks.outbox_send": "billing",
     "billing.tasks.outbox_flush": "billing",
     "billing.tasks.auto_recharge_for_reservation": "billing",

@@ -22,6 +22,7 @@ from marketplace.templatetags.portal_format import status_label
 
 __all__ = [
     "SignupForm",
+    "SignupConfirmForm",
     "OrganizationForm",
     "ApiKeyCreateForm",
     "MemberRoleForm",
@@ -40,7 +41,23 @@ __all__ = [
 _USERNAME_CHARACTERS = re.compile(r"[A-Za-z0-9@.+\-_]+")
 
 
+def _username_plain(username: str) -> str:
+    # Other people read a user name (team lists, reservation history, audit): letters
+    # from other scripts that look like Latin ones ("pаypal" with a Cyrillic "а") would let
+    # one account pass for another, so names are plain ASCII.
+    if not _USERNAME_CHARACTERS.fullmatch(username):
+        raise forms.ValidationError(
+            "Use only letters a-z, digits and @ . + - _ in a user name.",
+            code="username_characters",
+        )
+    return username
+
+
 class SignupForm(UserCreationForm):
+    """Sign-up. Whether the e-mail address has an account is not checked here (the answer
+    would tell anyone): the account is created through a link mailed to it. Through an
+    invitation (`email_must_be_new`) the account is created at once, so it is checked."""
+
     email = forms.EmailField(help_text="Where notices about your reservations and billing go.")
     organization = forms.CharField(
         label="Organisation name", max_length=100, help_text="Your team or company."
@@ -49,26 +66,36 @@ class SignupForm(UserCreationForm):
     class Meta(UserCreationForm.Meta):
         fields = ("username", "email")
 
+    def __init__(self, *args, email_must_be_new: bool = False, **kwargs):
+        self.email_must_be_new = email_must_be_new
+        super().__init__(*args, **kwargs)
+
     def clean_username(self):
-        # Other people read a user name (team lists, reservation history, audit): letters
-        # from other scripts that look like Latin ones ("pаypal" with a Cyrillic "а") would let
-        # one account pass for another, so names are plain ASCII.
-        username = super().clean_username()
-        if not _USERNAME_CHARACTERS.fullmatch(username):
-            raise forms.ValidationError(
-                "Use only letters a-z, digits and @ . + - _ in a user name.",
-                code="username_characters",
-            )
-        return username
+        return _username_plain(super().clean_username())
 
     def clean_email(self):
-        # One account per address: a password reset or an invitation to it means one person.
         email = self.cleaned_data["email"].strip()
-        if get_user_model().objects.filter(email__iexact=email).exists():
+        # One account per address: a password reset or an invitation to it means one person.
+        if self.email_must_be_new and get_user_model().objects.filter(email__iexact=email).exists():
             raise forms.ValidationError(
                 "An account with this e-mail address exists: sign in, or reset its password."
             )
         return email
+
+
+class SignupConfirmForm(forms.Form):
+    """Finishing a sign-up through its mailed link: the user name, which can be changed if
+    another account took it meanwhile."""
+
+    username = forms.CharField(
+        label="Username",
+        max_length=150,
+        validators=[get_user_model().username_validator],
+        help_text="Letters a-z, digits and @ . + - _ only.",
+    )
+
+    def clean_username(self):
+        return _username_plain(self.cleaned_data["username"])
 
 
 class OrganizationForm(forms.Form):

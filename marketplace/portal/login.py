@@ -11,8 +11,9 @@ against the e-mail address it names (PASSWORD_RESETS_PER_EMAIL an hour, whoever 
 nobody can make Switchyard mail a person again and again; the refusal is the same whether
 or not the address has an account.
 
-Sign-up attempts count against the address too (as its sign-ins do): the form says whether
-an e-mail address has an account, and must not answer that for a list of them.
+Sign-up attempts count against the address too (as its sign-ins do): each one mails the
+address it names (the link that finishes it, or a notice to an account), and one client must
+not make Switchyard mail a whole list.
 
 An IPv6 client is counted by its /64, the block one subscriber or host is given: counting
 each address would let one machine rotate through 2^64 of them.
@@ -34,6 +35,8 @@ from marketplace.services.organizations import password_reset_mail_send
 
 __all__ = [
     "PASSWORD_RESETS_PER_EMAIL",
+    "SIGNUP_MAILS_PER_EMAIL",
+    "signup_mails_over",
     "PasswordResetDoneView",
     "PasswordResetRequestForm",
     "PasswordResetRequestView",
@@ -44,6 +47,7 @@ __all__ = [
 
 _PER_ADDRESS = 5  # times the per-account limit
 PASSWORD_RESETS_PER_EMAIL = 3  # an hour, to one e-mail address
+SIGNUP_MAILS_PER_EMAIL = 3  # an hour, to one e-mail address
 _LIMITER_UNAVAILABLE = "%(what)s is briefly unavailable. Try again in a minute."
 
 
@@ -69,8 +73,8 @@ def _minutes_over(windows: list[tuple[str, int, int]]) -> int | None:
 
 def signup_attempts_over(request) -> str | None:
     """Count a sign-up attempt from the request's address (as many as its sign-ins): the refusal
-    to show when it is over the limit, else None. Sign-up says whether an e-mail address has
-    an account, so unlimited attempts would list who has one."""
+    to show when it is over the limit, else None. Each sign-up mails someone, so unlimited
+    attempts would make Switchyard mail a list of addresses."""
     limit, period = parse_rate(settings.PORTAL_SIGN_IN_RATE)
     name = f"signin:signup:{client_bucket(request)}"
     try:
@@ -80,6 +84,25 @@ def signup_attempts_over(request) -> str | None:
     if minutes is None:
         return None
     return f"Too many sign-up attempts from your address. Try again in {minutes} minute(s)."
+
+
+def signup_mails_over(email: str) -> str | None:
+    """Count a sign-up mail to `email` (SIGNUP_MAILS_PER_EMAIL an hour, whoever asks): the
+    refusal to show when it is over, else None. The same for an address with an account or
+    without, so it tells nothing; without it, requests from many clients could fill one
+    person's inbox with sign-up mails."""
+    try:
+        minutes = _minutes_over(
+            [(f"signin:signup-mail:{_hashed(email)}", SIGNUP_MAILS_PER_EMAIL, 3600)]
+        )
+    except RateLimiterUnavailable:
+        return _LIMITER_UNAVAILABLE % {"what": "Signing up"}
+    if minutes is None:
+        return None
+    return (
+        "Too many sign-up requests for this e-mail address. Use the link already sent, or try "
+        f"again in {minutes} minute(s)."
+    )
 
 
 class SignInForm(AuthenticationForm):

@@ -49,6 +49,7 @@ urlpatterns = [
         name="password-change",
     ),
     path("signup", views.SignupView.as_view(), name="signup"),
+    path("signup/confirm/<str:token>", views.SignupConfirmView.as_view(), name="signup-confirm"),
     path("organizations/new", views.OrganizationNewView.as_view(), name="organization-new"),
     path(
         "organizations/switch", views.OrganizationSwitchView.as_view(), name="organization-switch"

@@ -2,6 +2,7 @@
 
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -18,14 +19,20 @@ from django.views import View
 from config.errors import ApplicationError
 from config.replica import replica_reads
 from marketplace.models import Membership, ReservationStatus
-from marketplace.portal.forms import OrganizationForm, SignupForm
+from marketplace.portal.forms import OrganizationForm, SignupConfirmForm, SignupForm
 from marketplace.portal.invitations import open_invitation_for
 from marketplace.portal.live import progress
-from marketplace.portal.login import signup_attempts_over
+from marketplace.portal.login import signup_attempts_over, signup_mails_over
 from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
 from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
-from marketplace.services.organizations import invitation_accept, organization_create
+from marketplace.services.organizations import (
+    invitation_accept,
+    organization_create,
+    signup_confirm,
+    signup_pending_open,
+    signup_request,
+)
 
 _CURRENT = [
     ReservationStatus.PENDING,
@@ -41,8 +48,10 @@ def home(request):
 
 
 class SignupView(View):
-    """A new account and its own organisation; or, signing up through an invitation link
-    (?next=/invitations/<token>), a new account that joins the inviting organisation instead."""
+    """A new account and its own organisation, created through a link mailed to the address
+    (SignupConfirmView): the page answers the same whether or not the address has an account.
+    Signing up through an invitation link (?next=/invitations/<token>) creates the account at
+    once (the invitation's link was mailed to the address) and joins the inviting organisation."""
 
     template_name = "portal/signup.html"
 
@@ -65,29 +74,42 @@ class SignupView(View):
         form = self._form(invitation, data=request.POST)
         if not form.is_valid():
             return self._render(request, form, invitation, status=400)
+        if invitation is None:
+            if refusal := signup_mails_over(form.cleaned_data["email"]):
+                form.add_error("email", refusal)
+                return self._render(request, form, invitation, status=429)
+            return self._request(request, form)
         try:
             with transaction.atomic():
                 user = form.save()
-                if invitation:
-                    token = self._token(request)
-                    organization = invitation_accept(token=token, user=user).organization
-                else:
-                    organization = organization_create(
-                        name=form.cleaned_data["organization"], owner=user
-                    )
+                organization = invitation_accept(token=self._token(request), user=user).organization
         except ApplicationError as exc:
-            form.add_error(None if invitation else "organization", exc.message)
+            form.add_error(None, exc.message)
             return self._render(request, form, invitation, status=400)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         request.session[SESSION_ORG_KEY] = organization.public_id
-        if invitation:
-            messages.success(request, f"Welcome to Switchyard. You joined {organization.name}.")
-            return redirect("portal:dashboard")
-        messages.success(request, f"Welcome to Switchyard. {organization.name} is ready.")
-        return redirect(self._next(request) or "portal:dashboard")
+        messages.success(request, f"Welcome to Switchyard. You joined {organization.name}.")
+        return redirect("portal:dashboard")
+
+    def _request(self, request, form):
+        """Mail the address the link that finishes the sign-up (or, if it has an account, a
+        notice): the same page either way."""
+        data = form.cleaned_data
+        try:
+            signup_request(
+                email=data["email"],
+                username=data["username"],
+                organization_name=data["organization"],
+                password=data["password1"],
+            )
+        except ApplicationError as exc:  # the organisation's name: nothing of the address
+            form.add_error("organization", exc.message)
+            return self._render(request, form, None, status=400)
+        context = {"email": data["email"], "hours": settings.SIGNUP_CONFIRM_HOURS}
+        return render(request, "portal/signup_sent.html", context)
 
     def _form(self, invitation, **kwargs) -> SignupForm:
-        form = SignupForm(**kwargs)
+        form = SignupForm(email_must_be_new=invitation is not None, **kwargs)
         if invitation:
             del form.fields["organization"]  # they join the inviting organisation
         return form
@@ -118,6 +140,49 @@ class SignupView(View):
     def _invitation(self, request):
         token = self._token(request)
         return open_invitation_for(token) if token else None
+
+
+class SignupConfirmView(View):
+    """/signup/confirm/<token>, the link a sign-up mailed: GET shows what will be created and
+    a button (mail scanners open links: a GET creates nothing); POST creates the account and
+    its organisation and signs in. A user name taken meanwhile is asked for again here."""
+
+    template_name = "portal/signup_confirm.html"
+
+    def get(self, request, token: str):
+        try:
+            pending = signup_pending_open(token=token)
+        except ApplicationError as exc:
+            return self._refused(request, exc)
+        form = SignupConfirmForm(initial={"username": pending.username})
+        return self._render(request, form, pending)
+
+    def post(self, request, token: str):
+        try:
+            pending = signup_pending_open(token=token)
+        except ApplicationError as exc:
+            return self._refused(request, exc)
+        form = SignupConfirmForm(request.POST)
+        if not form.is_valid():
+            return self._render(request, form, pending, status=400)
+        try:
+            user, organization = signup_confirm(token=token, username=form.cleaned_data["username"])
+        except ApplicationError as exc:
+            if exc.field != "username":
+                return self._refused(request, exc)  # used or expired meanwhile
+            form.add_error("username", exc.message)
+            return self._render(request, form, pending, status=400)
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        request.session[SESSION_ORG_KEY] = organization.public_id
+        messages.success(request, f"Welcome to Switchyard. {organization.name} is ready.")
+        return redirect("portal:dashboard")
+
+    def _render(self, request, form, pending, *, status=200):
+        context = {"form": form, "pending": pending}
+        return render(request, self.template_name, context, status=status)
+
+    def _refused(self, request, exc: ApplicationError):
+        return render(request, self.template_name, {"refusal": exc}, status=exc.status_code)
 
 
 def _once_key(request, key: str) -> str:

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.auth.tokens import default_token_generator
 from django.core.exceptions import ValidationError
@@ -28,7 +29,7 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 from django.utils.text import slugify
 
-from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from config.errors import Conflict, Gone, NotFound, PermissionDenied, ValidationFailed
 from marketplace import ids
 from marketplace.mail import mail_task_on_commit
 from marketplace.models import (
@@ -38,6 +39,7 @@ from marketplace.models import (
     Invitation,
     Membership,
     Organization,
+    PendingSignup,
     Role,
 )
 from marketplace.rules import display_name_clean
@@ -62,6 +64,14 @@ __all__ = [
     "invitation_create",
     "invitation_revoke",
     "invitation_accept",
+    "SIGNUP_MAIL_TASK",
+    "SIGNUP_TAKEN_MAIL_TASK",
+    "signup_token",
+    "signup_request",
+    "signup_mail_send",
+    "signup_taken_mail_send",
+    "signup_pending_open",
+    "signup_confirm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -509,3 +519,168 @@ def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
     invitation.accepted_by = user
     invitation.save(update_fields=["accepted_at", "accepted_by"])
     return membership
+
+
+# --- sign-up --------------------------------------------------------------------------------
+# A sign-up answers the same whether or not its e-mail address has an account: the account is
+# created only through a link mailed to the address (docs/portal.md). An address that has an
+# account is mailed a notice instead, and nothing is created.
+
+SIGNUP_MAIL_TASK = "marketplace.tasks.signup_mail_send"
+SIGNUP_TAKEN_MAIL_TASK = "marketplace.tasks.signup_taken_mail_send"
+
+
+def signup_token(public_id: str) -> str:
+    """The secret of a sign-up link, derived from the pending sign-up's id with SECRET_KEY (as
+    an invitation's is): the worker that mails it rebuilds it, the database keeps its hash."""
+    return salted_hmac("marketplace.signup", public_id, algorithm="sha256").hexdigest()
+
+
+def signup_request(*, email: str, username: str, organization_name: str, password: str) -> None:
+    """Record a sign-up and mail its address the link that finishes it; for an address that
+    has an account, mail it a notice and record nothing. The caller cannot tell which
+    happened: the same work (the password is hashed either way), no return value."""
+    organization_name = display_name_clean(
+        organization_name, what="An organisation", field="organization"
+    )
+    email = email.strip()
+    hashed = make_password(password)
+    accounts = list(
+        get_user_model().objects.filter(email__iexact=email).values_list("pk", "is_active")
+    )
+    if accounts:
+        for user_id, is_active in accounts:
+            if is_active:
+                mail_task_on_commit(
+                    SIGNUP_TAKEN_MAIL_TASK,
+                    [user_id],
+                    inline=lambda pk=user_id: signup_taken_mail_send(user_id=pk),
+                )
+        return
+    pending = PendingSignup(
+        email=email,
+        username=username,
+        organization_name=organization_name,
+        password=hashed,
+        expires_at=timezone.now() + timedelta(hours=settings.SIGNUP_CONFIRM_HOURS),
+    )
+    pending.token_hash = invitation_token_hash(signup_token(pending.public_id))
+    pending.save()
+    mail_task_on_commit(
+        SIGNUP_MAIL_TASK,
+        [pending.pk],
+        inline=lambda: signup_mail_send(pending_signup_id=pending.pk),
+    )
+
+
+def _signup_check_open(pending: PendingSignup | None, *, now=None) -> PendingSignup:
+    if pending is None:
+        raise NotFound(
+            "This sign-up link is not valid: copy the whole link from the e-mail, or sign up "
+            "again.",
+            code="signup_unknown",
+        )
+    if pending.used_at is not None:
+        raise Gone("This sign-up link was already used: sign in.", code="signup_used")
+    if pending.expires_at <= (now or timezone.now()):
+        raise Gone("This sign-up link has expired: sign up again.", code="signup_expired")
+    return pending
+
+
+def signup_pending_open(*, token: str) -> PendingSignup:
+    """The pending sign-up behind a link, if it can still be confirmed; else the error saying
+    why (unknown, used, expired). Reads only: a mail scanner opening the link creates nothing."""
+    pending = PendingSignup.objects.filter(token_hash=invitation_token_hash(token)).first()
+    return _signup_check_open(pending)
+
+
+def signup_mail_send(*, pending_signup_id: int) -> int:
+    """E-mail a pending sign-up the link that finishes it (the worker's side of
+    signup_request); returns how many messages were sent. One used or expired is not sent."""
+    pending = PendingSignup.objects.filter(pk=pending_signup_id).first()
+    try:
+        _signup_check_open(pending)
+    except (NotFound, Gone):
+        return 0
+    token = signup_token(pending.public_id)
+    if invitation_token_hash(token) != pending.token_hash:
+        # SECRET_KEY changed since it was recorded: this link would not work.
+        logger.error("sign-up %s not mailed: its token no longer matches", pending.public_id)
+        return 0
+    path = reverse("portal:signup-confirm", kwargs={"token": token})
+    context = {
+        "username": pending.username,
+        "organization": " ".join(pending.organization_name.split()),
+        "url": settings.SITE_URL.rstrip("/") + path,
+        "hours": settings.SIGNUP_CONFIRM_HOURS,
+    }
+    return send_mail(
+        "Finish signing up to Switchyard",
+        render_to_string("portal/signup_confirm_email.txt", context),
+        None,
+        [pending.email],
+        fail_silently=False,
+    )
+
+
+def signup_taken_mail_send(*, user_id: int) -> int:
+    """Tell an active account that someone tried to sign up with its e-mail address (the
+    worker's side of signup_request); returns how many messages were sent."""
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None or not user.email:
+        return 0
+    site = settings.SITE_URL.rstrip("/")
+    context = {
+        "user": user,
+        "login_url": site + reverse("portal:login"),
+        "reset_url": site + reverse("portal:password-reset"),
+    }
+    return send_mail(
+        "Someone tried to sign up to Switchyard with your address",
+        render_to_string("portal/signup_taken_email.txt", context),
+        None,
+        [user.email],
+        fail_silently=False,
+    )
+
+
+@transaction.atomic
+def signup_confirm(*, token: str, username: str) -> tuple[AbstractBaseUser, Organization]:
+    """Create the account and its organisation of a pending sign-up, as `username` (the one
+    signed up with, or another if that was taken meanwhile); the link then stops working.
+
+    Every pending sign-up of the address is locked first (in id order), so two links for one
+    address, or one link sent twice, make one account."""
+    user_model = get_user_model()
+    token_hash = invitation_token_hash(token)
+    email = PendingSignup.objects.filter(token_hash=token_hash).values_list("email", flat=True)
+    locked = list(
+        PendingSignup.objects.select_for_update()
+        .filter(email__iexact=email.first() or "")
+        .order_by("pk")
+    )
+    pending = _signup_check_open(next((p for p in locked if p.token_hash == token_hash), None))
+    if user_model.objects.filter(email__iexact=pending.email).exists():
+        raise Conflict(
+            "An account with this e-mail address exists now: sign in, or reset its password.",
+            code="signup_email_taken",
+        )
+    taken = ValidationFailed(
+        "A user with that username already exists: choose another.",
+        code="username_taken",
+        field="username",
+    )
+    if user_model.objects.filter(username__iexact=username).exists():
+        raise taken
+    try:
+        with transaction.atomic():
+            user = user_model.objects.create(
+                username=username, email=pending.email, password=pending.password
+            )
+    except IntegrityError:  # the same name, created a moment ago
+        raise taken from None
+    organization = organization_create(name=pending.organization_name, owner=user)
+    pending.used_at = timezone.now()
+    pending.password = ""  # the account holds it now
+    pending.save(update_fields=["used_at", "password"])
+    return user, organization

@@ -6,7 +6,8 @@ reservations that reached a final status are kept PROVISIONING_HISTORY_RETENTION
 reservations that ended more than RESERVATION_HISTORY_RETENTION_DAYS ago are deleted, the
 reservation row itself is kept (the ledger, invoices and SLA credits refer to it). A live
 reservation's rows are never touched: its attempt numbers and agent jobs drive its work.
-Quotes never booked go a day after they expired (a booked quote stays with its reservation).
+Quotes never booked go a day after they expired (a booked quote stays with its reservation);
+pending sign-ups (confirmed or not) a day after their link expired.
 """
 
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from config.retention import delete_in_batches
 from marketplace.models import (
     AgentJob,
     Allocation,
+    PendingSignup,
     ProvisioningAttempt,
     ProvisioningDispatch,
     Quote,
@@ -30,6 +32,8 @@ from marketplace.services.transitions import TERMINAL_STATUSES
 __all__ = ["HistoryPruned", "history_prune"]
 
 QUOTE_KEPT_AFTER_EXPIRY = timedelta(days=1)
+# A day after its link expired, a sign-up link used or not says "unknown" instead.
+SIGNUP_KEPT_AFTER_EXPIRY = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class HistoryPruned:
     allocations: int
     transitions: int
     quotes: int
+    pending_signups: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -83,4 +88,8 @@ def history_prune(*, now: datetime | None = None, batch_size: int | None = None)
         ),
         batch_size=batch_size,
     )
-    return HistoryPruned(attempts, jobs, markers, allocations, transitions, quotes)
+    signups = delete_in_batches(
+        PendingSignup.objects.filter(expires_at__lt=now - SIGNUP_KEPT_AFTER_EXPIRY),
+        batch_size=batch_size,
+    )
+    return HistoryPruned(attempts, jobs, markers, allocations, transitions, quotes, signups)

@@ -11,7 +11,13 @@ from django.urls import reverse
 from django.utils import timezone
 
 from inventory import telemetry
-from marketplace.models import Membership, Organization, ResaleListing, ReservationStatus
+from marketplace.models import (
+    Membership,
+    Organization,
+    PendingSignup,
+    ResaleListing,
+    ReservationStatus,
+)
 from marketplace.services.gpu_failures import reservation_gpu_failure_handle
 from marketplace.services.transitions import reservation_transition
 from tests.clients import HttpsClient
@@ -24,6 +30,7 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
 )
 from tests.marketplace.market_helpers import member_client
 from tests.marketplace.resale_helpers import market as resale_market
+from tests.marketplace.signup_helpers import confirm_path, signup_form, signup_post
 
 pytestmark = pytest.mark.django_db
 H = timedelta(hours=1)
@@ -58,15 +65,17 @@ def test_an_organisation_sent_twice_is_created_once():
     assert Membership.objects.filter(user=user).count() == 2
 
 
-def test_an_e_mail_address_has_one_account():
+def test_an_e_mail_address_has_one_account(mailoutbox):
+    # Signing up with it mails its account a notice and creates nothing (the page answers as
+    # for a new address: tests/marketplace/test_portal_signup_confirm.py).
     UserFactory(email="Grace@Example.com")
-    response = HttpsClient().post("/signup", {
-        "username": "grace2", "email": "grace@example.com", "organization": "Hopper",
-        "password1": "a-long-passphrase-1", "password2": "a-long-passphrase-1",
-    })  # fmt: skip
-    assert response.status_code in (200, 400)
-    assert "An account with this e-mail address exists" in response.content.decode()
+    response = signup_post(HttpsClient(), **signup_form(username="grace2", organization="Hopper"))
+    assert response.status_code == 200
+    (notice,) = mailoutbox
+    assert notice.to == ["Grace@Example.com"]
+    assert not PendingSignup.objects.exists()
     assert not Organization.objects.filter(name="Hopper").exists()
+    assert get_user_model().objects.filter(email__iexact="grace@example.com").count() == 1
 
 
 def test_an_ended_reservation_shows_the_gpus_it_held_at_its_end(market, org):
@@ -95,14 +104,13 @@ def test_a_user_name_that_could_pass_for_another_is_refused(username):
     assert response.status_code in (200, 400)
     assert not Organization.objects.filter(name="Lookalike").exists()
     assert not get_user_model().objects.filter(email="new@example.com").exists()
+    assert not PendingSignup.objects.exists()
 
 
-def test_a_plain_user_name_signs_up():
-    response = HttpsClient().post("/signup", {
-        "username": "grace.hopper+ops@navy", "email": "new@example.com",
-        "organization": "Plain", "password1": "a-long-passphrase-1",
-        "password2": "a-long-passphrase-1",
-    })  # fmt: skip
+def test_a_plain_user_name_signs_up(mailoutbox):
+    client = HttpsClient()
+    signup_post(client, **signup_form(username="grace.hopper+ops@navy", email="new@example.com"))
+    response = client.post(confirm_path(mailoutbox[0]), {"username": "grace.hopper+ops@navy"})
     assert response.status_code == 302, response.content.decode()[-1500:]
     assert get_user_model().objects.get(email="new@example.com").username == (
         "grace.hopper+ops@navy"

@@ -107,6 +107,7 @@ def test_history_goes_exactly_past_each_window_and_never_for_live_work(org, node
         "allocations": 1,
         "transitions": 2,
         "quotes": 0,
+        "pending_signups": 0,
     }
     assert history(recent) == FULL
     assert history(live) == FULL
@@ -151,6 +152,35 @@ def test_quotes_never_booked_go_a_day_after_they_expired(org, node):
     assert set(Quote.objects.values_list("pk", flat=True)) == {fresh.pk, booked.pk}
     assert not Quote.objects.filter(pk=stale.pk).exists()
     assert history_prune(now=now).quotes == 0
+
+
+def test_pending_sign_ups_go_a_day_after_their_link_expired_used_or_not():
+    from marketplace.models import PendingSignup
+
+    now = timezone.now()
+
+    def pending(n: int, expired_ago: timedelta, used: bool = False) -> PendingSignup:
+        return PendingSignup.objects.create(
+            email=f"u{n}@example.com", username=f"u{n}", organization_name="Lab",
+            password="md5$x$y", token_hash=f"{n:064d}", expires_at=now - expired_ago,
+            used_at=now - timedelta(days=2) if used else None,
+        )  # fmt: skip
+
+    stale = pending(1, timedelta(days=1, seconds=1))
+    stale_used = pending(2, timedelta(days=1, seconds=1), used=True)
+    recent = pending(3, timedelta(hours=23))
+    recent_used = pending(4, timedelta(hours=23), used=True)
+    open_one = pending(5, -timedelta(hours=5))
+
+    assert history_prune(now=now).pending_signups == 2
+
+    assert set(PendingSignup.objects.values_list("pk", flat=True)) == {
+        recent.pk,
+        recent_used.pk,
+        open_one.pk,
+    }
+    assert not PendingSignup.objects.filter(pk__in=[stale.pk, stale_used.pk]).exists()
+    assert history_prune(now=now).pending_signups == 0
 
 
 def test_deletes_go_in_batches_each_its_own_statement(org, node):
@@ -223,6 +253,7 @@ def test_beat_prunes_history_daily():
             "allocations",
             "transitions",
             "quotes",
+            "pending_signups",
         ],
         0,
     )

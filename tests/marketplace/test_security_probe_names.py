@@ -9,7 +9,7 @@ import re
 import pytest
 from django.contrib.auth import get_user_model
 
-from marketplace.models import ApiKey, Organization, Role
+from marketplace.models import ApiKey, Organization, PendingSignup, Role
 from marketplace.services.organizations import invitation_create, organization_create
 from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
@@ -70,6 +70,7 @@ def test_signing_up_with_such_an_organisation_name_creates_no_account():
     assert response.status_code == 400
     assert "control or formatting characters" in response.content.decode()
     assert not get_user_model().objects.filter(username="mallory").exists()
+    assert not PendingSignup.objects.exists()
 
 
 @pytest.mark.parametrize("name", UNPRINTABLE)

@@ -7,7 +7,9 @@ from playwright.sync_api import expect
 from marketplace.models import Membership, Organization, Role
 
 
-def test_sign_up_creates_the_user_and_their_organisation_and_signs_them_in(portal):
+def test_sign_up_creates_the_user_and_their_organisation_through_the_mailed_link(
+    portal, mailoutbox
+):
     portal.goto(portal.base + "/")
     expect(portal).to_have_url(re.compile(r"/login$"))
     portal.get_by_role("link", name="Create an account").click()
@@ -18,11 +20,46 @@ def test_sign_up_creates_the_user_and_their_organisation_and_signs_them_in(porta
     portal.get_by_label("Password confirmation").fill("a-long-passphrase-1")
     portal.get_by_role("button", name="Create account").click()
 
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Check your e-mail")
+    expect(portal.get_by_text("We sent a link to grace@example.com")).to_be_visible()
+    assert not Organization.objects.filter(name="Hopper Compute").exists()
+    (message,) = mailoutbox
+    assert message.to == ["grace@example.com"]
+    path = re.search(r"https?://[^/\s]+(/signup/confirm/\S+)", message.body).group(1)
+    portal.goto(portal.base + path)
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Finish signing up")
+    expect(portal.get_by_label("Username")).to_have_value("grace")
+    assert not Organization.objects.filter(name="Hopper Compute").exists()  # a GET makes none
+    portal.get_by_role("button", name="Create account").click()
+
     expect(portal).to_have_url(re.compile(r"/dashboard$"))
     expect(portal.get_by_role("heading", level=1)).to_have_text("Hopper Compute")
     membership = Membership.objects.get(user__username="grace")
     assert membership.role == Role.OWNER
     assert membership.organization.name == "Hopper Compute"
+
+    portal.goto(portal.base + path)  # the link works once
+    expect(portal.get_by_role("heading", level=1)).to_have_text("This sign-up link cannot be used")
+
+
+def test_sign_up_with_an_address_that_has_an_account_answers_alike_and_mails_a_notice(
+    portal, django_user_model, mailoutbox
+):
+    django_user_model.objects.create_user(username="ada", email="ada@example.com")
+    portal.goto(portal.base + "/signup")
+    portal.get_by_label("Username").fill("grace")
+    portal.get_by_label("Email").fill("ada@example.com")
+    portal.get_by_label("Organisation name").fill("Hopper Compute")
+    portal.get_by_label("Password", exact=True).fill("a-long-passphrase-1")
+    portal.get_by_label("Password confirmation").fill("a-long-passphrase-1")
+    portal.get_by_role("button", name="Create account").click()
+
+    expect(portal.get_by_role("heading", level=1)).to_have_text("Check your e-mail")
+    expect(portal.get_by_text("We sent a link to ada@example.com")).to_be_visible()
+    (message,) = mailoutbox
+    assert message.to == ["ada@example.com"]
+    assert "/signup/confirm/" not in message.body
+    assert not django_user_model.objects.filter(username="grace").exists()
 
 
 def test_sign_up_with_mismatched_passwords_writes_nothing(portal):
