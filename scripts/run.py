@@ -248,6 +248,8 @@ def _print_banner(base: str, postgres: str, redis: str, stripe: str, provisionin
         "Switchyard is running (Ctrl-C stops everything started here)",
         "",
         f"  Portal           {base}/        (customers: sign up, or the demo login below)",
+        "                   (no mail server here: e-mail, the sign-up link included, is printed",
+        "                   in this terminal by the worker)",
         f"  Admin            {base}/admin/  (staff)",
         f"  API docs         {base}/api/docs/   (Swagger UI)",
         f"  API reference    {base}/api/redoc/  (Redoc)",
