@@ -311,7 +311,7 @@ def test_the_usage_page_charts_spend_by_model_balance_and_hours_with_tables(
     assert charts["reservations"]["labels"] == [big.public_id, small.public_id]
     assert charts["reservations"]["datasets"][0]["data"] == [2.0, 0.5]
     table = html.split('id="spend-table"')[1].split("</table>")[0]
-    assert '<th scope="row">NVIDIA L40S</th>' in table and ">5.00<" in table
+    assert '<th scope="row">NVIDIA L40S</th>' in table and ">5.00 USD<" in table
 
 
 def test_the_sites_pages_name_gpu_models_and_statuses_in_words(
