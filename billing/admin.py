@@ -228,7 +228,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
                     (
                         e.created_at,
                         e.kind,
-                        from_minor_units(e.amount_minor, e.currency),
+                        f"{from_minor_units(e.amount_minor, e.currency):,} {e.currency.upper()}",
                         e.reservation.public_id if e.reservation else "",
                         e.description,
                     )

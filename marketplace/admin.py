@@ -312,6 +312,9 @@ class QuoteAdmin(ReadOnlyAdmin):
     list_filter = ["tier", "site"]
     search_fields = ["public_id", "organization__name", "organization__public_id"]
     list_select_related = ["organization", "gpu_model", "site"]
+    # The page shows the total as the list does, in the currency's own decimals.
+    exclude = ["total_amount"]
+    readonly_fields = ["total"]
 
     @admin.display(description="total amount", ordering="total_amount")
     def total(self, obj: Quote) -> str:

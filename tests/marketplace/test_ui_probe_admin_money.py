@@ -114,6 +114,21 @@ def test_reservation_and_quote_amounts_are_written_as_the_api_writes_them(shown)
 
 
 @pytest.mark.parametrize("shown", CURRENCIES)
+def test_a_quotes_page_and_an_accounts_ledger_write_amounts_with_their_currency(shown):
+    term, quote = _term(shown)
+    staff = _staff("view_quote", "view_billingaccount")
+
+    page = _text(staff.get(reverse("admin:marketplace_quote_change", args=[quote.pk])))
+    account = BillingAccount.objects.get(organization=term.organization)
+    ledger = _text(staff.get(reverse("admin:billing_billingaccount_change", args=[account.pk])))
+
+    assert f"Total amount: {shown['quote_total']}" in page
+    assert "9000.00" not in page
+    funded = {"jpy": "10,000,000 JPY", "usd": "100,000.00 USD"}[shown["currency"]]
+    assert funded in ledger
+
+
+@pytest.mark.parametrize("shown", CURRENCIES)
 def test_the_cancel_confirmation_states_the_customers_refund_and_binds_it(shown):
     term, _ = _term(shown)
     url = reverse("admin:marketplace_reservation_changelist")
