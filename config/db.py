@@ -24,13 +24,17 @@ def model_columns(model: type[Model], alias: str) -> str:
     return ", ".join(f'{alias}."{f.column}"' for f in model._meta.concrete_fields)
 
 
+def _loaded(field, value):
+    """A column's value as a query loads it (the field's from_db_value, where it has one)."""
+    return (
+        field.from_db_value(value, None, connection) if hasattr(field, "from_db_value") else value
+    )
+
+
 def model_from_row(model: type[Model], values) -> Model:
     """An instance loaded from the values of model_columns(model, …), as a query would load it."""
     fields = model._meta.concrete_fields
-    values = [
-        f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
-        for f, v in zip(fields, values, strict=True)
-    ]
+    values = [_loaded(f, v) for f, v in zip(fields, values, strict=True)]
     return model.from_db(connection.alias, [f.attname for f in fields], values)
 
 
@@ -73,10 +77,7 @@ def model_insert(instance: Model) -> Model:
         row = cur.fetchone()
     # The pk, and what the database sets itself (fields with db_returning: a trigger's value).
     returned = {
-        f.attname: f.from_db_value(value, None, connection)
-        if hasattr(f, "from_db_value")
-        else value
-        for f, value in zip(meta.db_returning_fields, row, strict=True)
+        f.attname: _loaded(f, value) for f, value in zip(meta.db_returning_fields, row, strict=True)
     }
     names = [f.attname for f in meta.concrete_fields]
     saved = model.from_db(

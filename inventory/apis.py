@@ -213,7 +213,7 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
         body = json.loads(request.body.decode(), parse_constant=_no_constant)
     except (ValueError, RequestDataTooBig):  # UnicodeDecodeError is a ValueError too
         return None
-    if auth_failures.wait(request) is not None and not auth_failures.vouched(secret):
+    if auth_failures.wait(request, secret) is not None:
         return None  # its address is over AUTH_FAILURE_RATE: DRF's 429, and no lookup
     found = node_token_authenticate_with_gpus(secret)
     if found is None:

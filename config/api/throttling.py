@@ -336,8 +336,9 @@ class AuthFailureLimit:
         self._vouched: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def wait(self, request) -> int | None:
-        """Seconds until this client may present credentials again; None: it may now."""
+    def wait(self, request, credential: str | None) -> int | None:
+        """Seconds until this client may present `credential`; None: it may now (the client is
+        not over the limit, or the credential is one this process accepted lately)."""
         client = client_bucket(request)
         reset_at = self._blocked.get(client)
         if reset_at is None:
@@ -346,13 +347,15 @@ class AuthFailureLimit:
         if reset_at <= now:
             self._blocked.pop(client, None)
             return None
+        if self.vouched(credential):
+            return None
         return max(1, math.ceil(reset_at - now))
 
     def check(self, request, credential: str | None) -> None:
         """429 (Throttled) while the client is over the limit, unless `credential` is one this
         process accepted lately."""
-        wait = self.wait(request)
-        if wait is not None and not self.vouched(credential):
+        wait = self.wait(request, credential)
+        if wait is not None:
             raise exceptions.Throttled(
                 wait=wait, detail=AUTH_FAILURES_THROTTLED, code="too_many_failed_authentications"
             )
