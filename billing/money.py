@@ -11,9 +11,14 @@ of a minute of one GPU, or of a short extension, would be held as nothing, and a
 them would pass a gate with nothing available.
 """
 
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
-from config.currency import ZERO_DECIMAL_CURRENCIES, minor_exponent, minor_unit
+from config.currency import (
+    APPROXIMATE_UNITS_PER_USD,
+    ZERO_DECIMAL_CURRENCIES,
+    minor_exponent,
+    minor_unit,
+)
 from config.errors import ValidationFailed
 
 __all__ = [
@@ -62,21 +67,43 @@ TOP_UP_LIMITS = {
 }
 
 
+# A currency Stripe documents no minimum for (Stripe takes the equivalent of US$0.50 at the
+# day's rate): at least US$1 at the approximate rate, so a currency that has lost half its
+# value since config.currency's table was written still clears Stripe's minimum; at most
+# US$100,000, as for the listed currencies.
+_DERIVED_LEAST_USD = Decimal(1)
+_DERIVED_MOST_USD = Decimal(100_000)
+
+
 def top_up_limits(currency: str) -> tuple[Decimal, Decimal]:
     """The least and the most one top-up may be in `currency`, in major units, both included;
     an automatic recharge and its threshold are bounded by the same numbers.
 
-    TOP_UP_LIMITS for the currencies Stripe lists a minimum for. Any other: 5.00 to
-    100,000.00, and 500 to 10,000,000 in a currency without a minor unit (a unit worth about
-    a hundredth of a dollar or less, as the yen). Stripe's minimum for those (the equivalent
-    of US$0.50 at the day's rate) is Stripe's to enforce: a top-up under it fails with
-    Stripe's reason."""
+    TOP_UP_LIMITS for the currencies Stripe lists a minimum for. Any other currency
+    Switchyard charges in (config.currency.SUPPORTED_CURRENCIES) from its approximate rate:
+    the equivalent of US$1 rounded up to one significant figure (30,000 VND, 2,000 KRW), and
+    at least 5; the equivalent of US$100,000 rounded down to two significant figures, or
+    Stripe's largest charge where that is less (99,999,999 VND or KRW). ValueError for a
+    currency Switchyard does not charge in."""
     code = currency.lower()
     if code in TOP_UP_LIMITS:
         return TOP_UP_LIMITS[code]
-    scale = Decimal(10) ** (2 - minor_exponent(code))
+    if code not in APPROXIMATE_UNITS_PER_USD:
+        raise ValueError(f"{currency!r} is not a currency Switchyard charges in")
+    rate = APPROXIMATE_UNITS_PER_USD[code]
     unit = minor_unit(code)
-    return (Decimal(5) * scale).quantize(unit), (Decimal(100_000) * scale).quantize(unit)
+    least = max(_round_figures(_DERIVED_LEAST_USD * rate, 1, ROUND_CEILING), Decimal(5))
+    most = min(
+        _round_figures(_DERIVED_MOST_USD * rate, 2, ROUND_FLOOR),
+        from_minor_units(STRIPE_MAXIMUM_CHARGE_MINOR, code),
+    )
+    return least.quantize(unit, rounding=ROUND_CEILING), most.quantize(unit, rounding=ROUND_FLOOR)
+
+
+def _round_figures(amount: Decimal, figures: int, rounding: str) -> Decimal:
+    """`amount` to `figures` significant figures (a round number of the currency)."""
+    step = Decimal(1).scaleb(amount.adjusted() - figures + 1)
+    return (amount / step).to_integral_value(rounding=rounding) * step
 
 
 def top_up_range_text(currency: str) -> str:

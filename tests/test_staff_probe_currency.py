@@ -25,6 +25,7 @@ def staff_client(client):
     [
         ("kwd", "KWD has three decimals"),
         ("u$d", "three-letter ISO 4217 code"),
+        ("xyz", "XYZ is not a currency Stripe charges in."),  # no limits could be set for it
         ("", "This field is required."),
     ],
 )

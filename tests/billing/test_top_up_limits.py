@@ -16,7 +16,7 @@ from billing.money import (
 )
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.topups import auto_recharge_check, reservation_recharge_amount
-from config.currency import minor_unit
+from config.currency import APPROXIMATE_UNITS_PER_USD, SUPPORTED_CURRENCIES, minor_unit
 from marketplace.models import Role
 from tests.billing.conftest import save_card, stripe_client
 from tests.factories import MembershipFactory
@@ -36,6 +36,13 @@ def jpy_org(settings):
 @pytest.fixture
 def usd_org(settings):
     settings.CURRENCY = "usd"
+    membership = MembershipFactory(role=Role.OWNER, user__password="!")
+    billing_account_get_or_create(organization=membership.organization)
+    return membership.organization
+
+
+def _org_in(settings, currency: str):
+    settings.CURRENCY = currency
     membership = MembershipFactory(role=Role.OWNER, user__password="!")
     billing_account_get_or_create(organization=membership.organization)
     return membership.organization
@@ -63,13 +70,42 @@ def _settings(org) -> tuple:
         ("gbp", ("5.00", "100000.00")),
         ("czk", ("15.00", "999999.99")),  # Stripe's minimum is above 5; its maximum caps it
         ("huf", ("175.00", "999999.99")),
-        # Not in Stripe's table: 5 to 100,000, ×100 without a minor unit.
-        ("idr", ("5.00", "100000.00")),
-        ("krw", ("500", "10000000")),
+        # Not in Stripe's table: from the approximate rate (config.currency), US$1 rounded up
+        # and US$100,000 rounded down, within Stripe's largest charge (eight digits).
+        ("krw", ("2000", "99999999")),
+        ("vnd", ("30000", "99999999")),
+        ("xof", ("600", "56000000")),
+        ("clp", ("1000", "94000000")),
+        ("idr", ("20000.00", "999999.99")),
+        ("php", ("60.00", "999999.99")),
+        ("cny", ("8.00", "710000.00")),
+        ("kyd", ("5.00", "83000.00")),  # US$1 is less than 5 of it: at least 5
     ],
 )
 def test_the_limits_are_the_currencys(currency, limits):
     assert top_up_limits(currency) == tuple(Decimal(x) for x in limits)
+
+
+def test_every_currency_taken_has_limits_stripe_charges_and_a_customer_can_use():
+    assert SUPPORTED_CURRENCIES >= set(TOP_UP_LIMITS)
+    for currency in SUPPORTED_CURRENCIES:
+        least, most = top_up_limits(currency)
+        rate = APPROXIMATE_UNITS_PER_USD[currency]
+        stripe_most = from_minor_units(STRIPE_MAXIMUM_CHARGE_MINOR, currency)
+        assert Decimal(5) <= least < most <= stripe_most, currency
+        # At least Stripe's minimum: the documented one, else US$0.50 with the rate halved.
+        assert least >= STRIPE_MINIMUM_CHARGE.get(currency, Decimal("0.50") * rate * 2), currency
+        # A top-up of US$10 is never too small, one of US$50,000 never too large (unless
+        # Stripe's eight digits are less).
+        assert least <= 10 * rate, currency
+        assert most >= min(50_000 * rate, stripe_most), currency
+        assert least == least.quantize(minor_unit(currency)), currency
+        assert most == most.quantize(minor_unit(currency)), currency
+
+
+def test_a_currency_not_taken_has_no_limits():
+    with pytest.raises(ValueError, match="'xyz' is not a currency Switchyard charges in"):
+        top_up_limits("xyz")
 
 
 def test_every_listed_currency_is_within_what_stripe_charges():
@@ -147,6 +183,67 @@ def test_a_dollar_top_up_is_between_5_and_100000(usd_org, api_client, amount, st
     else:  # within the limits: refused only for want of a card
         assert response.json()["error"]["code"] == "no_payment_method"
     assert not TopUp.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("currency", "amount"),
+    [
+        ("vnd", "30000"),  # the least, about US$1.15
+        ("vnd", "2500000"),  # about US$95, under the old ceiling of 10,000,000
+        ("vnd", "50000000"),  # about US$1,900, over it
+        ("vnd", "99999999"),  # Stripe's largest charge
+        ("krw", "2000"),
+        ("krw", "150000"),
+        ("krw", "50000000"),  # about US$35,000, over the old ceiling
+        ("krw", "99999999"),
+    ],
+)
+def test_a_top_up_of_a_normal_size_in_won_or_dong_passes_the_limits(
+    settings, api_client, currency, amount
+):
+    org = _org_in(settings, currency)
+
+    response = _owner_api(api_client, org).post(
+        "/api/v1/billing/top-ups", {"amount": amount}, format="json"
+    )
+
+    # Within the limits: refused only for want of a card.
+    assert response.status_code == 402, response.content
+    assert response.json()["error"]["code"] == "no_payment_method"
+    assert not TopUp.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("currency", "amount", "message"),
+    [
+        ("vnd", "29999", "A top-up is between 30,000 and 99,999,999 VND."),  # about US$1.14
+        ("vnd", "500", "A top-up is between 30,000 and 99,999,999 VND."),  # the old least
+        ("vnd", "100000000", "A top-up is between 30,000 and 99,999,999 VND."),
+        ("krw", "1999", "A top-up is between 2,000 and 99,999,999 KRW."),
+        ("krw", "500", "A top-up is between 2,000 and 99,999,999 KRW."),  # about US$0.35
+        ("krw", "100000000", "A top-up is between 2,000 and 99,999,999 KRW."),
+    ],
+)
+def test_a_top_up_in_won_or_dong_outside_its_limits_is_a_400_that_states_them(
+    settings, api_client, currency, amount, message
+):
+    org = _org_in(settings, currency)
+    account = BillingAccount.objects.filter(organization=org)
+    account.update(stripe_customer_id="cus_x", default_payment_method_id="pm_x")
+    before = account.values().get()
+
+    response = _owner_api(api_client, org).post(
+        "/api/v1/billing/top-ups", {"amount": amount}, format="json"
+    )
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["field"], error["message"]) == (
+        "amount_out_of_range", "amount", message,
+    )  # fmt: skip
+    assert not TopUp.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    assert account.values().get() == before
 
 
 def test_the_balance_states_the_top_up_limits_of_its_currency(jpy_org, usd_org, api_client):
