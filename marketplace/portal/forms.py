@@ -7,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import UserCreationForm
 from django.utils import timezone
 
+from config.errors import ValidationFailed
 from config.once import OnceField
 from marketplace.models import (
     RESALE_TIER_CHOICES,
@@ -16,7 +17,8 @@ from marketplace.models import (
     Role,
     Tier,
 )
-from marketplace.portal.fields import PortalDateTimeField, PortalMinuteField
+from marketplace.portal.fields import PortalAmountField, PortalDateTimeField, PortalMinuteField
+from marketplace.rules import email_address_plain
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
 
@@ -29,6 +31,7 @@ __all__ = [
     "PLANS",
     "SearchForm",
     "ReserveForm",
+    "QuoteReserveForm",
     "ResaleBuyForm",
     "ReservationFilterForm",
     "CancelForm",
@@ -55,8 +58,8 @@ def _username_plain(username: str) -> str:
 
 class SignupForm(UserCreationForm):
     """Sign-up. Whether the e-mail address has an account is not checked here (the answer
-    would tell anyone): the account is created through a link mailed to it. Through an
-    invitation (`email_must_be_new`) the account is created at once, so it is checked."""
+    would tell anyone), through an invitation's link too: the account is created through a
+    link mailed to the address."""
 
     email = forms.EmailField(help_text="Where notices about your reservations and billing go.")
     organization = forms.CharField(
@@ -66,21 +69,15 @@ class SignupForm(UserCreationForm):
     class Meta(UserCreationForm.Meta):
         fields = ("username", "email")
 
-    def __init__(self, *args, email_must_be_new: bool = False, **kwargs):
-        self.email_must_be_new = email_must_be_new
-        super().__init__(*args, **kwargs)
-
     def clean_username(self):
         return _username_plain(super().clean_username())
 
     def clean_email(self):
-        email = self.cleaned_data["email"].strip()
-        # One account per address: a password reset or an invitation to it means one person.
-        if self.email_must_be_new and get_user_model().objects.filter(email__iexact=email).exists():
-            raise forms.ValidationError(
-                "An account with this e-mail address exists: sign in, or reset its password."
-            )
-        return email
+        # One account per address is kept by signup_request and signup_confirm, unsaid here.
+        try:
+            return email_address_plain(self.cleaned_data["email"].strip())
+        except ValidationFailed as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from None
 
 
 class SignupConfirmForm(forms.Form):
@@ -160,8 +157,13 @@ class SearchForm(forms.Form):
         decimal_places=2,
         help_text="Over the last 30 days: outages, failed starts, GPU failures.",
     )
-    max_price_per_gpu_hour = forms.DecimalField(
-        label="Max price per GPU-hour", required=False, min_value=0, max_digits=12, decimal_places=4
+    max_price_per_gpu_hour = PortalAmountField(
+        label="Max price per GPU-hour",
+        required=False,
+        min_value=0,
+        max_digits=12,
+        decimal_places=4,  # a price per GPU-hour, finer than any currency's minor unit
+        widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
     )
     min_renewable_pct = forms.DecimalField(
         label="Renewable at least (%)",
@@ -276,6 +278,23 @@ class ReserveForm(forms.Form):
 
     def saved_key_ids(self) -> list[str]:
         return list(self.cleaned_data.get("ssh_key_ids", []))
+
+
+class QuoteReserveForm(ReserveForm):
+    """The quote's booking form, with the max price per GPU-hour of the search the quote was
+    made from (hidden, carried from the search through the quote's page): the booking is
+    refused above it (services.reservations BookingRequest.price_check), as the API's
+    `max_price` is."""
+
+    max_price_per_gpu_hour = PortalAmountField(
+        required=False, min_value=0, max_digits=12, decimal_places=4, widget=forms.HiddenInput
+    )
+
+    def clean(self):
+        data = super().clean()
+        if self.has_error("max_price_per_gpu_hour"):  # hidden: said above the form
+            self.add_error(None, "The search's max price could not be read; search again.")
+        return data
 
 
 class ResaleBuyForm(ReserveForm):
@@ -408,11 +427,12 @@ class ListingForm(forms.Form):
     gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096)
     starts_at = PortalMinuteField(label="From (UTC)", widget=MinuteInput())
     ends_at = PortalMinuteField(label="Until (UTC)", widget=MinuteInput())
-    price_per_gpu_hour = forms.DecimalField(
+    price_per_gpu_hour = PortalAmountField(
         label="Asking price per GPU-hour",
         max_digits=12,
         decimal_places=4,
         min_value=0,
+        widget=forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"}),
         help_text="Not below the floor.",
     )
     tier = forms.ChoiceField(

@@ -9,7 +9,6 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.mixins import LoginRequiredMixin
 from django.contrib.messages.views import SuccessMessageMixin
 from django.core.cache import cache
-from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse_lazy
 from django.utils import timezone
@@ -18,7 +17,7 @@ from django.views import View
 
 from config.errors import ApplicationError
 from config.replica import replica_reads
-from marketplace.models import Membership, ReservationStatus
+from marketplace.models import SIGNUP_NEXT_MAX_LENGTH, Membership, ReservationStatus
 from marketplace.portal.forms import OrganizationForm, SignupConfirmForm, SignupForm
 from marketplace.portal.invitations import open_invitation_for
 from marketplace.portal.live import progress
@@ -27,7 +26,6 @@ from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
 from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
 from marketplace.services.organizations import (
-    invitation_accept,
     organization_create,
     signup_confirm,
     signup_pending_open,
@@ -47,11 +45,20 @@ def home(request):
     return redirect("portal:dashboard" if request.user.is_authenticated else "portal:login")
 
 
+def _safe_next(request, wanted: str | None) -> str | None:
+    """`wanted` if it is a URL on this site (not another host, nor //host), else None."""
+    safe = wanted and url_has_allowed_host_and_scheme(
+        wanted, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    )
+    return wanted if safe else None
+
+
 class SignupView(View):
     """A new account and its own organisation, created through a link mailed to the address
     (SignupConfirmView): the page answers the same whether or not the address has an account.
-    Signing up through an invitation link (?next=/invitations/<token>) creates the account at
-    once (the invitation's link was mailed to the address) and joins the inviting organisation."""
+    Signing up through an invitation link (?next=/invitations/<token>) is mailed the same way
+    (the same answer too), and the account joins the inviting organisation instead. Any other
+    ?next= on this site is kept with the sign-up and followed once the account is created."""
 
     template_name = "portal/signup.html"
 
@@ -74,42 +81,33 @@ class SignupView(View):
         form = self._form(invitation, data=request.POST)
         if not form.is_valid():
             return self._render(request, form, invitation, status=400)
-        if invitation is None:
-            if refusal := signup_mails_over(form.cleaned_data["email"]):
-                form.add_error("email", refusal)
-                return self._render(request, form, invitation, status=429)
-            return self._request(request, form)
-        try:
-            with transaction.atomic():
-                user = form.save()
-                organization = invitation_accept(token=self._token(request), user=user).organization
-        except ApplicationError as exc:
-            form.add_error(None, exc.message)
-            return self._render(request, form, invitation, status=400)
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        request.session[SESSION_ORG_KEY] = organization.public_id
-        messages.success(request, f"Welcome to Switchyard. You joined {organization.name}.")
-        return redirect("portal:dashboard")
+        if refusal := signup_mails_over(form.cleaned_data["email"]):
+            form.add_error("email", refusal)
+            return self._render(request, form, invitation, status=429)
+        return self._request(request, form, invitation)
 
-    def _request(self, request, form):
+    def _request(self, request, form, invitation):
         """Mail the address the link that finishes the sign-up (or, if it has an account, a
-        notice): the same page either way."""
+        notice): the same page either way, with or without an invitation."""
         data = form.cleaned_data
         try:
             signup_request(
                 email=data["email"],
                 username=data["username"],
-                organization_name=data["organization"],
+                organization_name=data.get("organization", ""),
                 password=data["password1"],
+                invitation=invitation,
+                # An invitation's link (its token) is not kept: the sign-up joins it anyway.
+                next_url="" if invitation else self._next(request) or "",
             )
-        except ApplicationError as exc:  # the organisation's name: nothing of the address
-            form.add_error("organization", exc.message)
-            return self._render(request, form, None, status=400)
+        except ApplicationError as exc:  # what was typed (a name): nothing of the account
+            form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+            return self._render(request, form, invitation, status=400)
         context = {"email": data["email"], "hours": settings.SIGNUP_CONFIRM_HOURS}
         return render(request, "portal/signup_sent.html", context)
 
     def _form(self, invitation, **kwargs) -> SignupForm:
-        form = SignupForm(email_must_be_new=invitation is not None, **kwargs)
+        form = SignupForm(**kwargs)
         if invitation:
             del form.fields["organization"]  # they join the inviting organisation
         return form
@@ -121,10 +119,9 @@ class SignupView(View):
     @staticmethod
     def _next(request) -> str | None:
         wanted = request.POST.get("next") or request.GET.get("next")
-        safe = wanted and url_has_allowed_host_and_scheme(
-            wanted, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-        )
-        return wanted if safe else None
+        if wanted and len(wanted) > SIGNUP_NEXT_MAX_LENGTH:
+            return None
+        return _safe_next(request, wanted)
 
     def _token(self, request) -> str | None:
         """The invitation token when `next` is an invitation link."""
@@ -145,7 +142,9 @@ class SignupView(View):
 class SignupConfirmView(View):
     """/signup/confirm/<token>, the link a sign-up mailed: GET shows what will be created and
     a button (mail scanners open links: a GET creates nothing); POST creates the account and
-    its organisation and signs in. A user name taken meanwhile is asked for again here."""
+    its organisation (or joins the invitation's) and signs in, then goes where the sign-up
+    page was asked to (?next=, checked again here) or to the dashboard. A user name taken
+    meanwhile is asked for again here."""
 
     template_name = "portal/signup_confirm.html"
 
@@ -173,9 +172,19 @@ class SignupConfirmView(View):
             form.add_error("username", exc.message)
             return self._render(request, form, pending, status=400)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        if organization is None:  # its invitation was revoked, used or expired meanwhile
+            messages.warning(
+                request,
+                "Welcome to Switchyard. The invitation can no longer be accepted (revoked, "
+                "used or expired): ask for a new one, or create an organisation.",
+            )
+            return redirect("portal:organization-new")
         request.session[SESSION_ORG_KEY] = organization.public_id
-        messages.success(request, f"Welcome to Switchyard. {organization.name} is ready.")
-        return redirect("portal:dashboard")
+        if pending.invitation_id:
+            messages.success(request, f"Welcome to Switchyard. You joined {organization.name}.")
+        else:
+            messages.success(request, f"Welcome to Switchyard. {organization.name} is ready.")
+        return redirect(_safe_next(request, pending.next_url) or "portal:dashboard")
 
     def _render(self, request, form, pending, *, status=200):
         context = {"form": form, "pending": pending}

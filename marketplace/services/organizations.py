@@ -35,6 +35,7 @@ from marketplace.mail import mail_task_on_commit
 from marketplace.models import (
     MANAGER_ROLES,
     RESERVING_ROLES,
+    SIGNUP_NEXT_MAX_LENGTH,
     EventType,
     Invitation,
     Membership,
@@ -42,7 +43,7 @@ from marketplace.models import (
     PendingSignup,
     Role,
 )
-from marketplace.rules import display_name_clean
+from marketplace.rules import display_name_clean, email_address_plain
 from marketplace.services.api_keys import api_keys_revoke_created_by
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
@@ -335,7 +336,7 @@ def _normalised_email(email: str) -> str:
         validate_email(email)
     except ValidationError:
         raise ValidationFailed("Enter a valid email address.", field="email") from None
-    return email
+    return email_address_plain(email)
 
 
 def invitation_mail_send(*, invitation_id: int) -> int:
@@ -510,6 +511,11 @@ def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
     )
     if invitation is None:
         raise NotFound("No such invitation.", code="invitation_not_found")
+    return _invitation_join(invitation, user)
+
+
+def _invitation_join(invitation: Invitation, user: AbstractBaseUser) -> Membership:
+    """Accept a locked invitation as `user` (invitation_accept, signup_confirm)."""
     now = timezone.now()
     invitation_check_open(invitation, now=now)
     membership = _membership_create(
@@ -524,7 +530,8 @@ def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
 # --- sign-up --------------------------------------------------------------------------------
 # A sign-up answers the same whether or not its e-mail address has an account: the account is
 # created only through a link mailed to the address (docs/portal.md). An address that has an
-# account is mailed a notice instead, and nothing is created.
+# account is mailed a notice instead, and nothing is created. So does a sign-up through an
+# invitation's link: its token is no proof of the address typed (and the inviter has it too).
 
 SIGNUP_MAIL_TASK = "marketplace.tasks.signup_mail_send"
 SIGNUP_TAKEN_MAIL_TASK = "marketplace.tasks.signup_taken_mail_send"
@@ -536,14 +543,31 @@ def signup_token(public_id: str) -> str:
     return salted_hmac("marketplace.signup", public_id, algorithm="sha256").hexdigest()
 
 
-def signup_request(*, email: str, username: str, organization_name: str, password: str) -> None:
+def signup_request(
+    *,
+    email: str,
+    username: str,
+    organization_name: str,
+    password: str,
+    invitation: Invitation | None = None,
+    next_url: str = "",
+) -> None:
     """Record a sign-up and mail its address the link that finishes it; for an address that
     has an account, mail it a notice and record nothing. The caller cannot tell which
-    happened: the same work (the password is hashed either way), no return value."""
-    organization_name = display_name_clean(
-        organization_name, what="An organisation", field="organization"
-    )
-    email = email.strip()
+    happened: the same work (the password is hashed either way), no return value.
+
+    Through `invitation` the account joins its organisation (`organization_name` is not
+    used); `next_url`, already checked by the caller to be on this site, is where the
+    confirmation goes afterwards."""
+    if invitation is None:
+        organization_name = display_name_clean(
+            organization_name, what="An organisation", field="organization"
+        )
+    else:
+        organization_name = ""
+    email = email_address_plain(email.strip())  # it becomes the mail's To header
+    if len(next_url) > SIGNUP_NEXT_MAX_LENGTH:
+        next_url = ""
     hashed = make_password(password)
     accounts = list(
         get_user_model().objects.filter(email__iexact=email).values_list("pk", "is_active")
@@ -562,6 +586,8 @@ def signup_request(*, email: str, username: str, organization_name: str, passwor
         username=username,
         organization_name=organization_name,
         password=hashed,
+        invitation=invitation,
+        next_url=next_url,
         expires_at=timezone.now() + timedelta(hours=settings.SIGNUP_CONFIRM_HOURS),
     )
     pending.token_hash = invitation_token_hash(signup_token(pending.public_id))
@@ -597,7 +623,11 @@ def signup_pending_open(*, token: str) -> PendingSignup:
 def signup_mail_send(*, pending_signup_id: int) -> int:
     """E-mail a pending sign-up the link that finishes it (the worker's side of
     signup_request); returns how many messages were sent. One used or expired is not sent."""
-    pending = PendingSignup.objects.filter(pk=pending_signup_id).first()
+    pending = (
+        PendingSignup.objects.select_related("invitation__organization")
+        .filter(pk=pending_signup_id)
+        .first()
+    )
     try:
         _signup_check_open(pending)
     except (NotFound, Gone):
@@ -608,9 +638,13 @@ def signup_mail_send(*, pending_signup_id: int) -> int:
         logger.error("sign-up %s not mailed: its token no longer matches", pending.public_id)
         return 0
     path = reverse("portal:signup-confirm", kwargs={"token": token})
+    invitation = pending.invitation
+    # One line whatever a name holds (an organisation renamed in the admin may hold a break).
+    organization = invitation.organization.name if invitation else pending.organization_name
     context = {
         "username": pending.username,
-        "organization": " ".join(pending.organization_name.split()),
+        "organization": " ".join(organization.split()),
+        "role": invitation.role if invitation else "",
         "url": settings.SITE_URL.rstrip("/") + path,
         "hours": settings.SIGNUP_CONFIRM_HOURS,
     }
@@ -645,9 +679,13 @@ def signup_taken_mail_send(*, user_id: int) -> int:
 
 
 @transaction.atomic
-def signup_confirm(*, token: str, username: str) -> tuple[AbstractBaseUser, Organization]:
+def signup_confirm(*, token: str, username: str) -> tuple[AbstractBaseUser, Organization | None]:
     """Create the account and its organisation of a pending sign-up, as `username` (the one
     signed up with, or another if that was taken meanwhile); the link then stops working.
+
+    One made through an invitation joins the invitation's organisation instead (returned);
+    if the invitation was revoked, used or expired meanwhile, the account is still created,
+    in no organisation (None is returned).
 
     Every pending sign-up of the address is locked first (in id order), so two links for one
     address, or one link sent twice, make one account."""
@@ -679,8 +717,26 @@ def signup_confirm(*, token: str, username: str) -> tuple[AbstractBaseUser, Orga
             )
     except IntegrityError:  # the same name, created a moment ago
         raise taken from None
-    organization = organization_create(name=pending.organization_name, owner=user)
+    if pending.invitation_id is None:
+        organization = organization_create(name=pending.organization_name, owner=user)
+    else:
+        organization = _signup_invitation_join(pending.invitation_id, user)
     pending.used_at = timezone.now()
     pending.password = ""  # the account holds it now
     pending.save(update_fields=["used_at", "password"])
     return user, organization
+
+
+def _signup_invitation_join(invitation_id: int, user: AbstractBaseUser) -> Organization | None:
+    invitation = (
+        Invitation.objects.select_for_update()
+        .select_related("organization")
+        .filter(pk=invitation_id)
+        .first()
+    )
+    if invitation is None:
+        return None
+    try:
+        return _invitation_join(invitation, user).organization
+    except Conflict:  # closed meanwhile: the account stands, in no organisation
+        return None

@@ -34,15 +34,20 @@ def owner():
 
 
 def test_signup_with_a_next_that_is_no_invitation_is_an_ordinary_mailed_signup(mailoutbox):
-    for wanted in ("https://evil.example/steal", "/reservations"):
-        response = signup_post(HttpsClient(), f"/signup?next={wanted}", **SIGNUP)
+    wanted = {"evil": "https://evil.example/steal", "local": "/reservations"}
+    for who, url in wanted.items():
+        form = {**SIGNUP, "username": who, "email": f"{who}@example.com"}
+        response = signup_post(HttpsClient(), f"/signup?next={url}", **form)
         assert response.status_code == 200
-        assert "We sent a link to <strong>grace@example.com</strong>" in response.content.decode()
+        assert f"We sent a link to <strong>{who}@example.com</strong>" in response.content.decode()
     assert len(mailoutbox) == 2 and not Organization.objects.exists()
-    client = HttpsClient()
-    response = client.post(confirm_path(mailoutbox[1]), {"username": "grace"})
-    assert response.status_code == 302 and response["Location"] == "/dashboard"
-    assert Organization.objects.get().name == "Hopper Compute"  # her own, no invitation
+    # Once the account is made, a next on this site is followed; another site's is not.
+    for message, location in zip(mailoutbox, ["/dashboard", "/reservations"], strict=True):
+        username = message.to[0].split("@")[0]
+        response = HttpsClient().post(confirm_path(message), {"username": username})
+        assert response.status_code == 302 and response["Location"] == location
+    assert set(Organization.objects.values_list("name", flat=True)) == {"Hopper Compute"}
+    assert Membership.objects.filter(role=Role.OWNER).count() == 2  # their own, no invitation
 
 
 def test_signup_through_a_closed_invitation_is_an_ordinary_signup(owner, mailoutbox):
@@ -112,3 +117,17 @@ def test_another_organisations_invitation_cannot_be_revoked_from_the_team_page(o
     assert response.status_code == 404
     theirs.refresh_from_db()
     assert theirs.revoked_at is None
+
+
+def test_an_invitation_to_an_address_with_control_characters_is_refused(owner, mailoutbox):
+    """As at sign-up (rules.email_address_plain): such an address would split the To header."""
+    client = signed_in(owner)
+    body = {"invite-email": '"grace\x1cX-Injected:yes"@example.com', "invite-role": "member"}
+
+    response = client.post("/team/invitations", body)
+
+    assert response.status_code == 400
+    assert "An e-mail address cannot hold control or formatting characters." in (
+        response.content.decode()
+    )
+    assert not Invitation.objects.exists() and mailoutbox == []

@@ -4,16 +4,18 @@ never uses up; an address with an account is mailed a notice and nothing is crea
 
 import threading
 from datetime import timedelta
+from urllib.parse import quote
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import TestCase
 from django.utils import timezone
+from django.utils.html import escape
 
 from config.errors import ApplicationError
-from marketplace.models import Membership, Organization, PendingSignup, Role
-from marketplace.services.organizations import invitation_create, signup_confirm
+from marketplace.models import Invitation, Membership, Organization, PendingSignup, Role
+from marketplace.services.organizations import invitation_create, signup_confirm, signup_request
 from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
@@ -202,26 +204,226 @@ def test_invalid_form_input_mails_nothing_and_records_nothing(mailoutbox):
     assert mailoutbox == [] and not PendingSignup.objects.exists()
 
 
-def test_signing_up_through_an_open_invitation_creates_the_account_at_once(mailoutbox):
+def _invitation(email="grace@example.com", role=Role.ADMIN):
     owner = MembershipFactory(organization=OrganizationFactory(name="Ada Labs"), role=Role.OWNER)
-    invitation, token = invitation_create(actor=owner, email="grace@example.com", role=Role.ADMIN)
-    mailoutbox.clear()
+    invitation, token = invitation_create(actor=owner, email=email, role=role)
+    return owner, invitation, token
 
-    response = signup_post(HttpsClient(), f"/signup?next=/invitations/{token}", **signup_form())
+
+def test_signing_up_through_an_invitation_says_nothing_of_the_address(mailoutbox):
+    """The invitation's token proves nothing of the address typed (and its inviter has it
+    too, from the API): the page answers as an ordinary sign-up does, with an account or
+    without, and the account is made through the link mailed to the address."""
+    owner, invitation, token = _invitation()
+    UserFactory(username="ada", email="Ada@Example.com")
+    mailoutbox.clear()
+    path = f"/signup?next=/invitations/{token}"
+    form = signup_form()
+    del form["organization"]  # the page has no such field: they join the inviting one
+
+    taken = signup_post(HttpsClient(), path, **{**form, "email": "ada@example.com"})
+    new = signup_post(HttpsClient(), path, **form)
+
+    assert taken.status_code == new.status_code == 200
+    body = taken.content.decode().replace("ada@example.com", "ADDRESS")
+    assert body == new.content.decode().replace("grace@example.com", "ADDRESS")
+    assert "We sent a link to <strong>ADDRESS</strong> to finish signing up" in body
+    assert "An account with this e-mail address exists" not in body
+    notice, link = mailoutbox
+    assert notice.to == ["Ada@Example.com"] and not CONFIRM_LINK.search(notice.body)
+    assert 'already has the account "ada"' in notice.body
+    assert "sign in there to accept it" in notice.body
+    assert link.to == ["grace@example.com"]
+    assert 'as "grace", to join the organisation "Ada Labs" as admin.' in link.body
+    assert list(PendingSignup.objects.values_list("email", "invitation", "next_url")) == [
+        ("grace@example.com", invitation.pk, "")  # the invitation's token is not kept
+    ]
+    assert not User.objects.filter(username="grace").exists()
+    invitation.refresh_from_db()
+    assert invitation.accepted_at is None
+
+    client = HttpsClient()
+    page = client.get(confirm_path(link))
+    assert "you will join <strong>Ada Labs</strong> as <strong>admin</strong>" in (
+        page.content.decode()
+    )
+    response = client.post(confirm_path(link), {"username": "grace"})
 
     assert response.status_code == 302 and response["Location"] == "/dashboard"
     membership = Membership.objects.get(user__username="grace")
     assert (membership.organization, membership.role) == (owner.organization, Role.ADMIN)
+    assert list(Organization.objects.all()) == [owner.organization]  # none of her own
+    invitation.refresh_from_db()
+    assert invitation.accepted_by == membership.user
+    dashboard = client.get("/dashboard", follow=True).content.decode()
+    assert "You joined Ada Labs." in dashboard
+
+
+def test_an_existing_user_told_by_mail_accepts_the_invitation_after_signing_in(mailoutbox):
+    owner, invitation, token = _invitation(email="ada@example.com", role=Role.MEMBER)
+    ada = UserFactory(username="ada", email="ada@example.com")
+    form = {**signup_form(username="ada2", email="ada@example.com")}
+    del form["organization"]
+
+    signup_post(HttpsClient(), f"/signup?next=/invitations/{token}", **form)
+
+    assert mailoutbox[-1].subject == "Someone tried to sign up to Switchyard with your address"
+    assert not PendingSignup.objects.exists() and not User.objects.filter(username="ada2")
+    client = HttpsClient()
+    client.force_login(ada)  # as the notice says: sign in, and open the invitation's link
+    response = client.post(f"/invitations/{token}")
+    assert response.status_code == 302
+    assert Membership.objects.get(user=ada).organization == owner.organization
+
+
+def test_an_invitation_closed_before_the_link_is_confirmed_leaves_the_account_alone(
+    mailoutbox,
+):
+    owner, invitation, token = _invitation()
+    form = signup_form()
+    del form["organization"]
+    signup_post(HttpsClient(), f"/signup?next=/invitations/{token}", **form)
+    Invitation.objects.filter(pk=invitation.pk).update(revoked_at=timezone.now())
+    client = HttpsClient()
+
+    response = client.post(confirm_path(mailoutbox[-1]), {"username": "grace"})
+
+    assert response.status_code == 302 and response["Location"] == "/organizations/new"
+    grace = User.objects.get(username="grace")
+    assert not Membership.objects.filter(user=grace).exists()
+    assert list(Organization.objects.all()) == [owner.organization]
+    invitation.refresh_from_db()
+    assert invitation.accepted_at is None
+    page = client.get("/organizations/new").content.decode()
+    assert "The invitation can no longer be accepted" in page
+
+
+def test_next_given_to_the_sign_up_page_is_followed_once_the_account_is_made(mailoutbox):
+    wanted = "/reservations?tier=reserved"
+    client = HttpsClient()
+    page = client.get(f"/signup?next={quote(wanted)}").content.decode()
+    assert f'name="next" value="{escape(wanted)}"' in page
+    signup_post(client, f"/signup?next={quote(wanted)}", **signup_form())
+    assert PendingSignup.objects.get().next_url == wanted
+
+    response = client.post(confirm_path(mailoutbox[0]), {"username": "grace"})
+
+    assert response.status_code == 302 and response["Location"] == wanted
+    assert User.objects.filter(username="grace").exists()
+
+
+def test_next_sent_with_the_form_is_kept_too(mailoutbox):
+    signup_post(HttpsClient(), "/signup", **signup_form(next="/reservations"))
+    response = HttpsClient().post(confirm_path(mailoutbox[0]), {"username": "grace"})
+    assert response["Location"] == "/reservations"
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        "//evil.example/steal",
+        "https://evil.example/steal",
+        "/\\evil.example/steal",
+        "javascript:alert(1)",
+        "http://testserver:80/reservations",  # this host (as the test client names it), not https
+        "/" + "x" * 2000,
+    ],
+    ids=["scheme-relative", "other host", "backslashes", "javascript", "downgrade", "too long"],
+)
+def test_a_next_off_this_site_is_ignored(wanted, mailoutbox):
+    client = HttpsClient()
+    page = client.get(f"/signup?next={quote(wanted)}").content.decode()
+    assert 'name="next"' not in page
+
+    response = signup_post(client, f"/signup?next={quote(wanted)}", **signup_form())
+
+    assert response.status_code == 200
+    assert PendingSignup.objects.get().next_url == ""
+    confirmed = client.post(confirm_path(mailoutbox[0]), {"username": "grace"})
+    assert confirmed.status_code == 302 and confirmed["Location"] == "/dashboard"
+
+
+def test_a_stored_next_is_checked_again_when_followed(mailoutbox):
+    signup_post(HttpsClient(), "/signup?next=/reservations", **signup_form())
+    PendingSignup.objects.update(next_url="//evil.example/steal")
+
+    response = HttpsClient().post(confirm_path(mailoutbox[0]), {"username": "grace"})
+
+    assert response.status_code == 302 and response["Location"] == "/dashboard"
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        '"grace\x1cX-Injected:yes"@example.com',
+        '"grace\x1c\x1c<b>hi</b>"@example.com',
+        '"grace\x01"@example.com',
+    ],
+    ids=["file-separator header", "blank line", "control"],
+)
+def test_an_address_with_control_characters_is_refused_and_nothing_mailed(email, mailoutbox):
+    """Django's address validator lets a quoted local part hold control characters, some of
+    which Python's e-mail package takes for line breaks: in the To header they would split
+    it. Refused with the form's other errors, whichever sign-up it is."""
+    _, _, token = _invitation(email="x@example.com")
+    mailoutbox.clear()
+    invited = signup_form(email=email)
+    del invited["organization"]
+
+    attempts = [
+        ("/signup", signup_form(email=email)),
+        (f"/signup?next=/invitations/{token}", invited),
+    ]
+
+    for path, form in attempts:
+        response = signup_post(HttpsClient(), path, **form)
+        assert response.status_code == 400
+        assert response.context["form"].errors == {
+            "email": ["An e-mail address cannot hold control or formatting characters."]
+        }
     assert mailoutbox == [] and not PendingSignup.objects.exists()
-    # Through an invitation the address is checked: the account is made at once.
-    other, other_token = invitation_create(actor=owner, email="x@example.com", role=Role.MEMBER)
-    taken = signup_post(
-        HttpsClient(),
-        f"/signup?next=/invitations/{other_token}",
-        **signup_form(username="grace2"),
-    )
-    assert taken.status_code == 400
-    assert "An account with this e-mail address exists" in taken.content.decode()
+    with pytest.raises(ApplicationError) as refused:
+        signup_request(
+            email=email, username="grace", organization_name="Hopper Compute", password=PASSWORD
+        )
+    assert (refused.value.code, refused.value.field) == ("invalid_characters", "email")
+    assert not PendingSignup.objects.exists()
+
+
+def test_the_services_refuse_such_an_address_whoever_calls_them(mailoutbox):
+    owner, _, _ = _invitation(email="x@example.com")
+    for email in ("grace@example\u2028.com", '"grace\x1d"@example.com'):
+        with pytest.raises(ApplicationError) as refused:
+            with TestCase.captureOnCommitCallbacks(execute=True):
+                signup_request(
+                    email=email, username="grace", organization_name="Hopper", password=PASSWORD
+                )
+        assert refused.value.code == "invalid_characters"
+        with pytest.raises(ApplicationError) as refused:
+            invitation_create(actor=owner, email=email, role=Role.MEMBER)
+        assert (refused.value.code, refused.value.field) == ("invalid_characters", "email")
+    assert not PendingSignup.objects.exists() and Invitation.objects.count() == 1
+
+
+def test_what_was_typed_reaches_only_the_plain_text_body_of_the_mail(mailoutbox):
+    """The sign-up mail is plain text with a fixed subject: markup typed in a name is shown
+    as typed, no HTML part carries it, and no typed text reaches a header but the address."""
+    name = '<a href="https://evil.example">Pay here</a> & "Co"'
+    signup_post(HttpsClient(), **signup_form(username="grace+x@y", organization=name))
+
+    (mail,) = mailoutbox
+    assert mail.subject == "Finish signing up to Switchyard"
+    assert mail.to == ["grace@example.com"] and not mail.cc and not mail.bcc
+    assert getattr(mail, "alternatives", []) == [] and mail.content_subtype == "plain"
+    assert f'as "grace+x@y", for the organisation "{name}".' in mail.body
+    message = mail.message()
+    assert message.get_content_type() == "text/plain" and not message.is_multipart()
+    headers = dict(message.items())
+    assert set(headers) == {
+        "Content-Type", "MIME-Version", "Content-Transfer-Encoding", "Subject", "From", "To",
+        "Date", "Message-ID",
+    }  # fmt: skip
+    assert headers["To"] == "grace@example.com"
 
 
 def test_sign_up_attempts_stay_limited_per_client(settings, mailoutbox):

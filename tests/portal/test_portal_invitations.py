@@ -50,6 +50,17 @@ def test_an_owner_invites_and_the_invitee_signs_up_through_the_link_into_that_or
     page.get_by_label("Password confirmation").fill(PASSWORD)
     page.get_by_role("button", name="Create account").click()
 
+    # As any sign-up (the page says nothing of whether the address has an account): the
+    # account is made through the link mailed to the address.
+    expect(page.get_by_role("heading", level=1)).to_have_text("Check your e-mail")
+    assert not Membership.objects.filter(user__username="grace").exists()
+    signup_mail = mailoutbox[-1]
+    assert signup_mail.to == ["grace@example.com"]
+    assert 'to join the organisation "Ada Labs" as admin' in signup_mail.body
+    page.goto(re.search(r"https?://\S+/signup/confirm/\S+", signup_mail.body).group(0))
+    expect(page.get_by_text("you will join Ada Labs as admin.")).to_be_visible()
+    page.get_by_role("button", name="Create account").click()
+
     expect(page).to_have_url(re.compile(r"/dashboard$"))
     expect(page.get_by_role("heading", level=1)).to_have_text("Ada Labs")
     expect(page.locator(".messages")).to_have_text("Welcome to Switchyard. You joined Ada Labs.")
