@@ -570,11 +570,18 @@ class CurtailmentVictimInline(ReadOnlyInline):
         "forced",
         "outcome",
         "gpu_hours_forgone",
-        "revenue_forgone",
+        "revenue",
         "chosen_at",
         "withdrawn_at",
     ]
     readonly_fields = fields
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("reservation")
+
+    @admin.display(description="revenue forgone")
+    def revenue(self, obj: CurtailmentVictim) -> str:
+        return money(obj.revenue_forgone, obj.reservation.currency)
 
 
 class CurtailmentTakeInline(ReadOnlyInline):
@@ -606,7 +613,7 @@ class CurtailmentAdmin(admin.ModelAdmin):
         "reservations_notified",
         "reservations_preempted",
         "gpu_hours_forgone",
-        "revenue_forgone",
+        "revenue",
         "short_notice",
         "origin",
         "called_off_at",
@@ -628,6 +635,11 @@ class CurtailmentAdmin(admin.ModelAdmin):
     @admin.display(description="short (MW)")
     def short(self, obj: Curtailment) -> str:
         return _mw(obj.short_mw) if obj.short_kw else "–"
+
+    @admin.display(description="revenue forgone", ordering="revenue_forgone")
+    def revenue(self, obj: Curtailment) -> str:
+        # In the currency's own decimals, as other amounts ("1,500 JPY", "12.00 USD").
+        return money(obj.revenue_forgone, obj.currency)
 
     @admin.display(description="from")
     def origin(self, obj: Curtailment) -> str:
@@ -655,7 +667,12 @@ class CurtailmentAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj=None):
         if obj is None:
             return ()
-        return [f.name for f in Curtailment._meta.fields if f.name != "resold_kw"]
+        names = [f.name for f in Curtailment._meta.fields if f.name != "resold_kw"]
+        return ["revenue" if name == "revenue_forgone" else name for name in names]
+
+    def get_exclude(self, request: HttpRequest, obj=None):
+        # The record's page shows the revenue with its currency (`revenue`), not the number.
+        return ["revenue_forgone"] if obj is not None else super().get_exclude(request, obj)
 
     def get_inlines(self, request, obj=None):
         return self.inlines if obj is not None else []  # victims exist once it is planned

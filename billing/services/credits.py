@@ -367,7 +367,14 @@ def credit_issue(
             action="credit.issue",
             object_type="ledger_entry",
             object_id=entry.public_id,
-            changes={"after": {"amount": str(amount), "currency": currency, "reason": reason}},
+            changes={
+                "after": {
+                    # As credited, in the currency's decimals, not as typed ("25.5000").
+                    "amount": str(from_minor_units(amount_minor, currency)),
+                    "currency": currency,
+                    "reason": reason,
+                }
+            },
         )
     return entry
 

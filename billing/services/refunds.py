@@ -121,7 +121,14 @@ def refund_create(
         action="refund.create",
         object_type="top_up",
         object_id=top_up.public_id,
-        changes={"after": {"refund": str(amount), "currency": top_up.currency, "reason": reason}},
+        changes={
+            "after": {
+                # As refunded, in the currency's decimals, not as typed.
+                "refund": str(from_minor_units(amount_minor, top_up.currency)),
+                "currency": top_up.currency,
+                "reason": reason,
+            }
+        },
     )
     return refund
 

@@ -93,7 +93,13 @@ def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
         action="top_up.create",
         object_type="top_up",
         object_id=top_up.public_id,
-        changes={"after": {"amount": str(amount), "currency": account.currency}},
+        # What is charged, in the currency's decimals ("1000.50"), not as typed ("1000.5000").
+        changes={
+            "after": {
+                "amount": str(from_minor_units(amount_minor, account.currency)),
+                "currency": account.currency,
+            }
+        },
     )
     return top_up
 

@@ -9,6 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 from urllib.parse import urlencode
 
+from django import forms
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
@@ -26,8 +27,8 @@ from marketplace.portal.forms import (
     CancelForm,
     ExtendForm,
     ListingForm,
+    QuoteReserveForm,
     ReservationFilterForm,
-    ReserveForm,
     SearchForm,
 )
 from marketplace.portal.live import progress
@@ -235,7 +236,11 @@ class QuoteCreateView(PortalView, View):
         except ApplicationError as exc:
             show_error(request, exc)
             return redirect(back)
-        return redirect("portal:quote", public_id=quote.public_id)
+        # The search's max price goes with the quote to its page, and from there to the booking.
+        url = reverse("portal:quote", kwargs={"public_id": quote.public_id})
+        if d["max_price_per_gpu_hour"] is not None:
+            url += "?" + urlencode({"max_price_per_gpu_hour": f"{d['max_price_per_gpu_hour']:f}"})
+        return redirect(url)
 
 
 class QuoteView(PortalView, View):
@@ -245,13 +250,21 @@ class QuoteView(PortalView, View):
 
     def get(self, request, public_id):
         quote = quote_get_for_org(organization=self.organization, public_id=public_id)
-        return self._page(request, quote, self._form())
+        asked = request.GET.get("max_price_per_gpu_hour", "")
+        try:
+            max_price = QuoteReserveForm.base_fields["max_price_per_gpu_hour"].clean(asked)
+        except forms.ValidationError:
+            messages.error(request, "That max price could not be read; search again.")
+            return redirect(search_url(**search_params_for_quote(quote)))
+        form = self._form(initial={"max_price_per_gpu_hour": max_price})
+        return self._page(request, quote, form, max_price=max_price)
 
     def post(self, request, public_id):
         quote = quote_get_for_org(organization=self.organization, public_id=public_id)
         form = self._form(request.POST)
         if not form.is_valid():
             return self._page(request, quote, form, status=400)
+        max_price = form.cleaned_data["max_price_per_gpu_hour"]
         try:
             workload = workload_add_saved_ssh_keys(
                 organization=self.organization,
@@ -265,6 +278,7 @@ class QuoteView(PortalView, View):
                 workload=workload,
                 # An automatic recharge only once the customer has seen its amount and said yes.
                 auto_recharge=request.POST.get("confirm_recharge") == "yes",
+                max_price_per_gpu_hour=max_price,
             )
         except PaymentRequired as exc:
             recharge = (
@@ -280,16 +294,17 @@ class QuoteView(PortalView, View):
                 recharge=recharge,
                 payment_required=None if recharge else exc.message,
                 payment_code=exc.code,
+                max_price=max_price,
             )
         except ApplicationError as exc:
             _field_error(form, exc)
-            return self._page(request, quote, form, status=exc.status_code)
+            return self._page(request, quote, form, status=exc.status_code, max_price=max_price)
         messages.success(request, f"Reserved: {reservation.public_id}.")
         return redirect("portal:reservation", public_id=reservation.public_id)
 
-    def _form(self, data=None) -> ReserveForm:
+    def _form(self, data=None, **kwargs) -> QuoteReserveForm:
         saved = ssh_key_list_for_org(organization=self.organization).order_by("name", "pk")
-        return ReserveForm(data, saved_keys=saved)
+        return QuoteReserveForm(data, saved_keys=saved, **kwargs)
 
     def _page(
         self,
@@ -300,6 +315,7 @@ class QuoteView(PortalView, View):
         recharge=None,
         payment_required=None,
         payment_code=None,
+        max_price=None,
     ):
         funding = portal_funding(
             self.membership,
@@ -312,6 +328,8 @@ class QuoteView(PortalView, View):
             ends_at=quote.ends_at,
         )
         params = search_params_for_quote(quote)
+        if max_price is not None:
+            params["max_price_per_gpu_hour"] = f"{max_price:f}"
         back = search_url(**params)
         smaller = search_url(**(params | {"gpu_count": quote.gpu_count // 2, "site": None}))
         return render(
@@ -331,6 +349,7 @@ class QuoteView(PortalView, View):
                 "payment_code": payment_code,
                 "recharge": recharge,
                 "plan": plan_label(quote.tier, quote.term),
+                "max_price": max_price,
             },
             status=status,
         )

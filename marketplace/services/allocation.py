@@ -17,7 +17,6 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db import IntegrityError, OperationalError, connection, transaction
-from django.utils import timezone
 from psycopg.types.range import Range
 
 from config.db import model_columns, model_from_row
@@ -54,12 +53,15 @@ WHERE g.node_id = ANY(%(node_ids)s) AND g.health <> 'failed'
   AND NOT (g.busy && tstzrange(%(starts_at)s, %(ends_at)s, '[)'))
 ORDER BY g.node_id, g.index
 """
-# One statement for all the allocations.
+# One statement for all the allocations. Stamped by the database's clock, in a statement
+# after the node locks: a grid curtailment tells what was booked after its call by comparing
+# this with its own stamp, taken the same way under the same locks, so the two never come
+# from two hosts' clocks (marketplace.services.curtailment).
 _INSERT_SQL = """
 INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live, created_at)
-SELECT %(reservation_id)s, t.gpu_id, t.node_id, %(period)s, true, %(created_at)s
+SELECT %(reservation_id)s, t.gpu_id, t.node_id, %(period)s, true, statement_timestamp()
 FROM unnest(%(gpu_ids)s::bigint[], %(node_ids)s::bigint[]) AS t(gpu_id, node_id)
-RETURNING gpu_id, id
+RETURNING gpu_id, id, created_at
 """
 
 
@@ -253,7 +255,6 @@ def _lock_and_insert(
                 starts_at=period.lower,
                 ends_at=period.upper,
             )
-        now = timezone.now()
         cur.execute(
             _INSERT_SQL,
             {
@@ -261,22 +262,21 @@ def _lock_and_insert(
                 "gpu_ids": gpu_ids,
                 "node_ids": gpu_node_ids,
                 "period": period,
-                "created_at": now,
             },
         )
-        allocation_ids = dict(cur.fetchall())
+        inserted = {gpu_id: (allocation_id, at) for gpu_id, allocation_id, at in cur.fetchall()}
     # As a query loads them (saved, from this database), with the rows in hand attached.
     names = [f.attname for f in Allocation._meta.concrete_fields]
     allocations = []
     for gpu_id, node_id in zip(gpu_ids, gpu_node_ids, strict=True):
         row = {
-            "id": allocation_ids[gpu_id],
+            "id": inserted[gpu_id][0],
             "reservation_id": reservation.pk,
             "gpu_id": gpu_id,
             "node_id": node_id,
             "period": period,
             "is_live": True,
-            "created_at": now,
+            "created_at": inserted[gpu_id][1],
         }
         allocation = Allocation.from_db(connection.alias, names, [row[n] for n in names])
         allocation.reservation, allocation.node = reservation, nodes[node_id]

@@ -49,9 +49,10 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
+from config.currency import money_round
 from config.db import retried_on_deadlock
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
@@ -92,7 +93,6 @@ _NOT_STARTED = (ReservationStatus.PENDING, ReservationStatus.SCHEDULED)
 _PROTECTED_TIERS = (Tier.ON_DEMAND, Tier.RESERVED)
 _ACTOR = "grid curtailment"
 _KW = Decimal("0.001")
-_CENT = Decimal("0.01")
 
 
 @dataclass(frozen=True)
@@ -255,8 +255,23 @@ def curtailment_announce(
         forced_reason=force_reason.strip(),
         currency=settings.CURRENCY,
     )
+    _announced_at_stamp(curtailment)
     _plan(curtailment, site=locked_site, now=now, call_notice=call_notice, user=user)
     return curtailment
+
+
+def _announced_at_stamp(curtailment: Curtailment) -> None:
+    """The call's time on the database's clock, under the site's and its nodes' locks: what was
+    booked (an allocation's created_at) or extended (an extension's `at`) after the call is told
+    apart by comparing stamps of that one clock, each taken under the locks that order the
+    two (never two app hosts' clocks, which may disagree)."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "UPDATE marketplace_curtailment SET announced_at = statement_timestamp() "
+            "WHERE id = %s RETURNING announced_at",
+            [curtailment.pk],
+        )
+        (curtailment.announced_at,) = cur.fetchone()
 
 
 @retried_on_deadlock()
@@ -344,7 +359,9 @@ SELECT %(cid)s, reservation_id, kw, inside, %(now)s FROM live WHERE NOT isempty(
 # not change: `kw` is its GPUs' draw there less what its takes hold then. A reservation's (a
 # resale buyer's: its seller term's) hours count as sold when it was placed after the call was
 # announced (its first allocation is later), or, placed before, those of the extensions made
-# since; what was there before the call is the call's baseline (docs/grid.md).
+# since; what was there before the call is the call's baseline (docs/grid.md). The three
+# stamps come from the database's clock, each read under the node locks that order a booking
+# or an extension and the call (_announced_at_stamp).
 _NEW_HOURS_OWED_CTE = """
 WITH fresh AS (
     SELECT tstzmultirange(tstzrange(%(lo)s, %(hi)s, '[)'))
@@ -784,9 +801,7 @@ def _victim_record(
             else CurtailmentVictim.Outcome.NOTICED
         ),
         gpu_hours_forgone=hours.quantize(_KW, rounding=ROUND_HALF_UP),
-        revenue_forgone=(hours * reservation.price_per_gpu_hour).quantize(
-            _CENT, rounding=ROUND_HALF_UP
-        ),
+        revenue_forgone=money_round(hours * reservation.price_per_gpu_hour, reservation.currency),
         chosen_at=now,
     )
 
@@ -854,7 +869,9 @@ def _totals(curtailment: Curtailment, *, now: datetime) -> None:
     """The record's figures from its victims in effect (short of the target counts the load
     sold in the window since, which must be shed too)."""
     live = list(
-        CurtailmentVictim.objects.filter(curtailment=curtailment, withdrawn_at__isnull=True)
+        CurtailmentVictim.objects.filter(
+            curtailment=curtailment, withdrawn_at__isnull=True
+        ).annotate(currency=F("reservation__currency"))
     )
     since = curtailment.preempt_at or curtailment.shed_at
     shedding = list(_shedding(curtailment.pk, since=since, until=curtailment.until))
@@ -875,6 +892,15 @@ def _totals(curtailment: Curtailment, *, now: datetime) -> None:
     curtailment.reservations_preempted = len(live) - curtailment.reservations_notified
     curtailment.gpu_hours_forgone = sum((v.gpu_hours_forgone for v in live), Decimal(0))
     curtailment.revenue_forgone = sum((v.revenue_forgone for v in live), Decimal(0))
+    currencies = {v.currency for v in live}
+    if len(currencies) == 1:  # the victims' prices' currency, not the platform's default
+        curtailment.currency = currencies.pop()
+    elif currencies:
+        logger.warning(
+            "curtailment %s: victims priced in %s; its revenue total mixes currencies",
+            curtailment.pk,
+            ", ".join(sorted(currencies)),
+        )
     curtailment.save()
 
 

@@ -463,12 +463,13 @@ FROM inventory_node n JOIN inventory_site s ON s.id = n.site_id
 WHERE n.id = %(node)s
 FOR UPDATE OF n
 """
+# Stamped by the database's clock, after the node lock (marketplace.services.allocation).
 _INSERT_SQL = """
 INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live, created_at)
-SELECT t.rid, t.gpu_id, %(node)s, tstzrange(t.lo, t.hi, '[)'), true, %(now)s
+SELECT t.rid, t.gpu_id, %(node)s, tstzrange(t.lo, t.hi, '[)'), true, statement_timestamp()
 FROM unnest(%(rids)s::bigint[], %(gpu_ids)s::bigint[], %(los)s::timestamptz[],
             %(his)s::timestamptz[]) AS t(rid, gpu_id, lo, hi)
-RETURNING id, reservation_id, gpu_id
+RETURNING id, reservation_id, gpu_id, created_at
 """
 
 
@@ -632,7 +633,6 @@ def _listed_gpus_move(
             _INSERT_SQL,
             {
                 "node": listing.node_id,
-                "now": now,
                 "rids": rids,
                 "gpu_ids": gpu_ids,
                 "los": los,
@@ -727,7 +727,7 @@ def _buyer_allocations(
     gpus_by_id = Gpu.objects.in_bulk(gpus)
     names = [f.attname for f in Allocation._meta.concrete_fields]
     allocations = []
-    for allocation_id, reservation_id, gpu_id in inserted:
+    for allocation_id, reservation_id, gpu_id, created_at in inserted:
         if reservation_id != buyer.pk:
             continue
         row = {
@@ -737,7 +737,7 @@ def _buyer_allocations(
             "node_id": node.pk,
             "period": Range(starts_at, ends_at, "[)"),
             "is_live": True,
-            "created_at": now,
+            "created_at": created_at,
         }
         allocation = Allocation.from_db(connection.alias, names, [row[n] for n in names])
         allocation.reservation, allocation.node, allocation.gpu = buyer, node, gpus_by_id[gpu_id]
@@ -1109,7 +1109,6 @@ def _sold_gpus_return(
             _INSERT_SQL,
             {
                 "node": listing.node_id,
-                "now": timezone.now(),
                 "rids": [seller.pk] * len(new_gpus),
                 "gpu_ids": new_gpus,
                 "los": new_los,

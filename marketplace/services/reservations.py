@@ -28,7 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from config.currency import money_round
-from config.db import model_insert
+from config.db import model_insert, retried_on_deadlock
 from config.errors import (
     Conflict,
     InvalidTransition,
@@ -872,7 +872,10 @@ def extension_terms(
     )
 
 
-@transaction.atomic
+# A curtailment being planned locks a site's nodes, then the reservations on them; an extension
+# holds its reservation and waits for its nodes: PostgreSQL breaks such a cycle by failing one
+# side, and either side runs again (as the curtailment does).
+@retried_on_deadlock()
 def reservation_extend(
     *,
     reservation: Reservation,
@@ -887,10 +890,13 @@ def reservation_extend(
     lengthened it and when, as it shows who cancelled it.
     """
     locked = Reservation.objects.select_for_update().get(pk=reservation.pk)
-    now = timezone.now()
+    gpus = _gpus_at_end(locked)
+    # Its time is read once the node locks are held (a curtailment planned meanwhile has
+    # committed), from the database's clock: the one a curtailment's call is stamped by.
+    now = _extension_nodes_lock(gpus)
     terms = extension_terms(locked, new_ends_at, at=now)
     old_end, old_total = locked.ends_at, locked.total_amount
-    _extension_gpus_check(reservation=locked, new_ends_at=new_ends_at)
+    _extension_gpus_check(reservation=locked, gpus=gpus, new_ends_at=new_ends_at)
     _allocations_lengthen(reservation=locked, new_ends_at=new_ends_at)
     _reservation_lengthen(reservation=locked, terms=terms, now=now)
     # The extra time is priced as the original was and passes the same gate (a hold for it;
@@ -904,10 +910,30 @@ def reservation_extend(
     return locked
 
 
-def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) -> None:
+# The nodes locked in id order, then the database's clock read: the count consumes every
+# locked row before the one row it feeds is made, so clock_timestamp() is read once all the
+# locks are held (statement_timestamp() would be the statement's start, before any wait).
+_NODES_LOCK_SQL = """
+WITH locked AS (SELECT id FROM inventory_node WHERE id = ANY(%s) ORDER BY id FOR UPDATE)
+SELECT clock_timestamp() FROM (SELECT count(*) FROM locked) AS held
+"""
+
+
+def _extension_nodes_lock(gpus: list[tuple[int, int]]) -> datetime:
+    """Lock the nodes of the GPUs held at the end, in the order placement locks them (node
+    locks first, then the billing account's), so extending and booking cannot deadlock;
+    returns the database's time once they are held."""
+    with connection.cursor() as cur:
+        cur.execute(_NODES_LOCK_SQL, [sorted({node_id for _, node_id in gpus})])
+        return cur.fetchone()[0]
+
+
+def _extension_gpus_check(
+    *, reservation: Reservation, gpus: list[tuple[int, int]], new_ends_at: datetime
+) -> None:
     """NotAvailable unless the reservation's GPUs can also serve [its end, new_ends_at): their
-    nodes taking work, no maintenance, no failed GPU, no other booking. Locks the nodes."""
-    gpus = _gpus_at_end(reservation)
+    nodes taking work, no maintenance, no failed GPU, no other booking. Under the node locks
+    (_extension_nodes_lock)."""
     node_ids = sorted({node_id for _, node_id in gpus})
     old_end = reservation.ends_at
     params = {
@@ -918,10 +944,6 @@ def _extension_gpus_check(*, reservation: Reservation, new_ends_at: datetime) ->
         "new_end": new_ends_at,
     }
     with connection.cursor() as cur:
-        # Same lock order as placement, so extending and booking cannot deadlock.
-        cur.execute(
-            "SELECT id FROM inventory_node WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [node_ids]
-        )
         cur.execute(_NODES_BLOCKED_SQL, params)
         for hostname, node_status, site_status, maintenance_from, gpu_failed in cur.fetchall():
             if node_status != "available" or site_status != "active" or gpu_failed:
@@ -979,7 +1001,8 @@ WITH lengthened AS (
     RETURNING id
 )
 INSERT INTO marketplace_allocation (reservation_id, gpu_id, node_id, period, is_live, created_at)
-SELECT %(rid)s, g.gpu_id, l.node_id, tstzrange(%(old_end)s, %(new_end)s, '[)'), true, now()
+SELECT %(rid)s, g.gpu_id, l.node_id, tstzrange(%(old_end)s, %(new_end)s, '[)'), true,
+       statement_timestamp()
 FROM marketplace_resalelisting l CROSS JOIN LATERAL unnest(l.gpu_ids) AS g(gpu_id)
 WHERE l.reservation_id = %(rid)s AND l.status = 'sold' AND l.ends_at = %(old_end)s
 """
