@@ -61,10 +61,11 @@ VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT ON CONSTRAINT idempotency_key_unique DO NOTHING
 RETURNING id
 """
-# The body goes in as the JSON text already rendered (not re-encoded from Python objects).
+# The body goes in as the JSON text already rendered, kept as text: a replay sends the same
+# bytes (jsonb would reorder the keys and drop duplicate whitespace choices).
 _COMPLETE_SQL = """
 UPDATE marketplace_idempotencyrecord
-SET response_status = %s, response_body = %s::jsonb, completed_at = %s
+SET response_status = %s, response_body = %s, completed_at = %s
 WHERE id = %s
 """
 

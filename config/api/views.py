@@ -15,6 +15,7 @@ import functools
 
 from django import forms
 from django.db import transaction
+from django.http import HttpResponse
 from django.utils.cache import add_never_cache_headers
 from django_filters.rest_framework import DjangoFilterBackend
 from rest_framework import exceptions, serializers
@@ -217,12 +218,14 @@ class ApiView(GenericAPIView):
 
     def handle_exception(self, exc: Exception) -> Response:
         if isinstance(exc, idempotency.IdempotentReplay):
+            # The stored bytes as they were sent, not re-rendered from parsed JSON.
             record = exc.record
-            return Response(
-                record.response_body,
-                status=record.response_status,
-                headers={idempotency.REPLAYED_HEADER: "true"},
-            )
+            response = HttpResponse(status=record.response_status)
+            if record.response_body is not None:
+                response.content = record.response_body.encode()
+                response["Content-Type"] = "application/json"
+            response[idempotency.REPLAYED_HEADER] = "true"
+            return response
         try:
             return super().handle_exception(exc)
         except Exception:

@@ -216,7 +216,7 @@ def test_it_waits_and_retries_while_the_same_request_is_still_in_flight(world):
     def finish():
         time.sleep(0.6)
         IdempotencyRecord.objects.filter(pk=record.pk).update(
-            response_status=200, response_body=stored
+            response_status=200, response_body=json.dumps(stored)
         )
 
     thread = threading.Thread(target=finish)

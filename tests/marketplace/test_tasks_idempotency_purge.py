@@ -21,7 +21,7 @@ def _record(org, key: str, age: timedelta) -> IdempotencyRecord:
         key=key,
         request_hash="0" * 64,
         response_status=201,
-        response_body={"id": key},
+        response_body=f'{{"id": "{key}"}}',
     )
     IdempotencyRecord.objects.filter(pk=record.pk).update(created_at=timezone.now() - age)
     return record
