@@ -39,7 +39,7 @@ from billing.services.accounts import (
 )
 from billing.services.credits import credit_issue
 from billing.services.refunds import refund_create
-from config.admin_base import ReadOnlyAdmin, currency_clean
+from config.admin_base import FleetScaleAdmin, ReadOnlyAdmin, currency_clean
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
 from marketplace.portal.fields import PortalAmountField
@@ -309,7 +309,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
 
 
 @admin.register(LedgerEntry)
-class LedgerEntryAdmin(ReadOnlyAdmin):
+class LedgerEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = ("created_at", "organization", "kind", "amount_minor", "currency", "reservation")
     list_filter = ("kind",)
     search_fields = ("organization__name", "idempotency_key", "description")
@@ -317,7 +317,7 @@ class LedgerEntryAdmin(ReadOnlyAdmin):
 
 
 @admin.register(Hold)
-class HoldAdmin(ReadOnlyAdmin):
+class HoldAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """What bookings hold against balances until the meter charges them or they end."""
 
     list_display = ("created_at", "organization", "reservation", "amount_minor",
@@ -328,7 +328,7 @@ class HoldAdmin(ReadOnlyAdmin):
 
 
 @admin.register(TopUp)
-class TopUpAdmin(ReadOnlyAdmin):
+class TopUpAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = ("id", "organization", "amount_minor", "currency", "automatic", "status",
                     "stripe_payment_intent_id", "refund_link")  # fmt: skip
     list_filter = ("status", "automatic")
@@ -389,7 +389,7 @@ class RefundAdmin(ReadOnlyAdmin):
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(ReadOnlyAdmin):
+class OutboxMessageAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = (
         "id",
         "kind",
@@ -404,7 +404,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
 
 
 @admin.register(WebhookEvent)
-class WebhookEventAdmin(ReadOnlyAdmin):
+class WebhookEventAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = ("stripe_event_id", "type", "received_at", "processed_at", "error")
     list_filter = ("type",)
     search_fields = ("stripe_event_id",)
@@ -431,7 +431,7 @@ class PaymentMethodAdmin(ReadOnlyAdmin):
 
 
 @admin.register(UsageAggregate)
-class UsageAggregateAdmin(ReadOnlyAdmin):
+class UsageAggregateAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = (
         "id",
         "organization",
@@ -443,6 +443,6 @@ class UsageAggregateAdmin(ReadOnlyAdmin):
 
 
 @admin.register(BillingNotice)
-class BillingNoticeAdmin(ReadOnlyAdmin):
+class BillingNoticeAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = ("created_at", "organization", "kind", "message")
     list_filter = ("kind",)

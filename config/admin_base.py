@@ -3,7 +3,10 @@ look at and never edit."""
 
 from django import forms
 from django.contrib import admin
+from django.core.paginator import Paginator
+from django.db import connections
 from django.db.models import URLField
+from django.utils.functional import cached_property
 
 from config.currency import currency_refusal
 
@@ -16,6 +19,39 @@ def currency_clean(value: str) -> str:
     if refusal:
         raise forms.ValidationError(refusal)
     return code
+
+
+class EstimatedCountPaginator(Paginator):
+    """A list of a fleet-sized table, unfiltered, is counted from the planner's estimate
+    (pg_class.reltuples, kept by autovacuum) instead of a COUNT(*) that reads every row: a
+    million allocations took 0.2 s a count. A filtered or searched list, or a small table,
+    is counted exactly."""
+
+    exact_below = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        query = getattr(self.object_list, "query", None)
+        if query is not None and not query.where and not query.distinct:
+            model = self.object_list.model
+            with connections[self.object_list.db].cursor() as cursor:
+                cursor.execute(
+                    "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                    [model._meta.db_table],
+                )
+                row = cursor.fetchone()
+            if row is not None and row[0] >= self.exact_below:
+                return row[0]
+        return super().count
+
+
+class FleetScaleAdmin(admin.ModelAdmin):
+    """The list of a table that grows with the fleet (GPUs, reservations, allocations, the
+    ledger): counted by estimate when unfiltered, and never counted twice (the "N total"
+    beside a filtered count is a second COUNT(*) over the whole table)."""
+
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
 
 
 class ReadOnlyInline(admin.TabularInline):

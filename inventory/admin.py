@@ -19,6 +19,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from config.admin_base import FleetScaleAdmin
 from config.errors import ApplicationError
 from inventory import grid_prices, services, telemetry
 from inventory.burn_in import burn_in_request
@@ -225,7 +226,7 @@ class PriceZoneAdmin(admin.ModelAdmin):
 
 
 @admin.register(ZonePrice)
-class ZonePriceAdmin(admin.ModelAdmin):
+class ZonePriceAdmin(FleetScaleAdmin):
     """Written by the feeds (CSV upload, the API); read-only here so every price has a source."""
 
     list_display = ["zone", "starts_at", "ends_at", "price_per_mwh", "currency", "source",
@@ -361,7 +362,7 @@ class NodeTokenInline(admin.TabularInline):
 
 
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(FleetScaleAdmin):
     list_display = [
         "hostname",
         "site",
@@ -534,7 +535,7 @@ class GpuHealthChangeInline(admin.TabularInline):
 
 
 @admin.register(Gpu)
-class GpuAdmin(admin.ModelAdmin):
+class GpuAdmin(FleetScaleAdmin):
     list_display = [
         "__str__",
         "node",
@@ -617,7 +618,7 @@ def _burn_in(request, targets: dict) -> None:
 
 
 @admin.register(BurnIn)
-class BurnInAdmin(admin.ModelAdmin):
+class BurnInAdmin(FleetScaleAdmin):
     """Burn-in runs and their output: read-only (queued from the node and GPU actions)."""
 
     list_display = ["id", "node", "gpu_indexes", "status", "exit_code", "timed_out", "created_at",
@@ -692,7 +693,7 @@ class OutageForm(forms.ModelForm):
 
 
 @admin.register(Outage)
-class OutageAdmin(admin.ModelAdmin):
+class OutageAdmin(FleetScaleAdmin):
     """Outages are records that bills and SLA credits are computed from: staff record one that
     happened (a hardware fault, say) and close it, never delete one or move its start. A
     heartbeat outage is the sweeper's: it opens when a node goes silent and only the node's
@@ -713,7 +714,13 @@ class OutageAdmin(admin.ModelAdmin):
         if obj is None:
             return []
         fixed = ["node", "gpu", "cause", "started_at"]
-        return [*fixed, "ended_at"] if obj.cause == OutageCause.HEARTBEAT_MISSED else fixed
+        # An open outage of one GPU is its failure's (staff cannot open one here): it ends
+        # when the GPU is returned to service, which also puts the GPU back on sale. Ended by
+        # hand, the GPU would stay failed with its outage over, its downtime cut short.
+        gpu_failure_open = obj.gpu_id is not None and obj.ended_at is None
+        if obj.cause == OutageCause.HEARTBEAT_MISSED or gpu_failure_open:
+            return [*fixed, "ended_at"]
+        return fixed
 
     def formfield_for_choice_field(self, db_field, request, **kwargs):
         if db_field.name == "cause":
@@ -818,7 +825,7 @@ class MaintenanceWindowAdmin(admin.ModelAdmin):
 
 
 @admin.register(StatusChange)
-class StatusChangeAdmin(admin.ModelAdmin):
+class StatusChangeAdmin(FleetScaleAdmin):
     """The audit trail: read-only."""
 
     list_display = ["at", "target", "from_status", "to_status", "actor_label", "reason"]

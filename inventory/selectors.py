@@ -6,8 +6,8 @@ import time
 from datetime import UTC, date, datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce, TruncDate
 
 from inventory.models import FleetMinute, Gpu, GpuHealth, Node, NodeStatus, Site, ZonePrice
 
@@ -60,10 +60,20 @@ def agent_heartbeat_seconds_clear() -> None:
 
 
 def site_list_with_capacity() -> QuerySet[Site]:
-    """Sites annotated with GPU totals: gpu_total and gpu_available (on available nodes)."""
+    """Sites annotated with GPU totals: gpu_total and gpu_available (on available nodes).
+
+    Each a subquery per site, not a Count over a join: the join grouped every GPU of the
+    fleet under every query on this queryset (its count, the admin's filters' choices), 1-2 s
+    at 100,000 GPUs; a subquery runs only for the rows shown, and not at all in a count."""
+    per_site = Gpu.objects.filter(node__site=OuterRef("pk")).order_by().values("node__site")
+
+    def gpus(queryset: QuerySet) -> Coalesce:
+        counted = queryset.annotate(n=Count("pk")).values("n")
+        return Coalesce(Subquery(counted, output_field=IntegerField()), 0)
+
     return Site.objects.annotate(
-        gpu_total=Count("nodes__gpus"),
-        gpu_available=Count("nodes__gpus", filter=Q(nodes__status=NodeStatus.AVAILABLE)),
+        gpu_total=gpus(per_site),
+        gpu_available=gpus(per_site.filter(node__status=NodeStatus.AVAILABLE)),
     )
 
 

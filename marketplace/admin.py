@@ -13,7 +13,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.models import User
-from django.db.models import Model, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
@@ -21,9 +21,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from config.admin_base import ReadOnlyAdmin, ReadOnlyInline, currency_clean
+from config.admin_base import FleetScaleAdmin, ReadOnlyAdmin, ReadOnlyInline, currency_clean
 from config.errors import ApplicationError
 from inventory.admin import NodeAdmin
+from inventory.models import Node
 from marketplace.models import (
     AgentJob,
     Allocation,
@@ -296,7 +297,7 @@ class PricingPolicyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Quote)
-class QuoteAdmin(ReadOnlyAdmin):
+class QuoteAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = [
         "public_id",
         "organization",
@@ -368,7 +369,7 @@ class AgentJobInline(ReadOnlyInline):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(admin.ModelAdmin):
+class ReservationAdmin(FleetScaleAdmin):
     list_display = [
         "public_id",
         "organization",
@@ -384,7 +385,11 @@ class ReservationAdmin(admin.ModelAdmin):
     ]
     list_filter = ["status", "tier", "site", "gpu_model"]
     search_fields = ["public_id", "organization__name", "organization__public_id"]
+    search_help_text = "A reservation id or its start (res_…), or an organisation's name or id."
     list_select_related = ["organization", "gpu_model", "site"]
+    # Newest first by id, the order they were booked in: the model's (-created_at, -id) has
+    # no index of its own, so each page sorted every reservation (0.45 s at 125,000).
+    ordering = ["-pk"]
     date_hierarchy = "starts_at"
     inlines = [TransitionInline, AllocationInline, OutageInline, AgentJobInline]
     actions = ["cancel"]
@@ -421,6 +426,20 @@ class ReservationAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False  # reservations are made through the booking service, never by hand
+
+    def get_search_results(self, request, queryset, search_term):
+        # Indexed lookups only: a reservation id by its start (the id's pattern index), or the
+        # organisations matched first in their own small table. A substring of every
+        # reservation's id read the whole table.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        organizations = Organization.objects.filter(
+            Q(name__icontains=term) | Q(public_id=term)
+        ).values_list("pk", flat=True)
+        return queryset.filter(
+            Q(public_id__startswith=term) | Q(organization_id__in=list(organizations[:100]))
+        ), False
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
@@ -757,11 +776,23 @@ class DemandResponseEventAdmin(admin.ModelAdmin):
 
 
 @admin.register(Allocation)
-class AllocationAdmin(admin.ModelAdmin):
+class AllocationAdmin(FleetScaleAdmin):
     list_display = ["reservation", "gpu", "node", "period", "is_live"]
     list_filter = ["is_live"]
     search_fields = ["reservation__public_id", "node__hostname"]
+    search_help_text = "A reservation's id (res_…) or a node's hostname, exactly."
     list_select_related = ["reservation", "gpu__node", "node"]
+
+    def get_search_results(self, request, queryset, search_term):
+        # The reservation and the node are looked up by their unique keys first, then their
+        # allocations through the foreign-key indexes: a substring search joined and read
+        # every allocation (4.6 s at a million).
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        reservations = list(Reservation.objects.filter(public_id=term).values_list("pk", flat=True))
+        nodes = list(Node.objects.filter(hostname=term).values_list("pk", flat=True))
+        return queryset.filter(Q(reservation_id__in=reservations) | Q(node_id__in=nodes)), False
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -774,7 +805,7 @@ class AllocationAdmin(admin.ModelAdmin):
 
 
 @admin.register(ProvisioningAttempt)
-class ProvisioningAttemptAdmin(ProvisioningRecordAdmin):
+class ProvisioningAttemptAdmin(FleetScaleAdmin, ProvisioningRecordAdmin):
     list_display = [
         "id",
         "reservation_link",
@@ -795,7 +826,7 @@ class ProvisioningAttemptAdmin(ProvisioningRecordAdmin):
 
 
 @admin.register(AgentJob)
-class AgentJobAdmin(ProvisioningRecordAdmin):
+class AgentJobAdmin(FleetScaleAdmin, ProvisioningRecordAdmin):
     list_display = [
         "id",
         "kind",
@@ -864,7 +895,7 @@ class ReservationOutageAdmin(ProvisioningRecordAdmin):
 
 
 @admin.register(Event)
-class EventAdmin(ReadOnlyAdmin):
+class EventAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """What integrators see in GET /events and receive by webhook; written by the services."""
 
     list_display = ["public_id", "type", "object_id", "organization", "created_at"]
@@ -892,7 +923,7 @@ class WebhookAttemptInline(ReadOnlyInline):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(ReadOnlyAdmin):
+class WebhookDeliveryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = ["public_id", "event", "endpoint", "status", "attempts", "next_attempt_at"]
     list_filter = ["status"]
     search_fields = ["public_id", "event__public_id", "endpoint__public_id", "endpoint__url"]
@@ -920,7 +951,7 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
 
 
 @admin.register(AuditEntry)
-class AuditEntryAdmin(ReadOnlyAdmin):
+class AuditEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """Append-only (the database refuses changes); staff read it."""
 
     list_display = ["created_at", "organization", "actor", "action", "object_id", "ip_address"]
@@ -947,7 +978,8 @@ class NodeReservationsInline(admin.TabularInline):
             super()
             .get_queryset(request)
             .filter(is_live=True)
-            .select_related("reservation__organization", "gpu")
+            # The GPU's name is its node's hostname and index: one query, not one per row.
+            .select_related("reservation__organization", "gpu__node")
             .order_by("reservation__ends_at", "reservation_id", "gpu__index")
         )
 
