@@ -53,6 +53,33 @@ def handler404(request, exception):
     return defaults.page_not_found(request, exception)
 
 
+def handler400(request, exception):
+    # Django refuses some requests before any view runs (a query string or form over
+    # DATA_UPLOAD_MAX_NUMBER_FIELDS, a Host not in ALLOWED_HOSTS): under /api/, in the error shape.
+    if request.path.startswith("/api/"):
+        code, message = _BAD_REQUESTS.get(
+            type(exception).__name__, ("bad_request", "The request is malformed.")
+        )
+        return JsonResponse(
+            {
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": code,
+                    "field": None,
+                    "message": message,
+                }
+            },
+            status=400,
+        )
+    return defaults.bad_request(request, exception)
+
+
+_BAD_REQUESTS = {
+    "TooManyFieldsSent": ("too_many_fields", "Too many query or form parameters."),
+    "DisallowedHost": ("invalid_host", "The Host header names no host this server answers for."),
+}
+
+
 def handler500(request):
     # An outage raised outside a view (the session or user loaded in middleware) is a 503 too.
     outage = outage_response(request, sys.exc_info()[1])

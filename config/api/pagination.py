@@ -33,6 +33,20 @@ class NewestFirstCursorPagination(CursorPagination):
             )
         return limit
 
+    def get_schema_operation_parameters(self, view):
+        # The bounds get_page_size() enforces, so a client (or a fuzzer) reading the schema
+        # does not send a limit it is then refused for.
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["description"] = (
+                    f"Results per page, 1 to {self.max_page_size} (default {self.page_size})."
+                )
+                parameter["schema"].update(
+                    minimum=1, maximum=self.max_page_size, default=self.page_size
+                )
+        return parameters
+
     def decode_cursor(self, request):
         # DRF answers a bad cursor with 404; it is bad input, so say so.
         try:

@@ -1,9 +1,9 @@
 """The base view every public API endpoint inherits from.
 
 Per request, in this order: authenticate → count against the rate limit (even when
-authentication failed, so guessing keys costs requests) → key scope → organisation and role →
-the query string's names → claim the Idempotency-Key (POST) → the handler, inside one
-transaction with the stored response → rate-limit headers on the way out.
+authentication failed, so guessing keys costs requests) → the method (405) → key scope →
+organisation and role → the query string's names → claim the Idempotency-Key (POST) → the
+handler, inside one transaction with the stored response → rate-limit headers on the way out.
 
 A query parameter the operation does not take is refused (400 unknown_parameter), as an
 unknown field of a JSON body is: `?stauts=active` would otherwise list every reservation. An
@@ -34,7 +34,7 @@ from marketplace.audit import audit_actor_set
 from marketplace.auth import ApiKeyUser
 from marketplace.models import RESERVING_ROLES, ApiKeyScope, Role
 
-__all__ = ["ApiView", "FILTERED", "validated_input"]
+__all__ = ["ApiView", "FILTERED", "method_allowed_check", "validated_input"]
 
 FILTERED = (DjangoFilterBackend,)
 
@@ -92,6 +92,7 @@ class ApiView(GenericAPIView):
             self.perform_authentication(request)
         finally:
             self.check_throttles(request)
+        method_allowed_check(self, request)
         self.check_permissions(request)
         self._check_key_scope(request)
         if self.requires_organization:
@@ -323,6 +324,15 @@ def _query_params_repeatable(view_class: type[ApiView], method: str) -> frozense
             if issubclass(declared.field_class, forms.MultipleChoiceField):
                 names.add(name)
     return frozenset(names)
+
+
+def method_allowed_check(view, request: Request) -> None:
+    """405 (with Allow) for a method the endpoint has no handler for, before any scope or role
+    check: DRF dispatches on the method only after those, so a PUT with a read-only key was
+    told to get another scope, and one with a key where a session is needed to sign in."""
+    method = request.method.lower()
+    if method not in view.http_method_names or not hasattr(view, method):
+        raise exceptions.MethodNotAllowed(request.method)
 
 
 def validated_input(serializer_class, data, **kwargs) -> dict:

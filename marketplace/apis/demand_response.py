@@ -10,14 +10,15 @@ from decimal import Decimal
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import authentication, exceptions, permissions, serializers
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.api.parsers import JSONParser
 from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.throttling import ApiRateThrottle
+from config.api.views import method_allowed_check
 from config.db import retried_on_deadlock
 from marketplace.models import Curtailment, DemandResponseEvent, DemandResponseSource
 from marketplace.services.demand_response import (
@@ -182,6 +183,11 @@ class DemandResponseApi(APIView):
     permission_classes = [IsDemandResponseSource]
     throttle_classes = [ApiRateThrottle]
     parser_classes = [JSONParser]
+
+    def initial(self, request: Request, *args, **kwargs) -> None:
+        # A GET here is 405, not 401 for its missing signature: no signature makes it right.
+        method_allowed_check(self, request)
+        super().initial(request, *args, **kwargs)
 
     @extend_schema(
         operation_id="grid_demand_response",

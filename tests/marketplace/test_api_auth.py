@@ -148,9 +148,60 @@ def test_unknown_api_paths_answer_in_the_error_shape(client_key):
     assert_error(client_key.get("/api/v1/no-such-thing"), 404, "not_found")
 
 
+def test_requests_django_refuses_before_any_view_answer_in_the_error_shape(client_key, settings):
+    # A query string over DATA_UPLOAD_MAX_NUMBER_FIELDS, or an unknown Host, was Django's HTML
+    # "Bad Request (400)" page.
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 5
+    many = "&".join(f"p{i}=1" for i in range(6))
+    response = client_key.get(f"{URL}?{many}")
+    assert assert_error(response, 400, "too_many_fields")["type"] == "invalid_request_error"
+    assert response["Content-Type"] == "application/json"
+    assert_error(client_key.get(URL, HTTP_HOST="evil.example"), 400, "invalid_host")
+    # Outside the API, Django's own page as before.
+    assert client_key.get(f"/dashboard?{many}").status_code == 400
+    assert client_key.get(f"/dashboard?{many}")["Content-Type"].startswith("text/html")
+
+
 def test_a_wrong_method_answers_405_in_the_error_shape(client_key):
     error = assert_error(client_key.delete(URL), 405, "method_not_allowed")
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("scopes", "method", "path", "allow"),
+    [
+        # A read-only key was told it needed the write scope, which would not have helped.
+        (["read"], "put", "/api/v1/reservations", "GET, POST, HEAD, OPTIONS"),
+        # A key where only people may act was told to sign in, which would not have helped.
+        (["read", "write"], "put", "/api/v1/api-keys", "GET, POST, HEAD, OPTIONS"),
+        (
+            ["read", "write"],
+            "get",
+            "/api/v1/organization/invitations/inv_x/revoke",
+            "POST, OPTIONS",
+        ),
+        (["read", "write"], "post", "/api/v1/billing/settings", "PATCH, OPTIONS"),
+    ],
+)
+def test_a_method_the_endpoint_does_not_take_is_405_before_scope_and_role(
+    org, scopes, method, path, allow
+):
+    client = key_client(org, scopes=scopes)
+    response = getattr(client, method)(path, {}, format="json")
+    assert_error(response, 405, "method_not_allowed")
+    assert response["Allow"] == allow
+    assert response["X-RateLimit-Remaining"]  # counted like any other request
+    assert Reservation.objects.count() == 0
+
+
+def test_a_method_the_endpoint_takes_is_still_refused_by_scope_and_role(org, owner):
+    read_only = key_client(org, scopes=[ApiKeyScope.READ])
+    assert_error(read_only.post("/api/v1/quotes", {}, format="json"), 403, "insufficient_scope")
+    key = key_client(org)
+    assert_error(
+        key.post("/api/v1/api-keys", {"name": "x"}, format="json"), 403, "session_required"
+    )
+    assert ApiKey.objects.count() == 2  # the two test keys, no other
 
 
 def test_a_form_encoded_body_answers_415_in_the_error_shape(owner):

@@ -165,3 +165,15 @@ def test_amounts_are_read_only_decimal_strings_and_rates_keep_four_places():
         rate = components[component]["properties"]["price_per_gpu_hour"]
         assert (rate["type"], rate["format"]) == ("string", "decimal")
         assert rate["pattern"] == r"^-?\d{0,8}(?:\.\d{0,4})?$"
+
+
+def test_every_paged_list_documents_the_limits_it_enforces():
+    """A fuzz read `limit` as any integer and sent 0, which is refused (400 invalid_limit)."""
+    paged = 0
+    for url, method, operation in _operations():
+        for parameter in operation.get("parameters", []):
+            if parameter["name"] == "limit" and parameter["in"] == "query":
+                schema = parameter["schema"]
+                assert (schema["minimum"], schema["maximum"], schema["default"]) == (1, 100, 25)
+                paged += 1
+    assert paged >= 10

@@ -353,3 +353,31 @@ def test_a_call_chosen_as_a_deadlock_victim_is_taken_again(fleet, source, monkey
     assert response.status_code == 201 and len(attempts) == 2
     assert Curtailment.objects.count() == 1 and DemandResponseNonce.objects.count() == 1
     assert _live_victims(Curtailment.objects.get()) == {fleet["r2"].pk}
+
+
+def test_a_key_given_twice_in_a_signed_call_is_a_clear_400_and_changes_nothing(fleet, source):
+    # Read as its last value, the first "target_mw" the sender's logs show would not be the
+    # megawatts shed.
+    raw = json.dumps(_call()).replace(
+        '"target_mw": "0.002"', '"target_mw": "0.002", "target_mw": "9"'
+    )
+    ts = str(int(time.time()))
+    digest = demand_response_signature(secret=source.secret, timestamp=ts, body=raw.encode())
+    response = HttpsAPIClient().post(
+        URL, raw, content_type="application/json", HTTP_X_DR_SOURCE=source.name,
+        HTTP_X_DR_TIMESTAMP=ts, HTTP_X_DR_SIGNATURE=f"sha256={digest}",
+    )  # fmt: skip
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "duplicate_field"
+    assert response.json()["error"]["field"] == "target_mw"
+    _nothing_written()
+
+
+@pytest.mark.parametrize("method", ["get", "put", "delete"])
+def test_a_method_the_endpoint_does_not_take_is_405_signed_or_not(fleet, source, method):
+    # Not 401 for the missing signature: signing a GET would not make it right.
+    response = getattr(HttpsAPIClient(), method)(URL)
+    assert response.status_code == 405, response.content
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response["Allow"] == "POST, OPTIONS"
+    _nothing_written()
