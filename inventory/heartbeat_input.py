@@ -10,8 +10,6 @@ error keeps its exact wording and shape. tests/inventory/test_heartbeat_input.py
 two to the same answers.
 """
 
-import math
-
 __all__ = ["heartbeat_fast_validate"]
 
 _READINGS = {  # float fields: (min, max)
@@ -68,9 +66,9 @@ def _gpu(item) -> dict:
     for name, (low, high) in _READINGS.items():
         value = item.get(name)
         if value is not None:
-            if type(value) not in (int, float) or not math.isfinite(value):
-                raise _Unusual
-            if not low <= value <= high:
+            # The range first: NaN and infinities fail it, and so does an integer too large
+            # for a float (math.isfinite would raise OverflowError on it).
+            if type(value) not in (int, float) or not low <= value <= high:
                 raise _Unusual
             value = float(value)
         out[name] = value

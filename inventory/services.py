@@ -14,6 +14,7 @@ node to service.
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -486,7 +487,14 @@ def node_heartbeat_read(node: Node) -> HeartbeatRead:
         return _heartbeat_read(cursor.fetchone())
 
 
+# The shape node_token_issue draws: nt_, 8 hex digits, _, then token_urlsafe's alphabet.
+_TOKEN_SHAPE = re.compile(r"nt_[0-9a-f]{8}_[A-Za-z0-9_-]{1,128}", re.ASCII)
+
+
 def _token_read(sql: str, secret: str) -> list[tuple]:
+    if not _TOKEN_SHAPE.fullmatch(secret):
+        # Not one we issued: no lookup (a NUL in the header would be a DataError, a 500).
+        return []
     # Every agent request makes this read: SQL, not the ORM, whose compiling cost more than
     # running it (config/db.py); tests/test_db_rows.py holds its rows to the ORM's.
     with connection.cursor() as cursor:

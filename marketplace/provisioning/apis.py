@@ -5,6 +5,9 @@ Reports carry the lease id the lease handed out, so a presumed-dead agent whose 
 another cannot report on it (409 lease_lost), and a job done once stays done.
 """
 
+import ipaddress
+import re
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -25,6 +28,43 @@ from marketplace.provisioning.agent_reports import agent_workloads_report
 
 class _AgentApi(AgentApiView):
     pass
+
+
+# A DNS name as RFC 1123 spells it, ASCII only (an internationalised name in its xn-- form).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
+
+
+def _connect_host(value: str) -> str:
+    """The host customers are told to connect to: a DNS name or an IP address, nothing else.
+    The portal quotes it into the `ssh -p PORT root@HOST` they paste into a shell, so an
+    agent's `;`, `$(…)`, space or look-alike Unicode letter must never reach it."""
+    if not (_is_ip_address(value) or (len(value) <= 253 and _DNS_NAME.fullmatch(value))):
+        raise serializers.ValidationError(
+            "Enter a DNS name (ASCII letters, digits, hyphens and dots; an internationalised "
+            "name in its xn-- form) or an IP address.",
+            code="invalid_host",
+        )
+    return value
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    # Not with an IPv6 zone ("fe80::1%eth0"): any text may follow its "%".
+    return getattr(ip, "scope_id", None) is None
+
+
+def _container_ports(ports: dict) -> dict:
+    """The workload's ports (keys) as published on the host (values): both are port numbers."""
+    for port in ports:
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise serializers.ValidationError(
+                f"{port!r} is not a port number (1 to 65535).", code="invalid_port"
+            )
+    return ports
 
 
 class JobStateSerializer(LenientSerializer):
@@ -100,13 +140,16 @@ class AgentJobCompleteApi(_AgentApi):
     """The job is done; a start job reports how to connect. Repeating it is harmless."""
 
     class ResultSerializer(LenientSerializer):
-        host = serializers.CharField(max_length=255, required=False)
+        host = serializers.CharField(max_length=253, required=False, validators=[_connect_host])
         ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
         ports = serializers.DictField(
             child=serializers.IntegerField(min_value=1, max_value=65535), required=False
         )
         container_id = serializers.CharField(max_length=128, required=False)
         detail = serializers.CharField(max_length=2000, required=False)
+
+        def validate_ports(self, ports: dict) -> dict:
+            return _container_ports(ports)
 
     class AgentJobCompleteInputSerializer(LenientSerializer):
         lease_id = serializers.CharField(max_length=64)
