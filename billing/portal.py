@@ -551,7 +551,8 @@ class UsageView(BillingPage):
         top = sorted(per_reservation.items(), key=lambda kv: kv[1], reverse=True)[:20]
         to_major = lambda minor: float(from_minor_units(minor, currency))  # noqa: E731
         return {
-            "chart_period": (since, until),
+            # The first and the last day shown, both included (`until` is the day after).
+            "chart_period": (since, until - timedelta(days=1)),
             "spend_rows": [
                 (m, [from_minor_units(by_model[m][d], currency) for d in days]) for m in models
             ],

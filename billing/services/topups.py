@@ -140,8 +140,8 @@ def _receipt_send(top_up: TopUp) -> None:
         kind="receipt",
         message=f"Receipt: {_money(top_up.amount_minor, c)} charged to your saved card "
         f"({top_up.payment_method_id}) on {top_up.completed_at:%Y-%m-%d %H:%M} UTC for a {what}; "
-        f"payment {top_up.stripe_payment_intent_id}, top-up {top_up.pk}. Your balance is now "
-        f"{_money(balance_minor(organization=top_up.organization), c)}.",
+        f"payment {top_up.stripe_payment_intent_id}, top-up {top_up.public_id}. Your balance is "
+        f"now {_money(balance_minor(organization=top_up.organization), c)}.",
     )
 
 

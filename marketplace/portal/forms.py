@@ -130,9 +130,16 @@ class SearchForm(forms.Form):
     min_gpu_memory_gb = forms.IntegerField(
         label="Or at least (GB of GPU memory)", required=False, min_value=1, max_value=4096
     )
-    gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=4096, initial=1)
+    # A link that leaves these out (hand-made, or from an older page) asks for what the form
+    # shows selected: one GPU, on-demand (clean_gpu_count, clean_plan), not a form error.
+    gpu_count = forms.IntegerField(
+        label="GPUs", min_value=1, max_value=4096, initial=1, required=False
+    )
     plan = forms.ChoiceField(
-        label="Plan", choices=[(k, v[2]) for k, v in PLANS.items()], initial="on_demand"
+        label="Plan",
+        choices=[(k, v[2]) for k, v in PLANS.items()],
+        initial="on_demand",
+        required=False,
     )
     starts_at = PortalDateTimeField(
         label="Start (UTC)",
@@ -198,6 +205,13 @@ class SearchForm(forms.Form):
         self.fields["region"].choices = [("", "Any")] + [
             (r, r) for r in sorted({s.region for s in sites})
         ]
+
+    def clean_gpu_count(self) -> int:
+        count = self.cleaned_data.get("gpu_count")
+        return self.fields["gpu_count"].initial if count is None else count
+
+    def clean_plan(self) -> str:
+        return self.cleaned_data.get("plan") or self.fields["plan"].initial
 
     def clean(self):
         data = super().clean()

@@ -204,8 +204,8 @@ def cancellation_terms(reservation: Reservation, at: datetime | None = None) -> 
             refund_fraction=Decimal("1"),
             refund_amount=nothing,
             fee_amount=nothing,
-            rule=f"{reservation.tier}: charged only for time used, by the second; nothing was "
-            "charged for time not used, so there is nothing to refund.",
+            rule=f"{Tier(reservation.tier).label}: charged only for time used, by the second; "
+            "nothing was charged for time not used, so there is nothing to refund.",
         )
     # Time resold to someone else is no longer the holder's to give back: its sale pays them.
     unused = term_unused_amount(reservation, since=at)

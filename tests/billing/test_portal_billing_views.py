@@ -458,3 +458,12 @@ def test_turning_auto_recharge_on_without_a_card_is_refused_on_the_form(org, own
     assert response.status_code == 400
     assert "Save a card before turning automatic recharge on." in response.content.decode()
     assert _account_row(org) == before
+
+
+def test_the_usage_heading_names_the_last_day_shown_not_the_day_after(org, owner_client):
+    # "Until" is the day after the last (the form says so): the heading names the days shown.
+    page = owner_client.get("/billing/usage", {"since": "2026-03-01", "until": "2026-03-08"})
+
+    html = page.content.decode()
+    assert "Spend and balance, 2026-03-01 to 2026-03-07</h2>" in html
+    assert page.context["chart_days"][-1].isoformat() == "2026-03-07"

@@ -128,6 +128,9 @@ def test_each_top_up_is_receipted_by_email(org, django_capture_on_commit_callbac
     (receipt,) = BillingNotice.objects.filter(organization=org, kind="receipt")
     assert receipt.message.startswith("Receipt: 75.00 USD charged to your saved card (pm_visa)")
     assert "payment pi_123" in receipt.message and "balance is now 75.00 USD" in receipt.message
+    # The top-up by its public id, never its sequential one (billing 0012).
+    assert f"top-up {top_up.public_id}." in receipt.message
+    assert f"top-up {top_up.pk}." not in receipt.message
     (sent,) = [m for m in mail.outbox if m.subject == "Switchyard billing: receipt"]
     assert sent.to == ["owner@example.com"] and "pi_123" in sent.body
 

@@ -58,6 +58,21 @@ def test_stopping_on_demand_promises_no_refund_and_the_page_after_says_none(org)
     assert "Refund" not in done.split('id="cancellation">')[1].split("</dd>")[0]
 
 
+def test_the_cancel_page_names_the_plan_in_words_not_its_code(org):
+    client = member_client(org, Role.MEMBER)
+    reservation = _reserve(org, start=tomorrow(), tier="interruptible")
+    path = f"/reservations/{reservation.public_id}/cancel"
+
+    html = client.get(path).content.decode()
+    assert "Interruptible: charged only for time used, by the second" in html
+    assert "interruptible:" not in html
+
+    client.post(path, {"reason": "", "confirm": "True"})
+    reservation.refresh_from_db()
+    assert reservation.status == S.CANCELLED
+    assert reservation.cancellation["rule"].startswith("Interruptible: charged only")
+
+
 def test_a_reserved_term_not_started_past_its_allowance_offers_the_full_rest(org, settings):
     settings.PROVISIONING_READINESS_TIMEOUT_SECONDS = 120
     client = member_client(org, Role.MEMBER)

@@ -340,6 +340,26 @@ def test_a_search_that_finds_nothing_because_every_site_is_curtailed_says_so(
     assert "Try fewer GPUs" not in html
 
 
+
+def test_a_search_link_without_a_count_or_plan_searches_for_what_the_form_shows(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+
+    bare = client.get("/gpus", {"gpu_model": "h100-sxm-80gb"})
+    spelled = client.get("/gpus", {"gpu_model": "h100-sxm-80gb", "gpu_count": 1,
+                                   "plan": "on_demand"})  # fmt: skip
+
+    assert bare.status_code == 200
+    assert "This field is required" not in bare.content.decode()
+    assert bare.context["form"].cleaned_data["tier"] == Tier.ON_DEMAND
+    offers = [offer for offer, _, _ in bare.context["offers"]]
+    assert [o.site.slug for o in offers] == [o.site.slug for o, _, _ in spelled.context["offers"]]
+    assert offers and all(o.gpu_count == 1 for o in offers)
+
+
 # --- words, not internals ---------------------------------------------------------------------
 
 RAW = [
