@@ -120,17 +120,18 @@ class PaymentMethod(models.Model):
 
 
 class LedgerKind(models.TextChoices):
-    USAGE = "usage"
-    RESERVED_CHARGE = "reserved_charge"
-    TOP_UP = "top_up"
-    CREDIT = "credit"
-    SLA_CREDIT = "sla_credit"
-    REFUND = "refund"
-    ADJUSTMENT = "adjustment"
+    # The labels are what statements and the usage page show ("Top-up", not "Top Up").
+    USAGE = "usage", "Usage"
+    RESERVED_CHARGE = "reserved_charge", "Reserved-term charge"
+    TOP_UP = "top_up", "Top-up"
+    CREDIT = "credit", "Credit"
+    SLA_CREDIT = "sla_credit", "SLA credit"
+    REFUND = "refund", "Refund"
+    ADJUSTMENT = "adjustment", "Adjustment"
     # A reserved term's holder resold part of it: what the buyer was charged (+), and the
     # platform's fee on it (−), on the seller's balance (marketplace ResaleListing).
-    RESALE_PROCEEDS = "resale_proceeds"
-    RESALE_FEE = "resale_fee"
+    RESALE_PROCEEDS = "resale_proceeds", "Resale proceeds"
+    RESALE_FEE = "resale_fee", "Resale fee"
 
 
 class LedgerImmutable(Exception):

@@ -467,3 +467,14 @@ def test_the_usage_heading_names_the_last_day_shown_not_the_day_after(org, owner
     html = page.content.decode()
     assert "Spend and balance, 2026-03-01 to 2026-03-07</h2>" in html
     assert page.context["chart_days"][-1].isoformat() == "2026-03-07"
+
+
+def test_the_ledger_names_each_kind_in_words(org, owner_client):
+    for i, kind in enumerate([LedgerKind.TOP_UP, LedgerKind.SLA_CREDIT, LedgerKind.CREDIT]):
+        ledger_entry_add(organization=org, kind=kind, amount_minor=100, currency="usd",
+                         idempotency_key=f"k{i}", description=f"entry {i}")  # fmt: skip
+
+    html = owner_client.get("/billing/usage").content.decode()
+
+    assert "<td>Top-up</td>" in html and "<td>SLA credit</td>" in html
+    assert "Top Up" not in html and "Sla Credit" not in html
