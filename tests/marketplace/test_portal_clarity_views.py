@@ -340,7 +340,6 @@ def test_a_search_that_finds_nothing_because_every_site_is_curtailed_says_so(
     assert "Try fewer GPUs" not in html
 
 
-
 def test_a_search_link_without_a_count_or_plan_searches_for_what_the_form_shows(
     market,
     allow_all_funding,  # noqa: F811
