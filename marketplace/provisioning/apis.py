@@ -201,6 +201,15 @@ class AgentJobFailApi(_AgentApi):
         return Response(JobStateSerializer(job).data)
 
 
+# A container's state as podman and docker name it ("exited", "running", "created").
+_CONTAINER_STATE = re.compile(r"[a-z][a-z_-]{0,31}")
+# An RFC 3339 time as the runtimes print it ("2026-12-06T10:31:02.123456789Z"), or podman's Go
+# form ("2026-12-06 10:31:02.123 +0000 UTC").
+_CONTAINER_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?( ?(Z|[+-]\d{2}:?\d{2})( UTC)?)?"
+)
+
+
 class AgentWorkloadsApi(_AgentApi):
     """Every container the agent runs and its state (sent with each heartbeat). A workload
     that exited while its reservation was active ends the reservation; the answer holds the
@@ -213,6 +222,16 @@ class AgentWorkloadsApi(_AgentApi):
         exit_code = serializers.IntegerField(allow_null=True, required=False)
         finished_at = serializers.CharField(max_length=64, allow_null=True, required=False)
         log_tail = serializers.CharField(max_length=4000, allow_blank=True, required=False)
+
+        # The state and the exit time are quoted into the reason the customer reads: only
+        # what a container runtime reports gets there (a state word, an RFC 3339 time, as
+        # podman and docker print them); anything else reads as unknown, and the report still
+        # counts (refusing it would blind us to the node's other containers).
+        def validate_state(self, value: str) -> str:
+            return value if _CONTAINER_STATE.fullmatch(value) else "unknown"
+
+        def validate_finished_at(self, value: str | None) -> str | None:
+            return value if value and _CONTAINER_TIME.fullmatch(value) else None
 
     class AgentWorkloadsInputSerializer(LenientSerializer):
         containers = serializers.ListField(child=serializers.DictField(), max_length=512)

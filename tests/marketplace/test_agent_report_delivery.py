@@ -253,3 +253,26 @@ def test_an_old_heartbeat_time_is_not_trusted_for_a_newer_start(active):
     )
     agent.post(REPORT, {"containers": []}, format="json")
     assert Reservation.objects.get(pk=r.pk).status == S.ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("state", "finished_at", "said"),
+    [
+        ("exited", "2026-12-06T10:31:02Z; pay now at evil.example", "at an unknown time"),
+        ("exited", "2026-12-06 10:31:02.123 +0000 UTC", "at 2026-12-06 10:31:02.123 +0000 UTC"),
+        ("Call +1 555 0100 now", None, "its container is unknown"),
+    ],
+)
+def test_only_what_a_container_runtime_reports_reaches_the_customers_reason(
+    state, finished_at, said
+):
+    """A node agent's report is quoted into the reason the customer reads: a state or exit
+    time that is not the runtime's (a stolen token, a buggy agent) reads as unknown."""
+    r, _node, agent, _ = _active_through_agent()
+    report = _container(r, state, exit_code=1, finished_at=finished_at)
+
+    assert agent.post(REPORT, {"containers": [report]}, format="json").status_code == 200
+
+    reason = Reservation.objects.get(pk=r.pk).status_reason
+    assert said in reason
+    assert "evil" not in reason and "555" not in reason

@@ -5,6 +5,7 @@ ledger, create an API key, invite a teammate, sign out. Every page on the way is
 what a customer would call a defect: an error status, sideways scrolling, a form control or
 button without an accessible name, a time without its zone.
 """
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import re
 from datetime import timedelta
@@ -15,10 +16,10 @@ from playwright.sync_api import expect
 
 from billing.models import LedgerEntry, LedgerKind, TopUp, TopUpStatus
 from billing.selectors import balance_minor
-from config.celery import app as celery_app
 from marketplace.models import ApiKey, Invitation, Reservation, ReservationStatus
 from tests.factories import GpuModelFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate
+from tests.portal.test_portal_billing import eager_celery, stripe_js  # noqa: F401 - fixtures
 from tests.provisioning_support import ssh_key
 
 PHONE = {"width": 375, "height": 812}
@@ -26,21 +27,6 @@ PASSWORD = "a-long-passphrase-1"
 
 # A date and time of day printed without a zone after it ("2026-03-02 14:00" alone).
 _ZONELESS_TIME = re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?\b(?!\s*(?:UTC|Z|\+00))")
-
-
-@pytest.fixture
-def stripe_js(localstripe, settings):
-    settings.STRIPE_JS_URL = f"{localstripe.url}/js.stripe.com/v3/"
-    return localstripe
-
-
-@pytest.fixture
-def eager_celery():
-    """The top-up's outbox task runs inline in the live server, so the charge settles."""
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
 
 
 @pytest.fixture
