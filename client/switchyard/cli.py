@@ -3,7 +3,7 @@
 Tables by default, `--json` for scripts. Exit codes (docs/integrators.md):
 0 done · 1 other API error · 2 bad usage or invalid request · 3 not authenticated or not
 allowed · 4 not found · 5 conflict (state, capacity) · 6 payment required · 7 rate limited ·
-8 the API could not be reached.
+8 the API could not be reached · 130 interrupted (Ctrl-C).
 """
 
 import json
@@ -54,11 +54,23 @@ def _save_config(data: dict) -> Path:
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Created readable by the owner only, before the key is written into it.
+    # An existing file keeps its mode through O_CREAT: narrowed (fchmod) before the key is in it.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
-    os.chmod(path, 0o600)
     return path
+
+
+class NotLoggedIn(click.ClickException):
+    exit_code = 3  # not authenticated
+
+
+def _new_client(**kwargs) -> Client:
+    try:
+        return Client(**kwargs)
+    except ValueError as exc:  # the base URL
+        raise click.BadParameter(str(exc), param_hint="'--base-url'") from None
 
 
 class State:
@@ -81,8 +93,8 @@ class State:
         if self._client is None:
             key = os.environ.get("SWITCHYARD_API_KEY") or _load_config().get("api_key")
             if not key:
-                raise click.UsageError("Not logged in: run `switchyard login` first.")
-            self._client = Client(api_key=key, base_url=self.base_url)
+                raise NotLoggedIn("Not logged in: run `switchyard login` first.")
+            self._client = _new_client(api_key=key, base_url=self.base_url)
         return self._client
 
     def close(self) -> None:
@@ -135,6 +147,11 @@ class Group(click.Group):
             )
             code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
             ctx.exit(code)
+        except KeyboardInterrupt:
+            # Ctrl-C (how `events tail` is stopped): the shell's 128 + SIGINT, not 1 ("an API
+            # error") with click's "Aborted!".
+            err_console.print("Interrupted.", highlight=False)
+            ctx.exit(130)
 
 
 @click.group(cls=Group)
@@ -159,7 +176,7 @@ def login(state: State, login_base_url: str | None, api_key_stdin: bool):
     else:
         key = click.prompt("API key", hide_input=True).strip()
     base_url = login_base_url or state.base_url
-    with Client(api_key=key, base_url=base_url, max_retries=1) as client:
+    with _new_client(api_key=key, base_url=base_url, max_retries=1) as client:
         organization = client.organization.retrieve()
     path = _save_config({"api_key": key, "base_url": base_url})
     name = organization.get("name") or organization.get("organization", {}).get("name", "")
@@ -175,19 +192,27 @@ def gpus():
 
 
 def _time(value: str, option: str) -> datetime:
+    """An ISO time the user typed; one without an offset is UTC (sent with its offset)."""
     try:
-        return datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not an ISO time (2027-01-04T00:00:00+00:00).", param_hint=option
         ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _period(start: str | None, hours: float | None, end: str | None) -> tuple[str, str]:
     starts = _time(start, "--start") if start else datetime.now(UTC)
     if end:
-        return starts.isoformat(), end
-    return starts.isoformat(), (starts + timedelta(hours=hours or 1)).isoformat()
+        if hours is not None:
+            raise click.UsageError("Give --hours or --end, not both.")
+        return starts.isoformat(), _time(end, "--end").isoformat()
+    if hours is not None and not hours > 0:
+        raise click.BadParameter(
+            f"{hours:g} is not a positive number of hours.", param_hint="--hours"
+        )
+    return starts.isoformat(), (starts + timedelta(hours=1 if hours is None else hours)).isoformat()
 
 
 TERMS = ["1w", "1m", "3m", "1y"]
@@ -338,7 +363,9 @@ def cancel(state, reservation_id, reason):
 @click.pass_obj
 def extend(state, reservation_id, ends_at, hours):
     """Move the end later, on the same GPUs."""
-    if not ends_at:
+    if ends_at:
+        ends_at = _time(ends_at, "--ends-at").isoformat()
+    else:
         if not hours:
             raise click.UsageError("Give --ends-at or --hours.")
         current = state.client.reservations.retrieve(reservation_id)
@@ -390,8 +417,6 @@ def events_tail(state, types, since, after, interval, once):
     filters = {"type": list(types) or None}
     if since or not after:
         floor = _time(since, "--since") if since else datetime.now(UTC)
-        if floor.tzinfo is None:
-            floor = floor.replace(tzinfo=UTC)  # the API reads a time without an offset as UTC
         filters["created_after"] = floor.isoformat()
     while True:
         for event in state.client.events.poll(after=after, **filters):
@@ -575,7 +600,13 @@ def usage_export(state, since, until, ledger, output):
         # an existing file as it was, never empty or cut short.
         partial = Path(output).with_name(f".{Path(output).name}.partial")
         try:
-            with open(partial, "wb") as f:
+            f = open(partial, "wb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot write {output}: {exc.strerror}", param_hint="'-o' / '--output'"
+            ) from None
+        try:
+            with f:
                 for chunk in chunks:
                     f.write(chunk)
             os.replace(partial, output)

@@ -26,7 +26,12 @@ from typing import Any
 import httpx
 
 from switchyard import __version__
-from switchyard.errors import APIConnectionError, APIError, error_from_response
+from switchyard.errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    error_from_response,
+)
 from switchyard.models import (
     ApiKey,
     ApiObject,
@@ -63,7 +68,8 @@ class Client:
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
+        _check_api_key(api_key)
+        self.base_url = _check_base_url(base_url).rstrip("/")
         self.max_retries = max_retries
         self.backoff = backoff
         self._http = httpx.Client(
@@ -117,7 +123,20 @@ class Client:
                               idempotency_key=idempotency_key)  # fmt: skip
         if raw:
             return response
-        return None if response.status_code == 204 else response.json()
+        if response.status_code == 204:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            # A 2xx that is not the API's JSON: a web server or a proxy at the base URL.
+            raise APIError(
+                f"The answer from {response.url} is not JSON "
+                f"({response.headers.get('Content-Type') or 'no Content-Type'}, HTTP "
+                f"{response.status_code}): is {self.base_url} the Switchyard API's address?",
+                status=response.status_code,
+                body=response.text[:1000],
+                request_id=response.headers.get("Request-Id"),
+            ) from None
 
     def stream(self, path: str, params: dict | None = None) -> Iterator[bytes]:
         """A GET's body in chunks (the CSV exports), retried as any request until it starts."""
@@ -150,7 +169,7 @@ class Client:
             )
             try:
                 response = self._http.send(request, stream=stream)
-                if stream and response.status_code >= 400:
+                if stream and response.status_code >= 300:
                     response.read()  # the error body, then the connection goes back to the pool
                     response.close()
             except httpx.TransportError as exc:
@@ -159,8 +178,19 @@ class Client:
                 self._sleep(attempt, None)
                 attempt += 1
                 continue
-            if response.status_code < 400:
+            if response.status_code < 300:
                 return response
+            if response.status_code < 400:
+                # Redirects are not followed (a POST would be resent as a GET, or the key sent
+                # to another host): the base URL is not the API's.
+                location = response.headers.get("Location")
+                to = f" to {location}" if location else ""
+                raise APIError(
+                    f"The API at {self.base_url} answered HTTP {response.status_code}, a "
+                    f"redirect{to}: use the API's own address as the base URL.",
+                    status=response.status_code,
+                    request_id=response.headers.get("Request-Id"),
+                )
             if method == "DELETE" and attempt > 0 and response.status_code == 404:
                 # A retry of a delete whose first try arrived but whose answer did not: the
                 # thing is gone, which is what was asked.
@@ -207,6 +237,26 @@ class Client:
                     body=page,
                 )
             page = self.request("GET", path, params={**(params or {}), **query})
+
+
+def _check_api_key(api_key: str) -> None:
+    """A key is sent in a header: printable ASCII without spaces (never echoed in the error)."""
+    if not isinstance(api_key, str) or not all("!" <= c <= "~" for c in api_key):
+        raise AuthenticationError(
+            "The API key is malformed: a key is printable ASCII without spaces (sy_live_…)."
+        )
+
+
+def _check_base_url(base_url: str) -> str:
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"The base URL {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"The base URL {base_url!r} is not an http(s) URL (https://switchyard.example)."
+        )
+    return base_url
 
 
 def _query(url: str) -> dict[str, str | list[str]]:

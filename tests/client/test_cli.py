@@ -356,3 +356,113 @@ def test_events_tail_continues_after_a_given_event(world, cli):
     ]
     unknown = cli("events", "tail", "--after", "evt_doesNotExist1234", "--once")
     assert unknown.exit_code == 4 and "evt_doesNotExist1234" in unknown.output
+
+
+@pytest.fixture
+def not_the_api():
+    """A web server that is not the API: a page at /page/…, a redirect to https at /moved/…."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/moved/"):
+                self.send_response(301)
+                self.send_header("Location", "https://sy.example" + self.path[6:])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = b"<html>Welcome</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_address_that_is_not_the_api_is_one_line_on_stderr_not_a_traceback(
+    cli, not_the_api, monkeypatch
+):
+    """catch_exceptions=False: a traceback would fail the test instead of giving an exit code."""
+    page = cli("--json", "--base-url", f"{not_the_api}/page", "list")
+    assert page.exit_code == 1 and page.stdout == ""
+    assert "is not JSON (text/html, HTTP 200)" in page.stderr
+    moved = cli("--json", "--base-url", f"{not_the_api}/moved", "usage", "export")
+    assert moved.exit_code == 1 and moved.stdout == ""
+    assert "HTTP 301, a redirect to https://sy.example/api/v1/billing/usage.csv" in moved.stderr
+    for url in ("switchyard.example", "http://[::1"):
+        bad = cli("--base-url", url, "list")
+        assert bad.exit_code == 2 and "Invalid value for '--base-url'" in bad.stderr
+    monkeypatch.setenv("SWITCHYARD_API_KEY", "sy_live_ké")
+    malformed = cli("list")
+    assert malformed.exit_code == 3 and "The API key is malformed" in malformed.stderr
+    assert "sy_live_ké" not in malformed.output
+
+
+def test_not_logged_in_is_exit_code_3_as_documented(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("SWITCHYARD_API_KEY", raising=False)
+    result = CliRunner().invoke(main, ["--json", "list"], catch_exceptions=False)
+    assert result.exit_code == 3 and result.stdout == ""
+    assert "Not logged in: run `switchyard login` first." in result.stderr
+
+
+def test_ctrl_c_stops_a_tail_with_130_and_no_traceback(cli, monkeypatch):
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("switchyard.cli.time.sleep", interrupted)
+    result = cli("events", "tail")
+    assert result.exit_code == 130
+    assert result.stdout == "" and "Aborted!" not in result.output
+
+
+def test_an_output_file_that_cannot_be_written_is_a_usage_error(cli, tmp_path):
+    result = cli("usage", "export", "--since", "2026-11-01", "-o", tmp_path / "nope" / "x.csv")
+    assert result.exit_code == 2
+    assert "cannot write" in result.stderr and "No such file or directory" in result.stderr
+    assert not (tmp_path / "nope").exists()
+
+
+def test_hours_must_be_positive_and_end_is_an_iso_time(world, cli):
+    args = ["reserve", "--gpu-model", "h100-sxm-80gb", "--start", _start()]
+    for hours in ("0", "-2"):
+        result = cli(*args, "--hours", hours)  # 0 was booked as the default hour
+        assert result.exit_code == 2 and "not a positive number of hours" in result.stderr
+    end = cli(*args, "--end", "tomorrow")
+    assert (
+        end.exit_code == 2
+        and "--end" in end.stderr
+        and "'tomorrow' is not an ISO time" in end.stderr
+    )
+    both = cli(*args, "--hours", 2, "--end", _start(30))  # --hours was ignored
+    assert both.exit_code == 2 and "not both" in both.stderr
+    assert not Reservation.objects.exists()
+
+
+def test_login_narrows_an_existing_config_file_before_writing_the_key(
+    world, cli, tmp_path, monkeypatch
+):
+    """A config file the user made readable by all is made 0600 before the key goes in."""
+    import switchyard.cli
+
+    path = tmp_path / "switchyard" / "config.json"
+    os.chmod(path, 0o644)
+    modes = []
+    dump = json.dump
+
+    def dump_and_note_the_mode(data, f, **kwargs):
+        modes.append(stat.S_IMODE(os.fstat(f.fileno()).st_mode))
+        return dump(data, f, **kwargs)
+
+    monkeypatch.setattr(switchyard.cli.json, "dump", dump_and_note_the_mode)
+    assert cli("login", "--api-key-stdin", input=world.secret + "\n").exit_code == 0
+    assert modes == [0o600] and stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -397,3 +397,47 @@ def test_a_filter_given_twice_holds_on_every_page():
     found = [e.id for e in sy.events.list(type=["member.added", "member.removed"])]
     assert found == ["evt_1", "evt_2"]
     assert seen == [["member.added", "member.removed"]] * 2
+
+
+def test_a_redirect_is_an_error_that_says_where_it_points_and_is_not_followed():
+    """An http:// base URL behind a proxy that redirects to https://: not followed (the key
+    would go along, a POST would become a GET), and not a JSON parse crash."""
+    from switchyard.errors import APIError
+
+    sent = []
+
+    def redirect(request):
+        sent.append(request)
+        return httpx.Response(301, headers={"Location": "https://sy.example/api/v1/reservations"})
+
+    sy = Client(api_key="k", base_url="http://sy.example", transport=httpx.MockTransport(redirect))
+    with pytest.raises(APIError, match="HTTP 301, a redirect to https://sy.example/") as exc:
+        list(sy.reservations.list())
+    assert exc.value.status == 301
+    with pytest.raises(APIError, match="a redirect"):
+        list(sy.billing.usage_csv(since="2026-11-01"))
+    assert [r.url.host for r in sent] == ["sy.example", "sy.example"]  # nothing followed
+
+
+def test_a_2xx_that_is_not_json_is_an_api_error_that_names_the_base_url():
+    from switchyard.errors import APIError
+
+    page = httpx.Response(200, text="<html>Welcome</html>", headers={"Content-Type": "text/html"})
+    sy = Client(api_key="k", base_url="https://www.example.com",
+                transport=httpx.MockTransport(lambda request: page))  # fmt: skip
+    with pytest.raises(APIError, match=r"not JSON \(text/html, HTTP 200\): is https://www") as exc:
+        sy.organization.retrieve()
+    assert exc.value.status == 200 and "Welcome" in exc.value.body
+
+
+def test_a_malformed_key_or_base_url_is_refused_before_anything_is_sent():
+    sent = []
+    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200))
+    for key in ("sy_live_ké", "sy_live_a b", "sy_live_a\nX-Injected: 1"):
+        with pytest.raises(AuthenticationError, match="malformed") as exc:
+            Client(api_key=key, transport=transport)
+        assert key not in str(exc.value)  # never echoed
+    for url in ("api.switchyard.example", "ftp://x", "http://[::1"):
+        with pytest.raises(ValueError, match="base URL"):
+            Client(api_key="k", base_url=url, transport=transport)
+    assert sent == []
