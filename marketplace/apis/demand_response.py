@@ -7,6 +7,8 @@ demand_response); a call becomes curtailments with no person (docs/grid.md).
 from dataclasses import dataclass
 from decimal import Decimal
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import authentication, exceptions, permissions, serializers
@@ -20,6 +22,7 @@ from config.api.serializers import Serializer
 from config.api.throttling import ApiRateThrottle
 from config.api.views import method_allowed_check
 from config.db import retried_on_deadlock
+from config.errors import ApplicationError
 from marketplace.models import Curtailment, DemandResponseEvent, DemandResponseSource
 from marketplace.services.demand_response import (
     DemandResponseCall,
@@ -33,6 +36,11 @@ __all__ = ["DemandResponseApi", "DemandResponseSignatureAuthentication"]
 TAGS = ["Grid"]
 _MAX_DAYS = 7
 _ATTEMPTS = 3
+
+
+class BodyTooLarge(ApplicationError):
+    status_code = 413
+    default_code = "request_too_large"
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,14 @@ class DemandResponseApi(APIView):
     def initial(self, request: Request, *args, **kwargs) -> None:
         # A GET here is 405, not 401 for its missing signature: no signature makes it right.
         method_allowed_check(self, request)
+        # The signature is over the raw body, so it is read whatever its type. Too large is
+        # 413 as for a JSON body (the input guard reads only those), not Django's bare 400.
+        try:
+            request._request.body  # noqa: B018 - read (and kept) here, or refused
+        except RequestDataTooBig:
+            raise BodyTooLarge(
+                f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
+            ) from None
         super().initial(request, *args, **kwargs)
 
     @extend_schema(

@@ -124,10 +124,12 @@ def demand_response_verify(
 
 
 def _nonce_take(*, source: DemandResponseSource, digest: str, now: datetime) -> None:
-    """Record the signature, or Conflict if it was accepted before (a replay). Signatures
-    older than twice the tolerance are dropped: their timestamps are stale anyway."""
+    """Record the signature, or Conflict if it was accepted before (a replay). The source's
+    signatures older than twice the tolerance are dropped: their timestamps are stale anyway.
+    Only its own, under its lock: deleting another source's locks those rows to this call's
+    commit, so one source's call (a zone's planning) held up every other source's."""
     DemandResponseNonce.objects.filter(
-        seen_at__lt=now - 2 * settings.DEMAND_RESPONSE_SIGNATURE_TOLERANCE
+        source=source, seen_at__lt=now - 2 * settings.DEMAND_RESPONSE_SIGNATURE_TOLERANCE
     ).delete()
     try:
         with transaction.atomic():
