@@ -7,7 +7,9 @@ reservations that ended more than RESERVATION_HISTORY_RETENTION_DAYS ago are del
 reservation row itself is kept (the ledger, invoices and SLA credits refer to it). A live
 reservation's rows are never touched: its attempt numbers and agent jobs drive its work.
 Quotes never booked go a day after they expired (a booked quote stays with its reservation);
-pending sign-ups (confirmed or not) a day after their link expired.
+pending sign-ups (confirmed or not) a day after their link expired; a grid operator's signatures
+once their timestamps are stale (a call clears only its own source's, so a source that stopped
+calling would keep its last ones for ever).
 """
 
 from dataclasses import asdict, dataclass
@@ -20,6 +22,7 @@ from config.retention import delete_in_batches
 from marketplace.models import (
     AgentJob,
     Allocation,
+    DemandResponseNonce,
     PendingSignup,
     ProvisioningAttempt,
     ProvisioningDispatch,
@@ -45,6 +48,7 @@ class HistoryPruned:
     transitions: int
     quotes: int
     pending_signups: int
+    demand_response_signatures: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -92,4 +96,13 @@ def history_prune(*, now: datetime | None = None, batch_size: int | None = None)
         PendingSignup.objects.filter(expires_at__lt=now - SIGNUP_KEPT_AFTER_EXPIRY),
         batch_size=batch_size,
     )
-    return HistoryPruned(attempts, jobs, markers, allocations, transitions, quotes, signups)
+    # As a call clears its own source's (marketplace.services.demand_response._nonce_take).
+    signatures = delete_in_batches(
+        DemandResponseNonce.objects.filter(
+            seen_at__lt=now - 2 * settings.DEMAND_RESPONSE_SIGNATURE_TOLERANCE
+        ),
+        batch_size=batch_size,
+    )
+    return HistoryPruned(
+        attempts, jobs, markers, allocations, transitions, quotes, signups, signatures
+    )

@@ -108,6 +108,7 @@ def test_history_goes_exactly_past_each_window_and_never_for_live_work(org, node
         "transitions": 2,
         "quotes": 0,
         "pending_signups": 0,
+        "demand_response_signatures": 0,
     }
     assert history(recent) == FULL
     assert history(live) == FULL
@@ -153,6 +154,25 @@ def test_quotes_never_booked_go_a_day_after_they_expired(org, node):
     assert not Quote.objects.filter(pk=stale.pk).exists()
     assert history_prune(now=now).quotes == 0
 
+
+
+def test_a_grid_operators_stale_signatures_go_whichever_source_sent_them(settings):
+    from marketplace.models import DemandResponseNonce, DemandResponseSource
+
+    now = timezone.now()
+    stale_at = now - 2 * settings.DEMAND_RESPONSE_SIGNATURE_TOLERANCE - timedelta(seconds=1)
+    quiet = DemandResponseSource.objects.create(name="stopped-calling", secret="s1")
+    busy = DemandResponseSource.objects.create(name="still-calling", secret="s2")
+    for n, (source, seen_at) in enumerate(
+        [(quiet, stale_at), (busy, stale_at), (busy, now - timedelta(seconds=30))]
+    ):
+        DemandResponseNonce.objects.create(source=source, signature=f"{n:064d}", seen_at=seen_at)
+
+    assert history_prune(now=now).demand_response_signatures == 2
+
+    # The recent one still refuses its replay.
+    assert list(DemandResponseNonce.objects.values_list("signature", flat=True)) == [f"{2:064d}"]
+    assert history_prune(now=now).demand_response_signatures == 0
 
 def test_pending_sign_ups_go_a_day_after_their_link_expired_used_or_not():
     from marketplace.models import PendingSignup
@@ -254,6 +274,7 @@ def test_beat_prunes_history_daily():
             "transitions",
             "quotes",
             "pending_signups",
+            "demand_response_signatures",
         ],
         0,
     )
