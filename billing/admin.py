@@ -38,6 +38,7 @@ from billing.services.accounts import (
     billing_settings_update,
 )
 from billing.services.credits import credit_issue
+from billing.services.funding import billing_account_lock
 from billing.services.refunds import refund_create
 from config.admin_base import FleetScaleAdmin, ReadOnlyAdmin, currency_clean
 from config.errors import ApplicationError
@@ -118,6 +119,12 @@ class BillingAccountAdminForm(forms.ModelForm):
         cleaned = super().clean()
         org_id = self.instance.organization_id
         currency_changed = "currency" in self.changed_data
+        if currency_changed:
+            # The funding gate decides a booking (and writes its hold, in the account's
+            # currency) under the account's lock: taken here, the checks below and the save
+            # are one decision (the admin's change view is one transaction), so no booking
+            # can hold money in the old currency between them.
+            billing_account_lock(org_id)
         if currency_changed and LedgerEntry.objects.filter(organization_id=org_id).exists():
             self.add_error("currency", "The ledger already holds money in this currency.")
         elif (

@@ -155,7 +155,6 @@ def test_quotes_never_booked_go_a_day_after_they_expired(org, node):
     assert history_prune(now=now).quotes == 0
 
 
-
 def test_a_grid_operators_stale_signatures_go_whichever_source_sent_them(settings):
     from marketplace.models import DemandResponseNonce, DemandResponseSource
 
@@ -173,6 +172,7 @@ def test_a_grid_operators_stale_signatures_go_whichever_source_sent_them(setting
     # The recent one still refuses its replay.
     assert list(DemandResponseNonce.objects.values_list("signature", flat=True)) == [f"{2:064d}"]
     assert history_prune(now=now).demand_response_signatures == 0
+
 
 def test_pending_sign_ups_go_a_day_after_their_link_expired_used_or_not():
     from marketplace.models import PendingSignup
