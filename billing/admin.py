@@ -27,6 +27,7 @@ from billing.models import (
     PaymentMethod,
     Refund,
     TopUp,
+    TopUpStatus,
     UsageAggregate,
     WebhookEvent,
 )
@@ -132,6 +133,12 @@ class BillingAccountAdminForm(forms.ModelForm):
             and Hold.objects.filter(organization_id=org_id, status=HoldStatus.OPEN).exists()
         ):
             self.add_error("currency", "Reservations already hold money in this currency.")
+        elif (
+            currency_changed
+            and TopUp.objects.filter(organization_id=org_id, status=TopUpStatus.PENDING).exists()
+        ):
+            # Its success would credit the old currency onto a ledger in the new one.
+            self.add_error("currency", "A top-up in this currency is still being charged.")
         if (
             self.cleaned_data.get("auto_recharge_enabled")
             and "auto_recharge_enabled" in (self.changed_data)

@@ -76,3 +76,26 @@ def test_a_currency_change_is_refused_while_money_is_held_in_the_old_one(staff_c
     assert "currency" in response.context["adminform"].form.errors
     account.refresh_from_db()
     assert account.currency == "usd"
+
+
+def test_a_currency_change_is_refused_while_a_top_up_in_the_old_one_is_being_charged(
+    staff_client, org
+):
+    from billing.models import TopUp, TopUpStatus
+
+    account = BillingAccount.objects.get(organization=org)
+    TopUp.objects.create(organization=org, amount_minor=5_000, currency="usd",
+                         payment_method_id="pm_x", status=TopUpStatus.PENDING)  # fmt: skip
+    url = reverse("admin:billing_billingaccount_change", args=[account.pk])
+
+    response = staff_client.post(url, _form(account, currency="eur"))
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["currency"] == [
+        "A top-up in this currency is still being charged."
+    ]
+    account.refresh_from_db()
+    assert account.currency == "usd"
+    # Once it is settled (succeeded: on the ledger; failed: nothing), the rule is the ledger's.
+    TopUp.objects.filter(organization=org).update(status=TopUpStatus.FAILED)
+    assert staff_client.post(url, _form(account, currency="eur")).status_code == 302
