@@ -278,11 +278,20 @@ def quote(state, gpu_model, gpu_count, start, hours, end, region, site, tier, te
 
 
 def _first(rows, limit: int) -> list:
-    """The first `limit` of an iterator over cursor pages (fetching no page more)."""
+    """The first `limit` of an iterator over cursor pages; when more follow, says so on stderr
+    (a script reading `--json list` would otherwise take a cut list for the whole). Knowing
+    costs one page more only when the limit ends a page."""
+    rows = iter(rows)
     taken = []
     for row in rows:
         taken.append(row)
         if len(taken) >= limit:
+            if next(rows, None) is not None:
+                err_console.print(
+                    f"Showing the first {limit}; there are more (raise --limit).",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             break
     return taken
 
@@ -386,15 +395,26 @@ def ssh(state, reservation_id, user, print_only, ssh_args):
     reservation = state.client.reservations.retrieve(reservation_id)
     connection = reservation.get("connection")
     if not connection:
-        raise click.ClickException(
-            f"{reservation_id} is {reservation.status}: no connection details until it is active."
+        # A state conflict, as the API's own 409s: exit 5.
+        err_console.print(
+            f"[red]Error:[/red] {escape(reservation_id)} is {escape(str(reservation.status))}: "
+            "no connection details until it is active.",
+            highlight=False,
+            soft_wrap=True,
         )
+        click.get_current_context().exit(5)
     command = ["ssh", "-p", str(connection["ssh_port"]), f"{user}@{connection['host']}",
                *ssh_args]  # fmt: skip
     if print_only:
         click.echo(shlex.join(command))
         return
-    os.execvp("ssh", command)
+    try:
+        os.execvp("ssh", command)
+    except FileNotFoundError:
+        raise click.ClickException(
+            "No ssh command on this machine's PATH; install OpenSSH's client, or run "
+            f"`switchyard ssh --print {reservation_id}` to see the command."
+        ) from None
 
 
 @main.group()

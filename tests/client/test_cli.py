@@ -133,7 +133,9 @@ def test_ssh_runs_ssh_with_the_connection_details(world, cli):
     reservation = json.loads(
         cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1, "--hours", 2).output
     )  # fmt: skip (starts now)
-    assert cli("ssh", reservation["id"], "--print").exit_code == 1  # not active yet
+    early = cli("ssh", reservation["id"], "--print")
+    assert early.exit_code == 5  # not active yet: a state conflict, as the API's 409s
+    assert "no connection details until it is active" in early.output
     row = Reservation.objects.get(public_id=reservation["id"])
     for status in (ReservationStatus.PROVISIONING, ReservationStatus.ACTIVE):
         row = reservation_transition(reservation=row, to_status=status, cause="t", actor_label="t")
@@ -143,6 +145,29 @@ def test_ssh_runs_ssh_with_the_connection_details(world, cli):
     printed = cli("ssh", reservation["id"], "--print", "--", "-i", "~/.ssh/id_ed25519")
     assert printed.exit_code == 0
     assert printed.output.strip() == "ssh -p 2222 root@203.0.113.9 -i '~/.ssh/id_ed25519'"
+    # No ssh client installed: one line saying so, not a traceback.
+    os.environ["PATH"], path = "/nonexistent", os.environ["PATH"]
+    try:
+        missing = cli("ssh", reservation["id"])
+    finally:
+        os.environ["PATH"] = path
+    assert missing.exit_code == 1
+    assert "No ssh command on this machine's PATH" in missing.output
+    assert "Traceback" not in missing.output
+
+
+def test_a_list_cut_at_its_limit_says_so_on_stderr(world, cli):
+    for _ in range(3):
+        made = cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                   "--start", _start(), "--hours", 1)  # fmt: skip
+        assert made.exit_code == 0, made.output
+
+    cut = cli("--json", "list", "--limit", 2)
+    whole = cli("--json", "list", "--limit", 3)
+
+    assert len(json.loads(cut.stdout)) == 2
+    assert "Showing the first 2; there are more (raise --limit)." in cut.stderr
+    assert len(json.loads(whole.stdout)) == 3 and "there are more" not in whole.stderr
 
 
 # Tests replace time.sleep (the module's, which the CLI calls between polls); waiting here must
