@@ -13,7 +13,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
@@ -32,7 +32,6 @@ from billing.models import (
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_approve_postpaid, billing_settings_update
 from billing.services.holds import money_position
-from billing.services.ledger import ledger_entry_add
 from billing.services.metering import usage_meter_run
 from billing.services.refunds import refund_create, refund_record_from_stripe
 from billing.services.topups import top_up_succeed
@@ -45,10 +44,12 @@ from marketplace.services.reservations import (
     reservation_extend,
 )
 from tests.billing.conftest import make_reservation
+from tests.billing.test_holds import credit
 from tests.clients import HttpsClient
 from tests.factories import GpuModelFactory, MembershipFactory, SiteFactory, UserFactory
 from tests.marketplace.api_fixtures import key_client
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
+from tests.races import run_together
 
 TERM = 39900  # a 1-week term of one GPU: 168 h × 2.375
 
@@ -70,11 +71,6 @@ def org(transactional_db):
     return organization
 
 
-def credit(org, minor: int, key: str = "c1") -> None:
-    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=minor, currency="usd",
-                     idempotency_key=key)  # fmt: skip
-
-
 def paid_top_up(org, amount_minor: int) -> TopUp:
     top_up = TopUp.objects.create(organization=org, amount_minor=amount_minor, currency="usd",
                                   payment_method_id="pm_card_visa")  # fmt: skip
@@ -87,33 +83,6 @@ def term(org, model, start_h: int = 24 * 8):
     return reservation_create(organization=org, gpu_model=model.slug, gpu_count=1,
                               tier="reserved", term="1w", starts_at=tomorrow(start_h),
                               ends_at=tomorrow(start_h + 168))  # fmt: skip
-
-
-def run_together(*calls) -> list[str]:
-    """Run each call in its own thread, released together; each one's outcome, in order:
-    "ok" or the error's code (anything unexpected: "error: ...")."""
-    barrier = threading.Barrier(len(calls))
-    outcomes = [""] * len(calls)
-
-    def client(i, call):
-        try:
-            barrier.wait()
-            call()
-            outcomes[i] = "ok"
-        except ApplicationError as exc:
-            outcomes[i] = exc.code
-        except Exception as exc:  # noqa: BLE001 - any other outcome is a failure to report
-            outcomes[i] = f"error: {exc!r}"
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=client, args=(i, c)) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert all(not t.is_alive() for t in threads)
-    return outcomes
 
 
 def assert_books_balance(org, *, prepaid: bool = True) -> None:

@@ -2,16 +2,13 @@
 cancelling it, extending it): the locks and the exclusion constraint decide, and whatever the
 order, no GPU is held twice and the seller never runs on a GPU it sold."""
 
-import threading
 import time
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connections
 from django.utils import timezone
 
-from config.errors import ApplicationError
 from marketplace.models import (
     Allocation,
     ListingStatus,
@@ -34,36 +31,11 @@ from tests.marketplace.resale_helpers import (
     market,
     overlapping_live_pairs,
 )
+from tests.races import run_together
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 H = timedelta(hours=1)
-
-
-def run_together(*jobs) -> list[str]:
-    """Run each job in its own thread with its own connection, released at once; the outcome
-    of each: "ok", or the error code of a refusal (any other error is reported as such)."""
-    barrier = threading.Barrier(len(jobs))
-    outcomes: list[str | None] = [None] * len(jobs)
-
-    def run(i, job):
-        try:
-            barrier.wait()
-            job()
-            outcomes[i] = "ok"
-        except ApplicationError as exc:
-            outcomes[i] = exc.code
-        except Exception as exc:  # noqa: BLE001 - any other outcome is a failure to report
-            outcomes[i] = f"error: {exc!r}"
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return outcomes
 
 
 def buyer_of(m, lst, org=None):
