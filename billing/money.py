@@ -28,6 +28,7 @@ __all__ = [
     "TOP_UP_LIMITS",
     "top_up_limits",
     "top_up_range_text",
+    "default_recharge_settings",
     "minor_exponent",
     "to_minor_units",
     "hold_minor_units",
@@ -98,6 +99,25 @@ def top_up_limits(currency: str) -> tuple[Decimal, Decimal]:
         from_minor_units(STRIPE_MAXIMUM_CHARGE_MINOR, code),
     )
     return least.quantize(unit, rounding=ROUND_CEILING), most.quantize(unit, rounding=ROUND_FLOOR)
+
+
+# A new account's automatic-recharge threshold and amount when the operator sets none: about
+# US$50 and US$100 in the currency, to two significant figures (43 and 86 EUR, 7,600 and
+# 15,000 JPY, 1,300,000 and 2,600,000 VND), the amount within the currency's top-up limits.
+_DEFAULT_RECHARGE_USD = (Decimal(50), Decimal(100))
+
+
+def default_recharge_settings(currency: str) -> tuple[Decimal, Decimal]:
+    """The default recharge threshold and amount in `currency`, in major units (the USD ones
+    exactly: 50 and 100). ValueError for a currency Switchyard does not charge in."""
+    code = currency.lower()
+    least, most = top_up_limits(code)
+    rate, unit = APPROXIMATE_UNITS_PER_USD[code], minor_unit(code)
+    threshold, amount = (
+        _round_figures(usd * rate, 2, ROUND_FLOOR).quantize(unit, rounding=ROUND_FLOOR)
+        for usd in _DEFAULT_RECHARGE_USD
+    )
+    return min(threshold, most), min(max(amount, least), most)
 
 
 def _round_figures(amount: Decimal, figures: int, rounding: str) -> Decimal:

@@ -9,6 +9,7 @@ __all__ = [
     "SUPPORTED_CURRENCIES",
     "ZERO_DECIMAL_CURRENCIES",
     "THREE_DECIMAL_CURRENCIES",
+    "WHOLE_UNIT_ONLY_CURRENCIES",
     "currency_refusal",
     "minor_exponent",
     "minor_unit",
@@ -18,6 +19,11 @@ __all__ = [
 # ISO 4217 currencies of three decimals that Stripe takes (in multiples of ten of the minor
 # unit): not supported here, as a price of them would be charged at two decimals.
 THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+# Two decimals in Stripe's API but charged in whole units only: since 2023 Stripe refuses an
+# ISK amount that is not a multiple of 100 (invalid_charge_amount_no_decimal_compatible), and
+# usage, holds and refunds here are kept to the hundredth. Not supported, as three-decimal ones.
+WHOLE_UNIT_ONLY_CURRENCIES = frozenset({"isk"})
 
 # ISO 4217 currencies without a minor unit, as Stripe lists them ("zero-decimal currencies").
 ZERO_DECIMAL_CURRENCIES = frozenset(
@@ -59,7 +65,7 @@ _APPROXIMATE_UNITS_PER_USD = {
     "dzd": "130", "egp": "47.5", "etb": "150", "eur": "0.86", "fjd": "2.27", "fkp": "0.75",
     "gbp": "0.75", "gel": "2.70", "gip": "0.75", "gmd": "73", "gnf": "8700", "gtq": "7.66",
     "gyd": "209", "hkd": "7.78", "hnl": "26.3", "htg": "131", "huf": "335", "idr": "16600",
-    "ils": "3.30", "inr": "88", "isk": "125", "jmd": "160", "jpy": "152", "kes": "129",
+    "ils": "3.30", "inr": "88", "jmd": "160", "jpy": "152", "kes": "129",
     "kgs": "87.4", "khr": "4010", "kmf": "423", "krw": "1430", "kyd": "0.83", "kzt": "525",
     "lak": "21700", "lbp": "89500", "lkr": "303", "lrd": "183", "lsl": "17.4", "mad": "9.2",
     "mdl": "17", "mga": "4500", "mkd": "53", "mmk": "2100", "mnt": "3600", "mop": "8.02",
@@ -103,6 +109,11 @@ def currency_refusal(code: str) -> str | None:
         return "A currency is a three-letter ISO 4217 code in lower case (usd, eur, jpy)."
     if code in THREE_DECIMAL_CURRENCIES:
         return f"{code.upper()} has three decimals, which Switchyard does not charge in."
+    if code in WHOLE_UNIT_ONLY_CURRENCIES:
+        return (
+            f"Stripe charges {code.upper()} in whole units only, which Switchyard does not "
+            "charge in (its usage is kept to the hundredth)."
+        )
     if code not in SUPPORTED_CURRENCIES:
         return f"{code.upper()} is not a currency Stripe charges in."
     return None

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from billing.money import default_recharge_settings, top_up_limits
 from config.csp import POLICY as CSP_POLICY
-from config.currency import currency_refusal
+from config.currency import currency_refusal, money_round
 from config.env import (
     env_address,
     env_bool,
@@ -444,11 +445,24 @@ STRIPE_METER_EVENT_NAME = env_str("STRIPE_METER_EVENT_NAME", "usage_minor_units"
 BILLING_LOW_BALANCE_GRACE = timedelta(
     seconds=env_int("BILLING_LOW_BALANCE_GRACE_SECONDS", 3600, minimum=0)
 )
+# A new billing account's automatic-recharge threshold and amount, in CURRENCY: unset, about
+# US$50 and US$100 in it (billing.money.default_recharge_settings); set, within its top-up
+# limits and in whole minor units, as a customer's own settings are.
+_default_threshold, _default_amount = default_recharge_settings(CURRENCY)
 BILLING_DEFAULT_RECHARGE_THRESHOLD = env_decimal(
-    "BILLING_DEFAULT_RECHARGE_THRESHOLD", Decimal("50")
+    "BILLING_DEFAULT_RECHARGE_THRESHOLD", _default_threshold
 )
-if BILLING_DEFAULT_RECHARGE_THRESHOLD < 0:
-    raise ImproperlyConfigured("BILLING_DEFAULT_RECHARGE_THRESHOLD must be 0 or more")
+BILLING_DEFAULT_RECHARGE_AMOUNT = env_decimal("BILLING_DEFAULT_RECHARGE_AMOUNT", _default_amount)
+_least, _most = top_up_limits(CURRENCY)
+for _name, _value, _low in (
+    ("BILLING_DEFAULT_RECHARGE_THRESHOLD", BILLING_DEFAULT_RECHARGE_THRESHOLD, Decimal(0)),
+    ("BILLING_DEFAULT_RECHARGE_AMOUNT", BILLING_DEFAULT_RECHARGE_AMOUNT, _least),
+):
+    if not _low <= _value <= _most or _value != money_round(_value, CURRENCY):
+        raise ImproperlyConfigured(
+            f"{_name} must be between {_low:,} and {_most:,} {CURRENCY.upper()} in whole "
+            f"minor units of it, got {_value}"
+        )
 # Hours of an on-demand reservation the prepaid balance must cover before it is accepted.
 # The metering run books each reservation's completed clock hour at minute
 # (reservation id % this) of the next hour, so the lines of 100,000 reservations are not all

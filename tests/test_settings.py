@@ -98,6 +98,14 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"CURRENCY": "us dollars"}, "CURRENCY"),
         ({"SITE_URL": "switchyard.example"}, "SITE_URL"),
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "-5"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
+        ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "10.005"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
+        ({"BILLING_DEFAULT_RECHARGE_AMOUNT": "4.99"}, "BILLING_DEFAULT_RECHARGE_AMOUNT"),
+        # Under VND's smallest top-up (30,000): Stripe would refuse the recharge.
+        (
+            {"CURRENCY": "vnd", "BILLING_DEFAULT_RECHARGE_AMOUNT": "10000"},
+            "BILLING_DEFAULT_RECHARGE_AMOUNT",
+        ),
+        ({"CURRENCY": "jpy", "BILLING_DEFAULT_RECHARGE_AMOUNT": "5000.5"}, "RECHARGE_AMOUNT"),
         ({"DEBUG": "0", "SECRET_KEY": None}, "SECRET_KEY"),
         ({"DEBUG": "0", "SECRET_KEY": "short"}, "SECRET_KEY"),
     ],
@@ -109,6 +117,27 @@ def test_a_malformed_value_stops_start_up_naming_the_variable(env, variable):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: ")
     assert variable in last_line
+
+
+@pytest.mark.parametrize(
+    ("currency", "expected"),
+    [
+        ("usd", "50.00 100.00"),
+        ("eur", "43.00 86.00"),  # about US$50 and US$100, two significant figures
+        ("jpy", "7600 15000"),
+        ("vnd", "1300000 2600000"),
+        ("idr", "830000.00 999999.99"),  # the amount at most Stripe's largest charge
+    ],
+)
+def test_new_accounts_recharge_defaults_are_sized_to_the_currency(currency, expected):
+    result = run(
+        f"{SETUP}; from django.conf import settings as s; "
+        "print(s.BILLING_DEFAULT_RECHARGE_THRESHOLD, s.BILLING_DEFAULT_RECHARGE_AMOUNT)",
+        CURRENCY=currency,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
 
 
 @pytest.mark.parametrize(

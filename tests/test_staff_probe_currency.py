@@ -1,6 +1,7 @@
 """Currencies staff type in the admin (a rate card's, a billing account's) are ones Switchyard
 charges in, written as the ledger writes them: "USD" is refused as another currency than the
-accounts' "usd" would be, and a three-decimal one (KWD) would be charged a tenth of its price."""
+accounts' "usd" would be, a three-decimal one (KWD) would be charged a tenth of its price, and
+Stripe refuses fractions of an ISK."""
 
 from decimal import Decimal
 
@@ -24,6 +25,7 @@ def staff_client(client):
     "typed, error",
     [
         ("kwd", "KWD has three decimals"),
+        ("isk", "Stripe charges ISK in whole units only"),  # it refuses 1,000.50 ISK
         ("u$d", "three-letter ISO 4217 code"),
         ("xyz", "XYZ is not a currency Stripe charges in."),  # no limits could be set for it
         ("", "This field is required."),

@@ -39,6 +39,9 @@ def billing_account_get_or_create(*, organization: Organization) -> BillingAccou
             "recharge_threshold_minor": to_minor_units(
                 settings.BILLING_DEFAULT_RECHARGE_THRESHOLD, currency
             ),
+            "recharge_amount_minor": to_minor_units(
+                settings.BILLING_DEFAULT_RECHARGE_AMOUNT, currency
+            ),
         },
     )
     return account

@@ -33,6 +33,20 @@ def test_a_new_account_has_automatic_recharge_off():
     assert account.auto_recharge_enabled is False
 
 
+def test_a_new_account_gets_the_deployments_recharge_defaults_in_its_currency(settings):
+    """Sized to the currency (a VND account's amount used to be 10,000 minor units: VND
+    10,000, under the 30,000 Stripe's minimum makes its smallest top-up)."""
+    settings.CURRENCY = "vnd"
+    settings.BILLING_DEFAULT_RECHARGE_THRESHOLD = Decimal("1300000")
+    settings.BILLING_DEFAULT_RECHARGE_AMOUNT = Decimal("2600000")
+
+    account = billing_account_get_or_create(organization=OrganizationFactory())
+
+    assert (account.currency, account.recharge_threshold_minor, account.recharge_amount_minor) == (
+        "vnd", 1_300_000, 2_600_000
+    )  # fmt: skip
+
+
 def test_turning_automatic_recharge_on_needs_a_saved_card(org):
     before = _settings(org)
     with pytest.raises(ValidationFailed) as error:
