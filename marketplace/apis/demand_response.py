@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import authentication, exceptions, permissions, serializers
@@ -24,6 +25,7 @@ from config.api.views import method_allowed_check
 from config.db import retried_on_deadlock
 from config.errors import ApplicationError
 from marketplace.models import Curtailment, DemandResponseEvent, DemandResponseSource
+from marketplace.rules import MAX_LEAD
 from marketplace.services.demand_response import (
     DemandResponseCall,
     SignatureRefused,
@@ -139,6 +141,13 @@ class DemandResponseCallInput(Serializer):
         if (data["end"] - data["start"]).days >= _MAX_DAYS:
             raise serializers.ValidationError(
                 {"end": f"A call lasts less than {_MAX_DAYS} days."}, code="period_too_long"
+            )
+        if data["start"] > timezone.now() + MAX_LEAD:
+            # As far ahead as a reservation may start: a call beyond it would hold back a
+            # window nobody can book yet (a mistyped year, say) until it came within reach.
+            raise serializers.ValidationError(
+                {"start": f"A call starts at most {MAX_LEAD.days} days ahead."},
+                code="starts_too_far_ahead",
             )
         return data
 

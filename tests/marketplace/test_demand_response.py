@@ -205,6 +205,15 @@ def test_a_replayed_signed_request_is_refused_and_changes_nothing(fleet, source)
         ({"modification_number": 2**31}, 400, "max_value"),
         ({"modification_number": 10**20}, 400, "max_value"),
         ({"start": "9999-12-31T00:00:00Z"}, 400, "out_of_range"),
+        # A mistyped year: further ahead than any reservation may start.
+        (
+            {
+                "start": (timezone.now() + timedelta(days=366)).isoformat(),
+                "end": (timezone.now() + timedelta(days=366, hours=2)).isoformat(),
+            },
+            400,
+            "starts_too_far_ahead",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_400_and_changes_nothing(fleet, source, change, status, code):
