@@ -5,9 +5,9 @@ seeds the demo inventory and accounts, then runs the web server, a Celery worker
 beat until Ctrl-C (SIGINT) or SIGTERM, which stops everything this script started.
 Data persists in the database (and, for the embedded PostgreSQL, under .run/pg).
 
-Workloads are simulated (nothing runs) unless RUN_AGENTS=1 and podman works here: then the
-worker uses the site-agent driver and one site agent per demo site (`manage.py site_agent
---site`, a thread per node) runs real containers with podman, from a locally built image.
+Workloads run in real containers wherever podman works here (RUN_AGENTS=0: simulated, nothing
+runs): the worker uses the site-agent driver, and one site agent per demo site (`manage.py
+site_agent --site`, a thread per node) runs them with podman, from a locally built image.
 Containers keep running when make run stops, as at a real site; the agents adopt them on the
 next run.
 """
@@ -91,13 +91,17 @@ def register_localstripe_webhook(stripe_env: dict[str, str], base: str) -> bool:
 
 
 def provisioning_plan() -> tuple[dict[str, str], str]:
-    """The environment for the chosen provisioning, and a line saying which it is."""
-    if os.environ.get("RUN_AGENTS") != "1":
-        return {}, "simulated: no workload runs (RUN_AGENTS=1 runs real containers with podman)"
+    """The environment for the chosen provisioning, and a line saying which it is: real
+    containers with podman wherever podman works here (RUN_AGENTS=0: simulated anyway)."""
+    asked = os.environ.get("RUN_AGENTS", "")
+    if asked == "0":
+        return {}, "simulated: no workload runs (RUN_AGENTS=0; unset, podman runs them)"
     try:
         image = workload_image_build()
     except ImageError as exc:
-        return {}, f"simulated: RUN_AGENTS=1 asked for real containers, but {exc}"
+        if asked == "1":
+            return {}, f"simulated: RUN_AGENTS=1 asked for real containers, but {exc}"
+        return {}, f"simulated: no workload runs, as {exc}"
     # The image is local (localhost/…), and the agents below pull from private registries.
     plan = {
         "PROVISIONING_DRIVER": "site_agent",

@@ -15,6 +15,7 @@ from tests.provisioning_support import market_create
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import run  # noqa: E402
+from podman_image import ImageError  # noqa: E402
 
 
 @pytest.mark.django_db(transaction=True)
@@ -47,17 +48,39 @@ def test_site_is_for_development_only(settings):
     assert not NodeToken.objects.exists()
 
 
-def test_make_run_simulates_unless_asked_for_agents(monkeypatch):
-    monkeypatch.delenv("RUN_AGENTS", raising=False)
+def test_make_run_simulates_when_told_to(monkeypatch):
+    monkeypatch.setenv("RUN_AGENTS", "0")
+    monkeypatch.setattr(run, "workload_image_build", _not_called)
     assert run.provisioning_plan() == (
         {},
-        "simulated: no workload runs (RUN_AGENTS=1 runs real containers with podman)",
+        "simulated: no workload runs (RUN_AGENTS=0; unset, podman runs them)",
     )
 
 
+def _not_called():
+    raise AssertionError("podman was asked for")
+
+
+@pytest.mark.parametrize(
+    ("asked", "said"),
+    [
+        ("", "simulated: no workload runs, as podman does not work here"),
+        ("1", "simulated: RUN_AGENTS=1 asked for real containers, but podman does not work here"),
+    ],
+)
+def test_make_run_simulates_where_podman_does_not_work_saying_why(monkeypatch, asked, said):
+    def broken():
+        raise ImageError("podman does not work here")
+
+    monkeypatch.setenv("RUN_AGENTS", asked)
+    monkeypatch.setattr(run, "workload_image_build", broken)
+    assert run.provisioning_plan() == ({}, said)
+
+
 @pytest.mark.container
-def test_make_run_with_agents_uses_the_site_agent_driver_and_the_local_image(monkeypatch):
-    monkeypatch.setenv("RUN_AGENTS", "1")
+@pytest.mark.parametrize("asked", ["", "1"])  # by default wherever podman works
+def test_make_run_with_agents_uses_the_site_agent_driver_and_the_local_image(monkeypatch, asked):
+    monkeypatch.setenv("RUN_AGENTS", asked)
     env, said = run.provisioning_plan()
     image = env["PROVISIONING_DEFAULT_IMAGE"]
     assert image.startswith("localhost/switchyard-workload:")
