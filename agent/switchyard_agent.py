@@ -50,6 +50,7 @@ __all__ = [
     "gpu_args",
     "isolation_args",
     "image_registry_refusal",
+    "is_public_address",
     "token_read",
     "settings_load",
     "main",
@@ -326,9 +327,37 @@ def _registry_host(image: str) -> str | None:
     return first.rsplit(":", 1)[0] if first.count(":") == 1 else first
 
 
+# The server's rule for public addresses (config/netaddr.py), copied: the agent imports
+# nothing of the server's. tests/agent/test_agent_settings.py holds the two to one answer.
+_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_IETF = ipaddress.ip_network("192.0.0.0/24")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def is_public_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address: not loopback, private, link-local, shared (100.64.0.0/10),
+    reserved, site-local or a metadata service, nor one of those inside an IPv4-mapped, 6to4
+    or NAT64 address (a translator or relay on the site's network would reach it there)."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in _NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public_address(inner)
+    if ip in _METADATA or ip.is_multicast or not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        return not (ip.is_reserved or ip.is_site_local)
+    return ip not in _IETF
+
+
 def image_registry_refusal(image: str, *, resolve: Callable | None = None) -> str | None:
-    """Why an image must not be pulled (its registry is on a loopback, link-local or private
-    address, which a tenant could use to reach the site's own network), or None."""
+    """Why an image must not be pulled (its registry is on an address that is not public,
+    which a tenant could use to reach the node itself or the site's own network), or None."""
     host = _registry_host(image)
     if host is None:
         return None
@@ -340,8 +369,8 @@ def image_registry_refusal(image: str, *, resolve: Callable | None = None) -> st
             addresses = {ipaddress.ip_address(info[4][0]) for info in resolve(host, None)}
         except (OSError, UnicodeError):
             return None  # unresolvable: the pull fails on its own
-    for address in addresses:
-        if address.is_loopback or address.is_link_local or address.is_private:
+    for address in sorted(addresses, key=str):
+        if not is_public_address(address):
             return (
                 f"The image's registry {host} is on a private address ({address}); "
                 "this site does not pull from private registries."

@@ -1,5 +1,6 @@
 """Which addresses are public: the one rule for anything the product connects to on a
-customer's say-so (webhook URLs) or has a node pull from (workload images)."""
+customer's say-so (webhook URLs) or has a node pull from (workload images). The site agent,
+which imports nothing of ours, holds a copy (agent/switchyard_agent.py), tested to agree."""
 
 import ipaddress
 
@@ -38,4 +39,10 @@ def is_public_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Addre
             return is_public_address(inner)
     if ip in _METADATA or ip.is_multicast or not ip.is_global:
         return False
-    return not (isinstance(ip, ipaddress.IPv4Address) and ip in _IETF)
+    if isinstance(ip, ipaddress.IPv6Address):
+        # Python counts as global the IPv6 space the IETF reserves (::/8 but the forms above,
+        # e.g. the deprecated IPv4-compatible ::7f00:1, which a host with a sit tunnel sends to
+        # the IPv4 address inside) and deprecated site-local fec0::/10: no internet route
+        # leads to either, only a network's own.
+        return not (ip.is_reserved or ip.is_site_local)
+    return ip not in _IETF

@@ -24,3 +24,13 @@ def test_public_addresses_and_their_translated_forms_are_public(address):
 )  # fmt: skip
 def test_anything_on_the_machine_or_a_private_network_is_not(address):
     assert not is_public_address(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["::7f00:1", "::a9fe:a9fe", "::808:808", "fec0::1", "4000::1", "100:1::1", "fe00::1"],
+)
+def test_reserved_and_site_local_ipv6_is_not_though_python_calls_it_global(address):
+    """IPv4-compatible ::a.b.c.d (::/96, deprecated), the rest of the IETF's reserved IPv6
+    space and site-local fec0::/10 have no internet route: only a network's own reaches them."""
+    assert not is_public_address(address)

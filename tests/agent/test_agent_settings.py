@@ -1,6 +1,7 @@
 """The standalone agent's settings, token file, GPU arguments, isolation and image policy
 (no runtime needed)."""
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -15,10 +16,13 @@ from switchyard_agent import (
     SettingsError,
     gpu_args,
     image_registry_refusal,
+    is_public_address,
     isolation_args,
     settings_load,
     token_read,
 )
+
+from config import netaddr as config_netaddr
 
 AGENT = Path(__file__).resolve().parents[2] / "agent" / "switchyard_agent.py"
 
@@ -86,6 +90,49 @@ def test_images_from_private_or_link_local_registries_are_refused(image, refused
 
     reason = image_registry_refusal(image, resolve=resolve)
     assert (reason is not None) == refused, reason
+
+
+# Where a registry's name may point that is not public, though Python's is_private says no:
+# the shared range (a site's carrier-grade NAT or overlay network), private IPv4 inside NAT64
+# and 6to4, the IPv4-compatible form, IETF protocol assignments, site-local, multicast.
+NOT_PUBLIC_NOR_PRIVATE = [
+    "100.64.0.5", "64:ff9b::a00:5", "2002:a00:5::1", "::7f00:1", "::a9fe:a9fe", "192.0.0.8",
+    "fec0::1", "224.0.0.1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("address", NOT_PUBLIC_NOR_PRIVATE)
+def test_a_registry_name_resolving_to_any_address_that_is_not_public_is_refused(address):
+    def resolve(host, _port):
+        return [(None, None, None, "", ("93.184.216.34", 0)), (None, None, None, "", (address, 0))]
+
+    reason = image_registry_refusal("registry.site.example/team/x:1", resolve=resolve)
+
+    assert reason == (
+        f"The image's registry registry.site.example is on a private address "
+        f"({ipaddress.ip_address(address)}); this site does not pull from private registries."
+    )
+
+
+@pytest.mark.parametrize(
+    "image", ["[64:ff9b::a00:5]:5000/x:1", "100.64.0.5:5000/x:1", "[::7f00:1]:5000/x:1"]
+)
+def test_a_registry_address_the_server_refuses_is_refused_by_the_agent_too(image):
+    """A forged job, or a server from before the rule, must not get such a pull past the node."""
+    assert image_registry_refusal(image) is not None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        *NOT_PUBLIC_NOR_PRIVATE, "93.184.216.34", "2606:4700:4700::1111", "64:ff9b::5db8:d822",
+        "2002:5db8:d822::1", "127.0.0.1", "10.0.0.5", "169.254.169.254", "fd00:ec2::254",
+        "::ffff:127.0.0.1", "64:ff9b:1::a00:1", "0.0.0.0", "::", "fe80::1", "4000::1",
+        "2001:db8::1", "198.18.0.1", "240.0.0.1",
+    ],
+)  # fmt: skip
+def test_the_agents_rule_for_public_addresses_is_the_servers(address):
+    assert is_public_address(address) == config_netaddr.is_public_address(address)
 
 
 def test_settings_come_from_flags_over_env_over_the_config_file(tmp_path):

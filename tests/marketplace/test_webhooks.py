@@ -407,6 +407,8 @@ def test_a_slow_endpoint_does_not_hold_up_another_organisations(receiver, settin
         ("https://[2002:7f00:1::]/x", "webhook_url_unsafe"),  # 6to4
         ("https://[64:ff9b:1::a00:1]/x", "webhook_url_unsafe"),  # local-use NAT64
         ("https://192.0.0.8/x", "webhook_url_unsafe"),  # IETF protocol assignments
+        ("https://[::7f00:1]/x", "webhook_url_unsafe"),  # IPv4-compatible (reserved ::/8)
+        ("https://[fec0::1]/x", "webhook_url_unsafe"),  # site-local
         ("https://user:pw@93.184.216.34/x", "webhook_url_invalid"),
         ("https://no-such-host.invalid/x", "webhook_url_unresolvable"),
     ],
