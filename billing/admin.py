@@ -9,7 +9,7 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import OuterRef, Subquery, Sum
+from django.db.models import OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.response import TemplateResponse
@@ -17,6 +17,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from billing.models import (
+    Balance,
     BillingAccount,
     BillingNotice,
     Hold,
@@ -41,7 +42,7 @@ from billing.services.accounts import (
 from billing.services.credits import credit_issue
 from billing.services.funding import billing_account_lock
 from billing.services.refunds import refund_create
-from config.admin_base import FleetScaleAdmin, ReadOnlyAdmin, currency_clean
+from config.admin_base import FleetScaleAdmin, ReadOnlyAdmin, created_at_by_id, currency_clean
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
 from marketplace.portal.fields import PortalAmountField
@@ -204,20 +205,17 @@ class BillingAccountAdmin(admin.ModelAdmin):
         return False
 
     def get_queryset(self, request):
-        # The balance of every listed account in the list's one query (a ledger sum per row
-        # was one query each).
-        ledger = (
-            LedgerEntry.objects.filter(organization=OuterRef("organization"))
-            .order_by()
-            .values("organization")
-            .annotate(total=Sum("amount_minor"))
-            .values("total")
+        # The balance of every listed account in the list's one query, read from the row the
+        # ledger's trigger keeps (billing.selectors.balance_minor): summing each account's
+        # ledger read every line it ever had, and sorting by balance summed the whole ledger.
+        balance = Balance.objects.filter(organization=OuterRef("organization")).values(
+            "amount_minor"
         )
         return (
             super()
             .get_queryset(request)
             .select_related("organization")
-            .annotate(balance_minor=Coalesce(Subquery(ledger), 0))
+            .annotate(balance_minor=Coalesce(Subquery(balance), 0))
         )
 
     @admin.display(description="balance", ordering="balance_minor")
@@ -324,21 +322,29 @@ class BillingAccountAdmin(admin.ModelAdmin):
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
-    list_display = ("created_at", "organization", "kind", "amount_minor", "currency", "reservation")
+    list_display = (created_at_by_id, "organization", "kind", "amount_minor", "currency",
+                    "reservation")  # fmt: skip
     list_filter = ("kind",)
     search_fields = ("organization__name", "idempotency_key", "description")
     list_select_related = ("organization", "reservation")
+    # Newest first by id, the order entries were written in, as holds and reservations are
+    # listed: a metering run stamps all its lines with one created_at, which the model's
+    # (-created_at, -id) then sorted as one group.
+    ordering = ("-pk",)
 
 
 @admin.register(Hold)
 class HoldAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """What bookings hold against balances until the meter charges them or they end."""
 
-    list_display = ("created_at", "organization", "reservation", "amount_minor",
+    list_display = (created_at_by_id, "organization", "reservation", "amount_minor",
                     "charged_minor", "currency", "status", "closed_at")  # fmt: skip
     list_filter = ("status",)
     search_fields = ("organization__name", "reservation__public_id", "idempotency_key")
     list_select_related = ("organization", "reservation")
+    # Newest first by id, the order they were taken in: created_at has no index (each page
+    # sorted every hold, 0.7 s at 300,000).
+    ordering = ("-pk",)
 
 
 @admin.register(TopUp)

@@ -21,7 +21,13 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from config.admin_base import FleetScaleAdmin, ReadOnlyAdmin, ReadOnlyInline, currency_clean
+from config.admin_base import (
+    FleetScaleAdmin,
+    ReadOnlyAdmin,
+    ReadOnlyInline,
+    created_at_by_id,
+    currency_clean,
+)
 from config.errors import ApplicationError
 from inventory.admin import NodeAdmin
 from inventory.models import Node
@@ -954,11 +960,14 @@ class WebhookDeliveryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
 class AuditEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """Append-only (the database refuses changes); staff read it."""
 
-    list_display = ["created_at", "organization", "actor", "action", "object_id", "ip_address"]
-    list_filter = ["action"]
+    list_display = [created_at_by_id, "organization", "actor", "action", "object_id", "ip_address"]
+    # Dates as ranges (today, the past 7 days, …), not a date hierarchy: its links were the
+    # table's MIN/MAX and DISTINCT days of created_at, unindexed, on every page (0.8 s at
+    # 300,000 entries).
+    list_filter = ["action", ("created_at", admin.DateFieldListFilter)]
     search_fields = ["actor", "action", "object_id", "organization__name", "public_id"]
     list_select_related = ["organization"]
-    date_hierarchy = "created_at"
+    ordering = ["-pk"]  # newest first by id, the order they were written in
 
 
 class NodeReservationsInline(admin.TabularInline):

@@ -68,7 +68,7 @@ from django.db.models.functions import Cast, Coalesce, Concat
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
-from billing.money import from_minor_units, to_minor_units
+from billing.money import from_minor_units, to_minor_units, to_minor_units_asked
 from billing.selectors import CANCELLATION_REFUND_KEY
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
@@ -343,12 +343,13 @@ def credit_issue(
     currency: str = "usd",
     idempotency_key: str | None = None,
 ) -> LedgerEntry:
-    """A staff credit to an organisation's balance, with its reason."""
+    """A staff credit to an organisation's balance, with its reason: the amount as given,
+    refused (amount_precision) unless it is a whole number of the currency's minor unit."""
     if isinstance(amount, float):
         raise TypeError("amount must be Decimal, not float")
     if not reason.strip():
         raise ValidationFailed("A credit needs a reason.", field="reason")
-    amount_minor = to_minor_units(amount, currency)
+    amount_minor = to_minor_units_asked(amount, currency, field="amount")
     if amount_minor <= 0:
         raise ValidationFailed("A credit must be positive.", field="amount")
 

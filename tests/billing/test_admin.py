@@ -3,12 +3,16 @@
 from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from billing.models import BillingAccount, BillingMode, LedgerEntry, LedgerKind, Refund
+from billing.models import BillingAccount, BillingMode, Hold, LedgerEntry, LedgerKind, Refund
 from billing.selectors import balance_minor
+from billing.services.accounts import billing_account_get_or_create
 from billing.services.topups import top_up_create
-from tests.billing.conftest import save_card
+from tests.billing.conftest import make_reservation, save_card
+from tests.factories import OrganizationFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -231,3 +235,54 @@ def test_staff_refund_in_yen_is_refused_unless_it_is_whole_yen(staff_client, org
     assert response.status_code == 200
     assert "Amounts in JPY are whole numbers." in response.content.decode()
     assert not Refund.objects.exists()
+
+
+def _listed(client, url: str, **params):
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.get(url, params)
+    assert response.status_code == 200
+    return response, [q["sql"] for q in ctx.captured_queries]
+
+
+@pytest.mark.parametrize("name", ["billing_ledgerentry", "billing_hold"])
+def test_the_ledger_and_hold_lists_are_newest_first_by_their_indexed_id(staff_client, org, name):
+    reservation = make_reservation(org, gpu_count=1)
+    for n in range(2):
+        LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=100,
+                                   currency="usd", idempotency_key=f"c{n}")  # fmt: skip
+        Hold.objects.create(organization=org, reservation=reservation, amount_minor=250,
+                            currency="usd", idempotency_key=f"h{n}")  # fmt: skip
+    model = LedgerEntry if name == "billing_ledgerentry" else Hold
+    url = reverse(f"admin:{name}_changelist")
+
+    newest_first, queries = _listed(staff_client, url)
+    by_created_column, clicked = _listed(staff_client, url, o="0")
+
+    listed = [q for q in queries if f'FROM "{name}"' in q and "ORDER BY" in q]
+    assert [q.split("ORDER BY")[1] for q in listed] == [f' "{name}"."id" DESC']
+    assert list(newest_first.context["cl"].result_list) == list(model.objects.order_by("-pk"))
+    # Its "created at" column sorts by id too: the same order, from the primary key's index.
+    listed = [q for q in clicked if f'FROM "{name}"' in q and "ORDER BY" in q]
+    assert [q.split("ORDER BY")[1] for q in listed] == [f' "{name}"."id" ASC']
+    assert list(by_created_column.context["cl"].result_list) == list(model.objects.order_by("pk"))
+
+
+def test_the_account_list_reads_balances_kept_by_the_ledger_not_the_ledger(staff_client, org):
+    richer = OrganizationFactory(name="Richer Lab")
+    billing_account_get_or_create(organization=richer)
+    for who, amounts in ((org, (1234, -234)), (richer, (5000,))):
+        for n, amount in enumerate(amounts):
+            LedgerEntry.objects.create(organization=who, kind=LedgerKind.CREDIT,
+                                       amount_minor=amount, currency="usd",
+                                       idempotency_key=f"{who.pk}:{n}")  # fmt: skip
+    url = reverse("admin:billing_billingaccount_changelist")
+
+    listed, queries = _listed(staff_client, url)
+    by_balance, sorted_queries = _listed(staff_client, url, o="4")  # after the checkbox
+
+    assert not [q for q in queries + sorted_queries if "billing_ledgerentry" in q]
+    assert [(a.organization, a.balance_minor) for a in by_balance.context["cl"].result_list] == [
+        (org, 1000), (richer, 5000)
+    ]  # fmt: skip
+    page = listed.content.decode()
+    assert "10.00 USD" in page and "50.00 USD" in page

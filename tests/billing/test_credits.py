@@ -148,3 +148,39 @@ def test_the_credit_command_credits_once_per_key(org):
         )
 
     assert balance_minor(organization=org) == 50000
+
+
+@pytest.mark.parametrize(("amount", "currency"), [("10.005", "usd"), ("1000.5", "jpy")])
+def test_a_staff_credit_is_refused_unless_it_is_a_whole_minor_unit(org, amount, currency):
+    # Never rounded: 10.005 USD is not credited as 10.01, nor ¥1,000.5 as ¥1,001.
+    with pytest.raises(ValidationFailed) as refused:
+        credit_issue(organization=org, amount=Decimal(amount), reason="goodwill",
+                     created_by=None, currency=currency)  # fmt: skip
+
+    assert (refused.value.code, refused.value.field) == ("amount_precision", "amount")
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+    assert balance_minor(organization=org) == 0
+
+
+@pytest.mark.parametrize(
+    ("amount", "why"),
+    [
+        ("1e3", "Enter a number."),  # Decimal() alone read it as 1000.00
+        ("１２", "Enter a number."),  # another script's digits: 12.00
+        ("NaN", "Enter a number."),  # was a traceback
+        ("Infinity", "Enter a number."),
+        ("10.005", "Ensure that there are no more than 2 decimal places."),  # was 10.01
+        ("-5", "Ensure this value is greater than or equal to 0.01."),
+    ],
+)
+def test_the_credit_command_reads_the_amount_as_the_admin_does(org, amount, why):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError) as refused:
+        call_command("billing_credit", org.slug, amount, "typo", stdout=StringIO())
+
+    assert str(refused.value) == f"Not an amount: {amount!r} ({why})"
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+    assert balance_minor(organization=org) == 0

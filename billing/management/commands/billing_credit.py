@@ -4,14 +4,20 @@ The same service as the admin's "Issue a credit" (e.g. for demo accounts or supp
 --key makes it safe to run again (the same key never credits twice).
 """
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.credits import credit_issue
 from config.errors import ApplicationError
 from marketplace.models import Organization
+from marketplace.portal.fields import PortalAmountField
+
+# Read as the admin's "Issue a credit" reads it (billing.admin.MoneyForm): ASCII digits with an
+# optional point, so "1e3" or "１２" is refused, not credited as 1000 or 12.
+_AMOUNT = PortalAmountField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
 
 
 class Command(BaseCommand):
@@ -31,9 +37,9 @@ class Command(BaseCommand):
         if org is None:
             raise CommandError(f"No organisation {organization!r}.")
         try:
-            value = Decimal(amount)
-        except InvalidOperation as exc:
-            raise CommandError(f"Not an amount: {amount!r}.") from exc
+            value = _AMOUNT.clean(amount)
+        except ValidationError as exc:
+            raise CommandError(f"Not an amount: {amount!r} ({' '.join(exc.messages)})") from None
         account = billing_account_get_or_create(organization=org)
         try:
             entry = credit_issue(organization=org, amount=value, reason=reason, created_by=None,
