@@ -342,9 +342,11 @@ def credit_issue(
     created_by: AbstractBaseUser | None,
     currency: str = "usd",
     idempotency_key: str | None = None,
+    actor: str | None = None,
 ) -> LedgerEntry:
     """A staff credit to an organisation's balance, with its reason: the amount as given,
-    refused (amount_precision) unless it is a whole number of the currency's minor unit."""
+    refused (amount_precision) unless it is a whole number of the currency's minor unit.
+    Audited as by the request's user, or by `actor` outside a request (the shell's)."""
     if isinstance(amount, float):
         raise TypeError("amount must be Decimal, not float")
     if not reason.strip():
@@ -364,6 +366,7 @@ def credit_issue(
     )
     if created:
         audit_record(
+            actor=actor,
             organization_id=organization.pk,
             action="credit.issue",
             object_type="ledger_entry",

@@ -1,5 +1,6 @@
 """SLA credits from recorded outages, cancellation refunds by the tier rules, staff credits."""
 
+import getpass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -17,7 +18,7 @@ from billing.services.credits import (
 from billing.services.usage import reservation_meter
 from config.errors import ValidationFailed
 from inventory.models import Outage, OutageCause
-from marketplace.models import ReservationStatus, Tier
+from marketplace.models import AuditEntry, ReservationStatus, Tier
 from tests.billing.conftest import make_reservation
 
 pytestmark = pytest.mark.django_db
@@ -148,6 +149,16 @@ def test_the_credit_command_credits_once_per_key(org):
         )
 
     assert balance_minor(organization=org) == 50000
+    # Money moved from the shell is in the audit log once, with who ran it.
+    entry = LedgerEntry.objects.get(organization=org)
+    audited = AuditEntry.objects.filter(organization=org, action="credit.issue")
+    assert list(audited.values_list("actor", "object_id", "changes")) == [
+        (
+            f"shell:{getpass.getuser()}",
+            entry.public_id,
+            {"after": {"amount": "500.00", "currency": "usd", "reason": "demo credit"}},
+        )
+    ]
 
 
 @pytest.mark.parametrize(("amount", "currency"), [("10.005", "usd"), ("1000.5", "jpy")])

@@ -1,9 +1,11 @@
 """python manage.py billing_credit <org-slug> <amount> "<reason>" — a staff credit from the shell.
 
 The same service as the admin's "Issue a credit" (e.g. for demo accounts or support scripts);
---key makes it safe to run again (the same key never credits twice).
+--key makes it safe to run again (the same key never credits twice). The audit log names
+the shell's user as the actor (`shell:<user>`), as it names staff for the admin's credits.
 """
 
+import getpass
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
@@ -43,7 +45,8 @@ class Command(BaseCommand):
         account = billing_account_get_or_create(organization=org)
         try:
             entry = credit_issue(organization=org, amount=value, reason=reason, created_by=None,
-                                 currency=account.currency, idempotency_key=key)  # fmt: skip
+                                 currency=account.currency, idempotency_key=key,
+                                 actor=f"shell:{getpass.getuser()}")  # fmt: skip
         except ApplicationError as exc:
             raise CommandError(exc.message) from exc
         self.stdout.write(f"{org.slug}: ledger entry {entry.pk}, {entry.amount_minor} minor units.")
