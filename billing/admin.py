@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
@@ -186,6 +187,12 @@ class BillingAccountAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
 
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        if request.user.has_perm("billing.change_billingaccount"):
+            return fields
+        return [f for f in fields if f != "actions_links"]  # a credit needs the permission
+
     def get_readonly_fields(self, request, obj=None):
         fields = super().get_readonly_fields(request, obj)
         if obj is not None and LedgerEntry.objects.filter(organization=obj.organization).exists():
@@ -302,7 +309,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
 
     def credit_view(self, request, pk: int):
         if not request.user.has_perm("billing.change_billingaccount"):
-            return redirect("admin:index")
+            raise PermissionDenied
         account = get_object_or_404(BillingAccount.objects.select_related("organization"), pk=pk)
         form = MoneyForm(request.POST or None, currency=account.currency)
         if request.method == "POST" and form.is_valid():
@@ -354,6 +361,12 @@ class TopUpAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_filter = ("status", "automatic")
     search_fields = ("organization__name", "stripe_payment_intent_id")
 
+    def get_list_display(self, request):
+        shown = super().get_list_display(request)
+        if request.user.has_perm("billing.add_refund"):
+            return shown
+        return [c for c in shown if c != "refund_link"]  # a refund needs the permission
+
     @admin.display(description="refund")
     def refund_link(self, obj):
         if obj.status != "succeeded":
@@ -374,7 +387,7 @@ class TopUpAdmin(FleetScaleAdmin, ReadOnlyAdmin):
 
     def refund_view(self, request, pk: int):
         if not request.user.has_perm("billing.add_refund"):
-            return redirect("admin:index")
+            raise PermissionDenied
         top_up = get_object_or_404(TopUp.objects.select_related("organization"), pk=pk)
         form = MoneyForm(request.POST or None, currency=top_up.currency)
         if request.method == "POST" and form.is_valid():

@@ -22,6 +22,7 @@ source or the requirements changed). Tests that need another setting say so them
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import secrets
@@ -66,7 +67,16 @@ def static_sources_fingerprint() -> str:
 
 def collect_static(env: dict[str, str]) -> None:
     """collectstatic into STATIC_ROOT, as a deployment does, unless its sources are unchanged
-    since the last run (compressing every file takes a minute or more of CPU)."""
+    since the last run (compressing every file takes a minute or more of CPU). One run at a
+    time: two runs of the suite started together in one checkout would each --clear the
+    folder the other is writing."""
+    STATIC_ROOT.parent.mkdir(parents=True, exist_ok=True)
+    with open(STATIC_ROOT.parent / "test-static.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _collect_static(env)
+
+
+def _collect_static(env: dict[str, str]) -> None:
     fingerprint = static_sources_fingerprint()
     manifest = STATIC_ROOT / "staticfiles.json"
     if manifest.exists() and STATIC_FINGERPRINT.exists():

@@ -286,3 +286,34 @@ def test_the_account_list_reads_balances_kept_by_the_ledger_not_the_ledger(staff
     ]  # fmt: skip
     page = listed.content.decode()
     assert "10.00 USD" in page and "50.00 USD" in page
+
+
+def test_staff_who_may_only_view_get_no_credit_or_refund_links_and_a_403(
+    client, django_user_model, org
+):
+    from django.contrib.auth.models import Permission
+
+    from billing.models import TopUp
+
+    viewer = django_user_model.objects.create_user("viewer", password="x", is_staff=True)
+    viewer.user_permissions.set(
+        Permission.objects.filter(codename__in=["view_billingaccount", "view_topup"])
+    )
+    client.force_login(viewer)
+    account = billing_account_get_or_create(organization=org)
+    top_up = TopUp.objects.create(organization=org, amount_minor=5000, currency="usd",
+                                  payment_method_id="pm_x", status="succeeded")  # fmt: skip
+
+    account_page = client.get(reverse("admin:billing_billingaccount_change", args=[account.pk]))
+    top_ups = client.get(reverse("admin:billing_topup_changelist"))
+    credit = client.post(reverse("admin:billing_billingaccount_credit", args=[account.pk]),
+                         {"amount": "10.00", "reason": "x", "once": "c1"})  # fmt: skip
+    refund = client.post(reverse("admin:billing_topup_refund", args=[top_up.pk]),
+                         {"amount": "10.00", "reason": "x", "once": "r1"})  # fmt: skip
+
+    assert (account_page.status_code, top_ups.status_code) == (200, 200)
+    assert "Issue a credit" not in account_page.content.decode()
+    assert "Refund…" not in top_ups.content.decode()
+    assert (credit.status_code, refund.status_code) == (403, 403)  # was a silent redirect
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+    assert not Refund.objects.exists()
