@@ -58,7 +58,9 @@ def created_at_by_id(obj) -> datetime:
 class FleetScaleAdmin(admin.ModelAdmin):
     """The list of a table that grows with the fleet (GPUs, reservations, allocations, the
     ledger): counted by estimate when unfiltered, and never counted twice (the "N total"
-    beside a filtered count is a second COUNT(*) over the whole table)."""
+    beside a filtered count is a second COUNT(*) over the whole table). Narrowed by date with
+    ranges (admin.DateFieldListFilter), never a date_hierarchy: its links read the table's
+    first and last dates and its distinct years, months or days on every page."""
 
     paginator = EstimatedCountPaginator
     show_full_result_count = False

@@ -231,9 +231,8 @@ class ZonePriceAdmin(FleetScaleAdmin):
 
     list_display = ["zone", "starts_at", "ends_at", "price_per_mwh", "currency", "source",
                     "received_at"]  # fmt: skip
-    list_filter = ["zone"]
+    list_filter = ["zone", ("starts_at", admin.DateFieldListFilter)]
     list_select_related = ["zone"]
-    date_hierarchy = "starts_at"
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -701,11 +700,15 @@ class OutageAdmin(FleetScaleAdmin):
 
     form = OutageForm
     list_display = ["node", "gpu", "cause", "started_at", "ended_at"]
-    list_filter = [OpenOutageFilter, "cause", "node__site"]
+    list_filter = [
+        OpenOutageFilter,
+        "cause",
+        "node__site",
+        ("started_at", admin.DateFieldListFilter),
+    ]
     list_select_related = ["node", "gpu"]
     search_fields = ["node__hostname", "detail"]
     raw_id_fields = ["node", "gpu"]
-    date_hierarchy = "started_at"
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
@@ -829,10 +832,9 @@ class StatusChangeAdmin(FleetScaleAdmin):
     """The audit trail: read-only."""
 
     list_display = ["at", "target", "from_status", "to_status", "actor_label", "reason"]
-    list_filter = ["to_status", "site"]
+    list_filter = ["to_status", "site", ("at", admin.DateFieldListFilter)]
     list_select_related = ["node", "site"]
     search_fields = ["node__hostname", "site__slug", "actor_label", "reason"]
-    date_hierarchy = "at"
 
     @admin.display(description="node or site")
     def target(self, change: StatusChange) -> str:

@@ -310,3 +310,20 @@ def test_the_audit_list_reads_no_dates_of_the_whole_log_and_is_newest_first_by_i
     assert list(clicked.context["cl"].result_list) == entries
     assert list(since_today.context["cl"].result_list) == entries[::-1]
     assert list(from_tomorrow.context["cl"].result_list) == []
+
+
+def test_no_list_of_a_table_that_grows_with_the_fleet_has_a_date_drill_down():
+    """A date_hierarchy reads the whole table's dates on every page (MIN/MAX, then DISTINCT
+    years, months or days); these lists narrow by date ranges instead."""
+    from django.contrib import admin as django_admin
+
+    from config.admin_base import FleetScaleAdmin
+
+    fleet_scale = {
+        type(model_admin).__name__: model_admin
+        for model_admin in django_admin.site._registry.values()
+        if isinstance(model_admin, FleetScaleAdmin)
+    }
+
+    assert {"ReservationAdmin", "EventAdmin", "AuditEntryAdmin", "OutageAdmin"} <= set(fleet_scale)
+    assert [name for name, a in fleet_scale.items() if a.date_hierarchy] == []
