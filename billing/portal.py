@@ -60,8 +60,10 @@ from marketplace.portal.mixins import PortalView, show_error
 
 FUNDING_MEANING = {
     FundingState.OK: "Funded: the balance covers new reservations.",
-    FundingState.WARNING: "The balance is below your recharge threshold. Top up (or let "
-    "automatic recharge do it) before it runs out.",
+    # funding_words states the threshold: a customer who never set one must see the figure.
+    FundingState.WARNING: "The available balance is below {threshold}, the threshold in your "
+    "billing settings at which you are warned (and automatic recharge, when on, tops up). Top "
+    "up before it runs out.",
     FundingState.GRACE: "The balance has run out. On-demand and interruptible reservations keep "
     "running until the grace period ends, then they are stopped unless you top up.",
     FundingState.SUSPENDED: "The balance ran out and the grace period is over: on-demand and "
@@ -99,7 +101,12 @@ def funding_words(account, balance: int) -> tuple[str, str]:
     prepaid = account is None or account.mode == BillingMode.PREPAID
     if state == FundingState.OK and prepaid and balance <= 0:
         return "No balance", NO_BALANCE
-    return FUNDING_LABEL.get(state, str(state)), FUNDING_MEANING.get(state, "")
+    meaning = FUNDING_MEANING.get(state, "")
+    if state == FundingState.WARNING:
+        meaning = meaning.format(
+            threshold=money(account.recharge_threshold_minor, account.currency)
+        )
+    return FUNDING_LABEL.get(state, str(state)), meaning
 
 
 def commitment_funding(membership, *, currency: str, **commitment) -> dict:

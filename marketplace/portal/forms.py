@@ -408,7 +408,15 @@ class InvitationCreateForm(forms.Form):
     invite-role, apart from the page's other forms)."""
 
     email = forms.EmailField(label="E-mail address", help_text="They need no account yet.")
-    role = forms.ChoiceField(label="Invite as", choices=Role.choices, initial=Role.MEMBER)
+    role = forms.ChoiceField(
+        label="Invite as",
+        choices=Role.choices,
+        initial=Role.MEMBER,
+        help_text="Owner: everything, the owner role included. Admin: everything else (team, "
+        "API keys, webhooks, audit log, billing, reservations). Member: finds GPUs, reserves, "
+        "extends and cancels, adds SSH keys; reads billing. Billing: cards, top-ups and billing "
+        "settings; sees reservations but does not book.",
+    )
 
 
 class WebhookEndpointForm(forms.Form):

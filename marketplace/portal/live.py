@@ -21,7 +21,7 @@ from marketplace.selectors.reservations import (
 from marketplace.services.transitions import PREEMPTIBLE_STATUSES
 from marketplace.templatetags.portal_format import duration, money, status_label
 
-__all__ = ["progress", "LiveView", "CURRENT_STATUSES"]
+__all__ = ["progress", "running_time", "LiveView", "CURRENT_STATUSES"]
 
 CURRENT_STATUSES = [
     ReservationStatus.PENDING,
@@ -64,6 +64,21 @@ def progress(reservation: Reservation, now: datetime | None = None) -> dict:
     }
 
 
+def running_time(seconds: int | None) -> str | None:
+    """How long it has run or has left, as the detail page shows it first and as each poll
+    updates it: 1 d 2 h 05 min, 2 h 05 min, 3 min 20 s."""
+    if seconds is None:
+        return None
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h {minutes:02d} min"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s"
+
+
 def _as_json(reservation: Reservation, now: datetime) -> dict:
     p = progress(reservation, now)
     currency = reservation.currency
@@ -73,9 +88,9 @@ def _as_json(reservation: Reservation, now: datetime) -> dict:
         "status": reservation.status,
         "status_label": status_label(reservation.status),
         "elapsed_seconds": p["elapsed_seconds"],
-        "elapsed": duration(p["elapsed_seconds"]),
+        "elapsed": running_time(p["elapsed_seconds"]),
         "remaining_seconds": p["remaining_seconds"],
-        "remaining": duration(p["remaining_seconds"]),
+        "remaining": running_time(p["remaining_seconds"]),
         "time_left": p["time_left"],
         "cost_so_far": str(p["cost_so_far"]),
         "cost_so_far_display": money(p["cost_so_far"], currency),

@@ -19,6 +19,10 @@ from marketplace.models import Membership, Role
 __all__ = ["SESSION_ORG_KEY", "PortalView", "portal_membership", "show_error"]
 
 SESSION_ORG_KEY = "portal_organization"
+SESSION_ENDED = (
+    "You were signed out (the session ended), so the form you sent was not saved and nothing "
+    "changed. Sign in, then fill it in and send it again."
+)
 
 
 def portal_membership(request: HttpRequest) -> Membership | None:
@@ -47,6 +51,9 @@ class PortalView(LoginRequiredMixin):
 
     def dispatch(self, request, *args, **kwargs):
         if not request.user.is_authenticated:
+            if request.method == "POST":
+                # A form sent after the session ended: the sign-in page says what happened.
+                messages.error(request, SESSION_ENDED)
             return self.handle_no_permission()
         self.membership = portal_membership(request)
         if self.membership is None:

@@ -31,7 +31,7 @@ from marketplace.portal.forms import (
     ReservationFilterForm,
     SearchForm,
 )
-from marketplace.portal.live import progress
+from marketplace.portal.live import progress, running_time
 from marketplace.portal.mixins import PortalView, show_error
 from marketplace.portal.nav import portal_funding
 from marketplace.provisioning.workload import workload_public, workload_validate
@@ -439,20 +439,6 @@ def _gpu_use(reservation, minutes: int = 30) -> list[dict]:
     return rows
 
 
-def _duration(seconds: int | None) -> str | None:
-    """1 d 2 h 05 min, 2 h 05 min, 3 min 20 s."""
-    if seconds is None:
-        return None
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h {minutes:02d} min"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s"
-
-
 def _next_minute(at):
     """The first whole minute at or after `at`."""
     whole = at.replace(second=0, microsecond=0)
@@ -505,8 +491,8 @@ def _detail_context(view, reservation, **extra) -> dict:
         # Charged, not booked: what it has cost so far (the final amount once it has ended).
         "charged": reservation_charged(reservation),
         "ended": reservation.status in TERMINAL_STATUSES,
-        "elapsed": _duration(reservation_elapsed_seconds(reservation)),
-        "remaining": _duration(reservation_remaining_seconds(reservation)),
+        "elapsed": running_time(reservation_elapsed_seconds(reservation)),
+        "remaining": running_time(reservation_remaining_seconds(reservation)),
         "energy": reservation_energy(reservation=reservation),
         "gpu_use": gpu_use,
         "gpu_chart": _gpu_chart(gpu_use),

@@ -63,6 +63,28 @@ def test_the_overview_shows_balance_mode_and_what_the_funding_state_means(org, o
     assert 'href="/billing/"' in html  # the nav item billing registered with the portal
 
 
+def test_a_low_balance_warning_states_the_threshold_it_is_below(org, owner_client):
+    """A new account warns below a default threshold its owner never set (about US$50); the
+    warning names the figure rather than "your recharge threshold", which nothing shows."""
+    ledger_entry_add(organization=org, kind=LedgerKind.CREDIT, amount_minor=4997,
+                     currency="usd", idempotency_key="c1")  # fmt: skip
+    BillingAccount.objects.filter(organization=org).update(
+        funding_state="warning", recharge_threshold_minor=5000, auto_recharge_enabled=False
+    )
+
+    overview = owner_client.get("/billing/").content.decode()
+    dashboard = _panel(owner_client.get("/dashboard").content.decode())
+
+    said = (
+        "The available balance is below 50.00 USD, the threshold in your billing settings at "
+        "which you are warned (and automatic recharge, when on, tops up). Top up before it runs "
+        "out."
+    )
+    assert said in overview and said in dashboard
+    assert ">Running low<" in dashboard
+    assert _account_row(org) == (False, 5000, 10000, None)  # reading changed nothing
+
+
 def test_an_owner_changes_auto_recharge_and_the_spend_limit(org, owner_client):
     BillingAccount.objects.filter(organization=org).update(default_payment_method_id="pm_saved")
     response = owner_client.post("/billing/", SETTINGS, follow=True)

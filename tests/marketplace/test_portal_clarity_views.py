@@ -105,6 +105,9 @@ def test_extending_shows_the_cost_first_and_changes_nothing_until_confirmed(
     assert preview.status_code == 200
     assert 'id="added-amount">68.88 USD<' in html  # 2 GPUs × 11.48 × 3 h
     assert "114.80 USD (was 45.92 USD)" in html
+    # The current end is what it "was", not "now" (read as the time of day).
+    old_end = reservation.ends_at.strftime("%Y-%m-%d %H:%M")
+    assert f'<dd id="new-end">{new_end.replace("T", " ")} UTC (was {old_end} UTC)</dd>' in html
     reservation.refresh_from_db()
     assert reservation.ends_at == reservation.starts_at + timedelta(hours=2)
     assert reservation.total_amount == Decimal("45.92")

@@ -131,3 +131,14 @@ def test_an_invitation_to_an_address_with_control_characters_is_refused(owner, m
         response.content.decode()
     )
     assert not Invitation.objects.exists() and mailoutbox == []
+
+
+def test_the_invite_form_says_what_each_role_may_do(owner):
+    page = signed_in(owner).get("/team").content.decode()
+
+    assert (
+        "Owner: everything, the owner role included. Admin: everything else (team, API keys, "
+        "webhooks, audit log, billing, reservations). Member: finds GPUs, reserves, extends and "
+        "cancels, adds SSH keys; reads billing. Billing: cards, top-ups and billing settings; "
+        "sees reservations but does not book."
+    ) in page

@@ -64,6 +64,33 @@ def test_pages_need_a_signed_in_user():
         assert response["Location"].startswith("/login?next=")
 
 
+def test_a_form_sent_after_the_session_ended_says_so_on_the_sign_in_page_and_changes_nothing(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    organization = OrganizationFactory()
+    client = member_client(organization, Role.OWNER)
+    reservation = reserve(organization)
+    client.logout()  # the session ended while the cancel page was open
+
+    response = client.post(
+        f"/reservations/{reservation.public_id}/cancel", {"confirm": "True"}, follow=True
+    )
+
+    assert response.redirect_chain == [
+        (f"/login?next=/reservations/{reservation.public_id}/cancel", 302)
+    ]
+    assert (
+        "You were signed out (the session ended), so the form you sent was not saved and "
+        "nothing changed. Sign in, then fill it in and send it again."
+    ) in response.content.decode()
+    reservation.refresh_from_db()
+    assert reservation.status == "pending"
+    # A plain visit while signed out is sent to sign in without it.
+    visit = HttpsClient().get("/reservations", follow=True)
+    assert "You were signed out" not in visit.content.decode()
+
+
 def test_another_organisations_reservation_and_quote_are_not_found(
     market,
     allow_all_funding,  # noqa: F811

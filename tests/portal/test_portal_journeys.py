@@ -202,6 +202,40 @@ def test_live_figures_and_an_interruption_update_without_reloading(signed_in, ma
     shot(page, "dashboard-interruption")
 
 
+def test_a_running_reservations_page_keeps_its_live_figures_whole(signed_in, market):
+    """Each poll rewrites the charged amount, the time run and the time left, and nothing
+    beside them: the amount used to lose its space before the note ("0.00 USDusage"), and the
+    time run stayed as first drawn while the time left moved on."""
+    page, _, organization = signed_in
+    start = timezone.now()
+    quote = quote_create(
+        organization=organization, gpu_model="h100-sxm-80gb", gpu_count=1, starts_at=start,
+        ends_at=start + timedelta(hours=3), tier="on_demand",
+    )  # fmt: skip
+    from marketplace.services.reservations import reservation_create
+
+    reservation = reservation_create(organization=organization, quote=quote)
+    _run_now(reservation)
+    Reservation.objects.filter(pk=reservation.pk).update(activated_at=reservation.starts_at)
+    page.clock.install()
+    page.goto(page.base + f"/reservations/{reservation.public_id}")
+    expect(page.locator("#elapsed")).to_have_text(re.compile(r"^0 min \d\d s · 2 h 5\d min left$"))
+
+    # As if it had started an hour earlier: the next poll says so.
+    hour = timedelta(hours=1)
+    Reservation.objects.filter(pk=reservation.pk).update(
+        starts_at=reservation.starts_at - hour,
+        activated_at=reservation.starts_at - hour,
+        ends_at=reservation.ends_at - hour,
+    )
+    page.clock.fast_forward(16_000)  # one poll
+
+    expect(page.locator("#elapsed")).to_have_text(re.compile(r"^1 h 0\d min · 1 h 5\d min left$"))
+    expect(page.locator("#charged")).to_have_text(
+        re.compile(r"^[\d,]+\.\d\d USD usage and commitments less refunds and credits; ")
+    )
+
+
 def test_the_usage_and_site_pages_draw_their_charts_beside_tables(signed_in, market, shot):
     page, _, _ = signed_in
     site, _ = market

@@ -161,3 +161,24 @@ def test_a_ticked_saved_key_alone_is_installed(signed_in, market):
     expect(page).to_have_url(re.compile(r"/reservations/res_"))
     reservation = Reservation.objects.get(organization=organization)
     assert reservation.workload == {"ssh_public_keys": [laptop.public_key]}
+
+
+def _page_width(page) -> int:
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+@pytest.mark.usefixtures("allow_all_funding")
+def test_a_keys_fingerprint_wraps_on_a_phone_instead_of_widening_the_page(signed_in, market):
+    """A fingerprint is one 50-character word: in the saved message and in the quote's
+    checkbox label it used to push a 375 px page out to about 490 px."""
+    page, _, organization = signed_in
+    site, h100 = market
+    page.set_viewport_size({"width": 375, "height": 812})
+    add_key(page, "laptop", ssh_key(body=key_bytes(1)))
+    fingerprint = expected_fingerprint("ssh-ed25519", key_bytes(1))
+    expect(page.get_by_role("status")).to_contain_text(f"Saved laptop ({fingerprint})")
+    assert _page_width(page) == 375
+
+    page.goto(page.base + f"/quotes/{_quote(organization, site, h100).public_id}")
+    expect(page.get_by_label(f"laptop ({fingerprint})")).to_be_checked()
+    assert _page_width(page) == 375

@@ -41,29 +41,11 @@
     return Object.keys(seen);
   }
 
-  // On the detail page the figures are named by id (#charged starts with the amount, then a
-  // note, so only its first text is replaced).
-  var BY_ID = { charged: "cost_so_far_display", remaining: "remaining" };
-
-  function setText(cell, value) {
-    var first = cell.firstChild;
-    if (cell.children.length && first && first.nodeType === Node.TEXT_NODE) {
-      first.nodeValue = value;
-    } else {
-      cell.textContent = value;
-    }
-  }
-
   function apply(row) {
     document.querySelectorAll('[data-live-id="' + row.id + '"]').forEach(function (el) {
       el.querySelectorAll("[data-live]").forEach(function (cell) {
         var value = row[cell.getAttribute("data-live")];
         if (value !== null && value !== undefined) { cell.textContent = value; }
-      });
-      Object.keys(BY_ID).forEach(function (id) {
-        var cell = el.querySelector("#" + id);
-        var value = row[BY_ID[id]];
-        if (cell && value !== null && value !== undefined) { setText(cell, value); }
       });
     });
     document.querySelectorAll('[data-live-interruption="' + row.id + '"]').forEach(function (el) {
