@@ -332,6 +332,10 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
     # What is left once accrued usage and open holds are counted (money_position).
     balance = money_position(organization_id=organization.pk).available
     money = f"{from_minor_units(balance, account.currency)} {account.currency.upper()}"
+    threshold = (
+        f"{from_minor_units(account.recharge_threshold_minor, account.currency)} "
+        f"{account.currency.upper()}"
+    )
     state = account.funding_state
     if balance >= account.recharge_threshold_minor:
         if state != FundingState.OK:
@@ -340,7 +344,7 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
                 notice_send(
                     organization=organization,
                     kind="funding_restored",
-                    message=f"Your balance is {money}; billing is back to normal.",
+                    message=f"Your available balance is {money}; billing is back to normal.",
                 )
     elif balance > 0 or (state != FundingState.SUSPENDED and not _running_metered(organization)):
         # Nothing is drawing the balance down: a low (even empty) balance only warns.
@@ -350,8 +354,10 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
             notice_send(
                 organization=organization,
                 kind="low_balance",
-                message=f"Your balance is low ({money}). Top up or enable automatic "
-                "recharge to keep your reservations running.",
+                message=f"Your available balance is low: {money}, below your warning "
+                f"threshold of {threshold} (what is left once usage not yet charged and what "
+                "your bookings hold are counted). Top up or enable automatic recharge to keep "
+                "your reservations running.",
             )
     elif state in (FundingState.OK, FundingState.WARNING):
         grace_until = now + settings.BILLING_LOW_BALANCE_GRACE
@@ -359,7 +365,7 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
         notice_send(
             organization=organization,
             kind="grace_started",
-            message=f"Your balance is {money}. Running on-demand reservations will be "
+            message=f"Your available balance is {money}. Running on-demand reservations will be "
             f"released at {grace_until:%Y-%m-%d %H:%M} UTC unless you top up; usage "
             "until then is owed.",
         )
@@ -372,7 +378,7 @@ def funding_state_update(*, organization: Organization, now: datetime | None = N
         notice_send(
             organization=organization,
             kind="suspended",
-            message=f"Your balance is {money} and the grace period is over: "
+            message=f"Your available balance is {money} and the grace period is over: "
             f"{len(released)} reservation(s) released ({', '.join(released) or 'none'}). "
             "Top up to reserve again.",
         )

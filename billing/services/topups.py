@@ -17,6 +17,7 @@ from billing.models import (
     BillingAccount,
     BillingMode,
     LedgerKind,
+    PaymentMethod,
     TopUp,
     TopUpStatus,
 )
@@ -138,8 +139,9 @@ def _receipt_send(top_up: TopUp) -> None:
     notice_send(
         organization=top_up.organization,
         kind="receipt",
-        message=f"Receipt: {_money(top_up.amount_minor, c)} charged to your saved card "
-        f"({top_up.payment_method_id}) on {top_up.completed_at:%Y-%m-%d %H:%M} UTC for a {what}; "
+        message=f"Receipt: {_money(top_up.amount_minor, c)} charged to "
+        f"{_card_words(top_up.payment_method_id)} on {top_up.completed_at:%Y-%m-%d %H:%M} UTC "
+        f"for a {what}; "
         f"payment {top_up.stripe_payment_intent_id}, top-up {top_up.public_id}. Your balance is "
         f"now {_money(balance_minor(organization=top_up.organization), c)}.",
     )
@@ -262,6 +264,14 @@ def _money(amount_minor: int, currency: str) -> str:
     return f"{from_minor_units(amount_minor, currency)} {currency.upper()}"
 
 
+def _card_words(stripe_payment_method_id: str) -> str:
+    """A saved card as its owner knows it ("your Visa ending 4242"), not Stripe's id."""
+    card = PaymentMethod.objects.filter(stripe_payment_method_id=stripe_payment_method_id).first()
+    if card is None or not card.last4:
+        return "your saved card"
+    return f"your {card.brand.title() or 'card'} ending {card.last4}"
+
+
 def _start_automatic(*, account: BillingAccount, amount_minor: int, reason: str) -> TopUp | None:
     """Start an automatic recharge on the saved card and tell the owners why; None without a
     card, or while one is already on its way (one pending automatic top-up per organisation)."""
@@ -277,8 +287,8 @@ def _start_automatic(*, account: BillingAccount, amount_minor: int, reason: str)
     notice_send(
         organization=account.organization,
         kind="automatic_recharge",
-        message=f"We are charging {_money(amount_minor, account.currency)} to your saved card "
-        f"({account.default_payment_method_id}) because {reason}. Automatic recharge can be "
-        "turned off on the Billing page.",
+        message=f"We are charging {_money(amount_minor, account.currency)} to "
+        f"{_card_words(account.default_payment_method_id)} because {reason}. Automatic "
+        "recharge can be turned off on the Billing page.",
     )
     return top_up

@@ -127,7 +127,7 @@ def test_an_automatic_recharge_is_emailed_to_the_owners_with_its_reason(
     assert top_up.reason == reason
     notice = BillingNotice.objects.get(organization=org, kind="automatic_recharge")
     assert notice.message.startswith(
-        f"We are charging 100.00 USD to your saved card (pm_x) because {reason}."
+        f"We are charging 100.00 USD to your saved card because {reason}."  # pm_x: not saved
     )
     (sent,) = [m for m in mail.outbox if "automatic recharge" in m.subject]
     assert sent.to == ["owner@example.com"] and reason in sent.body

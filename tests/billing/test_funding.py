@@ -100,6 +100,10 @@ def test_funds_running_out_warn_then_grace_then_release_never_silently(org, sett
         BillingNotice.objects.filter(organization=org).order_by("id").values_list("kind", flat=True)
     )
     assert kinds == ["low_balance", "grace_started", "suspended"]
+    # The figure the portal calls "available", next to the threshold it fell below.
+    assert BillingNotice.objects.get(organization=org, kind="low_balance").message.startswith(
+        "Your available balance is low: 6.00 USD, below your warning threshold of 10.00 USD "
+    )
     with pytest.raises(PaymentRequired) as error:
         authorize(org)
     assert error.value.code == "account_suspended"

@@ -9,7 +9,7 @@ import pytest
 from django.core import mail
 from django.db import connection
 
-from billing.models import BillingNotice, LedgerKind, TopUp
+from billing.models import BillingNotice, LedgerKind, PaymentMethod, TopUp
 from billing.services.topups import top_up_succeed
 from marketplace.models import Role
 from tests.billing.conftest import make_reservation
@@ -118,6 +118,8 @@ def test_a_month_without_a_statement_is_a_404_on_every_page(owner_client, month)
 
 
 def test_each_top_up_is_receipted_by_email(org, django_capture_on_commit_callbacks):
+    PaymentMethod.objects.create(organization=org, stripe_payment_method_id="pm_visa",
+                                 brand="visa", last4="4242")  # fmt: skip
     top_up = TopUp.objects.create(organization=org, amount_minor=7500, currency="usd",
                                   payment_method_id="pm_visa")  # fmt: skip
 
@@ -126,7 +128,9 @@ def test_each_top_up_is_receipted_by_email(org, django_capture_on_commit_callbac
         assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id="pi_123") is False
 
     (receipt,) = BillingNotice.objects.filter(organization=org, kind="receipt")
-    assert receipt.message.startswith("Receipt: 75.00 USD charged to your saved card (pm_visa)")
+    # The card as its owner knows it, not Stripe's id for it.
+    assert receipt.message.startswith("Receipt: 75.00 USD charged to your Visa ending 4242 on ")
+    assert "pm_visa" not in receipt.message
     assert "payment pi_123" in receipt.message and "balance is now 75.00 USD" in receipt.message
     # The top-up by its public id, never its sequential one (billing 0012).
     assert f"top-up {top_up.public_id}." in receipt.message
