@@ -2,6 +2,8 @@ import sys
 
 from django.contrib import admin
 from django.http import JsonResponse
+from django.middleware.csrf import REASON_NO_CSRF_COOKIE
+from django.shortcuts import render
 from django.urls import include, path, re_path
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
@@ -98,3 +100,28 @@ def handler500(request):
             status=500,
         )
     return defaults.server_error(request)
+
+
+def csrf_failure(request, reason=""):
+    """A form Django refused for its CSRF token (CSRF_FAILURE_VIEW): most often one from a page
+    opened before its visitor last signed in or out, here or in another tab. Nothing was done;
+    the page says so and what to do, instead of Django's "CSRF verification failed"."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {
+                "error": {
+                    "type": "permission_error",
+                    "code": "csrf_failed",
+                    "field": None,
+                    "message": "A browser session's request needs its CSRF token "
+                    "(X-CSRFToken); API keys need none.",
+                }
+            },
+            status=403,
+        )
+    return render(
+        request,
+        "csrf_failure.html",
+        {"no_cookie": reason == REASON_NO_CSRF_COOKIE},
+        status=403,
+    )

@@ -84,6 +84,17 @@ def test_the_unhashed_name_is_served_too_but_not_cached_for_long():
     assert "immutable" not in response["Cache-Control"]
 
 
+def test_every_portal_page_names_its_icon_which_is_served():
+    # Browsers ask for /favicon.ico otherwise: a 404 in every page's console.
+    page = HttpsClient().get("/login").content.decode()
+    href = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', page).group(1)
+
+    response = HttpsClient().get(href)
+
+    assert href == staticfiles_storage.url("portal/favicon.svg")
+    assert (response.status_code, response["Content-Type"]) == (200, "image/svg+xml")
+
+
 def _test_script():
     """scripts/test.py as a module (its name would clash with the standard library's `test`)."""
     sys.path.insert(0, str(SCRIPTS))  # for its `import devservices`

@@ -1,7 +1,7 @@
 """Reservations as they run: elapsed, time left, cost so far, an interruption's countdown.
 
 progress() is what the pages render first; LiveView serves the same figures as JSON for
-static/portal/live.js, which polls it and updates the pages without a reload.
+static/portal/portal.js, which polls it and updates the pages without a reload.
 """
 
 from datetime import datetime
