@@ -37,6 +37,8 @@ __all__ = [
     "parse_amd_smi_json",
     "parse_kernel_log",
     "KernelEventCursor",
+    "READING_BOUNDS",
+    "readings_bound",
     "telemetry_collect",
 ]
 
@@ -71,6 +73,23 @@ GPU_KEYS = (
     "retired_pages_pending",
     "events",
 )
+
+# What Switchyard takes for each reading (the server's GpuTelemetrySerializer, inventory/apis.py;
+# tests/agent/test_gpu_telemetry.py holds the two equal). A tool's reading outside them (a
+# sensor's 255 °C or 65535 W, NaN from amd-smi's JSON, a negative count) is no measurement:
+# it is sent as None (unknown), since one such value refuses the whole heartbeat.
+READING_BOUNDS: dict[str, tuple[float, float]] = {
+    "temperature_c": (-40, 200),
+    "power_w": (0, 5000),
+    "utilization_pct": (0, 100),
+    "memory_used_mib": (0, 2**31 - 1),
+    "sm_clock_mhz": (0, 32767),
+    "memory_clock_mhz": (0, 32767),
+    "ecc_volatile_corrected": (0, 2**31 - 1),
+    "ecc_volatile_uncorrected": (0, 2**31 - 1),
+    "ecc_aggregate_corrected": (0, 2**31 - 1),
+    "ecc_aggregate_uncorrected": (0, 2**31 - 1),
+}
 
 # Xid codes that mean the hardware is at fault (NVIDIA's Xid catalogue): double-bit ECC (48),
 # row remapping event / failure (63, 64), NVLink (74), fallen off the bus (79), contained and
@@ -602,6 +621,22 @@ def attach_events(report: dict[str, Any], events: list[dict[str, Any]]) -> dict[
 
 # --- Collection (what the agent calls) -------------------------------------------------------
 
+
+def readings_bound(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with every reading outside READING_BOUNDS (or not a finite number) as None."""
+    for gpu in report.get("gpus") or []:
+        for key, (low, high) in READING_BOUNDS.items():
+            value = gpu.get(key)
+            # The range test fails NaN too; a bool is not a reading.
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not low <= value <= high
+            ):
+                gpu[key] = None
+    return report
+
+
 Runner = Callable[[list], "tuple[int, str, str]"]
 
 
@@ -647,4 +682,4 @@ def telemetry_collect(
     if code == 0:
         attach_events(report, cursor.new_events(out.splitlines()))
     report["read_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return report
+    return readings_bound(report)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import http.client
 import ipaddress
 import json
 import logging
@@ -706,7 +707,14 @@ class ContainerExecutor:
                 )
                 self._run(["rm", "-f", name], timeout=120)
             network = self._network(name)
-            notice_dir = self._notice_dir(name, payload)
+            try:
+                notice_dir = self._notice_dir(name, payload)
+            except OSError as exc:
+                # The state directory is unusable (a full or read-only disk, a file in its
+                # place): the node's fault, and every start here would fail alike.
+                raise ExecutorError(
+                    f"cannot write {self.state_dir / name}: {exc.strerror}", node_failure=True
+                ) from None
             progress({"step": "run", "image": payload["image"]})
             self._run(
                 self.run_args(payload, network=network, notice_dir=str(notice_dir)),
@@ -929,6 +937,12 @@ def _write_atomic(path: Path, text: str, *, mode: int) -> None:
 # RETRY_AFTER_RETRIES times, so a job's report is not lost to a rate limit.
 RETRY_AFTER_MAX_SECONDS = 120.0
 RETRY_AFTER_RETRIES = 3
+# What a request to an API that cannot be reached (down, reset, timed out) raises.
+API_UNREACHABLE = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+# A finished job's report (complete or fail) is sent again through an API outage or 5xx
+# answers, this long at most: the server takes it from the lease's holder even after the
+# lease ran out, so the work is not done again once the API is back.
+REPORT_RETRY_SECONDS = 600.0
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -1036,6 +1050,16 @@ def server_heartbeat_seconds(answer: object) -> float | None:
     return min(max(float(value), low), high)
 
 
+def _error_text(body: object) -> str:
+    """An API error body (type, code, field, message) in one line."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "no reason given"
+    field_name = error.get("field")
+    message = str(error.get("message") or error.get("code") or "no reason given")
+    return f"{field_name}: {message}" if field_name else message
+
+
 def status_file_path(settings: Settings) -> Path:
     return Path(settings.status_file or Path(settings.state_dir) / "status.json")
 
@@ -1106,6 +1130,10 @@ class Agent:
         # while it is down.
         self.heartbeat_seconds = self.heartbeat_interval = 10.0
         self.heartbeat_pinned = False
+        # The jobs this agent runs now, by id: one leased again while it runs (its lease ran
+        # out during an API outage) goes on under the new lease instead of running twice.
+        self.jobs_running: dict[int, dict] = {}
+        self.jobs_lock = threading.Lock()
 
     def telemetry(self) -> dict | None:
         """Per-GPU readings for the heartbeat (gpu_telemetry.py); None on a node without
@@ -1125,6 +1153,17 @@ class Agent:
             beat["telemetry"] = telemetry
         try:
             status, body = self.client.post("agent/heartbeat", beat)
+            if status == 400 and telemetry is not None:
+                # Readings Switchyard refuses (a GPU its inventory does not have, a value it
+                # does not take) must not cost the node its liveness: sent again without
+                # them, saying why, which staff see as the node's telemetry error.
+                logger.warning("heartbeat refused with its telemetry: %s", body)
+                beat["telemetry"] = {
+                    "source": str(telemetry.get("source", ""))[:40],
+                    "gpus": [],
+                    "unreadable": f"telemetry refused by Switchyard: {_error_text(body)}"[:500],
+                }
+                status, body = self.client.post("agent/heartbeat", beat)
         except Exception:
             self.work_signalled = False  # no answer: the loop polls until one comes
             raise
@@ -1187,20 +1226,31 @@ class Agent:
 
     def run_job(self, job: dict) -> None:
         """Run a leased job through the executor (renewing its lease) and report its end."""
-        job_id, lease_id = job["id"], job["lease_id"]
+        job_id = job["id"]
         request_id = job.get("request_id") or ""
         logger.info(
             "job %s: %s for %s (request %s)",
             job_id, job["kind"], job["reservation"], request_id or "-",
         )  # fmt: skip
+        with self.jobs_lock:
+            self.jobs_running[job_id] = job
         stop_renewing = threading.Event()
 
         def report_progress(progress: dict) -> None:
-            self.client.post(
-                f"agent/jobs/{job_id}/progress",
-                {"lease_id": lease_id, "progress": progress, "lease_seconds": self.lease_seconds},
-                request_id=request_id,
-            )
+            # Never raises: the API being unreachable a moment must not abort the job (the
+            # next renewal, or the final report, gets through once it is back).
+            try:
+                self.client.post(
+                    f"agent/jobs/{job_id}/progress",
+                    {
+                        "lease_id": job["lease_id"],
+                        "progress": progress,
+                        "lease_seconds": self.lease_seconds,
+                    },
+                    request_id=request_id,
+                )
+            except API_UNREACHABLE as exc:
+                logger.warning("job %s: progress not reported: %s", job_id, exc)
 
         def renew() -> None:
             while not stop_renewing.wait(max(1.0, self.lease_seconds / 3)):
@@ -1212,29 +1262,75 @@ class Agent:
             result = self.executor.run(job["kind"], job["payload"], report_progress)
         except ExecutorError as exc:
             stop_renewing.set()
-            code, _body = self.client.post(
-                f"agent/jobs/{job_id}/fail",
-                {"lease_id": lease_id, "error": str(exc)[:2000], "node_failure": exc.node_failure},
-                request_id=request_id,
-            )
+            body = {"error": str(exc)[:2000], "node_failure": exc.node_failure}
+            code, _answer = self._job_report(job, "fail", body)
             # The message may quote the workload's log: only its first line goes to our log.
             logger.warning(
                 "job %s failed: %s (reported: %s)", job_id, str(exc).splitlines()[0], code
             )
             return
+        except BaseException:
+            with self.jobs_lock:
+                self.jobs_running.pop(job_id, None)
+            raise
         finally:
             stop_renewing.set()
             renewer.join(timeout=5)
-        code, body = self.client.post(
-            f"agent/jobs/{job_id}/complete",
-            {"lease_id": lease_id, "result": result},
-            request_id=request_id,
-        )
+        code, answer = self._job_report(job, "complete", {"result": result})
         if code == 200:
             logger.info("job %s done", job_id)
         else:
             # 409: the lease passed to another agent while this one was slow; its result stands.
-            logger.warning("job %s completion refused (%s): %s", job_id, code, body)
+            logger.warning("job %s completion refused (%s): %s", job_id, code, answer)
+
+    def job_lease_again(self, job: dict) -> bool:
+        """Whether a leased job is one this agent runs already (its lease ran out while the
+        API was unreachable, and the API handed it out again): it goes on under the new lease,
+        and is not started a second time."""
+        with self.jobs_lock:
+            running = self.jobs_running.get(job["id"])
+            if running is None:
+                return False
+            running["lease_id"] = job["lease_id"]
+        logger.info(
+            "job %s leased again while it runs here: going on under the new lease", job["id"]
+        )
+        return True
+
+    def _job_report(self, job: dict, action: str, body: dict) -> tuple[int | None, dict | None]:
+        """Report a finished job (`complete` or `fail`) under its current lease. Sent again,
+        with growing pauses for up to REPORT_RETRY_SECONDS, while the API is unreachable or
+        answers 5xx; and at once when it was refused because the job was leased again here
+        meanwhile (job_lease_again). The job stops being this agent's once this returns."""
+        deadline = time.monotonic() + REPORT_RETRY_SECONDS
+        pause = 1.0
+        try:
+            while True:
+                lease_id = job["lease_id"]
+                try:
+                    code, answer = self.client.post(
+                        f"agent/jobs/{job['id']}/{action}",
+                        {"lease_id": lease_id, **body},
+                        request_id=job.get("request_id") or "",
+                    )
+                except API_UNREACHABLE as exc:
+                    code, answer = None, {"error": {"message": str(exc)}}
+                with self.jobs_lock:
+                    if code == 409 and job["lease_id"] != lease_id:
+                        continue
+                    if (code is not None and code < 500) or time.monotonic() >= deadline:
+                        self.jobs_running.pop(job["id"], None)
+                        return code, answer
+                logger.warning(
+                    "job %s: %s not reported (%s); sending it again in %.0f s",
+                    job["id"], action, code or answer["error"]["message"], pause,
+                )  # fmt: skip
+                time.sleep(pause)
+                pause = min(pause * 2, 30.0)
+        except BaseException:
+            with self.jobs_lock:
+                self.jobs_running.pop(job["id"], None)
+            raise
 
     def burn_in_one(self) -> bool:
         """Lease and run this node's burn-in, if one is queued (burn_in.py); False if none."""
@@ -1286,7 +1382,7 @@ class Agent:
         def beat() -> None:
             try:
                 self.heartbeat()
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except API_UNREACHABLE as exc:
                 logger.warning("API unreachable for the heartbeat: %s; retrying", exc)
             except SettingsError:
                 raise
@@ -1319,6 +1415,8 @@ class Agent:
                 try:
                     if len(running) < self.max_parallel_jobs:
                         job = self.lease()
+                    if job is not None and self.job_lease_again(job):
+                        continue
                     if job is not None:
                         worker = threading.Thread(
                             target=self._run_job_logged, args=(job,), name=f"job-{job['id']}"
@@ -1329,7 +1427,7 @@ class Agent:
                     if not running and self.burn_in_one():  # a burn-in needs the node idle
                         continue
                     idle = not running
-                except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                except API_UNREACHABLE as exc:
                     logger.warning("API unreachable: %s; retrying", exc)
                 if once and not running:
                     return

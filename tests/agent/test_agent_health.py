@@ -1,12 +1,17 @@
 """The agent's heartbeat carries its GPUs' telemetry, and its loop runs queued burn-ins."""
 
 import json
+import os
 import time
 
+import pytest
 import switchyard_agent
-from switchyard_agent import Agent
+from switchyard_agent import Agent, AgentClient
 
+from inventory.models import Gpu
+from inventory.services import node_token_issue
 from tests.agent.test_gpu_telemetry import fixture
+from tests.provisioning_support import market_create
 
 
 class RecordingClient:
@@ -178,3 +183,80 @@ def test_check_exits_0_on_a_fresh_heartbeat_and_1_otherwise_without_a_token(tmp_
     switchyard_agent.status_write(path)
     assert switchyard_agent.main(argv) == 0
     assert capsys.readouterr().out.strip() == "switchyard-agent: ok"
+
+
+# --- readings Switchyard refuses never cost the node its heartbeat ---------------------------
+
+
+def _nvidia_smi_on_path(tmp_path, monkeypatch, xml: str) -> None:
+    """A stand-in nvidia-smi printing `xml` (this machine has no GPU), first on PATH."""
+    (tmp_path / "nvidia-smi.xml").write_text(xml)
+    tool = tmp_path / "bin" / "nvidia-smi"
+    tool.parent.mkdir()
+    tool.write_text(f"#!/bin/sh\ncat {tmp_path / 'nvidia-smi.xml'}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+
+
+def _live_agent(live_server, node) -> Agent:
+    _token, secret = node_token_issue(node=node, label="site agent")
+    return Agent(client=AgentClient(api=live_server.url, token=secret), executor=NoContainers())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_absurd_reading_is_sent_as_unknown_and_the_heartbeat_is_accepted(
+    live_server, tmp_path, monkeypatch
+):
+    """A sensor reading 255 °C was a 400 for the whole heartbeat: the node went offline."""
+    node = market_create(nodes=1, gpus=8).nodes[0]
+    xml = fixture("nvidia_h100_healthy.xml").replace(
+        "<gpu_temp>61 C</gpu_temp>", "<gpu_temp>255 C</gpu_temp>", 1
+    )
+    _nvidia_smi_on_path(tmp_path, monkeypatch, xml)
+    agent = _live_agent(live_server, node)
+    sent = []
+    post = agent.client.post
+    agent.client.post = lambda path, body, **kw: sent.append((path, body)) or post(path, body, **kw)
+
+    assert agent.heartbeat() is True
+
+    assert [path for path, _ in sent] == ["agent/heartbeat", "agent/workloads"]
+    gpus = sent[0][1]["telemetry"]["gpus"]
+    assert [g["temperature_c"] for g in gpus] == [None, *[61.0] * 3, *[34.0] * 4]
+    assert gpus[0]["power_w"] == 612.87  # the GPU's other readings stay
+    node.refresh_from_db()
+    assert node.last_heartbeat_at is not None
+    assert node.telemetry_error == ""
+    assert list(Gpu.objects.filter(node=node).values_list("health", flat=True)) == ["ok"] * 8
+
+
+@pytest.mark.django_db(transaction=True)
+def test_telemetry_the_api_refuses_is_dropped_with_its_reason_and_the_node_stays_alive(
+    live_server, tmp_path, monkeypatch
+):
+    """nvidia-smi lists 8 GPUs, the inventory has 4 (the others not for sale): the readings of
+    GPU 4 are refused (400), so the heartbeat goes again without readings, saying why."""
+    node = market_create(nodes=1, gpus=4).nodes[0]
+    _nvidia_smi_on_path(tmp_path, monkeypatch, fixture("nvidia_h100_healthy.xml"))
+    agent = _live_agent(live_server, node)
+
+    assert agent.heartbeat() is True
+
+    node.refresh_from_db()
+    assert node.last_heartbeat_at is not None
+    assert node.telemetry_error == (
+        "telemetry refused by Switchyard: telemetry.gpus.4.index: GPU 4 does not exist on "
+        "this node."
+    )
+    assert list(Gpu.objects.filter(node=node).values_list("health", flat=True)) == ["ok"] * 4
+
+
+def test_a_heartbeat_refused_for_another_reason_than_its_telemetry_is_not_sent_again(
+    monkeypatch,
+):
+    monkeypatch.setattr(switchyard_agent._gpu_telemetry.shutil, "which", lambda name: None)
+    client = RecordingClient({"agent/heartbeat": (400, {"error": {"code": "parse_error"}})})
+
+    assert Agent(client=client, executor=NoContainers()).heartbeat() is False
+
+    assert [path for path, _ in client.posts] == ["agent/heartbeat"]

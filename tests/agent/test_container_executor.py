@@ -357,6 +357,26 @@ def test_a_start_of_a_new_generation_replaces_the_running_container_with_the_new
     assert listed == [second["container_id"][:12]]
 
 
+def test_an_unusable_state_directory_is_a_node_failure_not_a_crash(
+    executor_factory, payload_for, tmp_path
+):
+    """A file where the state directory should be (or a full, read-only disk): the start
+    raised OSError, the agent logged a crash, and the job was leased again for ever."""
+    (tmp_path / "state").write_text("not a directory")
+    executor = executor_factory(state_dir=str(tmp_path / "state"))
+    payload = payload_for()
+    executor.run("prepare", payload, no_progress)
+
+    with pytest.raises(ExecutorError) as failed:
+        executor.run("start", payload, no_progress)
+
+    assert failed.value.node_failure is True
+    assert str(failed.value) == (
+        f"cannot write {tmp_path / 'state' / payload['container_name']}: Not a directory"
+    )
+    assert _state(payload["container_name"]) is None  # nothing started
+
+
 def test_an_unusable_runtime_is_a_node_failure_not_a_workload_failure(
     executor_factory, payload_for, tmp_path
 ):

@@ -6,6 +6,7 @@ Fixtures (tests/agent/fixtures/telemetry): `nvidia-smi -q -x` of an 8-GPU HGX H1
 and kernel log excerpts (dmesg and ISO timestamps) with Xid and amdgpu RAS lines.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,30 @@ def test_collect_survives_a_tool_that_hangs_or_vanishes(tmp_path):
     assert (code, out) == (127, "")
     code, _out, err = t._run(["sleep", "5"], timeout=0.2)
     assert code == 127 and "timed out" in err
+
+
+def test_readings_outside_what_switchyard_takes_are_sent_as_unknown():
+    """amd-smi's JSON may hold NaN (Python's json reads it), a sensor 255 °C or 65535 W."""
+    metric = json.loads(fixture("amd_mi300x_healthy.json"))
+    first = metric[0] if isinstance(metric, list) else metric["gpu_data"][0]
+    first["temperature"]["hotspot"] = {"value": float("nan"), "unit": "C"}
+    first["temperature"]["edge"] = {"value": 255, "unit": "C"}
+    first["power"]["socket_power"] = {"value": 65535, "unit": "W"}
+    report = t.parse_amd_smi_json(json.dumps(metric))
+    healthy = t.parse_amd_smi_json(fixture("amd_mi300x_healthy.json"))
+
+    bounded = t.readings_bound(report)
+
+    assert (bounded["gpus"][0]["temperature_c"], bounded["gpus"][0]["power_w"]) == (None, None)
+    assert bounded["gpus"][0]["utilization_pct"] == healthy["gpus"][0]["utilization_pct"]
+    assert bounded["gpus"][1:] == healthy["gpus"][1:]
+    assert json.dumps(bounded, allow_nan=False)  # what the agent sends is strict JSON
+
+
+def test_the_reading_bounds_are_the_ones_switchyard_takes():
+    from inventory.apis import GpuTelemetrySerializer
+
+    fields = GpuTelemetrySerializer().fields
+    assert {
+        name: (fields[name].min_value, fields[name].max_value) for name in t.READING_BOUNDS
+    } == t.READING_BOUNDS
