@@ -73,6 +73,11 @@ class GpuTelemetrySerializer(LenientSerializer):
     """One GPU's readings, as agent/gpu_telemetry.py reports them (other keys are ignored)."""
 
     index = serializers.IntegerField(min_value=0, max_value=255)
+    # The board's serial number as the tool reads it: what a reading is matched to a GPU by
+    # when every reading has one of the node's (inventory.telemetry.telemetry_matched).
+    serial = serializers.CharField(
+        max_length=64, required=False, allow_null=True, allow_blank=True, default=None
+    )
     readable = serializers.BooleanField(required=False, default=True)
     error = serializers.CharField(
         max_length=300, required=False, allow_null=True, allow_blank=True, default=None

@@ -58,6 +58,7 @@ def _gpu(item) -> dict:
     if not isinstance(item, dict):
         raise _Unusual
     out = {"index": _int(item.get("index"), 0, 255)}
+    out["serial"] = _text(item.get("serial"), max_length=64, blank=True, null=True)
     readable = item.get("readable", True)
     if type(readable) is not bool:
         raise _Unusual

@@ -53,6 +53,7 @@ from inventory.models import (
 from inventory.telemetry import (
     gpu_health_apply,
     telemetry_changes_state,
+    telemetry_matched,
     telemetry_record,
     telemetry_rows,
 )
@@ -562,6 +563,8 @@ def node_heartbeat_accept(
     the write-through bound, and every heartbeat while Redis is down.
     """
     now = timezone.now()
+    if telemetry is not None:
+        telemetry = telemetry_matched(report=telemetry, gpus=gpus)
     last = node.last_heartbeat_at
     locked_path = (
         node.status == NodeStatus.OFFLINE

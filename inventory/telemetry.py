@@ -58,6 +58,7 @@ __all__ = [
     "gpu_mark_failed",
     "telemetry_record",
     "telemetry_rows",
+    "telemetry_matched",
     "telemetry_changes_state",
     "telemetry_flush",
     "samples_enqueue",
@@ -365,6 +366,37 @@ def samples_copy(rows: list[tuple]) -> None:
     with connection.cursor() as cursor, cursor.copy(_COPY_SQL) as copy:
         for row in rows:
             copy.write_row(row)
+
+
+# What a GPU the driver no longer lists reads as: unreachable (fail_on_unreachable).
+_NOT_LISTED = "not listed by the driver (fallen off the bus?)"
+
+
+def telemetry_matched(*, report: dict, gpus: dict[int, Gpu]) -> dict:
+    """The report with each reading on the GPU its serial number names, when every reading
+    names one of this node's GPUs, each once; else as the tool numbered them.
+
+    nvidia-smi numbers GPUs by their order on the PCI bus, so when one drops off the bus
+    entirely, every GPU after it moves down one index and its readings would be judged as its
+    neighbour's. Matched by serial, a GPU a readable report leaves out is read as unreachable:
+    the health rules fail it (docs/health.md), as for one the tool lists but cannot reach."""
+    readings = report.get("gpus") or []
+    by_serial = {gpu.serial: index for index, gpu in gpus.items() if gpu.serial}
+    serials = [reading.get("serial") for reading in readings]
+    if (
+        not readings
+        or len(set(serials)) != len(serials)
+        or not all(serial in by_serial for serial in serials)
+    ):
+        return report
+    matched = [{**reading, "index": by_serial[reading["serial"]]} for reading in readings]
+    if not report.get("unreadable"):
+        listed = {reading["index"] for reading in matched}
+        matched += [
+            {"index": index, "serial": gpus[index].serial, "readable": False, "error": _NOT_LISTED}
+            for index in sorted(set(gpus) - listed)
+        ]
+    return {**report, "gpus": matched}
 
 
 def telemetry_rows(*, report: dict, gpus: dict[int, Gpu], now: datetime) -> list[tuple]:

@@ -146,6 +146,43 @@ def test_a_gpu_fallen_off_the_bus_fails(api_client, node, secret):
     assert (sample.readable, sample.temperature_c, sample.events) == (False, None, "79")
 
 
+def test_a_gpu_the_driver_stops_listing_fails_and_the_others_keep_their_readings(
+    api_client, node, secret
+):
+    """nvidia-smi numbers GPUs in PCI bus order: with GPU 2 gone from the bus entirely, the
+    GPUs after it come as indexes 2 to 6. Matched by serial, each reading lands on its GPU
+    and the one left out is unreachable."""
+    report = nvidia("nvidia_h100_healthy.xml")
+    for gpu, reading in zip(Gpu.objects.filter(node=node).order_by("index"), report["gpus"]):
+        Gpu.objects.filter(pk=gpu.pk).update(serial=reading["serial"])
+    gone = report["gpus"].pop(2)
+    for index, reading in enumerate(report["gpus"]):
+        reading["index"] = index
+    report["gpus"][2]["temperature_c"] = 71.0  # GPU 3's, now numbered 2
+
+    assert beat(api_client, secret, report).status_code == 200
+
+    gpus = {g.index: g for g in Gpu.objects.filter(node=node)}
+    assert {i: g.health for i, g in gpus.items() if g.health != GpuHealth.OK} == {
+        2: GpuHealth.FAILED
+    }
+    assert gpus[2].serial == gone["serial"]
+    assert gpus[2].health_reason == ("unreachable (not listed by the driver (fallen off the bus?))")
+    assert GpuSample.objects.get(gpu_id=gpus[3].pk).temperature_c == 71
+    assert GpuSample.objects.get(gpu_id=gpus[2].pk).readable is False
+    assert GpuSample.objects.count() == 8
+
+
+def test_readings_whose_serials_are_not_the_nodes_are_taken_by_index(api_client, node, secret):
+    report = nvidia("nvidia_h100_healthy.xml")  # serials the factory's GPUs do not have
+    del report["gpus"][7]
+
+    assert beat(api_client, secret, report).status_code == 200
+
+    assert set(health(node).values()) == {GpuHealth.OK}
+    assert GpuSample.objects.count() == 7
+
+
 def test_a_row_remap_failure_fails_and_a_pending_remap_only_degrades(api_client, node, secret):
     beat(api_client, secret, nvidia("nvidia_a100_row_remap_failure.xml"))
     beat(api_client, secret, nvidia("nvidia_a100_remap_pending.xml"))
