@@ -590,11 +590,46 @@ class GpuAdmin(FleetScaleAdmin):
         _apply(request, queryset, telemetry.gpu_return_to_service, "gpu", "Returned to service")
 
     @admin.action(
-        description="Mark selected GPUs failed (their work is moved or ended)",
+        description="Mark selected GPUs failed (their work is moved or ended)…",
         permissions=["change"],
     )
     def mark_failed(self, request, queryset):
-        _apply(request, queryset, telemetry.gpu_mark_failed, "gpu", "Marked failed")
+        """Asks first, listing the reservations on the GPUs, and needs a reason: their
+        customers read it in their reservation's history."""
+        confirmed = request.POST.get("confirmed") == "yes"
+        if confirmed and request.POST.get("reason", "").strip():
+            return _apply(request, queryset, telemetry.gpu_mark_failed, "gpu", "Marked failed")
+        if confirmed:
+            messages.error(request, "Give a reason to mark a GPU failed.")
+        return _gpu_mark_failed_confirm(self, request, queryset)
+
+
+# What failing GPUs does to the bookings on them (marketplace.services.gpu_failures).
+_GPU_FAILED_CONSEQUENCE = (
+    "The GPUs leave sale now and an outage opens for each. Each reservation listed is moved to "
+    "healthy GPUs of its model at its site (a running workload restarts there; the time from "
+    "the failure is not billed), or, with none free, ends as failed: undelivered time is not "
+    "charged and a reserved term's rest is refunded. Its customer reads the reason in its "
+    "history."
+)
+
+
+def _gpu_mark_failed_confirm(
+    model_admin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet
+) -> TemplateResponse:
+    gpus = list(queryset.select_related("node").order_by("pk"))
+    hostnames = {gpu.node_id: gpu.node.hostname for gpu in gpus}
+    bookings = node_bookings(hostnames, now=timezone.now(), gpu_ids=[gpu.pk for gpu in gpus])
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": f"Mark {len(gpus)} GPU(s) failed?",
+        "opts": model_admin.model._meta,
+        "gpus": gpus,
+        "bookings": [{"node": hostnames[b.node_id], "booking": b} for b in bookings],
+        "consequence": _GPU_FAILED_CONSEQUENCE,
+        "reason": request.POST.get("reason", ""),
+    }
+    return TemplateResponse(request, "admin/inventory/gpu/mark_failed_confirm.html", context)
 
 
 def _burn_in(request, targets: dict) -> None:

@@ -115,6 +115,8 @@ def _text(max_length: int | None) -> Parser:
         if isinstance(value, bool | dict | list) or value is None:
             raise _Bad("must be text")
         text = str(value).strip()
+        if "\x00" in text:  # PostgreSQL's text cannot hold it: refused here, with its line
+            raise _Bad("must not contain a NUL character")
         if max_length is not None and len(text) > max_length:
             raise _Bad(f"must be at most {max_length} characters")
         return text
@@ -196,7 +198,7 @@ def _upper(parse: Parser) -> Parser:
 def _serials(max_length: int) -> Parser:
     def parse(value):
         if isinstance(value, str):
-            items = [s for s in re.split(r"[;\s]+", value) if s]
+            items = [_text(None)(s) for s in re.split(r"[;\s]+", value) if s]
         elif isinstance(value, list):
             items = [_text(max_length)(s) for s in value]
         else:
@@ -504,9 +506,24 @@ def _list(plan: Plan, mapping: _LineDict, key: str) -> list[_LineDict]:
 # --- CSV -----------------------------------------------------------------------------------
 
 
+def _csv_rows(reader: csv.DictReader, plan: Plan):
+    """The reader's rows, until one the csv module cannot read (a field over its
+    field_size_limit, 128 KiB, which no inventory value needs): that one is reported with its
+    line and ends the file."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        # The csv reader's own count: DictReader's is updated only after a row is read.
+        plan.problem(reader.reader.line_num, f"not valid CSV: {exc}")
+
+
 def _parse_csv(text: str, plan: Plan) -> None:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        plan.problem(1, f"not valid CSV: {exc}")
+        return
     reader.fieldnames = header
     unknown = [h for h in header if h not in CSV_COLUMNS]
     if unknown:
@@ -515,7 +532,7 @@ def _parse_csv(text: str, plan: Plan) -> None:
         plan.problem(1, "the header must have at least the columns 'site' and 'hostname'")
         return
     sites: dict[str, Record] = {}
-    for row in reader:
+    for row in _csv_rows(reader, plan):
         line = reader.line_num
         if None in row:
             plan.problem(line, "more cells than columns in the header")
@@ -868,9 +885,19 @@ def inventory_import(*, path: Path, dry_run: bool = False) -> ImportReport:
             field="file",
         )
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise ValidationFailed(f"{path}: cannot read the file: {exc}", field="file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValidationFailed(
+            f"{path.name}: line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file "
+            "as UTF-8 and import it again. Nothing was written.",
+            code="file_not_utf8",
+            field="file",
+        ) from None
     plan = Plan()
     if suffix == ".csv":
         _parse_csv(text, plan)

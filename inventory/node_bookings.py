@@ -26,17 +26,22 @@ class NodeBooking(NamedTuple):
     gpus: int  # of this node
 
 
-_reader: Callable[[list[int], datetime], Iterable[NodeBooking]] | None = None
+# (node ids, now, GPU ids or None for all the nodes' GPUs) -> bookings
+Reader = Callable[[list[int], datetime, list[int] | None], Iterable[NodeBooking]]
+_reader: Reader | None = None
 
 
-def node_bookings_register(reader: Callable[[list[int], datetime], Iterable[NodeBooking]]) -> None:
+def node_bookings_register(reader: Reader) -> None:
     global _reader
     _reader = reader
 
 
-def node_bookings(node_ids: Iterable[int], *, now: datetime) -> list[NodeBooking]:
-    """The bookings on these nodes that end after now, earliest start first."""
+def node_bookings(
+    node_ids: Iterable[int], *, now: datetime, gpu_ids: Iterable[int] | None = None
+) -> list[NodeBooking]:
+    """The bookings on these nodes (on these GPUs of them, if given) that end after now,
+    earliest start first; `gpus` counts the GPUs of the node (of those given) each holds."""
     ids = sorted(set(node_ids))
     if not ids or _reader is None:
         return []
-    return list(_reader(ids, now))
+    return list(_reader(ids, now, None if gpu_ids is None else sorted(set(gpu_ids))))

@@ -165,13 +165,19 @@ def curtailments_recent(*, now: datetime, days: int = 7, limit: int = 20) -> lis
     )
 
 
-def node_bookings_ahead(node_ids: list[int], now: datetime) -> list[NodeBooking]:
-    """The reservations holding GPUs of these nodes from now on, one row per node and
-    reservation (inventory.node_bookings' reader: what a drain, maintenance or retirement of
-    the nodes would touch)."""
+def node_bookings_ahead(
+    node_ids: list[int], now: datetime, gpu_ids: list[int] | None = None
+) -> list[NodeBooking]:
+    """The reservations holding GPUs of these nodes (only `gpu_ids` of them, if given) from
+    now on, one row per node and reservation (inventory.node_bookings' reader: what a drain,
+    maintenance or retirement of the nodes, or failing the GPUs, would touch)."""
+    allocations = Allocation.objects.filter(
+        node_id__in=node_ids, is_live=True, period__endswith__gt=now
+    )
+    if gpu_ids is not None:
+        allocations = allocations.filter(gpu_id__in=gpu_ids)
     rows = (
-        Allocation.objects.filter(node_id__in=node_ids, is_live=True, period__endswith__gt=now)
-        .values(
+        allocations.values(
             "node_id",
             "reservation__public_id",
             "reservation__organization__name",

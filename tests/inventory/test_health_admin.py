@@ -43,8 +43,10 @@ def test_the_gpu_and_node_pages_show_per_minute_telemetry(admin_client, gpu):
 def test_staff_mark_a_gpu_failed_and_return_it_with_a_reason(admin_client, gpu):
     url = reverse("admin:inventory_gpu_changelist")
     admin_client.post(
-        url, {"action": "mark_failed", "_selected_action": [gpu.pk], "reason": "fans dead"}
-    )
+        url,
+        {"action": "mark_failed", "_selected_action": [gpu.pk], "confirmed": "yes",
+         "reason": "fans dead"},
+    )  # fmt: skip
     gpu.refresh_from_db()
     assert (gpu.health, gpu.health_reason) == (
         GpuHealth.FAILED,
