@@ -943,6 +943,8 @@ API_UNREACHABLE = (urllib.error.URLError, TimeoutError, ConnectionError, http.cl
 # answers, this long at most: the server takes it from the lease's holder even after the
 # lease ran out, so the work is not done again once the API is back.
 REPORT_RETRY_SECONDS = 600.0
+# A job's progress of one step is sent at most this often (the renewals keep its lease).
+PROGRESS_REPEAT_SECONDS = 5.0
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
@@ -1235,8 +1237,10 @@ class Agent:
         with self.jobs_lock:
             self.jobs_running[job_id] = job
         stop_renewing = threading.Event()
+        last_sent = {"step": None, "at": -PROGRESS_REPEAT_SECONDS}
+        sent_lock = threading.Lock()
 
-        def report_progress(progress: dict) -> None:
+        def send_progress(progress: dict) -> None:
             # Never raises: the API being unreachable a moment must not abort the job (the
             # next renewal, or the final report, gets through once it is back).
             try:
@@ -1252,9 +1256,23 @@ class Agent:
             except API_UNREACHABLE as exc:
                 logger.warning("job %s: progress not reported: %s", job_id, exc)
 
+        def report_progress(progress: dict) -> None:
+            # The executor's: the same step again within PROGRESS_REPEAT_SECONDS is not sent (a
+            # start waiting for its ports says so four times a second, and a few at once went
+            # over the node's request limit, whose 429 pauses the heartbeats too). The
+            # renewals below are always sent: they keep the lease.
+            with sent_lock:
+                now = time.monotonic()
+                if progress.get("step") == last_sent["step"] and (
+                    now - last_sent["at"] < PROGRESS_REPEAT_SECONDS
+                ):
+                    return
+                last_sent.update(step=progress.get("step"), at=now)
+            send_progress(progress)
+
         def renew() -> None:
             while not stop_renewing.wait(max(1.0, self.lease_seconds / 3)):
-                report_progress({"step": "running"})
+                send_progress({"step": "running"})
 
         renewer = threading.Thread(target=renew, daemon=True)
         renewer.start()

@@ -179,3 +179,26 @@ def test_a_completion_refused_for_a_lease_taken_again_here_is_sent_under_the_new
     assert agent.jobs_running == {}
     # Finished: a lease of it handed out later is a job to run, not one running here.
     assert agent.job_lease_again({"id": 7, "lease_id": "L3"}) is False
+
+
+def test_a_step_reported_again_and_again_is_sent_once_in_a_while():
+    """A start waiting for its ports says so four times a second: sent every time, a few such
+    starts went over the node's request limit, and its 429 paused the heartbeats too."""
+
+    class Waiting:
+        def run(self, kind, payload, progress):
+            for ports in ([22, 8080],) * 40 + ([8080],) * 40:
+                progress({"step": "readiness", "waiting_for_ports": ports})
+            progress({"step": "ready"})
+            return {"host": "h", "ports": {}}
+
+    client = OutageClient(down=0, answers={})
+    agent = Agent(client=client, executor=Waiting())
+
+    agent.run_job({"id": 7, "lease_id": "L1", "kind": "start", "reservation": "r", "payload": {}})
+
+    sent = [body["progress"] for path, body in client.posts if path.endswith("/progress")]
+    assert sent == [
+        {"step": "readiness", "waiting_for_ports": [22, 8080]},
+        {"step": "ready"},
+    ]
