@@ -750,6 +750,13 @@ class ContainerExecutor:
             if not state.get("Running"):
                 # podman says "stopped" or "exited" for the same thing, depending on timing.
                 code = state.get("ExitCode")
+                if state.get("OOMKilled"):
+                    raise ExecutorError(
+                        f"The workload ran out of memory before it was ready (killed with "
+                        f"code {code} for using more than its {self._share(payload)[1]} MiB, "
+                        f"{time.monotonic() - started:.1f} s after start)."
+                        + self._tail_suffix(name, payload)
+                    )
                 raise ExecutorError(
                     f"The workload exited with code {code} before it was ready "
                     f"({time.monotonic() - started:.1f} s after start)."
@@ -850,6 +857,9 @@ class ContainerExecutor:
                 "state": state.get("Status", "unknown"),
                 "exit_code": None if state.get("Running") else state.get("ExitCode"),
                 "finished_at": None if state.get("Running") else state.get("FinishedAt"),
+                # Killed by the kernel for going over its --memory (exit code 137 alone could
+                # be anyone's SIGKILL): the customer is told which.
+                "oom_killed": bool(state.get("OOMKilled")),
             }
             if not state.get("Running"):
                 secrets = [e.partition("=")[2] for e in (item.get("Config", {}).get("Env") or [])]

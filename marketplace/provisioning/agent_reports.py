@@ -143,10 +143,13 @@ def _not_running(report: dict | None, node: Node, now: datetime) -> str:
         )
     state = report.get("state")
     if state in EXITED_STATES:
-        return (
-            f"The workload exited with code {report.get('exit_code')} at "
-            f"{report.get('finished_at') or 'an unknown time'}"
-        )
+        at = report.get("finished_at") or "an unknown time"
+        if report.get("oom_killed"):
+            return (
+                f"The workload ran out of memory: killed with code {report.get('exit_code')} "
+                f"at {at} for using more memory than its share of the node"
+            )
+        return f"The workload exited with code {report.get('exit_code')} at {at}"
     return f"The workload is not running: its container is {state}"
 
 

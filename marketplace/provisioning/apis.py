@@ -221,6 +221,7 @@ class AgentWorkloadsApi(_AgentApi):
         state = serializers.CharField(max_length=32)
         exit_code = serializers.IntegerField(allow_null=True, required=False)
         finished_at = serializers.CharField(max_length=64, allow_null=True, required=False)
+        oom_killed = serializers.BooleanField(required=False, default=False)
         log_tail = serializers.CharField(max_length=4000, allow_blank=True, required=False)
 
         # The state and the exit time are quoted into the reason the customer reads: only

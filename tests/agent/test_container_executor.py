@@ -464,3 +464,47 @@ def test_the_container_runs_unprivileged_with_its_share_of_the_node(executor_fac
     assert int(effective, 16) & (1 << 21) == 0  # CAP_SYS_ADMIN dropped
     networks = json.loads(podman("container", "inspect", name).stdout)[0]["NetworkSettings"]
     assert list(networks["Networks"]) == [f"{name}-net"]
+
+
+def _killed_for_memory(executor, monkeypatch) -> None:
+    """The runtime's answers for a container the kernel killed for its --memory (podman on
+    runc with cgroupfs here does not set OOMKilled, so the runtime's answer is stood in for)."""
+    state = {"Status": "exited", "Running": False, "ExitCode": 137, "OOMKilled": True,
+             "FinishedAt": "2026-12-06T10:31:02Z"}  # fmt: skip
+    item = {"Name": "sy-res_1", "State": state, "Config": {"Labels": {
+        "switchyard.managed": "1", "switchyard.reservation": "res_1"}, "Env": []}}  # fmt: skip
+    monkeypatch.setattr(executor, "_inspect", lambda name: item)
+    monkeypatch.setattr(executor, "_tail_suffix", lambda name, payload: "")
+    monkeypatch.setattr(executor, "_managed_names", lambda: ["sy-res_1"])
+    monkeypatch.setattr(executor, "log_tail", lambda name, secrets: "")
+
+    class Done:
+        returncode, stdout, stderr = 0, json.dumps([item]), ""
+
+    monkeypatch.setattr(executor, "_cli", lambda args, timeout: Done())
+
+
+def test_a_workload_killed_for_its_memory_before_it_was_ready_says_so(tmp_path, monkeypatch):
+    executor = ContainerExecutor(host="127.0.0.1", runtime="podman", state_dir=str(tmp_path),
+                                 node_cpus=8.0, node_memory_mib=65536)  # fmt: skip
+    _killed_for_memory(executor, monkeypatch)
+    payload = {"container_name": "sy-res_1", "ports": [8080], "gpu_indexes": [0, 1],
+               "node_gpu_count": 8}  # fmt: skip
+
+    with pytest.raises(ExecutorError) as failed:
+        executor._wait_ready(payload, timeout=5, progress=no_progress)
+
+    assert str(failed.value).startswith(
+        "The workload ran out of memory before it was ready (killed with code 137 for using "
+        "more than its 16384 MiB, "
+    )
+    assert failed.value.node_failure is False  # the workload's own doing
+
+
+def test_the_heartbeat_says_which_container_was_killed_for_its_memory(tmp_path, monkeypatch):
+    executor = ContainerExecutor(host="127.0.0.1", runtime="podman", state_dir=str(tmp_path))
+    _killed_for_memory(executor, monkeypatch)
+
+    (entry,) = executor.containers()
+
+    assert (entry["state"], entry["exit_code"], entry["oom_killed"]) == ("exited", 137, True)

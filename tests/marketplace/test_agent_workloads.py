@@ -44,6 +44,22 @@ def _report(r, state: str, **extra) -> dict:
     }
 
 
+def test_a_workload_killed_for_its_memory_says_so(running):
+    r, node, _other, _ = running
+    killed = _report(r, "exited", exit_code=137, finished_at="2026-12-06T10:31:02Z",
+                     oom_killed=True, log_tail="loading shard 9 of 12")  # fmt: skip
+
+    response = agent_client(node).post(URL, {"containers": [killed]}, format="json")
+
+    assert response.status_code == 200
+    r = Reservation.objects.get(pk=r.pk)
+    assert r.status == S.FAILED
+    assert r.status_reason.startswith(
+        "The workload ran out of memory: killed with code 137 at 2026-12-06T10:31:02Z for "
+        "using more memory than its share of the node; the reservation ended "
+    )
+
+
 def test_a_running_workload_changes_nothing(running):
     r, node, _other, _ = running
     response = agent_client(node).post(URL, {"containers": [_report(r, "running")]}, format="json")
