@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import fcntl
 import http.client
 import ipaddress
 import json
@@ -1542,6 +1543,33 @@ def logging_setup() -> None:
     )
 
 
+def single_agent_lock(state_dir: str):
+    """An exclusive lock on <state_dir>/agent.lock, held as long as the returned file is open:
+    a second agent started on the node by mistake would lease the same jobs, start their
+    containers twice and tear down the other's. SettingsError while another holds it."""
+    path = Path(state_dir) / "agent.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+")  # noqa: SIM115 (held open for the agent's whole life)
+    except OSError as exc:
+        raise SettingsError(f"cannot use the state directory {state_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise SettingsError(
+            f"another agent already runs with the state directory {state_dir} (pid {holder}): "
+            "one agent per node"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def main(
     argv: list[str] | None = None, *, token: str | None = None, flags: dict | None = None
 ) -> int:
@@ -1563,6 +1591,7 @@ def main(
             return 1 if problem else 0
         token = token or token_read(settings.token_file)
         executor = executor_build(settings)
+        held = single_agent_lock(settings.state_dir)  # noqa: F841 (held until main returns)
     except SettingsError as exc:
         print(f"switchyard-agent: {exc}", file=sys.stderr)
         return 2

@@ -276,3 +276,19 @@ def test_with_one_job_at_a_time_they_run_in_order():
     agent.loop(poll_seconds=0.1, heartbeat_seconds=60, once=True)
 
     assert _at(api, "agent/jobs/1/complete") < _at(api, "agent/jobs/2/complete")
+
+
+def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path):
+    """Two agents on one node would lease the same jobs and start their containers twice."""
+    from switchyard_agent import SettingsError, single_agent_lock
+
+    first = single_agent_lock(str(tmp_path / "state"))
+    with pytest.raises(SettingsError) as refused:
+        single_agent_lock(str(tmp_path / "state"))
+    assert str(refused.value) == (
+        f"another agent already runs with the state directory {tmp_path / 'state'} "
+        f"(pid {os.getpid()}): one agent per node"
+    )
+
+    first.close()  # the first agent has stopped
+    single_agent_lock(str(tmp_path / "state")).close()
