@@ -3,7 +3,7 @@
 Tables by default, `--json` for scripts. Exit codes (docs/integrators.md):
 0 done · 1 other API error · 2 bad usage or invalid request · 3 not authenticated or not
 allowed · 4 not found · 5 conflict (state, capacity) · 6 payment required · 7 rate limited ·
-8 the API could not be reached · 130 interrupted (Ctrl-C).
+8 the API could not be reached · 130 interrupted (Ctrl-C) · 141 the output's reader went away.
 """
 
 import json
@@ -35,7 +35,14 @@ EXIT_CODES = {
     errors.APIConnectionError: 8,
 }
 
-err_console = Console(stderr=True)
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 by itself; Group.invoke handles a broken pipe for every output.
+        raise BrokenPipeError
+
+
+err_console = _Console(stderr=True)
 
 
 def config_path() -> Path:
@@ -121,7 +128,7 @@ def _out(state: State, data, columns: list[str], title: str | None = None) -> No
         for column in columns:
             table.add_row(column, Text(_cell(plain[0], column)))
     # Piped or captured output is not cut to 80 columns.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    _Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def _cell(item: dict, column: str) -> str:
@@ -152,6 +159,14 @@ class Group(click.Group):
             # error") with click's "Aborted!".
             err_console.print("Interrupted.", highlight=False)
             ctx.exit(130)
+        except BrokenPipeError:
+            # The reader of the output went away (`switchyard list | head -1`): stop quietly,
+            # as the shell's own tools do (128 + SIGPIPE). Standard output is pointed at
+            # /dev/null so that the interpreter's last flush of what it still holds cannot fail.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            ctx.exit(141)
 
 
 @click.group(cls=Group)
@@ -174,7 +189,14 @@ def login(state: State, login_base_url: str | None, api_key_stdin: bool):
     if api_key_stdin:
         key = sys.stdin.readline().strip()
     else:
-        key = click.prompt("API key", hide_input=True).strip()
+        try:
+            key = click.prompt("API key", hide_input=True).strip()
+        except click.Abort as exc:
+            # click turns Ctrl-C and the end of input at a prompt into Abort ("Aborted!",
+            # exit 1): Ctrl-C is 130 as everywhere else, no key a usage error.
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise click.UsageError("No API key given.") from None
     base_url = login_base_url or state.base_url
     with _new_client(api_key=key, base_url=base_url, max_retries=1) as client:
         organization = client.organization.retrieve()
@@ -438,16 +460,48 @@ def events_tail(state, types, since, after, interval, once):
     if since or not after:
         floor = _time(since, "--since") if since else datetime.now(UTC)
         filters["created_after"] = floor.isoformat()
+    failures = 0
     while True:
-        for event in state.client.events.poll(after=after, **filters):
-            after = event.id
-            if state.as_json:
-                click.echo(json.dumps(event.to_dict()))
-            else:
-                click.echo(f"{event.created}  {event.type:<36} {event.object_id}  {event.id}")
+        try:
+            for event in state.client.events.poll(after=after, **filters):
+                after = event.id
+                if state.as_json:
+                    click.echo(json.dumps(event.to_dict()))
+                else:
+                    click.echo(f"{event.created}  {event.type:<36} {event.object_id}  {event.id}")
+        except errors.SwitchyardError as exc:
+            # An outage, a 5xx or a 429 outlasting the SDK's own retries: a tail keeps its
+            # position (`after`) and carries on with backoff until Ctrl-C; --once reports it.
+            if once or not _transient(exc):
+                raise
+            failures += 1
+            wait = min(interval * 2 ** (failures - 1), TAIL_MAX_BACKOFF_SECONDS)
+            if isinstance(exc, errors.RateLimitError) and exc.retry_after:
+                wait = max(wait, float(exc.retry_after))
+            err_console.print(
+                f"{escape(str(exc))} (retrying in {wait:g} s; Ctrl-C to stop)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            time.sleep(wait)
+            continue
+        if failures:
+            err_console.print("Reconnected; the tail goes on.", highlight=False)
+            failures = 0
         if once:
             return
         time.sleep(interval)
+
+
+TAIL_MAX_BACKOFF_SECONDS = 60.0
+
+
+def _transient(exc: errors.SwitchyardError) -> bool:
+    """What can end by itself: no connection, a rate limit, a server error (not a 4xx, nor a
+    200 that is not the API's answer)."""
+    if isinstance(exc, errors.APIError):
+        return exc.status is not None and exc.status >= 500
+    return isinstance(exc, (errors.APIConnectionError, errors.RateLimitError))
 
 
 def _parse_time(value: str) -> datetime:

@@ -5,7 +5,10 @@ import csv
 import io
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -491,3 +494,155 @@ def test_login_narrows_an_existing_config_file_before_writing_the_key(
     monkeypatch.setattr(switchyard.cli.json, "dump", dump_and_note_the_mode)
     assert cli("login", "--api-key-stdin", input=world.secret + "\n").exit_code == 0
     assert modes == [0o600] and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+# The `switchyard` command as a shell runs it, in a process of its own.
+SWITCHYARD = [sys.executable, "-c", "from switchyard.cli import main; main()"]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(world, tmp_path):
+    """`switchyard list | head -1`: the pipe's reader has gone before the output is written.
+    The shell's own tools end there with 128 + SIGPIPE and say nothing; so does the CLI."""
+    env = {**os.environ, "SWITCHYARD_API_KEY": world.secret, "SWITCHYARD_BASE_URL": world.url,
+           "XDG_CONFIG_HOME": str(tmp_path)}  # fmt: skip
+    for args in (["list"], ["--json", "list"], ["usage", "export", "--ledger"]):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run([*SWITCHYARD, *args], stdout=write, stderr=subprocess.PIPE,
+                                  env=env, text=True, timeout=60)  # fmt: skip
+        finally:
+            os.close(write)
+        assert (done.returncode, done.stderr) == (141, ""), args
+
+
+def test_ctrl_c_at_the_login_prompt_is_130_and_quiet(tmp_path):
+    """At a terminal: the key is asked for with echo off, and Ctrl-C (SIGINT) ends it."""
+    import pty
+
+    leader, terminal = pty.openpty()
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    env.pop("SWITCHYARD_API_KEY", None)
+    login = subprocess.Popen(
+        [*SWITCHYARD, "login", "--base-url", "http://127.0.0.1:9"], stdin=terminal,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        prompt = b""  # on stderr: getpass's stream where the terminal is not controlling
+        while b"API key:" not in prompt:
+            chunk = os.read(login.stderr.fileno(), 100)
+            assert chunk, f"no prompt: {prompt!r}"
+            prompt += chunk
+        login.send_signal(signal.SIGINT)  # what Ctrl-C at a terminal sends
+        stdout, stderr = login.communicate(timeout=30)
+    finally:
+        login.kill()
+        os.close(leader)
+    assert login.returncode == 130
+    assert (stdout, stderr) == (b"\n", b"Interrupted.\n")  # no "Aborted!", no traceback
+    assert not (tmp_path / "switchyard").exists()
+
+
+def test_no_key_at_the_login_prompt_is_a_usage_error(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["login", "--base-url", world.url], input="")
+    assert result.exit_code == 2 and "No API key given." in result.stderr
+    assert "Aborted!" not in result.output
+    assert not (tmp_path / "switchyard").exists()
+
+
+@pytest.fixture
+def flaky_proxy(world):
+    """An HTTP proxy to the live server; `drop = n` closes the next n connections without an
+    answer, as a server that has gone away does."""
+    import http.server
+    import urllib.error
+    import urllib.request
+
+    class Proxy:
+        drop = dropped = forwarded = 0
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if Proxy.drop:
+                Proxy.drop -= 1
+                Proxy.dropped += 1
+                return  # HTTP/1.0: the connection closes with nothing said
+            upstream = urllib.request.Request(
+                world.url + self.path, headers={"Authorization": self.headers["Authorization"]}
+            )
+            try:
+                answer = urllib.request.urlopen(upstream, timeout=30)
+            except urllib.error.HTTPError as refused:  # a 4xx or 5xx: passed on as it is
+                answer = refused
+            with answer:
+                status, body, kind = answer.status, answer.read(), answer.headers["Content-Type"]
+            Proxy.forwarded += 1
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield Proxy
+    server.shutdown()
+    server.server_close()
+
+
+def test_events_tail_carries_on_through_an_outage_until_ctrl_c(
+    world, cli, flaky_proxy, monkeypatch
+):
+    """The API goes away for two polls (each tried 1 + 3 times by the SDK) while an event is
+    recorded: the tail says on stderr that it retries, with backoff, and prints that event
+    once the API is back, after the one it had printed."""
+    from marketplace.services.api_keys import api_key_create
+
+    since = datetime.now(UTC).isoformat()
+    first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                           "--start", _start(), "--hours", 2).output)  # fmt: skip
+    _settled(world.org)
+    sleeps = []
+    outage = {}
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 1:  # the first poll is done: the API goes away, an event happens
+            outage["forwarded"] = flaky_proxy.forwarded
+            flaky_proxy.drop = 8
+            api_key_create(organization=world.org, name="outage", scopes=["read"],
+                           created_by=None)  # fmt: skip
+            _settled(world.org)
+        elif flaky_proxy.dropped == 8 and flaky_proxy.forwarded > outage["forwarded"]:
+            raise KeyboardInterrupt  # polled again after the outage: Ctrl-C
+
+    monkeypatch.setattr("switchyard.cli.time.sleep", sleep)
+    tailed = cli("--base-url", flaky_proxy.url, "--json", "events", "tail", "--since", since)
+
+    assert tailed.exit_code == 130
+    assert [(e["type"], e["object_id"]) for e in map(json.loads, tailed.stdout.splitlines())] == [
+        ("reservation.created", first["id"]),
+        ("api_key.created", json.loads(tailed.stdout.splitlines()[1])["object_id"]),
+    ]
+    assert json.loads(tailed.stdout.splitlines()[1])["data"]["object"]["name"] == "outage"
+    retries = [line for line in tailed.stderr.splitlines() if "retrying" in line]
+    assert [line.split("(", 1)[1] for line in retries] == [
+        "retrying in 2 s; Ctrl-C to stop)",
+        "retrying in 4 s; Ctrl-C to stop)",
+    ]
+    assert all(line.startswith(f"Could not reach {flaky_proxy.url}") for line in retries)
+    assert tailed.stderr.splitlines()[-2:] == ["Reconnected; the tail goes on.", "Interrupted."]
+
+
+def test_events_tail_stops_on_what_retrying_cannot_mend(world, cli, monkeypatch):
+    monkeypatch.setattr("switchyard.cli.time.sleep", lambda seconds: None)
+    unknown = cli("events", "tail", "--after", "evt_doesNotExist1234")  # no --once
+    assert unknown.exit_code == 4 and "retrying" not in unknown.stderr
+    once = cli("--base-url", "http://127.0.0.1:9", "events", "tail", "--once")
+    assert once.exit_code == 8 and "retrying" not in once.stderr
