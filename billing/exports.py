@@ -16,6 +16,7 @@ from billing.selectors import (
     usage_unbooked_by_reservation_day,
     usage_with_unbooked,
 )
+from config.dates import iso_utc
 from marketplace.models import Organization
 
 __all__ = ["USAGE_COLUMNS", "LEDGER_COLUMNS", "csv_text", "usage_csv_lines", "ledger_csv_lines"]
@@ -96,13 +97,13 @@ def ledger_csv_lines(
         for entry in entries:
             yield [
                 entry.public_id,
-                entry.created_at.isoformat(),
+                iso_utc(entry.created_at),
                 entry.kind,
                 from_minor_units(entry.amount_minor, entry.currency),
                 entry.currency,
                 entry.reservation.public_id if entry.reservation_id else "",
-                entry.period_start.isoformat() if entry.period_start else "",
-                entry.period_end.isoformat() if entry.period_end else "",
+                iso_utc(entry.period_start) if entry.period_start else "",
+                iso_utc(entry.period_end) if entry.period_end else "",
                 entry.gpu_seconds,
                 csv_text(entry.description),
             ]

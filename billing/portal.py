@@ -52,6 +52,7 @@ from billing.services.payment_methods import (
 )
 from billing.services.topups import top_up_create
 from config.csp import stripe_js_allow
+from config.dates import iso_utc
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
 from config.replica import replica_reads
@@ -737,12 +738,12 @@ class StatementCsvView(BillingPage):
             e = line.entry
             out.writerow(
                 [
-                    e.created_at.isoformat(),
+                    iso_utc(e.created_at),
                     e.kind,
                     csv_text(e.description),
                     e.reservation.public_id if e.reservation else "",
-                    e.period_start.isoformat() if e.period_start else "",
-                    e.period_end.isoformat() if e.period_end else "",
+                    iso_utc(e.period_start) if e.period_start else "",
+                    iso_utc(e.period_end) if e.period_end else "",
                     e.gpu_seconds,
                     from_minor_units(e.amount_minor, c),
                     c,

@@ -9,6 +9,7 @@ from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView
+from config.dates import iso_utc_within
 from config.replica import replica_reads
 from marketplace.auth import ApiKeyUser
 from marketplace.models import AuditEntry
@@ -97,6 +98,8 @@ class AuditLogApi(ApiView):
     def get(self, request):
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
         data = AuditEntryOutput(page, many=True).data
+        for entry in data:  # entries kept before their times were written with "Z"
+            entry["changes"] = iso_utc_within(entry["changes"])
         if isinstance(request.user, ApiKeyUser):
             for entry in data:
                 entry["changes"] = _emails_masked(entry["changes"])

@@ -12,6 +12,7 @@ from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import AmountField, Serializer, amount_text
 from config.api.views import FILTERED, ApiView, validated_input
+from config.dates import iso_utc_within
 from config.replica import replica_reads
 from marketplace.apis.catalogue import EnergyOutput
 from marketplace.filters import ReservationFilter
@@ -296,6 +297,8 @@ class ReservationDetailFields(Serializer):
     def to_representation(self, reservation):
         data = super().to_representation(reservation)
         data["cancellation"] = _cancellation_shown(reservation)
+        # Times kept in JSON before they were written as the API writes times ("Z").
+        data["breakdown"] = iso_utc_within(data["breakdown"])
         return data
 
 
@@ -307,7 +310,7 @@ def _cancellation_shown(reservation) -> dict | None:
     service's Decimals printed: "241500.00" in yen where a term's total was the unused part)."""
     if not reservation.cancellation:
         return None
-    shown = dict(reservation.cancellation)
+    shown = iso_utc_within(dict(reservation.cancellation))
     for key in _CANCELLATION_AMOUNTS:
         if isinstance(shown.get(key), str):
             try:

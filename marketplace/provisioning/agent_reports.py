@@ -58,6 +58,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from config.dates import iso_utc
 from config.errors import InvalidTransition
 from inventory.heartbeats import heartbeats_buffered
 from inventory.models import Node, OutageCause
@@ -254,7 +255,7 @@ def _fail(locked: Reservation, *, cause: str, refund_from: datetime | None) -> b
             "rule": "The workload's container vanished or stalled, not by its own exit: "
             "the undelivered share of the term is refunded",
             "refund_amount": str(undelivered_refund(locked, since=refund_from)),
-            "failed_at": refund_from.isoformat(),
+            "failed_at": iso_utc(refund_from),
         }
         locked.save(update_fields=["cancellation", "updated_at"])
     try:
@@ -429,7 +430,7 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
         {
             "reservation": r.public_id,
             "container": f"sy-{r.public_id}",
-            "preempt_at": r.preempt_at.isoformat(),
+            "preempt_at": iso_utc(r.preempt_at),
             "reason": r.preempt_reason,
         }
         for r in on_node.values()

@@ -22,6 +22,7 @@ from typing import Literal
 from django.conf import settings
 from django.utils import timezone
 
+from config.dates import iso_utc
 from inventory.models import Gpu, Node, NodeStatus
 from marketplace.models import AgentJob, AgentJobStatus
 from marketplace.models.provisioning import AGENT_JOB_FINAL
@@ -160,7 +161,7 @@ class SimulatedDriver(Driver):
                     "op": op,
                     "reservation": target.public_id,
                     "pid": os.getpid(),
-                    "at": datetime.now(UTC).isoformat(),
+                    "at": iso_utc(datetime.now(UTC)),
                 }
             )
             # One short O_APPEND write per line: lines from several processes do not interleave.

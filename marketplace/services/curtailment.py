@@ -53,6 +53,7 @@ from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from config.currency import money_round
+from config.dates import iso_utc
 from config.db import retried_on_deadlock
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
@@ -751,7 +752,7 @@ def _victim_shed(
             changes={
                 "curtailment": curtailment.pk,
                 "reason": curtailment.forced_reason,
-                "preempt_at": preempt_at.isoformat(),
+                "preempt_at": iso_utc(preempt_at),
                 "tier": reservation.tier,
             },
             actor=f"staff:{user.get_username()}" if user is not None else None,

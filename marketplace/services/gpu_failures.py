@@ -33,6 +33,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from config.dates import iso_utc
 from config.errors import NotAvailable
 from inventory.models import GpuHealth, Outage, OutageCause
 from marketplace.models import (
@@ -245,7 +246,7 @@ def _end_reservation(
             "rule": "GPU failure with no healthy GPU to move to: the undelivered share of the "
             "term is refunded",
             "refund_amount": str(refund),
-            "failed_at": failed_at.isoformat(),
+            "failed_at": iso_utc(failed_at),
         }
         locked.save(update_fields=["cancellation", "updated_at"])
     ended = reservation_transition(

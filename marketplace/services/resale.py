@@ -37,6 +37,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg.types.range import Range
 
+from config.dates import iso_utc
 from config.errors import Conflict, NotAvailable, NotFound, ValidationFailed
 from inventory.models import Gpu, GpuHealth, Node
 from marketplace.funding import funding_gate
@@ -795,8 +796,8 @@ def _listing_fields(listing: ResaleListing) -> dict:
         "reservation": listing.reservation.public_id,
         "gpu_count": listing.gpu_count,
         "tier": listing.tier,
-        "starts_at": listing.starts_at.isoformat(),
-        "ends_at": listing.ends_at.isoformat(),
+        "starts_at": iso_utc(listing.starts_at),
+        "ends_at": iso_utc(listing.ends_at),
         "price_per_gpu_hour": str(listing.price_per_gpu_hour),
         "currency": listing.currency,
     }

@@ -28,6 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from config.currency import money_round
+from config.dates import iso_utc
 from config.db import model_insert, retried_on_deadlock
 from config.errors import (
     Conflict,
@@ -112,7 +113,7 @@ class CancellationTerms:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["at"] = self.at.isoformat()
+        d["at"] = iso_utc(self.at)
         return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in d.items()}
 
 
@@ -702,8 +703,8 @@ def _created_record(
                 "status": reservation.status,
                 "gpu_count": reservation.gpu_count,
                 "tier": reservation.tier,
-                "starts_at": reservation.starts_at.isoformat(),
-                "ends_at": reservation.ends_at.isoformat(),
+                "starts_at": iso_utc(reservation.starts_at),
+                "ends_at": iso_utc(reservation.ends_at),
                 "total": str(reservation.total_amount),
                 "currency": reservation.currency,
             }
@@ -809,7 +810,7 @@ class ExtensionTerms:
     def as_dict(self) -> dict:
         d = asdict(self)
         for name in ("ends_at", "new_ends_at"):
-            d[name] = d[name].isoformat()
+            d[name] = iso_utc(d[name])
         return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in d.items()}
 
 
@@ -1033,9 +1034,9 @@ def _reservation_lengthen(
     breakdown["extensions"] = [
         *breakdown.get("extensions", []),
         {
-            "from": terms.ends_at.isoformat(),
-            "to": terms.new_ends_at.isoformat(),
-            "at": now.isoformat(),
+            "from": iso_utc(terms.ends_at),
+            "to": iso_utc(terms.new_ends_at),
+            "at": iso_utc(now),
         },
     ]
     reservation.total_amount = terms.new_total
@@ -1063,9 +1064,9 @@ def _extended_record(
         reservation,
         "reservation.extend",
         {
-            "before": {"ends_at": old_ends_at.isoformat(), "total": str(old_total)},
+            "before": {"ends_at": iso_utc(old_ends_at), "total": str(old_total)},
             "after": {
-                "ends_at": reservation.ends_at.isoformat(),
+                "ends_at": iso_utc(reservation.ends_at),
                 "total": str(reservation.total_amount),
             },
         },

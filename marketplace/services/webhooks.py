@@ -23,6 +23,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from config.celery import task_send
+from config.dates import iso_utc
 from config.errors import Conflict, ValidationFailed
 from config.netaddr import is_public_address
 from marketplace.models import (
@@ -277,7 +278,7 @@ def webhook_endpoint_rotate_secret(
         kept.append((locked.secret, now + settings.WEBHOOK_SECRET_OVERLAP))
     secret = _new_secret()
     locked.previous_secrets = [
-        {"secret": kept_secret, "expires_at": until.isoformat()} for kept_secret, until in kept
+        {"secret": kept_secret, "expires_at": iso_utc(until)} for kept_secret, until in kept
     ]
     locked.secret = secret
     locked.save(update_fields=["secret", "previous_secrets", "updated_at"])
@@ -288,7 +289,7 @@ def webhook_endpoint_rotate_secret(
         {
             "after": {
                 "expire_previous": expire_previous,
-                "previous_secrets_expire_at": [until.isoformat() for _, until in kept],
+                "previous_secrets_expire_at": [iso_utc(until) for _, until in kept],
             }
         },
     )

@@ -10,6 +10,7 @@ import pytest
 from billing.models import LedgerKind
 from billing.services.ledger import ledger_entry_add
 from billing.services.usage import reservation_meter
+from config.dates import iso_utc
 from marketplace.models import Role
 from tests.billing.conftest import T0, make_reservation
 from tests.factories import MembershipFactory, OrganizationFactory
@@ -75,6 +76,11 @@ def test_the_ledger_csv_lists_every_entry_signed(org, client):
     ]
     assert rows[0]["description"] == "welcome, with a comma"
     assert rows[1]["gpu_seconds"] == "3600"
+    # Times as the API writes them: UTC with "Z".
+    assert (rows[1]["period_start"], rows[1]["period_end"]) == (
+        iso_utc(T0), iso_utc(T0 + timedelta(hours=1))
+    )  # fmt: skip
+    assert rows[0]["created_at"].endswith("Z")
 
 
 def test_a_bad_period_is_a_400_in_the_error_shape(client):
@@ -111,5 +117,6 @@ def test_the_portal_downloads_the_same_csv(org):
                      idempotency_key="c1")  # fmt: skip
     rows = _rows(browser.get("/billing/ledger.csv?since=&until="))
     assert [r["amount"] for r in rows] == ["1.23"]
+    assert rows[0]["created_at"].endswith("Z")
     assert _rows(browser.get("/billing/usage.csv")) == []
     assert browser.get("/billing/usage.csv?since=bad").status_code == 400

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from config.dates import iso_utc
 from marketplace.models import Allocation, Reservation, ReservationStatus, Role
 from marketplace.provisioning.drivers import SimulatedDriver
 from marketplace.provisioning.services import reservation_provision_step
@@ -141,7 +142,7 @@ def test_the_answer_carries_the_preemption_notices_of_the_nodes_reservations(run
             {
                 "reservation": r.public_id,
                 "container": f"sy-{r.public_id}",
-                "preempt_at": preempt_at.isoformat(),
+                "preempt_at": iso_utc(preempt_at),
                 "reason": "Grid curtailment requested by the utility.",
             }
         ]

@@ -7,6 +7,7 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from config.dates import iso_utc
 from marketplace.models import AuditEntry, Reservation, Role, WebhookEndpoint
 from marketplace.services.api_keys import api_key_create
 from tests.factories import MembershipFactory, UserFactory
@@ -75,8 +76,9 @@ def test_reservations_made_cancelled_and_extended_by_a_key_name_the_key(market, 
     ]
     assert entries[0].changes["after"]["total"] == "12.00"
     assert entries[1].changes == {
-        "before": {"ends_at": reservation.ends_at.isoformat(), "total": "12.00"},
-        "after": {"ends_at": new_end, "total": "16.00"},
+        # Times as the API writes every time: in UTC with "Z".
+        "before": {"ends_at": iso_utc(reservation.ends_at), "total": "12.00"},
+        "after": {"ends_at": new_end.replace("+00:00", "Z"), "total": "16.00"},
     }
     assert entries[2].changes["before"] == {"status": "pending"}
     assert entries[2].changes["after"]["status"] == "cancelled"
@@ -207,3 +209,44 @@ def test_the_portal_page_shows_the_log_to_managers_only(org, owner):
     assert page.status_code == 200
     assert "api_key.create" in page.content.decode()
     assert member_client(org, Role.MEMBER).get("/audit-log").status_code == 403
+
+
+def test_times_kept_in_json_read_as_the_api_writes_times_old_rows_too(market, org, owner):
+    """A reservation's extensions and cancellation terms and the audit log's changes are JSON
+    a service wrote: their times come out in UTC with "Z", like every other time in the API,
+    also for rows written when they were kept with "+00:00"."""
+    client = key_client(org)
+    body = make_reservation(client)
+    reservation = Reservation.objects.get(public_id=body["id"])
+    new_end = reservation.ends_at + timedelta(hours=1)
+    client.post(f"/api/v1/reservations/{body['id']}/extend",
+                {"ends_at": new_end.isoformat()}, format="json")  # fmt: skip
+    client.post(f"/api/v1/reservations/{body['id']}/cancel", {}, format="json")
+
+    detail = client.get(f"/api/v1/reservations/{body['id']}").json()
+    (extension,) = detail["breakdown"]["extensions"]
+    assert extension["to"] == iso_utc(new_end) and extension["to"].endswith(":00Z")
+    assert detail["cancellation"]["at"].endswith("Z")
+    assert "+00:00" not in str(Reservation.objects.get(pk=reservation.pk).breakdown)
+
+    # Rows kept before: their JSON still holds "+00:00" (the audit log is never rewritten).
+    kept = Reservation.objects.get(pk=reservation.pk).cancellation
+    Reservation.objects.filter(pk=reservation.pk).update(
+        cancellation={**kept, "at": "2026-12-06T10:00:00+00:00"}
+    )
+    AuditEntry.objects.create(
+        organization=org, actor="user:old", action="reservation.extend", object_type="reservation",
+        object_id=body["id"], changes={"before": {"ends_at": "2026-12-06T10:00:00+00:00"}},
+    )  # fmt: skip
+
+    assert client.get(f"/api/v1/reservations/{body['id']}").json()["cancellation"]["at"] == (
+        "2026-12-06T10:00:00Z"
+    )
+    audit = session_client(owner).get("/api/v1/audit-log?action=reservation.extend").json()
+    assert [e["changes"] for e in audit["results"]] == [
+        {"before": {"ends_at": "2026-12-06T10:00:00Z"}},
+        {
+            "before": {"ends_at": iso_utc(reservation.ends_at), "total": "12.00"},
+            "after": {"ends_at": iso_utc(new_end), "total": "16.00"},
+        },
+    ]
