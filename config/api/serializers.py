@@ -24,6 +24,7 @@ A whole number given as a string is read only as ASCII digits with an optional s
 decimal as ASCII digits with an optional point (no exponent): Python's int() and Decimal(),
 which DRF's fields call, also read "1_0" as 10, "1e3" as 1000 and other scripts' digits. The
 same holds inside lists and dicts of numbers, and a whole number is not a JSON fraction (2.0).
+Text is a JSON string: a number or a boolean sent for it is refused, not kept as "5" or "True".
 These refusals come in one answer with DRF's own errors for the other fields.
 Dates and times are read from 2000 to 2099 only (config.dates).
 
@@ -108,8 +109,9 @@ class Serializer(serializers.Serializer):
 
 
 def _loose_number(field: Field, value) -> ErrorDetail | None:
-    """The error for a number DRF would read loosely: a whole number or decimal string beyond
-    ASCII digits (also inside a list or a dict of them), a JSON fraction for a whole number."""
+    """The error for a value DRF would read loosely: a whole number or decimal string beyond
+    ASCII digits (also inside a list or a dict of them), a JSON fraction for a whole number,
+    a number or a boolean for text."""
     child = getattr(field, "child", None)
     if child is not None and not isinstance(field, serializers.BaseSerializer):
         items = list(value.values()) if isinstance(value, dict) else value
@@ -117,6 +119,13 @@ def _loose_number(field: Field, value) -> ErrorDetail | None:
             return None
         return next((e for v in items if (e := _loose_number(child, v)) is not None), None)
     if isinstance(field, serializers.IntegerField) and isinstance(value, float):
+        return ErrorDetail(field.error_messages["invalid"], code="invalid")
+    if (
+        isinstance(field, serializers.CharField)
+        and value is not None
+        and not isinstance(value, str)
+    ):
+        # DRF would keep {"reason": 5} as "5" and true as "True": text is sent as text.
         return ErrorDetail(field.error_messages["invalid"], code="invalid")
     if isinstance(value, str):
         for kind, pattern in _STRICT:

@@ -389,6 +389,23 @@ def test_numbers_inside_lists_and_fractions_are_read_strictly(
     assert counts() == before
 
 
+@pytest.mark.parametrize("reason", [5, True, 1.5, ["late"]])
+def test_text_sent_as_anything_but_text_is_refused_and_changes_nothing(
+    owner_client, market, reason
+):
+    # DRF alone kept {"reason": 5} as "5" and true as "True".
+    made = owner_client.post("/api/v1/reservations", reservation_body(), format="json").json()
+    before = counts()
+
+    response = owner_client.post(
+        f"/api/v1/reservations/{made['id']}/cancel", {"reason": reason}, format="json"
+    )
+
+    assert_error(response, 400, "invalid", "reason")
+    assert counts() == before
+    assert owner_client.get(f"/api/v1/reservations/{made['id']}").json()["status"] == "pending"
+
+
 def test_one_answer_names_every_field_that_is_wrong(owner_client, market):
     body = {**reservation_body(), "gpu_count": "1e3", "ends_at": "nope", "tier": "bad"}
     response = owner_client.post("/api/v1/reservations", body, format="json")
