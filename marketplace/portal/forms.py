@@ -18,6 +18,7 @@ from marketplace.models import (
     Tier,
 )
 from marketplace.portal.fields import PortalAmountField, PortalDateTimeField, PortalMinuteField
+from marketplace.provisioning.workload import MAX_SSH_KEYS
 from marketplace.rules import email_address_plain
 from marketplace.services.pricing import TERM_LENGTHS
 from marketplace.templatetags.portal_format import status_label
@@ -231,7 +232,8 @@ class ReserveForm(forms.Form):
     """What runs on the GPUs (optional): checked by the same workload rules as the API.
 
     With `saved_keys` (the organisation's saved SSH keys), they are offered as checkboxes, all
-    ticked at first; the ticked ones join the pasted keys (services.ssh_keys).
+    ticked at first when a reservation may take them all (MAX_SSH_KEYS), none when it may
+    not; the ticked ones join the pasted keys (services.ssh_keys).
     """
 
     image = forms.CharField(
@@ -263,7 +265,14 @@ class ReserveForm(forms.Form):
         choices = [(k.public_id, f"{k.name} ({k.fingerprint})") for k in saved_keys]
         if choices:
             self.fields["ssh_key_ids"].choices = choices
-            self.fields["ssh_key_ids"].initial = [value for value, _ in choices]
+            if len(choices) <= MAX_SSH_KEYS:
+                self.fields["ssh_key_ids"].initial = [value for value, _ in choices]
+            else:  # all ticked would be refused (too_many_ssh_keys): the customer picks
+                self.fields[
+                    "ssh_key_ids"
+                ].help_text = (
+                    f"Tick at most {MAX_SSH_KEYS}: they are installed for root on every node."
+                )
         else:
             del self.fields["ssh_key_ids"]
 

@@ -121,3 +121,28 @@ def test_another_organisations_key_cannot_be_ticked_when_reserving(
     assert response.status_code == 400
     assert "ssh_key_ids" in response.context["form"].errors
     assert not Reservation.objects.exists() and not Allocation.objects.exists()
+
+
+def test_with_more_saved_keys_than_a_reservation_takes_none_is_ticked_at_first(
+    org, market, allow_all_funding
+):
+    """All ticked, 17 saved keys made every booking from the quote page a too_many_ssh_keys
+    error until the customer unticked some."""
+    keys = [
+        ssh_key_create(
+            organization=org, user=None, name=f"k{n}", public_key=ssh_key(body=key_bytes(n))
+        )
+        for n in range(17)
+    ]
+    client = member_client(org, Role.OWNER)
+    quote = quote_for(org)
+
+    form = client.get(f"/quotes/{quote.public_id}").context["form"]
+
+    assert form["ssh_key_ids"].initial in (None, [])
+    assert "Tick at most 16" in form.fields["ssh_key_ids"].help_text
+    assert len(form.fields["ssh_key_ids"].choices) == 17
+    picked = client.post(f"/quotes/{quote.public_id}", {"image": "", "ssh_public_keys": "",
+                         "ssh_key_ids": [k.public_id for k in keys[:16]]})  # fmt: skip
+    assert picked.status_code == 302
+    assert len(Reservation.objects.get().workload["ssh_public_keys"]) == 16
