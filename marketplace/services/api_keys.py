@@ -32,6 +32,7 @@ from marketplace.services.events import api_key_event_record
 
 __all__ = [
     "SECRET_PREFIX",
+    "MAX_ACTIVE_KEYS",
     "LAST_USED_RESOLUTION",
     "api_key_hash",
     "api_key_create",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 SECRET_PREFIX = "sy_live_"
+# Keys in use (not revoked) per organisation: one per integration, CI job or person, with room.
+MAX_ACTIVE_KEYS = 100
 # last_used_at is written at most once per this interval per key, so a busy key does not turn
 # every read into a write.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -83,6 +86,16 @@ def api_key_create(
             "Only staff can create a key with the grid scope.",
             code="insufficient_role",
             field="scopes",
+        )
+    # Counted under the organisation's row lock, so two requests cannot both pass the limit.
+    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    if ApiKey.objects.filter(organization=organization, revoked_at__isnull=True).count() >= (
+        MAX_ACTIVE_KEYS
+    ):
+        raise ValidationFailed(
+            f"An organisation may have at most {MAX_ACTIVE_KEYS} API keys in use; revoke one "
+            "it no longer needs first.",
+            code="too_many_api_keys",
         )
     for _ in range(5):
         prefix = SECRET_PREFIX + _random(_LOWER_ALNUM, 8)

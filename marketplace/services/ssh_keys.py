@@ -21,9 +21,11 @@ from marketplace.rules import display_name_clean
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
 from marketplace.services.audit import audit_record
 
-__all__ = ["ssh_key_create", "ssh_key_delete", "workload_add_saved_ssh_keys"]
+__all__ = ["MAX_SAVED_KEYS", "ssh_key_create", "ssh_key_delete", "workload_add_saved_ssh_keys"]
 
 _NAME_MAX = 100
+# Saved keys per organisation (a reservation takes at most MAX_SSH_KEYS of them).
+MAX_SAVED_KEYS = 100
 _UNIQUE_FINGERPRINT = "ssh_key_unique_fingerprint"
 
 
@@ -43,6 +45,14 @@ def ssh_key_create(
         )
     public_key = ssh_public_key_validate(public_key, field="public_key")
     fingerprint = ssh_public_key_fingerprint(public_key)
+    # Counted under the organisation's row lock, so two requests cannot both pass the limit.
+    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    if SshKey.objects.filter(organization=organization).count() >= MAX_SAVED_KEYS:
+        raise ValidationFailed(
+            f"An organisation may save at most {MAX_SAVED_KEYS} SSH keys; delete one it no "
+            "longer needs first.",
+            code="too_many_ssh_keys_saved",
+        )
     try:
         with transaction.atomic():
             key = SshKey.objects.create(

@@ -197,3 +197,26 @@ def test_staff_see_saved_keys_in_the_admin_but_do_not_edit_them(admin_client):
     assert admin_client.get("/admin/marketplace/sshkey/add/").status_code == 403
     assert admin_client.post(f"/admin/marketplace/sshkey/{key.pk}/delete/").status_code == 403
     assert SshKey.objects.filter(pk=key.pk).exists()
+
+
+def test_an_organisation_saves_a_bounded_number_of_keys(monkeypatch):
+    from marketplace.services import ssh_keys
+
+    monkeypatch.setattr(ssh_keys, "MAX_SAVED_KEYS", 3)
+    org = OrganizationFactory()
+    for n in range(3):
+        ssh_key_create(
+            organization=org, user=None, name=f"k{n}", public_key=ssh_key(body=key_bytes(n))
+        )
+
+    with pytest.raises(ValidationFailed) as refused:
+        ssh_key_create(
+            organization=org, user=None, name="k3", public_key=ssh_key(body=key_bytes(3))
+        )
+
+    assert (refused.value.status_code, refused.value.code) == (400, "too_many_ssh_keys_saved")
+    assert SshKey.objects.filter(organization=org).count() == 3
+    # Another organisation's keys do not count; one deleted frees its place.
+    ssh_key_create(organization=OrganizationFactory(), user=None, name="x", public_key=ssh_key())
+    ssh_key_delete(ssh_key=SshKey.objects.filter(organization=org).first())
+    ssh_key_create(organization=org, user=None, name="k3", public_key=ssh_key(body=key_bytes(3)))
