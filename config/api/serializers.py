@@ -24,7 +24,8 @@ A whole number given as a string is read only as ASCII digits with an optional s
 decimal as ASCII digits with an optional point (no exponent): Python's int() and Decimal(),
 which DRF's fields call, also read "1_0" as 10, "1e3" as 1000 and other scripts' digits. The
 same holds inside lists and dicts of numbers, and a whole number is not a JSON fraction (2.0).
-Text is a JSON string: a number or a boolean sent for it is refused, not kept as "5" or "True".
+Text is a JSON string: a number or a boolean sent for it is refused, not kept as "5" or "True"
+(not in the site agents' lenient protocol, whose agents send driver event codes as numbers).
 These refusals come in one answer with DRF's own errors for the other fields.
 Dates and times are read from 2000 to 2099 only (config.dates).
 
@@ -103,12 +104,13 @@ class Serializer(serializers.Serializer):
                 refused[name] = [ErrorDetail(f"Unknown field {name!r}; this request takes "
                                              f"{takes}.", code="unknown_field")]  # fmt: skip
         for name, field in fields.items():
-            if name in data and (error := _loose_number(field, data.get(name))) is not None:
+            strict = self.refuse_unknown_fields  # the agents' protocol sends Xid codes as numbers
+            if name in data and (error := _loose_number(field, data.get(name), strict)) is not None:
                 refused[name] = [error]
         return refused
 
 
-def _loose_number(field: Field, value) -> ErrorDetail | None:
+def _loose_number(field: Field, value, text_strict: bool = True) -> ErrorDetail | None:
     """The error for a value DRF would read loosely: a whole number or decimal string beyond
     ASCII digits (also inside a list or a dict of them), a JSON fraction for a whole number,
     a number or a boolean for text."""
@@ -117,11 +119,14 @@ def _loose_number(field: Field, value) -> ErrorDetail | None:
         items = list(value.values()) if isinstance(value, dict) else value
         if not isinstance(items, list):
             return None
-        return next((e for v in items if (e := _loose_number(child, v)) is not None), None)
+        return next(
+            (e for v in items if (e := _loose_number(child, v, text_strict)) is not None), None
+        )
     if isinstance(field, serializers.IntegerField) and isinstance(value, float):
         return ErrorDetail(field.error_messages["invalid"], code="invalid")
     if (
-        isinstance(field, serializers.CharField)
+        text_strict
+        and isinstance(field, serializers.CharField)
         and value is not None
         and not isinstance(value, str)
     ):

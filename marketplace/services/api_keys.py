@@ -87,8 +87,10 @@ def api_key_create(
             code="insufficient_role",
             field="scopes",
         )
-    # Counted under the organisation's row lock, so two requests cannot both pass the limit.
-    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    # Counted under the organisation's row lock (NO KEY: the rows that reference the
+    # organisation, a booking's among them, still take their key share), so two requests
+    # cannot both pass the limit.
+    Organization.objects.select_for_update(no_key=True).filter(pk=organization.pk).first()
     if ApiKey.objects.filter(organization=organization, revoked_at__isnull=True).count() >= (
         MAX_ACTIVE_KEYS
     ):

@@ -45,8 +45,10 @@ def ssh_key_create(
         )
     public_key = ssh_public_key_validate(public_key, field="public_key")
     fingerprint = ssh_public_key_fingerprint(public_key)
-    # Counted under the organisation's row lock, so two requests cannot both pass the limit.
-    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    # Counted under the organisation's row lock (NO KEY: the rows that reference the
+    # organisation, a booking's among them, still take their key share), so two requests
+    # cannot both pass the limit.
+    Organization.objects.select_for_update(no_key=True).filter(pk=organization.pk).first()
     if SshKey.objects.filter(organization=organization).count() >= MAX_SAVED_KEYS:
         raise ValidationFailed(
             f"An organisation may save at most {MAX_SAVED_KEYS} SSH keys; delete one it no "

@@ -192,8 +192,10 @@ def webhook_endpoint_create(
         blank_ok=True,
     )  # fmt: skip
     webhook_url_resolve(url)
-    # Counted under the organisation's row lock, so two requests cannot both pass the limit.
-    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    # Counted under the organisation's row lock (NO KEY: the rows that reference the
+    # organisation, a booking's among them, still take their key share), so two requests
+    # cannot both pass the limit.
+    Organization.objects.select_for_update(no_key=True).filter(pk=organization.pk).first()
     if WebhookEndpoint.objects.filter(organization=organization).count() >= MAX_ENDPOINTS:
         raise ValidationFailed(
             f"An organisation may have at most {MAX_ENDPOINTS} webhook endpoints.",

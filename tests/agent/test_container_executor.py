@@ -412,9 +412,10 @@ def test_the_heartbeat_lists_each_container_with_its_state_and_an_exits_last_lin
         "state": "running",
         "exit_code": None,
         "finished_at": None,
+        "oom_killed": False,
     }
     exited = mine[exits["reservation"]]
-    assert (exited["state"], exited["exit_code"]) == ("exited", 7)
+    assert (exited["state"], exited["exit_code"], exited["oom_killed"]) == ("exited", 7, False)
     assert exited["finished_at"].startswith("20")
     assert exited["log_tail"] == (
         "workload starting (mode serve)\nlistening on 8081\ngiving up after 2 s"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from config.dates import iso_utc
 from inventory.models import Gpu
 from inventory.services import node_token_issue
 from inventory.telemetry import gpu_mark_failed
@@ -115,7 +116,7 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
             return done.stdout
 
         assert json.loads(wait_for(notice_inside, timeout=20, what="the notice file")) == {
-            "preempt_at": noticed.preempt_at.isoformat(),
+            "preempt_at": iso_utc(noticed.preempt_at),
             "reason": noticed.preempt_reason,
         }
 

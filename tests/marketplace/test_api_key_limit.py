@@ -7,6 +7,7 @@ from marketplace.models import ApiKey
 from marketplace.services import api_keys
 from marketplace.services.api_keys import api_key_create, api_key_revoke
 from tests.factories import OrganizationFactory
+from tests.races import run_together
 
 pytestmark = pytest.mark.django_db
 
@@ -25,3 +26,18 @@ def test_an_organisation_has_a_bounded_number_of_keys_in_use(monkeypatch):
     # A revoked key no longer counts.
     api_key_revoke(api_key=first)
     api_key_create(organization=org, name="c", scopes=["read"], created_by=None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_keys_made_at_once_for_the_last_place_make_one(monkeypatch):
+    monkeypatch.setattr(api_keys, "MAX_ACTIVE_KEYS", 2)
+    org = OrganizationFactory()
+    api_key_create(organization=org, name="a", scopes=["read"], created_by=None)
+
+    def create(name):
+        return lambda: api_key_create(organization=org, name=name, scopes=["read"], created_by=None)
+
+    outcomes = run_together(create("b"), create("c"), create("d"))
+
+    assert sorted(outcomes) == ["ok", "too_many_api_keys", "too_many_api_keys"]
+    assert ApiKey.objects.filter(organization=org).count() == 2

@@ -20,10 +20,10 @@ from django.utils import timezone
 
 from config import replica
 from config.errors import NotFound
-from marketplace.models import Event
+from marketplace.models import Event, EventType
 from marketplace.models.events import SnapshotXmin
 from marketplace.selectors import events as event_selectors
-from marketplace.services.api_keys import api_key_create
+from marketplace.services.api_keys import api_key_create, api_key_revoke
 from tests.marketplace.api_fixtures import (  # noqa: F401
     assert_error,
     fresh_rate_limits,
@@ -72,23 +72,24 @@ def _next_params(body: dict) -> dict:
 
 
 class OpenTransaction:
-    """A thread with its own connection that writes an event and keeps its transaction open
-    until release() (then commits)."""
+    """A thread with its own connection that writes an event (revoking `key`: creating one
+    takes the organisation's row lock, which the other writer here would wait for) and keeps
+    its transaction open until release() (then commits)."""
 
-    def __init__(self, org):
+    def __init__(self, key):
         self.written = threading.Event()
         self._release = threading.Event()
         self.public_id: str | None = None
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(org,))
+        self._thread = threading.Thread(target=self._run, args=(key,))
 
-    def _run(self, org):
+    def _run(self, key):
         try:
             with transaction.atomic():
-                key, _ = api_key_create(
-                    organization=org, name="slow", scopes=["read"], created_by=None
-                )
-                self.public_id = Event.objects.get(object_id=key.public_id).public_id
+                api_key_revoke(api_key=key)
+                self.public_id = Event.objects.get(
+                    object_id=key.public_id, type=EventType.API_KEY_REVOKED
+                ).public_id
                 self.written.set()
                 assert self._release.wait(timeout=60)
         except BaseException as exc:  # noqa: BLE001 - reported by release()
@@ -110,13 +111,15 @@ class OpenTransaction:
 
 
 def test_an_event_that_commits_late_is_delivered_after_a_later_one(org, owner_client):
+    held, _ = api_key_create(organization=org, name="slow", scopes=["read"], created_by=None)
     before = _key_event(org, "before")
     _settled(before)
     seen = _ids(_poll(owner_client, "?order=oldest"))
-    assert seen == [before.public_id]
+    created = Event.objects.get(object_id=held.public_id, type=EventType.API_KEY_CREATED)
+    assert seen == [created.public_id, before.public_id]
     position = seen[-1]
 
-    slow = OpenTransaction(org).start()  # A: stamped first, still uncommitted
+    slow = OpenTransaction(held).start()  # A: stamped first, still uncommitted
     try:
         quick = _key_event(org, "quick")  # B: stamped later, committed at once
         assert Event.objects.filter(public_id=slow.public_id).count() == 0  # A is invisible

@@ -9,6 +9,7 @@ import pytest
 from django.utils import timezone
 
 from billing.services.usage import outage_intervals, reservation_delivered_seconds
+from config.dates import iso_utc
 from inventory.models import Node, NodeStatus, Outage, OutageCause
 from inventory.services import node_mark_offline, status_change
 from marketplace.models import (
@@ -203,7 +204,7 @@ def test_a_reboot_restarts_every_tier_on_the_node_and_a_due_notice_still_preempt
     ]
     notices = agent.post(REPORT, {"containers": running}, format="json").data["notices"]
     assert [(n["reservation"], n["preempt_at"]) for n in notices] == [
-        (spot.public_id, preempt_at.isoformat())
+        (spot.public_id, iso_utc(preempt_at))
     ]
     reservation_outages_reconcile()
     assert not ReservationOutage.objects.filter(ended_at=None).exists()
