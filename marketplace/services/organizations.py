@@ -460,8 +460,10 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
 
 
 def _invitations_within_caps(organization_id: int, email: str) -> None:
-    # Under the organisation's row lock, so two sends at once are counted one after the other.
-    Organization.objects.select_for_update().filter(pk=organization_id).exists()
+    # Under the organisation's row lock, so two sends at once are counted one after the other
+    # (NO KEY: the rows that reference the organisation, a booking's among them, still take
+    # their key share meanwhile).
+    Organization.objects.select_for_update(no_key=True).filter(pk=organization_id).exists()
     since = timezone.now() - timedelta(days=1)
     sent = Invitation.objects.filter(organization_id=organization_id, created_at__gte=since)
     caps = (
