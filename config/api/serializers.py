@@ -103,8 +103,8 @@ class Serializer(serializers.Serializer):
                 takes = ", ".join(sorted(n for n, f in fields.items() if not f.read_only))
                 refused[name] = [ErrorDetail(f"Unknown field {name!r}; this request takes "
                                              f"{takes}.", code="unknown_field")]  # fmt: skip
+        strict = self.refuse_unknown_fields  # the agents' protocol sends Xid codes as numbers
         for name, field in fields.items():
-            strict = self.refuse_unknown_fields  # the agents' protocol sends Xid codes as numbers
             if name in data and (error := _loose_number(field, data.get(name), strict)) is not None:
                 refused[name] = [error]
         return refused

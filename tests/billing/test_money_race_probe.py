@@ -6,6 +6,7 @@ Real PostgreSQL, one thread (and connection) per client, started together at a b
 each race: no negative available balance, holds and charges within what funding allowed, one
 winner where one is allowed, and the ledger still adds up to the balance.
 """
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import threading
 import time
@@ -44,31 +45,16 @@ from marketplace.services.reservations import (
     reservation_extend,
 )
 from tests.billing.conftest import make_reservation
-from tests.billing.test_holds import credit
+from tests.billing.test_holds import capacity, credit, org  # noqa: F401 - fixtures
 from tests.clients import HttpsClient
-from tests.factories import GpuModelFactory, MembershipFactory, SiteFactory, UserFactory
+from tests.factories import UserFactory
 from tests.marketplace.api_fixtures import key_client
-from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
+from tests.marketplace.market_helpers import tomorrow
 from tests.races import run_together
 
+pytestmark = pytest.mark.django_db(transaction=True)  # the threads see committed rows
+
 TERM = 39900  # a 1-week term of one GPU: 168 h × 2.375
-
-
-@pytest.fixture
-def capacity(transactional_db):
-    """24 GPUs at 2.50/GPU-hour: a 1-week reserved term of one GPU is 399.00."""
-    model = GpuModelFactory()
-    make_rate(model, "2.5000")
-    make_policy()
-    make_nodes(SiteFactory(), model, 3, gpus=8)
-    return model
-
-
-@pytest.fixture
-def org(transactional_db):
-    organization = MembershipFactory(user__password="!").organization
-    BillingAccount.objects.create(organization=organization, currency="usd")
-    return organization
 
 
 def paid_top_up(org, amount_minor: int) -> TopUp:
@@ -77,6 +63,12 @@ def paid_top_up(org, amount_minor: int) -> TopUp:
     assert top_up_succeed(top_up_id=top_up.pk, payment_intent_id=f"pi_{org.pk}")
     top_up.refresh_from_db()
     return top_up
+
+
+def extend_by_weeks(booked, weeks: int = 1, actor: str = "user:ext"):
+    """A call extending `booked` by `weeks` past its end as booked now (for run_together)."""
+    end = booked.ends_at + timedelta(days=7 * weeks)
+    return lambda: reservation_extend(reservation=booked, new_ends_at=end, actor_label=actor)
 
 
 def term(org, model, start_h: int = 24 * 8):
@@ -136,11 +128,7 @@ def test_extend_and_cancel_of_one_term_at_once_leave_nothing_held_or_charged(cap
     booked = term(org, capacity)
 
     outcomes = run_together(
-        lambda: reservation_extend(
-            reservation=booked,
-            new_ends_at=booked.ends_at + timedelta(days=7),
-            actor_label="user:ext",
-        ),  # fmt: skip
+        extend_by_weeks(booked),
         lambda: reservation_cancel(reservation=booked, actor_label="user:cancel"),
     )
 
@@ -161,12 +149,9 @@ def test_two_extensions_of_one_term_at_once_charge_what_was_funded_once(capacity
     weeks race: exactly one lands, and the money charged is the term as it ends."""
     credit(org, 90000)
     booked = term(org, capacity)
-    one, two = booked.ends_at + timedelta(days=7), booked.ends_at + timedelta(days=14)
+    one = booked.ends_at + timedelta(days=7)
 
-    outcomes = run_together(
-        lambda: reservation_extend(reservation=booked, new_ends_at=one, actor_label="a"),
-        lambda: reservation_extend(reservation=booked, new_ends_at=two, actor_label="b"),
-    )
+    outcomes = run_together(extend_by_weeks(booked, 1, "a"), extend_by_weeks(booked, 2, "b"))
 
     assert not [o for o in outcomes if o.startswith("error")], outcomes
     assert outcomes.count("ok") == 1, outcomes
@@ -187,11 +172,8 @@ def test_two_extensions_of_one_term_at_once_charge_what_was_funded_once(capacity
 def test_the_same_extension_twice_at_once_lands_once(capacity, org, round_):
     credit(org, 200000)
     booked = term(org, capacity)
-    end = booked.ends_at + timedelta(days=7)
 
-    outcomes = run_together(
-        *[lambda: reservation_extend(reservation=booked, new_ends_at=end, actor_label="x")] * 2
-    )
+    outcomes = run_together(*[extend_by_weeks(booked, actor="x")] * 2)
 
     assert outcomes.count("ok") == 1, outcomes
     assert Hold.objects.filter(reservation=booked).count() == 2
@@ -210,11 +192,7 @@ def test_an_extension_racing_the_meter_charges_the_term_and_its_extension_once(
     booked = term(org, capacity)
 
     outcomes = run_together(
-        lambda: reservation_extend(
-            reservation=booked,
-            new_ends_at=booked.ends_at + timedelta(days=7),
-            actor_label="user:ext",
-        ),  # fmt: skip
+        extend_by_weeks(booked),
         usage_meter_run,
     )
 

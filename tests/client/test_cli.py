@@ -1,7 +1,9 @@
 """The `switchyard` CLI against a live server: tables, --json, the config file, exit codes."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import contextlib
 import csv
+import http.server
 import io
 import json
 import os
@@ -11,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -386,12 +390,37 @@ def test_events_tail_continues_after_a_given_event(world, cli):
     assert unknown.exit_code == 4 and "evt_doesNotExist1234" in unknown.output
 
 
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """A test server's handler: quiet, and one call to answer."""
+
+    def answer(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler):
+    """`handler` served on a free loopback port in a thread; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def not_the_api():
     """A web server that is not the API: a page at /page/…, a redirect to https at /moved/…."""
-    import http.server
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_Handler):
         def do_GET(self):
             if self.path.startswith("/moved/"):
                 self.send_response(301)
@@ -399,21 +428,10 @@ def not_the_api():
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            body = b"<html>Welcome</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, b"<html>Welcome</html>", "text/html")
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with _serving(Handler) as url:
+        yield url
 
 
 def test_an_address_that_is_not_the_api_is_one_line_on_stderr_not_a_traceback(
@@ -556,14 +574,11 @@ def test_no_key_at_the_login_prompt_is_a_usage_error(world, tmp_path, monkeypatc
 def flaky_proxy(world):
     """An HTTP proxy to the live server; `drop = n` closes the next n connections without an
     answer, as a server that has gone away does."""
-    import http.server
-    import urllib.error
-    import urllib.request
 
     class Proxy:
         drop = dropped = forwarded = 0
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_Handler):
         def do_GET(self):
             if Proxy.drop:
                 Proxy.drop -= 1
@@ -579,21 +594,11 @@ def flaky_proxy(world):
             with answer:
                 status, body, kind = answer.status, answer.read(), answer.headers["Content-Type"]
             Proxy.forwarded += 1
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(status, body, kind)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield Proxy
-    server.shutdown()
-    server.server_close()
+    with _serving(Handler) as url:
+        Proxy.url = url
+        yield Proxy
 
 
 def test_events_tail_carries_on_through_an_outage_until_ctrl_c(
