@@ -11,14 +11,17 @@ redirect a probe. They read no request data.
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.migrations.loader import MigrationLoader
 from django.http import JsonResponse
 
-__all__ = ["healthz", "readiness", "readyz"]
+__all__ = ["bounded_cursor", "healthz", "readiness", "readyz"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +30,51 @@ _redis_clients: dict[str, redis.Redis] = {}
 _migrations_on_disk: set[tuple[str, str]] | None = None
 
 
-def _database() -> str | None:
+@contextmanager
+def bounded_cursor(seconds: float) -> Iterator[CursorWrapper]:
+    """A cursor in a transaction of its own whose statements give up after `seconds`
+    (PostgreSQL's statement_timeout, waits for a lock included): a table locked by a
+    migration or a wedged query makes a probe or a scrape fail in time (a DatabaseError)
+    instead of holding it until the load balancer or Prometheus gives up on the process.
+    Inside a caller's transaction the caller's own timeout is put back afterwards (a failure
+    rolls the savepoint back, and the setting with it)."""
+    nested = connection.in_atomic_block
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('statement_timeout'), "
+            "set_config('statement_timeout', %s, true)",
+            [f"{seconds * 1000:.0f}"],
+        )
+        before = cursor.fetchone()[0]
+        yield cursor
+        if nested:
+            cursor.execute("SELECT set_config('statement_timeout', %s, true)", [before])
+
+
+def _database() -> tuple[str | None, str | None]:
+    """The database's state and the migrations' (what is unapplied), from one short
+    transaction. The migration graph is read from disk once per process (it does not change
+    while the code runs); the applied set is one small query."""
+    global _migrations_on_disk
+    if _migrations_on_disk is None:
+        _migrations_on_disk = set(MigrationLoader(None, ignore_no_migrations=True).graph.nodes)
+    answered = False
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
+        with bounded_cursor(_PROBE_TIMEOUT_SECONDS) as cursor:
+            answered = True
+            cursor.execute("SELECT app, name FROM django_migrations")
+            applied = set(cursor.fetchall())
     except DatabaseError as exc:
-        logger.warning("readiness: database unavailable: %s", exc)
-        return f"unavailable ({type(exc).__name__})"
-    return None
+        if not answered:
+            logger.warning("readiness: database unavailable: %s", exc)
+            return f"unavailable ({type(exc).__name__})", "unknown"
+        # It answers, but the migrations table cannot be read in time (a migration's lock).
+        return None, f"unknown ({type(exc).__name__})"
+    missing = sorted(_migrations_on_disk - applied)
+    if missing:
+        names = ", ".join(f"{app}.{name}" for app, name in missing[:5])
+        return None, f"{len(missing)} unapplied: {names}" + (", ..." if len(missing) > 5 else "")
+    return None, None
 
 
 def _redis_urls() -> set[str]:
@@ -59,31 +99,11 @@ def _redis() -> str | None:
     return None
 
 
-def _unapplied_migrations() -> str | None:
-    """Migrations on disk the database has not recorded. The graph is read from disk once per
-    process (it does not change while the code runs); the applied set is one small query."""
-    global _migrations_on_disk
-    if _migrations_on_disk is None:
-        _migrations_on_disk = set(MigrationLoader(None, ignore_no_migrations=True).graph.nodes)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT app, name FROM django_migrations")
-            applied = set(cursor.fetchall())
-    except DatabaseError as exc:
-        return f"unknown ({type(exc).__name__})"
-    missing = sorted(_migrations_on_disk - applied)
-    if missing:
-        names = ", ".join(f"{app}.{name}" for app, name in missing[:5])
-        return f"{len(missing)} unapplied: {names}" + (", ..." if len(missing) > 5 else "")
-    return None
-
-
 def readiness() -> tuple[bool, dict[str, str]]:
     """Each part's state ("ok" or what is wrong) and whether all are ok."""
-    checks = {"database": _database()}
-    checks["redis"] = _redis()
+    database, migrations = _database()
     # Without a database the migrations cannot be read; say so once, under database.
-    checks["migrations"] = _unapplied_migrations() if checks["database"] is None else "unknown"
+    checks = {"database": database, "redis": _redis(), "migrations": migrations}
     ready = all(problem is None for problem in checks.values())
     return ready, {part: problem or "ok" for part, problem in checks.items()}
 

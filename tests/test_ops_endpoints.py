@@ -6,10 +6,11 @@ import time
 import uuid
 from datetime import timedelta
 
+import psycopg
 import pytest
 import redis
 import yaml
-from django.db import connection
+from django.db import connection, transaction
 from django.test import Client
 from django.utils import timezone
 
@@ -144,6 +145,51 @@ def test_readyz_fails_fast_when_the_database_accepts_connections_and_then_hangs(
     assert elapsed < 4
 
 
+@pytest.fixture
+def table_locked():
+    """Lock a table from another session, as a migration's ALTER TABLE does while it runs:
+    every read of it waits until the lock goes."""
+    sessions = []
+
+    def lock(table: str) -> None:
+        session = psycopg.connect(
+            **{k: v for k, v in connection.get_connection_params().items() if k != "context"}
+        )
+        session.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        sessions.append(session)
+
+    yield lock
+    for session in sessions:
+        session.rollback()
+        session.close()
+
+
+def test_readyz_fails_in_time_when_a_query_waits_for_a_lock(production, table_locked):
+    table_locked("django_migrations")
+
+    started = time.monotonic()
+    response = _probe("/readyz")
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": "ok",
+        "redis": "ok",
+        "migrations": "unknown (OperationalError)",
+    }
+    assert 1.5 < elapsed < 4  # the probe's 2 s, not the lock's holder's time
+
+
+def test_the_probes_timeout_does_not_outlive_its_reads():
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = '7s'")
+        with health.bounded_cursor(2) as bounded:
+            bounded.execute("SHOW statement_timeout")
+            assert bounded.fetchone() == ("2s",)
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("7s",)
+
+
 def test_the_database_connect_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("DATABASE_CONNECT_TIMEOUT", "7")
     assert env_database("DATABASE_URL", "postgres://u@h:5432/d", connect_timeout=env_int(
@@ -162,7 +208,9 @@ def test_readiness_reads_the_migration_graph_once_per_process(
     production, django_assert_num_queries
 ):
     health.readiness()
-    with django_assert_num_queries(2):  # SELECT 1, and the applied migrations
+    # The timeout, the applied migrations; inside the test's transaction also its savepoint,
+    # the caller's timeout put back and the release.
+    with django_assert_num_queries(5):
         assert health.readiness()[0] is True
 
 
@@ -369,6 +417,20 @@ def test_business_metrics_say_so_when_redis_is_down(production, monkeypatch):
     assert b"switchyard_business_metrics_up 0.0" in response.content
     assert b"switchyard_reservations" in response.content  # the database part still answers
     monkeypatch.setattr(business, "_broker", None)
+
+
+def test_business_metrics_answer_in_time_when_a_table_is_locked(production, table_locked):
+    production.METRICS_ALLOWED_IPS = ["10.0.0.2"]
+    table_locked("marketplace_reservation")
+
+    started = time.monotonic()
+    response = _metrics(REMOTE_ADDR="10.0.0.2")
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 200
+    assert b"switchyard_business_metrics_up 0.0" in response.content
+    assert b'switchyard_ready{part="database"} 1.0' in response.content
+    assert elapsed < 6  # inside Prometheus' default scrape_timeout of 10 s
 
 
 def test_every_metric_the_example_alert_rules_use_is_exported(production):

@@ -11,18 +11,23 @@ import time
 
 import redis
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from config.health import readiness
+from config.health import bounded_cursor, readiness
 from config.queues import QUEUES
 from inventory.selectors import agent_heartbeat_seconds
 
 __all__ = ["business_registry"]
 
 logger = logging.getLogger(__name__)
+
+# Each gauge's query gives up after this long (a table locked by a migration, a wedged query):
+# with the readiness probe's 2 s for PostgreSQL and each Redis URL, a scrape answers within
+# Prometheus' default scrape_timeout of 10 s, saying switchyard_business_metrics_up 0.
+_GAUGES_TIMEOUT_SECONDS = 3
 
 # Each query yields rows of (label values..., value) for one gauge.
 _GAUGES = [
@@ -163,7 +168,7 @@ class BusinessCollector(Collector):
         started = time.monotonic()
         up = 1
         try:
-            with connection.cursor() as cursor:
+            with bounded_cursor(_GAUGES_TIMEOUT_SECONDS) as cursor:
                 for name, documentation, labels, sql in _GAUGES:
                     family = GaugeMetricFamily(name, documentation, labels=labels)
                     cursor.execute(sql)
