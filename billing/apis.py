@@ -8,7 +8,6 @@ admin or billing member. Amounts are strings in major units with the currency be
 from datetime import date
 from functools import partial
 
-from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import Cursor
@@ -16,6 +15,7 @@ from rest_framework.response import Response
 
 from billing.models import LedgerKind
 from billing.selectors import (
+    account_currency,
     billing_account_for_org,
     invoices_for_org,
     ledger_for_org,
@@ -286,7 +286,7 @@ class StatementApi(ApiView):
             raise NotFound("No statement for that month.", field="month")
         # A read writes nothing: without an account yet, the statement is in the default currency.
         account = billing_account_for_org(organization=self.organization)
-        c = account.currency if account else settings.CURRENCY
+        c = account_currency(account)
         statement = statement_for_month(organization=self.organization, month=first_day, currency=c)
         data = {
             "month": f"{year:04d}-{month:02d}",

@@ -25,6 +25,7 @@ from billing.exports import csv_text
 from billing.models import BillingMode, FundingState
 from billing.money import from_minor_units, top_up_limits, top_up_range_text
 from billing.selectors import (
+    account_currency,
     balance_by_day,
     billing_account_for_org,
     invoices_for_org,
@@ -232,11 +233,6 @@ class UsagePageForm(UsageFilterForm):
         return cleaned
 
 
-def _account_currency(account) -> str:
-    # An organisation without an account yet gets one in settings.CURRENCY on its first top-up.
-    return account.currency if account else settings.CURRENCY
-
-
 def _form_error(form: forms.Form, exc: ApplicationError) -> None:
     form.add_error(exc.field if exc.field in form.fields else None, exc.message)
 
@@ -430,7 +426,7 @@ class TopUpView(BillingPage):
         for top_up in top_ups:
             top_up.amount_display = money(top_up.amount_minor, top_up.currency)
         account = billing_account_for_org(organization=self.organization)
-        currency = _account_currency(account)
+        currency = account_currency(account)
         return self.render(
             request,
             "top_up.html",
@@ -445,7 +441,7 @@ class TopUpView(BillingPage):
 
     def post(self, request):
         account = billing_account_for_org(organization=self.organization)
-        form = TopUpForm(request.POST, currency=_account_currency(account))
+        form = TopUpForm(request.POST, currency=account_currency(account))
         if form.is_valid():
             amount: Decimal = form.cleaned_data["amount"]
             try:
@@ -624,7 +620,7 @@ def overview_panel(membership) -> dict:
     """The portal overview's Billing panel: balance, funding state and the latest notices."""
     organization = membership.organization
     account = billing_account_for_org(organization=organization)
-    currency = account.currency if account else settings.CURRENCY
+    currency = account_currency(account)
     state = account.funding_state if account else FundingState.OK
     position = money_position(organization_id=organization.pk)
     label, meaning = funding_words(account, position.available)
@@ -663,7 +659,7 @@ def _statement(view, year: int, month: int):
     if first_day is None:
         raise Http404("No statement for that month.")
     account = billing_account_for_org(organization=view.organization)
-    currency = account.currency if account else settings.CURRENCY
+    currency = account_currency(account)
     return statement_for_month(organization=view.organization, month=first_day, currency=currency)
 
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db.models import Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, Collate, TruncDate
 
@@ -35,7 +36,9 @@ __all__ = [
     "invoices_for_org",
     "payment_methods_for_org",
     "top_ups_for_org",
+    "account_currency",
     "billing_account_for_org",
+    "billing_currency_for_org",
     "notices_for_org",
     "usage_row_energy",
     "reservations_charged",
@@ -141,6 +144,19 @@ def reservations_charged(
 
 def billing_account_for_org(*, organization: Organization) -> BillingAccount | None:
     return BillingAccount.objects.filter(organization=organization).first()
+
+
+def account_currency(account: BillingAccount | None) -> str:
+    """The currency an organisation with this account (None: none yet) is billed in: an
+    organisation without one gets one in settings.CURRENCY when it first needs it."""
+    return account.currency if account is not None else settings.CURRENCY
+
+
+def billing_currency_for_org(*, organization_id: int) -> str:
+    """The currency the organisation is billed in, which every commitment must be in."""
+    return account_currency(
+        BillingAccount.objects.filter(organization_id=organization_id).only("currency").first()
+    )
 
 
 def ledger_for_org(*, organization: Organization) -> QuerySet[LedgerEntry]:

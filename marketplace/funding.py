@@ -19,6 +19,8 @@ what it still holds; the gate's owner releases holds of reservations that end ot
 Every move out of active or releasing (stop, end, preemption, failure, a move off a failed
 GPU) calls `reservation_status_changed(...)` in the move's transaction, so the usage up to it
 is booked there.
+`billing_currency(organization_id=…)` is the currency its commitments must be in: quotes and
+bookings that choose the site offer only that currency's prices.
 `reservations_charged(reservation_ids=[…])` is what the API and the portal show as charged;
 `resale_settled(listing_ids=[…])` what a seller of resold time has been credited so far.
 """
@@ -61,6 +63,10 @@ class FundingGate(Protocol):
         """`reservation` (not a reserved term) just moved out of active or releasing at `at`,
         in the caller's transaction: book what it used up to then."""
 
+    def billing_currency(self, *, organization_id: int) -> str | None:
+        """The currency the organisation is billed in (lower case), which every commitment
+        must be in; None: any."""
+
     def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
         """What each reservation has been charged so far, in its currency's major units:
         usage and commitments less refunds and credits (absent: nothing)."""
@@ -88,6 +94,9 @@ class AllowAllFundingGate:
         return None
 
     def reservation_status_changed(self, **kwargs) -> None:
+        return None
+
+    def billing_currency(self, **kwargs) -> str | None:
         return None
 
     def reservations_charged(self, **kwargs) -> dict[int, Decimal]:

@@ -31,7 +31,12 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, FundingState
 from billing.money import from_minor_units, hold_minor_units, to_minor_units
-from billing.selectors import month_start, reservations_charged, spend_minor
+from billing.selectors import (
+    billing_currency_for_org,
+    month_start,
+    reservations_charged,
+    spend_minor,
+)
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.credits import cancellation_settle, resale_window_return_refund
 from billing.services.events import balance_event_record
@@ -288,6 +293,9 @@ class BillingFundingGate:
         reservations_book_now(
             reservation_ids=[reservation.pk], now=at, reason=f"{from_status} → {to_status}"
         )
+
+    def billing_currency(self, *, organization_id: int) -> str | None:
+        return billing_currency_for_org(organization_id=organization_id)
 
     def reservations_charged(self, *, reservation_ids: list[int]) -> dict[int, Decimal]:
         return reservations_charged(reservation_ids=reservation_ids)

@@ -11,6 +11,7 @@ from config.api.pagination import SlugCursorPagination
 from config.api.schema import errors
 from config.api.serializers import AmountField, Serializer
 from config.api.views import ApiView
+from config.currency import currency_refusal
 from config.replica import replica_reads
 from marketplace.models import Term, Tier
 from marketplace.selectors.availability import (
@@ -275,8 +276,22 @@ class AvailabilityInput(GridFiltersInput):
         max_digits=12,
         decimal_places=4,
         min_value=0,
-        help_text="Highest acceptable price per GPU-hour, in the offer's currency.",
+        help_text="Highest acceptable price per GPU-hour, in the offer's currency (with "
+        "`currency`, in that one).",
     )
+    currency = serializers.CharField(
+        required=False,
+        min_length=3,
+        max_length=3,
+        help_text="Only offers priced in this currency (lower case, e.g. usd). An organisation "
+        "books in the currency it is billed in (GET /billing/balance); an offer in another is "
+        "refused with 409 currency_mismatch.",
+    )
+
+    def validate_currency(self, value: str) -> str:
+        if refusal := currency_refusal(value):
+            raise serializers.ValidationError(refusal)
+        return value
 
     def validate(self, attrs):
         attrs.setdefault("start", timezone.now())
@@ -490,6 +505,7 @@ class AvailabilityApi(_Catalogue):
             max_price_per_gpu_hour=params.get("max_price"),
             min_reliability=params.get("min_reliability"),
             **serializer.grid_filters(),
+            currency=params.get("currency"),
             include_resale=True,
         )
         offers = availability_search(query)

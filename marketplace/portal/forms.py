@@ -197,8 +197,14 @@ class SearchForm(forms.Form):
         help_text="Power usage effectiveness: 1.00 means no cooling or power overhead.",
     )
 
-    def __init__(self, *args, gpu_models=(), sites=(), **kwargs):
+    def __init__(self, *args, gpu_models=(), sites=(), currency=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if currency:
+            # Offers are shown in the currency the organisation is billed in, the only one
+            # it can book in: the cap is in it too.
+            price = self.fields["max_price_per_gpu_hour"]
+            price.label = f"Max price per GPU-hour ({currency.upper()})"
+            price.help_text = f"Your organisation is billed in {currency.upper()}."
         self.fields["gpu_model"].choices = [("", "Any")] + [
             (m.slug, f"{m.name} ({m.memory_gb} GB)") for m in gpu_models
         ]

@@ -21,6 +21,7 @@ from config.errors import ApplicationError, PaymentRequired
 from config.replica import replica_reads
 from inventory.models import Node, Site, SiteStatus
 from marketplace.filters import ReservationFilter
+from marketplace.funding import funding_gate
 from marketplace.models import LIVE_STATUSES, ApiKey, ReservationStatus, Tier
 from marketplace.portal.forms import (
     PLANS,
@@ -71,8 +72,10 @@ from marketplace.templatetags.portal_format import money, plan_label, utc
 RESERVATIONS_PAGE_SIZE = 50
 
 
-def _search_form(data=None) -> SearchForm:
-    return SearchForm(data, gpu_models=gpu_model_list(), sites=site_list_public())
+def _search_form(data=None, *, currency: str | None = None) -> SearchForm:
+    return SearchForm(
+        data, gpu_models=gpu_model_list(), sites=site_list_public(), currency=currency
+    )
 
 
 def _field_error(form, exc: ApplicationError) -> None:
@@ -144,8 +147,9 @@ def _reliability_floor(cleaned: dict) -> Decimal | None:
     return None if percent is None else percent / 100
 
 
-def _search_query(cleaned: dict) -> AvailabilityQuery:
-    """The search form's fields as the search takes them (percentages as 0-1)."""
+def _search_query(cleaned: dict, *, currency: str | None) -> AvailabilityQuery:
+    """The search form's fields as the search takes them (percentages as 0-1), for offers
+    priced in `currency` (the one the organisation is billed in: it can book no other)."""
     renewable_pct = cleaned.get("min_renewable_pct")
     return AvailabilityQuery(
         gpu_count=cleaned["gpu_count"],
@@ -162,6 +166,7 @@ def _search_query(cleaned: dict) -> AvailabilityQuery:
         min_renewable_share=None if renewable_pct is None else renewable_pct / 100,
         max_grid_carbon_g_per_kwh=cleaned.get("max_grid_carbon"),
         max_pue=cleaned.get("max_pue"),
+        currency=currency,
         include_resale=True,
     )
 
@@ -172,12 +177,13 @@ class SearchView(PortalView, View):
     @replica_reads
     def get(self, request):
         asked = bool(request.GET)
-        form = _search_form(request.GET if asked else None)
+        currency = funding_gate().billing_currency(organization_id=self.organization.pk)
+        form = _search_form(request.GET if asked else None, currency=currency)
         offers = None
         if asked and form.is_valid():
             d = form.cleaned_data
             try:
-                offers = availability_search(_search_query(d))
+                offers = availability_search(_search_query(d, currency=currency))
             except ApplicationError as exc:
                 _field_error(form, exc)
             else:
@@ -194,7 +200,7 @@ class SearchView(PortalView, View):
         context = {"form": form, "offers": offers, "can_reserve": self._can_reserve()}
         if not asked:
             # Before any search: the catalogue, each price a search link for that plan.
-            context["catalogue"] = gpu_catalogue(now=timezone.now())
+            context["catalogue"] = gpu_catalogue(now=timezone.now(), currency=currency)
             context["plans"] = [(key, PLANS[key][2].split(" (")[0]) for key, *_ in CATALOGUE_PLANS]
         if offers is not None:
             context["asked"] = form.cleaned_data

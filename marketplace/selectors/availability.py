@@ -118,6 +118,10 @@ class AvailabilityQuery:
     The grid filters select sites: renewable share at least (0-1), grid carbon intensity at
     most (gCO2e/kWh; a site without the figure does not qualify), PUE at most.
 
+    `currency`: only offers priced in it (an organisation books in the currency it is billed
+    in; `max_price_per_gpu_hour` is in each offer's currency). Without it offers in different
+    currencies are listed side by side, sorted by their figures alone.
+
     `include_resale`: also resold time (one offer per listing that fits, `listing` set), which
     is booked by naming the listing; quotes and direct bookings leave it out.
 
@@ -139,6 +143,7 @@ class AvailabilityQuery:
     min_renewable_share: Decimal | None = None
     max_grid_carbon_g_per_kwh: int | None = None
     max_pue: Decimal | None = None
+    currency: str | None = None
     include_resale: bool = False
     with_history: bool = True
 
@@ -473,6 +478,8 @@ def _offers_priced(
         card = rate_card_for(site_id=site_id, gpu_model_id=model_id)
         if card is None or site_id not in sites or model_id not in models:
             continue  # no rate card: not for sale
+        if query.currency is not None and card.currency != query.currency:
+            continue
         breakdown = _price(
             query=query,
             card=card,
@@ -548,6 +555,8 @@ def _resale_offers(query: AvailabilityQuery) -> list[Offer]:
         max_grid_carbon_g_per_kwh=query.max_grid_carbon_g_per_kwh,
         max_pue=query.max_pue,
     )
+    if query.currency is not None:
+        listings = [listing for listing in listings if listing.currency == query.currency]
     if not listings:
         return []
     sites = {listing.site_id: listing.site for listing in listings}

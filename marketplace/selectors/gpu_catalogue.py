@@ -43,7 +43,9 @@ class CatalogueEntry:
     installed: int = 0
 
 
-def gpu_catalogue(*, now: datetime) -> list[CatalogueEntry]:
+def gpu_catalogue(*, now: datetime, currency: str | None = None) -> list[CatalogueEntry]:
+    """With `currency`, prices and free GPUs of the offers priced in it only (what an
+    organisation billed in it can book)."""
     start = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
     entries = {m.pk: CatalogueEntry(gpu_model=m) for m in GpuModel.objects.all()}
     counts = (
@@ -69,7 +71,12 @@ def gpu_catalogue(*, now: datetime) -> list[CatalogueEntry]:
 
     for key, tier, term, length in CATALOGUE_PLANS:
         query = AvailabilityQuery(
-            gpu_count=1, starts_at=start, ends_at=start + length, tier=tier, term=term
+            gpu_count=1,
+            starts_at=start,
+            ends_at=start + length,
+            tier=tier,
+            term=term,
+            currency=currency,
         )
         for offer in availability_search(query):
             entry = entries[offer.gpu_model.pk]
@@ -80,7 +87,7 @@ def gpu_catalogue(*, now: datetime) -> list[CatalogueEntry]:
             if key == "on_demand":
                 entry.free_now += offer.free_gpus
     week = AvailabilityQuery(
-        gpu_count=1, starts_at=start, ends_at=start + WEEK, tier=Tier.ON_DEMAND
+        gpu_count=1, starts_at=start, ends_at=start + WEEK, tier=Tier.ON_DEMAND, currency=currency
     )
     for offer in availability_search(week):
         entries[offer.gpu_model.pk].free_week += offer.free_gpus

@@ -1,5 +1,6 @@
 """Quotes: a priced offer held for settings.QUOTE_TTL."""
 
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -9,12 +10,13 @@ from django.utils import timezone
 
 from config.errors import NotAvailable, ValidationFailed
 from marketplace import ids
+from marketplace.funding import funding_gate
 from marketplace.models import Organization, Quote
 from marketplace.rules import validate_request_period
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug, site_regions
 
-__all__ = ["quote_create", "resolve_catalogue"]
+__all__ = ["nothing_available", "quote_create", "resolve_catalogue"]
 
 
 def resolve_catalogue(
@@ -32,6 +34,27 @@ def resolve_catalogue(
         raise ValidationFailed(
             f"No site is in region {region!r}.", code="unknown_region", field="region"
         )
+
+
+def nothing_available(query: AvailabilityQuery, *, at_most: str = "") -> NotAvailable:
+    """The refusal of a request no site can serve in the organisation's currency; when sites
+    priced in another currency have the GPUs, it says so (the organisation cannot book
+    those: it is billed in one currency)."""
+    message = (
+        f"No site has {query.gpu_count} {query.gpu_model} GPU(s) free for that period{at_most}"
+    )
+    if query.currency is not None:
+        elsewhere = sorted(
+            {offer.currency for offer in availability_search(replace(query, currency=None))}
+            - {query.currency}
+        )
+        if elsewhere:
+            message += (
+                f" priced in {query.currency.upper()}, the currency this organisation is "
+                f"billed in (sites priced in {', '.join(c.upper() for c in elsewhere)} have "
+                "them)"
+            )
+    return NotAvailable(message + ".", code="not_available")
 
 
 @transaction.atomic
@@ -70,14 +93,13 @@ def quote_create(
         min_renewable_share=min_renewable_share,
         max_grid_carbon_g_per_kwh=max_grid_carbon_g_per_kwh,
         max_pue=max_pue,
+        # The cheapest in the currency it is billed in: one in another could not be booked.
+        currency=funding_gate().billing_currency(organization_id=organization.pk),
         with_history=False,
     )
     offers = availability_search(query)
     if not offers:
-        raise NotAvailable(
-            f"No site has {gpu_count} {gpu_model} GPU(s) free for that period.",
-            code="not_available",
-        )
+        raise nothing_available(query)
     best = offers[0]
     expires_at = now + settings.QUOTE_TTL
     return Quote.objects.create(

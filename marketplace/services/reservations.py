@@ -69,7 +69,7 @@ from marketplace.services.allocation import allocation_place, curtailment_headro
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
-from marketplace.services.quotes import resolve_catalogue
+from marketplace.services.quotes import nothing_available, resolve_catalogue
 from marketplace.services.resale import (
     listings_withdraw_for_reservation,
     resale_allocations_transfer,
@@ -295,9 +295,9 @@ class BookingRequest:
             tier=self.tier, term=self.term, starts_at=self.starts_at, ends_at=self.ends_at
         )
 
-    def availability_query(self) -> AvailabilityQuery:
+    def availability_query(self, *, currency: str | None = None) -> AvailabilityQuery:
         """The search for what this booking asks (a booking takes an offer's price and
-        placement only: no curtailment history)."""
+        placement only: no curtailment history), with `currency` only offers priced in it."""
         return AvailabilityQuery(
             gpu_count=self.gpu_count,
             starts_at=self.starts_at,
@@ -309,6 +309,7 @@ class BookingRequest:
             region=self.region,
             min_reliability=self.min_reliability,
             max_price_per_gpu_hour=self.max_price_per_gpu_hour,
+            currency=currency,
             with_history=False,
         )
 
@@ -439,8 +440,11 @@ def reservation_create(
 def _book_cheapest(request: BookingRequest) -> Reservation:
     """Book the cheapest offer; a site taken meanwhile falls through to the next."""
     resolve_catalogue(gpu_model=request.gpu_model, site=None, region=request.region)
-    offers = availability_search(request.availability_query())
-    for offer in offers:  # cheapest first
+    # Only offers in the currency the organisation is billed in: one in another would be
+    # refused (currency_mismatch) while a site in its own currency has the GPUs.
+    currency = funding_gate().billing_currency(organization_id=request.organization.pk)
+    query = request.availability_query(currency=currency)
+    for offer in availability_search(query):  # cheapest first
         try:
             with transaction.atomic():
                 terms = BookingTerms.from_offer(offer, request)
@@ -452,11 +456,7 @@ def _book_cheapest(request: BookingRequest) -> Reservation:
         if request.max_price_per_gpu_hour is not None
         else ""
     )
-    raise NotAvailable(
-        f"No site has {request.gpu_count} {request.gpu_model} GPU(s) free for that "
-        f"period{at_most}.",
-        code="not_available",
-    )
+    raise nothing_available(query, at_most=at_most)
 
 
 def _plan_from_offer(offer: Offer) -> list[tuple[int, int]]:

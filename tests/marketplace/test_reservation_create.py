@@ -222,7 +222,7 @@ def test_a_reserved_term_books_at_least_the_term_at_its_discount(h100, org):
 def test_the_funding_gate_can_refuse_and_nothing_is_written(h100, org):
     make_nodes(SiteFactory(), h100, 1)
 
-    class Broke:
+    class Broke(funding.AllowAllFundingGate):
         def reservation_authorize(self, *, reservation, auto_recharge):
             assert reservation.total_amount == Decimal("44.00")
             raise PaymentRequired("No balance.", code="insufficient_funds")
