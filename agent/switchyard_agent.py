@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import errno
 import fcntl
 import http.client
 import ipaddress
@@ -90,6 +91,14 @@ KEPT_CAPABILITIES = (
 PIDS_LIMIT = 8192
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARS = 1500
+# ENOSPC as podman, docker (Go) and the C library word it, in any case.
+DISK_FULL_TEXT = "no space left on device"
+# A runtime's write refused for want of space is the node's fault when the runtime's storage has
+# less than this share of its disk free, measured after the failure (a runtime may have removed
+# what it wrote of the pull). With more free, the image alone needs more than the room, and would fail on
+# every node alike (a node failure would take them out of sale one by one); or the words came
+# from what the runtime quotes (a registry's error text, an entrypoint's name).
+DISK_FULL_FREE_SHARE = 0.10
 
 
 class SettingsError(Exception):
@@ -400,6 +409,30 @@ def log_tail_bound(lines: list[str], secrets: Iterable[str]) -> str:
     return "\n".join(reversed(kept))
 
 
+def disk_space(path: str | Path) -> tuple[int, int] | None:
+    """Free and total bytes of the filesystem holding `path` (or its nearest existing parent);
+    None when it cannot be read."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return None
+    return usage.free, usage.total
+
+
+def _bytes_text(count: int) -> str:
+    return f"{count / (1 << 30):.1f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):.1f} MiB"
+
+
+def disk_text(path: str | Path, space: tuple[int, int] | None) -> str:
+    """`path` and its disk's free space, for a message: "/var/lib/x: 12.0 MiB free of 200.0 GiB"."""
+    if space is None:
+        return f"{path}: free space unknown"
+    return f"{path}: {_bytes_text(space[0])} free of {_bytes_text(space[1])}"
+
+
 def _node_memory_mib() -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
@@ -452,6 +485,15 @@ def _ssh_keys(payload: dict) -> list[str]:
         for k in payload.get("ssh_public_keys") or []
         if isinstance(k, str) and k and "\n" not in k and "\r" not in k
     ]
+
+
+@dataclass(frozen=True)
+class _DiskVerdict:
+    """A runtime's error said a write found no space: whether the disk is full (the node's
+    fault), and which disk with its free space (disk_text)."""
+
+    full: bool
+    where: str
 
 
 class ContainerExecutor:
@@ -530,11 +572,52 @@ class ContainerExecutor:
         done = self._cli(args, env=env, timeout=timeout)
         if done.returncode != 0:
             message = (done.stderr or done.stdout).strip()[-1000:]
+            disk = self._disk_full(message)
+            if disk is not None and disk.full:
+                raise ExecutorError(
+                    f"The node's disk is full ({disk.where}): {self.flavour} {args[0]} failed: "
+                    f"{message}",
+                    node_failure=True,
+                )
             raise ExecutorError(
-                f"{self.flavour} {args[0]} failed: {message}",
+                f"{self.flavour} {args[0]} failed: {message}"
+                + (f" ({disk.where})" if disk is not None else ""),
                 node_failure=not self.runtime_usable(),
             )
         return done.stdout
+
+    def _storage_paths(self) -> list[str]:
+        """Where the runtime writes images and containers, as its `info` says: podman's graph
+        root and the folder it copies images through, docker's root (their defaults if unsaid)."""
+        try:
+            done = self._cli(["info", "--format", "{{json .}}"], timeout=60)
+            info = json.loads(done.stdout) if done.returncode == 0 else {}
+        except (ExecutorError, ValueError):
+            info = {}
+        info = info if isinstance(info, dict) else {}
+        if self.flavour == "docker":
+            return [info.get("DockerRootDir") or "/var/lib/docker"]
+        store = info.get("store") if isinstance(info.get("store"), dict) else {}
+        paths = [
+            store.get("graphRoot") or "/var/lib/containers/storage",
+            store.get("imageCopyTmpDir") or "/var/tmp",
+        ]
+        return list(dict.fromkeys(paths))
+
+    def _disk_full(self, error: str) -> _DiskVerdict | None:
+        """For a runtime's error that says a write found no space (None for any other): whether
+        the disk is full, judged on the fullest of its storage paths now (DISK_FULL_FREE_SHARE;
+        not on a path the error names, which may be quoted text or inside the image)."""
+        if DISK_FULL_TEXT not in error.lower():
+            return None
+        measured = [(path, disk_space(path)) for path in self._storage_paths()]
+        known = [(path, space) for path, space in measured if space is not None and space[1] > 0]
+        if not known:  # nothing to judge by but the runtime's word
+            return _DiskVerdict(full=True, where=disk_text(measured[0][0], None))
+        path, space = min(known, key=lambda m: m[1][0] / m[1][1])
+        return _DiskVerdict(
+            full=space[0] < space[1] * DISK_FULL_FREE_SHARE, where=disk_text(path, space)
+        )
 
     def runtime_usable(self) -> bool:
         """Whether the runtime answers at all (daemon up, storage readable)."""
@@ -582,6 +665,18 @@ class ContainerExecutor:
             if not self.runtime_usable():
                 raise ExecutorError(f"{self.flavour} stopped answering.", node_failure=True)
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            disk = self._disk_full(done.stderr or done.stdout)
+            if disk is not None and disk.full:
+                raise ExecutorError(
+                    f"The node's disk is full ({disk.where}): the image {image} could not be "
+                    f"pulled: {last[0][-500:]}",
+                    node_failure=True,
+                )
+            if disk is not None:
+                raise ExecutorError(
+                    f"The image {image} could not be pulled: {last[0][-500:]} (it needs more "
+                    f"than the room left: {disk.where})"
+                )
             raise ExecutorError(f"The image {image} could not be pulled: {last[0][-500:]}")
         return {"detail": f"pulled {image}"}
 
@@ -713,6 +808,13 @@ class ContainerExecutor:
             except OSError as exc:
                 # The state directory is unusable (a full or read-only disk, a file in its
                 # place): the node's fault, and every start here would fail alike.
+                if exc.errno == errno.ENOSPC:
+                    raise ExecutorError(
+                        f"The node's disk is full "
+                        f"({disk_text(self.state_dir, disk_space(self.state_dir))}): "
+                        f"cannot write {self.state_dir / name}: {exc.strerror}",
+                        node_failure=True,
+                    ) from None
                 raise ExecutorError(
                     f"cannot write {self.state_dir / name}: {exc.strerror}", node_failure=True
                 ) from None
