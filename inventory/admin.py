@@ -94,6 +94,49 @@ _NODE_CONSEQUENCES = {
 }
 
 
+# What taking sites out of sale does to the bookings at them, said before it is done.
+_SITE_CONSEQUENCES = {
+    "curtail": "Nothing new is sold at these sites and no booking there is extended: this stops "
+    "sales only (to preempt interruptible work, announce a grid curtailment under Marketplace "
+    "→ Curtailments). The reservations listed keep their GPUs: those running run on, and those "
+    "booked start as booked; one whose node or GPU fails meanwhile cannot be moved to other "
+    "GPUs at its site, and fails.",
+    "set_maintenance": "Nothing new is sold at these sites and no booking there is extended. "
+    "Running workloads are not stopped by this, and those booked start on their nodes as "
+    "booked: ask their customers, or wait for them to end, if the work needs the site down. "
+    "One whose node or GPU fails meanwhile cannot be moved to other GPUs at its site, and fails.",
+    "retire": "Final: the site leaves the fleet and cannot come back. A site is retired only "
+    "once all its nodes are (and a node only when none of its GPUs is booked from now on), so "
+    "the sites listed with nodes not retired will be refused: retire their nodes first.",
+}
+
+
+def _status_confirm_page(
+    model_admin: admin.ModelAdmin,
+    request: HttpRequest,
+    *,
+    template: str,
+    hostnames: dict[int, str],
+    action: str,
+    verb: str,
+    **context,
+) -> TemplateResponse:
+    """A status action's page before it is taken: the reservations holding GPUs of the nodes
+    it touches (`hostnames`, by node id) from now on, and a form that confirms it."""
+    bookings = node_bookings(hostnames, now=timezone.now())
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "bookings": [{"node": hostnames[b.node_id], "booking": b} for b in bookings],
+        "booked_nodes": len({b.node_id for b in bookings}),
+        "action": action,
+        "verb": f"Yes, {verb.lower()}",
+        "reason": request.POST.get("reason", ""),
+        **context,
+    }
+    return TemplateResponse(request, template, context)
+
+
 def _node_status_confirm(
     model_admin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet, action: str, verb: str
 ) -> TemplateResponse | None:
@@ -102,21 +145,47 @@ def _node_status_confirm(
     if request.POST.get("confirmed") == "yes":
         return None
     nodes = list(queryset.order_by("pk"))
-    hostnames = {node.pk: node.hostname for node in nodes}
-    bookings = node_bookings(hostnames, now=timezone.now())
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "title": f"{verb} {len(nodes)} node(s)?",
-        "opts": model_admin.model._meta,
-        "nodes": nodes,
-        "bookings": [{"node": hostnames[b.node_id], "booking": b} for b in bookings],
-        "booked_nodes": len({b.node_id for b in bookings}),
-        "consequence": _NODE_CONSEQUENCES[action],
-        "action": action,
-        "verb": f"Yes, {verb.lower()}",
-        "reason": request.POST.get("reason", ""),
-    }
-    return TemplateResponse(request, "admin/inventory/node/status_confirm.html", context)
+    return _status_confirm_page(
+        model_admin,
+        request,
+        template="admin/inventory/node/status_confirm.html",
+        hostnames={node.pk: node.hostname for node in nodes},
+        action=action,
+        verb=verb,
+        title=f"{verb} {len(nodes)} node(s)?",
+        nodes=nodes,
+        consequence=_NODE_CONSEQUENCES[action],
+        table_id="node-bookings",
+    )
+
+
+def _site_status_confirm(
+    model_admin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet, action: str, verb: str
+) -> TemplateResponse | None:
+    """As _node_status_confirm, for a site action: the sites with their nodes, and the
+    reservations holding GPUs of those nodes from now on."""
+    if request.POST.get("confirmed") == "yes":
+        return None
+    sites = list(queryset.order_by("pk"))
+    nodes = Node.objects.filter(site__in=sites).values_list("pk", "hostname", "site_id", "status")
+    hostnames, counts = {}, {site.pk: [0, 0] for site in sites}  # [nodes, not retired]
+    for pk, hostname, site_id, status in nodes:
+        hostnames[pk] = hostname
+        counts[site_id][0] += 1
+        counts[site_id][1] += status != NodeStatus.RETIRED
+    rows = [{"site": s, "nodes": counts[s.pk][0], "in_fleet": counts[s.pk][1]} for s in sites]
+    return _status_confirm_page(
+        model_admin,
+        request,
+        template="admin/inventory/site/status_confirm.html",
+        hostnames=hostnames,
+        action=action,
+        verb=verb,
+        title=f"{verb} {len(sites)} site(s)?",
+        sites=rows,
+        consequence=_SITE_CONSEQUENCES[action],
+        table_id="site-bookings",
+    )
 
 
 class StatusChangeInline(admin.TabularInline):
@@ -290,23 +359,32 @@ class SiteAdmin(admin.ModelAdmin):
 
     @admin.action(
         description="Mark selected sites curtailed (stops sales only; to preempt interruptible "
-        "work, announce it under Marketplace → Curtailments)",
+        "work, announce it under Marketplace → Curtailments)…",
         permissions=["change"],
     )
     def curtail(self, request, queryset):
-        _apply(request, queryset, _staff_action("curtail"), "site", "Curtailed")
+        return _site_status_confirm(self, request, queryset, "curtail", "Curtail") or _apply(
+            request, queryset, _staff_action("curtail"), "site", "Curtailed"
+        )
 
-    @admin.action(description="Put selected sites in maintenance", permissions=["change"])
+    @admin.action(description="Put selected sites in maintenance…", permissions=["change"])
     def set_maintenance(self, request, queryset):
-        _apply(request, queryset, _staff_action("set_maintenance"), "site", "Put in maintenance")
+        page = _site_status_confirm(
+            self, request, queryset, "set_maintenance", "Put in maintenance"
+        )
+        return page or _apply(
+            request, queryset, _staff_action("set_maintenance"), "site", "Put in maintenance"
+        )
 
     @admin.action(description="Return selected sites to service", permissions=["change"])
     def return_to_service(self, request, queryset):
         _apply(request, queryset, _staff_action("return_to_service"), "site", "Returned to service")
 
-    @admin.action(description="Retire selected sites (final)", permissions=["change"])
+    @admin.action(description="Retire selected sites (final)…", permissions=["change"])
     def retire(self, request, queryset):
-        _apply(request, queryset, _staff_action("retire"), "site", "Retired")
+        return _site_status_confirm(self, request, queryset, "retire", "Retire") or _apply(
+            request, queryset, _staff_action("retire"), "site", "Retired"
+        )
 
 
 @admin.register(GpuModel)
@@ -777,8 +855,11 @@ _WINDOW_CONSEQUENCE = (
 
 
 def _window_bookings(node: Node, period) -> list:
-    """The bookings holding GPUs of the node during [start, end) of the window."""
+    """The bookings holding GPUs of the node during [start, end) of the window: none once
+    it has ended (those it overlapped are past)."""
     now = timezone.now()
+    if period.upper is not None and period.upper <= now:
+        return []
     after = period.lower if period.lower is not None and period.lower > now else now
     return [
         b
@@ -847,6 +928,18 @@ class MaintenanceWindowAdmin(admin.ModelAdmin):
     raw_id_fields = ["node"]
     readonly_fields = ["created_by", "created_at"]
     change_form_template = "admin/inventory/maintenancewindow/change_form.html"
+
+    def get_readonly_fields(self, request, obj=None):
+        # A window that has ended is history (it kept its GPUs off sale then), and a retired
+        # node plans no more downtime: their node and period stay as they are, the reason may
+        # still be edited (MaintenanceWindow.clean checks only a window added or moved).
+        fields = super().get_readonly_fields(request, obj)
+        if obj is not None and (
+            obj.node.status == NodeStatus.RETIRED
+            or (obj.period.upper is not None and obj.period.upper <= timezone.now())
+        ):
+            return [*fields, "node", "period"]
+        return fields
 
     def render_change_form(self, request, context, *args, **kwargs):
         form = context["adminform"].form

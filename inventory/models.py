@@ -535,6 +535,37 @@ class MaintenanceWindow(models.Model):
     def __str__(self) -> str:
         return f"{self.node.hostname} maintenance {self.period}"
 
+    def plan_errors(self, *, now) -> dict[str, ValidationError]:
+        """Why this window cannot be planned as it stands, by field: its node is retired (it
+        has left the fleet), or it has already ended (a window plans downtime to come; one
+        under way may still be planned). Checked by clean() (the admin) and by
+        inventory.services.maintenance_window_create alike."""
+        errors = {}
+        if self.node_id is not None and self.node.status == NodeStatus.RETIRED:
+            errors["node"] = ValidationError(
+                f"Node {self.node.hostname} is retired: it gets no maintenance window.",
+                code="node_retired",
+            )
+        period = self.period
+        if period is not None and period.upper is not None and period.upper <= now:
+            errors["period"] = ValidationError(
+                "This window has already ended: a maintenance window plans downtime to come.",
+                code="window_in_past",
+            )
+        return errors
+
+    def clean(self) -> None:
+        """A window added, or moved to another node or period, must pass plan_errors; one kept
+        where it is (its reason edited) is not checked again, so a window that has since
+        ended, or whose node has since retired, can still be edited."""
+        if self.pk is not None:
+            stored = MaintenanceWindow.objects.filter(pk=self.pk).values_list("node_id", "period")
+            if stored.first() == (self.node_id, self.period):
+                return
+        errors = self.plan_errors(now=timezone.now())
+        if errors:
+            raise ValidationError(errors)
+
 
 # --- Telemetry -------------------------------------------------------------------------------
 

@@ -365,22 +365,31 @@ def maintenance_window_create(
     reason: str,
     actor: AbstractBaseUser | None = None,
 ) -> MaintenanceWindow:
-    """Plan downtime [start, end) for a node; refuses one that overlaps another window."""
+    """Plan downtime [start, end) for a node; refuses one that overlaps another window, one
+    on a retired node (`node_retired`) and one that has already ended (`window_in_past`)."""
     if timezone.is_naive(start) or timezone.is_naive(end):
         raise ValidationFailed("Maintenance times must be timezone-aware.", field="period")
     if end <= start:
         raise ValidationFailed("A maintenance window must end after it starts.", field="period")
     if not reason or not reason.strip():
         raise ValidationFailed("A maintenance window needs a reason.", field="reason")
+    # Under the node's lock, which retirement takes: a node retired meanwhile is seen retired.
+    locked = Node.objects.select_for_update().get(pk=node.pk)
+    window = MaintenanceWindow(
+        node=locked,
+        period=DateTimeTZRange(start, end, "[)"),
+        reason=reason.strip(),
+        created_by=actor,
+    )
+    errors = window.plan_errors(now=timezone.now())
+    if errors:
+        field, error = next(iter(errors.items()))
+        raise ValidationFailed(error.message, code=error.code, field=field)
     try:
         # A savepoint, so the caller's transaction survives the constraint violation.
         with transaction.atomic():
-            return MaintenanceWindow.objects.create(
-                node=node,
-                period=DateTimeTZRange(start, end, "[)"),
-                reason=reason.strip(),
-                created_by=actor,
-            )
+            window.save()
+            return window
     except IntegrityError as exc:
         if "maintenance_no_overlap_per_node" not in str(exc):
             raise

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 import re
 from datetime import timedelta
 
@@ -27,6 +28,12 @@ from inventory.services import (
     token_hash,
 )
 from tests.factories import GpuModelFactory, NodeFactory, SiteFactory, UserFactory
+from tests.marketplace.api_fixtures import (  # noqa: F401
+    allow_all_funding,
+    book_at_market,
+    market,
+    org,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -145,15 +152,92 @@ def test_bulk_return_to_service_without_a_reason_records_a_default(admin_client,
 
 def test_site_actions_change_status_through_the_services(admin_client, inventory):
     site = inventory["site"]
+    url = reverse("admin:inventory_site_changelist")
+    selected = {"action": "curtail", "_selected_action": [site.pk], "reason": "ERCOT EEA2"}
 
-    admin_client.post(
-        reverse("admin:inventory_site_changelist"),
-        {"action": "curtail", "_selected_action": [site.pk], "reason": "ERCOT EEA2"},
-    )
+    page = admin_client.post(url, {**selected, "index": 0})  # the changelist's action bar
 
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Yes, curtail" in html and 'value="ERCOT EEA2"' in html
+    assert 'id="no-bookings"' in html  # the fixture's nodes hold no booking
+    # The site, its 3 nodes (none retired) and 20 GPUs.
+    assert page.context["sites"] == [{"site": site, "nodes": 3, "in_fleet": 3}]
+    assert f"({site.slug})" in html
+    site.refresh_from_db()
+    assert site.status == "active"
+    assert not StatusChange.objects.filter(site=site).exists()
+
+    done = admin_client.post(url, {**selected, "confirmed": "yes"})
+
+    assert done.status_code == 302
     site.refresh_from_db()
     assert site.status == "curtailed"
     assert StatusChange.objects.get(site=site).reason == "ERCOT EEA2"
+    # Returning to service asks nothing: it takes nothing from anyone.
+    admin_client.post(url, {"action": "return_to_service", "_selected_action": [site.pk]})
+    site.refresh_from_db()
+    assert site.status == "active"
+
+
+@pytest.mark.parametrize(
+    ("action", "says"),
+    [
+        ("curtail", "this stops sales only"),
+        ("set_maintenance", "Running workloads are not stopped by this"),
+        ("retire", "Final: the site leaves the fleet"),
+    ],
+)
+def test_a_site_action_lists_the_bookings_at_the_site_before_it_is_taken(
+    admin_client, market, org, action, says
+):
+    site, _ = market
+    now = timezone.now()
+    running = book_at_market(org, start=now, hours=4, gpus=8, active=True)
+    later = book_at_market(org, start=now + timedelta(days=2), hours=3, gpus=8)
+    url = reverse("admin:inventory_site_changelist")
+
+    page = admin_client.post(
+        url, {"action": action, "_selected_action": [site.pk], "index": 0, "reason": "storm"}
+    )
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert says in html and 'value="storm"' in html
+    assert 'id="site-bookings"' in html
+    for reservation in (running, later):
+        assert reservation.public_id in html
+    assert html.count(org.name) == 2
+    assert page.context["sites"] == [{"site": site, "nodes": 2, "in_fleet": 2}]
+    site.refresh_from_db()
+    assert site.status == "active"
+    assert not StatusChange.objects.filter(site=site).exists()
+
+
+def test_retiring_a_site_with_nodes_in_the_fleet_is_refused_once_confirmed(admin_client, inventory):
+    site = inventory["site"]
+    gone = SiteFactory(slug="old-mine")
+    node = NodeFactory(site=gone, hostname="old-001", gpus=2)
+    status_change(action="retire", node=node, actor=None, actor_label="t", reason="EOL")
+    url = reverse("admin:inventory_site_changelist")
+    selected = {"action": "retire", "_selected_action": [site.pk, gone.pk], "reason": "lease"}
+
+    page = admin_client.post(url, {**selected, "index": 0})
+
+    assert "Yes, retire" in page.content.decode()
+    assert page.context["sites"] == [
+        {"site": site, "nodes": 3, "in_fleet": 3},
+        {"site": gone, "nodes": 1, "in_fleet": 0},
+    ]
+    assert not StatusChange.objects.filter(site__in=[site, gone]).exists()
+
+    done = admin_client.post(url, {**selected, "confirmed": "yes"})
+
+    texts = [m.message for m in get_messages(done.wsgi_request)]
+    assert texts[0].startswith("Cannot retire site tx-abilene (from active to retired): 3 of")
+    assert texts[1] == f"Retired: {gone}."
+    assert Site.objects.get(pk=site.pk).status == "active"
+    assert Site.objects.get(pk=gone.pk).status == "retired"
 
 
 def test_issuing_a_token_shows_the_secret_once_and_stores_its_hash(admin_client, inventory):

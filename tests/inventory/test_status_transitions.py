@@ -293,6 +293,37 @@ class TestMaintenanceWindow:
         assert MaintenanceWindow.objects.count() == 0
         assert Outage.objects.count() == 0
 
+    def test_it_refuses_a_window_on_a_retired_node_read_under_its_lock(self):
+        node = NodeFactory(gpus=0)
+        stale = Node.objects.get(pk=node.pk)  # loaded before the node retired
+        services.status_change(action="retire", node=node, actor=None, actor_label="t", reason="x")
+        start = timezone.now() + timedelta(days=1)
+
+        with pytest.raises(ValidationFailed) as refused:
+            services.maintenance_window_create(
+                node=stale, start=start, end=start + timedelta(hours=1), reason="fw"
+            )
+
+        assert (refused.value.code, refused.value.field) == ("node_retired", "node")
+        assert refused.value.status_code == 400
+        assert MaintenanceWindow.objects.count() == 0
+
+    def test_it_refuses_a_window_that_has_ended_and_plans_one_under_way(self):
+        node = NodeFactory(gpus=0)
+        now = timezone.now()
+
+        with pytest.raises(ValidationFailed) as refused:
+            services.maintenance_window_create(
+                node=node, start=now - timedelta(hours=2), end=now, reason="fw"
+            )
+        assert (refused.value.code, refused.value.field) == ("window_in_past", "period")
+        assert MaintenanceWindow.objects.count() == 0
+
+        window = services.maintenance_window_create(
+            node=node, start=now - timedelta(hours=2), end=now + timedelta(hours=1), reason="fw"
+        )
+        assert MaintenanceWindow.objects.get().pk == window.pk
+
 
 @pytest.mark.parametrize("action", ["mark_offline", "resume", "explode"])
 def test_staff_cannot_take_a_system_move_or_an_unknown_action(action):
