@@ -13,9 +13,11 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import Model, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -65,9 +67,12 @@ from marketplace.provisioning.workload import workload_public
 from marketplace.rules import display_name_clean
 from marketplace.services.api_keys import api_key_revoke
 from marketplace.services.curtailment import (
+    CurtailmentPlan,
+    PlanChanged,
+    PlannedVictim,
     curtailment_announce,
     curtailment_call_off,
-    curtailment_validate,
+    curtailment_preview,
 )
 from marketplace.services.organizations import member_staff_change_record
 from marketplace.services.reservations import cancellation_terms, reservation_cancel
@@ -561,18 +566,24 @@ class CurtailmentForm(forms.ModelForm):
         model = Curtailment
         fields = ["site", "shed_at", "until", "target_mw", "reason"]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan: CurtailmentPlan | None = None  # what announcing would do, once valid
+
     def clean(self):
         data = super().clean()
         if self.errors:
             return data
         try:
-            curtailment_validate(
+            self.plan = curtailment_preview(
                 site=data["site"],
                 shed_at=data["shed_at"],
                 until=data.get("until"),
                 reason=data.get("reason", ""),
-                now=timezone.now(),
                 target_mw=data.get("target_mw"),
+                call_notice=data.get("call_notice", False),
+                force_reason=data.get("force_reason", ""),
+                now=timezone.now(),
             )
         except ApplicationError as exc:
             field = exc.field if exc.field in self.fields else None
@@ -709,6 +720,59 @@ class CurtailmentAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
 
+    def add_view(self, request: HttpRequest, form_url="", extra_context=None):
+        """Two steps: a valid form first shows what announcing would do (nothing is written);
+        it is announced once staff confirm that page, and only as shown there (if the plan
+        changed meanwhile, the new one is shown instead: PlanChanged)."""
+        if request.method != "POST":
+            return super().add_view(request, form_url, extra_context)
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = self.get_form(request, None, change=False)(request.POST, request.FILES)
+        try:
+            if not form.is_valid():  # the add form again, with its errors
+                return super().add_view(request, form_url, extra_context)
+            if request.POST.get("confirmed") != "yes" or not request.POST.get("plan"):
+                return self._announce_confirm(request, form, form.plan)
+            with transaction.atomic():
+                obj = self.save_form(request, form, change=False)
+                self.save_model(request, obj, form, change=False)
+                message = self.construct_change_message(request, form, None, add=True)
+                self.log_addition(request, obj, message)
+        except ApplicationError as exc:
+            if isinstance(exc, PlanChanged) and form.is_valid():
+                return self._announce_confirm(request, form, exc.plan, changed=exc.message)
+            # The site or the clock changed between the form's checks and the locks.
+            self.message_user(request, f"Nothing was announced: {exc.message}", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        return self.response_add(request, obj)
+
+    def _announce_confirm(
+        self, request: HttpRequest, form, plan: CurtailmentPlan, *, changed: str = ""
+    ) -> TemplateResponse:
+        call = form.cleaned_data
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Announce a curtailment of {call['site']}?",
+            "opts": self.model._meta,
+            "call": call,
+            "plan": plan,
+            "asked": "all flexible load"
+            if plan.target_kw is None
+            else f"{_mw(plan.target_kw / 1000)} MW",
+            "shed_mw": _mw(plan.shed_kw / 1000),
+            "short_mw": _mw(plan.short_kw / 1000) if plan.short_kw else "",
+            "noticed": _planned_victim_rows(plan.noticed),
+            "preempted": _planned_victim_rows(plan.preempted),
+            "organizations": sorted({v.reservation.organization.name for v in plan.victims}),
+            "forced": sum(1 for v in plan.victims if v.forced),
+            "hidden_fields": [form[name].as_hidden() for name in form.fields],
+            "changed": changed,
+        }
+        return TemplateResponse(
+            request, "admin/marketplace/curtailment/announce_confirm.html", context
+        )
+
     def save_model(self, request: HttpRequest, obj: Curtailment, form, change: bool) -> None:
         if change:
             return  # a record: nothing to change
@@ -721,6 +785,8 @@ class CurtailmentAdmin(admin.ModelAdmin):
             call_notice=form.cleaned_data.get("call_notice", False),
             force_reason=form.cleaned_data.get("force_reason", ""),
             user=request.user,
+            # As shown on the confirmation page (add_view), or PlanChanged: nothing is done.
+            expected_plan=request.POST.get("plan", ""),
         )
         obj.pk, obj.announced_at, obj.announced_by = done.pk, done.announced_at, done.announced_by
         for name in ("reservations_notified", "reservations_preempted", "shed_kw", "short_kw"):
@@ -741,6 +807,37 @@ class CurtailmentAdmin(admin.ModelAdmin):
                 "the target. Force protected work (with a reason) to cover it.",
                 messages.ERROR,
             )
+
+
+def _planned_victim_rows(victims: list[PlannedVictim]) -> list[dict]:
+    """The victims as rows of the shared bookings table (admin/inventory/_bookings_table.html),
+    with the nodes their GPUs are on and, as its extra column, the draw shedding them saves."""
+    nodes: dict[int, list[str]] = {}
+    for reservation_id, hostname in (
+        Allocation.objects.filter(
+            reservation_id__in=[v.reservation.pk for v in victims], is_live=True
+        )
+        .values_list("reservation_id", "node__hostname")
+        .order_by("node__hostname")
+        .distinct()
+    ):
+        nodes.setdefault(reservation_id, []).append(hostname)
+    return [
+        {
+            "node": ", ".join(nodes.get(v.reservation.pk, [])) or "–",
+            "booking": {
+                "reservation": v.reservation.public_id,
+                "organization": v.reservation.organization.name,
+                "status": v.reservation.status,
+                "tier": v.reservation.tier,
+                "gpus": v.reservation.gpu_count,
+                "starts_at": v.reservation.starts_at,
+                "ends_at": v.reservation.ends_at,
+            },
+            "extra": f"{v.draw_kw} kW ({v.basis})" + (", forced" if v.forced else ""),
+        }
+        for v in victims
+    ]
 
 
 @admin.register(DemandResponseSource)

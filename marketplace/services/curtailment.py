@@ -32,6 +32,10 @@ demand-response call, marketplace.services.demand_response) plans it:
 - the record: MW asked, shed and short, victims noticed and preempted, GPU-hours and revenue
   forgone (their booked time from the preemption on, at the price they paid).
 
+Staff see the plan before it is carried out (`curtailment_preview`: the same validation and
+selection, `_plan_make`, read without locks, nothing written) and announce it only as shown:
+`expected_plan` is its fingerprint, checked under the locks (PlanChanged, with the new plan).
+
 A curtailment is re-planned when its call changes (`curtailment_replan`), and called off or
 ended early (`curtailment_call_off`): notices not yet carried out are withdrawn, and sales of
 the window come back; what was already preempted stays preempted (and uncharged). A re-plan
@@ -41,6 +45,7 @@ in the hours it newly covers, what was booked before the call being its baseline
 (`_takes_refit`).
 """
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,9 +80,13 @@ from marketplace.services.transitions import PREEMPTIBLE_STATUSES, reservation_t
 
 __all__ = [
     "Candidate",
+    "CurtailmentPlan",
+    "PlannedVictim",
+    "PlanChanged",
     "victims_choose",
     "reservation_draws",
     "site_flexible_kw",
+    "curtailment_preview",
     "curtailment_announce",
     "curtailment_replan",
     "curtailment_call_off",
@@ -109,6 +118,75 @@ class Candidate:
     def preference(self) -> tuple:
         """Lowest price first, then most recently started, then most recently booked."""
         return (self.price_per_gpu_hour, -self.started.timestamp(), -self.reservation_id)
+
+
+@dataclass(frozen=True)
+class PlannedVictim:
+    """A reservation a plan sheds: its draw, whether staff force it, and whether it is
+    preempted at once (it would only start at or after the preemption: never runs)."""
+
+    reservation: Reservation
+    draw_kw: Decimal
+    basis: str
+    forced: bool
+    at_once: bool
+
+
+@dataclass(frozen=True)
+class CurtailmentPlan:
+    """Whom a plan sheds and when. Its figures are a new curtailment's (nothing shed before,
+    nothing sold in its window since): what curtailment_preview shows."""
+
+    preempt_at: datetime
+    short_notice: bool
+    at_shed_time: bool  # preempted at shed_at; else the minimum notice moved it later
+    target_kw: Decimal | None  # None: all flexible load
+    victims: tuple[PlannedVictim, ...]
+
+    @property
+    def noticed(self) -> list[PlannedVictim]:
+        return [v for v in self.victims if not v.at_once]
+
+    @property
+    def preempted(self) -> list[PlannedVictim]:
+        return [v for v in self.victims if v.at_once]
+
+    @property
+    def shed_kw(self) -> Decimal:
+        return sum((v.draw_kw for v in self.victims), Decimal(0))
+
+    @property
+    def short_kw(self) -> Decimal:
+        if self.target_kw is None:
+            return Decimal(0)
+        return max(self.target_kw - self.shed_kw, Decimal(0))
+
+    @property
+    def fingerprint(self) -> str:
+        """Who is shed and how: the same reservations noticed, preempted at once and forced,
+        under the same notice rule. Draws are left out: measured ones move minute by minute."""
+        parts = [
+            "shed_at" if self.at_shed_time else "min_notice",
+            "short" if self.short_notice else "full",
+            *sorted(
+                f"{v.reservation.pk}:{'now' if v.at_once else 'notice'}:{int(v.forced)}"
+                for v in self.victims
+            ),
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+class PlanChanged(Conflict):
+    """The plan made under the locks is not the one staff confirmed; `plan` is the new one."""
+
+    def __init__(self, plan: CurtailmentPlan):
+        super().__init__(
+            "What this curtailment would do changed since it was shown (a booking landed, "
+            "ended or started, or time moved the notice): nothing was announced. Read the new "
+            "plan and confirm again.",
+            code="plan_changed",
+        )
+        self.plan = plan
 
 
 def victims_choose(candidates: Sequence[Candidate], target_kw: Decimal | None) -> list[Candidate]:
@@ -232,6 +310,7 @@ def curtailment_announce(
     force_reason: str = "",
     user=None,
     demand_response_event=None,
+    expected_plan: str | None = None,
     now: datetime | None = None,
 ) -> Curtailment:
     """Record the curtailment and plan it (see the module docstring).
@@ -239,6 +318,8 @@ def curtailment_announce(
     `call_notice`: the operator's call itself gives the notice it gives (shed_at), even if
     shorter than CURTAILMENT_MIN_NOTICE. `force_reason`: staff take on-demand and reserved
     reservations too, if the flexible load falls short (recorded, credited).
+    `expected_plan`: the fingerprint of the plan staff were shown (curtailment_preview); if
+    the plan made under the locks differs, PlanChanged (with it) and nothing is written.
     """
     now = now or timezone.now()
     locked_site = _lock_site(site.pk)
@@ -257,8 +338,43 @@ def curtailment_announce(
         currency=settings.CURRENCY,
     )
     _announced_at_stamp(curtailment)
-    _plan(curtailment, site=locked_site, now=now, call_notice=call_notice, user=user)
+    _plan(
+        curtailment,
+        site=locked_site,
+        now=now,
+        call_notice=call_notice,
+        user=user,
+        expected=expected_plan,
+    )
     return curtailment
+
+
+def curtailment_preview(
+    *,
+    site: Site,
+    shed_at: datetime,
+    reason: str,
+    until: datetime | None = None,
+    target_mw: Decimal | None = None,
+    call_notice: bool = False,
+    force_reason: str = "",
+    now: datetime | None = None,
+) -> CurtailmentPlan:
+    """What curtailment_announce with these arguments would do now: the same validation and
+    selection, read without locks, nothing written. Announce with its `fingerprint` as
+    `expected_plan` to have exactly this done, or be told it changed."""
+    now = now or timezone.now()
+    curtailment_validate(
+        site=site, shed_at=shed_at, until=until, reason=reason, now=now, target_mw=target_mw
+    )
+    probe = Curtailment(
+        site=site,
+        shed_at=shed_at,
+        until=until,
+        target_mw=target_mw,
+        forced_reason=force_reason.strip(),
+    )
+    return _plan_make(probe, site=site, now=now, call_notice=call_notice, lock=False)
 
 
 def _announced_at_stamp(curtailment: Curtailment) -> None:
@@ -599,23 +715,25 @@ def _plan(
     user,
     keep_preempt_at: bool = False,
     before: dict[int, datetime] | None = None,
+    expected: str | None = None,
 ):
-    """Set when the curtailment preempts, choose the reservations it sheds (interruptible
-    first, protected ones only when staff force it) and shed each: preempted now if it has
-    not started by then, else given notice; then its totals, the log line and the e-mails."""
-    preempt_at = _preempt_at_set(
-        curtailment, now=now, call_notice=call_notice, keep_preempt_at=keep_preempt_at
+    """Make the plan (_plan_make) and shed each victim: preempted now if it has not started
+    by then, else given notice; then its totals, the log line and the e-mails. `expected`:
+    the fingerprint the plan must have, else PlanChanged before anything is shed."""
+    plan = _plan_make(
+        curtailment, site=site, now=now, call_notice=call_notice, keep_preempt_at=keep_preempt_at
     )
+    if expected is not None and plan.fingerprint != expected:
+        raise PlanChanged(plan)
+    preempt_at = plan.preempt_at
     cause = _curtailment_cause(curtailment, site=site, now=now)
-    rows, draws, chosen, forced = _victims_select(
-        curtailment, site=site, preempt_at=preempt_at, now=now
-    )
     notified, preempted = [], []
-    for candidate, is_forced in [(c, False) for c in chosen] + [(c, True) for c in forced]:
-        reservation = rows[candidate.reservation_id]
+    for victim in plan.victims:
+        reservation = victim.reservation
         shed = _victim_shed(
-            curtailment, reservation, draw=draws[reservation.pk], forced=is_forced,
-            preempt_at=preempt_at, cause=cause, user=user, now=now, before=before,
+            curtailment, reservation, draw=(victim.draw_kw, victim.basis), forced=victim.forced,
+            before_start=victim.at_once, preempt_at=preempt_at, cause=cause, user=user, now=now,
+            before=before,
         )  # fmt: skip
         if shed == "preempted":
             preempted.append(reservation)
@@ -633,9 +751,53 @@ def _plan(
         curtailment.short_kw,
         len(notified),
         len(preempted),
-        len(forced),
+        sum(1 for v in plan.victims if v.forced),
     )
     _email_notices(notified=notified, preempted=preempted, preempt_at=preempt_at, reason=cause)
+
+
+def _plan_make(
+    curtailment: Curtailment,
+    *,
+    site: Site,
+    now: datetime,
+    call_notice: bool,
+    keep_preempt_at: bool = False,
+    lock: bool = True,
+) -> CurtailmentPlan:
+    """Set when the curtailment preempts and choose the reservations it sheds (interruptible
+    first, protected ones only when staff force it), each noticed or, if it would not have
+    started by then, preempted at once. Writes nothing (`lock`: the candidates' rows are
+    locked, for a plan that is then carried out)."""
+    preempt_at = _preempt_at_set(
+        curtailment, now=now, call_notice=call_notice, keep_preempt_at=keep_preempt_at
+    )
+    rows, draws, chosen, forced = _victims_select(
+        curtailment, site=site, preempt_at=preempt_at, now=now, lock=lock
+    )
+    victims = tuple(
+        PlannedVictim(
+            reservation=rows[c.reservation_id],
+            draw_kw=c.draw_kw,
+            basis=draws[c.reservation_id][1],
+            forced=is_forced,
+            at_once=_before_start(rows[c.reservation_id], preempt_at),
+        )
+        for c, is_forced in [(c, False) for c in chosen] + [(c, True) for c in forced]
+    )
+    return CurtailmentPlan(
+        preempt_at=preempt_at,
+        short_notice=curtailment.short_notice,
+        at_shed_time=preempt_at == curtailment.shed_at,
+        target_kw=None if curtailment.target_mw is None else curtailment.target_mw * 1000,
+        victims=victims,
+    )
+
+
+def _before_start(reservation: Reservation, preempt_at: datetime) -> bool:
+    """It would only start at or after preempt_at: preempted at once (never runs, never
+    charged) rather than noticed."""
+    return reservation.status in _NOT_STARTED and reservation.starts_at >= preempt_at
 
 
 def _preempt_at_set(
@@ -687,7 +849,9 @@ def _curtailment_cause(curtailment: Curtailment, *, site: Site, now: datetime) -
     )
 
 
-def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetime, now: datetime):
+def _victims_select(
+    curtailment: Curtailment, *, site: Site, preempt_at: datetime, now: datetime, lock: bool
+):
     """The reservations to shed towards the target not yet met by those kept: interruptible
     ones, then protected ones when staff force it and those fall short. Returns the rows and
     draws by id, and the chosen and the forced candidates."""
@@ -704,7 +868,11 @@ def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetim
     )
 
     flexible = _candidates(
-        site=site, curtailment=curtailment, tiers=[Tier.INTERRUPTIBLE], preempt_at=preempt_at
+        site=site,
+        curtailment=curtailment,
+        tiers=[Tier.INTERRUPTIBLE],
+        preempt_at=preempt_at,
+        lock=lock,
     )
     rows = {r.pk: r for r in flexible}
     draws = reservation_draws(flexible, site=site, now=now)
@@ -713,7 +881,11 @@ def _victims_select(curtailment: Curtailment, *, site: Site, preempt_at: datetim
     covered = sum((c.draw_kw for c in chosen), Decimal(0))
     if need is not None and covered < need and curtailment.forced_reason:
         protected = _candidates(
-            site=site, curtailment=curtailment, tiers=_PROTECTED_TIERS, preempt_at=preempt_at
+            site=site,
+            curtailment=curtailment,
+            tiers=_PROTECTED_TIERS,
+            preempt_at=preempt_at,
+            lock=lock,
         )
         rows.update({r.pk: r for r in protected})
         protected_draws = reservation_draws(protected, site=site, now=now)
@@ -728,6 +900,7 @@ def _victim_shed(
     *,
     draw: tuple,
     forced: bool,
+    before_start: bool,
     preempt_at: datetime,
     cause: str,
     user,
@@ -735,9 +908,8 @@ def _victim_shed(
     before: dict[int, datetime] | None,
 ) -> str | None:
     """Record the reservation as shed and act: preempt it now if it has not started by
-    `preempt_at`, else give it notice (again only if its time changed). Returns "preempted",
-    "notified", or None when it was told that time already."""
-    before_start = reservation.status in _NOT_STARTED and reservation.starts_at >= preempt_at
+    `preempt_at` (`before_start`), else give it notice (again only if its time changed).
+    Returns "preempted", "notified", or None when it was told that time already."""
     _victim_record(
         curtailment, reservation, draw=draw, forced=forced, before_start=before_start,
         preempt_at=preempt_at, now=now,
@@ -842,6 +1014,8 @@ def _sold_here(curtailment: Curtailment) -> set[int]:
     """The reservations that bought load in the window after it was planned (a take, empty
     once given back). Shedding one only undoes its own sale: its draw counts against the
     target as nothing, and its take no longer counts as sold."""
+    if curtailment.pk is None:  # a preview: nothing sold against it
+        return set()
     return set(
         CurtailmentTake.objects.filter(
             curtailment=curtailment, reservation__isnull=False

@@ -2,15 +2,27 @@
 the rest protected, the window not sold. Megawatt targets: test_curtailment_megawatts.py."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import re
 import time
 from datetime import timedelta
+from decimal import Decimal
+from html import unescape
 
 import pytest
+from django.contrib.admin.models import LogEntry
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from config.errors import Conflict, ValidationFailed
 from inventory.models import SiteStatus
-from marketplace.models import Allocation, Curtailment, ReservationStatus
+from marketplace.models import (
+    Allocation,
+    Curtailment,
+    CurtailmentVictim,
+    Event,
+    ReservationStatus,
+)
 from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.curtailment import curtailment_announce, curtailment_call_off
@@ -207,20 +219,89 @@ def _admin_form(site, shed_at, reason="ERCOT conservation appeal"):
     }
 
 
-def test_staff_announce_a_curtailment_in_the_admin(booked, market, staff_client):
+ADD = "/admin/marketplace/curtailment/add/"
+
+
+def _posted_back(page) -> dict:
+    """What the confirmation page's form posts: its hidden inputs (the call, the plan shown)."""
+    html = page.content.decode()
+    form = html[html.rindex('<form method="post">') :]
+    form = form[: form.index("</form>")]
+    inputs = re.findall(r'<input type="hidden" name="([^"]+)"(?: value="([^"]*)")?', form)
+    return {name: unescape(value) for name, value in inputs}
+
+
+def _table(page, table_id: str) -> str:
+    html = page.content.decode()
+    if f'id="{table_id}"' not in html:
+        return ""
+    table = html[html.index(f'id="{table_id}"') :]
+    return table[: table.index("</table>")]
+
+
+def _untouched(booked) -> None:
+    assert not Curtailment.objects.exists() and not CurtailmentVictim.objects.exists()
+    for name, reservation in booked.items():
+        fresh = _fresh(reservation)
+        assert (fresh.status, fresh.preempt_at) == (reservation.status, None), name
+
+
+def test_staff_see_whom_a_curtailment_hits_before_announcing_it_and_nothing_is_written(
+    booked, market, org, staff_client, mailoutbox
+):
     site, _ = market
     shed_at = (timezone.now() + timedelta(hours=2)).replace(microsecond=0)
+    events = Event.objects.count()
 
-    response = staff_client.post(
-        "/admin/marketplace/curtailment/add/", _admin_form(site, shed_at), follow=True
-    )
+    with CaptureQueriesContext(connection) as queries:
+        page = staff_client.post(ADD, _admin_form(site, shed_at))
+
+    assert page.status_code == 200
+    writes = [
+        q["sql"]
+        for q in queries
+        if q["sql"].lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+        or "FOR UPDATE" in q["sql"].upper()
+    ]
+    assert writes == []
+    _untouched(booked)
+    assert (Event.objects.count(), len(mailoutbox), LogEntry.objects.count()) == (events, 0, 0)
+    # running: noticed at shed time; both that start later (no `until`): preempted at once.
+    noticed, at_once = _table(page, "plan-noticed"), _table(page, "plan-preempted")
+    assert booked["running"].public_id in noticed
+    assert booked["starts_inside"].public_id not in noticed
+    assert org.name in noticed and "1.610 kW (rated)" in noticed
+    for name in ("starts_inside", "starts_after_until"):
+        assert booked[name].public_id in at_once and booked[name].public_id not in noticed
+    body = page.content.decode()
+    for name in ("on_demand", "ends_before"):
+        assert booked[name].public_id not in body
+    assert 'would shed <strong id="plan-shed">0.00483 MW</strong> from 3 reservations' in body
+    assert f"Preempted at {shed_at:%Y-%m-%d %H:%M:%S} (UTC), the shed time" in body
+    assert f"Organisations: {org.name}</li>" in body
+    assert 'id="plan-short"' not in body and 'id="plan-changed"' not in body
+
+
+def test_staff_announce_a_curtailment_in_the_admin_as_the_confirmation_showed(
+    booked, market, staff_client
+):
+    site, _ = market
+    shed_at = (timezone.now() + timedelta(hours=2)).replace(microsecond=0)
+    page = staff_client.post(ADD, _admin_form(site, shed_at))
+
+    response = staff_client.post(ADD, _posted_back(page), follow=True)
 
     assert response.status_code == 200
     (curtailment,) = Curtailment.objects.all()
     assert curtailment.announced_by.username == "grid-desk"
-    # running: noticed; both that start later (no `until` given): preempted now.
+    # As shown: running noticed; both that start later (no `until` given): preempted now.
     assert (curtailment.reservations_notified, curtailment.reservations_preempted) == (1, 2)
+    assert curtailment.shed_kw == Decimal("4.830")  # the 0.00483 MW the page said
+    assert set(curtailment.victims.values_list("reservation_id", flat=True)) == {
+        booked[name].pk for name in ("running", "starts_inside", "starts_after_until")
+    }
     assert b"asked all flexible load" in response.content
+    assert LogEntry.objects.get().object_id == str(curtailment.pk)
     assert _fresh(booked["running"]).preempt_at == shed_at
     site.refresh_from_db()
     assert site.status == SiteStatus.ACTIVE
@@ -233,18 +314,95 @@ def test_staff_announce_a_curtailment_in_the_admin(booked, market, staff_client)
     )
 
 
-def test_a_curtailment_in_the_past_is_refused_on_the_admin_form(booked, market, staff_client):
-    site, _ = market
-    response = staff_client.post(
-        "/admin/marketplace/curtailment/add/",
-        _admin_form(site, timezone.now() - timedelta(hours=1)),
-    )
+def _past(site, form):
+    return {**form, **_admin_form(site, timezone.now() - timedelta(hours=1), form["reason"])}
 
-    assert response.status_code == 200  # the form again, with the error
-    assert b"shed_at is in the past" in response.content
-    assert not Curtailment.objects.exists()
+
+def _too_short_to_notice(site, form):
+    # Shed in 30 s for a minute: the minimum notice (2 min) would run out after the window.
+    shed_at = timezone.now() + timedelta(seconds=30)
+    until = timezone.localtime(shed_at + timedelta(minutes=1))
+    return {
+        **form,
+        **_admin_form(site, shed_at, form["reason"]),
+        "until_0": until.strftime("%Y-%m-%d"),
+        "until_1": until.strftime("%H:%M:%S"),
+    }
+
+
+@pytest.mark.parametrize("confirming", [False, True], ids=["on the form", "on confirming"])
+@pytest.mark.parametrize(
+    ("spoil", "error"),
+    [
+        (_past, "shed_at is in the past."),
+        (_too_short_to_notice, "The window ends before the minimum notice runs out (120 s)."),
+        (lambda site, form: {**form, "reason": " "}, "This field is required."),
+    ],
+    ids=["past", "notice too short", "no reason"],
+)
+def test_bad_input_shows_the_admin_form_again_with_its_errors_and_writes_nothing(
+    booked, market, staff_client, spoil, error, confirming
+):
+    site, _ = market
+    form = _admin_form(site, timezone.now() + timedelta(hours=2))
+    if confirming:  # the call was fine when shown, and is not when confirmed
+        form = _posted_back(staff_client.post(ADD, form))
+        assert form["confirmed"] == "yes" and form["plan"]
+
+    response = staff_client.post(ADD, spoil(site, form))
+
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert error in body and 'class="errorlist' in body
+    assert 'id="plan-summary"' not in body and 'name="reason"' in body  # the form, not a plan
+    _untouched(booked)
+    assert not LogEntry.objects.exists()
     site.refresh_from_db()
     assert site.status == SiteStatus.ACTIVE
+
+
+def test_a_plan_that_changed_before_confirmation_is_shown_again_and_nothing_is_announced(
+    booked, market, org, staff_client
+):
+    site, _ = market
+    shed_at = (timezone.now() + timedelta(hours=2)).replace(microsecond=0)
+    shown = _posted_back(staff_client.post(ADD, _admin_form(site, shed_at)))
+    # A booking lands in the window between the preview and the confirmation.
+    landed = _book(org, tier="interruptible", start=shed_at + timedelta(hours=1), hours=1)
+
+    page = staff_client.post(ADD, shown)
+
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert 'id="plan-changed"' in body and "nothing was announced" in body
+    assert landed.public_id in _table(page, "plan-preempted")
+    assert "from 4 reservations" in body
+    _untouched(booked)
+    assert _fresh(landed).status == landed.status and not LogEntry.objects.exists()
+    again = _posted_back(page)
+    assert again["plan"] != shown["plan"]
+
+    staff_client.post(ADD, again)
+
+    (curtailment,) = Curtailment.objects.all()
+    assert (curtailment.reservations_notified, curtailment.reservations_preempted) == (1, 3)
+    assert _fresh(landed).status == S.PREEMPTED
+
+
+def test_staff_who_may_not_add_curtailments_get_403_and_nothing_is_written(booked, market, client):
+    from django.contrib.auth.models import Permission
+
+    from tests.factories import UserFactory
+
+    site, _ = market
+    user = UserFactory(username="support", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename="view_curtailment"))
+    client.force_login(user)
+    form = _admin_form(site, timezone.now() + timedelta(hours=2))
+
+    assert client.post(ADD, form).status_code == 403
+    assert client.post(ADD, {**form, "confirmed": "yes", "plan": "0" * 32}).status_code == 403
+    _untouched(booked)
 
 
 def test_calling_it_off_before_shed_time_withdraws_the_notices_and_sells_the_site_again(

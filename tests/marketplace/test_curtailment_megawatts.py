@@ -6,6 +6,7 @@ The market fixture's site has PUE 1.15 and H100s rated 700 W, so each GPU draws
 0.805 kW at rated power (700 × 1.15 / 1000)."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,8 +31,10 @@ from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.curtailment import (
     Candidate,
+    PlanChanged,
     curtailment_announce,
     curtailment_call_off,
+    curtailment_preview,
     curtailment_replan,
     victims_choose,
 )
@@ -188,6 +191,56 @@ def test_the_victims_cover_the_target_as_computed_by_hand(
         len(chosen - {"r4"}),
         int("r4" in chosen),
     )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("mw", ["0.002", "0.004", "0.008"])
+def test_the_preview_is_what_announcing_it_then_does(fleet, market, mw):
+    site, _ = market
+    shed_at = timezone.now() + timedelta(hours=1)
+    call = {
+        "site": site,
+        "shed_at": shed_at,
+        "until": shed_at + timedelta(hours=6),
+        "target_mw": Decimal(mw),
+        "reason": "ERCOT demand response",
+    }
+    plan = curtailment_preview(**call)
+    assert not Curtailment.objects.exists() and not CurtailmentVictim.objects.exists()
+
+    curtailment = curtailment_announce(**call, expected_plan=plan.fingerprint)
+
+    assert _victims(curtailment) == {v.reservation.pk for v in plan.victims}
+    preempted = curtailment.victims.filter(outcome=CurtailmentVictim.Outcome.PREEMPTED)
+    assert set(preempted.values_list("reservation_id", flat=True)) == {
+        v.reservation.pk for v in plan.preempted
+    }
+    assert (plan.preempt_at, plan.shed_kw, plan.short_kw) == (
+        curtailment.preempt_at,
+        curtailment.shed_kw,
+        curtailment.short_kw,
+    )
+
+
+@pytest.mark.django_db
+def test_announcing_other_than_the_plan_shown_is_refused_and_writes_nothing(fleet, market, org):
+    site, _ = market
+    shed_at = timezone.now() + timedelta(hours=1)
+    call = {"site": site, "shed_at": shed_at, "target_mw": Decimal("0.002"), "reason": "EEA"}
+    shown = curtailment_preview(**call)
+    # A cheaper interruptible booking lands meanwhile: it is now among the fewest preferred.
+    landed = _book(org, gpus=4, start=shed_at + timedelta(hours=1), price="0.50")
+
+    with pytest.raises(PlanChanged) as changed:
+        curtailment_announce(**call, expected_plan=shown.fingerprint)
+
+    assert changed.value.code == "plan_changed"
+    assert [v.reservation.pk for v in changed.value.plan.victims] == [landed.pk]
+    assert [v.reservation.pk for v in shown.victims] == [fleet["r2"].pk]
+    assert not Curtailment.objects.exists() and not CurtailmentVictim.objects.exists()
+    for reservation in [*fleet.values(), landed]:
+        fresh = Reservation.objects.get(pk=reservation.pk)
+        assert (fresh.status, fresh.preempt_at) == (reservation.status, None)
 
 
 @pytest.mark.django_db
@@ -759,9 +812,17 @@ def test_staff_force_protected_work_from_the_admin_form(fleet, market, staff_cli
     assert b"Forcing needs a megawatt target" in refused.content
     assert not Curtailment.objects.exists()
 
+    form["force_reason"] = "EEA 3: firm load shed ordered"
+    shown = staff_client.post("/admin/marketplace/curtailment/add/", form).content.decode()
+    # Shown first: all five, the on-demand one forced, nothing short.
+    assert "from 5 reservations, 1 of them protected work forced" in shown
+    assert "1.610 kW (rated), forced" in shown and 'id="plan-short"' not in shown
+    assert not Curtailment.objects.exists()
+    plan = re.search(r'name="plan" value="(\w+)"', shown)[1]
+
     done = staff_client.post(
         "/admin/marketplace/curtailment/add/",
-        {**form, "force_reason": "EEA 3: firm load shed ordered"},
+        {**form, "confirmed": "yes", "plan": plan},
         follow=True,
     )
 
