@@ -122,11 +122,25 @@ class ApiView(GenericAPIView):
             return None
         return ApiKeyScope.BILLING if self.moves_money else ApiKeyScope.WRITE
 
+    def access_refusal(self, *, method: str, org_context: OrgContext) -> PermissionDenied | None:
+        """What initial() would refuse `org_context`'s caller for `method` here (its key's
+        scope, its member's role), or None: for asking about a view not being called (the
+        events feed shows an object's events to those who may list such objects)."""
+        try:
+            if org_context.api_key is not None:
+                self._check_scopes(method, set(org_context.api_key.scopes))
+            elif org_context.membership is not None:
+                self._check_role(method, org_context.membership.role)
+        except PermissionDenied as refusal:
+            return refusal
+        return None
+
     def _check_key_scope(self, request: Request) -> None:
-        if not isinstance(request.user, ApiKeyUser):
-            return
-        scopes = set(request.user.api_key.scopes)
-        needed = self.required_key_scope(request.method)
+        if isinstance(request.user, ApiKeyUser):
+            self._check_scopes(request.method, set(request.user.api_key.scopes))
+
+    def _check_scopes(self, method: str, scopes: set[str]) -> None:
+        needed = self.required_key_scope(method)
         if needed is None:
             raise PermissionDenied(
                 "This needs a signed-in owner or admin; API keys cannot do it.",
@@ -153,13 +167,14 @@ class ApiView(GenericAPIView):
             )
 
     def _check_member_role(self, request: Request) -> None:
-        membership = self.org_context.membership
-        if membership is None:
-            return
-        allowed = self.read_roles if request.method in SAFE_METHODS else self.write_roles
-        if membership.role not in allowed:
+        if self.org_context.membership is not None:
+            self._check_role(request.method, self.org_context.membership.role)
+
+    def _check_role(self, method: str, role: str) -> None:
+        allowed = self.read_roles if method in SAFE_METHODS else self.write_roles
+        if role not in allowed:
             raise PermissionDenied(
-                f"Your role ({membership.role}) does not allow this; it needs one of: "
+                f"Your role ({role}) does not allow this; it needs one of: "
                 f"{', '.join(sorted(allowed))}.",
                 code="insufficient_role",
             )

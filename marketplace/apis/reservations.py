@@ -303,18 +303,25 @@ class ReservationDetailFields(Serializer):
 
 
 _CANCELLATION_AMOUNTS = ("unused_amount", "refund_amount", "fee_amount")
+# The terms applied show their fraction as cancellation-terms stated it ("1.00", not "1").
+_REFUND_FRACTION = CancellationTermsOutput().fields["refund_fraction"]
 
 
 def _cancellation_shown(reservation) -> dict | None:
-    """The refund terms applied, their amounts written as the API writes money (stored as the
-    service's Decimals printed: "241500.00" in yen where a term's total was the unused part)."""
+    """The refund terms applied, their amounts written as the API writes money and their
+    refund_fraction as cancellation-terms writes it (stored as the service's Decimals printed:
+    "241500.00" in yen where a term's total was the unused part, "1" or "0.5")."""
     if not reservation.cancellation:
         return None
     shown = iso_utc_within(dict(reservation.cancellation))
-    for key in _CANCELLATION_AMOUNTS:
+    for key in (*_CANCELLATION_AMOUNTS, "refund_fraction"):
         if isinstance(shown.get(key), str):
             try:
-                shown[key] = amount_text(Decimal(shown[key]), reservation.currency)
+                number = Decimal(shown[key])
+                if key == "refund_fraction":
+                    shown[key] = _REFUND_FRACTION.to_representation(number)
+                else:
+                    shown[key] = amount_text(number, reservation.currency)
             except InvalidOperation:  # not a number: shown as stored, not hidden
                 pass
     return shown

@@ -9,7 +9,7 @@ not visible yet has a txid at or above the snapshot's xmin, so it sorts after ev
 feed has already returned: a poller continuing from the last event it got misses nothing.
 """
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
@@ -30,12 +30,19 @@ __all__ = [
 ]
 
 
-def event_list_for_org(*, organization: Organization) -> QuerySet[Event]:
-    return Event.objects.filter(organization=organization)
+def event_list_for_org(
+    *, organization: Organization, hidden_types: Collection[str] = ()
+) -> QuerySet[Event]:
+    """`hidden_types`: the types the caller may not see (events about objects it may not list)."""
+    events = Event.objects.filter(organization=organization)
+    return events.exclude(type__in=hidden_types) if hidden_types else events
 
 
-def event_get_for_org(*, organization: Organization, public_id: str) -> Event:
-    event = event_list_for_org(organization=organization).filter(public_id=public_id).first()
+def event_get_for_org(
+    *, organization: Organization, public_id: str, hidden_types: Collection[str] = ()
+) -> Event:
+    events = event_list_for_org(organization=organization, hidden_types=hidden_types)
+    event = events.filter(public_id=public_id).first()
     if event is None:
         raise NotFound(f"No event {public_id!r} in this organisation.", code="event_not_found")
     return event
@@ -45,7 +52,8 @@ def event_feed_position(*, organization: Organization, public_id: str) -> Event:
     """The event a forward poll continues after. A poller may have been given it by the
     primary while this request reads a replica that has not replayed it yet: then it is
     looked up on the primary (the feed itself still reads the replica, by value, and returns
-    nothing the replica cannot yet show)."""
+    nothing the replica cannot yet show). Any event of the organisation, including one of a
+    type the caller may not see: the head a caught-up poller is moved on to can be one."""
     try:
         return event_get_for_org(organization=organization, public_id=public_id)
     except NotFound:
@@ -56,14 +64,19 @@ def event_feed_position(*, organization: Organization, public_id: str) -> Event:
 
 
 def event_feed_for_org(
-    *, organization: Organization, after: Event | None = None, upto: Event | None = None
+    *,
+    organization: Organization,
+    after: Event | None = None,
+    upto: Event | None = None,
+    hidden_types: Collection[str] = (),
 ) -> QuerySet[Event]:
     """The organisation's settled events, by (txid, id), strictly after `after` (None: from
     the oldest kept) and, with `upto` (the feed's head, event_feed_head), not past it.
 
     The xmin check is part of the statement that reads the rows, so it is the snapshot of
     that statement, on that connection (primary or replica), that decides what is settled."""
-    events = event_list_for_org(organization=organization).filter(txid__lt=SnapshotXmin())
+    events = event_list_for_org(organization=organization, hidden_types=hidden_types)
+    events = events.filter(txid__lt=SnapshotXmin())
     if after is not None:
         # (txid, id) > (after.txid, after.id); the txid bound lets the index range-scan.
         events = events.filter(Q(txid__gt=after.txid) | Q(id__gt=after.pk), txid__gte=after.txid)
@@ -77,7 +90,8 @@ def event_feed_head(*, organization: Organization, using: str) -> Event | None:
     caught-up poller stands. Everything not settled yet sorts after it (its txid is at or
     above the snapshot's xmin, which this event's is below), so a poller moved on to it past
     events its filters skipped misses nothing, and its position is an event that stays kept
-    (an organisation's newest event is never pruned: events_prune)."""
+    (an organisation's newest event is never pruned: events_prune). Also one of a type the
+    poller may not see, for that reason: its id is a position, the event is never shown."""
     return (
         event_list_for_org(organization=organization)
         .using(using)

@@ -323,7 +323,8 @@ def test_events_tail_prints_an_event_that_commits_after_a_later_one(world, cli, 
     would have printed B, moved past A, and printed A late or never)."""
     from switchyard import cli as cli_module
 
-    from marketplace.services.api_keys import api_key_create
+    from marketplace.models import EventType
+    from marketplace.services.events import member_event_record
 
     since = datetime.now(UTC)
     written, release = threading.Event(), threading.Event()
@@ -332,8 +333,8 @@ def test_events_tail_prints_an_event_that_commits_after_a_later_one(world, cli, 
     def slow_transaction():
         try:
             with transaction.atomic():
-                api_key_create(organization=world.org, name="slow", scopes=["read"],
-                               created_by=None)  # fmt: skip
+                # An event the key may see (not api_key.*: keys cannot list keys).
+                member_event_record(membership=world.owner, type=EventType.MEMBER_ADDED)
                 written.set()
                 assert release.wait(timeout=60)
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -367,10 +368,9 @@ def test_events_tail_prints_an_event_that_commits_after_a_later_one(world, cli, 
     assert isinstance(tailed.exception, Stop) and not failures
     lines = [json.loads(line) for line in tailed.output.splitlines()]
     assert [(e["type"], e["object_id"]) for e in lines] == [
-        ("api_key.created", lines[0]["object_id"]),
+        ("member.added", world.owner.public_id),
         ("reservation.created", quick["id"]),
     ]
-    assert lines[0]["data"]["object"]["name"] == "slow"
 
 
 def test_events_tail_continues_after_a_given_event(world, cli):
@@ -388,6 +388,21 @@ def test_events_tail_continues_after_a_given_event(world, cli):
     ]
     unknown = cli("events", "tail", "--after", "evt_doesNotExist1234", "--once")
     assert unknown.exit_code == 4 and "evt_doesNotExist1234" in unknown.output
+
+
+def test_events_tail_with_a_key_shows_no_api_key_events(world, cli):
+    """Keys cannot list API keys, so the tail does not show their events either."""
+    from marketplace.services.api_keys import api_key_create, api_key_revoke
+
+    since = datetime.now(UTC).isoformat()
+    made, _ = api_key_create(organization=world.org, name="ci", scopes=["read"],
+                             created_by=world.owner.user)  # fmt: skip
+    api_key_revoke(api_key=made)
+    _settled(world.org)
+    tailed = cli("--json", "events", "tail", "--since", since, "--once")
+    assert (tailed.exit_code, tailed.output) == (0, "")
+    asked = cli("events", "tail", "--since", since, "--type", "api_key.created", "--once")
+    assert asked.exit_code == 3 and "session_required" in asked.output
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -607,7 +622,8 @@ def test_events_tail_carries_on_through_an_outage_until_ctrl_c(
     """The API goes away for two polls (each tried 1 + 3 times by the SDK) while an event is
     recorded: the tail says on stderr that it retries, with backoff, and prints that event
     once the API is back, after the one it had printed."""
-    from marketplace.services.api_keys import api_key_create
+    from marketplace.models import EventType
+    from marketplace.services.events import member_event_record
 
     since = datetime.now(UTC).isoformat()
     first = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
@@ -621,8 +637,7 @@ def test_events_tail_carries_on_through_an_outage_until_ctrl_c(
         if len(sleeps) == 1:  # the first poll is done: the API goes away, an event happens
             outage["forwarded"] = flaky_proxy.forwarded
             flaky_proxy.drop = 8
-            api_key_create(organization=world.org, name="outage", scopes=["read"],
-                           created_by=None)  # fmt: skip
+            member_event_record(membership=world.owner, type=EventType.MEMBER_ADDED)
             _settled(world.org)
         elif flaky_proxy.dropped == 8 and flaky_proxy.forwarded > outage["forwarded"]:
             raise KeyboardInterrupt  # polled again after the outage: Ctrl-C
@@ -633,9 +648,8 @@ def test_events_tail_carries_on_through_an_outage_until_ctrl_c(
     assert tailed.exit_code == 130
     assert [(e["type"], e["object_id"]) for e in map(json.loads, tailed.stdout.splitlines())] == [
         ("reservation.created", first["id"]),
-        ("api_key.created", json.loads(tailed.stdout.splitlines()[1])["object_id"]),
+        ("member.added", world.owner.public_id),
     ]
-    assert json.loads(tailed.stdout.splitlines()[1])["data"]["object"]["name"] == "outage"
     retries = [line for line in tailed.stderr.splitlines() if "retrying" in line]
     assert [line.split("(", 1)[1] for line in retries] == [
         "retrying in 2 s; Ctrl-C to stop)",

@@ -102,27 +102,30 @@ def _settled(org, timeout: float = 120.0) -> None:
 
 
 def test_events_poll_walks_the_feed_oldest_first_and_continues_after_the_last(world):
-    from marketplace.models import Event
-    from marketplace.services.api_keys import api_key_create
+    from marketplace.models import Event, EventType
+    from marketplace.services.events import member_event_record
 
     sy = _client(world)
-    for name in ("a", "b", "c"):
-        api_key_create(organization=world.org, name=name, scopes=["read"], created_by=None)
+    for _ in range(3):  # events a key sees (not its own api_key.created: keys cannot list keys)
+        member_event_record(membership=world.owner, type=EventType.MEMBER_ADDED)
     _settled(world.org)
-    expected = [
-        e.public_id for e in Event.objects.filter(organization=world.org).order_by("txid", "id")
-    ]
-    assert len(expected) >= 4  # the world's own key, and the three above
+    shown = Event.objects.filter(organization=world.org).exclude(type__startswith="api_key.")
+    expected = [e.public_id for e in shown.order_by("txid", "id")]
+    assert len(expected) == 3
 
     polled = [e.id for e in sy.events.poll(limit=1)]  # a page per event, until caught up
     assert polled == expected
     assert list(sy.events.poll(after=polled[-1])) == []  # caught up: the walk ends
 
-    key, _ = api_key_create(organization=world.org, name="d", scopes=["read"], created_by=None)
+    member_event_record(membership=world.owner, type=EventType.MEMBER_REMOVED)
+    member_event_record(membership=world.owner, type=EventType.MEMBER_ADDED)
     _settled(world.org)
-    (new,) = sy.events.poll(after=polled[-1])
-    assert (new.type, new.object_id) == ("api_key.created", key.public_id)
-    assert [e.id for e in sy.events.poll(after=polled[0], type="api_key.created", limit=2)] == [
+    removed, new = sy.events.poll(after=polled[-1])
+    assert [(e.type, e.object_id) for e in (removed, new)] == [
+        ("member.removed", world.owner.public_id),
+        ("member.added", world.owner.public_id),
+    ]
+    assert [e.id for e in sy.events.poll(after=polled[0], type="member.added", limit=2)] == [
         *expected[1:],
         new.id,
     ]

@@ -163,7 +163,7 @@ def test_a_reserved_terms_cancellation_terms_and_the_applied_terms_are_in_its_de
     applied = cancelled.json()["cancellation"]
     # The terms applied are shown as they were stated, whatever the stored row's digits.
     assert {k: applied[k] for k in stated} == stated
-    assert applied["refund_fraction"] == "0.5"
+    assert applied["refund_fraction"] == terms.json()["refund_fraction"] == "0.50"
     assert m.seller.get(url).json()["cancellation"] == applied
 
 

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from config.errors import InvalidTransition
-from marketplace.models import Allocation, Quote, Reservation
+from marketplace.models import Allocation, Event, Quote, Reservation
 from marketplace.services.reservations import reservation_extend
 from marketplace.services.retention import history_prune
 from marketplace.services.transitions import reservation_transition
@@ -326,6 +326,8 @@ def test_cancellation_terms_are_shown_then_applied(owner_client, market):
     assert body["status"] == "cancelled"
     assert body["allowed_actions"] == []
     assert body["cancellation"]["refund_amount"] == "0.00"
+    assert body["cancellation"]["refund_fraction"] == terms["refund_fraction"] == "1.00"
+    assert owner_client.get(url).json()["cancellation"] == body["cancellation"]
     assert body["cancellation"]["reason"] == "plans changed"
     assert [t["to_status"] for t in body["transitions"]] == ["pending", "cancelled"]
     assert Allocation.objects.filter(is_live=True).count() == 0
@@ -348,7 +350,26 @@ def test_a_cancel_naming_the_refund_it_was_shown_is_refused_if_it_shrank(owner_c
 
     done = owner_client.post(f"{url}/cancel", {"expected_refund_fraction": "0.5"}, format="json")
     assert done.status_code == 200, done.content
-    assert done.json()["cancellation"]["refund_fraction"] == "0.5"
+    # Applied as stated, and written as cancellation-terms wrote it (stored as "0.5").
+    assert done.json()["cancellation"]["refund_fraction"] == terms["refund_fraction"] == "0.50"
+
+
+def test_applied_terms_stored_as_printed_show_their_fraction_with_two_places(owner_client, market):
+    """Rows hold the service's Decimal printed ("1", "0.5"); the API writes a fraction as
+    cancellation-terms does. A stored value that is not a number is shown as it is."""
+    created = make_reservation(owner_client)
+    url = f"/api/v1/reservations/{created['id']}"
+    for stored, shown in (("1", "1.00"), ("0.5", "0.50"), ("0", "0.00"), ("oops", "oops")):
+        Reservation.objects.filter(public_id=created["id"]).update(
+            cancellation={"refund_fraction": stored, "refund_amount": "0.00", "rule": "r"}
+        )
+        body = owner_client.get(url).json()
+        assert body["cancellation"] == {"refund_fraction": shown, "refund_amount": "0.00",
+                                        "rule": "r"}  # fmt: skip
+    # Reservation events (and so webhooks) carry no terms: no third way of writing it.
+    owner_client.post(f"{url}/cancel", format="json")
+    cancelled = Event.objects.get(object_id=created["id"], type="reservation.cancelled")
+    assert "cancellation" not in cancelled.data
 
 
 def test_an_action_not_allowed_gets_409_with_the_reason(owner_client, market):
