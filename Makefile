@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+# The slowest tests are listed after every run, to keep the suite's time in sight.
+PYTEST_ARGS ?= --durations=25 --durations-min=5
 
 .PHONY: venv run test lint migrate seed worker beat bench loadtest clean distclean
 
