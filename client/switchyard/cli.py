@@ -268,16 +268,19 @@ def search_options(f):
 
 @gpus.command("search")
 @search_options
-@click.option("--max-price", help="Per GPU-hour.")
+@click.option("--max-price", help="Per GPU-hour, in each offer's currency (or --currency's).")
+@click.option("--currency", help="Only offers priced in it (e.g. usd): you book in the one you "
+              "are billed in.")  # fmt: skip
 @click.pass_obj
 def gpus_search(state, gpu_model, gpu_count, start, hours, end, region, site, tier, term,
-                min_reliability, max_price):  # fmt: skip
+                min_reliability, max_price, currency):  # fmt: skip
     """Priced offers that can be reserved now, cheapest first."""
     starts, ends = _period(start, hours, end)
     offers = list(
         state.client.availability.search(
             gpu_model=gpu_model, gpu_count=gpu_count, start=starts, end=ends, region=region,
             site=site, tier=tier, term=term, max_price=max_price, min_reliability=min_reliability,
+            currency=currency,
         )
     )  # fmt: skip
     _out(state, offers, ["site.id", "site.region", "gpu_model", "gpu_count", "price_per_gpu_hour",

@@ -88,6 +88,16 @@ def test_search_quote_reserve_show_extend_cancel(cli):
     assert json.loads(cancelled.output)["status"] == "cancelled"
 
 
+def test_the_search_filters_by_currency(cli):
+    args = ["--json", "gpus", "search", "--gpu-model", "h100-sxm-80gb", "--count", 1, "--start",
+            _start(), "--hours", 2]  # fmt: skip
+    dollars = json.loads(cli(*args, "--currency", "usd").output)
+    assert dollars and {offer["currency"] for offer in dollars} == {"usd"}
+    assert json.loads(cli(*args, "--currency", "eur").output) == []  # every site is in dollars
+    refused = cli(*args, "--currency", "USD")
+    assert refused.exit_code != 0 and "currency" in refused.output
+
+
 def test_the_reliability_floor_filters_the_search_and_holds_through_the_booking(world, cli):
     from decimal import Decimal
 
