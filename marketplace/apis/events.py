@@ -1,6 +1,7 @@
 """GET events (newest first, filtered; or the forward feed a poller follows) and events/{id}."""
 
 import functools
+from collections.abc import Iterable
 
 import django_filters
 from drf_spectacular.utils import extend_schema
@@ -42,15 +43,41 @@ EVENT_FAMILY_LISTS: dict[str, type[ApiView]] = {
 }
 
 
-def event_types_hidden(org_context: OrgContext) -> dict[str, PermissionDenied]:
-    """The event types `org_context`'s caller may not see, each with why: the refusal of the
-    list endpoint of its family."""
+def event_families_hidden(org_context: OrgContext) -> dict[str, PermissionDenied]:
+    """The event families (type prefixes) `org_context`'s caller may not see, each with why:
+    the refusal of the family's list endpoint."""
     hidden = {}
     for prefix, list_view in EVENT_FAMILY_LISTS.items():
         refusal = list_view().access_refusal(method="GET", org_context=org_context)
         if refusal is not None:
-            hidden.update({t: refusal for t in EventType.values if t.startswith(prefix)})
+            hidden[prefix] = refusal
     return hidden
+
+
+def event_types_hidden(org_context: OrgContext) -> dict[str, PermissionDenied]:
+    """The event types `org_context`'s caller may not see, each with why."""
+    return {
+        t: refusal
+        for prefix, refusal in event_families_hidden(org_context).items()
+        for t in EventType.values
+        if t.startswith(prefix)
+    }
+
+
+def event_types_check_asked(
+    asked: Iterable[str], *, hidden: dict[str, PermissionDenied], field: str
+) -> None:
+    """Asking by type for events the caller may not see (a filter, a webhook subscription) is
+    refused, as listing their objects is, rather than answered with nothing for ever."""
+    for event_type in asked:
+        refusal = hidden.get(event_type)
+        if refusal is not None:
+            raise PermissionDenied(
+                f"{event_type} events are shown only to those who may list their objects: "
+                f"{refusal.message}",
+                code=refusal.code,
+                field=field,
+            )
 
 
 class EventFilter(django_filters.FilterSet):
@@ -125,19 +152,6 @@ class EventListApi(ApiView):
     def hidden_types(self) -> dict[str, PermissionDenied]:
         return event_types_hidden(self.org_context)
 
-    def _check_types_asked(self, request) -> None:
-        """Asking by type for events the caller may not see is refused, as listing their
-        objects is, rather than answered with an empty page a poller would wait on for ever."""
-        for asked in request.query_params.getlist("type"):
-            refusal = self.hidden_types.get(asked)
-            if refusal is not None:
-                raise PermissionDenied(
-                    f"{asked} events are shown only to those who may list their objects: "
-                    f"{refusal.message}",
-                    code=refusal.code,
-                    field="type",
-                )
-
     @replica_reads
     @extend_schema(
         tags=TAGS,
@@ -153,7 +167,8 @@ class EventListApi(ApiView):
     )
     def get(self, request):
         params = self.query_input()
-        self._check_types_asked(request)
+        asked = request.query_params.getlist("type")
+        event_types_check_asked(asked, hidden=self.hidden_types, field="type")
         forward = params.get("order") == OLDEST or "after" in params
         if not forward:
             return self.paginated_response(self.filter_queryset(self.get_queryset()), EventOutput)

@@ -10,6 +10,11 @@ from config.api.pagination import NewestFirstCursorPagination
 from config.api.schema import errors
 from config.api.serializers import Serializer
 from config.api.views import FILTERED, ApiView, validated_input
+from marketplace.apis.events import (
+    event_families_hidden,
+    event_types_check_asked,
+    event_types_hidden,
+)
 from marketplace.models import (
     ApiKeyScope,
     DeliveryStatus,
@@ -41,6 +46,12 @@ class WebhookEndpointOutput(Serializer):
     description = serializers.CharField()
     event_types = serializers.ListField(
         child=serializers.ChoiceField(choices=EventType.choices), help_text="Empty: every type."
+    )
+    withheld_event_types = serializers.ListField(
+        child=serializers.ChoiceField(choices=EventType.choices),
+        help_text="Never sent to it, whatever event_types says: its event types, URL or secret "
+        "were set by a caller who may not see these (an API key: api_key.*). Setting "
+        "event_types signed in as an owner or admin clears it.",
     )
     enabled = serializers.BooleanField()
     disabled_reason = serializers.CharField(help_text="Why it was disabled, if it was.")
@@ -74,7 +85,8 @@ class WebhookEndpointCreateInput(Serializer):
         child=serializers.ChoiceField(choices=EventType.choices),
         default=list,
         max_length=len(EventType.values),
-        help_text="The event types to send; empty or absent: every type.",
+        help_text="The event types to send; empty or absent: every type the caller may see "
+        "(an API key: all but api_key.*, which it may not name: 403).",
     )
     description = serializers.CharField(max_length=200, required=False, allow_blank=True)
     enabled = serializers.BooleanField(default=True)
@@ -86,6 +98,7 @@ class WebhookEndpointUpdateInput(Serializer):
         child=serializers.ChoiceField(choices=EventType.choices),
         required=False,
         max_length=len(EventType.values),
+        help_text="Replaces the list, as on registering (an API key may not name api_key.*).",
     )
     description = serializers.CharField(max_length=200, required=False, allow_blank=True)
     enabled = serializers.BooleanField(
@@ -133,6 +146,14 @@ class _WebhookManagement(ApiView):
             organization=self.organization, public_id=self.kwargs["endpoint_id"]
         )
 
+    def withheld_families(self, *, asked: list[str] | None = None) -> list[str]:
+        """The event families the caller may not see (as GET events hides them), which an
+        endpoint it sets up withholds; subscribing to one of their types by name is refused
+        (403), as asking GET events for it is."""
+        hidden = event_types_hidden(self.org_context)
+        event_types_check_asked(asked or [], hidden=hidden, field="event_types")
+        return sorted(event_families_hidden(self.org_context))
+
 
 class WebhookEndpointListApi(_WebhookManagement):
     pagination_class = NewestFirstCursorPagination
@@ -168,6 +189,7 @@ class WebhookEndpointListApi(_WebhookManagement):
             description=data.get("description", ""),
             enabled=data["enabled"],
             created_by=self.org_context.user,
+            withheld_families=self.withheld_families(asked=data["event_types"]),
         )
         endpoint.secret = secret
         return Response(WebhookEndpointSecretOutput(endpoint).data, status=status.HTTP_201_CREATED)
@@ -192,7 +214,10 @@ class WebhookEndpointDetailApi(_WebhookManagement):
     )
     def patch(self, request, endpoint_id: str):
         data = validated_input(WebhookEndpointUpdateInput, request.data)
-        endpoint = webhook_endpoint_update(endpoint=self.endpoint(), **data)
+        withheld = self.withheld_families(asked=data.get("event_types"))
+        endpoint = webhook_endpoint_update(
+            endpoint=self.endpoint(), **data, withheld_families=withheld
+        )
         return Response(WebhookEndpointOutput(endpoint).data)
 
     @extend_schema(
@@ -220,7 +245,9 @@ class WebhookEndpointRotateApi(_WebhookManagement):
     def post(self, request, endpoint_id: str):
         data = validated_input(WebhookEndpointRotateInput, request.data)
         endpoint, secret = webhook_endpoint_rotate_secret(
-            endpoint=self.endpoint(), expire_previous=data["expire_previous"]
+            endpoint=self.endpoint(),
+            expire_previous=data["expire_previous"],
+            withheld_families=self.withheld_families(),
         )
         endpoint.secret = secret
         return Response(WebhookEndpointSecretOutput(endpoint).data)
@@ -242,7 +269,11 @@ class WebhookDeliveryListApi(_WebhookManagement):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return WebhookDelivery.objects.none()
-        return webhook_delivery_list_for_endpoint(endpoint=self.endpoint())
+        # A caller sees no delivery of an event it may not see (one made before a key took the
+        # endpoint over), as GET events shows it none.
+        return webhook_delivery_list_for_endpoint(
+            endpoint=self.endpoint(), hidden_types=event_types_hidden(self.org_context)
+        )
 
     @extend_schema(
         tags=TAGS,
@@ -265,11 +296,12 @@ class WebhookDeliveryResendApi(_WebhookManagement):
         responses={202: WebhookDeliveryOutput, **errors(403, 404, 409, 422)},
     )
     def post(self, request, delivery_id: str):
+        hidden = event_types_hidden(self.org_context)
         delivery = webhook_delivery_get_for_org(
-            organization=self.organization, public_id=delivery_id
+            organization=self.organization, public_id=delivery_id, hidden_types=hidden
         )
         delivery = webhook_delivery_resend(delivery=delivery)
         fresh = webhook_delivery_get_for_org(
-            organization=self.organization, public_id=delivery.public_id
+            organization=self.organization, public_id=delivery.public_id, hidden_types=hidden
         )
         return Response(WebhookDeliveryOutput(fresh).data, status=status.HTTP_202_ACCEPTED)

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from marketplace import ids
 from marketplace.models.core import Organization
-from marketplace.models.events import Event
+from marketplace.models.events import Event, EventType
 
 __all__ = ["WebhookEndpoint", "DeliveryStatus", "WebhookDelivery", "WebhookAttempt"]
 
@@ -31,6 +31,14 @@ class WebhookEndpoint(models.Model):
     description = models.CharField(max_length=200, blank=True, default="")
     event_types = models.JSONField(
         default=list, blank=True, help_text="The event types sent; empty: every type."
+    )
+    # What its subscription may not reach: set with event_types by a caller who may not see
+    # these families (apis/events.py EVENT_FAMILY_LISTS), and added to when such a caller
+    # changes the URL or rotates the secret, so a key cannot subscribe itself to them.
+    withheld_event_families = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Event type prefixes (api_key.) never sent to it, whatever event_types says.",
     )
     enabled = models.BooleanField(default=True)
     disabled_reason = models.TextField(blank=True, default="")
@@ -68,6 +76,20 @@ class WebhookEndpoint(models.Model):
             (k["secret"], datetime.fromisoformat(k["expires_at"])) for k in self.previous_secrets
         ]
         return [(secret, until) for secret, until in kept if now < until]
+
+    @property
+    def withheld_event_types(self) -> list[str]:
+        return [t for t in EventType.values if t.startswith(tuple(self.withheld_event_families))]
+
+    @property
+    def events_words(self) -> str:
+        """What it is sent, in words: its types, or every event (less what it withholds)."""
+        if self.event_types:
+            return ", ".join(self.event_types)
+        if self.withheld_event_families:
+            families = ", ".join(f"{family}*" for family in self.withheld_event_families)
+            return f"every event except {families} (set up with an API key)"
+        return "every event"
 
     @property
     def previous_secret_expiries(self) -> list[datetime]:

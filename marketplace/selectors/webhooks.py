@@ -1,5 +1,7 @@
 """Reads of an organisation's webhook endpoints and their deliveries (API, portal, admin)."""
 
+from collections.abc import Collection
+
 from django.db.models import Prefetch, QuerySet
 
 from config.errors import NotFound
@@ -35,15 +37,26 @@ def _with_attempts(queryset: QuerySet[WebhookDelivery]) -> QuerySet[WebhookDeliv
     )
 
 
-def webhook_delivery_list_for_endpoint(*, endpoint: WebhookEndpoint) -> QuerySet[WebhookDelivery]:
-    return _with_attempts(WebhookDelivery.objects.filter(endpoint=endpoint))
+def _visible(
+    deliveries: QuerySet[WebhookDelivery], hidden_types: Collection[str]
+) -> QuerySet[WebhookDelivery]:
+    """`hidden_types`: the event types the caller may not see (as selectors.events has it)."""
+    return deliveries.exclude(event__type__in=hidden_types) if hidden_types else deliveries
 
 
-def webhook_delivery_get_for_org(*, organization: Organization, public_id: str) -> WebhookDelivery:
+def webhook_delivery_list_for_endpoint(
+    *, endpoint: WebhookEndpoint, hidden_types: Collection[str] = ()
+) -> QuerySet[WebhookDelivery]:
+    deliveries = WebhookDelivery.objects.filter(endpoint=endpoint)
+    return _with_attempts(_visible(deliveries, hidden_types))
+
+
+def webhook_delivery_get_for_org(
+    *, organization: Organization, public_id: str, hidden_types: Collection[str] = ()
+) -> WebhookDelivery:
+    deliveries = WebhookDelivery.objects.filter(endpoint__organization=organization)
     delivery = (
-        _with_attempts(WebhookDelivery.objects.filter(endpoint__organization=organization))
-        .filter(public_id=public_id)
-        .first()
+        _with_attempts(_visible(deliveries, hidden_types)).filter(public_id=public_id).first()
     )
     if delivery is None:
         raise NotFound(

@@ -13,13 +13,14 @@ import ipaddress
 import secrets
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from config.celery import task_send
@@ -185,8 +186,13 @@ def webhook_endpoint_create(
     description: str = "",
     enabled: bool = True,
     created_by: AbstractBaseUser | None = None,
+    withheld_families: Collection[str] = (),
 ) -> tuple[WebhookEndpoint, str]:
-    """Register an endpoint; returns it with its signing secret (shown once)."""
+    """Register an endpoint; returns it with its signing secret (shown once).
+
+    `withheld_families`: the event families the caller may not see (the API's
+    event_families_hidden), never sent to it: the caller has been refused any explicit type
+    of them, and its "every type" means every type it may see."""
     description = display_name_clean(
         description, what="A webhook endpoint", part="description", field="description",
         blank_ok=True,
@@ -207,6 +213,7 @@ def webhook_endpoint_create(
         url=url,
         description=description,
         event_types=_event_types_clean(event_types),
+        withheld_event_families=sorted(set(withheld_families)),
         enabled=enabled,
         secret=secret,
         created_by=created_by,
@@ -223,8 +230,14 @@ def webhook_endpoint_update(
     event_types: list[str] | None = None,
     description: str | None = None,
     enabled: bool | None = None,
+    withheld_families: Collection[str] = (),
 ) -> WebhookEndpoint:
-    """Change what is given. Enabling again starts the failure clock afresh."""
+    """Change what is given. Enabling again starts the failure clock afresh.
+
+    `withheld_families` (the caller's unseen families, as for webhook_endpoint_create) are
+    what the endpoint withholds from now on when the caller sets its event_types, and are
+    added to what it withholds when the caller changes its URL: a caller can widen what an
+    endpoint gets only to what it may see itself."""
     # A new URL is looked up before the row is locked: the sender records its tries under that
     # lock, and a slow name server must not hold it.
     checked = url is not None and url != endpoint.url
@@ -236,8 +249,10 @@ def webhook_endpoint_update(
         if not checked:  # the row changed meanwhile, away from the URL given
             webhook_url_resolve(url)
         locked.url = url
+        _withhold(locked, set(locked.withheld_event_families) | set(withheld_families))
     if event_types is not None:
         locked.event_types = _event_types_clean(event_types)
+        _withhold(locked, set(withheld_families))
     if description is not None:
         locked.description = display_name_clean(
             description, what="A webhook endpoint", part="description", field="description",
@@ -260,12 +275,17 @@ PREVIOUS_SECRETS_MAX = 4
 
 @transaction.atomic
 def webhook_endpoint_rotate_secret(
-    *, endpoint: WebhookEndpoint, expire_previous: bool = False, now: datetime | None = None
+    *,
+    endpoint: WebhookEndpoint,
+    expire_previous: bool = False,
+    now: datetime | None = None,
+    withheld_families: Collection[str] = (),
 ) -> tuple[WebhookEndpoint, str]:
     """A new secret signs from now on; the one it replaces also signs for
     WEBHOOK_SECRET_OVERLAP, and earlier ones until their own overlaps end, so each secret a
     receiver was promised keeps its promise. expire_previous (a leaked secret) stops every
-    replaced secret now."""
+    replaced secret now. `withheld_families` (the caller's unseen families) are added to what
+    the endpoint withholds: whoever holds the new secret can read what it signs."""
     now = now or timezone.now()
     locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
     kept = [] if expire_previous else locked.previous_secrets_signing(now)
@@ -283,7 +303,9 @@ def webhook_endpoint_rotate_secret(
         {"secret": kept_secret, "expires_at": iso_utc(until)} for kept_secret, until in kept
     ]
     locked.secret = secret
-    locked.save(update_fields=["secret", "previous_secrets", "updated_at"])
+    withheld = set(locked.withheld_event_families) | set(withheld_families)
+    narrowed = _withhold(locked, withheld)
+    locked.save(update_fields=["secret", "previous_secrets", "updated_at", *narrowed])
     # The secrets themselves are never in the audit log.
     _audit(
         locked,
@@ -292,6 +314,7 @@ def webhook_endpoint_rotate_secret(
             "after": {
                 "expire_previous": expire_previous,
                 "previous_secrets_expire_at": [iso_utc(until) for _, until in kept],
+                **({"withheld_event_families": sorted(withheld)} if narrowed else {}),
             }
         },
     )
@@ -305,10 +328,29 @@ def webhook_endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
     _audit(endpoint, "webhook_endpoint.delete", {"before": _settings(endpoint)})
 
 
+def _withhold(endpoint: WebhookEndpoint, families: set[str]) -> list[str]:
+    """Set what the (locked) endpoint withholds; what it withholds newly and was still to be
+    sent is failed, not sent to a URL or under a secret its changer chose. Returns the fields
+    to save."""
+    added = families - set(endpoint.withheld_event_families)
+    if sorted(families) == endpoint.withheld_event_families:
+        return []
+    endpoint.withheld_event_families = sorted(families)
+    if added:
+        of_added = Q()
+        for prefix in added:
+            of_added |= Q(event__type__startswith=prefix)
+        WebhookDelivery.objects.filter(
+            of_added, endpoint=endpoint, status=DeliveryStatus.PENDING
+        ).update(status=DeliveryStatus.FAILED, next_attempt_at=None)
+    return ["withheld_event_families"]
+
+
 def _settings(endpoint: WebhookEndpoint) -> dict:
     return {
         "url": webhook_url_for_audit(endpoint.url),
         "event_types": list(endpoint.event_types),
+        "withheld_event_families": list(endpoint.withheld_event_families),
         "description": endpoint.description,
         "enabled": endpoint.enabled,
     }
@@ -339,9 +381,11 @@ def webhook_endpoint_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> lis
     return [endpoint.secret] + [s for s, _ in endpoint.previous_secrets_signing(now)]
 
 
-# An organisation's enabled endpoints and the event types each wants (none: every type).
+# An organisation's enabled endpoints, the event types each wants (none: every type) and the
+# families it withholds whatever it wants.
 _SUBSCRIBED_SQL = """
-SELECT id, ARRAY(SELECT jsonb_array_elements_text(coalesce(event_types, '[]'::jsonb)))
+SELECT id, ARRAY(SELECT jsonb_array_elements_text(coalesce(event_types, '[]'::jsonb))),
+    ARRAY(SELECT jsonb_array_elements_text(coalesce(withheld_event_families, '[]'::jsonb)))
 FROM marketplace_webhookendpoint WHERE organization_id = %s AND enabled
 """
 
@@ -369,8 +413,9 @@ def webhook_deliveries_create_many(*, events: list[Event]) -> list[WebhookDelive
             next_attempt_at=event.created_at,
         )
         for event in events
-        for endpoint_id, event_types in endpoints
-        if not event_types or event.type in event_types
+        for endpoint_id, event_types, withheld in endpoints
+        if (not event_types or event.type in event_types)
+        and not event.type.startswith(tuple(withheld))
     ]
     if not deliveries:
         return []
@@ -393,6 +438,13 @@ def webhook_delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
             f"The endpoint {endpoint.public_id} is disabled, so nothing would be sent: enable "
             "it first, then resend.",
             code="endpoint_disabled",
+        )
+    if delivery.event.type in endpoint.withheld_event_types:
+        raise Conflict(
+            f"The endpoint {endpoint.public_id} does not receive {delivery.event.type} events: "
+            "what it gets, its URL or its secret was set by a caller who may not see them. "
+            "Set its event_types as one who may (an owner or admin signed in), then resend.",
+            code="event_type_withheld",
         )
     locked = WebhookDelivery.objects.select_for_update().get(pk=delivery.pk)
     now = timezone.now()

@@ -145,8 +145,8 @@ def test_a_key_that_cannot_read_is_refused_the_events_as_before(org, history):
 
 
 def test_webhook_endpoints_keep_receiving_every_type_they_subscribe_to(org, owner, settings):
-    """Endpoints are registered by owners and admins (or write keys acting for them) for the
-    organisation's systems: their deliveries are not narrowed by who reads the feed."""
+    """An endpoint an owner set up is not narrowed by who reads the feed (one a key set up is:
+    test_webhook_event_visibility.py)."""
     settings.WEBHOOK_ALLOW_INSECURE = True
     endpoint, _ = webhook_endpoint_create(
         organization=org, url="http://127.0.0.1:9/hook", event_types=[], created_by=owner.user
