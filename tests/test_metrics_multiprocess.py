@@ -83,6 +83,8 @@ def _served_per_worker(metrics_dir: Path) -> list[float]:
     """The 401 responses each worker counted in its own file."""
     served = []
     for path in metrics_dir.glob("counter_*.db"):
+        if path.stat().st_size < 8:
+            continue  # a worker creating its file this moment (not yet sized): it served none
         values = MmapedDict.read_all_values_from_file(str(path))
         served.append(
             sum(
