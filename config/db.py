@@ -6,6 +6,8 @@ call, it is written as SQL and the rows are turned back into model instances her
 exactly as the ORM converts them (JSON fields, for one), so callers cannot tell the difference.
 """
 
+import random
+import time
 from collections.abc import Callable
 from functools import cache, wraps
 
@@ -17,6 +19,10 @@ __all__ = ["model_columns", "model_from_row", "model_insert", "retried_on_deadlo
 # A deadlock's victim (40P01) or a serialization failure (40001): PostgreSQL rolled the work
 # back, so it can simply be done again.
 RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+# The pause before attempt n + 1 is n to 2n times this: the winner has only just been woken,
+# and a retry at once can take a row it waits for first (a row that looks free is taken
+# without queueing), closing the same circle again, a victim once more.
+RETRY_BACKOFF_SECONDS = 0.02
 
 
 def model_columns(model: type[Model], alias: str) -> str:
@@ -95,8 +101,9 @@ def retried_on_deadlock(attempts: int = 3) -> Callable:
     """Run the decorated function in a savepoint (a transaction of its own outside one) and
     run it again, up to `attempts` times in all, when PostgreSQL picks it as a deadlock's
     victim or refuses it for serialization: the savepoint's rollback undid all it wrote and
-    released its locks, and Django drops the on_commit callbacks it registered. Any other
-    error, and the last attempt's, propagates.
+    released its locks, and Django drops the on_commit callbacks it registered. It pauses
+    first, longer after each attempt (RETRY_BACKOFF_SECONDS), so the winner takes its locks.
+    Any other error, and the last attempt's, propagates.
 
     For writes that must lock rows in an order other paths cannot share (a site's nodes, then
     the reservations on them, against a worker holding a reservation and waiting for a node):
@@ -113,6 +120,7 @@ def retried_on_deadlock(attempts: int = 3) -> Callable:
                     sqlstate = getattr(exc.__cause__, "sqlstate", None)
                     if sqlstate not in RETRYABLE_SQLSTATES or attempt == attempts:
                         raise
+                time.sleep(RETRY_BACKOFF_SECONDS * attempt * (1 + random.random()))
 
         return retrying
 

@@ -65,3 +65,33 @@ def test_other_errors_are_not_retried_and_the_last_attempts_error_propagates():
     from marketplace.models import Organization
 
     assert not Organization.objects.exists()
+
+
+def test_it_pauses_longer_before_each_attempt_and_not_after_the_last(monkeypatch):
+    """The winner has only just been woken: a retry at once could take its row first and
+    close the same circle again."""
+    import config.db
+
+    pauses, calls = [], []
+    monkeypatch.setattr(config.db.time, "sleep", pauses.append)
+
+    @retried_on_deadlock(attempts=3)
+    def always_deadlocked():
+        calls.append(1)
+        raise _failure("40P01")
+
+    with pytest.raises(OperationalError):
+        always_deadlocked()
+
+    assert len(calls) == 3 and len(pauses) == 2
+    first, second = pauses
+    backoff = config.db.RETRY_BACKOFF_SECONDS
+    assert backoff <= first <= 2 * backoff and 2 * backoff <= second <= 4 * backoff
+
+    @retried_on_deadlock(attempts=3)
+    def unique_violation():
+        raise _failure("23505")
+
+    with pytest.raises(OperationalError):
+        unique_violation()
+    assert len(pauses) == 2  # no pause for an error that is not retried

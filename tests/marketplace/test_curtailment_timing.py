@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from marketplace.models import Curtailment, Reservation
@@ -38,6 +39,22 @@ def _announce_from_a_host_ahead(monkeypatch, site) -> Curtailment:
     with monkeypatch.context() as m:
         m.setattr(timezone, "now", lambda: real_now() + SKEW)
         return _announce(site, mw="0.002")
+
+
+def _until_a_backend_waits_for_this_one(seconds: float = 10) -> bool:
+    """Whether another backend came to wait for a lock this connection holds within `seconds`
+    (PostgreSQL's lock table, read live even inside a transaction, unlike pg_stat_activity)."""
+    deadline = time.monotonic() + seconds
+    with connection.cursor() as cur:
+        while time.monotonic() < deadline:
+            cur.execute(
+                "SELECT EXISTS (SELECT FROM pg_locks"
+                " WHERE NOT granted AND pg_backend_pid() = ANY(pg_blocking_pids(pid)))"
+            )
+            if cur.fetchone()[0]:
+                return True
+            time.sleep(0.01)
+    return False
 
 
 @pytest.mark.django_db
@@ -79,13 +96,14 @@ def test_an_extension_waiting_on_a_calls_locks_takes_its_time_after_them(
     site, _ = market
     at = timezone.now() + timedelta(hours=8)
     earlier = _book(org, tier="on_demand", gpus=1, start=at, hours=1)  # before the call
-    locked = threading.Event()
+    locked, extension_waited = threading.Event(), []
     lock_site = curtailment_service._lock_site
 
     def lock_site_and_linger(site_id):
         held = lock_site(site_id)
-        locked.set()
-        time.sleep(1)  # the extension comes in now, and waits for the nodes
+        if not locked.is_set():  # the extension comes in now: on until it waits for the nodes
+            locked.set()
+            extension_waited.append(_until_a_backend_waits_for_this_one())
         return held
 
     monkeypatch.setattr(curtailment_service, "_lock_site", lock_site_and_linger)
@@ -102,6 +120,7 @@ def test_an_extension_waiting_on_a_calls_locks_takes_its_time_after_them(
 
     assert isinstance(curtailment, Curtailment), curtailment
     assert isinstance(extended, Reservation), extended
+    assert extension_waited == [True]
     # Applied once the call had committed: its time is after the call's, so its added hour is
     # sold since the call when a re-plan covers it.
     (extension,) = Reservation.objects.get(pk=earlier.pk).breakdown["extensions"]
@@ -112,14 +131,17 @@ def test_an_extension_waiting_on_a_calls_locks_takes_its_time_after_them(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_extension_caught_in_a_deadlock_with_a_call_runs_again(fleet, market, org):
+def test_an_extension_caught_in_a_deadlock_with_a_call_runs_again(fleet, market, org, monkeypatch):
     """A call locks a site's nodes, then the reservations on them; an extension holds its
-    reservation and waits for its node. The extension waits first, so PostgreSQL's deadlock
-    check fails it: it runs again once the call has gone through, instead of a 500."""
+    reservation and waits for its node. PostgreSQL fails the side whose deadlock check finds
+    the circle, and a waiter checks once only: the extension asks for its node once the call
+    waits for its reservation (the lock table says so, not a sleep), and only its check runs
+    in time (the call's deadlock_timeout is a minute), so it is the victim whatever the load.
+    It runs again once the call has gone through, and is applied once, instead of a 500."""
     import psycopg
-    from django.db import connection
 
-    from marketplace.models import Allocation
+    from marketplace.models import Allocation, ReservationTransition
+    from marketplace.services import reservations as reservations_service
 
     at = timezone.now() + timedelta(hours=8)
     earlier = _book(org, tier="on_demand", gpus=1, start=at, hours=1)
@@ -129,12 +151,31 @@ def test_an_extension_caught_in_a_deadlock_with_a_call_runs_again(fleet, market,
         host=settings_dict["HOST"], port=settings_dict["PORT"], user=settings_dict["USER"],
         dbname=settings_dict["NAME"], autocommit=False,
     )  # fmt: skip
-    call.execute("SET deadlock_timeout = '5s'")  # the extension's check fires first (1 s)
+    call.execute("SET deadlock_timeout = '60s'")  # only the extension checks for the circle
     call.execute("SELECT id FROM inventory_node WHERE id = %s FOR UPDATE", [node_id])
-    results = {}
+    holding, attempts, results = threading.Event(), [], {}
+    nodes_lock = reservations_service._extension_nodes_lock
+
+    def nodes_lock_once_the_call_waits(gpus):
+        if not attempts:  # the first attempt holds the reservation: the call comes for it
+            holding.set()
+            _until_a_backend_waits_for_this_one()
+        try:
+            now = nodes_lock(gpus)
+        except OperationalError as exc:
+            attempts.append(getattr(exc.__cause__, "sqlstate", None))
+            raise
+        attempts.append("locked")
+        return now
+
+    monkeypatch.setattr(
+        reservations_service, "_extension_nodes_lock", nodes_lock_once_the_call_waits
+    )
 
     def extend():
         try:
+            with connection.cursor() as cur:
+                cur.execute("SET deadlock_timeout = '100ms'")
             results["extended"] = reservation_extend(
                 reservation=earlier, new_ends_at=at + 2 * H, actor_label="t"
             )
@@ -145,11 +186,24 @@ def test_an_extension_caught_in_a_deadlock_with_a_call_runs_again(fleet, market,
 
     thread = threading.Thread(target=extend)
     thread.start()
-    time.sleep(0.5)  # the extension holds its reservation and waits for the node
-    call.execute("SELECT id FROM marketplace_reservation WHERE id = %s FOR UPDATE", [earlier.pk])
-    call.commit()  # the call went through: the extension's first attempt was the victim
-    call.close()
-    thread.join(30)
+    try:
+        assert holding.wait(10)
+        # Waits for the extension, which then asks for the node: PostgreSQL fails the extension.
+        call.execute(
+            "SELECT id FROM marketplace_reservation WHERE id = %s FOR UPDATE", [earlier.pk]
+        )
+        call.commit()  # the call went through
+    finally:
+        call.close()
+        thread.join(30)
 
+    # A deadlock's victim, then through (or a victim again if the retry still came first).
+    assert len(attempts) >= 2 and attempts == ["40P01"] * (len(attempts) - 1) + ["locked"]
     assert isinstance(results["extended"], Reservation), results["extended"]
-    assert Reservation.objects.get(pk=earlier.pk).ends_at == at + 2 * H
+    extended = Reservation.objects.get(pk=earlier.pk)
+    assert extended.ends_at == at + 2 * H
+    assert len(extended.breakdown["extensions"]) == 1
+    history = ReservationTransition.objects.filter(
+        reservation=earlier, cause__startswith="extended:"
+    )
+    assert history.count() == 1  # applied once: the victim's attempt left nothing
