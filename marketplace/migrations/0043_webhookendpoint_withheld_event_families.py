@@ -2,6 +2,59 @@
 
 from django.db import migrations, models
 
+KEY_FAMILY = "api_key."
+
+
+def _withheld_from_history(entries) -> list[str]:
+    """What an endpoint withholds by the rule the services now apply, replayed over its audit
+    entries oldest first: an API key setting its event types (creating it, or an update that
+    changes them) makes it withhold api_key.*, a signed-in user's doing so clears that, and a
+    key changing its URL or rotating its secret adds it."""
+    withheld: list[str] = []
+    for action, actor, changes in entries:
+        by_key = actor.startswith("api_key:")
+        after = (changes or {}).get("after") or {}
+        if action == "webhook_endpoint.create" or (
+            action == "webhook_endpoint.update" and "event_types" in after
+        ):
+            withheld = [KEY_FAMILY] if by_key else []
+        elif by_key and (
+            action == "webhook_endpoint.rotate_secret"
+            or (action == "webhook_endpoint.update" and "url" in after)
+        ):
+            withheld = [KEY_FAMILY]
+    return withheld
+
+
+def withhold_what_keys_set_up(apps, schema_editor):
+    """Endpoints an API key set up before keys were kept from api_key.* events: the same
+    narrowing a key's doing gets now, and their api_key.* deliveries still to be sent failed
+    (not sent to a URL a key chose)."""
+    AuditEntry = apps.get_model("marketplace", "AuditEntry")
+    WebhookEndpoint = apps.get_model("marketplace", "WebhookEndpoint")
+    WebhookDelivery = apps.get_model("marketplace", "WebhookDelivery")
+    keyed = (
+        AuditEntry.objects.filter(
+            object_type="webhook_endpoint", actor__startswith="api_key:"
+        )
+        .values_list("object_id", flat=True)
+        .distinct()
+    )
+    for endpoint in WebhookEndpoint.objects.filter(public_id__in=list(keyed)):
+        entries = AuditEntry.objects.filter(
+            object_type="webhook_endpoint",
+            object_id=endpoint.public_id,
+            organization_id=endpoint.organization_id,
+        ).order_by("id")
+        withheld = _withheld_from_history(entries.values_list("action", "actor", "changes"))
+        if not withheld:
+            continue
+        endpoint.withheld_event_families = withheld
+        endpoint.save(update_fields=["withheld_event_families"])
+        WebhookDelivery.objects.filter(
+            endpoint=endpoint, status="pending", event__type__startswith=KEY_FAMILY
+        ).update(status="failed", next_attempt_at=None)
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -18,4 +71,5 @@ class Migration(migrations.Migration):
                 help_text="Event type prefixes (api_key.) never sent to it, whatever event_types says.",
             ),
         ),
+        migrations.RunPython(withhold_what_keys_set_up, migrations.RunPython.noop),
     ]

@@ -246,3 +246,65 @@ def test_the_portal_says_what_a_key_made_endpoint_withholds(org, owner, write_ke
 
     for page in (listed, shown):
         assert "every event except api_key.* (set up with an API key)" in page
+
+
+def test_the_migration_narrows_endpoints_keys_set_up_before_and_fails_their_pending_ones(
+    org, owner
+):
+    """Marketplace migration 0043 replays each endpoint's audit history by the same rule:
+    made by a key → withholds api_key.*; made by a key, then its types set by the owner →
+    not; made by the owner, then its secret rotated by a key → withholds; the owner's own →
+    not. The narrowed endpoints' api_key.* deliveries still to be sent are failed."""
+    import importlib
+
+    from django.apps import apps
+
+    from marketplace import audit
+
+    migration = importlib.import_module(
+        "marketplace.migrations.0043_webhookendpoint_withheld_event_families"
+    )
+
+    def made(actor: str, *later: tuple[str, str, dict]) -> WebhookEndpoint:
+        acting = audit._current.set(audit.AuditContext(actor=actor, ip_address=None,
+                                                       user_agent=""))  # fmt: skip
+        try:
+            endpoint, _ = webhook_endpoint_create(organization=org, url=URL, event_types=[],
+                                                  created_by=owner.user)  # fmt: skip
+        finally:
+            audit._current.reset(acting)
+        for action, who, after in later:
+            AuditEntry.objects.create(organization=org, actor=who, action=action,
+                                      object_type="webhook_endpoint",
+                                      object_id=endpoint.public_id, changes={"after": after})  # fmt: skip
+        return endpoint
+
+    key_made = made("api_key:sy_live_ab")
+    reset_by_owner = made("api_key:sy_live_ab", ("webhook_endpoint.update", "user:ada",
+                                                 {"event_types": []}))  # fmt: skip
+    rotated_by_key = made("user:ada", ("webhook_endpoint.rotate_secret", "api_key:sy_live_ab",
+                                       {"expire_previous": False}))  # fmt: skip
+    described_by_key = made("user:ada", ("webhook_endpoint.update", "api_key:sy_live_ab",
+                                         {"description": "ops"}))  # fmt: skip
+    owners = made("user:ada")
+    api_key_create(organization=org, name="deploy", scopes=["read"], created_by=owner.user)
+    # As the table was before the migration: nothing withheld, every delivery pending.
+    WebhookEndpoint.objects.update(withheld_event_families=[])
+    assert WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING).count() == 5
+
+    migration.withhold_what_keys_set_up(apps, None)
+
+    withheld = dict(WebhookEndpoint.objects.values_list("public_id", "withheld_event_families"))
+    assert withheld == {
+        key_made.public_id: ["api_key."],
+        reset_by_owner.public_id: [],
+        rotated_by_key.public_id: ["api_key."],
+        described_by_key.public_id: [],
+        owners.public_id: [],
+    }
+    pending = set(
+        WebhookDelivery.objects.filter(status=DeliveryStatus.PENDING).values_list(
+            "endpoint__public_id", flat=True
+        )
+    )
+    assert pending == {reset_by_owner.public_id, described_by_key.public_id, owners.public_id}
