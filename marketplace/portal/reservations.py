@@ -52,7 +52,7 @@ from marketplace.selectors.ssh_keys import ssh_key_list_for_org
 from marketplace.selectors.telemetry import reservation_energy, reservation_telemetry
 from marketplace.services.energy import booking_energy
 from marketplace.services.organizations import RESERVING_ROLES
-from marketplace.services.quotes import quote_create
+from marketplace.services.quotes import currencies_elsewhere, quote_create
 from marketplace.services.reservations import (
     cancellation_rule,
     cancellation_terms,
@@ -208,6 +208,15 @@ class SearchView(PortalView, View):
             context["search_query"] = request.GET.urlencode()
             if not offers:
                 context["reasons"] = nothing_fits_reasons(form.cleaned_data)
+                elsewhere = currencies_elsewhere(
+                    _search_query(form.cleaned_data, currency=currency)
+                )
+                if elsewhere:
+                    context["reasons"].append(
+                        f"Sites priced in {', '.join(c.upper() for c in elsewhere)} have them, "
+                        f"but your organisation is billed in {currency.upper()} and can book "
+                        f"only in {currency.upper()}."
+                    )
         return render(request, "portal/search.html", context, status=status)
 
     def _can_reserve(self) -> bool:

@@ -16,7 +16,7 @@ from marketplace.rules import validate_request_period
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug, site_regions
 
-__all__ = ["nothing_available", "quote_create", "resolve_catalogue"]
+__all__ = ["currencies_elsewhere", "nothing_available", "quote_create", "resolve_catalogue"]
 
 
 def resolve_catalogue(
@@ -36,6 +36,15 @@ def resolve_catalogue(
         )
 
 
+def currencies_elsewhere(query: AvailabilityQuery) -> list[str]:
+    """For a search in one currency that found nothing: the other currencies offers for the
+    same request are priced in (which an organisation billed in that one cannot book)."""
+    if query.currency is None:
+        return []
+    offers = availability_search(replace(query, currency=None))
+    return sorted({offer.currency for offer in offers} - {query.currency})
+
+
 def nothing_available(query: AvailabilityQuery, *, at_most: str = "") -> NotAvailable:
     """The refusal of a request no site can serve in the organisation's currency; when sites
     priced in another currency have the GPUs, it says so (the organisation cannot book
@@ -44,10 +53,7 @@ def nothing_available(query: AvailabilityQuery, *, at_most: str = "") -> NotAvai
         f"No site has {query.gpu_count} {query.gpu_model} GPU(s) free for that period{at_most}"
     )
     if query.currency is not None:
-        elsewhere = sorted(
-            {offer.currency for offer in availability_search(replace(query, currency=None))}
-            - {query.currency}
-        )
+        elsewhere = currencies_elsewhere(query)
         if elsewhere:
             message += (
                 f" priced in {query.currency.upper()}, the currency this organisation is "

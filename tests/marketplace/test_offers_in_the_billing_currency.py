@@ -146,3 +146,21 @@ def test_the_portal_search_shows_offers_in_the_billing_currency_only(two_currenc
     assert "Oslo One" in page and "Texas One" not in page.split('id="offers"')[1]
     assert "1 offer" in page
     assert "EUR" in catalogue and "USD" not in catalogue
+
+
+def test_a_portal_search_that_finds_nothing_in_the_billing_currency_says_where_there_is(
+    two_currencies,
+):
+    model, eur, _usd = two_currencies
+    eur.nodes.update(status="maintenance")
+    client = member_client(_billed_in("eur", credit=False), Role.OWNER)
+
+    page = client.get("/gpus", {"gpu_model": model.slug, "gpu_count": 2, "plan": "on_demand",
+                                "starts_at": tomorrow().strftime("%Y-%m-%dT%H:%M"),
+                                "hours": 3}).content.decode()  # fmt: skip
+
+    assert "0 offers" in page
+    assert (
+        "Sites priced in USD have them, but your organisation is billed in EUR and can book "
+        "only in EUR." in page
+    )
