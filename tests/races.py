@@ -1,14 +1,16 @@
 """Races against real PostgreSQL: calls released together from threads, each with its own
 connection (tests marked django_db(transaction=True), so each thread sees what the others
-commit)."""
+commit); and a session holding its locks until another one has come to wait for them, as
+PostgreSQL's lock table tells (never a sleep that hopes the other is waiting by then)."""
 
 import threading
+import time
 
 from django.db import connections
 
 from config.errors import ApplicationError
 
-__all__ = ["run_together"]
+__all__ = ["run_together", "until_a_backend_waits_for_this_one"]
 
 
 def run_together(*calls, timeout: float = 120) -> list[str]:
@@ -36,3 +38,20 @@ def run_together(*calls, timeout: float = 120) -> list[str]:
         t.join(timeout=timeout)
     assert all(not t.is_alive() for t in threads), "a racing call did not finish"
     return outcomes
+
+
+def until_a_backend_waits_for_this_one(seconds: float = 10) -> bool:
+    """Whether another backend came to wait for a lock this thread's connection holds within
+    `seconds` (PostgreSQL's lock table, read live even inside a transaction; pg_stat_activity
+    is read once a transaction, so it never shows a session that connected since)."""
+    deadline = time.monotonic() + seconds
+    with connections["default"].cursor() as cur:
+        while time.monotonic() < deadline:
+            cur.execute(
+                "SELECT EXISTS (SELECT FROM pg_locks"
+                " WHERE NOT granted AND pg_backend_pid() = ANY(pg_blocking_pids(pid)))"
+            )
+            if cur.fetchone()[0]:
+                return True
+            time.sleep(0.01)
+    return False

@@ -36,6 +36,13 @@ class Receiver:
     def on(self, path: str) -> list[Received]:
         return [r for r in self.received if r.path == path]
 
+    def wait_for(self, path: str, seconds: float = 10) -> None:
+        """Until a request for `path` has come (recorded as it comes, before any delay)."""
+        deadline = time.monotonic() + seconds
+        while not self.on(path):
+            assert time.monotonic() < deadline, f"no request for {path} within {seconds} s"
+            time.sleep(0.01)
+
 
 def _handler(receiver: Receiver):
     class Handler(BaseHTTPRequestHandler):

@@ -108,9 +108,10 @@ def test_every_request_waits_out_the_pause(limited):
     client = AgentClient(api=api.url, token="nt_test")
     beat = threading.Thread(target=client.post, args=("agent/heartbeat", {}))
     beat.start()
-    while not api.calls:
+    deadline = time.monotonic() + 10
+    while not client._paused_until:  # until the refusal has come back and paused the client
+        assert time.monotonic() < deadline, "the heartbeat's refusal never came back"
         time.sleep(0.01)
-    time.sleep(0.1)  # the refusal has arrived
 
     assert client.post("agent/jobs/lease", {})[0] == 200
     beat.join()

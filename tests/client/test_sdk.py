@@ -215,19 +215,29 @@ def test_it_waits_and_retries_while_the_same_request_is_still_in_flight(world):
         request_hash=digest.hexdigest(),
     )  # fmt: skip
     stored = {"id": reservation.id, "status": "cancelled", "replayed": True}
+    statuses, refused = [], threading.Event()
 
-    def finish():
-        time.sleep(0.6)
+    class Recording(httpx.HTTPTransport):
+        def handle_request(self, request):
+            response = super().handle_request(request)
+            statuses.append(response.status_code)
+            if response.status_code == 409:
+                refused.set()
+            return response
+
+    def finish():  # once the SDK has been told the request is in flight
+        refused.wait(10)
         IdempotencyRecord.objects.filter(pk=record.pk).update(
             response_status=200, response_body=json.dumps(stored)
         )
 
     thread = threading.Thread(target=finish)
     thread.start()
-    result = _client(world, max_retries=8).reservations.cancel(
+    result = _client(world, max_retries=8, transport=Recording()).reservations.cancel(
         reservation.id, idempotency_key="in-flight"
     )
     thread.join()
+    assert statuses[0] == 409 and statuses[-1] == 200  # refused, retried, then its response
     assert result.to_dict() == stored
     assert Reservation.objects.get(public_id=reservation.id).status == "pending"  # not run twice
 

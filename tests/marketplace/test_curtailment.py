@@ -496,11 +496,12 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
     from inventory.models import Node
     from marketplace.models import Reservation
     from marketplace.services import curtailment as service
+    from tests.races import until_a_backend_waits_for_this_one
 
     site, _ = market
     running = _book(org, tier="interruptible", start=timezone.now(), hours=6, active=True)
     node_id = Allocation.objects.filter(reservation=running).values_list("node_id", flat=True)[0]
-    holding, failures = threading.Event(), []
+    holding, failures, announce_waited = threading.Event(), [], []
 
     def worker() -> None:
         try:
@@ -509,15 +510,8 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
                     cur.execute("SET LOCAL deadlock_timeout = '60s'")
                 Reservation.objects.select_for_update().get(pk=running.pk)
                 holding.set()
-                with connection.cursor() as cur:
-                    for _ in range(200):  # until the announce waits for the reservation's row
-                        cur.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
-                            "'Lock' AND datname = current_database()"
-                        )
-                        if cur.fetchone()[0]:
-                            break
-                        time.sleep(0.02)
+                # Once the announce, holding the nodes, waits for the reservation's row:
+                announce_waited.append(until_a_backend_waits_for_this_one())
                 Node.objects.select_for_update().get(pk=node_id)  # closes the circle
         except Exception as exc:  # noqa: BLE001 (reported below)
             failures.append(exc)
@@ -544,6 +538,7 @@ def test_an_announce_picked_as_a_deadlocks_victim_is_taken_again(market, org, mo
             cur.execute("RESET deadlock_timeout")
     thread.join(20)
 
+    assert announce_waited == [True]
     assert failures == []  # the worker was not the victim and finished
     # The announce was rolled back and taken again (on a loaded machine its retry can meet the
     # worker's circle once more before the worker has its node: a victim again, taken again).

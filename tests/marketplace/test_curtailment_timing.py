@@ -5,7 +5,6 @@ extension reads its time after its node locks. Draws as in test_curtailment_mega
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -29,6 +28,7 @@ from tests.marketplace.test_curtailment_megawatts import (  # noqa: F401
     fleet,
 )
 from tests.marketplace.test_curtailment_replan_new_hours import GPU_KW, _stretch
+from tests.races import until_a_backend_waits_for_this_one
 
 SKEW = timedelta(minutes=10)
 
@@ -39,22 +39,6 @@ def _announce_from_a_host_ahead(monkeypatch, site) -> Curtailment:
     with monkeypatch.context() as m:
         m.setattr(timezone, "now", lambda: real_now() + SKEW)
         return _announce(site, mw="0.002")
-
-
-def _until_a_backend_waits_for_this_one(seconds: float = 10) -> bool:
-    """Whether another backend came to wait for a lock this connection holds within `seconds`
-    (PostgreSQL's lock table, read live even inside a transaction, unlike pg_stat_activity)."""
-    deadline = time.monotonic() + seconds
-    with connection.cursor() as cur:
-        while time.monotonic() < deadline:
-            cur.execute(
-                "SELECT EXISTS (SELECT FROM pg_locks"
-                " WHERE NOT granted AND pg_backend_pid() = ANY(pg_blocking_pids(pid)))"
-            )
-            if cur.fetchone()[0]:
-                return True
-            time.sleep(0.01)
-    return False
 
 
 @pytest.mark.django_db
@@ -103,7 +87,7 @@ def test_an_extension_waiting_on_a_calls_locks_takes_its_time_after_them(
         held = lock_site(site_id)
         if not locked.is_set():  # the extension comes in now: on until it waits for the nodes
             locked.set()
-            extension_waited.append(_until_a_backend_waits_for_this_one())
+            extension_waited.append(until_a_backend_waits_for_this_one())
         return held
 
     monkeypatch.setattr(curtailment_service, "_lock_site", lock_site_and_linger)
@@ -159,7 +143,7 @@ def test_an_extension_caught_in_a_deadlock_with_a_call_runs_again(fleet, market,
     def nodes_lock_once_the_call_waits(gpus):
         if not attempts:  # the first attempt holds the reservation: the call comes for it
             holding.set()
-            _until_a_backend_waits_for_this_one()
+            until_a_backend_waits_for_this_one()
         try:
             now = nodes_lock(gpus)
         except OperationalError as exc:

@@ -23,6 +23,7 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     owner,
 )
 from tests.marketplace.test_curtailment_megawatts import _book
+from tests.races import until_a_backend_waits_for_this_one
 
 S = ReservationStatus
 
@@ -38,7 +39,7 @@ def test_a_call_off_does_not_withdraw_a_victim_the_dispatcher_is_preempting(mark
     )  # fmt: skip
     assert Reservation.objects.get(pk=running.pk).preempt_at is not None
     time.sleep(1.1)  # the notice has run out: the dispatcher takes it
-    preempting, errors = threading.Event(), []
+    preempting, errors, call_off_waited = threading.Event(), [], []
 
     def dispatcher():
         close_old_connections()
@@ -49,7 +50,8 @@ def test_a_call_off_does_not_withdraw_a_victim_the_dispatcher_is_preempting(mark
                     reservation=due, to_status=S.PREEMPTED, cause="grid", actor_label="t"
                 )
                 preempting.set()
-                time.sleep(1.5)  # the call-off comes while this is not yet committed
+                # The call-off comes while this is not yet committed, and waits for it:
+                call_off_waited.append(until_a_backend_waits_for_this_one())
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
         finally:
@@ -63,6 +65,7 @@ def test_a_call_off_does_not_withdraw_a_victim_the_dispatcher_is_preempting(mark
     thread.join(30)
 
     assert errors == []
+    assert call_off_waited == [True]
     assert withdrawn == 0
     assert Reservation.objects.get(pk=running.pk).status == S.PREEMPTED
     assert CurtailmentVictim.objects.get(reservation=running).withdrawn_at is None

@@ -4,7 +4,6 @@ the resale API shows the listing, delivered to subscribed webhook endpoints, and
 GET /api/v1/events for the seller only."""
 
 import threading
-import time
 from datetime import timedelta
 from decimal import Decimal
 
@@ -19,7 +18,7 @@ from marketplace.services.webhooks import webhook_endpoint_create
 from tests.factories import OrganizationFactory
 from tests.marketplace.api_fixtures import fresh_rate_limits, key_client  # noqa: F401
 from tests.marketplace.resale_helpers import H, buy, listing, market
-from tests.marketplace.test_resale_race import run_together
+from tests.races import run_together, until_a_backend_waits_for_this_one
 
 pytestmark = pytest.mark.django_db
 
@@ -226,19 +225,20 @@ def test_a_withdrawal_committing_while_the_term_is_cancelled_is_recorded_once():
     m = market()
     lst = listing(m, gpus=4)
     term = Reservation.objects.get(pk=m.term.pk)
-    withdrawn = threading.Event()
+    withdrawn, cancel_waited = threading.Event(), []
 
     def withdraw():
         with transaction.atomic():
             listing_withdraw(organization=m.seller, listing=lst)
             withdrawn.set()
-            time.sleep(0.5)  # the cancellation reaches the listing meanwhile
+            cancel_waited.append(until_a_backend_waits_for_this_one())  # for the listing
 
     def cancel():
-        withdrawn.wait(10)
+        assert withdrawn.wait(10)
         reservation_cancel(reservation=term, actor_label="test")
 
     assert run_together(withdraw, cancel) == ["ok", "ok"]
+    assert cancel_waited == [True]
     assert [(e.type, e.object_id) for e in listing_events()] == [
         ("listing.created", lst.public_id),
         ("listing.withdrawn", lst.public_id),
@@ -315,14 +315,14 @@ def test_the_expiry_sweep_waits_for_a_sale_holding_the_term_and_leaves_it_sold()
 
     m = market()
     lst = listing(m, gpus=4)
-    holding, done = threading.Event(), threading.Event()
+    holding, done, sweep_waited = threading.Event(), threading.Event(), []
 
     def sale() -> None:
         try:
             with transaction.atomic():
                 Reservation.objects.select_for_update().get(pk=m.term.pk)
                 holding.set()
-                time.sleep(0.5)  # the sweep starts meanwhile and waits for the term's lock
+                sweep_waited.append(until_a_backend_waits_for_this_one())  # for the term
                 buy(m, ResaleListing.objects.get(pk=lst.pk), gpus=4)
         finally:
             connection.close()
@@ -334,6 +334,7 @@ def test_the_expiry_sweep_waits_for_a_sale_holding_the_term_and_leaves_it_sold()
     expired = listings_expire_begun(now=lst.starts_at + timedelta(seconds=1))
     worker.join(20)
 
+    assert sweep_waited == [True]
     assert done.is_set() and expired == 0
     assert ResaleListing.objects.get(pk=lst.pk).status == ListingStatus.SOLD
     assert not [e for e in listing_events(m.seller) if e.type == "listing.expired"]

@@ -335,18 +335,19 @@ def test_the_request_goes_to_the_urls_own_path_and_query(org, receiver, suffix, 
 def hung_resolver(monkeypatch):
     """socket.getaddrinfo for hooks.customer.example never answers (a dead name server) until
     the test ends; other names resolve as usual. Replaced because nothing here can make the
-    system resolver hang on cue."""
-    release = threading.Event()
+    system resolver hang on cue. Yields an event set once the name is asked for."""
+    asked, release = threading.Event(), threading.Event()
     real = socket.getaddrinfo
 
     def fake(host, port, *args, **kwargs):
         if host == "hooks.customer.example":
+            asked.set()
             release.wait(30)
             raise socket.gaierror("the resolver gave up")
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
-    yield
+    yield asked
     release.set()
 
 
@@ -442,9 +443,10 @@ def test_a_slow_lookup_of_a_new_url_does_not_lock_the_endpoint(settings, hung_re
             refused.append(exc.code)
 
     changing = _in_thread(change)
-    time.sleep(0.3)  # well inside the lookup
+    assert hung_resolver.wait(10)  # inside the lookup (which gives up after a second)
     with transaction.atomic():
         WebhookEndpoint.objects.select_for_update(nowait=True).get(pk=endpoint.pk)
+    assert changing.is_alive()  # the lock was free while the lookup was still going on
     changing.join()
 
     assert refused == ["webhook_url_unresolvable"]

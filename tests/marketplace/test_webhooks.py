@@ -372,7 +372,7 @@ def test_a_slow_endpoint_does_not_hold_up_another_organisations(receiver, settin
 
     thread = threading.Thread(target=send_slow)
     thread.start()
-    time.sleep(0.3)  # the slow endpoint's sender is waiting on it now
+    receiver.wait_for("/slow")  # the slow endpoint's sender is waiting on it now
     started = time.monotonic()
     assert _send(fast)["sent"] == 1
     assert time.monotonic() - started < 1
