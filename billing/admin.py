@@ -22,14 +22,12 @@ from billing.models import (
     BillingAccount,
     BillingNotice,
     Hold,
-    HoldStatus,
     Invoice,
     LedgerEntry,
     OutboxMessage,
     PaymentMethod,
     Refund,
     TopUp,
-    TopUpStatus,
     UsageAggregate,
     WebhookEvent,
 )
@@ -37,6 +35,7 @@ from billing.money import from_minor_units, to_minor_units_asked
 from billing.selectors import balance_minor
 from billing.services.accounts import (
     billing_account_approve_postpaid,
+    billing_currency_change_check,
     billing_settings_check,
     billing_settings_update,
 )
@@ -95,7 +94,8 @@ _SETTINGS_FIELDS = {  # admin field (minor units) → billing_settings_update's 
 
 class BillingAccountAdminForm(forms.ModelForm):
     """Staff change an account's settings within the customer's own bounds
-    (billing_settings_check), and its currency only while nothing is on its ledger."""
+    (billing_settings_check), and its currency by the customer's rule for a change
+    (billing_currency_change_check: until money moves), to any currency Switchyard charges in."""
 
     class Meta:
         model = BillingAccount
@@ -120,48 +120,37 @@ class BillingAccountAdminForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
-        org_id = self.instance.organization_id
-        currency_changed = "currency" in self.changed_data
-        if currency_changed:
-            # The funding gate decides a booking (and writes its hold, in the account's
-            # currency) under the account's lock: taken here, the checks below and the save
-            # are one decision (the admin's change view is one transaction), so no booking
-            # can hold money in the old currency between them.
-            billing_account_lock(org_id)
-        if currency_changed and LedgerEntry.objects.filter(organization_id=org_id).exists():
-            self.add_error("currency", "The ledger already holds money in this currency.")
-        elif (
-            currency_changed
-            and Hold.objects.filter(organization_id=org_id, status=HoldStatus.OPEN).exists()
-        ):
-            self.add_error("currency", "Reservations already hold money in this currency.")
-        elif (
-            currency_changed
-            and TopUp.objects.filter(organization_id=org_id, status=TopUpStatus.PENDING).exists()
-        ):
-            # Its success would credit the old currency onto a ledger in the new one.
-            self.add_error("currency", "A top-up in this currency is still being charged.")
         if (
             self.cleaned_data.get("auto_recharge_enabled")
             and "auto_recharge_enabled" in (self.changed_data)
             and not self.instance.default_payment_method_id
         ):
             self.add_error("auto_recharge_enabled", "The organisation has no saved card.")
-        bounds = {k: v for k, v in self.settings_changes().items() if k != "auto_recharge_enabled"}
-        if currency_changed and "currency" in cleaned:
-            # Minor units kept as they are mean another amount in the new currency: all of
-            # them must be within its limits, not only those changed.
-            bounds = {
-                argument: from_minor_units(cleaned[name], cleaned["currency"])
-                for name, argument in _SETTINGS_FIELDS.items()
-                if cleaned.get(name) is not None
-            }
         try:
-            billing_settings_check(
-                currency=self.cleaned_data.get("currency") or self.instance.currency, **bounds
-            )
+            if "currency" in self.changed_data and "currency" in cleaned:
+                # The customer's rules for a change (billing_currency_change_check), for any
+                # currency: taken under the account's lock (the funding gate's), the check and
+                # the save are one decision (the admin's change view is one transaction), so
+                # no booking can hold money in the old currency between them. Minor units
+                # kept as they are mean another amount in the new currency: all of the
+                # settings are checked, not only those changed.
+                billing_currency_change_check(
+                    account=billing_account_lock(self.instance.organization_id),
+                    currency=cleaned["currency"],
+                    any_currency=True,
+                    **{
+                        argument: None
+                        if cleaned.get(name) is None
+                        else from_minor_units(cleaned[name], cleaned["currency"])
+                        for name, argument in _SETTINGS_FIELDS.items()
+                    },
+                )
+            else:
+                bounds = self.settings_changes()
+                bounds.pop("auto_recharge_enabled", None)
+                billing_settings_check(currency=self.instance.currency, **bounds)
         except ApplicationError as exc:
-            field = {v: k for k, v in _SETTINGS_FIELDS.items()}.get(exc.field)
+            field = {v: k for k, v in _SETTINGS_FIELDS.items()}.get(exc.field, exc.field)
             self.add_error(field if field in self.fields else None, exc.message)
         return cleaned
 
@@ -200,11 +189,11 @@ class BillingAccountAdmin(admin.ModelAdmin):
         return fields
 
     def save_model(self, request, obj, form, change):
-        # The settings go through the customer's own service (its bounds, its audit entry);
-        # anything else the form changed (the currency, before any money) is saved here.
+        # Through the customer's own service (its bounds, its audit entry), the currency too:
+        # checked again under the lock the form's clean took in this transaction.
         changes = form.settings_changes()
         if "currency" in form.changed_data:
-            obj.save(update_fields=["currency"])
+            changes.update(currency=form.cleaned_data["currency"], any_currency=True)
         if changes:
             billing_settings_update(organization=obj.organization, **changes)
 

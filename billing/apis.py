@@ -66,6 +66,13 @@ class BalanceApi(ApiView):
 
 
 class BillingSettingsInput(Serializer):
+    currency = serializers.CharField(
+        required=False,
+        help_text="The currency to be billed in (lower case), one of the balance's "
+        "`currency_choices`, while `currency_changeable` (409 currency_locked once money has "
+        "moved; 400 currency_not_sold for one nothing is sold in). The amounts sent with it, "
+        "and the recharge settings kept, are in it.",
+    )
     auto_recharge_enabled = serializers.BooleanField(required=False)
     # Limits of the account's currency (balance's top_up_min and top_up_max; 400
     # amount_out_of_range outside them); 12 digits hold the largest in any currency.
@@ -86,8 +93,8 @@ class BillingSettingsApi(ApiView):
     moves_money = True
 
     @extend_schema(tags=TAGS, operation_id="billing_settings_update", request=BillingSettingsInput,
-                   summary="Automatic recharge and the monthly spend limit",
-                   responses={200: BalanceOutput, **errors(400, 403)})  # fmt: skip
+                   summary="Billing currency, automatic recharge and the monthly spend limit",
+                   responses={200: BalanceOutput, **errors(400, 403, 409)})  # fmt: skip
     def patch(self, request):
         data = validated_input(BillingSettingsInput, request.data)
         billing_settings_update(organization=self.organization, **data)

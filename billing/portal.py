@@ -28,6 +28,8 @@ from billing.selectors import (
     account_currency,
     balance_by_day,
     billing_account_for_org,
+    currency_choices,
+    currency_lock_reason,
     invoices_for_org,
     ledger_for_org,
     month_start,
@@ -170,8 +172,22 @@ class BillingSettingsForm(forms.Form):
         help_text="Empty: no limit. New reservations that would go over it are refused.",
     )
 
-    def __init__(self, *args, currency: str, **kwargs):
+    def __init__(self, *args, currency: str, currency_choices: list[str] | None = None, **kwargs):
+        """`currency_choices`: more than one shows the billing currency as a choice (only
+        while it can still change)."""
         super().__init__(*args, **kwargs)
+        if currency_choices and len(currency_choices) > 1:
+            self.fields = {
+                "currency": forms.ChoiceField(
+                    label="Billing currency",
+                    choices=[(c, c.upper()) for c in currency_choices],
+                    initial=currency,
+                    help_text="What you are billed in and can book: only offers priced in it. "
+                    "It can be changed until money moves (a top-up or a booking); the "
+                    "amounts below are in the currency chosen here.",
+                ),
+                **self.fields,
+            }
         most = top_up_limits(currency)[1]
         self.fields["recharge_threshold"].help_text = (
             "Recharge, and warn, when the balance drops below this "
@@ -248,6 +264,15 @@ class BillingPage(PortalView, View):
         return render(request, f"portal/billing/{template}", shared | context, status=status)
 
 
+def _currency_choices(account, *, changing: bool = False) -> list[str]:
+    """The billing currencies the settings form offers: none (the currency is stated as text)
+    once it can no longer change or when only one is sold. A change posted (`changing`) keeps
+    the choice, so a refusal (money moved meanwhile) is shown on it."""
+    if not changing and currency_lock_reason(organization_id=account.organization_id):
+        return []
+    return currency_choices(account=account)
+
+
 class OverviewView(BillingPage):
     def get(self, request, form: BillingSettingsForm | None = None, status: int = 200):
         account = billing_account_get_or_create(organization=self.organization)
@@ -255,6 +280,7 @@ class OverviewView(BillingPage):
         if form is None:
             form = BillingSettingsForm(
                 currency=c,
+                currency_choices=_currency_choices(account) if self.can_write() else [],
                 initial={
                     "auto_recharge_enabled": account.auto_recharge_enabled,
                     "recharge_threshold": from_minor_units(account.recharge_threshold_minor, c),
@@ -298,7 +324,11 @@ class OverviewView(BillingPage):
 
     def post(self, request):
         account = billing_account_get_or_create(organization=self.organization)
-        form = BillingSettingsForm(request.POST, currency=account.currency)
+        form = BillingSettingsForm(
+            request.POST,
+            currency=account.currency,
+            currency_choices=_currency_choices(account, changing="currency" in request.POST),
+        )
         if form.is_valid():
             try:
                 billing_settings_update(organization=self.organization, **form.cleaned_data)

@@ -12,16 +12,20 @@ from billing.models import (
     Balance,
     BillingAccount,
     BillingNotice,
+    Hold,
+    HoldStatus,
     Invoice,
     LedgerEntry,
     LedgerKind,
     PaymentMethod,
     TopUp,
+    TopUpStatus,
     UsageAccrual,
 )
 from billing.money import ZERO_DECIMAL_CURRENCIES, from_minor_units, usage_cost_minor
 from config.replica import read_connection
 from marketplace.models import Organization, Tier
+from marketplace.selectors.reference import rate_card_currencies
 from marketplace.services.energy import EnergyEstimate, energy_estimate
 
 __all__ = [
@@ -39,6 +43,8 @@ __all__ = [
     "account_currency",
     "billing_account_for_org",
     "billing_currency_for_org",
+    "currency_choices",
+    "currency_lock_reason",
     "notices_for_org",
     "usage_row_energy",
     "reservations_charged",
@@ -157,6 +163,26 @@ def billing_currency_for_org(*, organization_id: int) -> str:
     return account_currency(
         BillingAccount.objects.filter(organization_id=organization_id).only("currency").first()
     )
+
+
+def currency_lock_reason(*, organization_id: int) -> str | None:
+    """Why the organisation's billing currency can no longer change (None: it still can):
+    money in it is on the ledger, held for bookings, or being charged as a top-up (whose
+    success would credit it onto a ledger in another). Read under the account's lock to
+    decide a change: the funding gate writes holds under it."""
+    if LedgerEntry.objects.filter(organization_id=organization_id).exists():
+        return "the ledger already holds money in it"
+    if Hold.objects.filter(organization_id=organization_id, status=HoldStatus.OPEN).exists():
+        return "reservations already hold money in it"
+    if TopUp.objects.filter(organization_id=organization_id, status=TopUpStatus.PENDING).exists():
+        return "a top-up in it is still being charged"
+    return None
+
+
+def currency_choices(*, account: BillingAccount | None) -> list[str]:
+    """The currencies a customer may bill the account in, sorted: those something is sold in
+    (marketplace rate cards) and its own."""
+    return sorted(rate_card_currencies() | {account_currency(account)})
 
 
 def ledger_for_org(*, organization: Organization) -> QuerySet[LedgerEntry]:

@@ -11,7 +11,12 @@ from rest_framework import serializers
 
 from billing.models import BillingMode, FundingState, TopUpStatus
 from billing.money import from_minor_units, top_up_limits
-from billing.selectors import month_start, spend_minor
+from billing.selectors import (
+    currency_choices,
+    currency_lock_reason,
+    month_start,
+    spend_minor,
+)
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.holds import money_position
 from config.api.serializers import Serializer
@@ -49,7 +54,18 @@ class MoneyField(serializers.Field):
 
 
 class BalanceOutput(Serializer):
-    currency = serializers.CharField()
+    currency = serializers.CharField(
+        help_text="The currency the organisation is billed in, which every booking is in."
+    )
+    currency_changeable = serializers.BooleanField(
+        help_text="Whether PATCH billing/settings may still change `currency`: only until "
+        "money moves (a top-up, a credit or a booking's hold in it)."
+    )
+    currency_choices = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The currencies PATCH billing/settings takes as `currency`: those something "
+        "is sold in, and this one (only this one once it can no longer change).",
+    )
     balance = serializers.CharField(help_text="Prepaid balance: the sum of the ledger.")
     accrued = serializers.CharField(
         help_text="Usage accrued by the second and not yet booked to the ledger (it is booked "
@@ -89,8 +105,11 @@ def balance_data(org) -> dict:
     c = account.currency
     position = money_position(organization_id=org.pk)
     top_up_min, top_up_max = top_up_limits(c)
+    changeable = currency_lock_reason(organization_id=org.pk) is None
     return {
         "currency": c,
+        "currency_changeable": changeable,
+        "currency_choices": currency_choices(account=account) if changeable else [c],
         "balance": money_text(position.balance, c),
         "accrued": money_text(position.accrued, c),
         "held": money_text(position.held, c),

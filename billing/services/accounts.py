@@ -10,14 +10,17 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, UsageAccrual
 from billing.money import (
+    from_minor_units,
     to_minor_units,
     to_minor_units_asked,
     top_up_limits,
     top_up_range_text,
 )
+from billing.selectors import currency_choices, currency_lock_reason
 from billing.services.usage import METERED_TIERS, reservations_book_now
 from billing.stripe_gateway import StripeGateway, get_gateway
-from config.errors import InvalidTransition, ValidationFailed
+from config.currency import currency_refusal
+from config.errors import Conflict, InvalidTransition, ValidationFailed
 from marketplace.models import Membership, Organization, Reservation, ReservationStatus, Role
 from marketplace.services.audit import audit_changes, audit_record
 
@@ -25,6 +28,7 @@ __all__ = [
     "billing_account_get_or_create",
     "stripe_customer_ensure",
     "billing_account_approve_postpaid",
+    "billing_currency_change_check",
     "billing_settings_check",
     "billing_settings_update",
 ]
@@ -124,28 +128,39 @@ _UNSET = object()
 def billing_settings_update(
     *,
     organization: Organization,
+    currency: str | None = None,
+    any_currency: bool = False,
     auto_recharge_enabled: bool | None = None,
     recharge_threshold: Decimal | None = None,
     recharge_amount: Decimal | None = None,
     monthly_spend_limit: "Decimal | None | object" = _UNSET,
 ) -> BillingAccount:
-    """The customer's own settings: automatic recharge and a monthly spend limit (None: none).
+    """The customer's own settings: the billing currency (before any money moves: see
+    billing_currency_change_check; `any_currency` for staff), automatic recharge and a monthly
+    spend limit (None: none). Amounts are in the currency the account is billed in after the
+    change.
 
     Automatic recharge is opt-in and needs a saved card; its amount and threshold are capped
     like a top-up in the account's currency (money.top_up_limits). Nothing changes when
     anything is refused.
     """
     billing_account_get_or_create(organization=organization)
+    # The funding gate's lock (billing.services.funding.billing_account_lock takes this row).
     account = BillingAccount.objects.select_for_update().get(organization=organization)
     before = _settings(account)
-    billing_settings_check(
-        currency=account.currency,
-        recharge_threshold=recharge_threshold,
-        recharge_amount=recharge_amount,
-        monthly_spend_limit=monthly_spend_limit,
-    )
-
+    given = {"recharge_threshold": recharge_threshold, "recharge_amount": recharge_amount}
+    given = {k: v for k, v in given.items() if v is not None}
+    if monthly_spend_limit is not _UNSET:
+        given["monthly_spend_limit"] = monthly_spend_limit
     fields = []
+    if currency is not None and currency != account.currency:
+        billing_currency_change_check(
+            account=account, currency=currency, any_currency=any_currency, **given
+        )
+        account.currency = currency
+        fields.append("currency")
+    billing_settings_check(currency=account.currency, **given)
+
     if recharge_threshold is not None:
         account.recharge_threshold_minor = to_minor_units_asked(
             recharge_threshold, account.currency, field="recharge_threshold"
@@ -216,9 +231,67 @@ def billing_settings_check(
         raise ValidationFailed("Must be zero or more.", field="monthly_spend_limit")
 
 
+def billing_currency_change_check(
+    *, account: BillingAccount, currency: str, any_currency: bool = False, **settings
+) -> None:
+    """Whether `account`, locked by the caller, may be billed in `currency` from now on, with
+    its settings as they will be: `settings` as billing_settings_check takes them, in major
+    units of `currency`; one not given keeps its minor units, which are another amount in
+    the new currency, so it must be within that currency's limits too.
+
+    Customers choose among the currencies something is sold in (currency_choices); staff
+    (`any_currency`) any Switchyard charges in. Refused once money has moved (Conflict
+    `currency_locked`, currency_lock_reason). The caller saves the change in the same
+    transaction, under the lock: the funding gate decides a booking and writes its hold, in
+    the account's currency, under it, so none can hold money in the old currency between.
+    """
+    if refusal := currency_refusal(currency):
+        raise ValidationFailed(refusal, code="invalid_currency", field="currency")
+    if currency == account.currency:
+        return
+    choices = currency_choices(account=account)
+    if not any_currency and currency not in choices:
+        raise ValidationFailed(
+            f"Nothing is sold in {currency.upper()}: choose one of "
+            f"{', '.join(c.upper() for c in choices)}.",
+            code="currency_not_sold",
+            field="currency",
+        )
+    if reason := currency_lock_reason(organization_id=account.organization_id):
+        raise Conflict(
+            f"The billing currency ({account.currency.upper()}) can no longer be changed: "
+            f"{reason}.",
+            code="currency_locked",
+            field="currency",
+        )
+    kept = {
+        "recharge_threshold": account.recharge_threshold_minor,
+        "recharge_amount": account.recharge_amount_minor,
+        "monthly_spend_limit": account.monthly_spend_limit_minor,
+    }
+    kept = {
+        name: from_minor_units(minor, currency)
+        for name, minor in kept.items()
+        if name not in settings and minor is not None
+    }
+    try:
+        billing_settings_check(currency=currency, **kept, **settings)
+    except ValidationFailed as exc:
+        if exc.field not in kept:
+            raise
+        amount = f"{kept[exc.field]:,} {currency.upper()}"
+        raise ValidationFailed(
+            f"{exc.message} Kept as it is, the {exc.field.replace('_', ' ')} would be {amount}: "
+            "set it in the same change.",
+            code=exc.code,
+            field=exc.field,
+        ) from None
+
+
 def _settings(account: BillingAccount) -> dict:
     """The customer's settings as the audit log shows them (minor units, as stored)."""
     return {
+        "currency": account.currency,
         "auto_recharge_enabled": account.auto_recharge_enabled,
         "recharge_threshold_minor": account.recharge_threshold_minor,
         "recharge_amount_minor": account.recharge_amount_minor,

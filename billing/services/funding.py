@@ -128,7 +128,8 @@ def commitment_authorize(
 
     The commitment must be in the account's currency (Conflict `currency_mismatch` if not).
     An account has its currency from the start, money or none: settings.CURRENCY when it is
-    created, which staff may change in the admin until its ledger holds money.
+    created, which the customer (or staff) may change until money moves, under this lock
+    (billing.services.accounts.billing_currency_change_check).
 
     Prepaid: the balance less open holds must cover it. Every organisation with a monthly spend
     limit: this month's charges, open holds and this must stay within it. The caller holds the

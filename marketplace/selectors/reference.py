@@ -15,7 +15,7 @@ from collections.abc import Callable
 from django.db.models.signals import post_delete, post_save
 
 from config.replica import primary_reads
-from inventory.models import GpuModel, Site
+from inventory.models import GpuModel, Site, SiteStatus
 from marketplace.models import PricingPolicy, RateCard
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "sites_by_id",
     "pricing_policy_current",
     "rate_card_for",
+    "rate_card_currencies",
 ]
 
 REFERENCE_TTL_SECONDS = 5.0
@@ -119,6 +120,19 @@ def rate_card_for(*, site_id: int, gpu_model_id: int) -> RateCard | None:
     """The site's own rate card for the model, else the model's default, else None."""
     cards = _cached(("rate_cards",), _rate_cards)
     return cards.get((gpu_model_id, site_id)) or cards.get((gpu_model_id, None))
+
+
+def rate_card_currencies() -> frozenset[str]:
+    """The currencies something is sold in: those of the rate cards in force (a model's
+    default, or a site's own unless the site is retired)."""
+    cards = _cached(("rate_cards",), _rate_cards).values()
+    sites = _cached(("sites",), _sites)["pk"]
+    return frozenset(
+        card.currency
+        for card in cards
+        if card.site_id is None
+        or (card.site_id in sites and sites[card.site_id].status != SiteStatus.RETIRED)
+    )
 
 
 for _model in (GpuModel, Site, RateCard, PricingPolicy):

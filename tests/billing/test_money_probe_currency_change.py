@@ -92,7 +92,8 @@ def test_a_currency_change_is_refused_while_a_top_up_in_the_old_one_is_being_cha
 
     assert response.status_code == 200
     assert response.context["adminform"].form.errors["currency"] == [
-        "A top-up in this currency is still being charged."
+        "The billing currency (USD) can no longer be changed: a top-up in it is still being "
+        "charged."
     ]
     account.refresh_from_db()
     assert account.currency == "usd"
