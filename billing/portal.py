@@ -330,8 +330,17 @@ class OverviewView(BillingPage):
             currency_choices=_currency_choices(account, changing="currency" in request.POST),
         )
         if form.is_valid():
+            asked = dict(form.cleaned_data)
+            if asked.get("currency", account.currency) != account.currency:
+                # Amounts left as the page showed them (in the old currency) are not asked:
+                # defaults become the new currency's (billing_settings_update), not the same
+                # figure in it.
+                for name in ("recharge_threshold", "recharge_amount"):
+                    shown = from_minor_units(getattr(account, f"{name}_minor"), account.currency)
+                    if asked.get(name) == shown:
+                        del asked[name]
             try:
-                billing_settings_update(organization=self.organization, **form.cleaned_data)
+                billing_settings_update(organization=self.organization, **asked)
             except ApplicationError as exc:
                 _form_error(form, exc)
             else:

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, BillingMode, UsageAccrual
 from billing.money import (
+    default_recharge_settings,
     from_minor_units,
     to_minor_units,
     to_minor_units_asked,
@@ -154,6 +155,7 @@ def billing_settings_update(
         given["monthly_spend_limit"] = monthly_spend_limit
     fields = []
     if currency is not None and currency != account.currency:
+        given = {**_defaults_carried(account, currency), **given}
         billing_currency_change_check(
             account=account, currency=currency, any_currency=any_currency, **given
         )
@@ -161,16 +163,14 @@ def billing_settings_update(
         fields.append("currency")
     billing_settings_check(currency=account.currency, **given)
 
-    if recharge_threshold is not None:
-        account.recharge_threshold_minor = to_minor_units_asked(
-            recharge_threshold, account.currency, field="recharge_threshold"
-        )
-        fields.append("recharge_threshold_minor")
-    if recharge_amount is not None:
-        account.recharge_amount_minor = to_minor_units_asked(
-            recharge_amount, account.currency, field="recharge_amount"
-        )
-        fields.append("recharge_amount_minor")
+    for name in ("recharge_threshold", "recharge_amount"):
+        if name in given:
+            setattr(
+                account,
+                f"{name}_minor",
+                to_minor_units_asked(given[name], account.currency, field=name),
+            )
+            fields.append(f"{name}_minor")
     if monthly_spend_limit is not _UNSET:
         account.monthly_spend_limit_minor = (
             None
@@ -229,6 +229,26 @@ def billing_settings_check(
         )
     if monthly_spend_limit not in (_UNSET, None) and monthly_spend_limit < 0:
         raise ValidationFailed("Must be zero or more.", field="monthly_spend_limit")
+
+
+def _recharge_defaults(currency: str) -> tuple[Decimal, Decimal]:
+    """The recharge threshold and amount a new account in `currency` gets (major units)."""
+    if currency == settings.CURRENCY:
+        return settings.BILLING_DEFAULT_RECHARGE_THRESHOLD, settings.BILLING_DEFAULT_RECHARGE_AMOUNT
+    return default_recharge_settings(currency)
+
+
+def _defaults_carried(account: BillingAccount, currency: str) -> dict[str, Decimal]:
+    """A recharge threshold or amount still at its default in the account's currency becomes
+    the default in `currency` (50 USD becomes 43 EUR or 7,600 JPY, not 50 of them)."""
+    carried = {}
+    if currency_refusal(currency):
+        return carried  # refused as such by billing_currency_change_check
+    olds, news = _recharge_defaults(account.currency), _recharge_defaults(currency)
+    for name, old, new in zip(("recharge_threshold", "recharge_amount"), olds, news, strict=True):
+        if getattr(account, f"{name}_minor") == to_minor_units(old, account.currency):
+            carried[name] = new
+    return carried
 
 
 def billing_currency_change_check(

@@ -74,12 +74,17 @@ def test_a_new_customer_chooses_euros_and_the_change_is_audited(org, owner, euro
     assert response.status_code == 200, response.json()
     assert (response.json()["currency"], response.json()["currency_changeable"]) == ("eur", True)
     account = BillingAccount.objects.get(organization=org)
-    # The recharge settings keep their minor units: 50.00 and 100.00 dollars, as many euros.
+    # The recharge settings were the dollar defaults (50.00 and 100.00): now the euro ones.
     assert (account.currency, account.recharge_threshold_minor, account.recharge_amount_minor) == (
-        "eur", 5000, 10000,
+        "eur", 4300, 8600,
     )  # fmt: skip
     entry = AuditEntry.objects.get(organization=org, action="billing_settings.update")
-    assert entry.changes == {"before": {"currency": "usd"}, "after": {"currency": "eur"}}
+    assert entry.changes == {
+        "before": {"currency": "usd", "recharge_threshold_minor": 5000,
+                   "recharge_amount_minor": 10000},
+        "after": {"currency": "eur", "recharge_threshold_minor": 4300,
+                  "recharge_amount_minor": 8600},
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -366,10 +371,13 @@ def test_staff_change_to_any_currency_through_the_service_and_it_is_audited(staf
     account.refresh_from_db()
     assert (account.currency, account.recharge_amount_minor) == ("chf", 3000)
     entry = AuditEntry.objects.get(organization=org, action="billing_settings.update")
+    # The threshold, still the dollar default (50.00), became the franc default (40.00).
     assert entry.changes == {
-        "before": {"currency": "usd", "recharge_amount_minor": 10000},
-        "after": {"currency": "chf", "recharge_amount_minor": 3000},
-    }
+        "before": {"currency": "usd", "recharge_threshold_minor": 5000,
+                   "recharge_amount_minor": 10000},
+        "after": {"currency": "chf", "recharge_threshold_minor": 4000,
+                  "recharge_amount_minor": 3000},
+    }  # fmt: skip
 
 
 def test_staff_see_the_services_refusal_on_the_currency(staff_client, org):
@@ -445,3 +453,22 @@ def test_a_currency_chosen_while_a_booking_is_decided_leaves_no_hold_in_another_
     assert BillingAccount.objects.get(organization=org).currency == "eur"
     assert not Hold.objects.filter(organization=org, status=HoldStatus.OPEN).exists()
     assert not Reservation.objects.filter(organization=org).exists()
+
+
+def test_amounts_left_as_shown_become_the_new_currencys_defaults(org, owner_client, euros):
+    """The page showed the dollar defaults (50.00 and 100.00) and they were sent back as they
+    were: the euro defaults (43.00 and 86.00), not 50 and 100 euros; a changed one is kept."""
+    shown = {**PORTAL_SETTINGS, "recharge_threshold": "50.00", "recharge_amount": "100.00"}
+
+    response = owner_client.post("/billing/", {**shown, "currency": "eur"})
+
+    assert response.status_code == 302
+    account = BillingAccount.objects.get(organization=org)
+    assert (account.recharge_threshold_minor, account.recharge_amount_minor) == (4300, 8600)
+
+    BillingAccount.objects.filter(organization=org).update(
+        currency="usd", recharge_threshold_minor=5000, recharge_amount_minor=10000
+    )
+    owner_client.post("/billing/", {**shown, "recharge_amount": "120.00", "currency": "eur"})
+    account.refresh_from_db()
+    assert (account.recharge_threshold_minor, account.recharge_amount_minor) == (4300, 12000)
