@@ -3,10 +3,8 @@ billing settings) before any money moves, among those something is sold in; staf
 the admin through the same service (billing_currency_change_check)."""
 
 import threading
-import time
 
 import pytest
-from django.db import connection
 from django.urls import reverse
 
 from billing.models import (
@@ -27,7 +25,7 @@ from tests.billing.conftest import make_reservation
 from tests.factories import GpuModelFactory, MembershipFactory, SiteFactory
 from tests.marketplace.api_fixtures import key_client, session_client
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
-from tests.races import run_together
+from tests.races import run_together, until_a_backend_waits_for_this_one
 
 pytestmark = pytest.mark.django_db
 
@@ -412,36 +410,23 @@ def test_a_currency_chosen_while_a_booking_is_decided_leaves_no_hold_in_another_
     make_policy()
     make_nodes(SiteFactory(), model, 1, gpus=8)
     BillingAccount.objects.filter(organization=org).update(mode=BillingMode.POSTPAID)
-    checked, booked = threading.Event(), threading.Event()
-    booking_pid: list[int] = []
+    checked = threading.Event()
     original_check = accounts.billing_currency_change_check
 
     def check_then_let_the_booking_in(**kwargs):
         original_check(**kwargs)
         checked.set()
-        deadline = time.monotonic() + 10
-        while not booked.is_set() and time.monotonic() < deadline:
-            with connection.cursor() as cur:  # the booking waits for a lock: go on and save
-                cur.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", booking_pid)
-                if cur.fetchone():
-                    break
-            time.sleep(0.01)
+        until_a_backend_waits_for_this_one()  # the booking waits for the lock: go on and save
 
     monkeypatch.setattr(accounts, "billing_currency_change_check", check_then_let_the_booking_in)
     client = key_client(org, scopes=(ApiKeyScope.READ, ApiKeyScope.BILLING))
     responses = []
 
     def book():
-        with connection.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            booking_pid.append(cur.fetchone()[0])
         assert checked.wait(10)
-        try:
-            reservation_create(organization=org, gpu_model=model.slug, gpu_count=1,
-                               tier="reserved", term="1w", starts_at=tomorrow(24 * 8),
-                               ends_at=tomorrow(24 * 8 + 168))  # fmt: skip
-        finally:
-            booked.set()
+        reservation_create(organization=org, gpu_model=model.slug, gpu_count=1,
+                           tier="reserved", term="1w", starts_at=tomorrow(24 * 8),
+                           ends_at=tomorrow(24 * 8 + 168))  # fmt: skip
 
     def choose_euros():
         responses.append(client.patch(SETTINGS_URL, {"currency": "eur"}, format="json"))

@@ -9,12 +9,10 @@ winner where one is allowed, and the ledger still adds up to the balance.
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
 import threading
-import time
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
@@ -50,7 +48,7 @@ from tests.clients import HttpsClient
 from tests.factories import UserFactory
 from tests.marketplace.api_fixtures import key_client
 from tests.marketplace.market_helpers import tomorrow
-from tests.races import run_together
+from tests.races import run_together, until_a_backend_waits_for_this_one
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the threads see committed rows
 
@@ -396,34 +394,21 @@ def test_a_currency_change_in_the_admin_racing_a_booking_leaves_no_hold_in_anoth
     url = reverse("admin:billing_billingaccount_change", args=[account.pk])
     form = {"currency": "eur", "recharge_threshold_minor": account.recharge_threshold_minor,
             "recharge_amount_minor": account.recharge_amount_minor}  # fmt: skip
-    checked, booked = threading.Event(), threading.Event()
-    booking_pid: list[int] = []
+    checked = threading.Event()
     original_clean = BillingAccountAdminForm.clean
 
     def clean_then_let_the_booking_in(self):
         cleaned = original_clean(self)
         checked.set()
-        deadline = time.monotonic() + 10
-        while not booked.is_set() and time.monotonic() < deadline:
-            with connection.cursor() as cur:  # the booking waits for a lock: go on and save
-                cur.execute("SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted", booking_pid)
-                if cur.fetchone():
-                    break
-            time.sleep(0.01)
+        until_a_backend_waits_for_this_one()  # the booking waits for the lock: go on and save
         return cleaned
 
     monkeypatch.setattr(BillingAccountAdminForm, "clean", clean_then_let_the_booking_in)
     responses = []
 
     def book():
-        with connection.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid()")
-            booking_pid.append(cur.fetchone()[0])
         assert checked.wait(10)
-        try:
-            term(org, capacity)
-        finally:
-            booked.set()
+        term(org, capacity)
 
     outcomes = run_together(lambda: responses.append(client.post(url, form).status_code), book)
 
