@@ -108,7 +108,12 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 
 def env_database(
-    name: str, default: str, *, prepared_statements: bool = True, connect_timeout: int = 5
+    name: str,
+    default: str,
+    *,
+    prepared_statements: bool = True,
+    connect_timeout: int = 5,
+    conn_max_age: int = 60,
 ) -> dict:
     """Parse a postgres://user:pass@host:port/name URL into a Django DATABASES entry.
 
@@ -117,6 +122,9 @@ def env_database(
     planned once per connection instead of per request; their planning cost more than their
     execution. Turn it off behind a pooler in transaction mode that does not track prepared
     statements (PgBouncer before 1.21, or without max_prepared_statements).
+
+    conn_max_age: seconds a connection is kept for the next request of its thread (0: closed
+    after each request, for a server that starts a thread per client connection).
 
     connect_timeout: seconds to wait for a connection, so a server that accepts TCP and then
     hangs makes requests (and /readyz) fail fast with 503 instead of hanging a worker.
@@ -141,7 +149,7 @@ def env_database(
         "PASSWORD": unquote(parsed.password or ""),
         "HOST": parsed.hostname or "",
         "PORT": str(port),
-        "CONN_MAX_AGE": 60,
+        "CONN_MAX_AGE": conn_max_age,
         "CONN_HEALTH_CHECKS": True,
         "OPTIONS": {
             "connect_timeout": connect_timeout,

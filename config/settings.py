@@ -114,6 +114,7 @@ DATABASES = {
         "postgres://postgres@127.0.0.1:5432/switchyard",
         prepared_statements=env_bool("DATABASE_PREPARED_STATEMENTS", True),
         connect_timeout=env_int("DATABASE_CONNECT_TIMEOUT", 5, minimum=1),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
     )
 }
 # A PostgreSQL streaming replica for reads that tolerate a little staleness (search, lists,

@@ -169,8 +169,13 @@ def main() -> int:
 
         bin_dir = os.path.dirname(sys.executable)
         celery = os.path.join(bin_dir, "celery")
+        # The development server gives each client connection a thread of its own, and each
+        # site agent keeps one open: with connections kept for the next request, every agent
+        # held a database connection (near PostgreSQL's 100 with the demo's nodes).
         web = supervisor.start(
-            "web", [sys.executable, "manage.py", "runserver", f"{HOST}:{port}"], env=env
+            "web",
+            [sys.executable, "manage.py", "runserver", f"{HOST}:{port}"],
+            env={**env, "DATABASE_CONN_MAX_AGE": "0"},
         )
         # Warnings and errors only: at "info", beat's due tasks every few seconds and the
         # workers' lines for each pushed the banner below out of sight at once. Celery's -l

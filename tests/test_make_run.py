@@ -116,6 +116,16 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(smoke_env):
         later = output[after_banner:]
         assert not [line for line in later if "due task" in line or "succeeded in" in line], later
 
+        # Every site agent keeps its HTTP connection to the development server open: none may
+        # hold a database connection between its requests (near PostgreSQL's 100 before).
+        with psycopg.connect(urlunparse(urlparse(smoke_env["DATABASE_URL"])._replace(
+                path="/postgres")), autocommit=True) as conn:  # fmt: skip
+            held = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                [urlparse(smoke_env["DATABASE_URL"]).path.lstrip("/")],
+            ).fetchone()[0]
+        assert held <= 20, held
+
         descendants = psutil.Process(run.pid).children(recursive=True)
         commands = [_command_line(p) for p in descendants]
         for expected in ("runserver", "worker", "beat", "localstripe_server.py"):
