@@ -476,6 +476,9 @@ class DryRunExecutor:
     def notices_apply(self, notices: list[dict]) -> None:
         return None
 
+    def storage_full(self) -> str | None:
+        return None
+
 
 def _ssh_keys(payload: dict) -> list[str]:
     """The workload's SSH public keys, one line each whatever the server let through: a key
@@ -610,14 +613,31 @@ class ContainerExecutor:
         not on a path the error names, which may be quoted text or inside the image)."""
         if DISK_FULL_TEXT not in error.lower():
             return None
+        verdict = self._storage_verdict()
+        if verdict is None:  # nothing to judge by but the runtime's word
+            return _DiskVerdict(full=True, where=disk_text(self._storage_paths()[0], None))
+        return verdict
+
+    def _storage_verdict(self) -> _DiskVerdict | None:
+        """The fullest of the runtime's storage paths now, and whether it is full
+        (DISK_FULL_FREE_SHARE); None when none of them can be measured."""
         measured = [(path, disk_space(path)) for path in self._storage_paths()]
         known = [(path, space) for path, space in measured if space is not None and space[1] > 0]
-        if not known:  # nothing to judge by but the runtime's word
-            return _DiskVerdict(full=True, where=disk_text(measured[0][0], None))
+        if not known:
+            return None
         path, space = min(known, key=lambda m: m[1][0] / m[1][1])
         return _DiskVerdict(
             full=space[0] < space[1] * DISK_FULL_FREE_SHARE, where=disk_text(path, space)
         )
+
+    def storage_full(self) -> str | None:
+        """What is wrong when the runtime's storage is full now (None when it has room or cannot
+        be measured): a node whose disk is full fails every workload alike, whatever else a
+        burn-in finds healthy."""
+        verdict = self._storage_verdict()
+        if verdict is None or not verdict.full:
+            return None
+        return f"The node's disk is full ({verdict.where})"
 
     def runtime_usable(self) -> bool:
         """Whether the runtime answers at all (daemon up, storage readable)."""
@@ -1475,7 +1495,18 @@ class Agent:
         logger.info(
             "burn-in %s: %s (limit %s s)", job["id"], job["command"], job["time_limit_seconds"]
         )
-        result = _burn_in.burn_in_run(job)
+        full = getattr(self.executor, "storage_full", lambda: None)()
+        if full:
+            # The GPUs may be fine, but a passed burn-in would put the node back on sale with no
+            # room for the next workload's image: it fails here, saying why.
+            result = {
+                "exit_code": None,
+                "timed_out": False,
+                "output": f"{full}: the burn-in was not run. Free room on it, then queue "
+                "another burn-in.",
+            }
+        else:
+            result = _burn_in.burn_in_run(job)
         code, body = self.client.post(
             f"agent/burn-ins/{job['id']}/result",
             {k: result[k] for k in ("exit_code", "timed_out", "output")},

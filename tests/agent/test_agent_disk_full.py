@@ -14,7 +14,8 @@ import pytest
 import switchyard_agent
 from switchyard_agent import Agent, AgentClient, ContainerExecutor, ExecutorError
 
-from inventory.models import NodeStatus
+from inventory.burn_in import burn_in_request
+from inventory.models import BurnIn, NodeStatus
 from inventory.services import node_token_issue
 from marketplace.models import AgentJob, AgentJobStatus, Allocation, ReservationStatus
 from marketplace.provisioning.drivers import SiteAgentDriver
@@ -247,7 +248,8 @@ def test_a_full_disk_takes_the_node_out_of_sale_and_moves_the_reservation(
 ):
     """Through the API: the agent's failure is a node failure, the node goes to maintenance
     (where it gets no prepare or start job, heartbeats or not, until staff or a burn-in
-    return it), and the reservation moves to the other node, nothing charged."""
+    return it), and the reservation moves to the other node, nothing charged; a burn-in
+    returns it only once its disk has room."""
     market = market_create(nodes=2, gpus=4)
     r = market.book(gpu_count=1, workload={"image": IMAGE})
     driver = SiteAgentDriver()
@@ -280,6 +282,30 @@ def test_a_full_disk_takes_the_node_out_of_sale_and_moves_the_reservation(
     node.refresh_from_db()
     assert node.status == NodeStatus.MAINTENANCE
     assert agent.lease() is None
+
+    # A burn-in checks the GPUs, not the disk: while the disk is still full it fails without
+    # running, saying why, and the node stays out of sale.
+    node.site.burn_in_command = f"sh -c 'echo ran >> {tmp_path / 'burn.log'}'"
+    node.site.save(update_fields=["burn_in_command"])
+    burn_in_request(node=node, reason="disk cleaned?", requested_by="ops")
+    assert agent.burn_in_one() is True
+    burn_in = BurnIn.objects.get(node=node)
+    assert (burn_in.status, burn_in.exit_code, burn_in.timed_out) == ("failed", None, False)
+    assert burn_in.output == (
+        "The node's disk is full (/srv/containers/storage: 120.0 MiB free of 200.0 GiB): the "
+        "burn-in was not run. Free room on it, then queue another burn-in."
+    )
+    assert not (tmp_path / "burn.log").exists()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.MAINTENANCE
+    # Room freed: the next burn-in runs, passes and returns the node to sale.
+    _disks(monkeypatch, {"/srv/containers/storage": ROOMY, "/var/tmp": ROOMY})
+    burn_in_request(node=node, reason="images pruned", requested_by="ops")
+    assert agent.burn_in_one() is True
+    assert BurnIn.objects.filter(node=node).latest("pk").status == "passed"
+    assert (tmp_path / "burn.log").read_text() == "ran\n"
+    node.refresh_from_db()
+    assert node.status == NodeStatus.AVAILABLE
 
 
 def test_the_failure_report_says_node_failure(tmp_path, monkeypatch):
