@@ -91,8 +91,9 @@ KEPT_CAPABILITIES = (
 PIDS_LIMIT = 8192
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARS = 1500
-# ENOSPC as podman, docker (Go) and the C library word it, in any case.
-DISK_FULL_TEXT = "no space left on device"
+# ENOSPC and EDQUOT (an XFS project quota on the runtime's storage reads as a full disk) as
+# podman, docker (Go) and the C library word them, in any case.
+DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded")
 # A runtime's write refused for want of space is the node's fault when the runtime's storage has
 # less than this share of its disk free, measured after the failure (a runtime may have removed
 # what it wrote of the pull). With more free, the image alone needs more than the room, and would fail on
@@ -611,7 +612,7 @@ class ContainerExecutor:
         """For a runtime's error that says a write found no space (None for any other): whether
         the disk is full, judged on the fullest of its storage paths now (DISK_FULL_FREE_SHARE;
         not on a path the error names, which may be quoted text or inside the image)."""
-        if DISK_FULL_TEXT not in error.lower():
+        if not any(text in error.lower() for text in DISK_FULL_TEXTS):
             return None
         verdict = self._storage_verdict()
         if verdict is None:  # nothing to judge by but the runtime's word
@@ -828,7 +829,7 @@ class ContainerExecutor:
             except OSError as exc:
                 # The state directory is unusable (a full or read-only disk, a file in its
                 # place): the node's fault, and every start here would fail alike.
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise ExecutorError(
                         f"The node's disk is full "
                         f"({disk_text(self.state_dir, disk_space(self.state_dir))}): "

@@ -146,14 +146,33 @@ def test_creating_the_container_on_a_full_disk_is_a_node_failure(tmp_path, monke
     )
 
 
+def test_a_quota_on_the_runtimes_storage_used_up_is_a_full_disk(tmp_path, monkeypatch):
+    """EDQUOT: an XFS project quota on the storage folder reads as that folder's disk."""
+    quota = (
+        'Error: writing blob: adding layer with blob "sha256:4f4f": processing tar file'
+        "(write /usr/lib/libcudnn.so.9: disk quota exceeded): exit status 1"
+    )
+    executor = _executor(tmp_path, pull_error=quota)
+    _disks(monkeypatch, {"/srv/containers/storage": FULL, "/var/tmp": ROOMY})
+
+    with pytest.raises(ExecutorError) as failed:
+        executor.run("prepare", _payload(), no_progress)
+
+    assert failed.value.node_failure is True
+    assert str(failed.value).startswith(
+        "The node's disk is full (/srv/containers/storage: 120.0 MiB free of 200.0 GiB): "
+    )
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 def test_the_agents_own_write_on_a_full_disk_is_a_node_failure_naming_its_free_space(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, code
 ):
     executor = _executor(tmp_path)
     _disks(monkeypatch, {str(tmp_path / "state"): FULL})
 
     def disk_full(path, text, *, mode):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise OSError(code, os.strerror(code), str(path))
 
     monkeypatch.setattr(switchyard_agent, "_write_atomic", disk_full)
 
@@ -163,7 +182,7 @@ def test_the_agents_own_write_on_a_full_disk_is_a_node_failure_naming_its_free_s
     assert failed.value.node_failure is True
     assert str(failed.value) == (
         f"The node's disk is full ({tmp_path / 'state'}: 120.0 MiB free of 200.0 GiB): "
-        f"cannot write {tmp_path / 'state' / 'sy-rsv_disk'}: No space left on device"
+        f"cannot write {tmp_path / 'state' / 'sy-rsv_disk'}: {os.strerror(code)}"
     )
     assert "run" not in _calls(tmp_path)  # nothing started
 
