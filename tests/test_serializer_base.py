@@ -10,7 +10,12 @@ import pkgutil
 import pytest
 from rest_framework import serializers
 
-from config.api.serializers import Serializer
+from config.api.serializers import (
+    MAX_ITEMS,
+    MAX_UNKNOWN_REPORTED,
+    LenientSerializer,
+    Serializer,
+)
 
 PACKAGES = ("billing", "config", "inventory", "marketplace")
 
@@ -139,3 +144,71 @@ def test_fields_holding_fields_are_copied_whole(field):
     inner = "child" if hasattr(held_one, "child") else None
     if inner:
         assert getattr(held_one, inner) is not getattr(held_two, inner)
+
+
+class _CountedInteger(serializers.IntegerField):
+    """An IntegerField that counts the items it reads (class-wide: fields are copied)."""
+
+    reads = 0
+
+    def to_internal_value(self, data):
+        type(self).reads += 1
+        return super().to_internal_value(data)
+
+
+class _Bounded(Serializer):
+    name = serializers.CharField(max_length=5)
+    ports = serializers.ListField(child=_CountedInteger(), max_length=16)
+    tags = serializers.ListField(child=_CountedInteger(), required=False)
+    env = serializers.DictField(child=_CountedInteger(), required=False)
+
+
+class _LenientBounded(LenientSerializer):
+    tags = serializers.ListField(child=_CountedInteger(), required=False)
+
+
+@pytest.fixture
+def reads():
+    _CountedInteger.reads = 0
+    yield lambda: _CountedInteger.reads
+
+
+def test_a_list_over_its_max_length_is_refused_unread_beside_the_other_errors(reads):
+    # DRF read all 400,000 items (an error built for each) before looking at max_length.
+    serializer = _Bounded(data={"name": "toolong", "ports": ["x"] * 400_000})
+    assert not serializer.is_valid()
+    assert reads() == 0
+    assert set(serializer.errors) == {"name", "ports"}
+    assert serializer.errors["ports"][0].code == "max_length"
+    assert str(serializer.errors["ports"][0]) == "Ensure this field has no more than 16 elements."
+
+
+def _items(field: str, count: int):
+    return [1] * count if field == "tags" else {f"K{i}": 1 for i in range(count)}
+
+
+@pytest.mark.parametrize("field", ["tags", "env"])
+def test_a_collection_without_a_max_length_takes_at_most_max_items(reads, field):
+    serializer = _Bounded(data={"name": "ok", "ports": [1], field: _items(field, MAX_ITEMS + 1)})
+    assert not serializer.is_valid()
+    assert reads() == 1  # the one port
+    assert list(serializer.errors) == [field]
+    assert serializer.errors[field][0].code == "max_length"
+    assert f"no more than {MAX_ITEMS} elements" in str(serializer.errors[field][0])
+    at_most = _Bounded(data={"name": "ok", "ports": [1], field: _items(field, MAX_ITEMS)})
+    assert at_most.is_valid(), at_most.errors
+    assert len(at_most.validated_data[field]) == MAX_ITEMS
+
+
+def test_the_agents_lenient_protocol_has_no_ceiling_of_its_own():
+    serializer = _LenientBounded(data={"tags": [1] * (MAX_ITEMS + 1)})
+    assert serializer.is_valid(), serializer.errors
+    assert len(serializer.validated_data["tags"]) == MAX_ITEMS + 1
+
+
+def test_at_most_max_unknown_reported_unknown_keys_are_named():
+    body = {"name": "ok", "ports": [1], **{f"k{i:06d}": 1 for i in range(200_000)}}
+    serializer = _Bounded(data=body)
+    assert not serializer.is_valid()
+    assert sorted(serializer.errors) == [f"k{i:06d}" for i in range(MAX_UNKNOWN_REPORTED)]
+    assert {e[0].code for e in serializer.errors.values()} == {"unknown_field"}

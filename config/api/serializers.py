@@ -29,6 +29,13 @@ Text is a JSON string: a number or a boolean sent for it is refused, not kept as
 These refusals come in one answer with DRF's own errors for the other fields.
 Dates and times are read from 2000 to 2099 only (config.dates).
 
+A list or an object given for a field is counted before its items are read: DRF reads every
+item (an error built for each bad one) before it checks the field's max_length, so a 2.5 MB
+body of 400,000 ports cost seconds of CPU to refuse. One over the field's max_length (else,
+in the public API's serializers, over MAX_ITEMS) is refused unread (400 max_length). An
+answer names at most MAX_UNKNOWN_REPORTED unknown keys of one object, so a body of 200,000
+of them is not answered with 23 MB.
+
 Output: an amount of money is written by AmountField, in its currency's own decimals.
 """
 
@@ -47,7 +54,19 @@ from rest_framework.settings import api_settings
 from config.currency import money_round
 from config.dates import OUT_OF_RANGE, within_bounds
 
-__all__ = ["AmountField", "LenientSerializer", "Serializer", "amount_text"]
+__all__ = [
+    "AmountField",
+    "LenientSerializer",
+    "MAX_ITEMS",
+    "MAX_UNKNOWN_REPORTED",
+    "Serializer",
+    "amount_text",
+]
+
+# The most items a list or object field of the public API takes where it sets no max_length
+# of its own (more than any documented field needs: event types, scopes, environment).
+MAX_ITEMS = 1000
+MAX_UNKNOWN_REPORTED = 20
 
 
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
@@ -75,7 +94,11 @@ class Serializer(serializers.Serializer):
     def to_internal_value(self, data):
         # What DRF would let through (an unknown key, a loosely read number) is refused beside
         # DRF's own errors, so one answer names every field that is wrong.
+        oversized = self._oversized(data) if isinstance(data, dict) else {}
+        if oversized:  # left out unread; the other fields are still checked, in one answer
+            data = {key: value for key, value in data.items() if key not in oversized}
         refused = self._strict_errors(data) if isinstance(data, dict) else {}  # a QueryDict too
+        refused.update(oversized)
         try:
             result = super().to_internal_value(data)
         except OverflowError:  # a time whose offset takes it past year 9999
@@ -95,12 +118,31 @@ class Serializer(serializers.Serializer):
                 raise ValidationError({name: [ErrorDetail(OUT_OF_RANGE, code="out_of_range")]})
         return result
 
+    def _oversized(self, data: dict) -> dict[str, list[ErrorDetail]]:
+        """The list and object fields given more items than they take, counted unread."""
+        if isinstance(data, QueryDict):
+            return {}
+        refused = {}
+        for name, field in self.fields.items():
+            value = data.get(name)
+            collection = isinstance(field, serializers.ListField | serializers.DictField)
+            if field.read_only or not collection or not isinstance(value, list | dict):
+                continue  # not a collection field, or DRF says what is wrong with the value
+            most = getattr(field, "max_length", None)
+            if most is None and self.refuse_unknown_fields:
+                most = MAX_ITEMS
+            if most is not None and len(value) > most:
+                message = serializers.ListField.default_error_messages["max_length"]
+                refused[name] = [ErrorDetail(message.format(max_length=most), code="max_length")]
+        return refused
+
     def _strict_errors(self, data: dict) -> dict[str, list[ErrorDetail]]:
         fields, refused = self.fields, {}
         if self.refuse_unknown_fields and not isinstance(data, QueryDict):
-            for key in sorted(k for k in data if k not in fields or fields[k].read_only):
-                name = str(key)[:100]
-                takes = ", ".join(sorted(n for n, f in fields.items() if not f.read_only))
+            unknown = sorted(str(k) for k in data if k not in fields or fields[k].read_only)
+            takes = ", ".join(sorted(n for n, f in fields.items() if not f.read_only))
+            for key in unknown[:MAX_UNKNOWN_REPORTED]:
+                name = key[:100]
                 refused[name] = [ErrorDetail(f"Unknown field {name!r}; this request takes "
                                              f"{takes}.", code="unknown_field")]  # fmt: skip
         strict = self.refuse_unknown_fields  # the agents' protocol sends Xid codes as numbers

@@ -3,6 +3,7 @@
 
 import pytest
 
+from config.api.serializers import MAX_UNKNOWN_REPORTED
 from marketplace.models import (
     Allocation,
     ApiKey,
@@ -425,3 +426,28 @@ def test_one_answer_names_every_field_that_is_wrong(owner_client, market):
 def test_filter_times_are_read_from_2000_to_2099(owner_client, market, query):
     field = query.split("?")[1].split("=")[0]
     assert_error(owner_client.get(query), 400, "out_of_range", field)
+
+
+def test_a_list_far_over_its_limit_is_refused_unread_and_writes_nothing(owner_client, market):
+    # 400,000 ports in a 2 MB body: DRF read (and refused) each one before counting them,
+    # 17 s of a web worker's CPU for one request.
+    before = counts()
+    body = {**reservation_body(), "workload": {"image": "x", "ports": ["a"] * 400_000}}
+    response = owner_client.post("/api/v1/reservations", body, format="json")
+    error = assert_error(response, 400, "max_length", "workload.ports")
+    assert error["message"] == "Ensure this field has no more than 16 elements."
+    assert "errors" not in error
+    assert counts() == before
+
+
+def test_an_answer_names_at_most_max_unknown_reported_unknown_fields(owner_client, market):
+    # Each of 150,000 unknown keys was named, with the fields the request takes: 17 MB back.
+    before = counts()
+    body = {"name": "x", "public_key": ssh_key(), **{f"k{i:06d}": 1 for i in range(150_000)}}
+    response = owner_client.post("/api/v1/ssh-keys", body, format="json")
+    error = assert_error(response, 400, "unknown_field", "k000000")
+    assert [e["field"] for e in error["errors"]] == [
+        f"k{i:06d}" for i in range(MAX_UNKNOWN_REPORTED)
+    ]
+    assert len(response.content) < 20_000
+    assert counts() == before
