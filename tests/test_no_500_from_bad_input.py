@@ -218,3 +218,34 @@ def test_a_plain_body_is_let_through_without_parsing():
     assert not _plainly_fine(heartbeat.encode("utf-16"))  # NUL bytes: parsed and walked
     assert not _plainly_fine(b'{"a": "\\u0000"}')
     assert not _plainly_fine(("[" * (MAX_JSON_DEPTH + 1)).encode())
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", ""])
+def test_a_body_over_the_size_limit_is_413_on_every_route_whatever_its_type(
+    clients, settings, content_type
+):
+    """Said from its Content-Length before any view reads it: the Stripe webhook, which reads
+    its body for the signature, answered a text/plain one with Django's bare 400 page."""
+    session, agent = clients
+    raw = b"x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)
+    for template in ROUTES:
+        client = agent if template.startswith("api/v1/agent/") else session
+        path = _path(template, "abc")
+        response = client.generic("POST", path, raw, content_type=content_type)
+        assert response.status_code == 413, f"POST {path}: {response.status_code}"
+        if path.startswith("/api/"):
+            assert response.json()["error"]["code"] == "request_too_large", path
+    webhook = session.generic("POST", "/api/v1/webhooks/stripe", raw, content_type=content_type)
+    assert webhook.json()["error"] == {
+        "type": "invalid_request_error",
+        "code": "request_too_large",
+        "field": None,
+        "message": f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.",
+    }
+
+
+def test_a_body_at_the_size_limit_still_reaches_the_view(clients, settings):
+    session, _agent = clients
+    raw = b"x" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    response = session.generic("POST", "/api/v1/webhooks/stripe", raw, content_type="text/plain")
+    assert response.json()["error"]["code"] == "invalid_signature"
