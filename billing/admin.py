@@ -69,11 +69,15 @@ class MoneyForm(forms.Form):
     reason = forms.CharField(widget=forms.Textarea, max_length=2000)
     # Sent twice (a double click, a reload): the money moves once.
     once = OnceField()
+    # The currency the amount was typed in, as the form showed it: the account's may have
+    # changed since (until money moves), and a credit is refused in any other.
+    currency = forms.CharField(widget=forms.HiddenInput, required=False)
 
     def __init__(self, *args, currency: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.currency = currency
         self.fields["amount"].label = f"Amount ({currency.upper()})"
+        self.fields["currency"].initial = currency
 
     def clean_amount(self) -> Decimal:
         # The amount typed is the amount moved: 10.50 in yen would be rounded to 11.
@@ -307,7 +311,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
                 self, request, form, account.organization,
                 lambda: credit_issue(organization=account.organization, amount=data["amount"],
                                      reason=data["reason"], created_by=request.user,
-                                     currency=account.currency),
+                                     currency=data["currency"] or account.currency),
                 done="Credit issued.", again="This credit was already issued",
             ):  # fmt: skip
                 return redirect("admin:billing_billingaccount_change", pk)

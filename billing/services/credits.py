@@ -67,9 +67,10 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, Concat
 from django.utils import timezone
 
-from billing.models import LedgerEntry, LedgerKind
+from billing.models import BillingAccount, LedgerEntry, LedgerKind
 from billing.money import from_minor_units, to_minor_units, to_minor_units_asked
 from billing.selectors import CANCELLATION_REFUND_KEY
+from billing.services.accounts import billing_account_get_or_create
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
 from billing.services.usage import (
@@ -80,7 +81,7 @@ from billing.services.usage import (
     reserved_base_charge,
 )
 from config.currency import money_round
-from config.errors import ValidationFailed
+from config.errors import Conflict, ValidationFailed
 from marketplace.models import (
     CurtailmentVictim,
     Organization,
@@ -346,7 +347,11 @@ def credit_issue(
 ) -> LedgerEntry:
     """A staff credit to an organisation's balance, with its reason: the amount as given,
     refused (amount_precision) unless it is a whole number of the currency's minor unit.
-    Audited as by the request's user, or by `actor` outside a request (the shell's)."""
+    Audited as by the request's user, or by `actor` outside a request (the shell's).
+
+    `currency` is the one the amount was asked in: under the account's lock (the one a billing
+    currency change takes) it must still be the account's, else 409 currency_mismatch and
+    nothing is credited (an amount typed in dollars is not credited as yen)."""
     if isinstance(amount, float):
         raise TypeError("amount must be Decimal, not float")
     if not reason.strip():
@@ -354,6 +359,15 @@ def credit_issue(
     amount_minor = to_minor_units_asked(amount, currency, field="amount")
     if amount_minor <= 0:
         raise ValidationFailed("A credit must be positive.", field="amount")
+    billing_account_get_or_create(organization=organization)
+    account = BillingAccount.objects.select_for_update().get(organization=organization)
+    if currency.lower() != account.currency:
+        raise Conflict(
+            f"This credit is in {currency.upper()}, but {organization} is billed in "
+            f"{account.currency.upper()}: nothing was credited.",
+            code="currency_mismatch",
+            field="amount",
+        )
 
     entry, created = ledger_entry_add(
         organization=organization,

@@ -43,7 +43,11 @@ from billing.services.events import balance_event_record
 from billing.services.holds import hold_add, holds_charge, holds_release, money_position
 from billing.services.notices import notice_send
 from billing.services.resale import resale_settled
-from billing.services.topups import auto_recharge_check, reservation_recharge_amount
+from billing.services.topups import (
+    auto_recharge_check,
+    recharge_declined,
+    reservation_recharge_amount,
+)
 from billing.services.usage import reservations_book_now, reserved_extension_charge
 from config.celery import task_send
 from config.db import model_columns, model_from_row
@@ -182,6 +186,13 @@ def commitment_authorize(
     shortfall = commit_minor - available
     recharge_minor = reservation_recharge_amount(account=account, shortfall_minor=shortfall)
     if recharge_minor is None:
+        if account.auto_recharge_enabled and (declined := recharge_declined(account=account)):
+            raise PaymentRequired(
+                f"{message}: the last charge to your saved card failed "
+                f"({declined.failure_reason.rstrip('.') or 'declined'}), so no automatic "
+                "recharge is started on it; top up or save another card, and try again.",
+                code="insufficient_funds",
+            )
         raise PaymentRequired(f"{message}: top up and try again.", code="insufficient_funds")
     recharge = {"amount": str(from_minor_units(recharge_minor, currency)), "currency": currency}
     if not auto_recharge:

@@ -99,7 +99,8 @@ SELECT (SELECT coalesce(sum(amount_minor), 0) FROM billing_balance
 FROM u FULL JOIN h ON h.reservation_id = u.reservation_id
 """
 
-# Every prepaid account's position, for the metering run's funding pass (one statement).
+# Every prepaid account's position, for the metering run's funding pass (one statement), and
+# whether money ever moved on it (its balance row is written by its first ledger line).
 POSITIONS_SQL = (
     _money_sql("")
     + """, per_org AS (
@@ -108,7 +109,8 @@ POSITIONS_SQL = (
 )
 SELECT ba.organization_id, coalesce(b.amount_minor, 0), coalesce(s.unbooked, 0),
        coalesce(s.held, 0), ba.funding_state, ba.recharge_threshold_minor,
-       ba.auto_recharge_enabled AND ba.recharge_armed, ba.recharge_armed, ba.grace_until
+       ba.auto_recharge_enabled AND ba.recharge_armed, ba.recharge_armed, ba.grace_until,
+       b.organization_id IS NOT NULL
 FROM billing_billingaccount ba
 LEFT JOIN billing_balance b ON b.organization_id = ba.organization_id
 LEFT JOIN per_org s ON s.organization_id = ba.organization_id

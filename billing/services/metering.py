@@ -70,15 +70,19 @@ def usage_meter_run(*, now: datetime | None = None) -> int:
 def funding_states_update(*, now: datetime) -> list[int]:
     """Apply the funding rules to every prepaid organisation that needs it, found in one
     statement: its state would move, or its automatic recharge is due or must be re-armed.
-    Organisations with nothing accrued or held and in good standing are left alone (a new
-    organisation with an empty balance is not warned). Returns the ids it acted on."""
+    Organisations in good standing with nothing accrued or held are left alone while they
+    stay at or above the threshold, or no money ever moved (a new organisation with an empty
+    balance is not warned); one a charge took below it (a reserved term, booked and charged
+    between two runs) is warned and recharged. Returns the ids it acted on."""
     with connection.cursor() as cur:
         cur.execute(POSITIONS_SQL)
         rows = cur.fetchall()
     due = []
-    for org_id, balance, accrued, held, state, threshold, recharge_due, armed, grace_until in rows:
+    for (org_id, balance, accrued, held, state, threshold, recharge_due, armed, grace_until,
+         money_moved) in rows:  # fmt: skip
         available = balance - accrued - held
-        if accrued == 0 and held == 0 and state == FundingState.OK:
+        idle = accrued == 0 and held == 0 and state == FundingState.OK
+        if idle and (available >= threshold or not money_moved):
             continue
         if available >= threshold:
             act = state != FundingState.OK or not armed

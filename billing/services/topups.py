@@ -45,6 +45,7 @@ __all__ = [
     "top_up_fail",
     "auto_recharge_check",
     "auto_recharge_for_reservation",
+    "recharge_declined",
     "reservation_recharge_amount",
 ]
 
@@ -205,17 +206,37 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
     return top_up
 
 
+def recharge_declined(*, account: BillingAccount) -> TopUp | None:
+    """The last charge to the account's saved card, if it failed (declined, or needing the
+    customer there): a refused booking does not start an automatic recharge on that card again
+    (each retry of the booking would charge it, be declined and e-mail the owners) until a
+    charge to it goes through or another card is made the default."""
+    last = (
+        TopUp.objects.filter(
+            organization_id=account.organization_id,
+            payment_method_id=account.default_payment_method_id,
+        )
+        .exclude(status=TopUpStatus.PENDING)
+        .order_by("-id")
+        .first()
+    )
+    return last if last is not None and last.status == TopUpStatus.FAILED else None
+
+
 def reservation_recharge_amount(*, account: BillingAccount, shortfall_minor: int) -> int | None:
     """What an automatic recharge for a refused commitment would charge, in minor units: the
     shortfall plus the recharge threshold (so the booking does not leave the balance at once
     below it), at least the usual recharge amount. None when there would be none: automatic
-    recharge off, no saved card, postpaid, or more than a top-up may be (the customer decides)."""
+    recharge off, no saved card, postpaid, the card's last charge failed (recharge_declined),
+    or more than a top-up may be (the customer decides)."""
     if not (
         account.mode == BillingMode.PREPAID
         and account.auto_recharge_enabled
         and account.stripe_customer_id
         and account.default_payment_method_id
     ):
+        return None
+    if recharge_declined(account=account) is not None:
         return None
     amount_minor = max(
         account.recharge_amount_minor, shortfall_minor + account.recharge_threshold_minor

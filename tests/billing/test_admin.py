@@ -109,6 +109,39 @@ def test_staff_issue_a_credit_with_a_reason(staff_client, org):
     )  # fmt: skip
 
 
+def test_a_credit_typed_in_a_currency_the_account_has_since_left_is_refused(staff_client, org):
+    """The form showed "Amount (USD)"; the customer chose yen before staff sent it (no money
+    had moved): 500.00 was credited as 500 yen. The form carries the currency it showed, and
+    the service refuses a credit in any but the account's, under the account's lock."""
+    account = BillingAccount.objects.get(organization=org)
+    url = reverse("admin:billing_billingaccount_credit", args=[account.pk])
+    shown = staff_client.get(url).content.decode()
+    assert 'name="currency" value="usd"' in shown and "Amount (USD)" in shown
+    BillingAccount.objects.filter(pk=account.pk).update(currency="jpy")
+
+    sent = staff_client.post(url, {"amount": "500.00", "reason": "goodwill", "once": "k1",
+                                   "currency": "usd"})  # fmt: skip
+
+    assert sent.status_code == 200
+    assert "This credit is in USD, but" in sent.content.decode()
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+    from billing.services.credits import credit_issue
+    from config.errors import Conflict
+
+    with pytest.raises(Conflict) as error:
+        credit_issue(organization=org, amount=Decimal("500.00"), reason="shell", created_by=None,
+                     currency="usd")  # fmt: skip
+    assert error.value.code == "currency_mismatch"
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+
+    done = staff_client.post(url, {"amount": "500", "reason": "goodwill", "once": "k2",
+                                   "currency": "jpy"})  # fmt: skip
+
+    assert done.status_code == 302
+    entry = LedgerEntry.objects.get(organization=org)
+    assert (entry.amount_minor, entry.currency) == (500, "jpy")
+
+
 def test_the_ledger_cannot_be_edited_or_deleted_in_the_admin(staff_client, org):
     entry = LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=100,
                                        currency="usd", idempotency_key="c")  # fmt: skip

@@ -277,3 +277,50 @@ def test_the_portal_asks_before_an_extension_triggers_an_automatic_recharge(org,
     assert sent_tasks == [("billing.tasks.auto_recharge_for_reservation", [org.pk, 500, 2000])]
     booked.refresh_from_db()
     assert booked.ends_at == tomorrow(2)
+
+
+def test_a_refused_booking_does_not_charge_again_a_card_that_was_just_declined(
+    org, quote, sent_tasks
+):
+    """Each retry of a refused booking started another automatic recharge on the card whose
+    last one was declined: charged, declined and e-mailed every time the 402 said to retry."""
+    from billing.services.topups import auto_recharge_for_reservation
+
+    TopUp.objects.create(organization=org, amount_minor=2000, currency="usd", automatic=True,
+                         payment_method_id="pm_x", status="failed",
+                         failure_reason="Your card was declined.")  # fmt: skip
+    client = HttpsClient()
+    client.force_login(
+        MembershipFactory(organization=org, role=Role.OWNER, user__password="!").user
+    )
+
+    def book():
+        return client.post("/api/v1/reservations", {"quote": quote.public_id},
+                           content_type="application/json")  # fmt: skip
+
+    refused = book()
+
+    assert refused.status_code == 402
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_funds" and "recharge" not in error
+    assert error["message"] == (
+        "The balance (0.00 USD, of which 0.00 USD is used or held for bookings) does not cover "
+        "this reservation's committed part (5.00 USD): the last charge to your saved card "
+        "failed (Your card was declined), so no automatic recharge is started on it; top up or "
+        "save another card, and try again."
+    )
+    assert sent_tasks == []
+    # A recharge the gate asked for before the decline, run after it: nothing is charged.
+    assert auto_recharge_for_reservation(organization=org, needed_minor=500) is None
+    assert TopUp.objects.count() == 1 and not Reservation.objects.exists()
+    assert not BillingNotice.objects.filter(organization=org).exists()
+
+    # Another card made the default: a recharge on it is started again.
+    BillingAccount.objects.filter(organization=org).update(default_payment_method_id="pm_y")
+    assert book().json()["error"]["recharge"]["status"] == "started"
+    # The declined card charged with success since (a top-up): it is tried again too.
+    BillingAccount.objects.filter(organization=org).update(default_payment_method_id="pm_x")
+    TopUp.objects.create(organization=org, amount_minor=500, currency="usd",
+                         payment_method_id="pm_x", status="succeeded")  # fmt: skip
+    assert book().json()["error"]["recharge"]["status"] == "started"
+    assert sent_tasks == [("billing.tasks.auto_recharge_for_reservation", [org.pk, 500, 2000])] * 2

@@ -6,8 +6,16 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from billing.models import BillingAccount, BillingMode, BillingNotice, FundingState, LedgerKind
+from billing.models import (
+    BillingAccount,
+    BillingMode,
+    BillingNotice,
+    FundingState,
+    LedgerKind,
+    TopUp,
+)
 from billing.services.funding import BillingFundingGate, funding_state_update
+from billing.services.holds import money_position
 from billing.services.ledger import ledger_entry_add
 from billing.services.metering import usage_meter_run
 from config.errors import PaymentRequired
@@ -118,3 +126,44 @@ def test_funds_running_out_warn_then_grace_then_release_never_silently(org, sett
 
     credit(org, 5000 - balance_minor(organization=org), "top-up")  # back to 50.00
     assert funding_state_update(organization=org) == FundingState.OK
+
+
+def test_a_reserved_term_charged_below_the_threshold_warns_and_recharges_once(org):
+    """Nothing runs, so after the run that charges the term nothing is accrued or held: the
+    funding pass still sees the balance it took below the threshold (it skipped such an
+    account as if it were a new one, empty and never funded, and nobody was told)."""
+    BillingAccount.objects.filter(organization=org).update(
+        auto_recharge_enabled=True, stripe_customer_id="cus_x", default_payment_method_id="pm_x",
+        recharge_threshold_minor=5000, recharge_amount_minor=10000,
+    )  # fmt: skip
+    credit(org, 8000, "c1")
+    authorize(org, tier=Tier.RESERVED, total="60.00")
+
+    usage_meter_run(now=T0)  # charged: 80.00 − 60.00 = 20.00 left, below 50.00
+
+    account = BillingAccount.objects.get(organization=org)
+    assert money_position(organization_id=org.pk) == (2000, 0, 0)
+    assert (account.funding_state, account.recharge_armed) == (FundingState.WARNING, False)
+    (top_up,) = TopUp.objects.filter(organization=org)
+    assert (top_up.automatic, top_up.amount_minor, top_up.status) == (True, 10000, "pending")
+    assert list(
+        BillingNotice.objects.filter(organization=org).order_by("id").values_list("kind", flat=True)
+    ) == ["low_balance", "automatic_recharge"]
+
+    usage_meter_run(now=T0 + timedelta(minutes=1))  # once per drop
+
+    assert TopUp.objects.filter(organization=org).count() == 1
+    assert BillingNotice.objects.filter(organization=org).count() == 2
+
+
+def test_an_account_never_funded_is_not_warned_by_the_run(org):
+    BillingAccount.objects.filter(organization=org).update(
+        auto_recharge_enabled=True, stripe_customer_id="cus_x", default_payment_method_id="pm_x"
+    )
+
+    usage_meter_run(now=T0)
+
+    account = BillingAccount.objects.get(organization=org)
+    assert (account.funding_state, account.recharge_armed) == (FundingState.OK, True)
+    assert not TopUp.objects.filter(organization=org).exists()
+    assert not BillingNotice.objects.filter(organization=org).exists()
