@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from billing.models import BillingAccount, PaymentMethod
 from billing.services.accounts import stripe_customer_ensure
+from billing.services.topups import recharge_rearm_for_new_card
 from billing.stripe_gateway import (
     CardDeclined,
     PermanentStripeError,
@@ -129,6 +130,7 @@ def payment_method_mirror(
     if not account.default_payment_method_id:
         account.default_payment_method_id = pm.stripe_payment_method_id
         account.save(update_fields=["default_payment_method_id"])
+        recharge_rearm_for_new_card(account=account)
     return pm
 
 
@@ -228,6 +230,7 @@ def payment_method_set_default(
         before = account.default_payment_method_id
         account.default_payment_method_id = payment_method_id
         account.save(update_fields=["default_payment_method_id"])
+        recharge_rearm_for_new_card(account=account)
         _audit(
             organization,
             "payment_method.set_default",

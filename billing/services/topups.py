@@ -206,6 +206,29 @@ def auto_recharge_check(*, organization: Organization) -> TopUp | None:
     return top_up
 
 
+def recharge_rearm_for_new_card(*, account: BillingAccount) -> bool:
+    """Under the account's lock, once `account.default_payment_method_id` is a card just made
+    the default: an automatic recharge the previous card declined left the account disarmed
+    until its balance came back over the threshold, which it cannot do by itself; the new
+    card re-arms it, so the next metering run charges it (if the balance is still below the
+    threshold) instead of the account going on to grace and suspension with a working card
+    saved. True if it re-armed."""
+    if account.recharge_armed or not account.auto_recharge_enabled:
+        return False
+    last = (
+        TopUp.objects.filter(organization_id=account.organization_id, automatic=True)
+        .order_by("-id")
+        .first()
+    )
+    if last is None or last.status != TopUpStatus.FAILED:
+        return False  # one is still pending, or the last one went through
+    if recharge_declined(account=account) is not None:
+        return False  # the new default's own last charge failed too
+    account.recharge_armed = True
+    account.save(update_fields=["recharge_armed"])
+    return True
+
+
 def recharge_declined(*, account: BillingAccount) -> TopUp | None:
     """The last charge to the account's saved card, if it failed (declined, or needing the
     customer there): a refused booking does not start an automatic recharge on that card again

@@ -159,6 +159,40 @@ def test_a_failed_auto_recharge_is_not_retried_until_the_balance_recovers(
     assert balance_minor(organization=org) == 0
 
 
+def test_a_new_default_card_re_arms_the_recharge_its_predecessor_declined(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    """The declined recharge left the account disarmed until its balance recovered, which it
+    could not do alone: with a working card saved and made the default it went on to grace
+    and suspension. The new card is charged by the next check, once."""
+    from billing.services.payment_methods import payment_method_set_default
+
+    declining = save_card(localstripe, org, card="pm_card_chargeCustomerFail")
+    BillingAccount.objects.filter(organization=org).update(auto_recharge_enabled=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        declined = auto_recharge_check(organization=org)
+    declined.refresh_from_db()
+    assert declined.status == TopUpStatus.FAILED
+
+    working = save_card(localstripe, org)  # saved, not yet the default: nothing changes
+    assert BillingAccount.objects.get(organization=org).default_payment_method_id == declining
+    assert auto_recharge_check(organization=org) is None
+    payment_method_set_default(organization=org, payment_method_id=working)
+    with django_capture_on_commit_callbacks(execute=True):
+        recharge = auto_recharge_check(organization=org)
+        again = auto_recharge_check(organization=org)
+
+    recharge.refresh_from_db()
+    assert (recharge.payment_method_id, recharge.status) == (working, TopUpStatus.SUCCEEDED)
+    assert again is None
+    assert balance_minor(organization=org) == recharge.amount_minor
+    # Making the declining card the default again does not re-arm a charge to it.
+    BillingAccount.objects.filter(organization=org).update(recharge_armed=False)
+    TopUp.objects.filter(pk=recharge.pk).update(status=TopUpStatus.FAILED)
+    payment_method_set_default(organization=org, payment_method_id=declining)
+    assert BillingAccount.objects.get(organization=org).recharge_armed is False
+
+
 def test_a_refund_goes_through_the_refunds_api_and_leaves_the_balance(
     localstripe, org, eager_celery, django_capture_on_commit_callbacks
 ):
