@@ -5,7 +5,7 @@ price for settings.QUOTE_TTL, reservation_create from the quote, cancellation_te
 before reservation_cancel applies them, reservation_extend.
 """
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlencode
 
@@ -94,7 +94,10 @@ def search_url(**params) -> str:
 
 
 def search_params_for_quote(quote) -> dict:
-    """The search a quote came from, so "Back to the search" and "Search again" keep it."""
+    """The search a quote came from, so "Back to the search" and "Search again" keep it.
+
+    A start that has passed (a quote for "now", read a few minutes later) is left blank, as it
+    was asked: now. Kept, the search would refuse it as in the past."""
     plan = next(
         k for k, (tier, term, _) in PLANS.items() if (tier, term) == (quote.tier, quote.term)
     )
@@ -103,7 +106,9 @@ def search_params_for_quote(quote) -> dict:
         "gpu_model": quote.gpu_model.slug,
         "gpu_count": quote.gpu_count,
         "plan": plan,
-        "starts_at": quote.starts_at.strftime("%Y-%m-%dT%H:%M"),
+        "starts_at": quote.starts_at.strftime("%Y-%m-%dT%H:%M")
+        if quote.starts_at > timezone.now()
+        else None,
         "hours": seconds // 3600 if seconds % 3600 == 0 else None,
         "site": quote.site.slug,
         "min_reliability": None
@@ -599,6 +604,18 @@ class ReservationCancelView(PortalView, View):
                 expected_refund_fraction=form.cleaned_data["refund_fraction"],
             )
         except ApplicationError as exc:
+            reservation.refresh_from_db(fields=["status", "cancellation"])
+            if exc.code == "cancel_not_allowed" and reservation.cancellation:
+                # The confirmation sent again (a double click, a reload of its answer): the
+                # first send did it; say so rather than refuse it as if nothing had happened.
+                done = reservation.cancellation
+                verb = "stopped" if done.get("action") == "stop" else "cancelled"
+                at = datetime.fromisoformat(done["at"]) if done.get("at") else None
+                messages.info(
+                    request,
+                    f"Already {verb}{f' at {utc(at)}' if at else ''}; nothing more was done.",
+                )
+                return redirect("portal:reservation", public_id=public_id)
             if exc.code != "refund_changed":
                 show_error(request, exc)
                 return redirect("portal:reservation", public_id=public_id)

@@ -83,11 +83,15 @@ def number(value) -> str:
 
 
 @register.filter
-def utc(value) -> str:
-    """An aware datetime as "2026-12-06 10:20 UTC" (no seconds, no microseconds)."""
+def utc(value, seconds: str = "") -> str:
+    """An aware datetime as "2026-12-06 10:20 UTC" (no seconds, no microseconds); with
+    "seconds", a time off the whole minute keeps them ("2026-12-06 10:20:37 UTC")."""
     if not isinstance(value, datetime):
         return "—"
-    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    value = value.astimezone(UTC)
+    if seconds == "seconds" and value.second:
+        return f"{value:%Y-%m-%d %H:%M:%S} UTC"
+    return f"{value:%Y-%m-%d %H:%M} UTC"
 
 
 @register.filter
@@ -120,13 +124,21 @@ def gpus_title(obj) -> str:
 
 
 @register.filter
-def duration(value) -> str:
-    """A timedelta (or seconds) as "2 h 05 min", "3 min", "4 d 2 h"."""
+def duration(value, exact: str = "") -> str:
+    """A timedelta (or seconds) as "2 h 05 min", "3 min", "4 d 2 h"; with "exact", to the
+    second where it is not whole minutes ("4 d 2 h 05 min 23 s"), for a figure a price is
+    multiplied by."""
     seconds = int(value.total_seconds() if isinstance(value, timedelta) else (value or 0))
     seconds = max(seconds, 0)
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
+    minutes, rest = divmod(rest, 60)
+    if exact == "exact" and (rest or (days and minutes)):
+        if days:
+            return f"{days} d {hours} h {minutes:02d} min {rest:02d} s"
+        if hours:
+            return f"{hours} h {minutes:02d} min {rest:02d} s"
+        return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
     if days:
         return f"{days} d {hours} h"
     if hours:

@@ -87,3 +87,35 @@ def test_a_reserved_term_not_started_past_its_allowance_offers_the_full_rest(org
     assert "the delay is ours, the unused rest is refunded in full" in html
     assert "a fee of" not in html  # nothing is kept
     assert "Cancel, refund 0.00 USD" not in html and "Cancel, refund " in html
+
+
+@pytest.mark.parametrize(("active", "said"), [(True, "stopped"), (False, "cancelled")])
+def test_the_confirmation_sent_twice_does_it_once_and_says_so(org, active, said):
+    """A double click on "Stop now" (or a reload of its answer): the second send said "A
+    releasing reservation cannot be cancelled." beside the first's "Stopped.", as if it had
+    failed. It says it was already done, changes nothing more, and is not an error."""
+    client = member_client(org, Role.MEMBER)
+    reservation = _reserve(org, start=tomorrow())
+    if active:
+        start = timezone.now() - timedelta(hours=1)
+        Reservation.objects.filter(pk=reservation.pk).update(
+            status=S.ACTIVE, starts_at=start, ends_at=start + timedelta(hours=24),
+            activated_at=start,
+        )  # fmt: skip
+    path = f"/reservations/{reservation.public_id}/cancel"
+    form = {"reason": "done", "confirm": "True", "refund_fraction": "1"}
+
+    first = client.post(path, form)
+    reservation.refresh_from_db()
+    done = (reservation.status, reservation.cancellation, reservation.transitions.count())
+    again = client.post(path, form, follow=True)
+    reservation.refresh_from_db()
+
+    assert first.status_code == 302
+    assert done[0] == (S.RELEASING if active else S.CANCELLED)
+    at = timezone.datetime.fromisoformat(done[1]["at"])
+    html = again.content.decode()
+    assert f"Already {said} at {at:%Y-%m-%d %H:%M} UTC; nothing more was done." in html
+    assert "cannot be cancelled" not in html
+    assert 'class="error"' not in html.split('class="messages"')[1].split("</ul>")[0]
+    assert (reservation.status, reservation.cancellation, reservation.transitions.count()) == done

@@ -118,6 +118,37 @@ def test_extending_shows_the_cost_first_and_changes_nothing_until_confirmed(
     assert reservation.total_amount == Decimal("114.80")
 
 
+def test_extending_an_end_off_the_minute_states_the_time_the_cost_is_for(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    """A booking for "now" ends at a time with seconds (booked at 21:58:24 for 3 hours), and a
+    new end is to the minute, so the time added is not whole minutes. The page said "Added
+    1 h 00 min × 2 GPUs at 11.4800" and "Costs 23.19 USD" (the price of 1 h 00 min 36 s), and
+    "was" an end without its seconds: the figures it showed did not multiply to the cost."""
+    org = OrganizationFactory()
+    start = tomorrow() + timedelta(seconds=24)
+    reservation = _reserve(org, gpus=2, hours=3, start=start)
+    new_end = reservation.ends_at.replace(second=0) + timedelta(hours=1, minutes=1)
+
+    html = (
+        member_client(org, Role.MEMBER)
+        .post(
+            f"/reservations/{reservation.public_id}/extend",
+            {"ends_at": new_end.strftime("%Y-%m-%dT%H:%M")},
+        )
+        .content.decode()
+    )
+
+    assert new_end - reservation.ends_at == timedelta(hours=1, seconds=36)
+    was = reservation.ends_at.strftime("%Y-%m-%d %H:%M:%S")
+    assert f'<dd id="new-end">{new_end:%Y-%m-%d %H:%M} UTC (was {was} UTC)</dd>' in html
+    assert '<dd id="added">1 h 00 min 36 s × 2 GPUs at 11.4800 USD per GPU-hour</dd>' in html
+    assert 'id="added-amount">23.19 USD<' in html  # 2 × 11.48 × (1 + 36/3600) = 23.1896
+    reservation.refresh_from_db()
+    assert reservation.ends_at == start + timedelta(hours=3)
+
+
 def test_an_extension_is_to_the_minute(market, allow_all_funding):  # noqa: F811
     org = OrganizationFactory()
     reservation = _reserve(org, hours=2)

@@ -2,6 +2,7 @@
 
 import re
 from datetime import timedelta
+from html import unescape
 
 import pytest
 from django.db import connection
@@ -146,6 +147,45 @@ def test_an_expired_quote_is_refused_and_nothing_is_reserved(market, allow_all_f
     assert response.status_code == 409
     assert "expired" in response.content.decode()
     assert not Reservation.objects.exists() and not Allocation.objects.exists()
+
+
+def test_a_quote_for_now_leads_back_to_a_search_for_now_once_its_start_has_passed(
+    market,
+    allow_all_funding,  # noqa: F811
+):
+    """A quote held for "now" and read minutes later (or expired): "Search again", "Back to the
+    search" and "Change the search" searched from its past start, which the search refuses
+    (400, "The start time is in the past."). They search from now, as asked; a start still
+    ahead is kept."""
+    org = OrganizationFactory()
+    client = member_client(org, Role.MEMBER)
+    now = timezone.now()
+    held = quote_for(org, starts_at=now, ends_at=now + timedelta(hours=3))
+    # Held ten minutes ago: its start has passed and its price expired.
+    Quote.objects.filter(pk=held.pk).update(
+        starts_at=now - timedelta(minutes=10),
+        ends_at=now + timedelta(minutes=170),
+        expires_at=now - timedelta(minutes=5),
+    )
+    ahead = quote_for(org)  # tomorrow
+
+    page = client.get(f"/quotes/{held.public_id}").content.decode()
+    links = set(re.findall(r'href="(/gpus\?[^"]*)"', page))
+    searches = [client.get(unescape(link)) for link in links]
+    later = unescape(
+        re.search(
+            r'href="(/gpus\?[^"]*)"', client.get(f"/quotes/{ahead.public_id}").content.decode()
+        ).group(1)
+    )
+
+    assert "This price expired" in page and links
+    for link, search in zip(links, searches, strict=True):
+        assert "starts_at" not in link
+        assert search.status_code == 200, link
+        assert "The start time is in the past." not in search.content.decode()
+        assert "1 offer" in search.content.decode()
+    assert f"starts_at={ahead.starts_at:%Y-%m-%dT%H}%3A{ahead.starts_at:%M}" in later
+    assert client.get(later).status_code == 200
 
 
 def test_without_funds_the_reservation_is_refused_with_the_reason(market):

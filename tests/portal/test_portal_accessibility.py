@@ -20,6 +20,7 @@ from marketplace.services.api_keys import api_key_create, api_key_revoke
 from marketplace.services.quotes import quote_create
 from marketplace.services.resale import listing_create
 from marketplace.services.reservations import reservation_create
+from marketplace.services.ssh_keys import ssh_key_create
 from tests.factories import GpuModelFactory, SiteFactory
 from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, requested by name
     allow_all_funding,
@@ -27,6 +28,7 @@ from tests.marketplace.market_helpers import (  # noqa: F401 - a fixture, reques
     make_policy,
     make_rate,
 )
+from tests.marketplace.ssh_key_helpers import key_bytes, ssh_key
 
 pytestmark = pytest.mark.usefixtures("allow_all_funding")
 
@@ -344,3 +346,126 @@ def test_every_control_has_a_label_and_focus_follows_the_page(lab, live_server):
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.className") == "skip"
     assert page.evaluate("document.activeElement.getAttribute('href')") == "#main"
+
+
+# Names and descriptions that point nowhere: an aria-describedby or aria-labelledby id, or a
+# label's `for`, with no element of that id (a screen reader then reads no help and no error),
+# and groups of checkboxes or radios of one name outside a fieldset with a legend (one label
+# cannot name a group: it was `<label for="">`).
+REFERENCES_JS = r"""
+() => {
+  const describe = (e) => e.tagName.toLowerCase() + (e.name ? `[name=${e.name}]` : '') + (e.id ? '#' + e.id : '');
+  const problems = [];
+  for (const e of document.querySelectorAll('[aria-describedby], [aria-labelledby]')) {
+    for (const attr of ['aria-describedby', 'aria-labelledby']) {
+      for (const id of (e.getAttribute(attr) || '').split(/\s+/).filter(Boolean)) {
+        if (!document.getElementById(id)) problems.push(`${describe(e)} ${attr}=${id}: no such element`);
+      }
+    }
+  }
+  for (const label of document.querySelectorAll('label[for]')) {
+    const target = label.getAttribute('for');
+    if (!target || !document.getElementById(target)) problems.push(`label "${label.textContent.trim()}" for="${target}": no such control`);
+  }
+  const groups = {};
+  for (const e of document.querySelectorAll('input[type=checkbox][name], input[type=radio][name]')) {
+    (groups[[...document.forms].indexOf(e.form) + '|' + e.name] ||= []).push(e);
+  }
+  for (const inputs of Object.values(groups)) {
+    if (inputs.length < 2) continue;
+    const fieldset = inputs[0].closest('fieldset');
+    if (!fieldset || !fieldset.querySelector(':scope > legend') || inputs.some(i => i.closest('fieldset') !== fieldset)) {
+      problems.push(`${describe(inputs[0])}: a group of ${inputs.length} without a fieldset and legend`);
+    }
+  }
+  return problems;
+}
+"""
+
+
+def test_the_reference_check_finds_descriptions_and_labels_that_point_nowhere(portal):
+    portal.set_content(
+        "<form id=f><input name=a aria-describedby='a_help a_error'><small id=a_help>help</small>"
+        "<label for=''>Scopes</label><label><input type=checkbox name=s> r</label>"
+        "<label><input type=checkbox name=s> w</label>"
+        "<fieldset><legend>Events</legend><input type=checkbox name=e aria-label=x>"
+        "<input type=checkbox name=e aria-label=y></fieldset></form>"
+    )
+    assert portal.evaluate(REFERENCES_JS) == [
+        "input[name=a] aria-describedby=a_error: no such element",
+        'label "Scopes" for="": no such control',
+        "input[name=s]: a group of 2 without a fieldset and legend",
+    ]
+
+
+def test_every_help_text_and_error_a_control_names_is_on_the_page(lab, live_server):
+    """Django marks each control aria-describedby="<id>_helptext <id>_error" (and
+    aria-invalid): the help and the errors must carry those ids, on the pages as first shown
+    and as shown with errors, and a group of checkboxes (scopes, events, saved SSH keys) is a
+    fieldset named by its legend."""
+    page, running, quote, site = lab
+    # Saved keys: the quote page offers them as a group of checkboxes.
+    ssh_key_create(organization=running.organization, user=None, name="a", public_key=ssh_key())
+    ssh_key_create(
+        organization=running.organization,
+        user=None,
+        name="b",
+        public_key=ssh_key(body=key_bytes(2)),
+    )
+    problems = {}
+
+    def check(label):
+        found = page.evaluate(REFERENCES_JS)
+        if found:
+            problems[label] = found
+
+    for path in (
+        "/dashboard",
+        "/gpus",
+        "/gpus?gpu_model=h100-sxm-80gb&gpu_count=0&plan=on_demand",  # errors
+        f"/reservations/{running.public_id}",
+        f"/reservations/{running.public_id}/cancel",
+        f"/quotes/{quote.public_id}",
+        "/api-keys",
+        "/ssh-keys",
+        "/webhooks",
+        "/team",
+        "/billing/",
+        "/billing/top-ups",
+        "/billing/usage?since=yesterday",  # errors
+    ):
+        assert page.goto(live_server.url + path).status < 500, path
+        check(path)
+    # Forms sent with errors, as a customer sends them.
+    page.goto(f"{live_server.url}/quotes/{quote.public_id}")
+    page.fill("#id_image", "Bad Image!!")
+    page.locator("#reserve button[type=submit]").click()
+    assert page.locator("#id_image_error").count() == 1
+    check("quote (bad image)")
+    page.goto(live_server.url + "/api-keys")
+    page.fill("#id_name", "ci")
+    page.locator("#id_scopes input").first.uncheck()
+    page.locator("main form button[type=submit]").last.click()
+    assert page.locator("#id_scopes_error").count() == 1
+    check("api-keys (no scope)")
+    page.goto(live_server.url + "/billing/")
+    page.fill("#id_recharge_amount", "1e3")
+    page.locator("main form button[type=submit]").last.click()
+    assert page.locator("#id_recharge_amount[aria-invalid=true]").count() == 1
+    check("billing settings (bad amount)")
+    # The group's legend names it (was a label for nothing).
+    page.goto(live_server.url + "/api-keys")
+    assert page.locator("fieldset:has(#id_scopes) > legend").inner_text() == "Scopes"
+    page.context.clear_cookies()
+    page.goto(live_server.url + "/signup")
+    page.fill("#id_username", "newcomer")
+    page.fill("#id_email", "newcomer@example.com")
+    page.fill("#id_password1", "a-long-passphrase-1")
+    page.fill("#id_password2", "a-different-passphrase")
+    page.fill("#id_organization", "New Lab")
+    page.locator("main form button[type=submit]").click()
+    assert (
+        page.locator("#id_password2_error").inner_text() == "The two password fields didn’t match."
+    )
+    check("signup (passwords differ)")
+    assert problems == {}
