@@ -63,9 +63,14 @@ def env_decimal(name: str, default: Decimal) -> Decimal:
     if value is None:
         return default
     try:
-        return Decimal(value)
+        number = Decimal(value)
     except InvalidOperation:
-        raise ImproperlyConfigured(f"{name} must be a decimal number, got {value!r}") from None
+        number = None
+    # NaN and Infinity parse, but are no amount, price or duration: NaN failed later in a
+    # comparison with a bare decimal.InvalidOperation, Infinity passed every bound.
+    if number is None or not number.is_finite():
+        raise ImproperlyConfigured(f"{name} must be a decimal number, got {value!r}")
+    return number
 
 
 # A rate's period names, and their seconds.

@@ -38,6 +38,7 @@ from inventory.models import (
     OutageCause,
     PriceZone,
     Site,
+    SiteStatus,
     StatusChange,
     ZonePrice,
 )
@@ -195,6 +196,11 @@ class StatusChangeInline(admin.TabularInline):
     extra = 0
     can_delete = False
     ordering = ["-at", "-id"]
+
+    def get_queryset(self, request):
+        # Each row is titled by its node or site (StatusChange.__str__): read with the row, not
+        # once per change in a history that grows with every status the node or site has had.
+        return super().get_queryset(request).select_related("node", "site")
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -412,6 +418,10 @@ class GpuInline(admin.TabularInline):
     readonly_fields = ["health", "health_reason", "health_reported_at"]
     extra = 0
 
+    def get_queryset(self, request):
+        # Each row is titled by the GPU's name, its node's hostname: read with the GPUs.
+        return super().get_queryset(request).select_related("node")
+
 
 class OutageInline(admin.TabularInline):
     """The node's outages, to read: staff record one on the Outages page (checked there)."""
@@ -423,6 +433,11 @@ class OutageInline(admin.TabularInline):
     can_delete = False
     ordering = ["-started_at"]
 
+    def get_queryset(self, request):
+        # An outage (its row's title) and its GPU are named by their node's hostname: read
+        # with the outages, not two or three queries per outage in the node's whole history.
+        return super().get_queryset(request).select_related("node", "gpu__node")
+
     def has_add_permission(self, request, obj=None) -> bool:
         return False
 
@@ -433,6 +448,9 @@ class NodeTokenInline(admin.TabularInline):
     readonly_fields = fields
     extra = 0
     can_delete = False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("node")  # each row's title
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False  # tokens are issued with the "Issue agent token" action (secret shown once)
@@ -507,6 +525,11 @@ class NodeAdmin(FleetScaleAdmin):
             .get_queryset(request)
             .annotate(gpu_count=Coalesce(Subquery(gpus, output_field=IntegerField()), 0))
         )
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "site":  # a retired site is final: no node joins it
+            kwargs["queryset"] = Site.objects.exclude(status=SiteStatus.RETIRED)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_readonly_fields(self, request, obj=None):
         # The GPUs on a node are of its model; a different model means different hardware.
@@ -757,7 +780,9 @@ class HealthRulesAdmin(admin.ModelAdmin):
     list_display = ["__str__", "failing_events", "over_temp_c", "over_temp_minutes", "updated_at"]
 
     def has_add_permission(self, request) -> bool:
-        return not HealthRules.objects.exists()
+        # The one row, added once, and only by staff who may add it: the rules decide which
+        # GPUs are failed, so a view-only member must not write them.
+        return super().has_add_permission(request) and not HealthRules.objects.exists()
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
@@ -819,7 +844,7 @@ class OutageAdmin(FleetScaleAdmin):
         "node__site",
         ("started_at", admin.DateFieldListFilter),
     ]
-    list_select_related = ["node", "gpu"]
+    list_select_related = ["node", "gpu__node"]  # a GPU is named by its node's hostname
     search_fields = ["node__hostname", "detail"]
     raw_id_fields = ["node", "gpu"]
 

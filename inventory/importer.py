@@ -80,6 +80,7 @@ from inventory.models import (
     Node,
     NodeStatus,
     Site,
+    SiteStatus,
 )
 
 # --- Batching ------------------------------------------------------------------------------
@@ -643,6 +644,27 @@ def _resolve_gpus(plan: Plan, node: Record) -> None:
     node.values.pop("gpu_count", None)
 
 
+def _refuse_new_nodes_at_retired_sites(plan: Plan, existing: dict) -> None:
+    """A retired site is final and leaves the fleet only once all its nodes have (the status
+    service's rule): no node joins one, whether the site was retired before or is created
+    retired by this file."""
+    new = [n for n in plan.nodes if n.site_slug and n.values.get("hostname") not in existing]
+    file_status = {
+        r.values["slug"]: r.values.get("status") for r in plan.sites if "slug" in r.values
+    }
+    db_status = dict(
+        _in_batches(Site.objects.values_list("slug", "status"), "slug", {n.site_slug for n in new})
+    )
+    for record in new:
+        status = db_status.get(record.site_slug, file_status.get(record.site_slug))
+        if status == SiteStatus.RETIRED:
+            plan.problem(
+                record.line,
+                f"node {record.values.get('hostname', '?')!r}: site {record.site_slug!r} is "
+                "retired; import adds no node to a retired site",
+            )
+
+
 def _check_against_database(plan: Plan) -> None:
     """Refuse what import must not do to existing rows, and serials owned elsewhere."""
     by_host = {n.values["hostname"]: n for n in plan.nodes if "hostname" in n.values}
@@ -680,6 +702,7 @@ def _check_against_database(plan: Plan) -> None:
                 f"node {hostname!r} has {gpu_counts[hostname]} GPUs; the file gives "
                 f"{len(serials)}; import never removes GPUs (remove them in the admin)",
             )
+    _refuse_new_nodes_at_retired_sites(plan, existing)
     owner: dict[str, tuple[str, int, int]] = {}
     for record in plan.nodes:
         if record.duplicate:

@@ -60,7 +60,8 @@ def agent_heartbeat_seconds_clear() -> None:
 
 
 def site_list_with_capacity() -> QuerySet[Site]:
-    """Sites annotated with GPU totals: gpu_total and gpu_available (on available nodes).
+    """Sites annotated with GPU totals: gpu_total and gpu_available (not failed, on available
+    nodes: what search and the API's availability count as healthy, and may sell).
 
     Each a subquery per site, not a Count over a join: the join grouped every GPU of the
     fleet under every query on this queryset (its count, the admin's filters' choices), 1-2 s
@@ -73,7 +74,9 @@ def site_list_with_capacity() -> QuerySet[Site]:
 
     return Site.objects.annotate(
         gpu_total=gpus(per_site),
-        gpu_available=gpus(per_site.filter(node__status=NodeStatus.AVAILABLE)),
+        gpu_available=gpus(
+            per_site.filter(node__status=NodeStatus.AVAILABLE).exclude(health=GpuHealth.FAILED)
+        ),
     )
 
 

@@ -134,6 +134,10 @@ class MembershipInline(admin.TabularInline):
     extra = 0
     autocomplete_fields = ["user"]
 
+    def get_queryset(self, request):
+        # Each row is titled by its user and organisation (Membership.__str__): read with it.
+        return super().get_queryset(request).select_related("user", "organization")
+
 
 class OrganizationForm(forms.ModelForm):
     class Meta:
@@ -356,7 +360,8 @@ class OutageInline(ReadOnlyInline):
     ordering = ["started_at", "id"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("node", "source_outage")
+        # The inventory outage is named by its node's hostname: in the same query.
+        return super().get_queryset(request).select_related("node", "source_outage__node")
 
 
 class AgentJobInline(ReadOnlyInline):
@@ -840,14 +845,43 @@ def _planned_victim_rows(victims: list[PlannedVictim]) -> list[dict]:
     ]
 
 
+# Whoever holds a source's secret may curtail its sites: the one offered is random (47
+# characters); one typed instead is at least this long, never a guessable word.
+DR_SECRET_MIN_LENGTH = 32
+
+
+class DemandResponseSourceForm(forms.ModelForm):
+    class Meta:
+        model = DemandResponseSource
+        fields = ("name", "description", "secret", "sites", "zones", "is_active")
+
+    def clean_secret(self) -> str:
+        secret = self.cleaned_data.get("secret") or ""
+        if len(secret) < DR_SECRET_MIN_LENGTH:
+            raise forms.ValidationError(
+                f"A signing secret is at least {DR_SECRET_MIN_LENGTH} characters: whoever holds "
+                "it may curtail the source's sites. Keep the random one offered, or paste the "
+                "operator's."
+            )
+        return secret
+
+
 @admin.register(DemandResponseSource)
 class DemandResponseSourceAdmin(admin.ModelAdmin):
     """Grid operators and aggregators whose signed calls become curtailments (docs/grid.md).
-    The secret signs their requests: give it to the operator over a trusted channel."""
+    The secret signs their requests: give it to the operator over a trusted channel. Staff who
+    may only view a source do not see it (it would let them sign calls)."""
 
+    form = DemandResponseSourceForm
     list_display = ("name", "description", "is_active", "created_at")
     filter_horizontal = ("sites", "zones")
     fields = ("name", "description", "secret", "sites", "zones", "is_active")
+
+    def get_fields(self, request: HttpRequest, obj=None):
+        fields = super().get_fields(request, obj)
+        if obj is not None and not self.has_change_permission(request, obj):
+            return [name for name in fields if name != "secret"]
+        return fields
 
 
 @admin.register(DemandResponseEvent)
@@ -976,7 +1010,8 @@ class ReservationOutageAdmin(ProvisioningRecordAdmin):
     ]
     list_filter = ["cause", ("ended_at", admin.EmptyFieldListFilter), "node__site"]
     search_fields = ["reservation__public_id", "node__hostname", "detail"]
-    list_select_related = ["reservation", "node", "source_outage"]
+    # The inventory outage's link names its node: selected with it, not read per row.
+    list_select_related = ["reservation", "node", "source_outage__node"]
     date_hierarchy = "started_at"
     readonly_fields = [
         "reservation_link",

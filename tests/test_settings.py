@@ -100,6 +100,13 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "-5"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "10.005"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"BILLING_DEFAULT_RECHARGE_AMOUNT": "4.99"}, "BILLING_DEFAULT_RECHARGE_AMOUNT"),
+        # Decimal() reads these, but they are no number: NaN failed in a comparison with a bare
+        # decimal.InvalidOperation, Infinity and NaN passed the bounds checks below.
+        ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "NaN"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
+        ({"GRID_PRICE_FLOOR_PER_MWH": "nan"}, "GRID_PRICE_FLOOR_PER_MWH"),
+        ({"GRID_PRICE_CAP_PER_MWH": "Infinity"}, "GRID_PRICE_CAP_PER_MWH"),
+        ({"SIMULATED_DRIVER_LATENCY_SECONDS": "NaN"}, "SIMULATED_DRIVER_LATENCY_SECONDS"),
+        ({"SIMULATED_DRIVER_LATENCY_SECONDS": "inf"}, "SIMULATED_DRIVER_LATENCY_SECONDS"),
         # Under VND's smallest top-up (30,000): Stripe would refuse the recharge.
         (
             {"CURRENCY": "vnd", "BILLING_DEFAULT_RECHARGE_AMOUNT": "10000"},

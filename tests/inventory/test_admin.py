@@ -27,6 +27,7 @@ from inventory.services import (
     status_change,
     token_hash,
 )
+from marketplace.selectors.availability import site_availability
 from tests.factories import GpuModelFactory, NodeFactory, SiteFactory, UserFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -341,7 +342,20 @@ def test_capacity_summary_is_one_query(django_assert_num_queries, inventory):
 def test_site_list_annotates_gpu_totals(inventory):
     site = site_list_with_capacity().get(pk=inventory["site"].pk)
 
-    assert (site.gpu_total, site.gpu_available) == (20, 8)
+    # Available: the 6 GPUs of abl-001 that have not failed (its 2 failed ones are not sold),
+    # as the API's availability counts them; abl-002 drains and abl-003 is offline.
+    assert (site.gpu_total, site.gpu_available) == (20, 6)
+
+
+def test_the_site_list_counts_as_available_what_the_api_counts_as_healthy(admin_client, inventory):
+    site = inventory["site"]
+    Site.objects.filter(pk=site.pk).update(status="active")
+    start = timezone.now() + timedelta(days=3)
+    offered = site_availability(site=site, starts_at=start, ends_at=start + timedelta(hours=1))
+    listed = admin_client.get(reverse("admin:inventory_site_changelist")).context["cl"]
+
+    row = next(s for s in listed.result_list if s.pk == site.pk)
+    assert row.gpu_available == sum(a.healthy_gpus for a in offered) == 6
 
 
 def test_the_site_changelist_does_not_query_per_row(admin_client, django_assert_max_num_queries):

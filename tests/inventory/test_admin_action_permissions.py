@@ -7,7 +7,16 @@ from django.contrib.admin.sites import site as admin_site
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from inventory.models import Gpu, Node, NodeStatus, NodeToken, PriceZone, Site, StatusChange
+from inventory.models import (
+    Gpu,
+    HealthRules,
+    Node,
+    NodeStatus,
+    NodeToken,
+    PriceZone,
+    Site,
+    StatusChange,
+)
 from tests.clients import HttpsClient
 from tests.factories import NodeFactory, UserFactory
 
@@ -57,3 +66,22 @@ def test_a_view_only_staff_member_posting_a_retire_changes_nothing():
     assert node.status == NodeStatus.AVAILABLE
     assert not StatusChange.objects.filter(node=node).exists()
     assert not NodeToken.objects.filter(node=node, revoked_at__isnull=False).exists()
+
+
+def test_a_view_only_staff_member_cannot_add_the_health_rules():
+    # With no rules saved yet, the add page was offered to anyone with staff access: a
+    # view-only member could save rules that fail no GPU.
+    user = _user("view_healthrules")
+    client = HttpsClient()
+    client.force_login(user)
+    url = reverse("admin:inventory_healthrules_add")
+    form = {"failing_events": "48", "over_temp_c": 130, "over_temp_minutes": 1440,
+            "degraded_corrected_errors": 1000000}  # fmt: skip
+
+    assert client.get(url).status_code == 403
+    assert client.post(url, form).status_code == 403
+    assert not HealthRules.objects.exists()
+
+    user.user_permissions.add(Permission.objects.get(codename="add_healthrules"))
+    assert client.post(url, form).status_code == 302
+    assert HealthRules.objects.get().over_temp_c == 130

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.urls import reverse
 
 from inventory.models import Gpu, GpuModel, Node, NodeStatus, Site, SiteStatus
 from tests.factories import GpuModelFactory, NodeFactory, SiteFactory
@@ -415,3 +416,39 @@ def test_it_refuses_a_serial_that_belongs_to_another_gpu(tmp_path):
         in str(failed.value)
     )
     assert Site.objects.filter(slug="tx-abilene").count() == 0
+
+
+def test_it_adds_no_node_to_a_retired_site(tmp_path):
+    # A retired site is final, retired only once all its nodes are: a node added to it (or to
+    # a site the file creates retired) would stand available at a site that never sells again.
+    SiteFactory(slug="known", status=SiteStatus.RETIRED)
+    GpuModelFactory()
+    path = write(
+        tmp_path,
+        "retired.csv",
+        f"""
+        {CSV_HEADER}
+        known,,,,,,,,,,,,,,new-node-1,h100-sxm-80gb,2,,,32,256,1000,100,
+        {CSV_SITE.replace(",active", ",retired")},new-node-2,h100-sxm-80gb,2,,,32,256,1000,100,
+        """,
+    )
+    before = snapshot()
+
+    with pytest.raises(CommandError) as failed:
+        run(path)
+
+    assert "line 2: node 'new-node-1': site 'known' is retired; import adds no node" in str(
+        failed.value
+    )
+    assert "line 3: node 'new-node-2': site 'oh-site' is retired" in str(failed.value)
+    assert snapshot() == before
+
+
+def test_the_admin_offers_no_retired_site_for_a_new_node(admin_client):
+    live = SiteFactory(slug="live")
+    retired = SiteFactory(slug="gone", status=SiteStatus.RETIRED)
+
+    form = admin_client.get(reverse("admin:inventory_node_add")).context["adminform"].form
+
+    assert live in form.fields["site"].queryset
+    assert retired not in form.fields["site"].queryset
