@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+from django.test import RequestFactory
 from django.urls import URLResolver, get_resolver
 
 from inventory.services import node_token_issue
@@ -249,3 +250,34 @@ def test_a_body_at_the_size_limit_still_reaches_the_view(clients, settings):
     raw = b"x" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     response = session.generic("POST", "/api/v1/webhooks/stripe", raw, content_type="text/plain")
     assert response.json()["error"]["code"] == "invalid_signature"
+
+
+def test_a_forged_admin_action_selection_is_a_bad_request_on_every_list(clients):
+    """Django's admin filters an action's selection by pk without checking it: "abc" or
+    "1.5" was a 500 on every changelist with an action (a browser never sends them)."""
+    from django.contrib import admin
+
+    session, _agent = clients
+    walked = 0
+    for model, model_admin in admin.site._registry.items():
+        request = RequestFactory().get("/")
+        request.user = _user(session)
+        actions = list(model_admin.get_actions(request))
+        if not actions:
+            continue
+        url = f"/admin/{model._meta.app_label}/{model._meta.model_name}/"
+        for forged in ("abc", "1.5"):
+            response = session.post(
+                url, {"action": actions[0], "_selected_action": [forged], "index": 0}
+            )
+            assert response.status_code in (302, 400), f"{url} {forged}: {response.status_code}"
+            if response.status_code == 400:
+                assert b"<h1>Bad request</h1>" in response.content
+        walked += 1
+    assert walked > 10
+
+
+def _user(session):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.get(pk=session.session["_auth_user_id"])
