@@ -397,11 +397,17 @@ def cancel(state, reservation_id, reason):
 @click.pass_obj
 def extend(state, reservation_id, ends_at, hours):
     """Move the end later, on the same GPUs."""
+    if ends_at and hours is not None:
+        raise click.UsageError("Give --ends-at or --hours, not both.")
     if ends_at:
         ends_at = _time(ends_at, "--ends-at").isoformat()
     else:
-        if not hours:
+        if hours is None:
             raise click.UsageError("Give --ends-at or --hours.")
+        if not hours > 0:
+            raise click.BadParameter(
+                f"{hours:g} is not a positive number of hours.", param_hint="--hours"
+            )
         current = state.client.reservations.retrieve(reservation_id)
         ends = _parse_time(current.ends_at)
         ends_at = (ends + timedelta(hours=hours)).isoformat()
@@ -465,9 +471,9 @@ def events_tail(state, types, since, after, interval, once):
         filters["created_after"] = floor.isoformat()
     failures = 0
     while True:
+        feed = state.client.events.poll(after=after, **filters)
         try:
-            for event in state.client.events.poll(after=after, **filters):
-                after = event.id
+            for event in feed:
                 if state.as_json:
                     click.echo(json.dumps(event.to_dict()))
                 else:
@@ -488,6 +494,9 @@ def events_tail(state, types, since, after, interval, once):
             )
             time.sleep(wait)
             continue
+        finally:
+            # Past what --type skipped, not on the last match: that one is deleted in time.
+            after = feed.position
         if failures:
             err_console.print("Reconnected; the tail goes on.", highlight=False)
             failures = 0

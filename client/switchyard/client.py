@@ -47,7 +47,7 @@ from switchyard.models import (
     WebhookEndpoint,
 )
 
-__all__ = ["Client", "OPERATIONS"]
+__all__ = ["Client", "EventFeed", "OPERATIONS"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 _RETRY_STATUSES = {502, 503, 504}
@@ -219,12 +219,17 @@ class Client:
     def iterate(self, path: str, params: dict | None = None, cls=ApiObject) -> Iterator[Any]:
         """Every item of a list, following the `next` links: cursor pages, or a feed's pages
         (`after=`) until it says it is caught up (`has_more` false)."""
+        for page in self.pages(path, params):
+            items = page if isinstance(page, list) else page.get("results", [])
+            yield from (cls(item) for item in items)
+
+    def pages(self, path: str, params: dict | None = None) -> Iterator[Any]:
+        """Each page of a list as the API sent it, following the `next` links (see iterate)."""
         page = self.request("GET", path, params=params)
         while True:
+            yield page
             if isinstance(page, list):
-                yield from (cls(item) for item in page)
                 return
-            yield from (cls(item) for item in page.get("results", []))
             next_url = page.get("next")
             if not next_url or page.get("has_more") is False:
                 return
@@ -459,16 +464,43 @@ class _Events(_Resource):
         With order="oldest" or after="evt_…": the forward feed (see poll)."""
         return self._list("events", Event, **filters)
 
-    def poll(self, after: str | None = None, **filters) -> Iterator[Event]:
+    def poll(self, after: str | None = None, **filters) -> EventFeed:
         """The events committed after the event `after` (None: from the oldest kept, or from
-        created_after), oldest first, until caught up. Keep the last one's id and pass it as
-        `after` next time: an event that commits late still comes after it, so none is
-        missed. Same filters as list."""
-        return self._list("events", Event, **_clean({"order": "oldest", "after": after}),
-                          **filters)  # fmt: skip
+        created_after), oldest first, until caught up. Pass the feed's `position` (the last
+        event's id, or further on when filters skipped the rest) as `after` next time: an
+        event that commits late still comes after it, so none is missed. Same filters as
+        list."""
+        params = {**_clean({"order": "oldest", "after": after}), **filters}
+        return EventFeed(self._client, params)
 
     def retrieve(self, event_id: str) -> Event:
         return self._get(f"events/{event_id}", Event)
+
+
+class EventFeed:
+    """The forward feed's events, oldest first, until caught up (an iterator).
+
+    `position` is where to continue (`after=` next time): the id of the last event given
+    while the walk goes on, and once it has ended, the feed's head, past the events the
+    filters skipped. A filtered poller that kept its last match instead would stand on an
+    ever older event, one that retention deletes in time (then 404 event_not_found)."""
+
+    def __init__(self, client: Client, params: dict):
+        self._client = client
+        self._params = params
+        self.position: str | None = params.get("after")
+
+    def __iter__(self) -> Iterator[Event]:
+        for page in self._client.pages("events", self._params):
+            for item in page.get("results", []):
+                event = Event(item)
+                self.position = event.id
+                yield event
+            if page.get("has_more") is False:
+                # Caught up, every event given: the next link stands on the head.
+                head = _query(page.get("next") or "").get("after")
+                if isinstance(head, str) and head:
+                    self.position = head
 
 
 class _WebhookEndpoints(_Resource):

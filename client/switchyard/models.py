@@ -1,11 +1,14 @@
 """Typed views of the API's objects: attribute access over the JSON the API returned.
 
 Each class names the fields the API documents (for editors and type checkers); any other field
-the API adds later is still there, as an attribute and through obj["name"]. `obj.to_dict()`
-gives the JSON back.
+the API adds later is still there, as an attribute and through obj["name"]. A named field that
+may be absent (`secret`, sent only when a key or an endpoint is created) reads as None where
+the response has none. `obj.to_dict()` gives the JSON back.
 """
 
-from typing import Any
+import functools
+import types
+from typing import Any, Union, get_args, get_origin
 
 __all__ = [
     "ApiObject",
@@ -32,6 +35,8 @@ class ApiObject:
         try:
             return wrap(self._data[name])
         except KeyError:
+            if name in _optional_fields(type(self)):
+                return None
             raise AttributeError(name) from None
 
     def __getitem__(self, name: str) -> Any:
@@ -51,6 +56,17 @@ class ApiObject:
         return f"<{type(self).__name__} {ident}>"
 
 
+@functools.cache
+def _optional_fields(cls: type) -> frozenset[str]:
+    """The fields a class names with a type that allows None (`secret: str | None`)."""
+    names = set()
+    for klass in cls.__mro__:
+        for name, hint in getattr(klass, "__annotations__", {}).items():
+            if get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint):
+                names.add(name)
+    return frozenset(names)
+
+
 def wrap(value: Any) -> Any:
     if isinstance(value, dict):
         return ApiObject(value)
@@ -60,13 +76,13 @@ def wrap(value: Any) -> Any:
 
 
 class GpuModel(ApiObject):
-    slug: str
+    id: str  # the slug, e.g. h100-sxm-80gb
     name: str
     memory_gb: int
 
 
 class Site(ApiObject):
-    slug: str
+    id: str  # the slug
     name: str
     region: str
     country: str

@@ -15,7 +15,7 @@ import functools
 
 from django import forms
 from django.db import transaction
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.utils.cache import add_never_cache_headers
 from django_filters.rest_framework import DjangoFilterBackend
 from rest_framework import exceptions, serializers
@@ -111,6 +111,19 @@ class ApiView(GenericAPIView):
                 # DRF looks the handler up on the instance after initial(); the view object
                 # lives for this one request, so wrapping it here touches nothing else.
                 self.post = self._idempotent(self.post)
+
+    def perform_content_negotiation(self, request: Request, force: bool = False):
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            # DRF's answer to ?format= naming no renderer; the endpoint exists, the value is bad.
+            formats = ", ".join(sorted(renderer.format for renderer in self.get_renderers()))
+            asked = request.query_params.get(api_settings.URL_FORMAT_OVERRIDE, "")[:100]
+            raise ValidationFailed(
+                f"Unknown format {asked!r}; this API answers in: {formats}.",
+                code="invalid_choice",
+                field=api_settings.URL_FORMAT_OVERRIDE,
+            ) from None
 
     def required_key_scope(self, method: str) -> str | None:
         """The scope an API key needs for this method here; None: keys cannot call it."""

@@ -1,5 +1,6 @@
 """The public catalogue: GPU models, sites, and availability (search and per site)."""
 
+from contextlib import contextmanager
 from datetime import timedelta
 
 from django.utils import timezone
@@ -12,6 +13,7 @@ from config.api.schema import errors
 from config.api.serializers import AmountField, Serializer
 from config.api.views import ApiView
 from config.currency import currency_refusal
+from config.errors import ValidationFailed
 from config.replica import replica_reads
 from marketplace.models import Term, Tier
 from marketplace.selectors.availability import (
@@ -153,6 +155,20 @@ class SiteListApi(_Catalogue):
         return self.get_paginated_response(data)
 
 
+# The period rules (marketplace.rules) name a booking's fields; here the window is asked for
+# with start and end, and an error names the parameter the caller sent.
+_WINDOW_PARAMS = {"starts_at": "start", "ends_at": "end"}
+
+
+@contextmanager
+def _window_params_named():
+    try:
+        yield
+    except ValidationFailed as exc:
+        exc.field = _WINDOW_PARAMS.get(exc.field, exc.field)
+        raise
+
+
 def _validate_window(attrs: dict) -> dict:
     if attrs["end"] <= attrs["start"]:
         raise serializers.ValidationError(
@@ -203,7 +219,8 @@ class SiteAvailabilityApi(_Catalogue):
     def get(self, request, slug: str):
         site = site_get_public(slug=slug)
         params = self.query_input()
-        results = site_availability(site=site, starts_at=params["start"], ends_at=params["end"])
+        with _window_params_named():
+            results = site_availability(site=site, starts_at=params["start"], ends_at=params["end"])
         return Response(
             SiteAvailabilityOutput(
                 {
@@ -492,7 +509,13 @@ class AvailabilityApi(_Catalogue):
         serializer.is_valid(raise_exception=True)
         params = serializer.validated_data
         resolve_catalogue(gpu_model=params.get("gpu_model"), site=params.get("site"))
-        query = AvailabilityQuery(
+        with _window_params_named():
+            offers = availability_search(self._query(params, serializer.grid_filters()))
+        return Response(AvailabilityOutput({"results": offers}).data)
+
+    @staticmethod
+    def _query(params: dict, grid_filters: dict) -> AvailabilityQuery:
+        return AvailabilityQuery(
             gpu_count=params["gpu_count"],
             starts_at=params["start"],
             ends_at=params["end"],
@@ -504,9 +527,7 @@ class AvailabilityApi(_Catalogue):
             site=params.get("site"),
             max_price_per_gpu_hour=params.get("max_price"),
             min_reliability=params.get("min_reliability"),
-            **serializer.grid_filters(),
+            **grid_filters,
             currency=params.get("currency"),
             include_resale=True,
         )
-        offers = availability_search(query)
-        return Response(AvailabilityOutput({"results": offers}).data)

@@ -519,6 +519,25 @@ def test_hours_must_be_positive_and_end_is_an_iso_time(world, cli):
     assert not Reservation.objects.exists()
 
 
+def test_extend_takes_positive_hours_or_an_end_not_both(world, cli):
+    booked = cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--start", _start(),
+                 "--hours", 2)  # fmt: skip
+    reservation = Reservation.objects.get(public_id=json.loads(booked.stdout)["id"])
+    ends_at = reservation.ends_at
+    for hours in ("0", "-2"):
+        # 0 was told to give --hours; -2 was sent, to be refused as an end not later.
+        result = cli("extend", reservation.public_id, "--hours", hours)
+        assert result.exit_code == 2 and "not a positive number of hours" in result.stderr
+    both = cli("extend", reservation.public_id, "--hours", 2, "--ends-at", _start(30))
+    assert both.exit_code == 2 and "not both" in both.stderr  # --hours was ignored
+    reservation.refresh_from_db()
+    assert reservation.ends_at == ends_at
+    longer = cli("--json", "extend", reservation.public_id, "--hours", 1)
+    assert longer.exit_code == 0, longer.stderr
+    reservation.refresh_from_db()
+    assert reservation.ends_at == ends_at + timedelta(hours=1)
+
+
 def test_login_narrows_an_existing_config_file_before_writing_the_key(
     world, cli, tmp_path, monkeypatch
 ):
@@ -667,6 +686,35 @@ def test_events_tail_carries_on_through_an_outage_until_ctrl_c(
     ]
     assert all(line.startswith(f"Could not reach {flaky_proxy.url}") for line in retries)
     assert tailed.stderr.splitlines()[-2:] == ["Reconnected; the tail goes on.", "Interrupted."]
+
+
+def test_a_filtered_tail_moves_past_what_it_skipped_not_on_its_last_match(world, cli, monkeypatch):
+    """A tail of a rare type polled after its last match for ever: once retention deleted it
+    (EVENT_RETENTION_DAYS), the poll was 404 event_not_found and the tail ended."""
+    from marketplace.models import Event, EventType
+    from marketplace.services.events import member_event_record
+
+    member_event_record(membership=world.owner, type=EventType.MEMBER_REMOVED)
+    member_event_record(membership=world.owner, type=EventType.MEMBER_ADDED)
+    _settled(world.org)
+    last_match = Event.objects.get(organization=world.org, type=EventType.MEMBER_REMOVED)
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 1:  # the first poll found nothing new: the match goes, another comes
+            last_match.delete()
+            member_event_record(membership=world.owner, type=EventType.MEMBER_REMOVED)
+            _settled(world.org)
+        else:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("switchyard.cli.time.sleep", sleep)
+    tailed = cli("--json", "events", "tail", "--type", "member.removed",
+                 "--after", last_match.public_id)  # fmt: skip
+    assert tailed.exit_code == 130, tailed.stderr
+    (printed,) = map(json.loads, tailed.stdout.splitlines())
+    assert printed["type"] == "member.removed" and printed["id"] != last_match.public_id
 
 
 def test_events_tail_stops_on_what_retrying_cannot_mend(world, cli, monkeypatch):

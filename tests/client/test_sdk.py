@@ -57,6 +57,48 @@ def test_the_sdk_covers_every_operation_in_the_openapi_schema(world):
         assert callable(getattr(getattr(client, resource), method)), operation_id
 
 
+# Each typed object of the SDK and the schema component of the response it wraps.
+MODEL_COMPONENTS = {
+    "GpuModel": "GpuModelOutput",
+    "Site": "SiteOutput",
+    "Offer": "OfferOutput",
+    "Quote": "QuoteOutput",
+    "Reservation": "ReservationDetailOutput",
+    "Event": "EventOutput",
+    "WebhookEndpoint": "WebhookEndpointSecretOutput",
+    "WebhookDelivery": "WebhookDeliveryOutput",
+    "ApiKey": "ApiKeyCreatedOutput",
+    "SshKey": "SshKeyOutput",
+    "AuditEntry": "AuditEntryOutput",
+}
+
+
+def test_the_fields_the_sdks_objects_name_are_the_apis(world):
+    """An editor offers what a class names: a name the API does not send (a site's `slug`, sent
+    as `id`) would autocomplete, then raise AttributeError."""
+    from switchyard import models
+
+    components = httpx.get(world.url + "/api/schema/?format=json").json()["components"]
+    typed = [name for name in models.__all__ if name not in ("ApiObject", "wrap")]
+    assert sorted(typed) == sorted(MODEL_COMPONENTS)
+    for name, component in MODEL_COMPONENTS.items():
+        sent = set(components["schemas"][component]["properties"])
+        named = set(getattr(models, name).__annotations__)
+        assert named - sent == set(), name
+
+
+def test_a_site_and_a_model_are_read_by_id_and_a_secret_not_sent_reads_as_none(world):
+    sy = _client(world)
+    assert [site.id for site in sy.sites.list()] == ["abilene-1"]
+    assert [model.id for model in sy.gpu_models.list()] == [world.gpu_model.slug]
+    created = sy.webhook_endpoints.create(url="http://127.0.0.1:9/hook")
+    assert created.secret.startswith("whsec_")
+    (listed,) = sy.webhook_endpoints.list()
+    assert listed.id == created.id and listed.secret is None
+    with pytest.raises(AttributeError):
+        listed.no_such_field  # noqa: B018 - a name neither sent nor named is still an error
+
+
 def test_search_quote_reserve_extend_cancel_and_the_events_they_make(world):
     sy = _client(world)
     start, end = _period()
@@ -129,6 +171,11 @@ def test_events_poll_walks_the_feed_oldest_first_and_continues_after_the_last(wo
         *expected[1:],
         new.id,
     ]
+    # A filtered walk moves on to the feed's head, past what its filter skipped: the next
+    # poll does not stand on its last match (deleted by retention in time).
+    feed = sy.events.poll(after=polled[0], type="member.removed")
+    assert [e.id for e in feed] == [removed.id] and feed.position == new.id
+    assert list(sy.events.poll(after=feed.position)) == []
     with pytest.raises(NotFoundError) as unknown:
         list(sy.events.poll(after="evt_doesNotExist1234"))
     assert (unknown.value.code, unknown.value.field) == ("event_not_found", "after")
@@ -165,6 +212,28 @@ def test_a_feed_page_that_is_caught_up_ends_the_walk_and_one_that_stands_still_s
     ]
     with pytest.raises(APIError, match="without a cursor or a new position"):
         list(sy.events.poll(after="evt_9"))
+
+
+def test_a_feeds_position_is_the_last_event_given_then_the_head_once_caught_up():
+    def feed(request):
+        if request.url.params.get("after") is None:  # a full page: more to come
+            nxt = "https://h/api/v1/events?after=evt_2&type=a"
+            return httpx.Response(200, json={"results": [{"id": "evt_1"}, {"id": "evt_2"}],
+                                             "next": nxt, "has_more": True})  # fmt: skip
+        # Caught up; the filter skipped evt_4 and evt_5, the head.
+        nxt = "https://h/api/v1/events?after=evt_5&type=a"
+        return httpx.Response(200, json={"results": [{"id": "evt_3"}], "next": nxt,
+                                         "has_more": False})  # fmt: skip
+
+    sy = Client(api_key="k", transport=httpx.MockTransport(feed))
+    walk = sy.events.poll(type="a")
+    assert walk.position is None
+    positions = [(event.id, walk.position) for event in walk]
+    assert positions == [("evt_1", "evt_1"), ("evt_2", "evt_2"), ("evt_3", "evt_3")]
+    assert walk.position == "evt_5"
+    stopped = sy.events.poll(type="a")
+    next(iter(stopped))  # a walk left part-way stands on the last event it gave
+    assert stopped.position == "evt_1"
 
 
 def test_errors_are_raised_by_their_type(world):

@@ -316,6 +316,17 @@ def test_an_unknown_query_parameter_is_refused(owner_client, market, path, param
     assert "this request takes" in error["message"]
 
 
+@pytest.mark.parametrize(
+    "path", ["/api/v1/reservations?format=xml", "/api/v1/gpu-models?format=jsn"]
+)
+def test_a_format_the_api_does_not_answer_in_is_bad_input_not_a_missing_endpoint(
+    owner_client, market, path
+):
+    # DRF answers it 404 not_found, as if the endpoint did not exist.
+    error = assert_error(owner_client.get(path), 400, "invalid_choice", "format")
+    assert "json" in error["message"]
+
+
 def test_a_query_parameter_on_a_write_is_refused_and_writes_nothing(owner_client, market):
     before = counts()
     records_before = IdempotencyRecord.objects.count()

@@ -124,7 +124,7 @@ def test_availability_refuses_a_period_no_reservation_could_have(
     )  # fmt: skip
     assert response.status_code == 400, response.content
     assert response.json()["error"]["code"] == code
-    assert response.json()["error"]["field"] == "starts_at"
+    assert response.json()["error"]["field"] == "start"  # the parameter sent, not starts_at
 
 
 @pytest.mark.parametrize("count", ["1_0", "\u0661", "2.5e0"])
@@ -153,7 +153,27 @@ def test_availability_refuses_a_window_under_a_minute(client_key, market, length
     )  # fmt: skip
     assert response.status_code == 400, response.content
     assert response.json()["error"]["code"] == "period_too_short"
-    assert response.json()["error"]["field"] == "ends_at"
+    # The search is asked with start and end: the error names the parameter sent.
+    assert response.json()["error"]["field"] == "end"
+
+
+def test_a_site_availability_window_under_a_minute_names_end(client_key, market):
+    start = tomorrow()
+    response = client_key.get(
+        "/api/v1/sites/abilene-1/availability",
+        {"start": iso(start), "end": iso(start + timedelta(seconds=30))},
+    )
+    assert_error(response, 400, "period_too_short", "end")  # not ends_at, never sent
+
+
+def test_a_reserved_term_longer_than_the_window_names_end(client_key, market):
+    start = tomorrow()
+    response = client_key.get(
+        "/api/v1/availability",
+        {"tier": "reserved", "term": "1w", "start": iso(start),
+         "end": iso(start + timedelta(days=1))},
+    )  # fmt: skip
+    assert_error(response, 400, "period_shorter_than_term", "end")
 
 
 def test_site_availability_counts_free_gpus(client_key, owner_client, market):
