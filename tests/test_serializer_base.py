@@ -212,3 +212,36 @@ def test_at_most_max_unknown_reported_unknown_keys_are_named():
     assert not serializer.is_valid()
     assert sorted(serializer.errors) == [f"k{i:06d}" for i in range(MAX_UNKNOWN_REPORTED)]
     assert {e[0].code for e in serializer.errors.values()} == {"unknown_field"}
+
+
+class _Flags(Serializer):
+    enabled = serializers.BooleanField(required=False)
+    flags = serializers.ListField(child=serializers.BooleanField(), required=False)
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "on", 1, 0, "0", "False"])
+def test_a_boolean_in_a_json_body_is_true_or_false_not_a_word_or_a_number(value):
+    # DRF read "yes", "on" and 1 as true: {"enabled": "no"} was a typo away from "on".
+    for body in ({"enabled": value}, {"flags": [True, value]}):
+        serializer = _Flags(data=body)
+        assert not serializer.is_valid()
+        (field,) = serializer.errors
+        assert serializer.errors[field][0].code == "invalid"
+        assert str(serializer.errors[field][0]) == "Must be a valid boolean."
+
+
+def test_a_boolean_in_a_query_string_is_still_read_from_text():
+    from django.http import QueryDict
+
+    serializer = _Flags(data=QueryDict("enabled=true"))
+    assert serializer.is_valid(), serializer.errors
+    assert serializer.validated_data["enabled"] is True
+    assert _Flags(data={"enabled": False}).is_valid()
+
+
+def test_the_agents_lenient_protocol_reads_booleans_as_drf_does():
+    class _LenientFlags(LenientSerializer):
+        enabled = serializers.BooleanField()
+
+    serializer = _LenientFlags(data={"enabled": 1})
+    assert serializer.is_valid(), serializer.errors

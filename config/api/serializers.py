@@ -146,25 +146,44 @@ class Serializer(serializers.Serializer):
                 refused[name] = [ErrorDetail(f"Unknown field {name!r}; this request takes "
                                              f"{takes}.", code="unknown_field")]  # fmt: skip
         strict = self.refuse_unknown_fields  # the agents' protocol sends Xid codes as numbers
+        # In a JSON body a boolean is true or false; a query string can only send text.
+        json_body = strict and not isinstance(data, QueryDict)
         for name, field in fields.items():
-            if name in data and (error := _loose_number(field, data.get(name), strict)) is not None:
+            if name not in data:
+                continue
+            if (error := _loose_number(field, data.get(name), strict, json_body)) is not None:
                 refused[name] = [error]
         return refused
 
 
-def _loose_number(field: Field, value, text_strict: bool = True) -> ErrorDetail | None:
+def _loose_number(
+    field: Field, value, text_strict: bool = True, json_body: bool = False
+) -> ErrorDetail | None:
     """The error for a value DRF would read loosely: a whole number or decimal string beyond
     ASCII digits (also inside a list or a dict of them), a JSON fraction for a whole number,
-    a number or a boolean for text."""
+    a number or a boolean for text, and in a JSON body anything but true or false for a
+    boolean (DRF reads "yes", "on", 1 and "0" as booleans)."""
     child = getattr(field, "child", None)
     if child is not None and not isinstance(field, serializers.BaseSerializer):
         items = list(value.values()) if isinstance(value, dict) else value
         if not isinstance(items, list):
             return None
         return next(
-            (e for v in items if (e := _loose_number(child, v, text_strict)) is not None), None
+            (
+                e
+                for v in items
+                if (e := _loose_number(child, v, text_strict, json_body)) is not None
+            ),
+            None,
         )
     if isinstance(field, serializers.IntegerField) and isinstance(value, float):
+        return ErrorDetail(field.error_messages["invalid"], code="invalid")
+    if (
+        json_body
+        and isinstance(field, serializers.BooleanField)
+        and value is not None
+        and not isinstance(value, bool)
+    ):
         return ErrorDetail(field.error_messages["invalid"], code="invalid")
     if (
         text_strict
