@@ -45,12 +45,40 @@ def currencies_elsewhere(query: AvailabilityQuery) -> list[str]:
     return sorted({offer.currency for offer in offers} - {query.currency})
 
 
-def nothing_available(query: AvailabilityQuery, *, at_most: str = "") -> NotAvailable:
-    """The refusal of a request no site can serve in the organisation's currency; when sites
-    priced in another currency have the GPUs, it says so (the organisation cannot book
-    those: it is billed in one currency)."""
+def _filters_text(query: AvailabilityQuery) -> str:
+    """The filters a request narrowed the search by, as a refusal names them, so a caller
+    knows which to relax."""
+    said = []
+    if query.region is not None:
+        said.append(f"in region {query.region}")
+    if query.max_price_per_gpu_hour is not None:
+        said.append(f"at or below {query.max_price_per_gpu_hour} per GPU-hour")
+    if query.min_reliability is not None:
+        said.append(
+            f"on nodes with a 30-day reliability of at least {query.min_reliability} (a node "
+            "too new to have one does not qualify)"
+        )
+    grid = [
+        f"{name} {value}"
+        for name, value in (
+            ("min_renewable_share", query.min_renewable_share),
+            ("max_grid_carbon_g_per_kwh", query.max_grid_carbon_g_per_kwh),
+            ("max_pue", query.max_pue),
+        )
+        if value is not None
+    ]
+    if grid:
+        said.append(f"at sites meeting {', '.join(grid)}")
+    return "".join(f" {text}" for text in said)
+
+
+def nothing_available(query: AvailabilityQuery) -> NotAvailable:
+    """The refusal of a request no site can serve, naming the filters that narrowed it; in
+    the organisation's currency, when sites priced in another currency have the GPUs, it says
+    so (the organisation cannot book those: it is billed in one currency)."""
     message = (
-        f"No site has {query.gpu_count} {query.gpu_model} GPU(s) free for that period{at_most}"
+        f"No site has {query.gpu_count} {query.gpu_model} GPU(s) free for that period"
+        f"{_filters_text(query)}"
     )
     if query.currency is not None:
         elsewhere = currencies_elsewhere(query)

@@ -451,12 +451,7 @@ def _book_cheapest(request: BookingRequest) -> Reservation:
                 return reservation_book(request=request, terms=terms)
         except NotAvailable:
             continue
-    at_most = (
-        f" at or below {request.max_price_per_gpu_hour} per GPU-hour"
-        if request.max_price_per_gpu_hour is not None
-        else ""
-    )
-    raise nothing_available(query, at_most=at_most)
+    raise nothing_available(query)
 
 
 def _plan_from_offer(offer: Offer) -> list[tuple[int, int]]:

@@ -243,3 +243,18 @@ def test_the_portal_carries_the_floor_from_the_search_to_the_held_price(market, 
     assert held.status_code == 302 and held["Location"].endswith(quote.public_id)
     assert quote.min_reliability == Decimal("0.9950")
     assert "min_reliability=99.5" in client.get(held["Location"]).content.decode()
+
+
+def test_a_refusal_names_the_reliability_floor_that_left_nothing(client_key, market):
+    """With no node old enough to have a figure, a quote or booking with a floor was refused
+    "No site has 1 … GPU(s) free for that period": the caller could not tell why."""
+    start = tomorrow()
+    for path in ("/api/v1/quotes", "/api/v1/reservations"):
+        refused = client_key.post(path, _booking(start, gpu_count=1, min_reliability="0.9"),
+                                  format="json")  # fmt: skip
+        error = assert_error(refused, 409, "not_available")
+        assert error["message"] == (
+            "No site has 1 h100-sxm-80gb GPU(s) free for that period on nodes with a 30-day "
+            "reliability of at least 0.9000 (a node too new to have one does not qualify)."
+        ), path
+    assert not Reservation.objects.exists()
