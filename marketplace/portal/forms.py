@@ -43,6 +43,7 @@ __all__ = [
 
 
 _USERNAME_CHARACTERS = re.compile(r"[A-Za-z0-9@.+\-_]+")
+_USERNAME_HELP = "Letters a-z, digits and @ . + - _ only (150 at most)."
 
 
 def _username_plain(username: str) -> str:
@@ -69,6 +70,8 @@ class SignupForm(UserCreationForm):
 
     class Meta(UserCreationForm.Meta):
         fields = ("username", "email")
+        # Django's says "Letters, digits and @/./+/-/_", which reads as any script's letters.
+        help_texts = {"username": _USERNAME_HELP}
 
     def clean_username(self):
         return _username_plain(super().clean_username())
@@ -89,7 +92,7 @@ class SignupConfirmForm(forms.Form):
         label="Username",
         max_length=150,
         validators=[get_user_model().username_validator],
-        help_text="Letters a-z, digits and @ . + - _ only.",
+        help_text=_USERNAME_HELP,
     )
 
     def clean_username(self):

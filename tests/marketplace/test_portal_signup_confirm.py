@@ -204,6 +204,18 @@ def test_invalid_form_input_mails_nothing_and_records_nothing(mailoutbox):
     assert mailoutbox == [] and not PendingSignup.objects.exists()
 
 
+def test_the_sign_up_form_states_the_user_name_rule_it_keeps(mailoutbox):
+    # Django's help said "Letters, digits and @/./+/-/_", which reads as any script's letters;
+    # "grаce" (a Cyrillic "а") is refused, so the help says a-z, as the link page does.
+    page = HttpsClient().get("/signup").content.decode()
+    assert "Letters a-z, digits and @ . + - _ only (150 at most)." in page
+    assert "Letters, digits and @/./+/-/_" not in page
+    refused = signup_post(HttpsClient(), **signup_form(username="gr\u0430ce"))
+    assert refused.status_code == 400
+    assert "Use only letters a-z, digits and @ . + - _ in a user name." in refused.content.decode()
+    assert mailoutbox == [] and not PendingSignup.objects.exists()
+
+
 def _invitation(email="grace@example.com", role=Role.ADMIN):
     owner = MembershipFactory(organization=OrganizationFactory(name="Ada Labs"), role=Role.OWNER)
     invitation, token = invitation_create(actor=owner, email=email, role=role)
