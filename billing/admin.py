@@ -10,7 +10,7 @@ from decimal import Decimal
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.response import TemplateResponse
@@ -18,6 +18,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from billing.models import (
+    INVOICE_UNPAID_STATUSES,
     Balance,
     BillingAccount,
     BillingNotice,
@@ -436,11 +437,30 @@ class WebhookEventAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     search_fields = ("stripe_event_id",)
 
 
+class InvoicePastDueFilter(admin.SimpleListFilter):
+    """Unpaid invoices that became past due (their organisations' bookings are refused once
+    the grace is over), and the rest."""
+
+    title = "past due"
+    parameter_name = "past_due"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Past due (unpaid)"), ("no", "Not past due")]
+
+    def queryset(self, request, queryset):
+        past_due = Q(payment_failed_at__isnull=False, status__in=INVOICE_UNPAID_STATUSES)
+        if self.value() == "yes":
+            return queryset.filter(past_due)
+        if self.value() == "no":
+            return queryset.exclude(past_due)
+        return queryset
+
+
 @admin.register(Invoice)
 class InvoiceAdmin(ReadOnlyAdmin):
     list_display = ("stripe_invoice_id", "organization", "status", "amount_due_minor", "currency",
-                    "period_start", "hosted_link")  # fmt: skip
-    list_filter = ("status",)
+                    "period_start", "payment_failed_at", "hosted_link")  # fmt: skip
+    list_filter = ("status", InvoicePastDueFilter)
 
     @admin.display(description="invoice")
     def hosted_link(self, obj):

@@ -28,6 +28,7 @@ __all__ = [
     "OutboxStatus",
     "OutboxMessage",
     "WebhookEvent",
+    "INVOICE_UNPAID_STATUSES",
     "Invoice",
     "UsageAggregate",
     "BillingNotice",
@@ -468,6 +469,11 @@ class WebhookEvent(models.Model):
         return f"{self.type} {self.stripe_event_id}"
 
 
+# An invoice in one of these statuses is unpaid: one that became past due (payment_failed_at)
+# blocks its organisation's new bookings while it stays here (billing.services.funding).
+INVOICE_UNPAID_STATUSES = ("open", "uncollectible")
+
+
 class Invoice(models.Model):
     """Mirror of a Stripe invoice (postpaid organisations), kept up to date by webhooks."""
 
@@ -483,13 +489,36 @@ class Invoice(models.Model):
     hosted_invoice_url = models.URLField(max_length=500, blank=True)
     period_start = models.DateTimeField(null=True, blank=True)
     period_end = models.DateTimeField(null=True, blank=True)
+    # History, never cleared: when the invoice first became past due (Stripe reported a failed
+    # payment, or it went overdue or uncollectible). It blocks new bookings only while the
+    # invoice is unpaid (INVOICE_UNPAID_STATUSES); paid or void ends that, the date stays.
+    payment_failed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the invoice first became past due (payment failed, overdue or "
+        "uncollectible); kept once paid or void.",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-period_start", "-id"]
+        indexes = [
+            # What the funding gate reads on every postpaid booking: the organisation's unpaid
+            # past-due invoices, oldest failure first (few rows, usually none).
+            models.Index(
+                fields=["organization", "payment_failed_at"],
+                condition=Q(payment_failed_at__isnull=False, status__in=INVOICE_UNPAID_STATUSES),
+                name="invoice_past_due_org_idx",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.stripe_invoice_id
+
+    @property
+    def past_due(self) -> bool:
+        """Unpaid and past due: what blocks bookings (after the grace)."""
+        return self.payment_failed_at is not None and self.status in INVOICE_UNPAID_STATUSES
 
 
 class UsageAggregate(models.Model):

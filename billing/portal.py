@@ -652,7 +652,28 @@ class InvoicesView(BillingPage):
         for invoice in invoices:
             invoice.amount_due_display = money(invoice.amount_due_minor, invoice.currency)
             invoice.amount_paid_display = money(invoice.amount_paid_minor, invoice.currency)
-        return self.render(request, "invoices.html", {"invoices": invoices})
+            invoice.owed_display = money(
+                invoice.amount_due_minor - invoice.amount_paid_minor, invoice.currency
+            )
+        # The one that blocks bookings (after the grace): the first to become past due.
+        past_due = min(
+            (i for i in invoices if i.past_due), key=lambda i: i.payment_failed_at, default=None
+        )
+        refused_from = (
+            past_due.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
+            if past_due
+            else None
+        )
+        return self.render(
+            request,
+            "invoices.html",
+            {
+                "invoices": invoices,
+                "past_due": past_due,
+                "refused_from": refused_from,
+                "refused_now": refused_from is not None and refused_from <= timezone.now(),
+            },
+        )
 
 
 def overview_panel(membership) -> dict:

@@ -5,10 +5,13 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, Collate, TruncDate
+from django.utils import timezone
 
 from billing.models import (
+    INVOICE_UNPAID_STATUSES,
     Balance,
     BillingAccount,
     BillingNotice,
@@ -23,6 +26,7 @@ from billing.models import (
     UsageAccrual,
 )
 from billing.money import ZERO_DECIMAL_CURRENCIES, from_minor_units, usage_cost_minor
+from config.db import model_columns, model_from_row
 from config.replica import read_connection
 from marketplace.models import Organization, Tier
 from marketplace.selectors.reference import rate_card_currencies
@@ -38,6 +42,7 @@ __all__ = [
     "usage_with_unbooked",
     "usage_page",
     "invoices_for_org",
+    "invoice_past_due",
     "payment_methods_for_org",
     "top_ups_for_org",
     "account_currency",
@@ -364,6 +369,28 @@ def usage_page(
 
 def invoices_for_org(*, organization: Organization) -> QuerySet[Invoice]:
     return Invoice.objects.filter(organization=organization)
+
+
+# The organisation's oldest unpaid past-due invoice: one probe of the partial index
+# invoice_past_due_org_idx (its condition is written out as literals, so the planner can use
+# that index for a prepared statement too). Plain SQL: the funding gate runs it on every
+# postpaid booking and extension.
+_PAST_DUE_SQL = f"""
+SELECT {model_columns(Invoice, "i")} FROM billing_invoice i
+WHERE i.organization_id = %s AND i.payment_failed_at IS NOT NULL AND i.payment_failed_at <= %s
+  AND i.status IN ({", ".join(f"'{s}'" for s in INVOICE_UNPAID_STATUSES)})
+ORDER BY i.payment_failed_at, i.id LIMIT 1
+"""
+
+
+def invoice_past_due(*, organization_id: int, failed_by: datetime | None = None) -> Invoice | None:
+    """The organisation's unpaid invoice that became past due first (by `failed_by`, if
+    given: past due for at least the grace then), or None. Read on the primary: the funding
+    gate decides on it."""
+    with connection.cursor() as cur:
+        cur.execute(_PAST_DUE_SQL, [organization_id, failed_by or timezone.now()])
+        row = cur.fetchone()
+    return model_from_row(Invoice, row) if row else None
 
 
 def payment_methods_for_org(*, organization: Organization) -> QuerySet[PaymentMethod]:

@@ -4,6 +4,7 @@ balance or an invoice as the API does. This module imports no services that reco
 imports it at module top, as does the API.
 """
 
+from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -14,6 +15,7 @@ from billing.money import from_minor_units, top_up_limits
 from billing.selectors import (
     currency_choices,
     currency_lock_reason,
+    invoice_past_due,
     month_start,
     spend_minor,
 )
@@ -51,6 +53,26 @@ class MoneyField(serializers.Field):
 
     def to_representation(self, value):
         return value
+
+
+class InvoiceOutput(Serializer):
+    id = serializers.CharField(source="stripe_invoice_id")
+    status = serializers.CharField()
+    currency = serializers.CharField()
+    amount_due = MoneyField(source="amount_due_minor")
+    amount_paid = MoneyField(source="amount_paid_minor")
+    hosted_invoice_url = serializers.CharField()
+    period_start = serializers.DateTimeField(allow_null=True)
+    period_end = serializers.DateTimeField(allow_null=True)
+    past_due = serializers.BooleanField(
+        help_text="Unpaid (open or uncollectible) after its payment failed, or it went overdue "
+        "or uncollectible. Past due for longer than the grace, it blocks new reservations and "
+        "extensions until it is paid."
+    )
+    payment_failed_at = serializers.DateTimeField(
+        allow_null=True,
+        help_text="When it first became past due; kept once it is paid or void.",
+    )
 
 
 class BalanceOutput(Serializer):
@@ -97,6 +119,18 @@ class BalanceOutput(Serializer):
         help_text="The most one top-up (or automatic recharge, or the recharge threshold) may "
         "be in this currency."
     )
+    invoice_past_due = InvoiceOutput(
+        allow_null=True,
+        help_text="Postpaid: the unpaid invoice that became past due first (its payment "
+        "failed, or it went overdue or uncollectible), or null. Past due for longer than the "
+        "grace, it blocks new reservations and extensions (402 `invoice_past_due`) until it "
+        "is paid at its `hosted_invoice_url`.",
+    )
+    bookings_refused_from = serializers.DateTimeField(
+        allow_null=True,
+        help_text="When new reservations and extensions are, or will be, refused for "
+        "`invoice_past_due` (when it became past due, plus the grace); null when none is.",
+    )
 
 
 def balance_data(org) -> dict:
@@ -106,6 +140,9 @@ def balance_data(org) -> dict:
     position = money_position(organization_id=org.pk)
     top_up_min, top_up_max = top_up_limits(c)
     changeable = currency_lock_reason(organization_id=org.pk) is None
+    past_due = (
+        invoice_past_due(organization_id=org.pk) if account.mode == BillingMode.POSTPAID else None
+    )
     return {
         "currency": c,
         "currency_changeable": changeable,
@@ -127,18 +164,13 @@ def balance_data(org) -> dict:
         "default_payment_method": account.default_payment_method_id,
         "top_up_min": str(top_up_min),
         "top_up_max": str(top_up_max),
+        "invoice_past_due": past_due,
+        "bookings_refused_from": (
+            past_due.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
+            if past_due
+            else None
+        ),
     }
-
-
-class InvoiceOutput(Serializer):
-    id = serializers.CharField(source="stripe_invoice_id")
-    status = serializers.CharField()
-    currency = serializers.CharField()
-    amount_due = MoneyField(source="amount_due_minor")
-    amount_paid = MoneyField(source="amount_paid_minor")
-    hosted_invoice_url = serializers.CharField()
-    period_start = serializers.DateTimeField(allow_null=True)
-    period_end = serializers.DateTimeField(allow_null=True)
 
 
 class TopUpOutput(Serializer):

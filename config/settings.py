@@ -448,6 +448,14 @@ STRIPE_METER_EVENT_NAME = env_str("STRIPE_METER_EVENT_NAME", "usage_minor_units"
 BILLING_LOW_BALANCE_GRACE = timedelta(
     seconds=env_int("BILLING_LOW_BALANCE_GRACE_SECONDS", 3600, minimum=0)
 )
+# How long a postpaid organisation may book with an invoice past due (its payment failed, or
+# it went overdue or uncollectible) before new reservations and extensions are refused; 0:
+# refused at once. At most about ten years (a date beyond that is no date).
+BILLING_POSTPAID_PAST_DUE_GRACE = timedelta(
+    seconds=env_int(
+        "BILLING_POSTPAID_PAST_DUE_GRACE_SECONDS", 604800, minimum=0, maximum=315_360_000
+    )
+)
 # A new billing account's automatic-recharge threshold and amount, in CURRENCY: unset, about
 # US$50 and US$100 in it (billing.money.default_recharge_settings); set, within its top-up
 # limits and in whole minor units, as a customer's own settings are.

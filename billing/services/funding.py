@@ -4,8 +4,11 @@ Committed part of a new reservation (what the balance must cover before it is ac
 - reserved tier: the whole term's total (charged up front as a reserved_charge);
 - on-demand and interruptible: the first BILLING_ON_DEMAND_COMMIT_HOURS hours (default 1) of
   the reservation, or the whole period if shorter; the rest is drawn down as it is used.
-Postpaid organisations need no balance. Every organisation with a monthly spend limit is
-refused a reservation whose committed part would take this month's charges over it.
+Postpaid organisations need no balance, but are refused new commitments once an invoice of
+theirs has been past due (unpaid after a failed payment, overdue or uncollectible) for longer
+than BILLING_POSTPAID_PAST_DUE_GRACE, until it is paid. Every organisation with a monthly
+spend limit is refused a reservation whose committed part would take this month's charges
+over it.
 
 When funds run out (prepaid), the policy is explicit, and every step sends a notice:
 1. warning — the balance is below the recharge threshold: notice, and an automatic recharge
@@ -29,10 +32,11 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from billing.models import BillingAccount, BillingMode, FundingState
+from billing.models import BillingAccount, BillingMode, FundingState, Invoice
 from billing.money import from_minor_units, hold_minor_units, to_minor_units
 from billing.selectors import (
     billing_currency_for_org,
+    invoice_past_due,
     month_start,
     reservations_charged,
     spend_minor,
@@ -119,6 +123,21 @@ def _money(amount_minor: int, currency: str) -> str:
     return f"{from_minor_units(amount_minor, currency)} {currency.upper()}"
 
 
+def _past_due_text(invoice: Invoice) -> str:
+    """A past-due invoice as a refusal names it: which, how much is owed, since when, and
+    where to pay it."""
+    owed = _money(invoice.amount_due_minor - invoice.amount_paid_minor, invoice.currency)
+    pay = (
+        f"pay it at {invoice.hosted_invoice_url}"
+        if invoice.hosted_invoice_url
+        else "pay it from the invoice Stripe sent you"
+    )
+    return (
+        f"invoice {invoice.stripe_invoice_id} ({owed} due) has been past due since "
+        f"{invoice.payment_failed_at:%Y-%m-%d %H:%M} UTC: {pay}."
+    )
+
+
 def commitment_authorize(
     *,
     organization_id: int,
@@ -135,6 +154,7 @@ def commitment_authorize(
     created, which the customer (or staff) may change until money moves, under this lock
     (billing.services.accounts.billing_currency_change_check).
 
+    Postpaid: no invoice past due for longer than the grace (402 `invoice_past_due`).
     Prepaid: the balance less open holds must cover it. Every organisation with a monthly spend
     limit: this month's charges, open holds and this must stay within it. The caller holds the
     commitment in the same transaction (hold_add), so the next decision counts it.
@@ -156,6 +176,19 @@ def commitment_authorize(
             "Billing is suspended for this organisation: top up to reserve or extend again.",
             code="account_suspended",
         )
+    if account.mode == BillingMode.POSTPAID:
+        # Invoiced later, so no balance to check: an invoice left unpaid past the grace is.
+        overdue = invoice_past_due(
+            organization_id=organization_id,
+            failed_by=timezone.now() - settings.BILLING_POSTPAID_PAST_DUE_GRACE,
+        )
+        if overdue is not None:
+            raise PaymentRequired(
+                f"This {what} is refused: {_past_due_text(overdue)} New reservations "
+                "and extensions are accepted again once it is paid (running ones keep "
+                "running).",
+                code="invoice_past_due",
+            )
     # After the lock, in a statement of its own: a snapshot taken now sees every hold that
     # the decisions before this one committed.
     position = money_position(organization_id=organization_id, fold=True)

@@ -10,6 +10,9 @@ A refund's status is applied from Stripe's current state of it, read back before
 applied, never from the event's payload (a late delivery may carry a status long gone). A card
 dispute is applied from what Stripe has done with its money (withdrawn, reinstated): facts
 that, once true, stay true, so a repeated or late delivery adds nothing and needs no read.
+An invoice is mirrored in Stripe's order of its stages (a late event never moves it back); its
+first failure to be paid (payment failed, overdue, uncollectible) is recorded once, with an
+event and a notice, and blocks the organisation's bookings after a grace until it is paid.
 """
 
 import json
@@ -18,6 +21,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 import stripe
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -29,7 +33,9 @@ from billing.models import (
     TopUp,
     WebhookEvent,
 )
+from billing.money import from_minor_units
 from billing.services.events import invoice_event_record
+from billing.services.notices import notice_send
 from billing.services.payment_methods import payment_method_mark_detached, payment_method_mirror
 from billing.services.refunds import (
     refund_mark_failed,
@@ -115,7 +121,11 @@ def _webhook_event_apply(*, event_id: int, obj: dict) -> bool:
     if handler is not None:
         try:
             with transaction.atomic():
-                handler(obj)
+                if handler is _invoice_mirror:
+                    # Which event, and when Stripe sent it (since when an invoice is past due).
+                    handler(obj, event_type=row.type, event_at=_ts(row.payload.get("created")))
+                else:
+                    handler(obj)
         except Exception as exc:  # noqa: BLE001 — recorded on the event; the sweeper retries it
             logger.exception("webhook event %s (%s) failed", row.stripe_event_id, row.type)
             row.error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -360,20 +370,44 @@ _INVOICE_STATUS_EVENTS = {"open": EventType.INVOICE_FINALIZED, "paid": EventType
 _INVOICE_STAGE = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
 
 
-def _invoice_mirror(invoice: dict) -> None:
+# Stripe's word that an unpaid invoice is past due: a payment attempt failed (the invoice
+# stays open while Stripe retries), or it passed its due date (sent for payment by e-mail).
+# An invoice marked uncollectible is past due whatever the event.
+_INVOICE_PAST_DUE_EVENTS = {
+    "invoice.payment_failed": "its payment failed",
+    "invoice.overdue": "it is overdue",
+}
+
+
+def _invoice_mirror(
+    invoice: dict, *, event_type: str = "", event_at: datetime | None = None
+) -> None:
     organization = _org_for_customer(invoice.get("customer") or "")
-    before = (
+    before, failed_before = (
         Invoice.objects.select_for_update()
         .filter(stripe_invoice_id=invoice["id"])
-        .values_list("status", flat=True)
+        .values_list("status", "payment_failed_at")
         .first()
-    )
+    ) or (None, None)
     status = invoice.get("status") or ""
     if before is not None and _INVOICE_STAGE.get(status, 0) < _INVOICE_STAGE.get(before, 0):
         logger.info("invoice %s: %s after %s ignored (out of order)", invoice["id"], status, before)
         return
     if before in ("paid", "void") and status != before:
         return  # final: nothing moves it
+    if status == "uncollectible":
+        cause = "it was marked uncollectible"
+    elif status == "open":
+        cause = _INVOICE_PAST_DUE_EVENTS.get(event_type)
+    else:
+        cause = None  # a late failure of an invoice paid or void since is no failure
+    failed_at = failed_before
+    if cause:
+        # Since the first failure Stripe reported (a later one, or a late delivery of an
+        # earlier one, moves it no later); kept as history once paid or void.
+        now = timezone.now()
+        at = min(event_at or now, now)
+        failed_at = min(failed_before, at) if failed_before else at
     mirrored, _ = Invoice.objects.update_or_create(
         stripe_invoice_id=invoice["id"],
         defaults={
@@ -386,11 +420,45 @@ def _invoice_mirror(invoice: dict) -> None:
             "hosted_invoice_url": invoice.get("hosted_invoice_url") or "",
             "period_start": _ts(invoice.get("period_start")),
             "period_end": _ts(invoice.get("period_end")),
+            "payment_failed_at": failed_at,
         },
     )
-    event_type = _INVOICE_STATUS_EVENTS.get(mirrored.status)
-    if event_type and mirrored.status != before and mirrored.organization_id:
-        invoice_event_record(invoice=mirrored, type=event_type)
+    if not mirrored.organization_id:
+        return
+    status_event = _INVOICE_STATUS_EVENTS.get(mirrored.status)
+    if status_event and mirrored.status != before:
+        invoice_event_record(invoice=mirrored, type=status_event)
+    if cause and failed_before is None:
+        # Once per invoice, however many attempts fail or deliveries repeat.
+        invoice_event_record(invoice=mirrored, type=EventType.INVOICE_PAYMENT_FAILED)
+        _invoice_past_due_notice(mirrored, cause=cause)
+
+
+def _invoice_past_due_notice(invoice: Invoice, *, cause: str) -> None:
+    owed = from_minor_units(invoice.amount_due_minor - invoice.amount_paid_minor, invoice.currency)
+    period = (
+        f", for {invoice.period_start:%Y-%m-%d} to {invoice.period_end:%Y-%m-%d}"
+        if invoice.period_start and invoice.period_end
+        else ""
+    )
+    pay = (
+        f"Pay it at {invoice.hosted_invoice_url}"
+        if invoice.hosted_invoice_url
+        else "Pay it from the invoice Stripe sent you"
+    )
+    refused_from = invoice.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
+    when = (
+        f"If it is still unpaid at {refused_from:%Y-%m-%d %H:%M} UTC, new reservations and "
+        "extensions will be refused until it is paid"
+        if refused_from > timezone.now()
+        else "New reservations and extensions are refused until it is paid"
+    )
+    notice_send(
+        organization=invoice.organization,
+        kind="invoice_past_due",
+        message=f"Invoice {invoice.stripe_invoice_id} ({owed} {invoice.currency.upper()} due"
+        f"{period}) is past due: {cause}. {pay}. {when}; running reservations keep running.",
+    )
 
 
 # Stripe reads an event needs before it is applied (made outside any transaction).
@@ -427,4 +495,6 @@ _HANDLERS = {
     "invoice.payment_succeeded": _invoice_mirror,
     "invoice.updated": _invoice_mirror,
     "invoice.voided": _invoice_mirror,
+    "invoice.overdue": _invoice_mirror,
+    "invoice.marked_uncollectible": _invoice_mirror,
 }

@@ -43,6 +43,7 @@ class EventType(models.TextChoices):
     FUNDING_SUSPENDED = "funding.suspended"
     INVOICE_FINALIZED = "invoice.finalized"
     INVOICE_PAID = "invoice.paid"
+    INVOICE_PAYMENT_FAILED = "invoice.payment_failed"
     API_KEY_CREATED = "api_key.created"
     API_KEY_REVOKED = "api_key.revoked"
     MEMBER_ADDED = "member.added"
