@@ -5,6 +5,7 @@ start-up with an ImproperlyConfigured that names the variable.
 """
 
 import os
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from ipaddress import ip_network
 from urllib.parse import unquote, urlparse
@@ -56,6 +57,27 @@ def env_int(
     if maximum is not None and number > maximum:
         raise ImproperlyConfigured(f"{name} must be at most {maximum}, got {number}")
     return number
+
+
+# The longest duration a setting may give: ten years. A longer one is no setting anyone means,
+# and `now +` it would pass the calendar's end (a 500 where it is used, not a start-up error).
+DURATION_MOST = timedelta(days=3650)
+
+
+def env_duration(
+    name: str,
+    default: int,
+    *,
+    unit: str = "seconds",
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> timedelta:
+    """A duration set as a whole number of `unit` (seconds, hours or days), at most
+    DURATION_MOST unless `maximum` says less."""
+    most = int(DURATION_MOST / timedelta(**{unit: 1}))
+    return timedelta(
+        **{unit: env_int(name, default, minimum=minimum, maximum=min(maximum or most, most))}
+    )
 
 
 def env_decimal(name: str, default: Decimal) -> Decimal:

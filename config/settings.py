@@ -1,7 +1,6 @@
 """Switchyard settings. Every value is read here, from the environment (see .env.example)."""
 
 import re
-from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from config.env import (
     env_bool,
     env_database,
     env_decimal,
+    env_duration,
     env_int,
     env_list,
     env_networks,
@@ -252,7 +252,7 @@ if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
 # --- Inventory health ----------------------------------------------------------------------
 # The largest inventory file import_inventory reads (a 100,000-GPU CSV is about 3 MiB).
 INVENTORY_IMPORT_MAX_BYTES = env_int("INVENTORY_IMPORT_MAX_BYTES", 32 * 2**20, minimum=1024)
-NODE_OFFLINE_AFTER = timedelta(seconds=env_int("NODE_OFFLINE_AFTER_SECONDS", 180, minimum=10))
+NODE_OFFLINE_AFTER = env_duration("NODE_OFFLINE_AFTER_SECONDS", 180, minimum=10)
 # How often every site agent heartbeats, told in each heartbeat's answer (an agent given its
 # own heartbeat_seconds keeps that; agents take 1-300 s). It sets an idle fleet's request load
 # and how soon an idle node starts a job. A node is marked offline only after three intervals
@@ -270,28 +270,24 @@ if AGENT_HEARTBEAT_SECONDS > NODE_OFFLINE_AFTER.total_seconds() / 3:
 # third of NODE_OFFLINE_AFTER (inventory.selectors.agent_heartbeat_seconds). 0: no limit.
 AGENT_HEARTBEATS_PER_SECOND = env_int("AGENT_HEARTBEATS_PER_SECOND", 400, minimum=0)
 # GPU telemetry (docs/health.md): raw samples for this many hours, per-minute rollups for days.
-TELEMETRY_RAW_RETENTION = timedelta(hours=env_int("TELEMETRY_RAW_RETENTION_HOURS", 6, minimum=1))
-TELEMETRY_ROLLUP_RETENTION = timedelta(
-    days=env_int("TELEMETRY_ROLLUP_RETENTION_DAYS", 30, minimum=1)
+TELEMETRY_RAW_RETENTION = env_duration("TELEMETRY_RAW_RETENTION_HOURS", 6, unit="hours", minimum=1)
+TELEMETRY_ROLLUP_RETENTION = env_duration(
+    "TELEMETRY_ROLLUP_RETENTION_DAYS", 30, unit="days", minimum=1
 )
 
 # --- Marketplace ---------------------------------------------------------------------------
-QUOTE_TTL = timedelta(seconds=env_int("QUOTE_TTL_SECONDS", 300, minimum=10))
+QUOTE_TTL = env_duration("QUOTE_TTL_SECONDS", 300, minimum=10)
 # Grid curtailment (docs/grid.md): the least notice a preempted reservation gets unless the
 # grid operator's call itself gives less; how recent a GPU's power reading must be to count
 # as its draw (older: rated power).
-CURTAILMENT_MIN_NOTICE = timedelta(
-    seconds=env_int("CURTAILMENT_MIN_NOTICE_SECONDS", 120, minimum=0)
-)
-CURTAILMENT_POWER_FRESH = timedelta(
-    seconds=env_int("CURTAILMENT_POWER_FRESH_SECONDS", 120, minimum=10)
-)
+CURTAILMENT_MIN_NOTICE = env_duration("CURTAILMENT_MIN_NOTICE_SECONDS", 120, minimum=0)
+CURTAILMENT_POWER_FRESH = env_duration("CURTAILMENT_POWER_FRESH_SECONDS", 120, minimum=10)
 # How far a demand-response call's signed timestamp may be from our clock (docs/grid.md).
-DEMAND_RESPONSE_SIGNATURE_TOLERANCE = timedelta(
-    seconds=env_int("DEMAND_RESPONSE_SIGNATURE_TOLERANCE_SECONDS", 300, minimum=5)
+DEMAND_RESPONSE_SIGNATURE_TOLERANCE = env_duration(
+    "DEMAND_RESPONSE_SIGNATURE_TOLERANCE_SECONDS", 300, minimum=5
 )
 # How long an e-mailed invitation to join an organisation can be accepted.
-INVITATION_TTL = timedelta(days=env_int("INVITATION_TTL_DAYS", 7, minimum=1))
+INVITATION_TTL = env_duration("INVITATION_TTL_DAYS", 7, unit="days", minimum=1)
 # Invitations an organisation may send a day (revoked ones count): in all, and to one address.
 INVITATIONS_PER_DAY = env_int("INVITATIONS_PER_DAY", 50, minimum=1)
 INVITATIONS_PER_ADDRESS_PER_DAY = env_int("INVITATIONS_PER_ADDRESS_PER_DAY", 3, minimum=1)
@@ -338,7 +334,7 @@ if _currency_refused := currency_refusal(CURRENCY):
 # --- Grid power prices (docs/grid.md) -------------------------------------------------------
 # A zone with no price received for this long is stale: its sites are priced from their
 # static energy price until the feed is back.
-GRID_PRICE_MAX_AGE = timedelta(hours=env_int("GRID_PRICE_MAX_AGE_HOURS", 26, minimum=1))
+GRID_PRICE_MAX_AGE = env_duration("GRID_PRICE_MAX_AGE_HOURS", 26, unit="hours", minimum=1)
 # Prices per MWh outside [floor, cap] are refused at the door (and ignored by pricing if the
 # bounds were tightened after they were stored). Negative prices are real; absurd ones are not.
 GRID_PRICE_FLOOR_PER_MWH = env_decimal("GRID_PRICE_FLOOR_PER_MWH", Decimal("-500"))
@@ -369,9 +365,9 @@ WEBHOOK_ALLOW_INSECURE = env_bool("WEBHOOK_ALLOW_INSECURE", False)
 WEBHOOK_TIMEOUT = env_int("WEBHOOK_TIMEOUT_SECONDS", 10, minimum=1)
 # A delivery is retried with exponential backoff for this long; an endpoint whose deliveries
 # have all failed for this long is disabled and its owners are e-mailed.
-WEBHOOK_RETRY_FOR = timedelta(hours=env_int("WEBHOOK_RETRY_HOURS", 72, minimum=1))
+WEBHOOK_RETRY_FOR = env_duration("WEBHOOK_RETRY_HOURS", 72, unit="hours", minimum=1)
 # After a secret rotation the old secret keeps signing (beside the new one) for this long.
-WEBHOOK_SECRET_OVERLAP = timedelta(hours=env_int("WEBHOOK_SECRET_OVERLAP_HOURS", 24, minimum=0))
+WEBHOOK_SECRET_OVERLAP = env_duration("WEBHOOK_SECRET_OVERLAP_HOURS", 24, unit="hours", minimum=0)
 
 # --- Provisioning --------------------------------------------------------------------------
 # Starts and ends live in PostgreSQL; beat runs the dispatcher every DISPATCH_INTERVAL, so a
@@ -395,9 +391,7 @@ PROVISIONING_DISPATCH_INTERVAL_SECONDS = env_int(
     "PROVISIONING_DISPATCH_INTERVAL_SECONDS", 5, minimum=1
 )
 PROVISIONING_DISPATCH_BATCH = env_int("PROVISIONING_DISPATCH_BATCH", 100, minimum=1)
-PROVISIONING_STUCK_AFTER = timedelta(
-    seconds=env_int("PROVISIONING_STUCK_AFTER_SECONDS", 120, minimum=1)
-)
+PROVISIONING_STUCK_AFTER = env_duration("PROVISIONING_STUCK_AFTER_SECONDS", 120, minimum=1)
 # A worker renews its lease on a reservation while it works on it; a dead worker's lease
 # lapses after this long, and the reservation can be picked up again.
 PROVISIONING_WORKER_LEASE_SECONDS = env_int("PROVISIONING_WORKER_LEASE_SECONDS", 30, minimum=1)
@@ -407,10 +401,10 @@ PROVISIONING_DEFAULT_IMAGE = env_str("PROVISIONING_DEFAULT_IMAGE", "docker.io/li
 # is refused at booking (the site agents refuse to pull it too, unless started with
 # --allow-private-registries): on a node it would reach the site's own network.
 WORKLOAD_PRIVATE_REGISTRIES = env_bool("WORKLOAD_PRIVATE_REGISTRIES", False)
-AGENT_JOB_LEASE = timedelta(seconds=env_int("AGENT_JOB_LEASE_SECONDS", 60, minimum=1))
+AGENT_JOB_LEASE = env_duration("AGENT_JOB_LEASE_SECONDS", 60, minimum=1)
 # A job no agent has leased after this long means the node's agent is gone: provisioning moves
 # the reservation to other GPUs, a release completes without waiting for the stop.
-AGENT_JOB_STALL = timedelta(seconds=env_int("AGENT_JOB_STALL_SECONDS", 180, minimum=5))
+AGENT_JOB_STALL = env_duration("AGENT_JOB_STALL_SECONDS", 180, minimum=5)
 # A site agent reports a start job done only once the container runs and every published
 # port accepts TCP on the customer's address; a workload not ready by then fails (no charge).
 PROVISIONING_READINESS_TIMEOUT_SECONDS = env_int(
@@ -426,8 +420,8 @@ PROVISIONING_STOP_GRACE_SECONDS = {
 # An active workload whose container vanished or stalled (not its own exit) is restarted in
 # place; past this many restarts within the window (a crash loop) the next one ends it. 0: never.
 PROVISIONING_WORKLOAD_RESTARTS = env_int("PROVISIONING_WORKLOAD_RESTARTS", 3, minimum=0)
-PROVISIONING_WORKLOAD_RESTART_WINDOW = timedelta(
-    seconds=env_int("PROVISIONING_WORKLOAD_RESTART_WINDOW_SECONDS", 3600, minimum=60)
+PROVISIONING_WORKLOAD_RESTART_WINDOW = env_duration(
+    "PROVISIONING_WORKLOAD_RESTART_WINDOW_SECONDS", 3600, minimum=60
 )
 # Redis redelivers an unacknowledged task after this long; tasks are idempotent, and a
 # duplicate that arrives while the first copy still runs is a no-op.
@@ -445,16 +439,12 @@ STRIPE_API_VERSION = env_str("STRIPE_API_VERSION", "2025-10-29.clover")
 # How long one request to Stripe may take (connect and read); a call is tried at most twice.
 STRIPE_TIMEOUT_SECONDS = env_int("STRIPE_TIMEOUT_SECONDS", 20, minimum=1)
 STRIPE_METER_EVENT_NAME = env_str("STRIPE_METER_EVENT_NAME", "usage_minor_units")
-BILLING_LOW_BALANCE_GRACE = timedelta(
-    seconds=env_int("BILLING_LOW_BALANCE_GRACE_SECONDS", 3600, minimum=0)
-)
+BILLING_LOW_BALANCE_GRACE = env_duration("BILLING_LOW_BALANCE_GRACE_SECONDS", 3600, minimum=0)
 # How long a postpaid organisation may book with an invoice past due (its payment failed, or
 # it went overdue or uncollectible) before new reservations and extensions are refused; 0:
 # refused at once. At most about ten years (a date beyond that is no date).
-BILLING_POSTPAID_PAST_DUE_GRACE = timedelta(
-    seconds=env_int(
-        "BILLING_POSTPAID_PAST_DUE_GRACE_SECONDS", 604800, minimum=0, maximum=315_360_000
-    )
+BILLING_POSTPAID_PAST_DUE_GRACE = env_duration(
+    "BILLING_POSTPAID_PAST_DUE_GRACE_SECONDS", 604800, minimum=0, maximum=315_360_000
 )
 # A new billing account's automatic-recharge threshold and amount, in CURRENCY: unset, about
 # US$50 and US$100 in it (billing.money.default_recharge_settings); set, within its top-up

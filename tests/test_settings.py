@@ -100,6 +100,11 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "-5"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "10.005"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"BILLING_DEFAULT_RECHARGE_AMOUNT": "4.99"}, "BILLING_DEFAULT_RECHARGE_AMOUNT"),
+        # Durations past ten years: a bare OverflowError at start-up, or later a 500 where
+        # `now +` the setting passed the calendar's end (a grace starting, an invitation).
+        ({"BILLING_LOW_BALANCE_GRACE_SECONDS": "10000000000"}, "BILLING_LOW_BALANCE_GRACE_SECONDS"),
+        ({"INVITATION_TTL_DAYS": "1000000000"}, "INVITATION_TTL_DAYS"),
+        ({"WEBHOOK_RETRY_HOURS": "99999999"}, "WEBHOOK_RETRY_HOURS"),
         # Decimal() reads these, but they are no number: NaN failed in a comparison with a bare
         # decimal.InvalidOperation, Infinity and NaN passed the bounds checks below.
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "NaN"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
