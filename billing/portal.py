@@ -30,6 +30,7 @@ from billing.selectors import (
     billing_account_for_org,
     currency_choices,
     currency_lock_reason,
+    invoice_past_due,
     invoices_for_org,
     ledger_for_org,
     month_start,
@@ -122,6 +123,16 @@ def commitment_funding(membership, *, currency: str, **commitment) -> dict:
     position = money_position(organization_id=organization.pk)
     balance, held = position.balance, position.accrued + position.held
     postpaid = bool(account) and account.mode == BillingMode.POSTPAID
+    # Postpaid: nothing is due now, but an invoice left unpaid past the grace refuses it, as
+    # the funding gate does.
+    overdue = (
+        invoice_past_due(
+            organization_id=organization.pk,
+            failed_by=timezone.now() - settings.BILLING_POSTPAID_PAST_DUE_GRACE,
+        )
+        if postpaid
+        else None
+    )
     return {
         "due_now": due_now,
         "due_is_total": due_now >= commitment["total_amount"],
@@ -129,7 +140,9 @@ def commitment_funding(membership, *, currency: str, **commitment) -> dict:
         "held": from_minor_units(held, currency),
         "available": from_minor_units(position.available, currency),
         "postpaid": postpaid,
-        "covered": postpaid or position.available >= due_minor,
+        "invoice_past_due": overdue,
+        "covered": (postpaid and overdue is None)
+        or (not postpaid and position.available >= due_minor),
         "can_pay": membership.role in MONEY_ROLES,
     }
 

@@ -318,3 +318,35 @@ def test_the_gate_reads_past_due_invoices_from_their_partial_index(postpaid):
         plan = "\n".join(row[0] for row in cur.fetchall())
         cur.execute("DEALLOCATE past_due")
     assert "Index Scan using invoice_past_due_org_idx" in plan, plan
+
+
+def test_the_quote_page_says_an_invoice_past_due_refuses_it_and_where_to_pay(client, postpaid):
+    """It said "Due now — nothing: you are invoiced monthly", then, refused, offered Top up
+    and Add a card, neither of which a postpaid organisation can pay an invoice with."""
+    from marketplace.services.quotes import quote_create
+
+    deliver(client, "evt_fail", "invoice.payment_failed", "open", ago=8 * DAY, attempts=1)
+    quote = quote_create(organization=postpaid, gpu_model="h100-sxm-80gb", gpu_count=1,
+                         starts_at=tomorrow(), ends_at=tomorrow(2), tier="on_demand")  # fmt: skip
+    since = Invoice.objects.get().payment_failed_at
+    client.force_login(postpaid.memberships.get(role=Role.OWNER).user)
+    page = f"/quotes/{quote.public_id}"
+
+    html = client.get(page).content.decode()
+    assert (
+        f"but invoice in_dun has been past due since {since:%Y-%m-%d}, and nothing more is "
+        "reserved until it is paid." in html
+    )
+    assert f'<a href="{reverse("portal-billing:invoices")}">Pay it</a>' in html
+
+    refused = client.post(page, {"image": "", "ssh_public_keys": "", "without_ssh": "on"})
+    html = refused.content.decode()
+    assert refused.status_code == 402
+    assert "<strong>Not reserved: an invoice is past due.</strong>" in html
+    assert f'href="{reverse("portal-billing:invoices")}">Pay the invoice</a>' in html
+    assert "Top up" not in html and "Add a card" not in html
+    assert not Reservation.objects.exists()
+
+    member = MembershipFactory(organization=postpaid, role=Role.MEMBER, user__password="!")
+    client.force_login(member.user)
+    assert "Ask an owner, admin or billing member to pay it." in client.get(page).content.decode()
