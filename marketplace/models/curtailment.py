@@ -203,10 +203,14 @@ class Curtailment(models.Model):
             models.CheckConstraint(
                 condition=Q(until__isnull=True) | Q(until__gt=F("shed_at")),
                 name="curtailment_until_after_shed_at",
+                violation_error_message="The window must end after it starts (until after "
+                "shed_at).",
             ),
             models.CheckConstraint(
                 condition=Q(target_mw__isnull=True) | Q(target_mw__gt=0),
                 name="curtailment_target_positive",
+                violation_error_message="The target must be a positive number of megawatts "
+                "(empty: all flexible load).",
             ),
         ]
         indexes = [models.Index(fields=["site", "shed_at"], name="curtailment_site_shed_idx")]
