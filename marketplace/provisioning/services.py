@@ -74,6 +74,7 @@ from marketplace.provisioning.kicks import provisioning_kick, release_kick
 from marketplace.selectors.reservations import reservation_active_again_at
 from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
+from marketplace.services.resale import listings_withdraw_unheld
 from marketplace.services.transitions import (
     Piggyback,
     reservation_transition,
@@ -777,16 +778,27 @@ def reservation_reallocate(*, reservation: Reservation, node: Node, now: datetim
     count = on_node.values("gpu_id").distinct().count()
     if count == 0:
         return 0
+    # The hours it held there from now, not its whole span: a window it resold is its
+    # buyer's (moved by the buyer's own failure handling), never handed out twice.
+    pieces: dict[tuple[datetime, datetime], set[int]] = {}
+    for gpu_id, period in on_node.values_list("gpu_id", "period"):
+        starts_at = max(period.lower, now, reservation.starts_at)
+        ends_at = min(period.upper, reservation.ends_at)
+        if starts_at < ends_at:
+            pieces.setdefault((starts_at, ends_at), set()).add(gpu_id)
     allocations_end(on_node, now=now)
-    allocation_place(
-        reservation=reservation,
-        site_id=reservation.site_id,
-        gpu_model_id=reservation.gpu_model_id,
-        gpu_count=count,
-        starts_at=max(now, reservation.starts_at),
-        ends_at=reservation.ends_at,
-        moved=True,  # off a failed node at the same site: no load is added there
-    )
+    for (starts_at, ends_at), gpus in sorted(pieces.items()):
+        allocation_place(
+            reservation=reservation,
+            site_id=reservation.site_id,
+            gpu_model_id=reservation.gpu_model_id,
+            gpu_count=len(gpus),
+            starts_at=starts_at,
+            ends_at=ends_at,
+            moved=True,  # off a failed node at the same site: no load is added there
+        )
+    # Its open listings of GPUs on the node can no longer be sold.
+    listings_withdraw_unheld(reservation=reservation)
     placement_generation_raise(reservation)
     reservation_event_record(reservation=reservation, type=EventType.RESERVATION_MOVED)
     return count
@@ -1128,14 +1140,14 @@ WORKLOAD_LOST_CAUSE = "workload_lost"
 
 def _affected_reservations(node: Node, *, now: datetime) -> dict[int, datetime]:
     """Active reservations an outage of this node hits now: those with a live allocation on
-    it that has begun (one moved there from a later time is not hit yet), with the start of
-    their time on the node."""
+    it that holds now (one moved there from a later time is not hit yet, nor a term whose
+    GPUs there are resold for now: their buyer is hit), with the start of that time."""
     rows = (
         Allocation.objects.filter(
             node=node,
             is_live=True,
             reservation__status=ReservationStatus.ACTIVE,
-            period__startswith__lte=now,
+            period__contains=now,
         )
         .values("reservation_id")
         .annotate(since=Min(Func(F("period"), function="lower")))

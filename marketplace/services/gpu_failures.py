@@ -52,6 +52,7 @@ from marketplace.selectors.resale import term_unused_amount
 from marketplace.selectors.reservations import reservation_active_again_at
 from marketplace.services.allocation import allocation_place
 from marketplace.services.events import reservation_event_record
+from marketplace.services.resale import listings_withdraw_unheld
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
@@ -121,6 +122,8 @@ def reservation_gpu_failure_handle(*, reservation_id: int, now: datetime | None 
         )
     if not placed and not current:
         return "nothing to move"  # its hours on the failed GPUs are over: ended, as held
+    # Its open listings of the failed GPUs can no longer be sold (it holds others now).
+    listings_withdraw_unheld(reservation=locked)
     # One being provisioned starts again on its new placement whatever GPU failed.
     restart = bool(current) or locked.status == ReservationStatus.PROVISIONING
     _reservation_moved_record(locked, placed, cause=cause, restart=restart)

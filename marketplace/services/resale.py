@@ -69,6 +69,7 @@ __all__ = [
     "listing_withdraw",
     "listings_withdraw_for_reservation",
     "listings_withdraw_for_ended_terms",
+    "listings_withdraw_unheld",
     "resale_allocations_transfer",
     "resale_return_lock",
     "resale_unused_return",
@@ -358,6 +359,38 @@ def listings_withdraw_for_reservation(*, reservation: Reservation) -> int:
     event."""
     return _open_listings_close(
         reservation_id=reservation.pk, status=ListingStatus.WITHDRAWN, stamp="withdrawn_at"
+    )
+
+
+# The term's open listings naming a GPU it no longer holds (live) over the whole window: it
+# was moved off that GPU (its node or the GPU failed), so none of them can be sold.
+_UNHELD_OPEN_SQL = """
+SELECT l.id FROM marketplace_resalelisting l
+WHERE l.reservation_id = %(rid)s AND l.status = 'open'
+  AND EXISTS (
+      SELECT 1 FROM unnest(l.gpu_ids) AS g(gpu_id)
+      WHERE NOT EXISTS (
+          SELECT 1 FROM marketplace_allocation a
+          WHERE a.reservation_id = l.reservation_id AND a.gpu_id = g.gpu_id AND a.is_live
+            AND a.period @> tstzrange(l.starts_at, l.ends_at, '[)')))
+"""
+
+
+def listings_withdraw_unheld(*, reservation: Reservation) -> int:
+    """Withdraw, each with its event, the term's open listings of GPUs it no longer holds for
+    the window: it was moved off them (a failed node or GPU), so a buyer could never get them
+    and search must not offer them; the seller may list the time again on the GPUs it holds
+    now. The caller holds the term's row lock (no sale of them meanwhile)."""
+    with connection.cursor() as cur:
+        cur.execute(_UNHELD_OPEN_SQL, {"rid": reservation.pk})
+        ids = [row[0] for row in cur.fetchall()]
+    if not ids:
+        return 0
+    return _open_listings_close(
+        reservation_id=reservation.pk,
+        status=ListingStatus.WITHDRAWN,
+        stamp="withdrawn_at",
+        pk__in=ids,
     )
 
 
