@@ -74,7 +74,10 @@ from marketplace.services.curtailment import (
     curtailment_call_off,
     curtailment_preview,
 )
-from marketplace.services.organizations import member_staff_change_record
+from marketplace.services.organizations import (
+    member_staff_change_record,
+    user_staff_change_record,
+)
 from marketplace.services.reservations import cancellation_terms, reservation_cancel
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
@@ -205,6 +208,26 @@ class SwitchyardUserAdmin(UserAdmin):
         if obj is not None and sole_owner_of(obj):
             return False
         return super().has_delete_permission(request, obj)
+
+    # A user deactivated or deleted here loses what they handed on in their organisations (API
+    # keys, open invitations), recorded as the portal records a member's change.
+    def save_model(self, request, obj, form, change) -> None:
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            if change and "is_active" in form.changed_data:
+                change_made = "reactivate" if obj.is_active else "deactivate"
+                user_staff_change_record(obj, change=change_made)
+
+    def delete_model(self, request, obj) -> None:
+        with transaction.atomic():
+            user_staff_change_record(obj, change="delete")
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        with transaction.atomic():
+            for user in queryset.order_by("pk"):
+                user_staff_change_record(user, change="delete")
+            super().delete_queryset(request, queryset)
 
 
 @admin.register(ApiKey)

@@ -13,7 +13,7 @@ from django.views import View
 
 from config.errors import ApplicationError, NotFound
 from marketplace.models import Invitation
-from marketplace.portal.mixins import SESSION_ORG_KEY
+from marketplace.portal.mixins import portal_organization_set
 from marketplace.selectors.organizations import invitation_get_by_token
 from marketplace.services.organizations import invitation_accept, invitation_check_open
 
@@ -52,7 +52,7 @@ class InvitationAcceptView(View):
         except ApplicationError as exc:
             return self._closed(request, invitation, exc)
         organization = membership.organization
-        request.session[SESSION_ORG_KEY] = organization.public_id
+        portal_organization_set(request, organization.public_id)
         messages.success(request, f"You joined {organization.name} as {membership.role}.")
         return redirect("portal:dashboard")
 

@@ -22,7 +22,7 @@ from marketplace.portal.forms import OrganizationForm, SignupConfirmForm, Signup
 from marketplace.portal.invitations import open_invitation_for
 from marketplace.portal.live import progress
 from marketplace.portal.login import signup_attempts_over, signup_mails_over
-from marketplace.portal.mixins import SESSION_ORG_KEY, PortalView
+from marketplace.portal.mixins import PortalView, portal_organization_set
 from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
 from marketplace.services.organizations import (
@@ -179,7 +179,7 @@ class SignupConfirmView(View):
                 "used or expired): ask for a new one, or create an organisation.",
             )
             return redirect("portal:organization-new")
-        request.session[SESSION_ORG_KEY] = organization.public_id
+        portal_organization_set(request, organization.public_id)
         if pending.invitation_id:
             messages.success(request, f"Welcome to Switchyard. You joined {organization.name}.")
         else:
@@ -230,7 +230,7 @@ class OrganizationNewView(LoginRequiredMixin, View):
                 cache.delete(once)  # nothing was created: the form may be sent again
                 form.add_error("name", exc.message)
             else:
-                request.session[SESSION_ORG_KEY] = organization.public_id
+                portal_organization_set(request, organization.public_id)
                 messages.success(request, f"{organization.name} created; you are its owner.")
                 return redirect("portal:dashboard")
         return render(request, self.template_name, {"form": form}, status=400)
@@ -247,7 +247,7 @@ class OrganizationSwitchView(LoginRequiredMixin, View):
         if membership is None:
             messages.error(request, "You are not a member of that organisation.")
         else:
-            request.session[SESSION_ORG_KEY] = membership.organization.public_id
+            portal_organization_set(request, membership.organization.public_id)
             messages.success(request, f"Now acting for {membership.organization.name}.")
         return redirect("portal:dashboard")
 

@@ -57,6 +57,7 @@ __all__ = [
     "member_remove",
     "member_grants_revoke",
     "member_staff_change_record",
+    "user_staff_change_record",
     "INVITATION_MAIL_TASK",
     "invitation_token",
     "invitation_token_hash",
@@ -281,6 +282,30 @@ def member_staff_change_record(
             audit_changes({"role": before_role}, {"role": membership.role}),
         )
         member_grants_revoke(membership.organization_id, user, role=membership.role)
+
+
+@transaction.atomic
+def user_staff_change_record(user: AbstractBaseUser, *, change: str) -> None:
+    """Record an account staff deactivated, reactivated or are about to delete in the admin
+    (change: deactivate, reactivate, delete) in each organisation it belongs to. A deactivated
+    account is signed out by Django, and a deleted one's memberships go with it; what it handed
+    on goes too (its API keys and open invitations revoked), so nothing outlives its access. A
+    deletion is recorded as the member's removal (event, audit entry member.remove); a
+    deactivation keeps the member listed (audit member.deactivate) until staff remove them or
+    reactivate the account (member.reactivate; revoked keys stay revoked)."""
+    memberships = Membership.objects.select_for_update().filter(user=user).order_by("pk")
+    for membership in memberships.select_related("user"):
+        if change == "delete":
+            member_staff_change_record(membership, change="remove", member_id=membership.pk)
+            continue
+        active = change == "reactivate"
+        _audit_member(
+            membership,
+            f"member.{change}",
+            {"before": {"active": not active}, "after": {"active": active}},
+        )
+        if not active:
+            member_grants_revoke(membership.organization_id, user, role=None)
 
 
 def _audit_member(membership: Membership, action: str, changes: dict) -> None:

@@ -137,3 +137,96 @@ def test_staff_cannot_hand_a_membership_row_to_another_user(admin_client):
     assert Membership.objects.get(pk=leaver.pk).user == leaver.user
     assert not Membership.objects.filter(organization=org, user=newcomer).exists()
     assert ApiKey.objects.get(pk=key.pk).revoked_at is None  # still a member: still theirs
+
+
+def _user_change_form(user, **changes) -> dict:
+    """The admin's change form for `user`, as it stands, with `changes`."""
+    form = {"username": user.username, "email": user.email, "first_name": "", "last_name": "",
+            "is_active": "on" if user.is_active else "", "date_joined_0": "2026-01-01",
+            "date_joined_1": "00:00:00", "initial-date_joined_0": "2026-01-01",
+            "initial-date_joined_1": "00:00:00"}  # fmt: skip
+    form.update(changes)
+    return {k: v for k, v in form.items() if v != ""}
+
+
+def test_a_user_staff_deactivate_loses_their_keys_and_invitations_at_once(
+    admin_client, admin_user, client
+):
+    """Django signs the account out; the API keys it made stop working, and its open
+    invitations close, in every organisation, each recorded by staff:<name>."""
+    from marketplace.models import AuditEntry, Invitation
+    from marketplace.services.organizations import invitation_create
+
+    org, other_org = OrganizationFactory(), OrganizationFactory()
+    MembershipFactory(organization=org, role=Role.OWNER)
+    leaver = MembershipFactory(organization=org, role=Role.ADMIN)
+    MembershipFactory(organization=other_org, user=leaver.user, role=Role.OWNER)
+    _, secret = api_key_create(organization=org, name="ci", scopes=["read"], created_by=leaver.user)
+    api_key_create(organization=other_org, name="ci", scopes=["read"], created_by=leaver.user)
+    invitation, _ = invitation_create(actor=leaver, email="new@example.com", role=Role.MEMBER)
+    assert (
+        client.get("/api/v1/organization", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 200
+    )
+
+    url = reverse("admin:auth_user_change", args=[leaver.user.pk])
+    assert admin_client.post(url, _user_change_form(leaver.user, is_active="")).status_code == 302
+
+    leaver.user.refresh_from_db()
+    assert leaver.user.is_active is False
+    assert not ApiKey.objects.filter(created_by=leaver.user, revoked_at__isnull=True).exists()
+    refused = client.get("/api/v1/organization", HTTP_AUTHORIZATION=f"Bearer {secret}")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "api_key_revoked")
+    assert Invitation.objects.get(pk=invitation.pk).revoked_at is not None
+    assert Membership.objects.filter(user=leaver.user).count() == 2  # listed until removed
+    staff = f"staff:{admin_user.get_username()}"
+    for o in (org, other_org):
+        entries = AuditEntry.objects.filter(organization=o, actor=staff)
+        assert {e.action for e in entries} >= {"member.deactivate", "api_key.revoke"}
+
+    # Reactivated: recorded too; what was revoked stays revoked.
+    form = _user_change_form(leaver.user, is_active="on")
+    assert admin_client.post(url, form).status_code == 302
+    assert AuditEntry.objects.filter(organization=org, action="member.reactivate").count() == 1
+    assert not ApiKey.objects.filter(created_by=leaver.user, revoked_at__isnull=True).exists()
+
+
+def test_a_user_staff_delete_is_removed_as_a_member_and_their_keys_stop_working(
+    admin_client, admin_user, client
+):
+    """Deleting the account takes its memberships with it: each is recorded as a removal
+    (event, audit entry), and the keys it made are revoked (not left working with no maker)."""
+    from marketplace.models import AuditEntry, Event, Invitation
+    from marketplace.services.organizations import invitation_create
+
+    org = OrganizationFactory()
+    MembershipFactory(organization=org, role=Role.OWNER)
+    leaver = MembershipFactory(organization=org, role=Role.ADMIN)
+    key, secret = api_key_create(
+        organization=org, name="ci", scopes=["read"], created_by=leaver.user
+    )
+    invitation, _ = invitation_create(actor=leaver, email="new@example.com", role=Role.MEMBER)
+    bulk_leaver = MembershipFactory(organization=org, role=Role.ADMIN)
+    bulk_key, _ = api_key_create(
+        organization=org, name="cd", scopes=["read"], created_by=bulk_leaver.user
+    )
+
+    url = reverse("admin:auth_user_delete", args=[leaver.user.pk])
+    assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    changelist = reverse("admin:auth_user_changelist")
+    bulk = {"action": "delete_selected", "_selected_action": [bulk_leaver.user.pk], "post": "yes"}
+    assert admin_client.post(changelist, bulk).status_code == 302
+
+    assert not Membership.objects.filter(pk__in=[leaver.pk, bulk_leaver.pk]).exists()
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None
+    assert ApiKey.objects.get(pk=bulk_key.pk).revoked_at is not None
+    refused = client.get("/api/v1/organization", HTTP_AUTHORIZATION=f"Bearer {secret}")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "api_key_revoked")
+    assert Invitation.objects.get(pk=invitation.pk).revoked_at is not None
+    events = set(Event.objects.filter(organization=org).values_list("type", "object_id"))
+    assert {
+        ("member.removed", leaver.public_id),
+        ("member.removed", bulk_leaver.public_id),
+    } <= events
+    removals = AuditEntry.objects.filter(organization=org, action="member.remove")
+    assert {e.object_id for e in removals} == {leaver.public_id, bulk_leaver.public_id}
+    assert {e.actor for e in removals} == {f"staff:{admin_user.get_username()}"}

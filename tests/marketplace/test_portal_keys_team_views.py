@@ -125,3 +125,29 @@ def test_signed_out_visitors_are_sent_to_sign_in():
     for url in ("/api-keys", "/team", "/api-keys/1/revoke", "/team/1/remove"):
         response = client.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/login?next=")
+
+
+def test_a_form_from_an_organisation_the_member_was_removed_from_acts_for_no_other(owner):
+    """Ada acts for her lab in one tab and is removed from it meanwhile: the form she sends
+    from it is refused (403, no key in her other organisation); her next page says she now
+    acts for the other one."""
+    ada = MembershipFactory(organization=owner.organization, role=Role.ADMIN)
+    elsewhere = MembershipFactory(user=ada.user, organization=OrganizationFactory(name="Bo"))
+    elsewhere.role = Role.OWNER
+    elsewhere.save()
+    client = signed_in(ada)
+    once = form_token(client)  # never switched: the lab, her oldest membership
+    signed_in(owner).post(f"/team/{ada.public_id}/remove")
+    assert not Membership.objects.filter(pk=ada.pk).exists()
+
+    refused = client.post("/api-keys", {"name": "ci", "scopes": ["read"], "once": once})
+
+    assert refused.status_code == 403
+    assert "no longer a member of the organisation this page was opened for" in (
+        refused.content.decode()
+    )
+    assert not ApiKey.objects.filter(created_by=ada.user).exists()
+    page = client.get("/api-keys")
+    assert page.status_code == 200
+    assert page.context["portal_organization"] == elsewhere.organization
+    assert "now acting for Bo" in page.content.decode()
