@@ -47,6 +47,7 @@ from marketplace.rules import display_name_clean, email_address_plain
 from marketplace.services.api_keys import api_keys_revoke_created_by
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
+from marketplace.services.ssh_keys import ssh_keys_delete_created_by
 
 __all__ = [
     # Declared with Role (marketplace/models/core.py, which the API plumbing reads too).
@@ -231,6 +232,10 @@ def member_grants_revoke(organization_id: int, user: AbstractBaseUser, *, role: 
     now: a manager's all once they manage no more, an owner's owner-only ones (billing keys,
     invitations as owner) once they are not an owner."""
     api_keys_revoke_created_by(organization_id=organization_id, user=user, role=role)
+    if role is None:
+        # Gone: the SSH keys they saved would be offered (ticked) for every new booking, and
+        # put on the organisation's new machines for them.
+        ssh_keys_delete_created_by(organization_id=organization_id, user=user)
     if role == Role.OWNER:
         return
     sent = Invitation.objects.select_for_update().filter(

@@ -92,6 +92,25 @@ def ssh_key_delete(*, ssh_key: SshKey) -> None:
     )
 
 
+def ssh_keys_delete_created_by(*, organization_id: int, user) -> int:
+    """Forget the keys `user` saved in the organisation (they left it or lost their account);
+    each deletion audited with why. Machines already carrying a key keep it to their end."""
+    keys = list(
+        SshKey.objects.filter(organization_id=organization_id, created_by=user).order_by("pk")
+    )
+    for key in keys:
+        SshKey.objects.filter(pk=key.pk).delete()
+        _audit(
+            key,
+            "ssh_key.delete",
+            {
+                "before": {"name": key.name, "fingerprint": key.fingerprint},
+                "reason": "the member who saved it no longer belongs to the organisation",
+            },
+        )
+    return len(keys)
+
+
 def _audit(key: SshKey, action: str, changes: dict) -> None:
     audit_record(
         organization_id=key.organization_id,

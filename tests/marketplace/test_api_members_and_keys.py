@@ -266,3 +266,33 @@ def test_members_and_keys_have_random_public_ids_and_the_old_ones_work_for_now(
         assert_error(owner_client.patch(path, {"role": "billing"}, format="json"), 404)
     stranger.refresh_from_db()
     assert stranger.role == Role.MEMBER
+
+
+def test_a_removed_members_saved_ssh_keys_are_forgotten_and_a_demoted_ones_kept(owner_client, org):
+    """The keys a member saved were offered, ticked, for every new booking after they were
+    removed: their public key went onto the organisation's new machines."""
+    from marketplace.models import SshKey
+    from marketplace.services.ssh_keys import ssh_key_create
+    from tests.provisioning_support import ssh_key
+
+    leaver = MembershipFactory(organization=org, role=Role.ADMIN)
+    demoted = MembershipFactory(organization=org, role=Role.ADMIN)
+    gone = ssh_key_create(organization=org, user=leaver.user, name="laptop",
+                          public_key=ssh_key(body=bytes(range(1, 33))))  # fmt: skip
+    kept = ssh_key_create(organization=org, user=demoted.user, name="desk",
+                          public_key=ssh_key(body=bytes(range(2, 34))))  # fmt: skip
+
+    assert (
+        owner_client.patch(member_url(demoted), {"role": "member"}, format="json").status_code
+        == 200
+    )
+    assert owner_client.delete(member_url(leaver)).status_code == 204
+
+    assert list(SshKey.objects.values_list("public_id", flat=True)) == [kept.public_id]
+    audit = AuditEntry.objects.get(action="ssh_key.delete", object_id=gone.public_id)
+    assert audit.changes == {
+        "before": {"name": "laptop", "fingerprint": gone.fingerprint},
+        "reason": "the member who saved it no longer belongs to the organisation",
+    }
+    listed = owner_client.get("/api/v1/ssh-keys").json()
+    assert [k["id"] for k in listed["results"]] == [kept.public_id]
