@@ -30,9 +30,10 @@ seller's row waits for a buyer's.
 """
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from psycopg.types.range import Range
@@ -798,10 +799,12 @@ def _listing_sell(
         (listing.gpu_ids, ends_at, listing.ends_at),
         (rest, starts_at, ends_at),
     ]
+    # A piece shorter than any booking may be could never be bought: the seller keeps it.
+    shortest = timedelta(seconds=settings.RESERVATION_MIN_SECONDS)
     remainders = [
         _listing_piece(listing, gpus=piece_gpus, starts_at=a, ends_at=b)
         for piece_gpus, a, b in pieces
-        if piece_gpus and a < b
+        if piece_gpus and b - a >= shortest
     ]
     listing.gpu_ids = list(gpus)
     listing.gpu_count = len(gpus)

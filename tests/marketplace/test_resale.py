@@ -612,3 +612,19 @@ def test_a_term_that_sold_a_whole_node_for_a_window_runs_on_the_other_and_gets_i
     assert sorted(n["host"] for n in term.connection["nodes"]) == sorted(n.hostname for n in nodes)
     start = term.agent_jobs.get(node=sold_node, kind="start", generation=term.placement_generation)
     assert start.status == "done"
+
+
+def test_a_piece_left_too_short_to_book_is_kept_by_the_seller_not_listed():
+    """Bought from 30 s after the listing's start: the 30 s before it were listed on their own,
+    a listing no booking could ever take (under RESERVATION_MIN_SECONDS)."""
+    m = market()
+    lst = listing(m, gpus=4, start_h=24, hours=24)
+
+    buy(m, lst, gpus=4, start_h=24 + 30 / 3600, hours=6)
+
+    rest = [
+        (r.gpu_count, r.starts_at, r.ends_at)
+        for r in ResaleListing.objects.filter(parent=lst, status="open")
+    ]
+    assert rest == [(4, m.start + 30 * H + timedelta(seconds=30), m.start + 48 * H)]
+    assert overlapping_live_pairs() == 0
