@@ -178,20 +178,14 @@ def _loose_number(
         )
     if isinstance(field, serializers.IntegerField) and isinstance(value, float):
         return ErrorDetail(field.error_messages["invalid"], code="invalid")
-    if (
-        json_body
-        and isinstance(field, serializers.BooleanField)
-        and value is not None
-        and not isinstance(value, bool)
-    ):
-        return ErrorDetail(field.error_messages["invalid"], code="invalid")
-    if (
-        text_strict
-        and isinstance(field, serializers.CharField)
-        and value is not None
-        and not isinstance(value, str)
-    ):
-        # DRF would keep {"reason": 5} as "5" and true as "True": text is sent as text.
+    # DRF would keep {"reason": 5} as "5" and true as "True" (text is sent as text), and read
+    # "yes" or 1 as true (in JSON a boolean is sent as one).
+    sent_as = None
+    if text_strict and isinstance(field, serializers.CharField):
+        sent_as = str
+    elif json_body and isinstance(field, serializers.BooleanField):
+        sent_as = bool
+    if sent_as is not None and value is not None and not isinstance(value, sent_as):
         return ErrorDetail(field.error_messages["invalid"], code="invalid")
     if isinstance(value, str):
         for kind, pattern in _STRICT:
