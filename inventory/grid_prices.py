@@ -222,9 +222,9 @@ def _price_parse(where: str, raw: dict, problems: list[PriceProblem]) -> Decimal
             PriceProblem(where, "price_per_mwh", f"{raw.get('price_per_mwh')!r} is not a number.")
         )
         return None
-    if price != price.quantize(_CENT):
-        problems.append(PriceProblem(where, "price_per_mwh", "At most 2 decimal places per MWh."))
-    elif price_is_absurd(price):
+    # The range first: rounding a number of more digits than the context's precision to cents
+    # raises InvalidOperation, and such a number is outside the range anyway.
+    if price_is_absurd(price):
         problems.append(
             PriceProblem(
                 where,
@@ -235,6 +235,8 @@ def _price_parse(where: str, raw: dict, problems: list[PriceProblem]) -> Decimal
                 "GRID_PRICE_CAP_PER_MWH).",
             )
         )
+    elif price != price.quantize(_CENT):
+        problems.append(PriceProblem(where, "price_per_mwh", "At most 2 decimal places per MWh."))
     return price
 
 

@@ -280,7 +280,10 @@ class DemandResponseApi(APIView):
             return event, result, list(curtailments)
 
         event, result, curtailments = apply()
-        live = [c for c in curtailments if c.called_off_at is None]
+        # The totals are the call as it stands: each site's newest curtailment (a call repeated
+        # after its window ended gets a new one; the ended one is history), unless called off.
+        newest = {c.site_id: c for c in curtailments}  # by site, then pk: the last wins
+        live = [c for c in newest.values() if c.called_off_at is None]
         out = {
             "event_id": event.event_id,
             "modification_number": event.modification_number,

@@ -1163,6 +1163,12 @@ def reservations_preempt_due(*, now: datetime | None = None, limit: int = 500) -
                     reservation=reservation, type=EventType.RESERVATION_INTERRUPTION_WITHDRAWN
                 )
                 continue
+            # Billing ends at the notice's time, as the notice promised, not at this tick
+            # (late when beat or the workers were held up); never before the work started.
+            stop = max(reservation.preempt_at, reservation.activated_at or reservation.preempt_at)
+            if reservation.released_at is None:
+                Reservation.objects.filter(pk=reservation.pk).update(released_at=stop)
+                reservation.released_at = stop  # the transition keeps a released_at set
             reservation_transition(
                 reservation=reservation,
                 to_status=ReservationStatus.PREEMPTED,

@@ -149,6 +149,12 @@ BAD_ROWS = [
     # Published until 9999 otherwise.
     ({"starts_at": "9999-12-31T22:00:00Z", "ends_at": "2030-03-01T01:00:00Z",
       "price_per_mwh": "30"}, "starts_at", "from 2000 to 2099"),
+    # More digits than a Decimal rounds to cents (a feed's garbage, a unit slip): absurd, not
+    # a 500 from the rounding.
+    ({"starts_at": "2030-03-01T00:00:00Z", "ends_at": "2030-03-01T01:00:00Z",
+      "price_per_mwh": "1" + "0" * 27}, "price_per_mwh", "outside the accepted range"),
+    ({"starts_at": "2030-03-01T00:00:00Z", "ends_at": "2030-03-01T01:00:00Z",
+      "price_per_mwh": "-" + "9" * 40 + ".5"}, "price_per_mwh", "outside the accepted range"),
 ]  # fmt: skip
 
 

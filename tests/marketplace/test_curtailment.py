@@ -142,7 +142,8 @@ def test_at_shed_time_the_dispatcher_preempts_and_stops_the_running_work(booked,
     counts = reservations_dispatch_due()
 
     running = _fresh(booked["running"])
-    assert running.status == S.PREEMPTED and running.released_at is not None
+    # Billed to the notice's time, whenever the tick that carried it out came.
+    assert (running.status, running.released_at) == (S.PREEMPTED, curtailment.preempt_at)
     assert "Frequency event" in running.status_reason
     # Both interruptible reservations running across shed time: the one already active and the
     # one that started right away (not provisioned yet: nothing to stop, never charged).
@@ -150,9 +151,9 @@ def test_at_shed_time_the_dispatcher_preempts_and_stops_the_running_work(booked,
     assert _fresh(booked["ends_before"]).status == S.PREEMPTED
     assert counts["ended"] == 1  # the release task that stops the active one's workload
     assert not Allocation.objects.filter(reservation=running, is_live=True).exists()
-    # What was held is kept as history, cut at the preemption.
+    # What was held is kept as history, cut when the tick freed the GPUs.
     held = Allocation.objects.filter(reservation=running)
-    assert held and all(a.period.upper <= running.released_at for a in held)
+    assert held and all(running.released_at <= a.period.upper <= timezone.now() for a in held)
     assert _fresh(booked["on_demand"]).status == S.ACTIVE
     assert reservations_dispatch_due()["preempted"] == 0
 
@@ -587,3 +588,59 @@ def test_a_void_notice_on_protected_work_is_lifted_not_taken_again_every_tick(ma
         object_id=protected.public_id, type="reservation.interruption_withdrawn"
     ).exists()
     assert Reservation.objects.get(pk=due.pk).status == ReservationStatus.PREEMPTED
+
+
+def test_a_late_dispatcher_bills_nothing_after_the_notices_time(market, org, monkeypatch):
+    """The notice says the work stops at its time and the time after it is not charged: when
+    the dispatcher gets to it late (beat held up, a worker backlog), billing still ends there,
+    not at the tick that carried it out."""
+    from billing.models import LedgerEntry, LedgerKind
+    from billing.money import to_minor_units
+    from billing.services.usage import reservation_delivered_seconds, reservation_meter
+    from marketplace.services.curtailment import reservations_preempt_due
+
+    site, _ = market
+    now = timezone.now()
+    running = _book(org, tier="interruptible", start=now, hours=6, active=True)
+    shed_at = running.activated_at + timedelta(hours=1)
+    curtailment_announce(
+        site=site, shed_at=shed_at, until=shed_at + timedelta(hours=1), reason="ERCOT EEA 1"
+    )
+    late = shed_at + timedelta(minutes=10)
+    # The minute's metering ran meanwhile, while the work still looked live.
+    reservation_meter(reservation_id=running.pk, now=late - timedelta(minutes=1))
+    monkeypatch.setattr(timezone, "now", lambda: late)
+
+    assert reservations_preempt_due() == 1
+    reservation_meter(reservation_id=running.pk, now=late + timedelta(minutes=1))
+
+    running = _fresh(running)
+    assert (running.status, running.released_at) == (S.PREEMPTED, shed_at)
+    assert reservation_delivered_seconds(reservation=running, until=late) == 3600
+    charged = LedgerEntry.objects.filter(reservation=running, kind=LedgerKind.USAGE)
+    assert sum(charged.values_list("gpu_seconds", flat=True)) == 2 * 3600
+    assert -sum(charged.values_list("amount_minor", flat=True)) == to_minor_units(
+        running.price_per_gpu_hour * 2, running.currency
+    )
+    preempted = Event.objects.get(object_id=running.public_id, type="reservation.preempted")
+    assert preempted.data["released_at"] == shed_at.isoformat().replace("+00:00", "Z")
+
+
+def test_work_started_after_the_notices_time_is_released_when_it_started(market, org):
+    """Started late past its notice's time (the dispatcher's tick came after it): released
+    where it activated, so nothing is billed, never a negative span."""
+    from billing.services.usage import reservation_delivered_seconds
+    from marketplace.models import Reservation
+    from marketplace.services.curtailment import reservations_preempt_due
+
+    now = timezone.now()
+    running = _book(org, tier="interruptible", start=now, hours=6, active=True)
+    Reservation.objects.filter(pk=running.pk).update(
+        preempt_at=running.activated_at - timedelta(seconds=30), preempt_reason="grid"
+    )
+
+    assert reservations_preempt_due() == 1
+
+    running = _fresh(running)
+    assert (running.status, running.released_at) == (S.PREEMPTED, running.activated_at)
+    assert reservation_delivered_seconds(reservation=running, until=timezone.now()) == 0

@@ -253,6 +253,34 @@ def test_a_modified_call_is_planned_again_and_old_or_reused_numbers_are_refused(
     assert DemandResponseEvent.objects.get().target_mw == Decimal("0.004")
 
 
+def test_a_call_repeated_after_its_window_ended_answers_for_the_new_window(fleet, source):
+    """The event sent again with a new window once its last one has ended (a repeat) gets a new
+    curtailment: the answer lists both, but its totals are the window in force, not the sum of
+    what was shed before and what is asked now."""
+    assert _post(_call(), source=source).status_code == 201
+    ended = timezone.now() - timedelta(minutes=1)
+    Curtailment.objects.update(
+        shed_at=ended - timedelta(hours=2), preempt_at=ended - timedelta(hours=2), until=ended
+    )
+    start = timezone.now() + timedelta(days=2)  # after all of the fleet's work
+    repeat = _call(
+        modification_number=1,
+        start=start.isoformat(),
+        end=(start + timedelta(hours=1)).isoformat(),
+    )
+
+    response = _post(repeat, source=source)
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["result"] == "updated"
+    assert [(c["shed_mw"], c["short_mw"]) for c in body["curtailments"]] == [
+        ("0.003220", "0.000000"),  # the window that ended, as it was
+        ("0.000000", "0.002000"),  # the new one: nothing runs then
+    ]
+    assert (body["shed_mw"], body["short_mw"]) == ("0.000000", "0.002000")
+
+
 def test_cancelling_before_the_start_withdraws_the_notices_and_sells_the_window(fleet, source):
     call = _call(target_mw=None)  # all flexible load
     _post(call, source=source)
