@@ -69,13 +69,25 @@ class PriceZone(models.Model):
         return self.name
 
     def clean(self) -> None:
-        """An IANA time zone this machine knows (the zone's day is read in it)."""
+        """An IANA time zone this machine knows (the zone's day is read in it), and a currency
+        that stays that of its stored prices: pricing reads them in the zone's currency, so
+        30.00 EUR per MWh would be read as 30.00 of the new one."""
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValidationError(
                 {"timezone": f"{self.timezone!r} is not an IANA time zone."}
             ) from None
+        if self.pk is not None:
+            stored = self.prices.exclude(currency=self.currency).values_list("currency", flat=True)
+            other = stored.first()
+            if other is not None:
+                raise ValidationError(
+                    {
+                        "currency": f"This zone's stored prices are in {other.upper()}: "
+                        "delete them first, or create a zone for the new currency."
+                    }
+                )
 
 
 class Site(models.Model):

@@ -57,6 +57,39 @@ def test_a_price_zone_has_an_iana_time_zone(admin_client):
     assert admin_client.post(url, {**form, "timezone": "America/Chicago"}).status_code == 302
 
 
+def test_a_price_zones_currency_stays_that_of_its_stored_prices(admin_client):
+    """Pricing reads a zone's prices in the zone's currency: switched from EUR to USD in the
+    admin, 30.00 EUR per MWh was priced as 30.00 USD."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from inventory.models import ZonePrice
+
+    zone = PriceZone.objects.create(code="nord-no1", name="NO1", currency="eur",
+                                    timezone="Europe/Oslo")  # fmt: skip
+    url = reverse("admin:inventory_pricezone_change", args=[zone.pk])
+    form = {"code": "nord-no1", "name": "NO1", "currency": "usd", "timezone": "Europe/Oslo"}
+    assert admin_client.post(url, form).status_code == 302  # no prices yet: it may change
+    zone.refresh_from_db()
+    assert zone.currency == "usd"
+    now = timezone.now().replace(minute=0, second=0, microsecond=0)
+    ZonePrice.objects.create(zone=zone, starts_at=now, ends_at=now + timedelta(hours=1),
+                             price_per_mwh="30.00", currency="usd", source="csv:ops",
+                             received_at=now)  # fmt: skip
+
+    refused = admin_client.post(url, {**form, "currency": "eur"})
+
+    assert refused.status_code == 200
+    assert (
+        "This zone&#x27;s stored prices are in USD: delete them first, or create a zone for "
+        "the new currency." in refused.content.decode()
+    )
+    zone.refresh_from_db()
+    assert zone.currency == "usd"
+    assert admin_client.post(url, {**form, "name": "Oslo"}).status_code == 302
+
+
 def test_an_outage_is_a_record_of_what_happened_not_a_lever_on_bills(admin_client, admin_user):
     """Bills and SLA credits are computed from outages: staff record a fault that happened,
     never one in the future, never a heartbeat outage (the sweeper's), and delete none."""
