@@ -837,16 +837,17 @@ def _preempt_at_for(
 def _curtailment_cause(curtailment: Curtailment, *, site: Site, now: datetime) -> str:
     """Why a reservation is shed, in words (with the short notice, if so)."""
     notice_s = int((curtailment.preempt_at - now).total_seconds())
+    gave = f"gave {notice_s} s" if notice_s > 0 else "gave no notice"
     short = (
-        f" Short notice: the grid operator's call gave {notice_s} s, less than our usual "
+        f" Short notice: the grid operator's call {gave}, less than our usual "
         f"{settings.CURTAILMENT_MIN_NOTICE.total_seconds():.0f} s."
         if curtailment.short_notice
         else ""
     )
-    return (
-        f"Grid curtailment at {site.name} from {curtailment.shed_at.isoformat()}: "
-        f"{curtailment.reason}{short}"
-    )
+    reason = curtailment.reason.strip()
+    if short and reason and reason[-1] not in ".!?":
+        reason += "."  # the operator's words, then ours: two sentences, not one run together
+    return f"Grid curtailment at {site.name} from {iso_utc(curtailment.shed_at)}: {reason}{short}"
 
 
 def _victims_select(
