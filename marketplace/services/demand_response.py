@@ -196,6 +196,13 @@ def demand_response_apply(
         for curtailment in _in_effect(event, now):
             curtailment_call_off(curtailment=curtailment, now=now)
         return event, "cancelled"
+    in_effect = _in_effect(event, now)
+    if call.ends_at <= now and in_effect:
+        # The window moved to end at a time already past: the load comes back now, as at a
+        # cancellation during the window (no window ends in the past).
+        for curtailment in in_effect:
+            curtailment_call_off(curtailment=curtailment, now=now)
+        return event, "updated"
     _replan(event, source=source, call=call, site=site, zone=zone, now=now)
     return event, "updated"
 

@@ -281,6 +281,27 @@ def test_a_call_repeated_after_its_window_ended_answers_for_the_new_window(fleet
     assert (body["shed_mw"], body["short_mw"]) == ("0.000000", "0.002000")
 
 
+def test_a_modification_ending_the_window_in_the_past_ends_it_now(fleet, source):
+    """The operator moved the end to a minute ago (the event ended early): it was refused 400
+    "already ended", and the load stayed shed to the old end."""
+    assert _post(_call(), source=source).status_code == 201
+    began = timezone.now() - timedelta(hours=1)
+    Curtailment.objects.update(shed_at=began, preempt_at=began, until=began + timedelta(hours=2))
+    early = timezone.now() - timedelta(minutes=1)
+
+    response = _post(
+        _call(modification_number=1, start=began.isoformat(), end=early.isoformat()),
+        source=source,
+    )
+
+    assert response.status_code == 200, response.content
+    assert response.json()["result"] == "updated"
+    curtailment = Curtailment.objects.get()  # ended now, the window so far on record
+    assert began < curtailment.until <= timezone.now()
+    event = DemandResponseEvent.objects.get()
+    assert (event.modification_number, event.ends_at) == (1, early)
+
+
 def test_cancelling_before_the_start_withdraws_the_notices_and_sells_the_window(fleet, source):
     call = _call(target_mw=None)  # all flexible load
     _post(call, source=source)
