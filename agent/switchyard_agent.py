@@ -1004,6 +1004,8 @@ class ContainerExecutor:
         if not self.state_dir.is_dir():
             return
         for directory in self.state_dir.iterdir():
+            if not directory.name.startswith("sy-"):
+                continue  # the agent's own files (agent.lock, agent-id, status.json)
             path = directory / "preemption"
             notice = noticed.get(directory.name)
             try:
@@ -1109,10 +1111,19 @@ class AgentClient:
     instead of dropping its reports."""
 
     def __init__(
-        self, *, api: str, token: str, timeout: float = 15, retries: int = RETRY_AFTER_RETRIES
+        self,
+        *,
+        api: str,
+        token: str,
+        timeout: float = 15,
+        retries: int = RETRY_AFTER_RETRIES,
+        instance: str = "",
     ):
         self.api = api.rstrip("/")
         self.token = token
+        # This agent's id (agent_instance_id): Switchyard refuses a second agent that uses the
+        # node's token while this one is heard (409 agent_conflict).
+        self.instance = instance
         self.timeout = timeout
         self.retries = retries
         self._paused_until = 0.0  # time.monotonic(): no request leaves before then
@@ -1148,6 +1159,8 @@ class AgentClient:
             "Accept": "application/json",
             "User-Agent": f"switchyard-site-agent/{AGENT_VERSION}",
         }
+        if self.instance:
+            headers[INSTANCE_HEADER] = self.instance
         if request_id:
             # A job's reports carry the id of the request behind it, so the server's log lines
             # for them can be found with that request's.
@@ -1194,6 +1207,11 @@ def _error_text(body: object) -> str:
     field_name = error.get("field")
     message = str(error.get("message") or error.get("code") or "no reason given")
     return f"{field_name}: {message}" if field_name else message
+
+
+def _error_code(body: object) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("code") or "") if isinstance(error, dict) else ""
 
 
 def status_file_path(settings: Settings) -> Path:
@@ -1270,6 +1288,9 @@ class Agent:
         # out during an API outage) goes on under the new lease instead of running twice.
         self.jobs_running: dict[int, dict] = {}
         self.jobs_lock = threading.Lock()
+        # Switchyard's word while another agent uses this node's token (409 agent_conflict on
+        # the last heartbeat): this one leases nothing until a heartbeat is accepted again.
+        self.conflict: str | None = None
 
     def telemetry(self) -> dict | None:
         """Per-GPU readings for the heartbeat (gpu_telemetry.py); None on a node without
@@ -1310,6 +1331,12 @@ class Agent:
             self.work_waiting.set()
         if status == 401:
             raise SettingsError("the API refused the node token (revoked or wrong)")
+        if status == 409 and _error_code(body) == "agent_conflict":
+            if self.conflict is None:
+                logger.error("refused, so no job runs here: %s", _error_text(body))
+            self.conflict = _error_text(body)
+            return False
+        self.conflict = None
         if status != 200:
             logger.warning("heartbeat answered %s: %s", status, body)
             return False
@@ -1352,6 +1379,8 @@ class Agent:
 
     def lease(self) -> dict | None:
         """This node's next job, or None."""
+        if self.conflict is not None:
+            return None  # another agent runs the node's jobs
         status, job = self.client.post("agent/jobs/lease", {"lease_seconds": self.lease_seconds})
         if status == 204:
             return None
@@ -1486,7 +1515,7 @@ class Agent:
 
     def burn_in_one(self) -> bool:
         """Lease and run this node's burn-in, if one is queued (burn_in.py); False if none."""
-        if _burn_in is None:
+        if _burn_in is None or self.conflict is not None:
             return False
         status, job = self.client.post("agent/burn-ins/lease", {})
         if status != 200 or job is None:
@@ -1677,6 +1706,33 @@ def logging_setup() -> None:
     )
 
 
+INSTANCE_HEADER = "X-Switchyard-Agent"
+_INSTANCE_FILE = "agent-id"
+
+
+def agent_instance_id(state_dir: str) -> str:
+    """This node's agent's id, made once and kept in <state_dir>/agent-id: an agent restarted
+    on the node keeps it (and goes on at once), while a second agent using the same token (a
+    copied token, a cloned node) has another, which Switchyard refuses while this one is heard:
+    it would report none of this node's containers (restarting its workloads) and run its jobs
+    elsewhere. Call with the state directory's lock held."""
+    path = Path(state_dir) / _INSTANCE_FILE
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        value = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read {path}: {exc}") from None
+    if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+        return value
+    value = os.urandom(16).hex()
+    try:
+        _write_atomic(path, value + "\n", mode=0o600)
+    except OSError as exc:
+        raise SettingsError(f"cannot write {path}: {exc.strerror}") from None
+    return value
+
+
 def single_agent_lock(state_dir: str):
     """An exclusive lock on <state_dir>/agent.lock, held as long as the returned file is open:
     a second agent started on the node by mistake would lease the same jobs, start their
@@ -1726,6 +1782,7 @@ def main(
         token = token or token_read(settings.token_file)
         executor = executor_build(settings)
         held = single_agent_lock(settings.state_dir)  # noqa: F841 (held until main returns)
+        instance = agent_instance_id(settings.state_dir)
     except SettingsError as exc:
         print(f"switchyard-agent: {exc}", file=sys.stderr)
         return 2
@@ -1735,7 +1792,7 @@ def main(
         AGENT_VERSION, executor.name, runtime, settings.api, settings.host,
     )  # fmt: skip
     agent = Agent(
-        client=AgentClient(api=settings.api, token=token),
+        client=AgentClient(api=settings.api, token=token, instance=instance),
         executor=executor,
         lease_seconds=settings.lease_seconds,
         max_parallel_jobs=settings.max_parallel_jobs,

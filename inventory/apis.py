@@ -17,7 +17,13 @@ from config.api.errors import agent_errors, error_body
 from config.api.serializers import LenientSerializer
 from config.api.throttling import agent_rate_count, auth_failures
 from config.errors import ApplicationError
-from inventory.auth import AGENT_THROTTLED, AgentApiView, NodeAgent, NodeTokenAuthentication
+from inventory.auth import (
+    AGENT_THROTTLED,
+    AgentApiView,
+    NodeAgent,
+    NodeTokenAuthentication,
+    agent_instance_claim,
+)
 from inventory.burn_in import burn_in_lease, burn_in_report
 from inventory.heartbeat_input import heartbeat_fast_validate
 from inventory.models import GpuHealth, NodeStatus
@@ -235,6 +241,7 @@ def _heartbeat_plain(request: HttpRequest) -> HttpResponse | None:
         return _throttled_response(counted[0].retry_after(now))
     request.user = NodeAgent(node=token.node, token=token)
     try:
+        agent_instance_claim(node=token.node, meta=request.META)
         node = node_heartbeat_accept(
             node=token.node,
             gpus=gpus,

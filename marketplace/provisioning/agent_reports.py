@@ -46,6 +46,14 @@ same generation, no stop job), so a pause, a move or a release that commits mean
 A reservation not started through this node's agent (no agent job at all: another driver)
 is judged only on a container the agent reports for it, never on one missing.
 
+A container reported for a reservation that no longer holds this node (it ended, or moved
+off) is a leftover whose stop did not take it down (the stop failed, or another agent with
+this node's token ran it): it still holds its GPUs, which may be sold again. Its stop on this
+node (of the latest generation an agent started here) is queued again, or queued if there
+was none, so the agent removes it and a start on those GPUs waits for that
+(`_leftovers_stop`). Once a stop ended it is queued again only after the node heartbeated
+and AGENT_JOB_LEASE passed, so a container no stop can remove is retried about once a lease.
+
 The answer carries the preemption notices of the node's reservations, which the agent writes
 into their containers (/run/switchyard/preemption).
 """
@@ -74,6 +82,8 @@ from marketplace.models import (
     ReservationTransition,
     Tier,
 )
+from marketplace.models.provisioning import AGENT_JOB_FINAL
+from marketplace.provisioning.agent_jobs import agent_job_enqueue
 from marketplace.provisioning.drivers import _redact
 from marketplace.provisioning.kicks import provisioning_kick
 from marketplace.provisioning.services import (
@@ -385,6 +395,69 @@ def _open_outage_hand_over(locked: Reservation, *, node: Node, now: datetime) ->
         )
 
 
+# A reservation in one of these holding a live allocation on the node may have its container
+# there: it is not a leftover (a stop job of its own takes it down when it ends).
+_HOLDS_NODE = (
+    ReservationStatus.PENDING,
+    ReservationStatus.SCHEDULED,
+    ReservationStatus.PROVISIONING,
+    ReservationStatus.ACTIVE,
+    ReservationStatus.RELEASING,
+)
+
+
+def _leftovers_stop(node: Node, public_ids: set[str], now: datetime) -> None:
+    """Queue again (or queue) the stop of each reported container whose reservation no
+    longer holds this node (the module's docstring says when)."""
+    leftovers = list(
+        Reservation.objects.filter(public_id__in=public_ids).exclude(
+            status__in=_HOLDS_NODE,
+            pk__in=Allocation.objects.filter(node=node, is_live=True).values("reservation_id"),
+        )
+    )
+    if not leftovers:
+        return
+    jobs: dict[int, list[AgentJob]] = {}
+    for job in AgentJob.objects.filter(
+        reservation__in=leftovers, node=node, kind__in=["start", "stop"]
+    ).order_by("-generation"):
+        jobs.setdefault(job.reservation_id, []).append(job)
+    heard = _last_heard(node)
+    settled = min(heard or now, now - settings.AGENT_JOB_LEASE)
+    for r in leftovers:
+        its = jobs.get(r.pk, [])
+        start = next((j for j in its if j.kind == "start" and j.attempts), None)
+        if start is None:
+            continue  # no agent started it here: not ours to stop
+        stop = next((j for j in its if j.kind == "stop" and j.generation == start.generation), None)
+        if stop is None:
+            grace = settings.PROVISIONING_STOP_GRACE_SECONDS
+            payload = {
+                k: start.payload[k]
+                for k in ("reservation", "generation", "gpu_indexes", "container_name")
+                if k in start.payload
+            }
+            payload["grace_seconds"] = grace.get(r.tier, max(grace.values()))
+            agent_job_enqueue(
+                reservation_id=r.pk,
+                node_id=node.pk,
+                kind="stop",
+                generation=start.generation,
+                payload=payload,
+            )
+        elif stop.status in AGENT_JOB_FINAL and (stop.finished_at or stop.updated_at) < settled:
+            AgentJob.objects.filter(pk=stop.pk, status__in=AGENT_JOB_FINAL).update(
+                status=AgentJobStatus.QUEUED, lease_owner="", lease_expires_at=None,
+                finished_at=None, error="",
+            )  # fmt: skip
+        else:
+            continue
+        logger.warning(
+            "node %s still runs the container of %s (%s): its stop is queued again",
+            node.hostname, r.public_id, r.status,
+        )  # fmt: skip
+
+
 def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
     """Apply one complete report of the node's containers; returns the preemption notices.
 
@@ -406,6 +479,9 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
         rid = report.get("reservation", "")
         if rid and (rid not in reported or report.get("name") == f"sy-{rid}"):
             reported[rid] = report
+    stray = {rid for rid in reported if rid not in on_node}
+    if stray:
+        _leftovers_stop(node, stray, now)
     active = [r for r in on_node.values() if r.status == ReservationStatus.ACTIVE]
     left_active: set[str] = set()
     for item in _judged(node, active, now):
