@@ -286,6 +286,11 @@ CURTAILMENT_POWER_FRESH = env_duration("CURTAILMENT_POWER_FRESH_SECONDS", 120, m
 DEMAND_RESPONSE_SIGNATURE_TOLERANCE = env_duration(
     "DEMAND_RESPONSE_SIGNATURE_TOLERANCE_SECONDS", 300, minimum=5
 )
+# After staff change a source's secret, calls signed with the old one are still accepted for
+# this long (the operator's systems switch over; 0: at once). A leaked one is ended at once.
+DEMAND_RESPONSE_SECRET_OVERLAP = env_duration(
+    "DEMAND_RESPONSE_SECRET_OVERLAP_HOURS", 24, unit="hours", minimum=0
+)
 # How long an e-mailed invitation to join an organisation can be accepted.
 INVITATION_TTL = env_duration("INVITATION_TTL_DAYS", 7, unit="days", minimum=1)
 # Invitations an organisation may send a day (revoked ones count): in all, and to one address.

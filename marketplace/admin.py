@@ -10,6 +10,7 @@ Every action needs a permission to change its model: staff who may only view do 
 from decimal import Decimal, InvalidOperation
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.contrib.auth.models import User
@@ -874,6 +875,13 @@ DR_SECRET_MIN_LENGTH = 32
 
 
 class DemandResponseSourceForm(forms.ModelForm):
+    end_previous_secret = forms.BooleanField(
+        required=False,
+        label="The old secret leaked: stop accepting it at once",
+        help_text="Otherwise, when the secret is changed, calls signed with the old one are "
+        "still accepted for DEMAND_RESPONSE_SECRET_OVERLAP_HOURS while the operator switches.",
+    )
+
     class Meta:
         model = DemandResponseSource
         fields = ("name", "description", "secret", "sites", "zones", "is_active")
@@ -898,13 +906,40 @@ class DemandResponseSourceAdmin(admin.ModelAdmin):
     form = DemandResponseSourceForm
     list_display = ("name", "description", "is_active", "created_at")
     filter_horizontal = ("sites", "zones")
-    fields = ("name", "description", "secret", "sites", "zones", "is_active")
+    fields = (
+        "name",
+        "description",
+        "secret",
+        "previous_secret_until",
+        "end_previous_secret",
+        "sites",
+        "zones",
+        "is_active",
+    )
+    readonly_fields = ("previous_secret_until",)
 
     def get_fields(self, request: HttpRequest, obj=None):
         fields = super().get_fields(request, obj)
         if obj is not None and not self.has_change_permission(request, obj):
-            return [name for name in fields if name != "secret"]
+            return [name for name in fields if name not in ("secret", "end_previous_secret")]
+        if obj is None:  # a new source has no old secret
+            return [n for n in fields if n not in ("previous_secret_until", "end_previous_secret")]
         return fields
+
+    def save_model(self, request, obj, form, change) -> None:
+        """A changed secret keeps the old one accepted for DEMAND_RESPONSE_SECRET_OVERLAP,
+        unless staff say it leaked; saying so ends an overlap under way too."""
+        now = timezone.now()
+        # From the row, not form.changed_data: a field with a callable default reads as
+        # changed whenever the form's hidden initial value is not posted.
+        before = DemandResponseSource.objects.filter(pk=obj.pk).values_list("secret", flat=True)
+        old = before.first() if change else None
+        if old is not None and old != obj.secret:
+            obj.previous_secret = old
+            obj.previous_secret_until = now + settings.DEMAND_RESPONSE_SECRET_OVERLAP
+        if form.cleaned_data.get("end_previous_secret") or not obj.previous_secret_until:
+            obj.previous_secret, obj.previous_secret_until = "", None
+        super().save_model(request, obj, form, change)
 
 
 @admin.register(DemandResponseEvent)

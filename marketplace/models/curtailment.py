@@ -39,6 +39,10 @@ class DemandResponseSource(models.Model):
     description = models.CharField(max_length=200, blank=True, default="")
     # Readable: the HMAC is computed with it (as webhook secrets are); given to the operator once.
     secret = models.CharField(max_length=80, default=_dr_secret)
+    # The secret before the last change, accepted until previous_secret_until (the operator's
+    # systems switch over meanwhile); empty once it is no longer.
+    previous_secret = models.CharField(max_length=80, blank=True, default="")
+    previous_secret_until = models.DateTimeField(null=True, blank=True)
     sites = models.ManyToManyField(
         Site, blank=True, related_name="+", help_text="Sites this source may curtail."
     )
@@ -57,6 +61,14 @@ class DemandResponseSource(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def secrets_accepted(self, now) -> list[str]:
+        """The secrets a call may be signed with now: the current one, and the previous one
+        while its overlap lasts."""
+        accepted = [self.secret]
+        if self.previous_secret and self.previous_secret_until and now < self.previous_secret_until:
+            accepted.append(self.previous_secret)
+        return accepted
 
 
 class DemandResponseEvent(models.Model):

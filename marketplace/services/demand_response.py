@@ -116,9 +116,14 @@ def demand_response_verify(
             f"{settings.DEMAND_RESPONSE_SIGNATURE_TOLERANCE.total_seconds():.0f} s is accepted.",
         )
     digest = signature.removeprefix("sha256=").strip().lower()
-    expected = demand_response_signature(secret=source.secret, timestamp=timestamp, body=body)
     # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a no).
-    if not hmac.compare_digest(digest.encode(), expected.encode()):
+    if not any(
+        hmac.compare_digest(
+            digest.encode(),
+            demand_response_signature(secret=secret, timestamp=timestamp, body=body).encode(),
+        )
+        for secret in source.secrets_accepted(now)
+    ):
         raise SignatureRefused("signature_invalid", "The signature does not match the body.")
     return source, digest
 
