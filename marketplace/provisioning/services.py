@@ -713,7 +713,8 @@ def _refuse_unusable_nodes(node_states: list[tuple[int, str, str]]) -> None:
     """A node taken out of service since the booking must not get the workload: move off it."""
     for node_id, hostname, status in node_states:
         if status not in _USABLE_NODE_STATUSES:
-            raise _NodeUnusable(node_id, f"Node {hostname} is {status}.")
+            state = "in maintenance" if status == NodeStatus.MAINTENANCE else status
+            raise _NodeUnusable(node_id, f"Node {hostname} is {state}.")
 
 
 class _NodeUnusable(NodeFailure):

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from inventory.models import NodeStatus, Outage, OutageCause
+from inventory.models import Node, NodeStatus, Outage, OutageCause
 from marketplace.models import (
     Allocation,
     AttemptOutcome,
@@ -438,3 +438,16 @@ def test_a_reservation_cancelled_while_starting_is_not_activated_and_is_stopped(
     attempt = ProvisioningAttempt.objects.get(reservation=r)
     assert (attempt.outcome, attempt.error) == ("gave_up", "left provisioning meanwhile")
     assert calls_log() == ["prepare", "start", "stop"]
+
+
+def test_a_node_taken_into_maintenance_since_the_booking_is_named_in_words(market):
+    r = market.book(gpu_count=2)
+    node = Allocation.objects.filter(reservation=r).first().node
+    Node.objects.filter(pk__in=[n.pk for n in market.nodes]).update(status=NodeStatus.MAINTENANCE)
+
+    step = reservation_provision_step(reservation_id=r.pk, driver=SimulatedDriver())
+
+    r.refresh_from_db()
+    assert step.outcome == "failed"
+    # It read "Node abl-001 is maintenance."
+    assert r.status_reason.startswith(f"Node {node.hostname} is in maintenance. No other free GPUs")
