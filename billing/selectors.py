@@ -440,7 +440,8 @@ class Statement:
     closing_minor: int
     lines: list[StatementLine]
     totals_minor: dict[str, int]  # by ledger kind, signed as in the ledger
-    usage: list[dict]  # per reservation: public id, GPU-seconds, amount charged (positive)
+    usage: list[dict]  # per reservation: public id, GPU-seconds, amount charged (positive) net of
+    # what a term gave back for time it did not get (a refund in a later month: negative)
 
 
 def statement_month(year: int, month: int) -> date | None:
@@ -475,6 +476,15 @@ def statement_months(*, organization: Organization) -> list[date]:
     return months[::-1]
 
 
+def _is_charge_or_undone(entry: LedgerEntry) -> bool:
+    """A charge (usage, a reserved term) or a credit that undid one (a term's refund for time it
+    did not get): the lines a reservation's figure on a statement nets, as spend_minor does, so a
+    term cancelled with a full refund is not shown as charged."""
+    if entry.kind in CHARGE_KINDS:
+        return True
+    return entry.kind == LedgerKind.CREDIT and entry.idempotency_key.startswith(GIVEN_BACK_KEYS)
+
+
 def statement_for_month(*, organization: Organization, month: date, currency: str) -> Statement:
     start, end = _month_bounds(month)
     entries = LedgerEntry.objects.filter(organization=organization)
@@ -491,7 +501,7 @@ def statement_for_month(*, organization: Organization, month: date, currency: st
         balance += entry.amount_minor
         lines.append(StatementLine(entry=entry, balance_after_minor=balance))
         totals[entry.kind] = totals.get(entry.kind, 0) + entry.amount_minor
-        if entry.kind in CHARGE_KINDS and entry.reservation is not None:
+        if entry.reservation is not None and _is_charge_or_undone(entry):
             row = usage.setdefault(
                 entry.reservation.public_id,
                 {"reservation": entry.reservation.public_id, "gpu_seconds": 0, "amount_minor": 0},

@@ -312,7 +312,10 @@ class BillingFundingGate:
         )
         if reservation.tier == Tier.RESERVED:
             reserved_extension_charge(
-                reservation=reservation, old_total=old_total, extra_minor=extra_minor
+                reservation=reservation,
+                old_ends_at=old_ends_at,
+                old_total=old_total,
+                extra_minor=extra_minor,
             )
         elif reservation.activated_at is not None:
             # A line ends at the extension: what was used up to it, at the price it was used.

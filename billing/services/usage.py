@@ -597,8 +597,11 @@ def _charge_reserved_term(reservation: Reservation) -> LedgerEntry | None:
     return entry
 
 
-def reserved_base_charge(reservation: Reservation, total: Decimal) -> LedgerEntry | None:
-    """The term as booked, charged once (key reserved:<id>); extensions are charged apart."""
+def reserved_base_charge(
+    reservation: Reservation, total: Decimal, *, ends_at: datetime | None = None
+) -> LedgerEntry | None:
+    """The term as booked, charged once (key reserved:<id>); extensions are charged apart.
+    Its period is the booked one: to `ends_at`, the end before an extension being charged."""
     entry, created = ledger_entry_add(
         organization=reservation.organization,
         kind=LedgerKind.RESERVED_CHARGE,
@@ -607,18 +610,19 @@ def reserved_base_charge(reservation: Reservation, total: Decimal) -> LedgerEntr
         idempotency_key=f"reserved:{reservation.pk}",
         reservation=reservation,
         period_start=reservation.starts_at,
-        period_end=reservation.ends_at,
+        period_end=ends_at or reservation.ends_at,
         description=f"Reserved term {reservation.term}, {reservation.gpu_count} GPU(s)",
     )
     return entry if created else None
 
 
 def reserved_extension_charge(
-    *, reservation: Reservation, old_total: Decimal, extra_minor: int
+    *, reservation: Reservation, old_ends_at: datetime, old_total: Decimal, extra_minor: int
 ) -> None:
     """Charge a reserved term's extension at once: the term as booked first (if the meter has
-    not yet), then the difference, each once; the reservation row is locked by the caller."""
-    reserved_base_charge(reservation, old_total)
+    not yet), then the difference, each once and each for its own period (the extension's from
+    the old end to the new); the reservation row is locked by the caller."""
+    reserved_base_charge(reservation, old_total, ends_at=old_ends_at)
     if extra_minor > 0:
         end = reservation.ends_at.isoformat()
         ledger_entry_add(
@@ -628,7 +632,7 @@ def reserved_extension_charge(
             currency=reservation.currency,
             idempotency_key=f"reserved:{reservation.pk}:extension:{end}",
             reservation=reservation,
-            period_start=reservation.starts_at,
+            period_start=old_ends_at,
             period_end=reservation.ends_at,
             description=f"Reserved term extended to {end}, {reservation.gpu_count} GPU(s)",
         )

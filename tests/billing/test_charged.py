@@ -147,3 +147,38 @@ def test_the_list_shows_charged_for_a_page_in_one_question(
     assert '<th class="num">Charged</th>' in page
     # The page is read a moment later: the same figure or a cent or two more.
     assert any(f"{charged[-1] + Decimal(c)} USD" in page for c in ("0", "0.01", "0.02"))
+
+
+def test_the_statement_shows_a_cancelled_term_charged_what_it_kept_as_the_api_does(
+    org, h100, client
+):
+    """A bookkeeper's three figures agree: the reservation's `charged`, its row in the month's
+    statement and the month's spend. A term cancelled with 7 days' notice kept nothing; one with
+    3 days' notice kept half (the refund undoes a charge, it is not a goodwill credit)."""
+    full = reservation_create(organization=org, gpu_model=h100.slug, gpu_count=1, tier="reserved",
+                              term="1w", starts_at=tomorrow(24 * 9),
+                              ends_at=tomorrow(24 * 9 + 168))  # fmt: skip
+    half = reservation_create(organization=org, gpu_model=h100.slug, gpu_count=1, tier="reserved",
+                              term="1w", starts_at=tomorrow(24 * 3),
+                              ends_at=tomorrow(24 * 3 + 168))  # fmt: skip
+    reservation_cancel(reservation=full, actor_label="user:test")
+    reservation_cancel(reservation=half, actor_label="user:test")
+    month = timezone.now().strftime("%Y-%m")
+
+    body = client.get(f"/api/v1/billing/statements/{month}").json()
+    page = client.get(f"/billing/statements/{month}").content.decode()
+
+    charged = {r.public_id: client.get(f"/api/v1/reservations/{r.public_id}").json()["charged"]
+               for r in (full, half)}  # fmt: skip
+    assert charged == {full.public_id: "0.00", half.public_id: "478.80"}
+    rows = {row["reservation"]: row["amount"] for row in body["usage"]}
+    assert rows == charged
+    assert (
+        f'<td>{full.public_id}</td><td class="num">0.00</td><td class="num">0.00 USD</td>' in page
+    )
+    assert client.get("/api/v1/billing/balance").json()["spent_this_month"] == "478.80"
+    # The ledger's lines and totals by kind are as written: both charges, both refunds.
+    assert body["totals"]["reserved_charge"] == "-1915.20"
+    assert body["totals"]["credit"] == str(
+        Decimal("5000.00") + Decimal("957.60") + Decimal("478.80")
+    )

@@ -265,6 +265,31 @@ def test_extending_a_reserved_term_holds_and_charges_the_difference_at_once(capa
 
     usage_meter_run()  # the term as booked was charged with the extension: not again
     assert balance_minor(organization=org) == 90000 - 79800
+    # Each line covers its own time (the ledger CSV's period): the week booked, the week added.
+    old_end = extended.ends_at - timedelta(days=7)
+    assert sorted(
+        LedgerEntry.objects.filter(reservation=term).values_list("period_start", "period_end")
+    ) == [(term.starts_at, old_end), (old_end, extended.ends_at)]
+
+
+@pytest.mark.django_db
+def test_an_extension_charged_after_the_term_is_charged_for_the_time_it_adds(capacity, org):
+    credit(org, 90000)
+    term = reserve_term(org, capacity)
+    usage_meter_run()  # the term as booked: charged by the meter
+    old_end = term.ends_at
+
+    reservation_extend(reservation=term, new_ends_at=old_end + timedelta(hours=12),
+                       actor_label="user:test")  # fmt: skip
+    reservation_extend(reservation=term, new_ends_at=old_end + timedelta(hours=36),
+                       actor_label="user:test")  # fmt: skip
+
+    lines = LedgerEntry.objects.filter(reservation=term).order_by("id")
+    assert [(line.amount_minor, line.period_start, line.period_end) for line in lines] == [
+        (-39900, term.starts_at, old_end),
+        (-2850, old_end, old_end + timedelta(hours=12)),  # 12 h × 2.375
+        (-5700, old_end + timedelta(hours=12), old_end + timedelta(hours=36)),
+    ]
 
 
 @pytest.mark.django_db
