@@ -24,9 +24,14 @@ from config.errors import NotAvailable
 from inventory.models import Node, NodeStatus, SiteStatus
 from marketplace.models import Allocation, Reservation
 from marketplace.rules import choose_nodes
-from marketplace.selectors.availability import node_free_capacity
+from marketplace.selectors.availability import curtailment_overlapping, node_free_capacity
 
-__all__ = ["allocation_place", "curtailment_headroom_take", "MAX_PLACEMENT_ATTEMPTS"]
+__all__ = [
+    "allocation_place",
+    "curtailment_headroom_take",
+    "site_curtailed_refusal",
+    "MAX_PLACEMENT_ATTEMPTS",
+]
 
 # Each retry re-reads capacities, so it only fails again if yet another node filled up meanwhile.
 MAX_PLACEMENT_ATTEMPTS = 8
@@ -137,6 +142,24 @@ def curtailment_headroom_take(
         )
 
 
+def site_curtailed_refusal(
+    *, site_id: int, starts_at: datetime, ends_at: datetime
+) -> NotAvailable | None:
+    """The refusal (409 `site_curtailed`) naming the site's first grid curtailment in effect
+    whose window overlaps the period, or None if none does: why a site that has the GPUs
+    sells none of them then."""
+    curtailed = curtailment_overlapping(site_id=site_id, starts_at=starts_at, ends_at=ends_at)
+    if curtailed is None:
+        return None
+    return NotAvailable(
+        f"{curtailed.site} is shedding load for its grid operator from "
+        f"{curtailed.shed_at.isoformat()}"
+        + (f" to {curtailed.until.isoformat()}" if curtailed.until else "")
+        + ": nothing more is sold there for that time.",
+        code="site_curtailed",
+    )
+
+
 class _Taken(Exception):
     """Another transaction took some of the planned GPUs since we read the capacities."""
 
@@ -202,6 +225,22 @@ def allocation_place(
         except (IntegrityError, OperationalError) as exc:
             if _sqlstate(exc) not in _TAKEN_SQLSTATES:
                 raise
+    if not moved:
+        # GPUs that are free but held back by a grid curtailment's window: say so (a quote
+        # taken after the curtailment was announced), not that they were taken.
+        free = node_free_capacity(
+            site_id=site_id,
+            gpu_model_id=gpu_model_id,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            min_reliability=min_reliability,
+            gpu_count=0,
+        )
+        refusal = choose_nodes(free, gpu_count) and site_curtailed_refusal(
+            site_id=site_id, starts_at=starts_at, ends_at=ends_at
+        )
+        if refusal:
+            raise refusal
     raise NotAvailable(
         f"{gpu_count} GPU(s) are no longer free at this site for the requested period.",
         code="not_available",

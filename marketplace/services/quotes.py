@@ -15,6 +15,7 @@ from marketplace.models import Organization, Quote
 from marketplace.rules import validate_request_period
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug, site_regions
+from marketplace.services.allocation import site_curtailed_refusal
 
 __all__ = ["currencies_elsewhere", "nothing_available", "quote_create", "resolve_catalogue"]
 
@@ -133,7 +134,15 @@ def quote_create(
     )
     offers = availability_search(query)
     if not offers:
-        raise nothing_available(query)
+        named = site_by_slug(site) if site is not None else None
+        if named is not None and region is not None and named.region != region:
+            named = None  # not offered for the region asked: the search's own refusal
+        # At a site asked for by name, a grid curtailment of the period is the reason, as
+        # when booking there directly (409 site_curtailed).
+        refusal = named and site_curtailed_refusal(
+            site_id=named.pk, starts_at=starts_at, ends_at=ends_at
+        )
+        raise refusal or nothing_available(query)
     best = offers[0]
     expires_at = now + settings.QUOTE_TTL
     return Quote.objects.create(

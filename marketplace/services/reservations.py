@@ -60,12 +60,15 @@ from marketplace.selectors.availability import (
     AvailabilityQuery,
     Offer,
     availability_search,
-    curtailment_overlapping,
     site_model_offer,
 )
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
 from marketplace.selectors.resale import resale_breakdown, term_unused_amount
-from marketplace.services.allocation import allocation_place, curtailment_headroom_take
+from marketplace.services.allocation import (
+    allocation_place,
+    curtailment_headroom_take,
+    site_curtailed_refusal,
+)
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
 from marketplace.services.pricing import period_total, validate_tier_term
@@ -483,17 +486,11 @@ def _offer_at_site(request: BookingRequest) -> Offer:
     if request.region is None or site.region == request.region:
         offer = site_model_offer(query=request.availability_query(), site=site, gpu_model=model)
     if offer is None:
-        curtailed = curtailment_overlapping(
+        refusal = site_curtailed_refusal(
             site_id=site.pk, starts_at=request.starts_at, ends_at=request.ends_at
         )
-        if curtailed is not None:
-            raise NotAvailable(
-                f"{site} is shedding load for its grid operator from "
-                f"{curtailed.shed_at.isoformat()}"
-                + (f" to {curtailed.until.isoformat()}" if curtailed.until else "")
-                + ": nothing more is sold there for that time.",
-                code="site_curtailed",
-            )
+        if refusal is not None:
+            raise refusal
         raise NotAvailable(
             f"{request.site} has no {request.gpu_count} {request.gpu_model} GPU(s) free for "
             "that period.",

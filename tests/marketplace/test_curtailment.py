@@ -21,6 +21,7 @@ from marketplace.models import (
     Curtailment,
     CurtailmentVictim,
     Event,
+    Reservation,
     ReservationStatus,
 )
 from marketplace.provisioning.scheduler import reservations_dispatch_due
@@ -123,6 +124,43 @@ def test_the_api_shows_the_notice_until_the_preemption(booked, market, org):
     }
     assert listed[running.public_id] == notice
     assert listed[booked["on_demand"].public_id] is None
+
+
+def test_a_quote_across_a_curtailment_is_refused_as_curtailed_and_writes_nothing(market, org):
+    site, _ = market
+    client = key_client(org)
+    start = timezone.now() + timedelta(hours=2)
+    ask = {
+        "gpu_model": "h100-sxm-80gb",
+        "gpu_count": 2,
+        "starts_at": start.isoformat(),
+        "ends_at": (start + timedelta(hours=2)).isoformat(),
+        "tier": "interruptible",
+        "site": "abilene-1",
+    }
+    quoted = client.post("/api/v1/quotes", ask, format="json")
+    assert quoted.status_code == 201, quoted.content
+    shed_at = timezone.now() + timedelta(hours=1)
+    curtailment_announce(
+        site=site, shed_at=shed_at, until=shed_at + timedelta(hours=4), reason="HQ peak"
+    )
+    reservations, events = Reservation.objects.count(), Event.objects.count()
+
+    # The GPUs are free; the window is what is not sold: the refusal says so, as a direct
+    # booking's does, rather than that the GPUs were taken.
+    booked = client.post("/api/v1/reservations", {"quote": quoted.json()["id"]}, format="json")
+    assert booked.status_code == 409, booked.content
+    assert booked.json()["error"]["code"] == "site_curtailed"
+    assert "shedding load" in booked.json()["error"]["message"]
+    # A new quote at that site for the window: the same reason.
+    again = client.post("/api/v1/quotes", ask, format="json")
+    assert again.status_code == 409, again.content
+    assert again.json()["error"]["code"] == "site_curtailed"
+    assert (Reservation.objects.count(), Event.objects.count()) == (reservations, events)
+    # Not naming the site, it is the search's own refusal (no site has them).
+    anywhere = {k: v for k, v in ask.items() if k != "site"}
+    anywhere = client.post("/api/v1/quotes", anywhere, format="json")
+    assert anywhere.json()["error"]["code"] == "not_available"
 
 
 def test_at_shed_time_the_dispatcher_preempts_and_stops_the_running_work(booked, market):
