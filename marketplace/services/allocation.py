@@ -19,9 +19,10 @@ from decimal import Decimal
 from django.db import IntegrityError, OperationalError, connection, transaction
 from psycopg.types.range import Range
 
+from config.dates import iso_utc
 from config.db import model_columns, model_from_row
 from config.errors import NotAvailable
-from inventory.models import Node, NodeStatus, SiteStatus
+from inventory.models import Node, NodeStatus, Site, SiteStatus
 from marketplace.models import Allocation, Reservation
 from marketplace.rules import choose_nodes
 from marketplace.selectors.availability import curtailment_overlapping, node_free_capacity
@@ -133,13 +134,18 @@ def curtailment_headroom_take(
         )
         blocked = cur.fetchone()
     if blocked is not None:
-        shed_at, until = blocked
-        window = f"from {shed_at.isoformat()}" + (f" to {until.isoformat()}" if until else "")
+        site = Site.objects.filter(nodes__pk=node_id).only("name").first()
         raise NotAvailable(
-            f"The site is shedding load for its grid operator {window}: nothing more is sold "
-            "there for that time.",
+            f"{site or 'The site'} is shedding load for its grid operator "
+            f"{_curtailment_window_text(*blocked)}: nothing more is sold there for that time.",
             code="site_curtailed",
         )
+
+
+def _curtailment_window_text(shed_at: datetime, until: datetime | None) -> str:
+    """ "from <time> to <time>", to the second, as the API writes times."""
+    window = f"from {iso_utc(shed_at.replace(microsecond=0))}"
+    return window + (f" to {iso_utc(until.replace(microsecond=0))}" if until else "")
 
 
 def site_curtailed_refusal(
@@ -152,10 +158,9 @@ def site_curtailed_refusal(
     if curtailed is None:
         return None
     return NotAvailable(
-        f"{curtailed.site} is shedding load for its grid operator from "
-        f"{curtailed.shed_at.isoformat()}"
-        + (f" to {curtailed.until.isoformat()}" if curtailed.until else "")
-        + ": nothing more is sold there for that time.",
+        f"{curtailed.site} is shedding load for its grid operator "
+        f"{_curtailment_window_text(curtailed.shed_at, curtailed.until)}: nothing more is sold "
+        "there for that time.",
         code="site_curtailed",
     )
 

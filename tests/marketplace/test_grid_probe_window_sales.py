@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
+from config.dates import iso_utc
 from config.errors import NotAvailable
 from marketplace.services.curtailment import curtailment_replan
 from marketplace.services.reservations import reservation_extend
@@ -47,6 +48,13 @@ def test_a_stretched_window_keeps_what_was_sold_across_its_old_end_sold(fleet, m
     with pytest.raises(NotAvailable) as refused:
         _book(org, tier="on_demand", gpus=1, start=old_until, hours=1)
     assert refused.value.code == "site_curtailed"
+    # Naming the site, its window to the second as the API writes times (it read "The site",
+    # and "2026-12-07T23:15:14.629454+00:00").
+    shed, until = (t.replace(microsecond=0) for t in (replanned.shed_at, replanned.until))
+    assert refused.value.message == (
+        f"{site.name} is shedding load for its grid operator from {iso_utc(shed)} to "
+        f"{iso_utc(until)}: nothing more is sold there for that time."
+    )
     # After the booking, one GPU again.
     _book(org, tier="on_demand", gpus=1, start=old_until + timedelta(hours=1), hours=1)
 
