@@ -11,10 +11,13 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from config import api_docs, staff
 from config.outages import outage_response
+from marketplace.portal.login import StaffSignInForm
 
 admin.site.site_header = "Switchyard staff console"
 admin.site.site_title = "Switchyard staff"
 admin.site.index_title = "Fleet, customers and money"
+# Sign-in attempts limited as the portal's are (PORTAL_SIGN_IN_RATE, one budget for both).
+admin.site.login_form = StaffSignInForm
 
 urlpatterns = [
     # First: most requests are the API's, and Django tries the patterns in order.

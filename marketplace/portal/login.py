@@ -25,6 +25,7 @@ import time
 
 from django import forms
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 
@@ -42,6 +43,7 @@ __all__ = [
     "PasswordResetRequestView",
     "SignInForm",
     "SignInView",
+    "StaffSignInForm",
     "signup_attempts_over",
 ]
 
@@ -126,6 +128,18 @@ class SignInForm(AuthenticationForm):
             (f"signin:{address}", limit * _PER_ADDRESS, period),
         ]
         _refused_when_over(windows, self.error_messages, code="too_many_attempts")
+
+
+class StaffSignInForm(SignInForm, AdminAuthenticationForm):
+    """The admin's sign-in form (/admin/login/, config/urls.py): the same passwords as the
+    portal's, staff's among them, so the same limit in the same windows; the admin's wording
+    for a wrong password or an account that is not staff."""
+
+    error_messages = {
+        **AdminAuthenticationForm.error_messages,
+        "too_many_attempts": SignInForm.error_messages["too_many_attempts"],
+        "limiter_unavailable": SignInForm.error_messages["limiter_unavailable"],
+    }
 
 
 def _refused_when_over(windows, error_messages: dict, *, code: str) -> None:

@@ -183,3 +183,47 @@ def test_the_reset_link_keeps_a_path_under_site_url_and_states_its_lifetime(
     (sent,) = mailoutbox
     assert "https://example.com/switchyard/password-reset/" in sent.body
     assert "works once, for 15 min." in sent.body
+
+
+def test_the_admin_sign_in_is_limited_like_the_portals(django_user_model, settings):
+    """/admin/login/ checks the same passwords (staff's, the most valuable): without the
+    portal's limit, it let anyone try staff passwords without end."""
+    settings.PORTAL_SIGN_IN_RATE = "2/hour"
+    django_user_model.objects.create_user(
+        username="grace", password="a-long-passphrase-1", is_staff=True
+    )
+
+    def sign_in(password: str):
+        return HttpsClient().post(
+            "/admin/login/",
+            {"username": "grace", "password": password, "next": "/admin/"},
+            REMOTE_ADDR="203.0.113.7",
+        )
+
+    assert TOO_MANY_SIGN_INS not in sign_in("wrong-1").content.decode()
+    assert TOO_MANY_SIGN_INS not in sign_in("wrong-2").content.decode()
+    refused = sign_in("a-long-passphrase-1")  # the right password, past the limit
+
+    assert refused.status_code == 200
+    assert TOO_MANY_SIGN_INS in refused.content.decode()
+    assert "_auth_user_id" not in refused.wsgi_request.session
+    # Attempts on the portal's form and the admin's count against one budget.
+    portal = HttpsClient().post(
+        "/login", {"username": "grace", "password": "wrong"}, REMOTE_ADDR="203.0.113.7"
+    )
+    assert TOO_MANY_SIGN_INS in portal.content.decode()
+    # Another client is not refused, and a non-staff account still gets the admin's refusal.
+    other = HttpsClient().post(
+        "/admin/login/",
+        {"username": "grace", "password": "a-long-passphrase-1", "next": "/admin/"},
+        REMOTE_ADDR="198.51.100.9",
+    )
+    assert other.status_code == 302 and other["Location"] == "/admin/"
+    django_user_model.objects.create_user(username="ada", password="a-long-passphrase-1")
+    customer = HttpsClient().post(
+        "/admin/login/",
+        {"username": "ada", "password": "a-long-passphrase-1", "next": "/admin/"},
+        REMOTE_ADDR="198.51.100.10",
+    )
+    assert customer.status_code == 200
+    assert "for a staff account" in customer.content.decode()
