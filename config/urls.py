@@ -7,7 +7,7 @@ from django.shortcuts import render
 from django.urls import include, path, re_path
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView
 
 from config import api_docs, staff
 from config.outages import outage_response
@@ -25,7 +25,7 @@ urlpatterns = [
     path("staff/", staff.dashboard, name="staff-dashboard"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/docs/", api_docs.LocalSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/schema/agent/", api_docs.agent_schema, name="api-schema-agent"),
     path("api/redoc/", api_docs.LocalRedocView.as_view(url_name="api-schema"), name="api-redoc"),
     # Any other URL under /api/v1/ (also with DEBUG on, where handler404 is not used): the

@@ -132,8 +132,13 @@ def test_the_marketplace_part_of_the_schema_is_valid_and_has_no_warnings():
 
 @pytest.mark.parametrize("url", ["/api/docs/", "/api/redoc/"])
 def test_the_docs_pages_render(url):
-    response = HttpsAPIClient().get(url)
+    client = HttpsAPIClient()
+    response = client.get(url)
     assert response.status_code == 200
+    assert "script-src 'self'" in response["Content-Security-Policy"]
+    if url == "/api/docs/":  # Swagger UI's start-up script is served apart, not inline
+        assert b'<script src="/api/docs/?script="></script>' in response.content
+        response = client.get(url, {"script": ""})
     assert b"/api/schema/" in response.content
 
 
