@@ -14,9 +14,10 @@
 - What a receiver answers is stored as PostgreSQL text can hold it (a NUL becomes U+FFFD), and
   a try is recorded even if its answer cannot be: one bad answer never leaves a delivery
   unrecorded (and so sent again at once, for ever).
-- A 2xx is success. Anything else is retried with exponential backoff until WEBHOOK_RETRY_FOR
-  after the event (or the resend), the last try on that deadline; an endpoint whose deliveries
-  have failed without a success for that long is disabled and its owners and admins e-mailed.
+- A 2xx is success. Anything else is retried with exponential backoff (its tries counted from
+  the event, or the resend) until WEBHOOK_RETRY_FOR after it, the last try on that deadline; an
+  endpoint whose deliveries have failed without a success for that long is disabled and its
+  owners and admins e-mailed.
 - One call sends for at most SEND_BUDGET, then hands over (a slow endpoint gets a fair share
   of the webhooks queue, not all of it).
 """
@@ -355,7 +356,10 @@ def _record(delivery: WebhookDelivery, result: Outcome, *, at: datetime) -> bool
             locked.status = DeliveryStatus.FAILED
             locked.next_attempt_at = None
         else:  # the last try falls on the deadline itself
-            locked.next_attempt_at = min(now + webhook_backoff(delivery.attempts + 1), deadline)
+            # The tries since the event or the resend (this one too), not every try the
+            # delivery ever had: a resent delivery is retried as a new one would be.
+            tries = WebhookAttempt.objects.filter(delivery=locked, at__gte=locked.retry_from)
+            locked.next_attempt_at = min(now + webhook_backoff(tries.count()), deadline)
     locked.save()
     disable = (
         not result.succeeded

@@ -712,3 +712,32 @@ def test_an_internationalised_host_name_is_sent_as_its_ascii_form(org, receiver,
 
     (received,) = receiver.received
     assert received.headers["Host"] == f"xn--e1afmkfd.xn--p1ai:{receiver.port}"
+
+
+def test_a_resent_delivery_that_fails_is_retried_as_a_new_one_would_be(org, receiver):
+    """The backoff counts the tries since the resend, not every try the delivery ever had: a
+    delivery that failed for days and is resent is retried after 30 s, not after 6 hours."""
+    endpoint, _ = _endpoint(org, receiver)
+    _key_event(org)
+    receiver.answer(500, b"down")
+    _send(endpoint)
+    WebhookDelivery.objects.update(attempts=20, status=DeliveryStatus.FAILED, next_attempt_at=None)
+    delivery = WebhookDelivery.objects.get()
+
+    webhook_delivery_resend(delivery=delivery)
+    before = timezone.now()
+    assert _send(endpoint) == {"sent": 0, "failed": 1, "more": False}
+
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == (DeliveryStatus.PENDING, 21)
+    assert (
+        before + timedelta(seconds=29) < delivery.next_attempt_at < before + timedelta(seconds=35)
+    )
+    # And doubling from there: the second try after the resend waits a minute.
+    _due_now(endpoint)
+    before = timezone.now()
+    assert _send(endpoint)["failed"] == 1
+    delivery.refresh_from_db()
+    assert (
+        before + timedelta(seconds=59) < delivery.next_attempt_at < before + timedelta(seconds=65)
+    )
