@@ -262,6 +262,12 @@ def webhook_endpoint_update(
         locked.enabled = enabled
         locked.failing_since = None
         locked.disabled_reason = "" if enabled else "Disabled by the organisation."
+        if enabled:
+            # What waited while it was off is retried from now, as if it were new: counted
+            # from their events' time, the first failure could disable it again at once.
+            WebhookDelivery.objects.filter(endpoint=locked, status=DeliveryStatus.PENDING).update(
+                retry_from=timezone.now()
+            )
     locked.save()
     changes = audit_changes(before, _settings(locked))
     if changes["after"]:

@@ -38,6 +38,7 @@ from marketplace.services.webhooks import (
     webhook_endpoint_create,
     webhook_endpoint_rotate_secret,
     webhook_endpoint_secrets,
+    webhook_endpoint_update,
 )
 from tests.factories import MembershipFactory, OrganizationFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
@@ -741,3 +742,25 @@ def test_a_resent_delivery_that_fails_is_retried_as_a_new_one_would_be(org, rece
     assert (
         before + timedelta(seconds=59) < delivery.next_attempt_at < before + timedelta(seconds=65)
     )
+
+
+def test_enabling_again_retries_what_waited_from_now_not_from_its_event(org, receiver):
+    """Switched off for days with a delivery waiting, then on: its first failure set the
+    endpoint failing since the event's time, days ago, and disabled it again at once."""
+    endpoint, _ = _endpoint(org, receiver)
+    _key_event(org)
+    long_ago = timezone.now() - timedelta(days=5)
+    WebhookDelivery.objects.update(retry_from=long_ago)
+    webhook_endpoint_update(endpoint=endpoint, enabled=False)
+    webhook_endpoint_update(endpoint=endpoint, enabled=True)
+    receiver.answer(500, b"down")
+    _due_now(endpoint)
+
+    before = timezone.now()
+    assert _send(endpoint)["failed"] == 1
+
+    endpoint.refresh_from_db()
+    delivery = WebhookDelivery.objects.get()
+    assert endpoint.enabled and endpoint.failing_since >= before - timedelta(seconds=5)
+    assert delivery.status == DeliveryStatus.PENDING
+    assert delivery.next_attempt_at < before + timedelta(seconds=35)
