@@ -56,3 +56,41 @@ def test_the_anchor_rule_matches_githubs():
 
 def test_the_readme_stays_a_front_door():
     assert len((ROOT / "README.md").read_text()) <= 10_000
+
+
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
+
+
+def _deploy_processes() -> list[str]:
+    """The process lines of operations.md's deploy block, continuation lines joined."""
+    block = re.search(r"run three kinds of processes.*?```sh\n(.*?)```", OPERATIONS, re.S)
+    assert block, "operations.md lost its block of processes to run"
+    return [line for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_each_documented_metrics_server_has_its_own_directory_and_port():
+    # A shared PROMETHEUS_MULTIPROC_DIR is emptied by each server starting on it; a shared
+    # CELERY_METRICS_ADDRESS leaves every worker but the first without its metrics server.
+    servers = [line for line in _deploy_processes() if "gunicorn" in line or " worker " in line]
+    directories = [re.search(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", line) for line in servers]
+    workers = [line for line in servers if " worker " in line]
+    addresses = [re.search(r"CELERY_METRICS_ADDRESS=(\S+)", line) for line in workers]
+
+    assert len(servers) == 3 and all(directories) and all(addresses)
+    assert len({match.group(1) for match in directories}) == len(servers)
+    assert len({match.group(1) for match in addresses}) == len(workers)
+
+
+@pytest.mark.django_db
+def test_the_restore_check_counts_the_triggers_the_migrations_create():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal")
+        (triggers,) = cursor.fetchone()
+    stated = re.findall(
+        r"the (\d+) triggers|tgisinternal\"\s+# (\d+), as on the source", OPERATIONS
+    )
+
+    assert len(stated) == 2
+    assert {int(a or b) for a, b in stated} == {triggers}
