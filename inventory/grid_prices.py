@@ -4,9 +4,10 @@ them back for pricing and for the admin's feed health. Docs: docs/grid.md.
 Every way in goes through `zone_price_rows_parse` (what a row may be) and `zone_prices_upsert`
 (how rows are written), so the CSV upload, the command and the API refuse the same things:
 
-- a row needs a known zone, an aware start and end (end after start, at most a day apart), a
-  price per MWh with at most 2 decimal places inside [GRID_PRICE_FLOOR_PER_MWH,
-  GRID_PRICE_CAP_PER_MWH], and the zone's currency; rows of one zone may not overlap;
+- a row needs a known zone, an aware start and end (end after start, at most a day apart:
+  24 hours, or a day of the zone's local time, 25 hours when its clocks go back), a price per
+  MWh with at most 2 decimal places inside [GRID_PRICE_FLOOR_PER_MWH, GRID_PRICE_CAP_PER_MWH],
+  and the zone's currency; rows of one zone may not overlap;
 - one bad row refuses the whole batch, with every problem listed: nothing is half-imported;
 - upserts are idempotent: a row equal to the stored one changes nothing (not even when it was
   received, which is what staleness is measured by); a different price for the same interval
@@ -21,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
 from django.db import transaction
@@ -192,8 +194,15 @@ def _price_row_parse(
             problems.append(
                 PriceProblem(where, "ends_at", "An interval lasts at least five minutes.")
             )
-        elif ends_at - starts_at > MAX_INTERVAL:
-            problems.append(PriceProblem(where, "ends_at", "An interval may last at most one day."))
+        elif ends_at > _day_after(starts_at, zone):
+            problems.append(
+                PriceProblem(
+                    where,
+                    "ends_at",
+                    "An interval may last at most one day (24 hours, or the zone's local day: "
+                    "23 or 25 hours when its clocks change).",
+                )
+            )
     price = _price_parse(where, raw, problems)
     currency = str(raw.get("currency") or "").strip().lower() or (zone and zone.currency)
     if zone is not None and currency != zone.currency:
@@ -207,6 +216,22 @@ def _price_row_parse(
     if len(problems) != count:
         return None
     return PriceRow(zone, starts_at, ends_at, price.quantize(_CENT), currency)
+
+
+def _day_after(starts_at: datetime, zone: PriceZone | None) -> datetime:
+    """The latest end of an interval from `starts_at`: 24 hours, or the same wall-clock time a
+    day later in the zone's time zone when that is later (a market's day of 25 hours, when its
+    clocks go back, is one interval)."""
+    latest = starts_at + MAX_INTERVAL
+    if zone is None:
+        return latest
+    try:
+        tz = ZoneInfo(zone.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return latest
+    # Aware arithmetic within one ZoneInfo is wall-clock arithmetic: a local day.
+    local_day = (starts_at.astimezone(tz) + timedelta(days=1)).astimezone(starts_at.tzinfo)
+    return max(latest, local_day)
 
 
 def _price_parse(where: str, raw: dict, problems: list[PriceProblem]) -> Decimal | None:

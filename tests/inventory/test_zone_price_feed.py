@@ -498,3 +498,72 @@ def test_only_staff_grant_the_grid_scope(zone):
     # The grid scope reads nothing of the organisation's.
     assert feed.get("/api/v1/reservations").status_code == 403
     assert Membership.objects.count() == 1
+
+
+# --- a zone's local day across clock changes ------------------------------------------------
+
+LOCAL_DAYS = [
+    # (zone time zone, the day's start, its end: a day of 25 or 23 hours in the zone's time)
+    ("Europe/Oslo", "2026-10-25T00:00:00+02:00", "2026-10-26T00:00:00+01:00", 25),
+    ("America/Chicago", "2026-11-01T00:00:00-05:00", "2026-11-02T00:00:00-06:00", 25),
+    ("Europe/Oslo", "2026-03-29T00:00:00+01:00", "2026-03-30T00:00:00+02:00", 23),
+    ("America/Chicago", "2027-03-14T00:00:00-06:00", "2027-03-15T00:00:00-05:00", 23),
+]
+
+
+@pytest.mark.parametrize(("tz", "starts_at", "ends_at", "hours"), LOCAL_DAYS)
+def test_a_price_for_a_zones_whole_local_day_is_one_interval_across_a_clock_change(
+    grid_key, tz, starts_at, ends_at, hours
+):
+    zone = PriceZoneFactory(code="local-day", currency="usd", timezone=tz)
+    payload = {"prices": [{"starts_at": starts_at, "ends_at": ends_at, "price_per_mwh": "41.50"}]}
+
+    response = grid_key.post(url(zone.code), payload, format="json")
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["created"] == 1
+    [(_, start, end, price, _, _)] = snapshot(zone)
+    assert (end - start, price) == (timedelta(hours=hours), Decimal("41.50"))
+
+
+@pytest.mark.parametrize(
+    ("tz", "starts_at", "ends_at"),
+    [
+        # 25 hours on a day whose clocks do not change, or in a zone whose clocks never do.
+        ("Europe/Oslo", "2026-10-24T00:00:00+02:00", "2026-10-25T01:00:00+02:00"),
+        ("UTC", "2026-10-25T00:00:00+02:00", "2026-10-26T00:00:00+01:00"),
+        # A day and an hour from the start of the long day is still too long.
+        ("America/Chicago", "2026-11-01T00:00:00-05:00", "2026-11-02T01:00:00-06:00"),
+    ],
+)
+def test_more_than_the_zones_local_day_is_refused_and_changes_nothing(
+    grid_key, tz, starts_at, ends_at
+):
+    zone = PriceZoneFactory(code="local-day", currency="usd", timezone=tz)
+    payload = {"prices": [{"starts_at": starts_at, "ends_at": ends_at, "price_per_mwh": "41.50"}]}
+
+    response = grid_key.post(url(zone.code), payload, format="json")
+
+    assert response.status_code == 400
+    [problem] = response.json()["error"]["problems"]
+    assert problem["field"] == "ends_at" and "at most one day" in problem["message"]
+    assert snapshot(zone) == []
+
+
+def test_a_staff_csv_takes_a_zones_25_hour_day_in_local_offsets(tmp_path):
+    zone = PriceZoneFactory(code="no4", currency="nok", timezone="Europe/Oslo")
+    path = tmp_path / "prices.csv"
+    path.write_text(
+        "zone,starts_at,ends_at,price_per_mwh,currency\n"
+        "no4,2026-10-24T00:00:00+02:00,2026-10-25T00:00:00+02:00,310.00,\n"
+        "no4,2026-10-25T00:00:00+02:00,2026-10-26T00:00:00+01:00,295.50,\n"
+        "no4,2026-10-26T00:00:00+01:00,2026-10-27T00:00:00+01:00,300.00,nok\n"
+    )
+
+    call_command("load_zone_prices", str(path))
+
+    assert [(r[2] - r[1], r[3]) for r in snapshot(zone)] == [
+        (timedelta(hours=24), Decimal("310.00")),
+        (timedelta(hours=25), Decimal("295.50")),
+        (timedelta(hours=24), Decimal("300.00")),
+    ]
