@@ -321,6 +321,9 @@ def _first(rows, limit: int) -> list:
     return taken
 
 
+# A list shows at least one row: 0 or less is a usage error, not one row nor every row.
+LIMIT = click.IntRange(min=1)
+
 RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts_at", "ends_at",
                        "total", "currency"]  # fmt: skip
 
@@ -362,7 +365,7 @@ def reserve(state, quote_id, listing_id, gpu_model, gpu_count, start, hours, end
 
 @main.command("list")
 @click.option("--status", multiple=True)
-@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most this many.")
 @click.pass_obj
 def list_(state, status, limit):
     """Your reservations, newest first."""
@@ -430,6 +433,15 @@ def ssh(state, reservation_id, user, print_only, ssh_args):
         err_console.print(
             f"[red]Error:[/red] {escape(reservation_id)} is {escape(str(reservation.status))}: "
             "no connection details until it is active.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        click.get_current_context().exit(5)
+    if connection.get("ssh_port") is None:
+        # Booked without SSH keys: no port 22 is published, and `ssh -p None` is no command.
+        err_console.print(
+            f"[red]Error:[/red] {escape(reservation_id)} has no SSH port: it was reserved "
+            "without SSH keys (reserve --ssh-key-id ssh_…).",
             highlight=False,
             soft_wrap=True,
         )
@@ -591,7 +603,7 @@ def webhooks_delete(state, endpoint_id):
 @webhooks.command("deliveries")
 @click.argument("endpoint_id")
 @click.option("--status", type=click.Choice(["pending", "succeeded", "failed"]))
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most this many.")
 @click.pass_obj
 def webhooks_deliveries(state, endpoint_id, status, limit):
     rows = _first(state.client.webhook_endpoints.deliveries(endpoint_id, status=status), limit)
@@ -618,7 +630,7 @@ LISTING_COLUMNS = ["id", "status", "for_sale", "reservation", "node", "gpu_count
 @resale.command("list")
 @click.option("--status", multiple=True,
               type=click.Choice(["open", "sold", "returned", "withdrawn", "expired"]))  # fmt: skip
-@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most this many.")
 @click.pass_obj
 def resale_list(state, status, limit):
     """Your listings, newest first."""
@@ -655,7 +667,7 @@ def resale_withdraw(state, listing_id):
 
 
 @resale.command("sales")
-@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most this many.")
 @click.pass_obj
 def resale_sales(state, limit):
     """What sold, newest first, with proceeds and fees so far."""

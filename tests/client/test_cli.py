@@ -159,6 +159,17 @@ def test_ssh_runs_ssh_with_the_connection_details(world, cli):
     Reservation.objects.filter(pk=row.pk).update(
         connection={"host": "203.0.113.9", "ssh_port": 2222, "ports": {}}
     )
+    # Booked without SSH keys: no port published; a clear refusal, never `ssh -p None`.
+    Reservation.objects.filter(pk=row.pk).update(
+        connection={"host": "203.0.113.9", "ssh_port": None, "ports": {}}
+    )
+    no_port = cli("ssh", reservation["id"], "--print")
+    assert no_port.exit_code == 5
+    assert no_port.stdout == ""
+    assert "has no SSH port: it was reserved without SSH keys" in no_port.stderr
+    Reservation.objects.filter(pk=row.pk).update(
+        connection={"host": "203.0.113.9", "ssh_port": 2222, "ports": {}}
+    )
     printed = cli("ssh", reservation["id"], "--print", "--", "-i", "~/.ssh/id_ed25519")
     assert printed.exit_code == 0
     assert printed.output.strip() == "ssh -p 2222 root@203.0.113.9 -i '~/.ssh/id_ed25519'"
@@ -185,6 +196,14 @@ def test_a_list_cut_at_its_limit_says_so_on_stderr(world, cli):
     assert len(json.loads(cut.stdout)) == 2
     assert "Showing the first 2; there are more (raise --limit)." in cut.stderr
     assert len(json.loads(whole.stdout)) == 3 and "there are more" not in whole.stderr
+    # A limit below 1 is a usage error (it showed one row), on every list.
+    for args in (("list",), ("resale", "list"), ("resale", "sales"),
+                 ("webhooks", "deliveries", "we_x")):  # fmt: skip
+        for limit in (0, -3):
+            refused = cli("--json", *args, "--limit", limit)
+            assert refused.exit_code == 2, (args, refused.output)
+            assert refused.stdout == ""
+            assert "Invalid value for '--limit'" in refused.stderr
 
 
 # Tests replace time.sleep (the module's, which the CLI calls between polls); waiting here must
