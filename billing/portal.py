@@ -6,7 +6,6 @@ member reads; owners, admins and billing members change money things. A refused 
 changes nothing.
 """
 
-import csv
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -14,14 +13,14 @@ from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import Http404, HttpResponse
+from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.views import View
 
 from billing.apis import MONEY_ROLES
-from billing.exports import csv_text
+from billing.exports import statement_csv_lines
 from billing.models import BillingMode, FundingState
 from billing.money import from_minor_units, top_up_limits, top_up_range_text
 from billing.selectors import (
@@ -56,7 +55,6 @@ from billing.services.payment_methods import (
 )
 from billing.services.topups import top_up_create
 from config.csp import stripe_js_allow
-from config.dates import iso_utc
 from config.errors import ApplicationError
 from config.once import OnceField, once_or_refused
 from config.replica import replica_reads
@@ -788,37 +786,17 @@ class StatementView(BillingPage):
 
 
 class StatementCsvView(BillingPage):
-    """One month's statement as CSV: the opening balance, every ledger line with the balance
-    after it, the closing balance. Amounts in major units, signed as in the ledger."""
+    """One month's statement as CSV, streamed (billing.exports.statement_csv_lines)."""
 
     def get(self, request, year: int, month: int):
-        statement = _statement(self, year, month)
-        c = statement.currency
+        first_day = statement_month(year, month)
+        if first_day is None:
+            raise Http404("No statement for that month.")
+        currency = account_currency(billing_account_for_org(organization=self.organization))
+        lines = statement_csv_lines(
+            organization=self.organization, month=first_day, currency=currency
+        )
         name = f"switchyard-statement-{self.organization.public_id}-{year:04d}-{month:02d}.csv"
-        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response = StreamingHttpResponse(lines, content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{name}"'
-        out = csv.writer(response)
-        out.writerow(["date_utc", "kind", "description", "reservation", "period_start",
-                      "period_end", "gpu_seconds", "amount", "currency", "balance_after"])  # fmt: skip
-        start = f"{year:04d}-{month:02d}-01T00:00:00Z"
-        out.writerow([start, "opening_balance", "", "", "", "", "", "", c,
-                      from_minor_units(statement.opening_minor, c)])  # fmt: skip
-        for line in statement.lines:
-            e = line.entry
-            out.writerow(
-                [
-                    iso_utc(e.created_at),
-                    e.kind,
-                    csv_text(e.description),
-                    e.reservation.public_id if e.reservation else "",
-                    iso_utc(e.period_start) if e.period_start else "",
-                    iso_utc(e.period_end) if e.period_end else "",
-                    e.gpu_seconds,
-                    from_minor_units(e.amount_minor, c),
-                    c,
-                    from_minor_units(line.balance_after_minor, c),
-                ]
-            )
-        out.writerow(["", "closing_balance", "", "", "", "", "", "", c,
-                      from_minor_units(statement.closing_minor, c)])  # fmt: skip
         return response

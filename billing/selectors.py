@@ -54,7 +54,9 @@ __all__ = [
     "usage_row_energy",
     "reservations_charged",
     "Statement",
+    "statement_entries",
     "statement_for_month",
+    "statement_opening_minor",
     "statement_month",
     "statement_months",
     "delivered_gpu_seconds_by_day",
@@ -485,19 +487,32 @@ def _is_charge_or_undone(entry: LedgerEntry) -> bool:
     return entry.kind == LedgerKind.CREDIT and entry.idempotency_key.startswith(GIVEN_BACK_KEYS)
 
 
-def statement_for_month(*, organization: Organization, month: date, currency: str) -> Statement:
+def statement_opening_minor(*, organization: Organization, month: date) -> int:
+    """The balance before the month's first ledger line (minor units)."""
+    start, _ = _month_bounds(month)
+    return LedgerEntry.objects.filter(organization=organization, created_at__lt=start).aggregate(
+        t=Coalesce(Sum("amount_minor"), 0)
+    )["t"]
+
+
+def statement_entries(*, organization: Organization, month: date) -> QuerySet[LedgerEntry]:
+    """The month's ledger lines, in the order a statement lists them (a query: the CSV streams
+    it with iterator())."""
     start, end = _month_bounds(month)
-    entries = LedgerEntry.objects.filter(organization=organization)
-    opening = entries.filter(created_at__lt=start).aggregate(t=Coalesce(Sum("amount_minor"), 0))[
-        "t"
-    ]
-    lines, balance, totals = [], opening, {}
-    usage: dict[str, dict] = {}
-    for entry in (
-        entries.filter(created_at__gte=start, created_at__lt=end)
+    return (
+        LedgerEntry.objects.filter(
+            organization=organization, created_at__gte=start, created_at__lt=end
+        )
         .select_related("reservation")
         .order_by("created_at", "id")
-    ):
+    )
+
+
+def statement_for_month(*, organization: Organization, month: date, currency: str) -> Statement:
+    opening = statement_opening_minor(organization=organization, month=month)
+    lines, balance, totals = [], opening, {}
+    usage: dict[str, dict] = {}
+    for entry in statement_entries(organization=organization, month=month):
         balance += entry.amount_minor
         lines.append(StatementLine(entry=entry, balance_after_minor=balance))
         totals[entry.kind] = totals.get(entry.kind, 0) + entry.amount_minor

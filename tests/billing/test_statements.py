@@ -69,9 +69,10 @@ def test_the_monthly_statement_csv_has_the_opening_every_line_and_the_closing(
     response = owner_client.get("/billing/statements/2026-11.csv")
 
     assert response.status_code == 200
+    assert response.streaming  # a month of hourly usage lines is read a chunk at a time
     assert response["Content-Type"] == "text/csv; charset=utf-8"
     assert f"switchyard-statement-{org.public_id}-2026-11.csv" in response["Content-Disposition"]
-    rows = list(csv.reader(io.StringIO(response.content.decode())))
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert rows[0][:2] == ["date_utc", "kind"]
     assert [(r[1], r[3], r[6], r[7], r[9]) for r in rows[1:]] == [
         ("opening_balance", "", "", "", "100.00"),

@@ -107,6 +107,22 @@ def test_a_ledger_description_never_reaches_a_spreadsheet_as_a_formula(client, o
     assert row["description"] == "'" + text
 
 
+def test_no_text_cell_of_an_export_reaches_a_spreadsheet_as_a_formula(client, org):
+    # Slugs staff set in the admin (its slug check lets one start with "-") are written by the
+    # same writer as descriptions; numbers stay numbers (a negative amount is not quoted).
+    reservation = make_reservation(org, activated_at=T0, starts_at=T0)
+    type(reservation.site).objects.filter(pk=reservation.site_id).update(slug="-a1")
+    type(reservation.gpu_model).objects.filter(pk=reservation.gpu_model_id).update(slug="-sum")
+    reservation_meter(reservation_id=reservation.pk, now=T0 + timedelta(hours=1))
+
+    (usage,) = _rows(client.get("/api/v1/billing/usage.csv"))
+    (ledger,) = _rows(client.get("/api/v1/billing/ledger.csv"))
+
+    assert (usage["site"], usage["gpu_model"]) == ("'-a1", "'-sum")
+    assert Decimal(usage["amount"]) > 0
+    assert ledger["amount"] == "-" + usage["amount"]  # a number, not "'-…"
+
+
 def test_the_portal_downloads_the_same_csv(org):
     from tests.clients import HttpsClient
 
