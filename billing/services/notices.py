@@ -15,7 +15,10 @@ def notice_send(*, organization: Organization, kind: str, message: str) -> Billi
     notice = BillingNotice.objects.create(organization=organization, kind=kind, message=message)
     logger.info("billing notice %s for %s: %s", kind, organization.public_id, message)
     recipients = list(
-        Membership.objects.filter(organization=organization, role__in=[Role.OWNER, Role.BILLING])
+        # A deactivated account has lost its access: it is told nothing more.
+        Membership.objects.filter(
+            organization=organization, role__in=[Role.OWNER, Role.BILLING], user__is_active=True
+        )
         .exclude(user__email="")
         .values_list("user__email", flat=True)
     )

@@ -49,7 +49,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
@@ -1186,7 +1186,7 @@ def _email_notices(*, notified, preempted, preempt_at: datetime, reason: str) ->
     for reservation in notified:
         by_org.setdefault(reservation.organization_id, []).append(
             f"- {reservation.public_id} ({reservation.gpu_count} GPU(s), {reservation.tier}): "
-            f"stops at {max(preempt_at, reservation.starts_at).isoformat()}"
+            f"stops at {max(preempt_at, reservation.starts_at).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
         )
     for reservation in preempted:
         by_org.setdefault(reservation.organization_id, []).append(
@@ -1195,7 +1195,11 @@ def _email_notices(*, notified, preempted, preempt_at: datetime, reason: str) ->
         )
     for org_id, lines in by_org.items():
         recipients = list(
-            Membership.objects.filter(organization_id=org_id, role__in=[Role.OWNER, Role.ADMIN])
+            Membership.objects.filter(
+                organization_id=org_id,
+                role__in=[Role.OWNER, Role.ADMIN],
+                user__is_active=True,  # not an account deactivated since
+            )
             .exclude(user__email="")
             .values_list("user__email", flat=True)
         )

@@ -392,7 +392,11 @@ def _disable(endpoint: WebhookEndpoint, *, now: datetime) -> None:
         status=DeliveryStatus.FAILED, next_attempt_at=None
     )
     recipients = list(
-        Membership.objects.filter(organization_id=endpoint.organization_id, role__in=MANAGER_ROLES)
+        Membership.objects.filter(
+            organization_id=endpoint.organization_id,
+            role__in=MANAGER_ROLES,
+            user__is_active=True,  # not an account deactivated since
+        )
         .exclude(user__email="")
         .values_list("user__email", flat=True)
     )

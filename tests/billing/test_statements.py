@@ -119,6 +119,10 @@ def test_a_month_without_a_statement_is_a_404_on_every_page(owner_client, month)
 
 
 def test_each_top_up_is_receipted_by_email(org, django_capture_on_commit_callbacks):
+    # A billing member whose account was deactivated has lost its access: not e-mailed.
+    MembershipFactory(
+        organization=org, role=Role.BILLING, user__is_active=False, user__password="!"
+    )
     PaymentMethod.objects.create(organization=org, stripe_payment_method_id="pm_visa",
                                  brand="visa", last4="4242")  # fmt: skip
     top_up = TopUp.objects.create(organization=org, amount_minor=7500, currency="usd",

@@ -23,10 +23,12 @@ from marketplace.models import (
     Event,
     Reservation,
     ReservationStatus,
+    Role,
 )
 from marketplace.provisioning.scheduler import reservations_dispatch_due
 from marketplace.selectors.availability import AvailabilityQuery, availability_search
 from marketplace.services.curtailment import curtailment_announce, curtailment_call_off
+from tests.factories import MembershipFactory
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
     book_at_market,
@@ -65,14 +67,20 @@ def _fresh(reservation):
 
 
 def test_an_announcement_notices_running_interruptible_work_and_protects_the_rest(
-    booked, market, mailoutbox, django_capture_on_commit_callbacks
+    booked, market, org, owner, mailoutbox, django_capture_on_commit_callbacks
 ):
     site, _ = market
+    # An admin whose account was deactivated has lost their access: not e-mailed.
+    MembershipFactory(organization=org, role=Role.ADMIN, user__is_active=False, user__password="!")
     shed_at = timezone.now() + timedelta(hours=1)
 
     with django_capture_on_commit_callbacks(execute=True):
         curtailment = curtailment_announce(
-            site=site, shed_at=shed_at, until=shed_at + timedelta(hours=7), reason="ERCOT EEA 2"
+            site=site,
+            # Given with an offset (as the API takes it): the mail still says it in UTC.
+            shed_at=shed_at.astimezone(timezone.get_fixed_timezone(120)),
+            until=shed_at + timedelta(hours=7),
+            reason="ERCOT EEA 2",
         )
 
     site.refresh_from_db()
@@ -100,10 +108,13 @@ def test_an_announcement_notices_running_interruptible_work_and_protects_the_res
     ]
     # The owner is told which reservations stop and when.
     (mail,) = mailoutbox
+    assert mail.to == [owner.user.email]
     assert (
         booked["running"].public_id in mail.body and booked["starts_inside"].public_id in mail.body
     )
     assert booked["on_demand"].public_id not in mail.body
+    # The time as the other mails write it, in UTC and labelled so.
+    assert f"stops at {shed_at:%Y-%m-%d %H:%M} UTC" in mail.body
 
 
 def test_the_api_shows_the_notice_until_the_preemption(booked, market, org):

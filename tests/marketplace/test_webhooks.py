@@ -296,6 +296,8 @@ def test_an_endpoint_failing_for_three_days_is_disabled_and_its_managers_emailed
 ):
     settings.WEBHOOK_RETRY_FOR = timedelta(hours=72)
     MembershipFactory(organization=org, role=Role.MEMBER)  # not e-mailed
+    # Nor an owner whose account was deactivated (it has lost its access).
+    MembershipFactory(organization=org, role=Role.OWNER, user__is_active=False)
     # A URL may carry a secret (as chat services' webhook URLs do): the mail, which passes
     # through the broker, names the endpoint by its id and origin only.
     endpoint, _ = _endpoint(org, receiver, path="/hook/T0123/s3cr3t-path-token")
