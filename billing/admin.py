@@ -164,7 +164,9 @@ class BillingAccountAdminForm(forms.ModelForm):
 class BillingAccountAdmin(admin.ModelAdmin):
     list_display = ("organization", "mode", "funding_state", "balance", "stripe_customer_id")
     list_filter = ("mode", "funding_state")
-    search_fields = ("organization__name", "organization__slug", "stripe_customer_id")
+    search_fields = ("organization__name", "organization__slug", "organization__public_id",
+                     "stripe_customer_id")  # fmt: skip
+    search_help_text = "An organisation's name, slug or id (org_…), or a Stripe customer (cus_…)."
     readonly_fields = (
         "organization", "balance", "stripe_customer_id", "mode", "postpaid_approved_by",
         "postpaid_approved_at", "funding_state", "grace_until", "funding_state_changed_at",
@@ -326,7 +328,8 @@ class LedgerEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     list_display = (created_at_by_id, "organization", "kind", "amount_minor", "currency",
                     "reservation")  # fmt: skip
     list_filter = ("kind",)
-    search_fields = ("organization__name", "idempotency_key", "description")
+    search_fields = ("public_id", "organization__name", "organization__public_id",
+                     "idempotency_key", "description")  # fmt: skip
     list_select_related = ("organization", "reservation")
     # Newest first by id, the order entries were written in, as holds and reservations are
     # listed: a metering run stamps all its lines with one created_at, which the model's
@@ -350,10 +353,12 @@ class HoldAdmin(FleetScaleAdmin, ReadOnlyAdmin):
 
 @admin.register(TopUp)
 class TopUpAdmin(FleetScaleAdmin, ReadOnlyAdmin):
-    list_display = ("id", "organization", "amount_minor", "currency", "automatic", "status",
-                    "stripe_payment_intent_id", "refund_link")  # fmt: skip
+    list_display = ("public_id", "organization", "amount_minor", "currency", "automatic",
+                    "status", "stripe_payment_intent_id", "refund_link")  # fmt: skip
     list_filter = ("status", "automatic")
-    search_fields = ("organization__name", "stripe_payment_intent_id")
+    search_fields = ("public_id", "organization__name", "organization__public_id",
+                     "stripe_payment_intent_id")  # fmt: skip
+    search_help_text = "A top-up's id (tu_…), an organisation's name or id, or a payment (pi_…)."
 
     def get_list_display(self, request):
         shown = super().get_list_display(request)
@@ -412,6 +417,9 @@ class RefundAdmin(ReadOnlyAdmin):
         "created_by",
     )
     list_filter = ("status",)
+    search_fields = ("stripe_refund_id", "top_up__public_id", "top_up__stripe_payment_intent_id",
+                     "organization__name", "organization__public_id")  # fmt: skip
+    search_help_text = "A Stripe refund (re_…), its top-up (tu_…, pi_…), or an organisation."
     list_select_related = ("organization", "created_by")  # created_by may be empty: named here
 
 
@@ -461,6 +469,9 @@ class InvoiceAdmin(ReadOnlyAdmin):
     list_display = ("stripe_invoice_id", "organization", "status", "amount_due_minor", "currency",
                     "period_start", "payment_failed_at", "hosted_link")  # fmt: skip
     list_filter = ("status", InvoicePastDueFilter)
+    search_fields = ("stripe_invoice_id", "stripe_customer_id", "organization__name",
+                     "organization__public_id")  # fmt: skip
+    search_help_text = "A Stripe invoice (in_…) or customer (cus_…), or an organisation."
 
     @admin.display(description="invoice")
     def hosted_link(self, obj):
@@ -474,6 +485,8 @@ class InvoiceAdmin(ReadOnlyAdmin):
 @admin.register(PaymentMethod)
 class PaymentMethodAdmin(ReadOnlyAdmin):
     list_display = ("stripe_payment_method_id", "organization", "brand", "last4", "detached_at")
+    search_fields = ("stripe_payment_method_id", "last4", "organization__name",
+                     "organization__public_id")  # fmt: skip
 
 
 @admin.register(UsageAggregate)

@@ -7,6 +7,7 @@ records (attempts, site-agent jobs, reservation outages): the workers and agents
 Every action needs a permission to change its model: staff who may only view do not act.
 """
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from django import forms
@@ -66,7 +67,7 @@ from marketplace.models import (
 from marketplace.provisioning.agent_reports import workload_restarts_summary
 from marketplace.provisioning.workload import workload_public
 from marketplace.rules import display_name_clean
-from marketplace.services.api_keys import api_key_revoke
+from marketplace.services.api_keys import SECRET_PREFIX, api_key_revoke
 from marketplace.services.curtailment import (
     CurtailmentPlan,
     PlanChanged,
@@ -231,11 +232,18 @@ class SwitchyardUserAdmin(UserAdmin):
             super().delete_queryset(request, queryset)
 
 
+_KEY_PREFIX = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(SECRET_PREFIX)}[a-z0-9]{{8}}(?![a-z0-9])")
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ["name", "prefix", "organization", "scopes", "last_used_at", "revoked_at"]
     list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
-    search_fields = ["name", "prefix", "organization__name", "organization__public_id"]
+    search_fields = ["name", "prefix", "public_id", "organization__name", "organization__public_id"]
+    search_help_text = (
+        "A key's id (key_…), its prefix or the whole secret pasted (sy_live_…), or its name, "
+        "or an organisation's name or id."
+    )
     list_select_related = ["organization"]
     # What a key may do is its organisation's to decide, checked and audited by the service:
     # staff look, and revoke (a leaked key); grid keys are granted in the portal's key form.
@@ -255,6 +263,16 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False  # keys are created by their organisation, which sees the secret once
+
+    def get_search_results(self, request, queryset, search_term):
+        # A customer pastes more than the prefix (the whole leaked secret, or the prefix with
+        # its "_" or "…"): a substring search for that finds nothing, so each such word also
+        # finds its key by the prefix it starts with (unique, indexed).
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        prefixes = {m.group(0) for m in _KEY_PREFIX.finditer(search_term)}
+        if prefixes:
+            found |= queryset.filter(prefix__in=prefixes)
+        return found, may_have_duplicates
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
@@ -1033,7 +1051,17 @@ class AgentJobAdmin(FleetScaleAdmin, ProvisioningRecordAdmin):
         "finished_at",
     ]
     list_filter = ["kind", "status", "node__site"]
-    search_fields = ["reservation__public_id", "node__hostname", "lease_owner", "error"]
+    search_fields = [
+        "reservation__public_id",
+        "node__hostname",
+        "request_id",
+        "lease_owner",
+        "error",
+    ]
+    search_help_text = (
+        "A reservation's id (res_…), a node's hostname, the request id (req_…) that queued "
+        "the job, a lease or an error's words."
+    )
     list_select_related = ["reservation", "node"]
     # The payload holds the workload's secrets (environment values): never shown here.
     readonly_fields = [
@@ -1048,6 +1076,7 @@ class AgentJobAdmin(FleetScaleAdmin, ProvisioningRecordAdmin):
         "progress",
         "result",
         "error",
+        "request_id",
         "created_at",
         "updated_at",
         "finished_at",

@@ -350,3 +350,54 @@ def test_staff_who_may_only_view_get_no_credit_or_refund_links_and_a_403(
     assert (credit.status_code, refund.status_code) == (403, 403)  # was a silent redirect
     assert not LedgerEntry.objects.filter(organization=org).exists()
     assert not Refund.objects.exists()
+
+
+def test_staff_find_money_records_by_the_ids_a_customer_pastes(staff_client, org):
+    """A ticket quotes an organisation (org_…), a top-up (tu_…), a payment (pi_…), an invoice
+    (in_…), a customer (cus_…), a refund (re_…) or a ledger entry (led_…): each finds its
+    record on its list, and only it."""
+    from billing.models import Invoice, PaymentMethod, TopUp
+
+    other = OrganizationFactory(name="Other Lab")
+    billing_account_get_or_create(organization=other)
+    BillingAccount.objects.filter(organization=org).update(stripe_customer_id="cus_Mine")
+    top_up = TopUp.objects.create(organization=org, amount_minor=500, currency="usd",
+                                  payment_method_id="pm_1", stripe_payment_intent_id="pi_Mine",
+                                  status="succeeded")  # fmt: skip
+    TopUp.objects.create(organization=other, amount_minor=700, currency="usd",
+                         payment_method_id="pm_2", stripe_payment_intent_id="pi_Other")  # fmt: skip
+    refund = Refund.objects.create(organization=org, top_up=top_up, amount_minor=100,
+                                   currency="usd", reason="r", stripe_refund_id="re_Mine")  # fmt: skip
+    invoice = Invoice.objects.create(organization=org, stripe_invoice_id="in_Mine",
+                                     stripe_customer_id="cus_Mine", status="open",
+                                     currency="usd")  # fmt: skip
+    Invoice.objects.create(organization=other, stripe_invoice_id="in_Other",
+                           stripe_customer_id="cus_Other", status="open", currency="usd")  # fmt: skip
+    card = PaymentMethod.objects.create(organization=org, stripe_payment_method_id="pm_Mine",
+                                        brand="visa", last4="4242")  # fmt: skip
+    entry = LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=1,
+                                       currency="usd", idempotency_key="k")  # fmt: skip
+    LedgerEntry.objects.create(organization=other, kind=LedgerKind.CREDIT, amount_minor=1,
+                               currency="usd", idempotency_key="k2")  # fmt: skip
+    account = BillingAccount.objects.get(organization=org)
+
+    def found(name: str, q: str) -> list:
+        response = staff_client.get(reverse(f"admin:billing_{name}_changelist"), {"q": q})
+        assert response.status_code == 200
+        return [obj.pk for obj in response.context["cl"].result_list]
+
+    assert found("billingaccount", org.public_id) == [account.pk]
+    assert found("billingaccount", "cus_Mine") == [account.pk]
+    assert found("topup", top_up.public_id) == [top_up.pk]
+    assert found("topup", org.public_id) == [top_up.pk]
+    assert found("topup", "pi_Mine") == [top_up.pk]
+    assert found("refund", "re_Mine") == [refund.pk]
+    assert found("refund", top_up.public_id) == [refund.pk]
+    assert found("invoice", "in_Mine") == [invoice.pk]
+    assert found("invoice", org.public_id) == [invoice.pk]
+    assert found("paymentmethod", "pm_Mine") == [card.pk]
+    assert found("ledgerentry", entry.public_id) == [entry.pk]
+    assert found("ledgerentry", org.public_id) == [entry.pk]
+    # The top-ups list shows the id customers see, never the sequential one.
+    listed = staff_client.get(reverse("admin:billing_topup_changelist")).content.decode()
+    assert top_up.public_id in listed

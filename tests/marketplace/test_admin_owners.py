@@ -230,3 +230,23 @@ def test_a_user_staff_delete_is_removed_as_a_member_and_their_keys_stop_working(
     removals = AuditEntry.objects.filter(organization=org, action="member.remove")
     assert {e.object_id for e in removals} == {leaver.public_id, bulk_leaver.public_id}
     assert {e.actor for e in removals} == {f"staff:{admin_user.get_username()}"}
+
+
+def test_staff_find_a_key_by_its_id_or_by_the_whole_secret_a_customer_pasted(admin_client):
+    org = OrganizationFactory()
+    key, secret = api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)
+    other, _ = api_key_create(organization=org, name="deploy", scopes=["read"], created_by=None)
+    changelist = reverse("admin:marketplace_apikey_changelist")
+
+    def found(q: str) -> list:
+        response = admin_client.get(changelist, {"q": q})
+        assert response.status_code == 200
+        return [k.pk for k in response.context["cl"].result_list]
+
+    assert found(key.public_id) == [key.pk]
+    assert found(secret) == [key.pk]  # the leaked secret itself
+    assert found(f"{key.prefix}…") == [key.pk]  # as the portal and errors write it
+    assert found(f"leaked: {secret[:20]}") == [key.pk]
+    assert found(key.prefix) == [key.pk]
+    assert found("sy_live_zzzzzzzz_nothing") == []
+    assert sorted(found(org.public_id)) == sorted([key.pk, other.pk])

@@ -110,3 +110,17 @@ def test_the_reservation_page_shows_its_outages_and_agent_jobs_read_only(admin_c
     assert "outages-TOTAL_FORMS" in body and "agent_jobs-TOTAL_FORMS" in body
     assert 'name="outages-0-cause"' not in body  # read-only: no input for it
     assert SECRET not in body
+
+
+def test_a_request_id_from_a_customers_error_finds_the_agent_job_it_queued(admin_client, records):
+    job = records["agentjob"]
+    AgentJob.objects.filter(pk=job.pk).update(request_id="req_5c0e9a1b2c3d4e5f60718293")
+    AgentJob.objects.create(node=records["node"], reservation=records["reservation"], kind="start",
+                            generation=9, request_id="req_000000000000000000000000")  # fmt: skip
+    url = reverse("admin:marketplace_agentjob_changelist")
+
+    searched = admin_client.get(url, {"q": "req_5c0e9a1b2c3d4e5f60718293"})
+    page = admin_client.get(reverse("admin:marketplace_agentjob_change", args=[job.pk]))
+
+    assert [j.pk for j in searched.context["cl"].result_list] == [job.pk]
+    assert "req_5c0e9a1b2c3d4e5f60718293" in page.content.decode()
