@@ -6,6 +6,8 @@ SLA credit), a negative entry takes from it (usage, reserved-term charge, a refu
 the card). The balance is never stored: it is the sum of the organisation's entries.
 """
 
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -519,6 +521,14 @@ class Invoice(models.Model):
     def past_due(self) -> bool:
         """Unpaid and past due: what blocks bookings (after the grace)."""
         return self.payment_failed_at is not None and self.status in INVOICE_UNPAID_STATUSES
+
+    @property
+    def bookings_refused_from(self) -> datetime | None:
+        """When, unpaid, it starts refusing the organisation's new commitments: its first
+        failure plus BILLING_POSTPAID_PAST_DUE_GRACE."""
+        if self.payment_failed_at is None:
+            return None
+        return self.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
 
 
 class UsageAggregate(models.Model):

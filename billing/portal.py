@@ -124,12 +124,7 @@ def commitment_funding(membership, *, currency: str, **commitment) -> dict:
     # Postpaid: nothing is due now, but an invoice left unpaid past the grace refuses it, as
     # the funding gate does.
     overdue = (
-        invoice_past_due(
-            organization_id=organization.pk,
-            failed_by=timezone.now() - settings.BILLING_POSTPAID_PAST_DUE_GRACE,
-        )
-        if postpaid
-        else None
+        invoice_past_due(organization_id=organization.pk, past_grace=True) if postpaid else None
     )
     return {
         "due_now": due_now,
@@ -670,11 +665,7 @@ class InvoicesView(BillingPage):
         past_due = min(
             (i for i in invoices if i.past_due), key=lambda i: i.payment_failed_at, default=None
         )
-        refused_from = (
-            past_due.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
-            if past_due
-            else None
-        )
+        refused_from = past_due.bookings_refused_from if past_due else None
         return self.render(
             request,
             "invoices.html",

@@ -385,12 +385,15 @@ ORDER BY i.payment_failed_at, i.id LIMIT 1
 """
 
 
-def invoice_past_due(*, organization_id: int, failed_by: datetime | None = None) -> Invoice | None:
-    """The organisation's unpaid invoice that became past due first (by `failed_by`, if
-    given: past due for at least the grace then), or None. Read on the primary: the funding
-    gate decides on it."""
+def invoice_past_due(*, organization_id: int, past_grace: bool = False) -> Invoice | None:
+    """The organisation's unpaid invoice that became past due first (with `past_grace`, only
+    one past due for longer than BILLING_POSTPAID_PAST_DUE_GRACE: one that refuses its new
+    commitments), or None. Read on the primary: the funding gate decides on it."""
+    failed_by = timezone.now()
+    if past_grace:
+        failed_by -= settings.BILLING_POSTPAID_PAST_DUE_GRACE
     with connection.cursor() as cur:
-        cur.execute(_PAST_DUE_SQL, [organization_id, failed_by or timezone.now()])
+        cur.execute(_PAST_DUE_SQL, [organization_id, failed_by])
         row = cur.fetchone()
     return model_from_row(Invoice, row) if row else None
 

@@ -4,7 +4,6 @@ balance or an invoice as the API does. This module imports no services that reco
 imports it at module top, as does the API.
 """
 
-from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -165,11 +164,7 @@ def balance_data(org) -> dict:
         "top_up_min": str(top_up_min),
         "top_up_max": str(top_up_max),
         "invoice_past_due": past_due,
-        "bookings_refused_from": (
-            past_due.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
-            if past_due
-            else None
-        ),
+        "bookings_refused_from": past_due.bookings_refused_from if past_due else None,
     }
 
 

@@ -44,7 +44,21 @@ class AgentSchemaView(SpectacularAPIView):
     }
 
 
-class LocalRedocView(SpectacularRedocView):
+class _PageHeaders:
+    """A docs page's own headers (its Content-Security-Policy first): the portal's policy is
+    not applied under /api/, so each page states the one it runs under."""
+
+    HEADERS: dict[str, str] = {}
+
+    @extend_schema(exclude=True)
+    def get(self, request, *args, **kwargs):
+        response = super().get(request, *args, **kwargs)
+        for name, value in self.HEADERS.items():
+            response[name] = value
+        return response
+
+
+class LocalRedocView(_PageHeaders, SpectacularRedocView):
     """Redoc from our own static files (the sidecar), with nothing fetched from elsewhere.
 
     The template leaves out drf-spectacular's Google Fonts links; the policy below stops
@@ -53,38 +67,30 @@ class LocalRedocView(SpectacularRedocView):
     """
 
     template_name = "api/redoc.html"
-    POLICY = (
-        "default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
-        "style-src 'self' 'unsafe-inline'; script-src 'self'; worker-src 'self' blob:; "
-        "connect-src 'self'"
-    )
-
-    @extend_schema(exclude=True)
-    def get(self, request, *args, **kwargs):
-        response = super().get(request, *args, **kwargs)
-        response["Content-Security-Policy"] = self.POLICY
-        return response
+    HEADERS = {
+        "Content-Security-Policy": (
+            "default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+            "style-src 'self' 'unsafe-inline'; script-src 'self'; worker-src 'self' blob:; "
+            "connect-src 'self'"
+        )
+    }
 
 
 agent_schema = never_cache(AgentSchemaView.as_view())
 
 
-class LocalSwaggerView(SpectacularSwaggerSplitView):
+class LocalSwaggerView(_PageHeaders, SpectacularSwaggerSplitView):
     """Swagger UI from our own static files, its start-up script served by the view itself
     (the "split" view) rather than inline, so the page runs under a policy that allows no
     inline script and no outside fetch: people paste API keys into its Authorize box.
     Cross-Origin-Opener-Policy same-origin, as every other page (drf-spectacular's default
     opens it for OAuth pop-ups, which this API has none of)."""
 
-    POLICY = (
-        "default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
-        "style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; "
-        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
-    )
-
-    @extend_schema(exclude=True)
-    def get(self, request, *args, **kwargs):
-        response = super().get(request, *args, **kwargs)
-        response["Content-Security-Policy"] = self.POLICY
-        response["Cross-Origin-Opener-Policy"] = "same-origin"
-        return response
+    HEADERS = {
+        "Content-Security-Policy": (
+            "default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+            "style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+        ),
+        "Cross-Origin-Opener-Policy": "same-origin",
+    }

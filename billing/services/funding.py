@@ -178,10 +178,7 @@ def commitment_authorize(
         )
     if account.mode == BillingMode.POSTPAID:
         # Invoiced later, so no balance to check: an invoice left unpaid past the grace is.
-        overdue = invoice_past_due(
-            organization_id=organization_id,
-            failed_by=timezone.now() - settings.BILLING_POSTPAID_PAST_DUE_GRACE,
-        )
+        overdue = invoice_past_due(organization_id=organization_id, past_grace=True)
         if overdue is not None:
             raise PaymentRequired(
                 f"This {what} is refused: {_past_due_text(overdue)} New reservations "

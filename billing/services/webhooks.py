@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from functools import partial
 
 import stripe
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -446,7 +445,7 @@ def _invoice_past_due_notice(invoice: Invoice, *, cause: str) -> None:
         if invoice.hosted_invoice_url
         else "Pay it from the invoice Stripe sent you"
     )
-    refused_from = invoice.payment_failed_at + settings.BILLING_POSTPAID_PAST_DUE_GRACE
+    refused_from = invoice.bookings_refused_from
     when = (
         f"If it is still unpaid at {refused_from:%Y-%m-%d %H:%M} UTC, new reservations and "
         "extensions will be refused until it is paid"

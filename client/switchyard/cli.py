@@ -428,20 +428,16 @@ def ssh(state, reservation_id, user, print_only, ssh_args):
     """Open an SSH session to an active reservation's first node."""
     reservation = state.client.reservations.retrieve(reservation_id)
     connection = reservation.get("connection")
+    refusal = None
     if not connection:
+        refusal = f"is {escape(str(reservation.status))}: no connection details until it is active."
+    elif connection.get("ssh_port") is None:
+        # Booked without SSH keys: no port 22 is published, and `ssh -p None` is no command.
+        refusal = "has no SSH port: it was reserved without SSH keys (reserve --ssh-key-id ssh_…)."
+    if refusal:
         # A state conflict, as the API's own 409s: exit 5.
         err_console.print(
-            f"[red]Error:[/red] {escape(reservation_id)} is {escape(str(reservation.status))}: "
-            "no connection details until it is active.",
-            highlight=False,
-            soft_wrap=True,
-        )
-        click.get_current_context().exit(5)
-    if connection.get("ssh_port") is None:
-        # Booked without SSH keys: no port 22 is published, and `ssh -p None` is no command.
-        err_console.print(
-            f"[red]Error:[/red] {escape(reservation_id)} has no SSH port: it was reserved "
-            "without SSH keys (reserve --ssh-key-id ssh_…).",
+            f"[red]Error:[/red] {escape(reservation_id)} {refusal}",
             highlight=False,
             soft_wrap=True,
         )

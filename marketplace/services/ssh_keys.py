@@ -82,14 +82,14 @@ def ssh_key_create(
 
 
 @transaction.atomic
-def ssh_key_delete(*, ssh_key: SshKey) -> None:
-    """Forget a saved key. Reservations that already carry it keep it in their workload."""
+def ssh_key_delete(*, ssh_key: SshKey, reason: str = "") -> None:
+    """Forget a saved key (`reason`, when it is not its organisation's own doing, goes in the
+    audit entry). Reservations that already carry it keep it in their workload."""
     SshKey.objects.filter(pk=ssh_key.pk).delete()
-    _audit(
-        ssh_key,
-        "ssh_key.delete",
-        {"before": {"name": ssh_key.name, "fingerprint": ssh_key.fingerprint}},
-    )
+    changes = {"before": {"name": ssh_key.name, "fingerprint": ssh_key.fingerprint}}
+    if reason:
+        changes["reason"] = reason
+    _audit(ssh_key, "ssh_key.delete", changes)
 
 
 def ssh_keys_delete_created_by(*, organization_id: int, user) -> int:
@@ -99,14 +99,8 @@ def ssh_keys_delete_created_by(*, organization_id: int, user) -> int:
         SshKey.objects.filter(organization_id=organization_id, created_by=user).order_by("pk")
     )
     for key in keys:
-        SshKey.objects.filter(pk=key.pk).delete()
-        _audit(
-            key,
-            "ssh_key.delete",
-            {
-                "before": {"name": key.name, "fingerprint": key.fingerprint},
-                "reason": "the member who saved it no longer belongs to the organisation",
-            },
+        ssh_key_delete(
+            ssh_key=key, reason="the member who saved it no longer belongs to the organisation"
         )
     return len(keys)
 
