@@ -440,6 +440,44 @@ def test_a_currency_chosen_while_a_booking_is_decided_leaves_no_hold_in_another_
     assert not Reservation.objects.filter(organization=org).exists()
 
 
+@pytest.mark.django_db(transaction=True)  # the threads see committed rows
+def test_a_staff_credit_sent_while_the_currency_changes_is_refused_not_credited_in_another(
+    org, monkeypatch
+):
+    """Staff credit 5.00 USD (the currency their form showed) while the customer switches to
+    yen: the credit is let in after the change's check and before its save. It must wait for
+    the account's lock, then see yen and be refused, never write a dollar line into a yen
+    ledger (nor 5.00 read as 500 yen)."""
+    from decimal import Decimal
+
+    from billing.models import LedgerEntry
+    from billing.services.credits import credit_issue
+
+    checked = threading.Event()
+    original_check = accounts.billing_currency_change_check
+
+    def check_then_let_the_credit_in(**kwargs):
+        original_check(**kwargs)
+        checked.set()
+        until_a_backend_waits_for_this_one()  # the credit waits for the lock: go on and save
+
+    monkeypatch.setattr(accounts, "billing_currency_change_check", check_then_let_the_credit_in)
+
+    def credit():
+        assert checked.wait(10)
+        credit_issue(organization=org, amount=Decimal("5.00"), reason="goodwill",
+                     created_by=None, currency="usd")  # fmt: skip
+
+    def choose_yen():
+        accounts.billing_settings_update(organization=org, currency="jpy", any_currency=True)
+
+    outcomes = run_together(choose_yen, credit)
+
+    assert outcomes == ["ok", "currency_mismatch"], outcomes
+    assert BillingAccount.objects.get(organization=org).currency == "jpy"
+    assert not LedgerEntry.objects.filter(organization=org).exists()
+
+
 def test_amounts_left_as_shown_become_the_new_currencys_defaults(org, owner_client, euros):
     """The page showed the dollar defaults (50.00 and 100.00) and they were sent back as they
     were: the euro defaults (43.00 and 86.00), not 50 and 100 euros; a changed one is kept."""
