@@ -3,7 +3,8 @@
 Tables by default, `--json` for scripts. Exit codes (docs/integrators.md):
 0 done · 1 other API error · 2 bad usage or invalid request · 3 not authenticated or not
 allowed · 4 not found · 5 conflict (state, capacity) · 6 payment required · 7 rate limited ·
-8 the API could not be reached · 130 interrupted (Ctrl-C) · 141 the output's reader went away.
+8 the API could not be reached · 9 a wait timed out · 130 interrupted (Ctrl-C) · 141 the
+output's reader went away.
 """
 
 import json
@@ -33,6 +34,7 @@ EXIT_CODES = {
     errors.PaymentError: 6,
     errors.RateLimitError: 7,
     errors.APIConnectionError: 8,
+    errors.WaitTimeoutError: 9,
 }
 
 
@@ -326,6 +328,15 @@ LIMIT = click.IntRange(min=1)
 
 RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts_at", "ends_at",
                        "total", "currency"]  # fmt: skip
+# A reservation waited for: what to connect with.
+WAITED_COLUMNS = [*RESERVATION_COLUMNS, "status_reason", "connection.host", "connection.ssh_port"]
+
+
+def wait_options(f):
+    f = click.option("--interval", type=click.FloatRange(min=1), default=5.0, show_default=True,
+                     help="Seconds between polls.")(f)  # fmt: skip
+    return click.option("--timeout", type=click.FloatRange(min=0), default=900.0,
+                        show_default=True, help="Seconds to wait at most; then exit 9.")(f)  # fmt: skip
 
 
 @main.command()
@@ -335,9 +346,13 @@ RESERVATION_COLUMNS = ["id", "status", "gpu_model", "gpu_count", "site", "starts
 @click.option("--max-price", help="Per GPU-hour: refuse a booking priced above it.")
 @click.option("--ssh-key-id", "ssh_key_ids", multiple=True, help="ssh_…, repeatable.")
 @click.option("--image")
+@click.option("--wait", "wait_active", is_flag=True,
+              help="Then wait until it is active (see `switchyard wait`).")  # fmt: skip
+@wait_options
 @click.pass_obj
 def reserve(state, quote_id, listing_id, gpu_model, gpu_count, start, hours, end, region, site,
-            tier, term, min_reliability, max_price, ssh_key_ids, image):  # fmt: skip
+            tier, term, min_reliability, max_price, ssh_key_ids, image, wait_active, timeout,
+            interval):  # fmt: skip
     """Reserve GPUs: from a quote, from a resale listing, or directly."""
     if quote_id:
         body = {"quote": quote_id}
@@ -360,7 +375,43 @@ def reserve(state, quote_id, listing_id, gpu_model, gpu_count, start, hours, end
     if image:
         body["workload"] = {"image": image}
     result = state.client.reservations.create(**{k: v for k, v in body.items() if v is not None})
+    if wait_active:
+        # Booked whatever happens next: say so first, so an interrupted wait leaves its id.
+        err_console.print(f"Reserved {escape(result.id)}.", highlight=False)
+        result = _wait(state, result.id, "active", timeout, interval)
+        _out(state, result, WAITED_COLUMNS, "Reservation")
+        return
     _out(state, result, RESERVATION_COLUMNS, "Reservation")
+
+
+@main.command()
+@click.argument("reservation_id")
+@click.option("--for", "until", type=click.Choice(["active", "ended"]), default="active",
+              show_default=True,
+              help="active; or ended: completed, cancelled, failed or preempted.")  # fmt: skip
+@wait_options
+@click.pass_obj
+def wait(state, reservation_id, until, timeout, interval):
+    """Wait until a reservation is active (or has ended), then show it."""
+    _out(state, _wait(state, reservation_id, until, timeout, interval), WAITED_COLUMNS,
+         "Reservation")  # fmt: skip
+
+
+def _wait(state, reservation_id: str, until: str, timeout: float, interval: float):
+    """Poll the reservation, telling each status seen on stderr. Ending before it is active
+    exits 5 (a state conflict) and the timeout 9, each with the last status on stderr."""
+
+    def seen(reservation) -> None:
+        reason = f" ({reservation.status_reason})" if reservation.get("status_reason") else ""
+        err_console.print(
+            f"{escape(reservation_id)} is {escape(str(reservation.status))}{escape(reason)}.",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    return state.client.reservations.wait(
+        reservation_id, until=until, timeout=timeout, interval=interval, on_status=seen
+    )
 
 
 @main.command("list")
@@ -711,3 +762,101 @@ def usage_export(state, since, until, ledger, output):
         out = sys.stdout.buffer
         for chunk in chunks:
             out.write(chunk)
+
+
+@main.group("ssh-keys")
+def ssh_keys():
+    """The organisation's SSH public keys (put on the machines it reserves)."""
+
+
+SSH_KEY_COLUMNS = ["id", "name", "fingerprint", "created_at"]
+
+
+@ssh_keys.command("list")
+@click.pass_obj
+def ssh_keys_list(state):
+    """Every saved key; pass their ids to `reserve --ssh-key-id`."""
+    _out(state, list(state.client.ssh_keys.list()), SSH_KEY_COLUMNS, "SSH keys")
+
+
+@ssh_keys.command("add")
+@click.argument("public_key_file", type=click.File("r", encoding="utf-8", errors="strict"))
+@click.option("--name", help="Default: the key's comment, else the file's name.")
+@click.pass_obj
+def ssh_keys_add(state, public_key_file, name):
+    """Save a public key from a file (`-` for standard input), e.g. ~/.ssh/id_ed25519.pub."""
+    try:
+        text = public_key_file.read(64 * 1024).strip()
+    except UnicodeDecodeError:
+        raise click.BadParameter(
+            "is not text; give the public key (.pub), not the private one.",
+            param_hint="PUBLIC_KEY_FILE",
+        ) from None
+    if "PRIVATE KEY" in text:
+        # Never sent anywhere: the API would refuse it, but only after it had crossed the wire.
+        raise click.BadParameter(
+            "is a private key; give its public half (the .pub file).",
+            param_hint="PUBLIC_KEY_FILE",
+        )
+    if not name:
+        parts = text.split(None, 2)
+        name = parts[2] if len(parts) == 3 else Path(public_key_file.name).name
+    result = state.client.ssh_keys.create(name=name[:100], public_key=text)
+    _out(state, result, SSH_KEY_COLUMNS, "SSH key")
+
+
+@ssh_keys.command("delete")
+@click.argument("ssh_key_id")
+@click.pass_obj
+def ssh_keys_delete(state, ssh_key_id):
+    """Delete a key (machines already running keep it until they end)."""
+    state.client.ssh_keys.delete(ssh_key_id)
+    err_console.print(f"Deleted {escape(ssh_key_id)}.", highlight=False)
+
+
+@main.group()
+def billing():
+    """Balance, ledger, invoices and top-ups."""
+
+
+BALANCE_COLUMNS = ["currency", "mode", "balance", "accrued", "held", "available",
+                   "funding_state", "grace_until", "invoice_past_due", "bookings_refused_from",
+                   "auto_recharge_enabled", "spent_this_month",
+                   "monthly_spend_limit"]  # fmt: skip
+
+
+@billing.command("balance")
+@click.pass_obj
+def billing_balance(state):
+    """What the organisation has, owes and holds, and whether it may book."""
+    _out(state, state.client.billing.balance(), BALANCE_COLUMNS, "Balance")
+
+
+@billing.command("ledger")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most this many.")
+@click.pass_obj
+def billing_ledger(state, limit):
+    """Ledger lines, newest first (`usage export --ledger` for a whole period as CSV)."""
+    rows = _first(state.client.billing.ledger(), limit)
+    _out(state, rows, ["id", "created_at", "kind", "amount", "currency", "reservation",
+                       "description"], "Ledger")  # fmt: skip
+
+
+@billing.command("invoices")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most this many.")
+@click.pass_obj
+def billing_invoices(state, limit):
+    """Invoices (postpaid), newest first, with the page to pay each."""
+    rows = _first(state.client.billing.invoices(), limit)
+    _out(state, rows, ["id", "status", "period_start", "period_end", "amount_due", "amount_paid",
+                       "currency", "past_due", "hosted_invoice_url"],
+         "Invoices")  # fmt: skip
+
+
+@billing.command("top-up")
+@click.argument("amount")
+@click.pass_obj
+def billing_top_up(state, amount):
+    """Charge the default card AMOUNT (e.g. 100.00) into the prepaid balance."""
+    _out(state, state.client.billing.top_up(amount=amount), ["id", "status", "amount",
+         "currency", "automatic", "failure_reason", "created_at"], "Top-up")  # fmt: skip

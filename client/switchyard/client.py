@@ -30,6 +30,8 @@ from switchyard.errors import (
     APIConnectionError,
     APIError,
     AuthenticationError,
+    ReservationEndedError,
+    WaitTimeoutError,
     error_from_response,
 )
 from switchyard.models import (
@@ -335,6 +337,13 @@ class _Quotes(_Resource):
         return self._get(f"quotes/{quote_id}", Quote)
 
 
+# What Reservations.wait waits for, by its `until`.
+_ENDED = frozenset({"completed", "cancelled", "failed", "preempted"})
+WAIT_UNTIL: dict[str, frozenset[str]] = {"active": frozenset({"active"}), "ended": _ENDED}
+# Statuses from which a reservation does not become active again.
+_NEVER_ACTIVE = _ENDED | {"releasing"}
+
+
 class _Reservations(_Resource):
     def list(self, **filters) -> Iterator[Reservation]:
         return self._list("reservations", Reservation, **filters)
@@ -378,6 +387,53 @@ class _Reservations(_Resource):
 
     def telemetry(self, reservation_id: str, **params) -> ApiObject:
         return self._get(f"reservations/{reservation_id}/telemetry", **params)
+
+    def wait(
+        self,
+        reservation_id: str,
+        *,
+        until: str = "active",
+        timeout: float = 900.0,
+        interval: float = 5.0,
+        on_status=None,
+    ) -> Reservation:
+        """Poll until the reservation is active (until="active") or has ended (until="ended":
+        completed, cancelled, failed or preempted), and return it. `on_status(reservation)`
+        is called each time the status seen changes, the first one included.
+
+        ReservationEndedError (a ConflictError) when it ends before it is active;
+        WaitTimeoutError when `timeout` seconds pass first. Both carry the last reservation
+        seen. Each poll is a GET, retried by the client like any other."""
+        if until not in WAIT_UNTIL:
+            raise ValueError(f"until must be one of {', '.join(WAIT_UNTIL)}, not {until!r}.")
+        deadline = time.monotonic() + timeout
+        seen = None
+        while True:
+            reservation = self.retrieve(reservation_id)
+            if reservation.status != seen:
+                seen = reservation.status
+                if on_status is not None:
+                    on_status(reservation)
+            if reservation.status in WAIT_UNTIL[until]:
+                return reservation
+            if until == "active" and reservation.status in _NEVER_ACTIVE:
+                reason = f" ({reservation.status_reason})" if reservation.status_reason else ""
+                exc = ReservationEndedError(
+                    f"{reservation_id} is {reservation.status}{reason}; it will not become active.",
+                    code="reservation_ended",
+                )
+                exc.reservation = reservation
+                raise exc
+            left = deadline - time.monotonic()
+            if left <= 0:
+                exc = WaitTimeoutError(
+                    f"{reservation_id} is still {reservation.status} after {timeout:g} s "
+                    f"(it starts at {reservation.starts_at}).",
+                    code="wait_timeout",
+                )
+                exc.reservation = reservation
+                raise exc
+            time.sleep(min(interval, left))
 
 
 class _ApiKeys(_Resource):

@@ -18,6 +18,8 @@ __all__ = [
     "ConflictError",
     "RateLimitError",
     "PaymentError",
+    "ReservationEndedError",
+    "WaitTimeoutError",
     "error_from_response",
 ]
 
@@ -85,6 +87,19 @@ class RateLimitError(SwitchyardError):
 
 class PaymentError(SwitchyardError):
     """payment_error: balance or spend limit (402)."""
+
+
+class ReservationEndedError(ConflictError):
+    """Reservations.wait: the reservation ended (failed, cancelled, preempted, completed) before
+    it reached the status waited for. `reservation` is the last one seen."""
+
+    reservation: Any = None
+
+
+class WaitTimeoutError(SwitchyardError):
+    """Reservations.wait: the timeout passed first. `reservation` is the last one seen."""
+
+    reservation: Any = None
 
 
 _BY_TYPE: dict[str, type[SwitchyardError]] = {

@@ -742,3 +742,141 @@ def test_events_tail_stops_on_what_retrying_cannot_mend(world, cli, monkeypatch)
     assert unknown.exit_code == 4 and "retrying" not in unknown.stderr
     once = cli("--base-url", "http://127.0.0.1:9", "events", "tail", "--once")
     assert once.exit_code == 8 and "retrying" not in once.stderr
+
+
+def _moves_on_each_poll(reservation_id: str, statuses: list[str], monkeypatch) -> None:
+    """The wait's sleeps, in the CLI's thread, move the reservation through `statuses`, as the
+    provisioning worker would between two polls (the live server's threads sleep as before)."""
+    import switchyard.client
+
+    main_thread, real_sleep, todo = threading.main_thread(), time.sleep, list(statuses)
+
+    def sleep(seconds):
+        if threading.current_thread() is not main_thread:
+            return real_sleep(seconds)
+        if todo:
+            row = Reservation.objects.get(public_id=reservation_id)
+            to_status = todo.pop(0)
+            cause = "disk full" if to_status == ReservationStatus.FAILED else "by the worker"
+            row = reservation_transition(reservation=row, to_status=to_status, cause=cause,
+                                         actor_label="t")  # fmt: skip
+            if row.status == ReservationStatus.PROVISIONING:
+                Reservation.objects.filter(pk=row.pk).update(
+                    connection={"host": "203.0.113.9", "ssh_port": 2222, "ports": {}}
+                )
+
+    monkeypatch.setattr(switchyard.client.time, "sleep", sleep)
+
+
+def test_reserve_wait_waits_until_active_telling_each_status(world, cli, monkeypatch):
+    from marketplace.services import reservations
+
+    booked = []
+    original = reservations.reservation_create
+
+    def remember(**kwargs):
+        booked.append(original(**kwargs))
+        _moves_on_each_poll(booked[0].public_id, ["provisioning", "active"], monkeypatch)
+        return booked[0]
+
+    monkeypatch.setattr(reservations, "reservation_create", remember)
+    monkeypatch.setattr("marketplace.apis.reservations.reservation_create", remember)
+    result = cli(
+        "--json",
+        "reserve",
+        "--gpu-model",
+        "h100-sxm-80gb",
+        "--count",
+        1,
+        "--hours",
+        2,
+        "--wait",
+        "--interval",
+        1,
+    )  # fmt: skip (starts now: scheduled)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    rid = booked[0].public_id
+    assert (shown["id"], shown["status"]) == (rid, "active")
+    assert shown["connection"]["ssh_port"] == 2222
+    assert result.stderr.splitlines() == [
+        f"Reserved {rid}.",
+        f"{rid} is scheduled.",
+        f"{rid} is provisioning (by the worker).",
+        f"{rid} is active (by the worker).",
+    ]
+
+
+def test_wait_exits_5_when_it_ends_first_and_9_when_the_timeout_passes(world, cli, monkeypatch):
+    later = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                           "--start", _start(), "--hours", 1).output)  # fmt: skip
+    timed_out = cli("wait", later["id"], "--timeout", 0)
+    assert timed_out.exit_code == 9
+    assert timed_out.stdout == ""
+    assert f"still pending after 0 s (it starts at {later['starts_at']})" in timed_out.stderr
+
+    now = json.loads(cli("--json", "reserve", "--gpu-model", "h100-sxm-80gb", "--count", 1,
+                         "--hours", 1).output)  # fmt: skip
+    _moves_on_each_poll(now["id"], ["provisioning", "failed"], monkeypatch)
+    failed = cli("wait", now["id"], "--interval", 1)
+    assert failed.exit_code == 5  # a state conflict, as `ssh` before it is active
+    assert f"{now['id']} is failed (disk full); it will not become active." in failed.stderr
+
+    assert cli("cancel", later["id"]).exit_code == 0
+    ended = cli("--json", "wait", later["id"], "--for", "ended")
+    assert ended.exit_code == 0 and json.loads(ended.stdout)["status"] == "cancelled"
+    assert cli("wait", later["id"], "--for", "running").exit_code == 2
+    assert cli("wait", later["id"], "--interval", 0).exit_code == 2
+
+
+def test_ssh_keys_add_list_and_delete_and_a_private_key_is_never_sent(world, cli, tmp_path):
+    from marketplace.models import SshKey
+    from tests.marketplace.ssh_key_helpers import key_bytes, ssh_key
+
+    public = tmp_path / "id_ed25519.pub"
+    public.write_text(ssh_key(body=key_bytes(3)).replace("dev@laptop", "ada@laptop") + "\n")
+    added = cli("--json", "ssh-keys", "add", public)
+    assert added.exit_code == 0, added.output
+    key = json.loads(added.stdout)
+    assert key["name"] == "ada@laptop" and key["fingerprint"].startswith("SHA256:")
+    named = cli("--json", "ssh-keys", "add", "--name", "ci", "-", input=ssh_key(body=key_bytes(4)))
+    assert json.loads(named.stdout)["name"] == "ci"
+    listed = cli("ssh-keys", "list")
+    assert key["id"] in listed.stdout and "ada@laptop" in listed.stdout
+
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+                       "-----END OPENSSH PRIVATE KEY-----\n")  # fmt: skip
+    refused = cli("ssh-keys", "add", private)
+    assert refused.exit_code == 2 and "is a private key" in refused.output
+    binary = tmp_path / "key.der"
+    binary.write_bytes(b"\x30\x82\xff\xfe")
+    assert cli("ssh-keys", "add", binary).exit_code == 2
+    assert SshKey.objects.count() == 2
+
+    assert cli("ssh-keys", "delete", key["id"]).exit_code == 0
+    assert [k["id"] for k in json.loads(cli("--json", "ssh-keys", "list").stdout)] == [
+        json.loads(named.stdout)["id"]
+    ]
+    assert cli("ssh-keys", "delete", key["id"]).exit_code == 4
+
+
+def test_billing_balance_ledger_and_invoices_and_a_top_up_needs_the_billing_scope(world, cli):
+    from billing.services.ledger import ledger_entry_add
+
+    balance = json.loads(cli("--json", "billing", "balance").stdout)
+    assert balance["currency"] == "usd" and "available" in balance
+    table = cli("billing", "balance")
+    assert table.exit_code == 0 and "funding_state" in table.stdout
+    for n in range(3):
+        ledger_entry_add(organization=world.org, kind="credit", amount_minor=100 * (n + 1),
+                         currency="usd", idempotency_key=f"cli-{n}", description=f"goodwill {n}")  # fmt: skip
+    ledger = cli("--json", "billing", "ledger", "--limit", 2)
+    assert [(r["amount"], r["description"]) for r in json.loads(ledger.stdout)] == [
+        ("3.00", "goodwill 2"),
+        ("2.00", "goodwill 1"),
+    ]  # newest first
+    assert "there are more" in ledger.stderr
+    assert json.loads(cli("--json", "billing", "invoices").stdout) == []
+    refused = cli("billing", "top-up", "25.00")
+    assert refused.exit_code == 3 and "insufficient_scope" in refused.stderr

@@ -523,3 +523,32 @@ def test_a_malformed_key_or_base_url_is_refused_before_anything_is_sent():
         with pytest.raises(ValueError, match="base URL"):
             Client(api_key="k", base_url=url, transport=transport)
     assert sent == []
+
+
+def test_wait_returns_once_active_and_stops_on_an_end_that_is_not_active(monkeypatch):
+    """Each poll is a GET; a reservation that stops before it was active (releasing) ends the
+    wait at once, with the last reservation seen."""
+    from switchyard.errors import ReservationEndedError
+
+    answers = iter(["scheduled", "scheduled", "provisioning", "active"])
+    polls = []
+
+    def answer(request):
+        polls.append((request.method, request.url.path))
+        status = next(answers)
+        return httpx.Response(200, json={"id": "res_1", "status": status, "status_reason": ""})
+
+    monkeypatch.setattr("switchyard.client.time.sleep", lambda seconds: None)
+    sy = Client(api_key="k", transport=httpx.MockTransport(answer))
+    seen = []
+    waited = sy.reservations.wait("res_1", on_status=lambda r: seen.append(r.status))
+    assert waited.status == "active"
+    assert seen == ["scheduled", "provisioning", "active"]  # each change once
+    assert polls == [("GET", "/api/v1/reservations/res_1")] * 4
+
+    answers = iter(["provisioning", "releasing"])
+    with pytest.raises(ReservationEndedError) as ended:
+        sy.reservations.wait("res_1")
+    assert isinstance(ended.value, ConflictError) and ended.value.reservation.status == "releasing"
+    with pytest.raises(ValueError, match="until must be one of active, ended"):
+        sy.reservations.wait("res_1", until="running")
