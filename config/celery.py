@@ -31,6 +31,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # documents CELERY_VISIBILITY_TIMEOUT_SECONDS; tasks are idempotent, so an early copy is harmless).
 # Read here through config.env as settings.py reads them: this module loads before settings.
 _VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 600, minimum=1)
+# Seconds a broker command may wait for Redis, as /readyz's probe does (config/health.py).
+# Above kombu's BRPOP timeout (1 s), so an idle worker's poll is answered before it.
+_BROKER_SOCKET_TIMEOUT = 2
 
 
 def task_route(name: str) -> dict:
@@ -68,6 +71,12 @@ app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
     broker_transport_options={
+        # kombu passes no socket timeout to redis-py (None: wait for ever), so a Redis that
+        # hangs (stopped, or cut off without a reset) would hold every publish, and the
+        # request or task sending it, until it came back. With a bound a send fails in
+        # seconds (task_send's retries included) and the sweepers re-drive the work.
+        "socket_timeout": _BROKER_SOCKET_TIMEOUT,
+        "socket_connect_timeout": _BROKER_SOCKET_TIMEOUT,
         "visibility_timeout": _VISIBILITY_TIMEOUT,
         # kombu scans for expired unacknowledged messages every interval × throttle seconds
         # (100 s by default); keep that well below the visibility timeout.

@@ -2,18 +2,24 @@
 a 500. The services are really stopped: a throwaway redis-server of this test's own, and
 PostgreSQL through a closed port (the shared servers other tests use are left alone)."""
 
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 from django.db import connection
 
 from config.api import throttling
+from config.celery import task_send
+from marketplace.mail import MAIL_RETRY, mail_send
 from marketplace.models import ApiKeyScope, Role
+from marketplace.provisioning.kicks import PROVISION_TASK
 from marketplace.services.api_keys import api_key_create
 from tests.clients import HttpsClient
 from tests.factories import MembershipFactory
+from tests.provisioning_support import broker_url_for_this_process
 
 
 def _free_port() -> int:
@@ -182,3 +188,69 @@ def test_the_limiter_follows_the_cache_when_its_location_changes(settings, monke
 
     assert throttling.fixed_window_count("follow", period=60, now=now) is not None
     assert throttling.outage.since is None  # the shared Redis answered: no outage
+
+
+# --- Redis that hangs: stopped (SIGSTOP), or cut off without a reset -------------------------
+# The kernel still completes the TCP handshake and takes what is sent; nothing ever answers.
+# A caller must give up within seconds, as with a Redis that refuses connections: the cache
+# has redis-py's own socket timeout, the broker (kombu passes None) the one config/celery.py sets.
+
+HUNG_REDIS_BOUND_SECONDS = 10
+
+
+@pytest.fixture
+def hung_redis():
+    server = ThrowawayRedis()
+    server.start()
+    server.process.send_signal(signal.SIGSTOP)
+    yield server
+    server.process.send_signal(signal.SIGCONT)  # lets a caller still waiting on it finish
+    server.stop()
+
+
+def _finishes_within(seconds: float, call):
+    """(True, its result) if `call` returned within `seconds`, else (False, None)."""
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), outcome.get("result")
+
+
+def test_with_redis_hung_sending_a_task_gives_up_within_seconds(hung_redis, caplog):
+    caplog.set_level("WARNING", logger="config.celery")
+    with broker_url_for_this_process(f"redis://127.0.0.1:{hung_redis.port}/0"):
+        finished, sent = _finishes_within(
+            HUNG_REDIS_BOUND_SECONDS,
+            lambda: task_send(PROVISION_TASK, [1], about="reservation 1", then="(swept)"),
+        )
+
+    assert finished, "a publish to a hung broker must not wait for ever"
+    assert sent is False
+    assert any(m.startswith(f"could not enqueue {PROVISION_TASK}") for m in caplog.messages)
+
+
+def test_with_the_mail_server_hung_a_send_gives_up_and_is_left_to_the_retries(settings):
+    # A mail server that accepts the connection and never greets (hung, or a firewall that
+    # swallows the session): the kernel completes the handshake on the listening socket.
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", hung.getsockname()[1]
+    settings.EMAIL_USE_TLS = False
+
+    def send():
+        try:
+            mail_send("Hi", "Body", ["a@example.com"])  # one try, as a worker runs it
+        except MAIL_RETRY["autoretry_for"] as exc:
+            return exc
+
+    try:
+        finished, raised = _finishes_within(30, send)
+    finally:
+        hung.close()  # resets the waiting connection: a send still waiting ends
+
+    assert finished, "a send to a mail server that never answers must not wait for ever"
+    assert isinstance(raised, MAIL_RETRY["autoretry_for"])  # so the task retries it
+    assert "timed out" in str(raised)
