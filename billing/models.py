@@ -127,7 +127,11 @@ class LedgerKind(models.TextChoices):
     USAGE = "usage", "Usage"
     RESERVED_CHARGE = "reserved_charge", "Reserved-term charge"
     TOP_UP = "top_up", "Top-up"
+    # A staff (goodwill) credit. A reserved term's money given back for time it did not get
+    # (cancelled, failed, curtailed by force, a resold window returned) is a term_refund: an
+    # accountant reads them apart in every view (statement, CSV, API, admin).
     CREDIT = "credit", "Credit"
+    TERM_REFUND = "term_refund", "Reserved-term refund"
     SLA_CREDIT = "sla_credit", "SLA credit"
     REFUND = "refund", "Refund"
     ADJUSTMENT = "adjustment", "Adjustment"

@@ -708,6 +708,7 @@ STATEMENT_KIND_LABELS = {
     "usage": "Usage",
     "reserved_charge": "Reserved terms",
     "credit": "Credits",
+    "term_refund": "Reserved-term refunds (time not delivered)",
     "sla_credit": "SLA credits",
     "refund": "Refunds to your card",
     "adjustment": "Adjustments",

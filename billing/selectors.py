@@ -66,10 +66,10 @@ CHARGE_KINDS = (LedgerKind.USAGE, LedgerKind.RESERVED_CHARGE)
 # The key of the credit that gives back what a cancelled reserved term was charged for the time
 # it will not run (billing.services.credits.cancellation_settle): a charge undone, not a gift.
 CANCELLATION_REFUND_KEY = "cancel:"
-# The keys of the credits that give a reserved term's undelivered time back: its cancellation
-# (or failure) refund and a forced grid curtailment's refund ("curtail:<id>:refund"; the SLA
-# credit of that curtailment is an sla_credit line, not a credit).
-GIVEN_BACK_KEYS = (CANCELLATION_REFUND_KEY, "curtail:")
+# A charge and what undid one: a reserved term's refund for undelivered time (its cancellation
+# or failure, a forced grid curtailment, a resold window returned after it ended). SLA and
+# staff credits are not among them.
+CHARGE_OR_UNDONE_KINDS = (*CHARGE_KINDS, LedgerKind.TERM_REFUND)
 
 
 def balance_minor(*, organization: Organization) -> int:
@@ -87,11 +87,7 @@ def spend_minor(
     """What was charged (usage and reserved terms, net of usage corrections and of what a
     cancelled, failed or force-curtailed term gave back for time it did not get) in
     [since, until); credits (SLA, goodwill) do not lower it."""
-    given_back = Q()
-    for prefix in GIVEN_BACK_KEYS:
-        given_back |= Q(idempotency_key__startswith=prefix)
-    charges = Q(kind__in=CHARGE_KINDS) | (Q(kind=LedgerKind.CREDIT) & given_back)
-    filters = Q(organization=organization, created_at__gte=since) & charges
+    filters = Q(organization=organization, created_at__gte=since, kind__in=CHARGE_OR_UNDONE_KINDS)
     if until is not None:
         filters &= Q(created_at__lt=until)
     total = LedgerEntry.objects.filter(filters).aggregate(total=Coalesce(Sum("amount_minor"), 0))
@@ -485,9 +481,7 @@ def _is_charge_or_undone(entry: LedgerEntry) -> bool:
     """A charge (usage, a reserved term) or a credit that undid one (a term's refund for time it
     did not get): the lines a reservation's figure on a statement nets, as spend_minor does, so a
     term cancelled with a full refund is not shown as charged."""
-    if entry.kind in CHARGE_KINDS:
-        return True
-    return entry.kind == LedgerKind.CREDIT and entry.idempotency_key.startswith(GIVEN_BACK_KEYS)
+    return entry.kind in CHARGE_OR_UNDONE_KINDS
 
 
 def statement_opening_minor(*, organization: Organization, month: date) -> int:
@@ -553,12 +547,14 @@ def ledger_totals_by_kind(
 
 
 def spend_by_day_and_model(*, organization: Organization, since: date, until: date) -> list[dict]:
-    """Charges (usage and reserved terms, net of corrections) per UTC day and GPU model in
-    [since, until), positive minor units: {day, gpu_model, currency, amount_minor}."""
+    """Charges (usage and reserved terms, net of corrections and of what a term gave back for
+    time it did not get, as spend_minor counts them) per UTC day and GPU model in [since, until),
+    minor units, positive as charged (a refund on a later day than its charge is negative
+    there): {day, gpu_model, currency, amount_minor}."""
     rows = (
         LedgerEntry.objects.filter(
             organization=organization,
-            kind__in=CHARGE_KINDS,
+            kind__in=CHARGE_OR_UNDONE_KINDS,
             created_at__date__gte=since,
             created_at__date__lt=until,
         )

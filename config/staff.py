@@ -37,6 +37,7 @@ MONEY_LINES = [
     ("Top-ups", (LedgerKind.TOP_UP,), 1),
     ("Refunds", (LedgerKind.REFUND,), -1),
     ("Credits (goodwill and SLA)", (LedgerKind.CREDIT, LedgerKind.SLA_CREDIT), 1),
+    ("Reserved-term refunds (time not delivered)", (LedgerKind.TERM_REFUND,), 1),
     ("Adjustments", (LedgerKind.ADJUSTMENT,), 1),
     # Part of the revenue above is resold time: paid on to its sellers, less the fee kept.
     ("Resale: paid to sellers", (LedgerKind.RESALE_PROCEEDS,), 1),

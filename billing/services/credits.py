@@ -436,7 +436,7 @@ def cancellation_settle(*, reservation_id: int) -> LedgerEntry | None:
         return None
     entry, created = ledger_entry_add(
         organization=reservation.organization,
-        kind=LedgerKind.CREDIT,
+        kind=LedgerKind.TERM_REFUND,
         amount_minor=amount_minor,
         currency=reservation.currency,
         idempotency_key=f"{CANCELLATION_REFUND_KEY}{reservation.pk}",
@@ -503,7 +503,7 @@ def resale_window_return_refund(
         return None
     entry, created = ledger_entry_add(
         organization=seller.organization,
-        kind=LedgerKind.CREDIT,
+        kind=LedgerKind.TERM_REFUND,
         amount_minor=amount_minor,
         currency=seller.currency,
         idempotency_key=f"resale-return:{listing_id}",
@@ -591,7 +591,7 @@ def curtailment_forced_credit_issue(*, reservation_id: int) -> list[LedgerEntry]
         if refund_minor > 0:
             entry, created = ledger_entry_add(
                 organization=reservation.organization,
-                kind=LedgerKind.CREDIT,
+                kind=LedgerKind.TERM_REFUND,
                 amount_minor=refund_minor,
                 currency=reservation.currency,
                 idempotency_key=f"curtail:{reservation.pk}:refund",

@@ -16,6 +16,7 @@ _SIGN = {
     LedgerKind.REFUND: -1,
     LedgerKind.TOP_UP: 1,
     LedgerKind.CREDIT: 1,
+    LedgerKind.TERM_REFUND: 1,
     LedgerKind.SLA_CREDIT: 1,
 }
 

@@ -177,8 +177,8 @@ def test_the_statement_shows_a_cancelled_term_charged_what_it_kept_as_the_api_do
         f'<td>{full.public_id}</td><td class="num">0.00</td><td class="num">0.00 USD</td>' in page
     )
     assert client.get("/api/v1/billing/balance").json()["spent_this_month"] == "478.80"
-    # The ledger's lines and totals by kind are as written: both charges, both refunds.
+    # The ledger's lines and totals by kind are as written: both charges, both refunds, and the
+    # refunds apart from the goodwill credit that funded the account.
     assert body["totals"]["reserved_charge"] == "-1915.20"
-    assert body["totals"]["credit"] == str(
-        Decimal("5000.00") + Decimal("957.60") + Decimal("478.80")
-    )
+    assert body["totals"]["term_refund"] == str(Decimal("957.60") + Decimal("478.80"))
+    assert body["totals"]["credit"] == "5000.00"

@@ -119,7 +119,7 @@ def test_cancelling_a_reserved_term_credits_the_stated_refund_once(org):
 
     assert first.amount_minor == 25000 and second is None
     assert sorted(LedgerEntry.objects.values_list("kind", "amount_minor")) == [
-        (LedgerKind.CREDIT, 25000), (LedgerKind.RESERVED_CHARGE, -50000)
+        (LedgerKind.RESERVED_CHARGE, -50000), (LedgerKind.TERM_REFUND, 25000)
     ]  # fmt: skip
     assert balance_minor(organization=org) == -25000  # the fee
 

@@ -54,7 +54,7 @@ def test_a_reserved_term_gets_the_lost_time_back_and_the_sla_credit_on_the_rest(
     curtailment_forced_credit_issue(reservation_id=reserved.pk)
 
     # 6/10 of 200.00 = 120.00 back; uptime 4/10 = 40 % < 95 %: 100 % of the 80.00 delivered.
-    assert _credits(reserved) == {LedgerKind.CREDIT: 12000, LedgerKind.SLA_CREDIT: 8000}
+    assert _credits(reserved) == {LedgerKind.TERM_REFUND: 12000, LedgerKind.SLA_CREDIT: 8000}
     assert curtailment_forced_credits_due(now=T0 + timedelta(hours=5)) == []
     curtailment_forced_credit_issue(reservation_id=reserved.pk)  # once only
     assert LedgerEntry.objects.filter(idempotency_key__startswith="curtail:").count() == 2
@@ -105,7 +105,7 @@ def test_the_metering_run_credits_them(org):
 
     usage_meter_run(now=T0 + timedelta(hours=5))  # within the week after the preemption
 
-    assert _credits(reserved)[LedgerKind.CREDIT] == 12000
+    assert _credits(reserved)[LedgerKind.TERM_REFUND] == 12000
 
 
 def test_a_victim_chosen_weeks_before_its_preemption_is_still_credited(org):

@@ -206,7 +206,7 @@ def test_cancelling_a_reserved_term_with_notice_settles_it_in_the_same_transacti
     assert (hold.status, hold.charged_minor) == (HoldStatus.CHARGED, 39900)
     assert sorted(
         LedgerEntry.objects.filter(reservation=term).values_list("kind", "amount_minor")
-    ) == [("credit", 39900), ("reserved_charge", -39900)]
+    ) == [("reserved_charge", -39900), ("term_refund", 39900)]
     assert money_position(organization_id=org.pk) == (50000, 0, 0)
     # A charge given back is not spent: the month's spend (and its limit) nets it out, where a
     # goodwill credit would not.

@@ -144,7 +144,7 @@ def test_a_term_whose_own_workload_ended_it_gets_nothing_back(org):
 
     assert cancellations_due() == []
     assert cancellation_settle(reservation_id=term.pk) is None
-    assert not LedgerEntry.objects.filter(kind=LedgerKind.CREDIT).exists()
+    assert not LedgerEntry.objects.filter(kind=LedgerKind.TERM_REFUND).exists()
 
 
 MIDNIGHT = datetime(2026, 4, 1, tzinfo=UTC)  # also a month's end

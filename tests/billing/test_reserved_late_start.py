@@ -165,12 +165,12 @@ def test_cancelling_a_term_still_provisioning_3_hours_after_its_start_refunds_th
     at = datetime.fromisoformat(cancelled.cancellation["at"])
     stated = Decimal(cancelled.cancellation["refund_amount"])
     assert cancelled.status == ReservationStatus.CANCELLED and stated == rest_of(term, at)
-    credit = LedgerEntry.objects.get(reservation=term, kind=LedgerKind.CREDIT)
+    credit = LedgerEntry.objects.get(reservation=term, kind=LedgerKind.TERM_REFUND)
     assert (credit.idempotency_key, credit.amount_minor) == (f"cancel:{term.pk}", stated * 100)
     # Settled once: the next run finds nothing to do.
     assert cancellation_settle(reservation_id=term.pk) is None
     assert term.pk not in cancellations_due()
-    assert LedgerEntry.objects.filter(reservation=term, kind=LedgerKind.CREDIT).count() == 1
+    assert LedgerEntry.objects.filter(reservation=term, kind=LedgerKind.TERM_REFUND).count() == 1
 
     # The 3 h it waited are SLA downtime: with the refund, all of the term comes back.
     months = {term.starts_at.date().replace(day=1), at.date().replace(day=1)}
@@ -266,7 +266,7 @@ def test_cancelling_a_term_we_stopped_and_have_not_got_running_again_refunds_the
     cancelled = reservation_cancel(
         reservation=term, actor_label="user:1", expected_refund_fraction=Decimal("1")
     )
-    credit = LedgerEntry.objects.get(reservation=term, kind=LedgerKind.CREDIT)
+    credit = LedgerEntry.objects.get(reservation=term, kind=LedgerKind.TERM_REFUND)
     assert credit.amount_minor == Decimal(cancelled.cancellation["refund_amount"]) * 100 > 0
 
 

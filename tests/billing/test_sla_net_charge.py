@@ -70,8 +70,8 @@ def test_a_failed_term_is_credited_on_what_it_paid_after_its_refund(org):
     # (97.96 %) → 25 % of 96.00, not of 1440.00 (which paid back 264.00 more than was paid).
     assert entry.amount_minor == 2400
     assert _kinds(term) == [
-        (LedgerKind.CREDIT, 134400), (LedgerKind.RESERVED_CHARGE, -144000),
-        (LedgerKind.SLA_CREDIT, 2400),
+        (LedgerKind.RESERVED_CHARGE, -144000), (LedgerKind.SLA_CREDIT, 2400),
+        (LedgerKind.TERM_REFUND, 134400),
     ]  # fmt: skip
     assert balance_minor(organization=org) == -7200
     # April's share of the term is what was given back: nothing paid, nothing credited.
@@ -143,8 +143,8 @@ def test_the_months_sla_credit_does_not_stack_on_the_curtailment_sla_credit(org)
     # 120.00 back for the 6 h lost; 100 % of the 80.00 paid for the rest (uptime 35 %), once.
     assert later is None
     assert _kinds(term) == [
-        (LedgerKind.CREDIT, 12000), (LedgerKind.RESERVED_CHARGE, -20000),
-        (LedgerKind.SLA_CREDIT, 8000),
+        (LedgerKind.RESERVED_CHARGE, -20000), (LedgerKind.SLA_CREDIT, 8000),
+        (LedgerKind.TERM_REFUND, 12000),
     ]  # fmt: skip
     assert balance_minor(organization=org) == 0
 
@@ -160,8 +160,8 @@ def test_the_months_sla_credit_first_settles_the_curtailment_and_gives_the_share
         f"curtail:{term.pk}:sla"
     )
     assert _kinds(term) == [
-        (LedgerKind.CREDIT, 12000), (LedgerKind.RESERVED_CHARGE, -20000),
-        (LedgerKind.SLA_CREDIT, 8000),
+        (LedgerKind.RESERVED_CHARGE, -20000), (LedgerKind.SLA_CREDIT, 8000),
+        (LedgerKind.TERM_REFUND, 12000),
     ]  # fmt: skip
     assert balance_minor(organization=org) == 0
 

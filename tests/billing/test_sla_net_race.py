@@ -79,6 +79,6 @@ def test_the_curtailment_and_the_months_sla_credit_at_once_give_the_share_once(r
     assert sorted(
         LedgerEntry.objects.filter(reservation=term).values_list("kind", "amount_minor")
     ) == [
-        (LedgerKind.CREDIT, 12000), (LedgerKind.RESERVED_CHARGE, -20000),
-        (LedgerKind.SLA_CREDIT, 8000),
+        (LedgerKind.RESERVED_CHARGE, -20000), (LedgerKind.SLA_CREDIT, 8000),
+        (LedgerKind.TERM_REFUND, 12000),
     ]  # fmt: skip

@@ -224,7 +224,7 @@ def test_a_pause_that_commits_while_the_report_is_judged_wins(active, monkeypatc
 def test_a_reserved_terms_exit_says_the_term_was_charged_in_full_and_is_not_refunded():
     r, _node, agent, _ = _active_through_agent(tier="reserved")
     credits_before = LedgerEntry.objects.filter(
-        organization=r.organization, kind=LedgerKind.CREDIT
+        organization=r.organization, kind=LedgerKind.TERM_REFUND
     ).count()
     exited = _container(r, "exited", exit_code=1, finished_at="2026-12-06T10:31:02Z")
 
@@ -240,7 +240,7 @@ def test_a_reserved_terms_exit_says_the_term_was_charged_in_full_and_is_not_refu
     assert not r.cancellation.get("refund_amount")
     assert "not charged" not in r.status_reason
     assert (
-        LedgerEntry.objects.filter(organization=r.organization, kind=LedgerKind.CREDIT).count()
+        LedgerEntry.objects.filter(organization=r.organization, kind=LedgerKind.TERM_REFUND).count()
         == credits_before
     )
 

@@ -157,7 +157,7 @@ def test_past_the_allowed_restarts_within_the_window_the_next_vanish_ends_the_te
         agent.post(REPORT, {"containers": []}, format="json")
         assert _fresh(r).status == S.PROVISIONING
         _back_to_active(r, agent)
-    credits_before = LedgerEntry.objects.filter(reservation=r, kind=LedgerKind.CREDIT).count()
+    credits_before = LedgerEntry.objects.filter(reservation=r, kind=LedgerKind.TERM_REFUND).count()
 
     agent.post(REPORT, {"containers": []}, format="json")
 
@@ -185,7 +185,7 @@ def test_past_the_allowed_restarts_within_the_window_the_next_vanish_ends_the_te
     outages = ReservationOutage.objects.filter(reservation=r).order_by("started_at")
     assert [o.ended_at for o in outages] == backs[1:]
     usage_meter_run()
-    credited = LedgerEntry.objects.filter(reservation=r, kind=LedgerKind.CREDIT)
+    credited = LedgerEntry.objects.filter(reservation=r, kind=LedgerKind.TERM_REFUND)
     assert credited.count() == credits_before + 1
     assert sum(credited.values_list("amount_minor", flat=True)) == round(float(refund) * 100)
 

@@ -170,10 +170,10 @@ def test_with_nowhere_to_go_an_active_reserved_term_ends_and_its_rest_is_refunde
     assert (outage.started_at, outage.ended_at) == (failed_at, r.released_at)
 
     credit = cancellation_settle(reservation_id=r.pk)
-    assert credit.kind == LedgerKind.CREDIT
+    assert credit.kind == LedgerKind.TERM_REFUND
     assert credit.amount_minor == int(refund * 100)
     assert cancellation_settle(reservation_id=r.pk) is None  # once
-    assert LedgerEntry.objects.filter(reservation=r, kind=LedgerKind.CREDIT).count() == 1
+    assert LedgerEntry.objects.filter(reservation=r, kind=LedgerKind.TERM_REFUND).count() == 1
 
 
 def test_with_nowhere_to_go_an_on_demand_reservation_ends_and_is_charged_only_until_the_failure(

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 def _given_back_minor(org) -> int:
     """What the seller got back on its term: refunds and credits, proceeds less fees."""
-    kinds = [LedgerKind.CREDIT, LedgerKind.RESALE_PROCEEDS, LedgerKind.RESALE_FEE]
+    kinds = [LedgerKind.TERM_REFUND, LedgerKind.RESALE_PROCEEDS, LedgerKind.RESALE_FEE]
     entries = LedgerEntry.objects.filter(organization=org, kind__in=kinds).exclude(
         idempotency_key__startswith="fund:"
     )

@@ -69,7 +69,7 @@ def test_a_buyer_giving_time_back_while_the_seller_cancels_ends_one_way_or_the_o
     assert (lst.starts_at, lst.ends_at) == (m.start + 24 * H, m.start + 48 * H)
     unused = Decimal(term.cancellation["unused_amount"])
     assert unused in (full, full - resold)
-    refunded = LedgerEntry.objects.filter(reservation=term, kind=LedgerKind.CREDIT).aggregate(
+    refunded = LedgerEntry.objects.filter(reservation=term, kind=LedgerKind.TERM_REFUND).aggregate(
         s=Sum("amount_minor")
     )["s"]
     assert refunded == int(full * 100)

@@ -271,7 +271,7 @@ def test_a_term_that_ended_meanwhile_gets_no_gpus_back_but_is_refunded_the_windo
     lst = listing(m, gpus=8, start_h=24, hours=24)
     bought = buy(m, lst)
     reservation_cancel(reservation=m.term, actor_label="seller")  # 10 days' notice: 100 %
-    refunds = LedgerEntry.objects.filter(reservation=m.term, kind=LedgerKind.CREDIT)
+    refunds = LedgerEntry.objects.filter(reservation=m.term, kind=LedgerKind.TERM_REFUND)
     assert refunds.aggregate(s=Sum("amount_minor"))["s"] == (
         _unused_before_start(_term(m), sold_gpu_hours=8 * 24) * 100
     )
