@@ -8,12 +8,14 @@ Every action needs a permission to change its model: staff who may only view do 
 """
 
 import re
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.forms import UserChangeForm
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
@@ -36,6 +38,7 @@ from config.errors import ApplicationError
 from inventory.admin import NodeAdmin
 from inventory.models import Node
 from marketplace.models import (
+    LIVE_STATUSES,
     AgentJob,
     Allocation,
     ApiKey,
@@ -78,9 +81,16 @@ from marketplace.services.curtailment import (
 )
 from marketplace.services.organizations import (
     member_staff_change_record,
+    organization_owner_kept_check,
+    organization_suspend,
+    organization_unsuspend,
     user_staff_change_record,
 )
-from marketplace.services.reservations import cancellation_terms, reservation_cancel
+from marketplace.services.reservations import (
+    cancellation_terms,
+    reservation_cancel,
+    reservations_stop_for_suspension,
+)
 from marketplace.services.transitions import reservation_allowed_actions
 from marketplace.services.webhooks import webhook_delivery_resend
 from marketplace.templatetags.portal_format import money
@@ -107,7 +117,8 @@ class ProvisioningRecordAdmin(ReadOnlyAdmin):
 
 
 class MembershipFormSet(BaseInlineFormSet):
-    """Staff keep the portal's rule: an organisation with members keeps an owner."""
+    """Staff keep the portal's rule: an organisation with members keeps an owner whose account
+    is active (checked again under the owner locks once saved: organization_owner_kept_check)."""
 
     def clean(self):
         super().clean()
@@ -116,9 +127,13 @@ class MembershipFormSet(BaseInlineFormSet):
             for form in self.forms
             if form.cleaned_data and not form.cleaned_data.get("DELETE")
         ]
-        if kept and not any(data.get("role") == Role.OWNER for data in kept):
+        if kept and not any(
+            data.get("role") == Role.OWNER and data.get("user") and data["user"].is_active
+            for data in kept
+        ):
             raise forms.ValidationError(
-                "An organisation keeps at least one owner: make someone else owner first."
+                "An organisation keeps at least one owner with an active account: make another "
+                "member owner first."
             )
 
 
@@ -157,13 +172,105 @@ class OrganizationForm(forms.ModelForm):
             raise forms.ValidationError(exc.message) from None
 
 
+class SuspendedFilter(admin.SimpleListFilter):
+    title = "suspended"
+    parameter_name = "suspended"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Suspended"), ("no", "Not suspended")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(suspended_at__isnull=self.value() == "no")
+        return queryset
+
+
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
     form = OrganizationForm
-    list_display = ["name", "slug", "public_id", "created_at"]
+    list_display = ["name", "slug", "public_id", "created_at", "suspended_at"]
+    list_filter = [SuspendedFilter]
     search_fields = ["name", "slug", "public_id"]
-    readonly_fields = ["public_id", "created_at"]
+    readonly_fields = ["public_id", "created_at", "suspended_at", "suspension_reason"]
     inlines = [MembershipInline]
+    actions = ["suspend", "unsuspend"]
+
+    @admin.action(description="Suspend selected organisations…", permissions=["change"])
+    def suspend(self, request: HttpRequest, queryset: QuerySet) -> TemplateResponse | None:
+        """First a page with each organisation's live reservations, a reason (the customer
+        reads it) and what happens to its running reservations; nothing changes until staff
+        confirm it there."""
+        reason = " ".join((request.POST.get("reason") or "").split())
+        running = request.POST.get("running")
+        if request.POST.get("confirmed") != "yes" or not reason or running not in ("keep", "stop"):
+            return self._suspend_confirm(request, queryset, reason=reason, running=running)
+        actor = f"staff:{request.user.get_username()}"
+        for organization in queryset.order_by("pk"):
+            # Suspended already: its first reason stands; its work is still stopped if asked
+            # (staff who kept it at first may decide otherwise later).
+            newly = organization_suspend(
+                organization=organization, reason=reason, actor_label=actor
+            )
+            stopped, refused = [], []
+            if running == "stop":
+                stopped, refused = reservations_stop_for_suspension(
+                    organization=organization, reason=reason, actor_label=actor
+                )
+            messages.success(
+                request,
+                f"{organization} {'suspended' if newly else 'was suspended already'}"
+                + (
+                    f"; stopped or cancelled: {', '.join(stopped) or 'none'}"
+                    if running == "stop"
+                    else "; its reservations keep running"
+                )
+                + ".",
+            )
+            for public_id, why in refused:
+                messages.error(request, f"{organization}: {public_id} not stopped: {why}")
+        return None
+
+    def _suspend_confirm(self, request, queryset, *, reason: str, running: str | None):
+        rows = [
+            {
+                "organization": organization,
+                "reservations": list(
+                    Reservation.objects.filter(
+                        organization=organization, status__in=LIVE_STATUSES
+                    ).order_by("starts_at", "pk")
+                ),
+            }
+            for organization in queryset.order_by("pk")
+        ]
+        confirmed = request.POST.get("confirmed") == "yes"
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Suspend {len(rows)} organisation(s)?",
+            "opts": self.model._meta,
+            "rows": rows,
+            "reason": reason,
+            "running": running,
+            "error": "Say why (the customer reads it) and choose what happens to its reservations."
+            if confirmed
+            else "",
+        }
+        return TemplateResponse(
+            request, "admin/marketplace/organization/suspend_confirm.html", context
+        )
+
+    @admin.action(
+        description="Lift the suspension of selected organisations", permissions=["change"]
+    )
+    def unsuspend(self, request: HttpRequest, queryset: QuerySet) -> None:
+        actor = f"staff:{request.user.get_username()}"
+        lifted = [
+            str(organization)
+            for organization in queryset.order_by("pk")
+            if organization_unsuspend(organization=organization, actor_label=actor)
+        ]
+        messages.success(
+            request, f"Suspension lifted: {', '.join(lifted)}." if lifted else "None was suspended."
+        )
 
     def save_formset(self, request, form, formset, change):
         if formset.model is not Membership:
@@ -172,6 +279,12 @@ class OrganizationAdmin(admin.ModelAdmin):
         leaving = {id(f.instance): f.instance.pk for f in formset.deleted_forms if f.instance.pk}
         roles_before = {f.instance.pk: f.initial.get("role") for f in formset.initial_forms}
         super().save_formset(request, form, formset, change)
+        try:
+            # A portal owner leaving meanwhile is not seen by the form's check; this one, under
+            # the owner locks, sees it (the whole save rolls back).
+            organization_owner_kept_check(form.instance.pk)
+        except ApplicationError as exc:
+            raise PermissionDenied(f"Nothing was saved: {exc.message}") from None
         # Recorded as the portal's and the API's changes are (events, audit, and what the
         # member handed on that their new access no longer covers, revoked).
         for membership in formset.new_objects:
@@ -188,13 +301,30 @@ class OrganizationAdmin(admin.ModelAdmin):
 
 
 def sole_owner_of(user) -> list[Organization]:
-    """The organisations `user` is the only owner of (they would be left without one)."""
+    """The organisations `user` is the only owner of with an active account (without them,
+    nobody could administer it)."""
     owned = Organization.objects.filter(memberships__user=user, memberships__role=Role.OWNER)
     return [
         org
         for org in owned
-        if not org.memberships.filter(role=Role.OWNER).exclude(user=user).exists()
+        if not org.memberships.filter(role=Role.OWNER, user__is_active=True)
+        .exclude(user=user)
+        .exists()
     ]
+
+
+class SwitchyardUserChangeForm(UserChangeForm):
+    def clean_is_active(self) -> bool:
+        is_active = self.cleaned_data.get("is_active")
+        if self.instance.pk and self.instance.is_active and not is_active:
+            owned = sole_owner_of(self.instance)
+            if owned:
+                raise forms.ValidationError(
+                    f"{self.instance.get_username()} is the only owner of "
+                    f"{', '.join(o.name for o in owned)}: make another member owner first (on "
+                    "the organisation's page), then deactivate them."
+                )
+        return is_active
 
 
 admin.site.unregister(User)
@@ -204,7 +334,9 @@ admin.site.unregister(User)
 class SwitchyardUserAdmin(UserAdmin):
     """Django's user admin, but a user who is an organisation's only owner is not deleted
     (the organisation, its money and bookings would be left with nobody to act for them):
-    neither from their page nor in a bulk delete that includes them."""
+    neither from their page nor in a bulk delete that includes them; nor deactivated."""
+
+    form = SwitchyardUserChangeForm
 
     def has_delete_permission(self, request, obj=None):
         if obj is not None and sole_owner_of(obj):
@@ -214,22 +346,32 @@ class SwitchyardUserAdmin(UserAdmin):
     # A user deactivated or deleted here loses what they handed on in their organisations (API
     # keys, open invitations), recorded as the portal records a member's change.
     def save_model(self, request, obj, form, change) -> None:
-        with transaction.atomic():
+        with transaction.atomic(), _refused_as_forbidden():
             super().save_model(request, obj, form, change)
             if change and "is_active" in form.changed_data:
                 change_made = "reactivate" if obj.is_active else "deactivate"
                 user_staff_change_record(obj, change=change_made)
 
     def delete_model(self, request, obj) -> None:
-        with transaction.atomic():
+        with transaction.atomic(), _refused_as_forbidden():
             user_staff_change_record(obj, change="delete")
             super().delete_model(request, obj)
 
     def delete_queryset(self, request, queryset) -> None:
-        with transaction.atomic():
+        with transaction.atomic(), _refused_as_forbidden():
             for user in queryset.order_by("pk"):
                 user_staff_change_record(user, change="delete")
             super().delete_queryset(request, queryset)
+
+
+@contextmanager
+def _refused_as_forbidden():
+    """A service's refusal the form could not foresee (another owner left meanwhile): the
+    admin's transaction rolls back and staff read why, instead of a server error."""
+    try:
+        yield
+    except ApplicationError as exc:
+        raise PermissionDenied(f"Nothing was saved: {exc.message}") from None
 
 
 _KEY_PREFIX = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(SECRET_PREFIX)}[a-z0-9]{{8}}(?![a-z0-9])")

@@ -20,22 +20,25 @@ imported, since it imports this one).
 """
 
 import logging
-import secrets
 import threading
 import time
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
-from redis.exceptions import RedisError
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.request import Request
 
 from marketplace.models import ApiKey
 from marketplace.selectors.organizations import api_key_by_secret_hash
-from marketplace.services.api_keys import SECRET_PREFIX, api_key_hash, api_key_record_use
+from marketplace.services.api_keys import (
+    API_KEYS_GENERATION,
+    SECRET_PREFIX,
+    api_key_hash,
+    api_key_record_use,
+    api_keys_changed,
+)
 
 __all__ = [
     "API_KEYS_GENERATION",
@@ -47,9 +50,6 @@ __all__ = [
     "api_keys_changed",
     "auth_failure_limit_register",
 ]
-
-# The cache key (under the cache's prefix) whose value changes whenever any API key changes.
-API_KEYS_GENERATION = "apikeys:generation"
 
 logger = logging.getLogger(__name__)
 
@@ -245,17 +245,6 @@ def api_key_user_confirm(user: ApiKeyUser, *, generation: bytes | None) -> None:
         return
     if generation is not None and user.loaded_under == generation == previous:
         _keys.put(user.secret_hash, user.api_key, generation)
-
-
-def api_keys_changed() -> None:
-    """Give the keys a new generation: every process drops its cached keys on its next
-    request. Called after the commit of any change to a key."""
-    try:
-        cache.set(API_KEYS_GENERATION, secrets.token_hex(8), timeout=None)
-    except (RedisError, OSError):
-        # Processes that cannot read the generation either trust no cached key; those that
-        # can still see the old one until API_KEY_CACHE_SECONDS pass.
-        logger.error("could not publish an API key change to Redis", exc_info=True)
 
 
 def _key_saved_or_deleted(**_kwargs) -> None:

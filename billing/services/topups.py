@@ -35,9 +35,10 @@ from billing.services.holds import money_position
 from billing.services.ledger import ledger_entry_add
 from billing.services.notices import notice_send
 from billing.services.outbox import outbox_enqueue
-from config.errors import PaymentRequired, ValidationFailed
+from config.errors import PaymentRequired, PermissionDenied, ValidationFailed
 from marketplace.models import Organization
 from marketplace.services.audit import audit_record
+from marketplace.services.organizations import organization_active_check
 
 __all__ = [
     "top_up_create",
@@ -79,6 +80,7 @@ def top_up_create(*, organization: Organization, amount: Decimal) -> TopUp:
         raise TypeError("amount must be Decimal, not float")
     billing_account_get_or_create(organization=organization)
     account = BillingAccount.objects.select_for_update().get(organization=organization)
+    organization_active_check(organization_id=organization.pk)  # staff suspended it: no charge
     least, most = top_up_limits(account.currency)
     if not isinstance(amount, Decimal) or not (least <= amount <= most):
         raise ValidationFailed(
@@ -320,6 +322,11 @@ def _start_automatic(*, account: BillingAccount, amount_minor: int, reason: str)
     """Start an automatic recharge on the saved card and tell the owners why; None without a
     card, or while one is already on its way (one pending automatic top-up per organisation)."""
     if not (account.stripe_customer_id and account.default_payment_method_id):
+        return None
+    try:
+        # Suspended by staff (a stolen card, say): its card is not charged, not even by itself.
+        organization_active_check(organization_id=account.organization_id)
+    except PermissionDenied:
         return None
     try:
         with transaction.atomic():

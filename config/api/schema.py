@@ -42,7 +42,9 @@ _DESCRIPTIONS = {
     400: "Invalid request (see error.code and error.field).",
     401: "Missing, unknown or revoked API key.",
     402: "Payment required (balance or spend limit).",
-    403: "Authenticated, but the key's scope or the member's role does not allow this.",
+    403: "Authenticated, but the key's scope or the member's role does not allow this, or the "
+    "organisation is suspended by Switchyard staff (organization_suspended: its keys do "
+    "nothing, its members only read).",
     404: "No such object in your organisation (or, with Sy-Organization, no such organisation "
     "among yours).",
     409: "Conflict: the action is not allowed in the object's current state, or the capacity "

@@ -1,9 +1,11 @@
 """The base view every public API endpoint inherits from.
 
 Per request, in this order: authenticate → count against the rate limit (even when
-authentication failed, so guessing keys costs requests) → the method (405) → key scope →
-organisation and role → the query string's names → claim the Idempotency-Key (POST) → the
-handler, inside one transaction with the stored response → rate-limit headers on the way out.
+authentication failed, so guessing keys costs requests) → the method (405) → a suspended
+organisation's key (403 organization_suspended) → key scope → organisation and role (a
+suspended organisation's members: reads only) → the query string's names → claim the
+Idempotency-Key (POST) → the handler, inside one transaction with the stored response →
+rate-limit headers on the way out.
 
 A query parameter the operation does not take is refused (400 unknown_parameter), as an
 unknown field of a JSON body is: `?stauts=active` would otherwise list every reservation. An
@@ -33,6 +35,7 @@ from config.errors import PermissionDenied, ValidationFailed
 from marketplace.audit import audit_actor_set
 from marketplace.auth import ApiKeyUser
 from marketplace.models import RESERVING_ROLES, ApiKeyScope, Role
+from marketplace.services.organizations import organization_suspended_error
 
 __all__ = ["ApiView", "FILTERED", "method_allowed_check", "validated_input"]
 
@@ -94,11 +97,13 @@ class ApiView(GenericAPIView):
             self.check_throttles(request)
         method_allowed_check(self, request)
         self.check_permissions(request)
+        self._check_key_organization_active(request)
         self._check_key_scope(request)
         if self.requires_organization:
             self.org_context = org_context_resolve(request)
             audit_actor_set(self.org_context.actor_label)
             self._check_member_role(request)
+            self._check_member_may_change(request)
         self._check_query_params(request)
         if request.method == "POST" and hasattr(self, "post") and self.org_context:
             self._claim = idempotency.idempotency_claim(
@@ -147,6 +152,20 @@ class ApiView(GenericAPIView):
         except PermissionDenied as refusal:
             return refusal
         return None
+
+    def _check_key_organization_active(self, request: Request) -> None:
+        # A suspended organisation's keys do nothing at all (the cached key is dropped when its
+        # organisation is suspended or lifted, as when the key itself changes).
+        if isinstance(request.user, ApiKeyUser):
+            organization = request.user.api_key.organization
+            if organization.suspended_at is not None:
+                raise organization_suspended_error(organization)
+
+    def _check_member_may_change(self, request: Request) -> None:
+        # Its members still read (what ran, what was billed), but change nothing.
+        organization = self.org_context.organization
+        if organization.suspended_at is not None and request.method not in SAFE_METHODS:
+            raise organization_suspended_error(organization)
 
     def _check_key_scope(self, request: Request) -> None:
         if isinstance(request.user, ApiKeyUser):

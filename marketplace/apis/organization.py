@@ -34,6 +34,17 @@ class OrganizationOutput(Serializer):
     name = serializers.CharField(source="organization.name")
     slug = serializers.CharField(source="organization.slug")
     created_at = serializers.DateTimeField(source="organization.created_at")
+    suspended_at = serializers.DateTimeField(
+        source="organization.suspended_at",
+        allow_null=True,
+        help_text="When Switchyard staff suspended it (null: not suspended). While suspended its "
+        "API keys are refused and its members may read but change nothing (403 "
+        "organization_suspended).",
+    )
+    suspension_reason = serializers.CharField(
+        source="organization.suspension_reason",
+        help_text="Why, as staff wrote it (empty when not suspended).",
+    )
     role = serializers.SerializerMethodField(
         help_text="Your role; null when an API key is calling."
     )

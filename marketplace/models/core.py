@@ -36,6 +36,10 @@ class Organization(models.Model):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set by staff (organization_suspend): its keys are refused, its members only read, nothing
+    # is booked, extended or charged and its webhooks wait, until staff lift it.
+    suspended_at = models.DateTimeField(null=True, blank=True, editable=False)
+    suspension_reason = models.TextField(blank=True, default="", editable=False)
 
     class Meta:
         ordering = ["name"]

@@ -16,6 +16,7 @@ from django.shortcuts import redirect
 from config.api.context import OrgContext
 from config.errors import ApplicationError, NotFound
 from marketplace.models import Membership, Role
+from marketplace.services.organizations import organization_suspended_error
 
 __all__ = [
     "SESSION_ORG_KEY",
@@ -117,6 +118,9 @@ class PortalView(LoginRequiredMixin):
                 f"Your role ({self.membership.role}) cannot do this; it needs one of: "
                 f"{', '.join(sorted(allowed))}."
             )
+        if request.method == "POST" and self.organization.suspended_at is not None:
+            # Suspended by staff: its pages read (every page says why), nothing changes.
+            raise PermissionDenied(organization_suspended_error(self.organization).message)
         try:
             return super().dispatch(request, *args, **kwargs)
         except NotFound as exc:

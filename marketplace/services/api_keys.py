@@ -7,14 +7,17 @@ characters (≈238 bits), not a password.
 """
 
 import hashlib
+import logging
 import secrets
 import string
 from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from config.errors import PermissionDenied, ValidationFailed
 from marketplace.models import (
@@ -39,7 +42,11 @@ __all__ = [
     "api_key_revoke",
     "api_keys_revoke_created_by",
     "api_key_record_use",
+    "API_KEYS_GENERATION",
+    "api_keys_changed",
 ]
+
+logger = logging.getLogger(__name__)
 
 SECRET_PREFIX = "sy_live_"
 # Keys in use (not revoked) per organisation: one per integration, CI job or person, with room.
@@ -50,6 +57,22 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 _LOWER_ALNUM = string.ascii_lowercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
+
+
+# The cache key (under the cache's prefix) whose value changes whenever any API key changes, or
+# anything a cached key carries (its organisation's suspension): marketplace.auth's key cache.
+API_KEYS_GENERATION = "apikeys:generation"
+
+
+def api_keys_changed() -> None:
+    """Give the keys a new generation: every process drops its cached keys on its next
+    request. Called after the commit of any change to a key."""
+    try:
+        cache.set(API_KEYS_GENERATION, secrets.token_hex(8), timeout=None)
+    except (RedisError, OSError):
+        # Processes that cannot read the generation either trust no cached key; those that
+        # can still see the old one until API_KEY_CACHE_SECONDS pass.
+        logger.error("could not publish an API key change to Redis", exc_info=True)
 
 
 def api_key_hash(secret: str) -> str:

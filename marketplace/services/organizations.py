@@ -20,7 +20,7 @@ from django.contrib.auth.tokens import default_token_generator
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.core.validators import validate_email
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
@@ -31,7 +31,7 @@ from django.utils.text import slugify
 
 from config.errors import Conflict, Gone, NotFound, PermissionDenied, ValidationFailed
 from marketplace import ids
-from marketplace.mail import mail_task_on_commit
+from marketplace.mail import mail_send_on_commit, mail_task_on_commit
 from marketplace.models import (
     MANAGER_ROLES,
     RESERVING_ROLES,
@@ -44,7 +44,7 @@ from marketplace.models import (
     Role,
 )
 from marketplace.rules import display_name_clean, email_address_plain
-from marketplace.services.api_keys import api_keys_revoke_created_by
+from marketplace.services.api_keys import api_keys_changed, api_keys_revoke_created_by
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 from marketplace.services.ssh_keys import ssh_keys_delete_created_by
@@ -54,6 +54,12 @@ __all__ = [
     "MANAGER_ROLES",
     "RESERVING_ROLES",
     "organization_create",
+    "organization_suspend",
+    "organization_unsuspend",
+    "organization_active_check",
+    "organization_suspended_error",
+    "owner_leaving_check",
+    "organization_owner_kept_check",
     "member_change_role",
     "member_remove",
     "member_grants_revoke",
@@ -108,6 +114,139 @@ def organization_create(*, name: str, owner: AbstractBaseUser) -> Organization:
     return organization
 
 
+# --- suspension by staff ----------------------------------------------------------------------
+# A suspended organisation's API keys are refused (403 organization_suspended), its members read
+# but change nothing (portal and API), nothing is booked, extended or topped up (checked here,
+# under the organisation's row, by the services that do it) and its webhooks wait. Its running
+# reservations are kept or stopped as staff choose (reservations_stop_for_suspension).
+
+
+def organization_suspended_error(organization: Organization) -> PermissionDenied:
+    return PermissionDenied(
+        f"This organisation is suspended by Switchyard staff: {organization.suspension_reason} "
+        "Nothing can be booked, extended, topped up or changed until the suspension is lifted; "
+        "contact support.",
+        code="organization_suspended",
+    )
+
+
+_ORGANIZATION_SHARE_SQL = """
+SELECT id, name, suspended_at, suspension_reason FROM marketplace_organization
+WHERE id = %s FOR SHARE
+"""
+
+
+def organization_active_check(*, organization_id: int) -> None:
+    """Refuse (403 organization_suspended) what a suspended organisation may not do. Its row is
+    read FOR SHARE until the caller's transaction ends: a suspension being written waits for
+    the booking (or top-up) to commit, and one that committed first is seen."""
+    with connection.cursor() as cur:
+        cur.execute(_ORGANIZATION_SHARE_SQL, [organization_id])
+        row = cur.fetchone()
+    if row is not None and row[2] is not None:
+        raise organization_suspended_error(
+            Organization(pk=row[0], name=row[1], suspended_at=row[2], suspension_reason=row[3])
+        )
+
+
+@transaction.atomic
+def organization_suspend(*, organization: Organization, reason: str, actor_label: str) -> bool:
+    """Suspend `organization` (staff): audited, its keys refused at once in every process, its
+    owners told. False if it was suspended already (nothing changes, the first reason stays)."""
+    reason = " ".join((reason or "").split())
+    if not reason:
+        raise ValidationFailed("Say why: the customer reads it.", code="required", field="reason")
+    locked = Organization.objects.select_for_update(no_key=True).get(pk=organization.pk)
+    if locked.suspended_at is not None:
+        return False
+    locked.suspended_at = timezone.now()
+    locked.suspension_reason = reason
+    locked.save(update_fields=["suspended_at", "suspension_reason"])
+    _audit_organization(
+        locked,
+        "organization.suspend",
+        {"before": {"suspended": False}, "after": {"suspended": True, "reason": reason}},
+        actor=actor_label,
+    )
+    _suspension_mail(
+        locked,
+        subject="Switchyard: your organisation is suspended",
+        body=f"Switchyard staff suspended {_one_line(locked.name)} ({locked.public_id}): "
+        f"{reason}\n\n"
+        "Until the suspension is lifted its API keys are refused, nothing can be booked, "
+        "extended, topped up or changed in the portal or the API, and webhooks are held "
+        "(sent once it is lifted). Contact Switchyard support to resolve it.",
+    )
+    _keys_changed()
+    return True
+
+
+@transaction.atomic
+def organization_unsuspend(*, organization: Organization, actor_label: str) -> bool:
+    """Lift a suspension: everything works again (keys at once, held webhooks are sent),
+    audited, owners told. False if it was not suspended."""
+    locked = Organization.objects.select_for_update(no_key=True).get(pk=organization.pk)
+    if locked.suspended_at is None:
+        return False
+    reason = locked.suspension_reason
+    locked.suspended_at = None
+    locked.suspension_reason = ""
+    locked.save(update_fields=["suspended_at", "suspension_reason"])
+    _audit_organization(
+        locked,
+        "organization.unsuspend",
+        {"before": {"suspended": True, "reason": reason}, "after": {"suspended": False}},
+        actor=actor_label,
+    )
+    _suspension_mail(
+        locked,
+        subject="Switchyard: your organisation's suspension is lifted",
+        body=f"Switchyard staff lifted the suspension of {_one_line(locked.name)} "
+        f"({locked.public_id}). "
+        "Its API keys work again, and booking, extending, topping up and changes are open "
+        "again; webhooks held meanwhile are being sent. Reservations stopped when it was "
+        "suspended stay stopped.",
+    )
+    _keys_changed()
+    return True
+
+
+def _one_line(text: str) -> str:
+    # A name staff renamed in the admin may hold a line break.
+    return " ".join(text.split())
+
+
+def _keys_changed() -> None:
+    # A key is cached per process with its organisation: now, and again after the commit (as a
+    # key's own change does), so no process keeps acting on the organisation as it was.
+    api_keys_changed()
+    transaction.on_commit(api_keys_changed)
+
+
+def _suspension_mail(organization: Organization, *, subject: str, body: str) -> None:
+    # Owners whose account is active (a deactivated account is told nothing more).
+    recipients = list(
+        Membership.objects.filter(organization=organization, role=Role.OWNER, user__is_active=True)
+        .exclude(user__email="")
+        .order_by("pk")
+        .values_list("user__email", flat=True)
+    )
+    mail_send_on_commit(subject=subject, body=body, recipients=recipients)
+
+
+def _audit_organization(
+    organization: Organization, action: str, changes: dict, *, actor: str
+) -> None:
+    audit_record(
+        organization_id=organization.pk,
+        action=action,
+        object_type="organization",
+        object_id=organization.public_id,
+        changes=changes,
+        actor=actor,
+    )
+
+
 def _check_can_manage(*, actor: Membership, role_involved: str) -> None:
     if actor.role not in MANAGER_ROLES:
         raise PermissionDenied(
@@ -148,7 +287,62 @@ def _lock_with_owners(membership: Membership) -> tuple[Membership, list[int]]:
 
 
 def _is_last_owner(membership: Membership, owner_pks: list[int]) -> bool:
-    return membership.role == Role.OWNER and not any(pk != membership.pk for pk in owner_pks)
+    """Whether no other owner who can act (an active account) would remain without it. An owner
+    whose account staff deactivated cannot sign in: counting them would leave nobody."""
+    if membership.role != Role.OWNER:
+        return False
+    others = [pk for pk in owner_pks if pk != membership.pk]
+    return not Membership.objects.filter(pk__in=others, user__is_active=True).exists()
+
+
+def _owners_lock(organization_ids: list[int]) -> list[Membership]:
+    """Lock the owner rows of these organisations in pk order (the order _lock_with_owners
+    takes them in, so the two never deadlock), with their accounts."""
+    return list(
+        Membership.objects.select_for_update(of=("self",))
+        .filter(organization_id__in=organization_ids, role=Role.OWNER)
+        .select_related("user", "organization")
+        .order_by("pk")
+    )
+
+
+def owner_leaving_check(user: AbstractBaseUser) -> None:
+    """Refuse (409 last_owner) to deactivate or delete `user` while they are the only owner with
+    an active account of an organisation: nobody could administer it. Under the owner locks, so
+    an owner leaving or demoted at the same time is seen (or waits, then sees this)."""
+    organization_ids = list(
+        Membership.objects.filter(user=user, role=Role.OWNER).values_list(
+            "organization_id", flat=True
+        )
+    )
+    owners = _owners_lock(organization_ids)
+    stranded = sorted(
+        {
+            m.organization.name
+            for m in owners
+            if m.user_id == user.pk
+            and not any(
+                o.organization_id == m.organization_id and o.user_id != user.pk and o.user.is_active
+                for o in owners
+            )
+        }
+    )
+    if stranded:
+        raise Conflict(
+            f"{user.get_username()} is the only owner of {', '.join(stranded)}: make another "
+            "member owner first (on the organisation's page), then deactivate or delete them.",
+            code="last_owner",
+        )
+
+
+def organization_owner_kept_check(organization_id: int) -> None:
+    """After staff changed an organisation's members in the admin: refuse (409 last_owner) if
+    it has members but no owner with an active account, under the owner locks."""
+    owners = _owners_lock([organization_id])
+    if any(o.user.is_active for o in owners):
+        return
+    if Membership.objects.filter(organization_id=organization_id).exists():
+        raise Conflict(_LAST_OWNER, code="last_owner")
 
 
 def _fresh(actor: Membership) -> Membership:
@@ -159,7 +353,10 @@ def _fresh(actor: Membership) -> Membership:
     return fresh
 
 
-_LAST_OWNER = "An organisation must keep at least one owner; make someone else owner first."
+_LAST_OWNER = (
+    "An organisation must keep at least one owner with an active account; make another member "
+    "owner first."
+)
 
 
 def _membership_create(*, organization_id: int, user: AbstractBaseUser, role: str) -> Membership:
@@ -298,6 +495,8 @@ def user_staff_change_record(user: AbstractBaseUser, *, change: str) -> None:
     deletion is recorded as the member's removal (event, audit entry member.remove); a
     deactivation keeps the member listed (audit member.deactivate) until staff remove them or
     reactivate the account (member.reactivate; revoked keys stay revoked)."""
+    if change in ("deactivate", "delete"):
+        owner_leaving_check(user)
     memberships = Membership.objects.select_for_update().filter(user=user).order_by("pk")
     for membership in memberships.select_related("user"):
         if change == "delete":

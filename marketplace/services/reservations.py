@@ -31,6 +31,7 @@ from config.currency import money_round
 from config.dates import iso_utc
 from config.db import model_insert, retried_on_deadlock
 from config.errors import (
+    ApplicationError,
     Conflict,
     InvalidTransition,
     NotAvailable,
@@ -71,6 +72,7 @@ from marketplace.services.allocation import (
 )
 from marketplace.services.audit import audit_record
 from marketplace.services.events import reservation_event_record
+from marketplace.services.organizations import organization_active_check
 from marketplace.services.pricing import period_total, validate_tier_term
 from marketplace.services.quotes import nothing_available, resolve_catalogue
 from marketplace.services.resale import (
@@ -97,6 +99,7 @@ __all__ = [
     "reservation_create",
     "reservation_cancel",
     "reservation_extend",
+    "reservations_stop_for_suspension",
 ]
 
 _FULL_NOTICE = timedelta(days=7)
@@ -621,6 +624,8 @@ def reservation_book(*, request: BookingRequest, terms: BookingTerms) -> Reserva
             first_plan=terms.first_plan,
             min_reliability=terms.min_reliability,
         )
+    # A suspension committed meanwhile is seen; one being written waits for this booking.
+    organization_active_check(organization_id=reservation.organization_id)
     # Last, once the GPUs are placed: the money lock is held from here to the commit only, and
     # taken after the node locks, as an extension takes it (one lock order, no deadlock).
     funding_gate().reservation_authorize(
@@ -767,6 +772,37 @@ def reservation_cancel(
     return updated
 
 
+def reservations_stop_for_suspension(
+    *, organization: Organization, reason: str, actor_label: str
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Staff suspended `organization` and chose to stop its work: each reservation running is
+    stopped now (billed until now) and each not started yet is cancelled, as staff cancel one
+    (reservation_cancel: its tier's refund rule, the transition, the teardown), each in its
+    own transaction. Returns the ids stopped, and (id, why) for those that could not be."""
+    stopped, refused = [], []
+    live = Reservation.objects.filter(
+        organization=organization,
+        status__in=[
+            ReservationStatus.PENDING,
+            ReservationStatus.SCHEDULED,
+            ReservationStatus.PROVISIONING,
+            ReservationStatus.ACTIVE,
+        ],
+    )
+    for reservation in live.order_by("pk"):
+        try:
+            reservation_cancel(
+                reservation=reservation,
+                actor_label=actor_label,
+                reason=f"organisation suspended: {reason}",
+            )
+        except ApplicationError as exc:
+            refused.append((reservation.public_id, exc.message))
+        else:
+            stopped.append(reservation.public_id)
+    return stopped, refused
+
+
 _GPUS_BOOKED_SQL = """
 SELECT min(lower(a.period))
 FROM marketplace_allocation a
@@ -892,6 +928,7 @@ def reservation_extend(
     _extension_gpus_check(reservation=locked, gpus=gpus, new_ends_at=new_ends_at)
     _allocations_lengthen(reservation=locked, new_ends_at=new_ends_at)
     _reservation_lengthen(reservation=locked, terms=terms, now=now)
+    organization_active_check(organization_id=locked.organization_id)
     # The extra time is priced as the original was and passes the same gate (a hold for it;
     # a reserved term's difference charged at once): refused, all of the above rolls back.
     funding_gate().extension_authorize(

@@ -161,6 +161,7 @@ def test_a_user_staff_deactivate_loses_their_keys_and_invitations_at_once(
     MembershipFactory(organization=org, role=Role.OWNER)
     leaver = MembershipFactory(organization=org, role=Role.ADMIN)
     MembershipFactory(organization=other_org, user=leaver.user, role=Role.OWNER)
+    MembershipFactory(organization=other_org, role=Role.OWNER)  # not its only owner
     _, secret = api_key_create(organization=org, name="ci", scopes=["read"], created_by=leaver.user)
     api_key_create(organization=other_org, name="ci", scopes=["read"], created_by=leaver.user)
     invitation, _ = invitation_create(actor=leaver, email="new@example.com", role=Role.MEMBER)

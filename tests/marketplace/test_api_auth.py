@@ -33,6 +33,8 @@ def test_it_accepts_a_good_key_in_the_authorization_header(client_key, org):
         "name": org.name,
         "slug": org.slug,
         "created_at": org.created_at.isoformat().replace("+00:00", "Z"),
+        "suspended_at": None,
+        "suspension_reason": "",
         "role": None,
     }
 

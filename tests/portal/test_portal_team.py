@@ -9,7 +9,10 @@ from marketplace.models import Membership, Role
 from marketplace.services.organizations import organization_create
 from tests.clients import HttpsClient
 
-LAST_OWNER = "An organisation must keep at least one owner; make someone else owner first."
+LAST_OWNER = (
+    "An organisation must keep at least one owner with an active account; make another member "
+    "owner first."
+)
 
 
 def sign_in_as(page, live_server, user) -> None:
