@@ -17,6 +17,17 @@ now, decided when the platform learns of it (at most one agent heartbeat later):
   times within PROVISIONING_WORKLOAD_RESTART_WINDOW, the next vanish ends it (`active →
   failed`, and a reserved term's undelivered rest is refunded), the reason saying so.
 
+Billed to the last time it was seen running, not to the report that finds it gone: the
+heartbeat before the node's previous report, which judged it and found it running (else that
+report would have acted), or the start that left it running, or its last activation, whichever
+is latest (`_seen_running_at`). The outage of a restart runs from then; an end's released_at
+is then, or an exit's own time (`finished_at`) when the runtime gives one between then and
+now. The node's last report is remembered in Redis (REPORTED_KEY: the heartbeat it was built
+after); without that record (Redis lost it, the node's first report) billing runs to this
+report, as it always could. A reservation not started through this node's agent is judged
+only on a container reported for it, so a report that did not list it proves nothing: it is
+billed to the report, or to its exit's own time.
+
 The customer and staff see why as the reason: the exit code, the time and the last log lines
 (secrets redacted), or the container's state, or that it is gone. The release task (after an
 end) or the new generation's prepare (after a restart) removes the old container.
@@ -60,16 +71,19 @@ into their containers (/run/switchyard/preemption).
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from config.dates import iso_utc
 from config.errors import InvalidTransition
 from inventory.heartbeats import heartbeats_buffered
 from inventory.models import Node, OutageCause
+from inventory.telemetry import buffer_client
 from marketplace.models import (
     AgentJob,
     AgentJobStatus,
@@ -95,6 +109,7 @@ from marketplace.services.gpu_failures import undelivered_refund
 from marketplace.services.transitions import reservation_transition
 
 __all__ = [
+    "REPORTED_KEY",
     "agent_workloads_report",
     "EXITED_STATES",
     "RUNNING_STATE",
@@ -108,6 +123,8 @@ ACTOR = "system: site agent"
 RUNNING_STATE = "running"
 # Container states of a workload that ran and ended: the report carries its exit code.
 EXITED_STATES = frozenset({"exited", "stopped", "dead"})
+# Redis hash, node id → epoch of the heartbeat the node's last applied report followed.
+REPORTED_KEY = "switchyard:workloads:reported_after"
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ class _Judged:
     reservation: Reservation
     generation: int
     started_here: bool  # this node's agent started it: a missing container ends it too
+    running_at: datetime | None = None  # its start here finished, the container running
 
 
 def _money_after_end(reservation: Reservation, *, own_exit: bool) -> str:
@@ -171,6 +189,73 @@ def _last_heard(node: Node) -> datetime | None:
     return max((t for t in (stored, buffered) if t is not None), default=None)
 
 
+def _reported_after(node: Node) -> datetime | None:
+    """The heartbeat the node's last applied report followed (REPORTED_KEY); None when there
+    is no record of one, or Redis is down."""
+    try:
+        value = buffer_client().hget(REPORTED_KEY, str(node.pk))
+    except (redis.RedisError, OSError):
+        return None
+    return None if value is None else datetime.fromtimestamp(float(value), tz=UTC)
+
+
+def _reported_after_set(node: Node, heard: datetime) -> None:
+    """Remember that this report, which followed the heartbeat `heard`, was applied."""
+    try:
+        buffer_client().hset(REPORTED_KEY, str(node.pk), f"{heard.timestamp():.6f}")
+    except (redis.RedisError, OSError):
+        logger.warning("could not record node %s's workload report", node.hostname)
+
+
+def _last_active_at(reservation: Reservation) -> datetime | None:
+    """When it last became active (its first activation, or its return after a restart)."""
+    return (
+        ReservationTransition.objects.filter(
+            reservation=reservation, to_status=ReservationStatus.ACTIVE
+        )
+        .order_by("-at")
+        .values_list("at", flat=True)
+        .first()
+    ) or reservation.activated_at
+
+
+def _seen_running_at(item: _Judged, *, reported_after: datetime | None, now: datetime):
+    """The last time the workload was known running on this node (the module's docstring),
+    or None when nothing proves one after its start: the heartbeat before the node's previous
+    report (which judged it, and found it running), its start's end here, its last
+    activation, whichever is latest."""
+    if not item.started_here or reported_after is None:
+        return None
+    known = [reported_after, item.running_at, _last_active_at(item.reservation)]
+    return min(max(t for t in known if t is not None), now)
+
+
+def _exit_time(value: str | None) -> datetime | None:
+    """A container's exit time as the runtime printed it (RFC 3339, or Go's
+    "2006-01-02 15:04:05.999 +0000 UTC"); None if absent or without a zone."""
+    if not value:
+        return None
+    text = value.removesuffix(" UTC").replace(" +", "+").replace(" -", "-")
+    try:
+        parsed = parse_datetime(text.replace(" ", "T", 1))
+    except ValueError:
+        return None
+    return parsed if parsed is not None and parsed.tzinfo is not None else None
+
+
+def _exited_at(item: _Judged, report: dict, *, seen: datetime | None, now: datetime):
+    """When a workload that exited by itself stopped delivering: the runtime's exit time,
+    no earlier than it was last seen running (or its last activation) and no later than now;
+    without one, when it was last seen running, else now."""
+    finished = _exit_time(report.get("finished_at"))
+    if finished is None:
+        return seen or now
+    floor = seen or max(
+        t for t in (item.running_at, _last_active_at(item.reservation)) if t is not None
+    )
+    return min(max(finished, floor), now)
+
+
 def _holding_here_now(node: Node, reservation_ids: list[int], now: datetime) -> set[int]:
     """Those of the reservations holding a GPU on this node now that is not resold now."""
     held = Allocation.objects.filter(
@@ -187,8 +272,11 @@ def _holding_here_now(node: Node, reservation_ids: list[int], now: datetime) -> 
     return {rid for rid, gpu_id in held if gpu_id not in sold.get(rid, ())}
 
 
-def _judged(node: Node, active: list[Reservation], now: datetime) -> list[_Judged]:
-    """The active reservations this report may end (the module's docstring says which)."""
+def _judged(
+    node: Node, active: list[Reservation], now: datetime, *, heard: datetime | None
+) -> list[_Judged]:
+    """The active reservations this report may end (the module's docstring says which).
+    heard: the node's last heartbeat, which this report followed."""
     if not active:
         return []
     holding = _holding_here_now(node, [r.pk for r in active], now)
@@ -197,7 +285,6 @@ def _judged(node: Node, active: list[Reservation], now: datetime) -> list[_Judge
         "reservation_id", "node_id", "kind", "generation", "status", "finished_at"
     ):
         jobs.setdefault(job.reservation_id, []).append(job)
-    heard = _last_heard(node)
     judged = []
     for r in active:
         if r.pk not in holding:
@@ -220,7 +307,9 @@ def _judged(node: Node, active: list[Reservation], now: datetime) -> list[_Judge
             or start.finished_at >= heard
         ):
             continue  # not started here yet, or the report may predate the container
-        judged.append(_Judged(r, r.placement_generation, started_here=True))
+        judged.append(
+            _Judged(r, r.placement_generation, started_here=True, running_at=start.finished_at)
+        )
     return judged
 
 
@@ -249,32 +338,41 @@ def _locked_if_still_judged(item: _Judged, *, node: Node) -> Reservation | None:
     return locked
 
 
-def _end(item: _Judged, *, node: Node, cause: str, refund_from: datetime | None) -> bool:
-    """active → failed, decided again under the row lock (_locked_if_still_judged)."""
+def _end(item: _Judged, *, node: Node, cause: str, released_at: datetime) -> bool:
+    """active → failed by its own exit, decided again under the row lock
+    (_locked_if_still_judged), billed until released_at."""
     with transaction.atomic():
         locked = _locked_if_still_judged(item, node=node)
-        return locked is not None and _fail(locked, cause=cause, refund_from=refund_from)
-
-
-def _fail(locked: Reservation, *, cause: str, refund_from: datetime | None) -> bool:
-    """active → failed. refund_from: the workload did not end itself, so a reserved term's
-    rest from then is refunded (its cancellation terms, which billing settles as a credit, as
-    for a GPU failure)."""
-    if refund_from is not None and locked.tier == Tier.RESERVED:
-        locked.cancellation = {
-            "rule": "The workload's container vanished or stalled, not by its own exit: "
-            "the undelivered share of the term is refunded",
-            "refund_amount": str(undelivered_refund(locked, since=refund_from)),
-            "failed_at": iso_utc(refund_from),
-        }
-        locked.save(update_fields=["cancellation", "updated_at"])
-    try:
-        reservation_transition(
-            reservation=locked,
-            to_status=ReservationStatus.FAILED,
-            cause=cause,
-            actor_label=ACTOR,
+        return locked is not None and _fail(
+            locked, cause=cause, refund_from=None, released_at=released_at
         )
+
+
+def _fail(
+    locked: Reservation, *, cause: str, refund_from: datetime | None, released_at: datetime
+) -> bool:
+    """active → failed, billed until released_at (when it stopped delivering, at most now).
+    refund_from: the workload did not end itself, so a reserved term's rest from then is
+    refunded (its cancellation terms, which billing settles as a credit, as for a GPU
+    failure)."""
+    try:
+        with transaction.atomic():  # all of it, or nothing if the move is refused
+            if refund_from is not None and locked.tier == Tier.RESERVED:
+                locked.cancellation = {
+                    "rule": "The workload's container vanished or stalled, not by its own "
+                    "exit: the undelivered share of the term is refunded",
+                    "refund_amount": str(undelivered_refund(locked, since=refund_from)),
+                    "failed_at": iso_utc(refund_from),
+                }
+                locked.save(update_fields=["cancellation", "updated_at"])
+            # The transition keeps a released_at already set (as after a customer's stop).
+            Reservation.objects.filter(pk=locked.pk).update(released_at=released_at)
+            reservation_transition(
+                reservation=locked,
+                to_status=ReservationStatus.FAILED,
+                cause=cause,
+                actor_label=ACTOR,
+            )
     except InvalidTransition:  # cannot happen under the lock; said rather than hidden
         logger.warning("could not end %s after its workload stopped", locked.public_id)
         return False
@@ -317,10 +415,13 @@ def _window_text() -> str:
     return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
 
 
-def _restart_or_end(item: _Judged, *, node: Node, what: str, log: str, now: datetime) -> str:
+def _restart_or_end(
+    item: _Judged, *, node: Node, what: str, log: str, now: datetime, lost_at: datetime
+) -> str:
     """A vanished or stalled workload, under the row lock (_locked_if_still_judged): restarted
     in place, or ended with its rest refunded once its restarts in the window are used up.
-    Returns "restarted", "ended" or "" (nothing done: the judgement no longer holds)."""
+    lost_at: when it was last known running (at most now), where its outage or its billing
+    ends. Returns "restarted", "ended" or "" (nothing done: the judgement no longer holds)."""
     with transaction.atomic():
         locked = _locked_if_still_judged(item, node=node)
         if locked is None:
@@ -335,31 +436,35 @@ def _restart_or_end(item: _Judged, *, node: Node, what: str, log: str, now: date
                 else "restarts in place are turned off"
             )
             cause = f"{what}; {why}: {_money_after_end(locked, own_exit=False)}{log}"
-            return "ended" if _fail(locked, cause=cause, refund_from=now) else ""
+            ended = _fail(locked, cause=cause, refund_from=lost_at, released_at=lost_at)
+            return "ended" if ended else ""
         cause = (
             f"{what}; it restarts in place on the same GPUs (restart {used + 1} of at most "
             f"{allowed} within {_window_text()}), and {_money_after_restart(locked)}{log}"
         )
-        _restart(locked, node=node, cause=cause, detail=what, now=now)
+        _restart(locked, node=node, cause=cause, detail=what, lost_at=lost_at)
         return "restarted"
 
 
-def _restart(locked: Reservation, *, node: Node, cause: str, detail: str, now: datetime) -> None:
+def _restart(
+    locked: Reservation, *, node: Node, cause: str, detail: str, lost_at: datetime
+) -> None:
     """As a move off a failed GPU restarts a workload (gpu_failures), on the same allocations:
     a new placement generation (the agents stop what is left of the old container, then
     prepare and start it afresh), active → provisioning, the provisioning worker woken; and
-    an outage from now until it is active again (closed by reservation_outages_reconcile).
+    an outage from lost_at (when it was last known running) until it is active again (closed
+    by reservation_outages_reconcile).
     The outage of its last restart, should the sweep not have closed it yet, closes first (it
     is active again, so that one is over), and so does any other open on this node
     (_open_outage_hand_over): a node's would end when the node is back (a reboot) or the
     workload moves off it, while the workload is down until it answers again."""
     placement_generation_raise(locked)
     workload_lost_outages_close(reservation_id=locked.pk)
-    _open_outage_hand_over(locked, node=node, now=now)
+    _open_outage_hand_over(locked, node=node, lost_at=lost_at)
     ReservationOutage.objects.create(
         reservation=locked,
         node=node,
-        started_at=now,
+        started_at=lost_at,
         cause=WORKLOAD_LOST_CAUSE,
         detail=detail,
     )
@@ -372,14 +477,15 @@ def _restart(locked: Reservation, *, node: Node, cause: str, detail: str, now: d
     provisioning_kick(locked.pk)
 
 
-def _open_outage_hand_over(locked: Reservation, *, node: Node, now: datetime) -> None:
+def _open_outage_hand_over(locked: Reservation, *, node: Node, lost_at: datetime) -> None:
     """End the reservation's outage still open on this node (one at a time, a constraint), so
-    the workload's own runs on from now: a node's (silence, hardware; its sweep has not closed
-    it yet, or the node is still down) at now, the two back to back; a GPU failure's, whose
-    sweep has not run since the moved workload became active, at that activation, as the
-    sweep would. Billing counts the node's own outage from inventory either way."""
+    the workload's own runs on from lost_at (when it was last seen running): a node's
+    (silence, hardware; its sweep has not closed it yet, or the node is still down) at
+    lost_at, the two back to back; a GPU failure's, whose sweep has not run since the moved
+    workload became active, at that activation, as the sweep would. Billing counts the node's
+    own outage from inventory either way."""
     for outage in ReservationOutage.objects.filter(reservation=locked, node=node, ended_at=None):
-        end = now
+        end = lost_at
         if outage.cause == OutageCause.GPU_FAILURE:
             back = (
                 ReservationTransition.objects.filter(
@@ -389,7 +495,7 @@ def _open_outage_hand_over(locked: Reservation, *, node: Node, now: datetime) ->
                 .values_list("at", flat=True)
                 .first()
             )
-            end = min(back or now, now)
+            end = min(back or lost_at, lost_at)
         ReservationOutage.objects.filter(pk=outage.pk, ended_at=None).update(
             ended_at=max(end, outage.started_at)
         )
@@ -483,8 +589,12 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
     if stray:
         _leftovers_stop(node, stray, now)
     active = [r for r in on_node.values() if r.status == ReservationStatus.ACTIVE]
+    # Recorded while the node holds a live reservation (one being started too), so the first
+    # report after an activation finds its predecessor's.
+    heard = _last_heard(node) if on_node else None
+    reported_after = _reported_after(node) if active else None
     left_active: set[str] = set()
-    for item in _judged(node, active, now):
+    for item in _judged(node, active, now, heard=heard):
         r = item.reservation
         report = reported.get(r.public_id)
         if report is None and not item.started_here:
@@ -493,15 +603,24 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
             continue
         what = _not_running(report, node, now)
         log = "" if report is None else _log_suffix(report, r.workload or {})
+        seen = _seen_running_at(item, reported_after=reported_after, now=now)
         if report is not None and report.get("state") in EXITED_STATES:
             # Its own exit: the customer's ending, never restarted.
             cause = f"{what}; {_money_after_end(r, own_exit=True)}{log}"
-            outcome = "ended" if _end(item, node=node, cause=cause, refund_from=None) else ""
+            exited_at = _exited_at(item, report, seen=seen, now=now)
+            ended = _end(item, node=node, cause=cause, released_at=exited_at)
+            outcome = "ended" if ended else ""
         else:
-            outcome = _restart_or_end(item, node=node, what=what, log=log, now=now)
+            outcome = _restart_or_end(
+                item, node=node, what=what, log=log, now=now, lost_at=seen or now
+            )
         if outcome:
             left_active.add(r.public_id)
             logger.info("reservation %s %s: its workload is not running", r.public_id, outcome)
+    if heard is not None:
+        # Applied in full: the next report may take this one's heartbeat as a time its
+        # judged workloads were seen running.
+        _reported_after_set(node, heard)
     return [
         {
             "reservation": r.public_id,

@@ -79,13 +79,14 @@ def test_a_workload_that_exited_ends_its_reservation_with_the_exit_shown(running
         log_tail="step 900 loss 0.31\nusing token hf_secret_42\nKilled",
     )
 
-    before = timezone.now()
     response = agent_client(node).post(URL, {"containers": [exited]}, format="json")
 
     assert response.status_code == 200
     r = Reservation.objects.get(pk=r.pk)
     assert r.status == S.FAILED
-    assert before <= r.released_at <= timezone.now()  # billing stops here
+    # Billing stops at the exit, never before it was last known running: here its activation,
+    # the node's clock putting the exit two days before it.
+    assert r.released_at == r.activated_at
     assert r.status_reason == (
         "The workload exited with code 137 at 2026-12-06T10:31:02.5Z; the reservation ended "
         "and the rest of its time is not charged. Last log lines:\n"
