@@ -51,6 +51,7 @@ REPLICA = "replica"
 PRIMARY_ONLY = frozenset(
     {
         "sessions.Session",
+        "marketplace.UserSession",
         "auth.User",
         "auth.Group",
         "auth.Permission",

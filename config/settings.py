@@ -65,6 +65,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "config.request_id.RequestIdMiddleware",
+    # X-Frame-Options: DENY on every answer, those of the middleware below included (the
+    # input guard's 400 page, the probes).
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Before anything reads the request: a NUL, a lone surrogate or deeply nested JSON is a 400.
     "config.input_guard.InputGuardMiddleware",
     # /healthz, /readyz and /metrics, answered before host validation and the HTTPS redirect.
@@ -81,7 +84,9 @@ MIDDLEWARE = [
     "marketplace.audit.AuditContextMiddleware",
     # Django's, building the message storage only for a request that uses it (config/messages.py).
     "config.messages.LazyMessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Idle timeout and lifetime of signed-in sessions (saying so in a message); signed-in
+    # pages are no-store.
+    "marketplace.sessions.SessionLimitsMiddleware",
     # After a write, the client's reads stay on the primary for a while (config/replica.py).
     "config.replica.ReplicaPinMiddleware",
     # django-prometheus's, recording only the series operators read (config/metrics/http.py).
@@ -172,6 +177,11 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
 SESSION_COOKIE_SECURE = not DEBUG
 CSRF_COOKIE_SECURE = not DEBUG
+# Sent on the site's own requests and top-level links only; no script reads either cookie
+# (forms carry the CSRF token, the API docs get it in their page).
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_HTTPONLY = True
 # A refused form says what happened and what to do, in the portal's words (config.urls).
 CSRF_FAILURE_VIEW = "config.urls.csrf_failure"
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000, minimum=0)
@@ -181,6 +191,20 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
+# Signed-in sessions (portal, admin, the API's session callers): each row knows its user, so
+# an account's sessions can all be ended; one ends after SESSION_IDLE_MINUTES without a request
+# and SESSION_LIFETIME_HOURS after signing in, whatever its use (marketplace/sessions.py).
+SESSION_ENGINE = "marketplace.sessions"
+SESSION_IDLE_TIMEOUT = env_duration(
+    "SESSION_IDLE_MINUTES", 60, unit="minutes", minimum=5, maximum=24 * 60
+)
+SESSION_LIFETIME = env_duration("SESSION_LIFETIME_HOURS", 12, unit="hours", minimum=1, maximum=720)
+if SESSION_IDLE_TIMEOUT > SESSION_LIFETIME:
+    raise ImproperlyConfigured(
+        "SESSION_IDLE_MINUTES must not be longer than SESSION_LIFETIME_HOURS"
+    )
+# The cookie goes with the session's lifetime (it was two weeks).
+SESSION_COOKIE_AGE = int(SESSION_LIFETIME.total_seconds())
 # The reverse proxies in front of the app (a count, or addresses/CIDRs): through them the
 # client's address is read from X-Forwarded-For (config/client_ip.py); without, REMOTE_ADDR.
 TRUSTED_PROXIES = env_trusted_proxies("TRUSTED_PROXIES")
@@ -489,6 +513,10 @@ EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
 EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Switchyard <noreply@localhost>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
+# Seconds an SMTP connect or reply may take. Django's default waits for ever: a mail server
+# that hangs held the request sending inline (broker down) for good, and a worker's task until
+# its time limit killed it, unretried; a timeout raises, and marketplace.mail retries it.
+EMAIL_TIMEOUT = 10
 EMAIL_BACKEND = (
     "django.core.mail.backends.console.EmailBackend"
     if DEBUG and not EMAIL_HOST

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from smtplib import SMTPException
 
 from celery import shared_task
+from django.conf import settings
 from django.core.mail import send_mail
 from django.db import transaction
+from django.urls import reverse
 
 from config.celery import BROKER_ERRORS, task_enqueue
 
@@ -28,6 +30,7 @@ __all__ = [
     "mail_send",
     "mail_send_on_commit",
     "mail_task_on_commit",
+    "portal_link",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,12 @@ MAIL_RETRY = {
     "retry_backoff_max": 300,
     "max_retries": MAIL_MAX_RETRIES,
 }
+
+
+def portal_link(view_name: str, **kwargs) -> str:
+    """The portal page `view_name` as a link for an e-mail: on SITE_URL (a path under it
+    included), never on the Host a request named."""
+    return settings.SITE_URL.rstrip("/") + reverse(view_name, kwargs=kwargs or None)
 
 
 @shared_task(name="marketplace.mail.mail_send", **MAIL_RETRY)

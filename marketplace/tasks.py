@@ -16,6 +16,7 @@ from redis import Redis
 from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
 from marketplace.mail import MAIL_RETRY
 from marketplace.provisioning import scheduler, services
+from marketplace.services.accounts import email_change_mail_send as _email_change_mail_send
 from marketplace.services.events import events_prune as _events_prune
 from marketplace.services.gpu_failures import gpu_failures_handle as _gpu_failures_handle
 from marketplace.services.organizations import invitation_mail_send as _invitation_mail_send
@@ -110,6 +111,13 @@ def password_reset_mail_send(user_id: int) -> int:
     """E-mail an account its password reset link, built here from its id (the token never
     sits in the broker). Retried as any mail (marketplace.mail)."""
     return _password_reset_mail_send(user_id=user_id)
+
+
+@shared_task(name="marketplace.tasks.email_change_mail_send", **MAIL_RETRY)
+def email_change_mail_send(user_id: int, email: str) -> int:
+    """E-mail a new address the link that confirms it for the account, built here (the token
+    never sits in the broker). Retried as any mail."""
+    return _email_change_mail_send(user_id=user_id, email=email)
 
 
 @shared_task(name="marketplace.tasks.signup_mail_send", **MAIL_RETRY)

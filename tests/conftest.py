@@ -94,6 +94,7 @@ def mail_task_runs_eagerly(monkeypatch):
     tests/marketplace/test_mail.py checks the queueing itself."""
     from marketplace.mail import mail_send
     from marketplace.tasks import (
+        email_change_mail_send,
         invitation_mail_send,
         password_reset_mail_send,
         signup_mail_send,
@@ -102,6 +103,7 @@ def mail_task_runs_eagerly(monkeypatch):
 
     tasks = (
         mail_send,
+        email_change_mail_send,
         invitation_mail_send,
         password_reset_mail_send,
         signup_mail_send,
@@ -262,8 +264,14 @@ def _empty_heartbeat_buffers():
     import redis
 
     from inventory import heartbeats, telemetry
+    from marketplace.provisioning.agent_reports import REPORTED_KEY
 
-    keys = [heartbeats.LAST_SEEN_KEY, heartbeats.TOKEN_USED_KEY, telemetry.BUFFER_KEY]
+    keys = [
+        heartbeats.LAST_SEEN_KEY,
+        heartbeats.TOKEN_USED_KEY,
+        telemetry.BUFFER_KEY,
+        REPORTED_KEY,
+    ]
     try:
         telemetry.buffer_client().delete(*keys)
     except (redis.RedisError, OSError):

@@ -38,6 +38,7 @@ EXPECTED = {
     "marketplace.tasks.password_reset_mail_send": "default",
     "marketplace.tasks.signup_mail_send": "default",
     "marketplace.tasks.signup_taken_mail_send": "default",
+    "marketplace.tasks.email_change_mail_send": "default",
     "billing.tasks.outbox_send": "billing",
     "billing.tasks.outbox_flush": "billing",
     "billing.tasks.auto_recharge_for_reservation": "billing",

@@ -51,7 +51,7 @@ def test_a_response_over_https_tells_browsers_to_stay_on_https():
     assert response["Strict-Transport-Security"] == HSTS
 
 
-def test_the_session_and_csrf_cookies_are_secure_and_the_session_cookie_http_only():
+def test_the_session_and_csrf_cookies_are_secure_http_only_and_same_site_lax():
     UserFactory(username="ada", password="a-long-passphrase-1")
     client = HttpsClient()
     form = client.get("/login")
@@ -68,6 +68,11 @@ def test_the_session_and_csrf_cookies_are_secure_and_the_session_cookie_http_onl
     assert csrf["secure"] is True
     assert session["secure"] is True
     assert session["httponly"] is True
+    # No script reads the CSRF cookie: forms carry the token, the API docs get it in the page.
+    assert csrf["httponly"] is True
+    assert (session["samesite"], csrf["samesite"]) == ("Lax", "Lax")
+    # A session ends with its lifetime (SESSION_LIFETIME_HOURS), no longer two weeks.
+    assert session["max-age"] == settings.SESSION_LIFETIME.total_seconds() == 12 * 3600
 
 
 def test_the_api_answers_json_only():

@@ -28,7 +28,7 @@ from django.db import connection, transaction
 
 from config import replica
 from config.replica import REPLICA, primary_reads, read_alias, stale_reads
-from marketplace.models import ApiKey, Membership, Reservation
+from marketplace.models import ApiKey, Membership, Reservation, UserSession
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,9 +242,8 @@ def test_reads_go_to_the_replica_only_inside_stale_reads_and_never_for_security_
     with stale_reads():
         assert read_alias() == REPLICA
         assert read_alias(Reservation) == REPLICA
-        assert [read_alias(model) for model in (ApiKey, Membership, User, Session)] == [
-            "default"
-        ] * 4
+        security_rows = (ApiKey, Membership, User, Session, UserSession)
+        assert [read_alias(model) for model in security_rows] == ["default"] * 5
         with primary_reads():
             assert read_alias(Reservation) == "default"
         assert read_alias(Reservation) == REPLICA

@@ -97,6 +97,9 @@ def test_prepared_statements_are_on_unless_turned_off_for_a_pooler(flag, expecte
         ({"CURRENCY": "kwd"}, "CURRENCY"),  # three decimals: charged a tenth
         ({"CURRENCY": "us dollars"}, "CURRENCY"),
         ({"SITE_URL": "switchyard.example"}, "SITE_URL"),
+        ({"SESSION_IDLE_MINUTES": "0"}, "SESSION_IDLE_MINUTES"),
+        ({"SESSION_LIFETIME_HOURS": "2 weeks"}, "SESSION_LIFETIME_HOURS"),
+        ({"SESSION_IDLE_MINUTES": "180", "SESSION_LIFETIME_HOURS": "2"}, "SESSION_IDLE_MINUTES"),
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "-5"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"BILLING_DEFAULT_RECHARGE_THRESHOLD": "10.005"}, "BILLING_DEFAULT_RECHARGE_THRESHOLD"),
         ({"BILLING_DEFAULT_RECHARGE_AMOUNT": "4.99"}, "BILLING_DEFAULT_RECHARGE_AMOUNT"),

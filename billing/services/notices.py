@@ -3,12 +3,14 @@
 import logging
 
 from billing.models import BillingNotice
-from marketplace.mail import mail_send_on_commit
+from marketplace.mail import mail_send_on_commit, portal_link
 from marketplace.models import Membership, Organization, Role
 
 __all__ = ["notice_send"]
 
 logger = logging.getLogger(__name__)
+# The portal page a notice's e-mail links to: the billing overview unless named here.
+_NOTICE_PAGES = {"invoice_past_due": "portal-billing:invoices"}
 
 
 def notice_send(*, organization: Organization, kind: str, message: str) -> BillingNotice:
@@ -22,7 +24,9 @@ def notice_send(*, organization: Organization, kind: str, message: str) -> Billi
         .exclude(user__email="")
         .values_list("user__email", flat=True)
     )
+    page = portal_link(_NOTICE_PAGES.get(kind, "portal-billing:overview"))
+    body = f"{message}\n\nBilling of {organization.name} in the portal:\n{page}\n"
     mail_send_on_commit(
-        subject=f"Switchyard billing: {kind.replace('_', ' ')}", body=message, recipients=recipients
+        subject=f"Switchyard billing: {kind.replace('_', ' ')}", body=body, recipients=recipients
     )
     return notice

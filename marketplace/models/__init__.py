@@ -8,5 +8,6 @@ from marketplace.models.idempotency import *  # noqa: F403
 from marketplace.models.pricing import *  # noqa: F403
 from marketplace.models.provisioning import *  # noqa: F403
 from marketplace.models.resale import *  # noqa: F403
+from marketplace.models.sessions import *  # noqa: F403
 from marketplace.models.signup import *  # noqa: F403
 from marketplace.models.webhooks import *  # noqa: F403

@@ -26,6 +26,7 @@ from marketplace.templatetags.portal_format import status_label
 __all__ = [
     "SignupForm",
     "SignupConfirmForm",
+    "EmailChangeForm",
     "OrganizationForm",
     "ApiKeyCreateForm",
     "MemberRoleForm",
@@ -82,6 +83,31 @@ class SignupForm(UserCreationForm):
             return email_address_plain(self.cleaned_data["email"].strip())
         except ValidationFailed as exc:
             raise forms.ValidationError(exc.message, code=exc.code) from None
+
+
+class EmailChangeForm(forms.Form):
+    """A new e-mail address for the signed-in account, with its current password (a session
+    left open is not enough to move the account's mail, and its password resets, elsewhere)."""
+
+    email = forms.EmailField(label="New e-mail address")
+    password = forms.CharField(
+        label="Current password", strip=False, widget=forms.PasswordInput(render_value=False)
+    )
+
+    def __init__(self, *args, user, **kwargs):
+        self.user = user
+        super().__init__(*args, **kwargs)
+
+    def clean_email(self):
+        try:
+            return email_address_plain(self.cleaned_data["email"].strip())
+        except ValidationFailed as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from None
+
+    def clean_password(self):
+        if not self.user.check_password(self.cleaned_data["password"]):
+            raise forms.ValidationError("That is not your current password.", code="password")
+        return self.cleaned_data["password"]
 
 
 class SignupConfirmForm(forms.Form):

@@ -106,6 +106,8 @@ class LiveView(PortalView, View):
     """GET ?id=res_…&id=…: those reservations' live figures (the organisation's only)."""
 
     MAX_IDS = 100
+    # Polled by an open page: not activity that keeps a session from its idle timeout.
+    session_passive = True
 
     def get(self, request):
         wanted = request.GET.getlist("id")[: self.MAX_IDS]

@@ -48,6 +48,13 @@ urlpatterns = [
         views.PasswordChangeView.as_view(),
         name="password-change",
     ),
+    path("account/email", views.EmailChangeView.as_view(), name="email-change"),
+    path("account/email/<str:token>", views.EmailConfirmView.as_view(), name="email-confirm"),
+    path(
+        "account/sign-out-everywhere",
+        views.SignOutEverywhereView.as_view(),
+        name="sign-out-everywhere",
+    ),
     path("signup", views.SignupView.as_view(), name="signup"),
     path("signup/confirm/<str:token>", views.SignupConfirmView.as_view(), name="signup-confirm"),
     path("organizations/new", views.OrganizationNewView.as_view(), name="organization-new"),

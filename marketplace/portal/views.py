@@ -4,10 +4,10 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import login
+from django.contrib.auth import login, logout
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.forms import PasswordChangeForm
 from django.contrib.auth.mixins import LoginRequiredMixin
-from django.contrib.messages.views import SuccessMessageMixin
 from django.core.cache import cache
 from django.shortcuts import redirect, render
 from django.urls import Resolver404, resolve, reverse_lazy
@@ -18,19 +18,30 @@ from django.views import View
 from config.errors import ApplicationError
 from config.replica import replica_reads
 from marketplace.models import SIGNUP_NEXT_MAX_LENGTH, Membership, ReservationStatus
-from marketplace.portal.forms import OrganizationForm, SignupConfirmForm, SignupForm
+from marketplace.portal.forms import (
+    EmailChangeForm,
+    OrganizationForm,
+    SignupConfirmForm,
+    SignupForm,
+)
 from marketplace.portal.invitations import open_invitation_for
 from marketplace.portal.live import progress
 from marketplace.portal.login import signup_attempts_over, signup_mails_over
 from marketplace.portal.mixins import PortalView, portal_organization_set
 from marketplace.portal.nav import portal_overview_panels
 from marketplace.selectors.reservations import reservation_list_for_org, reservations_charged_load
+from marketplace.services.accounts import (
+    email_change_confirm,
+    email_change_open,
+    email_change_request,
+)
 from marketplace.services.organizations import (
     organization_create,
     signup_confirm,
     signup_pending_open,
     signup_request,
 )
+from marketplace.sessions import user_sessions_end
 
 _CURRENT = [
     ReservationStatus.PENDING,
@@ -282,13 +293,111 @@ class DashboardView(PortalView, View):
         )
 
 
-class PasswordChangeView(SuccessMessageMixin, auth_views.PasswordChangeView):
+class PasswordChangeView(auth_views.PasswordChangeView):
+    """Your account: the password changed here signs out every other session of the account
+    (whoever had the old password is out too). The page also changes the e-mail address
+    (EmailChangeView) and signs out everywhere."""
+
     template_name = "portal/password_change.html"
     success_url = reverse_lazy("portal:dashboard")
-    success_message = "Your password has been changed."
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context.setdefault("email_form", EmailChangeForm(user=self.request.user, prefix="email"))
+        return context
+
+    def form_valid(self, form):
+        response = super().form_valid(form)  # this session carries on, with a new key
+        ended = user_sessions_end(user_id=form.user.pk, keep=self.request.session.session_key)
+        messages.success(
+            self.request,
+            f"Your password has been changed. {_sessions_ended(ended, 'other ')}",
+        )
+        return response
 
 
-class PasswordResetConfirmView(SuccessMessageMixin, auth_views.PasswordResetConfirmView):
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    """A new password from an e-mailed link: every session of the account is signed out."""
+
     template_name = "portal/password_reset_confirm.html"
     success_url = reverse_lazy("portal:login")
-    success_message = "Your new password is set: sign in with it."
+
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        ended = user_sessions_end(user_id=form.user.pk)
+        messages.success(
+            self.request, f"Your new password is set. {_sessions_ended(ended)} Sign in with it."
+        )
+        return response
+
+
+class EmailChangeView(LoginRequiredMixin, View):
+    """POST from the account page: mail the new address a link that confirms it (the address
+    stays until then) and tell the current one. At most SIGNUP_MAILS_PER_EMAIL such mails an
+    hour go to one address, with the sign-up mails."""
+
+    def post(self, request):
+        form = EmailChangeForm(request.POST, user=request.user, prefix="email")
+        status = 400
+        if form.is_valid() and (refusal := signup_mails_over(form.cleaned_data["email"])):
+            form.add_error("email", refusal)
+            status = 429
+        if form.is_valid():
+            try:
+                email = email_change_request(user=request.user, email=form.cleaned_data["email"])
+            except ApplicationError as exc:
+                form.add_error("email", exc.message)
+            else:
+                messages.success(
+                    request,
+                    f"We sent a link to {email} to confirm it; it works for "
+                    f"{settings.SIGNUP_CONFIRM_HOURS} hours. Your e-mail address stays "
+                    f"{request.user.email or '(none)'} until then.",
+                )
+                return redirect("portal:password-change")
+        # The account page again, with this form's errors.
+        context = {"form": PasswordChangeForm(user=request.user), "email_form": form}
+        return render(request, PasswordChangeView.template_name, context, status=status)
+
+
+class EmailConfirmView(View):
+    """/account/email/<token>, the link mailed to a new address: GET shows what changes and a
+    button (mail scanners open links), POST makes the change."""
+
+    template_name = "portal/email_confirm.html"
+
+    def get(self, request, token: str):
+        try:
+            user, email = email_change_open(token=token)
+        except ApplicationError as exc:
+            return self._refused(request, exc)
+        return render(request, self.template_name, {"account": user, "email": email})
+
+    def post(self, request, token: str):
+        try:
+            user = email_change_confirm(token=token)
+        except ApplicationError as exc:
+            return self._refused(request, exc)
+        messages.success(request, f"{user.email} is now the e-mail address of your account.")
+        return redirect("portal:dashboard" if request.user == user else "portal:login")
+
+    def _refused(self, request, exc: ApplicationError):
+        return render(request, self.template_name, {"refusal": exc}, status=exc.status_code)
+
+
+class SignOutEverywhereView(LoginRequiredMixin, View):
+    """POST: end every session of the account, this one included."""
+
+    def post(self, request):
+        ended = user_sessions_end(user_id=request.user.pk)
+        logout(request)
+        messages.success(request, f"You were signed out everywhere. {_sessions_ended(ended)}")
+        return redirect("portal:login")
+
+
+def _sessions_ended(count: int, which: str = "") -> str:
+    if count == 0:
+        return f"No {which}session was signed in to your account."
+    if count == 1:
+        return f"The {which}session signed in to your account was signed out."
+    return f"All {count} {which}sessions signed in to your account were signed out."

@@ -62,7 +62,7 @@ from config.dates import iso_utc
 from config.db import retried_on_deadlock
 from config.errors import Conflict, ValidationFailed
 from inventory.models import Site, SiteStatus
-from marketplace.mail import mail_send_on_commit
+from marketplace.mail import mail_send_on_commit, portal_link
 from marketplace.models import (
     Curtailment,
     CurtailmentTake,
@@ -1187,11 +1187,13 @@ def _email_notices(*, notified, preempted, preempt_at: datetime, reason: str) ->
         by_org.setdefault(reservation.organization_id, []).append(
             f"- {reservation.public_id} ({reservation.gpu_count} GPU(s), {reservation.tier}): "
             f"stops at {max(preempt_at, reservation.starts_at).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+            f"\n  {portal_link('portal:reservation', public_id=reservation.public_id)}"
         )
     for reservation in preempted:
         by_org.setdefault(reservation.organization_id, []).append(
             f"- {reservation.public_id} ({reservation.gpu_count} GPU(s), {reservation.tier}): "
             "will not start (nothing is charged)"
+            f"\n  {portal_link('portal:reservation', public_id=reservation.public_id)}"
         )
     for org_id, lines in by_org.items():
         recipients = list(

@@ -40,7 +40,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from config.errors import ValidationFailed
-from marketplace.mail import mail_send_on_commit
+from marketplace.mail import mail_send_on_commit, portal_link
 from marketplace.models import (
     DeliveryStatus,
     Membership,
@@ -214,10 +214,13 @@ def _lease() -> timedelta:
     return 2 * (SEND_BUDGET + timedelta(seconds=settings.WEBHOOK_TIMEOUT))
 
 
+# Not while its organisation is suspended by staff: its deliveries wait, due, until it is lifted.
 _CLAIM_SQL = """
-UPDATE marketplace_webhookendpoint SET sending_until = %s
-WHERE id = %s AND enabled AND (sending_until IS NULL OR sending_until < %s)
-RETURNING id
+UPDATE marketplace_webhookendpoint e SET sending_until = %s
+WHERE e.id = %s AND e.enabled AND (e.sending_until IS NULL OR e.sending_until < %s)
+  AND NOT EXISTS (SELECT FROM marketplace_organization o
+                  WHERE o.id = e.organization_id AND o.suspended_at IS NOT NULL)
+RETURNING e.id
 """
 
 
@@ -254,7 +257,7 @@ def webhook_endpoint_send(*, endpoint_id: int) -> dict:
     started = timezone.now()
     lease = _claim(endpoint_id, started)
     if lease is None:
-        return {"sent": 0, "failed": 0, "more": False}  # another worker has it, or disabled
+        return {"sent": 0, "failed": 0, "more": False}  # taken, disabled or suspended
     sent = failed = 0
     more = False
     try:
@@ -409,7 +412,8 @@ def _disable(endpoint: WebhookEndpoint, *, now: datetime) -> None:
             f"Switchyard stopped sending events to your webhook endpoint "
             f"{url.scheme}://{url.netloc.rpartition('@')[2]} "
             f"({endpoint.public_id}). {endpoint.disabled_reason}\n\nFix the endpoint, enable it "
-            "again in the portal (Webhooks) or through the API, and resend what it missed."
+            "again in the portal or through the API, and resend what it missed:\n"
+            f"{portal_link('portal:webhook', public_id=endpoint.public_id)}\n"
         )
         mail_send_on_commit(
             subject="Switchyard: your webhook endpoint was disabled",
@@ -419,13 +423,15 @@ def _disable(endpoint: WebhookEndpoint, *, now: datetime) -> None:
 
 
 def webhook_endpoints_due(*, now: datetime | None = None, limit: int = 500) -> list[int]:
-    """Enabled endpoints with a due delivery and no live lease (for the sweeper)."""
+    """Enabled endpoints with a due delivery and no live lease (for the sweeper), of
+    organisations not suspended."""
     now = now or timezone.now()
     return list(
         WebhookDelivery.objects.filter(
             status=DeliveryStatus.PENDING,
             next_attempt_at__lte=now,
             endpoint__enabled=True,
+            endpoint__organization__suspended_at__isnull=True,
         )
         .exclude(endpoint__sending_until__gte=now)
         .values_list("endpoint_id", flat=True)

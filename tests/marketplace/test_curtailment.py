@@ -9,6 +9,7 @@ from decimal import Decimal
 from html import unescape
 
 import pytest
+from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -115,6 +116,10 @@ def test_an_announcement_notices_running_interruptible_work_and_protects_the_res
     assert booked["on_demand"].public_id not in mail.body
     # The time as the other mails write it, in UTC and labelled so.
     assert f"stops at {shed_at:%Y-%m-%d %H:%M} UTC" in mail.body
+    # Each with a link to its page in the portal, on SITE_URL.
+    for name in ("running", "starts_inside"):
+        link = f"{settings.SITE_URL.rstrip('/')}/reservations/{booked[name].public_id}\n"
+        assert link in mail.body, name
 
 
 def test_the_api_shows_the_notice_until_the_preemption(booked, market, org):

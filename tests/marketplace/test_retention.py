@@ -4,8 +4,6 @@ and money are never touched (docs/retention.md)."""
 from datetime import timedelta
 
 import pytest
-from django.contrib.sessions.backends.db import SessionStore
-from django.contrib.sessions.models import Session
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -24,9 +22,11 @@ from marketplace.models import (
     Reservation,
     ReservationStatus,
     ReservationTransition,
+    UserSession,
 )
 from marketplace.services.events import events_prune
 from marketplace.services.retention import history_prune
+from marketplace.sessions import SessionStore
 from marketplace.tasks import sessions_clear_expired
 from tests.factories import NodeFactory, OrganizationFactory
 from tests.marketplace.market_helpers import make_reservation_rows
@@ -289,6 +289,6 @@ def test_the_session_sweep_removes_expired_sessions_only():
 
     sessions_clear_expired.apply().get()
 
-    assert list(Session.objects.values_list("session_key", flat=True)) == [live.session_key]
+    assert list(UserSession.objects.values_list("session_key", flat=True)) == [live.session_key]
     beat = {entry["task"]: entry["schedule"] for entry in celery_app.conf.beat_schedule.values()}
     assert beat["marketplace.tasks.sessions_clear_expired"] == 86400.0  # daily

@@ -295,6 +295,7 @@ def test_an_endpoint_failing_for_three_days_is_disabled_and_its_managers_emailed
     org, owner, receiver, mailoutbox, django_capture_on_commit_callbacks, settings
 ):
     settings.WEBHOOK_RETRY_FOR = timedelta(hours=72)
+    settings.SITE_URL = "https://example.com/switchyard/"
     MembershipFactory(organization=org, role=Role.MEMBER)  # not e-mailed
     # Nor an owner whose account was deactivated (it has lost its access).
     MembershipFactory(organization=org, role=Role.OWNER, user__is_active=False)
@@ -324,6 +325,8 @@ def test_an_endpoint_failing_for_three_days_is_disabled_and_its_managers_emailed
     assert endpoint.public_id in mail.body
     assert f"{receiver.url} ({endpoint.public_id})" in mail.body
     assert "s3cr3t-path-token" not in mail.body
+    # With a link to the endpoint's page in the portal, on SITE_URL (its path included).
+    assert f"https://example.com/switchyard/webhooks/{endpoint.public_id}\n" in mail.body
     # Disabled: new events make no deliveries, and the sender does not touch it.
     _key_event(org, "later")
     assert WebhookDelivery.objects.count() == 2
