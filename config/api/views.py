@@ -60,6 +60,9 @@ class ApiView(GenericAPIView):
     keys_may_write = True
     # False where even reading needs a signed-in member (the organisation's keys, invitations).
     keys_allowed = True
+    # A write that only stops spending (cancel, stop early), open to a suspended organisation's
+    # members (its keys stay refused).
+    allowed_while_suspended = False
     # The scope a key needs to read here: write where only owners and admins may read (what
     # a read-only key is given for, dashboards and exports, never needs the configuration).
     key_read_scope = ApiKeyScope.READ
@@ -163,8 +166,13 @@ class ApiView(GenericAPIView):
 
     def _check_member_may_change(self, request: Request) -> None:
         # Its members still read (what ran, what was billed), but change nothing.
+        # Only what stops spending stays open (allowed_while_suspended: cancel and stop).
         organization = self.org_context.organization
-        if organization.suspended_at is not None and request.method not in SAFE_METHODS:
+        if (
+            organization.suspended_at is not None
+            and request.method not in SAFE_METHODS
+            and not self.allowed_while_suspended
+        ):
             raise organization_suspended_error(organization)
 
     def _check_key_scope(self, request: Request) -> None:

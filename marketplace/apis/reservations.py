@@ -476,6 +476,8 @@ class ReservationCancelInput(Serializer):
 
 
 class ReservationCancelApi(_OneReservation):
+    allowed_while_suspended = True
+
     @extend_schema(
         tags=TAGS,
         operation_id="reservations_cancel",

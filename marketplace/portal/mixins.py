@@ -78,6 +78,9 @@ class PortalView(LoginRequiredMixin):
     # Roles that may see the page, and roles that may use its POST handler.
     read_roles: frozenset = frozenset(Role.values)
     write_roles: frozenset = frozenset(Role.values)
+    # A POST that only stops spending (cancel, stop early): still open while staff have the
+    # organisation suspended, so a customer is never made to pay for work they want ended.
+    allowed_while_suspended = False
 
     def dispatch(self, request, *args, **kwargs):
         if not request.user.is_authenticated:
@@ -118,8 +121,13 @@ class PortalView(LoginRequiredMixin):
                 f"Your role ({self.membership.role}) cannot do this; it needs one of: "
                 f"{', '.join(sorted(allowed))}."
             )
-        if request.method == "POST" and self.organization.suspended_at is not None:
-            # Suspended by staff: its pages read (every page says why), nothing changes.
+        if (
+            request.method == "POST"
+            and self.organization.suspended_at is not None
+            and not self.allowed_while_suspended
+        ):
+            # Suspended by staff: its pages read (every page says why), nothing changes but
+            # what only stops spending (allowed_while_suspended).
             raise PermissionDenied(organization_suspended_error(self.organization).message)
         try:
             return super().dispatch(request, *args, **kwargs)

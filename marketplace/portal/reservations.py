@@ -579,6 +579,7 @@ class ReservationCancelView(PortalView, View):
     moved against the customer, state the new terms again and change nothing."""
 
     write_roles = RESERVING_ROLES
+    allowed_while_suspended = True
     read_roles = RESERVING_ROLES
 
     def get(self, request, public_id):

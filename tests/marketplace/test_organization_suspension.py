@@ -130,7 +130,6 @@ def test_a_suspended_organisation_is_refused_everything_but_reading_until_it_is_
         format="json",
     )  # fmt: skip
     assert_error(refused, 403, "organization_suspended")
-    assert_error(member.post(f"/api/v1/reservations/{booked.public_id}/cancel"), 403)
     # The services refuse too, whoever calls them: booking, extending, topping up.
     start = timezone.now() + timedelta(days=3)
     with pytest.raises(PermissionDenied) as booking:
@@ -148,6 +147,10 @@ def test_a_suspended_organisation_is_refused_everything_but_reading_until_it_is_
     running.refresh_from_db()
     assert running.status == ReservationStatus.ACTIVE  # kept, as chosen
     assert Reservation.objects.get(pk=booked.pk).status == ReservationStatus.PENDING
+    # What only stops spending stays open to its members (never to its keys): cancelling.
+    assert_error(key.post(f"/api/v1/reservations/{booked.public_id}/cancel"), 403)
+    cancelled = member.post(f"/api/v1/reservations/{booked.public_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
 
     (suspended_mail,) = mailoutbox
     assert suspended_mail.to == [owner.user.email]
@@ -219,7 +222,8 @@ def test_a_suspended_organisations_webhooks_wait_and_go_once_it_is_lifted(org, r
         assert len(receiver.received) == 1
 
 
-def test_the_portal_says_why_and_changes_nothing(org, owner):
+def test_the_portal_says_why_and_changes_nothing_but_stopping_work(market, org, owner):
+    running = book_at_market(org, start=timezone.now(), active=True)
     organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
     client = HttpsClient()
     client.force_login(owner.user)
@@ -232,6 +236,12 @@ def test_the_portal_says_why_and_changes_nothing(org, owner):
     assert refused.status_code == 403
     assert "This organisation is suspended" in refused.content.decode()
     assert not org.api_keys.exists()
+
+    # Stopping its own work early stays open: it only stops spending.
+    stop = reverse("portal:reservation-cancel", kwargs={"public_id": running.public_id})
+    assert client.get(stop).status_code == 200
+    assert client.post(stop, {"confirm": "on"}).status_code == 302
+    assert Reservation.objects.get(pk=running.pk).status == ReservationStatus.RELEASING
 
 
 def test_a_suspended_organisations_card_is_not_charged_by_an_automatic_recharge(org, owner):
