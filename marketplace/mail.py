@@ -1,7 +1,7 @@
 """E-mail to customers (invitations, funding notices, curtailment, disabled webhooks) is sent by
 a Celery task, after the transaction that decided it commits: the web request does not wait on
 the mail server, and a server that is down or refuses for a while is retried with backoff
-(SMTP errors and network errors, up to MAIL_MAX_RETRIES times, 10 s doubling to 10 min). If the
+(SMTP errors and network errors, up to MAIL_MAX_RETRIES times, 10 s doubling to 5 min). If the
 broker itself cannot be reached, the message is sent from this process instead of being lost.
 
 A message that carries a secret (an invitation's link) is not handed to the broker, where it
@@ -73,7 +73,15 @@ def _enqueue(args: list) -> None:
         mail_send.delay(*args)
     except BROKER_ERRORS as exc:
         logger.warning("could not queue an e-mail (%s); sending it from this process", exc)
-        mail_send.apply(args=args)
+        try:
+            # Tried once: an eager apply would run every retry back to back, without its
+            # backoff, inside the request (nine tries of up to EMAIL_TIMEOUT each).
+            mail_send.run(*args)
+        except (SMTPException, OSError):
+            # Neither the broker nor the mail server: logged in full, for an operator to send.
+            logger.exception(
+                "could not send an e-mail from this process either: %r to %s", args[0], args[2]
+            )
 
 
 def mail_task_on_commit(task_name: str, ids: list[int], *, inline: Callable[[], object]) -> None:

@@ -108,3 +108,22 @@ def test_with_the_broker_down_a_message_built_from_ids_is_sent_from_this_process
         )
     assert [m.subject for m in mailoutbox] == ["Built for 7"]
     assert any("could not queue an e-mail" in m for m in caplog.messages)
+
+
+def test_with_the_broker_and_the_mail_server_down_the_request_tries_once_and_logs_it(
+    flaky, monkeypatch, django_capture_on_commit_callbacks, caplog
+):
+    """Not the task's nine tries back to back inside the request (its backoff does not apply
+    there): one, then an error log naming the message, and the request goes on."""
+
+    def broker_down(*args):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    flaky.failures = 1000
+    monkeypatch.setattr(mail_module.mail_send, "delay", broker_down)
+    with django_capture_on_commit_callbacks(execute=True):
+        mail_send_on_commit(subject="Lost?", body="Body", recipients=["a@example.com"])
+    assert flaky.attempts == 1
+    assert mail.outbox == []
+    (logged,) = [r for r in caplog.records if "from this process either" in r.getMessage()]
+    assert logged.levelname == "ERROR" and "'Lost?' to ['a@example.com']" in logged.getMessage()
