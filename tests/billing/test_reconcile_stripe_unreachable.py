@@ -48,3 +48,22 @@ def test_it_says_stripe_is_unreachable_in_one_line_and_exits_non_zero():
     assert lines[0].startswith("CommandError: Stripe is unreachable, nothing was compared:")
     assert "Connection refused" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_read_stripe_refuses_is_one_line_too_not_a_traceback(monkeypatch):
+    """A key without a permission, or a Stripe double without an endpoint (localstripe has no
+    /v1/disputes), answers 4xx: the command's own words, not the exception's traceback."""
+    from django.core.management import CommandError, call_command
+
+    from billing.stripe_gateway import PermanentStripeError
+
+    def refused():
+        raise PermanentStripeError("Unrecognized request URL (GET: /v1/disputes)\n", code="")
+
+    monkeypatch.setattr("billing.management.commands.reconcile_billing.billing_reconcile", refused)
+    with pytest.raises(CommandError) as failed:
+        call_command("reconcile_billing")
+    assert str(failed.value) == (
+        "Stripe refused a request, nothing was compared: "
+        "Unrecognized request URL (GET: /v1/disputes)"
+    )

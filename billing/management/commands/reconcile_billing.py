@@ -1,13 +1,18 @@
 """python manage.py reconcile_billing — compare our ledger, top-ups and refunds with Stripe.
 
 Prints every difference and exits non-zero if there is any (see billing.services.reconcile);
-with Stripe unreachable it says so in one line and exits non-zero.
+with Stripe unreachable, or refusing one of its reads, it says so in one line and exits
+non-zero.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 
 from billing.services.reconcile import billing_reconcile
-from billing.stripe_gateway import StripeNotConfigured, TransientStripeError
+from billing.stripe_gateway import (
+    PermanentStripeError,
+    StripeNotConfigured,
+    TransientStripeError,
+)
 
 
 class Command(BaseCommand):
@@ -20,6 +25,12 @@ class Command(BaseCommand):
             # One line, not a traceback: whoever runs it (cron, a person) needs the cause.
             reason = _reason(str(exc))
             raise CommandError(f"Stripe is unreachable, nothing was compared: {reason}") from None
+        except PermanentStripeError as exc:
+            # Stripe answered but refused a read (a key without that permission, an endpoint
+            # the account or a test double lacks): the same one line, naming what it said.
+            raise CommandError(
+                f"Stripe refused a request, nothing was compared: {_reason(str(exc))}"
+            ) from None
         except StripeNotConfigured as exc:
             raise CommandError(f"Stripe is not configured: {exc}") from None
         for line in differences:
