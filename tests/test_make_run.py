@@ -117,14 +117,19 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(smoke_env):
         assert not [line for line in later if "due task" in line or "succeeded in" in line], later
 
         # Every site agent keeps its HTTP connection to the development server open: none may
-        # hold a database connection between its requests (near PostgreSQL's 100 before).
+        # hold a database connection between its requests (near PostgreSQL's 100 before). What
+        # is held stays; requests in flight come and go: the fewest seen over a few seconds
+        # (a loaded machine has more requests in flight at any one moment).
         with psycopg.connect(urlunparse(urlparse(smoke_env["DATABASE_URL"])._replace(
                 path="/postgres")), autocommit=True) as conn:  # fmt: skip
-            held = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                [urlparse(smoke_env["DATABASE_URL"]).path.lstrip("/")],
-            ).fetchone()[0]
-        assert held <= 20, held
+            seen = []
+            for _ in range(8):
+                seen.append(conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                    [urlparse(smoke_env["DATABASE_URL"]).path.lstrip("/")],
+                ).fetchone()[0])  # fmt: skip
+                time.sleep(0.5)
+        assert min(seen) <= 20, seen
 
         descendants = psutil.Process(run.pid).children(recursive=True)
         commands = [_command_line(p) for p in descendants]

@@ -121,7 +121,10 @@ def test_a_failed_payment_makes_the_invoice_past_due_once_and_tells_owners_and_b
     (mail,) = mailoutbox
     assert sorted(mail.to) == ["billing@example.com", "owner@example.com"]
     assert mail.subject == "Switchyard billing: invoice past due"
-    assert mail.body == notice.message
+    assert mail.body == (
+        f"{notice.message}\n\nBilling of {postpaid.name} in the portal:\n"
+        "http://127.0.0.1:8000/billing/invoices\n"
+    )  # the page to pay it from
 
 
 def test_a_failure_delivered_after_the_invoice_was_paid_changes_nothing(client, postpaid):

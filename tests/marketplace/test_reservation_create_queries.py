@@ -4,7 +4,9 @@ hand). Billing's gate is replaced by one that allows all (its statements are bil
 and counted in its tests); the reference tables are read once first, as a running server has
 them cached. Under the node locks each path also checks the room any grid curtailment of the
 site leaves in the period (one statement, allocation.py), so a booking never takes capacity
-a curtailment shed; a booking's search leaves out the offers' curtailment history."""
+a curtailment shed; a booking's search leaves out the offers' curtailment history. Each also
+reads its organisation's row FOR SHARE (one statement), so a staff suspension waits for a
+booking under way and one that committed first is seen."""
 
 from datetime import timedelta
 
@@ -60,7 +62,7 @@ def test_a_booking_at_a_named_site_takes_a_fixed_number_of_statements(
     market, django_assert_num_queries
 ):
     model, site, org = market
-    with django_assert_num_queries(13):
+    with django_assert_num_queries(14):
         reservation = reservation_create(organization=org, site=site.slug, **_ask(model))
     with django_assert_num_queries(0):
         _created_shown_without_reads(reservation, 12)
@@ -70,7 +72,7 @@ def test_a_booking_at_the_cheapest_site_takes_a_fixed_number_of_statements(
     market, django_assert_num_queries
 ):
     model, _, org = market
-    with django_assert_num_queries(16):
+    with django_assert_num_queries(17):
         reservation = reservation_create(organization=org, **_ask(model))
     with django_assert_num_queries(0):
         _created_shown_without_reads(reservation, 12)
@@ -82,7 +84,7 @@ def test_a_booking_from_a_quote_takes_a_fixed_number_of_statements(
     model, _, org = market
     quote = quote_create(organization=org, **_ask(model))
     quote = Quote.objects.get(pk=quote.pk)
-    with django_assert_num_queries(17):
+    with django_assert_num_queries(18):
         reservation = reservation_create(organization=org, quote=quote)
     with django_assert_num_queries(0):
         _created_shown_without_reads(reservation, 12)
@@ -91,7 +93,7 @@ def test_a_booking_from_a_quote_takes_a_fixed_number_of_statements(
 def test_an_extension_takes_a_fixed_number_of_statements(market, django_assert_num_queries):
     model, site, org = market
     reservation = reservation_create(organization=org, site=site.slug, **_ask(model))
-    with django_assert_num_queries(17):
+    with django_assert_num_queries(18):
         extended = reservation_extend(
             reservation=reservation,
             new_ends_at=reservation.ends_at + timedelta(hours=2),
