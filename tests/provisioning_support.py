@@ -216,14 +216,28 @@ def queue_purge(queue: str) -> None:
             client.zrem("unacked_index", tag)
 
 
-def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):
+def wait_for(
+    predicate,
+    *,
+    timeout: float,
+    interval: float = 0.1,
+    what: str = "condition",
+    logs: tuple[Path, ...] = (),
+):
+    """Poll `predicate` until it is true; on a timeout, the error quotes the end of each of
+    `logs` (the worker's, an agent's), so that a failure far away says what happened."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    tails = "".join(
+        f"\n--- {path.name} (last lines) ---\n" + "\n".join(path.read_text().splitlines()[-40:])
+        for path in logs
+        if path.exists()
+    )
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tails}")
 
 
 def broker_idle(queue: str) -> bool:

@@ -42,8 +42,12 @@ def _status(r: Reservation) -> str:
 
 
 def test_a_dead_agents_job_is_handed_to_the_next_agent_and_the_reservation_runs(
-    worker, live_server, tmp_path
+    worker, live_server, tmp_path, settings
 ):
+    # The live server tells the agent to heartbeat every 2 s: an idle agent leases when a
+    # heartbeat's answer says work waits (the dead agent's lease ran out, the stop is queued),
+    # so each idle wait is one heartbeat, not the default 10 s of a loaded machine's budget.
+    settings.AGENT_HEARTBEAT_SECONDS = 2
     worker.start(PROVISIONING_DRIVER="site_agent")
     market = market_create(nodes=1, gpus=4)
     node = market.nodes[0]
@@ -61,7 +65,8 @@ def test_a_dead_agents_job_is_handed_to_the_next_agent_and_the_reservation_runs(
     dead = requests.post(f"{api}/lease", json={"lease_seconds": 5}, headers=headers, timeout=10)
     assert dead.status_code == 200 and dead.json()["kind"] == "prepare"
 
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
+    logs = (tmp_path / "agent.log", worker.log_path)
+    log = open(logs[0], "w")  # noqa: SIM115
     agent = subprocess.Popen(
         [
             sys.executable,
@@ -84,7 +89,12 @@ def test_a_dead_agents_job_is_handed_to_the_next_agent_and_the_reservation_runs(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: _status(r) == S.ACTIVE, timeout=40, what="the reservation to be active")
+        wait_for(
+            lambda: _status(r) == S.ACTIVE,
+            timeout=60,
+            what="the reservation to be active",
+            logs=logs,
+        )
         r.refresh_from_db()
         prepare = AgentJob.objects.get(reservation=r, kind="prepare")
         assert (prepare.status, prepare.attempts) == (AgentJobStatus.DONE, 2)
@@ -104,7 +114,7 @@ def test_a_dead_agents_job_is_handed_to_the_next_agent_and_the_reservation_runs(
         now = timezone.now()
         Reservation.objects.filter(pk=r.pk).update(starts_at=now - timedelta(hours=1), ends_at=now)
         reservations_dispatch_due()
-        wait_for(lambda: _status(r) == S.COMPLETED, timeout=40, what="the release")
+        wait_for(lambda: _status(r) == S.COMPLETED, timeout=60, what="the release", logs=logs)
     finally:
         agent.terminate()
         agent.wait(timeout=10)
