@@ -64,6 +64,18 @@ def _money_moved(model_admin, request, form, organization, move, *, done: str, a
     return True
 
 
+def money_column(field: str, description: str):
+    """A list column showing the row's `field` (minor units) as money in the row's currency,
+    "5,999 JPY" or "59.99 USD", sortable by the field: staff read amounts, not minor units."""
+
+    @admin.display(description=description, ordering=field)
+    def column(obj):
+        return f"{from_minor_units(getattr(obj, field), obj.currency):,} {obj.currency.upper()}"
+
+    column.__name__ = f"{field}_money"
+    return column
+
+
 class MoneyForm(forms.Form):
     # Digits as typed: "1e3" is not read as 1000 (money typed is money moved).
     amount = PortalAmountField(max_digits=12, decimal_places=2, min_value=Decimal("0.01"))
@@ -325,8 +337,8 @@ class BillingAccountAdmin(admin.ModelAdmin):
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
-    list_display = (created_at_by_id, "organization", "kind", "amount_minor", "currency",
-                    "reservation")  # fmt: skip
+    list_display = (created_at_by_id, "organization", "kind",
+                    money_column("amount_minor", "amount"), "reservation")  # fmt: skip
     list_filter = ("kind",)
     search_fields = ("public_id", "organization__name", "organization__public_id",
                      "idempotency_key", "description")  # fmt: skip
@@ -341,8 +353,9 @@ class LedgerEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
 class HoldAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """What bookings hold against balances until the meter charges them or they end."""
 
-    list_display = (created_at_by_id, "organization", "reservation", "amount_minor",
-                    "charged_minor", "currency", "status", "closed_at")  # fmt: skip
+    list_display = (created_at_by_id, "organization", "reservation",
+                    money_column("amount_minor", "held"), money_column("charged_minor", "charged"),
+                    "status", "closed_at")  # fmt: skip
     list_filter = ("status",)
     search_fields = ("organization__name", "reservation__public_id", "idempotency_key")
     list_select_related = ("organization", "reservation")
@@ -353,8 +366,8 @@ class HoldAdmin(FleetScaleAdmin, ReadOnlyAdmin):
 
 @admin.register(TopUp)
 class TopUpAdmin(FleetScaleAdmin, ReadOnlyAdmin):
-    list_display = ("public_id", "organization", "amount_minor", "currency", "automatic",
-                    "status", "stripe_payment_intent_id", "refund_link")  # fmt: skip
+    list_display = ("public_id", "organization", money_column("amount_minor", "amount"),
+                    "automatic", "status", "stripe_payment_intent_id", "refund_link")  # fmt: skip
     list_filter = ("status", "automatic")
     search_fields = ("public_id", "organization__name", "organization__public_id",
                      "stripe_payment_intent_id")  # fmt: skip
@@ -410,8 +423,7 @@ class RefundAdmin(ReadOnlyAdmin):
     list_display = (
         "id",
         "organization",
-        "amount_minor",
-        "currency",
+        money_column("amount_minor", "amount"),
         "status",
         "reason",
         "created_by",
@@ -466,8 +478,9 @@ class InvoicePastDueFilter(admin.SimpleListFilter):
 
 @admin.register(Invoice)
 class InvoiceAdmin(ReadOnlyAdmin):
-    list_display = ("stripe_invoice_id", "organization", "status", "amount_due_minor", "currency",
-                    "period_start", "payment_failed_at", "hosted_link")  # fmt: skip
+    list_display = ("stripe_invoice_id", "organization", "status",
+                    money_column("amount_due_minor", "amount due"), "period_start",
+                    "payment_failed_at", "hosted_link")  # fmt: skip
     list_filter = ("status", InvoicePastDueFilter)
     search_fields = ("stripe_invoice_id", "stripe_customer_id", "organization__name",
                      "organization__public_id")  # fmt: skip
@@ -495,8 +508,7 @@ class UsageAggregateAdmin(FleetScaleAdmin, ReadOnlyAdmin):
         "id",
         "organization",
         "period_start",
-        "amount_minor",
-        "currency",
+        money_column("amount_minor", "amount"),
         "gpu_seconds",
     )
 

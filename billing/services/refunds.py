@@ -47,7 +47,7 @@ from billing.models import (
     TopUp,
     TopUpStatus,
 )
-from billing.money import from_minor_units, to_minor_units
+from billing.money import from_minor_units, to_minor_units, to_minor_units_asked
 from billing.selectors import balance_minor
 from billing.services.funding import billing_account_lock, funding_state_update
 from billing.services.holds import money_position
@@ -83,7 +83,8 @@ def refund_create(
     top_up = TopUp.objects.select_for_update().get(pk=top_up.pk)
     if top_up.status != TopUpStatus.SUCCEEDED:
         raise Conflict("Only a successful top-up can be refunded.", code="not_refundable")
-    amount_minor = to_minor_units(amount, top_up.currency)
+    # 10.005 USD or 5.5 JPY is refused, not rounded into another amount than the one asked.
+    amount_minor = to_minor_units_asked(amount, top_up.currency, field="amount")
     already = top_up.refunds.exclude(status=RefundStatus.FAILED).aggregate(
         total=Coalesce(Sum("amount_minor"), 0)
     )["total"]

@@ -75,7 +75,8 @@ TERM_LENGTHS: dict[str, timedelta] = {
 }
 ROUNDING_RULE = (
     "price per GPU-hour rounded half-up to 4 decimal places; total = price × GPUs × "
-    "exact hours, rounded half-up to the cent once"
+    "exact hours, rounded half-up once to the currency's smallest unit (the cent; a whole "
+    "yen for JPY)"
 )
 _PRICE_QUANTUM = Decimal("0.0001")
 _CENT = Decimal("0.01")

@@ -7,7 +7,15 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from billing.models import BillingAccount, BillingMode, Hold, LedgerEntry, LedgerKind, Refund
+from billing.models import (
+    BillingAccount,
+    BillingMode,
+    Hold,
+    LedgerEntry,
+    LedgerKind,
+    Refund,
+    TopUp,
+)
 from billing.selectors import balance_minor
 from billing.services.accounts import billing_account_get_or_create
 from billing.services.topups import top_up_create
@@ -401,3 +409,31 @@ def test_staff_find_money_records_by_the_ids_a_customer_pastes(staff_client, org
     # The top-ups list shows the id customers see, never the sequential one.
     listed = staff_client.get(reverse("admin:billing_topup_changelist")).content.decode()
     assert top_up.public_id in listed
+
+
+def test_money_lists_show_amounts_in_their_currency_not_minor_units(staff_client, org):
+    """The ledger, holds, top-ups, refunds, invoices and usage lists show 12.34 USD and
+    5,999 JPY, as the customer sees them, not 1234 and 5999 beside a currency code."""
+    other = OrganizationFactory()
+    LedgerEntry.objects.create(organization=org, kind=LedgerKind.CREDIT, amount_minor=123456,
+                               currency="usd", idempotency_key="u")  # fmt: skip
+    LedgerEntry.objects.create(organization=other, kind=LedgerKind.CREDIT, amount_minor=5999,
+                               currency="jpy", idempotency_key="j")  # fmt: skip
+
+    page = staff_client.get(reverse("admin:billing_ledgerentry_changelist"))
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "1,234.56 USD" in html and "5,999 JPY" in html
+    assert ">123456<" not in html
+    by_amount = staff_client.get(reverse("admin:billing_ledgerentry_changelist"), {"o": "3"})
+    assert by_amount.status_code == 200  # the column sorts by the amount
+    assert by_amount.content.decode().index("5,999 JPY") < by_amount.content.decode().index(
+        "1,234.56 USD"
+    )
+    TopUp.objects.create(organization=org, amount_minor=5000, currency="usd",
+                         payment_method_id="pm_card_visa")  # fmt: skip
+    top_ups = staff_client.get(reverse("admin:billing_topup_changelist")).content.decode()
+    assert "50.00 USD" in top_ups and ">5000<" not in top_ups
+    for name in ("hold", "refund", "invoice", "usageaggregate"):
+        assert staff_client.get(reverse(f"admin:billing_{name}_changelist")).status_code == 200

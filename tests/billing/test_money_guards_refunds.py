@@ -24,7 +24,7 @@ from billing.services.holds import money_position
 from billing.services.refunds import refund_create, refund_mark_failed
 from billing.services.topups import top_up_succeed
 from billing.services.webhooks import webhook_event_process
-from config.errors import Conflict
+from config.errors import Conflict, ValidationFailed
 from marketplace.services.reservations import reservation_create
 from tests.factories import GpuModelFactory, OrganizationFactory, SiteFactory
 from tests.marketplace.market_helpers import make_nodes, make_policy, make_rate, tomorrow
@@ -83,6 +83,23 @@ def test_a_refund_cannot_pay_out_money_held_for_a_booking(capacity):
 
     assert money_position(organization_id=org.pk) == (7200, 0, 7200)
     assert money_position(organization_id=org.pk).available == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("amount", ["10.005", "0.001"])
+def test_a_refund_finer_than_a_cent_is_refused_not_rounded(capacity, amount):
+    """10.005 USD would have been refunded as 10.01, another amount than the one asked for
+    (0.001 as nothing at all)."""
+    org = new_org()
+    top_up = paid_top_up(org, 10000)
+
+    with pytest.raises(ValidationFailed) as error:
+        refund_create(top_up=top_up, amount=Decimal(amount), reason="probe")
+
+    assert (error.value.code, error.value.field) == ("amount_precision", "amount")
+    assert error.value.message == "Amounts in USD are given to at most 2 decimal places."
+    assert not Refund.objects.exists() and not OutboxMessage.objects.exists()
+    assert money_position(organization_id=org.pk) == (10000, 0, 0)
 
 
 @pytest.mark.django_db(transaction=True)
