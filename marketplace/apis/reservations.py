@@ -513,6 +513,11 @@ class ExtensionTermsOutput(Serializer):
         "on-demand and interruptible time is charged as it is used.",
     )
     rule = serializers.CharField()
+    warnings = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="What may still refuse or stop the extra time: a grid curtailment of the "
+        "site during it. Empty when nothing is known.",
+    )
 
 
 class ExtensionTermsApi(_OneReservation):

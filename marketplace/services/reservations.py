@@ -834,6 +834,9 @@ class ExtensionTerms:
     new_total: Decimal
     charged_now: Decimal
     rule: str
+    # What may still stop it, said before it is asked for: a grid curtailment of its site
+    # during the extra time.
+    warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -848,7 +851,8 @@ def extension_terms(
     """The extra time priced as the reservation was (its price per GPU-hour, the whole period
     totalled as when it was booked). Raises what reservation_extend would for a bad end.
 
-    Whether the GPUs stay free and the money is there is decided when it is applied.
+    Whether the GPUs stay free and the money is there is decided when it is applied; a grid
+    curtailment of its site during the extra time, which may refuse it then, is a warning.
     """
     at = at or timezone.now()
     refusal = reservation_action_refusal(reservation, "extend", at=at)
@@ -889,6 +893,18 @@ def extension_terms(
             "The extra time is charged by the second as it is used, at the same price; its "
             "committed part is held against the balance now, as a new reservation's is."
         )
+    curtailed = reservation.site_id and site_curtailed_refusal(
+        site_id=reservation.site_id, starts_at=reservation.ends_at, ends_at=new_ends_at
+    )
+    warnings = (
+        (
+            f"{curtailed.message} The extension is refused when it is made unless the site "
+            "sheds more than it was asked to by then; an interruptible reservation is stopped "
+            "for it.",
+        )
+        if curtailed
+        else ()
+    )
     return ExtensionTerms(
         ends_at=reservation.ends_at,
         new_ends_at=new_ends_at,
@@ -898,6 +914,7 @@ def extension_terms(
         new_total=new_total,
         charged_now=charged_now,
         rule=rule,
+        warnings=warnings,
     )
 
 

@@ -39,6 +39,7 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     org,
     owner,
 )
+from tests.marketplace.market_helpers import member_client
 
 pytestmark = pytest.mark.django_db
 S = ReservationStatus
@@ -698,3 +699,36 @@ def test_work_started_after_the_notices_time_is_released_when_it_started(market,
     running = _fresh(running)
     assert (running.status, running.released_at) == (S.PREEMPTED, running.activated_at)
     assert reservation_delivered_seconds(reservation=running, until=timezone.now()) == 0
+
+
+def test_extension_terms_warn_of_a_curtailment_during_the_extra_time(market, org):
+    """Priced without a word, an extension into a curtailment's window was then refused when
+    made (409 site_curtailed); its terms now say so first, in the API and the portal."""
+    site, _ = market
+    now = timezone.now()
+    r = _book(org, tier="on_demand", start=now, hours=2, active=True)
+    shed_at = r.ends_at + timedelta(hours=1)
+    curtailment_announce(
+        site=site, shed_at=shed_at, until=shed_at + timedelta(hours=2), reason="ERCOT peak"
+    )
+    client = key_client(org)
+    url = f"/api/v1/reservations/{r.public_id}/extension-terms"
+
+    clear = client.get(url, {"ends_at": (r.ends_at + timedelta(minutes=30)).isoformat()})
+    into = client.get(url, {"ends_at": (shed_at + timedelta(hours=1)).isoformat()})
+
+    assert clear.status_code == 200 and clear.json()["warnings"] == []
+    assert into.status_code == 200, into.content
+    (warning,) = into.json()["warnings"]
+    assert warning.startswith(f"{site.name} is shedding load for its grid operator from ")
+    assert "The extension is refused when it is made unless the site sheds more" in warning
+    assert Reservation.objects.get(pk=r.pk).ends_at == r.ends_at  # terms change nothing
+    # The portal's preview says the same before the button.
+    page = member_client(org, Role.MEMBER).post(
+        f"/reservations/{r.public_id}/extend",
+        {"ends_at": (shed_at + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")},
+    )
+    html = unescape(page.content.decode())
+    assert page.status_code == 200
+    assert '<p class="alert" id="extension-warning" role="note">' in html
+    assert f"{site.name} is shedding load for its grid operator" in html
