@@ -846,13 +846,18 @@ class ExtensionTerms:
 
 
 def extension_terms(
-    reservation: Reservation, new_ends_at: datetime, *, at: datetime | None = None
+    reservation: Reservation,
+    new_ends_at: datetime,
+    *,
+    at: datetime | None = None,
+    warn: bool = True,
 ) -> ExtensionTerms:
     """The extra time priced as the reservation was (its price per GPU-hour, the whole period
     totalled as when it was booked). Raises what reservation_extend would for a bad end.
 
     Whether the GPUs stay free and the money is there is decided when it is applied; a grid
-    curtailment of its site during the extra time, which may refuse it then, is a warning.
+    curtailment of its site during the extra time, which may refuse it then, is a warning
+    (`warn`; the extension itself checks the curtailment instead).
     """
     at = at or timezone.now()
     refusal = reservation_action_refusal(reservation, "extend", at=at)
@@ -893,8 +898,12 @@ def extension_terms(
             "The extra time is charged by the second as it is used, at the same price; its "
             "committed part is held against the balance now, as a new reservation's is."
         )
-    curtailed = reservation.site_id and site_curtailed_refusal(
-        site_id=reservation.site_id, starts_at=reservation.ends_at, ends_at=new_ends_at
+    curtailed = (
+        warn
+        and reservation.site_id
+        and site_curtailed_refusal(
+            site_id=reservation.site_id, starts_at=reservation.ends_at, ends_at=new_ends_at
+        )
     )
     warnings = (
         (
@@ -940,7 +949,7 @@ def reservation_extend(
     # Its time is read once the node locks are held (a curtailment planned meanwhile has
     # committed), from the database's clock: the one a curtailment's call is stamped by.
     now = _extension_nodes_lock(gpus)
-    terms = extension_terms(locked, new_ends_at, at=now)
+    terms = extension_terms(locked, new_ends_at, at=now, warn=False)
     old_end, old_total = locked.ends_at, locked.total_amount
     _extension_gpus_check(reservation=locked, gpus=gpus, new_ends_at=new_ends_at)
     _allocations_lengthen(reservation=locked, new_ends_at=new_ends_at)
