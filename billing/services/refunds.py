@@ -47,7 +47,7 @@ from billing.models import (
     TopUp,
     TopUpStatus,
 )
-from billing.money import from_minor_units, to_minor_units, to_minor_units_asked
+from billing.money import from_minor_units, to_minor_units_asked
 from billing.selectors import balance_minor
 from billing.services.funding import billing_account_lock, funding_state_update
 from billing.services.holds import money_position
