@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import stat
@@ -33,6 +34,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 try:  # GPU telemetry and burn-in: the two modules beside this file (pip installs all three)
@@ -445,6 +447,79 @@ def _node_memory_mib() -> int:
     return 0
 
 
+# What stopped a container from outside its workload (a heartbeat's `stopped_by`): Switchyard
+# restarts such a workload in place and counts the gap as an outage, where a workload's own
+# exit ends its reservation. None: nothing the runtime records says so (its own exit).
+STOPPED_BY_RUNTIME = "runtime"  # stopped or killed through the runtime: an operator, a shutdown
+STOPPED_BY_REBOOT = "reboot"  # it ended before the node's last boot: the reboot stopped it
+# How long after a container's end the runtime's events of its stop are looked for (the
+# stopping command logs its last one just after the exit).
+STOP_EVENTS_SETTLE_SECONDS = 3.0
+# An RFC 3339 time as podman and docker print it (up to nanoseconds), or Go's default form
+# ("2026-12-06 10:31:02.123 +0000 UTC").
+_RUNTIME_TIME = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))? ?(Z|[+-]\d{2}:?\d{2})"
+)
+
+
+def runtime_time(value: object) -> float | None:
+    """A time from the runtime's inspect, in epoch seconds; None when absent, without a zone,
+    or Go's zero time (a container that never finished)."""
+    found = _RUNTIME_TIME.match(value) if isinstance(value, str) else None
+    if found is None:
+        return None
+    day, clock, fraction, zone = found.groups()
+    offset = timedelta()
+    if zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        zone = zone[1:].replace(":", "")
+        offset = sign * timedelta(hours=int(zone[:2]), minutes=int(zone[2:]))
+    try:
+        local = datetime.fromisoformat(f"{day}T{clock}")
+    except ValueError:
+        return None
+    if local.year < 1970:
+        return None
+    moment = (local - offset).replace(tzinfo=UTC).timestamp()
+    return moment + float(f"0.{fraction}") if fraction else moment
+
+
+def node_boot_time() -> float | None:
+    """When this node last booted, in epoch seconds (/proc/stat's btime); None if unreadable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def stopped_from_outside(
+    state: dict, *, boot_time: float | None, stop_signalled: Callable[[], bool] | None = None
+) -> str | None:
+    """Why a container that is not running was stopped from outside its workload, by what the
+    runtime records (never by its exit code: a workload may exit 143 or 137 itself):
+    STOPPED_BY_RUNTIME when it was stopped or killed through the runtime (State.StoppedByUser
+    where the runtime's inspect shows it; else its events of this run, `stop_signalled`:
+    docker and podman 4 show no such field); STOPPED_BY_REBOOT when it ended before the node's
+    last boot; None for its own exit, a kill for its memory, or a container that has not
+    ended."""
+    if state.get("Running") or state.get("OOMKilled"):
+        return None
+    finished = runtime_time(state.get("FinishedAt"))
+    if finished is None:
+        return None
+    if state.get("StoppedByUser"):
+        return STOPPED_BY_RUNTIME
+    if boot_time is not None and finished < boot_time:
+        return STOPPED_BY_REBOOT
+    if "StoppedByUser" not in state and stop_signalled is not None and stop_signalled():
+        return STOPPED_BY_RUNTIME
+    return None
+
+
 # --- executors ----------------------------------------------------------------------------
 
 
@@ -548,6 +623,9 @@ class ContainerExecutor:
         self.readiness_timeout = readiness_timeout_seconds
         self.allow_private_registries = allow_private_registries
         self.runtime_env = dict(runtime_env or {})
+        # Whether the runtime logged a stop or kill of a container's run, by (id, FinishedAt):
+        # a run that ended does not change, so its events are read once.
+        self._stop_events_seen: dict[tuple[str, str], bool] = {}
 
     # The runtime's CLI.
 
@@ -988,8 +1066,57 @@ class ContainerExecutor:
             if not state.get("Running"):
                 secrets = [e.partition("=")[2] for e in (item.get("Config", {}).get("Env") or [])]
                 entry["log_tail"] = self.log_tail(entry["name"], secrets)
+                # Stopped from outside (an operator's stop or kill, a reboot): not the
+                # workload's own exit, which Switchyard tells the customer it was.
+                entry["stopped_by"] = stopped_from_outside(
+                    state,
+                    boot_time=node_boot_time(),
+                    stop_signalled=lambda item=item: self._stop_signalled(item),
+                )
             report.append(entry)
+        ids = {item.get("Id", "") for item in inspected}
+        for key in [k for k in self._stop_events_seen if k[0] not in ids]:
+            del self._stop_events_seen[key]
         return sorted(report, key=lambda e: e["name"])
+
+    def _stop_signalled(self, item: dict) -> bool:
+        """Whether the runtime's events show this run of the container (from its start to
+        STOP_EVENTS_SETTLE_SECONDS after its end) stopped through the runtime, for a runtime
+        whose inspect does not say (docker, podman 4.3): a `stop` or `kill` event (docker logs
+        both for its stop; podman 4.3 logs `kill` for its kill and, for its stop, a second
+        `cleanup`, the stopping command's own after the one its exit logs). False when the
+        events cannot be read: then nothing proves a stop from outside."""
+        state = item.get("State") or {}
+        key = (item.get("Id", ""), str(state.get("FinishedAt")))
+        if key in self._stop_events_seen:
+            return self._stop_events_seen[key]
+        started = runtime_time(state.get("StartedAt"))
+        finished = runtime_time(state.get("FinishedAt"))
+        if not key[0] or started is None or finished is None:
+            return False
+        until = math.ceil(finished + STOP_EVENTS_SETTLE_SECONDS)
+        # The stopping command logs its events just after the exit: wait for them (once per
+        # run; an --until still to come would make the runtime wait for it instead).
+        time.sleep(max(0.0, min(until - time.time(), STOP_EVENTS_SETTLE_SECONDS + 1)))
+        # podman 4 with its file log answers an --until in the past with nothing: it is told
+        # not to stream instead, and the window is kept below (_run_events).
+        end = ["--stream=false"] if self.flavour == "podman" else ["--until", _rfc3339(until)]
+        try:
+            done = self._cli(
+                ["events", "--since", _rfc3339(math.floor(started)), *end,
+                 "--filter", f"container={key[0]}", "--format", "{{json .}}"],
+                timeout=30,
+            )  # fmt: skip
+        except ExecutorError as exc:
+            logger.warning("cannot read %s's events: %s", self.flavour, exc)
+            return False
+        if done.returncode != 0:
+            logger.warning("cannot read %s's events: %s", self.flavour, done.stderr[-300:])
+            return False
+        actions = _run_events(done.stdout, started=started, until=until)
+        signalled = bool({"stop", "kill"} & set(actions)) or actions.count("cleanup") >= 2
+        self._stop_events_seen[key] = signalled
+        return signalled
 
     def _managed_names(self) -> list[str]:
         return self._run(
@@ -1030,6 +1157,30 @@ def _is_ip(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _run_events(lines: str, *, started: float, until: float) -> list[str]:
+    """The verbs of a container's events (`events --format '{{json .}}'`, one JSON object a
+    line) logged from `started` to `until`: podman names them Status (with Time), docker
+    Action (with timeNano)."""
+    verbs = []
+    for line in lines.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        nanos = event.get("timeNano")
+        at = nanos / 1e9 if isinstance(nanos, int) else runtime_time(event.get("Time"))
+        if at is not None and not started <= at <= until:
+            continue  # the second before its start (a previous run's) or after the window
+        verbs.append(str(event.get("Action") or event.get("Status") or "").lower())
+    return verbs
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _publish_host(address: str) -> str:

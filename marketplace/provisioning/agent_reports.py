@@ -6,8 +6,10 @@ now, decided when the platform learns of it (at most one agent heartbeat later):
 - Its process exited by itself (`exited`, `stopped`, `dead`, with an exit code): the customer's
   own ending. It ends (`active → failed`, through the transition service); billing stops there
   (billing counts activated_at → released_at), and a reserved term's rest is not refunded.
-- Its container vanished or stalled (missing, `created`, `paused`, `restarting`, …): not the
-  customer's doing (a node reboot, a restarted runtime, an operator's `rm`). It is restarted in
+- Its container vanished, stalled or was stopped from outside (missing, `created`, `paused`,
+  `restarting`, …, or ended with the agent's `stopped_by`: the runtime records a stop or kill
+  through it, or it ended before the node's last boot): not the customer's doing (a node
+  reboot, a restarted runtime, an operator's `rm`, `stop` or `kill`). It is restarted in
   place, every tier alike, as a move off a failed GPU restarts it: a new placement generation on
   the same allocations, `active → provisioning` with the reason, and the provisioning worker
   (the agents: the old generation's stop, then a fresh prepare and start) runs it again. A
@@ -113,6 +115,7 @@ __all__ = [
     "agent_workloads_report",
     "EXITED_STATES",
     "RUNNING_STATE",
+    "STOPPED_FROM_OUTSIDE",
     "workload_restarts",
     "workload_restarts_summary",
 ]
@@ -123,6 +126,17 @@ ACTOR = "system: site agent"
 RUNNING_STATE = "running"
 # Container states of a workload that ran and ended: the report carries its exit code.
 EXITED_STATES = frozenset({"exited", "stopped", "dead"})
+# What stopped an exited container from outside its workload (the agent's `stopped_by`), as
+# the reason says it: the site's doing, not the customer's exit. "site": a cause a newer agent
+# names that this server does not know.
+STOPPED_FROM_OUTSIDE = {
+    "runtime": "The workload was stopped from outside it: node {node}'s container runtime "
+    "stopped or killed its container (a site operator, or the runtime shutting down), with "
+    "code {code} at {at}",
+    "reboot": "The workload was stopped by a restart of node {node}: its container ended with "
+    "code {code} at {at}, before the node last booted",
+    "site": "The workload was stopped from outside it on node {node}, with code {code} at {at}",
+}
 # Redis hash, node id → epoch of the heartbeat the node's last applied report followed.
 REPORTED_KEY = "switchyard:workloads:reported_after"
 
@@ -173,6 +187,9 @@ def _not_running(report: dict | None, node: Node, now: datetime) -> str:
     state = report.get("state")
     if state in EXITED_STATES:
         at = report.get("finished_at") or "an unknown time"
+        if report.get("stopped_by"):
+            text = STOPPED_FROM_OUTSIDE.get(report["stopped_by"], STOPPED_FROM_OUTSIDE["site"])
+            return text.format(node=node.hostname, code=report.get("exit_code"), at=at)
         if report.get("oom_killed"):
             return (
                 f"The workload ran out of memory: killed with code {report.get('exit_code')} "
@@ -604,16 +621,17 @@ def agent_workloads_report(*, node: Node, containers: list[dict]) -> list[dict]:
         what = _not_running(report, node, now)
         log = "" if report is None else _log_suffix(report, r.workload or {})
         seen = _seen_running_at(item, reported_after=reported_after, now=now)
-        if report is not None and report.get("state") in EXITED_STATES:
+        exited = report is not None and report.get("state") in EXITED_STATES
+        if exited and not report.get("stopped_by"):
             # Its own exit: the customer's ending, never restarted.
             cause = f"{what}; {_money_after_end(r, own_exit=True)}{log}"
             exited_at = _exited_at(item, report, seen=seen, now=now)
             ended = _end(item, node=node, cause=cause, released_at=exited_at)
             outcome = "ended" if ended else ""
         else:
-            outcome = _restart_or_end(
-                item, node=node, what=what, log=log, now=now, lost_at=seen or now
-            )
+            # Stopped from outside, with nothing later proving it ran: from its exit time.
+            lost_at = seen or (_exited_at(item, report, seen=None, now=now) if exited else now)
+            outcome = _restart_or_end(item, node=node, what=what, log=log, now=now, lost_at=lost_at)
         if outcome:
             left_active.add(r.public_id)
             logger.info("reservation %s %s: its workload is not running", r.public_id, outcome)

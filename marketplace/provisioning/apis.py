@@ -23,7 +23,7 @@ from marketplace.provisioning.agent_jobs import (
     agent_job_lease,
     agent_job_progress,
 )
-from marketplace.provisioning.agent_reports import agent_workloads_report
+from marketplace.provisioning.agent_reports import STOPPED_FROM_OUTSIDE, agent_workloads_report
 
 
 class _AgentApi(AgentApiView):
@@ -222,6 +222,11 @@ class AgentWorkloadsApi(_AgentApi):
         exit_code = serializers.IntegerField(allow_null=True, required=False)
         finished_at = serializers.CharField(max_length=64, allow_null=True, required=False)
         oom_killed = serializers.BooleanField(required=False, default=False)
+        # What stopped it from outside its workload ("runtime", "reboot"); absent or null (an
+        # older agent's report too): its own exit.
+        stopped_by = serializers.CharField(
+            max_length=32, allow_null=True, allow_blank=True, required=False, default=None
+        )
         log_tail = serializers.CharField(max_length=4000, allow_blank=True, required=False)
 
         # The state and the exit time are quoted into the reason the customer reads: only
@@ -233,6 +238,13 @@ class AgentWorkloadsApi(_AgentApi):
 
         def validate_finished_at(self, value: str | None) -> str | None:
             return value if value and _CONTAINER_TIME.fullmatch(value) else None
+
+        # A cause a newer agent names that this server does not know is still a stop from
+        # outside: said as such, not quoted.
+        def validate_stopped_by(self, value: str | None) -> str | None:
+            if not value:
+                return None
+            return value if value in STOPPED_FROM_OUTSIDE else "site"
 
     class AgentWorkloadsInputSerializer(LenientSerializer):
         containers = serializers.ListField(child=serializers.DictField(), max_length=512)

@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+import switchyard_agent
 from switchyard_agent import ContainerExecutor, ExecutorError
 
 from tests.agent.conftest import CONTAINERS_CONF, no_progress, podman
@@ -420,6 +421,47 @@ def test_the_heartbeat_lists_each_container_with_its_state_and_an_exits_last_lin
     assert exited["log_tail"] == (
         "workload starting (mode serve)\nlistening on 8081\ngiving up after 2 s"
     )
+
+
+def test_a_stop_or_kill_from_outside_is_reported_as_such_and_an_own_exit_143_is_not(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    stopped = payload_for(env={"LISTEN": "8080"}, ports=[8080])
+    killed = payload_for(env={"LISTEN": "8081"}, ports=[8081])
+    exits = payload_for(env={"LISTEN": "8082", "EXIT_AFTER": "2", "EXIT_CODE": "143"}, ports=[8082])
+    for payload in (stopped, killed, exits):
+        _start(executor, payload)
+
+    # A site operator's stop (the workload catches SIGTERM and exits 0) and kill (137).
+    podman("stop", "-t", "5", stopped["container_name"], timeout=30)
+    podman("kill", killed["container_name"], timeout=30)
+    podman("wait", exits["container_name"], timeout=30)
+
+    mine = {c["reservation"]: (c["exit_code"], c.get("stopped_by")) for c in executor.containers()}
+    seen = {p["reservation"]: mine[p["reservation"]] for p in (stopped, killed, exits)}
+    assert seen == {
+        stopped["reservation"]: (0, "runtime"),
+        killed["reservation"]: (137, "runtime"),
+        exits["reservation"]: (143, None),  # its own exit, whatever the code says
+    }
+
+
+def test_a_container_that_ended_before_the_node_last_booted_is_reported_stopped_by_the_reboot(
+    executor_factory, payload_for, monkeypatch
+):
+    executor = executor_factory()
+    payload = payload_for(
+        env={"LISTEN": "8080", "EXIT_AFTER": "2", "EXIT_CODE": "143"}, ports=[8080]
+    )
+    _start(executor, payload)
+    podman("wait", payload["container_name"], timeout=30)
+    # The node booted after it ended (stood in: a test cannot reboot this machine).
+    monkeypatch.setattr(switchyard_agent, "node_boot_time", lambda: time.time())
+
+    (entry,) = [c for c in executor.containers() if c["reservation"] == payload["reservation"]]
+
+    assert (entry["exit_code"], entry["stopped_by"]) == (143, "reboot")
 
 
 def test_a_preemption_notice_is_written_inside_the_container_and_withdrawn(

@@ -5,7 +5,8 @@ A reservation becomes active only once its container runs and every port asked f
 included) accepts TCP on the address customers are given; a workload that crashes while
 starting fails at no charge with its last log lines, so does one whose image cannot be
 pulled; one that exits while active ends its reservation at the next heartbeat. A preemption notice reaches the inside of the container.
-One whose container is removed while active (an operator's `rm`) is restarted in place.
+One whose container is removed while active (an operator's `rm`) is restarted in place, and so
+is one an operator stops (`podman stop`), while one that exits 143 by itself ends.
 """
 
 import json
@@ -320,3 +321,90 @@ def test_a_container_removed_while_active_is_restarted_in_place_and_the_gap_is_a
         log.close()
         podman("rm", "-f", "-t", "0", name, check=False)
         podman("network", "rm", "-f", f"{name}-net", check=False)
+
+
+def test_a_workload_stopped_from_outside_restarts_in_place_while_its_own_exit_143_ends_it(
+    worker, live_server, tmp_path, test_image
+):
+    """A site operator runs `podman stop` on one workload (which catches SIGTERM and exits 0):
+    not the customer's exit, so it restarts in place and the gap is an outage. Another
+    workload exits with code 143 by itself: its own ending, whatever the code suggests."""
+    worker.start(PROVISIONING_DRIVER="site_agent", PROVISIONING_READINESS_TIMEOUT_SECONDS="20")
+    market = market_create(nodes=1, gpus=4)
+    node = market.nodes[0]
+    _token, secret = node_token_issue(node=node, label="site agent")
+    stopped = market.book(
+        gpu_count=1, workload={"image": test_image, "ports": [8080], "env": {"LISTEN": "8080"}}
+    )
+    exits = market.book(
+        gpu_count=1,
+        workload={
+            "image": test_image,
+            "ports": [8081],
+            "env": {"LISTEN": "8081", "EXIT_AFTER": "15", "EXIT_CODE": "143"},
+        },
+    )
+    names = [f"sy-{r.public_id}" for r in (stopped, exits)]
+    reservations_dispatch_due()
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [
+            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
+            "--token", secret, "--executor", "container", "--runtime", "podman",
+            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **RUNTIME_ENV},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: {_fresh(r).status for r in (stopped, exits)} == {S.ACTIVE},
+            timeout=60,
+            what="activation",
+        )
+        first = _fresh(stopped)
+        old_id = _container_id(names[0])
+
+        podman("stop", "-t", "5", names[0], timeout=30)
+
+        wait_for(
+            lambda: statuses(stopped)[3:] == [S.PROVISIONING, S.ACTIVE],
+            timeout=90,
+            what="the restart in place",
+        )
+        back = _fresh(stopped)
+        assert back.placement_generation == 1
+        assert back.activated_at == first.activated_at
+        assert _container_id(names[0]) != old_id
+        restart = back.transitions.filter(to_status=S.PROVISIONING).order_by("at").last()
+        assert restart.cause.startswith(
+            f"The workload was stopped from outside it: node {node.hostname}'s container "
+            "runtime stopped or killed its container (a site operator, or the runtime shutting "
+            "down), with code 0 at "
+        )
+        assert restart.actor_label == "system: site agent"
+        port = back.connection["ports"]["8080"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"hello\n")
+            assert conn.recv(16) == b"hello\n"
+        reservation_outages_reconcile()
+        outage = ReservationOutage.objects.get(reservation=stopped)
+        assert outage.cause == "workload_lost"
+        assert outage.started_at <= restart.at
+        assert outage.ended_at == back.transitions.filter(to_status=S.ACTIVE).latest("at").at
+
+        wait_for(lambda: _fresh(exits).status == S.FAILED, timeout=60, what="the own exit")
+        ended = _fresh(exits)
+        assert ended.status_reason.startswith("The workload exited with code 143 at ")
+        assert statuses(ended) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.FAILED]
+        assert not ReservationOutage.objects.filter(reservation=exits).exists()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+        for name in names:
+            podman("rm", "-f", "-t", "0", name, check=False)
+            podman("network", "rm", "-f", f"{name}-net", check=False)
