@@ -341,7 +341,7 @@ class LedgerEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
                     money_column("amount_minor", "amount"), "reservation")  # fmt: skip
     list_filter = ("kind",)
     search_fields = ("public_id", "organization__name", "organization__public_id",
-                     "idempotency_key", "description")  # fmt: skip
+                     "idempotency_key")  # fmt: skip
     list_select_related = ("organization", "reservation")
     # Newest first by id, the order entries were written in, as holds and reservations are
     # listed: a metering run stamps all its lines with one created_at, which the model's

@@ -451,7 +451,9 @@ class OutboxMessage(models.Model):
                 fields=["next_attempt_at"],
                 condition=Q(status="pending"),
                 name="outbox_pending_due_idx",
-            )
+            ),
+            # The admin's search: the messages about a Stripe object (pi_…, re_…).
+            models.Index(fields=["stripe_object_id"], name="outbox_stripe_object"),
         ]
 
     def __str__(self) -> str:

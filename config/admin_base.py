@@ -7,7 +7,7 @@ from django import forms
 from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db import connections
-from django.db.models import URLField
+from django.db.models import Q, URLField
 from django.utils.functional import cached_property
 
 from config.currency import currency_refusal
@@ -64,6 +64,44 @@ class FleetScaleAdmin(admin.ModelAdmin):
 
     paginator = EstimatedCountPaginator
     show_full_result_count = False
+
+    def get_search_results(self, request, queryset, search_term):
+        """Searched through indexes only, never a substring of every row (a ledger search
+        read the whole table). Each of `search_fields` is either a field of this table, which
+        the term must equal (an id, a key, a serial) or, for a name, start (a node's hostname,
+        through its pattern index), or a related table's field (`node__hostname`,
+        `organization__name`), looked up in that table first: by substring for a name (a small
+        table: organisations, nodes, sites, endpoints), else exactly. Its rows are then found
+        through the foreign key's index (the first 100 matches)."""
+        term = search_term.strip()
+        fields = self.get_search_fields(request)
+        if not term or not fields:
+            return queryset, False
+        match = Q()
+        for path in fields:
+            match |= _indexed_match(queryset.model, path, term)
+        return queryset.filter(match), False
+
+
+# A related table's fields searched by substring: names people type part of. Every other
+# field is matched exactly.
+_SUBSTRING_FIELDS = frozenset({"name", "hostname", "slug", "url"})
+_RELATED_MATCHES = 100
+
+
+def _indexed_match(model, path: str, term: str) -> Q:
+    first, _, rest = path.partition("__")
+    if not rest:
+        return Q(**{f"{first}__startswith" if first in _SUBSTRING_FIELDS else first: term})
+    field = model._meta.get_field(first)
+    lookup = "icontains" if rest.rsplit("__", 1)[-1] in _SUBSTRING_FIELDS else "exact"
+    related = field.related_model._default_manager.filter(**{f"{rest}__{lookup}": term})
+    if field.many_to_one or (field.one_to_one and field.concrete):
+        ids = list(related.values_list("pk", flat=True)[:_RELATED_MATCHES])
+        return Q(**{f"{field.attname}__in": ids})
+    # A reverse relation (a node's GPUs): the rows the matches point at.
+    ids = list(related.values_list(field.field.attname, flat=True)[:_RELATED_MATCHES])
+    return Q(pk__in=ids)
 
 
 class ReadOnlyInline(admin.TabularInline):

@@ -114,6 +114,8 @@ app.conf.update(
             "task": "marketplace.tasks.webhooks_sweep",
             "schedule": 30.0,
         },
+        # E-mail whose send task was lost, or whose retry is due (marketplace.mail).
+        "marketplace-sweep-mail": {"task": "marketplace.mail.mail_outbox_sweep", "schedule": 15.0},
         "marketplace-prune-events": {"task": "marketplace.tasks.events_prune", "schedule": 86400.0},
         "marketplace-prune-history": {
             "task": "marketplace.tasks.history_prune",

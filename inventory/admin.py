@@ -760,7 +760,7 @@ class BurnInAdmin(FleetScaleAdmin):
                     "finished_at"]  # fmt: skip
     list_filter = ["status", "node__site"]
     list_select_related = ["node"]
-    search_fields = ["node__hostname", "reason", "output"]
+    search_fields = ["node__hostname"]
     readonly_fields = [f.name for f in BurnIn._meta.fields]
 
     def has_add_permission(self, request) -> bool:
@@ -845,7 +845,7 @@ class OutageAdmin(FleetScaleAdmin):
         ("started_at", admin.DateFieldListFilter),
     ]
     list_select_related = ["node", "gpu__node"]  # a GPU is named by its node's hostname
-    search_fields = ["node__hostname", "detail"]
+    search_fields = ["node__hostname"]
     raw_id_fields = ["node", "gpu"]
 
     def has_delete_permission(self, request, obj=None) -> bool:
@@ -987,7 +987,7 @@ class StatusChangeAdmin(FleetScaleAdmin):
     list_display = ["at", "target", "from_status", "to_status", "actor_label", "reason"]
     list_filter = ["to_status", "site", ("at", admin.DateFieldListFilter)]
     list_select_related = ["node", "site"]
-    search_fields = ["node__hostname", "site__slug", "actor_label", "reason"]
+    search_fields = ["node__hostname", "site__slug"]
 
     @admin.display(description="node or site")
     def target(self, change: StatusChange) -> str:

@@ -84,7 +84,7 @@ AGENT_THROTTLED = (
 # is (as the rate limit: agents must get through).
 AGENT_INSTANCE_HEADER = "HTTP_X_SWITCHYARD_AGENT"
 _AGENT_INSTANCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
-_INSTANCE_KEY = "switchyard:agent_instance:{node_id}"
+AGENT_INSTANCE_KEY = "switchyard:agent_instance:{node_id}"
 # The id held for the node now and the seconds left of its hold, or nil once this one holds it.
 _CLAIM_SCRIPT = """
 local held = redis.call('GET', KEYS[1])
@@ -117,7 +117,9 @@ def agent_instance_claim(*, node: Node, meta: dict) -> None:
     try:
         if _claim_script is None:
             _claim_script = buffer_client().register_script(_CLAIM_SCRIPT)
-        held = _claim_script(keys=[_INSTANCE_KEY.format(node_id=node.pk)], args=[instance, hold])
+        held = _claim_script(
+            keys=[AGENT_INSTANCE_KEY.format(node_id=node.pk)], args=[instance, hold]
+        )
     except (redis.RedisError, OSError) as exc:
         logger.warning("agent ids not checked (Redis: %s)", exc)
         return

@@ -37,6 +37,7 @@ from config.admin_base import (
 from config.errors import ApplicationError
 from inventory.admin import NodeAdmin
 from inventory.models import Node
+from marketplace.mail import PLAIN_MAIL_TASK, mail_outbox_resend
 from marketplace.models import (
     LIVE_STATUSES,
     AgentJob,
@@ -50,6 +51,7 @@ from marketplace.models import (
     DemandResponseSource,
     Event,
     Invitation,
+    MailMessage,
     Membership,
     Organization,
     PricingPolicy,
@@ -1172,7 +1174,7 @@ class ProvisioningAttemptAdmin(FleetScaleAdmin, ProvisioningRecordAdmin):
         "next_attempt_at",
     ]
     list_filter = ["kind", "outcome", ("started_at", admin.DateFieldListFilter)]
-    search_fields = ["reservation__public_id", "worker", "error"]
+    search_fields = ["reservation__public_id"]
     list_select_related = ["reservation"]
     readonly_fields = ["reservation_link", *list_display[2:], "error"]
     fields = readonly_fields
@@ -1197,12 +1199,10 @@ class AgentJobAdmin(FleetScaleAdmin, ProvisioningRecordAdmin):
         "reservation__public_id",
         "node__hostname",
         "request_id",
-        "lease_owner",
-        "error",
     ]
     search_help_text = (
-        "A reservation's id (res_…), a node's hostname, the request id (req_…) that queued "
-        "the job, a lease or an error's words."
+        "A reservation's id (res_…), part of a node's hostname, or the request id (req_…) "
+        "that queued the job, exactly."
     )
     list_select_related = ["reservation", "node"]
     # The payload holds the workload's secrets (environment values): never shown here.
@@ -1314,6 +1314,40 @@ class WebhookDeliveryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
             messages.success(request, f"{queued} delivery(ies) queued again.")
 
 
+@admin.register(MailMessage)
+class MailMessageAdmin(FleetScaleAdmin, ReadOnlyAdmin):
+    """The mail outbox (marketplace.mail): what was sent, what waits, and what failed after
+    its last attempt, which staff send again once the mail server or the address is fixed."""
+
+    list_display = ["id", "task", "summary", "status", "attempts", "created_at", "sent_at"]
+    list_filter = ["status", "task", ("created_at", admin.DateFieldListFilter)]
+    list_display_links = ["id"]
+    actions = ["resend"]
+
+    @admin.display(description="message")
+    def summary(self, obj: MailMessage) -> str:
+        if obj.task == PLAIN_MAIL_TASK and len(obj.args) >= 3:
+            return f"{obj.args[0]} → {', '.join(obj.args[2])}"
+        return ", ".join(str(arg) for arg in obj.args)
+
+    def has_resend_permission(self, request: HttpRequest) -> bool:
+        # Read-only records: the model's change permission is what sending again needs.
+        return request.user.has_perm("marketplace.change_mailmessage")
+
+    @admin.action(description="Send the selected failed e-mails again", permissions=["resend"])
+    def resend(self, request: HttpRequest, queryset: QuerySet) -> None:
+        selected = list(queryset.values_list("pk", flat=True))
+        queued = mail_outbox_resend(message_ids=selected)
+        if queued:
+            messages.success(request, f"{queued} e-mail(s) queued again.")
+        if queued < len(selected):
+            messages.warning(
+                request,
+                f"{len(selected) - queued} not failed, left as they are (only a failed "
+                "e-mail is sent again).",
+            )
+
+
 @admin.register(AuditEntry)
 class AuditEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     """Append-only (the database refuses changes); staff read it."""
@@ -1323,7 +1357,7 @@ class AuditEntryAdmin(FleetScaleAdmin, ReadOnlyAdmin):
     # table's MIN/MAX and DISTINCT days of created_at, unindexed, on every page (0.8 s at
     # 300,000 entries).
     list_filter = ["action", ("created_at", admin.DateFieldListFilter)]
-    search_fields = ["actor", "action", "object_id", "organization__name", "public_id"]
+    search_fields = ["actor", "object_id", "organization__name", "public_id"]
     list_select_related = ["organization"]
     ordering = ["-pk"]  # newest first by id, the order they were written in
 

@@ -14,7 +14,7 @@ from django.conf import settings
 from redis import Redis
 
 from config.api.idempotency import idempotency_records_purge as _idempotency_records_purge
-from marketplace.mail import MAIL_RETRY
+from marketplace.mail import mail_outbox_send, mail_outbox_sweep_task  # noqa: F401 (registered)
 from marketplace.provisioning import scheduler, services
 from marketplace.services.accounts import email_change_mail_send as _email_change_mail_send
 from marketplace.services.events import events_prune as _events_prune
@@ -99,35 +99,35 @@ def history_prune() -> dict[str, int]:
     return _history_prune().as_dict()
 
 
-@shared_task(name="marketplace.tasks.invitation_mail_send", **MAIL_RETRY)
+@shared_task(name="marketplace.tasks.invitation_mail_send")
 def invitation_mail_send(invitation_id: int) -> int:
     """E-mail an invitation its link, built here from its id: the token never sits in the
-    broker. Retried as any mail (marketplace.mail)."""
+    broker. Run by the mail outbox, which retries it (marketplace.mail)."""
     return _invitation_mail_send(invitation_id=invitation_id)
 
 
-@shared_task(name="marketplace.tasks.password_reset_mail_send", **MAIL_RETRY)
+@shared_task(name="marketplace.tasks.password_reset_mail_send")
 def password_reset_mail_send(user_id: int) -> int:
     """E-mail an account its password reset link, built here from its id (the token never
-    sits in the broker). Retried as any mail (marketplace.mail)."""
+    sits in the broker). Run by the mail outbox, which retries it (marketplace.mail)."""
     return _password_reset_mail_send(user_id=user_id)
 
 
-@shared_task(name="marketplace.tasks.email_change_mail_send", **MAIL_RETRY)
+@shared_task(name="marketplace.tasks.email_change_mail_send")
 def email_change_mail_send(user_id: int, email: str) -> int:
     """E-mail a new address the link that confirms it for the account, built here (the token
-    never sits in the broker). Retried as any mail."""
+    never sits in the broker). Run by the mail outbox, which retries it."""
     return _email_change_mail_send(user_id=user_id, email=email)
 
 
-@shared_task(name="marketplace.tasks.signup_mail_send", **MAIL_RETRY)
+@shared_task(name="marketplace.tasks.signup_mail_send")
 def signup_mail_send(pending_signup_id: int) -> int:
     """E-mail a pending sign-up the link that finishes it, built here from its id (neither the
-    token nor the password's hash sits in the broker). Retried as any mail."""
+    token nor the password's hash sits in the broker). Run by the mail outbox, which retries it."""
     return _signup_mail_send(pending_signup_id=pending_signup_id)
 
 
-@shared_task(name="marketplace.tasks.signup_taken_mail_send", **MAIL_RETRY)
+@shared_task(name="marketplace.tasks.signup_taken_mail_send")
 def signup_taken_mail_send(user_id: int) -> int:
     """Tell an account that someone tried to sign up with its e-mail address."""
     return _signup_taken_mail_send(user_id=user_id)

@@ -34,6 +34,8 @@ EXPECTED = {
     "marketplace.tasks.events_prune": "default",
     "marketplace.tasks.noop": "default",
     "marketplace.mail.mail_send": "default",
+    "marketplace.mail.mail_outbox_send": "default",
+    "marketplace.mail.mail_outbox_sweep": "default",
     "marketplace.tasks.invitation_mail_send": "default",
     "marketplace.tasks.password_reset_mail_send": "default",
     "marketplace.tasks.signup_mail_send": "default",

@@ -19,6 +19,7 @@ from config import health
 from config.celery import QUEUES
 from config.env import env_database, env_int
 from config.metrics import business
+from marketplace.models import MailMessage
 from tests.clients import HttpsClient
 from tests.factories import OrganizationFactory
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -355,6 +356,9 @@ def test_business_metrics_report_reservations_gpus_funding_and_the_outbox(
     OutboxMessage.objects.filter(idempotency_key="k1").update(
         created_at=timezone.now() - timedelta(minutes=10)
     )
+    MailMessage.objects.create(
+        task="marketplace.mail.mail_send", args=[], next_attempt_at=timezone.now(), status="failed"
+    )
 
     text = _metrics(REMOTE_ADDR="10.0.0.2").content.decode()
 
@@ -372,6 +376,8 @@ def test_business_metrics_report_reservations_gpus_funding_and_the_outbox(
         _samples(text, "switchyard_billing_accounts_by_funding_state")['funding_state="grace"'] == 1
     )
     assert _samples(text, "switchyard_billing_outbox_messages") == {'status="pending"': 1.0}
+    assert _samples(text, "switchyard_mail_messages") == {'status="failed"': 1.0}
+    assert _samples(text, "switchyard_mail_oldest_pending_age_seconds") == {"": 0.0}
     age = _samples(text, "switchyard_billing_outbox_oldest_pending_age_seconds")[""]
     assert 600 <= age < 660
     assert _samples(text, "switchyard_curtailments_active") == {}

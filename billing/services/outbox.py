@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from billing.models import OutboxMessage, OutboxStatus
@@ -25,9 +25,12 @@ from billing.stripe_gateway import (
     get_gateway,
 )
 from config.celery import task_enqueue
+from config.outbox import outbox_backoff as _backoff
+from config.outbox import outbox_claim
 
 __all__ = [
     "OutboxHandler",
+    "OutboxRefused",
     "outbox_handler",
     "outbox_enqueue",
     "outbox_send",
@@ -43,10 +46,18 @@ SEND_TASK = "billing.tasks.outbox_send"
 MAX_ATTEMPTS = 25  # with the capped backoff below, about a day of retrying
 
 
+class OutboxRefused(Exception):
+    """Raised by a handler's send, before calling Stripe, when our own records say the write
+    must not be made (a top-up of an organisation staff suspended since): the message fails
+    at once with this reason (handler.failed), and is never sent."""
+
+
 class OutboxHandler:
     """How to send one kind of message and what its result means for our records."""
 
     def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
+        """Call Stripe (no transaction open) and return its answer; OutboxRefused instead of
+        calling it when the write must no longer be made."""
         raise NotImplementedError
 
     def succeeded(self, message: OutboxMessage, result: dict) -> None:
@@ -69,7 +80,7 @@ def outbox_handler(kind: str) -> Callable[[type[OutboxHandler]], type[OutboxHand
 
 def outbox_backoff(attempts: int) -> timedelta:
     """30 s, 1 min, 2 min, … capped at one hour."""
-    return timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 3600))
+    return _backoff(attempts, first=timedelta(seconds=30), cap=timedelta(hours=1))
 
 
 def outbox_enqueue(*, kind: str, payload: dict, idempotency_key: str) -> OutboxMessage:
@@ -102,14 +113,6 @@ def _enqueue_quietly(message_id: int) -> None:
 # client's own timeout.
 CLAIM_LEASE = timedelta(minutes=5)
 
-# clock_timestamp(), not now(): the time of the statement, even inside a longer transaction.
-_CLAIM_SQL = """
-UPDATE billing_outboxmessage
-SET attempts = attempts + 1, next_attempt_at = clock_timestamp() + %s * interval '1 second'
-WHERE id = %s AND status = %s AND next_attempt_at <= clock_timestamp()
-RETURNING attempts
-"""
-
 
 def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str:
     """Send one due message. Returns its status afterwards ("" if busy or not found).
@@ -120,11 +123,7 @@ def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str
     under the row lock. A sender that dies after the call leaves the message to be sent again
     once the lease lapses, with the same idempotency key.
     """
-    with connection.cursor() as cur:
-        cur.execute(
-            _CLAIM_SQL, [CLAIM_LEASE.total_seconds(), message_id, OutboxStatus.PENDING.value]
-        )
-        claimed = cur.fetchone()
+    claimed = outbox_claim(OutboxMessage, message_id=message_id, lease=CLAIM_LEASE)
     if claimed is None:
         current = OutboxMessage.objects.filter(pk=message_id).values_list("status", flat=True)
         status = current.first()
@@ -141,6 +140,8 @@ def outbox_send(*, message_id: int, gateway: StripeGateway | None = None) -> str
         outcome = ("permanent", exc)
     except ObjectDoesNotExist as exc:
         outcome = ("missing", exc)
+    except OutboxRefused as exc:
+        outcome = ("refused", exc)
     return _outbox_record(message_id=message_id, outcome=outcome)
 
 
@@ -164,6 +165,10 @@ def _outbox_record(*, message_id: int, outcome: tuple[str, object]) -> str:
         message.last_error = f"{value.code or 'error'}: {value}"[:2000]
         # A declined PaymentIntent still exists at Stripe: keep its id for reconciliation.
         message.stripe_object_id = value.payment_intent_id[:64]
+        handler.failed(message, str(value))
+    elif kind == "refused":  # Stripe was not called: nothing to reconcile
+        message.status = OutboxStatus.FAILED
+        message.last_error = f"refused: {value}"[:2000]
         handler.failed(message, str(value))
     elif kind == "missing":
         # The record the message was written for is gone: nothing to send, ever.

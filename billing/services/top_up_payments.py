@@ -8,7 +8,7 @@ from django.db import transaction
 from billing.models import BillingAccount, OutboxMessage, TopUp
 from billing.money import from_minor_units
 from billing.services.funding import funding_state_update
-from billing.services.outbox import OutboxHandler, outbox_handler
+from billing.services.outbox import OutboxHandler, OutboxRefused, outbox_handler
 from billing.services.topups import top_up_fail, top_up_succeed
 from billing.stripe_gateway import StripeGateway
 
@@ -30,6 +30,16 @@ def top_up_credit(*, top_up_id: int, payment_intent_id: str) -> bool:
 class PaymentIntentCreate(OutboxHandler):
     def send(self, gateway: StripeGateway, message: OutboxMessage) -> dict:
         top_up = TopUp.objects.select_related("organization").get(pk=message.payload["top_up_id"])
+        if top_up.organization.suspended_at is not None and message.attempts <= 1:
+            # Queued before staff suspended it (a stolen card, say): read as late as the call
+            # allows (no row is locked across a call to Stripe). Only on the first try: after
+            # one that may have reached Stripe, the call is made again with the same
+            # idempotency key, so that Stripe's answer (that charge, or none) is what the
+            # top-up records, never "not charged" beside a charge that went through.
+            raise OutboxRefused(
+                "Switchyard staff suspended the organisation before it was sent to your card "
+                "(top up again once the suspension is lifted)"
+            )
         account = BillingAccount.objects.get(organization=top_up.organization)
         return gateway.payment_intent_create_off_session(
             customer_id=account.stripe_customer_id,

@@ -93,6 +93,20 @@ _GAUGES = [
            FROM billing_outboxmessage WHERE status = 'pending'""",
     ),
     (
+        "switchyard_mail_messages",
+        "E-mails in the mail outbox not sent, by status (pending: to be tried; failed: given up, "
+        "for staff to send again).",
+        ["status"],
+        "SELECT status, count(*) FROM marketplace_mailmessage WHERE status <> 'sent' GROUP BY 1",
+    ),
+    (
+        "switchyard_mail_oldest_pending_age_seconds",
+        "Age of the oldest e-mail not sent yet (0: none).",
+        [],
+        """SELECT coalesce(extract(epoch FROM statement_timestamp() - min(created_at)), 0)
+           FROM marketplace_mailmessage WHERE status = 'pending'""",
+    ),
+    (
         "switchyard_stripe_webhook_events_failing",
         "Stripe events received whose processing failed and has not succeeded since.",
         [],

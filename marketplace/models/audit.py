@@ -40,6 +40,9 @@ class AuditEntry(models.Model):
             models.Index(fields=["organization", "-created_at", "-id"], name="audit_org_created"),
             models.Index(fields=["organization", "actor"], name="audit_org_actor"),
             models.Index(fields=["organization", "action"], name="audit_org_action"),
+            # The admin's search, across organisations: an object's trail, an actor's acts.
+            models.Index(fields=["object_id"], name="audit_object"),
+            models.Index(fields=["actor"], name="audit_actor"),
         ]
 
     def __str__(self) -> str:

@@ -188,7 +188,11 @@ class AgentJob(models.Model):
                 name="agent_job_leased_has_lease",
             ),
         ]
-        indexes = [models.Index(fields=["node", "status", "id"])]
+        indexes = [
+            models.Index(fields=["node", "status", "id"]),
+            # Staff find the jobs a request queued (the admin's search, a log's req_…).
+            models.Index(fields=["request_id"], name="agent_job_request"),
+        ]
 
     def __str__(self) -> str:
         return (

@@ -32,7 +32,6 @@ from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 from config.api.throttling import RateLimiterUnavailable, fixed_window_count, parse_rate
 from config.client_ip import client_bucket
 from marketplace.mail import mail_task_on_commit
-from marketplace.services.organizations import password_reset_mail_send
 
 __all__ = [
     "PASSWORD_RESETS_PER_EMAIL",
@@ -180,11 +179,7 @@ class PasswordResetRequestForm(PasswordResetForm):
         work whether or not the address has an account, and a mail server that is down
         delays the mail (retried) instead of losing it."""
         for user in self.get_users(self.cleaned_data["email"]):
-            mail_task_on_commit(
-                "marketplace.tasks.password_reset_mail_send",
-                [user.pk],
-                inline=lambda pk=user.pk: password_reset_mail_send(user_id=pk),
-            )
+            mail_task_on_commit("marketplace.tasks.password_reset_mail_send", [user.pk])
 
     def clean(self):
         cleaned = super().clean()

@@ -183,11 +183,12 @@ class SignupConfirmView(View):
             form.add_error("username", exc.message)
             return self._render(request, form, pending, status=400)
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        if organization is None:  # its invitation was revoked, used or expired meanwhile
+        if organization is None:  # its invitation closed, or its organisation is suspended
             messages.warning(
                 request,
-                "Welcome to Switchyard. The invitation can no longer be accepted (revoked, "
-                "used or expired): ask for a new one, or create an organisation.",
+                "Welcome to Switchyard. The invitation cannot be accepted now (revoked, used "
+                "or expired, or its organisation is suspended): open its link again later, "
+                "ask for a new one, or create an organisation.",
             )
             return redirect("portal:organization-new")
         portal_organization_set(request, organization.public_id)
@@ -226,6 +227,7 @@ class OrganizationNewView(LoginRequiredMixin, View):
 
     def post(self, request):
         form = OrganizationForm(request.POST)
+        status = 400
         if form.is_valid():
             # One-time key (OnceField), kept in the cache: an organisation is not there yet
             # to hold it as config.once does. add is atomic: of two sends at once one is first.
@@ -240,11 +242,12 @@ class OrganizationNewView(LoginRequiredMixin, View):
             except ApplicationError as exc:
                 cache.delete(once)  # nothing was created: the form may be sent again
                 form.add_error("name", exc.message)
+                status = exc.status_code  # 403 for a member of a suspended organisation
             else:
                 portal_organization_set(request, organization.public_id)
                 messages.success(request, f"{organization.name} created; you are its owner.")
                 return redirect("portal:dashboard")
-        return render(request, self.template_name, {"form": form}, status=400)
+        return render(request, self.template_name, {"form": form}, status=status)
 
 
 class OrganizationSwitchView(LoginRequiredMixin, View):

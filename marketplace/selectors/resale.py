@@ -67,16 +67,18 @@ def listings_for_reservation(*, reservation) -> list[ResaleListing]:
 
 
 # Listings a buyer could book for [s, e) right now: open, not begun, covering the period, with
-# enough GPUs, at the tier asked, from a term still live, on a node and site in service with
-# no maintenance in the period and none of the listed GPUs failed (the transfer's checks).
+# enough GPUs, at the tier asked, from a term still live whose organisation is not suspended,
+# on a node and site in service with no maintenance in the period and none of the listed GPUs
+# failed (the transfer's checks).
 _OFFERS_SQL = """
 SELECT l.id
 FROM marketplace_resalelisting l
 JOIN marketplace_reservation r ON r.id = l.reservation_id
+JOIN marketplace_organization o ON o.id = l.organization_id
 JOIN inventory_node n ON n.id = l.node_id
 JOIN inventory_site s ON s.id = l.site_id
 JOIN inventory_gpumodel m ON m.id = l.gpu_model_id
-WHERE l.status = 'open' AND l.starts_at > %(now)s
+WHERE l.status = 'open' AND l.starts_at > %(now)s AND o.suspended_at IS NULL
   AND l.starts_at <= %(s)s AND l.ends_at >= %(e)s
   AND l.gpu_count >= %(n)s AND l.tier = %(tier)s
   AND r.status = ANY(%(live)s) AND r.ends_at >= l.ends_at

@@ -42,11 +42,7 @@ def email_change_request(*, user: AbstractBaseUser, email: str) -> str:
         raise ValidationFailed(
             "That is already your e-mail address.", code="email_unchanged", field="email"
         )
-    mail_task_on_commit(
-        EMAIL_CHANGE_MAIL_TASK,
-        [user.pk, email],
-        inline=lambda: email_change_mail_send(user_id=user.pk, email=email),
-    )
+    mail_task_on_commit(EMAIL_CHANGE_MAIL_TASK, [user.pk, email])
     if user.email:
         mail_send_on_commit(
             subject="Switchyard: a change of your e-mail address was asked",

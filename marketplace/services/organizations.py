@@ -48,6 +48,7 @@ from marketplace.services.api_keys import api_keys_changed, api_keys_revoke_crea
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 from marketplace.services.ssh_keys import ssh_keys_delete_created_by
+from marketplace.services.webhooks import webhook_deliveries_release_held
 
 __all__ = [
     # Declared with Role (marketplace/models/core.py, which the API plumbing reads too).
@@ -57,6 +58,7 @@ __all__ = [
     "organization_suspend",
     "organization_unsuspend",
     "organization_active_check",
+    "organization_share_lock",
     "organization_suspended_error",
     "owner_leaving_check",
     "organization_owner_kept_check",
@@ -95,8 +97,13 @@ def _unique_slug(name: str) -> str:
 
 @transaction.atomic
 def organization_create(*, name: str, owner: AbstractBaseUser) -> Organization:
-    """Create an organisation with `owner` as its first owner; the slug is derived from the name."""
+    """Create an organisation with `owner` as its first owner; the slug is derived from the name.
+
+    Refused (403 organization_suspended) while `owner` is a member of an organisation staff
+    suspended: a new one would carry on what the suspension stopped. Staff still create
+    organisations and add members in the admin."""
     name = display_name_clean(name, what="An organisation")
+    _creator_not_suspended_check(owner)
     # The unique constraint settles a race for the same slug; retry once with a random suffix.
     for attempt in range(3):
         slug = (
@@ -114,9 +121,35 @@ def organization_create(*, name: str, owner: AbstractBaseUser) -> Organization:
     return organization
 
 
+# The organisations `user` is a member of, read FOR SHARE in id order (as organisations are
+# locked one at a time by a suspension, no cycle): one suspended meanwhile is seen, one being
+# suspended waits for the new organisation to be committed.
+_MEMBER_ORGANIZATIONS_SHARE_SQL = """
+SELECT o.name, o.suspended_at FROM marketplace_organization o
+WHERE o.id IN (SELECT m.organization_id FROM marketplace_membership m WHERE m.user_id = %s)
+ORDER BY o.id FOR SHARE
+"""
+
+
+def _creator_not_suspended_check(user: AbstractBaseUser) -> None:
+    if user.pk is None:
+        return
+    with connection.cursor() as cur:
+        cur.execute(_MEMBER_ORGANIZATIONS_SHARE_SQL, [user.pk])
+        suspended = [_one_line(name) for name, suspended_at in cur.fetchall() if suspended_at]
+    if suspended:
+        raise PermissionDenied(
+            f"You are a member of {', '.join(suspended)}, which Switchyard staff suspended: "
+            "you cannot create another organisation until the suspension is lifted; contact "
+            "support.",
+            code="organization_suspended",
+        )
+
+
 # --- suspension by staff ----------------------------------------------------------------------
 # A suspended organisation's API keys are refused (403 organization_suspended), its members read
-# but change nothing (portal and API), nothing is booked, extended or topped up (checked here,
+# but change nothing (portal and API), nothing is booked, extended, topped up, listed or sold
+# for resale, invited or joined, and its members create no other organisation (checked here,
 # under the organisation's row, by the services that do it) and its webhooks wait. Its running
 # reservations are kept or stopped as staff choose (reservations_stop_for_suspension).
 
@@ -136,17 +169,25 @@ WHERE id = %s FOR SHARE
 """
 
 
-def organization_active_check(*, organization_id: int) -> None:
-    """Refuse (403 organization_suspended) what a suspended organisation may not do. Its row is
-    read FOR SHARE until the caller's transaction ends: a suspension being written waits for
-    the booking (or top-up) to commit, and one that committed first is seen."""
+def organization_share_lock(*, organization_id: int) -> Organization | None:
+    """The organisation's row (name and suspension only) read FOR SHARE until the caller's
+    transaction ends: a suspension being written waits for that transaction to commit, and one
+    that committed first is seen. None if there is no such organisation."""
     with connection.cursor() as cur:
         cur.execute(_ORGANIZATION_SHARE_SQL, [organization_id])
         row = cur.fetchone()
-    if row is not None and row[2] is not None:
-        raise organization_suspended_error(
-            Organization(pk=row[0], name=row[1], suspended_at=row[2], suspension_reason=row[3])
-        )
+    if row is None:
+        return None
+    return Organization(pk=row[0], name=row[1], suspended_at=row[2], suspension_reason=row[3])
+
+
+def organization_active_check(*, organization_id: int) -> None:
+    """Refuse (403 organization_suspended) what a suspended organisation may not do, under its
+    row read FOR SHARE (organization_share_lock): a suspension being written waits for the
+    booking (or top-up) to commit, and one that committed first is seen."""
+    organization = organization_share_lock(organization_id=organization_id)
+    if organization is not None and organization.suspended_at is not None:
+        raise organization_suspended_error(organization)
 
 
 @transaction.atomic
@@ -183,8 +224,9 @@ def organization_suspend(*, organization: Organization, reason: str, actor_label
 
 @transaction.atomic
 def organization_unsuspend(*, organization: Organization, actor_label: str) -> bool:
-    """Lift a suspension: everything works again (keys at once, held webhooks are sent),
-    audited, owners told. False if it was not suspended."""
+    """Lift a suspension: everything works again (keys at once, held webhooks are sent, each
+    with its full retry window from now), audited, owners told. False if it was not
+    suspended."""
     locked = Organization.objects.select_for_update(no_key=True).get(pk=organization.pk)
     if locked.suspended_at is None:
         return False
@@ -192,6 +234,7 @@ def organization_unsuspend(*, organization: Organization, actor_label: str) -> b
     locked.suspended_at = None
     locked.suspension_reason = ""
     locked.save(update_fields=["suspended_at", "suspension_reason"])
+    webhook_deliveries_release_held(organization_id=locked.pk)
     _audit_organization(
         locked,
         "organization.unsuspend",
@@ -679,11 +722,7 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
         ) from None
     # Sent by a task after commit, from the invitation's id (the worker rebuilds the link):
     # the invitation stands if the mail server fails meanwhile; it can be revoked and sent again.
-    mail_task_on_commit(
-        INVITATION_MAIL_TASK,
-        [invitation.pk],
-        inline=lambda: invitation_mail_send(invitation_id=invitation.pk),
-    )
+    mail_task_on_commit(INVITATION_MAIL_TASK, [invitation.pk])
     _audit_invitation(invitation, "invitation.create", {"after": {"email": email, "role": role}})
     return invitation, token
 
@@ -691,8 +730,16 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
 def _invitations_within_caps(organization_id: int, email: str) -> None:
     # Under the organisation's row lock, so two sends at once are counted one after the other
     # (NO KEY: the rows that reference the organisation, a booking's among them, still take
-    # their key share meanwhile).
-    Organization.objects.select_for_update(no_key=True).filter(pk=organization_id).exists()
+    # their key share meanwhile), and a suspension committed first is seen (one being written
+    # waits for this invitation).
+    organization = (
+        Organization.objects.select_for_update(no_key=True)
+        .only("name", "suspended_at", "suspension_reason")
+        .filter(pk=organization_id)
+        .first()
+    )
+    if organization is not None and organization.suspended_at is not None:
+        raise organization_suspended_error(organization)
     since = timezone.now() - timedelta(days=1)
     sent = Invitation.objects.filter(organization_id=organization_id, created_at__gte=since)
     caps = (
@@ -746,9 +793,21 @@ def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
 
 
 def _invitation_join(invitation: Invitation, user: AbstractBaseUser) -> Membership:
-    """Accept a locked invitation as `user` (invitation_accept, signup_confirm)."""
+    """Accept a locked invitation as `user` (invitation_accept, signup_confirm). Refused (403
+    organization_suspended) while staff suspend its organisation: it stays open, and can be
+    accepted once the suspension is lifted if it has not expired by then."""
     now = timezone.now()
     invitation_check_open(invitation, now=now)
+    organization = organization_share_lock(organization_id=invitation.organization_id)
+    if organization is not None and organization.suspended_at is not None:
+        # The invitee is no member: told that it is suspended, not staff's reason.
+        raise PermissionDenied(
+            f"{_one_line(organization.name)} is suspended by Switchyard staff: nobody can join "
+            "it until the suspension is lifted. This invitation stays valid until "
+            f"{invitation.expires_at.isoformat(timespec='seconds')}: open its link again "
+            "once the suspension is lifted.",
+            code="organization_suspended",
+        )
     membership = _membership_create(
         organization_id=invitation.organization_id, user=user, role=invitation.role
     )
@@ -806,11 +865,7 @@ def signup_request(
     if accounts:
         for user_id, is_active in accounts:
             if is_active:
-                mail_task_on_commit(
-                    SIGNUP_TAKEN_MAIL_TASK,
-                    [user_id],
-                    inline=lambda pk=user_id: signup_taken_mail_send(user_id=pk),
-                )
+                mail_task_on_commit(SIGNUP_TAKEN_MAIL_TASK, [user_id])
         return
     pending = PendingSignup(
         email=email,
@@ -823,11 +878,7 @@ def signup_request(
     )
     pending.token_hash = invitation_token_hash(signup_token(pending.public_id))
     pending.save()
-    mail_task_on_commit(
-        SIGNUP_MAIL_TASK,
-        [pending.pk],
-        inline=lambda: signup_mail_send(pending_signup_id=pending.pk),
-    )
+    mail_task_on_commit(SIGNUP_MAIL_TASK, [pending.pk])
 
 
 def _signup_check_open(pending: PendingSignup | None, *, now=None) -> PendingSignup:
@@ -915,8 +966,8 @@ def signup_confirm(*, token: str, username: str) -> tuple[AbstractBaseUser, Orga
     signed up with, or another if that was taken meanwhile); the link then stops working.
 
     One made through an invitation joins the invitation's organisation instead (returned);
-    if the invitation was revoked, used or expired meanwhile, the account is still created,
-    in no organisation (None is returned).
+    if the invitation was revoked, used or expired meanwhile, or its organisation is
+    suspended, the account is still created, in no organisation (None is returned).
 
     Every pending sign-up of the address is locked first (in id order), so two links for one
     address, or one link sent twice, make one account."""
@@ -969,5 +1020,7 @@ def _signup_invitation_join(invitation_id: int, user: AbstractBaseUser) -> Organ
         return None
     try:
         return _invitation_join(invitation, user).organization
-    except Conflict:  # closed meanwhile: the account stands, in no organisation
+    except (Conflict, PermissionDenied):
+        # Closed meanwhile, or its organisation suspended: the account stands, in no
+        # organisation (an invitation still open can be accepted later through its link).
         return None

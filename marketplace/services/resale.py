@@ -21,9 +21,14 @@ Room the seller's term took in a grid curtailment's window (CurtailmentTake) goe
 hours sold: the buyer takes its GPUs' draw there, the seller's take is cut by as much, and a
 buyer giving the time back gives it back (services.curtailment counts the takes as sold).
 
+While staff suspend the seller's organisation its open listings stay open but are not sold
+(nor offered by search): a sale reads the seller's organisation row FOR SHARE, so a suspension
+committed first refuses it and one being written waits for it; once lifted they sell again
+if still valid. A suspended organisation lists nothing new.
+
 Locks, in the order every path takes them: the seller's reservation row, then listing rows,
-then nodes (as placement and extensions), then curtailments (id order, as placement), then a
-billing account (the buyer's funding gate).
+then the seller's organisation row (shared), then nodes (as placement and extensions), then
+curtailments (id order, as placement), then a billing account (the buyer's funding gate).
 A buyer giving time back holds its own row (the transition's) and takes the seller's, the
 listing and the node next, before its move frees (and so locks) its GPUs; no path holding a
 seller's row waits for a buyer's.
@@ -60,6 +65,7 @@ from marketplace.rules import validate_period_length
 from marketplace.services.allocation import allocation_place
 from marketplace.services.audit import audit_record
 from marketplace.services.events import listing_events_record
+from marketplace.services.organizations import organization_active_check, organization_share_lock
 from marketplace.services.pricing import PriceFloor, price_floor
 
 __all__ = [
@@ -173,10 +179,12 @@ def listing_create(
 
     Refused, changing nothing: not the holder (404), not a live reserved term (409), a window
     outside the term or already begun, a price below the floor, a tier other than on-demand
-    or interruptible, more GPUs than the node has free of other listings (400/409).
+    or interruptible, more GPUs than the node has free of other listings (400/409), an
+    organisation staff suspended (403 organization_suspended).
     """
     now = timezone.now()
     locked = _term_lock_for_resale(organization=organization, reservation=reservation)
+    organization_active_check(organization_id=organization.pk)  # after the term, as a sale
     starts_at, ends_at = _listing_window_check(
         locked, tier=tier, gpu_count=gpu_count, starts_at=starts_at, ends_at=ends_at, now=now
     )
@@ -575,6 +583,12 @@ def _listing_lock_for_sale(
         )
     if listing.status != ListingStatus.OPEN:
         raise NotAvailable(f"This listing is {listing.status}.", code="listing_not_available")
+    seller_organization = organization_share_lock(organization_id=listing.organization_id)
+    if seller_organization is None or seller_organization.suspended_at is not None:
+        # The buyer is told it is not for sale now, not why (the seller's suspension is theirs).
+        raise NotAvailable(
+            "This listing is not for sale at the moment.", code="listing_not_available"
+        )
     if seller.status not in _TAKES_BACK or seller.ends_at < listing.ends_at:
         raise NotAvailable(
             "The reserved term this listing came from has ended or is ending.",

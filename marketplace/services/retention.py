@@ -9,7 +9,8 @@ reservation's rows are never touched: its attempt numbers and agent jobs drive i
 Quotes never booked go a day after they expired (a booked quote stays with its reservation);
 pending sign-ups (confirmed or not) a day after their link expired; a grid operator's signatures
 once their timestamps are stale (a call clears only its own source's, so a source that stopped
-calling would keep its last ones for ever).
+calling would keep its last ones for ever); e-mail sent more than MAIL_RETENTION_DAYS ago (one
+pending or failed is kept until it is sent).
 """
 
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from marketplace.models import (
     AgentJob,
     Allocation,
     DemandResponseNonce,
+    MailMessage,
+    MailStatus,
     PendingSignup,
     ProvisioningAttempt,
     ProvisioningDispatch,
@@ -49,6 +52,7 @@ class HistoryPruned:
     quotes: int
     pending_signups: int
     demand_response_signatures: int
+    sent_mail: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -103,6 +107,13 @@ def history_prune(*, now: datetime | None = None, batch_size: int | None = None)
         ),
         batch_size=batch_size,
     )
+    sent_mail = delete_in_batches(
+        MailMessage.objects.filter(
+            status=MailStatus.SENT,
+            sent_at__lt=now - timedelta(days=settings.MAIL_RETENTION_DAYS),
+        ),
+        batch_size=batch_size,
+    )
     return HistoryPruned(
-        attempts, jobs, markers, allocations, transitions, quotes, signups, signatures
+        attempts, jobs, markers, allocations, transitions, quotes, signups, signatures, sent_mail
     )

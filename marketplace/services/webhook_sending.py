@@ -238,9 +238,14 @@ def _release(endpoint_id: int, lease: datetime) -> None:
 
 
 def _next_due(endpoint_id: int, now: datetime) -> WebhookDelivery | None:
+    # Asked before each try: a suspension committed while the sender holds its claim stops it
+    # at the next delivery, not once its SEND_BUDGET is spent.
     return (
         WebhookDelivery.objects.filter(
-            endpoint_id=endpoint_id, status=DeliveryStatus.PENDING, next_attempt_at__lte=now
+            endpoint_id=endpoint_id,
+            status=DeliveryStatus.PENDING,
+            next_attempt_at__lte=now,
+            endpoint__organization__suspended_at__isnull=True,
         )
         .select_related("event", "event__organization", "endpoint")
         .order_by("event_created_at", "id")

@@ -54,6 +54,7 @@ __all__ = [
     "webhook_deliveries_create",
     "webhook_deliveries_create_many",
     "webhook_delivery_resend",
+    "webhook_deliveries_release_held",
 ]
 
 SIGNATURE_HEADER = "Switchyard-Signature"
@@ -465,6 +466,30 @@ def webhook_delivery_resend(*, delivery: WebhookDelivery) -> WebhookDelivery:
     )
     _kick_on_commit([locked.endpoint_id])
     return locked
+
+
+def webhook_deliveries_release_held(*, organization_id: int) -> int:
+    """Staff lifted the organisation's suspension (in its transaction): what its endpoints held
+    meanwhile is retried from now as new deliveries are (30 s, 1 min, …, for WEBHOOK_RETRY_FOR
+    from the lift), and their failure clocks start afresh, as enabling an endpoint does: the
+    time it was suspended counts against none of them. Sent once this commits, oldest event
+    first. Returns how many deliveries were due."""
+    endpoint_ids = list(
+        WebhookEndpoint.objects.select_for_update(no_key=True)  # the sender's lock, first
+        .filter(organization_id=organization_id, enabled=True)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if not endpoint_ids:
+        return 0
+    now = timezone.now()
+    WebhookEndpoint.objects.filter(pk__in=endpoint_ids).update(failing_since=None)
+    released = WebhookDelivery.objects.filter(
+        endpoint_id__in=endpoint_ids, status=DeliveryStatus.PENDING
+    ).update(retry_from=now, next_attempt_at=now)
+    if released:
+        _kick_on_commit(endpoint_ids)
+    return released
 
 
 def _kick_on_commit(endpoint_ids: list[int]) -> None:

@@ -10,7 +10,7 @@ import stat
 import pytest
 from switchyard_agent import Agent, AgentClient, DryRunExecutor, agent_instance_id
 
-from inventory.auth import _INSTANCE_KEY
+from inventory.auth import AGENT_INSTANCE_KEY
 from inventory.services import node_token_issue
 from inventory.telemetry import buffer_client
 from marketplace.models import AgentJob, AgentJobStatus, Allocation, Reservation
@@ -68,7 +68,7 @@ def test_a_second_agent_with_the_token_is_refused_and_the_workload_runs_on(
     node = Allocation.objects.filter(reservation=r).first().node
     _token, secret = node_token_issue(node=node, label="site agent")
     # Node ids repeat across sessions (a fresh test database): no id is held from before.
-    buffer_client().delete(_INSTANCE_KEY.format(node_id=node.pk))
+    buffer_client().delete(AGENT_INSTANCE_KEY.format(node_id=node.pk))
 
     def agent(name: str, executor) -> Agent:
         (tmp_path / name).mkdir()

@@ -1,11 +1,14 @@
 """Top-ups, declines, automatic recharge and refunds against a real localstripe."""
 
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 
 from billing.models import (
     BillingAccount,
+    BillingNotice,
     LedgerEntry,
     LedgerKind,
     OutboxMessage,
@@ -18,10 +21,12 @@ from billing.models import (
 )
 from billing.selectors import balance_minor
 from billing.services.ledger import ledger_entry_add
+from billing.services.outbox import outbox_send
 from billing.services.refunds import refund_create
 from billing.services.topups import auto_recharge_check, top_up_create
 from billing.stripe_gateway import get_gateway
 from config.errors import PaymentRequired
+from marketplace.services.organizations import organization_suspend, organization_unsuspend
 from tests.billing.conftest import save_card, stripe_client
 
 pytestmark = [pytest.mark.stripe, pytest.mark.django_db]
@@ -98,6 +103,66 @@ def test_a_declined_card_fails_the_top_up_and_adds_nothing(
     message = OutboxMessage.objects.get()
     assert message.status == OutboxStatus.FAILED
     assert message.last_error.startswith("card_declined")
+
+
+def test_a_top_up_queued_before_a_suspension_is_never_sent_and_says_why(
+    localstripe, org, eager_celery, django_capture_on_commit_callbacks
+):
+    save_card(localstripe, org)
+    top_up = top_up_create(organization=org, amount=Decimal("60.00"))  # queued, not sent yet
+    organization_suspend(organization=org, reason="Card reported stolen.", actor_label="staff:x")
+    message = OutboxMessage.objects.get(kind="payment_intent.create")
+
+    assert outbox_send(message_id=message.pk) == OutboxStatus.FAILED
+
+    stripe = stripe_client(localstripe)
+    assert stripe.v1.payment_intents.list().data == []  # Stripe was never asked
+    top_up.refresh_from_db()
+    assert top_up.status == TopUpStatus.FAILED
+    assert top_up.failure_reason.startswith("Switchyard staff suspended the organisation before")
+    assert top_up.stripe_payment_intent_id == ""
+    assert balance_minor(organization=org) == 0
+    message.refresh_from_db()
+    assert (message.attempts, message.stripe_object_id) == (1, "")
+    assert message.last_error.startswith("refused: Switchyard staff suspended")
+    notice = BillingNotice.objects.get(organization=org, kind="top_up_failed")
+    assert "was not charged for a top-up of 60.00 USD: Switchyard staff suspended" in (
+        notice.message
+    )
+
+    # Lifted: that one stays failed (never sent later); a new one charges the card.
+    organization_unsuspend(organization=org, actor_label="staff:x")
+    assert outbox_send(message_id=message.pk) == OutboxStatus.FAILED
+    with django_capture_on_commit_callbacks(execute=True):
+        again = top_up_create(organization=org, amount=Decimal("60.00"))
+    again.refresh_from_db()
+    assert again.status == TopUpStatus.SUCCEEDED
+    assert [pi.id for pi in stripe.v1.payment_intents.list().data] == [
+        again.stripe_payment_intent_id
+    ]
+    assert balance_minor(organization=org) == 6000
+
+
+def test_a_retry_after_a_try_that_may_have_reached_stripe_is_sent_despite_a_suspension(
+    localstripe, org, eager_celery
+):
+    """A first try that failed on the network may still have charged the card: refusing the
+    retry would record "not charged" beside a charge that went through. It is sent again with
+    the same idempotency key, and the top-up records what Stripe answers."""
+    save_card(localstripe, org)
+    top_up = top_up_create(organization=org, amount=Decimal("60.00"))
+    message = OutboxMessage.objects.get(kind="payment_intent.create")
+    # The first try's claim was made (and its call, as far as we know, too).
+    OutboxMessage.objects.filter(pk=message.pk).update(
+        attempts=1, next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+    organization_suspend(organization=org, reason="Card reported stolen.", actor_label="staff:x")
+
+    assert outbox_send(message_id=message.pk) == OutboxStatus.SENT
+
+    top_up.refresh_from_db()
+    assert top_up.status == TopUpStatus.SUCCEEDED and top_up.stripe_payment_intent_id
+    assert balance_minor(organization=org) == 6000
 
 
 def test_it_refuses_a_top_up_without_a_card(localstripe, org):

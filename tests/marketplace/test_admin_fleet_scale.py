@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.contrib import admin
 from django.contrib.admin.widgets import AutocompleteSelect, ForeignKeyRawIdWidget
+from django.core.exceptions import EmptyResultSet
 from django.db import connection
 from django.forms import ModelChoiceField
 from django.test.client import RequestFactory
@@ -15,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.models import Hold, LedgerEntry
-from config.admin_base import EstimatedCountPaginator
+from config.admin_base import EstimatedCountPaginator, FleetScaleAdmin
 from inventory.models import Gpu, GpuHealth, Node, Outage, OutageCause
 from inventory.telemetry import gpu_mark_failed
 from marketplace.models import Allocation, AuditEntry, Event, Quote, Reservation
@@ -327,3 +328,77 @@ def test_no_list_of_a_table_that_grows_with_the_fleet_has_a_date_drill_down():
 
     assert {"ReservationAdmin", "EventAdmin", "AuditEntryAdmin", "OutageAdmin"} <= set(fleet_scale)
     assert [name for name, a in fleet_scale.items() if a.date_hierarchy] == []
+
+
+def _fleet_admins():
+    return sorted(
+        (
+            (model, model_admin)
+            for model, model_admin in admin.site._registry.items()
+            if isinstance(model_admin, FleetScaleAdmin) and model_admin.search_fields
+        ),
+        key=lambda pair: pair[0]._meta.label,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "model_admin"),
+    _fleet_admins(),
+    ids=lambda value: value._meta.label if isinstance(value, type) else "",
+)
+def test_every_search_of_a_table_that_grows_with_the_fleet_uses_an_index(
+    admin_user, fleet, model, model_admin
+):
+    """With sequential scans priced out, the planner still reads the table whole (a Seq Scan,
+    or every entry of an index with a filter) only where no index can answer: each search
+    field must be one (ids, keys, a related table's rows through its foreign key's index),
+    never a substring of every row."""
+    _book(fleet)  # rows for the related lookups to find (the organisation by name)
+    request = RequestFactory().get("/admin/", {"q": "Acme"})
+    request.user = admin_user
+    found, _ = model_admin.get_search_results(request, model._default_manager.all(), "Acme")
+    try:
+        sql, params = found.query.sql_with_params()
+    except EmptyResultSet:
+        return  # nothing can match: no query at all
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0][0]["Plan"]
+    whole = [
+        node["Node Type"]
+        for node in _plan_nodes(plan)
+        if node.get("Relation Name") == model._meta.db_table
+        and (
+            node["Node Type"] == "Seq Scan"
+            or "Scan" in node["Node Type"]
+            and "Index Cond" not in node
+            and "Bitmap" not in node["Node Type"]
+        )
+    ]
+    assert whole == [], plan
+
+
+def _plan_nodes(node):
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+def test_a_ledger_search_finds_an_organisations_lines_and_an_entry_by_its_exact_id(
+    admin_client, fleet
+):
+    other = OrganizationFactory(name="Other Lab")
+    mine = LedgerEntry.objects.create(organization=fleet["org"], kind="credit", amount_minor=100,
+                                      currency="usd", idempotency_key="a")  # fmt: skip
+    theirs = LedgerEntry.objects.create(organization=other, kind="credit", amount_minor=200,
+                                        currency="usd", idempotency_key="b")  # fmt: skip
+    url = reverse("admin:billing_ledgerentry_changelist")
+
+    def found(term):
+        return {e.pk for e in admin_client.get(url, {"q": term}).context["cl"].result_list}
+
+    assert found("acme res") == {mine.pk}  # part of the organisation's name
+    assert found(theirs.public_id) == {theirs.pk}
+    assert found(theirs.public_id[:-2]) == set()  # ids exactly, never a substring
+    assert found(other.public_id) == {theirs.pk}

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from inventory import auth
-from inventory.auth import _INSTANCE_KEY, agent_instance_hold_seconds
+from inventory.auth import AGENT_INSTANCE_KEY, agent_instance_hold_seconds
 from inventory.models import Node
 from inventory.services import node_token_issue
 from inventory.telemetry import buffer_client
@@ -44,7 +44,7 @@ def node_with_two_agents():
     """An active reservation on a node whose token two agents use: the first heard first."""
     r, node, _agent_client, market = _active_through_agent()
     _token, secret = node_token_issue(node=node, label="site agent")
-    buffer_client().delete(_INSTANCE_KEY.format(node_id=node.pk))
+    buffer_client().delete(AGENT_INSTANCE_KEY.format(node_id=node.pk))
     first, second = _agent(secret, FIRST), _agent(secret, SECOND)
     assert first.post(HEARTBEAT, {}, format="json").status_code == 200
     running = {"containers": [_container(r, "running")]}
@@ -96,7 +96,7 @@ def test_the_agent_restarted_with_its_id_goes_on_at_once(node_with_two_agents):
 
 def test_a_new_agent_takes_over_once_the_old_one_is_silent_for_the_hold(node_with_two_agents):
     r, node, _secret, first, second, _market = node_with_two_agents
-    key = _INSTANCE_KEY.format(node_id=node.pk)
+    key = AGENT_INSTANCE_KEY.format(node_id=node.pk)
     assert 0 < buffer_client().ttl(key) <= agent_instance_hold_seconds() == 90
     buffer_client().expire(key, 0)  # the first agent has been silent for the hold (a rebuild)
 
@@ -117,7 +117,7 @@ def test_an_agent_without_an_id_is_not_checked_and_a_malformed_one_is_refused(
         answer = _agent(secret, bad).post(LEASE, {}, format="json")
         assert answer.status_code == 400
         assert answer.json()["error"]["code"] == "invalid_agent_instance"
-    assert buffer_client().get(_INSTANCE_KEY.format(node_id=node.pk)) == FIRST.encode()
+    assert buffer_client().get(AGENT_INSTANCE_KEY.format(node_id=node.pk)) == FIRST.encode()
 
 
 def test_with_redis_unreachable_agents_are_not_checked(node_with_two_agents, monkeypatch):

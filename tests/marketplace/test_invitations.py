@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from config.celery import app as celery_app
 from config.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
-from marketplace.models import Invitation, Membership, Role
+from marketplace.models import Invitation, MailMessage, Membership, Role
 from marketplace.services.organizations import (
     invitation_accept,
     invitation_create,
@@ -72,7 +72,8 @@ def test_the_token_is_not_handed_to_the_broker_only_the_invitations_id(
     owner, settings, mailoutbox, django_capture_on_commit_callbacks, monkeypatch
 ):
     """What goes through Celery sits in Redis and in its logs: the e-mail's link, with its
-    token, is built by the worker from the invitation's id."""
+    token, is built by the worker from the invitation's id. The broker carries the mail
+    outbox's row id, and the row the task's name and the invitation's id."""
     settings.SITE_URL = "https://switchyard.example.com"
     queued = []
     for task in celery_app.tasks.values():
@@ -88,8 +89,14 @@ def test_the_token_is_not_handed_to_the_broker_only_the_invitations_id(
     with django_capture_on_commit_callbacks(execute=True):
         invitation, token = invite(owner)
 
-    assert queued == [("marketplace.tasks.invitation_mail_send", [invitation.pk], {})]
+    message = MailMessage.objects.get()
+    assert queued == [("marketplace.mail.mail_outbox_send", [message.pk], {})]
+    assert (message.task, message.args) == (
+        "marketplace.tasks.invitation_mail_send",
+        [invitation.pk],
+    )
     assert token not in repr(queued)
+    assert token not in repr(MailMessage.objects.values().get())
     (sent,) = mailoutbox
     assert f"https://switchyard.example.com/invitations/{token}\n" in sent.body
     assert invitation_accept(token=token, user=UserFactory()).role == Role.MEMBER

@@ -3,6 +3,7 @@ are refused, its members read but change nothing, nothing is booked, extended or
 webhooks wait; its running work is kept or stopped as staff chose; lifting it restores all."""
 # ruff: noqa: F811 - pytest fixtures are imported by name and then requested as arguments
 
+import secrets
 import threading
 from datetime import timedelta
 from decimal import Decimal
@@ -14,23 +15,36 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing.services.topups import top_up_create
-from config.errors import PermissionDenied
+from config.errors import ApplicationError, Conflict, NotAvailable, PermissionDenied
 from marketplace.models import (
     AuditEntry,
     DeliveryStatus,
+    Invitation,
+    ListingStatus,
+    Membership,
     Organization,
+    ResaleListing,
     Reservation,
     ReservationStatus,
     Role,
     WebhookDelivery,
+    WebhookEndpoint,
 )
+from marketplace.selectors.resale import resale_offer_rows
 from marketplace.services.api_keys import api_key_create
-from marketplace.services.organizations import organization_suspend, organization_unsuspend
+from marketplace.services.organizations import (
+    invitation_accept,
+    invitation_create,
+    organization_create,
+    organization_suspend,
+    organization_unsuspend,
+)
 from marketplace.services.reservations import reservation_create, reservation_extend
 from marketplace.services.webhook_sending import webhook_endpoint_send, webhook_endpoints_due
 from marketplace.services.webhooks import webhook_endpoint_create
 from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, UserFactory
+from tests.marketplace import resale_helpers as resale
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
     assert_error,
@@ -289,3 +303,261 @@ def test_a_suspension_waits_for_a_booking_under_way_and_the_next_one_is_refused(
     with pytest.raises(PermissionDenied):
         book_at_market(org, start=tomorrow(48), hours=2)
     assert Reservation.objects.filter(organization=org).count() == 1
+
+
+def test_a_member_of_a_suspended_organisation_cannot_create_another_until_it_is_lifted(org, owner):
+    """Evasion: a new organisation would carry on what the suspension stopped."""
+    member = MembershipFactory(organization=org, role=Role.MEMBER)
+    organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+    before = Organization.objects.count()
+
+    for user in (owner.user, member.user):
+        with pytest.raises(PermissionDenied) as refused:
+            organization_create(name="Fresh Start", owner=user)
+        assert refused.value.code == "organization_suspended"
+        assert f"You are a member of {org.name}, which Switchyard staff suspended" in (
+            refused.value.message
+        )
+    client = HttpsClient()
+    client.force_login(owner.user)
+    page = client.post(
+        reverse("portal:organization-new"),
+        {"name": "Fresh Start", "once": secrets.token_urlsafe(8)},
+    )
+    assert page.status_code == 403
+    assert "you cannot create another organisation until the suspension is lifted" in (
+        page.content.decode()
+    )
+    assert Organization.objects.count() == before
+    assert not Membership.objects.filter(organization__name="Fresh Start").exists()
+    # Someone in no suspended organisation is not concerned.
+    assert organization_create(name="Elsewhere", owner=UserFactory()).name == "Elsewhere"
+
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    again = client.post(
+        reverse("portal:organization-new"),
+        {"name": "Fresh Start", "once": secrets.token_urlsafe(8)},
+    )
+    assert again.status_code == 302
+    assert Membership.objects.get(organization__name="Fresh Start").user == owner.user
+
+
+def test_invitations_are_neither_sent_nor_accepted_while_suspended_and_stay_valid(org, owner):
+    sent, token = invitation_create(actor=owner, email="grace@example.com", role=Role.ADMIN)
+    expiring, expiring_token = invitation_create(
+        actor=owner, email="alan@example.com", role="member"
+    )
+    organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+
+    with pytest.raises(PermissionDenied) as refused:
+        invitation_create(actor=owner, email="linus@example.com", role=Role.MEMBER)
+    assert refused.value.code == "organization_suspended"
+    assert_error(
+        session_client(owner).post(
+            "/api/v1/organization/invitations", {"email": "linus@example.com"}, format="json"
+        ),
+        403,
+        "organization_suspended",
+    )
+    assert Invitation.objects.filter(organization=org).count() == 2
+
+    grace = UserFactory()
+    with pytest.raises(PermissionDenied) as refused:
+        invitation_accept(token=token, user=grace)
+    assert refused.value.code == "organization_suspended"
+    client = HttpsClient()
+    client.force_login(grace)
+    page = client.post(f"/invitations/{token}")
+    body = page.content.decode()
+    assert page.status_code == 403
+    assert "is suspended by Switchyard staff: nobody can join it" in body
+    assert REASON not in body  # the invitee is no member: not told staff's reason
+    assert not Membership.objects.filter(user=grace).exists()
+    sent.refresh_from_db()
+    assert (sent.accepted_at, sent.revoked_at) == (None, None)  # still open
+
+    # Lifted: what is still valid can be accepted; what expired meanwhile cannot.
+    Invitation.objects.filter(pk=expiring.pk).update(expires_at=timezone.now())
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    assert client.post(f"/invitations/{token}").status_code == 302
+    assert Membership.objects.get(user=grace).role == Role.ADMIN
+    with pytest.raises(Conflict) as expired:
+        invitation_accept(token=expiring_token, user=UserFactory())
+    assert expired.value.code == "invitation_expired"
+
+
+def test_a_suspended_sellers_listings_are_neither_offered_nor_sold_until_it_is_lifted():
+    m = resale.market()
+    lst = resale.listing(m, gpus=4)
+    wanted = {"gpu_count": 4, "starts_at": lst.starts_at, "ends_at": lst.ends_at}
+
+    def offered() -> list:
+        return [x.pk for x in resale_offer_rows(tier="on_demand", **wanted)]
+
+    assert offered() == [lst.pk]
+    organization_suspend(organization=m.seller, reason=REASON, actor_label="staff:ops")
+
+    assert offered() == []
+    with pytest.raises(NotAvailable) as refused:
+        resale.buy(m, lst)
+    assert refused.value.code == "listing_not_available"
+    assert REASON not in refused.value.message  # the seller's suspension is not the buyer's
+    assert not Reservation.objects.filter(organization=m.buyer).exists()
+    lst.refresh_from_db()
+    assert lst.status == ListingStatus.OPEN
+    with pytest.raises(PermissionDenied):  # nor does it list more
+        resale.listing(m, gpus=2, start_h=72)
+    assert ResaleListing.objects.filter(organization=m.seller).count() == 1
+
+    organization_unsuspend(organization=m.seller, actor_label="staff:ops")
+    assert offered() == [lst.pk]
+    bought = resale.buy(m, lst)
+    lst.refresh_from_db()
+    assert (lst.status, bought.organization) == (ListingStatus.SOLD, m.buyer)
+
+
+def _call_while_a_suspension_is_written(organization, call) -> tuple[bool, str]:
+    """call() while staff's suspension of `organization` is written and not yet committed:
+    whether call came to wait for it (then it commits), and call's outcome ("ok" or the
+    refusal's code)."""
+    suspended, waited = threading.Event(), []
+
+    def suspend_and_hold():
+        try:
+            with transaction.atomic():
+                organization_suspend(organization=organization, reason=REASON, actor_label="s")
+                suspended.set()
+                waited.append(until_a_backend_waits_for_this_one())
+        finally:
+            connections.close_all()
+
+    suspension = threading.Thread(target=suspend_and_hold)
+    suspension.start()
+    assert suspended.wait(60)
+    try:
+        call()
+        outcome = "ok"
+    except ApplicationError as exc:
+        outcome = exc.code
+    suspension.join(60)
+    return waited == [True], outcome
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_purchase_waits_for_a_suspension_of_the_seller_being_written_and_is_refused():
+    m = resale.market()
+    lst = resale.listing(m, gpus=4)
+
+    waited, outcome = _call_while_a_suspension_is_written(m.seller, lambda: resale.buy(m, lst))
+
+    assert (waited, outcome) == (True, "listing_not_available")
+    assert not Reservation.objects.filter(organization=m.buyer).exists()
+    assert ResaleListing.objects.get(pk=lst.pk).status == ListingStatus.OPEN
+
+
+@pytest.mark.django_db(transaction=True)
+def test_creating_an_organisation_or_joining_one_waits_for_a_suspension_being_written(org, owner):
+    _, token = invitation_create(actor=owner, email="grace@example.com", role=Role.MEMBER)
+    grace = UserFactory()
+
+    creating = _call_while_a_suspension_is_written(
+        org, lambda: organization_create(name="Fresh Start", owner=owner.user)
+    )
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    joining = _call_while_a_suspension_is_written(
+        org, lambda: invitation_accept(token=token, user=grace)
+    )
+
+    assert creating == joining == (True, "organization_suspended")
+    assert not Organization.objects.filter(name="Fresh Start").exists()
+    assert not Membership.objects.filter(user=grace).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_suspension_of_the_seller_waits_for_a_purchase_under_way_which_stands():
+    m = resale.market()
+    lst = resale.listing(m, gpus=4)
+    bought, waited = threading.Event(), []
+
+    def buy_and_hold():
+        try:
+            with transaction.atomic():
+                resale.buy(m, lst)
+                bought.set()
+                waited.append(until_a_backend_waits_for_this_one())
+        finally:
+            connections.close_all()
+
+    purchase = threading.Thread(target=buy_and_hold)
+    purchase.start()
+    assert bought.wait(60)
+    organization_suspend(organization=m.seller, reason=REASON, actor_label="staff:ops")
+    purchase.join(60)
+
+    assert waited == [True]  # the sale committed first: it stands
+    assert ResaleListing.objects.get(pk=lst.pk).status == ListingStatus.SOLD
+    assert Reservation.objects.filter(organization=m.buyer).count() == 1
+
+
+def test_webhooks_held_longer_than_the_retry_window_get_all_of_it_from_the_lift(org, receiver):
+    from django.test import override_settings
+
+    with override_settings(WEBHOOK_ALLOW_INSECURE=True, WEBHOOK_TIMEOUT=2):
+        endpoint, _ = webhook_endpoint_create(
+            organization=org, url=receiver.url + "/hook", event_types=[]
+        )
+        organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+        api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)  # an event
+        # Suspended for 100 hours (more than WEBHOOK_RETRY_HOURS, 72), its last success before.
+        long_ago = timezone.now() - timedelta(hours=100)
+        WebhookEndpoint.objects.filter(pk=endpoint.pk).update(last_success_at=long_ago)
+        WebhookDelivery.objects.update(retry_from=long_ago, next_attempt_at=long_ago)
+
+        lifted = timezone.now()
+        organization_unsuspend(organization=org, actor_label="staff:ops")
+        receiver.answer(status=503)  # down for a moment as it is lifted
+        assert webhook_endpoint_send(endpoint_id=endpoint.pk) == {
+            "sent": 0, "failed": 1, "more": False,
+        }  # fmt: skip
+
+        delivery = WebhookDelivery.objects.get()
+        assert delivery.status == DeliveryStatus.PENDING  # retried, as a new delivery is
+        assert delivery.retry_from >= lifted
+        assert 25 <= (delivery.next_attempt_at - timezone.now()).total_seconds() <= 30
+        endpoint.refresh_from_db()
+        assert endpoint.enabled and endpoint.failing_since >= lifted
+
+        receiver.answer(status=200)
+        WebhookDelivery.objects.update(next_attempt_at=timezone.now())
+        assert webhook_endpoint_send(endpoint_id=endpoint.pk)["sent"] == 1
+        assert len(receiver.received) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sender_under_way_stops_at_the_next_delivery_once_a_suspension_commits(org, receiver):
+    from django.test import override_settings
+
+    with override_settings(WEBHOOK_ALLOW_INSECURE=True, WEBHOOK_TIMEOUT=5):
+        endpoint, _ = webhook_endpoint_create(
+            organization=org, url=receiver.url + "/hook", event_types=[]
+        )
+        for name in ("first", "second"):  # two events, two deliveries
+            api_key_create(organization=org, name=name, scopes=["read"], created_by=None)
+        receiver.answer(delay=1.0)  # the first try is under way while staff suspend it
+
+        def suspend_during_the_first_try():
+            try:
+                receiver.wait_for("/hook")
+                organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+            finally:
+                connections.close_all()
+
+        suspension = threading.Thread(target=suspend_during_the_first_try)
+        suspension.start()
+        result = webhook_endpoint_send(endpoint_id=endpoint.pk)
+        suspension.join(60)
+
+    assert result == {"sent": 1, "failed": 0, "more": False}
+    assert len(receiver.received) == 1
+    statuses = WebhookDelivery.objects.order_by("event_created_at").values_list("status", flat=True)
+    assert list(statuses) == [DeliveryStatus.SUCCEEDED, DeliveryStatus.PENDING]

@@ -15,7 +15,13 @@ from django.utils.html import escape
 
 from config.errors import ApplicationError
 from marketplace.models import Invitation, Membership, Organization, PendingSignup, Role
-from marketplace.services.organizations import invitation_create, signup_confirm, signup_request
+from marketplace.services.organizations import (
+    invitation_create,
+    organization_suspend,
+    organization_unsuspend,
+    signup_confirm,
+    signup_request,
+)
 from tests.clients import HttpsClient
 from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 from tests.marketplace.api_fixtures import fresh_rate_limits  # noqa: F401
@@ -65,13 +71,15 @@ def test_the_answer_is_the_same_for_an_address_with_an_account_and_one_without(m
 
 
 def test_the_worker_builds_the_link_from_the_id_on_site_url(settings, monkeypatch, mailoutbox):
-    """Only the pending sign-up's id goes through the broker: not the token, not the
-    password's hash; the database keeps only the token's hash."""
+    """Only the pending sign-up's id goes into the mail outbox (the broker carries the outbox
+    row's id): not the token, not the password's hash; the database keeps only the token's
+    hash."""
     from config.celery import app as celery_app
+    from marketplace.models import MailMessage
 
     settings.SITE_URL = "https://example.com/switchyard/"
     settings.SIGNUP_CONFIRM_HOURS = 2
-    task = celery_app.tasks["marketplace.tasks.signup_mail_send"]
+    task = celery_app.tasks["marketplace.mail.mail_outbox_send"]
     queued, send = [], task.apply_async
 
     def record(args=None, kwargs=None, **options):
@@ -84,7 +92,9 @@ def test_the_worker_builds_the_link_from_the_id_on_site_url(settings, monkeypatc
 
     assert "valid for 2 hours" in response.content.decode()
     pending = PendingSignup.objects.get()
-    assert queued == [([pending.pk], {})]
+    message = MailMessage.objects.get()
+    assert queued == [([message.pk], {})]
+    assert (message.task, message.args) == ("marketplace.tasks.signup_mail_send", [pending.pk])
     (sent,) = mailoutbox
     assert "https://example.com/switchyard/signup/confirm/" in sent.body
     assert "works once, for 2 hours" in sent.body
@@ -307,7 +317,31 @@ def test_an_invitation_closed_before_the_link_is_confirmed_leaves_the_account_al
     invitation.refresh_from_db()
     assert invitation.accepted_at is None
     page = client.get("/organizations/new").content.decode()
-    assert "The invitation can no longer be accepted" in page
+    assert "The invitation cannot be accepted now (revoked, used or expired" in page
+
+
+def test_an_invitation_to_an_organisation_suspended_meanwhile_waits_for_the_lift(mailoutbox):
+    owner, invitation, token = _invitation()
+    form = signup_form()
+    del form["organization"]
+    signup_post(HttpsClient(), f"/signup?next=/invitations/{token}", **form)
+    link = confirm_path(mailoutbox[-1])
+    organization = owner.organization
+    organization_suspend(organization=organization, reason="Unpaid.", actor_label="staff:ops")
+    client = HttpsClient()
+
+    response = client.post(link, {"username": "grace"})
+
+    assert response.status_code == 302 and response["Location"] == "/organizations/new"
+    grace = User.objects.get(username="grace")  # the account stands, in no organisation
+    assert not Membership.objects.filter(user=grace).exists()
+    invitation.refresh_from_db()
+    assert (invitation.accepted_at, invitation.revoked_at) == (None, None)
+    page = client.get("/organizations/new").content.decode()
+    assert "or its organisation is suspended): open its link again later" in page
+    organization_unsuspend(organization=organization, actor_label="staff:ops")
+    assert client.post(f"/invitations/{token}").status_code == 302
+    assert Membership.objects.get(user=grace).organization == organization
 
 
 def test_next_given_to_the_sign_up_page_is_followed_once_the_account_is_made(mailoutbox):

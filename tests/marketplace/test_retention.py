@@ -109,6 +109,7 @@ def test_history_goes_exactly_past_each_window_and_never_for_live_work(org, node
         "quotes": 0,
         "pending_signups": 0,
         "demand_response_signatures": 0,
+        "sent_mail": 0,
     }
     assert history(recent) == FULL
     assert history(live) == FULL
@@ -203,6 +204,36 @@ def test_pending_sign_ups_go_a_day_after_their_link_expired_used_or_not():
     assert history_prune(now=now).pending_signups == 0
 
 
+def test_sent_mail_goes_after_its_retention_and_mail_not_sent_stays(settings):
+    from marketplace.models import MailMessage, MailStatus
+
+    settings.MAIL_RETENTION_DAYS = 14
+    now = timezone.now()
+
+    def message(status: str, sent_days_ago: float | None, created_days_ago: float = 30):
+        sent_at = None if sent_days_ago is None else now - timedelta(days=sent_days_ago)
+        row = MailMessage.objects.create(
+            task="marketplace.mail.mail_send", args=["S", "B", ["a@example.com"], None],
+            status=status, next_attempt_at=now, sent_at=sent_at,
+        )  # fmt: skip
+        MailMessage.objects.filter(pk=row.pk).update(
+            created_at=now - timedelta(days=created_days_ago)
+        )
+        return row
+
+    old_sent = message(MailStatus.SENT, 14 + 1 / 86400)  # a second past the window
+    kept_sent = message(MailStatus.SENT, 14 - 1 / 86400)
+    failed = message(MailStatus.FAILED, None, created_days_ago=400)
+    pending = message(MailStatus.PENDING, None, created_days_ago=400)
+
+    assert history_prune(now=now).sent_mail == 1
+    assert set(MailMessage.objects.values_list("pk", flat=True)) == {
+        kept_sent.pk, failed.pk, pending.pk,
+    }  # fmt: skip
+    assert not MailMessage.objects.filter(pk=old_sent.pk).exists()
+    assert history_prune(now=now).sent_mail == 0
+
+
 def test_deletes_go_in_batches_each_its_own_statement(org, node):
     rows = [reservation(org, node, status=S.COMPLETED, ended_days_ago=100) for _ in range(5)]
     attempts = ProvisioningAttempt.objects.filter(reservation__in=rows)
@@ -275,6 +306,7 @@ def test_beat_prunes_history_daily():
             "quotes",
             "pending_signups",
             "demand_response_signatures",
+            "sent_mail",
         ],
         0,
     )
