@@ -4,16 +4,14 @@ booked afterwards stops at that one end. Each order is forced: this test holds t
 the racers come to wait for it (PostgreSQL's lock table says when), then lets them go."""
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
-from django.db import connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from billing.models import LedgerEntry, LedgerKind
 from billing.services.usage import reservations_book_now
-from config.errors import ApplicationError
 from marketplace.models import Reservation, ReservationStatus, ReservationTransition
 from marketplace.services.reservations import reservation_cancel
 from tests.marketplace.market_helpers import allow_all_funding  # noqa: F401 (fixture)
@@ -24,45 +22,14 @@ from tests.marketplace.test_agent_report_delivery import (
     _container,
     _heartbeat,
 )
+from tests.races import outcome_of, until_a_backend_waits_for_this_one
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("allow_all_funding")]
 S = ReservationStatus
 
 
-def _waiting_on_this_backend(count: int, seconds: float = 20) -> bool:
-    """Whether `count` other backends wait for a lock this connection holds, within seconds."""
-    deadline = time.monotonic() + seconds
-    with connections["default"].cursor() as cur:
-        while time.monotonic() < deadline:
-            # Live (pg_locks, not pg_stat_activity, which a transaction reads once): those this
-            # backend blocks, and those queued behind them for the same row.
-            cur.execute(
-                "WITH RECURSIVE waiting(pid) AS ("
-                " SELECT pid FROM pg_locks WHERE NOT granted"
-                " AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
-                " UNION SELECT l.pid FROM pg_locks l JOIN waiting w"
-                " ON NOT l.granted AND w.pid = ANY(pg_blocking_pids(l.pid)))"
-                " SELECT count(DISTINCT pid) FROM waiting"
-            )
-            if cur.fetchone()[0] >= count:
-                return True
-            time.sleep(0.01)
-    return False
-
-
 def _in_thread(call, outcomes: dict, name: str) -> threading.Thread:
-    def run():
-        try:
-            call()
-            outcomes[name] = "ok"
-        except ApplicationError as exc:
-            outcomes[name] = exc.code
-        except Exception as exc:  # noqa: BLE001 - any other outcome is a failure to report
-            outcomes[name] = f"error: {exc!r}"
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=lambda: outcomes.__setitem__(name, outcome_of(call)))
     thread.start()
     return thread
 
@@ -108,9 +75,9 @@ def test_an_exit_report_and_a_stop_racing_end_the_reservation_once(first):
     with transaction.atomic():
         Reservation.objects.select_for_update().get(pk=r.pk)  # the row, until both wait
         threads = [_in_thread(racers[first], outcomes, first)]
-        assert _waiting_on_this_backend(1)
+        assert until_a_backend_waits_for_this_one(20)
         threads.append(_in_thread(racers[second], outcomes, second))
-        assert _waiting_on_this_backend(2)
+        assert until_a_backend_waits_for_this_one(20, count=2)
     for thread in threads:
         thread.join(timeout=60)
 
