@@ -5,7 +5,6 @@ reads, the funding gate's question and pricing's pure total rule only), so the e
 the webhook sender import it at module top, as do the API's modules.
 """
 
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -21,6 +20,7 @@ from marketplace.models import (
     Tier,
 )
 from marketplace.rules import PREEMPTIBLE_STATUSES
+from marketplace.selectors.resale import listing_for_sale
 from marketplace.selectors.reservations import (
     reservation_charged,
     reservation_elapsed_seconds,
@@ -130,7 +130,8 @@ class ListingOutput(Serializer):
         "(sold, but its buyer left before the window began: the time is the seller's again).",
     )
     for_sale = serializers.SerializerMethodField(
-        help_text="Open and its window not begun: a buyer can book it now."
+        help_text="Open, its window not begun and its organisation not suspended by staff: a "
+        "buyer can book it now."
     )
     reservation = serializers.CharField(source="reservation.public_id")
     parent = serializers.CharField(source="parent.public_id", allow_null=True, default=None)
@@ -149,7 +150,7 @@ class ListingOutput(Serializer):
     sale = serializers.SerializerMethodField()
 
     def get_for_sale(self, listing) -> bool:
-        return listing.status == ListingStatus.OPEN and listing.starts_at > timezone.now()
+        return listing_for_sale(listing)
 
     @extend_schema_field(SaleOutput(allow_null=True))
     def get_sale(self, listing) -> dict | None:

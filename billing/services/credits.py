@@ -4,11 +4,15 @@ SLA (documented for customers): each reservation has a monthly uptime target of 
 measured per calendar month (UTC) over the time it was charged for in that month: an
 on-demand or interruptible one from when it became active, a reserved term (charged up front
 from its start) from its start ([activated_at or starts_at, released_at or its booked end)).
-Its recorded outages (ReservationOutage) and any outage of a node serving it, while it held
-GPUs there, count as downtime; so does a reserved term's late start: the time from its start
-plus the start allowance (marketplace's start_overdue_at: PROVISIONING_READINESS_TIMEOUT_SECONDS)
-until it became active (or ended, or now, if it never did), month by month, so a term that
-started on the 31st and became active on the 1st has that wait in both months. A reservation
+Time in which a reserved term has resold every GPU (sold_whole_windows) is its buyers', who
+are measured and credited for it: neither the term's measured time nor its downtime, so no
+outage is credited twice. Its recorded outages (ReservationOutage; one recorded from a node's
+outage not while the term has resold every GPU it had on that node: outage_intervals) and any
+outage of a node serving it, while it held GPUs there, count as downtime; so does a reserved
+term's late start: the time from its start plus the start allowance (marketplace's
+start_overdue_at: PROVISIONING_READINESS_TIMEOUT_SECONDS) until it became active (or ended,
+or now, if it never did), month by month, so a term that started on the 31st and became
+active on the 1st has that wait in both months. A reservation
 a forced grid curtailment preempted is measured to its booked end, the time it lost counting
 as downtime. If the month's uptime is below target, the reservation is credited a share of
 its net charge for that month:
@@ -76,6 +80,7 @@ from billing.services.ledger import ledger_entry_add
 from billing.services.usage import (
     RECENTLY_RELEASED,
     _overlap_seconds,
+    interval_minus,
     interval_union,
     outage_intervals,
     reserved_base_charge,
@@ -90,7 +95,7 @@ from marketplace.models import (
     ReservationTransition,
     Tier,
 )
-from marketplace.selectors.resale import term_unused_amount
+from marketplace.selectors.resale import sold_whole_windows, term_unused_amount
 from marketplace.services.audit import audit_record
 from marketplace.services.pricing import period_total
 from marketplace.services.reservations import start_overdue_at
@@ -172,15 +177,22 @@ def _month_uptime(
         hi = min(end, m1, now)
     if hi <= lo:
         return 0, 0
+    measured = [(lo, hi)]
     down = outage_intervals(reservation=reservation, until=hi)
     if reservation.tier == Tier.RESERVED:
+        # A window sold whole is the buyer's time (measured and credited as the buyer's),
+        # not the term's: neither measured nor down, whatever outage of its runs through it.
+        measured = interval_minus(measured, sold_whole_windows(reservation=reservation))
         # A late start: paid for from the start, not delivered until active.
         late = (start_overdue_at(reservation), reservation.activated_at or hi)
         if late[0] < late[1]:
             down = interval_union([*down, late])
     if stop is not None:
         down = interval_union([*down, (stop, reservation.ends_at)])
-    return int((hi - lo).total_seconds()), _overlap_seconds(down, lo, hi)
+    return (
+        sum(int((b - a).total_seconds()) for a, b in measured),
+        sum(_overlap_seconds(down, a, b) for a, b in measured),
+    )
 
 
 def _forced_stop(reservation: Reservation) -> datetime | None:

@@ -31,7 +31,7 @@ from billing.money import ZERO_DECIMAL_CURRENCIES, to_minor_units
 from billing.services.holds import holds_charge
 from billing.services.ledger import ledger_entry_add
 from billing.services.resale import resale_proceeds_book
-from inventory.models import Outage
+from inventory.models import Outage, OutageCause
 from marketplace.models import (
     Allocation,
     ListingStatus,
@@ -41,6 +41,7 @@ from marketplace.models import (
     ReservationStatus,
     Tier,
 )
+from marketplace.provisioning.services import WORKLOAD_LOST_CAUSE
 
 __all__ = [
     "METERED_TIERS",
@@ -48,6 +49,7 @@ __all__ = [
     "RECENTLY_RELEASED",
     "BookedUsage",
     "interval_union",
+    "interval_minus",
     "outage_intervals",
     "reservation_delivered_seconds",
     "usage_accruals_open",
@@ -88,6 +90,21 @@ def interval_union(intervals: list[Interval]) -> list[Interval]:
     return merged
 
 
+def interval_minus(intervals: list[Interval], cut: list[Interval]) -> list[Interval]:
+    """`intervals` (disjoint, in order) less every interval of `cut` (disjoint, in order)."""
+    left: list[Interval] = []
+    for start, end in intervals:
+        for a, b in cut:
+            if b <= start or end <= a:
+                continue
+            if start < a:
+                left.append((start, a))
+            start = max(start, b)
+        if start < end:
+            left.append((start, end))
+    return left
+
+
 def _overlap_seconds(intervals: list[Interval], start: datetime, end: datetime) -> int:
     total = 0
     for a, b in intervals:
@@ -99,10 +116,16 @@ def _overlap_seconds(intervals: list[Interval], start: datetime, end: datetime) 
 
 def outage_intervals(*, reservation: Reservation, until: datetime) -> list[Interval]:
     """Union of the reservation's outages and its nodes' (any node down = it is down), a
-    node's only while the reservation held GPUs on it."""
+    node's only while the reservation held GPUs on it: so is its own outage recorded from a
+    node's, which is not a term's while it has resold every GPU it had there (the buyer's)."""
     since = reservation.activated_at or until
     live = Q(started_at__lt=until) & (Q(ended_at__isnull=True) | Q(ended_at__gt=since))
-    held = _held_on_nodes(reservation)
+    sold = list(
+        ResaleListing.objects.filter(
+            reservation=reservation, status=ListingStatus.SOLD
+        ).values_list("node_id", "gpu_ids", "starts_at", "ends_at")
+    )
+    held = _held_on_nodes(reservation, sold)
     rows = []
     # Node outages only: a GPU's own outage (Outage.gpu) reaches the reservations on that GPU
     # as ReservationOutage rows (marketplace.services.gpu_failures), not every one on its node.
@@ -111,23 +134,26 @@ def outage_intervals(*, reservation: Reservation, until: datetime) -> list[Inter
     ):
         end = min(end or until, until)
         rows += [(max(start, a), min(end, b)) for a, b in held[node_id]]
-    rows += [
-        (start, min(end or until, until))
-        for start, end in ReservationOutage.objects.filter(
-            live, reservation=reservation
-        ).values_list("started_at", "ended_at")
-    ]
+    for node_id, start, end, cause in ReservationOutage.objects.filter(
+        live, reservation=reservation
+    ).values_list("node_id", "started_at", "ended_at", "cause"):
+        row = [(start, min(end or until, until))]
+        if cause not in _WORKLOAD_OUTAGE_CAUSES:
+            sold_there = interval_union([(a, b) for n, _, a, b in sold if n == node_id])
+            row = interval_minus(row, interval_minus(sold_there, held.get(node_id, [])))
+        rows += row
     return interval_union(rows)
 
 
-def _held_on_nodes(reservation: Reservation) -> dict[int, list[Interval]]:
+# A reservation's outages that last until its workload runs again wherever it is (a failed
+# GPU's, a lost workload's), not only while it is on their node (provisioning closes them so).
+_WORKLOAD_OUTAGE_CAUSES = (OutageCause.GPU_FAILURE, WORKLOAD_LOST_CAUSE)
+
+
+def _held_on_nodes(reservation: Reservation, sold: list[tuple]) -> dict[int, list[Interval]]:
     """The periods the reservation held GPUs on each node: its allocations' periods, less the
-    record a reserved term keeps of a GPU's sold window (held by the buyer, not by it)."""
-    sold = list(
-        ResaleListing.objects.filter(
-            reservation=reservation, status=ListingStatus.SOLD
-        ).values_list("gpu_ids", "starts_at", "ends_at")
-    )
+    record a reserved term keeps of a GPU's sold window (held by the buyer, not by it); `sold`
+    is its sold listings (node, GPUs, start, end)."""
     held: dict[int, list[Interval]] = {}
     for node_id, gpu_id, period, is_live in Allocation.objects.filter(
         reservation=reservation
@@ -135,7 +161,7 @@ def _held_on_nodes(reservation: Reservation) -> dict[int, list[Interval]]:
         if period.isempty:  # ended before it began
             continue
         lo, hi = period.lower, period.upper
-        if not is_live and any(gpu_id in gpus and a <= lo and hi <= b for gpus, a, b in sold):
+        if not is_live and any(gpu_id in gpus and a <= lo and hi <= b for _, gpus, a, b in sold):
             continue
         held.setdefault(node_id, []).append((lo, hi))
     return {node_id: interval_union(periods) for node_id, periods in held.items()}

@@ -15,7 +15,11 @@ from config.errors import ApplicationError, NotFound
 from marketplace.models import Invitation
 from marketplace.portal.mixins import portal_organization_set
 from marketplace.selectors.organizations import invitation_get_by_token
-from marketplace.services.organizations import invitation_accept, invitation_check_open
+from marketplace.services.organizations import (
+    invitation_accept,
+    invitation_check_joinable,
+    invitation_check_open,
+)
 
 __all__ = ["InvitationAcceptView", "open_invitation_for"]
 
@@ -36,7 +40,8 @@ class InvitationAcceptView(View):
     def get(self, request, token: str):
         invitation = self._invitation(token)
         try:
-            invitation_check_open(invitation)
+            # Not offered to join while its organisation is suspended (it would be refused).
+            invitation_check_joinable(invitation)
         except ApplicationError as exc:
             return self._closed(request, invitation, exc)
         return render(request, TEMPLATE, {"invitation": invitation})

@@ -16,6 +16,7 @@ from marketplace.portal.mixins import PortalView, show_error
 from marketplace.portal.reservations import _detail_context
 from marketplace.provisioning.workload import workload_validate
 from marketplace.selectors.resale import (
+    listing_for_sale,
     listing_get_for_org,
     listing_get_for_sale,
     listings_for_org,
@@ -105,7 +106,8 @@ class ResaleView(PortalView, View):
 
 
 class ResaleBuyView(PortalView, View):
-    """GET: resold time from a search offer, with what to run; POST books it."""
+    """GET: resold time from a search offer, with what to run (or that it is not for sale at
+    the moment: sold, withdrawn, begun, its seller suspended); POST books it."""
 
     write_roles = RESERVING_ROLES
 
@@ -149,6 +151,7 @@ class ResaleBuyView(PortalView, View):
             "portal/resale_buy.html",
             {
                 "listing": listing,
+                "for_sale": listing_for_sale(listing),
                 "gpu_count": gpu_count,
                 "starts_at": starts_at,
                 "ends_at": ends_at,

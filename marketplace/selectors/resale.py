@@ -3,6 +3,7 @@ search offers (marketplace.services.resale writes them)."""
 
 from datetime import datetime
 from decimal import Decimal
+from itertools import pairwise
 
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -22,10 +23,12 @@ __all__ = [
     "listings_for_org",
     "listing_get_for_org",
     "listing_get_for_sale",
+    "listing_for_sale",
     "listings_for_reservation",
     "resale_offer_rows",
     "resale_breakdown",
     "sold_gpu_seconds",
+    "sold_whole_windows",
     "term_unused_amount",
 ]
 
@@ -33,7 +36,7 @@ __all__ = [
 def listings_for_org(*, organization: Organization) -> QuerySet[ResaleListing]:
     """The organisation's listings, newest first: open, withdrawn and sold (its sales)."""
     return ResaleListing.objects.filter(organization=organization).select_related(
-        "reservation", "site", "gpu_model", "node"
+        "organization", "reservation", "site", "gpu_model", "node"
     )
 
 
@@ -49,12 +52,23 @@ def listing_get_for_sale(*, public_id: str) -> ResaleListing:
     whether it can still be sold is decided when it is booked)."""
     listing = (
         ResaleListing.objects.filter(public_id=public_id)
-        .select_related("site", "gpu_model")
+        .select_related("organization", "site", "gpu_model")
         .first()
     )
     if listing is None:
         raise NotFound("No such listing.", field="listing")
     return listing
+
+
+def listing_for_sale(listing: ResaleListing, *, now: datetime | None = None) -> bool:
+    """Whether `listing` is for sale now, as the search offers it: open, its window not begun,
+    and its seller's organisation not suspended by staff (a buyer is not told which). Whether
+    its GPUs can still be sold is decided when it is booked."""
+    return (
+        listing.status == ListingStatus.OPEN
+        and listing.starts_at > (now or timezone.now())
+        and listing.organization.suspended_at is None
+    )
 
 
 def listings_for_reservation(*, reservation) -> list[ResaleListing]:
@@ -185,6 +199,28 @@ def sold_gpu_seconds(*, reservation, since: datetime) -> int:
     ).values_list("gpu_count", "starts_at", "ends_at"):
         total += gpu_count * int((ends_at - max(starts_at, since)).total_seconds())
     return total
+
+
+def sold_whole_windows(*, reservation) -> list[tuple[datetime, datetime]]:
+    """The windows in which every GPU of a term was resold, in order and merged: its sold
+    listings' windows (as sold_gpu_seconds counts them) where the GPUs sold reach its GPU
+    count. The term holds no GPU then: that time is its buyers', not its own."""
+    sold = list(
+        ResaleListing.objects.filter(reservation=reservation, status=ListingStatus.SOLD)
+        .order_by()
+        .values_list("gpu_count", "starts_at", "ends_at")
+    )
+    edges = sorted({at for _, starts_at, ends_at in sold for at in (starts_at, ends_at)})
+    windows: list[tuple[datetime, datetime]] = []
+    for lo, hi in pairwise(edges):  # the count sold is constant between two edges
+        resold = sum(n for n, starts_at, ends_at in sold if starts_at <= lo < ends_at)
+        if resold < reservation.gpu_count:
+            continue
+        if windows and windows[-1][1] == lo:
+            windows[-1] = (windows[-1][0], hi)
+        else:
+            windows.append((lo, hi))
+    return windows
 
 
 def term_unused_amount(reservation, *, since: datetime) -> Decimal:

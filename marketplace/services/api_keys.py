@@ -32,6 +32,7 @@ from marketplace.models import (
 from marketplace.rules import display_name_clean
 from marketplace.services.audit import audit_record
 from marketplace.services.events import api_key_event_record
+from marketplace.services.suspension import organization_unsuspended_lock
 
 __all__ = [
     "SECRET_PREFIX",
@@ -91,7 +92,8 @@ def api_key_create(
     scopes: list[str],
     created_by: AbstractBaseUser | None,
 ) -> tuple[ApiKey, str]:
-    """Create a key and return it with its secret, which is not stored and cannot be shown again."""
+    """Create a key and return it with its secret, which is not stored and cannot be shown again.
+    Refused (403 organization_suspended) while staff suspend the organisation."""
     name = display_name_clean(name, what="An API key")
     scopes = sorted(set(scopes))
     if not scopes or not set(scopes) <= set(ApiKeyScope.values):
@@ -110,10 +112,9 @@ def api_key_create(
             code="insufficient_role",
             field="scopes",
         )
-    # Counted under the organisation's row lock (NO KEY: the rows that reference the
-    # organisation, a booking's among them, still take their key share), so two requests
-    # cannot both pass the limit.
-    Organization.objects.select_for_update(no_key=True).filter(pk=organization.pk).first()
+    # Counted under the organisation's row lock, so two requests cannot both pass the limit;
+    # refused if staff suspended it (one suspending it meanwhile waits for this).
+    organization_unsuspended_lock(organization_id=organization.pk)
     if ApiKey.objects.filter(organization=organization, revoked_at__isnull=True).count() >= (
         MAX_ACTIVE_KEYS
     ):

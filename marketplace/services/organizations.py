@@ -48,6 +48,12 @@ from marketplace.services.api_keys import api_keys_changed, api_keys_revoke_crea
 from marketplace.services.audit import audit_changes, audit_record
 from marketplace.services.events import member_event_record
 from marketplace.services.ssh_keys import ssh_keys_delete_created_by
+from marketplace.services.suspension import (
+    organization_active_check,
+    organization_share_lock,
+    organization_suspended_error,
+    organization_unsuspended_lock,
+)
 from marketplace.services.webhooks import webhook_deliveries_release_held
 
 __all__ = [
@@ -72,6 +78,7 @@ __all__ = [
     "invitation_token_hash",
     "invitation_mail_send",
     "invitation_check_open",
+    "invitation_check_joinable",
     "invitation_create",
     "invitation_revoke",
     "invitation_accept",
@@ -149,45 +156,10 @@ def _creator_not_suspended_check(user: AbstractBaseUser) -> None:
 # --- suspension by staff ----------------------------------------------------------------------
 # A suspended organisation's API keys are refused (403 organization_suspended), its members read
 # but change nothing (portal and API), nothing is booked, extended, topped up, listed or sold
-# for resale, invited or joined, and its members create no other organisation (checked here,
-# under the organisation's row, by the services that do it) and its webhooks wait. Its running
-# reservations are kept or stopped as staff choose (reservations_stop_for_suspension).
-
-
-def organization_suspended_error(organization: Organization) -> PermissionDenied:
-    return PermissionDenied(
-        f"This organisation is suspended by Switchyard staff: {organization.suspension_reason} "
-        "Nothing can be booked, extended, topped up or changed until the suspension is lifted; "
-        "contact support.",
-        code="organization_suspended",
-    )
-
-
-_ORGANIZATION_SHARE_SQL = """
-SELECT id, name, suspended_at, suspension_reason FROM marketplace_organization
-WHERE id = %s FOR SHARE
-"""
-
-
-def organization_share_lock(*, organization_id: int) -> Organization | None:
-    """The organisation's row (name and suspension only) read FOR SHARE until the caller's
-    transaction ends: a suspension being written waits for that transaction to commit, and one
-    that committed first is seen. None if there is no such organisation."""
-    with connection.cursor() as cur:
-        cur.execute(_ORGANIZATION_SHARE_SQL, [organization_id])
-        row = cur.fetchone()
-    if row is None:
-        return None
-    return Organization(pk=row[0], name=row[1], suspended_at=row[2], suspension_reason=row[3])
-
-
-def organization_active_check(*, organization_id: int) -> None:
-    """Refuse (403 organization_suspended) what a suspended organisation may not do, under its
-    row read FOR SHARE (organization_share_lock): a suspension being written waits for the
-    booking (or top-up) to commit, and one that committed first is seen."""
-    organization = organization_share_lock(organization_id=organization_id)
-    if organization is not None and organization.suspended_at is not None:
-        raise organization_suspended_error(organization)
+# for resale, invited or joined, no API key, SSH key or webhook endpoint is added, and its
+# members create no other organisation (checked under the organisation's row by the services
+# that do it: services.suspension) and its webhooks wait. Its running reservations are kept or
+# stopped as staff choose (reservations_stop_for_suspension).
 
 
 @transaction.atomic
@@ -602,6 +574,29 @@ def invitation_check_open(invitation: Invitation, *, now=None) -> None:
         raise Conflict("This invitation has expired; ask for a new one.", code="invitation_expired")
 
 
+def invitation_check_joinable(invitation: Invitation) -> None:
+    """Refuse an invitation that cannot be accepted now, saying why: closed
+    (invitation_check_open), or its organisation suspended by staff (403
+    organization_suspended; it stays open). Reads only, for the page an invitee opens:
+    invitation_accept checks again under the locks."""
+    invitation_check_open(invitation)
+    if invitation.organization.suspended_at is not None:
+        raise _invitation_suspended_error(invitation, invitation.organization)
+
+
+def _invitation_suspended_error(
+    invitation: Invitation, organization: Organization
+) -> PermissionDenied:
+    # The invitee is no member: told that it is suspended, not staff's reason.
+    return PermissionDenied(
+        f"{_one_line(organization.name)} is suspended by Switchyard staff: nobody can join "
+        "it until the suspension is lifted. This invitation stays valid until "
+        f"{invitation.expires_at.isoformat(timespec='seconds')}: open its link again "
+        "once the suspension is lifted.",
+        code="organization_suspended",
+    )
+
+
 def _normalised_email(email: str) -> str:
     email = email.strip().lower()
     try:
@@ -613,7 +608,11 @@ def _normalised_email(email: str) -> str:
 
 def invitation_mail_send(*, invitation_id: int) -> int:
     """E-mail an open invitation its link (the worker's side of invitation_create); returns
-    how many messages were sent. One revoked, used or expired meanwhile is not sent."""
+    how many messages were sent. One revoked, used or expired meanwhile is not sent.
+
+    One whose organisation staff suspended meanwhile is sent, saying so (not why): the link
+    works once the suspension is lifted, until the invitation expires. Held instead, it could
+    expire unsent while its inviter believes it sent."""
     invitation = (
         Invitation.objects.select_related("organization", "invited_by")
         .filter(pk=invitation_id)
@@ -636,6 +635,7 @@ def invitation_mail_send(*, invitation_id: int) -> int:
         "role": invitation.role,
         "expires_at": invitation.expires_at,
         "url": f"{settings.SITE_URL.rstrip('/')}/invitations/{token}",
+        "suspended": invitation.organization.suspended_at is not None,
     }
     # One line whatever the name holds (one edited in the admin may carry a line break, which
     # would make the message unsendable).
@@ -728,18 +728,9 @@ def invitation_create(*, actor: Membership, email: str, role: str) -> tuple[Invi
 
 
 def _invitations_within_caps(organization_id: int, email: str) -> None:
-    # Under the organisation's row lock, so two sends at once are counted one after the other
-    # (NO KEY: the rows that reference the organisation, a booking's among them, still take
-    # their key share meanwhile), and a suspension committed first is seen (one being written
-    # waits for this invitation).
-    organization = (
-        Organization.objects.select_for_update(no_key=True)
-        .only("name", "suspended_at", "suspension_reason")
-        .filter(pk=organization_id)
-        .first()
-    )
-    if organization is not None and organization.suspended_at is not None:
-        raise organization_suspended_error(organization)
+    # Under the organisation's row lock, so two sends at once are counted one after the other,
+    # and a suspension committed first is seen (one being written waits for this invitation).
+    organization_unsuspended_lock(organization_id=organization_id)
     since = timezone.now() - timedelta(days=1)
     sent = Invitation.objects.filter(organization_id=organization_id, created_at__gte=since)
     caps = (
@@ -800,14 +791,7 @@ def _invitation_join(invitation: Invitation, user: AbstractBaseUser) -> Membersh
     invitation_check_open(invitation, now=now)
     organization = organization_share_lock(organization_id=invitation.organization_id)
     if organization is not None and organization.suspended_at is not None:
-        # The invitee is no member: told that it is suspended, not staff's reason.
-        raise PermissionDenied(
-            f"{_one_line(organization.name)} is suspended by Switchyard staff: nobody can join "
-            "it until the suspension is lifted. This invitation stays valid until "
-            f"{invitation.expires_at.isoformat(timespec='seconds')}: open its link again "
-            "once the suspension is lifted.",
-            code="organization_suspended",
-        )
+        raise _invitation_suspended_error(invitation, organization)
     membership = _membership_create(
         organization_id=invitation.organization_id, user=user, role=invitation.role
     )

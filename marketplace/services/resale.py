@@ -483,7 +483,7 @@ def _open_listings_close(*, reservation_id: int, status: str, stamp: str, **also
 
 
 # What a listing's event shows besides the row (ListingOutput), loaded with it.
-_SHOWN_WITH = ("reservation", "parent", "site", "gpu_model", "node")
+_SHOWN_WITH = ("organization", "reservation", "parent", "site", "gpu_model", "node")
 
 
 # Sold GPUs: the seller's row of each becomes the record of the sold piece (not live), then

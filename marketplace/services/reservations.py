@@ -45,7 +45,6 @@ from marketplace.funding import funding_gate
 from marketplace.models import (
     Allocation,
     EventType,
-    ListingStatus,
     Organization,
     Quote,
     ResaleListing,
@@ -64,7 +63,11 @@ from marketplace.selectors.availability import (
     site_model_offer,
 )
 from marketplace.selectors.reference import gpu_model_by_slug, site_by_slug
-from marketplace.selectors.resale import resale_breakdown, term_unused_amount
+from marketplace.selectors.resale import (
+    resale_breakdown,
+    sold_whole_windows,
+    term_unused_amount,
+)
 from marketplace.services.allocation import (
     allocation_place,
     curtailment_headroom_take,
@@ -139,19 +142,13 @@ def start_overdue_at(reservation: Reservation) -> datetime:
 
 
 def _own_hours_from(reservation: Reservation) -> datetime:
-    """The first instant from its start at which the term holds a GPU not sold (its sold
-    listings' windows, as sold_gpu_seconds counts them); the count sold only drops where a
-    window ends, so the start and those ends are the only candidates."""
-    sold = list(
-        ResaleListing.objects.filter(
-            reservation=reservation, status=ListingStatus.SOLD, ends_at__gt=reservation.starts_at
-        ).values_list("gpu_count", "starts_at", "ends_at")
-    )
-    for at in sorted({reservation.starts_at, *(ends_at for _, _, ends_at in sold)}):
-        held_by_buyers = sum(n for n, lo, hi in sold if lo <= at < hi)
-        if held_by_buyers < reservation.gpu_count:
-            return at
-    return reservation.ends_at
+    """The first instant from its start at which the term holds a GPU not sold: its start,
+    or the end of the window sold whole that it falls in (sold_whole_windows)."""
+    at = reservation.starts_at
+    for lo, hi in sold_whole_windows(reservation=reservation):
+        if lo <= at < hi:
+            at = hi
+    return min(at, reservation.ends_at)
 
 
 def _restarting_since(reservation: Reservation) -> datetime | None:

@@ -20,6 +20,7 @@ from marketplace.provisioning.workload import (
 from marketplace.rules import display_name_clean
 from marketplace.selectors.ssh_keys import ssh_key_list_for_org
 from marketplace.services.audit import audit_record
+from marketplace.services.suspension import organization_unsuspended_lock
 
 __all__ = ["MAX_SAVED_KEYS", "ssh_key_create", "ssh_key_delete", "workload_add_saved_ssh_keys"]
 
@@ -37,7 +38,8 @@ def ssh_key_create(
     name: str,
     public_key: str,
 ) -> SshKey:
-    """Save a public key for the organisation. Conflict ssh_key_exists if it is already saved."""
+    """Save a public key for the organisation. Conflict ssh_key_exists if it is already saved;
+    refused (403 organization_suspended) while staff suspend the organisation."""
     name = display_name_clean(name, what="An SSH key")
     if len(name) > _NAME_MAX:
         raise ValidationFailed(
@@ -45,10 +47,9 @@ def ssh_key_create(
         )
     public_key = ssh_public_key_validate(public_key, field="public_key")
     fingerprint = ssh_public_key_fingerprint(public_key)
-    # Counted under the organisation's row lock (NO KEY: the rows that reference the
-    # organisation, a booking's among them, still take their key share), so two requests
-    # cannot both pass the limit.
-    Organization.objects.select_for_update(no_key=True).filter(pk=organization.pk).first()
+    # Counted under the organisation's row lock, so two requests cannot both pass the limit;
+    # refused if staff suspended it (one suspending it meanwhile waits for this).
+    organization_unsuspended_lock(organization_id=organization.pk)
     if SshKey.objects.filter(organization=organization).count() >= MAX_SAVED_KEYS:
         raise ValidationFailed(
             f"An organisation may save at most {MAX_SAVED_KEYS} SSH keys; delete one it no "

@@ -37,6 +37,10 @@ from marketplace.models import (
 )
 from marketplace.rules import display_name_clean
 from marketplace.services.audit import audit_changes, audit_record
+from marketplace.services.suspension import (
+    organization_active_check,
+    organization_unsuspended_lock,
+)
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -189,7 +193,8 @@ def webhook_endpoint_create(
     created_by: AbstractBaseUser | None = None,
     withheld_families: Collection[str] = (),
 ) -> tuple[WebhookEndpoint, str]:
-    """Register an endpoint; returns it with its signing secret (shown once).
+    """Register an endpoint; returns it with its signing secret (shown once). Refused (403
+    organization_suspended) while staff suspend the organisation.
 
     `withheld_families`: the event families the caller may not see (the API's
     event_families_hidden), never sent to it: the caller has been refused any explicit type
@@ -199,10 +204,9 @@ def webhook_endpoint_create(
         blank_ok=True,
     )  # fmt: skip
     webhook_url_resolve(url)
-    # Counted under the organisation's row lock (NO KEY: the rows that reference the
-    # organisation, a booking's among them, still take their key share), so two requests
-    # cannot both pass the limit.
-    Organization.objects.select_for_update(no_key=True).filter(pk=organization.pk).first()
+    # Counted under the organisation's row lock, so two requests cannot both pass the limit;
+    # refused if staff suspended it (one suspending it meanwhile waits for this).
+    organization_unsuspended_lock(organization_id=organization.pk)
     if WebhookEndpoint.objects.filter(organization=organization).count() >= MAX_ENDPOINTS:
         raise ValidationFailed(
             f"An organisation may have at most {MAX_ENDPOINTS} webhook endpoints.",
@@ -233,7 +237,8 @@ def webhook_endpoint_update(
     enabled: bool | None = None,
     withheld_families: Collection[str] = (),
 ) -> WebhookEndpoint:
-    """Change what is given. Enabling again starts the failure clock afresh.
+    """Change what is given. Enabling again starts the failure clock afresh. Refused (403
+    organization_suspended) while staff suspend the organisation, as is rotating its secret.
 
     `withheld_families` (the caller's unseen families, as for webhook_endpoint_create) are
     what the endpoint withholds from now on when the caller sets its event_types, and are
@@ -244,6 +249,8 @@ def webhook_endpoint_update(
     checked = url is not None and url != endpoint.url
     if checked:
         webhook_url_resolve(url)
+    # The organisation's row before the endpoint's, as a lift takes them.
+    organization_active_check(organization_id=endpoint.organization_id)
     locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
     before = _settings(locked)
     if url is not None and url != locked.url:
@@ -294,6 +301,7 @@ def webhook_endpoint_rotate_secret(
     replaced secret now. `withheld_families` (the caller's unseen families) are added to what
     the endpoint withholds: whoever holds the new secret can read what it signs."""
     now = now or timezone.now()
+    organization_active_check(organization_id=endpoint.organization_id)  # as in the update
     locked = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
     kept = [] if expire_previous else locked.previous_secrets_signing(now)
     if len(kept) >= PREVIOUS_SECRETS_MAX:

@@ -16,34 +16,45 @@ from django.utils import timezone
 
 from billing.services.topups import top_up_create
 from config.errors import ApplicationError, Conflict, NotAvailable, PermissionDenied
+from marketplace.mail import mail_outbox_deliver
 from marketplace.models import (
+    ApiKey,
     AuditEntry,
     DeliveryStatus,
     Invitation,
     ListingStatus,
+    MailMessage,
     Membership,
     Organization,
     ResaleListing,
     Reservation,
     ReservationStatus,
     Role,
+    SshKey,
     WebhookDelivery,
     WebhookEndpoint,
 )
 from marketplace.selectors.resale import resale_offer_rows
 from marketplace.services.api_keys import api_key_create
 from marketplace.services.organizations import (
+    INVITATION_MAIL_TASK,
     invitation_accept,
     invitation_create,
+    invitation_mail_send,
     organization_create,
     organization_suspend,
     organization_unsuspend,
 )
 from marketplace.services.reservations import reservation_create, reservation_extend
+from marketplace.services.ssh_keys import ssh_key_create
 from marketplace.services.webhook_sending import webhook_endpoint_send, webhook_endpoints_due
-from marketplace.services.webhooks import webhook_endpoint_create
+from marketplace.services.webhooks import (
+    webhook_endpoint_create,
+    webhook_endpoint_rotate_secret,
+    webhook_endpoint_update,
+)
 from tests.clients import HttpsClient
-from tests.factories import MembershipFactory, UserFactory
+from tests.factories import MembershipFactory, OrganizationFactory, UserFactory
 from tests.marketplace import resale_helpers as resale
 from tests.marketplace.api_fixtures import (  # noqa: F401
     allow_all_funding,
@@ -56,7 +67,8 @@ from tests.marketplace.api_fixtures import (  # noqa: F401
     owner,
     session_client,
 )
-from tests.marketplace.market_helpers import tomorrow
+from tests.marketplace.market_helpers import member_client, tomorrow
+from tests.provisioning_support import ssh_key
 from tests.races import until_a_backend_waits_for_this_one
 from tests.webhook_receiver import receiver  # noqa: F401
 
@@ -220,8 +232,8 @@ def test_a_suspended_organisations_webhooks_wait_and_go_once_it_is_lifted(org, r
         endpoint, _ = webhook_endpoint_create(
             organization=org, url=receiver.url + "/hook", event_types=[]
         )
-        organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
         api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)  # an event
+        organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
 
         assert endpoint.pk not in webhook_endpoints_due()
         assert webhook_endpoint_send(endpoint_id=endpoint.pk) == {
@@ -506,8 +518,8 @@ def test_webhooks_held_longer_than_the_retry_window_get_all_of_it_from_the_lift(
         endpoint, _ = webhook_endpoint_create(
             organization=org, url=receiver.url + "/hook", event_types=[]
         )
-        organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
         api_key_create(organization=org, name="ci", scopes=["read"], created_by=None)  # an event
+        organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
         # Suspended for 100 hours (more than WEBHOOK_RETRY_HOURS, 72), its last success before.
         long_ago = timezone.now() - timedelta(hours=100)
         WebhookEndpoint.objects.filter(pk=endpoint.pk).update(last_success_at=long_ago)
@@ -561,3 +573,185 @@ def test_a_sender_under_way_stops_at_the_next_delivery_once_a_suspension_commits
     assert len(receiver.received) == 1
     statuses = WebhookDelivery.objects.order_by("event_created_at").values_list("status", flat=True)
     assert list(statuses) == [DeliveryStatus.SUCCEEDED, DeliveryStatus.PENDING]
+
+
+def test_a_suspended_sellers_open_listing_reads_not_for_sale_to_the_seller_and_the_buyer():
+    m = resale.market()
+    lst = resale.listing(m, gpus=4)
+    seller = session_client(MembershipFactory(organization=m.seller, role=Role.OWNER))
+    buyer = member_client(m.buyer, "member")
+    buy_page = reverse("portal:resale-buy", args=[lst.public_id])
+    offer = {"gpu_count": 2, "starts_at": lst.starts_at.isoformat(),
+             "ends_at": lst.ends_at.isoformat()}  # fmt: skip
+
+    def seen() -> tuple[bool, bool, bool]:
+        one = seller.get(f"/api/v1/resale/listings/{lst.public_id}").json()["for_sale"]
+        (listed,) = seller.get("/api/v1/resale/listings").json()["results"]
+        page = buyer.get(buy_page, offer)
+        assert page.status_code == 200
+        return one, listed["for_sale"], 'id="reserve"' in page.content.decode()
+
+    assert seen() == (True, True, True)
+    organization_suspend(organization=m.seller, reason=REASON, actor_label="staff:ops")
+
+    assert seen() == (False, False, False)
+    body = buyer.get(buy_page, offer).content.decode()
+    assert "This listing is not for sale at the moment." in body
+    assert REASON not in body and "suspended" not in body  # the seller's, not the buyer's
+    assert ResaleListing.objects.get(pk=lst.pk).status == ListingStatus.OPEN
+
+    organization_unsuspend(organization=m.seller, actor_label="staff:ops")
+    assert seen() == (True, True, True)
+
+
+def test_the_buy_page_of_a_listing_sold_meanwhile_offers_no_form():
+    m = resale.market()
+    lst = resale.listing(m, gpus=4)
+    resale.buy(m, lst)
+    page = member_client(OrganizationFactory(), "member").get(
+        reverse("portal:resale-buy", args=[lst.public_id]),
+        {"gpu_count": 1, "starts_at": lst.starts_at.isoformat(),
+         "ends_at": lst.ends_at.isoformat()},
+    )  # fmt: skip
+    body = page.content.decode()
+    assert "This listing is not for sale at the moment." in body
+    assert 'id="reserve"' not in body
+
+
+def test_an_invitation_queued_before_a_suspension_is_sent_saying_it_works_once_lifted(
+    org, owner, mailoutbox
+):
+    invitation, token = invitation_create(actor=owner, email="grace@example.com", role="member")
+    queued = MailMessage.objects.get(task=INVITATION_MAIL_TASK, args=[invitation.pk])
+    organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+
+    assert mail_outbox_deliver(message_id=queued.pk) == "sent"
+
+    (mail,) = [m for m in mailoutbox if m.to == ["grace@example.com"]]
+    assert f"/invitations/{token}" in mail.body
+    assert (
+        f"{org.name} is suspended by Switchyard staff at the moment: nobody can join it until "
+        "the suspension is lifted. The link works once it is lifted, until it expires."
+    ) in mail.body
+    assert REASON not in mail.body  # the invitee is no member
+
+    # Sent after the lift (or never suspended): no such line.
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    mailoutbox.clear()
+    assert invitation_mail_send(invitation_id=invitation.pk) == 1
+    assert "suspended" not in mailoutbox[0].body
+
+
+def _grants(organization) -> tuple[int, int, int]:
+    return (
+        ApiKey.objects.filter(organization=organization).count(),
+        SshKey.objects.filter(organization=organization).count(),
+        WebhookEndpoint.objects.filter(organization=organization).count(),
+    )
+
+
+def _grant_calls(organization, *, n: int) -> dict:
+    # What a member hands on: a key for a script, a key for its machines, an endpoint.
+    return {
+        "api key": lambda: api_key_create(
+            organization=organization, name=f"ci-{n}", scopes=["read"], created_by=None
+        ),
+        "ssh key": lambda: ssh_key_create(
+            organization=organization,
+            user=None,
+            name=f"laptop-{n}",
+            public_key=ssh_key(body=bytes([n]) * 32),
+        ),
+        "webhook endpoint": lambda: webhook_endpoint_create(
+            organization=organization, url=f"http://127.0.0.1:9/{n}", event_types=[]
+        ),
+    }
+
+
+def test_a_suspended_organisation_is_given_no_api_key_ssh_key_or_webhook_endpoint(
+    org, owner, settings
+):
+    settings.WEBHOOK_ALLOW_INSECURE = True  # a local address
+    organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+
+    for what, call in _grant_calls(org, n=1).items():
+        with pytest.raises(PermissionDenied) as refused:
+            call()
+        assert refused.value.code == "organization_suspended", what
+    assert _grants(org) == (0, 0, 0)
+    # Through the API and the portal alike (the views refuse first; the services stand behind).
+    member = session_client(owner)
+    assert_error(
+        member.post("/api/v1/ssh-keys", {"name": "x", "public_key": ssh_key()}, format="json"),
+        403,
+        "organization_suspended",
+    )
+    assert _grants(org) == (0, 0, 0)
+
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    for call in _grant_calls(org, n=2).values():
+        call()
+    assert _grants(org) == (1, 1, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_grant_under_way_waits_for_a_suspension_being_written_and_is_refused(org, settings):
+    """The views' check reads the organisation as the request began; the service's, under its
+    row, sees a suspension committed meanwhile (or waits for one being written)."""
+    settings.WEBHOOK_ALLOW_INSECURE = True
+    outcomes = {}
+    for what, call in _grant_calls(org, n=3).items():
+        outcomes[what] = _call_while_a_suspension_is_written(org, call)
+        organization_unsuspend(organization=org, actor_label="staff:ops")
+
+    assert outcomes == dict.fromkeys(
+        ("api key", "ssh key", "webhook endpoint"), (True, "organization_suspended")
+    )
+    assert _grants(org) == (0, 0, 0)
+
+
+def test_an_invitations_page_offers_no_join_while_its_organisation_is_suspended(org, owner):
+    _, token = invitation_create(actor=owner, email="grace@example.com", role=Role.MEMBER)
+    organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+    signed_in, signed_out = HttpsClient(), HttpsClient()
+    signed_in.force_login(UserFactory())
+
+    for client in (signed_in, signed_out):
+        page = client.get(f"/invitations/{token}")
+        body = page.content.decode()
+        assert page.status_code == 403
+        assert f"{org.name} is suspended by Switchyard staff: nobody can join it" in body
+        assert "open its link again once the suspension is lifted" in body
+        assert f"Join {org.name}</button>" not in body and "to accept</a>" not in body
+        assert REASON not in body and "invite you again" not in body
+
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    assert f"Join {org.name}</button>" in signed_in.get(f"/invitations/{token}").content.decode()
+    assert "Sign in to accept" in signed_out.get(f"/invitations/{token}").content.decode()
+
+
+def test_a_suspended_organisations_webhook_endpoint_is_neither_changed_nor_given_a_secret(
+    org, settings
+):
+    settings.WEBHOOK_ALLOW_INSECURE = True  # a local address
+    endpoint, secret = webhook_endpoint_create(
+        organization=org, url="http://127.0.0.1:9/hook", event_types=[]
+    )
+    organization_suspend(organization=org, reason=REASON, actor_label="staff:ops")
+
+    for call in (
+        lambda: webhook_endpoint_update(endpoint=endpoint, url="http://127.0.0.1:9/elsewhere"),
+        lambda: webhook_endpoint_update(endpoint=endpoint, enabled=False),
+        lambda: webhook_endpoint_rotate_secret(endpoint=endpoint, expire_previous=True),
+    ):
+        with pytest.raises(PermissionDenied) as refused:
+            call()
+        assert refused.value.code == "organization_suspended"
+    endpoint.refresh_from_db()
+    assert (endpoint.url, endpoint.enabled, endpoint.secret) == (
+        "http://127.0.0.1:9/hook", True, secret,
+    )  # fmt: skip
+
+    organization_unsuspend(organization=org, actor_label="staff:ops")
+    webhook_endpoint_update(endpoint=endpoint, enabled=False)
+    assert WebhookEndpoint.objects.get(pk=endpoint.pk).enabled is False
