@@ -523,8 +523,10 @@ EMAIL_BACKEND = (
     else "django.core.mail.backends.smtp.EmailBackend"
 )
 # Days a sent message stays in the mail outbox (marketplace_mailmessage) before retention
-# deletes it; one not sent (pending, or failed for staff to send again) is kept.
+# deletes it; a pending one is kept until it is sent.
 MAIL_RETENTION_DAYS = env_int("MAIL_RETENTION_DAYS", 14, minimum=1)
+# Days a failed message stays (for staff to send it again) after its last attempt.
+MAIL_FAILED_RETENTION_DAYS = env_int("MAIL_FAILED_RETENTION_DAYS", 90, minimum=1)
 # How long a password-reset link works.
 PASSWORD_RESET_TIMEOUT = env_int("PASSWORD_RESET_TIMEOUT_SECONDS", 3600, minimum=60)
 # How long the link that finishes a sign-up (mailed to prove the address) works.

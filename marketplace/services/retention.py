@@ -9,8 +9,9 @@ reservation's rows are never touched: its attempt numbers and agent jobs drive i
 Quotes never booked go a day after they expired (a booked quote stays with its reservation);
 pending sign-ups (confirmed or not) a day after their link expired; a grid operator's signatures
 once their timestamps are stale (a call clears only its own source's, so a source that stopped
-calling would keep its last ones for ever); e-mail sent more than MAIL_RETENTION_DAYS ago (one
-pending or failed is kept until it is sent).
+calling would keep its last ones for ever); e-mail sent more than MAIL_RETENTION_DAYS ago, and one
+that failed MAIL_FAILED_RETENTION_DAYS after its last attempt (staff may send it again until
+then); one pending is kept until it is sent.
 """
 
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ class HistoryPruned:
     pending_signups: int
     demand_response_signatures: int
     sent_mail: int
+    failed_mail: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -114,6 +116,23 @@ def history_prune(*, now: datetime | None = None, batch_size: int | None = None)
         ),
         batch_size=batch_size,
     )
+    # A failed message's next_attempt_at is its last attempt's (its claim's lease end).
+    failed_mail = delete_in_batches(
+        MailMessage.objects.filter(
+            status=MailStatus.FAILED,
+            next_attempt_at__lt=now - timedelta(days=settings.MAIL_FAILED_RETENTION_DAYS),
+        ),
+        batch_size=batch_size,
+    )
     return HistoryPruned(
-        attempts, jobs, markers, allocations, transitions, quotes, signups, signatures, sent_mail
+        attempts,
+        jobs,
+        markers,
+        allocations,
+        transitions,
+        quotes,
+        signups,
+        signatures,
+        sent_mail,
+        failed_mail,
     )

@@ -110,6 +110,7 @@ def test_history_goes_exactly_past_each_window_and_never_for_live_work(org, node
         "pending_signups": 0,
         "demand_response_signatures": 0,
         "sent_mail": 0,
+        "failed_mail": 0,
     }
     assert history(recent) == FULL
     assert history(live) == FULL
@@ -234,6 +235,31 @@ def test_sent_mail_goes_after_its_retention_and_mail_not_sent_stays(settings):
     assert history_prune(now=now).sent_mail == 0
 
 
+def test_failed_mail_goes_a_while_after_its_last_attempt_and_stays_until_then(settings):
+    """Staff may send a failed message again for MAIL_FAILED_RETENTION_DAYS after its last
+    attempt; then it goes (it was kept for ever, the outbox growing with every failure)."""
+    from marketplace.models import MailMessage, MailStatus
+
+    settings.MAIL_FAILED_RETENTION_DAYS = 90
+    now = timezone.now()
+
+    def failed(last_attempt_days_ago: float) -> MailMessage:
+        return MailMessage.objects.create(
+            task="marketplace.mail.mail_send", args=["S", "B", ["a@example.com"], None],
+            status=MailStatus.FAILED, attempts=9,
+            next_attempt_at=now - timedelta(days=last_attempt_days_ago),
+        )  # fmt: skip
+
+    old = failed(90 + 1 / 86400)
+    recent = failed(90 - 1 / 86400)
+
+    pruned = history_prune(now=now)
+
+    assert (pruned.failed_mail, pruned.sent_mail) == (1, 0)
+    assert list(MailMessage.objects.values_list("pk", flat=True)) == [recent.pk]
+    assert not MailMessage.objects.filter(pk=old.pk).exists()
+
+
 def test_deletes_go_in_batches_each_its_own_statement(org, node):
     rows = [reservation(org, node, status=S.COMPLETED, ended_days_ago=100) for _ in range(5)]
     attempts = ProvisioningAttempt.objects.filter(reservation__in=rows)
@@ -307,6 +333,7 @@ def test_beat_prunes_history_daily():
             "pending_signups",
             "demand_response_signatures",
             "sent_mail",
+            "failed_mail",
         ],
         0,
     )
