@@ -157,11 +157,14 @@ def host_env_name(name: str) -> bool:
 
 class ExecutorError(Exception):
     """A job failed. node_failure: the node itself is at fault (runtime unusable), not the
-    workload; the platform then takes the node out of sale and moves the reservation."""
+    workload; the platform then takes the node out of sale and moves the reservation.
+    stopped_by: the site stopped the container from outside while it started (an operator,
+    a reboot: STOPPED_BY_*), not the workload's doing; the platform starts it again."""
 
-    def __init__(self, message: str, *, node_failure: bool = False):
+    def __init__(self, message: str, *, node_failure: bool = False, stopped_by: str | None = None):
         super().__init__(message)
         self.node_failure = node_failure
+        self.stopped_by = stopped_by
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -452,6 +455,12 @@ def _node_memory_mib() -> int:
 # exit ends its reservation. None: nothing the runtime records says so (its own exit).
 STOPPED_BY_RUNTIME = "runtime"  # stopped or killed through the runtime: an operator, a shutdown
 STOPPED_BY_REBOOT = "reboot"  # it ended before the node's last boot: the reboot stopped it
+# How a start's failure names what stopped its container.
+_STOPPED_BY_TEXT = {
+    STOPPED_BY_RUNTIME: "its container runtime stopped or killed it: a site operator, or the "
+    "runtime shutting down",
+    STOPPED_BY_REBOOT: "it ended before the node last booted: a restart of the node stopped it",
+}
 # How long after a container's end the runtime's events of its stop are looked for (the
 # stopping command logs its last one just after the exit).
 STOP_EVENTS_SETTLE_SECONDS = 3.0
@@ -948,30 +957,26 @@ class ContainerExecutor:
         mapped: dict[int, int] = {}
         waiting: list[int] = wanted
         while True:
-            state = (self._inspect(name) or {}).get("State", {})
-            if not state.get("Running"):
-                # podman says "stopped" or "exited" for the same thing, depending on timing.
-                code = state.get("ExitCode")
-                if state.get("OOMKilled"):
-                    raise ExecutorError(
-                        f"The workload ran out of memory before it was ready (killed with "
-                        f"code {code} for using more than its {self._share(payload)[1]} MiB, "
-                        f"{time.monotonic() - started:.1f} s after start)."
-                        + self._tail_suffix(name, payload)
-                    )
-                raise ExecutorError(
-                    f"The workload exited with code {code} before it was ready "
-                    f"({time.monotonic() - started:.1f} s after start)."
-                    + self._tail_suffix(name, payload)
-                )
-            if not mapped and wanted:
-                mapped = self._published(name)
-                missing = [p for p in wanted if p not in mapped]
-                if missing:
-                    raise ExecutorError(f"Port(s) {missing} were not published.")
-            waiting = [p for p in wanted if not _accepts(self.host, mapped[p])]
-            if not waiting:
-                break
+            inspected = self._inspect(name) or {}
+            state = inspected.get("State", {})
+            # Not running and its end not recorded yet: being stopped (podman's "stopping",
+            # whose exit code reads 0 until then) or paused. Not ready; judged once it ended.
+            ending = (
+                bool(inspected)
+                and not state.get("Running")
+                and runtime_time(state.get("FinishedAt")) is None
+            )
+            if not state.get("Running") and not ending:
+                self._ended_before_ready(inspected, payload, after=time.monotonic() - started)
+            if not ending:
+                if not mapped and wanted:
+                    mapped = self._published(name)
+                    missing = [p for p in wanted if p not in mapped]
+                    if missing:
+                        raise ExecutorError(f"Port(s) {missing} were not published.")
+                waiting = [p for p in wanted if not _accepts(self.host, mapped[p])]
+                if not waiting:
+                    break
             if time.monotonic() >= deadline:
                 raise ExecutorError(
                     f"The workload was not ready within {timeout:g} s: port(s) "
@@ -989,6 +994,39 @@ class ContainerExecutor:
         if 22 in wanted:
             result["ssh_port"] = mapped[22]
         return result
+
+    def _ended_before_ready(self, inspected: dict, payload: dict, *, after: float) -> None:
+        """Raise the failure of a start whose container ended (or vanished) before it was
+        ready, `after` seconds after it started: its memory ran out, the site stopped it from
+        outside (stopped_by: Switchyard starts it again), or the workload exited by itself."""
+        name = payload["container_name"]
+        state = inspected.get("State", {})
+        # podman says "stopped" or "exited" for the same thing, depending on timing.
+        code = state.get("ExitCode")
+        if state.get("OOMKilled"):
+            raise ExecutorError(
+                f"The workload ran out of memory before it was ready (killed with code {code} "
+                f"for using more than its {self._share(payload)[1]} MiB, {after:.1f} s after "
+                f"start)." + self._tail_suffix(name, payload)
+            )
+        # Stopped from outside (an operator's stop or kill, a reboot), by the rule the
+        # heartbeat applies: the site's doing, which Switchyard retries, not a failure.
+        stopped_by = stopped_from_outside(
+            state,
+            boot_time=node_boot_time(),
+            stop_signalled=lambda: self._stop_signalled(inspected),
+        )
+        if stopped_by:
+            raise ExecutorError(
+                f"The workload was stopped from outside it before it was ready "
+                f"({_STOPPED_BY_TEXT.get(stopped_by, stopped_by)}; code {code}, {after:.1f} s "
+                f"after start)." + self._tail_suffix(name, payload),
+                stopped_by=stopped_by,
+            )
+        raise ExecutorError(
+            f"The workload exited with code {code} before it was ready ({after:.1f} s after "
+            f"start)." + self._tail_suffix(name, payload)
+        )
 
     def log_tail(self, name: str, secrets: Iterable[str]) -> str:
         done = self._cli(["logs", "--tail", str(LOG_TAIL_LINES), name], timeout=60)
@@ -1075,8 +1113,9 @@ class ContainerExecutor:
                 )
             report.append(entry)
         ids = {item.get("Id", "") for item in inspected}
-        for key in [k for k in self._stop_events_seen if k[0] not in ids]:
-            del self._stop_events_seen[key]
+        # A start's readiness wait (another thread) may add to it meanwhile: iterate a copy.
+        for key in [k for k in list(self._stop_events_seen) if k[0] not in ids]:
+            self._stop_events_seen.pop(key, None)
         return sorted(report, key=lambda e: e["name"])
 
     def _stop_signalled(self, item: dict) -> bool:
@@ -1595,6 +1634,8 @@ class Agent:
         except ExecutorError as exc:
             stop_renewing.set()
             body = {"error": str(exc)[:2000], "node_failure": exc.node_failure}
+            if exc.stopped_by:
+                body["stopped_by"] = exc.stopped_by  # the site's doing: the start is retried
             code, _answer = self._job_report(job, "fail", body)
             # The message may quote the workload's log: only its first line goes to our log.
             logger.warning(

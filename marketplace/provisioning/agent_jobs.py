@@ -294,13 +294,21 @@ def _late_start_stop(start: AgentJob) -> None:
 
 @transaction.atomic
 def agent_job_fail(
-    *, node: Node, job_id: int, lease_id: str, error: str, node_failure: bool = False
+    *,
+    node: Node,
+    job_id: int,
+    lease_id: str,
+    error: str,
+    node_failure: bool = False,
+    stopped_by: str | None = None,
 ) -> AgentJob:
-    """Mark the job failed. node_failure says the node itself is bad (not the workload)."""
+    """Mark the job failed. node_failure says the node itself is bad (not the workload);
+    stopped_by that the site stopped its container from outside (the driver retries it)."""
     job = _locked_job(node=node, job_id=job_id)
     if job.status == AgentJobStatus.FAILED and secrets.compare_digest(job.lease_owner, lease_id):
         return job
     _refuse_unless_holder(job, lease_id)
-    return _finish(
-        job, status=AgentJobStatus.FAILED, result={"node_failure": node_failure}, error=error
-    )
+    result: dict = {"node_failure": node_failure}
+    if stopped_by:
+        result["stopped_by"] = stopped_by
+    return _finish(job, status=AgentJobStatus.FAILED, result=result, error=error)

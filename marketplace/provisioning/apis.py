@@ -175,12 +175,25 @@ class AgentJobCompleteApi(_AgentApi):
 
 
 class AgentJobFailApi(_AgentApi):
-    """The job failed; node_failure says the node itself is bad (it is taken out of sale)."""
+    """The job failed; node_failure says the node itself is bad (it is taken out of sale),
+    stopped_by that the site stopped the container from outside while it started (the start
+    is retried)."""
 
     class AgentJobFailInputSerializer(LenientSerializer):
         lease_id = serializers.CharField(max_length=64)
         error = serializers.CharField(max_length=2000)
         node_failure = serializers.BooleanField(default=False)
+        # "runtime", "reboot" (the heartbeat's `stopped_by`); absent or null (an older agent's
+        # failure too): the workload's own failure.
+        stopped_by = serializers.CharField(
+            max_length=32, allow_null=True, allow_blank=True, required=False, default=None
+        )
+
+        # A cause a newer agent names that this server does not know is still the site's.
+        def validate_stopped_by(self, value: str | None) -> str | None:
+            if not value:
+                return None
+            return value if value in STOPPED_FROM_OUTSIDE else "site"
 
     @extend_schema(
         request=AgentJobFailInputSerializer,
@@ -197,6 +210,7 @@ class AgentJobFailApi(_AgentApi):
             lease_id=data["lease_id"],
             error=data["error"],
             node_failure=data["node_failure"],
+            stopped_by=data["stopped_by"],
         )
         return Response(JobStateSerializer(job).data)
 

@@ -209,6 +209,21 @@ class SiteAgentDriver(Driver):
     name = "site_agent"
 
     def _enqueue(self, target: Target, kind: str) -> None:
+        # A job whose container the site stopped from outside (an operator, a reboot) is
+        # queued again: this call is the provisioning step's retry of it (check, below).
+        AgentJob.objects.filter(
+            reservation_id=target.reservation_id,
+            node_id__in=[n.node_id for n in target.nodes],
+            kind=kind,
+            generation=target.generation,
+            status=AgentJobStatus.FAILED,
+            result__has_key="stopped_by",
+        ).exclude(result__node_failure=True).update(
+            status=AgentJobStatus.QUEUED, lease_owner="", lease_expires_at=None, progress={},
+            result={}, error="", finished_at=None,
+            # Queued anew: an agent that does not lease it is silent from now (_stalled).
+            created_at=timezone.now(), updated_at=timezone.now(),
+        )  # fmt: skip
         for node in target.nodes:
             agent_job_enqueue(
                 reservation_id=target.reservation_id,
@@ -266,6 +281,14 @@ class SiteAgentDriver(Driver):
                 if job.result.get("node_failure"):
                     raise NodeFailure(
                         job.node_id, job.error or "The site agent reported a node failure."
+                    )
+                if job.result.get("stopped_by"):
+                    # The site stopped its container while it started (an operator's stop, a
+                    # reboot): not the workload's failure. Retried with backoff, where
+                    # start_workload queues the job again.
+                    raise DriverError(
+                        _redact(job.error, target.workload)
+                        or f"The site stopped the workload while it started on node {job.node_id}."
                     )
                 # The agent redacts the log lines it quotes; so do we, should it be an old one.
                 raise WorkloadFailure(

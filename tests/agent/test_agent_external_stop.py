@@ -13,7 +13,9 @@ import switchyard_agent
 from switchyard_agent import (
     STOPPED_BY_REBOOT,
     STOPPED_BY_RUNTIME,
+    Agent,
     ContainerExecutor,
+    ExecutorError,
     node_boot_time,
     runtime_time,
     stopped_from_outside,
@@ -184,7 +186,7 @@ class FakeRuntime:
         if args[0] == "ps":
             out = "sy-stopped\nsy-exited\n"
         elif args[:2] == ["container", "inspect"]:
-            out = json.dumps(self.items)
+            out = json.dumps([i for i in self.items if i["Name"].lstrip("/") in args[2:]])
         elif args[0] == "events":
             code = 1 if self.events_fail else 0
             cid = args[args.index("--filter") + 1].removeprefix("container=")
@@ -246,3 +248,98 @@ def test_events_that_cannot_be_read_prove_nothing_and_are_read_again(runtime):
     report = {e["name"]: e["stopped_by"] for e in executor.containers()}
     assert report == {"sy-stopped": STOPPED_BY_RUNTIME, "sy-exited": None}
     assert len(_events_calls(fake)) == 4
+
+
+def _wait_ready(executor: ContainerExecutor, name: str) -> ExecutorError:
+    with pytest.raises(ExecutorError) as failed:
+        executor._wait_ready({"container_name": name, "ports": [8080]}, timeout=5,
+                             progress=lambda _progress: None)  # fmt: skip
+    return failed.value
+
+
+def test_a_start_stopped_from_outside_before_it_was_ready_fails_as_the_sites_doing(runtime):
+    executor, fake = runtime
+
+    stopped = _wait_ready(executor, "sy-stopped")
+    exited = _wait_ready(executor, "sy-exited")
+
+    # Read from the runtime's events of that run, as the heartbeat reads them, not the code.
+    assert (stopped.stopped_by, stopped.node_failure) == (STOPPED_BY_RUNTIME, False)
+    assert str(stopped).startswith(
+        "The workload was stopped from outside it before it was ready (its container runtime "
+        "stopped or killed it: a site operator, or the runtime shutting down; code 143, "
+    )
+    # The workload's own exit 143 stays its own failure.
+    assert (exited.stopped_by, exited.node_failure) == (None, False)
+    assert str(exited).startswith("The workload exited with code 143 before it was ready")
+    assert len(_events_calls(fake)) == 2
+
+
+def test_a_start_whose_container_ended_before_the_node_booted_was_stopped_by_the_reboot(runtime):
+    executor, fake = runtime
+    fake.items[1]["State"]["FinishedAt"] = BEFORE_BOOT
+
+    failed = _wait_ready(executor, "sy-exited")
+
+    assert failed.stopped_by == STOPPED_BY_REBOOT
+    assert str(failed).startswith(
+        "The workload was stopped from outside it before it was ready (it ended before the "
+        "node last booted: a restart of the node stopped it; code 143, "
+    )
+
+
+def test_a_start_whose_stop_events_cannot_be_read_is_the_workloads_own_failure(runtime):
+    executor, fake = runtime
+    fake.events_fail = True
+
+    assert _wait_ready(executor, "sy-stopped").stopped_by is None
+
+
+def test_the_failure_report_says_what_stopped_the_start_and_only_then():
+    sent = []
+
+    class Client:
+        def post(self, path, body, **kwargs):
+            sent.append((path, body))
+            return 200, {}
+
+    class Executor:
+        def __init__(self, error: ExecutorError):
+            self.error = error
+
+        def run(self, kind, payload, progress):
+            raise self.error
+
+    for error in (
+        ExecutorError("stopped from outside", stopped_by=STOPPED_BY_RUNTIME),
+        ExecutorError("exited with code 3"),
+    ):
+        agent = Agent(client=Client(), executor=Executor(error), lease_seconds=60)
+        agent.run_job({"id": 7, "lease_id": "l1", "kind": "start", "reservation": "r",
+                       "payload": {}})  # fmt: skip
+
+    assert sent == [
+        ("agent/jobs/7/fail",
+         {"lease_id": "l1", "error": "stopped from outside", "node_failure": False,
+          "stopped_by": "runtime"}),
+        # An own failure's body is what it always was (an older API reads it alike).
+        ("agent/jobs/7/fail",
+         {"lease_id": "l1", "error": "exited with code 3", "node_failure": False}),
+    ]  # fmt: skip
+
+
+def test_a_start_being_stopped_is_judged_once_its_end_is_recorded(runtime, monkeypatch):
+    """podman shows "stopping" (not running, exit code 0, no finish time) while its stop runs:
+    not yet an exit with code 0, but a stop from outside once it has ended."""
+    executor, fake = runtime
+    item = fake.items[0]
+    stopping = {**item, "State": {**item["State"], "Status": "stopping", "ExitCode": 0,
+                                  "FinishedAt": "0001-01-01T00:00:00Z"}}  # fmt: skip
+    answers = [stopping, stopping, item]
+    monkeypatch.setattr(executor, "_inspect", lambda name: answers.pop(0))
+    monkeypatch.setattr(switchyard_agent.time, "sleep", lambda seconds: None)
+
+    failed = _wait_ready(executor, "sy-stopped")
+
+    assert (failed.stopped_by, answers) == (STOPPED_BY_RUNTIME, [])
+    assert "; code 143, " in str(failed)

@@ -7,6 +7,7 @@ environment picks its behaviour (image/workload.sh).
 import json
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -445,6 +446,36 @@ def test_a_stop_or_kill_from_outside_is_reported_as_such_and_an_own_exit_143_is_
         killed["reservation"]: (137, "runtime"),
         exits["reservation"]: (143, None),  # its own exit, whatever the code says
     }
+
+
+def test_a_start_stopped_from_outside_while_it_waits_for_readiness_is_the_sites_doing(
+    executor_factory, payload_for
+):
+    executor = executor_factory()
+    # It listens only after 30 s: a site operator stops it while the agent waits for it.
+    payload = payload_for(env={"LISTEN": "8080", "READY_AFTER": "30"}, ports=[8080],
+                          readiness_timeout_seconds=25)  # fmt: skip
+    name = payload["container_name"]
+
+    def operator() -> None:
+        deadline = time.monotonic() + 20
+        while _state(name) != "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        podman("stop", "-t", "1", name, timeout=30)
+
+    stopper = threading.Thread(target=operator)
+    stopper.start()
+    try:
+        with pytest.raises(ExecutorError) as failure:
+            _start(executor, payload)
+    finally:
+        stopper.join(timeout=30)
+
+    assert (failure.value.stopped_by, failure.value.node_failure) == ("runtime", False)
+    assert str(failure.value).startswith(
+        "The workload was stopped from outside it before it was ready (its container runtime "
+        "stopped or killed it: a site operator, or the runtime shutting down; code 137, "
+    )
 
 
 def test_a_container_that_ended_before_the_node_last_booted_is_reported_stopped_by_the_reboot(

@@ -408,3 +408,71 @@ def test_a_workload_stopped_from_outside_restarts_in_place_while_its_own_exit_14
         for name in names:
             podman("rm", "-f", "-t", "0", name, check=False)
             podman("network", "rm", "-f", f"{name}-net", check=False)
+
+
+def test_a_start_stopped_from_outside_while_it_gets_ready_is_retried_not_failed(
+    worker, live_server, tmp_path, test_image
+):
+    """A site operator runs `podman stop` on a workload still starting (it listens only after
+    6 s): the site's doing, so the start is retried with backoff on the same node, and the
+    reservation becomes active once the next start answers, never failed nor billed before."""
+    worker.start(PROVISIONING_DRIVER="site_agent", PROVISIONING_READINESS_TIMEOUT_SECONDS="30")
+    market = market_create(nodes=1, gpus=4)
+    node = market.nodes[0]
+    _token, secret = node_token_issue(node=node, label="site agent")
+    r = market.book(
+        gpu_count=1,
+        workload={
+            "image": test_image,
+            "ports": [8080],
+            "env": {"LISTEN": "8080", "READY_AFTER": "6"},
+        },
+    )
+    name = f"sy-{r.public_id}"
+    reservations_dispatch_due()
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [
+            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
+            "--token", secret, "--executor", "container", "--runtime", "podman",
+            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **RUNTIME_ENV},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+
+        def starting() -> bool:
+            state = podman("container", "inspect", "--format", "{{.State.Status}}", name,
+                           check=False).stdout.strip()  # fmt: skip
+            return state == "running"
+
+        wait_for(starting, timeout=60, interval=0.2, what="the container to start")
+        stopped_id = _container_id(name)
+        podman("stop", "-t", "1", name, timeout=30)
+
+        wait_for(lambda: _fresh(r).status == S.ACTIVE, timeout=90, what="activation")
+        active = _fresh(r)
+        assert statuses(active) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+        assert _container_id(name) != stopped_id
+        errors = [a.error for a in active.provisioning_attempts.order_by("number") if a.error]
+        assert any(
+            e.startswith("The workload was stopped from outside it before it was ready (its "
+                         "container runtime stopped or killed it") for e in errors
+        ), errors  # fmt: skip
+        start = AgentJob.objects.get(reservation=r, kind="start")
+        assert (start.status, start.attempts) == ("done", 2)
+        node.refresh_from_db()
+        assert node.status == "available"
+        with socket.create_connection(("127.0.0.1", active.connection["ports"]["8080"]), 5) as c:
+            c.sendall(b"hello\n")
+            assert c.recv(16) == b"hello\n"
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("network", "rm", "-f", f"{name}-net", check=False)

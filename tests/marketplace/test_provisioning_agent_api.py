@@ -216,6 +216,149 @@ def test_a_workload_failure_reported_by_the_agent_fails_the_reservation_uncharge
     assert AgentJob.objects.filter(reservation=r, kind="stop").count() == 1
 
 
+STOPPED = (
+    "The workload was stopped from outside it before it was ready (its container runtime "
+    "stopped or killed it: a site operator, or the runtime shutting down; code 137, 4.1 s "
+    "after start). Last log lines:\nloading HF_TOKEN=hf_secret"
+)
+
+
+def _start_fails(agent, body: dict) -> dict:
+    """The agent runs the prepare job, then fails the start job with `body`."""
+    prepare = agent.post(LEASE, {}, format="json").data
+    if prepare["kind"] == "prepare":
+        agent.post(_job_url(prepare["id"], "complete"), {"lease_id": prepare["lease_id"]})
+        start = agent.post(LEASE, {}, format="json").data
+    else:
+        start = prepare
+    assert start["kind"] == "start"
+    failed = agent.post(
+        _job_url(start["id"], "fail"), {"lease_id": start["lease_id"], **body}, format="json"
+    )
+    assert failed.status_code == 200
+    return start
+
+
+def test_a_start_the_site_stopped_from_outside_is_retried_and_becomes_active(booked):
+    """An operator's `podman stop` (or a reboot) while the workload starts is the site's doing:
+    the attempt is retried with backoff on the same node, which stays in sale, and the
+    reservation becomes active when the next start succeeds, nothing failed or charged."""
+    r, node, _ = booked
+    agent = agent_client(node)
+    # Queued long ago (a slow pull): queued again, the start is not read as a silent agent.
+    AgentJob.objects.filter(reservation=r).update(created_at=timezone.now() - timedelta(minutes=10))
+    start = _start_fails(agent, {"error": STOPPED, "stopped_by": "runtime"})
+    driver = SiteAgentDriver()
+
+    retry = reservation_provision_step(reservation_id=r.pk, driver=driver, check_window=0)
+
+    r.refresh_from_db()
+    node.refresh_from_db()
+    assert (retry.outcome, retry.retry_in) == ("retry", 2)
+    assert retry.detail == STOPPED.replace("hf_secret", "[redacted]")
+    assert r.status == S.PROVISIONING and r.activated_at is None
+    assert node.status == NodeStatus.AVAILABLE  # an operator's stop is not the node's failure
+    job = AgentJob.objects.get(pk=start["id"])
+    assert (job.status, job.result) == (AgentJobStatus.FAILED, {"node_failure": False,
+                                                                "stopped_by": "runtime"})  # fmt: skip
+    # Nothing is handed out before the retry, nor is the workload stopped.
+    assert agent.post(LEASE, {}, format="json").status_code == 204
+    assert not AgentJob.objects.filter(reservation=r, kind="stop").exists()
+
+    # The retry (after its backoff) queues the same start again, on the same node.
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=driver, check_window=0
+    ).outcome == ("waiting")
+    again = agent.post(LEASE, {}, format="json").data
+    assert (again["id"], again["kind"], again["attempts"]) == (start["id"], "start", 2)
+    agent.post(
+        _job_url(again["id"], "complete"),
+        {"lease_id": again["lease_id"], "result": {"host": "gpu7.site.example", "ports": {}}},
+        format="json",
+    )
+
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=driver, check_window=0
+    ).outcome == ("active")
+    r.refresh_from_db()
+    assert statuses(r) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE]
+    assert r.connection["host"] == "gpu7.site.example"
+    assert list(r.provisioning_attempts.order_by("number").values_list("outcome", flat=True)) == [
+        "waiting", "error", "waiting", "succeeded"
+    ]  # fmt: skip
+
+
+def test_a_start_stopped_from_outside_every_time_fails_once_the_attempts_run_out(booked, settings):
+    settings.PROVISIONING_MAX_ATTEMPTS = 2
+    r, node, _ = booked
+    agent = agent_client(node)
+    driver = SiteAgentDriver()
+    for outcome in ("retry", "failed"):
+        _start_fails(agent, {"error": STOPPED, "stopped_by": "reboot"})
+        step = reservation_provision_step(reservation_id=r.pk, driver=driver, check_window=0)
+        assert step.outcome == outcome
+        if outcome == "retry":
+            assert reservation_provision_step(
+                reservation_id=r.pk, driver=driver, check_window=0
+            ).outcome == ("waiting")
+
+    r.refresh_from_db()
+    node.refresh_from_db()
+    assert r.status == S.FAILED and r.activated_at is None
+    assert r.status_reason == (
+        "Provisioning failed 2 times; last error: " + STOPPED.replace("hf_secret", "[redacted]")
+    )
+    assert node.status == NodeStatus.AVAILABLE  # a reboot it came back from: in sale
+
+
+def test_a_start_failure_without_stopped_by_is_still_the_workloads(booked):
+    """An older agent sends no stopped_by (nor does a newer one for the workload's own exit):
+    the reservation fails at once, as before."""
+    r, node, _ = booked
+    agent = agent_client(node)
+    start = _start_fails(
+        agent, {"error": "The workload exited with code 3 before it was ready", "stopped_by": None}
+    )
+
+    step = reservation_provision_step(reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0)
+
+    r.refresh_from_db()
+    assert step.outcome == "failed"
+    assert r.status == S.FAILED and r.activated_at is None
+    assert AgentJob.objects.get(pk=start["id"]).result == {"node_failure": False}
+
+
+def test_a_stop_from_outside_the_server_does_not_know_is_still_the_sites_and_bad_input_is_400(
+    booked,
+):
+    r, node, _ = booked
+    agent = agent_client(node)
+    prepare = agent.post(LEASE, {}, format="json").data
+    agent.post(_job_url(prepare["id"], "complete"), {"lease_id": prepare["lease_id"]})
+    start = agent.post(LEASE, {}, format="json").data
+
+    refused = agent.post(
+        _job_url(start["id"], "fail"),
+        {"lease_id": start["lease_id"], "error": "x", "stopped_by": "y" * 33},
+        format="json",
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["field"] == "stopped_by"
+    assert AgentJob.objects.get(pk=start["id"]).status == AgentJobStatus.LEASED
+
+    agent.post(
+        _job_url(start["id"], "fail"),
+        {"lease_id": start["lease_id"], "error": "x", "stopped_by": "hypervisor"},
+        format="json",
+    )
+    assert AgentJob.objects.get(pk=start["id"]).result == {
+        "node_failure": False, "stopped_by": "site"
+    }  # fmt: skip
+    assert reservation_provision_step(
+        reservation_id=r.pk, driver=SiteAgentDriver(), check_window=0
+    ).outcome == ("retry")
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("broker")  # the booking's provision kick lands in a private queue
 def test_the_site_agent_command_runs_the_jobs_over_http(live_server):

@@ -143,6 +143,39 @@ def test_the_site_agent_driver_turns_failed_jobs_into_the_right_error(agent_targ
     assert failure.value.node_id == node.pk
 
 
+def test_a_start_the_site_stopped_is_a_driver_error_and_starting_again_queues_it_again(
+    agent_target,
+):
+    r, node, target = agent_target
+    driver = SiteAgentDriver()
+    driver.prepare(target)
+    driver.start_workload(target)
+    AgentJob.objects.filter(reservation=r, kind="prepare").update(status=AgentJobStatus.DONE)
+    start = AgentJob.objects.get(reservation=r, kind="start")
+    start.status, start.error = AgentJobStatus.FAILED, "stopped from outside; K=v"
+    start.result, start.lease_owner = {"node_failure": False, "stopped_by": "reboot"}, "l1"
+    start.save()
+
+    with pytest.raises(DriverError, match="stopped from outside"):
+        driver.check(target)
+    driver.prepare(target)  # the retry: prepare is done, it stays so
+    driver.start_workload(target)
+
+    start.refresh_from_db()
+    assert (start.status, start.result, start.error, start.lease_owner) == (
+        AgentJobStatus.QUEUED, {}, "", ""
+    )  # fmt: skip
+    assert AgentJob.objects.get(reservation=r, kind="prepare").status == AgentJobStatus.DONE
+    assert driver.check(target).state == "pending"
+    # The node said it failed too: the node's failure wins, and it is not queued again.
+    start.status, start.result = AgentJobStatus.FAILED, {"node_failure": True, "stopped_by": "x"}
+    start.save()
+    driver.start_workload(target)
+    with pytest.raises(NodeFailure) as failure:
+        driver.check(target)
+    assert failure.value.node_id == node.pk
+
+
 def test_stopping_cancels_unstarted_jobs_and_waits_for_the_stop_job(agent_target):
     r, node, target = agent_target
     driver = SiteAgentDriver()
