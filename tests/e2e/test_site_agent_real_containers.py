@@ -54,6 +54,31 @@ def _fresh(r: Reservation) -> Reservation:
     return Reservation.objects.get(pk=r.pk)
 
 
+def _agent_start(live_server, secret: str, tmp_path):
+    """The site agent as its own process, with the container executor on podman, its output
+    in tmp_path/agent.log; returns the process and the open log (_agent_stop closes both)."""
+    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115 (closed by _agent_stop)
+    agent = subprocess.Popen(
+        [
+            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
+            "--token", secret, "--executor", "container", "--runtime", "podman",
+            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
+            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **RUNTIME_ENV},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return agent, log
+
+
+def _agent_stop(agent: subprocess.Popen, log) -> None:
+    agent.terminate()
+    agent.wait(timeout=10)
+    log.close()
+
+
 def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
     worker, live_server, tmp_path, test_image
 ):
@@ -79,19 +104,7 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
     names = [f"sy-{r.public_id}" for r in (slow, crash, missing)]
     reservations_dispatch_due()
 
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    agent = subprocess.Popen(
-        [
-            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
-            "--token", secret, "--executor", "container", "--runtime", "podman",
-            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
-            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    agent, log = _agent_start(live_server, secret, tmp_path)
     try:
         wait_for(lambda: _fresh(slow).status == S.ACTIVE, timeout=60, what="activation")
         active = _fresh(slow)
@@ -155,9 +168,7 @@ def test_real_workloads_are_billed_only_once_ready_and_end_when_they_exit(
 
         wait_for(removed, timeout=60, interval=1, what="the containers to be removed")
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
-        log.close()
+        _agent_stop(agent, log)
         for name in names:
             podman("rm", "-f", "-t", "0", name, check=False)
             podman("network", "rm", "-f", f"{name}-net", check=False)
@@ -190,19 +201,7 @@ def test_a_move_to_another_gpu_of_the_same_node_restarts_the_container_on_the_ne
     )
     name = f"sy-{r.public_id}"
     reservations_dispatch_due()
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    agent = subprocess.Popen(
-        [
-            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
-            "--token", secret, "--executor", "container", "--runtime", "podman",
-            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
-            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    agent, log = _agent_start(live_server, secret, tmp_path)
     try:
         wait_for(lambda: _fresh(r).status == S.ACTIVE, timeout=60, what="activation")
         first = _fresh(r)
@@ -245,9 +244,7 @@ def test_a_move_to_another_gpu_of_the_same_node_restarts_the_container_on_the_ne
             assert c.recv(16) == b"hello\n"
         assert "failed" in moved.transitions.filter(to_status=S.PROVISIONING).last().cause
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
-        log.close()
+        _agent_stop(agent, log)
         podman("rm", "-f", "-t", "0", name, check=False)
         podman("network", "rm", "-f", f"{name}-net", check=False)
 
@@ -268,19 +265,7 @@ def test_a_container_removed_while_active_is_restarted_in_place_and_the_gap_is_a
     )
     name = f"sy-{r.public_id}"
     reservations_dispatch_due()
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    agent = subprocess.Popen(
-        [
-            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
-            "--token", secret, "--executor", "container", "--runtime", "podman",
-            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
-            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    agent, log = _agent_start(live_server, secret, tmp_path)
     try:
         wait_for(lambda: _fresh(r).status == S.ACTIVE, timeout=60, what="activation")
         first = _fresh(r)
@@ -316,9 +301,7 @@ def test_a_container_removed_while_active_is_restarted_in_place_and_the_gap_is_a
         assert outage.started_at <= restart.at
         assert outage.ended_at == back.transitions.filter(to_status=S.ACTIVE).latest("at").at
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
-        log.close()
+        _agent_stop(agent, log)
         podman("rm", "-f", "-t", "0", name, check=False)
         podman("network", "rm", "-f", f"{name}-net", check=False)
 
@@ -346,19 +329,7 @@ def test_a_workload_stopped_from_outside_restarts_in_place_while_its_own_exit_14
     )
     names = [f"sy-{r.public_id}" for r in (stopped, exits)]
     reservations_dispatch_due()
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    agent = subprocess.Popen(
-        [
-            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
-            "--token", secret, "--executor", "container", "--runtime", "podman",
-            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
-            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    agent, log = _agent_start(live_server, secret, tmp_path)
     try:
         wait_for(
             lambda: {_fresh(r).status for r in (stopped, exits)} == {S.ACTIVE},
@@ -402,9 +373,7 @@ def test_a_workload_stopped_from_outside_restarts_in_place_while_its_own_exit_14
         assert statuses(ended) == [S.SCHEDULED, S.PROVISIONING, S.ACTIVE, S.FAILED]
         assert not ReservationOutage.objects.filter(reservation=exits).exists()
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
-        log.close()
+        _agent_stop(agent, log)
         for name in names:
             podman("rm", "-f", "-t", "0", name, check=False)
             podman("network", "rm", "-f", f"{name}-net", check=False)
@@ -430,19 +399,7 @@ def test_a_start_stopped_from_outside_while_it_gets_ready_is_retried_not_failed(
     )
     name = f"sy-{r.public_id}"
     reservations_dispatch_due()
-    log = open(tmp_path / "agent.log", "w")  # noqa: SIM115
-    agent = subprocess.Popen(
-        [
-            sys.executable, "manage.py", "site_agent", "--api", live_server.url,
-            "--token", secret, "--executor", "container", "--runtime", "podman",
-            "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"),
-            "--allow-private-registries", "--poll-seconds", "0.3", "--heartbeat-seconds", "1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **RUNTIME_ENV},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    agent, log = _agent_start(live_server, secret, tmp_path)
     try:
 
         def starting() -> bool:
@@ -471,8 +428,6 @@ def test_a_start_stopped_from_outside_while_it_gets_ready_is_retried_not_failed(
             c.sendall(b"hello\n")
             assert c.recv(16) == b"hello\n"
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
-        log.close()
+        _agent_stop(agent, log)
         podman("rm", "-f", "-t", "0", name, check=False)
         podman("network", "rm", "-f", f"{name}-net", check=False)
